@@ -1,0 +1,129 @@
+"""Model artifacts: a directory with ``manifest.json`` and ``weights.safetensors`` (never pickle).
+
+The manifest records kind and hyper-parameters, window, hop, channel names, normalisation, the
+validation-error quantiles and the default threshold, the training data summary and hash, versions and
+creation time, plus the weights' sha256 so that corruption and truncation are caught at load time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from models import __version__
+from models.detector import Detector, Threshold
+from models.errors import ArtifactError, ModelConfigError
+from models.registry import build
+from models.scaling import Scaler
+
+FORMAT = "tsmon-model"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+REQUIRED = ("kind", "params", "window", "hop", "channels", "loss", "normalisation",
+            "validation_error_quantiles", "threshold", "weights")
+
+
+def save(detector: Detector, path: str | Path, training: dict[str, Any] | None = None) -> Path:
+    """Write ``detector`` to the directory ``path`` (created; existing files are replaced)."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in detector.model.state_dict().items()}
+    blob = st_save(state, metadata={"format": FORMAT, "kind": detector.kind})
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": detector.kind,
+        "params": detector.model.config.to_dict(),
+        "window": detector.window,
+        "hop": detector.hop or detector.window,
+        "channels": detector.channel_names or [f"ch{i}" for i in range(detector.channels)],
+        "loss": detector.loss,
+        "normalisation": detector.scaler.to_dict(),
+        "validation_error_quantiles": detector.quantiles,
+        "threshold": {"quantile": detector.threshold.quantile, "margin": detector.threshold.margin,
+                      "value": detector.threshold.value},
+        "training": training or {},
+        "versions": {"tsmon": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "weights": {"file": WEIGHTS, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)},
+    }
+    (out / WEIGHTS).write_bytes(blob)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_jsonable) + "\n")
+    return out
+
+
+def _jsonable(o: object) -> object:
+    if hasattr(o, "tolist"):
+        return o.tolist()  # numpy scalars and arrays
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The validated manifest of the artifact at ``path``."""
+    root = Path(path)
+    if not root.exists():
+        raise ArtifactError(f"model artifact not found: {root}")
+    if not root.is_dir() or not (root / MANIFEST).is_file():
+        raise ArtifactError(f"{root} is not a tsmon model artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"corrupt manifest {root / MANIFEST}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{root / MANIFEST} is not a tsmon model manifest (format != {FORMAT!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(f"{root} has artifact format {version!r}; this tsmon reads up to {FORMAT_VERSION}")
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise ArtifactError(f"incompatible artifact {root}: manifest lacks {', '.join(missing)}")
+    return manifest
+
+
+def load(path: str | Path, device: str = "auto", expect_channels: int | None = None) -> Detector:
+    """Load an artifact; every failure is an :class:`ArtifactError` with a one-line reason."""
+    root = Path(path)
+    m = read_manifest(root)
+    wfile = root / str(m["weights"].get("file", WEIGHTS))
+    if not wfile.is_file():
+        raise ArtifactError(f"artifact {root} is missing its weights file {wfile.name}")
+    blob = wfile.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != m["weights"].get("sha256"):
+        raise ArtifactError(f"weights {wfile} are corrupt or truncated (sha256 does not match the manifest)")
+    try:
+        state = st_load(blob)
+    except (SafetensorError, ValueError) as exc:
+        raise ArtifactError(f"cannot read weights {wfile}: {exc}") from None
+    try:
+        model = build(m["kind"], dict(m["params"]))
+        scaler = Scaler.from_dict(m["normalisation"])
+        th = m["threshold"]
+        threshold = Threshold(float(th["quantile"]), float(th["margin"]), float(th["value"]))
+    except (ModelConfigError, KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"incompatible artifact {root}: {exc}") from None
+    for name, buf in state.items():  # PCA buffers are sized at fit time
+        if name in ("mean", "components"):
+            setattr(model, name, torch.empty_like(buf))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).replace("\n", " ").replace("\t", "")[:300]
+        raise ArtifactError(f"weights in {root} do not fit a {m['kind']} model with its params: {first}") from None
+    channels = model.config.channels
+    if scaler.channels != channels or len(m["channels"]) != channels:
+        raise ArtifactError(f"incompatible artifact {root}: normalisation/channel names disagree with {channels} channels")
+    if expect_channels is not None and expect_channels != channels:
+        raise ArtifactError(f"model {root} expects {channels} channel(s), the data has {expect_channels}")
+    det = Detector(model, scaler, threshold, dict(m["validation_error_quantiles"]), str(m["loss"]),
+                   list(m["channels"]), int(m["hop"]), meta=m)
+    return det.to(device)

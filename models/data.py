@@ -1,0 +1,197 @@
+"""Datasets for training and evaluation: the vendored ECG5000 and any CSV/Parquet series.
+
+A :class:`Dataset` is already cut into windows ``[n, window, channels]`` and split into normal training
+windows, normal validation windows (for the threshold) and labelled test windows. Series are split
+chronologically; windows with NaN/inf are dropped and counted, never scored.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from models.errors import DataError
+
+ECG5000_SHA256 = {
+    "ECG5000_TRAIN.tsv.gz": "df86ac15d7e283e731db6be7865f5004b65bc639014cb8b9753c26e24a9092a1",
+    "ECG5000_TEST.tsv.gz": "0192997dd1793880633bfb34ae3ad5129c09a8e0f210c469225451b92cdd8548",
+}
+PROTOCOLS = ("classic", "ucr")
+TIMESTAMP_NAMES = ("timestamp", "ts", "time", "date", "datetime")
+LABEL_NAMES = ("label", "is_anomaly", "anomaly")
+
+
+@dataclass(frozen=True)
+class Series:
+    """A multichannel series read from a file: values ``[samples, channels]`` plus optional columns."""
+
+    values: np.ndarray
+    channels: list[str]
+    timestamps: np.ndarray | None = None  # datetime64[ns] or None (then the row index is the time)
+    labels: np.ndarray | None = None  # int8 0/1 per sample
+    sha256: str = ""
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Windows split for training (normal), validation (normal) and test (labelled)."""
+
+    name: str
+    window: int
+    hop: int
+    channels: list[str]
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    test_labels: np.ndarray | None
+    summary: dict[str, Any] = field(default_factory=dict)
+    series: Series | None = None  # set for file data
+    test_ends: np.ndarray | None = None  # index of each test window's last sample in ``series``
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _ecg5000_table(name: str) -> np.ndarray:
+    raw = (resources.files("models") / "datasets" / "ecg5000" / name).read_bytes()
+    data = gzip.decompress(raw)
+    if sha256_bytes(data) != ECG5000_SHA256[name]:
+        raise DataError(f"vendored ECG5000 file {name} is corrupt (sha256 mismatch); reinstall tsmon")
+    return pd.read_csv(io.BytesIO(data), sep="\t", header=None).to_numpy("float32")
+
+
+def load_ecg5000(protocol: str = "classic", seed: int = 42) -> Dataset:
+    """ECG5000 beats as 140-sample windows; class 1 is normal, every other class an anomaly.
+
+    ``classic``: TRAIN+TEST merged, normal beats split 80/10/10 (train/val/test) with ``seed``, every
+    abnormal beat in test. ``ucr``: normal beats of TRAIN split 80/20 (train/val), test = all of TEST.
+    """
+    if protocol not in PROTOCOLS:
+        raise DataError(f"unknown ECG5000 protocol {protocol!r}: use {' or '.join(PROTOCOLS)}")
+    tr, te = _ecg5000_table("ECG5000_TRAIN.tsv.gz"), _ecg5000_table("ECG5000_TEST.tsv.gz")
+    rng = np.random.default_rng(seed)
+    if protocol == "classic":
+        both = np.concatenate([tr, te])
+        normal, abnormal = both[both[:, 0] == 1, 1:], both[both[:, 0] != 1, 1:]
+        idx = rng.permutation(len(normal))
+        n_tr, n_va = int(0.8 * len(normal)), int(0.1 * len(normal))
+        train, val = normal[idx[:n_tr]], normal[idx[n_tr : n_tr + n_va]]
+        test = np.concatenate([normal[idx[n_tr + n_va :]], abnormal])
+        labels = np.r_[np.zeros(len(normal) - n_tr - n_va), np.ones(len(abnormal))]
+    else:
+        normal = tr[tr[:, 0] == 1, 1:]
+        idx = rng.permutation(len(normal))
+        n_tr = int(0.8 * len(normal))
+        train, val = normal[idx[:n_tr]], normal[idx[n_tr:]]
+        test, labels = te[:, 1:], (te[:, 0] != 1).astype("float64")
+    summary = {"source": "ecg5000", "protocol": protocol, "seed": seed, "train": len(train),
+               "val": len(val), "test": len(test), "test_anomalies": int(labels.sum())}
+    return Dataset("ecg5000", 140, 140, ["ecg"], train[..., None], val[..., None], test[..., None],
+                   labels.astype("int8"), summary)
+
+
+def _pick(columns: list[str], wanted: str | None, names: tuple[str, ...], what: str) -> str | None:
+    if wanted:
+        if wanted not in columns:
+            raise DataError(f"{what} column {wanted!r} not found; columns are {columns}")
+        return wanted
+    return next((c for c in columns if c.lower() in names), None)
+
+
+def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp_col: str | None = None,
+                label_col: str | None = None) -> Series:
+    """Read a CSV (optionally gzipped) or Parquet file: optional timestamp and 0/1 label, value columns."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}")
+    raw = p.read_bytes()
+    try:
+        if p.suffix in (".parquet", ".pq"):
+            df = pd.read_parquet(io.BytesIO(raw))
+        else:
+            df = pd.read_csv(io.BytesIO(raw), compression="infer" if p.suffix != ".gz" else "gzip")
+    except Exception as exc:  # pandas raises many types for unreadable files
+        raise DataError(f"cannot read {p}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    if df.empty:
+        raise DataError(f"{p} has no rows")
+    cols = [str(c) for c in df.columns]
+    df.columns = cols
+    ts, lab = _pick(cols, timestamp_col, TIMESTAMP_NAMES, "timestamp"), _pick(cols, label_col, LABEL_NAMES, "label")
+    values = value_cols or [c for c in cols if c not in (ts, lab) and c != "sample"]
+    if not values:
+        raise DataError(f"{p}: no value columns (columns are {cols})")
+    for c in values:
+        if c not in cols:
+            raise DataError(f"{p}: value column {c!r} not found; columns are {cols}")
+        if not pd.api.types.is_numeric_dtype(df[c]):
+            raise DataError(f"{p}: value column {c!r} is not numeric (e.g. {df[c].iloc[0]!r})")
+    labels = None
+    if lab is not None:
+        lv = pd.to_numeric(df[lab], errors="coerce")
+        if not lv.isin([0, 1]).all():
+            raise DataError(f"{p}: label column {lab!r} must hold only 0 and 1")
+        labels = lv.to_numpy("int8")
+    stamps = None
+    if ts is not None:
+        col = df[ts]
+        try:
+            stamps = (pd.to_datetime(col, unit="ms") if pd.api.types.is_numeric_dtype(col)
+                      else pd.to_datetime(col, format="mixed")).to_numpy("datetime64[ns]")
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"{p}: timestamp column {ts!r} is not epoch-ms or ISO-8601: {exc}") from None
+    return Series(df[values].to_numpy("float32"), values, stamps, labels, sha256_bytes(raw), str(p))
+
+
+def make_windows(values: np.ndarray, window: int, hop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Windows ``[n, window, channels]`` (a strided view, no copy) and the index of each one's last sample."""
+    if window < 2 or hop < 1:
+        raise DataError(f"window must be >= 2 and hop >= 1 (got window={window}, hop={hop})")
+    if len(values) < window:
+        raise DataError(f"series has {len(values)} samples, fewer than one window of {window}")
+    view = np.lib.stride_tricks.sliding_window_view(values, (window, values.shape[1]))[::hop, 0]
+    ends = np.arange(window - 1, len(values), hop)
+    return view, ends
+
+
+def finite_windows(windows: np.ndarray) -> np.ndarray:
+    """Boolean mask of windows whose every value is finite."""
+    return np.isfinite(windows).all(axis=(1, 2))
+
+
+def series_dataset(series: Series, window: int, hop: int, train_fraction: float = 0.5,
+                   val_fraction: float = 0.2, whole_is_test: bool = False) -> Dataset:
+    """Chronological split: normal windows in the first ``train_fraction`` of samples train (their last
+    ``val_fraction`` validate); windows ending after it are test. ``whole_is_test``: every window is test."""
+    if not 0.0 < train_fraction < 1.0 or not 0.0 < val_fraction < 1.0:
+        raise DataError("train_fraction and val_fraction must be in (0, 1)")
+    wins, ends = make_windows(series.values, window, hop)
+    ok = finite_windows(wins)
+    split = 0 if whole_is_test else int(len(series.values) * train_fraction)
+    if series.labels is not None:
+        csum = np.r_[0, np.cumsum(series.labels)]
+        win_label = (csum[ends + 1] - csum[ends + 1 - window] > 0).astype("int8")
+    else:
+        win_label = np.zeros(len(ends), dtype="int8")
+    fit_idx = np.flatnonzero(ok & (ends < split) & (win_label == 0))
+    n_val = max(1, int(round(len(fit_idx) * val_fraction))) if len(fit_idx) else 0
+    test_idx = np.flatnonzero(ok & (ends >= split))
+    summary = {"source": series.path, "sha256": series.sha256, "samples": len(series.values),
+               "split_sample": split, "train_fraction": train_fraction, "windows": len(ends),
+               "dropped_nonfinite": int((~ok).sum()), "train": len(fit_idx) - n_val, "val": n_val,
+               "test": len(test_idx)}
+    return Dataset(Path(series.path).name, window, hop, series.channels,
+                   np.ascontiguousarray(wins[fit_idx[: len(fit_idx) - n_val]]),
+                   np.ascontiguousarray(wins[fit_idx[len(fit_idx) - n_val :]]),
+                   np.ascontiguousarray(wins[test_idx]),
+                   win_label[test_idx] if series.labels is not None else None,
+                   summary, series, ends[test_idx])

@@ -1,0 +1,121 @@
+"""A trained model ready to score raw windows: model + normalisation + threshold, on a device.
+
+``Detector.score`` is the one scoring entry point for the CLI, evaluation and the daemon: raw float32
+``[batch, window, channels]`` in, error views (numpy) out, computed in inference mode in chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.base import Autoencoder
+from models.errors import DataError
+from models.scaling import Scaler
+from models.train import resolve_device
+
+QUANTILE_LEVELS = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """Reconstruction errors of a batch of windows (normalised units)."""
+
+    window: np.ndarray  # [batch]
+    channel: np.ndarray  # [batch, channels]
+    timestep: np.ndarray  # [batch, window]
+
+
+@dataclass(frozen=True, slots=True)
+class Threshold:
+    """Default threshold = ``quantile`` of the validation errors × ``margin``."""
+
+    quantile: float
+    margin: float
+    value: float
+
+    @staticmethod
+    def from_errors(errors: np.ndarray, quantile: float = 0.99, margin: float = 1.0) -> Threshold:
+        if not 0.0 < quantile <= 1.0 or margin <= 0:
+            raise DataError("threshold quantile must be in (0, 1] and margin > 0")
+        return Threshold(quantile, margin, float(np.quantile(errors, quantile) * margin))
+
+
+def error_quantiles(errors: np.ndarray) -> dict[str, float]:
+    """The manifest's quantiles of validation errors, keyed ``"0.5"`` … ``"0.999"`` and ``"max"``."""
+    if len(errors) == 0 or not np.isfinite(errors).all():
+        raise DataError("validation errors must be a non-empty array of finite values")
+    q = {str(level): float(np.quantile(errors, level)) for level in QUANTILE_LEVELS}
+    q["max"] = float(errors.max())
+    return q
+
+
+@dataclass
+class Detector:
+    """A model with its normalisation, threshold and metadata; scores raw windows."""
+
+    model: Autoencoder
+    scaler: Scaler
+    threshold: Threshold
+    quantiles: dict[str, float]
+    loss: str = "l1"
+    channel_names: list[str] = field(default_factory=list)
+    hop: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def kind(self) -> str:
+        return self.model.kind
+
+    @property
+    def window(self) -> int:
+        return self.model.config.window
+
+    @property
+    def channels(self) -> int:
+        return self.model.config.channels
+
+    def to(self, device: str | torch.device = "auto") -> Detector:
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.model.to(self.device).eval()
+        return self
+
+    def _check(self, x: np.ndarray) -> None:
+        if x.ndim != 3 or x.shape[1:] != (self.window, self.channels):
+            raise DataError(f"windows must be [batch, {self.window}, {self.channels}], got {list(x.shape)}")
+        if not np.isfinite(x).all():
+            raise DataError("windows contain NaN or inf; drop or repair them before scoring")
+
+    @torch.inference_mode()
+    def score_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Score an already-normalised tensor on ``self.device`` (the daemon's hot path)."""
+        elbo = getattr(self.model.config, "score", "recon") == "elbo"
+        v = self.model.errors(x, self.loss, elbo=elbo)
+        return v.window, v.channel, v.timestep
+
+    def score(self, windows: np.ndarray, batch_size: int = 2048) -> Scores:
+        """Score raw windows ``[batch, window, channels]``; raises :class:`DataError` on bad shape or NaN."""
+        x = np.asarray(windows, dtype="float32")
+        self._check(x)
+        self.model.eval()
+        parts: list[tuple[np.ndarray, ...]] = []
+        for start in range(0, len(x), batch_size):
+            t = torch.from_numpy(self.scaler.transform(x[start : start + batch_size])).to(self.device)
+            parts.append(tuple(v.float().cpu().numpy() for v in self.score_tensor(t)))
+        if not parts:
+            return Scores(np.zeros(0, "float32"), np.zeros((0, self.channels), "float32"),
+                          np.zeros((0, self.window), "float32"))
+        w, c, t = (np.concatenate(p) for p in zip(*parts))
+        return Scores(w, c, t)
+
+    def reconstruct(self, windows: np.ndarray) -> np.ndarray:
+        """Reconstruction of raw windows, in raw units (for pictures)."""
+        x = np.asarray(windows, dtype="float32")
+        self._check(x)
+        with torch.inference_mode():
+            t = torch.from_numpy(self.scaler.transform(x)).to(self.device)
+            return self.scaler.inverse(self.model.eval()(t).recon.float().cpu().numpy())

@@ -1,0 +1,46 @@
+"""The one exception hierarchy of tsmon (models and daemon share it).
+
+* TsmonError                 root; the CLI catches only this, prints ``Type: message`` and exits 1
+  + DataError                unreadable, malformed or unusable input data (files, columns, shapes, NaN)
+  + ArtifactError            missing, corrupt, truncated or incompatible model artifact
+  + ModelConfigError         impossible model or training hyper-parameters
+  + ConfigError              bad daemon configuration; the message names the key and the fix
+  + BrokerError              broker unreachable or refused a request
+  + SinkBackpressure         the sink is slow; carries ``retry_after`` seconds
+
+Every message is one line that names the problem and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+
+class TsmonError(Exception):
+    """Root of all tsmon errors."""
+
+
+class DataError(TsmonError):
+    """Input data cannot be read or used as asked."""
+
+
+class ArtifactError(TsmonError):
+    """A model artifact is missing, corrupt, truncated or incompatible."""
+
+
+class ModelConfigError(TsmonError):
+    """Model or training hyper-parameters are invalid."""
+
+
+class ConfigError(TsmonError):
+    """Daemon configuration is invalid."""
+
+
+class BrokerError(TsmonError):
+    """The Kafka broker cannot be reached or refused a request."""
+
+
+class SinkBackpressure(TsmonError):
+    """The sink cannot keep up; pause consumption and retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -1,0 +1,138 @@
+"""Honest evaluation: ranking metrics, metrics at the validation-chosen threshold, event-level metrics.
+
+Pure numpy. The threshold always comes from normal validation data, never from test labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from models.errors import DataError
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    ranks = np.empty(len(x), dtype="float64")
+    starts = np.r_[0, np.flatnonzero(np.diff(xs)) + 1]
+    ends = np.r_[starts[1:], len(x)]
+    avg = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y, s = np.asarray(labels).astype(bool), np.asarray(scores, dtype="float64")
+    if y.shape != s.shape or y.ndim != 1:
+        raise DataError(f"labels and scores must be 1-D of equal length ({y.shape} vs {s.shape})")
+    if not np.isfinite(s).all():
+        raise DataError("scores contain NaN or inf: a non-finite score is not a ranking")
+    if y.all() or not y.any():
+        raise DataError("evaluation needs both normal and anomalous examples")
+    return y, s
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann–Whitney U; ties count one half)."""
+    y, s = _check(labels, scores)
+    r = _ranks(s)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n0 * n1))
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """PR-AUC as average precision: Σ (R_k − R_{k−1}) · P_k over distinct score thresholds."""
+    y, s = _check(labels, scores)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct score
+    tp = np.cumsum(y)[last]
+    precision = tp / (last + 1)
+    recall = tp / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Classification metrics when ``score > threshold`` means anomaly."""
+    y, s = np.asarray(labels).astype(bool), np.asarray(scores, dtype="float64")
+    pred = ~(s <= threshold)  # NaN counts as anomalous, never as normal
+    tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
+    fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    tnr = tn / (tn + fp) if tn + fp else 0.0
+    return {
+        "threshold": float(threshold),
+        "accuracy": (tp + tn) / max(1, len(y)),
+        "balanced_accuracy": (recall + tnr) / 2,
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+    }
+
+
+def report(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """ROC-AUC, PR-AUC and the metrics at ``threshold``."""
+    return {"roc_auc": roc_auc(labels, scores), "pr_auc": average_precision(labels, scores),
+            **at_threshold(labels, scores, threshold)}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    start: int  # first sample index (inclusive)
+    end: int  # last sample index (inclusive)
+
+
+def runs(mask: np.ndarray) -> list[Event]:
+    """Contiguous runs of True in a boolean array."""
+    m = np.r_[False, np.asarray(mask, dtype=bool), False].astype("int8")
+    d = np.diff(m)
+    return [Event(int(a), int(b) - 1) for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1))]
+
+
+def event_metrics(sample_labels: np.ndarray, alarm_ends: np.ndarray, window: int,
+                  tolerance: int = 0, span: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Event-level recall/precision and detection delay (samples), no point adjustment.
+
+    A labelled event is an unbroken run of label 1. An alarm is a window flagged anomalous, covering
+    samples ``[end - window + 1, end]``; consecutive alarms merge into one alarm episode. An event is
+    detected when an alarm window overlaps ``[start, end + tolerance]``; its delay is the first such
+    window's end minus the event start (at least 0). An alarm episode is true when it overlaps any
+    event (with the same tolerance). ``span`` limits events to the scored part of the series.
+    """
+    labels = np.asarray(sample_labels).astype(bool)
+    events = runs(labels)
+    if span is not None:
+        events = [e for e in events if e.end >= span[0] and e.start <= span[1]]
+    ends = np.sort(np.asarray(alarm_ends, dtype="int64"))
+    starts = ends - window + 1
+    delays: list[int] = []
+    for e in events:
+        hit = np.flatnonzero((ends >= e.start) & (starts <= e.end + tolerance))
+        if len(hit):
+            delays.append(max(0, int(ends[hit[0]]) - e.start))
+    episodes, cur = [], None
+    for s, e in zip(starts, ends):
+        if cur is not None and s <= cur[1] + 1:
+            cur = (cur[0], max(cur[1], int(e)))
+        else:
+            if cur is not None:
+                episodes.append(cur)
+            cur = (int(s), int(e))
+    if cur is not None:
+        episodes.append(cur)
+    true_eps = sum(any(a <= ev.end + tolerance and b >= ev.start for ev in events) for a, b in episodes)
+    return {
+        "events": len(events),
+        "events_detected": len(delays),
+        "event_recall": len(delays) / len(events) if events else 0.0,
+        "alarm_episodes": len(episodes),
+        "event_precision": true_eps / len(episodes) if episodes else 0.0,
+        "mean_delay_samples": float(np.mean(delays)) if delays else None,
+        "tolerance_samples": tolerance,
+    }

@@ -1,0 +1,46 @@
+"""Pictures for people: a window, its reconstruction, the error per timestep and the threshold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: pictures go to files, never to a screen
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from models.detector import Detector  # noqa: E402
+
+
+def window_figure(detector: Detector, window: np.ndarray, out: str | Path, title: str = "") -> Path:
+    """Save a PNG of one raw window ``[W, C]``: signal vs reconstruction per channel, then the error."""
+    x = np.asarray(window, dtype="float32")[None]
+    recon = detector.reconstruct(x)[0]
+    scores = detector.score(x)
+    c = detector.channels
+    fig, axes = plt.subplots(c + 1, 1, figsize=(10, 2.2 * (c + 1)), sharex=True, squeeze=False)
+    t = np.arange(detector.window)
+    for i in range(c):
+        ax = axes[i, 0]
+        name = detector.channel_names[i] if i < len(detector.channel_names) else f"ch{i}"
+        ax.plot(t, x[0, :, i], label=f"{name} (input)", color="tab:blue")
+        ax.plot(t, recon[:, i], label="reconstruction", color="tab:orange", linestyle="--")
+        ax.set_ylabel(name)
+        ax.set_title(f"{name}: channel error {scores.channel[0, i]:.4f}", fontsize=9, loc="left")
+        ax.legend(loc="upper right", fontsize=8)
+    ax = axes[c, 0]
+    ax.fill_between(t, scores.timestep[0], color="tab:red", alpha=0.5, label="error per timestep")
+    ax.axhline(detector.threshold.value, color="black", linestyle=":",
+               label=f"threshold {detector.threshold.value:.4f} (window score)")
+    ax.set_xlabel("timestep")
+    ax.set_ylabel("error")
+    ax.legend(loc="upper right", fontsize=8)
+    verdict = "ANOMALY" if not scores.window[0] <= detector.threshold.value else "normal"
+    fig.suptitle(f"{title} score {scores.window[0]:.4f} vs threshold {detector.threshold.value:.4f}: {verdict}")
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,54 @@
+"""Model kinds by name: their config class and module class, and building one from a manifest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from models.base import Autoencoder, ModelConfig
+from models.conv import ConvAE, ConvAEConfig
+from models.dense import DenseAE, DenseAEConfig
+from models.errors import ModelConfigError
+from models.lstm_ae import LSTMAE, LSTMAEConfig
+from models.pca import PCA, PCAConfig
+from models.vae import VAE, VAEConfig
+
+KINDS: dict[str, tuple[type[ModelConfig], type[Autoencoder]]] = {
+    "lstm": (LSTMAEConfig, LSTMAE),
+    "dense": (DenseAEConfig, DenseAE),
+    "conv": (ConvAEConfig, ConvAE),
+    "vae": (VAEConfig, VAE),
+    "pca": (PCAConfig, PCA),
+}
+DEFAULT_KIND = "lstm"
+
+
+def config_for(kind: str, params: dict[str, Any]) -> ModelConfig:
+    """Build the config of ``kind`` from a dict of hyper-parameters (unknown keys are an error)."""
+    if kind not in KINDS:
+        raise ModelConfigError(f"unknown model kind {kind!r}: choose one of {', '.join(KINDS)}")
+    cfg = KINDS[kind][0].from_dict(params)
+    cfg.validate()
+    return cfg
+
+
+def build(kind: str, params: dict[str, Any]) -> Autoencoder:
+    """Instantiate an untrained model of ``kind``."""
+    cfg = config_for(kind, params)
+    return KINDS[kind][1](cfg)  # type: ignore[call-arg]
+
+
+# Training defaults per kind (``tsmon train`` options override them). The LSTM's were set on ECG5000's
+# validation split (never its test beats) to fit the 5-minute CPU budget; see README "Models".
+TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lstm": {"epochs": 40, "batch_size": 32, "lr": 2e-3, "patience": 8},
+    "dense": {"epochs": 200, "batch_size": 64, "lr": 1e-3, "patience": 15},
+    "conv": {"epochs": 150, "batch_size": 64, "lr": 1e-3, "patience": 15},
+    "vae": {"epochs": 200, "batch_size": 64, "lr": 1e-3, "patience": 15},
+    "pca": {"epochs": 1, "batch_size": 1024, "lr": 1.0, "patience": 1},
+}
+
+
+def train_defaults(kind: str) -> dict[str, Any]:
+    if kind not in KINDS:
+        raise ModelConfigError(f"unknown model kind {kind!r}: choose one of {', '.join(KINDS)}")
+    return dict(TRAIN_DEFAULTS[kind])

@@ -1,0 +1,72 @@
+"""Per-channel normalisation fitted on training data and stored with the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.errors import DataError
+
+
+@dataclass(frozen=True, slots=True)
+class Scaler:
+    """Affine per-channel scaling ``(x - center) / scale``.
+
+    ``method="standard"`` uses mean and standard deviation, ``"robust"`` median and IQR/1.349
+    (so it equals the standard deviation for Gaussian data) — better for sensors with outliers.
+
+    >>> s = Scaler.fit(np.array([[[1.0], [3.0]]], dtype="float32"))
+    >>> s.transform(np.array([[[3.0]]], dtype="float32")).ravel().tolist()
+    [1.0]
+    """
+
+    center: tuple[float, ...]
+    scale: tuple[float, ...]
+    method: str = "standard"
+
+    @classmethod
+    def fit(cls, windows: np.ndarray, method: str = "standard") -> Scaler:
+        """Fit on ``[n, window, channels]`` (or ``[samples, channels]``) finite training data."""
+        flat = windows.reshape(-1, windows.shape[-1]).astype("float64")
+        if flat.shape[0] == 0:
+            raise DataError("cannot fit normalisation on empty training data")
+        if not np.isfinite(flat).all():
+            raise DataError("cannot fit normalisation: training data contains NaN or inf")
+        if method == "standard":
+            center, scale = flat.mean(axis=0), flat.std(axis=0)
+        elif method == "robust":
+            center = np.median(flat, axis=0)
+            q75, q25 = np.percentile(flat, [75, 25], axis=0)
+            scale = (q75 - q25) / 1.349
+        elif method == "none":
+            center, scale = np.zeros(flat.shape[1]), np.ones(flat.shape[1])
+        else:
+            raise DataError(f"unknown normalisation {method!r}: use standard, robust or none")
+        scale = np.where(scale > 1e-8, scale, 1.0)  # a constant channel stays constant, not inf
+        return cls(tuple(map(float, center)), tuple(map(float, scale)), method)
+
+    @property
+    def channels(self) -> int:
+        return len(self.center)
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        c = np.asarray(self.center, dtype="float32")
+        s = np.asarray(self.scale, dtype="float32")
+        return ((x - c) / s).astype("float32", copy=False)
+
+    def inverse(self, x: np.ndarray) -> np.ndarray:
+        c = np.asarray(self.center, dtype="float32")
+        s = np.asarray(self.scale, dtype="float32")
+        return (x * s + c).astype("float32", copy=False)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"method": self.method, "center": list(self.center), "scale": list(self.scale)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> Scaler:
+        center = tuple(float(v) for v in d["center"])  # type: ignore[attr-defined]
+        scale = tuple(float(v) for v in d["scale"])  # type: ignore[attr-defined]
+        if len(center) != len(scale) or not all(np.isfinite(center + scale)) or min(scale) <= 0:
+            raise ValueError("normalisation center/scale must be finite, positive and of equal length")
+        return cls(center, scale, str(d.get("method", "standard")))

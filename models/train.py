@@ -1,0 +1,168 @@
+"""Training on normal windows: batched Adam, validation split, early stopping, seeded, device-agnostic.
+
+Pure: progress goes to an optional ``on_epoch`` callback (the CLI draws a progress bar with it).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.base import LOSSES, Autoencoder
+from models.errors import DataError, ModelConfigError
+from models.pca import PCA
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_min_ratio: float = 0.05  # cosine decay from lr to lr × this over ``epochs``
+    weight_decay: float = 0.0
+    patience: int = 10  # epochs without a validation improvement of ``min_delta`` before stopping
+    min_delta: float = 1e-4
+    loss: str = "l1"
+    noise_std: float = 0.0  # denoising: Gaussian noise added to the input, the clean window is the target
+    sparsity: float = 0.0  # weight of an L1 penalty on the code
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    max_seconds: float | None = None  # wall-clock budget; stops after the epoch that crosses it
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise ModelConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.patience < 1:
+            raise ModelConfigError("epochs, batch_size, patience must be >= 1 and lr > 0")
+        if self.noise_std < 0 or self.sparsity < 0:
+            raise ModelConfigError("noise_std and sparsity must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class EpochStats:
+    epoch: int
+    epochs: int
+    train_loss: float
+    val_loss: float
+    best_val_loss: float
+    seconds: float
+
+
+@dataclass(slots=True)
+class TrainResult:
+    epochs_run: int = 0
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    seconds: float = 0.0
+    stop_reason: str = "max_epochs"
+    device: str = "cpu"
+    history: list[EpochStats] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"epochs_run": self.epochs_run, "best_epoch": self.best_epoch,
+                "best_val_loss": self.best_val_loss, "seconds": round(self.seconds, 2),
+                "stop_reason": self.stop_reason, "device": self.device,
+                "train_loss": [round(h.train_loss, 6) for h in self.history],
+                "val_loss": [round(h.val_loss, 6) for h in self.history]}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → ``cuda`` when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelConfigError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def _loss(model: Autoencoder, x: torch.Tensor, target: torch.Tensor, cfg: TrainConfig, kl_beta: float) -> torch.Tensor:
+    out = model(x)
+    diff = out.recon - target
+    loss = diff.abs().mean() if cfg.loss == "l1" else diff.square().mean()
+    if cfg.sparsity:
+        loss = loss + cfg.sparsity * out.code.abs().mean()
+    if out.kl is not None and kl_beta:
+        loss = loss + kl_beta * out.kl.mean() / (x.shape[1] * x.shape[2])
+    return loss
+
+
+@torch.inference_mode()
+def mean_error(model: Autoencoder, windows: torch.Tensor, loss: str, batch: int = 1024) -> float:
+    model.eval()
+    total = 0.0
+    for chunk in torch.split(windows, batch):
+        total += float(model.errors(chunk, loss).window.sum())
+    return total / max(1, len(windows))
+
+
+def fit(model: Autoencoder, train: np.ndarray, val: np.ndarray, cfg: TrainConfig,
+        on_epoch: Callable[[EpochStats], None] | None = None) -> TrainResult:
+    """Train ``model`` on normalised normal windows; restores the best validation weights."""
+    cfg.validate()
+    if len(train) == 0 or len(val) == 0:
+        raise DataError(f"need normal windows to train and validate (got {len(train)} train, {len(val)} val)")
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    result = TrainResult(device=str(device))
+    xt = torch.from_numpy(np.ascontiguousarray(train, dtype="float32")).to(device)
+    xv = torch.from_numpy(np.ascontiguousarray(val, dtype="float32")).to(device)
+    start = time.perf_counter()
+    if isinstance(model, PCA):  # closed form: no gradient descent
+        model.fit(train)
+        model.to(device)
+        result.best_val_loss = mean_error(model, xv, cfg.loss)
+        result.epochs_run, result.stop_reason = 1, "closed_form"
+        result.seconds = time.perf_counter() - start
+        return result
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.lr * cfg.lr_min_ratio)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    kl_beta = float(getattr(model.config, "beta", 0.0))
+    best_state, since_best = copy.deepcopy(model.state_dict()), 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        perm, total = torch.randperm(len(xt), generator=gen).to(device), 0.0
+        for idx in torch.split(perm, cfg.batch_size):
+            target = xt[idx]
+            x = target + cfg.noise_std * torch.randn_like(target) if cfg.noise_std else target
+            loss = _loss(model, x, target, cfg, kl_beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        sched.step()
+        val_loss = mean_error(model, xv, cfg.loss)
+        if not math.isfinite(val_loss):
+            result.stop_reason = "diverged"
+            break
+        if val_loss < result.best_val_loss - cfg.min_delta:
+            result.best_val_loss, result.best_epoch, since_best = val_loss, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            since_best += 1
+        stats = EpochStats(epoch, cfg.epochs, total / len(xt), val_loss, result.best_val_loss,
+                           time.perf_counter() - start)
+        result.history.append(stats)
+        result.epochs_run = epoch
+        if on_epoch:
+            on_epoch(stats)
+        if since_best >= cfg.patience:
+            result.stop_reason = "early_stopping"
+            break
+        if cfg.max_seconds is not None and stats.seconds >= cfg.max_seconds:
+            result.stop_reason = "time_budget"
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    result.seconds = time.perf_counter() - start
+    return result

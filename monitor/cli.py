@@ -1,0 +1,65 @@
+"""The ``tsmon`` command line: train, eval, score, inspect, bench, demo.
+
+Every failure the user can cause ends in one line ``ErrorType: message`` on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from models.errors import TsmonError
+from monitor import __version__, logs
+from monitor.commands import bench_cmd, model_cmds
+
+app = typer.Typer(name="tsmon", help="Streaming time-series anomaly monitor.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+bench_app = typer.Typer(help="Benchmarks that print ratios measured in one run.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+out = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"tsmon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    log_format: Annotated[str | None, typer.Option(help="json or console (default: console on a terminal).")] = None,
+) -> None:
+    logs.configure(log_level, log_format)
+
+
+model_cmds.register(app)
+bench_cmd.register(bench_app)
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: one-line errors, exit codes 0 / 1 (tsmon error) / 2 (usage)."""
+    try:
+        app(args=argv, prog_name="tsmon")  # usage errors: typer prints them and exits 2
+    except TsmonError as exc:
+        sys.stderr.write(f"{type(exc).__name__}: {exc}\n")
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        sys.stderr.write("aborted\n")
+        raise SystemExit(130) from None
+    except OSError as exc:  # unreadable/unwritable paths the commands did not anticipate
+        sys.stderr.write(f"OSError: {exc}\n")
+        raise SystemExit(1) from None
+
+
+__all__ = ["Path", "app", "emit_json", "main"]

@@ -1,0 +1,208 @@
+"""CLI commands of the model side: train, eval, score, inspect, demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import pandas as pd
+import typer
+
+from models import artifact
+from models.data import finite_windows, make_windows, read_series
+from models.errors import DataError, ModelConfigError
+from models.registry import DEFAULT_KIND, KINDS, train_defaults
+from models.train import TrainConfig
+from models.workflow import DataSpec, evaluate, load_dataset, spec_for_eval, train_detector
+from monitor import logs
+from monitor.commands.render import epoch_progress, eval_table, stdout
+
+log = logs.get("tsmon.cli")
+
+DataOpt = Annotated[str, typer.Option("--data", help="'ecg5000' (vendored) or a CSV/Parquet file.")]
+ValueCols = Annotated[list[str] | None, typer.Option("--value-col", help="Value column (repeat for channels).")]
+TsCol = Annotated[str | None, typer.Option(help="Timestamp column (epoch ms or ISO-8601); auto: timestamp/ts/time.")]
+LabelCol = Annotated[str | None, typer.Option(help="0/1 label column; auto: label/is_anomaly/anomaly.")]
+
+
+def _params(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
+    params = {k: v for k, v in named.items() if v is not None}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ModelConfigError(f"--param must be key=value, got {pair!r}")
+        try:
+            params[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key.strip()] = raw
+    return params
+
+
+def train(
+    data: DataOpt = "ecg5000",
+    model: Annotated[str, typer.Option(help=f"Model kind: {', '.join(KINDS)}.")] = DEFAULT_KIND,
+    out: Annotated[Path, typer.Option("--out", help="Artifact directory to write.")] = Path("artifacts/model"),
+    protocol: Annotated[str, typer.Option(help="ECG5000 split: classic or ucr.")] = "classic",
+    window: Annotated[int, typer.Option(help="Window length W (series; ECG5000 beats are 140).")] = 140,
+    hop: Annotated[int, typer.Option(help="Hop H between windows (series; 0 → W/4).")] = 0,
+    value_col: ValueCols = None,
+    timestamp_col: TsCol = None,
+    label_col: LabelCol = None,
+    train_fraction: Annotated[float, typer.Option(help="Series: leading fraction used to train/validate.")] = 0.5,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Mini-batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
+    patience: Annotated[int | None, typer.Option(help="Early-stopping patience (epochs).")] = None,
+    loss: Annotated[str, typer.Option(help="Reconstruction loss and score: l1 or mse.")] = "l1",
+    noise: Annotated[float, typer.Option(help="Denoising: std of input noise (normalised units).")] = 0.0,
+    sparsity: Annotated[float, typer.Option(help="Weight of the L1 penalty on the code.")] = 0.0,
+    embedding: Annotated[int | None, typer.Option(help="lstm: embedding size.")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout (lstm, dense, conv, vae).")] = None,
+    batch_norm: Annotated[bool | None, typer.Option("--batch-norm/--no-batch-norm", help="dense, conv.")] = None,
+    param: Annotated[list[str] | None, typer.Option(help="Other hyper-parameter key=value (JSON value).")] = None,
+    threshold_quantile: Annotated[float, typer.Option(help="Quantile of validation errors for the threshold.")] = 0.99,
+    threshold_margin: Annotated[float, typer.Option(help="Threshold = quantile × margin.")] = 1.0,
+    normalisation: Annotated[str, typer.Option(help="Per-channel scaling: standard, robust or none.")] = "standard",
+    seed: Annotated[int, typer.Option(help="Seed for the split and training.")] = 42,
+    device: Annotated[str, typer.Option(help="auto (cuda if available), cpu or cuda[:N].")] = "auto",
+    max_minutes: Annotated[float | None, typer.Option(help="Stop training after this many minutes.")] = None,
+) -> None:
+    """Train a model on normal data only and write an artifact."""
+    spec = DataSpec(data, protocol, seed, window, hop, tuple(value_col or ()), timestamp_col, label_col,
+                    train_fraction)
+    params = _params(param, embedding=embedding, dropout=dropout, batch_norm=batch_norm)
+    defaults = train_defaults(model)
+    cfg = TrainConfig(**{**defaults, **{k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr,
+                      patience=patience).items() if v is not None}}, loss=loss, noise_std=noise,
+                      sparsity=sparsity, seed=seed, device=device,
+                      max_seconds=max_minutes * 60 if max_minutes else None)
+    run_training(spec, model, params, cfg, out, threshold_quantile, threshold_margin, normalisation)
+
+
+def run_training(spec: DataSpec, kind: str, params: dict[str, Any], cfg: TrainConfig, out: Path,
+                 quantile: float, margin: float, normalisation: str) -> None:
+    ds = load_dataset(spec)
+    log.info("training", kind=kind, data=ds.summary, epochs=cfg.epochs, batch_size=cfg.batch_size)
+    with epoch_progress(cfg.epochs, f"train {kind}") as on_epoch:
+        det, training = train_detector(ds, kind, params, cfg, quantile, margin, normalisation, on_epoch)
+    training["data"].update(spec.to_dict())
+    path = artifact.save(det, out, training)
+    res = training["result"]
+    log.info("trained", artifact=str(path), epochs=res["epochs_run"], best_epoch=res["best_epoch"],
+             stop=res["stop_reason"], seconds=res["seconds"], device=res["device"],
+             threshold=round(det.threshold.value, 6))
+
+
+def eval_(
+    model: Annotated[Path, typer.Option("--model", help="Artifact directory.")],
+    data: DataOpt = "ecg5000",
+    protocol: Annotated[str | None, typer.Option(help="ECG5000: must match training (default: the model's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Evaluate a model beside the PCA baseline, at the threshold chosen on normal validation data."""
+    det = artifact.load(model, device)
+    spec, whole = spec_for_eval(det.meta, data, protocol)
+    ds = load_dataset(spec, whole_is_test=whole)
+    result = evaluate(det, ds)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        stdout.print(eval_table(result, f"{det.kind} on {ds.name} ({ds.summary.get('protocol', 'chronological split')}, "
+                                        f"{result['test_windows']} test windows, {result['test_anomalies']} anomalous)"))
+
+
+def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, timestamp_col: str | None,
+                    hop: int, device: str) -> tuple[Any, Any, np.ndarray, np.ndarray, np.ndarray]:
+    det = artifact.load(model_dir, device)
+    try:  # by default, the columns the model was trained on
+        series = read_series(path, value_col or det.channel_names, timestamp_col, None)
+    except DataError:
+        if value_col:
+            raise
+        series = read_series(path, None, timestamp_col, None)
+    if series.values.shape[1] != det.channels:
+        raise DataError(f"model expects {det.channels} channel(s) {det.channel_names}, {path} gives "
+                        f"{series.values.shape[1]} {series.channels}; choose them with --value-col")
+    wins, ends = make_windows(series.values, det.window, hop or det.hop)
+    ok = finite_windows(wins)
+    return det, series, wins, ends, ok
+
+
+def score(
+    model: Annotated[Path, typer.Option("--model", help="Artifact directory.")],
+    input: Annotated[Path, typer.Option("--input", help="CSV or Parquet series.")],
+    output: Annotated[Path, typer.Option("--output", help="CSV to write, one row per window.")] = Path("scores.csv"),
+    value_col: ValueCols = None,
+    timestamp_col: TsCol = None,
+    hop: Annotated[int, typer.Option(help="Hop between windows (0 → the model's).")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Score every window of a series; rows are aligned to each window's last sample."""
+    det, series, wins, ends, ok = _series_windows(model, input, value_col, timestamp_col, hop, device)
+    if not ok.any():
+        raise DataError(f"{input}: every window contains NaN or inf; nothing to score")
+    s = det.score(np.ascontiguousarray(wins[ok]))
+    kept = ends[ok]
+    frame = pd.DataFrame({"timestamp": series.timestamps[kept]} if series.timestamps is not None else {"index": kept})
+    frame["score"] = s.window
+    frame["threshold"] = det.threshold.value
+    frame["is_anomaly"] = (s.window > det.threshold.value).astype(int)
+    for i, name in enumerate(det.channel_names):
+        frame[f"error_{name}"] = s.channel[:, i]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(output, index=False)
+    dropped = int((~ok).sum())
+    if dropped:
+        log.warning("windows_dropped_nonfinite", count=dropped, reason="NaN or inf in window")
+    log.info("scored", windows=len(frame), anomalies=int(frame["is_anomaly"].sum()), dropped=dropped,
+             output=str(output))
+
+
+def inspect(
+    model: Annotated[Path, typer.Option("--model", help="Artifact directory.")],
+    data: DataOpt = "ecg5000",
+    index: Annotated[int, typer.Option("--index", help="Window index (ECG5000: in the model's test split).")] = 0,
+    out: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("window.png"),
+    value_col: ValueCols = None,
+    timestamp_col: TsCol = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Draw one window, its reconstruction, the error per timestep and the threshold."""
+    from models.plots import window_figure  # matplotlib is slow to import; only this command needs it
+
+    if data == "ecg5000":
+        det = artifact.load(model, device)
+        ds = load_dataset(spec_for_eval(det.meta, data, None)[0])
+        wins, title = ds.test, "ECG5000 test beat"
+        label = lambda i: "abnormal" if ds.test_labels[i] else "normal"  # noqa: E731
+    else:
+        det, _, all_wins, _, ok = _series_windows(model, Path(data), value_col, timestamp_col, 0, device)
+        wins, title, label = all_wins, f"{Path(data).name} window", lambda i: ""  # noqa: E731
+        if 0 <= index < len(ok) and not ok[index]:
+            raise DataError(f"window {index} contains NaN or inf; it cannot be scored")
+    if not 0 <= index < len(wins):
+        raise DataError(f"--index {index} out of range: 0..{len(wins) - 1}")
+    path = window_figure(det, wins[index], out, f"{title} {index} {label(index)}".strip() + ":")
+    log.info("picture_written", path=str(path))
+
+
+def demo(
+    out: Annotated[Path, typer.Option(help="Where to write the trained artifact.")] = Path("artifacts/ecg5000-lstm"),
+    max_minutes: Annotated[float | None, typer.Option(help="Training time budget.")] = None,
+) -> None:
+    """Train the default LSTM autoencoder on ECG5000 (classic protocol) and print the result table."""
+    cfg = TrainConfig(**train_defaults(DEFAULT_KIND), seed=42, max_seconds=max_minutes * 60 if max_minutes else None)
+    run_training(DataSpec(), DEFAULT_KIND, {}, cfg, out, 0.99, 1.0, "standard")
+    eval_(out, "ecg5000", None, False, "auto")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(train)
+    app.command("eval")(eval_)
+    app.command()(score)
+    app.command()(inspect)
+    app.command()(demo)

@@ -1,0 +1,77 @@
+"""Rich tables and progress bars for the CLI (presentation only)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from models.train import EpochStats
+
+console = Console(stderr=True)
+stdout = Console()
+
+ROWS = [("ROC-AUC", "roc_auc"), ("PR-AUC", "pr_auc"), ("accuracy", "accuracy"),
+        ("balanced accuracy", "balanced_accuracy"), ("precision", "precision"), ("recall", "recall"),
+        ("F1", "f1"), ("threshold", "threshold")]
+
+
+@contextmanager
+def epoch_progress(epochs: int, label: str) -> Iterator[Any]:
+    """A progress bar over epochs with train/val loss; yields the ``on_epoch`` callback."""
+    columns = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[losses]}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(label, total=epochs, losses="")
+
+        def on_epoch(s: EpochStats) -> None:
+            bar.update(task, completed=s.epoch,
+                       losses=f"train {s.train_loss:.4f}  val {s.val_loss:.4f}  best {s.best_val_loss:.4f}")
+
+        yield on_epoch
+        bar.update(task, total=bar.tasks[0].completed or 1)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def eval_table(result: dict[str, Any], title: str) -> Table:
+    base = result.get("baseline", {})
+    t = Table(title=title)
+    t.add_column("metric")
+    t.add_column(f"{result['model']}", justify="right")
+    if base:
+        t.add_column("PCA baseline", justify="right")
+    for name, key in ROWS:
+        t.add_row(name, _fmt(result[key]), *([_fmt(base[key])] if base else []))
+    cm, bm = result["confusion"], base.get("confusion", {})
+    t.add_row("TN / FP / FN / TP", f"{cm['tn']} / {cm['fp']} / {cm['fn']} / {cm['tp']}",
+              *([f"{bm['tn']} / {bm['fp']} / {bm['fn']} / {bm['tp']}"] if bm else []))
+    if "events" in result:
+        ev, bev = result["events"], base.get("events", {})
+        for name, key in (("event recall", "event_recall"), ("event precision", "event_precision"),
+                          ("mean delay (samples)", "mean_delay_samples"), ("alarm episodes", "alarm_episodes")):
+            t.add_row(name, _fmt(ev[key]), *([_fmt(bev.get(key))] if bev else []))
+    return t
+
+
+def bench_table(r: dict[str, Any]) -> Table:
+    t = Table(title=f"scorer benchmark: {r['model']} on {r['device']} (window {r['window']}, {r['threads']} threads)")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    rows = [("batch-1 loop, windows/s", f"{r['batch1_windows_per_s']:,.0f}"),
+            (f"batched ({r['batch_size']}), windows/s", f"{r['batched_windows_per_s']:,.0f}"),
+            ("ratio batched / batch-1", f"{r['ratio']:.1f}×"),
+            ("ms per micro-batch", f"{r['ms_per_batch']:.2f}"),
+            ("MFLOP per window", f"{r['flops_per_window'] / 1e6:.2f}"),
+            ("model GFLOP/s (achieved)", f"{r['model_gflops']:.1f}"),
+            ("float32 GEMM GFLOP/s (same run)", f"{r['gemm_gflops']:.1f}"),
+            ("efficiency (model / GEMM)", f"{r['efficiency']:.2f}")]
+    for k, v in rows:
+        t.add_row(k, v)
+    return t

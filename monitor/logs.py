@@ -1,0 +1,34 @@
+"""Structured logging: JSON lines in production (or when TSMON_LOG_FORMAT=json), pretty on a terminal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import structlog
+
+
+def configure(level: str | None = None, fmt: str | None = None) -> None:
+    """Configure structlog once for the process; ``fmt`` is ``json``, ``console`` or None (auto)."""
+    level_name = (level or os.environ.get("TSMON_LOG_LEVEL", "INFO")).upper()
+    fmt = fmt or os.environ.get("TSMON_LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get(name: str) -> structlog.typing.FilteringBoundLogger:
+    return structlog.get_logger(name)  # type: ignore[no-any-return]

@@ -1,0 +1,101 @@
+"""Artifacts round-trip exactly; damaged ones fail with one clear line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models import artifact
+from models.data import read_series, series_dataset
+from models.errors import ArtifactError
+from models.train import TrainConfig
+from models.workflow import train_detector
+
+QUANTILES = {"0.5", "0.9", "0.95", "0.99", "0.995", "0.999", "max"}
+
+
+@pytest.fixture(scope="module", params=["lstm", "pca", "conv"])
+def trained(request: pytest.FixtureRequest, series_csv: Path, tmp_path_factory: pytest.TempPathFactory):
+    ds = series_dataset(read_series(series_csv), window=40, hop=10)
+    params = {"lstm": {"embedding": 8}, "pca": {}, "conv": {"filters": [8, 4]}}[request.param]
+    det, training = train_detector(ds, request.param, params, TrainConfig(epochs=2, seed=3, device="cpu"))
+    path = artifact.save(det, tmp_path_factory.mktemp("art") / request.param, training)
+    return det, ds, path
+
+
+def test_round_trip_gives_identical_scores(trained) -> None:
+    det, ds, path = trained
+    again = artifact.load(path, device="cpu")
+    a, b = det.score(ds.test), again.score(ds.test)
+    np.testing.assert_array_equal(a.window, b.window)
+    np.testing.assert_array_equal(a.channel, b.channel)
+    assert again.threshold == det.threshold and again.channel_names == ["ch0", "ch1"]
+
+
+def test_manifest_has_what_operators_need(trained) -> None:
+    _, _, path = trained
+    m = json.loads((path / "manifest.json").read_text())
+    assert QUANTILES <= set(m["validation_error_quantiles"])
+    assert m["threshold"]["value"] > 0 and m["window"] == 40 and m["hop"] == 10
+    assert m["channels"] == ["ch0", "ch1"] and m["normalisation"]["method"] == "standard"
+    assert len(m["training"]["data"]["sha256"]) == 64
+    assert {"tsmon", "torch"} <= set(m["versions"]) and m["created_at"]
+    assert not any(p.suffix in (".pt", ".pth", ".pkl") for p in path.iterdir())  # never pickle
+
+
+def _copy(path: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(path, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: (p / "weights.safetensors").write_bytes((p / "weights.safetensors").read_bytes()[:100]), "truncated"),
+    (lambda p: (p / "weights.safetensors").unlink(), "missing its weights"),
+    (lambda p: (p / "manifest.json").write_text("{not json"), "corrupt manifest"),
+    (lambda p: (p / "manifest.json").unlink(), "not a tsmon model artifact"),
+    (lambda p: _edit(p, format_version=99), "artifact format 99"),
+    (lambda p: _edit(p, kind="transformer"), "incompatible artifact"),
+    (lambda p: _edit(p, threshold=None), "lacks threshold"),
+])
+def test_damaged_artifacts_fail_with_one_line(trained, tmp_path: Path, damage, message: str) -> None:
+    _, _, path = trained
+    copy = _copy(path, tmp_path)
+    damage(copy)
+    with pytest.raises(ArtifactError, match=message) as err:
+        artifact.load(copy)
+    assert "\n" not in str(err.value)
+
+
+def _edit(path: Path, **changes: object) -> None:
+    m = json.loads((path / "manifest.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            m.pop(k)
+        else:
+            m[k] = v
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_weights_of_another_shape_are_incompatible(trained, tmp_path: Path) -> None:
+    det, _, path = trained
+    if det.kind != "lstm":
+        pytest.skip("one kind is enough")
+    copy = _copy(path, tmp_path)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["params"]["embedding"] = 16
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="do not fit a lstm model"):
+        artifact.load(copy)
+
+
+def test_missing_artifact_and_channel_mismatch(trained, tmp_path: Path) -> None:
+    _, _, path = trained
+    with pytest.raises(ArtifactError, match="not found"):
+        artifact.load(tmp_path / "nope")
+    with pytest.raises(ArtifactError, match="expects 2 channel"):
+        artifact.load(path, expect_channels=3)

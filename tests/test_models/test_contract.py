@@ -1,0 +1,106 @@
+"""Every model kind honours the same scoring contract (river-style generic checks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.data import make_windows
+from models.errors import ModelConfigError
+from models.evaluate import roc_auc
+from models.registry import KINDS, build
+from models.scaling import Scaler
+from models.train import TrainConfig, fit
+
+SMALL = {"lstm": {"embedding": 8}, "dense": {"hidden": [32], "code": 4}, "conv": {"filters": [8, 4]},
+         "vae": {"hidden": [32], "latent": 4}, "pca": {"components": 4}}
+
+
+def toy_windows(n: int = 300, window: int = 24, channels: int = 2, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n * 4 + window)
+    vals = np.stack([np.sin(2 * np.pi * t / 12 + c) for c in range(channels)], axis=1)
+    vals += 0.05 * rng.normal(size=vals.shape)
+    w, _ = make_windows(vals.astype("float32"), window, 4)
+    return np.ascontiguousarray(w[:n])
+
+
+@torch.no_grad()
+def scores(model: torch.nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    v = model.eval().errors(torch.from_numpy(np.ascontiguousarray(x)))
+    return v.window.numpy(), v.channel.numpy()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_shapes_and_views(kind: str) -> None:
+    model = build(kind, {"window": 24, "channels": 3, **SMALL[kind]}).eval()
+    if kind == "pca":
+        model.fit(np.random.default_rng(0).normal(size=(40, 24, 3)).astype("float32"))
+    x = torch.randn(5, 24, 3)
+    with torch.no_grad():
+        views = model.errors(x)
+    assert views.window.shape == (5,)
+    assert views.channel.shape == (5, 3)
+    assert views.timestep.shape == (5, 24)
+    # the three views are means of the same elementwise error
+    torch.testing.assert_close(views.channel.mean(1), views.window)
+    torch.testing.assert_close(views.timestep.mean(1), views.window)
+    assert model.flops_per_window() > 0
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_training_lowers_loss_and_spike_scores_higher(kind: str) -> None:
+    wins = toy_windows()
+    scaler = Scaler.fit(wins)
+    x = scaler.transform(wins)
+    model = build(kind, {"window": 24, "channels": 2, **SMALL[kind]})
+    before = scores(model, x[250:])[0].mean()
+    res = fit(model, x[:250], x[250:], TrainConfig(epochs=15, batch_size=32, lr=3e-3, patience=15, seed=1))
+    assert scores(model, x[250:])[0].mean() < before
+    if kind != "pca":
+        assert res.history[-1].train_loss < res.history[0].train_loss
+    spiked = x[250:].copy()
+    spiked[:, 10:14, 0] += 4.0
+    normal_s, _ = scores(model, x[250:])
+    spike_s, spike_c = scores(model, spiked)
+    assert roc_auc(np.r_[np.zeros(len(normal_s)), np.ones(len(spike_s))], np.r_[normal_s, spike_s]) > 0.9
+    assert spike_c[:, 0].mean() > spike_c[:, 1].mean()  # the perturbed channel carries the error
+
+
+@pytest.mark.parametrize("kind", ["lstm", "dense", "vae"])
+def test_training_is_deterministic_for_a_seed(kind: str) -> None:
+    x = Scaler.fit(toy_windows(120)).transform(toy_windows(120))
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(7)  # initial weights come from the global generator, as in train_detector
+        m = build(kind, {"window": 24, "channels": 2, **SMALL[kind]})
+        fit(m, x[:100], x[100:], TrainConfig(epochs=2, seed=7))
+        outs.append(scores(m, x)[0])
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_denoising_and_sparsity_options_train() -> None:
+    x = Scaler.fit(toy_windows(120)).transform(toy_windows(120))
+    m = build("dense", {"window": 24, "channels": 2, "hidden": [16], "code": 4, "dropout": 0.1, "batch_norm": True})
+    res = fit(m, x[:100], x[100:], TrainConfig(epochs=3, noise_std=0.2, sparsity=1e-3, loss="mse"))
+    assert res.epochs_run == 3 and np.isfinite(res.best_val_loss)
+
+
+def test_vae_elbo_score_is_larger_than_reconstruction() -> None:
+    m = build("vae", {"window": 24, "channels": 2, "score": "elbo"}).eval()
+    x = torch.randn(4, 24, 2)
+    with torch.no_grad():
+        assert (m.errors(x, elbo=True).window > m.errors(x).window).all()
+
+
+@pytest.mark.parametrize("bad", [{"window": 1}, {"window": 24, "embedding": 0}, {"window": 24, "dropout": 1.5},
+                                 {"window": 24, "nonsense": 3}])
+def test_bad_hyper_parameters_are_rejected(bad: dict[str, object]) -> None:
+    with pytest.raises(ModelConfigError):
+        build("lstm", bad)
+
+
+def test_unknown_kind_is_rejected() -> None:
+    with pytest.raises(ModelConfigError, match="unknown model kind"):
+        build("transformer", {"window": 10})

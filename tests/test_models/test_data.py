@@ -1,0 +1,85 @@
+"""Series files, windows and splits; the vendored ECG5000."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.data import load_ecg5000, make_windows, read_series, series_dataset
+from models.errors import DataError
+from tests.conftest import synthetic_series
+
+
+def test_windows_are_aligned_to_their_last_sample() -> None:
+    v = np.arange(10, dtype="float32")[:, None]
+    w, ends = make_windows(v, 4, 3)
+    assert w.shape == (3, 4, 1) and ends.tolist() == [3, 6, 9]
+    assert w[1, :, 0].tolist() == [3, 4, 5, 6]
+
+
+def test_read_csv_and_parquet_agree(tmp_path: Path) -> None:
+    df = synthetic_series(500)
+    df.to_csv(tmp_path / "s.csv", index=False)
+    df.to_parquet(tmp_path / "s.parquet")
+    a, b = read_series(tmp_path / "s.csv"), read_series(tmp_path / "s.parquet")
+    assert a.channels == b.channels == ["ch0", "ch1"]
+    np.testing.assert_allclose(a.values, b.values)
+    assert a.labels is not None and a.labels.sum() == 0  # anomalies start after 500
+    assert a.timestamps is not None and a.timestamps[0] == np.datetime64("2024-01-01T00:00:00")
+
+
+def test_epoch_ms_timestamps(tmp_path: Path) -> None:
+    pd.DataFrame({"ts": [1_700_000_000_000, 1_700_000_001_000], "v": [1.0, 2.0]}).to_csv(tmp_path / "e.csv", index=False)
+    s = read_series(tmp_path / "e.csv")
+    assert s.channels == ["v"] and str(s.timestamps[1]).startswith("2023-11-14T22:13:21")
+
+
+def test_nan_windows_are_dropped_and_counted(tmp_path: Path) -> None:
+    df = synthetic_series(2000)
+    df.loc[100, "ch1"] = np.nan
+    df.loc[200, "ch0"] = np.inf
+    df.to_csv(tmp_path / "n.csv", index=False)
+    ds = series_dataset(read_series(tmp_path / "n.csv"), window=40, hop=10)
+    assert ds.summary["dropped_nonfinite"] == 8  # 4 windows cover each bad sample
+    assert np.isfinite(ds.train).all() and np.isfinite(ds.val).all() and np.isfinite(ds.test).all()
+
+
+def test_split_is_chronological_and_trains_on_normal_windows_only(series_csv: Path) -> None:
+    ds = series_dataset(read_series(series_csv), window=40, hop=10, train_fraction=0.7)
+    assert ds.summary["split_sample"] == 2800
+    assert ds.test_ends is not None and ds.test_ends.min() >= 2800
+    # the anomaly at 2600 lies in the training part: its windows are excluded from training
+    assert ds.summary["train"] + ds.summary["val"] < (2800 - 40) // 10 + 1
+
+
+@pytest.mark.parametrize("content, message", [
+    ("a,b\nx,y\n", "not numeric"),
+    ("timestamp,label\n2024-01-01,0\n", "no value columns"),
+    ("v,label\n1.0,2\n", "only 0 and 1"),
+    ("", "cannot read"),
+])
+def test_bad_files_give_clear_errors(tmp_path: Path, content: str, message: str) -> None:
+    p = tmp_path / "bad.csv"
+    p.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_series(p)
+
+
+def test_missing_file_and_column(tmp_path: Path, series_csv: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        read_series(tmp_path / "none.csv")
+    with pytest.raises(DataError, match="'zz' not found"):
+        read_series(series_csv, ["zz"])
+
+
+def test_ecg5000_protocols() -> None:
+    classic = load_ecg5000("classic")
+    assert classic.train.shape == (2335, 140, 1) and len(classic.val) == 291
+    assert len(classic.test) == 2374 and classic.test_labels.sum() == 2081
+    ucr = load_ecg5000("ucr")
+    assert len(ucr.test) == 4500 and len(ucr.train) + len(ucr.val) == 292
+    with pytest.raises(DataError, match="protocol"):
+        load_ecg5000("random")
