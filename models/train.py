@@ -24,7 +24,7 @@ class TrainConfig:
     epochs: int = 60
     batch_size: int = 32
     lr: float = 1e-3
-    lr_min_ratio: float = 0.05  # cosine decay from lr to lr × this over ``epochs``
+    warmup: float = 0.1  # one-cycle schedule: fraction of steps warming up to ``lr``, then cosine decay
     weight_decay: float = 0.0
     patience: int = 10  # epochs without a validation improvement of ``min_delta`` before stopping
     min_delta: float = 1e-4
@@ -41,6 +41,8 @@ class TrainConfig:
             raise ModelConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.patience < 1:
             raise ModelConfigError("epochs, batch_size, patience must be >= 1 and lr > 0")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ModelConfigError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.noise_std < 0 or self.sparsity < 0:
             raise ModelConfigError("noise_std and sparsity must be >= 0")
 
@@ -80,6 +82,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ModelConfigError(f"device {name!r} requested but CUDA is not available")
     return torch.device(name)
+
+
+def one_cycle(step: int, total: int, warmup: float) -> float:
+    """Learning-rate factor of a one-cycle schedule: cosine warm-up from 1/25 to 1 over ``warmup`` of the
+    steps, then cosine decay to 1/250000 (the shape of PyTorch's OneCycleLR, valid for any step count)."""
+    up = max(1, int(warmup * total))
+    a, b, p = (1 / 25, 1.0, step / up) if step < up else (1.0, 1 / 250_000, (step - up) / max(1, total - up))
+    return b + (a - b) * (1 + math.cos(math.pi * min(p, 1.0))) / 2
 
 
 def _loss(model: Autoencoder, x: torch.Tensor, target: torch.Tensor, cfg: TrainConfig, kl_beta: float) -> torch.Tensor:
@@ -123,7 +133,8 @@ def fit(model: Autoencoder, train: np.ndarray, val: np.ndarray, cfg: TrainConfig
         result.seconds = time.perf_counter() - start
         return result
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.lr * cfg.lr_min_ratio)
+    steps = cfg.epochs * math.ceil(len(xt) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: one_cycle(step, steps, cfg.warmup))
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     kl_beta = float(getattr(model.config, "beta", 0.0))
     best_state, since_best = copy.deepcopy(model.state_dict()), 0
@@ -139,8 +150,8 @@ def fit(model: Autoencoder, train: np.ndarray, val: np.ndarray, cfg: TrainConfig
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            sched.step()
             total += float(loss.detach()) * len(idx)
-        sched.step()
         val_loss = mean_error(model, xv, cfg.loss)
         if not math.isfinite(val_loss):
             result.stop_reason = "diverged"

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from models.data import Dataset, load_ecg5000, read_series, series_dataset, sha256_bytes
-from models.detector import Detector, Threshold, error_quantiles
+from models.detector import DEFAULT_QUANTILE, Detector, Threshold, error_quantiles
 from models.errors import DataError
 from models.evaluate import event_metrics, report
 from models.registry import build
@@ -76,7 +76,7 @@ def _sha(path: str) -> str:
 
 
 def train_detector(data: Dataset, kind: str, params: dict[str, Any], cfg: TrainConfig,
-                   threshold_quantile: float = 0.99, threshold_margin: float = 1.0,
+                   threshold_quantile: float = DEFAULT_QUANTILE, threshold_margin: float = 1.0,
                    normalisation: str = "standard",
                    on_epoch: Callable[[EpochStats], None] | None = None) -> tuple[Detector, dict[str, Any]]:
     """Fit normalisation on ``data.train``, train a ``kind`` model, derive quantiles and threshold on val."""

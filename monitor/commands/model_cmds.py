@@ -12,6 +12,7 @@ import pandas as pd
 import typer
 
 from models import artifact
+from models.detector import DEFAULT_QUANTILE
 from models.data import finite_windows, make_windows, read_series
 from models.errors import DataError, ModelConfigError
 from models.registry import DEFAULT_KIND, KINDS, train_defaults
@@ -28,7 +29,7 @@ TsCol = Annotated[str | None, typer.Option(help="Timestamp column (epoch ms or I
 LabelCol = Annotated[str | None, typer.Option(help="0/1 label column; auto: label/is_anomaly/anomaly.")]
 
 
-def _params(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
+def parse_params(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
     params = {k: v for k, v in named.items() if v is not None}
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
@@ -63,7 +64,7 @@ def train(
     dropout: Annotated[float | None, typer.Option(help="Dropout (lstm, dense, conv, vae).")] = None,
     batch_norm: Annotated[bool | None, typer.Option("--batch-norm/--no-batch-norm", help="dense, conv.")] = None,
     param: Annotated[list[str] | None, typer.Option(help="Other hyper-parameter key=value (JSON value).")] = None,
-    threshold_quantile: Annotated[float, typer.Option(help="Quantile of validation errors for the threshold.")] = 0.99,
+    threshold_quantile: Annotated[float, typer.Option(help="Quantile of validation errors for the threshold.")] = DEFAULT_QUANTILE,
     threshold_margin: Annotated[float, typer.Option(help="Threshold = quantile × margin.")] = 1.0,
     normalisation: Annotated[str, typer.Option(help="Per-channel scaling: standard, robust or none.")] = "standard",
     seed: Annotated[int, typer.Option(help="Seed for the split and training.")] = 42,
@@ -73,7 +74,7 @@ def train(
     """Train a model on normal data only and write an artifact."""
     spec = DataSpec(data, protocol, seed, window, hop, tuple(value_col or ()), timestamp_col, label_col,
                     train_fraction)
-    params = _params(param, embedding=embedding, dropout=dropout, batch_norm=batch_norm)
+    params = parse_params(param, embedding=embedding, dropout=dropout, batch_norm=batch_norm)
     defaults = train_defaults(model)
     cfg = TrainConfig(**{**defaults, **{k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr,
                       patience=patience).items() if v is not None}}, loss=loss, noise_std=noise,
@@ -196,7 +197,7 @@ def demo(
 ) -> None:
     """Train the default LSTM autoencoder on ECG5000 (classic protocol) and print the result table."""
     cfg = TrainConfig(**train_defaults(DEFAULT_KIND), seed=42, max_seconds=max_minutes * 60 if max_minutes else None)
-    run_training(DataSpec(), DEFAULT_KIND, {}, cfg, out, 0.99, 1.0, "standard")
+    run_training(DataSpec(), DEFAULT_KIND, {}, cfg, out, DEFAULT_QUANTILE, 1.0, "standard")
     eval_(out, "ecg5000", None, False, "auto")
 
 

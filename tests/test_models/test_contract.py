@@ -104,3 +104,19 @@ def test_bad_hyper_parameters_are_rejected(bad: dict[str, object]) -> None:
 def test_unknown_kind_is_rejected() -> None:
     with pytest.raises(ModelConfigError, match="unknown model kind"):
         build("transformer", {"window": 10})
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_batched_cpu_lstm_path_equals_nn_lstm(channels: int) -> None:
+    """The hand-stepped inference path (large CPU batches) must give nn.LSTM's scores."""
+    from models.lstm_ae import FUSED_MIN_BATCH
+
+    torch.manual_seed(0)
+    model = build("lstm", {"window": 30, "channels": channels, "embedding": 8}).eval()
+    x = torch.randn(FUSED_MIN_BATCH + 5, 30, channels)
+    with torch.no_grad():
+        fast = model.errors(x)  # no grad + CPU + big batch → hand-stepped path
+    with torch.enable_grad():
+        ref = model.errors(x)  # autograd on → nn.LSTM path
+    torch.testing.assert_close(fast.timestep, ref.timestep.detach(), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(fast.channel, ref.channel.detach(), atol=2e-6, rtol=1e-5)
