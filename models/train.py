@@ -22,6 +22,7 @@ from models.pca import PCA
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
     epochs: int = 60
+    min_steps: int = 0  # train at least this many optimizer steps (more epochs on small data sets)
     batch_size: int = 32
     lr: float = 1e-3
     warmup: float = 0.1  # one-cycle schedule: fraction of steps warming up to ``lr``, then cosine decay
@@ -84,12 +85,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def one_cycle(step: int, total: int, warmup: float) -> float:
-    """Learning-rate factor of a one-cycle schedule: cosine warm-up from 1/25 to 1 over ``warmup`` of the
-    steps, then cosine decay to 1/250000 (the shape of PyTorch's OneCycleLR, valid for any step count)."""
-    up = max(1, int(warmup * total))
-    a, b, p = (1 / 25, 1.0, step / up) if step < up else (1.0, 1 / 250_000, (step - up) / max(1, total - up))
-    return b + (a - b) * (1 + math.cos(math.pi * min(p, 1.0))) / 2
+def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int, warmup: float) -> torch.optim.lr_scheduler.LRScheduler:
+    """PyTorch's one-cycle schedule (lr and Adam β1 cycled), with its warm-up stretched to at least two
+    steps so that very short runs do not divide by zero; a constant rate below four steps."""
+    if steps < 4:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(warmup, 2.0 / steps))
 
 
 def _loss(model: Autoencoder, x: torch.Tensor, target: torch.Tensor, cfg: TrainConfig, kl_beta: float) -> torch.Tensor:
@@ -133,12 +134,15 @@ def fit(model: Autoencoder, train: np.ndarray, val: np.ndarray, cfg: TrainConfig
         result.seconds = time.perf_counter() - start
         return result
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * math.ceil(len(xt) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: one_cycle(step, steps, cfg.warmup))
+    per_epoch = math.ceil(len(xt) / cfg.batch_size)
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
+    steps = epochs * per_epoch
+    patience = max(cfg.patience, round(cfg.patience * epochs / cfg.epochs))  # scaled with min_steps
+    sched = one_cycle(opt, cfg.lr, steps, cfg.warmup)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     kl_beta = float(getattr(model.config, "beta", 0.0))
     best_state, since_best = copy.deepcopy(model.state_dict()), 0
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, epochs + 1):
         model.train()
         perm, total = torch.randperm(len(xt), generator=gen).to(device), 0.0
         for idx in torch.split(perm, cfg.batch_size):
@@ -161,13 +165,13 @@ def fit(model: Autoencoder, train: np.ndarray, val: np.ndarray, cfg: TrainConfig
             best_state = copy.deepcopy(model.state_dict())
         else:
             since_best += 1
-        stats = EpochStats(epoch, cfg.epochs, total / len(xt), val_loss, result.best_val_loss,
+        stats = EpochStats(epoch, epochs, total / len(xt), val_loss, result.best_val_loss,
                            time.perf_counter() - start)
         result.history.append(stats)
         result.epochs_run = epoch
         if on_epoch:
             on_epoch(stats)
-        if since_best >= cfg.patience:
+        if since_best >= patience:
             result.stop_reason = "early_stopping"
             break
         if cfg.max_seconds is not None and stats.seconds >= cfg.max_seconds:

@@ -29,7 +29,7 @@ def epoch_progress(epochs: int, label: str) -> Iterator[Any]:
         task = bar.add_task(label, total=epochs, losses="")
 
         def on_epoch(s: EpochStats) -> None:
-            bar.update(task, completed=s.epoch,
+            bar.update(task, completed=s.epoch, total=s.epochs,
                        losses=f"train {s.train_loss:.4f}  val {s.val_loss:.4f}  best {s.best_val_loss:.4f}")
 
         yield on_epoch
