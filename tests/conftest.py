@@ -35,3 +35,30 @@ def series_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "series.csv"
     synthetic_series().to_csv(path, index=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """A real Kafka-protocol broker (Tansu) on a free loopback port for the whole session, stopped by PID."""
+    from monitor.broker import LocalBroker
+
+    b = LocalBroker()
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def topic(broker) -> str:
+    """A fresh uuid-named topic (4 partitions) so tests never see each other's data."""
+    import uuid
+
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=10_000)
+    try:
+        admin.create_topics([NewTopic(name, num_partitions=4, replication_factor=1)])
+    finally:
+        admin.close()
+    return name

@@ -1,0 +1,64 @@
+"""The local broker is a real Kafka-protocol broker: kafka-python produces, consumes and commits on it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from kafka import KafkaConsumer, KafkaProducer
+
+from monitor.broker import LocalBroker, free_port
+
+
+def test_produce_consume_commit(broker, topic: str) -> None:
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1, linger_ms=5)
+    for i in range(200):
+        producer.send(topic, key=f"s{i % 5}".encode(), value=str(i).encode())
+    producer.flush(10)
+    producer.close()
+    consumer = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap, group_id=f"g-{topic}",
+                             auto_offset_reset="earliest", enable_auto_commit=False,
+                             session_timeout_ms=6000, heartbeat_interval_ms=1000, consumer_timeout_ms=8000)
+    seen = set()
+    for msg in consumer:
+        seen.add(int(msg.value))
+        if len(seen) == 200:
+            break
+    consumer.commit()
+    consumer.close()
+    assert seen == set(range(200))
+
+
+def test_persistent_storage_survives_restart(tmp_path) -> None:
+    port = free_port()
+    with LocalBroker(port=port, data_dir=tmp_path / "data") as b:
+        p = KafkaProducer(bootstrap_servers=b.bootstrap, acks=1)
+        for i in range(20):
+            p.send("persist", value=str(i).encode())
+        p.flush(10)
+        p.close()
+    with LocalBroker(port=port, data_dir=tmp_path / "data") as b:
+        c = KafkaConsumer("persist", bootstrap_servers=b.bootstrap, auto_offset_reset="earliest",
+                          consumer_timeout_ms=5000)
+        values = sorted(int(m.value) for m in c)
+        c.close()
+    assert values == list(range(20))
+
+
+def test_broker_command_prints_address_and_stops_on_sigterm() -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "monitor", "--log-format", "json", "broker", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        assert line == f"127.0.0.1:{port}"
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
