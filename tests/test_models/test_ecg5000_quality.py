@@ -33,6 +33,6 @@ def test_lstm_small_budget(classic) -> None:
     r = evaluate(det, classic)
     hist = info["result"]["val_loss"]
     assert hist[-1] < 0.7 * hist[0]  # it learns
-    assert r["roc_auc"] >= 0.95, r  # 12 of the default 60 epochs
-    assert r["balanced_accuracy"] >= 0.85, r
+    assert r["roc_auc"] >= 0.97, r  # 12 of the default 60 epochs (measured 0.983; PCA 0.975)
+    assert r["balanced_accuracy"] >= 0.93, r  # measured 0.958
     assert r["baseline"]["model"] == "pca"
