@@ -86,18 +86,21 @@ class LSTMAE(Autoencoder):
         """Inference path for large CPU batches (see :mod:`models.lstm_infer`); dropout is inactive."""
         batch, steps = x.shape[0], x.shape[1]
         xt = x.transpose(0, 1).contiguous()  # [T, B, C]: each step's input is contiguous
-        enc1, enc2 = InferenceCell(self.enc1, x, batch), InferenceCell(self.enc2, x, batch, x_sign=-1.0)
+        c, e, h = x.shape[2], self.config.embedding, self.config.hidden_size
+        enc = x.new_zeros(batch, c + 1 + h + 1 + e)  # [x_t | 1 | −h1 | 1 | −h2], shared by the encoder cells
+        enc1, enc2 = InferenceCell(self.enc1, enc, 0), InferenceCell(self.enc2, enc, c + 1, x_sign=-1.0)
         for t in range(steps):
-            enc1.x.copy_(xt[t])
-            enc2.x.copy_(enc1.step())
+            enc[:, :c].copy_(xt[t])
+            enc1.step()
             enc2.step()
         neg_code = enc2.neg_h.clone()
-        dec1, dec2 = InferenceCell(self.dec1, x, batch, -1.0), InferenceCell(self.dec2, x, batch, -1.0)
-        dec1.x.copy_(neg_code)  # the repeated embedding: the same input at every step
+        dec = x.new_zeros(batch, e + 1 + e + 1 + h)  # [−code | 1 | −h3 | 1 | −h4]: the code at every step
+        dec[:, :e].copy_(neg_code)
+        dec1, dec2 = InferenceCell(self.dec1, dec, 0, -1.0), InferenceCell(self.dec2, dec, e + 1, -1.0)
         w_out_t = self.out.weight.t().contiguous()
-        recon = x.new_empty(steps, batch, x.shape[2])
+        recon = x.new_empty(steps, batch, c)
         for t in range(steps):
-            dec2.x.copy_(dec1.step())
+            dec1.step()
             torch.addmm(self.out.bias, dec2.step(), w_out_t, alpha=-1.0, out=recon[t])
         return AEOutput(recon=recon.transpose(0, 1), code=-neg_code)
 
