@@ -1,0 +1,152 @@
+"""Wire format of input messages: parse and validate one message into a block of samples, or say why not.
+
+Owns the input contract (``monitor/schemas/input.schema.json``): one sample (``value`` or ``values``) or
+a chunk (``ts`` of the first sample, ``period_ms``, ``samples``); key = stream id. Anything else is a
+:class:`BadRecord` with a reason code for the dead-letter topic — never an exception that escapes, never
+a silent drop. NaN and ±inf are rejected explicitly (JSON ``NaN``/``Infinity`` literals included).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+REASONS = ("oversized", "empty", "invalid_json", "not_object", "bad_stream", "bad_timestamp", "bad_shape",
+           "wrong_type", "non_finite", "too_many_samples")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_bytes: int = 1 << 20
+    max_samples: int = 10_000  # per chunk
+    max_channels: int = 256
+    max_stream_len: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SampleBlock:
+    """Consecutive samples of one stream: timestamps (epoch ms) and values ``[n, channels]``."""
+
+    stream: str
+    ts_ms: np.ndarray  # int64 [n], strictly increasing within a block
+    values: np.ndarray  # float32 [n, channels], all finite
+
+    @property
+    def channels(self) -> int:
+        return int(self.values.shape[1])
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecord:
+    """Why a message cannot be used; ``reason`` is one of :data:`REASONS`."""
+
+    reason: str
+    detail: str
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number")
+
+
+def _timestamp_ms(ts: Any) -> int | None:
+    if isinstance(ts, bool):
+        return None
+    if isinstance(ts, (int, float)):
+        return int(ts) if math.isfinite(ts) and 0 <= ts < 1e14 else None  # < year 5138, ms since epoch
+    if isinstance(ts, str):
+        try:
+            dt = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if dt.tzinfo is None:
+            return None  # naive times are ambiguous on a multi-site pipeline
+        return int(dt.timestamp() * 1000)
+    return None
+
+
+def _matrix(rows: Any, what: str, limits: Limits) -> np.ndarray | BadRecord:
+    """Numbers → float64 array ``[n, channels]``; bools, strings, ragged rows and nesting are bad."""
+    if not isinstance(rows, list) or not rows:
+        return BadRecord("bad_shape", f"{what} must be a non-empty list")
+    if len(rows) > limits.max_samples:
+        return BadRecord("too_many_samples", f"{what} has {len(rows)} samples (limit {limits.max_samples})")
+    if what == "samples" and all(type(v) in (int, float) for v in rows):
+        rows = [[v] for v in rows]  # a single-channel chunk may list bare numbers
+    elif not all(isinstance(r, list) and r and all(type(v) in (int, float) for v in r) for r in rows):
+        return BadRecord("wrong_type", f"{what} must hold numbers (or lists of numbers per sample)")
+    width = len(rows[0])
+    if width > limits.max_channels or any(len(r) != width for r in rows):
+        return BadRecord("bad_shape", f"{what}: every sample needs the same channel count (≤ {limits.max_channels})")
+    arr = np.asarray(rows, dtype="float64")
+    if not np.isfinite(arr).all():
+        return BadRecord("non_finite", f"{what} contains NaN or infinity")
+    if np.abs(arr).max() > 3.4e38:
+        return BadRecord("non_finite", f"{what} has a value beyond float32 range")
+    return arr
+
+
+def parse(value: bytes | None, key: bytes | None = None, limits: Limits = Limits()) -> SampleBlock | BadRecord:
+    """Parse one message value (and its key) into a :class:`SampleBlock` or a :class:`BadRecord`."""
+    if value is None or len(value) == 0:
+        return BadRecord("empty", "message has no value")
+    if len(value) > limits.max_bytes:
+        return BadRecord("oversized", f"message is {len(value)} bytes (limit {limits.max_bytes})")
+    try:
+        doc = json.loads(value, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, NaN literal, deep nesting
+        reason = "non_finite" if "is not a number" in str(exc) else "invalid_json"
+        return BadRecord(reason, str(exc)[:200])
+    if not isinstance(doc, dict):
+        return BadRecord("not_object", f"message is a JSON {type(doc).__name__}, not an object")
+    stream = _stream(doc.get("stream"), key, limits)
+    if isinstance(stream, BadRecord):
+        return stream
+    t0 = _timestamp_ms(doc.get("ts"))
+    if t0 is None:
+        return BadRecord("bad_timestamp", f"ts must be epoch ms or ISO-8601 with a zone, got {doc.get('ts')!r}"[:200])
+    forms = [k for k in ("value", "values", "samples") if k in doc]
+    if len(forms) != 1:
+        return BadRecord("bad_shape", "give exactly one of value, values or samples")
+    if forms[0] == "samples":
+        period = doc.get("period_ms")
+        if type(period) not in (int, float) or not math.isfinite(period) or period <= 0:
+            return BadRecord("bad_timestamp", f"a chunk needs period_ms > 0, got {period!r}"[:200])
+        arr = _matrix(doc["samples"], "samples", limits)
+        if isinstance(arr, BadRecord):
+            return arr
+        ts = t0 + np.round(np.arange(len(arr)) * float(period)).astype("int64")
+        if len(ts) > 1 and not (np.diff(ts) > 0).all():
+            return BadRecord("bad_timestamp", f"period_ms {period} is below 1 ms resolution")
+    else:
+        raw = doc[forms[0]]
+        if forms[0] == "value":
+            if type(raw) not in (int, float):
+                return BadRecord("wrong_type", f"value must be a number, got {type(raw).__name__}")
+            raw = [raw]
+        arr = _matrix([raw], forms[0], limits)
+        if isinstance(arr, BadRecord):
+            return arr
+        ts = np.array([t0], dtype="int64")
+    return SampleBlock(stream, ts, arr.astype("float32"))
+
+
+def _stream(field: Any, key: bytes | None, limits: Limits) -> str | BadRecord:
+    try:
+        key_id = key.decode("utf-8") if key else None
+    except UnicodeDecodeError:
+        return BadRecord("bad_stream", "message key is not UTF-8")
+    if field is not None and (not isinstance(field, str) or not field):
+        return BadRecord("bad_stream", "stream must be a non-empty string")
+    stream = field or key_id
+    if not stream:
+        return BadRecord("bad_stream", "no stream id: set the message key or a stream field")
+    if field and key_id and field != key_id:
+        return BadRecord("bad_stream", f"stream field {field[:64]!r} differs from the key {key_id[:64]!r}")
+    if len(stream) > limits.max_stream_len:
+        return BadRecord("bad_stream", f"stream id longer than {limits.max_stream_len} characters")
+    return stream

@@ -1,0 +1,91 @@
+"""Input wire format: good messages parse to sample blocks, bad ones to a reason — never an exception."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+
+from monitor.records import REASONS, BadRecord, Limits, SampleBlock, parse
+
+SCHEMA = json.loads((Path(__file__).parents[2] / "monitor" / "schemas" / "input.schema.json").read_text())
+GOOD = [
+    {"stream": "ecg-1", "ts": 1_700_000_000_000, "value": 0.1},
+    {"stream": "ecg-1", "ts": "2024-05-01T12:00:00.250Z", "values": [0.1, -0.2]},
+    {"stream": "ecg-1", "ts": 1_700_000_000_000, "period_ms": 2.7778, "samples": [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]},
+    {"ts": 1_700_000_000_000, "period_ms": 1000, "samples": [1.0, 2.0, 3.0]},
+]
+
+
+@pytest.mark.parametrize("doc", GOOD)
+def test_good_messages_parse_and_match_the_schema(doc: dict) -> None:
+    jsonschema.validate(doc, SCHEMA)
+    block = parse(json.dumps(doc).encode(), key=b"ecg-1")
+    assert isinstance(block, SampleBlock) and block.stream == "ecg-1"
+    assert block.values.dtype == np.float32 and np.isfinite(block.values).all()
+    assert (np.diff(block.ts_ms) > 0).all()
+
+
+def test_chunk_timestamps_follow_the_period() -> None:
+    block = parse(json.dumps(GOOD[2]).encode())
+    assert block.ts_ms.tolist() == [1_700_000_000_000, 1_700_000_000_003, 1_700_000_000_006]
+    assert block.values.shape == (3, 2)
+    iso = parse(json.dumps(GOOD[1]).encode())
+    assert iso.ts_ms[0] == 1_714_564_800_250
+
+
+@pytest.mark.parametrize("raw, key, reason", [
+    (b"", None, "empty"),
+    (None, b"s", "empty"),
+    (b"{not json", b"s", "invalid_json"),
+    (b"\xff\xfe", b"s", "invalid_json"),
+    (b"[1, 2]", b"s", "not_object"),
+    (b'{"ts": 1, "value": NaN}', b"s", "non_finite"),
+    (b'{"ts": 1, "values": [1, Infinity]}', b"s", "non_finite"),
+    (b'{"ts": 1, "value": 1e400}', b"s", "non_finite"),
+    (b'{"ts": 1, "value": 1e39}', b"s", "non_finite"),
+    (b'{"ts": 1, "value": 1}', None, "bad_stream"),
+    (b'{"stream": "a", "ts": 1, "value": 1}', b"b", "bad_stream"),
+    (b'{"stream": 5, "ts": 1, "value": 1}', None, "bad_stream"),
+    (b'{"ts": "yesterday", "value": 1}', b"s", "bad_timestamp"),
+    (b'{"ts": "2024-05-01T12:00:00", "value": 1}', b"s", "bad_timestamp"),
+    (b'{"ts": true, "value": 1}', b"s", "bad_timestamp"),
+    (b'{"ts": 1, "value": "1.0"}', b"s", "wrong_type"),
+    (b'{"ts": 1, "value": true}', b"s", "wrong_type"),
+    (b'{"ts": 1, "values": [1, "x"]}', b"s", "wrong_type"),
+    (b'{"ts": 1, "values": [[1]]}', b"s", "wrong_type"),
+    (b'{"ts": 1, "value": 1, "values": [1]}', b"s", "bad_shape"),
+    (b'{"ts": 1}', b"s", "bad_shape"),
+    (b'{"ts": 1, "samples": [[1, 2], [3]], "period_ms": 10}', b"s", "bad_shape"),
+    (b'{"ts": 1, "samples": [[1, 2]], "period_ms": 0}', b"s", "bad_timestamp"),
+    (b'{"ts": 1, "samples": [[1], [2]], "period_ms": 0.1}', b"s", "bad_timestamp"),
+    (b'{"ts": 1, "samples": [], "period_ms": 10}', b"s", "bad_shape"),
+    (b"[" * 100_000 + b"]" * 100_000, b"s", "invalid_json"),
+])
+def test_bad_messages_have_a_reason(raw: bytes | None, key: bytes | None, reason: str) -> None:
+    bad = parse(raw, key)
+    assert isinstance(bad, BadRecord) and bad.reason == reason, bad
+    assert bad.reason in REASONS and bad.detail
+
+
+def test_limits() -> None:
+    big = json.dumps({"ts": 1, "period_ms": 1, "samples": [0.0] * 50}).encode()
+    assert parse(big, b"s", Limits(max_samples=10)).reason == "too_many_samples"
+    assert parse(big, b"s", Limits(max_bytes=100)).reason == "oversized"
+    assert parse(b'{"ts": 1, "value": 1}', b"x" * 300).reason == "bad_stream"
+
+
+def test_fuzzed_bytes_never_raise() -> None:
+    rng = random.Random(7)
+    pieces = [b"{", b"}", b"[", b"]", b'"ts"', b'"value"', b'"samples"', b":", b",", b"1", b"-1e309", b"NaN",
+              b'"x"', b"null", b"true", b"\xff", b"0.5", b'"period_ms"', b'"stream"']
+    for _ in range(3000):
+        raw = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        out = parse(raw, rng.choice([None, b"s", b"\xff"]))
+        assert isinstance(out, (SampleBlock, BadRecord))
+        if isinstance(out, SampleBlock):
+            assert np.isfinite(out.values).all()

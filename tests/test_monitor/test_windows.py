@@ -1,0 +1,70 @@
+"""Streaming windows equal offline windows, whatever the block boundaries; gaps restart; order is enforced."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.data import make_windows
+from monitor.windows import StreamWindows
+
+
+def series(n: int, channels: int = 2, period: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    ts = 1_000 + period * np.arange(n, dtype="int64")
+    values = np.random.default_rng(0).normal(size=(n, channels)).astype("float32")
+    return ts, values
+
+
+@pytest.mark.parametrize("window, hop", [(8, 1), (8, 3), (8, 8), (8, 11)])
+def test_blocks_of_any_size_give_the_offline_windows(window: int, hop: int) -> None:
+    ts, values = series(200)
+    expected, ends = make_windows(values, window, hop)
+    sw = StreamWindows(window, hop, channels=2)
+    rng = np.random.default_rng(1)
+    cuts = np.sort(rng.choice(np.arange(1, 200), size=25, replace=False))
+    got, got_ts, got_seq = [], [], []
+    for lo, hi in zip([0, *cuts], [*cuts, 200]):
+        assert sw.check(ts[lo:hi], values[lo:hi]) is None
+        w = sw.push(ts[lo:hi], values[lo:hi])
+        got.append(w.values), got_ts.append(w.end_ts), got_seq.append(w.end_seq)
+    np.testing.assert_array_equal(np.concatenate(got), expected)
+    np.testing.assert_array_equal(np.concatenate(got_ts), ts[ends])
+    np.testing.assert_array_equal(np.concatenate(got_seq), ends + 1)
+    assert sw.restarts == 0 and sw.seen == 200
+
+
+def test_a_gap_restarts_the_window() -> None:
+    ts, values = series(40)
+    ts[20:] += 1_000  # a 1 s hole after sample 19
+    sw = StreamWindows(8, 4, channels=2, gap_ms=100)
+    w = sw.push(ts, values)
+    assert sw.restarts == 1
+    # before the gap: windows ending at 7, 11, 15, 19; after it the count starts again at 20 → 27, 31, 35, 39
+    np.testing.assert_array_equal(w.end_ts, ts[[7, 11, 15, 19, 27, 31, 35, 39]])
+    assert not any(((ts[e - 7] < ts[19]) and (ts[e] > ts[20])) for e in [27, 31, 35, 39])  # none spans the gap
+
+
+def test_gap_between_blocks_also_restarts() -> None:
+    ts, values = series(30)
+    sw = StreamWindows(8, 8, channels=2, gap_ms=100)
+    sw.push(ts[:12], values[:12])
+    w = sw.push(ts[12:] + 5_000, values[12:])
+    assert sw.restarts == 1 and (w.end_ts == ts[[19, 27]] + 5_000).all()
+
+
+def test_order_and_channels_are_checked_without_touching_state() -> None:
+    ts, values = series(20)
+    sw = StreamWindows(8, 2, channels=2)
+    sw.push(ts[:10], values[:10])
+    assert sw.check(ts[9:12], values[9:12]).startswith("duplicate_timestamp")
+    assert sw.check(ts[5:8], values[5:8]).startswith("timestamp_backwards")
+    assert sw.check(ts[10:12], values[10:12, :1]).startswith("channel_mismatch")
+    assert sw.seen == 10 and sw.last_ts == ts[9]
+
+
+def test_state_is_bounded() -> None:
+    ts, values = series(5_000)
+    sw = StreamWindows(16, 4, channels=2)
+    for lo in range(0, 5_000, 100):
+        sw.push(ts[lo : lo + 100], values[lo : lo + 100])
+    assert sw._tail.shape == (15, 2)  # the last W − 1 samples, nothing more
