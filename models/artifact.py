@@ -58,7 +58,7 @@ def save(detector: Detector, path: str | Path, training: dict[str, Any] | None =
         "weights": {"file": WEIGHTS, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)},
     }
     (out / WEIGHTS).write_bytes(blob)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_jsonable) + "\n")
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_jsonable, allow_nan=False) + "\n")
     return out
 
 
@@ -87,6 +87,16 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise ArtifactError(f"incompatible artifact {root}: manifest lacks {', '.join(missing)}")
+    params, hop = manifest["params"], manifest["hop"]
+    if not isinstance(params, dict) or params.get("window") != manifest["window"]:
+        raise ArtifactError(f"incompatible artifact {root}: window {manifest['window']!r} differs from params")
+    if not isinstance(hop, int) or isinstance(hop, bool) or hop < 1:
+        raise ArtifactError(f"incompatible artifact {root}: hop must be a positive integer, got {hop!r}")
+    if manifest["loss"] not in ("l1", "mse"):
+        raise ArtifactError(f"incompatible artifact {root}: unknown loss {manifest['loss']!r}")
+    wname = str(manifest["weights"].get("file", WEIGHTS)) if isinstance(manifest["weights"], dict) else ""
+    if not wname or Path(wname).name != wname:
+        raise ArtifactError(f"incompatible artifact {root}: weights file must be a plain name inside it, got {wname!r}")
     return manifest
 
 

@@ -78,6 +78,8 @@ def load_ecg5000(protocol: str = "classic", seed: int = 42) -> Dataset:
     """
     if protocol not in PROTOCOLS:
         raise DataError(f"unknown ECG5000 protocol {protocol!r}: use {' or '.join(PROTOCOLS)}")
+    if seed < 0:
+        raise DataError(f"seed must be >= 0, got {seed}")
     tr, te = _ecg5000_table("ECG5000_TRAIN.tsv.gz"), _ecg5000_table("ECG5000_TEST.tsv.gz")
     rng = np.random.default_rng(seed)
     if protocol == "classic":
@@ -94,7 +96,7 @@ def load_ecg5000(protocol: str = "classic", seed: int = 42) -> Dataset:
         n_tr = int(0.8 * len(normal))
         train, val = normal[idx[:n_tr]], normal[idx[n_tr:]]
         test, labels = te[:, 1:], (te[:, 0] != 1).astype("float64")
-    summary = {"source": "ecg5000", "protocol": protocol, "seed": seed, "train": len(train),
+    summary = {"source": "ecg5000", "sha256": dict(ECG5000_SHA256), "protocol": protocol, "seed": seed, "train": len(train),
                "val": len(val), "test": len(test), "test_anomalies": int(labels.sum())}
     return Dataset("ecg5000", 140, 140, ["ecg"], train[..., None], val[..., None], test[..., None],
                    labels.astype("int8"), summary)
@@ -112,8 +114,10 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
                 label_col: str | None = None) -> Series:
     """Read a CSV (optionally gzipped) or Parquet file: optional timestamp and 0/1 label, value columns."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise DataError(f"data file not found: {p}")
+    if not p.is_file():
+        raise DataError(f"{p} is not a file")
     raw = p.read_bytes()
     try:
         if p.suffix in (".parquet", ".pq"):
@@ -130,11 +134,15 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
     values = value_cols or [c for c in cols if c not in (ts, lab) and c != "sample"]
     if not values:
         raise DataError(f"{p}: no value columns (columns are {cols})")
+    if len(set(values)) != len(values) or set(values) & {ts, lab}:
+        raise DataError(f"{p}: value columns {values} repeat a column or include the timestamp/label column")
     for c in values:
         if c not in cols:
             raise DataError(f"{p}: value column {c!r} not found; columns are {cols}")
         if not pd.api.types.is_numeric_dtype(df[c]):
-            raise DataError(f"{p}: value column {c!r} is not numeric (e.g. {df[c].iloc[0]!r})")
+            bad = df[c][pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()]
+            example = bad.iloc[0] if len(bad) else df[c].iloc[0]
+            raise DataError(f"{p}: value column {c!r} is not numeric (row {bad.index[0] if len(bad) else 0}: {example!r})")
     labels = None
     if lab is not None:
         lv = pd.to_numeric(df[lab], errors="coerce")
@@ -149,6 +157,9 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
                       else pd.to_datetime(col, format="mixed")).to_numpy("datetime64[ns]")
         except (ValueError, TypeError) as exc:
             raise DataError(f"{p}: timestamp column {ts!r} is not epoch-ms or ISO-8601: {exc}") from None
+        if len(stamps) > 1 and not (np.diff(stamps.astype("int64")) > 0).all():
+            i = int(np.flatnonzero(np.diff(stamps.astype("int64")) <= 0)[0]) + 1
+            raise DataError(f"{p}: timestamps must strictly increase (row {i} repeats or goes back); sort the file")
     return Series(df[values].to_numpy("float32"), values, stamps, labels, sha256_bytes(raw), str(p))
 
 
@@ -183,6 +194,11 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
     else:
         win_label = np.zeros(len(ends), dtype="int8")
     fit_idx = np.flatnonzero(ok & (ends < split) & (win_label == 0))
+    if not whole_is_test and len(fit_idx) < 2:
+        in_part = int((ends < split).sum())
+        raise DataError(f"{Path(series.path).name}: {len(fit_idx)} normal training window(s) in the first {split} "
+                        f"samples (window {window}, hop {hop}: {in_part} windows, {int((~ok & (ends < split)).sum())} "
+                        f"with NaN/inf, {int((win_label[ends < split] > 0).sum())} labelled); need at least 2")
     n_val = max(1, int(round(len(fit_idx) * val_fraction))) if len(fit_idx) else 0
     test_idx = np.flatnonzero(ok & (ends >= split))
     summary = {"source": series.path, "sha256": series.sha256, "samples": len(series.values),

@@ -37,7 +37,9 @@ def window_figure(detector: Detector, window: np.ndarray, out: str | Path, title
     ax.set_ylabel("error")
     ax.legend(loc="upper right", fontsize=8)
     verdict = "ANOMALY" if not scores.window[0] <= detector.threshold.value else "normal"
-    fig.suptitle(f"{title} score {scores.window[0]:.4f} vs threshold {detector.threshold.value:.4f}: {verdict}")
+    ratio = scores.window[0] / detector.threshold.value if detector.threshold.value > 0 else float("inf")
+    fig.suptitle(f"{title} score {scores.window[0]:.4f} = {ratio:.2f}× threshold "
+                 f"{detector.threshold.value:.4f}: {verdict}")
     fig.tight_layout()
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,12 @@ class TrainConfig:
     def validate(self) -> None:
         if self.loss not in LOSSES:
             raise ModelConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.patience < 1:
-            raise ModelConfigError("epochs, batch_size, patience must be >= 1 and lr > 0")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or not math.isfinite(self.lr) or self.patience < 1:
+            raise ModelConfigError("epochs, batch_size, patience must be >= 1 and lr a finite number > 0")
+        if self.seed < 0 or (self.max_seconds is not None and not self.max_seconds > 0):
+            raise ModelConfigError("seed must be >= 0 and the time budget > 0")
+        if not (math.isfinite(self.noise_std) and math.isfinite(self.sparsity)):
+            raise ModelConfigError("noise_std and sparsity must be finite")
         if not 0.0 <= self.warmup < 1.0:
             raise ModelConfigError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.noise_std < 0 or self.sparsity < 0:
@@ -82,7 +86,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ModelConfigError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ModelConfigError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from None
 
 
 def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int, warmup: float) -> torch.optim.lr_scheduler.LRScheduler:
@@ -177,6 +184,8 @@ def fit(model: Autoencoder, train: np.ndarray, val: np.ndarray, cfg: TrainConfig
         if cfg.max_seconds is not None and stats.seconds >= cfg.max_seconds:
             result.stop_reason = "time_budget"
             break
+    if result.best_epoch == 0:
+        raise ModelConfigError(f"training diverged in epoch {epoch} (loss NaN or inf): lower --lr or check the data")
     model.load_state_dict(best_state)
     model.eval()
     result.seconds = time.perf_counter() - start

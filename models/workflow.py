@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from models.data import Dataset, load_ecg5000, read_series, series_dataset, sha256_bytes
+from models.data import Dataset, load_ecg5000, read_series, series_dataset
 from models.detector import DEFAULT_QUANTILE, Detector, Threshold, error_quantiles
 from models.errors import DataError
 from models.evaluate import event_metrics, report
@@ -51,8 +50,9 @@ def load_dataset(spec: DataSpec, whole_is_test: bool = False) -> Dataset:
 def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None) -> tuple[DataSpec, bool]:
     """The data spec to evaluate a trained model on ``source`` without touching its training data.
 
-    Same ECG5000 protocol and seed as training (another protocol would test on training beats); for the
-    same file as training, only the part after the training split; for another file, all of it.
+    Same ECG5000 protocol and seed as training (another protocol would test on training beats); a series
+    file is split chronologically as in training: the model is tested on the part after the split and
+    the PCA baseline is fitted on the part before it (for the training file, the model's own split).
     """
     trained = manifest.get("training", {}).get("data", {})
     if source == "ecg5000":
@@ -67,12 +67,7 @@ def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None) -
                     value_cols=tuple(manifest["channels"]) if trained.get("value_cols") else (),
                     timestamp_col=trained.get("timestamp_col"), label_col=trained.get("label_col"),
                     train_fraction=float(trained.get("train_fraction", 0.5)))
-    same_file = trained.get("sha256") and Path(source).is_file() and _sha(source) == trained.get("sha256")
-    return spec, not same_file
-
-
-def _sha(path: str) -> str:
-    return sha256_bytes(Path(path).read_bytes())
+    return spec, False  # the chronological split of this file: its test part, baseline fitted on its train part
 
 
 def train_detector(data: Dataset, kind: str, params: dict[str, Any], cfg: TrainConfig,

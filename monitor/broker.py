@@ -91,6 +91,12 @@ class LocalBroker:
 
     def start(self, timeout: float = 15.0) -> str:
         """Start the broker; returns its bootstrap address once it accepts connections."""
+        with socket.socket() as probe:  # refuse a taken port rather than report someone else's as ours
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "taken"
+            try:
+                probe.bind((self.host, self.port))
+            except OSError:
+                raise BrokerError(f"port {self.port} on {self.host} is in use") from None
         env = dict(os.environ)
         storage = self._start_store(env) if self.data_dir else "memory://tansu/"
         url = f"tcp://{self.host}:{self.port}"

@@ -36,6 +36,10 @@ def _root(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
     log_format: Annotated[str | None, typer.Option(help="json or console (default: console on a terminal).")] = None,
 ) -> None:
+    if log_format not in (None, "json", "console"):
+        raise typer.BadParameter("use json or console", param_hint="--log-format")
+    if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise typer.BadParameter("use DEBUG, INFO, WARNING or ERROR", param_hint="--log-level")
     logs.configure(log_level, log_format)
 
 

@@ -15,7 +15,7 @@ from models import artifact
 from models.detector import DEFAULT_QUANTILE
 from models.data import finite_windows, make_windows, read_series
 from models.errors import DataError, ModelConfigError
-from models.registry import DEFAULT_KIND, KINDS, train_defaults
+from models.registry import DEFAULT_KIND, KINDS, config_for, train_defaults
 from models.train import TrainConfig
 from models.workflow import DataSpec, evaluate, load_dataset, spec_for_eval, train_detector
 from monitor import logs
@@ -76,10 +76,14 @@ def train(
                     train_fraction)
     params = parse_params(param, embedding=embedding, dropout=dropout, batch_norm=batch_norm)
     defaults = train_defaults(model)
+    if epochs is not None:
+        defaults["min_steps"] = 0  # an explicit --epochs is taken as given
     cfg = TrainConfig(**{**defaults, **{k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr,
                       patience=patience).items() if v is not None}}, loss=loss, noise_std=noise,
                       sparsity=sparsity, seed=seed, device=device,
                       max_seconds=max_minutes * 60 if max_minutes else None)
+    cfg.validate()  # before any data is read or a progress bar drawn
+    config_for(model, {**params, "window": 140 if data == "ecg5000" else window, "channels": 1})
     run_training(spec, model, params, cfg, out, threshold_quantile, threshold_margin, normalisation)
 
 
@@ -119,12 +123,12 @@ def eval_(
 def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, timestamp_col: str | None,
                     hop: int, device: str) -> tuple[Any, Any, np.ndarray, np.ndarray, np.ndarray]:
     det = artifact.load(model_dir, device)
-    try:  # by default, the columns the model was trained on
-        series = read_series(path, value_col or det.channel_names, timestamp_col, None)
-    except DataError:
-        if value_col:
-            raise
-        series = read_series(path, None, timestamp_col, None)
+    cols = list(value_col or det.channel_names)
+    if set(cols) == set(det.channel_names):
+        cols = list(det.channel_names)  # the model's channel order, whatever order they were given in
+    elif value_col:
+        log.warning("channels_mapped_by_position", model=det.channel_names, columns=cols)
+    series = read_series(path, cols, timestamp_col, None)  # names the missing column if there is one
     if series.values.shape[1] != det.channels:
         raise DataError(f"model expects {det.channels} channel(s) {det.channel_names}, {path} gives "
                         f"{series.values.shape[1]} {series.channels}; choose them with --value-col")
@@ -148,7 +152,10 @@ def score(
         raise DataError(f"{input}: every window contains NaN or inf; nothing to score")
     s = det.score(np.ascontiguousarray(wins[ok]))
     kept = ends[ok]
-    frame = pd.DataFrame({"timestamp": series.timestamps[kept]} if series.timestamps is not None else {"index": kept})
+    frame = pd.DataFrame({"window": np.flatnonzero(ok)})  # the --index of `tsmon inspect`
+    frame["end_sample"] = kept
+    if series.timestamps is not None:
+        frame["timestamp"] = pd.to_datetime(series.timestamps[kept]).strftime("%Y-%m-%dT%H:%M:%S.%f")
     frame["score"] = s.window
     frame["threshold"] = det.threshold.value
     frame["is_anomaly"] = (s.window > det.threshold.value).astype(int)
@@ -173,6 +180,8 @@ def inspect(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Draw one window, its reconstruction, the error per timestep and the threshold."""
+    if out.suffix.lower() != ".png":
+        raise DataError(f"--out must be a .png file, got {out.name!r}")
     from models.plots import window_figure  # matplotlib is slow to import; only this command needs it
 
     if data == "ecg5000":

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from monitor.broker import LocalBroker, free_port
@@ -62,3 +63,10 @@ def test_broker_command_prints_address_and_stops_on_sigterm() -> None:
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_a_taken_port_is_refused(broker) -> None:
+    from models.errors import BrokerError
+
+    with pytest.raises(BrokerError, match="in use"):
+        LocalBroker(port=broker.port).start()

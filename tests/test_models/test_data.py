@@ -83,3 +83,20 @@ def test_ecg5000_protocols() -> None:
     assert len(ucr.test) == 4500 and len(ucr.train) + len(ucr.val) == 292
     with pytest.raises(DataError, match="protocol"):
         load_ecg5000("random")
+
+
+def test_label_as_value_and_unsorted_timestamps_are_refused(tmp_path: Path, series_csv: Path) -> None:
+    with pytest.raises(DataError, match="timestamp/label"):
+        read_series(series_csv, ["label"])
+    df = synthetic_series(100)
+    df.iloc[::-1].to_csv(tmp_path / "rev.csv", index=False)
+    with pytest.raises(DataError, match="strictly increase"):
+        read_series(tmp_path / "rev.csv")
+
+
+def test_no_normal_training_windows_is_explained(tmp_path: Path) -> None:
+    df = synthetic_series(300)
+    df["label"] = 1
+    df.to_csv(tmp_path / "all.csv", index=False)
+    with pytest.raises(DataError, match="0 normal training window"):
+        series_dataset(read_series(tmp_path / "all.csv"), window=40, hop=10)

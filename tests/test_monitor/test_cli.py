@@ -58,10 +58,11 @@ def test_score_writes_one_row_per_window(dense_artifact: Path, series_csv: Path,
     code, _, _ = run(capsys, "score", "--model", str(dense_artifact), "--input", str(series_csv), "--output", str(out))
     assert code == 0
     df = pd.read_csv(out)
-    assert list(df.columns[:4]) == ["timestamp", "score", "threshold", "is_anomaly"]
-    assert len(df) == (4000 - 40) // 10 + 1
-    assert df["timestamp"].iloc[0] == "2024-01-01 00:00:39"  # aligned to the window's last sample
-    burst = df[(df["timestamp"] >= "2024-01-01 00:55:00") & (df["timestamp"] <= "2024-01-01 00:55:40")]
+    assert list(df.columns[:6]) == ["window", "end_sample", "timestamp", "score", "threshold", "is_anomaly"]
+    assert len(df) == (4000 - 40) // 10 + 1 and df["window"].tolist() == list(range(len(df)))
+    assert df["timestamp"].iloc[0] == "2024-01-01T00:00:39.000000"  # aligned to the window's last sample
+    assert df["end_sample"].iloc[0] == 39
+    burst = df[(df["timestamp"] >= "2024-01-01T00:55:00") & (df["timestamp"] <= "2024-01-01T00:55:40")]
     assert burst["is_anomaly"].all() and (burst["error_ch0"] > burst["error_ch1"]).all()
 
 
@@ -102,6 +103,9 @@ def test_score_with_wrong_channels(dense_artifact: Path, tmp_path: Path, capsys:
     p = tmp_path / "one.csv"
     pd.DataFrame({"v": range(100)}).to_csv(p, index=False)
     code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(p), "--output", str(tmp_path / "o.csv"))
+    assert code == 1 and "DataError:" in err and "'ch0' not found" in err
+    code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(p), "--value-col", "v",
+                       "--output", str(tmp_path / "o.csv"))
     assert code == 1 and "DataError: model expects 2 channel(s)" in err
 
 
@@ -111,3 +115,52 @@ def test_module_entry_point_and_version() -> None:
     r = subprocess.run([sys.executable, "-m", "monitor", "--help"], capture_output=True, text=True, check=True)
     for cmd in ("train", "eval", "score", "inspect", "bench", "demo"):
         assert cmd in r.stdout
+
+
+def test_explicit_epochs_are_honoured(series_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, _ = run(capsys, "train", "--data", str(series_csv), "--model", "lstm", "--window", "40", "--hop", "20",
+                     "--epochs", "2", "--embedding", "4", "--out", str(tmp_path / "m"), "--device", "cpu")
+    assert code == 0
+    assert json.loads((tmp_path / "m" / "manifest.json").read_text())["training"]["result"]["epochs_run"] == 2
+
+
+def test_diverged_training_is_an_error(series_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "train", "--data", str(series_csv), "--model", "dense", "--window", "40",
+                       "--epochs", "2", "--sparsity", "nan", "--out", str(tmp_path / "d"))
+    assert code == 1 and "ModelConfigError" in err and not (tmp_path / "d").exists()
+
+
+def test_eval_on_another_file(dense_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import synthetic_series
+
+    other = tmp_path / "other.parquet"
+    synthetic_series(seed=5, anomalies=(2700, 3500)).to_parquet(other)
+    code, out, _ = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(other), "--json")
+    assert code == 0 and json.loads(out)["events"]["events"] == 2
+
+
+def test_score_reorders_named_channels(dense_artifact: Path, series_csv: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    df = pd.read_csv(series_csv)
+    swapped = tmp_path / "swapped.csv"
+    df[["timestamp", "ch1", "label", "ch0"]].to_csv(swapped, index=False)
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    assert run(capsys, "score", "--model", str(dense_artifact), "--input", str(series_csv), "--output", str(a))[0] == 0
+    assert run(capsys, "score", "--model", str(dense_artifact), "--input", str(swapped), "--output", str(b))[0] == 0
+    pd.testing.assert_frame_equal(pd.read_csv(a), pd.read_csv(b))
+    renamed = tmp_path / "renamed.csv"
+    df.rename(columns={"ch0": "temp"}).to_csv(renamed, index=False)
+    code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(renamed), "--output", str(b))
+    assert code == 1 and "'ch0' not found" in err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--log-format", "xml", "bench", "scorer"], 2),
+    (["train", "--model", "dense", "--param", "hidden=3", "--out", "/tmp/x"], 1),
+    (["train", "--device", "gpu", "--out", "/tmp/x"], 1),
+    (["train", "--lr", "nan", "--out", "/tmp/x"], 1),
+    (["train", "--seed", "-5", "--out", "/tmp/x"], 1),
+])
+def test_more_bad_options(capsys: pytest.CaptureFixture[str], args: list[str], expected: int) -> None:
+    code, _, err = run(capsys, *args)
+    assert code == expected and "Traceback" not in err
