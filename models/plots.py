@@ -31,10 +31,12 @@ def window_figure(detector: Detector, window: np.ndarray, out: str | Path, title
         ax.legend(loc="upper right", fontsize=8)
     ax = axes[c, 0]
     ax.fill_between(t, scores.timestep[0], color="tab:red", alpha=0.5, label="error per timestep")
+    ax.axhline(float(scores.window[0]), color="tab:red", linestyle="--",
+               label=f"window score {scores.window[0]:.4f} (mean of the error)")
     ax.axhline(detector.threshold.value, color="black", linestyle=":",
-               label=f"threshold {detector.threshold.value:.4f} (window score)")
+               label=f"threshold {detector.threshold.value:.4f} (for the window score)")
     ax.set_xlabel("timestep")
-    ax.set_ylabel("error")
+    ax.set_ylabel(f"{detector.loss} error (normalised units)")
     ax.legend(loc="upper right", fontsize=8)
     verdict = "ANOMALY" if not scores.window[0] <= detector.threshold.value else "normal"
     ratio = scores.window[0] / detector.threshold.value if detector.threshold.value > 0 else float("inf")
