@@ -20,6 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from models import __version__
+from models.base import LOSSES
 from models.detector import Detector, Threshold
 from models.errors import ArtifactError, ModelConfigError
 from models.registry import build
@@ -92,7 +93,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"incompatible artifact {root}: window {manifest['window']!r} differs from params")
     if not isinstance(hop, int) or isinstance(hop, bool) or hop < 1:
         raise ArtifactError(f"incompatible artifact {root}: hop must be a positive integer, got {hop!r}")
-    if manifest["loss"] not in ("l1", "mse"):
+    if manifest["loss"] not in LOSSES:
         raise ArtifactError(f"incompatible artifact {root}: unknown loss {manifest['loss']!r}")
     wname = str(manifest["weights"].get("file", WEIGHTS)) if isinstance(manifest["weights"], dict) else ""
     if not wname or Path(wname).name != wname:

@@ -54,12 +54,28 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        """Build from JSON-like values, checking each against its field's type (int, float, bool, str or
+        tuple of ints), so that a wrong type fails here with the key's name, not deep in a layer."""
+        types = {f.name: str(f.type) for f in fields(cls)}
+        unknown = set(d) - set(types)
         if unknown:
             raise ModelConfigError(f"unknown hyper-parameter(s) for {cls.__name__}: {sorted(unknown)}")
-        conv = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**conv)
+        return cls(**{k: _typed(k, v, types[k]) for k, v in d.items()})
+
+
+def _typed(key: str, value: Any, type_name: str) -> Any:
+    """``value`` as the field type named ``type_name``; :class:`ModelConfigError` when it is not one."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if type_name == "int" and is_int:
+        return value
+    if type_name == "float" and (is_int or isinstance(value, float)):
+        return float(value)
+    if (type_name == "bool" and isinstance(value, bool)) or (type_name == "str" and isinstance(value, str)):
+        return value
+    if type_name.startswith("tuple[int") and isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    raise ModelConfigError(f"hyper-parameter {key} must be {type_name}, got {value!r}")
 
 
 class Autoencoder(nn.Module):

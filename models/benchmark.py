@@ -17,12 +17,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rate(fn: Callable[[], None], device: torch.device, min_seconds: float, min_reps: int = 1) -> float:
+def _rate(fn: Callable[[], None], device: torch.device, min_seconds: float) -> float:
     """Calls of ``fn`` per second over at least ``min_seconds`` (after a warm-up call)."""
     fn()
     _sync(device)
     reps, start = 0, time.perf_counter()
-    while reps < min_reps or time.perf_counter() - start < min_seconds:
+    while reps < 1 or time.perf_counter() - start < min_seconds:
         fn()
         reps += 1
     _sync(device)

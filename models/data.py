@@ -25,6 +25,7 @@ ECG5000_SHA256 = {
     "ECG5000_TEST.tsv.gz": "0192997dd1793880633bfb34ae3ad5129c09a8e0f210c469225451b92cdd8548",
 }
 PROTOCOLS = ("classic", "ucr")
+ECG5000_WINDOW = 140  # samples per beat
 TIMESTAMP_NAMES = ("timestamp", "ts", "time", "date", "datetime")
 LABEL_NAMES = ("label", "is_anomaly", "anomaly")
 
@@ -98,7 +99,7 @@ def load_ecg5000(protocol: str = "classic", seed: int = 42) -> Dataset:
         test, labels = te[:, 1:], (te[:, 0] != 1).astype("float64")
     summary = {"source": "ecg5000", "sha256": dict(ECG5000_SHA256), "protocol": protocol, "seed": seed, "train": len(train),
                "val": len(val), "test": len(test), "test_anomalies": int(labels.sum())}
-    return Dataset("ecg5000", 140, 140, ["ecg"], train[..., None], val[..., None], test[..., None],
+    return Dataset("ecg5000", ECG5000_WINDOW, ECG5000_WINDOW, ["ecg"], train[..., None], val[..., None], test[..., None],
                    labels.astype("int8"), summary)
 
 
@@ -157,8 +158,9 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
                       else pd.to_datetime(col, format="mixed")).to_numpy("datetime64[ns]")
         except (ValueError, TypeError) as exc:
             raise DataError(f"{p}: timestamp column {ts!r} is not epoch-ms or ISO-8601: {exc}") from None
-        if len(stamps) > 1 and not (np.diff(stamps.astype("int64")) > 0).all():
-            i = int(np.flatnonzero(np.diff(stamps.astype("int64")) <= 0)[0]) + 1
+        back = np.flatnonzero(np.diff(stamps.astype("int64")) <= 0)
+        if len(back):
+            i = int(back[0]) + 1
             raise DataError(f"{p}: timestamps must strictly increase (row {i} repeats or goes back); sort the file")
     return Series(df[values].to_numpy("float32"), values, stamps, labels, sha256_bytes(raw), str(p))
 
@@ -180,26 +182,26 @@ def finite_windows(windows: np.ndarray) -> np.ndarray:
 
 
 def series_dataset(series: Series, window: int, hop: int, train_fraction: float = 0.5,
-                   val_fraction: float = 0.2, whole_is_test: bool = False) -> Dataset:
+                   val_fraction: float = 0.2) -> Dataset:
     """Chronological split: normal windows in the first ``train_fraction`` of samples train (their last
-    ``val_fraction`` validate); windows ending after it are test. ``whole_is_test``: every window is test."""
+    ``val_fraction`` validate); windows ending after it are test."""
     if not 0.0 < train_fraction < 1.0 or not 0.0 < val_fraction < 1.0:
         raise DataError("train_fraction and val_fraction must be in (0, 1)")
     wins, ends = make_windows(series.values, window, hop)
     ok = finite_windows(wins)
-    split = 0 if whole_is_test else int(len(series.values) * train_fraction)
+    split = int(len(series.values) * train_fraction)
     if series.labels is not None:
         csum = np.r_[0, np.cumsum(series.labels)]
         win_label = (csum[ends + 1] - csum[ends + 1 - window] > 0).astype("int8")
     else:
         win_label = np.zeros(len(ends), dtype="int8")
     fit_idx = np.flatnonzero(ok & (ends < split) & (win_label == 0))
-    if not whole_is_test and len(fit_idx) < 2:
+    if len(fit_idx) < 2:
         in_part = int((ends < split).sum())
         raise DataError(f"{Path(series.path).name}: {len(fit_idx)} normal training window(s) in the first {split} "
                         f"samples (window {window}, hop {hop}: {in_part} windows, {int((~ok & (ends < split)).sum())} "
                         f"with NaN/inf, {int((win_label[ends < split] > 0).sum())} labelled); need at least 2")
-    n_val = max(1, int(round(len(fit_idx) * val_fraction))) if len(fit_idx) else 0
+    n_val = max(1, int(round(len(fit_idx) * val_fraction)))
     test_idx = np.flatnonzero(ok & (ends >= split))
     summary = {"source": series.path, "sha256": series.sha256, "samples": len(series.values),
                "split_sample": split, "train_fraction": train_fraction, "windows": len(ends),

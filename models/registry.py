@@ -26,21 +26,15 @@ def config_for(kind: str, params: dict[str, Any]) -> ModelConfig:
     """Build the config of ``kind`` from a dict of hyper-parameters (unknown keys are an error)."""
     if kind not in KINDS:
         raise ModelConfigError(f"unknown model kind {kind!r}: choose one of {', '.join(KINDS)}")
-    try:
-        cfg = KINDS[kind][0].from_dict(params)
-        cfg.validate()
-    except (TypeError, ValueError) as exc:  # e.g. hidden=3 or code="x" from --param
-        raise ModelConfigError(f"bad hyper-parameter type for {kind}: {exc}") from None
+    cfg = KINDS[kind][0].from_dict(params)
+    cfg.validate()
     return cfg
 
 
 def build(kind: str, params: dict[str, Any]) -> Autoencoder:
     """Instantiate an untrained model of ``kind``."""
-    cfg = config_for(kind, params)
-    try:
-        return KINDS[kind][1](cfg)  # type: ignore[call-arg]
-    except (TypeError, ValueError) as exc:
-        raise ModelConfigError(f"bad hyper-parameter for {kind}: {exc}") from None
+    cfg = config_for(kind, params)  # checks the kind first
+    return KINDS[kind][1](cfg)  # type: ignore[call-arg]
 
 
 # Training defaults per kind (``tsmon train`` options override them). The LSTM's were chosen by

@@ -39,15 +39,15 @@ class DataSpec:
         return d
 
 
-def load_dataset(spec: DataSpec, whole_is_test: bool = False) -> Dataset:
+def load_dataset(spec: DataSpec) -> Dataset:
     if spec.source == "ecg5000":
         return load_ecg5000(spec.protocol, spec.seed)
     series = read_series(spec.source, list(spec.value_cols) or None, spec.timestamp_col, spec.label_col)
     hop = spec.hop or max(1, spec.window // 4)
-    return series_dataset(series, spec.window, hop, spec.train_fraction, whole_is_test=whole_is_test)
+    return series_dataset(series, spec.window, hop, spec.train_fraction)
 
 
-def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None) -> tuple[DataSpec, bool]:
+def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None) -> DataSpec:
     """The data spec to evaluate a trained model on ``source`` without touching its training data.
 
     Same ECG5000 protocol and seed as training (another protocol would test on training beats); a series
@@ -62,12 +62,11 @@ def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None) -
         if proto != trained.get("protocol"):
             raise DataError(f"model was trained with protocol {trained.get('protocol')!r}; evaluating with "
                             f"{proto!r} would test on training beats — retrain with --protocol {proto}")
-        return DataSpec("ecg5000", proto, int(trained.get("seed", 42))), False
-    spec = DataSpec(source, window=int(manifest["window"]), hop=int(manifest["hop"]),
+        return DataSpec("ecg5000", proto, int(trained.get("seed", 42)))
+    return DataSpec(source, window=int(manifest["window"]), hop=int(manifest["hop"]),
                     value_cols=tuple(manifest["channels"]) if trained.get("value_cols") else (),
                     timestamp_col=trained.get("timestamp_col"), label_col=trained.get("label_col"),
                     train_fraction=float(trained.get("train_fraction", 0.5)))
-    return spec, False  # the chronological split of this file: its test part, baseline fitted on its train part
 
 
 def train_detector(data: Dataset, kind: str, params: dict[str, Any], cfg: TrainConfig,

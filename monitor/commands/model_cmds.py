@@ -13,7 +13,7 @@ import typer
 
 from models import artifact
 from models.detector import DEFAULT_QUANTILE
-from models.data import finite_windows, make_windows, read_series
+from models.data import ECG5000_WINDOW, finite_windows, make_windows, read_series
 from models.errors import DataError, ModelConfigError
 from models.registry import DEFAULT_KIND, KINDS, config_for, train_defaults
 from models.train import TrainConfig
@@ -83,7 +83,7 @@ def train(
                       sparsity=sparsity, seed=seed, device=device,
                       max_seconds=max_minutes * 60 if max_minutes else None)
     cfg.validate()  # before any data is read or a progress bar drawn
-    config_for(model, {**params, "window": 140 if data == "ecg5000" else window, "channels": 1})
+    config_for(model, {**params, "window": ECG5000_WINDOW if data == "ecg5000" else window, "channels": 1})
     run_training(spec, model, params, cfg, out, threshold_quantile, threshold_margin, normalisation)
 
 
@@ -110,8 +110,7 @@ def eval_(
 ) -> None:
     """Evaluate a model beside the PCA baseline, at the threshold chosen on normal validation data."""
     det = artifact.load(model, device)
-    spec, whole = spec_for_eval(det.meta, data, protocol)
-    ds = load_dataset(spec, whole_is_test=whole)
+    ds = load_dataset(spec_for_eval(det.meta, data, protocol))
     result = evaluate(det, ds)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
@@ -186,7 +185,7 @@ def inspect(
 
     if data == "ecg5000":
         det = artifact.load(model, device)
-        ds = load_dataset(spec_for_eval(det.meta, data, None)[0])
+        ds = load_dataset(spec_for_eval(det.meta, data, None))
         wins, title = ds.test, "ECG5000 test beat"
         label = lambda i: "abnormal" if ds.test_labels[i] else "normal"  # noqa: E731
     else:
