@@ -3,6 +3,7 @@
 Owns the order rules of a stream: timestamps must increase (a duplicate or backwards block is refused
 whole, with a reason, and leaves the state untouched); a gap longer than ``gap_ms`` restarts the window
 so that no window spans missing data. State per stream is bounded: the last ``W − 1`` samples.
+:attr:`StreamWindows.needed_from` tells the offset ledger which samples a future window still needs.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import numpy as np
 
 @dataclass(frozen=True, slots=True)
 class Windows:
-    """Windows ready to score: values ``[k, W, C]``, and each window's last timestamp and sample number."""
+    """Windows ready to score: values ``[k, W, C]``, each window's first/last timestamp and last sample number."""
 
     values: np.ndarray
+    start_ts: np.ndarray  # int64 [k]
     end_ts: np.ndarray  # int64 [k]
     end_seq: np.ndarray  # int64 [k], sample count of the stream at the window's last sample (1-based)
 
@@ -36,12 +38,21 @@ class StreamWindows:
     seen: int = 0  # samples accepted since the stream was created
     last_ts: int | None = None
     _tail: np.ndarray = field(init=False, repr=False)
+    _tail_ts: np.ndarray = field(init=False, repr=False)
     _since_start: int = field(init=False, default=0)  # samples since the last (re)start
 
     def __post_init__(self) -> None:
         if self.window < 2 or self.hop < 1:
             raise ValueError("window must be >= 2 and hop >= 1")
         self._tail = np.empty((0, self.channels), dtype="float32")
+        self._tail_ts = np.empty(0, dtype="int64")
+
+    @property
+    def needed_from(self) -> int:
+        """Sample number (1-based, like ``end_seq``) of the first sample a future window will contain."""
+        w, h, last = self.window, self.hop, self._since_start - 1  # position since the last (re)start
+        next_end = w - 1 if last < w - 1 else w - 1 + h * ((last - (w - 1)) // h + 1)
+        return self.seen - self._since_start + (next_end - w + 1) + 1
 
     def check(self, ts: np.ndarray, values: np.ndarray) -> str | None:
         """Why a block cannot be appended (``None`` if it can): channel count or time order."""
@@ -71,13 +82,14 @@ class StreamWindows:
         return [int(i) for i in np.flatnonzero(ts - prev > self.gap_ms)]
 
     def _restart(self) -> None:
-        self._tail = self._tail[:0]
+        self._tail, self._tail_ts = self._tail[:0], self._tail_ts[:0]
         self._since_start = 0
         self.restarts += 1
 
     def _push_segment(self, ts: np.ndarray, values: np.ndarray) -> Windows:
         w, h = self.window, self.hop
         arr = np.concatenate([self._tail, values.astype("float32", copy=False)])
+        all_ts = np.concatenate([self._tail_ts, ts])
         first = self._since_start - len(self._tail)  # position (since start) of arr[0]
         pos = first + np.arange(len(arr))
         new = np.arange(len(arr)) >= len(self._tail)  # windows end in the new samples only
@@ -85,19 +97,20 @@ class StreamWindows:
         out = _concat([], w, self.channels)
         if len(ends):
             views = np.lib.stride_tricks.sliding_window_view(arr, (w, self.channels))[:, 0]
-            out = Windows(views[ends - (w - 1)].copy(), ts[ends - len(self._tail)],
+            out = Windows(views[ends - (w - 1)].copy(), all_ts[ends - (w - 1)], all_ts[ends],
                           self.seen + ends - len(self._tail) + 1)
         self._since_start += len(values)
         self.seen += len(values)
-        self._tail = arr[-(w - 1):].copy() if len(arr) >= w - 1 else arr.copy()
+        keep = min(len(arr), w - 1)
+        self._tail, self._tail_ts = arr[len(arr) - keep:].copy(), all_ts[len(arr) - keep:].copy()
         return out
 
 
 def _concat(parts: list[Windows], window: int, channels: int) -> Windows:
     parts = [p for p in parts if len(p)]
     if not parts:
-        return Windows(np.empty((0, window, channels), "float32"), np.empty(0, "int64"), np.empty(0, "int64"))
+        empty = np.empty(0, "int64")
+        return Windows(np.empty((0, window, channels), "float32"), empty, empty, empty)
     if len(parts) == 1:
         return parts[0]
-    return Windows(np.concatenate([p.values for p in parts]), np.concatenate([p.end_ts for p in parts]),
-                   np.concatenate([p.end_seq for p in parts]))
+    return Windows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("values", "start_ts", "end_ts", "end_seq")))

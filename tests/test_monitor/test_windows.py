@@ -68,3 +68,16 @@ def test_state_is_bounded() -> None:
     for lo in range(0, 5_000, 100):
         sw.push(ts[lo : lo + 100], values[lo : lo + 100])
     assert sw._tail.shape == (15, 2)  # the last W − 1 samples, nothing more
+
+
+@pytest.mark.parametrize("window, hop", [(8, 1), (8, 3), (8, 8), (8, 11)])
+def test_start_ts_and_needed_from_follow_the_window_grid(window: int, hop: int) -> None:
+    ts, values = series(100)
+    sw = StreamWindows(window, hop, channels=2)
+    assert sw.needed_from == 1
+    for lo in range(0, 100, 7):
+        w = sw.push(ts[lo : lo + 7], values[lo : lo + 7])
+        np.testing.assert_array_equal(w.start_ts, ts[w.end_seq - window])
+        # the next window (end_seq e) starts at sample e - window + 1; nothing before it is needed again
+        ends = [e for e in range(window, 1000, hop) if e > sw.seen]
+        assert sw.needed_from == ends[0] - window + 1

@@ -1,0 +1,168 @@
+"""Alert state of one stream: debounce, episodes with deterministic ids, hysteresis, flapping, severity.
+
+Owns when a stream pages. A stream fires after ``for_windows`` consecutive windows over its threshold
+and resolves after ``resolve_after`` consecutive windows under it; everything between is one episode
+with one ``alert_id`` = hash(model, stream, first window's start time), so a replay after a restart
+produces the same id and consumers can deduplicate. A stream that fired ``flap_max`` times within
+``flap_period_ms`` is held firing (``flapping``) until it has been quiet for a whole period, instead of
+sending a storm of messages. The machine also tells the calibrator which windows were normal:
+``Step.normal`` (under threshold, no episode open) and ``Step.censored`` (an over-threshold run that
+ended without firing: normal noise above the threshold).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSettings:
+    for_windows: int = 2
+    resolve_after: int = 2
+    flap_period_ms: float = 60_000
+    flap_max: int = 4
+    major_ratio: float = 1.5
+    critical_ratio: float = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One scored window of the stream."""
+
+    start_ts: int
+    end_ts: int
+    start_seq: int  # sample number of the window's first sample
+    end_seq: int
+    score: float
+    threshold: float
+    threshold_source: str
+    channel_errors: np.ndarray  # [C]
+
+    @property
+    def over(self) -> bool:
+        return self.score > self.threshold
+
+
+@dataclass
+class Episode:
+    alert_id: str
+    start: Observation  # first over-threshold window
+    peak: Observation
+    fired: Observation | None = None
+    last: Observation | None = None  # latest window of the episode
+    last_over_ts: int = 0
+    windows_over: int = 0
+    flapping: bool = False
+
+    def add(self, obs: Observation) -> None:
+        self.last = obs
+        if obs.over:
+            self.windows_over += 1
+            self.last_over_ts = obs.end_ts
+            if obs.score / obs.threshold > self.peak.score / self.peak.threshold:
+                self.peak = obs
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    status: str  # "firing" or "resolved"
+    episode: Episode
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    transitions: list[Transition]
+    normal: bool  # feed this window's score to the calibrator
+    censored: int  # over-threshold windows that turned out to be normal noise
+
+
+@dataclass
+class AlertState:
+    stream: str
+    model: str
+    settings: AlertSettings = field(default_factory=AlertSettings)
+    episode: Episode | None = None  # pending (not fired yet) or firing
+    under: int = 0
+    fires: deque[int] = field(default_factory=lambda: deque(maxlen=64))
+
+    @property
+    def firing(self) -> bool:
+        return self.episode is not None and self.episode.fired is not None
+
+    @property
+    def hold_seq(self) -> int | None:
+        """First sample of the open episode: input before it is not needed to replay the episode."""
+        return self.episode.start.start_seq if self.episode else None
+
+    def update(self, obs: Observation) -> Step:
+        ep, s = self.episode, self.settings
+        if ep is None:
+            if not obs.over:
+                return Step([], True, 0)
+            ep = self.episode = Episode(self._id(obs), obs, obs)
+            self.under = 0
+        ep.add(obs)
+        if ep.fired is None:  # pending
+            if not obs.over:
+                self.episode = None
+                return Step([], True, ep.windows_over)
+            if ep.windows_over >= s.for_windows:
+                ep.fired = obs
+                self.fires.append(obs.end_ts)
+                return Step([Transition("firing", ep)], False, 0)
+            return Step([], False, 0)
+        self.under = 0 if obs.over else self.under + 1
+        if self.under < s.resolve_after:
+            return Step([], False, 0)
+        recent = sum(1 for t in self.fires if obs.end_ts - t <= s.flap_period_ms)
+        if not ep.flapping and recent >= s.flap_max:
+            ep.flapping = True
+            return Step([Transition("firing", ep)], False, 0)
+        if ep.flapping and obs.end_ts - ep.last_over_ts < s.flap_period_ms:
+            return Step([], False, 0)
+        self.episode = None
+        return Step([Transition("resolved", ep)], False, 0)
+
+    def _id(self, obs: Observation) -> str:
+        return hashlib.sha256(f"{self.model}|{self.stream}|{obs.start_ts}".encode()).hexdigest()[:20]
+
+
+def severity(ratio: float, s: AlertSettings) -> str:
+    return "critical" if ratio >= s.critical_ratio else "major" if ratio >= s.major_ratio else "minor"
+
+
+def iso(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def top_channels(errors: np.ndarray, names: list[str], k: int = 3) -> list[dict[str, Any]]:
+    """The channels that contribute most to a window's error, with their share of it."""
+    total = float(np.sum(errors))
+    order = np.argsort(-errors)[:k]
+    return [{"channel": names[c], "error": round(float(errors[c]), 6),
+             "share": round(float(errors[c]) / total, 4) if total > 0 else 0.0} for c in order]
+
+
+def alert_doc(stream: str, t: Transition, model: dict[str, str], channel_names: list[str],
+              source: dict[str, Any], s: AlertSettings) -> dict[str, Any]:
+    """The JSON body of a ``firing`` or ``resolved`` message."""
+    ep = t.episode
+    peak, last = ep.peak, ep.last or ep.peak
+    ratio = peak.score / peak.threshold
+    return {
+        "type": "anomaly", "alert_id": ep.alert_id, "stream": stream, "status": t.status,
+        "flapping": ep.flapping, "severity": severity(ratio, s),
+        "start_ts": ep.start.start_ts, "start_time": iso(ep.start.start_ts),
+        "fired_ts": ep.fired.end_ts if ep.fired else None,
+        "end_ts": last.end_ts if t.status == "resolved" else None,
+        "peak_score": round(peak.score, 6), "peak_ts": peak.end_ts, "ratio": round(ratio, 4),
+        "threshold": round(peak.threshold, 6), "threshold_source": peak.threshold_source,
+        "top_channels": top_channels(peak.channel_errors, channel_names),
+        "windows_over": ep.windows_over, "model": model, "source": source,
+    }

@@ -1,0 +1,488 @@
+"""Daemon configuration: the schema of every setting, and loading it from its sources.
+
+Owns the config contract: defaults < TOML file < ``TSMON_<SECTION>__<KEY>`` environment variables < CLI
+overrides (dotted keys), validated once here with pydantic; every problem found becomes one line
+``section.key: message`` of a single :class:`ConfigError`. Inside the daemon the result is a frozen
+:class:`Config`; only :meth:`KafkaConfig.consumer_kwargs` / :meth:`KafkaConfig.producer_kwargs` reveal secrets.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from models.errors import ConfigError
+from monitor.records import Limits
+
+ENV_PREFIX = "TSMON_"
+_Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+_SASL_USER_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def _split(value: Any) -> Any:
+    """``"a:1, b:2"`` → ``["a:1", "b:2"]``: the environment and CLI flags give lists as one string."""
+    return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+
+
+def _unset(value: Any) -> Any:
+    """TOML has no null: ``""`` or ``"none"`` puts an optional setting back to None."""
+    return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Self:
+        problems = list(self._rules())  # "key: message" lines; _problems() puts the section in front
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _rules(self) -> Iterator[str]:
+        """Rules between fields, checked once every field is valid on its own."""
+        return iter(())
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: list[_Name] = Field(["127.0.0.1:9092"], min_length=1, description="broker host:port list")
+    group_id: str = Field("tsmon", min_length=1, description="consumer group sharing the input partitions")
+    client_id: str = Field("tsmon", min_length=1, description="client id shown in broker logs")
+    topics: list[_Name] = Field(["tsmon.input"], description="input topics (unless topic_pattern is set)")
+    topic_pattern: str | None = Field(None, description="regex of input topics; replaces topics when set")
+    alerts_topic: str = Field("tsmon.alerts", min_length=1, description="topic alert events go to")
+    dead_letter_topic: str = Field("tsmon.dead-letter", min_length=1, description="topic for unusable input")
+    auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description="start of a new group")
+    session_timeout_ms: int = Field(6000, ge=500, description="a consumer silent this long is dropped")
+    heartbeat_interval_ms: int = Field(1000, ge=100, description="below session_timeout_ms (best ≤ 1/3 of it)")
+    max_poll_interval_ms: int = Field(300_000, ge=1000, description="longest gap between polls")
+    max_poll_records: int = Field(500, ge=1, description="records one poll returns at most")
+    request_timeout_ms: int = Field(30_000, gt=500, lt=540_000,
+                                    description="kafka-python needs fetch_max_wait_ms (500) < it < 540000")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = Field(
+        None, description="required by the SASL_* protocols")
+    sasl_username: str | None = Field(None, description="for PLAIN and SCRAM")
+    sasl_password: SecretStr | None = Field(None, description="for PLAIN and SCRAM; masked when printed")
+    ssl_cafile: str | None = Field(None, description="CA bundle (PEM) to verify the brokers")
+    ssl_certfile: str | None = Field(None, description="client certificate (PEM) for mutual TLS")
+    ssl_keyfile: str | None = Field(None, description="client private key (PEM) for mutual TLS")
+    ssl_check_hostname: bool = Field(True, description="verify that broker certificates match the host")
+    producer_acks: Literal["all", "1", "0"] = Field("all", description="broker acks an alert needs")
+    enable_idempotence: bool = Field(False, description="idempotent producer; needs producer_acks all")
+
+    _lists = field_validator("bootstrap_servers", "topics", mode="before")(_split)
+    _optional = field_validator("topic_pattern", "sasl_mechanism", "ssl_cafile", "ssl_certfile", "ssl_keyfile",
+                                mode="before")(_unset)
+
+    @field_validator("topic_pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @field_validator("producer_acks", mode="before")
+    @classmethod
+    def _acks(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        return "all" if value == "-1" else value
+
+    def _rules(self) -> Iterator[str]:
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            yield f"heartbeat_interval_ms: must be less than session_timeout_ms ({self.session_timeout_ms})"
+        if self.enable_idempotence and self.producer_acks != "all":
+            yield 'enable_idempotence: an idempotent producer needs producer_acks = "all"'
+        if not self.topics and self.topic_pattern is None:
+            yield "topics: give at least one topic, or a topic_pattern"
+        sasl = self.security_protocol.startswith("SASL_")
+        if sasl and self.sasl_mechanism is None:
+            yield f"sasl_mechanism: required with security_protocol {self.security_protocol}"
+        for key in ("sasl_username", "sasl_password"):
+            if sasl and self.sasl_mechanism in _SASL_USER_MECHANISMS and getattr(self, key) is None:
+                yield f"{key}: required with sasl_mechanism {self.sasl_mechanism}"
+        for key in ("sasl_mechanism", "sasl_username", "sasl_password"):
+            if not sasl and getattr(self, key) is not None:
+                yield f"{key}: needs security_protocol SASL_PLAINTEXT or SASL_SSL"
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if not self.security_protocol.endswith("SSL") and getattr(self, key) is not None:
+                yield f"{key}: needs security_protocol SSL or SASL_SSL"
+
+    def subscription(self) -> dict[str, Any]:
+        """Keyword arguments of ``KafkaConsumer.subscribe``: the pattern if set, else the topics."""
+        return {"pattern": self.topic_pattern} if self.topic_pattern else {"topics": list(self.topics)}
+
+    def consumer_kwargs(self) -> dict[str, Any]:
+        """kafka-python ``KafkaConsumer`` settings; offsets are committed by the daemon, never automatically."""
+        keys = ("group_id", "client_id", "auto_offset_reset", "session_timeout_ms", "heartbeat_interval_ms",
+                "max_poll_interval_ms", "max_poll_records", "request_timeout_ms")
+        return {"bootstrap_servers": list(self.bootstrap_servers), **{k: getattr(self, k) for k in keys},
+                "enable_auto_commit": False, **self._security_kwargs()}
+
+    def producer_kwargs(self) -> dict[str, Any]:
+        """kafka-python ``KafkaProducer`` settings for the alerts and dead-letter topics."""
+        acks: str | int = "all" if self.producer_acks == "all" else int(self.producer_acks)
+        return {"bootstrap_servers": list(self.bootstrap_servers), "client_id": self.client_id, "acks": acks,
+                "enable_idempotence": self.enable_idempotence, "request_timeout_ms": self.request_timeout_ms,
+                "linger_ms": 5, **self._security_kwargs()}
+
+    def _security_kwargs(self) -> dict[str, Any]:
+        """Only the settings that apply to the protocol; the password is revealed here and nowhere else."""
+        kwargs: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL_"):
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            if self.sasl_username is not None:
+                kwargs["sasl_plain_username"] = self.sasl_username
+            if self.sasl_password is not None:
+                kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        if self.security_protocol.endswith("SSL"):
+            kwargs["ssl_check_hostname"] = self.ssl_check_hostname
+            kwargs.update({k: v for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile") if (v := getattr(self, k))})
+        return kwargs
+
+
+class ModelRoute(_Section):
+    pattern: str = Field("*", min_length=1, description="fnmatch glob on the stream id; first match wins")
+    path: Path = Field(description="model artifact directory")
+    hop: int | None = Field(None, ge=1, description="window hop in samples; none = the artifact's hop")
+    name: str | None = Field(None, min_length=1, description="display name; none = the directory name")
+
+    _optional = field_validator("hop", "name", mode="before")(_unset)
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("give the artifact directory")
+        return value
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.path.name or str(self.path)
+
+    def matches(self, stream: str) -> bool:
+        return fnmatch.fnmatchcase(stream, self.pattern)
+
+
+class WindowsConfig(_Section):
+    gap_ms: float | None = Field(5000.0, gt=0, description="a longer gap restarts a stream; none = never")
+
+    _optional = field_validator("gap_ms", mode="before")(_unset)
+
+
+class BatchConfig(_Section):
+    max_batch: int = Field(256, ge=1, le=65536, description="windows scored in one model call at most")
+    max_delay_ms: float = Field(50.0, ge=0, description="longest a window waits for its batch to fill")
+
+
+class CalibratorConfig(_Section):
+    enabled: bool = Field(True, description="adapt thresholds per stream to recent normal errors")
+    quantile: float | None = Field(None, gt=0, lt=1, description="none = the artifact's threshold quantile")
+    margin: float = Field(1.0, gt=0, description="threshold = margin × the quantile of recent errors")
+    window: int = Field(2000, ge=10, description="recent normal errors kept per stream")
+    min_samples: int = Field(200, ge=1, description="errors needed before adapting (≤ window)")
+    max_change: float = Field(0.2, gt=0, le=1, description="largest relative change per recalibration")
+    floor: float = Field(0.5, gt=0, le=1, description="never below floor × the artifact threshold")
+    ceiling: float = Field(4.0, ge=1, description="never above ceiling × the artifact threshold")
+    interval_s: float = Field(30.0, gt=0, description="seconds between recalibrations")
+
+    _optional = field_validator("quantile", mode="before")(_unset)
+
+    def _rules(self) -> Iterator[str]:
+        if self.min_samples > self.window:
+            yield f"min_samples: must be at most window ({self.window})"
+
+
+class AlertsConfig(_Section):
+    model_config = ConfigDict(populate_by_name=True)  # TOML key "for"; for_windows works too
+
+    for_windows: int = Field(2, ge=1, alias="for", description="anomalous windows in a row that open an episode")
+    resolve_after: int = Field(2, ge=1, description="normal windows in a row that resolve it")
+    flap_period_ms: float = Field(60_000.0, gt=0, description="period in which episodes are counted for flapping")
+    flap_max: int = Field(4, ge=2, description="episodes per flap_period_ms that mark a stream as flapping")
+    major_ratio: float = Field(1.5, ge=1, description="score/threshold from which an alert is major")
+    critical_ratio: float = Field(3.0, description="score/threshold from which it is critical")
+    max_hold_windows: int = Field(1000, ge=1, description="windows an open episode may hold commits back")
+
+    def _rules(self) -> Iterator[str]:
+        if self.critical_ratio <= self.major_ratio:
+            yield f"critical_ratio: must be greater than major_ratio ({self.major_ratio})"
+
+
+class QualityConfig(_Section):
+    flatline_rel_std: float = Field(1e-3, ge=0, description="std below this × training std is flat-lined")
+    rate_tolerance: float = Field(0.25, gt=0, lt=1, description="relative sample-period drift that is reported")
+    cooldown_ms: float = Field(60_000.0, ge=0, description="one data_quality event per stream and kind per this")
+
+
+class LimitsConfig(_Section):
+    max_bytes: int = Field(1 << 20, ge=1, description="largest input message")
+    max_samples: int = Field(10_000, ge=1, description="most samples in one chunk message")
+    max_channels: int = Field(256, ge=1, description="most channels per sample")
+    max_stream_len: int = Field(256, ge=1, description="longest stream id")
+
+    def to_limits(self) -> Limits:
+        return Limits(**self.model_dump())
+
+
+class DaemonConfig(_Section):
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    commit_interval_ms: float = Field(1000.0, gt=0, description="how often finished offsets are committed")
+    shutdown_timeout_s: float = Field(10.0, gt=0, description="grace period to drain on SIGTERM")
+    poll_timeout_ms: int = Field(100, ge=1, description="longest one poll blocks")
+    log_format: Literal["json", "console"] | None = Field(None, description="none = console on a terminal")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    _optional = field_validator("log_format", mode="before")(_unset)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"use auto, cpu, cuda or cuda:N, not {value!r}")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class Config(_Section):
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    models: list[ModelRoute] = Field(default_factory=list, description="stream → artifact routes, in order")
+    windows: WindowsConfig = Field(default_factory=WindowsConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    calibrator: CalibratorConfig = Field(default_factory=CalibratorConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+
+    def redacted(self) -> dict[str, Any]:
+        """JSON-able settings for logs: secrets masked, paths as strings, TOML key names."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def require_models(self) -> list[ModelRoute]:
+        if not self.models:
+            raise ConfigError("no model configured: set [[models]] in the config or pass --model ARTIFACT")
+        return self.models
+
+    def route_for(self, stream: str) -> ModelRoute | None:
+        """The first route whose pattern matches ``stream``, or None."""
+        return next((route for route in self.models if route.matches(stream)), None)
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    name: field.annotation for name, field in Config.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+}
+# per section: every accepted spelling of a key → its TOML name ("for_windows" → "for")
+_KEYS = {section: {**{n: f.alias or n for n, f in model.model_fields.items()},
+                   **{f.alias: f.alias for f in model.model_fields.values() if f.alias}}
+         for section, model in _SECTIONS.items()}
+
+
+def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Defaults < TOML file ``path`` < ``TSMON_*`` variables of ``env`` (default ``os.environ``) < ``overrides``."""
+    file_layer = _canonical(_read_toml(path)) if path is not None else {}
+    env_layer, model = _from_env(os.environ if env is None else env)
+    raw = _merge(file_layer, env_layer)
+    if model and not file_layer.get("models"):
+        raw["models"] = [{"pattern": "*", "path": model}]
+    raw = _merge(raw, _canonical(_from_overrides(overrides or {})))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        where = f" ({path})" if path is not None else ""
+        raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(_problems(exc))) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found: give an existing file or leave --config out") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], str | None]:
+    """``TSMON_<SECTION>__<KEY>`` → ``{section: {key: value}}``, plus the ``TSMON_MODEL`` shortcut."""
+    layer: dict[str, dict[str, Any]] = {}
+    model, problems = None, []
+    for var in sorted(env):
+        name = var.upper()
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name.removeprefix(ENV_PREFIX)
+        if rest == "MODEL":
+            model = env[var].strip() or None
+        if "__" not in rest:
+            continue  # TSMON_LOG_FORMAT and friends belong to other parts of tsmon
+        section, _, key = rest.lower().partition("__")
+        if section not in _SECTIONS:
+            problems.append(f"{var}: unknown section {section!r} (use one of {', '.join(_SECTIONS)})")
+        elif key not in _KEYS[section]:
+            problems.append(f"{var}: unknown key {key!r} in section {section}")
+        else:
+            layer.setdefault(section, {})[_KEYS[section][key]] = env[var]
+    if problems:
+        raise ConfigError("invalid environment:\n  " + "\n  ".join(problems))
+    return layer, model
+
+
+def _from_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"kafka.topics": [...]}`` → ``{"kafka": {"topics": [...]}}``; None means the flag was not given."""
+    layer: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        for part in reversed(dotted.split(".")):
+            value = {part: value}
+        layer = _merge(layer, value)
+    return layer
+
+
+def _canonical(layer: Mapping[str, Any]) -> dict[str, Any]:
+    """Rename keys to their TOML names so that ``for`` in the file and ``for_windows`` in a flag meet."""
+    out = dict(layer)
+    for section, keys in _KEYS.items():
+        if isinstance(out.get(section), Mapping):
+            out[section] = {keys.get(k, k): v for k, v in out[section].items()}
+    return out
+
+
+def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge of nested dicts, ``top`` winning; lists are replaced, never concatenated; inputs untouched."""
+    out = dict(base)
+    for key, value in top.items():
+        both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    """One ``dotted.key: message`` line per problem; a validator's ``key: message`` lines name their key."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        for line in message.splitlines():
+            key, sep, rest = line.partition(": ")
+            if err["type"] == "value_error" and sep and key.isidentifier():
+                line, where_line = rest, f"{where}.{key}".lstrip(".")
+            else:
+                where_line = where
+            lines.append(f"{where_line}: {line}")
+    return lines
+
+
+EXAMPLE_TOML = '''\
+# tsmon daemon configuration. Every value shown is the default unless marked "example".
+# Precedence: defaults < this file < TSMON_<SECTION>__<KEY> variables < command-line flags.
+# Environment example: TSMON_KAFKA__BOOTSTRAP_SERVERS=broker1:9092,broker2:9092  TSMON_ALERTS__FOR=3
+# Optional settings left unset are commented out; "none" sets one back to unset.
+
+[kafka]
+bootstrap_servers = ["127.0.0.1:9092"]   # or one string "host1:9092,host2:9092"
+group_id = "tsmon"                       # daemons in one group share the input partitions
+client_id = "tsmon"
+topics = ["tsmon.input"]                 # input topics; the message key is the stream id
+# topic_pattern = '^sensors\\..*'        # example: a regex of input topics, replaces topics
+alerts_topic = "tsmon.alerts"
+dead_letter_topic = "tsmon.dead-letter"  # unusable input messages, with a reason
+auto_offset_reset = "earliest"           # where a new consumer group starts: earliest or latest
+session_timeout_ms = 6000                # a consumer silent this long is dropped from the group
+heartbeat_interval_ms = 1000             # below session_timeout_ms, best at most a third of it
+max_poll_interval_ms = 300000            # longest gap between polls before a rebalance
+max_poll_records = 500
+request_timeout_ms = 30000               # kafka-python needs 500 < request_timeout_ms < 540000
+security_protocol = "PLAINTEXT"          # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
+# sasl_mechanism = "SCRAM-SHA-512"       # example: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER
+# sasl_username = "tsmon"                # example: PLAIN and SCRAM need a username and password;
+# sasl_password = "..."                  # better set TSMON_KAFKA__SASL_PASSWORD than write it here
+# ssl_cafile = "/etc/tsmon/ca.pem"       # example: CA bundle that signs the broker certificates
+# ssl_certfile = "/etc/tsmon/client.pem" # example: client certificate for mutual TLS
+# ssl_keyfile = "/etc/tsmon/client.key"  # example: its private key
+ssl_check_hostname = true
+producer_acks = "all"                    # "all", 1 or 0 broker acknowledgements per alert
+enable_idempotence = false               # true needs producer_acks = "all"
+
+# Routes from stream ids to model artifacts; the first route whose pattern matches wins.
+[[models]]
+pattern = "*"                            # example: fnmatch glob on the stream id
+path = "artifacts/ecg5000-lstm"          # example: artifact directory written by `tsmon train`
+# hop = 1                                # example: window hop in samples; default: the artifact's hop
+# name = "ecg"                           # example: display name; default: the directory name
+
+[windows]
+gap_ms = 5000.0                          # a longer gap between samples restarts the stream; "none" = never
+
+[batch]
+max_batch = 256                          # windows scored in one model call at most (1..65536)
+max_delay_ms = 50.0                      # longest a window waits for its batch to fill
+
+[calibrator]
+enabled = true                           # adapt each stream's threshold to its recent normal errors
+# quantile = 0.99                        # example: default is the artifact's threshold quantile
+margin = 1.0                             # threshold = margin x the quantile of recent normal errors
+window = 2000                            # recent normal errors kept per stream
+min_samples = 200                        # errors needed before the first recalibration (<= window)
+max_change = 0.2                         # largest relative change per recalibration
+floor = 0.5                              # never below floor x the artifact threshold
+ceiling = 4.0                            # never above ceiling x the artifact threshold
+interval_s = 30.0                        # seconds between recalibrations
+
+[alerts]
+for = 2                                  # anomalous windows in a row that open an episode
+resolve_after = 2                        # normal windows in a row that resolve it
+flap_period_ms = 60000.0                 # a stream opening more than flap_max episodes
+flap_max = 4                             # within flap_period_ms is flapping
+major_ratio = 1.5                        # score / threshold from which an alert is major
+critical_ratio = 3.0                     # ... and critical (must exceed major_ratio)
+max_hold_windows = 1000                  # an open episode holds input commits back at most this long
+
+[quality]
+flatline_rel_std = 0.001                 # channel std below this x its training std is flat-lined
+rate_tolerance = 0.25                    # relative drift of the sample period that is reported
+cooldown_ms = 60000.0                    # at most one data_quality event per stream and kind per this
+
+[limits]
+max_bytes = 1048576                      # largest input message
+max_samples = 10000                      # most samples in one chunk message
+max_channels = 256                       # most channels per sample
+max_stream_len = 256                     # longest stream id
+
+[daemon]
+device = "auto"                          # auto, cpu, cuda or cuda:N
+commit_interval_ms = 1000.0              # how often finished offsets are committed
+shutdown_timeout_s = 10.0                # grace period to drain on SIGTERM
+poll_timeout_ms = 100                    # longest one poll blocks
+# log_format = "json"                    # example: json or console; default: console on a terminal
+log_level = "INFO"                       # DEBUG, INFO, WARNING or ERROR
+'''

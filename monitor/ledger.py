@@ -1,0 +1,93 @@
+"""Which input offsets are safe to commit: the at-least-once bookkeeping.
+
+Owns the map from each stream's sample numbers back to the input messages that carried them. The offset
+committed for a partition is that of its oldest message still needed; a message is needed while any
+of its samples may still be part of a window that is not yet scored, or of an episode that is still
+open (so that a replay after a crash rebuilds that window or episode, with the same alert id).
+The daemon releases samples with :meth:`release` as windows are scored, and commits
+:meth:`committable` after the sink has acknowledged everything sent so far.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass, field
+
+from monitor.source import TP
+
+
+@dataclass
+class _Messages:
+    """Messages of one stream on one partition, oldest first, with the last sample number each carried."""
+
+    offsets: list[int] = field(default_factory=list)
+    last_seq: list[int] = field(default_factory=list)
+    head: int = 0
+
+    def release(self, seq: int) -> None:
+        """Forget messages whose samples all come before sample ``seq``."""
+        self.head = max(self.head, bisect_left(self.last_seq, seq, lo=self.head))
+        if self.head > 1024 and self.head * 2 > len(self.offsets):
+            del self.offsets[: self.head], self.last_seq[: self.head]
+            self.head = 0
+
+    def first(self) -> int | None:
+        return self.offsets[self.head] if self.head < len(self.offsets) else None
+
+    def offset_of(self, seq: int) -> int | None:
+        i = bisect_left(self.last_seq, seq, lo=self.head)
+        return self.offsets[i] if i < len(self.offsets) else None
+
+
+class OffsetLedger:
+    def __init__(self) -> None:
+        self._consumed: dict[TP, int] = {}  # next offset after the last record seen
+        self._held: dict[TP, dict[str, _Messages]] = {}
+        self._streams: dict[str, set[TP]] = {}
+
+    def consumed(self, tp: TP, offset: int) -> None:
+        """A record was read (whatever became of it)."""
+        self._consumed[tp] = max(self._consumed.get(tp, 0), offset + 1)
+
+    def hold(self, tp: TP, stream: str, offset: int, last_seq: int) -> None:
+        """A message carried the stream's samples up to number ``last_seq``."""
+        self.consumed(tp, offset)
+        m = self._held.setdefault(tp, {}).setdefault(stream, _Messages())
+        m.offsets.append(offset)
+        m.last_seq.append(last_seq)
+        self._streams.setdefault(stream, set()).add(tp)
+
+    def release(self, stream: str, seq: int) -> None:
+        """Samples before number ``seq`` of the stream are no longer needed."""
+        for tp in self._streams.get(stream, ()):
+            self._held[tp][stream].release(seq)
+
+    def offset_of(self, stream: str, seq: int) -> tuple[TP, int] | None:
+        """The input message that carried sample ``seq`` of the stream, while it is held."""
+        for tp in self._streams.get(stream, ()):
+            off = self._held[tp][stream].offset_of(seq)
+            if off is not None:
+                return tp, off
+        return None
+
+    def committable(self, tps: set[TP] | None = None) -> dict[TP, int]:
+        """Per partition, the offset to commit: the oldest message still needed, else past the last one read."""
+        out: dict[TP, int] = {}
+        for tp, nxt in self._consumed.items():
+            if tps is not None and tp not in tps:
+                continue
+            firsts = [f for m in self._held.get(tp, {}).values() if (f := m.first()) is not None]
+            out[tp] = min(firsts, default=nxt)
+        return out
+
+    def drop(self, tps: set[TP]) -> set[str]:
+        """Forget partitions (revoked); returns the streams that had data on them."""
+        streams: set[str] = set()
+        for tp in tps:
+            self._consumed.pop(tp, None)
+            streams |= set(self._held.pop(tp, {}))
+        for s in streams:
+            self._streams[s] -= tps
+            if not self._streams[s]:
+                del self._streams[s]
+        return streams

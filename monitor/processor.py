@@ -1,0 +1,246 @@
+"""The data path from records to published alerts: parse → windows → batcher → scorer → calibrator → alerts.
+
+Owns per-stream state and the order of the at-least-once contract inside one consumer:
+
+1. every record ends in exactly one place: a stream's windows (its samples held in the ledger), or the
+   dead-letter topic with the reason (never dropped, never an exception out of :meth:`handle`);
+2. windows are scored in micro-batches; each result updates the stream's alert state and, if normal,
+   the calibrator; transitions are sent to the sink;
+3. :meth:`commit` flushes the sink (every alert, event and dead letter acknowledged by the broker), and
+   only then commits, per partition, the oldest offset whose samples are still needed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from models.errors import SinkBackpressure
+from monitor import logs
+from monitor.alerts import AlertSettings, AlertState, Observation, Transition, alert_doc, iso
+from monitor.batcher import Batch, Batcher
+from monitor.calibrator import Calibrator
+from monitor.ledger import OffsetLedger
+from monitor.metrics import Metrics
+from monitor.quality import QualityEvent, StreamQuality
+from monitor.records import BadRecord, Limits, SampleBlock, parse
+from monitor.scorer import Scorer, Served
+from monitor.sink import OutMessage, Sink, json_message
+from monitor.source import TP, InRecord, Source
+from monitor.windows import StreamWindows
+
+log = logs.get("tsmon.processor")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    alerts_topic: str = "tsmon.alerts"
+    dead_letter_topic: str = "tsmon.dead-letter"
+    gap_ms: float | None = 5000.0
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    flatline_rel_std: float = 1e-3
+    rate_tolerance: float = 0.25
+    quality_cooldown_ms: float = 60_000
+    max_hold_windows: int = 1000
+    limits: Limits = field(default_factory=Limits)
+    flush_timeout_s: float = 10.0
+
+
+@dataclass
+class StreamState:
+    served: Served
+    windows: StreamWindows
+    quality: StreamQuality
+    alerts: AlertState
+    unscored: deque[int] = field(default_factory=deque)  # first sample of each window waiting in the batcher
+
+
+class Processor:
+    def __init__(self, scorer: Scorer, calibrator: Calibrator, batcher: Batcher, sink: Sink,
+                 metrics: Metrics | None = None, settings: Settings = Settings()) -> None:
+        self.scorer, self.calibrator, self.batcher, self.sink = scorer, calibrator, batcher, sink
+        self.metrics = metrics or Metrics()
+        self.settings = settings
+        self.ledger = OffsetLedger()
+        self.streams: dict[str, StreamState] = {}
+        self._committed: dict[TP, int] = {}
+
+    # 1. records → windows -------------------------------------------------------------------------
+    def handle(self, records: list[InRecord]) -> None:
+        for rec in records:
+            block = parse(rec.value, rec.key, self.settings.limits)
+            why = self._accept(rec, block) if isinstance(block, SampleBlock) else block
+            if why is not None:
+                self._dead_letter(rec, why)
+            else:
+                self.metrics.records.labels("ok").inc()
+
+    def _accept(self, rec: InRecord, block: SampleBlock) -> BadRecord | None:
+        served = self.scorer.route(block.stream)
+        if served is None:
+            return BadRecord("no_model", f"no [[models]] pattern matches stream {block.stream[:64]!r}")
+        if block.channels != served.channels:
+            return BadRecord("channel_mismatch", f"model {served.name} takes {served.channels} channel(s), "
+                                                 f"the message has {block.channels}")
+        st = self.streams.get(block.stream) or self._new_stream(block.stream, served)
+        refused = st.windows.check(block.ts_ms, block.values)
+        if refused is not None:
+            reason, _, detail = refused.partition(": ")
+            kind = "duplicate" if reason == "duplicate_timestamp" else "late"
+            self._quality(st.quality.event(kind, int(block.ts_ms[0]), detail))
+            return BadRecord(reason, detail)
+        self._check_timing(st, block)
+        w = st.windows.push(block.ts_ms, block.values)
+        self.metrics.samples.inc(len(block.ts_ms))
+        self.ledger.hold(rec.tp, block.stream, rec.offset, st.windows.seen)
+        self.batcher.add(served.name, block.stream, w)
+        st.unscored.extend((w.end_seq - served.window + 1).tolist())
+        self._release(block.stream, st)
+        return None
+
+    def _new_stream(self, stream: str, served: Served) -> StreamState:
+        s, det = self.settings, served.detector
+        state = self.calibrator.register(stream, det.threshold.value)
+        log.info("stream_started", stream=stream, model=served.name, window=served.window, hop=served.hop,
+                 threshold=state.value, threshold_source=state.source)
+        st = StreamState(
+            served, StreamWindows(served.window, served.hop, served.channels, s.gap_ms),
+            StreamQuality(stream, np.asarray(det.scaler.scale, "float32"), det.channel_names, s.flatline_rel_std,
+                          s.rate_tolerance, s.quality_cooldown_ms),
+            AlertState(stream, served.name, s.alerts))
+        self.streams[stream] = st
+        return st
+
+    def _check_timing(self, st: StreamState, block: SampleBlock) -> None:
+        prev, gap = st.windows.last_ts, self.settings.gap_ms
+        if gap is not None:
+            d = np.diff(np.r_[prev if prev is not None else block.ts_ms[0], block.ts_ms])
+            for i in np.flatnonzero(d > gap):
+                self._quality(st.quality.event("gap", int(block.ts_ms[i]), f"no samples for {int(d[i])} ms"))
+        self._quality(st.quality.intervals(block.ts_ms, prev, gap))
+
+    def _release(self, stream: str, st: StreamState) -> None:
+        """Let the ledger forget input that no future window and no open episode needs."""
+        seqs = [st.windows.needed_from]
+        if st.unscored:
+            seqs.append(st.unscored[0])
+        hold = st.alerts.hold_seq
+        if hold is not None and st.windows.seen - hold <= self.settings.max_hold_windows * st.served.hop:
+            seqs.append(hold)
+        self.ledger.release(stream, min(seqs))
+
+    # 2. batches → scores → alerts -----------------------------------------------------------------
+    def score_ready(self, force: bool = False) -> int:
+        """Score every batch that is due (all when ``force``); returns the windows scored."""
+        n = 0
+        for batch in self.batcher.ready(force):
+            t0 = time.perf_counter()
+            window_err, channel_err = self.scorer.score(batch)
+            self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+            self.metrics.windows.labels(batch.model).inc(len(batch))
+            self._after_scoring(batch, window_err, channel_err)
+            n += len(batch)
+        return n
+
+    def _after_scoring(self, batch: Batch, window_err: np.ndarray, channel_err: np.ndarray) -> None:
+        served = self.scorer.models[batch.model]
+        flat = batch.values.std(axis=1) <= self.settings.flatline_rel_std * np.asarray(
+            served.detector.scaler.scale, "float32")
+        touched: dict[str, StreamState] = {}
+        for i, stream in enumerate(batch.streams):
+            st = self.streams.get(stream)
+            if st is None:  # its partition was revoked while the window waited; the new owner replays it
+                continue
+            st.unscored.popleft()
+            touched[stream] = st
+            if flat[i].any():
+                self.metrics.skipped.labels("flatline").inc()
+                self._quality(st.quality.flat_events(flat[i : i + 1], batch.end_ts[i : i + 1]))
+                continue
+            score = float(window_err[i])
+            if not np.isfinite(score):  # not "normal": no calibration, no progress towards resolving
+                self.metrics.skipped.labels("nonfinite_score").inc()
+                log.error("nonfinite_score", stream=stream, model=batch.model, end_ts=int(batch.end_ts[i]))
+                continue
+            self._observe(stream, st, batch, i, score, channel_err[i])
+        for stream, st in touched.items():
+            self._release(stream, st)
+
+    def _observe(self, stream: str, st: StreamState, batch: Batch, i: int, score: float, ch: np.ndarray) -> None:
+        th = self.calibrator.threshold(stream)
+        end_seq = int(batch.end_seq[i])
+        obs = Observation(int(batch.start_ts[i]), int(batch.end_ts[i]), end_seq - st.served.window + 1, end_seq,
+                          score, th.value, th.source, ch)
+        step = st.alerts.update(obs)
+        if step.normal:
+            self.calibrator.observe(stream, score)
+        if step.censored:
+            self.calibrator.observe_censored(stream, step.censored)
+        for t in step.transitions:
+            self._publish_alert(stream, st, t)
+
+    def _publish_alert(self, stream: str, st: StreamState, t: Transition) -> None:
+        ep = t.episode
+        first = self.ledger.offset_of(stream, ep.start.start_seq)
+        last = self.ledger.offset_of(stream, (ep.last or ep.peak).end_seq)
+        tp = (first or last or (("", -1), -1))[0]
+        source = {"topic": tp[0] or None, "partition": tp[1] if tp[1] >= 0 else None,
+                  "first_offset": first[1] if first else None, "last_offset": last[1] if last else None}
+        doc = alert_doc(stream, t, st.served.describe(), st.served.detector.channel_names, source,
+                        self.settings.alerts)
+        self.sink.send(json_message(self.settings.alerts_topic, stream, doc, [("tsmon.type", b"anomaly")]))
+        self.metrics.alerts.labels(t.status).inc()
+        log.info("alert", alert_id=ep.alert_id, stream=stream, status=t.status, severity=doc["severity"],
+                 flapping=ep.flapping, ratio=doc["ratio"], threshold=doc["threshold"],
+                 threshold_source=doc["threshold_source"])
+
+    # 3. side outputs ------------------------------------------------------------------------------
+    def _quality(self, events: list[QualityEvent]) -> None:
+        for e in events:
+            self.metrics.quality.labels(e.kind).inc()
+            doc: dict[str, Any] = {"type": "data_quality", "event_id": e.event_id, "stream": e.stream,
+                                   "kind": e.kind, "ts": e.ts, "time": iso(e.ts), "detail": e.detail,
+                                   "channels": list(e.channels), "suppressed": e.suppressed}
+            self.sink.send(json_message(self.settings.alerts_topic, e.stream, doc, [("tsmon.type", b"data_quality")]))
+            log.warning("data_quality", stream=e.stream, kind=e.kind, detail=e.detail, suppressed=e.suppressed)
+
+    def _dead_letter(self, rec: InRecord, bad: BadRecord) -> None:
+        self.ledger.consumed(rec.tp, rec.offset)
+        self.metrics.records.labels("dead_letter").inc()
+        self.metrics.dead_letters.labels(bad.reason).inc()
+        headers = [("tsmon.reason", bad.reason.encode()), ("tsmon.detail", bad.detail.encode()[:1000]),
+                   ("tsmon.source.topic", rec.topic.encode()), ("tsmon.source.partition", str(rec.partition).encode()),
+                   ("tsmon.source.offset", str(rec.offset).encode()),
+                   ("tsmon.source.timestamp", str(rec.timestamp_ms).encode())]
+        self.sink.send(OutMessage(self.settings.dead_letter_topic, rec.key, rec.value or b"", headers))
+        log.warning("dead_letter", reason=bad.reason, detail=bad.detail, topic=rec.topic, partition=rec.partition,
+                    offset=rec.offset)
+
+    # 4. commits and rebalances --------------------------------------------------------------------
+    def commit(self, source: Source, tps: set[TP] | None = None) -> dict[TP, int]:
+        """Flush the sink, then commit what is safe; raises SinkBackpressure (and commits nothing) if stuck."""
+        self.sink.flush(self.settings.flush_timeout_s)
+        assigned = source.assignment() if tps is None else tps
+        offsets = {tp: o for tp, o in self.ledger.committable(assigned).items() if self._committed.get(tp) != o}
+        if offsets:
+            source.commit(offsets)
+            self._committed.update(offsets)
+            self.metrics.commits.inc()
+        return offsets
+
+    def revoke(self, source: Source, tps: set[TP]) -> None:
+        """Partitions are leaving: score what waits, publish, commit them, forget their streams."""
+        self.score_ready(force=True)
+        try:
+            self.commit(source, tps)
+        except SinkBackpressure as exc:  # the next owner replays from the last commit: at-least-once holds
+            log.error("commit_on_revoke_failed", error=str(exc))
+        for stream in self.ledger.drop(tps):
+            self.streams.pop(stream, None)
+            self.calibrator.forget(stream)
+        for tp in tps:
+            self._committed.pop(tp, None)

@@ -1,0 +1,96 @@
+"""Data quality of one stream: gaps, late or duplicate samples, sample-rate drift and flat-lined channels.
+
+Owns the rule that bad data is not an anomaly. These findings become ``data_quality`` events on the sink
+topic — never anomaly alerts — and the windows concerned stay out of calibration and alerting. Events are
+rate-limited per kind on the stream's own clock (one per ``cooldown_ms``; the ones held back are counted
+in the next), so a replay produces the same events with the same deterministic ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+KINDS = ("gap", "late", "duplicate", "rate_drift", "flatline")
+LEARN_DIFFS = 64  # sample intervals that fix a stream's nominal period
+CHECK_EVERY = 64  # new intervals between two sample-rate checks
+
+
+@dataclass(frozen=True, slots=True)
+class QualityEvent:
+    stream: str
+    kind: str
+    ts: int  # epoch ms on the stream's clock
+    detail: str
+    channels: tuple[str, ...] = ()
+    suppressed: int = 0  # events of this kind held back by the cooldown since the previous one
+
+    @property
+    def event_id(self) -> str:
+        return hashlib.sha256(f"{self.stream}|{self.kind}|{self.ts}".encode()).hexdigest()[:20]
+
+
+@dataclass
+class StreamQuality:
+    """Quality checks of one stream; ``scale`` is the model's per-channel training spread."""
+
+    stream: str
+    scale: np.ndarray
+    channel_names: list[str]
+    flatline_rel_std: float = 1e-3
+    rate_tolerance: float = 0.25
+    cooldown_ms: float = 60_000
+    period_ms: float | None = None  # learned from the first intervals
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    _diffs: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    _new_diffs: int = 0
+    _last_emit: dict[str, int] = field(default_factory=dict)
+    _held: dict[str, int] = field(default_factory=dict)
+    _drifting: bool = False
+
+    def event(self, kind: str, ts: int, detail: str, channels: tuple[str, ...] = ()) -> list[QualityEvent]:
+        """Count a finding; return it as an event unless the cooldown holds it back."""
+        self.counts[kind] += 1
+        last = self._last_emit.get(kind)
+        if last is not None and ts - last < self.cooldown_ms:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return []
+        self._last_emit[kind] = ts
+        return [QualityEvent(self.stream, kind, ts, detail, channels, self._held.pop(kind, 0))]
+
+    def intervals(self, ts: np.ndarray, prev_ts: int | None, gap_ms: float | None) -> list[QualityEvent]:
+        """Learn the period from in-order samples and report a drift of the sample rate."""
+        d = np.diff(ts if prev_ts is None else np.r_[prev_ts, ts]).astype("float64")
+        if gap_ms is not None:
+            d = d[d <= gap_ms]  # gaps are reported on their own; they are not a rate
+        self._diffs.extend(d.tolist())
+        self._new_diffs += len(d)
+        if self.period_ms is None:
+            if len(self._diffs) >= LEARN_DIFFS:
+                self.period_ms = float(np.median(self._diffs))
+                self._new_diffs = 0
+            return []
+        if self._new_diffs < CHECK_EVERY:
+            return []
+        self._new_diffs = 0
+        recent = float(np.median(list(self._diffs)[-CHECK_EVERY:]))
+        drift = abs(recent / self.period_ms - 1) if self.period_ms > 0 else 0.0
+        was, self._drifting = self._drifting, drift > self.rate_tolerance
+        if self._drifting and not was:
+            return self.event("rate_drift", int(ts[-1]),
+                              f"sample period {recent:.3g} ms, learned {self.period_ms:.3g} ms ({drift:+.0%})")
+        return []
+
+    def flat(self, windows: np.ndarray) -> np.ndarray:
+        """Per window and channel: is the channel flat-lined (stuck or lead-off) in that window? ``[k, C]``."""
+        return windows.std(axis=1) <= self.flatline_rel_std * self.scale
+
+    def flat_events(self, flat: np.ndarray, end_ts: np.ndarray) -> list[QualityEvent]:
+        out: list[QualityEvent] = []
+        for row in np.flatnonzero(flat.any(axis=1)):
+            names = tuple(self.channel_names[c] for c in np.flatnonzero(flat[row]))
+            out += self.event("flatline", int(end_ts[row]), f"no variation on {', '.join(names)}", names)
+        return out

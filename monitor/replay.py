@@ -1,0 +1,56 @@
+"""Replay a recorded series into a topic in the input wire format, at a chosen rate.
+
+Owns the producer side of the input contract for ``tsmon replay``, the demo and the pipeline benchmark:
+consecutive samples with a uniform period go out as one chunk message (``ts``, ``period_ms``,
+``samples``); samples with irregular spacing go out one message each. Key = stream id.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+
+def messages(stream: str, ts_ms: np.ndarray, values: np.ndarray, chunk: int) -> Iterator[tuple[bytes, int]]:
+    """Message bodies (and their sample counts) for a stream's samples, ``chunk`` samples at most each."""
+    if chunk < 1:
+        raise ValueError("chunk must be >= 1")
+    rows = values.astype("float64")
+    for lo in range(0, len(ts_ms), chunk):
+        t, v = ts_ms[lo : lo + chunk], rows[lo : lo + chunk]
+        d = np.diff(t)
+        if len(t) > 1 and (d == d[0]).all() and d[0] > 0:
+            doc: dict[str, Any] = {"stream": stream, "ts": int(t[0]), "period_ms": int(d[0]), "samples": v.tolist()}
+            yield json.dumps(doc, separators=(",", ":")).encode(), len(t)
+        else:
+            for ti, vi in zip(t, v, strict=True):
+                yield json.dumps({"stream": stream, "ts": int(ti), "values": vi.tolist()},
+                                 separators=(",", ":")).encode(), 1
+
+
+def replay(producer: Any, topic: str, stream: str, ts_ms: np.ndarray, values: np.ndarray, chunk: int = 100,
+           rate: float | None = None, stop: threading.Event | None = None) -> int:
+    """Send the series; ``rate`` in samples per second (None: as fast as the producer goes). Returns samples sent."""
+    key, sent, t0 = stream.encode(), 0, time.monotonic()
+    for body, n in messages(stream, ts_ms, values, chunk):
+        if stop is not None and stop.is_set():
+            break
+        producer.send(topic, key=key, value=body)
+        sent += n
+        if rate:
+            ahead = sent / rate - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+    producer.flush()
+    return sent
+
+
+def timestamps(n: int, period_ms: int, start_ms: int | None = None) -> np.ndarray:
+    """Evenly spaced epoch-ms timestamps, starting now (rounded to the period) unless ``start_ms``."""
+    start = int(time.time() * 1000) // period_ms * period_ms if start_ms is None else start_ms
+    return start + period_ms * np.arange(n, dtype="int64")

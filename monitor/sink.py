@@ -1,0 +1,110 @@
+"""Where tsmon's output goes: alerts, data-quality events and dead letters, acknowledged before commits.
+
+Owns delivery to the broker. :meth:`KafkaSink.flush` is the acknowledgement point of the at-least-once
+contract: it returns only when every message sent since the last flush is acknowledged by the broker;
+a message the broker refused is re-sent (bounded), and if it still fails the flush raises
+:class:`SinkBackpressure` so that the daemon commits nothing and retries later. :class:`MemorySink` is
+the in-process double for unit tests of the stages above it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from models.errors import BrokerError, SinkBackpressure
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class OutMessage:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers = field(default_factory=list)
+
+
+def json_message(topic: str, key: str, doc: dict[str, Any], headers: Headers | None = None) -> OutMessage:
+    """A JSON document as a message (compact, keys in insertion order, NaN refused)."""
+    body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    return OutMessage(topic, key.encode(), body, headers or [])
+
+
+class Sink(Protocol):
+    def send(self, msg: OutMessage) -> None: ...
+    def flush(self, timeout_s: float) -> None: ...
+    def close(self, timeout_s: float) -> None: ...
+
+
+class MemorySink:
+    """Keeps every message in a list; ``fail_next`` makes the next flush raise, as a slow broker would."""
+
+    def __init__(self) -> None:
+        self.sent: list[OutMessage] = []
+        self.acked: list[OutMessage] = []
+        self.fail_next = 0
+
+    def send(self, msg: OutMessage) -> None:
+        self.sent.append(msg)
+
+    def flush(self, timeout_s: float) -> None:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise SinkBackpressure("memory sink told to fail", retry_after=0.0)
+        self.acked = list(self.sent)
+
+    def close(self, timeout_s: float) -> None:
+        self.flush(timeout_s)
+
+    def docs(self, topic: str) -> list[dict[str, Any]]:
+        return [json.loads(m.value) for m in self.acked if m.topic == topic]
+
+
+class KafkaSink:
+    """A kafka-python producer that remembers what is in flight until the broker acknowledges it."""
+
+    def __init__(self, producer_kwargs: dict[str, Any], retries: int = 3) -> None:
+        from kafka import KafkaProducer
+        from kafka.errors import KafkaError
+
+        try:
+            self._producer = KafkaProducer(**producer_kwargs)
+        except KafkaError as exc:
+            raise BrokerError(f"cannot create a producer for {producer_kwargs.get('bootstrap_servers')}: {exc}") from None
+        self._retries = retries
+        self._inflight: list[tuple[OutMessage, Any]] = []
+
+    def send(self, msg: OutMessage) -> None:
+        self._inflight.append((msg, self._send(msg)))
+
+    def _send(self, msg: OutMessage) -> Any:
+        return self._producer.send(msg.topic, value=msg.value, key=msg.key, headers=msg.headers)
+
+    def flush(self, timeout_s: float) -> None:
+        """Block until everything sent is acknowledged; re-send refusals; raise SinkBackpressure if stuck."""
+        deadline = time.monotonic() + timeout_s
+        for _attempt in range(self._retries + 1):
+            self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))
+            failed = [(m, f) for m, f in self._inflight if not f.is_done or f.failed()]
+            if not failed:
+                self._inflight.clear()
+                return
+            self._inflight = [(m, self._send(m)) for m, _f in failed]
+            if time.monotonic() >= deadline:
+                break
+        first = next((f.exception for _m, f in self._inflight if f.is_done and f.failed()), None)
+        raise SinkBackpressure(f"{len(self._inflight)} message(s) not acknowledged by the broker: {first or 'timeout'}",
+                               retry_after=1.0)
+
+    @property
+    def pending(self) -> int:
+        return len(self._inflight)
+
+    def close(self, timeout_s: float) -> None:
+        try:
+            self.flush(timeout_s)
+        finally:
+            self._producer.close(timeout=timeout_s)

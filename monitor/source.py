@@ -1,0 +1,105 @@
+"""Where input comes from: a kafka-python consumer in a consumer group with manual commits.
+
+Owns the consumer and the rebalance hooks. The daemon decides *what* to commit (the offset ledger);
+the source only commits exactly the offsets it is given, synchronously. On a revoke, kafka-python calls
+``on_revoke`` from inside ``poll`` before the partitions move, so the daemon can score, publish and
+commit what it holds for them; ``on_assign`` follows with the new partitions.
+:class:`MemorySource` is the in-process double for unit tests; anything that claims to test the pipeline
+uses the real broker.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from models.errors import BrokerError
+
+TP = tuple[str, int]  # (topic, partition)
+
+
+@dataclass(frozen=True, slots=True)
+class InRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int = 0
+
+    @property
+    def tp(self) -> TP:
+        return (self.topic, self.partition)
+
+
+class Source(Protocol):
+    def poll(self, timeout_ms: int) -> list[InRecord]: ...
+    def commit(self, offsets: dict[TP, int]) -> None: ...
+    def assignment(self) -> set[TP]: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class MemorySource:
+    """Hands out pre-loaded records in order; records what was committed."""
+
+    records: list[InRecord] = field(default_factory=list)
+    batch: int = 100
+    committed: dict[TP, int] = field(default_factory=dict)
+
+    def poll(self, timeout_ms: int) -> list[InRecord]:
+        out, self.records = self.records[: self.batch], self.records[self.batch :]
+        return out
+
+    def commit(self, offsets: dict[TP, int]) -> None:
+        self.committed.update(offsets)
+
+    def assignment(self) -> set[TP]:
+        return set(self.committed)
+
+    def close(self) -> None:
+        pass
+
+
+class KafkaSource:
+    """Subscribe to topics (or a pattern) in a group; poll records; commit given offsets."""
+
+    def __init__(self, consumer_kwargs: dict[str, Any], topics: list[str], pattern: str | None,
+                 on_revoke: Callable[[list[TP]], None], on_assign: Callable[[list[TP]], None]) -> None:
+        from kafka import ConsumerRebalanceListener, KafkaConsumer
+        from kafka.errors import KafkaError
+
+        class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+            def on_partitions_revoked(self, revoked: Any) -> None:
+                on_revoke([(tp.topic, tp.partition) for tp in revoked])
+
+            def on_partitions_assigned(self, assigned: Any) -> None:
+                on_assign([(tp.topic, tp.partition) for tp in assigned])
+
+        try:
+            self._consumer = KafkaConsumer(**consumer_kwargs)
+        except KafkaError as exc:
+            raise BrokerError(f"cannot reach {consumer_kwargs.get('bootstrap_servers')}: {exc}") from None
+        if pattern:
+            self._consumer.subscribe(pattern=re.compile(pattern).pattern, listener=Listener())
+        else:
+            self._consumer.subscribe(topics=topics, listener=Listener())
+
+    def poll(self, timeout_ms: int) -> list[InRecord]:
+        batches = self._consumer.poll(timeout_ms=timeout_ms)
+        return [InRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp or 0)
+                for records in batches.values() for r in records]
+
+    def commit(self, offsets: dict[TP, int]) -> None:
+        from kafka import OffsetAndMetadata, TopicPartition
+
+        if offsets:
+            self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+
+    def assignment(self) -> set[TP]:
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)

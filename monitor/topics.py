@@ -1,0 +1,66 @@
+"""Small admin and reading helpers over kafka-python, for the demo, the benchmark and tests."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from models.errors import BrokerError
+
+
+def ensure_topics(bootstrap: str, topics: dict[str, int]) -> None:
+    """Create the topics that do not exist yet, with the given partition counts."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot reach {bootstrap}: {exc}") from None
+    try:
+        missing = [NewTopic(t, n, 1) for t, n in topics.items() if t not in set(admin.list_topics())]
+        if missing:
+            admin.create_topics(missing)
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        admin.close()
+
+
+class TopicReader:
+    """Reads every JSON message of a topic from the beginning, in a background thread, into :attr:`docs`."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        from kafka import KafkaConsumer
+
+        self.docs: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                       enable_auto_commit=False, group_id=None)
+        self._thread = threading.Thread(target=self._run, name=f"read-{topic}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for records in self._consumer.poll(timeout_ms=100).values():
+                self.docs.extend(json.loads(r.value) for r in records)
+
+    def settle(self, quiet_s: float = 1.0, limit_s: float = 15.0) -> list[dict[str, Any]]:
+        """Wait until nothing new arrived for ``quiet_s`` (at most ``limit_s``); stop; return the docs."""
+        import time
+
+        seen, last_change, t0 = -1, time.monotonic(), time.monotonic()
+        while time.monotonic() - t0 < limit_s:
+            if len(self.docs) != seen:
+                seen, last_change = len(self.docs), time.monotonic()
+            elif time.monotonic() - last_change >= quiet_s:
+                break
+            time.sleep(0.05)
+        self.close()
+        return self.docs
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._consumer.close()

@@ -1,0 +1,327 @@
+"""Daemon configuration: defaults < file < environment < flags, and every mistake reported with its key."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.coordinator.heartbeat import Heartbeat
+from pydantic import ValidationError
+
+from models.errors import ConfigError
+from monitor.config import EXAMPLE_TOML, Config, ModelRoute, load_config
+from monitor.records import Limits
+
+SASL = {"kafka.security_protocol": "SASL_SSL", "kafka.sasl_mechanism": "SCRAM-SHA-512",
+        "kafka.sasl_username": "tsmon", "kafka.sasl_password": "hunter2", "kafka.ssl_cafile": "/etc/ca.pem"}
+
+
+def write(tmp_path: Path, text: str, name: str = "tsmon.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_lines(excinfo: pytest.ExceptionInfo[ConfigError]) -> list[str]:
+    return [line.strip() for line in str(excinfo.value).splitlines()[1:]]
+
+
+def test_defaults() -> None:
+    cfg = load_config(env={})
+    assert cfg == Config()
+    assert cfg.kafka.bootstrap_servers == ["127.0.0.1:9092"] and cfg.kafka.topics == ["tsmon.input"]
+    assert cfg.kafka.producer_acks == "all" and cfg.kafka.sasl_password is None
+    assert cfg.models == []
+    assert cfg.windows.gap_ms == 5000.0 and cfg.batch.max_batch == 256 and cfg.alerts.for_windows == 2
+    assert cfg.calibrator.quantile is None and cfg.daemon.device == "auto" and cfg.daemon.log_format is None
+    assert cfg.limits.to_limits() == Limits()
+
+
+def test_file_sets_every_section(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[kafka]
+bootstrap_servers = "b1:9092, b2:9092"
+topics = ["x", "y"]
+[[models]]
+pattern = "ecg-*"
+path = "artifacts/ecg"
+hop = 4
+[[models]]
+path = "artifacts/fallback"
+name = "generic"
+[windows]
+gap_ms = "none"
+[alerts]
+for = 4
+[limits]
+max_channels = 8
+[daemon]
+device = "cuda:1"
+log_level = "debug"
+""")
+    cfg = load_config(path, env={})
+    assert cfg.kafka.bootstrap_servers == ["b1:9092", "b2:9092"] and cfg.kafka.topics == ["x", "y"]
+    assert cfg.models[0] == ModelRoute(pattern="ecg-*", path=Path("artifacts/ecg"), hop=4)
+    assert [m.display_name for m in cfg.models] == ["ecg", "generic"]
+    assert cfg.route_for("ecg-7") is cfg.models[0] and cfg.route_for("eeg-1") is cfg.models[1]
+    assert cfg.windows.gap_ms is None and cfg.alerts.for_windows == 4
+    assert cfg.limits.to_limits() == Limits(max_channels=8)
+    assert cfg.daemon.device == "cuda:1" and cfg.daemon.log_level == "DEBUG"
+    assert cfg.batch.max_batch == 256  # untouched sections keep their defaults
+
+
+def test_environment_coerces_strings() -> None:
+    env = {"TSMON_KAFKA__BOOTSTRAP_SERVERS": "h1:9093,h2:9093", "TSMON_KAFKA__TOPICS": "a, b ,",
+           "TSMON_BATCH__MAX_BATCH": "64", "TSMON_ALERTS__FOR": "3", "tsmon_calibrator__enabled": "false",
+           "TSMON_CALIBRATOR__QUANTILE": "0.995", "TSMON_WINDOWS__GAP_MS": "none", "TSMON_KAFKA__PRODUCER_ACKS": "1"}
+    cfg = load_config(env=env)
+    assert cfg.kafka.bootstrap_servers == ["h1:9093", "h2:9093"] and cfg.kafka.topics == ["a", "b"]
+    assert cfg.batch.max_batch == 64 and isinstance(cfg.batch.max_batch, int)
+    assert cfg.alerts.for_windows == 3 and cfg.calibrator.enabled is False and cfg.calibrator.quantile == 0.995
+    assert cfg.windows.gap_ms is None and cfg.kafka.producer_kwargs()["acks"] == 1
+
+
+def test_environment_for_windows_spelling_and_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TSMON_ALERTS__FOR_WINDOWS", "5")
+    monkeypatch.setenv("TSMON_LOG_FORMAT", "json")  # no "__": belongs to the logging setup, not to us
+    monkeypatch.setenv("TSMON_SOMETHING", "x")
+    assert load_config().alerts.for_windows == 5
+
+
+@pytest.mark.parametrize(("var", "needle"), [
+    ("TSMON_KAFKA__BOOTSTRP_SERVERS", "TSMON_KAFKA__BOOTSTRP_SERVERS: unknown key 'bootstrp_servers'"),
+    ("TSMON_KAFKAA__TOPICS", "TSMON_KAFKAA__TOPICS: unknown section 'kafkaa'"),
+    ("TSMON_MODELS__PATH", "TSMON_MODELS__PATH: unknown section 'models'"),
+])
+def test_environment_unknown_names_the_variable(var: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(env={var: "x"})
+    assert needle in str(excinfo.value)
+
+
+def test_environment_value_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(env={"TSMON_BATCH__MAX_BATCH": "lots", "TSMON_KAFKA__SSL_CHECK_HOSTNAME": "maybe"})
+    assert error_lines(excinfo) == [
+        "kafka.ssl_check_hostname: Input should be a valid boolean, unable to interpret input",
+        "batch.max_batch: Input should be a valid integer, unable to parse string as an integer",
+    ]
+
+
+@pytest.mark.parametrize(("env", "overrides", "expected"), [
+    ({}, {}, 10),
+    ({"TSMON_BATCH__MAX_BATCH": "20"}, {}, 20),
+    ({"TSMON_BATCH__MAX_BATCH": "20"}, {"batch.max_batch": 30}, 30),
+    ({"TSMON_BATCH__MAX_BATCH": "20"}, {"batch.max_batch": None}, 20),  # None: the flag was not given
+])
+def test_precedence_file_env_overrides(tmp_path: Path, env: dict, overrides: dict, expected: int) -> None:
+    path = write(tmp_path, "[batch]\nmax_batch = 10\nmax_delay_ms = 7.5\n")
+    cfg = load_config(path, overrides=overrides, env=env)
+    assert cfg.batch.max_batch == expected
+    assert cfg.batch.max_delay_ms == 7.5  # a layer changes only the keys it names
+
+
+def test_overrides_dotted_keys_lists_and_alias(tmp_path: Path) -> None:
+    path = write(tmp_path, '[alerts]\nfor = 2\n[kafka]\ntopics = ["file"]\n')
+    overrides = {"kafka.bootstrap_servers": "h:1", "kafka.topics": ["a", "b"], "alerts.for_windows": 6,
+                 "models": [{"pattern": "*", "path": "x"}]}
+    cfg = load_config(path, overrides=overrides, env={"TSMON_KAFKA__TOPICS": "env"})
+    assert cfg.kafka.bootstrap_servers == ["h:1"] and cfg.kafka.topics == ["a", "b"]
+    assert cfg.alerts.for_windows == 6
+    assert cfg.models == [ModelRoute(path=Path("x"))]
+
+
+def test_all_problems_in_a_file_listed_one_per_line(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[kafka]
+auto_offset_reset = "newest"
+session_timeout_ms = 100
+[[models]]
+pattern = "*"
+[batch]
+max_batch = 0
+[calibrator]
+quantile = 1.5
+[daemon]
+device = "gpu"
+""")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, env={})
+    message = str(excinfo.value)
+    assert message.splitlines()[0] == f"invalid configuration ({path}):"
+    assert error_lines(excinfo) == [
+        "kafka.auto_offset_reset: Input should be 'earliest' or 'latest'",
+        "kafka.session_timeout_ms: Input should be greater than or equal to 500",
+        "models[0].path: Field required",
+        "batch.max_batch: Input should be greater than or equal to 1",
+        "calibrator.quantile: Input should be less than 1",
+        "daemon.device: use auto, cpu, cuda or cuda:N, not 'gpu'",
+    ]
+    assert "pydantic" not in message and "http" not in message
+
+
+def test_unknown_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, '[kafka]\nbootstrp_servers = "h:1"\n[bogus]\nx = 1\n[[models]]\npath = "a"\nhopp = 2\n')
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, env={})
+    assert error_lines(excinfo) == ["kafka.bootstrp_servers: unknown key", "models[0].hopp: unknown key",
+                                    "bogus: unknown key"]
+
+
+def test_cross_field_rules_between_sections_keys() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(env={}, overrides={"kafka.session_timeout_ms": 1000, "kafka.heartbeat_interval_ms": 1000,
+                                       "kafka.topics": "", "calibrator.window": 100, "alerts.major_ratio": 3.0,
+                                       "kafka.producer_acks": 0, "kafka.enable_idempotence": True})
+    assert error_lines(excinfo) == [
+        "kafka.heartbeat_interval_ms: must be less than session_timeout_ms (1000)",
+        'kafka.enable_idempotence: an idempotent producer needs producer_acks = "all"',
+        "kafka.topics: give at least one topic, or a topic_pattern",
+        "calibrator.min_samples: must be at most window (100)",
+        "alerts.critical_ratio: must be greater than major_ratio (3.0)",
+    ]
+
+
+def test_bad_toml_names_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[kafka]\ntopics = a\n")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, env={})
+    message = str(excinfo.value)
+    assert message.startswith(f"config file {path} is not valid TOML:") and "line 2" in message
+    assert "\n" not in message
+
+
+def test_missing_and_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file .*nope.toml not found"):
+        load_config(tmp_path / "nope.toml", env={})
+    with pytest.raises(ConfigError, match="cannot read config file .*: Is a directory"):
+        load_config(tmp_path, env={})
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"kafka.security_protocol": "SASL_SSL"}, ["kafka.sasl_mechanism: required with security_protocol SASL_SSL"]),
+    ({"kafka.security_protocol": "SASL_PLAINTEXT", "kafka.sasl_mechanism": "PLAIN", "kafka.sasl_username": "u"},
+     ["kafka.sasl_password: required with sasl_mechanism PLAIN"]),
+    ({"kafka.security_protocol": "SASL_SSL", "kafka.sasl_mechanism": "SCRAM-SHA-256"},
+     ["kafka.sasl_username: required with sasl_mechanism SCRAM-SHA-256",
+      "kafka.sasl_password: required with sasl_mechanism SCRAM-SHA-256"]),
+    ({"kafka.security_protocol": "SSL", "kafka.sasl_mechanism": "PLAIN"},
+     ["kafka.sasl_mechanism: needs security_protocol SASL_PLAINTEXT or SASL_SSL"]),
+    ({"kafka.ssl_cafile": "/etc/ca.pem"}, ["kafka.ssl_cafile: needs security_protocol SSL or SASL_SSL"]),
+])
+def test_sasl_and_ssl_rules(overrides: dict, expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(env={}, overrides=overrides)
+    assert error_lines(excinfo) == expected
+
+
+def test_sasl_settings_that_fit_are_accepted() -> None:
+    overrides = {"kafka.security_protocol": "SASL_SSL", "kafka.sasl_mechanism": "OAUTHBEARER"}
+    oauth = load_config(env={}, overrides=overrides)
+    assert oauth.kafka.sasl_mechanism == "OAUTHBEARER"  # the token provider is code, not configuration
+    assert load_config(env={}, overrides=SASL).kafka.sasl_username == "tsmon"
+
+
+def test_secret_never_printed(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[models]]\npath = "artifacts/m"\n')
+    overrides = {**SASL, "kafka.sasl_password": None}  # the password comes from the environment
+    cfg = load_config(path, env={"TSMON_KAFKA__SASL_PASSWORD": "hunter2"}, overrides=overrides)
+    assert cfg.kafka.sasl_password is not None and cfg.kafka.sasl_password.get_secret_value() == "hunter2"
+    red = cfg.redacted()
+    assert red["kafka"]["sasl_password"] == "**********"
+    assert red["models"][0]["path"] == "artifacts/m" and red["alerts"]["for"] == 2
+    for text in (json.dumps(red), repr(cfg), str(cfg), repr(cfg.kafka)):
+        assert "hunter2" not in text
+    with pytest.raises(ConfigError) as excinfo:  # a problem elsewhere does not echo the secret either
+        load_config(env={}, overrides={**SASL, "batch.max_batch": -1})
+    assert "hunter2" not in str(excinfo.value)
+
+
+def test_kafka_kwargs_are_kafka_python_settings() -> None:
+    kafka = load_config(env={}, overrides=SASL).kafka
+    consumer, producer = kafka.consumer_kwargs(), kafka.producer_kwargs()
+    assert set(consumer) <= set(KafkaConsumer.DEFAULT_CONFIG)
+    assert set(producer) <= set(KafkaProducer.DEFAULT_CONFIG)
+    security = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "tsmon",
+                "sasl_plain_password": "hunter2", "ssl_cafile": "/etc/ca.pem", "ssl_check_hostname": True}
+    assert security.items() <= consumer.items() and security.items() <= producer.items()
+    assert consumer["enable_auto_commit"] is False and consumer["group_id"] == "tsmon"
+    assert consumer["auto_offset_reset"] == "earliest" and consumer["bootstrap_servers"] == ["127.0.0.1:9092"]
+    assert producer["acks"] == "all" and producer["linger_ms"] == 5 and producer["enable_idempotence"] is False
+    Heartbeat(**consumer)  # kafka-python's own session/heartbeat check accepts what we pass
+
+
+def test_plaintext_kwargs_have_no_security_extras() -> None:
+    kafka = Config().kafka
+    for kwargs in (kafka.consumer_kwargs(), kafka.producer_kwargs()):
+        assert not any(k.startswith(("sasl_", "ssl_")) for k in kwargs)
+        assert kwargs["security_protocol"] == "PLAINTEXT"
+
+
+def test_request_timeout_bounds_match_kafka_python() -> None:
+    # KafkaConsumer raises unless fetch_max_wait_ms < request_timeout_ms < connections_max_idle_ms
+    defaults = KafkaConsumer.DEFAULT_CONFIG
+    assert (defaults["fetch_max_wait_ms"], defaults["connections_max_idle_ms"]) == (500, 540_000)
+    for bad in (500, 540_000):
+        with pytest.raises(ConfigError, match="kafka.request_timeout_ms"):
+            load_config(env={}, overrides={"kafka.request_timeout_ms": bad})
+    kafka = load_config(env={}, overrides={"kafka.request_timeout_ms": 501}).kafka
+    assert kafka.consumer_kwargs()["request_timeout_ms"] == 501
+
+
+@pytest.mark.parametrize(("given", "acks"), [("all", "all"), (-1, "all"), ("-1", "all"), (1, 1), ("0", 0), (0, 0)])
+def test_producer_acks(given: object, acks: object) -> None:
+    assert load_config(env={}, overrides={"kafka.producer_acks": given}).kafka.producer_kwargs()["acks"] == acks
+
+
+def test_topic_pattern() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(env={}, overrides={"kafka.topic_pattern": "sensors.(x"})
+    assert error_lines(excinfo)[0].startswith("kafka.topic_pattern: not a valid regular expression: missing )")
+    cfg = load_config(env={}, overrides={"kafka.topic_pattern": r"^sensors\..*", "kafka.topics": ""})
+    assert cfg.kafka.subscription() == {"pattern": r"^sensors\..*"}
+    assert Config().kafka.subscription() == {"topics": ["tsmon.input"]}
+    assert set(Config().kafka.subscription()) <= set(inspect.signature(KafkaConsumer.subscribe).parameters)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_device_accepted(device: str) -> None:
+    assert load_config(env={}, overrides={"daemon.device": device}).daemon.device == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "CPU", "cpu "])
+def test_device_rejected(device: str) -> None:
+    with pytest.raises(ConfigError, match="daemon.device: use auto, cpu, cuda or cuda:N"):
+        load_config(env={}, overrides={"daemon.device": device})
+
+
+def test_model_shortcut_from_environment(tmp_path: Path) -> None:
+    env = {"TSMON_MODEL": "artifacts/env-model"}
+    assert load_config(env=env).models == [ModelRoute(pattern="*", path=Path("artifacts/env-model"))]
+    path = write(tmp_path, '[[models]]\npattern = "a-*"\npath = "artifacts/file-model"\n')
+    assert [m.path for m in load_config(path, env=env).models] == [Path("artifacts/file-model")]
+    flagged = load_config(env=env, overrides={"models": [{"path": "artifacts/flag-model"}]})
+    assert [m.path for m in flagged.models] == [Path("artifacts/flag-model")]
+
+
+def test_require_models() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        Config().require_models()
+    assert str(excinfo.value) == "no model configured: set [[models]] in the config or pass --model ARTIFACT"
+    routes = load_config(env={"TSMON_MODEL": "m"}).require_models()
+    assert routes == [ModelRoute(path=Path("m"))]
+
+
+def test_config_is_frozen() -> None:
+    cfg = Config()
+    with pytest.raises(ValidationError):
+        cfg.batch.max_batch = 1  # type: ignore[misc]
+
+
+def test_example_toml_loads_and_documents_the_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, EXAMPLE_TOML), env={})
+    assert cfg.require_models() == [ModelRoute(pattern="*", path=Path("artifacts/ecg5000-lstm"))]
+    assert cfg.model_dump(exclude={"models"}) == Config().model_dump(exclude={"models"})
