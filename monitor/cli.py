@@ -15,7 +15,7 @@ from rich.console import Console
 
 from models.errors import TsmonError
 from monitor import __version__, logs
-from monitor.commands import bench_cmd, broker_cmd, model_cmds, run_cmd
+from monitor.commands import bench_cmd, broker_cmd, demo_cmd, model_cmds, run_cmd
 
 app = typer.Typer(name="tsmon", help="Streaming time-series anomaly monitor.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -46,6 +46,7 @@ def _root(
 model_cmds.register(app)
 broker_cmd.register(app)
 run_cmd.register(app)
+demo_cmd.register(app)
 bench_cmd.register(bench_app)
 
 

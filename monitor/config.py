@@ -250,10 +250,11 @@ class DaemonConfig(_Section):
     commit_interval_ms: float = Field(1000.0, gt=0, description="how often finished offsets are committed")
     shutdown_timeout_s: float = Field(10.0, gt=0, description="grace period to drain on SIGTERM")
     poll_timeout_ms: int = Field(100, ge=1, description="longest one poll blocks")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for scoring; none = cores − 1 (≥ 1)")
     log_format: Literal["json", "console"] | None = Field(None, description="none = console on a terminal")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    _optional = field_validator("log_format", mode="before")(_unset)
+    _optional = field_validator("log_format", "torch_threads", mode="before")(_unset)
 
     @field_validator("device")
     @classmethod
@@ -483,6 +484,7 @@ device = "auto"                          # auto, cpu, cuda or cuda:N
 commit_interval_ms = 1000.0              # how often finished offsets are committed
 shutdown_timeout_s = 10.0                # grace period to drain on SIGTERM
 poll_timeout_ms = 100                    # longest one poll blocks
+# torch_threads = 3                      # CPU scoring threads; default: cores − 1, leaving one to consume
 # log_format = "json"                    # example: json or console; default: console on a terminal
 log_level = "INFO"                       # DEBUG, INFO, WARNING or ERROR
 '''

@@ -172,7 +172,7 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         limit = time.monotonic() + opts.duration_s + 60
 
         def finished() -> bool:
-            drained = (not player.is_alive() and daemon.processor.batcher.size == 0
+            drained = (not player.is_alive() and daemon.processor.pending == 0
                        and daemon.metrics.total("tsmon_samples_total") >= progress.total_samples)
             return drained or time.monotonic() > limit
 

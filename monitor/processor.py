@@ -4,8 +4,9 @@ Owns per-stream state and the order of the at-least-once contract inside one con
 
 1. every record ends in exactly one place: a stream's windows (its samples held in the ledger), or the
    dead-letter topic with the reason (never dropped, never an exception out of :meth:`handle`);
-2. windows are scored in micro-batches; each result updates the stream's alert state and, if normal,
-   the calibrator; transitions are sent to the sink;
+2. windows are scored in micro-batches on a worker thread (the forward pass releases the GIL, so the
+   next records are parsed meanwhile); results are applied on the caller's thread in submission order:
+   each updates the stream's alert state and, if normal, the calibrator; transitions go to the sink;
 3. :meth:`commit` flushes the sink (every alert, event and dead letter acknowledged by the broker), and
    only then commits, per partition, the oldest offset whose samples are still needed.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,12 +28,12 @@ from monitor.batcher import Batch, Batcher
 from monitor.calibrator import Calibrator
 from monitor.ledger import OffsetLedger
 from monitor.metrics import Metrics
-from monitor.quality import QualityEvent, StreamQuality
+from monitor.quality import QualityEvent, StreamQuality, intervals_ms
 from monitor.records import BadRecord, Limits, SampleBlock, parse
 from monitor.scorer import Scorer, Served
 from monitor.sink import OutMessage, Sink, json_message
 from monitor.source import TP, InRecord, Source
-from monitor.windows import StreamWindows
+from monitor.windows import StreamWindows, order_problem
 
 log = logs.get("tsmon.processor")
 
@@ -48,6 +50,7 @@ class Settings:
     max_hold_windows: int = 1000
     limits: Limits = field(default_factory=Limits)
     flush_timeout_s: float = 10.0
+    max_inflight: int = 2  # batches submitted to the scoring thread and not yet applied
 
 
 @dataclass
@@ -68,39 +71,70 @@ class Processor:
         self.ledger = OffsetLedger()
         self.streams: dict[str, StreamState] = {}
         self._committed: dict[TP, int] = {}
+        self.first_record_at: float | None = None  # monotonic time the first record arrived (benchmarks)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tsmon-score")
+        self._inflight: deque[tuple[Batch, Future[tuple[np.ndarray, np.ndarray, float]]]] = deque()
+
+    @property
+    def pending(self) -> int:
+        """Windows not yet scored and applied (waiting in the batcher or on the scoring thread)."""
+        return self.batcher.size + sum(len(b) for b, _ in self._inflight)
 
     # 1. records → windows -------------------------------------------------------------------------
     def handle(self, records: list[InRecord]) -> None:
+        """Route each record; then, per stream, append all its good blocks of this poll in one go."""
+        if records and self.first_record_at is None:
+            self.first_record_at = time.monotonic()
+        by_stream: dict[str, list[tuple[InRecord, SampleBlock]]] = {}
         for rec in records:
             block = parse(rec.value, rec.key, self.settings.limits)
-            why = self._accept(rec, block) if isinstance(block, SampleBlock) else block
+            why = self._route(block) if isinstance(block, SampleBlock) else block
             if why is not None:
                 self._dead_letter(rec, why)
             else:
-                self.metrics.records.labels("ok").inc()
+                by_stream.setdefault(block.stream, []).append((rec, block))  # type: ignore[union-attr]
+        for stream, items in by_stream.items():
+            self._append(stream, items)
 
-    def _accept(self, rec: InRecord, block: SampleBlock) -> BadRecord | None:
+    def _route(self, block: SampleBlock) -> BadRecord | None:
         served = self.scorer.route(block.stream)
         if served is None:
             return BadRecord("no_model", f"no [[models]] pattern matches stream {block.stream[:64]!r}")
         if block.channels != served.channels:
             return BadRecord("channel_mismatch", f"model {served.name} takes {served.channels} channel(s), "
                                                  f"the message has {block.channels}")
-        st = self.streams.get(block.stream) or self._new_stream(block.stream, served)
-        refused = st.windows.check(block.ts_ms, block.values)
-        if refused is not None:
+        if block.stream not in self.streams:
+            self._new_stream(block.stream, served)
+        return None
+
+    def _append(self, stream: str, items: list[tuple[InRecord, SampleBlock]]) -> None:
+        """Order-check the blocks, then window, hold and batch them together (vectorised per poll)."""
+        st = self.streams[stream]
+        last, good = st.windows.last_ts, []
+        for rec, block in items:
+            refused = order_problem(int(block.ts_ms[0]), last)
+            if refused is None:
+                good.append((rec, block))
+                last = int(block.ts_ms[-1])
+                continue
             reason, _, detail = refused.partition(": ")
             kind = "duplicate" if reason == "duplicate_timestamp" else "late"
             self._quality(st.quality.event(kind, int(block.ts_ms[0]), detail))
-            return BadRecord(reason, detail)
-        self._check_timing(st, block)
-        w = st.windows.push(block.ts_ms, block.values)
-        self.metrics.samples.inc(len(block.ts_ms))
-        self.ledger.hold(rec.tp, block.stream, rec.offset, st.windows.seen)
-        self.batcher.add(served.name, block.stream, w)
-        st.unscored.extend((w.end_seq - served.window + 1).tolist())
-        self._release(block.stream, st)
-        return None
+            self._dead_letter(rec, BadRecord(reason, detail))
+        if not good:
+            return
+        ts = np.concatenate([b.ts_ms for _, b in good]) if len(good) > 1 else good[0][1].ts_ms
+        values = np.concatenate([b.values for _, b in good]) if len(good) > 1 else good[0][1].values
+        self._check_timing(st, ts)
+        seen = st.windows.seen
+        w = st.windows.push(ts, values)
+        for (rec, block), last_seq in zip(good, seen + np.cumsum([len(b.ts_ms) for _, b in good]), strict=True):
+            self.ledger.hold(rec.tp, stream, rec.offset, int(last_seq))
+        self.metrics.records.labels("ok").inc(len(good))
+        self.metrics.samples.inc(len(ts))
+        self.batcher.add(st.served.name, stream, w)
+        st.unscored.extend((w.end_seq - st.served.window + 1).tolist())
+        self._release(stream, st)
 
     def _new_stream(self, stream: str, served: Served) -> StreamState:
         s, det = self.settings, served.detector
@@ -115,13 +149,13 @@ class Processor:
         self.streams[stream] = st
         return st
 
-    def _check_timing(self, st: StreamState, block: SampleBlock) -> None:
+    def _check_timing(self, st: StreamState, ts: np.ndarray) -> None:
         prev, gap = st.windows.last_ts, self.settings.gap_ms
         if gap is not None:
-            d = np.diff(np.r_[prev if prev is not None else block.ts_ms[0], block.ts_ms])
-            for i in np.flatnonzero(d > gap):
-                self._quality(st.quality.event("gap", int(block.ts_ms[i]), f"no samples for {int(d[i])} ms"))
-        self._quality(st.quality.intervals(block.ts_ms, prev, gap))
+            d, first = intervals_ms(ts, prev), int(prev is None)  # d[j] ends at sample j + first
+            for j in np.flatnonzero(d > gap):
+                self._quality(st.quality.event("gap", int(ts[j + first]), f"no samples for {int(d[j])} ms"))
+        self._quality(st.quality.intervals(ts, prev, gap))
 
     def _release(self, stream: str, st: StreamState) -> None:
         """Let the ledger forget input that no future window and no open episode needs."""
@@ -135,16 +169,33 @@ class Processor:
 
     # 2. batches → scores → alerts -----------------------------------------------------------------
     def score_ready(self, force: bool = False) -> int:
-        """Score every batch that is due (all when ``force``); returns the windows scored."""
-        n = 0
+        """Submit the batches that are due (all when ``force``) and apply finished results, in order.
+
+        With ``force`` it waits for every batch in flight; returns the windows applied.
+        """
         for batch in self.batcher.ready(force):
-            t0 = time.perf_counter()
-            window_err, channel_err = self.scorer.score(batch)
-            self.metrics.batch_seconds.observe(time.perf_counter() - t0)
-            self.metrics.windows.labels(batch.model).inc(len(batch))
-            self._after_scoring(batch, window_err, channel_err)
-            n += len(batch)
+            while len(self._inflight) >= self.settings.max_inflight:  # bounded: wait for the oldest
+                self._apply(*self._inflight.popleft())
+            self._inflight.append((batch, self._pool.submit(self._score, batch)))
+        n = 0
+        while self._inflight and (force or self._inflight[0][1].done()):
+            n += self._apply(*self._inflight.popleft())
         return n
+
+    def _score(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, float]:
+        t0 = time.perf_counter()
+        window_err, channel_err = self.scorer.score(batch)
+        return window_err, channel_err, time.perf_counter() - t0
+
+    def _apply(self, batch: Batch, future: Future[tuple[np.ndarray, np.ndarray, float]]) -> int:
+        window_err, channel_err, seconds = future.result()  # a scoring failure surfaces here, on our thread
+        self.metrics.batch_seconds.observe(seconds)
+        self.metrics.windows.labels(batch.model).inc(len(batch))
+        self._after_scoring(batch, window_err, channel_err)
+        return len(batch)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=False)
 
     def _after_scoring(self, batch: Batch, window_err: np.ndarray, channel_err: np.ndarray) -> None:
         served = self.scorer.models[batch.model]

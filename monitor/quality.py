@@ -19,6 +19,12 @@ LEARN_DIFFS = 64  # sample intervals that fix a stream's nominal period
 CHECK_EVERY = 64  # new intervals between two sample-rate checks
 
 
+def intervals_ms(ts: np.ndarray, prev_ts: int | None) -> np.ndarray:
+    """Time between consecutive samples (the first one after ``prev_ts`` when given); cheaper than np.diff."""
+    inner = ts[1:] - ts[:-1]
+    return inner if prev_ts is None else np.concatenate((ts[:1] - prev_ts, inner))
+
+
 @dataclass(frozen=True, slots=True)
 class QualityEvent:
     stream: str
@@ -63,25 +69,25 @@ class StreamQuality:
 
     def intervals(self, ts: np.ndarray, prev_ts: int | None, gap_ms: float | None) -> list[QualityEvent]:
         """Learn the period from in-order samples and report a drift of the sample rate."""
-        d = np.diff(ts if prev_ts is None else np.r_[prev_ts, ts]).astype("float64")
+        d = intervals_ms(ts, prev_ts)
         if gap_ms is not None:
             d = d[d <= gap_ms]  # gaps are reported on their own; they are not a rate
-        self._diffs.extend(d.tolist())
         self._new_diffs += len(d)
+        self._diffs.extend(d[-CHECK_EVERY:].tolist() if self.period_ms is not None else d.tolist())
         if self.period_ms is None:
             if len(self._diffs) >= LEARN_DIFFS:
-                self.period_ms = float(np.median(self._diffs))
+                self.period_ms = float(np.median(np.fromiter(self._diffs, "float64")))
                 self._new_diffs = 0
             return []
         if self._new_diffs < CHECK_EVERY:
             return []
         self._new_diffs = 0
-        recent = float(np.median(list(self._diffs)[-CHECK_EVERY:]))
-        drift = abs(recent / self.period_ms - 1) if self.period_ms > 0 else 0.0
-        was, self._drifting = self._drifting, drift > self.rate_tolerance
+        recent = float(np.median(np.fromiter(self._diffs, "float64")[-CHECK_EVERY:]))
+        change = recent / self.period_ms - 1 if self.period_ms > 0 else 0.0
+        was, self._drifting = self._drifting, abs(change) > self.rate_tolerance
         if self._drifting and not was:
             return self.event("rate_drift", int(ts[-1]),
-                              f"sample period {recent:.3g} ms, learned {self.period_ms:.3g} ms ({drift:+.0%})")
+                              f"sample period {recent:.3g} ms, learned {self.period_ms:.3g} ms ({change:+.0%})")
         return []
 
     def flat(self, windows: np.ndarray) -> np.ndarray:

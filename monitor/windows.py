@@ -58,10 +58,7 @@ class StreamWindows:
         """Why a block cannot be appended (``None`` if it can): channel count or time order."""
         if values.ndim != 2 or values.shape[1] != self.channels:
             return f"channel_mismatch: stream has {self.channels} channel(s), block has {values.shape[-1]}"
-        if self.last_ts is not None and int(ts[0]) <= self.last_ts:
-            kind = "duplicate_timestamp" if int(ts[0]) == self.last_ts else "timestamp_backwards"
-            return f"{kind}: {int(ts[0])} after {self.last_ts}"
-        return None
+        return order_problem(int(ts[0]), self.last_ts)
 
     def push(self, ts: np.ndarray, values: np.ndarray) -> Windows:
         """Append a checked block (see :meth:`check`) and return the windows it completes."""
@@ -78,8 +75,9 @@ class StreamWindows:
     def _gap_starts(self, ts: np.ndarray) -> list[int]:
         if self.gap_ms is None:
             return []
-        prev = np.r_[self.last_ts if self.last_ts is not None else ts[0], ts[:-1]]
-        return [int(i) for i in np.flatnonzero(ts - prev > self.gap_ms)]
+        inner = np.flatnonzero(ts[1:] - ts[:-1] > self.gap_ms) + 1
+        first = [0] if self.last_ts is not None and ts[0] - self.last_ts > self.gap_ms else []
+        return first + inner.tolist()
 
     def _restart(self) -> None:
         self._tail, self._tail_ts = self._tail[:0], self._tail_ts[:0]
@@ -87,23 +85,32 @@ class StreamWindows:
         self.restarts += 1
 
     def _push_segment(self, ts: np.ndarray, values: np.ndarray) -> Windows:
-        w, h = self.window, self.hop
+        w, h, n = self.window, self.hop, len(values)
         arr = np.concatenate([self._tail, values.astype("float32", copy=False)])
         all_ts = np.concatenate([self._tail_ts, ts])
         first = self._since_start - len(self._tail)  # position (since start) of arr[0]
-        pos = first + np.arange(len(arr))
-        new = np.arange(len(arr)) >= len(self._tail)  # windows end in the new samples only
-        ends = np.flatnonzero(new & (pos >= w - 1) & ((pos - (w - 1)) % h == 0))
+        # window ends fall on positions w-1, w-1+h, …; only those among the new samples are new windows
+        p0 = max(w - 1, self._since_start)
+        p0 = w - 1 + -(-(p0 - (w - 1)) // h) * h
+        ends = np.arange(p0, self._since_start + n, h) - first  # indices into arr
         out = _concat([], w, self.channels)
         if len(ends):
-            views = np.lib.stride_tricks.sliding_window_view(arr, (w, self.channels))[:, 0]
-            out = Windows(views[ends - (w - 1)].copy(), all_ts[ends - (w - 1)], all_ts[ends],
+            starts = ends - (w - 1)
+            out = Windows(arr[starts[:, None] + np.arange(w)], all_ts[starts], all_ts[ends],
                           self.seen + ends - len(self._tail) + 1)
-        self._since_start += len(values)
-        self.seen += len(values)
+        self._since_start += n
+        self.seen += n
         keep = min(len(arr), w - 1)
         self._tail, self._tail_ts = arr[len(arr) - keep:].copy(), all_ts[len(arr) - keep:].copy()
         return out
+
+
+def order_problem(first_ts: int, last_ts: int | None) -> str | None:
+    """Why a block starting at ``first_ts`` cannot follow a stream whose last sample is at ``last_ts``."""
+    if last_ts is None or first_ts > last_ts:
+        return None
+    kind = "duplicate_timestamp" if first_ts == last_ts else "timestamp_backwards"
+    return f"{kind}: {first_ts} after {last_ts}"
 
 
 def _concat(parts: list[Windows], window: int, channels: int) -> Windows:

@@ -1,4 +1,4 @@
-"""CLI commands of the model side: train, eval, score, inspect, demo."""
+"""CLI commands of the model side: train, eval, score, inspect."""
 
 from __future__ import annotations
 
@@ -199,19 +199,8 @@ def inspect(
     log.info("picture_written", path=str(path))
 
 
-def demo(
-    out: Annotated[Path, typer.Option(help="Where to write the trained artifact.")] = Path("artifacts/ecg5000-lstm"),
-    max_minutes: Annotated[float | None, typer.Option(help="Training time budget.")] = None,
-) -> None:
-    """Train the default LSTM autoencoder on ECG5000 (classic protocol) and print the result table."""
-    cfg = TrainConfig(**train_defaults(DEFAULT_KIND), seed=42, max_seconds=max_minutes * 60 if max_minutes else None)
-    run_training(DataSpec(), DEFAULT_KIND, {}, cfg, out, DEFAULT_QUANTILE, 1.0, "standard")
-    eval_(out, "ecg5000", None, False, "auto")
-
-
 def register(app: typer.Typer) -> None:
     app.command()(train)
     app.command("eval")(eval_)
     app.command()(score)
     app.command()(inspect)
-    app.command()(demo)

@@ -1,0 +1,107 @@
+"""``tsmon demo``: the whole product on one machine — broker, ECG streams, daemon, live alerts, scorecard."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from models.detector import DEFAULT_QUANTILE
+from models.errors import DataError
+from models.registry import DEFAULT_KIND, train_defaults
+from models.train import TrainConfig
+from models.workflow import DataSpec
+from monitor import logs
+from monitor.commands.model_cmds import run_training
+from monitor.commands.render import console, stdout
+from monitor.demo import DemoOptions, DemoProgress, run_demo
+
+log = logs.get("tsmon.demo")
+
+
+class LiveView:
+    """The live table: progress, counters and the latest alerts, redrawn by rich from another thread."""
+
+    def __init__(self, progress: DemoProgress) -> None:
+        self.p = progress
+
+    def __rich__(self) -> Table:
+        p, m = self.p, self.p.metrics
+        total = lambda name: int(m.total(name)) if m is not None else 0  # noqa: E731
+        head = (f"sent {p.sent_samples:,}/{p.total_samples:,} samples · scored {total('tsmon_windows_scored_total'):,}"
+                f" windows · dead letters {total('tsmon_dead_letters_total')} · alerts {len(p.alerts)} messages")
+        t = Table(title=head, title_justify="left", expand=False)
+        for col in ("time", "stream", "status", "severity", "ratio", "threshold", "alert_id"):
+            t.add_column(col)
+        for a in list(p.alerts)[-12:]:
+            if a.get("type") == "anomaly":
+                style = "red" if a["status"] == "firing" else "green"
+                t.add_row(a["start_time"][11:23], a["stream"], f"[{style}]{a['status']}" + (" (flapping)" if a["flapping"]
+                          else ""), a["severity"], f"{a['ratio']:.2f}", f"{a['threshold']:.3f} {a['threshold_source']}",
+                          a["alert_id"][:10])
+            else:
+                t.add_row(a["time"][11:23], a["stream"], f"[yellow]{a['kind']}", "", "", "", a["event_id"][:10])
+        return t
+
+
+def ensure_demo_model(path: Path) -> None:
+    """Reuse the cached ECG5000 model, or train the default one (about 4 minutes on 2 CPU cores)."""
+    if (path / "manifest.json").is_file():
+        return
+    log.warning("training_demo_model", path=str(path), note="first run only; later runs reuse it")
+    cfg = TrainConfig(**train_defaults(DEFAULT_KIND), seed=42)
+    run_training(DataSpec(), DEFAULT_KIND, {}, cfg, path, DEFAULT_QUANTILE, 1.0, "standard")
+
+
+def demo(
+    duration: Annotated[float, typer.Option(help="Seconds the streams play.")] = 60.0,
+    streams: Annotated[int, typer.Option(help="ECG streams.")] = 4,
+    rate: Annotated[float, typer.Option(help="Samples per second per stream (125 Hz ECG: 2500 = 20× real time).")]
+    = 2500.0,
+    anomaly_rate: Annotated[float, typer.Option(help="Fraction of beats that are abnormal (episodes of 2–4).")]
+    = 0.05,
+    model: Annotated[Path, typer.Option(help="ECG5000 model; trained here first if missing.")]
+    = Path("artifacts/ecg5000-lstm"),
+    seed: Annotated[int, typer.Option(help="Seed of the stream generator.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (no live table).")] = False,
+) -> None:
+    """Start a broker, replay ECG streams with labelled abnormal beats, run the daemon, show alerts, score them."""
+    if duration <= 0 or streams < 1 or rate <= 0 or not 0 < anomaly_rate < 0.5:
+        raise DataError("--duration and --rate must be > 0, --streams >= 1, --anomaly-rate in (0, 0.5)")
+    ensure_demo_model(model)
+    opts = DemoOptions(duration, streams, rate, anomaly_rate, seed=seed)
+    progress = DemoProgress()
+    if as_json or not console.is_terminal:
+        summary = run_demo(str(model), opts, progress)
+    else:
+        with Live(LiveView(progress), console=console, refresh_per_second=4):
+            summary = run_demo(str(model), opts, progress)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    else:
+        _print_summary(summary)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    t = Table(title="tsmon demo", title_justify="left")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    rows = [("streams", s["streams"]), ("samples", f"{s['samples']:,}"), ("windows scored", f"{s['windows_scored']:,}"),
+            ("anomaly rate (beats)", s["anomaly_rate"]), ("labelled anomalies (episodes)", s["labelled_anomalies"]),
+            ("alerts", s["alerts"]), ("detected", s["detected"]), ("precision", s["precision"]),
+            ("recall", s["recall"]), ("mean delay (samples)", s["mean_delay_samples"]),
+            ("flapping alerts", s["flapping"]), ("dead letters", s["dead_letters"]),
+            ("data-quality events", s["data_quality_events"]), ("seconds", s["seconds"])]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    stdout.print(t)
+    stdout.print("thresholds: " + ", ".join(f"{k} {v['value']} ({v['source']})" for k, v in sorted(s["thresholds"].items())))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(demo)

@@ -1,0 +1,228 @@
+"""Alert state of a stream: debounce, censored runs, hysteresis, deterministic ids, peak, flapping, documents."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from monitor.alerts import AlertSettings, AlertState, Observation, Step, alert_doc, severity, top_channels
+
+TH = 2.0
+HOP_MS = 1_000
+WINDOW = 10  # samples per window; the window ending at sample n starts at sample n - WINDOW + 1
+
+
+def obs(i: int, score: float, threshold: float = TH, errors: tuple[float, ...] = (1.0, 2.0, 3.0)) -> Observation:
+    """The ``i``-th window of a stream (one hop = one sample = 1 s)."""
+    end_seq = WINDOW + i
+    return Observation(start_ts=i * HOP_MS, end_ts=i * HOP_MS + 9_000, start_seq=end_seq - WINDOW + 1,
+                       end_seq=end_seq, score=score, threshold=threshold, threshold_source="artifact",
+                       channel_errors=np.asarray(errors, "float32"))
+
+
+OVER, UNDER = 3.0, 1.0
+
+
+def state(**kw: float) -> AlertState:
+    return AlertState("s1", "m1", AlertSettings(**kw))
+
+
+def feed(st: AlertState, scores: list[float], first: int = 0) -> list[Step]:
+    return [st.update(obs(first + i, s)) for i, s in enumerate(scores)]
+
+
+def statuses(steps: list[Step]) -> list[list[str]]:
+    return [[t.status for t in s.transitions] for s in steps]
+
+
+def test_an_under_window_with_no_episode_is_normal() -> None:
+    st = state()
+    step = st.update(obs(0, UNDER))
+    assert step.transitions == [] and step.normal is True and step.censored == 0
+    assert st.episode is None and st.hold_seq is None and not st.firing
+
+
+def test_a_single_over_window_does_not_fire_and_is_censored() -> None:
+    st = state(for_windows=2)
+    over, under = feed(st, [OVER, UNDER])
+    assert over.transitions == [] and over.normal is False and over.censored == 0
+    assert st.episode is None
+    assert under.transitions == [] and under.normal is True and under.censored == 1
+
+
+def test_a_short_run_is_censored_with_its_length() -> None:
+    st = state(for_windows=4)
+    steps = feed(st, [OVER, OVER, OVER, UNDER])
+    assert [s.censored for s in steps] == [0, 0, 0, 3]
+    assert [s.normal for s in steps] == [False, False, False, True]
+    assert all(s.transitions == [] for s in steps)
+
+
+def test_fires_after_for_windows_consecutive_overs() -> None:
+    st = state(for_windows=3)
+    steps = feed(st, [UNDER, OVER, OVER, OVER, OVER])
+    assert statuses(steps) == [[], [], [], ["firing"], []]
+    assert [s.normal for s in steps] == [True, False, False, False, False]
+    ep = steps[3].transitions[0].episode
+    assert ep.start.start_ts == 1 * HOP_MS  # the first over window
+    assert ep.fired is not None and ep.fired.end_ts == 3 * HOP_MS + 9_000
+    assert st.firing and ep.windows_over == 4
+
+
+def test_hold_seq_is_the_first_sample_of_the_open_episode() -> None:
+    st = state(for_windows=2, resolve_after=1)
+    st.update(obs(0, UNDER))
+    assert st.hold_seq is None
+    st.update(obs(5, OVER))
+    assert st.hold_seq == 6  # start_seq of window 5 (pending)
+    st.update(obs(6, OVER))
+    assert st.firing and st.hold_seq == 6
+    st.update(obs(7, UNDER))
+    assert st.episode is None and st.hold_seq is None
+
+
+def test_resolves_after_resolve_after_consecutive_unders() -> None:
+    st = state(for_windows=1, resolve_after=3)
+    steps = feed(st, [OVER, UNDER, UNDER, OVER, UNDER, UNDER, UNDER, UNDER])
+    assert statuses(steps) == [["firing"], [], [], [], [], [], ["resolved"], []]
+    assert [s.normal for s in steps] == [False] * 7 + [True]  # nothing is normal while the episode is open
+    ep = steps[6].transitions[0].episode
+    assert ep.last is not None and ep.last.end_ts == 6 * HOP_MS + 9_000
+    assert ep.windows_over == 2 and st.episode is None
+
+
+def test_alert_id_is_deterministic() -> None:
+    def fired_id(stream: str = "s1", model: str = "m1", first: int = 0) -> str:
+        st = AlertState(stream, model, AlertSettings(for_windows=2))
+        (step,) = [s for s in feed(st, [OVER, OVER], first) if s.transitions]
+        return step.transitions[0].episode.alert_id
+
+    a = fired_id()
+    assert a == fired_id() and len(a) == 20
+    assert fired_id(first=1) != a
+    assert fired_id(stream="s2") != a
+    assert fired_id(model="m2") != a
+
+
+def test_two_episodes_of_one_stream_have_different_ids() -> None:
+    st = state(for_windows=1, resolve_after=1, flap_max=10)
+    steps = feed(st, [OVER, UNDER, OVER, UNDER])
+    first, second = steps[0].transitions[0].episode, steps[2].transitions[0].episode
+    assert first.alert_id != second.alert_id
+    assert [s.transitions[0].episode.alert_id for s in steps] == [first.alert_id] * 2 + [second.alert_id] * 2
+
+
+def test_peak_is_the_window_with_the_highest_score_to_threshold_ratio() -> None:
+    st = state(for_windows=1, resolve_after=1)
+    st.update(obs(0, 4.0, threshold=2.0))  # ratio 2
+    st.update(obs(1, 9.0, threshold=6.0))  # higher score, ratio 1.5
+    st.update(obs(2, 3.0, threshold=1.0))  # lower score, ratio 3 → peak
+    st.update(obs(3, 5.0, threshold=2.0))  # ratio 2.5
+    step = st.update(obs(4, 0.5, threshold=2.0))
+    ep = step.transitions[0].episode
+    assert step.transitions[0].status == "resolved"
+    assert ep.peak.start_ts == 2 * HOP_MS and ep.peak.score == 3.0
+
+
+def flappy() -> AlertState:
+    return state(for_windows=1, resolve_after=1, flap_period_ms=60_000, flap_max=3)
+
+
+def test_flapping_holds_the_episode_firing_instead_of_resolving() -> None:
+    st = flappy()
+    steps = feed(st, [OVER, UNDER, OVER, UNDER, OVER, UNDER])
+    assert statuses(steps) == [["firing"], ["resolved"], ["firing"], ["resolved"], ["firing"], ["firing"]]
+    held = steps[5].transitions[0].episode
+    assert held.flapping is True and st.firing and st.episode is held
+    assert steps[4].transitions[0].episode is held  # the same episode, re-announced as flapping
+    # later overs inside the held episode do not fire again, nor does anything resolve while it is not quiet
+    later = feed(st, [OVER, UNDER, OVER, UNDER, UNDER], first=6)
+    assert statuses(later) == [[]] * 5
+    assert all(s.normal is False for s in later)
+
+
+def test_a_flapping_episode_resolves_after_a_full_quiet_period() -> None:
+    st = flappy()
+    feed(st, [OVER, UNDER, OVER, UNDER, OVER, UNDER, OVER])  # last over: window 6
+    last_over_end = 6 * HOP_MS + 9_000
+    # window i ends at i*1000 + 9000: quiet for i*1000 - 6000 ms, a full period first at i = 66
+    quiet = feed(st, [UNDER] * 60, first=7)  # windows 7 … 66
+    assert statuses(quiet)[:-1] == [[]] * 59
+    assert quiet[-1].transitions[0].status == "resolved"
+    ep = quiet[-1].transitions[0].episode
+    assert ep.flapping is True and ep.last is not None and ep.last.end_ts - last_over_end == 60_000
+    assert st.episode is None
+    assert st.update(obs(67, UNDER)).normal is True
+
+
+def test_fires_spread_over_more_than_the_flap_period_do_not_flap() -> None:
+    st = state(for_windows=1, resolve_after=1, flap_period_ms=60_000, flap_max=3)
+    steps = feed(st, [OVER, UNDER], first=0) + feed(st, [OVER, UNDER], first=40) + feed(st, [OVER, UNDER], first=80)
+    assert statuses(steps) == [["firing"], ["resolved"]] * 3
+    assert all(not s.transitions[0].episode.flapping for s in steps)
+
+
+@pytest.mark.parametrize("ratio, expected", [(1.0, "minor"), (1.49, "minor"), (1.5, "major"), (2.99, "major"),
+                                             (3.0, "critical"), (10.0, "critical")])
+def test_severity(ratio: float, expected: str) -> None:
+    assert severity(ratio, AlertSettings(major_ratio=1.5, critical_ratio=3.0)) == expected
+
+
+def test_top_channels_sorted_with_shares() -> None:
+    top = top_channels(np.asarray([1.0, 6.0, 3.0], "float32"), ["a", "b", "c"])
+    assert [t["channel"] for t in top] == ["b", "c", "a"]
+    assert [t["share"] for t in top] == [0.6, 0.3, 0.1]
+    assert [t["error"] for t in top] == [6.0, 3.0, 1.0]
+    assert sum(t["share"] for t in top) == pytest.approx(1.0)
+
+
+def test_top_channels_keeps_the_k_largest() -> None:
+    top = top_channels(np.asarray([4.0, 1.0, 2.0, 3.0], "float32"), ["a", "b", "c", "d"], k=2)
+    assert [(t["channel"], t["share"]) for t in top] == [("a", 0.4), ("d", 0.3)]
+
+
+def test_top_channels_with_no_error() -> None:
+    top = top_channels(np.zeros(2, "float32"), ["a", "b"])
+    assert [t["share"] for t in top] == [0.0, 0.0]
+
+
+DOC_KEYS = {"type", "alert_id", "stream", "status", "flapping", "severity", "start_ts", "start_time", "fired_ts",
+            "end_ts", "peak_score", "peak_ts", "ratio", "threshold", "threshold_source", "top_channels",
+            "windows_over", "model", "source"}
+
+
+def test_alert_doc_firing_and_resolved() -> None:
+    s = AlertSettings(for_windows=2, resolve_after=1)
+    st = AlertState("s1", "m1", s)
+    model = {"name": "m1", "version": "3"}
+    source = {"topic": "in", "partition": 0, "first_offset": 5, "last_offset": 9}
+    names = ["a", "b", "c"]
+    steps = feed(st, [OVER, 5.0, UNDER], first=1)
+    firing = alert_doc("s1", steps[1].transitions[0], model, names, source, s)
+    assert set(firing) == DOC_KEYS
+    assert firing["type"] == "anomaly" and firing["status"] == "firing" and firing["flapping"] is False
+    assert firing["alert_id"] == steps[1].transitions[0].episode.alert_id and firing["stream"] == "s1"
+    assert firing["start_ts"] == 1_000 and firing["start_time"] == "1970-01-01T00:00:01.000Z"
+    assert firing["fired_ts"] == 11_000 and firing["end_ts"] is None
+    assert firing["peak_score"] == 5.0 and firing["peak_ts"] == 11_000
+    assert firing["ratio"] == 2.5 and firing["severity"] == "major"
+    assert firing["threshold"] == TH and firing["threshold_source"] == "artifact"
+    assert [t["channel"] for t in firing["top_channels"]] == ["c", "b", "a"]
+    assert firing["windows_over"] == 2 and firing["model"] == model and firing["source"] == source
+    resolved = alert_doc("s1", steps[2].transitions[0], model, names, source, s)
+    assert resolved["status"] == "resolved" and resolved["end_ts"] == 12_000
+    assert resolved["alert_id"] == firing["alert_id"] and resolved["fired_ts"] == 11_000
+    for doc in (firing, resolved):
+        assert json.loads(json.dumps(doc, allow_nan=False)) == doc
+
+
+def test_alert_doc_of_a_flapping_episode() -> None:
+    s = AlertSettings(for_windows=1, resolve_after=1, flap_period_ms=60_000, flap_max=3)
+    st = AlertState("s1", "m1", s)
+    steps = feed(st, [OVER, UNDER, OVER, UNDER, 7.0, UNDER])
+    doc = alert_doc("s1", steps[5].transitions[0], {"name": "m1"}, ["a", "b", "c"], {}, s)
+    assert doc["status"] == "firing" and doc["flapping"] is True and doc["end_ts"] is None
+    assert doc["severity"] == "critical" and doc["ratio"] == 3.5 and doc["fired_ts"] == 13_000
+    json.dumps(doc, allow_nan=False)

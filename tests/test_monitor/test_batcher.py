@@ -1,0 +1,172 @@
+"""Micro-batching: release by size, age or force; one model per batch; per-stream order; splits; accounting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from monitor.batcher import Batcher
+from monitor.windows import Windows
+
+
+class Clock:
+    """A fake monotonic clock the test moves by hand (in binary fractions of a second, so sums are exact)."""
+
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def wins(first_seq: int, k: int, window: int = 4, channels: int = 2) -> Windows:
+    """``k`` windows whose end_seq are first_seq … first_seq+k-1; values and timestamps derived from it."""
+    seq = np.arange(first_seq, first_seq + k, dtype="int64")
+    values = np.broadcast_to(seq[:, None, None], (k, window, channels)).astype("float32")
+    return Windows(values, seq * 10 - 30, seq * 10, seq)
+
+
+def make(max_batch: int = 4, max_delay_ms: float = 500.0) -> tuple[Batcher, Clock]:
+    clock = Clock()
+    return Batcher(max_batch, max_delay_ms, clock=clock), clock
+
+
+def test_invalid_settings_are_refused() -> None:
+    with pytest.raises(ValueError):
+        Batcher(0, 10)
+    with pytest.raises(ValueError):
+        Batcher(1, -1)
+
+
+def test_nothing_is_released_before_size_or_age() -> None:
+    b, clock = make(max_batch=4, max_delay_ms=500)
+    b.add("m", "s", wins(1, 3))
+    clock.t += 0.4990234375
+    assert b.ready() == []
+    assert b.size == 3
+
+
+def test_released_by_size_with_exactly_max_batch_rows() -> None:
+    b, _ = make(max_batch=4)
+    b.add("m", "a", wins(1, 3))
+    b.add("m", "b", wins(101, 3))
+    batches = b.ready()
+    assert len(batches) == 1
+    batch = batches[0]
+    assert len(batch) == 4 and batch.values.shape == (4, 4, 2)
+    assert batch.streams == ["a", "a", "a", "b"]
+    np.testing.assert_array_equal(batch.end_seq, [1, 2, 3, 101])
+    np.testing.assert_array_equal(batch.end_ts, [10, 20, 30, 1010])
+    np.testing.assert_array_equal(batch.start_ts, [-20, -10, 0, 980])
+    np.testing.assert_array_equal(batch.values[:, 0, 0], [1, 2, 3, 101])
+    assert b.size == 2  # the two remaining windows of "b" wait (not due by size nor age)
+
+
+def test_released_by_age_with_the_oldest_wait() -> None:
+    b, clock = make(max_batch=10, max_delay_ms=500)
+    b.add("m", "a", wins(1, 2))
+    clock.t += 0.25
+    b.add("m", "b", wins(11, 1))
+    clock.t += 0.25  # the head has waited exactly 500 ms
+    batches = b.ready()
+    assert len(batches) == 1
+    assert batches[0].streams == ["a", "a", "b"]
+    assert batches[0].oldest_wait_s == 0.5
+    assert b.size == 0 and b.ready() == []
+
+
+def test_force_releases_everything() -> None:
+    b, _ = make(max_batch=3, max_delay_ms=10_000)
+    b.add("m1", "a", wins(1, 2))
+    b.add("m2", "b", wins(1, 1))
+    assert b.ready() == []
+    batches = b.ready(force=True)
+    assert sorted((x.model, len(x)) for x in batches) == [("m1", 2), ("m2", 1)]
+    assert b.size == 0 and b.wait_s() is None
+
+
+def test_a_batch_never_mixes_models() -> None:
+    b, _ = make(max_batch=4)
+    b.add("m1", "a", wins(1, 2))
+    b.add("m2", "b", wins(1, 2, window=6, channels=3))
+    b.add("m1", "c", wins(1, 2))
+    b.add("m2", "d", wins(1, 2, window=6, channels=3))
+    batches = {x.model: x for x in b.ready()}
+    assert set(batches) == {"m1", "m2"}
+    assert batches["m1"].streams == ["a", "a", "c", "c"] and batches["m1"].values.shape == (4, 4, 2)
+    assert batches["m2"].streams == ["b", "b", "d", "d"] and batches["m2"].values.shape == (4, 6, 3)
+
+
+def test_per_stream_order_is_kept_across_batches() -> None:
+    b, _ = make(max_batch=3)
+    for first in (1, 3, 5, 7):
+        b.add("m", "a", wins(first, 2))
+        b.add("m", "b", wins(100 + first, 2))
+    rows = [(s, int(q)) for x in b.ready(force=True) for s, q in zip(x.streams, x.end_seq)]
+    assert [q for s, q in rows if s == "a"] == list(range(1, 9))
+    assert [q for s, q in rows if s == "b"] == list(range(101, 109))
+    assert len(rows) == 16
+
+
+def test_a_large_job_is_split_and_the_rest_stays_at_the_head() -> None:
+    b, clock = make(max_batch=4, max_delay_ms=500)
+    b.add("m", "a", wins(1, 6))
+    clock.t += 0.125
+    b.add("m", "b", wins(101, 1))
+    first = b.ready()
+    assert len(first) == 1 and first[0].streams == ["a"] * 4
+    np.testing.assert_array_equal(first[0].end_seq, [1, 2, 3, 4])
+    assert b.size == 3
+    assert b.wait_s() == 0.375
+    clock.t += 0.375  # the rest of "a" keeps the enqueue time of its job: due by age now (500 ms)
+    assert b.wait_s() == 0.0
+    second = b.ready()
+    assert len(second) == 1 and second[0].streams == ["a", "a", "b"]
+    np.testing.assert_array_equal(second[0].end_seq, [5, 6, 101])
+    assert second[0].oldest_wait_s == 0.5
+    assert b.size == 0
+
+
+def test_a_job_several_times_max_batch_is_released_in_full_batches() -> None:
+    b, _ = make(max_batch=4)
+    b.add("m", "a", wins(1, 9))
+    batches = b.ready()
+    assert [len(x) for x in batches] == [4, 4]
+    np.testing.assert_array_equal(np.concatenate([x.end_seq for x in batches]), np.arange(1, 9))
+    assert b.size == 1
+    last = b.ready(force=True)
+    assert len(last) == 1 and last[0].end_seq.tolist() == [9]
+
+
+def test_size_counts_windows_of_all_models() -> None:
+    b, _ = make(max_batch=100)
+    assert b.size == 0
+    b.add("m1", "a", wins(1, 3))
+    b.add("m2", "a", wins(1, 5))
+    b.add("m1", "b", wins(1, 2))
+    assert b.size == 10
+    b.ready(force=True)
+    assert b.size == 0
+
+
+def test_wait_s() -> None:
+    b, clock = make(max_batch=100, max_delay_ms=500)
+    assert b.wait_s() is None
+    b.add("m1", "a", wins(1, 1))
+    clock.t += 0.125
+    b.add("m2", "b", wins(1, 1))
+    assert b.wait_s() == 0.375  # the oldest head of all queues decides
+    clock.t += 0.25
+    assert b.wait_s() == 0.125
+    clock.t += 0.5
+    assert b.wait_s() == 0.0  # overdue: never negative
+    b.ready()
+    assert b.wait_s() is None
+
+
+def test_empty_windows_are_ignored() -> None:
+    b, clock = make(max_batch=1, max_delay_ms=0)
+    b.add("m", "a", wins(1, 0))
+    assert b.size == 0 and b.wait_s() is None
+    clock.t += 1
+    assert b.ready() == [] and b.ready(force=True) == []

@@ -1,0 +1,141 @@
+"""Offset ledger: commit the oldest needed message per partition, release by sample number, drop on revoke."""
+
+from __future__ import annotations
+
+from monitor.ledger import OffsetLedger
+
+P0, P1 = ("in", 0), ("in", 1)
+
+
+def test_nothing_held_commits_past_the_last_record_read() -> None:
+    led = OffsetLedger()
+    assert led.committable() == {}
+    led.consumed(P0, 7)
+    assert led.committable() == {P0: 8}
+    led.consumed(P0, 3)  # an older offset never moves it back
+    assert led.committable() == {P0: 8}
+
+
+def test_consumed_alone_advances_the_commit() -> None:
+    led = OffsetLedger()
+    for off in range(5):
+        led.consumed(P0, off)
+        assert led.committable() == {P0: off + 1}
+
+
+def test_the_oldest_held_message_is_committed() -> None:
+    led = OffsetLedger()
+    led.hold(P0, "a", 10, last_seq=5)
+    led.hold(P0, "a", 11, last_seq=9)
+    led.consumed(P0, 12)  # e.g. a dead letter after them
+    assert led.committable() == {P0: 10}
+
+
+def test_release_frees_messages_whose_samples_all_come_before_seq() -> None:
+    led = OffsetLedger()
+    led.hold(P0, "a", 10, last_seq=5)  # samples 1-5
+    led.hold(P0, "a", 11, last_seq=9)  # samples 6-9
+    led.hold(P0, "a", 12, last_seq=12)  # samples 10-12
+    led.release("a", 5)  # sample 5 still needed → message 10 still needed
+    assert led.committable() == {P0: 10}
+    led.release("a", 6)
+    assert led.committable() == {P0: 11}
+    led.release("a", 3)  # releasing is monotonic
+    assert led.committable() == {P0: 11}
+    led.release("a", 12)
+    assert led.committable() == {P0: 12}
+    led.release("a", 13)
+    assert led.committable() == {P0: 13}
+
+
+def test_two_streams_on_one_partition_commit_the_older_of_both() -> None:
+    led = OffsetLedger()
+    led.hold(P0, "a", 0, last_seq=4)
+    led.hold(P0, "b", 1, last_seq=4)
+    led.hold(P0, "a", 2, last_seq=8)
+    led.hold(P0, "b", 3, last_seq=8)
+    led.release("a", 5)
+    assert led.committable() == {P0: 1}  # "b" still needs offset 1
+    led.release("b", 9)
+    assert led.committable() == {P0: 2}
+    led.release("a", 9)
+    assert led.committable() == {P0: 4}
+
+
+def test_partitions_are_independent() -> None:
+    led = OffsetLedger()
+    led.hold(P0, "a", 100, last_seq=3)
+    led.hold(P1, "b", 7, last_seq=3)
+    led.release("b", 4)
+    assert led.committable() == {P0: 100, P1: 8}
+
+
+def test_committable_filters_partitions() -> None:
+    led = OffsetLedger()
+    led.hold(P0, "a", 100, last_seq=3)
+    led.consumed(P1, 7)
+    assert led.committable({P1}) == {P1: 8}
+    assert led.committable({P0, ("other", 0)}) == {P0: 100}
+    assert led.committable(set()) == {}
+
+
+def test_offset_of_maps_a_sample_to_its_message() -> None:
+    led = OffsetLedger()
+    led.hold(P0, "a", 10, last_seq=5)
+    led.hold(P0, "a", 11, last_seq=9)
+    led.hold(P0, "b", 12, last_seq=2)
+    assert led.offset_of("a", 1) == (P0, 10)
+    assert led.offset_of("a", 5) == (P0, 10)
+    assert led.offset_of("a", 6) == (P0, 11)
+    assert led.offset_of("a", 9) == (P0, 11)
+    assert led.offset_of("a", 10) is None  # not received yet
+    assert led.offset_of("b", 1) == (P0, 12)
+    assert led.offset_of("nobody", 1) is None
+    led.release("a", 6)
+    assert led.offset_of("a", 7) == (P0, 11)
+
+
+def test_drop_forgets_partitions_and_returns_their_streams() -> None:
+    led = OffsetLedger()
+    led.hold(P0, "a", 0, last_seq=1)
+    led.hold(P0, "b", 1, last_seq=1)
+    led.hold(P1, "c", 0, last_seq=1)
+    assert led.drop({P0}) == {"a", "b"}
+    assert led.committable() == {P1: 0}
+    assert led.offset_of("a", 1) is None
+    led.release("a", 5)  # no error for a forgotten stream
+    assert led.drop({P0}) == set()
+    assert led.drop({P1}) == {"c"}
+    assert led.committable() == {}
+
+
+def test_a_stream_on_two_partitions_survives_dropping_one() -> None:
+    led = OffsetLedger()
+    led.hold(P0, "a", 3, last_seq=2)
+    led.hold(P1, "a", 9, last_seq=4)
+    assert led.drop({P0}) == {"a"}
+    assert led.offset_of("a", 3) == (P1, 9)
+    led.release("a", 5)
+    assert led.committable() == {P1: 10}
+
+
+def test_answers_stay_right_through_compaction() -> None:
+    led = OffsetLedger()
+    n = 5000
+    for i in range(n):  # message i carries samples 3i+1 … 3i+3 at offset 1000 + 2i (another stream owns the odd ones)
+        led.hold(P0, "a", 1000 + 2 * i, last_seq=3 * i + 3)
+        led.consumed(P0, 1001 + 2 * i)
+    assert led.committable() == {P0: 1000}
+    for i in range(0, n, 7):  # release up to (and keeping) the message that carries sample 3i+1
+        led.release("a", 3 * i + 1)
+        assert led.committable() == {P0: 1000 + 2 * i}
+        assert led.offset_of("a", 3 * i + 2) == (P0, 1000 + 2 * i)
+        if i + 1 < n:
+            assert led.offset_of("a", 3 * (i + 1) + 3) == (P0, 1002 + 2 * i)
+    assert len(led._held[P0]["a"].offsets) < n  # white box: the released entries were compacted away
+    led.hold(P0, "a", 1000 + 2 * n, last_seq=3 * n + 3)  # still appends correctly after compaction
+    led.release("a", 3 * n)
+    assert led.committable() == {P0: 1000 + 2 * (n - 1)}
+    assert led.offset_of("a", 3 * n + 1) == (P0, 1000 + 2 * n)
+    led.release("a", 3 * n + 4)
+    assert led.committable() == {P0: 1000 + 2 * n + 1}

@@ -1,0 +1,169 @@
+"""Stream data quality: period learning, rate drift, gaps kept out of the rate, per-kind cooldown, flat-lines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from monitor.quality import KINDS, LEARN_DIFFS, QualityEvent, StreamQuality
+
+PERIOD = 10  # ms
+
+
+class Feed:
+    """Act as the daemon: push blocks of in-order timestamps and collect the events."""
+
+    def __init__(self, q: StreamQuality, gap_ms: float | None = None, t0: int = 1_000_000) -> None:
+        self.q, self.gap_ms, self.last = q, gap_ms, None
+        self.next = t0
+
+    def block(self, n: int, period: float) -> list[QualityEvent]:
+        ts = self.next + (np.arange(n) * period).astype("int64")
+        events = self.q.intervals(ts, self.last, self.gap_ms)
+        self.last, self.next = int(ts[-1]), int(ts[-1] + period)
+        return events
+
+    def learned(self) -> StreamQuality:
+        self.block(LEARN_DIFFS + 1, PERIOD)
+        assert self.q.period_ms == PERIOD
+        return self.q
+
+
+def quality(**kw: float) -> StreamQuality:
+    return StreamQuality("s1", np.ones(2, "float32"), ["a", "b"], **kw)
+
+
+def test_the_period_is_learned_after_learn_diffs_intervals() -> None:
+    q = quality()
+    feed = Feed(q)
+    assert feed.block(LEARN_DIFFS, PERIOD) == []  # LEARN_DIFFS - 1 intervals
+    assert q.period_ms is None
+    assert feed.block(1, PERIOD) == []  # the interval to the previous block counts too
+    assert q.period_ms == PERIOD
+
+
+def test_a_rate_drift_gives_one_event_while_it_lasts() -> None:
+    q = quality(rate_tolerance=0.25)
+    feed = Feed(q)
+    feed.learned()
+    assert feed.block(64, 12) == []  # +20%: within tolerance
+    events = feed.block(64, 20)
+    assert len(events) == 1
+    e = events[0]
+    assert (e.kind, e.stream, e.suppressed, e.channels) == ("rate_drift", "s1", 0, ())
+    assert e.ts == feed.last
+    assert e.detail == "sample period 20 ms, learned 10 ms (+100%)"
+    assert feed.block(64, 20) == [] and feed.block(64, 20) == []  # still drifting: not repeated
+    assert q.counts["rate_drift"] == 1
+
+
+def test_a_new_drift_after_recovery_is_reported_again() -> None:
+    q = quality(cooldown_ms=500)
+    feed = Feed(q)
+    feed.learned()
+    assert len(feed.block(64, 20)) == 1
+    assert feed.block(64, PERIOD) == []  # recovered
+    again = feed.block(64, 5)  # 960 ms after the first event: past the cooldown
+    assert [e.kind for e in again] == ["rate_drift"] and again[0].suppressed == 0
+    assert again[0].detail.startswith("sample period 5 ms, learned 10 ms (")
+    assert q.counts["rate_drift"] == 2
+
+
+def test_a_faster_rate_is_reported_as_a_negative_change() -> None:
+    q = quality()
+    feed = Feed(q)
+    feed.learned()
+    (e,) = feed.block(64, 5)
+    assert e.detail == "sample period 5 ms, learned 10 ms (-50%)"
+
+
+def test_a_new_drift_within_the_cooldown_is_held_back_and_counted() -> None:
+    q = quality(cooldown_ms=60_000)
+    feed = Feed(q)
+    feed.learned()
+    first = feed.block(64, 20)
+    assert len(first) == 1
+    feed.block(64, PERIOD)
+    assert feed.block(64, 20) == []  # a new drift 1.9 s later: held back by the cooldown
+    assert q.counts["rate_drift"] == 2
+    feed.block(64, PERIOD)
+    feed.next += 60_000
+    third = feed.block(64, 20)  # the 60 s jump is one interval of 60 s among 64: the median ignores it
+    assert len(third) == 1 and third[0].suppressed == 1
+
+
+def test_gaps_are_not_intervals_of_the_rate() -> None:
+    ts = 1_000 + PERIOD * np.arange(LEARN_DIFFS + 1, dtype="int64")
+    ts[40:] += 5_000  # one gap among the LEARN_DIFFS intervals
+    with_gaps = quality()
+    with_gaps.intervals(ts, None, 1_000)
+    assert with_gaps.period_ms is None  # only LEARN_DIFFS - 1 intervals count
+    without = quality()
+    without.intervals(ts, None, None)
+    assert without.period_ms == PERIOD
+
+
+def test_many_gaps_do_not_look_like_a_rate_drift() -> None:
+    # pairs of samples 10 ms apart, pairs 1 s apart: half of the intervals are gaps
+    pairs = np.repeat(np.arange(64, dtype="int64") * 1_000, 2) + np.tile([0, PERIOD], 64)
+    for gap_ms, expected in ((100.0, []), (None, ["rate_drift"])):
+        q = quality()
+        feed = Feed(q, gap_ms=gap_ms)
+        feed.learned()
+        events = q.intervals(feed.next + 1_000 + pairs, feed.last, gap_ms)
+        events += q.intervals(feed.next + 100_000 + pairs, feed.next + 1_000 + int(pairs[-1]), gap_ms)
+        assert [e.kind for e in events] == expected, gap_ms
+
+
+def test_cooldown_holds_back_events_of_the_same_kind_and_counts_them() -> None:
+    q = quality(cooldown_ms=60_000)
+    (first,) = q.event("gap", 0, "no samples for 9000 ms")
+    assert (first.kind, first.ts, first.suppressed, first.detail) == ("gap", 0, 0, "no samples for 9000 ms")
+    assert q.event("gap", 59_999, "x") == []
+    assert q.event("gap", 30_000, "x") == []
+    (late,) = q.event("late", 100, "y")  # another kind has its own cooldown
+    assert late.suppressed == 0
+    (second,) = q.event("gap", 60_000, "z")
+    assert second.suppressed == 2 and second.ts == 60_000
+    assert q.event("gap", 119_999, "x") == []  # the cooldown restarts at the last emitted event
+    (third,) = q.event("gap", 120_000, "x")
+    assert third.suppressed == 1
+    assert q.counts == {**dict.fromkeys(KINDS, 0), "gap": 6, "late": 1}
+
+
+def test_event_id_is_deterministic() -> None:
+    a = quality().event("gap", 5_000, "one")[0]
+    b = quality().event("gap", 5_000, "other detail")[0]
+    assert a.event_id == b.event_id and len(a.event_id) == 20
+    assert int(a.event_id, 16) >= 0
+    assert QualityEvent("s1", "gap", 5_001, "").event_id != a.event_id
+    assert QualityEvent("s1", "late", 5_000, "").event_id != a.event_id
+    assert QualityEvent("s2", "gap", 5_000, "").event_id != a.event_id
+
+
+def test_flat_marks_channels_without_variation_relative_to_scale() -> None:
+    q = StreamQuality("s1", np.asarray([500.0, 1.0, 2.0], "float32"), ["a", "b", "c"], flatline_rel_std=1e-3)
+    swing = np.asarray([1.0, -1.0, 1.0, -1.0], "float32")  # std exactly 1 × amplitude
+    w = np.zeros((3, 4, 3), "float32")
+    w[0, :, 0] = 0.5 * swing  # std 0.5 = 1e-3 × 500: flat (≤)
+    w[0, :, 1] = 7.0  # stuck: flat
+    w[0, :, 2] = 0.5 * swing  # noisy for its scale
+    w[1, :, 0] = 0.5001 * swing  # just above
+    w[1, :, 1] = 0.0009 * swing + 3.0  # tiny variation under 1e-3 × 1
+    w[1, :, 2] = 0.0021 * swing  # above 1e-3 × 2
+    w[2] = swing[:, None] * np.asarray([1.0, 0.5, 0.5], "float32")
+    np.testing.assert_array_equal(q.flat(w), [[True, True, False], [False, True, False], [False, False, False]])
+
+
+def test_flat_events_name_the_channels() -> None:
+    q = StreamQuality("s1", np.ones(3, "float32"), ["a", "b", "c"], cooldown_ms=1_000)
+    flat = np.asarray([[True, False, True], [False, False, False], [False, True, False], [True, True, True]])
+    events = q.flat_events(flat, np.asarray([10_000, 11_000, 12_000, 12_500], "int64"))
+    assert [(e.kind, e.ts, e.channels, e.detail) for e in events] == [
+        ("flatline", 10_000, ("a", "c"), "no variation on a, c"),
+        ("flatline", 12_000, ("b",), "no variation on b"),
+    ]  # the last row is within the cooldown of the one before
+    assert q.counts["flatline"] == 3
+    assert q.flat_events(np.zeros((2, 3), bool), np.asarray([20_000, 21_000])) == []
+    (later,) = q.flat_events(flat[3:], np.asarray([13_000], "int64"))
+    assert later.suppressed == 1 and later.channels == ("a", "b", "c")
