@@ -2,8 +2,12 @@
 
 Owns the consumer and the rebalance hooks. The daemon decides *what* to commit (the offset ledger);
 the source only commits exactly the offsets it is given, synchronously. On a revoke, kafka-python calls
-``on_revoke`` from inside ``poll`` before the partitions move, so the daemon can score, publish and
-commit what it holds for them; ``on_assign`` follows with the new partitions.
+``on_revoke`` while ``poll`` (or ``close``) blocks, before the partitions move, so the daemon can score,
+publish and commit what it holds for them; ``on_assign`` follows with the new partitions. kafka-python 3
+runs these callbacks on its network thread, where a blocking commit would deadlock ("Cannot block on
+net.run() from the IO thread"), so a commit asked for inside a callback is sent asynchronously: it is
+queued ahead of the JoinGroup on the same connection, and if the broker refuses it anyway the next owner
+replays from the previous commit — duplicates with the same alert ids, never a loss.
 :class:`MemorySource` is the in-process double for unit tests; anything that claims to test the pipeline
 uses the real broker.
 """
@@ -11,7 +15,8 @@ uses the real broker.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -71,12 +76,18 @@ class KafkaSource:
         from kafka import ConsumerRebalanceListener, KafkaConsumer
         from kafka.errors import KafkaError
 
+        source = self
+
         class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             def on_partitions_revoked(self, revoked: Any) -> None:
-                on_revoke([(tp.topic, tp.partition) for tp in revoked])
+                with source._callback():
+                    on_revoke([(tp.topic, tp.partition) for tp in revoked])
 
             def on_partitions_assigned(self, assigned: Any) -> None:
-                on_assign([(tp.topic, tp.partition) for tp in assigned])
+                with source._callback():
+                    on_assign([(tp.topic, tp.partition) for tp in assigned])
+
+        self._in_callback = False
 
         try:
             self._consumer = KafkaConsumer(**consumer_kwargs)
@@ -92,11 +103,24 @@ class KafkaSource:
         return [InRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp or 0)
                 for records in batches.values() for r in records]
 
+    @contextmanager
+    def _callback(self) -> Iterator[None]:
+        self._in_callback = True
+        try:
+            yield
+        finally:
+            self._in_callback = False
+
     def commit(self, offsets: dict[TP, int]) -> None:
         from kafka import OffsetAndMetadata, TopicPartition
 
-        if offsets:
-            self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+        if not offsets:
+            return
+        request = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+        if self._in_callback:
+            self._consumer.commit_async(request)
+        else:
+            self._consumer.commit(request)
 
     def assignment(self) -> set[TP]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}

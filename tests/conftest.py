@@ -62,3 +62,37 @@ def topic(broker) -> str:
     finally:
         admin.close()
     return name
+
+
+# ---- the streaming pipeline: a small model and helpers shared by the integration tests ------------------------------
+
+STREAM_WINDOW, STREAM_HOP, STREAM_PERIOD_MS = 40, 10, 10
+
+
+def sine_stream(n: int, bursts: tuple[int, ...] = (), seed: int = 0, noise: float = 0.05,
+                start_ms: int = 1_700_000_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """Timestamps and 2-channel sines (period 40 samples) with +3 bursts of 30 samples on channel 0."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    values = np.stack([np.sin(2 * np.pi * t / 40 + c) for c in range(2)], axis=1)
+    values += noise * rng.normal(size=values.shape)
+    for b in bursts:
+        values[b : b + 30, 0] += 3.0
+    return start_ms + STREAM_PERIOD_MS * t.astype("int64"), values.astype("float32")
+
+
+@pytest.fixture(scope="session")
+def stream_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PCA artifact for 40-sample, 2-channel sine windows (hop 10); threshold = 1.5 × max validation error,
+    so clean data essentially never crosses it while +3 bursts always do."""
+    from models import artifact
+    from models.data import Series, series_dataset
+    from models.detector import Threshold
+    from models.train import TrainConfig
+    from models.workflow import train_detector
+
+    _, values = sine_stream(6000, seed=1)
+    ds = series_dataset(Series(values, ["ch0", "ch1"]), STREAM_WINDOW, STREAM_HOP, train_fraction=0.9)
+    det, training = train_detector(ds, "pca", {}, TrainConfig(epochs=1, seed=0, device="cpu"))
+    det.threshold = Threshold(1.0, 1.5, det.quantiles["max"] * 1.5)
+    return artifact.save(det, tmp_path_factory.mktemp("stream-model") / "sine-pca", training)

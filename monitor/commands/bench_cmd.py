@@ -9,13 +9,15 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
+from rich.table import Table
 
 from models import artifact
+from models.benchmark import bench_scorer
 from models.detector import Detector, Threshold
+from models.errors import ArtifactError, DataError
 from models.registry import DEFAULT_KIND, KINDS, build
 from models.scaling import Scaler
 from models.train import resolve_device
-from models.benchmark import bench_scorer
 from monitor.commands.model_cmds import parse_params
 from monitor.commands.render import bench_table, stdout
 
@@ -55,5 +57,39 @@ def scorer(
         stdout.print(bench_table(r))
 
 
+def pipeline(
+    model: Annotated[Path, typer.Option("--model", help="Artifact to serve.")] = Path("artifacts/ecg5000-lstm"),
+    streams: Annotated[int, typer.Option(help="Streams (keys) in the topic.")] = 8,
+    samples: Annotated[int, typer.Option(help="Samples in all.")] = 560_000,
+    chunk: Annotated[int, typer.Option(help="Samples per message.")] = 140,
+    max_batch: Annotated[int, typer.Option(help="Micro-batch size, for the scorer alone and the daemon.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Consume-and-parse vs scorer alone vs the whole daemon, on one local broker and topic: ratio = pipeline / min."""
+    from monitor.bench import bench_pipeline
+
+    if not (model / "manifest.json").is_file():
+        raise ArtifactError(f"no model at {model}: train one first (tsmon train --out {model}) or pass --model")
+    if streams < 1 or samples < streams * chunk or chunk < 1 or max_batch < 1:
+        raise DataError("need streams >= 1, chunk >= 1, max_batch >= 1 and samples >= streams × chunk")
+    r = bench_pipeline(str(model), streams, samples, chunk, max_batch, device)
+    if as_json:
+        sys.stdout.write(json.dumps(r, indent=2) + "\n")
+        return
+    t = Table(title=f"tsmon bench pipeline — {r['samples']:,} samples, {r['messages']:,} messages, {r['device']}",
+              title_justify="left")
+    t.add_column("stage")
+    t.add_column("samples/s", justify="right")
+    t.add_row("consume + parse (kafka-python)", f"{r['consume_samples_per_s']:,}")
+    t.add_row(f"scorer alone ({r['scoring_threads']} thread(s), as in the daemon)", f"{r['scorer_samples_per_s']:,}")
+    t.add_row(f"scorer alone ({r['all_cores']} threads)", f"{r['scorer_all_cores_samples_per_s']:,}")
+    t.add_row("pipeline broker → alerts", f"{r['pipeline_samples_per_s']:,}")
+    t.add_row("ratio = pipeline / min(consume, scorer)", f"{r['ratio']:.3f}")
+    t.add_row("ratio against the all-cores scorer", f"{r['ratio_vs_all_cores_scorer']:.3f}")
+    stdout.print(t)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(scorer)
+    app.command()(pipeline)

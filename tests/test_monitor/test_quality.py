@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from monitor.quality import KINDS, LEARN_DIFFS, QualityEvent, StreamQuality
 
