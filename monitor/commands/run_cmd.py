@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -9,7 +11,7 @@ import numpy as np
 import typer
 
 from models.data import read_series
-from models.errors import DataError
+from models.errors import ConfigError, DataError
 from monitor import logs
 from monitor.config import load_config
 from monitor.replay import replay as replay_series
@@ -75,6 +77,30 @@ def replay(
     log.info("replayed", stream=name, topic=topic, samples=sent, channels=series.channels)
 
 
+config_app = typer.Typer(help="Daemon configuration: an example file, or check one.", no_args_is_help=True)
+
+
+@config_app.command("example")
+def config_example() -> None:
+    """Print a complete commented configuration file (every key at its default)."""
+    from monitor.config import EXAMPLE_TOML
+
+    sys.stdout.write(EXAMPLE_TOML)
+
+
+@config_app.command("check")
+def config_check(
+    config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file.")] = None,
+) -> None:
+    """Validate a configuration (file + TSMON_* environment) and print it resolved, secrets masked."""
+    cfg = load_config(config)
+    for route in cfg.require_models():
+        if not (Path(route.path) / "manifest.json").is_file():
+            raise ConfigError(f"models: no artifact at {route.path} (pattern {route.pattern!r})")
+    sys.stdout.write(json.dumps(cfg.redacted(), indent=2) + "\n")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(run)
     app.command()(replay)
+    app.add_typer(config_app, name="config")

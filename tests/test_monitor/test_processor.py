@@ -1,0 +1,288 @@
+"""Processor unit tests with in-memory doubles (MemorySink, MemorySource): no broker.
+
+The data path from input records to alert, data-quality and dead-letter messages, and the offsets it
+commits, checked exactly on the small PCA stream model (40-sample windows, hop 10).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from models.errors import SinkBackpressure
+from monitor.batcher import Batch, Batcher
+from monitor.calibrator import Calibrator
+from monitor.processor import Processor, Settings
+from monitor.replay import messages
+from monitor.scorer import Scorer, Served, load_served
+from monitor.sink import MemorySink
+from monitor.source import TP, InRecord, MemorySource
+from tests.conftest import STREAM_HOP, STREAM_PERIOD_MS, STREAM_WINDOW, sine_stream
+
+W, H = STREAM_WINDOW, STREAM_HOP
+TOPIC = "in"
+ALERTS = Settings().alerts_topic
+DLQ = Settings().dead_letter_topic
+
+Make = Callable[..., Processor]
+
+
+@pytest.fixture(scope="module")
+def served(stream_model: Path) -> Served:
+    return load_served("*", stream_model, None, None, "cpu")
+
+
+@pytest.fixture
+def make(served: Served) -> Iterator[Make]:
+    """Processors over a fresh scorer, calibrator, batcher and memory sink; all closed at teardown."""
+    made: list[Processor] = []
+
+    def build(scorer: Scorer | None = None, max_batch: int = 64, max_delay_ms: float = 0.0) -> Processor:
+        p = Processor(scorer or Scorer([served]), Calibrator(), Batcher(max_batch, max_delay_ms), MemorySink())
+        made.append(p)
+        return p
+
+    yield build
+    for p in made:
+        p.close()
+
+
+def records(stream: str, ts: np.ndarray, values: np.ndarray, chunk: int = H, partition: int = 0,
+            first_offset: int = 0) -> list[InRecord]:
+    """Input records of one stream, one per message body, on consecutive offsets of one partition."""
+    return [InRecord(TOPIC, partition, first_offset + i, stream.encode(), body, int(ts[0]))
+            for i, (body, _n) in enumerate(messages(stream, ts, values, chunk))]
+
+
+def feed(p: Processor, recs: list[InRecord], poll: int = 50) -> None:
+    """Hand the records over ``poll`` at a time, as the daemon's loop does, then score everything."""
+    for i in range(0, len(recs), poll):
+        p.handle(recs[i : i + poll])
+        p.score_ready()
+    p.score_ready(force=True)
+
+
+def sink(p: Processor) -> MemorySink:
+    assert isinstance(p.sink, MemorySink)
+    return p.sink
+
+
+def docs(p: Processor, kind: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in sink(p).docs(ALERTS) if kind is None or d["type"] == kind]
+
+
+def n_windows(n: int) -> int:
+    return (n - W) // H + 1
+
+
+def first_needed_offset(n: int, chunk: int, first_offset: int = 0) -> int:
+    """Offset of the first message holding a sample of the next window (its last W − H samples are held)."""
+    last_end = W - 1 + H * ((n - W) // H)  # 0-based index of the last scored window's last sample
+    next_start = last_end + H - W + 1
+    return first_offset + next_start // chunk
+
+
+def metric(p: Processor, name: str) -> float:
+    return p.metrics.total(name)
+
+
+# ---- alerts -------------------------------------------------------------------------------------------------------
+
+
+def test_each_burst_fires_and_resolves_once_and_a_clean_stream_is_silent(make: Make) -> None:
+    bursts = (1500, 3000)
+    p = make()
+    ts, v = sine_stream(4000, bursts, seed=2)
+    feed(p, records("dev-anom", ts, v, partition=0) + records("dev-clean", *sine_stream(4000, seed=3), partition=1))
+    p.commit(MemorySource())
+    anomalies = docs(p, "anomaly")
+    assert {d["stream"] for d in anomalies} == {"dev-anom"}
+    assert docs(p, "data_quality") == []
+    fired = [d for d in anomalies if d["status"] == "firing"]
+    resolved = [d for d in anomalies if d["status"] == "resolved"]
+    assert len(fired) == len(resolved) == len(bursts)
+    assert [d["alert_id"] for d in fired] == [d["alert_id"] for d in resolved]  # each episode: fires, then resolves
+    assert len({d["alert_id"] for d in fired}) == len(bursts)
+    for f, burst in zip(fired, bursts, strict=True):
+        assert ts[burst] - W * STREAM_PERIOD_MS <= f["start_ts"] <= ts[burst + 29]
+        assert f["fired_ts"] <= ts[burst + 29] + 2 * H * STREAM_PERIOD_MS
+        assert f["top_channels"][0]["channel"] == "ch0" and f["threshold_source"] == "artifact"
+        assert f["source"]["topic"] == TOPIC and f["source"]["partition"] == 0
+        assert f["source"]["first_offset"] <= f["source"]["last_offset"]
+    assert metric(p, "tsmon_windows_scored_total") == 2 * n_windows(4000)
+    assert metric(p, "tsmon_alert_messages_total") == 2 * len(bursts)
+    assert sink(p).docs(DLQ) == []
+
+
+def test_stream_matching_no_model_is_dead_lettered(make: Make, stream_model: Path) -> None:
+    p = make(Scorer([load_served("dev-*", stream_model, None, None, "cpu")]))
+    recs = records("other-1", *sine_stream(100, seed=4))
+    feed(p, recs)
+    src = MemorySource()
+    p.commit(src, {(TOPIC, 0)})
+    dead = [m for m in sink(p).acked if m.topic == DLQ]
+    assert len(dead) == len(recs)
+    for m, rec in zip(dead, recs, strict=True):
+        h = dict(m.headers)
+        assert h["tsmon.reason"] == b"no_model" and b"other-1" in h["tsmon.detail"]
+        assert int(h["tsmon.source.offset"]) == rec.offset and m.value == rec.value and m.key == rec.key
+    assert p.streams == {} and docs(p) == []
+    assert metric(p, "tsmon_dead_letters_total") == len(recs)
+    assert src.committed == {(TOPIC, 0): len(recs)}  # dead letters are acknowledged: nothing is held
+
+
+def test_one_poll_of_interleaved_streams_alerts_like_one_record_at_a_time(make: Make) -> None:
+    streams = {f"dev-{i}": sine_stream(2500, (700, 1800) if i % 2 == 0 else (1200,), seed=40 + i) for i in range(3)}
+    per_stream = [records(s, ts, v, chunk=7, partition=i) for i, (s, (ts, v)) in enumerate(streams.items())]
+    interleaved = [r for group in zip(*per_stream, strict=True) for r in group]
+
+    together = make(max_batch=4096)
+    together.handle(interleaved)
+    together.score_ready(force=True)
+    together.commit(MemorySource())
+
+    single = make(max_batch=1)
+    for rec in interleaved:
+        single.handle([rec])
+        single.score_ready(force=True)
+    single.commit(MemorySource())
+
+    def key(d: dict[str, Any]) -> tuple[str, int, str]:
+        return d["stream"], d["start_ts"], d["status"]
+
+    a, b = sorted(docs(together), key=key), sorted(docs(single), key=key)
+    assert len([d for d in a if d["status"] == "firing"]) == 5
+    assert [key(d) for d in a] == [key(d) for d in b]
+    for x, y in zip(a, b, strict=True):  # identical, up to float rounding of the channel errors (batch size)
+        assert {k: v for k, v in x.items() if k != "top_channels"} == {k: v for k, v in y.items() if k != "top_channels"}
+        assert [c["channel"] for c in x["top_channels"]] == [c["channel"] for c in y["top_channels"]]
+        assert [c["error"] for c in x["top_channels"]] == pytest.approx([c["error"] for c in y["top_channels"]],
+                                                                         abs=1e-5)
+    assert metric(together, "tsmon_windows_scored_total") == metric(single, "tsmon_windows_scored_total") \
+        == 3 * n_windows(2500)
+
+
+# ---- commits ------------------------------------------------------------------------------------------------------
+
+
+def test_commit_flushes_the_sink_first_and_commits_nothing_when_it_fails(make: Make) -> None:
+    p = make()
+    feed(p, records("dev-a", *sine_stream(1000, (500,), seed=5)))
+    tp: TP = (TOPIC, 0)
+    src = MemorySource()
+    sink(p).fail_next = 1
+    with pytest.raises(SinkBackpressure):
+        p.commit(src, {tp})
+    assert src.committed == {} and sink(p).acked == []
+    offsets = p.commit(src, {tp})
+    assert offsets == src.committed == {tp: first_needed_offset(1000, H)}
+    assert len(sink(p).acked) == len(sink(p).sent) == 2  # firing + resolved, acknowledged before the commit
+    assert p.commit(src, {tp}) == {}  # nothing new: no second commit of the same offset
+
+
+@pytest.mark.parametrize(("n", "chunk"), [(1000, 10), (1000, 7), (1234, 25), (45, 1)])
+def test_committed_offset_is_the_first_message_the_next_window_needs(make: Make, n: int, chunk: int) -> None:
+    p = make()
+    feed(p, records("dev-a", *sine_stream(n, seed=6), chunk=chunk, partition=0, first_offset=100)
+         + records("dev-b", *sine_stream(n + 13, seed=7), chunk=chunk, partition=1))
+    assert p.pending == 0
+    src = MemorySource()
+    p.commit(src, {(TOPIC, 0), (TOPIC, 1)})
+    assert src.committed == {(TOPIC, 0): first_needed_offset(n, chunk, 100),
+                             (TOPIC, 1): first_needed_offset(n + 13, chunk)}
+
+
+def test_committed_offset_with_two_streams_on_one_partition_is_the_older_need(make: Make) -> None:
+    p = make()
+    a = records("dev-a", *sine_stream(600, seed=8), chunk=10)  # offsets 0..59
+    b = records("dev-b", *sine_stream(300, seed=9), chunk=10, first_offset=len(a))  # offsets 60..89
+    feed(p, a + b)
+    src = MemorySource()
+    p.commit(src, {(TOPIC, 0)})
+    assert src.committed == {(TOPIC, 0): min(first_needed_offset(600, 10), first_needed_offset(300, 10, len(a)))}
+
+
+# ---- data quality -------------------------------------------------------------------------------------------------
+
+
+def test_flatlined_channel_is_a_data_quality_event_not_an_anomaly(make: Make) -> None:
+    n = 400
+    ts, v = sine_stream(n, seed=10)
+    v[:, 1] = 0.25  # channel 1 stuck for the whole stream
+    p = make()
+    feed(p, records("dev-flat", ts, v))
+    p.commit(MemorySource())
+    assert docs(p, "anomaly") == []
+    quality = docs(p, "data_quality")
+    assert [(q["kind"], q["channels"], q["stream"]) for q in quality] == [("flatline", ["ch1"], "dev-flat")]
+    assert quality[0]["ts"] == ts[W - 1] and quality[0]["suppressed"] == 0  # the first window; the rest cool down
+    assert p.metrics.snapshot()["tsmon_windows_skipped_total{why=flatline}"] == n_windows(n)
+    assert metric(p, "tsmon_windows_skipped_total") == n_windows(n)
+    assert metric(p, "tsmon_windows_scored_total") == n_windows(n)
+    assert p.calibrator.samples("dev-flat") == 0  # never fed as normal
+
+
+def test_gap_restarts_the_windows_and_is_reported(make: Make) -> None:
+    ts, v = sine_stream(1000, seed=11)
+    gap_ms = 10_000
+    ts[500:] += gap_ms
+    p = make()
+    assert Settings().gap_ms is not None and gap_ms > Settings().gap_ms
+    feed(p, records("dev-gap", ts, v))
+    p.commit(MemorySource())
+    quality = docs(p, "data_quality")
+    assert [(q["kind"], q["ts"]) for q in quality] == [("gap", int(ts[500]))]
+    assert quality[0]["detail"] == f"no samples for {gap_ms + STREAM_PERIOD_MS} ms"
+    assert p.streams["dev-gap"].windows.restarts == 1
+    # no window spans the gap: each side is windowed on its own
+    assert metric(p, "tsmon_windows_scored_total") == 2 * n_windows(500) < n_windows(1000)
+    assert docs(p, "anomaly") == []
+
+
+def test_nonfinite_score_is_neither_normal_nor_an_alert(make: Make, served: Served,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    scorer = Scorer([served])
+    original = scorer.score
+    poisoned_end_seq = 400
+
+    def score(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        window_err, channel_err = original(batch)
+        window_err[batch.end_seq == poisoned_end_seq] = np.nan
+        return window_err, channel_err
+
+    monkeypatch.setattr(scorer, "score", score)
+    n = 1000
+    p = make(scorer)
+    feed(p, records("dev-nan", *sine_stream(n, seed=12)))
+    p.commit(MemorySource())
+    assert p.metrics.snapshot()["tsmon_windows_skipped_total{why=nonfinite_score}"] == 1
+    assert metric(p, "tsmon_windows_skipped_total") == 1
+    assert metric(p, "tsmon_windows_scored_total") == n_windows(n)
+    assert p.calibrator.samples("dev-nan") == n_windows(n) - 1  # every other window was fed; the NaN one was not
+    assert p.calibrator.rejected == 0  # it never reached the calibrator at all
+    assert docs(p) == []
+
+
+# ---- rebalance ----------------------------------------------------------------------------------------------------
+
+
+def test_revoke_scores_waiting_windows_commits_and_forgets_the_streams(make: Make) -> None:
+    p = make(max_batch=4096, max_delay_ms=60_000)  # nothing is due on its own
+    tp0, tp1 = (TOPIC, 0), (TOPIC, 1)
+    p.handle(records("dev-a", *sine_stream(800, (400,), seed=13), partition=0)
+             + records("dev-b", *sine_stream(500, seed=14), partition=1))
+    assert p.score_ready() == 0 and p.pending == n_windows(800) + n_windows(500)
+    src = MemorySource()
+    p.revoke(src, {tp0})
+    assert src.committed == {tp0: first_needed_offset(800, H)}
+    assert p.pending == 0 and metric(p, "tsmon_windows_scored_total") == n_windows(800) + n_windows(500)
+    assert set(p.streams) == {"dev-b"} and p.calibrator.streams() == ["dev-b"]
+    assert [d["status"] for d in docs(p, "anomaly")] == ["firing", "resolved"]
+    p.revoke(src, {tp1})
+    assert src.committed == {tp0: first_needed_offset(800, H), tp1: first_needed_offset(500, H)}
+    assert p.streams == {} and p.calibrator.streams() == []
+    assert p.ledger.committable() == {}
