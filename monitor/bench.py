@@ -11,6 +11,7 @@ configuration the pipeline runs, used for ``ratio`` — and with every core, for
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from typing import Any
@@ -122,7 +123,9 @@ def bench_pipeline(model: str, streams: int = 8, samples: int = 560_000, chunk: 
                 return True
             return False
 
+        cpu0, broker0 = time.process_time(), _cpu_seconds(broker.proc.pid if broker.proc else None)
         daemon.run(until=finished)
+        cpu_s, broker_s = time.process_time() - cpu0, _cpu_seconds(broker.proc.pid if broker.proc else None) - broker0
         first = daemon.processor.first_record_at
         pipeline_s = done[0] - first if done and first else float("nan")
         torch.set_num_threads(all_cores)
@@ -138,4 +141,16 @@ def bench_pipeline(model: str, streams: int = 8, samples: int = 560_000, chunk: 
         "scoring_threads": daemon_threads, "scorer_all_cores_samples_per_s": round(scorer_all),
         "all_cores": all_cores, "ratio_vs_all_cores_scorer": round(pipeline / min(consume, scorer_all), 3),
         "alerts_published": int(daemon.metrics.total("tsmon_alert_messages_total")),
+        # CPU use while the daemon ran (includes its group join): near cores × wall means CPU-bound
+        "daemon_cpu_s": round(cpu_s, 2), "broker_cpu_s": round(broker_s, 2), "cores": os.cpu_count(),
+        "pipeline_wall_s": round(pipeline_s, 2),
     }
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of another process (Linux /proc), 0 where unknown."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return 0.0
