@@ -48,11 +48,15 @@ class Source(Protocol):
 
 @dataclass
 class MemorySource:
-    """Hands out pre-loaded records in order; records what was committed."""
+    """Hands out pre-loaded records in order; owns every partition they come from; records commits."""
 
     records: list[InRecord] = field(default_factory=list)
     batch: int = 100
     committed: dict[TP, int] = field(default_factory=dict)
+    assigned: set[TP] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.assigned |= {r.tp for r in self.records}
 
     def poll(self, timeout_ms: int) -> list[InRecord]:
         out, self.records = self.records[: self.batch], self.records[self.batch :]
@@ -62,7 +66,7 @@ class MemorySource:
         self.committed.update(offsets)
 
     def assignment(self) -> set[TP]:
-        return set(self.committed)
+        return set(self.assigned)
 
     def close(self) -> None:
         pass

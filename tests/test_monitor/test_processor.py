@@ -300,8 +300,6 @@ def test_revoke_scores_waiting_windows_commits_and_forgets_the_streams(make: Mak
     assert p.ledger.committable() == {}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: MemorySource.assignment() is set(self.committed), so a fresh source "
-                                       "reports no partitions and commit(src) without tps never commits anything")
 def test_memory_source_assignment_covers_the_partitions_it_handed_out(make: Make) -> None:
     p = make()
     src = MemorySource(records("dev-a", *sine_stream(500, seed=16)), batch=10)
