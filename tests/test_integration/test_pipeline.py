@@ -124,6 +124,8 @@ def _crash(d: Daemon) -> None:
     """Stop like a killed process: nothing flushed or committed at the end (the consumer just leaves)."""
     d.processor.sink.flush(10)  # what was already sent may or may not have reached the broker; say it did
     d.source._consumer.close(autocommit=False)  # type: ignore[attr-defined]
+    d.processor.sink._producer.close(timeout=5)  # type: ignore[attr-defined]  # a dead process's sockets close too
+    d.processor.close()
 
 
 @pytest.mark.parametrize("graceful", [True, False])
