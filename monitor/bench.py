@@ -133,7 +133,14 @@ def bench_pipeline(model: str, streams: int = 8, samples: int = 560_000, chunk: 
     scorer_rate = n_windows / score_s * served.hop
     scorer_all = n_windows / score_all_s * served.hop
     pipeline = total / pipeline_s
+    warnings = []
+    if pipeline > min(consume, scorer_rate) or scorer_all < 0.8 * scorer_rate:
+        warnings.append("inconsistent figures (a stage faster than the pipeline allows, or more threads slower "
+                        "than one): the machine was busy with something else; run again on a quiet machine")
+    if pipeline_s < 1.0:
+        warnings.append(f"the pipeline ran only {pipeline_s:.2f} s: use more --samples for a stable figure")
     return {
+        "warnings": warnings,
         "samples": total, "messages": n_messages, "chunk": chunk, "streams": streams, "windows": n_windows,
         "max_batch": max_batch, "device": str(served.detector.device), "model": served.detector.kind,
         "consume_samples_per_s": round(consume), "scorer_samples_per_s": round(scorer_rate),

@@ -286,7 +286,8 @@ class Config(_Section):
 
     def require_models(self) -> list[ModelRoute]:
         if not self.models:
-            raise ConfigError("no model configured: set [[models]] in the config or pass --model ARTIFACT")
+            raise ConfigError("no model configured: add [[models]] to the config, set TSMON_MODEL=ARTIFACT, "
+                              "or pass --model ARTIFACT to tsmon run")
         return self.models
 
     def route_for(self, stream: str) -> ModelRoute | None:
@@ -316,7 +317,8 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        where = f" ({path})" if path is not None else ""
+        sources = ([str(path)] if path is not None else []) + (["environment"] if env_layer else [])
+        where = f" ({' + '.join(sources)})" if sources else ""
         raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(_problems(exc))) from None
 
 
@@ -344,7 +346,10 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], str | None]:
         if rest == "MODEL":
             model = env[var].strip() or None
         if "__" not in rest:
-            continue  # TSMON_LOG_FORMAT and friends belong to other parts of tsmon
+            if rest.lower().startswith(tuple(f"{sec}_" for sec in _SECTIONS)):  # a misspelt override, not silence
+                problems.append(f"{var}: unknown variable (overrides are TSMON_<SECTION>__<KEY>, with two "
+                                f"underscores, e.g. TSMON_KAFKA__TOPICS)")
+            continue
         section, _, key = rest.lower().partition("__")
         if section not in _SECTIONS:
             problems.append(f"{var}: unknown section {section!r} (use one of {', '.join(_SECTIONS)})")
@@ -407,7 +412,8 @@ EXAMPLE_TOML = '''\
 # tsmon daemon configuration. Every value shown is the default unless marked "example".
 # Precedence: defaults < this file < TSMON_<SECTION>__<KEY> variables < command-line flags.
 # Environment example: TSMON_KAFKA__BOOTSTRAP_SERVERS=broker1:9092,broker2:9092  TSMON_ALERTS__FOR=3
-# Optional settings left unset are commented out; "none" sets one back to unset.
+# Optional settings left unset are commented out; "none" sets one back to unset. The [[models]] route
+# below is an example (the daemon needs at least one).
 
 [kafka]
 bootstrap_servers = ["127.0.0.1:9092"]   # or one string "host1:9092,host2:9092"
@@ -462,8 +468,8 @@ interval_s = 30.0                        # seconds between recalibrations
 [alerts]
 for = 2                                  # anomalous windows in a row that open an episode
 resolve_after = 2                        # normal windows in a row that resolve it
-flap_period_ms = 60000.0                 # a stream opening more than flap_max episodes
-flap_max = 4                             # within flap_period_ms is flapping
+flap_period_ms = 60000.0                 # a stream that fires flap_max times
+flap_max = 4                             # within flap_period_ms (stream time) is flapping
 major_ratio = 1.5                        # score / threshold from which an alert is major
 critical_ratio = 3.0                     # ... and critical (must exceed major_ratio)
 max_hold_windows = 1000                  # an open episode holds input commits back at most this long

@@ -77,6 +77,7 @@ class Daemon:
         self.calibrator = Calibrator(calibrator_settings(cfg, self.scorer))
         self.stop_event = threading.Event()
         self.final_thresholds: dict[str, dict[str, Any]] = {}  # calibrator snapshot taken at shutdown
+        self._started = time.monotonic()
         self.sink = sink or KafkaSink(cfg.kafka.producer_kwargs())
         self.processor = Processor(self.scorer, self.calibrator, Batcher(cfg.batch.max_batch, cfg.batch.max_delay_ms),
                                    self.sink, self.metrics, processor_settings(cfg))
@@ -120,7 +121,7 @@ class Daemon:
         log.info("daemon_starting", models={n: m.describe() for n, m in self.scorer.models.items()},
                  config=self.cfg.redacted())
         self._scheduler.start()
-        last_commit = time.monotonic()
+        self._started = last_commit = time.monotonic()
         try:
             while not self.stop_event.is_set() and not (until and until()):
                 wait = self.processor.batcher.wait_s()
@@ -158,9 +159,10 @@ class Daemon:
                 log.error("sink_close_failed", error=str(exc))
             self.source.close()
             self.processor.close()
-        log.info("daemon_stopped", seconds=round(time.monotonic() - t0, 3), **_summary(self.metrics))
+        log.info("daemon_stopped", uptime_s=round(time.monotonic() - self._started, 1),
+                 shutdown_s=round(time.monotonic() - t0, 3), **_summary(self.metrics))
 
 
-def _summary(m: Metrics) -> dict[str, float]:
-    return {k: m.total(f"tsmon_{k}_total") for k in ("records", "windows_scored", "alert_messages",
-                                                       "dead_letters", "data_quality_events", "commits")}
+def _summary(m: Metrics) -> dict[str, int]:
+    return {k: int(m.total(f"tsmon_{k}_total")) for k in ("records", "windows_scored", "alert_messages",
+                                                            "dead_letters", "data_quality_events", "commits")}

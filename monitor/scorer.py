@@ -55,7 +55,8 @@ class Scorer:
 
     def __init__(self, models: list[Served]) -> None:
         if not models:
-            raise ConfigError("no model configured: set [[models]] in the config or pass --model ARTIFACT")
+            raise ConfigError("no model configured: add [[models]] to the config, set TSMON_MODEL=ARTIFACT, "
+                              "or pass --model ARTIFACT to tsmon run")
         names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise ConfigError(f"model names must be unique, got {names}; set name = ... in [[models]]")

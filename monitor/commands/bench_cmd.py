@@ -70,7 +70,7 @@ def pipeline(
     from monitor.bench import bench_pipeline
 
     if not (model / "manifest.json").is_file():
-        raise ArtifactError(f"no model at {model}: train one first (tsmon train --out {model}) or pass --model")
+        raise ArtifactError(f"no model artifact at {model} (no manifest.json); train one with tsmon train --out DIR")
     if streams < 1 or samples < streams * chunk or chunk < 1 or max_batch < 1:
         raise DataError("need streams >= 1, chunk >= 1, max_batch >= 1 and samples >= streams × chunk")
     r = bench_pipeline(str(model), streams, samples, chunk, max_batch, device)
@@ -88,6 +88,8 @@ def pipeline(
     t.add_row("ratio = pipeline / min(consume, scorer)", f"{r['ratio']:.3f}")
     t.add_row("ratio against the all-cores scorer", f"{r['ratio_vs_all_cores_scorer']:.3f}")
     stdout.print(t)
+    for w in r["warnings"]:
+        stdout.print(f"[yellow]warning:[/] {w}")
 
 
 def register(app: typer.Typer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,6 +18,7 @@ from models.registry import DEFAULT_KIND, train_defaults
 from models.train import TrainConfig
 from models.workflow import DataSpec
 from monitor import logs
+from monitor.alerts import iso
 from monitor.commands.model_cmds import run_training
 from monitor.commands.render import console, stdout
 from monitor.demo import DemoOptions, DemoProgress, run_demo
@@ -36,12 +38,12 @@ class LiveView:
         head = (f"sent {p.sent_samples:,}/{p.total_samples:,} samples · scored {total('tsmon_windows_scored_total'):,}"
                 f" windows · dead letters {total('tsmon_dead_letters_total')} · alerts {len(p.alerts)} messages")
         t = Table(title=head, title_justify="left", expand=False)
-        for col in ("time", "stream", "status", "severity", "ratio", "threshold", "alert_id"):
+        for col in ("stream time", "stream", "status", "severity", "ratio", "threshold", "alert_id"):
             t.add_column(col)
         for a in list(p.alerts)[-12:]:
             if a.get("type") == "anomaly":
                 style = "red" if a["status"] == "firing" else "green"
-                t.add_row(a["start_time"][11:23], a["stream"], f"[{style}]{a['status']}" + (" (flapping)" if a["flapping"]
+                t.add_row(iso(a["end_ts"] or a["fired_ts"])[11:23], a["stream"], f"[{style}]{a['status']}" + (" (flapping)" if a["flapping"]
                           else ""), a["severity"], f"{a['ratio']:.2f}", f"{a['threshold']:.3f} {a['threshold_source']}",
                           a["alert_id"][:10])
             else:
@@ -79,6 +81,8 @@ def demo(
     if as_json or not console.is_terminal:
         summary = run_demo(str(model), opts, progress)
     else:
+        if "TSMON_LOG_LEVEL" not in os.environ:  # the live table is the output; keep only warnings beside it
+            logs.configure("WARNING", None)
         with Live(LiveView(progress), console=console, refresh_per_second=4):
             summary = run_demo(str(model), opts, progress)
     if as_json:
@@ -94,7 +98,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     rows = [("streams", s["streams"]), ("samples", f"{s['samples']:,}"), ("windows scored", f"{s['windows_scored']:,}"),
             ("anomaly rate (beats)", s["anomaly_rate"]), ("labelled anomalies (episodes)", s["labelled_anomalies"]),
             ("alerts", s["alerts"]), ("detected", s["detected"]), ("precision", s["precision"]),
-            ("recall", s["recall"]), ("mean delay (samples)", s["mean_delay_samples"]),
+            ("recall", s["recall"]), ("  of which inside an alert already firing", s["inside_open_alert"]),
+            ("mean delay (samples)", s["mean_delay_samples"]),
             ("flapping alerts", s["flapping"]), ("dead letters", s["dead_letters"]),
             ("data-quality events", s["data_quality_events"]), ("seconds", s["seconds"])]
     for k, v in rows:

@@ -12,8 +12,8 @@ import pandas as pd
 import typer
 
 from models import artifact
-from models.detector import DEFAULT_QUANTILE
 from models.data import ECG5000_WINDOW, finite_windows, make_windows, read_series
+from models.detector import DEFAULT_QUANTILE
 from models.errors import DataError, ModelConfigError
 from models.registry import DEFAULT_KIND, KINDS, config_for, train_defaults
 from models.train import TrainConfig

@@ -11,7 +11,7 @@ import numpy as np
 import typer
 
 from models.data import read_series
-from models.errors import ConfigError, DataError
+from models.errors import BrokerError, ConfigError
 from monitor import logs
 from monitor.config import load_config
 from monitor.replay import replay as replay_series
@@ -26,7 +26,7 @@ def run(
     topic: Annotated[list[str] | None, typer.Option("--topic", help="Input topic (repeat for several).")] = None,
     alerts_topic: Annotated[str | None, typer.Option(help="Topic for alerts and data-quality events.")] = None,
     dead_letter_topic: Annotated[str | None, typer.Option(help="Topic for records that cannot be used.")] = None,
-    model: Annotated[Path | None, typer.Option(help="Artifact serving every stream (replaces [[models]]).")] = None,
+    model: Annotated[Path | None, typer.Option(help="Artifact serving every stream (replaces the config's model routes).")] = None,
     group_id: Annotated[str | None, typer.Option(help="Consumer group.")] = None,
 ) -> None:
     """Run the monitor: consume, window, score in micro-batches, calibrate, publish alerts. Stops on SIGTERM."""
@@ -59,8 +59,12 @@ def replay(
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
 
-    if chunk < 1 or (rate is not None and rate <= 0) or period_ms < 1:
-        raise DataError("--chunk and --period-ms must be >= 1 and --rate > 0")
+    if chunk < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--chunk")
+    if rate is not None and rate <= 0:
+        raise typer.BadParameter("must be > 0", param_hint="--rate")
+    if period_ms < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--period-ms")
     series = read_series(input, value_col, timestamp_col)
     ts = (series.timestamps.astype("datetime64[ms]").astype("int64") if series.timestamps is not None
           else timestamps(len(series.values), period_ms))
@@ -69,9 +73,10 @@ def replay(
         log.warning("rows_skipped_nonfinite", rows=int(bad.sum()))
     name = stream or input.name.split(".")[0]
     try:
-        producer = KafkaProducer(bootstrap_servers=bootstrap_servers.split(","), acks=1, linger_ms=10)
+        producer = KafkaProducer(bootstrap_servers=bootstrap_servers.split(","), acks=1, linger_ms=10,
+                                 bootstrap_timeout_ms=10_000)
     except KafkaError as exc:
-        raise DataError(f"cannot reach the broker at {bootstrap_servers}: {exc}") from None
+        raise BrokerError(f"cannot reach the broker at {bootstrap_servers}: {exc}") from None
     sent = replay_series(producer, topic, name, ts[~bad], series.values[~bad], chunk, rate)
     producer.close()
     log.info("replayed", stream=name, topic=topic, samples=sent, channels=series.channels)

@@ -310,7 +310,7 @@ def test_model_shortcut_from_environment(tmp_path: Path) -> None:
 def test_require_models() -> None:
     with pytest.raises(ConfigError) as excinfo:
         Config().require_models()
-    assert str(excinfo.value) == "no model configured: set [[models]] in the config or pass --model ARTIFACT"
+    assert str(excinfo.value).startswith("no model configured: add [[models]] to the config, set TSMON_MODEL")
     routes = load_config(env={"TSMON_MODEL": "m"}).require_models()
     assert routes == [ModelRoute(path=Path("m"))]
 
@@ -325,3 +325,17 @@ def test_example_toml_loads_and_documents_the_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, EXAMPLE_TOML), env={})
     assert cfg.require_models() == [ModelRoute(pattern="*", path=Path("artifacts/ecg5000-lstm"))]
     assert cfg.model_dump(exclude={"models"}) == Config().model_dump(exclude={"models"})
+
+
+def test_a_misspelt_environment_variable_is_an_error_not_ignored() -> None:
+    for var in ("TSMON_KAFKA_TOPICS", "TSMON_BATCH_MAX_BATCH"):
+        with pytest.raises(ConfigError, match=f"{var}: unknown variable"):
+            load_config(None, env={var: "x"})
+    load_config(None, env={"TSMON_LOG_FORMAT": "json", "TSMON_LOG_LEVEL": "INFO"})  # these belong to logging
+
+
+def test_an_error_from_the_environment_is_not_blamed_on_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "tsmon.toml"
+    path.write_text("[batch]\nmax_batch = 256\n")
+    with pytest.raises(ConfigError, match=r"\(.*tsmon.toml \+ environment\)"):
+        load_config(path, env={"TSMON_BATCH__MAX_BATCH": "0"})
