@@ -4,9 +4,11 @@ Owns the pipeline benchmark. On one local broker and one topic of chunked messag
 rates, each from its first record to its last (group joins excluded): a bare kafka-python
 consume-and-parse loop, the scorer alone on the very windows those messages make (same model, same
 ``max_batch``), and the daemon end to end (broker → windows → scores → alerts acknowledged).
-``ratio`` = pipeline / min(consume, scorer). The scorer alone is measured twice: with the daemon's scoring
-threads (``daemon.torch_threads``, cores − 1 by default, since the consuming thread needs a core) — the
-configuration the pipeline runs, used for ``ratio`` — and with every core, for ``ratio_vs_all_cores_scorer``.
+``ratio`` = pipeline / min(consume, scorer). Rounds interleave the three (each figure is the best of its
+rounds), so that all of them see the same machine conditions. The scorer alone is measured twice: with
+the daemon's scoring threads (``daemon.torch_threads``, cores − 1 by default, since the consuming thread
+needs a core) — the configuration the pipeline runs, used for ``ratio`` — and with every core, for
+``ratio_vs_all_cores_scorer``.
 """
 
 from __future__ import annotations
@@ -82,17 +84,47 @@ def _score_alone(scorer: Scorer, blocks: list[SampleBlock], max_batch: int) -> t
     return time.perf_counter() - t0, sum(len(b) for b in batches)
 
 
+def _pipeline_once(broker: LocalBroker, topic: str, model: str, scorer: Scorer, total: int, max_batch: int,
+                   device: str) -> tuple[float, float, int]:
+    """One daemon, fresh group: seconds from its first record to the last alert acknowledged; CPU s; alerts."""
+    from monitor.daemon import Daemon
+
+    cfg = load_config(None, {"kafka.bootstrap_servers": broker.bootstrap, "kafka.topics": [topic],
+                             "kafka.group_id": f"bench-{uuid.uuid4().hex[:8]}", "kafka.session_timeout_ms": 2000,
+                             "kafka.heartbeat_interval_ms": 500, "batch.max_batch": max_batch,
+                             "daemon.device": device, "models": [{"pattern": "*", "path": model}]}, env={})
+    daemon = Daemon(cfg, scorer=scorer)  # sets the daemon's scoring threads
+    done: list[float] = []
+
+    def finished() -> bool:
+        if daemon.metrics.total("tsmon_samples_total") >= total and daemon.processor.pending == 0:
+            daemon.processor.sink.flush(30)  # alerts acknowledged: the end of the pipeline
+            done.append(time.monotonic())
+            return True
+        return False
+
+    cpu0 = time.process_time()
+    daemon.run(until=finished)
+    first = daemon.processor.first_record_at
+    seconds = done[0] - first if done and first else float("nan")
+    return seconds, time.process_time() - cpu0, int(daemon.metrics.total("tsmon_alert_messages_total"))
+
+
 def bench_pipeline(model: str, streams: int = 8, samples: int = 560_000, chunk: int = 140, max_batch: int = 256,
-                   device: str = "auto", seed: int = 0) -> dict[str, Any]:
+                   device: str = "auto", seed: int = 0, rounds: int = 3) -> dict[str, Any]:
+    """Each round measures consume, scorer (daemon threads and all cores) and pipeline in turn, so that all
+    figures see the same machine; each figure is the best of its rounds."""
     from kafka import KafkaProducer
 
-    from monitor.daemon import Daemon
+    from monitor.daemon import scoring_threads
     from monitor.topics import ensure_topics
 
     served = load_served("*", model, "bench", None, device)
     scorer = Scorer([served])
     data = _streams(served.detector, streams, samples // streams, seed)
     total = sum(len(ts) for _, ts, _ in data)
+    all_cores, daemon_threads = torch.get_num_threads(), scoring_threads(None)
+    t_consume, t_scorer, t_all, t_pipe, cpu = [], [], [], [], []
     with LocalBroker() as broker:
         topic = f"bench-{uuid.uuid4().hex[:8]}"
         ensure_topics(broker.bootstrap, {topic: 4, "tsmon.alerts": 1, "tsmon.dead-letter": 1})
@@ -104,60 +136,35 @@ def bench_pipeline(model: str, streams: int = 8, samples: int = 560_000, chunk: 
                 n_messages += 1
         producer.flush()
         producer.close()
-        consume_s, blocks = _consume(broker.bootstrap, topic, n_messages)
-        all_cores = torch.get_num_threads()
-        score_all_s, n_windows = min(_score_alone(scorer, blocks, max_batch) for _ in range(3))
-        cfg = load_config(None, {"kafka.bootstrap_servers": broker.bootstrap, "kafka.topics": [topic],
-                                 "kafka.group_id": f"bench-{uuid.uuid4().hex[:8]}", "kafka.session_timeout_ms": 2000,
-                                 "kafka.heartbeat_interval_ms": 500, "batch.max_batch": max_batch,
-                                 "daemon.device": device, "models": [{"pattern": "*", "path": model}]}, env={})
-        daemon = Daemon(cfg, scorer=scorer)  # sets the daemon's scoring threads
-        daemon_threads = torch.get_num_threads()
-        score_s, _ = min(_score_alone(scorer, blocks, max_batch) for _ in range(3))
-        done: list[float] = []
-
-        def finished() -> bool:
-            if daemon.metrics.total("tsmon_samples_total") >= total and daemon.processor.pending == 0:
-                daemon.processor.sink.flush(30)  # alerts acknowledged: the end of the pipeline
-                done.append(time.monotonic())
-                return True
-            return False
-
-        cpu0, broker0 = time.process_time(), _cpu_seconds(broker.proc.pid if broker.proc else None)
-        daemon.run(until=finished)
-        cpu_s, broker_s = time.process_time() - cpu0, _cpu_seconds(broker.proc.pid if broker.proc else None) - broker0
-        first = daemon.processor.first_record_at
-        pipeline_s = done[0] - first if done and first else float("nan")
+        for _ in range(rounds):
+            seconds, blocks = _consume(broker.bootstrap, topic, n_messages)
+            t_consume.append(seconds)
+            torch.set_num_threads(all_cores)
+            seconds, n_windows = _score_alone(scorer, blocks, max_batch)
+            t_all.append(seconds)
+            torch.set_num_threads(daemon_threads)
+            t_scorer.append(_score_alone(scorer, blocks, max_batch)[0])
+            seconds, cpu_s, alerts = _pipeline_once(broker, topic, model, scorer, total, max_batch, device)
+            t_pipe.append(seconds)
+            cpu.append(cpu_s)
         torch.set_num_threads(all_cores)
-    consume = total / consume_s
-    scorer_rate = n_windows / score_s * served.hop
-    scorer_all = n_windows / score_all_s * served.hop
-    pipeline = total / pipeline_s
+    consume, pipeline = total / min(t_consume), total / min(t_pipe)
+    scorer_rate, scorer_all = n_windows / min(t_scorer) * served.hop, n_windows / min(t_all) * served.hop
     warnings = []
     if pipeline > min(consume, scorer_rate) or scorer_all < 0.8 * scorer_rate:
         warnings.append("inconsistent figures (a stage faster than the pipeline allows, or more threads slower "
                         "than one): the machine was busy with something else; run again on a quiet machine")
-    if pipeline_s < 1.0:
-        warnings.append(f"the pipeline ran only {pipeline_s:.2f} s: use more --samples for a stable figure")
+    if min(t_pipe) < 1.0:
+        warnings.append(f"the pipeline ran only {min(t_pipe):.2f} s: use more --samples for a stable figure")
     return {
-        "warnings": warnings,
+        "warnings": warnings, "rounds": rounds,
         "samples": total, "messages": n_messages, "chunk": chunk, "streams": streams, "windows": n_windows,
         "max_batch": max_batch, "device": str(served.detector.device), "model": served.detector.kind,
         "consume_samples_per_s": round(consume), "scorer_samples_per_s": round(scorer_rate),
         "pipeline_samples_per_s": round(pipeline), "ratio": round(pipeline / min(consume, scorer_rate), 3),
         "scoring_threads": daemon_threads, "scorer_all_cores_samples_per_s": round(scorer_all),
         "all_cores": all_cores, "ratio_vs_all_cores_scorer": round(pipeline / min(consume, scorer_all), 3),
-        "alerts_published": int(daemon.metrics.total("tsmon_alert_messages_total")),
-        # CPU use while the daemon ran (includes its group join): near cores × wall means CPU-bound
-        "daemon_cpu_s": round(cpu_s, 2), "broker_cpu_s": round(broker_s, 2), "cores": os.cpu_count(),
-        "pipeline_wall_s": round(pipeline_s, 2),
+        "alerts_published": alerts,
+        "pipeline_wall_s": round(min(t_pipe), 2), "daemon_cpu_s": round(cpu[t_pipe.index(min(t_pipe))], 2),
+        "cores": os.cpu_count(),
     }
-
-
-def _cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of another process (Linux /proc), 0 where unknown."""
-    try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, TypeError):
-        return 0.0

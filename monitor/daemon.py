@@ -36,6 +36,11 @@ from monitor.source import TP, KafkaSource, Source
 log = logs.get("tsmon.daemon")
 
 
+def scoring_threads(configured: int | None) -> int:
+    """Torch CPU threads for scoring: as configured, else cores − 1 (at least 1)."""
+    return configured or max(1, (os.cpu_count() or 2) - 1)
+
+
 def build_scorer(cfg: Config) -> Scorer:
     return Scorer([load_served(r.pattern, r.path, r.name, r.hop, cfg.daemon.device) for r in cfg.require_models()])
 
@@ -68,7 +73,7 @@ class Daemon:
         self.cfg = cfg
         # The forward pass runs beside the consuming thread: leave that thread a core of its own
         # (measured on 2 cores, `tsmon bench pipeline`: 1 torch thread 241k samples/s, 2 threads 200k).
-        torch.set_num_threads(cfg.daemon.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+        torch.set_num_threads(scoring_threads(cfg.daemon.torch_threads))
         # The CPU LSTM steps its layers from Python, taking the GIL between ops; with the default 5 ms
         # switch interval it waits behind the parsing thread (same benchmark: 193k → 223k samples/s at 0.2 ms).
         sys.setswitchinterval(0.0002)
