@@ -119,7 +119,7 @@ def bench_pipeline(model: str, streams: int = 8, samples: int = 560_000, chunk: 
     from monitor.daemon import scoring_threads
     from monitor.topics import ensure_topics
 
-    served = load_served("*", model, "bench", None, device)
+    served = load_served("*", model, None, None, device)  # named as the daemon's route names it
     scorer = Scorer([served])
     data = _streams(served.detector, streams, samples // streams, seed)
     total = sum(len(ts) for _, ts, _ in data)

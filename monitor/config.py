@@ -251,6 +251,8 @@ class DaemonConfig(_Section):
     shutdown_timeout_s: float = Field(10.0, gt=0, description="grace period to drain on SIGTERM")
     poll_timeout_ms: int = Field(100, ge=1, description="longest one poll blocks")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for scoring; none = cores − 1 (≥ 1)")
+    scoring: Literal["auto", "thread", "process"] = Field(
+        "auto", description="where the forward pass runs; auto = a process of its own on CPU, a thread on CUDA")
     log_format: Literal["json", "console"] | None = Field(None, description="none = console on a terminal")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -491,6 +493,7 @@ commit_interval_ms = 1000.0              # how often finished offsets are commit
 shutdown_timeout_s = 10.0                # grace period to drain on SIGTERM
 poll_timeout_ms = 100                    # longest one poll blocks
 # torch_threads = 3                      # CPU scoring threads; default: cores − 1, leaving one to consume
+scoring = "auto"                         # auto, thread or process (auto: process on CPU, thread on CUDA)
 # log_format = "json"                    # example: json or console; default: console on a terminal
 log_level = "INFO"                       # DEBUG, INFO, WARNING or ERROR
 '''

@@ -30,6 +30,7 @@ from monitor.config import Config
 from monitor.metrics import Metrics
 from monitor.processor import Processor, Settings
 from monitor.scorer import Scorer, load_served
+from monitor.scoring import Backend, ProcessBackend, ThreadBackend, choose
 from monitor.sink import KafkaSink, Sink
 from monitor.source import TP, KafkaSource, Source
 
@@ -73,19 +74,26 @@ class Daemon:
         self.cfg = cfg
         # The forward pass runs beside the consuming thread: leave that thread a core of its own
         # (measured on 2 cores, `tsmon bench pipeline`: 1 torch thread 241k samples/s, 2 threads 200k).
-        torch.set_num_threads(scoring_threads(cfg.daemon.torch_threads))
-        # The CPU LSTM steps its layers from Python, taking the GIL between ops; with the default 5 ms
-        # switch interval it waits behind the parsing thread (same benchmark: 193k → 223k samples/s at 0.2 ms).
-        sys.setswitchinterval(0.0002)
+        threads = scoring_threads(cfg.daemon.torch_threads)
+        torch.set_num_threads(threads)
         self.metrics = Metrics()
         self.scorer = scorer or build_scorer(cfg)
+        self.scoring = choose(cfg.daemon.scoring, cfg.daemon.device)
+        if self.scoring == "process":
+            backend: Backend = ProcessBackend([(r.pattern, str(r.path), r.name, r.hop) for r in cfg.require_models()],
+                                              cfg.daemon.device, threads)
+        else:
+            # The CPU LSTM steps its layers from Python, taking the GIL between ops; with the default 5 ms
+            # switch interval it waits behind the parsing thread (193k → 223k samples/s at 0.2 ms).
+            sys.setswitchinterval(0.0002)
+            backend = ThreadBackend(self.scorer)
         self.calibrator = Calibrator(calibrator_settings(cfg, self.scorer))
         self.stop_event = threading.Event()
         self.final_thresholds: dict[str, dict[str, Any]] = {}  # calibrator snapshot taken at shutdown
         self._started = time.monotonic()
         self.sink = sink or KafkaSink(cfg.kafka.producer_kwargs())
         self.processor = Processor(self.scorer, self.calibrator, Batcher(cfg.batch.max_batch, cfg.batch.max_delay_ms),
-                                   self.sink, self.metrics, processor_settings(cfg))
+                                   self.sink, self.metrics, processor_settings(cfg), backend)
         k = cfg.kafka
         self.source = source or KafkaSource(k.consumer_kwargs(), list(k.topics), k.topic_pattern,
                                             self._on_revoke, self._on_assign)
@@ -124,6 +132,7 @@ class Daemon:
         """Run until stopped (signal, :attr:`stop_event` or ``until()``); returns the metrics snapshot."""
         d = self.cfg.daemon
         log.info("daemon_starting", models={n: m.describe() for n, m in self.scorer.models.items()},
+                 scoring=self.scoring,
                  config=self.cfg.redacted())
         self._scheduler.start()
         self._started = last_commit = time.monotonic()

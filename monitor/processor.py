@@ -4,8 +4,9 @@ Owns per-stream state and the order of the at-least-once contract inside one con
 
 1. every record ends in exactly one place: a stream's windows (its samples held in the ledger), or the
    dead-letter topic with the reason (never dropped, never an exception out of :meth:`handle`);
-2. windows are scored in micro-batches on a worker thread (the forward pass releases the GIL, so the
-   next records are parsed meanwhile); results are applied on the caller's thread in submission order:
+2. windows are scored in micro-batches by a scoring backend (a worker thread or a process of its own,
+   :mod:`monitor.scoring`) while the next records are parsed; results are applied on the caller's thread
+   in submission order:
    each updates the stream's alert state and, if normal, the calibrator; transitions go to the sink;
 3. :meth:`commit` flushes the sink (every alert, event and dead letter acknowledged by the broker), and
    only then commits, per partition, the oldest offset whose samples are still needed.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from monitor.metrics import Metrics
 from monitor.quality import QualityEvent, StreamQuality, intervals_ms
 from monitor.records import BadRecord, Limits, SampleBlock, parse
 from monitor.scorer import Scorer, Served
+from monitor.scoring import Backend, Result, ThreadBackend
 from monitor.sink import OutMessage, Sink, json_message
 from monitor.source import TP, InRecord, Source
 from monitor.windows import StreamWindows, order_problem
@@ -64,7 +66,8 @@ class StreamState:
 
 class Processor:
     def __init__(self, scorer: Scorer, calibrator: Calibrator, batcher: Batcher, sink: Sink,
-                 metrics: Metrics | None = None, settings: Settings = Settings()) -> None:
+                 metrics: Metrics | None = None, settings: Settings = Settings(),
+                 backend: Backend | None = None) -> None:
         self.scorer, self.calibrator, self.batcher, self.sink = scorer, calibrator, batcher, sink
         self.metrics = metrics or Metrics()
         self.settings = settings
@@ -72,8 +75,8 @@ class Processor:
         self.streams: dict[str, StreamState] = {}
         self._committed: dict[TP, int] = {}
         self.first_record_at: float | None = None  # monotonic time the first record arrived (benchmarks)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tsmon-score")
-        self._inflight: deque[tuple[Batch, Future[tuple[np.ndarray, np.ndarray, float]]]] = deque()
+        self._backend = backend or ThreadBackend(scorer)
+        self._inflight: deque[tuple[Batch, Future[Result]]] = deque()
 
     @property
     def pending(self) -> int:
@@ -176,18 +179,13 @@ class Processor:
         for batch in self.batcher.ready(force):
             while len(self._inflight) >= self.settings.max_inflight:  # bounded: wait for the oldest
                 self._apply(*self._inflight.popleft())
-            self._inflight.append((batch, self._pool.submit(self._score, batch)))
+            self._inflight.append((batch, self._backend.submit(batch.model, batch.values)))
         n = 0
         while self._inflight and (force or self._inflight[0][1].done()):
             n += self._apply(*self._inflight.popleft())
         return n
 
-    def _score(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, float]:
-        t0 = time.perf_counter()
-        window_err, channel_err = self.scorer.score(batch)
-        return window_err, channel_err, time.perf_counter() - t0
-
-    def _apply(self, batch: Batch, future: Future[tuple[np.ndarray, np.ndarray, float]]) -> int:
+    def _apply(self, batch: Batch, future: Future[Result]) -> int:
         window_err, channel_err, seconds = future.result()  # a scoring failure surfaces here, on our thread
         self.metrics.batch_seconds.observe(seconds)
         self.metrics.windows.labels(batch.model).inc(len(batch))
@@ -195,7 +193,7 @@ class Processor:
         return len(batch)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        self._backend.close()
 
     def _after_scoring(self, batch: Batch, window_err: np.ndarray, channel_err: np.ndarray) -> None:
         served = self.scorer.models[batch.model]

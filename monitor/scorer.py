@@ -72,8 +72,11 @@ class Scorer:
 
     def score(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
         """Window errors ``[n]`` and channel errors ``[n, C]`` of a batch (float32, may hold NaN)."""
-        det = self.models[batch.model].detector
-        x = torch.from_numpy(det.scaler.transform(batch.values))
+        return self.score_values(batch.model, batch.values)
+
+    def score_values(self, model: str, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        det = self.models[model].detector
+        x = torch.from_numpy(det.scaler.transform(values))
         if det.device.type == "cuda":
             x = x.pin_memory().to(det.device, non_blocking=True)
         window, channel, _ = det.score_tensor(x)

@@ -71,10 +71,12 @@ def firing(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [a for a in docs if a.get("type") == "anomaly" and a["status"] == "firing"]
 
 
-def test_labelled_bursts_alert_and_a_clean_stream_does_not(broker: Any, topic: str, stream_model: Path) -> None:
+@pytest.mark.parametrize("scoring", ["process", "thread"])
+def test_labelled_bursts_alert_and_a_clean_stream_does_not(broker: Any, topic: str, stream_model: Path,
+                                                           scoring: str) -> None:
     streams = {"dev-anom": sine_stream(4000, BURSTS, seed=2), "dev-clean": sine_stream(4000, seed=3)}
     produce(broker.bootstrap, topic, streams)
-    cfg = config(broker, topic, stream_model)
+    cfg = config(broker, topic, stream_model, **{"daemon.scoring": scoring})
     run_until_samples(cfg, 8000)
     docs = TopicReader(broker.bootstrap, cfg.kafka.alerts_topic).settle()
     fired = firing(docs)

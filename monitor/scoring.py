@@ -1,0 +1,109 @@
+"""Where the forward pass runs: a thread of the daemon's process, or a scoring process of its own.
+
+Owns the choice and its lifecycle. The consuming thread parses JSON in Python while a batch is scored; the
+CPU LSTM steps its layers from Python, handing the GIL to and from that thread around each of its ~7 torch
+ops per step, so on CPU scoring runs best in a process of its own (measured with ``tsmon bench pipeline``
+on 2 vCPUs: ~190k samples/s with a thread, ~270k with a process). On CUDA a kernel launch is short and
+the copy is asynchronous, so a thread is enough. Both backends return, per batch, the window errors, the
+channel errors and the seconds the forward pass took; results come back in submission order because
+each backend has a single worker.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Protocol
+
+import numpy as np
+
+from models.errors import ConfigError
+from monitor.scorer import Scorer, load_served
+
+Result = tuple[np.ndarray, np.ndarray, float]
+RouteSpec = tuple[str, str, str | None, int | None]  # pattern, artifact path, name, hop
+
+
+class Backend(Protocol):
+    def submit(self, model: str, values: np.ndarray) -> Future[Result]: ...
+    def close(self) -> None: ...
+
+
+def _timed(scorer: Scorer, model: str, values: np.ndarray) -> Result:
+    t0 = time.perf_counter()
+    window, channel = scorer.score_values(model, values)
+    return window, channel, time.perf_counter() - t0
+
+
+class ThreadBackend:
+    """Scores on one worker thread of this process with the given :class:`Scorer`."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self._scorer = scorer
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tsmon-score")
+
+    def submit(self, model: str, values: np.ndarray) -> Future[Result]:
+        return self._pool.submit(_timed, self._scorer, model, values)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+_worker: Scorer | None = None
+
+
+def _init_worker(routes: list[RouteSpec], device: str, threads: int, parent: int) -> None:
+    """In the scoring process: leave signals to the daemon, load the models, exit if the daemon dies."""
+    import torch
+
+    global _worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon stops us through the pool, after draining
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    _worker = Scorer([load_served(p, path, name, hop, device) for p, path, name, hop in routes])
+
+    def orphan_watch() -> None:  # a SIGKILLed daemon cannot shut the pool down: do not linger
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=orphan_watch, daemon=True, name="tsmon-orphan-watch").start()
+
+
+def _score_in_worker(model: str, values: np.ndarray) -> Result:
+    assert _worker is not None, "scoring process not initialised"
+    return _timed(_worker, model, values)
+
+
+class ProcessBackend:
+    """Scores in one spawned process holding its own copy of the models (no GIL shared with parsing)."""
+
+    def __init__(self, routes: list[RouteSpec], device: str, threads: int, start_timeout_s: float = 120) -> None:
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and a CUDA context
+        self._pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker,
+                                         initargs=(routes, device, threads, os.getpid()))
+        try:
+            self._pool.submit(int, 0).result(timeout=start_timeout_s)  # models load now: fail at start
+        except Exception as exc:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            raise ConfigError(f"the scoring process could not start: {type(exc).__name__}: {exc}") from None
+
+    def submit(self, model: str, values: np.ndarray) -> Future[Result]:
+        return self._pool.submit(_score_in_worker, model, values)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def choose(mode: str, device: str) -> str:
+    """``auto`` → ``process`` on CPU, ``thread`` on CUDA."""
+    if mode != "auto":
+        return mode
+    import torch
+
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "thread" if cuda else "process"

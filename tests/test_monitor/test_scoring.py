@@ -1,0 +1,41 @@
+"""Scoring backends: a thread and a process give the same errors; the choice; a bad model fails at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.errors import ConfigError
+from monitor.scorer import Scorer, load_served
+from monitor.scoring import ProcessBackend, ThreadBackend, choose
+from tests.conftest import STREAM_WINDOW, sine_stream
+
+
+def test_thread_and_process_backends_agree(stream_model: Path) -> None:
+    _, values = sine_stream(STREAM_WINDOW * 64, (500,), seed=7)
+    windows = values.reshape(64, STREAM_WINDOW, 2)
+    served = load_served("*", stream_model, None, None, "cpu")
+    thread = ThreadBackend(Scorer([served]))
+    process = ProcessBackend([("*", str(stream_model), None, None)], "cpu", 1)
+    try:
+        a = thread.submit(served.name, windows).result()
+        b = process.submit(served.name, windows).result()
+    finally:
+        thread.close()
+        process.close()
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[0].shape == (64,) and a[1].shape == (64, 2) and b[2] > 0
+
+
+def test_auto_is_a_process_on_cpu_and_a_thread_on_cuda() -> None:
+    assert choose("auto", "cpu") == "process"
+    assert choose("auto", "cuda:0") == "thread"
+    assert choose("thread", "cpu") == "thread"
+
+
+def test_a_model_the_scoring_process_cannot_load_fails_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="scoring process could not start"):
+        ProcessBackend([("*", str(tmp_path / "missing"), None, None)], "cpu", 1, start_timeout_s=60)
