@@ -167,11 +167,11 @@ class Daemon:
             log.error("final_commit_failed", error=str(exc))
         finally:
             self.final_thresholds = self.calibrator.snapshot()  # before close() revokes and forgets streams
+            self.source.close()  # leaving the group revokes: nothing waits by now, the sink is still open
             try:
                 self.sink.close(self.cfg.daemon.shutdown_timeout_s)
             except SinkBackpressure as exc:
                 log.error("sink_close_failed", error=str(exc))
-            self.source.close()
             self.processor.close()
         log.info("daemon_stopped", uptime_s=round(time.monotonic() - self._started, 1),
                  shutdown_s=round(time.monotonic() - t0, 3), **_summary(self.metrics))

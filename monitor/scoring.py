@@ -90,7 +90,9 @@ class ProcessBackend:
             self._pool.submit(int, 0).result(timeout=start_timeout_s)  # models load now: fail at start
         except Exception as exc:
             self._pool.shutdown(wait=False, cancel_futures=True)
-            raise ConfigError(f"the scoring process could not start: {type(exc).__name__}: {exc}") from None
+            raise ConfigError(f"the scoring process could not start: {type(exc).__name__}: {str(exc)[:300]} (a script "
+                              "that starts the daemon needs `if __name__ == '__main__':`; or set "
+                              "daemon.scoring = \"thread\")") from None
 
     def submit(self, model: str, values: np.ndarray) -> Future[Result]:
         return self._pool.submit(_score_in_worker, model, values)
