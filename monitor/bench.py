@@ -25,26 +25,28 @@ from monitor.batcher import Batcher
 from monitor.broker import LocalBroker
 from monitor.config import load_config
 from monitor.records import SampleBlock, parse
-from monitor.replay import messages
+from monitor.replay import replay
 from monitor.scorer import Scorer, load_served
 from monitor.windows import StreamWindows
 
 
 def _streams(det: Any, n_streams: int, per_stream: int, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """ECG5000 test beats for a 140 × 1 model trained on them, else noisy sines of the model's shape."""
+    """The model's ECG5000 test beats for a model trained on them, else noisy sines of the model's shape."""
     rng = np.random.default_rng(seed)
+    beats = None
+    if det.meta.get("training", {}).get("data", {}).get("source") == "ecg5000":
+        from models.workflow import load_dataset, spec_for_eval
+
+        beats = load_dataset(spec_for_eval(det.meta, "ecg5000", None)).test  # once, not per stream
+    ts = 1_700_000_000_000 + 8 * np.arange(per_stream, dtype="int64")
     out = []
     for s in range(n_streams):
-        if det.meta.get("training", {}).get("data", {}).get("source") == "ecg5000":
-            from models.data import load_ecg5000
-
-            beats = load_ecg5000("classic", 42).test
+        if beats is not None:
             values = beats[rng.integers(0, len(beats), per_stream // det.window + 1)].reshape(-1, det.channels)
         else:
             t = np.arange(per_stream)[:, None]
-            values = np.sin(2 * np.pi * t / 50 + np.arange(det.channels)) + 0.05 * rng.normal(size=(per_stream,
-                                                                                                    det.channels))
-        ts = 1_700_000_000_000 + 8 * np.arange(per_stream, dtype="int64")
+            noise = 0.05 * rng.normal(size=(per_stream, det.channels))
+            values = np.sin(2 * np.pi * t / 50 + np.arange(det.channels)) + noise
         out.append((f"bench-{s:03d}", ts, values[:per_stream].astype("float32")))
     return out
 
@@ -97,7 +99,7 @@ def _pipeline_once(broker: LocalBroker, topic: str, model: str, scorer: Scorer, 
     done: list[float] = []
 
     def finished() -> bool:
-        if daemon.metrics.total("tsmon_samples_total") >= total and daemon.processor.pending == 0:
+        if daemon.caught_up(total):
             daemon.processor.sink.flush(30)  # alerts acknowledged: the end of the pipeline
             done.append(time.monotonic())
             return True
@@ -129,13 +131,10 @@ def bench_pipeline(model: str, streams: int = 8, samples: int = 560_000, chunk: 
         topic = f"bench-{uuid.uuid4().hex[:8]}"
         ensure_topics(broker.bootstrap, {topic: 4, "tsmon.alerts": 1, "tsmon.dead-letter": 1})
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1, linger_ms=20, batch_size=256 * 1024)
-        n_messages = 0
         for name, ts, values in data:
-            for body, _n in messages(name, ts, values, chunk):
-                producer.send(topic, key=name.encode(), value=body)
-                n_messages += 1
-        producer.flush()
+            replay(producer, topic, name, ts, values, chunk)
         producer.close()
+        n_messages = sum(-(-len(ts) // chunk) for _, ts, _ in data)  # uniform series: one message per chunk
         for _ in range(rounds):
             seconds, blocks = _consume(broker.bootstrap, topic, n_messages)
             t_consume.append(seconds)

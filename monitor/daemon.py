@@ -117,6 +117,10 @@ class Daemon:
             log.info("threshold_changed", stream=stream, old=round(old.value, 6), new=round(new.value, 6),
                      source=new.source, samples=new.samples)
 
+    def caught_up(self, samples: int) -> bool:
+        """Has it taken ``samples`` samples and scored every window they made? (demo, benchmark, tests)"""
+        return self.metrics.total("tsmon_samples_total") >= samples and self.processor.pending == 0
+
     def install_signal_handlers(self) -> None:
         def handler(signum: int, _frame: FrameType | None) -> None:
             if self.stop_event.is_set():

@@ -130,9 +130,9 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
     from monitor.topics import TopicReader, ensure_topics
 
     progress = progress or DemoProgress()
-    det = artifact.load(model, "cpu")
-    ds = load_dataset(spec_for_eval(det.meta, "ecg5000", None))  # the model's test beats only
-    w = det.window
+    manifest = artifact.read_manifest(model)  # the daemon loads the weights; here only the metadata
+    ds = load_dataset(spec_for_eval(manifest, "ecg5000", None))  # the model's test beats only
+    w = int(manifest["window"])
     n_beats = max(10, int(opts.duration_s * opts.rate / w))  # per stream; episodes add a few
     streams = build_streams(ds.test, ds.test_labels.astype(bool), opts.streams, n_beats, opts.anomaly_rate,
                             opts.period_ms, int(time.time() * 1000) - n_beats * w * opts.period_ms, opts.seed)
@@ -158,10 +158,10 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
                 for s, b in zip(streams, bodies, strict=True):
                     if i < len(b):
                         producer.send("tsmon.input", key=s.name.encode(), value=b[i])
+                        progress.sent_samples += w
                 if opts.bad_records and i == n_beats // 5:
                     for body in BAD_RECORDS:
                         producer.send("tsmon.input", key=b"ecg-01", value=body)
-                progress.sent_samples += w * len(streams)
                 ahead = (i + 1) * w / opts.rate - (time.monotonic() - t0)
                 if stop.wait(max(0.0, ahead)):
                     break
@@ -172,12 +172,10 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         limit = time.monotonic() + opts.duration_s + 60
 
         def finished() -> bool:
-            drained = (not player.is_alive() and daemon.processor.pending == 0
-                       and daemon.metrics.total("tsmon_samples_total") >= progress.total_samples)
-            return drained or time.monotonic() > limit
+            return (not player.is_alive() and daemon.caught_up(progress.total_samples)) or time.monotonic() > limit
 
         try:
-            snap = daemon.run(until=finished)
+            daemon.run(until=finished)
         finally:
             stop.set()
             player.join(10)
@@ -190,8 +188,8 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         **card,
         "streams": opts.streams, "samples": progress.total_samples, "beats": progress.total_samples // w,
         "anomaly_rate": opts.anomaly_rate, "rate_samples_per_s_per_stream": opts.rate,
-        "windows_scored": int(sum(v for k, v in snap.items() if k.startswith("tsmon_windows_scored_total"))),
-        "dead_letters": int(sum(v for k, v in snap.items() if k.startswith("tsmon_dead_letters_total"))),
+        "windows_scored": int(daemon.metrics.total("tsmon_windows_scored_total")),
+        "dead_letters": int(daemon.metrics.total("tsmon_dead_letters_total")),
         "data_quality_events": sum(a.get("type") == "data_quality" for a in alerts),
         "alert_messages": sum(a.get("type") == "anomaly" for a in alerts),
         "thresholds": {s: {"value": round(float(t["value"]), 4), "source": t["source"]} for s, t in thresholds.items()},

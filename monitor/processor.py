@@ -29,7 +29,7 @@ from monitor.batcher import Batch, Batcher
 from monitor.calibrator import Calibrator
 from monitor.ledger import OffsetLedger
 from monitor.metrics import Metrics
-from monitor.quality import QualityEvent, StreamQuality, intervals_ms
+from monitor.quality import QualityEvent, StreamQuality, flat_channels
 from monitor.records import BadRecord, Limits, SampleBlock, parse
 from monitor.scorer import Scorer, Served
 from monitor.scoring import Backend, Result, ThreadBackend
@@ -128,7 +128,7 @@ class Processor:
             return
         ts = np.concatenate([b.ts_ms for _, b in good]) if len(good) > 1 else good[0][1].ts_ms
         values = np.concatenate([b.values for _, b in good]) if len(good) > 1 else good[0][1].values
-        self._check_timing(st, ts)
+        self._quality(st.quality.timing(ts, st.windows.last_ts, self.settings.gap_ms))
         seen = st.windows.seen
         w = st.windows.push(ts, values)
         for (rec, block), last_seq in zip(good, seen + np.cumsum([len(b.ts_ms) for _, b in good]), strict=True):
@@ -151,14 +151,6 @@ class Processor:
             AlertState(stream, served.name, s.alerts))
         self.streams[stream] = st
         return st
-
-    def _check_timing(self, st: StreamState, ts: np.ndarray) -> None:
-        prev, gap = st.windows.last_ts, self.settings.gap_ms
-        if gap is not None:
-            d, first = intervals_ms(ts, prev), int(prev is None)  # d[j] ends at sample j + first
-            for j in np.flatnonzero(d > gap):
-                self._quality(st.quality.event("gap", int(ts[j + first]), f"no samples for {int(d[j])} ms"))
-        self._quality(st.quality.intervals(ts, prev, gap))
 
     def _release(self, stream: str, st: StreamState) -> None:
         """Let the ledger forget input that no future window and no open episode needs."""
@@ -197,9 +189,10 @@ class Processor:
 
     def _after_scoring(self, batch: Batch, window_err: np.ndarray, channel_err: np.ndarray) -> None:
         served = self.scorer.models[batch.model]
-        flat = batch.values.std(axis=1) <= self.settings.flatline_rel_std * np.asarray(
-            served.detector.scaler.scale, "float32")
+        flat = flat_channels(batch.values, np.asarray(served.detector.scaler.scale, "float32"),
+                             self.settings.flatline_rel_std)  # one pass for the whole batch
         touched: dict[str, StreamState] = {}
+        normal: dict[str, list[float]] = {}  # per stream, fed to the calibrator once per batch, in order
         for i, stream in enumerate(batch.streams):
             st = self.streams.get(stream)
             if st is None:  # its partition was revoked while the window waited; the new owner replays it
@@ -215,19 +208,24 @@ class Processor:
                 self.metrics.skipped.labels("nonfinite_score").inc()
                 log.error("nonfinite_score", stream=stream, model=batch.model, end_ts=int(batch.end_ts[i]))
                 continue
-            self._observe(stream, st, batch, i, score, channel_err[i])
+            self._observe(stream, st, batch, i, score, channel_err[i], normal.setdefault(stream, []))
+        for stream, errors in normal.items():
+            self.calibrator.observe(stream, np.asarray(errors))
         for stream, st in touched.items():
             self._release(stream, st)
 
-    def _observe(self, stream: str, st: StreamState, batch: Batch, i: int, score: float, ch: np.ndarray) -> None:
+    def _observe(self, stream: str, st: StreamState, batch: Batch, i: int, score: float, ch: np.ndarray,
+                 normal: list[float]) -> None:
         th = self.calibrator.threshold(stream)
         end_seq = int(batch.end_seq[i])
         obs = Observation(int(batch.start_ts[i]), int(batch.end_ts[i]), end_seq - st.served.window + 1, end_seq,
                           score, th.value, th.source, ch)
         step = st.alerts.update(obs)
         if step.normal:
-            self.calibrator.observe(stream, score)
-        if step.censored:
+            normal.append(score)
+        if step.censored:  # keep the calibrator's window in arrival order: the normal errors before go first
+            self.calibrator.observe(stream, np.asarray(normal))
+            normal.clear()
             self.calibrator.observe_censored(stream, step.censored)
         for t in step.transitions:
             self._publish_alert(stream, st, t)
@@ -236,8 +234,8 @@ class Processor:
         ep = t.episode
         first = self.ledger.offset_of(stream, ep.start.start_seq)
         last = self.ledger.offset_of(stream, (ep.last or ep.peak).end_seq)
-        tp = (first or last or (("", -1), -1))[0]
-        source = {"topic": tp[0] or None, "partition": tp[1] if tp[1] >= 0 else None,
+        topic, partition = (first or last or ((None, None), None))[0]
+        source = {"topic": topic, "partition": partition,
                   "first_offset": first[1] if first else None, "last_offset": last[1] if last else None}
         doc = alert_doc(stream, t, st.served.describe(), st.served.detector.channel_names, source,
                         self.settings.alerts)

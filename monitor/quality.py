@@ -25,6 +25,11 @@ def intervals_ms(ts: np.ndarray, prev_ts: int | None) -> np.ndarray:
     return inner if prev_ts is None else np.concatenate((ts[:1] - prev_ts, inner))
 
 
+def flat_channels(windows: np.ndarray, scale: np.ndarray, rel_std: float) -> np.ndarray:
+    """``[k, C]``: channels whose spread in a window ``[k, W, C]`` is at most ``rel_std`` × their training spread."""
+    return windows.std(axis=1) <= rel_std * scale
+
+
 @dataclass(frozen=True, slots=True)
 class QualityEvent:
     stream: str
@@ -67,11 +72,22 @@ class StreamQuality:
         self._last_emit[kind] = ts
         return [QualityEvent(self.stream, kind, ts, detail, channels, self._held.pop(kind, 0))]
 
-    def intervals(self, ts: np.ndarray, prev_ts: int | None, gap_ms: float | None) -> list[QualityEvent]:
-        """Learn the period from in-order samples and report a drift of the sample rate."""
+    def timing(self, ts: np.ndarray, prev_ts: int | None, gap_ms: float | None) -> list[QualityEvent]:
+        """Gaps longer than ``gap_ms`` (an event each, subject to the cooldown), then sample-rate drift."""
         d = intervals_ms(ts, prev_ts)
-        if gap_ms is not None:
-            d = d[d <= gap_ms]  # gaps are reported on their own; they are not a rate
+        if gap_ms is None:
+            return self._rate(d, int(ts[-1]))
+        first, events = int(prev_ts is None), []  # d[j] ends at sample j + first
+        for j in np.flatnonzero(d > gap_ms):
+            events += self.event("gap", int(ts[j + first]), f"no samples for {int(d[j])} ms")
+        return events + self._rate(d[d <= gap_ms], int(ts[-1]))
+
+    def intervals(self, ts: np.ndarray, prev_ts: int | None, gap_ms: float | None) -> list[QualityEvent]:
+        """Learn the period from in-order samples and report a drift of the sample rate (gaps left out)."""
+        d = intervals_ms(ts, prev_ts)
+        return self._rate(d if gap_ms is None else d[d <= gap_ms], int(ts[-1]))
+
+    def _rate(self, d: np.ndarray, end_ts: int) -> list[QualityEvent]:
         self._new_diffs += len(d)
         self._diffs.extend(d[-CHECK_EVERY:].tolist() if self.period_ms is not None else d.tolist())
         if self.period_ms is None:
@@ -86,13 +102,13 @@ class StreamQuality:
         change = recent / self.period_ms - 1 if self.period_ms > 0 else 0.0
         was, self._drifting = self._drifting, abs(change) > self.rate_tolerance
         if self._drifting and not was:
-            return self.event("rate_drift", int(ts[-1]),
+            return self.event("rate_drift", end_ts,
                               f"sample period {recent:.3g} ms, learned {self.period_ms:.3g} ms ({change:+.0%})")
         return []
 
     def flat(self, windows: np.ndarray) -> np.ndarray:
         """Per window and channel: is the channel flat-lined (stuck or lead-off) in that window? ``[k, C]``."""
-        return windows.std(axis=1) <= self.flatline_rel_std * self.scale
+        return flat_channels(windows, self.scale, self.flatline_rel_std)
 
     def flat_events(self, flat: np.ndarray, end_ts: np.ndarray) -> list[QualityEvent]:
         out: list[QualityEvent] = []

@@ -87,7 +87,8 @@ def _matrix(rows: Any, what: str, limits: Limits) -> np.ndarray | BadRecord:
     elif kinds == {list} and set(map(type, chain.from_iterable(rows))) <= NUMBER:
         widths = set(map(len, rows))
         if len(widths) != 1 or not 0 < (width := widths.pop()) <= limits.max_channels:
-            return BadRecord("bad_shape", f"{what}: every sample needs the same channel count (1..{limits.max_channels})")
+            return BadRecord("bad_shape",
+                             f"{what}: every sample needs the same channel count (1..{limits.max_channels})")
         arr = np.asarray(rows, dtype="float64").reshape(len(rows), width)
     else:
         return BadRecord("wrong_type", f"{what} must hold numbers (or lists of numbers per sample)")

@@ -9,7 +9,6 @@ back. A non-finite score is returned as it is: deciding what it means is the ale
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +45,8 @@ class Served:
 
 def load_served(pattern: str, path: Path, name: str | None, hop: int | None, device: str) -> Served:
     det = artifact.load(path, device)
-    sha = str(det.meta.get("weights", {}).get("sha256", "")) or hashlib.sha256(str(path).encode()).hexdigest()
-    return Served(name or Path(path).name, pattern, det, hop or det.hop or det.window, sha[:12])
+    version = str(det.meta["weights"]["sha256"])[:12]  # artifact.load has checked the weights against it
+    return Served(name or Path(path).name, pattern, det, hop or det.hop or det.window, version)
 
 
 class Scorer:

@@ -73,7 +73,8 @@ class KafkaSink:
         try:
             self._producer = KafkaProducer(**producer_kwargs)
         except KafkaError as exc:
-            raise BrokerError(f"cannot create a producer for {producer_kwargs.get('bootstrap_servers')}: {exc}") from None
+            where = producer_kwargs.get("bootstrap_servers")
+            raise BrokerError(f"cannot create a producer for {where}: {exc}") from None
         self._retries = retries
         self._inflight: list[tuple[OutMessage, Any]] = []
 

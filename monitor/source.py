@@ -14,7 +14,6 @@ uses the real broker.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -98,7 +97,7 @@ class KafkaSource:
         except KafkaError as exc:
             raise BrokerError(f"cannot reach {consumer_kwargs.get('bootstrap_servers')}: {exc}") from None
         if pattern:
-            self._consumer.subscribe(pattern=re.compile(pattern).pattern, listener=Listener())
+            self._consumer.subscribe(pattern=pattern, listener=Listener())  # validated by the config
         else:
             self._consumer.subscribe(topics=topics, listener=Listener())
 

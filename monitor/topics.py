@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 
 from models.errors import BrokerError
@@ -48,8 +49,6 @@ class TopicReader:
 
     def settle(self, quiet_s: float = 1.0, limit_s: float = 15.0) -> list[dict[str, Any]]:
         """Wait until nothing new arrived for ``quiet_s`` (at most ``limit_s``); stop; return the docs."""
-        import time
-
         seen, last_change, t0 = -1, time.monotonic(), time.monotonic()
         while time.monotonic() - t0 < limit_s:
             if len(self.docs) != seen:

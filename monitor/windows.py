@@ -120,4 +120,5 @@ def _concat(parts: list[Windows], window: int, channels: int) -> Windows:
         return Windows(np.empty((0, window, channels), "float32"), empty, empty, empty)
     if len(parts) == 1:
         return parts[0]
-    return Windows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("values", "start_ts", "end_ts", "end_seq")))
+    fields = ("values", "start_ts", "end_ts", "end_seq")
+    return Windows(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))

@@ -43,9 +43,9 @@ class LiveView:
         for a in list(p.alerts)[-12:]:
             if a.get("type") == "anomaly":
                 style = "red" if a["status"] == "firing" else "green"
-                t.add_row(iso(a["end_ts"] or a["fired_ts"])[11:23], a["stream"], f"[{style}]{a['status']}" + (" (flapping)" if a["flapping"]
-                          else ""), a["severity"], f"{a['ratio']:.2f}", f"{a['threshold']:.3f} {a['threshold_source']}",
-                          a["alert_id"][:10])
+                status = f"[{style}]{a['status']}" + (" (flapping)" if a["flapping"] else "")
+                t.add_row(iso(a["end_ts"] or a["fired_ts"])[11:23], a["stream"], status, a["severity"],
+                          f"{a['ratio']:.2f}", f"{a['threshold']:.3f} {a['threshold_source']}", a["alert_id"][:10])
             else:
                 t.add_row(a["time"][11:23], a["stream"], f"[yellow]{a['kind']}", "", "", "", a["event_id"][:10])
         return t
@@ -105,7 +105,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     for k, v in rows:
         t.add_row(k, str(v))
     stdout.print(t)
-    stdout.print("thresholds: " + ", ".join(f"{k} {v['value']} ({v['source']})" for k, v in sorted(s["thresholds"].items())))
+    pairs = sorted(s["thresholds"].items())
+    stdout.print("thresholds: " + ", ".join(f"{k} {v['value']} ({v['source']})" for k, v in pairs))
 
 
 def register(app: typer.Typer) -> None:

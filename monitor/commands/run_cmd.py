@@ -26,7 +26,8 @@ def run(
     topic: Annotated[list[str] | None, typer.Option("--topic", help="Input topic (repeat for several).")] = None,
     alerts_topic: Annotated[str | None, typer.Option(help="Topic for alerts and data-quality events.")] = None,
     dead_letter_topic: Annotated[str | None, typer.Option(help="Topic for records that cannot be used.")] = None,
-    model: Annotated[Path | None, typer.Option(help="Artifact serving every stream (replaces the config's model routes).")] = None,
+    model: Annotated[Path | None, typer.Option(help="Artifact serving every stream (replaces the config's model "
+                                                    "routes).")] = None,
     group_id: Annotated[str | None, typer.Option(help="Consumer group.")] = None,
 ) -> None:
     """Run the monitor: consume, window, score in micro-batches, calibrate, publish alerts. Stops on SIGTERM."""

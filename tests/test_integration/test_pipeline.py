@@ -58,7 +58,7 @@ def run_until_samples(cfg: Config, samples: int, limit_s: float = 60, linger_s: 
     t0, done = time.monotonic(), []
 
     def until() -> bool:
-        if not done and d.metrics.total("tsmon_samples_total") >= samples and d.processor.pending == 0:
+        if not done and d.caught_up(samples):
             done.append(time.monotonic())
         return (bool(done) and time.monotonic() - done[0] >= linger_s) or time.monotonic() - t0 > limit_s
 

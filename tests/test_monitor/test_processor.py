@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from models.errors import SinkBackpressure
-from monitor.batcher import Batch, Batcher
+from monitor.batcher import Batcher
 from monitor.calibrator import Calibrator
 from monitor.processor import Processor, Settings
 from monitor.replay import messages
