@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,10 +43,23 @@ class Observation:
     threshold: float
     threshold_source: str
     channel_errors: np.ndarray  # [C]
+    values: np.ndarray | None = None  # the raw window [W, C], kept for over-threshold windows (pictures)
 
     @property
     def over(self) -> bool:
         return self.score > self.threshold
+
+    def to_doc(self) -> dict[str, Any]:
+        """JSON-able, without the window's values (the firing message already carried its picture)."""
+        return {"start_ts": self.start_ts, "end_ts": self.end_ts, "start_seq": self.start_seq,
+                "end_seq": self.end_seq, "score": self.score, "threshold": self.threshold,
+                "threshold_source": self.threshold_source, "channel_errors": self.channel_errors.tolist()}
+
+    @staticmethod
+    def from_doc(doc: dict[str, Any]) -> Observation:
+        return Observation(int(doc["start_ts"]), int(doc["end_ts"]), int(doc["start_seq"]), int(doc["end_seq"]),
+                           float(doc["score"]), float(doc["threshold"]), str(doc["threshold_source"]),
+                           np.asarray(doc["channel_errors"], "float32"))
 
 
 @dataclass
@@ -59,11 +72,15 @@ class Episode:
     last_over_ts: int = 0
     windows_over: int = 0
     flapping: bool = False
+    silenced: bool = False  # fired while the stream was silenced, and not published as firing since
+    scores: list[float] = field(default_factory=list)  # of its over-threshold windows, the first 64 (feedback)
 
     def add(self, obs: Observation) -> None:
         self.last = obs
         if obs.over:
             self.windows_over += 1
+            if len(self.scores) < 64:
+                self.scores.append(obs.score)
             self.last_over_ts = obs.end_ts
             if obs.score / obs.threshold > self.peak.score / self.peak.threshold:
                 self.peak = obs
@@ -128,6 +145,32 @@ class AlertState:
             return Step([], False, 0)
         self.episode = None
         return Step([Transition("resolved", ep)], False, 0)
+
+    def to_doc(self) -> dict[str, Any]:
+        """The state machine as JSON (the changelog's ``alerts`` part)."""
+        ep = self.episode
+        episode = None if ep is None else {
+            "alert_id": ep.alert_id, "start": ep.start.to_doc(), "peak": ep.peak.to_doc(),
+            "fired": ep.fired.to_doc() if ep.fired else None, "last": ep.last.to_doc() if ep.last else None,
+            "last_over_ts": ep.last_over_ts, "windows_over": ep.windows_over, "flapping": ep.flapping,
+            "silenced": ep.silenced, "scores": ep.scores}
+        return {"episode": episode, "under": self.under, "fires": list(self.fires)}
+
+    def restore(self, doc: dict[str, Any], replay_from_seq: int) -> None:
+        """Continue from :meth:`to_doc`'s output. Sample numbers restart with the process, so an open
+        episode is re-anchored at ``replay_from_seq`` (the first sample this process reads)."""
+        e = doc["episode"]
+        self.under, self.fires = int(doc["under"]), deque((int(t) for t in doc["fires"]), maxlen=64)
+        if e is None:
+            self.episode = None
+            return
+        obs = {k: Observation.from_doc(e[k]) if e[k] else None for k in ("start", "peak", "fired", "last")}
+        start = obs["start"]
+        if start is None or obs["peak"] is None:
+            raise ValueError("an open episode needs its start and peak windows")
+        self.episode = Episode(str(e["alert_id"]), replace(start, start_seq=replay_from_seq), obs["peak"],
+                               obs["fired"], obs["last"], int(e["last_over_ts"]), int(e["windows_over"]),
+                               bool(e["flapping"]), bool(e["silenced"]), [float(x) for x in e["scores"]])
 
     def _id(self, obs: Observation) -> str:
         return hashlib.sha256(f"{self.model}|{self.stream}|{obs.start_ts}".encode()).hexdigest()[:20]

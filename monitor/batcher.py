@@ -38,6 +38,7 @@ class Batch:
     end_ts: np.ndarray
     end_seq: np.ndarray
     oldest_wait_s: float
+    enqueued: np.ndarray | None = None  # per row, monotonic seconds its window entered the batcher
 
     def __len__(self) -> int:
         return len(self.streams)
@@ -81,12 +82,14 @@ class Batcher:
 
     def _take(self, model: str, queue: deque[Job], now: float) -> Batch:
         parts: list[tuple[str, Windows]] = []
+        enqueued: list[np.ndarray] = []
         room, oldest = self.max_batch, now - queue[0].enqueued
         while queue and room:
             job = queue[0]
             if len(job.windows) <= room:
                 queue.popleft()
                 parts.append((job.stream, job.windows))
+                enqueued.append(np.full(len(job.windows), job.enqueued))
                 room -= len(job.windows)
             else:  # split a large job; the rest keeps its place at the head of the queue
                 w = job.windows
@@ -94,10 +97,11 @@ class Batcher:
                 rest = Windows(w.values[room:], w.start_ts[room:], w.end_ts[room:], w.end_seq[room:])
                 queue[0] = Job(job.stream, rest, job.enqueued)
                 parts.append((job.stream, head))
+                enqueued.append(np.full(room, job.enqueued))
                 room = 0
         n = self.max_batch - room
         self._sizes[model] -= n
         return Batch(model, np.concatenate([w.values for _, w in parts]),
                      [s for s, w in parts for _ in range(len(w))],
                      *(np.concatenate([getattr(w, f) for _, w in parts]) for f in ("start_ts", "end_ts", "end_seq")),
-                     oldest_wait_s=oldest)
+                     oldest_wait_s=oldest, enqueued=np.concatenate(enqueued))

@@ -1,35 +1,46 @@
-"""Per-stream anomaly thresholds: where each comes from, and their recalibration from recent normal errors.
+"""Per-stream anomaly thresholds: their provenance and versions, recalibration, and operator overrides.
 
-Each stream starts at its model artifact's threshold (source ``"artifact"``). The caller feeds the
-errors of normal windows; ``recalibrate()`` replaces the threshold by ``quantile × margin`` of a bounded
-window of them once it holds ``min_samples`` entries, moving at most ``max_change`` (relative) per call
-and staying within ``[floor, ceiling] × artifact value``. Anomalies never feed the window: the caller
-passes only windows not in an alert, and non-finite errors are refused here (counted in ``rejected``).
+Each stream starts at its model artifact's threshold (version 0, source ``"artifact"``). The caller
+feeds the errors of normal windows; ``recalibrate()`` replaces the threshold by ``quantile × margin`` of a
+bounded window of them once it holds ``min_samples`` entries, moving at most ``max_change`` (relative)
+per call and staying within ``[floor, ceiling] × artifact value``. Anomalies never feed the window: the
+caller passes only windows not in an alert, and non-finite errors are refused here (``rejected``).
 
 Censoring. The caller feeds as values only windows below the threshold, and the q-quantile of values
 truncated at T is always below T: alone, they would lower the threshold on every recalibration, down
 to the floor. So the caller also reports, with ``observe_censored``, over-threshold windows that were
 normal noise (an over-threshold run that ended without an alert); they enter the same window as
 ``+inf`` ("above the threshold of the time"). The quantile is taken with ``method="inverted_cdf"`` (an
-actual entry, no interpolation with inf): finite, it is the empirical quantile, the censored entries
-all lying above it; ``+inf``, the true quantile is above the threshold, we cannot see where, and the
-threshold steps up (see ``_proposal``).
+actual entry, no interpolation with inf): finite, it is the empirical quantile; ``+inf``, the true
+quantile is above the threshold and the threshold steps up (see ``_proposal``).
 
-Thread-safe (one lock): the daemon runs ``recalibrate()`` from a scheduler thread.
+Level shifts and the drift guard. The caller also feeds the errors of *all* windows (``observe_all``).
+When nearly all recent windows are over the threshold the stream is either broken or has a new normal:
+:mod:`monitor.drift` decides, and only a settled level is accepted (the threshold jumps to the recent
+quantile, source ``calibrated``, reason ``new normal``). Every raise passes the drift guard first;
+refusals are kept in :attr:`Calibrator.refused` with their reason.
+
+Versions and overrides. Every change is a numbered version with its source and reason (``history``,
+``rollback``). Operators pin a value (calibration leaves it alone), freeze calibration per stream or for
+all, reset a stream, or ask what another quantile would give (``candidate``). Thread-safe (one lock):
+the daemon recalibrates from a scheduler thread and applies commands on its loop thread.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
 from models.errors import ArtifactError, ConfigError
+from monitor.drift import DriftSettings, assess, level_shift
 
 _MIN_CHANGE = 1e-9  # relative; below it a recalibration is not a change (float noise)
 
@@ -45,7 +56,9 @@ class CalibratorSettings:
     max_change: float = 0.2  # relative, per recalibration
     floor: float = 0.5  # × artifact value
     ceiling: float = 4.0  # × artifact value
-    enabled: bool = True  # False: recalibrate() changes nothing
+    enabled: bool = True  # False: scheduled recalibrations change nothing (commands still do)
+    history: int = 50  # versions kept per stream
+    drift: DriftSettings = field(default_factory=lambda: DriftSettings(enabled=False))
 
     def __post_init__(self) -> None:
         # NaN fails every comparison below; inf is refused explicitly where a bound is open
@@ -57,6 +70,7 @@ class CalibratorSettings:
             ("max_change", 0.0 < self.max_change <= 1.0, "must be in (0, 1]"),
             ("floor", 0.0 < self.floor <= 1.0, "must be in (0, 1]"),
             ("ceiling", 1.0 <= self.ceiling < math.inf, "must be finite and >= 1"),
+            ("history", self.history >= 1, "must be >= 1"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -65,50 +79,65 @@ class CalibratorSettings:
 
 @dataclass(frozen=True, slots=True)
 class ThresholdState:
-    """A stream's threshold and its provenance."""
+    """A stream's threshold, its provenance and its version number."""
 
     value: float
-    source: str  # "artifact" or "calibrated"
+    source: str  # artifact, calibrated, pinned or rollback
     samples: int  # entries in the stream's window when computed
-    updated_ms: int  # epoch ms of the last change, 0 for the initial artifact value
+    updated_ms: int  # epoch ms of the change, 0 for the initial artifact value
     artifact: float  # the artifact value it started from
+    version: int = 0
+    reason: str = ""
+
+
+@dataclass
+class _Stream:
+    state: ThresholdState
+    normal: deque[float]  # recent normal errors, +inf for censored ones
+    recent: deque[float]  # recent errors of all windows, for the drift guard
+    versions: deque[ThresholdState]
+    thin: int = 1  # every thin-th window does not overlap the previous one
+    pinned: bool = False
+    frozen: bool = False
 
 
 class Calibrator:
-    """Thresholds of all registered streams and the recent normal errors they are calibrated on."""
+    """Thresholds of all registered streams and the recent errors they are calibrated on."""
 
     def __init__(self, settings: CalibratorSettings = CalibratorSettings(),
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self._clock = clock
         self._lock = threading.Lock()
-        self._states: dict[str, ThresholdState] = {}
-        self._windows: dict[str, deque[float]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._rejected = 0
+        self.frozen_all = False  # operator: no stream recalibrates
+        self.refused: dict[str, str] = {}  # stream → why the last recalibration did not raise it
 
-    def register(self, stream: str, artifact_value: float) -> ThresholdState:
+    def register(self, stream: str, artifact_value: float, thin: int = 1) -> ThresholdState:
         """Start ``stream`` at the artifact's threshold; a second call returns the existing state."""
         if not (math.isfinite(artifact_value) and artifact_value > 0):
             raise ArtifactError(f"threshold of stream {stream!r} must be finite and > 0, got {artifact_value}")
         with self._lock:
-            if stream not in self._states:
-                value = float(artifact_value)
-                self._states[stream] = ThresholdState(value, "artifact", 0, 0, value)
-                self._windows[stream] = deque(maxlen=self.settings.window)
-            return self._states[stream]
+            if stream not in self._streams:
+                state = ThresholdState(float(artifact_value), "artifact", 0, 0, float(artifact_value))
+                s = self.settings
+                self._streams[stream] = _Stream(state, deque(maxlen=s.window), deque(maxlen=s.drift.window),
+                                                deque([state], maxlen=s.history), max(1, thin))
+            return self._streams[stream].state
 
     def threshold(self, stream: str) -> ThresholdState:
         with self._lock:
-            return self._states[stream]
+            return self._streams[stream].state
 
+    # evidence ---------------------------------------------------------------------------------------
     def observe(self, stream: str, errors: np.ndarray | float) -> None:
         """Errors of normal windows (below the threshold, not in an alert); non-finite ones are refused."""
         arr = np.asarray(errors, dtype="float64").ravel()
         finite = np.isfinite(arr)
-        # only the last `window` entries can survive the deque anyway
-        kept = arr[finite][-self.settings.window:].tolist()
+        kept = arr[finite][-self.settings.window:].tolist()  # only these can survive the deque anyway
         with self._lock:
-            self._windows[stream].extend(kept)  # KeyError first: nothing counted for an unknown stream
+            self._streams[stream].normal.extend(kept)  # KeyError first: nothing counted for an unknown stream
             self._rejected += int(arr.size - np.count_nonzero(finite))
 
     def observe_censored(self, stream: str, n: int = 1) -> None:
@@ -116,57 +145,171 @@ class Calibrator:
         if n < 0:
             raise ValueError(f"censored count must be >= 0, got {n}")
         with self._lock:
-            self._windows[stream].extend([math.inf] * min(n, self.settings.window))
+            self._streams[stream].normal.extend([math.inf] * min(n, self.settings.window))
 
-    def recalibrate(self) -> dict[str, tuple[ThresholdState, ThresholdState]]:
-        """Recompute every stream's threshold; ``{stream: (old, new)}`` for those that changed."""
-        if not self.settings.enabled:
+    def observe_all(self, stream: str, errors: Iterable[float]) -> None:
+        """Errors of every scored window, anomalous or not, in arrival order (for the drift guard)."""
+        with self._lock:
+            self._streams[stream].recent.extend(errors)
+
+    # recalibration ----------------------------------------------------------------------------------
+    def recalibrate(self, streams: Iterable[str] | None = None, quantile: float | None = None,
+                    commanded: bool = False) -> dict[str, tuple[ThresholdState, ThresholdState]]:
+        """Recompute thresholds (all streams, or ``streams``); ``{stream: (old, new)}`` for those that changed.
+
+        ``commanded`` (an operator's ``recalibrate``): runs even when disabled or frozen for all, and
+        moves straight to the target instead of by ``max_change``; pins and per-stream freezes still hold.
+        The reasons of raises the drift guard refused are in :attr:`refused`.
+        """
+        if not commanded and (not self.settings.enabled or self.frozen_all):
             return {}
         with self._lock:  # copy, then compute without holding the lock
-            todo = [(s, st, np.array(self._windows[s], dtype="float64")) for s, st in self._states.items()
-                    if len(self._windows[s]) >= self.settings.min_samples]
-        proposed = [(s, old, self._proposal(old, errs)) for s, old, errs in todo]
+            names = list(self._streams) if streams is None else [s for s in streams if s in self._streams]
+            todo = [(n, st.state, st.thin, np.array(st.normal, "float64"), np.array(st.recent, "float64"))
+                    for n in names if not ((st := self._streams[n]).pinned or st.frozen)]
+        refused: dict[str, str] = {}
+        proposed = []
+        for name, old, thin, normal, recent in todo:
+            value, samples, reason = self._proposal(old, normal, recent, thin, quantile, commanded, refused, name)
+            if value is not None:
+                proposed.append((name, old, value, samples, reason))
         now_ms = int(self._clock() * 1000)
         changed: dict[str, tuple[ThresholdState, ThresholdState]] = {}
         with self._lock:
-            for stream, old, (value, samples) in proposed:
+            self.refused = refused
+            for name, old, value, samples, reason in proposed:
+                st = self._streams.get(name)
                 # forgotten, re-registered or updated by a concurrent call since the copy: leave it
-                if self._states.get(stream) is not old or abs(value - old.value) <= _MIN_CHANGE * old.value:
+                if st is None or st.state is not old or abs(value - old.value) <= _MIN_CHANGE * old.value:
                     continue
-                new = ThresholdState(value, "calibrated", samples, now_ms, old.artifact)
-                self._states[stream] = new
-                changed[stream] = (old, new)
+                changed[name] = (old, self._set(st, value, "calibrated", reason, samples, now_ms))
         return changed
 
-    def _proposal(self, old: ThresholdState, errors: np.ndarray) -> tuple[float, int]:
+    def _proposal(self, old: ThresholdState, normal: np.ndarray, recent: np.ndarray, thin: int,
+                  quantile: float | None, commanded: bool, refused: dict[str, str],
+                  name: str) -> tuple[float | None, int, str]:
+        s, q = self.settings, quantile or self.settings.quantile
+        drift = s.drift
+        if drift.enabled and level_shift(recent, old.value, drift):
+            target = self._bounded(old, float(np.quantile(recent, q)) * s.margin)
+            verdict = assess(recent, target, drift, thin)
+            if not verdict.accept:
+                refused[name] = verdict.reason
+                return None, 0, ""
+            return target, len(recent), f"new normal: {verdict.reason}"
+        if len(normal) < (1 if commanded else s.min_samples):
+            return None, 0, ""
+        value = self._target(old, normal, q, commanded)
+        if drift.enabled and value > old.value * (1 + _MIN_CHANGE):
+            verdict = assess(recent, value, drift, thin, stationary=False)
+            if not verdict.accept:
+                refused[name] = verdict.reason
+                return None, 0, ""
+        how = "commanded" if commanded else "scheduled"
+        return value, len(normal), f"{how}: q{q:g} of {len(normal)} recent normal errors"
+
+    def _target(self, old: ThresholdState, errors: np.ndarray, quantile: float, commanded: bool) -> float:
         s = self.settings
-        q = float(np.quantile(errors, s.quantile, method="inverted_cdf"))
+        q = float(np.quantile(errors, quantile, method="inverted_cdf"))
         if math.isfinite(q):
             target = q * s.margin
         else:
             # Step up by max_change once the censored share is twice the expected 1 − quantile, less
             # when just above it: at equilibrium that share is 1 − quantile ± sampling noise, and a
             # full step on any excess made the threshold jump +max_change every few calls.
-            excess = np.count_nonzero(np.isinf(errors)) / len(errors) / (1.0 - s.quantile) - 1.0
+            excess = np.count_nonzero(np.isinf(errors)) / len(errors) / (1.0 - quantile) - 1.0
             target = old.value * (1.0 + s.max_change * min(1.0, float(excess)))
-        value = min(max(target, old.value * (1.0 - s.max_change)), old.value * (1.0 + s.max_change))
-        value = min(max(value, old.artifact * s.floor), old.artifact * s.ceiling)
-        return value, len(errors)
+        if not commanded:
+            target = min(max(target, old.value * (1.0 - s.max_change)), old.value * (1.0 + s.max_change))
+        return self._bounded(old, target)
 
+    def _bounded(self, old: ThresholdState, value: float) -> float:
+        return min(max(value, old.artifact * self.settings.floor), old.artifact * self.settings.ceiling)
+
+    def candidate(self, stream: str, quantile: float) -> tuple[float, np.ndarray]:
+        """What a commanded recalibration at ``quantile`` would set, and the recent errors (shadow runs)."""
+        with self._lock:
+            st = self._streams[stream]
+            normal, recent, old = np.array(st.normal, "float64"), np.array(st.recent, "float64"), st.state
+        if len(normal) == 0:
+            raise ValueError(f"stream {stream!r} has no recent normal errors yet")
+        return self._target(old, normal, quantile, commanded=True), recent
+
+    # operator overrides -----------------------------------------------------------------------------
+    def _set(self, st: _Stream, value: float, source: str, reason: str, samples: int | None = None,
+             now_ms: int | None = None) -> ThresholdState:
+        """A new version (call with the lock held)."""
+        new = replace(st.state, value=float(value), source=source, reason=reason,
+                      samples=st.state.samples if samples is None else samples,
+                      updated_ms=int(self._clock() * 1000) if now_ms is None else now_ms,
+                      version=st.versions[-1].version + 1)
+        st.state = new
+        st.versions.append(new)
+        return new
+
+    def pin(self, stream: str, value: float, reason: str) -> ThresholdState:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"a pinned threshold must be finite and > 0, got {value}")
+        with self._lock:
+            st = self._streams[stream]
+            st.pinned = True
+            return self._set(st, value, "pinned", reason)
+
+    def unpin(self, stream: str, reason: str) -> ThresholdState:
+        """Back to the value in force before the pin; calibration resumes from there."""
+        with self._lock:
+            st = self._streams[stream]
+            if not st.pinned:
+                return st.state
+            st.pinned = False
+            before = next((v for v in reversed(st.versions) if v.source != "pinned"), None)
+            value, source = (before.value, before.source) if before else (st.state.artifact, "artifact")
+            return self._set(st, value, source, reason)
+
+    def set_frozen(self, stream: str, frozen: bool) -> None:
+        with self._lock:
+            self._streams[stream].frozen = frozen
+
+    def rollback(self, stream: str, version: int, reason: str) -> ThresholdState:
+        with self._lock:
+            st = self._streams[stream]
+            target = next((v for v in st.versions if v.version == version), None)
+            if target is None:
+                kept = [v.version for v in st.versions]
+                raise ValueError(f"stream {stream!r} has no version {version} (kept: {kept[0]}..{kept[-1]})")
+            return self._set(st, target.value, "rollback", f"{reason} (to v{version})".strip())
+
+    def reset(self, stream: str, reason: str) -> ThresholdState:
+        """Forget the stream's evidence and overrides; back to the artifact value, as a new version."""
+        with self._lock:
+            st = self._streams[stream]
+            st.normal.clear(), st.recent.clear()
+            st.pinned = st.frozen = False
+            return self._set(st, st.state.artifact, "artifact", reason, samples=0)
+
+    def controls(self, stream: str) -> dict[str, bool]:
+        with self._lock:
+            st = self._streams[stream]
+            return {"pinned": st.pinned, "frozen": st.frozen or self.frozen_all}
+
+    def history(self, stream: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [asdict(v) for v in self._streams[stream].versions]
+
+    # bookkeeping ------------------------------------------------------------------------------------
     def forget(self, stream: str) -> None:
         """Drop a stream (partition revoked); unknown streams are ignored."""
         with self._lock:
-            self._states.pop(stream, None)
-            self._windows.pop(stream, None)
+            self._streams.pop(stream, None)
 
     def streams(self) -> list[str]:
         with self._lock:
-            return list(self._states)
+            return list(self._streams)
 
     def samples(self, stream: str) -> int:
         """Entries (values and censored) in the stream's window now."""
         with self._lock:
-            return len(self._windows[stream])
+            return len(self._streams[stream].normal)
 
     @property
     def rejected(self) -> int:
@@ -174,9 +317,38 @@ class Calibrator:
         with self._lock:
             return self._rejected
 
-    def snapshot(self) -> dict[str, dict[str, float | int | str]]:
+    def snapshot(self) -> dict[str, dict[str, Any]]:
         """JSON-able view of every stream's threshold state, for logs and status."""
         with self._lock:
-            return {s: {"value": st.value, "source": st.source, "samples": st.samples,
-                        "artifact": st.artifact, "updated_ms": st.updated_ms}
-                    for s, st in self._states.items()}
+            return {n: {"value": st.state.value, "source": st.state.source, "samples": st.state.samples,
+                        "artifact": st.state.artifact, "updated_ms": st.state.updated_ms,
+                        "version": st.state.version, "pinned": st.pinned, "frozen": st.frozen or self.frozen_all}
+                    for n, st in self._streams.items()}
+
+    def export(self, stream: str) -> dict[str, Any]:
+        """Everything needed to continue the stream elsewhere (the changelog's ``calibrator`` part)."""
+        with self._lock:
+            st = self._streams[stream]
+            return {"versions": [asdict(v) for v in st.versions], "pinned": st.pinned, "frozen": st.frozen,
+                    "normal": _pack(st.normal), "recent": _pack(st.recent)}
+
+    def restore(self, stream: str, doc: dict[str, Any]) -> ThresholdState:
+        """Continue a registered stream from :meth:`export`'s output (raises KeyError/ValueError if malformed)."""
+        versions = [ThresholdState(**v) for v in doc["versions"]]
+        with self._lock:
+            st = self._streams[stream]
+            st.versions = deque(versions, maxlen=self.settings.history)
+            st.state = versions[-1]
+            st.pinned, st.frozen = bool(doc["pinned"]), bool(doc["frozen"])
+            st.normal = deque(_unpack(doc["normal"]), maxlen=self.settings.window)
+            st.recent = deque(_unpack(doc["recent"]), maxlen=self.settings.drift.window)
+            return st.state
+
+
+def _pack(values: Iterable[float]) -> str:
+    """float32 little-endian, base64: 2 000 errors in 10.7 kB of JSON (+inf survives)."""
+    return base64.b64encode(np.asarray(list(values), "<f4").tobytes()).decode()
+
+
+def _unpack(text: str) -> list[float]:
+    return np.frombuffer(base64.b64decode(text, validate=True), "<f4").astype("float64").tolist()

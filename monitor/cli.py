@@ -1,4 +1,4 @@
-"""The ``tsmon`` command line: train, eval, score, inspect, bench, demo, broker, run, replay.
+"""The ``tsmon`` command line: train, eval, score, inspect, bench, demo, broker, run, replay, status.
 
 Every failure the user can cause ends in one line ``ErrorType: message`` on stderr and exit status 1.
 """
@@ -15,7 +15,7 @@ from rich.console import Console
 
 from models.errors import TsmonError
 from monitor import __version__, logs
-from monitor.commands import bench_cmd, broker_cmd, demo_cmd, model_cmds, run_cmd
+from monitor.commands import bench_cmd, broker_cmd, demo_cmd, model_cmds, run_cmd, status_cmd
 
 app = typer.Typer(name="tsmon", help="Streaming time-series anomaly monitor.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -46,6 +46,7 @@ def _root(
 model_cmds.register(app)
 broker_cmd.register(app)
 run_cmd.register(app)
+status_cmd.register(app)
 demo_cmd.register(app)
 bench_cmd.register(bench_app)
 

@@ -271,6 +271,47 @@ class DaemonConfig(_Section):
         return value.upper() if isinstance(value, str) else value
 
 
+class ControlConfig(_Section):
+    topic: str = Field("tsmon.control", min_length=1, description="topic operators' commands arrive on")
+    audit_topic: str = Field("tsmon.audit", min_length=1, description="every command, its ack and its effect")
+    key: SecretStr | None = Field(None, description="shared HMAC-SHA256 key; none = every command is refused")
+    max_age_s: float = Field(300.0, gt=0, description="commands issued longer ago (or ahead) are refused")
+    poll_interval_ms: float = Field(200.0, gt=0, description="how often the daemon looks for commands")
+    remember: int = Field(10_000, ge=1, description="command ids remembered to apply each command once")
+
+    _optional = field_validator("key", mode="before")(_unset)
+
+
+class StateConfig(_Section):
+    enabled: bool = Field(True, description="persist and restore thresholds, controls and open alerts")
+    topic: str = Field("tsmon.state", min_length=1, description="changelog topic keyed by stream (compacted)")
+    snapshot_interval_s: float = Field(30.0, gt=0, description="seconds between snapshots of changed streams")
+    restore_timeout_s: float = Field(30.0, gt=0, description="longest a restore may read the changelog")
+    history: int = Field(50, ge=1, description="threshold versions kept per stream")
+    recent_alerts: int = Field(20, ge=1, description="alerts per stream remembered for feedback")
+
+
+class HttpConfig(_Section):
+    enabled: bool = Field(True, description="serve /metrics, /healthz, /readyz and /streams")
+    host: str = Field("127.0.0.1", min_length=1, description="address to listen on")
+    port: int = Field(9465, ge=0, le=65535, description="0 = any free port (logged)")
+    stall_s: float = Field(30.0, gt=0, description="/healthz fails when the loop has not turned for this long")
+    max_stream_labels: int = Field(500, ge=1, description="streams with their own threshold metric label")
+
+
+class DriftConfig(_Section):
+    enabled: bool = Field(True, description="guard threshold raises; accept a level shift as the new normal")
+    window: int = Field(600, ge=20, description="recent window errors (all, normal or not) kept per stream")
+    min_windows: int = Field(200, ge=10, description="errors needed before any raise is allowed (≤ window)")
+    alpha: float = Field(0.01, gt=0, lt=1, description="KS test level: halves that differ are still changing")
+    shift_share: float = Field(0.9, gt=0.5, le=1, description="share over threshold that is a level shift")
+    max_over_share: float = Field(0.1, gt=0, lt=0.5, description="share still over a raised threshold allowed")
+
+    def _rules(self) -> Iterator[str]:
+        if self.min_windows > self.window:
+            yield f"min_windows: must be at most window ({self.window})"
+
+
 class Config(_Section):
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     models: list[ModelRoute] = Field(default_factory=list, description="stream → artifact routes, in order")
@@ -281,6 +322,10 @@ class Config(_Section):
     quality: QualityConfig = Field(default_factory=QualityConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
 
     def redacted(self) -> dict[str, Any]:
         """JSON-able settings for logs: secrets masked, paths as strings, TOML key names."""
@@ -496,4 +541,35 @@ poll_timeout_ms = 100                    # longest one poll blocks
 scoring = "auto"                         # auto, thread or process (auto: process on CPU, thread on CUDA)
 # log_format = "json"                    # example: json or console; default: console on a terminal
 log_level = "INFO"                       # DEBUG, INFO, WARNING or ERROR
+
+[control]
+topic = "tsmon.control"                  # operators' commands (tsmon ctl) arrive here
+audit_topic = "tsmon.audit"              # each command, its acknowledgement and its effect
+# key = "..."                            # HMAC-SHA256 key; better TSMON_CONTROL__KEY. Unset: all refused
+max_age_s = 300.0                        # commands issued longer ago (or ahead) than this are refused
+poll_interval_ms = 200.0                 # how often the daemon looks for commands
+remember = 10000                         # command ids remembered, so a replayed command applies once
+
+[state]
+enabled = true                           # persist thresholds, controls and open alerts per stream
+topic = "tsmon.state"                    # changelog keyed by stream; create it with cleanup.policy=compact
+snapshot_interval_s = 30.0               # snapshot of the streams that changed, this often
+restore_timeout_s = 30.0                 # longest a restore may read the changelog
+history = 50                             # threshold versions kept per stream (tsmon ctl history)
+recent_alerts = 20                       # alerts per stream remembered for tsmon ctl feedback
+
+[http]
+enabled = true                           # /metrics, /healthz, /readyz, /streams
+host = "127.0.0.1"                       # listen address; 0.0.0.0 to expose it (e.g. in a container)
+port = 9465                              # 0 = any free port (logged at start)
+stall_s = 30.0                           # /healthz fails when the loop has not turned for this long
+max_stream_labels = 500                  # streams with their own tsmon_threshold label (the rest counted)
+
+[drift]
+enabled = true                           # guard raises; accept a sustained level shift as new normal
+window = 600                             # recent window errors (normal or not) kept per stream
+min_windows = 200                        # errors needed before a raise is allowed (<= window)
+alpha = 0.01                             # KS test level between the two halves: below it, still changing
+shift_share = 0.9                        # this share over the threshold for a whole window = level shift
+max_over_share = 0.1                     # a raise is refused if more than this share stays over it
 '''

@@ -80,6 +80,13 @@ class OffsetLedger:
             out[tp] = min(firsts, default=nxt)
         return out
 
+    def streams_on(self, tps: set[TP]) -> set[str]:
+        """Streams with data on any of the partitions."""
+        return {s for tp in tps for s in self._held.get(tp, {})}
+
+    def partitions_of(self, stream: str) -> set[TP]:
+        return set(self._streams.get(stream, ()))
+
     def drop(self, tps: set[TP]) -> set[str]:
         """Forget partitions (revoked); returns the streams that had data on them."""
         streams: set[str] = set()

@@ -2,16 +2,24 @@
 
 Owns the names of what is counted. Every record ends in exactly one outcome of
 ``tsmon_records_total``; every dead letter, data-quality event, alert message and scored window is
-counted; :meth:`Metrics.snapshot` gives the totals as a plain dict for logs and the demo's summary.
+counted; so are firing alerts by severity, recalibrations by outcome, operator commands and state
+snapshots. Histograms time the micro-batches (size and scoring time) and the alert latency; gauges
+hold the consumer lag per partition, the last state restore's duration and each stream's threshold.
+The threshold gauge is capped at ``max_stream_labels`` streams (:meth:`Metrics.set_threshold`): later
+streams are only counted in ``tsmon_threshold_streams_unlabelled``, so a flood of stream ids cannot
+blow up the scrape. :meth:`Metrics.snapshot` gives the totals as a plain dict for logs and the demo's
+summary; :meth:`Metrics.total` sums one counter.
 """
 
 from __future__ import annotations
+
+import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, max_stream_labels: int = 500) -> None:
         self.registry = r = CollectorRegistry()
         self.records = Counter("tsmon_records", "Input records by outcome (ok, dead_letter)", ["outcome"], registry=r)
         self.samples = Counter("tsmon_samples", "Samples accepted into windows", registry=r)
@@ -24,10 +32,64 @@ class Metrics:
         self.commits = Counter("tsmon_commits", "Offset commits", registry=r)
         self.batch_seconds = Histogram("tsmon_batch_seconds", "Scoring time of one micro-batch", registry=r,
                                        buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3))
+        self.batch_size = Histogram("tsmon_batch_size", "Windows per scored micro-batch", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+        self.alert_latency = Histogram("tsmon_alert_latency_seconds",
+                                       "Arrival of the window's last sample to the alert's publication", registry=r,
+                                       buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30))
+        self.lag = Gauge("tsmon_consumer_lag", "Records behind the partition's high watermark", ["topic", "partition"],
+                         registry=r)
+        self.alert_severity = Counter("tsmon_alerts_fired", "Firing alerts by severity", ["severity"], registry=r)
+        self.calibrations = Counter("tsmon_calibrations", "Threshold recalibrations by outcome", ["outcome"],
+                                    registry=r)
+        self.commands = Counter("tsmon_commands", "Operator commands by command and outcome", ["command", "outcome"],
+                                registry=r)
+        self.snapshots = Counter("tsmon_state_snapshots", "Stream states written to the changelog", registry=r)
+        self.restore_seconds = Gauge("tsmon_state_restore_seconds", "Time the last state restore took", registry=r)
         self.thresholds = Gauge("tsmon_threshold", "Current threshold per stream", ["stream", "source"], registry=r)
+        self.thresholds_unlabelled = Gauge("tsmon_threshold_streams_unlabelled",
+                                "Streams over the label cap, their threshold not exported", registry=r)
         self._counters = {c.describe()[0].name: c for c in (self.records, self.samples, self.dead_letters,
                                                             self.windows, self.skipped, self.alerts, self.quality,
-                                                            self.commits)}
+                                                            self.commits, self.alert_severity, self.calibrations,
+                                                            self.commands, self.snapshots)}
+        self._max_stream_labels = max_stream_labels
+        self._labelled: dict[str, str] = {}  # stream → the source its one threshold series carries
+        self._over_cap: set[str] = set()
+        self._threshold_lock = threading.Lock()  # the calibrator thread and the loop both set thresholds
+
+    def set_threshold(self, stream: str, value: float, source: str) -> None:
+        """Export ``stream``'s threshold as one series ``{stream, source}``, within the label cap.
+
+        A stream beyond the first ``max_stream_labels`` is only counted in
+        ``tsmon_threshold_streams_unlabelled``; it gets a label once a slot is free again.
+        """
+        with self._threshold_lock:
+            old = self._labelled.get(stream)
+            if old is None and not self._take_slot(stream):
+                return
+            if old is not None and old != source:
+                self.thresholds.remove(stream, old)
+            self._labelled[stream] = source
+            self.thresholds.labels(stream, source).set(value)
+
+    def forget_threshold(self, stream: str) -> None:
+        """Drop ``stream``'s threshold series (or its count over the cap), freeing its slot."""
+        with self._threshold_lock:
+            source = self._labelled.pop(stream, None)
+            if source is not None:
+                self.thresholds.remove(stream, source)
+            self._over_cap.discard(stream)
+            self.thresholds_unlabelled.set(len(self._over_cap))
+
+    def _take_slot(self, stream: str) -> bool:
+        """A label slot for a stream without one; False (and counted over the cap) when none is free."""
+        if len(self._labelled) >= self._max_stream_labels:
+            self._over_cap.add(stream)
+        else:
+            self._over_cap.discard(stream)
+        self.thresholds_unlabelled.set(len(self._over_cap))
+        return stream not in self._over_cap
 
     def snapshot(self) -> dict[str, float]:
         """Totals by metric (and label values), e.g. ``{"tsmon_dead_letters_total{reason=invalid_json}": 3}``."""

@@ -35,6 +35,7 @@ from monitor.scorer import Scorer, Served
 from monitor.scoring import Backend, Result, ThreadBackend
 from monitor.sink import OutMessage, Sink, json_message
 from monitor.source import TP, InRecord, Source
+from monitor.streams import StreamState
 from monitor.windows import StreamWindows, order_problem
 
 log = logs.get("tsmon.processor")
@@ -53,15 +54,9 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     flush_timeout_s: float = 10.0
     max_inflight: int = 2  # batches submitted to the scoring thread and not yet applied
+    state_topic: str | None = None  # changelog of stream states; None = not persisted
+    recent_alerts: int = 20  # alerts per stream remembered for feedback
 
-
-@dataclass
-class StreamState:
-    served: Served
-    windows: StreamWindows
-    quality: StreamQuality
-    alerts: AlertState
-    unscored: deque[int] = field(default_factory=deque)  # first sample of each window waiting in the batcher
 
 
 class Processor:
@@ -77,6 +72,8 @@ class Processor:
         self.first_record_at: float | None = None  # monotonic time the first record arrived (benchmarks)
         self._backend = backend or ThreadBackend(scorer)
         self._inflight: deque[tuple[Batch, Future[Result]]] = deque()
+        self.restored: dict[str, dict[str, Any]] = {}  # changelog documents of streams not started yet
+        self.clock = time.time  # wall clock: silences and state timestamps
 
     @property
     def pending(self) -> int:
@@ -141,16 +138,30 @@ class Processor:
 
     def _new_stream(self, stream: str, served: Served) -> StreamState:
         s, det = self.settings, served.detector
-        state = self.calibrator.register(stream, det.threshold.value)
-        log.info("stream_started", stream=stream, model=served.name, window=served.window, hop=served.hop,
-                 threshold=state.value, threshold_source=state.source)
+        self.calibrator.register(stream, det.threshold.value, thin=max(1, served.window // served.hop))
         st = StreamState(
             served, StreamWindows(served.window, served.hop, served.channels, s.gap_ms),
             StreamQuality(stream, np.asarray(det.scaler.scale, "float32"), det.channel_names, s.flatline_rel_std,
                           s.rate_tolerance, s.quality_cooldown_ms),
-            AlertState(stream, served.name, s.alerts))
+            AlertState(stream, served.name, s.alerts), recent_alerts=deque(maxlen=s.recent_alerts))
+        restored = self._restore(stream, st)
+        state = self.calibrator.threshold(stream)
+        log.info("stream_started", stream=stream, model=served.name, window=served.window, hop=served.hop,
+                 threshold=state.value, threshold_source=state.source, threshold_version=state.version,
+                 restored=restored)
         self.streams[stream] = st
+        self.metrics.set_threshold(stream, state.value, state.source)
         return st
+
+    def _restore(self, stream: str, st: StreamState) -> str | None:
+        doc = self.restored.pop(stream, None)
+        if doc is None:
+            return None
+        try:
+            return st.restore(stream, doc, self.calibrator)
+        except (KeyError, TypeError, ValueError) as exc:  # a bad document must not stop the stream
+            log.error("state_restore_failed", stream=stream, error=f"{type(exc).__name__}: {exc}")
+            return "failed"
 
     def _release(self, stream: str, st: StreamState) -> None:
         """Let the ledger forget input that no future window and no open episode needs."""
@@ -180,6 +191,7 @@ class Processor:
     def _apply(self, batch: Batch, future: Future[Result]) -> int:
         window_err, channel_err, seconds = future.result()  # a scoring failure surfaces here, on our thread
         self.metrics.batch_seconds.observe(seconds)
+        self.metrics.batch_size.observe(len(batch))
         self.metrics.windows.labels(batch.model).inc(len(batch))
         self._after_scoring(batch, window_err, channel_err)
         return len(batch)
@@ -193,12 +205,16 @@ class Processor:
                              self.settings.flatline_rel_std)  # one pass for the whole batch
         touched: dict[str, StreamState] = {}
         normal: dict[str, list[float]] = {}  # per stream, fed to the calibrator once per batch, in order
+        every: dict[str, list[float]] = {}  # all finite errors per stream, for the drift guard
         for i, stream in enumerate(batch.streams):
             st = self.streams.get(stream)
             if st is None:  # its partition was revoked while the window waited; the new owner replays it
                 continue
             st.unscored.popleft()
             touched[stream] = st
+            if int(batch.end_ts[i]) <= st.applied_until_ts:  # already in the restored state
+                self.metrics.skipped.labels("restored").inc()
+                continue
             if flat[i].any():
                 self.metrics.skipped.labels("flatline").inc()
                 self._quality(st.quality.flat_events(flat[i : i + 1], batch.end_ts[i : i + 1]))
@@ -208,9 +224,12 @@ class Processor:
                 self.metrics.skipped.labels("nonfinite_score").inc()
                 log.error("nonfinite_score", stream=stream, model=batch.model, end_ts=int(batch.end_ts[i]))
                 continue
+            every.setdefault(stream, []).append(score)
             self._observe(stream, st, batch, i, score, channel_err[i], normal.setdefault(stream, []))
         for stream, errors in normal.items():
             self.calibrator.observe(stream, np.asarray(errors))
+        for stream, errors in every.items():
+            self.calibrator.observe_all(stream, errors)
         for stream, st in touched.items():
             self._release(stream, st)
 
@@ -219,7 +238,10 @@ class Processor:
         th = self.calibrator.threshold(stream)
         end_seq = int(batch.end_seq[i])
         obs = Observation(int(batch.start_ts[i]), int(batch.end_ts[i]), end_seq - st.served.window + 1, end_seq,
-                          score, th.value, th.source, ch)
+                          score, th.value, th.source, ch, batch.values[i].copy() if score > th.value else None)
+        st.scored += 1
+        st.last_window_ts = obs.end_ts
+        st.dirty = True
         step = st.alerts.update(obs)
         if step.normal:
             normal.append(score)
@@ -227,11 +249,26 @@ class Processor:
             self.calibrator.observe(stream, np.asarray(normal))
             normal.clear()
             self.calibrator.observe_censored(stream, step.censored)
+        arrived = float(batch.enqueued[i]) if batch.enqueued is not None else None
         for t in step.transitions:
-            self._publish_alert(stream, st, t)
+            self.publish_alert(stream, st, t, arrived)
+        ep = st.alerts.episode
+        if ep is not None and ep.silenced and st.alerts.firing and not self.silenced(st):
+            self.publish_alert(stream, st, Transition("firing", ep), arrived)  # silence over, still anomalous
+        if step.transitions:
+            self.save(stream)
 
-    def _publish_alert(self, stream: str, st: StreamState, t: Transition) -> None:
+    def silenced(self, st: StreamState) -> bool:
+        return st.silenced_until_ms > self.clock() * 1000
+
+    def publish_alert(self, stream: str, st: StreamState, t: Transition, arrived: float | None = None,
+                      **extra: Any) -> None:
+        """Send a transition: a firing one carries its picture; while silenced it is recorded, not paged."""
         ep = t.episode
+        status = t.status
+        if status == "firing":
+            ep.silenced = self.silenced(st)
+            status = "silenced" if ep.silenced else "firing"
         first = self.ledger.offset_of(stream, ep.start.start_seq)
         last = self.ledger.offset_of(stream, (ep.last or ep.peak).end_seq)
         topic, partition = (first or last or ((None, None), None))[0]
@@ -239,11 +276,57 @@ class Processor:
                   "first_offset": first[1] if first else None, "last_offset": last[1] if last else None}
         doc = alert_doc(stream, t, st.served.describe(), st.served.detector.channel_names, source,
                         self.settings.alerts)
+        doc.update(status=status, silenced=ep.silenced, **extra)
+        if t.status == "firing":
+            doc["explain"] = self._explain(st, ep.peak)
+            st.remember(ep.alert_id, ep.scores)
+            self.metrics.alert_severity.labels(doc["severity"]).inc()
         self.sink.send(json_message(self.settings.alerts_topic, stream, doc, [("tsmon.type", b"anomaly")]))
-        self.metrics.alerts.labels(t.status).inc()
-        log.info("alert", alert_id=ep.alert_id, stream=stream, status=t.status, severity=doc["severity"],
+        self.metrics.alerts.labels(status).inc()
+        if arrived is not None:
+            self.metrics.alert_latency.observe(time.monotonic() - arrived)
+        log.info("alert", alert_id=ep.alert_id, stream=stream, status=status, severity=doc["severity"],
                  flapping=ep.flapping, ratio=doc["ratio"], threshold=doc["threshold"],
                  threshold_source=doc["threshold_source"])
+
+    def _explain(self, st: StreamState, peak: Observation) -> dict[str, Any] | None:
+        """The peak window, its reconstruction and errors (one forward pass; alerts are rare)."""
+        if peak.values is None:  # restored from the changelog: the first firing message had the picture
+            return None
+        from monitor import explain
+
+        try:
+            return explain.for_window(st.served.detector, peak.values, peak.threshold, peak.start_ts, peak.end_ts)
+        except Exception as exc:  # a picture must never cost the alert itself
+            log.error("explain_failed", error=f"{type(exc).__name__}: {exc}")
+            return None
+
+    # persisted state ------------------------------------------------------------------------------
+    def save(self, stream: str) -> None:
+        """Send the stream's state to the changelog (acknowledged with everything else before a commit)."""
+        st, topic = self.streams.get(stream), self.settings.state_topic
+        if st is None or topic is None:
+            return
+        doc = st.to_doc(stream, self.calibrator, int(self.clock() * 1000))
+        self.sink.send(json_message(topic, stream, doc, [("tsmon.type", b"stream_state")]))
+        st.dirty = False
+        self.metrics.snapshots.inc()
+
+    def save_changed(self, every: bool = False) -> int:
+        """Snapshot the streams that changed since their last one (all of them with ``every``)."""
+        names = [n for n, st in self.streams.items() if every or st.dirty]
+        for name in names:
+            self.save(name)
+        return len(names)
+
+    def status_rows(self, lags: dict[TP, int]) -> list[dict[str, Any]]:
+        now_ms = int(self.clock() * 1000)
+        rows = []
+        for name, st in self.streams.items():
+            tps = self.ledger.partitions_of(name)
+            lag = sum(lags[tp] for tp in tps if tp in lags) if any(tp in lags for tp in tps) else None
+            rows.append(st.status(name, self.calibrator, lag, now_ms))
+        return rows
 
     # 3. side outputs ------------------------------------------------------------------------------
     def _quality(self, events: list[QualityEvent]) -> None:
@@ -282,6 +365,8 @@ class Processor:
     def revoke(self, source: Source, tps: set[TP]) -> None:
         """Partitions are leaving: score what waits, publish, commit them, forget their streams."""
         self.score_ready(force=True)
+        for stream in self.ledger.streams_on(tps):  # their next owner restores from these
+            self.save(stream)
         try:
             self.commit(source, tps)
         except SinkBackpressure as exc:  # the next owner replays from the last commit: at-least-once holds
@@ -289,5 +374,6 @@ class Processor:
         for stream in self.ledger.drop(tps):
             self.streams.pop(stream, None)
             self.calibrator.forget(stream)
+            self.metrics.forget_threshold(stream)
         for tp in tps:
             self._committed.pop(tp, None)

@@ -1,4 +1,4 @@
-"""CLI commands of the model side: train, eval, score, inspect."""
+"""CLI commands of the model side: train, eval, score, inspect (a model's window, or why an alert fired)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import typer
 from models import artifact
 from models.data import ECG5000_WINDOW, finite_windows, make_windows, read_series
 from models.detector import DEFAULT_QUANTILE
-from models.errors import DataError, ModelConfigError
+from models.errors import BrokerError, DataError, ModelConfigError
 from models.registry import DEFAULT_KIND, KINDS, config_for, train_defaults
 from models.train import TrainConfig
 from models.workflow import DataSpec, evaluate, load_dataset, spec_for_eval, train_detector
@@ -78,8 +78,8 @@ def train(
     defaults = train_defaults(model)
     if epochs is not None:
         defaults["min_steps"] = 0  # an explicit --epochs is taken as given
-    cfg = TrainConfig(**{**defaults, **{k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr,
-                      patience=patience).items() if v is not None}}, loss=loss, noise_std=noise,
+    cfg = TrainConfig(**{**defaults, **{k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr,
+                      "patience": patience}.items() if v is not None}}, loss=loss, noise_std=noise,
                       sparsity=sparsity, seed=seed, device=device,
                       max_seconds=max_minutes * 60 if max_minutes else None)
     cfg.validate()  # before any data is read or a progress bar drawn
@@ -169,34 +169,124 @@ def score(
              output=str(output))
 
 
+AlertOpt = Annotated[str | None, typer.Option(
+    "--alert", help="Alert message to draw instead of a model window: a JSON file (one object, or JSON lines: the "
+                    "first message with an 'explain' is drawn) or an alert ID looked up on the alerts topic.")]
+
+
 def inspect(
-    model: Annotated[Path, typer.Option("--model", help="Artifact directory.")],
+    model: Annotated[Path | None, typer.Option("--model", help="Artifact directory (or give --alert).")] = None,
     data: DataOpt = "ecg5000",
     index: Annotated[int, typer.Option("--index", help="Window index (ECG5000: in the model's test split).")] = 0,
     out: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("window.png"),
     value_col: ValueCols = None,
     timestamp_col: TsCol = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    alert: AlertOpt = None,
+    config: Annotated[Path | None, typer.Option("--config", help="--alert ID: daemon config naming the broker "
+                                                                  "and alerts topic.")] = None,
+    bootstrap: Annotated[str | None, typer.Option("--bootstrap", help="--alert ID: broker host:port "
+                                                                      "(overrides the config's).")] = None,
 ) -> None:
-    """Draw one window, its reconstruction, the error per timestep and the threshold."""
+    """Draw one window, its reconstruction, the error per timestep and the threshold; or why an alert fired."""
+    if (model is None) == (alert is None):
+        raise typer.BadParameter("give exactly one of --model (a model's window) or --alert (a fired alert)",
+                                 param_hint="--model / --alert")
     if out.suffix.lower() != ".png":
         raise DataError(f"--out must be a .png file, got {out.name!r}")
+    if alert is not None:
+        from monitor import explain
+
+        path = explain.render(_alert_doc(alert, config, bootstrap), out)
+        log.info("picture_written", path=str(path))
+        return
+    assert model is not None
     from models.plots import window_figure  # matplotlib is slow to import; only this command needs it
 
     if data == "ecg5000":
         det = artifact.load(model, device)
         ds = load_dataset(spec_for_eval(det.meta, data, None))
         wins, title = ds.test, "ECG5000 test beat"
-        label = lambda i: "abnormal" if ds.test_labels[i] else "normal"  # noqa: E731
+        label = lambda i: "abnormal" if ds.test_labels[i] else "normal"
     else:
         det, _, all_wins, _, ok = _series_windows(model, Path(data), value_col, timestamp_col, 0, device)
-        wins, title, label = all_wins, f"{Path(data).name} window", lambda i: ""  # noqa: E731
+        wins, title, label = all_wins, f"{Path(data).name} window", lambda i: ""
         if 0 <= index < len(ok) and not ok[index]:
             raise DataError(f"window {index} contains NaN or inf; it cannot be scored")
     if not 0 <= index < len(wins):
         raise DataError(f"--index {index} out of range: 0..{len(wins) - 1}")
     path = window_figure(det, wins[index], out, f"{title} {index} {label(index)}".strip() + ":")
     log.info("picture_written", path=str(path))
+
+
+def _alert_doc(alert: str, config: Path | None, bootstrap: str | None) -> dict[str, Any]:
+    """The alert message named by ``--alert``: read from a file, or by ID from the alerts topic."""
+    path = Path(alert)
+    if path.is_file():
+        return _alert_from_file(path)
+    if path.suffix.lower() in (".json", ".jsonl", ".ndjson") or "/" in alert or "\\" in alert:
+        raise DataError(f"alert file {alert} not found: give an existing file or an alert ID")
+    return _alert_from_topic(alert, config, bootstrap)
+
+
+def _alert_from_file(path: Path) -> dict[str, Any]:
+    """One JSON object (or a list of them), or JSON lines; the first message that carries ``explain``."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        whole = json.loads(text)
+        docs = whole if isinstance(whole, list) else [whole]
+    except json.JSONDecodeError:
+        docs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    docs.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{n}: not JSON ({exc.msg}); give one alert object or JSON lines") from None
+    found = [d for d in docs if isinstance(d, dict) and "explain" in d]
+    if not found:
+        raise DataError(f"{path}: no alert message with an 'explain' object among {len(docs)} message(s) "
+                        "(only firing messages carry one)")
+    return found[0]
+
+
+def _alert_from_topic(alert_id: str, config: Path | None, bootstrap: str | None) -> dict[str, Any]:
+    """The firing message (the one with ``explain``) of ``alert_id`` on the alerts topic."""
+    from kafka.errors import KafkaError
+
+    from monitor.config import load_config
+    from monitor.topics import TopicReader
+
+    cfg = load_config(config)
+    servers = bootstrap or ",".join(cfg.kafka.bootstrap_servers)
+    topic = cfg.kafka.alerts_topic
+    _reachable(servers)
+    try:
+        docs = TopicReader(servers, topic).settle(quiet_s=1.0, limit_s=20)
+    except (KafkaError, OSError) as exc:
+        raise BrokerError(f"cannot read topic {topic} at {servers}: {exc}") from None
+    mine = [d for d in docs if isinstance(d, dict) and d.get("alert_id") == alert_id]
+    firing = [d for d in mine if "explain" in d]
+    if firing:
+        return firing[0]  # the message that paged; a flapping episode may send a second one
+    if mine:
+        raise DataError(f"alert {alert_id} on topic {topic} at {servers} has {len(mine)} message(s) but none "
+                        "carries 'explain' (fired by a tsmon without explain?)")
+    raise DataError(f"alert {alert_id} not found on topic {topic} at {servers} (read {len(docs)} messages)")
+
+
+def _reachable(servers: str, timeout_s: float = 3.0) -> None:
+    """Fail fast when no bootstrap server accepts a TCP connection (kafka-python waits ~30 s)."""
+    import socket
+
+    for server in servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or server.strip(), int(port or 9092)), timeout=timeout_s):
+                return
+        except (OSError, ValueError):
+            continue
+    raise BrokerError(f"cannot reach {servers}: no broker accepts connections; give --bootstrap or --config")
 
 
 def register(app: typer.Typer) -> None:

@@ -42,7 +42,8 @@ def test_artifact_value_until_min_samples_then_calibrated() -> None:
     cal.observe("s", 0.8)
     (old, new), = cal.recalibrate().values()
     assert old.source == "artifact"
-    assert new == ThresholdState(pytest.approx(0.8), "calibrated", 200, 1_234_500, 1.0)
+    assert new == ThresholdState(pytest.approx(0.8), "calibrated", 200, 1_234_500, 1.0, 1,
+                                 "scheduled: q0.95 of 200 recent normal errors")
     assert cal.threshold("s") is new
 
 
@@ -202,7 +203,8 @@ def test_snapshot_is_json_able() -> None:
     cal = Calibrator()
     cal.register("s", 1.5)
     assert json.loads(json.dumps(cal.snapshot())) == {
-        "s": {"value": 1.5, "source": "artifact", "samples": 0, "artifact": 1.5, "updated_ms": 0}}
+        "s": {"value": 1.5, "source": "artifact", "samples": 0, "artifact": 1.5, "updated_ms": 0, "version": 0,
+              "pinned": False, "frozen": False}}
 
 
 def test_observe_and_recalibrate_from_two_threads() -> None:

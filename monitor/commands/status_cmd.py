@@ -1,0 +1,111 @@
+"""``tsmon status``: the running daemon's streams, read from its ``/streams`` endpoint."""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from models.errors import TsmonError
+from monitor.commands.render import stdout
+from monitor.config import load_config
+
+TIMEOUT_S = 5.0
+WIDE = 400  # piped output: one line per stream, never wrapped
+COLUMNS = ("stream", "model", "last sample", "windows", "threshold", "source", "alert", "silenced", "lag",
+           "precision")
+
+
+def status(
+    url: Annotated[str | None, typer.Option(help="Daemon's HTTP address (default: http.host and http.port of the "
+                                                 "configuration).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+) -> None:
+    """Show each stream of a running daemon: model, last sample, threshold, alert state, lag."""
+    if url is None:
+        http = load_config(config).http
+        url = f"http://{http.host}:{http.port}"
+    rows = fetch_streams(url)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+    elif not rows:
+        stdout.print("no streams yet")
+    else:
+        (stdout if stdout.is_terminal else Console(width=WIDE)).print(streams_table(rows))
+
+
+def fetch_streams(url: str) -> list[dict[str, Any]]:
+    """The daemon's stream rows; an unreachable or unexpected answer raises :class:`TsmonError`."""
+    base = url.rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{base}/streams", timeout=TIMEOUT_S) as resp:
+            raw = resp.read()
+    except urllib.error.HTTPError as exc:
+        raise TsmonError(f"the tsmon daemon at {base} answered HTTP {exc.code} for /streams") from None
+    except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections, a malformed URL
+        reason = getattr(exc, "reason", None) or exc
+        raise TsmonError(f"cannot reach the tsmon daemon at {base}: {reason} (is it running with http enabled?)"
+                         ) from None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    rows = body.get("streams") if isinstance(body, dict) else None
+    if not isinstance(rows, list):
+        raise TsmonError(f"the answer of {base}/streams has no stream list: is it a tsmon daemon?")
+    return rows
+
+
+def streams_table(rows: list[dict[str, Any]]) -> Table:
+    t = Table(title=f"{len(rows)} stream{'s' if len(rows) != 1 else ''}")
+    for name in COLUMNS:
+        t.add_column(name, justify="right" if name in ("windows", "threshold", "lag", "precision") else "left")
+    for r in rows:
+        t.add_row(*(Text(c) for c in stream_cells(r)))  # Text: a stream id is never markup
+    return t
+
+
+def stream_cells(r: dict[str, Any]) -> list[str]:
+    source = _cell(r.get("threshold_source"))
+    if source != "-" and r.get("threshold_version") is not None:
+        source += f" v{r['threshold_version']}"
+    alert = _cell(r.get("alert_state"))
+    if r.get("alert_id"):
+        alert += f" {str(r['alert_id'])[:8]}"
+    threshold = r.get("threshold")
+    return [_cell(r.get("stream")), _cell(r.get("model")), _time(r.get("last_sample_time")),
+            _cell(r.get("windows_scored")), f"{threshold:.4g}" if _number(threshold) else _cell(threshold),
+            source, alert, _time(r.get("silenced_until_time")), _cell(r.get("lag")), _precision(r.get("precision"))]
+
+
+def _cell(v: Any) -> str:
+    return "-" if v is None or v == "" else str(v)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _time(v: Any) -> str:
+    """An ISO time as given, or epoch milliseconds as ISO UTC."""
+    if _number(v):
+        return datetime.fromtimestamp(v / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _cell(v)
+
+
+def _precision(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else _cell(v)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(status)

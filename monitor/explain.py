@@ -1,0 +1,186 @@
+"""Why an alert fired: a compact, bounded ``explain`` payload for the alert message, and its picture.
+
+Owns the ``"explain"`` object a firing alert carries (one scored window: raw signal, reconstruction,
+error per timestep, error per channel, score and threshold) and :func:`render`, which draws it from an
+alert message alone, without the model. The payload is JSON-safe (non-finite floats become ``null``),
+rounded to 5 significant digits and downsampled to at most ``max_points`` samples per series, so its
+size does not grow with the window length (it grows linearly with the number of channels).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from models.errors import DataError
+
+if TYPE_CHECKING:
+    from models.detector import Detector
+
+VERSION = 1
+DIGITS = 5  # significant digits kept in the payload
+REQUIRED = ("version", "start_ts", "end_ts", "window", "step", "channels", "values", "reconstruction",
+            "timestep_error", "channel_error", "score", "threshold")
+
+
+def for_window(detector: Detector, values: np.ndarray, threshold: float, start_ts: int, end_ts: int,
+               max_points: int = 256) -> dict[str, Any]:
+    """The ``explain`` payload of one raw window ``[W, C]`` scored by ``detector`` against ``threshold``."""
+    x = np.asarray(values, dtype="float32")[None]
+    scores = detector.score(x)
+    recon = detector.reconstruct(x)[0]
+    names = [detector.channel_names[i] if i < len(detector.channel_names) else f"ch{i}"
+             for i in range(detector.channels)]
+    return payload(x[0], recon, scores.timestep[0], scores.channel[0], names, threshold,
+                   float(scores.window[0]), start_ts, end_ts, max_points)
+
+
+def payload(values: np.ndarray, recon: np.ndarray, timestep_error: np.ndarray, channel_error: np.ndarray,
+            channel_names: list[str], threshold: float, score: float, start_ts: int, end_ts: int,
+            max_points: int = 256) -> dict[str, Any]:
+    """JSON-able explanation of one window; series longer than ``max_points`` are downsampled by ``step``."""
+    v, r = np.asarray(values, dtype="float64"), np.asarray(recon, dtype="float64")
+    err, ch = np.asarray(timestep_error, dtype="float64"), np.asarray(channel_error, dtype="float64")
+    if v.ndim != 2 or r.shape != v.shape or err.shape != (v.shape[0],) or ch.shape != (v.shape[1],):
+        raise DataError(f"explain: shapes do not match: values {list(v.shape)}, reconstruction {list(r.shape)}, "
+                        f"timestep_error {list(err.shape)}, channel_error {list(ch.shape)}")
+    if len(channel_names) != v.shape[1]:
+        raise DataError(f"explain: {len(channel_names)} channel name(s) for {v.shape[1]} channel(s)")
+    if max_points < 1:
+        raise DataError(f"explain: max_points must be >= 1, got {max_points}")
+    window = v.shape[0]
+    step = stride(window, max_points)
+    return {
+        "version": VERSION, "start_ts": int(start_ts), "end_ts": int(end_ts), "window": window, "step": step,
+        "channels": [str(n) for n in channel_names],
+        "values": [_floats(v[::step, c]) for c in range(v.shape[1])],
+        "reconstruction": [_floats(r[::step, c]) for c in range(r.shape[1])],
+        "timestep_error": _floats(block_max(err, step)),
+        "channel_error": _floats(ch),
+        "score": _num(score), "threshold": _num(threshold), "loss_units": "normalised",
+    }
+
+
+def stride(window: int, max_points: int) -> int:
+    """Step that keeps at most ``max_points`` samples of a ``window``-long series."""
+    return max(1, math.ceil(window / max_points))
+
+
+def block_max(x: np.ndarray, step: int) -> np.ndarray:
+    """Maximum of each block of ``step`` samples (NaN ignored unless a whole block is NaN): spikes survive."""
+    if step == 1 or len(x) == 0:
+        return x
+    return np.fmax.reduceat(x, np.arange(0, len(x), step))
+
+
+def _num(x: float) -> float | None:
+    x = float(x)
+    return float(f"{x:.{DIGITS}g}") if math.isfinite(x) else None
+
+
+def _floats(xs: np.ndarray) -> list[float | None]:
+    return [_num(x) for x in xs.tolist()]
+
+
+def check(explain: Any) -> None:
+    """Raise :class:`DataError` unless ``explain`` is a well-formed payload (keys and lengths)."""
+    if not isinstance(explain, dict):
+        raise DataError(f"alert 'explain' must be an object, got {type(explain).__name__}")
+    missing = [k for k in REQUIRED if k not in explain]
+    if missing:
+        raise DataError(f"alert 'explain' lacks key(s) {', '.join(missing)}")
+    if explain["version"] != VERSION:
+        raise DataError(f"alert 'explain' version {explain['version']!r} unsupported (this tsmon reads {VERSION})")
+    window, step = explain["window"], explain["step"]
+    if not (isinstance(window, int) and isinstance(step, int) and window >= 1 and step >= 1):
+        raise DataError(f"alert 'explain' window and step must be positive integers, got {window!r}, {step!r}")
+    n, channels = math.ceil(window / step), explain["channels"]
+    if not isinstance(channels, list) or not channels:
+        raise DataError("alert 'explain' channels must be a non-empty list of names")
+    for key in ("values", "reconstruction"):
+        series = explain[key]
+        if not isinstance(series, list) or len(series) != len(channels):
+            raise DataError(f"alert 'explain' {key} must hold one series per channel ({len(channels)})")
+        if any(not isinstance(s, list) or len(s) != n for s in series):
+            raise DataError(f"alert 'explain' {key}: every series must hold {n} points (window {window}, step {step})")
+    if not isinstance(explain["timestep_error"], list) or len(explain["timestep_error"]) != n:
+        raise DataError(f"alert 'explain' timestep_error must hold {n} points (window {window}, step {step})")
+    if not isinstance(explain["channel_error"], list) or len(explain["channel_error"]) != len(channels):
+        raise DataError(f"alert 'explain' channel_error must hold one value per channel ({len(channels)})")
+    for key in ("score", "threshold"):
+        if explain[key] is not None and not isinstance(explain[key], int | float):
+            raise DataError(f"alert 'explain' {key} must be a number or null, got {explain[key]!r}")
+
+
+def _array(xs: list[Any]) -> np.ndarray:
+    try:
+        return np.array([np.nan if x is None else x for x in xs], dtype="float64")
+    except (TypeError, ValueError):
+        raise DataError("alert 'explain' holds a value that is not a number") from None
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def render(doc: dict[str, Any], out: Path) -> Path:
+    """Draw the PNG of an alert message's ``explain`` payload to ``out``; return the path."""
+    if not isinstance(doc, dict) or "explain" not in doc:
+        raise DataError(f"alert {doc.get('alert_id', '?') if isinstance(doc, dict) else '?'} has no 'explain' "
+                        "object (only firing messages carry one)")
+    e = doc["explain"]
+    check(e)
+    import matplotlib  # slow to import; only pictures need it
+
+    matplotlib.use("Agg")  # headless: pictures go to files, never to a screen
+    import matplotlib.pyplot as plt
+
+    names = [str(n) for n in e["channels"]]
+    c, step = len(names), e["step"]
+    values, recon = [_array(s) for s in e["values"]], [_array(s) for s in e["reconstruction"]]
+    err, ch = _array(e["timestep_error"]), _array(e["channel_error"])
+    t = np.arange(len(err)) * step
+    fig = plt.figure(figsize=(10, 2.2 * (c + 2)))
+    grid = fig.add_gridspec(c + 2, 1)
+    first = fig.add_subplot(grid[0, 0])
+    for i, name in enumerate(names):
+        ax = first if i == 0 else fig.add_subplot(grid[i, 0], sharex=first)
+        ax.plot(t, values[i], label=f"{name} (input)", color="tab:blue")
+        ax.plot(t, recon[i], label="reconstruction", color="tab:orange", linestyle="--")
+        ax.set_ylabel(name)
+        ax.set_title(f"{name}: channel error {_fmt(e['channel_error'][i])}", fontsize=9, loc="left")
+        ax.legend(loc="upper right", fontsize=8)
+    ax = fig.add_subplot(grid[c, 0], sharex=first)
+    ax.fill_between(t, np.nan_to_num(err), color="tab:red", alpha=0.5,
+                    label="error per timestep" + (f" (max of every {step})" if step > 1 else ""))
+    if e["score"] is not None:
+        ax.axhline(e["score"], color="tab:red", linestyle="--", label=f"window score {_fmt(e['score'])}")
+    if e["threshold"] is not None:
+        ax.axhline(e["threshold"], color="black", linestyle=":", label=f"threshold {_fmt(e['threshold'])}")
+    ax.set_xlabel(f"sample in window ({e['window']} samples)")
+    ax.set_ylabel(f"error ({e.get('loss_units', 'normalised')})")
+    ax.legend(loc="upper right", fontsize=8)
+    _contribution(fig.add_subplot(grid[c + 1, 0]), names, ch)
+    fig.suptitle(f"{doc.get('stream', '?')}  alert {doc.get('alert_id', '?')}  {doc.get('severity', '?')}  "
+                 f"ratio {doc.get('ratio', '?')}×  ({doc.get('start_time', e['start_ts'])})")
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _contribution(ax: Any, names: list[str], channel_error: np.ndarray) -> None:
+    """Bar chart of each channel's share of the window's error."""
+    finite = np.nan_to_num(channel_error, nan=0.0, posinf=0.0, neginf=0.0)
+    total = float(finite.sum())
+    share = finite / total if total > 0 else np.zeros_like(finite)
+    bars = ax.bar(names, share, color="tab:purple")
+    ax.bar_label(bars, labels=[f"{x:.0%}" for x in share], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of error")
+    ax.set_title("per-channel contribution", fontsize=9, loc="left")

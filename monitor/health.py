@@ -1,0 +1,142 @@
+"""The daemon's HTTP side door: ``/metrics``, ``/healthz``, ``/readyz`` and ``/streams``.
+
+Owns the HTTP server only, a stdlib ``ThreadingHTTPServer`` on a background daemon thread (one more
+thread per request). It decides nothing: liveness, readiness and the per-stream rows come from
+callables the daemon passes in, called on the request's thread, so they must be cheap and thread-safe
+(the daemon hands out immutable snapshots). A callable that raises answers 500 and the server goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from models.errors import ConfigError
+from monitor import __version__, logs
+
+log = logs.get("tsmon.health")
+
+Probe = Callable[[], tuple[bool, str]]
+JSON = "application/json"
+JOIN_TIMEOUT_S = 5.0
+
+
+class HealthServer:
+    """Serves the daemon's metrics, probes and stream table until :meth:`close`.
+
+    Listens from :meth:`start` (port 0 = any free port; :attr:`address` tells which).
+    """
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Probe, ready: Probe,
+                 streams: Callable[[], list[dict[str, Any]]]) -> None:
+        self.host, self.port = host, port
+        self.registry = registry
+        self.routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
+            "/metrics": self._metrics,
+            "/healthz": lambda: _probe(health),
+            "/readyz": lambda: _probe(ready),
+            "/streams": lambda: _json(200, {"streams": streams()}),
+        }
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind and serve on a daemon thread; a port that cannot be had raises :class:`ConfigError`."""
+        if self._server is not None:
+            return
+        try:
+            self._server = _Server((self.host, self.port), self)
+        except OSError as exc:
+            raise ConfigError(f"http.port: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="tsmon-http", daemon=True)
+        self._thread.start()
+        log.info("http_listening", url=self.url)
+
+    def close(self) -> None:
+        """Stop serving and free the port; waits at most a few seconds for the serving thread."""
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        if thread is not None and thread.is_alive():
+            server.shutdown()  # returns within one poll interval: requests run on threads of their own
+        server.server_close()
+        if thread is not None:
+            thread.join(JOIN_TIMEOUT_S)
+        self._server = self._thread = None
+        log.info("http_closed")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) actually listened on; the real port when 0 was asked for."""
+        if self._server is None:
+            raise RuntimeError("HealthServer.address: not listening (call start() first)")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def _metrics(self) -> tuple[int, str, bytes]:
+        return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+
+    def respond(self, path: str) -> tuple[int, str, bytes]:
+        """Status, content type and body for a GET of ``path`` (query string ignored)."""
+        route = self.routes.get(urlsplit(path).path)
+        if route is None:
+            return _json(404, {"error": f"no such endpoint: {urlsplit(path).path}",
+                               "endpoints": sorted(self.routes)})
+        try:
+            return route()
+        except Exception as exc:  # noqa: BLE001 (a broken callable must not take the server down)
+            log.warning("http_endpoint_failed", path=path, error=f"{type(exc).__name__}: {exc}")
+            return _json(500, {"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _probe(check: Probe) -> tuple[int, str, bytes]:
+    ok, reason = check()
+    return _json(200 if ok else 503, {"ok": bool(ok), "reason": str(reason)})
+
+
+def _json(status: int, body: Any) -> tuple[int, str, bytes]:
+    return status, JSON, (json.dumps(body, default=str) + "\n").encode()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], owner: HealthServer) -> None:
+        self.owner = owner
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:  # default prints a traceback to stderr
+        exc = sys.exc_info()[1]  # called inside socketserver's except block
+        log.debug("http_connection_error", client=str(client_address), error=f"{type(exc).__name__}: {exc}")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = f"tsmon/{__version__}"
+
+    def do_GET(self) -> None:
+        status, content_type, body = self.server.owner.respond(self.path)
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http_request", client=self.address_string(), line=format % args)

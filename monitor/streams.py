@@ -1,0 +1,102 @@
+"""The state of one stream inside the daemon, and its persisted form (the changelog document).
+
+Owns what tsmon knows about a stream besides its threshold (which the calibrator owns): its windows,
+data-quality tracker, alert state machine, operator controls (silence), on-call feedback, counters for
+``/streams`` — and the JSON document that carries all of it, with the calibrator's part, across a restart
+or a rebalance. ``applied_until_ts`` is the end time of the last window the state includes: after a
+restore, replayed windows up to it are scored again but not applied twice.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from monitor.alerts import AlertState, iso
+from monitor.calibrator import Calibrator
+from monitor.quality import StreamQuality
+from monitor.scorer import Served
+from monitor.windows import StreamWindows
+
+DOC_VERSION = 1
+
+
+@dataclass
+class RecentAlert:
+    """An alert the stream raised, remembered for on-call feedback."""
+
+    alert_id: str
+    scores: list[float]  # its over-threshold window errors
+    verdict: str | None = None  # confirmed or false_positive
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"alert_id": self.alert_id, "scores": self.scores, "verdict": self.verdict}
+
+
+@dataclass
+class StreamState:
+    served: Served
+    windows: StreamWindows
+    quality: StreamQuality
+    alerts: AlertState
+    unscored: deque[int] = field(default_factory=deque)  # first sample of each window waiting in the batcher
+    scored: int = 0  # windows applied to the alert state
+    last_window_ts: int = -1  # end time of the last applied window
+    applied_until_ts: int = -1  # restored state already includes windows ending at or before this
+    silenced_until_ms: int = 0  # epoch ms; alerts are recorded as silenced, not published as firing
+    recent_alerts: deque[RecentAlert] = field(default_factory=lambda: deque(maxlen=20))
+    feedback: dict[str, int] = field(default_factory=lambda: {"confirmed": 0, "false_positive": 0})
+    dirty: bool = True  # changed since its last snapshot
+
+    @property
+    def precision(self) -> float | None:
+        """Live precision estimate from on-call verdicts (None before the first one)."""
+        n = self.feedback["confirmed"] + self.feedback["false_positive"]
+        return self.feedback["confirmed"] / n if n else None
+
+    def remember(self, alert_id: str, scores: list[float]) -> None:
+        if not any(a.alert_id == alert_id for a in self.recent_alerts):
+            self.recent_alerts.append(RecentAlert(alert_id, list(scores)))
+
+    def to_doc(self, stream: str, calibrator: Calibrator, written_ms: int) -> dict[str, Any]:
+        return {"type": "stream_state", "v": DOC_VERSION, "stream": stream, "model": self.served.describe(),
+                "written_ms": written_ms, "applied_until_ts": max(self.last_window_ts, self.applied_until_ts),
+                "calibrator": calibrator.export(stream), "alerts": self.alerts.to_doc(),
+                "silenced_until_ms": self.silenced_until_ms, "feedback": dict(self.feedback),
+                "recent_alerts": [a.to_doc() for a in self.recent_alerts]}
+
+    def restore(self, stream: str, doc: dict[str, Any], calibrator: Calibrator) -> str:
+        """Continue from a changelog document; returns what was restored (``full`` or ``controls``).
+
+        A document written for another model version restores only the operator's controls and the
+        feedback: thresholds and alert state belong to the model that produced them.
+        """
+        if doc.get("v") != DOC_VERSION:
+            raise ValueError(f"unknown state document version {doc.get('v')!r}")
+        self.silenced_until_ms = int(doc["silenced_until_ms"])
+        self.feedback = {k: int(doc["feedback"].get(k, 0)) for k in ("confirmed", "false_positive")}
+        if doc["model"] != self.served.describe():
+            return "controls"
+        calibrator.restore(stream, doc["calibrator"])
+        self.alerts.restore(doc["alerts"], self.windows.seen)
+        self.applied_until_ts = int(doc["applied_until_ts"])
+        self.recent_alerts.extend(RecentAlert(str(a["alert_id"]), [float(x) for x in a["scores"]], a["verdict"])
+                                  for a in doc["recent_alerts"])
+        return "full"
+
+    def status(self, stream: str, calibrator: Calibrator, lag: int | None, now_ms: int) -> dict[str, Any]:
+        """One row of ``/streams`` and ``tsmon status``."""
+        th, controls = calibrator.threshold(stream), calibrator.controls(stream)
+        source = "pinned" if controls["pinned"] else "frozen" if controls["frozen"] else th.source
+        ep = self.alerts.episode
+        state = "ok" if ep is None else "pending" if ep.fired is None else "flapping" if ep.flapping else "firing"
+        silenced = self.silenced_until_ms > now_ms
+        last = self.windows.last_ts
+        return {"stream": stream, "model": self.served.name, "last_sample_ts": last,
+                "last_sample_time": iso(last) if last is not None else None, "windows_scored": self.scored,
+                "threshold": th.value, "threshold_source": source, "threshold_version": th.version,
+                "alert_state": state, "alert_id": ep.alert_id if ep and ep.fired else None,
+                "silenced_until_ms": self.silenced_until_ms if silenced else None,
+                "silenced_until_time": iso(self.silenced_until_ms) if silenced else None, "lag": lag,
+                "precision": self.precision, "feedback": dict(self.feedback)}

@@ -1,0 +1,247 @@
+"""The HTTP side door (/metrics, probes, /streams), the threshold label cap, and ``tsmon status``."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from models.errors import ConfigError
+from monitor.cli import main
+from monitor.health import HealthServer
+from monitor.metrics import Metrics
+
+ROWS: list[dict[str, Any]] = [
+    {"stream": "press-7", "model": "dense", "last_sample_time": "2024-01-01T00:10:00.000Z", "windows_scored": 1234,
+     "threshold": 0.123456789, "threshold_source": "calibrated", "threshold_version": 3, "alert_state": "firing",
+     "alert_id": "a1b2c3d4e5f6a7b8", "silenced_until_time": None, "lag": 17, "precision": 0.75},
+    {"stream": "pump[2]", "model": "lstm", "last_sample_time": 1704067200000, "threshold_source": "artifact",
+     "alert_state": "ok"},
+]
+
+
+@dataclass
+class Stubs:
+    healthy: tuple[bool, str] = (True, "loop turned 0.1 s ago")
+    ready: tuple[bool, str] = (False, "restoring state")
+    rows: list[dict[str, Any]] = field(default_factory=lambda: [dict(r) for r in ROWS])
+    broken: bool = False
+
+    def health(self) -> tuple[bool, str]:
+        return self.healthy
+
+    def readiness(self) -> tuple[bool, str]:
+        return self.ready
+
+    def streams(self) -> list[dict[str, Any]]:
+        if self.broken:
+            raise RuntimeError("snapshot unavailable")
+        return self.rows
+
+
+@pytest.fixture
+def stubs() -> Stubs:
+    return Stubs()
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(max_stream_labels=2)
+
+
+@pytest.fixture
+def server(stubs: Stubs, metrics: Metrics) -> Iterator[HealthServer]:
+    s = HealthServer("127.0.0.1", 0, metrics.registry, stubs.health, stubs.readiness, stubs.streams)
+    s.start()
+    yield s
+    s.close()
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- the server ---------------------------------------------------------------------------------------------------
+
+
+def test_metrics_are_served_in_prometheus_format(server: HealthServer, metrics: Metrics) -> None:
+    metrics.samples.inc(42)
+    metrics.batch_size.observe(64)
+    status, ctype, body = get(server.url + "/metrics")
+    assert status == 200 and ctype.startswith("text/plain")
+    text = body.decode()
+    assert "tsmon_samples_total 42.0" in text and 'tsmon_batch_size_bucket{le="64.0"} 1.0' in text
+
+
+def test_probes_answer_200_or_503_with_the_reason(server: HealthServer, stubs: Stubs) -> None:
+    status, ctype, body = get(server.url + "/healthz")
+    assert (status, ctype, json.loads(body)) == (200, "application/json", {"ok": True, "reason": "loop turned 0.1 s ago"})
+    status, _, body = get(server.url + "/readyz")
+    assert (status, json.loads(body)) == (503, {"ok": False, "reason": "restoring state"})
+    stubs.healthy, stubs.ready = (False, "loop stalled for 31 s"), (True, "assigned and restored")
+    assert get(server.url + "/healthz")[0] == 503 and get(server.url + "/readyz")[0] == 200
+
+
+def test_streams_and_unknown_paths(server: HealthServer) -> None:
+    status, _, body = get(server.url + "/streams?x=1")
+    assert status == 200 and json.loads(body) == {"streams": ROWS}
+    status, _, body = get(server.url + "/nope")
+    assert status == 404 and "/nope" in json.loads(body)["error"]
+
+
+def test_a_raising_callable_answers_500_and_the_server_goes_on(server: HealthServer, stubs: Stubs) -> None:
+    stubs.broken = True
+    status, _, body = get(server.url + "/streams")
+    assert status == 500 and json.loads(body)["error"] == "RuntimeError: snapshot unavailable"
+    stubs.broken = False
+    assert get(server.url + "/streams")[0] == 200 and get(server.url + "/healthz")[0] == 200
+
+
+def test_port_in_use_is_a_config_error_and_close_frees_it(server: HealthServer, stubs: Stubs,
+                                                         metrics: Metrics) -> None:
+    host, port = server.address
+    assert host == "127.0.0.1" and port > 0 and server.url == f"http://127.0.0.1:{port}"
+    other = HealthServer("127.0.0.1", port, metrics.registry, stubs.health, stubs.readiness, stubs.streams)
+    with pytest.raises(ConfigError, match=rf"^http\.port: cannot listen on 127\.0\.0\.1:{port}: "):
+        other.start()
+    server.close()
+    server.close()  # idempotent
+    other.start()
+    try:
+        assert other.address == ("127.0.0.1", port) and get(other.url + "/healthz")[0] == 200
+    finally:
+        other.close()
+
+
+def test_address_before_start_is_an_error(stubs: Stubs, metrics: Metrics) -> None:
+    s = HealthServer("127.0.0.1", 0, metrics.registry, stubs.health, stubs.readiness, stubs.streams)
+    with pytest.raises(RuntimeError, match="start"):
+        _ = s.address
+    s.close()  # never started: nothing to do
+
+
+# --- threshold series and the label cap ---------------------------------------------------------------------------
+
+
+def threshold(m: Metrics, stream: str, source: str) -> float | None:
+    return m.registry.get_sample_value("tsmon_threshold", {"stream": stream, "source": source})
+
+
+def threshold_series(m: Metrics) -> set[tuple[str, str]]:
+    return {(s.labels["stream"], s.labels["source"]) for f in m.registry.collect() if f.name == "tsmon_threshold"
+            for s in f.samples}
+
+
+def unlabelled(m: Metrics) -> float | None:
+    return m.registry.get_sample_value("tsmon_threshold_streams_unlabelled")
+
+
+def test_threshold_label_cap(metrics: Metrics) -> None:
+    for stream, value in (("a", 1.0), ("b", 2.0), ("c", 3.0), ("d", 4.0)):
+        metrics.set_threshold(stream, value, "artifact")
+    assert threshold_series(metrics) == {("a", "artifact"), ("b", "artifact")} and unlabelled(metrics) == 2
+    metrics.set_threshold("c", 3.5, "calibrated")  # still over the cap
+    assert threshold_series(metrics) == {("a", "artifact"), ("b", "artifact")} and unlabelled(metrics) == 2
+
+
+def test_a_source_change_keeps_one_series_per_stream(metrics: Metrics) -> None:
+    metrics.set_threshold("a", 1.0, "artifact")
+    metrics.set_threshold("a", 1.5, "calibrated")
+    assert threshold_series(metrics) == {("a", "calibrated")} and threshold(metrics, "a", "calibrated") == 1.5
+    metrics.set_threshold("a", 1.6, "calibrated")
+    assert threshold(metrics, "a", "calibrated") == 1.6 and threshold(metrics, "a", "artifact") is None
+
+
+def test_forget_frees_the_slot(metrics: Metrics) -> None:
+    for stream in ("a", "b", "c"):
+        metrics.set_threshold(stream, 1.0, "artifact")
+    metrics.forget_threshold("a")
+    assert threshold_series(metrics) == {("b", "artifact")} and unlabelled(metrics) == 1
+    metrics.set_threshold("c", 2.0, "pinned")  # the freed slot goes to the next stream that reports
+    assert threshold_series(metrics) == {("b", "artifact"), ("c", "pinned")} and unlabelled(metrics) == 0
+    metrics.forget_threshold("nobody")
+    metrics.forget_threshold("c")
+    metrics.forget_threshold("b")
+    assert threshold_series(metrics) == set()
+
+
+def test_new_counters_sum_in_total(metrics: Metrics) -> None:
+    metrics.commands.labels("pin", "ok").inc()
+    metrics.commands.labels("silence", "refused").inc(2)
+    metrics.alert_severity.labels("major").inc()
+    metrics.calibrations.labels("new_normal").inc()
+    metrics.snapshots.inc(5)
+    assert metrics.total("tsmon_commands_total") == 3 and metrics.total("tsmon_alerts_fired_total") == 1
+    assert metrics.total("tsmon_calibrations_total") == 1 and metrics.total("tsmon_state_snapshots_total") == 5
+    metrics.lag.labels("tsmon.input", "0").set(17)
+    metrics.restore_seconds.set(0.25)
+    assert metrics.snapshot()["tsmon_consumer_lag{partition=0,topic=tsmon.input}"] == 17
+
+
+# --- tsmon status -------------------------------------------------------------------------------------------------
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what the fixtures logged
+    try:
+        main(["--log-format", "json", *args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_status_table(server: HealthServer, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "status", "--url", server.url)
+    assert code == 0
+    first = next(line for line in out.splitlines() if "press-7" in line)
+    for cell in ("dense", "2024-01-01T00:10:00.000Z", "1234", "0.1235", "calibrated v3", "firing a1b2c3d4", "17",
+                 "0.750"):
+        assert cell in first, cell
+    assert "a1b2c3d4e" not in out
+    second = next(line for line in out.splitlines() if "pump[2]" in line)  # not taken for rich markup
+    assert "lstm" in second and "2024-01-01T00:00:00.000Z" in second and "artifact" in second
+
+
+def test_status_json(server: HealthServer, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "status", "--url", server.url + "/", "--json")
+    assert code == 0 and json.loads(out) == ROWS
+
+
+def test_status_url_from_the_environment(server: HealthServer, stubs: Stubs, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TSMON_HTTP__PORT", str(server.address[1]))
+    stubs.rows = []
+    code, out, _ = run(capsys, "status")
+    assert code == 0 and out.strip() == "no streams yet"
+
+
+def test_status_unreachable_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    code, out, err = run(capsys, "status", "--url", url)
+    assert code == 1 and out == ""
+    assert err.strip().splitlines() == [err.strip()]
+    assert err.startswith(f"TsmonError: cannot reach the tsmon daemon at {url}: ") and "http enabled" in err
+
+
+def test_status_refuses_a_server_that_is_not_tsmon(server: HealthServer, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "status", "--url", server.url + "/metrics")  # answers /metrics/streams with 404
+    assert code == 1 and err.startswith("TsmonError: the tsmon daemon at") and "HTTP 404" in err
