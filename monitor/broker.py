@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from models.errors import BrokerError
 
@@ -134,7 +135,7 @@ class LocalBroker:
             self.proc.kill()
             self.proc.wait()
 
-    def __enter__(self) -> LocalBroker:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

@@ -16,9 +16,9 @@ quantile is above the threshold and the threshold steps up (see ``_proposal``).
 
 Level shifts and the drift guard. The caller also feeds the errors of *all* windows (``observe_all``).
 When nearly all recent windows are over the threshold the stream is either broken or has a new normal:
-:mod:`monitor.drift` decides, and only a settled level is accepted (the threshold jumps to the recent
-quantile, source ``calibrated``, reason ``new normal``). Every raise passes the drift guard first;
-refusals are kept in :attr:`Calibrator.refused` with their reason.
+:mod:`monitor.drift` decides, and only a settled, normally shaped level is accepted (the threshold jumps
+to the recent quantile, source ``calibrated``, reason ``new normal``). An operator's raise passes the
+guard's mixture test too. Refusals are kept in :attr:`Calibrator.refused` with their reason.
 
 Versions and overrides. Every change is a numbered version with its source and reason (``history``,
 ``rollback``). Operators pin a value (calibration leaves it alone), freeze calibration per stream or for
@@ -192,7 +192,7 @@ class Calibrator:
         drift = s.drift
         if drift.enabled and level_shift(recent, old.value, drift):
             target = self._bounded(old, float(np.quantile(recent, q)) * s.margin)
-            verdict = assess(recent, target, drift, thin)
+            verdict = assess(recent, target, drift, thin, reference=normal)
             if not verdict.accept:
                 refused[name] = verdict.reason
                 return None, 0, ""
@@ -200,7 +200,7 @@ class Calibrator:
         if len(normal) < (1 if commanded else s.min_samples):
             return None, 0, ""
         value = self._target(old, normal, q, commanded)
-        if drift.enabled and value > old.value * (1 + _MIN_CHANGE):
+        if commanded and drift.enabled and value > old.value * (1 + _MIN_CHANGE):
             verdict = assess(recent, value, drift, thin, stationary=False)
             if not verdict.accept:
                 refused[name] = verdict.reason

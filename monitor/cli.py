@@ -15,7 +15,7 @@ from rich.console import Console
 
 from models.errors import TsmonError
 from monitor import __version__, logs
-from monitor.commands import bench_cmd, broker_cmd, demo_cmd, model_cmds, run_cmd, status_cmd
+from monitor.commands import bench_cmd, broker_cmd, ctl_cmd, demo_cmd, model_cmds, run_cmd, status_cmd
 
 app = typer.Typer(name="tsmon", help="Streaming time-series anomaly monitor.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -47,6 +47,7 @@ model_cmds.register(app)
 broker_cmd.register(app)
 run_cmd.register(app)
 status_cmd.register(app)
+ctl_cmd.register(app)
 demo_cmd.register(app)
 bench_cmd.register(bench_app)
 

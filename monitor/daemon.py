@@ -1,15 +1,19 @@
-"""The daemon: wires config → source, processor, sink, calibrator schedule; runs the loop; stops cleanly.
+"""The daemon: wires config → source, processor, sink, calibrator, control, state and HTTP; runs the loop.
 
 A thin wiring layer. The loop is single-threaded (kafka-python's consumer is not thread-safe): poll →
-handle → score due batches → commit every ``commit_interval_ms``. Only the calibrator runs on an
-apscheduler thread, behind its own lock. SIGTERM/SIGINT set a flag; the loop then scores what waits,
-publishes, commits and closes, each step bounded by ``shutdown_timeout_s``; a second signal exits at once.
+handle → score due batches → operator commands every ``control.poll_interval_ms`` → snapshots when due
+→ commit every ``commit_interval_ms``. The calibrator runs on an apscheduler thread behind its own lock;
+the snapshot job only raises a flag for the loop. The HTTP server reads immutable views the loop
+refreshes. State is restored from the changelog at start and whenever partitions are assigned.
+SIGTERM/SIGINT set a flag; the loop then scores what waits, publishes, snapshots, commits and closes,
+each step bounded by ``shutdown_timeout_s``; a second signal exits at once.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -27,12 +31,17 @@ from monitor.alerts import AlertSettings
 from monitor.batcher import Batcher
 from monitor.calibrator import Calibrator, CalibratorSettings
 from monitor.config import Config
+from monitor.controller import GLOBAL_KEY, Controller, ControlSource
+from monitor.drift import DriftSettings
+from monitor.health import HealthServer
 from monitor.metrics import Metrics
 from monitor.processor import Processor, Settings
 from monitor.scorer import Scorer, load_served
 from monitor.scoring import Backend, ProcessBackend, ThreadBackend, choose
 from monitor.sink import KafkaSink, Sink
 from monitor.source import TP, KafkaSource, Source
+from monitor.state import read_changelog
+from monitor.topics import ensure_topics
 
 log = logs.get("tsmon.daemon")
 
@@ -53,8 +62,11 @@ def calibrator_settings(cfg: Config, scorer: Scorer) -> CalibratorSettings:
         found = {m.detector.threshold.quantile for m in scorer.models.values()}
         quantile = found.pop() if len(found) == 1 else DEFAULT_QUANTILE
     quantile = min(quantile, 0.999)  # an artifact thresholded at its maximum (q = 1) still calibrates
+    d = cfg.drift
     return CalibratorSettings(quantile, c.margin, c.window, c.min_samples, c.max_change, c.floor, c.ceiling,
-                              c.enabled)
+                              c.enabled, cfg.state.history,
+                              DriftSettings(d.enabled, d.window, d.min_windows, d.alpha, d.shift_share,
+                                            d.max_over_share))
 
 
 def processor_settings(cfg: Config) -> Settings:
@@ -63,7 +75,8 @@ def processor_settings(cfg: Config) -> Settings:
                     AlertSettings(a.for_windows, a.resolve_after, a.flap_period_ms, a.flap_max, a.major_ratio,
                                   a.critical_ratio),
                     q.flatline_rel_std, q.rate_tolerance, q.cooldown_ms, a.max_hold_windows, cfg.limits.to_limits(),
-                    cfg.daemon.shutdown_timeout_s)
+                    cfg.daemon.shutdown_timeout_s, state_topic=cfg.state.topic if cfg.state.enabled else None,
+                    recent_alerts=cfg.state.recent_alerts)
 
 
 class Daemon:
@@ -76,7 +89,7 @@ class Daemon:
         # (measured on 2 cores, `tsmon bench pipeline`: 1 torch thread 241k samples/s, 2 threads 200k).
         threads = scoring_threads(cfg.daemon.torch_threads)
         torch.set_num_threads(threads)
-        self.metrics = Metrics()
+        self.metrics = Metrics(cfg.http.max_stream_labels)
         self.scorer = scorer or build_scorer(cfg)
         self.scoring = choose(cfg.daemon.scoring, cfg.daemon.device)
         if self.scoring == "process":
@@ -94,12 +107,28 @@ class Daemon:
         self.sink = sink or KafkaSink(cfg.kafka.producer_kwargs())
         self.processor = Processor(self.scorer, self.calibrator, Batcher(cfg.batch.max_batch, cfg.batch.max_delay_ms),
                                    self.sink, self.metrics, processor_settings(cfg), backend)
-        k = cfg.kafka
+        k, c = cfg.kafka, cfg.control
+        self.instance = f"{socket.gethostname()}:{os.getpid()}"
+        self.controller = Controller(self.processor, c.key.get_secret_value() if c.key else None, c.audit_topic,
+                                     self.instance, c.max_age_s, c.remember)
+        self._kafka = source is None  # control topic and changelog only with a real broker
+        if self._kafka:
+            self._ensure_topics()
         self.source = source or KafkaSource(k.consumer_kwargs(), list(k.topics), k.topic_pattern,
                                             self._on_revoke, self._on_assign)
+        self.control = ControlSource(k.consumer_kwargs(), c.topic) if self._kafka else None
         self._scheduler = BackgroundScheduler(daemon=True)
         self._scheduler.add_job(self.recalibrate, "interval", seconds=cfg.calibrator.interval_s,
                                 id="recalibrate", max_instances=1, coalesce=True)
+        self._snapshot_due = threading.Event()
+        self._scheduler.add_job(self._snapshot_due.set, "interval", seconds=cfg.state.snapshot_interval_s,
+                                id="snapshot", max_instances=1, coalesce=True)
+        self._beat = time.monotonic()  # the loop's last turn, for /healthz
+        self._rows: list[dict[str, Any]] = []  # /streams, refreshed by the loop
+        self._ready: tuple[bool, str] = (False, "starting")
+        h = cfg.http
+        self.http = HealthServer(h.host, h.port, self.metrics.registry, self._health, lambda: self._ready,
+                                 lambda: self._rows) if h.enabled else None
 
     # rebalance callbacks (called from inside poll, on the loop's thread)
     def _on_revoke(self, tps: list[TP]) -> None:
@@ -107,15 +136,59 @@ class Daemon:
         self.processor.revoke(self.source, set(tps))
 
     def _on_assign(self, tps: list[TP]) -> None:
-        # Nothing to restore: every sample a future window or an open episode needs lies after the
-        # committed offset, so the stream state rebuilds itself from the replay.
+        # Streams of these partitions start when their first record arrives; they continue from the
+        # changelog, which the previous owner wrote when the partitions were revoked from it.
         log.info("partitions_assigned", partitions=[f"{t}-{p}" for t, p in tps])
+        if tps:
+            self.restore()
+
+    def _ensure_topics(self) -> None:
+        k, c, st = self.cfg.kafka, self.cfg.control, self.cfg.state
+        topics = {c.topic: 1, c.audit_topic: 1, **({st.topic: 1} if st.enabled else {})}
+        security = {key: v for key, v in k.consumer_kwargs().items() if key.startswith(("security", "sasl", "ssl"))}
+        ensure_topics(list(k.bootstrap_servers), topics, {st.topic: {"cleanup.policy": "compact"}}, **security)
+
+    def restore(self) -> None:
+        """Read the changelog: documents of streams not started yet wait in the processor."""
+        st = self.cfg.state
+        if not (self._kafka and st.enabled):
+            return
+        log_ = read_changelog(self.cfg.kafka.consumer_kwargs(), st.topic, st.restore_timeout_s)
+        daemon_doc = log_.docs.pop(GLOBAL_KEY, None)
+        if daemon_doc is not None:
+            self.controller.restore_global(daemon_doc)
+        self.processor.restored = {k: v for k, v in log_.docs.items() if k not in self.processor.streams}
+        self.metrics.restore_seconds.set(log_.seconds)
+        (log.info if log_.complete else log.error)(
+            "state_restored" if log_.complete else "state_restore_incomplete", streams=len(log_.docs),
+            records=log_.records, seconds=round(log_.seconds, 3), frozen_all=self.calibrator.frozen_all)
 
     def recalibrate(self) -> None:
-        for stream, (old, new) in self.calibrator.recalibrate().items():
-            self.metrics.thresholds.labels(stream, new.source).set(new.value)
+        changed = self.calibrator.recalibrate()
+        for stream, (old, new) in changed.items():
+            self.metrics.set_threshold(stream, new.value, new.source)
+            outcome = "new_normal" if new.reason.startswith("new normal") else "changed"
+            self.metrics.calibrations.labels(outcome).inc()
             log.info("threshold_changed", stream=stream, old=round(old.value, 6), new=round(new.value, 6),
-                     source=new.source, samples=new.samples)
+                     source=new.source, version=new.version, reason=new.reason, samples=new.samples)
+        for stream, reason in self.calibrator.refused.items():
+            self.metrics.calibrations.labels("refused").inc()
+            log.warning("threshold_raise_refused", stream=stream, reason=reason,
+                        threshold=round(self.calibrator.threshold(stream).value, 6))
+
+    def _health(self) -> tuple[bool, str]:
+        age = time.monotonic() - self._beat
+        ok = age < self.cfg.http.stall_s
+        return ok, f"loop turned {age:.1f} s ago" + ("" if ok else f" (limit {self.cfg.http.stall_s:g} s)")
+
+    def _refresh_views(self) -> None:
+        """The loop's state for the HTTP threads: replaced, never mutated."""
+        assigned = self.source.assignment()
+        lags = self.source.lags() if isinstance(self.source, KafkaSource) else {}
+        for (topic, partition), lag in lags.items():
+            self.metrics.lag.labels(topic, str(partition)).set(lag)
+        self._rows = self.processor.status_rows(lags)
+        self._ready = (True, f"{len(assigned)} partition(s) assigned") if assigned else (False, "no partition assigned")
 
     def caught_up(self, samples: int) -> bool:
         """Has it taken ``samples`` samples and scored every window they made? (demo, benchmark, tests)"""
@@ -138,19 +211,31 @@ class Daemon:
         log.info("daemon_starting", models={n: m.describe() for n, m in self.scorer.models.items()},
                  scoring=self.scoring,
                  config=self.cfg.redacted())
+        if self.http is not None:
+            self.http.start()
+        self.restore()
         self._scheduler.start()
-        self._started = last_commit = time.monotonic()
+        self._started = last_commit = last_control = time.monotonic()
         try:
             while not self.stop_event.is_set() and not (until and until()):
+                self._beat = time.monotonic()
                 wait = self.processor.batcher.wait_s()
                 timeout = d.poll_timeout_ms if wait is None else min(d.poll_timeout_ms, int(wait * 1000))
                 if self.processor.pending > self.processor.batcher.size:  # results in flight: come back soon
                     timeout = min(timeout, 5)
                 self.processor.handle(self.source.poll(max(timeout, 0)))
                 self.processor.score_ready()  # memory stays bounded: at most max_inflight batches wait
+                if self.control is not None and time.monotonic() - last_control >= self.cfg.control.poll_interval_ms / 1000:
+                    last_control = time.monotonic()
+                    for raw in self.control.poll():
+                        self.controller.handle(raw)
+                if self._snapshot_due.is_set():
+                    self._snapshot_due.clear()
+                    self.processor.save_changed()
                 if time.monotonic() - last_commit >= d.commit_interval_ms / 1000:
                     last_commit = time.monotonic()
                     self._commit()
+                    self._refresh_views()
         finally:
             self._shutdown()
         return self.metrics.snapshot()
@@ -164,19 +249,25 @@ class Daemon:
     def _shutdown(self) -> None:
         t0 = time.monotonic()
         self._scheduler.shutdown(wait=False)
+        self._ready = (False, "stopping")
         try:
             self.processor.score_ready(force=True)
+            self.processor.save_changed(every=True)
             self.processor.commit(self.source)
         except SinkBackpressure as exc:
             log.error("final_commit_failed", error=str(exc))
         finally:
             self.final_thresholds = self.calibrator.snapshot()  # before close() revokes and forgets streams
             self.source.close()  # leaving the group revokes: nothing waits by now, the sink is still open
+            if self.control is not None:
+                self.control.close()
             try:
                 self.sink.close(self.cfg.daemon.shutdown_timeout_s)
             except SinkBackpressure as exc:
                 log.error("sink_close_failed", error=str(exc))
             self.processor.close()
+            if self.http is not None:
+                self.http.close()
         log.info("daemon_stopped", uptime_s=round(time.monotonic() - self._started, 1),
                  shutdown_s=round(time.monotonic() - t0, 3), **_summary(self.metrics))
 

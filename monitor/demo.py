@@ -10,7 +10,9 @@ sample to the end of the window that made the alert fire.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -184,6 +186,7 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         thresholds = daemon.final_thresholds
     progress.done = True
     card = scorecard(streams, alerts, opts.period_ms)
+    picture = strongest_alert_picture(alerts, Path(model).parent)
     return {
         **card,
         "streams": opts.streams, "samples": progress.total_samples, "beats": progress.total_samples // w,
@@ -193,5 +196,19 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         "data_quality_events": sum(a.get("type") == "data_quality" for a in alerts),
         "alert_messages": sum(a.get("type") == "anomaly" for a in alerts),
         "thresholds": {s: {"value": round(float(t["value"]), 4), "source": t["source"]} for s, t in thresholds.items()},
-        "seconds": round(time.monotonic() - t_start, 1),
+        "seconds": round(time.monotonic() - t_start, 1), "picture": picture,
     }
+
+
+def strongest_alert_picture(alerts: list[dict[str, Any]], out_dir: Path) -> dict[str, str] | None:
+    """Keep the strongest firing alert as JSON beside the model, and draw it (what on-call would open)."""
+    from monitor import explain
+
+    paging = [a for a in alerts if a.get("type") == "anomaly" and a.get("status") == "firing" and a.get("explain")]
+    if not paging:
+        return None
+    top = max(paging, key=lambda a: a["ratio"])
+    doc = out_dir / "demo-alert.json"
+    doc.write_text(json.dumps(top) + "\n")
+    png = explain.render(top, out_dir / "demo-alert.png")
+    return {"alert_id": top["alert_id"], "json": str(doc), "png": str(png)}

@@ -7,13 +7,16 @@ order). Two signatures of an anomaly that a raise would wrongly absorb:
   threshold: the stream alternates between normal and anomalous windows, and raising would only hide
   part of it (refused on every path);
 * **still changing** — a two-sample Kolmogorov–Smirnov test between the older and the newer half of the
-  recent errors rejects at level ``alpha``: the level is moving, not settled (refused on the level-shift
-  path, which jumps straight to the recent quantile; the ordinary path moves by ``max_change`` a step and
-  is meant to follow slow drift).
+  recent errors rejects at level ``alpha``: the level is moving, not settled;
+* **not a shifted normal** — a KS test between the shapes (log-error around the median) of the recent
+  errors and of known-normal ones rejects: normal mixed with anomalies, or a different kind of signal.
 
-A sustained level shift that passes both for a whole window (``min_windows`` errors, with at least
-``shift_share`` of them over the old threshold) is accepted as the new normal. Overlapping windows make
-neighbouring errors correlated, so the caller thins the series to non-overlapping windows first.
+The level-shift path (nearly all of a full window, ``shift_share`` of ``min_windows`` or more errors,
+over the threshold: the stream is alerting without pause) must pass all three, and is then accepted as
+the new normal. An operator's recalibration must pass the mixture test. The scheduled path needs no
+guard: it learns only from windows that ended up normal (never from an alert) and moves by at most
+``max_change`` a step, which is how it follows slow drift. Overlapping windows make neighbouring errors
+correlated, so the caller thins the series to non-overlapping windows first.
 """
 
 from __future__ import annotations
@@ -65,9 +68,13 @@ def level_shift(recent: np.ndarray, current: float, s: DriftSettings) -> bool:
     return len(recent) >= s.min_windows and float(np.mean(recent > current)) >= s.shift_share
 
 
-def assess(recent: np.ndarray, proposed: float, s: DriftSettings, thin: int = 1,
-           stationary: bool = True) -> Verdict:
-    """May the threshold rise to ``proposed``, given the stream's recent errors (oldest first)?"""
+def assess(recent: np.ndarray, proposed: float, s: DriftSettings, thin: int = 1, stationary: bool = True,
+           reference: np.ndarray | None = None) -> Verdict:
+    """May the threshold rise to ``proposed``, given the stream's recent errors (oldest first)?
+
+    ``reference``: errors of known-normal windows; when given, the recent errors must have their shape
+    (same distribution of log-error around its median: a scaled normal, not normal mixed with anomalies).
+    """
     finite = recent[np.isfinite(recent)]
     if len(finite) < s.min_windows:
         return Verdict(False, f"insufficient evidence: {len(finite)} recent windows, {s.min_windows} needed")
@@ -85,4 +92,16 @@ def assess(recent: np.ndarray, proposed: float, s: DriftSettings, thin: int = 1,
     if p < s.alpha:
         return Verdict(False, f"still changing: KS D={d:.3f} p={p:.2g} between the two halves of the last "
                               f"{len(sample)} windows (alpha {s.alpha})")
+    ref = None if reference is None else reference[np.isfinite(reference) & (reference > 0)]
+    if ref is not None and len(ref) >= 50:
+        ds, ps = ks_2samp(_shape(sample), _shape(ref))
+        if ps < s.alpha:
+            return Verdict(False, f"sustained anomaly: its errors are not shaped like the normal ones "
+                                  f"(KS D={ds:.3f} p={ps:.2g} on log-error around the median)")
     return Verdict(True, f"stable level: KS D={d:.3f} p={p:.2g}, {over:.1%} over {proposed:.4g}")
+
+
+def _shape(errors: np.ndarray) -> np.ndarray:
+    """Log-errors around their median: a scaled copy of a distribution has the same shape."""
+    logs = np.log(np.maximum(errors, 1e-12))
+    return logs - np.median(logs)

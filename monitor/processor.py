@@ -297,9 +297,26 @@ class Processor:
 
         try:
             return explain.for_window(st.served.detector, peak.values, peak.threshold, peak.start_ts, peak.end_ts)
-        except Exception as exc:  # a picture must never cost the alert itself
+        except Exception as exc:  # noqa: BLE001 — a picture must never cost the alert itself
             log.error("explain_failed", error=f"{type(exc).__name__}: {exc}")
             return None
+
+    def reset_stream(self, stream: str, reason: str) -> None:
+        """Forget the stream's windows, alert state and calibration (scores what waits first)."""
+        self.score_ready(force=True)
+        st = self.streams[stream]
+        ep = st.alerts.episode
+        if ep is not None and ep.fired is not None:  # never leave a page open that nothing will resolve
+            self.publish_alert(stream, st, Transition("resolved", ep), reset=True)
+        st.alerts = AlertState(stream, st.served.name, self.settings.alerts)
+        st.windows.restart()
+        st.recent_alerts.clear()
+        st.feedback = {"confirmed": 0, "false_positive": 0}
+        st.silenced_until_ms = 0
+        state = self.calibrator.reset(stream, reason)
+        self.metrics.set_threshold(stream, state.value, state.source)
+        self._release(stream, st)
+        self.save(stream)
 
     # persisted state ------------------------------------------------------------------------------
     def save(self, stream: str) -> None:

@@ -62,7 +62,7 @@ def _timestamp_ms(ts: Any) -> int | None:
         return int(ts) if math.isfinite(ts) and 0 <= ts < 1e14 else None  # < year 5138, ms since epoch
     if isinstance(ts, str):
         try:
-            dt = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+            dt = datetime.fromisoformat(ts)
         except ValueError:
             return None
         if dt.tzinfo is None:

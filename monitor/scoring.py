@@ -88,7 +88,7 @@ class ProcessBackend:
                                          initargs=(routes, device, threads, os.getpid()))
         try:
             self._pool.submit(int, 0).result(timeout=start_timeout_s)  # models load now: fail at start
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 — whatever stopped the worker becomes one ConfigError
             self._pool.shutdown(wait=False, cancel_futures=True)
             raise ConfigError(f"the scoring process could not start: {type(exc).__name__}: {str(exc)[:300]} (a script "
                               "that starts the daemon needs `if __name__ == '__main__':`; or set "

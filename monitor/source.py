@@ -128,5 +128,14 @@ class KafkaSource:
     def assignment(self) -> set[TP]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
+    def lags(self) -> dict[TP, int]:
+        """Records behind the high watermark of the last fetch, per assigned partition that has one."""
+        out = {}
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            if high is not None:  # fetched from: the position is known, position() does not block
+                out[(tp.topic, tp.partition)] = max(0, high - self._consumer.position(tp))
+        return out
+
     def close(self) -> None:
         self._consumer.close(autocommit=False)

@@ -10,17 +10,24 @@ from typing import Any
 from models.errors import BrokerError
 
 
-def ensure_topics(bootstrap: str, topics: dict[str, int]) -> None:
-    """Create the topics that do not exist yet, with the given partition counts."""
+def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: dict[str, dict[str, str]] | None = None,
+                  **client: Any) -> None:
+    """Create the topics that do not exist yet, with the given partition counts and topic configs.
+
+    ``client``: further ``KafkaAdminClient`` settings (security). Replication factor 1 suits the local
+    broker; production clusters usually create tsmon's topics beforehand, which this leaves alone.
+    """
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
 
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000, **client)
     except KafkaError as exc:
         raise BrokerError(f"cannot reach {bootstrap}: {exc}") from None
     try:
-        missing = [NewTopic(t, n, 1) for t, n in topics.items() if t not in set(admin.list_topics())]
+        existing = set(admin.list_topics())
+        missing = [NewTopic(t, n, 1, topic_configs=(configs or {}).get(t, {})) for t, n in topics.items()
+                   if t not in existing]
         if missing:
             admin.create_topics(missing)
     except TopicAlreadyExistsError:

@@ -8,6 +8,7 @@ so that no window spans missing data. State per stream is bounded: the last ``W 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,9 +66,9 @@ class StreamWindows:
         gaps = self._gap_starts(ts)
         bounds = sorted({0, *gaps, len(ts)})
         parts: list[Windows] = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in itertools.pairwise(bounds):
             if lo in gaps:
-                self._restart()
+                self.restart()
             parts.append(self._push_segment(ts[lo:hi], values[lo:hi]))
         self.last_ts = int(ts[-1])
         return _concat(parts, self.window, self.channels)
@@ -79,7 +80,8 @@ class StreamWindows:
         first = [0] if self.last_ts is not None and ts[0] - self.last_ts > self.gap_ms else []
         return first + inner.tolist()
 
-    def _restart(self) -> None:
+    def restart(self) -> None:
+        """Forget the partial window: the next window starts with the next sample."""
         self._tail, self._tail_ts = self._tail[:0], self._tail_ts[:0]
         self._since_start = 0
         self.restarts += 1

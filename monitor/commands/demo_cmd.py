@@ -34,7 +34,7 @@ class LiveView:
 
     def __rich__(self) -> Table:
         p, m = self.p, self.p.metrics
-        total = lambda name: int(m.total(name)) if m is not None else 0  # noqa: E731
+        total = lambda name: int(m.total(name)) if m is not None else 0
         head = (f"sent {p.sent_samples:,}/{p.total_samples:,} samples · scored {total('tsmon_windows_scored_total'):,}"
                 f" windows · dead letters {total('tsmon_dead_letters_total')} · alerts {len(p.alerts)} messages")
         t = Table(title=head, title_justify="left", expand=False)
@@ -107,6 +107,10 @@ def _print_summary(s: dict[str, Any]) -> None:
     stdout.print(t)
     pairs = sorted(s["thresholds"].items())
     stdout.print("thresholds: " + ", ".join(f"{k} {v['value']} ({v['source']})" for k, v in pairs))
+    if s.get("picture"):
+        p = s["picture"]
+        stdout.print(f"strongest alert {p['alert_id']}: picture {p['png']} "
+                     f"(again: tsmon inspect --alert {p['json']} --out alert.png)")
 
 
 def register(app: typer.Typer) -> None:

@@ -48,7 +48,9 @@ def config(broker: Any, topic: str, model: Path, **overrides: Any) -> Config:
     base = {"kafka.bootstrap_servers": broker.bootstrap, "kafka.topics": [topic], "kafka.group_id": f"g-{topic}",
             "kafka.alerts_topic": f"{topic}.alerts", "kafka.dead_letter_topic": f"{topic}.dlq",
             "kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 500, "daemon.commit_interval_ms": 200,
-            "daemon.device": "cpu", "calibrator.enabled": False, "models": [{"pattern": "*", "path": str(model)}]}
+            "daemon.device": "cpu", "calibrator.enabled": False, "models": [{"pattern": "*", "path": str(model)}],
+            "control.topic": f"{topic}.control", "control.audit_topic": f"{topic}.audit",
+            "state.topic": f"{topic}.state", "http.port": 0}
     return load_config(None, {**base, **overrides}, env={})
 
 
@@ -127,6 +129,10 @@ def _crash(d: Daemon) -> None:
     d.processor.sink.flush(10)  # what was already sent may or may not have reached the broker; say it did
     d.source._consumer.close(autocommit=False)  # type: ignore[attr-defined]
     d.processor.sink._producer.close(timeout=5)  # type: ignore[attr-defined]  # a dead process's sockets close too
+    if d.control is not None:
+        d.control.close()
+    if d.http is not None:
+        d.http.close()
     d.processor.close()
 
 
@@ -171,10 +177,22 @@ def test_calibrator_follows_drift_and_ignores_anomalies(broker: Any, topic: str,
                "dev-spiky": sine_stream(n, tuple(range(600, n - 100, 700)), seed=22)}
     produce(broker.bootstrap, topic, streams)
     cfg = config(broker, topic, stream_model, **{"calibrator.enabled": True, "calibrator.min_samples": 100,
-                                                 "calibrator.window": 300, "calibrator.interval_s": 0.2,
+                                                 "calibrator.window": 300, "calibrator.interval_s": 3600,
                                                  "calibrator.max_change": 0.5, "calibrator.floor": 0.05,
-                                                 "calibrator.quantile": 0.99})
-    d = run_until_samples(cfg, 3 * n, linger_s=3.0)  # ~15 recalibrations on the schedule
+                                                 "calibrator.quantile": 0.99, "kafka.max_poll_records": 30})
+    # Recalibrate as the data flows, every 300 samples taken, rather than on the wall clock (the whole input
+    # takes about a second here, so a schedule would race it), then 10 more times after the end.
+    d, taken, after_end = Daemon(cfg), [0.0], []
+
+    def until() -> bool:
+        n_taken = d.metrics.total("tsmon_samples_total")
+        if (n_taken - taken[0] >= 300 and d.processor.pending == 0) or d.caught_up(3 * n):
+            taken[0] = n_taken
+            d.recalibrate()
+            after_end.extend([1] if d.caught_up(3 * n) else [])
+        return len(after_end) >= 10
+
+    d.run(until=until)
     th = d.final_thresholds
     artifact_value = th["dev-clean"]["artifact"]
     assert th["dev-drift"]["source"] == "calibrated"

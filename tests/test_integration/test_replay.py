@@ -24,7 +24,7 @@ def test_replay_round_trips_a_csv(broker: Any, topic: str, tmp_path: Path) -> No
     pd.DataFrame({"timestamp": ts, "a": values[:, 0], "b": values[:, 1]}).to_csv(path, index=False)
     proc = subprocess.run([sys.executable, "-m", "monitor", "replay", "--input", str(path), "--topic", topic,
                            "--bootstrap-servers", broker.bootstrap, "--stream", "press-7", "--chunk", "100"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     c = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
                       consumer_timeout_ms=3000)
@@ -41,5 +41,5 @@ def test_replay_round_trips_a_csv(broker: Any, topic: str, tmp_path: Path) -> No
 
 def test_replay_refuses_a_missing_file(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "monitor", "replay", "--input", str(tmp_path / "nope.csv"),
-                           "--topic", "t"], capture_output=True, text=True, timeout=60)
+                           "--topic", "t"], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().startswith("DataError:") and "not found" in proc.stderr

@@ -339,3 +339,9 @@ def test_an_error_from_the_environment_is_not_blamed_on_the_file(tmp_path: Path)
     path.write_text("[batch]\nmax_batch = 256\n")
     with pytest.raises(ConfigError, match=r"\(.*tsmon.toml \+ environment\)"):
         load_config(path, env={"TSMON_BATCH__MAX_BATCH": "0"})
+
+
+def test_the_control_key_is_masked_when_printed() -> None:
+    cfg = load_config(None, {"control.key": "s3cret"}, env={})
+    assert cfg.control.key is not None and cfg.control.key.get_secret_value() == "s3cret"
+    assert "s3cret" not in str(cfg.redacted()) and "s3cret" not in repr(cfg)

@@ -6,7 +6,6 @@ commits, checked exactly on the small PCA stream model (40-sample windows, hop 1
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,42 +13,18 @@ import numpy as np
 import pytest
 
 from models.errors import SinkBackpressure
-from monitor.batcher import Batcher
-from monitor.calibrator import Calibrator
 from monitor.processor import Processor, Settings
 from monitor.replay import messages
 from monitor.scorer import Scorer, Served, load_served
 from monitor.sink import MemorySink
 from monitor.source import TP, InRecord, MemorySource
 from tests.conftest import STREAM_HOP, STREAM_PERIOD_MS, STREAM_WINDOW, sine_stream
+from tests.test_monitor.conftest import Make
 
 W, H = STREAM_WINDOW, STREAM_HOP
 TOPIC = "in"
 ALERTS = Settings().alerts_topic
 DLQ = Settings().dead_letter_topic
-
-Make = Callable[..., Processor]
-
-
-@pytest.fixture(scope="module")
-def served(stream_model: Path) -> Served:
-    return load_served("*", stream_model, None, None, "cpu")
-
-
-@pytest.fixture
-def make(served: Served) -> Iterator[Make]:
-    """Processors over a fresh scorer, calibrator, batcher and memory sink; all closed at teardown."""
-    made: list[Processor] = []
-
-    def build(scorer: Scorer | None = None, max_batch: int = 64, max_delay_ms: float = 0.0) -> Processor:
-        p = Processor(scorer or Scorer([served]), Calibrator(), Batcher(max_batch, max_delay_ms), MemorySink())
-        made.append(p)
-        return p
-
-    yield build
-    for p in made:
-        p.close()
-
 
 def records(stream: str, ts: np.ndarray, values: np.ndarray, chunk: int = H, partition: int = 0,
             first_offset: int = 0) -> list[InRecord]:

@@ -1,0 +1,184 @@
+"""``tsmon ctl``: operators' commands to running daemons (signed, acknowledged, audited)."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from models.errors import ConfigError
+from monitor import ctl
+from monitor.commands.render import stdout
+from monitor.config import load_config
+
+app = typer.Typer(help="Operator commands to running daemons: signed with control.key, acknowledged, audited.",
+                  no_args_is_help=True)
+
+Stream = Annotated[str | None, typer.Option("--stream", help="Stream id, or a glob such as 'ecg-*'.")]
+All = Annotated[bool, typer.Option("--all", help="Every stream (for freeze/unfreeze: daemon-wide).")]
+Config = Annotated[Path | None, typer.Option("--config", help="TOML configuration (kafka, control.key).")]
+Operator = Annotated[str | None, typer.Option(help="Who is acting (default: the login name).")]
+Reason = Annotated[str, typer.Option(help="Why; goes to the audit topic.")]
+Timeout = Annotated[float, typer.Option(help="Seconds to wait for acknowledgements.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the acknowledgements as JSON.")]
+Quantile = Annotated[float | None, typer.Option(help="Quantile of recent normal errors (default: configured).")]
+
+
+def _target(stream: str | None, all_: bool, required: bool = True) -> str:
+    if stream and all_:
+        raise ConfigError("give --stream or --all, not both")
+    if not stream and not all_:
+        if required:
+            raise ConfigError("give --stream S (a glob is fine) or --all")
+        return "*"
+    return "*" if all_ else str(stream)
+
+
+def _run(command: str, target: str, params: dict[str, Any], config: Path | None, operator: str | None,
+         reason: str, timeout: float, as_json: bool) -> None:
+    cfg = load_config(config)
+    acks = ctl.send(cfg, command, target, params, operator or getpass.getuser(), reason, timeout)
+    if as_json:
+        sys.stdout.write(json.dumps(acks, indent=2, default=str) + "\n")
+    else:
+        _show(acks)
+    ctl.verdict(command, target, acks, timeout)
+
+
+def _show(acks: list[dict[str, Any]]) -> None:
+    table = Table("instance", "status", "streams", "effect / result", title="acknowledgements")
+    for a in acks:
+        table.add_row(str(a["instance"]), str(a["status"]), str(len(a["streams"])), _effect(a))
+    stdout.print(table)
+
+
+def _effect(a: dict[str, Any]) -> str:
+    if a["error"]:
+        return str(a["error"])
+    lines = [f"{e['stream']}: {_fmt(e.get('before'))} -> {_fmt(e.get('after'))}" for e in a["effects"]
+             if "before" in e]
+    r = a["result"]
+    for stream, versions in r.get("history", {}).items():
+        lines += [f"{stream} v{v['version']}: {v['value']:.6g} {v['source']} {v['reason']}" for v in versions]
+    for stream, sh in r.get("shadow", {}).items():
+        cur, cand = sh["current"], sh["candidate"]
+        lines.append(f"{stream} over last {sh['windows']} windows: now {cur['threshold']:.6g} -> "
+                     f"{cur['windows_over']} over, {cur['alerts']} alerts; q{sh['quantile']:g} "
+                     f"{cand['threshold']:.6g} -> {cand['windows_over']} over, {cand['alerts']} alerts")
+    lines += [f"{s}: refused: {why}" for s, why in r.get("refused", {}).items()]
+    if "precision" in r:
+        p = r["precision"]
+        lines.append(f"{r['verdict']}; precision {p:.3f} ({r['feedback']})" if p is not None else r["verdict"])
+    return "\n".join(lines) or "-"
+
+
+def _fmt(view: dict[str, Any] | None) -> str:
+    if not view:
+        return "-"
+    flags = [f for f in ("pinned", "frozen") if view.get(f)] + (["silenced"] if view.get("silenced_until_ms") else [])
+    return f"{view['threshold']:.6g} ({view['source']} v{view['version']}{', ' + ', '.join(flags) if flags else ''})"
+
+
+@app.command()
+def recalibrate(stream: Stream = None, all_: All = False, quantile: Quantile = None, config: Config = None,
+                operator: Operator = None, reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False) -> None:
+    """Recalibrate now from the recent normal errors (the drift guard may refuse a raise, and says why)."""
+    params = {} if quantile is None else {"quantile": quantile}
+    _run("recalibrate", _target(stream, all_), params, config, operator, reason, timeout, as_json)
+
+
+@app.command()
+def pin(threshold: Annotated[float, typer.Option(help="The threshold to hold.")], stream: Stream = None,
+        config: Config = None, operator: Operator = None, reason: Reason = "", timeout: Timeout = 10.0,
+        as_json: Json = False) -> None:
+    """Hold a stream's threshold at a value; calibration leaves it alone until unpin."""
+    _run("pin", _target(stream, False), {"threshold": threshold}, config, operator, reason, timeout, as_json)
+
+
+@app.command()
+def unpin(stream: Stream = None, config: Config = None, operator: Operator = None, reason: Reason = "",
+          timeout: Timeout = 10.0, as_json: Json = False) -> None:
+    """Back to the value before the pin; calibration resumes."""
+    _run("unpin", _target(stream, False), {}, config, operator, reason, timeout, as_json)
+
+
+@app.command()
+def freeze(stream: Stream = None, all_: All = False, config: Config = None, operator: Operator = None,
+           reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False) -> None:
+    """Stop calibration for a stream, or for all (--all)."""
+    _run("freeze", _target(stream, all_), {}, config, operator, reason, timeout, as_json)
+
+
+@app.command()
+def unfreeze(stream: Stream = None, all_: All = False, config: Config = None, operator: Operator = None,
+             reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False) -> None:
+    """Resume calibration."""
+    _run("unfreeze", _target(stream, all_), {}, config, operator, reason, timeout, as_json)
+
+
+@app.command()
+def silence(for_: Annotated[str, typer.Option("--for", help="How long: 90s, 30m, 2h, 1d.")],
+            stream: Stream = None, config: Config = None, operator: Operator = None, reason: Reason = "",
+            timeout: Timeout = 10.0, as_json: Json = False) -> None:
+    """Record the stream's alerts as silenced instead of publishing them as firing, for a while."""
+    _run("silence", _target(stream, False), {"for_s": ctl.duration_s(for_)}, config, operator, reason, timeout,
+         as_json)
+
+
+@app.command()
+def unsilence(stream: Stream = None, config: Config = None, operator: Operator = None, reason: Reason = "",
+              timeout: Timeout = 10.0, as_json: Json = False) -> None:
+    """End a silence now (an alert still open is then published as firing)."""
+    _run("unsilence", _target(stream, False), {}, config, operator, reason, timeout, as_json)
+
+
+@app.command("reset-stream")
+def reset_stream(stream: Stream = None, config: Config = None, operator: Operator = None, reason: Reason = "",
+                 timeout: Timeout = 10.0, as_json: Json = False) -> None:
+    """Forget the stream's windows, alert state and calibration (an open alert is resolved)."""
+    _run("reset-stream", _target(stream, False), {}, config, operator, reason, timeout, as_json)
+
+
+@app.command()
+def feedback(alert: Annotated[str, typer.Option("--alert", help="The alert_id.")],
+             false_positive: Annotated[bool, typer.Option("--false-positive", help="It was normal.")] = False,
+             confirmed: Annotated[bool, typer.Option("--confirmed", help="It was a real anomaly.")] = False,
+             config: Config = None, operator: Operator = None, reason: Reason = "", timeout: Timeout = 10.0,
+             as_json: Json = False) -> None:
+    """On-call verdict on an alert: false positives widen the stream's calibration evidence."""
+    if false_positive == confirmed:
+        raise ConfigError("give exactly one of --false-positive or --confirmed")
+    verdict = "false_positive" if false_positive else "confirmed"
+    _run("feedback", "*", {"alert_id": alert, "verdict": verdict}, config, operator, reason, timeout, as_json)
+
+
+@app.command()
+def history(stream: Stream = None, config: Config = None, operator: Operator = None, reason: Reason = "",
+            timeout: Timeout = 10.0, as_json: Json = False) -> None:
+    """Every threshold version of the stream, with its source and reason."""
+    _run("history", _target(stream, False), {}, config, operator, reason, timeout, as_json)
+
+
+@app.command()
+def rollback(to: Annotated[int, typer.Option("--to", help="Version number (see history).")], stream: Stream = None,
+             config: Config = None, operator: Operator = None, reason: Reason = "", timeout: Timeout = 10.0,
+             as_json: Json = False) -> None:
+    """Set the threshold of a former version again (as a new version)."""
+    _run("rollback", _target(stream, False), {"version": to}, config, operator, reason, timeout, as_json)
+
+
+@app.command()
+def shadow(stream: Stream = None, quantile: Quantile = None, config: Config = None, operator: Operator = None,
+           reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False) -> None:
+    """Dry run: what a threshold at this quantile would have alerted over the recent windows."""
+    params = {} if quantile is None else {"quantile": quantile}
+    _run("shadow", _target(stream, False), params, config, operator, reason, timeout, as_json)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="ctl")

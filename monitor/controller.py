@@ -1,0 +1,248 @@
+"""Applying operators' commands to this daemon's streams, and the consumer that brings them.
+
+Owns what each command of :mod:`monitor.control` does. Runs on the daemon's loop thread (the only one
+that touches stream state): the loop calls :meth:`Controller.poll` every ``control.poll_interval_ms``.
+Each command is applied to the streams this instance owns whose id matches the target glob; every
+stream it changed is snapshotted to the changelog at once, and one acknowledgement (also the audit
+record) goes to the audit topic through the same sink, so it is acknowledged before the next commit.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from monitor import logs
+from monitor.alerts import AlertSettings, AlertState, Observation
+from monitor.control import Command, Refused, Seen, ack, verify
+from monitor.processor import Processor
+from monitor.sink import json_message
+
+log = logs.get("tsmon.control")
+GLOBAL_KEY = "__tsmon__"  # the changelog key of daemon-wide state (global freeze, applied command ids)
+_MAX_SILENCE_S = 30 * 86400.0
+Effects = tuple[list[str], list[dict[str, Any]], dict[str, Any]]
+
+
+class Controller:
+    def __init__(self, processor: Processor, key: str | None, audit_topic: str, instance: str,
+                 max_age_s: float = 300.0, remember: int = 10_000, clock: Callable[[], float] = time.time) -> None:
+        self.p, self.cal = processor, processor.calibrator
+        self._key, self.audit_topic, self.instance = key, audit_topic, instance
+        self.max_age_s, self.clock = max_age_s, clock
+        self.seen = Seen(remember)
+        self._handlers: dict[str, Callable[[Command], Effects]] = {
+            "recalibrate": self._recalibrate, "pin": self._pin, "unpin": self._unpin,
+            "freeze": self._freeze, "unfreeze": self._freeze, "silence": self._silence, "unsilence": self._silence,
+            "reset-stream": self._reset, "feedback": self._feedback, "history": self._history,
+            "rollback": self._rollback, "shadow": self._shadow}
+
+    # one message ------------------------------------------------------------------------------------
+    def handle(self, raw: bytes | None) -> dict[str, Any]:
+        """Verify, apply once, acknowledge and audit one control message; never raises for bad input."""
+        try:
+            cmd = verify(raw, self._key, self.max_age_s, self.clock())
+        except Refused as exc:
+            doc = ack(None, _claimed(raw), "rejected", self.instance, error=str(exc))
+            log.warning("command_rejected", reason=str(exc), claimed=doc["command_id"])
+            return self._publish(doc, "unknown")
+        if cmd.command_id in self.seen:
+            log.info("command_duplicate", command=cmd.command, command_id=cmd.command_id)
+            return self._publish(ack(cmd, None, "duplicate", self.instance), cmd.command)
+        try:
+            streams, effects, result = self._handlers[cmd.command](cmd)
+        except (Refused, KeyError, TypeError, ValueError) as exc:
+            error = str(exc) if isinstance(exc, Refused | ValueError) else f"bad params: {type(exc).__name__} {exc}"
+            log.warning("command_failed", command=cmd.command, command_id=cmd.command_id, error=error)
+            return self._publish(ack(cmd, None, "failed", self.instance, error=error), cmd.command)
+        self.seen.add(cmd.command_id)
+        for stream in streams:
+            self.p.save(stream)
+        self.save_global()
+        log.info("command_applied", command=cmd.command, target=cmd.target, operator=cmd.operator,
+                 reason=cmd.reason, command_id=cmd.command_id, streams=len(streams))
+        return self._publish(ack(cmd, None, "applied", self.instance, streams=streams, effects=effects,
+                                 result=result), cmd.command)
+
+    def _publish(self, doc: dict[str, Any], command: str) -> dict[str, Any]:
+        self.p.metrics.commands.labels(command, doc["status"]).inc()
+        self.p.sink.send(json_message(self.audit_topic, str(doc["command_id"]), doc, [("tsmon.type", b"ack")]))
+        return doc
+
+    def save_global(self) -> None:
+        topic = self.p.settings.state_topic
+        if topic is not None:
+            doc = {"type": "daemon_state", "v": 1, "frozen_all": self.cal.frozen_all, "command_ids": self.seen.ids()}
+            self.p.sink.send(json_message(topic, GLOBAL_KEY, doc, [("tsmon.type", b"daemon_state")]))
+
+    def restore_global(self, doc: dict[str, Any]) -> None:
+        self.cal.frozen_all = bool(doc.get("frozen_all", False))
+        self.seen = Seen(self.seen.size, [str(i) for i in doc.get("command_ids", [])])
+
+    # helpers ----------------------------------------------------------------------------------------
+    def _targets(self, cmd: Command) -> list[str]:
+        return [s for s in self.p.streams if fnmatch.fnmatchcase(s, cmd.target)]
+
+    def _view(self, stream: str) -> dict[str, Any]:
+        th, st = self.cal.threshold(stream), self.p.streams[stream]
+        return {"threshold": th.value, "source": th.source, "version": th.version, **self.cal.controls(stream),
+                "silenced_until_ms": st.silenced_until_ms}
+
+    def _each(self, cmd: Command, change: Callable[[str], None]) -> Effects:
+        """Apply ``change`` to every matching stream, recording before → after."""
+        streams, effects = self._targets(cmd), []
+        for stream in streams:
+            before = self._view(stream)
+            change(stream)
+            after = self._view(stream)
+            self.p.metrics.set_threshold(stream, after["threshold"], after["source"])
+            effects.append({"stream": stream, "before": before, "after": after})
+        return streams, effects, {}
+
+    def _why(self, cmd: Command) -> str:
+        return f"{cmd.command} by {cmd.operator}: {cmd.reason}".strip().rstrip(":")
+
+    # commands ---------------------------------------------------------------------------------------
+    def _recalibrate(self, cmd: Command) -> Effects:
+        q = _quantile(cmd.params.get("quantile"))
+        names = self._targets(cmd)
+        before = {s: self._view(s) for s in names}
+        changed = self.cal.recalibrate(names, q, commanded=True)
+        refused = {s: r for s, r in self.cal.refused.items() if s in before}
+        self.p.metrics.calibrations.labels("refused").inc(len(refused))
+        effects = []
+        for s in changed:
+            after = self._view(s)
+            self.p.metrics.calibrations.labels("commanded").inc()
+            self.p.metrics.set_threshold(s, after["threshold"], after["source"])
+            effects.append({"stream": s, "before": before[s], "after": after})
+        unchanged = [s for s in names if s not in changed and s not in refused]
+        return list(changed), effects, {"refused": refused, "unchanged": unchanged}
+
+    def _pin(self, cmd: Command) -> Effects:
+        value = float(cmd.params["threshold"])
+        return self._each(cmd, lambda s: self.cal.pin(s, value, self._why(cmd)))
+
+    def _unpin(self, cmd: Command) -> Effects:
+        return self._each(cmd, lambda s: self.cal.unpin(s, self._why(cmd)))
+
+    def _freeze(self, cmd: Command) -> Effects:
+        frozen = cmd.command == "freeze"
+        if cmd.target == "*":
+            self.cal.frozen_all = frozen
+        return self._each(cmd, lambda s: self.cal.set_frozen(s, frozen))
+
+    def _silence(self, cmd: Command) -> Effects:
+        until = 0
+        if cmd.command == "silence":
+            seconds = float(cmd.params["for_s"])
+            if not 0 < seconds <= _MAX_SILENCE_S:
+                raise Refused(f"for_s must be in (0, {_MAX_SILENCE_S:.0f}], got {seconds}")
+            until = int((self.clock() + seconds) * 1000)
+
+        def change(stream: str) -> None:
+            self.p.streams[stream].silenced_until_ms = until
+        return self._each(cmd, change)
+
+    def _reset(self, cmd: Command) -> Effects:
+        return self._each(cmd, lambda s: self.p.reset_stream(s, self._why(cmd)))
+
+    def _feedback(self, cmd: Command) -> Effects:
+        alert_id, verdict = str(cmd.params["alert_id"]), str(cmd.params["verdict"])
+        if verdict not in ("confirmed", "false_positive"):
+            raise Refused(f"verdict must be confirmed or false_positive, got {verdict[:40]!r}")
+        for stream in self._targets(cmd):
+            st = self.p.streams[stream]
+            alert = next((a for a in st.recent_alerts if a.alert_id == alert_id), None)
+            if alert is None:
+                continue
+            if alert.verdict is not None:
+                st.feedback[alert.verdict] -= 1
+            if verdict == "false_positive" and alert.verdict != verdict:
+                self.cal.observe(stream, np.asarray(alert.scores))  # its errors were normal after all
+            alert.verdict = verdict
+            st.feedback[verdict] += 1
+            st.dirty = True
+            result = {"alert_id": alert_id, "verdict": verdict, "precision": st.precision, "feedback": st.feedback}
+            return [stream], [{"stream": stream, "feedback": dict(st.feedback)}], result
+        return [], [], {"alert_id": alert_id, "found": False}
+
+    def _history(self, cmd: Command) -> Effects:
+        names = self._targets(cmd)
+        return [], [], {"history": {s: self.cal.history(s) for s in names}}
+
+    def _rollback(self, cmd: Command) -> Effects:
+        version = int(cmd.params["version"])
+        return self._each(cmd, lambda s: self.cal.rollback(s, version, self._why(cmd)))
+
+    def _shadow(self, cmd: Command) -> Effects:
+        q = _quantile(cmd.params.get("quantile")) or self.cal.settings.quantile
+        report = {}
+        for stream in self._targets(cmd):
+            candidate, recent = self.cal.candidate(stream, q)
+            current = self.cal.threshold(stream).value
+            a = self.p.settings.alerts
+            report[stream] = {"windows": len(recent), "quantile": q,
+                              "current": simulate(recent, current, a), "candidate": simulate(recent, candidate, a)}
+        return [], [], {"shadow": report}
+
+
+def simulate(errors: np.ndarray, threshold: float, settings: AlertSettings) -> dict[str, Any]:
+    """What ``threshold`` would have done over recent window errors: windows over it and alerts fired."""
+    state = AlertState("shadow", "shadow", replace(settings, flap_max=1 << 30))
+    fired = 0
+    for i, e in enumerate(np.asarray(errors, "float64")):
+        obs = Observation(i, i, i, i, float(e), threshold, "shadow", np.zeros(1, "float32"))
+        fired += sum(1 for t in state.update(obs).transitions if t.status == "firing")
+    return {"threshold": threshold, "windows_over": int(np.count_nonzero(errors > threshold)), "alerts": fired}
+
+
+def _quantile(value: Any) -> float | None:
+    if value is None:
+        return None
+    q = float(value)
+    if not 0 < q < 1:
+        raise Refused(f"quantile must be in (0, 1), got {q}")
+    return q
+
+
+def _claimed(raw: bytes | None) -> str | None:
+    """The command id an unverified message claims (for the audit record only)."""
+    try:
+        doc = json.loads(raw or b"")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    cid = doc.get("command_id") if isinstance(doc, dict) else None
+    return cid[:128] if isinstance(cid, str) else None
+
+
+class ControlSource:
+    """The control topic, read from its end at start-up without a consumer group: every instance sees
+    every command. Commands sent while no daemon ran are not applied (``tsmon ctl`` then reports that
+    nobody acknowledged); at most the last batch before start may be read again, which the applied-id
+    memory and the age limit make harmless."""
+
+    def __init__(self, consumer_kwargs: dict[str, Any], topic: str) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        kwargs = {k: v for k, v in consumer_kwargs.items() if k not in ("group_id", "max_poll_records")}
+        self._consumer = KafkaConsumer(**kwargs, group_id=None)
+        partitions = self._consumer.partitions_for_topic(topic) or {0}
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        self._consumer.assign(tps)
+        self._consumer.seek_to_end(*tps)
+        for tp in tps:
+            self._consumer.position(tp)  # resolve "end" now, not at the first poll after a command
+
+    def poll(self) -> list[bytes | None]:
+        batches = self._consumer.poll(timeout_ms=0)
+        return [r.value for records in batches.values() for r in records]
+
+    def close(self) -> None:
+        self._consumer.close()

@@ -1,0 +1,97 @@
+"""The operator's side of the control plane: send a signed command, collect the daemons' acknowledgements.
+
+Owns the client protocol of ``tsmon ctl``: the audit topic is positioned at its end *before* the command
+is sent, the command goes to the control topic, and acknowledgements carrying its ``command_id`` are
+collected until ``timeout_s``, or ``settle_s`` after the first one (other instances answer too).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+from models.errors import BrokerError, ConfigError, TsmonError
+from monitor.config import Config
+from monitor.control import new_command
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class CommandFailed(TsmonError):
+    """No daemon applied the command (none answered, it was refused, or no stream matched)."""
+
+
+def duration_s(text: str) -> float:
+    """``"90s"``, ``"30m"``, ``"2h"``, ``"1d"`` or plain seconds → seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise ConfigError(f"--for: expected a duration like 90s, 30m, 2h or 1d, got {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+def send(cfg: Config, command: str, target: str, params: dict[str, Any], operator: str, reason: str,
+         timeout_s: float = 10.0, settle_s: float = 1.0) -> list[dict[str, Any]]:
+    """Send one command and return the acknowledgements that arrived (possibly none)."""
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka.errors import KafkaError
+
+    c = cfg.control
+    if c.key is None:
+        raise ConfigError("control.key is not set: give the daemons' key in TSMON_CONTROL__KEY or [control] key")
+    doc = new_command(command, target, params, operator, reason, c.key.get_secret_value())
+    kwargs = {k: v for k, v in cfg.kafka.consumer_kwargs().items() if k not in ("group_id", "max_poll_records")}
+    try:
+        audit = KafkaConsumer(**kwargs, group_id=None)
+        tps = [TopicPartition(c.audit_topic, p) for p in sorted(audit.partitions_for_topic(c.audit_topic) or {0})]
+        audit.assign(tps)
+        audit.seek_to_end(*tps)
+        for tp in tps:
+            audit.position(tp)
+        producer = KafkaProducer(**cfg.kafka.producer_kwargs())
+        producer.send(c.topic, key=doc["command_id"].encode(), value=json.dumps(doc).encode()).get(timeout_s)
+        producer.close(timeout_s)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot send the command: {type(exc).__name__}: {exc}") from None
+    try:
+        return _collect(audit, doc["command_id"], timeout_s, settle_s)
+    finally:
+        audit.close()
+
+
+def _collect(audit: Any, command_id: str, timeout_s: float, settle_s: float) -> list[dict[str, Any]]:
+    acks: list[dict[str, Any]] = []
+    t0, first = time.monotonic(), None
+    while time.monotonic() - t0 < timeout_s and (first is None or time.monotonic() - first < settle_s):
+        for records in audit.poll(timeout_ms=100).values():
+            for r in records:
+                try:
+                    a = json.loads(r.value)
+                except (ValueError, TypeError):
+                    continue
+                if isinstance(a, dict) and a.get("command_id") == command_id:
+                    acks.append(a)
+                    first = first or time.monotonic()
+    return acks
+
+
+def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: float) -> None:
+    """Raise :class:`CommandFailed` unless some daemon applied the command to something."""
+    if not acks:
+        raise CommandFailed(f"no daemon acknowledged {command} within {timeout_s:g} s (is one running, "
+                            f"reading the control topic, with the same key?)")
+    applied = [a for a in acks if a["status"] in ("applied", "duplicate")]
+    if not applied:
+        a = acks[0]
+        raise CommandFailed(f"{command} {a['status']} by {a['instance']}: {a['error']}")
+    if command in ("freeze", "unfreeze") and target == "*":
+        return  # daemon-wide, whether or not a stream exists yet
+    key = {"feedback": "verdict", "history": "history", "shadow": "shadow"}.get(command)
+    if key is not None:
+        matched = any(a["result"].get(key) for a in applied)
+    else:  # a recalibration the drift guard refused still matched its stream
+        matched = any(a["streams"] or a["result"].get("refused") or a["result"].get("unchanged") for a in applied)
+    if not matched:
+        what = "recent alert" if command == "feedback" else "stream"
+        raise CommandFailed(f"{command}: no daemon has a {what} matching {target!r}")

@@ -1,0 +1,266 @@
+"""Operators and on-call on the real broker: signed commands, acks and audit, persisted state, HTTP, pictures.
+
+One daemon (its loop on a background thread, exactly as `tsmon run` wires it) per test, fresh topics;
+commands go through `monitor.ctl.send`, the same client `tsmon ctl` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from kafka import KafkaProducer
+
+from monitor import ctl, explain
+from monitor.cli import main
+from monitor.config import Config
+from monitor.control import new_command, signature
+from monitor.daemon import Daemon
+from monitor.topics import TopicReader
+from tests.conftest import STREAM_PERIOD_MS, sine_stream
+from tests.test_integration.test_pipeline import config, produce
+
+pytestmark = pytest.mark.timeout(180)
+KEY = "test-control-key"
+T0 = 1_700_000_000_000
+
+
+class Running:
+    """A daemon on a background thread."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.daemon = Daemon(cfg)
+        self.thread = threading.Thread(target=self.daemon.run, daemon=True)
+        self.thread.start()
+
+    def wait(self, cond: Any, limit_s: float = 30.0) -> None:
+        t0 = time.monotonic()
+        while not cond():
+            assert time.monotonic() - t0 < limit_s, "condition not met in time"
+            assert self.thread.is_alive(), "daemon stopped"
+            time.sleep(0.05)
+
+    def caught_up(self, samples: int) -> None:
+        self.wait(lambda: self.daemon.caught_up(samples))
+
+    def stop(self) -> None:
+        self.daemon.stop_event.set()
+        self.thread.join(30)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        assert self.daemon.http is not None
+        try:
+            with urllib.request.urlopen(self.daemon.http.url + path, timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+
+def cli(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code in (0, None)
+
+
+def cfg_for(broker: Any, topic: str, model: Path, **kw: Any) -> Config:
+    return config(broker, topic, model, **{"control.key": KEY, "daemon.scoring": "thread",
+                                           "control.poll_interval_ms": 50, **kw})
+
+
+def stream(n: int, start: int = 0, bursts: tuple[int, ...] = (), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Samples ``start``..``start + n`` of a sine stream (continuing in time), bursts relative to ``start``."""
+    ts, v = sine_stream(n, bursts, seed=seed, start_ms=T0 + STREAM_PERIOD_MS * start)
+    return ts, v
+
+
+def command(cfg: Config, name: str, target: str, **params: Any) -> dict[str, Any]:
+    acks = ctl.send(cfg, name, target, params, "alice", f"test {name}", timeout_s=15)
+    ctl.verdict(name, target, acks, 15)
+    assert len(acks) == 1
+    return acks[0]
+
+
+def alerts(cfg: Config) -> list[dict[str, Any]]:
+    return [d for d in TopicReader(cfg.kafka.bootstrap_servers[0], cfg.kafka.alerts_topic).settle(0.5)
+            if d.get("type") == "anomaly"]
+
+
+def test_commands_end_to_end(broker: Any, topic: str, stream_model: Path, tmp_path: Path) -> None:
+    cfg = cfg_for(broker, topic, stream_model)
+    run = Running(cfg)
+    try:
+        produce(broker.bootstrap, topic, {"dev-a": stream(1000), "dev-b": stream(1000, seed=1)})
+        run.caught_up(2000)
+        assert run.get("/readyz")[0] == 200
+        assert run.daemon.http is not None
+        url = run.daemon.http.url
+
+        # pin: the next alert of dev-a carries the pinned threshold
+        a = command(cfg, "pin", "dev-a", threshold=0.5)
+        assert a["status"] == "applied" and a["streams"] == ["dev-a"]
+        (effect,) = a["effects"]
+        assert effect["before"]["source"] == "artifact" and effect["after"] == {**effect["after"], "threshold": 0.5,
+                                                                               "source": "pinned", "pinned": True}
+        # silence dev-b: its alert is recorded as silenced, not published as firing
+        assert command(cfg, "silence", "dev-b", for_s=3600)["streams"] == ["dev-b"]
+        produce(broker.bootstrap, topic, {"dev-a": stream(1000, 1000, bursts=(300,)),
+                                          "dev-b": stream(1000, 1000, bursts=(300,), seed=1)})
+        run.caught_up(4000)
+        docs = alerts(cfg)
+        (fired,) = [d for d in docs if d["stream"] == "dev-a" and d["status"] == "firing"]
+        assert (fired["threshold"], fired["threshold_source"]) == (0.5, "pinned")
+        b = [d for d in docs if d["stream"] == "dev-b"]
+        assert [d["status"] for d in b] == ["silenced", "resolved"] and all(d["silenced"] for d in b)
+
+        # a picture from the real alert
+        png = explain.render(b[0], tmp_path / "alert.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        # unpin → back to the artifact value, as a new version; history and rollback
+        assert command(cfg, "unpin", "dev-a")["effects"][0]["after"]["source"] == "artifact"
+        hist = command(cfg, "history", "dev-a")["result"]["history"]["dev-a"]
+        assert [(v["version"], v["source"]) for v in hist] == [(0, "artifact"), (1, "pinned"), (2, "artifact")]
+        after = command(cfg, "rollback", "dev-a", version=1)["effects"][0]["after"]
+        assert (after["threshold"], after["source"], after["version"]) == (0.5, "rollback", 3)
+
+        # shadow: a dry run reports, changes nothing
+        sh = command(cfg, "shadow", "dev-b", quantile=0.5)["result"]["shadow"]["dev-b"]
+        assert sh["candidate"]["windows_over"] > sh["current"]["windows_over"] and sh["windows"] > 100
+        assert command(cfg, "history", "dev-b")["result"]["history"]["dev-b"][-1]["version"] == 0
+
+        # feedback: a false positive counts towards precision and feeds the calibrator
+        alert_id = b[0]["alert_id"]
+        samples = run.daemon.calibrator.samples("dev-b")
+        fb = command(cfg, "feedback", "*", alert_id=alert_id, verdict="false_positive")["result"]
+        assert fb["precision"] == 0.0 and run.daemon.calibrator.samples("dev-b") > samples
+
+        # freeze all, recalibrate on demand, reset
+        command(cfg, "freeze", "*")
+        assert run.daemon.calibrator.frozen_all
+        command(cfg, "unfreeze", "*")
+        rc = command(cfg, "recalibrate", "dev-b", quantile=0.99)
+        assert rc["streams"] == ["dev-b"] or rc["result"]["refused"] or rc["result"]["unchanged"]
+        reset = command(cfg, "reset-stream", "dev-a")["effects"][0]["after"]
+        assert (reset["source"], reset["pinned"]) == ("artifact", False)
+
+        # bad and missing signatures are refused and audited; a replayed command applies once
+        doc = new_command("pin", "dev-b", {"threshold": 9.0}, "mallory", "", "wrong-key")
+        unsigned = {k: v for k, v in new_command("unpin", "dev-b", {}, "eve", "", KEY).items() if k != "signature"}
+        good = new_command("pin", "dev-b", {"threshold": 7.0}, "alice", "replayed", KEY)
+        assert good["signature"] == signature(good, KEY)
+        p = KafkaProducer(bootstrap_servers=broker.bootstrap)
+        for d in (doc, unsigned, good, good):
+            p.send(cfg.control.topic, json.dumps(d).encode())
+        p.flush(), p.close()
+        run.wait(lambda: run.daemon.metrics.total("tsmon_commands_total") >= 14)
+        audit = TopicReader(broker.bootstrap, cfg.control.audit_topic).settle(0.5)
+        by_id = {a["command_id"]: a for a in audit if a["status"] in ("rejected", "duplicate")}
+        assert by_id[doc["command_id"]]["error"] == "bad signature"
+        assert by_id[unsigned["command_id"]]["error"] == "unsigned command"
+        assert by_id[good["command_id"]]["status"] == "duplicate"
+        assert [a["status"] for a in audit if a["command_id"] == good["command_id"]] == ["applied", "duplicate"]
+        assert run.daemon.calibrator.threshold("dev-b").value == 7.0
+        assert len([v for v in run.daemon.calibrator.history("dev-b") if v["source"] == "pinned"]) == 1
+
+        # observability
+        status, body = run.get("/metrics")
+        text = body.decode()
+        assert status == 200 and 'tsmon_commands_total{command="pin",outcome="applied"} 2.0' in text
+        assert 'tsmon_commands_total{command="unknown",outcome="rejected"} 2.0' in text
+        assert 'tsmon_threshold{source="pinned",stream="dev-b"} 7.0' in text
+        rows = {r["stream"]: r for r in json.loads(run.get("/streams")[1])["streams"]}
+        assert rows["dev-b"]["threshold_source"] == "pinned" and rows["dev-b"]["silenced_until_ms"]
+        assert rows["dev-a"]["windows_scored"] > 0
+    finally:
+        run.stop()
+    with pytest.raises(OSError):  # the server closed with the daemon
+        urllib.request.urlopen(url + "/healthz", timeout=5)
+
+
+def test_status_and_ctl_commands(broker: Any, topic: str, stream_model: Path, capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = cfg_for(broker, topic, stream_model)
+    for key, value in {"KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap, "CONTROL__KEY": KEY,
+                       "CONTROL__TOPIC": cfg.control.topic, "CONTROL__AUDIT_TOPIC": cfg.control.audit_topic}.items():
+        monkeypatch.setenv(f"TSMON_{key}", value)
+    run = Running(cfg)
+    try:
+        produce(broker.bootstrap, topic, {"dev-s": stream(600)})
+        run.caught_up(600)
+        run.wait(lambda: run.daemon._rows)  # refreshed at the next commit
+        assert run.daemon.http is not None
+        cli(["status", "--url", run.daemon.http.url])
+        out = capsys.readouterr().out
+        assert "dev-s" in out and "artifact" in out and "ok" in out
+        cli(["status", "--url", run.daemon.http.url, "--json"])
+        (row,) = json.loads(capsys.readouterr().out)
+        assert row["stream"] == "dev-s" and row["windows_scored"] == (600 - 40) // 10 + 1
+
+        cli(["ctl", "pin", "--stream", "dev-s", "--threshold", "0.3", "--reason", "noisy lead"])
+        out = capsys.readouterr().out
+        assert "applied" in out and "pinned" in out and "0.3" in out
+        with pytest.raises(SystemExit) as exc:
+            main(["ctl", "unpin", "--stream", "no-such-stream"])
+        assert exc.value.code == 1
+        # the last line of stderr (the daemon on its thread logs there too)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == "CommandFailed: unpin: no daemon has a stream matching 'no-such-stream'"
+    finally:
+        run.stop()
+
+
+def test_state_survives_a_restart_and_does_not_refire(broker: Any, topic: str, stream_model: Path) -> None:
+    cfg = cfg_for(broker, topic, stream_model)
+    run = Running(cfg)
+    produce(broker.bootstrap, topic, {"dev-r": stream(1000), "dev-q": stream(1000, seed=3)})
+    run.caught_up(2000)
+    command(cfg, "pin", "dev-q", threshold=0.5)
+    command(cfg, "silence", "dev-q", for_s=600)
+    produce(broker.bootstrap, topic, {"dev-r": stream(500, 1000, bursts=(470,))})  # an episode left open
+    run.caught_up(2500)
+    run.wait(lambda: run.daemon.processor.streams["dev-r"].alerts.firing)
+    run.stop()
+    fired = [d for d in alerts(cfg) if d["stream"] == "dev-r"]
+    assert [d["status"] for d in fired] == ["firing"]
+
+    second = Running(cfg)
+    try:
+        produce(broker.bootstrap, topic, {"dev-r": stream(500, 1500), "dev-q": stream(100, 1000, seed=3)})
+        second.wait(lambda: "dev-q" in second.daemon.processor.streams and "dev-r" in second.daemon.processor.streams)
+        second.wait(lambda: second.daemon.metrics.total("tsmon_samples_total") >= 600 and
+                    second.daemon.processor.pending == 0)
+        th = second.daemon.calibrator.threshold("dev-q")
+        assert (th.value, th.source) == (0.5, "pinned")
+        assert second.daemon.processor.streams["dev-q"].silenced_until_ms > time.time() * 1000
+        second.wait(lambda: not second.daemon.processor.streams["dev-r"].alerts.firing)
+    finally:
+        second.stop()
+    statuses = [d["status"] for d in alerts(cfg) if d["stream"] == "dev-r"]
+    assert statuses == ["firing", "resolved"]  # the open alert was restored: not fired again, then resolved
+
+
+def test_state_follows_partitions_to_a_second_instance(broker: Any, topic: str, stream_model: Path) -> None:
+    cfg = cfg_for(broker, topic, stream_model)
+    names = [f"dev-{i}" for i in range(8)]
+    first = Running(cfg)
+    produce(broker.bootstrap, topic, {n: stream(500, seed=i) for i, n in enumerate(names)})
+    first.caught_up(8 * 500)
+    command(cfg, "pin", "dev-*", threshold=2.5)
+    second = Running(cfg)
+    try:
+        second.wait(lambda: second.daemon.source.assignment(), limit_s=30)
+        first.wait(lambda: len(first.daemon.source.assignment()) < 4, limit_s=30)
+        produce(broker.bootstrap, topic, {n: stream(200, 500, seed=i) for i, n in enumerate(names)})
+        second.wait(lambda: len(second.daemon.processor.streams) > 0 and second.daemon.processor.pending == 0)
+        moved = list(second.daemon.processor.streams)
+        assert moved and all(second.daemon.calibrator.threshold(s).source == "pinned" for s in moved)
+        assert all(second.daemon.calibrator.threshold(s).value == 2.5 for s in moved)
+    finally:
+        second.stop()
+        first.stop()

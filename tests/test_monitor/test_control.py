@@ -1,0 +1,247 @@
+"""Commands: signatures, refusals, idempotence, and what each command does to a processor's streams."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from monitor.alerts import AlertSettings
+from monitor.control import COMMANDS, Refused, Seen, canonical, new_command, signature, verify
+from monitor.controller import GLOBAL_KEY, Controller, simulate
+from monitor.ctl import CommandFailed, duration_s, verdict
+from monitor.processor import Settings
+from monitor.sink import MemorySink
+from tests.conftest import sine_stream
+from tests.test_monitor.conftest import Make
+from tests.test_monitor.test_processor import feed, records
+
+KEY = "k"
+
+
+def raw(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def test_signature_covers_every_field_but_itself() -> None:
+    doc = new_command("pin", "s", {"threshold": 1.0}, "alice", "why", KEY)
+    assert doc["signature"] == signature(doc, KEY)
+    assert b"signature" not in canonical(doc)
+    cmd = verify(raw(doc), KEY, 60, time.time())
+    assert (cmd.command, cmd.target, cmd.params, cmd.operator) == ("pin", "s", {"threshold": 1.0}, "alice")
+    tampered = {**doc, "params": {"threshold": 100.0}}
+    with pytest.raises(Refused, match="bad signature"):
+        verify(raw(tampered), KEY, 60, time.time())
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (b"{nope", "not a JSON document"), (b"[1]", "not a JSON object"), (b"", "not a JSON document"),
+    (None, "not a JSON document"),
+])
+def test_malformed_messages_are_refused(body: bytes | None, reason: str) -> None:
+    with pytest.raises(Refused, match=reason):
+        verify(body, KEY, 60, time.time())
+
+
+def test_unsigned_wrong_key_stale_and_keyless_are_refused() -> None:
+    doc = new_command("unpin", "s", {}, "alice", "", KEY)
+    with pytest.raises(Refused, match="unsigned"):
+        verify(raw({k: v for k, v in doc.items() if k != "signature"}), KEY, 60, time.time())
+    with pytest.raises(Refused, match="bad signature"):
+        verify(raw(doc), "other", 60, time.time())
+    with pytest.raises(Refused, match="stale command"):
+        verify(raw(doc), KEY, 60, time.time() + 61)
+    with pytest.raises(Refused, match="no control key"):
+        verify(raw(doc), None, 60, time.time())
+
+
+def test_signed_but_malformed_commands_are_refused() -> None:
+    bad = {"command": "explode", "target": "s", "params": {}, "operator": "a", "reason": "", "issued_at": "x",
+           "command_id": "1"}
+    with pytest.raises(Refused, match="unknown command"):
+        verify(raw({**bad, "signature": signature(bad, KEY)}), KEY, 60, time.time())
+    typed = {**bad, "command": "pin", "params": []}
+    with pytest.raises(Refused, match="wrong type for: params"):
+        verify(raw({**typed, "signature": signature(typed, KEY)}), KEY, 60, time.time())
+    when = {**bad, "command": "pin"}
+    with pytest.raises(Refused, match="not an ISO time"):
+        verify(raw({**when, "signature": signature(when, KEY)}), KEY, 60, time.time())
+
+
+def test_seen_keeps_the_newest_ids() -> None:
+    seen = Seen(2, ["a", "b", "c"])
+    assert "a" not in seen and "c" in seen
+    seen.add("d")
+    assert seen.ids() == ["c", "d"]
+
+
+def test_durations() -> None:
+    assert [duration_s(t) for t in ("90", "90s", "30m", "2h", "1d", "1.5h")] == [90, 90, 1800, 7200, 86400, 5400]
+    for bad in ("", "2x", "-1h", "0"):
+        with pytest.raises(Exception, match="duration"):
+            duration_s(bad)
+
+
+def test_ctl_verdict_needs_an_applying_daemon() -> None:
+    ack = {"instance": "h:1", "status": "applied", "error": None, "streams": [], "effects": [], "result": {}}
+    with pytest.raises(CommandFailed, match="no daemon acknowledged"):
+        verdict("pin", "s", [], 5)
+    with pytest.raises(CommandFailed, match="rejected by h:1: bad signature"):
+        verdict("pin", "s", [{**ack, "status": "rejected", "error": "bad signature"}], 5)
+    with pytest.raises(CommandFailed, match="no daemon has a stream matching 's'"):
+        verdict("pin", "s", [ack], 5)
+    verdict("freeze", "*", [ack], 5)  # daemon-wide
+    verdict("pin", "s", [{**ack, "streams": ["s"]}], 5)
+
+
+def test_simulate_counts_windows_and_alerts() -> None:
+    errors = np.array([0.1, 2, 2, 0.1, 0.1, 2, 0.1, 2, 2, 2, 0.1, 0.1])
+    assert simulate(errors, 1.0, AlertSettings(for_windows=2, resolve_after=2)) == \
+        {"threshold": 1.0, "windows_over": 6, "alerts": 2}
+
+
+# --- applied to a processor ---------------------------------------------------------------------------------------
+
+def out(p: Any, topic: str) -> list[dict[str, Any]]:
+    """What the processor sent to ``topic`` (acknowledged by a flush first)."""
+    assert isinstance(p.sink, MemorySink)
+    p.sink.flush(1)
+    return p.sink.docs(topic)
+
+
+def anomalies(p: Any) -> list[dict[str, Any]]:
+    return [d for d in out(p, Settings().alerts_topic) if d["type"] == "anomaly"]
+
+
+def controller(p: Any, clock: float | None = None) -> Controller:
+    return Controller(p, KEY, "audit", "test:1", clock=(lambda: clock) if clock else time.time)
+
+
+def send(c: Controller, command: str, target: str, **params: Any) -> dict[str, Any]:
+    return c.handle(raw(new_command(command, target, params, "alice", "test", KEY)))
+
+
+def test_every_command_has_a_handler(make: Make) -> None:
+    assert set(controller(make())._handlers) == set(COMMANDS)
+
+
+def test_pin_silence_and_audit_on_a_processor(make: Make) -> None:
+    p = make()
+    feed(p, records("dev-a", *sine_stream(400)) + records("dev-b", *sine_stream(400, seed=2), partition=1))
+    c = controller(p)
+    a = send(c, "pin", "dev-*", threshold=3.0)
+    assert a["status"] == "applied" and sorted(a["streams"]) == ["dev-a", "dev-b"]
+    assert all(e["after"]["source"] == "pinned" and e["before"]["source"] == "artifact" for e in a["effects"])
+    assert p.calibrator.recalibrate(commanded=True) == {}  # pins hold against recalibration
+    audit = out(p, "audit")
+    assert [d["status"] for d in audit] == ["applied"] and audit[0]["operator"] == "alice"
+    assert send(c, "pin", "nothing-matches", threshold=3.0)["streams"] == []
+    failed = send(c, "pin", "dev-a", threshold=-1)
+    assert failed["status"] == "failed" and "finite and > 0" in failed["error"]
+    assert send(c, "silence", "dev-a", for_s=0)["status"] == "failed"
+
+
+def test_silenced_alerts_are_recorded_not_paged_and_page_when_the_silence_ends(make: Make) -> None:
+    p = make()
+    c = controller(p)
+    feed(p, records("dev-s", *sine_stream(200)))
+    send(c, "silence", "dev-s", for_s=3600)
+    ts, v = sine_stream(1000, (100, 600), start_ms=1_700_000_000_000 + 2000)
+    feed(p, records("dev-s", ts[:400], v[:400], first_offset=100))
+    assert [d["status"] for d in anomalies(p)] == ["silenced", "resolved"]
+    assert anomalies(p)[0]["silenced"] and anomalies(p)[0]["explain"] is not None
+    send(c, "unsilence", "dev-s")
+    feed(p, records("dev-s", ts[400:], v[400:], first_offset=200))
+    assert [d["status"] for d in anomalies(p)][2:] == ["firing", "resolved"]
+
+
+def test_feedback_reset_history_rollback_shadow(make: Make) -> None:
+    p = make()
+    c = controller(p)
+    feed(p, records("dev-f", *sine_stream(2000, (1000,))))
+    alert_id = anomalies(p)[0]["alert_id"]
+    before = p.calibrator.samples("dev-f")
+    fb = send(c, "feedback", "*", alert_id=alert_id, verdict="false_positive")["result"]
+    assert fb["precision"] == 0.0 and p.calibrator.samples("dev-f") > before
+    fb = send(c, "feedback", "*", alert_id=alert_id, verdict="confirmed")["result"]
+    assert fb["precision"] == 1.0 and fb["feedback"] == {"confirmed": 1, "false_positive": 0}
+    assert send(c, "feedback", "*", alert_id="nope", verdict="confirmed")["result"] == {"alert_id": "nope",
+                                                                                         "found": False}
+    send(c, "pin", "dev-f", threshold=1.0)
+    send(c, "rollback", "dev-f", version=0)
+    hist = send(c, "history", "dev-f")["result"]["history"]["dev-f"]
+    assert [(h["version"], h["source"], h["value"]) for h in hist][1:] == [
+        (1, "pinned", 1.0), (2, "rollback", hist[0]["value"])]
+    assert "no version 7" in send(c, "rollback", "dev-f", version=7)["error"]
+    sh = send(c, "shadow", "dev-f", quantile=0.5)["result"]["shadow"]["dev-f"]
+    assert sh["candidate"]["threshold"] < sh["current"]["threshold"] and sh["windows"] > 0
+    r = send(c, "reset-stream", "dev-f")
+    assert r["effects"][0]["after"]["source"] == "artifact" and p.calibrator.samples("dev-f") == 0
+    assert p.streams["dev-f"].feedback == {"confirmed": 0, "false_positive": 0}
+
+
+def test_reset_resolves_an_open_alert(make: Make) -> None:
+    p = make()
+    c = controller(p)
+    ts, v = sine_stream(1000, (970,))
+    feed(p, records("dev-o", ts, v))
+    assert [d["status"] for d in anomalies(p)] == ["firing"]
+    send(c, "reset-stream", "dev-o")
+    resolved = anomalies(p)[-1]
+    assert (resolved["status"], resolved["reset"]) == ("resolved", True)
+    assert p.streams["dev-o"].alerts.episode is None
+
+
+def test_duplicates_apply_once_and_global_state_round_trips(make: Make) -> None:
+    p = make()
+    p.settings = Settings(state_topic="state")
+    feed(p, records("dev-d", *sine_stream(300)))
+    c = controller(p)
+    doc = new_command("freeze", "*", {}, "alice", "", KEY)
+    assert [c.handle(raw(doc))["status"] for _ in range(2)] == ["applied", "duplicate"]
+    assert p.calibrator.frozen_all
+    state = [d for d in out(p, "state") if d["type"] == "daemon_state"][-1]
+    assert state["frozen_all"] and doc["command_id"] in state["command_ids"]
+    fresh = controller(make())
+    fresh.restore_global(state)
+    assert fresh.cal.frozen_all and fresh.handle(raw(doc))["status"] == "duplicate"
+    assert GLOBAL_KEY == "__tsmon__"
+
+
+def test_stream_state_document_round_trip(make: Make) -> None:
+    p = make()
+    p.settings = Settings(state_topic="state")
+    ts, v = sine_stream(1000, (970,))
+    feed(p, records("dev-x", ts, v))
+    controller(p)
+    p.calibrator.pin("dev-x", 2.0, "test")
+    p.streams["dev-x"].silenced_until_ms = 123
+    p.save("dev-x")
+    doc = [d for d in out(p, "state") if d.get("stream") == "dev-x"][-1]
+    assert json.loads(json.dumps(doc)) == doc
+
+    q = make()
+    q.restored = {"dev-x": doc}
+    feed(q, records("dev-x", ts, v))  # the replay of the same input
+    st = q.streams["dev-x"]
+    assert (q.calibrator.threshold("dev-x").value, st.silenced_until_ms) == (2.0, 123)
+    assert st.alerts.firing and st.alerts.episode.alert_id == anomalies(p)[0]["alert_id"]
+    assert anomalies(q) == []  # already published before: not fired again
+    assert q.metrics.total("tsmon_windows_skipped_total") > 0
+
+    other = dict(doc, model={**doc["model"], "version": "другая"})
+    r = make()
+    r.restored = {"dev-x": other}
+    feed(r, records("dev-x", ts[:100], v[:100]))
+    assert r.calibrator.threshold("dev-x").source == "artifact" and r.streams["dev-x"].silenced_until_ms == 123
+
+
+def test_a_broken_document_does_not_stop_the_stream(make: Make, tmp_path: Path) -> None:
+    p = make()
+    p.restored = {"dev-z": {"v": 1, "garbage": True}}
+    feed(p, records("dev-z", *sine_stream(200)))
+    assert p.streams["dev-z"].scored > 0

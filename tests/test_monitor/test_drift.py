@@ -1,0 +1,85 @@
+"""The drift guard tells a settled new normal from a sustained anomaly, and the calibrator obeys it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from monitor.calibrator import Calibrator, CalibratorSettings
+from monitor.drift import DriftSettings, assess, ks_2samp, level_shift
+
+S = DriftSettings(window=600, min_windows=200)
+rng = np.random.default_rng(7)
+
+
+def normal(n: int, scale: float = 1.0) -> np.ndarray:
+    return scale * rng.lognormal(0.0, 0.25, n)
+
+
+def test_ks_matches_known_values() -> None:
+    same_d, same_p = ks_2samp(normal(300), normal(300))
+    shifted_d, shifted_p = ks_2samp(normal(300), normal(300, 1.5))
+    assert same_p > 0.05 and shifted_p < 1e-6 and shifted_d > same_d
+    assert ks_2samp(np.arange(10.0), np.arange(10.0)) == (0.0, 1.0)
+
+
+def test_a_settled_level_shift_is_a_new_normal() -> None:
+    recent = normal(600, 3.0)
+    assert level_shift(recent, 1.5, S)
+    v = assess(recent, float(np.quantile(recent, 0.95)), S, reference=normal(500))
+    assert v.accept and v.reason.startswith("stable level")
+
+
+def test_a_rising_error_is_still_changing() -> None:
+    recent = normal(600) * np.linspace(2, 6, 600)
+    v = assess(recent, float(np.quantile(recent, 0.95)), S)
+    assert not v.accept and v.reason.startswith("still changing")
+
+
+def test_normal_mixed_with_anomalies_is_refused() -> None:
+    recent = np.where(rng.random(600) < 0.3, normal(600, 8.0), normal(600))
+    v = assess(recent, 2.0, S)
+    assert not v.accept and "would stay over" in v.reason
+    v = assess(recent, float(np.quantile(recent, 0.95)), S, reference=normal(500))
+    assert not v.accept and "not shaped like the normal ones" in v.reason
+
+
+def test_too_little_evidence_is_refused() -> None:
+    assert assess(normal(50), 10.0, S).reason.startswith("insufficient evidence")
+
+
+def calibrator() -> Calibrator:
+    c = Calibrator(CalibratorSettings(window=500, min_samples=100, drift=S))
+    c.register("s", 1.5)
+    c.observe("s", normal(500))
+    return c
+
+
+def test_calibrator_accepts_a_new_normal_and_refuses_an_anomaly() -> None:
+    c = calibrator()
+    c.observe_all("s", normal(600, 3.0))
+    (_, new), = c.recalibrate().values()
+    assert new.reason.startswith("new normal") and new.value > 3.0 and new.version == 1
+
+    c = calibrator()
+    c.observe_all("s", normal(600) * np.linspace(3, 6, 600))  # worsening: an incident, not a new normal
+    assert c.recalibrate() == {} and c.refused["s"].startswith(("still changing", "sustained anomaly"))
+    assert c.threshold("s").value == 1.5
+
+
+def test_an_operator_raise_passes_the_mixture_test() -> None:
+    c = Calibrator(CalibratorSettings(window=500, min_samples=100, drift=S))
+    c.register("s", 1.0)
+    c.observe("s", normal(300, 2.0))
+    c.observe_all("s", np.where(rng.random(600) < 0.4, normal(600, 10.0), normal(600)))
+    assert c.recalibrate(commanded=True) == {} and "would stay over" in c.refused["s"]
+
+
+@pytest.mark.parametrize("enabled", [False])
+def test_guard_off_changes_nothing_for_the_scheduled_path(enabled: bool) -> None:
+    c = Calibrator(CalibratorSettings(window=500, min_samples=100, drift=DriftSettings(enabled=enabled)))
+    c.register("s", 1.5)
+    c.observe("s", normal(500))
+    c.observe_all("s", normal(600, 3.0))
+    (_, new), = c.recalibrate().values()
+    assert new.reason.startswith("scheduled")
