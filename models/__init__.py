@@ -14,12 +14,12 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-from models.artifact import load, save  # noqa: E402
-from models.data import Dataset, load_ecg5000, read_series, series_dataset  # noqa: E402
-from models.detector import Detector, Scores, Threshold  # noqa: E402
-from models.errors import ArtifactError, DataError, ModelConfigError, TsmonError  # noqa: E402
-from models.registry import KINDS, build  # noqa: E402
-from models.train import TrainConfig, fit  # noqa: E402
+from models.artifact import load, save
+from models.data import Dataset, load_ecg5000, read_series, series_dataset
+from models.detector import Detector, Scores, Threshold
+from models.errors import ArtifactError, DataError, ModelConfigError, TsmonError
+from models.registry import KINDS, build
+from models.train import TrainConfig, fit
 
 __all__ = [
     "KINDS", "ArtifactError", "DataError", "Dataset", "Detector", "ModelConfigError", "Scores",

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: pictures go to files, never to a screen
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from models.detector import Detector  # noqa: E402
+from models.detector import Detector
 
 
 def window_figure(detector: Detector, window: np.ndarray, out: str | Path, title: str = "") -> Path:
@@ -42,6 +43,11 @@ def window_figure(detector: Detector, window: np.ndarray, out: str | Path, title
     ratio = scores.window[0] / detector.threshold.value if detector.threshold.value > 0 else float("inf")
     fig.suptitle(f"{title} score {scores.window[0]:.4f} = {ratio:.2f}× threshold "
                  f"{detector.threshold.value:.4f}: {verdict}")
+    return save_figure(fig, out)
+
+
+def save_figure(fig: Any, out: str | Path) -> Path:
+    """Lay out, write as PNG (creating the folder), and free the figure."""
     fig.tight_layout()
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -133,10 +133,9 @@ def render(doc: dict[str, Any], out: Path) -> Path:
                         "object (only firing messages carry one)")
     e = doc["explain"]
     check(e)
-    import matplotlib  # slow to import; only pictures need it
+    import matplotlib.pyplot as plt  # slow to import; only pictures need it
 
-    matplotlib.use("Agg")  # headless: pictures go to files, never to a screen
-    import matplotlib.pyplot as plt
+    from models.plots import save_figure  # sets the headless Agg backend
 
     names = [str(n) for n in e["channels"]]
     c, step = len(names), e["step"]
@@ -166,12 +165,7 @@ def render(doc: dict[str, Any], out: Path) -> Path:
     _contribution(fig.add_subplot(grid[c + 1, 0]), names, ch)
     fig.suptitle(f"{doc.get('stream', '?')}  alert {doc.get('alert_id', '?')}  {doc.get('severity', '?')}  "
                  f"ratio {doc.get('ratio', '?')}×  ({doc.get('start_time', e['start_ts'])})")
-    fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out)
 
 
 def _contribution(ax: Any, names: list[str], channel_error: np.ndarray) -> None:

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from models.errors import ConfigError
-from monitor.cli import main
 from monitor.health import HealthServer
 from monitor.metrics import Metrics
+from tests.test_monitor.test_cli import run as cli_run
 
 ROWS: list[dict[str, Any]] = [
     {"stream": "press-7", "model": "dense", "last_sample_time": "2024-01-01T00:10:00.000Z", "windows_scored": 1234,
@@ -200,13 +200,7 @@ def test_new_counters_sum_in_total(metrics: Metrics) -> None:
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     capsys.readouterr()  # drop what the fixtures logged
-    try:
-        main(["--log-format", "json", *args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+    return cli_run(capsys, *args)
 
 
 def test_status_table(server: HealthServer, capsys: pytest.CaptureFixture[str]) -> None:
