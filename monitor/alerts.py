@@ -147,8 +147,12 @@ class AlertState:
         return Step([Transition("resolved", ep)], False, 0)
 
     def to_doc(self) -> dict[str, Any]:
-        """The state machine as JSON (the changelog's ``alerts`` part)."""
-        ep = self.episode
+        """The state machine as JSON (the changelog's ``alerts`` part).
+
+        A pending episode (not fired) is left out: the ledger holds the input from its first window, so the
+        replay rebuilds it, while a stored one could be stale by the time offsets are committed past it.
+        """
+        ep = self.episode if self.firing else None
         episode = None if ep is None else {
             "alert_id": ep.alert_id, "start": ep.start.to_doc(), "peak": ep.peak.to_doc(),
             "fired": ep.fired.to_doc() if ep.fired else None, "last": ep.last.to_doc() if ep.last else None,

@@ -18,7 +18,7 @@ Level shifts and the drift guard. The caller also feeds the errors of *all* wind
 When nearly all recent windows are over the threshold the stream is either broken or has a new normal:
 :mod:`monitor.drift` decides, and only a settled, normally shaped level is accepted (the threshold jumps
 to the recent quantile, source ``calibrated``, reason ``new normal``). An operator's raise passes the
-guard's mixture test too. Refusals are kept in :attr:`Calibrator.refused` with their reason.
+guard's mixture test too. ``recalibrate`` reports refusals with their reason.
 
 Versions and overrides. Every change is a numbered version with its source and reason (``history``,
 ``rollback``). Operators pin a value (calibration leaves it alone), freeze calibration per stream or for
@@ -111,8 +111,7 @@ class Calibrator:
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
         self._rejected = 0
-        self.frozen_all = False  # operator: no stream recalibrates
-        self.refused: dict[str, str] = {}  # stream → why the last recalibration did not raise it
+        self.frozen_all = False  # operator: no stream recalibrates on the schedule
 
     def register(self, stream: str, artifact_value: float, thin: int = 1) -> ThresholdState:
         """Start ``stream`` at the artifact's threshold; a second call returns the existing state."""
@@ -154,12 +153,13 @@ class Calibrator:
 
     # recalibration ----------------------------------------------------------------------------------
     def recalibrate(self, streams: Iterable[str] | None = None, quantile: float | None = None,
-                    commanded: bool = False) -> dict[str, tuple[ThresholdState, ThresholdState]]:
+                    commanded: bool = False, refused: dict[str, str] | None = None,
+                    ) -> dict[str, tuple[ThresholdState, ThresholdState]]:
         """Recompute thresholds (all streams, or ``streams``); ``{stream: (old, new)}`` for those that changed.
 
         ``commanded`` (an operator's ``recalibrate``): runs even when disabled or frozen for all, and
         moves straight to the target instead of by ``max_change``; pins and per-stream freezes still hold.
-        The reasons of raises the drift guard refused are in :attr:`refused`.
+        The drift guard's refusals go to ``refused`` (stream → reason) when given.
         """
         if not commanded and (not self.settings.enabled or self.frozen_all):
             return {}
@@ -167,7 +167,7 @@ class Calibrator:
             names = list(self._streams) if streams is None else [s for s in streams if s in self._streams]
             todo = [(n, st.state, st.thin, np.array(st.normal, "float64"), np.array(st.recent, "float64"))
                     for n in names if not ((st := self._streams[n]).pinned or st.frozen)]
-        refused: dict[str, str] = {}
+        refused = {} if refused is None else refused
         proposed = []
         for name, old, thin, normal, recent in todo:
             value, samples, reason = self._proposal(old, normal, recent, thin, quantile, commanded, refused, name)
@@ -176,11 +176,11 @@ class Calibrator:
         now_ms = int(self._clock() * 1000)
         changed: dict[str, tuple[ThresholdState, ThresholdState]] = {}
         with self._lock:
-            self.refused = refused
             for name, old, value, samples, reason in proposed:
                 st = self._streams.get(name)
-                # forgotten, re-registered or updated by a concurrent call since the copy: leave it
-                if st is None or st.state is not old or abs(value - old.value) <= _MIN_CHANGE * old.value:
+                # forgotten, re-registered, updated, pinned or frozen since the copy: leave it
+                if (st is None or st.state is not old or st.pinned or st.frozen or (self.frozen_all and not commanded)
+                        or abs(value - old.value) <= _MIN_CHANGE * old.value):
                     continue
                 changed[name] = (old, self._set(st, value, "calibrated", reason, samples, now_ms))
         return changed
@@ -333,15 +333,23 @@ class Calibrator:
                     "normal": _pack(st.normal), "recent": _pack(st.recent)}
 
     def restore(self, stream: str, doc: dict[str, Any]) -> ThresholdState:
-        """Continue a registered stream from :meth:`export`'s output (raises KeyError/ValueError if malformed)."""
+        """Continue a registered stream from :meth:`export`'s output; validated whole before anything changes
+        (raises KeyError, TypeError or ValueError on a malformed document)."""
         versions = [ThresholdState(**v) for v in doc["versions"]]
+        if not versions or not all(isinstance(v.value, int | float) and math.isfinite(v.value) and v.value > 0
+                                   and isinstance(v.version, int) for v in versions):
+            raise ValueError("threshold versions must be a non-empty list of finite values > 0")
+        normal, recent = _unpack(doc["normal"]), _unpack(doc["recent"])
+        pinned, frozen = doc["pinned"], doc["frozen"]
+        if not (isinstance(pinned, bool) and isinstance(frozen, bool)):
+            raise TypeError("pinned and frozen must be booleans")
         with self._lock:
             st = self._streams[stream]
             st.versions = deque(versions, maxlen=self.settings.history)
             st.state = versions[-1]
-            st.pinned, st.frozen = bool(doc["pinned"]), bool(doc["frozen"])
-            st.normal = deque(_unpack(doc["normal"]), maxlen=self.settings.window)
-            st.recent = deque(_unpack(doc["recent"]), maxlen=self.settings.drift.window)
+            st.pinned, st.frozen = pinned, frozen
+            st.normal = deque(normal, maxlen=self.settings.window)
+            st.recent = deque((x for x in recent if math.isfinite(x)), maxlen=self.settings.drift.window)
             return st.state
 
 
@@ -351,4 +359,7 @@ def _pack(values: Iterable[float]) -> str:
 
 
 def _unpack(text: str) -> list[float]:
-    return np.frombuffer(base64.b64decode(text, validate=True), "<f4").astype("float64").tolist()
+    values = np.frombuffer(base64.b64decode(text, validate=True), "<f4").astype("float64")
+    if np.isnan(values).any() or (values < 0).any():
+        raise ValueError("stored errors must be >= 0 (+inf for censored ones)")
+    return values.tolist()

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from models.errors import ConfigError
 
 COMMANDS = ("recalibrate", "pin", "unpin", "freeze", "unfreeze", "silence", "unsilence", "reset-stream",
             "feedback", "history", "rollback", "shadow")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _FIELDS = ("command", "target", "params", "operator", "reason", "issued_at", "command_id")
 
 
@@ -82,16 +84,18 @@ def verify(raw: bytes | None, key: str | None, max_age_s: float, now_s: float) -
         raise Refused("no control key configured on this daemon (control.key / TSMON_CONTROL__KEY)")
     try:
         doc = json.loads(raw or b"")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise Refused("not a JSON document") from None
     if not isinstance(doc, dict):
         raise Refused("not a JSON object")
     sig = doc.get("signature")
     if not isinstance(sig, str) or not sig:
         raise Refused("unsigned command")
+    if not _HEX64.fullmatch(sig):
+        raise Refused("bad signature")
     try:
         expected = signature(doc, key)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         raise Refused("command cannot be canonicalised") from None
     if not hmac.compare_digest(sig, expected):
         raise Refused("bad signature")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -25,7 +26,7 @@ from monitor.processor import Processor
 from monitor.sink import json_message
 
 log = logs.get("tsmon.control")
-GLOBAL_KEY = "__tsmon__"  # the changelog key of daemon-wide state (global freeze, applied command ids)
+GLOBAL_KEY = "__tsmon__"  # changelog key of daemon-wide state (global freeze, applied ids); no stream may use it
 _MAX_SILENCE_S = 30 * 86400.0
 Effects = tuple[list[str], list[dict[str, Any]], dict[str, Any]]
 
@@ -57,7 +58,7 @@ class Controller:
             return self._publish(ack(cmd, None, "duplicate", self.instance), cmd.command)
         try:
             streams, effects, result = self._handlers[cmd.command](cmd)
-        except (Refused, KeyError, TypeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 — a signed but unusable command must never stop the loop
             error = str(exc) if isinstance(exc, Refused | ValueError) else f"bad params: {type(exc).__name__} {exc}"
             log.warning("command_failed", command=cmd.command, command_id=cmd.command_id, error=error)
             return self._publish(ack(cmd, None, "failed", self.instance, error=error), cmd.command)
@@ -82,8 +83,15 @@ class Controller:
             self.p.sink.send(json_message(topic, GLOBAL_KEY, doc, [("tsmon.type", b"daemon_state")]))
 
     def restore_global(self, doc: dict[str, Any]) -> None:
-        self.cal.frozen_all = bool(doc.get("frozen_all", False))
-        self.seen = Seen(self.seen.size, [str(i) for i in doc.get("command_ids", [])])
+        """Continue from the changelog's daemon-wide document; remembered ids are merged, never dropped."""
+        ids = doc.get("command_ids")
+        if doc.get("type") != "daemon_state" or not isinstance(ids, list):
+            log.error("daemon_state_unreadable", keys=sorted(doc)[:10])
+            return
+        self.cal.frozen_all = doc.get("frozen_all") is True
+        for i in ids:
+            if isinstance(i, str) and i not in self.seen:
+                self.seen.add(i)
 
     # helpers ----------------------------------------------------------------------------------------
     def _targets(self, cmd: Command) -> list[str]:
@@ -113,8 +121,8 @@ class Controller:
         q = _quantile(cmd.params.get("quantile"))
         names = self._targets(cmd)
         before = {s: self._view(s) for s in names}
-        changed = self.cal.recalibrate(names, q, commanded=True)
-        refused = {s: r for s, r in self.cal.refused.items() if s in before}
+        refused: dict[str, str] = {}
+        changed = self.cal.recalibrate(names, q, commanded=True, refused=refused)
         self.p.metrics.calibrations.labels("refused").inc(len(refused))
         effects = []
         for s in changed:
@@ -127,6 +135,8 @@ class Controller:
 
     def _pin(self, cmd: Command) -> Effects:
         value = float(cmd.params["threshold"])
+        if not (math.isfinite(value) and value > 0):
+            raise Refused(f"a pinned threshold must be finite and > 0, got {value}")
         return self._each(cmd, lambda s: self.cal.pin(s, value, self._why(cmd)))
 
     def _unpin(self, cmd: Command) -> Effects:
@@ -179,6 +189,9 @@ class Controller:
 
     def _rollback(self, cmd: Command) -> Effects:
         version = int(cmd.params["version"])
+        lacking = [s for s in self._targets(cmd) if not any(v["version"] == version for v in self.cal.history(s))]
+        if lacking:  # all or nothing: a half-applied command would be audited as failed
+            raise Refused(f"no version {version} kept for {', '.join(lacking[:5])}")
         return self._each(cmd, lambda s: self.cal.rollback(s, version, self._why(cmd)))
 
     def _shadow(self, cmd: Command) -> Effects:
@@ -216,7 +229,7 @@ def _claimed(raw: bytes | None) -> str | None:
     """The command id an unverified message claims (for the audit record only)."""
     try:
         doc = json.loads(raw or b"")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     cid = doc.get("command_id") if isinstance(doc, dict) else None
     return cid[:128] if isinstance(cid, str) else None

@@ -44,18 +44,22 @@ def send(cfg: Config, command: str, target: str, params: dict[str, Any], operato
     kwargs = {k: v for k, v in cfg.kafka.consumer_kwargs().items() if k not in ("group_id", "max_poll_records")}
     try:
         audit = KafkaConsumer(**kwargs, group_id=None)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot reach {cfg.kafka.bootstrap_servers}: {type(exc).__name__}: {exc}") from None
+    try:
         tps = [TopicPartition(c.audit_topic, p) for p in sorted(audit.partitions_for_topic(c.audit_topic) or {0})]
         audit.assign(tps)
         audit.seek_to_end(*tps)
         for tp in tps:
-            audit.position(tp)
+            audit.position(tp)  # before sending: the acknowledgement cannot come earlier than this
         producer = KafkaProducer(**cfg.kafka.producer_kwargs())
-        producer.send(c.topic, key=doc["command_id"].encode(), value=json.dumps(doc).encode()).get(timeout_s)
-        producer.close(timeout_s)
+        try:
+            producer.send(c.topic, key=doc["command_id"].encode(), value=json.dumps(doc).encode()).get(timeout_s)
+        finally:
+            producer.close(timeout_s)
+        return _collect(audit, doc["command_id"], timeout_s, settle_s)
     except KafkaError as exc:
         raise BrokerError(f"cannot send the command: {type(exc).__name__}: {exc}") from None
-    try:
-        return _collect(audit, doc["command_id"], timeout_s, settle_s)
     finally:
         audit.close()
 

@@ -25,7 +25,7 @@ import torch
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from models.detector import DEFAULT_QUANTILE
-from models.errors import SinkBackpressure
+from models.errors import SinkBackpressure, TsmonError
 from monitor import logs
 from monitor.alerts import AlertSettings
 from monitor.batcher import Batcher
@@ -125,6 +125,7 @@ class Daemon:
                                 id="snapshot", max_instances=1, coalesce=True)
         self._beat = time.monotonic()  # the loop's last turn, for /healthz
         self._rows: list[dict[str, Any]] = []  # /streams, refreshed by the loop
+        self._lag_labels: set[TP] = set()
         self._ready: tuple[bool, str] = (False, "starting")
         h = cfg.http
         self.http = HealthServer(h.host, h.port, self.metrics.registry, self._health, lambda: self._ready,
@@ -140,7 +141,10 @@ class Daemon:
         # changelog, which the previous owner wrote when the partitions were revoked from it.
         log.info("partitions_assigned", partitions=[f"{t}-{p}" for t, p in tps])
         if tps:
-            self.restore()
+            try:
+                self.restore()
+            except TsmonError as exc:  # raised here, it would come out of poll() and stop the loop
+                log.error("state_restore_failed", error=str(exc), consequence="streams start from the artifact")
 
     def _ensure_topics(self) -> None:
         k, c, st = self.cfg.kafka, self.cfg.control, self.cfg.state
@@ -153,6 +157,7 @@ class Daemon:
         st = self.cfg.state
         if not (self._kafka and st.enabled):
             return
+        self.processor.restored = {}  # never continue from documents read at an earlier assignment
         log_ = read_changelog(self.cfg.kafka.consumer_kwargs(), st.topic, st.restore_timeout_s)
         daemon_doc = log_.docs.pop(GLOBAL_KEY, None)
         if daemon_doc is not None:
@@ -164,14 +169,15 @@ class Daemon:
             records=log_.records, seconds=round(log_.seconds, 3), frozen_all=self.calibrator.frozen_all)
 
     def recalibrate(self) -> None:
-        changed = self.calibrator.recalibrate()
+        refused: dict[str, str] = {}
+        changed = self.calibrator.recalibrate(refused=refused)
         for stream, (old, new) in changed.items():
             self.metrics.set_threshold(stream, new.value, new.source)
             outcome = "new_normal" if new.reason.startswith("new normal") else "changed"
             self.metrics.calibrations.labels(outcome).inc()
             log.info("threshold_changed", stream=stream, old=round(old.value, 6), new=round(new.value, 6),
                      source=new.source, version=new.version, reason=new.reason, samples=new.samples)
-        for stream, reason in self.calibrator.refused.items():
+        for stream, reason in refused.items():
             self.metrics.calibrations.labels("refused").inc()
             log.warning("threshold_raise_refused", stream=stream, reason=reason,
                         threshold=round(self.calibrator.threshold(stream).value, 6))
@@ -185,8 +191,11 @@ class Daemon:
         """The loop's state for the HTTP threads: replaced, never mutated."""
         assigned = self.source.assignment()
         lags = self.source.lags() if isinstance(self.source, KafkaSource) else {}
+        for topic, partition in self._lag_labels - set(lags):  # revoked: no stale lag to alert on
+            self.metrics.lag.remove(topic, str(partition))
         for (topic, partition), lag in lags.items():
             self.metrics.lag.labels(topic, str(partition)).set(lag)
+        self._lag_labels = set(lags)
         self._rows = self.processor.status_rows(lags)
         self._ready = (True, f"{len(assigned)} partition(s) assigned") if assigned else (False, "no partition assigned")
 
@@ -211,12 +220,12 @@ class Daemon:
         log.info("daemon_starting", models={n: m.describe() for n, m in self.scorer.models.items()},
                  scoring=self.scoring,
                  config=self.cfg.redacted())
-        if self.http is not None:
-            self.http.start()
-        self.restore()
-        self._scheduler.start()
         self._started = last_commit = last_control = time.monotonic()
-        try:
+        try:  # whatever fails from here on, _shutdown closes what was opened
+            if self.http is not None:
+                self.http.start()
+            self.restore()
+            self._scheduler.start()
             while not self.stop_event.is_set() and not (until and until()):
                 self._beat = time.monotonic()
                 wait = self.processor.batcher.wait_s()
@@ -248,7 +257,8 @@ class Daemon:
 
     def _shutdown(self) -> None:
         t0 = time.monotonic()
-        self._scheduler.shutdown(wait=False)
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
         self._ready = (False, "stopping")
         try:
             self.processor.score_ready(force=True)

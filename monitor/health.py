@@ -128,6 +128,7 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = f"tsmon/{__version__}"
+    timeout = 10  # seconds a slow or silent client may hold its thread
 
     def do_GET(self) -> None:
         status, content_type, body = self.server.owner.respond(self.path)

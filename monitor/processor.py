@@ -39,6 +39,7 @@ from monitor.streams import StreamState
 from monitor.windows import StreamWindows, order_problem
 
 log = logs.get("tsmon.processor")
+RESERVED_PREFIX = "__tsmon"  # changelog keys of daemon-wide state
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,8 @@ class Processor:
             self._append(stream, items)
 
     def _route(self, block: SampleBlock) -> BadRecord | None:
+        if block.stream.startswith(RESERVED_PREFIX):
+            return BadRecord("reserved_stream", f"stream ids starting with {RESERVED_PREFIX!r} are tsmon's own")
         served = self.scorer.route(block.stream)
         if served is None:
             return BadRecord("no_model", f"no [[models]] pattern matches stream {block.stream[:64]!r}")
@@ -159,7 +162,7 @@ class Processor:
             return None
         try:
             return st.restore(stream, doc, self.calibrator)
-        except (KeyError, TypeError, ValueError) as exc:  # a bad document must not stop the stream
+        except Exception as exc:  # noqa: BLE001 — a bad document (compaction keeps it) must not stop the stream
             log.error("state_restore_failed", stream=stream, error=f"{type(exc).__name__}: {exc}")
             return "failed"
 

@@ -69,7 +69,7 @@ def _keep(docs: dict[str, dict[str, Any]], key: bytes | None, value: bytes | Non
         return
     try:
         doc = json.loads(value)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         log.error("state_document_unreadable", key=name[:64])
         return
     if isinstance(doc, dict):

@@ -74,15 +74,19 @@ class StreamState:
         """
         if doc.get("v") != DOC_VERSION:
             raise ValueError(f"unknown state document version {doc.get('v')!r}")
-        self.silenced_until_ms = int(doc["silenced_until_ms"])
-        self.feedback = {k: int(doc["feedback"].get(k, 0)) for k in ("confirmed", "false_positive")}
+        silenced = int(doc["silenced_until_ms"])
+        feedback = {k: int(doc["feedback"][k]) for k in ("confirmed", "false_positive")}
         if doc["model"] != self.served.describe():
+            self.silenced_until_ms, self.feedback = silenced, feedback
             return "controls"
-        calibrator.restore(stream, doc["calibrator"])
-        self.alerts.restore(doc["alerts"], self.windows.seen)
-        self.applied_until_ts = int(doc["applied_until_ts"])
-        self.recent_alerts.extend(RecentAlert(str(a["alert_id"]), [float(x) for x in a["scores"]], a["verdict"])
-                                  for a in doc["recent_alerts"])
+        alerts = AlertState(self.alerts.stream, self.alerts.model, self.alerts.settings)
+        alerts.restore(doc["alerts"], self.windows.seen)
+        recent = [RecentAlert(str(a["alert_id"]), [float(x) for x in a["scores"]], a["verdict"])
+                  for a in doc["recent_alerts"]]
+        applied = int(doc["applied_until_ts"])
+        calibrator.restore(stream, doc["calibrator"])  # validated whole; the last step that can fail
+        self.silenced_until_ms, self.feedback, self.alerts, self.applied_until_ts = silenced, feedback, alerts, applied
+        self.recent_alerts.extend(recent)
         return "full"
 
     def status(self, stream: str, calibrator: Calibrator, lag: int | None, now_ms: int) -> dict[str, Any]:

@@ -40,7 +40,8 @@ def test_signature_covers_every_field_but_itself() -> None:
 
 @pytest.mark.parametrize(("body", "reason"), [
     (b"{nope", "not a JSON document"), (b"[1]", "not a JSON object"), (b"", "not a JSON document"),
-    (None, "not a JSON document"),
+    (None, "not a JSON document"), (b"[" * 200_000, "not a JSON document"),
+    ('{"signature": "\u00e9"}'.encode(), "bad signature"), (b'{"signature": "ab"}', "bad signature"),
 ])
 def test_malformed_messages_are_refused(body: bytes | None, reason: str) -> None:
     with pytest.raises(Refused, match=reason):
@@ -245,3 +246,78 @@ def test_a_broken_document_does_not_stop_the_stream(make: Make, tmp_path: Path) 
     p.restored = {"dev-z": {"v": 1, "garbage": True}}
     feed(p, records("dev-z", *sine_stream(200)))
     assert p.streams["dev-z"].scored > 0
+
+
+def test_hostile_commands_never_escape_the_controller(make: Make) -> None:
+    """Signed or not, no control message may raise out of handle(): the loop must go on."""
+    p = make()
+    feed(p, records("dev-h", *sine_stream(300)))
+    c = controller(p)
+    for body in (b"[" * 200_000, '{"signature": "\u00e9"}'.encode(), b"\xff\xfe"):
+        assert c.handle(body)["status"] == "rejected"
+    for i, (command, params) in enumerate((("pin", {"threshold": 10**400}), ("pin", {"threshold": "abc"}),
+                            ("pin", {"threshold": -1e308}), ("silence", {"for_s": 10**400}),
+                            ("recalibrate", {"quantile": [1]}), ("rollback", {"version": "x"}), ("pin", {}))):
+        doc = {"command": command, "target": "dev-h", "params": params, "operator": "a", "reason": "",
+               "issued_at": new_command("pin", "", {}, "a", "", KEY)["issued_at"], "command_id": f"c{i}"}
+        body = json.dumps({**doc, "signature": signature(doc, KEY)}).encode()
+        assert c.handle(body)["status"] == "failed", params
+    assert p.calibrator.threshold("dev-h").source == "artifact"
+
+
+def test_rollback_is_all_or_nothing(make: Make) -> None:
+    p = make()
+    feed(p, records("dev-1", *sine_stream(300)) + records("dev-2", *sine_stream(300, seed=1), partition=1))
+    c = controller(p)
+    send(c, "pin", "dev-1", threshold=1.0)
+    a = send(c, "rollback", "dev-*", version=1)
+    assert a["status"] == "failed" and "dev-2" in a["error"]
+    assert p.calibrator.threshold("dev-1").version == 1  # untouched
+
+
+def test_reserved_stream_ids_are_dead_lettered(make: Make) -> None:
+    p = make()
+    feed(p, records("__tsmon__", *sine_stream(100)))
+    assert "__tsmon__" not in p.streams and p.metrics.total("tsmon_dead_letters_total") > 0
+
+
+def test_global_state_merges_ids_and_ignores_garbage(make: Make) -> None:
+    c = controller(make())
+    c.seen.add("mine")
+    c.restore_global({"type": "daemon_state", "frozen_all": True, "command_ids": ["theirs", 3]})
+    assert "mine" in c.seen and "theirs" in c.seen and c.cal.frozen_all
+    c.restore_global({"type": "stream_state", "command_ids": None})
+    assert "mine" in c.seen
+
+
+@pytest.mark.parametrize("damage", [
+    {"calibrator": {"versions": []}}, {"feedback": []}, {"alerts": {"episode": {"alert_id": "x"}}},
+    {"calibrator": {"versions": [{"value": "abc", "source": "a", "samples": 0, "updated_ms": 0, "artifact": 1.0}]}},
+    {"calibrator": {"versions": [{"value": float("nan"), "source": "a", "samples": 0, "updated_ms": 0,
+                                  "artifact": 1.0}]}},
+])
+def test_a_damaged_document_restores_nothing(make: Make, damage: dict[str, Any]) -> None:
+    p = make()
+    p.settings = Settings(state_topic="state")
+    ts, v = sine_stream(1000, (970,))
+    feed(p, records("dev-y", ts, v))
+    p.save("dev-y")
+    doc = [d for d in out(p, "state") if d.get("stream") == "dev-y"][-1]
+    for part, value in damage.items():
+        doc[part] = {**doc[part], **value} if isinstance(doc[part], dict) and isinstance(value, dict) else value
+    q = make()
+    q.restored = {"dev-y": doc}
+    feed(q, records("dev-y", ts, v))
+    st = q.streams["dev-y"]
+    assert q.calibrator.threshold("dev-y").source == "artifact" and st.applied_until_ts == -1
+    assert [d["status"] for d in anomalies(q)] == ["firing"]  # rebuilt from the replay, as without state
+
+
+def test_pending_episodes_are_not_persisted(make: Make) -> None:
+    p = make()
+    p.settings = Settings(state_topic="state")
+    ts, v = sine_stream(1000, (995,))  # one over-threshold window at the very end: pending, not fired
+    feed(p, records("dev-p", ts, v))
+    assert p.streams["dev-p"].alerts.episode is not None and not p.streams["dev-p"].alerts.firing
+    p.save("dev-p")
+    assert [d for d in out(p, "state") if d.get("stream") == "dev-p"][-1]["alerts"]["episode"] is None

@@ -63,7 +63,8 @@ def test_calibrator_accepts_a_new_normal_and_refuses_an_anomaly() -> None:
 
     c = calibrator()
     c.observe_all("s", normal(600) * np.linspace(3, 6, 600))  # worsening: an incident, not a new normal
-    assert c.recalibrate() == {} and c.refused["s"].startswith(("still changing", "sustained anomaly"))
+    refused: dict[str, str] = {}
+    assert c.recalibrate(refused=refused) == {} and refused["s"].startswith(("still changing", "sustained anomaly"))
     assert c.threshold("s").value == 1.5
 
 
@@ -72,7 +73,8 @@ def test_an_operator_raise_passes_the_mixture_test() -> None:
     c.register("s", 1.0)
     c.observe("s", normal(300, 2.0))
     c.observe_all("s", np.where(rng.random(600) < 0.4, normal(600, 10.0), normal(600)))
-    assert c.recalibrate(commanded=True) == {} and "would stay over" in c.refused["s"]
+    refused: dict[str, str] = {}
+    assert c.recalibrate(commanded=True, refused=refused) == {} and "would stay over" in refused["s"]
 
 
 @pytest.mark.parametrize("enabled", [False])
