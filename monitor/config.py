@@ -240,9 +240,14 @@ class LimitsConfig(_Section):
     max_samples: int = Field(10_000, ge=1, description="most samples in one chunk message")
     max_channels: int = Field(256, ge=1, description="most channels per sample")
     max_stream_len: int = Field(256, ge=1, description="longest stream id")
+    max_streams: int = Field(10_000, ge=1, description="streams held at once; records of more are dead-lettered")
+    idle_evict_s: float | None = Field(3600.0, gt=0, description="a stream silent this long is snapshotted and "
+                                                                 "dropped from memory; none = never")
+
+    _optional = field_validator("idle_evict_s", mode="before")(_unset)
 
     def to_limits(self) -> Limits:
-        return Limits(**self.model_dump())
+        return Limits(**self.model_dump(exclude={"max_streams", "idle_evict_s"}))
 
 
 class DaemonConfig(_Section):
@@ -531,6 +536,8 @@ max_bytes = 1048576                      # largest input message
 max_samples = 10000                      # most samples in one chunk message
 max_channels = 256                       # most channels per sample
 max_stream_len = 256                     # longest stream id
+max_streams = 10000                      # streams held at once; a record of one more is dead-lettered
+idle_evict_s = 3600.0                    # a stream silent this long is snapshotted and dropped; "none" = never
 
 [daemon]
 device = "auto"                          # auto, cpu, cuda or cuda:N

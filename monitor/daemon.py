@@ -76,7 +76,8 @@ def processor_settings(cfg: Config) -> Settings:
                                   a.critical_ratio),
                     q.flatline_rel_std, q.rate_tolerance, q.cooldown_ms, a.max_hold_windows, cfg.limits.to_limits(),
                     cfg.daemon.shutdown_timeout_s, state_topic=cfg.state.topic if cfg.state.enabled else None,
-                    recent_alerts=cfg.state.recent_alerts)
+                    recent_alerts=cfg.state.recent_alerts, max_streams=cfg.limits.max_streams,
+                    idle_evict_s=cfg.limits.idle_evict_s)
 
 
 class Daemon:
@@ -243,6 +244,7 @@ class Daemon:
                     self.processor.save_changed()
                 if time.monotonic() - last_commit >= d.commit_interval_ms / 1000:
                     last_commit = time.monotonic()
+                    self.processor.evict_idle(last_commit)
                     self._commit()
                     self._refresh_views()
         finally:

@@ -80,6 +80,11 @@ class OffsetLedger:
             out[tp] = min(firsts, default=nxt)
         return out
 
+    def forget(self, stream: str) -> None:
+        """The stream is no longer held in memory (its state was snapshotted): nothing of it is needed."""
+        for tp in self._streams.pop(stream, set()):
+            self._held[tp].pop(stream, None)
+
     def streams_on(self, tps: set[TP]) -> set[str]:
         """Streams with data on any of the partitions."""
         return {s for tp in tps for s in self._held.get(tp, {})}

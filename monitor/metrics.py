@@ -32,6 +32,9 @@ class Metrics:
         self.commits = Counter("tsmon_commits", "Offset commits", registry=r)
         self.batch_seconds = Histogram("tsmon_batch_seconds", "Scoring time of one micro-batch", registry=r,
                                        buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3))
+        self.streams = Gauge("tsmon_streams", "Streams held in memory", registry=r)
+        self.evicted = Counter("tsmon_streams_evicted", "Idle streams snapshotted and dropped from memory",
+                               registry=r)
         self.batch_size = Histogram("tsmon_batch_size", "Windows per scored micro-batch", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
         self.alert_latency = Histogram("tsmon_alert_latency_seconds",
@@ -52,7 +55,7 @@ class Metrics:
         self._counters = {c.describe()[0].name: c for c in (self.records, self.samples, self.dead_letters,
                                                             self.windows, self.skipped, self.alerts, self.quality,
                                                             self.commits, self.alert_severity, self.calibrations,
-                                                            self.commands, self.snapshots)}
+                                                            self.commands, self.snapshots, self.evicted)}
         self._max_stream_labels = max_stream_labels
         self._labelled: dict[str, str] = {}  # stream → the source its one threshold series carries
         self._over_cap: set[str] = set()

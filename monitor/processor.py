@@ -56,6 +56,8 @@ class Settings:
     flush_timeout_s: float = 10.0
     max_inflight: int = 2  # batches submitted to the scoring thread and not yet applied
     state_topic: str | None = None  # changelog of stream states; None = not persisted
+    max_streams: int = 10_000  # streams held at once
+    idle_evict_s: float | None = 3600.0  # silent this long: snapshotted and dropped from memory
     recent_alerts: int = 20  # alerts per stream remembered for feedback
 
 
@@ -88,7 +90,12 @@ class Processor:
             self.first_record_at = time.monotonic()
         by_stream: dict[str, list[tuple[InRecord, SampleBlock]]] = {}
         for rec in records:
-            block = parse(rec.value, rec.key, self.settings.limits)
+            try:
+                block = parse(rec.value, rec.key, self.settings.limits)
+            except Exception as exc:  # noqa: BLE001 — a parser bug must cost one message, never the daemon
+                log.error("parse_failed", error=f"{type(exc).__name__}: {exc}"[:300], topic=rec.topic,
+                          partition=rec.partition, offset=rec.offset)
+                block = BadRecord("unparseable", f"{type(exc).__name__}: {exc}"[:200])
             why = self._route(block) if isinstance(block, SampleBlock) else block
             if why is not None:
                 self._dead_letter(rec, why)
@@ -107,12 +114,16 @@ class Processor:
             return BadRecord("channel_mismatch", f"model {served.name} takes {served.channels} channel(s), "
                                                  f"the message has {block.channels}")
         if block.stream not in self.streams:
+            if len(self.streams) >= self.settings.max_streams:
+                return BadRecord("too_many_streams", f"{len(self.streams)} streams held (limits.max_streams); "
+                                                     "idle ones are evicted after limits.idle_evict_s")
             self._new_stream(block.stream, served)
         return None
 
     def _append(self, stream: str, items: list[tuple[InRecord, SampleBlock]]) -> None:
         """Order-check the blocks, then window, hold and batch them together (vectorised per poll)."""
         st = self.streams[stream]
+        st.last_seen = time.monotonic()
         last, good = st.windows.last_ts, []
         for rec, block in items:
             refused = order_problem(int(block.ts_ms[0]), last)
@@ -153,6 +164,7 @@ class Processor:
                  threshold=state.value, threshold_source=state.source, threshold_version=state.version,
                  restored=restored)
         self.streams[stream] = st
+        self.metrics.streams.set(len(self.streams))
         self.metrics.set_threshold(stream, state.value, state.source)
         return st
 
@@ -322,15 +334,17 @@ class Processor:
         self.save(stream)
 
     # persisted state ------------------------------------------------------------------------------
-    def save(self, stream: str) -> None:
+    def save(self, stream: str) -> dict[str, Any] | None:
         """Send the stream's state to the changelog (acknowledged with everything else before a commit)."""
         st, topic = self.streams.get(stream), self.settings.state_topic
-        if st is None or topic is None:
-            return
+        if st is None:
+            return None
         doc = st.to_doc(stream, self.calibrator, int(self.clock() * 1000))
-        self.sink.send(json_message(topic, stream, doc, [("tsmon.type", b"stream_state")]))
-        st.dirty = False
-        self.metrics.snapshots.inc()
+        if topic is not None:
+            self.sink.send(json_message(topic, stream, doc, [("tsmon.type", b"stream_state")]))
+            st.dirty = False
+            self.metrics.snapshots.inc()
+        return doc
 
     def save_changed(self, every: bool = False) -> int:
         """Snapshot the streams that changed since their last one (all of them with ``every``)."""
@@ -338,6 +352,35 @@ class Processor:
         for name in names:
             self.save(name)
         return len(names)
+
+    def evict_idle(self, now: float) -> int:
+        """Snapshot and drop the streams silent for ``idle_evict_s`` with nothing waiting to be scored.
+
+        Their documents stay at hand (at most ``max_streams`` of them) for when they come back, and on
+        the changelog; the ledger stops holding their input, the sink acknowledges the document first.
+        """
+        idle = self.settings.idle_evict_s
+        if idle is None:
+            return 0
+        gone = [n for n, st in self.streams.items() if now - st.last_seen >= idle and not st.unscored]
+        for name in gone:
+            idle_s = now - self.streams[name].last_seen
+            doc = self.save(name)
+            if doc is not None:
+                self.restored[name] = doc
+            self._drop(name)
+            self.ledger.forget(name)
+            self.metrics.evicted.inc()
+            log.info("stream_evicted", stream=name, idle_s=round(idle_s, 1))
+        while len(self.restored) > self.settings.max_streams:  # oldest first: dicts keep insertion order
+            self.restored.pop(next(iter(self.restored)))
+        return len(gone)
+
+    def _drop(self, stream: str) -> None:
+        self.streams.pop(stream, None)
+        self.calibrator.forget(stream)
+        self.metrics.forget_threshold(stream)
+        self.metrics.streams.set(len(self.streams))
 
     def status_rows(self, lags: dict[TP, int]) -> list[dict[str, Any]]:
         now_ms = int(self.clock() * 1000)
@@ -392,8 +435,6 @@ class Processor:
         except SinkBackpressure as exc:  # the next owner replays from the last commit: at-least-once holds
             log.error("commit_on_revoke_failed", error=str(exc))
         for stream in self.ledger.drop(tps):
-            self.streams.pop(stream, None)
-            self.calibrator.forget(stream)
-            self.metrics.forget_threshold(stream)
+            self._drop(stream)
         for tp in tps:
             self._committed.pop(tp, None)

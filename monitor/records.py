@@ -58,16 +58,19 @@ def _reject_constant(name: str) -> float:
 def _timestamp_ms(ts: Any) -> int | None:
     if isinstance(ts, bool):
         return None
-    if isinstance(ts, (int, float)):
-        return int(ts) if math.isfinite(ts) and 0 <= ts < 1e14 else None  # < year 5138, ms since epoch
+    if isinstance(ts, int):  # exact, however many digits (math.isfinite would overflow on 10**400)
+        return ts if 0 <= ts < 10**14 else None  # < year 5138, ms since epoch
+    if isinstance(ts, float):
+        return int(ts) if math.isfinite(ts) and 0 <= ts < 1e14 else None
     if isinstance(ts, str):
         try:
             dt = datetime.fromisoformat(ts)
-        except ValueError:
+            if dt.tzinfo is None:
+                return None  # naive times are ambiguous on a multi-site pipeline
+            ms = int(dt.timestamp() * 1000)
+        except (ValueError, OverflowError, OSError):
             return None
-        if dt.tzinfo is None:
-            return None  # naive times are ambiguous on a multi-site pipeline
-        return int(dt.timestamp() * 1000)
+        return ms if 0 <= ms < 10**14 else None
     return None
 
 
@@ -82,16 +85,19 @@ def _matrix(rows: Any, what: str, limits: Limits) -> np.ndarray | BadRecord:
     if len(rows) > limits.max_samples:
         return BadRecord("too_many_samples", f"{what} has {len(rows)} samples (limit {limits.max_samples})")
     kinds = set(map(type, rows))
-    if what == "samples" and kinds <= NUMBER:
-        arr = np.asarray(rows, dtype="float64")[:, None]  # a single-channel chunk may list bare numbers
-    elif kinds == {list} and set(map(type, chain.from_iterable(rows))) <= NUMBER:
-        widths = set(map(len, rows))
-        if len(widths) != 1 or not 0 < (width := widths.pop()) <= limits.max_channels:
-            return BadRecord("bad_shape",
-                             f"{what}: every sample needs the same channel count (1..{limits.max_channels})")
-        arr = np.asarray(rows, dtype="float64").reshape(len(rows), width)
-    else:
-        return BadRecord("wrong_type", f"{what} must hold numbers (or lists of numbers per sample)")
+    try:  # an integer beyond float64 (JSON allows any number of digits) raises OverflowError
+        if what == "samples" and kinds <= NUMBER:
+            arr = np.asarray(rows, dtype="float64")[:, None]  # a single-channel chunk may list bare numbers
+        elif kinds == {list} and set(map(type, chain.from_iterable(rows))) <= NUMBER:
+            widths = set(map(len, rows))
+            if len(widths) != 1 or not 0 < (width := widths.pop()) <= limits.max_channels:
+                return BadRecord("bad_shape",
+                                 f"{what}: every sample needs the same channel count (1..{limits.max_channels})")
+            arr = np.asarray(rows, dtype="float64").reshape(len(rows), width)
+        else:
+            return BadRecord("wrong_type", f"{what} must hold numbers (or lists of numbers per sample)")
+    except OverflowError:
+        return BadRecord("non_finite", f"{what} has a value beyond float range")
     if not np.isfinite(arr).all():
         return BadRecord("non_finite", f"{what} contains NaN or infinity")
     if np.abs(arr).max() > 3.4e38:
@@ -123,7 +129,7 @@ def parse(value: bytes | None, key: bytes | None = None, limits: Limits = Limits
         return BadRecord("bad_shape", "give exactly one of value, values or samples")
     if forms[0] == "samples":
         period = doc.get("period_ms")
-        if type(period) not in (int, float) or not math.isfinite(period) or period <= 0:
+        if type(period) not in (int, float) or not 0 < period < 1e14 or not math.isfinite(period):
             return BadRecord("bad_timestamp", f"a chunk needs period_ms > 0, got {period!r}"[:200])
         arr = _matrix(doc["samples"], "samples", limits)
         if isinstance(arr, BadRecord):

@@ -48,6 +48,7 @@ class StreamState:
     recent_alerts: deque[RecentAlert] = field(default_factory=lambda: deque(maxlen=20))
     feedback: dict[str, int] = field(default_factory=lambda: {"confirmed": 0, "false_positive": 0})
     dirty: bool = True  # changed since its last snapshot
+    last_seen: float = 0.0  # monotonic time of its last record (idle eviction)
 
     @property
     def precision(self) -> float | None:

@@ -6,6 +6,7 @@ commits, checked exactly on the small PCA stream model (40-sample windows, hop 1
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -285,3 +286,33 @@ def test_memory_source_assignment_covers_the_partitions_it_handed_out(make: Make
         p.score_ready()
     p.score_ready(force=True)
     assert p.commit(src) == src.committed == {(TOPIC, 0): first_needed_offset(500, H)}
+
+
+def test_idle_streams_are_evicted_and_continue_when_they_return(make: Make) -> None:
+    p = make()
+    p.settings = Settings(idle_evict_s=60.0, max_streams=2)
+    ts, v = sine_stream(1000, (970,))  # an alert left open
+    feed(p, records("dev-e", ts[:700], v[:700]) + records("dev-f", *sine_stream(300, seed=1), partition=1))
+    feed(p, records("dev-e", ts[700:], v[700:], first_offset=70))
+    p.calibrator.pin("dev-f", 0.5, "test")
+    assert p.streams["dev-e"].alerts.firing
+    held = p.ledger.committable({(TOPIC, 0)})[(TOPIC, 0)]
+    assert p.evict_idle(time.monotonic() + 30) == 0  # not idle yet
+    assert p.evict_idle(time.monotonic() + 61) == 2
+    assert p.streams == {} and p.calibrator.streams() == [] and p.metrics.total("tsmon_streams_evicted_total") == 2
+    assert p.ledger.committable({(TOPIC, 0)})[(TOPIC, 0)] > held  # the open episode no longer holds input
+    later_ts, later_v = sine_stream(200, start_ms=int(ts[-1]) + STREAM_PERIOD_MS)
+    feed(p, records("dev-e", later_ts, later_v, first_offset=100) + records("dev-f", *sine_stream(
+        100, start_ms=int(ts[299]) + STREAM_PERIOD_MS, seed=1), partition=1, first_offset=30))
+    assert p.calibrator.threshold("dev-f").source == "pinned"  # continued from the evicted state
+    sink(p).flush(1)
+    assert [d["status"] for d in docs(p, "anomaly")] == ["firing", "resolved"]  # not fired twice
+
+
+def test_more_streams_than_the_limit_are_dead_lettered(make: Make) -> None:
+    p = make()
+    p.settings = Settings(max_streams=3)
+    recs = [r for i in range(5) for r in records(f"dev-{i}", *sine_stream(50, seed=i), partition=i)]
+    feed(p, recs)
+    assert sorted(p.streams) == ["dev-0", "dev-1", "dev-2"]
+    assert p.metrics.total("tsmon_dead_letters_total") == 2 * len(records("dev-3", *sine_stream(50)))

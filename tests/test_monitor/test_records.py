@@ -89,3 +89,15 @@ def test_fuzzed_bytes_never_raise() -> None:
         assert isinstance(out, (SampleBlock, BadRecord))
         if isinstance(out, SampleBlock):
             assert np.isfinite(out.values).all()
+
+
+@pytest.mark.parametrize("body", [
+    b'{"stream":"a","ts":' + b"9" * 400 + b',"values":[1,2]}',
+    b'{"stream":"a","ts":1700000000000,"values":[' + b"9" * 400 + b',2]}',
+    b'{"stream":"a","ts":1700000000000,"value":' + b"9" * 400 + b"}",
+    b'{"stream":"a","ts":1700000000000,"samples":[' + b"9" * 400 + b',2],"period_ms":10}',
+    b'{"stream":"a","ts":1700000000000,"samples":[[1,2]],"period_ms":' + b"9" * 400 + b"}",
+    b'{"stream":"a","ts":"0001-01-01T00:00:00+14:00","values":[1,2]}',
+])
+def test_numbers_beyond_float_range_are_bad_records_not_exceptions(body: bytes) -> None:
+    assert isinstance(parse(body), BadRecord)
