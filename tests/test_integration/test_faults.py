@@ -1,0 +1,140 @@
+"""Faults against real processes and the real broker: `kill -9` of `tsmon run` at seeded random points while a
+labelled input is still arriving, then restarts; a bad model or config stops the daemon before it consumes.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from monitor.replay import messages
+from monitor.topics import TopicReader
+from tests.conftest import STREAM_HOP, sine_stream
+from tests.test_integration.test_run_cli import tsmon_env, write_config
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+STREAMS, N, BURSTS = 6, 6000, (2000, 4500)
+
+
+def play(bootstrap: str, topic: str, seconds: float) -> threading.Thread:
+    """Send every stream message by message, spread over ``seconds``, on a thread."""
+    bodies = {f"dev-k{i}": [b for b, _ in messages(f"dev-k{i}", *sine_stream(N, BURSTS, seed=60 + i), STREAM_HOP)]
+              for i in range(STREAMS)}
+    rounds = N // STREAM_HOP
+
+    def run() -> None:
+        p = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5)
+        t0 = time.monotonic()
+        for r in range(rounds):
+            for name, b in bodies.items():
+                p.send(topic, key=name.encode(), value=b[r])
+            time.sleep(max(0.0, t0 + (r + 1) * seconds / rounds - time.monotonic()))
+        p.flush()
+        p.close()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def start(cfg: Path, cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as err:
+        return subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(cfg)], cwd=cwd,
+                                env=tsmon_env(), stdout=subprocess.DEVNULL, stderr=err)
+
+
+def wait_for(cond: Any, proc: subprocess.Popen[bytes], limit_s: float = 60) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        assert proc.poll() is None, "daemon exited"
+        assert time.monotonic() - t0 < limit_s, "daemon did not get that far in time"
+        time.sleep(0.05)
+
+
+def committed_total(bootstrap: str, topic: str, group: str) -> int:
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return sum(c.committed(TopicPartition(topic, p)) or 0 for p in range(4))
+    finally:
+        c.close()
+
+
+def test_kill_9_at_random_points_loses_no_alert(broker: Any, topic: str, stream_model: Path, tmp_path: Path) -> None:
+    extra = (f'\n[http]\nport = 0\n[state]\ntopic = "{topic}.state"\n'
+             f'[control]\ntopic = "{topic}.control"\naudit_topic = "{topic}.audit"\n')
+    cfg = write_config(tmp_path / "tsmon.toml", broker.bootstrap, topic, stream_model, extra)
+    log = tmp_path / "stderr.log"
+    player = play(broker.bootstrap, topic, seconds=40)
+    rng = random.Random(2026)
+    kills = []
+    for i in range(3):  # kill -9 mid-stream, at seeded random points, three times
+        proc = start(cfg, tmp_path, log)
+        wait_for(lambda i=i: log.read_text().count('"partitions_assigned"') > i, proc)  # consuming now
+        time.sleep(rng.uniform(0.5, 3.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        kills.append(committed_total(broker.bootstrap, topic, f"g-{topic}"))
+    assert player.is_alive(), "the input ended before the last kill: kills were not mid-stream"
+    proc = start(cfg, tmp_path, log)
+    try:
+        player.join(60)
+        want = STREAMS * len(BURSTS)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            docs = [d for d in TopicReader(broker.bootstrap, f"{topic}.alerts").settle(0.5)
+                    if d.get("type") == "anomaly"]
+            if sum(d["status"] == "resolved" for d in docs) >= want:
+                break
+            assert proc.poll() is None, "daemon died"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert kills[0] > 0 and kills[-1] > kills[0], f"no progress between kills: {kills}"
+
+    by_id: dict[str, list[str]] = defaultdict(list)
+    streams: dict[str, set[str]] = defaultdict(set)
+    for d in docs:
+        by_id[d["alert_id"]].append(d["status"])
+        streams[d["stream"]].add(d["alert_id"])
+    assert {s: len(ids) for s, ids in streams.items()} == {f"dev-k{i}": len(BURSTS) for i in range(STREAMS)}
+    for alert_id, statuses in by_id.items():  # duplicates only as repeats of one id, each episode whole
+        assert set(statuses) == {"firing", "resolved"}, (alert_id, statuses)
+        assert statuses.index("firing") < statuses.index("resolved"), (alert_id, statuses)
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "config"])
+def test_a_bad_model_or_config_stops_before_consuming(broker: Any, topic: str, stream_model: Path, tmp_path: Path,
+                                                      damage: str) -> None:
+    model = tmp_path / "model"
+    subprocess.run(["cp", "-r", str(stream_model), str(model)], check=True)
+    extra = ""
+    if damage == "missing":
+        model = tmp_path / "nowhere"
+    elif damage == "corrupt":
+        weights = next(model.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        extra = "\n[batch]\nmax_batch = 0\n"
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    for body, _ in messages("dev-x", *sine_stream(200), STREAM_HOP):
+        p.send(topic, key=b"dev-x", value=body)
+    p.flush(), p.close()
+    cfg = write_config(tmp_path / "tsmon.toml", broker.bootstrap, topic, model, extra)
+    r = subprocess.run([sys.executable, "-m", "monitor", "run", "--config", str(cfg)], cwd=tmp_path, env=tsmon_env(),
+                       capture_output=True, text=True, timeout=60, check=False)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("{")]
+    assert r.returncode == 1 and lines[0].startswith(("ArtifactError:", "ConfigError:")), r.stderr
+    assert len(lines) == (2 if damage == "config" else 1), lines  # a config error adds one line per bad key
+    assert committed_total(broker.bootstrap, topic, f"g-{topic}") == 0  # nothing consumed
