@@ -127,6 +127,8 @@ class Daemon:
         self._beat = time.monotonic()  # the loop's last turn, for /healthz
         self._rows: list[dict[str, Any]] = []  # /streams, refreshed by the loop
         self._lag_labels: set[TP] = set()
+        self._paused: set[TP] = set()  # partitions paused while the sink is behind
+        self._backpressure: str | None = None
         self._ready: tuple[bool, str] = (False, "starting")
         h = cfg.http
         self.http = HealthServer(h.host, h.port, self.metrics.registry, self._health, lambda: self._ready,
@@ -135,6 +137,7 @@ class Daemon:
     # rebalance callbacks (called from inside poll, on the loop's thread)
     def _on_revoke(self, tps: list[TP]) -> None:
         log.info("partitions_revoked", partitions=[f"{t}-{p}" for t, p in tps])
+        self._paused -= set(tps)
         self.processor.revoke(self.source, set(tps))
 
     def _on_assign(self, tps: list[TP]) -> None:
@@ -198,7 +201,10 @@ class Daemon:
             self.metrics.lag.labels(topic, str(partition)).set(lag)
         self._lag_labels = set(lags)
         self._rows = self.processor.status_rows(lags)
-        self._ready = (True, f"{len(assigned)} partition(s) assigned") if assigned else (False, "no partition assigned")
+        if self._backpressure:
+            self._ready = (False, self._backpressure)
+        else:
+            self._ready = (True, f"{len(assigned)} partition(s) assigned") if assigned else (False, "no partition assigned")
 
     def caught_up(self, samples: int) -> bool:
         """Has it taken ``samples`` samples and scored every window they made? (demo, benchmark, tests)"""
@@ -252,10 +258,25 @@ class Daemon:
         return self.metrics.snapshot()
 
     def _commit(self) -> None:
+        """Commit; while the sink cannot acknowledge, pause the input instead of buffering without bound."""
         try:
             self.processor.commit(self.source)
         except SinkBackpressure as exc:  # nothing committed; input is replayed if we die now
-            log.warning("commit_deferred", error=str(exc), retry_after=exc.retry_after)
+            tps = self.source.assignment() - self._paused
+            if tps:
+                self.source.pause(tps)
+                self._paused |= tps
+                self.metrics.paused.set(1)
+            self._backpressure = f"sink back-pressure: {exc}"
+            log.warning("input_paused", error=str(exc), partitions=len(self._paused), retry_after=exc.retry_after)
+            return
+        if self._paused:
+            self.source.resume(self._paused)
+            log.info("input_resumed", partitions=len(self._paused))
+            self._paused = set()
+        if self._backpressure:
+            self.metrics.paused.set(0)
+            self._backpressure = None
 
     def _shutdown(self) -> None:
         t0 = time.monotonic()

@@ -35,6 +35,8 @@ class Metrics:
         self.streams = Gauge("tsmon_streams", "Streams held in memory", registry=r)
         self.evicted = Counter("tsmon_streams_evicted", "Idle streams snapshotted and dropped from memory",
                                registry=r)
+        self.paused = Gauge("tsmon_consumption_paused", "1 while input is paused because the sink is behind",
+                            registry=r)
         self.batch_size = Histogram("tsmon_batch_size", "Windows per scored micro-batch", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
         self.alert_latency = Histogram("tsmon_alert_latency_seconds",

@@ -42,6 +42,8 @@ class Source(Protocol):
     def poll(self, timeout_ms: int) -> list[InRecord]: ...
     def commit(self, offsets: dict[TP, int]) -> None: ...
     def assignment(self) -> set[TP]: ...
+    def pause(self, tps: set[TP]) -> None: ...  # poll returns nothing of them until resume (membership kept)
+    def resume(self, tps: set[TP]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -53,13 +55,22 @@ class MemorySource:
     batch: int = 100
     committed: dict[TP, int] = field(default_factory=dict)
     assigned: set[TP] = field(default_factory=set)
+    paused: set[TP] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.assigned |= {r.tp for r in self.records}
 
     def poll(self, timeout_ms: int) -> list[InRecord]:
+        if self.paused:  # simple and strict: any paused partition holds the whole (ordered) list back
+            return []
         out, self.records = self.records[: self.batch], self.records[self.batch :]
         return out
+
+    def pause(self, tps: set[TP]) -> None:
+        self.paused |= tps
+
+    def resume(self, tps: set[TP]) -> None:
+        self.paused -= tps
 
     def commit(self, offsets: dict[TP, int]) -> None:
         self.committed.update(offsets)
@@ -127,6 +138,16 @@ class KafkaSource:
 
     def assignment(self) -> set[TP]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def pause(self, tps: set[TP]) -> None:
+        from kafka import TopicPartition
+
+        self._consumer.pause(*(TopicPartition(t, p) for t, p in tps))
+
+    def resume(self, tps: set[TP]) -> None:
+        from kafka import TopicPartition
+
+        self._consumer.resume(*(TopicPartition(t, p) for t, p in tps))
 
     def lags(self) -> dict[TP, int]:
         """Records behind the high watermark of the last fetch, per assigned partition that has one."""

@@ -316,3 +316,27 @@ def test_more_streams_than_the_limit_are_dead_lettered(make: Make) -> None:
     feed(p, recs)
     assert sorted(p.streams) == ["dev-0", "dev-1", "dev-2"]
     assert p.metrics.total("tsmon_dead_letters_total") == 2 * len(records("dev-3", *sine_stream(50)))
+
+
+def test_a_stuck_sink_pauses_the_input_and_it_resumes_when_the_sink_recovers(stream_model: Path) -> None:
+    from monitor.config import load_config
+    from monitor.daemon import Daemon
+
+    cfg = load_config(None, {"models": [{"pattern": "*", "path": str(stream_model)}], "daemon.scoring": "thread",
+                             "daemon.device": "cpu", "http.enabled": False, "daemon.commit_interval_ms": 1}, env={})
+    source = MemorySource(records("dev-bp", *sine_stream(3000)), batch=20)
+    out = MemorySink()
+    d = Daemon(cfg, source=source, sink=out)
+    out.fail_next = 3  # three commits in a row cannot get their messages acknowledged
+    seen: list[tuple[int, bool, str]] = []
+
+    def until() -> bool:
+        seen.append((len(source.records), bool(source.paused), d._ready[1]))
+        return not source.records and d.processor.pending == 0
+
+    d.run(until=until)
+    paused = [n for n, p, _ in seen if p]
+    assert paused and len(set(paused)) == 1  # nothing more was read while paused
+    assert any(r.startswith("sink back-pressure") for _, _, r in seen)
+    assert not source.paused and not source.records and d.metrics.paused._value.get() == 0
+    assert source.committed  # and everything was committed once the sink recovered
