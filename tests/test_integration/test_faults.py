@@ -70,8 +70,7 @@ def committed_total(bootstrap: str, topic: str, group: str) -> int:
 
 
 def test_kill_9_at_random_points_loses_no_alert(broker: Any, topic: str, stream_model: Path, tmp_path: Path) -> None:
-    extra = (f'\n[http]\nport = 0\n[state]\ntopic = "{topic}.state"\n'
-             f'[control]\ntopic = "{topic}.control"\naudit_topic = "{topic}.audit"\n')
+    extra = f'\n[state]\ntopic = "{topic}.state"\n[control]\ntopic = "{topic}.control"\naudit_topic = "{topic}.audit"\n'
     cfg = write_config(tmp_path / "tsmon.toml", broker.bootstrap, topic, stream_model, extra)
     log = tmp_path / "stderr.log"
     player = play(broker.bootstrap, topic, seconds=40)

@@ -45,6 +45,9 @@ heartbeat_interval_ms = 500
 [daemon]
 commit_interval_ms = 200
 device = "cpu"
+
+[http]
+port = 0
 """
     if model is not None:
         text += f'\n[[models]]\npath = "{model}"\n'
