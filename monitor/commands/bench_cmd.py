@@ -92,6 +92,35 @@ def pipeline(
         stdout.print(f"[yellow]warning:[/] {w}")
 
 
+def soak(
+    model: Annotated[Path, typer.Option("--model", help="Artifact to serve.")] = Path("artifacts/ecg5000-lstm"),
+    seconds: Annotated[float, typer.Option(help="How long the daemon runs.")] = 600.0,
+    streams: Annotated[int, typer.Option(help="Streams (keys).")] = 8,
+    rate: Annotated[float, typer.Option(help="Samples per second per stream.")] = 1000.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (with the RSS series).")] = False,
+) -> None:
+    """Resident memory of the daemon over a long run at a steady input rate: flat means within ±10 %."""
+    from monitor.soak import bench_soak
+
+    if not (model / "manifest.json").is_file():
+        raise ArtifactError(f"no model artifact at {model} (no manifest.json); train one with tsmon train --out DIR")
+    if seconds <= 0 or streams < 1 or rate <= 0:
+        raise DataError("need --seconds > 0, --streams >= 1 and --rate > 0")
+    r = bench_soak(str(model), seconds, streams, rate)
+    if as_json:
+        sys.stdout.write(json.dumps(r, indent=2) + "\n")
+        return
+    t = Table(title=f"tsmon bench soak — {r['seconds']} s, {streams} streams × {rate:g} samples/s",
+              title_justify="left")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    for key in ("rss_start_mb", "rss_end_mb", "rss_max_mb", "drift_pct", "flat", "samples_sent", "samples_scored",
+                "warmup_s"):
+        t.add_row(key, str(r[key]))
+    stdout.print(t)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(scorer)
     app.command()(pipeline)
+    app.command()(soak)
