@@ -58,6 +58,7 @@ class CalibratorSettings:
     ceiling: float = 4.0  # × artifact value
     enabled: bool = True  # False: scheduled recalibrations change nothing (commands still do)
     history: int = 50  # versions kept per stream
+    min_change: float = 0.005  # relative; a smaller move is not a new version (no churn in history and logs)
     drift: DriftSettings = field(default_factory=lambda: DriftSettings(enabled=False))
 
     def __post_init__(self) -> None:
@@ -71,6 +72,7 @@ class CalibratorSettings:
             ("floor", 0.0 < self.floor <= 1.0, "must be in (0, 1]"),
             ("ceiling", 1.0 <= self.ceiling < math.inf, "must be finite and >= 1"),
             ("history", self.history >= 1, "must be >= 1"),
+            ("min_change", 0.0 <= self.min_change < self.max_change, "must be in [0, max_change)"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -180,7 +182,7 @@ class Calibrator:
                 st = self._streams.get(name)
                 # forgotten, re-registered, updated, pinned or frozen since the copy: leave it
                 if (st is None or st.state is not old or st.pinned or st.frozen or (self.frozen_all and not commanded)
-                        or abs(value - old.value) <= _MIN_CHANGE * old.value):
+                        or abs(value - old.value) <= max(_MIN_CHANGE, self.settings.min_change) * old.value):
                     continue
                 changed[name] = (old, self._set(st, value, "calibrated", reason, samples, now_ms))
         return changed

@@ -202,6 +202,7 @@ class CalibratorConfig(_Section):
     window: int = Field(2000, ge=10, description="recent normal errors kept per stream")
     min_samples: int = Field(200, ge=1, description="errors needed before adapting (≤ window)")
     max_change: float = Field(0.2, gt=0, le=1, description="largest relative change per recalibration")
+    min_change: float = Field(0.005, ge=0, lt=1, description="smaller relative moves are not a new version")
     floor: float = Field(0.5, gt=0, le=1, description="never below floor × the artifact threshold")
     ceiling: float = Field(4.0, ge=1, description="never above ceiling × the artifact threshold")
     interval_s: float = Field(30.0, gt=0, description="seconds between recalibrations")
@@ -211,6 +212,8 @@ class CalibratorConfig(_Section):
     def _rules(self) -> Iterator[str]:
         if self.min_samples > self.window:
             yield f"min_samples: must be at most window ({self.window})"
+        if self.min_change >= self.max_change:
+            yield f"min_change: must be less than max_change ({self.max_change})"
 
 
 class AlertsConfig(_Section):
@@ -513,6 +516,7 @@ margin = 1.0                             # threshold = margin x the quantile of 
 window = 2000                            # recent normal errors kept per stream
 min_samples = 200                        # errors needed before the first recalibration (<= window)
 max_change = 0.2                         # largest relative change per recalibration
+min_change = 0.005                       # a smaller relative move is not a new threshold version
 floor = 0.5                              # never below floor x the artifact threshold
 ceiling = 4.0                            # never above ceiling x the artifact threshold
 interval_s = 30.0                        # seconds between recalibrations

@@ -64,7 +64,7 @@ def calibrator_settings(cfg: Config, scorer: Scorer) -> CalibratorSettings:
     quantile = min(quantile, 0.999)  # an artifact thresholded at its maximum (q = 1) still calibrates
     d = cfg.drift
     return CalibratorSettings(quantile, c.margin, c.window, c.min_samples, c.max_change, c.floor, c.ceiling,
-                              c.enabled, cfg.state.history,
+                              c.enabled, cfg.state.history, c.min_change,
                               DriftSettings(d.enabled, d.window, d.min_windows, d.alpha, d.shift_share,
                                             d.max_over_share))
 

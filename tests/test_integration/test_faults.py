@@ -87,14 +87,7 @@ def test_kill_9_at_random_points_loses_no_alert(broker: Any, topic: str, stream_
     proc = start(cfg, tmp_path, log)
     try:
         player.join(60)
-        want = STREAMS * len(BURSTS)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            docs = [d for d in TopicReader(broker.bootstrap, f"{topic}.alerts").settle(0.5)
-                    if d.get("type") == "anomaly"]
-            if sum(d["status"] == "resolved" for d in docs) >= want:
-                break
-            assert proc.poll() is None, "daemon died"
+        docs = wait_all_resolved(broker.bootstrap, topic, [proc])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:
@@ -102,15 +95,56 @@ def test_kill_9_at_random_points_loses_no_alert(broker: Any, topic: str, stream_
             proc.kill()
     assert kills[0] > 0 and kills[-1] > kills[0], f"no progress between kills: {kills}"
 
+    check_episodes(docs)
+
+
+def check_episodes(docs: list[dict[str, Any]]) -> None:
+    """One alert id per burst and stream; each fired before it resolved; repeats only of the same id."""
     by_id: dict[str, list[str]] = defaultdict(list)
     streams: dict[str, set[str]] = defaultdict(set)
     for d in docs:
         by_id[d["alert_id"]].append(d["status"])
         streams[d["stream"]].add(d["alert_id"])
     assert {s: len(ids) for s, ids in streams.items()} == {f"dev-k{i}": len(BURSTS) for i in range(STREAMS)}
-    for alert_id, statuses in by_id.items():  # duplicates only as repeats of one id, each episode whole
+    for alert_id, statuses in by_id.items():
         assert set(statuses) == {"firing", "resolved"}, (alert_id, statuses)
         assert statuses.index("firing") < statuses.index("resolved"), (alert_id, statuses)
+
+
+def wait_all_resolved(bootstrap: str, topic: str, procs: list[subprocess.Popen[bytes]]) -> list[dict[str, Any]]:
+    want, deadline, docs = STREAMS * len(BURSTS), time.monotonic() + 90, []
+    while time.monotonic() < deadline:
+        docs = [d for d in TopicReader(bootstrap, f"{topic}.alerts").settle(0.5) if d.get("type") == "anomaly"]
+        if sum(d["status"] == "resolved" for d in docs) >= want:
+            break
+        assert all(p.poll() is None for p in procs), "a daemon died"
+    return docs
+
+
+def test_kill_9_of_one_of_two_instances(broker: Any, topic: str, stream_model: Path, tmp_path: Path) -> None:
+    extra = f'\n[state]\ntopic = "{topic}.state"\n[control]\ntopic = "{topic}.control"\naudit_topic = "{topic}.audit"\n'
+    cfg = write_config(tmp_path / "tsmon.toml", broker.bootstrap, topic, stream_model, extra)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    player = play(broker.bootstrap, topic, seconds=40)
+    a = start(cfg, tmp_path, logs[0])
+    wait_for(lambda: '"partitions_assigned"' in logs[0].read_text(), a)
+    b = start(cfg, tmp_path, logs[1])
+    try:  # B joins: the group rebalances; once B holds partitions, A dies without a goodbye
+        wait_for(lambda: '"stream_started"' in logs[1].read_text(), b)
+        time.sleep(1.0)
+        assert player.is_alive(), "the input ended before the kill"
+        a.send_signal(signal.SIGKILL)
+        a.wait(timeout=10)
+        player.join(60)
+        docs = wait_all_resolved(broker.bootstrap, topic, [b])
+        b.send_signal(signal.SIGTERM)
+        assert b.wait(timeout=20) == 0
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.kill()
+    assert logs[1].read_text().count('"partitions_assigned"') >= 2  # B took A's partitions over
+    check_episodes(docs)
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "config"])

@@ -90,7 +90,7 @@ def test_without_censoring_the_threshold_ratchets_down() -> None:
     for _ in range(30):
         run(cal, rng, rounds=1, censored=False)
         values.append(cal.threshold("s").value)
-    assert np.all(np.diff(values) < 0)
+    assert np.all(np.diff(values) <= 0)  # never up; a step under calibrator min_change is no new version
     assert values[-1] < 0.7 * TRUE_Q95
 
 
