@@ -69,8 +69,7 @@ def pipeline(
     """Consume-and-parse vs scorer alone vs the whole daemon, on one local broker and topic: ratio = pipeline / min."""
     from monitor.bench import bench_pipeline
 
-    if not (model / "manifest.json").is_file():
-        raise ArtifactError(f"no model artifact at {model} (no manifest.json); train one with tsmon train --out DIR")
+    _require_artifact(model)
     if streams < 1 or samples < streams * chunk or chunk < 1 or max_batch < 1:
         raise DataError("need streams >= 1, chunk >= 1, max_batch >= 1 and samples >= streams × chunk")
     r = bench_pipeline(str(model), streams, samples, chunk, max_batch, device)
@@ -102,8 +101,7 @@ def soak(
     """Resident memory of the daemon over a long run at a steady input rate: flat means within ±10 %."""
     from monitor.soak import bench_soak
 
-    if not (model / "manifest.json").is_file():
-        raise ArtifactError(f"no model artifact at {model} (no manifest.json); train one with tsmon train --out DIR")
+    _require_artifact(model)
     if seconds <= 0 or streams < 1 or rate <= 0:
         raise DataError("need --seconds > 0, --streams >= 1 and --rate > 0")
     r = bench_soak(str(model), seconds, streams, rate)
@@ -118,6 +116,11 @@ def soak(
                 "warmup_s"):
         t.add_row(key, str(r[key]))
     stdout.print(t)
+
+
+def _require_artifact(model: Path) -> None:
+    if not (model / "manifest.json").is_file():
+        raise ArtifactError(f"no model artifact at {model} (no manifest.json); train one with tsmon train --out DIR")
 
 
 def register(app: typer.Typer) -> None:
