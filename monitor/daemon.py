@@ -200,7 +200,8 @@ class Daemon:
         for (topic, partition), lag in lags.items():
             self.metrics.lag.labels(topic, str(partition)).set(lag)
         self._lag_labels = set(lags)
-        self._rows = self.processor.status_rows(lags)
+        if self.http is not None:  # one row per stream: only built for someone who can read it
+            self._rows = self.processor.status_rows(lags)
         if self._backpressure:
             self._ready = (False, self._backpressure)
         else:
