@@ -47,7 +47,7 @@ def save(detector: Detector, path: str | Path, training: dict[str, Any] | None =
         "params": detector.model.config.to_dict(),
         "window": detector.window,
         "hop": detector.hop or detector.window,
-        "channels": detector.channel_names or [f"ch{i}" for i in range(detector.channels)],
+        "channels": detector.channel_names or detector.names,
         "loss": detector.loss,
         "normalisation": detector.scaler.to_dict(),
         "validation_error_quantiles": detector.quantiles,

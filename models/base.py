@@ -93,13 +93,18 @@ class Autoencoder(nn.Module):
 
     def errors(self, x: torch.Tensor, loss: str = "l1", elbo: bool = False) -> ErrorViews:
         """Reconstruction error views of ``x`` ``[batch, window, channels]``."""
-        out = self(x)
-        diff = out.recon - x
-        e = diff.abs() if loss == "l1" else diff.square()
-        window = e.mean(dim=(1, 2))
-        if elbo and out.kl is not None:
-            window = window + out.kl / (x.shape[1] * x.shape[2])
-        return ErrorViews(window=window, channel=e.mean(dim=1), timestep=e.mean(dim=2))
+        return error_views(self(x), x, loss, elbo)
+
+
+def error_views(out: AEOutput, x: torch.Tensor, loss: str = "l1", elbo: bool = False) -> ErrorViews:
+    """The error views of a forward pass ``out`` of ``x`` (so that a caller needing the reconstruction
+    too runs the model once)."""
+    diff = out.recon - x
+    e = diff.abs() if loss == "l1" else diff.square()
+    window = e.mean(dim=(1, 2))
+    if elbo and out.kl is not None:
+        window = window + out.kl / (x.shape[1] * x.shape[2])
+    return ErrorViews(window=window, channel=e.mean(dim=1), timestep=e.mean(dim=2))
 
 
 def lstm_flops(inputs: int, hidden: int, steps: int) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.base import Autoencoder
+from models.base import Autoencoder, error_views
 from models.errors import DataError
 from models.scaling import Scaler
 from models.train import resolve_device
@@ -76,6 +76,11 @@ class Detector:
         return self.model.kind
 
     @property
+    def names(self) -> list[str]:
+        """Channel names; ``ch{i}`` where the artifact gives none."""
+        return [self.channel_names[i] if i < len(self.channel_names) else f"ch{i}" for i in range(self.channels)]
+
+    @property
     def window(self) -> int:
         return self.model.config.window
 
@@ -116,10 +121,13 @@ class Detector:
         w, c, t = (np.concatenate(p) for p in zip(*parts))
         return Scores(w, c, t)
 
-    def reconstruct(self, windows: np.ndarray) -> np.ndarray:
-        """Reconstruction of raw windows, in raw units (for pictures)."""
+    def reconstruct(self, windows: np.ndarray) -> tuple[np.ndarray, Scores]:
+        """Reconstruction of raw windows, in raw units, and their scores: one forward pass (for pictures)."""
         x = np.asarray(windows, dtype="float32")
         self._check(x)
         with torch.inference_mode():
             t = torch.from_numpy(self.scaler.transform(x)).to(self.device)
-            return self.scaler.inverse(self.model.eval()(t).recon.float().cpu().numpy())
+            out = self.model.eval()(t)
+            v = error_views(out, t, self.loss, getattr(self.model.config, "score", "recon") == "elbo")
+            recon = self.scaler.inverse(out.recon.float().cpu().numpy())
+        return recon, Scores(*(a.float().cpu().numpy() for a in (v.window, v.channel, v.timestep)))

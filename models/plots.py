@@ -17,14 +17,14 @@ from models.detector import Detector
 def window_figure(detector: Detector, window: np.ndarray, out: str | Path, title: str = "") -> Path:
     """Save a PNG of one raw window ``[W, C]``: signal vs reconstruction per channel, then the error."""
     x = np.asarray(window, dtype="float32")[None]
-    recon = detector.reconstruct(x)[0]
-    scores = detector.score(x)
+    recon, scores = detector.reconstruct(x)
+    recon = recon[0]
     c = detector.channels
     fig, axes = plt.subplots(c + 1, 1, figsize=(10, 2.2 * (c + 1)), sharex=True, squeeze=False)
     t = np.arange(detector.window)
     for i in range(c):
         ax = axes[i, 0]
-        name = detector.channel_names[i] if i < len(detector.channel_names) else f"ch{i}"
+        name = detector.names[i]
         ax.plot(t, x[0, :, i], label=f"{name} (input)", color="tab:blue")
         ax.plot(t, recon[:, i], label="reconstruction", color="tab:orange", linestyle="--")
         ax.set_ylabel(name)

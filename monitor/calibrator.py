@@ -106,10 +106,11 @@ class _Stream:
 class Calibrator:
     """Thresholds of all registered streams and the recent errors they are calibrated on."""
 
-    def __init__(self, settings: CalibratorSettings = CalibratorSettings(),
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: CalibratorSettings = CalibratorSettings(), clock: Callable[[], float] = time.time,
+                 on_change: Callable[[str, ThresholdState | None], None] | None = None) -> None:
         self.settings = settings
         self._clock = clock
+        self._on_change = on_change or (lambda _stream, _state: None)  # every new state; None = forgotten
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
         self._rejected = 0
@@ -125,6 +126,7 @@ class Calibrator:
                 s = self.settings
                 self._streams[stream] = _Stream(state, deque(maxlen=s.window), deque(maxlen=s.drift.window),
                                                 deque([state], maxlen=s.history), max(1, thin))
+                self._on_change(stream, state)
             return self._streams[stream].state
 
     def threshold(self, stream: str) -> ThresholdState:
@@ -184,7 +186,7 @@ class Calibrator:
                 if (st is None or st.state is not old or st.pinned or st.frozen or (self.frozen_all and not commanded)
                         or abs(value - old.value) <= max(_MIN_CHANGE, self.settings.min_change) * old.value):
                     continue
-                changed[name] = (old, self._set(st, value, "calibrated", reason, samples, now_ms))
+                changed[name] = (old, self._set(name, st, value, "calibrated", reason, samples, now_ms))
         return changed
 
     def _proposal(self, old: ThresholdState, normal: np.ndarray, recent: np.ndarray, thin: int,
@@ -238,7 +240,7 @@ class Calibrator:
         return self._target(old, normal, quantile, commanded=True), recent
 
     # operator overrides -----------------------------------------------------------------------------
-    def _set(self, st: _Stream, value: float, source: str, reason: str, samples: int | None = None,
+    def _set(self, stream: str, st: _Stream, value: float, source: str, reason: str, samples: int | None = None,
              now_ms: int | None = None) -> ThresholdState:
         """A new version (call with the lock held)."""
         new = replace(st.state, value=float(value), source=source, reason=reason,
@@ -247,6 +249,7 @@ class Calibrator:
                       version=st.versions[-1].version + 1)
         st.state = new
         st.versions.append(new)
+        self._on_change(stream, new)
         return new
 
     def pin(self, stream: str, value: float, reason: str) -> ThresholdState:
@@ -255,7 +258,7 @@ class Calibrator:
         with self._lock:
             st = self._streams[stream]
             st.pinned = True
-            return self._set(st, value, "pinned", reason)
+            return self._set(stream, st, value, "pinned", reason)
 
     def unpin(self, stream: str, reason: str) -> ThresholdState:
         """Back to the value in force before the pin; calibration resumes from there."""
@@ -266,7 +269,7 @@ class Calibrator:
             st.pinned = False
             before = next((v for v in reversed(st.versions) if v.source != "pinned"), None)
             value, source = (before.value, before.source) if before else (st.state.artifact, "artifact")
-            return self._set(st, value, source, reason)
+            return self._set(stream, st, value, source, reason)
 
     def set_frozen(self, stream: str, frozen: bool) -> None:
         with self._lock:
@@ -279,7 +282,7 @@ class Calibrator:
             if target is None:
                 kept = [v.version for v in st.versions]
                 raise ValueError(f"stream {stream!r} has no version {version} (kept: {kept[0]}..{kept[-1]})")
-            return self._set(st, target.value, "rollback", f"{reason} (to v{version})".strip())
+            return self._set(stream, st, target.value, "rollback", f"{reason} (to v{version})".strip())
 
     def reset(self, stream: str, reason: str) -> ThresholdState:
         """Forget the stream's evidence and overrides; back to the artifact value, as a new version."""
@@ -287,7 +290,7 @@ class Calibrator:
             st = self._streams[stream]
             st.normal.clear(), st.recent.clear()
             st.pinned = st.frozen = False
-            return self._set(st, st.state.artifact, "artifact", reason, samples=0)
+            return self._set(stream, st, st.state.artifact, "artifact", reason, samples=0)
 
     def controls(self, stream: str) -> dict[str, bool]:
         with self._lock:
@@ -302,7 +305,8 @@ class Calibrator:
     def forget(self, stream: str) -> None:
         """Drop a stream (partition revoked); unknown streams are ignored."""
         with self._lock:
-            self._streams.pop(stream, None)
+            if self._streams.pop(stream, None) is not None:
+                self._on_change(stream, None)
 
     def streams(self) -> list[str]:
         with self._lock:
@@ -352,6 +356,7 @@ class Calibrator:
             st.pinned, st.frozen = pinned, frozen
             st.normal = deque(normal, maxlen=self.settings.window)
             st.recent = deque((x for x in recent if math.isfinite(x)), maxlen=self.settings.drift.window)
+            self._on_change(stream, st.state)
             return st.state
 
 

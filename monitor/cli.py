@@ -5,10 +5,9 @@ Every failure the user can cause ends in one line ``ErrorType: message`` on stde
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -16,6 +15,7 @@ from rich.console import Console
 from models.errors import TsmonError
 from monitor import __version__, logs
 from monitor.commands import bench_cmd, broker_cmd, ctl_cmd, demo_cmd, model_cmds, run_cmd, status_cmd
+from monitor.commands.render import emit_json
 
 app = typer.Typer(name="tsmon", help="Streaming time-series anomaly monitor.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -50,10 +50,6 @@ status_cmd.register(app)
 ctl_cmd.register(app)
 demo_cmd.register(app)
 bench_cmd.register(bench_app)
-
-
-def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=float) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -132,19 +132,21 @@ class KafkaConfig(_Section):
         """Keyword arguments of ``KafkaConsumer.subscribe``: the pattern if set, else the topics."""
         return {"pattern": self.topic_pattern} if self.topic_pattern else {"topics": list(self.topics)}
 
+    def client_kwargs(self) -> dict[str, Any]:
+        """What every kafka-python client needs: brokers, client id, security (admin and group-less readers)."""
+        return {"bootstrap_servers": list(self.bootstrap_servers), "client_id": self.client_id,
+                "request_timeout_ms": self.request_timeout_ms, **self._security_kwargs()}
+
     def consumer_kwargs(self) -> dict[str, Any]:
         """kafka-python ``KafkaConsumer`` settings; offsets are committed by the daemon, never automatically."""
-        keys = ("group_id", "client_id", "auto_offset_reset", "session_timeout_ms", "heartbeat_interval_ms",
-                "max_poll_interval_ms", "max_poll_records", "request_timeout_ms")
-        return {"bootstrap_servers": list(self.bootstrap_servers), **{k: getattr(self, k) for k in keys},
-                "enable_auto_commit": False, **self._security_kwargs()}
+        keys = ("group_id", "auto_offset_reset", "session_timeout_ms", "heartbeat_interval_ms",
+                "max_poll_interval_ms", "max_poll_records")
+        return {**self.client_kwargs(), **{k: getattr(self, k) for k in keys}, "enable_auto_commit": False}
 
     def producer_kwargs(self) -> dict[str, Any]:
         """kafka-python ``KafkaProducer`` settings for the alerts and dead-letter topics."""
         acks: str | int = "all" if self.producer_acks == "all" else int(self.producer_acks)
-        return {"bootstrap_servers": list(self.bootstrap_servers), "client_id": self.client_id, "acks": acks,
-                "enable_idempotence": self.enable_idempotence, "request_timeout_ms": self.request_timeout_ms,
-                "linger_ms": 5, **self._security_kwargs()}
+        return {**self.client_kwargs(), "acks": acks, "enable_idempotence": self.enable_idempotence, "linger_ms": 5}
 
     def _security_kwargs(self) -> dict[str, Any]:
         """Only the settings that apply to the protocol; the password is revealed here and nowhere else."""

@@ -21,14 +21,16 @@ import hmac
 import json
 import math
 import re
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from models.errors import ConfigError
+from monitor.alerts import iso
 
 COMMANDS = ("recalibrate", "pin", "unpin", "freeze", "unfreeze", "silence", "unsilence", "reset-stream",
             "feedback", "history", "rollback", "shadow")
@@ -65,7 +67,7 @@ def signature(doc: dict[str, Any], key: str) -> str:
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso(int(time.time() * 1000))
 
 
 def new_command(command: str, target: str, params: dict[str, Any], operator: str, reason: str,

@@ -24,6 +24,7 @@ from monitor.alerts import AlertSettings, AlertState, Observation
 from monitor.control import Command, Refused, Seen, ack, verify
 from monitor.processor import Processor
 from monitor.sink import json_message
+from monitor.topics import partition_reader
 
 log = logs.get("tsmon.control")
 GLOBAL_KEY = "__tsmon__"  # changelog key of daemon-wide state (global freeze, applied ids); no stream may use it
@@ -108,9 +109,7 @@ class Controller:
         for stream in streams:
             before = self._view(stream)
             change(stream)
-            after = self._view(stream)
-            self.p.metrics.set_threshold(stream, after["threshold"], after["source"])
-            effects.append({"stream": stream, "before": before, "after": after})
+            effects.append({"stream": stream, "before": before, "after": self._view(stream)})
         return streams, effects, {}
 
     def _why(self, cmd: Command) -> str:
@@ -124,12 +123,8 @@ class Controller:
         refused: dict[str, str] = {}
         changed = self.cal.recalibrate(names, q, commanded=True, refused=refused)
         self.p.metrics.calibrations.labels("refused").inc(len(refused))
-        effects = []
-        for s in changed:
-            after = self._view(s)
-            self.p.metrics.calibrations.labels("commanded").inc()
-            self.p.metrics.set_threshold(s, after["threshold"], after["source"])
-            effects.append({"stream": s, "before": before[s], "after": after})
+        self.p.metrics.calibrations.labels("commanded").inc(len(changed))
+        effects = [{"stream": s, "before": before[s], "after": self._view(s)} for s in changed]
         unchanged = [s for s in names if s not in changed and s not in refused]
         return list(changed), effects, {"refused": refused, "unchanged": unchanged}
 
@@ -241,17 +236,8 @@ class ControlSource:
     nobody acknowledged); at most the last batch before start may be read again, which the applied-id
     memory and the age limit make harmless."""
 
-    def __init__(self, consumer_kwargs: dict[str, Any], topic: str) -> None:
-        from kafka import KafkaConsumer, TopicPartition
-
-        kwargs = {k: v for k, v in consumer_kwargs.items() if k not in ("group_id", "max_poll_records")}
-        self._consumer = KafkaConsumer(**kwargs, group_id=None)
-        partitions = self._consumer.partitions_for_topic(topic) or {0}
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        self._consumer.assign(tps)
-        self._consumer.seek_to_end(*tps)
-        for tp in tps:
-            self._consumer.position(tp)  # resolve "end" now, not at the first poll after a command
+    def __init__(self, client: dict[str, Any], topic: str) -> None:
+        self._consumer, _ = partition_reader(client, topic, at_end=True)
 
     def poll(self) -> list[bytes | None]:
         batches = self._consumer.poll(timeout_ms=0)

@@ -15,6 +15,7 @@ from typing import Any
 from models.errors import BrokerError, ConfigError, TsmonError
 from monitor.config import Config
 from monitor.control import new_command
+from monitor.topics import partition_reader
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -34,24 +35,16 @@ def duration_s(text: str) -> float:
 def send(cfg: Config, command: str, target: str, params: dict[str, Any], operator: str, reason: str,
          timeout_s: float = 10.0, settle_s: float = 1.0) -> list[dict[str, Any]]:
     """Send one command and return the acknowledgements that arrived (possibly none)."""
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka import KafkaProducer
     from kafka.errors import KafkaError
 
     c = cfg.control
     if c.key is None:
         raise ConfigError("control.key is not set: give the daemons' key in TSMON_CONTROL__KEY or [control] key")
     doc = new_command(command, target, params, operator, reason, c.key.get_secret_value())
-    kwargs = {k: v for k, v in cfg.kafka.consumer_kwargs().items() if k not in ("group_id", "max_poll_records")}
+    # positioned before sending: the acknowledgement cannot come earlier than this
+    audit, _ = partition_reader(cfg.kafka.client_kwargs(), c.audit_topic, at_end=True)
     try:
-        audit = KafkaConsumer(**kwargs, group_id=None)
-    except KafkaError as exc:
-        raise BrokerError(f"cannot reach {cfg.kafka.bootstrap_servers}: {type(exc).__name__}: {exc}") from None
-    try:
-        tps = [TopicPartition(c.audit_topic, p) for p in sorted(audit.partitions_for_topic(c.audit_topic) or {0})]
-        audit.assign(tps)
-        audit.seek_to_end(*tps)
-        for tp in tps:
-            audit.position(tp)  # before sending: the acknowledgement cannot come earlier than this
         producer = KafkaProducer(**cfg.kafka.producer_kwargs())
         try:
             producer.send(c.topic, key=doc["command_id"].encode(), value=json.dumps(doc).encode()).get(timeout_s)

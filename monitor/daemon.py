@@ -4,7 +4,8 @@ A thin wiring layer. The loop is single-threaded (kafka-python's consumer is not
 handle → score due batches → operator commands every ``control.poll_interval_ms`` → snapshots when due
 → commit every ``commit_interval_ms``. The calibrator runs on an apscheduler thread behind its own lock;
 the snapshot job only raises a flag for the loop. The HTTP server reads immutable views the loop
-refreshes. State is restored from the changelog at start and whenever partitions are assigned.
+refreshes. State is restored from the changelog at the first assignment (commands wait for it) and at
+every later one.
 SIGTERM/SIGINT set a flag; the loop then scores what waits, publishes, snapshots, commits and closes,
 each step bounded by ``shutdown_timeout_s``; a second signal exits at once.
 """
@@ -29,7 +30,7 @@ from models.errors import SinkBackpressure, TsmonError
 from monitor import logs
 from monitor.alerts import AlertSettings
 from monitor.batcher import Batcher
-from monitor.calibrator import Calibrator, CalibratorSettings
+from monitor.calibrator import Calibrator, CalibratorSettings, ThresholdState
 from monitor.config import Config
 from monitor.controller import GLOBAL_KEY, Controller, ControlSource
 from monitor.drift import DriftSettings
@@ -101,7 +102,7 @@ class Daemon:
             # switch interval it waits behind the parsing thread (193k → 223k samples/s at 0.2 ms).
             sys.setswitchinterval(0.0002)
             backend = ThreadBackend(self.scorer)
-        self.calibrator = Calibrator(calibrator_settings(cfg, self.scorer))
+        self.calibrator = Calibrator(calibrator_settings(cfg, self.scorer), on_change=self._threshold_metric)
         self.stop_event = threading.Event()
         self.final_thresholds: dict[str, dict[str, Any]] = {}  # calibrator snapshot taken at shutdown
         self._started = time.monotonic()
@@ -117,7 +118,7 @@ class Daemon:
             self._ensure_topics()
         self.source = source or KafkaSource(k.consumer_kwargs(), list(k.topics), k.topic_pattern,
                                             self._on_revoke, self._on_assign)
-        self.control = ControlSource(k.consumer_kwargs(), c.topic) if self._kafka else None
+        self.control = ControlSource(k.client_kwargs(), c.topic) if self._kafka else None
         self._scheduler = BackgroundScheduler(daemon=True)
         self._scheduler.add_job(self.recalibrate, "interval", seconds=cfg.calibrator.interval_s,
                                 id="recalibrate", max_instances=1, coalesce=True)
@@ -127,6 +128,8 @@ class Daemon:
         self._beat = time.monotonic()  # the loop's last turn, for /healthz
         self._rows: list[dict[str, Any]] = []  # /streams, refreshed by the loop
         self._lag_labels: set[TP] = set()
+        # the changelog is read at the first assignment, then at every later one; commands wait for the first
+        self._restored = not (self._kafka and cfg.state.enabled)
         self._paused: set[TP] = set()  # partitions paused while the sink is behind
         self._backpressure: str | None = None
         self._ready: tuple[bool, str] = (False, "starting")
@@ -142,9 +145,10 @@ class Daemon:
 
     def _on_assign(self, tps: list[TP]) -> None:
         # Streams of these partitions start when their first record arrives; they continue from the
-        # changelog, which the previous owner wrote when the partitions were revoked from it.
+        # changelog, which the previous owner wrote when the partitions were revoked from it. The first
+        # assignment reads it in any case (daemon-wide state), before any command is polled.
         log.info("partitions_assigned", partitions=[f"{t}-{p}" for t, p in tps])
-        if tps:
+        if tps or not self._restored:
             try:
                 self.restore()
             except TsmonError as exc:  # raised here, it would come out of poll() and stop the loop
@@ -153,16 +157,17 @@ class Daemon:
     def _ensure_topics(self) -> None:
         k, c, st = self.cfg.kafka, self.cfg.control, self.cfg.state
         topics = {c.topic: 1, c.audit_topic: 1, **({st.topic: 1} if st.enabled else {})}
-        security = {key: v for key, v in k.consumer_kwargs().items() if key.startswith(("security", "sasl", "ssl"))}
-        ensure_topics(list(k.bootstrap_servers), topics, {st.topic: {"cleanup.policy": "compact"}}, **security)
+        client = k.client_kwargs()
+        ensure_topics(client.pop("bootstrap_servers"), topics, {st.topic: {"cleanup.policy": "compact"}}, **client)
 
     def restore(self) -> None:
         """Read the changelog: documents of streams not started yet wait in the processor."""
         st = self.cfg.state
         if not (self._kafka and st.enabled):
             return
+        self._restored = True
         self.processor.restored = {}  # never continue from documents read at an earlier assignment
-        log_ = read_changelog(self.cfg.kafka.consumer_kwargs(), st.topic, st.restore_timeout_s)
+        log_ = read_changelog(self.cfg.kafka.client_kwargs(), st.topic, st.restore_timeout_s)
         daemon_doc = log_.docs.pop(GLOBAL_KEY, None)
         if daemon_doc is not None:
             self.controller.restore_global(daemon_doc)
@@ -176,7 +181,6 @@ class Daemon:
         refused: dict[str, str] = {}
         changed = self.calibrator.recalibrate(refused=refused)
         for stream, (old, new) in changed.items():
-            self.metrics.set_threshold(stream, new.value, new.source)
             outcome = "new_normal" if new.reason.startswith("new normal") else "changed"
             self.metrics.calibrations.labels(outcome).inc()
             log.info("threshold_changed", stream=stream, old=round(old.value, 6), new=round(new.value, 6),
@@ -185,6 +189,13 @@ class Daemon:
             self.metrics.calibrations.labels("refused").inc()
             log.warning("threshold_raise_refused", stream=stream, reason=reason,
                         threshold=round(self.calibrator.threshold(stream).value, 6))
+
+    def _threshold_metric(self, stream: str, state: ThresholdState | None) -> None:
+        """Keeps ``tsmon_threshold`` equal to the calibrator's state, whatever changed it."""
+        if state is None:
+            self.metrics.forget_threshold(stream)
+        else:
+            self.metrics.set_threshold(stream, state.value, state.source)
 
     def _health(self) -> tuple[bool, str]:
         age = time.monotonic() - self._beat
@@ -232,7 +243,6 @@ class Daemon:
         try:  # whatever fails from here on, _shutdown closes what was opened
             if self.http is not None:
                 self.http.start()
-            self.restore()
             self._scheduler.start()
             while not self.stop_event.is_set() and not (until and until()):
                 self._beat = time.monotonic()
@@ -242,7 +252,8 @@ class Daemon:
                     timeout = min(timeout, 5)
                 self.processor.handle(self.source.poll(max(timeout, 0)))
                 self.processor.score_ready()  # memory stays bounded: at most max_inflight batches wait
-                if self.control is not None and time.monotonic() - last_control >= self.cfg.control.poll_interval_ms / 1000:
+                if (self.control is not None and self._restored
+                        and time.monotonic() - last_control >= self.cfg.control.poll_interval_ms / 1000):
                     last_control = time.monotonic()
                     for raw in self.control.poll():
                         self.controller.handle(raw)

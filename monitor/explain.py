@@ -30,11 +30,8 @@ def for_window(detector: Detector, values: np.ndarray, threshold: float, start_t
                max_points: int = 256) -> dict[str, Any]:
     """The ``explain`` payload of one raw window ``[W, C]`` scored by ``detector`` against ``threshold``."""
     x = np.asarray(values, dtype="float32")[None]
-    scores = detector.score(x)
-    recon = detector.reconstruct(x)[0]
-    names = [detector.channel_names[i] if i < len(detector.channel_names) else f"ch{i}"
-             for i in range(detector.channels)]
-    return payload(x[0], recon, scores.timestep[0], scores.channel[0], names, threshold,
+    recon, scores = detector.reconstruct(x)
+    return payload(x[0], recon[0], scores.timestep[0], scores.channel[0], detector.names, threshold,
                    float(scores.window[0]), start_ts, end_ts, max_points)
 
 

@@ -105,15 +105,15 @@ class Processor:
             self._append(stream, items)
 
     def _route(self, block: SampleBlock) -> BadRecord | None:
-        if block.stream.startswith(RESERVED_PREFIX):
-            return BadRecord("reserved_stream", f"stream ids starting with {RESERVED_PREFIX!r} are tsmon's own")
         served = self.scorer.route(block.stream)
         if served is None:
             return BadRecord("no_model", f"no [[models]] pattern matches stream {block.stream[:64]!r}")
         if block.channels != served.channels:
             return BadRecord("channel_mismatch", f"model {served.name} takes {served.channels} channel(s), "
                                                  f"the message has {block.channels}")
-        if block.stream not in self.streams:
+        if block.stream not in self.streams:  # checks for a new stream only, not on every message
+            if block.stream.startswith(RESERVED_PREFIX):
+                return BadRecord("reserved_stream", f"stream ids starting with {RESERVED_PREFIX!r} are tsmon's own")
             if len(self.streams) >= self.settings.max_streams:
                 return BadRecord("too_many_streams", f"{len(self.streams)} streams held (limits.max_streams); "
                                                      "idle ones are evicted after limits.idle_evict_s")
@@ -165,7 +165,6 @@ class Processor:
                  restored=restored)
         self.streams[stream] = st
         self.metrics.streams.set(len(self.streams))
-        self.metrics.set_threshold(stream, state.value, state.source)
         return st
 
     def _restore(self, stream: str, st: StreamState) -> str | None:
@@ -323,13 +322,8 @@ class Processor:
         ep = st.alerts.episode
         if ep is not None and ep.fired is not None:  # never leave a page open that nothing will resolve
             self.publish_alert(stream, st, Transition("resolved", ep), reset=True)
-        st.alerts = AlertState(stream, st.served.name, self.settings.alerts)
-        st.windows.restart()
-        st.recent_alerts.clear()
-        st.feedback = {"confirmed": 0, "false_positive": 0}
-        st.silenced_until_ms = 0
-        state = self.calibrator.reset(stream, reason)
-        self.metrics.set_threshold(stream, state.value, state.source)
+        st.reset(AlertState(stream, st.served.name, self.settings.alerts))
+        self.calibrator.reset(stream, reason)
         self._release(stream, st)
         self.save(stream)
 
@@ -379,7 +373,6 @@ class Processor:
     def _drop(self, stream: str) -> None:
         self.streams.pop(stream, None)
         self.calibrator.forget(stream)
-        self.metrics.forget_threshold(stream)
         self.metrics.streams.set(len(self.streams))
 
     def status_rows(self, lags: dict[TP, int]) -> list[dict[str, Any]]:

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from models.errors import BrokerError
 from monitor import logs
+from monitor.topics import partition_reader
 
 log = logs.get("tsmon.state")
 
@@ -27,25 +27,15 @@ class Changelog:
     complete: bool  # read to the end within the time limit
 
 
-def read_changelog(consumer_kwargs: dict[str, Any], topic: str, timeout_s: float) -> Changelog:
+def read_changelog(client: dict[str, Any], topic: str, timeout_s: float) -> Changelog:
     """Every partition of ``topic`` from the beginning to its end, without a consumer group."""
-    from kafka import KafkaConsumer, TopicPartition
-    from kafka.errors import KafkaError
-
     t0 = time.monotonic()
-    kwargs = {k: v for k, v in consumer_kwargs.items() if k != "group_id"}
-    try:
-        consumer = KafkaConsumer(**kwargs, group_id=None)
-    except KafkaError as exc:
-        raise BrokerError(f"cannot read state topic {topic}: {exc}") from None
+    consumer, tps = partition_reader(client, topic, at_end=False, if_missing=())
     docs: dict[str, dict[str, Any]] = {}
     records, complete = 0, False
     try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         if not tps:
             return Changelog({}, 0, time.monotonic() - t0, True)
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
         end = consumer.end_offsets(tps)  # may be low on brokers that misreport it: read until quiet too
         while time.monotonic() - t0 < timeout_s:
             batches = consumer.poll(timeout_ms=200)

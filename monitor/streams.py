@@ -20,6 +20,7 @@ from monitor.scorer import Served
 from monitor.windows import StreamWindows
 
 DOC_VERSION = 1
+NO_FEEDBACK = {"confirmed": 0, "false_positive": 0}
 
 
 @dataclass
@@ -46,7 +47,7 @@ class StreamState:
     applied_until_ts: int = -1  # restored state already includes windows ending at or before this
     silenced_until_ms: int = 0  # epoch ms; alerts are recorded as silenced, not published as firing
     recent_alerts: deque[RecentAlert] = field(default_factory=lambda: deque(maxlen=20))
-    feedback: dict[str, int] = field(default_factory=lambda: {"confirmed": 0, "false_positive": 0})
+    feedback: dict[str, int] = field(default_factory=lambda: dict(NO_FEEDBACK))
     dirty: bool = True  # changed since its last snapshot
     last_seen: float = 0.0  # monotonic time of its last record (idle eviction)
 
@@ -55,6 +56,14 @@ class StreamState:
         """Live precision estimate from on-call verdicts (None before the first one)."""
         n = self.feedback["confirmed"] + self.feedback["false_positive"]
         return self.feedback["confirmed"] / n if n else None
+
+    def reset(self, alerts: AlertState) -> None:
+        """Forget windows, alert state, feedback and silence (an operator's reset); sample numbers go on."""
+        self.alerts = alerts
+        self.windows.restart()
+        self.recent_alerts.clear()
+        self.feedback = dict(NO_FEEDBACK)
+        self.silenced_until_ms = 0
 
     def remember(self, alert_id: str, scores: list[float]) -> None:
         if not any(a.alert_id == alert_id for a in self.recent_alerts):
@@ -76,7 +85,7 @@ class StreamState:
         if doc.get("v") != DOC_VERSION:
             raise ValueError(f"unknown state document version {doc.get('v')!r}")
         silenced = int(doc["silenced_until_ms"])
-        feedback = {k: int(doc["feedback"][k]) for k in ("confirmed", "false_positive")}
+        feedback = {k: int(doc["feedback"][k]) for k in NO_FEEDBACK}
         if doc["model"] != self.served.describe():
             self.silenced_until_ms, self.feedback = silenced, feedback
             return "controls"

@@ -21,7 +21,7 @@ def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: d
     from kafka.errors import KafkaError, TopicAlreadyExistsError
 
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000, **client)
+        admin = KafkaAdminClient(**{"request_timeout_ms": 10_000, **client}, bootstrap_servers=bootstrap)
     except KafkaError as exc:
         raise BrokerError(f"cannot reach {bootstrap}: {exc}") from None
     try:
@@ -34,6 +34,32 @@ def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: d
         pass
     finally:
         admin.close()
+
+
+def partition_reader(client: dict[str, Any], topic: str, at_end: bool,
+                     if_missing: tuple[int, ...] = (0,)) -> tuple[Any, list[Any]]:
+    """A consumer without a group, assigned every partition of ``topic`` (``if_missing`` while the topic is
+    unknown) at its beginning or its end, the position resolved now: from then on nothing is missed.
+
+    ``client``: :meth:`KafkaConfig.client_kwargs`. Returns the consumer and its partitions.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
+
+    try:
+        consumer = KafkaConsumer(**client, group_id=None, enable_auto_commit=False)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot reach {client.get('bootstrap_servers')}: {type(exc).__name__}: {exc}") from None
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or if_missing)]
+        consumer.assign(tps)
+        (consumer.seek_to_end if at_end else consumer.seek_to_beginning)(*tps)
+        for tp in tps:
+            consumer.position(tp)
+    except BaseException:
+        consumer.close()
+        raise
+    return consumer, tps
 
 
 class TopicReader:

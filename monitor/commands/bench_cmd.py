@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.table import Table
 
 from models import artifact
 from models.benchmark import bench_scorer
@@ -19,7 +16,7 @@ from models.registry import DEFAULT_KIND, KINDS, build
 from models.scaling import Scaler
 from models.train import resolve_device
 from monitor.commands.model_cmds import parse_params
-from monitor.commands.render import bench_table, stdout
+from monitor.commands.render import bench_table, emit_json, stdout, value_table
 
 
 def _untrained(kind: str, window: int, channels: int, params: dict[str, Any]) -> Detector:
@@ -51,7 +48,7 @@ def scorer(
         dets = [_untrained(k, window, channels, parse_params(param)).to(dev) for k in kinds]
     results = [bench_scorer(d, batch_size, seconds) for d in dets]
     if as_json:
-        sys.stdout.write(json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n")
+        emit_json(results[0] if len(results) == 1 else results)
         return
     for r in results:
         stdout.print(bench_table(r))
@@ -74,18 +71,15 @@ def pipeline(
         raise DataError("need streams >= 1, chunk >= 1, max_batch >= 1 and samples >= streams × chunk")
     r = bench_pipeline(str(model), streams, samples, chunk, max_batch, device)
     if as_json:
-        sys.stdout.write(json.dumps(r, indent=2) + "\n")
+        emit_json(r)
         return
-    t = Table(title=f"tsmon bench pipeline — {r['samples']:,} samples, {r['messages']:,} messages, {r['device']}",
-              title_justify="left")
-    t.add_column("stage")
-    t.add_column("samples/s", justify="right")
-    t.add_row("consume + parse (kafka-python)", f"{r['consume_samples_per_s']:,}")
-    t.add_row(f"scorer alone ({r['scoring_threads']} thread(s), as in the daemon)", f"{r['scorer_samples_per_s']:,}")
-    t.add_row(f"scorer alone ({r['all_cores']} threads)", f"{r['scorer_all_cores_samples_per_s']:,}")
-    t.add_row("pipeline broker → alerts", f"{r['pipeline_samples_per_s']:,}")
-    t.add_row("ratio = pipeline / min(consume, scorer)", f"{r['ratio']:.3f}")
-    t.add_row("ratio against the all-cores scorer", f"{r['ratio_vs_all_cores_scorer']:.3f}")
+    t = value_table(f"tsmon bench pipeline — {r['samples']:,} samples, {r['messages']:,} messages, {r['device']}", [
+        ("consume + parse (kafka-python)", f"{r['consume_samples_per_s']:,}"),
+        (f"scorer alone ({r['scoring_threads']} thread(s), as in the daemon)", f"{r['scorer_samples_per_s']:,}"),
+        (f"scorer alone ({r['all_cores']} threads)", f"{r['scorer_all_cores_samples_per_s']:,}"),
+        ("pipeline broker → alerts", f"{r['pipeline_samples_per_s']:,}"),
+        ("ratio = pipeline / min(consume, scorer)", f"{r['ratio']:.3f}"),
+        ("ratio against the all-cores scorer", f"{r['ratio_vs_all_cores_scorer']:.3f}")], ("stage", "samples/s"))
     stdout.print(t)
     for w in r["warnings"]:
         stdout.print(f"[yellow]warning:[/] {w}")
@@ -106,15 +100,12 @@ def soak(
         raise DataError("need --seconds > 0, --streams >= 1 and --rate > 0")
     r = bench_soak(str(model), seconds, streams, rate)
     if as_json:
-        sys.stdout.write(json.dumps(r, indent=2) + "\n")
+        emit_json(r)
         return
-    t = Table(title=f"tsmon bench soak — {r['seconds']} s, {streams} streams × {rate:g} samples/s",
-              title_justify="left")
-    t.add_column("measure")
-    t.add_column("value", justify="right")
-    for key in ("rss_start_mb", "rss_end_mb", "rss_max_mb", "drift_pct", "flat", "samples_sent", "samples_scored",
-                "warmup_s"):
-        t.add_row(key, str(r[key]))
+    keys = ("rss_start_mb", "rss_end_mb", "rss_max_mb", "drift_pct", "flat", "samples_sent", "samples_scored",
+            "warmup_s")
+    t = value_table(f"tsmon bench soak — {r['seconds']} s, {streams} streams × {rate:g} samples/s",
+                    [(k, r[k]) for k in keys])
     stdout.print(t)
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import getpass
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,7 +11,7 @@ from rich.table import Table
 
 from models.errors import ConfigError
 from monitor import ctl
-from monitor.commands.render import stdout
+from monitor.commands.render import emit_json, stdout
 from monitor.config import load_config
 
 app = typer.Typer(help="Operator commands to running daemons: signed with control.key, acknowledged, audited.",
@@ -44,7 +42,7 @@ def _run(command: str, target: str, params: dict[str, Any], config: Path | None,
     cfg = load_config(config)
     acks = ctl.send(cfg, command, target, params, operator or getpass.getuser(), reason, timeout)
     if as_json:
-        sys.stdout.write(json.dumps(acks, indent=2, default=str) + "\n")
+        emit_json(acks)
     else:
         _show(acks)
     ctl.verdict(command, target, acks, timeout)

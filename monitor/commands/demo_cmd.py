@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +18,7 @@ from models.workflow import DataSpec
 from monitor import logs
 from monitor.alerts import iso
 from monitor.commands.model_cmds import run_training
-from monitor.commands.render import console, stdout
+from monitor.commands.render import console, emit_json, stdout, value_table
 from monitor.demo import DemoOptions, DemoProgress, run_demo
 
 log = logs.get("tsmon.demo")
@@ -86,15 +84,12 @@ def demo(
         with Live(LiveView(progress), console=console, refresh_per_second=4):
             summary = run_demo(str(model), opts, progress)
     if as_json:
-        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        emit_json(summary)
     else:
         _print_summary(summary)
 
 
 def _print_summary(s: dict[str, Any]) -> None:
-    t = Table(title="tsmon demo", title_justify="left")
-    t.add_column("measure")
-    t.add_column("value", justify="right")
     rows = [("streams", s["streams"]), ("samples", f"{s['samples']:,}"), ("windows scored", f"{s['windows_scored']:,}"),
             ("anomaly rate (beats)", s["anomaly_rate"]), ("labelled anomalies (episodes)", s["labelled_anomalies"]),
             ("alerts", s["alerts"]), ("detected", s["detected"]), ("precision", s["precision"]),
@@ -102,9 +97,7 @@ def _print_summary(s: dict[str, Any]) -> None:
             ("mean delay (samples)", s["mean_delay_samples"]),
             ("flapping alerts", s["flapping"]), ("dead letters", s["dead_letters"]),
             ("data-quality events", s["data_quality_events"]), ("seconds", s["seconds"])]
-    for k, v in rows:
-        t.add_row(k, str(v))
-    stdout.print(t)
+    stdout.print(value_table("tsmon demo", rows))
     pairs = sorted(s["thresholds"].items())
     stdout.print("thresholds: " + ", ".join(f"{k} {v['value']} ({v['source']})" for k, v in pairs))
     if s.get("picture"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,7 +18,7 @@ from models.registry import DEFAULT_KIND, KINDS, config_for, train_defaults
 from models.train import TrainConfig
 from models.workflow import DataSpec, evaluate, load_dataset, spec_for_eval, train_detector
 from monitor import logs
-from monitor.commands.render import epoch_progress, eval_table, stdout
+from monitor.commands.render import emit_json, epoch_progress, eval_table, stdout
 
 log = logs.get("tsmon.cli")
 
@@ -113,7 +112,7 @@ def eval_(
     ds = load_dataset(spec_for_eval(det.meta, data, protocol))
     result = evaluate(det, ds)
     if as_json:
-        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        emit_json(result)
     else:
         stdout.print(eval_table(result, f"{det.kind} on {ds.name} ({ds.summary.get('protocol', 'chronological split')}, "
                                         f"{result['test_windows']} test windows, {result['test_anomalies']} anomalous)"))

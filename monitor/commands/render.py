@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -14,6 +17,27 @@ from models.train import EpochStats
 
 console = Console(stderr=True)
 stdout = Console()
+
+
+
+def emit_json(obj: Any) -> None:
+    """``--json`` output of every command: one indented document on stdout (numpy scalars as numbers)."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+
+def value_table(title: str, rows: list[tuple[str, Any]], head: tuple[str, str] = ("measure", "value")) -> Table:
+    """A two-column table of labelled figures, numbers right-aligned (bench and demo summaries)."""
+    t = Table(title=title, title_justify="left")
+    t.add_column(head[0])
+    t.add_column(head[1], justify="right")
+    for label, value in rows:
+        t.add_row(label, str(value))
+    return t
+
+
+def _jsonable(o: Any) -> Any:
+    return o.item() if isinstance(o, np.generic) else str(o)
+
 
 ROWS = [("ROC-AUC", "roc_auc"), ("PR-AUC", "pr_auc"), ("accuracy", "accuracy"),
         ("balanced accuracy", "balanced_accuracy"), ("precision", "precision"), ("recall", "recall"),

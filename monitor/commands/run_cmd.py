@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,6 +12,7 @@ import typer
 from models.data import read_series
 from models.errors import BrokerError, ConfigError
 from monitor import logs
+from monitor.commands.render import emit_json
 from monitor.config import load_config
 from monitor.replay import replay as replay_series
 from monitor.replay import timestamps
@@ -103,7 +103,7 @@ def config_check(
     for route in cfg.require_models():
         if not (Path(route.path) / "manifest.json").is_file():
             raise ConfigError(f"models: no artifact at {route.path} (pattern {route.pattern!r})")
-    sys.stdout.write(json.dumps(cfg.redacted(), indent=2) + "\n")
+    emit_json(cfg.redacted())
 
 
 def register(app: typer.Typer) -> None:

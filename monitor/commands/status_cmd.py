@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
@@ -16,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from models.errors import TsmonError
-from monitor.commands.render import stdout
+from monitor.commands.render import emit_json, stdout
 from monitor.config import load_config
 
 TIMEOUT_S = 5.0
@@ -37,7 +36,7 @@ def status(
         url = f"http://{http.host}:{http.port}"
     rows = fetch_streams(url)
     if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+        emit_json(rows)
     elif not rows:
         stdout.print("no streams yet")
     else:
