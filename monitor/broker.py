@@ -71,6 +71,8 @@ class LocalBroker:
         self.log_file = Path(log_file) if log_file else None
         self.proc: subprocess.Popen[bytes] | None = None
         self.store: subprocess.Popen[bytes] | None = None
+        self._env: dict[str, str] = {}
+        self._storage: str | None = None  # set by start(): what restart() starts again
 
     @property
     def bootstrap(self) -> str:
@@ -92,20 +94,36 @@ class LocalBroker:
 
     def start(self, timeout: float = 15.0) -> str:
         """Start the broker; returns its bootstrap address once it accepts connections."""
+        self._refuse_taken_port()
+        self._env = dict(os.environ)
+        self._storage = self._start_store(self._env) if self.data_dir else "memory://tansu/"
+        self._launch(timeout)
+        return self.bootstrap
+
+    def restart(self, timeout: float = 15.0) -> str:
+        """SIGKILL the broker if it runs and start it again on the same port and storage (the store keeps running)."""
+        if self._storage is None:
+            raise BrokerError("restart() needs a broker that was started")
+        self.kill()
+        self._refuse_taken_port()
+        self._launch(timeout)
+        return self.bootstrap
+
+    def _refuse_taken_port(self) -> None:
         with socket.socket() as probe:  # refuse a taken port rather than report someone else's as ours
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "taken"
             try:
                 probe.bind((self.host, self.port))
             except OSError:
                 raise BrokerError(f"port {self.port} on {self.host} is in use") from None
-        env = dict(os.environ)
-        storage = self._start_store(env) if self.data_dir else "memory://tansu/"
+
+    def _launch(self, timeout: float) -> None:
         url = f"tcp://{self.host}:{self.port}"
         cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-               "--storage-engine", storage]
+               "--storage-engine", str(self._storage)]
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(cmd, env=self._env, stdout=log, stderr=log)
         finally:
             if self.log_file:
                 log.close()  # type: ignore[union-attr]
@@ -114,7 +132,6 @@ class LocalBroker:
         except BrokerError:
             self.stop()
             raise
-        return self.bootstrap
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the broker and its store, by PID: SIGTERM, then SIGKILL after ``timeout``."""
@@ -127,7 +144,7 @@ class LocalBroker:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout)
-        self.proc = self.store = None
+        self.proc = self.store = self._storage = None
 
     def kill(self) -> None:
         """SIGKILL the broker only (fault tests); the store keeps running."""

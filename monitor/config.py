@@ -75,6 +75,8 @@ class KafkaConfig(_Section):
     max_poll_records: int = Field(500, ge=1, description="records one poll returns at most")
     request_timeout_ms: int = Field(30_000, gt=500, lt=540_000,
                                     description="kafka-python needs fetch_max_wait_ms (500) < it < 540000")
+    reconnect_backoff_max_ms: int = Field(10_000, ge=50, description="reconnects to a lost broker back off "
+                                                                       "exponentially from 50 ms up to this")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = Field(
         None, description="required by the SASL_* protocols")
@@ -135,7 +137,8 @@ class KafkaConfig(_Section):
     def client_kwargs(self) -> dict[str, Any]:
         """What every kafka-python client needs: brokers, client id, security (admin and group-less readers)."""
         return {"bootstrap_servers": list(self.bootstrap_servers), "client_id": self.client_id,
-                "request_timeout_ms": self.request_timeout_ms, **self._security_kwargs()}
+                "request_timeout_ms": self.request_timeout_ms, "reconnect_backoff_ms": 50,
+                "reconnect_backoff_max_ms": self.reconnect_backoff_max_ms, **self._security_kwargs()}
 
     def consumer_kwargs(self) -> dict[str, Any]:
         """kafka-python ``KafkaConsumer`` settings; offsets are committed by the daemon, never automatically."""
@@ -146,7 +149,9 @@ class KafkaConfig(_Section):
     def producer_kwargs(self) -> dict[str, Any]:
         """kafka-python ``KafkaProducer`` settings for the alerts and dead-letter topics."""
         acks: str | int = "all" if self.producer_acks == "all" else int(self.producer_acks)
-        return {**self.client_kwargs(), "acks": acks, "enable_idempotence": self.enable_idempotence, "linger_ms": 5}
+        # max_block_ms: send() waits at most this for metadata or buffer room; the sink keeps what it refuses
+        return {**self.client_kwargs(), "acks": acks, "enable_idempotence": self.enable_idempotence, "linger_ms": 5,
+                "max_block_ms": 2000}
 
     def _security_kwargs(self) -> dict[str, Any]:
         """Only the settings that apply to the protocol; the password is revealed here and nowhere else."""
@@ -258,7 +263,11 @@ class LimitsConfig(_Section):
 class DaemonConfig(_Section):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     commit_interval_ms: float = Field(1000.0, gt=0, description="how often finished offsets are committed")
-    shutdown_timeout_s: float = Field(10.0, gt=0, description="grace period to drain on SIGTERM")
+    shutdown_timeout_s: float = Field(10.0, gt=0, description="SIGTERM to exit, at most (drain, commit, close)")
+    sink_timeout_s: float = Field(5.0, gt=0, description="longest wait for the broker to acknowledge output "
+                                                         "before input pauses")
+    retry_max_s: float = Field(10.0, gt=0, description="longest wait between commit retries while the broker "
+                                                       "or the sink fails")
     poll_timeout_ms: int = Field(100, ge=1, description="longest one poll blocks")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for scoring; none = cores − 1 (≥ 1)")
     scoring: Literal["auto", "thread", "process"] = Field(
@@ -486,6 +495,7 @@ heartbeat_interval_ms = 1000             # below session_timeout_ms, best at mos
 max_poll_interval_ms = 300000            # longest gap between polls before a rebalance
 max_poll_records = 500
 request_timeout_ms = 30000               # kafka-python needs 500 < request_timeout_ms < 540000
+reconnect_backoff_max_ms = 10000         # reconnects to a lost broker back off from 50 ms up to this
 security_protocol = "PLAINTEXT"          # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
 # sasl_mechanism = "SCRAM-SHA-512"       # example: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER
 # sasl_username = "tsmon"                # example: PLAIN and SCRAM need a username and password;
@@ -548,7 +558,9 @@ idle_evict_s = 3600.0                    # a stream silent this long is snapshot
 [daemon]
 device = "auto"                          # auto, cpu, cuda or cuda:N
 commit_interval_ms = 1000.0              # how often finished offsets are committed
-shutdown_timeout_s = 10.0                # grace period to drain on SIGTERM
+shutdown_timeout_s = 10.0                # SIGTERM to exit, at most: score, publish, commit, close
+sink_timeout_s = 5.0                     # output not acknowledged within this: input pauses, retried later
+retry_max_s = 10.0                       # retries while the broker or sink fails back off up to this
 poll_timeout_ms = 100                    # longest one poll blocks
 # torch_threads = 3                      # CPU scoring threads; default: cores − 1, leaving one to consume
 scoring = "auto"                         # auto, thread or process (auto: process on CPU, thread on CUDA)

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from models.detector import DEFAULT_QUANTILE
-from models.errors import SinkBackpressure, TsmonError
+from models.errors import BrokerError, SinkBackpressure, TsmonError
 from monitor import logs
 from monitor.alerts import AlertSettings
 from monitor.batcher import Batcher
@@ -76,7 +77,7 @@ def processor_settings(cfg: Config) -> Settings:
                     AlertSettings(a.for_windows, a.resolve_after, a.flap_period_ms, a.flap_max, a.major_ratio,
                                   a.critical_ratio),
                     q.flatline_rel_std, q.rate_tolerance, q.cooldown_ms, a.max_hold_windows, cfg.limits.to_limits(),
-                    cfg.daemon.shutdown_timeout_s, state_topic=cfg.state.topic if cfg.state.enabled else None,
+                    cfg.daemon.sink_timeout_s, state_topic=cfg.state.topic if cfg.state.enabled else None,
                     recent_alerts=cfg.state.recent_alerts, max_streams=cfg.limits.max_streams,
                     idle_evict_s=cfg.limits.idle_evict_s)
 
@@ -130,8 +131,9 @@ class Daemon:
         self._lag_labels: set[TP] = set()
         # the changelog is read at the first assignment, then at every later one; commands wait for the first
         self._restored = not (self._kafka and cfg.state.enabled)
-        self._paused: set[TP] = set()  # partitions paused while the sink is behind
-        self._backpressure: str | None = None
+        self._paused: set[TP] = set()  # partitions paused while the sink or the broker fails
+        self._problem: str | None = None  # why the last commit attempt failed; /readyz reports it
+        self._retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
         self._ready: tuple[bool, str] = (False, "starting")
         h = cfg.http
         self.http = HealthServer(h.host, h.port, self.metrics.registry, self._health, lambda: self._ready,
@@ -213,8 +215,8 @@ class Daemon:
         self._lag_labels = set(lags)
         if self.http is not None:  # one row per stream: only built for someone who can read it
             self._rows = self.processor.status_rows(lags)
-        if self._backpressure:
-            self._ready = (False, self._backpressure)
+        if self._problem:
+            self._ready = (False, self._problem)
         else:
             self._ready = (True, f"{len(assigned)} partition(s) assigned") if assigned else (False, "no partition assigned")
 
@@ -270,44 +272,79 @@ class Daemon:
         return self.metrics.snapshot()
 
     def _commit(self) -> None:
-        """Commit; while the sink cannot acknowledge, pause the input instead of buffering without bound."""
-        try:
-            self.processor.commit(self.source)
-        except SinkBackpressure as exc:  # nothing committed; input is replayed if we die now
-            tps = self.source.assignment() - self._paused
-            if tps:
-                self.source.pause(tps)
-                self._paused |= tps
-                self.metrics.paused.set(1)
-            self._backpressure = f"sink back-pressure: {exc}"
-            log.warning("input_paused", error=str(exc), partitions=len(self._paused), retry_after=exc.retry_after)
+        """Commit; while the broker or the sink fails, pause the input and retry with backoff.
+
+        Nothing is buffered without bound and nothing is dropped: what was scored waits in the sink (or is
+        replayed from the last commit if we die), and no new input is fetched until a commit succeeds.
+        """
+        now = time.monotonic()
+        if not self._retry.due(now):
             return
+        try:
+            problem = self.source.broker_problem()
+            if problem is not None:  # a commit now would only block the loop until it timed out
+                raise BrokerError(problem)
+            self.processor.commit(self.source)
+        except SinkBackpressure as exc:
+            self._failing("sink", f"sink back-pressure: {exc}", now)
+            return
+        except BrokerError as exc:
+            self._failing("broker", f"broker unavailable: {exc}", now)
+            return
+        self.metrics.broker_up.set(1)
         if self._paused:
             self.source.resume(self._paused)
-            log.info("input_resumed", partitions=len(self._paused))
-            self._paused = set()
-        if self._backpressure:
+        if self._problem is not None:
+            log.info("input_resumed", partitions=len(self._paused), after_s=round(now - (self._retry.since or now), 1),
+                     retries=self._retry.failures)
             self.metrics.paused.set(0)
-            self._backpressure = None
+        self._paused, self._problem = set(), None
+        self._retry.succeeded()
+
+    def _failing(self, cause: str, problem: str, now: float) -> None:
+        tps = self.source.assignment() - self._paused
+        if tps:
+            self.source.pause(tps)
+            self._paused |= tps
+        first = self._problem is None
+        self._problem = problem
+        self.metrics.paused.set(1)
+        self.metrics.retries.labels(cause).inc()
+        if cause == "broker":
+            self.metrics.broker_up.set(0)
+        delay = self._retry.failed(now)
+        (log.warning if first else log.info)("input_paused" if first else "commit_retry_failed", cause=cause,
+                                             error=problem, partitions=len(self._paused), retry_in_s=round(delay, 2))
 
     def _shutdown(self) -> None:
+        """Score, publish, snapshot, commit and close, all within ``shutdown_timeout_s``."""
         t0 = time.monotonic()
+        end = t0 + self.cfg.daemon.shutdown_timeout_s
+        self.processor.deadline = end  # commits asked for while closing (the revoke) share the budget
+
+        def left(share: float = 1.0) -> float:
+            return max(0.05, (end - time.monotonic()) * share)
+
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
         self._ready = (False, "stopping")
         try:
             self.processor.score_ready(force=True)
             self.processor.save_changed(every=True)
-            self.processor.commit(self.source)
-        except SinkBackpressure as exc:
-            log.error("final_commit_failed", error=str(exc))
+            problem = self.source.broker_problem()
+            if problem is not None:
+                raise BrokerError(problem)
+            self.processor.commit(self.source, timeout_s=left(0.3))
+        except (SinkBackpressure, BrokerError) as exc:
+            log.error("final_commit_failed", error=str(exc),
+                      consequence="input since the last commit is replayed at the next start")
         finally:
             self.final_thresholds = self.calibrator.snapshot()  # before close() revokes and forgets streams
-            self.source.close()  # leaving the group revokes: nothing waits by now, the sink is still open
+            self.source.close(left(0.5))  # leaving the group revokes: nothing waits by now, the sink is still open
             if self.control is not None:
                 self.control.close()
             try:
-                self.sink.close(self.cfg.daemon.shutdown_timeout_s)
+                self.sink.close(left())
             except SinkBackpressure as exc:
                 log.error("sink_close_failed", error=str(exc))
             self.processor.close()
@@ -315,6 +352,32 @@ class Daemon:
                 self.http.close()
         log.info("daemon_stopped", uptime_s=round(time.monotonic() - self._started, 1),
                  shutdown_s=round(time.monotonic() - t0, 3), **_summary(self.metrics))
+
+
+@dataclass
+class Backoff:
+    """When to retry a failing step: after ``first`` s, then twice as long each time up to ``cap``."""
+
+    first: float
+    cap: float
+    failures: int = 0
+    since: float | None = None  # when this run of failures began
+    next_at: float = 0.0
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_at
+
+    def failed(self, now: float) -> float:
+        """Count a failure; returns the wait before the next try."""
+        if self.since is None:
+            self.since = now
+        delay = min(self.cap, self.first * 2 ** min(self.failures, 30))
+        self.failures += 1
+        self.next_at = now + delay
+        return delay
+
+    def succeeded(self) -> None:
+        self.failures, self.since, self.next_at = 0, None, 0.0
 
 
 def _summary(m: Metrics) -> dict[str, int]:

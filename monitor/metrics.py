@@ -35,7 +35,12 @@ class Metrics:
         self.streams = Gauge("tsmon_streams", "Streams held in memory", registry=r)
         self.evicted = Counter("tsmon_streams_evicted", "Idle streams snapshotted and dropped from memory",
                                registry=r)
-        self.paused = Gauge("tsmon_consumption_paused", "1 while input is paused because the sink is behind",
+        self.broker_up = Gauge("tsmon_broker_up", "0 while the broker is unreachable (no connection or heartbeat)",
+                               registry=r)
+        self.broker_up.set(1)
+        self.retries = Counter("tsmon_commit_retries", "Commits put off because the sink or the broker failed",
+                               ["cause"], registry=r)
+        self.paused = Gauge("tsmon_consumption_paused", "1 while input is paused because the sink or broker fails",
                             registry=r)
         self.batch_size = Histogram("tsmon_batch_size", "Windows per scored micro-batch", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
@@ -57,7 +62,7 @@ class Metrics:
         self._counters = {c.describe()[0].name: c for c in (self.records, self.samples, self.dead_letters,
                                                             self.windows, self.skipped, self.alerts, self.quality,
                                                             self.commits, self.alert_severity, self.calibrations,
-                                                            self.commands, self.snapshots, self.evicted)}
+                                                            self.commands, self.snapshots, self.evicted, self.retries)}
         self._max_stream_labels = max_stream_labels
         self._labelled: dict[str, str] = {}  # stream → the source its one threshold series carries
         self._over_cap: set[str] = set()

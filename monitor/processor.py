@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import SinkBackpressure
+from models.errors import BrokerError, SinkBackpressure
 from monitor import logs
 from monitor.alerts import AlertSettings, AlertState, Observation, Transition, alert_doc, iso
 from monitor.batcher import Batch, Batcher
@@ -77,6 +77,7 @@ class Processor:
         self._inflight: deque[tuple[Batch, Future[Result]]] = deque()
         self.restored: dict[str, dict[str, Any]] = {}  # changelog documents of streams not started yet
         self.clock = time.time  # wall clock: silences and state timestamps
+        self.deadline: float | None = None  # monotonic time by which commits must be done (set at shutdown)
 
     @property
     def pending(self) -> int:
@@ -407,13 +408,20 @@ class Processor:
                     offset=rec.offset)
 
     # 4. commits and rebalances --------------------------------------------------------------------
-    def commit(self, source: Source, tps: set[TP] | None = None) -> dict[TP, int]:
-        """Flush the sink, then commit what is safe; raises SinkBackpressure (and commits nothing) if stuck."""
-        self.sink.flush(self.settings.flush_timeout_s)
+    def commit(self, source: Source, tps: set[TP] | None = None, timeout_s: float | None = None) -> dict[TP, int]:
+        """Flush the sink, then commit what is safe, within ``timeout_s`` (default ``flush_timeout_s``) each.
+
+        Raises SinkBackpressure (the sink did not acknowledge: nothing committed) or BrokerError (the
+        commit itself failed); either way the input is replayed from the last commit if we die now.
+        """
+        timeout = self.settings.flush_timeout_s if timeout_s is None else timeout_s
+        if self.deadline is not None:  # shutting down: within what is left of the budget
+            timeout = max(0.05, min(timeout, self.deadline - time.monotonic()))
+        self.sink.flush(timeout)
         assigned = source.assignment() if tps is None else tps
         offsets = {tp: o for tp, o in self.ledger.committable(assigned).items() if self._committed.get(tp) != o}
         if offsets:
-            source.commit(offsets)
+            source.commit(offsets, timeout)
             self._committed.update(offsets)
             self.metrics.commits.inc()
         return offsets
@@ -425,7 +433,7 @@ class Processor:
             self.save(stream)
         try:
             self.commit(source, tps)
-        except SinkBackpressure as exc:  # the next owner replays from the last commit: at-least-once holds
+        except (SinkBackpressure, BrokerError) as exc:  # the next owner replays from the last commit
             log.error("commit_on_revoke_failed", error=str(exc))
         for stream in self.ledger.drop(tps):
             self._drop(stream)

@@ -76,27 +76,47 @@ class KafkaSink:
             where = producer_kwargs.get("bootstrap_servers")
             raise BrokerError(f"cannot create a producer for {where}: {exc}") from None
         self._retries = retries
-        self._inflight: list[tuple[OutMessage, Any]] = []
+        self._inflight: list[tuple[OutMessage, Any | None]] = []  # (message, future or None if not taken yet)
+        self._last_error: Exception | None = None
 
     def send(self, msg: OutMessage) -> None:
         self._inflight.append((msg, self._send(msg)))
 
-    def _send(self, msg: OutMessage) -> Any:
-        return self._producer.send(msg.topic, value=msg.value, key=msg.key, headers=msg.headers)
+    def _send(self, msg: OutMessage) -> Any | None:
+        """The producer's future, or None when the producer could not take it now (buffer full, no metadata
+        within ``max_block_ms``): kept in flight all the same and handed over again at the next flush."""
+        from kafka.errors import KafkaError
+
+        try:
+            return self._producer.send(msg.topic, value=msg.value, key=msg.key, headers=msg.headers)
+        except KafkaError as exc:
+            self._last_error = exc
+            return None
 
     def flush(self, timeout_s: float) -> None:
-        """Block until everything sent is acknowledged; re-send refusals; raise SinkBackpressure if stuck."""
+        """Block until everything sent is acknowledged; re-send refusals; raise SinkBackpressure if stuck.
+
+        A message still in the producer's buffer is waited for, never sent twice; one the broker refused
+        (or the producer could not take) is handed over again, at most ``retries`` times per flush.
+        """
+        from kafka.errors import KafkaTimeoutError
+
         deadline = time.monotonic() + timeout_s
         for _attempt in range(self._retries + 1):
-            self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))
-            failed = [(m, f) for m, f in self._inflight if not f.is_done or f.failed()]
-            if not failed:
+            try:
+                self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))
+            except KafkaTimeoutError as exc:  # the broker is away or slow: what is buffered stays buffered
+                self._last_error = exc
+            failed = [m for m, f in self._inflight if f is None or (f.is_done and f.failed())]
+            waiting = [(m, f) for m, f in self._inflight if f is not None and not f.is_done]
+            if not failed and not waiting:
                 self._inflight.clear()
                 return
-            self._inflight = [(m, self._send(m)) for m, _f in failed]
+            self._inflight = waiting + [(m, self._send(m)) for m in failed]
             if time.monotonic() >= deadline:
                 break
-        first = next((f.exception for _m, f in self._inflight if f.is_done and f.failed()), None)
+        first = next((f.exception for _m, f in self._inflight if f is not None and f.is_done and f.failed()),
+                     self._last_error)
         raise SinkBackpressure(f"{len(self._inflight)} message(s) not acknowledged by the broker: {first or 'timeout'}",
                                retry_after=1.0)
 
@@ -105,7 +125,9 @@ class KafkaSink:
         return len(self._inflight)
 
     def close(self, timeout_s: float) -> None:
+        """Deliver what is in flight and close, both within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
         try:
-            self.flush(timeout_s)
+            self.flush(timeout_s / 2)
         finally:
-            self._producer.close(timeout=timeout_s)
+            self._producer.close(timeout=max(0.1, deadline - time.monotonic()))

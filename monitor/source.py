@@ -14,6 +14,7 @@ uses the real broker.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,11 +41,12 @@ class InRecord:
 
 class Source(Protocol):
     def poll(self, timeout_ms: int) -> list[InRecord]: ...
-    def commit(self, offsets: dict[TP, int]) -> None: ...
+    def commit(self, offsets: dict[TP, int], timeout_s: float) -> None: ...  # BrokerError when it fails
     def assignment(self) -> set[TP]: ...
     def pause(self, tps: set[TP]) -> None: ...  # poll returns nothing of them until resume (membership kept)
     def resume(self, tps: set[TP]) -> None: ...
-    def close(self) -> None: ...
+    def broker_problem(self) -> str | None: ...  # why the broker cannot be used now; None when it can
+    def close(self, timeout_s: float) -> None: ...
 
 
 @dataclass
@@ -56,6 +58,7 @@ class MemorySource:
     committed: dict[TP, int] = field(default_factory=dict)
     assigned: set[TP] = field(default_factory=set)
     paused: set[TP] = field(default_factory=set)
+    down: str | None = None  # set by a test: the broker is "unreachable" and commits fail
 
     def __post_init__(self) -> None:
         self.assigned |= {r.tp for r in self.records}
@@ -72,13 +75,18 @@ class MemorySource:
     def resume(self, tps: set[TP]) -> None:
         self.paused -= tps
 
-    def commit(self, offsets: dict[TP, int]) -> None:
+    def commit(self, offsets: dict[TP, int], timeout_s: float = 0.0) -> None:
+        if self.down:
+            raise BrokerError(f"commit failed: {self.down}")
         self.committed.update(offsets)
 
     def assignment(self) -> set[TP]:
         return set(self.assigned)
 
-    def close(self) -> None:
+    def broker_problem(self) -> str | None:
+        return self.down
+
+    def close(self, timeout_s: float = 0.0) -> None:
         pass
 
 
@@ -102,6 +110,7 @@ class KafkaSource:
                     on_assign([(tp.topic, tp.partition) for tp in assigned])
 
         self._in_callback = False
+        self._session_s = consumer_kwargs.get("session_timeout_ms", 10_000) / 1000
 
         try:
             self._consumer = KafkaConsumer(**consumer_kwargs)
@@ -125,16 +134,31 @@ class KafkaSource:
         finally:
             self._in_callback = False
 
-    def commit(self, offsets: dict[TP, int]) -> None:
+    def commit(self, offsets: dict[TP, int], timeout_s: float = 30.0) -> None:
+        """Commit exactly these offsets, waiting at most ``timeout_s``; BrokerError if the broker did not take them."""
         from kafka import OffsetAndMetadata, TopicPartition
+        from kafka.errors import KafkaError
 
         if not offsets:
             return
         request = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
-        if self._in_callback:
-            self._consumer.commit_async(request)
-        else:
-            self._consumer.commit(request)
+        try:
+            if self._in_callback:
+                self._consumer.commit_async(request)
+            else:
+                self._consumer.commit(request, timeout_ms=max(1, int(timeout_s * 1000)))
+        except KafkaError as exc:  # timeout (broker away) or a rebalance took the partitions: replayed, not lost
+            raise BrokerError(f"commit failed: {type(exc).__name__}: {exc}") from None
+
+    def broker_problem(self) -> str | None:
+        """Why the group cannot work now: no open connection, or no heartbeat answered for a session timeout."""
+        m = self._consumer.metrics()
+        if not m.get("consumer-metrics", {}).get("connection-count", 1):
+            return "no connection to any broker"
+        beat = m.get("consumer-coordinator-metrics", {}).get("last-heartbeat-seconds-ago", 0.0)
+        if math.isfinite(beat) and beat > self._session_s:  # inf until the first join: not an outage
+            return f"no heartbeat answered for {beat:.0f} s"
+        return None
 
     def assignment(self) -> set[TP]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
@@ -158,5 +182,5 @@ class KafkaSource:
                 out[(tp.topic, tp.partition)] = max(0, high - self._consumer.position(tp))
         return out
 
-    def close(self) -> None:
-        self._consumer.close(autocommit=False)
+    def close(self, timeout_s: float = 30.0) -> None:
+        self._consumer.close(autocommit=False, timeout_ms=max(1, int(timeout_s * 1000)))

@@ -4,12 +4,15 @@ labelled input is still arriving, then restarts; a bad model or config stops the
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from tests.test_integration.test_run_cli import tsmon_env, write_config
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 STREAMS, N, BURSTS = 6, 6000, (2000, 4500)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def play(bootstrap: str, topic: str, seconds: float) -> threading.Thread:
@@ -111,14 +115,20 @@ def check_episodes(docs: list[dict[str, Any]]) -> None:
         assert statuses.index("firing") < statuses.index("resolved"), (alert_id, statuses)
 
 
-def wait_all_resolved(bootstrap: str, topic: str, procs: list[subprocess.Popen[bytes]]) -> list[dict[str, Any]]:
-    want, deadline, docs = STREAMS * len(BURSTS), time.monotonic() + 90, []
-    while time.monotonic() < deadline:
-        docs = [d for d in TopicReader(bootstrap, f"{topic}.alerts").settle(0.5) if d.get("type") == "anomaly"]
-        if sum(d["status"] == "resolved" for d in docs) >= want:
-            break
-        assert all(p.poll() is None for p in procs), "a daemon died"
-    return docs
+def wait_all_resolved(bootstrap: str, topic: str, procs: list[subprocess.Popen[bytes]],
+                      limit_s: float = 90) -> list[dict[str, Any]]:
+    """Read the alerts topic until every burst's episode resolved (then a second more, for late repeats)."""
+    want, deadline = STREAMS * len(BURSTS), time.monotonic() + limit_s
+    reader = TopicReader(bootstrap, f"{topic}.alerts")
+    try:
+        while time.monotonic() < deadline:
+            if sum(d.get("type") == "anomaly" and d["status"] == "resolved" for d in list(reader.docs)) >= want:
+                break
+            assert all(p.poll() is None for p in procs), "a daemon died"
+            time.sleep(0.2)
+    finally:
+        docs = reader.settle(1.0)
+    return [d for d in docs if d.get("type") == "anomaly"]
 
 
 def test_kill_9_of_one_of_two_instances(broker: Any, topic: str, stream_model: Path, tmp_path: Path) -> None:
@@ -171,3 +181,77 @@ def test_a_bad_model_or_config_stops_before_consuming(broker: Any, topic: str, s
     assert r.returncode == 1 and lines[0].startswith(("ArtifactError:", "ConfigError:")), r.stderr
     assert len(lines) == (2 if damage == "config" else 1), lines  # a config error adds one line per bad key
     assert committed_total(broker.bootstrap, topic, f"g-{topic}") == 0  # nothing consumed
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def watch(url: str, want: int, proc: subprocess.Popen[bytes], limit_s: float) -> tuple[float, str]:
+    """Poll ``url`` until it answers ``want``; returns (seconds it took, body)."""
+    t0 = time.monotonic()
+    while True:
+        status, body = http_get(url)
+        if status == want:
+            return time.monotonic() - t0, body
+        assert proc.poll() is None, "daemon exited"
+        assert time.monotonic() - t0 < limit_s, f"{url} still {status} {body} after {limit_s} s"
+        time.sleep(0.2)
+
+
+def test_a_broker_restart_is_ridden_out(stream_model: Path, tmp_path: Path) -> None:
+    """The broker (persistent storage) is SIGKILLed mid-stream and restarted 8 s later: the daemon reports
+    not-ready while it is away, keeps its loop turning, retries with backoff, resumes and loses nothing."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from monitor.broker import LocalBroker
+
+    broker = LocalBroker(data_dir=tmp_path / "s3", log_file=tmp_path / "broker.log")
+    broker.start()
+    proc = player = None
+    try:
+        topic = "t-restart"
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=10_000)
+        admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
+        admin.close()
+        extra = (f'\n[state]\ntopic = "{topic}.state"\n[control]\ntopic = "{topic}.control"\n'
+                 f'audit_topic = "{topic}.audit"\n')
+        cfg = write_config(tmp_path / "tsmon.toml", broker.bootstrap, topic, stream_model, extra)
+        log = tmp_path / "stderr.log"
+        # the producer is a process of its own too: kafka-python leaves the sockets of connection attempts the
+        # outage refused to the garbage collector, which pytest would report as unclosed at the end of the session
+        code = f"from tests.test_integration.test_faults import play; play({broker.bootstrap!r}, {topic!r}, 40).join()"
+        player = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+        proc = start(cfg, tmp_path, log)
+        wait_for(lambda: '"stream_started"' in log.read_text(), proc)
+        url = json.loads(next(ln for ln in log.read_text().splitlines() if '"http_listening"' in ln))["url"]
+        watch(f"{url}/readyz", 200, proc, 30)
+        time.sleep(2.0)
+        broker.kill()
+        killed = time.monotonic()
+        down_after, reason = watch(f"{url}/readyz", 503, proc, 20)
+        assert "broker unavailable" in reason, reason
+        while time.monotonic() - killed < 8:  # the broker stays away 8 s
+            assert http_get(f"{url}/healthz")[0] == 200  # the loop keeps turning: no restart by a liveness probe
+            time.sleep(0.5)
+        assert player.poll() is None, "the input ended during the outage"
+        broker.restart()
+        back_after, _ = watch(f"{url}/readyz", 200, proc, 60)
+        assert player.wait(90) == 0
+        docs = wait_all_resolved(broker.bootstrap, topic, [proc])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        for p in (proc, player):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        broker.stop()
+    text = log.read_text()
+    assert '"input_paused"' in text and '"input_resumed"' in text
+    print(f"not ready {down_after:.1f} s after the kill, ready again {back_after:.1f} s after the restart")
+    check_episodes(docs)

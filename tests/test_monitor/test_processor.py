@@ -340,3 +340,42 @@ def test_a_stuck_sink_pauses_the_input_and_it_resumes_when_the_sink_recovers(str
     assert any(r.startswith("sink back-pressure") for _, _, r in seen)
     assert not source.paused and not source.records and d.metrics.paused._value.get() == 0
     assert source.committed  # and everything was committed once the sink recovered
+
+
+def test_an_unreachable_broker_pauses_the_input_until_a_commit_succeeds(stream_model: Path) -> None:
+    from monitor.config import load_config
+    from monitor.daemon import Daemon
+
+    cfg = load_config(None, {"models": [{"pattern": "*", "path": str(stream_model)}], "daemon.scoring": "thread",
+                             "daemon.device": "cpu", "http.enabled": False, "daemon.commit_interval_ms": 1,
+                             "daemon.retry_max_s": 0.05}, env={})
+    source = MemorySource(records("dev-bd", *sine_stream(3000)), batch=20)
+    d = Daemon(cfg, source=source, sink=MemorySink())
+    seen: list[tuple[int, bool, str, float]] = []
+
+    def until() -> bool:
+        if len(seen) == 50:
+            source.down = "no connection to any broker"
+        if d.metrics.total("tsmon_commit_retries_total") >= 4:
+            source.down = None  # the broker is back
+        seen.append((len(source.records), bool(source.paused), d._ready[1], d.metrics.broker_up._value.get()))
+        return not source.records and d.processor.pending == 0
+
+    d.run(until=until)
+    down = [(n, r) for n, p, r, up in seen if p]
+    assert down and len({n for n, _ in down}) == 1  # nothing read while the broker was away
+    assert any(r == "broker unavailable: no connection to any broker" for _, r in down)
+    assert any(up == 0 for *_, up in seen) and seen[-1][3] == 1
+    assert d.metrics.total("tsmon_commit_retries_total") == 4 and not source.paused
+    assert source.committed  # committed once it was back
+
+
+def test_backoff_doubles_up_to_its_cap_and_a_success_resets_it() -> None:
+    from monitor.daemon import Backoff
+
+    b = Backoff(0.5, 3.0)
+    assert b.due(0.0)
+    assert [b.failed(10.0) for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert not b.due(12.9) and b.due(13.0) and b.since == 10.0
+    b.succeeded()
+    assert b.due(0.0) and b.failed(20.0) == 0.5
