@@ -65,8 +65,9 @@ class LocalBroker:
     """
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1", data_dir: str | Path | None = None,
-                 log_file: str | Path | None = None) -> None:
+                 log_file: str | Path | None = None, advertised_port: int | None = None) -> None:
         self.host, self.port = host, port or free_port(host)
+        self.advertised_port = advertised_port or self.port  # another port when clients go through a proxy
         self.data_dir = Path(data_dir) if data_dir else None
         self.log_file = Path(log_file) if log_file else None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -119,7 +120,8 @@ class LocalBroker:
 
     def _launch(self, timeout: float) -> None:
         url = f"tcp://{self.host}:{self.port}"
-        cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+        cmd = [str(tansu_binary()), "broker", "--listener-url", url,
+               "--advertised-listener-url", f"tcp://{self.host}:{self.advertised_port}",
                "--storage-engine", str(self._storage)]
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:

@@ -319,8 +319,8 @@ class Daemon:
     def _shutdown(self) -> None:
         """Score, publish, snapshot, commit and close, all within ``shutdown_timeout_s``."""
         t0 = time.monotonic()
-        end = t0 + self.cfg.daemon.shutdown_timeout_s
-        self.processor.deadline = end  # commits asked for while closing (the revoke) share the budget
+        budget = self.cfg.daemon.shutdown_timeout_s
+        end = t0 + budget * 0.85  # the rest is for stopping the scoring process and the HTTP server
 
         def left(share: float = 1.0) -> float:
             return max(0.05, (end - time.monotonic()) * share)
@@ -340,7 +340,10 @@ class Daemon:
                       consequence="input since the last commit is replayed at the next start")
         finally:
             self.final_thresholds = self.calibrator.snapshot()  # before close() revokes and forgets streams
-            self.source.close(left(0.5))  # leaving the group revokes: nothing waits by now, the sink is still open
+            # leaving the group revokes: nothing waits by now, the sink is still open; the revoke's commit
+            # (a no-op after the final one) shares this step's time
+            self.processor.deadline = time.monotonic() + left(0.4)
+            self.source.close(left(0.5))
             if self.control is not None:
                 self.control.close()
             try:

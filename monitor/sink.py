@@ -78,19 +78,24 @@ class KafkaSink:
         self._retries = retries
         self._inflight: list[tuple[OutMessage, Any | None]] = []  # (message, future or None if not taken yet)
         self._last_error: Exception | None = None
+        self._refused = False  # the producer refused a message since the last flush attempt
 
     def send(self, msg: OutMessage) -> None:
         self._inflight.append((msg, self._send(msg)))
 
     def _send(self, msg: OutMessage) -> Any | None:
-        """The producer's future, or None when the producer could not take it now (buffer full, no metadata
-        within ``max_block_ms``): kept in flight all the same and handed over again at the next flush."""
+        """The producer's future, or None when the producer could not take it (buffer full, or no metadata
+        within ``max_block_ms``): kept in flight all the same and handed over again at the next flush. After
+        one such refusal the producer is not asked again before that flush, so a stuck broker blocks the
+        loop for ``max_block_ms`` once, not once per message."""
         from kafka.errors import KafkaError
 
+        if self._refused:
+            return None
         try:
             return self._producer.send(msg.topic, value=msg.value, key=msg.key, headers=msg.headers)
         except KafkaError as exc:
-            self._last_error = exc
+            self._last_error, self._refused = exc, True
             return None
 
     def flush(self, timeout_s: float) -> None:
@@ -112,6 +117,7 @@ class KafkaSink:
             if not failed and not waiting:
                 self._inflight.clear()
                 return
+            self._refused = False  # ask the producer again, once per attempt
             self._inflight = waiting + [(m, self._send(m)) for m in failed]
             if time.monotonic() >= deadline:
                 break
@@ -126,8 +132,19 @@ class KafkaSink:
 
     def close(self, timeout_s: float) -> None:
         """Deliver what is in flight and close, both within ``timeout_s``."""
+        from kafka.errors import KafkaError
+
         deadline = time.monotonic() + timeout_s
         try:
             self.flush(timeout_s / 2)
         finally:
-            self._producer.close(timeout=max(0.1, deadline - time.monotonic()))
+            try:
+                self._producer.close(timeout=max(0.1, deadline - time.monotonic()))
+            except KafkaError as exc:
+                # kafka-python's close() flushes first and, when the broker never answers, raises with the producer
+                # still open (its __del__ then retries at exit): give the records up so that the close completes.
+                # They were never acknowledged, so no offset covering them was committed: they are replayed.
+                self._producer._accumulator.abort_incomplete_batches()
+                self._producer.close(timeout=0.1)
+                raise SinkBackpressure(f"producer closed with {self.pending} message(s) unacknowledged: {exc}",
+                                       retry_after=0.0) from None

@@ -51,10 +51,10 @@ def play(bootstrap: str, topic: str, seconds: float) -> threading.Thread:
     return t
 
 
-def start(cfg: Path, cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+def start(cfg: Path, cwd: Path, log: Path, **env: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as err:
         return subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(cfg)], cwd=cwd,
-                                env=tsmon_env(), stdout=subprocess.DEVNULL, stderr=err)
+                                env={**tsmon_env(), **env}, stdout=subprocess.DEVNULL, stderr=err)
 
 
 def wait_for(cond: Any, proc: subprocess.Popen[bytes], limit_s: float = 60) -> None:
@@ -255,3 +255,99 @@ def test_a_broker_restart_is_ridden_out(stream_model: Path, tmp_path: Path) -> N
     assert '"input_paused"' in text and '"input_resumed"' in text
     print(f"not ready {down_after:.1f} s after the kill, ready again {back_after:.1f} s after the restart")
     check_episodes(docs)
+
+
+def metric(url: str, name: str) -> float:
+    """Sum of one metric over its labels, read from /metrics."""
+    text = http_get(f"{url}/metrics")[1]
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith((f"{name} ", f"{name}{{")))
+
+
+def test_a_stalled_sink_pauses_the_input_instead_of_buffering(stream_model: Path, tmp_path: Path) -> None:
+    """The daemon's Produce requests (client id "tsmon") are held back by a proxy in front of the broker, while
+    its consumer and the test's producer go on: at its next output the daemon stops taking input, reports
+    not-ready, takes nothing in for 8 s, and publishes every alert once the sink answers again."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from monitor.broker import LocalBroker, free_port
+    from tests.proxy import KafkaProxy
+
+    broker_port = free_port()
+    proxy = KafkaProxy(broker_port, client_id="tsmon")
+    broker = LocalBroker(port=broker_port, advertised_port=proxy.port)  # every client goes through the proxy
+    broker.start()
+    proxy.start()
+    bootstrap, topic, proc = f"127.0.0.1:{proxy.port}", "t-slow-sink", None
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+        admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
+        admin.close()
+        extra = (f'\n[state]\ntopic = "{topic}.state"\n[control]\ntopic = "{topic}.control"\n'
+                 f'audit_topic = "{topic}.audit"\n')
+        cfg = write_config(tmp_path / "tsmon.toml", bootstrap, topic, stream_model, extra)
+        log = tmp_path / "stderr.log"
+        player = play(bootstrap, topic, seconds=40)
+        proc = start(cfg, tmp_path, log)
+        wait_for(lambda: '"stream_started"' in log.read_text(), proc)
+        url = json.loads(next(ln for ln in log.read_text().splitlines() if '"http_listening"' in ln))["url"]
+        watch(f"{url}/readyz", 200, proc, 30)
+        time.sleep(2.0)
+        proxy.hold.set()  # the daemon notices at its next output: the first burst's alerts
+        paused_after, reason = watch(f"{url}/readyz", 503, proc, 40)
+        assert "sink back-pressure" in reason, reason
+        taken = metric(url, "tsmon_records_total")
+        time.sleep(8)
+        assert metric(url, "tsmon_records_total") == taken  # nothing taken in while the sink was stuck
+        assert metric(url, "tsmon_consumption_paused") == 1 and proxy.held > 0
+        assert player.is_alive(), "the input ended while the sink was held"
+        proxy.hold.clear()
+        back_after, _ = watch(f"{url}/readyz", 200, proc, 60)
+        player.join(90)
+        docs = wait_all_resolved(bootstrap, topic, [proc])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proxy.stop()
+        broker.stop()
+    print(f"paused {paused_after:.1f} s after the hold, ready {back_after:.1f} s after the release; "
+          f"{proxy.held} produce requests held")
+    check_episodes(docs)
+
+
+def test_shutdown_is_bounded_when_the_broker_is_gone(stream_model: Path, tmp_path: Path) -> None:
+    """SIGTERM while the broker is away: the final flush and commit cannot succeed, and the daemon still exits
+    (status 0) within shutdown_timeout_s, saying that the input since the last commit will be replayed."""
+    from monitor.broker import LocalBroker
+
+    broker = LocalBroker()
+    broker.start()
+    topic, proc, budget = "t-shutdown", None, 4.0
+    try:
+        extra = (f'\n[state]\ntopic = "{topic}.state"\n[control]\ntopic = "{topic}.control"\n'
+                 f'audit_topic = "{topic}.audit"\n')
+        cfg = write_config(tmp_path / "tsmon.toml", broker.bootstrap, topic, stream_model, extra)
+        log = tmp_path / "stderr.log"
+        player = play(broker.bootstrap, topic, seconds=10)
+        proc = start(cfg, tmp_path, log, TSMON_DAEMON__SHUTDOWN_TIMEOUT_S=str(budget))
+        wait_for(lambda: '"stream_started"' in log.read_text(), proc)
+        url = json.loads(next(ln for ln in log.read_text().splitlines() if '"http_listening"' in ln))["url"]
+        player.join(30)
+        broker.kill()
+        watch(f"{url}/readyz", 503, proc, 20)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        took = time.monotonic() - t0
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        broker.stop()
+    stopped = json.loads(next(ln for ln in log.read_text().splitlines() if '"daemon_stopped"' in ln))
+    assert '"final_commit_failed"' in log.read_text()
+    print(f"exit {took:.1f} s after SIGTERM, shutdown_s {stopped['shutdown_s']} (budget {budget} s)")
+    assert stopped["shutdown_s"] <= budget + 0.5  # the drain itself; interpreter exit adds a little
+    assert took <= budget + 5

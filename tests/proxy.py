@@ -1,0 +1,120 @@
+"""A loopback TCP proxy in front of the test broker that can hold back the Kafka Produce requests of one client.
+
+The broker advertises the proxy's address, so every client connects through it. Requests are framed
+(4-byte size), and the request header names the API (Produce = 0) and the client id: requests of
+``client_id`` with API key 0 wait while :attr:`hold` is set, so the daemon's producer (its sink) stalls
+while its consumer and every other client go on. Responses are copied through unchanged.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from types import TracebackType
+from typing import Self
+
+PRODUCE = 0
+
+
+class KafkaProxy:
+    def __init__(self, upstream_port: int, client_id: str, host: str = "127.0.0.1") -> None:
+        self.upstream = (host, upstream_port)
+        self.client_id = client_id.encode()
+        self.hold = threading.Event()
+        self.held = 0  # Produce requests that had to wait
+        self._stop = threading.Event()
+        self._server = socket.create_server((host, 0))
+        self.port = int(self._server.getsockname()[1])
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._spawn(self._accept)
+
+    def _spawn(self, target: object, *args: object) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
+        with self._lock:
+            self._threads.append(t)
+        t.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets += [client, upstream]
+            self._spawn(self._requests, client, upstream)
+            self._spawn(self._copy, upstream, client)
+
+    def _requests(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while not self._stop.is_set():
+                size = _read(src, 4)
+                frame = _read(src, struct.unpack(">i", size)[0])
+                api_key = struct.unpack(">h", frame[:2])[0]
+                cid_len = struct.unpack(">h", frame[8:10])[0]
+                cid = frame[10 : 10 + cid_len] if cid_len >= 0 else b""
+                if api_key == PRODUCE and cid == self.client_id and self.hold.is_set():
+                    self.held += 1
+                    while self.hold.is_set() and not self._stop.is_set():
+                        time.sleep(0.02)
+                dst.sendall(size + frame)
+        except (OSError, struct.error, ConnectionError):
+            pass
+        finally:
+            _close(src, dst)
+
+    def _copy(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _close(src, dst)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._server.close()
+        with self._lock:
+            sockets, threads = list(self._sockets), list(self._threads)
+        _close(*sockets)
+        for t in threads:
+            t.join(5)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _read(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    return buf
+
+
+def _close(*socks: socket.socket) -> None:
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
