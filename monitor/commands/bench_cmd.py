@@ -109,6 +109,27 @@ def soak(
     stdout.print(t)
 
 
+def memory(
+    model: Annotated[Path, typer.Option("--model", help="Artifact to serve.")] = Path("artifacts/ecg5000-lstm"),
+    streams: Annotated[int, typer.Option(help="Streams to measure with.")] = 200,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Memory one stream holds (window state + calibrator evidence at capacity) and the total limits.max_streams
+    allows."""
+    from monitor.footprint import bench_memory
+
+    _require_artifact(model)
+    if streams < 1:
+        raise DataError("need --streams >= 1")
+    r = bench_memory(str(model), streams)
+    if as_json:
+        emit_json(r)
+        return
+    keys = ("streams", "stream_state_bytes", "calibrator_evidence_bytes", "per_stream_bytes", "max_streams",
+            "total_mb")
+    stdout.print(value_table(f"tsmon bench memory — {r['model']}", [(k, r[k]) for k in keys]))
+
+
 def _require_artifact(model: Path) -> None:
     if not (model / "manifest.json").is_file():
         raise ArtifactError(f"no model artifact at {model} (no manifest.json); train one with tsmon train --out DIR")
@@ -118,3 +139,4 @@ def register(app: typer.Typer) -> None:
     app.command()(scorer)
     app.command()(pipeline)
     app.command()(soak)
+    app.command()(memory)

@@ -252,3 +252,21 @@ def test_invalid_settings_raise_config_error_naming_the_field(field: str, value:
     with pytest.raises(ConfigError, match=f"calibrator {field} ") as info:
         CalibratorSettings(**{field: value})
     assert "\n" not in str(info.value)
+
+
+def test_ring_keeps_what_a_bounded_deque_keeps() -> None:
+    from collections import deque
+
+    from monitor.calibrator import Ring
+
+    rng = np.random.default_rng(7)
+    for maxlen in (1, 5, 64, 100):
+        ring, ref = Ring(maxlen), deque(maxlen=maxlen)
+        for _ in range(200):  # random sizes: below, across and beyond the capacity, empty too
+            values = rng.random(int(rng.integers(0, 2 * maxlen + 3)))
+            ring.extend(values)
+            ref.extend(values.tolist())
+            assert len(ring) == len(ref) and ring.values().tolist() == list(ref)
+        ring.clear()
+        assert len(ring) == 0 and ring.values().size == 0
+    assert Ring(3, [1.0, 2.0, 3.0, 4.0]).values().tolist() == [2.0, 3.0, 4.0]

@@ -81,6 +81,17 @@ def test_bench_scorer_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert BENCH_KEYS <= set(r) and r["batch_size"] == 64 and r["efficiency"] > 0
 
 
+def test_bench_memory_counts_what_a_stream_holds(capsys: pytest.CaptureFixture[str], stream_model: Path) -> None:
+    code, out, _ = run(capsys, "--log-level", "WARNING", "bench", "memory", "--model", str(stream_model),
+                       "--streams", "30", "--json")
+    r = json.loads(out)
+    assert code == 0 and r["streams"] == 30 and r["records"] == 30 * 3
+    # the calibrator's evidence at capacity: (2000 + 600) float64 values (the first few counted with the stream)
+    assert 0.9 * 8 * (r["calibrator_window"] + r["drift_window"]) <= r["calibrator_evidence_bytes"] < 30_000
+    assert 0 < r["stream_state_bytes"] < 100_000
+    assert r["total_mb"] == pytest.approx(r["max_streams"] * r["per_stream_bytes"] / 2**20, abs=0.1)
+
+
 @pytest.mark.parametrize("args, expected", [
     (["eval", "--model", "/nonexistent/model"], "ArtifactError: model artifact not found"),
     (["train", "--data", "/nonexistent.csv", "--out", "/tmp/x"], "DataError: data file not found"),

@@ -1,0 +1,68 @@
+"""``tsmon bench memory``: what one stream costs in memory, and so what ``limits.max_streams`` costs in total.
+
+Owns the memory-budget measurement. Streams are fed through a real :class:`~monitor.daemon.Daemon`
+(in-process source and sink, the given model) until each holds a full window; tracemalloc counts what
+that state takes per stream. The calibrator's evidence (``calibrator.window`` normal errors and
+``drift.window`` recent ones) fills only after thousands of windows, so it is then filled to capacity
+directly and counted on its own. ``total_mb`` = ``max_streams`` × the per-stream sum: the bound the
+limits put on stream state (the model, the batcher's windows and the Kafka clients' buffers come on top,
+each bounded by its own setting).
+"""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monitor.bench import _streams
+from monitor.config import load_config
+from monitor.replay import messages
+from monitor.sink import MemorySink
+from monitor.source import InRecord, MemorySource
+
+
+def _traced() -> int:
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0]
+
+
+def bench_memory(model: str, streams: int) -> dict[str, Any]:
+    from monitor.daemon import Daemon
+
+    cfg = load_config(None, {"models": [{"pattern": "*", "path": model}], "daemon.scoring": "thread",
+                             "daemon.device": "cpu", "http.enabled": False}, env={})
+    source, sink = MemorySource(batch=500), MemorySink()
+    daemon = Daemon(cfg, source=source, sink=sink)
+    det = next(iter(daemon.scorer.models.values())).detector
+    per_stream = 3 * det.window
+    for name, ts, values in _streams(det, streams, per_stream, seed=0):
+        source.records += [InRecord("bench", 0, len(source.records), name.encode(), body, int(ts[0]))
+                           for body, _n in messages(name, ts, values, det.window)]
+    n_records = len(source.records)
+    tracemalloc.start()
+    try:
+        before = _traced()
+        daemon.run(until=lambda: not source.records and daemon.processor.pending == 0)
+        sink.sent.clear(), sink.acked.clear()  # published output is the broker's, not the daemon's
+        pipeline = _traced() - before
+        calibrator = daemon.calibrator
+        s = calibrator.settings
+        rng = np.random.default_rng(0)
+        before = _traced()
+        for name in calibrator.streams():
+            calibrator.observe(name, rng.random(s.window))
+            calibrator.observe_all(name, rng.random(s.drift.window))
+        evidence = _traced() - before
+    finally:
+        tracemalloc.stop()
+    held = len(daemon.processor.streams) or 1
+    state_b, evidence_b = pipeline / held, evidence / held
+    return {"model": Path(model).name, "streams": held, "records": n_records,
+            "stream_state_bytes": round(state_b), "calibrator_evidence_bytes": round(evidence_b),
+            "calibrator_window": s.window, "drift_window": s.drift.window,
+            "per_stream_bytes": round(state_b + evidence_b), "max_streams": cfg.limits.max_streams,
+            "total_mb": round(cfg.limits.max_streams * (state_b + evidence_b) / 2**20, 1)}
