@@ -6,8 +6,10 @@ handle → score due batches → operator commands every ``control.poll_interval
 the snapshot job only raises a flag for the loop. The HTTP server reads immutable views the loop
 refreshes. State is restored from the changelog at the first assignment (commands wait for it) and at
 every later one.
+While the broker is unreachable or the sink cannot get acknowledgements, commits are put off with
+exponential backoff and the input is paused (``/readyz`` says why); the loop keeps turning.
 SIGTERM/SIGINT set a flag; the loop then scores what waits, publishes, snapshots, commits and closes,
-each step bounded by ``shutdown_timeout_s``; a second signal exits at once.
+all within ``shutdown_timeout_s``; a second signal exits at once.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Where input comes from: a kafka-python consumer in a consumer group with manual commits.
 
 Owns the consumer and the rebalance hooks. The daemon decides *what* to commit (the offset ledger);
-the source only commits exactly the offsets it is given, synchronously. On a revoke, kafka-python calls
+the source only commits exactly the offsets it is given, synchronously and within a timeout (a failure is
+a :class:`BrokerError`), and says when the broker cannot be used (no connection, or no heartbeat answered
+for a session timeout: the consumer's own metrics), which the daemon reports as not ready. On a revoke, kafka-python calls
 ``on_revoke`` while ``poll`` (or ``close``) blocks, before the partitions move, so the daemon can score,
 publish and commit what it holds for them; ``on_assign`` follows with the new partitions. kafka-python 3
 runs these callbacks on its network thread, where a blocking commit would deadlock ("Cannot block on
