@@ -77,7 +77,8 @@ class KafkaConfig(_Section):
                                     description="kafka-python needs fetch_max_wait_ms (500) < it < 540000")
     reconnect_backoff_max_ms: int = Field(10_000, ge=50, description="reconnects to a lost broker back off "
                                                                        "exponentially from 50 ms up to this")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="how clients talk to the brokers: TLS and/or SASL authentication")
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = Field(
         None, description="required by the SASL_* protocols")
     sasl_username: str | None = Field(None, description="for PLAIN and SCRAM")
@@ -273,7 +274,7 @@ class DaemonConfig(_Section):
     scoring: Literal["auto", "thread", "process"] = Field(
         "auto", description="where the forward pass runs; auto = a process of its own on CPU, a thread on CUDA")
     log_format: Literal["json", "console"] | None = Field(None, description="none = console on a terminal")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="least severe level logged")
 
     _optional = field_validator("log_format", "torch_threads", mode="before")(_unset)
 

@@ -83,7 +83,8 @@ def replay(
     log.info("replayed", stream=name, topic=topic, samples=sent, channels=series.channels)
 
 
-config_app = typer.Typer(help="Daemon configuration: an example file, or check one.", no_args_is_help=True)
+config_app = typer.Typer(help="Daemon configuration: an example file, the reference, or check one.",
+                         no_args_is_help=True)
 
 
 @config_app.command("example")
@@ -92,6 +93,14 @@ def config_example() -> None:
     from monitor.config import EXAMPLE_TOML
 
     sys.stdout.write(EXAMPLE_TOML)
+
+
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print every setting (type, bounds, default, environment variable, meaning) as Markdown tables."""
+    from monitor.config_reference import reference_markdown
+
+    sys.stdout.write(reference_markdown())
 
 
 @config_app.command("check")

@@ -1,0 +1,175 @@
+"""The deploy files stay honest: they parse, their commands and flags exist, their TSMON_* variables and
+TOML are valid configuration, their metric names are metrics tsmon exports, their probes are endpoints it
+serves, grace periods exceed the shutdown budget; README's configuration reference is the generated one.
+
+No Docker engine runs here, so the images are not built; the container's entry command is run from the
+Dockerfile as written (``tsmon --help`` and the default command's ``--help``) against this checkout.
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from monitor.config import Config, load_config
+from monitor.health import HealthServer
+from monitor.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+TSMON = str(Path(sys.executable).parent / "tsmon")
+
+
+def _yaml(path: Path) -> list[Any]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _dockerfile(path: Path) -> dict[str, list[str]]:
+    """Instructions of the last stage (continuation lines joined): {"ENV": [...], "CMD": [...], ...}."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    last = text.split("\nFROM ")[-1]
+    out: dict[str, list[str]] = {}
+    for line in last.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            word, _, rest = line.strip().partition(" ")
+            out.setdefault(word.upper(), []).append(rest.strip())
+    return out
+
+
+def _env_pairs(env_lines: list[str]) -> dict[str, str]:
+    return dict(tok.split("=", 1) for line in env_lines for tok in shlex.split(line) if "=" in tok)
+
+
+def _tsmon(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TSMON, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def _accepts(args: list[str]) -> None:
+    """``tsmon ARGS`` names an existing command and only options that command has."""
+    command = [a for a in args if not a.startswith("-")][:1]
+    r = _tsmon(*command, "--help")
+    assert r.returncode == 0, (args, r.stderr)
+    for flag in (a for a in args if a.startswith("--")):
+        assert flag.split("=")[0] in r.stdout, (flag, args)
+
+
+def _config_valid(toml_text: str, env: dict[str, str], tmp_path: Path) -> Config:
+    path = tmp_path / "tsmon.toml"
+    path.write_text(toml_text)
+    return load_config(path, env={k: v for k, v in env.items() if k.startswith("TSMON_")})
+
+
+def test_every_deploy_file_parses() -> None:
+    files = [p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml")]
+    assert len(files) >= 10
+    for p in files:
+        assert _yaml(p), p
+    json.loads((DEPLOY / "grafana" / "tsmon.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
+def test_container_entry_command_runs(name: str, tmp_path: Path) -> None:
+    d = _dockerfile(DEPLOY / name)
+    entry, cmd = json.loads(d["ENTRYPOINT"][-1]), json.loads(d["CMD"][-1])
+    assert entry == ["tsmon"] and _tsmon("--help").returncode == 0
+    _accepts(cmd)
+    assert "USER" in d and d["USER"][-1] not in ("root", "0")  # non-root
+    env = _env_pairs(d["ENV"])
+    cfg = load_config(None, {"models": [{"path": "/models/x"}]}, env={k: v for k, v in env.items()
+                                                                       if k.startswith("TSMON_")})
+    assert d["EXPOSE"] == [str(cfg.http.port)]
+    health = d["HEALTHCHECK"][-1]
+    assert f"127.0.0.1:{cfg.http.port}/healthz" in health
+
+
+def test_compose_services_use_real_commands_and_config(tmp_path: Path) -> None:
+    compose = _yaml(DEPLOY / "compose.yaml")[0]
+    s = compose["services"]
+    assert {"kafka", "tsmon", "prometheus", "grafana"} <= set(s)
+    assert s["kafka"]["image"].startswith("apache/kafka:") and "controller" in s["kafka"]["environment"][
+        "KAFKA_PROCESS_ROLES"]
+    train = shlex.split(s["train"]["command"][0].split("||")[1])  # the one-shot training job
+    assert train[0] == "tsmon"
+    _accepts(train[1:])
+    _accepts(s["tsmon"]["command"])
+    cfg = _config_valid((DEPLOY / "tsmon.toml").read_text(), s["tsmon"]["environment"], tmp_path)
+    grace = int(s["tsmon"]["stop_grace_period"].rstrip("s"))
+    assert grace > cfg.daemon.shutdown_timeout_s
+    for mount in s["prometheus"]["volumes"] + s["grafana"]["volumes"] + s["tsmon"]["volumes"]:
+        src = mount.split(":")[0]
+        if src.startswith("./"):
+            assert (DEPLOY / src).exists(), src
+    target = _yaml(DEPLOY / "prometheus" / "prometheus.yml")[0]["scrape_configs"][0]["static_configs"][0]
+    assert target["targets"] == [f"tsmon:{cfg.http.port}"]
+
+
+def test_kubernetes_manifests(tmp_path: Path) -> None:
+    docs = {d["kind"]: d for p in (DEPLOY / "k8s").glob("*.yaml") for d in _yaml(p) if "kind" in d}
+    assert {"Deployment", "ConfigMap", "Secret", "Service", "PodDisruptionBudget", "ScaledObject"} <= set(docs)
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    _accepts(c["args"])
+    env = {e["name"]: "x" for e in c.get("env", [])} | docs["Secret"]["stringData"]
+    cfg = _config_valid(docs["ConfigMap"]["data"]["tsmon.toml"], env, tmp_path)
+    assert cfg.daemon.device == "cuda" and cfg.kafka.sasl_password is not None and cfg.control.key is not None
+    assert pod["terminationGracePeriodSeconds"] > cfg.daemon.shutdown_timeout_s
+    assert c["ports"][0]["containerPort"] == cfg.http.port
+    paths = {c[p]["httpGet"]["path"] for p in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert paths == {"/healthz", "/readyz"}
+    server = HealthServer("127.0.0.1", 0, Metrics().registry, lambda: (True, ""), lambda: (True, ""), list)
+    assert all(server.respond(p)[0] == 200 for p in paths)  # endpoints the daemon serves
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert docs["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+
+
+def test_systemd_unit() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(DEPLOY / "systemd" / "tsmon.service")
+    exec_start = shlex.split(unit["Service"]["ExecStart"])
+    assert Path(exec_start[0]).name == "tsmon"
+    _accepts(exec_start[1:])
+    assert int(unit["Service"]["TimeoutStopSec"]) > Config().daemon.shutdown_timeout_s
+    assert unit["Service"]["User"] != "root" and "StartLimitBurst" in unit["Unit"]
+    env = dict(e.split("=", 1) for e in shlex.split(unit["Service"]["Environment"]))
+    load_config(None, env=env)
+
+
+def _known_series() -> set[str]:
+    names = set()
+    for family in Metrics().registry.collect():
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+        names |= {family.name + s for s in suffixes}
+    return names
+
+
+def test_dashboard_and_alert_rules_use_exported_metrics() -> None:
+    known = _known_series()
+    dashboard = json.loads((DEPLOY / "grafana" / "tsmon.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    rules = _yaml(DEPLOY / "prometheus" / "alerts.yml")[0]["groups"][0]["rules"]
+    exprs += [r["expr"] for r in rules]
+    used = {m for e in exprs for m in re.findall(r"\btsmon_[a-z_]+", e)}
+    assert used and used <= known, used - known
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for wanted in ("throughput", "lag", "latency", "batch size", "threshold", "alert", "dead letter"):
+        assert wanted in titles, wanted
+    assert {"TsmonNotConsuming", "TsmonLagGrowing", "TsmonDeadLettersRising"} <= {r["alert"] for r in rules}
+
+
+def test_readme_configuration_reference_is_the_generated_one() -> None:
+    from monitor.config_reference import embedded, reference_markdown
+
+    assert embedded((ROOT / "README.md").read_text()) == reference_markdown(), (
+        "README.md's configuration reference is stale: paste the output of `tsmon config reference` between "
+        "the config-reference markers")
