@@ -42,7 +42,7 @@ from monitor.metrics import Metrics
 from monitor.processor import Processor, Settings
 from monitor.scorer import Scorer, load_served
 from monitor.scoring import Backend, ProcessBackend, ThreadBackend, choose
-from monitor.sink import KafkaSink, Sink
+from monitor.sink import KafkaSink, OutMessage, Sink
 from monitor.source import TP, KafkaSource, Source
 from monitor.state import read_changelog
 from monitor.topics import ensure_topics
@@ -109,7 +109,7 @@ class Daemon:
         self.stop_event = threading.Event()
         self.final_thresholds: dict[str, dict[str, Any]] = {}  # calibrator snapshot taken at shutdown
         self._started = time.monotonic()
-        self.sink = sink or KafkaSink(cfg.kafka.producer_kwargs())
+        self.sink = sink or KafkaSink(cfg.kafka.producer_kwargs(), on_undeliverable=self._undeliverable)
         self.processor = Processor(self.scorer, self.calibrator, Batcher(cfg.batch.max_batch, cfg.batch.max_delay_ms),
                                    self.sink, self.metrics, processor_settings(cfg), backend)
         k, c = cfg.kafka, cfg.control
@@ -152,6 +152,9 @@ class Daemon:
         # changelog, which the previous owner wrote when the partitions were revoked from it. The first
         # assignment reads it in any case (daemon-wide state), before any command is polled.
         log.info("partitions_assigned", partitions=[f"{t}-{p}" for t, p in tps])
+        if self._problem is not None and tps:  # still failing: new partitions wait like the others
+            self.source.pause(set(tps))
+            self._paused |= set(tps)
         if tps or not self._restored:
             try:
                 self.restore()
@@ -193,6 +196,9 @@ class Daemon:
             self.metrics.calibrations.labels("refused").inc()
             log.warning("threshold_raise_refused", stream=stream, reason=reason,
                         threshold=round(self.calibrator.threshold(stream).value, 6))
+
+    def _undeliverable(self, msg: OutMessage, _why: str) -> None:
+        self.metrics.undeliverable.labels(msg.topic).inc()
 
     def _threshold_metric(self, stream: str, state: ThresholdState | None) -> None:
         """Keeps ``tsmon_threshold`` equal to the calibrator's state, whatever changed it."""
@@ -282,18 +288,18 @@ class Daemon:
         now = time.monotonic()
         if not self._retry.due(now):
             return
+        problem = self.source.broker_problem()
+        self.metrics.broker_up.set(problem is None)
         try:
-            problem = self.source.broker_problem()
             if problem is not None:  # a commit now would only block the loop until it timed out
                 raise BrokerError(problem)
             self.processor.commit(self.source)
-        except SinkBackpressure as exc:
-            self._failing("sink", f"sink back-pressure: {exc}", now)
+        except SinkBackpressure as exc:  # the backoff counts from the end of the attempt, which can take seconds
+            self._failing("sink", f"sink back-pressure: {exc}", time.monotonic())
             return
         except BrokerError as exc:
-            self._failing("broker", f"broker unavailable: {exc}", now)
+            self._failing("broker", f"broker unavailable: {exc}", time.monotonic())
             return
-        self.metrics.broker_up.set(1)
         if self._paused:
             self.source.resume(self._paused)
         if self._problem is not None:
@@ -312,8 +318,6 @@ class Daemon:
         self._problem = problem
         self.metrics.paused.set(1)
         self.metrics.retries.labels(cause).inc()
-        if cause == "broker":
-            self.metrics.broker_up.set(0)
         delay = self._retry.failed(now)
         (log.warning if first else log.info)("input_paused" if first else "commit_retry_failed", cause=cause,
                                              error=problem, partitions=len(self._paused), retry_in_s=round(delay, 2))
@@ -345,16 +349,17 @@ class Daemon:
             # leaving the group revokes: nothing waits by now, the sink is still open; the revoke's commit
             # (a no-op after the final one) shares this step's time
             self.processor.deadline = time.monotonic() + left(0.4)
-            self.source.close(left(0.5))
-            if self.control is not None:
-                self.control.close()
-            try:
-                self.sink.close(left())
-            except SinkBackpressure as exc:
-                log.error("sink_close_failed", error=str(exc))
-            self.processor.close()
-            if self.http is not None:
-                self.http.close()
+            steps: list[tuple[str, Callable[[], None]]] = [
+                ("source", lambda: self.source.close(left(0.5))),
+                ("control", self.control.close if self.control is not None else lambda: None),
+                ("sink", lambda: self.sink.close(left())),
+                ("scoring", self.processor.close),
+                ("http", self.http.close if self.http is not None else lambda: None)]
+            for name, close in steps:  # one that fails must not keep the others open
+                try:
+                    close()
+                except Exception as exc:  # noqa: BLE001
+                    log.error("close_failed", part=name, error=f"{type(exc).__name__}: {exc}")
         log.info("daemon_stopped", uptime_s=round(time.monotonic() - self._started, 1),
                  shutdown_s=round(time.monotonic() - t0, 3), **_summary(self.metrics))
 

@@ -38,6 +38,8 @@ class Metrics:
         self.broker_up = Gauge("tsmon_broker_up", "0 while the broker is unreachable (no connection or heartbeat)",
                                registry=r)
         self.broker_up.set(1)
+        self.undeliverable = Counter("tsmon_undeliverable_messages", "Output the broker can never take (too large, "
+                                     "not authorised), given up and logged", ["topic"], registry=r)
         self.retries = Counter("tsmon_commit_retries", "Commits put off because the sink or the broker failed",
                                ["cause"], registry=r)
         self.paused = Gauge("tsmon_consumption_paused", "1 while input is paused because the sink or broker fails",
@@ -62,7 +64,8 @@ class Metrics:
         self._counters = {c.describe()[0].name: c for c in (self.records, self.samples, self.dead_letters,
                                                             self.windows, self.skipped, self.alerts, self.quality,
                                                             self.commits, self.alert_severity, self.calibrations,
-                                                            self.commands, self.snapshots, self.evicted, self.retries)}
+                                                            self.commands, self.snapshots, self.evicted, self.retries,
+                                                            self.undeliverable)}
         self._max_stream_labels = max_stream_labels
         self._labelled: dict[str, str] = {}  # stream → the source its one threshold series carries
         self._over_cap: set[str] = set()

@@ -409,7 +409,7 @@ class Processor:
 
     # 4. commits and rebalances --------------------------------------------------------------------
     def commit(self, source: Source, tps: set[TP] | None = None, timeout_s: float | None = None) -> dict[TP, int]:
-        """Flush the sink, then commit what is safe, within ``timeout_s`` (default ``flush_timeout_s``) each.
+        """Flush the sink, then commit what is safe, both within ``timeout_s`` (default ``flush_timeout_s``).
 
         Raises SinkBackpressure (the sink did not acknowledge: nothing committed) or BrokerError (the
         commit itself failed); either way the input is replayed from the last commit if we die now.
@@ -417,11 +417,12 @@ class Processor:
         timeout = self.settings.flush_timeout_s if timeout_s is None else timeout_s
         if self.deadline is not None:  # shutting down: within what is left of the budget
             timeout = max(0.05, min(timeout, self.deadline - time.monotonic()))
+        end = time.monotonic() + timeout
         self.sink.flush(timeout)
         assigned = source.assignment() if tps is None else tps
         offsets = {tp: o for tp, o in self.ledger.committable(assigned).items() if self._committed.get(tp) != o}
-        if offsets:
-            source.commit(offsets, timeout)
+        if offsets:  # the flush and the commit share the timeout
+            source.commit(offsets, max(0.05, end - time.monotonic()))
             self._committed.update(offsets)
             self.metrics.commits.inc()
         return offsets

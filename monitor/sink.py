@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from models.errors import BrokerError, SinkBackpressure
+from monitor import logs
+
+log = logs.get("tsmon.sink")
 
 Headers = list[tuple[str, bytes]]
 
@@ -64,9 +68,16 @@ class MemorySink:
 
 
 class KafkaSink:
-    """A kafka-python producer that remembers what is in flight until the broker acknowledges it."""
+    """A kafka-python producer that remembers what is in flight until the broker acknowledges it.
 
-    def __init__(self, producer_kwargs: dict[str, Any], retries: int = 3) -> None:
+    A message the broker cannot take now (no metadata, buffer full, a retriable error) is kept and sent
+    again; one it can never take (too large for the broker, not authorised, invalid topic) would hold
+    every commit back forever, so it is given up: logged as an error with its topic, key and size, and
+    passed to ``on_undeliverable`` (the daemon counts it).
+    """
+
+    def __init__(self, producer_kwargs: dict[str, Any], retries: int = 3,
+                 on_undeliverable: Callable[[OutMessage, str], None] | None = None) -> None:
         from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
@@ -79,15 +90,18 @@ class KafkaSink:
         self._inflight: list[tuple[OutMessage, Any | None]] = []  # (message, future or None if not taken yet)
         self._last_error: Exception | None = None
         self._refused = False  # the producer refused a message since the last flush attempt
+        self._on_undeliverable = on_undeliverable or (lambda _msg, _why: None)
 
     def send(self, msg: OutMessage) -> None:
-        self._inflight.append((msg, self._send(msg)))
+        future = self._send(msg)
+        if future is not False:
+            self._inflight.append((msg, future))
 
-    def _send(self, msg: OutMessage) -> Any | None:
-        """The producer's future, or None when the producer could not take it (buffer full, or no metadata
-        within ``max_block_ms``): kept in flight all the same and handed over again at the next flush. After
-        one such refusal the producer is not asked again before that flush, so a stuck broker blocks the
-        loop for ``max_block_ms`` once, not once per message."""
+    def _send(self, msg: OutMessage) -> Any | None | Literal[False]:
+        """The producer's future; None when the producer could not take it now (buffer full, or no metadata
+        within ``max_block_ms``): kept in flight all the same and handed over again at the next flush; False
+        when it never will (given up). After one refusal the producer is not asked again before that flush,
+        so a stuck broker blocks the loop for ``max_block_ms`` once, not once per message."""
         from kafka.errors import KafkaError
 
         if self._refused:
@@ -95,14 +109,24 @@ class KafkaSink:
         try:
             return self._producer.send(msg.topic, value=msg.value, key=msg.key, headers=msg.headers)
         except KafkaError as exc:
+            if not _retriable(exc):
+                self._give_up(msg, exc)
+                return False
             self._last_error, self._refused = exc, True
             return None
+
+    def _give_up(self, msg: OutMessage, exc: BaseException) -> None:
+        why = f"{type(exc).__name__}: {exc}"
+        log.error("message_undeliverable", topic=msg.topic, key=(msg.key or b"").decode(errors="replace"),
+                  bytes=len(msg.value), error=why)
+        self._on_undeliverable(msg, why)
 
     def flush(self, timeout_s: float) -> None:
         """Block until everything sent is acknowledged; re-send refusals; raise SinkBackpressure if stuck.
 
         A message still in the producer's buffer is waited for, never sent twice; one the broker refused
-        (or the producer could not take) is handed over again, at most ``retries`` times per flush.
+        (or the producer could not take) is handed over again, at most ``retries`` times and never after
+        ``timeout_s``.
         """
         from kafka.errors import KafkaTimeoutError
 
@@ -112,15 +136,23 @@ class KafkaSink:
                 self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))
             except KafkaTimeoutError as exc:  # the broker is away or slow: what is buffered stays buffered
                 self._last_error = exc
-            failed = [m for m, f in self._inflight if f is None or (f.is_done and f.failed())]
-            waiting = [(m, f) for m, f in self._inflight if f is not None and not f.is_done]
+            failed, waiting = [], []
+            for m, f in self._inflight:
+                if f is None or (f.is_done and f.failed()):
+                    if f is not None and not _retriable(f.exception):
+                        self._give_up(m, f.exception)
+                    else:
+                        failed.append(m)
+                elif not f.is_done:
+                    waiting.append((m, f))
             if not failed and not waiting:
                 self._inflight.clear()
                 return
-            self._refused = False  # ask the producer again, once per attempt
-            self._inflight = waiting + [(m, self._send(m)) for m in failed]
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline:  # no more sends: each may block for max_block_ms
+                self._inflight = waiting + [(m, None) for m in failed]
                 break
+            self._refused = False  # ask the producer again, once per attempt
+            self._inflight = waiting + [(m, f) for m in failed if (f := self._send(m)) is not False]
         first = next((f.exception for _m, f in self._inflight if f is not None and f.is_done and f.failed()),
                      self._last_error)
         raise SinkBackpressure(f"{len(self._inflight)} message(s) not acknowledged by the broker: {first or 'timeout'}",
@@ -148,3 +180,11 @@ class KafkaSink:
                 self._producer.close(timeout=0.1)
                 raise SinkBackpressure(f"producer closed with {self.pending} message(s) unacknowledged: {exc}",
                                        retry_after=0.0) from None
+
+
+def _retriable(exc: BaseException | None) -> bool:
+    """Will sending again help? Timeouts and kafka-python's retriable errors yes; a record too large, an
+    authorisation or an invalid-topic error never."""
+    from kafka.errors import KafkaTimeoutError
+
+    return exc is None or isinstance(exc, KafkaTimeoutError) or bool(getattr(exc, "retriable", False))

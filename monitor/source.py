@@ -2,8 +2,8 @@
 
 Owns the consumer and the rebalance hooks. The daemon decides *what* to commit (the offset ledger);
 the source only commits exactly the offsets it is given, synchronously and within a timeout (a failure is
-a :class:`BrokerError`), and says when the broker cannot be used (no connection, or no heartbeat answered
-for a session timeout: the consumer's own metrics), which the daemon reports as not ready. On a revoke, kafka-python calls
+a :class:`BrokerError`), and says when the broker cannot be used (no open connection: the consumer's own
+metrics), which the daemon reports as not ready. On a revoke, kafka-python calls
 ``on_revoke`` while ``poll`` (or ``close``) blocks, before the partitions move, so the daemon can score,
 publish and commit what it holds for them; ``on_assign`` follows with the new partitions. kafka-python 3
 runs these callbacks on its network thread, where a blocking commit would deadlock ("Cannot block on
@@ -16,7 +16,6 @@ uses the real broker.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -112,7 +111,6 @@ class KafkaSource:
                     on_assign([(tp.topic, tp.partition) for tp in assigned])
 
         self._in_callback = False
-        self._session_s = consumer_kwargs.get("session_timeout_ms", 10_000) / 1000
 
         try:
             self._consumer = KafkaConsumer(**consumer_kwargs)
@@ -153,13 +151,10 @@ class KafkaSource:
             raise BrokerError(f"commit failed: {type(exc).__name__}: {exc}") from None
 
     def broker_problem(self) -> str | None:
-        """Why the group cannot work now: no open connection, or no heartbeat answered for a session timeout."""
-        m = self._consumer.metrics()
-        if not m.get("consumer-metrics", {}).get("connection-count", 1):
+        """Why the broker cannot be used now: the consumer holds no open connection to any broker (its own
+        ``connection-count`` metric; kafka-python reconnects by itself with exponential backoff)."""
+        if not self._consumer.metrics().get("consumer-metrics", {}).get("connection-count", 1):
             return "no connection to any broker"
-        beat = m.get("consumer-coordinator-metrics", {}).get("last-heartbeat-seconds-ago", 0.0)
-        if math.isfinite(beat) and beat > self._session_s:  # inf until the first join: not an outage
-            return f"no heartbeat answered for {beat:.0f} s"
         return None
 
     def assignment(self) -> set[TP]:

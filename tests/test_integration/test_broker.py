@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
@@ -70,3 +71,27 @@ def test_a_taken_port_is_refused(broker) -> None:
 
     with pytest.raises(BrokerError, match="in use"):
         LocalBroker(port=broker.port).start()
+
+
+def test_the_sink_gives_up_a_message_the_broker_can_never_take(broker, topic: str) -> None:
+    """A record over the producer's max_request_size would block every later commit if it were retried
+    forever: it is given up (and reported), and what follows is delivered."""
+    from monitor.sink import KafkaSink, OutMessage
+    from monitor.topics import TopicReader
+
+    lost: list[str] = []
+    sink = KafkaSink({"bootstrap_servers": broker.bootstrap, "max_request_size": 100_000},
+                     on_undeliverable=lambda m, why: lost.append(why))
+    sink.send(OutMessage(topic, b"k", b"x" * 200_000))
+    sink.send(OutMessage(topic, b"k", b'{"ok": 1}'))
+    sink.flush(10)
+    sink.close(5)
+    assert len(lost) == 1 and "MessageSizeTooLarge" in lost[0]
+    reader = TopicReader(broker.bootstrap, topic)
+    try:
+        t0 = time.monotonic()
+        while not reader.docs and time.monotonic() - t0 < 15:
+            time.sleep(0.1)
+    finally:
+        reader.close()
+    assert reader.docs == [{"ok": 1}] and sink.pending == 0

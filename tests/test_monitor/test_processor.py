@@ -379,3 +379,22 @@ def test_backoff_doubles_up_to_its_cap_and_a_success_resets_it() -> None:
     assert not b.due(12.9) and b.due(13.0) and b.since == 10.0
     b.succeeded()
     assert b.due(0.0) and b.failed(20.0) == 0.5
+
+
+def test_partitions_assigned_while_commits_fail_start_paused(stream_model: Path) -> None:
+    from monitor.config import load_config
+    from monitor.daemon import Daemon
+
+    cfg = load_config(None, {"models": [{"pattern": "*", "path": str(stream_model)}], "daemon.scoring": "thread",
+                             "daemon.device": "cpu", "http.enabled": False}, env={})
+    source = MemorySource()
+    d = Daemon(cfg, source=source, sink=MemorySink())
+    try:
+        d._on_assign([(TOPIC, 0)])
+        assert source.paused == set()  # nothing failing: consumed at once
+        source.down = "no connection to any broker"
+        d._commit()
+        d._on_assign([(TOPIC, 1)])  # a rebalance while the broker is away
+        assert (TOPIC, 1) in source.paused and (TOPIC, 1) in d._paused
+    finally:
+        d.processor.close()
