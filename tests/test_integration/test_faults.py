@@ -14,6 +14,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,26 @@ def play(bootstrap: str, topic: str, seconds: float) -> threading.Thread:
     return t
 
 
+def config_for(tmp_path: Path, bootstrap: str, topic: str, model: Path) -> Path:
+    """A daemon config with state, control and audit topics of this test's own."""
+    extra = f'\n[state]\ntopic = "{topic}.state"\n[control]\ntopic = "{topic}.control"\naudit_topic = "{topic}.audit"\n'
+    return write_config(tmp_path / "tsmon.toml", bootstrap, topic, model, extra)
+
+
+def create_topic(bootstrap: str, topic: str) -> None:
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    try:
+        admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
+    finally:
+        admin.close()
+
+
+def http_url(log: Path) -> str:
+    return str(json.loads(next(ln for ln in log.read_text().splitlines() if '"http_listening"' in ln))["url"])
+
+
 def start(cfg: Path, cwd: Path, log: Path, **env: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as err:
         return subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(cfg)], cwd=cwd,
@@ -74,8 +96,7 @@ def committed_total(bootstrap: str, topic: str, group: str) -> int:
 
 
 def test_kill_9_at_random_points_loses_no_alert(broker: Any, topic: str, stream_model: Path, tmp_path: Path) -> None:
-    extra = f'\n[state]\ntopic = "{topic}.state"\n[control]\ntopic = "{topic}.control"\naudit_topic = "{topic}.audit"\n'
-    cfg = write_config(tmp_path / "tsmon.toml", broker.bootstrap, topic, stream_model, extra)
+    cfg = config_for(tmp_path, broker.bootstrap, topic, stream_model)
     log = tmp_path / "stderr.log"
     player = play(broker.bootstrap, topic, seconds=40)
     rng = random.Random(2026)
@@ -132,8 +153,7 @@ def wait_all_resolved(bootstrap: str, topic: str, procs: list[subprocess.Popen[b
 
 
 def test_kill_9_of_one_of_two_instances(broker: Any, topic: str, stream_model: Path, tmp_path: Path) -> None:
-    extra = f'\n[state]\ntopic = "{topic}.state"\n[control]\ntopic = "{topic}.control"\naudit_topic = "{topic}.audit"\n'
-    cfg = write_config(tmp_path / "tsmon.toml", broker.bootstrap, topic, stream_model, extra)
+    cfg = config_for(tmp_path, broker.bootstrap, topic, stream_model)
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     player = play(broker.bootstrap, topic, seconds=40)
     a = start(cfg, tmp_path, logs[0])
@@ -206,8 +226,6 @@ def watch(url: str, want: int, proc: subprocess.Popen[bytes], limit_s: float) ->
 def test_a_broker_restart_is_ridden_out(stream_model: Path, tmp_path: Path) -> None:
     """The broker (persistent storage) is SIGKILLed mid-stream and restarted 8 s later: the daemon reports
     not-ready while it is away, keeps its loop turning, retries with backoff, resumes and loses nothing."""
-    from kafka.admin import KafkaAdminClient, NewTopic
-
     from monitor.broker import LocalBroker
 
     broker = LocalBroker(data_dir=tmp_path / "s3", log_file=tmp_path / "broker.log")
@@ -215,12 +233,8 @@ def test_a_broker_restart_is_ridden_out(stream_model: Path, tmp_path: Path) -> N
     proc = player = None
     try:
         topic = "t-restart"
-        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=10_000)
-        admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
-        admin.close()
-        extra = (f'\n[state]\ntopic = "{topic}.state"\n[control]\ntopic = "{topic}.control"\n'
-                 f'audit_topic = "{topic}.audit"\n')
-        cfg = write_config(tmp_path / "tsmon.toml", broker.bootstrap, topic, stream_model, extra)
+        create_topic(broker.bootstrap, topic)
+        cfg = config_for(tmp_path, broker.bootstrap, topic, stream_model)
         log = tmp_path / "stderr.log"
         # the producer is a process of its own too: kafka-python leaves the sockets of connection attempts the
         # outage refused to the garbage collector, which pytest would report as unclosed at the end of the session
@@ -228,7 +242,7 @@ def test_a_broker_restart_is_ridden_out(stream_model: Path, tmp_path: Path) -> N
         player = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
         proc = start(cfg, tmp_path, log)
         wait_for(lambda: '"stream_started"' in log.read_text(), proc)
-        url = json.loads(next(ln for ln in log.read_text().splitlines() if '"http_listening"' in ln))["url"]
+        url = http_url(log)
         watch(f"{url}/readyz", 200, proc, 30)
         time.sleep(2.0)
         broker.kill()
@@ -263,58 +277,93 @@ def metric(url: str, name: str) -> float:
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith((f"{name} ", f"{name}{{")))
 
 
-def test_a_stalled_sink_pauses_the_input_instead_of_buffering(stream_model: Path, tmp_path: Path) -> None:
-    """The daemon's Produce requests (client id "tsmon") are held back by a proxy in front of the broker, while
-    its consumer and the test's producer go on: at its next output the daemon stops taking input, reports
-    not-ready, takes nothing in for 8 s, and publishes every alert once the sink answers again."""
-    from kafka.admin import KafkaAdminClient, NewTopic
-
+@contextmanager
+def proxied_broker() -> Iterator[tuple[str, Any]]:
+    """A broker of its own that every client reaches through a proxy able to hold the daemon's Produce requests."""
     from monitor.broker import LocalBroker, free_port
     from tests.proxy import KafkaProxy
 
     broker_port = free_port()
-    proxy = KafkaProxy(broker_port, client_id="tsmon")
-    broker = LocalBroker(port=broker_port, advertised_port=proxy.port)  # every client goes through the proxy
+    proxy = KafkaProxy(broker_port, client_id="tsmon")  # the daemon's client id: its producer, not its consumer
+    broker = LocalBroker(port=broker_port, advertised_port=proxy.port)
     broker.start()
     proxy.start()
-    bootstrap, topic, proc = f"127.0.0.1:{proxy.port}", "t-slow-sink", None
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-        admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
-        admin.close()
-        extra = (f'\n[state]\ntopic = "{topic}.state"\n[control]\ntopic = "{topic}.control"\n'
-                 f'audit_topic = "{topic}.audit"\n')
-        cfg = write_config(tmp_path / "tsmon.toml", bootstrap, topic, stream_model, extra)
-        log = tmp_path / "stderr.log"
-        player = play(bootstrap, topic, seconds=40)
-        proc = start(cfg, tmp_path, log)
-        wait_for(lambda: '"stream_started"' in log.read_text(), proc)
-        url = json.loads(next(ln for ln in log.read_text().splitlines() if '"http_listening"' in ln))["url"]
-        watch(f"{url}/readyz", 200, proc, 30)
-        time.sleep(2.0)
-        proxy.hold.set()  # the daemon notices at its next output: the first burst's alerts
-        paused_after, reason = watch(f"{url}/readyz", 503, proc, 40)
-        assert "sink back-pressure" in reason, reason
-        taken = metric(url, "tsmon_records_total")
-        time.sleep(8)
-        assert metric(url, "tsmon_records_total") == taken  # nothing taken in while the sink was stuck
-        assert metric(url, "tsmon_consumption_paused") == 1 and proxy.held > 0
-        assert player.is_alive(), "the input ended while the sink was held"
-        proxy.hold.clear()
-        back_after, _ = watch(f"{url}/readyz", 200, proc, 60)
-        player.join(90)
-        docs = wait_all_resolved(bootstrap, topic, [proc])
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+        yield f"127.0.0.1:{proxy.port}", proxy
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
         proxy.stop()
         broker.stop()
+
+
+def test_a_stalled_sink_pauses_the_input_instead_of_buffering(stream_model: Path, tmp_path: Path) -> None:
+    """The daemon's Produce requests are held back by the proxy while its consumer and the test's producer go on:
+    at its next output the daemon stops taking input, reports not-ready, takes nothing in for 8 s, and
+    publishes every alert once the sink answers again."""
+    topic, proc = "t-slow-sink", None
+    with proxied_broker() as (bootstrap, proxy):
+        try:
+            create_topic(bootstrap, topic)
+            cfg = config_for(tmp_path, bootstrap, topic, stream_model)
+            log = tmp_path / "stderr.log"
+            player = play(bootstrap, topic, seconds=40)
+            proc = start(cfg, tmp_path, log)
+            wait_for(lambda: '"stream_started"' in log.read_text(), proc)
+            url = http_url(log)
+            watch(f"{url}/readyz", 200, proc, 30)
+            time.sleep(2.0)
+            proxy.hold.set()  # the daemon notices at its next output: the first burst's alerts
+            paused_after, reason = watch(f"{url}/readyz", 503, proc, 40)
+            assert "sink back-pressure" in reason, reason
+            taken = metric(url, "tsmon_records_total")
+            time.sleep(8)
+            assert metric(url, "tsmon_records_total") == taken  # nothing taken in while the sink was stuck
+            assert metric(url, "tsmon_consumption_paused") == 1 and proxy.held > 0
+            assert player.is_alive(), "the input ended while the sink was held"
+            proxy.hold.clear()
+            back_after, _ = watch(f"{url}/readyz", 200, proc, 60)
+            player.join(90)
+            docs = wait_all_resolved(bootstrap, topic, [proc])
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            stop(proc)
     print(f"paused {paused_after:.1f} s after the hold, ready {back_after:.1f} s after the release; "
           f"{proxy.held} produce requests held")
     check_episodes(docs)
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_shutdown_is_bounded_while_the_sink_is_stalled(stream_model: Path, tmp_path: Path) -> None:
+    """SIGTERM while the daemon's output cannot be delivered (alerts and snapshots waiting in the producer):
+    exit status 0 within shutdown_timeout_s; nothing is committed past what was not acknowledged."""
+    topic, proc, budget = "t-stalled-stop", None, 4.0
+    with proxied_broker() as (bootstrap, proxy):
+        try:
+            create_topic(bootstrap, topic)
+            log = tmp_path / "stderr.log"
+            player = play(bootstrap, topic, seconds=20)
+            proc = start(config_for(tmp_path, bootstrap, topic, stream_model), tmp_path, log,
+                         TSMON_DAEMON__SHUTDOWN_TIMEOUT_S=str(budget))
+            wait_for(lambda: '"stream_started"' in log.read_text(), proc)
+            proxy.hold.set()
+            watch(f"{http_url(log)}/readyz", 503, proc, 40)  # paused: output is waiting
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            took = time.monotonic() - t0
+            player.join(30)
+        finally:
+            proxy.hold.clear()
+            stop(proc)
+    stopped = json.loads(next(ln for ln in log.read_text().splitlines() if '"daemon_stopped"' in ln))
+    print(f"stalled sink: exit {took:.1f} s after SIGTERM, shutdown_s {stopped['shutdown_s']} (budget {budget} s)")
+    assert '"final_commit_failed"' in log.read_text()
+    assert stopped["shutdown_s"] <= budget + 0.5 and took <= budget + 5
 
 
 def test_shutdown_is_bounded_when_the_broker_is_gone(stream_model: Path, tmp_path: Path) -> None:
@@ -326,14 +375,12 @@ def test_shutdown_is_bounded_when_the_broker_is_gone(stream_model: Path, tmp_pat
     broker.start()
     topic, proc, budget = "t-shutdown", None, 4.0
     try:
-        extra = (f'\n[state]\ntopic = "{topic}.state"\n[control]\ntopic = "{topic}.control"\n'
-                 f'audit_topic = "{topic}.audit"\n')
-        cfg = write_config(tmp_path / "tsmon.toml", broker.bootstrap, topic, stream_model, extra)
+        cfg = config_for(tmp_path, broker.bootstrap, topic, stream_model)
         log = tmp_path / "stderr.log"
         player = play(broker.bootstrap, topic, seconds=10)
         proc = start(cfg, tmp_path, log, TSMON_DAEMON__SHUTDOWN_TIMEOUT_S=str(budget))
         wait_for(lambda: '"stream_started"' in log.read_text(), proc)
-        url = json.loads(next(ln for ln in log.read_text().splitlines() if '"http_listening"' in ln))["url"]
+        url = http_url(log)
         player.join(30)
         broker.kill()
         watch(f"{url}/readyz", 503, proc, 20)
@@ -342,9 +389,7 @@ def test_shutdown_is_bounded_when_the_broker_is_gone(stream_model: Path, tmp_pat
         assert proc.wait(timeout=30) == 0
         took = time.monotonic() - t0
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         broker.stop()
     stopped = json.loads(next(ln for ln in log.read_text().splitlines() if '"daemon_stopped"' in ln))
     assert '"final_commit_failed"' in log.read_text()
