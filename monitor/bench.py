@@ -30,7 +30,7 @@ from monitor.scorer import Scorer, load_served
 from monitor.windows import StreamWindows
 
 
-def _streams(det: Any, n_streams: int, per_stream: int, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def sample_streams(det: Any, n_streams: int, per_stream: int, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """The model's ECG5000 test beats for a model trained on them, else noisy sines of the model's shape."""
     rng = np.random.default_rng(seed)
     beats = None
@@ -123,7 +123,7 @@ def bench_pipeline(model: str, streams: int = 8, samples: int = 560_000, chunk: 
 
     served = load_served("*", model, None, None, device)  # named as the daemon's route names it
     scorer = Scorer([served])
-    data = _streams(served.detector, streams, samples // streams, seed)
+    data = sample_streams(served.detector, streams, samples // streams, seed)
     total = sum(len(ts) for _, ts, _ in data)
     all_cores, daemon_threads = torch.get_num_threads(), scoring_threads(None)
     t_consume, t_scorer, t_all, t_pipe, cpu = [], [], [], [], []

@@ -152,9 +152,8 @@ class Daemon:
         # changelog, which the previous owner wrote when the partitions were revoked from it. The first
         # assignment reads it in any case (daemon-wide state), before any command is polled.
         log.info("partitions_assigned", partitions=[f"{t}-{p}" for t, p in tps])
-        if self._problem is not None and tps:  # still failing: new partitions wait like the others
-            self.source.pause(set(tps))
-            self._paused |= set(tps)
+        if self._problem is not None:  # still failing: new partitions wait like the others
+            self._pause(set(tps))
         if tps or not self._restored:
             try:
                 self.restore()
@@ -288,17 +287,13 @@ class Daemon:
         now = time.monotonic()
         if not self._retry.due(now):
             return
-        problem = self.source.broker_problem()
-        self.metrics.broker_up.set(problem is None)
         try:
-            if problem is not None:  # a commit now would only block the loop until it timed out
-                raise BrokerError(problem)
-            self.processor.commit(self.source)
-        except SinkBackpressure as exc:  # the backoff counts from the end of the attempt, which can take seconds
-            self._failing("sink", f"sink back-pressure: {exc}", time.monotonic())
+            self._commit_now()
+        except SinkBackpressure as exc:
+            self._failing("sink", f"sink back-pressure: {exc}")
             return
         except BrokerError as exc:
-            self._failing("broker", f"broker unavailable: {exc}", time.monotonic())
+            self._failing("broker", f"broker unavailable: {exc}")
             return
         if self._paused:
             self.source.resume(self._paused)
@@ -309,21 +304,32 @@ class Daemon:
         self._paused, self._problem = set(), None
         self._retry.succeeded()
 
-    def _failing(self, cause: str, problem: str, now: float) -> None:
-        tps = self.source.assignment() - self._paused
+    def _commit_now(self) -> None:
+        """Flush and commit, unless the broker is unreachable: a commit then would only block until it timed out."""
+        problem = self.source.broker_problem()
+        self.metrics.broker_up.set(problem is None)
+        if problem is not None:
+            raise BrokerError(problem)
+        self.processor.commit(self.source)
+
+    def _pause(self, tps: set[TP]) -> None:
         if tps:
             self.source.pause(tps)
             self._paused |= tps
+
+    def _failing(self, cause: str, problem: str) -> None:
+        self._pause(self.source.assignment() - self._paused)
         first = self._problem is None
         self._problem = problem
         self.metrics.paused.set(1)
         self.metrics.retries.labels(cause).inc()
-        delay = self._retry.failed(now)
+        delay = self._retry.failed(time.monotonic())  # from the end of the attempt, which can take seconds
         (log.warning if first else log.info)("input_paused" if first else "commit_retry_failed", cause=cause,
                                              error=problem, partitions=len(self._paused), retry_in_s=round(delay, 2))
 
     def _shutdown(self) -> None:
-        """Score, publish, snapshot, commit and close, all within ``shutdown_timeout_s``."""
+        """Score, publish, snapshot, commit and close, all within ``shutdown_timeout_s``: every commit asked
+        for meanwhile (the final one, the revoke's) ends by ``processor.deadline``."""
         t0 = time.monotonic()
         budget = self.cfg.daemon.shutdown_timeout_s
         end = t0 + budget * 0.85  # the rest is for stopping the scoring process and the HTTP server
@@ -337,10 +343,8 @@ class Daemon:
         try:
             self.processor.score_ready(force=True)
             self.processor.save_changed(every=True)
-            problem = self.source.broker_problem()
-            if problem is not None:
-                raise BrokerError(problem)
-            self.processor.commit(self.source, timeout_s=left(0.3))
+            self.processor.deadline = time.monotonic() + left(0.3)
+            self._commit_now()
         except (SinkBackpressure, BrokerError) as exc:
             log.error("final_commit_failed", error=str(exc),
                       consequence="input since the last commit is replayed at the next start")
@@ -349,15 +353,16 @@ class Daemon:
             # leaving the group revokes: nothing waits by now, the sink is still open; the revoke's commit
             # (a no-op after the final one) shares this step's time
             self.processor.deadline = time.monotonic() + left(0.4)
-            steps: list[tuple[str, Callable[[], None]]] = [
+            steps: list[tuple[str, Callable[[], None] | None]] = [
                 ("source", lambda: self.source.close(left(0.5))),
-                ("control", self.control.close if self.control is not None else lambda: None),
+                ("control", self.control.close if self.control is not None else None),
                 ("sink", lambda: self.sink.close(left())),
                 ("scoring", self.processor.close),
-                ("http", self.http.close if self.http is not None else lambda: None)]
+                ("http", self.http.close if self.http is not None else None)]
             for name, close in steps:  # one that fails must not keep the others open
                 try:
-                    close()
+                    if close is not None:
+                        close()
                 except Exception as exc:  # noqa: BLE001
                     log.error("close_failed", part=name, error=f"{type(exc).__name__}: {exc}")
         log.info("daemon_stopped", uptime_s=round(time.monotonic() - self._started, 1),

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from monitor.bench import _streams
+from monitor.bench import sample_streams
 from monitor.config import load_config
-from monitor.replay import messages
+from monitor.replay import as_records
 from monitor.sink import MemorySink
-from monitor.source import InRecord, MemorySource
+from monitor.source import MemorySource
 
 
 def _traced() -> int:
@@ -39,9 +39,8 @@ def bench_memory(model: str, streams: int) -> dict[str, Any]:
     daemon = Daemon(cfg, source=source, sink=sink)
     det = next(iter(daemon.scorer.models.values())).detector
     per_stream = 3 * det.window
-    for name, ts, values in _streams(det, streams, per_stream, seed=0):
-        source.records += [InRecord("bench", 0, len(source.records), name.encode(), body, int(ts[0]))
-                           for body, _n in messages(name, ts, values, det.window)]
+    for name, ts, values in sample_streams(det, streams, per_stream, seed=0):
+        source.records += as_records(name, ts, values, det.window, "bench", first_offset=len(source.records))
     n_records = len(source.records)
     tracemalloc.start()
     try:

@@ -408,13 +408,13 @@ class Processor:
                     offset=rec.offset)
 
     # 4. commits and rebalances --------------------------------------------------------------------
-    def commit(self, source: Source, tps: set[TP] | None = None, timeout_s: float | None = None) -> dict[TP, int]:
-        """Flush the sink, then commit what is safe, both within ``timeout_s`` (default ``flush_timeout_s``).
+    def commit(self, source: Source, tps: set[TP] | None = None) -> dict[TP, int]:
+        """Flush the sink, then commit what is safe, both within ``flush_timeout_s`` (and by ``deadline``).
 
         Raises SinkBackpressure (the sink did not acknowledge: nothing committed) or BrokerError (the
         commit itself failed); either way the input is replayed from the last commit if we die now.
         """
-        timeout = self.settings.flush_timeout_s if timeout_s is None else timeout_s
+        timeout = self.settings.flush_timeout_s
         if self.deadline is not None:  # shutting down: within what is left of the budget
             timeout = max(0.05, min(timeout, self.deadline - time.monotonic()))
         end = time.monotonic() + timeout

@@ -1,6 +1,6 @@
 """Replay a recorded series into a topic in the input wire format, at a chosen rate.
 
-Owns the producer side of the input contract for ``tsmon replay``, the demo and the pipeline benchmark:
+Owns the producer side of the input contract for ``tsmon replay``, the demo and the benchmarks:
 consecutive samples with a uniform period go out as one chunk message (``ts``, ``period_ms``,
 ``samples``); samples with irregular spacing go out one message each. Key = stream id.
 """
@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
+from monitor.source import InRecord
 
 
 def _numbers(rows: np.ndarray) -> str:
@@ -39,6 +41,13 @@ def messages(stream: str, ts_ms: np.ndarray, values: np.ndarray, chunk: int) -> 
             for i in range(len(t)):
                 row = "[" + ",".join([f"{x:.9g}" for x in v[i].tolist()]) + "]"
                 yield f'{{"stream":{head},"ts":{int(t[i])},"values":{row}}}'.encode(), 1
+
+
+def as_records(stream: str, ts_ms: np.ndarray, values: np.ndarray, chunk: int, topic: str, partition: int = 0,
+               first_offset: int = 0) -> list[InRecord]:
+    """The same messages as consumed records on consecutive offsets of one partition (in-process sources)."""
+    return [InRecord(topic, partition, first_offset + i, stream.encode(), body, int(ts_ms[0]))
+            for i, (body, _n) in enumerate(messages(stream, ts_ms, values, chunk))]
 
 
 def replay(producer: Any, topic: str, stream: str, ts_ms: np.ndarray, values: np.ndarray, chunk: int = 100,

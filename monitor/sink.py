@@ -13,7 +13,9 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
+
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 from models.errors import BrokerError, SinkBackpressure
 from monitor import logs
@@ -79,7 +81,6 @@ class KafkaSink:
     def __init__(self, producer_kwargs: dict[str, Any], retries: int = 3,
                  on_undeliverable: Callable[[OutMessage, str], None] | None = None) -> None:
         from kafka import KafkaProducer
-        from kafka.errors import KafkaError
 
         try:
             self._producer = KafkaProducer(**producer_kwargs)
@@ -93,27 +94,21 @@ class KafkaSink:
         self._on_undeliverable = on_undeliverable or (lambda _msg, _why: None)
 
     def send(self, msg: OutMessage) -> None:
-        future = self._send(msg)
-        if future is not False:
-            self._inflight.append((msg, future))
-
-    def _send(self, msg: OutMessage) -> Any | None | Literal[False]:
-        """The producer's future; None when the producer could not take it now (buffer full, or no metadata
-        within ``max_block_ms``): kept in flight all the same and handed over again at the next flush; False
-        when it never will (given up). After one refusal the producer is not asked again before that flush,
-        so a stuck broker blocks the loop for ``max_block_ms`` once, not once per message."""
-        from kafka.errors import KafkaError
-
-        if self._refused:
-            return None
-        try:
-            return self._producer.send(msg.topic, value=msg.value, key=msg.key, headers=msg.headers)
-        except KafkaError as exc:
-            if not _retriable(exc):
-                self._give_up(msg, exc)
-                return False
-            self._last_error, self._refused = exc, True
-            return None
+        """Hand ``msg`` to the producer and keep it in flight until acknowledged. If the producer cannot take
+        it now (buffer full, or no metadata within ``max_block_ms``) it is kept all the same and handed over
+        again at the next flush; after one such refusal the producer is not asked again before that flush, so
+        a stuck broker blocks the loop for ``max_block_ms`` once, not once per message. A message it can
+        never take is given up."""
+        future = None
+        if not self._refused:
+            try:
+                future = self._producer.send(msg.topic, value=msg.value, key=msg.key, headers=msg.headers)
+            except KafkaError as exc:
+                if not _retriable(exc):
+                    self._give_up(msg, exc)
+                    return
+                self._last_error, self._refused = exc, True
+        self._inflight.append((msg, future))
 
     def _give_up(self, msg: OutMessage, exc: BaseException) -> None:
         why = f"{type(exc).__name__}: {exc}"
@@ -128,8 +123,6 @@ class KafkaSink:
         (or the producer could not take) is handed over again, at most ``retries`` times and never after
         ``timeout_s``.
         """
-        from kafka.errors import KafkaTimeoutError
-
         deadline = time.monotonic() + timeout_s
         for _attempt in range(self._retries + 1):
             try:
@@ -148,11 +141,13 @@ class KafkaSink:
             if not failed and not waiting:
                 self._inflight.clear()
                 return
+            self._inflight = waiting
             if time.monotonic() >= deadline:  # no more sends: each may block for max_block_ms
-                self._inflight = waiting + [(m, None) for m in failed]
+                self._inflight += [(m, None) for m in failed]
                 break
             self._refused = False  # ask the producer again, once per attempt
-            self._inflight = waiting + [(m, f) for m in failed if (f := self._send(m)) is not False]
+            for m in failed:
+                self.send(m)
         first = next((f.exception for _m, f in self._inflight if f is not None and f.is_done and f.failed()),
                      self._last_error)
         raise SinkBackpressure(f"{len(self._inflight)} message(s) not acknowledged by the broker: {first or 'timeout'}",
@@ -164,8 +159,6 @@ class KafkaSink:
 
     def close(self, timeout_s: float) -> None:
         """Deliver what is in flight and close, both within ``timeout_s``."""
-        from kafka.errors import KafkaError
-
         deadline = time.monotonic() + timeout_s
         try:
             self.flush(timeout_s / 2)
@@ -185,6 +178,4 @@ class KafkaSink:
 def _retriable(exc: BaseException | None) -> bool:
     """Will sending again help? Timeouts and kafka-python's retriable errors yes; a record too large, an
     authorisation or an invalid-topic error never."""
-    from kafka.errors import KafkaTimeoutError
-
     return exc is None or isinstance(exc, KafkaTimeoutError) or bool(getattr(exc, "retriable", False))

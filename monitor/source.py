@@ -76,7 +76,7 @@ class MemorySource:
     def resume(self, tps: set[TP]) -> None:
         self.paused -= tps
 
-    def commit(self, offsets: dict[TP, int], timeout_s: float = 0.0) -> None:
+    def commit(self, offsets: dict[TP, int], timeout_s: float) -> None:
         if self.down:
             raise BrokerError(f"commit failed: {self.down}")
         self.committed.update(offsets)
@@ -87,7 +87,7 @@ class MemorySource:
     def broker_problem(self) -> str | None:
         return self.down
 
-    def close(self, timeout_s: float = 0.0) -> None:
+    def close(self, timeout_s: float) -> None:
         pass
 
 
@@ -134,7 +134,7 @@ class KafkaSource:
         finally:
             self._in_callback = False
 
-    def commit(self, offsets: dict[TP, int], timeout_s: float = 30.0) -> None:
+    def commit(self, offsets: dict[TP, int], timeout_s: float) -> None:
         """Commit exactly these offsets, waiting at most ``timeout_s``; BrokerError if the broker did not take them."""
         from kafka import OffsetAndMetadata, TopicPartition
         from kafka.errors import KafkaError
@@ -179,5 +179,5 @@ class KafkaSource:
                 out[(tp.topic, tp.partition)] = max(0, high - self._consumer.position(tp))
         return out
 
-    def close(self, timeout_s: float = 30.0) -> None:
+    def close(self, timeout_s: float) -> None:
         self._consumer.close(autocommit=False, timeout_ms=max(1, int(timeout_s * 1000)))

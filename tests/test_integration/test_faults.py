@@ -69,14 +69,26 @@ def create_topic(bootstrap: str, topic: str) -> None:
         admin.close()
 
 
+def log_event(log: Path, event: str) -> dict[str, Any]:
+    """The daemon's first JSON log line of ``event``."""
+    return dict(json.loads(next(ln for ln in log.read_text().splitlines() if f'"{event}"' in ln)))
+
+
 def http_url(log: Path) -> str:
-    return str(json.loads(next(ln for ln in log.read_text().splitlines() if '"http_listening"' in ln))["url"])
+    return str(log_event(log, "http_listening")["url"])
 
 
 def start(cfg: Path, cwd: Path, log: Path, **env: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as err:
         return subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(cfg)], cwd=cwd,
                                 env={**tsmon_env(), **env}, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    """Kill what still runs, by PID."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def wait_for(cond: Any, proc: subprocess.Popen[bytes], limit_s: float = 60) -> None:
@@ -116,8 +128,7 @@ def test_kill_9_at_random_points_loses_no_alert(broker: Any, topic: str, stream_
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop(proc)
     assert kills[0] > 0 and kills[-1] > kills[0], f"no progress between kills: {kills}"
 
     check_episodes(docs)
@@ -170,9 +181,8 @@ def test_kill_9_of_one_of_two_instances(broker: Any, topic: str, stream_model: P
         b.send_signal(signal.SIGTERM)
         assert b.wait(timeout=20) == 0
     finally:
-        for p in (a, b):
-            if p.poll() is None:
-                p.kill()
+        stop(a)
+        stop(b)
     assert logs[1].read_text().count('"partitions_assigned"') >= 2  # B took A's partitions over
     check_episodes(docs)
 
@@ -226,45 +236,39 @@ def watch(url: str, want: int, proc: subprocess.Popen[bytes], limit_s: float) ->
 def test_a_broker_restart_is_ridden_out(stream_model: Path, tmp_path: Path) -> None:
     """The broker (persistent storage) is SIGKILLed mid-stream and restarted 8 s later: the daemon reports
     not-ready while it is away, keeps its loop turning, retries with backoff, resumes and loses nothing."""
-    from monitor.broker import LocalBroker
-
-    broker = LocalBroker(data_dir=tmp_path / "s3", log_file=tmp_path / "broker.log")
-    broker.start()
     proc = player = None
-    try:
-        topic = "t-restart"
-        create_topic(broker.bootstrap, topic)
-        cfg = config_for(tmp_path, broker.bootstrap, topic, stream_model)
-        log = tmp_path / "stderr.log"
-        # the producer is a process of its own too: kafka-python leaves the sockets of connection attempts the
-        # outage refused to the garbage collector, which pytest would report as unclosed at the end of the session
-        code = f"from tests.test_integration.test_faults import play; play({broker.bootstrap!r}, {topic!r}, 40).join()"
-        player = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
-        proc = start(cfg, tmp_path, log)
-        wait_for(lambda: '"stream_started"' in log.read_text(), proc)
-        url = http_url(log)
-        watch(f"{url}/readyz", 200, proc, 30)
-        time.sleep(2.0)
-        broker.kill()
-        killed = time.monotonic()
-        down_after, reason = watch(f"{url}/readyz", 503, proc, 20)
-        assert "broker unavailable" in reason, reason
-        while time.monotonic() - killed < 8:  # the broker stays away 8 s
-            assert http_get(f"{url}/healthz")[0] == 200  # the loop keeps turning: no restart by a liveness probe
-            time.sleep(0.5)
-        assert player.poll() is None, "the input ended during the outage"
-        broker.restart()
-        back_after, _ = watch(f"{url}/readyz", 200, proc, 60)
-        assert player.wait(90) == 0
-        docs = wait_all_resolved(broker.bootstrap, topic, [proc])
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        for p in (proc, player):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
-        broker.stop()
+    with own_broker(data_dir=tmp_path / "s3", log_file=tmp_path / "broker.log") as broker:
+        try:
+            topic = "t-restart"
+            create_topic(broker.bootstrap, topic)
+            cfg = config_for(tmp_path, broker.bootstrap, topic, stream_model)
+            log = tmp_path / "stderr.log"
+            # the producer is a process of its own too: kafka-python leaves the sockets of connection attempts the
+            # outage refused to the garbage collector, which pytest would report as unclosed at the end of the session
+            code = f"from tests.test_integration.test_faults import play; play({broker.bootstrap!r}, {topic!r}, 40).join()"
+            player = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+            proc = start(cfg, tmp_path, log)
+            wait_for(lambda: '"stream_started"' in log.read_text(), proc)
+            url = http_url(log)
+            watch(f"{url}/readyz", 200, proc, 30)
+            time.sleep(2.0)
+            broker.kill()
+            killed = time.monotonic()
+            down_after, reason = watch(f"{url}/readyz", 503, proc, 20)
+            assert "broker unavailable" in reason, reason
+            while time.monotonic() - killed < 8:  # the broker stays away 8 s
+                assert http_get(f"{url}/healthz")[0] == 200  # the loop keeps turning: no restart by a liveness probe
+                time.sleep(0.5)
+            assert player.poll() is None, "the input ended during the outage"
+            broker.restart()
+            back_after, _ = watch(f"{url}/readyz", 200, proc, 60)
+            assert player.wait(90) == 0
+            docs = wait_all_resolved(broker.bootstrap, topic, [proc])
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            stop(proc)
+            stop(player)
     text = log.read_text()
     assert '"input_paused"' in text and '"input_resumed"' in text
     print(f"not ready {down_after:.1f} s after the kill, ready again {back_after:.1f} s after the restart")
@@ -278,21 +282,32 @@ def metric(url: str, name: str) -> float:
 
 
 @contextmanager
+def own_broker(**kwargs: Any) -> Iterator[Any]:
+    """A broker of this test's own (it will be killed or stalled), stopped by PID at the end."""
+    from monitor.broker import LocalBroker
+
+    broker = LocalBroker(**kwargs)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@contextmanager
 def proxied_broker() -> Iterator[tuple[str, Any]]:
     """A broker of its own that every client reaches through a proxy able to hold the daemon's Produce requests."""
-    from monitor.broker import LocalBroker, free_port
+    from monitor.broker import free_port
     from tests.proxy import KafkaProxy
 
     broker_port = free_port()
     proxy = KafkaProxy(broker_port, client_id="tsmon")  # the daemon's client id: its producer, not its consumer
-    broker = LocalBroker(port=broker_port, advertised_port=proxy.port)
-    broker.start()
-    proxy.start()
-    try:
-        yield f"127.0.0.1:{proxy.port}", proxy
-    finally:
-        proxy.stop()
-        broker.stop()
+    with own_broker(port=broker_port, advertised_port=proxy.port):
+        proxy.start()
+        try:
+            yield f"127.0.0.1:{proxy.port}", proxy
+        finally:
+            proxy.stop()
 
 
 def test_a_stalled_sink_pauses_the_input_instead_of_buffering(stream_model: Path, tmp_path: Path) -> None:
@@ -332,10 +347,17 @@ def test_a_stalled_sink_pauses_the_input_instead_of_buffering(stream_model: Path
     check_episodes(docs)
 
 
-def stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.wait()
+def stop_within(proc: subprocess.Popen[bytes], log: Path, budget: float) -> None:
+    """SIGTERM while the final commit cannot succeed: exit status 0 within the shutdown budget."""
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    took = time.monotonic() - t0
+    stopped = log_event(log, "daemon_stopped")
+    print(f"exit {took:.1f} s after SIGTERM, shutdown_s {stopped['shutdown_s']} (budget {budget} s)")
+    assert '"final_commit_failed"' in log.read_text()
+    assert stopped["shutdown_s"] <= budget + 0.5  # the drain itself; interpreter exit adds a little
+    assert took <= budget + 5
 
 
 def test_shutdown_is_bounded_while_the_sink_is_stalled(stream_model: Path, tmp_path: Path) -> None:
@@ -352,47 +374,28 @@ def test_shutdown_is_bounded_while_the_sink_is_stalled(stream_model: Path, tmp_p
             wait_for(lambda: '"stream_started"' in log.read_text(), proc)
             proxy.hold.set()
             watch(f"{http_url(log)}/readyz", 503, proc, 40)  # paused: output is waiting
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
-            took = time.monotonic() - t0
+            stop_within(proc, log, budget)
             player.join(30)
         finally:
             proxy.hold.clear()
             stop(proc)
-    stopped = json.loads(next(ln for ln in log.read_text().splitlines() if '"daemon_stopped"' in ln))
-    print(f"stalled sink: exit {took:.1f} s after SIGTERM, shutdown_s {stopped['shutdown_s']} (budget {budget} s)")
-    assert '"final_commit_failed"' in log.read_text()
-    assert stopped["shutdown_s"] <= budget + 0.5 and took <= budget + 5
 
 
 def test_shutdown_is_bounded_when_the_broker_is_gone(stream_model: Path, tmp_path: Path) -> None:
     """SIGTERM while the broker is away: the final flush and commit cannot succeed, and the daemon still exits
     (status 0) within shutdown_timeout_s, saying that the input since the last commit will be replayed."""
-    from monitor.broker import LocalBroker
-
-    broker = LocalBroker()
-    broker.start()
     topic, proc, budget = "t-shutdown", None, 4.0
-    try:
-        cfg = config_for(tmp_path, broker.bootstrap, topic, stream_model)
-        log = tmp_path / "stderr.log"
-        player = play(broker.bootstrap, topic, seconds=10)
-        proc = start(cfg, tmp_path, log, TSMON_DAEMON__SHUTDOWN_TIMEOUT_S=str(budget))
-        wait_for(lambda: '"stream_started"' in log.read_text(), proc)
-        url = http_url(log)
-        player.join(30)
-        broker.kill()
-        watch(f"{url}/readyz", 503, proc, 20)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        took = time.monotonic() - t0
-    finally:
-        stop(proc)
-        broker.stop()
-    stopped = json.loads(next(ln for ln in log.read_text().splitlines() if '"daemon_stopped"' in ln))
-    assert '"final_commit_failed"' in log.read_text()
-    print(f"exit {took:.1f} s after SIGTERM, shutdown_s {stopped['shutdown_s']} (budget {budget} s)")
-    assert stopped["shutdown_s"] <= budget + 0.5  # the drain itself; interpreter exit adds a little
-    assert took <= budget + 5
+    with own_broker() as broker:
+        try:
+            cfg = config_for(tmp_path, broker.bootstrap, topic, stream_model)
+            log = tmp_path / "stderr.log"
+            player = play(broker.bootstrap, topic, seconds=10)
+            proc = start(cfg, tmp_path, log, TSMON_DAEMON__SHUTDOWN_TIMEOUT_S=str(budget))
+            wait_for(lambda: '"stream_started"' in log.read_text(), proc)
+            url = http_url(log)
+            player.join(30)
+            broker.kill()
+            watch(f"{url}/readyz", 503, proc, 20)
+            stop_within(proc, log, budget)
+        finally:
+            stop(proc)

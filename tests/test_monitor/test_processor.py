@@ -15,7 +15,7 @@ import pytest
 
 from models.errors import SinkBackpressure
 from monitor.processor import Processor, Settings
-from monitor.replay import messages
+from monitor.replay import as_records
 from monitor.scorer import Scorer, Served, load_served
 from monitor.sink import MemorySink
 from monitor.source import TP, InRecord, MemorySource
@@ -30,8 +30,7 @@ DLQ = Settings().dead_letter_topic
 def records(stream: str, ts: np.ndarray, values: np.ndarray, chunk: int = H, partition: int = 0,
             first_offset: int = 0) -> list[InRecord]:
     """Input records of one stream, one per message body, on consecutive offsets of one partition."""
-    return [InRecord(TOPIC, partition, first_offset + i, stream.encode(), body, int(ts[0]))
-            for i, (body, _n) in enumerate(messages(stream, ts, values, chunk))]
+    return as_records(stream, ts, values, chunk, TOPIC, partition, first_offset)
 
 
 def feed(p: Processor, recs: list[InRecord], poll: int = 50) -> None:
@@ -318,15 +317,19 @@ def test_more_streams_than_the_limit_are_dead_lettered(make: Make) -> None:
     assert p.metrics.total("tsmon_dead_letters_total") == 2 * len(records("dev-3", *sine_stream(50)))
 
 
-def test_a_stuck_sink_pauses_the_input_and_it_resumes_when_the_sink_recovers(stream_model: Path) -> None:
+def in_process_daemon(model: Path, source: MemorySource, sink: MemorySink, **overrides: Any) -> Any:
+    """A whole daemon (scoring on a thread, no HTTP) on in-process doubles of the broker."""
     from monitor.config import load_config
     from monitor.daemon import Daemon
 
-    cfg = load_config(None, {"models": [{"pattern": "*", "path": str(stream_model)}], "daemon.scoring": "thread",
-                             "daemon.device": "cpu", "http.enabled": False, "daemon.commit_interval_ms": 1}, env={})
-    source = MemorySource(records("dev-bp", *sine_stream(3000)), batch=20)
-    out = MemorySink()
-    d = Daemon(cfg, source=source, sink=out)
+    cfg = load_config(None, {"models": [{"pattern": "*", "path": str(model)}], "daemon.scoring": "thread",
+                             "daemon.device": "cpu", "http.enabled": False, **overrides}, env={})
+    return Daemon(cfg, source=source, sink=sink)
+
+
+def test_a_stuck_sink_pauses_the_input_and_it_resumes_when_the_sink_recovers(stream_model: Path) -> None:
+    source, out = MemorySource(records("dev-bp", *sine_stream(3000)), batch=20), MemorySink()
+    d = in_process_daemon(stream_model, source, out, **{"daemon.commit_interval_ms": 1})
     out.fail_next = 3  # three commits in a row cannot get their messages acknowledged
     seen: list[tuple[int, bool, str]] = []
 
@@ -343,14 +346,9 @@ def test_a_stuck_sink_pauses_the_input_and_it_resumes_when_the_sink_recovers(str
 
 
 def test_an_unreachable_broker_pauses_the_input_until_a_commit_succeeds(stream_model: Path) -> None:
-    from monitor.config import load_config
-    from monitor.daemon import Daemon
-
-    cfg = load_config(None, {"models": [{"pattern": "*", "path": str(stream_model)}], "daemon.scoring": "thread",
-                             "daemon.device": "cpu", "http.enabled": False, "daemon.commit_interval_ms": 1,
-                             "daemon.retry_max_s": 0.05}, env={})
     source = MemorySource(records("dev-bd", *sine_stream(3000)), batch=20)
-    d = Daemon(cfg, source=source, sink=MemorySink())
+    d = in_process_daemon(stream_model, source, MemorySink(),
+                          **{"daemon.commit_interval_ms": 1, "daemon.retry_max_s": 0.05})
     seen: list[tuple[int, bool, str, float]] = []
 
     def until() -> bool:
@@ -382,13 +380,8 @@ def test_backoff_doubles_up_to_its_cap_and_a_success_resets_it() -> None:
 
 
 def test_partitions_assigned_while_commits_fail_start_paused(stream_model: Path) -> None:
-    from monitor.config import load_config
-    from monitor.daemon import Daemon
-
-    cfg = load_config(None, {"models": [{"pattern": "*", "path": str(stream_model)}], "daemon.scoring": "thread",
-                             "daemon.device": "cpu", "http.enabled": False}, env={})
     source = MemorySource()
-    d = Daemon(cfg, source=source, sink=MemorySink())
+    d = in_process_daemon(stream_model, source, MemorySink())
     try:
         d._on_assign([(TOPIC, 0)])
         assert source.paused == set()  # nothing failing: consumed at once
