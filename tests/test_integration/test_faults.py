@@ -124,9 +124,7 @@ def test_kill_9_at_random_points_loses_no_alert(broker: Any, topic: str, stream_
     proc = start(cfg, tmp_path, log)
     try:
         player.join(60)
-        docs = wait_all_resolved(broker.bootstrap, topic, [proc])
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+        docs = resolved_then_stopped(broker.bootstrap, topic, proc)
     finally:
         stop(proc)
     assert kills[0] > 0 and kills[-1] > kills[0], f"no progress between kills: {kills}"
@@ -163,6 +161,14 @@ def wait_all_resolved(bootstrap: str, topic: str, procs: list[subprocess.Popen[b
     return [d for d in docs if d.get("type") == "anomaly"]
 
 
+def resolved_then_stopped(bootstrap: str, topic: str, proc: subprocess.Popen[bytes]) -> list[dict[str, Any]]:
+    """Every episode resolved on the alerts topic; then SIGTERM, and the daemon exits with status 0."""
+    docs = wait_all_resolved(bootstrap, topic, [proc])
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    return docs
+
+
 def test_kill_9_of_one_of_two_instances(broker: Any, topic: str, stream_model: Path, tmp_path: Path) -> None:
     cfg = config_for(tmp_path, broker.bootstrap, topic, stream_model)
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
@@ -177,9 +183,7 @@ def test_kill_9_of_one_of_two_instances(broker: Any, topic: str, stream_model: P
         a.send_signal(signal.SIGKILL)
         a.wait(timeout=10)
         player.join(60)
-        docs = wait_all_resolved(broker.bootstrap, topic, [b])
-        b.send_signal(signal.SIGTERM)
-        assert b.wait(timeout=20) == 0
+        docs = resolved_then_stopped(broker.bootstrap, topic, b)
     finally:
         stop(a)
         stop(b)
@@ -263,9 +267,7 @@ def test_a_broker_restart_is_ridden_out(stream_model: Path, tmp_path: Path) -> N
             broker.restart()
             back_after, _ = watch(f"{url}/readyz", 200, proc, 60)
             assert player.wait(90) == 0
-            docs = wait_all_resolved(broker.bootstrap, topic, [proc])
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=20) == 0
+            docs = resolved_then_stopped(broker.bootstrap, topic, proc)
         finally:
             stop(proc)
             stop(player)
@@ -337,9 +339,7 @@ def test_a_stalled_sink_pauses_the_input_instead_of_buffering(stream_model: Path
             proxy.hold.clear()
             back_after, _ = watch(f"{url}/readyz", 200, proc, 60)
             player.join(90)
-            docs = wait_all_resolved(bootstrap, topic, [proc])
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=20) == 0
+            docs = resolved_then_stopped(bootstrap, topic, proc)
         finally:
             stop(proc)
     print(f"paused {paused_after:.1f} s after the hold, ready {back_after:.1f} s after the release; "
