@@ -19,10 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from models import __version__
+from models import __version__, beats
 from models.base import LOSSES
 from models.detector import Detector, Threshold
-from models.errors import ArtifactError, ModelConfigError
+from models.errors import ArtifactError, DataError, ModelConfigError
 from models.registry import build
 from models.scaling import Scaler
 
@@ -47,6 +47,7 @@ def save(detector: Detector, path: str | Path, training: dict[str, Any] | None =
         "params": detector.model.config.to_dict(),
         "window": detector.window,
         "hop": detector.hop or detector.window,
+        "windowing": detector.windowing,
         "channels": detector.channel_names or detector.names,
         "loss": detector.loss,
         "normalisation": detector.scaler.to_dict(),
@@ -135,6 +136,16 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
         raise ArtifactError(f"incompatible artifact {root}: normalisation/channel names disagree with {channels} channels")
     if expect_channels is not None and expect_channels != channels:
         raise ArtifactError(f"model {root} expects {channels} channel(s), the data has {expect_channels}")
+    windowing = m.get("windowing") or {"kind": beats.SLIDING}  # artifacts before beat windows: sliding
+    try:
+        if windowing.get("kind") == beats.KIND:
+            rule = beats.BeatRule.from_dict(windowing)
+            if rule.window != model.config.window or rule.lead >= channels:
+                raise DataError(f"beat window {rule.window} / lead {rule.lead} do not fit the model")
+        elif windowing.get("kind") != beats.SLIDING:
+            raise DataError(f"unknown windowing {windowing.get('kind')!r}")
+    except (DataError, AttributeError) as exc:
+        raise ArtifactError(f"incompatible artifact {root}: {exc}") from None
     det = Detector(model, scaler, threshold, dict(m["validation_error_quantiles"]), str(m["loss"]),
-                   list(m["channels"]), int(m["hop"]), meta=m)
+                   list(m["channels"]), int(m["hop"]), meta=m, windowing=dict(windowing))
     return det.to(device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from models import beats
 from models.errors import DataError
 
 ECG5000_SHA256 = {
@@ -40,6 +42,7 @@ class Series:
     labels: np.ndarray | None = None  # int8 0/1 per sample
     sha256: str = ""
     path: str = ""
+    dropped_out_of_order: int = 0  # rows skipped because their timestamp repeated or went back
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Dataset:
     summary: dict[str, Any] = field(default_factory=dict)
     series: Series | None = None  # set for file data
     test_ends: np.ndarray | None = None  # index of each test window's last sample in ``series``
+    windowing: dict[str, Any] = field(default_factory=lambda: {"kind": "sliding"})  # see models.beats
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -112,8 +116,18 @@ def _pick(columns: list[str], wanted: str | None, names: tuple[str, ...], what: 
 
 
 def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp_col: str | None = None,
-                label_col: str | None = None) -> Series:
-    """Read a CSV (optionally gzipped) or Parquet file: optional timestamp and 0/1 label, value columns."""
+                label_col: str | None = None, windows: str | Path | None = None,
+                out_of_order: str = "error") -> Series:
+    """Read a CSV (optionally gzipped) or Parquet file: optional timestamp and 0/1 label, value columns.
+
+    ``windows``: a JSON file of labelled anomaly windows (see :func:`anomaly_windows`) that gives the labels
+    instead of a label column. Rows whose timestamp repeats or goes back (``out_of_order``): ``error``,
+    ``drop`` (counted in ``Series.dropped_out_of_order``), or ``keep`` (replay-eval: the daemon dead-letters
+    them, as it would in production).
+    """
+    dropped = 0
+    if out_of_order not in ("error", "drop", "keep"):
+        raise DataError(f"out_of_order must be error, drop or keep, not {out_of_order!r}")
     p = Path(path)
     if not p.exists():
         raise DataError(f"data file not found: {p}")
@@ -159,10 +173,63 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         except (ValueError, TypeError) as exc:
             raise DataError(f"{p}: timestamp column {ts!r} is not epoch-ms or ISO-8601: {exc}") from None
         back = np.flatnonzero(np.diff(stamps.astype("int64")) <= 0)
-        if len(back):
+        if len(back) and out_of_order == "error":
             i = int(back[0]) + 1
-            raise DataError(f"{p}: timestamps must strictly increase (row {i} repeats or goes back); sort the file")
-    return Series(df[values].to_numpy("float32"), values, stamps, labels, sha256_bytes(raw), str(p))
+            raise DataError(f"{p}: timestamps must strictly increase (row {i} repeats or goes back); sort the "
+                            f"file, or drop such rows with --out-of-order drop")
+        if len(back) and out_of_order == "drop":
+            keep = np.r_[True, stamps[1:] > np.maximum.accumulate(stamps)[:-1]]
+            dropped = int((~keep).sum())
+            df, stamps = df[keep], stamps[keep]
+            labels = labels[keep] if labels is not None else None
+    if windows is not None:
+        if labels is not None:
+            raise DataError(f"{p}: give the labels once: a label column ({lab!r}) or a windows file, not both")
+        if stamps is None:
+            raise DataError(f"{p}: anomaly windows are timestamps, so the file needs a timestamp column")
+        labels = window_labels(stamps, anomaly_windows(windows, p.name))
+    return Series(df[values].to_numpy("float32"), values, stamps, labels, sha256_bytes(raw), str(p), dropped)
+
+
+def anomaly_windows(path: str | Path, data_name: str) -> list[tuple[np.datetime64, np.datetime64]]:
+    """Labelled anomaly windows ``[start, end]`` (inclusive timestamps) from a JSON file, NAB style.
+
+    The file holds either a list of ``[start, end]`` pairs, or an object mapping data file names to such
+    lists (NAB's ``combined_windows.json``: ``"realKnownCause/nyc_taxi.csv": [[...], ...]``); then the key
+    whose last path component is ``data_name`` is used.
+    """
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise DataError(f"windows file not found: {p}") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"windows file {p} is not readable JSON: {exc}") from None
+    if isinstance(doc, dict):
+        keys = [k for k in doc if Path(str(k)).name == data_name]
+        if len(keys) != 1:
+            raise DataError(f"windows file {p} has {'no' if not keys else 'several'} entries for {data_name!r} "
+                            f"(keys: {sorted(doc)[:5]})")
+        doc = doc[keys[0]]
+    if not isinstance(doc, list) or not all(isinstance(w, list) and len(w) == 2 for w in doc):
+        raise DataError(f"windows file {p}: expected a list of [start, end] pairs")
+    try:
+        pairs = [(pd.Timestamp(a).to_datetime64(), pd.Timestamp(b).to_datetime64()) for a, b in doc]
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"windows file {p}: a start or end is not a timestamp: {exc}") from None
+    bad = [(a, b) for a, b in pairs if b < a]
+    if bad:
+        raise DataError(f"windows file {p}: window {bad[0][0]} .. {bad[0][1]} ends before it starts")
+    return pairs
+
+
+def window_labels(stamps: np.ndarray, windows: list[tuple[np.datetime64, np.datetime64]]) -> np.ndarray:
+    """0/1 per sample: 1 where ``start <= timestamp <= end`` for some window."""
+    t = stamps.astype("datetime64[ns]")
+    labels = np.zeros(len(t), dtype="int8")
+    for a, b in windows:
+        labels[(t >= a) & (t <= b)] = 1
+    return labels
 
 
 def make_windows(values: np.ndarray, window: int, hop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -181,15 +248,34 @@ def finite_windows(windows: np.ndarray) -> np.ndarray:
     return np.isfinite(windows).all(axis=(1, 2))
 
 
+def windows_for(values: np.ndarray, window: int, hop: int,
+                windowing: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A model's windows of a series (sliding, or one per beat) and the index of each one's last sample."""
+    if windowing and windowing.get("kind") == beats.KIND:
+        return beats.beat_windows(values, beats.BeatRule.from_dict(windowing))
+    return make_windows(values, window, hop)
+
+
 def series_dataset(series: Series, window: int, hop: int, train_fraction: float = 0.5,
-                   val_fraction: float = 0.2) -> Dataset:
+                   val_fraction: float = 0.2, beat: dict[str, int] | None = None) -> Dataset:
     """Chronological split: normal windows in the first ``train_fraction`` of samples train (their last
-    ``val_fraction`` validate); windows ending after it are test."""
+    ``val_fraction`` validate); windows ending after it are test.
+
+    ``beat`` (``pre``, ``refractory``, ``baseline`` in samples): one window per R peak instead of every
+    ``hop`` samples (:mod:`models.beats`), the peak level fitted on the training part; ``hop`` becomes the
+    median beat interval there.
+    """
     if not 0.0 < train_fraction < 1.0 or not 0.0 < val_fraction < 1.0:
         raise DataError("train_fraction and val_fraction must be in (0, 1)")
-    wins, ends = make_windows(series.values, window, hop)
-    ok = finite_windows(wins)
     split = int(len(series.values) * train_fraction)
+    windowing: dict[str, Any] = {"kind": beats.SLIDING}
+    if beat is not None:
+        rule = beats.BeatRule.fit(series.values[:split], window, **beat)
+        peaks = beats.peak_positions(series.values[:split, rule.lead], rule)
+        hop = int(np.median(np.diff(peaks)))
+        windowing = rule.to_dict()
+    wins, ends = windows_for(series.values, window, hop, windowing)
+    ok = finite_windows(wins)
     if series.labels is not None:
         csum = np.r_[0, np.cumsum(series.labels)]
         win_label = (csum[ends + 1] - csum[ends + 1 - window] > 0).astype("int8")
@@ -206,10 +292,10 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
     summary = {"source": series.path, "sha256": series.sha256, "samples": len(series.values),
                "split_sample": split, "train_fraction": train_fraction, "windows": len(ends),
                "dropped_nonfinite": int((~ok).sum()), "train": len(fit_idx) - n_val, "val": n_val,
-               "test": len(test_idx)}
+               "test": len(test_idx), "windowing": windowing, "dropped_out_of_order": series.dropped_out_of_order}
     return Dataset(Path(series.path).name, window, hop, series.channels,
                    np.ascontiguousarray(wins[fit_idx[: len(fit_idx) - n_val]]),
                    np.ascontiguousarray(wins[fit_idx[len(fit_idx) - n_val :]]),
                    np.ascontiguousarray(wins[test_idx]),
                    win_label[test_idx] if series.labels is not None else None,
-                   summary, series, ends[test_idx])
+                   summary, series, ends[test_idx], windowing)

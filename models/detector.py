@@ -70,6 +70,7 @@ class Detector:
     hop: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    windowing: dict[str, Any] = field(default_factory=lambda: {"kind": "sliding"})  # how windows are cut
 
     @property
     def kind(self) -> str:

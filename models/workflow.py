@@ -32,6 +32,22 @@ class DataSpec:
     timestamp_col: str | None = None
     label_col: str | None = None
     train_fraction: float = 0.5
+    windows: str | None = None  # JSON file of labelled anomaly windows (instead of a label column)
+    out_of_order: str = "error"  # rows whose timestamp repeats or goes back: error or drop
+    align: str = "sliding"  # or "beats": one window per R peak (ECG), see models.beats
+    beat_pre: int = 0  # beats: samples before the peak; 0 → 60 % of the window
+    beat_refractory: int = 0  # beats: a peak is the largest of ± this; 0 → window / 5
+    beat_baseline: int = 0  # beats: half-width of the baseline mean; 0 → window × 3 / 20
+
+    def beat(self) -> dict[str, int] | None:
+        """The beat-window settings for :func:`models.data.series_dataset`, or None for sliding windows."""
+        if self.align == "sliding":
+            return None
+        if self.align != "beats":
+            raise DataError(f"unknown alignment {self.align!r}: use sliding or beats")
+        w = self.window
+        return {"pre": self.beat_pre or int(0.6 * w), "refractory": self.beat_refractory or max(1, w // 5),
+                "baseline": self.beat_baseline or max(1, w * 3 // 20)}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -42,17 +58,21 @@ class DataSpec:
 def load_dataset(spec: DataSpec) -> Dataset:
     if spec.source == "ecg5000":
         return load_ecg5000(spec.protocol, spec.seed)
-    series = read_series(spec.source, list(spec.value_cols) or None, spec.timestamp_col, spec.label_col)
+    series = read_series(spec.source, list(spec.value_cols) or None, spec.timestamp_col, spec.label_col,
+                         spec.windows, spec.out_of_order)
     hop = spec.hop or max(1, spec.window // 4)
-    return series_dataset(series, spec.window, hop, spec.train_fraction)
+    return series_dataset(series, spec.window, hop, spec.train_fraction, beat=spec.beat())
 
 
-def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None) -> DataSpec:
+def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None,
+                  windows: str | None = None) -> DataSpec:
     """The data spec to evaluate a trained model on ``source`` without touching its training data.
 
     Same ECG5000 protocol and seed as training (another protocol would test on training beats); a series
     file is split chronologically as in training: the model is tested on the part after the split and
     the PCA baseline is fitted on the part before it (for the training file, the model's own split).
+    ``windows`` (a JSON file of anomaly windows) labels the file; for the training file it defaults to
+    the one training used.
     """
     trained = manifest.get("training", {}).get("data", {})
     if source == "ecg5000":
@@ -66,7 +86,11 @@ def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None) -
     return DataSpec(source, window=int(manifest["window"]), hop=int(manifest["hop"]),
                     value_cols=tuple(manifest["channels"]) if trained.get("value_cols") else (),
                     timestamp_col=trained.get("timestamp_col"), label_col=trained.get("label_col"),
-                    train_fraction=float(trained.get("train_fraction", 0.5)))
+                    train_fraction=float(trained.get("train_fraction", 0.5)),
+                    windows=windows or (trained.get("windows") if source == trained.get("source") else None),
+                    out_of_order=trained.get("out_of_order", "error"), align=trained.get("align", "sliding"),
+                    beat_pre=int(trained.get("beat_pre", 0)), beat_refractory=int(trained.get("beat_refractory", 0)),
+                    beat_baseline=int(trained.get("beat_baseline", 0)))
 
 
 def train_detector(data: Dataset, kind: str, params: dict[str, Any], cfg: TrainConfig,
@@ -80,7 +104,7 @@ def train_detector(data: Dataset, kind: str, params: dict[str, Any], cfg: TrainC
     model = build(kind, {**params, "window": data.window, "channels": len(data.channels)})
     result = fit(model, scaler.transform(data.train), scaler.transform(data.val), cfg, on_epoch)
     det = Detector(model, scaler, Threshold(threshold_quantile, threshold_margin, 0.0), {}, cfg.loss,
-                   list(data.channels), data.hop).to(result.device)
+                   list(data.channels), data.hop, windowing=dict(data.windowing)).to(result.device)
     val_err = det.score(data.val).window
     det.quantiles = error_quantiles(val_err)
     det.threshold = Threshold.from_errors(val_err, threshold_quantile, threshold_margin)

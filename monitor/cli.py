@@ -1,4 +1,4 @@
-"""The ``tsmon`` command line: train, eval, score, inspect, bench, demo, broker, run, replay, status.
+"""The ``tsmon`` command line: train, eval, score, inspect, bench, demo, broker, run, replay, replay-eval, status.
 
 Every failure the user can cause ends in one line ``ErrorType: message`` on stderr and exit status 1.
 """
@@ -14,7 +14,16 @@ from rich.console import Console
 
 from models.errors import TsmonError
 from monitor import __version__, logs
-from monitor.commands import bench_cmd, broker_cmd, ctl_cmd, demo_cmd, model_cmds, run_cmd, status_cmd
+from monitor.commands import (
+    bench_cmd,
+    broker_cmd,
+    ctl_cmd,
+    demo_cmd,
+    model_cmds,
+    replay_eval_cmd,
+    run_cmd,
+    status_cmd,
+)
 from monitor.commands.render import emit_json
 
 app = typer.Typer(name="tsmon", help="Streaming time-series anomaly monitor.", no_args_is_help=True,
@@ -49,6 +58,7 @@ run_cmd.register(app)
 status_cmd.register(app)
 ctl_cmd.register(app)
 demo_cmd.register(app)
+replay_eval_cmd.register(app)
 bench_cmd.register(bench_app)
 
 

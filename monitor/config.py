@@ -173,9 +173,11 @@ class ModelRoute(_Section):
     pattern: str = Field("*", min_length=1, description="fnmatch glob on the stream id; first match wins")
     path: Path = Field(description="model artifact directory")
     hop: int | None = Field(None, ge=1, description="window hop in samples; none = the artifact's hop")
+    gap_ms: float | None = Field(None, gt=0, description="a longer gap restarts these streams' windows; "
+                                                         "none = windows.gap_ms")
     name: str | None = Field(None, min_length=1, description="display name; none = the directory name")
 
-    _optional = field_validator("hop", "name", mode="before")(_unset)
+    _optional = field_validator("hop", "gap_ms", "name", mode="before")(_unset)
 
     @field_validator("path", mode="before")
     @classmethod
@@ -513,6 +515,7 @@ enable_idempotence = false               # true needs producer_acks = "all"
 pattern = "*"                            # example: fnmatch glob on the stream id
 path = "artifacts/ecg5000-lstm"          # example: artifact directory written by `tsmon train`
 # hop = 1                                # example: window hop in samples; default: the artifact's hop
+# gap_ms = 900000.0                      # example: slow sensors (5-min samples); default: windows.gap_ms
 # name = "ecg"                           # example: display name; default: the directory name
 
 [windows]

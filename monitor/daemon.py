@@ -56,7 +56,8 @@ def scoring_threads(configured: int | None) -> int:
 
 
 def build_scorer(cfg: Config) -> Scorer:
-    return Scorer([load_served(r.pattern, r.path, r.name, r.hop, cfg.daemon.device) for r in cfg.require_models()])
+    return Scorer([load_served(r.pattern, r.path, r.name, r.hop, cfg.daemon.device, r.gap_ms)
+                   for r in cfg.require_models()])
 
 
 def calibrator_settings(cfg: Config, scorer: Scorer) -> CalibratorSettings:
@@ -108,6 +109,8 @@ class Daemon:
         self.calibrator = Calibrator(calibrator_settings(cfg, self.scorer), on_change=self._threshold_metric)
         self.stop_event = threading.Event()
         self.final_thresholds: dict[str, dict[str, Any]] = {}  # calibrator snapshot taken at shutdown
+        # called on every threshold change, whatever made it (replay-eval draws them on data time)
+        self.threshold_listeners: list[Callable[[str, ThresholdState], None]] = []
         self._started = time.monotonic()
         self.sink = sink or KafkaSink(cfg.kafka.producer_kwargs(), on_undeliverable=self._undeliverable)
         self.processor = Processor(self.scorer, self.calibrator, Batcher(cfg.batch.max_batch, cfg.batch.max_delay_ms),
@@ -203,8 +206,10 @@ class Daemon:
         """Keeps ``tsmon_threshold`` equal to the calibrator's state, whatever changed it."""
         if state is None:
             self.metrics.forget_threshold(stream)
-        else:
-            self.metrics.set_threshold(stream, state.value, state.source)
+            return
+        self.metrics.set_threshold(stream, state.value, state.source)
+        for listener in self.threshold_listeners:
+            listener(stream, state)
 
     def _health(self) -> tuple[bool, str]:
         age = time.monotonic() - self._beat

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from models.beats import KIND as BEATS
+from models.beats import BeatRule
 from models.errors import BrokerError, SinkBackpressure
 from monitor import logs
 from monitor.alerts import AlertSettings, AlertState, Observation, Transition, alert_doc, iso
@@ -36,7 +38,7 @@ from monitor.scoring import Backend, Result, ThreadBackend
 from monitor.sink import OutMessage, Sink, json_message
 from monitor.source import TP, InRecord, Source
 from monitor.streams import StreamState
-from monitor.windows import StreamWindows, order_problem
+from monitor.windows import BeatWindows, StreamWindows, order_problem
 
 log = logs.get("tsmon.processor")
 RESERVED_PREFIX = "__tsmon"  # changelog keys of daemon-wide state
@@ -140,7 +142,7 @@ class Processor:
             return
         ts = np.concatenate([b.ts_ms for _, b in good]) if len(good) > 1 else good[0][1].ts_ms
         values = np.concatenate([b.values for _, b in good]) if len(good) > 1 else good[0][1].values
-        self._quality(st.quality.timing(ts, st.windows.last_ts, self.settings.gap_ms))
+        self._quality(st.quality.timing(ts, st.windows.last_ts, st.windows.gap_ms))
         seen = st.windows.seen
         w = st.windows.push(ts, values)
         for (rec, block), last_seq in zip(good, seen + np.cumsum([len(b.ts_ms) for _, b in good]), strict=True):
@@ -154,8 +156,12 @@ class Processor:
     def _new_stream(self, stream: str, served: Served) -> StreamState:
         s, det = self.settings, served.detector
         self.calibrator.register(stream, det.threshold.value, thin=max(1, served.window // served.hop))
+        gap_ms = served.gap_ms if served.gap_ms is not None else s.gap_ms
+        windows: StreamWindows | BeatWindows = (
+            BeatWindows(BeatRule.from_dict(det.windowing), served.channels, gap_ms)
+            if det.windowing.get("kind") == BEATS else StreamWindows(served.window, served.hop, served.channels, gap_ms))
         st = StreamState(
-            served, StreamWindows(served.window, served.hop, served.channels, s.gap_ms),
+            served, windows,
             StreamQuality(stream, np.asarray(det.scaler.scale, "float32"), det.channel_names, s.flatline_rel_std,
                           s.rate_tolerance, s.quality_cooldown_ms),
             AlertState(stream, served.name, s.alerts), recent_alerts=deque(maxlen=s.recent_alerts))

@@ -17,6 +17,8 @@ import numpy as np
 
 from monitor.source import InRecord
 
+_UNIFORM_MS = 1e-3  # spacing that differs by at most this from the mean still makes one chunk
+
 
 def _numbers(rows: np.ndarray) -> str:
     """JSON for ``[n, C]`` values: bare numbers for one channel, rows otherwise; 9 significant digits
@@ -27,20 +29,26 @@ def _numbers(rows: np.ndarray) -> str:
 
 
 def messages(stream: str, ts_ms: np.ndarray, values: np.ndarray, chunk: int) -> Iterator[tuple[bytes, int]]:
-    """Message bodies (and their sample counts) for a stream's samples, ``chunk`` samples at most each."""
+    """Message bodies (and their sample counts) for a stream's samples, ``chunk`` samples at most each.
+
+    ``ts_ms`` may be fractional (float): samples evenly spaced to within a microsecond go out as a chunk
+    with a fractional ``period_ms`` (360 Hz: 2.777777778 ms), timestamps rounded to the millisecond.
+    """
     if chunk < 1:
         raise ValueError("chunk must be >= 1")
     head = json.dumps(stream)
     for lo in range(0, len(ts_ms), chunk):
         t, v = ts_ms[lo : lo + chunk], values[lo : lo + chunk]
         d = np.diff(t)
-        if len(t) > 1 and (d == d[0]).all() and d[0] > 0:
-            yield (f'{{"stream":{head},"ts":{int(t[0])},"period_ms":{int(d[0])},"samples":{_numbers(v)}}}'
+        period = float(d.mean()) if len(d) else 0.0
+        if len(t) > 1 and period >= 1 and np.abs(d - period).max() <= _UNIFORM_MS:
+            p = int(period) if period == int(period) else f"{period:.10g}"  # 360 Hz: 2.777777778
+            yield (f'{{"stream":{head},"ts":{round(t[0])},"period_ms":{p},"samples":{_numbers(v)}}}'
                    .encode(), len(t))
         else:
             for i in range(len(t)):
                 row = "[" + ",".join([f"{x:.9g}" for x in v[i].tolist()]) + "]"
-                yield f'{{"stream":{head},"ts":{int(t[i])},"values":{row}}}'.encode(), 1
+                yield f'{{"stream":{head},"ts":{round(t[i])},"values":{row}}}'.encode(), 1
 
 
 def as_records(stream: str, ts_ms: np.ndarray, values: np.ndarray, chunk: int, topic: str, partition: int = 0,

@@ -30,6 +30,7 @@ class Served:
     detector: Detector
     hop: int
     version: str  # first 12 hex digits of the weights' sha256: changes whenever the weights do
+    gap_ms: float | None = None  # the route's own gap that restarts windows; None = the daemon-wide one
 
     @property
     def window(self) -> int:
@@ -43,10 +44,11 @@ class Served:
         return {"name": self.name, "kind": self.detector.kind, "version": self.version}
 
 
-def load_served(pattern: str, path: Path, name: str | None, hop: int | None, device: str) -> Served:
+def load_served(pattern: str, path: Path, name: str | None, hop: int | None, device: str,
+                gap_ms: float | None = None) -> Served:
     det = artifact.load(path, device)
     version = str(det.meta["weights"]["sha256"])[:12]  # artifact.load has checked the weights against it
-    return Served(name or Path(path).name, pattern, det, hop or det.hop or det.window, version)
+    return Served(name or Path(path).name, pattern, det, hop or det.hop or det.window, version, gap_ms)
 
 
 class Scorer:

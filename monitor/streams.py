@@ -17,7 +17,7 @@ from monitor.alerts import AlertState, iso
 from monitor.calibrator import Calibrator
 from monitor.quality import StreamQuality
 from monitor.scorer import Served
-from monitor.windows import StreamWindows
+from monitor.windows import BeatWindows, StreamWindows
 
 DOC_VERSION = 1
 NO_FEEDBACK = {"confirmed": 0, "false_positive": 0}
@@ -38,7 +38,7 @@ class RecentAlert:
 @dataclass
 class StreamState:
     served: Served
-    windows: StreamWindows
+    windows: StreamWindows | BeatWindows
     quality: StreamQuality
     alerts: AlertState
     unscored: deque[int] = field(default_factory=deque)  # first sample of each window waiting in the batcher

@@ -65,12 +65,13 @@ def partition_reader(client: dict[str, Any], topic: str, at_end: bool,
 class TopicReader:
     """Reads every JSON message of a topic from the beginning, in a background thread, into :attr:`docs`."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str | list[str], topic: str, **client: Any) -> None:
+        """``client``: further ``KafkaConsumer`` settings (security: :meth:`KafkaConfig.client_kwargs`)."""
         from kafka import KafkaConsumer
 
         self.docs: list[dict[str, Any]] = []
         self._stop = threading.Event()
-        self._consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+        self._consumer = KafkaConsumer(topic, **client, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                        enable_auto_commit=False, group_id=None)
         self._thread = threading.Thread(target=self._run, name=f"read-{topic}", daemon=True)
         self._thread.start()

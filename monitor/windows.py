@@ -1,4 +1,4 @@
-"""Per-stream sliding windows: W samples every H samples, restarted by a gap, vectorised per block.
+"""Per-stream windows: W samples every H samples (or one per heartbeat), restarted by a gap, vectorised per block.
 
 Owns the order rules of a stream: timestamps must increase (a duplicate or backwards block is refused
 whole, with a reason, and leaves the state untouched); a gap longer than ``gap_ms`` restarts the window
@@ -12,6 +12,8 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from models.beats import BeatRule, peak_positions
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +29,41 @@ class Windows:
         return len(self.end_ts)
 
 
+class _Windowing:
+    """What every windowing does alike: the order rules and splitting a block at its gaps."""
+
+    window: int
+    channels: int
+    gap_ms: float | None
+    last_ts: int | None
+
+    def restart(self) -> None:
+        raise NotImplementedError
+
+    def _push_segment(self, ts: np.ndarray, values: np.ndarray) -> Windows:
+        raise NotImplementedError
+
+    def check(self, ts: np.ndarray, values: np.ndarray) -> str | None:
+        """Why a block cannot be appended (``None`` if it can): channel count or time order."""
+        if values.ndim != 2 or values.shape[1] != self.channels:
+            return f"channel_mismatch: stream has {self.channels} channel(s), block has {values.shape[-1]}"
+        return order_problem(int(ts[0]), self.last_ts)
+
+    def push(self, ts: np.ndarray, values: np.ndarray) -> Windows:
+        """Append a checked block (see :meth:`check`): restart at each gap; return the windows it completes."""
+        gaps = _gap_starts(ts, self.last_ts, self.gap_ms)
+        bounds = sorted({0, *gaps, len(ts)})
+        parts: list[Windows] = []
+        for lo, hi in itertools.pairwise(bounds):
+            if lo in gaps:
+                self.restart()
+            parts.append(self._push_segment(ts[lo:hi], values[lo:hi]))
+        self.last_ts = int(ts[-1])
+        return _concat(parts, self.window, self.channels)
+
+
 @dataclass
-class StreamWindows:
+class StreamWindows(_Windowing):
     """Windowing state of one stream."""
 
     window: int
@@ -55,31 +90,6 @@ class StreamWindows:
         next_end = w - 1 if last < w - 1 else w - 1 + h * ((last - (w - 1)) // h + 1)
         return self.seen - self._since_start + (next_end - w + 1) + 1
 
-    def check(self, ts: np.ndarray, values: np.ndarray) -> str | None:
-        """Why a block cannot be appended (``None`` if it can): channel count or time order."""
-        if values.ndim != 2 or values.shape[1] != self.channels:
-            return f"channel_mismatch: stream has {self.channels} channel(s), block has {values.shape[-1]}"
-        return order_problem(int(ts[0]), self.last_ts)
-
-    def push(self, ts: np.ndarray, values: np.ndarray) -> Windows:
-        """Append a checked block (see :meth:`check`) and return the windows it completes."""
-        gaps = self._gap_starts(ts)
-        bounds = sorted({0, *gaps, len(ts)})
-        parts: list[Windows] = []
-        for lo, hi in itertools.pairwise(bounds):
-            if lo in gaps:
-                self.restart()
-            parts.append(self._push_segment(ts[lo:hi], values[lo:hi]))
-        self.last_ts = int(ts[-1])
-        return _concat(parts, self.window, self.channels)
-
-    def _gap_starts(self, ts: np.ndarray) -> list[int]:
-        if self.gap_ms is None:
-            return []
-        inner = np.flatnonzero(ts[1:] - ts[:-1] > self.gap_ms) + 1
-        first = [0] if self.last_ts is not None and ts[0] - self.last_ts > self.gap_ms else []
-        return first + inner.tolist()
-
     def restart(self) -> None:
         """Forget the partial window: the next window starts with the next sample."""
         self._tail, self._tail_ts = self._tail[:0], self._tail_ts[:0]
@@ -105,6 +115,82 @@ class StreamWindows:
         keep = min(len(arr), w - 1)
         self._tail, self._tail_ts = arr[len(arr) - keep:].copy(), all_ts[len(arr) - keep:].copy()
         return out
+
+
+@dataclass
+class BeatWindows(_Windowing):
+    """Beat-aligned windowing state of one stream: the windows :func:`models.beats.beat_windows` cuts from
+    the same samples, one per R peak, decided ``rule.lookahead`` samples after the peak.
+
+    Same interface as :class:`StreamWindows` (order rules, gaps, ``needed_from``); state is bounded by
+    ``max(pre, lookahead)`` samples plus the windows still waiting for their last sample.
+    """
+
+    rule: BeatRule
+    channels: int
+    gap_ms: float | None = None
+    restarts: int = 0
+    seen: int = 0
+    last_ts: int | None = None
+    _buf: np.ndarray = field(init=False, repr=False)
+    _buf_ts: np.ndarray = field(init=False, repr=False)
+    _offset: int = field(init=False, default=0)  # position (since the last restart) of _buf[0]
+    _since_start: int = field(init=False, default=0)
+    _decided: int = field(init=False, default=0)  # positions below this have been looked at for peaks
+    _pending: list[int] = field(init=False, default_factory=list)  # peaks whose window is not complete yet
+
+    def __post_init__(self) -> None:
+        self._buf = np.empty((0, self.channels), dtype="float32")
+        self._buf_ts = np.empty(0, dtype="int64")
+
+    @property
+    def window(self) -> int:
+        return self.rule.window
+
+    @property
+    def needed_from(self) -> int:
+        """Sample number (1-based) of the first sample a future window, or deciding a future peak, needs."""
+        r = self.rule
+        first = min([p - r.pre for p in self._pending] + [self._decided - max(r.pre, r.lookahead)])
+        return self.seen - self._since_start + max(first, 0) + 1
+
+    def restart(self) -> None:
+        self._buf, self._buf_ts = self._buf[:0], self._buf_ts[:0]
+        self._offset = self._since_start = self._decided = 0
+        self._pending = []
+        self.restarts += 1
+
+    def _push_segment(self, ts: np.ndarray, values: np.ndarray) -> Windows:
+        r, n = self.rule, len(values)
+        arr = np.concatenate([self._buf, values.astype("float32", copy=False)])
+        arr_ts = np.concatenate([self._buf_ts, ts])
+        total = self._since_start + n
+        found = peak_positions(arr[:, r.lead], r, start=self._decided - self._offset) + self._offset
+        self._decided = max(self._decided, total - r.lookahead)
+        self._pending += [int(p) for p in found if p >= r.pre]
+        done = [p for p in self._pending if p - r.pre + r.window <= total]
+        self._pending = [p for p in self._pending if p - r.pre + r.window > total]
+        out = _concat([], r.window, self.channels)
+        if done:
+            starts = np.asarray(done, dtype="int64") - r.pre - self._offset  # indices into arr
+            ends = starts + r.window - 1
+            out = Windows(arr[starts[:, None] + np.arange(r.window)], arr_ts[starts], arr_ts[ends],
+                          self.seen - self._since_start + self._offset + ends + 1)
+        self.seen += n
+        self._since_start = total
+        keep = min([p - r.pre for p in self._pending] + [self._decided - max(r.pre, r.lookahead)])
+        cut = min(max(keep - self._offset, 0), len(arr))
+        self._buf, self._buf_ts = arr[cut:].copy(), arr_ts[cut:].copy()
+        self._offset += cut
+        return out
+
+
+def _gap_starts(ts: np.ndarray, last_ts: int | None, gap_ms: float | None) -> list[int]:
+    if gap_ms is None:
+        return []
+    inner = np.flatnonzero(ts[1:] - ts[:-1] > gap_ms) + 1
+    first = [0] if last_ts is not None and ts[0] - last_ts > gap_ms else []
+    return first + inner.tolist()
 
 
 def order_problem(first_ts: int, last_ts: int | None) -> str | None:

@@ -11,7 +11,7 @@ import pandas as pd
 import typer
 
 from models import artifact
-from models.data import ECG5000_WINDOW, finite_windows, make_windows, read_series
+from models.data import ECG5000_WINDOW, finite_windows, read_series, windows_for
 from models.detector import DEFAULT_QUANTILE
 from models.errors import BrokerError, DataError, ModelConfigError
 from models.registry import DEFAULT_KIND, KINDS, config_for, train_defaults
@@ -26,6 +26,9 @@ DataOpt = Annotated[str, typer.Option("--data", help="'ecg5000' (vendored) or a 
 ValueCols = Annotated[list[str] | None, typer.Option("--value-col", help="Value column (repeat for channels).")]
 TsCol = Annotated[str | None, typer.Option(help="Timestamp column (epoch ms or ISO-8601); auto: timestamp/ts/time.")]
 LabelCol = Annotated[str | None, typer.Option(help="0/1 label column; auto: label/is_anomaly/anomaly.")]
+WindowsOpt = Annotated[str | None, typer.Option("--windows", help="JSON of labelled anomaly windows [[start, end], "
+                                                                  "...] (or NAB's combined_windows.json) instead "
+                                                                  "of a label column.")]
 
 
 def parse_params(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
@@ -51,6 +54,16 @@ def train(
     value_col: ValueCols = None,
     timestamp_col: TsCol = None,
     label_col: LabelCol = None,
+    windows: WindowsOpt = None,
+    out_of_order: Annotated[str, typer.Option(help="Rows whose timestamp repeats or goes back: error or drop.")]
+    = "error",
+    align: Annotated[str, typer.Option(help="Series windows: sliding (every --hop samples) or beats (one per "
+                                           "R peak, ECG).")] = "sliding",
+    beat_pre: Annotated[int, typer.Option(help="beats: samples before the R peak (0: 60 % of the window).")] = 0,
+    beat_refractory: Annotated[int, typer.Option(help="beats: a peak is the largest of ± this many samples "
+                                                      "(0: window / 5).")] = 0,
+    beat_baseline: Annotated[int, typer.Option(help="beats: half-width of the baseline mean removed before "
+                                                    "finding peaks (0: 3/20 of the window).")] = 0,
     train_fraction: Annotated[float, typer.Option(help="Series: leading fraction used to train/validate.")] = 0.5,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Mini-batch size.")] = None,
@@ -72,7 +85,7 @@ def train(
 ) -> None:
     """Train a model on normal data only and write an artifact."""
     spec = DataSpec(data, protocol, seed, window, hop, tuple(value_col or ()), timestamp_col, label_col,
-                    train_fraction)
+                    train_fraction, windows, out_of_order, align, beat_pre, beat_refractory, beat_baseline)
     params = parse_params(param, embedding=embedding, dropout=dropout, batch_norm=batch_norm)
     defaults = train_defaults(model)
     if epochs is not None:
@@ -104,12 +117,13 @@ def eval_(
     model: Annotated[Path, typer.Option("--model", help="Artifact directory.")],
     data: DataOpt = "ecg5000",
     protocol: Annotated[str | None, typer.Option(help="ECG5000: must match training (default: the model's).")] = None,
+    windows: WindowsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Evaluate a model beside the PCA baseline, at the threshold chosen on normal validation data."""
     det = artifact.load(model, device)
-    ds = load_dataset(spec_for_eval(det.meta, data, protocol))
+    ds = load_dataset(spec_for_eval(det.meta, data, protocol, windows))
     result = evaluate(det, ds)
     if as_json:
         emit_json(result)
@@ -130,7 +144,7 @@ def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, ti
     if series.values.shape[1] != det.channels:
         raise DataError(f"model expects {det.channels} channel(s) {det.channel_names}, {path} gives "
                         f"{series.values.shape[1]} {series.channels}; choose them with --value-col")
-    wins, ends = make_windows(series.values, det.window, hop or det.hop)
+    wins, ends = windows_for(series.values, det.window, hop or det.hop, det.windowing)
     ok = finite_windows(wins)
     return det, series, wins, ends, ok
 

@@ -391,3 +391,22 @@ def test_partitions_assigned_while_commits_fail_start_paused(stream_model: Path)
         assert (TOPIC, 1) in source.paused and (TOPIC, 1) in d._paused
     finally:
         d.processor.close()
+
+
+def test_a_route_gap_overrides_the_daemon_wide_gap(make: Make, served: Served) -> None:
+    """Slow sensors: 5-minute samples would restart every window under the default 5 s gap."""
+    from dataclasses import replace
+
+    from monitor.config import load_config
+
+    route = load_config(None, {"models": [{"pattern": "temp-*", "path": "m", "gap_ms": 900_000}]}, env={}).models[0]
+    assert route.gap_ms == 900_000
+    p = make(Scorer([replace(served, gap_ms=route.gap_ms)]))
+    ts, values = sine_stream(400)
+    ts = ts[0] + 300_000 * np.arange(len(ts), dtype="int64")  # one sample every 5 minutes
+    feed(p, records("temp-1", ts, values))
+    st = p.streams["temp-1"]
+    assert st.windows.gap_ms == 900_000 and st.windows.restarts == 0 and st.scored == n_windows(400)
+    q = make(Scorer([served]))  # the daemon-wide 5 s: every sample is a gap, no window ever completes
+    feed(q, records("temp-1", ts, values))
+    assert q.streams["temp-1"].scored == 0 and q.streams["temp-1"].windows.restarts > 0

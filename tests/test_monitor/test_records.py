@@ -101,3 +101,17 @@ def test_fuzzed_bytes_never_raise() -> None:
 ])
 def test_numbers_beyond_float_range_are_bad_records_not_exceptions(body: bytes) -> None:
     assert isinstance(parse(body), BadRecord)
+
+
+def test_a_360_hz_series_replays_as_chunks_with_a_fractional_period() -> None:
+    """Fractional epoch-ms timestamps (360 Hz) still go out as chunks, parsed back to within a millisecond."""
+    from monitor.replay import messages
+
+    ts = 1_700_000_000_000 + np.arange(1000) * (1000 / 360)
+    values = np.arange(1000, dtype="float32")[:, None]
+    bodies = list(messages("ecg", ts, values, chunk=250))
+    assert len(bodies) == 4 and all(n == 250 for _, n in bodies)
+    blocks = [parse(b, b"ecg") for b, _ in bodies]
+    got = np.concatenate([b.ts_ms for b in blocks])
+    assert np.abs(got - ts).max() <= 1.0 and (np.diff(got) > 0).all()
+    np.testing.assert_array_equal(np.concatenate([b.values for b in blocks]), values)

@@ -1,0 +1,75 @@
+"""Train the default model on each real signal's warm-up part and replay-evaluate it beside PCA.
+
+Reproduces the README's "Real signals" table. Data: ``../shared/data`` (MIT-BIH record 100 and four NAB
+series; not part of the product). Settings are chosen per kind of signal, never per series, and never on
+the test part: see README "Recommended settings per signal type".
+
+    .venv/bin/python benchmarks/replay_signals.py [--only NAME ...] [--out runs/replay-signals]
+
+Prints one JSON line per signal (model and baseline figures, training seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+NAB = DATA / "nab"
+SENSOR = ["--window", "48", "--hop", "4", "--train-fraction", "0.15", "--normalisation", "robust",
+          "--windows", str(NAB / "combined_windows.json"), "--out-of-order", "drop"]
+MITDB = Path("runs/mitdb100.csv")  # written by benchmarks/prepare_mitdb.py (first run)
+ECG = ["--align", "beats", "--window", "360", "--train-fraction", "0.166", "--max-minutes", "6"]  # 1 s beats, 5 min
+SIGNALS: dict[str, dict[str, list[str]]] = {
+    "mitdb100-MLII": {"data": [str(MITDB)], "train": [*ECG, "--value-col", "MLII"],
+                      "replay": ["--sample-rate", "360", "--value-col", "MLII"]},
+    "mitdb100-MLII+V5": {"data": [str(MITDB)], "train": [*ECG, "--value-col", "MLII", "--value-col", "V5"],
+                         "replay": ["--sample-rate", "360", "--value-col", "MLII", "--value-col", "V5"]},
+    **{name: {"data": [str(NAB / f"{name}.csv")], "train": SENSOR, "replay": ["--windows", str(NAB / "combined_windows.json")]}
+       for name in ("machine_temperature_system_failure", "ambient_temperature_system_failure", "nyc_taxi",
+                    "ec2_request_latency_system_failure")},
+}
+
+
+def tsmon(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "monitor", "--log-level", "WARNING", *args], capture_output=True,
+                          text=True, check=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--out", type=Path, default=Path("runs/replay-signals"))
+    ap.add_argument("--seconds", default="30")
+    a = ap.parse_args()
+    if not MITDB.exists():
+        subprocess.run([sys.executable, str(Path(__file__).with_name("prepare_mitdb.py")), "--out", str(MITDB)],
+                       check=True)
+    for name, s in SIGNALS.items():
+        if a.only and name not in a.only:
+            continue
+        model = a.out / name / "model"
+        t0 = time.monotonic()
+        p = tsmon("train", "--data", *s["data"], *s["train"], "--out", str(model))
+        if p.returncode:
+            sys.exit(f"{name}: training failed: {p.stderr[-1000:]}")
+        t1 = time.monotonic()
+        p = tsmon("replay-eval", "--model", str(model), "--data", *s["data"], *s["replay"], "--seconds", a.seconds,
+                  "--out", str(a.out / name), "--json")
+        if p.returncode:
+            sys.exit(f"{name}: replay-eval failed: {p.stderr[-1000:]}")
+        r = json.loads(p.stdout)
+        keys = ("recall", "precision", "false_alerts_per_hour", "false_alerts_per_day", "mean_delay_s",
+                "p90_delay_s", "alerts")
+        row = {"signal": name, "train_s": round(t1 - t0, 1), "events": r["events"],
+               "test_hours": round(r["data"]["test_hours"], 1),
+               "model": {k: r[k] for k in keys}, "baseline": {k: r["baseline"][k] for k in keys}}
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Event-level scoring of published alerts against labelled anomaly windows, on the data's own clock.
+
+Owns what `tsmon replay-eval` claims, and nothing is point-adjusted:
+
+* a labelled **event** is an unbroken run of label 1; events that end before the test part are left out;
+* an **alert** is one alert id (its ``firing`` and ``resolved`` messages together). It spans from the start of
+  the first over-threshold window (``start_ts``) to the end of the window that resolved it (``end_ts``), or
+  to the end of the data while still firing. Alerts that fired before the test part (during probation)
+  count for nothing;
+* an alert is **true** when its span overlaps an event widened by ``tolerance`` at its end
+  (``[start, end + tolerance]``: a window ending shortly after the event still saw it), else **false**;
+* an event is **detected** when a true alert overlaps it; its **delay** is the first such alert's firing
+  time (``fired_ts``: the end of the window that made it fire) minus the event's first sample, at least 0.
+
+Recall = detected / events; precision = true alerts / alerts; false alerts per hour (and per day) over the
+test part's duration in data time; ``log`` lists each scored alert with its verdict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from models.evaluate import runs
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """An interval of data time, epoch ms, both ends inclusive."""
+
+    start_ms: float
+    end_ms: float
+
+    def overlaps(self, other: Span, late_ms: float = 0.0) -> bool:
+        """Does ``other`` overlap this span widened by ``late_ms`` at its end?"""
+        return other.start_ms <= self.end_ms + late_ms and other.end_ms >= self.start_ms
+
+
+def labelled_events(ts_ms: np.ndarray, labels: np.ndarray, from_ms: float) -> list[Span]:
+    """Runs of label 1 as spans of data time; those that end before ``from_ms`` are left out."""
+    spans = [Span(float(ts_ms[e.start]), float(ts_ms[e.end])) for e in runs(labels)]
+    return [s for s in spans if s.end_ms >= from_ms]
+
+
+def latest_alerts(docs: list[dict[str, Any]], stream: str) -> list[dict[str, Any]]:
+    """One document per alert id of ``stream``: the latest message (``resolved`` supersedes ``firing``)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for d in docs:
+        if d.get("type") == "anomaly" and d.get("stream") == stream:
+            latest[d["alert_id"]] = d
+    return list(latest.values())
+
+
+def alert_span(doc: dict[str, Any], data_end_ms: float) -> Span:
+    end = doc.get("end_ts")
+    return Span(float(doc["start_ts"]), float(end) if end is not None else data_end_ms)
+
+
+def score_alerts(events: list[Span], alerts: list[dict[str, Any]], test: Span, tolerance_ms: float) -> dict[str, Any]:
+    """Recall, precision, false alerts per hour/day, mean and p90 detection delay (s), alerts per hour."""
+    scored = [a for a in alerts if a.get("fired_ts") is not None and a["fired_ts"] >= test.start_ms]
+    spans = [alert_span(a, test.end_ms) for a in scored]
+    true = [any(ev.overlaps(s, tolerance_ms) for ev in events) for s in spans]
+    delays: list[float] = []
+    for ev in events:
+        fired = [float(a["fired_ts"]) for a, s in zip(scored, spans, strict=True) if ev.overlaps(s, tolerance_ms)]
+        if fired:
+            delays.append(max(0.0, min(fired) - ev.start_ms) / 1000)
+    hours = max(test.end_ms - test.start_ms, 1.0) / 3.6e6
+    n_false = len(true) - sum(true)
+    return {
+        "recall": len(delays) / len(events) if events else None,
+        "precision": sum(true) / len(true) if true else None,
+        "false_alerts_per_hour": n_false / hours,
+        "false_alerts_per_day": n_false / hours * 24,
+        "mean_delay_s": float(np.mean(delays)) if delays else None,
+        "p90_delay_s": float(np.percentile(delays, 90)) if delays else None,
+        "alerts": len(scored),
+        "alerts_per_hour": len(scored) / hours,
+        "events": len(events),
+        "events_detected": len(delays),
+        "true_alerts": sum(true),
+        "false_alerts": n_false,
+        "ignored_in_probation": len(alerts) - len(scored),
+        "log": [{"alert_id": a["alert_id"], "start_ts": a["start_ts"], "fired_ts": a["fired_ts"],
+                 "end_ts": a.get("end_ts"), "ratio": a.get("ratio"),
+                 "top_channel": (a.get("top_channels") or [{}])[0].get("channel"), "true": t}
+                for a, t in zip(scored, true, strict=True)],
+    }

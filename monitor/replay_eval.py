@@ -1,0 +1,265 @@
+"""``tsmon replay-eval``: play a labelled series through the running daemon and score its alerts by event.
+
+Owns the evaluation run. The series is replayed into a topic at a chosen speed and consumed by the daemon's
+own code — broker, windows, micro-batches, calibrator, alert state, sink — then the alerts are read back from
+the sink topic and scored against the labels (:mod:`monitor.events`). The PCA baseline runs in the same
+daemon on the same data, as a second stream (``NAME.baseline``), fitted on the very windows the model was
+trained on: both see the same broker, timing and calibrator schedule.
+
+The split is chronological and stated: the first part of the series (the model's own training split when
+it was trained on this file, else ``train_fraction``, 15 % by default as NAB's probationary period) is played
+too — it fills the windows and the calibrator — but alerts that fire there count for nothing; events and
+alerts are scored on the rest. Time-based settings follow the data's clock: gaps and alert periods are in
+data time, and the calibrator's wall-clock interval is divided by the replay speed, so it recalibrates as
+often per hour of data as it would in production.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models import artifact
+from models.data import Series, series_dataset
+from models.errors import DataError
+from models.workflow import baseline
+from monitor import logs
+from monitor.events import Span, labelled_events, latest_alerts, score_alerts
+
+log = logs.get("tsmon.replay_eval")
+
+DEFAULT_START_MS = 1_700_000_000_000  # files without timestamps start here (fixed: alert ids repeat run to run)
+PROBATION = 0.15  # leading share of a series that only warms up, when the model was not trained on the file
+MIN_INTERVAL_S = 0.2  # the calibrator never runs more often than this in wall time, whatever the speed
+BASELINE_SUFFIX = ".baseline"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayOptions:
+    speed: float | None = None  # data seconds per wall second; None: the replay takes ``seconds``
+    seconds: float = 30.0
+    chunk: int = 0  # samples per message; 0: about 250 ms of data, at least 1, at most 1000
+    tolerance_s: float | None = None  # None: one window of the model in data time
+    train_fraction: float | None = None  # None: the model's own split on its training file, else PROBATION
+    gap_ms: float | None = None  # None: 3 × the median sampling interval, at least windows.gap_ms
+    bootstrap: str | None = None  # None: a local broker for the run
+    config: Path | None = None  # the daemon settings to evaluate (alerts, calibrator, batch …)
+    baseline: Path | None = None  # None: fit PCA on the model's training windows
+    stream: str | None = None  # stream id; None: the data file's stem
+    out: Path = Path("replay-eval")
+
+
+def time_axis(series: Series, sample_rate_hz: float | None, start_ms: float = DEFAULT_START_MS) -> np.ndarray:
+    """Epoch ms (float) of every sample: the file's timestamps, else ``start_ms`` + i / rate."""
+    if series.timestamps is not None:
+        if sample_rate_hz:
+            raise DataError(f"{Path(series.path).name} has timestamps; --sample-rate is only for files without")
+        return series.timestamps.astype("datetime64[ns]").astype("int64") / 1e6
+    if not sample_rate_hz or not sample_rate_hz > 0:
+        raise DataError(f"{Path(series.path).name} has no timestamp column: give its --sample-rate in Hz")
+    return start_ms + np.arange(len(series.values)) * (1000.0 / sample_rate_hz)
+
+
+@dataclass
+class Plan:
+    """Everything decided before the replay starts."""
+
+    stream: str
+    model: Path
+    baseline: Path
+    window: int
+    hop: int
+    split: int  # first sample of the test part
+    train_fraction: float
+    trained_on_file: bool
+    speed: float
+    chunk: int
+    tolerance_ms: float
+    gap_ms: float
+    period_ms: float  # median sampling interval
+
+
+def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, windows_gap_ms: float | None) -> Plan:
+    """Split, baseline, speed, chunking and tolerance for a replay of ``series`` against ``model``."""
+    det = artifact.load(model, "cpu")
+    if series.labels is None:
+        raise DataError("replay-eval needs labels: a 0/1 label column (--label-col) or anomaly windows (--windows)")
+    if series.values.shape[1] != det.channels:
+        raise DataError(f"model expects {det.channels} channel(s) {det.channel_names}, the data gives "
+                        f"{series.values.shape[1]} {series.channels}; choose them with --value-col")
+    trained = det.meta.get("training", {}).get("data", {})
+    same = bool(series.sha256) and trained.get("sha256") == series.sha256
+    frac = opts.train_fraction or (float(trained.get("train_fraction", PROBATION)) if same else PROBATION)
+    data = series_dataset(series, det.window, det.hop, frac)  # the model's own split on its training file
+    opts.out.mkdir(parents=True, exist_ok=True)
+    base = opts.baseline
+    if base is None:
+        base = artifact.save(baseline(data, det), opts.out / "baseline-pca",
+                             {"data": {**data.summary, "value_cols": list(series.channels), "train_fraction": frac}})
+    period = float(np.median(np.diff(ts_ms))) if len(ts_ms) > 1 else 1.0
+    span_s = (ts_ms[-1] - ts_ms[0]) / 1000
+    speed = opts.speed or max(span_s / opts.seconds, 1e-3)
+    chunk = opts.chunk or int(min(1000, max(1, round(250 / period))))
+    gap = opts.gap_ms or max(3 * period, windows_gap_ms or 0.0)
+    tol = opts.tolerance_s * 1000 if opts.tolerance_s is not None else det.window * period
+    return Plan(opts.stream or Path(series.path).name.split(".")[0], model, base, det.window, det.hop,
+                int(data.summary["split_sample"]), frac, same, speed, chunk, tol, gap, period)
+
+
+def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> dict[str, Any]:
+    """Replay, collect the alerts, score model and baseline; writes ``report.json`` and ``timeline.png``."""
+    import json
+
+    from monitor.config import load_config
+
+    base_cfg = load_config(opts.config)
+    p = plan(model, series, ts_ms, opts, base_cfg.windows.gap_ms)
+    log.info("replay_eval_plan", stream=p.stream, speed=round(p.speed, 3), split_sample=p.split,
+             train_fraction=p.train_fraction, chunk=p.chunk, gap_ms=p.gap_ms, baseline=str(p.baseline))
+    played = _play(p, series, ts_ms, opts, base_cfg.calibrator.interval_s)
+    test = Span(float(ts_ms[p.split]), float(ts_ms[-1]))
+    events = labelled_events(ts_ms, series.labels, test.start_ms)  # type: ignore[arg-type]
+    results = {name: score_alerts(events, latest_alerts(played["alerts"], s), test, p.tolerance_ms)
+               for name, s in (("model", p.stream), ("baseline", p.stream + BASELINE_SUFFIX))}
+    report: dict[str, Any] = {
+        **results["model"], "baseline": results["baseline"],
+        "model": {"path": str(p.model), "kind": artifact.read_manifest(p.model)["kind"],
+                  "trained_on_this_file": p.trained_on_file},
+        "baseline_model": {"path": str(p.baseline), "kind": artifact.read_manifest(p.baseline)["kind"]},
+        "data": {"path": series.path, "samples": len(ts_ms), "channels": list(series.channels),
+                 "period_ms": p.period_ms, "window": p.window, "hop": p.hop, "gap_ms": p.gap_ms,
+                 "split_sample": p.split, "train_fraction": p.train_fraction,
+                 "test_from": _iso(test.start_ms), "test_to": _iso(test.end_ms),
+                 "test_hours": (test.end_ms - test.start_ms) / 3.6e6, "tolerance_s": p.tolerance_ms / 1000},
+        "replay": played["summary"],
+    }
+    from monitor import timeline
+
+    png = timeline.draw(opts.out / "timeline.png", p, series, ts_ms, played, test)
+    report["timeline"] = str(png)
+    (opts.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _iso(ms: float) -> str:
+    from monitor.alerts import iso
+
+    return iso(int(ms))
+
+
+def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, interval_s: float) -> dict[str, Any]:
+    """Broker, topics, daemon and player; returns the alerts, the threshold changes and a summary."""
+    from kafka import KafkaProducer
+
+    from monitor.broker import LocalBroker
+    from monitor.config import load_config
+    from monitor.daemon import Daemon
+    from monitor.replay import messages
+    from monitor.topics import TopicReader, ensure_topics
+
+    run_id = f"tsmon-replay-eval-{uuid.uuid4().hex[:8]}"  # topics and group of this run only
+    topics = {"in": f"{run_id}.input", "alerts": f"{run_id}.alerts", "dead": f"{run_id}.dead-letter"}
+    interval = max(MIN_INTERVAL_S, interval_s / p.speed)
+    streams = (p.stream, p.stream + BASELINE_SUFFIX)
+    with contextlib.ExitStack() as stack:
+        local = opts.bootstrap is None
+        bootstrap = stack.enter_context(LocalBroker()).bootstrap if local else opts.bootstrap
+        overrides: dict[str, Any] = {
+            "kafka.bootstrap_servers": bootstrap, "kafka.topics": [topics["in"]], "kafka.topic_pattern": "none",
+            "kafka.alerts_topic": topics["alerts"], "kafka.dead_letter_topic": topics["dead"],
+            "kafka.group_id": run_id, "kafka.auto_offset_reset": "earliest",
+            "control.topic": f"{run_id}.control", "control.audit_topic": f"{run_id}.audit",
+            "state.topic": f"{run_id}.state", "calibrator.interval_s": interval, "limits.idle_evict_s": "none",
+            "http.enabled": False,
+            "models": [{"pattern": streams[0], "path": str(p.model), "name": "model", "gap_ms": p.gap_ms},
+                       {"pattern": streams[1], "path": str(p.baseline), "name": "baseline", "gap_ms": p.gap_ms}],
+        }
+        if local:  # a real Kafka refuses sessions under its group.min.session.timeout.ms (6 s by default)
+            overrides.update({"kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 500})
+        cfg = load_config(opts.config, overrides)
+        client = cfg.kafka.client_kwargs()
+        servers = client.pop("bootstrap_servers")
+        ensure_topics(servers, {t: 1 for t in topics.values()}, **client)
+        reader = TopicReader(servers, topics["alerts"], **client)
+        stack.callback(reader.close)
+        daemon = Daemon(cfg)
+        changes: dict[str, list[tuple[float, float]]] = {s: [] for s in streams}
+
+        def on_threshold(stream: str, state: Any) -> None:
+            st = daemon.processor.streams.get(stream)
+            at = st.last_window_ts if st is not None and st.last_window_ts is not None else ts_ms[0]
+            changes.setdefault(stream, []).append((float(at), float(state.value)))
+
+        daemon.threshold_listeners.append(on_threshold)
+        bodies = [list(messages(s, ts_ms, series.values, p.chunk)) for s in streams]
+        producer = KafkaProducer(**cfg.kafka.client_kwargs(), acks=1, linger_ms=5)
+        stack.callback(producer.close)
+        stop, sent = threading.Event(), [0]
+
+        def play() -> None:
+            t0, i = time.monotonic(), 0
+            for (a, n), (b, _) in zip(*bodies, strict=True):
+                producer.send(topics["in"], key=streams[0].encode(), value=a)
+                producer.send(topics["in"], key=streams[1].encode(), value=b)
+                i += n
+                sent[0] += 2 * n
+                ahead = (ts_ms[i - 1] - ts_ms[0]) / 1000 / p.speed - (time.monotonic() - t0)
+                if stop.wait(max(0.0, ahead)):
+                    break
+            producer.flush()
+
+        player = threading.Thread(target=play, name="replay-eval-player", daemon=True)
+        total = 2 * len(bodies[0])  # messages: each ends in a stream's windows or as a dead letter
+        limit = time.monotonic() + (ts_ms[-1] - ts_ms[0]) / 1000 / p.speed * 2 + 120
+        t_start = time.monotonic()
+        player.start()
+
+        def handled() -> bool:
+            return daemon.metrics.total("tsmon_records_total") >= total and daemon.processor.pending == 0
+
+        def finished() -> bool:
+            return (not player.is_alive() and handled()) or time.monotonic() > limit
+
+        try:
+            daemon.run(until=finished)
+        finally:
+            stop.set()
+            player.join(10)
+        complete = handled()
+        alerts = reader.settle(quiet_s=1.0)
+        wall = time.monotonic() - t_start
+        if not local:  # leave nothing behind on the user's cluster
+            _delete_topics(cfg.kafka.client_kwargs(), [*topics.values(), cfg.control.topic, cfg.control.audit_topic,
+                                                       cfg.state.topic])
+    if not complete:
+        log.error("replay_eval_incomplete", messages=total, handled=int(daemon.metrics.total("tsmon_records_total")),
+                  note="the figures cover only what the daemon took in time")
+    return {"alerts": alerts, "thresholds": changes, "final_thresholds": daemon.final_thresholds,
+            "summary": {"speed": p.speed, "wall_s": round(wall, 1), "samples_sent": sent[0], "complete": complete,
+                        "chunk": p.chunk, "windows_scored": int(daemon.metrics.total("tsmon_windows_scored_total")),
+                        "dead_letters": int(daemon.metrics.total("tsmon_dead_letters_total")),
+                        "calibrator_interval_wall_s": interval,
+                        "calibrator_interval_data_s": interval * p.speed,
+                        "bootstrap": "local broker" if opts.bootstrap is None else opts.bootstrap}}
+
+
+def _delete_topics(client: dict[str, Any], topics: list[str]) -> None:
+    """Best effort: a topic that cannot be deleted is logged, never an error of the evaluation."""
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        admin = KafkaAdminClient(**client)
+        try:
+            admin.delete_topics(topics)
+        finally:
+            admin.close()
+    except KafkaError as exc:
+        log.warning("replay_eval_topics_left", topics=topics, error=f"{type(exc).__name__}: {exc}")

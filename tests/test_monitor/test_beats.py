@@ -1,0 +1,127 @@
+"""Beat-aligned windows: the daemon's streaming cut equals the training cut, whatever the chunking."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from models.beats import BeatRule, beat_windows, peak_positions
+from models.errors import DataError
+from monitor.windows import BeatWindows
+
+
+def ecg_like(n: int, rr: int = 100, seed: int = 0, premature: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Narrow R spikes every ``rr`` samples (and early ones at ``premature``) on a wandering baseline, 2 leads."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    peaks = sorted(set(range(50, n, rr)) | set(premature))
+    x = 0.3 * np.sin(2 * np.pi * t / 700) + 0.02 * rng.normal(size=n)  # baseline wander + noise
+    spike, t_wave = np.hanning(9)[1:8], 0.25 * np.hanning(20)  # R peak at the spike's centre (index 3)
+    for p in peaks:
+        for shape, at in ((spike, p - 3), (t_wave, p + 25)):
+            idx = at + np.arange(len(shape))
+            ok = (idx >= 0) & (idx < n)
+            x[idx[ok]] += shape[ok]
+    return np.stack([x, 0.5 * x], axis=1).astype("float32"), np.asarray(peaks)
+
+
+RULE = {"window": 80, "pre": 48, "refractory": 16, "baseline": 12}
+
+
+def test_the_rule_finds_the_r_peaks_not_the_t_waves() -> None:
+    x, peaks = ecg_like(3000)
+    rule = BeatRule.fit(x[:1500], **RULE)
+    found = peak_positions(x[:, 0], rule)
+    inside = peaks[(peaks >= rule.lookahead) & (peaks < len(x) - rule.lookahead)]
+    np.testing.assert_array_equal(found, inside)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_streaming_windows_equal_the_training_windows_for_any_chunking(seed: int) -> None:
+    x, _ = ecg_like(4000, seed=seed, premature=(1234, 2555))
+    rule = BeatRule.fit(x[:2000], **RULE)
+    want, want_ends = beat_windows(x, rule)
+    sw = BeatWindows(rule, channels=2)
+    rng = np.random.default_rng(seed)
+    cuts = np.unique(np.r_[0, rng.integers(1, len(x), 60), len(x)])
+    ts = 1_000 + 4 * np.arange(len(x), dtype="int64")
+    got, seqs, starts = [], [], []
+    for lo, hi in itertools.pairwise(cuts):
+        w = sw.push(ts[lo:hi], x[lo:hi])
+        got.append(w.values)
+        seqs.append(w.end_seq)
+        starts.append(w.start_ts)
+        assert len(sw._buf) <= max(rule.pre, rule.lookahead) + rule.window + (hi - lo)  # bounded state
+    np.testing.assert_array_equal(np.concatenate(got), want)
+    np.testing.assert_array_equal(np.concatenate(seqs), want_ends + 1)  # 1-based sample number of the last sample
+    np.testing.assert_array_equal(np.concatenate(starts), ts[want_ends - rule.window + 1])
+
+
+def test_needed_from_never_passes_a_sample_a_future_window_uses() -> None:
+    x, _ = ecg_like(3000)
+    rule = BeatRule.fit(x, **RULE)
+    _, ends = beat_windows(x, rule)
+    sw = BeatWindows(rule, channels=2)
+    ts = 4 * np.arange(len(x), dtype="int64")
+    for lo in range(0, len(x), 37):
+        sw.push(ts[lo : lo + 37], x[lo : lo + 37])
+        future = ends[ends >= min(lo + 37, len(x))]  # windows not yet emitted
+        if len(future):
+            assert sw.needed_from <= future[0] - rule.window + 2  # first sample (1-based) of the next window
+
+
+def test_a_gap_restarts_the_beats_and_bad_rules_are_refused() -> None:
+    x, _ = ecg_like(2000)
+    rule = BeatRule.fit(x, **RULE)
+    sw = BeatWindows(rule, channels=2, gap_ms=100)
+    ts = 4 * np.arange(len(x), dtype="int64")
+    ts[1000:] += 10_000
+    w = sw.push(ts, x)
+    assert sw.restarts == 1 and len(w) > 0
+    assert not ((w.start_ts < ts[1000]) & (w.end_ts >= ts[1000])).any()  # no window spans the gap
+    with pytest.raises(DataError):
+        BeatRule(80, 80, 16, 12, 0.1)
+    with pytest.raises(DataError, match="too few beats"):
+        BeatRule.fit(np.zeros((500, 1), "float32"), **RULE)
+
+
+def test_a_beat_model_round_trips_and_the_daemon_scores_one_window_per_beat(tmp_path, make) -> None:
+    """Trained with beat windows, saved, loaded by the daemon's scorer: the processor cuts the same windows,
+    and the premature beat is the one over the threshold."""
+    import json
+
+    from models import artifact
+    from models.data import Series, series_dataset
+    from models.errors import ArtifactError
+    from models.train import TrainConfig
+    from models.workflow import train_detector
+    from monitor.replay import as_records
+    from monitor.scorer import Scorer, load_served
+
+    x, _ = ecg_like(6000, premature=(4725,))
+    ds = series_dataset(Series(x, ["a", "b"]), 80, 0, train_fraction=0.6, beat={"pre": 48, "refractory": 16,
+                                                                                "baseline": 12})
+    assert ds.windowing["kind"] == "beats" and ds.hop == 100  # the median beat interval
+    det, training = train_detector(ds, "pca", {}, TrainConfig(epochs=1, seed=0, device="cpu"), 1.0, 1.5)
+    path = artifact.save(det, tmp_path / "beats", training)
+    served = load_served("*", path, None, None, "cpu")
+    assert served.detector.windowing == ds.windowing
+    p = make(Scorer([served]))
+    ts = 1_700_000_000_000 + 3 * np.arange(len(x), dtype="int64")
+    for i, rec in enumerate(as_records("ecg-1", ts, x, 77, "in")):
+        p.handle([rec])
+        if i % 5 == 0:
+            p.score_ready()
+    p.score_ready(force=True)
+    p.sink.flush(1.0)
+    want, _ = beat_windows(x, BeatRule.from_dict(ds.windowing))
+    assert p.streams["ecg-1"].scored == len(want)
+    fired = [d for d in p.sink.docs("tsmon.alerts") if d.get("status") == "firing"]
+    assert len(fired) == 1 and fired[0]["start_ts"] <= ts[4725] <= fired[0]["peak_ts"] + 300
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["windowing"]["pre"] = 80  # pre must be inside the window
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="incompatible artifact"):
+        artifact.load(path, "cpu")

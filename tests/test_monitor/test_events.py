@@ -1,0 +1,118 @@
+"""Event-level scoring of alerts (monitor.events) and labelled anomaly windows (models.data), by hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.data import anomaly_windows, read_series, window_labels
+from models.errors import DataError
+from monitor.events import Span, labelled_events, latest_alerts, score_alerts
+
+H = 3_600_000  # one hour in ms
+
+
+def alert(aid: str, start: float, fired: float, end: float | None, status: str = "resolved",
+          stream: str = "s") -> dict:
+    return {"type": "anomaly", "alert_id": aid, "stream": stream, "status": status, "start_ts": start,
+            "fired_ts": fired, "end_ts": end}
+
+
+def test_labelled_events_are_runs_on_the_time_axis_and_skip_those_before_the_test_part() -> None:
+    ts = np.arange(20, dtype="float64") * 1000
+    labels = np.zeros(20, "int8")
+    labels[2:4] = 1  # before the test part: left out
+    labels[10:13] = 1
+    labels[19] = 1
+    assert labelled_events(ts, labels, from_ms=5000) == [Span(10_000, 12_000), Span(19_000, 19_000)]
+
+
+def test_recall_precision_false_alert_rate_and_delays_by_hand() -> None:
+    events = [Span(10 * H, 11 * H), Span(20 * H, 21 * H), Span(30 * H, 31 * H)]
+    test = Span(5 * H, 45 * H)  # 40 hours of test data
+    alerts = [
+        alert("a", 9.5 * H, 10.25 * H, 10.5 * H),  # detects event 1, delay 0.25 h = 900 s
+        alert("b", 10.75 * H, 11 * H, 12 * H),  # also overlaps event 1: true, but not the first to fire
+        alert("c", 21.5 * H, 21.75 * H, 22 * H),  # after event 2 ended: within a 1 h tolerance → detects, 1.75 h
+        alert("d", 40 * H, 40.1 * H, None, status="firing"),  # open at the end: spans to the end; false
+        alert("e", 1 * H, 1.5 * H, 2 * H),  # fired during probation: ignored
+        alert("x", 30 * H, 30.5 * H, 31 * H, stream="other"),  # another stream's alert: not ours
+    ]
+    r = score_alerts(events, latest_alerts(alerts, "s"), test, tolerance_ms=1 * H)
+    assert r["events"] == 3 and r["events_detected"] == 2 and r["recall"] == pytest.approx(2 / 3)
+    assert r["alerts"] == 4 and r["true_alerts"] == 3 and r["false_alerts"] == 1
+    assert r["precision"] == pytest.approx(3 / 4)
+    assert r["false_alerts_per_hour"] == pytest.approx(1 / 40)
+    assert r["false_alerts_per_day"] == pytest.approx(24 / 40)
+    assert r["alerts_per_hour"] == pytest.approx(4 / 40)
+    assert r["mean_delay_s"] == pytest.approx((900 + 6300) / 2)
+    assert r["p90_delay_s"] == pytest.approx(900 + 0.9 * (6300 - 900))
+    assert r["ignored_in_probation"] == 1
+    strict = score_alerts(events, latest_alerts(alerts, "s"), test, tolerance_ms=0)
+    assert strict["events_detected"] == 1 and strict["true_alerts"] == 2  # c no longer counts
+
+
+def test_a_resolved_message_supersedes_its_firing_one_and_an_alert_counts_once() -> None:
+    docs = [alert("a", 0, 10, None, status="firing"), {"type": "data_quality", "stream": "s"},
+            alert("a", 0, 10, 50)]
+    (only,) = latest_alerts(docs, "s")
+    assert only["end_ts"] == 50
+    r = score_alerts([Span(20, 30)], [only], Span(0, 100), 0)
+    assert r["alerts"] == 1 and r["recall"] == 1.0 and r["mean_delay_s"] == 0.0  # fired before the event: 0
+
+
+def test_no_alerts_and_no_events_give_none_not_a_fake_score() -> None:
+    r = score_alerts([], [], Span(0, H), 0)
+    assert r["recall"] is None and r["precision"] is None and r["mean_delay_s"] is None
+    assert r["false_alerts_per_hour"] == 0.0
+
+
+def test_nab_style_windows_label_the_samples_inside_them(tmp_path) -> None:
+    stamps = pd.date_range("2014-01-01", periods=10, freq="h")
+    pd.DataFrame({"timestamp": stamps.strftime("%Y-%m-%d %H:%M:%S"), "value": np.arange(10.0)}).to_csv(
+        tmp_path / "temp.csv", index=False)
+    nab = {"realKnownCause/temp.csv": [["2014-01-01 02:00:00.000000", "2014-01-01 04:00:00.000000"]],
+           "realKnownCause/other.csv": [["2014-01-01 00:00:00", "2014-01-01 09:00:00"]]}
+    (tmp_path / "windows.json").write_text(json.dumps(nab))
+    s = read_series(tmp_path / "temp.csv", windows=tmp_path / "windows.json")
+    assert s.labels.tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0]
+    (tmp_path / "list.json").write_text(json.dumps([["2014-01-01 08:00", "2014-01-01 09:00"]]))
+    assert window_labels(stamps.to_numpy(), anomaly_windows(tmp_path / "list.json", "temp.csv")).sum() == 2
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"a/x.csv": []}, "no entries for 'temp.csv'"),
+    ([["2014-01-02", "2014-01-01"]], "ends before it starts"),
+    ([["soon", "later"]], "not a timestamp"),
+    ({"k": "v"}, "no entries"),
+    ([1, 2], "list of [start, end] pairs"),
+])
+def test_bad_windows_files_say_what_is_wrong(tmp_path, doc, message) -> None:
+    (tmp_path / "w.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        anomaly_windows(tmp_path / "w.json", "temp.csv")
+
+
+def test_out_of_order_rows_are_refused_dropped_and_counted_or_kept(tmp_path) -> None:
+    stamps = ["2014-03-09 01:55:00", "2014-03-09 03:00:00", "2014-03-09 03:00:00", "2014-03-09 02:59:00",
+              "2014-03-09 03:05:00"]
+    pd.DataFrame({"timestamp": stamps, "value": [1.0, 2, 3, 4, 5], "label": [0, 0, 1, 0, 0]}).to_csv(
+        tmp_path / "dst.csv", index=False)
+    with pytest.raises(DataError, match="row 2 repeats or goes back.*--out-of-order drop"):
+        read_series(tmp_path / "dst.csv")
+    s = read_series(tmp_path / "dst.csv", out_of_order="drop")
+    assert s.values[:, 0].tolist() == [1, 2, 5] and s.labels.tolist() == [0, 0, 0] and s.dropped_out_of_order == 2
+    assert len(read_series(tmp_path / "dst.csv", out_of_order="keep").values) == 5
+
+
+def test_windows_need_timestamps_and_exclude_a_label_column(tmp_path) -> None:
+    pd.DataFrame({"value": [1.0, 2.0], "label": [0, 1]}).to_csv(tmp_path / "l.csv", index=False)
+    (tmp_path / "w.json").write_text("[]")
+    with pytest.raises(DataError, match="labels once"):
+        read_series(tmp_path / "l.csv", windows=tmp_path / "w.json")
+    pd.DataFrame({"value": [1.0, 2.0]}).to_csv(tmp_path / "n.csv", index=False)
+    with pytest.raises(DataError, match="needs a timestamp column"):
+        read_series(tmp_path / "n.csv", windows=tmp_path / "w.json")
