@@ -15,7 +15,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -45,6 +44,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--out", type=Path, default=Path("runs/replay-signals"))
     ap.add_argument("--seconds", default="30")
+    ap.add_argument("--reuse", action="store_true", help="replay-evaluate models already trained under --out")
     a = ap.parse_args()
     if not MITDB.exists():
         subprocess.run([sys.executable, str(Path(__file__).with_name("prepare_mitdb.py")), "--out", str(MITDB)],
@@ -53,19 +53,19 @@ def main() -> None:
         if a.only and name not in a.only:
             continue
         model = a.out / name / "model"
-        t0 = time.monotonic()
-        p = tsmon("train", "--data", *s["data"], *s["train"], "--out", str(model))
-        if p.returncode:
-            sys.exit(f"{name}: training failed: {p.stderr[-1000:]}")
-        t1 = time.monotonic()
+        if not (a.reuse and (model / "manifest.json").exists()):
+            p = tsmon("train", "--data", *s["data"], *s["train"], "--out", str(model))
+            if p.returncode:
+                sys.exit(f"{name}: training failed: {p.stderr[-1000:]}")
         p = tsmon("replay-eval", "--model", str(model), "--data", *s["data"], *s["replay"], "--seconds", a.seconds,
                   "--out", str(a.out / name), "--json")
         if p.returncode:
             sys.exit(f"{name}: replay-eval failed: {p.stderr[-1000:]}")
         r = json.loads(p.stdout)
         keys = ("recall", "precision", "false_alerts_per_hour", "false_alerts_per_day", "mean_delay_s",
-                "p90_delay_s", "alerts")
-        row = {"signal": name, "train_s": round(t1 - t0, 1), "events": r["events"],
+                "p90_delay_s", "alerts", "time_in_alert")
+        train_s = json.loads((model / "manifest.json").read_text())["training"]["result"]["seconds"]
+        row = {"signal": name, "train_s": round(train_s, 1), "events": r["events"],
                "test_hours": round(r["data"]["test_hours"], 1),
                "model": {k: r[k] for k in keys}, "baseline": {k: r["baseline"][k] for k in keys}}
         print(json.dumps(row), flush=True)

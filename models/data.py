@@ -257,20 +257,22 @@ def windows_for(values: np.ndarray, window: int, hop: int,
 
 
 def series_dataset(series: Series, window: int, hop: int, train_fraction: float = 0.5,
-                   val_fraction: float = 0.2, beat: dict[str, int] | None = None) -> Dataset:
+                   val_fraction: float = 0.2, beat: dict[str, Any] | None = None) -> Dataset:
     """Chronological split: normal windows in the first ``train_fraction`` of samples train (their last
     ``val_fraction`` validate); windows ending after it are test.
 
     ``beat`` (``pre``, ``refractory``, ``baseline`` in samples): one window per R peak instead of every
-    ``hop`` samples (:mod:`models.beats`), the peak level fitted on the training part; ``hop`` becomes the
-    median beat interval there.
+    ``hop`` samples (:mod:`models.beats`), the peak level fitted on the training part; or a model's fitted
+    rule (its ``windowing``, with the level) to cut the same windows. ``hop`` becomes the median beat
+    interval of the training part.
     """
     if not 0.0 < train_fraction < 1.0 or not 0.0 < val_fraction < 1.0:
         raise DataError("train_fraction and val_fraction must be in (0, 1)")
     split = int(len(series.values) * train_fraction)
     windowing: dict[str, Any] = {"kind": beats.SLIDING}
-    if beat is not None:
-        rule = beats.BeatRule.fit(series.values[:split], window, **beat)
+    if beat is not None:  # the settings to fit a rule on the training part, or a fitted rule (with its level)
+        rule = (beats.BeatRule.from_dict(beat) if "level" in beat
+                else beats.BeatRule.fit(series.values[:split], window, **beat))
         peaks = beats.peak_positions(series.values[:split, rule.lead], rule)
         hop = int(np.median(np.diff(peaks)))
         windowing = rule.to_dict()

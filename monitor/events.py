@@ -13,7 +13,9 @@ Owns what `tsmon replay-eval` claims, and nothing is point-adjusted:
   time (``fired_ts``: the end of the window that made it fire) minus the event's first sample, at least 0.
 
 Recall = detected / events; precision = true alerts / alerts; false alerts per hour (and per day) over the
-test part's duration in data time; ``log`` lists each scored alert with its verdict.
+test part's duration in data time; ``log`` lists each scored alert with its verdict. ``time_in_alert`` is the
+share of the test part some alert spent open — including one that fired during probation and never
+resolved, which counts for nothing else: a stream stuck in alert shows here, not as recall.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def score_alerts(events: list[Span], alerts: list[dict[str, Any]], test: Span, t
             delays.append(max(0.0, min(fired) - ev.start_ms) / 1000)
     hours = max(test.end_ms - test.start_ms, 1.0) / 3.6e6
     n_false = len(true) - sum(true)
+    firing = [alert_span(a, test.end_ms) for a in alerts if a.get("fired_ts") is not None]
     return {
         "recall": len(delays) / len(events) if events else None,
         "precision": sum(true) / len(true) if true else None,
@@ -84,8 +87,20 @@ def score_alerts(events: list[Span], alerts: list[dict[str, Any]], test: Span, t
         "true_alerts": sum(true),
         "false_alerts": n_false,
         "ignored_in_probation": len(alerts) - len(scored),
+        "time_in_alert": covered_share(firing, test),
         "log": [{"alert_id": a["alert_id"], "start_ts": a["start_ts"], "fired_ts": a["fired_ts"],
                  "end_ts": a.get("end_ts"), "ratio": a.get("ratio"),
                  "top_channel": (a.get("top_channels") or [{}])[0].get("channel"), "true": t}
                 for a, t in zip(scored, true, strict=True)],
     }
+
+
+def covered_share(spans: list[Span], within: Span) -> float:
+    """Share of ``within`` covered by the union of ``spans``."""
+    cut = sorted((max(s.start_ms, within.start_ms), min(s.end_ms, within.end_ms)) for s in spans)
+    total, reach = 0.0, within.start_ms
+    for a, b in cut:
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total / max(within.end_ms - within.start_ms, 1.0)

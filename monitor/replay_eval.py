@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from models import artifact
+from models.beats import KIND as BEATS
 from models.data import Series, series_dataset
 from models.errors import DataError
 from models.workflow import baseline
@@ -97,7 +98,8 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
     trained = det.meta.get("training", {}).get("data", {})
     same = bool(series.sha256) and trained.get("sha256") == series.sha256
     frac = opts.train_fraction or (float(trained.get("train_fraction", PROBATION)) if same else PROBATION)
-    data = series_dataset(series, det.window, det.hop, frac)  # the model's own split on its training file
+    beat = det.windowing if det.windowing.get("kind") == BEATS else None  # the baseline cuts the same windows
+    data = series_dataset(series, det.window, det.hop, frac, beat=beat)  # the model's own split on its file
     opts.out.mkdir(parents=True, exist_ok=True)
     base = opts.baseline
     if base is None:

@@ -20,7 +20,8 @@ from monitor.replay_eval import ReplayOptions, run, time_axis
 ROWS = (("event recall", "recall"), ("event precision", "precision"), ("alerts", "alerts"),
         ("alerts / hour", "alerts_per_hour"), ("false alerts / hour", "false_alerts_per_hour"),
         ("false alerts / day", "false_alerts_per_day"), ("mean delay (s)", "mean_delay_s"),
-        ("p90 delay (s)", "p90_delay_s"), ("events detected", "events_detected"))
+        ("p90 delay (s)", "p90_delay_s"), ("events detected", "events_detected"),
+        ("share of time in alert", "time_in_alert"))
 
 
 def replay_eval(

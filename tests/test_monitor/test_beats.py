@@ -104,6 +104,8 @@ def test_a_beat_model_round_trips_and_the_daemon_scores_one_window_per_beat(tmp_
     ds = series_dataset(Series(x, ["a", "b"]), 80, 0, train_fraction=0.6, beat={"pre": 48, "refractory": 16,
                                                                                 "baseline": 12})
     assert ds.windowing["kind"] == "beats" and ds.hop == 100  # the median beat interval
+    again = series_dataset(Series(x, ["a", "b"]), 80, 0, train_fraction=0.6, beat=ds.windowing)  # a fitted rule
+    assert again.windowing == ds.windowing and np.array_equal(again.train, ds.train)  # (replay-eval's baseline)
     det, training = train_detector(ds, "pca", {}, TrainConfig(epochs=1, seed=0, device="cpu"), 1.0, 1.5)
     path = artifact.save(det, tmp_path / "beats", training)
     served = load_served("*", path, None, None, "cpu")

@@ -51,6 +51,8 @@ def test_recall_precision_false_alert_rate_and_delays_by_hand() -> None:
     assert r["mean_delay_s"] == pytest.approx((900 + 6300) / 2)
     assert r["p90_delay_s"] == pytest.approx(900 + 0.9 * (6300 - 900))
     assert r["ignored_in_probation"] == 1
+    # open: a 9.5–10.5, b 10.75–12, c 21.5–22, d 40–45 (still firing), e before the test part: 1 + 1.25 + 0.5 + 5 = 7.75 h of 40
+    assert r["time_in_alert"] == pytest.approx(7.75 / 40)
     strict = score_alerts(events, latest_alerts(alerts, "s"), test, tolerance_ms=0)
     assert strict["events_detected"] == 1 and strict["true_alerts"] == 2  # c no longer counts
 
@@ -62,6 +64,12 @@ def test_a_resolved_message_supersedes_its_firing_one_and_an_alert_counts_once()
     assert only["end_ts"] == 50
     r = score_alerts([Span(20, 30)], [only], Span(0, 100), 0)
     assert r["alerts"] == 1 and r["recall"] == 1.0 and r["mean_delay_s"] == 0.0  # fired before the event: 0
+
+
+def test_an_alert_stuck_open_since_probation_counts_for_nothing_but_shows_as_time_in_alert() -> None:
+    stuck = alert("s1", 1 * H, 2 * H, None, status="firing")
+    r = score_alerts([Span(10 * H, 11 * H)], [stuck], Span(5 * H, 45 * H), 0)
+    assert r["alerts"] == 0 and r["recall"] == 0.0 and r["time_in_alert"] == 1.0
 
 
 def test_no_alerts_and_no_events_give_none_not_a_fake_score() -> None:
