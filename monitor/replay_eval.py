@@ -17,6 +17,7 @@ often per hour of data as it would in production.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 import uuid
@@ -117,8 +118,6 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
 
 def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> dict[str, Any]:
     """Replay, collect the alerts, score model and baseline; writes ``report.json`` and ``timeline.png``."""
-    import json
-
     from monitor.config import load_config
 
     base_cfg = load_config(opts.config)
