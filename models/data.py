@@ -213,8 +213,14 @@ def anomaly_windows(path: str | Path, data_name: str) -> list[tuple[np.datetime6
         doc = doc[keys[0]]
     if not isinstance(doc, list) or not all(isinstance(w, list) and len(w) == 2 for w in doc):
         raise DataError(f"windows file {p}: expected a list of [start, end] pairs")
+    def stamp(v: object) -> np.datetime64:
+        t = pd.Timestamp(v, unit="ms") if isinstance(v, int | float) and not isinstance(v, bool) else pd.Timestamp(v)
+        if pd.isna(t):
+            raise ValueError(f"{v!r}")
+        return t.to_datetime64()
+
     try:
-        pairs = [(pd.Timestamp(a).to_datetime64(), pd.Timestamp(b).to_datetime64()) for a, b in doc]
+        pairs = [(stamp(a), stamp(b)) for a, b in doc]  # numbers are epoch ms, as in the series
     except (ValueError, TypeError) as exc:
         raise DataError(f"windows file {p}: a start or end is not a timestamp: {exc}") from None
     bad = [(a, b) for a, b in pairs if b < a]
@@ -274,6 +280,9 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
         rule = (beats.BeatRule.from_dict(beat) if "level" in beat
                 else beats.BeatRule.fit(series.values[:split], window, **beat))
         peaks = beats.peak_positions(series.values[:split, rule.lead], rule)
+        if len(peaks) < 2:
+            raise DataError(f"{Path(series.path).name}: {len(peaks)} beat(s) in the first {split} samples at the "
+                            f"model's peak level {rule.level:.4g}: another recording, other units or another lead?")
         hop = int(np.median(np.diff(peaks)))
         windowing = rule.to_dict()
     wins, ends = windows_for(series.values, window, hop, windowing)

@@ -2,7 +2,8 @@
 
 Owns what `tsmon replay-eval` claims, and nothing is point-adjusted:
 
-* a labelled **event** is an unbroken run of label 1; events that end before the test part are left out;
+* a labelled **event** is an unbroken run of label 1; events that end before the test part are left out, and
+  one that straddles its start counts from there;
 * an **alert** is one alert id (its ``firing`` and ``resolved`` messages together). It spans from the start of
   the first over-threshold window (``start_ts``) to the end of the window that resolved it (``end_ts``), or
   to the end of the data while still firing. Alerts that fired before the test part (during probation)
@@ -41,8 +42,10 @@ class Span:
 
 
 def labelled_events(ts_ms: np.ndarray, labels: np.ndarray, from_ms: float) -> list[Span]:
-    """Runs of label 1 as spans of data time; those that end before ``from_ms`` are left out."""
-    spans = [Span(float(ts_ms[e.start]), float(ts_ms[e.end])) for e in runs(labels)]
+    """Runs of label 1 as spans of data time; those that end before ``from_ms`` are left out, and one that
+    began before it counts from ``from_ms`` (alerts of the warm-up count for nothing, so its delay starts
+    with the scored part)."""
+    spans = [Span(max(float(ts_ms[e.start]), from_ms), float(ts_ms[e.end])) for e in runs(labels)]
     return [s for s in spans if s.end_ms >= from_ms]
 
 

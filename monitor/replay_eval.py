@@ -11,12 +11,14 @@ it was trained on this file, else ``train_fraction``, 15 % by default as NAB's p
 too — it fills the windows and the calibrator — but alerts that fire there count for nothing; events and
 alerts are scored on the rest. Time-based settings follow the data's clock: gaps and alert periods are in
 data time, and the calibrator's wall-clock interval is divided by the replay speed, so it recalibrates as
-often per hour of data as it would in production.
+often per hour of data as it would in production — down to one recalibration every 0.2 s of wall time: a
+faster replay recalibrates less often per hour of data (the report states the interval it got, in data time).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import threading
 import time
@@ -30,7 +32,7 @@ import numpy as np
 from models import artifact
 from models.beats import KIND as BEATS
 from models.data import Series, series_dataset
-from models.errors import DataError
+from models.errors import BrokerError, DataError
 from models.workflow import baseline
 from monitor import logs
 from monitor.events import Span, labelled_events, latest_alerts, score_alerts
@@ -106,8 +108,15 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
     if base is None:
         base = artifact.save(baseline(data, det), opts.out / "baseline-pca",
                              {"data": {**data.summary, "value_cols": list(series.channels), "train_fraction": frac}})
-    period = float(np.median(np.diff(ts_ms))) if len(ts_ms) > 1 else 1.0
-    span_s = (ts_ms[-1] - ts_ms[0]) / 1000
+    steps = np.diff(ts_ms)
+    steps = steps[steps > 0]
+    if not len(steps):
+        raise DataError(f"{Path(series.path).name}: no two samples at different times")
+    period = float(np.median(steps))
+    if period < 1.0:
+        raise DataError(f"{Path(series.path).name}: samples {period:.3g} ms apart; tsmon's input timestamps have "
+                        f"1 ms resolution (at most 1 kHz a stream)")
+    span_s = (ts_ms.max() - ts_ms.min()) / 1000
     speed = opts.speed or max(span_s / opts.seconds, 1e-3)
     chunk = opts.chunk or int(min(1000, max(1, round(250 / period))))
     gap = opts.gap_ms or max(3 * period, windows_gap_ms or 0.0)
@@ -143,8 +152,8 @@ def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> 
     }
     from monitor import timeline
 
-    png = timeline.draw(opts.out / "timeline.png", p, series, ts_ms, played, test)
-    report["timeline"] = str(png)
+    (opts.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")  # the figures first, then the picture
+    report["timeline"] = str(timeline.draw(opts.out / "timeline.png", p, series, ts_ms, played, test))
     (opts.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -179,42 +188,49 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
             "control.topic": f"{run_id}.control", "control.audit_topic": f"{run_id}.audit",
             "state.topic": f"{run_id}.state", "calibrator.interval_s": interval, "limits.idle_evict_s": "none",
             "http.enabled": False,
-            "models": [{"pattern": streams[0], "path": str(p.model), "name": "model", "gap_ms": p.gap_ms},
-                       {"pattern": streams[1], "path": str(p.baseline), "name": "baseline", "gap_ms": p.gap_ms}],
+            "models": [{"pattern": glob.escape(streams[0]), "path": str(p.model), "name": "model", "gap_ms": p.gap_ms},
+                       {"pattern": glob.escape(streams[1]), "path": str(p.baseline), "name": "baseline",
+                        "gap_ms": p.gap_ms}],
         }
         if local:  # a real Kafka refuses sessions under its group.min.session.timeout.ms (6 s by default)
             overrides.update({"kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 500})
         cfg = load_config(opts.config, overrides)
         client = cfg.kafka.client_kwargs()
         servers = client.pop("bootstrap_servers")
+        if not local:  # leave nothing behind on the user's cluster, whatever happens from here
+            stack.callback(_delete_topics, cfg.kafka.client_kwargs(),
+                           [*topics.values(), cfg.control.topic, cfg.control.audit_topic, cfg.state.topic])
         ensure_topics(servers, {t: 1 for t in topics.values()}, **client)
         reader = TopicReader(servers, topics["alerts"], **client)
         stack.callback(reader.close)
+        producer = KafkaProducer(**cfg.kafka.client_kwargs(), acks=1, linger_ms=5)
+        stack.callback(producer.close)
         daemon = Daemon(cfg)
         changes: dict[str, list[tuple[float, float]]] = {s: [] for s in streams}
 
         def on_threshold(stream: str, state: Any) -> None:
             st = daemon.processor.streams.get(stream)
-            at = st.last_window_ts if st is not None and st.last_window_ts is not None else ts_ms[0]
+            at = st.last_window_ts if st is not None and st.last_window_ts >= 0 else ts_ms[0]
             changes.setdefault(stream, []).append((float(at), float(state.value)))
 
         daemon.threshold_listeners.append(on_threshold)
         bodies = [list(messages(s, ts_ms, series.values, p.chunk)) for s in streams]
-        producer = KafkaProducer(**cfg.kafka.client_kwargs(), acks=1, linger_ms=5)
-        stack.callback(producer.close)
-        stop, sent = threading.Event(), [0]
+        stop, sent, failed = threading.Event(), [0], []
 
         def play() -> None:
             t0, i = time.monotonic(), 0
-            for (a, n), (b, _) in zip(*bodies, strict=True):
-                producer.send(topics["in"], key=streams[0].encode(), value=a)
-                producer.send(topics["in"], key=streams[1].encode(), value=b)
-                i += n
-                sent[0] += 2 * n
-                ahead = (ts_ms[i - 1] - ts_ms[0]) / 1000 / p.speed - (time.monotonic() - t0)
-                if stop.wait(max(0.0, ahead)):
-                    break
-            producer.flush()
+            try:
+                for (a, n), (b, _) in zip(*bodies, strict=True):
+                    for key, body in ((streams[0], a), (streams[1], b)):
+                        producer.send(topics["in"], key=key.encode(), value=body).add_errback(failed.append)
+                    i += n
+                    sent[0] += 2 * n
+                    ahead = (ts_ms[i - 1] - ts_ms[0]) / 1000 / p.speed - (time.monotonic() - t0)
+                    if stop.wait(max(0.0, ahead)):
+                        break
+                producer.flush()
+            except Exception as exc:  # noqa: BLE001 — reported by the caller, never lost with the thread
+                failed.append(exc)
 
         player = threading.Thread(target=play, name="replay-eval-player", daemon=True)
         total = 2 * len(bodies[0])  # messages: each ends in a stream's windows or as a dead letter
@@ -226,19 +242,18 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
             return daemon.metrics.total("tsmon_records_total") >= total and daemon.processor.pending == 0
 
         def finished() -> bool:
-            return (not player.is_alive() and handled()) or time.monotonic() > limit
+            return (not player.is_alive() and (handled() or bool(failed))) or time.monotonic() > limit
 
         try:
             daemon.run(until=finished)
         finally:
             stop.set()
             player.join(10)
+        if failed:
+            raise BrokerError(f"replaying into {topics['in']} failed: {type(failed[0]).__name__}: {failed[0]}")
         complete = handled()
         alerts = reader.settle(quiet_s=1.0)
         wall = time.monotonic() - t_start
-        if not local:  # leave nothing behind on the user's cluster
-            _delete_topics(cfg.kafka.client_kwargs(), [*topics.values(), cfg.control.topic, cfg.control.audit_topic,
-                                                       cfg.state.topic])
     if not complete:
         log.error("replay_eval_incomplete", messages=total, handled=int(daemon.metrics.total("tsmon_records_total")),
                   note="the figures cover only what the daemon took in time")

@@ -151,7 +151,8 @@ class BeatWindows(_Windowing):
     def needed_from(self) -> int:
         """Sample number (1-based) of the first sample a future window, or deciding a future peak, needs."""
         r = self.rule
-        first = min([p - r.pre for p in self._pending] + [self._decided - max(r.pre, r.lookahead)])
+        back = max(r.pre, r.lookahead)  # a pending peak is found again after a restart only with its lookbehind
+        first = min([p - back for p in self._pending] + [self._decided - back])
         return self.seen - self._since_start + max(first, 0) + 1
 
     def restart(self) -> None:

@@ -26,9 +26,10 @@ DataOpt = Annotated[str, typer.Option("--data", help="'ecg5000' (vendored) or a 
 ValueCols = Annotated[list[str] | None, typer.Option("--value-col", help="Value column (repeat for channels).")]
 TsCol = Annotated[str | None, typer.Option(help="Timestamp column (epoch ms or ISO-8601); auto: timestamp/ts/time.")]
 LabelCol = Annotated[str | None, typer.Option(help="0/1 label column; auto: label/is_anomaly/anomaly.")]
-WindowsOpt = Annotated[str | None, typer.Option("--windows", help="JSON of labelled anomaly windows [[start, end], "
-                                                                  "...] (or NAB's combined_windows.json) instead "
-                                                                  "of a label column.")]
+WindowsOpt = Annotated[str | None, typer.Option("--windows", help="JSON of labelled anomaly windows, a list of "
+                                                                  "start/end timestamp pairs (or NAB's "
+                                                                  "combined_windows.json), instead of a label "
+                                                                  "column.")]
 
 
 def parse_params(pairs: list[str] | None, **named: Any) -> dict[str, Any]:

@@ -83,7 +83,9 @@ def _table(r: dict[str, Any]) -> Table:
     t = Table(title=f"replay-eval {Path(d['path']).name}", title_justify="left",
               caption=f"{r['events']} labelled events in the {d['test_hours']:.1f} h after the first "
                       f"{d['train_fraction']:.0%} (warm-up); tolerance {d['tolerance_s']:g} s; replayed at "
-                      f"{rp['speed']:.4g}× in {rp['wall_s']} s; {rp['dead_letters']} dead letters",
+                      f"{rp['speed']:.4g}× in {rp['wall_s']} s; calibrator every "
+                      f"{rp['calibrator_interval_data_s']:.4g} s of data; {rp['dead_letters']} dead letters"
+                      + ("" if rp["complete"] else "; INCOMPLETE: the daemon did not take every message in time"),
               caption_justify="left")
     t.add_column("metric")
     t.add_column(f"{r['model']['kind']} (model)", justify="right")

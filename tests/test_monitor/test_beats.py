@@ -127,3 +127,30 @@ def test_a_beat_model_round_trips_and_the_daemon_scores_one_window_per_beat(tmp_
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="incompatible artifact"):
         artifact.load(path, "cpu")
+
+
+@pytest.mark.parametrize("pre", [48, 10])  # 10: the window starts inside the peak's lookbehind
+def test_replaying_from_needed_from_recovers_every_window_not_yet_emitted(pre: int) -> None:
+    """After a crash the input is read again from the committed offset (needed_from): a fresh stream state
+    fed from there must cut every window the old one had not emitted yet."""
+    x, _ = ecg_like(3000, premature=(1234,))
+    rule = BeatRule.fit(x, **{**RULE, "pre": pre})
+    _, ends = beat_windows(x, rule)
+    ts = 4 * np.arange(len(x), dtype="int64")
+    for cut in (700, 1240, 2001):
+        sw = BeatWindows(rule, channels=2)
+        done = sw.push(ts[:cut], x[:cut])
+        start = sw.needed_from - 1  # 0-based index of the first sample still needed
+        again = BeatWindows(rule, channels=2).push(ts[start:], x[start:])
+        recovered = set((start + again.end_seq - 1).tolist())
+        missing = set(ends.tolist()) - set((done.end_seq - 1).tolist()) - recovered
+        assert not missing, (cut, sorted(missing))
+
+
+def test_a_beat_rule_that_finds_no_beats_is_a_clear_error() -> None:
+    from models.data import Series, series_dataset
+
+    x, _ = ecg_like(3000)
+    rule = BeatRule.fit(x, **RULE).to_dict()
+    with pytest.raises(DataError, match="beat\\(s\\) in the first .* another recording, other units"):
+        series_dataset(Series(x * 0.01, ["a", "b"]), 80, 0, 0.5, beat=rule)  # millivolts read as volts

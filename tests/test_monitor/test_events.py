@@ -28,6 +28,7 @@ def test_labelled_events_are_runs_on_the_time_axis_and_skip_those_before_the_tes
     labels[10:13] = 1
     labels[19] = 1
     assert labelled_events(ts, labels, from_ms=5000) == [Span(10_000, 12_000), Span(19_000, 19_000)]
+    assert labelled_events(ts, labels, from_ms=11_000)[0] == Span(11_000, 12_000)  # straddles: counts from there
 
 
 def test_recall_precision_false_alert_rate_and_delays_by_hand() -> None:
@@ -89,6 +90,9 @@ def test_nab_style_windows_label_the_samples_inside_them(tmp_path) -> None:
     assert s.labels.tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0]
     (tmp_path / "list.json").write_text(json.dumps([["2014-01-01 08:00", "2014-01-01 09:00"]]))
     assert window_labels(stamps.to_numpy(), anomaly_windows(tmp_path / "list.json", "temp.csv")).sum() == 2
+    ms = int(pd.Timestamp("2014-01-01 08:00").value // 10**6)  # numbers are epoch ms, as in the series
+    (tmp_path / "ms.json").write_text(json.dumps([[ms, ms + 3_600_000]]))
+    assert window_labels(stamps.to_numpy(), anomaly_windows(tmp_path / "ms.json", "temp.csv")).sum() == 2
 
 
 @pytest.mark.parametrize("doc, message", [
@@ -97,6 +101,7 @@ def test_nab_style_windows_label_the_samples_inside_them(tmp_path) -> None:
     ([["soon", "later"]], "not a timestamp"),
     ({"k": "v"}, "no entries"),
     ([1, 2], "list of [start, end] pairs"),
+    ([["2014-01-01", None]], "not a timestamp"),
 ])
 def test_bad_windows_files_say_what_is_wrong(tmp_path, doc, message) -> None:
     (tmp_path / "w.json").write_text(json.dumps(doc))
