@@ -138,14 +138,12 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
         raise ArtifactError(f"model {root} expects {channels} channel(s), the data has {expect_channels}")
     windowing = m.get("windowing") or {"kind": beats.SLIDING}  # artifacts before beat windows: sliding
     try:
-        if windowing.get("kind") == beats.KIND:
-            rule = beats.BeatRule.from_dict(windowing)
-            if rule.window != model.config.window or rule.lead >= channels:
-                raise DataError(f"beat window {rule.window} / lead {rule.lead} do not fit the model")
-        elif windowing.get("kind") != beats.SLIDING:
-            raise DataError(f"unknown windowing {windowing.get('kind')!r}")
-    except (DataError, AttributeError) as exc:
+        rule = beats.rule_of(windowing)
+    except DataError as exc:
         raise ArtifactError(f"incompatible artifact {root}: {exc}") from None
+    if rule is not None and (rule.window != model.config.window or rule.lead >= channels):
+        raise ArtifactError(f"incompatible artifact {root}: beat window {rule.window} / lead {rule.lead} do not "
+                            f"fit the model")
     det = Detector(model, scaler, threshold, dict(m["validation_error_quantiles"]), str(m["loss"]),
                    list(m["channels"]), int(m["hop"]), meta=m, windowing=dict(windowing))
     return det.to(device)

@@ -73,6 +73,17 @@ class BeatRule:
         return cls(window, pre, refractory, baseline, float(0.5 * np.percentile(h[p - baseline], 90)), lead)
 
 
+def rule_of(windowing: object) -> BeatRule | None:
+    """The beat rule a model's ``windowing`` document describes, or None for sliding windows."""
+    if not isinstance(windowing, dict):
+        raise DataError(f"windowing must be an object, not {windowing!r}")
+    if windowing.get("kind") == KIND:
+        return BeatRule.from_dict(windowing)
+    if windowing.get("kind") != SLIDING:
+        raise DataError(f"unknown windowing {windowing.get('kind')!r}: use {SLIDING} or {KIND}")
+    return None
+
+
 def highpassed(x: np.ndarray, b: int) -> np.ndarray:
     """``x[q] − mean(x[q−b … q+b])`` for ``q`` in ``[b, len − b)`` (index ``q − b`` of the result)."""
     if len(x) < 2 * b + 1:

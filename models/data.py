@@ -213,6 +213,7 @@ def anomaly_windows(path: str | Path, data_name: str) -> list[tuple[np.datetime6
         doc = doc[keys[0]]
     if not isinstance(doc, list) or not all(isinstance(w, list) and len(w) == 2 for w in doc):
         raise DataError(f"windows file {p}: expected a list of [start, end] pairs")
+
     def stamp(v: object) -> np.datetime64:
         t = pd.Timestamp(v, unit="ms") if isinstance(v, int | float) and not isinstance(v, bool) else pd.Timestamp(v)
         if pd.isna(t):
@@ -257,9 +258,8 @@ def finite_windows(windows: np.ndarray) -> np.ndarray:
 def windows_for(values: np.ndarray, window: int, hop: int,
                 windowing: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A model's windows of a series (sliding, or one per beat) and the index of each one's last sample."""
-    if windowing and windowing.get("kind") == beats.KIND:
-        return beats.beat_windows(values, beats.BeatRule.from_dict(windowing))
-    return make_windows(values, window, hop)
+    rule = beats.rule_of(windowing) if windowing else None
+    return beats.beat_windows(values, rule) if rule is not None else make_windows(values, window, hop)
 
 
 def series_dataset(series: Series, window: int, hop: int, train_fraction: float = 0.5,
@@ -303,7 +303,7 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
     summary = {"source": series.path, "sha256": series.sha256, "samples": len(series.values),
                "split_sample": split, "train_fraction": train_fraction, "windows": len(ends),
                "dropped_nonfinite": int((~ok).sum()), "train": len(fit_idx) - n_val, "val": n_val,
-               "test": len(test_idx), "windowing": windowing, "dropped_out_of_order": series.dropped_out_of_order}
+               "test": len(test_idx), "dropped_out_of_order": series.dropped_out_of_order}
     return Dataset(Path(series.path).name, window, hop, series.channels,
                    np.ascontiguousarray(wins[fit_idx[: len(fit_idx) - n_val]]),
                    np.ascontiguousarray(wins[fit_idx[len(fit_idx) - n_val :]]),

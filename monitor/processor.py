@@ -22,10 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from models.beats import KIND as BEATS
-from models.beats import BeatRule
 from models.errors import BrokerError, SinkBackpressure
-from monitor import logs
+from monitor import logs, windows
 from monitor.alerts import AlertSettings, AlertState, Observation, Transition, alert_doc, iso
 from monitor.batcher import Batch, Batcher
 from monitor.calibrator import Calibrator
@@ -38,7 +36,7 @@ from monitor.scoring import Backend, Result, ThreadBackend
 from monitor.sink import OutMessage, Sink, json_message
 from monitor.source import TP, InRecord, Source
 from monitor.streams import StreamState
-from monitor.windows import BeatWindows, StreamWindows, order_problem
+from monitor.windows import order_problem
 
 log = logs.get("tsmon.processor")
 RESERVED_PREFIX = "__tsmon"  # changelog keys of daemon-wide state
@@ -157,11 +155,8 @@ class Processor:
         s, det = self.settings, served.detector
         self.calibrator.register(stream, det.threshold.value, thin=max(1, served.window // served.hop))
         gap_ms = served.gap_ms if served.gap_ms is not None else s.gap_ms
-        windows: StreamWindows | BeatWindows = (
-            BeatWindows(BeatRule.from_dict(det.windowing), served.channels, gap_ms)
-            if det.windowing.get("kind") == BEATS else StreamWindows(served.window, served.hop, served.channels, gap_ms))
         st = StreamState(
-            served, windows,
+            served, windows.for_stream(det.windowing, served.window, served.hop, served.channels, gap_ms),
             StreamQuality(stream, np.asarray(det.scaler.scale, "float32"), det.channel_names, s.flatline_rel_std,
                           s.rate_tolerance, s.quality_cooldown_ms),
             AlertState(stream, served.name, s.alerts), recent_alerts=deque(maxlen=s.recent_alerts))

@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 
 from models import artifact
-from models.beats import KIND as BEATS
+from models.beats import rule_of
 from models.data import Series, series_dataset
 from models.errors import BrokerError, DataError
 from models.workflow import baseline
 from monitor import logs
+from monitor.alerts import iso
 from monitor.events import Span, labelled_events, latest_alerts, score_alerts
 
 log = logs.get("tsmon.replay_eval")
@@ -101,7 +102,7 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
     trained = det.meta.get("training", {}).get("data", {})
     same = bool(series.sha256) and trained.get("sha256") == series.sha256
     frac = opts.train_fraction or (float(trained.get("train_fraction", PROBATION)) if same else PROBATION)
-    beat = det.windowing if det.windowing.get("kind") == BEATS else None  # the baseline cuts the same windows
+    beat = det.windowing if rule_of(det.windowing) is not None else None  # the baseline cuts the same windows
     data = series_dataset(series, det.window, det.hop, frac, beat=beat)  # the model's own split on its file
     opts.out.mkdir(parents=True, exist_ok=True)
     base = opts.baseline
@@ -146,7 +147,7 @@ def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> 
         "data": {"path": series.path, "samples": len(ts_ms), "channels": list(series.channels),
                  "period_ms": p.period_ms, "window": p.window, "hop": p.hop, "gap_ms": p.gap_ms,
                  "split_sample": p.split, "train_fraction": p.train_fraction,
-                 "test_from": _iso(test.start_ms), "test_to": _iso(test.end_ms),
+                 "test_from": iso(int(test.start_ms)), "test_to": iso(int(test.end_ms)),
                  "test_hours": (test.end_ms - test.start_ms) / 3.6e6, "tolerance_s": p.tolerance_ms / 1000},
         "replay": played["summary"],
     }
@@ -156,12 +157,6 @@ def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> 
     report["timeline"] = str(timeline.draw(opts.out / "timeline.png", p, series, ts_ms, played, test))
     (opts.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def _iso(ms: float) -> str:
-    from monitor.alerts import iso
-
-    return iso(int(ms))
 
 
 def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, interval_s: float) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.beats import BeatRule, peak_positions
+from models.beats import BeatRule, peak_positions, rule_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +166,8 @@ class BeatWindows(_Windowing):
         arr = np.concatenate([self._buf, values.astype("float32", copy=False)])
         arr_ts = np.concatenate([self._buf_ts, ts])
         total = self._since_start + n
-        found = peak_positions(arr[:, r.lead], r, start=self._decided - self._offset) + self._offset
+        k = max(0, self._decided - r.lookahead - self._offset)  # decided positions are not looked at again
+        found = peak_positions(arr[k:, r.lead], r, start=self._decided - self._offset - k) + self._offset + k
         self._decided = max(self._decided, total - r.lookahead)
         self._pending += [int(p) for p in found if p >= r.pre]
         done = [p for p in self._pending if p - r.pre + r.window <= total]
@@ -184,6 +185,13 @@ class BeatWindows(_Windowing):
         self._buf, self._buf_ts = arr[cut:].copy(), arr_ts[cut:].copy()
         self._offset += cut
         return out
+
+
+def for_stream(windowing: dict[str, object], window: int, hop: int, channels: int,
+               gap_ms: float | None) -> StreamWindows | BeatWindows:
+    """The windowing state a model's ``windowing`` document asks for (sliding by default)."""
+    rule = rule_of(windowing)
+    return BeatWindows(rule, channels, gap_ms) if rule is not None else StreamWindows(window, hop, channels, gap_ms)
 
 
 def _gap_starts(ts: np.ndarray, last_ts: int | None, gap_ms: float | None) -> list[int]:
