@@ -3,6 +3,7 @@ float32 matrix-multiply rate measured in the same run, so the figures are ratios
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,21 +50,31 @@ def _gemm(device: torch.device, n: int | None = None) -> tuple[Callable[[], None
 
 
 def bench_scorer(det: Detector, batch_size: int | None = None, seconds: float = 2.0,
-                 batch1_windows: int = 200) -> dict[str, Any]:
-    """Windows/s at batch 1 vs ``batch_size``; model GFLOP/s and efficiency against the GEMM rate."""
+                 batch1_windows: int = 200, daemon_batch: int = 256, precision: str = "float32") -> dict[str, Any]:
+    """Windows/s at batch 1 vs ``batch_size``; model GFLOP/s and efficiency against the GEMM rate; and the
+    daemon's micro-batch (``daemon_batch``, the default ``batch.max_batch``): windows/s and ms per batch.
+    ``precision`` other than float32 runs the model under CUDA autocast (no effect on CPU) and reports the
+    largest score difference to float32 as a share of max(score, threshold)."""
     device = det.device
     batch_size = batch_size or (4096 if device.type == "cuda" else 2048)
     gen = torch.Generator().manual_seed(0)
     one = [torch.randn(1, det.window, det.channels, generator=gen).to(device) for _ in range(8)]
     big = torch.randn(batch_size, det.window, det.channels, generator=gen).to(device)
+    micro = big[:daemon_batch]
+    reduced = precision != "float32" and device.type == "cuda"
+    exact = det.score_tensor(micro)[0].float()
+    cast = torch.autocast("cuda", dtype=getattr(torch, precision)) if reduced else contextlib.nullcontext()
 
     def batch1_loop() -> None:  # the classic loop: one window per forward pass
         for i in range(batch1_windows):
             det.score_tensor(one[i % len(one)])
 
     gemm_fn, gemm_flops = _gemm(device)
-    b1_rate, big_rate, gemm_rate = _best_interleaved([batch1_loop, lambda: det.score_tensor(big), gemm_fn],
-                                                     device, seconds)
+    with cast:
+        b1_rate, big_rate, micro_rate, gemm_rate = _best_interleaved(
+            [batch1_loop, lambda: det.score_tensor(big), lambda: det.score_tensor(micro), gemm_fn], device, seconds)
+        got = det.score_tensor(micro)[0].float()
+    diff = float(((got - exact).abs() / torch.clamp(exact.abs(), min=det.threshold.value)).max())
     batch1, batched, per_batch = b1_rate * batch1_windows, big_rate * batch_size, 1.0 / big_rate
     gemm = gemm_rate * gemm_flops / 1e9
     model_gflops = det.model.flops_per_window() * batched / 1e9
@@ -82,4 +93,9 @@ def bench_scorer(det: Detector, batch_size: int | None = None, seconds: float = 
         "model_gflops": model_gflops,
         "gemm_gflops": gemm,
         "efficiency": model_gflops / gemm,
+        "daemon_batch": len(micro),
+        "daemon_batch_windows_per_s": micro_rate * len(micro),
+        "daemon_batch_ms": 1e3 / micro_rate,
+        "precision": precision if reduced else "float32",
+        "precision_max_diff": diff,
     }

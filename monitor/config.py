@@ -73,6 +73,8 @@ class KafkaConfig(_Section):
     heartbeat_interval_ms: int = Field(1000, ge=100, description="below session_timeout_ms (best ≤ 1/3 of it)")
     max_poll_interval_ms: int = Field(300_000, ge=1000, description="longest gap between polls")
     max_poll_records: int = Field(500, ge=1, description="records one poll returns at most")
+    fetch_max_wait_ms: int = Field(100, ge=1, le=500, description="longest a broker may hold a fetch without new "
+                                                                  "data (some brokers, e.g. Tansu, always hold it)")
     request_timeout_ms: int = Field(30_000, gt=500, lt=540_000,
                                     description="kafka-python needs fetch_max_wait_ms (500) < it < 540000")
     reconnect_backoff_max_ms: int = Field(10_000, ge=50, description="reconnects to a lost broker back off "
@@ -144,7 +146,7 @@ class KafkaConfig(_Section):
     def consumer_kwargs(self) -> dict[str, Any]:
         """kafka-python ``KafkaConsumer`` settings; offsets are committed by the daemon, never automatically."""
         keys = ("group_id", "auto_offset_reset", "session_timeout_ms", "heartbeat_interval_ms",
-                "max_poll_interval_ms", "max_poll_records")
+                "max_poll_interval_ms", "max_poll_records", "fetch_max_wait_ms")
         return {**self.client_kwargs(), **{k: getattr(self, k) for k in keys}, "enable_auto_commit": False}
 
     def producer_kwargs(self) -> dict[str, Any]:
@@ -203,6 +205,17 @@ class WindowsConfig(_Section):
 class BatchConfig(_Section):
     max_batch: int = Field(256, ge=1, le=65536, description="windows scored in one model call at most")
     max_delay_ms: float = Field(50.0, ge=0, description="longest a window waits for its batch to fill")
+    latency_target_ms: float | None = Field(
+        None, gt=0, description="p99 sample-to-decision latency to aim for: batches adapt (at once when the scorer "
+                                "is idle, larger under load); none = fixed max_batch / max_delay_ms")
+    max_pending: int = Field(8192, ge=1, description="windows waiting to be scored before input is paused "
+                                                     "(resumed below half)")
+
+    _optional = field_validator("latency_target_ms", mode="before")(_unset)
+
+    def _rules(self) -> Iterator[str]:
+        if self.max_pending < self.max_batch:
+            yield f"max_pending: must be at least max_batch ({self.max_batch})"
 
 
 class CalibratorConfig(_Section):
@@ -272,9 +285,17 @@ class DaemonConfig(_Section):
     retry_max_s: float = Field(10.0, gt=0, description="longest wait between commit retries while the broker "
                                                        "or the sink fails")
     poll_timeout_ms: int = Field(100, ge=1, description="longest one poll blocks")
+    max_unacked: int = Field(10_000, ge=1, description="output messages awaiting the broker's acknowledgement "
+                                                       "that bring the next commit (and its flush) forward")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for scoring; none = cores − 1 (≥ 1)")
     scoring: Literal["auto", "thread", "process"] = Field(
         "auto", description="where the forward pass runs; auto = a process of its own on CPU, a thread on CUDA")
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="scoring precision; reduced ones run under autocast and are checked at start")
+    precision_tolerance: float = Field(0.02, gt=0, description="largest score difference to float32 allowed at "
+                                                               "start, as a share of the model's threshold")
+    warmup: bool = Field(True, description="score one batch of each size the daemon uses per model before "
+                                           "consuming (kernels, allocator, the batcher's cost model)")
     log_format: Literal["json", "console"] | None = Field(None, description="none = console on a terminal")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="least severe level logged")
 
@@ -497,6 +518,7 @@ session_timeout_ms = 6000                # a consumer silent this long is droppe
 heartbeat_interval_ms = 1000             # below session_timeout_ms, best at most a third of it
 max_poll_interval_ms = 300000            # longest gap between polls before a rebalance
 max_poll_records = 500
+fetch_max_wait_ms = 100                  # a fetch held this long at most: bounds latency on brokers that hold it
 request_timeout_ms = 30000               # kafka-python needs 500 < request_timeout_ms < 540000
 reconnect_backoff_max_ms = 10000         # reconnects to a lost broker back off from 50 ms up to this
 security_protocol = "PLAINTEXT"          # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
@@ -524,6 +546,8 @@ gap_ms = 5000.0                          # a longer gap between samples restarts
 [batch]
 max_batch = 256                          # windows scored in one model call at most (1..65536)
 max_delay_ms = 50.0                      # longest a window waits for its batch to fill
+# latency_target_ms = 100.0              # example: adaptive batches aiming at this p99 sample-to-decision latency
+max_pending = 8192                       # windows waiting to be scored before input pauses (resumed below half)
 
 [calibrator]
 enabled = true                           # adapt each stream's threshold to its recent normal errors
@@ -566,8 +590,12 @@ shutdown_timeout_s = 10.0                # SIGTERM to exit, at most: score, publ
 sink_timeout_s = 5.0                     # output not acknowledged within this: input pauses, retried later
 retry_max_s = 10.0                       # retries while the broker or sink fails back off up to this
 poll_timeout_ms = 100                    # longest one poll blocks
+max_unacked = 10000                      # output messages awaiting acknowledgement that bring the commit forward
 # torch_threads = 3                      # CPU scoring threads; default: cores − 1, leaving one to consume
 scoring = "auto"                         # auto, thread or process (auto: process on CPU, thread on CUDA)
+precision = "float32"                    # float32, bfloat16 or float16 (autocast; checked against float32 at start)
+precision_tolerance = 0.02               # largest score difference to float32 allowed, as a share of the threshold
+warmup = true                            # one forward pass per model and batch size before consuming
 # log_format = "json"                    # example: json or console; default: console on a terminal
 log_level = "INFO"                       # DEBUG, INFO, WARNING or ERROR
 

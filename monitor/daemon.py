@@ -57,7 +57,7 @@ def scoring_threads(configured: int | None) -> int:
 
 def build_scorer(cfg: Config) -> Scorer:
     return Scorer([load_served(r.pattern, r.path, r.name, r.hop, cfg.daemon.device, r.gap_ms)
-                   for r in cfg.require_models()])
+                   for r in cfg.require_models()], cfg.daemon.precision)
 
 
 def calibrator_settings(cfg: Config, scorer: Scorer) -> CalibratorSettings:
@@ -100,7 +100,7 @@ class Daemon:
         self.scoring = choose(cfg.daemon.scoring, cfg.daemon.device)
         if self.scoring == "process":
             backend: Backend = ProcessBackend([(r.pattern, str(r.path), r.name, r.hop) for r in cfg.require_models()],
-                                              cfg.daemon.device, threads)
+                                              cfg.daemon.device, threads, precision=cfg.daemon.precision)
         else:
             # The CPU LSTM steps its layers from Python, taking the GIL between ops; with the default 5 ms
             # switch interval it waits behind the parsing thread (193k → 223k samples/s at 0.2 ms).
@@ -113,8 +113,16 @@ class Daemon:
         self.threshold_listeners: list[Callable[[str, ThresholdState], None]] = []
         self._started = time.monotonic()
         self.sink = sink or KafkaSink(cfg.kafka.producer_kwargs(), on_undeliverable=self._undeliverable)
-        self.processor = Processor(self.scorer, self.calibrator, Batcher(cfg.batch.max_batch, cfg.batch.max_delay_ms),
-                                   self.sink, self.metrics, processor_settings(cfg), backend)
+        b = cfg.batch
+        batcher = Batcher(b.max_batch, b.max_delay_ms, latency_target_ms=b.latency_target_ms)
+        if cfg.daemon.warmup:
+            try:
+                self._warm_up(backend, batcher)
+            except BaseException:
+                backend.close()  # a scoring process must not outlive a start that failed
+                raise
+        self.processor = Processor(self.scorer, self.calibrator, batcher, self.sink, self.metrics,
+                                   processor_settings(cfg), backend)
         k, c = cfg.kafka, cfg.control
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
         self.controller = Controller(self.processor, c.key.get_secret_value() if c.key else None, c.audit_topic,
@@ -137,6 +145,7 @@ class Daemon:
         # the changelog is read at the first assignment, then at every later one; commands wait for the first
         self._restored = not (self._kafka and cfg.state.enabled)
         self._paused: set[TP] = set()  # partitions paused while the sink or the broker fails
+        self._held: set[TP] = set()  # partitions paused because scoring falls behind (back-pressure)
         self._problem: str | None = None  # why the last commit attempt failed; /readyz reports it
         self._retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
         self._ready: tuple[bool, str] = (False, "starting")
@@ -144,10 +153,25 @@ class Daemon:
         self.http = HealthServer(h.host, h.port, self.metrics.registry, self._health, lambda: self._ready,
                                  lambda: self._rows) if h.enabled else None
 
+    def _warm_up(self, backend: Backend, batcher: Batcher) -> None:
+        """Score each batch size once per model before consuming; the timings seed the batcher's cost model.
+        A reduced precision whose scores move off float32 stops the start here (ConfigError)."""
+        d, t0 = self.cfg.daemon, time.monotonic()
+        sizes = sorted({1, max(1, batcher.max_batch // 8), batcher.max_batch})
+        timings = backend.warm_up(sizes, d.precision_tolerance)
+        for model, passes in timings.items():
+            for n, seconds in passes:
+                batcher.observed(model, n, seconds)
+        log.info("models_warmed", seconds=round(time.monotonic() - t0, 3),
+                 precision={m: self.scorer.precision_of(m) for m in self.scorer.models},
+                 ms_per_batch={m: {n: round(s * 1000, 2) for n, s in p} for m, p in timings.items()},
+                 batch_limit={m: batcher.limit(m) for m in timings})
+
     # rebalance callbacks (called from inside poll, on the loop's thread)
     def _on_revoke(self, tps: list[TP]) -> None:
         log.info("partitions_revoked", partitions=[f"{t}-{p}" for t, p in tps])
         self._paused -= set(tps)
+        self._held -= set(tps)
         self.processor.revoke(self.source, set(tps))
 
     def _on_assign(self, tps: list[TP]) -> None:
@@ -262,10 +286,13 @@ class Daemon:
                 self._beat = time.monotonic()
                 wait = self.processor.batcher.wait_s()
                 timeout = d.poll_timeout_ms if wait is None else min(d.poll_timeout_ms, int(wait * 1000))
-                if self.processor.pending > self.processor.batcher.size:  # results in flight: come back soon
+                if self.processor.scoring_busy:  # results in flight: come back soon
                     timeout = min(timeout, 5)
-                self.processor.handle(self.source.poll(max(timeout, 0)))
-                self.processor.score_ready()  # memory stays bounded: at most max_inflight batches wait
+                elif (idle := self.processor.batcher.idle_wait_s()) is not None:  # an idle scorer takes it soon
+                    timeout = min(timeout, int(idle * 1000))
+                self.processor.handle(self.source.poll(max(timeout, 0), self._poll_room()))
+                self.processor.score_ready()  # never blocks: what waits is bounded by _hold_input
+                self._hold_input()
                 if (self.control is not None and self._restored
                         and time.monotonic() - last_control >= self.cfg.control.poll_interval_ms / 1000):
                     last_control = time.monotonic()
@@ -274,7 +301,8 @@ class Daemon:
                 if self._snapshot_due.is_set():
                     self._snapshot_due.clear()
                     self.processor.save_changed()
-                if time.monotonic() - last_commit >= d.commit_interval_ms / 1000:
+                if (time.monotonic() - last_commit >= d.commit_interval_ms / 1000
+                        or getattr(self.sink, "pending", 0) >= d.max_unacked):  # output piles up: flush now
                     last_commit = time.monotonic()
                     self.processor.evict_idle(last_commit)
                     self._commit()
@@ -300,8 +328,8 @@ class Daemon:
         except BrokerError as exc:
             self._failing("broker", f"broker unavailable: {exc}")
             return
-        if self._paused:
-            self.source.resume(self._paused)
+        if self._paused - self._held:
+            self.source.resume(self._paused - self._held)
         if self._problem is not None:
             log.info("input_resumed", partitions=len(self._paused), after_s=round(now - (self._retry.since or now), 1),
                      retries=self._retry.failures)
@@ -316,6 +344,35 @@ class Daemon:
         if problem is not None:
             raise BrokerError(problem)
         self.processor.commit(self.source)
+
+    def _poll_room(self) -> int:
+        """Records the next poll may take: as many as leave the waiting windows within ``batch.max_pending``
+        (a record of 140 samples at hop 1 makes 140 windows), at least one, at most ``kafka.max_poll_records``."""
+        room = self.cfg.batch.max_pending - self.processor.pending
+        per = max(self.processor.windows_per_record, 1e-3)
+        return int(max(1, min(self.cfg.kafka.max_poll_records, room / per)))
+
+    def _hold_input(self) -> None:
+        """Back-pressure: pause every assigned partition while more than ``batch.max_pending`` windows wait to
+        be scored; resume (those not paused for a failure) once fewer than half do. Polling goes on, so
+        commits, commands and health keep turning while the scorer catches up."""
+        pending, limit = self.processor.pending, self.cfg.batch.max_pending
+        if self._held and pending > limit // 2:  # partitions assigned meanwhile wait too
+            new = self.source.assignment() - self._held
+            if new:
+                self.source.pause(new - self._paused)
+                self._held |= new
+        elif not self._held and pending > limit:
+            self._held = self.source.assignment()
+            self.source.pause(self._held - self._paused)
+            self.metrics.backpressure.set(1)
+            self.metrics.backpressure_pauses.inc()
+            log.debug("input_held", pending_windows=pending, limit=limit, partitions=len(self._held))
+        elif self._held and pending <= limit // 2:
+            self.source.resume(self._held - self._paused)
+            self._held = set()
+            self.metrics.backpressure.set(0)
+            log.debug("input_released", pending_windows=pending)
 
     def _pause(self, tps: set[TP]) -> None:
         if tps:

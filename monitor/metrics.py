@@ -49,6 +49,14 @@ class Metrics:
         self.alert_latency = Histogram("tsmon_alert_latency_seconds",
                                        "Arrival of the window's last sample to the alert's publication", registry=r,
                                        buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30))
+        self.event_lag = Histogram("tsmon_event_lag_seconds",
+                                   "Wall clock at a micro-batch's decision minus its oldest window's last sample "
+                                   "timestamp (sample-to-decision latency when producers stamp wall-clock time)",
+                                   registry=r, buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 1000))
+        self.backpressure = Gauge("tsmon_backpressure", "1 while input is paused because scoring falls behind",
+                                  registry=r)
+        self.backpressure_pauses = Counter("tsmon_backpressure_pauses", "Times input was paused because scoring "
+                                           "fell behind", registry=r)
         self.lag = Gauge("tsmon_consumer_lag", "Records behind the partition's high watermark", ["topic", "partition"],
                          registry=r)
         self.alert_severity = Counter("tsmon_alerts_fired", "Firing alerts by severity", ["severity"], registry=r)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,11 @@ class Processor:
         self.restored: dict[str, dict[str, Any]] = {}  # changelog documents of streams not started yet
         self.clock = time.time  # wall clock: silences and state timestamps
         self.deadline: float | None = None  # monotonic time by which commits must be done (set at shutdown)
+        # windows a record makes (samples / hop; halves per poll from the largest seen): sizes the next poll.
+        # Unknown at first: so large that the first polls take one record each until they tell.
+        self.windows_per_record = 1e6
+        # called after each batch is applied: (batch, wall-clock ms of the decision, scoring seconds)
+        self.on_decided: Callable[[Batch, float, float], None] | None = None
 
     @property
     def pending(self) -> int:
@@ -102,8 +108,9 @@ class Processor:
                 self._dead_letter(rec, why)
             else:
                 by_stream.setdefault(block.stream, []).append((rec, block))  # type: ignore[union-attr]
-        for stream, items in by_stream.items():
-            self._append(stream, items)
+        windows = sum(self._append(stream, items) for stream, items in by_stream.items())
+        if records:
+            self.windows_per_record = max(windows / len(records), 0.5 * self.windows_per_record)
 
     def _route(self, block: SampleBlock) -> BadRecord | None:
         served = self.scorer.route(block.stream)
@@ -121,8 +128,9 @@ class Processor:
             self._new_stream(block.stream, served)
         return None
 
-    def _append(self, stream: str, items: list[tuple[InRecord, SampleBlock]]) -> None:
-        """Order-check the blocks, then window, hold and batch them together (vectorised per poll)."""
+    def _append(self, stream: str, items: list[tuple[InRecord, SampleBlock]]) -> float:
+        """Order-check the blocks, then window, hold and batch them together (vectorised per poll); returns
+        the windows their samples make at the stream's hop (counted whether or not one completed yet)."""
         st = self.streams[stream]
         st.last_seen = time.monotonic()
         last, good = st.windows.last_ts, []
@@ -137,7 +145,7 @@ class Processor:
             self._quality(st.quality.event(kind, int(block.ts_ms[0]), detail))
             self._dead_letter(rec, BadRecord(reason, detail))
         if not good:
-            return
+            return 0.0
         ts = np.concatenate([b.ts_ms for _, b in good]) if len(good) > 1 else good[0][1].ts_ms
         values = np.concatenate([b.values for _, b in good]) if len(good) > 1 else good[0][1].values
         self._quality(st.quality.timing(ts, st.windows.last_ts, st.windows.gap_ms))
@@ -150,6 +158,7 @@ class Processor:
         self.batcher.add(st.served.name, stream, w)
         st.unscored.extend((w.end_seq - st.served.window + 1).tolist())
         self._release(stream, st)
+        return len(ts) / st.served.hop
 
     def _new_stream(self, stream: str, served: Served) -> StreamState:
         s, det = self.settings, served.detector
@@ -191,25 +200,49 @@ class Processor:
 
     # 2. batches → scores → alerts -----------------------------------------------------------------
     def score_ready(self, force: bool = False) -> int:
-        """Submit the batches that are due (all when ``force``) and apply finished results, in order.
+        """Apply finished results (in order), then submit the batches that are due while a scoring slot is
+        free; returns the windows applied. Never blocks unless ``force``: then every waiting window is
+        scored and applied (revoke, shutdown). What cannot be submitted waits in the batcher, which the
+        daemon bounds by pausing its input (:attr:`pending`)."""
+        n = self._apply_done()
+        if force:
+            for batch in self.batcher.ready(force=True):
+                while len(self._inflight) >= self.settings.max_inflight:  # bounded: wait for the oldest
+                    n += self._apply(*self._inflight.popleft())
+                self._submit(batch)
+            while self._inflight:
+                n += self._apply(*self._inflight.popleft())
+            return n
+        room = self.settings.max_inflight - len(self._inflight)
+        for batch in self.batcher.ready(idle=not self._inflight, room=max(0, room)):
+            self._submit(batch)
+        return n
 
-        With ``force`` it waits for every batch in flight; returns the windows applied.
-        """
-        for batch in self.batcher.ready(force):
-            while len(self._inflight) >= self.settings.max_inflight:  # bounded: wait for the oldest
-                self._apply(*self._inflight.popleft())
-            self._inflight.append((batch, self._backend.submit(batch.model, batch.values)))
+    def _apply_done(self) -> int:
         n = 0
-        while self._inflight and (force or self._inflight[0][1].done()):
+        while self._inflight and self._inflight[0][1].done():
             n += self._apply(*self._inflight.popleft())
         return n
+
+    def _submit(self, batch: Batch) -> None:
+        self._inflight.append((batch, self._backend.submit(batch.model, batch.values)))
+
+    @property
+    def scoring_busy(self) -> bool:
+        """A batch is being scored (its result not applied yet)."""
+        return bool(self._inflight)
 
     def _apply(self, batch: Batch, future: Future[Result]) -> int:
         window_err, channel_err, seconds = future.result()  # a scoring failure surfaces here, on our thread
         self.metrics.batch_seconds.observe(seconds)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.windows.labels(batch.model).inc(len(batch))
+        self.batcher.observed(batch.model, len(batch), seconds)
         self._after_scoring(batch, window_err, channel_err)
+        decided_ms = self.clock() * 1000
+        self.metrics.event_lag.observe(max(0.0, (decided_ms - float(batch.end_ts.min())) / 1000))
+        if self.on_decided is not None:
+            self.on_decided(batch, decided_ms, seconds)
         return len(batch)
 
     def close(self) -> None:

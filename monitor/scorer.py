@@ -4,11 +4,19 @@ Owns the loaded models. Streams are routed to models by glob patterns on the str
 wins, cached per stream). A batch is normalised on the host, copied to the device once (pinned memory
 and a non-blocking copy on CUDA), scored in inference mode, and only the window and channel errors come
 back. A non-finite score is returned as it is: deciding what it means is the alert stage's job.
+
+On CUDA a reduced precision (bfloat16, float16) runs the forward pass under autocast; :meth:`Scorer.warm_up`
+checks it against float32 on the same windows at start and refuses to serve a model whose scores move
+more than the tolerance. On CPU autocast leaves the LSTM in float32, so the CPU always scores in float32.
+Warm-up also runs each batch size once before any input, so that the first real batch does not pay for
+kernel selection and allocation, and returns the timings (the adaptive batcher starts from them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +27,8 @@ from models import artifact
 from models.detector import Detector
 from models.errors import ConfigError
 from monitor.batcher import Batch
+
+PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -54,7 +64,7 @@ def load_served(pattern: str, path: Path, name: str | None, hop: int | None, dev
 class Scorer:
     """Routes streams to models and scores batches."""
 
-    def __init__(self, models: list[Served]) -> None:
+    def __init__(self, models: list[Served], precision: str = "float32") -> None:
         if not models:
             raise ConfigError("no model configured: add [[models]] to the config, set TSMON_MODEL=ARTIFACT, "
                               "or pass --model ARTIFACT to tsmon run")
@@ -64,6 +74,9 @@ class Scorer:
         self.models = {m.name: m for m in models}
         self._order = models
         self._routes: dict[str, Served | None] = {}
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        self.precision = precision
 
     def route(self, stream: str) -> Served | None:
         """The model serving ``stream`` (None if no pattern matches)."""
@@ -75,10 +88,52 @@ class Scorer:
         """Window errors ``[n]`` and channel errors ``[n, C]`` of a batch (float32, may hold NaN)."""
         return self.score_values(batch.model, batch.values)
 
-    def score_values(self, model: str, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def precision_of(self, model: str) -> str:
+        """The precision ``model`` is scored in: the configured one on CUDA, float32 on CPU."""
+        return self.precision if self.models[model].detector.device.type == "cuda" else "float32"
+
+    def score_values(self, model: str, values: np.ndarray, precision: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         det = self.models[model].detector
         x = torch.from_numpy(det.scaler.transform(values))
         if det.device.type == "cuda":
             x = x.pin_memory().to(det.device, non_blocking=True)
-        window, channel, _ = det.score_tensor(x)
+        dtype = precision or self.precision_of(model)
+        cast = (torch.autocast("cuda", dtype=getattr(torch, dtype)) if dtype != "float32" and det.device.type == "cuda"
+                else contextlib.nullcontext())
+        with cast:
+            window, channel, _ = det.score_tensor(x)
         return window.float().cpu().numpy(), channel.float().cpu().numpy()
+
+    def warm_up(self, sizes: list[int], tolerance: float = 0.02, seed: int = 0) -> dict[str, list[tuple[int, float]]]:
+        """Score windows of each size once per model (untimed), then once timed; returns ``{model: [(n, s)]}``.
+
+        Under a reduced precision the same windows are scored in float32 too: a score difference above
+        ``tolerance`` × max(score, threshold) is a :class:`ConfigError` (the model is not served that way).
+        The windows are noise of the training data's scale (normalised N(0, 1)).
+        """
+        out: dict[str, list[tuple[int, float]]] = {}
+        rng = np.random.default_rng(seed)
+        for name, served in self.models.items():
+            det = served.detector
+            center = np.asarray(det.scaler.center, "float32")
+            scale = np.asarray(det.scaler.scale, "float32")
+            timings = []
+            for n in sorted(set(sizes)):
+                values = (center + scale * rng.normal(size=(n, det.window, det.channels))).astype("float32")
+                self.score_values(name, values)
+                t0 = time.perf_counter()
+                scores, _ = self.score_values(name, values)
+                timings.append((n, time.perf_counter() - t0))
+                if self.precision_of(name) != "float32":
+                    self._check_precision(name, values, scores, tolerance)
+            out[name] = timings
+        return out
+
+    def _check_precision(self, name: str, values: np.ndarray, scores: np.ndarray, tolerance: float) -> None:
+        exact, _ = self.score_values(name, values, "float32")
+        threshold = self.models[name].detector.threshold.value
+        worst = float(np.max(np.abs(scores - exact) / np.maximum(np.abs(exact), threshold)))
+        if not worst <= tolerance:  # NaN too
+            raise ConfigError(f"model {name}: {self.precision} scores differ from float32 by {worst:.2%} of "
+                              f"max(score, threshold) > daemon.precision_tolerance {tolerance:.2%}; use "
+                              "daemon.precision = \"float32\" (or a larger tolerance)")

@@ -28,8 +28,12 @@ Result = tuple[np.ndarray, np.ndarray, float]
 RouteSpec = tuple[str, str, str | None, int | None]  # pattern, artifact path, name, hop
 
 
+Timings = dict[str, list[tuple[int, float]]]  # per model: (batch size, seconds) of the warm-up passes
+
+
 class Backend(Protocol):
     def submit(self, model: str, values: np.ndarray) -> Future[Result]: ...
+    def warm_up(self, sizes: list[int], tolerance: float) -> Timings: ...  # ConfigError: precision off float32
     def close(self) -> None: ...
 
 
@@ -49,6 +53,9 @@ class ThreadBackend:
     def submit(self, model: str, values: np.ndarray) -> Future[Result]:
         return self._pool.submit(_timed, self._scorer, model, values)
 
+    def warm_up(self, sizes: list[int], tolerance: float) -> Timings:
+        return self._pool.submit(self._scorer.warm_up, sizes, tolerance).result()
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
@@ -56,7 +63,7 @@ class ThreadBackend:
 _worker: Scorer | None = None
 
 
-def _init_worker(routes: list[RouteSpec], device: str, threads: int, parent: int) -> None:
+def _init_worker(routes: list[RouteSpec], device: str, threads: int, parent: int, precision: str) -> None:
     """In the scoring process: leave signals to the daemon, load the models, exit if the daemon dies."""
     import torch
 
@@ -64,7 +71,7 @@ def _init_worker(routes: list[RouteSpec], device: str, threads: int, parent: int
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon stops us through the pool, after draining
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
-    _worker = Scorer([load_served(p, path, name, hop, device) for p, path, name, hop in routes])
+    _worker = Scorer([load_served(p, path, name, hop, device) for p, path, name, hop in routes], precision)
 
     def orphan_watch() -> None:  # a SIGKILLed daemon cannot shut the pool down: do not linger
         while os.getppid() == parent:
@@ -79,13 +86,19 @@ def _score_in_worker(model: str, values: np.ndarray) -> Result:
     return _timed(_worker, model, values)
 
 
+def _warm_up_in_worker(sizes: list[int], tolerance: float) -> Timings:
+    assert _worker is not None, "scoring process not initialised"
+    return _worker.warm_up(sizes, tolerance)
+
+
 class ProcessBackend:
     """Scores in one spawned process holding its own copy of the models (no GIL shared with parsing)."""
 
-    def __init__(self, routes: list[RouteSpec], device: str, threads: int, start_timeout_s: float = 120) -> None:
+    def __init__(self, routes: list[RouteSpec], device: str, threads: int, start_timeout_s: float = 120,
+                 precision: str = "float32") -> None:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and a CUDA context
         self._pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker,
-                                         initargs=(routes, device, threads, os.getpid()))
+                                         initargs=(routes, device, threads, os.getpid(), precision))
         try:
             self._pool.submit(int, 0).result(timeout=start_timeout_s)  # models load now: fail at start
         except Exception as exc:  # noqa: BLE001 — whatever stopped the worker becomes one ConfigError
@@ -96,6 +109,9 @@ class ProcessBackend:
 
     def submit(self, model: str, values: np.ndarray) -> Future[Result]:
         return self._pool.submit(_score_in_worker, model, values)
+
+    def warm_up(self, sizes: list[int], tolerance: float) -> Timings:
+        return self._pool.submit(_warm_up_in_worker, sizes, tolerance).result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -41,7 +41,7 @@ class InRecord:
 
 
 class Source(Protocol):
-    def poll(self, timeout_ms: int) -> list[InRecord]: ...
+    def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InRecord]: ...
     def commit(self, offsets: dict[TP, int], timeout_s: float) -> None: ...  # BrokerError when it fails
     def assignment(self) -> set[TP]: ...
     def pause(self, tps: set[TP]) -> None: ...  # poll returns nothing of them until resume (membership kept)
@@ -64,10 +64,11 @@ class MemorySource:
     def __post_init__(self) -> None:
         self.assigned |= {r.tp for r in self.records}
 
-    def poll(self, timeout_ms: int) -> list[InRecord]:
+    def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InRecord]:
         if self.paused:  # simple and strict: any paused partition holds the whole (ordered) list back
             return []
-        out, self.records = self.records[: self.batch], self.records[self.batch :]
+        n = min(self.batch, max_records or self.batch)
+        out, self.records = self.records[:n], self.records[n:]
         return out
 
     def pause(self, tps: set[TP]) -> None:
@@ -121,8 +122,8 @@ class KafkaSource:
         else:
             self._consumer.subscribe(topics=topics, listener=Listener())
 
-    def poll(self, timeout_ms: int) -> list[InRecord]:
-        batches = self._consumer.poll(timeout_ms=timeout_ms)
+    def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InRecord]:
+        batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         return [InRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp or 0)
                 for records in batches.values() for r in records]
 

@@ -17,6 +17,7 @@ from models.scaling import Scaler
 from models.train import resolve_device
 from monitor.commands.model_cmds import parse_params
 from monitor.commands.render import bench_table, emit_json, stdout, value_table
+from monitor.scorer import PRECISIONS
 
 
 def _untrained(kind: str, window: int, channels: int, params: dict[str, Any]) -> Detector:
@@ -36,17 +37,21 @@ def scorer(
     param: Annotated[list[str] | None, typer.Option(help="Hyper-parameter key=value when no artifact.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batched size (default 2048 CPU, 4096 CUDA).")] = None,
     seconds: Annotated[float, typer.Option(help="Measuring time per figure (split over 5 interleaved rounds).")] = 5.0,
+    daemon_batch: Annotated[int, typer.Option(help="The daemon's micro-batch size (batch.max_batch).")] = 256,
+    precision: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (autocast on CUDA only).")] = "float32",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (a list for --kind all).")] = False,
 ) -> None:
-    """Windows/s at batch 1 (the classic loop) vs batched, against the machine's GEMM rate."""
+    """Windows/s at batch 1 (the classic loop) vs batched and the daemon's micro-batch, against the GEMM rate."""
     dev = resolve_device(device)
     if model is not None:
         dets = [artifact.load(model, str(dev))]
     else:
         kinds = list(KINDS) if kind == "all" else [kind]
         dets = [_untrained(k, window, channels, parse_params(param)).to(dev) for k in kinds]
-    results = [bench_scorer(d, batch_size, seconds) for d in dets]
+    if precision not in PRECISIONS or daemon_batch < 1:
+        raise DataError(f"--precision must be one of {', '.join(PRECISIONS)} and --daemon-batch >= 1")
+    results = [bench_scorer(d, batch_size, seconds, daemon_batch=daemon_batch, precision=precision) for d in dets]
     if as_json:
         emit_json(results[0] if len(results) == 1 else results)
         return
@@ -81,6 +86,56 @@ def pipeline(
         ("ratio = pipeline / min(consume, scorer)", f"{r['ratio']:.3f}"),
         ("ratio against the all-cores scorer", f"{r['ratio_vs_all_cores_scorer']:.3f}")], ("stage", "samples/s"))
     stdout.print(t)
+    for w in r["warnings"]:
+        stdout.print(f"[yellow]warning:[/] {w}")
+
+
+def latency(
+    model: Annotated[Path, typer.Option("--model", help="Artifact to serve.")] = Path("artifacts/ecg5000-lstm"),
+    streams: Annotated[int, typer.Option(help="Streams (keys).")] = 32,
+    rate: Annotated[float, typer.Option(help="Samples per second per stream (below saturation).")] = 500.0,
+    seconds: Annotated[float, typer.Option(help="Input time per policy.")] = 20.0,
+    hop: Annotated[int | None, typer.Option(help="Window hop (default: the artifact's).")] = None,
+    chunk: Annotated[int | None, typer.Option(help="Samples per message (default: the hop).")] = None,
+    max_batch: Annotated[int, typer.Option(help="batch.max_batch of both runs.")] = 256,
+    max_delay_ms: Annotated[float, typer.Option(help="batch.max_delay_ms of both runs.")] = 50.0,
+    target_ms: Annotated[float, typer.Option(help="batch.latency_target_ms of the adaptive run.")] = 50.0,
+    fetch_max_wait_ms: Annotated[int, typer.Option(help="kafka.fetch_max_wait_ms of both runs (the local broker "
+                                                        "holds every fetch this long).")] = 10,
+    overload_s: Annotated[float, typer.Option(help="Seconds of input at hop 1 (back-pressure run); 0 = skip.")] = 3.0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """p50/p95/p99 sample → decision latency at a fixed rate: fixed batching vs adaptive, in one run."""
+    from monitor.latency import bench_latency
+
+    _require_artifact(model)
+    if streams < 1 or rate <= 0 or seconds <= 0 or max_batch < 1 or max_delay_ms < 0 or target_ms <= 0:
+        raise DataError("need --streams >= 1, --rate > 0, --seconds > 0, --max-batch >= 1, --max-delay-ms >= 0 "
+                        "and --target-ms > 0")
+    if 1000 / rate < 1:
+        raise DataError("--rate above 1000 samples/s per stream: timestamps are whole milliseconds")
+    r = bench_latency(str(model), streams, rate, seconds, hop, chunk, max_batch, max_delay_ms, target_ms, device,
+                      fetch_max_wait_ms=fetch_max_wait_ms, overload_s=overload_s)
+    if as_json:
+        emit_json(r)
+        return
+    a = r["adaptive"]
+    rows = [(k, r[k], a[k]) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms", "to_daemon_p50_ms", "to_daemon_p99_ms",
+                                      "in_daemon_p99_ms",
+                                      "batch_scoring_ms", "mean_batch", "windows", "max_pending_windows",
+                                      "backpressure_pauses")]
+    rows += [("p99 allowed", f"{r['bound_ms']} (max_delay + 2 × batch)", f"{a['target_ms']} (target)"),
+             ("p99 within", r["within_bound"], a["within_target"])]
+    t = value_table(f"tsmon bench latency — {streams} streams × {rate:g} samples/s, hop {r['hop']}, "
+                      f"{r['offered_windows_per_s']} windows/s, {r['device']}", rows, ("", "fixed", "adaptive"))
+    stdout.print(t)
+    o = r["overload"]
+    if o is not None:
+        stdout.print(value_table(f"overload: hop 1, {o['offered_windows_per_s']:,} windows/s offered, "
+                                 f"batch.max_pending {o['max_pending']}", [
+                                     (k, o[k]) for k in ("windows", "mean_batch", "max_pending_windows",
+                                                         "backpressure_pauses", "p99_ms", "caught_up")]))
     for w in r["warnings"]:
         stdout.print(f"[yellow]warning:[/] {w}")
 
@@ -138,5 +193,6 @@ def _require_artifact(model: Path) -> None:
 def register(app: typer.Typer) -> None:
     app.command()(scorer)
     app.command()(pipeline)
+    app.command()(latency)
     app.command()(soak)
     app.command()(memory)

@@ -25,13 +25,15 @@ def emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
-def value_table(title: str, rows: list[tuple[str, Any]], head: tuple[str, str] = ("measure", "value")) -> Table:
-    """A two-column table of labelled figures, numbers right-aligned (bench and demo summaries)."""
+def value_table(title: str, rows: list[tuple[Any, ...]], head: tuple[str, ...] = ("measure", "value")) -> Table:
+    """A table of labelled figures, one column per entry of ``head`` after the label, numbers right-aligned
+    (bench and demo summaries)."""
     t = Table(title=title, title_justify="left")
     t.add_column(head[0])
-    t.add_column(head[1], justify="right")
-    for label, value in rows:
-        t.add_row(label, str(value))
+    for name in head[1:]:
+        t.add_column(name, justify="right")
+    for row in rows:
+        t.add_row(*(str(v) for v in row))
     return t
 
 
@@ -91,7 +93,10 @@ def bench_table(r: dict[str, Any]) -> Table:
     rows = [("batch-1 loop, windows/s", f"{r['batch1_windows_per_s']:,.0f}"),
             (f"batched ({r['batch_size']}), windows/s", f"{r['batched_windows_per_s']:,.0f}"),
             ("ratio batched / batch-1", f"{r['ratio']:.1f}×"),
-            ("ms per micro-batch", f"{r['ms_per_batch']:.2f}"),
+            (f"ms per batch of {r['batch_size']}", f"{r['ms_per_batch']:.2f}"),
+            (f"daemon micro-batch ({r['daemon_batch']}), windows/s", f"{r['daemon_batch_windows_per_s']:,.0f}"),
+            (f"ms per micro-batch of {r['daemon_batch']}", f"{r['daemon_batch_ms']:.2f}"),
+            ("precision (max score diff to float32)", f"{r['precision']} ({r['precision_max_diff']:.2%})"),
             ("MFLOP per window", f"{r['flops_per_window'] / 1e6:.2f}"),
             ("model GFLOP/s (achieved)", f"{r['model_gflops']:.1f}"),
             ("float32 GEMM GFLOP/s (same run)", f"{r['gemm_gflops']:.1f}"),

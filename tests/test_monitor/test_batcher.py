@@ -170,3 +170,87 @@ def test_empty_windows_are_ignored() -> None:
     assert b.size == 0 and b.wait_s() is None
     clock.t += 1
     assert b.ready() == [] and b.ready(force=True) == []
+
+
+# ---- adaptive batching (latency target) ---------------------------------------------------------------------------
+
+
+def test_cost_model_recovers_a_fixed_and_a_per_window_cost() -> None:
+    from monitor.batcher import CostModel
+
+    c = CostModel()
+    assert not c.known and c.largest(0.01, 512) == 512  # nothing learnt: no cap below max_batch
+    for n in (1, 100, 50, 1, 100):
+        c.observe(n, 0.001 + 0.0001 * n)
+    a, b = c.coefficients()
+    assert a == pytest.approx(0.001, rel=1e-6) and b == pytest.approx(0.0001, rel=1e-6)
+    assert c.predict(200) == pytest.approx(0.021)
+    assert c.largest(0.005, 1000) == 40 and c.largest(0.5, 1000) == 1000 and c.largest(0.0001, 1000) == 1
+    c.observe(10, float("nan"))  # a broken timing teaches nothing
+    assert c.coefficients() == pytest.approx((a, b))
+
+
+def test_cost_model_with_one_batch_size_is_proportional() -> None:
+    from monitor.batcher import CostModel
+
+    c = CostModel()
+    c.observe(64, 0.0064)
+    assert c.coefficients() == pytest.approx((0.0, 0.0001)) and c.largest(0.0032, 256) == 32
+
+
+def adaptive(target_ms: float = 30.0, max_batch: int = 256, max_delay_ms: float = 500.0) -> tuple[Batcher, Clock]:
+    clock = Clock()
+    b = Batcher(max_batch, max_delay_ms, clock=clock, latency_target_ms=target_ms)
+    for n in (1, 64, 256):  # learnt cost: 1 ms + 0.0625 ms per window (binary fractions: exact)
+        b.observed("m", n, 0.0009765625 + n * 0.00006103515625)
+    return b, clock
+
+
+def test_adaptive_releases_a_tenth_of_the_target_after_arrival_when_the_scorer_is_idle() -> None:
+    b, clock = adaptive(target_ms=32.0)  # idle linger 3.2 ms
+    b.add("m", "s", wins(1, 3))
+    assert b.idle_wait_s() == pytest.approx(0.0032) and b.ready(idle=True) == []
+    clock.t += 0.00390625
+    assert b.ready(idle=False) == []  # busy: the windows wait for company
+    assert b.idle_wait_s() == 0.0
+    [batch] = b.ready(idle=True)
+    assert len(batch) == 3 and b.size == 0 and b.idle_wait_s() is None
+    fixed, clock = make()
+    fixed.add("m", "s", wins(1, 3))
+    clock.t += 0.25
+    assert fixed.ready(idle=True) == [] and fixed.idle_wait_s() is None  # the fixed policy waits for size or age
+
+
+def test_adaptive_batches_grow_to_what_a_third_of_the_target_allows() -> None:
+    b, _ = adaptive(target_ms=30.0)  # 10 ms budget: (10 - 0.977) / 0.061 = 147 windows
+    assert b.limit("m") == 147
+    b.add("m", "s", wins(1, 400))
+    sizes = [len(x) for x in b.ready()]
+    assert sizes == [147, 147] and b.size == 400 - 294  # the rest is not due yet
+    fixed = Batcher(256, 500.0, clock=Clock())
+    fixed.observed("m", 256, 1.0)  # a fixed batcher learns but does not change its size
+    assert fixed.limit("m") == 256
+
+
+def test_adaptive_releases_before_waiting_longer_would_break_the_target() -> None:
+    b, clock = adaptive(target_ms=30.0)
+    b.add("m", "s", wins(1, 10))  # 10 windows cost 1.6 ms: due once waited 30 - 2 × 1.6 = 26.8 ms
+    assert b.wait_s() == pytest.approx(0.030 - 2 * (0.0009765625 + 10 * 0.00006103515625))
+    clock.t += 0.025
+    assert b.ready() == []
+    clock.t += 0.002
+    assert [len(x) for x in b.ready()] == [10]
+
+
+def test_room_caps_the_batches_released() -> None:
+    b, _ = make(max_batch=2)
+    b.add("m", "s", wins(1, 6))
+    assert len(b.ready(room=1)) == 1 and b.size == 4
+    assert b.ready(room=0) == [] and len(b.ready()) == 2
+
+
+def test_a_backlog_is_drained_in_full_batches() -> None:
+    b, _ = adaptive(target_ms=30.0)  # limit 147
+    b.add("m", "s", wins(1, 4 * 147 + 10))
+    sizes = [len(x) for x in b.ready()]
+    assert sizes == [256, 147, 147] and b.size == 48  # below the backlog: the target's size again

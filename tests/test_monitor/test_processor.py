@@ -410,3 +410,98 @@ def test_a_route_gap_overrides_the_daemon_wide_gap(make: Make, served: Served) -
     q = make(Scorer([served]))  # the daemon-wide 5 s: every sample is a gap, no window ever completes
     feed(q, records("temp-1", ts, values))
     assert q.streams["temp-1"].scored == 0 and q.streams["temp-1"].windows.restarts > 0
+
+
+# ---- back-pressure, warm-up ---------------------------------------------------------------------------------------
+
+
+class SlowBackend:
+    """Scores on a thread of its own like ThreadBackend, ``delay_s`` slower per batch."""
+
+    def __init__(self, scorer: Scorer, delay_s: float) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from monitor.scoring import ThreadBackend
+
+        self.inner, self.delay_s = ThreadBackend(scorer), delay_s
+        self.pool = ThreadPoolExecutor(1)
+
+    def submit(self, model: str, values: np.ndarray) -> Any:
+        def slow() -> Any:
+            time.sleep(self.delay_s)
+            return self.inner.submit(model, values).result()
+
+        return self.pool.submit(slow)
+
+    def warm_up(self, sizes: list[int], tolerance: float) -> Any:
+        return self.inner.warm_up(sizes, tolerance)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.inner.close()
+
+
+def test_score_ready_never_blocks_on_a_busy_scorer(served: Served) -> None:
+    from monitor.batcher import Batcher
+    from monitor.calibrator import Calibrator
+
+    p = Processor(Scorer([served]), Calibrator(), Batcher(4, 0.0), MemorySink(), backend=SlowBackend(Scorer([served]), 0.3))
+    try:
+        p.handle(records("dev-nb", *sine_stream(400)))
+        t0 = time.monotonic()
+        p.score_ready()  # two batches go to the (slow) scorer, the rest wait in the batcher
+        assert time.monotonic() - t0 < 0.25 and p.scoring_busy
+        assert p.batcher.size == n_windows(400) - 2 * 4
+        assert p.score_ready(force=True) == n_windows(400) and p.pending == 0
+    finally:
+        p.close()
+
+
+def test_a_slow_scorer_pauses_the_input_instead_of_growing_the_queue(stream_model: Path) -> None:
+    source = MemorySource(records("dev-slow", *sine_stream(3000)), batch=10)  # 10 messages = 10 windows a poll
+    d = in_process_daemon(stream_model, source, MemorySink(), **{"batch.max_batch": 4, "batch.max_pending": 24,
+                                                                 "batch.max_delay_ms": 0})
+    d.processor._backend = SlowBackend(d.scorer, 0.01)
+    seen: list[tuple[int, bool]] = []
+
+    def until() -> bool:
+        seen.append((d.processor.pending, bool(source.paused)))
+        return not source.records and d.processor.pending == 0
+
+    d.run(until=until)
+    assert max(n for n, _ in seen) <= 24 + 1  # polls take only the records that fit (at least one)
+    assert any(paused for _, paused in seen) and not source.paused  # held, then released
+    assert all(n > 12 for n, paused in seen if paused)  # released below half the limit
+    assert d.metrics.backpressure_pauses._value.get() >= 1 and d.metrics.backpressure._value.get() == 0
+    assert d.metrics.total("tsmon_windows_scored_total") == n_windows(3000)
+
+
+def test_warm_up_seeds_the_adaptive_batcher_and_checks_precision(stream_model: Path, served: Served) -> None:
+    d = in_process_daemon(stream_model, MemorySource(), MemorySink(), **{"batch.latency_target_ms": 50.0})
+    try:
+        cost = d.processor.batcher.costs[served.name]
+        assert cost.known and 1 <= d.processor.batcher.limit(served.name) <= 256
+    finally:
+        d.processor.close()
+    scorer = Scorer([served], precision="bfloat16")
+    assert scorer.precision_of(served.name) == "float32"  # on CPU autocast would leave the model in float32
+    timings = scorer.warm_up([1, 8])
+    assert [n for n, _ in timings[served.name]] == [1, 8]
+
+
+def test_a_precision_off_float32_beyond_the_tolerance_stops_the_start(served: Served,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.errors import ConfigError
+
+    scorer = Scorer([served], precision="float16")
+    monkeypatch.setattr(scorer, "precision_of", lambda _m: "float16")  # as on CUDA
+    real = Scorer.score_values
+
+    def reduced(self: Scorer, model: str, values: np.ndarray, precision: str | None = None) -> Any:
+        window, channel = real(self, model, values, "float32")
+        return (window * 1.05 if precision != "float32" else window), channel  # 5 % off float32
+
+    monkeypatch.setattr(Scorer, "score_values", reduced)
+    with pytest.raises(ConfigError, match="float16 scores differ from float32 by 5.00%"):
+        scorer.warm_up([4], tolerance=0.02)
+    assert scorer.warm_up([4], tolerance=0.06)
