@@ -18,6 +18,7 @@ Memory is bounded by the caller: the daemon pauses its input while :attr:`Batche
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -66,7 +67,7 @@ class CostModel:
         self._w = self._n = self._t = self._nn = self._nt = 0.0
 
     def observe(self, n: int, seconds: float) -> None:
-        if n < 1 or not seconds >= 0:  # NaN or negative: a broken clock, learn nothing
+        if n < 1 or not math.isfinite(seconds) or seconds < 0:  # a broken clock: learn nothing
             return
         d = self.decay
         self._w, self._n, self._t = d * self._w + 1, d * self._n + n, d * self._t + seconds

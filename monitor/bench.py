@@ -5,7 +5,8 @@ rates, each from its first record to its last (group joins excluded): a bare kaf
 consume-and-parse loop, the scorer alone on the very windows those messages make (same model, same
 ``max_batch``), and the daemon end to end (broker → windows → scores → alerts acknowledged).
 ``ratio`` = pipeline / min(consume, scorer). Rounds interleave the three (each figure is the best of its
-rounds), so that all of them see the same machine conditions. The scorer alone is measured twice: with
+rounds), so that all of them see the same machine conditions. With confluent-kafka installed the bare loop
+and the daemon also run on librdkafka (``kafka.client = "confluent"``) in the same rounds. The scorer alone is measured twice: with
 the daemon's scoring threads (``daemon.torch_threads``, cores − 1 by default, since the consuming thread
 needs a core) — the configuration the pipeline runs, used for ``ratio`` — and with every core, for
 ``ratio_vs_all_cores_scorer``.
@@ -72,6 +73,26 @@ def _consume(bootstrap: str, topic: str, n_messages: int) -> tuple[float, list[S
     return dt, blocks
 
 
+def _consume_confluent(bootstrap: str, topic: str, n_messages: int) -> float:
+    """The same bare consume-and-parse loop on librdkafka (confluent-kafka)."""
+    from confluent_kafka import Consumer
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex[:8]}",
+                  "enable.auto.commit": False, "auto.offset.reset": "earliest", "session.timeout.ms": 2000,
+                  "heartbeat.interval.ms": 500})
+    c.subscribe([topic])
+    seen, t0, deadline = 0, None, time.monotonic() + 120
+    while seen < n_messages and time.monotonic() < deadline:
+        for m in c.consume(num_messages=500, timeout=0.2):
+            if m.error() is None:
+                t0 = t0 or time.monotonic()
+                parse(m.value(), m.key())
+                seen += 1
+    dt = time.monotonic() - (t0 or time.monotonic())
+    c.close()
+    return dt
+
+
 def _score_alone(scorer: Scorer, blocks: list[SampleBlock], max_batch: int) -> tuple[float, int]:
     served = next(iter(scorer.models.values()))
     wins: dict[str, StreamWindows] = {}
@@ -87,14 +108,15 @@ def _score_alone(scorer: Scorer, blocks: list[SampleBlock], max_batch: int) -> t
 
 
 def _pipeline_once(broker: LocalBroker, topic: str, model: str, scorer: Scorer, total: int, max_batch: int,
-                   device: str) -> tuple[float, float, int]:
+                   device: str, client: str = "kafka-python") -> tuple[float, float, int]:
     """One daemon, fresh group: seconds from its first record to the last alert acknowledged; CPU s; alerts."""
     from monitor.daemon import Daemon
 
     cfg = load_config(None, {"kafka.bootstrap_servers": broker.bootstrap, "kafka.topics": [topic],
                              "kafka.group_id": f"bench-{uuid.uuid4().hex[:8]}", "kafka.session_timeout_ms": 2000,
                              "kafka.heartbeat_interval_ms": 500, "batch.max_batch": max_batch,
-                             "daemon.device": device, "models": [{"pattern": "*", "path": model}]}, env={})
+                             "kafka.client": client, "daemon.device": device,
+                             "models": [{"pattern": "*", "path": model}]}, env={})
     daemon = Daemon(cfg, scorer=scorer)  # sets the daemon's scoring threads
     done: list[float] = []
 
@@ -126,7 +148,11 @@ def bench_pipeline(model: str, streams: int = 8, samples: int = 560_000, chunk: 
     data = sample_streams(served.detector, streams, samples // streams, seed)
     total = sum(len(ts) for _, ts, _ in data)
     all_cores, daemon_threads = torch.get_num_threads(), scoring_threads(None)
+    from monitor.confluent import available
+
+    confluent = available()
     t_consume, t_scorer, t_all, t_pipe, cpu = [], [], [], [], []
+    t_consume_rd, t_pipe_rd = [], []
     with LocalBroker() as broker:
         topic = f"bench-{uuid.uuid4().hex[:8]}"
         ensure_topics(broker.bootstrap, {topic: 4, "tsmon.alerts": 1, "tsmon.dead-letter": 1})
@@ -146,6 +172,9 @@ def bench_pipeline(model: str, streams: int = 8, samples: int = 560_000, chunk: 
             seconds, cpu_s, alerts = _pipeline_once(broker, topic, model, scorer, total, max_batch, device)
             t_pipe.append(seconds)
             cpu.append(cpu_s)
+            if confluent:  # the optional librdkafka client: bare loop and daemon, same topic, same round
+                t_consume_rd.append(_consume_confluent(broker.bootstrap, topic, n_messages))
+                t_pipe_rd.append(_pipeline_once(broker, topic, model, scorer, total, max_batch, device, "confluent")[0])
         torch.set_num_threads(all_cores)
     consume, pipeline = total / min(t_consume), total / min(t_pipe)
     scorer_rate, scorer_all = n_windows / min(t_scorer) * served.hop, n_windows / min(t_all) * served.hop
@@ -167,4 +196,7 @@ def bench_pipeline(model: str, streams: int = 8, samples: int = 560_000, chunk: 
         # CPU seconds of this process during the best pipeline round (a scoring process is not counted)
         "pipeline_wall_s": round(min(t_pipe), 2), "daemon_cpu_s": round(cpu[t_pipe.index(min(t_pipe))], 2),
         "cores": os.cpu_count(),
+        # confluent-kafka (librdkafka), when installed: the same two figures with kafka.client = "confluent"
+        "consume_confluent_samples_per_s": round(total / min(t_consume_rd)) if t_consume_rd else None,
+        "pipeline_confluent_samples_per_s": round(total / min(t_pipe_rd)) if t_pipe_rd else None,
     }

@@ -61,6 +61,9 @@ class _Section(BaseModel):
 
 
 class KafkaConfig(_Section):
+    client: Literal["kafka-python", "confluent"] = Field(
+        "kafka-python", description="client of the input and output topics; confluent = librdkafka "
+                                    "(pip install 'tsmon[confluent]')")
     bootstrap_servers: list[_Name] = Field(["127.0.0.1:9092"], min_length=1, description="broker host:port list")
     group_id: str = Field("tsmon", min_length=1, description="consumer group sharing the input partitions")
     client_id: str = Field("tsmon", min_length=1, description="client id shown in broker logs")
@@ -208,14 +211,19 @@ class BatchConfig(_Section):
     latency_target_ms: float | None = Field(
         None, gt=0, description="p99 sample-to-decision latency to aim for: batches adapt (at once when the scorer "
                                 "is idle, larger under load); none = fixed max_batch / max_delay_ms")
-    max_pending: int = Field(8192, ge=1, description="windows waiting to be scored before input is paused "
-                                                     "(resumed below half)")
+    max_pending: int | None = Field(None, ge=1, description="windows waiting to be scored (in flight included) "
+                                                            "before input is paused, resumed below half; none = "
+                                                            "4 × max_batch (revoke and shutdown score them all)")
 
-    _optional = field_validator("latency_target_ms", mode="before")(_unset)
+    _optional = field_validator("latency_target_ms", "max_pending", mode="before")(_unset)
 
     def _rules(self) -> Iterator[str]:
-        if self.max_pending < self.max_batch:
+        if self.max_pending is not None and self.max_pending < self.max_batch:
             yield f"max_pending: must be at least max_batch ({self.max_batch})"
+
+    @property
+    def pending_limit(self) -> int:
+        return self.max_pending if self.max_pending is not None else 4 * self.max_batch
 
 
 class CalibratorConfig(_Section):
@@ -293,9 +301,9 @@ class DaemonConfig(_Section):
     precision: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="scoring precision; reduced ones run under autocast and are checked at start")
     precision_tolerance: float = Field(0.02, gt=0, description="largest score difference to float32 allowed at "
-                                                               "start, as a share of the model's threshold")
-    warmup: bool = Field(True, description="score one batch of each size the daemon uses per model before "
-                                           "consuming (kernels, allocator, the batcher's cost model)")
+                                                               "start, as a share of max(score, threshold)")
+    warmup: bool = Field(True, description="score batches of 1, max_batch / 8 and max_batch windows per model "
+                                           "before consuming (kernels, allocator, the batcher's cost model)")
     log_format: Literal["json", "console"] | None = Field(None, description="none = console on a terminal")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="least severe level logged")
 
@@ -506,6 +514,7 @@ EXAMPLE_TOML = '''\
 # below is an example (the daemon needs at least one).
 
 [kafka]
+client = "kafka-python"                  # or "confluent": librdkafka for the input and output topics
 bootstrap_servers = ["127.0.0.1:9092"]   # or one string "host1:9092,host2:9092"
 group_id = "tsmon"                       # daemons in one group share the input partitions
 client_id = "tsmon"
@@ -547,7 +556,7 @@ gap_ms = 5000.0                          # a longer gap between samples restarts
 max_batch = 256                          # windows scored in one model call at most (1..65536)
 max_delay_ms = 50.0                      # longest a window waits for its batch to fill
 # latency_target_ms = 100.0              # example: adaptive batches aiming at this p99 sample-to-decision latency
-max_pending = 8192                       # windows waiting to be scored before input pauses (resumed below half)
+# max_pending = 1024                     # example: windows waiting before input pauses; default 4 × max_batch
 
 [calibrator]
 enabled = true                           # adapt each stream's threshold to its recent normal errors
@@ -594,8 +603,8 @@ max_unacked = 10000                      # output messages awaiting acknowledgem
 # torch_threads = 3                      # CPU scoring threads; default: cores − 1, leaving one to consume
 scoring = "auto"                         # auto, thread or process (auto: process on CPU, thread on CUDA)
 precision = "float32"                    # float32, bfloat16 or float16 (autocast; checked against float32 at start)
-precision_tolerance = 0.02               # largest score difference to float32 allowed, as a share of the threshold
-warmup = true                            # one forward pass per model and batch size before consuming
+precision_tolerance = 0.02               # largest score difference to float32 allowed, share of max(score, threshold)
+warmup = true                            # batches of 1, max_batch / 8 and max_batch per model before consuming
 # log_format = "json"                    # example: json or console; default: console on a terminal
 log_level = "INFO"                       # DEBUG, INFO, WARNING or ERROR
 

@@ -112,15 +112,23 @@ class Daemon:
         # called on every threshold change, whatever made it (replay-eval draws them on data time)
         self.threshold_listeners: list[Callable[[str, ThresholdState], None]] = []
         self._started = time.monotonic()
-        self.sink = sink or KafkaSink(cfg.kafka.producer_kwargs(), on_undeliverable=self._undeliverable)
+        sink_class: Any = KafkaSink
+        source_class: Any = KafkaSource
+        if cfg.kafka.client == "confluent":
+            from monitor import confluent as rdkafka
+
+            if source is None or sink is None:
+                rdkafka.require()  # a clear one-line error before anything starts
+            sink_class, source_class = rdkafka.ConfluentSink, rdkafka.ConfluentSource
         b = cfg.batch
         batcher = Batcher(b.max_batch, b.max_delay_ms, latency_target_ms=b.latency_target_ms)
-        if cfg.daemon.warmup:
+        if cfg.daemon.warmup:  # before any client exists: a refused precision leaves nothing open
             try:
                 self._warm_up(backend, batcher)
             except BaseException:
                 backend.close()  # a scoring process must not outlive a start that failed
                 raise
+        self.sink = sink or sink_class(cfg.kafka.producer_kwargs(), on_undeliverable=self._undeliverable)
         self.processor = Processor(self.scorer, self.calibrator, batcher, self.sink, self.metrics,
                                    processor_settings(cfg), backend)
         k, c = cfg.kafka, cfg.control
@@ -130,8 +138,8 @@ class Daemon:
         self._kafka = source is None  # control topic and changelog only with a real broker
         if self._kafka:
             self._ensure_topics()
-        self.source = source or KafkaSource(k.consumer_kwargs(), list(k.topics), k.topic_pattern,
-                                            self._on_revoke, self._on_assign)
+        self.source = source or source_class(k.consumer_kwargs(), list(k.topics), k.topic_pattern,
+                                             self._on_revoke, self._on_assign)
         self.control = ControlSource(k.client_kwargs(), c.topic) if self._kafka else None
         self._scheduler = BackgroundScheduler(daemon=True)
         self._scheduler.add_job(self.recalibrate, "interval", seconds=cfg.calibrator.interval_s,
@@ -145,7 +153,7 @@ class Daemon:
         # the changelog is read at the first assignment, then at every later one; commands wait for the first
         self._restored = not (self._kafka and cfg.state.enabled)
         self._paused: set[TP] = set()  # partitions paused while the sink or the broker fails
-        self._held: set[TP] = set()  # partitions paused because scoring falls behind (back-pressure)
+        self._holding = False  # input paused because scoring falls behind (back-pressure)
         self._problem: str | None = None  # why the last commit attempt failed; /readyz reports it
         self._retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
         self._ready: tuple[bool, str] = (False, "starting")
@@ -171,7 +179,6 @@ class Daemon:
     def _on_revoke(self, tps: list[TP]) -> None:
         log.info("partitions_revoked", partitions=[f"{t}-{p}" for t, p in tps])
         self._paused -= set(tps)
-        self._held -= set(tps)
         self.processor.revoke(self.source, set(tps))
 
     def _on_assign(self, tps: list[TP]) -> None:
@@ -181,6 +188,8 @@ class Daemon:
         log.info("partitions_assigned", partitions=[f"{t}-{p}" for t, p in tps])
         if self._problem is not None:  # still failing: new partitions wait like the others
             self._pause(set(tps))
+        elif self._holding and tps:  # scoring still behind: they wait for the release like the others
+            self.source.pause(set(tps))
         if tps or not self._restored:
             try:
                 self.restore()
@@ -243,7 +252,7 @@ class Daemon:
     def _refresh_views(self) -> None:
         """The loop's state for the HTTP threads: replaced, never mutated."""
         assigned = self.source.assignment()
-        lags = self.source.lags() if isinstance(self.source, KafkaSource) else {}
+        lags = self.source.lags() if hasattr(self.source, "lags") else {}
         for topic, partition in self._lag_labels - set(lags):  # revoked: no stale lag to alert on
             self.metrics.lag.remove(topic, str(partition))
         for (topic, partition), lag in lags.items():
@@ -286,8 +295,8 @@ class Daemon:
                 self._beat = time.monotonic()
                 wait = self.processor.batcher.wait_s()
                 timeout = d.poll_timeout_ms if wait is None else min(d.poll_timeout_ms, int(wait * 1000))
-                if self.processor.scoring_busy:  # results in flight: come back soon
-                    timeout = min(timeout, 5)
+                if self.processor.scoring_busy:  # results in flight: come back soon, but do not spin
+                    timeout = min(max(timeout, 2), 5)
                 elif (idle := self.processor.batcher.idle_wait_s()) is not None:  # an idle scorer takes it soon
                     timeout = min(timeout, int(idle * 1000))
                 self.processor.handle(self.source.poll(max(timeout, 0), self._poll_room()))
@@ -302,7 +311,8 @@ class Daemon:
                     self._snapshot_due.clear()
                     self.processor.save_changed()
                 if (time.monotonic() - last_commit >= d.commit_interval_ms / 1000
-                        or getattr(self.sink, "pending", 0) >= d.max_unacked):  # output piles up: flush now
+                        or (self._problem is None  # output piles up: flush now (a failing sink waits its retry)
+                            and getattr(self.sink, "pending", 0) >= d.max_unacked)):
                     last_commit = time.monotonic()
                     self.processor.evict_idle(last_commit)
                     self._commit()
@@ -328,8 +338,8 @@ class Daemon:
         except BrokerError as exc:
             self._failing("broker", f"broker unavailable: {exc}")
             return
-        if self._paused - self._held:
-            self.source.resume(self._paused - self._held)
+        if self._paused and not self._holding:
+            self.source.resume(self._paused)
         if self._problem is not None:
             log.info("input_resumed", partitions=len(self._paused), after_s=round(now - (self._retry.since or now), 1),
                      retries=self._retry.failures)
@@ -348,29 +358,27 @@ class Daemon:
     def _poll_room(self) -> int:
         """Records the next poll may take: as many as leave the waiting windows within ``batch.max_pending``
         (a record of 140 samples at hop 1 makes 140 windows), at least one, at most ``kafka.max_poll_records``."""
-        room = self.cfg.batch.max_pending - self.processor.pending
-        per = max(self.processor.windows_per_record, 1e-3)
-        return int(max(1, min(self.cfg.kafka.max_poll_records, room / per)))
+        room = self.cfg.batch.pending_limit - self.processor.pending
+        per = self.processor.windows_per_record
+        if per is None:  # nothing learnt yet: one record tells
+            return 1
+        return int(max(1, min(self.cfg.kafka.max_poll_records, room / max(per, 1e-3))))
 
     def _hold_input(self) -> None:
         """Back-pressure: pause every assigned partition while more than ``batch.max_pending`` windows wait to
-        be scored; resume (those not paused for a failure) once fewer than half do. Polling goes on, so
-        commits, commands and health keep turning while the scorer catches up."""
-        pending, limit = self.processor.pending, self.cfg.batch.max_pending
-        if self._held and pending > limit // 2:  # partitions assigned meanwhile wait too
-            new = self.source.assignment() - self._held
-            if new:
-                self.source.pause(new - self._paused)
-                self._held |= new
-        elif not self._held and pending > limit:
-            self._held = self.source.assignment()
-            self.source.pause(self._held - self._paused)
+        be scored; resume them (unless paused for a failure) once fewer than half do. Polling goes on, so
+        commits, commands and health keep turning while the scorer catches up. Partitions assigned while
+        holding are paused on arrival (``_on_assign``); a kept partition keeps its pause across a rebalance."""
+        pending, limit = self.processor.pending, self.cfg.batch.pending_limit
+        if not self._holding and pending > limit:
+            self._holding = True
+            self.source.pause(self.source.assignment() - self._paused)
             self.metrics.backpressure.set(1)
             self.metrics.backpressure_pauses.inc()
-            log.debug("input_held", pending_windows=pending, limit=limit, partitions=len(self._held))
-        elif self._held and pending <= limit // 2:
-            self.source.resume(self._held - self._paused)
-            self._held = set()
+            log.debug("input_held", pending_windows=pending, limit=limit)
+        elif self._holding and pending <= limit // 2:
+            self._holding = False
+            self.source.resume(self.source.assignment() - self._paused)
             self.metrics.backpressure.set(0)
             log.debug("input_released", pending_windows=pending)
 

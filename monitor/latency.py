@@ -90,7 +90,6 @@ def _run(broker: LocalBroker, model: str, hop: int, streams: list[tuple[str, np.
     inside: list[np.ndarray] = []  # from entering the batcher to the decision: what batching and scoring add
     scoring: list[float] = []
     sizes: list[int] = []
-    pending = [0]
     start_ms = [float("inf")]
 
     def decided(b: Any, decided_ms: float, seconds_: float) -> None:
@@ -111,9 +110,8 @@ def _run(broker: LocalBroker, model: str, hop: int, streams: list[tuple[str, np.
     def until() -> bool:
         if start_ms[0] == float("inf") and daemon.source.assignment():  # joined: what came before drains first
             start_ms[0] = time.time() * 1000 + warmup_s * 1000
-        pending[0] = max(pending[0], daemon.processor.pending)
-        if not produced and not producer.is_alive() and not result.empty():
-            produced.update(result.get())
+        if not produced and not producer.is_alive():
+            produced.update(result.get() if not result.empty() else {"samples": 0, "failed": producer.exitcode})
             deadline[0] = time.monotonic() + 30
         if produced and daemon.caught_up(produced["samples"]):
             return True
@@ -131,9 +129,10 @@ def _run(broker: LocalBroker, model: str, hop: int, streams: list[tuple[str, np.
             "to_daemon_p50_ms": round(float(np.median(before)), 2) if len(before) else float("nan"),
             "to_daemon_p99_ms": round(float(np.percentile(before, 99)), 2) if len(before) else float("nan"), "batch_scoring_ms": round(batch_ms, 3),
             "mean_batch": round(float(np.mean(sizes)), 1) if sizes else 0.0, "batches": len(sizes),
-            "max_pending_windows": pending[0], "backpressure_pauses": int(daemon.metrics.backpressure_pauses._value.get()),
+            "max_pending_windows": daemon.processor.peak_pending, "backpressure_pauses": int(daemon.metrics.backpressure_pauses._value.get()),
             "samples": produced.get("samples", 0), "producer_late_ms": produced.get("producer_late_ms"),
-            "caught_up": bool(produced) and daemon.caught_up(produced["samples"])}
+            "caught_up": bool(produced.get("samples")) and daemon.caught_up(produced["samples"]),
+            "producer_failed": produced.get("failed")}
 
 
 def bench_latency(model: str, streams: int = 32, rate: float = 500.0, seconds: float = 20.0, hop: int | None = None,
@@ -164,6 +163,8 @@ def bench_latency(model: str, streams: int = 32, rate: float = 500.0, seconds: f
     adaptive.update(target_ms=target_ms, within_target=bool(adaptive["p99_ms"] <= target_ms))
     warnings = [f"{name}: the producer fell {r['producer_late_ms']} ms behind its schedule; latencies include it"
                 for name, r in (("fixed", fixed), ("adaptive", adaptive)) if (r["producer_late_ms"] or 0) > 20]
+    warnings += [f"{name}: the producer process failed (exit code {r['producer_failed']})"
+                 for name, r in (("fixed", fixed), ("adaptive", adaptive)) if r["producer_failed"] is not None]
     warnings += [f"{name}: the daemon did not catch up with the input (over saturation?)"
                  for name, r in (("fixed", fixed), ("adaptive", adaptive)) if not r["caught_up"]]
     if over is not None and not over["backpressure_pauses"]:

@@ -79,9 +79,10 @@ class Processor:
         self.restored: dict[str, dict[str, Any]] = {}  # changelog documents of streams not started yet
         self.clock = time.time  # wall clock: silences and state timestamps
         self.deadline: float | None = None  # monotonic time by which commits must be done (set at shutdown)
-        # windows a record makes (samples / hop; halves per poll from the largest seen): sizes the next poll.
-        # Unknown at first: so large that the first polls take one record each until they tell.
-        self.windows_per_record = 1e6
+        # windows a good record makes (samples / hop; decays slowly from the largest seen): sizes the next
+        # poll. None until a record told (the daemon's first polls take one record each).
+        self.windows_per_record: float | None = None
+        self.peak_pending = 0  # most windows waiting right after a poll was handled (benchmarks, tests)
         # called after each batch is applied: (batch, wall-clock ms of the decision, scoring seconds)
         self.on_decided: Callable[[Batch, float, float], None] | None = None
 
@@ -109,8 +110,12 @@ class Processor:
             else:
                 by_stream.setdefault(block.stream, []).append((rec, block))  # type: ignore[union-attr]
         windows = sum(self._append(stream, items) for stream, items in by_stream.items())
-        if records:
-            self.windows_per_record = max(windows / len(records), 0.5 * self.windows_per_record)
+        good = sum(len(items) for items in by_stream.values())
+        if good:  # dead letters make no windows and tell nothing about the next records' size
+            ratio = windows / good
+            prev = self.windows_per_record
+            self.windows_per_record = ratio if prev is None else max(ratio, 0.9 * prev)
+        self.peak_pending = max(self.peak_pending, self.pending)
 
     def _route(self, block: SampleBlock) -> BadRecord | None:
         served = self.scorer.route(block.stream)

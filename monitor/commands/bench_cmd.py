@@ -83,6 +83,9 @@ def pipeline(
         (f"scorer alone ({r['scoring_threads']} thread(s), as in the daemon)", f"{r['scorer_samples_per_s']:,}"),
         (f"scorer alone ({r['all_cores']} threads)", f"{r['scorer_all_cores_samples_per_s']:,}"),
         ("pipeline broker → alerts", f"{r['pipeline_samples_per_s']:,}"),
+        *([("consume + parse (confluent-kafka)", f"{r['consume_confluent_samples_per_s']:,}"),
+           ("pipeline broker → alerts (kafka.client = confluent)", f"{r['pipeline_confluent_samples_per_s']:,}")]
+          if r["consume_confluent_samples_per_s"] is not None else []),
         ("ratio = pipeline / min(consume, scorer)", f"{r['ratio']:.3f}"),
         ("ratio against the all-cores scorer", f"{r['ratio_vs_all_cores_scorer']:.3f}")], ("stage", "samples/s"))
     stdout.print(t)

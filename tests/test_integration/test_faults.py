@@ -152,7 +152,9 @@ def wait_all_resolved(bootstrap: str, topic: str, procs: list[subprocess.Popen[b
     reader = TopicReader(bootstrap, f"{topic}.alerts")
     try:
         while time.monotonic() < deadline:
-            if sum(d.get("type") == "anomaly" and d["status"] == "resolved" for d in list(reader.docs)) >= want:
+            # distinct episodes: at-least-once repeats (a re-sent `resolved` after the broker came back) count once
+            if len({d["alert_id"] for d in list(reader.docs)
+                    if d.get("type") == "anomaly" and d["status"] == "resolved"}) >= want:
                 break
             assert all(p.poll() is None for p in procs), "a daemon died"
             time.sleep(0.2)

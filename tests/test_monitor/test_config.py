@@ -345,3 +345,13 @@ def test_the_control_key_is_masked_when_printed() -> None:
     cfg = load_config(None, {"control.key": "s3cret"}, env={})
     assert cfg.control.key is not None and cfg.control.key.get_secret_value() == "s3cret"
     assert "s3cret" not in str(cfg.redacted()) and "s3cret" not in repr(cfg)
+
+
+def test_the_confluent_client_without_its_package_is_a_one_line_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from monitor import confluent
+
+    monkeypatch.setattr(confluent, "available", lambda: False)
+    with pytest.raises(ConfigError, match=r"pip install 'tsmon\[confluent\]'"):
+        confluent.require()
+    with pytest.raises(ConfigError, match="no confluent-kafka equivalent"):
+        confluent.rdkafka_config({"bootstrap_servers": ["a:1"], "api_version": (2, 0)})

@@ -1,0 +1,296 @@
+"""The optional confluent-kafka (librdkafka) backend of the input source and the output sink.
+
+Owns the translation of tsmon's Kafka settings to librdkafka's and the two classes that speak it with the
+same semantics as :class:`monitor.source.KafkaSource` and :class:`monitor.sink.KafkaSink`: one consumer
+group, manual commits of exactly the offsets the processor gives (never automatic, offsets never stored
+by the client), rebalance callbacks on the loop's thread (the daemon commits revoked partitions inside
+them), pause/resume, a broker-health signal, and a sink that keeps every message until the broker
+acknowledges it, re-sends retriable failures and gives up (counted) on what can never be delivered.
+Chosen with ``kafka.client = "confluent"``; needs ``pip install 'tsmon[confluent]'``. The control topic,
+the changelog and topic creation stay on kafka-python: they are not on the hot path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from models.errors import BrokerError, ConfigError, SinkBackpressure
+from monitor import logs
+from monitor.sink import OutMessage
+from monitor.source import TP, InRecord
+
+log = logs.get("tsmon.confluent")
+
+# kafka-python keyword → librdkafka property (values converted by _convert)
+_KEYS = {
+    "bootstrap_servers": "bootstrap.servers", "client_id": "client.id", "request_timeout_ms": "socket.timeout.ms",
+    "reconnect_backoff_ms": "reconnect.backoff.ms", "reconnect_backoff_max_ms": "reconnect.backoff.max.ms",
+    "security_protocol": "security.protocol", "sasl_mechanism": "sasl.mechanism",
+    "sasl_plain_username": "sasl.username", "sasl_plain_password": "sasl.password",
+    "ssl_cafile": "ssl.ca.location", "ssl_certfile": "ssl.certificate.location", "ssl_keyfile": "ssl.key.location",
+    "ssl_check_hostname": "ssl.endpoint.identification.algorithm", "group_id": "group.id",
+    "auto_offset_reset": "auto.offset.reset", "session_timeout_ms": "session.timeout.ms",
+    "heartbeat_interval_ms": "heartbeat.interval.ms", "max_poll_interval_ms": "max.poll.interval.ms",
+    "fetch_max_wait_ms": "fetch.wait.max.ms", "enable_auto_commit": "enable.auto.commit", "acks": "acks",
+    "enable_idempotence": "enable.idempotence", "linger_ms": "linger.ms",
+}
+_DROPPED = {"max_poll_records", "max_block_ms"}  # no librdkafka property: poll sizes and produce() never block
+
+
+def available() -> bool:
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require() -> None:
+    if not available():
+        raise ConfigError("kafka.client = \"confluent\" needs the confluent-kafka package: "
+                          "pip install 'tsmon[confluent]' (or use kafka.client = \"kafka-python\")")
+
+
+def rdkafka_config(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """librdkafka properties for kafka-python keyword arguments (those of :class:`monitor.config.KafkaConfig`)."""
+    out: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key in _DROPPED:
+            continue
+        if key not in _KEYS:
+            raise ConfigError(f"kafka setting {key!r} has no confluent-kafka equivalent")
+        if key == "bootstrap_servers":
+            value = ",".join(value) if isinstance(value, list | tuple) else value
+        elif key == "ssl_check_hostname":
+            value = "https" if value else "none"
+        out[_KEYS[key]] = value
+    return out
+
+
+def _tps(tps: Any) -> list[TP]:
+    return [(tp.topic, tp.partition) for tp in tps]
+
+
+@dataclass
+class _Health:
+    """What librdkafka's statistics (every second) and error callback say about the brokers."""
+
+    problem: str | None = None
+    lags: dict[TP, int] | None = None
+
+    def stats(self, raw: str) -> None:
+        doc = json.loads(raw)
+        brokers = [b for b in doc.get("brokers", {}).values() if b.get("nodeid", -1) >= 0]
+        up = any(b.get("state") == "UP" for b in brokers)
+        self.problem = None if up or not brokers else "no connection to any broker"
+        lags = {}
+        for topic, t in doc.get("topics", {}).items():
+            for p, part in t.get("partitions", {}).items():
+                if int(p) >= 0 and part.get("consumer_lag", -1) >= 0:
+                    lags[(topic, int(p))] = int(part["consumer_lag"])
+        self.lags = lags
+
+    def error(self, err: Any) -> None:
+        from confluent_kafka import KafkaError
+
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.problem = "no connection to any broker"
+        log.warning("kafka_client_error", client="confluent", error=str(err))
+
+
+class ConfluentSource:
+    """:class:`monitor.source.KafkaSource` on a librdkafka consumer."""
+
+    def __init__(self, consumer_kwargs: dict[str, Any], topics: list[str], pattern: str | None,
+                 on_revoke: Callable[[list[TP]], None], on_assign: Callable[[list[TP]], None]) -> None:
+        require()
+        from confluent_kafka import Consumer, KafkaException
+
+        self._max = int(consumer_kwargs.get("max_poll_records", 500))
+        self._health = _Health()
+        conf = {**rdkafka_config(consumer_kwargs), "enable.auto.commit": False, "enable.auto.offset.store": False,
+                "statistics.interval.ms": 1000, "stats_cb": self._health.stats, "error_cb": self._health.error}
+
+        def assigned(consumer: Any, partitions: Any) -> None:
+            consumer.assign(partitions)  # before the daemon's callback: it may pause what it was given
+            on_assign(_tps(partitions))
+
+        def revoked(consumer: Any, partitions: Any) -> None:
+            on_revoke(_tps(partitions))  # scores, publishes and commits them while they are still ours
+            consumer.unassign()
+
+        try:
+            self._consumer = Consumer(conf)
+            # librdkafka reads a subscription starting with ^ as a regex (kafka-python's pattern is re.match)
+            subscription = [pattern if pattern.startswith("^") else "^" + pattern] if pattern else topics
+            self._consumer.subscribe(subscription, on_assign=assigned, on_revoke=revoked, on_lost=revoked)
+        except KafkaException as exc:
+            raise BrokerError(f"cannot create a consumer for {conf['bootstrap.servers']}: {exc}") from None
+
+    def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InRecord]:
+        from confluent_kafka import KafkaError, KafkaException
+
+        try:
+            messages = self._consumer.consume(num_messages=max_records or self._max, timeout=timeout_ms / 1000)
+        except KafkaException as exc:
+            raise BrokerError(f"consume failed: {exc}") from None
+        out = []
+        for m in messages:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume_error", client="confluent", error=str(err))
+                continue
+            out.append(InRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.timestamp()[1] or 0))
+        return out
+
+    def commit(self, offsets: dict[TP, int], timeout_s: float) -> None:
+        """Commit exactly these offsets (synchronously: librdkafka's commit has no timeout of its own, so the
+        daemon only commits while :meth:`broker_problem` says the brokers are reachable)."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        if not offsets:
+            return
+        try:
+            done = self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                         asynchronous=False)
+        except KafkaException as exc:
+            raise BrokerError(f"commit failed: {exc}") from None
+        failed = [f"{tp.topic}-{tp.partition}: {tp.error}" for tp in done or [] if tp.error is not None]
+        if failed:
+            raise BrokerError(f"commit failed: {'; '.join(failed)}")
+
+    def broker_problem(self) -> str | None:
+        return self._health.problem
+
+    def assignment(self) -> set[TP]:
+        return set(_tps(self._consumer.assignment()))
+
+    def pause(self, tps: set[TP]) -> None:
+        from confluent_kafka import TopicPartition
+
+        if tps:
+            self._consumer.pause([TopicPartition(t, p) for t, p in tps])
+
+    def resume(self, tps: set[TP]) -> None:
+        from confluent_kafka import TopicPartition
+
+        if tps:
+            self._consumer.resume([TopicPartition(t, p) for t, p in tps])
+
+    def lags(self) -> dict[TP, int]:
+        """Records behind the high watermark per assigned partition, from the last statistics (every second)."""
+        assigned = self.assignment()
+        return {tp: lag for tp, lag in (self._health.lags or {}).items() if tp in assigned}
+
+    def close(self, timeout_s: float) -> None:
+        self._consumer.close()  # leaves the group: the revoke callback runs first
+
+
+_RETRIES_BY_CODE: set[int] = set()  # filled lazily: librdkafka codes worth sending again beyond retriable()
+
+
+def _retriable(err: Any) -> bool:
+    from confluent_kafka import KafkaError
+
+    if not _RETRIES_BY_CODE:
+        _RETRIES_BY_CODE.update({KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
+                                 KafkaError._ALL_BROKERS_DOWN, KafkaError._QUEUE_FULL})
+    return bool(err.retriable()) or err.code() in _RETRIES_BY_CODE
+
+
+class _Entry:
+    __slots__ = ("error", "msg", "state")
+
+    def __init__(self, msg: OutMessage) -> None:
+        self.msg, self.state, self.error = msg, "new", None  # new, sent, acked, failed, given_up
+
+
+class ConfluentSink:
+    """:class:`monitor.sink.KafkaSink` on a librdkafka producer."""
+
+    def __init__(self, producer_kwargs: dict[str, Any], retries: int = 3,
+                 on_undeliverable: Callable[[OutMessage, str], None] | None = None) -> None:
+        require()
+        from confluent_kafka import KafkaException, Producer
+
+        conf = rdkafka_config(producer_kwargs)
+        try:
+            self._producer = Producer({**conf, "error_cb": lambda err: log.warning(
+                "kafka_client_error", client="confluent", error=str(err))})
+        except KafkaException as exc:
+            raise BrokerError(f"cannot create a producer for {conf['bootstrap.servers']}: {exc}") from None
+        self._retries = retries
+        self._entries: list[_Entry] = []
+        self._on_undeliverable = on_undeliverable or (lambda _msg, _why: None)
+
+    def _produce(self, entry: _Entry) -> None:
+        def delivered(err: Any, _msg: Any) -> None:
+            entry.state, entry.error = ("failed", err) if err is not None else ("acked", None)
+
+        try:
+            self._producer.produce(entry.msg.topic, value=entry.msg.value, key=entry.msg.key,
+                                   headers=entry.msg.headers, on_delivery=delivered)
+            entry.state = "sent"
+        except BufferError:  # the local queue is full: kept, handed over again at the next flush
+            entry.state, entry.error = "failed", None
+        except Exception as exc:  # noqa: BLE001 — e.g. a message over message.max.bytes: never deliverable
+            entry.state, entry.error = "given_up", exc
+            self._give_up(entry.msg, f"{type(exc).__name__}: {exc}")
+
+    def send(self, msg: OutMessage) -> None:
+        entry = _Entry(msg)
+        self._produce(entry)
+        if entry.state != "given_up":
+            self._entries.append(entry)
+        self._producer.poll(0)  # serve delivery reports as we go
+
+    def _give_up(self, msg: OutMessage, why: str) -> None:
+        log.error("message_undeliverable", topic=msg.topic, key=(msg.key or b"").decode(errors="replace"),
+                  bytes=len(msg.value), error=why)
+        self._on_undeliverable(msg, why)
+
+    def flush(self, timeout_s: float) -> None:
+        """Block until everything sent is acknowledged; re-send retriable failures at most ``retries`` times;
+        raise SinkBackpressure if something is still unacknowledged after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        waiting: list[_Entry] = []
+        for _attempt in range(self._retries + 1):
+            self._producer.flush(max(0.0, deadline - time.monotonic()))
+            waiting, failed = [], []
+            for e in self._entries:
+                if e.state == "acked":
+                    continue
+                if e.state == "failed" and e.error is not None and not _retriable(e.error):
+                    self._give_up(e.msg, str(e.error))
+                    continue
+                waiting.append(e)
+                if e.state == "failed":
+                    failed.append(e)
+            self._entries = waiting
+            if not waiting:
+                return
+            if time.monotonic() >= deadline:
+                break
+            for e in failed:  # the broker refused it (or the local queue was full): once more per attempt
+                self._produce(e)
+        first = next((e.error for e in waiting if e.error is not None), "timeout")
+        raise SinkBackpressure(f"{len(waiting)} message(s) not acknowledged by the broker: {first}", retry_after=1.0)
+
+    @property
+    def pending(self) -> int:
+        return len(self._entries)
+
+    def close(self, timeout_s: float) -> None:
+        """Deliver what is in flight within ``timeout_s``; what is not acknowledged by then is purged (it was
+        never committed past, so it is replayed)."""
+        try:
+            self.flush(timeout_s)
+        except SinkBackpressure:
+            self._producer.purge()
+            self._producer.flush(0)
+            raise

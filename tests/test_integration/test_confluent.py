@@ -1,0 +1,105 @@
+"""The optional confluent-kafka (librdkafka) backend on the real broker: the same alerts, dead letters and
+commits as the default kafka-python client on the same input, and pause/resume that hold input back."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from monitor.confluent import ConfluentSource, available, rdkafka_config
+from monitor.topics import TopicReader
+from tests.conftest import sine_stream
+from tests.test_integration.test_pipeline import BURSTS, config, firing, produce, run_until_samples
+
+pytestmark = [pytest.mark.timeout(180),
+              pytest.mark.skipif(not available(), reason="confluent-kafka not installed (pip install 'tsmon[confluent]')")]
+
+
+def test_settings_translate_to_librdkafka_properties() -> None:
+    from monitor.config import load_config
+
+    cfg = load_config(None, {"kafka.bootstrap_servers": "a:9092,b:9092", "kafka.security_protocol": "SASL_SSL",
+                             "kafka.sasl_mechanism": "SCRAM-SHA-512", "kafka.sasl_username": "u",
+                             "kafka.sasl_password": "p", "kafka.ssl_check_hostname": False,
+                             "kafka.fetch_max_wait_ms": 20}, env={})
+    c = rdkafka_config(cfg.kafka.consumer_kwargs())
+    assert c["bootstrap.servers"] == "a:9092,b:9092" and c["group.id"] == "tsmon" and c["fetch.wait.max.ms"] == 20
+    assert (c["sasl.mechanism"], c["sasl.username"], c["sasl.password"]) == ("SCRAM-SHA-512", "u", "p")
+    assert c["ssl.endpoint.identification.algorithm"] == "none" and c["enable.auto.commit"] is False
+    p = rdkafka_config(cfg.kafka.producer_kwargs())
+    assert p["acks"] == "all" and p["enable.idempotence"] is False and "max_block_ms" not in p
+
+
+def raw_values(bootstrap: str, topic: str) -> list[bytes]:
+    c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=3000)
+    try:
+        return [m.value for m in c]
+    finally:
+        c.close()
+
+
+def committed(bootstrap: str, topic: str, group: str) -> list[int | None]:
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return [c.committed(TopicPartition(topic, p)) for p in range(4)]
+    finally:
+        c.close()
+
+
+def test_confluent_gives_the_alerts_dead_letters_and_commits_of_kafka_python(broker: Any, topic: str,
+                                                                               stream_model: Path) -> None:
+    streams = {"dev-anom": sine_stream(4000, BURSTS, seed=2), "dev-clean": sine_stream(4000, seed=3)}
+    produce(broker.bootstrap, topic, streams, extra=[(b"dev-anom", b"{oops")], extra_after=20)
+    out: dict[str, Any] = {}
+    for client in ("kafka-python", "confluent"):
+        cfg = config(broker, topic, stream_model, **{
+            "kafka.client": client, "kafka.group_id": f"g-{topic}-{client}", "daemon.scoring": "thread",
+            "kafka.alerts_topic": f"{topic}.{client}.alerts", "kafka.dead_letter_topic": f"{topic}.{client}.dlq",
+            "state.topic": f"{topic}.{client}.state"})  # each run its own changelog: no state carried over
+        d = run_until_samples(cfg, 8000)
+        docs = TopicReader(broker.bootstrap, cfg.kafka.alerts_topic).settle()
+        dead = raw_values(broker.bootstrap, cfg.kafka.dead_letter_topic)
+        out[client] = (sorted((a["alert_id"], a["status"]) for a in docs if a.get("type") == "anomaly"),
+                       dead, committed(broker.bootstrap, topic, cfg.kafka.group_id),
+                       d.metrics.total("tsmon_windows_scored_total"), len(firing(docs)))
+    assert out["confluent"] == out["kafka-python"]
+    alerts, dead, offsets, _windows, fired = out["confluent"]
+    assert fired == 2 and len(alerts) == 4 and dead == [b"{oops"]  # two bursts fire and resolve; one bad message
+    assert sum(o or 0 for o in offsets) > 0  # committed (the two keys share at most two of the four partitions)
+
+
+def test_pause_holds_a_partition_back_and_resume_releases_it(broker: Any, topic: str) -> None:
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1)
+    for i in range(400):
+        p.send(topic, key=b"k", value=b"%d" % i, partition=i % 4)
+    p.flush(), p.close()
+    assigned: list[list[tuple[str, int]]] = []
+    src = ConfluentSource(consumer_kwargs(broker.bootstrap, f"g-{topic}"), [topic], None, lambda _tps: None,
+                          assigned.append)
+    try:
+        got, deadline = [], time.monotonic() + 30
+        while not src.assignment() and time.monotonic() < deadline:
+            got += src.poll(100)
+        src.pause({(topic, 0)})
+        paused = [r for _ in range(20) for r in src.poll(100)]
+        assert paused and {r.partition for r in paused} <= {1, 2, 3}  # partition 0 is held back
+        src.resume({(topic, 0)})
+        resumed = [r for _ in range(30) for r in src.poll(100)]
+        every = got + paused + resumed
+        assert sorted(r.offset for r in every if r.partition == 0) == list(range(100))  # all of it, once
+        assert len(every) == 400 and [sorted(a) for a in assigned] == [[(topic, p) for p in range(4)]]
+        assert src.broker_problem() is None and set(src.lags()) <= src.assignment()
+    finally:
+        src.close(5)
+
+
+def consumer_kwargs(bootstrap: str, group: str) -> dict[str, Any]:
+    from monitor.config import load_config
+
+    cfg = load_config(None, {"kafka.bootstrap_servers": bootstrap, "kafka.group_id": group,
+                             "kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 500}, env={})
+    return cfg.kafka.consumer_kwargs()
