@@ -134,8 +134,13 @@ class ConfluentSource:
     def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InRecord]:
         from confluent_kafka import KafkaError, KafkaException
 
-        try:
-            messages = self._consumer.consume(num_messages=max_records or self._max, timeout=timeout_ms / 1000)
+        n = max_records or self._max
+        try:  # consume() waits until it has n messages or the timeout passed; kafka-python returns what is there
+            messages = self._consumer.consume(num_messages=n, timeout=0)
+            if not messages and timeout_ms > 0:
+                first = self._consumer.poll(timeout_ms / 1000)  # returns as soon as one message comes
+                if first is not None:
+                    messages = [first, *(self._consumer.consume(num_messages=n - 1, timeout=0) if n > 1 else [])]
         except KafkaException as exc:
             raise BrokerError(f"consume failed: {exc}") from None
         out = []

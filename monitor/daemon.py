@@ -299,7 +299,11 @@ class Daemon:
                     timeout = min(max(timeout, 2), 5)
                 elif (idle := self.processor.batcher.idle_wait_s()) is not None:  # an idle scorer takes it soon
                     timeout = min(timeout, int(idle * 1000))
-                self.processor.handle(self.source.poll(max(timeout, 0), self._poll_room()))
+                room = self._poll_room()
+                if room:
+                    self.processor.handle(self.source.poll(max(timeout, 0), room))
+                else:  # no record fits: leave them in the client and wait for the scorer instead
+                    self.processor.wait_scored(timeout / 1000)
                 self.processor.score_ready()  # never blocks: what waits is bounded by _hold_input
                 self._hold_input()
                 if (self.control is not None and self._restored
@@ -356,12 +360,18 @@ class Daemon:
         self.processor.commit(self.source)
 
     def _poll_room(self) -> int:
-        """Records the next poll may take: as many as leave the waiting windows within ``batch.max_pending``
-        (a record of 140 samples at hop 1 makes 140 windows), at least one, at most ``kafka.max_poll_records``."""
+        """Records the next poll may take: as many as keep the waiting windows within ``batch.max_pending``
+        (a record of 140 samples at hop 1 makes 140 windows), at most ``kafka.max_poll_records``, at least one
+        while any room is left (one record may overshoot; ``_hold_input`` pauses then); 0 when the limit is
+        reached (the loop then waits for the scorer instead of polling: nothing is paused, so the client keeps
+        what it fetched). One while nothing is known about the records' size."""
         room = self.cfg.batch.pending_limit - self.processor.pending
         per = self.processor.windows_per_record
-        if per is None:  # nothing learnt yet: one record tells
+        if room <= 0:
+            return 0
+        if per is None:
             return 1
+        # at least one while there is any room: a record larger than the whole limit must not stop the input
         return int(max(1, min(self.cfg.kafka.max_poll_records, room / max(per, 1e-3))))
 
     def _hold_input(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -222,6 +223,14 @@ class Processor:
         for batch in self.batcher.ready(idle=not self._inflight, room=max(0, room)):
             self._submit(batch)
         return n
+
+    def wait_scored(self, timeout_s: float) -> None:
+        """Block until the oldest batch in flight is scored, or while none is, until the next batch is due
+        (at most ``timeout_s`` either way)."""
+        if self._inflight:
+            futures.wait([self._inflight[0][1]], timeout=max(0.0, timeout_s))
+        else:
+            time.sleep(max(0.0, min(timeout_s, self.batcher.wait_s() or 0.0)))
 
     def _apply_done(self) -> int:
         n = 0

@@ -457,11 +457,25 @@ def test_score_ready_never_blocks_on_a_busy_scorer(served: Served) -> None:
         p.close()
 
 
-def test_a_slow_scorer_pauses_the_input_instead_of_growing_the_queue(stream_model: Path) -> None:
+def test_a_slow_scorer_stops_the_polls_instead_of_growing_the_queue(stream_model: Path) -> None:
     source = MemorySource(records("dev-slow", *sine_stream(3000)), batch=10)  # 10 messages = 10 windows a poll
     d = in_process_daemon(stream_model, source, MemorySink(), **{"batch.max_batch": 4, "batch.max_pending": 24,
                                                                  "batch.max_delay_ms": 0})
     d.processor._backend.close()  # the warmed-up one
+    d.processor._backend = SlowBackend(d.scorer, 0.01)
+    d.run(until=lambda: not source.records and d.processor.pending == 0)
+    assert d.processor.peak_pending <= 24  # polls take only the records whose windows fit
+    assert d.metrics.total("tsmon_windows_scored_total") == n_windows(3000)
+
+
+def test_records_larger_than_the_poll_expected_pause_the_input_until_half_is_scored(stream_model: Path) -> None:
+    ts, v = sine_stream(3000)
+    small = records("dev-big", ts[:100], v[:100])  # 10 samples a message: one window each
+    large = records("dev-big", ts[100:], v[100:], chunk=400, first_offset=len(small))  # then 40 windows each
+    source = MemorySource(small + large, batch=10)
+    d = in_process_daemon(stream_model, source, MemorySink(), **{"batch.max_batch": 4, "batch.max_pending": 24,
+                                                                 "batch.max_delay_ms": 0})
+    d.processor._backend.close()
     d.processor._backend = SlowBackend(d.scorer, 0.01)
     seen: list[tuple[int, bool]] = []
 
@@ -470,10 +484,10 @@ def test_a_slow_scorer_pauses_the_input_instead_of_growing_the_queue(stream_mode
         return not source.records and d.processor.pending == 0
 
     d.run(until=until)
-    assert d.processor.peak_pending <= 24 + 1  # polls take only the records that fit (at least one)
     assert any(paused for _, paused in seen) and not source.paused  # held, then released
-    assert all(n > 12 for n, paused in seen if paused)  # released below half the limit
-    assert d.metrics.backpressure_pauses._value.get() >= 1 and d.metrics.backpressure._value.get() == 0
+    assert all(n > 12 for n, paused in seen if paused)  # released only below half the limit
+    assert d.processor.peak_pending > 24 and d.metrics.backpressure_pauses._value.get() >= 1
+    assert d.metrics.backpressure._value.get() == 0
     assert d.metrics.total("tsmon_windows_scored_total") == n_windows(3000)
 
 
