@@ -135,6 +135,14 @@ class KafkaConfig(_Section):
         for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
             if not self.security_protocol.endswith("SSL") and getattr(self, key) is not None:
                 yield f"{key}: needs security_protocol SSL or SASL_SSL"
+        if self.client == "confluent":  # what librdkafka refuses, said here rather than as a failed start
+            if self.sasl_mechanism == "OAUTHBEARER":
+                yield "sasl_mechanism: OAUTHBEARER is not supported with client = \"confluent\" (no token source)"
+            if self.max_poll_interval_ms < self.session_timeout_ms:
+                yield (f"max_poll_interval_ms: librdkafka needs it at least session_timeout_ms "
+                       f"({self.session_timeout_ms}) with client = \"confluent\"")
+            if self.max_poll_records > 1_000_000:
+                yield "max_poll_records: at most 1000000 with client = \"confluent\""
 
     def subscription(self) -> dict[str, Any]:
         """Keyword arguments of ``KafkaConsumer.subscribe``: the pattern if set, else the topics."""

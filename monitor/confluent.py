@@ -13,6 +13,7 @@ the changelog and topic creation stay on kafka-python: they are not on the hot p
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ def rdkafka_config(kwargs: dict[str, Any]) -> dict[str, Any]:
             value = ",".join(value) if isinstance(value, list | tuple) else value
         elif key == "ssl_check_hostname":
             value = "https" if value else "none"
+        elif key == "request_timeout_ms":
+            value = min(int(value), 300_000)  # librdkafka's socket.timeout.ms allows 300 s at most
         out[_KEYS[key]] = value
     return out
 
@@ -83,23 +86,30 @@ class _Health:
     lags: dict[TP, int] | None = None
 
     def stats(self, raw: str) -> None:
-        doc = json.loads(raw)
-        brokers = [b for b in doc.get("brokers", {}).values() if b.get("nodeid", -1) >= 0]
-        up = any(b.get("state") == "UP" for b in brokers)
-        self.problem = None if up or not brokers else "no connection to any broker"
-        lags = {}
-        for topic, t in doc.get("topics", {}).items():
-            for p, part in t.get("partitions", {}).items():
-                if int(p) >= 0 and part.get("consumer_lag", -1) >= 0:
-                    lags[(topic, int(p))] = int(part["consumer_lag"])
-        self.lags = lags
+        """Called from inside consume(); must never raise (an exception there would stop the loop)."""
+        try:
+            doc = json.loads(raw)
+            # real brokers only: the bootstrap entry counts until the first metadata, the coordinator never
+            brokers = [b for b in doc.get("brokers", {}).values() if b.get("source") in ("configured", "learned")]
+            self.problem = None if any(b.get("state") == "UP" for b in brokers) else "no connection to any broker"
+            lags = {}
+            for topic, t in doc.get("topics", {}).items():
+                for p, part in t.get("partitions", {}).items():
+                    high, position = part.get("hi_offset", -1), part.get("app_offset", -1)
+                    if int(p) >= 0 and high >= 0 and position >= 0:  # as kafka-python: high watermark − position
+                        lags[(topic, int(p))] = max(0, int(high) - int(position))
+            self.lags = lags
+        except Exception as exc:  # noqa: BLE001
+            log.error("kafka_statistics_unreadable", client="confluent", error=f"{type(exc).__name__}: {exc}")
 
     def error(self, err: Any) -> None:
         from confluent_kafka import KafkaError
 
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
             self.problem = "no connection to any broker"
-        log.warning("kafka_client_error", client="confluent", error=str(err))
+        # a dropped connection is reconnected by librdkafka itself: worth a debug line, not a warning
+        (log.debug if err.code() == KafkaError._TRANSPORT else log.warning)(
+            "kafka_client_error", client="confluent", error=str(err))
 
 
 class ConfluentSource:
@@ -125,8 +135,9 @@ class ConfluentSource:
 
         try:
             self._consumer = Consumer(conf)
-            # librdkafka reads a subscription starting with ^ as a regex (kafka-python's pattern is re.match)
-            subscription = [pattern if pattern.startswith("^") else "^" + pattern] if pattern else topics
+            # librdkafka reads a subscription starting with ^ as a (POSIX extended) regex; kafka-python's pattern
+            # is re.match: anchored at the start, every alternative
+            subscription = [pattern if pattern.startswith("^") else f"^({pattern})"] if pattern else topics
             self._consumer.subscribe(subscription, on_assign=assigned, on_revoke=revoked, on_lost=revoked)
         except KafkaException as exc:
             raise BrokerError(f"cannot create a consumer for {conf['bootstrap.servers']}: {exc}") from None
@@ -150,7 +161,7 @@ class ConfluentSource:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consume_error", client="confluent", error=str(err))
                 continue
-            out.append(InRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.timestamp()[1] or 0))
+            out.append(InRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value(), max(0, m.timestamp()[1])))
         return out
 
     def commit(self, offsets: dict[TP, int], timeout_s: float) -> None:
@@ -160,6 +171,8 @@ class ConfluentSource:
 
         if not offsets:
             return
+        if self._health.problem is not None:  # a synchronous commit would block for the session timeout
+            raise BrokerError(f"commit failed: {self._health.problem}")
         try:
             done = self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                                          asynchronous=False)
@@ -193,19 +206,23 @@ class ConfluentSource:
         return {tp: lag for tp, lag in (self._health.lags or {}).items() if tp in assigned}
 
     def close(self, timeout_s: float) -> None:
-        self._consumer.close()  # leaves the group: the revoke callback runs first
+        """Leave the group (the revoke callback runs first) within ``timeout_s``: librdkafka's close has no
+        timeout of its own, so it runs on a thread the daemon stops waiting for (it exits with the process)."""
+        closer = threading.Thread(target=self._consumer.close, name="tsmon-confluent-close", daemon=True)
+        closer.start()
+        closer.join(max(0.1, timeout_s))
+        if closer.is_alive():
+            log.error("consumer_close_timeout", client="confluent", timeout_s=round(timeout_s, 2),
+                      consequence="the group notices after session_timeout_ms; uncommitted input is replayed")
 
 
-_RETRIES_BY_CODE: set[int] = set()  # filled lazily: librdkafka codes worth sending again beyond retriable()
-
-
-def _retriable(err: Any) -> bool:
+def _never_deliverable(err: Any) -> bool:
+    """Errors that sending again cannot cure (the message or its topic is wrong, or we may not write there).
+    Everything else, a missing topic and timeouts included, is kept and sent again, as kafka-python does."""
     from confluent_kafka import KafkaError
 
-    if not _RETRIES_BY_CODE:
-        _RETRIES_BY_CODE.update({KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
-                                 KafkaError._ALL_BROKERS_DOWN, KafkaError._QUEUE_FULL})
-    return bool(err.retriable()) or err.code() in _RETRIES_BY_CODE
+    return err.code() in {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD,
+                          KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.TOPIC_EXCEPTION, KafkaError._INVALID_ARG}
 
 
 class _Entry:
@@ -221,31 +238,47 @@ class ConfluentSink:
     def __init__(self, producer_kwargs: dict[str, Any], retries: int = 3,
                  on_undeliverable: Callable[[OutMessage, str], None] | None = None) -> None:
         require()
-        from confluent_kafka import KafkaException, Producer
-
-        conf = rdkafka_config(producer_kwargs)
-        try:
-            self._producer = Producer({**conf, "error_cb": lambda err: log.warning(
-                "kafka_client_error", client="confluent", error=str(err))})
-        except KafkaException as exc:
-            raise BrokerError(f"cannot create a producer for {conf['bootstrap.servers']}: {exc}") from None
+        # murmur2 as kafka-python and the Java client: a stream's messages land on the same partition
+        # whichever client wrote them; at most 5 requests in flight, as kafka-python (order under retries)
+        self._conf = {**rdkafka_config(producer_kwargs), "partitioner": "murmur2_random",
+                      "max.in.flight.requests.per.connection": 5,
+                      "error_cb": lambda err: log.warning("kafka_client_error", client="confluent", error=str(err))}
+        self._producer = self._new_producer()
         self._retries = retries
         self._entries: list[_Entry] = []
+        self._refused = False  # the producer refused a message since the last flush: later ones wait (order)
         self._on_undeliverable = on_undeliverable or (lambda _msg, _why: None)
 
+    def _new_producer(self) -> Any:
+        from confluent_kafka import KafkaException, Producer
+
+        try:
+            return Producer(self._conf)
+        except KafkaException as exc:
+            raise BrokerError(f"cannot create a producer for {self._conf['bootstrap.servers']}: {exc}") from None
+
     def _produce(self, entry: _Entry) -> None:
+        from confluent_kafka import KafkaException
+
         def delivered(err: Any, _msg: Any) -> None:
             entry.state, entry.error = ("failed", err) if err is not None else ("acked", None)
 
+        if self._refused:
+            entry.state = "failed"  # unsent: handed over at the next flush, after the one refused before it
+            return
         try:
             self._producer.produce(entry.msg.topic, value=entry.msg.value, key=entry.msg.key,
                                    headers=entry.msg.headers, on_delivery=delivered)
             entry.state = "sent"
         except BufferError:  # the local queue is full: kept, handed over again at the next flush
-            entry.state, entry.error = "failed", None
-        except Exception as exc:  # noqa: BLE001 — e.g. a message over message.max.bytes: never deliverable
-            entry.state, entry.error = "given_up", exc
-            self._give_up(entry.msg, f"{type(exc).__name__}: {exc}")
+            entry.state, entry.error, self._refused = "failed", None, True
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if err is not None and hasattr(err, "code") and _never_deliverable(err):
+                entry.state, entry.error = "given_up", err
+                self._give_up(entry.msg, str(err))
+            else:  # e.g. a fatal producer error: kept; flush replaces the producer
+                entry.state, entry.error, self._refused = "failed", err, True
 
     def send(self, msg: OutMessage) -> None:
         entry = _Entry(msg)
@@ -259,18 +292,29 @@ class ConfluentSink:
                   bytes=len(msg.value), error=why)
         self._on_undeliverable(msg, why)
 
+    def _fatal(self) -> bool:
+        return any(e.error is not None and hasattr(e.error, "fatal") and e.error.fatal() for e in self._entries)
+
     def flush(self, timeout_s: float) -> None:
-        """Block until everything sent is acknowledged; re-send retriable failures at most ``retries`` times;
-        raise SinkBackpressure if something is still unacknowledged after ``timeout_s``."""
+        """Block until everything sent is acknowledged; re-send what failed (at most ``retries`` times per
+        flush, in order) unless it can never be delivered; raise SinkBackpressure if something is still
+        unacknowledged after ``timeout_s``. A producer in a fatal state (idempotence) is replaced first."""
         deadline = time.monotonic() + timeout_s
         waiting: list[_Entry] = []
         for _attempt in range(self._retries + 1):
             self._producer.flush(max(0.0, deadline - time.monotonic()))
+            if self._fatal():
+                log.error("producer_fatal", client="confluent", consequence="a new producer re-sends the rest")
+                self._producer.purge()
+                self._producer = self._new_producer()
+                for e in self._entries:
+                    if e.state != "acked":
+                        e.state, e.error = "failed", None
             waiting, failed = [], []
             for e in self._entries:
                 if e.state == "acked":
                     continue
-                if e.state == "failed" and e.error is not None and not _retriable(e.error):
+                if e.state == "failed" and e.error is not None and _never_deliverable(e.error):
                     self._give_up(e.msg, str(e.error))
                     continue
                 waiting.append(e)
@@ -278,10 +322,12 @@ class ConfluentSink:
                     failed.append(e)
             self._entries = waiting
             if not waiting:
+                self._refused = False
                 return
             if time.monotonic() >= deadline:
                 break
-            for e in failed:  # the broker refused it (or the local queue was full): once more per attempt
+            self._refused = False  # ask the producer again, in the original order
+            for e in failed:
                 self._produce(e)
         first = next((e.error for e in waiting if e.error is not None), "timeout")
         raise SinkBackpressure(f"{len(waiting)} message(s) not acknowledged by the broker: {first}", retry_after=1.0)

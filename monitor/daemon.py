@@ -361,18 +361,18 @@ class Daemon:
 
     def _poll_room(self) -> int:
         """Records the next poll may take: as many as keep the waiting windows within ``batch.max_pending``
-        (a record of 140 samples at hop 1 makes 140 windows), at most ``kafka.max_poll_records``, at least one
-        while any room is left (one record may overshoot; ``_hold_input`` pauses then); 0 when the limit is
-        reached (the loop then waits for the scorer instead of polling: nothing is paused, so the client keeps
-        what it fetched). One while nothing is known about the records' size."""
+        (a record of 140 samples at hop 1 makes 140 windows), at most ``kafka.max_poll_records``; 0 when not
+        even one fits (the loop then waits for the scorer instead of polling: nothing is paused, so the client
+        keeps what it fetched), except that with nothing waiting one record is taken however many windows it
+        makes. One while nothing is known about the records' size. A pause (``_hold_input``) is left for
+        records that make more windows than learnt."""
         room = self.cfg.batch.pending_limit - self.processor.pending
         per = self.processor.windows_per_record
-        if room <= 0:
-            return 0
         if per is None:
-            return 1
-        # at least one while there is any room: a record larger than the whole limit must not stop the input
-        return int(max(1, min(self.cfg.kafka.max_poll_records, room / max(per, 1e-3))))
+            return 1 if room > 0 else 0
+        k = int(min(self.cfg.kafka.max_poll_records, max(room, 0) / max(per, 1e-3)))
+        # none fits: wait for the scorer; but with nothing waiting at all, take one however large it is
+        return k if k >= 1 else (1 if self.processor.pending == 0 else 0)
 
     def _hold_input(self) -> None:
         """Back-pressure: pause every assigned partition while more than ``batch.max_pending`` windows wait to

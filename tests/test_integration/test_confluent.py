@@ -103,3 +103,26 @@ def consumer_kwargs(bootstrap: str, group: str) -> dict[str, Any]:
     cfg = load_config(None, {"kafka.bootstrap_servers": bootstrap, "kafka.group_id": group,
                              "kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 500}, env={})
     return cfg.kafka.consumer_kwargs()
+
+
+def test_the_sink_gives_up_only_on_what_can_never_be_delivered(broker: Any, topic: str) -> None:
+    from confluent_kafka import KafkaError
+
+    from monitor.config import load_config
+    from monitor.confluent import ConfluentSink, _never_deliverable
+    from monitor.sink import OutMessage
+
+    assert _never_deliverable(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+    for code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT):
+        assert not _never_deliverable(KafkaError(code))  # kept and sent again, as kafka-python does
+    given_up: list[str] = []
+    cfg = load_config(None, {"kafka.bootstrap_servers": broker.bootstrap}, env={})
+    sink = ConfluentSink(cfg.kafka.producer_kwargs(), on_undeliverable=lambda m, why: given_up.append(m.topic))
+    try:
+        sink.send(OutMessage(topic, b"k", b"x" * (2 << 20), []))  # over librdkafka's 1 MB message.max.bytes
+        sink.send(OutMessage(topic, b"k", b"fine", []))
+        sink.flush(10)
+        assert given_up == [topic] and sink.pending == 0
+        assert raw_values(broker.bootstrap, topic) == [b"fine"]
+    finally:
+        sink.close(5)

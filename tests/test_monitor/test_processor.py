@@ -457,14 +457,16 @@ def test_score_ready_never_blocks_on_a_busy_scorer(served: Served) -> None:
         p.close()
 
 
-def test_a_slow_scorer_stops_the_polls_instead_of_growing_the_queue(stream_model: Path) -> None:
-    source = MemorySource(records("dev-slow", *sine_stream(3000)), batch=10)  # 10 messages = 10 windows a poll
+@pytest.mark.parametrize("chunk", [10, 50, 70])  # 1, 5 and 7 windows a message
+def test_a_slow_scorer_stops_the_polls_instead_of_growing_the_queue(stream_model: Path, chunk: int) -> None:
+    source = MemorySource(records("dev-slow", *sine_stream(3000), chunk=chunk), batch=10)
     d = in_process_daemon(stream_model, source, MemorySink(), **{"batch.max_batch": 4, "batch.max_pending": 24,
                                                                  "batch.max_delay_ms": 0})
     d.processor._backend.close()  # the warmed-up one
     d.processor._backend = SlowBackend(d.scorer, 0.01)
     d.run(until=lambda: not source.records and d.processor.pending == 0)
     assert d.processor.peak_pending <= 24  # polls take only the records whose windows fit
+    assert d.metrics.backpressure_pauses._value.get() == 0  # no pause needed (librdkafka's drops its prefetch)
     assert d.metrics.total("tsmon_windows_scored_total") == n_windows(3000)
 
 
