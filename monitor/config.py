@@ -76,8 +76,9 @@ class KafkaConfig(_Section):
     heartbeat_interval_ms: int = Field(1000, ge=100, description="below session_timeout_ms (best ≤ 1/3 of it)")
     max_poll_interval_ms: int = Field(300_000, ge=1000, description="longest gap between polls")
     max_poll_records: int = Field(500, ge=1, description="records one poll returns at most")
-    fetch_max_wait_ms: int = Field(100, ge=1, le=500, description="longest a broker may hold a fetch without new "
-                                                                  "data (some brokers, e.g. Tansu, always hold it)")
+    fetch_max_wait_ms: int = Field(500, ge=1, le=500, description="longest a broker may hold a fetch without new "
+                                                                  "data; lower it where the broker always holds it "
+                                                                  "(e.g. Tansu) and latency matters")
     request_timeout_ms: int = Field(30_000, gt=500, lt=540_000,
                                     description="kafka-python needs fetch_max_wait_ms (500) < it < 540000")
     reconnect_backoff_max_ms: int = Field(10_000, ge=50, description="reconnects to a lost broker back off "
@@ -245,6 +246,9 @@ class CalibratorConfig(_Section):
     floor: float = Field(0.5, gt=0, le=1, description="never below floor × the artifact threshold")
     ceiling: float = Field(4.0, ge=1, description="never above ceiling × the artifact threshold")
     interval_s: float = Field(30.0, gt=0, description="seconds between recalibrations")
+    clock: Literal["wall", "data"] = Field(
+        "wall", description="whose seconds interval_s counts: wall = the host's; data = the streams' own "
+                            "timestamps (replays and backfills: the same recalibrations at any speed)")
 
     _optional = field_validator("quantile", mode="before")(_unset)
 
@@ -535,7 +539,7 @@ session_timeout_ms = 6000                # a consumer silent this long is droppe
 heartbeat_interval_ms = 1000             # below session_timeout_ms, best at most a third of it
 max_poll_interval_ms = 300000            # longest gap between polls before a rebalance
 max_poll_records = 500
-fetch_max_wait_ms = 100                  # a fetch held this long at most: bounds latency on brokers that hold it
+fetch_max_wait_ms = 500                  # a fetch held this long at most (lower: latency on brokers that always hold it)
 request_timeout_ms = 30000               # kafka-python needs 500 < request_timeout_ms < 540000
 reconnect_backoff_max_ms = 10000         # reconnects to a lost broker back off from 50 ms up to this
 security_protocol = "PLAINTEXT"          # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
@@ -577,6 +581,7 @@ min_change = 0.005                       # a smaller relative move is not a new 
 floor = 0.5                              # never below floor x the artifact threshold
 ceiling = 4.0                            # never above ceiling x the artifact threshold
 interval_s = 30.0                        # seconds between recalibrations
+clock = "wall"                           # or "data": interval_s of the streams' own time (replays, backfills)
 
 [alerts]
 for = 2                                  # anomalous windows in a row that open an episode

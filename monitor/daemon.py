@@ -39,7 +39,7 @@ from monitor.controller import GLOBAL_KEY, Controller, ControlSource
 from monitor.drift import DriftSettings
 from monitor.health import HealthServer
 from monitor.metrics import Metrics
-from monitor.processor import Processor, Settings
+from monitor.processor import DataClock, Processor, Settings
 from monitor.scorer import Scorer, load_served
 from monitor.scoring import Backend, ProcessBackend, ThreadBackend, choose
 from monitor.sink import KafkaSink, OutMessage, Sink
@@ -142,8 +142,11 @@ class Daemon:
                                              self._on_revoke, self._on_assign)
         self.control = ControlSource(k.client_kwargs(), c.topic) if self._kafka else None
         self._scheduler = BackgroundScheduler(daemon=True)
-        self._scheduler.add_job(self.recalibrate, "interval", seconds=cfg.calibrator.interval_s,
-                                id="recalibrate", max_instances=1, coalesce=True)
+        if cfg.calibrator.clock == "wall":
+            self._scheduler.add_job(self.recalibrate, "interval", seconds=cfg.calibrator.interval_s,
+                                    id="recalibrate", max_instances=1, coalesce=True)
+        else:  # every interval of the data's own time, between the windows it is decided on
+            self.processor.data_clock = DataClock(cfg.calibrator.interval_s * 1000, self.recalibrate)
         self._snapshot_due = threading.Event()
         self._scheduler.add_job(self._snapshot_due.set, "interval", seconds=cfg.state.snapshot_interval_s,
                                 id="snapshot", max_instances=1, coalesce=True)

@@ -64,6 +64,24 @@ class Settings:
 
 
 
+@dataclass
+class DataClock:
+    """Calls ``tick`` every ``every_ms`` of the data's own time, between the windows of a batch."""
+
+    every_ms: float
+    tick: Callable[[], None]
+    next_ms: float | None = None
+
+    def due(self, ts_ms: int) -> bool:
+        if self.next_ms is None:
+            self.next_ms = ts_ms + self.every_ms
+        return ts_ms >= self.next_ms
+
+    def fire(self, ts_ms: int) -> None:
+        self.next_ms = ts_ms + self.every_ms
+        self.tick()
+
+
 class Processor:
     def __init__(self, scorer: Scorer, calibrator: Calibrator, batcher: Batcher, sink: Sink,
                  metrics: Metrics | None = None, settings: Settings = Settings(),
@@ -83,6 +101,7 @@ class Processor:
         # windows a good record makes (samples / hop; decays slowly from the largest seen): sizes the next
         # poll. None until a record told (the daemon's first polls take one record each).
         self.windows_per_record: float | None = None
+        self.data_clock: DataClock | None = None  # calibrator.clock = "data": recalibrations between windows
         self.peak_pending = 0  # most windows waiting right after a poll was handled (benchmarks, tests)
         # called after each batch is applied: (batch, wall-clock ms of the decision, scoring seconds)
         self.on_decided: Callable[[Batch, float, float], None] | None = None
@@ -269,7 +288,11 @@ class Processor:
         touched: dict[str, StreamState] = {}
         normal: dict[str, list[float]] = {}  # per stream, fed to the calibrator once per batch, in order
         every: dict[str, list[float]] = {}  # all finite errors per stream, for the drift guard
+        clock = self.data_clock
         for i, stream in enumerate(batch.streams):
+            if clock is not None and clock.due(int(batch.end_ts[i])):  # calibrate on what came before, in order
+                self._feed_calibrator(normal, every)
+                clock.fire(int(batch.end_ts[i]))
             st = self.streams.get(stream)
             if st is None:  # its partition was revoked while the window waited; the new owner replays it
                 continue
@@ -289,12 +312,17 @@ class Processor:
                 continue
             every.setdefault(stream, []).append(score)
             self._observe(stream, st, batch, i, score, channel_err[i], normal.setdefault(stream, []))
+        self._feed_calibrator(normal, every)
+        for stream, st in touched.items():
+            self._release(stream, st)
+
+    def _feed_calibrator(self, normal: dict[str, list[float]], every: dict[str, list[float]]) -> None:
         for stream, errors in normal.items():
             self.calibrator.observe(stream, np.asarray(errors))
         for stream, errors in every.items():
             self.calibrator.observe_all(stream, errors)
-        for stream, st in touched.items():
-            self._release(stream, st)
+        normal.clear()
+        every.clear()
 
     def _observe(self, stream: str, st: StreamState, batch: Batch, i: int, score: float, ch: np.ndarray,
                  normal: list[float]) -> None:

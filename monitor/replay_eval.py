@@ -13,6 +13,8 @@ alerts are scored on the rest. Time-based settings follow the data's clock: gaps
 data time, and the calibrator's wall-clock interval is divided by the replay speed, so it recalibrates as
 often per hour of data as it would in production — down to one recalibration every 0.2 s of wall time: a
 faster replay recalibrates less often per hour of data (the report states the interval it got, in data time).
+With ``calibrator.clock = "data"`` in the ``--config`` the calibrator counts the series' own time instead:
+exactly every ``interval_s`` of data, at any speed.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> 
     p = plan(model, series, ts_ms, opts, base_cfg.windows.gap_ms)
     log.info("replay_eval_plan", stream=p.stream, speed=round(p.speed, 3), split_sample=p.split,
              train_fraction=p.train_fraction, chunk=p.chunk, gap_ms=p.gap_ms, baseline=str(p.baseline))
-    played = _play(p, series, ts_ms, opts, base_cfg.calibrator.interval_s)
+    played = _play(p, series, ts_ms, opts, base_cfg.calibrator.interval_s, base_cfg.calibrator.clock)
     test = Span(float(ts_ms[p.split]), float(ts_ms[-1]))
     events = labelled_events(ts_ms, series.labels, test.start_ms)  # type: ignore[arg-type]
     results = {name: score_alerts(events, latest_alerts(played["alerts"], s), test, p.tolerance_ms)
@@ -159,7 +161,8 @@ def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> 
     return report
 
 
-def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, interval_s: float) -> dict[str, Any]:
+def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, interval_s: float,
+          clock: str = "wall") -> dict[str, Any]:
     """Broker, topics, daemon and player; returns the alerts, the threshold changes and a summary."""
     from kafka import KafkaProducer
 
@@ -171,7 +174,8 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
 
     run_id = f"tsmon-replay-eval-{uuid.uuid4().hex[:8]}"  # topics and group of this run only
     topics = {"in": f"{run_id}.input", "alerts": f"{run_id}.alerts", "dead": f"{run_id}.dead-letter"}
-    interval = max(MIN_INTERVAL_S, interval_s / p.speed)
+    data_clock = clock == "data"  # the user's config already counts the interval in data time
+    interval = interval_s if data_clock else max(MIN_INTERVAL_S, interval_s / p.speed)
     streams = (p.stream, p.stream + BASELINE_SUFFIX)
     with contextlib.ExitStack() as stack:
         local = opts.bootstrap is None
@@ -256,8 +260,8 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
             "summary": {"speed": p.speed, "wall_s": round(wall, 1), "samples_sent": sent[0], "complete": complete,
                         "chunk": p.chunk, "windows_scored": int(daemon.metrics.total("tsmon_windows_scored_total")),
                         "dead_letters": int(daemon.metrics.total("tsmon_dead_letters_total")),
-                        "calibrator_interval_wall_s": interval,
-                        "calibrator_interval_data_s": interval * p.speed,
+                        "calibrator_interval_wall_s": None if data_clock else interval,
+                        "calibrator_interval_data_s": interval if data_clock else interval * p.speed,
                         "bootstrap": "local broker" if opts.bootstrap is None else opts.bootstrap}}
 
 

@@ -542,3 +542,20 @@ def test_input_held_across_a_rebalance_is_released_with_the_new_assignment(strea
         assert not source.paused - {(TOPIC, 1)} and d.metrics.backpressure._value.get() == 0
     finally:
         d.processor.close()
+
+
+def test_the_data_clock_recalibrates_every_interval_of_data_time_whatever_the_speed(stream_model: Path) -> None:
+    """clock = data: 3000 samples at 10 ms = 30 s of data, interval 5 s → a recalibration per 5 s of data,
+    between the windows of a batch (here all 297 windows arrive at once: 2 batches), after feeding the
+    calibrator what came before; the wall-clock job is not scheduled at all."""
+    source = MemorySource(records("dev-dc", *sine_stream(3000)), batch=1000)
+    d = in_process_daemon(stream_model, source, MemorySink(), **{"calibrator.clock": "data", "calibrator.interval_s": 5})
+    clock = d.processor.data_clock
+    assert clock is not None and d._scheduler.get_job("recalibrate") is None
+    ticks: list[tuple[float, int]] = []
+    clock.tick = lambda: ticks.append(  # type: ignore[method-assign]
+        (clock.next_ms - 5000, len(d.calibrator._streams["dev-dc"].normal)))  # the window that crossed
+    d.run(until=lambda: not source.records and d.processor.pending == 0)
+    first = 1_700_000_000_000 + (STREAM_WINDOW - 1) * STREAM_PERIOD_MS  # the first window's end
+    assert [t for t, _ in ticks] == [first + k * 5000 for k in range(1, 6)]  # 0.39 s + 5 s steps, to 25.39 s
+    assert [n for _, n in ticks] == [500 // STREAM_HOP * k for k in range(1, 6)]  # 50 windows fed per 5 s
