@@ -222,9 +222,10 @@ class Daemon:
             "state_restored" if log_.complete else "state_restore_incomplete", streams=len(log_.docs),
             records=log_.records, seconds=round(log_.seconds, 3), frozen_all=self.calibrator.frozen_all)
 
-    def recalibrate(self) -> None:
+    def recalibrate(self, streams: list[str] | None = None) -> None:
+        """Scheduled recalibration of every stream (wall clock) or of ``streams`` (data clock: one at a time)."""
         refused: dict[str, str] = {}
-        changed = self.calibrator.recalibrate(refused=refused)
+        changed = self.calibrator.recalibrate(streams, refused=refused)
         for stream, (old, new) in changed.items():
             outcome = "new_normal" if new.reason.startswith("new normal") else "changed"
             self.metrics.calibrations.labels(outcome).inc()

@@ -66,20 +66,24 @@ class Settings:
 
 @dataclass
 class DataClock:
-    """Calls ``tick`` every ``every_ms`` of the data's own time, between the windows of a batch."""
+    """Calls ``tick(stream)`` every ``every_ms`` of each stream's own time, between the windows of a batch:
+    a stream is recalibrated only when its own data moved on (never on another stream's evidence)."""
 
     every_ms: float
-    tick: Callable[[], None]
-    next_ms: float | None = None
+    tick: Callable[[list[str]], None]
+    next_ms: dict[str, float] = field(default_factory=dict)
 
-    def due(self, ts_ms: int) -> bool:
-        if self.next_ms is None:
-            self.next_ms = ts_ms + self.every_ms
-        return ts_ms >= self.next_ms
+    def due(self, stream: str, ts_ms: int) -> bool:
+        if stream not in self.next_ms:
+            self.next_ms[stream] = ts_ms + self.every_ms
+        return ts_ms >= self.next_ms[stream]
 
-    def fire(self, ts_ms: int) -> None:
-        self.next_ms = ts_ms + self.every_ms
-        self.tick()
+    def fire(self, stream: str, ts_ms: int) -> None:
+        self.next_ms[stream] = ts_ms + self.every_ms
+        self.tick([stream])
+
+    def forget(self, stream: str) -> None:
+        self.next_ms.pop(stream, None)
 
 
 class Processor:
@@ -290,9 +294,9 @@ class Processor:
         every: dict[str, list[float]] = {}  # all finite errors per stream, for the drift guard
         clock = self.data_clock
         for i, stream in enumerate(batch.streams):
-            if clock is not None and clock.due(int(batch.end_ts[i])):  # calibrate on what came before, in order
+            if clock is not None and clock.due(stream, int(batch.end_ts[i])):  # on what came before, in order
                 self._feed_calibrator(normal, every)
-                clock.fire(int(batch.end_ts[i]))
+                clock.fire(stream, int(batch.end_ts[i]))
             st = self.streams.get(stream)
             if st is None:  # its partition was revoked while the window waited; the new owner replays it
                 continue
@@ -450,6 +454,8 @@ class Processor:
     def _drop(self, stream: str) -> None:
         self.streams.pop(stream, None)
         self.calibrator.forget(stream)
+        if self.data_clock is not None:
+            self.data_clock.forget(stream)
         self.metrics.streams.set(len(self.streams))
 
     def status_rows(self, lags: dict[TP, int]) -> list[dict[str, Any]]:

@@ -544,18 +544,27 @@ def test_input_held_across_a_rebalance_is_released_with_the_new_assignment(strea
         d.processor.close()
 
 
-def test_the_data_clock_recalibrates_every_interval_of_data_time_whatever_the_speed(stream_model: Path) -> None:
-    """clock = data: 3000 samples at 10 ms = 30 s of data, interval 5 s → a recalibration per 5 s of data,
-    between the windows of a batch (here all 297 windows arrive at once: 2 batches), after feeding the
-    calibrator what came before; the wall-clock job is not scheduled at all."""
-    source = MemorySource(records("dev-dc", *sine_stream(3000)), batch=1000)
+def test_the_data_clock_recalibrates_each_stream_every_interval_of_its_own_time(stream_model: Path) -> None:
+    """clock = data: 3000 samples at 10 ms = 30 s of data per stream, interval 5 s → 5 recalibrations of each
+    stream, between the windows of a batch (all windows arrive at once), each after the calibrator took the
+    stream's windows before that point, and only of that stream (never on another stream's time: a stream
+    whose data does not move is not walked to its target); the wall-clock job is not scheduled at all."""
+    late = 1_700_000_000_000 + 3_600_000  # the second stream's clock runs an hour later
+    recs = records("dev-dc", *sine_stream(3000)) + records("dev-dd", *sine_stream(3000, start_ms=late), partition=1)
+    source = MemorySource(recs, batch=1000)
     d = in_process_daemon(stream_model, source, MemorySink(), **{"calibrator.clock": "data", "calibrator.interval_s": 5})
     clock = d.processor.data_clock
     assert clock is not None and d._scheduler.get_job("recalibrate") is None
-    ticks: list[tuple[float, int]] = []
-    clock.tick = lambda: ticks.append(  # type: ignore[method-assign]
-        (clock.next_ms - 5000, len(d.calibrator._streams["dev-dc"].normal)))  # the window that crossed
+    ticks: list[tuple[str, float, int]] = []
+
+    def tick(streams: list[str]) -> None:
+        [s] = streams
+        ticks.append((s, clock.next_ms[s] - 5000, len(d.calibrator._streams[s].normal)))  # the window that crossed
+
+    clock.tick = tick  # type: ignore[method-assign]
     d.run(until=lambda: not source.records and d.processor.pending == 0)
-    first = 1_700_000_000_000 + (STREAM_WINDOW - 1) * STREAM_PERIOD_MS  # the first window's end
-    assert [t for t, _ in ticks] == [first + k * 5000 for k in range(1, 6)]  # 0.39 s + 5 s steps, to 25.39 s
-    assert [n for _, n in ticks] == [500 // STREAM_HOP * k for k in range(1, 6)]  # 50 windows fed per 5 s
+    end = (STREAM_WINDOW - 1) * STREAM_PERIOD_MS  # the first window's end
+    for stream, start in (("dev-dc", 1_700_000_000_000), ("dev-dd", late)):
+        mine = [(t, n) for s, t, n in ticks if s == stream]
+        assert [t for t, _ in mine] == [start + end + k * 5000 for k in range(1, 6)]  # 0.39 s + 5 s steps
+        assert [n for _, n in mine] == [500 // STREAM_HOP * k for k in range(1, 6)]  # 50 windows fed per 5 s
