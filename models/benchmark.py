@@ -3,14 +3,13 @@ float32 matrix-multiply rate measured in the same run, so the figures are ratios
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from models.detector import Detector
+from models.detector import Detector, autocast, precision_error
 
 
 def _sync(device: torch.device) -> None:
@@ -62,19 +61,18 @@ def bench_scorer(det: Detector, batch_size: int | None = None, seconds: float = 
     big = torch.randn(batch_size, det.window, det.channels, generator=gen).to(device)
     micro = big[:daemon_batch]
     reduced = precision != "float32" and device.type == "cuda"
-    exact = det.score_tensor(micro)[0].float()
-    cast = torch.autocast("cuda", dtype=getattr(torch, precision)) if reduced else contextlib.nullcontext()
+    exact = det.score_tensor(micro)[0].float().cpu().numpy()
 
     def batch1_loop() -> None:  # the classic loop: one window per forward pass
         for i in range(batch1_windows):
             det.score_tensor(one[i % len(one)])
 
     gemm_fn, gemm_flops = _gemm(device)
-    with cast:
+    with autocast(device, precision):
         b1_rate, big_rate, micro_rate, gemm_rate = _best_interleaved(
             [batch1_loop, lambda: det.score_tensor(big), lambda: det.score_tensor(micro), gemm_fn], device, seconds)
-        got = det.score_tensor(micro)[0].float()
-    diff = float(((got - exact).abs() / torch.clamp(exact.abs(), min=det.threshold.value)).max())
+        got = det.score_tensor(micro)[0].float().cpu().numpy()
+    diff = precision_error(got, exact, det.threshold.value)
     batch1, batched, per_batch = b1_rate * batch1_windows, big_rate * batch_size, 1.0 / big_rate
     gemm = gemm_rate * gemm_flops / 1e9
     model_gflops = det.model.flops_per_window() * batched / 1e9

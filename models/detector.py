@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,18 @@ class Threshold:
         if not 0.0 < quantile <= 1.0 or margin <= 0:
             raise DataError("threshold quantile must be in (0, 1] and margin > 0")
         return Threshold(quantile, margin, float(np.quantile(errors, quantile) * margin))
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """CUDA autocast to ``precision``; nothing for float32 or off CUDA (CPU autocast leaves the LSTM in float32)."""
+    if precision == "float32" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=getattr(torch, precision))
+
+
+def precision_error(scores: np.ndarray, exact: np.ndarray, threshold: float) -> float:
+    """Largest score difference to the float32 ``exact`` scores, as a share of max(|exact|, threshold)."""
+    return float(np.max(np.abs(scores - exact) / np.maximum(np.abs(exact), threshold)))
 
 
 def error_quantiles(errors: np.ndarray) -> dict[str, float]:

@@ -156,14 +156,15 @@ class Batcher:
 
     def idle_wait_s(self) -> float | None:
         """Seconds until an idle scorer would take a batch (0: now), None if nothing waits or the policy is fixed."""
-        now = self._clock()
-        dues = [self._idle_due_in(q, now) for q in self._queues.values() if q]
-        return max(0.0, min(dues)) if dues and self.target_s is not None else None
+        return None if self.target_s is None else self._soonest(lambda _m, q, now: self._idle_due_in(q, now))
 
     def wait_s(self) -> float | None:
         """Seconds until the next queue is due by age (0 if one is due now), None if nothing waits."""
+        return self._soonest(self._due_in)
+
+    def _soonest(self, due_in: Callable[[str, deque[Job], float], float]) -> float | None:
         now = self._clock()
-        dues = [self._due_in(m, q, now) for m, q in self._queues.items() if q]
+        dues = [due_in(m, q, now) for m, q in self._queues.items() if q]
         return max(0.0, min(dues)) if dues else None
 
     def ready(self, force: bool = False, idle: bool = False, room: int | None = None) -> list[Batch]:

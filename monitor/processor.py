@@ -133,10 +133,10 @@ class Processor:
                 self._dead_letter(rec, why)
             else:
                 by_stream.setdefault(block.stream, []).append((rec, block))  # type: ignore[union-attr]
-        windows = sum(self._append(stream, items) for stream, items in by_stream.items())
+        made = sum(self._append(stream, items) for stream, items in by_stream.items())  # windows made
         good = sum(len(items) for items in by_stream.values())
         if good:  # dead letters make no windows and tell nothing about the next records' size
-            ratio = windows / good
+            ratio = made / good
             prev = self.windows_per_record
             self.windows_per_record = ratio if prev is None else max(ratio, 0.9 * prev)
         self.peak_pending = max(self.peak_pending, self.pending)

@@ -14,7 +14,6 @@ kernel selection and allocation, and returns the timings (the adaptive batcher s
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from models import artifact
-from models.detector import Detector
+from models.detector import Detector, autocast, precision_error
 from models.errors import ConfigError
 from monitor.batcher import Batch
 
@@ -97,10 +96,7 @@ class Scorer:
         x = torch.from_numpy(det.scaler.transform(values))
         if det.device.type == "cuda":
             x = x.pin_memory().to(det.device, non_blocking=True)
-        dtype = precision or self.precision_of(model)
-        cast = (torch.autocast("cuda", dtype=getattr(torch, dtype)) if dtype != "float32" and det.device.type == "cuda"
-                else contextlib.nullcontext())
-        with cast:
+        with autocast(det.device, precision or self.precision_of(model)):
             window, channel, _ = det.score_tensor(x)
         return window.float().cpu().numpy(), channel.float().cpu().numpy()
 
@@ -131,8 +127,7 @@ class Scorer:
 
     def _check_precision(self, name: str, values: np.ndarray, scores: np.ndarray, tolerance: float) -> None:
         exact, _ = self.score_values(name, values, "float32")
-        threshold = self.models[name].detector.threshold.value
-        worst = float(np.max(np.abs(scores - exact) / np.maximum(np.abs(exact), threshold)))
+        worst = precision_error(scores, exact, self.models[name].detector.threshold.value)
         if not worst <= tolerance:  # NaN too
             raise ConfigError(f"model {name}: {self.precision} scores differ from float32 by {worst:.2%} of "
                               f"max(score, threshold) > daemon.precision_tolerance {tolerance:.2%}; use "
