@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from monitor.batcher import Batcher
-from monitor.broker import LocalBroker
+from monitor.broker import LOCAL_GROUP, LocalBroker
 from monitor.config import load_config
 from monitor.records import SampleBlock, parse
 from monitor.replay import replay
@@ -113,8 +113,8 @@ def _pipeline_once(broker: LocalBroker, topic: str, model: str, scorer: Scorer, 
     from monitor.daemon import Daemon
 
     cfg = load_config(None, {"kafka.bootstrap_servers": broker.bootstrap, "kafka.topics": [topic],
-                             "kafka.group_id": f"bench-{uuid.uuid4().hex[:8]}", "kafka.session_timeout_ms": 2000,
-                             "kafka.heartbeat_interval_ms": 500, "batch.max_batch": max_batch,
+                             "kafka.group_id": f"bench-{uuid.uuid4().hex[:8]}", **LOCAL_GROUP,
+                             "batch.max_batch": max_batch,
                              "kafka.client": client, "daemon.device": device,
                              "models": [{"pattern": "*", "path": model}]}, env={})
     daemon = Daemon(cfg, scorer=scorer)  # sets the daemon's scoring threads

@@ -125,7 +125,7 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
 
     from models import artifact
     from models.workflow import load_dataset, spec_for_eval
-    from monitor.broker import LocalBroker
+    from monitor.broker import LOCAL_GROUP, LocalBroker
     from monitor.config import load_config
     from monitor.daemon import Daemon
     from monitor.replay import messages
@@ -142,8 +142,8 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
     t_start = time.monotonic()
     with LocalBroker() as broker:
         ensure_topics(broker.bootstrap, {"tsmon.input": 4, "tsmon.alerts": 1, "tsmon.dead-letter": 1})
-        cfg = load_config(None, {"kafka.bootstrap_servers": broker.bootstrap, "kafka.session_timeout_ms": 2000,
-                                 "kafka.heartbeat_interval_ms": 500, "calibrator.interval_s": 2.0,
+        cfg = load_config(None, {"kafka.bootstrap_servers": broker.bootstrap, **LOCAL_GROUP,
+                                 "calibrator.interval_s": 2.0,
                                  "calibrator.min_samples": 100,
                                  "models": [{"pattern": "ecg-*", "path": model, "name": "ecg5000-lstm"}]}, env={})
         reader = TopicReader(broker.bootstrap, "tsmon.alerts")

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.broker import LocalBroker
+from monitor.broker import LOCAL_GROUP, LocalBroker
 from monitor.config import load_config
 from monitor.replay import messages
 
@@ -81,8 +81,8 @@ def _run(broker: LocalBroker, model: str, hop: int, streams: list[tuple[str, np.
     topic = f"latency-{uuid.uuid4().hex[:8]}"
     ensure_topics(broker.bootstrap, {topic: 4, "tsmon.alerts": 1, "tsmon.dead-letter": 1})
     cfg = load_config(None, {"kafka.bootstrap_servers": broker.bootstrap, "kafka.topics": [topic],
-                             "kafka.group_id": f"latency-{uuid.uuid4().hex[:8]}", "kafka.session_timeout_ms": 2000,
-                             "kafka.heartbeat_interval_ms": 500, "kafka.fetch_max_wait_ms": fetch_max_wait_ms,
+                             "kafka.group_id": f"latency-{uuid.uuid4().hex[:8]}", **LOCAL_GROUP,
+                             "kafka.fetch_max_wait_ms": fetch_max_wait_ms,
                              "daemon.device": device, "http.enabled": False,
                              **{f"batch.{k}": v for k, v in batch.items()},
                              "models": [{"pattern": "*", "path": model, "hop": hop}]}, env={})

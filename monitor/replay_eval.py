@@ -166,7 +166,7 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
     """Broker, topics, daemon and player; returns the alerts, the threshold changes and a summary."""
     from kafka import KafkaProducer
 
-    from monitor.broker import LocalBroker
+    from monitor.broker import LOCAL_GROUP, LocalBroker
     from monitor.config import load_config
     from monitor.daemon import Daemon
     from monitor.replay import messages
@@ -192,7 +192,7 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
                         "gap_ms": p.gap_ms}],
         }
         if local:  # a real Kafka refuses sessions under its group.min.session.timeout.ms (6 s by default)
-            overrides.update({"kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 500})
+            overrides.update(LOCAL_GROUP)
         cfg = load_config(opts.config, overrides)
         client = cfg.kafka.client_kwargs()
         servers = client.pop("bootstrap_servers")

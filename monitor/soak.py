@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.broker import LocalBroker
+from monitor.broker import LOCAL_GROUP, LocalBroker
 from monitor.config import load_config
 from monitor.replay import messages
 
@@ -90,7 +90,7 @@ def bench_soak(model: str, seconds: float = 600, streams: int = 8, rate: float =
         topic = f"soak-{uuid.uuid4().hex[:8]}"
         ensure_topics(broker.bootstrap, {topic: 4})
         cfg = load_config(None, {"kafka.bootstrap_servers": broker.bootstrap, "kafka.topics": [topic],
-                                 "kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 500,
+                                 **LOCAL_GROUP,
                                  "http.port": 0, "calibrator.interval_s": 5.0,
                                  "models": [{"pattern": "*", "path": model}]}, env={})
         daemon = Daemon(cfg)
