@@ -30,7 +30,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from models.detector import DEFAULT_QUANTILE
 from models.errors import BrokerError, SinkBackpressure, TsmonError
-from monitor import logs
+from monitor import heap, logs
 from monitor.alerts import AlertSettings
 from monitor.batcher import Batcher
 from monitor.calibrator import Calibrator, CalibratorSettings, ThresholdState
@@ -295,6 +295,7 @@ class Daemon:
             if self.http is not None:
                 self.http.start()
             self._scheduler.start()
+            log.info("heap_frozen", objects=heap.freeze())  # start-up's objects: out of every collection
             while not self.stop_event.is_set() and not (until and until()):
                 self._beat = time.monotonic()
                 wait = self.processor.batcher.wait_s()
@@ -327,6 +328,7 @@ class Daemon:
                     self._refresh_views()
         finally:
             self._shutdown()
+            heap.thaw()
         return self.metrics.snapshot()
 
     def _commit(self) -> None:

@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from models.errors import ConfigError
+from monitor import heap
 from monitor.scorer import Scorer, load_served
 
 Result = tuple[np.ndarray, np.ndarray, float]
@@ -72,6 +73,7 @@ def _init_worker(routes: list[RouteSpec], device: str, threads: int, parent: int
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
     _worker = Scorer([load_served(p, path, name, hop, device) for p, path, name, hop in routes], precision)
+    heap.freeze()  # torch and the models: a full collection here would hold up a batch by ~0.1 s
 
     def orphan_watch() -> None:  # a SIGKILLed daemon cannot shut the pool down: do not linger
         while os.getppid() == parent:

@@ -568,3 +568,21 @@ def test_the_data_clock_recalibrates_each_stream_every_interval_of_its_own_time(
         mine = [(t, n) for s, t, n in ticks if s == stream]
         assert [t for t, _ in mine] == [start + end + k * 5000 for k in range(1, 6)]  # 0.39 s + 5 s steps
         assert [n for _, n in mine] == [500 // STREAM_HOP * k for k in range(1, 6)]  # 50 windows fed per 5 s
+
+
+def test_the_daemon_keeps_start_up_objects_out_of_collections_while_it_runs(stream_model: Path) -> None:
+    import gc
+
+    source = MemorySource(records("dev-gc", *sine_stream(400)), batch=50)
+    d = in_process_daemon(stream_model, source, MemorySink())
+    frozen: list[int] = []
+
+    def until() -> bool:
+        frozen.append(gc.get_freeze_count())
+        return not source.records and d.processor.pending == 0
+
+    assert gc.get_freeze_count() == 0
+    d.run(until=until)
+    assert min(frozen) > 10_000  # torch, the model and the clients: a full collection no longer walks them
+    assert gc.get_freeze_count() == 0  # handed back when it stopped (a second daemon in this process collects them)
+    assert d.metrics.total("tsmon_windows_scored_total") > 0
