@@ -10,11 +10,11 @@ The split is chronological and stated: the first part of the series (the model's
 it was trained on this file, else ``train_fraction``, 15 % by default as NAB's probationary period) is played
 too — it fills the windows and the calibrator — but alerts that fire there count for nothing; events and
 alerts are scored on the rest. Time-based settings follow the data's clock: gaps and alert periods are in
-data time, and the calibrator's wall-clock interval is divided by the replay speed, so it recalibrates as
-often per hour of data as it would in production — down to one recalibration every 0.2 s of wall time: a
-faster replay recalibrates less often per hour of data (the report states the interval it got, in data time).
-With ``calibrator.clock = "data"`` in the ``--config`` the calibrator counts the series' own time instead:
-exactly every ``interval_s`` of data, at any speed.
+data time, and so, by default (``calibrator_clock = "data"``), is the calibrator's schedule: each stream is
+recalibrated every ``calibrator.interval_s`` of its own data, as in production, at any replay speed, and
+the run is the same from one replay to the next. With ``calibrator_clock = "wall"`` the wall-clock interval
+is divided by the replay speed instead — down to one recalibration every 0.2 s of wall time, so a fast
+replay recalibrates less often per hour of data (the report states the interval it got, in data time).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class ReplayOptions:
     baseline: Path | None = None  # None: fit PCA on the model's training windows
     stream: str | None = None  # stream id; None: the data file's stem
     out: Path = Path("replay-eval")
+    calibrator_clock: str = "data"  # "data": interval_s of the series' own time; "wall": interval_s / speed
 
 
 def time_axis(series: Series, sample_rate_hz: float | None, start_ms: float = DEFAULT_START_MS) -> np.ndarray:
@@ -136,7 +137,9 @@ def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> 
     p = plan(model, series, ts_ms, opts, base_cfg.windows.gap_ms)
     log.info("replay_eval_plan", stream=p.stream, speed=round(p.speed, 3), split_sample=p.split,
              train_fraction=p.train_fraction, chunk=p.chunk, gap_ms=p.gap_ms, baseline=str(p.baseline))
-    played = _play(p, series, ts_ms, opts, base_cfg.calibrator.interval_s, base_cfg.calibrator.clock)
+    if opts.calibrator_clock not in ("data", "wall"):
+        raise DataError(f"calibrator clock must be data or wall, not {opts.calibrator_clock!r}")
+    played = _play(p, series, ts_ms, opts, base_cfg.calibrator.interval_s, opts.calibrator_clock)
     test = Span(float(ts_ms[p.split]), float(ts_ms[-1]))
     events = labelled_events(ts_ms, series.labels, test.start_ms)  # type: ignore[arg-type]
     results = {name: score_alerts(events, latest_alerts(played["alerts"], s), test, p.tolerance_ms)
@@ -174,7 +177,7 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
 
     run_id = f"tsmon-replay-eval-{uuid.uuid4().hex[:8]}"  # topics and group of this run only
     topics = {"in": f"{run_id}.input", "alerts": f"{run_id}.alerts", "dead": f"{run_id}.dead-letter"}
-    data_clock = clock == "data"  # the user's config already counts the interval in data time
+    data_clock = clock == "data"  # the interval counts the series' own time: as configured, at any speed
     interval = interval_s if data_clock else max(MIN_INTERVAL_S, interval_s / p.speed)
     streams = (p.stream, p.stream + BASELINE_SUFFIX)
     with contextlib.ExitStack() as stack:
@@ -185,7 +188,8 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
             "kafka.alerts_topic": topics["alerts"], "kafka.dead_letter_topic": topics["dead"],
             "kafka.group_id": run_id, "kafka.auto_offset_reset": "earliest",
             "control.topic": f"{run_id}.control", "control.audit_topic": f"{run_id}.audit",
-            "state.topic": f"{run_id}.state", "calibrator.interval_s": interval, "limits.idle_evict_s": "none",
+            "state.topic": f"{run_id}.state", "calibrator.interval_s": interval,
+            "calibrator.clock": clock, "limits.idle_evict_s": "none",
             "http.enabled": False,
             "models": [{"pattern": glob.escape(streams[0]), "path": str(p.model), "name": "model", "gap_ms": p.gap_ms},
                        {"pattern": glob.escape(streams[1]), "path": str(p.baseline), "name": "baseline",
@@ -260,7 +264,7 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
             "summary": {"speed": p.speed, "wall_s": round(wall, 1), "samples_sent": sent[0], "complete": complete,
                         "chunk": p.chunk, "windows_scored": int(daemon.metrics.total("tsmon_windows_scored_total")),
                         "dead_letters": int(daemon.metrics.total("tsmon_dead_letters_total")),
-                        "calibrator_interval_wall_s": None if data_clock else interval,
+                        "calibrator_clock": clock, "calibrator_interval_wall_s": None if data_clock else interval,
                         "calibrator_interval_data_s": interval if data_clock else interval * p.speed,
                         "bootstrap": "local broker" if opts.bootstrap is None else opts.bootstrap}}
 

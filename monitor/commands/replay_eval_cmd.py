@@ -48,6 +48,9 @@ def replay_eval(
                                                      "the broker are the run's own.")] = None,
     bootstrap: Annotated[str | None, typer.Option(help="Use this Kafka instead of a local broker.")] = None,
     stream: Annotated[str | None, typer.Option(help="Stream id (default: the file's name).")] = None,
+    calibrator_clock: Annotated[str, typer.Option(
+        help="data: recalibrate every calibrator.interval_s of the series' own time (production's cadence, the "
+             "same every run); wall: every interval_s / speed of wall time (at least 0.2 s).")] = "data",
     out: Annotated[Path, typer.Option("--out", help="Directory for report.json, timeline.png and the baseline.")]
     = Path("replay-eval"),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -61,7 +64,7 @@ def replay_eval(
     series = read_series(data, list(value_col or names), timestamp_col, label_col, windows, out_of_order="keep")
     ts_ms = time_axis(series, sample_rate)
     opts = ReplayOptions(speed, seconds, chunk, tolerance, train_fraction, gap_ms, bootstrap, config, baseline,
-                         stream, out)
+                         stream, out, calibrator_clock)
     if not as_json and "TSMON_LOG_LEVEL" not in os.environ:
         logs.configure("ERROR", None)  # the table is the output (dead letters are counted in it)
     report = run(model, series, ts_ms, opts)

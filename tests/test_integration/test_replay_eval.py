@@ -100,6 +100,12 @@ def test_the_cli_prints_the_json_keys_and_rejects_unlabelled_data(broker: Any, t
     doc = json.loads(proc.stdout)
     keys = {"recall", "precision", "false_alerts_per_hour", "mean_delay_s", "p90_delay_s", "alerts"}
     assert keys <= set(doc) and keys <= set(doc["baseline"]) and doc["recall"] == 1.0
+    # the calibrator counts the series' own time by default: the configured 30 s, whatever the replay speed
+    assert doc["replay"]["calibrator_clock"] == "data" and doc["replay"]["calibrator_interval_data_s"] == 30.0
+    assert doc["replay"]["calibrator_interval_wall_s"] is None
+    proc = subprocess.run([*base, "--data", str(data), "--calibrator-clock", "hourly"], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 1 and "calibrator clock must be data or wall" in proc.stderr
     pd.read_csv(data).drop(columns="label").to_csv(tmp_path / "plain.csv", index=False)
     proc = subprocess.run([*base, "--data", str(tmp_path / "plain.csv")], capture_output=True, text=True,
                           timeout=60, check=False)
