@@ -291,11 +291,11 @@ class Daemon:
                  scoring=self.scoring,
                  config=self.cfg.redacted())
         self._started = last_commit = last_control = time.monotonic()
-        try:  # whatever fails from here on, _shutdown closes what was opened
+        try:  # whatever fails from here on, _shutdown closes what was opened (and the heap is thawed)
+            log.info("heap_frozen", objects=heap.freeze())  # start-up's objects: out of every collection
             if self.http is not None:
                 self.http.start()
             self._scheduler.start()
-            log.info("heap_frozen", objects=heap.freeze())  # start-up's objects: out of every collection
             while not self.stop_event.is_set() and not (until and until()):
                 self._beat = time.monotonic()
                 wait = self.processor.batcher.wait_s()
@@ -327,8 +327,10 @@ class Daemon:
                     self._commit()
                     self._refresh_views()
         finally:
-            self._shutdown()
-            heap.thaw()
+            try:
+                self._shutdown()
+            finally:
+                heap.thaw()
         return self.metrics.snapshot()
 
     def _commit(self) -> None:

@@ -10,11 +10,12 @@ The split is chronological and stated: the first part of the series (the model's
 it was trained on this file, else ``train_fraction``, 15 % by default as NAB's probationary period) is played
 too — it fills the windows and the calibrator — but alerts that fire there count for nothing; events and
 alerts are scored on the rest. Time-based settings follow the data's clock: gaps and alert periods are in
-data time, and so, by default (``calibrator_clock = "data"``), is the calibrator's schedule: each stream is
-recalibrated every ``calibrator.interval_s`` of its own data, as in production, at any replay speed, and
-the run is the same from one replay to the next. With ``calibrator_clock = "wall"`` the wall-clock interval
-is divided by the replay speed instead — down to one recalibration every 0.2 s of wall time, so a fast
-replay recalibrates less often per hour of data (the report states the interval it got, in data time).
+data time, and so, by default, is the calibrator's schedule (``calibrator_clock`` "data", unless the
+``--config`` sets ``calibrator.clock``): each stream is recalibrated every ``calibrator.interval_s`` of its
+own data, as in production, at any replay speed, and the run is the same from one replay to the next. With
+"wall" the wall-clock interval is divided by the replay speed instead — down to one recalibration every
+0.2 s of wall time, so a fast replay recalibrates less often per hour of data (the report states the clock
+and the interval it got, in data time).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ DEFAULT_START_MS = 1_700_000_000_000  # files without timestamps start here (fix
 PROBATION = 0.15  # leading share of a series that only warms up, when the model was not trained on the file
 MIN_INTERVAL_S = 0.2  # the calibrator never runs more often than this in wall time, whatever the speed
 BASELINE_SUFFIX = ".baseline"
+CLOCKS = ("data", "wall")  # what the replay's calibrator may count: the series' own time or the wall's
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +63,8 @@ class ReplayOptions:
     baseline: Path | None = None  # None: fit PCA on the model's training windows
     stream: str | None = None  # stream id; None: the data file's stem
     out: Path = Path("replay-eval")
-    calibrator_clock: str = "data"  # "data": interval_s of the series' own time; "wall": interval_s / speed
+    calibrator_clock: str | None = None  # data: interval_s of the series' own time; wall: interval_s / speed;
+    # None: the --config's calibrator.clock if it sets one, else data
 
 
 def time_axis(series: Series, sample_rate_hz: float | None, start_ms: float = DEFAULT_START_MS) -> np.ndarray:
@@ -137,9 +140,7 @@ def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> 
     p = plan(model, series, ts_ms, opts, base_cfg.windows.gap_ms)
     log.info("replay_eval_plan", stream=p.stream, speed=round(p.speed, 3), split_sample=p.split,
              train_fraction=p.train_fraction, chunk=p.chunk, gap_ms=p.gap_ms, baseline=str(p.baseline))
-    if opts.calibrator_clock not in ("data", "wall"):
-        raise DataError(f"calibrator clock must be data or wall, not {opts.calibrator_clock!r}")
-    played = _play(p, series, ts_ms, opts, base_cfg.calibrator.interval_s, opts.calibrator_clock)
+    played = _play(p, series, ts_ms, opts, base_cfg.calibrator.interval_s, replay_clock(opts.calibrator_clock, base_cfg))
     test = Span(float(ts_ms[p.split]), float(ts_ms[-1]))
     events = labelled_events(ts_ms, series.labels, test.start_ms)  # type: ignore[arg-type]
     results = {name: score_alerts(events, latest_alerts(played["alerts"], s), test, p.tolerance_ms)
@@ -162,6 +163,14 @@ def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> 
     report["timeline"] = str(timeline.draw(opts.out / "timeline.png", p, series, ts_ms, played, test))
     (opts.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def replay_clock(asked: str | None, cfg: Any) -> str:
+    """The replay calibrator's clock: the one asked for, else the config's if it sets one, else data time."""
+    clock = asked or (cfg.calibrator.clock if "clock" in cfg.calibrator.model_fields_set else "data")
+    if clock not in CLOCKS:
+        raise DataError(f"calibrator clock must be {' or '.join(CLOCKS)}, not {clock!r}")
+    return str(clock)
 
 
 def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, interval_s: float,
@@ -264,8 +273,9 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
             "summary": {"speed": p.speed, "wall_s": round(wall, 1), "samples_sent": sent[0], "complete": complete,
                         "chunk": p.chunk, "windows_scored": int(daemon.metrics.total("tsmon_windows_scored_total")),
                         "dead_letters": int(daemon.metrics.total("tsmon_dead_letters_total")),
-                        "calibrator_clock": clock, "calibrator_interval_wall_s": None if data_clock else interval,
-                        "calibrator_interval_data_s": interval if data_clock else interval * p.speed,
+                        "calibrator_clock": cfg.calibrator.clock,  # what the daemon ran with
+                        "calibrator_interval_wall_s": None if data_clock else cfg.calibrator.interval_s,
+                        "calibrator_interval_data_s": cfg.calibrator.interval_s * (1 if data_clock else p.speed),
                         "bootstrap": "local broker" if opts.bootstrap is None else opts.bootstrap}}
 
 

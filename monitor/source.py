@@ -25,7 +25,8 @@ from typing import Any, Protocol
 from models.errors import BrokerError
 
 TP = tuple[str, int]  # (topic, partition)
-POLL_SLICE_MS = 10  # longest single wait inside KafkaSource.poll (see there)
+POLL_SLICE_MS = 10  # longest single wait inside KafkaSource.poll while records flow (see there)
+SLICE_WHILE_ACTIVE_S = 1.0  # records within this long: the input counts as flowing
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +115,7 @@ class KafkaSource:
                     on_assign([(tp.topic, tp.partition) for tp in assigned])
 
         self._in_callback = False
+        self._last_records = -float("inf")  # monotonic time the last poll returned records
 
         try:
             self._consumer = KafkaConsumer(**consumer_kwargs)
@@ -125,20 +127,27 @@ class KafkaSource:
             self._consumer.subscribe(topics=topics, listener=Listener())
 
     def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InRecord]:
-        """Records that arrive within ``timeout_ms``, waited for in slices of at most ``POLL_SLICE_MS``.
+        """Records that arrive within ``timeout_ms``; while records flow, waited for in ``POLL_SLICE_MS`` slices.
 
         kafka-python 3.0 sleeps ``retry_backoff_ms`` (100 ms) inside ``poll`` whenever it finds no fetch in
         flight, which happens while its IO thread is still handling the last fetch response; in the latency
         benchmark that held back one poll in 40 with records waiting (transport p99 50–107 ms instead of
-        ~10). Slicing the wait bounds that sleep to a slice; a fetch in flight still wakes the poll at once.
+        ~15). Slicing the wait bounds that sleep to a slice; a fetch in flight still wakes the poll at once.
+        A slice costs a poll (~0.7 ms of CPU with the client's threads), so an input silent for
+        ``SLICE_WHILE_ACTIVE_S`` is waited for in one piece again (idle CPU 2.4 % of a core instead of 9.6 %).
         """
-        deadline = time.monotonic() + timeout_ms / 1000
+        now = time.monotonic()
+        deadline = now + timeout_ms / 1000
+        piece = POLL_SLICE_MS if now - self._last_records < SLICE_WHILE_ACTIVE_S else timeout_ms
         while True:
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            batches = self._consumer.poll(timeout_ms=min(left_ms, POLL_SLICE_MS), max_records=max_records)
-            if batches or left_ms <= POLL_SLICE_MS:
-                return [InRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp or 0)
-                        for records in batches.values() for r in records]
+            batches = self._consumer.poll(timeout_ms=min(left_ms, piece), max_records=max_records)
+            if batches or left_ms <= piece:
+                break
+        if batches:
+            self._last_records = time.monotonic()
+        return [InRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp or 0)
+                for records in batches.values() for r in records]
 
     @contextmanager
     def _callback(self) -> Iterator[None]:

@@ -15,7 +15,7 @@ from models.errors import DataError
 from monitor import logs
 from monitor.commands.model_cmds import LabelCol, TsCol, ValueCols, WindowsOpt
 from monitor.commands.render import emit_json, stdout
-from monitor.replay_eval import ReplayOptions, run, time_axis
+from monitor.replay_eval import CLOCKS, ReplayOptions, run, time_axis
 
 ROWS = (("event recall", "recall"), ("event precision", "precision"), ("alerts", "alerts"),
         ("alerts / hour", "alerts_per_hour"), ("false alerts / hour", "false_alerts_per_hour"),
@@ -48,9 +48,10 @@ def replay_eval(
                                                      "the broker are the run's own.")] = None,
     bootstrap: Annotated[str | None, typer.Option(help="Use this Kafka instead of a local broker.")] = None,
     stream: Annotated[str | None, typer.Option(help="Stream id (default: the file's name).")] = None,
-    calibrator_clock: Annotated[str, typer.Option(
+    calibrator_clock: Annotated[str | None, typer.Option(
         help="data: recalibrate every calibrator.interval_s of the series' own time (production's cadence, the "
-             "same every run); wall: every interval_s / speed of wall time (at least 0.2 s).")] = "data",
+             "same every run); wall: every interval_s / speed of wall time (at least 0.2 s). Default: the "
+             "--config's calibrator.clock if it sets one, else data.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Directory for report.json, timeline.png and the baseline.")]
     = Path("replay-eval"),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -60,6 +61,8 @@ def replay_eval(
         raise DataError("--speed and --seconds must be > 0, --chunk and --tolerance >= 0")
     if train_fraction is not None and not 0 < train_fraction < 1:
         raise DataError("--train-fraction must be in (0, 1)")
+    if calibrator_clock is not None and calibrator_clock not in CLOCKS:
+        raise DataError(f"--calibrator-clock must be {' or '.join(CLOCKS)}, not {calibrator_clock!r}")
     names = artifact.read_manifest(model)["channels"]
     series = read_series(data, list(value_col or names), timestamp_col, label_col, windows, out_of_order="keep")
     ts_ms = time_axis(series, sample_rate)

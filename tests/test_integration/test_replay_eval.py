@@ -16,7 +16,7 @@ from models import artifact
 from models.data import read_series, series_dataset
 from models.train import TrainConfig
 from models.workflow import train_detector
-from monitor.replay_eval import ReplayOptions, run, time_axis
+from monitor.replay_eval import ReplayOptions, replay_clock, run, time_axis
 
 W, HOP = 20, 5
 EVENTS = (1519, 2019, 2519)  # each on a window end (19 + 5k): the first window that sees it ends on it
@@ -44,6 +44,20 @@ def train(path: Path, out: Path, kind: str, window: int, hop: int, fraction: flo
                                    quantile, margin)
     training["data"].update({"train_fraction": fraction})
     return artifact.save(det, out, training)
+
+
+def test_the_replay_calibrator_counts_data_time_unless_told_otherwise(tmp_path: Path) -> None:
+    from models.errors import DataError
+    from monitor.config import load_config
+
+    plain = load_config(None, {}, env={})
+    wall = tmp_path / "wall.toml"
+    wall.write_text('[calibrator]\nclock = "wall"\n')
+    assert replay_clock(None, plain) == "data"  # the daemon's wall-clock default is not a choice the user made
+    assert replay_clock(None, load_config(wall, {}, env={})) == "wall"  # the user's config is evaluated as it is
+    assert replay_clock("data", load_config(wall, {}, env={})) == "data"  # and the flag overrides it
+    with pytest.raises(DataError, match="data or wall"):
+        replay_clock("hourly", plain)
 
 
 @pytest.mark.slow
@@ -103,9 +117,10 @@ def test_the_cli_prints_the_json_keys_and_rejects_unlabelled_data(broker: Any, t
     # the calibrator counts the series' own time by default: the configured 30 s, whatever the replay speed
     assert doc["replay"]["calibrator_clock"] == "data" and doc["replay"]["calibrator_interval_data_s"] == 30.0
     assert doc["replay"]["calibrator_interval_wall_s"] is None
-    proc = subprocess.run([*base, "--data", str(data), "--calibrator-clock", "hourly"], capture_output=True,
-                          text=True, timeout=60, check=False)
-    assert proc.returncode == 1 and "calibrator clock must be data or wall" in proc.stderr
+    proc = subprocess.run([*base, "--data", str(data), "--calibrator-clock", "hourly", "--out", str(tmp_path / "h")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1 and "--calibrator-clock must be data or wall" in proc.stderr
+    assert not (tmp_path / "h").exists()  # refused before anything was fitted or written
     pd.read_csv(data).drop(columns="label").to_csv(tmp_path / "plain.csv", index=False)
     proc = subprocess.run([*base, "--data", str(tmp_path / "plain.csv")], capture_output=True, text=True,
                           timeout=60, check=False)

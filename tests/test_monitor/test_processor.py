@@ -581,8 +581,8 @@ def test_the_daemon_keeps_start_up_objects_out_of_collections_while_it_runs(stre
         frozen.append(gc.get_freeze_count())
         return not source.records and d.processor.pending == 0
 
-    assert gc.get_freeze_count() == 0
+    before = gc.get_freeze_count()
     d.run(until=until)
     assert min(frozen) > 10_000  # torch, the model and the clients: a full collection no longer walks them
-    assert gc.get_freeze_count() == 0  # handed back when it stopped (a second daemon in this process collects them)
+    assert gc.get_freeze_count() == before  # handed back when it stopped (a second daemon in this process collects them)
     assert d.metrics.total("tsmon_windows_scored_total") > 0

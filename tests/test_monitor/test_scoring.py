@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ def test_thread_and_process_backends_agree(stream_model: Path) -> None:
     try:
         a = thread.submit(served.name, windows).result()
         b = process.submit(served.name, windows).result()
+        assert process._pool.submit(gc.get_freeze_count).result() > 10_000  # torch and the model: never walked
     finally:
         thread.close()
         process.close()

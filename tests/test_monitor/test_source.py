@@ -14,10 +14,12 @@ class SleepyConsumer:
     (capped at its 100 ms retry backoff) and returns nothing, until ``ready_at``; then returns a record."""
 
     def __init__(self, ready_at: float) -> None:
-        self.ready_at, self.timeouts = ready_at, []
+        self.ready_at, self.timeouts, self.max_records = ready_at, [], []
 
     def poll(self, timeout_ms: int, max_records: int | None = None) -> dict[Any, list[Any]]:
+        assert timeout_ms >= 0  # kafka-python raises on a negative timeout
         self.timeouts.append(timeout_ms)
+        self.max_records.append(max_records)
         if time.monotonic() < self.ready_at:
             time.sleep(min(timeout_ms, 100) / 1000)
             return {}
@@ -25,18 +27,20 @@ class SleepyConsumer:
         return {("t", 0): [rec]}
 
 
-def source_on(consumer: SleepyConsumer) -> KafkaSource:
-    src = KafkaSource.__new__(KafkaSource)  # the consumer is the only state poll uses
+def source_on(consumer: SleepyConsumer, flowing: bool = True) -> KafkaSource:
+    src = KafkaSource.__new__(KafkaSource)  # the consumer and the time of the last records: all poll uses
     src._consumer = consumer
+    src._last_records = time.monotonic() if flowing else -float("inf")
     return src
 
 
-def test_poll_waits_in_slices_and_returns_as_soon_as_records_come() -> None:
+def test_while_records_flow_poll_waits_in_slices_and_returns_as_soon_as_records_come() -> None:
     consumer = SleepyConsumer(ready_at=time.monotonic() + 0.03)
-    got = source_on(consumer).poll(1000)
+    got = source_on(consumer).poll(1000, max_records=17)
     assert got == [InRecord("t", 0, 7, b"k", b"v", 5)]
     assert max(consumer.timeouts) <= POLL_SLICE_MS  # never handed the library a 1 s (or 100 ms) sleep
     assert 2 <= len(consumer.timeouts) < 100  # sliced, and it stopped at the first records
+    assert set(consumer.max_records) == {17}  # every slice keeps the caller's bound on records
 
 
 def test_poll_gives_up_after_its_timeout_with_nothing() -> None:
@@ -45,3 +49,14 @@ def test_poll_gives_up_after_its_timeout_with_nothing() -> None:
     assert source_on(consumer).poll(35) == []
     assert time.monotonic() - t0 >= 0.03 and sum(consumer.timeouts) <= 35 + POLL_SLICE_MS
     assert source_on(SleepyConsumer(float("inf"))).poll(0) == []  # a zero timeout is one non-blocking poll
+
+
+def test_a_silent_input_is_waited_for_in_one_piece_until_records_flow_again() -> None:
+    consumer = SleepyConsumer(ready_at=float("inf"))
+    src = source_on(consumer, flowing=False)
+    assert src.poll(35) == [] and len(consumer.timeouts) == 1 and consumer.timeouts[0] > 30  # idle: one wait
+    consumer.ready_at = 0.0
+    assert len(src.poll(35)) == 1  # records again ...
+    consumer.ready_at, consumer.timeouts = float("inf"), []
+    src.poll(35)
+    assert max(consumer.timeouts) <= POLL_SLICE_MS and len(consumer.timeouts) >= 3  # ... so sliced again
