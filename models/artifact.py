@@ -48,6 +48,7 @@ def save(detector: Detector, path: str | Path, training: dict[str, Any] | None =
         "window": detector.window,
         "hop": detector.hop or detector.window,
         "windowing": detector.windowing,
+        "downsample": detector.downsample,
         "channels": detector.channel_names or detector.names,
         "loss": detector.loss,
         "normalisation": detector.scaler.to_dict(),
@@ -89,9 +90,12 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise ArtifactError(f"incompatible artifact {root}: manifest lacks {', '.join(missing)}")
-    params, hop = manifest["params"], manifest["hop"]
-    if not isinstance(params, dict) or params.get("window") != manifest["window"]:
-        raise ArtifactError(f"incompatible artifact {root}: window {manifest['window']!r} differs from params")
+    params, hop, k = manifest["params"], manifest["hop"], manifest.get("downsample", 1)  # before: always 1
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ArtifactError(f"incompatible artifact {root}: downsample must be a positive integer, got {k!r}")
+    if not isinstance(params, dict) or not isinstance(params.get("window"), int) or params["window"] * k != manifest["window"]:
+        raise ArtifactError(f"incompatible artifact {root}: window {manifest['window']!r} differs from params "
+                            f"(model window × downsample {k})")
     if not isinstance(hop, int) or isinstance(hop, bool) or hop < 1:
         raise ArtifactError(f"incompatible artifact {root}: hop must be a positive integer, got {hop!r}")
     if manifest["loss"] not in LOSSES:
@@ -141,9 +145,10 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
         rule = beats.rule_of(windowing)
     except DataError as exc:
         raise ArtifactError(f"incompatible artifact {root}: {exc}") from None
-    if rule is not None and (rule.window != model.config.window or rule.lead >= channels):
+    k = int(m.get("downsample", 1))
+    if rule is not None and (rule.window != model.config.window * k or rule.lead >= channels):
         raise ArtifactError(f"incompatible artifact {root}: beat window {rule.window} / lead {rule.lead} do not "
                             f"fit the model")
     det = Detector(model, scaler, threshold, dict(m["validation_error_quantiles"]), str(m["loss"]),
-                   list(m["channels"]), int(m["hop"]), meta=m, windowing=dict(windowing))
+                   list(m["channels"]), int(m["hop"]), meta=m, windowing=dict(windowing), downsample=k)
     return det.to(device)

@@ -2,13 +2,18 @@
 
 ``Detector.score`` is the one scoring entry point for the CLI, evaluation and the daemon: raw float32
 ``[batch, window, channels]`` in, error views (numpy) out, computed in inference mode in chunks.
+
+``downsample`` = k > 1: windows are cut at the stream's own rate (``window`` samples) and averaged over
+blocks of k samples before the model sees them (``window / k`` steps, e.g. 360 Hz ECG scored at 90 Hz);
+per-timestep errors and reconstructions are repeated back to the stream's rate, so every caller still
+deals in windows of the stream's own samples.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +28,23 @@ QUANTILE_LEVELS = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
 # clean — in ECG5000's the error doubles between q0.95 and q0.99 (atypical beats labelled normal), so a
 # high quantile lands inside that tail. The daemon debounces alerts over consecutive windows on top.
 DEFAULT_QUANTILE = 0.95
+
+
+Windows = TypeVar("Windows", np.ndarray, torch.Tensor)
+
+
+def check_downsample(window: int, k: int) -> None:
+    """A window of ``window`` samples can be averaged in blocks of ``k``: :class:`DataError` if not."""
+    if k < 1 or window % k:
+        raise DataError(f"--downsample must be >= 1 and divide the window ({window}), got {k}")
+
+
+def pool(x: Windows, k: int) -> Windows:
+    """``[n, W, C]`` at the stream's rate → ``[n, W / k, C]``: the mean of every k samples (numpy or torch)."""
+    if k == 1:
+        return x
+    check_downsample(x.shape[1], k)
+    return x.reshape(x.shape[0], x.shape[1] // k, k, x.shape[2]).mean(2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +106,7 @@ class Detector:
     meta: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     windowing: dict[str, Any] = field(default_factory=lambda: {"kind": "sliding"})  # how windows are cut
+    downsample: int = 1  # samples averaged into one model step
 
     @property
     def kind(self) -> str:
@@ -96,7 +119,8 @@ class Detector:
 
     @property
     def window(self) -> int:
-        return self.model.config.window
+        """Samples of the stream per window (the model sees ``window / downsample`` steps)."""
+        return self.model.config.window * self.downsample
 
     @property
     def channels(self) -> int:
@@ -113,12 +137,19 @@ class Detector:
         if not np.isfinite(x).all():
             raise DataError("windows contain NaN or inf; drop or repair them before scoring")
 
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return pool(x, self.downsample)
+
     @torch.inference_mode()
     def score_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score an already-normalised tensor on ``self.device`` (the daemon's hot path)."""
         elbo = getattr(self.model.config, "score", "recon") == "elbo"
-        v = self.model.errors(x, self.loss, elbo=elbo)
-        return v.window, v.channel, v.timestep
+        v = self.model.errors(self.pooled(x), self.loss, elbo=elbo)
+        return v.window, v.channel, self._spread(v.timestep)
+
+    def _spread(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-step values back at the stream's rate (each repeated ``downsample`` times along dim 1)."""
+        return t if self.downsample == 1 else t.repeat_interleave(self.downsample, dim=1)
 
     def score(self, windows: np.ndarray, batch_size: int = 2048) -> Scores:
         """Score raw windows ``[batch, window, channels]``; raises :class:`DataError` on bad shape or NaN."""
@@ -140,8 +171,8 @@ class Detector:
         x = np.asarray(windows, dtype="float32")
         self._check(x)
         with torch.inference_mode():
-            t = torch.from_numpy(self.scaler.transform(x)).to(self.device)
+            t = self.pooled(torch.from_numpy(self.scaler.transform(x)).to(self.device))
             out = self.model.eval()(t)
             v = error_views(out, t, self.loss, getattr(self.model.config, "score", "recon") == "elbo")
-            recon = self.scaler.inverse(out.recon.float().cpu().numpy())
-        return recon, Scores(*(a.float().cpu().numpy() for a in (v.window, v.channel, v.timestep)))
+            recon = self.scaler.inverse(self._spread(out.recon).float().cpu().numpy())
+        return recon, Scores(*(a.float().cpu().numpy() for a in (v.window, v.channel, self._spread(v.timestep))))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from models.data import Dataset, load_ecg5000, read_series, series_dataset
-from models.detector import DEFAULT_QUANTILE, Detector, Threshold, error_quantiles
+from models.detector import DEFAULT_QUANTILE, Detector, Threshold, check_downsample, error_quantiles, pool
 from models.errors import DataError
 from models.evaluate import event_metrics, report
 from models.registry import build
@@ -96,15 +96,22 @@ def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None,
 def train_detector(data: Dataset, kind: str, params: dict[str, Any], cfg: TrainConfig,
                    threshold_quantile: float = DEFAULT_QUANTILE, threshold_margin: float = 1.0,
                    normalisation: str = "standard",
-                   on_epoch: Callable[[EpochStats], None] | None = None) -> tuple[Detector, dict[str, Any]]:
-    """Fit normalisation on ``data.train``, train a ``kind`` model, derive quantiles and threshold on val."""
+                   on_epoch: Callable[[EpochStats], None] | None = None,
+                   downsample: int = 1) -> tuple[Detector, dict[str, Any]]:
+    """Fit normalisation on ``data.train``, train a ``kind`` model, derive quantiles and threshold on val.
+
+    ``downsample`` = k: the model sees every window averaged over blocks of k samples (``window / k`` steps).
+    """
+    check_downsample(data.window, downsample)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     scaler = Scaler.fit(data.train, normalisation)
-    model = build(kind, {**params, "window": data.window, "channels": len(data.channels)})
-    result = fit(model, scaler.transform(data.train), scaler.transform(data.val), cfg, on_epoch)
+    model = build(kind, {**params, "window": data.window // downsample, "channels": len(data.channels)})
+    result = fit(model, pool(scaler.transform(data.train), downsample), pool(scaler.transform(data.val), downsample),
+                 cfg, on_epoch)
     det = Detector(model, scaler, Threshold(threshold_quantile, threshold_margin, 0.0), {}, cfg.loss,
-                   list(data.channels), data.hop, windowing=dict(data.windowing)).to(result.device)
+                   list(data.channels), data.hop, windowing=dict(data.windowing),
+                   downsample=downsample).to(result.device)
     val_err = det.score(data.val).window
     det.quantiles = error_quantiles(val_err)
     det.threshold = Threshold.from_errors(val_err, threshold_quantile, threshold_margin)
@@ -121,7 +128,7 @@ def baseline(data: Dataset, detector: Detector) -> Detector:
     """The PCA baseline fitted on the same training windows, thresholded the same way."""
     cfg = TrainConfig(loss=detector.loss, device=str(detector.device), seed=0)
     det, _ = train_detector(data, "pca", {}, cfg, detector.threshold.quantile, detector.threshold.margin,
-                            detector.scaler.method)
+                            detector.scaler.method, downsample=detector.downsample)
     return det
 
 

@@ -12,7 +12,7 @@ import typer
 
 from models import artifact
 from models.data import ECG5000_WINDOW, finite_windows, read_series, windows_for
-from models.detector import DEFAULT_QUANTILE
+from models.detector import DEFAULT_QUANTILE, check_downsample
 from models.errors import BrokerError, DataError, ModelConfigError
 from models.registry import DEFAULT_KIND, KINDS, config_for, train_defaults
 from models.train import TrainConfig
@@ -66,6 +66,8 @@ def train(
     beat_baseline: Annotated[int, typer.Option(help="beats: half-width of the baseline mean removed before "
                                                     "finding peaks (0: 3/20 of the window).")] = 0,
     train_fraction: Annotated[float, typer.Option(help="Series: leading fraction used to train/validate.")] = 0.5,
+    downsample: Annotated[int, typer.Option(help="Average every K samples of a window before the model (e.g. 4: "
+                                                 "360 Hz ECG scored at 90 Hz); must divide the window.")] = 1,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Mini-batch size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
@@ -96,16 +98,20 @@ def train(
                       sparsity=sparsity, seed=seed, device=device,
                       max_seconds=max_minutes * 60 if max_minutes else None)
     cfg.validate()  # before any data is read or a progress bar drawn
-    config_for(model, {**params, "window": ECG5000_WINDOW if data == "ecg5000" else window, "channels": 1})
-    run_training(spec, model, params, cfg, out, threshold_quantile, threshold_margin, normalisation)
+    cut = ECG5000_WINDOW if data == "ecg5000" else window
+    check_downsample(cut, downsample)
+    config_for(model, {**params, "window": cut // downsample, "channels": 1})
+    run_training(spec, model, params, cfg, out, threshold_quantile, threshold_margin, normalisation, downsample)
 
 
 def run_training(spec: DataSpec, kind: str, params: dict[str, Any], cfg: TrainConfig, out: Path,
-                 quantile: float, margin: float, normalisation: str) -> None:
+                 quantile: float, margin: float, normalisation: str, downsample: int = 1) -> None:
     ds = load_dataset(spec)
-    log.info("training", kind=kind, data=ds.summary, epochs=cfg.epochs, batch_size=cfg.batch_size)
+    log.info("training", kind=kind, data=ds.summary, epochs=cfg.epochs, batch_size=cfg.batch_size,
+             downsample=downsample)
     with epoch_progress(cfg.epochs, f"train {kind}") as on_epoch:
-        det, training = train_detector(ds, kind, params, cfg, quantile, margin, normalisation, on_epoch)
+        det, training = train_detector(ds, kind, params, cfg, quantile, margin, normalisation, on_epoch,
+                                       downsample)
     training["data"].update(spec.to_dict())
     path = artifact.save(det, out, training)
     res = training["result"]

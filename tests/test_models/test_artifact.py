@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from models import artifact
 from models.data import read_series, series_dataset
@@ -99,3 +100,36 @@ def test_missing_artifact_and_channel_mismatch(trained, tmp_path: Path) -> None:
         artifact.load(tmp_path / "nope")
     with pytest.raises(ArtifactError, match="expects 2 channel"):
         artifact.load(path, expect_channels=3)
+
+
+def test_a_downsampled_model_scores_the_averaged_windows_and_round_trips(series_csv: Path, tmp_path: Path) -> None:
+    """--downsample 4: windows of 40 samples, an LSTM of 10 steps; every caller still sees 40-sample windows."""
+    from models.detector import Detector, pool
+
+    ds = series_dataset(read_series(series_csv), window=40, hop=10)
+    det, training = train_detector(ds, "lstm", {"embedding": 8}, TrainConfig(epochs=2, seed=3, device="cpu"),
+                                   downsample=4)
+    assert det.window == 40 and det.model.config.window == 10 and det.downsample == 4
+    s = det.score(ds.test)
+    assert s.window.shape == (len(ds.test),) and s.channel.shape == (len(ds.test), 2)
+    assert s.timestep.shape == (len(ds.test), 40)  # back at the stream's rate: each step's error 4 times
+    np.testing.assert_array_equal(s.timestep[:, ::4], s.timestep[:, 3::4])
+    # the same model at its own rate, fed windows averaged by hand, gives the same errors
+    plain = Detector(det.model, det.scaler, det.threshold, det.quantiles, det.loss, det.channel_names, det.hop)
+    centred = det.scaler.transform(ds.test)
+    by_hand = plain.score_tensor(torch.from_numpy(pool(centred, 4)))[0].numpy()
+    np.testing.assert_allclose(s.window, by_hand, rtol=1e-5)
+    recon, _ = det.reconstruct(ds.test[:3])
+    assert recon.shape == (3, 40, 2)
+    path = artifact.save(det, tmp_path / "ds4", training)
+    again = artifact.load(path, device="cpu")
+    assert again.downsample == 4 and again.window == 40
+    np.testing.assert_array_equal(again.score(ds.test).window, s.window)
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["window"] == 40 and m["params"]["window"] == 10 and m["downsample"] == 4
+    m["downsample"] = 3  # 10 × 3 ≠ 40
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="downsample 3"):
+        artifact.load(path, device="cpu")
+    with pytest.raises(Exception, match="divide the window"):
+        train_detector(ds, "pca", {}, TrainConfig(epochs=1, device="cpu"), downsample=3)

@@ -175,3 +175,20 @@ def test_score_reorders_named_channels(dense_artifact: Path, series_csv: Path, t
 def test_more_bad_options(capsys: pytest.CaptureFixture[str], args: list[str], expected: int) -> None:
     code, _, err = run(capsys, *args)
     assert code == expected and "Traceback" not in err
+
+
+def test_train_downsampled_then_eval_and_score(series_csv: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["train", "--data", str(series_csv), "--model", "dense", "--window", "40", "--hop", "10", "--epochs", "30",
+            "--train-fraction", "0.6", "--device", "cpu"]
+    code, _, err = run(capsys, *base, "--downsample", "3", "--out", str(tmp_path / "bad"))
+    assert code == 1 and "divide the window (40)" in err and not (tmp_path / "bad").exists()
+    code, _, _ = run(capsys, *base, "--downsample", "4", "--out", str(tmp_path / "ds4"))
+    assert code == 0
+    manifest = json.loads((tmp_path / "ds4" / "manifest.json").read_text())
+    assert (manifest["window"], manifest["params"]["window"], manifest["downsample"]) == (40, 10, 4)
+    code, out, _ = run(capsys, "eval", "--model", str(tmp_path / "ds4"), "--data", str(series_csv), "--json")
+    assert code == 0 and json.loads(out)["roc_auc"] > 0.9  # the bursts survive averaging 4 samples
+    code, _, _ = run(capsys, "score", "--model", str(tmp_path / "ds4"), "--input", str(series_csv), "--output",
+                     str(tmp_path / "s.csv"))
+    assert code == 0 and len(pd.read_csv(tmp_path / "s.csv")) == (len(pd.read_csv(series_csv)) - 40) // 10 + 1

@@ -586,3 +586,28 @@ def test_the_daemon_keeps_start_up_objects_out_of_collections_while_it_runs(stre
     assert min(frozen) > 10_000  # torch, the model and the clients: a full collection no longer walks them
     assert gc.get_freeze_count() == before  # handed back when it stopped (a second daemon in this process collects them)
     assert d.metrics.total("tsmon_windows_scored_total") > 0
+
+
+def test_a_downsampled_model_serves_a_stream_at_its_own_rate(tmp_path: Path) -> None:
+    """A model trained with downsample 4 sees 10 averaged steps; the stream is still cut in 40-sample windows,
+    and a burst fires an alert whose picture is drawn at the stream's own rate."""
+    from models import artifact
+    from models.data import Series, series_dataset
+    from models.detector import Threshold
+    from models.train import TrainConfig
+    from models.workflow import train_detector
+
+    _, values = sine_stream(6000, seed=1)
+    ds = series_dataset(Series(values, ["ch0", "ch1"]), STREAM_WINDOW, STREAM_HOP, train_fraction=0.9)
+    det, training = train_detector(ds, "pca", {}, TrainConfig(epochs=1, seed=0, device="cpu"), downsample=4)
+    det.threshold = Threshold(1.0, 1.5, det.quantiles["max"] * 1.5)
+    path = artifact.save(det, tmp_path / "ds4", training)
+    source, out = MemorySource(records("dev-ds", *sine_stream(3000, (1500,), seed=5)), batch=50), MemorySink()
+    d = in_process_daemon(path, source, out)
+    d.run(until=lambda: not source.records and d.processor.pending == 0)
+    assert d.metrics.total("tsmon_windows_scored_total") == n_windows(3000)
+    fired = [a for a in out.docs(ALERTS) if a["type"] == "anomaly" and a["status"] == "firing"]
+    assert len(fired) == 1 and fired[0]["top_channels"][0]["channel"] == "ch0"
+    picture = fired[0]["explain"]  # values, reconstruction and per-step errors at the stream's 40 samples
+    assert picture["window"] == 40 and len(picture["values"][0]) == len(picture["reconstruction"][0]) == 40
+    assert len(picture["timestep_error"]) == 40
