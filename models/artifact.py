@@ -27,7 +27,7 @@ from models.registry import build
 from models.scaling import Scaler
 
 FORMAT = "tsmon-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added `downsample`; artifacts without it are still written as 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 REQUIRED = ("kind", "params", "window", "hop", "channels", "loss", "normalisation",
@@ -42,7 +42,7 @@ def save(detector: Detector, path: str | Path, training: dict[str, Any] | None =
     blob = st_save(state, metadata={"format": FORMAT, "kind": detector.kind})
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if detector.downsample > 1 else 1,  # 2: downsample; 1 still reads as before
         "kind": detector.kind,
         "params": detector.model.config.to_dict(),
         "window": detector.window,

@@ -79,7 +79,7 @@ def bench_scorer(det: Detector, batch_size: int | None = None, seconds: float = 
     return {
         "model": det.kind,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "window": det.window,
+        "window": det.window, "downsample": det.downsample,
         "channels": det.channels,
         "threads": torch.get_num_threads(),
         "batch_size": batch_size,

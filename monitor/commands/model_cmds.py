@@ -100,7 +100,13 @@ def train(
     cfg.validate()  # before any data is read or a progress bar drawn
     cut = ECG5000_WINDOW if data == "ecg5000" else window
     check_downsample(cut, downsample)
-    config_for(model, {**params, "window": cut // downsample, "channels": 1})
+    try:
+        config_for(model, {**params, "window": cut // downsample, "channels": 1})
+    except ModelConfigError as exc:
+        if downsample == 1:
+            raise
+        raise ModelConfigError(f"{exc} (the model sees window {cut} / --downsample {downsample} = "
+                               f"{cut // downsample} steps)") from None
     run_training(spec, model, params, cfg, out, threshold_quantile, threshold_margin, normalisation, downsample)
 
 

@@ -117,16 +117,24 @@ def test_a_downsampled_model_scores_the_averaged_windows_and_round_trips(series_
     # the same model at its own rate, fed windows averaged by hand, gives the same errors
     plain = Detector(det.model, det.scaler, det.threshold, det.quantiles, det.loss, det.channel_names, det.hop)
     centred = det.scaler.transform(ds.test)
-    by_hand = plain.score_tensor(torch.from_numpy(pool(centred, 4)))[0].numpy()
+    means = np.stack([centred[:, 4 * i : 4 * i + 4].mean(1) for i in range(10)], axis=1)  # samples 0-3, 4-7, …
+    by_hand = plain.score_tensor(torch.from_numpy(means.astype("float32")))[0].numpy()
     np.testing.assert_allclose(s.window, by_hand, rtol=1e-5)
+    ramp = np.arange(2 * 8 * 1, dtype="float32").reshape(2, 8, 1)
+    np.testing.assert_array_equal(pool(ramp, 4)[:, :, 0], [[1.5, 5.5], [9.5, 13.5]])
     recon, _ = det.reconstruct(ds.test[:3])
     assert recon.shape == (3, 40, 2)
+    np.testing.assert_array_equal(recon[:, ::4], recon[:, 3::4])  # one model step per 4 samples
+    from models.workflow import baseline
+
+    assert baseline(ds, det).downsample == 4  # the PCA it is compared with sees the same averaged windows
     path = artifact.save(det, tmp_path / "ds4", training)
     again = artifact.load(path, device="cpu")
     assert again.downsample == 4 and again.window == 40
     np.testing.assert_array_equal(again.score(ds.test).window, s.window)
     m = json.loads((path / "manifest.json").read_text())
     assert m["window"] == 40 and m["params"]["window"] == 10 and m["downsample"] == 4
+    assert m["format_version"] == 2  # a tsmon that cannot average says so instead of "window differs"
     m["downsample"] = 3  # 10 × 3 ≠ 40
     (path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="downsample 3"):

@@ -183,6 +183,8 @@ def test_train_downsampled_then_eval_and_score(series_csv: Path, tmp_path: Path,
             "--train-fraction", "0.6", "--device", "cpu"]
     code, _, err = run(capsys, *base, "--downsample", "3", "--out", str(tmp_path / "bad"))
     assert code == 1 and "divide the window (40)" in err and not (tmp_path / "bad").exists()
+    code, _, err = run(capsys, *base[:4], "conv", *base[5:], "--downsample", "20", "--out", str(tmp_path / "bad"))
+    assert code == 1 and "window 40 / --downsample 20 = 2 steps" in err and not (tmp_path / "bad").exists()
     code, _, _ = run(capsys, *base, "--downsample", "4", "--out", str(tmp_path / "ds4"))
     assert code == 0
     manifest = json.loads((tmp_path / "ds4" / "manifest.json").read_text())
