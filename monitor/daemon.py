@@ -305,7 +305,10 @@ class Daemon:
                 elif (idle := self.processor.batcher.idle_wait_s()) is not None:  # an idle scorer takes it soon
                     timeout = min(timeout, int(idle * 1000))
                 room = self._poll_room()
-                if room:
+                if room and self.processor.scoring_busy:  # woken by the result itself, then what came meanwhile
+                    self.processor.wait_scored(timeout / 1000)
+                    self.processor.handle(self.source.poll(0, room))
+                elif room:
                     self.processor.handle(self.source.poll(max(timeout, 0), room))
                 else:  # no record fits: leave them in the client and wait for the scorer instead
                     self.processor.wait_scored(timeout / 1000)

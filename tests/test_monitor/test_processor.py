@@ -611,3 +611,20 @@ def test_a_downsampled_model_serves_a_stream_at_its_own_rate(tmp_path: Path) -> 
     picture = fired[0]["explain"]  # values, reconstruction and per-step errors at the stream's 40 samples
     assert picture["window"] == 40 and len(picture["values"][0]) == len(picture["reconstruction"][0]) == 40
     assert len(picture["timestep_error"]) == 40
+
+
+def test_while_a_batch_is_scored_the_loop_waits_on_the_result_not_in_the_consumer(stream_model: Path) -> None:
+    """A result that comes back is applied at once: the loop waits on it, then polls without blocking."""
+    seen: list[tuple[int, bool]] = []
+
+    class Watched(MemorySource):
+        def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InRecord]:
+            seen.append((timeout_ms, d.processor.scoring_busy))
+            return super().poll(timeout_ms, max_records)
+
+    source = Watched(records("dev-wait", *sine_stream(4000)), batch=5)
+    d = in_process_daemon(stream_model, source, MemorySink(), **{"batch.max_delay_ms": 0})
+    d.run(until=lambda: not source.records and d.processor.pending == 0)
+    busy = [t for t, b in seen if b]
+    assert busy and set(busy) == {0}  # never a blocking consumer poll with a result on its way
+    assert d.metrics.total("tsmon_windows_scored_total") == n_windows(4000)
