@@ -9,6 +9,8 @@ in the next), so a replay produces the same events with the same deterministic i
 from __future__ import annotations
 
 import hashlib
+import itertools
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -92,13 +94,13 @@ class StreamQuality:
         self._diffs.extend(d[-CHECK_EVERY:].tolist() if self.period_ms is not None else d.tolist())
         if self.period_ms is None:
             if len(self._diffs) >= LEARN_DIFFS:
-                self.period_ms = float(np.median(np.fromiter(self._diffs, "float64")))
+                self.period_ms = float(statistics.median(self._diffs))  # ≤ 256 floats: 3 µs, np.median 19
                 self._new_diffs = 0
             return []
         if self._new_diffs < CHECK_EVERY:
             return []
         self._new_diffs = 0
-        recent = float(np.median(np.fromiter(self._diffs, "float64")[-CHECK_EVERY:]))
+        recent = float(statistics.median(itertools.islice(self._diffs, len(self._diffs) - CHECK_EVERY, None)))
         change = recent / self.period_ms - 1 if self.period_ms > 0 else 0.0
         was, self._drifting = self._drifting, abs(change) > self.rate_tolerance
         if self._drifting and not was:
