@@ -93,6 +93,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     params, hop, k = manifest["params"], manifest["hop"], manifest.get("downsample", 1)  # before: always 1
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ArtifactError(f"incompatible artifact {root}: downsample must be a positive integer, got {k!r}")
+    manifest["downsample"] = k  # what load and every reader of the manifest take
     if not isinstance(params, dict) or not isinstance(params.get("window"), int) or params["window"] * k != manifest["window"]:
         raise ArtifactError(f"incompatible artifact {root}: window {manifest['window']!r} differs from params "
                             f"(model window × downsample {k})")
@@ -145,7 +146,7 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
         rule = beats.rule_of(windowing)
     except DataError as exc:
         raise ArtifactError(f"incompatible artifact {root}: {exc}") from None
-    k = int(m.get("downsample", 1))
+    k = m["downsample"]
     if rule is not None and (rule.window != model.config.window * k or rule.lead >= channels):
         raise ArtifactError(f"incompatible artifact {root}: beat window {rule.window} / lead {rule.lead} do not "
                             f"fit the model")

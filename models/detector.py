@@ -137,14 +137,11 @@ class Detector:
         if not np.isfinite(x).all():
             raise DataError("windows contain NaN or inf; drop or repair them before scoring")
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        return pool(x, self.downsample)
-
     @torch.inference_mode()
     def score_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score an already-normalised tensor on ``self.device`` (the daemon's hot path)."""
         elbo = getattr(self.model.config, "score", "recon") == "elbo"
-        v = self.model.errors(self.pooled(x), self.loss, elbo=elbo)
+        v = self.model.errors(pool(x, self.downsample), self.loss, elbo=elbo)
         return v.window, v.channel, self._spread(v.timestep)
 
     def _spread(self, t: torch.Tensor) -> torch.Tensor:
@@ -171,7 +168,7 @@ class Detector:
         x = np.asarray(windows, dtype="float32")
         self._check(x)
         with torch.inference_mode():
-            t = self.pooled(torch.from_numpy(self.scaler.transform(x)).to(self.device))
+            t = pool(torch.from_numpy(self.scaler.transform(x)).to(self.device), self.downsample)
             out = self.model.eval()(t)
             v = error_views(out, t, self.loss, getattr(self.model.config, "score", "recon") == "elbo")
             recon = self.scaler.inverse(self._spread(out.recon).float().cpu().numpy())

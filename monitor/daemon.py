@@ -305,13 +305,12 @@ class Daemon:
                 elif (idle := self.processor.batcher.idle_wait_s()) is not None:  # an idle scorer takes it soon
                     timeout = min(timeout, int(idle * 1000))
                 room = self._poll_room()
-                if room and self.processor.scoring_busy:  # woken by the result itself, then what came meanwhile
-                    self.processor.wait_scored(timeout / 1000)
-                    self.processor.handle(self.source.poll(0, room))
-                elif room:
+                if room and not self.processor.scoring_busy:
                     self.processor.handle(self.source.poll(max(timeout, 0), room))
-                else:  # no record fits: leave them in the client and wait for the scorer instead
-                    self.processor.wait_scored(timeout / 1000)
+                else:  # a result is on its way (it wakes us), or no record fits: wait for the scorer first,
+                    self.processor.wait_scored(timeout / 1000)  # the records stay in the client meanwhile
+                    if room:
+                        self.processor.handle(self.source.poll(0, room))
                 self.processor.score_ready()  # never blocks: what waits is bounded by _hold_input
                 self._hold_input()
                 if (self.control is not None and self._restored

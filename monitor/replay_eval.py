@@ -137,10 +137,11 @@ def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> 
     from monitor.config import load_config
 
     base_cfg = load_config(opts.config)
+    clock = replay_clock(opts.calibrator_clock, base_cfg)  # before plan() writes the baseline
     p = plan(model, series, ts_ms, opts, base_cfg.windows.gap_ms)
     log.info("replay_eval_plan", stream=p.stream, speed=round(p.speed, 3), split_sample=p.split,
              train_fraction=p.train_fraction, chunk=p.chunk, gap_ms=p.gap_ms, baseline=str(p.baseline))
-    played = _play(p, series, ts_ms, opts, base_cfg.calibrator.interval_s, replay_clock(opts.calibrator_clock, base_cfg))
+    played = _play(p, series, ts_ms, opts, base_cfg.calibrator.interval_s, clock)
     test = Span(float(ts_ms[p.split]), float(ts_ms[-1]))
     events = labelled_events(ts_ms, series.labels, test.start_ms)  # type: ignore[arg-type]
     results = {name: score_alerts(events, latest_alerts(played["alerts"], s), test, p.tolerance_ms)
@@ -169,12 +170,12 @@ def replay_clock(asked: str | None, cfg: Any) -> str:
     """The replay calibrator's clock: the one asked for, else the config's if it sets one, else data time."""
     clock = asked or (cfg.calibrator.clock if "clock" in cfg.calibrator.model_fields_set else "data")
     if clock not in CLOCKS:
-        raise DataError(f"calibrator clock must be {' or '.join(CLOCKS)}, not {clock!r}")
+        raise DataError(f"--calibrator-clock must be {' or '.join(CLOCKS)}, not {clock!r}")
     return str(clock)
 
 
 def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, interval_s: float,
-          clock: str = "wall") -> dict[str, Any]:
+          clock: str) -> dict[str, Any]:
     """Broker, topics, daemon and player; returns the alerts, the threshold changes and a summary."""
     from kafka import KafkaProducer
 
