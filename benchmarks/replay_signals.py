@@ -2,7 +2,8 @@
 
 Reproduces the README's "Real signals" table. Data: ``../shared/data`` (MIT-BIH record 100 and four NAB
 series; not part of the product). Settings are chosen per kind of signal, never per series, and never on
-the test part: see README "Recommended settings per signal type".
+the test part: see README "Recommended settings per signal type" (ECG: ``for = 1`` in the daemon config,
+one abnormal beat being the event; ``--defaults`` replays every signal with the daemon's defaults).
 
     .venv/bin/python benchmarks/replay_signals.py [--only NAME ...] [--out runs/replay-signals]
 
@@ -23,11 +24,13 @@ SENSOR = ["--window", "48", "--hop", "4", "--train-fraction", "0.15", "--normali
           "--windows", str(NAB / "combined_windows.json"), "--out-of-order", "drop"]
 MITDB = Path("runs/mitdb100.csv")  # written by benchmarks/prepare_mitdb.py (first run)
 ECG = ["--align", "beats", "--window", "360", "--train-fraction", "0.166", "--max-minutes", "6"]  # 1 s beats, 5 min
+ECG_ALERTS = "[alerts]\nfor = 1\n"  # one abnormal beat is the event: it is in one beat window only
 SIGNALS: dict[str, dict[str, list[str]]] = {
     "mitdb100-MLII": {"data": [str(MITDB)], "train": [*ECG, "--value-col", "MLII"],
-                      "replay": ["--sample-rate", "360", "--value-col", "MLII"]},
+                      "replay": ["--sample-rate", "360", "--value-col", "MLII"], "config": [ECG_ALERTS]},
     "mitdb100-MLII+V5": {"data": [str(MITDB)], "train": [*ECG, "--value-col", "MLII", "--value-col", "V5"],
-                         "replay": ["--sample-rate", "360", "--value-col", "MLII", "--value-col", "V5"]},
+                         "replay": ["--sample-rate", "360", "--value-col", "MLII", "--value-col", "V5"],
+                         "config": [ECG_ALERTS]},
     **{name: {"data": [str(NAB / f"{name}.csv")], "train": SENSOR, "replay": ["--windows", str(NAB / "combined_windows.json")]}
        for name in ("machine_temperature_system_failure", "ambient_temperature_system_failure", "nyc_taxi",
                     "ec2_request_latency_system_failure")},
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/replay-signals"))
     ap.add_argument("--seconds", default="30")
     ap.add_argument("--reuse", action="store_true", help="replay-evaluate models already trained under --out")
+    ap.add_argument("--defaults", action="store_true", help="daemon defaults for every signal (ECG: for = 2)")
     a = ap.parse_args()
     if not MITDB.exists():
         subprocess.run([sys.executable, str(Path(__file__).with_name("prepare_mitdb.py")), "--out", str(MITDB)],
@@ -57,15 +61,19 @@ def main() -> None:
             p = tsmon("train", "--data", *s["data"], *s["train"], "--out", str(model))
             if p.returncode:
                 sys.exit(f"{name}: training failed: {p.stderr[-1000:]}")
-        p = tsmon("replay-eval", "--model", str(model), "--data", *s["data"], *s["replay"], "--seconds", a.seconds,
-                  "--out", str(a.out / name), "--json")
+        config = []
+        if s.get("config") and not a.defaults:
+            (a.out / name / "daemon.toml").write_text(s["config"][0])
+            config = ["--config", str(a.out / name / "daemon.toml")]
+        p = tsmon("replay-eval", "--model", str(model), "--data", *s["data"], *s["replay"], *config,
+                  "--seconds", a.seconds, "--out", str(a.out / name), "--json")
         if p.returncode:
             sys.exit(f"{name}: replay-eval failed: {p.stderr[-1000:]}")
         r = json.loads(p.stdout)
         keys = ("recall", "precision", "false_alerts_per_hour", "false_alerts_per_day", "mean_delay_s",
                 "p90_delay_s", "alerts", "time_in_alert")
         train_s = json.loads((model / "manifest.json").read_text())["training"]["result"]["seconds"]
-        row = {"signal": name, "train_s": round(train_s, 1), "events": r["events"],
+        row = {"signal": name, "config": s["config"][0] if config else None, "train_s": round(train_s, 1), "events": r["events"],
                "test_hours": round(r["data"]["test_hours"], 1),
                "model": {k: r[k] for k in keys}, "baseline": {k: r["baseline"][k] for k in keys}}
         print(json.dumps(row), flush=True)

@@ -7,7 +7,13 @@ produces the same id and consumers can deduplicate. A stream that fired ``flap_m
 ``flap_period_ms`` is held firing (``flapping``) until it has been quiet for a whole period, instead of
 sending a storm of messages. The machine also tells the calibrator which windows were normal:
 ``Step.normal`` (under threshold, no episode open) and ``Step.censored`` (an over-threshold run that
-ended without firing: normal noise above the threshold).
+ended without firing: normal noise above the threshold; with ``for_windows`` = 1, a single-window
+episode too, once resolved — else a stream paging on single windows would feed only windows under its
+threshold and calibration would ratchet it down). A flapping hold changes what pages, not what is learnt:
+while it keeps an episode open, its windows are classified as if no alert were open (a run shorter than
+``AlertSettings.noise_run`` is noise, a window under the threshold after one is normal; a longer run and
+the ``resolve_after`` windows after it are not learnt from), so a stream whose threshold sits too low is
+not starved of calibration by the very alert that its low threshold holds open.
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ class AlertSettings:
     flap_max: int = 4
     major_ratio: float = 1.5
     critical_ratio: float = 3.0
+
+    @property
+    def noise_run(self) -> int:
+        """Over-threshold runs shorter than this are normal noise to the calibrator (a single window at least)."""
+        return max(self.for_windows, 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +117,8 @@ class AlertState:
     settings: AlertSettings = field(default_factory=AlertSettings)
     episode: Episode | None = None  # pending (not fired yet) or firing
     under: int = 0
+    run: int = 0  # consecutive over-threshold windows, in a fired episode
+    long_run: bool = False  # the last such run was not noise (``settings.noise_run`` windows or more)
     fires: deque[int] = field(default_factory=lambda: deque(maxlen=64))
 
     @property
@@ -123,7 +136,7 @@ class AlertState:
             if not obs.over:
                 return Step([], True, 0)
             ep = self.episode = Episode(self._id(obs), obs, obs)
-            self.under = 0
+            self.under, self.run, self.long_run = 0, 0, False
         ep.add(obs)
         if ep.fired is None:  # pending
             if not obs.over:
@@ -131,20 +144,36 @@ class AlertState:
                 return Step([], True, ep.windows_over)
             if ep.windows_over >= s.for_windows:
                 ep.fired = obs
+                self.run = ep.windows_over
                 self.fires.append(obs.end_ts)
                 return Step([Transition("firing", ep)], False, 0)
             return Step([], False, 0)
-        self.under = 0 if obs.over else self.under + 1
-        if self.under < s.resolve_after:
+        if obs.over:
+            self.under, self.run = 0, self.run + 1
             return Step([], False, 0)
+        run, self.run, self.under = self.run, 0, self.under + 1
+        if run:
+            self.long_run = run >= s.noise_run
+        if self.under < s.resolve_after:
+            return self._held(ep, run)
         recent = sum(1 for t in self.fires if obs.end_ts - t <= s.flap_period_ms)
         if not ep.flapping and recent >= s.flap_max:
             ep.flapping = True
-            return Step([Transition("firing", ep)], False, 0)
+            return replace(self._held(ep, run), transitions=[Transition("firing", ep)])
         if ep.flapping and obs.end_ts - ep.last_over_ts < s.flap_period_ms:
-            return Step([], False, 0)
+            return self._held(ep, run)
         self.episode = None
-        return Step([Transition("resolved", ep)], False, 0)
+        return Step([Transition("resolved", ep)], False, 1 if ep.windows_over == 1 else 0)
+
+    def _held(self, ep: Episode, run: int) -> Step:
+        """A window under the threshold that does not close the fired episode ``ep`` (``run``: the
+        over-threshold run it ends). In a flapping hold it is learnt from as outside any alert."""
+        s = self.settings
+        if not ep.flapping:
+            return Step([], False, 0)
+        if 0 < run < s.noise_run:
+            return Step([], True, run)
+        return Step([], not self.long_run or self.under > s.resolve_after, 0)
 
     def to_doc(self) -> dict[str, Any]:
         """The state machine as JSON (the changelog's ``alerts`` part).
@@ -158,13 +187,15 @@ class AlertState:
             "fired": ep.fired.to_doc() if ep.fired else None, "last": ep.last.to_doc() if ep.last else None,
             "last_over_ts": ep.last_over_ts, "windows_over": ep.windows_over, "flapping": ep.flapping,
             "silenced": ep.silenced, "scores": ep.scores}
-        return {"episode": episode, "under": self.under, "fires": list(self.fires)}
+        return {"episode": episode, "under": self.under, "run": self.run, "long_run": self.long_run,
+                "fires": list(self.fires)}
 
     def restore(self, doc: dict[str, Any], replay_from_seq: int) -> None:
         """Continue from :meth:`to_doc`'s output. Sample numbers restart with the process, so an open
         episode is re-anchored at ``replay_from_seq`` (the first sample this process reads)."""
         e = doc["episode"]
         self.under, self.fires = int(doc["under"]), deque((int(t) for t in doc["fires"]), maxlen=64)
+        self.run, self.long_run = int(doc.get("run", 0)), bool(doc.get("long_run", False))  # older states lack them
         if e is None:
             self.episode = None
             return

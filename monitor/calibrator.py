@@ -4,7 +4,8 @@ Each stream starts at its model artifact's threshold (version 0, source ``"artif
 feeds the errors of normal windows; ``recalibrate()`` replaces the threshold by ``quantile × margin`` of a
 bounded window of them once it holds ``min_samples`` entries, moving at most ``max_change`` (relative)
 per call and staying within ``[floor, ceiling] × artifact value``. Anomalies never feed the window: the
-caller passes only windows not in an alert, and non-finite errors are refused here (``rejected``).
+caller passes only windows its alert state calls normal (:mod:`monitor.alerts`: none of a run that fired,
+or would have inside a flapping hold), and non-finite errors are refused here (``rejected``).
 
 Censoring. The caller feeds as values only windows below the threshold, and the q-quantile of values
 truncated at T is always below T: alone, they would lower the threshold on every recalibration, down

@@ -184,14 +184,20 @@ class KafkaConfig(_Section):
 
 
 class ModelRoute(_Section):
+    model_config = ConfigDict(populate_by_name=True)  # TOML key "for"; for_windows works too
+
     pattern: str = Field("*", min_length=1, description="fnmatch glob on the stream id; first match wins")
     path: Path = Field(description="model artifact directory")
     hop: int | None = Field(None, ge=1, description="window hop in samples; none = the artifact's hop")
     gap_ms: float | None = Field(None, gt=0, description="a longer gap restarts these streams' windows; "
                                                          "none = windows.gap_ms")
+    for_windows: int | None = Field(None, ge=1, alias="for", description="anomalous windows in a row that open an "
+                                                                         "episode on these streams; none = alerts.for")
+    resolve_after: int | None = Field(None, ge=1, description="normal windows in a row that resolve it; "
+                                                              "none = alerts.resolve_after")
     name: str | None = Field(None, min_length=1, description="display name; none = the directory name")
 
-    _optional = field_validator("hop", "gap_ms", "name", mode="before")(_unset)
+    _optional = field_validator("hop", "gap_ms", "for_windows", "resolve_after", "name", mode="before")(_unset)
 
     @field_validator("path", mode="before")
     @classmethod
@@ -559,6 +565,8 @@ pattern = "*"                            # example: fnmatch glob on the stream i
 path = "artifacts/ecg5000-lstm"          # example: artifact directory written by `tsmon train`
 # hop = 1                                # example: window hop in samples; default: the artifact's hop
 # gap_ms = 900000.0                      # example: slow sensors (5-min samples); default: windows.gap_ms
+# for = 1                                # example: ECG beats (one abnormal beat is the event); default: alerts.for
+# resolve_after = 2                      # example: default: alerts.resolve_after
 # name = "ecg"                           # example: display name; default: the directory name
 
 [windows]

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -197,7 +197,7 @@ class Processor:
             served, windows.for_stream(det.windowing, served.window, served.hop, served.channels, gap_ms),
             StreamQuality(stream, np.asarray(det.scaler.scale, "float32"), det.channel_names, s.flatline_rel_std,
                           s.rate_tolerance, s.quality_cooldown_ms),
-            AlertState(stream, served.name, s.alerts), recent_alerts=deque(maxlen=s.recent_alerts))
+            AlertState(stream, served.name, self.alert_settings(served)), recent_alerts=deque(maxlen=s.recent_alerts))
         restored = self._restore(stream, st)
         state = self.calibrator.threshold(stream)
         log.info("stream_started", stream=stream, model=served.name, window=served.window, hop=served.hop,
@@ -396,6 +396,12 @@ class Processor:
             log.error("explain_failed", error=f"{type(exc).__name__}: {exc}")
             return None
 
+    def alert_settings(self, served: Served) -> AlertSettings:
+        """The daemon's alert settings with the route's own debounce, where it sets one."""
+        a = self.settings.alerts
+        return replace(a, for_windows=served.for_windows or a.for_windows,
+                       resolve_after=served.resolve_after or a.resolve_after)
+
     def reset_stream(self, stream: str, reason: str) -> None:
         """Forget the stream's windows, alert state and calibration (scores what waits first)."""
         self.score_ready(force=True)
@@ -403,7 +409,7 @@ class Processor:
         ep = st.alerts.episode
         if ep is not None and ep.fired is not None:  # never leave a page open that nothing will resolve
             self.publish_alert(stream, st, Transition("resolved", ep), reset=True)
-        st.reset(AlertState(stream, st.served.name, self.settings.alerts))
+        st.reset(AlertState(stream, st.served.name, self.alert_settings(st.served)))
         self.calibrator.reset(stream, reason)
         self._release(stream, st)
         self.save(stream)

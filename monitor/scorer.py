@@ -40,6 +40,8 @@ class Served:
     hop: int
     version: str  # first 12 hex digits of the weights' sha256: changes whenever the weights do
     gap_ms: float | None = None  # the route's own gap that restarts windows; None = the daemon-wide one
+    for_windows: int | None = None  # the route's own alert debounce; None = the daemon-wide one
+    resolve_after: int | None = None
 
     @property
     def window(self) -> int:
@@ -54,10 +56,12 @@ class Served:
 
 
 def load_served(pattern: str, path: Path, name: str | None, hop: int | None, device: str,
-                gap_ms: float | None = None) -> Served:
+                gap_ms: float | None = None, for_windows: int | None = None,
+                resolve_after: int | None = None) -> Served:
     det = artifact.load(path, device)
     version = str(det.meta["weights"]["sha256"])[:12]  # artifact.load has checked the weights against it
-    return Served(name or Path(path).name, pattern, det, hop or det.hop or det.window, version, gap_ms)
+    return Served(name or Path(path).name, pattern, det, hop or det.hop or det.window, version, gap_ms,
+                  for_windows, resolve_after)
 
 
 class Scorer:

@@ -140,7 +140,34 @@ def test_flapping_holds_the_episode_firing_instead_of_resolving() -> None:
     # later overs inside the held episode do not fire again, nor does anything resolve while it is not quiet
     later = feed(st, [OVER, UNDER, OVER, UNDER, UNDER], first=6)
     assert statuses(later) == [[]] * 5
-    assert all(s.normal is False for s in later)
+    # the hold changes what pages, not what is learnt: with for = 1 a single over window is noise
+    assert (steps[5].normal, steps[5].censored) == (True, 1)
+    assert [(s.normal, s.censored) for s in later] == [(False, 0), (True, 1), (False, 0), (True, 1), (True, 0)]
+
+
+def test_a_flapping_hold_learns_as_if_no_alert_were_open() -> None:
+    st = state(for_windows=2, resolve_after=2, flap_period_ms=60_000, flap_max=2)
+    first = feed(st, [OVER, OVER, UNDER, UNDER, OVER, OVER, UNDER, UNDER])
+    assert statuses(first) == [[], ["firing"], [], ["resolved"], [], ["firing"], [], ["firing"]]
+    assert st.episode is not None and st.episode.flapping
+    assert not any(s.normal or s.censored for s in first)  # episodes and the windows resolving them
+    held = feed(st, [UNDER, OVER, UNDER, OVER, OVER, OVER, UNDER, UNDER, UNDER, UNDER], first=8)
+    assert statuses(held) == [[]] * 10
+    assert [(s.normal, s.censored) for s in held] == [
+        (True, 0),  # normal after the resolve_after windows, as after a resolved episode
+        (False, 0), (True, 1),  # a run shorter than for_windows: noise, censored with its length
+        (False, 0), (False, 0), (False, 0), (False, 0), (False, 0),  # a run that would fire, then resolve_after
+        (True, 0), (True, 0)]
+    assert st.firing  # still held: the last over window is less than a period ago
+
+
+@pytest.mark.parametrize("scores, censored", [([OVER, UNDER, UNDER], 1), ([OVER, OVER, UNDER, UNDER], 0),
+                                              ([OVER, UNDER, OVER, UNDER, UNDER], 0)])
+def test_with_for_1_a_single_window_episode_is_noise_once_resolved(scores: list[float], censored: int) -> None:
+    steps = feed(state(for_windows=1, resolve_after=2), scores)
+    assert statuses(steps)[0] == ["firing"] and statuses(steps)[-1] == ["resolved"]
+    assert [s.censored for s in steps] == [0] * (len(steps) - 1) + [censored]
+    assert not any(s.normal for s in steps)
 
 
 def test_a_flapping_episode_resolves_after_a_full_quiet_period() -> None:

@@ -412,6 +412,26 @@ def test_a_route_gap_overrides_the_daemon_wide_gap(make: Make, served: Served) -
     assert q.streams["temp-1"].scored == 0 and q.streams["temp-1"].windows.restarts > 0
 
 
+def test_a_route_debounce_overrides_the_daemon_wide_one(make: Make, served: Served) -> None:
+    from dataclasses import replace
+
+    from monitor.config import load_config
+
+    route = load_config(None, {"models": [{"pattern": "*", "path": "m", "for": 1, "resolve_after": 5}]}, env={}).models[0]
+    ts, v = sine_stream(2500, (1500,), seed=2)
+    own = make(Scorer([replace(served, for_windows=route.for_windows, resolve_after=route.resolve_after)]))
+    daemon_wide = make()
+    for p in (own, daemon_wide):
+        feed(p, records("dev-anom", ts, v))
+        p.commit(MemorySource())
+    (f1, r1), (f2, r2) = (docs(p, "anomaly") for p in (own, daemon_wide))
+    assert own.streams["dev-anom"].alerts.settings.for_windows == 1
+    assert daemon_wide.settings.alerts.for_windows == 2 and daemon_wide.settings.alerts.resolve_after == 2
+    hop_ms = H * STREAM_PERIOD_MS
+    assert f1["start_ts"] == f2["start_ts"] and f1["fired_ts"] == f2["fired_ts"] - hop_ms  # fires a window sooner
+    assert r1["end_ts"] == r2["end_ts"] + 3 * hop_ms  # and resolves 5 normal windows after, not 2
+
+
 # ---- back-pressure, warm-up ---------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,83 @@
+"""What the alert state machine tells the calibrator, fed as the processor feeds it, on a stationary stream.
+
+The calibrator learns the threshold from windows the alert machine calls normal (values) or noise
+(censored). These tests run the two together over many windows: whatever pages, a stationary stream's
+threshold must settle at the true quantile of its errors, not at the floor or wherever it started.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+from monitor.alerts import AlertSettings, AlertState, Observation
+from monitor.calibrator import Calibrator, CalibratorSettings
+
+SIGMA = 0.25  # lognormal(0, SIGMA) errors
+TRUE_Q95 = math.exp(SIGMA * NormalDist().inv_cdf(0.95))
+HOP_MS = 1_000
+
+
+def play(alerts: AlertSettings, start: float, rounds: int = 40, per_round: int = 500, seed: int = 0,
+         burst: tuple[int, int] | None = None) -> tuple[list[float], int, AlertState]:
+    """Thresholds after each recalibration, episodes fired and the final alert state; one window per second.
+
+    ``burst`` = (every, length): the first ``length`` windows of every ``every`` score 10 × the quantile."""
+    cal = Calibrator(CalibratorSettings())
+    cal.register("s", start)
+    st = AlertState("s", "m", alerts)
+    rng = np.random.default_rng(seed)
+    thresholds, fired, i = [], 0, 0
+    for _ in range(rounds):
+        normal: list[float] = []
+        for score in rng.lognormal(0.0, SIGMA, per_round):
+            if burst and i % burst[0] < burst[1]:
+                score = 10.0 * TRUE_Q95
+            th = cal.threshold("s")
+            step = st.update(Observation(i * HOP_MS, i * HOP_MS + 999, i, i, float(score), th.value, th.source,
+                                         np.ones(1, "float32")))
+            i += 1
+            fired += sum(t.status == "firing" and not t.episode.flapping for t in step.transitions)
+            if step.normal:
+                normal.append(float(score))
+            if step.censored:  # as the processor: the normal errors before go first
+                cal.observe("s", np.asarray(normal))
+                normal.clear()
+                cal.observe_censored("s", step.censored)
+        cal.observe("s", np.asarray(normal))
+        cal.recalibrate()
+        thresholds.append(cal.threshold("s").value)
+    return thresholds, fired, st
+
+
+def settled(thresholds: list[float]) -> float:
+    return float(np.mean(thresholds[-10:]))
+
+
+@pytest.mark.parametrize("for_windows", [1, 2, 3])
+def test_a_stationary_stream_settles_at_its_quantile_whatever_pages(for_windows: int) -> None:
+    # for = 1 pages on every over window: before single-window episodes counted as noise, only windows
+    # under the threshold reached the calibrator and it ratcheted down to the floor (0.5 × start)
+    thresholds, _, _ = play(AlertSettings(for_windows=for_windows, flap_max=1 << 30), TRUE_Q95)
+    assert settled(thresholds) == pytest.approx(TRUE_Q95, rel=0.06)
+
+
+def test_a_threshold_set_too_low_is_not_held_there_by_the_alert_it_causes() -> None:
+    # at 0.6 × the true quantile 66 % of the windows are over: the stream fires, flaps, and the hold keeps
+    # its episode open; before holds learnt as outside an alert, nothing was learnt and it stayed at 0.6 ×
+    thresholds, fired, _ = play(AlertSettings(for_windows=2, resolve_after=2, flap_max=4, flap_period_ms=60_000),
+                             0.6 * TRUE_Q95)
+    assert fired >= 4  # it did flap
+    assert settled(thresholds) == pytest.approx(TRUE_Q95, rel=0.06)
+
+
+def test_sustained_anomaly_inside_a_hold_does_not_raise_the_threshold() -> None:
+    # normal noise, then bursts of 5 anomalous windows every 20 s: the stream flaps and is held, and only
+    # the noise between the bursts is learnt from — the threshold stays at the normal quantile
+    thresholds, _, st = play(AlertSettings(for_windows=2, resolve_after=2, flap_max=4, flap_period_ms=60_000),
+                             TRUE_Q95, rounds=30, seed=3, burst=(20, 5))
+    assert st.episode is not None and st.episode.flapping
+    assert thresholds[-1] == pytest.approx(TRUE_Q95, rel=0.1)
