@@ -6,14 +6,16 @@ with one ``alert_id`` = hash(model, stream, first window's start time), so a rep
 produces the same id and consumers can deduplicate. A stream that fired ``flap_max`` times within
 ``flap_period_ms`` is held firing (``flapping``) until it has been quiet for a whole period, instead of
 sending a storm of messages. The machine also tells the calibrator which windows were normal:
-``Step.normal`` (under threshold, no episode open) and ``Step.censored`` (an over-threshold run that
-ended without firing: normal noise above the threshold; with ``for_windows`` = 1, a single-window
-episode too, once resolved — else a stream paging on single windows would feed only windows under its
-threshold and calibration would ratchet it down). A flapping hold changes what pages, not what is learnt:
-while it keeps an episode open, its windows are classified as if no alert were open (a run shorter than
-``AlertSettings.noise_run`` is noise, a window under the threshold after one is normal; a longer run and
-the ``resolve_after`` windows after it are not learnt from), so a stream whose threshold sits too low is
-not starved of calibration by the very alert that its low threshold holds open.
+``Step.normal`` (under threshold, no episode open) and ``Step.censored`` (over-threshold windows that were
+*noise*: a run shorter than ``for_windows`` that ended without firing; with ``for_windows`` = 1, a
+single-window episode under ``major_ratio`` × its threshold once it resolves — else a stream paging on
+single windows would feed only windows under its threshold and calibration would ratchet it down, while
+a strong single window is an anomaly and must not raise it; see ``AlertSettings.noise``). A flapping hold changes what pages,
+not what is learnt: while it keeps an episode open, its windows are classified as if no alert were open
+(noise runs are censored and the windows under the threshold after them are normal; a run that is not
+noise opens a would-be episode whose windows, up to the ``resolve_after``-th under the threshold, are not
+learnt from), so a stream whose threshold sits too low is not starved of calibration by the very alert
+that its low threshold holds open.
 """
 
 from __future__ import annotations
@@ -38,8 +40,14 @@ class AlertSettings:
 
     @property
     def noise_run(self) -> int:
-        """Over-threshold runs shorter than this are normal noise to the calibrator (a single window at least)."""
+        """Over-threshold runs shorter than this may be noise to the calibrator (a single window at least)."""
         return max(self.for_windows, 2)
+
+    def noise(self, run: int, peak_ratio: float) -> bool:
+        """Is an over-threshold run of ``run`` windows, at most ``peak_ratio`` × threshold, normal noise?
+
+        Runs too short to page are; with ``for_windows`` = 1, where a single window pages, only a minor one."""
+        return 0 < run < self.noise_run and (self.for_windows > 1 or peak_ratio < self.major_ratio)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +126,8 @@ class AlertState:
     episode: Episode | None = None  # pending (not fired yet) or firing
     under: int = 0
     run: int = 0  # consecutive over-threshold windows, in a fired episode
-    long_run: bool = False  # the last such run was not noise (``settings.noise_run`` windows or more)
+    run_peak: float = 0.0  # their highest score / threshold
+    anomalous: bool = False  # a run since the last would-be resolution was not noise (a hold learns nothing)
     fires: deque[int] = field(default_factory=lambda: deque(maxlen=64))
 
     @property
@@ -136,44 +145,54 @@ class AlertState:
             if not obs.over:
                 return Step([], True, 0)
             ep = self.episode = Episode(self._id(obs), obs, obs)
-            self.under, self.run, self.long_run = 0, 0, False
+            self.under, self.run, self.run_peak, self.anomalous = 0, 0, 0.0, False
         ep.add(obs)
         if ep.fired is None:  # pending
             if not obs.over:
                 self.episode = None
-                return Step([], True, ep.windows_over)
+                return Step([], True, ep.windows_over if s.noise(ep.windows_over, _ratio(ep.peak)) else 0)
             if ep.windows_over >= s.for_windows:
                 ep.fired = obs
-                self.run = ep.windows_over
+                self.run, self.run_peak = ep.windows_over, _ratio(ep.peak)
                 self.fires.append(obs.end_ts)
                 return Step([Transition("firing", ep)], False, 0)
             return Step([], False, 0)
         if obs.over:
-            self.under, self.run = 0, self.run + 1
+            self.under, self.run, self.run_peak = 0, self.run + 1, max(self.run_peak, _ratio(obs))
             return Step([], False, 0)
         run, self.run, self.under = self.run, 0, self.under + 1
-        if run:
-            self.long_run = run >= s.noise_run
+        noise, self.run_peak = s.noise(run, self.run_peak), 0.0
+        self.anomalous = self.anomalous or (run > 0 and not noise)
         if self.under < s.resolve_after:
-            return self._held(ep, run)
-        recent = sum(1 for t in self.fires if obs.end_ts - t <= s.flap_period_ms)
-        if not ep.flapping and recent >= s.flap_max:
-            ep.flapping = True
-            return replace(self._held(ep, run), transitions=[Transition("firing", ep)])
-        if ep.flapping and obs.end_ts - ep.last_over_ts < s.flap_period_ms:
-            return self._held(ep, run)
+            return self._held(ep, run if noise else 0)
+        if not ep.flapping:
+            if sum(1 for t in self.fires if obs.end_ts - t <= s.flap_period_ms) >= s.flap_max:
+                ep.flapping = True
+                return self._closed(ep, Transition("firing", ep))
+            self.episode = None
+            return self._closed(ep, Transition("resolved", ep))
+        if obs.end_ts - ep.last_over_ts < s.flap_period_ms:
+            return self._held(ep, run if noise else 0)
         self.episode = None
-        return Step([Transition("resolved", ep)], False, 1 if ep.windows_over == 1 else 0)
+        return Step([Transition("resolved", ep)], False, 0)  # the hold learnt its windows as they came
 
-    def _held(self, ep: Episode, run: int) -> Step:
-        """A window under the threshold that does not close the fired episode ``ep`` (``run``: the
-        over-threshold run it ends). In a flapping hold it is learnt from as outside any alert."""
-        s = self.settings
+    def _closed(self, ep: Episode, t: Transition) -> Step:
+        """The window that resolves ``ep`` — or would have, had it not started a flapping hold: not learnt
+        from, but an episode of one window (``for_windows`` = 1) was noise unless it was strong."""
+        self.anomalous = False
+        return Step([t], False, int(self.settings.noise(ep.windows_over, _ratio(ep.peak))))
+
+    def _held(self, ep: Episode, noise_run: int) -> Step:
+        """A window under the threshold that leaves the fired episode ``ep`` open (``noise_run``: the
+        over-threshold windows of the noise run it ends). In a flapping hold it is learnt from as outside
+        any alert: normal, unless a run that was not noise has not been followed by ``resolve_after`` of them."""
         if not ep.flapping:
             return Step([], False, 0)
-        if 0 < run < s.noise_run:
-            return Step([], True, run)
-        return Step([], not self.long_run or self.under > s.resolve_after, 0)
+        if not self.anomalous:
+            return Step([], True, noise_run)
+        if self.under >= self.settings.resolve_after:  # where that would-be episode would have resolved
+            self.anomalous = False
+        return Step([], False, 0)
 
     def to_doc(self) -> dict[str, Any]:
         """The state machine as JSON (the changelog's ``alerts`` part).
@@ -187,15 +206,18 @@ class AlertState:
             "fired": ep.fired.to_doc() if ep.fired else None, "last": ep.last.to_doc() if ep.last else None,
             "last_over_ts": ep.last_over_ts, "windows_over": ep.windows_over, "flapping": ep.flapping,
             "silenced": ep.silenced, "scores": ep.scores}
-        return {"episode": episode, "under": self.under, "run": self.run, "long_run": self.long_run,
-                "fires": list(self.fires)}
+        return {"episode": episode, "under": self.under, "run": self.run, "run_peak": self.run_peak,
+                "anomalous": self.anomalous, "fires": list(self.fires)}
 
     def restore(self, doc: dict[str, Any], replay_from_seq: int) -> None:
         """Continue from :meth:`to_doc`'s output. Sample numbers restart with the process, so an open
         episode is re-anchored at ``replay_from_seq`` (the first sample this process reads)."""
         e = doc["episode"]
         self.under, self.fires = int(doc["under"]), deque((int(t) for t in doc["fires"]), maxlen=64)
-        self.run, self.long_run = int(doc.get("run", 0)), bool(doc.get("long_run", False))  # older states lack them
+        if "anomalous" in doc:
+            self.run, self.run_peak, self.anomalous = int(doc["run"]), float(doc["run_peak"]), bool(doc["anomalous"])
+        else:  # saved before holds learnt: an open episode learns nothing until its next resolve_after unders
+            self.run, self.run_peak, self.anomalous = 0, 0.0, e is not None
         if e is None:
             self.episode = None
             return
@@ -209,6 +231,10 @@ class AlertState:
 
     def _id(self, obs: Observation) -> str:
         return hashlib.sha256(f"{self.model}|{self.stream}|{obs.start_ts}".encode()).hexdigest()[:20]
+
+
+def _ratio(obs: Observation) -> float:
+    return obs.score / obs.threshold
 
 
 def severity(ratio: float, s: AlertSettings) -> str:

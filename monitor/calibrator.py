@@ -4,13 +4,14 @@ Each stream starts at its model artifact's threshold (version 0, source ``"artif
 feeds the errors of normal windows; ``recalibrate()`` replaces the threshold by ``quantile × margin`` of a
 bounded window of them once it holds ``min_samples`` entries, moving at most ``max_change`` (relative)
 per call and staying within ``[floor, ceiling] × artifact value``. Anomalies never feed the window: the
-caller passes only windows its alert state calls normal (:mod:`monitor.alerts`: none of a run that fired,
-or would have inside a flapping hold), and non-finite errors are refused here (``rejected``).
+caller passes only windows its alert state calls normal or noise (:mod:`monitor.alerts`: none of a run
+that fired, or would have inside a flapping hold, but a minor single-window episode under ``for`` = 1),
+and non-finite errors are refused here (``rejected``).
 
 Censoring. The caller feeds as values only windows below the threshold, and the q-quantile of values
 truncated at T is always below T: alone, they would lower the threshold on every recalibration, down
 to the floor. So the caller also reports, with ``observe_censored``, over-threshold windows that were
-normal noise (an over-threshold run that ended without an alert); they enter the same window as
+normal noise (``monitor.alerts.AlertSettings.noise``); they enter the same window as
 ``+inf`` ("above the threshold of the time"). The quantile is taken with ``method="inverted_cdf"`` (an
 actual entry, no interpolation with inf): finite, it is the empirical quantile; ``+inf``, the true
 quantile is above the threshold and the threshold steps up (see ``_proposal``).

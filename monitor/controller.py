@@ -195,8 +195,7 @@ class Controller:
         for stream in self._targets(cmd):
             candidate, recent = self.cal.candidate(stream, q)
             current = self.cal.threshold(stream).value
-            st = self.p.streams.get(stream)
-            a = st.alerts.settings if st is not None else self.p.settings.alerts  # the route's own debounce
+            a = self.p.streams[stream].alerts.settings  # with the route's own debounce
             report[stream] = {"windows": len(recent), "quantile": q,
                               "current": simulate(recent, current, a), "candidate": simulate(recent, candidate, a)}
         return [], [], {"shadow": report}

@@ -23,6 +23,7 @@ def obs(i: int, score: float, threshold: float = TH, errors: tuple[float, ...] =
 
 
 OVER, UNDER = 3.0, 1.0
+MINOR = 2.5  # over the threshold, under major_ratio (1.5) × it
 
 
 def state(**kw: float) -> AlertState:
@@ -140,9 +141,19 @@ def test_flapping_holds_the_episode_firing_instead_of_resolving() -> None:
     # later overs inside the held episode do not fire again, nor does anything resolve while it is not quiet
     later = feed(st, [OVER, UNDER, OVER, UNDER, UNDER], first=6)
     assert statuses(later) == [[]] * 5
-    # the hold changes what pages, not what is learnt: with for = 1 a single over window is noise
-    assert (steps[5].normal, steps[5].censored) == (True, 1)
-    assert [(s.normal, s.censored) for s in later] == [(False, 0), (True, 1), (False, 0), (True, 1), (True, 0)]
+
+
+@pytest.mark.parametrize("over, learnt", [
+    (MINOR, [(False, 1), (False, 0), (True, 1), (False, 0), (True, 1), (True, 0)]),  # minor single windows: noise
+    (OVER, [(False, 0), (False, 0), (False, 0), (False, 0), (False, 0), (True, 0)])])  # strong: anomalies
+def test_a_flapping_hold_with_for_1_learns_minor_single_windows_as_noise(over: float,
+                                                                         learnt: list[tuple[bool, int]]) -> None:
+    st = flappy()
+    steps = feed(st, [over, UNDER, over, UNDER, over, UNDER])
+    assert statuses(steps)[5] == ["firing"] and st.episode is not None and st.episode.flapping
+    later = feed(st, [over, UNDER, over, UNDER, UNDER], first=6)
+    # steps[5]: where the last single-window episode would have resolved; then the hold, as outside an alert
+    assert [(s.normal, s.censored) for s in [steps[5], *later]] == learnt
 
 
 def test_a_flapping_hold_learns_as_if_no_alert_were_open() -> None:
@@ -151,19 +162,21 @@ def test_a_flapping_hold_learns_as_if_no_alert_were_open() -> None:
     assert statuses(first) == [[], ["firing"], [], ["resolved"], [], ["firing"], [], ["firing"]]
     assert st.episode is not None and st.episode.flapping
     assert not any(s.normal or s.censored for s in first)  # episodes and the windows resolving them
-    held = feed(st, [UNDER, OVER, UNDER, OVER, OVER, OVER, UNDER, UNDER, UNDER, UNDER], first=8)
-    assert statuses(held) == [[]] * 10
+    held = feed(st, [UNDER, OVER, UNDER, OVER, OVER, OVER, UNDER, OVER, UNDER, UNDER, UNDER, UNDER], first=8)
+    assert statuses(held) == [[]] * 12
     assert [(s.normal, s.censored) for s in held] == [
         (True, 0),  # normal after the resolve_after windows, as after a resolved episode
         (False, 0), (True, 1),  # a run shorter than for_windows: noise, censored with its length
-        (False, 0), (False, 0), (False, 0), (False, 0), (False, 0),  # a run that would fire, then resolve_after
+        (False, 0), (False, 0), (False, 0),  # a run that would have fired: a would-be episode …
+        (False, 0), (False, 0), (False, 0),  # … which a single over window before resolve_after unders extends
+        (False, 0),  # … up to the window that would have resolved it (the resolve_after-th under)
         (True, 0), (True, 0)]
     assert st.firing  # still held: the last over window is less than a period ago
 
 
-@pytest.mark.parametrize("scores, censored", [([OVER, UNDER, UNDER], 1), ([OVER, OVER, UNDER, UNDER], 0),
-                                              ([OVER, UNDER, OVER, UNDER, UNDER], 0)])
-def test_with_for_1_a_single_window_episode_is_noise_once_resolved(scores: list[float], censored: int) -> None:
+@pytest.mark.parametrize("scores, censored", [([MINOR, UNDER, UNDER], 1), ([MINOR, MINOR, UNDER, UNDER], 0),
+                                              ([MINOR, UNDER, MINOR, UNDER, UNDER], 0), ([OVER, UNDER, UNDER], 0)])
+def test_with_for_1_a_minor_single_window_episode_is_noise_once_resolved(scores: list[float], censored: int) -> None:
     steps = feed(state(for_windows=1, resolve_after=2), scores)
     assert statuses(steps)[0] == ["firing"] and statuses(steps)[-1] == ["resolved"]
     assert [s.censored for s in steps] == [0] * (len(steps) - 1) + [censored]
@@ -253,3 +266,28 @@ def test_alert_doc_of_a_flapping_episode() -> None:
     assert doc["status"] == "firing" and doc["flapping"] is True and doc["end_ts"] is None
     assert doc["severity"] == "critical" and doc["ratio"] == 3.5 and doc["fired_ts"] == 13_000
     json.dumps(doc, allow_nan=False)
+
+
+def test_a_restored_hold_learns_as_the_one_saved() -> None:
+    st = state(for_windows=2, resolve_after=2, flap_max=2)
+    feed(st, [OVER, OVER, UNDER, UNDER, OVER, OVER, UNDER, UNDER, OVER, OVER])  # flapping, inside a would-be episode
+    doc = json.loads(json.dumps(st.to_doc()))
+    assert (doc["run"], doc["anomalous"]) == (2, False) and doc["run_peak"] == pytest.approx(1.5)
+    again = state(for_windows=2, resolve_after=2, flap_max=2)
+    again.restore(doc, replay_from_seq=0)
+    rest = [UNDER, UNDER, UNDER, OVER, UNDER]
+    expected = [(s.normal, s.censored) for s in feed(st, rest, first=10)]
+    assert [(s.normal, s.censored) for s in feed(again, rest, first=10)] == expected
+    assert expected == [(False, 0), (False, 0), (True, 0), (False, 0), (True, 1)]
+
+
+def test_a_hold_saved_before_holds_learnt_learns_after_resolve_after_windows() -> None:
+    st = state(for_windows=2, resolve_after=2, flap_max=2)
+    feed(st, [OVER, OVER, UNDER, UNDER, OVER, OVER, UNDER, UNDER, OVER])
+    doc = st.to_doc()
+    for key in ("run", "run_peak", "anomalous"):  # the format of earlier versions
+        del doc[key]
+    old = state(for_windows=2, resolve_after=2, flap_max=2)
+    old.restore(doc, replay_from_seq=0)
+    assert [(s.normal, s.censored) for s in feed(old, [UNDER, UNDER, UNDER], first=9)] == [
+        (False, 0), (False, 0), (True, 0)]  # the saved run may have been an anomaly: as if it were one

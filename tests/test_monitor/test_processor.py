@@ -7,6 +7,7 @@ commits, checked exactly on the small PCA stream model (40-sample windows, hop 1
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 
 from models.errors import SinkBackpressure
+from monitor.config import load_config
+from monitor.daemon import Daemon, build_scorer
 from monitor.processor import Processor, Settings
 from monitor.replay import as_records
 from monitor.scorer import Scorer, Served, load_served
@@ -319,8 +322,6 @@ def test_more_streams_than_the_limit_are_dead_lettered(make: Make) -> None:
 
 def in_process_daemon(model: Path, source: MemorySource, sink: MemorySink, **overrides: Any) -> Any:
     """A whole daemon (scoring on a thread, no HTTP) on in-process doubles of the broker."""
-    from monitor.config import load_config
-    from monitor.daemon import Daemon
 
     cfg = load_config(None, {"models": [{"pattern": "*", "path": str(model)}], "daemon.scoring": "thread",
                              "daemon.device": "cpu", "http.enabled": False, **overrides}, env={})
@@ -395,10 +396,6 @@ def test_partitions_assigned_while_commits_fail_start_paused(stream_model: Path)
 
 def test_a_route_gap_overrides_the_daemon_wide_gap(make: Make, served: Served) -> None:
     """Slow sensors: 5-minute samples would restart every window under the default 5 s gap."""
-    from dataclasses import replace
-
-    from monitor.config import load_config
-
     route = load_config(None, {"models": [{"pattern": "temp-*", "path": "m", "gap_ms": 900_000}]}, env={}).models[0]
     assert route.gap_ms == 900_000
     p = make(Scorer([replace(served, gap_ms=route.gap_ms)]))
@@ -412,14 +409,13 @@ def test_a_route_gap_overrides_the_daemon_wide_gap(make: Make, served: Served) -
     assert q.streams["temp-1"].scored == 0 and q.streams["temp-1"].windows.restarts > 0
 
 
-def test_a_route_debounce_overrides_the_daemon_wide_one(make: Make, served: Served) -> None:
-    from dataclasses import replace
-
-    from monitor.config import load_config
-
-    route = load_config(None, {"models": [{"pattern": "*", "path": "m", "for": 1, "resolve_after": 5}]}, env={}).models[0]
+def test_a_route_debounce_overrides_the_daemon_wide_one(make: Make, stream_model: Path) -> None:
+    routes = [{"pattern": "dev-*", "path": str(stream_model), "for": 1, "resolve_after": 5},
+              {"pattern": "*", "path": str(stream_model), "name": "other"}]
+    scorer = build_scorer(load_config(None, {"models": routes, "daemon.device": "cpu"}, env={}))
+    assert [(m.for_windows, m.resolve_after) for m in scorer.models.values()] == [(1, 5), (None, None)]
     ts, v = sine_stream(2500, (1500,), seed=2)
-    own = make(Scorer([replace(served, for_windows=route.for_windows, resolve_after=route.resolve_after)]))
+    own = make(scorer)
     daemon_wide = make()
     for p in (own, daemon_wide):
         feed(p, records("dev-anom", ts, v))
