@@ -10,12 +10,12 @@ sending a storm of messages. The machine also tells the calibrator which windows
 *noise*: a run shorter than ``for_windows`` that ended without firing; with ``for_windows`` = 1, a
 single-window episode under ``major_ratio`` × its threshold once it resolves — else a stream paging on
 single windows would feed only windows under its threshold and calibration would ratchet it down, while
-a strong single window is an anomaly and must not raise it; see ``AlertSettings.noise``). A flapping hold changes what pages,
-not what is learnt: while it keeps an episode open, its windows are classified as if no alert were open
-(noise runs are censored and the windows under the threshold after them are normal; a run that is not
-noise opens a would-be episode whose windows, up to the ``resolve_after``-th under the threshold, are not
-learnt from), so a stream whose threshold sits too low is not starved of calibration by the very alert
-that its low threshold holds open.
+a strong single window is an anomaly and must not raise it; see ``AlertSettings.noise``). A flapping
+hold changes what pages, not what is learnt: while it keeps an episode open, each window gets the
+classification it would get with no alert open (tested window by window on random sequences): a run
+that would have fired stands for an episode of its own, not learnt from up to the window that would have
+resolved it, and the rest is noise or normal as above. So a stream whose threshold sits too low is not
+starved of calibration by the very alert that its low threshold holds open.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ class AlertState:
     under: int = 0
     run: int = 0  # consecutive over-threshold windows, in a fired episode
     run_peak: float = 0.0  # their highest score / threshold
-    anomalous: bool = False  # a run since the last would-be resolution was not noise (a hold learns nothing)
+    would_over: int = 0  # over windows of the episode a flapping hold stands in for (0: none open)
+    would_peak: float = 0.0  # its highest score / threshold
     fires: deque[int] = field(default_factory=lambda: deque(maxlen=64))
 
     @property
@@ -145,7 +146,7 @@ class AlertState:
             if not obs.over:
                 return Step([], True, 0)
             ep = self.episode = Episode(self._id(obs), obs, obs)
-            self.under, self.run, self.run_peak, self.anomalous = 0, 0, 0.0, False
+            self.under, self.run, self.run_peak, self.would_over, self.would_peak = 0, 0, 0.0, 0, 0.0
         ep.add(obs)
         if ep.fired is None:  # pending
             if not obs.over:
@@ -160,11 +161,15 @@ class AlertState:
         if obs.over:
             self.under, self.run, self.run_peak = 0, self.run + 1, max(self.run_peak, _ratio(obs))
             return Step([], False, 0)
-        run, self.run, self.under = self.run, 0, self.under + 1
-        noise, self.run_peak = s.noise(run, self.run_peak), 0.0
-        self.anomalous = self.anomalous or (run > 0 and not noise)
+        run, peak = self.run, self.run_peak
+        self.run, self.run_peak, self.under = 0, 0.0, self.under + 1
+        noise = 0  # over windows of a run that ended here and, as outside an alert, was noise
+        if run >= s.for_windows or (run and self.would_over):  # would have fired, or extends what would have
+            self.would_over, self.would_peak = self.would_over + run, max(self.would_peak, peak)
+        else:
+            noise = run
         if self.under < s.resolve_after:
-            return self._held(ep, run if noise else 0)
+            return self._held(ep, noise)
         if not ep.flapping:
             if sum(1 for t in self.fires if obs.end_ts - t <= s.flap_period_ms) >= s.flap_max:
                 ep.flapping = True
@@ -172,26 +177,32 @@ class AlertState:
             self.episode = None
             return self._closed(ep, Transition("resolved", ep))
         if obs.end_ts - ep.last_over_ts < s.flap_period_ms:
-            return self._held(ep, run if noise else 0)
-        self.episode = None
-        return Step([Transition("resolved", ep)], False, 0)  # the hold learnt its windows as they came
+            return self._held(ep, noise)
+        self.episode = None  # the hold learnt its windows as they came; this one resolves it
+        return Step([Transition("resolved", ep)], False, noise + self._would_close())
 
     def _closed(self, ep: Episode, t: Transition) -> Step:
         """The window that resolves ``ep`` — or would have, had it not started a flapping hold: not learnt
         from, but an episode of one window (``for_windows`` = 1) was noise unless it was strong."""
-        self.anomalous = False
+        self.would_over, self.would_peak = 0, 0.0
         return Step([t], False, int(self.settings.noise(ep.windows_over, _ratio(ep.peak))))
 
-    def _held(self, ep: Episode, noise_run: int) -> Step:
-        """A window under the threshold that leaves the fired episode ``ep`` open (``noise_run``: the
-        over-threshold windows of the noise run it ends). In a flapping hold it is learnt from as outside
-        any alert: normal, unless a run that was not noise has not been followed by ``resolve_after`` of them."""
+    def _would_close(self) -> int:
+        """End the episode the hold stood in for; its over windows that were noise (see ``_closed``)."""
+        noise = int(self.settings.noise(self.would_over, self.would_peak))
+        self.would_over, self.would_peak = 0, 0.0
+        return noise
+
+    def _held(self, ep: Episode, noise: int) -> Step:
+        """A window under the threshold that leaves the fired episode ``ep`` open (``noise``: the windows of
+        the noise run it ends). In a flapping hold it is learnt from as if no alert were open: normal,
+        unless it belongs to an episode that would be open, up to the window that would resolve that."""
         if not ep.flapping:
             return Step([], False, 0)
-        if not self.anomalous:
-            return Step([], True, noise_run)
-        if self.under >= self.settings.resolve_after:  # where that would-be episode would have resolved
-            self.anomalous = False
+        if not self.would_over:
+            return Step([], True, noise)
+        if self.under >= self.settings.resolve_after:
+            return Step([], False, self._would_close())
         return Step([], False, 0)
 
     def to_doc(self) -> dict[str, Any]:
@@ -207,17 +218,19 @@ class AlertState:
             "last_over_ts": ep.last_over_ts, "windows_over": ep.windows_over, "flapping": ep.flapping,
             "silenced": ep.silenced, "scores": ep.scores}
         return {"episode": episode, "under": self.under, "run": self.run, "run_peak": self.run_peak,
-                "anomalous": self.anomalous, "fires": list(self.fires)}
+                "would_over": self.would_over, "would_peak": self.would_peak, "fires": list(self.fires)}
 
     def restore(self, doc: dict[str, Any], replay_from_seq: int) -> None:
         """Continue from :meth:`to_doc`'s output. Sample numbers restart with the process, so an open
         episode is re-anchored at ``replay_from_seq`` (the first sample this process reads)."""
         e = doc["episode"]
         self.under, self.fires = int(doc["under"]), deque((int(t) for t in doc["fires"]), maxlen=64)
-        if "anomalous" in doc:
-            self.run, self.run_peak, self.anomalous = int(doc["run"]), float(doc["run_peak"]), bool(doc["anomalous"])
+        if "would_over" in doc:
+            self.run, self.run_peak = int(doc["run"]), float(doc["run_peak"])
+            self.would_over, self.would_peak = int(doc["would_over"]), float(doc["would_peak"])
         else:  # saved before holds learnt: an open episode learns nothing until its next resolve_after unders
-            self.run, self.run_peak, self.anomalous = 0, 0.0, e is not None
+            self.run, self.run_peak = 0, 0.0
+            self.would_over, self.would_peak = (self.settings.noise_run, 0.0) if e is not None else (0, 0.0)
         if e is None:
             self.episode = None
             return
