@@ -151,7 +151,7 @@ class AlertState:
         if ep.fired is None:  # pending
             if not obs.over:
                 self.episode = None
-                return Step([], True, ep.windows_over if s.noise(ep.windows_over, _ratio(ep.peak)) else 0)
+                return Step([], True, ep.windows_over)  # too short to fire: noise (never under for_windows = 1)
             if ep.windows_over >= s.for_windows:
                 ep.fired = obs
                 self.run, self.run_peak = ep.windows_over, _ratio(ep.peak)
