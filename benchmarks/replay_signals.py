@@ -76,8 +76,7 @@ def main() -> None:
                 "p90_delay_s", "alerts", "time_in_alert")
         train_s = json.loads((model / "manifest.json").read_text())["training"]["result"]["seconds"]
         row = {"signal": name, "config": CONFIGS[name] if config else None, "train_s": round(train_s, 1),
-               "events": r["events"],
-               "test_hours": round(r["data"]["test_hours"], 1),
+               "events": r["events"], "test_hours": round(r["data"]["test_hours"], 1),
                "model": {k: r[k] for k in keys}, "baseline": {k: r["baseline"][k] for k in keys}}
         print(json.dumps(row), flush=True)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from models.errors import BrokerError, SinkBackpressure
 from monitor import logs, windows
-from monitor.alerts import AlertSettings, AlertState, Observation, Transition, alert_doc, iso
+from monitor.alerts import AlertSettings, AlertState, Observation, Step, Transition, alert_doc, iso
 from monitor.batcher import Batch, Batcher
 from monitor.calibrator import Calibrator
 from monitor.ledger import OffsetLedger
@@ -84,6 +84,17 @@ class DataClock:
 
     def forget(self, stream: str) -> None:
         self.next_ms.pop(stream, None)
+
+
+def learn(calibrator: Calibrator, stream: str, step: Step, score: float, normal: list[float]) -> None:
+    """What one window's alert step teaches the calibrator: a normal error joins ``normal`` (fed per batch by
+    the caller); censored noise flushes it first, so the calibrator's window stays in arrival order."""
+    if step.normal:
+        normal.append(score)
+    if step.censored:
+        calibrator.observe(stream, np.asarray(normal))
+        normal.clear()
+        calibrator.observe_censored(stream, step.censored)
 
 
 class Processor:
@@ -338,12 +349,7 @@ class Processor:
         st.last_window_ts = obs.end_ts
         st.dirty = True
         step = st.alerts.update(obs)
-        if step.normal:
-            normal.append(score)
-        if step.censored:  # keep the calibrator's window in arrival order: the normal errors before go first
-            self.calibrator.observe(stream, np.asarray(normal))
-            normal.clear()
-            self.calibrator.observe_censored(stream, step.censored)
+        learn(self.calibrator, stream, step, score, normal)
         arrived = float(batch.enqueued[i]) if batch.enqueued is not None else None
         for t in step.transitions:
             self.publish_alert(stream, st, t, arrived)

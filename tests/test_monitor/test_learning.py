@@ -1,4 +1,4 @@
-"""What the alert state machine tells the calibrator, fed as the processor feeds it, on a stationary stream.
+"""What the alert state machine tells the calibrator, fed by the processor's own ``learn``, on a stationary stream.
 
 The calibrator learns the threshold from windows the alert machine calls normal (values) or noise
 (censored). These tests run the two together over many windows: whatever pages, a stationary stream's
@@ -15,6 +15,7 @@ import pytest
 
 from monitor.alerts import AlertSettings, AlertState, Observation
 from monitor.calibrator import Calibrator, CalibratorSettings
+from monitor.processor import learn
 
 SIGMA = 0.25  # lognormal(0, SIGMA) errors
 TRUE_Q95 = math.exp(SIGMA * NormalDist().inv_cdf(0.95))
@@ -41,12 +42,7 @@ def play(alerts: AlertSettings, start: float, rounds: int = 40, per_round: int =
                                          np.ones(1, "float32")))
             i += 1
             fired += sum(t.status == "firing" and not t.episode.flapping for t in step.transitions)
-            if step.normal:
-                normal.append(float(score))
-            if step.censored:  # as the processor: the normal errors before go first
-                cal.observe("s", np.asarray(normal))
-                normal.clear()
-                cal.observe_censored("s", step.censored)
+            learn(cal, "s", step, float(score), normal)
         cal.observe("s", np.asarray(normal))
         cal.recalibrate()
         thresholds.append(cal.threshold("s").value)
