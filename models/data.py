@@ -265,7 +265,8 @@ def windows_for(values: np.ndarray, window: int, hop: int,
 def series_dataset(series: Series, window: int, hop: int, train_fraction: float = 0.5,
                    val_fraction: float = 0.2, beat: dict[str, Any] | None = None) -> Dataset:
     """Chronological split: normal windows in the first ``train_fraction`` of samples train (their last
-    ``val_fraction`` validate); windows ending after it are test.
+    ``val_fraction`` validate); windows ending after it are test. The summary names the split sample and
+    the first sample of the first validation window (``val_start_sample``).
 
     ``beat`` (``pre``, ``refractory``, ``baseline`` in samples): one window per R peak instead of every
     ``hop`` samples (:mod:`models.beats`), the peak level fitted on the training part; or a model's fitted
@@ -300,8 +301,10 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
                         f"with NaN/inf, {int((win_label[ends < split] > 0).sum())} labelled); need at least 2")
     n_val = max(1, int(round(len(fit_idx) * val_fraction)))
     test_idx = np.flatnonzero(ok & (ends >= split))
+    val_start = int(ends[fit_idx[len(fit_idx) - n_val]]) - wins.shape[1] + 1  # first sample of the first one
     summary = {"source": series.path, "sha256": series.sha256, "samples": len(series.values),
-               "split_sample": split, "train_fraction": train_fraction, "windows": len(ends),
+               "split_sample": split, "val_start_sample": val_start, "train_fraction": train_fraction,
+               "windows": len(ends),
                "dropped_nonfinite": int((~ok).sum()), "train": len(fit_idx) - n_val, "val": n_val,
                "test": len(test_idx), "dropped_out_of_order": series.dropped_out_of_order}
     return Dataset(Path(series.path).name, window, hop, series.channels,

@@ -7,9 +7,13 @@ daemon on the same data, as a second stream (``NAME.baseline``), fitted on the v
 trained on: both see the same broker, timing and calibrator schedule.
 
 The split is chronological and stated: the first part of the series (the model's own training split when
-it was trained on this file, else ``train_fraction``, 15 % by default as NAB's probationary period) is played
-too — it fills the windows and the calibrator — but alerts that fire there count for nothing; events and
-alerts are scored on the rest. Time-based settings follow the data's clock: gaps and alert periods are in
+it was trained on this file, else ``train_fraction``, 15 % by default as NAB's probationary period) is for
+fitting, and events and alerts are scored on the rest. Of the first part only its validation windows (its
+last 20 %: the model's threshold was chosen on them, and neither the model nor the baseline was fitted on
+them) are played, to fill the windows and the calibrator; alerts that fire there count for nothing. The
+windows a model was fitted on are not played: their in-sample errors are lower than any it will see later
+(an LSTM's, on a few hundred windows, about half), and a calibrator fed them walks the threshold down to
+where the first unseen data keeps an alert open, which never feeds the calibrator again. Time-based settings follow the data's clock: gaps and alert periods are in
 data time, and so, by default, is the calibrator's schedule (``calibrator_clock`` "data", unless the
 ``--config`` sets ``calibrator.clock``): each stream is recalibrated every ``calibrator.interval_s`` of its
 own data, as in production, at any replay speed, and the run is the same from one replay to the next. With
@@ -88,6 +92,7 @@ class Plan:
     window: int
     hop: int
     split: int  # first sample of the test part
+    start: int  # first sample played: that of the first validation window (see the module doc)
     train_fraction: float
     trained_on_file: bool
     speed: float
@@ -129,7 +134,7 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
     gap = opts.gap_ms or max(3 * period, windows_gap_ms or 0.0)
     tol = opts.tolerance_s * 1000 if opts.tolerance_s is not None else det.window * period
     return Plan(opts.stream or Path(series.path).name.split(".")[0], model, base, det.window, det.hop,
-                int(data.summary["split_sample"]), frac, same, speed, chunk, tol, gap, period)
+                int(data.summary["split_sample"]), int(data.summary["val_start_sample"]), frac, same, speed, chunk, tol, gap, period)
 
 
 def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> dict[str, Any]:
@@ -154,6 +159,7 @@ def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> 
         "data": {"path": series.path, "samples": len(ts_ms), "channels": list(series.channels),
                  "period_ms": p.period_ms, "window": p.window, "hop": p.hop, "gap_ms": p.gap_ms,
                  "split_sample": p.split, "train_fraction": p.train_fraction,
+                 "played_from_sample": p.start, "played_from": iso(int(ts_ms[p.start])),
                  "test_from": iso(int(test.start_ms)), "test_to": iso(int(test.end_ms)),
                  "test_hours": (test.end_ms - test.start_ms) / 3.6e6, "tolerance_s": p.tolerance_ms / 1000},
         "replay": played["summary"],
@@ -227,7 +233,8 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
             changes.setdefault(stream, []).append((float(at), float(state.value)))
 
         daemon.threshold_listeners.append(on_threshold)
-        bodies = [list(messages(s, ts_ms, series.values, p.chunk)) for s in streams]
+        ts_played = ts_ms[p.start :]
+        bodies = [list(messages(s, ts_played, series.values[p.start :], p.chunk)) for s in streams]
         stop, sent, failed = threading.Event(), [0], []
 
         def play() -> None:
@@ -238,7 +245,7 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
                         producer.send(topics["in"], key=key.encode(), value=body).add_errback(failed.append)
                     i += n
                     sent[0] += 2 * n
-                    ahead = (ts_ms[i - 1] - ts_ms[0]) / 1000 / p.speed - (time.monotonic() - t0)
+                    ahead = (ts_played[i - 1] - ts_played[0]) / 1000 / p.speed - (time.monotonic() - t0)
                     if stop.wait(max(0.0, ahead)):
                         break
                 producer.flush()
@@ -247,7 +254,7 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
 
         player = threading.Thread(target=play, name="replay-eval-player", daemon=True)
         total = 2 * len(bodies[0])  # messages: each ends in a stream's windows or as a dead letter
-        limit = time.monotonic() + (ts_ms[-1] - ts_ms[0]) / 1000 / p.speed * 2 + 120
+        limit = time.monotonic() + (ts_played[-1] - ts_played[0]) / 1000 / p.speed * 2 + 120
         t_start = time.monotonic()
         player.start()
 

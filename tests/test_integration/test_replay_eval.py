@@ -73,8 +73,11 @@ def test_known_answers_recall_delay_and_identical_baseline(broker: Any, tmp_path
     series = read_series(data)
     r = run(model, series, time_axis(series, None),
             ReplayOptions(seconds=4, config=cfg, bootstrap=broker.bootstrap, out=tmp_path / "out"))
-    assert r["replay"]["complete"] and r["replay"]["samples_sent"] == 2 * 3000
+    # 237 windows end before the split sample 1200 (19, 24, …, 1199); the last round(0.2 × 237) = 47 validate,
+    # the first of them ends on 19 + 5 × 190 = 969 and starts on 950: only from there is the series played
     assert r["model"]["trained_on_this_file"] and r["data"]["split_sample"] == 1200
+    assert r["data"]["played_from_sample"] == 950
+    assert r["replay"]["complete"] and r["replay"]["samples_sent"] == 2 * (3000 - 950)
     assert r["events"] == 3 and r["recall"] == 1.0 and r["precision"] == 1.0
     assert r["alerts"] == 3 and r["false_alerts_per_hour"] == 0.0
     assert r["mean_delay_s"] == pytest.approx(5.0) and r["p90_delay_s"] == pytest.approx(5.0)

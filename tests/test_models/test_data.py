@@ -55,6 +55,15 @@ def test_split_is_chronological_and_trains_on_normal_windows_only(series_csv: Pa
     assert ds.summary["train"] + ds.summary["val"] < (2800 - 40) // 10 + 1
 
 
+def test_the_summary_names_where_the_validation_windows_start(tmp_path: Path) -> None:
+    pd.DataFrame({"v": np.arange(1000.0)}).to_csv(tmp_path / "s.csv", index=False)
+    ds = series_dataset(read_series(tmp_path / "s.csv"), window=40, hop=10, train_fraction=0.5)
+    # 47 windows end before sample 500 (39, 49, …, 499); the last round(0.2 × 47) = 9 validate, the first of
+    # them is window 38: samples 380 … 419
+    assert (ds.summary["train"], ds.summary["val"]) == (38, 9)
+    assert ds.summary["val_start_sample"] == 380 and ds.val[0, 0, 0] == 380.0
+
+
 @pytest.mark.parametrize("content, message", [
     ("a,b\nx,y\n", "not numeric"),
     ("timestamp,label\n2024-01-01,0\n", "no value columns"),
