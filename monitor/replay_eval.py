@@ -8,18 +8,22 @@ trained on: both see the same broker, timing and calibrator schedule.
 
 The split is chronological and stated: the first part of the series (the model's own training split when
 it was trained on this file, else ``train_fraction``, 15 % by default as NAB's probationary period) is for
-fitting, and events and alerts are scored on the rest. Of the first part only its validation windows (its
-last 20 %: the model's threshold was chosen on them, and neither the model nor the baseline was fitted on
-them) are played, to fill the windows and the calibrator; alerts that fire there count for nothing. The
-windows a model was fitted on are not played: their in-sample errors are lower than any it will see later
-(an LSTM's, on a few hundred windows, about half), and a calibrator fed them walks the threshold down to
-where the first unseen data keeps an alert open, which never feeds the calibrator again. Time-based settings follow the data's clock: gaps and alert periods are in
-data time, and so, by default, is the calibrator's schedule (``calibrator_clock`` "data", unless the
-``--config`` sets ``calibrator.clock``): each stream is recalibrated every ``calibrator.interval_s`` of its
-own data, as in production, at any replay speed, and the run is the same from one replay to the next. With
-"wall" the wall-clock interval is divided by the replay speed instead — down to one recalibration every
-0.2 s of wall time, so a fast replay recalibrates less often per hour of data (the report states the clock
-and the interval it got, in data time).
+fitting, and events and alerts are scored on the rest. Of the first part only its validation windows are
+played (its last 20 % of normal, finite windows: the model's threshold and its best epoch were chosen on
+them, and neither the model nor the baseline was fitted on them) — the windows fill and the calibrator
+gets its first evidence; alerts that fire there count for nothing. Both detectors get the same data, also
+when the model was not trained on this file (it then loses most of the first part; the baseline is fitted
+on it all the same). The windows a model was fitted on are not played: their in-sample errors are lower
+than any it will see later, and a calibrator fed them walks the threshold down to where the first unseen
+data keeps an alert open, which never feeds the calibrator again.
+
+Time-based settings follow the data's clock: gaps and alert periods are in data time, and so, by default, is
+the calibrator's schedule (``calibrator_clock`` "data", unless the ``--config`` sets ``calibrator.clock``):
+each stream is recalibrated every ``calibrator.interval_s`` of its own data, as in production, at any replay
+speed, and the run is the same from one replay to the next. With "wall" the wall-clock interval is divided
+by the replay speed instead — down to one recalibration every 0.2 s of wall time, so a fast replay
+recalibrates less often per hour of data (the report states the clock and the interval it got, in data
+time).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from monitor.events import Span, labelled_events, latest_alerts, score_alerts
 log = logs.get("tsmon.replay_eval")
 
 DEFAULT_START_MS = 1_700_000_000_000  # files without timestamps start here (fixed: alert ids repeat run to run)
-PROBATION = 0.15  # leading share of a series that only warms up, when the model was not trained on the file
+PROBATION = 0.15  # leading share of a series that is not scored, when the model was not trained on the file
 MIN_INTERVAL_S = 0.2  # the calibrator never runs more often than this in wall time, whatever the speed
 BASELINE_SUFFIX = ".baseline"
 CLOCKS = ("data", "wall")  # what the replay's calibrator may count: the series' own time or the wall's
@@ -115,6 +119,10 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
     frac = opts.train_fraction or (float(trained.get("train_fraction", PROBATION)) if same else PROBATION)
     beat = det.windowing if rule_of(det.windowing) is not None else None  # the baseline cuts the same windows
     data = series_dataset(series, det.window, det.hop, frac, beat=beat)  # the model's own split on its file
+    start = int(data.summary["val_start_sample"])
+    if same and frac == trained.get("train_fraction") and "val_start_sample" in trained:
+        # labels the training run did not have can move the validation windows back into fitted ones
+        start = max(start, int(trained["val_start_sample"]))
     opts.out.mkdir(parents=True, exist_ok=True)
     base = opts.baseline
     if base is None:
@@ -128,13 +136,13 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
     if period < 1.0:
         raise DataError(f"{Path(series.path).name}: samples {period:.3g} ms apart; tsmon's input timestamps have "
                         f"1 ms resolution (at most 1 kHz a stream)")
-    span_s = (ts_ms.max() - ts_ms.min()) / 1000
+    span_s = (ts_ms[start:].max() - ts_ms[start:].min()) / 1000  # what is played
     speed = opts.speed or max(span_s / opts.seconds, 1e-3)
     chunk = opts.chunk or int(min(1000, max(1, round(250 / period))))
     gap = opts.gap_ms or max(3 * period, windows_gap_ms or 0.0)
     tol = opts.tolerance_s * 1000 if opts.tolerance_s is not None else det.window * period
     return Plan(opts.stream or Path(series.path).name.split(".")[0], model, base, det.window, det.hop,
-                int(data.summary["split_sample"]), int(data.summary["val_start_sample"]), frac, same, speed, chunk, tol, gap, period)
+                int(data.summary["split_sample"]), start, frac, same, speed, chunk, tol, gap, period)
 
 
 def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> dict[str, Any]:
@@ -229,7 +237,7 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
 
         def on_threshold(stream: str, state: Any) -> None:
             st = daemon.processor.streams.get(stream)
-            at = st.last_window_ts if st is not None and st.last_window_ts >= 0 else ts_ms[0]
+            at = st.last_window_ts if st is not None and st.last_window_ts >= 0 else ts_ms[p.start]
             changes.setdefault(stream, []).append((float(at), float(state.value)))
 
         daemon.threshold_listeners.append(on_threshold)

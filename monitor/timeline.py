@@ -63,7 +63,7 @@ def draw(out: Path, p: Any, series: Series, ts_ms: np.ndarray, played: dict[str,
         k = max(1, len(scores) // MAX_POINTS)
         ax.plot(x(end_ms[::k]), scores[::k], lw=0.6, color="tab:gray", label=f"{label} score")
         changes = sorted(played["thresholds"].get(stream, []))
-        at = [float(ts_ms[0])] + [t for t, _ in changes] + [float(ts_ms[-1])]
+        at = [float(ts_ms[p.start])] + [t for t, _ in changes] + [float(ts_ms[-1])]
         val = [start_threshold] + [v for _, v in changes]
         ax.step(x(at), val + val[-1:], where="post", color="black", lw=1, label="daemon threshold")
         for a in latest_alerts(played["alerts"], stream):
@@ -80,7 +80,9 @@ def draw(out: Path, p: Any, series: Series, ts_ms: np.ndarray, played: dict[str,
         for ev in events:
             ax.axvspan(x(ev.start_ms), x(ev.end_ms), color="tab:red", alpha=0.18, lw=0)
         ax.axvspan(x(ts_ms[0]), x(test.start_ms), color="0.85", alpha=0.5, lw=0)
-    axes[-1, 0].set_xlabel(f"{unit} since the first sample (grey: warm-up, not scored · red: labelled anomalies · "
+        ax.axvspan(x(ts_ms[0]), x(ts_ms[p.start]), color="0.6", alpha=0.35, lw=0)
+    axes[-1, 0].set_xlabel(f"{unit} since the first sample (grey: warm-up, not scored; darker: fitted on, not "
+                           f"replayed · red: labelled anomalies · "
                            f"orange: alerts)")
     fig.suptitle(f"tsmon replay-eval: {Path(series.path).name}", fontsize=10)
     fig.tight_layout()

@@ -33,8 +33,8 @@ def replay_eval(
     label_col: LabelCol = None,
     sample_rate: Annotated[float | None, typer.Option(help="Hz, for a file without timestamps.")] = None,
     train_fraction: Annotated[float | None, typer.Option(
-        help="Leading share that only warms up (no scoring); default: the model's own split on its training "
-             "file, else 0.15.")] = None,
+        help="Leading share for fitting, not scored (only its validation windows are replayed); default: the "
+             "model's own split on its training file, else 0.15.")] = None,
     baseline: Annotated[Path | None, typer.Option(help="Baseline artifact; default: PCA fitted on the model's "
                                                        "training windows.")] = None,
     speed: Annotated[float | None, typer.Option(help="Replay speed, × real time (default: take --seconds).")] = None,
@@ -86,7 +86,8 @@ def _table(r: dict[str, Any]) -> Table:
     d, rp = r["data"], r["replay"]
     t = Table(title=f"replay-eval {Path(d['path']).name}", title_justify="left",
               caption=f"{r['events']} labelled events in the {d['test_hours']:.1f} h after the first "
-                      f"{d['train_fraction']:.0%} (warm-up); tolerance {d['tolerance_s']:g} s; replayed at "
+                      f"{d['train_fraction']:.0%} (warm-up, replayed from {d['played_from']}); "
+                      f"tolerance {d['tolerance_s']:g} s; replayed at "
                       f"{rp['speed']:.4g}× in {rp['wall_s']} s; calibrator every "
                       f"{rp['calibrator_interval_data_s']:.4g} s of data; {rp['dead_letters']} dead letters"
                       + ("" if rp["complete"] else "; INCOMPLETE: the daemon did not take every message in time"),

@@ -60,6 +60,30 @@ def test_the_replay_calibrator_counts_data_time_unless_told_otherwise(tmp_path: 
         replay_clock("hourly", plain)
 
 
+def test_the_replay_never_plays_windows_the_model_was_fitted_on(tmp_path: Path) -> None:
+    """Labels the training run did not have (here: a labelled burst in the validation part) drop windows from
+    the replay's own split and move its validation windows back into fitted ones: the model's stored start holds."""
+    from dataclasses import replace
+
+    from monitor.replay_eval import plan
+
+    path = labelled_sine(tmp_path / "sine.csv", events=(1100, 2019))  # window ends 19 + 5k; split at 1200
+    series = read_series(path)
+    unlabelled = series_dataset(replace(series, labels=None), W, HOP, 0.4)
+    det, training = train_detector(unlabelled, "pca", {}, TrainConfig(seed=0, device="cpu"))
+    training["data"].update({"train_fraction": 0.4})
+    model = artifact.save(det, tmp_path / "pca", training)
+    # unlabelled: 237 windows before the split, 47 validate, the first from sample 950 (as in the known answers)
+    assert unlabelled.summary["val_start_sample"] == 950
+    # labelled: the 5 windows ending 1104…1124 see the burst at 1100…1109, 232 are normal, round(46.4) = 46
+    # validate, the first of them is window 186 (none before it left out), from sample 5 × 186 = 930 < 950
+    labelled = series_dataset(series, W, HOP, 0.4)
+    assert labelled.summary["val_start_sample"] == 930
+    p = plan(model, series, time_axis(series, None), ReplayOptions(out=tmp_path / "out"), None)
+    assert p.trained_on_file and p.start == 950
+    assert p.speed == pytest.approx((3000 - 950 - 1) / 30.0)  # --seconds covers what is played
+
+
 @pytest.mark.slow
 def test_known_answers_recall_delay_and_identical_baseline(broker: Any, tmp_path: Path) -> None:
     """Every event is detected at the second window over the threshold (``for`` = 2): delay = one hop = 5 s.
