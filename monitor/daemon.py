@@ -112,6 +112,7 @@ class Daemon:
         # called on every threshold change, whatever made it (replay-eval draws them on data time)
         self.threshold_listeners: list[Callable[[str, ThresholdState], None]] = []
         self._started = time.monotonic()
+        self._stop_at: float | None = None  # monotonic time of the stopping signal
         sink_class: Any = KafkaSink
         source_class: Any = KafkaSource
         if cfg.kafka.client == "confluent":
@@ -279,6 +280,8 @@ class Daemon:
                 log.error("second_signal_exit_now", signal=signum)
                 raise SystemExit(128 + signum)
             log.info("stopping", signal=signal.Signals(signum).name)
+            # the budget counts from here: a commit waiting on a stalled sink now ends within a flush slice
+            self._stop_at = self.processor.deadline = time.monotonic()
             self.stop_event.set()
 
         signal.signal(signal.SIGTERM, handler)
@@ -420,7 +423,7 @@ class Daemon:
     def _shutdown(self) -> None:
         """Score, publish, snapshot, commit and close, all within ``shutdown_timeout_s``: every commit asked
         for meanwhile (the final one, the revoke's) ends by ``processor.deadline``."""
-        t0 = time.monotonic()
+        t0 = time.monotonic() if self._stop_at is None else self._stop_at  # from the signal, when one came
         budget = self.cfg.daemon.shutdown_timeout_s
         end = t0 + budget * 0.85  # the rest is for stopping the scoring process and the HTTP server
 

@@ -42,6 +42,7 @@ from monitor.windows import order_problem
 
 log = logs.get("tsmon.processor")
 RESERVED_PREFIX = "__tsmon"  # changelog keys of daemon-wide state
+FLUSH_SLICE_S = 0.25  # a commit waits for the sink in slices of this: a deadline set meanwhile ends it in one
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,18 +509,34 @@ class Processor:
         Raises SinkBackpressure (the sink did not acknowledge: nothing committed) or BrokerError (the
         commit itself failed); either way the input is replayed from the last commit if we die now.
         """
-        timeout = self.settings.flush_timeout_s
-        if self.deadline is not None:  # shutting down: within what is left of the budget
-            timeout = max(0.05, min(timeout, self.deadline - time.monotonic()))
-        end = time.monotonic() + timeout
-        self.sink.flush(timeout)
+        end = time.monotonic() + self.settings.flush_timeout_s
+
+        def left() -> float:  # the flush and the commit share the timeout; a deadline (shutdown) cuts it
+            return (end if self.deadline is None else min(end, self.deadline)) - time.monotonic()
+
+        self._flush(left)
         assigned = source.assignment() if tps is None else tps
         offsets = {tp: o for tp, o in self.ledger.committable(assigned).items() if self._committed.get(tp) != o}
-        if offsets:  # the flush and the commit share the timeout
-            source.commit(offsets, max(0.05, end - time.monotonic()))
+        if offsets:
+            source.commit(offsets, max(0.05, left()))
             self._committed.update(offsets)
             self.metrics.commits.inc()
         return offsets
+
+    def _flush(self, left: Callable[[], float]) -> None:
+        """Wait for the sink while ``left()`` > 0, in slices of ``FLUSH_SLICE_S``: a SIGTERM that lands in
+        a stalled flush sets ``deadline``, and the flush ends within a slice instead of its whole timeout. A
+        sink that gives up before its slice is over (refusals retried, a test sink) raises at once, as
+        a single flush would."""
+        while True:
+            step = max(0.05, min(FLUSH_SLICE_S, left()))
+            began = time.monotonic()
+            try:
+                self.sink.flush(step)
+                return
+            except SinkBackpressure:
+                if left() <= 0 or time.monotonic() - began < 0.9 * step:
+                    raise
 
     def revoke(self, source: Source, tps: set[TP]) -> None:
         """Partitions are leaving: score what waits, publish, commit them, forget their streams."""

@@ -358,8 +358,9 @@ def stop_within(proc: subprocess.Popen[bytes], log: Path, budget: float) -> None
     stopped = log_event(log, "daemon_stopped")
     print(f"exit {took:.1f} s after SIGTERM, shutdown_s {stopped['shutdown_s']} (budget {budget} s)")
     assert '"final_commit_failed"' in log.read_text()
-    assert stopped["shutdown_s"] <= budget + 0.5  # the drain itself; interpreter exit adds a little
-    assert took <= budget + 5
+    assert stopped["shutdown_s"] <= budget + 0.5  # from the signal to the end of the drain
+    # interpreter exit adds ~0.5 s; a signal landing in a commit's flush once added up to its whole timeout
+    assert took <= budget + 3
 
 
 def test_shutdown_is_bounded_while_the_sink_is_stalled(stream_model: Path, tmp_path: Path) -> None:

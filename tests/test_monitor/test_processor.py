@@ -162,6 +162,35 @@ def test_commit_flushes_the_sink_first_and_commits_nothing_when_it_fails(make: M
     assert p.commit(src, {tp}) == {}  # nothing new: no second commit of the same offset
 
 
+def test_a_deadline_set_while_the_sink_is_stalled_ends_the_commit_within_a_flush_slice(make: Make) -> None:
+    """SIGTERM lands while a commit waits on a sink that acknowledges nothing (``flush_timeout_s`` = 10 s): the
+    signal handler sets the deadline, and the commit gives up within a slice, not after the whole timeout."""
+    import threading
+    import time
+
+    class Stalled(MemorySink):
+        calls = 0
+
+        def flush(self, timeout_s: float) -> None:
+            self.calls += 1
+            time.sleep(timeout_s)  # nothing acknowledged in the time given
+            raise SinkBackpressure("stalled", retry_after=1.0)
+
+    p = make()
+    p.sink = stalled = Stalled()
+    feed(p, records("dev-a", *sine_stream(1000, (500,), seed=5)))
+    src = MemorySource()
+    timer = threading.Timer(0.6, lambda: setattr(p, "deadline", time.monotonic()))
+    t0 = time.monotonic()
+    timer.start()
+    with pytest.raises(SinkBackpressure):
+        p.commit(src, {(TOPIC, 0)})
+    took = time.monotonic() - t0
+    timer.join()
+    assert p.settings.flush_timeout_s == 10.0 and took < 3.0, took  # 0.6 s + at most one 0.25 s slice
+    assert stalled.calls >= 3 and src.committed == {}
+
+
 def test_an_open_episode_holds_the_commit_at_its_first_message(make: Make) -> None:
     p = make()
     feed(p, records("dev-a", *sine_stream(1000, (950,), seed=15)))  # the burst runs to the end: still firing
