@@ -48,6 +48,7 @@ from monitor.state import read_changelog
 from monitor.topics import ensure_topics
 
 log = logs.get("tsmon.daemon")
+SHUTDOWN_DRAIN_SHARE = 0.85  # of shutdown_timeout_s for draining and commits; the rest for closing processes
 
 
 def scoring_threads(configured: int | None) -> int:
@@ -280,8 +281,11 @@ class Daemon:
                 log.error("second_signal_exit_now", signal=signum)
                 raise SystemExit(128 + signum)
             log.info("stopping", signal=signal.Signals(signum).name)
-            # the budget counts from here: a commit waiting on a stalled sink now ends within a flush slice
-            self._stop_at = self.processor.deadline = time.monotonic()
+            # The budget counts from here. A commit waiting on a stalled sink meanwhile (the loop's, a revoke's)
+            # ends by the share of it the final commit would get (see _shutdown), not after its own timeout.
+            now = time.monotonic()
+            cut = now + self.cfg.daemon.shutdown_timeout_s * SHUTDOWN_DRAIN_SHARE * 0.3
+            self._stop_at, self.processor.deadline = now, min(cut, self.processor.deadline or cut)
             self.stop_event.set()
 
         signal.signal(signal.SIGTERM, handler)
@@ -324,6 +328,8 @@ class Daemon:
                 if self._snapshot_due.is_set():
                     self._snapshot_due.clear()
                     self.processor.save_changed()
+                if self.stop_event.is_set():  # a signal came during this turn: the shutdown commits
+                    break
                 if (time.monotonic() - last_commit >= d.commit_interval_ms / 1000
                         or (self._problem is None  # output piles up: flush now (a failing sink waits its retry)
                             and getattr(self.sink, "pending", 0) >= d.max_unacked)):
@@ -425,7 +431,7 @@ class Daemon:
         for meanwhile (the final one, the revoke's) ends by ``processor.deadline``."""
         t0 = time.monotonic() if self._stop_at is None else self._stop_at  # from the signal, when one came
         budget = self.cfg.daemon.shutdown_timeout_s
-        end = t0 + budget * 0.85  # the rest is for stopping the scoring process and the HTTP server
+        end = t0 + budget * SHUTDOWN_DRAIN_SHARE  # the rest is for stopping the scoring process and HTTP
 
         def left(share: float = 1.0) -> float:
             return max(0.05, (end - time.monotonic()) * share)

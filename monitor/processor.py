@@ -42,7 +42,7 @@ from monitor.windows import order_problem
 
 log = logs.get("tsmon.processor")
 RESERVED_PREFIX = "__tsmon"  # changelog keys of daemon-wide state
-FLUSH_SLICE_S = 0.25  # a commit waits for the sink in slices of this: a deadline set meanwhile ends it in one
+FLUSH_SLICE_S = 0.25  # a commit waits for the sink in slices of this: a deadline set meanwhile applies at the next
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,9 +525,10 @@ class Processor:
 
     def _flush(self, left: Callable[[], float]) -> None:
         """Wait for the sink while ``left()`` > 0, in slices of ``FLUSH_SLICE_S``: a SIGTERM that lands in
-        a stalled flush sets ``deadline``, and the flush ends within a slice instead of its whole timeout. A
-        sink that gives up before its slice is over (refusals retried, a test sink) raises at once, as
-        a single flush would."""
+        a stalled flush brings ``deadline`` forward, and the flush ends by it (give or take a slice, or a
+        re-send blocking up to the producer's ``max_block_ms``) instead of after its whole timeout. A sink that
+        gives up before its slice is over (refusals retried, a test sink) raises at once, as a single flush
+        would. The sink's re-send limit (``retries``) now applies per slice."""
         while True:
             step = max(0.05, min(FLUSH_SLICE_S, left()))
             began = time.monotonic()

@@ -188,7 +188,7 @@ def test_a_deadline_set_while_the_sink_is_stalled_ends_the_commit_within_a_flush
     took = time.monotonic() - t0
     timer.join()
     assert p.settings.flush_timeout_s == 10.0 and took < 3.0, took  # 0.6 s + at most one 0.25 s slice
-    assert stalled.calls >= 3 and src.committed == {}
+    assert stalled.calls >= 2 and src.committed == {}
 
 
 def test_an_open_episode_holds_the_commit_at_its_first_message(make: Make) -> None:
@@ -396,6 +396,46 @@ def test_an_unreachable_broker_pauses_the_input_until_a_commit_succeeds(stream_m
     assert any(up == 0 for *_, up in seen) and seen[-1][3] == 1
     assert d.metrics.total("tsmon_commit_retries_total") == 4 and not source.paused
     assert source.committed  # committed once it was back
+
+
+def test_a_sigterm_during_a_stalled_commit_stops_the_daemon_within_its_budget(stream_model: Path) -> None:
+    """The sink acknowledges nothing; SIGTERM lands while the loop's commit waits on it (its own timeout 5 s):
+    the daemon returns within ``shutdown_timeout_s`` (2 s) of the signal, as if the signal had come between
+    commits, and commits nothing."""
+    import os
+    import signal
+    import threading
+    import time
+
+    class Stalled(MemorySink):
+        def flush(self, timeout_s: float) -> None:
+            time.sleep(timeout_s)
+            raise SinkBackpressure("stalled", retry_after=1.0)
+
+    source = MemorySource(records("dev-st", *sine_stream(3000)), batch=20)
+    d = in_process_daemon(stream_model, source, Stalled(), **{"daemon.commit_interval_ms": 1,
+                                                               "daemon.shutdown_timeout_s": 2.0})
+    assert d.processor.settings.flush_timeout_s == 5.0
+    sent: list[float] = []
+
+    def kill() -> None:
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    d.install_signal_handlers()
+    timer = threading.Timer(1.0, kill)  # by then the loop is in a commit: every flush takes its whole timeout
+    try:
+        timer.start()
+        d.run()
+        took = time.monotonic() - sent[0]
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
+    assert took < 2.0 + 1.0, took  # the old code waited out the 5 s flush first (5.9 s)
+    assert d._stop_at == pytest.approx(sent[0], abs=0.5)  # the budget counted from the signal
+    assert source.committed == {}
 
 
 def test_backoff_doubles_up_to_its_cap_and_a_success_resets_it() -> None:
