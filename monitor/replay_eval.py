@@ -116,11 +116,15 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
                         f"{series.values.shape[1]} {series.channels}; choose them with --value-col")
     trained = det.meta.get("training", {}).get("data", {})
     same = bool(series.sha256) and trained.get("sha256") == series.sha256
-    frac = opts.train_fraction or (float(trained.get("train_fraction", PROBATION)) if same else PROBATION)
+    own = float(trained.get("train_fraction", PROBATION)) if same else None
+    frac = opts.train_fraction or own or PROBATION
+    if own is not None and frac < own:
+        raise DataError(f"--train-fraction {frac:g} is below the model's own split on this file ({own:g}): the "
+                        f"scored part would hold windows the model was fitted on; use {own:g} or more")
     beat = det.windowing if rule_of(det.windowing) is not None else None  # the baseline cuts the same windows
     data = series_dataset(series, det.window, det.hop, frac, beat=beat)  # the model's own split on its file
     start = int(data.summary["val_start_sample"])
-    if same and frac == trained.get("train_fraction") and "val_start_sample" in trained:
+    if same and "val_start_sample" in trained:
         # labels the training run did not have can move the validation windows back into fitted ones
         start = max(start, int(trained["val_start_sample"]))
     opts.out.mkdir(parents=True, exist_ok=True)

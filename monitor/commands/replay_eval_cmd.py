@@ -34,7 +34,7 @@ def replay_eval(
     sample_rate: Annotated[float | None, typer.Option(help="Hz, for a file without timestamps.")] = None,
     train_fraction: Annotated[float | None, typer.Option(
         help="Leading share for fitting, not scored (only its validation windows are replayed); default: the "
-             "model's own split on its training file, else 0.15.")] = None,
+             "model's own split on its training file (never below it there), else 0.15.")] = None,
     baseline: Annotated[Path | None, typer.Option(help="Baseline artifact; default: PCA fitted on the model's "
                                                        "training windows.")] = None,
     speed: Annotated[float | None, typer.Option(help="Replay speed, × real time (default: take --seconds).")] = None,

@@ -14,6 +14,7 @@ import pytest
 
 from models import artifact
 from models.data import read_series, series_dataset
+from models.errors import DataError
 from models.train import TrainConfig
 from models.workflow import train_detector
 from monitor.replay_eval import ReplayOptions, replay_clock, run, time_axis
@@ -47,7 +48,6 @@ def train(path: Path, out: Path, kind: str, window: int, hop: int, fraction: flo
 
 
 def test_the_replay_calibrator_counts_data_time_unless_told_otherwise(tmp_path: Path) -> None:
-    from models.errors import DataError
     from monitor.config import load_config
 
     plain = load_config(None, {}, env={})
@@ -82,6 +82,14 @@ def test_the_replay_never_plays_windows_the_model_was_fitted_on(tmp_path: Path) 
     p = plan(model, series, time_axis(series, None), ReplayOptions(out=tmp_path / "out"), None)
     assert p.trained_on_file and p.start == 950
     assert p.speed == pytest.approx((3000 - 950 - 1) / 30.0)  # --seconds covers what is played
+    # a larger share for fitting keeps the stored start as its floor (its own validation windows start later:
+    # 297 windows end before 0.5 × 3000 = 1500, 292 of them normal; the last round(0.2 × 292) = 58 validate,
+    # from window 239 on, which starts on sample 5 × 239 = 1195)
+    later = plan(model, series, time_axis(series, None), ReplayOptions(out=tmp_path / "o2", train_fraction=0.5), None)
+    assert later.split == 1500 and later.start == 1195
+    # a smaller one would score windows the model was fitted on: refused, not replayed
+    with pytest.raises(DataError, match=r"--train-fraction 0.3 is below the model's own split on this file \(0.4\)"):
+        plan(model, series, time_axis(series, None), ReplayOptions(out=tmp_path / "o3", train_fraction=0.3), None)
 
 
 @pytest.mark.slow
