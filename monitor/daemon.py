@@ -159,6 +159,7 @@ class Daemon:
         self._restored = not (self._kafka and cfg.state.enabled)
         self._paused: set[TP] = set()  # partitions paused while the sink or the broker fails
         self._holding = False  # input paused because scoring falls behind (back-pressure)
+        self._input_since = time.monotonic()  # input last came back from a pause: silence before it is not idleness
         self._problem: str | None = None  # why the last commit attempt failed; /readyz reports it
         self._retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
         self._ready: tuple[bool, str] = (False, "starting")
@@ -334,7 +335,8 @@ class Daemon:
                         or (self._problem is None  # output piles up: flush now (a failing sink waits its retry)
                             and getattr(self.sink, "pending", 0) >= d.max_unacked)):
                     last_commit = time.monotonic()
-                    self.processor.evict_idle(last_commit)
+                    if not self._paused and not self._holding:  # a stream is not idle while its input waits
+                        self.processor.evict_idle(last_commit, self._input_since)
                     self._commit()
                     self._refresh_views()
         finally:
@@ -363,6 +365,7 @@ class Daemon:
             return
         if self._paused and not self._holding:
             self.source.resume(self._paused)
+            self._input_since = time.monotonic()
         if self._problem is not None:
             log.info("input_resumed", partitions=len(self._paused), after_s=round(now - (self._retry.since or now), 1),
                      retries=self._retry.failures)
@@ -408,6 +411,7 @@ class Daemon:
         elif self._holding and pending <= limit // 2:
             self._holding = False
             self.source.resume(self.source.assignment() - self._paused)
+            self._input_since = time.monotonic()
             self.metrics.backpressure.set(0)
             log.debug("input_released", pending_windows=pending)
 

@@ -197,7 +197,7 @@ class Processor:
         self.metrics.records.labels("ok").inc(len(good))
         self.metrics.samples.inc(len(ts))
         self.batcher.add(st.served.name, stream, w)
-        st.unscored.extend((w.end_seq - st.served.window + 1).tolist())
+        st.unscored.extend(zip((w.end_seq - st.served.window + 1).tolist(), w.start_ts.tolist(), strict=True))
         self._release(stream, st)
         return len(ts) / st.served.hop
 
@@ -233,7 +233,7 @@ class Processor:
         """Let the ledger forget input that no future window and no open episode needs."""
         seqs = [st.windows.needed_from]
         if st.unscored:
-            seqs.append(st.unscored[0])
+            seqs.append(st.unscored[0][0])
         hold = st.alerts.hold_seq
         if hold is not None and st.windows.seen - hold <= self.settings.max_hold_windows * st.served.hop:
             seqs.append(hold)
@@ -441,8 +441,11 @@ class Processor:
             self.save(name)
         return len(names)
 
-    def evict_idle(self, now: float) -> int:
+    def evict_idle(self, now: float, input_since: float = 0.0) -> int:
         """Snapshot and drop the streams silent for ``idle_evict_s`` with nothing waiting to be scored.
+
+        Silence counts from ``input_since`` at the earliest: the daemon's input was paused before it (a failing
+        sink or broker, back-pressure) and a stream cannot be heard while its records wait in the broker.
 
         Their documents stay at hand (at most ``max_streams`` of them) for when they come back, and on
         the changelog; the ledger stops holding their input, the sink acknowledges the document first.
@@ -450,16 +453,18 @@ class Processor:
         idle = self.settings.idle_evict_s
         if idle is None:
             return 0
-        gone = [n for n, st in self.streams.items() if now - st.last_seen >= idle and not st.unscored]
+        gone = [n for n, st in self.streams.items() if now - max(st.last_seen, input_since) >= idle and not st.unscored]
         for name in gone:
-            idle_s = now - self.streams[name].last_seen
+            st = self.streams[name]
+            idle_s = now - max(st.last_seen, input_since)
+            partial = max(0, st.windows.seen - st.windows.needed_from + 1)  # of a window never completed
             doc = self.save(name)
             if doc is not None:
                 self.restored[name] = doc
             self._drop(name)
             self.ledger.forget(name)
             self.metrics.evicted.inc()
-            log.info("stream_evicted", stream=name, idle_s=round(idle_s, 1))
+            log.info("stream_evicted", stream=name, idle_s=round(idle_s, 1), partial_window_samples=partial)
         while len(self.restored) > self.settings.max_streams:  # oldest first: dicts keep insertion order
             self.restored.pop(next(iter(self.restored)))
         return len(gone)

@@ -64,6 +64,10 @@ def load_served(pattern: str, path: Path, name: str | None, hop: int | None, dev
                   for_windows, resolve_after)
 
 
+ROUTE_CACHE = 16_384  # stream ids whose route is remembered
+MISSING = object()
+
+
 class Scorer:
     """Routes streams to models and scores batches."""
 
@@ -82,10 +86,15 @@ class Scorer:
         self.precision = precision
 
     def route(self, stream: str) -> Served | None:
-        """The model serving ``stream`` (None if no pattern matches)."""
-        if stream not in self._routes:
-            self._routes[stream] = next((m for m in self._order if fnmatch.fnmatchcase(stream, m.pattern)), None)
-        return self._routes[stream]
+        """The model serving ``stream`` (None if no pattern matches); the last ``ROUTE_CACHE`` answers are kept
+        (ids that are refused or evicted keep arriving in a hostile or misconfigured topic)."""
+        served = self._routes.pop(stream, MISSING)
+        if served is MISSING:
+            served = next((m for m in self._order if fnmatch.fnmatchcase(stream, m.pattern)), None)
+            if len(self._routes) >= ROUTE_CACHE:
+                del self._routes[next(iter(self._routes))]  # least recently used: dicts keep insertion order
+        self._routes[stream] = served  # type: ignore[assignment]
+        return served  # type: ignore[return-value]
 
     def score(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
         """Window errors ``[n]`` and channel errors ``[n, C]`` of a batch (float32, may hold NaN)."""

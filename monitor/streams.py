@@ -41,7 +41,8 @@ class StreamState:
     windows: StreamWindows | BeatWindows
     quality: StreamQuality
     alerts: AlertState
-    unscored: deque[int] = field(default_factory=deque)  # first sample of each window waiting in the batcher
+    unscored: deque[tuple[int, int]] = field(default_factory=deque)  # (first sample number, its time) of each
+    # window waiting in the batcher
     scored: int = 0  # windows applied to the alert state
     last_window_ts: int = -1  # end time of the last applied window
     applied_until_ts: int = -1  # restored state already includes windows ending at or before this
@@ -70,8 +71,18 @@ class StreamState:
             self.recent_alerts.append(RecentAlert(alert_id, list(scores)))
 
     def to_doc(self, stream: str, calibrator: Calibrator, written_ms: int) -> dict[str, Any]:
+        """The changelog document. A pending episode is not stored (see :meth:`AlertState.to_doc`): the
+        windows from its first one on count as not applied, so the replay — which the ledger holds the input
+        for — rebuilds it, and ``window_from_ts`` makes the replay cut the same windows (same alert id)."""
+        applied = max(self.last_window_ts, self.applied_until_ts)
+        starts = [self.windows.next_start_ts, self.unscored[0][1] if self.unscored else None]
+        ep = self.alerts.episode
+        if ep is not None and ep.fired is None:
+            applied = min(applied, ep.start.end_ts - 1)
+            starts.append(ep.start.start_ts)
+        window_from = min((t for t in starts if t is not None), default=None)  # the first window to replay
         return {"type": "stream_state", "v": DOC_VERSION, "stream": stream, "model": self.served.describe(),
-                "written_ms": written_ms, "applied_until_ts": max(self.last_window_ts, self.applied_until_ts),
+                "written_ms": written_ms, "applied_until_ts": applied, "window_from_ts": window_from,
                 "calibrator": calibrator.export(stream), "alerts": self.alerts.to_doc(),
                 "silenced_until_ms": self.silenced_until_ms, "feedback": dict(self.feedback),
                 "recent_alerts": [a.to_doc() for a in self.recent_alerts]}
@@ -94,9 +105,13 @@ class StreamState:
         recent = [RecentAlert(str(a["alert_id"]), [float(x) for x in a["scores"]], a["verdict"])
                   for a in doc["recent_alerts"]]
         applied = int(doc["applied_until_ts"])
+        window_from = doc.get("window_from_ts")  # absent from documents of earlier versions
+        window_from = None if window_from is None else int(window_from)
         calibrator.restore(stream, doc["calibrator"])  # validated whole; the last step that can fail
         self.silenced_until_ms, self.feedback, self.alerts, self.applied_until_ts = silenced, feedback, alerts, applied
         self.recent_alerts.extend(recent)
+        if window_from is not None:
+            self.windows.align(window_from)
         return "full"
 
     def status(self, stream: str, calibrator: Calibrator, lag: int | None, now_ms: int) -> dict[str, Any]:

@@ -76,6 +76,7 @@ class StreamWindows(_Windowing):
     _tail: np.ndarray = field(init=False, repr=False)
     _tail_ts: np.ndarray = field(init=False, repr=False)
     _since_start: int = field(init=False, default=0)  # samples since the last (re)start
+    _align_ts: int | None = field(init=False, default=None)  # see align()
 
     def __post_init__(self) -> None:
         if self.window < 2 or self.hop < 1:
@@ -83,12 +84,44 @@ class StreamWindows(_Windowing):
         self._tail = np.empty((0, self.channels), dtype="float32")
         self._tail_ts = np.empty(0, dtype="int64")
 
+    def _next_start(self) -> int:
+        """Position (since the last restart) of the first sample of the next window."""
+        w, h, last = self.window, self.hop, self._since_start - 1
+        next_end = w - 1 if last < w - 1 else w - 1 + h * ((last - (w - 1)) // h + 1)
+        return next_end - w + 1
+
     @property
     def needed_from(self) -> int:
         """Sample number (1-based, like ``end_seq``) of the first sample a future window will contain."""
-        w, h, last = self.window, self.hop, self._since_start - 1  # position since the last (re)start
-        next_end = w - 1 if last < w - 1 else w - 1 + h * ((last - (w - 1)) // h + 1)
-        return self.seen - self._since_start + (next_end - w + 1) + 1
+        return self.seen - self._since_start + self._next_start() + 1
+
+    @property
+    def next_start_ts(self) -> int | None:
+        """Timestamp of the next window's first sample once it has arrived (None before): the phase a replay
+        from the committed offset must keep, since that offset's message can begin before the sample."""
+        i = self._next_start() - (self._since_start - len(self._tail_ts))  # index into the tail
+        return int(self._tail_ts[i]) if 0 <= i < len(self._tail_ts) else None
+
+    def align(self, from_ts: int) -> None:
+        """Start the first window at the first sample stamped ``from_ts`` or later (a restored stream: the
+        windows of the replay then fall where the first owner's did, and so do alert ids). Samples before
+        it are counted, not windowed. A replay that begins after ``from_ts`` (state older than the commit)
+        cannot be aligned and is windowed from its first sample, as without state."""
+        self._align_ts = from_ts
+
+    def push(self, ts: np.ndarray, values: np.ndarray) -> Windows:
+        if self._align_ts is not None:
+            if self.last_ts is None and int(ts[0]) > self._align_ts:
+                self._align_ts = None
+            else:
+                k = int(np.searchsorted(ts, self._align_ts))
+                if k:
+                    self.seen, self.last_ts = self.seen + k, int(ts[k - 1])
+                    ts, values = ts[k:], values[k:]
+                if not len(ts):
+                    return _concat([], self.window, self.channels)
+                self._align_ts = None
+        return super().push(ts, values)
 
     def restart(self) -> None:
         """Forget the partial window: the next window starts with the next sample."""
@@ -154,6 +187,14 @@ class BeatWindows(_Windowing):
         back = max(r.pre, r.lookahead)  # a pending peak is found again after a restart only with its lookbehind
         first = min([p - back for p in self._pending] + [self._decided - back])
         return self.seen - self._since_start + max(first, 0) + 1
+
+    @property
+    def next_start_ts(self) -> None:
+        """Beat windows keep no phase: each is placed by its R peak, found again by a replay (needed_from)."""
+        return None
+
+    def align(self, from_ts: int) -> None:
+        """Nothing to align (see :attr:`next_start_ts`)."""
 
     def restart(self) -> None:
         self._buf, self._buf_ts = self._buf[:0], self._buf_ts[:0]

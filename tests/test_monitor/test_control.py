@@ -16,6 +16,7 @@ from monitor.controller import GLOBAL_KEY, Controller, simulate
 from monitor.ctl import CommandFailed, duration_s, verdict
 from monitor.processor import Settings
 from monitor.sink import MemorySink
+from monitor.source import MemorySource
 from tests.conftest import sine_stream
 from tests.test_monitor.conftest import Make
 from tests.test_monitor.test_processor import feed, records
@@ -232,7 +233,8 @@ def test_stream_state_document_round_trip(make: Make) -> None:
     assert (q.calibrator.threshold("dev-x").value, st.silenced_until_ms) == (2.0, 123)
     assert st.alerts.firing and st.alerts.episode.alert_id == anomalies(p)[0]["alert_id"]
     assert anomalies(q) == []  # already published before: not fired again
-    assert q.metrics.total("tsmon_windows_skipped_total") > 0
+    # the replay is windowed from the stored phase on: no window the first owner applied is cut again
+    assert st.windows.seen == 1000 and q.metrics.total("tsmon_windows_scored_total") == 0
 
     other = dict(doc, model={**doc["model"], "version": "другая"})
     r = make()
@@ -320,4 +322,68 @@ def test_pending_episodes_are_not_persisted(make: Make) -> None:
     feed(p, records("dev-p", ts, v))
     assert p.streams["dev-p"].alerts.episode is not None and not p.streams["dev-p"].alerts.firing
     p.save("dev-p")
-    assert [d for d in out(p, "state") if d.get("stream") == "dev-p"][-1]["alerts"]["episode"] is None
+    doc = [d for d in out(p, "state") if d.get("stream") == "dev-p"][-1]
+    assert doc["alerts"]["episode"] is None
+    ep = p.streams["dev-p"].alerts.episode
+    assert doc["applied_until_ts"] < ep.start.end_ts and doc["window_from_ts"] == ep.start.start_ts  # replayed
+
+
+def owner_until(make: Make, recs: list[Any], done: Any, for_windows: int = 2) -> tuple[Any, dict[str, Any], int]:
+    """A first owner fed record by record until ``done(stream state)``, then revoked: it, its last state
+    document of ``dev-r`` and the offset it committed."""
+    q = make()
+    q.settings = Settings(state_topic="state", alerts=AlertSettings(for_windows=for_windows))
+    src = MemorySource()
+    for r in recs:
+        q.handle([r])
+        q.score_ready(force=True)
+        if done(q.streams["dev-r"]):
+            break
+    else:
+        raise AssertionError("never reached")
+    q.revoke(src, {r.tp})
+    return q, [d for d in out(q, "state") if d.get("stream") == "dev-r"][-1], src.committed[r.tp]
+
+
+def next_owner(make: Make, doc: dict[str, Any], recs: list[Any], for_windows: int = 2) -> Any:
+    r = make()
+    r.settings = Settings(state_topic="state", alerts=AlertSettings(for_windows=for_windows))
+    r.restored = {"dev-r": doc}
+    feed(r, recs)
+    return r
+
+
+def test_an_episode_pending_at_a_rebalance_fires_at_the_next_owner_under_its_own_id(make: Make) -> None:
+    """Not stored, the pending episode is rebuilt by the replay: the windows from its first one on are
+    applied again (with ``for`` = the episode's length it used to be lost, with 2 it fired late, new id)."""
+    ts, v = sine_stream(2000, (1000,), seed=2)
+    recs = records("dev-r", ts, v)
+    for k in (2, 6):
+        whole = make()
+        whole.settings = Settings(alerts=AlertSettings(for_windows=k))
+        feed(whole, recs)
+        expected = [(d["status"], d["alert_id"], d["start_ts"]) for d in anomalies(whole)]
+        assert [s for s, _, _ in expected] == ["firing", "resolved"]
+        _, doc, committed = owner_until(make, recs, lambda st: st.alerts.episode is not None, k)
+        r = next_owner(make, doc, recs[committed:], k)
+        assert [(d["status"], d["alert_id"], d["start_ts"]) for d in anomalies(r)] == expected, k
+        assert r.metrics.total("tsmon_windows_skipped_total") == 0  # nothing of the episode was taken as applied
+
+
+@pytest.mark.parametrize("chunk", [7, 13])
+def test_a_replay_from_mid_message_cuts_the_first_owners_windows(make: Make, chunk: int) -> None:
+    """The committed message can begin before the first sample still needed (chunks not a multiple of the
+    hop): the stored phase makes the next owner cut the same windows, so its alert ids are the same."""
+    ts, v = sine_stream(3000, (1000, 2000), seed=2)
+    recs = records("dev-r", ts, v, chunk=chunk)
+    whole = make()
+    feed(whole, recs)
+    expected = [(d["status"], d["alert_id"], d["start_ts"]) for d in anomalies(whole)]
+    assert len(expected) == 4
+    q, doc, committed = owner_until(make, recs, lambda st: st.alerts.firing)
+    first = [(d["status"], d["alert_id"], d["start_ts"]) for d in anomalies(q)]
+    assert first == expected[:1]
+    assert ts[committed * chunk] < doc["window_from_ts"]  # the replay begins before the phase's sample
+    r = next_owner(make, doc, recs[committed:])
+    assert [(d["status"], d["alert_id"], d["start_ts"]) for d in anomalies(r)] == expected[1:]
+    assert r.metrics.total("tsmon_windows_skipped_total") == 0

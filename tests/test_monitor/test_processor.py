@@ -113,6 +113,19 @@ def test_stream_matching_no_model_is_dead_lettered(make: Make, stream_model: Pat
     assert src.committed == {(TOPIC, 0): len(recs)}  # dead letters are acknowledged: nothing is held
 
 
+def test_the_route_cache_stays_bounded_however_many_ids_arrive(stream_model: Path, monkeypatch: Any) -> None:
+    from monitor import scorer as scorer_mod
+
+    monkeypatch.setattr(scorer_mod, "ROUTE_CACHE", 100)
+    s = Scorer([load_served("dev-*", stream_model, None, None, "cpu")])
+    assert s.route("dev-0") is not None
+    for i in range(1000):  # ids no model serves, as a misconfigured producer sends them
+        assert s.route(f"other-{i}") is None
+        if i % 10 == 0:
+            assert s.route("dev-0") is not None  # used all along: never the one forgotten
+    assert len(s._routes) == 100 and "dev-0" in s._routes and "other-0" not in s._routes
+
+
 def test_one_poll_of_interleaved_streams_alerts_like_one_record_at_a_time(make: Make) -> None:
     streams = {f"dev-{i}": sine_stream(2500, (700, 1800) if i % 2 == 0 else (1200,), seed=40 + i) for i in range(3)}
     per_stream = [records(s, ts, v, chunk=7, partition=i) for i, (s, (ts, v)) in enumerate(streams.items())]
@@ -328,8 +341,10 @@ def test_idle_streams_are_evicted_and_continue_when_they_return(make: Make) -> N
     p.calibrator.pin("dev-f", 0.5, "test")
     assert p.streams["dev-e"].alerts.firing
     held = p.ledger.committable({(TOPIC, 0)})[(TOPIC, 0)]
-    assert p.evict_idle(time.monotonic() + 30) == 0  # not idle yet
-    assert p.evict_idle(time.monotonic() + 61) == 2
+    now = time.monotonic()
+    assert p.evict_idle(now + 30) == 0  # not idle yet
+    assert p.evict_idle(now + 61, input_since=now + 30) == 0  # input came back from a pause 31 s ago: not idle
+    assert p.evict_idle(now + 91, input_since=now + 30) == 2
     assert p.streams == {} and p.calibrator.streams() == [] and p.metrics.total("tsmon_streams_evicted_total") == 2
     assert p.ledger.committable({(TOPIC, 0)})[(TOPIC, 0)] > held  # the open episode no longer holds input
     later_ts, later_v = sine_stream(200, start_ms=int(ts[-1]) + STREAM_PERIOD_MS)
@@ -396,6 +411,27 @@ def test_an_unreachable_broker_pauses_the_input_until_a_commit_succeeds(stream_m
     assert any(up == 0 for *_, up in seen) and seen[-1][3] == 1
     assert d.metrics.total("tsmon_commit_retries_total") == 4 and not source.paused
     assert source.committed  # committed once it was back
+
+
+def test_an_outage_longer_than_the_idle_time_evicts_no_stream(stream_model: Path) -> None:
+    """Input paused for a failing broker is not silence: a stream is evicted only after ``idle_evict_s``
+    without records while input flows (it used to lose its partial window and pending episode)."""
+    source = MemorySource(records("dev-io", *sine_stream(3000)), batch=20)
+    d = in_process_daemon(stream_model, source, MemorySink(), **{
+        "daemon.commit_interval_ms": 1, "daemon.retry_max_s": 0.05, "limits.idle_evict_s": 0.2})
+    down_at: list[float] = []
+
+    def until() -> bool:
+        if len(source.records) < 2000 and not down_at:
+            down_at.append(time.monotonic())
+            source.down = "no connection to any broker"
+        if down_at and time.monotonic() - down_at[0] > 0.8:
+            source.down = None  # back after four idle times
+        return not source.records and d.processor.pending == 0
+
+    d.run(until=until)
+    assert d.metrics.total("tsmon_commit_retries_total") >= 3  # it was paused, several times over
+    assert d.metrics.total("tsmon_streams_evicted_total") == 0 and "dev-io" in d.processor.streams
 
 
 def test_a_sigterm_during_a_stalled_commit_stops_the_daemon_within_its_budget(stream_model: Path) -> None:

@@ -51,6 +51,7 @@ def test_chunk_timestamps_follow_the_period() -> None:
     (b'{"ts": 1, "value": 1}', None, "bad_stream"),
     (b'{"stream": "a", "ts": 1, "value": 1}', b"b", "bad_stream"),
     (b'{"stream": 5, "ts": 1, "value": 1}', None, "bad_stream"),
+    (b'{"stream": "dev\\ud800", "ts": 1, "value": 1}', None, "bad_stream"),  # would not encode as a key
     (b'{"ts": "yesterday", "value": 1}', b"s", "bad_timestamp"),
     (b'{"ts": "2024-05-01T12:00:00", "value": 1}', b"s", "bad_timestamp"),
     (b'{"ts": true, "value": 1}', b"s", "bad_timestamp"),

@@ -81,3 +81,33 @@ def test_start_ts_and_needed_from_follow_the_window_grid(window: int, hop: int) 
         # the next window (end_seq e) starts at sample e - window + 1; nothing before it is needed again
         ends = [e for e in range(window, 1000, hop) if e > sw.seen]
         assert sw.needed_from == ends[0] - window + 1
+
+
+@pytest.mark.parametrize("window, hop", [(8, 1), (8, 3), (8, 7), (12, 5)])
+def test_a_replay_aligned_at_the_stored_phase_cuts_the_same_windows(window: int, hop: int) -> None:
+    """A new owner replays from a message that can begin before the next window's first sample; aligned at
+    ``next_start_ts`` it cuts exactly the windows the first owner had still to cut, unaligned it would not."""
+    ts, values = series(200)
+    whole = StreamWindows(window, hop, channels=2).push(ts, values)
+    for cut in range(window + 3, 120, 7):
+        first = StreamWindows(window, hop, channels=2)
+        done = first.push(ts[:cut], values[:cut])
+        phase, need = first.next_start_ts, first.needed_from
+        assert phase == ts[need - 1]  # the sample needed first, already arrived (hop < window)
+        for back in (1, 3):  # the replay begins that many samples before the needed one (mid-message)
+            lo = need - back
+            later = StreamWindows(window, hop, channels=2)
+            later.align(phase)
+            got = [later.push(ts[i : i + 5], values[i : i + 5]) for i in range(lo - 1, 200, 5)]
+            got_ts = np.concatenate([g.start_ts for g in got])
+            np.testing.assert_array_equal(np.concatenate([done.start_ts, got_ts]), whole.start_ts)
+            assert later.seen == 200 - (lo - 1)  # the skipped samples are counted: the ledger's numbers hold
+            if hop > 1:
+                unaligned = StreamWindows(window, hop, channels=2).push(ts[lo - 1 :], values[lo - 1 :])
+                assert unaligned.start_ts[0] != got_ts[0]
+    gapped = StreamWindows(8, 8, channels=2)
+    gapped.push(ts[:16], values[:16])
+    assert gapped.next_start_ts is None  # hop ≥ window: the next window starts on a sample not arrived yet
+    stale = StreamWindows(window, hop, channels=2)
+    stale.align(int(ts[50]))  # the replay begins after the stored phase: the state is older than the commit
+    np.testing.assert_array_equal(stale.push(ts[60:], values[60:]).start_ts[:1], ts[60:61])
