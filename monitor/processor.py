@@ -43,6 +43,7 @@ from monitor.windows import order_problem
 log = logs.get("tsmon.processor")
 RESERVED_PREFIX = "__tsmon"  # changelog keys of daemon-wide state
 FLUSH_SLICE_S = 0.25  # a commit waits for the sink in slices of this: a deadline set meanwhile applies at the next
+OVERSIZED_KEEP = 64 * 1024  # bytes of an oversized record its dead letter carries (the source offset names the rest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,7 +504,11 @@ class Processor:
                    ("tsmon.source.topic", rec.topic.encode()), ("tsmon.source.partition", str(rec.partition).encode()),
                    ("tsmon.source.offset", str(rec.offset).encode()),
                    ("tsmon.source.timestamp", str(rec.timestamp_ms).encode())]
-        self.sink.send(OutMessage(self.settings.dead_letter_topic, rec.key, rec.value or b"", headers))
+        value = rec.value or b""
+        if bad.reason == "oversized":  # whole, it would be over the producer's request size too: undeliverable
+            headers.append(("tsmon.truncated_from", str(len(value)).encode()))
+            value = value[:OVERSIZED_KEEP]
+        self.sink.send(OutMessage(self.settings.dead_letter_topic, rec.key, value, headers))
         log.warning("dead_letter", reason=bad.reason, detail=bad.detail, topic=rec.topic, partition=rec.partition,
                     offset=rec.offset)
 

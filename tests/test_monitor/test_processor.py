@@ -113,6 +113,19 @@ def test_stream_matching_no_model_is_dead_lettered(make: Make, stream_model: Pat
     assert src.committed == {(TOPIC, 0): len(recs)}  # dead letters are acknowledged: nothing is held
 
 
+def test_an_oversized_record_is_dead_lettered_truncated_so_the_producer_can_take_it(make: Make) -> None:
+    """Whole, a record over ``limits.max_bytes`` (1 MiB) would also be over the producer's request size (1 MiB
+    by default): its dead letter could never be delivered. It carries the first 64 KiB and the original size."""
+    p = make()
+    big = b'{"stream": "dev-o", "ts": 1, "values": [' + b"1.0, " * 300_000 + b'1.0]}'
+    rec = records("dev-o", *sine_stream(10))[0]
+    p.handle([InRecord(rec.topic, rec.partition, 7, b"dev-o", big, rec.timestamp_ms)])
+    [dead] = [m for m in sink(p).sent if m.topic == DLQ]
+    h = dict(dead.headers)
+    assert h["tsmon.reason"] == b"oversized" and int(h["tsmon.truncated_from"]) == len(big) > 1 << 20
+    assert dead.value == big[: 64 * 1024] and h["tsmon.source.offset"] == b"7"
+
+
 def test_the_route_cache_stays_bounded_however_many_ids_arrive(stream_model: Path, monkeypatch: Any) -> None:
     from monitor import scorer as scorer_mod
 
