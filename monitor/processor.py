@@ -43,7 +43,8 @@ from monitor.windows import order_problem
 log = logs.get("tsmon.processor")
 RESERVED_PREFIX = "__tsmon"  # changelog keys of daemon-wide state
 FLUSH_SLICE_S = 0.25  # a commit waits for the sink in slices of this: a deadline set meanwhile applies at the next
-OVERSIZED_KEEP = 64 * 1024  # bytes of an oversized record its dead letter carries (the source offset names the rest)
+DEAD_LETTER_MAX = 512 * 1024  # a bad record longer than this is dead-lettered truncated …
+DEAD_LETTER_KEEP = 64 * 1024  # … to its first bytes (the source offset header names the whole record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,12 +233,14 @@ class Processor:
 
     def _release(self, stream: str, st: StreamState) -> None:
         """Let the ledger forget input that no future window and no open episode needs."""
-        seqs = [st.windows.needed_from]
+        point = st.windows.phase()  # the next window's start, or for hop ≥ window the last sample (its phase)
+        seqs = [point[0] if point is not None else st.windows.needed_from]
         if st.unscored:
             seqs.append(st.unscored[0][0])
-        hold = st.alerts.hold_seq
-        if hold is not None and st.windows.seen - hold <= self.settings.max_hold_windows * st.served.hop:
-            seqs.append(hold)
+        limit = self.settings.max_hold_windows * st.served.hop
+        for hold in (st.alerts.hold_seq, st.doc_from_seq):  # an open episode; where the stored state resumes
+            if hold is not None and st.windows.seen - hold <= limit:
+                seqs.append(hold)
         self.ledger.release(stream, min(seqs))
 
     # 2. batches → scores → alerts -----------------------------------------------------------------
@@ -431,6 +434,8 @@ class Processor:
         doc = st.to_doc(stream, self.calibrator, int(self.clock() * 1000))
         if topic is not None:
             self.sink.send(json_message(topic, stream, doc, [("tsmon.type", b"stream_state")]))
+            point = st.replay_point()  # a replay after a crash resumes from this document: it must reach there
+            st.doc_from_seq = point[0] if point else None
             st.dirty = False
             self.metrics.snapshots.inc()
         return doc
@@ -505,9 +510,9 @@ class Processor:
                    ("tsmon.source.offset", str(rec.offset).encode()),
                    ("tsmon.source.timestamp", str(rec.timestamp_ms).encode())]
         value = rec.value or b""
-        if bad.reason == "oversized":  # whole, it would be over the producer's request size too: undeliverable
+        if len(value) > DEAD_LETTER_MAX:  # with the headers, near the producer's request size: undeliverable
             headers.append(("tsmon.truncated_from", str(len(value)).encode()))
-            value = value[:OVERSIZED_KEEP]
+            value = value[:DEAD_LETTER_KEEP]
         self.sink.send(OutMessage(self.settings.dead_letter_topic, rec.key, value, headers))
         log.warning("dead_letter", reason=bad.reason, detail=bad.detail, topic=rec.topic, partition=rec.partition,
                     offset=rec.offset)

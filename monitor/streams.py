@@ -51,6 +51,7 @@ class StreamState:
     feedback: dict[str, int] = field(default_factory=lambda: dict(NO_FEEDBACK))
     dirty: bool = True  # changed since its last snapshot
     last_seen: float = 0.0  # monotonic time of its last record (idle eviction)
+    doc_from_seq: int | None = None  # the replay point of the last document sent: input from it stays held
 
     @property
     def precision(self) -> float | None:
@@ -70,19 +71,33 @@ class StreamState:
         if not any(a.alert_id == alert_id for a in self.recent_alerts):
             self.recent_alerts.append(RecentAlert(alert_id, list(scores)))
 
+    def replay_point(self) -> tuple[int, int, int] | None:
+        """Where a replay's sliding windows must start, as ``(seq, ts, skip)`` (see ``StreamWindows.phase``):
+        the first window not yet applied — of a pending episode, waiting in the batcher, or still to be cut.
+        None for beat windows, which a replay finds again by their R peaks."""
+        nxt = self.windows.phase()
+        if nxt is None:
+            return None
+        points = [nxt]
+        if self.unscored:
+            points.append((self.unscored[0][0], self.unscored[0][1], 0))
+        ep = self.alerts.episode
+        if ep is not None and ep.fired is None:
+            points.append((ep.start.start_seq, ep.start.start_ts, 0))
+        return min(points)
+
     def to_doc(self, stream: str, calibrator: Calibrator, written_ms: int) -> dict[str, Any]:
         """The changelog document. A pending episode is not stored (see :meth:`AlertState.to_doc`): the
         windows from its first one on count as not applied, so the replay — which the ledger holds the input
         for — rebuilds it, and ``window_from_ts`` makes the replay cut the same windows (same alert id)."""
         applied = max(self.last_window_ts, self.applied_until_ts)
-        starts = [self.windows.next_start_ts, self.unscored[0][1] if self.unscored else None]
         ep = self.alerts.episode
         if ep is not None and ep.fired is None:
             applied = min(applied, ep.start.end_ts - 1)
-            starts.append(ep.start.start_ts)
-        window_from = min((t for t in starts if t is not None), default=None)  # the first window to replay
+        point = self.replay_point()
         return {"type": "stream_state", "v": DOC_VERSION, "stream": stream, "model": self.served.describe(),
-                "written_ms": written_ms, "applied_until_ts": applied, "window_from_ts": window_from,
+                "written_ms": written_ms, "applied_until_ts": applied,
+                "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,
                 "calibrator": calibrator.export(stream), "alerts": self.alerts.to_doc(),
                 "silenced_until_ms": self.silenced_until_ms, "feedback": dict(self.feedback),
                 "recent_alerts": [a.to_doc() for a in self.recent_alerts]}
@@ -106,12 +121,12 @@ class StreamState:
                   for a in doc["recent_alerts"]]
         applied = int(doc["applied_until_ts"])
         window_from = doc.get("window_from_ts")  # absent from documents of earlier versions
-        window_from = None if window_from is None else int(window_from)
+        window_from = None if window_from is None else (int(window_from), int(doc.get("window_from_skip", 0)))
         calibrator.restore(stream, doc["calibrator"])  # validated whole; the last step that can fail
         self.silenced_until_ms, self.feedback, self.alerts, self.applied_until_ts = silenced, feedback, alerts, applied
         self.recent_alerts.extend(recent)
         if window_from is not None:
-            self.windows.align(window_from)
+            self.windows.align(*window_from)
         return "full"
 
     def status(self, stream: str, calibrator: Calibrator, lag: int | None, now_ms: int) -> dict[str, Any]:

@@ -77,6 +77,7 @@ class StreamWindows(_Windowing):
     _tail_ts: np.ndarray = field(init=False, repr=False)
     _since_start: int = field(init=False, default=0)  # samples since the last (re)start
     _align_ts: int | None = field(init=False, default=None)  # see align()
+    _align_skip: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         if self.window < 2 or self.hop < 1:
@@ -95,36 +96,47 @@ class StreamWindows(_Windowing):
         """Sample number (1-based, like ``end_seq``) of the first sample a future window will contain."""
         return self.seen - self._since_start + self._next_start() + 1
 
-    @property
-    def next_start_ts(self) -> int | None:
-        """Timestamp of the next window's first sample once it has arrived (None before): the phase a replay
-        from the committed offset must keep, since that offset's message can begin before the sample."""
-        i = self._next_start() - (self._since_start - len(self._tail_ts))  # index into the tail
-        return int(self._tail_ts[i]) if 0 <= i < len(self._tail_ts) else None
+    def phase(self) -> tuple[int, int, int] | None:
+        """Where the next window starts, as a replay must find it again: ``(seq, ts, skip)`` — the sample
+        number to hold input from, and for :meth:`align`, the timestamp of a sample at or before the start and
+        how many samples from that one on to pass over. None before any sample."""
+        if self._align_ts is not None:  # not reached yet: nothing seen is needed, the stored point stands
+            return self.seen + 1, self._align_ts, self._align_skip
+        if self.last_ts is None:
+            return None
+        start, since = self._next_start(), self._since_start
+        if start < since:  # arrived: it is in the tail
+            return self.needed_from, int(self._tail_ts[start - (since - len(self._tail_ts))]), 0
+        return self.seen, self.last_ts, start - since + 1  # hop ≥ window: after the last sample, a few more
 
-    def align(self, from_ts: int) -> None:
-        """Start the first window at the first sample stamped ``from_ts`` or later (a restored stream: the
-        windows of the replay then fall where the first owner's did, and so do alert ids). Samples before
-        it are counted, not windowed. A replay that begins after ``from_ts`` (state older than the commit)
-        cannot be aligned and is windowed from its first sample, as without state."""
-        self._align_ts = from_ts
+    def align(self, from_ts: int, skip: int = 0) -> None:
+        """Start the first window where :meth:`phase` said (a restored stream: the replay's windows then fall
+        where the first owner's did, and so do alert ids): pass over the samples stamped before ``from_ts``,
+        then ``skip`` more. Passed-over samples are counted, not windowed. A replay that begins after
+        ``from_ts`` (state older than the commit) cannot be aligned and is windowed from its first sample."""
+        self._align_ts, self._align_skip = from_ts, skip
 
     def push(self, ts: np.ndarray, values: np.ndarray) -> Windows:
         if self._align_ts is not None:
             if self.last_ts is None and int(ts[0]) > self._align_ts:
-                self._align_ts = None
+                self._align_ts, self._align_skip = None, 0
             else:
-                k = int(np.searchsorted(ts, self._align_ts))
+                k = int(np.searchsorted(ts, self._align_ts))  # before the stored sample
+                take = min(self._align_skip, len(ts) - k)
+                self._align_skip -= take
+                if k < len(ts) and self._align_skip == 0:
+                    self._align_ts = None
+                k += take
                 if k:
                     self.seen, self.last_ts = self.seen + k, int(ts[k - 1])
                     ts, values = ts[k:], values[k:]
                 if not len(ts):
                     return _concat([], self.window, self.channels)
-                self._align_ts = None
         return super().push(ts, values)
 
     def restart(self) -> None:
         """Forget the partial window: the next window starts with the next sample."""
+        self._align_ts, self._align_skip = None, 0
         self._tail, self._tail_ts = self._tail[:0], self._tail_ts[:0]
         self._since_start = 0
         self.restarts += 1
@@ -188,13 +200,11 @@ class BeatWindows(_Windowing):
         first = min([p - back for p in self._pending] + [self._decided - back])
         return self.seen - self._since_start + max(first, 0) + 1
 
-    @property
-    def next_start_ts(self) -> None:
+    def phase(self) -> None:
         """Beat windows keep no phase: each is placed by its R peak, found again by a replay (needed_from)."""
-        return None
 
-    def align(self, from_ts: int) -> None:
-        """Nothing to align (see :attr:`next_start_ts`)."""
+    def align(self, from_ts: int, skip: int = 0) -> None:
+        """Nothing to align (see :meth:`phase`)."""
 
     def restart(self) -> None:
         self._buf, self._buf_ts = self._buf[:0], self._buf_ts[:0]

@@ -387,3 +387,26 @@ def test_a_replay_from_mid_message_cuts_the_first_owners_windows(make: Make, chu
     r = next_owner(make, doc, recs[committed:])
     assert [(d["status"], d["alert_id"], d["start_ts"]) for d in anomalies(r)] == expected[1:]
     assert r.metrics.total("tsmon_windows_skipped_total") == 0
+
+
+def test_after_a_crash_the_replay_reaches_the_last_document_and_alert_ids_hold(make: Make) -> None:
+    """Snapshots are rarer than commits: the commit must not pass the replay point of the last document
+    sent, or a crash leaves a document older than the commit and the replay's windows off the first grid."""
+    ts, v = sine_stream(3000, (1000, 2000), seed=2)
+    recs = records("dev-r", ts, v, chunk=7)
+    whole = make()
+    feed(whole, recs)
+    expected = [(d["status"], d["alert_id"], d["start_ts"]) for d in anomalies(whole)]
+    q = make()
+    q.settings = Settings(state_topic="state")
+    src = MemorySource()
+    feed(q, recs[:200])  # past the first alert
+    q.save("dev-r")  # the periodic snapshot
+    feed(q, recs[200:230])
+    q.commit(src, {recs[0].tp})  # a later commit; then the process dies
+    doc = [d for d in out(q, "state") if d.get("stream") == "dev-r"][-1]
+    committed = src.committed[recs[0].tp]
+    assert ts[committed * 7] <= doc["window_from_ts"] < ts[230 * 7]  # held back to the document's point
+    r = next_owner(make, doc, recs[committed:])
+    assert [(d["status"], d["alert_id"], d["start_ts"]) for d in anomalies(r)] == expected[2:]
+

@@ -113,17 +113,22 @@ def test_stream_matching_no_model_is_dead_lettered(make: Make, stream_model: Pat
     assert src.committed == {(TOPIC, 0): len(recs)}  # dead letters are acknowledged: nothing is held
 
 
-def test_an_oversized_record_is_dead_lettered_truncated_so_the_producer_can_take_it(make: Make) -> None:
-    """Whole, a record over ``limits.max_bytes`` (1 MiB) would also be over the producer's request size (1 MiB
-    by default): its dead letter could never be delivered. It carries the first 64 KiB and the original size."""
+@pytest.mark.parametrize("body, reason", [
+    (b'{"stream": "dev-o", "ts": 1, "values": [' + b"1.0, " * 300_000 + b'1.0]}', "oversized"),
+    (b'{"stream": "dev-o", "ts": 1, "values": [' + b"1.0, " * 200_000 + b"1.0", "invalid_json"),
+])
+def test_a_large_bad_record_is_dead_lettered_truncated_so_the_producer_can_take_it(make: Make, body: bytes,
+                                                                                   reason: str) -> None:
+    """Whole, with its headers, a bad record near or over ``limits.max_bytes`` (1 MiB) would be over the
+    producer's request size (1 MiB by default): its dead letter could never be delivered. One over 512 KiB
+    carries its first 64 KiB and its size."""
     p = make()
-    big = b'{"stream": "dev-o", "ts": 1, "values": [' + b"1.0, " * 300_000 + b'1.0]}'
     rec = records("dev-o", *sine_stream(10))[0]
-    p.handle([InRecord(rec.topic, rec.partition, 7, b"dev-o", big, rec.timestamp_ms)])
+    p.handle([InRecord(rec.topic, rec.partition, 7, b"dev-o", body, rec.timestamp_ms)])
     [dead] = [m for m in sink(p).sent if m.topic == DLQ]
     h = dict(dead.headers)
-    assert h["tsmon.reason"] == b"oversized" and int(h["tsmon.truncated_from"]) == len(big) > 1 << 20
-    assert dead.value == big[: 64 * 1024] and h["tsmon.source.offset"] == b"7"
+    assert h["tsmon.reason"] == reason.encode() and int(h["tsmon.truncated_from"]) == len(body) > 512 * 1024
+    assert dead.value == body[: 64 * 1024] and h["tsmon.source.offset"] == b"7"
 
 
 def test_the_route_cache_stays_bounded_however_many_ids_arrive(stream_model: Path, monkeypatch: Any) -> None:
@@ -431,14 +436,14 @@ def test_an_outage_longer_than_the_idle_time_evicts_no_stream(stream_model: Path
     without records while input flows (it used to lose its partial window and pending episode)."""
     source = MemorySource(records("dev-io", *sine_stream(3000)), batch=20)
     d = in_process_daemon(stream_model, source, MemorySink(), **{
-        "daemon.commit_interval_ms": 1, "daemon.retry_max_s": 0.05, "limits.idle_evict_s": 0.2})
+        "daemon.commit_interval_ms": 1, "daemon.retry_max_s": 0.05, "limits.idle_evict_s": 0.5})
     down_at: list[float] = []
 
     def until() -> bool:
         if len(source.records) < 2000 and not down_at:
             down_at.append(time.monotonic())
             source.down = "no connection to any broker"
-        if down_at and time.monotonic() - down_at[0] > 0.8:
+        if down_at and time.monotonic() - down_at[0] > 2.0:
             source.down = None  # back after four idle times
         return not source.records and d.processor.pending == 0
 

@@ -83,31 +83,34 @@ def test_start_ts_and_needed_from_follow_the_window_grid(window: int, hop: int) 
         assert sw.needed_from == ends[0] - window + 1
 
 
-@pytest.mark.parametrize("window, hop", [(8, 1), (8, 3), (8, 7), (12, 5)])
+@pytest.mark.parametrize("window, hop", [(8, 1), (8, 3), (8, 7), (12, 5), (8, 8), (4, 10)])
 def test_a_replay_aligned_at_the_stored_phase_cuts_the_same_windows(window: int, hop: int) -> None:
-    """A new owner replays from a message that can begin before the next window's first sample; aligned at
-    ``next_start_ts`` it cuts exactly the windows the first owner had still to cut, unaligned it would not."""
+    """A new owner replays from the message holding ``phase()``'s sample, which can begin before it; aligned
+    there it cuts exactly the windows the first owner had still to cut (hop ≥ window: the next window starts
+    on a sample not arrived yet, a number of samples after the last one); unaligned it would not."""
     ts, values = series(200)
     whole = StreamWindows(window, hop, channels=2).push(ts, values)
     for cut in range(window + 3, 120, 7):
         first = StreamWindows(window, hop, channels=2)
         done = first.push(ts[:cut], values[:cut])
-        phase, need = first.next_start_ts, first.needed_from
-        assert phase == ts[need - 1]  # the sample needed first, already arrived (hop < window)
-        for back in (1, 3):  # the replay begins that many samples before the needed one (mid-message)
-            lo = need - back
+        seq, from_ts, skip = first.phase()
+        assert from_ts == ts[seq - 1] and (skip == 0) == (seq == first.needed_from)
+        for back in (1, 3):  # the replay begins that many samples before the held one (mid-message)
+            lo = seq - back
             later = StreamWindows(window, hop, channels=2)
-            later.align(phase)
+            later.align(from_ts, skip)
+            assert later.phase() == (1, from_ts, skip)  # revoked before reaching it: the point is passed on
             got = [later.push(ts[i : i + 5], values[i : i + 5]) for i in range(lo - 1, 200, 5)]
             got_ts = np.concatenate([g.start_ts for g in got])
             np.testing.assert_array_equal(np.concatenate([done.start_ts, got_ts]), whole.start_ts)
-            assert later.seen == 200 - (lo - 1)  # the skipped samples are counted: the ledger's numbers hold
+            assert later.seen == 200 - (lo - 1)  # the passed-over samples are counted: the ledger's numbers hold
+            unaligned = StreamWindows(window, hop, channels=2).push(ts[lo - 1 :], values[lo - 1 :])
             if hop > 1:
-                unaligned = StreamWindows(window, hop, channels=2).push(ts[lo - 1 :], values[lo - 1 :])
                 assert unaligned.start_ts[0] != got_ts[0]
-    gapped = StreamWindows(8, 8, channels=2)
-    gapped.push(ts[:16], values[:16])
-    assert gapped.next_start_ts is None  # hop ≥ window: the next window starts on a sample not arrived yet
+    reset = StreamWindows(window, hop, channels=2)
+    reset.align(int(ts[50]))
+    reset.restart()  # an operator's reset: the next window starts with the next sample, aligned or not
+    np.testing.assert_array_equal(reset.push(ts[10:], values[10:]).start_ts[:1], ts[10:11])
     stale = StreamWindows(window, hop, channels=2)
     stale.align(int(ts[50]))  # the replay begins after the stored phase: the state is older than the commit
     np.testing.assert_array_equal(stale.push(ts[60:], values[60:]).start_ts[:1], ts[60:61])
