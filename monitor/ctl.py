@@ -74,7 +74,9 @@ def _collect(audit: Any, command_id: str, timeout_s: float, settle_s: float) -> 
 
 
 def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: float) -> None:
-    """Raise :class:`CommandFailed` unless some daemon applied the command to something."""
+    """Raise :class:`CommandFailed` unless some daemon applied the command to something and none refused it
+    (each instance of a group owns other streams: one that rejected it — a skewed clock, another key — left
+    its streams as they were)."""
     if not acks:
         raise CommandFailed(f"no daemon acknowledged {command} within {timeout_s:g} s (is one running, "
                             f"reading the control topic, with the same key?)")
@@ -82,6 +84,11 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
     if not applied:
         a = acks[0]
         raise CommandFailed(f"{command} {a['status']} by {a['instance']}: {a['error']}")
+    refused = [a for a in acks if a["status"] not in ("applied", "duplicate")]
+    if refused:
+        by = "; ".join(f"{a['status']} by {a['instance']}: {a['error']}" for a in refused)
+        raise CommandFailed(f"{command} applied only in part (by {', '.join(a['instance'] for a in applied)}); "
+                            f"{by}")
     if command in ("freeze", "unfreeze") and target == "*":
         return  # daemon-wide, whether or not a stream exists yet
     key = {"feedback": "verdict", "history": "history", "shadow": "shadow"}.get(command)

@@ -453,8 +453,9 @@ class Processor:
         Silence counts from ``input_since`` at the earliest: the daemon's input was paused before it (a failing
         sink or broker, back-pressure) and a stream cannot be heard while its records wait in the broker.
 
-        Their documents stay at hand (at most ``max_streams`` of them) for when they come back, and on
-        the changelog; the ledger stops holding their input, the sink acknowledges the document first.
+        Their documents stay at hand for when they come back (without a changelog at most ``max_streams`` of
+        them), and on the changelog; the ledger stops holding their input, the sink acknowledges the document
+        first.
         """
         idle = self.settings.idle_evict_s
         if idle is None:
@@ -471,7 +472,11 @@ class Processor:
             self.ledger.forget(name)
             self.metrics.evicted.inc()
             log.info("stream_evicted", stream=name, idle_s=round(idle_s, 1), partial_window_samples=partial)
-        while len(self.restored) > self.settings.max_streams:  # oldest first: dicts keep insertion order
+        # Without a changelog the evicted streams' documents live only here: at most max_streams of them, oldest
+        # out first. With one, ``restored`` is what the changelog held at the last assignment (its size; the
+        # restore read it all anyway) plus streams evicted since: trimming it would forget the pins, silences
+        # and open alerts of streams this instance will see again.
+        while self.settings.state_topic is None and len(self.restored) > self.settings.max_streams:
             self.restored.pop(next(iter(self.restored)))
         return len(gone)
 

@@ -98,6 +98,9 @@ def test_ctl_verdict_needs_an_applying_daemon() -> None:
         verdict("pin", "s", [ack], 5)
     verdict("freeze", "*", [ack], 5)  # daemon-wide
     verdict("pin", "s", [{**ack, "streams": ["s"]}], 5)
+    skewed = {**ack, "instance": "h:2", "status": "rejected", "error": "stale command: issued -412 s from now"}
+    with pytest.raises(CommandFailed, match=r"pin applied only in part \(by h:1\); rejected by h:2: stale"):
+        verdict("pin", "s", [{**ack, "streams": ["s"]}, skewed], 5)  # h:2's streams were left as they were
 
 
 def test_simulate_counts_windows_and_alerts() -> None:
@@ -409,4 +412,22 @@ def test_after_a_crash_the_replay_reaches_the_last_document_and_alert_ids_hold(m
     assert ts[committed * 7] <= doc["window_from_ts"] < ts[230 * 7]  # held back to the document's point
     r = next_owner(make, doc, recs[committed:])
     assert [(d["status"], d["alert_id"], d["start_ts"]) for d in anomalies(r)] == expected[2:]
+
+
+def test_documents_read_at_restore_are_kept_whatever_their_number(make: Make) -> None:
+    """The changelog holds the documents of every instance's streams, more than ``max_streams``: none of them
+    is dropped when idle streams are evicted (a pinned, silenced stream used to come back as artifact)."""
+    p = make()
+    p.settings = Settings(state_topic="state", max_streams=2, idle_evict_s=60.0)
+    feed(p, records("dev-k", *sine_stream(300)))
+    p.calibrator.pin("dev-k", 2.0, "test")
+    p.save("dev-k")
+    doc = [d for d in out(p, "state") if d.get("stream") == "dev-k"][-1]
+    q = make()
+    q.settings = Settings(state_topic="state", max_streams=2, idle_evict_s=60.0)
+    q.restored = {"other-1": dict(doc, stream="other-1"), "dev-k": doc, "other-2": dict(doc, stream="other-2")}
+    feed(q, records("dev-x", *sine_stream(300, seed=1)))
+    assert q.evict_idle(time.monotonic() + 61) == 1 and len(q.restored) == 4  # 3 read + 1 evicted
+    feed(q, records("dev-k", *sine_stream(300)))
+    assert q.calibrator.threshold("dev-k").source == "pinned"
 
