@@ -335,6 +335,7 @@ class Daemon:
                         or (self._problem is None  # output piles up: flush now (a failing sink waits its retry)
                             and getattr(self.sink, "pending", 0) >= d.max_unacked)):
                     last_commit = time.monotonic()
+                    self.processor.page_unsilenced()
                     if not self._paused and not self._holding:  # a stream is not idle while its input waits
                         self.processor.evict_idle(last_commit, self._input_since)
                     self._commit()

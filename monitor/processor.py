@@ -367,6 +367,16 @@ class Processor:
     def silenced(self, st: StreamState) -> bool:
         return st.silenced_until_ms > self.clock() * 1000
 
+    def page_unsilenced(self) -> int:
+        """Publish as ``firing`` the open alerts whose silence has ended or was lifted. The next window of the
+        stream does it too, but a stream that went quiet meanwhile sends none, and the page would be owed."""
+        owed = [(n, st) for n, st in self.streams.items()
+                if (ep := st.alerts.episode) is not None and ep.silenced and st.alerts.firing and not self.silenced(st)]
+        for stream, st in owed:
+            self.publish_alert(stream, st, Transition("firing", st.alerts.episode))  # type: ignore[arg-type]
+            self.save(stream)
+        return len(owed)
+
     def publish_alert(self, stream: str, st: StreamState, t: Transition, arrived: float | None = None,
                       **extra: Any) -> None:
         """Send a transition: a firing one carries its picture; while silenced it is recorded, not paged."""

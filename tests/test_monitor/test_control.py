@@ -164,6 +164,21 @@ def test_silenced_alerts_are_recorded_not_paged_and_page_when_the_silence_ends(m
     assert [d["status"] for d in anomalies(p)][2:] == ["firing", "resolved"]
 
 
+def test_an_alert_whose_silence_ends_pages_though_the_stream_went_quiet(make: Make) -> None:
+    p = make()
+    now = [1_800_000_000.0]
+    p.clock = lambda: now[0]
+    ts, v = sine_stream(1000, (970,))  # an alert left open
+    feed(p, records("dev-q", ts[:200], v[:200]))
+    p.streams["dev-q"].silenced_until_ms = int((now[0] + 60) * 1000)
+    feed(p, records("dev-q", ts[200:], v[200:], first_offset=20))  # fires while silenced, still open at the end
+    assert [d["status"] for d in anomalies(p)] == ["silenced"] and p.page_unsilenced() == 0
+    now[0] += 61  # the silence ends; no window arrives any more
+    assert p.page_unsilenced() == 1 and p.page_unsilenced() == 0  # paged once
+    firing = anomalies(p)[-1]
+    assert firing["status"] == "firing" and not firing["silenced"] and firing["alert_id"] == anomalies(p)[0]["alert_id"]
+
+
 def test_feedback_reset_history_rollback_shadow(make: Make) -> None:
     p = make()
     c = controller(p)
