@@ -226,10 +226,14 @@ class Processor:
         if doc is None:
             return None
         try:
-            return st.restore(stream, doc, self.calibrator)
+            how = st.restore(stream, doc, self.calibrator)
         except Exception as exc:  # noqa: BLE001 — a bad document (compaction keeps it) must not stop the stream
             log.error("state_restore_failed", stream=stream, error=f"{type(exc).__name__}: {exc}")
             return "failed"
+        if st.orphan is not None:  # paged under the model version it replaced: never leave that page open
+            self.publish_alert(stream, st, Transition("resolved", st.orphan), reset=True, model_changed=True)
+            st.orphan = None
+        return how
 
     def _release(self, stream: str, st: StreamState) -> None:
         """Let the ledger forget input that no future window and no open episode needs."""

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from monitor.alerts import AlertState, iso
+from monitor.alerts import AlertState, Episode, iso
 from monitor.calibrator import Calibrator
 from monitor.quality import StreamQuality
 from monitor.scorer import Served
@@ -52,6 +52,7 @@ class StreamState:
     dirty: bool = True  # changed since its last snapshot
     last_seen: float = 0.0  # monotonic time of its last record (idle eviction)
     doc_from_seq: int | None = None  # the replay point of the last document sent: input from it stays held
+    orphan: Episode | None = None  # a fired episode restored for another model version, to resolve
 
     @property
     def precision(self) -> float | None:
@@ -114,6 +115,10 @@ class StreamState:
         feedback = {k: int(doc["feedback"][k]) for k in NO_FEEDBACK}
         if doc["model"] != self.served.describe():
             self.silenced_until_ms, self.feedback = silenced, feedback
+            if doc["alerts"].get("episode"):  # paged under the old model: the processor resolves it
+                old = AlertState(self.alerts.stream, str(doc["model"].get("name", "")), self.alerts.settings)
+                old.restore(doc["alerts"], self.windows.seen)
+                self.orphan = old.episode
             return "controls"
         alerts = AlertState(self.alerts.stream, self.alerts.model, self.alerts.settings)
         alerts.restore(doc["alerts"], self.windows.seen)

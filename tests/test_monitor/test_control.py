@@ -259,6 +259,10 @@ def test_stream_state_document_round_trip(make: Make) -> None:
     r.restored = {"dev-x": other}
     feed(r, records("dev-x", ts[:100], v[:100]))
     assert r.calibrator.threshold("dev-x").source == "artifact" and r.streams["dev-x"].silenced_until_ms == 123
+    # the alert paged under the replaced version is resolved, not left open for nothing to resolve
+    [closed] = anomalies(r)
+    assert closed["alert_id"] == anomalies(p)[0]["alert_id"] and closed["status"] == "resolved"
+    assert closed["reset"] and closed["model_changed"] and r.streams["dev-x"].alerts.episode is None
 
 
 def test_a_broken_document_does_not_stop_the_stream(make: Make, tmp_path: Path) -> None:
