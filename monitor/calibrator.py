@@ -130,6 +130,19 @@ class Ring:
         self._buf[idx] = arr
         self._start = (self._start + k) % cap
 
+    def remove(self, values: Iterable[float]) -> int:
+        """Take out one held occurrence of each of ``values`` (newest first: the likeliest still to be there);
+        returns how many were found. Rebuilds the buffer: for rare calls (an operator's verdict)."""
+        held, gone = self.values(), 0
+        keep = np.ones(len(held), bool)
+        for v in values:
+            hits = np.flatnonzero((held == v) & keep)
+            if len(hits):
+                keep[hits[-1]], gone = False, gone + 1
+        if gone:
+            self._buf, self._n, self._start = held[keep].copy(), int(keep.sum()), 0
+        return gone
+
     def values(self) -> np.ndarray:
         """A copy, oldest first."""
         if self._n < self.maxlen:
@@ -190,6 +203,12 @@ class Calibrator:
         with self._lock:
             self._streams[stream].normal.extend(kept)  # KeyError first: nothing counted for an unknown stream
             self._rejected += int(arr.size - np.count_nonzero(finite))
+
+    def unobserve(self, stream: str, errors: Iterable[float]) -> int:
+        """Take back errors fed by :meth:`observe` that turned out not to be normal (those still in the window);
+        returns how many were found."""
+        with self._lock:
+            return self._streams[stream].normal.remove(float(e) for e in errors)
 
     def observe_censored(self, stream: str, n: int = 1) -> None:
         """``n`` normal windows whose error was above the threshold (stored as +inf, see module doc)."""

@@ -399,8 +399,8 @@ class Processor:
         doc.update(status=status, silenced=ep.silenced, **extra)
         if t.status == "firing":
             doc["explain"] = self._explain(st, ep.peak)
-            st.remember(ep.alert_id, ep.scores)
             self.metrics.alert_severity.labels(doc["severity"]).inc()
+        st.remember(ep.alert_id, ep.scores)  # firing, then resolved: with all its over-threshold windows
         self.sink.send(json_message(self.settings.alerts_topic, stream, doc, [("tsmon.type", b"anomaly")]))
         self.metrics.alerts.labels(status).inc()
         if arrived is not None:

@@ -69,8 +69,13 @@ class StreamState:
         self.silenced_until_ms = 0
 
     def remember(self, alert_id: str, scores: list[float]) -> None:
-        if not any(a.alert_id == alert_id for a in self.recent_alerts):
+        """Keep an alert for feedback, with the errors of its over-threshold windows so far (called when it
+        fires, and again when it resolves: a verdict then covers the whole episode, up to 64 windows)."""
+        known = next((a for a in self.recent_alerts if a.alert_id == alert_id), None)
+        if known is None:
             self.recent_alerts.append(RecentAlert(alert_id, list(scores)))
+        elif known.verdict is None:  # a verdict already given fed or took back the errors it had then
+            known.scores = list(scores)
 
     def replay_point(self) -> tuple[int, int, int] | None:
         """Where a replay's sliding windows must start, as ``(seq, ts, skip)`` (see ``StreamWindows.phase``):

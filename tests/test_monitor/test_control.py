@@ -179,6 +179,24 @@ def test_an_alert_whose_silence_ends_pages_though_the_stream_went_quiet(make: Ma
     assert firing["status"] == "firing" and not firing["silenced"] and firing["alert_id"] == anomalies(p)[0]["alert_id"]
 
 
+def test_a_false_positive_verdict_feeds_the_whole_episode_once_and_a_retraction_takes_it_back(make: Make) -> None:
+    p = make()
+    c = controller(p)
+    ts, v = sine_stream(2000)
+    v[1000:1300, 0] += 3.0  # 300 samples over: an episode of ~33 over-threshold windows
+    feed(p, records("dev-v", ts, v))
+    [fired, resolved] = anomalies(p)
+    over = resolved["windows_over"]
+    assert over > 20 and resolved["status"] == "resolved"
+    base = p.calibrator.samples("dev-v")
+    samples = []
+    for given in ("false_positive", "confirmed", "false_positive", "false_positive"):
+        send(c, "feedback", "*", alert_id=fired["alert_id"], verdict=given)
+        samples.append(p.calibrator.samples("dev-v") - base)
+    # all its over windows (not the first ``for`` = 2 of them), taken back, fed again, not twice
+    assert samples == [over, 0, over, over]
+
+
 def test_feedback_reset_history_rollback_shadow(make: Make) -> None:
     p = make()
     c = controller(p)
