@@ -96,7 +96,11 @@ class Controller:
 
     # helpers ----------------------------------------------------------------------------------------
     def _targets(self, cmd: Command) -> list[str]:
-        return [s for s in self.p.streams if fnmatch.fnmatchcase(s, cmd.target)]
+        """The streams held that match, and those this instance evicted, woken from their documents: a
+        command for ``dev-*`` must reach a stream that happened to be idle (a silence most of all)."""
+        held = [s for s in self.p.streams if fnmatch.fnmatchcase(s, cmd.target)]
+        woken = [s for s in sorted(self.p.evicted) if fnmatch.fnmatchcase(s, cmd.target) and self.p.wake(s)]
+        return held + woken
 
     def _view(self, stream: str) -> dict[str, Any]:
         th, st = self.cal.threshold(stream), self.p.streams[stream]
@@ -138,10 +142,17 @@ class Controller:
         return self._each(cmd, lambda s: self.cal.unpin(s, self._why(cmd)))
 
     def _freeze(self, cmd: Command) -> Effects:
+        """``freeze *`` is daemon-wide (``frozen_all``, persisted): no per-stream flag is set, so none is left
+        behind on streams it did not reach; ``unfreeze *`` lifts it and every per-stream freeze."""
         frozen = cmd.command == "freeze"
-        if cmd.target == "*":
-            self.cal.frozen_all = frozen
-        return self._each(cmd, lambda s: self.cal.set_frozen(s, frozen))
+        if cmd.target != "*":
+            return self._each(cmd, lambda s: self.cal.set_frozen(s, frozen))
+        streams = self._targets(cmd)
+        before = {s: self._view(s) for s in streams}
+        self.cal.frozen_all = frozen
+        for s in streams if not frozen else ():
+            self.cal.set_frozen(s, False)
+        return streams, [{"stream": s, "before": before[s], "after": self._view(s)} for s in streams], {}
 
     def _silence(self, cmd: Command) -> Effects:
         until = 0

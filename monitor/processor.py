@@ -114,6 +114,7 @@ class Processor:
         self._backend = backend or ThreadBackend(scorer)
         self._inflight: deque[tuple[Batch, Future[Result]]] = deque()
         self.restored: dict[str, dict[str, Any]] = {}  # changelog documents of streams not started yet
+        self.evicted: set[str] = set()  # streams this instance evicted since its last assignment (see wake)
         self.clock = time.time  # wall clock: silences and state timestamps
         self.deadline: float | None = None  # monotonic time by which commits must be done (set at shutdown)
         # windows a good record makes (samples / hop; decays slowly from the largest seen): sizes the next
@@ -484,6 +485,7 @@ class Processor:
                 self.restored[name] = doc
             self._drop(name)
             self.ledger.forget(name)
+            self.evicted.add(name)
             self.metrics.evicted.inc()
             log.info("stream_evicted", stream=name, idle_s=round(idle_s, 1), partial_window_samples=partial)
         # Without a changelog the evicted streams' documents live only here: at most max_streams of them, oldest
@@ -573,8 +575,20 @@ class Processor:
                 if left() <= 0 or time.monotonic() - began < 0.9 * step:
                     raise
 
+    def wake(self, stream: str) -> bool:
+        """Bring a stream this instance evicted back from its document, for an operator's command that names
+        it (it is evicted again when idle). Only since the last assignment: after a rebalance its partition
+        may be another instance's, whose newer document this one must not overwrite."""
+        served = self.scorer.route(stream)
+        if stream not in self.evicted or served is None or len(self.streams) >= self.settings.max_streams:
+            return False
+        self.evicted.discard(stream)
+        self._new_stream(stream, served).last_seen = time.monotonic()
+        return True
+
     def revoke(self, source: Source, tps: set[TP]) -> None:
         """Partitions are leaving: score what waits, publish, commit them, forget their streams."""
+        self.evicted.clear()
         self.score_ready(force=True)
         for stream in self.ledger.streams_on(tps):  # their next owner restores from these
             self.save(stream)

@@ -468,3 +468,25 @@ def test_documents_read_at_restore_are_kept_whatever_their_number(make: Make) ->
     feed(q, records("dev-k", *sine_stream(300)))
     assert q.calibrator.threshold("dev-k").source == "pinned"
 
+
+def test_commands_reach_streams_this_instance_evicted(make: Make) -> None:
+    """A silence for ``dev-*`` must hold for a stream that happened to be idle, and ``freeze *`` then
+    ``unfreeze *`` must leave no stream frozen (per-stream flags used to stay on evicted streams)."""
+    p = make()
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0)
+    c = controller(p)
+    ts, v = sine_stream(1000, (970,))  # dev-b's alert is open when it goes quiet
+    feed(p, records("dev-a", *sine_stream(300, seed=1)) + records("dev-b", ts[:990], v[:990], partition=1))
+    send(c, "freeze", "*")
+    p.streams["dev-a"].last_seen += 120  # only dev-b is idle
+    assert p.evict_idle(time.monotonic() + 61) == 1 and p.evicted == {"dev-b"}
+    ack = send(c, "silence", "dev-*", for_s=3600)
+    assert sorted(ack["streams"]) == ["dev-a", "dev-b"] and p.streams["dev-b"].silenced_until_ms > 0
+    assert send(c, "unfreeze", "*")["status"] == "applied" and not p.calibrator.frozen_all
+    assert not any(p.calibrator.controls(s)["frozen"] for s in ("dev-a", "dev-b"))
+    assert p.streams["dev-b"].alerts.firing  # woken with its open alert
+    feed(p, records("dev-b", ts[990:], v[990:], partition=1, first_offset=200))
+    assert [d["status"] for d in anomalies(p)] == ["firing"]  # its resolve waits; nothing paged in the silence
+    p.revoke(MemorySource(), {("in", 0), ("in", 1)})
+    assert p.evicted == set()  # after a rebalance the partition may be another instance's
+
