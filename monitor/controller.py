@@ -95,12 +95,13 @@ class Controller:
                 self.seen.add(i)
 
     # helpers ----------------------------------------------------------------------------------------
-    def _targets(self, cmd: Command) -> list[str]:
-        """The streams held that match, and those this instance evicted, woken from their documents: a
-        command for ``dev-*`` must reach a stream that happened to be idle (a silence most of all)."""
-        held = [s for s in self.p.streams if fnmatch.fnmatchcase(s, cmd.target)]
-        woken = [s for s in sorted(self.p.evicted) if fnmatch.fnmatchcase(s, cmd.target) and self.p.wake(s)]
-        return held + woken
+    def _targets(self, cmd: Command, wake: Callable[[dict[str, Any]], bool] = lambda doc: True) -> list[str]:
+        """The streams held that match, and those this instance evicted whose document ``wake`` accepts, woken
+        from it: a command for ``dev-*`` must reach a stream that happened to be idle (a silence most of all)."""
+        for name, doc in sorted(self.p.evicted_docs().items()):
+            if fnmatch.fnmatchcase(name, cmd.target) and wake(doc):
+                self.p.wake(name)
+        return [s for s in self.p.streams if fnmatch.fnmatchcase(s, cmd.target)]
 
     def _view(self, stream: str) -> dict[str, Any]:
         th, st = self.cal.threshold(stream), self.p.streams[stream]
@@ -147,7 +148,7 @@ class Controller:
         frozen = cmd.command == "freeze"
         if cmd.target != "*":
             return self._each(cmd, lambda s: self.cal.set_frozen(s, frozen))
-        streams = self._targets(cmd)
+        streams = self._targets(cmd, lambda doc: not frozen and bool(doc.get("calibrator", {}).get("frozen")))
         before = {s: self._view(s) for s in streams}
         self.cal.frozen_all = frozen
         for s in streams if not frozen else ():
@@ -173,7 +174,10 @@ class Controller:
         alert_id, verdict = str(cmd.params["alert_id"]), str(cmd.params["verdict"])
         if verdict not in ("confirmed", "false_positive"):
             raise Refused(f"verdict must be confirmed or false_positive, got {verdict[:40]!r}")
-        for stream in self._targets(cmd):
+        def raised_it(doc: dict[str, Any]) -> bool:
+            return any(isinstance(a, dict) and a.get("alert_id") == alert_id for a in doc.get("recent_alerts", ()))
+
+        for stream in self._targets(cmd, raised_it):
             st = self.p.streams[stream]
             alert = next((a for a in st.recent_alerts if a.alert_id == alert_id), None)
             if alert is None:

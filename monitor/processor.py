@@ -43,6 +43,7 @@ from monitor.windows import order_problem
 log = logs.get("tsmon.processor")
 RESERVED_PREFIX = "__tsmon"  # changelog keys of daemon-wide state
 FLUSH_SLICE_S = 0.25  # a commit waits for the sink in slices of this: a deadline set meanwhile applies at the next
+WAKE_ROOM = 0.9  # share of limits.max_streams that streams woken for a command may fill
 DEAD_LETTER_MAX = 512 * 1024  # a bad record longer than this is dead-lettered truncated …
 DEAD_LETTER_KEEP = 64 * 1024  # … to its first bytes (the source offset header names the whole record)
 
@@ -213,6 +214,7 @@ class Processor:
             StreamQuality(stream, np.asarray(det.scaler.scale, "float32"), det.channel_names, s.flatline_rel_std,
                           s.rate_tolerance, s.quality_cooldown_ms),
             AlertState(stream, served.name, self.alert_settings(served)), recent_alerts=deque(maxlen=s.recent_alerts))
+        self.evicted.discard(stream)
         restored = self._restore(stream, st)
         state = self.calibrator.threshold(stream)
         log.info("stream_started", stream=stream, model=served.name, window=served.window, hop=served.hop,
@@ -232,7 +234,8 @@ class Processor:
             log.error("state_restore_failed", stream=stream, error=f"{type(exc).__name__}: {exc}")
             return "failed"
         if st.orphan is not None:  # paged under the model version it replaced: never leave that page open
-            self.publish_alert(stream, st, Transition("resolved", st.orphan), reset=True, model_changed=True)
+            self.publish_alert(stream, st, Transition("resolved", st.orphan), remember=False, reset=True,
+                               model_changed=True, model=doc["model"])  # its errors are on the old model's scale
             st.orphan = None
         return how
 
@@ -375,6 +378,11 @@ class Processor:
     def page_unsilenced(self) -> int:
         """Publish as ``firing`` the open alerts whose silence has ended or was lifted. The next window of the
         stream does it too, but a stream that went quiet meanwhile sends none, and the page would be owed."""
+        now_ms = self.clock() * 1000
+        for name, doc in self.evicted_docs().items():  # quiet long enough to be evicted, page owed all the same
+            ep = doc.get("alerts", {}).get("episode") or {}
+            if ep.get("silenced") and ep.get("fired") and doc.get("silenced_until_ms", 0) <= now_ms:
+                self.wake(name)
         owed = [(n, st) for n, st in self.streams.items()
                 if (ep := st.alerts.episode) is not None and ep.silenced and st.alerts.firing and not self.silenced(st)]
         for stream, st in owed:
@@ -383,7 +391,7 @@ class Processor:
         return len(owed)
 
     def publish_alert(self, stream: str, st: StreamState, t: Transition, arrived: float | None = None,
-                      **extra: Any) -> None:
+                      remember: bool = True, **extra: Any) -> None:
         """Send a transition: a firing one carries its picture; while silenced it is recorded, not paged."""
         ep = t.episode
         status = t.status
@@ -401,7 +409,8 @@ class Processor:
         if t.status == "firing":
             doc["explain"] = self._explain(st, ep.peak)
             self.metrics.alert_severity.labels(doc["severity"]).inc()
-        st.remember(ep.alert_id, ep.scores)  # firing, then resolved: with all its over-threshold windows
+        if remember:  # firing, then resolved: with all its over-threshold windows
+            st.remember(ep.alert_id, ep.scores)
         self.sink.send(json_message(self.settings.alerts_topic, stream, doc, [("tsmon.type", b"anomaly")]))
         self.metrics.alerts.labels(status).inc()
         if arrived is not None:
@@ -493,7 +502,7 @@ class Processor:
         # restore read it all anyway) plus streams evicted since: trimming it would forget the pins, silences
         # and open alerts of streams this instance will see again.
         while self.settings.state_topic is None and len(self.restored) > self.settings.max_streams:
-            self.restored.pop(next(iter(self.restored)))
+            self.evicted.discard(self.restored.pop(next(iter(self.restored))).get("stream", ""))
         return len(gone)
 
     def _drop(self, stream: str) -> None:
@@ -580,11 +589,15 @@ class Processor:
         it (it is evicted again when idle). Only since the last assignment: after a rebalance its partition
         may be another instance's, whose newer document this one must not overwrite."""
         served = self.scorer.route(stream)
-        if stream not in self.evicted or served is None or len(self.streams) >= self.settings.max_streams:
+        room = len(self.streams) < self.settings.max_streams * WAKE_ROOM  # new streams keep the rest
+        if stream not in self.evicted or stream in self.streams or served is None or not room:
             return False
-        self.evicted.discard(stream)
         self._new_stream(stream, served).last_seen = time.monotonic()
         return True
+
+    def evicted_docs(self) -> dict[str, dict[str, Any]]:
+        """The documents of the streams :meth:`wake` can bring back."""
+        return {n: d for n in self.evicted if (d := self.restored.get(n)) is not None}
 
     def revoke(self, source: Source, tps: set[TP]) -> None:
         """Partitions are leaving: score what waits, publish, commit them, forget their streams."""

@@ -101,6 +101,8 @@ def test_ctl_verdict_needs_an_applying_daemon() -> None:
     skewed = {**ack, "instance": "h:2", "status": "rejected", "error": "stale command: issued -412 s from now"}
     with pytest.raises(CommandFailed, match=r"pin applied only in part \(by h:1\); rejected by h:2: stale"):
         verdict("pin", "s", [{**ack, "streams": ["s"]}, skewed], 5)  # h:2's streams were left as they were
+    foreign = {**ack, "instance": "other:1", "status": "rejected", "error": "bad signature"}
+    verdict("pin", "s", [{**ack, "streams": ["s"]}, foreign], 5)  # another deployment's daemon on the topic
 
 
 def test_simulate_counts_windows_and_alerts() -> None:
@@ -281,6 +283,7 @@ def test_stream_state_document_round_trip(make: Make) -> None:
     [closed] = anomalies(r)
     assert closed["alert_id"] == anomalies(p)[0]["alert_id"] and closed["status"] == "resolved"
     assert closed["reset"] and closed["model_changed"] and r.streams["dev-x"].alerts.episode is None
+    assert closed["model"] == other["model"] and not r.streams["dev-x"].recent_alerts  # no verdict on other scales
 
 
 def test_a_broken_document_does_not_stop_the_stream(make: Make, tmp_path: Path) -> None:
@@ -489,4 +492,38 @@ def test_commands_reach_streams_this_instance_evicted(make: Make) -> None:
     assert [d["status"] for d in anomalies(p)] == ["firing"]  # its resolve waits; nothing paged in the silence
     p.revoke(MemorySource(), {("in", 0), ("in", 1)})
     assert p.evicted == set()  # after a rebalance the partition may be another instance's
+
+
+def test_a_stream_back_on_its_own_is_not_woken_again_and_feedback_wakes_only_its_stream(make: Make) -> None:
+    p = make()
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0, max_streams=4)
+    c = controller(p)
+    ts, v = sine_stream(2000, (1000,))
+    feed(p, records("dev-a", ts, v) + records("dev-b", *sine_stream(300, seed=1), partition=1)
+         + records("dev-c", *sine_stream(300, seed=2), partition=2))
+    alert_id = anomalies(p)[0]["alert_id"]
+    assert p.evict_idle(time.monotonic() + 61) == 3 and p.evicted == {"dev-a", "dev-b", "dev-c"}
+    feed(p, records("dev-b", *sine_stream(100, seed=1, start_ms=1_700_000_000_000 + 10 * 300), partition=1,
+                    first_offset=30))
+    assert "dev-b" not in p.evicted  # back through its records: a command must not replace it
+    held = p.streams["dev-b"]
+    assert send(c, "pin", "dev-b", threshold=1.0)["streams"] == ["dev-b"] and p.streams["dev-b"] is held
+    fb = send(c, "feedback", "*", alert_id=alert_id, verdict="false_positive")
+    assert fb["streams"] == ["dev-a"] and sorted(p.streams) == ["dev-a", "dev-b"]  # not dev-c
+    assert sorted(send(c, "freeze", "*")["streams"]) == ["dev-a", "dev-b"]  # daemon-wide: wakes nothing
+
+
+def test_an_evicted_stream_whose_silence_ends_pages(make: Make) -> None:
+    p = make()
+    now = [1_800_000_000.0]
+    p.clock = lambda: now[0]
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0)
+    ts, v = sine_stream(1000, (970,))  # an alert left open
+    feed(p, records("dev-q", ts[:200], v[:200]))
+    p.streams["dev-q"].silenced_until_ms = int((now[0] + 7200) * 1000)
+    feed(p, records("dev-q", ts[200:], v[200:], first_offset=20))
+    assert p.evict_idle(time.monotonic() + 61) == 1
+    now[0] += 7201
+    assert p.page_unsilenced() == 1
+    assert [d["status"] for d in anomalies(p)] == ["silenced", "firing"]
 
