@@ -57,8 +57,11 @@ class Controller:
         if cmd.command_id in self.seen:
             log.info("command_duplicate", command=cmd.command, command_id=cmd.command_id)
             return self._publish(ack(cmd, None, "duplicate", self.instance), cmd.command)
+        self.not_woken: set[str] = set()
         try:
             streams, effects, result = self._handlers[cmd.command](cmd)
+            if self.not_woken:
+                result = {**result, "not_woken": sorted(self.not_woken)}
         except Exception as exc:  # noqa: BLE001 — a signed but unusable command must never stop the loop
             error = str(exc) if isinstance(exc, Refused | ValueError) else f"bad params: {type(exc).__name__} {exc}"
             log.warning("command_failed", command=cmd.command, command_id=cmd.command_id, error=error)
@@ -99,8 +102,8 @@ class Controller:
         """The streams held that match, and those this instance evicted whose document ``wake`` accepts, woken
         from it: a command for ``dev-*`` must reach a stream that happened to be idle (a silence most of all)."""
         for name, doc in sorted(self.p.evicted_docs().items()):
-            if fnmatch.fnmatchcase(name, cmd.target) and wake(doc):
-                self.p.wake(name)
+            if fnmatch.fnmatchcase(name, cmd.target) and wake(doc) and not self.p.wake(name):
+                self.not_woken.add(name)  # no room: the ack says so, and tsmon ctl fails
         return [s for s in self.p.streams if fnmatch.fnmatchcase(s, cmd.target)]
 
     def _view(self, stream: str) -> dict[str, Any]:

@@ -73,7 +73,6 @@ def _collect(audit: Any, command_id: str, timeout_s: float, settle_s: float) -> 
     return acks
 
 
-FOREIGN = ("bad signature",)  # another key: a daemon of another deployment reading the same control topic
 
 
 def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: float) -> None:
@@ -87,13 +86,15 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
     if not applied:
         a = acks[0]
         raise CommandFailed(f"{command} {a['status']} by {a['instance']}: {a['error']}")
-    # a daemon that cannot verify the signature may serve another deployment on the same topic: not a failure
-    refused = [a for a in acks if a["status"] not in ("applied", "duplicate")
-               and not (a["status"] == "rejected" and a["error"] in FOREIGN)]
+    refused = [a for a in acks if a["status"] not in ("applied", "duplicate")]
     if refused:
         by = "; ".join(f"{a['status']} by {a['instance']}: {a['error']}" for a in refused)
         raise CommandFailed(f"{command} applied only in part (by {', '.join(a['instance'] for a in applied)}); "
                             f"{by}")
+    asleep = sorted({s for a in applied for s in (a.get("result") or {}).get("not_woken", ())})
+    if asleep:
+        raise CommandFailed(f"{command} applied only in part: {len(asleep)} idle stream(s) not woken, "
+                            f"limits.max_streams nearly reached: {', '.join(asleep[:5])}")
     if command in ("freeze", "unfreeze") and target == "*":
         return  # daemon-wide, whether or not a stream exists yet
     key = {"feedback": "verdict", "history": "history", "shadow": "shadow"}.get(command)

@@ -215,7 +215,7 @@ class Daemon:
             return
         self._restored = True
         self.processor.restored = {}  # never continue from documents read at an earlier assignment
-        self.processor.evicted.clear()
+        self.processor.forget_evicted()
         log_ = read_changelog(self.cfg.kafka.client_kwargs(), st.topic, st.restore_timeout_s)
         daemon_doc = log_.docs.pop(GLOBAL_KEY, None)
         if daemon_doc is not None:

@@ -14,6 +14,7 @@ Owns per-stream state and the order of the at-least-once contract inside one con
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -43,7 +44,7 @@ from monitor.windows import order_problem
 log = logs.get("tsmon.processor")
 RESERVED_PREFIX = "__tsmon"  # changelog keys of daemon-wide state
 FLUSH_SLICE_S = 0.25  # a commit waits for the sink in slices of this: a deadline set meanwhile applies at the next
-WAKE_ROOM = 0.9  # share of limits.max_streams that streams woken for a command may fill
+WAKE_RESERVE = 0.1  # share of limits.max_streams that streams woken for a command leave to new streams
 DEAD_LETTER_MAX = 512 * 1024  # a bad record longer than this is dead-lettered truncated …
 DEAD_LETTER_KEEP = 64 * 1024  # … to its first bytes (the source offset header names the whole record)
 
@@ -116,6 +117,8 @@ class Processor:
         self._inflight: deque[tuple[Batch, Future[Result]]] = deque()
         self.restored: dict[str, dict[str, Any]] = {}  # changelog documents of streams not started yet
         self.evicted: set[str] = set()  # streams this instance evicted since its last assignment (see wake)
+        self.owed: dict[str, int] = {}  # evicted with a silenced alert open: silence end (epoch ms), page owed
+        self._owed_warned: set[str] = set()
         self.clock = time.time  # wall clock: silences and state timestamps
         self.deadline: float | None = None  # monotonic time by which commits must be done (set at shutdown)
         # windows a good record makes (samples / hop; decays slowly from the largest seen): sizes the next
@@ -215,6 +218,7 @@ class Processor:
                           s.rate_tolerance, s.quality_cooldown_ms),
             AlertState(stream, served.name, self.alert_settings(served)), recent_alerts=deque(maxlen=s.recent_alerts))
         self.evicted.discard(stream)
+        self.owed.pop(stream, None)
         restored = self._restore(stream, st)
         state = self.calibrator.threshold(stream)
         log.info("stream_started", stream=stream, model=served.name, window=served.window, hop=served.hop,
@@ -379,10 +383,11 @@ class Processor:
         """Publish as ``firing`` the open alerts whose silence has ended or was lifted. The next window of the
         stream does it too, but a stream that went quiet meanwhile sends none, and the page would be owed."""
         now_ms = self.clock() * 1000
-        for name, doc in self.evicted_docs().items():  # quiet long enough to be evicted, page owed all the same
-            ep = doc.get("alerts", {}).get("episode") or {}
-            if ep.get("silenced") and ep.get("fired") and doc.get("silenced_until_ms", 0) <= now_ms:
-                self.wake(name)
+        for name in [n for n, until in self.owed.items() if until <= now_ms]:  # quiet enough to be evicted
+            if not self.wake(name, reserve=False) and name not in self._owed_warned:
+                self._owed_warned.add(name)  # tried again every tick; said once
+                log.warning("page_owed_not_woken", stream=name, held=len(self.streams),
+                            max_streams=self.settings.max_streams)
         owed = [(n, st) for n, st in self.streams.items()
                 if (ep := st.alerts.episode) is not None and ep.silenced and st.alerts.firing and not self.silenced(st)]
         for stream, st in owed:
@@ -460,6 +465,7 @@ class Processor:
             self.sink.send(json_message(topic, stream, doc, [("tsmon.type", b"stream_state")]))
             point = st.replay_point()  # a replay after a crash resumes from this document: it must reach there
             st.doc_from_seq = point[0] if point else None
+            self._release(stream, st)  # the older document's hold ends now (a shutdown sends no more records)
             st.dirty = False
             self.metrics.snapshots.inc()
         return doc
@@ -492,6 +498,9 @@ class Processor:
             doc = self.save(name)
             if doc is not None:
                 self.restored[name] = doc
+                ep = st.alerts.episode
+                if ep is not None and ep.silenced and ep.fired is not None:
+                    self.owed[name] = st.silenced_until_ms
             self._drop(name)
             self.ledger.forget(name)
             self.evicted.add(name)
@@ -502,7 +511,9 @@ class Processor:
         # restore read it all anyway) plus streams evicted since: trimming it would forget the pins, silences
         # and open alerts of streams this instance will see again.
         while self.settings.state_topic is None and len(self.restored) > self.settings.max_streams:
-            self.evicted.discard(self.restored.pop(next(iter(self.restored))).get("stream", ""))
+            gone = str(self.restored.pop(next(iter(self.restored))).get("stream", ""))
+            self.evicted.discard(gone)
+            self.owed.pop(gone, None)
         return len(gone)
 
     def _drop(self, stream: str) -> None:
@@ -584,12 +595,13 @@ class Processor:
                 if left() <= 0 or time.monotonic() - began < 0.9 * step:
                     raise
 
-    def wake(self, stream: str) -> bool:
+    def wake(self, stream: str, reserve: bool = True) -> bool:
         """Bring a stream this instance evicted back from its document, for an operator's command that names
         it (it is evicted again when idle). Only since the last assignment: after a rebalance its partition
-        may be another instance's, whose newer document this one must not overwrite."""
-        served = self.scorer.route(stream)
-        room = len(self.streams) < self.settings.max_streams * WAKE_ROOM  # new streams keep the rest
+        may be another instance's, whose newer document this one must not overwrite. ``reserve``: leave
+        ``WAKE_RESERVE`` of ``max_streams`` (at least one) to new streams; a page owed takes any room left."""
+        served, most = self.scorer.route(stream), self.settings.max_streams
+        room = len(self.streams) < (most - max(1, math.ceil(most * WAKE_RESERVE)) if reserve else most)
         if stream not in self.evicted or stream in self.streams or served is None or not room:
             return False
         self._new_stream(stream, served).last_seen = time.monotonic()
@@ -599,9 +611,15 @@ class Processor:
         """The documents of the streams :meth:`wake` can bring back."""
         return {n: d for n in self.evicted if (d := self.restored.get(n)) is not None}
 
+    def forget_evicted(self) -> None:
+        """At an assignment change: the evicted streams' partitions may now be another instance's."""
+        self.evicted.clear()
+        self.owed.clear()
+        self._owed_warned.clear()
+
     def revoke(self, source: Source, tps: set[TP]) -> None:
         """Partitions are leaving: score what waits, publish, commit them, forget their streams."""
-        self.evicted.clear()
+        self.forget_evicted()
         self.score_ready(force=True)
         for stream in self.ledger.streams_on(tps):  # their next owner restores from these
             self.save(stream)

@@ -101,8 +101,8 @@ def test_ctl_verdict_needs_an_applying_daemon() -> None:
     skewed = {**ack, "instance": "h:2", "status": "rejected", "error": "stale command: issued -412 s from now"}
     with pytest.raises(CommandFailed, match=r"pin applied only in part \(by h:1\); rejected by h:2: stale"):
         verdict("pin", "s", [{**ack, "streams": ["s"]}, skewed], 5)  # h:2's streams were left as they were
-    foreign = {**ack, "instance": "other:1", "status": "rejected", "error": "bad signature"}
-    verdict("pin", "s", [{**ack, "streams": ["s"]}, foreign], 5)  # another deployment's daemon on the topic
+    with pytest.raises(CommandFailed, match=r"applied only in part: 1 idle stream\(s\) not woken.*: s-2"):
+        verdict("silence", "s*", [{**ack, "streams": ["s"], "result": {"not_woken": ["s-2"]}}], 5)
 
 
 def test_simulate_counts_windows_and_alerts() -> None:
@@ -522,8 +522,15 @@ def test_an_evicted_stream_whose_silence_ends_pages(make: Make) -> None:
     feed(p, records("dev-q", ts[:200], v[:200]))
     p.streams["dev-q"].silenced_until_ms = int((now[0] + 7200) * 1000)
     feed(p, records("dev-q", ts[200:], v[200:], first_offset=20))
-    assert p.evict_idle(time.monotonic() + 61) == 1
+    assert p.evict_idle(time.monotonic() + 61) == 1 and "dev-q" in p.owed
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0, max_streams=2)
+    feed(p, records("dev-r", *sine_stream(100, seed=3), partition=1))  # 1 of 2 held: a command could not wake
     now[0] += 7201
-    assert p.page_unsilenced() == 1
+    assert p.page_unsilenced() == 1 and p.owed == {}  # a page owed takes the last room
     assert [d["status"] for d in anomalies(p)] == ["silenced", "firing"]
+    c = controller(p)
+    assert p.evict_idle(time.monotonic() + 3600) == 2
+    feed(p, records("dev-s", *sine_stream(100, seed=4), partition=2))
+    ack = send(c, "silence", "dev-*", for_s=60)  # 1 of 2 held: 10 % (at least one) is left to new streams
+    assert ack["streams"] == ["dev-s"] and ack["result"]["not_woken"] == ["dev-q", "dev-r"]
 
