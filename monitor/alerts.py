@@ -136,6 +136,16 @@ class AlertState:
         return self.episode is not None and self.episode.fired is not None
 
     @property
+    def pending(self) -> Episode | None:
+        """The episode over the threshold that has not fired yet (not stored: a replay rebuilds it)."""
+        return self.episode if self.episode is not None and self.episode.fired is None else None
+
+    @property
+    def silenced_open(self) -> bool:
+        """A fired episode still open that was recorded as silenced: its page is owed once the silence ends."""
+        return self.firing and self.episode.silenced  # type: ignore[union-attr]
+
+    @property
     def hold_seq(self) -> int | None:
         """First sample of the open episode: input before it is not needed to replay the episode."""
         return self.episode.start.start_seq if self.episode else None

@@ -39,6 +39,7 @@ class Controller:
         self._key, self.audit_topic, self.instance = key, audit_topic, instance
         self.max_age_s, self.clock = max_age_s, clock
         self.seen = Seen(remember)
+        self.not_woken: set[str] = set()  # evicted streams the command in hand found no room to wake
         self._handlers: dict[str, Callable[[Command], Effects]] = {
             "recalibrate": self._recalibrate, "pin": self._pin, "unpin": self._unpin,
             "freeze": self._freeze, "unfreeze": self._freeze, "silence": self._silence, "unsilence": self._silence,
@@ -57,7 +58,7 @@ class Controller:
         if cmd.command_id in self.seen:
             log.info("command_duplicate", command=cmd.command, command_id=cmd.command_id)
             return self._publish(ack(cmd, None, "duplicate", self.instance), cmd.command)
-        self.not_woken: set[str] = set()
+        self.not_woken.clear()
         try:
             streams, effects, result = self._handlers[cmd.command](cmd)
             if self.not_woken:
@@ -154,8 +155,9 @@ class Controller:
         streams = self._targets(cmd, lambda doc: not frozen and bool(doc.get("calibrator", {}).get("frozen")))
         before = {s: self._view(s) for s in streams}
         self.cal.frozen_all = frozen
-        for s in streams if not frozen else ():
-            self.cal.set_frozen(s, False)
+        if not frozen:
+            for s in streams:
+                self.cal.set_frozen(s, False)
         return streams, [{"stream": s, "before": before[s], "after": self._view(s)} for s in streams], {}
 
     def _silence(self, cmd: Command) -> Effects:

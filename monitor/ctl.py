@@ -73,8 +73,6 @@ def _collect(audit: Any, command_id: str, timeout_s: float, settle_s: float) -> 
     return acks
 
 
-
-
 def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: float) -> None:
     """Raise :class:`CommandFailed` unless some daemon applied the command to something and none refused it
     (each instance of a group owns other streams: one that rejected it — a skewed clock, another key — left

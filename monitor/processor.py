@@ -370,14 +370,19 @@ class Processor:
         arrived = float(batch.enqueued[i]) if batch.enqueued is not None else None
         for t in step.transitions:
             self.publish_alert(stream, st, t, arrived)
-        ep = st.alerts.episode
-        if ep is not None and ep.silenced and st.alerts.firing and not self.silenced(st):
-            self.publish_alert(stream, st, Transition("firing", ep), arrived)  # silence over, still anomalous
+        self._page_if_unsilenced(stream, st, arrived)  # silence over, still anomalous
         if step.transitions:
             self.save(stream)
 
     def silenced(self, st: StreamState) -> bool:
         return st.silenced_until_ms > self.clock() * 1000
+
+    def _page_if_unsilenced(self, stream: str, st: StreamState, arrived: float | None = None) -> bool:
+        """Publish the page a silence held back, once the silence is over and the alert still open."""
+        if not st.alerts.silenced_open or self.silenced(st):
+            return False
+        self.publish_alert(stream, st, Transition("firing", st.alerts.episode), arrived)  # type: ignore[arg-type]
+        return True
 
     def page_unsilenced(self) -> int:
         """Publish as ``firing`` the open alerts whose silence has ended or was lifted. The next window of the
@@ -388,12 +393,10 @@ class Processor:
                 self._owed_warned.add(name)  # tried again every tick; said once
                 log.warning("page_owed_not_woken", stream=name, held=len(self.streams),
                             max_streams=self.settings.max_streams)
-        owed = [(n, st) for n, st in self.streams.items()
-                if (ep := st.alerts.episode) is not None and ep.silenced and st.alerts.firing and not self.silenced(st)]
-        for stream, st in owed:
-            self.publish_alert(stream, st, Transition("firing", st.alerts.episode))  # type: ignore[arg-type]
+        paged = [n for n, st in self.streams.items() if self._page_if_unsilenced(n, st)]
+        for stream in paged:
             self.save(stream)
-        return len(owed)
+        return len(paged)
 
     def publish_alert(self, stream: str, st: StreamState, t: Transition, arrived: float | None = None,
                       remember: bool = True, **extra: Any) -> None:
@@ -460,11 +463,11 @@ class Processor:
         st, topic = self.streams.get(stream), self.settings.state_topic
         if st is None:
             return None
-        doc = st.to_doc(stream, self.calibrator, int(self.clock() * 1000))
+        point = st.replay_point()
+        doc = st.to_doc(stream, self.calibrator, int(self.clock() * 1000), point)
         if topic is not None:
             self.sink.send(json_message(topic, stream, doc, [("tsmon.type", b"stream_state")]))
-            point = st.replay_point()  # a replay after a crash resumes from this document: it must reach there
-            st.doc_from_seq = point[0] if point else None
+            st.doc_from_seq = point[0] if point else None  # a replay after a crash must reach this document's
             self._release(stream, st)  # the older document's hold ends now (a shutdown sends no more records)
             st.dirty = False
             self.metrics.snapshots.inc()
@@ -490,16 +493,15 @@ class Processor:
         idle = self.settings.idle_evict_s
         if idle is None:
             return 0
-        gone = [n for n, st in self.streams.items() if now - max(st.last_seen, input_since) >= idle and not st.unscored]
+        quiet = {n: now - max(st.last_seen, input_since) for n, st in self.streams.items() if not st.unscored}
+        gone = [n for n, q in quiet.items() if q >= idle]
         for name in gone:
-            st = self.streams[name]
-            idle_s = now - max(st.last_seen, input_since)
+            st, idle_s = self.streams[name], quiet[name]
             partial = max(0, st.windows.seen - st.windows.needed_from + 1)  # of a window never completed
             doc = self.save(name)
             if doc is not None:
                 self.restored[name] = doc
-                ep = st.alerts.episode
-                if ep is not None and ep.silenced and ep.fired is not None:
+                if st.alerts.silenced_open:
                     self.owed[name] = st.silenced_until_ms
             self._drop(name)
             self.ledger.forget(name)
@@ -511,9 +513,9 @@ class Processor:
         # restore read it all anyway) plus streams evicted since: trimming it would forget the pins, silences
         # and open alerts of streams this instance will see again.
         while self.settings.state_topic is None and len(self.restored) > self.settings.max_streams:
-            gone = str(self.restored.pop(next(iter(self.restored))).get("stream", ""))
-            self.evicted.discard(gone)
-            self.owed.pop(gone, None)
+            oldest = str(self.restored.pop(next(iter(self.restored))).get("stream", ""))
+            self.evicted.discard(oldest)
+            self.owed.pop(oldest, None)
         return len(gone)
 
     def _drop(self, stream: str) -> None:

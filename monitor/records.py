@@ -164,8 +164,9 @@ def _stream(field: Any, key: bytes | None, limits: Limits) -> str | BadRecord:
         return BadRecord("bad_stream", f"stream field {field[:64]!r} differs from the key {key_id[:64]!r}")
     if len(stream) > limits.max_stream_len:
         return BadRecord("bad_stream", f"stream id longer than {limits.max_stream_len} characters")
-    try:  # JSON may carry lone surrogates ("\\ud800"): such an id could never key an alert or a state document
-        stream.encode("utf-8")
-    except UnicodeEncodeError:
-        return BadRecord("bad_stream", "stream id is not valid Unicode (a lone surrogate)")
+    if field:  # a JSON field may carry lone surrogates ("\\ud800"; a key decoded from UTF-8 cannot): such an id
+        try:  # could never key an alert or a state document
+            field.encode("utf-8")
+        except UnicodeEncodeError:
+            return BadRecord("bad_stream", "stream id is not valid Unicode (a lone surrogate)")
     return stream

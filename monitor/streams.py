@@ -87,20 +87,20 @@ class StreamState:
         points = [nxt]
         if self.unscored:
             points.append((self.unscored[0][0], self.unscored[0][1], 0))
-        ep = self.alerts.episode
-        if ep is not None and ep.fired is None:
+        if (ep := self.alerts.pending) is not None:
             points.append((ep.start.start_seq, ep.start.start_ts, 0))
         return min(points)
 
-    def to_doc(self, stream: str, calibrator: Calibrator, written_ms: int) -> dict[str, Any]:
-        """The changelog document. A pending episode is not stored (see :meth:`AlertState.to_doc`): the
-        windows from its first one on count as not applied, so the replay — which the ledger holds the input
-        for — rebuilds it, and ``window_from_ts`` makes the replay cut the same windows (same alert id)."""
+    def to_doc(self, stream: str, calibrator: Calibrator, written_ms: int,
+               point: tuple[int, int, int] | None = None) -> dict[str, Any]:
+        """The changelog document (``point``: :meth:`replay_point`, when the caller has it). A pending episode
+        is not stored (see :meth:`AlertState.to_doc`): the windows from its first one on count as not applied,
+        so the replay — which the ledger holds the input for — rebuilds it, and ``window_from_ts`` makes the
+        replay cut the same windows (same alert id)."""
         applied = max(self.last_window_ts, self.applied_until_ts)
-        ep = self.alerts.episode
-        if ep is not None and ep.fired is None:
+        if (ep := self.alerts.pending) is not None:
             applied = min(applied, ep.start.end_ts - 1)
-        point = self.replay_point()
+        point = point or self.replay_point()
         return {"type": "stream_state", "v": DOC_VERSION, "stream": stream, "model": self.served.describe(),
                 "written_ms": written_ms, "applied_until_ts": applied,
                 "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,

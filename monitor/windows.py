@@ -105,8 +105,8 @@ class StreamWindows(_Windowing):
         if self.last_ts is None:
             return None
         start, since = self._next_start(), self._since_start
-        if start < since:  # arrived: it is in the tail
-            return self.needed_from, int(self._tail_ts[start - (since - len(self._tail_ts))]), 0
+        if start < since:  # arrived: it is in the tail (the sample number is needed_from's)
+            return self.seen - since + start + 1, int(self._tail_ts[start - (since - len(self._tail_ts))]), 0
         return self.seen, self.last_ts, start - since + 1  # hop ≥ window: after the last sample, a few more
 
     def align(self, from_ts: int, skip: int = 0) -> None:
