@@ -21,6 +21,7 @@ starved of calibration by the very alert that its low threshold holds open.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -116,6 +117,7 @@ class Step:
     transitions: list[Transition]
     normal: bool  # feed this window's score to the calibrator
     censored: int  # over-threshold windows that turned out to be normal noise
+    above: float = math.inf  # the lowest threshold they were over (the calibrator's censoring point)
 
 
 @dataclass
@@ -130,6 +132,7 @@ class AlertState:
     would_over: int = 0  # over windows of the episode a flapping hold stands in for (0: none open)
     would_peak: float = 0.0  # its highest score / threshold
     fires: deque[int] = field(default_factory=lambda: deque(maxlen=64))
+    over_floor: float = math.inf  # lowest threshold of the over windows not yet settled as fired or noise
 
     @property
     def firing(self) -> bool:
@@ -151,6 +154,16 @@ class AlertState:
         return self.episode.start.start_seq if self.episode else None
 
     def update(self, obs: Observation) -> Step:
+        if obs.over:
+            self.over_floor = min(self.over_floor, obs.threshold)
+        step = self._update(obs)
+        if step.censored:  # noise windows are known only to be over the threshold of their time
+            step = replace(step, above=min(self.over_floor, obs.threshold))
+        if not obs.over and not self.would_over:  # every run before this window is settled
+            self.over_floor = math.inf
+        return step
+
+    def _update(self, obs: Observation) -> Step:
         ep, s = self.episode, self.settings
         if ep is None:
             if not obs.over:

@@ -11,10 +11,15 @@ and non-finite errors are refused here (``rejected``).
 Censoring. The caller feeds as values only windows below the threshold, and the q-quantile of values
 truncated at T is always below T: alone, they would lower the threshold on every recalibration, down
 to the floor. So the caller also reports, with ``observe_censored``, over-threshold windows that were
-normal noise (``monitor.alerts.AlertSettings.noise``); they enter the same window as
-``+inf`` ("above the threshold of the time"). The quantile is taken with ``method="inverted_cdf"`` (an
-actual entry, no interpolation with inf): finite, it is the empirical quantile; ``+inf``, the true
-quantile is above the threshold and the threshold steps up (see ``_proposal``).
+normal noise (``monitor.alerts.AlertSettings.noise``), with the threshold they were over; they enter the
+same window as ``-T`` ("above T": errors are never negative). The quantile is the Kaplan–Meier estimate
+over these right-censored entries (:func:`censored_quantile`; without censored ones, numpy's
+``inverted_cdf`` quantile): finite, the threshold moves to it; infinite — too many entries are known only
+to be above every observed error — the true quantile is above them and the threshold steps up (see
+``_target``). An entry censored at T says nothing about values above T, so one taken under a threshold
+that has since risen cannot push it further: counted as "above the current threshold", as ``+inf``
+did before (and still does in documents written then), a threshold that started too low was walked up
+past the true quantile to the ceiling and held there until those entries left the window.
 
 Level shifts and the drift guard. The caller also feeds the errors of *all* windows (``observe_all``).
 When nearly all recent windows are over the threshold the stream is either broken or has a new normal:
@@ -156,7 +161,7 @@ class Ring:
 @dataclass
 class _Stream:
     state: ThresholdState
-    normal: Ring  # recent normal errors, +inf for censored ones
+    normal: Ring  # recent normal errors; -T for a censored one (over threshold T), +inf in older documents
     recent: Ring  # recent errors of all windows, for the drift guard
     versions: deque[ThresholdState]
     thin: int = 1  # every thin-th window does not overlap the previous one
@@ -210,12 +215,13 @@ class Calibrator:
         with self._lock:
             return self._streams[stream].normal.remove(float(e) for e in errors)
 
-    def observe_censored(self, stream: str, n: int = 1) -> None:
-        """``n`` normal windows whose error was above the threshold (stored as +inf, see module doc)."""
-        if n < 0:
-            raise ValueError(f"censored count must be >= 0, got {n}")
+    def observe_censored(self, stream: str, n: int = 1, above: float = math.inf) -> None:
+        """``n`` normal windows whose error was over the threshold ``above`` (stored as ``-above``, see module
+        doc; ``inf``: over any value)."""
+        if n < 0 or not above > 0:
+            raise ValueError(f"censored count must be >= 0 and its threshold > 0, got {n} above {above}")
         with self._lock:
-            self._streams[stream].normal.extend(np.full(min(n, self.settings.window), math.inf))
+            self._streams[stream].normal.extend(np.full(min(n, self.settings.window), -above))
 
     def observe_all(self, stream: str, errors: Iterable[float]) -> None:
         """Errors of every scored window, anomalous or not, in arrival order (for the drift guard)."""
@@ -281,15 +287,15 @@ class Calibrator:
 
     def _target(self, old: ThresholdState, errors: np.ndarray, quantile: float, commanded: bool) -> float:
         s = self.settings
-        q = float(np.quantile(errors, quantile, method="inverted_cdf"))
+        q, above = censored_quantile(errors, quantile)
         if math.isfinite(q):
             target = q * s.margin
         else:
-            # Step up by max_change once the censored share is twice the expected 1 − quantile, less
-            # when just above it: at equilibrium that share is 1 − quantile ± sampling noise, and a
-            # full step on any excess made the threshold jump +max_change every few calls.
-            excess = np.count_nonzero(np.isinf(errors)) / len(errors) / (1.0 - quantile) - 1.0
-            target = old.value * (1.0 + s.max_change * min(1.0, float(excess)))
+            # Step up by max_change once the share above every observed error is twice the expected
+            # 1 − quantile, less when just above it: at equilibrium that share is 1 − quantile ± sampling
+            # noise, and a full step on any excess made the threshold jump +max_change every few calls.
+            excess = above / (1.0 - quantile) - 1.0
+            target = old.value * (1.0 + s.max_change * min(1.0, excess))
         if not commanded:
             target = min(max(target, old.value * (1.0 - s.max_change)), old.value * (1.0 + s.max_change))
         return self._bounded(old, target)
@@ -427,13 +433,40 @@ class Calibrator:
             return st.state
 
 
+def censored_quantile(entries: np.ndarray, quantile: float) -> tuple[float, float]:
+    """Kaplan–Meier ``quantile`` of a window of errors: ``x >= 0`` observed, ``-c`` known only to be above ``c``,
+    ``+inf`` above any value. Returns the quantile (``inf`` when the estimated share above the largest
+    observed error is still over 1 − ``quantile``) and that share. Without censored entries: numpy's
+    ``inverted_cdf`` quantile and 0.
+
+    >>> censored_quantile(np.array([1.0, 2.0, 3.0, 4.0]), 0.5)
+    (2.0, 0.0)
+    >>> censored_quantile(np.array([1.0, -1.5, 2.0, 3.0]), 0.5)  # -1.5: above 1.5, so 2 or 3 with equal odds
+    (2.0, 0.0)
+    >>> censored_quantile(np.array([1.0, 2.0, -2.5, -2.5]), 0.75)  # half of them only known to be above 2.5
+    (inf, 0.5)
+    """
+    e = np.asarray(entries, "float64")
+    censored = (e < 0) | np.isinf(e)
+    x = np.abs(e)
+    order = np.lexsort((censored, x))  # by value; at a tie the observed entry first ("above c" is > c)
+    x, censored = x[order], censored[order]
+    at_risk = len(x) - np.arange(len(x))
+    survival = np.cumprod(np.where(censored, 1.0, 1.0 - 1.0 / at_risk))
+    observed = np.flatnonzero(~censored)
+    if observed.size == 0:
+        return math.inf, 1.0
+    hit = observed[survival[observed] <= (1.0 - quantile) * (1.0 + 1e-9)]  # tolerance: the product's rounding
+    return (float(x[hit[0]]) if hit.size else math.inf), float(survival[observed[-1]])
+
+
 def _pack(values: np.ndarray) -> str:
-    """float32 little-endian, base64: 2 000 errors in 10.7 kB of JSON (+inf survives)."""
+    """float32 little-endian, base64: 2 000 errors in 10.7 kB of JSON (censored ones and +inf survive)."""
     return base64.b64encode(np.asarray(values, "<f4").tobytes()).decode()
 
 
 def _unpack(text: str) -> list[float]:
     values = np.frombuffer(base64.b64decode(text, validate=True), "<f4").astype("float64")
-    if np.isnan(values).any() or (values < 0).any():
-        raise ValueError("stored errors must be >= 0 (+inf for censored ones)")
+    if np.isnan(values).any() or np.isneginf(values).any():
+        raise ValueError("stored errors must be finite or +inf (censored ones are negative)")
     return values.tolist()

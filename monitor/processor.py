@@ -99,7 +99,7 @@ def learn(calibrator: Calibrator, stream: str, step: Step, score: float, normal:
     if step.censored:
         calibrator.observe(stream, np.asarray(normal))
         normal.clear()
-        calibrator.observe_censored(stream, step.censored)
+        calibrator.observe_censored(stream, step.censored, step.above)
 
 
 class Processor:

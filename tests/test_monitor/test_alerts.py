@@ -53,6 +53,16 @@ def test_a_single_over_window_does_not_fire_and_is_censored() -> None:
     assert under.transitions == [] and under.normal is True and under.censored == 1
 
 
+def test_a_noise_run_is_censored_at_the_lowest_threshold_its_windows_were_over() -> None:
+    # the calibrator learns "over T" from it: T must be one each window did exceed, even when the threshold
+    # moved during the run or at the window that ends it
+    st = state(for_windows=4)
+    steps = [st.update(obs(i, 3.0, th)) for i, th in enumerate([2.0, 1.8, 2.2])] + [st.update(obs(3, 1.0, 2.5))]
+    assert (steps[-1].censored, steps[-1].above) == (3, 1.8)
+    second = feed(st, [OVER, UNDER], first=4)[1]  # the next run starts afresh
+    assert (second.censored, second.above) == (1, TH)
+
+
 def test_a_short_run_is_censored_with_its_length() -> None:
     st = state(for_windows=4)
     steps = feed(st, [OVER, OVER, OVER, UNDER])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import threading
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from models.errors import ArtifactError, ConfigError
-from monitor.calibrator import Calibrator, CalibratorSettings, ThresholdState
+from monitor.calibrator import Calibrator, CalibratorSettings, ThresholdState, censored_quantile
 
 SIGMA = 0.25  # lognormal(0, SIGMA) errors of a stationary normal stream
 TRUE_Q95 = math.exp(SIGMA * NormalDist().inv_cdf(0.95))
@@ -23,7 +24,7 @@ def feed(cal: Calibrator, stream: str, errors: np.ndarray, censored: bool = True
     t = cal.threshold(stream).value
     cal.observe(stream, errors[errors <= t])
     if censored:
-        cal.observe_censored(stream, int(np.count_nonzero(errors > t)))
+        cal.observe_censored(stream, int(np.count_nonzero(errors > t)), t)
 
 
 def run(cal: Calibrator, rng: np.random.Generator, rounds: int, scale: float = 1.0, censored: bool = True,
@@ -78,6 +79,47 @@ def test_converges_to_the_true_quantile_with_censoring(start: float) -> None:
     assert values[-1] == pytest.approx(TRUE_Q95, rel=0.05)
     assert np.mean(values) == pytest.approx(TRUE_Q95, rel=0.03)
     assert max(values) < 1.1 * TRUE_Q95  # no +max_change jumps at equilibrium
+
+
+@pytest.mark.parametrize("quantile", [0.5, 0.9, 0.95, 0.99])
+def test_the_censored_quantile_without_censored_entries_is_the_empirical_one(quantile: float) -> None:
+    rng = np.random.default_rng(1)
+    for n in [1, 2, 7, 20, 100, 2000]:
+        x = np.round(rng.lognormal(0.0, SIGMA, n), 2)  # rounded: ties too
+        assert censored_quantile(x, quantile) == (np.quantile(x, quantile, method="inverted_cdf"), 0.0)
+
+
+def test_an_entry_censored_under_a_lower_threshold_does_not_push_a_higher_one_up() -> None:
+    # 10 % of the entries were over 0.5 when the threshold stood there; it is 1.0 now and every observed
+    # error is below it. "Over 0.5" says nothing about 1.0: Kaplan–Meier spreads those 20 over the 90
+    # observed errors above 0.5 (survival 0.55 there, 0.05 after 82 of them). As +inf ("over anything",
+    # how they were stored before) they walk it up by max_change.
+    observed = np.linspace(0.01, 0.99, 180)
+    for above, expected in [(0.5, observed[90 + 81]), (math.inf, 1.2)]:
+        cal = Calibrator(CalibratorSettings(min_samples=10, max_change=0.2))
+        cal.register("s", 1.0)
+        cal.observe("s", observed[:90])
+        cal.observe_censored("s", 20, above)
+        cal.observe("s", observed[90:])
+        assert cal.recalibrate()["s"][1].value == pytest.approx(expected), above
+
+
+def test_censoring_points_survive_export_and_documents_with_inf_still_load() -> None:
+    cal = Calibrator(CalibratorSettings(min_samples=10))
+    cal.register("s", 0.5)
+    cal.observe("s", [0.2, 0.4])
+    cal.observe_censored("s", 2, 0.75)
+    doc = cal.export("s")
+    again = Calibrator(CalibratorSettings(min_samples=10))
+    again.register("s", 0.5)
+    again.restore("s", json.loads(json.dumps(doc)))
+    assert again.export("s")["normal"] == doc["normal"]
+    assert again.candidate("s", 0.5)[0] == pytest.approx(0.4)  # two above 0.75, 0.4 the median estimate
+    old = {**doc, "normal": base64.b64encode(np.array([0.2, 0.4, math.inf, math.inf], "<f4").tobytes()).decode()}
+    again.restore("s", old)
+    assert again.candidate("s", 0.99)[0] == pytest.approx(0.6)  # +inf: above the threshold, steps up
+    with pytest.raises(ValueError, match="finite or"):
+        again.restore("s", {**doc, "normal": base64.b64encode(np.array([-math.inf], "<f4").tobytes()).decode()})
 
 
 def test_without_censoring_the_threshold_ratchets_down() -> None:

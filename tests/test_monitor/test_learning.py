@@ -91,3 +91,15 @@ def test_with_for_1_strong_single_window_anomalies_do_not_raise_the_threshold(fl
     thresholds, fired, _ = play(AlertSettings(for_windows=1, flap_max=flap_max), TRUE_Q95, pattern="A" + "." * 19)
     assert fired > 0
     assert settled(thresholds) == pytest.approx(TRUE_Q95, rel=0.06)
+
+
+@pytest.mark.parametrize("start", [0.7, 0.85])
+def test_a_threshold_set_too_low_rises_to_its_quantile_without_overshooting(start: float) -> None:
+    # 30 windows per recalibration: the window of 2 000 entries spans 67 of them, so entries censored under
+    # a lower threshold stay for half an hour. Counted as "over the current threshold" (+inf), they kept
+    # walking it up by max_change: from 0.85 × to 3.3 × (now at most 1.19 ×: the first quantiles, of 200
+    # entries, are that noisy)
+    thresholds, _, _ = play(AlertSettings(for_windows=2, flap_max=1 << 30), start * TRUE_Q95, rounds=300,
+                            per_round=30)
+    assert max(thresholds) < 1.3 * TRUE_Q95
+    assert settled(thresholds) == pytest.approx(TRUE_Q95, rel=0.06)
