@@ -50,6 +50,7 @@ from models.errors import ArtifactError, ConfigError
 from monitor.drift import DriftSettings, assess, level_shift
 
 _MIN_CHANGE = 1e-9  # relative; below it a recalibration is not a change (float noise)
+MAX_QUANTILE = 0.999  # an artifact thresholded at its maximum (q = 1) still calibrates, at this quantile
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +166,7 @@ class _Stream:
     recent: Ring  # recent errors of all windows, for the drift guard
     versions: deque[ThresholdState]
     thin: int = 1  # every thin-th window does not overlap the previous one
+    quantile: float | None = None  # its own (its model's); None: the settings'
     pinned: bool = False
     frozen: bool = False
 
@@ -182,22 +184,30 @@ class Calibrator:
         self._rejected = 0
         self.frozen_all = False  # operator: no stream recalibrates on the schedule
 
-    def register(self, stream: str, artifact_value: float, thin: int = 1) -> ThresholdState:
-        """Start ``stream`` at the artifact's threshold; a second call returns the existing state."""
+    def register(self, stream: str, artifact_value: float, thin: int = 1, quantile: float | None = None) -> ThresholdState:
+        """Start ``stream`` at the artifact's threshold, calibrated at ``quantile`` (None: the settings'); a
+        second call returns the existing state."""
         if not (math.isfinite(artifact_value) and artifact_value > 0):
             raise ArtifactError(f"threshold of stream {stream!r} must be finite and > 0, got {artifact_value}")
+        if quantile is not None and not 0.0 < quantile < 1.0:
+            raise ArtifactError(f"threshold quantile of stream {stream!r} must be in (0, 1), got {quantile}")
         with self._lock:
             if stream not in self._streams:
                 state = ThresholdState(float(artifact_value), "artifact", 0, 0, float(artifact_value))
                 s = self.settings
                 self._streams[stream] = _Stream(state, Ring(s.window), Ring(s.drift.window),
-                                                deque([state], maxlen=s.history), max(1, thin))
+                                                deque([state], maxlen=s.history), max(1, thin), quantile)
                 self._on_change(stream, state)
             return self._streams[stream].state
 
     def threshold(self, stream: str) -> ThresholdState:
         with self._lock:
             return self._streams[stream].state
+
+    def quantile(self, stream: str) -> float:
+        """The quantile ``stream`` is calibrated at."""
+        with self._lock:
+            return self._streams[stream].quantile or self.settings.quantile
 
     # evidence ---------------------------------------------------------------------------------------
     def observe(self, stream: str, errors: np.ndarray | float) -> None:
@@ -242,12 +252,12 @@ class Calibrator:
             return {}
         with self._lock:  # copy, then compute without holding the lock
             names = list(self._streams) if streams is None else [s for s in streams if s in self._streams]
-            todo = [(n, st.state, st.thin, st.normal.values(), st.recent.values())
+            todo = [(n, st.state, st.thin, st.normal.values(), st.recent.values(), quantile or st.quantile)
                     for n in names if not ((st := self._streams[n]).pinned or st.frozen)]
         refused = {} if refused is None else refused
         proposed = []
-        for name, old, thin, normal, recent in todo:
-            value, samples, reason = self._proposal(old, normal, recent, thin, quantile, commanded, refused, name)
+        for name, old, thin, normal, recent, q in todo:
+            value, samples, reason = self._proposal(old, normal, recent, thin, q, commanded, refused, name)
             if value is not None:
                 proposed.append((name, old, value, samples, reason))
         now_ms = int(self._clock() * 1000)

@@ -243,7 +243,7 @@ class BatchConfig(_Section):
 
 class CalibratorConfig(_Section):
     enabled: bool = Field(True, description="adapt thresholds per stream to recent normal errors")
-    quantile: float | None = Field(None, gt=0, lt=1, description="none = the artifact's threshold quantile")
+    quantile: float | None = Field(None, gt=0, lt=1, description="none = each stream's own model's threshold quantile")
     margin: float = Field(1.0, gt=0, description="threshold = margin × the quantile of recent errors")
     window: int = Field(2000, ge=10, description="recent normal errors kept per stream")
     min_samples: int = Field(200, ge=1, description="errors needed before adapting (≤ window)")
@@ -580,7 +580,7 @@ max_delay_ms = 50.0                      # longest a window waits for its batch 
 
 [calibrator]
 enabled = true                           # adapt each stream's threshold to its recent normal errors
-# quantile = 0.99                        # example: default is the artifact's threshold quantile
+# quantile = 0.99                        # example: default is each stream's model's quantile
 margin = 1.0                             # threshold = margin x the quantile of recent normal errors
 window = 2000                            # recent normal errors kept per stream
 min_samples = 200                        # errors needed before the first recalibration (<= window)

@@ -212,9 +212,10 @@ class Controller:
         return self._each(cmd, lambda s: self.cal.rollback(s, version, self._why(cmd)))
 
     def _shadow(self, cmd: Command) -> Effects:
-        q = _quantile(cmd.params.get("quantile")) or self.cal.settings.quantile
+        asked = _quantile(cmd.params.get("quantile"))
         report = {}
         for stream in self._targets(cmd):
+            q = asked or self.cal.quantile(stream)
             candidate, recent = self.cal.candidate(stream, q)
             current = self.cal.threshold(stream).value
             a = self.p.streams[stream].alerts.settings  # with the route's own debounce

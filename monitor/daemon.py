@@ -33,7 +33,7 @@ from models.errors import BrokerError, SinkBackpressure, TsmonError
 from monitor import heap, logs
 from monitor.alerts import AlertSettings
 from monitor.batcher import Batcher
-from monitor.calibrator import Calibrator, CalibratorSettings, ThresholdState
+from monitor.calibrator import MAX_QUANTILE, Calibrator, CalibratorSettings, ThresholdState
 from monitor.config import Config
 from monitor.controller import GLOBAL_KEY, Controller, ControlSource
 from monitor.drift import DriftSettings
@@ -64,10 +64,10 @@ def build_scorer(cfg: Config) -> Scorer:
 def calibrator_settings(cfg: Config, scorer: Scorer) -> CalibratorSettings:
     c = cfg.calibrator
     quantile = c.quantile
-    if quantile is None:  # the artifacts' own quantile, when they agree
+    if quantile is None:  # the artifacts' own quantile when they agree (each stream is calibrated at its model's)
         found = {m.detector.threshold.quantile for m in scorer.models.values()}
         quantile = found.pop() if len(found) == 1 else DEFAULT_QUANTILE
-    quantile = min(quantile, 0.999)  # an artifact thresholded at its maximum (q = 1) still calibrates
+    quantile = min(quantile, MAX_QUANTILE)
     d = cfg.drift
     return CalibratorSettings(quantile, c.margin, c.window, c.min_samples, c.max_change, c.floor, c.ceiling,
                               c.enabled, cfg.state.history, c.min_change,
@@ -83,7 +83,7 @@ def processor_settings(cfg: Config) -> Settings:
                     q.flatline_rel_std, q.rate_tolerance, q.cooldown_ms, a.max_hold_windows, cfg.limits.to_limits(),
                     cfg.daemon.sink_timeout_s, state_topic=cfg.state.topic if cfg.state.enabled else None,
                     recent_alerts=cfg.state.recent_alerts, max_streams=cfg.limits.max_streams,
-                    idle_evict_s=cfg.limits.idle_evict_s)
+                    idle_evict_s=cfg.limits.idle_evict_s, model_quantile=cfg.calibrator.quantile is None)
 
 
 class Daemon:

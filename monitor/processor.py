@@ -29,7 +29,7 @@ from models.errors import BrokerError, SinkBackpressure
 from monitor import logs, windows
 from monitor.alerts import AlertSettings, AlertState, Observation, Step, Transition, alert_doc, iso
 from monitor.batcher import Batch, Batcher
-from monitor.calibrator import Calibrator
+from monitor.calibrator import MAX_QUANTILE, Calibrator
 from monitor.ledger import OffsetLedger
 from monitor.metrics import Metrics
 from monitor.quality import QualityEvent, StreamQuality, flat_channels
@@ -66,6 +66,7 @@ class Settings:
     max_streams: int = 10_000  # streams held at once
     idle_evict_s: float | None = 3600.0  # silent this long: snapshotted and dropped from memory
     recent_alerts: int = 20  # alerts per stream remembered for feedback
+    model_quantile: bool = False  # each stream calibrated at its model's threshold quantile (no quantile configured)
 
 
 
@@ -210,7 +211,8 @@ class Processor:
 
     def _new_stream(self, stream: str, served: Served) -> StreamState:
         s, det = self.settings, served.detector
-        self.calibrator.register(stream, det.threshold.value, thin=max(1, served.window // served.hop))
+        self.calibrator.register(stream, det.threshold.value, thin=max(1, served.window // served.hop),
+                                 quantile=min(det.threshold.quantile, MAX_QUANTILE) if s.model_quantile else None)
         gap_ms = served.gap_ms if served.gap_ms is not None else s.gap_ms
         st = StreamState(
             served, windows.for_stream(det.windowing, served.window, served.hop, served.channels, gap_ms),

@@ -312,3 +312,17 @@ def test_ring_keeps_what_a_bounded_deque_keeps() -> None:
         ring.clear()
         assert len(ring) == 0 and ring.values().size == 0
     assert Ring(3, [1.0, 2.0, 3.0, 4.0]).values().tolist() == [2.0, 3.0, 4.0]
+
+
+def test_a_stream_registered_with_its_own_quantile_is_calibrated_at_it() -> None:
+    cal = Calibrator(CalibratorSettings(min_samples=10, max_change=0.9, floor=0.1))
+    cal.register("own", 1.0, quantile=0.5)
+    cal.register("default", 1.0)
+    for s in ("own", "default"):
+        cal.observe(s, np.linspace(0.01, 0.99, 99))
+    changed = cal.recalibrate()
+    assert (changed["own"][1].value, changed["default"][1].value) == (pytest.approx(0.5), pytest.approx(0.95))
+    assert (cal.quantile("own"), cal.quantile("default")) == (0.5, 0.95)
+    assert cal.recalibrate(["own"], quantile=0.95, commanded=True)["own"][1].value == pytest.approx(0.95)
+    with pytest.raises(ArtifactError, match="quantile"):
+        cal.register("bad", 1.0, quantile=1.0)

@@ -767,3 +767,23 @@ def test_while_a_batch_is_scored_the_loop_waits_on_the_result_not_in_the_consume
     busy = [t for t, b in seen if b]
     assert busy and set(busy) == {0}  # never a blocking consumer poll with a result on its way
     assert d.metrics.total("tsmon_windows_scored_total") == n_windows(4000)
+
+
+def test_with_no_quantile_configured_each_stream_calibrates_at_its_own_models(stream_model: Path) -> None:
+    # two routes whose artifacts disagree: both streams used to be calibrated at the default 0.95, walking
+    # their thresholds down by max_change per interval
+    routes = [{"pattern": "strict-*", "path": str(stream_model), "name": "strict"}, {"pattern": "*", "path": str(stream_model)}]
+    # (the session's sine model is thresholded at its maximum, q = 1: calibrated at 0.999)
+    for quantile, expected in [(None, [0.995, 0.999]), (0.9, [0.9, 0.9])]:
+        cfg = load_config(None, {"models": routes, "daemon.device": "cpu", "calibrator.quantile": quantile}, env={})
+        scorer = build_scorer(cfg)
+        strict = scorer.models["strict"].detector
+        strict.threshold = replace(strict.threshold, quantile=0.995)
+        d = Daemon(cfg, source=MemorySource(), sink=MemorySink(), scorer=scorer)
+        try:
+            ts, v = sine_stream(200)
+            for stream in ("strict-1", "plain-1"):
+                feed(d.processor, records(stream, ts, v))
+            assert [d.calibrator.quantile(s) for s in ("strict-1", "plain-1")] == expected
+        finally:
+            d.processor.close()
