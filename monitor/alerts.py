@@ -131,8 +131,12 @@ class AlertState:
     run_peak: float = 0.0  # their highest score / threshold
     would_over: int = 0  # over windows of the episode a flapping hold stands in for (0: none open)
     would_peak: float = 0.0  # its highest score / threshold
-    fires: deque[int] = field(default_factory=lambda: deque(maxlen=64))
+    fires: deque[int] = field(default_factory=deque)  # end times of the last flap_max firings
     over_floor: float = math.inf  # lowest threshold of the over windows not yet settled as fired or noise
+
+    def __post_init__(self) -> None:
+        # flap_max firings within the period flap: the last flap_max tell (a fixed 64 never saw a 65th)
+        self.fires = deque(self.fires, maxlen=self.settings.flap_max)
 
     @property
     def firing(self) -> bool:
@@ -247,7 +251,7 @@ class AlertState:
         """Continue from :meth:`to_doc`'s output. Sample numbers restart with the process, so an open
         episode is re-anchored at ``replay_from_seq`` (the first sample this process reads)."""
         e = doc["episode"]
-        self.under, self.fires = int(doc["under"]), deque((int(t) for t in doc["fires"]), maxlen=64)
+        self.under, self.fires = int(doc["under"]), deque((int(t) for t in doc["fires"]), maxlen=self.fires.maxlen)
         if "would_over" in doc:
             self.run, self.run_peak = int(doc["run"]), float(doc["run_peak"])
             self.would_over, self.would_peak = int(doc["would_over"]), float(doc["would_peak"])

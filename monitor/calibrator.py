@@ -234,9 +234,11 @@ class Calibrator:
             self._streams[stream].normal.extend(np.full(min(n, self.settings.window), -above))
 
     def observe_all(self, stream: str, errors: Iterable[float]) -> None:
-        """Errors of every scored window, anomalous or not, in arrival order (for the drift guard)."""
+        """Errors of every scored window, anomalous or not, in arrival order (for the drift guard); non-finite
+        ones are left out (a NaN there made the guard's new level NaN, under which every score is normal)."""
+        arr = np.asarray(errors if isinstance(errors, np.ndarray) else list(errors), "float64").ravel()
         with self._lock:
-            self._streams[stream].recent.extend(errors)
+            self._streams[stream].recent.extend(arr[np.isfinite(arr)])
 
     # recalibration ----------------------------------------------------------------------------------
     def recalibrate(self, streams: Iterable[str] | None = None, quantile: float | None = None,

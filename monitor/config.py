@@ -271,7 +271,7 @@ class AlertsConfig(_Section):
     for_windows: int = Field(2, ge=1, alias="for", description="anomalous windows in a row that open an episode")
     resolve_after: int = Field(2, ge=1, description="normal windows in a row that resolve it")
     flap_period_ms: float = Field(60_000.0, gt=0, description="period in which episodes are counted for flapping")
-    flap_max: int = Field(4, ge=2, description="episodes per flap_period_ms that mark a stream as flapping")
+    flap_max: int = Field(4, ge=2, le=1000, description="episodes per flap_period_ms that mark a stream as flapping")
     major_ratio: float = Field(1.5, ge=1, description="score/threshold from which an alert is major")
     critical_ratio: float = Field(3.0, description="score/threshold from which it is critical")
     max_hold_windows: int = Field(1000, ge=1, description="windows an open episode may hold commits back")

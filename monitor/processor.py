@@ -94,13 +94,14 @@ class DataClock:
 
 def learn(calibrator: Calibrator, stream: str, step: Step, score: float, normal: list[float]) -> None:
     """What one window's alert step teaches the calibrator: a normal error joins ``normal`` (fed per batch by
-    the caller); censored noise flushes it first, so the calibrator's window stays in arrival order."""
-    if step.normal:
-        normal.append(score)
+    the caller); censored noise (windows before this one) flushes it first, so the calibrator's window stays
+    in arrival order."""
     if step.censored:
         calibrator.observe(stream, np.asarray(normal))
         normal.clear()
         calibrator.observe_censored(stream, step.censored, step.above)
+    if step.normal:
+        normal.append(score)
 
 
 class Processor:

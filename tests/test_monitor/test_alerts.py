@@ -214,6 +214,18 @@ def test_fires_spread_over_more_than_the_flap_period_do_not_flap() -> None:
     assert all(not s.transitions[0].episode.flapping for s in steps)
 
 
+@pytest.mark.parametrize("flap_max", [3, 65, 200])
+def test_flap_max_firings_within_the_period_flap_however_many(flap_max: int) -> None:
+    # the firings were kept in a deque of 64: with flap_max 65 or more a stream never flapped
+    st = state(for_windows=1, resolve_after=1, flap_period_ms=3_600_000, flap_max=flap_max)
+    steps = feed(st, [OVER, UNDER] * flap_max)
+    assert statuses(steps[-2:]) == [["firing"], ["firing"]] and st.episode is not None and st.episode.flapping
+    assert not any(t.episode.flapping for s in steps[:-2] for t in s.transitions)
+    again = state(for_windows=1, resolve_after=1, flap_period_ms=3_600_000, flap_max=flap_max)
+    again.restore(json.loads(json.dumps(st.to_doc())), 0)
+    assert list(again.fires) == list(st.fires) and again.fires.maxlen == flap_max
+
+
 @pytest.mark.parametrize("ratio, expected", [(1.0, "minor"), (1.49, "minor"), (1.5, "major"), (2.99, "major"),
                                              (3.0, "critical"), (10.0, "critical")])
 def test_severity(ratio: float, expected: str) -> None:

@@ -326,3 +326,12 @@ def test_a_stream_registered_with_its_own_quantile_is_calibrated_at_it() -> None
     assert cal.recalibrate(["own"], quantile=0.95, commanded=True)["own"][1].value == pytest.approx(0.95)
     with pytest.raises(ArtifactError, match="quantile"):
         cal.register("bad", 1.0, quantile=1.0)
+
+
+def test_non_finite_errors_never_reach_the_drift_guard() -> None:
+    cal = Calibrator()
+    cal.register("s", 1.0)
+    cal.observe_all("s", [0.5, math.nan, math.inf, 0.7])
+    cal.observe_all("s", np.array([math.nan, 0.9]))
+    recent = np.frombuffer(base64.b64decode(cal.export("s")["recent"]), "<f4")
+    assert recent.tolist() == pytest.approx([0.5, 0.7, 0.9])

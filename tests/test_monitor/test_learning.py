@@ -7,6 +7,7 @@ threshold must settle at the true quantile of its errors, not at the floor or wh
 
 from __future__ import annotations
 
+import base64
 import math
 from statistics import NormalDist
 
@@ -103,3 +104,16 @@ def test_a_threshold_set_too_low_rises_to_its_quantile_without_overshooting(star
                             per_round=30)
     assert max(thresholds) < 1.3 * TRUE_Q95
     assert settled(thresholds) == pytest.approx(TRUE_Q95, rel=0.06)
+
+
+def test_the_calibrator_learns_windows_in_the_order_they_came() -> None:
+    # the window under the threshold that ends a noise run came after it (it was put before the run)
+    cal = Calibrator(CalibratorSettings())
+    cal.register("s", 1.0)
+    st, normal = AlertState("s", "m", AlertSettings(for_windows=3)), []
+    for i, score in enumerate([0.1, 0.2, 1.5, 1.6, 0.3, 0.4]):
+        learn(cal, "s", st.update(Observation(i * HOP_MS, i * HOP_MS + 999, i, i, score, 1.0, "artifact",
+                                              np.ones(1, "float32"))), score, normal)
+    cal.observe("s", np.asarray(normal))
+    held = np.frombuffer(base64.b64decode(cal.export("s")["normal"]), "<f4")
+    assert held.tolist() == pytest.approx([0.1, 0.2, -1.0, -1.0, 0.3, 0.4])
