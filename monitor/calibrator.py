@@ -169,6 +169,7 @@ class _Stream:
     quantile: float | None = None  # its own (its model's); None: the settings'
     pinned: bool = False
     frozen: bool = False
+    before_pin: ThresholdState | None = None  # what unpin goes back to (the history is bounded)
 
 
 class Calibrator:
@@ -342,6 +343,8 @@ class Calibrator:
             raise ValueError(f"a pinned threshold must be finite and > 0, got {value}")
         with self._lock:
             st = self._streams[stream]
+            if not st.pinned:
+                st.before_pin = st.state
             st.pinned = True
             return self._set(stream, st, value, "pinned", reason)
 
@@ -352,7 +355,8 @@ class Calibrator:
             if not st.pinned:
                 return st.state
             st.pinned = False
-            before = next((v for v in reversed(st.versions) if v.source != "pinned"), None)
+            before = st.before_pin or next((v for v in reversed(st.versions) if v.source != "pinned"), None)
+            st.before_pin = None
             value, source = (before.value, before.source) if before else (st.state.artifact, "artifact")
             return self._set(stream, st, value, source, reason)
 
@@ -361,12 +365,14 @@ class Calibrator:
             self._streams[stream].frozen = frozen
 
     def rollback(self, stream: str, version: int, reason: str) -> ThresholdState:
+        """Version ``version``'s value again, as a new version; it ends a pin (calibration resumes from it)."""
         with self._lock:
             st = self._streams[stream]
             target = next((v for v in st.versions if v.version == version), None)
             if target is None:
                 kept = [v.version for v in st.versions]
                 raise ValueError(f"stream {stream!r} has no version {version} (kept: {kept[0]}..{kept[-1]})")
+            st.pinned, st.before_pin = False, None
             return self._set(stream, st, target.value, "rollback", f"{reason} (to v{version})".strip())
 
     def reset(self, stream: str, reason: str) -> ThresholdState:
@@ -375,6 +381,7 @@ class Calibrator:
             st = self._streams[stream]
             st.normal.clear(), st.recent.clear()
             st.pinned = st.frozen = False
+            st.before_pin = None
             return self._set(stream, st, st.state.artifact, "artifact", reason, samples=0)
 
     def controls(self, stream: str) -> dict[str, bool]:
@@ -421,14 +428,17 @@ class Calibrator:
         with self._lock:
             st = self._streams[stream]
             return {"versions": [asdict(v) for v in st.versions], "pinned": st.pinned, "frozen": st.frozen,
+                    "before_pin": asdict(st.before_pin) if st.before_pin else None,
                     "normal": _pack(st.normal.values()), "recent": _pack(st.recent.values())}
 
     def restore(self, stream: str, doc: dict[str, Any]) -> ThresholdState:
         """Continue a registered stream from :meth:`export`'s output; validated whole before anything changes
         (raises KeyError, TypeError or ValueError on a malformed document)."""
         versions = [ThresholdState(**v) for v in doc["versions"]]
+        before_pin = doc.get("before_pin")  # absent from documents of earlier versions
+        before_pin = None if before_pin is None else ThresholdState(**before_pin)
         if not versions or not all(isinstance(v.value, int | float) and math.isfinite(v.value) and v.value > 0
-                                   and isinstance(v.version, int) for v in versions):
+                                   and isinstance(v.version, int) for v in [*versions, *filter(None, [before_pin])]):
             raise ValueError("threshold versions must be a non-empty list of finite values > 0")
         normal, recent = _unpack(doc["normal"]), _unpack(doc["recent"])
         pinned, frozen = doc["pinned"], doc["frozen"]
@@ -438,7 +448,7 @@ class Calibrator:
             st = self._streams[stream]
             st.versions = deque(versions, maxlen=self.settings.history)
             st.state = versions[-1]
-            st.pinned, st.frozen = pinned, frozen
+            st.pinned, st.frozen, st.before_pin = pinned, frozen, before_pin if pinned else None
             st.normal = Ring(self.settings.window, normal)
             st.recent = Ring(self.settings.drift.window, [x for x in recent if math.isfinite(x)])
             self._on_change(stream, st.state)

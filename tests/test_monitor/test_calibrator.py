@@ -335,3 +335,29 @@ def test_non_finite_errors_never_reach_the_drift_guard() -> None:
     cal.observe_all("s", np.array([math.nan, 0.9]))
     recent = np.frombuffer(base64.b64decode(cal.export("s")["recent"]), "<f4")
     assert recent.tolist() == pytest.approx([0.5, 0.7, 0.9])
+
+
+def test_unpin_goes_back_to_the_value_before_the_pin_however_often_it_was_moved() -> None:
+    # the value before the pin was looked up in the bounded history: four pins later it was gone (artifact)
+    cal = Calibrator(CalibratorSettings(history=4, min_samples=1))
+    cal.register("s", 1.0)
+    cal.observe("s", np.full(50, 1.15))
+    cal.recalibrate(commanded=True)
+    for value in (0.4, 0.5, 0.6, 0.7):
+        cal.pin("s", value, "adjust")
+    moved = Calibrator(CalibratorSettings(history=4, min_samples=1))  # and across a restart
+    moved.register("s", 1.0)
+    moved.restore("s", json.loads(json.dumps(cal.export("s"))))
+    for c in (cal, moved):
+        back = c.unpin("s", "done")
+        assert (back.value, back.source, c.controls("s")["pinned"]) == (pytest.approx(1.15), "calibrated", False)
+
+
+def test_a_rollback_ends_a_pin() -> None:
+    cal = Calibrator(CalibratorSettings(min_samples=1))
+    cal.register("s", 1.0)
+    cal.pin("s", 0.4, "hold")
+    rolled = cal.rollback("s", 0, "undo")
+    assert (rolled.value, rolled.source, cal.controls("s")["pinned"]) == (1.0, "rollback", False)
+    cal.observe("s", np.full(50, 1.1))
+    assert "s" in cal.recalibrate()  # calibration resumes from it
