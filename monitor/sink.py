@@ -119,9 +119,10 @@ class KafkaSink:
     def flush(self, timeout_s: float) -> None:
         """Block until everything sent is acknowledged; re-send refusals; raise SinkBackpressure if stuck.
 
-        A message still in the producer's buffer is waited for, never sent twice; one the broker refused
-        (or the producer could not take) is handed over again, at most ``retries`` times and never after
-        ``timeout_s``.
+        A message still in the producer's buffer is waited for; one the broker refused (or the producer could
+        not take) is handed over again, at most ``retries`` times and never after ``timeout_s`` — and so is
+        every later message of its topic and key, delivered or not: a key's last message must stay its
+        newest (an alert's ``resolved`` after its ``firing``, a stream's latest state document last).
         """
         deadline = time.monotonic() + timeout_s
         for _attempt in range(self._retries + 1):
@@ -130,14 +131,21 @@ class KafkaSink:
             except KafkaTimeoutError as exc:  # the broker is away or slow: what is buffered stays buffered
                 self._last_error = exc
             failed, waiting = [], []
+            broken: set[tuple[str, bytes]] = set()  # topic and key of a message to send again
             for m, f in self._inflight:
                 if f is None or (f.is_done and f.failed()):
                     if f is not None and not _retriable(f.exception):
                         self._give_up(m, f.exception)
-                    else:
-                        failed.append(m)
-                elif not f.is_done:
+                        continue
+                    failed.append(m)
+                    self._last_error = f.exception if f is not None else self._last_error
+                    if m.key is not None:
+                        broken.add((m.topic, m.key))
+                    continue
+                if not f.is_done:
                     waiting.append((m, f))
+                if m.key is not None and (m.topic, m.key) in broken:
+                    failed.append(m)  # after its key's failed message: again, after that one
             if not failed and not waiting:
                 self._inflight.clear()
                 return

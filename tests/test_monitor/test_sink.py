@@ -1,0 +1,99 @@
+"""KafkaSink's acknowledgement and re-send rules, on a scripted stand-in for kafka-python's producer.
+
+The broker itself is exercised by tests/test_integration; here each send's outcome is chosen, which a real
+broker cannot be made to do on demand (a leader moving between two batches)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import kafka
+import pytest
+from kafka.errors import MessageSizeTooLargeError, NotLeaderForPartitionError
+
+from models.errors import SinkBackpressure
+from monitor.sink import KafkaSink, OutMessage
+
+
+class Future:
+    def __init__(self, outcome: str) -> None:
+        self.outcome, self.is_done, self.exception = outcome, False, None
+
+    def failed(self) -> bool:
+        return self.exception is not None
+
+
+class ScriptedProducer:
+    """Each send takes the next outcome of ``script`` (``ok``, ``retry``: a retriable error, ``fatal``; then
+    ``ok``); ``flush`` completes them. ``log`` is what the broker appended, in order."""
+
+    script: ClassVar[list[str]] = []
+
+    def __init__(self, **_kw: Any) -> None:
+        self.futures: list[Future] = []
+        self.log: list[tuple[str, bytes | None, bytes]] = []
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Any = None) -> Future:
+        f = Future(self.script.pop(0) if self.script else "ok")
+        f.message = (topic, key, value)  # type: ignore[attr-defined]
+        self.futures.append(f)
+        return f
+
+    def flush(self, timeout: float | None = None) -> None:
+        for f in self.futures:
+            if not f.is_done:
+                f.is_done = True
+                if f.outcome == "retry":
+                    f.exception = NotLeaderForPartitionError("leader moved")
+                elif f.outcome == "fatal":
+                    f.exception = MessageSizeTooLargeError("too large")
+                else:
+                    self.log.append(f.message)  # type: ignore[attr-defined]
+
+    def close(self, timeout: float | None = None) -> None:
+        pass
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> type[ScriptedProducer]:
+    monkeypatch.setattr(kafka, "KafkaProducer", ScriptedProducer)
+    return ScriptedProducer
+
+
+def appended(sink: KafkaSink) -> list[tuple[str, bytes | None, bytes]]:
+    return sink._producer.log  # type: ignore[attr-defined]
+
+
+def test_a_failed_message_goes_again_with_every_later_one_of_its_key(scripted: type[ScriptedProducer]) -> None:
+    # its firing failed while its resolved got through: re-sent alone, firing came last for that alert, and the
+    # older state document became the stream's latest
+    scripted.script = ["retry", "ok", "retry", "ok", "ok"]
+    sink = KafkaSink({})
+    for topic, value in [("alerts", b"firing"), ("alerts", b"resolved"), ("state", b"doc 1"), ("state", b"doc 2")]:
+        sink.send(OutMessage(topic, b"dev-1", value))
+    sink.send(OutMessage("alerts", b"dev-2", b"other"))
+    sink.flush(5.0)
+    log = appended(sink)
+    for topic, older, newest in [("alerts", b"firing", b"resolved"), ("state", b"doc 1", b"doc 2")]:
+        assert [v for t, k, v in log if (t, k) == (topic, b"dev-1")] == [newest, older, newest]
+    assert [v for t, k, v in log if k == b"dev-2"] == [b"other"]  # another key is not sent again
+    assert sink.pending == 0
+
+
+def test_a_message_given_up_sends_nothing_again(scripted: type[ScriptedProducer]) -> None:
+    scripted.script = ["fatal", "ok"]
+    lost: list[str] = []
+    sink = KafkaSink({}, on_undeliverable=lambda _m, why: lost.append(why))
+    sink.send(OutMessage("alerts", b"dev-1", b"huge"))
+    sink.send(OutMessage("alerts", b"dev-1", b"next"))
+    sink.flush(5.0)
+    assert appended(sink) == [("alerts", b"dev-1", b"next")] and len(lost) == 1
+
+
+def test_a_message_that_keeps_failing_holds_the_flush_back_and_says_why(scripted: type[ScriptedProducer]) -> None:
+    scripted.script = ["retry"] * 10
+    sink = KafkaSink({}, retries=2)
+    sink.send(OutMessage("alerts", b"dev-1", b"firing"))
+    with pytest.raises(SinkBackpressure, match="leader moved"):
+        sink.flush(5.0)
+    assert sink.pending == 1
