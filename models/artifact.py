@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 from datetime import UTC, datetime
 from pathlib import Path
@@ -114,22 +115,42 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
     wfile = root / str(m["weights"].get("file", WEIGHTS))
     if not wfile.is_file():
         raise ArtifactError(f"artifact {root} is missing its weights file {wfile.name}")
-    blob = wfile.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != m["weights"].get("sha256"):
+    try:
+        blob = wfile.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"cannot read weights {wfile}: {exc.strerror or exc}") from None
+    if not isinstance(m["weights"].get("sha256"), str):
+        raise ArtifactError(f"incompatible artifact {root}: the manifest gives no sha256 of its weights")
+    if hashlib.sha256(blob).hexdigest() != m["weights"]["sha256"]:
         raise ArtifactError(f"weights {wfile} are corrupt or truncated (sha256 does not match the manifest)")
     try:
         state = st_load(blob)
     except (SafetensorError, ValueError) as exc:
         raise ArtifactError(f"cannot read weights {wfile}: {exc}") from None
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # every score would be NaN: nothing would ever be called anomalous
+        raise ArtifactError(f"weights {wfile} hold NaN or inf ({', '.join(bad[:3])}): retrain the model")
     try:
         model = build(m["kind"], dict(m["params"]))
         scaler = Scaler.from_dict(m["normalisation"])
-        th = m["threshold"]
-        threshold = Threshold(float(th["quantile"]), float(th["margin"]), float(th["value"]))
-    except (ModelConfigError, KeyError, TypeError, ValueError) as exc:
+        threshold = _threshold(m["threshold"])
+        quantiles = m["validation_error_quantiles"]
+        if not isinstance(quantiles, dict):
+            raise ValueError(f"validation_error_quantiles must be an object, got {quantiles!r}"[:200])
+        quantiles = {str(q): float(v) for q, v in quantiles.items()}
+        names = m["channels"]
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ValueError(f"channels must be a list of names, got {names!r}")
+    except KeyError as exc:
+        raise ArtifactError(f"incompatible artifact {root}: manifest lacks {exc}") from None
+    except (ModelConfigError, TypeError, ValueError) as exc:
         raise ArtifactError(f"incompatible artifact {root}: {exc}") from None
-    for name, buf in state.items():  # PCA buffers are sized at fit time
+    d = model.config.window * model.config.channels
+    for name, buf in state.items():  # PCA buffers are sized at fit time: only the components' count is free
         if name in ("mean", "components"):
+            if buf.shape[-1] != d or buf.dim() != (1 if name == "mean" else 2):
+                raise ArtifactError(f"weights in {root} do not fit a {m['kind']} model with its params: {name} "
+                                    f"has shape {list(buf.shape)} for windows of {d} values")
             setattr(model, name, torch.empty_like(buf))
     try:
         model.load_state_dict(state, strict=True)
@@ -137,7 +158,7 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
         first = str(exc).replace("\n", " ").replace("\t", "")[:300]
         raise ArtifactError(f"weights in {root} do not fit a {m['kind']} model with its params: {first}") from None
     channels = model.config.channels
-    if scaler.channels != channels or len(m["channels"]) != channels:
+    if scaler.channels != channels or len(names) != channels:
         raise ArtifactError(f"incompatible artifact {root}: normalisation/channel names disagree with {channels} channels")
     if expect_channels is not None and expect_channels != channels:
         raise ArtifactError(f"model {root} expects {channels} channel(s), the data has {expect_channels}")
@@ -150,6 +171,15 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
     if rule is not None and (rule.window != model.config.window * k or rule.lead >= channels):
         raise ArtifactError(f"incompatible artifact {root}: beat window {rule.window} / lead {rule.lead} do not "
                             f"fit the model")
-    det = Detector(model, scaler, threshold, dict(m["validation_error_quantiles"]), str(m["loss"]),
-                   list(m["channels"]), int(m["hop"]), meta=m, windowing=dict(windowing), downsample=k)
+    det = Detector(model, scaler, threshold, quantiles, str(m["loss"]), list(names), int(m["hop"]), meta=m,
+                   windowing=dict(windowing), downsample=k)
     return det.to(device)
+
+
+def _threshold(doc: dict[str, Any]) -> Threshold:
+    """The manifest's default threshold: a finite value > 0, a quantile in (0, 1], a finite margin > 0."""
+    quantile, margin, value = float(doc["quantile"]), float(doc["margin"]), float(doc["value"])
+    if not (0.0 < quantile <= 1.0 and 0.0 < margin < math.inf and 0.0 < value < math.inf):
+        raise ValueError(f"threshold must have a quantile in (0, 1], a finite margin > 0 and a finite value > 0, "
+                         f"got {quantile}, {margin}, {value}")
+    return Threshold(quantile, margin, value)

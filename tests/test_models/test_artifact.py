@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -62,6 +63,13 @@ def _copy(path: Path, tmp_path: Path) -> Path:
     (lambda p: _edit(p, format_version=99), "artifact format 99"),
     (lambda p: _edit(p, kind="transformer"), "incompatible artifact"),
     (lambda p: _edit(p, threshold=None), "lacks threshold"),
+    # each of these was taken, and scored every window normal (NaN) or anomalous (< 0), or raised a traceback
+    (lambda p: _edit(p, threshold={"quantile": 0.95, "margin": 1.0, "value": float("nan")}), "finite value > 0"),
+    (lambda p: _edit(p, threshold={"quantile": 0.95, "margin": 1.0, "value": -1.0}), "finite value > 0"),
+    (lambda p: _edit(p, channels=2), "list of names"),
+    (lambda p: _edit(p, validation_error_quantiles=[1, 2]), "must be an object"),
+    (lambda p: _edit(p, weights={"file": "weights.safetensors"}), "no sha256"),
+    (lambda p: _nan_weights(p), "hold NaN or inf"),
 ])
 def test_damaged_artifacts_fail_with_one_line(trained, tmp_path: Path, damage, message: str) -> None:
     _, _, path = trained
@@ -80,6 +88,29 @@ def _edit(path: Path, **changes: object) -> None:
         else:
             m[k] = v
     (path / "manifest.json").write_text(json.dumps(m))
+
+
+def _nan_weights(path: Path) -> None:
+    from safetensors.torch import load, save
+
+    state = load((path / "weights.safetensors").read_bytes())
+    name = next(iter(state))
+    state[name] = torch.full_like(state[name], float("nan"))
+    blob = save(state)
+    (path / "weights.safetensors").write_bytes(blob)
+    m = json.loads((path / "manifest.json").read_text())
+    _edit(path, weights={**m["weights"], "sha256": hashlib.sha256(blob).hexdigest()})
+
+
+def test_pca_weights_for_another_window_are_incompatible(series_csv: Path, tmp_path: Path) -> None:
+    # PCA buffers are sized at fit time, so torch's strict loading does not check them
+    ds = series_dataset(read_series(series_csv), window=40, hop=10)
+    det, _ = train_detector(ds, "pca", {}, TrainConfig(device="cpu"))
+    copy = artifact.save(det, tmp_path / "pca")
+    m = json.loads((copy / "manifest.json").read_text())
+    _edit(copy, window=16, params={**m["params"], "window": 16})
+    with pytest.raises(ArtifactError, match=r"has shape \[(\d, )?80\] for windows of 32"):  # was a RuntimeError at the first score
+        artifact.load(copy)
 
 
 def test_weights_of_another_shape_are_incompatible(trained, tmp_path: Path) -> None:
