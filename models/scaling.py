@@ -53,7 +53,8 @@ class Scaler:
     def transform(self, x: np.ndarray) -> np.ndarray:
         c = np.asarray(self.center, dtype="float32")
         s = np.asarray(self.scale, dtype="float32")
-        return ((x - c) / s).astype("float32", copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, and the score says so (NaN)
+            return ((x - c) / s).astype("float32", copy=False)
 
     def inverse(self, x: np.ndarray) -> np.ndarray:
         c = np.asarray(self.center, dtype="float32")

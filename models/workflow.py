@@ -83,8 +83,9 @@ def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None,
             raise DataError(f"model was trained with protocol {trained.get('protocol')!r}; evaluating with "
                             f"{proto!r} would test on training beats — retrain with --protocol {proto}")
         return DataSpec("ecg5000", proto, int(trained.get("seed", 42)))
-    return DataSpec(source, window=int(manifest["window"]), hop=int(manifest["hop"]),
-                    value_cols=tuple(manifest["channels"]) if trained.get("value_cols") else (),
+    # the model's channels by name, in its order (by position, a file with its columns in another order was
+    # evaluated on swapped channels)
+    return DataSpec(source, window=int(manifest["window"]), hop=int(manifest["hop"]), value_cols=tuple(manifest["channels"]),
                     timestamp_col=trained.get("timestamp_col"), label_col=trained.get("label_col"),
                     train_fraction=float(trained.get("train_fraction", 0.5)),
                     windows=windows or (trained.get("windows") if source == trained.get("source") else None),

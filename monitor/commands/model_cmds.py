@@ -183,14 +183,16 @@ def score(
         frame["timestamp"] = pd.to_datetime(series.timestamps[kept]).strftime("%Y-%m-%dT%H:%M:%S.%f")
     frame["score"] = s.window
     frame["threshold"] = det.threshold.value
-    frame["is_anomaly"] = (s.window > det.threshold.value).astype(int)
+    frame["is_anomaly"] = (~(s.window <= det.threshold.value)).astype(int)  # a NaN score is not normal
     for i, name in enumerate(det.channel_names):
         frame[f"error_{name}"] = s.channel[:, i]
     output.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(output, index=False)
-    dropped = int((~ok).sum())
+    dropped, nonfinite = int((~ok).sum()), int((~np.isfinite(s.window)).sum())
     if dropped:
         log.warning("windows_dropped_nonfinite", count=dropped, reason="NaN or inf in window")
+    if nonfinite:  # finite values beyond the model's range (e.g. 3e38): flagged, never called normal
+        log.warning("windows_nonfinite_score", count=nonfinite, consequence="is_anomaly = 1, score empty")
     log.info("scored", windows=len(frame), anomalies=int(frame["is_anomaly"].sum()), dropped=dropped,
              output=str(output))
 

@@ -194,3 +194,30 @@ def test_train_downsampled_then_eval_and_score(series_csv: Path, tmp_path: Path,
     code, _, _ = run(capsys, "score", "--model", str(tmp_path / "ds4"), "--input", str(series_csv), "--output",
                      str(tmp_path / "s.csv"))
     assert code == 0 and len(pd.read_csv(tmp_path / "s.csv")) == (len(pd.read_csv(series_csv)) - 40) // 10 + 1
+
+
+def test_eval_takes_the_models_channels_by_name(dense_artifact: Path, series_csv: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # by position, a file with its columns in another order was evaluated on swapped channels (and one with an
+    # extra numeric column failed on the window shape)
+    df = pd.read_csv(series_csv)
+    other = tmp_path / "other.csv"
+    df.assign(extra=1.0)[["timestamp", "extra", "ch1", "label", "ch0"]].to_csv(other, index=False)
+    results = [json.loads(run(capsys, "eval", "--model", str(dense_artifact), "--data", str(path), "--json")[1])
+               for path in (series_csv, other)]
+    assert results[0]["confusion"] == results[1]["confusion"] and results[0]["roc_auc"] == results[1]["roc_auc"]
+
+
+def test_score_never_calls_a_window_normal_when_its_score_is_not_finite(dense_artifact: Path, series_csv: Path,
+                                                                       tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # finite values beyond float32's range once normalised (3e38) score NaN: that was written as is_anomaly = 0
+    df = pd.read_csv(series_csv)
+    df.loc[3000:3005, "ch0"] = 3e38
+    huge, out = tmp_path / "huge.csv", tmp_path / "scores.csv"
+    df.to_csv(huge, index=False)
+    code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(huge), "--output", str(out))
+    scores = pd.read_csv(out)
+    nonfinite = scores[scores["score"].isna()]
+    assert code == 0 and len(nonfinite) > 0 and nonfinite["is_anomaly"].all()
+    assert '"windows_nonfinite_score"' in err and "RuntimeWarning" not in err
