@@ -36,7 +36,11 @@ REQUIRED = ("kind", "params", "window", "hop", "channels", "loss", "normalisatio
 
 
 def save(detector: Detector, path: str | Path, training: dict[str, Any] | None = None) -> Path:
-    """Write ``detector`` to the directory ``path`` (created; existing files are replaced)."""
+    """Write ``detector`` to the directory ``path`` (created; an existing artifact there is replaced whole).
+
+    The manifest is serialised before anything is written and both files are renamed into place only once
+    complete: a failure (a value JSON cannot hold, a full disk) leaves the previous artifact as it was.
+    """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in detector.model.state_dict().items()}
@@ -61,8 +65,16 @@ def save(detector: Detector, path: str | Path, training: dict[str, Any] | None =
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "weights": {"file": WEIGHTS, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)},
     }
-    (out / WEIGHTS).write_bytes(blob)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_jsonable, allow_nan=False) + "\n")
+    text = json.dumps(manifest, indent=2, default=_jsonable, allow_nan=False) + "\n"
+    parts = [(out / f".{WEIGHTS}.new", blob), (out / f".{MANIFEST}.new", text.encode())]
+    try:
+        for tmp, data in parts:
+            tmp.write_bytes(data)
+        for tmp, _ in parts:
+            tmp.replace(out / tmp.name[1:-4])
+    finally:
+        for tmp, _ in parts:
+            tmp.unlink(missing_ok=True)
     return out
 
 

@@ -12,6 +12,7 @@ deals in windows of the stream's own samples.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -56,6 +57,12 @@ class Scores:
     timestep: np.ndarray  # [batch, window]
 
 
+def check_threshold_options(quantile: float, margin: float) -> None:
+    """A default threshold's quantile must be in (0, 1] and its margin finite and > 0 (NaN passed ``<= 0``)."""
+    if not (0.0 < quantile <= 1.0 and 0.0 < margin < math.inf):
+        raise DataError(f"threshold quantile must be in (0, 1] and margin finite and > 0, got {quantile} and {margin}")
+
+
 @dataclass(frozen=True, slots=True)
 class Threshold:
     """Default threshold = ``quantile`` of the validation errors × ``margin``."""
@@ -66,8 +73,7 @@ class Threshold:
 
     @staticmethod
     def from_errors(errors: np.ndarray, quantile: float = DEFAULT_QUANTILE, margin: float = 1.0) -> Threshold:
-        if not 0.0 < quantile <= 1.0 or margin <= 0:
-            raise DataError("threshold quantile must be in (0, 1] and margin > 0")
+        check_threshold_options(quantile, margin)
         return Threshold(quantile, margin, float(np.quantile(errors, quantile) * margin))
 
 

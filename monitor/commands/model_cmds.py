@@ -12,7 +12,7 @@ import typer
 
 from models import artifact
 from models.data import ECG5000_WINDOW, finite_windows, read_series, windows_for
-from models.detector import DEFAULT_QUANTILE, check_downsample
+from models.detector import DEFAULT_QUANTILE, check_downsample, check_threshold_options
 from models.errors import BrokerError, DataError, ModelConfigError
 from models.registry import DEFAULT_KIND, KINDS, config_for, train_defaults
 from models.train import TrainConfig
@@ -98,6 +98,7 @@ def train(
                       sparsity=sparsity, seed=seed, device=device,
                       max_seconds=max_minutes * 60 if max_minutes else None)
     cfg.validate()  # before any data is read or a progress bar drawn
+    check_threshold_options(threshold_quantile, threshold_margin)
     cut = ECG5000_WINDOW if data == "ecg5000" else window
     check_downsample(cut, downsample)
     try:

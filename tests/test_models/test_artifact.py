@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -172,3 +173,15 @@ def test_a_downsampled_model_scores_the_averaged_windows_and_round_trips(series_
         artifact.load(path, device="cpu")
     with pytest.raises(Exception, match="divide the window"):
         train_detector(ds, "pca", {}, TrainConfig(epochs=1, device="cpu"), downsample=3)
+
+
+def test_a_save_that_fails_leaves_the_previous_artifact_whole(trained, tmp_path: Path) -> None:
+    # the weights used to be written before the manifest was serialised: a NaN in it (a --threshold-margin nan)
+    # left new weights beside the old manifest, and the artifact failed its sha256 check from then on
+    det, ds, path = trained
+    copy = _copy(path, tmp_path)
+    broken = dataclasses.replace(det, threshold=dataclasses.replace(det.threshold, value=float("nan")))
+    with pytest.raises(ValueError, match="JSON"):
+        artifact.save(broken, copy)
+    np.testing.assert_array_equal(artifact.load(copy, device="cpu").score(ds.test).window, det.score(ds.test).window)
+    assert sorted(p.name for p in copy.iterdir()) == ["manifest.json", "weights.safetensors"]

@@ -171,6 +171,7 @@ def test_score_reorders_named_channels(dense_artifact: Path, series_csv: Path, t
     (["train", "--device", "gpu", "--out", "/tmp/x"], 1),
     (["train", "--lr", "nan", "--out", "/tmp/x"], 1),
     (["train", "--seed", "-5", "--out", "/tmp/x"], 1),
+    (["train", "--threshold-margin", "nan", "--out", "/tmp/x"], 1),  # was a traceback after training
 ])
 def test_more_bad_options(capsys: pytest.CaptureFixture[str], args: list[str], expected: int) -> None:
     code, _, err = run(capsys, *args)
