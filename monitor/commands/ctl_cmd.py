@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,7 +25,7 @@ Operator = Annotated[str | None, typer.Option(help="Who is acting (default: the 
 Reason = Annotated[str, typer.Option(help="Why; goes to the audit topic.")]
 Timeout = Annotated[float, typer.Option(help="Seconds to wait for acknowledgements.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the acknowledgements as JSON.")]
-Quantile = Annotated[float | None, typer.Option(help="Quantile of recent normal errors (default: configured).")]
+Quantile = Annotated[float | None, typer.Option(help="Quantile of recent normal errors (default: the stream's own).")]
 
 
 def _target(stream: str | None, all_: bool, required: bool = True) -> str:
@@ -39,6 +40,7 @@ def _target(stream: str | None, all_: bool, required: bool = True) -> str:
 
 def _run(command: str, target: str, params: dict[str, Any], config: Path | None, operator: str | None,
          reason: str, timeout: float, as_json: bool) -> None:
+    _check(params)
     cfg = load_config(config)
     acks = ctl.send(cfg, command, target, params, operator or getpass.getuser(), reason, timeout)
     if as_json:
@@ -46,6 +48,15 @@ def _run(command: str, target: str, params: dict[str, Any], config: Path | None,
     else:
         _show(acks)
     ctl.verdict(command, target, acks, timeout)
+
+
+def _check(params: dict[str, Any]) -> None:
+    """Refuse what no instance could apply before sending it (NaN is not even JSON)."""
+    threshold, quantile = params.get("threshold"), params.get("quantile")
+    if threshold is not None and not 0.0 < threshold < math.inf:
+        raise ConfigError(f"--threshold must be finite and > 0, got {threshold}")
+    if quantile is not None and not 0.0 < quantile < 1.0:
+        raise ConfigError(f"--quantile must be in (0, 1), got {quantile}")
 
 
 def _show(acks: list[dict[str, Any]]) -> None:

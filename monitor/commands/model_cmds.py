@@ -260,7 +260,10 @@ def _alert_doc(alert: str, config: Path | None, bootstrap: str | None) -> dict[s
 
 def _alert_from_file(path: Path) -> dict[str, Any]:
     """One JSON object (or a list of them), or JSON lines; the first message that carries ``explain``."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): give an alert JSON file") from None
     try:
         whole = json.loads(text)
         docs = whole if isinstance(whole, list) else [whole]

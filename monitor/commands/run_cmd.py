@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
+from models import artifact
 from models.data import read_series
 from models.errors import BrokerError, ConfigError
 from monitor import logs
@@ -109,9 +110,10 @@ def config_check(
 ) -> None:
     """Validate a configuration (file + TSMON_* environment) and print it resolved, secrets masked."""
     cfg = load_config(config)
-    for route in cfg.require_models():
+    for route in cfg.require_models():  # loaded whole, as `tsmon run` will (a manifest alone passed before)
         if not (Path(route.path) / "manifest.json").is_file():
             raise ConfigError(f"models: no artifact at {route.path} (pattern {route.pattern!r})")
+        artifact.load(route.path, device="cpu")
     emit_json(cfg.redacted())
 
 

@@ -222,3 +222,27 @@ def test_score_never_calls_a_window_normal_when_its_score_is_not_finite(dense_ar
     nonfinite = scores[scores["score"].isna()]
     assert code == 0 and len(nonfinite) > 0 and nonfinite["is_anomaly"].all()
     assert '"windows_nonfinite_score"' in err and "RuntimeWarning" not in err
+
+
+def test_more_bad_input_gives_one_line(dense_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # each of these raised a traceback, or (config check) passed an artifact `tsmon run` refuses
+    binary = tmp_path / "alert.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("manifest.json", "weights.safetensors"):
+        (broken / name).write_bytes((dense_artifact / name).read_bytes())
+    manifest = json.loads((broken / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps({**manifest, "validation_error_quantiles": [1, 2]}))
+    cases: list[tuple[list[str], str]] = [
+        (["inspect", "--alert", str(binary), "--out", str(tmp_path / "a.png")], "not UTF-8 text"),
+        (["ctl", "pin", "--stream", "s", "--threshold", "nan"], "--threshold must be finite and > 0"),
+        (["ctl", "shadow", "--stream", "s", "--quantile", "inf"], "--quantile must be in (0, 1)"),
+    ]
+    for args, message in cases:
+        code, _, err = run(capsys, *args)
+        assert code == 1 and message in err and "Traceback" not in err, args
+    monkeypatch.setenv("TSMON_MODEL", str(broken))
+    code, _, err = run(capsys, "config", "check")
+    assert code == 1 and "validation_error_quantiles must be an object" in err
