@@ -304,7 +304,7 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
     val_start = int(ends[fit_idx[len(fit_idx) - n_val]]) - wins.shape[1] + 1  # first sample of the first one
     summary = {"source": series.path, "sha256": series.sha256, "samples": len(series.values),
                "split_sample": split, "val_start_sample": val_start, "train_fraction": train_fraction,
-               "windows": len(ends),
+               "window_count": len(ends),  # "windows" is the label windows file (DataSpec)
                "dropped_nonfinite": int((~ok).sum()), "train": len(fit_idx) - n_val, "val": n_val,
                "test": len(test_idx), "dropped_out_of_order": series.dropped_out_of_order}
     return Dataset(Path(series.path).name, window, hop, series.channels,

@@ -24,6 +24,8 @@ log = logs.get("tsmon.cli")
 
 DataOpt = Annotated[str, typer.Option("--data", help="'ecg5000' (vendored) or a CSV/Parquet file.")]
 ValueCols = Annotated[list[str] | None, typer.Option("--value-col", help="Value column (repeat for channels).")]
+OutOfOrder = Annotated[str, typer.Option("--out-of-order", help="Rows whose timestamp repeats or goes back: error "
+                                                                "or drop.")]
 TsCol = Annotated[str | None, typer.Option(help="Timestamp column (epoch ms or ISO-8601); auto: timestamp/ts/time.")]
 LabelCol = Annotated[str | None, typer.Option(help="0/1 label column; auto: label/is_anomaly/anomaly.")]
 WindowsOpt = Annotated[str | None, typer.Option("--windows", help="JSON of labelled anomaly windows, a list of "
@@ -56,8 +58,7 @@ def train(
     timestamp_col: TsCol = None,
     label_col: LabelCol = None,
     windows: WindowsOpt = None,
-    out_of_order: Annotated[str, typer.Option(help="Rows whose timestamp repeats or goes back: error or drop.")]
-    = "error",
+    out_of_order: OutOfOrder = "error",
     align: Annotated[str, typer.Option(help="Series windows: sliding (every --hop samples) or beats (one per "
                                            "R peak, ECG).")] = "sliding",
     beat_pre: Annotated[int, typer.Option(help="beats: samples before the R peak (0: 60 % of the window).")] = 0,
@@ -84,7 +85,7 @@ def train(
     normalisation: Annotated[str, typer.Option(help="Per-channel scaling: standard, robust or none.")] = "standard",
     seed: Annotated[int, typer.Option(help="Seed for the split and training.")] = 42,
     device: Annotated[str, typer.Option(help="auto (cuda if available), cpu or cuda[:N].")] = "auto",
-    max_minutes: Annotated[float | None, typer.Option(help="Stop training after this many minutes.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop training after this many minutes (> 0).")] = None,
 ) -> None:
     """Train a model on normal data only and write an artifact."""
     spec = DataSpec(data, protocol, seed, window, hop, tuple(value_col or ()), timestamp_col, label_col,
@@ -96,7 +97,8 @@ def train(
     cfg = TrainConfig(**{**defaults, **{k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr,
                       "patience": patience}.items() if v is not None}}, loss=loss, noise_std=noise,
                       sparsity=sparsity, seed=seed, device=device,
-                      max_seconds=max_minutes * 60 if max_minutes else None)
+                      max_seconds=max_minutes * 60 if max_minutes is not None else None)
+    _order(out_of_order)
     cfg.validate()  # before any data is read or a progress bar drawn
     check_threshold_options(threshold_quantile, threshold_margin)
     cut = ECG5000_WINDOW if data == "ecg5000" else window
@@ -109,6 +111,13 @@ def train(
         raise ModelConfigError(f"{exc} (the model sees window {cut} / --downsample {downsample} = "
                                f"{cut // downsample} steps)") from None
     run_training(spec, model, params, cfg, out, threshold_quantile, threshold_margin, normalisation, downsample)
+
+
+def _order(out_of_order: str) -> str:
+    """``--out-of-order``: error or drop (``keep`` is replay-eval's, which plays the rows as they are)."""
+    if out_of_order not in ("error", "drop"):
+        raise DataError(f"--out-of-order must be error or drop, not {out_of_order!r}")
+    return out_of_order
 
 
 def run_training(spec: DataSpec, kind: str, params: dict[str, Any], cfg: TrainConfig, out: Path,
@@ -147,14 +156,15 @@ def eval_(
 
 
 def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, timestamp_col: str | None,
-                    hop: int, device: str) -> tuple[Any, Any, np.ndarray, np.ndarray, np.ndarray]:
+                    hop: int, device: str, out_of_order: str = "error",
+                    ) -> tuple[Any, Any, np.ndarray, np.ndarray, np.ndarray]:
     det = artifact.load(model_dir, device)
     cols = list(value_col or det.channel_names)
     if set(cols) == set(det.channel_names):
         cols = list(det.channel_names)  # the model's channel order, whatever order they were given in
     elif value_col:
         log.warning("channels_mapped_by_position", model=det.channel_names, columns=cols)
-    series = read_series(path, cols, timestamp_col, None)  # names the missing column if there is one
+    series = read_series(path, cols, timestamp_col, None, out_of_order=_order(out_of_order))  # names a missing column
     if series.values.shape[1] != det.channels:
         raise DataError(f"model expects {det.channels} channel(s) {det.channel_names}, {path} gives "
                         f"{series.values.shape[1]} {series.channels}; choose them with --value-col")
@@ -171,9 +181,10 @@ def score(
     timestamp_col: TsCol = None,
     hop: Annotated[int, typer.Option(help="Hop between windows (0 → the model's).")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    out_of_order: OutOfOrder = "error",
 ) -> None:
     """Score every window of a series; rows are aligned to each window's last sample."""
-    det, series, wins, ends, ok = _series_windows(model, input, value_col, timestamp_col, hop, device)
+    det, series, wins, ends, ok = _series_windows(model, input, value_col, timestamp_col, hop, device, out_of_order)
     if not ok.any():
         raise DataError(f"{input}: every window contains NaN or inf; nothing to score")
     s = det.score(np.ascontiguousarray(wins[ok]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -56,6 +57,9 @@ def replay(
     value_col: Annotated[list[str] | None, typer.Option("--value-col", help="Value column(s); default all.")] = None,
     timestamp_col: Annotated[str | None, typer.Option(help="Timestamp column (default: auto-detected).")] = None,
     period_ms: Annotated[int, typer.Option(help="Sample period when the file has no timestamps.")] = 1000,
+    out_of_order: Annotated[str, typer.Option(
+        "--out-of-order", help="Rows whose timestamp repeats or goes back: error, drop, or keep (sent as they are: "
+                               "the daemon reports them as late or duplicate)")] = "error",
 ) -> None:
     """Stream a recorded series into a topic in tsmon's input format."""
     from kafka import KafkaProducer
@@ -63,11 +67,11 @@ def replay(
 
     if chunk < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--chunk")
-    if rate is not None and rate <= 0:
-        raise typer.BadParameter("must be > 0", param_hint="--rate")
+    if rate is not None and not 0 < rate < math.inf:
+        raise typer.BadParameter("must be finite and > 0", param_hint="--rate")
     if period_ms < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--period-ms")
-    series = read_series(input, value_col, timestamp_col)
+    series = read_series(input, value_col, timestamp_col, out_of_order=out_of_order)
     ts = (series.timestamps.astype("datetime64[ms]").astype("int64") if series.timestamps is not None
           else timestamps(len(series.values), period_ms))
     bad = ~np.isfinite(series.values).all(axis=1)

@@ -172,6 +172,9 @@ def test_score_reorders_named_channels(dense_artifact: Path, series_csv: Path, t
     (["train", "--lr", "nan", "--out", "/tmp/x"], 1),
     (["train", "--seed", "-5", "--out", "/tmp/x"], 1),
     (["train", "--threshold-margin", "nan", "--out", "/tmp/x"], 1),  # was a traceback after training
+    (["train", "--max-minutes", "0", "--out", "/tmp/x"], 1),  # was no budget at all
+    (["train", "--out-of-order", "keep", "--out", "/tmp/x"], 1),
+    (["replay", "--input", "x.csv", "--rate", "nan"], 2),  # replayed as fast as possible
 ])
 def test_more_bad_options(capsys: pytest.CaptureFixture[str], args: list[str], expected: int) -> None:
     code, _, err = run(capsys, *args)
@@ -246,3 +249,17 @@ def test_more_bad_input_gives_one_line(dense_artifact: Path, tmp_path: Path, cap
     monkeypatch.setenv("TSMON_MODEL", str(broken))
     code, _, err = run(capsys, "config", "check")
     assert code == 1 and "validation_error_quantiles must be an object" in err
+
+
+def test_score_drops_rows_out_of_order_when_asked(dense_artifact: Path, series_csv: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # the error named --out-of-order drop, which score did not have
+    df = pd.read_csv(series_csv)
+    repeated = tmp_path / "repeated.csv"
+    pd.concat([df.iloc[:100], df.iloc[99:]]).to_csv(repeated, index=False)
+    out = tmp_path / "scores.csv"
+    code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(repeated), "--output", str(out))
+    assert code == 1 and "--out-of-order drop" in err
+    code, _, _ = run(capsys, "score", "--model", str(dense_artifact), "--input", str(repeated), "--output", str(out),
+                     "--out-of-order", "drop")
+    assert code == 0 and len(pd.read_csv(out)) == (4000 - 40) // 10 + 1
