@@ -48,6 +48,18 @@ def _unset(value: Any) -> Any:
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        """``max_batch = true`` is a mistake, not 1: pydantic's lax mode would take a boolean for a number."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                f = cls.model_fields.get(key) or next((f for f in cls.model_fields.values() if f.alias == key), None)
+                if isinstance(value, bool) and f is not None and f.annotation in (int, float, int | None,
+                                                                                  float | None):
+                    raise ValueError(f"{key}: a number is needed, got {str(value).lower()}")
+        return data
+
     @model_validator(mode="after")
     def _cross_field(self) -> Self:
         problems = list(self._rules())  # "key: message" lines; _problems() puts the section in front
@@ -462,7 +474,8 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], str | None]:
         if rest == "MODEL":
             model = env[var].strip() or None
         if "__" not in rest:
-            if rest.lower().startswith(tuple(f"{sec}_" for sec in _SECTIONS)):  # a misspelt override, not silence
+            if rest.lower() in _SECTIONS or rest.lower().startswith(tuple(f"{sec}_" for sec in _SECTIONS)):
+                # a misspelt override, not silence
                 problems.append(f"{var}: unknown variable (overrides are TSMON_<SECTION>__<KEY>, with two "
                                 f"underscores, e.g. TSMON_KAFKA__TOPICS)")
             continue

@@ -95,6 +95,7 @@ def test_environment_for_windows_spelling_and_os_environ(monkeypatch: pytest.Mon
     ("TSMON_KAFKA__BOOTSTRP_SERVERS", "TSMON_KAFKA__BOOTSTRP_SERVERS: unknown key 'bootstrp_servers'"),
     ("TSMON_KAFKAA__TOPICS", "TSMON_KAFKAA__TOPICS: unknown section 'kafkaa'"),
     ("TSMON_MODELS__PATH", "TSMON_MODELS__PATH: unknown section 'models'"),
+    ("TSMON_ALERTS", "TSMON_ALERTS: unknown variable"),  # a section without its key was ignored
 ])
 def test_environment_unknown_names_the_variable(var: str, needle: str) -> None:
     with pytest.raises(ConfigError) as excinfo:
@@ -161,6 +162,16 @@ device = "gpu"
         "daemon.device: use auto, cpu, cuda or cuda:N, not 'gpu'",
     ]
     assert "pydantic" not in message and "http" not in message
+
+
+def test_a_boolean_is_not_taken_for_a_number(tmp_path: Path) -> None:
+    # pydantic's lax mode made max_batch = true a batch of 1
+    path = write(tmp_path, '[batch]\nmax_batch = true\n[alerts]\nfor = false\n[calibrator]\nquantile = true\n')
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, env={})
+    assert error_lines(excinfo) == ["batch.max_batch: a number is needed, got true",
+                                    "calibrator.quantile: a number is needed, got true",
+                                    "alerts.for: a number is needed, got false"]
 
 
 def test_unknown_keys(tmp_path: Path) -> None:
