@@ -83,6 +83,8 @@ def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None,
             raise DataError(f"model was trained with protocol {trained.get('protocol')!r}; evaluating with "
                             f"{proto!r} would test on training beats — retrain with --protocol {proto}")
         return DataSpec("ecg5000", proto, int(trained.get("seed", 42)))
+    if protocol is not None:  # it was ignored
+        raise DataError("--protocol applies to ecg5000 only; a series is split as the model was trained")
     # the model's channels by name, in its order (by position, a file with its columns in another order was
     # evaluated on swapped channels)
     return DataSpec(source, window=int(manifest["window"]), hop=int(manifest["hop"]), value_cols=tuple(manifest["channels"]),

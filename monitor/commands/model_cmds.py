@@ -40,6 +40,8 @@ def parse_params(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep:
             raise ModelConfigError(f"--param must be key=value, got {pair!r}")
+        if key.strip() in ("window", "channels"):  # they were dropped without a word
+            raise ModelConfigError(f"--param {key.strip()} is set by the data: use --window / --value-col")
         try:
             params[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:

@@ -175,6 +175,7 @@ def test_score_reorders_named_channels(dense_artifact: Path, series_csv: Path, t
     (["train", "--max-minutes", "0", "--out", "/tmp/x"], 1),  # was no budget at all
     (["train", "--out-of-order", "keep", "--out", "/tmp/x"], 1),
     (["replay", "--input", "x.csv", "--rate", "nan"], 2),  # replayed as fast as possible
+    (["train", "--param", "window=64", "--out", "/tmp/x"], 1),  # was dropped without a word
 ])
 def test_more_bad_options(capsys: pytest.CaptureFixture[str], args: list[str], expected: int) -> None:
     code, _, err = run(capsys, *args)
@@ -210,6 +211,8 @@ def test_eval_takes_the_models_channels_by_name(dense_artifact: Path, series_csv
     results = [json.loads(run(capsys, "eval", "--model", str(dense_artifact), "--data", str(path), "--json")[1])
                for path in (series_csv, other)]
     assert results[0]["confusion"] == results[1]["confusion"] and results[0]["roc_auc"] == results[1]["roc_auc"]
+    code, _, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(series_csv), "--protocol", "ucr")
+    assert code == 1 and "--protocol applies to ecg5000 only" in err  # it was ignored
 
 
 def test_score_never_calls_a_window_normal_when_its_score_is_not_finite(dense_artifact: Path, series_csv: Path,
