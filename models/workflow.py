@@ -3,6 +3,7 @@ and evaluate both on the same test split."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.data import Dataset, load_ecg5000, read_series, series_dataset
+from models.data import Dataset, file_columns, load_ecg5000, read_series, series_dataset
 from models.detector import DEFAULT_QUANTILE, Detector, Threshold, check_downsample, error_quantiles, pool
 from models.errors import DataError
 from models.evaluate import event_metrics, report
@@ -85,9 +86,11 @@ def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None,
         return DataSpec("ecg5000", proto, int(trained.get("seed", 42)))
     if protocol is not None:  # it was ignored
         raise DataError("--protocol applies to ecg5000 only; a series is split as the model was trained")
-    # the model's channels by name, in its order (by position, a file with its columns in another order was
-    # evaluated on swapped channels)
-    return DataSpec(source, window=int(manifest["window"]), hop=int(manifest["hop"]), value_cols=tuple(manifest["channels"]),
+    # the model's channels by name, in its order, where the file has them all (by position, a file with its
+    # columns in another order was evaluated on swapped channels); else by position, as before
+    names = tuple(manifest["channels"])
+    by_name = bool(trained.get("value_cols")) or set(names) <= set(file_columns(source) or ())
+    return DataSpec(source, window=int(manifest["window"]), hop=int(manifest["hop"]), value_cols=names if by_name else (),
                     timestamp_col=trained.get("timestamp_col"), label_col=trained.get("label_col"),
                     train_fraction=float(trained.get("train_fraction", 0.5)),
                     windows=windows or (trained.get("windows") if source == trained.get("source") else None),
@@ -118,6 +121,9 @@ def train_detector(data: Dataset, kind: str, params: dict[str, Any], cfg: TrainC
     val_err = det.score(data.val).window
     det.quantiles = error_quantiles(val_err)
     det.threshold = Threshold.from_errors(val_err, threshold_quantile, threshold_margin)
+    if not 0.0 < det.threshold.value < math.inf:  # an artifact with it would be refused at load
+        raise DataError(f"the threshold from the validation errors is {det.threshold.value}: the model reconstructs "
+                        f"the validation windows {'exactly' if det.threshold.value == 0 else 'as NaN'} (constant data?)")
     training = {"data": {**data.summary, "value_cols": list(data.channels)}, "config": _cfg_dict(cfg),
                 "result": result.to_dict()}
     return det, training

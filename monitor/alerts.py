@@ -245,13 +245,16 @@ class AlertState:
             "last_over_ts": ep.last_over_ts, "windows_over": ep.windows_over, "flapping": ep.flapping,
             "silenced": ep.silenced, "scores": ep.scores}
         return {"episode": episode, "under": self.under, "run": self.run, "run_peak": self.run_peak,
-                "would_over": self.would_over, "would_peak": self.would_peak, "fires": list(self.fires)}
+                "would_over": self.would_over, "would_peak": self.would_peak, "fires": list(self.fires),
+                "over_floor": self.over_floor if math.isfinite(self.over_floor) else None}
 
     def restore(self, doc: dict[str, Any], replay_from_seq: int) -> None:
         """Continue from :meth:`to_doc`'s output. Sample numbers restart with the process, so an open
         episode is re-anchored at ``replay_from_seq`` (the first sample this process reads)."""
         e = doc["episode"]
         self.under, self.fires = int(doc["under"]), deque((int(t) for t in doc["fires"]), maxlen=self.fires.maxlen)
+        floor = doc.get("over_floor")  # absent before: the threshold of the window that settles the run
+        self.over_floor = math.inf if floor is None else float(floor)
         if "would_over" in doc:
             self.run, self.run_peak = int(doc["run"]), float(doc["run_peak"])
             self.would_over, self.would_peak = int(doc["would_over"]), float(doc["would_peak"])

@@ -232,7 +232,8 @@ class Calibrator:
         if n < 0 or not above > 0:
             raise ValueError(f"censored count must be >= 0 and its threshold > 0, got {n} above {above}")
         with self._lock:
-            self._streams[stream].normal.extend(np.full(min(n, self.settings.window), -above))
+            self._streams[stream].normal.extend(np.full(min(n, self.settings.window),
+                                                        -above if math.isfinite(above) else math.inf))
 
     def observe_all(self, stream: str, errors: Iterable[float]) -> None:
         """Errors of every scored window, anomalous or not, in arrival order (for the drift guard); non-finite

@@ -130,26 +130,32 @@ class KafkaSink:
                 self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))
             except KafkaTimeoutError as exc:  # the broker is away or slow: what is buffered stays buffered
                 self._last_error = exc
-            failed, waiting = [], []
+            failed, kept = [], []
             broken: set[tuple[str, bytes]] = set()  # topic and key of a message to send again
+            open_: set[tuple[str, bytes]] = set()  # ... of a message still waiting (it may fail yet)
             for m, f in self._inflight:
+                key = (m.topic, m.key) if m.key is not None else None
                 if f is None or (f.is_done and f.failed()):
                     if f is not None and not _retriable(f.exception):
                         self._give_up(m, f.exception)
                         continue
                     failed.append(m)
                     self._last_error = f.exception if f is not None else self._last_error
-                    if m.key is not None:
-                        broken.add((m.topic, m.key))
+                    if key:
+                        broken.add(key)
                     continue
                 if not f.is_done:
-                    waiting.append((m, f))
-                if m.key is not None and (m.topic, m.key) in broken:
+                    kept.append((m, f))
+                    if key:
+                        open_.add(key)
+                if key in broken:
                     failed.append(m)  # after its key's failed message: again, after that one
-            if not failed and not waiting:
+                elif f.is_done and key in open_:
+                    kept.append((m, f))  # delivered before an earlier one of its key: kept until that one is
+            if not failed and all(f.is_done for _m, f in kept):
                 self._inflight.clear()
                 return
-            self._inflight = waiting
+            self._inflight = kept
             if time.monotonic() >= deadline:  # no more sends: each may block for max_block_ms
                 self._inflight += [(m, None) for m in failed]
                 break

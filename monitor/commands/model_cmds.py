@@ -148,7 +148,10 @@ def eval_(
 ) -> None:
     """Evaluate a model beside the PCA baseline, at the threshold chosen on normal validation data."""
     det = artifact.load(model, device)
-    ds = load_dataset(spec_for_eval(det.meta, data, protocol, windows))
+    spec = spec_for_eval(det.meta, data, protocol, windows)
+    if data != "ecg5000" and not spec.value_cols:
+        log.warning("channels_mapped_by_position", model=det.channel_names, reason=f"{data} lacks these names")
+    ds = load_dataset(spec)
     result = evaluate(det, ds)
     if as_json:
         emit_json(result)

@@ -10,6 +10,8 @@ import pytest
 
 from models.data import load_ecg5000, make_windows, read_series, series_dataset
 from models.errors import DataError
+from models.train import TrainConfig
+from models.workflow import spec_for_eval, train_detector
 from tests.conftest import synthetic_series
 
 
@@ -109,3 +111,22 @@ def test_no_normal_training_windows_is_explained(tmp_path: Path) -> None:
     df.to_csv(tmp_path / "all.csv", index=False)
     with pytest.raises(DataError, match="0 normal training window"):
         series_dataset(read_series(tmp_path / "all.csv"), window=40, hop=10)
+
+
+def test_eval_takes_a_files_columns_by_the_models_names_when_it_has_them(tmp_path: Path) -> None:
+    manifest = {"window": 8, "hop": 2, "channels": ["temp", "rpm"], "training": {"data": {"value_cols": []}}}
+    named, other = tmp_path / "named.csv", tmp_path / "other.csv"
+    named.write_text("timestamp,rpm,extra,temp\n1,2,3,4\n")
+    other.write_text("0.5,0.7\n1,2\n")  # no header: a model trained on such a file was named after its first row
+    assert spec_for_eval(manifest, str(named), None).value_cols == ("temp", "rpm")
+    assert spec_for_eval(manifest, str(other), None).value_cols == ()  # by position, as before
+    assert spec_for_eval(manifest, str(tmp_path / "missing.csv"), None).value_cols == ()  # read_series says why
+
+
+def test_a_model_that_reconstructs_its_validation_windows_exactly_is_refused(tmp_path: Path) -> None:
+    # its threshold would be 0: saved, then refused by every command that loads it
+    path = tmp_path / "constant.csv"
+    pd.DataFrame({"timestamp": np.arange(400) * 1000, "a": np.zeros(400), "b": np.ones(400)}).to_csv(path, index=False)
+    ds = series_dataset(read_series(path), window=16, hop=4)
+    with pytest.raises(DataError, match="reconstructs the validation windows exactly"):
+        train_detector(ds, "pca", {}, TrainConfig(device="cpu"))

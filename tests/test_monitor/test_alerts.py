@@ -63,6 +63,18 @@ def test_a_noise_run_is_censored_at_the_lowest_threshold_its_windows_were_over()
     assert (second.censored, second.above) == (1, TH)
 
 
+def test_the_censoring_point_of_a_run_survives_a_restart() -> None:
+    # in a flapping hold a run over 2.0 is settled by the next window, under a threshold raised to 2.6; restored
+    # in between, the run was reported as over 2.6 (more than is known)
+    st = state(for_windows=2, resolve_after=2, flap_max=2, flap_period_ms=1e9)
+    feed(st, [OVER, OVER, UNDER, UNDER] * 2 + [OVER])
+    again = state(for_windows=2, resolve_after=2, flap_max=2, flap_period_ms=1e9)
+    again.restore(json.loads(json.dumps(st.to_doc())), 0)
+    for s in (st, again):
+        step = s.update(obs(20, UNDER, threshold=2.6))
+        assert (step.censored, step.above) == (1, TH)
+
+
 def test_a_short_run_is_censored_with_its_length() -> None:
     st = state(for_windows=4)
     steps = feed(st, [OVER, OVER, OVER, UNDER])

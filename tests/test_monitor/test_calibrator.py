@@ -118,6 +118,8 @@ def test_censoring_points_survive_export_and_documents_with_inf_still_load() -> 
     old = {**doc, "normal": base64.b64encode(np.array([0.2, 0.4, math.inf, math.inf], "<f4").tobytes()).decode()}
     again.restore("s", old)
     assert again.candidate("s", 0.99)[0] == pytest.approx(0.6)  # +inf: above the threshold, steps up
+    again.observe_censored("s", 2)  # over an unknown threshold: +inf, which a snapshot keeps (-inf was refused)
+    again.restore("s", json.loads(json.dumps(again.export("s"))))
     with pytest.raises(ValueError, match="finite or"):
         again.restore("s", {**doc, "normal": base64.b64encode(np.array([-math.inf], "<f4").tobytes()).decode()})
 

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import kafka
 import pytest
-from kafka.errors import MessageSizeTooLargeError, NotLeaderForPartitionError
+from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, NotLeaderForPartitionError
 
 from models.errors import SinkBackpressure
 from monitor.sink import KafkaSink, OutMessage
@@ -24,8 +24,9 @@ class Future:
 
 
 class ScriptedProducer:
-    """Each send takes the next outcome of ``script`` (``ok``, ``retry``: a retriable error, ``fatal``; then
-    ``ok``); ``flush`` completes them. ``log`` is what the broker appended, in order."""
+    """Each send takes the next outcome of ``script`` (``ok``, ``retry``: a retriable error, ``fatal``, ``slow``:
+    still being retried at the first flush, a retriable error at the next; then ``ok``); ``flush`` completes
+    them. ``log`` is what the broker appended, in order."""
 
     script: ClassVar[list[str]] = []
 
@@ -41,7 +42,9 @@ class ScriptedProducer:
 
     def flush(self, timeout: float | None = None) -> None:
         for f in self.futures:
-            if not f.is_done:
+            if f.outcome == "slow":
+                f.outcome = "retry"
+            elif not f.is_done:
                 f.is_done = True
                 if f.outcome == "retry":
                     f.exception = NotLeaderForPartitionError("leader moved")
@@ -49,6 +52,8 @@ class ScriptedProducer:
                     f.exception = MessageSizeTooLargeError("too large")
                 else:
                     self.log.append(f.message)  # type: ignore[attr-defined]
+        if not all(f.is_done for f in self.futures):
+            raise KafkaTimeoutError("flush timed out")
 
     def close(self, timeout: float | None = None) -> None:
         pass
@@ -78,6 +83,18 @@ def test_a_failed_message_goes_again_with_every_later_one_of_its_key(scripted: t
         assert [v for t, k, v in log if (t, k) == (topic, b"dev-1")] == [newest, older, newest]
     assert [v for t, k, v in log if k == b"dev-2"] == [b"other"]  # another key is not sent again
     assert sink.pending == 0
+
+
+def test_a_later_message_delivered_while_an_earlier_one_waits_goes_again_if_that_one_fails(
+        scripted: type[ScriptedProducer]) -> None:
+    # the producer keeps five requests in flight: "resolved" was acknowledged and forgotten while "firing" was
+    # still being retried, then "firing" expired and was re-sent alone, to land last
+    scripted.script = ["slow", "ok"]
+    sink = KafkaSink({})
+    sink.send(OutMessage("alerts", b"dev-1", b"firing"))
+    sink.send(OutMessage("alerts", b"dev-1", b"resolved"))
+    sink.flush(5.0)
+    assert [v for _t, _k, v in appended(sink)] == [b"resolved", b"firing", b"resolved"] and sink.pending == 0
 
 
 def test_a_message_given_up_sends_nothing_again(scripted: type[ScriptedProducer]) -> None:
