@@ -66,15 +66,15 @@ def save(detector: Detector, path: str | Path, training: dict[str, Any] | None =
         "weights": {"file": WEIGHTS, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)},
     }
     text = json.dumps(manifest, indent=2, default=_jsonable, allow_nan=False) + "\n"
-    parts = [(out / f".{WEIGHTS}.new", blob), (out / f".{MANIFEST}.new", text.encode())]
+    parts = [(WEIGHTS, blob), (MANIFEST, text.encode())]
     try:
-        for tmp, data in parts:
-            tmp.write_bytes(data)
-        for tmp, _ in parts:
-            tmp.replace(out / tmp.name[1:-4])
+        for name, data in parts:
+            (out / f".{name}.new").write_bytes(data)
+        for name, _ in parts:  # the weights first: a manifest never names weights that are not there yet
+            (out / f".{name}.new").replace(out / name)
     finally:
-        for tmp, _ in parts:
-            tmp.unlink(missing_ok=True)
+        for name, _ in parts:
+            (out / f".{name}.new").unlink(missing_ok=True)
     return out
 
 
@@ -148,11 +148,11 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
         threshold = _threshold(m["threshold"])
         quantiles = m["validation_error_quantiles"]
         if not isinstance(quantiles, dict):
-            raise ValueError(f"validation_error_quantiles must be an object, got {quantiles!r}"[:200])
+            raise TypeError(f"validation_error_quantiles must be an object, got {quantiles!r}"[:200])
         quantiles = {str(q): float(v) for q, v in quantiles.items()}
         names = m["channels"]
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-            raise ValueError(f"channels must be a list of names, got {names!r}")
+            raise TypeError(f"channels must be a list of names, got {names!r}")
     except KeyError as exc:
         raise ArtifactError(f"incompatible artifact {root}: manifest lacks {exc}") from None
     except (ModelConfigError, TypeError, ValueError) as exc:

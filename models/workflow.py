@@ -90,7 +90,8 @@ def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None,
     # columns in another order was evaluated on swapped channels); else by position, as before
     names = tuple(manifest["channels"])
     by_name = bool(trained.get("value_cols")) or set(names) <= set(file_columns(source) or ())
-    return DataSpec(source, window=int(manifest["window"]), hop=int(manifest["hop"]), value_cols=names if by_name else (),
+    return DataSpec(source, window=int(manifest["window"]), hop=int(manifest["hop"]),
+                    value_cols=names if by_name else (),
                     timestamp_col=trained.get("timestamp_col"), label_col=trained.get("label_col"),
                     train_fraction=float(trained.get("train_fraction", 0.5)),
                     windows=windows or (trained.get("windows") if source == trained.get("source") else None),
@@ -122,8 +123,9 @@ def train_detector(data: Dataset, kind: str, params: dict[str, Any], cfg: TrainC
     det.quantiles = error_quantiles(val_err)
     det.threshold = Threshold.from_errors(val_err, threshold_quantile, threshold_margin)
     if not 0.0 < det.threshold.value < math.inf:  # an artifact with it would be refused at load
-        raise DataError(f"the threshold from the validation errors is {det.threshold.value}: the model reconstructs "
-                        f"the validation windows {'exactly' if det.threshold.value == 0 else 'as NaN'} (constant data?)")
+        how = "exactly" if det.threshold.value == 0 else "as NaN"
+        raise DataError(f"the threshold from the validation errors is {det.threshold.value}: the model "
+                        f"reconstructs the validation windows {how} (constant data?)")
     training = {"data": {**data.summary, "value_cols": list(data.channels)}, "config": _cfg_dict(cfg),
                 "result": result.to_dict()}
     return det, training

@@ -185,7 +185,8 @@ class Calibrator:
         self._rejected = 0
         self.frozen_all = False  # operator: no stream recalibrates on the schedule
 
-    def register(self, stream: str, artifact_value: float, thin: int = 1, quantile: float | None = None) -> ThresholdState:
+    def register(self, stream: str, artifact_value: float, thin: int = 1,
+                 quantile: float | None = None) -> ThresholdState:
         """Start ``stream`` at the artifact's threshold, calibrated at ``quantile`` (None: the settings'); a
         second call returns the existing state."""
         if not (math.isfinite(artifact_value) and artifact_value > 0):

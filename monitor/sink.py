@@ -151,7 +151,7 @@ class KafkaSink:
                 if key in broken:
                     failed.append(m)  # after its key's failed message: again, after that one
                 elif f.is_done and key in open_:
-                    kept.append((m, f))  # delivered before an earlier one of its key: kept until that one is
+                    kept.append((m, f))  # delivered while an earlier one of its key waits: again if that one fails
             if not failed and all(f.is_done for _m, f in kept):
                 self._inflight.clear()
                 return
