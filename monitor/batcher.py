@@ -173,15 +173,21 @@ class Batcher:
         ``idle``: nothing is being scored; under a latency target the first waiting queue goes at once.
         """
         now, out = self._clock(), []
-        for model, queue in self._queues.items():
-            while queue and (room is None or len(out) < room):
-                limit = self.limit(model)
-                if self._sizes[model] >= BACKLOG * limit:  # the target is lost for these: full batches drain fastest
-                    limit = self.max_batch
-                if not (force or self._sizes[model] >= limit or self._due_in(model, queue, now) <= 0
+        while room is None or len(out) < room:
+            # of the queues due now, the one whose oldest window has waited longest: taking them in a fixed
+            # order, one model's steady full batches kept another's queue waiting past max_delay_ms for good
+            best: tuple[str, deque[Job], int] | None = None
+            for model, queue in self._queues.items():
+                if not queue or (best is not None and best[1][0].enqueued <= queue[0].enqueued):
+                    continue
+                limit, size = self.limit(model), self._sizes[model]
+                backlog = size >= BACKLOG * limit  # the target is lost for these: full batches drain fastest
+                if (force or backlog or size >= limit or self._due_in(model, queue, now) <= 0
                         or (idle and not out and self._idle_due_in(queue, now) <= 0)):
-                    break
-                out.append(self._take(model, queue, now, limit))
+                    best = (model, queue, self.max_batch if backlog else limit)
+            if best is None:
+                return out
+            out.append(self._take(*best[:2], now, best[2]))
         return out
 
     def _take(self, model: str, queue: deque[Job], now: float, limit: int) -> Batch:

@@ -254,3 +254,30 @@ def test_a_backlog_is_drained_in_full_batches() -> None:
     b.add("m", "s", wins(1, 4 * 147 + 10))
     sizes = [len(x) for x in b.ready()]
     assert sizes == [256, 147, 147] and b.size == 48  # below the backlog: the target's size again
+
+
+def test_a_backlog_below_max_batch_goes_at_once() -> None:
+    # limit 147, backlog from 588: 600 waiting with max_batch 1024 were held until their age (the size
+    # trigger compared them with max_batch), while 587 went out at once
+    clock = Clock()
+    b = Batcher(1024, 500.0, clock=clock, latency_target_ms=30.0)
+    for n in (1, 64, 256):
+        b.observed("m", n, 0.0009765625 + n * 0.00006103515625)
+    b.add("m", "s", wins(1, 600))
+    assert [len(x) for x in b.ready(room=1)] == [600] and b.size == 0
+
+
+def test_one_models_full_batches_do_not_starve_another_models_queue() -> None:
+    # the queues were taken in a fixed order up to `room`: A filling two batches a turn kept B's one window
+    # waiting for good, though it was due by age
+    b, clock = make(max_batch=4, max_delay_ms=5.0)
+    b.add("A", "a", wins(1, 8))
+    b.add("B", "b", wins(1, 1))
+    seq = 9
+    released = []
+    for _ in range(4):
+        clock.t += 0.0078125
+        released += [x.model for x in b.ready(room=2)]
+        b.add("A", "a", wins(seq, 8))
+        seq += 8
+    assert released[:4] == ["A", "A", "B", "A"]  # B (due, older than A's new windows) goes in the second turn
