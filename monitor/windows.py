@@ -123,7 +123,11 @@ class StreamWindows(_Windowing):
             else:
                 k = int(np.searchsorted(ts, self._align_ts))  # before the stored sample
                 take = min(self._align_skip, len(ts) - k)
-                self._align_skip -= take
+                gap = self._gap_in_skip(ts, k, take)
+                if gap is not None:  # the first owner restarted its windows there, and so does this replay
+                    take, self._align_skip = gap - k, 0
+                else:
+                    self._align_skip -= take
                 if k < len(ts) and self._align_skip == 0:
                     self._align_ts = None
                 k += take
@@ -133,6 +137,19 @@ class StreamWindows(_Windowing):
                 if not len(ts):
                     return _concat([], self.window, self.channels)
         return super().push(ts, values)
+
+    def _gap_in_skip(self, ts: np.ndarray, k: int, take: int) -> int | None:
+        """Index of the first sample of ``ts[k : k + take]`` (the samples :meth:`align` passes over) that follows
+        a gap after another passed-over one — where the first owner restarted — or None."""
+        if self.gap_ms is None or not take:
+            return None
+        if k == 0 and self.last_ts is not None and self.last_ts >= self._align_ts:  # passing over since a push ago
+            prev = np.concatenate([[self.last_ts], ts[: take - 1]])
+            first = 0
+        else:  # from the stored sample on
+            prev, first = ts[k : k + take - 1], k + 1
+        gaps = np.flatnonzero(ts[first : k + take] - prev > self.gap_ms)
+        return first + int(gaps[0]) if len(gaps) else None
 
     def restart(self) -> None:
         """Forget the partial window: the next window starts with the next sample."""

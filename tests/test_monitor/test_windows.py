@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -114,3 +116,31 @@ def test_a_replay_aligned_at_the_stored_phase_cuts_the_same_windows(window: int,
     stale = StreamWindows(window, hop, channels=2)
     stale.align(int(ts[50]))  # the replay begins after the stored phase: the state is older than the commit
     np.testing.assert_array_equal(stale.push(ts[60:], values[60:]).start_ts[:1], ts[60:61])
+
+
+def test_an_aligned_replay_restarts_at_a_gap_among_the_samples_it_passes_over() -> None:
+    """hop > window: the stored point says to pass over a few samples after the last one; a gap among those
+    restarted the first owner's windows at the gap, and the replay's grid used to run on past it (every later
+    window, and so alert ids, moved). Random streams, chunkings and snapshot points, with and without gaps."""
+    rng = np.random.default_rng(2)
+    for trial in range(1500):
+        window, hop, n = int(rng.integers(2, 7)), int(rng.integers(1, 12)), int(rng.integers(5, 60))
+        ts = np.cumsum(rng.choice([1, 1, 1, 1, 10], size=n)).astype("int64")
+        values = np.arange(n, dtype="float32")[:, None]
+        gap_ms = 5 if trial % 2 else None
+        bounds = [0, *sorted(set(rng.integers(1, n, size=int(rng.integers(1, 6))).tolist())), n]
+        snap = int(rng.integers(1, len(bounds) - 1))  # state saved after message `snap`
+        first, after = StreamWindows(window, hop, 1, gap_ms), []
+        for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            w = first.push(ts[lo:hi], values[lo:hi])
+            if i == snap - 1:
+                seq, from_ts, skip = first.phase()
+            elif i >= snap:
+                after += w.start_ts.tolist()
+        held = max(i for i in range(len(bounds) - 1) if bounds[i] < seq)  # the message holding sample `seq`
+        later = StreamWindows(window, hop, 1, gap_ms)
+        later.align(from_ts, skip)
+        got = [later.push(ts[lo:hi], values[lo:hi]) for lo, hi in itertools.pairwise(bounds[held:])]
+        saved_at = ts[bounds[snap] - 1]
+        replayed = [int(s) for g in got for s, e in zip(g.start_ts, g.end_ts, strict=True) if e > saved_at]
+        assert replayed == after, (window, hop, gap_ms, trial)
