@@ -61,13 +61,11 @@ def build_scorer(cfg: Config) -> Scorer:
                                r.resolve_after) for r in cfg.require_models()], cfg.daemon.precision)
 
 
-def calibrator_settings(cfg: Config, scorer: Scorer) -> CalibratorSettings:
+def calibrator_settings(cfg: Config) -> CalibratorSettings:
     c = cfg.calibrator
-    quantile = c.quantile
-    if quantile is None:  # the artifacts' own quantile when they agree (each stream is calibrated at its model's)
-        found = {m.detector.threshold.quantile for m in scorer.models.values()}
-        quantile = found.pop() if len(found) == 1 else DEFAULT_QUANTILE
-    quantile = min(quantile, MAX_QUANTILE)
+    # unset: each stream is registered at its own model's quantile (processor Settings.model_quantile), so
+    # this one is never used for a stream
+    quantile = min(DEFAULT_QUANTILE if c.quantile is None else c.quantile, MAX_QUANTILE)
     d = cfg.drift
     return CalibratorSettings(quantile, c.margin, c.window, c.min_samples, c.max_change, c.floor, c.ceiling,
                               c.enabled, cfg.state.history, c.min_change,
@@ -107,7 +105,7 @@ class Daemon:
             # switch interval it waits behind the parsing thread (193k → 223k samples/s at 0.2 ms).
             sys.setswitchinterval(0.0002)
             backend = ThreadBackend(self.scorer)
-        self.calibrator = Calibrator(calibrator_settings(cfg, self.scorer), on_change=self._threshold_metric)
+        self.calibrator = Calibrator(calibrator_settings(cfg), on_change=self._threshold_metric)
         self.stop_event = threading.Event()
         self.final_thresholds: dict[str, dict[str, Any]] = {}  # calibrator snapshot taken at shutdown
         # called on every threshold change, whatever made it (replay-eval draws them on data time)

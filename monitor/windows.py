@@ -141,15 +141,11 @@ class StreamWindows(_Windowing):
     def _gap_in_skip(self, ts: np.ndarray, k: int, take: int) -> int | None:
         """Index of the first sample of ``ts[k : k + take]`` (the samples :meth:`align` passes over) that follows
         a gap after another passed-over one — where the first owner restarted — or None."""
-        if self.gap_ms is None or not take:
+        if not take:
             return None
-        if k == 0 and self.last_ts is not None and self.last_ts >= self._align_ts:  # passing over since a push ago
-            prev = np.concatenate([[self.last_ts], ts[: take - 1]])
-            first = 0
-        else:  # from the stored sample on
-            prev, first = ts[k : k + take - 1], k + 1
-        gaps = np.flatnonzero(ts[first : k + take] - prev > self.gap_ms)
-        return first + int(gaps[0]) if len(gaps) else None
+        begun = k == 0 and self.last_ts is not None and self.last_ts >= self._align_ts  # passing over since a push ago
+        gaps = _gap_starts(ts[k : k + take], self.last_ts if begun else None, self.gap_ms)
+        return k + gaps[0] if gaps else None
 
     def restart(self) -> None:
         """Forget the partial window: the next window starts with the next sample."""
