@@ -95,7 +95,7 @@ def _nan_weights(path: Path) -> None:
     from safetensors.torch import load, save
 
     state = load((path / "weights.safetensors").read_bytes())
-    name = next(iter(state))
+    name = next(n for n, t in state.items() if t.is_floating_point())  # BatchNorm counters are int64
     state[name] = torch.full_like(state[name], float("nan"))
     blob = save(state)
     (path / "weights.safetensors").write_bytes(blob)
