@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from models.errors import BrokerError
 from monitor import logs
 from monitor.topics import partition_reader
 
@@ -29,14 +30,17 @@ class Changelog:
 
 def read_changelog(client: dict[str, Any], topic: str, timeout_s: float) -> Changelog:
     """Every partition of ``topic`` from the beginning to its end, without a consumer group."""
+    from kafka.errors import KafkaError
+
     t0 = time.monotonic()
-    consumer, tps = partition_reader(client, topic, at_end=False, if_missing=())
+    consumer, tps = partition_reader(client, topic, at_end=False, if_missing=(), timeout_s=timeout_s)
     docs: dict[str, dict[str, Any]] = {}
     records, complete = 0, False
     try:
         if not tps:
             return Changelog({}, 0, time.monotonic() - t0, True)
-        end = consumer.end_offsets(tps)  # may be low on brokers that misreport it: read until quiet too
+        # may be low on brokers that misreport it: read until quiet too
+        end = consumer.end_offsets(tps, timeout_ms=max(1, int((timeout_s - (time.monotonic() - t0)) * 1000)))
         while time.monotonic() - t0 < timeout_s:
             batches = consumer.poll(timeout_ms=200)
             for rec in (r for rs in batches.values() for r in rs):
@@ -45,6 +49,8 @@ def read_changelog(client: dict[str, Any], topic: str, timeout_s: float) -> Chan
             if not batches and all(consumer.position(tp) >= end[tp] for tp in tps):
                 complete = True
                 break
+    except KafkaError as exc:  # raised inside a rebalance callback, it would stop the daemon's loop
+        raise BrokerError(f"cannot read the changelog {topic}: {type(exc).__name__}: {exc}") from None
     finally:
         consumer.close()
     return Changelog(docs, records, time.monotonic() - t0, complete)

@@ -36,12 +36,13 @@ def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: d
         admin.close()
 
 
-def partition_reader(client: dict[str, Any], topic: str, at_end: bool,
-                     if_missing: tuple[int, ...] = (0,)) -> tuple[Any, list[Any]]:
+def partition_reader(client: dict[str, Any], topic: str, at_end: bool, if_missing: tuple[int, ...] = (0,),
+                     timeout_s: float = 30.0) -> tuple[Any, list[Any]]:
     """A consumer without a group, assigned every partition of ``topic`` (``if_missing`` while the topic is
     unknown) at its beginning or its end, the position resolved now: from then on nothing is missed.
 
-    ``client``: :meth:`KafkaConfig.client_kwargs`. Returns the consumer and its partitions.
+    ``client``: :meth:`KafkaConfig.client_kwargs`. Returns the consumer and its partitions. A broker that
+    fails, or cannot give a position within ``timeout_s``, raises BrokerError.
     """
     from kafka import KafkaConsumer, TopicPartition
     from kafka.errors import KafkaError
@@ -54,8 +55,14 @@ def partition_reader(client: dict[str, Any], topic: str, at_end: bool,
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or if_missing)]
         consumer.assign(tps)
         (consumer.seek_to_end if at_end else consumer.seek_to_beginning)(*tps)
+        end = time.monotonic() + timeout_s
         for tp in tps:
-            consumer.position(tp)
+            if consumer.position(tp, timeout_ms=max(1, int((end - time.monotonic()) * 1000))) is None:
+                raise BrokerError(f"cannot read {topic}: no position for partition {tp.partition} "
+                                  f"within {timeout_s:g} s")
+    except KafkaError as exc:
+        consumer.close()
+        raise BrokerError(f"cannot read {topic}: {type(exc).__name__}: {exc}") from None
     except BaseException:
         consumer.close()
         raise

@@ -95,3 +95,21 @@ def test_the_sink_gives_up_a_message_the_broker_can_never_take(broker, topic: st
     finally:
         reader.close()
     assert reader.docs == [{"ok": 1}] and sink.pending == 0
+
+
+@pytest.mark.parametrize("where", ["end_offsets", "position"])
+def test_a_broker_error_while_reading_the_changelog_is_a_broker_error(broker, topic: str, monkeypatch,
+                                                                      where: str) -> None:
+    """Read inside a rebalance callback, a kafka-python error escaped poll() and stopped the daemon; the
+    daemon catches tsmon's own errors there (state_restore_failed) and goes on."""
+    from kafka.errors import KafkaTimeoutError
+
+    from models.errors import BrokerError
+    from monitor.state import read_changelog
+
+    def fail(*_a, **_k):
+        raise KafkaTimeoutError("Failed to get offsets by timestamps in 1.0 secs")
+
+    monkeypatch.setattr(KafkaConsumer, where, fail)
+    with pytest.raises(BrokerError, match=f"cannot read .*{topic}: KafkaTimeoutError"):
+        read_changelog({"bootstrap_servers": broker.bootstrap}, topic, timeout_s=5)
