@@ -205,6 +205,11 @@ class ConfluentSource:
         assigned = self.assignment()
         return {tp: lag for tp, lag in (self._health.lags or {}).items() if tp in assigned}
 
+    def rewind(self, offsets: dict[TP, int]) -> None:
+        """Nothing to do: every assignment here follows an unassign, so librdkafka starts each partition at its
+        committed offset, which is the daemon's commit at the revoke or, if that failed, an older one (read
+        again, the windows already applied are skipped)."""
+
     def close(self, timeout_s: float) -> None:
         """Leave the group (the revoke callback runs first) within ``timeout_s``: librdkafka's close has no
         timeout of its own, so it runs on a thread the daemon stops waiting for (it exits with the process)."""

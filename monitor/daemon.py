@@ -156,6 +156,7 @@ class Daemon:
         # the changelog is read at the first assignment, then at every later one; commands wait for the first
         self._restored = not (self._kafka and cfg.state.enabled)
         self._paused: set[TP] = set()  # partitions paused while the sink or the broker fails
+        self._rewind: dict[TP, int] = {}  # offsets to read the partitions of the last revoke again from
         self._holding = False  # input paused because scoring falls behind (back-pressure)
         self._input_since = time.monotonic()  # input last came back from a pause: silence before it is not idleness
         self._problem: str | None = None  # why the last commit attempt failed; /readyz reports it
@@ -183,13 +184,20 @@ class Daemon:
     def _on_revoke(self, tps: list[TP]) -> None:
         log.info("partitions_revoked", partitions=[f"{t}-{p}" for t, p in tps])
         self._paused -= set(tps)
-        self.processor.revoke(self.source, set(tps))
+        self._rewind = self.processor.revoke(self.source, set(tps))
 
     def _on_assign(self, tps: list[TP]) -> None:
         # Streams of these partitions start when their first record arrives; they continue from the
         # changelog, which the previous owner wrote when the partitions were revoked from it. The first
         # assignment reads it in any case (daemon-wide state), before any command is polled.
         log.info("partitions_assigned", partitions=[f"{t}-{p}" for t, p in tps])
+        # A partition revoked and given straight back keeps its read position in the client, but its streams
+        # were dropped at the revoke: read it again from where a next owner would begin.
+        given = set(tps)
+        back, self._rewind = {tp: o for tp, o in self._rewind.items() if tp in given}, {}
+        if back:
+            self.source.rewind(back)
+            log.info("partitions_rewound", offsets={f"{t}-{p}": o for (t, p), o in sorted(back.items())})
         if self._problem is not None:  # still failing: new partitions wait like the others
             self._pause(set(tps))
         elif self._holding and tps:  # scoring still behind: they wait for the release like the others

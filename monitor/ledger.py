@@ -42,11 +42,13 @@ class _Messages:
 class OffsetLedger:
     def __init__(self) -> None:
         self._consumed: dict[TP, int] = {}  # next offset after the last record seen
+        self._first: dict[TP, int] = {}  # the first record seen since the partition was assigned
         self._held: dict[TP, dict[str, _Messages]] = {}
         self._streams: dict[str, set[TP]] = {}
 
     def consumed(self, tp: TP, offset: int) -> None:
         """A record was read (whatever became of it)."""
+        self._first.setdefault(tp, offset)
         self._consumed[tp] = max(self._consumed.get(tp, 0), offset + 1)
 
     def hold(self, tp: TP, stream: str, offset: int, last_seq: int) -> None:
@@ -80,6 +82,10 @@ class OffsetLedger:
             out[tp] = min(firsts, default=nxt)
         return out
 
+    def first_read(self, tp: TP) -> int | None:
+        """The offset of the first record read from the partition since it was assigned (where it began)."""
+        return self._first.get(tp)
+
     def forget(self, stream: str) -> None:
         """The stream is no longer held in memory (its state was snapshotted): nothing of it is needed."""
         for tp in self._streams.pop(stream, set()):
@@ -97,6 +103,7 @@ class OffsetLedger:
         streams: set[str] = set()
         for tp in tps:
             self._consumed.pop(tp, None)
+            self._first.pop(tp, None)
             streams |= set(self._held.pop(tp, {}))
         for s in streams:
             self._streams[s] -= tps

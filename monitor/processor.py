@@ -622,17 +622,25 @@ class Processor:
         self.owed.clear()
         self._owed_warned.clear()
 
-    def revoke(self, source: Source, tps: set[TP]) -> None:
-        """Partitions are leaving: score what waits, publish, commit them, forget their streams."""
+    def revoke(self, source: Source, tps: set[TP]) -> dict[TP, int]:
+        """Partitions are leaving: score what waits, publish, commit them, forget their streams.
+
+        Returns, per partition read from, where a next owner must begin: the offset committed now or, if that
+        failed, the last one committed (else where this instance began). The daemon rewinds a partition that
+        comes straight back to it there, since its streams are gone from memory."""
         self.forget_evicted()
         self.score_ready(force=True)
-        for stream in self.ledger.streams_on(tps):  # their next owner restores from these
+        # a stream woken by a command has read nothing since: its partition is unknown, it may be one of these
+        woken = {n for n in self.streams if not self.ledger.partitions_of(n)}
+        for stream in self.ledger.streams_on(tps) | woken:  # their next owner restores from these
             self.save(stream)
         try:
             self.commit(source, tps)
         except (SinkBackpressure, BrokerError) as exc:  # the next owner replays from the last commit
             log.error("commit_on_revoke_failed", error=str(exc))
-        for stream in self.ledger.drop(tps):
+        resume = {tp: o for tp in tps if (o := self._committed.get(tp, self.ledger.first_read(tp))) is not None}
+        for stream in self.ledger.drop(tps) | woken:  # a woken one comes back from the changelog if it stays
             self._drop(stream)
         for tp in tps:
             self._committed.pop(tp, None)
+        return resume

@@ -5,7 +5,8 @@ the source only commits exactly the offsets it is given, synchronously and withi
 a :class:`BrokerError`), and says when the broker cannot be used (no open connection: the consumer's own
 metrics), which the daemon reports as not ready. On a revoke, kafka-python calls
 ``on_revoke`` while ``poll`` (or ``close``) blocks, before the partitions move, so the daemon can score,
-publish and commit what it holds for them; ``on_assign`` follows with the new partitions. kafka-python 3
+publish and commit what it holds for them; ``on_assign`` follows with the new partitions (a partition
+kept through an eager rebalance keeps its read position: the daemon ``rewind``s it). kafka-python 3
 runs these callbacks on its network thread, where a blocking commit would deadlock ("Cannot block on
 net.run() from the IO thread"), so a commit asked for inside a callback is sent asynchronously: it is
 queued ahead of the JoinGroup on the same connection, and if the broker refuses it anyway the next owner
@@ -50,6 +51,7 @@ class Source(Protocol):
     def pause(self, tps: set[TP]) -> None: ...  # poll returns nothing of them until resume (membership kept)
     def resume(self, tps: set[TP]) -> None: ...
     def broker_problem(self) -> str | None: ...  # why the broker cannot be used now; None when it can
+    def rewind(self, offsets: dict[TP, int]) -> None: ...  # kept across a rebalance: read again from these
     def close(self, timeout_s: float) -> None: ...
 
 
@@ -59,6 +61,7 @@ class MemorySource:
 
     records: list[InRecord] = field(default_factory=list)
     batch: int = 100
+    handed: list[InRecord] = field(default_factory=list)  # polled so far, for rewind
     committed: dict[TP, int] = field(default_factory=dict)
     assigned: set[TP] = field(default_factory=set)
     paused: set[TP] = field(default_factory=set)
@@ -72,7 +75,13 @@ class MemorySource:
             return []
         n = min(self.batch, max_records or self.batch)
         out, self.records = self.records[:n], self.records[n:]
+        self.handed.extend(out)
         return out
+
+    def rewind(self, offsets: dict[TP, int]) -> None:
+        again = [r for r in self.handed if offsets.get(r.tp, r.offset + 1) <= r.offset]
+        self.handed = [r for r in self.handed if r not in again]
+        self.records = again + self.records
 
     def pause(self, tps: set[TP]) -> None:
         self.paused |= tps
@@ -172,6 +181,16 @@ class KafkaSource:
                 self._consumer.commit(request, timeout_ms=max(1, int(timeout_s * 1000)))
         except KafkaError as exc:  # timeout (broker away) or a rebalance took the partitions: replayed, not lost
             raise BrokerError(f"commit failed: {type(exc).__name__}: {exc}") from None
+
+    def rewind(self, offsets: dict[TP, int]) -> None:
+        """Read these partitions again from these offsets. kafka-python keeps the position (and fetched
+        records) of a partition that stays assigned through a rebalance, but the daemon dropped its streams at
+        the revoke: without this the samples between the commit and the position never reach a window again.
+        Only sets positions (no network), so it is safe inside a rebalance callback."""
+        from kafka import TopicPartition
+
+        for (t, p), o in offsets.items():
+            self._consumer.seek(TopicPartition(t, p), o)
 
     def broker_problem(self) -> str | None:
         """Why the broker cannot be used now: the consumer holds no open connection to any broker (its own

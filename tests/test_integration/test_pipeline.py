@@ -6,6 +6,7 @@ test's thread) against the session broker, exactly as `tsmon run` wires it.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -167,6 +168,61 @@ def test_restart_mid_stream_gives_the_same_alerts(broker: Any, stream_model: Pat
     assert 0 <= replayed < 16000 - (16000 - done_first)  # resumed from the committed offsets, not the start
     if graceful:  # only what windows still needed was re-read: the last W - H samples of each stream
         assert replayed <= 4 * (STREAM_WINDOW - STREAM_HOP)
+
+
+def test_partitions_kept_through_a_rebalance_are_read_again_from_the_commit(broker: Any, stream_model: Path) -> None:
+    """A second member joins the group for a second and leaves without committing: each eager rebalance revokes
+    every partition and gives some (then all) straight back. kafka-python keeps the read position of a kept
+    partition, but the daemon dropped its streams at the revoke, so it reads again from its commit: every
+    window is applied once (the restored phase cuts the replay's windows after the last one applied) and the alerts
+    are the uninterrupted run's (the windows spanning the revoke used to be lost)."""
+    streams = {f"dev-{i}": sine_stream(4000, BURSTS if i % 2 == 0 else (2200,), seed=40 + i) for i in range(4)}
+    topics = {}
+    for run in ("reference", "rebalanced"):
+        topics[run] = f"t-{uuid.uuid4().hex[:12]}"
+        ensure_topics(broker.bootstrap, {topics[run]: 4})
+        sent = produce(broker.bootstrap, topics[run], streams)
+    reference = run_until_samples(config(broker, topics["reference"], stream_model), 16000)
+    want = reference.metrics.total("tsmon_windows_scored_total")
+
+    cfg = config(broker, topics["rebalanced"], stream_model)
+    d, held = Daemon(cfg), threading.Event()
+
+    def member() -> None:  # holds its share of the partitions for a second, reads, never commits, leaves
+        c = KafkaConsumer(topics["rebalanced"], bootstrap_servers=broker.bootstrap, group_id=cfg.kafka.group_id,
+                          session_timeout_ms=2000, heartbeat_interval_ms=500, enable_auto_commit=False)
+        for _ in range(300):
+            c.poll(timeout_ms=100)
+            if c.assignment() and not held.is_set():
+                held.set()
+                leave = time.monotonic() + 1.0
+            if held.is_set() and time.monotonic() > leave:
+                break
+        c.close(autocommit=False)
+
+    other = threading.Thread(target=member, daemon=True)
+    t0 = time.monotonic()
+
+    def until() -> bool:
+        if other.ident is None and d.metrics.total("tsmon_samples_total") >= 5000:
+            other.start()
+            time.sleep(1.5)  # its JoinGroup is in: the daemon's next poll rebalances, mid-stream
+        applied = d.metrics.total("tsmon_windows_scored_total") - skipped(d)
+        return (not other.is_alive() and applied >= want and d.processor.pending == 0) or time.monotonic() - t0 > 60
+
+    try:
+        d.run(until=until)
+    finally:
+        other.join(30)
+    assert held.is_set() and d.metrics.total("tsmon_records_total") > sent  # mid-stream; partitions read again
+    assert d.metrics.total("tsmon_windows_scored_total") - skipped(d) == want  # none lost, none applied twice
+    alerts = {topic: {(a["alert_id"], a["status"]) for a in TopicReader(broker.bootstrap, f"{topic}.alerts").settle()
+                      if a.get("type") == "anomaly"} for topic in topics.values()}
+    assert len(alerts[topics["reference"]]) == 12 and alerts[topics["rebalanced"]] == alerts[topics["reference"]]
+
+
+def skipped(d: Daemon) -> float:
+    return d.metrics.registry.get_sample_value("tsmon_windows_skipped_total", {"why": "restored"}) or 0.0
 
 
 def test_calibrator_follows_drift_and_ignores_anomalies(broker: Any, topic: str, stream_model: Path) -> None:

@@ -494,6 +494,23 @@ def test_commands_reach_streams_this_instance_evicted(make: Make) -> None:
     assert p.evicted == set()  # after a rebalance the partition may be another instance's
 
 
+def test_a_stream_woken_by_a_command_leaves_with_a_revoke(make: Make) -> None:
+    """Woken, a stream has read nothing since, so the ledger cannot tell its partition: a revoke saves and
+    drops it like the streams it knows are on the revoked partitions (it used to stay, and write a stale
+    document over its next owner's later)."""
+    p = make()
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0)
+    c = controller(p)
+    feed(p, records("dev-a", *sine_stream(300, seed=1)) + records("dev-b", *sine_stream(300, seed=2), partition=1))
+    p.streams["dev-a"].last_seen += 120  # only dev-b is idle
+    assert p.evict_idle(time.monotonic() + 61) == 1 and p.evicted == {"dev-b"}
+    assert send(c, "pin", "dev-*", threshold=1.0)["streams"] == ["dev-a", "dev-b"]  # dev-b woken by it
+    p.revoke(MemorySource(), {("in", 1)})
+    assert sorted(p.streams) == ["dev-a"] and p.calibrator.streams() == ["dev-a"]
+    last = [d for d in out(p, "state") if d.get("stream") == "dev-b"][-1]
+    assert last["calibrator"]["pinned"]  # the command's change went to the changelog first
+
+
 def test_a_stream_back_on_its_own_is_not_woken_again_and_feedback_wakes_only_its_stream(make: Make) -> None:
     p = make()
     p.settings = Settings(state_topic="state", idle_evict_s=60.0, max_streams=4)

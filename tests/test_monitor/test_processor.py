@@ -329,7 +329,7 @@ def test_revoke_scores_waiting_windows_commits_and_forgets_the_streams(make: Mak
              + records("dev-b", *sine_stream(500, seed=14), partition=1))
     assert p.score_ready() == 0 and p.pending == n_windows(800) + n_windows(500)
     src = MemorySource()
-    p.revoke(src, {tp0})
+    assert p.revoke(src, {tp0}) == {tp0: first_needed_offset(800, H)}  # where to read again if it comes back
     assert src.committed == {tp0: first_needed_offset(800, H)}
     assert p.pending == 0 and metric(p, "tsmon_windows_scored_total") == n_windows(800) + n_windows(500)
     assert set(p.streams) == {"dev-b"} and p.calibrator.streams() == ["dev-b"]
@@ -338,6 +338,35 @@ def test_revoke_scores_waiting_windows_commits_and_forgets_the_streams(make: Mak
     assert src.committed == {tp0: first_needed_offset(800, H), tp1: first_needed_offset(500, H)}
     assert p.streams == {} and p.calibrator.streams() == []
     assert p.ledger.committable() == {}
+
+
+def test_a_revoke_whose_commit_fails_resumes_from_the_last_commit_or_where_it_began(make: Make) -> None:
+    """The offsets a revoke returns are those a next owner reads from: with the commit refused, the last one
+    that went through, or, never committed, the first record this instance read (never past the broker's)."""
+    p = make(max_batch=4096, max_delay_ms=60_000)
+    tp0, tp1 = (TOPIC, 0), (TOPIC, 1)
+    a = records("dev-a", *sine_stream(800, seed=13), partition=0)
+    b = records("dev-b", *sine_stream(800, seed=14), partition=1)
+    src = MemorySource()
+    p.handle(a[:40] + b[5:40])  # dev-b's first five messages were committed by an earlier owner
+    p.score_ready(force=True)
+    p.commit(src, {tp0})
+    earlier = src.committed[tp0]
+    assert 0 < earlier < 40
+    p.handle(a[40:] + b[40:])
+    src.down = "broker away"
+    assert p.revoke(src, {tp0, tp1}) == {tp0: earlier, tp1: 5}
+    assert src.committed == {tp0: earlier}
+
+
+def test_memory_source_rewind_hands_out_the_records_again() -> None:
+    recs = records("dev-a", *sine_stream(1000), partition=0) + records("dev-b", *sine_stream(1000), partition=1)
+    src = MemorySource(recs, batch=15)
+    first = src.poll(0) + src.poll(0)
+    src.rewind({(TOPIC, 0): first[3].offset})
+    again = src.poll(0) + src.poll(0)
+    assert [r.offset for r in again[:27]] == [r.offset for r in first[3:]]
+    assert all(r.partition == 0 for r in first)
 
 
 def test_memory_source_assignment_covers_the_partitions_it_handed_out(make: Make) -> None:
