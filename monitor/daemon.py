@@ -43,7 +43,7 @@ from monitor.processor import DataClock, Processor, Settings
 from monitor.scorer import Scorer, load_served
 from monitor.scoring import Backend, ProcessBackend, ThreadBackend, choose
 from monitor.sink import KafkaSink, OutMessage, Sink
-from monitor.source import TP, KafkaSource, Source
+from monitor.source import TP, InRecord, KafkaSource, Source
 from monitor.state import read_changelog
 from monitor.topics import ensure_topics
 
@@ -222,7 +222,7 @@ class Daemon:
         self._restored = True
         self.processor.restored = {}  # never continue from documents read at an earlier assignment
         self.processor.forget_evicted()
-        log_ = read_changelog(self.cfg.kafka.client_kwargs(), st.topic, st.restore_timeout_s)
+        log_ = read_changelog(self.cfg.kafka.client_kwargs(), st.topic, st.restore_timeout_s, self.stop_event.is_set)
         daemon_doc = log_.docs.pop(GLOBAL_KEY, None)
         if daemon_doc is not None:
             self.controller.restore_global(daemon_doc)
@@ -321,11 +321,11 @@ class Daemon:
                     timeout = min(timeout, int(idle * 1000))
                 room = self._poll_room()
                 if room and not self.processor.scoring_busy:
-                    self.processor.handle(self.source.poll(max(timeout, 0), room))
+                    self._handle(self.source.poll(max(timeout, 0), room))
                 else:  # a result is on its way (it wakes us), or no record fits: wait for the scorer first,
                     self.processor.wait_scored(timeout / 1000)  # the records stay in the client meanwhile
                     if room:
-                        self.processor.handle(self.source.poll(0, room))
+                        self._handle(self.source.poll(0, room))
                 self.processor.score_ready()  # never blocks: what waits is bounded by _hold_input
                 self._hold_input()
                 if (self.control is not None and self._restored
@@ -353,6 +353,15 @@ class Daemon:
             finally:
                 heap.thaw()
         return self.metrics.snapshot()
+
+    def _handle(self, records: list[InRecord]) -> None:
+        """Records that arrive after a stop signal are left to the next owner (never committed): a restore cut
+        short by the signal may have missed their streams' documents, and a stream started from its artifact
+        would write over its document at the shutdown."""
+        if records and self.stop_event.is_set():
+            log.info("records_left_for_replay", records=len(records))
+            return
+        self.processor.handle(records)
 
     def _commit(self) -> None:
         """Commit; while the broker or the sink fails, pause the input and retry with backoff.

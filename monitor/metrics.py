@@ -47,7 +47,8 @@ class Metrics:
         self.batch_size = Histogram("tsmon_batch_size", "Windows per scored micro-batch", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
         self.alert_latency = Histogram("tsmon_alert_latency_seconds",
-                                       "Arrival of the window's last sample to the alert's publication", registry=r,
+                                       "From the window entering the batcher (the record with its last sample handled) "
+                                       "to its alert handed to the producer", registry=r,
                                        buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30))
         self.event_lag = Histogram("tsmon_event_lag_seconds",
                                    "Wall clock at a micro-batch's decision minus its oldest window's last sample "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +29,10 @@ class Changelog:
     complete: bool  # read to the end within the time limit
 
 
-def read_changelog(client: dict[str, Any], topic: str, timeout_s: float) -> Changelog:
-    """Every partition of ``topic`` from the beginning to its end, without a consumer group."""
+def read_changelog(client: dict[str, Any], topic: str, timeout_s: float,
+                   stop: Callable[[], bool] = lambda: False) -> Changelog:
+    """Every partition of ``topic`` from the beginning to its end, without a consumer group; ``stop()``
+    (a shutdown signal) cuts the read short like the timeout does (``complete`` False)."""
     from kafka.errors import KafkaError
 
     t0 = time.monotonic()
@@ -41,7 +44,7 @@ def read_changelog(client: dict[str, Any], topic: str, timeout_s: float) -> Chan
             return Changelog({}, 0, time.monotonic() - t0, True)
         # may be low on brokers that misreport it: read until quiet too
         end = consumer.end_offsets(tps, timeout_ms=max(1, int((timeout_s - (time.monotonic() - t0)) * 1000)))
-        while time.monotonic() - t0 < timeout_s:
+        while time.monotonic() - t0 < timeout_s and not stop():
             batches = consumer.poll(timeout_ms=200)
             for rec in (r for rs in batches.values() for r in rs):
                 records += 1

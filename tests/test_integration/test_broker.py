@@ -113,3 +113,18 @@ def test_a_broker_error_while_reading_the_changelog_is_a_broker_error(broker, to
     monkeypatch.setattr(KafkaConsumer, where, fail)
     with pytest.raises(BrokerError, match=f"cannot read .*{topic}: KafkaTimeoutError"):
         read_changelog({"bootstrap_servers": broker.bootstrap}, topic, timeout_s=5)
+
+
+def test_a_stop_signal_cuts_the_changelog_read_short(broker, topic: str) -> None:
+    """SIGTERM during a restore: the read ends at once (incomplete) instead of running to restore_timeout_s."""
+    from monitor.state import read_changelog
+
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    for i in range(20):
+        p.send(topic, key=f"dev-{i}".encode(), value=b'{"type": "stream_state"}')
+    p.flush(), p.close()
+    whole = read_changelog({"bootstrap_servers": broker.bootstrap}, topic, timeout_s=20)
+    assert whole.complete and len(whole.docs) == 20
+    t0 = time.monotonic()
+    cut = read_changelog({"bootstrap_servers": broker.bootstrap}, topic, timeout_s=20, stop=lambda: True)
+    assert not cut.complete and cut.records == 0 and time.monotonic() - t0 < 5
