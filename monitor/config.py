@@ -367,7 +367,8 @@ class StateConfig(_Section):
     enabled: bool = Field(True, description="persist and restore thresholds, controls and open alerts")
     topic: str = Field("tsmon.state", min_length=1, description="changelog topic keyed by stream (compacted)")
     snapshot_interval_s: float = Field(30.0, gt=0, description="seconds between snapshots of changed streams")
-    restore_timeout_s: float = Field(30.0, gt=0, description="longest a restore may read the changelog")
+    restore_timeout_s: float = Field(300.0, gt=0, description="longest a restore may read the changelog (the "
+                                     "input waits); then streams it did not reach start from their artifact")
     history: int = Field(50, ge=1, description="threshold versions kept per stream")
     recent_alerts: int = Field(20, ge=1, description="alerts per stream remembered for feedback")
 
@@ -654,7 +655,7 @@ remember = 10000                         # command ids remembered, so a replayed
 enabled = true                           # persist thresholds, controls and open alerts per stream
 topic = "tsmon.state"                    # changelog keyed by stream; create it with cleanup.policy=compact
 snapshot_interval_s = 30.0               # snapshot of the streams that changed, this often
-restore_timeout_s = 30.0                 # longest a restore may read the changelog
+restore_timeout_s = 300.0                # longest a restore may read the changelog (the input waits)
 history = 50                             # threshold versions kept per stream (tsmon ctl history)
 recent_alerts = 20                       # alerts per stream remembered for tsmon ctl feedback
 

@@ -44,11 +44,12 @@ from monitor.scorer import Scorer, load_served
 from monitor.scoring import Backend, ProcessBackend, ThreadBackend, choose
 from monitor.sink import KafkaSink, OutMessage, Sink
 from monitor.source import TP, InRecord, KafkaSource, Source
-from monitor.state import read_changelog
+from monitor.state import ChangelogReader
 from monitor.topics import ensure_topics
 
 log = logs.get("tsmon.daemon")
 SHUTDOWN_DRAIN_SHARE = 0.85  # of shutdown_timeout_s for draining and commits; the rest for closing processes
+RESTORE_STEP_S = 0.1  # changelog reading per loop turn while a restore holds the input
 
 
 def scoring_threads(configured: int | None) -> int:
@@ -157,6 +158,8 @@ class Daemon:
         self._restored = not (self._kafka and cfg.state.enabled)
         self._paused: set[TP] = set()  # partitions paused while the sink or the broker fails
         self._rewind: dict[TP, int] = {}  # offsets to read the partitions of the last revoke again from
+        self._restoring: ChangelogReader | None = None  # the changelog read in progress
+        self._restore_waits: set[TP] = set()  # partitions paused until it is read
         self._holding = False  # input paused because scoring falls behind (back-pressure)
         self._input_since = time.monotonic()  # input last came back from a pause: silence before it is not idleness
         self._problem: str | None = None  # why the last commit attempt failed; /readyz reports it
@@ -184,6 +187,7 @@ class Daemon:
     def _on_revoke(self, tps: list[TP]) -> None:
         log.info("partitions_revoked", partitions=[f"{t}-{p}" for t, p in tps])
         self._paused -= set(tps)
+        self._restore_waits -= set(tps)  # a kept one keeps its pause in the client; the restore pauses it anew
         self._rewind = self.processor.revoke(self.source, set(tps))
 
     def _on_assign(self, tps: list[TP]) -> None:
@@ -203,10 +207,7 @@ class Daemon:
         elif self._holding and tps:  # scoring still behind: they wait for the release like the others
             self.source.pause(set(tps))
         if tps or not self._restored:
-            try:
-                self.restore()
-            except TsmonError as exc:  # raised here, it would come out of poll() and stop the loop
-                log.error("state_restore_failed", error=str(exc), consequence="streams start from the artifact")
+            self.restore()
 
     def _ensure_topics(self) -> None:
         k, c, st = self.cfg.kafka, self.cfg.control, self.cfg.state
@@ -215,14 +216,42 @@ class Daemon:
         ensure_topics(client.pop("bootstrap_servers"), topics, {st.topic: {"cleanup.policy": "compact"}}, **client)
 
     def restore(self) -> None:
-        """Read the changelog: documents of streams not started yet wait in the processor."""
+        """Start reading the changelog; the loop reads it in steps (:meth:`_restore_step`) while every assigned
+        partition stays paused, so no stream starts before its document is known (one that did would write
+        over it with its artifact's state) and the loop keeps turning however long the changelog is."""
         st = self.cfg.state
         if not (self._kafka and st.enabled):
             return
-        self._restored = True
+        if self._restoring is not None:  # an assignment during a restore: read again, for the new partitions
+            self._restoring.close()
+            self._restoring = None
         self.processor.restored = {}  # never continue from documents read at an earlier assignment
         self.processor.forget_evicted()
-        log_ = read_changelog(self.cfg.kafka.client_kwargs(), st.topic, st.restore_timeout_s, self.stop_event.is_set)
+        try:
+            self._restoring = ChangelogReader(self.cfg.kafka.client_kwargs(), st.topic, st.restore_timeout_s)
+        except TsmonError as exc:  # in a rebalance callback: raised, it would come out of poll() and stop the loop
+            log.error("state_restore_failed", error=str(exc), consequence="streams start from the artifact")
+            self._restored_resume()
+            return
+        waits = self.source.assignment() - self._paused - self._restore_waits
+        self.source.pause(waits)
+        self._restore_waits |= waits
+
+    def _restore_step(self, budget_s: float) -> None:
+        """Read on in the changelog; once it is read to its end (or ``restore_timeout_s`` ran out, or the broker
+        failed) its documents wait in the processor for their streams, and the input resumes."""
+        reader, st = self._restoring, self.cfg.state
+        if reader is None:
+            return
+        try:
+            if not reader.step(min(budget_s, max(0.0, st.restore_timeout_s - reader.seconds))) \
+                    and reader.seconds < st.restore_timeout_s and not self.stop_event.is_set():
+                self._ready = (False, f"restoring state: {reader.records} changelog records read")
+                return
+        except TsmonError as exc:
+            log.error("state_restore_failed", error=str(exc), consequence="streams start from what was read")
+        self._restoring = None
+        log_ = reader.close()
         daemon_doc = log_.docs.pop(GLOBAL_KEY, None)
         if daemon_doc is not None:
             self.controller.restore_global(daemon_doc)
@@ -231,6 +260,17 @@ class Daemon:
         (log.info if log_.complete else log.error)(
             "state_restored" if log_.complete else "state_restore_incomplete", streams=len(log_.docs),
             records=log_.records, seconds=round(log_.seconds, 3), frozen_all=self.calibrator.frozen_all)
+        self._restored_resume()
+        self._refresh_views()
+
+    def _restored_resume(self) -> None:
+        """The restore is over: commands may apply, and the input it held resumes (unless a failure or
+        back-pressure holds it too: it resumes with the others then)."""
+        self._restored = True
+        waits, self._restore_waits = self._restore_waits & self.source.assignment(), set()
+        if not self._holding:
+            self.source.resume(waits - self._paused)
+        self._input_since = time.monotonic()
 
     def recalibrate(self, streams: list[str] | None = None) -> None:
         """Scheduled recalibration of every stream (wall clock) or of ``streams`` (data clock: one at a time)."""
@@ -274,6 +314,8 @@ class Daemon:
         self._lag_labels = set(lags)
         if self.http is not None:  # one row per stream: only built for someone who can read it
             self._rows = self.processor.status_rows(lags)
+        if self._restoring is not None:  # _restore_step says how far it is
+            return
         if self._problem:
             self._ready = (False, self._problem)
         else:
@@ -319,6 +361,9 @@ class Daemon:
                     timeout = min(max(timeout, 2), 5)
                 elif (idle := self.processor.batcher.idle_wait_s()) is not None:  # an idle scorer takes it soon
                     timeout = min(timeout, int(idle * 1000))
+                if self._restoring is not None:  # the input waits for it: read on instead of waiting in poll
+                    self._restore_step(RESTORE_STEP_S)
+                    timeout = 0
                 room = self._poll_room()
                 if room and not self.processor.scoring_busy:
                     self._handle(self.source.poll(max(timeout, 0), room))
@@ -355,9 +400,8 @@ class Daemon:
         return self.metrics.snapshot()
 
     def _handle(self, records: list[InRecord]) -> None:
-        """Records that arrive after a stop signal are left to the next owner (never committed): a restore cut
-        short by the signal may have missed their streams' documents, and a stream started from its artifact
-        would write over its document at the shutdown."""
+        """Records that arrive after a stop signal are left to the next owner (never committed): the shutdown
+        budget is for what was taken before it."""
         if records and self.stop_event.is_set():
             log.info("records_left_for_replay", records=len(records))
             return
@@ -381,7 +425,7 @@ class Daemon:
             self._failing("broker", f"broker unavailable: {exc}")
             return
         if self._paused and not self._holding:
-            self.source.resume(self._paused)
+            self.source.resume(self._paused - self._restore_waits)
             self._input_since = time.monotonic()
         if self._problem is not None:
             log.info("input_resumed", partitions=len(self._paused), after_s=round(now - (self._retry.since or now), 1),
@@ -427,7 +471,7 @@ class Daemon:
             log.debug("input_held", pending_windows=pending, limit=limit)
         elif self._holding and pending <= limit // 2:
             self._holding = False
-            self.source.resume(self.source.assignment() - self._paused)
+            self.source.resume(self.source.assignment() - self._paused - self._restore_waits)
             self._input_since = time.monotonic()
             self.metrics.backpressure.set(0)
             log.debug("input_released", pending_windows=pending)
@@ -459,6 +503,10 @@ class Daemon:
 
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
+        if self._restoring is not None:  # stopped while restoring: the input never resumed, nothing to apply
+            log.error("state_restore_incomplete", records=self._restoring.records, reason="stopping")
+            self._restoring.close()
+            self._restoring = None
         self._ready = (False, "stopping")
         try:
             self.processor.score_ready(force=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,34 +28,48 @@ class Changelog:
     complete: bool  # read to the end within the time limit
 
 
-def read_changelog(client: dict[str, Any], topic: str, timeout_s: float,
-                   stop: Callable[[], bool] = lambda: False) -> Changelog:
-    """Every partition of ``topic`` from the beginning to its end, without a consumer group; ``stop()``
-    (a shutdown signal) cuts the read short like the timeout does (``complete`` False)."""
-    from kafka.errors import KafkaError
+class ChangelogReader:
+    """Every partition of the changelog from its beginning to its end, without a consumer group, read in
+    :meth:`step`s so that the daemon's loop keeps turning meanwhile (health, metrics, signals, the group's
+    poll). Kafka errors come out as BrokerError."""
 
-    t0 = time.monotonic()
-    consumer, tps = partition_reader(client, topic, at_end=False, if_missing=(), timeout_s=timeout_s)
-    docs: dict[str, dict[str, Any]] = {}
-    records, complete = 0, False
-    try:
-        if not tps:
-            return Changelog({}, 0, time.monotonic() - t0, True)
-        # may be low on brokers that misreport it: read until quiet too
-        end = consumer.end_offsets(tps, timeout_ms=max(1, int((timeout_s - (time.monotonic() - t0)) * 1000)))
-        while time.monotonic() - t0 < timeout_s and not stop():
-            batches = consumer.poll(timeout_ms=200)
-            for rec in (r for rs in batches.values() for r in rs):
-                records += 1
-                _keep(docs, rec.key, rec.value)
-            if not batches and all(consumer.position(tp) >= end[tp] for tp in tps):
-                complete = True
-                break
-    except KafkaError as exc:  # raised inside a rebalance callback, it would stop the daemon's loop
-        raise BrokerError(f"cannot read the changelog {topic}: {type(exc).__name__}: {exc}") from None
-    finally:
-        consumer.close()
-    return Changelog(docs, records, time.monotonic() - t0, complete)
+    def __init__(self, client: dict[str, Any], topic: str, timeout_s: float) -> None:
+        from kafka.errors import KafkaError
+
+        self.topic, self.records, self.complete = topic, 0, False
+        self.docs: dict[str, dict[str, Any]] = {}  # key → latest document
+        self._t0 = time.monotonic()
+        self._consumer, self._tps = partition_reader(client, topic, at_end=False, if_missing=(), timeout_s=timeout_s)
+        try:  # may be low on brokers that misreport it: read until quiet too
+            self._end = self._consumer.end_offsets(self._tps, timeout_ms=max(1, int(timeout_s * 1000))) if self._tps else {}
+        except KafkaError as exc:
+            self._consumer.close()
+            raise BrokerError(f"cannot read the changelog {topic}: {type(exc).__name__}: {exc}") from None
+        self.complete = not self._tps
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self._t0
+
+    def step(self, budget_s: float) -> bool:
+        """Read for about ``budget_s``; True once every partition is read to its end."""
+        from kafka.errors import KafkaError
+
+        until = time.monotonic() + budget_s
+        try:
+            while not self.complete and time.monotonic() < until:
+                batches = self._consumer.poll(timeout_ms=max(1, min(200, int((until - time.monotonic()) * 1000))))
+                for rec in (r for rs in batches.values() for r in rs):
+                    self.records += 1
+                    _keep(self.docs, rec.key, rec.value)
+                self.complete = not batches and all(self._consumer.position(tp) >= self._end[tp] for tp in self._tps)
+        except KafkaError as exc:
+            raise BrokerError(f"cannot read the changelog {self.topic}: {type(exc).__name__}: {exc}") from None
+        return self.complete
+
+    def close(self) -> Changelog:
+        self._consumer.close()
+        return Changelog(self.docs, self.records, self.seconds, self.complete)
 
 
 def _keep(docs: dict[str, dict[str, Any]], key: bytes | None, value: bytes | None) -> None:

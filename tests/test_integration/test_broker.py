@@ -97,7 +97,7 @@ def test_the_sink_gives_up_a_message_the_broker_can_never_take(broker, topic: st
     assert reader.docs == [{"ok": 1}] and sink.pending == 0
 
 
-@pytest.mark.parametrize("where", ["end_offsets", "position"])
+@pytest.mark.parametrize("where", ["end_offsets", "position", "poll"])
 def test_a_broker_error_while_reading_the_changelog_is_a_broker_error(broker, topic: str, monkeypatch,
                                                                       where: str) -> None:
     """Read inside a rebalance callback, a kafka-python error escaped poll() and stopped the daemon; the
@@ -105,26 +105,32 @@ def test_a_broker_error_while_reading_the_changelog_is_a_broker_error(broker, to
     from kafka.errors import KafkaTimeoutError
 
     from models.errors import BrokerError
-    from monitor.state import read_changelog
+    from monitor.state import ChangelogReader
+
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    p.send(topic, key=b"dev-a", value=b'{"type": "stream_state"}')
+    p.flush(), p.close()
 
     def fail(*_a, **_k):
         raise KafkaTimeoutError("Failed to get offsets by timestamps in 1.0 secs")
 
     monkeypatch.setattr(KafkaConsumer, where, fail)
     with pytest.raises(BrokerError, match=f"cannot read .*{topic}: KafkaTimeoutError"):
-        read_changelog({"bootstrap_servers": broker.bootstrap}, topic, timeout_s=5)
+        reader = ChangelogReader({"bootstrap_servers": broker.bootstrap}, topic, timeout_s=5)
+        reader.step(1.0)
 
 
-def test_a_stop_signal_cuts_the_changelog_read_short(broker, topic: str) -> None:
-    """SIGTERM during a restore: the read ends at once (incomplete) instead of running to restore_timeout_s."""
-    from monitor.state import read_changelog
+def test_the_changelog_is_read_in_steps_to_its_end(broker, topic: str) -> None:
+    from monitor.state import ChangelogReader
 
     p = KafkaProducer(bootstrap_servers=broker.bootstrap)
-    for i in range(20):
-        p.send(topic, key=f"dev-{i}".encode(), value=b'{"type": "stream_state"}')
+    for i in range(2000):
+        p.send(topic, key=f"dev-{i % 500}".encode(), value=f'{{"n": {i}}}'.encode())
     p.flush(), p.close()
-    whole = read_changelog({"bootstrap_servers": broker.bootstrap}, topic, timeout_s=20)
-    assert whole.complete and len(whole.docs) == 20
-    t0 = time.monotonic()
-    cut = read_changelog({"bootstrap_servers": broker.bootstrap}, topic, timeout_s=20, stop=lambda: True)
-    assert not cut.complete and cut.records == 0 and time.monotonic() - t0 < 5
+    reader = ChangelogReader({"bootstrap_servers": broker.bootstrap}, topic, timeout_s=20)
+    steps = 0
+    while not reader.step(0.01) and steps < 2000:
+        steps += 1
+    log_ = reader.close()
+    assert log_.complete and log_.records == 2000 and steps > 1
+    assert len(log_.docs) == 500 and log_.docs["dev-7"] == {"n": 1507}  # the latest document per key

@@ -22,12 +22,13 @@ from monitor.cli import main
 from monitor.config import Config
 from monitor.control import new_command, signature
 from monitor.daemon import Daemon
-from monitor.topics import TopicReader
+from monitor.topics import TopicReader, ensure_topics
 from tests.conftest import STREAM_PERIOD_MS, sine_stream
 from tests.test_integration.test_pipeline import config, produce
 
 pytestmark = pytest.mark.timeout(180)
 KEY = "test-control-key"
+FILLER = 30_000  # changelog records of other streams: a restore of a few seconds
 T0 = 1_700_000_000_000
 
 
@@ -264,3 +265,36 @@ def test_state_follows_partitions_to_a_second_instance(broker: Any, topic: str, 
     finally:
         second.stop()
         first.stop()
+
+
+def test_a_long_changelog_is_read_with_the_input_paused_and_the_loop_turning(broker: Any, topic: str,
+                                                                           stream_model: Path) -> None:
+    """The restore reads the changelog in steps from the loop: health and readiness go on (it used to block
+    the loop inside the rebalance callback), and no stream starts before its document is read (the pin)."""
+    cfg = cfg_for(broker, topic, stream_model)
+    ensure_topics(broker.bootstrap, {cfg.state.topic: 1})
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=20)
+    for i in range(FILLER):  # other instances' streams, before this one's document
+        p.send(cfg.state.topic, key=f"other-{i}".encode(), value=b'{"type": "stream_state", "v": 0}')
+    p.flush(), p.close()
+    run = Running(cfg)
+    produce(broker.bootstrap, topic, {"dev-q": stream(1000, seed=3)})
+    run.caught_up(1000)
+    command(cfg, "pin", "dev-q", threshold=0.5)
+    run.stop()
+
+    seen: list[tuple[float, float, str]] = []  # (now, the loop's last turn, readiness)
+    second = Running(cfg)
+    try:
+        produce(broker.bootstrap, topic, {"dev-q": stream(100, 1000, seed=3)})
+        t0 = time.monotonic()
+        while "dev-q" not in second.daemon.processor.streams and time.monotonic() - t0 < 60:
+            seen.append((time.monotonic(), second.daemon._beat, second.daemon._ready[1]))
+            time.sleep(0.01)
+        th = second.daemon.calibrator.threshold("dev-q")
+        assert (th.value, th.source) == (0.5, "pinned")  # started from its document, read last
+    finally:
+        second.stop()
+    restoring = [(now, beat) for now, beat, why in seen if why.startswith("restoring state")]
+    assert restoring, "never reported as restoring"
+    assert max(now - beat for now, beat in restoring) < 1.0  # the loop kept turning meanwhile
