@@ -256,9 +256,10 @@ class Daemon:
         if daemon_doc is not None:
             self.controller.restore_global(daemon_doc)
         self.processor.restored = {k: v for k, v in log_.docs.items() if k not in self.processor.streams}
+        dormant = self.processor.adopt(self.source.assignment())
         self.metrics.restore_seconds.set(log_.seconds)
         (log.info if log_.complete else log.error)(
-            "state_restored" if log_.complete else "state_restore_incomplete", streams=len(log_.docs),
+            "state_restored" if log_.complete else "state_restore_incomplete", streams=len(log_.docs), dormant=dormant,
             records=log_.records, seconds=round(log_.seconds, 3), frozen_all=self.calibrator.frozen_all)
         self._restored_resume()
         self._refresh_views()

@@ -38,7 +38,7 @@ from monitor.scorer import Scorer, Served
 from monitor.scoring import Backend, Result, ThreadBackend
 from monitor.sink import OutMessage, Sink, json_message
 from monitor.source import TP, InRecord, Source
-from monitor.streams import StreamState
+from monitor.streams import StreamState, doc_partitions, owes_page
 from monitor.windows import order_problem
 
 log = logs.get("tsmon.processor")
@@ -467,6 +467,7 @@ class Processor:
         if st is None:
             return None
         point = st.replay_point()
+        st.home = frozenset(self.ledger.partitions_of(stream)) or st.home  # woken: none read since, keep the doc's
         doc = st.to_doc(stream, self.calibrator, int(self.clock() * 1000), point)
         if topic is not None:
             self.sink.send(json_message(topic, stream, doc, [("tsmon.type", b"stream_state")]))
@@ -601,9 +602,10 @@ class Processor:
                     raise
 
     def wake(self, stream: str, reserve: bool = True) -> bool:
-        """Bring a stream this instance evicted back from its document, for an operator's command that names
-        it (it is evicted again when idle). Only since the last assignment: after a rebalance its partition
-        may be another instance's, whose newer document this one must not overwrite. ``reserve``: leave
+        """Bring a stream this instance evicted (or adopted: :meth:`adopt`) back from its document, for an
+        operator's command that names it (it is evicted again when idle). Only since the last assignment:
+        after a rebalance its partition may be another instance's, whose newer document this one must not
+        overwrite. ``reserve``: leave
         ``WAKE_RESERVE`` of ``max_streams`` (at least one) to new streams; a page owed takes any room left."""
         served, most = self.scorer.route(stream), self.settings.max_streams
         room = len(self.streams) < (most - max(1, math.ceil(most * WAKE_RESERVE)) if reserve else most)
@@ -615,6 +617,18 @@ class Processor:
     def evicted_docs(self) -> dict[str, dict[str, Any]]:
         """The documents of the streams :meth:`wake` can bring back."""
         return {n: d for n in self.evicted if (d := self.restored.get(n)) is not None}
+
+    def adopt(self, assigned: set[TP]) -> int:
+        """After a restore: the streams whose documents say they come from these partitions but have sent
+        nothing since are this instance's, so commands reach them (woken like evicted ones) and a page owed
+        when their silence ends is sent. Returns how many."""
+        mine = [n for n, d in self.restored.items() if n not in self.streams and doc_partitions(d) & assigned]
+        for name in mine:
+            doc = self.restored[name]
+            self.evicted.add(name)
+            if owes_page(doc) and isinstance(until := doc.get("silenced_until_ms"), int):
+                self.owed[name] = until  # paged by page_unsilenced once it has passed
+        return len(mine)
 
     def forget_evicted(self) -> None:
         """At an assignment change: the evicted streams' partitions may now be another instance's."""

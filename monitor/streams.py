@@ -17,6 +17,7 @@ from monitor.alerts import AlertState, Episode, iso
 from monitor.calibrator import Calibrator
 from monitor.quality import StreamQuality
 from monitor.scorer import Served
+from monitor.source import TP
 from monitor.windows import BeatWindows, StreamWindows
 
 DOC_VERSION = 1
@@ -53,6 +54,7 @@ class StreamState:
     last_seen: float = 0.0  # monotonic time of its last record (idle eviction)
     doc_from_seq: int | None = None  # the replay point of the last document sent: input from it stays held
     orphan: Episode | None = None  # a fired episode restored for another model version, to resolve
+    home: frozenset[TP] = frozenset()  # the input partitions its records came from (stored in its document)
 
     @property
     def precision(self) -> float | None:
@@ -106,7 +108,8 @@ class StreamState:
                 "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,
                 "calibrator": calibrator.export(stream), "alerts": self.alerts.to_doc(),
                 "silenced_until_ms": self.silenced_until_ms, "feedback": dict(self.feedback),
-                "recent_alerts": [a.to_doc() for a in self.recent_alerts]}
+                "recent_alerts": [a.to_doc() for a in self.recent_alerts],
+                "partitions": [[t, p] for t, p in sorted(self.home)]}
 
     def restore(self, stream: str, doc: dict[str, Any], calibrator: Calibrator) -> str:
         """Continue from a changelog document; returns what was restored (``full`` or ``controls``).
@@ -118,6 +121,7 @@ class StreamState:
             raise ValueError(f"unknown state document version {doc.get('v')!r}")
         silenced = int(doc["silenced_until_ms"])
         feedback = {k: int(doc["feedback"][k]) for k in NO_FEEDBACK}
+        self.home = self.home or doc_partitions(doc)
         if doc["model"] != self.served.describe():
             self.silenced_until_ms, self.feedback = silenced, feedback
             if doc["alerts"].get("episode"):  # paged under the old model: the processor resolves it
@@ -154,3 +158,20 @@ class StreamState:
                 "silenced_until_ms": self.silenced_until_ms if silenced else None,
                 "silenced_until_time": iso(self.silenced_until_ms) if silenced else None, "lag": lag,
                 "precision": self.precision, "feedback": dict(self.feedback)}
+
+
+def doc_partitions(doc: dict[str, Any]) -> frozenset[TP]:
+    """The input partitions a changelog document says its stream came from (none if it does not say:
+    documents of earlier versions)."""
+    tps = doc.get("partitions")
+    if not isinstance(tps, list):
+        return frozenset()
+    return frozenset((t, p) for t, p in (x for x in tps if isinstance(x, list) and len(x) == 2)
+                     if isinstance(t, str) and isinstance(p, int) and not isinstance(p, bool))
+
+
+def owes_page(doc: dict[str, Any]) -> bool:
+    """Does the document hold a fired episode recorded as silenced (its page is owed when the silence ends)?"""
+    alerts = doc.get("alerts")
+    episode = alerts.get("episode") if isinstance(alerts, dict) else None
+    return isinstance(episode, dict) and episode.get("silenced") is True

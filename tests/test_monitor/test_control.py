@@ -494,6 +494,36 @@ def test_commands_reach_streams_this_instance_evicted(make: Make) -> None:
     assert p.evicted == set()  # after a rebalance the partition may be another instance's
 
 
+def test_commands_and_owed_pages_reach_streams_quiet_since_the_restore(make: Make) -> None:
+    """After a restart (or a rebalance) a stream that has sent nothing yet is neither held nor evicted: a
+    ``silence dev-*`` used to skip it, so it paged in the maintenance window, and a page owed when its silence
+    ended was never sent. Its document names its partition: the instance assigned that partition adopts it."""
+    now = [1_800_000_000.0]
+    p = make()
+    p.clock = lambda: now[0]
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0)
+    ts, v = sine_stream(1000, (970,))  # dev-b's alert fires in a silence and is left open
+    feed(p, records("dev-a", *sine_stream(300, seed=1)) + records("dev-b", ts[:200], v[:200], partition=1)
+         + records("dev-c", *sine_stream(300, seed=4), partition=2))
+    p.streams["dev-b"].silenced_until_ms = int((now[0] + 600) * 1000)
+    feed(p, records("dev-b", ts[200:], v[200:], partition=1, first_offset=20))
+    assert [d["status"] for d in anomalies(p)] == ["silenced"]
+    docs = {n: p.save(n) for n in list(p.streams)}
+    assert docs["dev-b"]["partitions"] == [["in", 1]]
+
+    q = make()  # the next start: dev-a sends first, dev-b and dev-c stay quiet; dev-c's partition is elsewhere
+    q.clock = lambda: now[0]
+    q.settings = Settings(state_topic="state", idle_evict_s=60.0)
+    q.restored = dict(docs)
+    assert q.adopt({("in", 0), ("in", 1)}) == 2 and q.owed == {"dev-b": docs["dev-b"]["silenced_until_ms"]}
+    feed(q, records("dev-a", *sine_stream(100, seed=1, start_ms=1_700_000_000_000 + 10 * 300), first_offset=30))
+    ack = send(controller(q), "pin", "dev-*", threshold=0.5)
+    assert ack["streams"] == ["dev-a", "dev-b"]  # not dev-c: another instance's
+    assert q.calibrator.threshold("dev-b").source == "pinned"
+    now[0] += 601  # the silence ends with dev-b still quiet: its page goes out
+    assert q.page_unsilenced() == 1 and [d["status"] for d in anomalies(q)] == ["firing"]
+
+
 def test_a_stream_woken_by_a_command_leaves_with_a_revoke(make: Make) -> None:
     """Woken, a stream has read nothing since, so the ledger cannot tell its partition: a revoke saves and
     drops it like the streams it knows are on the revoked partitions (it used to stay, and write a stale
