@@ -35,6 +35,7 @@ from monitor.alerts import iso
 COMMANDS = ("recalibrate", "pin", "unpin", "freeze", "unfreeze", "silence", "unsilence", "reset-stream",
             "feedback", "history", "rollback", "shadow")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+ACK_PART_BYTES = 512_000  # JSON per acknowledgement message: well under the producer's 1 MiB request limit
 _FIELDS = ("command", "target", "params", "operator", "reason", "issued_at", "command_id")
 
 
@@ -153,6 +154,81 @@ def ack(cmd: Command | None, raw_id: Any, status: str, instance: str, error: str
     about = cmd.describe() if cmd else {"command_id": raw_id if isinstance(raw_id, str) else None}
     return {"type": "ack", **about, "status": status, "error": error, "instance": instance,
             "streams": streams or [], "effects": effects or [], "result": result or {}, "at": now_iso()}
+
+
+def split_ack(doc: dict[str, Any], limit: int | None = None) -> list[dict[str, Any]]:
+    """The acknowledgement in parts of about ``limit`` bytes of JSON at most (one part if it fits): a command
+    on thousands of streams makes an ack over the producer's 1 MiB request limit, which was dropped as
+    undeliverable — the command applied, unaudited, and ``tsmon ctl`` said no daemon answered. ``streams``,
+    ``effects`` and each list or dict in ``result`` are shared out; every part carries the rest, with
+    ``part`` and ``parts``. :func:`merge_acks` puts them back together."""
+    limit = ACK_PART_BYTES if limit is None else limit
+    if len(json.dumps(doc)) <= limit:
+        return [doc]
+    items: list[tuple[tuple[str, ...], Any]] = [(("streams",), s) for s in doc["streams"]]
+    items += [(("effects",), e) for e in doc["effects"]]
+    scalars: dict[str, Any] = {}
+    for key, value in doc["result"].items():
+        if isinstance(value, dict) and value:
+            items += [(("result", key, str(k)), v) for k, v in value.items()]
+        elif isinstance(value, list) and value:
+            items += [(("result", key), v) for v in value]
+        else:
+            scalars[key] = value
+    base = {**doc, "streams": [], "effects": [], "result": dict(scalars)}
+    room = max(1, limit - len(json.dumps(base)) - 64)
+    parts: list[dict[str, Any]] = []
+    size = room + 1
+    for path, value in items:
+        n = len(json.dumps(value)) + len(path[-1]) + 8
+        if size + n > room:  # a new part (an item larger than a part goes alone)
+            parts.append({**base, "streams": [], "effects": [], "result": dict(scalars)})
+            size = 0
+        size += n
+        part = parts[-1]
+        if path[0] != "result":
+            part[path[0]].append(value)
+        elif len(path) == 3:
+            part["result"].setdefault(path[1], {})[path[2]] = value
+        else:
+            part["result"].setdefault(path[1], []).append(value)
+    return [{**part, "part": i + 1, "parts": len(parts)} for i, part in enumerate(parts)]
+
+
+def merge_acks(acks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Acknowledgements with the parts of each instance's (:func:`split_ack`) put back into one, in part
+    order whatever the order they came in; it says ``parts_missing`` if some did not arrive."""
+    groups: dict[tuple[Any, Any], dict[Any, dict[str, Any]]] = {}
+    out: list[dict[str, Any] | tuple[Any, Any]] = []
+    for a in acks:
+        if not isinstance(a.get("parts"), int):
+            out.append(a)
+            continue
+        key = (a.get("instance"), a.get("command_id"))
+        if key not in groups:
+            groups[key] = {}
+            out.append(key)
+        groups[key].setdefault(a.get("part"), a)  # a re-sent part counts once
+    return [x if isinstance(x, dict) else _joined(list(groups[x].values())) for x in out]
+
+
+def _joined(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    parts = sorted(parts, key=lambda a: a["part"] if isinstance(a.get("part"), int) else 0)
+    m: dict[str, Any] = {k: v for k, v in parts[0].items() if k not in ("part", "parts")}
+    m.update(streams=[], effects=[], result={})
+    for a in parts:
+        m["streams"] += a["streams"]
+        m["effects"] += a["effects"]
+        for k, v in a["result"].items():
+            if isinstance(v, dict):
+                m["result"].setdefault(k, {}).update(v)
+            elif isinstance(v, list):
+                m["result"].setdefault(k, []).extend(v)
+            else:
+                m["result"][k] = v
+    if (missing := parts[0]["parts"] - len(parts)) > 0:
+        m["parts_missing"] = missing
+    return m
 
 
 Handler = Callable[[Command], tuple[list[str], list[dict[str, Any]], dict[str, Any]]]

@@ -21,7 +21,7 @@ import numpy as np
 
 from monitor import logs
 from monitor.alerts import AlertSettings, AlertState, Observation
-from monitor.control import Command, Refused, Seen, ack, verify
+from monitor.control import Command, Refused, Seen, ack, split_ack, verify
 from monitor.processor import Processor
 from monitor.sink import json_message
 from monitor.topics import partition_reader
@@ -78,7 +78,8 @@ class Controller:
 
     def _publish(self, doc: dict[str, Any], command: str) -> dict[str, Any]:
         self.p.metrics.commands.labels(command, doc["status"]).inc()
-        self.p.sink.send(json_message(self.audit_topic, str(doc["command_id"]), doc, [("tsmon.type", b"ack")]))
+        for part in split_ack(doc):  # one message unless it is too large for one
+            self.p.sink.send(json_message(self.audit_topic, str(doc["command_id"]), part, [("tsmon.type", b"ack")]))
         return doc
 
     def save_global(self) -> None:

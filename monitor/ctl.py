@@ -14,7 +14,7 @@ from typing import Any
 
 from models.errors import BrokerError, ConfigError, TsmonError
 from monitor.config import Config
-from monitor.control import new_command
+from monitor.control import merge_acks, new_command
 from monitor.topics import partition_reader
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -70,7 +70,7 @@ def _collect(audit: Any, command_id: str, timeout_s: float, settle_s: float) -> 
                 if isinstance(a, dict) and a.get("command_id") == command_id:
                     acks.append(a)
                     first = first or time.monotonic()
-    return acks
+    return merge_acks(acks)
 
 
 def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: float) -> None:
@@ -84,6 +84,10 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
     if not applied:
         a = acks[0]
         raise CommandFailed(f"{command} {a['status']} by {a['instance']}: {a['error']}")
+    cut = [a for a in acks if a.get("parts_missing")]
+    if cut:
+        raise CommandFailed(f"{command}: the acknowledgement of {cut[0]['instance']} came in part "
+                            f"({cut[0]['parts_missing']} part(s) missing): read {cut[0]['command_id']} on the audit topic")
     refused = [a for a in acks if a["status"] not in ("applied", "duplicate")]
     if refused:
         by = "; ".join(f"{a['status']} by {a['instance']}: {a['error']}" for a in refused)

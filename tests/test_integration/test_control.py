@@ -299,3 +299,33 @@ def test_a_long_changelog_is_read_with_the_input_paused_and_the_loop_turning(bro
     restoring = [(now, beat) for now, beat, why in seen if why.startswith("restoring state")]
     assert restoring, "never reported as restoring"
     assert max(now - beat for now, beat in restoring) < 1.0  # the loop kept turning meanwhile
+
+
+def test_an_acknowledgement_over_the_request_limit_reaches_ctl_whole(broker: Any, topic: str) -> None:
+    """A command on 8 000 streams: its ack (~1.3 MB of JSON) went over kafka-python's 1 MiB request limit
+    and was dropped as undeliverable, so `tsmon ctl` said no daemon had answered; now it goes in parts."""
+    from types import SimpleNamespace
+
+    from monitor.controller import Controller
+    from monitor.metrics import Metrics
+    from monitor.sink import KafkaSink
+    from monitor.topics import partition_reader
+    from tests.test_monitor.test_control import big_ack
+
+    audit = f"{topic}.audit"
+    ensure_topics(broker.bootstrap, {audit: 1})
+    lost: list[str] = []
+    sink = KafkaSink({"bootstrap_servers": broker.bootstrap}, on_undeliverable=lambda m, why: lost.append(why))
+    reader, _ = partition_reader({"bootstrap_servers": broker.bootstrap}, audit, at_end=True)
+    try:
+        doc = big_ack(8000)
+        assert len(json.dumps(doc)) > 1_048_576
+        Controller(SimpleNamespace(calibrator=None, sink=sink, metrics=Metrics()), KEY, audit, "h:1")._publish(
+            doc, "silence")
+        sink.flush(10)
+        acks = ctl._collect(reader, doc["command_id"], timeout_s=10, settle_s=1)
+    finally:
+        reader.close()
+        sink.close(5)
+    assert not lost and len(acks) == 1 and acks[0]["streams"] == doc["streams"] and acks[0]["effects"] == doc["effects"]
+    ctl.verdict("silence", "dev-*", [{**acks[0], "result": {}}], 5)

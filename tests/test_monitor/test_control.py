@@ -11,7 +11,19 @@ import numpy as np
 import pytest
 
 from monitor.alerts import AlertSettings
-from monitor.control import COMMANDS, Refused, Seen, canonical, new_command, signature, verify
+from monitor.control import (
+    ACK_PART_BYTES,
+    COMMANDS,
+    Refused,
+    Seen,
+    ack,
+    canonical,
+    merge_acks,
+    new_command,
+    signature,
+    split_ack,
+    verify,
+)
 from monitor.controller import GLOBAL_KEY, Controller, simulate
 from monitor.ctl import CommandFailed, duration_s, verdict
 from monitor.processor import Settings
@@ -103,6 +115,34 @@ def test_ctl_verdict_needs_an_applying_daemon() -> None:
         verdict("pin", "s", [{**ack, "streams": ["s"]}, skewed], 5)  # h:2's streams were left as they were
     with pytest.raises(CommandFailed, match=r"applied only in part: 1 idle stream\(s\) not woken.*: s-2"):
         verdict("silence", "s*", [{**ack, "streams": ["s"], "result": {"not_woken": ["s-2"]}}], 5)
+
+
+def big_ack(n: int) -> dict[str, Any]:
+    cmd = verify(raw(new_command("silence", "dev-*", {"for_s": 60}, "alice", "maintenance", KEY)), KEY, 300,
+                 time.time())
+    streams = [f"dev-{i:05d}" for i in range(n)]
+    effects = [{"stream": s, "before": {"threshold": 0.1, "silenced_until_ms": 0},
+                "after": {"threshold": 0.1, "silenced_until_ms": 1_800_000_000_000}} for s in streams]
+    result = {"history": {s: [{"version": 0, "value": 0.1}] for s in streams[:50]}, "not_woken": ["dev-x"],
+              "unchanged": [], "found": True}
+    return ack(cmd, None, "applied", "h:1", streams=streams, effects=effects, result=result)
+
+
+def test_an_acknowledgement_too_large_for_one_message_goes_in_parts_and_comes_back_whole() -> None:
+    """Thousands of streams make an ack over the producer's 1 MiB request limit: it was dropped unaudited."""
+    doc = big_ack(8000)
+    assert len(json.dumps(doc)) > 1_048_576
+    parts = split_ack(doc)
+    assert len(parts) >= 3 and all(len(json.dumps(p)) <= ACK_PART_BYTES for p in parts)
+    assert {(p["part"], p["parts"]) for p in parts} == {(i + 1, len(parts)) for i in range(len(parts))}
+    [merged] = merge_acks(parts[::-1] + parts[:1])  # any order; a re-sent part counts once
+    assert merged == {**doc, "result": {**doc["result"]}} and "parts_missing" not in merged
+    small = big_ack(3)
+    assert split_ack(small) == [small] and merge_acks([small]) == [small]
+    [cut] = merge_acks(parts[1:])
+    assert cut["parts_missing"] == 1
+    with pytest.raises(CommandFailed, match=r"silence: the acknowledgement of h:1 came in part \(1 part\(s\) missing"):
+        verdict("silence", "dev-*", [cut], 5)
 
 
 def test_simulate_counts_windows_and_alerts() -> None:
