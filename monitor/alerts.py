@@ -94,6 +94,7 @@ class Episode:
     flapping: bool = False
     silenced: bool = False  # fired while the stream was silenced, and not published as firing since
     scores: list[float] = field(default_factory=list)  # of its over-threshold windows, the first 64 (feedback)
+    paged: bool = False  # published as firing at least once (tsmon_alerts_fired_total counts it then)
 
     def add(self, obs: Observation) -> None:
         self.last = obs
@@ -243,7 +244,7 @@ class AlertState:
             "alert_id": ep.alert_id, "start": ep.start.to_doc(), "peak": ep.peak.to_doc(),
             "fired": ep.fired.to_doc() if ep.fired else None, "last": ep.last.to_doc() if ep.last else None,
             "last_over_ts": ep.last_over_ts, "windows_over": ep.windows_over, "flapping": ep.flapping,
-            "silenced": ep.silenced, "scores": ep.scores}
+            "silenced": ep.silenced, "scores": ep.scores, "paged": ep.paged}
         return {"episode": episode, "under": self.under, "run": self.run, "run_peak": self.run_peak,
                 "would_over": self.would_over, "would_peak": self.would_peak, "fires": list(self.fires),
                 "over_floor": self.over_floor if math.isfinite(self.over_floor) else None}
@@ -270,7 +271,8 @@ class AlertState:
             raise ValueError("an open episode needs its start and peak windows")
         self.episode = Episode(str(e["alert_id"]), replace(start, start_seq=replay_from_seq), obs["peak"],
                                obs["fired"], obs["last"], int(e["last_over_ts"]), int(e["windows_over"]),
-                               bool(e["flapping"]), bool(e["silenced"]), [float(x) for x in e["scores"]])
+                               bool(e["flapping"]), bool(e["silenced"]), [float(x) for x in e["scores"]],
+                               bool(e.get("paged", not e["silenced"])))  # absent before: paged unless silenced
 
     def _id(self, obs: Observation) -> str:
         return hashlib.sha256(f"{self.model}|{self.stream}|{obs.start_ts}".encode()).hexdigest()[:20]

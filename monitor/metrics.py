@@ -60,7 +60,8 @@ class Metrics:
                                            "fell behind", registry=r)
         self.lag = Gauge("tsmon_consumer_lag", "Records behind the partition's high watermark", ["topic", "partition"],
                          registry=r)
-        self.alert_severity = Counter("tsmon_alerts_fired", "Firing alerts by severity", ["severity"], registry=r)
+        self.alert_severity = Counter("tsmon_alerts_fired", "Alerts paged, once per episode (not while silenced), "
+                                      "by severity", ["severity"], registry=r)
         self.calibrations = Counter("tsmon_calibrations", "Threshold recalibrations by outcome", ["outcome"],
                                     registry=r)
         self.commands = Counter("tsmon_commands", "Operator commands by command and outcome", ["command", "outcome"],

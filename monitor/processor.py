@@ -419,6 +419,8 @@ class Processor:
         doc.update(status=status, silenced=ep.silenced, **extra)
         if t.status == "firing":
             doc["explain"] = self._explain(st, ep.peak)
+        if status == "firing" and not ep.paged:  # once per episode: not a silenced one, not a flapping repeat
+            ep.paged = True
             self.metrics.alert_severity.labels(doc["severity"]).inc()
         if remember:  # firing, then resolved: with all its over-threshold windows
             st.remember(ep.alert_id, ep.scores)

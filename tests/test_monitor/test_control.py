@@ -201,9 +201,11 @@ def test_silenced_alerts_are_recorded_not_paged_and_page_when_the_silence_ends(m
     feed(p, records("dev-s", ts[:400], v[:400], first_offset=100))
     assert [d["status"] for d in anomalies(p)] == ["silenced", "resolved"]
     assert anomalies(p)[0]["silenced"] and anomalies(p)[0]["explain"] is not None
+    assert p.metrics.total("tsmon_alerts_fired_total") == 0  # recorded, not paged
     send(c, "unsilence", "dev-s")
     feed(p, records("dev-s", ts[400:], v[400:], first_offset=200))
     assert [d["status"] for d in anomalies(p)][2:] == ["firing", "resolved"]
+    assert p.metrics.total("tsmon_alerts_fired_total") == 1
 
 
 def test_an_alert_whose_silence_ends_pages_though_the_stream_went_quiet(make: Make) -> None:
@@ -216,7 +218,9 @@ def test_an_alert_whose_silence_ends_pages_though_the_stream_went_quiet(make: Ma
     feed(p, records("dev-q", ts[200:], v[200:], first_offset=20))  # fires while silenced, still open at the end
     assert [d["status"] for d in anomalies(p)] == ["silenced"] and p.page_unsilenced() == 0
     now[0] += 61  # the silence ends; no window arrives any more
+    assert p.metrics.total("tsmon_alerts_fired_total") == 0
     assert p.page_unsilenced() == 1 and p.page_unsilenced() == 0  # paged once
+    assert p.metrics.total("tsmon_alerts_fired_total") == 1  # counted when paged, once (it counted 2)
     firing = anomalies(p)[-1]
     assert firing["status"] == "firing" and not firing["silenced"] and firing["alert_id"] == anomalies(p)[0]["alert_id"]
 
