@@ -152,6 +152,8 @@ class Controller:
         behind on streams it did not reach; ``unfreeze *`` lifts it and every per-stream freeze."""
         frozen = cmd.command == "freeze"
         if cmd.target != "*":
+            if not frozen and self.cal.frozen_all:  # it would be acknowledged and change nothing
+                raise Refused("calibration is frozen daemon-wide (freeze --all): unfreeze --all lifts it")
             return self._each(cmd, lambda s: self.cal.set_frozen(s, frozen))
         streams = self._targets(cmd, lambda doc: not frozen and bool(doc.get("calibrator", {}).get("frozen")))
         before = {s: self._view(s) for s in streams}
@@ -214,14 +216,20 @@ class Controller:
 
     def _shadow(self, cmd: Command) -> Effects:
         asked = _quantile(cmd.params.get("quantile"))
-        report = {}
+        report: dict[str, Any] = {}
         for stream in self._targets(cmd):
             q = asked or self.cal.quantile(stream)
-            candidate, recent = self.cal.candidate(stream, q)
+            try:
+                candidate, recent = self.cal.candidate(stream, q)
+            except ValueError as exc:  # a new stream: no normal errors yet; the others are still reported
+                report[stream] = {"error": str(exc)}
+                continue
             current = self.cal.threshold(stream).value
             a = self.p.streams[stream].alerts.settings  # with the route's own debounce
             report[stream] = {"windows": len(recent), "quantile": q,
                               "current": simulate(recent, current, a), "candidate": simulate(recent, candidate, a)}
+        if report and all("error" in r for r in report.values()):
+            raise Refused(next(iter(report.values()))["error"])
         return [], [], {"shadow": report}
 
 

@@ -75,6 +75,9 @@ def _effect(a: dict[str, Any]) -> str:
     for stream, versions in r.get("history", {}).items():
         lines += [f"{stream} v{v['version']}: {v['value']:.6g} {v['source']} {v['reason']}" for v in versions]
     for stream, sh in r.get("shadow", {}).items():
+        if "error" in sh:
+            lines.append(f"{stream}: {sh['error']}")
+            continue
         cur, cand = sh["current"], sh["candidate"]
         lines.append(f"{stream} over last {sh['windows']} windows: now {cur['threshold']:.6g} -> "
                      f"{cur['windows_over']} over, {cur['alerts']} alerts; q{sh['quantile']:g} "

@@ -263,9 +263,25 @@ def test_feedback_reset_history_rollback_shadow(make: Make) -> None:
     assert "no version 7" in send(c, "rollback", "dev-f", version=7)["error"]
     sh = send(c, "shadow", "dev-f", quantile=0.5)["result"]["shadow"]["dev-f"]
     assert sh["candidate"]["threshold"] < sh["current"]["threshold"] and sh["windows"] > 0
+    feed(p, records("dev-g", *sine_stream(30, seed=5), partition=1))  # a new stream: no window scored yet
+    both = send(c, "shadow", "dev-*", quantile=0.5)  # it used to fail the whole command
+    assert both["status"] == "applied" and both["result"]["shadow"]["dev-f"]["windows"] > 0
+    assert "no recent normal errors" in both["result"]["shadow"]["dev-g"]["error"]
+    assert send(c, "shadow", "dev-g")["status"] == "failed"
     r = send(c, "reset-stream", "dev-f")
     assert r["effects"][0]["after"]["source"] == "artifact" and p.calibrator.samples("dev-f") == 0
     assert p.streams["dev-f"].feedback == {"confirmed": 0, "false_positive": 0}
+
+
+def test_unfreezing_one_stream_under_a_daemon_wide_freeze_is_refused(make: Make) -> None:
+    """It was acknowledged as applied with frozen True -> True: the operator believed it had worked."""
+    p = make()
+    c = controller(p)
+    feed(p, records("dev-a", *sine_stream(300)))
+    send(c, "freeze", "*")
+    r = send(c, "unfreeze", "dev-a")
+    assert r["status"] == "failed" and "unfreeze --all" in r["error"] and p.calibrator.controls("dev-a")["frozen"]
+    assert send(c, "unfreeze", "*")["status"] == "applied" and not p.calibrator.controls("dev-a")["frozen"]
 
 
 def test_reset_resolves_an_open_alert(make: Make) -> None:
