@@ -657,6 +657,7 @@ class Processor:
         resume = {tp: o for tp in tps if (o := self._committed.get(tp, self.ledger.first_read(tp))) is not None}
         for stream in self.ledger.drop(tps) | woken:  # a woken one comes back from the changelog if it stays
             self._drop(stream)
+            self.ledger.forget(stream)  # also what it held on partitions that stay: nothing would release it
         for tp in tps:
             self._committed.pop(tp, None)
         return resume

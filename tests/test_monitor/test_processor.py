@@ -340,6 +340,19 @@ def test_revoke_scores_waiting_windows_commits_and_forgets_the_streams(make: Mak
     assert p.ledger.committable() == {}
 
 
+def test_a_stream_on_two_partitions_dropped_at_a_revoke_holds_no_commit_on_the_other(make: Make) -> None:
+    """Its key moved partitions (the producer's partitioning changed): revoking one partition drops the
+    stream, and what it held on the other used to hold that partition's commits until the stream came back."""
+    p = make()
+    ts, v = sine_stream(600)
+    recs = records("dev-a", ts[:300], v[:300], partition=0) + records("dev-a", ts[300:], v[300:], partition=1)
+    p.handle(recs)
+    p.score_ready(force=True)
+    assert p.ledger.committable()[(TOPIC, 1)] < 30  # the last windows' input is held
+    p.revoke(MemorySource(), {(TOPIC, 0)})
+    assert p.streams == {} and p.ledger.committable() == {(TOPIC, 1): 30}  # past the last record read
+
+
 def test_a_revoke_whose_commit_fails_resumes_from_the_last_commit_or_where_it_began(make: Make) -> None:
     """The offsets a revoke returns are those a next owner reads from: with the commit refused, the last one
     that went through, or, never committed, the first record this instance read (never past the broker's)."""
