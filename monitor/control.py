@@ -175,6 +175,8 @@ def split_ack(doc: dict[str, Any], limit: int | None = None) -> list[dict[str, A
             items += [(("result", key), v) for v in value]
         else:
             scalars[key] = value
+    if not items:  # nothing to share out: sent whole, and given up as undeliverable if the broker refuses it
+        return [doc]
     base = {**doc, "streams": [], "effects": [], "result": dict(scalars)}
     room = max(1, limit - len(json.dumps(base)) - 64)
     parts: list[dict[str, Any]] = []

@@ -44,12 +44,13 @@ from monitor.scorer import Scorer, load_served
 from monitor.scoring import Backend, ProcessBackend, ThreadBackend, choose
 from monitor.sink import KafkaSink, OutMessage, Sink
 from monitor.source import TP, InRecord, KafkaSource, Source
-from monitor.state import ChangelogReader
+from monitor.state import Changelog, ChangelogReader
 from monitor.topics import ensure_topics
 
 log = logs.get("tsmon.daemon")
 SHUTDOWN_DRAIN_SHARE = 0.85  # of shutdown_timeout_s for draining and commits; the rest for closing processes
 RESTORE_STEP_S = 0.1  # changelog reading per loop turn while a restore holds the input
+RESTORE_OPEN_S = 30.0  # longest the loop waits for the changelog's positions (the broker away) when opening it
 
 
 def scoring_threads(configured: int | None) -> int:
@@ -159,6 +160,7 @@ class Daemon:
         self._paused: set[TP] = set()  # partitions paused while the sink or the broker fails
         self._rewind: dict[TP, int] = {}  # offsets to read the partitions of the last revoke again from
         self._restoring: ChangelogReader | None = None  # the changelog read in progress
+        self._restore_due = False  # a restore asked for in a rebalance callback, opened by the loop
         self._restore_waits: set[TP] = set()  # partitions paused until it is read
         self._holding = False  # input paused because scoring falls behind (back-pressure)
         self._input_since = time.monotonic()  # input last came back from a pause: silence before it is not idleness
@@ -187,7 +189,6 @@ class Daemon:
     def _on_revoke(self, tps: list[TP]) -> None:
         log.info("partitions_revoked", partitions=[f"{t}-{p}" for t, p in tps])
         self._paused -= set(tps)
-        self._restore_waits -= set(tps)  # a kept one keeps its pause in the client; the restore pauses it anew
         self._rewind = self.processor.revoke(self.source, set(tps))
 
     def _on_assign(self, tps: list[TP]) -> None:
@@ -216,42 +217,56 @@ class Daemon:
         ensure_topics(client.pop("bootstrap_servers"), topics, {st.topic: {"cleanup.policy": "compact"}}, **client)
 
     def restore(self) -> None:
-        """Start reading the changelog; the loop reads it in steps (:meth:`_restore_step`) while every assigned
-        partition stays paused, so no stream starts before its document is known (one that did would write
-        over it with its artifact's state) and the loop keeps turning however long the changelog is."""
-        st = self.cfg.state
-        if not (self._kafka and st.enabled):
+        """Ask for the changelog to be read: the loop opens it and reads it in steps (:meth:`_restore_step`) while
+        every assigned partition stays paused, so no stream starts before its document is known (one that did
+        would write over it with its artifact's state) and the loop keeps turning however long it takes.
+        Called in the rebalance callback, which must not block: the group's heartbeat waits for it."""
+        if not (self._kafka and self.cfg.state.enabled):
             return
         if self._restoring is not None:  # an assignment during a restore: read again, for the new partitions
             self._restoring.close()
             self._restoring = None
         self.processor.restored = {}  # never continue from documents read at an earlier assignment
         self.processor.forget_evicted()
-        try:
-            self._restoring = ChangelogReader(self.cfg.kafka.client_kwargs(), st.topic, st.restore_timeout_s)
-        except TsmonError as exc:  # in a rebalance callback: raised, it would come out of poll() and stop the loop
-            log.error("state_restore_failed", error=str(exc), consequence="streams start from the artifact")
-            self._restored_resume()
-            return
-        waits = self.source.assignment() - self._paused - self._restore_waits
-        self.source.pause(waits)
-        self._restore_waits |= waits
+        self._restore_due = True
+        self._restore_waits = self.source.assignment()  # all of them, whatever else holds them too
+        self.source.pause(self._restore_waits)
+        self._ready = (False, "restoring state")
+
+    @property
+    def restoring(self) -> bool:
+        return self._restore_due or self._restoring is not None
 
     def _restore_step(self, budget_s: float) -> None:
-        """Read on in the changelog; once it is read to its end (or ``restore_timeout_s`` ran out, or the broker
-        failed) its documents wait in the processor for their streams, and the input resumes."""
-        reader, st = self._restoring, self.cfg.state
-        if reader is None:
-            return
+        """Open the changelog if asked to, read on in it; once it is read to its end (or ``restore_timeout_s`` ran
+        out, or the broker failed) its documents wait in the processor for their streams, and the input resumes."""
+        st = self.cfg.state
         try:
+            if self._restore_due:
+                self._restore_due = False
+                self._restoring = ChangelogReader(self.cfg.kafka.client_kwargs(), st.topic,
+                                                  min(st.restore_timeout_s, RESTORE_OPEN_S))
+            reader = self._restoring
+            if reader is None:
+                return
             if not reader.step(min(budget_s, max(0.0, st.restore_timeout_s - reader.seconds))) \
                     and reader.seconds < st.restore_timeout_s and not self.stop_event.is_set():
                 self._ready = (False, f"restoring state: {reader.records} changelog records read")
                 return
         except TsmonError as exc:
-            log.error("state_restore_failed", error=str(exc), consequence="streams start from what was read")
-        self._restoring = None
-        log_ = reader.close()
+            log.error("state_restore_failed", error=str(exc), consequence="streams start from what was read, or "
+                      "from their artifact")
+        reader, self._restoring = self._restoring, None
+        if reader is not None:
+            self._apply_changelog(reader.close())
+        self._restored = True
+        waits, self._restore_waits = self._restore_waits & self.source.assignment(), set()
+        if not self._holding:  # a failure's pause (_paused) is lifted by the next good commit
+            self.source.resume(waits - self._paused)
+        self._input_since = time.monotonic()
+        self._refresh_views()
+
+    def _apply_changelog(self, log_: Changelog) -> None:
         daemon_doc = log_.docs.pop(GLOBAL_KEY, None)
         if daemon_doc is not None:
             self.controller.restore_global(daemon_doc)
@@ -261,17 +276,6 @@ class Daemon:
         (log.info if log_.complete else log.error)(
             "state_restored" if log_.complete else "state_restore_incomplete", streams=len(log_.docs), dormant=dormant,
             records=log_.records, seconds=round(log_.seconds, 3), frozen_all=self.calibrator.frozen_all)
-        self._restored_resume()
-        self._refresh_views()
-
-    def _restored_resume(self) -> None:
-        """The restore is over: commands may apply, and the input it held resumes (unless a failure or
-        back-pressure holds it too: it resumes with the others then)."""
-        self._restored = True
-        waits, self._restore_waits = self._restore_waits & self.source.assignment(), set()
-        if not self._holding:
-            self.source.resume(waits - self._paused)
-        self._input_since = time.monotonic()
 
     def recalibrate(self, streams: list[str] | None = None) -> None:
         """Scheduled recalibration of every stream (wall clock) or of ``streams`` (data clock: one at a time)."""
@@ -315,7 +319,7 @@ class Daemon:
         self._lag_labels = set(lags)
         if self.http is not None:  # one row per stream: only built for someone who can read it
             self._rows = self.processor.status_rows(lags)
-        if self._restoring is not None:  # _restore_step says how far it is
+        if self.restoring:  # _restore_step says how far it is
             return
         if self._problem:
             self._ready = (False, self._problem)
@@ -362,7 +366,7 @@ class Daemon:
                     timeout = min(max(timeout, 2), 5)
                 elif (idle := self.processor.batcher.idle_wait_s()) is not None:  # an idle scorer takes it soon
                     timeout = min(timeout, int(idle * 1000))
-                if self._restoring is not None:  # the input waits for it: read on instead of waiting in poll
+                if self.restoring:  # the input waits for it: read on instead of waiting in poll
                     self._restore_step(RESTORE_STEP_S)
                     timeout = 0
                 room = self._poll_room()
@@ -374,7 +378,7 @@ class Daemon:
                         self._handle(self.source.poll(0, room))
                 self.processor.score_ready()  # never blocks: what waits is bounded by _hold_input
                 self._hold_input()
-                if (self.control is not None and self._restored
+                if (self.control is not None and self._restored and not self.restoring  # no stream to reach yet
                         and time.monotonic() - last_control >= self.cfg.control.poll_interval_ms / 1000):
                     last_control = time.monotonic()
                     for raw in self.control.poll():
@@ -504,10 +508,12 @@ class Daemon:
 
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
-        if self._restoring is not None:  # stopped while restoring: the input never resumed, nothing to apply
-            log.error("state_restore_incomplete", records=self._restoring.records, reason="stopping")
-            self._restoring.close()
-            self._restoring = None
+        if self.restoring:  # stopped while restoring: the input never resumed, nothing to apply
+            log.error("state_restore_incomplete", reason="stopping",
+                      records=self._restoring.records if self._restoring else 0)
+            if self._restoring is not None:
+                self._restoring.close()
+            self._restoring, self._restore_due = None, False
         self._ready = (False, "stopping")
         try:
             self.processor.score_ready(force=True)

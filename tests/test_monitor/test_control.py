@@ -139,6 +139,8 @@ def test_an_acknowledgement_too_large_for_one_message_goes_in_parts_and_comes_ba
     assert merged == {**doc, "result": {**doc["result"]}} and "parts_missing" not in merged
     small = big_ack(3)
     assert split_ack(small) == [small] and merge_acks([small]) == [small]
+    huge_error = {**small, "streams": [], "effects": [], "result": {}, "error": "x" * (ACK_PART_BYTES + 1)}
+    assert split_ack(huge_error) == [huge_error]  # nothing to share out: sent whole (it used to vanish)
     [cut] = merge_acks(parts[1:])
     assert cut["parts_missing"] == 1
     with pytest.raises(CommandFailed, match=r"silence: the acknowledgement of h:1 came in part \(1 part\(s\) missing"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -842,5 +842,129 @@ def test_records_polled_after_a_stop_signal_are_left_for_the_next_owner(stream_m
         d.stop_event.set()
         d._handle(source.poll(0))
         assert d.metrics.total("tsmon_records_total") == 5 and d.processor.ledger.committable()[(TOPIC, 0)] <= 5
+    finally:
+        d.processor.close()
+
+
+# ---- restore held across rebalances and failures ----------------------------------------------------------------
+
+
+class SlowChangelog:
+    """A changelog read that ends when the test says so (``done``); ``broken`` makes the next one fail to open."""
+
+    broken = False
+    docs: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, *_a: Any, **_k: Any) -> None:
+        from models.errors import BrokerError
+
+        if SlowChangelog.broken:
+            raise BrokerError("cannot read the changelog state: KafkaTimeoutError")
+        self.records, self.seconds, self.done = 0, 0.0, False
+
+    def step(self, _budget_s: float) -> bool:
+        return self.done
+
+    def close(self) -> Any:
+        from monitor.state import Changelog
+
+        return Changelog(dict(SlowChangelog.docs), len(SlowChangelog.docs), 0.0, self.done)
+
+
+def restoring_daemon(model: Path, source: MemorySource, monkeypatch: pytest.MonkeyPatch, **over: Any) -> Daemon:
+    """An in-process daemon that reads a (slow) changelog at each assignment, as it does with a broker."""
+    import monitor.daemon
+
+    monkeypatch.setattr(monitor.daemon, "ChangelogReader", SlowChangelog)
+    SlowChangelog.broken, SlowChangelog.docs = False, {}
+    d = in_process_daemon(model, source, MemorySink(), **over)
+    d._kafka, d._restored = True, False
+    return d
+
+
+def assign(d: Daemon, source: MemorySource, tps: set[TP], done: bool | None = None) -> None:
+    """A rebalance that gives ``tps``; then one restore step (the read ends there if ``done``)."""
+    d._on_revoke(sorted(source.assigned))
+    source.assigned = set(tps)
+    d._on_assign(sorted(tps))
+    d._restore_step(0.0)  # opens the read
+    if done is not None and d._restoring is not None:
+        d._restoring.done = done
+        d._restore_step(0.0)
+
+
+def test_a_restore_holds_the_input_whatever_else_paused_it(stream_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebalance while the broker fails: the good commit that follows must not resume the input while the
+    changelog is still read (streams started from their artifact, then overwrote their documents)."""
+    p0 = (TOPIC, 0)
+    source = MemorySource(records("dev-x", *sine_stream(200)), batch=1000)
+    d = restoring_daemon(stream_model, source, monkeypatch)
+    try:
+        assign(d, source, {p0}, done=True)
+        assert d._restored and not d.restoring and source.paused == set()
+        source.down = "no connection to any broker"
+        d._commit()
+        assert source.paused == {p0} and d._paused == {p0}
+        assign(d, source, {p0})  # the read goes on
+        source.down, d._retry.next_at = None, 0.0
+        d._commit()  # the broker is back
+        assert d._problem is None and source.paused == {p0} and d.restoring  # still held for the restore
+        d._handle(source.poll(0))
+        assert d.processor.streams == {}
+        SlowChangelog.docs = {"dev-x": {"v": 0}}
+        d._restoring.done = True
+        d._restore_step(0.0)
+        assert source.paused == set() and "dev-x" in d.processor.restored
+    finally:
+        d.processor.close()
+
+
+def test_a_partition_given_back_resumes_when_the_restore_cannot_open(stream_model: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept through a rebalance, a partition keeps its pause in the client: with the next read failing to open,
+    nothing resumed it (the input of that partition stalled for good, the daemon ready)."""
+    p0 = (TOPIC, 0)
+    source = MemorySource(records("dev-x", *sine_stream(200)), batch=1000)
+    d = restoring_daemon(stream_model, source, monkeypatch)
+    try:
+        assign(d, source, {p0}, done=True)
+        assign(d, source, {p0})  # a read in progress holds p0 ...
+        SlowChangelog.broken = True
+        assign(d, source, {p0})  # ... revoked, given back, and the new read fails to open
+        assert not d.restoring and source.paused == set()
+        d._handle(source.poll(0))
+        assert "dev-x" in d.processor.streams
+    finally:
+        d.processor.close()
+
+
+def test_commands_wait_for_a_restore_in_progress(stream_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stream is dropped at a revoke: a command applied during the next restore reached none of them, was
+    acknowledged as applied, and remembered, so that sending it again did nothing either."""
+    import json
+
+    from monitor.control import new_command
+
+    p0 = (TOPIC, 0)
+    source = MemorySource(records("dev-x", *sine_stream(200)), batch=1000)
+    d = restoring_daemon(stream_model, source, monkeypatch, **{"control.key": "k", "control.poll_interval_ms": 1})
+    cmd = new_command("silence", "dev-*", {"for_s": 600}, "alice", "maintenance", "k")
+    inbox = [json.dumps(cmd).encode()]
+    d.control = type("Control", (), {"poll": lambda self: [inbox.pop()] if inbox else [], "close": lambda self: None})()
+    try:
+        assign(d, source, {p0}, done=True)
+        d._handle(source.poll(0))
+        assign(d, source, {p0})  # a rebalance: dev-x dropped, its document being read again
+        turns = [0]
+
+        def until() -> bool:
+            turns[0] += 1
+            if turns[0] == 20:
+                SlowChangelog.docs = {"dev-x": d.processor.sink.docs("tsmon.state")[-1]}
+                d._restoring.done = True
+            return turns[0] > 40
+
+        d.run(until=until)
+        assert d.processor.streams["dev-x"].silenced_until_ms > 0  # applied after the restore, to dev-x
     finally:
         d.processor.close()
