@@ -161,6 +161,7 @@ class Daemon:
         self._rewind: dict[TP, int] = {}  # offsets to read the partitions of the last revoke again from
         self._restoring: ChangelogReader | None = None  # the changelog read in progress
         self._restore_due = False  # a restore asked for in a rebalance callback, opened by the loop
+        self._unassigned = False  # revoked, the assignment not come yet (an eager JoinGroup spans polls)
         self._restore_waits: set[TP] = set()  # partitions paused until it is read
         self._holding = False  # input paused because scoring falls behind (back-pressure)
         self._input_since = time.monotonic()  # input last came back from a pause: silence before it is not idleness
@@ -190,12 +191,14 @@ class Daemon:
         log.info("partitions_revoked", partitions=[f"{t}-{p}" for t, p in tps])
         self._paused -= set(tps)
         self._rewind = self.processor.revoke(self.source, set(tps))
+        self._unassigned = bool(tps)  # its streams are dropped: commands wait for the assignment and its restore
 
     def _on_assign(self, tps: list[TP]) -> None:
         # Streams of these partitions start when their first record arrives; they continue from the
         # changelog, which the previous owner wrote when the partitions were revoked from it. The first
         # assignment reads it in any case (daemon-wide state), before any command is polled.
         log.info("partitions_assigned", partitions=[f"{t}-{p}" for t, p in tps])
+        self._unassigned = False
         # A partition revoked and given straight back keeps its read position in the client, but its streams
         # were dropped at the revoke: read it again from where a next owner would begin.
         given = set(tps)
@@ -378,7 +381,7 @@ class Daemon:
                         self._handle(self.source.poll(0, room))
                 self.processor.score_ready()  # never blocks: what waits is bounded by _hold_input
                 self._hold_input()
-                if (self.control is not None and self._restored and not self.restoring  # no stream to reach yet
+                if (self.control is not None and self._restored and not self.restoring and not self._unassigned
                         and time.monotonic() - last_control >= self.cfg.control.poll_interval_ms / 1000):
                     last_control = time.monotonic()
                     for raw in self.control.poll():
@@ -406,10 +409,15 @@ class Daemon:
 
     def _handle(self, records: list[InRecord]) -> None:
         """Records that arrive after a stop signal are left to the next owner (never committed): the shutdown
-        budget is for what was taken before it."""
+        budget is for what was taken before it. So are records of a partition no longer assigned."""
         if records and self.stop_event.is_set():
             log.info("records_left_for_replay", records=len(records))
             return
+        if records and (stale := {r.tp for r in records} - self.source.assignment()):
+            # taken before a revoke that came in the same poll (librdkafka can hand one over): its stream is
+            # gone and its document not read back yet; the partition's next owner reads it from the commit
+            log.info("records_of_revoked_partitions_left", partitions=sorted(f"{t}-{p}" for t, p in stale))
+            records = [r for r in records if r.tp not in stale]
         self.processor.handle(records)
 
     def _commit(self) -> None:

@@ -41,6 +41,7 @@ def bench_memory(model: str, streams: int) -> dict[str, Any]:
     per_stream = 3 * det.window
     for name, ts, values in sample_streams(det, streams, per_stream, seed=0):
         source.records += as_records(name, ts, values, det.window, "bench", first_offset=len(source.records))
+    source.assigned |= {r.tp for r in source.records}  # the partitions it hands out are the daemon's
     n_records = len(source.records)
     tracemalloc.start()
     try:

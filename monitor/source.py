@@ -213,12 +213,15 @@ class KafkaSource:
         self._consumer.resume(*(TopicPartition(t, p) for t, p in tps))
 
     def lags(self) -> dict[TP, int]:
-        """Records behind the high watermark of the last fetch, per assigned partition that has one."""
+        """Records behind the high watermark of the last fetch, per assigned partition with both known now.
+        ``position`` never waits: without a timeout it resolves every partition's position first (committed
+        offsets, resets: the broker), which blocked the loop for ``request_timeout_ms`` with the broker away,
+        and then returned None for a partition being reset (a TypeError that stopped the daemon)."""
         out = {}
         for tp in self._consumer.assignment():
             high = self._consumer.highwater(tp)
-            if high is not None:  # fetched from: the position is known, position() does not block
-                out[(tp.topic, tp.partition)] = max(0, high - self._consumer.position(tp))
+            if high is not None and (pos := self._consumer.position(tp, timeout_ms=0)) is not None:
+                out[(tp.topic, tp.partition)] = max(0, high - pos)
         return out
 
     def close(self, timeout_s: float) -> None:

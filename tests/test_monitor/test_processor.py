@@ -938,9 +938,9 @@ def test_a_partition_given_back_resumes_when_the_restore_cannot_open(stream_mode
         d.processor.close()
 
 
-def test_commands_wait_for_a_restore_in_progress(stream_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every stream is dropped at a revoke: a command applied during the next restore reached none of them, was
-    acknowledged as applied, and remembered, so that sending it again did nothing either."""
+def test_commands_wait_for_the_assignment_and_its_restore(stream_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stream is dropped at a revoke: a command applied before the next assignment or during its restore
+    reached none of them, was acknowledged as applied, and remembered, so that sending it again did nothing."""
     import json
 
     from monitor.control import new_command
@@ -954,11 +954,13 @@ def test_commands_wait_for_a_restore_in_progress(stream_model: Path, monkeypatch
     try:
         assign(d, source, {p0}, done=True)
         d._handle(source.poll(0))
-        assign(d, source, {p0})  # a rebalance: dev-x dropped, its document being read again
+        d._on_revoke([p0])  # a rebalance: dev-x dropped; the eager JoinGroup spans several polls
         turns = [0]
 
         def until() -> bool:
             turns[0] += 1
+            if turns[0] == 10:  # the assignment comes; its restore reads dev-x's document again
+                d._on_assign([p0])
             if turns[0] == 20:
                 SlowChangelog.docs = {"dev-x": d.processor.sink.docs("tsmon.state")[-1]}
                 d._restoring.done = True
@@ -966,5 +968,19 @@ def test_commands_wait_for_a_restore_in_progress(stream_model: Path, monkeypatch
 
         d.run(until=until)
         assert d.processor.streams["dev-x"].silenced_until_ms > 0  # applied after the restore, to dev-x
+    finally:
+        d.processor.close()
+
+
+def test_records_of_a_partition_no_longer_assigned_are_left_to_its_next_owner(stream_model: Path) -> None:
+    """librdkafka can hand over a record taken before a revoke served in the same poll: handled, it restarted
+    its stream from the artifact on a partition this instance no longer owns."""
+    recs = records("dev-x", *sine_stream(200), partition=0) + records("dev-y", *sine_stream(200), partition=1)
+    source = MemorySource(recs, batch=1000)
+    d = in_process_daemon(stream_model, source, MemorySink())
+    try:
+        source.assigned = {(TOPIC, 0)}
+        d._handle(source.poll(0))
+        assert list(d.processor.streams) == ["dev-x"] and set(d.processor.ledger.committable()) == {(TOPIC, 0)}
     finally:
         d.processor.close()

@@ -60,3 +60,25 @@ def test_a_silent_input_is_waited_for_in_one_piece_until_records_flow_again() ->
     consumer.ready_at, consumer.timeouts = float("inf"), []
     src.poll(35)
     assert max(consumer.timeouts) <= POLL_SLICE_MS and len(consumer.timeouts) >= 3  # ... so sliced again
+
+
+def test_lags_never_wait_for_a_position() -> None:
+    """Without a timeout, position() resolved every partition through the broker (the loop blocked for
+    request_timeout_ms with it away) and returned None for one being reset (a TypeError stopped the daemon)."""
+    from types import SimpleNamespace
+
+    from kafka import TopicPartition
+
+    from monitor.source import KafkaSource
+
+    p0, p1, p2 = (TopicPartition("in", i) for i in range(3))
+    asked: list[object] = []
+
+    def position(tp: TopicPartition, timeout_ms: int | None = None) -> int | None:
+        asked.append(timeout_ms)
+        return {p0: 40, p1: None}.get(tp)
+
+    src = object.__new__(KafkaSource)
+    src._consumer = SimpleNamespace(assignment=lambda: {p0, p1, p2}, position=position,
+                                    highwater=lambda tp: {p0: 100, p1: 7}.get(tp))
+    assert src.lags() == {("in", 0): 60} and asked and all(t == 0 for t in asked)
