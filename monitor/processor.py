@@ -607,8 +607,8 @@ class Processor:
         """Bring a stream this instance evicted (or adopted: :meth:`adopt`) back from its document, for an
         operator's command that names it (it is evicted again when idle). Only since the last assignment:
         after a rebalance its partition may be another instance's, whose newer document this one must not
-        overwrite. ``reserve``: leave
-        ``WAKE_RESERVE`` of ``max_streams`` (at least one) to new streams; a page owed takes any room left."""
+        overwrite. ``reserve``: leave ``WAKE_RESERVE`` of ``max_streams`` (at least one) to new streams; a
+        page owed takes any room left."""
         served, most = self.scorer.route(stream), self.settings.max_streams
         room = len(self.streams) < (most - max(1, math.ceil(most * WAKE_RESERVE)) if reserve else most)
         if stream not in self.evicted or stream in self.streams or served is None or not room:

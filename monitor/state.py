@@ -62,10 +62,14 @@ class ChangelogReader:
                 for rec in (r for rs in batches.values() for r in rs):
                     self.records += 1
                     _keep(self.docs, rec.key, rec.value)
-                self.complete = not batches and all(self._consumer.position(tp) >= self._end[tp] for tp in self._tps)
+                self.complete = not batches and all(self._at_end(tp) for tp in self._tps)
         except KafkaError as exc:
             raise BrokerError(f"cannot read the changelog {self.topic}: {type(exc).__name__}: {exc}") from None
         return self.complete
+
+    def _at_end(self, tp: Any) -> bool:
+        pos = self._consumer.position(tp, timeout_ms=0)  # known after a fetch; never wait for the broker here
+        return pos is not None and pos >= self._end[tp]
 
     def close(self) -> Changelog:
         self._consumer.close()
