@@ -194,14 +194,16 @@ def test_status_and_ctl_commands(broker: Any, topic: str, stream_model: Path, ca
     try:
         produce(broker.bootstrap, topic, {"dev-s": stream(600)})
         run.caught_up(600)
-        run.wait(lambda: run.daemon._rows)  # refreshed at the next commit
+        scored = (600 - 40) // 10 + 1
+        # refreshed at each commit: one taken while windows still waited shows fewer (it raced the assertion)
+        run.wait(lambda: any(r["windows_scored"] == scored for r in run.daemon._rows))
         assert run.daemon.http is not None
         cli(["status", "--url", run.daemon.http.url])
         out = capsys.readouterr().out
         assert "dev-s" in out and "artifact" in out and "ok" in out
         cli(["status", "--url", run.daemon.http.url, "--json"])
         (row,) = json.loads(capsys.readouterr().out)
-        assert row["stream"] == "dev-s" and row["windows_scored"] == (600 - 40) // 10 + 1
+        assert row["stream"] == "dev-s" and row["windows_scored"] == scored
 
         cli(["ctl", "pin", "--stream", "dev-s", "--threshold", "0.3", "--reason", "noisy lead"])
         out = capsys.readouterr().out
