@@ -226,15 +226,18 @@ class Daemon:
         Called in the rebalance callback, which must not block: the group's heartbeat waits for it."""
         if not (self._kafka and self.cfg.state.enabled):
             return
-        if self._restoring is not None:  # an assignment during a restore: read again, for the new partitions
-            self._restoring.close()
-            self._restoring = None
+        self._drop_reader()  # an assignment during a restore: read again, for the new partitions
         self.processor.restored = {}  # never continue from documents read at an earlier assignment
         self.processor.forget_evicted()
         self._restore_due = True
         self._restore_waits = self.source.assignment()  # all of them, whatever else holds them too
         self.source.pause(self._restore_waits)
         self._ready = (False, "restoring state")
+
+    def _drop_reader(self) -> None:
+        if self._restoring is not None:
+            self._restoring.close()
+            self._restoring = None
 
     @property
     def restoring(self) -> bool:
@@ -519,9 +522,8 @@ class Daemon:
         if self.restoring:  # stopped while restoring: the input never resumed, nothing to apply
             log.error("state_restore_incomplete", reason="stopping",
                       records=self._restoring.records if self._restoring else 0)
-            if self._restoring is not None:
-                self._restoring.close()
-            self._restoring, self._restore_due = None, False
+            self._drop_reader()
+            self._restore_due = False
         self._ready = (False, "stopping")
         try:
             self.processor.score_ready(force=True)

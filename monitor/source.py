@@ -79,9 +79,11 @@ class MemorySource:
         return out
 
     def rewind(self, offsets: dict[TP, int]) -> None:
-        again = [r for r in self.handed if offsets.get(r.tp, r.offset + 1) <= r.offset]
-        self.handed = [r for r in self.handed if r not in again]
-        self.records = again + self.records
+        again: list[InRecord] = []
+        kept: list[InRecord] = []
+        for r in self.handed:  # one pass (a membership test per record made it quadratic)
+            (again if offsets.get(r.tp, r.offset + 1) <= r.offset else kept).append(r)
+        self.handed, self.records = kept, again + self.records
 
     def pause(self, tps: set[TP]) -> None:
         self.paused |= tps
