@@ -40,6 +40,9 @@ class Controller:
         self.max_age_s, self.clock = max_age_s, clock
         self.seen = Seen(remember)
         self.not_woken: set[str] = set()  # evicted streams the command in hand found no room to wake
+        # the input partitions held now ({topic: [partition, ...]}), in every ack: tsmon ctl waits until
+        # each partition of the input topics has been answered for (None: not known, as in unit tests)
+        self.inputs: Callable[[], dict[str, list[int]]] | None = None
         self._handlers: dict[str, Callable[[Command], Effects]] = {
             "recalibrate": self._recalibrate, "pin": self._pin, "unpin": self._unpin,
             "freeze": self._freeze, "unfreeze": self._freeze, "silence": self._silence, "unsilence": self._silence,
@@ -78,6 +81,8 @@ class Controller:
 
     def _publish(self, doc: dict[str, Any], command: str) -> dict[str, Any]:
         self.p.metrics.commands.labels(command, doc["status"]).inc()
+        if self.inputs is not None:
+            doc = {**doc, "inputs": self.inputs()}
         for part in split_ack(doc):  # one message unless it is too large for one
             self.p.sink.send(json_message(self.audit_topic, str(doc["command_id"]), part, [("tsmon.type", b"ack")]))
         return doc

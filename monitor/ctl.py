@@ -2,7 +2,9 @@
 
 Owns the client protocol of ``tsmon ctl``: the audit topic is positioned at its end *before* the command
 is sent, the command goes to the control topic, and acknowledgements carrying its ``command_id`` are
-collected until ``timeout_s``, or ``settle_s`` after the first one (other instances answer too).
+collected until every partition of the input topics has been answered for (each ack names the partitions its
+instance held), or ``timeout_s``. Acks of daemons that do not name their partitions (earlier versions) are
+collected until ``settle_s`` after the first one.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from models.errors import BrokerError, ConfigError, TsmonError
@@ -32,8 +36,14 @@ def duration_s(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2) or "s"]
 
 
+@dataclass(frozen=True, slots=True)
+class Answers:
+    acks: list[dict[str, Any]]  # parts joined
+    unanswered: list[str] | None  # "topic:partition" no ack answered for; None: not known (an ack says none)
+
+
 def send(cfg: Config, command: str, target: str, params: dict[str, Any], operator: str, reason: str,
-         timeout_s: float = 10.0, settle_s: float = 1.0) -> list[dict[str, Any]]:
+         timeout_s: float = 10.0, settle_s: float = 1.0) -> Answers:
     """Send one command and return the acknowledgements that arrived (possibly none)."""
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
@@ -57,26 +67,63 @@ def send(cfg: Config, command: str, target: str, params: dict[str, Any], operato
         audit.close()
 
 
-def _collect(audit: Any, command_id: str, timeout_s: float, settle_s: float) -> list[dict[str, Any]]:
-    acks: list[dict[str, Any]] = []
+def _collect(audit: Any, command_id: str, timeout_s: float, settle_s: float) -> Answers:
+    """Acks of ``command_id`` until every input partition is answered for and every ack is whole, or
+    ``timeout_s``; ``settle_s`` after the first ack if some ack does not name its partitions."""
+    counts: dict[str, set[int]] = {}
+
+    def partitions_of(topic: str) -> set[int]:  # the input topics' partitions, from ctl's own metadata
+        if topic not in counts:
+            counts[topic] = set(audit.partitions_for_topic(topic) or ())
+        return counts[topic]
+
+    parts: list[dict[str, Any]] = []
+    answers = Answers([], None)
     t0, first = time.monotonic(), None
-    while time.monotonic() - t0 < timeout_s and (first is None or time.monotonic() - first < settle_s):
-        for records in audit.poll(timeout_ms=100).values():
-            for r in records:
-                try:
-                    a = json.loads(r.value)
-                except (ValueError, TypeError):
-                    continue
-                if isinstance(a, dict) and a.get("command_id") == command_id:
-                    acks.append(a)
-                    first = first or time.monotonic()
-    return merge_acks(acks)
+    while time.monotonic() - t0 < timeout_s:
+        got = [a for records in audit.poll(timeout_ms=100).values() for a in _acks_of(records, command_id)]
+        if got:
+            parts += got
+            first = first or time.monotonic()
+            acks = merge_acks(parts)
+            answers = Answers(acks, unanswered(acks, partitions_of))
+        if first is None:
+            continue
+        if answers.unanswered is None:
+            if time.monotonic() - first >= settle_s:
+                break
+        elif not answers.unanswered and not any(a.get("parts_missing") for a in answers.acks):
+            break
+    return answers
 
 
-def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: float) -> None:
-    """Raise :class:`CommandFailed` unless some daemon applied the command to something and none refused it
+def _acks_of(records: list[Any], command_id: str) -> list[dict[str, Any]]:
+    out = []
+    for r in records:
+        try:
+            a = json.loads(r.value)
+        except (ValueError, TypeError):
+            continue
+        if isinstance(a, dict) and a.get("command_id") == command_id:
+            out.append(a)
+    return out
+
+
+def unanswered(acks: list[dict[str, Any]], partitions_of: Callable[[str], set[int]]) -> list[str] | None:
+    """The partitions of the input topics the acks name that no ack answered for (``topic:partition``),
+    or None when some ack does not name its partitions (a daemon of an earlier version)."""
+    if not acks or not all(isinstance(a.get("inputs"), dict) for a in acks):
+        return None
+    held = {(t, p) for a in acks for t, ps in a["inputs"].items() if isinstance(ps, list) for p in ps}
+    want = {(t, p) for t in {t for a in acks for t in a["inputs"]} for p in partitions_of(t)}
+    return [f"{t}:{p}" for t, p in sorted(want - held)]
+
+
+def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: float,
+            unanswered: list[str] | None = None) -> None:
+    """Raise :class:`CommandFailed` unless some daemon applied the command to something, none refused it
     (each instance of a group owns other streams: one that rejected it — a skewed clock, another key — left
-    its streams as they were)."""
+    its streams as they were) and every input partition was answered for."""
     if not acks:
         raise CommandFailed(f"no daemon acknowledged {command} within {timeout_s:g} s (is one running, "
                             f"reading the control topic, with the same key?)")
@@ -88,6 +135,12 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
     if cut:
         raise CommandFailed(f"{command}: the acknowledgement of {cut[0]['instance']} came in part "
                             f"({cut[0]['parts_missing']} part(s) missing): read {cut[0]['command_id']} on the audit topic")
+    if unanswered:
+        more = f" and {len(unanswered) - 5} more" if len(unanswered) > 5 else ""
+        raise CommandFailed(f"{command} applied only in part: no daemon answered for input partition(s) "
+                            f"{', '.join(unanswered[:5])}{more} within {timeout_s:g} s (the instance holding them "
+                            f"is slow, restoring or gone, or the group is rebalancing): their streams may be "
+                            f"unchanged; check `tsmon status` and send the command again")
     refused = [a for a in acks if a["status"] not in ("applied", "duplicate")]
     if refused:
         by = "; ".join(f"{a['status']} by {a['instance']}: {a['error']}" for a in refused)

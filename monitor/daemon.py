@@ -143,6 +143,7 @@ class Daemon:
         self.source = source or source_class(k.consumer_kwargs(), list(k.topics), k.topic_pattern,
                                              self._on_revoke, self._on_assign)
         self.control = ControlSource(k.client_kwargs(), c.topic) if self._kafka else None
+        self.controller.inputs = self._inputs
         self._scheduler = BackgroundScheduler(daemon=True)
         if cfg.calibrator.clock == "wall":
             self._scheduler.add_job(self.recalibrate, "interval", seconds=cfg.calibrator.interval_s,
@@ -238,6 +239,14 @@ class Daemon:
         if self._restoring is not None:
             self._restoring.close()
             self._restoring = None
+
+    def _inputs(self) -> dict[str, list[int]]:
+        """The input partitions this instance holds, by topic; a configured topic it holds none of is listed
+        empty (tsmon ctl then still expects that topic's partitions to be answered for by someone)."""
+        held: dict[str, list[int]] = {t: [] for t in self.cfg.kafka.topics} if not self.cfg.kafka.topic_pattern else {}
+        for topic, partition in sorted(self.source.assignment()):
+            held.setdefault(topic, []).append(partition)
+        return held
 
     @property
     def restoring(self) -> bool:

@@ -42,12 +42,12 @@ def _run(command: str, target: str, params: dict[str, Any], config: Path | None,
          reason: str, timeout: float, as_json: bool) -> None:
     _check(params)
     cfg = load_config(config)
-    acks = ctl.send(cfg, command, target, params, operator or getpass.getuser(), reason, timeout)
+    answers = ctl.send(cfg, command, target, params, operator or getpass.getuser(), reason, timeout)
     if as_json:
-        emit_json(acks)
+        emit_json(answers.acks)
     else:
-        _show(acks)
-    ctl.verdict(command, target, acks, timeout)
+        _show(answers.acks)
+    ctl.verdict(command, target, answers.acks, timeout, answers.unanswered)
 
 
 def _check(params: dict[str, Any]) -> None:

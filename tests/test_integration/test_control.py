@@ -81,10 +81,10 @@ def stream(n: int, start: int = 0, bursts: tuple[int, ...] = (), seed: int = 0) 
 
 
 def command(cfg: Config, name: str, target: str, **params: Any) -> dict[str, Any]:
-    acks = ctl.send(cfg, name, target, params, "alice", f"test {name}", timeout_s=15)
-    ctl.verdict(name, target, acks, 15)
-    assert len(acks) == 1
-    return acks[0]
+    answers = ctl.send(cfg, name, target, params, "alice", f"test {name}", timeout_s=15)
+    ctl.verdict(name, target, answers.acks, 15, answers.unanswered)
+    assert len(answers.acks) == 1 and answers.unanswered == []
+    return answers.acks[0]
 
 
 def alerts(cfg: Config) -> list[dict[str, Any]]:
@@ -270,6 +270,53 @@ def test_state_follows_partitions_to_a_second_instance(broker: Any, topic: str, 
         first.stop()
 
 
+def test_ctl_waits_for_every_input_partition_and_names_those_nobody_answered_for(broker: Any, topic: str,
+                                                                               stream_model: Path) -> None:
+    """A member of the group that does not answer (slow, restoring, gone but not yet timed out) holds some
+    partitions: ctl used to report the command applied 1 s after the daemon's ack, though the streams of those
+    partitions were not changed. Alone again, the daemon answers for all four and ctl returns on its ack."""
+    from kafka import KafkaConsumer
+
+    cfg = cfg_for(broker, topic, stream_model)
+    run = Running(cfg)
+    held, leave = threading.Event(), threading.Event()
+
+    def member() -> None:  # joins the group, takes its share, never reads the control topic
+        c = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap, group_id=cfg.kafka.group_id,
+                          session_timeout_ms=2000, heartbeat_interval_ms=500, enable_auto_commit=False)
+        for _ in range(600):
+            c.poll(timeout_ms=100)
+            if c.assignment() and len(run.daemon.source.assignment()) < 4:
+                held.set()
+            if leave.is_set():
+                break
+        c.close(autocommit=False)
+
+    try:
+        produce(broker.bootstrap, topic, {f"dev-{i}": stream(300, seed=i) for i in range(8)})
+        run.caught_up(8 * 300)
+        other = threading.Thread(target=member, daemon=True)
+        other.start()
+        run.wait(held.is_set)
+        mine = {f"{t}:{p}" for t, p in run.daemon.source.assignment()}
+        answers = ctl.send(cfg, "pin", "dev-*", {"threshold": 2.0}, "alice", "test", timeout_s=3)
+        assert [a["instance"] for a in answers.acks] == [run.daemon.instance]
+        assert answers.unanswered == sorted({f"{topic}:{p}" for p in range(4)} - mine)
+        with pytest.raises(ctl.CommandFailed, match=rf"applied only in part: no daemon answered for input "
+                                                    rf"partition\(s\) {answers.unanswered[0]}"):
+            ctl.verdict("pin", "dev-*", answers.acks, 3, answers.unanswered)
+        leave.set()
+        other.join(30)
+        run.wait(lambda: len(run.daemon.source.assignment()) == 4)
+        t0 = time.monotonic()  # answered for all four: ctl returns on that ack (no settling for 20 s)
+        answers = ctl.send(cfg, "pin", "dev-*", {"threshold": 2.0}, "alice", "test", timeout_s=20, settle_s=20)
+        assert time.monotonic() - t0 < 10 and answers.unanswered == []
+        assert [sorted(a["inputs"][topic]) for a in answers.acks] == [[0, 1, 2, 3]]
+    finally:
+        leave.set()
+        run.stop()
+
+
 def test_a_long_changelog_is_read_with_the_input_paused_and_the_loop_turning(broker: Any, topic: str,
                                                                            stream_model: Path) -> None:
     """The restore reads the changelog in steps from the loop: health and readiness go on (it used to block
@@ -325,7 +372,7 @@ def test_an_acknowledgement_over_the_request_limit_reaches_ctl_whole(broker: Any
         Controller(SimpleNamespace(calibrator=None, sink=sink, metrics=Metrics()), KEY, audit, "h:1")._publish(
             doc, "silence")
         sink.flush(10)
-        acks = ctl._collect(reader, doc["command_id"], timeout_s=10, settle_s=1)
+        acks = ctl._collect(reader, doc["command_id"], timeout_s=10, settle_s=1).acks
     finally:
         reader.close()
         sink.close(5)

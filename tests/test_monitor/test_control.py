@@ -25,7 +25,7 @@ from monitor.control import (
     verify,
 )
 from monitor.controller import GLOBAL_KEY, Controller, simulate
-from monitor.ctl import CommandFailed, duration_s, verdict
+from monitor.ctl import CommandFailed, duration_s, unanswered, verdict
 from monitor.processor import Settings
 from monitor.sink import MemorySink
 from monitor.source import MemorySource
@@ -115,6 +115,37 @@ def test_ctl_verdict_needs_an_applying_daemon() -> None:
         verdict("pin", "s", [{**ack, "streams": ["s"]}, skewed], 5)  # h:2's streams were left as they were
     with pytest.raises(CommandFailed, match=r"applied only in part: 1 idle stream\(s\) not woken.*: s-2"):
         verdict("silence", "s*", [{**ack, "streams": ["s"], "result": {"not_woken": ["s-2"]}}], 5)
+
+
+def test_ctl_knows_which_input_partitions_no_daemon_answered_for() -> None:
+    """Each ack names the input partitions its instance held; ctl used to stop 1 s after the first ack and
+    report success, whatever the instances that had not answered (slow, restoring, gone) held."""
+    parts = {"in": {0, 1, 2, 3}, "other": {0, 1}}.__getitem__
+    a = {"instance": "h:1", "status": "applied", "error": None, "streams": ["s"], "effects": [], "result": {},
+         "inputs": {"in": [0, 1]}}
+    b = {**a, "instance": "h:2", "streams": [], "inputs": {"in": [2], "other": []}}
+    assert unanswered([a], parts) == ["in:2", "in:3"]
+    assert unanswered([a, b], parts) == ["in:3", "other:0", "other:1"]
+    assert unanswered([a, {**b, "inputs": {"in": [2, 3], "other": [0, 1]}}], parts) == []
+    assert unanswered([a, {k: v for k, v in b.items() if k != "inputs"}], parts) is None  # an earlier daemon
+    assert unanswered([], parts) is None
+    with pytest.raises(CommandFailed, match=r"pin applied only in part: no daemon answered for input partition\(s\) "
+                                            r"in:2, in:3 within 5 s"):
+        verdict("pin", "s", [a], 5, ["in:2", "in:3"])
+    with pytest.raises(CommandFailed, match=r"in:0, in:1, in:2, in:3, in:4 and 2 more within"):
+        verdict("pin", "s", [a], 5, [f"in:{i}" for i in range(7)])
+    verdict("pin", "s", [a], 5, [])
+    verdict("pin", "s", [a], 5, None)
+
+
+def test_the_daemons_acks_name_the_partitions_it_holds(stream_model: Path) -> None:
+    from tests.test_monitor.test_processor import in_process_daemon
+
+    source = MemorySource(assigned={("in", 3), ("in", 1), ("side", 0)})
+    d = in_process_daemon(stream_model, source, MemorySink(), **{"kafka.topics": ["in", "quiet"]})
+    doc = d.controller._publish(ack(None, "c-1", "rejected", d.instance, error="x"), "freeze")
+    # a configured topic it holds nothing of is named too: its partitions are someone else's to answer for
+    assert doc["inputs"] == {"in": [1, 3], "quiet": [], "side": [0]}
 
 
 def big_ack(n: int) -> dict[str, Any]:
