@@ -2,7 +2,7 @@
 
 Owns when a stream pages. A stream fires after ``for_windows`` consecutive windows over its threshold
 and resolves after ``resolve_after`` consecutive windows under it; everything between is one episode
-with one ``alert_id`` = hash(model, stream, first window's start time), so a replay after a restart
+with one ``alert_id`` = hash(model name and version, stream, first window's start time), so a replay after a restart
 produces the same id and consumers can deduplicate. A stream that fired ``flap_max`` times within
 ``flap_period_ms`` is held firing (``flapping``) until it has been quiet for a whole period, instead of
 sending a storm of messages. The machine also tells the calibrator which windows were normal:

@@ -219,7 +219,7 @@ class Processor:
             served, windows.for_stream(det.windowing, served.window, served.hop, served.channels, gap_ms),
             StreamQuality(stream, np.asarray(det.scaler.scale, "float32"), det.channel_names, s.flatline_rel_std,
                           s.rate_tolerance, s.quality_cooldown_ms),
-            AlertState(stream, served.name, self.alert_settings(served)), recent_alerts=deque(maxlen=s.recent_alerts))
+            AlertState(stream, served.identity, self.alert_settings(served)), recent_alerts=deque(maxlen=s.recent_alerts))
         self.evicted.discard(stream)
         self.owed.pop(stream, None)
         restored = self._restore(stream, st)
@@ -457,7 +457,7 @@ class Processor:
         ep = st.alerts.episode
         if ep is not None and ep.fired is not None:  # never leave a page open that nothing will resolve
             self.publish_alert(stream, st, Transition("resolved", ep), reset=True)
-        st.reset(AlertState(stream, st.served.name, self.alert_settings(st.served)))
+        st.reset(AlertState(stream, st.served.identity, self.alert_settings(st.served)))
         self.calibrator.reset(stream, reason)
         self._release(stream, st)
         self.save(stream)

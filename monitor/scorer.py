@@ -51,6 +51,11 @@ class Served:
     def channels(self) -> int:
         return self.detector.channels
 
+    @property
+    def identity(self) -> str:
+        """Name and weights version: alert ids hash it, so a rotated model's episodes never reuse an old id."""
+        return f"{self.name}@{self.version}"
+
     def describe(self) -> dict[str, str]:
         return {"name": self.name, "kind": self.detector.kind, "version": self.version}
 

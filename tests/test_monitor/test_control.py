@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from monitor.control import (
 from monitor.controller import GLOBAL_KEY, Controller, simulate
 from monitor.ctl import CommandFailed, duration_s, unanswered, verdict
 from monitor.processor import Settings
+from monitor.scorer import Scorer, Served
 from monitor.sink import MemorySink
 from monitor.source import MemorySource
 from tests.conftest import sine_stream
@@ -377,6 +379,29 @@ def test_stream_state_document_round_trip(make: Make) -> None:
     assert closed["alert_id"] == anomalies(p)[0]["alert_id"] and closed["status"] == "resolved"
     assert closed["reset"] and closed["model_changed"] and r.streams["dev-x"].alerts.episode is None
     assert closed["model"] == other["model"] and not r.streams["dev-x"].recent_alerts  # no verdict on other scales
+
+
+def test_an_anomaly_going_on_at_a_model_rotation_pages_under_a_new_id(make: Make, served: Served) -> None:
+    """The old model's episode is resolved at the rotation and the replay (from the commit held at its start)
+    fires the new model's episode from the same first window: with the model's name alone in the hash it had
+    the old id, so a consumer deduplicating on (alert_id, status) dropped the new page and its resolve."""
+    p = make()
+    p.settings = Settings(state_topic="state")
+    ts, v = sine_stream(1400, (970,), seed=2)
+    v[970:1300, 0] += 3.0  # still going when the model is rotated
+    recs = records("dev-x", ts, v)
+    feed(p, recs[:105])
+    p.save("dev-x")
+    p.commit(MemorySource())
+    [held] = p.ledger.committable().values()  # at the episode's start
+    doc = [d for d in out(p, "state") if d.get("stream") == "dev-x"][-1]
+    r = make(Scorer([replace(served, version="rotated0000")]))  # the route now points at new weights
+    r.settings = Settings(state_topic="state")
+    r.restored = {"dev-x": doc}
+    feed(r, recs[held:])
+    seen = [(d["alert_id"], d["status"]) for d in anomalies(p) + anomalies(r)]
+    assert [s for _, s in seen] == ["firing", "resolved", "firing", "resolved"]
+    assert len(set(seen)) == 4 and seen[0][0] == seen[1][0] != seen[2][0] == seen[3][0]
 
 
 def test_a_broken_document_does_not_stop_the_stream(make: Make, tmp_path: Path) -> None:
