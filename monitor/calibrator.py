@@ -24,8 +24,10 @@ past the true quantile to the ceiling and held there until those entries left th
 Level shifts and the drift guard. The caller also feeds the errors of *all* windows (``observe_all``).
 When nearly all recent windows are over the threshold the stream is either broken or has a new normal:
 :mod:`monitor.drift` decides, and only a settled, normally shaped level is accepted (the threshold jumps
-to the recent quantile, source ``calibrated``, reason ``new normal``). An operator's raise passes the
-guard's mixture test too. ``recalibrate`` reports refusals with their reason.
+to the recent quantile, source ``calibrated``, reason ``new normal``), and the recent windows it was judged
+on replace the normal evidence: left there, the old level's errors made the next scheduled recalibrations
+walk the threshold back down by ``max_change`` each, and the stream paged on its new normal. An operator's
+raise passes the guard's mixture test too. ``recalibrate`` reports refusals with their reason.
 
 Versions and overrides. Every change is a numbered version with its source and reason (``history``,
 ``rollback``). Operators pin a value (calibration leaves it alone), freeze calibration per stream or for
@@ -51,6 +53,7 @@ from monitor.drift import DriftSettings, assess, level_shift
 
 _MIN_CHANGE = 1e-9  # relative; below it a recalibration is not a change (float noise)
 MAX_QUANTILE = 0.999  # an artifact thresholded at its maximum (q = 1) still calibrates, at this quantile
+NEW_NORMAL = "new normal: "  # reason of a level the drift guard accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +277,10 @@ class Calibrator:
                 if (st is None or st.state is not old or st.pinned or st.frozen or (self.frozen_all and not commanded)
                         or abs(value - old.value) <= max(_MIN_CHANGE, self.settings.min_change) * old.value):
                     continue
+                if reason.startswith(NEW_NORMAL):  # the old level's errors would walk it back down (see module doc)
+                    recent = st.recent.values()
+                    st.normal.clear()
+                    st.normal.extend(recent[-self.settings.window:])
                 changed[name] = (old, self._set(name, st, value, "calibrated", reason, samples, now_ms))
         return changed
 
@@ -288,7 +295,7 @@ class Calibrator:
             if not verdict.accept:
                 refused[name] = verdict.reason
                 return None, 0, ""
-            return target, len(recent), f"new normal: {verdict.reason}"
+            return target, len(recent), f"{NEW_NORMAL}{verdict.reason}"
         if len(normal) < (1 if commanded else s.min_samples):
             return None, 0, ""
         value = self._target(old, normal, q, commanded)

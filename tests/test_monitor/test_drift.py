@@ -68,6 +68,25 @@ def test_calibrator_accepts_a_new_normal_and_refuses_an_anomaly() -> None:
     assert c.threshold("s").value == 1.5
 
 
+def test_an_accepted_new_normal_is_not_walked_back_by_the_old_levels_errors() -> None:
+    """The normal evidence still held the old level's errors: each later scheduled recalibration took the
+    threshold max_change lower (4.55 → 3.64 → 2.91 → 2.33), until most of the new normal's windows paged."""
+    c = Calibrator(CalibratorSettings(window=2000, min_samples=200, drift=S))
+    c.register("s", 1.5)
+    c.observe("s", normal(2000))  # the old normal, as learnt
+    c.observe_all("s", normal(600, 3.0))  # settled at 3x: nearly every window over 1.5
+    (_, accepted), = c.recalibrate().values()
+    assert accepted.reason.startswith("new normal")
+    for _ in range(5):  # then the new normal goes on: its windows under the threshold are fed as normal
+        batch = normal(30, 3.0)
+        c.observe("s", batch[batch < c.threshold("s").value])
+        c.observe_censored("s", int(np.sum(batch >= c.threshold("s").value)), c.threshold("s").value)
+        c.observe_all("s", batch)
+        c.recalibrate()
+    assert c.threshold("s").value >= 0.9 * accepted.value
+    assert float(np.mean(normal(10_000, 3.0) > c.threshold("s").value)) < 0.1
+
+
 def test_an_operator_raise_passes_the_mixture_test() -> None:
     c = Calibrator(CalibratorSettings(window=500, min_samples=100, drift=S))
     c.register("s", 1.0)
@@ -80,7 +99,7 @@ def test_an_operator_raise_passes_the_mixture_test() -> None:
 @pytest.mark.parametrize("enabled", [False])
 def test_guard_off_changes_nothing_for_the_scheduled_path(enabled: bool) -> None:
     c = Calibrator(CalibratorSettings(window=500, min_samples=100, drift=DriftSettings(enabled=enabled)))
-    c.register("s", 1.5)
+    c.register("s", 2.0)  # well above q0.95 of normal(500) (~1.5): a change whatever the draw
     c.observe("s", normal(500))
     c.observe_all("s", normal(600, 3.0))
     (_, new), = c.recalibrate().values()
