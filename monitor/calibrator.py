@@ -30,8 +30,8 @@ walk the threshold back down by ``max_change`` each, and the stream paged on its
 raise passes the guard's mixture test too. ``recalibrate`` reports refusals with their reason.
 
 Versions and overrides. Every change is a numbered version with its source and reason (``history``,
-``rollback``). Operators pin a value (calibration leaves it alone), freeze calibration per stream or for
-all, reset a stream, or ask what another quantile would give (``candidate``). Thread-safe (one lock):
+``rollback``). Operators pin a value (calibration leaves it alone, learning goes on), freeze calibration per
+stream or for all (nothing is learnt meanwhile, but an operator's verdict), reset a stream, or ask what another quantile would give (``candidate``). Thread-safe (one lock):
 the daemon recalibrates from a scheduler thread and applies commands on its loop thread.
 """
 
@@ -215,14 +215,22 @@ class Calibrator:
             return self._streams[stream].quantile or self.settings.quantile
 
     # evidence ---------------------------------------------------------------------------------------
-    def observe(self, stream: str, errors: np.ndarray | float) -> None:
-        """Errors of normal windows (below the threshold, not in an alert); non-finite ones are refused."""
+    def observe(self, stream: str, errors: np.ndarray | float, commanded: bool = False) -> None:
+        """Errors of normal windows (below the threshold, not in an alert); non-finite ones are refused. While
+        the stream (or every stream) is frozen nothing is learnt, unless ``commanded`` (an operator's verdict)."""
         arr = np.asarray(errors, dtype="float64").ravel()
         finite = np.isfinite(arr)
         kept = arr[finite][-self.settings.window:]  # only these can survive the ring anyway
         with self._lock:
-            self._streams[stream].normal.extend(kept)  # KeyError first: nothing counted for an unknown stream
+            st = self._streams[stream]  # KeyError first: nothing counted for an unknown stream
             self._rejected += int(arr.size - np.count_nonzero(finite))
+            if commanded or not self._frozen(st):
+                st.normal.extend(kept)
+
+    def _frozen(self, st: _Stream) -> bool:
+        """Frozen streams learn nothing: a freeze during a known incident must keep it out of the evidence
+        (it stopped only the threshold's changes, and the incident's windows moved it once unfrozen)."""
+        return st.frozen or self.frozen_all
 
     def unobserve(self, stream: str, errors: Iterable[float]) -> int:
         """Take back errors fed by :meth:`observe` that turned out not to be normal (those still in the window);
@@ -236,15 +244,18 @@ class Calibrator:
         if n < 0 or not above > 0:
             raise ValueError(f"censored count must be >= 0 and its threshold > 0, got {n} above {above}")
         with self._lock:
-            self._streams[stream].normal.extend(np.full(min(n, self.settings.window),
-                                                        -above if math.isfinite(above) else math.inf))
+            st = self._streams[stream]
+            if not self._frozen(st):
+                st.normal.extend(np.full(min(n, self.settings.window), -above if math.isfinite(above) else math.inf))
 
     def observe_all(self, stream: str, errors: Iterable[float]) -> None:
         """Errors of every scored window, anomalous or not, in arrival order (for the drift guard); non-finite
         ones are left out (a NaN there made the guard's new level NaN, under which every score is normal)."""
         arr = np.asarray(errors if isinstance(errors, np.ndarray) else list(errors), "float64").ravel()
         with self._lock:
-            self._streams[stream].recent.extend(arr[np.isfinite(arr)])
+            st = self._streams[stream]
+            if not self._frozen(st):  # an incident learnt here would be judged a new normal once unfrozen
+                st.recent.extend(arr[np.isfinite(arr)])
 
     # recalibration ----------------------------------------------------------------------------------
     def recalibrate(self, streams: Iterable[str] | None = None, quantile: float | None = None,

@@ -198,7 +198,7 @@ class Controller:
             if alert.verdict is not None:
                 st.feedback[alert.verdict] -= 1
             if verdict == "false_positive" and alert.verdict != verdict:
-                self.cal.observe(stream, np.asarray(alert.scores))  # its errors were normal after all
+                self.cal.observe(stream, np.asarray(alert.scores), commanded=True)  # normal after all
             elif alert.verdict == "false_positive" and verdict != alert.verdict:
                 self.cal.unobserve(stream, alert.scores)  # taken back: they were not
             alert.verdict = verdict

@@ -117,3 +117,50 @@ def test_the_calibrator_learns_windows_in_the_order_they_came() -> None:
     cal.observe("s", np.asarray(normal))
     held = np.frombuffer(base64.b64decode(cal.export("s")["normal"]), "<f4")
     assert held.tolist() == pytest.approx([0.1, 0.2, -1.0, -1.0, 0.3, 0.4])
+
+
+def test_a_freeze_during_a_known_incident_keeps_it_out_of_the_evidence() -> None:
+    """freeze --all stopped the threshold's changes only: the incident's windows under the threshold (and its
+    censored spikes) filled the evidence, and the first recalibration after unfreeze moved the threshold
+    +27 % (0.70 → 0.84 here; 0.66 without the incident)."""
+
+    def run(incident: bool) -> float:
+        rng = np.random.default_rng(1)
+        cal = Calibrator(CalibratorSettings(window=2000, min_samples=200), clock=lambda: 0.0)
+        cal.register("s", 0.7)
+        st = AlertState("s", "m", AlertSettings())
+
+        def window(i: int, e: float) -> None:
+            th = cal.threshold("s")
+            step = st.update(Observation(i * 1000, i * 1000 + 999, i, i, e, th.value, th.source, np.ones(1, "float32")))
+            normal: list[float] = []
+            learn(cal, "s", step, e, normal)
+            cal.observe("s", np.asarray(normal))
+            cal.observe_all("s", [e])
+
+        for i in range(2000):
+            window(i, float(rng.gamma(25, 0.02)))  # ~0.5 under the artifact's 0.7
+        cal.frozen_all = True  # tsmon ctl freeze --all
+        for k in range(2000):  # raised, mostly under the threshold, an isolated spike every 5th window
+            raised = 0.84 if k % 5 == 0 else float(rng.uniform(0.5, 0.69))
+            window(2000 + k, raised if incident else float(rng.gamma(25, 0.02)))
+        cal.frozen_all = False  # unfreeze --all, the incident over
+        for k in range(30):
+            window(4000 + k, float(rng.gamma(25, 0.02)))
+        cal.recalibrate(["s"])
+        return cal.threshold("s").value
+
+    assert run(incident=True) == pytest.approx(run(incident=False), rel=0.02)  # 0.669 and 0.666
+
+
+def test_frozen_streams_learn_nothing_but_an_operators_verdict() -> None:
+    cal = Calibrator(CalibratorSettings(window=100, min_samples=1))
+    cal.register("s", 1.0)
+    cal.set_frozen("s", True)
+    cal.observe("s", np.array([0.5, 0.6]))
+    cal.observe_censored("s", 3, 1.0)
+    cal.observe_all("s", [2.0, 2.1])
+    cal.observe("s", np.array([0.9]), commanded=True)  # a false positive's errors: the operator said so
+    assert cal.candidate("s", 0.5)[1].size == 0  # nothing in the drift guard's recent errors either
+    cal.set_frozen("s", False)
+    assert cal.recalibrate(["s"], commanded=True)["s"][1].samples == 1  # 0.9 alone
