@@ -63,12 +63,12 @@ class StreamState:
         return self.feedback["confirmed"] / n if n else None
 
     def reset(self, alerts: AlertState) -> None:
-        """Forget windows, alert state, feedback and silence (an operator's reset); sample numbers go on."""
+        """Forget windows, alert state and feedback (an operator's reset); sample numbers go on, and so does a
+        silence (silenced for maintenance, then reset for the sensor replaced in it: the next alert paged)."""
         self.alerts = alerts
         self.windows.restart()
         self.recent_alerts.clear()
         self.feedback = dict(NO_FEEDBACK)
-        self.silenced_until_ms = 0
 
     def remember(self, alert_id: str, scores: list[float]) -> None:
         """Keep an alert for feedback, with the errors of its over-threshold windows so far (called when it

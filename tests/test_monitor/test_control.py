@@ -331,6 +331,20 @@ def test_reset_resolves_an_open_alert(make: Make) -> None:
     assert p.streams["dev-o"].alerts.episode is None
 
 
+def test_reset_keeps_an_operators_silence(make: Make) -> None:
+    """Silenced for maintenance, reset for the sensor replaced in it: the reset lifted the silence, and the
+    next alert paged in the maintenance window."""
+    p = make()
+    c = controller(p)
+    ts, v = sine_stream(3000, (2000,), seed=2)
+    feed(p, records("dev-m", ts[:1000], v[:1000]))
+    send(c, "silence", "dev-m", for_s=7200)
+    send(c, "reset-stream", "dev-m")
+    feed(p, records("dev-m", ts[1000:], v[1000:], first_offset=100))
+    first, *_ = anomalies(p)
+    assert (first["status"], first["silenced"]) == ("silenced", True)
+
+
 def test_duplicates_apply_once_and_global_state_round_trips(make: Make) -> None:
     p = make()
     p.settings = Settings(state_topic="state")
