@@ -114,8 +114,8 @@ class StreamState:
     def restore(self, stream: str, doc: dict[str, Any], calibrator: Calibrator) -> str:
         """Continue from a changelog document; returns what was restored (``full`` or ``controls``).
 
-        A document written for another model version restores only the operator's controls and the
-        feedback: thresholds and alert state belong to the model that produced them.
+        A document written for another model version restores only the operator's controls (silence, freeze)
+        and the feedback: thresholds, a pin and alert state belong to the model that produced them.
         """
         if doc.get("v") != DOC_VERSION:
             raise ValueError(f"unknown state document version {doc.get('v')!r}")
@@ -123,7 +123,9 @@ class StreamState:
         feedback = {k: int(doc["feedback"][k]) for k in NO_FEEDBACK}
         self.home = self.home or doc_partitions(doc)
         if doc["model"] != self.served.describe():
+            frozen = doc["calibrator"]["frozen"] is True  # a pinned value is on the old model's scale
             self.silenced_until_ms, self.feedback = silenced, feedback
+            calibrator.set_frozen(stream, frozen)
             if doc["alerts"].get("episode"):  # paged under the old model: the processor resolves it
                 old = AlertState(self.alerts.stream, str(doc["model"].get("name", "")), self.alerts.settings)
                 old.restore(doc["alerts"], self.windows.seen)

@@ -384,10 +384,12 @@ def test_stream_state_document_round_trip(make: Make) -> None:
     assert st.windows.seen == 1000 and q.metrics.total("tsmon_windows_scored_total") == 0
 
     other = dict(doc, model={**doc["model"], "version": "другая"})
+    other["calibrator"] = {**other["calibrator"], "frozen": True}
     r = make()
     r.restored = {"dev-x": other}
     feed(r, records("dev-x", ts[:100], v[:100]))
     assert r.calibrator.threshold("dev-x").source == "artifact" and r.streams["dev-x"].silenced_until_ms == 123
+    assert r.calibrator.controls("dev-x") == {"pinned": False, "frozen": True}  # the freeze holds, not the pin
     # the alert paged under the replaced version is resolved, not left open for nothing to resolve
     [closed] = anomalies(r)
     assert closed["alert_id"] == anomalies(p)[0]["alert_id"] and closed["status"] == "resolved"
