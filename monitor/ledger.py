@@ -22,12 +22,14 @@ class _Messages:
 
     offsets: list[int] = field(default_factory=list)
     last_seq: list[int] = field(default_factory=list)
-    head: int = 0
+    head: int = 0  # messages before it are released (no longer needed), kept until they are dropped
+    dropped_seq: int = -1  # the last sample of the messages dropped from the lists
 
     def release(self, seq: int) -> None:
         """Forget messages whose samples all come before sample ``seq``."""
         self.head = max(self.head, bisect_left(self.last_seq, seq, lo=self.head))
         if self.head > 1024 and self.head * 2 > len(self.offsets):
+            self.dropped_seq = self.last_seq[self.head - 1]
             del self.offsets[: self.head], self.last_seq[: self.head]
             self.head = 0
 
@@ -35,7 +37,11 @@ class _Messages:
         return self.offsets[self.head] if self.head < len(self.offsets) else None
 
     def offset_of(self, seq: int) -> int | None:
-        i = bisect_left(self.last_seq, seq, lo=self.head)
+        """The message that carried sample ``seq``, released or not, while it is in the lists; None once it
+        was dropped (it was the oldest still kept: an episode longer than ``max_hold_windows`` named it)."""
+        if seq <= self.dropped_seq:
+            return None
+        i = bisect_left(self.last_seq, seq)
         return self.offsets[i] if i < len(self.offsets) else None
 
 
@@ -65,7 +71,7 @@ class OffsetLedger:
             self._held[tp][stream].release(seq)
 
     def offset_of(self, stream: str, seq: int) -> tuple[TP, int] | None:
-        """The input message that carried sample ``seq`` of the stream, while it is held."""
+        """The input message that carried sample ``seq`` of the stream, while it is known (see _Messages)."""
         for tp in self._streams.get(stream, ()):
             off = self._held[tp][stream].offset_of(seq)
             if off is not None:

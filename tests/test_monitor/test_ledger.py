@@ -139,3 +139,16 @@ def test_answers_stay_right_through_compaction() -> None:
     assert led.offset_of("a", 3 * n + 1) == (P0, 1000 + 2 * n)
     led.release("a", 3 * n + 4)
     assert led.committable() == {P0: 1000 + 2 * n + 1}
+
+
+def test_a_released_message_is_still_named_until_it_is_dropped() -> None:
+    """An episode longer than max_hold_windows has its first samples released: its alert named the oldest
+    message still held as its first_offset (161 for 97 in a review), not the one that carried them."""
+    led = OffsetLedger()
+    for i in range(3000):
+        led.hold(P0, "a", 100 + i, last_seq=10 * (i + 1))  # message 100 + i carries samples 10i+1 .. 10i+10
+    led.release("a", 55)
+    assert led.committable() == {P0: 105} and led.offset_of("a", 21) == (P0, 102)  # released, still known
+    led.release("a", 20_000)  # past half of them: the released ones are dropped
+    assert led.committable() == {P0: 100 + 1999} and led.offset_of("a", 21) is None  # unknown, not wrong
+    assert led.offset_of("a", 20_000) == (P0, 100 + 1999)
