@@ -240,6 +240,9 @@ class Processor:
         except Exception as exc:  # noqa: BLE001 — a bad document (compaction keeps it) must not stop the stream
             log.error("state_restore_failed", stream=stream, error=f"{type(exc).__name__}: {exc}")
             return "failed"
+        at = doc.get("recalibrate_at_ts")  # absent: written on the wall clock, or by an earlier version
+        if how == "full" and self.data_clock is not None and isinstance(at, int | float) and math.isfinite(at):
+            self.data_clock.next_ms[stream] = float(at)
         if st.orphan is not None:  # paged under the model version it replaced: never leave that page open
             self.publish_alert(stream, st, Transition("resolved", st.orphan), remember=False, reset=True,
                                model_changed=True, model=doc["model"])  # its errors are on the old model's scale
@@ -471,6 +474,8 @@ class Processor:
         point = st.replay_point()
         st.home = frozenset(self.ledger.partitions_of(stream)) or st.home  # woken: none read since, keep the doc's
         doc = st.to_doc(stream, self.calibrator, int(self.clock() * 1000), point)
+        if self.data_clock is not None and stream in self.data_clock.next_ms:  # the replay keeps its schedule
+            doc["recalibrate_at_ts"] = self.data_clock.next_ms[stream]
         if topic is not None:
             self.sink.send(json_message(topic, stream, doc, [("tsmon.type", b"stream_state")]))
             st.doc_from_seq = point[0] if point else None  # a replay after a crash must reach this document's

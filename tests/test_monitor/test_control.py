@@ -420,6 +420,37 @@ def test_an_anomaly_going_on_at_a_model_rotation_pages_under_a_new_id(make: Make
     assert len(set(seen)) == 4 and seen[0][0] == seen[1][0] != seen[2][0] == seen[3][0]
 
 
+@pytest.mark.parametrize("cut", [177, 231])
+def test_a_restart_keeps_the_data_clocks_recalibration_schedule(make: Make, cut: int) -> None:
+    """The schedule of the data clock was not saved: the replay after a restart recalibrated at other points
+    of the data (one more version, thresholds 0.3 % apart), so a borderline window could flip."""
+    from monitor.calibrator import Calibrator, CalibratorSettings
+    from monitor.processor import DataClock
+    from tests.conftest import STREAM_PERIOD_MS
+
+    def build() -> Any:
+        p = make()
+        p.settings = Settings(state_topic="state")
+        p.calibrator = Calibrator(CalibratorSettings(window=300, min_samples=30, min_change=0.001, floor=0.1))
+        p.data_clock = DataClock(400 * STREAM_PERIOD_MS, lambda streams: p.calibrator.recalibrate(streams))
+        return p
+
+    ts, v = sine_stream(6000, (1500, 2500, 3500, 4500, 5500), seed=5)
+    recs = records("dev-a", ts, v, chunk=10)
+    whole = build()
+    feed(whole, recs)
+    p = build()
+    feed(p, recs[:cut])
+    p.save("dev-a")
+    p.commit(MemorySource())
+    [held] = p.ledger.committable().values()
+    q = build()
+    q.restored = {"dev-a": [d for d in out(p, "state") if d.get("stream") == "dev-a"][-1]}
+    feed(q, recs[held:])
+    versions = [[(h["version"], round(h["value"], 6)) for h in x.calibrator.history("dev-a")] for x in (whole, q)]
+    assert len(versions[0]) > 5 and versions[0] == versions[1]
+
+
 def test_a_broken_document_does_not_stop_the_stream(make: Make, tmp_path: Path) -> None:
     p = make()
     p.restored = {"dev-z": {"v": 1, "garbage": True}}
