@@ -32,7 +32,16 @@ from monitor.records import Limits
 
 ENV_PREFIX = "TSMON_"
 _Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+_HOST_PORT = re.compile(r"(?:[A-Za-z][A-Za-z0-9_]*://)?(?:\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+)(?::(\d{1,5}))?")
 _SASL_USER_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def bootstrap_problem(server: str) -> str | None:
+    """Why ``server`` is not a broker address the Kafka clients accept, or None."""
+    m = _HOST_PORT.fullmatch(server.strip())
+    if m is None or (m.group(1) is not None and not 1 <= int(m.group(1)) <= 65535):
+        return f"{server!r} is not host:port (port 1-65535; IPv6 as [addr]:port)"
+    return None
 
 
 def _split(value: Any) -> Any:
@@ -111,6 +120,16 @@ class KafkaConfig(_Section):
     _lists = field_validator("bootstrap_servers", "topics", mode="before")(_split)
     _optional = field_validator("topic_pattern", "sasl_mechanism", "ssl_cafile", "ssl_certfile", "ssl_keyfile",
                                 mode="before")(_unset)
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_ports(cls, value: list[str]) -> list[str]:
+        """What the clients accept — ``[SCHEME://]host[:port]``, IPv6 in brackets — checked here: a port that
+        is not a number crashed ``tsmon run`` (and ctl, replay) with a traceback from deep in kafka-python."""
+        for server in value:
+            if (problem := bootstrap_problem(server)) is not None:
+                raise ValueError(problem)
+        return value
 
     @field_validator("topic_pattern")
     @classmethod

@@ -15,7 +15,7 @@ from models.data import read_series
 from models.errors import BrokerError, ConfigError
 from monitor import logs
 from monitor.commands.render import emit_json
-from monitor.config import load_config
+from monitor.config import bootstrap_problem, load_config
 from monitor.replay import replay as replay_series
 from monitor.replay import timestamps
 
@@ -71,6 +71,9 @@ def replay(
         raise typer.BadParameter("must be finite and > 0", param_hint="--rate")
     if period_ms < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--period-ms")
+    for server in bootstrap_servers.split(","):
+        if (problem := bootstrap_problem(server)) is not None:
+            raise typer.BadParameter(problem, param_hint="--bootstrap-servers")
     series = read_series(input, value_col, timestamp_col, out_of_order=out_of_order)
     ts = (series.timestamps.astype("datetime64[ms]").astype("int64") if series.timestamps is not None
           else timestamps(len(series.values), period_ms))

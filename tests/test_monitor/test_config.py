@@ -205,6 +205,21 @@ def test_bad_toml_names_file_and_line(tmp_path: Path) -> None:
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("server", ["127.0.0.1:notaport", "127.0.0.1:", "[::1", "127.0.0.1:99999", "h:0", "a b:9092"])
+def test_a_malformed_broker_address_is_a_config_error(server: str) -> None:
+    """A port that is not a number went through config check and crashed tsmon run (and ctl, replay) with a
+    traceback from inside kafka-python."""
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(env={}, overrides={"kafka.bootstrap_servers": ["127.0.0.1:9092", server]})
+    line = f"kafka.bootstrap_servers: {server!r} is not host:port (port 1-65535; IPv6 as [addr]:port)"
+    assert error_lines(excinfo) == [line]
+
+
+def test_broker_addresses_the_clients_accept() -> None:
+    servers = ["broker-1.example.com:9093", "nohost", "SASL_SSL://k.example:9094", "[::1]:9092", "10.0.0.7:65535"]
+    assert load_config(env={}, overrides={"kafka.bootstrap_servers": servers}).kafka.bootstrap_servers == servers
+
+
 def test_missing_and_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file .*nope.toml not found"):
         load_config(tmp_path / "nope.toml", env={})
