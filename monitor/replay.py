@@ -28,14 +28,25 @@ def _numbers(rows: np.ndarray) -> str:
     return "[" + ",".join(["[" + ",".join([f"{x:.9g}" for x in r]) + "]" for r in rows.tolist()]) + "]"
 
 
+def finite_rows(ts_ms: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The rows whose values are all finite, and how many were not: the wire format has no NaN, so a hole
+    in a recording becomes a gap in time, which the daemon reports (``tsmon replay``, ``replay-eval``)."""
+    ok = np.isfinite(values).all(axis=1)
+    return ts_ms[ok], values[ok], int(len(ok) - np.count_nonzero(ok))
+
+
 def messages(stream: str, ts_ms: np.ndarray, values: np.ndarray, chunk: int) -> Iterator[tuple[bytes, int]]:
     """Message bodies (and their sample counts) for a stream's samples, ``chunk`` samples at most each.
 
     ``ts_ms`` may be fractional (float): samples evenly spaced to within a microsecond go out as a chunk
     with a fractional ``period_ms`` (360 Hz: 2.777777778 ms), timestamps rounded to the millisecond.
+    Non-finite values are refused (:func:`finite_rows` first): written as ``nan`` they made invalid JSON,
+    whose whole chunk the daemon dead-lettered as ``invalid_json``.
     """
     if chunk < 1:
         raise ValueError("chunk must be >= 1")
+    if not np.isfinite(values).all():
+        raise ValueError("non-finite values have no wire format: drop those rows first (finite_rows)")
     head = json.dumps(stream)
     for lo in range(0, len(ts_ms), chunk):
         t, v = ts_ms[lo : lo + chunk], values[lo : lo + chunk]

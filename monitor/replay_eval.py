@@ -200,7 +200,7 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
     from monitor.broker import LOCAL_GROUP, LocalBroker
     from monitor.config import load_config
     from monitor.daemon import Daemon
-    from monitor.replay import messages
+    from monitor.replay import finite_rows, messages
     from monitor.topics import TopicReader, ensure_topics
 
     run_id = f"tsmon-replay-eval-{uuid.uuid4().hex[:8]}"  # topics and group of this run only
@@ -245,8 +245,10 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
             changes.setdefault(stream, []).append((float(at), float(state.value)))
 
         daemon.threshold_listeners.append(on_threshold)
-        ts_played = ts_ms[p.start :]
-        bodies = [list(messages(s, ts_played, series.values[p.start :], p.chunk)) for s in streams]
+        ts_played, played, skipped = finite_rows(ts_ms[p.start :], series.values[p.start :])
+        if skipped:
+            log.warning("rows_skipped_nonfinite", rows=skipped)
+        bodies = [list(messages(s, ts_played, played, p.chunk)) for s in streams]
         stop, sent, failed = threading.Event(), [0], []
 
         def play() -> None:
@@ -291,6 +293,7 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
                   note="the figures cover only what the daemon took in time")
     return {"alerts": alerts, "thresholds": changes, "final_thresholds": daemon.final_thresholds,
             "summary": {"speed": p.speed, "wall_s": round(wall, 1), "samples_sent": sent[0], "complete": complete,
+                        "rows_skipped_nonfinite": skipped,
                         "chunk": p.chunk, "windows_scored": int(daemon.metrics.total("tsmon_windows_scored_total")),
                         "dead_letters": int(daemon.metrics.total("tsmon_dead_letters_total")),
                         "calibrator_clock": cfg.calibrator.clock,  # what the daemon ran with

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 
 from models import artifact
@@ -16,8 +15,8 @@ from models.errors import BrokerError, ConfigError
 from monitor import logs
 from monitor.commands.render import emit_json
 from monitor.config import bootstrap_problem, load_config
+from monitor.replay import finite_rows, timestamps
 from monitor.replay import replay as replay_series
-from monitor.replay import timestamps
 
 log = logs.get("tsmon.cli")
 
@@ -77,16 +76,16 @@ def replay(
     series = read_series(input, value_col, timestamp_col, out_of_order=out_of_order)
     ts = (series.timestamps.astype("datetime64[ms]").astype("int64") if series.timestamps is not None
           else timestamps(len(series.values), period_ms))
-    bad = ~np.isfinite(series.values).all(axis=1)
-    if bad.any():  # the wire format has no NaN; holes become gaps the daemon reports
-        log.warning("rows_skipped_nonfinite", rows=int(bad.sum()))
+    ts, values, skipped = finite_rows(ts, series.values)
+    if skipped:
+        log.warning("rows_skipped_nonfinite", rows=skipped)
     name = stream or input.name.split(".")[0]
     try:
         producer = KafkaProducer(bootstrap_servers=bootstrap_servers.split(","), acks=1, linger_ms=10,
                                  bootstrap_timeout_ms=10_000)
     except KafkaError as exc:
         raise BrokerError(f"cannot reach the broker at {bootstrap_servers}: {exc}") from None
-    sent = replay_series(producer, topic, name, ts[~bad], series.values[~bad], chunk, rate)
+    sent = replay_series(producer, topic, name, ts, values, chunk, rate)
     producer.close()
     log.info("replayed", stream=name, topic=topic, samples=sent, channels=series.channels)
 

@@ -142,6 +142,9 @@ def test_a_multichannel_lstm_end_to_end_points_at_the_perturbed_channel(broker: 
 def test_the_cli_prints_the_json_keys_and_rejects_unlabelled_data(broker: Any, tmp_path: Path) -> None:
     data = labelled_sine(tmp_path / "sine.csv", n=1500, events=(1019,))
     model = train(data, tmp_path / "pca", "pca", W, HOP, 0.5, quantile=1.0, margin=1.5)
+    holed = pd.read_csv(data)
+    holed.loc[1300:1302, "value"] = np.nan  # a hole in the recording: written as `nan` it made invalid JSON,
+    holed.to_csv(data, index=False)  # and the daemon dead-lettered the whole chunk holding it
     base = [sys.executable, "-m", "monitor", "replay-eval", "--model", str(model), "--bootstrap", broker.bootstrap]
     proc = subprocess.run([*base, "--data", str(data), "--seconds", "2", "--out", str(tmp_path / "o"), "--json"],
                           capture_output=True, text=True, timeout=180, check=False)
@@ -149,6 +152,7 @@ def test_the_cli_prints_the_json_keys_and_rejects_unlabelled_data(broker: Any, t
     doc = json.loads(proc.stdout)
     keys = {"recall", "precision", "false_alerts_per_hour", "mean_delay_s", "p90_delay_s", "alerts"}
     assert keys <= set(doc) and keys <= set(doc["baseline"]) and doc["recall"] == 1.0
+    assert (doc["replay"]["rows_skipped_nonfinite"], doc["replay"]["dead_letters"]) == (3, 0)
     # the calibrator counts the series' own time by default: the configured 30 s, whatever the replay speed
     assert doc["replay"]["calibrator_clock"] == "data" and doc["replay"]["calibrator_interval_data_s"] == 30.0
     assert doc["replay"]["calibrator_interval_wall_s"] is None

@@ -116,3 +116,15 @@ def test_a_360_hz_series_replays_as_chunks_with_a_fractional_period() -> None:
     got = np.concatenate([b.ts_ms for b in blocks])
     assert np.abs(got - ts).max() <= 1.0 and (np.diff(got) > 0).all()
     np.testing.assert_array_equal(np.concatenate([b.values for b in blocks]), values)
+
+
+def test_holes_in_a_recording_are_dropped_before_encoding_never_sent_as_nan() -> None:
+    from monitor.replay import finite_rows, messages
+
+    ts, values = np.arange(6.0) * 1000, np.array([[1.0], [np.nan], [3.0], [np.inf], [5.0], [6.0]])
+    with pytest.raises(ValueError, match="non-finite"):
+        list(messages("s", ts, values, chunk=3))  # `nan` is not JSON: its whole chunk was dead-lettered
+    kept_ts, kept, skipped = finite_rows(ts, values)
+    assert skipped == 2 and kept_ts.tolist() == [0, 2000, 4000, 5000]
+    blocks = [parse(b, b"s") for b, _ in messages("s", kept_ts, kept, chunk=3)]
+    assert np.concatenate([b.values for b in blocks]).ravel().tolist() == [1.0, 3.0, 5.0, 6.0]
