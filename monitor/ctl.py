@@ -155,8 +155,17 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
     key = {"feedback": "verdict", "history": "history", "shadow": "shadow"}.get(command)
     if key is not None:
         matched = any(a["result"].get(key) for a in applied)
-    else:  # a recalibration the drift guard refused still matched its stream
+    else:  # a recalibration the drift guard refused still matched its stream (it fails below)
         matched = any(a["streams"] or a["result"].get("refused") or a["result"].get("unchanged") for a in applied)
     if not matched:
-        what = "recent alert" if command == "feedback" else "stream"
-        raise CommandFailed(f"{command}: no daemon has a {what} matching {target!r}")
+        if command == "feedback":  # its target is '*': the alert id is what was looked for
+            alert = (applied[0].get("params") or {}).get("alert_id")
+            raise CommandFailed(f"feedback: no daemon has a recent alert {alert!r} (each stream keeps its last "
+                                f"alerts only)")
+        raise CommandFailed(f"{command}: no daemon has a stream matching {target!r}")
+    refusals = sorted((s, why) for a in applied for s, why in (a["result"].get("refused") or {}).items())
+    if refusals:  # the drift guard (or too little evidence) kept these thresholds: a script must not read success
+        stream, why = refusals[0]
+        more = f" and {len(refusals) - 1} more stream(s)" if len(refusals) > 1 else ""
+        done = "applied only in part: refused" if any(a["streams"] for a in applied) else "refused"
+        raise CommandFailed(f"{command} {done} for {stream}{more}: {why}")

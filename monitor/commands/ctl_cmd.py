@@ -41,6 +41,8 @@ def _target(stream: str | None, all_: bool, required: bool = True) -> str:
 def _run(command: str, target: str, params: dict[str, Any], config: Path | None, operator: str | None,
          reason: str, timeout: float, as_json: bool) -> None:
     _check(params)
+    if not 1.0 <= timeout < math.inf:  # below a second not even a healthy broker answers: it read as its failure
+        raise typer.BadParameter(f"must be at least 1 second, got {timeout:g}", param_hint="--timeout")
     cfg = load_config(config)
     answers = ctl.send(cfg, command, target, params, operator or getpass.getuser(), reason, timeout)
     if as_json:

@@ -145,7 +145,8 @@ def test_commands_end_to_end(broker: Any, topic: str, stream_model: Path, tmp_pa
         command(cfg, "freeze", "*")
         assert run.daemon.calibrator.frozen_all
         command(cfg, "unfreeze", "*")
-        rc = command(cfg, "recalibrate", "dev-b", quantile=0.99)
+        [rc] = ctl.send(cfg, "recalibrate", "dev-b", {"quantile": 0.99}, "alice", "test", timeout_s=15).acks
+        assert rc["status"] == "applied"  # a drift guard's refusal is an applied command that fails ctl's verdict
         assert rc["streams"] == ["dev-b"] or rc["result"]["refused"] or rc["result"]["unchanged"]
         reset = command(cfg, "reset-stream", "dev-a")["effects"][0]["after"]
         assert (reset["source"], reset["pinned"]) == ("artifact", False)

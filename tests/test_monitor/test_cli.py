@@ -249,6 +249,11 @@ def test_more_bad_input_gives_one_line(dense_artifact: Path, tmp_path: Path, cap
     for args, message in cases:
         code, _, err = run(capsys, *args)
         assert code == 1 and message in err and "Traceback" not in err, args
+    for timeout in ("-1", "nan", "0"):  # tracebacks from the producer, or the broker blamed for a zero wait
+        code, _, err = run(capsys, "ctl", "history", "--stream", "s", "--timeout", timeout)
+        assert code == 2 and "must be at least 1 second" in err and "Traceback" not in err, timeout
+    code, _, err = run(capsys, "replay", "--input", str(tmp_path / "x.csv"), "--bootstrap-servers", "127.0.0.1:abc")
+    assert code == 2 and "'127.0.0.1:abc' is not host:port" in err
     monkeypatch.setenv("TSMON_MODEL", str(broken))
     code, _, err = run(capsys, "config", "check")
     assert code == 1 and "validation_error_quantiles must be an object" in err

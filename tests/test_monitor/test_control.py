@@ -117,6 +117,17 @@ def test_ctl_verdict_needs_an_applying_daemon() -> None:
         verdict("pin", "s", [{**ack, "streams": ["s"]}, skewed], 5)  # h:2's streams were left as they were
     with pytest.raises(CommandFailed, match=r"applied only in part: 1 idle stream\(s\) not woken.*: s-2"):
         verdict("silence", "s*", [{**ack, "streams": ["s"], "result": {"not_woken": ["s-2"]}}], 5)
+    # a refused recalibration was reported as applied, exit 0: a script read success
+    guard = {"refused": {"s-1": "insufficient evidence: 128 recent windows, 200 needed"}, "unchanged": []}
+    with pytest.raises(CommandFailed, match=r"^recalibrate refused for s-1: insufficient evidence: 128"):
+        verdict("recalibrate", "s-*", [{**ack, "result": guard}], 5)
+    two = {**guard, "refused": {**guard["refused"], "s-3": "sustained anomaly"}}
+    with pytest.raises(CommandFailed, match=r"^recalibrate applied only in part: refused for s-1 and 1 more"):
+        verdict("recalibrate", "s-*", [{**ack, "streams": ["s-2"], "result": two}], 5)
+    verdict("recalibrate", "s-*", [{**ack, "result": {"refused": {}, "unchanged": ["s-1"]}}], 5)
+    # feedback's target is '*': the message named it instead of the alert looked for
+    with pytest.raises(CommandFailed, match=r"^feedback: no daemon has a recent alert 'deadbeef'"):
+        verdict("feedback", "*", [{**ack, "params": {"alert_id": "deadbeef"}, "result": {"found": False}}], 5)
 
 
 def test_ctl_knows_which_input_partitions_no_daemon_answered_for() -> None:
