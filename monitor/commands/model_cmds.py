@@ -197,7 +197,8 @@ def score(
     frame = pd.DataFrame({"window": np.flatnonzero(ok)})  # the --index of `tsmon inspect`
     frame["end_sample"] = kept
     if series.timestamps is not None:
-        frame["timestamp"] = pd.to_datetime(series.timestamps[kept]).strftime("%Y-%m-%dT%H:%M:%S.%f")
+        # UTC, and saying so: a file with +02:00 offsets read back two hours off without the Z
+        frame["timestamp"] = pd.to_datetime(series.timestamps[kept]).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     frame["score"] = s.window
     frame["threshold"] = det.threshold.value
     frame["is_anomaly"] = (~(s.window <= det.threshold.value)).astype(int)  # a NaN score is not normal

@@ -60,10 +60,18 @@ def test_score_writes_one_row_per_window(dense_artifact: Path, series_csv: Path,
     df = pd.read_csv(out)
     assert list(df.columns[:6]) == ["window", "end_sample", "timestamp", "score", "threshold", "is_anomaly"]
     assert len(df) == (4000 - 40) // 10 + 1 and df["window"].tolist() == list(range(len(df)))
-    assert df["timestamp"].iloc[0] == "2024-01-01T00:00:39.000000"  # aligned to the window's last sample
+    assert df["timestamp"].iloc[0] == "2024-01-01T00:00:39.000000Z"  # aligned to the window's last sample
     assert df["end_sample"].iloc[0] == 39
     burst = df[(df["timestamp"] >= "2024-01-01T00:55:00") & (df["timestamp"] <= "2024-01-01T00:55:40")]
     assert burst["is_anomaly"].all() and (burst["error_ch0"] > burst["error_ch1"]).all()
+    # offsets are converted to UTC and the Z says so (without it +02:00 read back two hours off)
+    local = pd.read_csv(series_csv)
+    local["timestamp"] = (pd.to_datetime(local["timestamp"]) + pd.Timedelta(hours=2)).dt.strftime(
+        "%Y-%m-%dT%H:%M:%S.000+02:00")
+    local.to_csv(tmp_path / "local.csv", index=False)
+    code, _, _ = run(capsys, "score", "--model", str(dense_artifact), "--input", str(tmp_path / "local.csv"),
+                     "--output", str(tmp_path / "local-scores.csv"))
+    assert code == 0 and pd.read_csv(tmp_path / "local-scores.csv")["timestamp"].iloc[0] == df["timestamp"].iloc[0]
 
 
 def test_inspect_writes_a_png(dense_artifact: Path, series_csv: Path, tmp_path: Path,
