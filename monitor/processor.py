@@ -387,7 +387,8 @@ class Processor:
         """Publish the page a silence held back, once the silence is over and the alert still open."""
         if not st.alerts.silenced_open or self.silenced(st):
             return False
-        self.publish_alert(stream, st, Transition("firing", st.alerts.episode), arrived)  # type: ignore[arg-type]
+        self.publish_alert(stream, st, Transition("firing", st.alerts.episode), arrived,  # type: ignore[arg-type]
+                           after_silence=True)  # a late page: consumers could not tell it from a fresh one
         return True
 
     def page_unsilenced(self) -> int:

@@ -269,6 +269,7 @@ def test_an_alert_whose_silence_ends_pages_though_the_stream_went_quiet(make: Ma
     assert p.metrics.total("tsmon_alerts_fired_total") == 1  # counted when paged, once (it counted 2)
     firing = anomalies(p)[-1]
     assert firing["status"] == "firing" and not firing["silenced"] and firing["alert_id"] == anomalies(p)[0]["alert_id"]
+    assert firing["after_silence"] and "after_silence" not in anomalies(p)[0]  # the page the silence held back
 
 
 def test_a_false_positive_verdict_feeds_the_whole_episode_once_and_a_retraction_takes_it_back(make: Make) -> None:
