@@ -199,8 +199,17 @@ class KafkaConfig(_Section):
         return {**self.client_kwargs(), "acks": acks, "enable_idempotence": self.enable_idempotence, "linger_ms": 5,
                 "max_block_ms": 2000}
 
+    def check_files(self) -> None:
+        """The TLS files must be readable files here: a CA path that does not exist passed config check, and
+        the client then failed after 30 s with "Unable to bootstrap", naming no file."""
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, key)
+            if value is not None and not (os.path.isfile(value) and os.access(value, os.R_OK)):
+                raise ConfigError(f"kafka.{key}: {value} is not a readable file")
+
     def _security_kwargs(self) -> dict[str, Any]:
         """Only the settings that apply to the protocol; the password is revealed here and nowhere else."""
+        self.check_files()
         kwargs: dict[str, Any] = {"security_protocol": self.security_protocol}
         if self.security_protocol.startswith("SASL_"):
             kwargs["sasl_mechanism"] = self.sasl_mechanism

@@ -116,6 +116,7 @@ def config_check(
 ) -> None:
     """Validate a configuration (file + TSMON_* environment) and print it resolved, secrets masked."""
     cfg = load_config(config)
+    cfg.kafka.check_files()  # as the clients of `tsmon run` will
     for route in cfg.require_models():  # loaded whole, as `tsmon run` will (a manifest alone passed before)
         if not (Path(route.path) / "manifest.json").is_file():
             raise ConfigError(f"models: no artifact at {route.path} (pattern {route.pattern!r})")

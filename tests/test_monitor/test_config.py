@@ -266,18 +266,34 @@ def test_secret_never_printed(tmp_path: Path) -> None:
     assert "hunter2" not in str(excinfo.value)
 
 
-def test_kafka_kwargs_are_kafka_python_settings() -> None:
-    kafka = load_config(env={}, overrides=SASL).kafka
+def test_kafka_kwargs_are_kafka_python_settings(tmp_path: Path) -> None:
+    ca = write(tmp_path, "-----BEGIN CERTIFICATE-----\n", "ca.pem")
+    kafka = load_config(env={}, overrides={**SASL, "kafka.ssl_cafile": str(ca)}).kafka
     consumer, producer = kafka.consumer_kwargs(), kafka.producer_kwargs()
     assert set(consumer) <= set(KafkaConsumer.DEFAULT_CONFIG)
     assert set(producer) <= set(KafkaProducer.DEFAULT_CONFIG)
     security = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "tsmon",
-                "sasl_plain_password": "hunter2", "ssl_cafile": "/etc/ca.pem", "ssl_check_hostname": True}
+                "sasl_plain_password": "hunter2", "ssl_cafile": str(ca), "ssl_check_hostname": True}
     assert security.items() <= consumer.items() and security.items() <= producer.items()
     assert consumer["enable_auto_commit"] is False and consumer["group_id"] == "tsmon"
     assert consumer["auto_offset_reset"] == "earliest" and consumer["bootstrap_servers"] == ["127.0.0.1:9092"]
     assert producer["acks"] == "all" and producer["linger_ms"] == 5 and producer["enable_idempotence"] is False
     Heartbeat(**consumer)  # kafka-python's own session/heartbeat check accepts what we pass
+
+
+def test_a_tls_file_that_is_not_there_is_named_before_any_client_starts(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """It passed config check, and the client failed 30 s later with "Unable to bootstrap", naming no file."""
+    from monitor.cli import main
+
+    kafka = load_config(env={}, overrides=SASL).kafka  # a file on another machine is fine to validate
+    with pytest.raises(ConfigError, match=r"^kafka.ssl_cafile: /etc/ca.pem is not a readable file$"):
+        kafka.client_kwargs()
+    path = write(tmp_path, '[kafka]\nsecurity_protocol = "SSL"\nssl_certfile = "/nonexistent/client.pem"\n')
+    with pytest.raises(SystemExit) as exc:
+        main(["config", "check", "--config", str(path)])
+    assert exc.value.code == 1 and "kafka.ssl_certfile: /nonexistent/client.pem is not a readable file" in \
+        capsys.readouterr().err
 
 
 def test_plaintext_kwargs_have_no_security_extras() -> None:
