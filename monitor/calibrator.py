@@ -443,13 +443,18 @@ class Calibrator:
                         "version": st.state.version, "pinned": st.pinned, "frozen": st.frozen or self.frozen_all}
                     for n, st in self._streams.items()}
 
-    def export(self, stream: str) -> dict[str, Any]:
-        """Everything needed to continue the stream elsewhere (the changelog's ``calibrator`` part)."""
+    def export(self, stream: str, replayed: int = 0) -> dict[str, Any]:
+        """Everything needed to continue the stream elsewhere (the changelog's ``calibrator`` part), less the
+        last ``replayed`` windows of the drift guard's recent errors: windows the document leaves to the
+        replay (a pending episode's), which feeds them again (twice in the evidence, before)."""
         with self._lock:
             st = self._streams[stream]
+            recent = st.recent.values()
+            if replayed > 0 and not self._frozen(st):  # a frozen stream did not take them in
+                recent = recent[: max(0, len(recent) - replayed)]
             return {"versions": [asdict(v) for v in st.versions], "pinned": st.pinned, "frozen": st.frozen,
                     "before_pin": asdict(st.before_pin) if st.before_pin else None,
-                    "normal": _pack(st.normal.values()), "recent": _pack(st.recent.values())}
+                    "normal": _pack(st.normal.values()), "recent": _pack(recent)}
 
     def restore(self, stream: str, doc: dict[str, Any]) -> ThresholdState:
         """Continue a registered stream from :meth:`export`'s output; validated whole before anything changes

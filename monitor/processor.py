@@ -349,7 +349,10 @@ class Processor:
                 log.error("nonfinite_score", stream=stream, model=batch.model, end_ts=int(batch.end_ts[i]))
                 continue
             every.setdefault(stream, []).append(score)
-            self._observe(stream, st, batch, i, score, channel_err[i], normal.setdefault(stream, []))
+            normal.setdefault(stream, [])
+            if self._observe(stream, st, batch, i, score, channel_err[i], normal[stream]):
+                self._feed_calibrator(normal, every)  # the evidence of every window the document says applied
+                self.save(stream)
         self._feed_calibrator(normal, every)
         for stream, st in touched.items():
             self._release(stream, st)
@@ -363,7 +366,8 @@ class Processor:
         every.clear()
 
     def _observe(self, stream: str, st: StreamState, batch: Batch, i: int, score: float, ch: np.ndarray,
-                 normal: list[float]) -> None:
+                 normal: list[float]) -> bool:
+        """One window through the alert state; True when it changed the alert (the caller saves the stream)."""
         th = self.calibrator.threshold(stream)
         end_seq = int(batch.end_seq[i])
         obs = Observation(int(batch.start_ts[i]), int(batch.end_ts[i]), end_seq - st.served.window + 1, end_seq,
@@ -377,8 +381,7 @@ class Processor:
         for t in step.transitions:
             self.publish_alert(stream, st, t, arrived)
         self._page_if_unsilenced(stream, st, arrived)  # silence over, still anomalous
-        if step.transitions:
-            self.save(stream)
+        return bool(step.transitions)
 
     def silenced(self, st: StreamState) -> bool:
         return st.silenced_until_ms > self.clock() * 1000

@@ -99,14 +99,14 @@ class StreamState:
         is not stored (see :meth:`AlertState.to_doc`): the windows from its first one on count as not applied,
         so the replay — which the ledger holds the input for — rebuilds it, and ``window_from_ts`` makes the
         replay cut the same windows (same alert id)."""
-        applied = max(self.last_window_ts, self.applied_until_ts)
+        applied, replayed = max(self.last_window_ts, self.applied_until_ts), 0
         if (ep := self.alerts.pending) is not None:
-            applied = min(applied, ep.start.end_ts - 1)
+            applied, replayed = min(applied, ep.start.end_ts - 1), ep.windows_over
         point = point or self.replay_point()
         return {"type": "stream_state", "v": DOC_VERSION, "stream": stream, "model": self.served.describe(),
                 "written_ms": written_ms, "applied_until_ts": applied,
                 "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,
-                "calibrator": calibrator.export(stream), "alerts": self.alerts.to_doc(),
+                "calibrator": calibrator.export(stream, replayed), "alerts": self.alerts.to_doc(),
                 "silenced_until_ms": self.silenced_until_ms, "feedback": dict(self.feedback),
                 "recent_alerts": [a.to_doc() for a in self.recent_alerts],
                 "partitions": [[t, p] for t, p in sorted(self.home)]}

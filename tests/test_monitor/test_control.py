@@ -463,6 +463,54 @@ def test_a_restart_keeps_the_data_clocks_recalibration_schedule(make: Make, cut:
     assert len(versions[0]) > 5 and versions[0] == versions[1]
 
 
+@pytest.mark.parametrize("cut", [110, 152, 159, 215])
+def test_a_restart_gives_the_calibrator_the_evidence_of_an_uninterrupted_run(make: Make, cut: int) -> None:
+    """A document saved while an episode was pending leaves its windows to the replay, which fed them to the
+    drift guard's recent errors a second time (cut 152: 299 entries, 2 of them anomalous, against 297)."""
+    from monitor.alerts import AlertSettings
+    from monitor.calibrator import _unpack
+
+    def build() -> Any:
+        p = make()
+        p.settings = Settings(state_topic="state", alerts=AlertSettings(for_windows=3, resolve_after=2))
+        return p
+
+    ts, v = sine_stream(3000, (900, 1500, 1530, 2100), seed=4)
+    v[2100:2103, 0] += 6
+    recs = records("dev-a", ts, v, chunk=10)
+    whole = build()
+    feed(whole, recs)
+    p = build()
+    feed(p, recs[:cut])
+    p.save("dev-a")
+    p.commit(MemorySource())
+    [held] = p.ledger.committable().values()
+    q = build()
+    q.restored = {"dev-a": [d for d in out(p, "state") if d.get("stream") == "dev-a"][-1]}
+    feed(q, recs[held:])
+    a, b = whole.calibrator.export("dev-a"), q.calibrator.export("dev-a")
+    for ring in ("normal", "recent"):
+        np.testing.assert_allclose(_unpack(a[ring]), _unpack(b[ring]), rtol=1e-6, err_msg=ring)
+
+
+def test_a_document_saved_at_an_alert_holds_the_evidence_of_every_window_it_says_applied(make: Make) -> None:
+    """Saved at a transition in the middle of a batch, the document's calibrator lacked the errors of the
+    batch's windows before it (fed at the end of the batch), which a replay skips as applied: lost."""
+    from monitor.calibrator import _unpack
+
+    p = make()
+    p.settings = Settings(state_topic="state")
+    ts, v = sine_stream(1500, (900,), seed=3)
+    feed(p, records("dev-t", ts, v), poll=1000)  # one batch: the firing is in its middle
+    served = p.streams["dev-t"].served
+    ends = ts[served.window - 1 :: served.hop]  # every window's last sample, in order
+    firing = next(d for d in out(p, "state") if d.get("stream") == "dev-t" and d["alerts"]["episode"])
+    every = _unpack(p.calibrator.export("dev-t")["recent"])  # the whole run's, uninterrupted
+    applied = int(np.count_nonzero(ends <= firing["applied_until_ts"]))
+    assert 0 < applied < len(every)
+    np.testing.assert_array_equal(_unpack(firing["calibrator"]["recent"]), every[:applied])
+
+
 def test_a_broken_document_does_not_stop_the_stream(make: Make, tmp_path: Path) -> None:
     p = make()
     p.restored = {"dev-z": {"v": 1, "garbage": True}}
