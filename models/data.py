@@ -181,9 +181,9 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
     stamps = None
     if ts is not None:
         col = df[ts]
-        try:
+        try:  # in UTC: naive stamps are taken as UTC, offsets converted row by row (they change at summer time)
             stamps = (pd.to_datetime(col, unit="ms") if pd.api.types.is_numeric_dtype(col)
-                      else pd.to_datetime(col, format="mixed")).to_numpy("datetime64[ns]")
+                      else pd.to_datetime(col, format="mixed", utc=True)).to_numpy("datetime64[ns]")
         except (ValueError, TypeError) as exc:
             raise DataError(f"{p}: timestamp column {ts!r} is not epoch-ms or ISO-8601: {exc}") from None
         back = np.flatnonzero(np.diff(stamps.astype("int64")) <= 0)

@@ -32,7 +32,8 @@ from monitor.records import Limits
 
 ENV_PREFIX = "TSMON_"
 _Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
-_HOST_PORT = re.compile(r"(?:[A-Za-z][A-Za-z0-9_]*://)?(?:\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+)(?::(\d{1,5}))?")
+_HOST_PORT = re.compile(r"(?:[A-Za-z][A-Za-z0-9_]*://)?(?:\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+)(?::(\d{1,5}))?"
+                        r"|(?:[A-Za-z][A-Za-z0-9_]*://)?[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.%]*")  # bare IPv6, no port
 _SASL_USER_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
@@ -40,7 +41,7 @@ def bootstrap_problem(server: str) -> str | None:
     """Why ``server`` is not a broker address the Kafka clients accept, or None."""
     m = _HOST_PORT.fullmatch(server.strip())
     if m is None or (m.group(1) is not None and not 1 <= int(m.group(1)) <= 65535):
-        return f"{server!r} is not host:port (port 1-65535; IPv6 as [addr]:port)"
+        return f"{server!r} is not host:port (port 1-65535; IPv6 as [addr]:port, or bare without a port)"
     return None
 
 

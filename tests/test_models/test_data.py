@@ -39,6 +39,15 @@ def test_epoch_ms_timestamps(tmp_path: Path) -> None:
     assert s.channels == ["v"] and str(s.timestamps[1]).startswith("2023-11-14T22:13:21")
 
 
+def test_offsets_that_change_at_summer_time_are_read_in_utc(tmp_path: Path) -> None:
+    """A file crossing a daylight-saving change (+01:00 rows, then +02:00 rows) failed: mixed time zones."""
+    stamps = ["2024-03-31T01:59:00+01:00", "2024-03-31T03:00:00+02:00", "2024-03-31T03:01:00+02:00"]
+    pd.DataFrame({"time": stamps, "v": [1.0, 2.0, 3.0]}).to_csv(tmp_path / "dst.csv", index=False)
+    s = read_series(tmp_path / "dst.csv")
+    assert s.timestamps is not None
+    assert [str(t)[:19] for t in s.timestamps] == ["2024-03-31T00:59:00", "2024-03-31T01:00:00", "2024-03-31T01:01:00"]
+
+
 def test_nan_windows_are_dropped_and_counted(tmp_path: Path) -> None:
     df = synthetic_series(2000)
     df.loc[100, "ch1"] = np.nan

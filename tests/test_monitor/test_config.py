@@ -211,12 +211,13 @@ def test_a_malformed_broker_address_is_a_config_error(server: str) -> None:
     traceback from inside kafka-python."""
     with pytest.raises(ConfigError) as excinfo:
         load_config(env={}, overrides={"kafka.bootstrap_servers": ["127.0.0.1:9092", server]})
-    line = f"kafka.bootstrap_servers: {server!r} is not host:port (port 1-65535; IPv6 as [addr]:port)"
+    line = f"kafka.bootstrap_servers: {server!r} is not host:port (port 1-65535; IPv6 as [addr]:port, or bare without a port)"
     assert error_lines(excinfo) == [line]
 
 
 def test_broker_addresses_the_clients_accept() -> None:
-    servers = ["broker-1.example.com:9093", "nohost", "SASL_SSL://k.example:9094", "[::1]:9092", "10.0.0.7:65535"]
+    servers = ["broker-1.example.com:9093", "nohost", "SASL_SSL://k.example:9094", "[::1]:9092", "10.0.0.7:65535",
+               "::1", "fe80::1", "2001:db8::5"]  # bare IPv6: kafka-python takes it, on port 9092
     assert load_config(env={}, overrides={"kafka.bootstrap_servers": servers}).kafka.bootstrap_servers == servers
 
 
