@@ -31,7 +31,8 @@ raise passes the guard's mixture test too. ``recalibrate`` reports refusals with
 
 Versions and overrides. Every change is a numbered version with its source and reason (``history``,
 ``rollback``). Operators pin a value (calibration leaves it alone, learning goes on), freeze calibration per
-stream or for all (nothing is learnt meanwhile, but an operator's verdict), reset a stream, or ask what another quantile would give (``candidate``). Thread-safe (one lock):
+stream or for all (no normal error is learnt meanwhile, but an operator's verdict, and the drift guard's
+recent errors of that time are dropped at the thaw), reset a stream, or ask what another quantile would give (``candidate``). Thread-safe (one lock):
 the daemon recalibrates from a scheduler thread and applies commands on its loop thread.
 """
 
@@ -173,6 +174,7 @@ class _Stream:
     pinned: bool = False
     frozen: bool = False
     before_pin: ThresholdState | None = None  # what unpin goes back to (the history is bounded)
+    recent_frozen: int = 0  # the newest entries of ``recent``, taken in while frozen: dropped when thawed
 
 
 class Calibrator:
@@ -186,7 +188,20 @@ class Calibrator:
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
         self._rejected = 0
-        self.frozen_all = False  # operator: no stream recalibrates on the schedule
+        self._frozen_all = False
+
+    @property
+    def frozen_all(self) -> bool:
+        """Operator (``freeze --all``): no stream recalibrates on the schedule or learns."""
+        return self._frozen_all
+
+    @frozen_all.setter
+    def frozen_all(self, value: bool) -> None:
+        with self._lock:
+            thawing, self._frozen_all = self._frozen_all and not value, value
+            for st in self._streams.values() if thawing else ():
+                if not st.frozen:
+                    _thaw(st)
 
     def register(self, stream: str, artifact_value: float, thin: int = 1,
                  quantile: float | None = None) -> ThresholdState:
@@ -252,10 +267,12 @@ class Calibrator:
         """Errors of every scored window, anomalous or not, in arrival order (for the drift guard); non-finite
         ones are left out (a NaN there made the guard's new level NaN, under which every score is normal)."""
         arr = np.asarray(errors if isinstance(errors, np.ndarray) else list(errors), "float64").ravel()
+        kept = arr[np.isfinite(arr)]
         with self._lock:
             st = self._streams[stream]
-            if not self._frozen(st):  # an incident learnt here would be judged a new normal once unfrozen
-                st.recent.extend(arr[np.isfinite(arr)])
+            st.recent.extend(kept)  # shadow runs over them, frozen or not
+            if self._frozen(st):  # but an incident kept here would be judged a new normal once thawed
+                st.recent_frozen = min(st.recent_frozen + len(kept), len(st.recent))
 
     # recalibration ----------------------------------------------------------------------------------
     def recalibrate(self, streams: Iterable[str] | None = None, quantile: float | None = None,
@@ -382,7 +399,10 @@ class Calibrator:
 
     def set_frozen(self, stream: str, frozen: bool) -> None:
         with self._lock:
-            self._streams[stream].frozen = frozen
+            st = self._streams[stream]
+            st.frozen = frozen
+            if not frozen and not self._frozen_all:
+                _thaw(st)
 
     def rollback(self, stream: str, version: int, reason: str) -> ThresholdState:
         """Version ``version``'s value again, as a new version; it ends a pin (calibration resumes from it)."""
@@ -450,11 +470,12 @@ class Calibrator:
         with self._lock:
             st = self._streams[stream]
             recent = st.recent.values()
-            if replayed > 0 and not self._frozen(st):  # a frozen stream did not take them in
-                recent = recent[: max(0, len(recent) - replayed)]
+            cut = min(max(0, replayed), len(recent))
+            recent = recent[: len(recent) - cut]
             return {"versions": [asdict(v) for v in st.versions], "pinned": st.pinned, "frozen": st.frozen,
                     "before_pin": asdict(st.before_pin) if st.before_pin else None,
-                    "normal": _pack(st.normal.values()), "recent": _pack(recent)}
+                    "normal": _pack(st.normal.values()), "recent": _pack(recent),
+                    "recent_frozen": max(0, st.recent_frozen - cut)}  # the replay takes them in frozen again
 
     def restore(self, stream: str, doc: dict[str, Any]) -> ThresholdState:
         """Continue a registered stream from :meth:`export`'s output; validated whole before anything changes
@@ -467,6 +488,9 @@ class Calibrator:
             raise ValueError("threshold versions must be a non-empty list of finite values > 0")
         normal, recent = _unpack(doc["normal"]), _unpack(doc["recent"])
         pinned, frozen = doc["pinned"], doc["frozen"]
+        recent_frozen = doc.get("recent_frozen", 0)  # absent from documents written before
+        if not isinstance(recent_frozen, int) or isinstance(recent_frozen, bool) or recent_frozen < 0:
+            raise TypeError("recent_frozen must be an integer >= 0")
         if not (isinstance(pinned, bool) and isinstance(frozen, bool)):
             raise TypeError("pinned and frozen must be booleans")
         with self._lock:
@@ -476,8 +500,18 @@ class Calibrator:
             st.pinned, st.frozen, st.before_pin = pinned, frozen, before_pin if pinned else None
             st.normal = Ring(self.settings.window, normal)
             st.recent = Ring(self.settings.drift.window, [x for x in recent if math.isfinite(x)])
+            st.recent_frozen = min(recent_frozen, len(st.recent))
             self._on_change(stream, st.state)
             return st.state
+
+
+def _thaw(st: _Stream) -> None:
+    """Unfrozen: the windows taken in while frozen leave the drift guard's evidence (``shadow`` had them)."""
+    if st.recent_frozen:
+        held = st.recent.values()
+        st.recent.clear()
+        st.recent.extend(held[: len(held) - st.recent_frozen])
+        st.recent_frozen = 0
 
 
 def censored_quantile(entries: np.ndarray, quantile: float) -> tuple[float, float]:

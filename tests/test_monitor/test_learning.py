@@ -161,6 +161,16 @@ def test_frozen_streams_learn_nothing_but_an_operators_verdict() -> None:
     cal.observe_censored("s", 3, 1.0)
     cal.observe_all("s", [2.0, 2.1])
     cal.observe("s", np.array([0.9]), commanded=True)  # a false positive's errors: the operator said so
-    assert cal.candidate("s", 0.5)[1].size == 0  # nothing in the drift guard's recent errors either
-    cal.set_frozen("s", False)
+    # shadow still simulates over the windows seen while frozen (with them gone, a dry run during an incident
+    # said a threshold would have raised nothing) ...
+    assert cal.candidate("s", 0.5)[1].tolist() == [2.0, 2.1]
+    cal.set_frozen("s", False)  # ... and they leave the drift guard's evidence when it is thawed
+    assert cal.candidate("s", 0.5)[1].size == 0
     assert cal.recalibrate(["s"], commanded=True)["s"][1].samples == 1  # 0.9 alone
+    cal.observe_all("s", [1.0])
+    cal.frozen_all = True
+    cal.observe_all("s", [3.0, 3.1])
+    doc = cal.export("s")  # a restart during the freeze remembers which ones to drop
+    cal.restore("s", doc)
+    cal.frozen_all = False
+    assert cal.candidate("s", 0.5)[1].tolist() == [1.0]
