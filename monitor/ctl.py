@@ -2,25 +2,30 @@
 
 Owns the client protocol of ``tsmon ctl``: the audit topic is positioned at its end *before* the command
 is sent, the command goes to the control topic, and acknowledgements carrying its ``command_id`` are
-collected until every partition of the input topics has been answered for (each ack names the partitions its
-instance held), or ``timeout_s``. Acks of daemons that do not name their partitions (earlier versions) are
-collected until ``settle_s`` after the first one.
+collected for ``settle_s`` after the first one (other instances answer too), and on until every partition of
+the input topics the acks name has been answered for (each ack names the partitions its instance held) and
+every ack is whole, or ``timeout_s``. The topics' partitions come from a metadata request on a thread and a
+client of their own (kafka-python waits for metadata without a time limit; ctl answers at ``timeout_s``);
+while they are not known, or for acks of daemons that do not name their partitions, the settle rule alone.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from models.errors import BrokerError, ConfigError, TsmonError
+from monitor import logs
 from monitor.config import Config
 from monitor.control import merge_acks, new_command
 from monitor.topics import partition_reader
 
+log = logs.get("tsmon.ctl")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -52,6 +57,7 @@ def send(cfg: Config, command: str, target: str, params: dict[str, Any], operato
     if c.key is None:
         raise ConfigError("control.key is not set: give the daemons' key in TSMON_CONTROL__KEY or [control] key")
     doc = new_command(command, target, params, operator, reason, c.key.get_secret_value())
+    topics = Topics(cfg.kafka.client_kwargs())
     # positioned before sending: the acknowledgement cannot come earlier than this
     audit, _ = partition_reader(cfg.kafka.client_kwargs(), c.audit_topic, at_end=True)
     try:
@@ -60,25 +66,41 @@ def send(cfg: Config, command: str, target: str, params: dict[str, Any], operato
             producer.send(c.topic, key=doc["command_id"].encode(), value=json.dumps(doc).encode()).get(timeout_s)
         finally:
             producer.close(timeout_s)
-        return _collect(audit, doc["command_id"], timeout_s, settle_s)
+        return _collect(audit, doc["command_id"], timeout_s, settle_s, lambda: topics.partitions)
     except KafkaError as exc:
         raise BrokerError(f"cannot send the command: {type(exc).__name__}: {exc}") from None
     finally:
         audit.close()
 
 
-def _collect(audit: Any, command_id: str, timeout_s: float, settle_s: float) -> Answers:
-    """Acks of ``command_id`` until every input partition is answered for and every ack is whole, or
-    ``timeout_s``; ``settle_s`` after the first ack if some ack does not name its partitions."""
-    counts: dict[str, set[int]] = {}
+class Topics:
+    """Every topic's partitions, asked for at once on a thread and a client of its own: kafka-python waits for
+    metadata without a time limit, which in ctl's loop blocked it past ``--timeout`` with the broker away."""
 
-    def partitions_of(topic: str) -> set[int]:  # the input topics' partitions, from ctl's own metadata
-        if topic not in counts:
-            counts[topic] = set(audit.partitions_for_topic(topic) or ())
-        return counts[topic]
+    def __init__(self, client: dict[str, Any]) -> None:
+        self.partitions: dict[str, set[int]] | None = None  # None until known
+        threading.Thread(target=self._fetch, args=(client,), name="ctl-metadata", daemon=True).start()
 
+    def _fetch(self, client: dict[str, Any]) -> None:
+        from kafka import KafkaConsumer
+
+        try:
+            consumer = KafkaConsumer(**client, group_id=None, enable_auto_commit=False)
+            try:
+                self.partitions = {t: set(consumer.partitions_for_topic(t) or ()) for t in consumer.topics()}
+            finally:
+                consumer.close()
+        except Exception as exc:  # noqa: BLE001 — without it ctl falls back to the settle rule
+            log.info("ctl_metadata_unavailable", error=f"{type(exc).__name__}: {exc}")
+
+
+def _collect(audit: Any, command_id: str, timeout_s: float, settle_s: float,
+             partitions: Callable[[], dict[str, set[int]] | None] = lambda: None) -> Answers:
+    """Acks of ``command_id`` for ``settle_s`` after the first one, and on until every input partition the acks
+    name is answered for (``partitions()``: each topic's, None while not known) and every ack is whole, or
+    ``timeout_s``."""
     parts: list[dict[str, Any]] = []
-    answers = Answers([], None)
+    acks: list[dict[str, Any]] = []
     t0, first = time.monotonic(), None
     while time.monotonic() - t0 < timeout_s:
         got = [a for records in audit.poll(timeout_ms=100).values() for a in _acks_of(records, command_id)]
@@ -86,15 +108,11 @@ def _collect(audit: Any, command_id: str, timeout_s: float, settle_s: float) -> 
             parts += got
             first = first or time.monotonic()
             acks = merge_acks(parts)
-            answers = Answers(acks, unanswered(acks, partitions_of))
-        if first is None:
+        if first is None or time.monotonic() - first < settle_s or any(a.get("parts_missing") for a in acks):
             continue
-        if answers.unanswered is None:
-            if time.monotonic() - first >= settle_s:
-                break
-        elif not answers.unanswered and not any(a.get("parts_missing") for a in answers.acks):
+        if not unanswered(acks, partitions()):  # all answered for, or not known
             break
-    return answers
+    return Answers(acks, unanswered(acks, partitions()))
 
 
 def _acks_of(records: list[Any], command_id: str) -> list[dict[str, Any]]:
@@ -109,13 +127,14 @@ def _acks_of(records: list[Any], command_id: str) -> list[dict[str, Any]]:
     return out
 
 
-def unanswered(acks: list[dict[str, Any]], partitions_of: Callable[[str], set[int]]) -> list[str] | None:
-    """The partitions of the input topics the acks name that no ack answered for (``topic:partition``),
-    or None when some ack does not name its partitions (a daemon of an earlier version)."""
-    if not acks or not all(isinstance(a.get("inputs"), dict) for a in acks):
+def unanswered(acks: list[dict[str, Any]], partitions: dict[str, set[int]] | None) -> list[str] | None:
+    """The partitions of the input topics the acks name that no ack answered for (``topic:partition``), or None
+    when that is not known: the topics' partitions not known yet, or some ack does not name its partitions (a
+    daemon of an earlier version). With a topic pattern only the topics some instance holds are named."""
+    if partitions is None or not acks or not all(isinstance(a.get("inputs"), dict) for a in acks):
         return None
     held = {(t, p) for a in acks for t, ps in a["inputs"].items() if isinstance(ps, list) for p in ps}
-    want = {(t, p) for t in {t for a in acks for t in a["inputs"]} for p in partitions_of(t)}
+    want = {(t, p) for t in {t for a in acks for t in a["inputs"]} for p in partitions.get(t, ())}
     return [f"{t}:{p}" for t, p in sorted(want - held)]
 
 

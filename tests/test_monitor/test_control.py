@@ -133,7 +133,7 @@ def test_ctl_verdict_needs_an_applying_daemon() -> None:
 def test_ctl_knows_which_input_partitions_no_daemon_answered_for() -> None:
     """Each ack names the input partitions its instance held; ctl used to stop 1 s after the first ack and
     report success, whatever the instances that had not answered (slow, restoring, gone) held."""
-    parts = {"in": {0, 1, 2, 3}, "other": {0, 1}}.__getitem__
+    parts = {"in": {0, 1, 2, 3}, "other": {0, 1}}
     a = {"instance": "h:1", "status": "applied", "error": None, "streams": ["s"], "effects": [], "result": {},
          "inputs": {"in": [0, 1]}}
     b = {**a, "instance": "h:2", "streams": [], "inputs": {"in": [2], "other": []}}
@@ -142,6 +142,8 @@ def test_ctl_knows_which_input_partitions_no_daemon_answered_for() -> None:
     assert unanswered([a, {**b, "inputs": {"in": [2, 3], "other": [0, 1]}}], parts) == []
     assert unanswered([a, {k: v for k, v in b.items() if k != "inputs"}], parts) is None  # an earlier daemon
     assert unanswered([], parts) is None
+    assert unanswered([a], None) is None  # the topics' partitions not known (yet)
+    assert unanswered([{**a, "inputs": {"hidden": [0]}}], parts) == []  # a topic ctl cannot see: not checked
     with pytest.raises(CommandFailed, match=r"pin applied only in part: no daemon answered for input partition\(s\) "
                                             r"in:2, in:3 within 5 s"):
         verdict("pin", "s", [a], 5, ["in:2", "in:3"])
@@ -149,6 +151,45 @@ def test_ctl_knows_which_input_partitions_no_daemon_answered_for() -> None:
         verdict("pin", "s", [a], 5, [f"in:{i}" for i in range(7)])
     verdict("pin", "s", [a], 5, [])
     verdict("pin", "s", [a], 5, None)
+
+
+class ScriptedAudit:
+    """The audit topic as ctl's consumer sees it: each ack arrives ``at`` seconds after the first poll."""
+
+    def __init__(self, acks: list[tuple[float, dict[str, Any]]]) -> None:
+        self.acks, self.t0 = sorted(acks, key=lambda x: x[0]), None
+
+    def poll(self, timeout_ms: int) -> dict[str, list[Any]]:
+        from types import SimpleNamespace
+
+        self.t0 = self.t0 or time.monotonic()
+        time.sleep(timeout_ms / 1000)
+        due = [a for at, a in self.acks if at <= time.monotonic() - self.t0]
+        self.acks = [(at, a) for at, a in self.acks if at > time.monotonic() - self.t0]
+        return {"audit": [SimpleNamespace(value=json.dumps(a).encode()) for a in due]}
+
+
+def test_ctl_collects_for_the_settle_time_and_on_until_every_partition_is_answered_for() -> None:
+    """A review found ctl stopping at the first ack that covered the topics named so far: another instance's
+    refusal 0.3 s later (a topic pattern, an idle instance, a topic ctl cannot see) was never read."""
+    from monitor.ctl import _collect
+
+    base = {"command_id": "c", "status": "applied", "error": None, "streams": [], "effects": [], "result": {},
+            "instance": "a"}
+    a = {**base, "inputs": {"ecg": [0, 1]}}
+    b = {**base, "instance": "b", "status": "rejected", "error": "stale command", "inputs": {"eeg": [0]}}
+    parts = {"ecg": {0, 1}, "eeg": {0}}
+    t0 = time.monotonic()
+    got = _collect(ScriptedAudit([(0.0, a), (0.3, b)]), "c", timeout_s=10, settle_s=1.0, partitions=lambda: parts)
+    assert [x["instance"] for x in got.acks] == ["a", "b"] and got.unanswered == []
+    assert time.monotonic() - t0 < 3  # all answered for once settled: no wait for the timeout
+    # a partition nobody answers for: collected until the timeout, and named
+    got = _collect(ScriptedAudit([(0.0, a)]), "c", timeout_s=2.5, settle_s=1.0,
+                   partitions=lambda: {"ecg": {0, 1, 2}})
+    assert got.unanswered == ["ecg:2"] and time.monotonic() - t0 > 3.5
+    # metadata not known: the settle rule alone
+    got = _collect(ScriptedAudit([(0.0, a), (0.3, b)]), "c", timeout_s=10, settle_s=1.0)
+    assert len(got.acks) == 2 and got.unanswered is None
 
 
 def test_the_daemons_acks_name_the_partitions_it_holds(stream_model: Path) -> None:
