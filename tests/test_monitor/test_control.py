@@ -473,6 +473,22 @@ def test_an_anomaly_going_on_at_a_model_rotation_pages_under_a_new_id(make: Make
     assert len(set(seen)) == 4 and seen[0][0] == seen[1][0] != seen[2][0] == seen[3][0]
 
 
+def uninterrupted_and_restarted(build: Any, recs: list[Any], cut: int) -> tuple[Any, Any]:
+    """Stream dev-a's records through one processor; and through one that saves, commits and stops after
+    ``cut`` records, then another that restores its document and replays from the commit (a crash)."""
+    whole = build()
+    feed(whole, recs)
+    p = build()
+    feed(p, recs[:cut])
+    p.save("dev-a")
+    p.commit(MemorySource())
+    [held] = p.ledger.committable().values()
+    q = build()
+    q.restored = {"dev-a": [d for d in out(p, "state") if d.get("stream") == "dev-a"][-1]}
+    feed(q, recs[held:])
+    return whole, q
+
+
 @pytest.mark.parametrize("cut", [177, 231])
 def test_a_restart_keeps_the_data_clocks_recalibration_schedule(make: Make, cut: int) -> None:
     """The schedule of the data clock was not saved: the replay after a restart recalibrated at other points
@@ -490,16 +506,7 @@ def test_a_restart_keeps_the_data_clocks_recalibration_schedule(make: Make, cut:
 
     ts, v = sine_stream(6000, (1500, 2500, 3500, 4500, 5500), seed=5)
     recs = records("dev-a", ts, v, chunk=10)
-    whole = build()
-    feed(whole, recs)
-    p = build()
-    feed(p, recs[:cut])
-    p.save("dev-a")
-    p.commit(MemorySource())
-    [held] = p.ledger.committable().values()
-    q = build()
-    q.restored = {"dev-a": [d for d in out(p, "state") if d.get("stream") == "dev-a"][-1]}
-    feed(q, recs[held:])
+    whole, q = uninterrupted_and_restarted(build, recs, cut)
     versions = [[(h["version"], round(h["value"], 6)) for h in x.calibrator.history("dev-a")] for x in (whole, q)]
     assert len(versions[0]) > 5 and versions[0] == versions[1]
 
@@ -519,16 +526,7 @@ def test_a_restart_gives_the_calibrator_the_evidence_of_an_uninterrupted_run(mak
     ts, v = sine_stream(3000, (900, 1500, 1530, 2100), seed=4)
     v[2100:2103, 0] += 6
     recs = records("dev-a", ts, v, chunk=10)
-    whole = build()
-    feed(whole, recs)
-    p = build()
-    feed(p, recs[:cut])
-    p.save("dev-a")
-    p.commit(MemorySource())
-    [held] = p.ledger.committable().values()
-    q = build()
-    q.restored = {"dev-a": [d for d in out(p, "state") if d.get("stream") == "dev-a"][-1]}
-    feed(q, recs[held:])
+    whole, q = uninterrupted_and_restarted(build, recs, cut)
     a, b = whole.calibrator.export("dev-a"), q.calibrator.export("dev-a")
     for ring in ("normal", "recent"):
         np.testing.assert_allclose(_unpack(a[ring]), _unpack(b[ring]), rtol=1e-6, err_msg=ring)
