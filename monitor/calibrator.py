@@ -32,8 +32,9 @@ raise passes the guard's mixture test too. ``recalibrate`` reports refusals with
 Versions and overrides. Every change is a numbered version with its source and reason (``history``,
 ``rollback``). Operators pin a value (calibration leaves it alone, learning goes on), freeze calibration per
 stream or for all (no normal error is learnt meanwhile, but an operator's verdict, and the drift guard's
-recent errors of that time are dropped at the thaw), reset a stream, or ask what another quantile would give (``candidate``). Thread-safe (one lock):
-the daemon recalibrates from a scheduler thread and applies commands on its loop thread.
+recent errors of that time are dropped at the thaw), reset a stream, or ask what another quantile would
+give (``candidate``). Thread-safe (one lock): the daemon recalibrates from a scheduler thread and applies
+commands on its loop thread.
 """
 
 from __future__ import annotations
@@ -243,8 +244,8 @@ class Calibrator:
                 st.normal.extend(kept)
 
     def _frozen(self, st: _Stream) -> bool:
-        """Frozen streams learn nothing: a freeze during a known incident must keep it out of the evidence
-        (it stopped only the threshold's changes, and the incident's windows moved it once unfrozen)."""
+        """Frozen streams learn no normal errors: a freeze during a known incident must keep it out of the
+        evidence (it stopped only the threshold's changes, and the incident's windows moved it once unfrozen)."""
         return st.frozen or self.frozen_all
 
     def unobserve(self, stream: str, errors: Iterable[float]) -> int:

@@ -125,8 +125,8 @@ class KafkaConfig(_Section):
     @field_validator("bootstrap_servers")
     @classmethod
     def _host_ports(cls, value: list[str]) -> list[str]:
-        """What the clients accept — ``[SCHEME://]host[:port]``, IPv6 in brackets — checked here: a port that
-        is not a number crashed ``tsmon run`` (and ctl, replay) with a traceback from deep in kafka-python."""
+        """What the clients accept — ``[SCHEME://]host[:port]``, IPv6 in brackets or bare — checked here: a port
+        that is not a number crashed ``tsmon run`` (and ctl, replay) with a traceback from deep in kafka-python."""
         for server in value:
             if (problem := bootstrap_problem(server)) is not None:
                 raise ValueError(problem)

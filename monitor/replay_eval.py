@@ -248,6 +248,8 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
         ts_played, played, skipped = finite_rows(ts_ms[p.start :], series.values[p.start :])
         if skipped:
             log.warning("rows_skipped_nonfinite", rows=skipped)
+        if len(ts_played) == 0:
+            raise DataError(f"nothing to replay: all {skipped} rows after the warm-up hold NaN or inf")
         bodies = [list(messages(s, ts_played, played, p.chunk)) for s in streams]
         stop, sent, failed = threading.Event(), [0], []
 
