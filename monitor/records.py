@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from itertools import chain
 from typing import Any
 
 import numpy as np
 
 NUMBER = {int, float}
+_EPOCH, _ONE_MS = datetime(1970, 1, 1, tzinfo=UTC), timedelta(milliseconds=1)
 REASONS = ("oversized", "empty", "invalid_json", "not_object", "bad_stream", "bad_timestamp", "bad_shape",
            "wrong_type", "non_finite", "too_many_samples")
 
@@ -67,7 +68,7 @@ def _timestamp_ms(ts: Any) -> int | None:
             dt = datetime.fromisoformat(ts)
             if dt.tzinfo is None:
                 return None  # naive times are ambiguous on a multi-site pipeline
-            ms = int(dt.timestamp() * 1000)
+            ms = (dt - _EPOCH) // _ONE_MS  # exact: timestamp() * 1000 came out 1 ms early for some (2004, 2040)
         except (ValueError, OverflowError, OSError):
             return None
         return ms if 0 <= ms < 10**14 else None
@@ -114,7 +115,9 @@ def parse(value: bytes | None, key: bytes | None = None, limits: Limits = Limits
     try:
         doc = json.loads(value, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, NaN literal, deep nesting
-        reason = "non_finite" if "is not a number" in str(exc) else "invalid_json"
+        # a NaN literal, or an integer of more digits than Python converts (valid JSON, beyond any float)
+        reason = "non_finite" if "is not a number" in str(exc) or "integer string conversion" in str(exc) \
+            else "invalid_json"
         return BadRecord(reason, str(exc)[:200])
     if not isinstance(doc, dict):
         return BadRecord("not_object", f"message is a JSON {type(doc).__name__}, not an object")
@@ -134,6 +137,9 @@ def parse(value: bytes | None, key: bytes | None = None, limits: Limits = Limits
         arr = _matrix(doc["samples"], "samples", limits)
         if isinstance(arr, BadRecord):
             return arr
+        if t0 + (len(arr) - 1) * float(period) >= 1e14:  # the last sample's too: past year 9999 it stopped the loop
+            return BadRecord("bad_timestamp", f"the chunk's last sample is at {t0} + {len(arr) - 1} × {period} ms, "
+                                              f"beyond year 5138")
         ts = t0 + np.round(np.arange(len(arr)) * float(period)).astype("int64")
         if len(ts) > 1 and not (np.diff(ts) > 0).all():
             return BadRecord("bad_timestamp", f"period_ms {period} is below 1 ms resolution")

@@ -66,6 +66,9 @@ def test_chunk_timestamps_follow_the_period() -> None:
     (b'{"ts": 1, "samples": [[1], [2]], "period_ms": 0.1}', b"s", "bad_timestamp"),
     (b'{"ts": 1, "samples": [], "period_ms": 10}', b"s", "bad_shape"),
     (b"[" * 100_000 + b"]" * 100_000, b"s", "invalid_json"),
+    # the chunk's last sample past year 9999: its alert time could not be written and the loop stopped
+    (b'{"ts": 1700000000000, "samples": [1, 2, 3, 4], "period_ms": 90000000000000}', b"s", "bad_timestamp"),
+    (b'{"ts": 1, "value": ' + b"9" * 5000 + b"}", b"s", "non_finite"),  # valid JSON, beyond int conversion
 ])
 def test_bad_messages_have_a_reason(raw: bytes | None, key: bytes | None, reason: str) -> None:
     bad = parse(raw, key)
@@ -128,3 +131,14 @@ def test_holes_in_a_recording_are_dropped_before_encoding_never_sent_as_nan() ->
     assert skipped == 2 and kept_ts.tolist() == [0, 2000, 4000, 5000]
     blocks = [parse(b, b"s") for b, _ in messages("s", kept_ts, kept, chunk=3)]
     assert np.concatenate([b.values for b in blocks]).ravel().tolist() == [1.0, 3.0, 5.0, 6.0]
+
+
+@pytest.mark.parametrize("stamp", ["1978-09-08T07:20:59.715Z", "2004-07-24T21:14:16.001Z", "2047-01-02T03:04:05.006+02:00",
+                                   "2024-01-01T00:00:00.999Z"])
+def test_iso_timestamps_are_exact_to_the_millisecond(stamp: str) -> None:
+    """timestamp() * 1000 truncated some to 1 ms early (0.6-3.4 % of those before 2010 or after 2038): a 1 kHz
+    backfill of 2004 had 240 of 1 000 samples dead-lettered as duplicates."""
+    import pandas as pd
+
+    block = parse(json.dumps({"ts": stamp, "value": 1.0}).encode(), b"s")
+    assert isinstance(block, SampleBlock) and int(block.ts_ms[0]) == pd.Timestamp(stamp).value // 10**6
