@@ -59,6 +59,9 @@ def replay(
     out_of_order: Annotated[str, typer.Option(
         "--out-of-order", help="Rows whose timestamp repeats or goes back: error, drop, or keep (sent as they are: "
                                "the daemon reports them as late or duplicate)")] = "error",
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="Artifact whose channels to send, by column name and in its order (the input format "
+                        "carries no names: the daemon takes values by position).")] = None,
 ) -> None:
     """Stream a recorded series into a topic in tsmon's input format."""
     from kafka import KafkaProducer
@@ -73,7 +76,14 @@ def replay(
     for server in bootstrap_servers.split(","):
         if (problem := bootstrap_problem(server)) is not None:
             raise typer.BadParameter(problem, param_hint="--bootstrap-servers")
+    if model is not None:
+        if value_col:
+            raise ConfigError("give --model (its channels, by name) or --value-col, not both")
+        value_col = [str(c) for c in artifact.read_manifest(model)["channels"]]
     series = read_series(input, value_col, timestamp_col, out_of_order=out_of_order)
+    if model is None and series.values.shape[1] > 1:  # a model trained on other columns would score the wrong ones
+        log.warning("channels_sent_by_position", channels=series.channels,
+                    hint="the daemon takes values by position: pass --model ART (or --value-col in its order)")
     ts = (series.timestamps.astype("datetime64[ms]").astype("int64") if series.timestamps is not None
           else timestamps(len(series.values), period_ms))
     ts, values, skipped = finite_rows(ts, series.values)

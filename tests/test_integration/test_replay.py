@@ -43,3 +43,27 @@ def test_replay_refuses_a_missing_file(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "monitor", "replay", "--input", str(tmp_path / "nope.csv"),
                            "--topic", "t"], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().startswith("DataError:") and "not found" in proc.stderr
+
+
+def test_replay_sends_the_models_channels_in_its_order(broker: Any, topic: str, stream_model: Path,
+                                                      tmp_path: Path) -> None:
+    """The input format has no channel names: a file whose columns came in another order than the model's was
+    sent as it was, and the daemon scored swapped channels (every window over the threshold, no warning)."""
+    ts = pd.date_range("2024-03-01", periods=200, freq="20ms")
+    ch0, ch1 = np.arange(200.0), -np.arange(200.0)
+    path = tmp_path / "swapped.csv"
+    pd.DataFrame({"timestamp": ts, "ch1": ch1, "ch0": ch0, "note": 7.0}).to_csv(path, index=False)
+    proc = subprocess.run([sys.executable, "-m", "monitor", "replay", "--input", str(path), "--topic", topic,
+                           "--bootstrap-servers", broker.bootstrap, "--model", str(stream_model)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    c = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
+                      consumer_timeout_ms=3000)
+    blocks = [parse(m.value, m.key) for m in c]
+    c.close()
+    got = np.concatenate([b.values for b in blocks if isinstance(b, SampleBlock)])
+    np.testing.assert_array_equal(got, np.stack([ch0, ch1], axis=1))  # by name, in the model's order
+    proc = subprocess.run([sys.executable, "-m", "monitor", "replay", "--input", str(path), "--topic", topic,
+                           "--bootstrap-servers", broker.bootstrap, "--value-col", "ch1", "--value-col", "ch0"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0 and "channels_sent_by_position" in proc.stderr
