@@ -154,7 +154,7 @@ class Processor:
                 self._dead_letter(rec, why)
             else:
                 by_stream.setdefault(block.stream, []).append((rec, block))  # type: ignore[union-attr]
-        made = sum(self._append(stream, items) for stream, items in by_stream.items())  # windows made
+        made = sum(self._append_or_dead_letter(stream, items) for stream, items in by_stream.items())  # windows
         good = sum(len(items) for items in by_stream.values())
         if good:  # dead letters make no windows and tell nothing about the next records' size
             ratio = made / good
@@ -177,6 +177,18 @@ class Processor:
                                                      "idle ones are evicted after limits.idle_evict_s")
             self._new_stream(block.stream, served)
         return None
+
+    def _append_or_dead_letter(self, stream: str, items: list[tuple[InRecord, SampleBlock]]) -> float:
+        """:meth:`_append`; a failure we did not foresee costs these records (dead letters ``unprocessable``,
+        logged as an error), never the daemon: an exception here stopped the loop, and at the restart the same
+        records stopped it again."""
+        try:
+            return self._append(stream, items)
+        except Exception as exc:  # noqa: BLE001
+            log.error("append_failed", stream=stream[:64], error=f"{type(exc).__name__}: {exc}"[:300])
+            for rec, _block in items:
+                self._dead_letter(rec, BadRecord("unprocessable", f"{type(exc).__name__}: {exc}"[:200]))
+            return 0.0
 
     def _append(self, stream: str, items: list[tuple[InRecord, SampleBlock]]) -> float:
         """Order-check the blocks, then window, hold and batch them together (vectorised per poll); returns

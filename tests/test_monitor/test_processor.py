@@ -113,6 +113,27 @@ def test_stream_matching_no_model_is_dead_lettered(make: Make, stream_model: Pat
     assert src.committed == {(TOPIC, 0): len(recs)}  # dead letters are acknowledged: nothing is held
 
 
+def test_a_failure_we_did_not_foresee_costs_the_records_not_the_daemon(make: Make) -> None:
+    """An exception while windowing a stream's records (a chunk whose last sample fell past year 9999 was one)
+    left handle() and stopped the loop; at the restart the same records stopped it again."""
+    p = make()
+    feed(p, records("dev-ok", *sine_stream(100, seed=1)) + records("dev-bad", *sine_stream(100, seed=2),
+                                                                     partition=1))
+    bad = p.streams["dev-bad"]
+
+    def broken(*_: Any) -> Any:
+        raise RuntimeError("unforeseen")
+
+    bad.quality.timing = broken  # type: ignore[method-assign]
+    later = records("dev-bad", *sine_stream(100, seed=2, start_ms=1_800_000_000_000), partition=1, first_offset=50)
+    p.handle(later[:3] + records("dev-ok", *sine_stream(100, seed=1, start_ms=1_800_000_000_000), first_offset=50))
+    dead = [dict(m.headers) for m in sink(p).sent if m.topic == DLQ]
+    assert [(h["tsmon.reason"], h["tsmon.source.offset"]) for h in dead] == [
+        (b"unprocessable", str(r.offset).encode()) for r in later[:3]]
+    assert b"RuntimeError: unforeseen" in dead[0]["tsmon.detail"]
+    assert p.streams["dev-ok"].windows.seen == 200  # the other stream went on
+
+
 @pytest.mark.parametrize("body, reason", [
     (b'{"stream": "dev-o", "ts": 1, "values": [' + b"1.0, " * 300_000 + b'1.0]}', "oversized"),
     (b'{"stream": "dev-o", "ts": 1, "values": [' + b"1.0, " * 200_000 + b"1.0", "invalid_json"),
