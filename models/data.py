@@ -186,6 +186,9 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
                       else pd.to_datetime(col, format="mixed", utc=True)).to_numpy("datetime64[ns]")
         except (ValueError, TypeError) as exc:
             raise DataError(f"{p}: timestamp column {ts!r} is not epoch-ms or ISO-8601: {exc}") from None
+        if np.isnat(stamps).any():  # NaT compares false with everything: --out-of-order drop lost every later row
+            i = int(np.flatnonzero(np.isnat(stamps))[0])
+            raise DataError(f"{p}: row {i} has no timestamp (column {ts!r} is empty there)")
         back = np.flatnonzero(np.diff(stamps.astype("int64")) <= 0)
         if len(back) and out_of_order == "error":
             i = int(back[0]) + 1
