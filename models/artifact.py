@@ -150,6 +150,10 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
         if not isinstance(quantiles, dict):
             raise TypeError(f"validation_error_quantiles must be an object, got {quantiles!r}"[:200])
         quantiles = {str(q): float(v) for q, v in quantiles.items()}
+        if not all(math.isfinite(v) and v >= 0 for v in quantiles.values()):  # errors are finite and >= 0
+            raise ValueError(f"validation_error_quantiles must be finite errors >= 0, got {quantiles}"[:200])
+        if not isinstance(m.get("training", {}), dict):  # eval and inspect read its data summary
+            raise TypeError(f"training must be an object, got {m['training']!r}"[:200])
         names = m["channels"]
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
             raise TypeError(f"channels must be a list of names, got {names!r}")

@@ -115,20 +115,6 @@ def _pick(columns: list[str], wanted: str | None, names: tuple[str, ...], what: 
     return next((c for c in columns if c.lower() in names), None)
 
 
-def file_columns(path: str | Path) -> list[str] | None:
-    """Column names of a CSV or Parquet file, read from its header only; None when it cannot be read
-    (:func:`read_series` then says why)."""
-    p = Path(path)
-    try:
-        if p.suffix in (".parquet", ".pq"):
-            import pyarrow.parquet as pq
-
-            return [str(c) for c in pq.read_schema(p).names]
-        return [str(c) for c in pd.read_csv(p, nrows=0, compression="infer" if p.suffix != ".gz" else "gzip").columns]
-    except (OSError, ValueError, ImportError, pd.errors.ParserError):
-        return None
-
-
 def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp_col: str | None = None,
                 label_col: str | None = None, windows: str | Path | None = None,
                 out_of_order: str = "error") -> Series:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.data import Dataset, file_columns, load_ecg5000, read_series, series_dataset
+from models.data import Dataset, load_ecg5000, read_series, series_dataset
 from models.detector import DEFAULT_QUANTILE, Detector, Threshold, check_downsample, error_quantiles, pool
 from models.errors import DataError
 from models.evaluate import event_metrics, report
@@ -86,12 +86,11 @@ def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None,
         return DataSpec("ecg5000", proto, int(trained.get("seed", 42)))
     if protocol is not None:  # it was ignored
         raise DataError("--protocol applies to ecg5000 only; a series is split as the model was trained")
-    # the model's channels by name, in its order, where the file has them all (by position, a file with its
-    # columns in another order was evaluated on swapped channels); else by position, as before
+    # the model's channels by name, in its order (by position, a file with its columns in another order was
+    # evaluated on swapped channels, and one with other names was evaluated at all); a missing one is an error
     names = tuple(manifest["channels"])
-    by_name = bool(trained.get("value_cols")) or set(names) <= set(file_columns(source) or ())
     return DataSpec(source, window=int(manifest["window"]), hop=int(manifest["hop"]),
-                    value_cols=names if by_name else (),
+                    value_cols=names,
                     timestamp_col=trained.get("timestamp_col"), label_col=trained.get("label_col"),
                     train_fraction=float(trained.get("train_fraction", 0.5)),
                     windows=windows or (trained.get("windows") if source == trained.get("source") else None),

@@ -69,6 +69,8 @@ def _copy(path: Path, tmp_path: Path) -> Path:
     (lambda p: _edit(p, threshold={"quantile": 0.95, "margin": 1.0, "value": -1.0}), "finite value > 0"),
     (lambda p: _edit(p, channels=2), "list of names"),
     (lambda p: _edit(p, validation_error_quantiles=[1, 2]), "must be an object"),
+    (lambda p: _edit(p, validation_error_quantiles={"0.5": float("nan")}), "finite errors >= 0"),
+    (lambda p: _edit(p, training="x"), "training must be an object"),  # loaded; eval then raised a traceback
     (lambda p: _edit(p, weights={"file": "weights.safetensors"}), "no sha256"),
     (lambda p: _nan_weights(p), "hold NaN or inf"),
 ])

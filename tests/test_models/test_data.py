@@ -134,14 +134,18 @@ def test_no_normal_training_windows_is_explained(tmp_path: Path) -> None:
         series_dataset(read_series(tmp_path / "all.csv"), window=40, hop=10)
 
 
-def test_eval_takes_a_files_columns_by_the_models_names_when_it_has_them(tmp_path: Path) -> None:
+def test_eval_takes_a_files_columns_by_the_models_names_and_a_missing_one_is_an_error(tmp_path: Path) -> None:
+    """A file without the model's names was evaluated by position (a warning, then full metrics on whatever
+    columns came first), where README and `tsmon score` say a missing name is an error."""
+    from models.workflow import load_dataset
+
     manifest = {"window": 8, "hop": 2, "channels": ["temp", "rpm"], "training": {"data": {"value_cols": []}}}
     named, other = tmp_path / "named.csv", tmp_path / "other.csv"
     named.write_text("timestamp,rpm,extra,temp\n1,2,3,4\n")
-    other.write_text("0.5,0.7\n1,2\n")  # no header: a model trained on such a file was named after its first row
+    other.write_text("timestamp,x,y\n1,2,3\n")
     assert spec_for_eval(manifest, str(named), None).value_cols == ("temp", "rpm")
-    assert spec_for_eval(manifest, str(other), None).value_cols == ()  # by position, as before
-    assert spec_for_eval(manifest, str(tmp_path / "missing.csv"), None).value_cols == ()  # read_series says why
+    with pytest.raises(DataError, match="'temp' not found"):
+        load_dataset(spec_for_eval(manifest, str(other), None))
 
 
 def test_a_model_that_reconstructs_its_validation_windows_exactly_is_refused(tmp_path: Path) -> None:
