@@ -228,6 +228,8 @@ def inspect(
     value_col: ValueCols = None,
     timestamp_col: TsCol = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    hop: Annotated[int, typer.Option(help="Series: hop between windows, as given to score (0 → the model's).")] = 0,
+    out_of_order: OutOfOrder = "error",
     alert: AlertOpt = None,
     config: Annotated[Path | None, typer.Option("--config", help="--alert ID: daemon config naming the broker "
                                                                   "and alerts topic.")] = None,
@@ -255,7 +257,8 @@ def inspect(
         wins, title = ds.test, "ECG5000 test beat"
         label = lambda i: "abnormal" if ds.test_labels[i] else "normal"
     else:
-        det, _, all_wins, _, ok = _series_windows(model, Path(data), value_col, timestamp_col, 0, device)
+        det, _, all_wins, _, ok = _series_windows(model, Path(data), value_col, timestamp_col, hop, device,
+                                                  out_of_order)  # numbered as score numbers them
         wins, title, label = all_wins, f"{Path(data).name} window", lambda i: ""
         if 0 <= index < len(ok) and not ok[index]:
             raise DataError(f"window {index} contains NaN or inf; it cannot be scored")

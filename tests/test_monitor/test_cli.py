@@ -80,6 +80,14 @@ def test_inspect_writes_a_png(dense_artifact: Path, series_csv: Path, tmp_path: 
     code, _, _ = run(capsys, "inspect", "--model", str(dense_artifact), "--data", str(series_csv), "--index", "262",
                      "--out", str(png))
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the windows score numbered with --hop / --out-of-order drop: inspect had neither option
+    last = (4000 - 40) // 5  # at hop 5 there are twice as many windows as at the model's 10
+    code, _, err = run(capsys, "inspect", "--model", str(dense_artifact), "--data", str(series_csv), "--index",
+                       str(last), "--hop", "5", "--out-of-order", "drop", "--out", str(png))
+    assert code == 0, err
+    code, _, err = run(capsys, "inspect", "--model", str(dense_artifact), "--data", str(series_csv), "--index",
+                       str(last), "--out", str(png))
+    assert code == 1 and "out of range" in err
 
 
 def test_bench_scorer_json(capsys: pytest.CaptureFixture[str]) -> None:
