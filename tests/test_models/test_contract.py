@@ -120,3 +120,15 @@ def test_batched_cpu_lstm_path_equals_nn_lstm(channels: int) -> None:
         ref = model.errors(x)  # autograd on → nn.LSTM path
     torch.testing.assert_close(fast.timestep, ref.timestep.detach(), atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(fast.channel, ref.channel.detach(), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv", "vae"])
+def test_flops_per_window_match_torchs_own_count(kind: str) -> None:
+    """bench scorer's model_gflops and efficiency rest on these counts: conv counted its transposed convolutions
+    at their output length, 1.5 × torch's count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build(kind, {"window": 140, "channels": 2}).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 140, 2))
+    assert model.flops_per_window() == counter.get_total_flops()
