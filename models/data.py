@@ -268,7 +268,7 @@ def windows_for(values: np.ndarray, window: int, hop: int,
 def series_dataset(series: Series, window: int, hop: int, train_fraction: float = 0.5,
                    val_fraction: float = 0.2, beat: dict[str, Any] | None = None) -> Dataset:
     """Chronological split: normal windows in the first ``train_fraction`` of samples train (their last
-    ``val_fraction`` validate); windows ending after it are test. The summary names the split sample and
+    ``val_fraction`` validate); windows starting after it are test. The summary names the split sample and
     the first sample of the first validation window (``val_start_sample``).
 
     ``beat`` (``pre``, ``refractory``, ``baseline`` in samples): one window per R peak instead of every
@@ -303,7 +303,9 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
                         f"samples (window {window}, hop {hop}: {in_part} windows, {int((~ok & (ends < split)).sum())} "
                         f"with NaN/inf, {int((win_label[ends < split] > 0).sum())} labelled); need at least 2")
     n_val = max(1, int(round(len(fit_idx) * val_fraction)))
-    test_idx = np.flatnonzero(ok & (ends >= split))
+    # test windows lie wholly after the split: one reaching back shared samples with the windows the model
+    # was fitted, stopped and thresholded on, and an anomaly before the split counted as a test detection
+    test_idx = np.flatnonzero(ok & (ends - wins.shape[1] + 1 >= split))
     val_start = int(ends[fit_idx[len(fit_idx) - n_val]]) - wins.shape[1] + 1  # first sample of the first one
     summary = {"source": series.path, "sha256": series.sha256, "samples": len(series.values),
                "split_sample": split, "val_start_sample": val_start, "train_fraction": train_fraction,

@@ -39,13 +39,16 @@ class DataSpec:
     beat_pre: int = 0  # beats: samples before the peak; 0 → 60 % of the window
     beat_refractory: int = 0  # beats: a peak is the largest of ± this; 0 → window / 5
     beat_baseline: int = 0  # beats: half-width of the baseline mean; 0 → window × 3 / 20
+    rule: dict[str, Any] | None = None  # beats: a trained model's fitted rule (its level), used as it is
 
-    def beat(self) -> dict[str, int] | None:
+    def beat(self) -> dict[str, Any] | None:
         """The beat-window settings for :func:`models.data.series_dataset`, or None for sliding windows."""
         if self.align == "sliding":
             return None
         if self.align != "beats":
             raise DataError(f"unknown alignment {self.align!r}: use sliding or beats")
+        if self.rule is not None:  # evaluating a model: the windows score and the daemon cut, not a refit
+            return dict(self.rule)
         w = self.window
         return {"pre": self.beat_pre or int(0.6 * w), "refractory": self.beat_refractory or max(1, w // 5),
                 "baseline": self.beat_baseline or max(1, w * 3 // 20)}
@@ -96,7 +99,10 @@ def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None,
                     windows=windows or (trained.get("windows") if source == trained.get("source") else None),
                     out_of_order=trained.get("out_of_order", "error"), align=trained.get("align", "sliding"),
                     beat_pre=int(trained.get("beat_pre", 0)), beat_refractory=int(trained.get("beat_refractory", 0)),
-                    beat_baseline=int(trained.get("beat_baseline", 0)))
+                    beat_baseline=int(trained.get("beat_baseline", 0)),
+                    # refitted on another recording, the peak level found beats where score and the daemon,
+                    # which keep the model's, find none: eval reported metrics on windows nothing else cuts
+                    rule=manifest.get("windowing") if trained.get("align") == "beats" else None)
 
 
 def train_detector(data: Dataset, kind: str, params: dict[str, Any], cfg: TrainConfig,

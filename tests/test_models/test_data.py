@@ -155,3 +155,17 @@ def test_a_model_that_reconstructs_its_validation_windows_exactly_is_refused(tmp
     ds = series_dataset(read_series(path), window=16, hop=4)
     with pytest.raises(DataError, match="reconstructs the validation windows exactly"):
         train_detector(ds, "pca", {}, TrainConfig(device="cpu"))
+
+
+def test_test_windows_lie_wholly_after_the_split(tmp_path: Path) -> None:
+    """Windows ending after the split were test, reaching back into the samples the model was fitted,
+    stopped and thresholded on: an anomaly wholly before the split counted as a test detection."""
+    from models.data import Series
+
+    values = np.sin(np.arange(3000) / 5.0)[:, None].astype("float32")
+    labels = np.zeros(3000, "int8")
+    labels[1975:1986] = 1  # before the split at 2000
+    ds = series_dataset(Series(values, ["v"], labels=labels), window=40, hop=10, train_fraction=2 / 3)
+    assert ds.summary["split_sample"] == 2000
+    starts = ds.test_ends - 40 + 1
+    assert starts.min() >= 2000 and ds.test_labels is not None and ds.test_labels.sum() == 0

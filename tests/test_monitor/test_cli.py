@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -287,3 +288,26 @@ def test_score_drops_rows_out_of_order_when_asked(dense_artifact: Path, series_c
     code, _, _ = run(capsys, "score", "--model", str(dense_artifact), "--input", str(repeated), "--output", str(out),
                      "--out-of-order", "drop")
     assert code == 0 and len(pd.read_csv(out)) == (4000 - 40) // 10 + 1
+
+
+def test_a_beat_model_is_evaluated_on_the_windows_score_cuts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """eval refitted the beat detector on another recording (here at 0.4 × the gain) and reported metrics on
+    windows that score and the daemon, which keep the model's peak level, never cut; score blamed NaN/inf."""
+    from tests.test_monitor.test_beats import ecg_like
+
+    x, _ = ecg_like(6000, premature=(4725,))
+    label = np.zeros(len(x), "int8")
+    label[4700:4760] = 1
+    for name, gain in (("ecg.csv", 1.0), ("low.csv", 0.4)):
+        pd.DataFrame({"a": x[:, 0] * gain, "b": x[:, 1] * gain, "label": label}).to_csv(tmp_path / name, index=False)
+    art = tmp_path / "beats"
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "ecg.csv"), "--model", "pca", "--align", "beats",
+                       "--window", "80", "--beat-pre", "48", "--train-fraction", "0.6", "--out", str(art))
+    assert code == 0, err
+    code, out, err = run(capsys, "eval", "--model", str(art), "--data", str(tmp_path / "ecg.csv"), "--json")
+    assert code == 0 and json.loads(out)["roc_auc"] is not None  # its own recording: the same rule either way
+    code, _, err = run(capsys, "eval", "--model", str(art), "--data", str(tmp_path / "low.csv"), "--json")
+    assert code == 1 and "at the model's peak level" in err
+    code, _, err = run(capsys, "score", "--model", str(art), "--input", str(tmp_path / "low.csv"),
+                       "--output", str(tmp_path / "s.csv"))
+    assert code == 1 and "no R peak at the model's level" in err and "NaN" not in err
