@@ -14,6 +14,19 @@ from kafka import KafkaConsumer
 from monitor.records import SampleBlock, parse
 
 
+def replayed(broker: Any, topic: str, path: Path, *args: str) -> list[Any]:
+    """``tsmon replay`` of ``path`` into ``topic``, and what the topic then holds, parsed."""
+    proc = subprocess.run([sys.executable, "-m", "monitor", "replay", "--input", str(path), "--topic", topic,
+                           "--bootstrap-servers", broker.bootstrap, *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    c = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
+                      consumer_timeout_ms=3000)
+    blocks = [parse(m.value, m.key) for m in c]
+    c.close()
+    return blocks
+
+
 def test_replay_round_trips_a_csv(broker: Any, topic: str, tmp_path: Path) -> None:
     n = 1000
     ts = pd.date_range("2024-03-01", periods=n, freq="20ms")
@@ -22,14 +35,7 @@ def test_replay_round_trips_a_csv(broker: Any, topic: str, tmp_path: Path) -> No
     values = np.delete(values, [550, 551, 552], axis=0)
     path = tmp_path / "press.csv"
     pd.DataFrame({"timestamp": ts, "a": values[:, 0], "b": values[:, 1]}).to_csv(path, index=False)
-    proc = subprocess.run([sys.executable, "-m", "monitor", "replay", "--input", str(path), "--topic", topic,
-                           "--bootstrap-servers", broker.bootstrap, "--stream", "press-7", "--chunk", "100"],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
-    c = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
-                      consumer_timeout_ms=3000)
-    blocks = [parse(m.value, m.key) for m in c]
-    c.close()
+    blocks = replayed(broker, topic, path, "--stream", "press-7", "--chunk", "100")
     assert all(isinstance(b, SampleBlock) and b.stream == "press-7" for b in blocks)
     blocks.sort(key=lambda b: int(b.ts_ms[0]))  # one key → one partition → already in order; be explicit
     got_ts = np.concatenate([b.ts_ms for b in blocks])
@@ -53,14 +59,7 @@ def test_replay_sends_the_models_channels_in_its_order(broker: Any, topic: str, 
     ch0, ch1 = np.arange(200.0), -np.arange(200.0)
     path = tmp_path / "swapped.csv"
     pd.DataFrame({"timestamp": ts, "ch1": ch1, "ch0": ch0, "note": 7.0}).to_csv(path, index=False)
-    proc = subprocess.run([sys.executable, "-m", "monitor", "replay", "--input", str(path), "--topic", topic,
-                           "--bootstrap-servers", broker.bootstrap, "--model", str(stream_model)],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
-    c = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
-                      consumer_timeout_ms=3000)
-    blocks = [parse(m.value, m.key) for m in c]
-    c.close()
+    blocks = replayed(broker, topic, path, "--model", str(stream_model))
     got = np.concatenate([b.values for b in blocks if isinstance(b, SampleBlock)])
     np.testing.assert_array_equal(got, np.stack([ch0, ch1], axis=1))  # by name, in the model's order
     proc = subprocess.run([sys.executable, "-m", "monitor", "replay", "--input", str(path), "--topic", topic,
