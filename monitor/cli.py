@@ -42,14 +42,16 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
-    log_format: Annotated[str | None, typer.Option(help="json or console (default: console on a terminal).")] = None,
+    log_level: Annotated[str | None, typer.Option(
+        help="DEBUG, INFO, WARNING or ERROR (default: INFO; tsmon run: [daemon] log_level).")] = None,
+    log_format: Annotated[str | None, typer.Option(
+        help="json or console (default: console on a terminal; tsmon run: [daemon] log_format).")] = None,
 ) -> None:
     if log_format not in (None, "json", "console"):
         raise typer.BadParameter("use json or console", param_hint="--log-format")
-    if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+    if log_level is not None and log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise typer.BadParameter("use DEBUG, INFO, WARNING or ERROR", param_hint="--log-level")
-    logs.configure(log_level, log_format)
+    logs.configure_from_flags(log_level, log_format)
 
 
 model_cmds.register(app)

@@ -8,6 +8,21 @@ import sys
 
 import structlog
 
+_FLAGS: dict[str, str | None] = {"level": None, "fmt": None}  # given on the command line: they win over config
+
+
+def configure_from_flags(level: str | None, fmt: str | None) -> None:
+    """The root ``--log-level`` / ``--log-format`` (None: not given), remembered for :func:`configure_daemon`."""
+    _FLAGS.update(level=level, fmt=fmt)
+    configure(level, fmt)
+
+
+def configure_daemon(level: str | None, fmt: str | None) -> None:
+    """``tsmon run``'s ``[daemon] log_level`` / ``log_format`` (file or ``TSMON_DAEMON__*``), unless the flags
+    were given: they were read only from the flags, so the images' ``TSMON_DAEMON__LOG_FORMAT=json`` did
+    nothing and no configuration could change the level."""
+    configure(_FLAGS["level"] or level, _FLAGS["fmt"] or fmt)
+
 
 def configure(level: str | None = None, fmt: str | None = None) -> None:
     """Configure structlog once for the process; ``fmt`` is ``json``, ``console`` or None (auto)."""

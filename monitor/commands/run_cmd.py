@@ -40,6 +40,7 @@ def run(
         "models": [{"pattern": "*", "path": str(model)}] if model else None,
     }
     cfg = load_config(config, overrides)
+    logs.configure_daemon(cfg.daemon.log_level, cfg.daemon.log_format)
     cfg.require_models()
     daemon = Daemon(cfg)
     daemon.install_signal_handlers()

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -311,3 +312,34 @@ def test_a_beat_model_is_evaluated_on_the_windows_score_cuts(tmp_path: Path, cap
     code, _, err = run(capsys, "score", "--model", str(art), "--input", str(tmp_path / "low.csv"),
                        "--output", str(tmp_path / "s.csv"))
     assert code == 1 and "no R peak at the model's level" in err and "NaN" not in err
+
+
+def test_tsmon_run_logs_at_the_configured_level_and_format(stream_model: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """[daemon] log_level / log_format and their TSMON_DAEMON__* variables did nothing (only the root flags were
+    read), so the images' TSMON_DAEMON__LOG_FORMAT=json had no effect and no configuration changed the level."""
+    from monitor import daemon, logs
+
+    class Started:  # the daemon's first lines, without a broker
+        def __init__(self, cfg: Any) -> None:
+            logs.get("tsmon.test").info("models_warmed")
+            logs.get("tsmon.test").error("broker_gone")
+
+        def install_signal_handlers(self) -> None:
+            pass
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(daemon, "Daemon", Started)
+    monkeypatch.setenv("TSMON_DAEMON__LOG_LEVEL", "ERROR")
+    monkeypatch.setenv("TSMON_DAEMON__LOG_FORMAT", "json")
+    args = ["run", "--model", str(stream_model)]
+    with pytest.raises(SystemExit):
+        main(args)
+    err = capsys.readouterr().err
+    assert "models_warmed" not in err and '"event": "broker_gone"' in err
+    with pytest.raises(SystemExit):
+        main(["--log-level", "INFO", "--log-format", "console", *args])  # the root flags win
+    err = capsys.readouterr().err
+    assert "models_warmed" in err and '"event"' not in err
