@@ -17,6 +17,7 @@ uses the real broker.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -127,6 +128,7 @@ class KafkaSource:
 
         self._in_callback = False
         self._last_records = -float("inf")  # monotonic time the last poll returned records
+        self._session_s = consumer_kwargs.get("session_timeout_ms", 10_000) / 1000
 
         try:
             self._consumer = KafkaConsumer(**consumer_kwargs)
@@ -196,9 +198,16 @@ class KafkaSource:
 
     def broker_problem(self) -> str | None:
         """Why the broker cannot be used now: the consumer holds no open connection to any broker (its own
-        ``connection-count`` metric; kafka-python reconnects by itself with exponential backoff)."""
-        if not self._consumer.metrics().get("consumer-metrics", {}).get("connection-count", 1):
+        ``connection-count`` metric; kafka-python reconnects by itself with exponential backoff), or, holding
+        partitions, has sent the group no heartbeat for a session timeout: the broker is there but does not
+        answer (a frozen host, a black-holed network). That one kept its connections open, so /readyz stayed
+        200 and ``tsmon_broker_up`` 1 while the input had stopped (measured: a SIGSTOPped broker for 45 s)."""
+        metrics = self._consumer.metrics()
+        if not metrics.get("consumer-metrics", {}).get("connection-count", 1):
             return "no connection to any broker"
+        silent = metrics.get("consumer-coordinator-metrics", {}).get("last-heartbeat-seconds-ago", 0.0)
+        if math.isfinite(silent) and silent > self._session_s and self._consumer.assignment():
+            return f"broker not answering: no group heartbeat for {silent:.0f} s (session timeout {self._session_s:g} s)"
         return None
 
     def assignment(self) -> set[TP]:

@@ -82,3 +82,30 @@ def test_lags_never_wait_for_a_position() -> None:
     src._consumer = SimpleNamespace(assignment=lambda: {p0, p1, p2}, position=position,
                                     highwater=lambda tp: {p0: 100, p1: 7}.get(tp))
     assert src.lags() == {("in", 0): 60} and asked and all(t == 0 for t in asked)
+
+
+def test_a_broker_that_stops_answering_is_a_problem_though_its_connections_stay_open() -> None:
+    """A SIGSTOPped broker kept the consumer's connections open: /readyz stayed 200 and tsmon_broker_up 1 for
+    the 45 s it was frozen, while the input had stopped. Its group heartbeats stop meanwhile (measured:
+    last-heartbeat-seconds-ago 0.6 → 27.6 s, back to 0.9 s a second after SIGCONT)."""
+
+    class Consumer:
+        def __init__(self) -> None:
+            self.heartbeat, self.held = 0.6, {("t", 0)}
+
+        def metrics(self) -> dict[str, Any]:
+            return {"consumer-metrics": {"connection-count": 2.0},
+                    "consumer-coordinator-metrics": {"last-heartbeat-seconds-ago": self.heartbeat}}
+
+        def assignment(self) -> set[Any]:
+            return self.held
+
+    source = KafkaSource.__new__(KafkaSource)
+    source._consumer, source._session_s = Consumer(), 6.0
+    assert source.broker_problem() is None
+    source._consumer.heartbeat = 7.2
+    assert source.broker_problem() == "broker not answering: no group heartbeat for 7 s (session timeout 6 s)"
+    source._consumer.held = set()  # between a revoke and its assignment heartbeats pause: not a broker problem
+    assert source.broker_problem() is None
+    source._consumer.heartbeat, source._consumer.held = float("inf"), {("t", 0)}  # none sent yet
+    assert source.broker_problem() is None
