@@ -32,8 +32,9 @@ from monitor.records import Limits
 
 ENV_PREFIX = "TSMON_"
 _Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
-_HOST_PORT = re.compile(r"(?:[A-Za-z][A-Za-z0-9_]*://)?(?:\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+)(?::(\d{1,5}))?"
-                        r"|(?:[A-Za-z][A-Za-z0-9_]*://)?[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.%]*")  # bare IPv6, no port
+_HOST_PORT = re.compile(r"(?:[A-Za-z][A-Za-z0-9_]*://)?"  # SECURITY_PROTOCOL:// as the Java client takes it
+                        r"(?:(?:\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+)(?::(\d{1,5}))?"  # host or [IPv6], port
+                        r"|[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.%]*)")  # bare IPv6: no port
 _SASL_USER_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 

@@ -110,8 +110,8 @@ def _collect(audit: Any, command_id: str, timeout_s: float, settle_s: float,
             acks = merge_acks(parts)
         if first is None or time.monotonic() - first < settle_s or any(a.get("parts_missing") for a in acks):
             continue
-        if not unanswered(acks, partitions()):  # all answered for, or not known
-            break
+        if not (left := unanswered(acks, partitions())):  # all answered for, or not known
+            return Answers(acks, left)
     return Answers(acks, unanswered(acks, partitions()))
 
 
@@ -139,7 +139,7 @@ def unanswered(acks: list[dict[str, Any]], partitions: dict[str, set[int]] | Non
 
 
 def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: float,
-            unanswered: list[str] | None = None) -> None:
+            missing: list[str] | None = None) -> None:
     """Raise :class:`CommandFailed` unless some daemon applied the command to something, none refused it
     (each instance of a group owns other streams: one that rejected it — a skewed clock, another key — left
     its streams as they were) and every input partition was answered for."""
@@ -154,10 +154,10 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
     if cut:
         raise CommandFailed(f"{command}: the acknowledgement of {cut[0]['instance']} came in part "
                             f"({cut[0]['parts_missing']} part(s) missing): read {cut[0]['command_id']} on the audit topic")
-    if unanswered:
-        more = f" and {len(unanswered) - 5} more" if len(unanswered) > 5 else ""
+    if missing:  # input partitions no ack answered for (:func:`unanswered`)
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CommandFailed(f"{command} applied only in part: no daemon answered for input partition(s) "
-                            f"{', '.join(unanswered[:5])}{more} within {timeout_s:g} s (the instance holding them "
+                            f"{', '.join(missing[:5])}{more} within {timeout_s:g} s (the instance holding them "
                             f"is slow, restoring or gone, or the group is rebalancing): their streams may be "
                             f"unchanged; check `tsmon status` and send the command again")
     refused = [a for a in acks if a["status"] not in ("applied", "duplicate")]

@@ -191,10 +191,10 @@ def score(
     """Score every window of a series; rows are aligned to each window's last sample."""
     det, series, wins, ends, ok = _series_windows(model, input, value_col, timestamp_col, hop, device, out_of_order)
     if len(ok) == 0:  # it said "every window contains NaN or inf" for a file with none
-        beat = det.windowing.get("kind") != "sliding"
-        raise DataError(f"{input}: no window to score" + (f" (no R peak at the model's level "
-                        f"{det.windowing.get('level', 0):.4g}: another recording, other units or another lead?)"
-                        if beat else f" (fewer than {det.window} samples)"))
+        why = (f"fewer than {det.window} samples" if det.windowing.get("kind") == "sliding" else
+               f"no R peak at the model's level {det.windowing.get('level', 0):.4g}: another recording, other "
+               f"units or another lead?")
+        raise DataError(f"{input}: no window to score ({why})")
     if not ok.any():
         raise DataError(f"{input}: every window contains NaN or inf; nothing to score")
     s = det.score(np.ascontiguousarray(wins[ok]))
