@@ -76,6 +76,13 @@ class Metrics:
                                                             self.commits, self.alert_severity, self.calibrations,
                                                             self.commands, self.snapshots, self.evicted, self.retries,
                                                             self.undeliverable)}
+        # Series of a closed label set exist from the start at 0: a rule such as "no record taken in 5 m" (rate of an
+        # absent series is no result, not 0) must fire for an instance stuck since it started, and increase() must
+        # count an outcome's first occurrence.
+        for outcome in ("ok", "dead_letter"):
+            self.records.labels(outcome)
+        for outcome in ("changed", "new_normal", "refused", "commanded"):
+            self.calibrations.labels(outcome)
         self._max_stream_labels = max_stream_labels
         self._labelled: dict[str, str] = {}  # stream → the source its one threshold series carries
         self._over_cap: set[str] = set()

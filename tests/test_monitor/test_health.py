@@ -182,6 +182,17 @@ def test_forget_frees_the_slot(metrics: Metrics) -> None:
     assert threshold_series(metrics) == set()
 
 
+def test_outcome_series_exist_before_the_first_record() -> None:
+    """TsmonNotConsuming is ``rate(tsmon_records_total[5m]) == 0``: without a series at 0 it has no result (and
+    cannot fire) for an instance that has taken no record since it started."""
+    from prometheus_client import generate_latest
+
+    text = generate_latest(Metrics().registry).decode()
+    for outcome in ("ok", "dead_letter"):
+        assert f'tsmon_records_total{{outcome="{outcome}"}} 0.0' in text
+    assert 'tsmon_calibrations_total{outcome="refused"} 0.0' in text
+
+
 def test_new_counters_sum_in_total(metrics: Metrics) -> None:
     metrics.commands.labels("pin", "ok").inc()
     metrics.commands.labels("silence", "refused").inc(2)
