@@ -143,7 +143,11 @@ def test_systemd_unit() -> None:
     assert Path(exec_start[0]).name == "tsmon"
     _accepts(exec_start[1:])
     assert int(unit["Service"]["TimeoutStopSec"]) > Config().daemon.shutdown_timeout_s
-    assert unit["Service"]["User"] != "root" and "StartLimitBurst" in unit["Unit"]
+    # a start while Kafka is away exits (clients cannot bootstrap): the unit must keep restarting it, not hit a
+    # start limit and stay failed once the outage outlasts it
+    assert unit["Service"]["User"] != "root" and unit["Service"]["Restart"] in ("on-failure", "always")
+    assert unit["Unit"].get("StartLimitIntervalSec") == "0" and "StartLimitBurst" not in unit["Unit"]
+    assert "useradd --system" in (DEPLOY / "systemd" / "tsmon.service").read_text()  # User= must exist
     env = dict(e.split("=", 1) for e in shlex.split(unit["Service"]["Environment"]))
     load_config(None, env=env)
 
