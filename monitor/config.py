@@ -118,6 +118,9 @@ class KafkaConfig(_Section):
     ssl_check_hostname: bool = Field(True, description="verify that broker certificates match the host")
     producer_acks: Literal["all", "1", "0"] = Field("all", description="broker acks an alert needs")
     enable_idempotence: bool = Field(False, description="idempotent producer; needs producer_acks all")
+    replication_factor: int = Field(-1, ge=-1, le=32767, description="replicas of the control, audit and state "
+                                    "topics when tsmon creates them (they are left alone if they exist); -1: the "
+                                    "brokers' default.replication.factor (Kafka >= 2.4)")
 
     _lists = field_validator("bootstrap_servers", "topics", mode="before")(_split)
     _optional = field_validator("topic_pattern", "sasl_mechanism", "ssl_cafile", "ssl_certfile", "ssl_keyfile",
@@ -153,6 +156,8 @@ class KafkaConfig(_Section):
     def _rules(self) -> Iterator[str]:
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             yield f"heartbeat_interval_ms: must be less than session_timeout_ms ({self.session_timeout_ms})"
+        if self.replication_factor == 0:
+            yield "replication_factor: 0 replicas is no topic; give -1 (the brokers' default) or >= 1"
         if self.enable_idempotence and self.producer_acks != "all":
             yield 'enable_idempotence: an idempotent producer needs producer_acks = "all"'
         if not self.topics and self.topic_pattern is None:
@@ -602,6 +607,7 @@ security_protocol = "PLAINTEXT"          # PLAINTEXT, SSL, SASL_PLAINTEXT or SAS
 ssl_check_hostname = true
 producer_acks = "all"                    # "all", 1 or 0 broker acknowledgements per alert
 enable_idempotence = false               # true needs producer_acks = "all"
+replication_factor = -1                  # control/audit/state topics tsmon creates; -1: the brokers' default
 
 # Routes from stream ids to model artifacts; the first route whose pattern matches wins.
 [[models]]

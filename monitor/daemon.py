@@ -218,7 +218,8 @@ class Daemon:
         k, c, st = self.cfg.kafka, self.cfg.control, self.cfg.state
         topics = {c.topic: 1, c.audit_topic: 1, **({st.topic: 1} if st.enabled else {})}
         client = k.client_kwargs()
-        ensure_topics(client.pop("bootstrap_servers"), topics, {st.topic: {"cleanup.policy": "compact"}}, **client)
+        ensure_topics(client.pop("bootstrap_servers"), topics, {st.topic: {"cleanup.policy": "compact"}},
+                      replication_factor=k.replication_factor, **client)
 
     def restore(self) -> None:
         """Ask for the changelog to be read: the loop opens it and reads it in steps (:meth:`_restore_step`) while

@@ -11,11 +11,11 @@ from models.errors import BrokerError
 
 
 def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: dict[str, dict[str, str]] | None = None,
-                  **client: Any) -> None:
+                  replication_factor: int = -1, **client: Any) -> None:
     """Create the topics that do not exist yet, with the given partition counts and topic configs.
 
-    ``client``: further ``KafkaAdminClient`` settings (security). Replication factor 1 suits the local
-    broker; production clusters usually create tsmon's topics beforehand, which this leaves alone.
+    ``client``: further ``KafkaAdminClient`` settings (security). ``replication_factor`` -1 asks for the
+    brokers' ``default.replication.factor`` (1 on a single local broker); a topic that exists is left alone.
     """
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -26,7 +26,7 @@ def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: d
         raise BrokerError(f"cannot reach {bootstrap}: {exc}") from None
     try:
         existing = set(admin.list_topics())
-        missing = [NewTopic(t, n, 1, topic_configs=(configs or {}).get(t, {})) for t, n in topics.items()
+        missing = [NewTopic(t, n, replication_factor, topic_configs=(configs or {}).get(t, {})) for t, n in topics.items()
                    if t not in existing]
         if missing:
             admin.create_topics(missing)

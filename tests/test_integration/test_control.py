@@ -10,12 +10,15 @@ import json
 import threading
 import time
 import urllib.request
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient
 
 from monitor import ctl, explain
 from monitor.cli import main
@@ -316,6 +319,30 @@ def test_ctl_waits_for_every_input_partition_and_names_those_nobody_answered_for
     finally:
         leave.set()
         run.stop()
+
+
+def test_the_daemon_creates_its_topics_with_the_configured_replication(broker: Any, stream_model: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replication factor 1 was hard-wired: on a production cluster the changelog lived on one broker (and
+    acks=all writes failed where min.insync.replicas is 2). The brokers' default (-1) unless configured; the
+    local broker accepts -1 and makes one replica."""
+    import monitor.daemon
+
+    seen: list[int] = []
+    real = monitor.daemon.ensure_topics
+    monkeypatch.setattr(monitor.daemon, "ensure_topics",
+                        lambda *a, replication_factor, **k: (seen.append(replication_factor),
+                                                             real(*a, replication_factor=replication_factor, **k)))
+    for rf in (-1, 1):
+        cfg = cfg_for(broker, f"rf-{uuid.uuid4().hex[:6]}", stream_model,
+                      **{"kafka.replication_factor": rf, "state.topic": f"rf-state-{uuid.uuid4().hex[:6]}"})
+        Daemon._ensure_topics(SimpleNamespace(cfg=cfg))  # type: ignore[arg-type]
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        try:
+            assert cfg.state.topic in admin.list_topics()
+        finally:
+            admin.close()
+    assert seen == [-1, 1]
 
 
 def test_a_long_changelog_is_read_with_the_input_paused_and_the_loop_turning(broker: Any, topic: str,

@@ -186,9 +186,11 @@ def test_cross_field_rules_between_sections_keys() -> None:
     with pytest.raises(ConfigError) as excinfo:
         load_config(env={}, overrides={"kafka.session_timeout_ms": 1000, "kafka.heartbeat_interval_ms": 1000,
                                        "kafka.topics": "", "calibrator.window": 100, "alerts.major_ratio": 3.0,
-                                       "kafka.producer_acks": 0, "kafka.enable_idempotence": True})
+                                       "kafka.producer_acks": 0, "kafka.enable_idempotence": True,
+                                       "kafka.replication_factor": 0})
     assert error_lines(excinfo) == [
         "kafka.heartbeat_interval_ms: must be less than session_timeout_ms (1000)",
+        "kafka.replication_factor: 0 replicas is no topic; give -1 (the brokers' default) or >= 1",
         'kafka.enable_idempotence: an idempotent producer needs producer_acks = "all"',
         "kafka.topics: give at least one topic, or a topic_pattern",
         "calibrator.min_samples: must be at most window (100)",
