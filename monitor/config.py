@@ -360,7 +360,8 @@ class DaemonConfig(_Section):
     poll_timeout_ms: int = Field(100, ge=1, description="longest one poll blocks")
     max_unacked: int = Field(10_000, ge=1, description="output messages awaiting the broker's acknowledgement "
                                                        "that bring the next commit (and its flush) forward")
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads for scoring; none = cores − 1 (≥ 1)")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for scoring; none = usable CPUs − 1 (≥ 1): "
+                                      "the CPUs it may run on, fewer under a cgroup CPU limit")
     scoring: Literal["auto", "thread", "process"] = Field(
         "auto", description="where the forward pass runs; auto = a process of its own on CPU, a thread on CUDA")
     precision: Literal["float32", "bfloat16", "float16"] = Field(
@@ -671,7 +672,7 @@ sink_timeout_s = 5.0                     # output not acknowledged within this: 
 retry_max_s = 10.0                       # retries while the broker or sink fails back off up to this
 poll_timeout_ms = 100                    # longest one poll blocks
 max_unacked = 10000                      # output messages awaiting acknowledgement that bring the commit forward
-# torch_threads = 3                      # CPU scoring threads; default: cores − 1, leaving one to consume
+# torch_threads = 3                      # CPU scoring threads; default: usable CPUs − 1, leaving one to consume
 scoring = "auto"                         # auto, thread or process (auto: process on CPU, thread on CUDA)
 precision = "float32"                    # float32, bfloat16 or float16 (autocast; checked against float32 at start)
 precision_tolerance = 0.02               # largest score difference to float32 allowed, share of max(score, threshold)

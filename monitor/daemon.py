@@ -14,6 +14,7 @@ all within ``shutdown_timeout_s``; a second signal exits at once.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -53,9 +55,22 @@ RESTORE_STEP_S = 0.1  # changelog reading per loop turn while a restore holds th
 RESTORE_OPEN_S = 30.0  # longest the loop waits for the changelog's positions (the broker away) when opening it
 
 
+def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: the ones it may run on, fewer under a cgroup v2 CPU quota (a container's CPU
+    limit: ``os.cpu_count()`` counts the node's cores, and as many threads under a 2-CPU limit are throttled)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file (or another format): no quota known
+        pass
+    return n
+
+
 def scoring_threads(configured: int | None) -> int:
-    """Torch CPU threads for scoring: as configured, else cores − 1 (at least 1)."""
-    return configured or max(1, (os.cpu_count() or 2) - 1)
+    """Torch CPU threads for scoring: as configured, else the usable CPUs − 1 (at least 1)."""
+    return configured or max(1, usable_cpus() - 1)
 
 
 def build_scorer(cfg: Config) -> Scorer:

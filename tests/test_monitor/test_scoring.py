@@ -41,3 +41,20 @@ def test_auto_is_a_process_on_cpu_and_a_thread_on_cuda() -> None:
 def test_a_model_the_scoring_process_cannot_load_fails_at_start(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="scoring process could not start"):
         ProcessBackend([("*", str(tmp_path / "missing"), None, None)], "cpu", 1, start_timeout_s=60)
+
+
+def test_scoring_threads_follow_a_container_cpu_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.cpu_count() counts the node's cores: under a 2-CPU limit on a 64-core node the daemon ran 63 threads."""
+    import os
+
+    from monitor import daemon
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)))
+    cpu_max = tmp_path / "cpu.max"
+    cases = {"200000 100000\n": 2, "150000 100000\n": 2, "50000 100000\n": 1, "max 100000\n": 64, "garbage\n": 64}
+    for text, cpus in cases.items():
+        cpu_max.write_text(text)
+        assert daemon.usable_cpus(cpu_max) == cpus, text
+    assert daemon.usable_cpus(tmp_path / "absent") == 64
+    monkeypatch.setattr(daemon, "usable_cpus", lambda: 2)
+    assert daemon.scoring_threads(None) == 1 and daemon.scoring_threads(5) == 5
