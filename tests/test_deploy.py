@@ -109,6 +109,9 @@ def test_compose_services_use_real_commands_and_config(tmp_path: Path) -> None:
         src = mount.split(":")[0]
         if src.startswith("./"):
             assert (DEPLOY / src).exists(), src
+    # the control key signs operator commands: no published default; and nothing listens beyond the host
+    assert s["tsmon"]["environment"]["TSMON_CONTROL__KEY"].startswith("${TSMON_CONTROL_KEY:?")
+    assert all(p.startswith("127.0.0.1:") for svc in s.values() for p in svc.get("ports", [])), "loopback only"
     target = _yaml(DEPLOY / "prometheus" / "prometheus.yml")[0]["scrape_configs"][0]["static_configs"][0]
     assert target["targets"] == [f"tsmon:{cfg.http.port}"]
 
@@ -132,6 +135,14 @@ def test_kubernetes_manifests(tmp_path: Path) -> None:
     server = HealthServer("127.0.0.1", 0, Metrics().registry, lambda: (True, ""), lambda: (True, ""), list)
     assert all(server.respond(p)[0] == 200 for p in paths.values())  # endpoints the daemon serves
     assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}  # "restricted" Pod Security
+    # what the pods mount and kustomize does not create is named for the operator to create first
+    needed = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    needed |= {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    needed |= {r["name"] for r in docs["TriggerAuthentication"]["spec"]["secretTargetRef"]}
+    created = {d["metadata"]["name"] for d in docs.values() if d["kind"] not in ("Secret", "Kustomization")}
+    howto = (DEPLOY / "k8s" / "kustomization.yaml").read_text()
+    assert needed - created and all(n in howto for n in needed - created), needed
     assert docs["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
 
 
