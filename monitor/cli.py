@@ -43,9 +43,9 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
     log_level: Annotated[str | None, typer.Option(
-        help="DEBUG, INFO, WARNING or ERROR (default: INFO; tsmon run: [daemon] log_level).")] = None,
+        help="DEBUG, INFO, WARNING or ERROR (default: INFO; tsmon run: daemon.log_level).")] = None,
     log_format: Annotated[str | None, typer.Option(
-        help="json or console (default: console on a terminal; tsmon run: [daemon] log_format).")] = None,
+        help="json or console (default: console on a terminal; tsmon run: daemon.log_format).")] = None,
 ) -> None:
     if log_format not in (None, "json", "console"):
         raise typer.BadParameter("use json or console", param_hint="--log-format")

@@ -191,3 +191,16 @@ def test_readme_configuration_reference_is_the_generated_one() -> None:
     assert embedded((ROOT / "README.md").read_text()) == reference_markdown(), (
         "README.md's configuration reference is stale: paste the output of `tsmon config reference` between "
         "the config-reference markers")
+
+
+def test_alert_runbook_links_point_at_readme_sections() -> None:
+    """Each rule's runbook is a README anchor (GitHub's heading slug), and the runbook item it names exists."""
+    readme = (ROOT / "README.md").read_text()
+    slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+             for h in re.findall(r"^#+ (.+)$", readme, flags=re.MULTILINE)}
+    rules = _yaml(DEPLOY / "prometheus" / "alerts.yml")[0]["groups"][0]["rules"]
+    for rule in rules:
+        link = rule["annotations"]["runbook"]
+        anchor, _, item = link.removeprefix("README.md#").partition(", item ")
+        assert anchor in slugs, link
+        assert not item or f"- **{item}**" in readme, link
