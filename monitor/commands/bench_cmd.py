@@ -127,7 +127,7 @@ def latency(
     rows = [(k, r[k], a[k]) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms", "to_daemon_p50_ms", "to_daemon_p99_ms",
                                       "in_daemon_p99_ms",
                                       "batch_scoring_ms", "mean_batch", "windows", "max_pending_windows",
-                                      "backpressure_pauses")]
+                                      "backpressure_pauses", "commit_retries")]
     rows += [("p99 allowed", f"{r['bound_ms']} (max_delay + 2 × batch)",
               f"{a['target_ms']} (target), {a['bound_ms']} (max_delay + 2 × batch)"),
              ("p99 within", r["within_bound"], f"{a['within_target']}, {a['within_bound']}")]

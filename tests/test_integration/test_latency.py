@@ -24,8 +24,13 @@ def test_a_short_latency_run_measures_both_policies_and_the_overload(stream_mode
     assert {"p50_ms", "p95_ms", "p99_ms", "max_delay_ms", "batch_scoring_ms"} <= set(r)
     for run in (r, r["adaptive"]):
         assert run["caught_up"] and run["windows"] > 30  # 4 streams × 20 windows/s, less the join and warm-up
-        assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"] <= run["max_ms"] < 5000
+        assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"] <= run["max_ms"]
+        # milliseconds, and no stall the run does not explain: an output the local broker left unacknowledged for
+        # the sink's flush timeout (5 s) pauses the input (2 of 8 CI runs: max 5.8-6.0 s); the benchmark counts it
+        # (commit_retries, with a warning) rather than pass it off as batching latency
+        assert run["max_ms"] < 5000 or run["commit_retries"] > 0
         assert run["in_daemon_p99_ms"] <= run["p99_ms"] and run["batch_scoring_ms"] > 0
+    assert sum("commit(s) put off" in w for w in r["warnings"]) == sum(bool(run["commit_retries"]) for run in (r, r["adaptive"]))
     for run in (r, r["adaptive"]):
         assert run["bound_ms"] == pytest.approx(50.0 + 2 * run["batch_scoring_ms"], abs=0.01)
         assert run["within_bound"] == (run["p99_ms"] <= run["bound_ms"])
