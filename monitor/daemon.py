@@ -462,7 +462,8 @@ class Daemon:
         except SinkBackpressure as exc:
             self._failing("sink", f"sink back-pressure: {exc}")
             return
-        except BrokerError as exc:
+        except BrokerError as exc:  # unreachable, or the commit itself failed (a broker that stopped answering)
+            self.metrics.broker_up.set(0)
             self._failing("broker", f"broker unavailable: {exc}")
             return
         if self._paused and not self._holding:

@@ -36,7 +36,8 @@ class Metrics:
         self.evicted = Counter("tsmon_streams_evicted", "Idle streams snapshotted and dropped from memory",
                                registry=r)
         self.broker_up = Gauge("tsmon_broker_up", "0 while the consumer has no open connection to any broker, or "
-                               "holds partitions and has sent no group heartbeat for a session timeout", registry=r)
+                               "holds partitions and has sent no group heartbeat for a session timeout, or since a commit "
+                               "failed until one succeeds", registry=r)
         self.broker_up.set(1)
         self.undeliverable = Counter("tsmon_undeliverable_messages", "Output the broker can never take (too large, "
                                      "not authorised), given up and logged", ["topic"], registry=r)

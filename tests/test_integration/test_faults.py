@@ -279,6 +279,41 @@ def test_a_broker_restart_is_ridden_out(stream_model: Path, tmp_path: Path) -> N
     check_episodes(docs)
 
 
+def test_a_frozen_broker_is_reported_and_its_return_noticed(stream_model: Path, tmp_path: Path) -> None:
+    """A broker that stops answering with its connections open (SIGSTOP: a frozen host, a black-holed network)
+    left /readyz 200 and tsmon_broker_up 1 for the 45 s it was frozen; now no group heartbeat for a session
+    timeout while partitions are held is a broker problem, and it clears when the broker answers again."""
+    proc = player = None
+    with own_broker() as broker:
+        assert broker.proc is not None
+        try:
+            topic = "t-frozen"
+            create_topic(broker.bootstrap, topic)
+            log = tmp_path / "stderr.log"
+            code = f"from tests.test_integration.test_faults import play; play({broker.bootstrap!r}, {topic!r}, 3).join()"
+            player = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+            proc = start(config_for(tmp_path, broker.bootstrap, topic, stream_model), tmp_path, log)
+            wait_for(lambda: '"stream_started"' in log.read_text(), proc)
+            url = http_url(log)
+            watch(f"{url}/readyz", 200, proc, 30)
+            assert player.wait(30) == 0
+            time.sleep(2.0)  # input done and committed: idle, no commit will find the broker gone
+            assert metric(url, "tsmon_broker_up") == 1
+            broker.proc.send_signal(signal.SIGSTOP)
+            try:
+                down_after, reason = watch(f"{url}/readyz", 503, proc, 20)  # session timeout 2 s
+                assert "broker not answering: no group heartbeat" in reason, reason
+                assert metric(url, "tsmon_broker_up") == 0 and http_get(f"{url}/healthz")[0] == 200
+            finally:
+                broker.proc.send_signal(signal.SIGCONT)
+            back_after, _ = watch(f"{url}/readyz", 200, proc, 30)
+            assert metric(url, "tsmon_broker_up") == 1
+        finally:
+            stop(proc)
+            stop(player)
+    print(f"frozen broker reported after {down_after:.1f} s, its return after {back_after:.1f} s")
+
+
 def metric(url: str, name: str) -> float:
     """Sum of one metric over its labels, read from /metrics."""
     text = http_get(f"{url}/metrics")[1]

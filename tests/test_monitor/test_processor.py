@@ -494,6 +494,35 @@ def test_an_unreachable_broker_pauses_the_input_until_a_commit_succeeds(stream_m
     assert source.committed  # committed once it was back
 
 
+def test_a_commit_the_broker_does_not_answer_counts_as_broker_down(stream_model: Path) -> None:
+    """A frozen broker with input flowing: connections stay open, the commit times out. /readyz said "broker
+    unavailable" while tsmon_broker_up stayed 1 until the heartbeat rule caught up (TsmonBrokerUnreachable
+    watches the gauge)."""
+    from models.errors import BrokerError
+
+    class Frozen(MemorySource):
+        frozen = False
+
+        def commit(self, offsets: dict[TP, int], timeout_s: float) -> None:
+            if self.frozen:
+                raise BrokerError("commit failed: KafkaTimeoutError")
+            super().commit(offsets, timeout_s)
+
+    source = Frozen(records("dev-fz", *sine_stream(3000)), batch=20)
+    d = in_process_daemon(stream_model, source, MemorySink(),
+                          **{"daemon.commit_interval_ms": 1, "daemon.retry_max_s": 0.05})
+    seen: list[tuple[str, float]] = []
+
+    def until() -> bool:
+        source.frozen = 50 <= len(seen) and d.metrics.total("tsmon_commit_retries_total") < 3
+        seen.append((d._ready[1], d.metrics.broker_up._value.get()))
+        return not source.records and d.processor.pending == 0
+
+    d.run(until=until)
+    assert {up for r, up in seen if r.startswith("broker unavailable: commit failed")} == {0}
+    assert d.metrics.broker_up._value.get() == 1 and source.committed  # back once a commit succeeded
+
+
 def test_an_outage_longer_than_the_idle_time_evicts_no_stream(stream_model: Path) -> None:
     """Input paused for a failing broker is not silence: a stream is evicted only after ``idle_evict_s``
     without records while input flows (it used to lose its partial window and pending episode)."""
