@@ -100,8 +100,12 @@ class StreamWindows(_Windowing):
         """Where the next window starts, as a replay must find it again: ``(seq, ts, skip)`` — the sample
         number to hold input from, and for :meth:`align`, the timestamp of a sample at or before the start and
         how many samples from that one on to pass over. None before any sample."""
-        if self._align_ts is not None:  # not reached yet: nothing seen is needed, the stored point stands
-            return self.seen + 1, self._align_ts, self._align_skip
+        if self._align_ts is not None:
+            if self.last_ts is not None and self.last_ts >= self._align_ts:
+                # passing over samples from the stored one on: the last passed over, and those still to pass
+                # (the stored timestamp with the skip already reduced moved the next owner's grid)
+                return self.seen, self.last_ts, self._align_skip + 1
+            return self.seen + 1, self._align_ts, self._align_skip  # not reached yet: the stored point stands
         if self.last_ts is None:
             return None
         start, since = self._next_start(), self._since_start

@@ -144,3 +144,35 @@ def test_an_aligned_replay_restarts_at_a_gap_among_the_samples_it_passes_over() 
         saved_at = ts[bounds[snap] - 1]
         replayed = [int(s) for g in got for s, e in zip(g.start_ts, g.end_ts, strict=True) if e > saved_at]
         assert replayed == after, (window, hop, gap_ms, trial)
+
+
+def test_a_point_saved_while_aligning_is_found_again_by_the_next_owner() -> None:
+    """Owners in a chain: each aligns at the point the previous one saved, reads a few messages and saves in
+    turn. A save while it was still passing over samples (hop ≥ window) kept the old timestamp with the skip
+    already reduced, and held input only from the next sample: the next owner's grid moved for good (12
+    windows missing and 12 that never existed in the delivery review's run). Random streams, chunkings, gaps
+    and hand-over points; the windows decided must be the uninterrupted run's."""
+    rng = np.random.default_rng(5)
+    for trial in range(1500):
+        window, hop, n = int(rng.integers(2, 6)), int(rng.integers(1, 14)), int(rng.integers(20, 80))
+        ts = np.cumsum(rng.choice([1, 1, 1, 1, 10], size=n)).astype("int64")
+        values = np.arange(n, dtype="float32")[:, None]
+        gap_ms = 5 if trial % 2 else None
+        bounds = [0, *sorted(set(rng.integers(1, n, size=int(rng.integers(3, 12))).tolist())), n]
+        msgs = list(itertools.pairwise(bounds))
+        whole = StreamWindows(window, hop, 1, gap_ms).push(ts, values).start_ts.tolist()
+        owner, got, point = StreamWindows(window, hop, 1, gap_ms), [], None
+        i, decided_until = 0, -1  # next message to read; last sample timestamp whose windows are decided
+        for hand_over in range(6):  # then the last owner reads to the end
+            for lo, hi in msgs[i : i + int(rng.integers(1, 4)) if hand_over < 5 else len(msgs)]:
+                w = owner.push(ts[lo:hi], values[lo:hi])
+                got += [int(s) for s, e in zip(w.start_ts, w.end_ts, strict=True) if e > decided_until]
+                decided_until, i = int(ts[hi - 1]), i + 1
+            point = owner.phase() or point  # nothing read yet: the document saved before stands
+            if point is None or i == len(msgs):
+                break
+            seq, from_ts, skip = point
+            i = max(j for j in range(len(msgs)) if msgs[j][0] < seq)  # replayed from the message holding `seq`
+            owner = StreamWindows(window, hop, 1, gap_ms)
+            owner.align(from_ts, skip)
+        assert got == whole, (window, hop, gap_ms, trial)
