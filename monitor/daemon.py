@@ -226,6 +226,10 @@ class Daemon:
             self._pause(set(tps))
         elif self._holding and tps:  # scoring still behind: they wait for the release like the others
             self.source.pause(set(tps))
+        elif tps:  # nothing holds them: kafka-python keeps the pause flag of a partition it kept, and without
+            # state no restore resumes them (paused for a commit that failed, then succeeded during the join,
+            # one was never read again)
+            self.source.resume(set(tps))
         if tps or not self._restored:
             self.restore()
 

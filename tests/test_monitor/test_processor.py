@@ -775,6 +775,32 @@ def test_input_held_across_a_rebalance_is_released_with_the_new_assignment(strea
         d.processor.close()
 
 
+def test_a_partition_paused_for_a_failed_commit_is_read_again_after_a_rebalance(stream_model: Path) -> None:
+    """No state topic. A commit fails (input paused); an eager rebalance revokes the partition (the daemon forgets
+    its pause, the client keeps its flag), the retried commit succeeds during the join, the partition comes
+    back: nothing resumed it (the restore that would is off without state), so it was never read again while
+    /readyz said ready (253 records left after 300 loop turns in the delivery review's run)."""
+    source = MemorySource(records("dev-pp", *sine_stream(3000), partition=0), batch=10)
+    d = in_process_daemon(stream_model, source, MemorySink(), **{"daemon.commit_interval_ms": 1})
+    turns = [0]
+
+    def until() -> bool:
+        turns[0] += 1
+        if turns[0] == 5:
+            source.down = "no connection to any broker"
+            d._commit()
+            assert source.paused == {(TOPIC, 0)}
+            d._on_revoke([(TOPIC, 0)])
+            source.down = None
+            time.sleep(0.01)
+            d._commit()  # succeeds during the join: input resumed (the daemon's paused set is empty by now)
+            d._on_assign([(TOPIC, 0)])
+        return (not source.records and d.processor.pending == 0) or turns[0] > 3000
+
+    d.run(until=until)
+    assert not source.records and not source.paused
+
+
 def test_the_data_clock_recalibrates_each_stream_every_interval_of_its_own_time(stream_model: Path) -> None:
     """clock = data: 3000 samples at 10 ms = 30 s of data per stream, interval 5 s → 5 recalibrations of each
     stream, between the windows of a batch (all windows arrive at once), each after the calibrator took the
