@@ -122,6 +122,8 @@ class ConfluentSource:
 
         self._max = int(consumer_kwargs.get("max_poll_records", 500))
         self._health = _Health()
+        self._lost = False  # inside the callback for partitions the group took away: nothing can be committed
+        self._closing = False
         conf = {**rdkafka_config(consumer_kwargs), "enable.auto.commit": False, "enable.auto.offset.store": False,
                 "statistics.interval.ms": 1000, "stats_cb": self._health.stats, "error_cb": self._health.error}
 
@@ -130,15 +132,25 @@ class ConfluentSource:
             on_assign(_tps(partitions))
 
         def revoked(consumer: Any, partitions: Any) -> None:
-            on_revoke(_tps(partitions))  # scores, publishes and commits them while they are still ours
+            if not self._closing:  # close() runs on a thread of its own: the daemon has saved and committed
+                on_revoke(_tps(partitions))  # scores, publishes and commits them while they are still ours
             consumer.unassign()
+
+        def lost(consumer: Any, partitions: Any) -> None:
+            # the group went on without us (no heartbeat for a session timeout): a commit can only fail, and a
+            # synchronous one to a broker that hangs blocked the loop until it answered again (43 s measured)
+            self._lost = True
+            try:
+                revoked(consumer, partitions)
+            finally:
+                self._lost = False
 
         try:
             self._consumer = Consumer(conf)
             # librdkafka reads a subscription starting with ^ as a (POSIX extended) regex; kafka-python's pattern
             # is re.match: anchored at the start, every alternative
             subscription = [pattern if pattern.startswith("^") else f"^({pattern})"] if pattern else topics
-            self._consumer.subscribe(subscription, on_assign=assigned, on_revoke=revoked, on_lost=revoked)
+            self._consumer.subscribe(subscription, on_assign=assigned, on_revoke=revoked, on_lost=lost)
         except KafkaException as exc:
             raise BrokerError(f"cannot create a consumer for {conf['bootstrap.servers']}: {exc}") from None
 
@@ -171,6 +183,9 @@ class ConfluentSource:
 
         if not offsets:
             return
+        if self._lost:
+            raise BrokerError("commit failed: the partitions were lost (no heartbeat for a session timeout); "
+                              "their next owner replays from the last commit")
         if self._health.problem is not None:  # a synchronous commit would block for the session timeout
             raise BrokerError(f"commit failed: {self._health.problem}")
         try:
@@ -211,8 +226,11 @@ class ConfluentSource:
         again, the windows already applied are skipped)."""
 
     def close(self, timeout_s: float) -> None:
-        """Leave the group (the revoke callback runs first) within ``timeout_s``: librdkafka's close has no
-        timeout of its own, so it runs on a thread the daemon stops waiting for (it exits with the process)."""
+        """Leave the group within ``timeout_s``: librdkafka's close has no timeout of its own, so it runs on a
+        thread the daemon stops waiting for (it exits with the process). The revoke it triggers only unassigns:
+        the daemon's revoke work (scoring, saving, committing) ran on that thread and could outlive this call,
+        racing the sink's and the scorer's close — and the daemon has drained, saved and committed by now."""
+        self._closing = True
         closer = threading.Thread(target=self._consumer.close, name="tsmon-confluent-close", daemon=True)
         closer.start()
         closer.join(max(0.1, timeout_s))
@@ -302,8 +320,9 @@ class ConfluentSink:
 
     def flush(self, timeout_s: float) -> None:
         """Block until everything sent is acknowledged; re-send what failed (at most ``retries`` times per
-        flush, in order) unless it can never be delivered; raise SinkBackpressure if something is still
-        unacknowledged after ``timeout_s``. A producer in a fatal state (idempotence) is replaced first."""
+        flush, in order) unless it can never be delivered — and with it every later message of its topic and
+        key, delivered or not, as :meth:`monitor.sink.KafkaSink.flush` does; raise SinkBackpressure if something
+        is still unacknowledged after ``timeout_s``. A producer in a fatal state (idempotence) is replaced first."""
         deadline = time.monotonic() + timeout_s
         waiting: list[_Entry] = []
         for _attempt in range(self._retries + 1):
@@ -316,15 +335,28 @@ class ConfluentSink:
                     if e.state != "acked":
                         e.state, e.error = "failed", None
             waiting, failed = [], []
+            broken: set[tuple[str, bytes]] = set()  # topic and key of a message to send again
+            open_: set[tuple[str, bytes]] = set()  # ... of a message still waiting (it may fail yet)
             for e in self._entries:
-                if e.state == "acked":
-                    continue
-                if e.state == "failed" and e.error is not None and _never_deliverable(e.error):
-                    self._give_up(e.msg, str(e.error))
-                    continue
-                waiting.append(e)
+                key = (e.msg.topic, e.msg.key) if e.msg.key is not None else None
                 if e.state == "failed":
+                    if e.error is not None and _never_deliverable(e.error):
+                        self._give_up(e.msg, str(e.error))
+                        continue
+                    waiting.append(e)
                     failed.append(e)
+                    if key:
+                        broken.add(key)
+                elif key in broken:  # after its key's failed message: again, after that one (a key's last
+                    again = _Entry(e.msg)  # message stays its newest: a resolved after its firing)
+                    waiting.append(again)
+                    failed.append(again)
+                elif e.state != "acked":
+                    waiting.append(e)
+                    if key:
+                        open_.add(key)
+                elif key in open_:  # delivered while an earlier one of its key waits: again if that one fails
+                    waiting.append(e)
             self._entries = waiting
             if not waiting:
                 self._refused = False

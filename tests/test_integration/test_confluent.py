@@ -3,6 +3,7 @@ commits as the default kafka-python client on the same input, and pause/resume t
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,9 @@ def test_pause_holds_a_partition_back_and_resume_releases_it(broker: Any, topic:
         p.send(topic, key=b"k", value=b"%d" % i, partition=i % 4)
     p.flush(), p.close()
     assigned: list[list[tuple[str, int]]] = []
-    src = ConfluentSource(consumer_kwargs(broker.bootstrap, f"g-{topic}"), [topic], None, lambda _tps: None,
-                          assigned.append)
+    revoked: list[str] = []
+    src = ConfluentSource(consumer_kwargs(broker.bootstrap, f"g-{topic}"), [topic], None,
+                          lambda _tps: revoked.append(threading.current_thread().name), assigned.append)
     try:
         got, deadline = [], time.monotonic() + 30
         while not src.assignment() and time.monotonic() < deadline:
@@ -95,6 +97,9 @@ def test_pause_holds_a_partition_back_and_resume_releases_it(broker: Any, topic:
         assert src.broker_problem() is None and set(src.lags()) <= src.assignment()
     finally:
         src.close(5)
+    # close() leaves the group on a thread of its own; the revoke it triggers ran the daemon's revoke there,
+    # which could outlive close() and race the sink's and scorer's close: it only unassigns now
+    assert revoked == []
 
 
 def consumer_kwargs(bootstrap: str, group: str) -> dict[str, Any]:
@@ -126,3 +131,50 @@ def test_the_sink_gives_up_only_on_what_can_never_be_delivered(broker: Any, topi
         assert raw_values(broker.bootstrap, topic) == [b"fine"]
     finally:
         sink.close(5)
+
+
+def test_partitions_lost_to_a_frozen_broker_do_not_block_the_loop() -> None:
+    """The broker hangs with its connections open (SIGSTOP): at the session timeout librdkafka hands the
+    partitions back as lost, inside poll, and the daemon's revoke commits — synchronously, with no timeout:
+    poll blocked until the broker answered again (43 s of a 45 s freeze in the review's run). A lost
+    partition is not committed (the commit fails at once); its next owner replays from the last commit."""
+    import signal
+
+    from models.errors import BrokerError
+    from tests.test_integration.test_faults import create_topic, own_broker
+
+    with own_broker() as broker:
+        assert broker.proc is not None
+        topic = "t-lost"
+        create_topic(broker.bootstrap, topic)
+        p = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1)
+        for i in range(40):
+            p.send(topic, key=b"k", value=b"%d" % i, partition=i % 4)
+        p.flush(), p.close()
+        outcome: list[str] = []
+
+        def revoke(tps: list[tuple[str, int]]) -> None:
+            try:
+                src.commit(dict.fromkeys(tps, 1), 0.5)
+                outcome.append("committed")
+            except BrokerError as exc:
+                outcome.append(str(exc))
+
+        src = ConfluentSource(consumer_kwargs(broker.bootstrap, "g-lost"), [topic], None, revoke, lambda _tps: None)
+        try:
+            got, deadline = 0, time.monotonic() + 30
+            while got < 40 and time.monotonic() < deadline:
+                got += len(src.poll(100))
+            assert got == 40
+            broker.proc.send_signal(signal.SIGSTOP)
+            try:
+                slowest, end = 0.0, time.monotonic() + 8  # session timeout 2 s
+                while not outcome and time.monotonic() < end:
+                    t0 = time.monotonic()
+                    src.poll(100)
+                    slowest = max(slowest, time.monotonic() - t0)
+            finally:
+                broker.proc.send_signal(signal.SIGCONT)
+            assert outcome and "lost" in outcome[0] and slowest < 2.0, (outcome, slowest)
+        finally:
+            src.close(5)

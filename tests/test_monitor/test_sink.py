@@ -114,3 +114,71 @@ def test_a_message_that_keeps_failing_holds_the_flush_back_and_says_why(scripted
     with pytest.raises(SinkBackpressure, match="leader moved"):
         sink.flush(5.0)
     assert sink.pending == 1
+
+
+class ScriptedRdkafka:
+    """The same script for librdkafka's producer: ``produce`` queues, ``flush`` serves the delivery reports
+    (``slow``: no report at the first flush, a retriable error at the next)."""
+
+    script: ClassVar[list[str]] = []
+
+    def __init__(self, _conf: dict[str, Any]) -> None:
+        self.queued: list[list[Any]] = []  # [outcome, message, on_delivery]
+        self.log: list[tuple[str, bytes | None, bytes]] = []
+
+    def produce(self, topic: str, value: bytes, key: bytes | None = None, headers: Any = None,
+                on_delivery: Any = None) -> None:
+        self.queued.append([self.script.pop(0) if self.script else "ok", (topic, key, value), on_delivery])
+
+    def poll(self, _timeout: float) -> int:
+        return 0
+
+    def flush(self, _timeout: float) -> int:
+        from confluent_kafka import KafkaError
+
+        left = []
+        for item in self.queued:
+            outcome, message, report = item
+            if outcome == "slow":
+                item[0] = "retry"
+                left.append(item)
+            elif outcome == "retry":
+                report(KafkaError(KafkaError._MSG_TIMED_OUT), None)
+            else:
+                self.log.append(message)
+                report(None, None)
+        self.queued = left
+        return len(left)
+
+    def purge(self) -> None:
+        self.queued = []
+
+
+@pytest.fixture
+def rdkafka(monkeypatch: pytest.MonkeyPatch) -> type[ScriptedRdkafka]:
+    confluent_kafka = pytest.importorskip("confluent_kafka")
+    monkeypatch.setattr(confluent_kafka, "Producer", ScriptedRdkafka)
+    return ScriptedRdkafka
+
+
+def test_the_librdkafka_sink_keeps_a_keys_last_message_its_newest(rdkafka: type[ScriptedRdkafka]) -> None:
+    """ConfluentSink re-sent a failed message alone: its firing landed after its resolved (the delivery review
+    reproduced it on a real broker: [warm, A-firing, B-resolved, A-firing]). The KafkaSink rules above, again."""
+    from monitor.confluent import ConfluentSink
+
+    rdkafka.script = ["retry", "ok", "retry", "ok", "ok"]
+    sink = ConfluentSink({"bootstrap_servers": ["127.0.0.1:9"]})
+    for topic, value in [("alerts", b"firing"), ("alerts", b"resolved"), ("state", b"doc 1"), ("state", b"doc 2")]:
+        sink.send(OutMessage(topic, b"dev-1", value))
+    sink.send(OutMessage("alerts", b"dev-2", b"other"))
+    sink.flush(5.0)
+    log = sink._producer.log
+    for topic, older, newest in [("alerts", b"firing", b"resolved"), ("state", b"doc 1", b"doc 2")]:
+        assert [v for t, k, v in log if (t, k) == (topic, b"dev-1")] == [newest, older, newest]
+    assert [v for t, k, v in log if k == b"dev-2"] == [b"other"] and sink.pending == 0
+    rdkafka.script = ["slow", "ok"]  # resolved acknowledged while firing still waits, then firing fails
+    sink = ConfluentSink({"bootstrap_servers": ["127.0.0.1:9"]})
+    sink.send(OutMessage("alerts", b"dev-1", b"firing"))
+    sink.send(OutMessage("alerts", b"dev-1", b"resolved"))
+    sink.flush(5.0)
+    assert [v for _t, _k, v in sink._producer.log] == [b"resolved", b"firing", b"resolved"] and sink.pending == 0
