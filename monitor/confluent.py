@@ -84,6 +84,7 @@ class _Health:
 
     problem: str | None = None
     lags: dict[TP, int] | None = None
+    session_s: float = 45.0
 
     def stats(self, raw: str) -> None:
         """Called from inside consume(); must never raise (an exception there would stop the loop)."""
@@ -92,6 +93,17 @@ class _Health:
             # real brokers only: the bootstrap entry counts until the first metadata, the coordinator never
             brokers = [b for b in doc.get("brokers", {}).values() if b.get("source") in ("configured", "learned")]
             self.problem = None if any(b.get("state") == "UP" for b in brokers) else "no connection to any broker"
+            # A broker that hangs with its connections open (a frozen host) stays UP. In a steady group the
+            # coordinator answers each heartbeat at once (its last receive 0.5 s ago at most, measured); one with a
+            # request waiting and silent for half a session timeout does not answer (4.5 s after a 4.5 s
+            # freeze). Half: at a whole one librdkafka drops the assignment and the group is no longer steady
+            # (a JoinGroup may then wait at a healthy broker for the whole rebalance).
+            coordinator = doc.get("brokers", {}).get("GroupCoordinator", {})
+            silent = coordinator.get("rxidle", -1) / 1e6
+            steady = doc.get("cgrp", {}).get("join_state") == "steady"
+            if self.problem is None and steady and coordinator.get("waitresp_cnt", 0) > 0 and silent > self.session_s / 2:
+                self.problem = (f"broker not answering: the group coordinator has answered nothing for {silent:.1f} s "
+                                f"(session timeout {self.session_s:g} s)")
             lags = {}
             for topic, t in doc.get("topics", {}).items():
                 for p, part in t.get("partitions", {}).items():
@@ -121,7 +133,7 @@ class ConfluentSource:
         from confluent_kafka import Consumer, KafkaException
 
         self._max = int(consumer_kwargs.get("max_poll_records", 500))
-        self._health = _Health()
+        self._health = _Health(session_s=int(consumer_kwargs.get("session_timeout_ms", 45_000)) / 1000)
         self._lost = False  # inside the callback for partitions the group took away: nothing can be committed
         self._closing = False
         conf = {**rdkafka_config(consumer_kwargs), "enable.auto.commit": False, "enable.auto.offset.store": False,

@@ -178,3 +178,40 @@ def test_partitions_lost_to_a_frozen_broker_do_not_block_the_loop() -> None:
             assert outcome and "lost" in outcome[0] and slowest < 2.0, (outcome, slowest)
         finally:
             src.close(5)
+
+
+def test_a_frozen_broker_is_a_broker_problem_for_the_librdkafka_source() -> None:
+    """Its statistics said nothing about a broker that hangs with its connections open (state UP): broker_problem()
+    stayed None for a 20 s freeze, so tsmon_broker_up stayed 1. The coordinator's silence with a request waiting
+    in a steady group now counts, and clears when it answers again."""
+    import signal
+
+    from tests.test_integration.test_faults import create_topic, own_broker
+
+    with own_broker() as broker:
+        assert broker.proc is not None
+        create_topic(broker.bootstrap, "t-hang")
+        kwargs = {**consumer_kwargs(broker.bootstrap, "g-hang"), "session_timeout_ms": 6000}
+        src = ConfluentSource(kwargs, ["t-hang"], None, lambda _tps: None, lambda _tps: None)
+        try:
+            deadline = time.monotonic() + 30
+            while not src.assignment() and time.monotonic() < deadline:
+                src.poll(100)
+            for _ in range(15):
+                src.poll(100)
+            assert src.broker_problem() is None
+            broker.proc.send_signal(signal.SIGSTOP)
+            try:
+                seen, end = None, time.monotonic() + 5.5  # half the session timeout, plus statistics every second
+                while seen is None and time.monotonic() < end:
+                    src.poll(100)
+                    seen = src.broker_problem()
+            finally:
+                broker.proc.send_signal(signal.SIGCONT)
+            assert seen is not None and seen.startswith("broker not answering"), seen
+            end = time.monotonic() + 10
+            while src.broker_problem() is not None and time.monotonic() < end:
+                src.poll(100)
+            assert src.broker_problem() is None
+        finally:
+            src.close(5)
