@@ -467,7 +467,7 @@ class Daemon:
             self._failing("sink", f"sink back-pressure: {exc}")
             return
         except BrokerError as exc:  # unreachable, or the commit itself failed (a broker that stopped answering)
-            self.metrics.broker_up.set(0)
+            self.metrics.broker_up.set(0)  # until a commit goes through (:meth:`_commit_now`)
             self._failing("broker", f"broker unavailable: {exc}")
             return
         if self._paused and not self._holding:
@@ -483,10 +483,11 @@ class Daemon:
     def _commit_now(self) -> None:
         """Flush and commit, unless the broker is unreachable: a commit then would only block until it timed out."""
         problem = self.source.broker_problem()
-        self.metrics.broker_up.set(problem is None)
         if problem is not None:
+            self.metrics.broker_up.set(0)
             raise BrokerError(problem)
         self.processor.commit(self.source)
+        self.metrics.broker_up.set(1)  # only once a commit went through: a scrape during a retry reads 0
 
     def _poll_room(self) -> int:
         """Records the next poll may take: as many as keep the waiting windows within ``batch.max_pending``
@@ -565,8 +566,8 @@ class Daemon:
                       consequence="input since the last commit is replayed at the next start")
         finally:
             self.final_thresholds = self.calibrator.snapshot()  # before close() revokes and forgets streams
-            # leaving the group revokes: nothing waits by now, the sink is still open; the revoke's commit
-            # (a no-op after the final one) shares this step's time
+            # leaving the group revokes (kafka-python: on this thread, its commit a no-op after the final one,
+            # sharing this step's time; librdkafka: only unassigns, on a thread of its own): the sink is still open
             self.processor.deadline = time.monotonic() + left(0.4)
             steps: list[tuple[str, Callable[[], None] | None]] = [
                 ("source", lambda: self.source.close(left(0.5))),

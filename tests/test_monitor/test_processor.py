@@ -500,11 +500,14 @@ def test_a_commit_the_broker_does_not_answer_counts_as_broker_down(stream_model:
     watches the gauge)."""
     from models.errors import BrokerError
 
+    during: list[float] = []  # the gauge as a scrape during a retry (a commit that blocks for seconds) reads it
+
     class Frozen(MemorySource):
-        frozen = False
+        armed = False
 
         def commit(self, offsets: dict[TP, int], timeout_s: float) -> None:
-            if self.frozen:
+            if self.armed and len(during) < 2:  # two commits time out, then the broker answers again
+                during.append(d.metrics.broker_up._value.get())
                 raise BrokerError("commit failed: KafkaTimeoutError")
             super().commit(offsets, timeout_s)
 
@@ -514,12 +517,13 @@ def test_a_commit_the_broker_does_not_answer_counts_as_broker_down(stream_model:
     seen: list[tuple[str, float]] = []
 
     def until() -> bool:
-        source.frozen = 50 <= len(seen) and d.metrics.total("tsmon_commit_retries_total") < 3
+        source.armed = len(seen) >= 50
         seen.append((d._ready[1], d.metrics.broker_up._value.get()))
-        return not source.records and d.processor.pending == 0
+        return not source.records and d.processor.pending == 0 and len(during) == 2 and d._problem is None
 
     d.run(until=until)
     assert {up for r, up in seen if r.startswith("broker unavailable: commit failed")} == {0}
+    assert during[1:] == [0]  # it read 1 during each retry, resetting the alert's for:
     assert d.metrics.broker_up._value.get() == 1 and source.committed  # back once a commit succeeded
 
 

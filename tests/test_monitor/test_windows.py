@@ -163,16 +163,19 @@ def test_a_point_saved_while_aligning_is_found_again_by_the_next_owner() -> None
         whole = StreamWindows(window, hop, 1, gap_ms).push(ts, values).start_ts.tolist()
         owner, got, point = StreamWindows(window, hop, 1, gap_ms), [], None
         i, decided_until = 0, -1  # next message to read; last sample timestamp whose windows are decided
+        base = 0  # samples before the current owner's first one: its sample numbers count from there
         for hand_over in range(6):  # then the last owner reads to the end
             for lo, hi in msgs[i : i + int(rng.integers(1, 4)) if hand_over < 5 else len(msgs)]:
                 w = owner.push(ts[lo:hi], values[lo:hi])
                 got += [int(s) for s, e in zip(w.start_ts, w.end_ts, strict=True) if e > decided_until]
                 decided_until, i = int(ts[hi - 1]), i + 1
-            point = owner.phase() or point  # nothing read yet: the document saved before stands
+            if (now := owner.phase()) is not None:  # nothing read yet: the document saved before stands
+                point = (base + now[0], now[1], now[2])
             if point is None or i == len(msgs):
                 break
             seq, from_ts, skip = point
             i = max(j for j in range(len(msgs)) if msgs[j][0] < seq)  # replayed from the message holding `seq`
+            base = msgs[i][0]
             owner = StreamWindows(window, hop, 1, gap_ms)
             owner.align(from_ts, skip)
         assert got == whole, (window, hop, gap_ms, trial)
