@@ -118,17 +118,25 @@ def test_a_replay_aligned_at_the_stored_phase_cuts_the_same_windows(window: int,
     np.testing.assert_array_equal(stale.push(ts[60:], values[60:]).start_ts[:1], ts[60:61])
 
 
+def random_stream(rng: np.random.Generator, trial: int, windows: tuple[int, int], hops: tuple[int, int],
+                  lengths: tuple[int, int], cuts: tuple[int, int]) -> tuple[int, int, np.ndarray, np.ndarray,
+                                                                   float | None, list[int]]:
+    """A random stream for the replay tests: window, hop, timestamps with gaps of 10 among steps of 1, values,
+    ``gap_ms`` (every other trial), and message bounds (the samples cut into ``cuts`` messages)."""
+    window, hop, n = int(rng.integers(*windows)), int(rng.integers(*hops)), int(rng.integers(*lengths))
+    ts = np.cumsum(rng.choice([1, 1, 1, 1, 10], size=n)).astype("int64")
+    values = np.arange(n, dtype="float32")[:, None]
+    bounds = [0, *sorted(set(rng.integers(1, n, size=int(rng.integers(*cuts))).tolist())), n]
+    return window, hop, ts, values, 5 if trial % 2 else None, bounds
+
+
 def test_an_aligned_replay_restarts_at_a_gap_among_the_samples_it_passes_over() -> None:
     """hop > window: the stored point says to pass over a few samples after the last one; a gap among those
     restarted the first owner's windows at the gap, and the replay's grid used to run on past it (every later
     window, and so alert ids, moved). Random streams, chunkings and snapshot points, with and without gaps."""
     rng = np.random.default_rng(2)
     for trial in range(1500):
-        window, hop, n = int(rng.integers(2, 7)), int(rng.integers(1, 12)), int(rng.integers(5, 60))
-        ts = np.cumsum(rng.choice([1, 1, 1, 1, 10], size=n)).astype("int64")
-        values = np.arange(n, dtype="float32")[:, None]
-        gap_ms = 5 if trial % 2 else None
-        bounds = [0, *sorted(set(rng.integers(1, n, size=int(rng.integers(1, 6))).tolist())), n]
+        window, hop, ts, values, gap_ms, bounds = random_stream(rng, trial, (2, 7), (1, 12), (5, 60), (1, 6))
         snap = int(rng.integers(1, len(bounds) - 1))  # state saved after message `snap`
         first, after = StreamWindows(window, hop, 1, gap_ms), []
         for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
@@ -154,11 +162,7 @@ def test_a_point_saved_while_aligning_is_found_again_by_the_next_owner() -> None
     and hand-over points; the windows decided must be the uninterrupted run's."""
     rng = np.random.default_rng(5)
     for trial in range(1500):
-        window, hop, n = int(rng.integers(2, 6)), int(rng.integers(1, 14)), int(rng.integers(20, 80))
-        ts = np.cumsum(rng.choice([1, 1, 1, 1, 10], size=n)).astype("int64")
-        values = np.arange(n, dtype="float32")[:, None]
-        gap_ms = 5 if trial % 2 else None
-        bounds = [0, *sorted(set(rng.integers(1, n, size=int(rng.integers(3, 12))).tolist())), n]
+        window, hop, ts, values, gap_ms, bounds = random_stream(rng, trial, (2, 6), (1, 14), (20, 80), (3, 12))
         msgs = list(itertools.pairwise(bounds))
         whole = StreamWindows(window, hop, 1, gap_ms).push(ts, values).start_ts.tolist()
         owner, got, point = StreamWindows(window, hop, 1, gap_ms), [], None
