@@ -361,6 +361,7 @@ class ConfluentSink:
                         broken.add(key)
                 elif key in broken:  # after its key's failed message: again, after that one (a key's last
                     again = _Entry(e.msg)  # message stays its newest: a resolved after its firing)
+                    again.state = "failed"  # unsent: if the deadline stops this flush, the next one sends it
                     waiting.append(again)
                     failed.append(again)
                 elif e.state != "acked":
