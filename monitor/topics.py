@@ -24,6 +24,7 @@ def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: d
         admin = KafkaAdminClient(**{"request_timeout_ms": 10_000, **client}, bootstrap_servers=bootstrap)
     except KafkaError as exc:
         raise BrokerError(f"cannot reach {bootstrap}: {exc}") from None
+    missing: list[Any] = []
     try:
         existing = set(admin.list_topics())
         missing = [NewTopic(t, n, replication_factor, topic_configs=(configs or {}).get(t, {})) for t, n in topics.items()
@@ -32,6 +33,11 @@ def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: d
             admin.create_topics(missing)
     except TopicAlreadyExistsError:
         pass
+    except KafkaError as exc:  # not authorised to create, a broker older than Kafka 2.4 (replication -1), ...
+        names = ", ".join(t.name for t in missing) or ", ".join(topics)
+        raise BrokerError(f"cannot create topic(s) {names}: {type(exc).__name__}: {exc} (create them beforehand, "
+                          f"or allow Create on the cluster; a broker older than Kafka 2.4 needs "
+                          f"kafka.replication_factor >= 1)") from None
     finally:
         admin.close()
 

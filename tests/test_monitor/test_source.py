@@ -1,10 +1,12 @@
-"""KafkaSource.poll's sliced wait, on a stand-in for kafka-python's consumer (no broker needed for this)."""
+"""KafkaSource (its sliced wait, its broker health) and the topic helper, on stand-ins for kafka-python (no broker)."""
 
 from __future__ import annotations
 
 import time
 from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from monitor.source import POLL_SLICE_MS, InRecord, KafkaSource
 
@@ -109,3 +111,34 @@ def test_a_broker_that_stops_answering_is_a_problem_though_its_connections_stay_
     assert source.broker_problem() is None
     source._consumer.heartbeat, source._consumer.held = float("inf"), {("t", 0)}  # none sent yet
     assert source.broker_problem() is None
+
+
+def test_topics_that_cannot_be_created_are_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Create ACL (or a broker older than Kafka 2.4 asked for its default replication): kafka-python's error
+    came out of the daemon's start as a traceback; it is a BrokerError naming the topics and what to do."""
+    import kafka.admin
+    from kafka.errors import IncompatibleBrokerVersion, TopicAuthorizationFailedError
+
+    from models.errors import BrokerError
+    from monitor.topics import ensure_topics
+
+    class Admin:
+        error: Exception = TopicAuthorizationFailedError("not authorised")
+
+        def __init__(self, **_kw: Any) -> None:
+            pass
+
+        def list_topics(self) -> list[str]:
+            return ["tsmon.control"]
+
+        def create_topics(self, _topics: Any) -> None:
+            raise self.error
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(kafka.admin, "KafkaAdminClient", Admin)
+    for error in (TopicAuthorizationFailedError("not authorised"), IncompatibleBrokerVersion("v4 needed")):
+        Admin.error = error
+        with pytest.raises(BrokerError, match=r"cannot create topic\(s\) tsmon.audit, tsmon.state: .*beforehand"):
+            ensure_topics("127.0.0.1:9", {"tsmon.control": 1, "tsmon.audit": 1, "tsmon.state": 1})
