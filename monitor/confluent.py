@@ -21,7 +21,7 @@ from typing import Any
 
 from models.errors import BrokerError, ConfigError, SinkBackpressure
 from monitor import logs
-from monitor.sink import OutMessage
+from monitor.sink import OutMessage, resend_plan
 from monitor.source import TP, InRecord
 
 log = logs.get("tsmon.confluent")
@@ -334,7 +334,7 @@ class ConfluentSink:
     def flush(self, timeout_s: float) -> None:
         """Block until everything sent is acknowledged; re-send what failed (at most ``retries`` times per
         flush, in order) unless it can never be delivered — and with it every later message of its topic and
-        key, delivered or not, as :meth:`monitor.sink.KafkaSink.flush` does; raise SinkBackpressure if something
+        key, delivered or not (:func:`monitor.sink.resend_plan`, as KafkaSink); raise SinkBackpressure if something
         is still unacknowledged after ``timeout_s``. A producer in a fatal state (idempotence) is replaced first."""
         deadline = time.monotonic() + timeout_s
         waiting: list[_Entry] = []
@@ -347,30 +347,24 @@ class ConfluentSink:
                 for e in self._entries:
                     if e.state != "acked":
                         e.state, e.error = "failed", None
-            waiting, failed = [], []
-            broken: set[tuple[str, bytes]] = set()  # topic and key of a message to send again
-            open_: set[tuple[str, bytes]] = set()  # ... of a message still waiting (it may fail yet)
+            entries = []
             for e in self._entries:
-                key = (e.msg.topic, e.msg.key) if e.msg.key is not None else None
-                if e.state == "failed":
-                    if e.error is not None and _never_deliverable(e.error):
-                        self._give_up(e.msg, str(e.error))
-                        continue
+                if e.state == "failed" and e.error is not None and _never_deliverable(e.error):
+                    self._give_up(e.msg, str(e.error))
+                else:
+                    entries.append(e)
+            waiting, failed = [], []
+            states = {"failed": "failed", "acked": "done"}  # else sent: "open"
+            plan = resend_plan([(e.msg, states.get(e.state, "open")) for e in entries])
+            for e, (again, keep) in zip(entries, plan, strict=True):
+                if keep:
+                    waiting.append(e)
+                if again:
+                    if e.state != "failed":  # a later one of a failed key: a copy goes after that one
+                        e = _Entry(e.msg)
+                        e.state = "failed"  # unsent: if the deadline stops this flush, the next one sends it
                     waiting.append(e)
                     failed.append(e)
-                    if key:
-                        broken.add(key)
-                elif key in broken:  # after its key's failed message: again, after that one (a key's last
-                    again = _Entry(e.msg)  # message stays its newest: a resolved after its firing)
-                    again.state = "failed"  # unsent: if the deadline stops this flush, the next one sends it
-                    waiting.append(again)
-                    failed.append(again)
-                elif e.state != "acked":
-                    waiting.append(e)
-                    if key:
-                        open_.add(key)
-                elif key in open_:  # delivered while an earlier one of its key waits: again if that one fails
-                    waiting.append(e)
             self._entries = waiting
             if not waiting:
                 self._refused = False

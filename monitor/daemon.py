@@ -467,7 +467,7 @@ class Daemon:
             self._failing("sink", f"sink back-pressure: {exc}")
             return
         except BrokerError as exc:  # unreachable, or the commit itself failed (a broker that stopped answering)
-            self.metrics.broker_up.set(0)  # until a commit goes through (:meth:`_commit_now`)
+            self.metrics.broker_up.set(0)  # unreachable or not answering, until a commit goes through
             self._failing("broker", f"broker unavailable: {exc}")
             return
         if self._paused and not self._holding:
@@ -483,8 +483,7 @@ class Daemon:
     def _commit_now(self) -> None:
         """Flush and commit, unless the broker is unreachable: a commit then would only block until it timed out."""
         problem = self.source.broker_problem()
-        if problem is not None:
-            self.metrics.broker_up.set(0)
+        if problem is not None:  # tsmon_broker_up goes 0 where every failure of this lands (:meth:`_commit`)
             raise BrokerError(problem)
         self.processor.commit(self.source)
         self.metrics.broker_up.set(1)  # only once a commit went through: a scrape during a retry reads 0

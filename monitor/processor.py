@@ -185,9 +185,10 @@ class Processor:
         try:
             return self._append(stream, items)
         except Exception as exc:  # noqa: BLE001
-            log.error("append_failed", stream=stream[:64], error=f"{type(exc).__name__}: {exc}"[:300])
+            why = f"{type(exc).__name__}: {exc}"
+            log.error("append_failed", stream=stream[:64], error=why[:300])
             for rec, _block in items:
-                self._dead_letter(rec, BadRecord("unprocessable", f"{type(exc).__name__}: {exc}"[:200]))
+                self._dead_letter(rec, BadRecord("unprocessable", why[:200]))
             return 0.0
 
     def _append(self, stream: str, items: list[tuple[InRecord, SampleBlock]]) -> float:

@@ -19,6 +19,7 @@ import numpy as np
 
 NUMBER = {int, float}
 _EPOCH, _ONE_MS = datetime(1970, 1, 1, tzinfo=UTC), timedelta(milliseconds=1)
+MAX_TS_MS = 10**14  # sample times are ms since the epoch below this (year 5138)
 REASONS = ("oversized", "empty", "invalid_json", "not_object", "bad_stream", "bad_timestamp", "bad_shape",
            "wrong_type", "non_finite", "too_many_samples")
 
@@ -60,9 +61,9 @@ def _timestamp_ms(ts: Any) -> int | None:
     if isinstance(ts, bool):
         return None
     if isinstance(ts, int):  # exact, however many digits (math.isfinite would overflow on 10**400)
-        return ts if 0 <= ts < 10**14 else None  # < year 5138, ms since epoch
+        return ts if 0 <= ts < MAX_TS_MS else None
     if isinstance(ts, float):
-        return int(ts) if math.isfinite(ts) and 0 <= ts < 1e14 else None
+        return int(ts) if math.isfinite(ts) and 0 <= ts < MAX_TS_MS else None
     if isinstance(ts, str):
         try:
             dt = datetime.fromisoformat(ts)
@@ -71,7 +72,7 @@ def _timestamp_ms(ts: Any) -> int | None:
             ms = (dt - _EPOCH) // _ONE_MS  # exact: timestamp() * 1000 came out 1 ms early for some (2004, 2040)
         except (ValueError, OverflowError, OSError):
             return None
-        return ms if 0 <= ms < 10**14 else None
+        return ms if 0 <= ms < MAX_TS_MS else None
     return None
 
 
@@ -132,12 +133,12 @@ def parse(value: bytes | None, key: bytes | None = None, limits: Limits = Limits
         return BadRecord("bad_shape", "give exactly one of value, values or samples")
     if forms[0] == "samples":
         period = doc.get("period_ms")
-        if type(period) not in (int, float) or not 0 < period < 1e14 or not math.isfinite(period):
+        if type(period) not in (int, float) or not 0 < period < MAX_TS_MS or not math.isfinite(period):
             return BadRecord("bad_timestamp", f"a chunk needs period_ms > 0, got {period!r}"[:200])
         arr = _matrix(doc["samples"], "samples", limits)
         if isinstance(arr, BadRecord):
             return arr
-        if t0 + (len(arr) - 1) * float(period) >= 1e14:  # the last sample's too: past year 9999 it stopped the loop
+        if t0 + (len(arr) - 1) * float(period) >= MAX_TS_MS:  # the last sample's too: past year 9999 it stopped the loop
             return BadRecord("bad_timestamp", f"the chunk's last sample is at {t0} + {len(arr) - 1} × {period} ms, "
                                               f"beyond year 5138")
         ts = t0 + np.round(np.arange(len(arr)) * float(period)).astype("int64")

@@ -39,6 +39,33 @@ def json_message(topic: str, key: str, doc: dict[str, Any], headers: Headers | N
     return OutMessage(topic, key.encode(), body, headers or [])
 
 
+def resend_plan(messages: list[tuple[OutMessage, str]]) -> list[tuple[bool, bool]]:
+    """A key's last message must stay its newest (an alert's ``resolved`` after its ``firing``, a stream's latest
+    state document last). For messages in send order, each with its state — ``failed`` (not delivered: to send
+    again), ``open`` (not acknowledged yet) or ``done`` (acknowledged) — whether to send it again and whether to
+    keep waiting for it: a failed one goes again, and so does every later message of its topic and key,
+    delivered or not; one delivered while an earlier one of its key is still open is kept, to go again if that
+    one fails. Both sinks apply this one rule."""
+    broken: set[tuple[str, bytes]] = set()  # topic and key of a message to send again
+    open_: set[tuple[str, bytes]] = set()  # ... of a message still waiting (it may fail yet)
+    plan = []
+    for m, state in messages:
+        key = (m.topic, m.key) if m.key is not None else None
+        if state == "failed":
+            plan.append((True, False))
+            if key:
+                broken.add(key)
+        elif key in broken:  # after its key's failed message: again, after that one (still waited for if open)
+            plan.append((True, state == "open"))
+        elif state == "open":
+            plan.append((False, True))
+            if key:
+                open_.add(key)
+        else:  # delivered: kept while an earlier one of its key waits
+            plan.append((False, key in open_))
+    return plan
+
+
 class Sink(Protocol):
     def send(self, msg: OutMessage) -> None: ...
     def flush(self, timeout_s: float) -> None: ...
@@ -130,28 +157,19 @@ class KafkaSink:
                 self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))
             except KafkaTimeoutError as exc:  # the broker is away or slow: what is buffered stays buffered
                 self._last_error = exc
-            failed, kept = [], []
-            broken: set[tuple[str, bytes]] = set()  # topic and key of a message to send again
-            open_: set[tuple[str, bytes]] = set()  # ... of a message still waiting (it may fail yet)
+            states = []
             for m, f in self._inflight:
-                key = (m.topic, m.key) if m.key is not None else None
                 if f is None or (f.is_done and f.failed()):
                     if f is not None and not _retriable(f.exception):
                         self._give_up(m, f.exception)
                         continue
-                    failed.append(m)
                     self._last_error = f.exception if f is not None else self._last_error
-                    if key:
-                        broken.add(key)
-                    continue
-                if not f.is_done:
-                    kept.append((m, f))
-                    if key:
-                        open_.add(key)
-                if key in broken:
-                    failed.append(m)  # after its key's failed message: again, after that one
-                elif f.is_done and key in open_:
-                    kept.append((m, f))  # delivered while an earlier one of its key waits: again if that one fails
+                    states.append((m, f, "failed"))
+                else:
+                    states.append((m, f, "done" if f.is_done else "open"))
+            plan = resend_plan([(m, state) for m, _f, state in states])
+            failed = [m for (m, _f, _s), (again, _keep) in zip(states, plan, strict=True) if again]
+            kept = [(m, f) for (m, f, _s), (_again, keep) in zip(states, plan, strict=True) if keep]
             if not failed and all(f.is_done for _m, f in kept):
                 self._inflight.clear()
                 return
