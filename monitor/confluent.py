@@ -38,7 +38,6 @@ _KEYS = {
     "heartbeat_interval_ms": "heartbeat.interval.ms", "max_poll_interval_ms": "max.poll.interval.ms",
     "fetch_max_wait_ms": "fetch.wait.max.ms", "enable_auto_commit": "enable.auto.commit", "acks": "acks",
     "enable_idempotence": "enable.idempotence", "linger_ms": "linger.ms",
-    "max_in_flight_requests_per_connection": "max.in.flight.requests.per.connection",
 }
 _DROPPED = {"max_poll_records", "max_block_ms"}  # no librdkafka property: poll sizes and produce() never block
 
@@ -275,9 +274,9 @@ class ConfluentSink:
                  on_undeliverable: Callable[[OutMessage, str], None] | None = None) -> None:
         require()
         # murmur2 as kafka-python and the Java client: a stream's messages land on the same partition
-        # whichever client wrote them; requests in flight as kafka-python (1 unless idempotent: order under retries)
-        self._conf = {"max.in.flight.requests.per.connection": 5, **rdkafka_config(producer_kwargs),
-                      "partitioner": "murmur2_random",
+        # whichever client wrote them; at most 5 requests in flight, as kafka-python
+        self._conf = {**rdkafka_config(producer_kwargs), "partitioner": "murmur2_random",
+                      "max.in.flight.requests.per.connection": 5,
                       "error_cb": lambda err: log.warning("kafka_client_error", client="confluent", error=str(err))}
         self._producer = self._new_producer()
         self._retries = retries

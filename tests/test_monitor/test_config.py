@@ -12,7 +12,7 @@ from kafka.coordinator.heartbeat import Heartbeat
 from pydantic import ValidationError
 
 from models.errors import ConfigError
-from monitor.config import EXAMPLE_TOML, Config, KafkaConfig, ModelRoute, load_config
+from monitor.config import EXAMPLE_TOML, Config, ModelRoute, load_config
 from monitor.records import Limits
 
 SASL = {"kafka.security_protocol": "SASL_SSL", "kafka.sasl_mechanism": "SCRAM-SHA-512",
@@ -282,11 +282,6 @@ def test_kafka_kwargs_are_kafka_python_settings(tmp_path: Path) -> None:
     assert consumer["auto_offset_reset"] == "earliest" and consumer["bootstrap_servers"] == ["127.0.0.1:9092"]
     assert producer["acks"] == "all" and producer["linger_ms"] == 5 and producer["enable_idempotence"] is False
     Heartbeat(**consumer)  # kafka-python's own session/heartbeat check accepts what we pass
-    # the producer retries by itself: with 5 requests in flight and no idempotence a retried batch can land after
-    # the next one (kafka-python's own docs), putting a key's older message last — one request unless idempotent
-    assert producer["max_in_flight_requests_per_connection"] == 1
-    idempotent = KafkaConfig(topics=["t"], enable_idempotence=True).producer_kwargs()
-    assert idempotent["max_in_flight_requests_per_connection"] == 5
 
 
 def test_a_tls_file_that_is_not_there_is_named_before_any_client_starts(tmp_path: Path,
