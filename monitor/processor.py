@@ -427,7 +427,8 @@ class Processor:
         ep = t.episode
         status = t.status
         if status == "firing":
-            ep.silenced = self.silenced(st)
+            if not ep.paged:  # a page that went out stays one: a silence set later does not relabel its repeats
+                ep.silenced = self.silenced(st)
             status = "silenced" if ep.silenced else "firing"
         first = self.ledger.offset_of(stream, ep.start.start_seq)
         last = self.ledger.offset_of(stream, (ep.last or ep.peak).end_seq)

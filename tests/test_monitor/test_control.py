@@ -313,6 +313,30 @@ def test_an_alert_whose_silence_ends_pages_though_the_stream_went_quiet(make: Ma
     assert firing["after_silence"] and "after_silence" not in anomalies(p)[0]  # the page the silence held back
 
 
+def test_a_paged_alert_stays_paged_when_a_silence_starts_before_it_flaps(make: Make) -> None:
+    """Maintenance silenced a stream whose alert had already paged; the episode then turned flapping. Its
+    repeat ``firing`` and its ``resolved`` were relabelled "silenced" (held back, never paged), so a consumer
+    following the README left the page open, and the end of the silence paged it a second time."""
+    for lift in (False, True):
+        p = make()
+        c = controller(p)
+        ts, v = sine_stream(8000, (300, 500, 700, 900))  # 4 bursts in 10 s: the 4th episode flaps
+        feed(p, records("dev-f", ts[:950], v[:950]))
+        assert anomalies(p)[-1]["status"] == "firing" and not anomalies(p)[-1]["silenced"]  # paged, open
+        paged = anomalies(p)[-1]["alert_id"]
+        send(c, "silence", "dev-f", for_s=7200)
+        end = 1100 if lift else len(ts)
+        feed(p, records("dev-f", ts[950:end], v[950:end], first_offset=95))
+        if lift:
+            send(c, "unsilence", "dev-f")
+            assert p.page_unsilenced() == 0  # nothing was held back
+            feed(p, records("dev-f", ts[end:], v[end:], first_offset=110))
+        later = [d for d in anomalies(p) if d["alert_id"] == paged][1:]
+        assert [(d["status"], d["flapping"]) for d in later] == [("firing", True), ("resolved", True)]
+        assert not any(d["silenced"] or d.get("after_silence") for d in later)
+        assert p.metrics.total("tsmon_alerts_fired_total") == 4  # one page per episode
+
+
 def test_a_false_positive_verdict_feeds_the_whole_episode_once_and_a_retraction_takes_it_back(make: Make) -> None:
     p = make()
     c = controller(p)
