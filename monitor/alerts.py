@@ -103,7 +103,7 @@ class Episode:
             if len(self.scores) < 64:
                 self.scores.append(obs.score)
             self.last_over_ts = obs.end_ts
-            if obs.score / obs.threshold > self.peak.score / self.peak.threshold:
+            if _ratio(obs) > _ratio(self.peak):
                 self.peak = obs
 
 
@@ -278,8 +278,11 @@ class AlertState:
         return hashlib.sha256(f"{self.model}|{self.stream}|{obs.start_ts}".encode()).hexdigest()[:20]
 
 
+RATIO_CAP = 1e12  # score / threshold past it is reported as it: JSON has no infinity (a pin of 1e-310 made one)
+
+
 def _ratio(obs: Observation) -> float:
-    return obs.score / obs.threshold
+    return min(obs.score / obs.threshold, RATIO_CAP)
 
 
 def severity(ratio: float, s: AlertSettings) -> str:
@@ -303,7 +306,7 @@ def alert_doc(stream: str, t: Transition, model: dict[str, str], channel_names: 
     """The JSON body of a ``firing`` or ``resolved`` message."""
     ep = t.episode
     peak, last = ep.peak, ep.last or ep.peak
-    ratio = peak.score / peak.threshold
+    ratio = _ratio(peak)
     return {
         "type": "anomaly", "alert_id": ep.alert_id, "stream": stream, "status": t.status,
         "flapping": ep.flapping, "severity": severity(ratio, s),

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from monitor.alerts import AlertSettings
+from monitor.alerts import RATIO_CAP, AlertSettings
 from monitor.control import (
     ACK_PART_BYTES,
     COMMANDS,
@@ -277,6 +277,19 @@ def test_pin_silence_and_audit_on_a_processor(make: Make) -> None:
     failed = send(c, "pin", "dev-a", threshold=-1)
     assert failed["status"] == "failed" and "finite and > 0" in failed["error"]
     assert send(c, "silence", "dev-a", for_s=0)["status"] == "failed"
+
+
+def test_a_tiny_pin_gives_capped_ratios_not_a_stopped_daemon(make: Make) -> None:
+    """A pin of 1e-310 passed both checks (finite, > 0); score / threshold then overflowed to inf and the alert
+    could not be written as JSON: the loop stopped, and the persisted pin stopped it again at every start."""
+    p = make()
+    c = controller(p)
+    ts, v = sine_stream(1000, (600,))
+    feed(p, records("dev-p", ts[:200], v[:200]))
+    assert send(c, "pin", "dev-p", threshold=1e-310)["status"] == "applied"
+    feed(p, records("dev-p", ts[200:], v[200:], first_offset=20))
+    fired = anomalies(p)[0]
+    assert fired["status"] == "firing" and fired["ratio"] == RATIO_CAP and fired["severity"] == "critical"
 
 
 def test_silenced_alerts_are_recorded_not_paged_and_page_when_the_silence_ends(make: Make) -> None:
