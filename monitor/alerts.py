@@ -294,10 +294,11 @@ def iso(ts_ms: int) -> str:
 
 
 def top_channels(errors: np.ndarray, names: list[str], k: int = 3) -> list[dict[str, Any]]:
-    """The channels that contribute most to a window's error, with their share of it."""
+    """The channels that contribute most to a window's error, with their share of it; ``ch{i}`` past the end of
+    ``names`` (an alert of a model with more channels, resolved under the one that replaced it)."""
     total = float(np.sum(errors))
     order = np.argsort(-errors)[:k]
-    return [{"channel": names[c], "error": round(float(errors[c]), 6),
+    return [{"channel": names[c] if c < len(names) else f"ch{c}", "error": round(float(errors[c]), 6),
              "share": round(float(errors[c]) / total, 4) if total > 0 else 0.0} for c in order]
 
 

@@ -485,6 +485,16 @@ def test_stream_state_document_round_trip(make: Make) -> None:
     assert closed["alert_id"] == anomalies(p)[0]["alert_id"] and closed["status"] == "resolved"
     assert closed["reset"] and closed["model_changed"] and r.streams["dev-x"].alerts.episode is None
     assert closed["model"] == other["model"] and not r.streams["dev-x"].recent_alerts  # no verdict on other scales
+    # a model with three channels wrote it (the route now has one): resolving it raised IndexError out of
+    # handle(), and the document, never rewritten, did so again at every start
+    wider = json.loads(json.dumps(other))
+    for k in ("start", "peak", "fired", "last"):
+        wider["alerts"]["episode"][k]["channel_errors"] = [0.1, 0.2, 5.0]
+    w = make()
+    w.restored = {"dev-x": wider}
+    feed(w, records("dev-x", ts[:100], v[:100]))
+    [closed] = anomalies(w)
+    assert closed["status"] == "resolved" and closed["top_channels"][0]["channel"] == "ch2"
 
 
 def test_an_anomaly_going_on_at_a_model_rotation_pages_under_a_new_id(make: Make, served: Served) -> None:
