@@ -43,6 +43,7 @@ class Series:
     sha256: str = ""
     path: str = ""
     dropped_out_of_order: int = 0  # rows skipped because their timestamp repeated or went back
+    rows: np.ndarray | None = None  # file row of each sample when rows were skipped (else sample i is row i)
 
 
 @dataclass(frozen=True)
@@ -117,15 +118,16 @@ def _pick(columns: list[str], wanted: str | None, names: tuple[str, ...], what: 
 
 def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp_col: str | None = None,
                 label_col: str | None = None, windows: str | Path | None = None,
-                out_of_order: str = "error") -> Series:
+                out_of_order: str = "error", labels_wanted: bool = True) -> Series:
     """Read a CSV (optionally gzipped) or Parquet file: optional timestamp and 0/1 label, value columns.
 
     ``windows``: a JSON file of labelled anomaly windows (see :func:`anomaly_windows`) that gives the labels
     instead of a label column. Rows whose timestamp repeats or goes back (``out_of_order``): ``error``,
     ``drop`` (counted in ``Series.dropped_out_of_order``), or ``keep`` (replay-eval: the daemon dead-letters
-    them, as it would in production).
+    them, as it would in production). ``labels_wanted=False``: no label column is looked for (scoring a
+    file whose label column is partly empty must not fail on it).
     """
-    dropped = 0
+    dropped, rows = 0, None
     if out_of_order not in ("error", "drop", "keep"):
         raise DataError(f"out_of_order must be error, drop or keep, not {out_of_order!r}")
     p = Path(path)
@@ -145,7 +147,8 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         raise DataError(f"{p} has no rows")
     cols = [str(c) for c in df.columns]
     df.columns = cols
-    ts, lab = _pick(cols, timestamp_col, TIMESTAMP_NAMES, "timestamp"), _pick(cols, label_col, LABEL_NAMES, "label")
+    ts = _pick(cols, timestamp_col, TIMESTAMP_NAMES, "timestamp")
+    lab = _pick(cols, label_col, LABEL_NAMES, "label") if labels_wanted else None
     values = value_cols or [c for c in cols if c not in (ts, lab) and c != "sample"]
     if not values:
         raise DataError(f"{p}: no value columns (columns are {cols})")
@@ -182,7 +185,7 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
                             f"file, or drop such rows with --out-of-order drop")
         if len(back) and out_of_order == "drop":
             keep = np.r_[True, stamps[1:] > np.maximum.accumulate(stamps)[:-1]]
-            dropped = int((~keep).sum())
+            dropped, rows = int((~keep).sum()), np.flatnonzero(keep)
             df, stamps = df[keep], stamps[keep]
             labels = labels[keep] if labels is not None else None
     if windows is not None:
@@ -191,7 +194,7 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         if stamps is None:
             raise DataError(f"{p}: anomaly windows are timestamps, so the file needs a timestamp column")
         labels = window_labels(stamps, anomaly_windows(windows, p.name))
-    return Series(df[values].to_numpy("float32"), values, stamps, labels, sha256_bytes(raw), str(p), dropped)
+    return Series(df[values].to_numpy("float32"), values, stamps, labels, sha256_bytes(raw), str(p), dropped, rows)
 
 
 def anomaly_windows(path: str | Path, data_name: str) -> list[tuple[np.datetime64, np.datetime64]]:

@@ -169,7 +169,8 @@ def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, ti
         cols = list(det.channel_names)  # the model's channel order, whatever order they were given in
     elif value_col:
         log.warning("channels_mapped_by_position", model=det.channel_names, columns=cols)
-    series = read_series(path, cols, timestamp_col, None, out_of_order=_order(out_of_order))  # names a missing column
+    series = read_series(path, cols, timestamp_col, None, out_of_order=_order(out_of_order),  # names a missing column
+                         labels_wanted=False)  # labels are not used: a partly empty label column must not fail
     if series.values.shape[1] != det.channels:
         raise DataError(f"model expects {det.channels} channel(s) {det.channel_names}, {path} gives "
                         f"{series.values.shape[1]} {series.channels}; choose them with --value-col")
@@ -200,15 +201,15 @@ def score(
     s = det.score(np.ascontiguousarray(wins[ok]))
     kept = ends[ok]
     frame = pd.DataFrame({"window": np.flatnonzero(ok)})  # the --index of `tsmon inspect`
-    frame["end_sample"] = kept
+    frame["end_sample"] = kept if series.rows is None else series.rows[kept]  # the file's row, past dropped ones
     if series.timestamps is not None:
         # UTC, and saying so: a file with +02:00 offsets read back two hours off without the Z
         frame["timestamp"] = pd.to_datetime(series.timestamps[kept]).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    frame["score"] = s.window
+    frame["score"] = np.where(np.isfinite(s.window), s.window, np.nan)  # empty in the CSV: inf was written
     frame["threshold"] = det.threshold.value
     frame["is_anomaly"] = (~(s.window <= det.threshold.value)).astype(int)  # a NaN score is not normal
     for i, name in enumerate(det.channel_names):
-        frame[f"error_{name}"] = s.channel[:, i]
+        frame[f"error_{name}"] = np.where(np.isfinite(s.channel[:, i]), s.channel[:, i], np.nan)
     output.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(output, index=False)
     dropped, nonfinite = int((~ok).sum()), int((~np.isfinite(s.window)).sum())
@@ -216,8 +217,11 @@ def score(
         log.warning("windows_dropped_nonfinite", count=dropped, reason="NaN or inf in window")
     if nonfinite:  # finite values beyond the model's range (e.g. 3e38): flagged, never called normal
         log.warning("windows_nonfinite_score", count=nonfinite, consequence="is_anomaly = 1, score empty")
+    if series.dropped_out_of_order:
+        log.warning("rows_dropped_out_of_order", count=series.dropped_out_of_order,
+                    reason="timestamp repeats or goes back", consequence="end_sample keeps the file's row numbers")
     log.info("scored", windows=len(frame), anomalies=int(frame["is_anomaly"].sum()), dropped=dropped,
-             output=str(output))
+             rows_dropped_out_of_order=series.dropped_out_of_order, output=str(output))
 
 
 AlertOpt = Annotated[str | None, typer.Option(

@@ -239,12 +239,14 @@ def test_score_never_calls_a_window_normal_when_its_score_is_not_finite(dense_ar
     # finite values beyond float32's range once normalised (3e38) score NaN: that was written as is_anomaly = 0
     df = pd.read_csv(series_csv)
     df.loc[3000:3005, "ch0"] = 3e38
+    df.loc[1000:1005, "ch0"] = 1e38  # scores inf, which was written as "inf", not left empty
     huge, out = tmp_path / "huge.csv", tmp_path / "scores.csv"
     df.to_csv(huge, index=False)
     code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(huge), "--output", str(out))
     scores = pd.read_csv(out)
     nonfinite = scores[scores["score"].isna()]
     assert code == 0 and len(nonfinite) > 0 and nonfinite["is_anomaly"].all()
+    assert "inf" not in out.read_text() and scores.loc[scores["end_sample"].between(1000, 1040), "score"].isna().all()
     assert '"windows_nonfinite_score"' in err and "RuntimeWarning" not in err
 
 
@@ -286,9 +288,18 @@ def test_score_drops_rows_out_of_order_when_asked(dense_artifact: Path, series_c
     out = tmp_path / "scores.csv"
     code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(repeated), "--output", str(out))
     assert code == 1 and "--out-of-order drop" in err
-    code, _, _ = run(capsys, "score", "--model", str(dense_artifact), "--input", str(repeated), "--output", str(out),
-                     "--out-of-order", "drop")
-    assert code == 0 and len(pd.read_csv(out)) == (4000 - 40) // 10 + 1
+    file = pd.read_csv(repeated)
+    file.loc[2000:2010, "label"] = np.nan  # a label column with gaps: score never reads it (it failed on it)
+    file.to_csv(repeated, index=False)
+    code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(repeated), "--output", str(out),
+                       "--out-of-order", "drop")
+    scores = pd.read_csv(out)
+    assert code == 0 and len(scores) == (4000 - 40) // 10 + 1
+    assert '"rows_dropped_out_of_order"' in err and '"count": 1' in err
+    # end_sample is the file's row: past the dropped one it was the row before (the filtered series' index)
+    stamps = pd.to_datetime(file["timestamp"], utc=True).dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert (stamps.iloc[scores["end_sample"]].to_numpy() == scores["timestamp"].to_numpy()).all()
+    assert scores["end_sample"].iloc[-1] == len(file) - 1
 
 
 def test_a_beat_model_is_evaluated_on_the_windows_score_cuts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
