@@ -310,13 +310,24 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
     # was fitted, stopped and thresholded on, and an anomaly before the split counted as a test detection
     test_idx = np.flatnonzero(ok & (ends - wins.shape[1] + 1 >= split))
     val_start = int(ends[fit_idx[len(fit_idx) - n_val]]) - wins.shape[1] + 1  # first sample of the first one
+    # training windows end before it: overlapping ones shared samples with the windows the model was stopped and
+    # thresholded on, biasing the validation errors (and the threshold) low
+    train_idx = fit_idx[: len(fit_idx) - n_val]
+    train_idx = train_idx[ends[train_idx] < val_start]
+    if len(train_idx) == 0:
+        raise DataError(f"{Path(series.path).name}: no training window ends before the validation windows start "
+                        f"(sample {val_start}); give it more data or a larger --train-fraction")
+    test_bad = ~ok & (ends - wins.shape[1] + 1 >= split)
     summary = {"source": series.path, "sha256": series.sha256, "samples": len(series.values),
                "split_sample": split, "val_start_sample": val_start, "train_fraction": train_fraction,
                "window_count": len(ends),  # "windows" is the label windows file (DataSpec)
-               "dropped_nonfinite": int((~ok).sum()), "train": len(fit_idx) - n_val, "val": n_val,
-               "test": len(test_idx), "dropped_out_of_order": series.dropped_out_of_order}
+               "dropped_nonfinite": int((~ok).sum()), "train": len(train_idx), "val": n_val,
+               "train_dropped_overlapping": len(fit_idx) - n_val - len(train_idx),
+               "test": len(test_idx), "test_dropped_nonfinite": int(test_bad.sum()),
+               "test_anomalies_dropped_nonfinite": int((test_bad & (win_label > 0)).sum()),
+               "dropped_out_of_order": series.dropped_out_of_order}
     return Dataset(Path(series.path).name, window, hop, series.channels,
-                   np.ascontiguousarray(wins[fit_idx[: len(fit_idx) - n_val]]),
+                   np.ascontiguousarray(wins[train_idx]),
                    np.ascontiguousarray(wins[fit_idx[len(fit_idx) - n_val :]]),
                    np.ascontiguousarray(wins[test_idx]),
                    win_label[test_idx] if series.labels is not None else None,

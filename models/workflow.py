@@ -156,7 +156,10 @@ def evaluate(detector: Detector, data: Dataset, with_baseline: bool = True) -> d
         raise DataError("no test windows left after the training split")
     scores = detector.score(data.test).window
     out: dict[str, Any] = {"model": detector.kind, **report(data.test_labels, scores, detector.threshold.value),
-                           "test_windows": len(data.test), "test_anomalies": int(data.test_labels.sum())}
+                           "test_windows": len(data.test), "test_anomalies": int(data.test_labels.sum()),
+                           # windows holding NaN/inf are not scored: not in the metrics above, counted here
+                           "test_windows_dropped_nonfinite": int(data.summary.get("test_dropped_nonfinite", 0)),
+                           "test_anomalies_dropped_nonfinite": int(data.summary.get("test_anomalies_dropped_nonfinite", 0))}
     if data.series is not None and data.series.labels is not None and data.test_ends is not None:
         flagged = data.test_ends[~(scores <= detector.threshold.value)]
         span = (int(data.test_ends[0]) - data.window + 1, int(data.test_ends[-1]))

@@ -153,11 +153,18 @@ def eval_(
         log.warning("channels_mapped_by_position", model=det.channel_names, reason=f"{data} lacks these names")
     ds = load_dataset(spec)
     result = evaluate(det, ds)
+    dropped = result["test_windows_dropped_nonfinite"]
+    if dropped:  # labelled windows among them vanished from the metrics without a word
+        log.warning("test_windows_dropped_nonfinite", count=dropped,
+                    anomalous=result["test_anomalies_dropped_nonfinite"], reason="NaN or inf in window",
+                    consequence="not scored, not in the metrics")
     if as_json:
         emit_json(result)
     else:
+        unscored = f", {dropped} with NaN/inf not scored" if dropped else ""
         stdout.print(eval_table(result, f"{det.kind} on {ds.name} ({ds.summary.get('protocol', 'chronological split')}, "
-                                        f"{result['test_windows']} test windows, {result['test_anomalies']} anomalous)"))
+                                        f"{result['test_windows']} test windows, {result['test_anomalies']} anomalous"
+                                        f"{unscored})"))
 
 
 def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, timestamp_col: str | None,

@@ -67,6 +67,12 @@ def test_nan_windows_are_dropped_and_counted(tmp_path: Path) -> None:
     df.to_csv(tmp_path / "n.csv", index=False)
     ds = series_dataset(read_series(tmp_path / "n.csv"), window=40, hop=10)
     assert ds.summary["dropped_nonfinite"] == 8  # 4 windows cover each bad sample
+    assert ds.summary["test_dropped_nonfinite"] == 0
+    df.loc[1800, "ch0"] = np.nan  # in the test part, and in a labelled window: counted apart (eval reports it)
+    df.loc[1800, "label"] = 1
+    df.to_csv(tmp_path / "n.csv", index=False)
+    ds = series_dataset(read_series(tmp_path / "n.csv"), window=40, hop=10)
+    assert (ds.summary["test_dropped_nonfinite"], ds.summary["test_anomalies_dropped_nonfinite"]) == (4, 4)
     assert np.isfinite(ds.train).all() and np.isfinite(ds.val).all() and np.isfinite(ds.test).all()
 
 
@@ -82,9 +88,10 @@ def test_the_summary_names_where_the_validation_windows_start(tmp_path: Path) ->
     pd.DataFrame({"v": np.arange(1000.0)}).to_csv(tmp_path / "s.csv", index=False)
     ds = series_dataset(read_series(tmp_path / "s.csv"), window=40, hop=10, train_fraction=0.5)
     # 47 windows end before sample 500 (39, 49, …, 499); the last round(0.2 × 47) = 9 validate, the first of
-    # them is window 38: samples 380 … 419
-    assert (ds.summary["train"], ds.summary["val"]) == (38, 9)
-    assert ds.summary["val_start_sample"] == 380 and ds.val[0, 0, 0] == 380.0
+    # them is window 38: samples 380 … 419. Training windows end before it: 35 (the last, 340 … 379); windows
+    # 35–37 shared samples with it and trained the model whose validation errors set the threshold
+    assert (ds.summary["train"], ds.summary["val"], ds.summary["train_dropped_overlapping"]) == (35, 9, 3)
+    assert ds.summary["val_start_sample"] == 380 and ds.val[0, 0, 0] == 380.0 and ds.train[-1, -1, 0] == 379.0
 
 
 @pytest.mark.parametrize("content, message", [

@@ -49,9 +49,19 @@ def test_train_eval_json(dense_artifact: Path, series_csv: Path, capsys: pytest.
     assert r["events"]["mean_delay_samples"] is not None
 
 
-def test_eval_table(dense_artifact: Path, series_csv: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_table(dense_artifact: Path, series_csv: Path, tmp_path: Path,
+                    capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(series_csv))
     assert code == 0 and "PCA baseline" in out and "ROC-AUC" in out and "event recall" in out
+    # a NaN in a labelled test window: the window left the metrics without a word
+    holed = tmp_path / "holed.csv"
+    df = pd.read_csv(series_csv)
+    df.loc[3310, "ch1"] = np.nan
+    df.to_csv(holed, index=False)
+    code, out, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(holed), "--json")
+    result = json.loads(out)
+    assert code == 0 and result["test_windows_dropped_nonfinite"] == 4 == result["test_anomalies_dropped_nonfinite"]
+    assert result["baseline"]["test_windows_dropped_nonfinite"] == 4 and '"test_windows_dropped_nonfinite"' in err
 
 
 def test_score_writes_one_row_per_window(dense_artifact: Path, series_csv: Path, tmp_path: Path,
