@@ -100,6 +100,15 @@ def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int, warmup: float) 
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(warmup, 2.0 / steps))
 
 
+def _batches(perm: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Mini-batches of ``size``; a last one of a single window joins the one before (batch norm cannot
+    train on one window: 193 windows at batch 32 ended in a traceback)."""
+    parts = list(torch.split(perm, size))
+    if len(parts) > 1 and len(parts[-1]) == 1:
+        parts[-2:] = [torch.cat(parts[-2:])]
+    return parts
+
+
 def _loss(model: Autoencoder, x: torch.Tensor, target: torch.Tensor, cfg: TrainConfig, kl_beta: float) -> torch.Tensor:
     out = model(x)
     diff = out.recon - target
@@ -141,7 +150,9 @@ def fit(model: Autoencoder, train: np.ndarray, val: np.ndarray, cfg: TrainConfig
         result.seconds = time.perf_counter() - start
         return result
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    per_epoch = math.ceil(len(xt) / cfg.batch_size)
+    if len(xt) == 1 and any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules()):
+        raise DataError("batch norm needs at least 2 training windows (got 1): give more data or drop --batch-norm")
+    per_epoch = len(_batches(torch.arange(len(xt)), cfg.batch_size))
     epochs = max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
     steps = epochs * per_epoch
     patience = max(cfg.patience, round(cfg.patience * epochs / cfg.epochs))  # scaled with min_steps
@@ -152,7 +163,7 @@ def fit(model: Autoencoder, train: np.ndarray, val: np.ndarray, cfg: TrainConfig
     for epoch in range(1, epochs + 1):
         model.train()
         perm, total = torch.randperm(len(xt), generator=gen).to(device), 0.0
-        for idx in torch.split(perm, cfg.batch_size):
+        for idx in _batches(perm, cfg.batch_size):
             target = xt[idx]
             x = target + cfg.noise_std * torch.randn_like(target) if cfg.noise_std else target
             loss = _loss(model, x, target, cfg, kl_beta)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.data import make_windows
-from models.errors import ModelConfigError
+from models.errors import DataError, ModelConfigError
 from models.evaluate import roc_auc
 from models.registry import KINDS, build
 from models.scaling import Scaler
@@ -85,6 +85,11 @@ def test_denoising_and_sparsity_options_train() -> None:
     m = build("dense", {"window": 24, "channels": 2, "hidden": [16], "code": 4, "dropout": 0.1, "batch_norm": True})
     res = fit(m, x[:100], x[100:], TrainConfig(epochs=3, noise_std=0.2, sparsity=1e-3, loss="mse"))
     assert res.epochs_run == 3 and np.isfinite(res.best_val_loss)
+    # 97 windows at batch 32 leave a last batch of one, which batch norm cannot train on (a traceback)
+    res = fit(m, x[:97], x[100:], TrainConfig(epochs=2, batch_size=32))
+    assert res.epochs_run == 2 and np.isfinite(res.best_val_loss)
+    with pytest.raises(DataError, match="batch norm needs at least 2 training windows"):
+        fit(m, x[:1], x[100:], TrainConfig(epochs=1))
 
 
 def test_vae_elbo_score_is_larger_than_reconstruction() -> None:
