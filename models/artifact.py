@@ -154,6 +154,8 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
             raise ValueError(f"validation_error_quantiles must be finite errors >= 0, got {quantiles}"[:200])
         if not isinstance(m.get("training", {}), dict):  # eval and inspect read its data summary
             raise TypeError(f"training must be an object, got {m['training']!r}"[:200])
+        if not isinstance(m.get("training", {}).get("data", {}), dict):  # bench, replay-eval read it too
+            raise TypeError(f"training.data must be an object, got {m['training']['data']!r}"[:200])
         names = m["channels"]
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
             raise TypeError(f"channels must be a list of names, got {names!r}")

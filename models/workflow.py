@@ -13,7 +13,8 @@ import torch
 
 from models.data import Dataset, load_ecg5000, read_series, series_dataset
 from models.detector import DEFAULT_QUANTILE, Detector, Threshold, check_downsample, error_quantiles, pool
-from models.errors import DataError
+from models.beats import rule_of
+from models.errors import ArtifactError, DataError
 from models.evaluate import event_metrics, report
 from models.registry import build
 from models.scaling import Scaler
@@ -79,6 +80,16 @@ def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None,
     the one training used.
     """
     trained = manifest.get("training", {}).get("data", {})
+    if not isinstance(trained, dict):  # .get on it raised AttributeError: a traceback
+        raise ArtifactError(f"manifest training.data must be an object, got {trained!r}"[:200])
+    try:
+        return _spec(manifest, trained, source, protocol, windows)
+    except (TypeError, ValueError) as exc:  # a hand-edited summary ("train_fraction": "abc"): one line, not a traceback
+        raise ArtifactError(f"manifest training.data is unusable: {exc}"[:300]) from None
+
+
+def _spec(manifest: dict[str, Any], trained: dict[str, Any], source: str, protocol: str | None,
+          windows: str | None) -> DataSpec:
     if source == "ecg5000":
         if trained.get("source") != "ecg5000":
             raise DataError("this model was not trained on ecg5000; evaluate it on its own kind of data")
@@ -92,6 +103,8 @@ def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None,
     # the model's channels by name, in its order (by position, a file with its columns in another order was
     # evaluated on swapped channels, and one with other names was evaluated at all); a missing one is an error
     names = tuple(manifest["channels"])
+    if trained.get("align") == "beats" and rule_of(manifest.get("windowing")) is None:
+        raise ValueError(f"align is beats but the windowing is {manifest.get('windowing')!r}")
     return DataSpec(source, window=int(manifest["window"]), hop=int(manifest["hop"]),
                     value_cols=names,
                     timestamp_col=trained.get("timestamp_col"), label_col=trained.get("label_col"),

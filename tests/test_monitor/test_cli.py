@@ -289,6 +289,22 @@ def test_more_bad_input_gives_one_line(dense_artifact: Path, tmp_path: Path, cap
     assert code == 1 and "validation_error_quantiles must be an object" in err
 
 
+def test_a_bad_training_summary_in_the_manifest_gives_one_line(dense_artifact: Path, series_csv: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # each was a 40-line traceback from eval (AttributeError, ValueError, TypeError from BeatRule.fit)
+    manifest = json.loads((dense_artifact / "manifest.json").read_text())
+    data = manifest["training"]["data"]
+    cases = [([], "training.data must be an object"), ({**data, "train_fraction": "abc"}, "training.data is unusable"),
+             ({**data, "align": "beats"}, "align is beats but the windowing is")]
+    for i, (bad, message) in enumerate(cases):
+        broken = tmp_path / f"m{i}"
+        broken.mkdir()
+        (broken / "weights.safetensors").write_bytes((dense_artifact / "weights.safetensors").read_bytes())
+        (broken / "manifest.json").write_text(json.dumps({**manifest, "training": {**manifest["training"], "data": bad}}))
+        code, _, err = run(capsys, "eval", "--model", str(broken), "--data", str(series_csv))
+        assert code == 1 and message in err and "Traceback" not in err, bad
+
+
 def test_score_drops_rows_out_of_order_when_asked(dense_artifact: Path, series_csv: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     # the error named --out-of-order drop, which score did not have
