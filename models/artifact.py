@@ -35,6 +35,12 @@ REQUIRED = ("kind", "params", "window", "hop", "channels", "loss", "normalisatio
             "validation_error_quantiles", "threshold", "weights")
 
 
+def weights_blob(state: dict[str, torch.Tensor], kind: str) -> bytes:
+    """The safetensors bytes of ``state``: one metadata key, since safetensors writes several in a per-process hash
+    order — the same weights gave another file and sha256 (the model version in alert ids) run after run."""
+    return st_save(state, metadata={"format": f"{FORMAT}/{kind}"})
+
+
 def save(detector: Detector, path: str | Path, training: dict[str, Any] | None = None) -> Path:
     """Write ``detector`` to the directory ``path`` (created; an existing artifact there is replaced whole).
 
@@ -44,7 +50,7 @@ def save(detector: Detector, path: str | Path, training: dict[str, Any] | None =
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in detector.model.state_dict().items()}
-    blob = st_save(state, metadata={"format": FORMAT, "kind": detector.kind})
+    blob = weights_blob(state, detector.kind)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION if detector.downsample > 1 else 1,  # 2: downsample; 1 still reads as before

@@ -187,3 +187,16 @@ def test_a_save_that_fails_leaves_the_previous_artifact_whole(trained, tmp_path:
         artifact.save(broken, copy)
     np.testing.assert_array_equal(artifact.load(copy, device="cpu").score(ds.test).window, det.score(ds.test).window)
     assert sorted(p.name for p in copy.iterdir()) == ["manifest.json", "weights.safetensors"]
+
+
+def test_the_same_weights_give_the_same_file_in_every_process() -> None:
+    """safetensors writes its metadata keys in a per-process hash order: two keys gave two files (and two
+    sha256, the model version in alert ids) for the same weights, about every other run."""
+    import subprocess
+    import sys
+
+    code = ("import hashlib, torch; from models.artifact import weights_blob; "
+            "print(hashlib.sha256(weights_blob({'w': torch.arange(6.0).reshape(2, 3)}, 'lstm')).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[2]).stdout for _ in range(6)}
+    assert len(digests) == 1
