@@ -95,37 +95,33 @@ def runs(mask: np.ndarray) -> list[Event]:
     return [Event(int(a), int(b) - 1) for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1))]
 
 
-def event_metrics(sample_labels: np.ndarray, alarm_ends: np.ndarray, window: int,
+def event_metrics(sample_labels: np.ndarray, window_ends: np.ndarray, flagged: np.ndarray, window: int,
                   tolerance: int = 0, span: tuple[int, int] | None = None) -> dict[str, Any]:
     """Event-level recall/precision and detection delay (samples), no point adjustment.
 
-    A labelled event is an unbroken run of label 1. An alarm is a window flagged anomalous, covering
-    samples ``[end - window + 1, end]``; consecutive alarms merge into one alarm episode. An event is
-    detected when an alarm window overlaps ``[start, end + tolerance]``; its delay is the first such
-    window's end minus the event start (at least 0). An alarm episode is true when it overlaps any
-    event (with the same tolerance). ``span`` limits events to the scored part of the series.
+    ``window_ends``: the last sample of every scored window, in order; ``flagged``: which of them alarmed. A
+    labelled event is an unbroken run of label 1. An alarm is a flagged window, covering samples
+    ``[end - window + 1, end]``; alarms of consecutive windows merge into one alarm episode (windows that
+    merely share samples do not: with a hop under the window, a false alarm three windows after a true
+    one was absorbed into it). An event is detected when an alarm window overlaps ``[start, end +
+    tolerance]``; its delay is the first such window's end minus the event start (at least 0). An alarm
+    episode is true when it overlaps any event (with the same tolerance). ``span`` limits events to the
+    scored part of the series.
     """
     labels = np.asarray(sample_labels).astype(bool)
     events = runs(labels)
     if span is not None:
         events = [e for e in events if e.end >= span[0] and e.start <= span[1]]
-    ends = np.sort(np.asarray(alarm_ends, dtype="int64"))
+    all_ends = np.asarray(window_ends, dtype="int64")
+    flagged = np.asarray(flagged, dtype=bool)
+    ends = all_ends[flagged]
     starts = ends - window + 1
     delays: list[int] = []
     for e in events:
         hit = np.flatnonzero((ends >= e.start) & (starts <= e.end + tolerance))
         if len(hit):
             delays.append(max(0, int(ends[hit[0]]) - e.start))
-    episodes, cur = [], None
-    for s, e in zip(starts, ends):
-        if cur is not None and s <= cur[1] + 1:
-            cur = (cur[0], max(cur[1], int(e)))
-        else:
-            if cur is not None:
-                episodes.append(cur)
-            cur = (int(s), int(e))
-    if cur is not None:
-        episodes.append(cur)
+    episodes = [(int(all_ends[r.start]) - window + 1, int(all_ends[r.end])) for r in runs(flagged)]
     true_eps = sum(any(a <= ev.end + tolerance and b >= ev.start for ev in events) for a, b in episodes)
     return {
         "events": len(events),

@@ -174,9 +174,10 @@ def evaluate(detector: Detector, data: Dataset, with_baseline: bool = True) -> d
                            "test_windows_dropped_nonfinite": int(data.summary.get("test_dropped_nonfinite", 0)),
                            "test_anomalies_dropped_nonfinite": int(data.summary.get("test_anomalies_dropped_nonfinite", 0))}
     if data.series is not None and data.series.labels is not None and data.test_ends is not None:
-        flagged = data.test_ends[~(scores <= detector.threshold.value)]
+        flagged = ~(scores <= detector.threshold.value)
         span = (int(data.test_ends[0]) - data.window + 1, int(data.test_ends[-1]))
-        out["events"] = event_metrics(data.series.labels, flagged, data.window, tolerance=data.window, span=span)
+        out["events"] = event_metrics(data.series.labels, data.test_ends, flagged, data.window,
+                                      tolerance=data.window, span=span)
     if with_baseline:
         out["baseline"] = evaluate(baseline(data, detector), data, with_baseline=False)
     return out

@@ -46,8 +46,20 @@ def test_event_metrics_by_hand() -> None:
     labels[60:65] = 1  # event B (missed)
     # window 10: alarm windows ending at 27 and 28 (cover 18..28) hit A with delay 27-20 = 7;
     # the alarm ending at 90 (81..90) is a false episode
-    ev = event_metrics(labels, np.array([27, 28, 90]), window=10)
+    ends = np.arange(9, 100)  # a window ending at every sample
+    ev = event_metrics(labels, ends, np.isin(ends, [27, 28, 90]), window=10)
     assert ev["events"] == 2 and ev["events_detected"] == 1
     assert ev["event_recall"] == 0.5
     assert ev["alarm_episodes"] == 2 and ev["event_precision"] == 0.5
     assert ev["mean_delay_samples"] == 7.0
+
+
+def test_alarms_of_windows_that_only_share_samples_are_two_episodes() -> None:
+    """Window 40, hop 10: alarms at the windows ending 1060 and 1090, two normal windows between. Merged
+    because their samples touch, the false one (1051…1090, past the event's end + tolerance) was absorbed."""
+    labels = np.r_[np.zeros(1000), np.ones(10), np.zeros(200)].astype(int)
+    ends = np.arange(39, 1210, 10)
+    ev = event_metrics(labels, ends, np.isin(ends, [1059, 1089]), window=40, tolerance=40)
+    assert ev["alarm_episodes"] == 2 and ev["event_precision"] == 0.5 and ev["event_recall"] == 1.0
+    ev = event_metrics(labels, ends, np.isin(ends, [1059, 1069, 1079, 1089]), window=40, tolerance=40)
+    assert ev["alarm_episodes"] == 1 and ev["event_precision"] == 1.0  # consecutive windows: one episode
