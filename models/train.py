@@ -81,15 +81,21 @@ class TrainResult:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → ``cuda`` when available, else CPU."""
+    """``auto`` → ``cuda`` when available, else CPU; ``cpu`` and ``cuda[:N]`` are the others (``mps``, ``meta``
+    and a GPU number past the last one ended in a traceback from torch, later)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelConfigError(f"device {name!r} requested but CUDA is not available")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise ModelConfigError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ModelConfigError(f"device {name!r} is not supported: use auto, cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelConfigError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return device
 
 
 def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int, warmup: float) -> torch.optim.lr_scheduler.LRScheduler:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -51,6 +53,8 @@ def scorer(
         dets = [_untrained(k, window, channels, parse_params(param)).to(dev) for k in kinds]
     if precision not in PRECISIONS or daemon_batch < 1:
         raise DataError(f"--precision must be one of {', '.join(PRECISIONS)} and --daemon-batch >= 1")
+    if (batch_size is not None and batch_size < 1) or not 0 < seconds < math.inf:  # a traceback from torch
+        raise DataError(f"--batch-size must be >= 1 and --seconds a number > 0 (got {batch_size}, {seconds})")
     results = [bench_scorer(d, batch_size, seconds, daemon_batch=daemon_batch, precision=precision) for d in dets]
     if as_json:
         emit_json(results[0] if len(results) == 1 else results)

@@ -275,6 +275,9 @@ def test_more_bad_input_gives_one_line(dense_artifact: Path, tmp_path: Path, cap
         (["inspect", "--alert", str(binary), "--out", str(tmp_path / "a.png")], "not UTF-8 text"),
         (["ctl", "pin", "--stream", "s", "--threshold", "nan"], "--threshold must be finite and > 0"),
         (["ctl", "shadow", "--stream", "s", "--quantile", "inf"], "--quantile must be in (0, 1)"),
+        (["score", "--model", str(dense_artifact), "--input", str(binary), "--device", "mps"], "is not supported"),
+        (["score", "--model", str(dense_artifact), "--input", str(binary), "--device", "meta"], "is not supported"),
+        (["bench", "scorer", "--kind", "dense", "--batch-size", "-4", "--seconds", "0.1"], "--batch-size must be >= 1"),
     ]
     for args, message in cases:
         code, _, err = run(capsys, *args)
