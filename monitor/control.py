@@ -104,9 +104,12 @@ def verify(raw: bytes | None, key: str | None, max_age_s: float, now_s: float) -
         raise Refused("bad signature")
     cmd = _command(doc)
     try:
-        issued = datetime.fromisoformat(cmd.issued_at).timestamp()
+        at = datetime.fromisoformat(cmd.issued_at)
     except ValueError:
         raise Refused(f"issued_at is not an ISO time: {cmd.issued_at[:40]!r}") from None
+    if at.tzinfo is None:  # read in each host's own time zone, instances of one group disagreed on staleness
+        raise Refused(f"issued_at has no UTC offset (end it with Z): {cmd.issued_at[:40]!r}")
+    issued = at.timestamp()
     if not math.isfinite(issued) or abs(now_s - issued) > max_age_s:
         raise Refused(f"stale command: issued {now_s - issued:.0f} s ago (limit {max_age_s:g} s)")
     return cmd

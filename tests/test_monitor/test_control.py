@@ -73,6 +73,12 @@ def test_unsigned_wrong_key_stale_and_keyless_are_refused() -> None:
         verify(raw(doc), KEY, 60, time.time() + 61)
     with pytest.raises(Refused, match="no control key"):
         verify(raw(doc), None, 60, time.time())
+    # without an offset each host read it in its own time zone: fresh on UTC hosts, stale on others
+    naive = {k: v for k, v in doc.items() if k != "signature"}
+    naive["issued_at"] = naive["issued_at"].removesuffix("Z").split("+")[0]
+    naive["signature"] = signature(naive, KEY)
+    with pytest.raises(Refused, match="no UTC offset"):
+        verify(raw(naive), KEY, 60, time.time())
 
 
 def test_signed_but_malformed_commands_are_refused() -> None:
