@@ -421,6 +421,7 @@ class Calibrator:
         with self._lock:
             st = self._streams[stream]
             st.normal.clear(), st.recent.clear()
+            st.recent_frozen = 0  # left behind, a later thaw dropped that many windows never taken in frozen
             st.pinned = st.frozen = False
             st.before_pin = None
             return self._set(stream, st, st.state.artifact, "artifact", reason, samples=0)
@@ -502,6 +503,8 @@ class Calibrator:
             st.normal = Ring(self.settings.window, normal)
             st.recent = Ring(self.settings.drift.window, [x for x in recent if math.isfinite(x)])
             st.recent_frozen = min(recent_frozen, len(st.recent))
+            if not (frozen or self._frozen_all):  # thawed while away (unfreeze --all reaches resident streams only):
+                _thaw(st)  # the incident it was frozen against would have stayed drift evidence, for good
             self._on_change(stream, st.state)
             return st.state
 

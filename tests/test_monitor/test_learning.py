@@ -153,6 +153,50 @@ def test_a_freeze_during_a_known_incident_keeps_it_out_of_the_evidence() -> None
     assert run(incident=True) == pytest.approx(run(incident=False), rel=0.02)  # 0.669 and 0.666
 
 
+def test_windows_taken_in_frozen_leave_the_evidence_when_the_stream_comes_back_thawed() -> None:
+    """unfreeze --all thaws the streams in memory only: one evicted (or on another owner) under freeze --all came
+    back with its frozen windows counted and kept as drift evidence for good, and recalibrating accepted the
+    incident as the new normal (threshold 1.0 → 4.0). reset-stream left the count behind, so a later thaw
+    dropped that many windows never taken in frozen."""
+    from monitor.drift import DriftSettings
+
+    settings = CalibratorSettings(drift=DriftSettings(window=600, min_windows=200))
+    rng = np.random.default_rng(0)
+    a = Calibrator(settings)
+    a.register("s", 1.0)
+    normal = rng.lognormal(np.log(0.3), 0.2, 300)
+    a.observe("s", normal)
+    a.observe_all("s", normal)
+    a.frozen_all = True  # freeze --all: a known incident
+    a.observe_all("s", rng.lognormal(np.log(3.0), 0.2, 600))
+    doc = a.export("s")  # evicted now; unfreeze --all then reaches nothing
+    b = Calibrator(settings)
+    b.register("s", 1.0)
+    b.restore("s", doc)
+    assert b.controls("s") == {"pinned": False, "frozen": False}
+    assert b.export("s")["recent_frozen"] == 0
+    changed = b.recalibrate()  # from the normal errors: down, not to the incident's level as a new normal
+    assert changed["s"][1].value < 1.0 and not changed["s"][1].reason.startswith("new normal")
+    c = Calibrator(settings)
+    c.register("s", 1.0)
+    c.frozen_all = True
+    c.restore("s", doc)  # still under freeze --all: kept until it is lifted
+    assert c.export("s")["recent_frozen"] == 600  # the whole drift window
+    c.frozen_all = False
+    assert c.export("s")["recent_frozen"] == 0
+
+    cal = Calibrator(settings)
+    cal.register("s", 1.0)
+    cal.set_frozen("s", True)
+    cal.observe_all("s", np.full(100, 5.0))
+    cal.reset("s", "sensor replaced")
+    cal.observe_all("s", np.arange(300) / 1000)
+    cal.set_frozen("s", True)
+    cal.set_frozen("s", False)
+    assert len(cal.export("s")["recent"]) > 0 and cal.export("s")["recent_frozen"] == 0
+    assert len(cal._streams["s"].recent) == 300  # 100 of them were dropped
+
+
 def test_frozen_streams_learn_nothing_but_an_operators_verdict() -> None:
     cal = Calibrator(CalibratorSettings(window=100, min_samples=1))
     cal.register("s", 1.0)
