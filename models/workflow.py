@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from models.data import Dataset, load_ecg5000, read_series, series_dataset
+from models.data import Dataset, load_ecg5000, read_series, series_dataset, sha256_bytes
 from models.detector import DEFAULT_QUANTILE, Detector, Threshold, check_downsample, error_quantiles, pool
 from models.beats import rule_of
 from models.errors import ArtifactError, DataError
@@ -109,13 +110,22 @@ def _spec(manifest: dict[str, Any], trained: dict[str, Any], source: str, protoc
                     value_cols=names,
                     timestamp_col=trained.get("timestamp_col"), label_col=trained.get("label_col"),
                     train_fraction=float(trained.get("train_fraction", 0.5)),
-                    windows=windows or (trained.get("windows") if source == trained.get("source") else None),
+                    windows=windows or (trained.get("windows") if _training_file(source, trained) else None),
                     out_of_order=trained.get("out_of_order", "error"), align=trained.get("align", "sliding"),
                     beat_pre=int(trained.get("beat_pre", 0)), beat_refractory=int(trained.get("beat_refractory", 0)),
                     beat_baseline=int(trained.get("beat_baseline", 0)),
                     # refitted on another recording, the peak level found beats where score and the daemon,
                     # which keep the model's, find none: eval reported metrics on windows nothing else cuts
                     rule=manifest.get("windowing") if trained.get("align") == "beats" else None)
+
+
+def _training_file(source: str, trained: dict[str, Any]) -> bool:
+    """Is ``source`` the file the model was trained on? By its bytes (sha256), as replay-eval tells: by the path
+    string, ``./s.csv`` was another file than ``s.csv`` and eval lost the labels that training used."""
+    if source == trained.get("source"):
+        return True
+    path = Path(source)
+    return bool(trained.get("sha256")) and path.is_file() and sha256_bytes(path.read_bytes()) == trained["sha256"]
 
 
 def train_detector(data: Dataset, kind: str, params: dict[str, Any], cfg: TrainConfig,

@@ -308,6 +308,25 @@ def test_a_bad_training_summary_in_the_manifest_gives_one_line(dense_artifact: P
         assert code == 1 and message in err and "Traceback" not in err, bad
 
 
+def test_eval_of_the_training_file_by_another_path_keeps_its_label_windows(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # the labels come from a windows file; eval found it only when --data was the same string as in training
+    monkeypatch.chdir(tmp_path)
+    from tests.conftest import synthetic_series
+
+    df = synthetic_series(2000)
+    stamps = df["timestamp"].astype(str)
+    (tmp_path / "w.json").write_text(json.dumps([[stamps[1300], stamps[1329]], [stamps[1700], stamps[1729]]]))
+    df.drop(columns="label").to_csv(tmp_path / "s.csv", index=False)
+    code, _, err = run(capsys, "train", "--data", "s.csv", "--windows", "w.json", "--model", "pca", "--window", "40",
+                       "--out", "m")
+    assert code == 0, err
+    code, out, err = run(capsys, "eval", "--model", "m", "--data", "./s.csv", "--json")
+    assert code == 0, err
+    assert json.loads(out)["test_anomalies"] > 0
+
+
 def test_score_drops_rows_out_of_order_when_asked(dense_artifact: Path, series_csv: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     # the error named --out-of-order drop, which score did not have
