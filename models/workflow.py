@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.beats import rule_of
 from models.data import Dataset, load_ecg5000, read_series, series_dataset, sha256_bytes
 from models.detector import DEFAULT_QUANTILE, Detector, Threshold, check_downsample, error_quantiles, pool
-from models.beats import rule_of
 from models.errors import ArtifactError, DataError
 from models.evaluate import event_metrics, report
 from models.registry import build
