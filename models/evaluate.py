@@ -106,12 +106,13 @@ def event_metrics(sample_labels: np.ndarray, window_ends: np.ndarray, flagged: n
     one was absorbed into it). An event is detected when an alarm window overlaps ``[start, end +
     tolerance]``; its delay is the first such window's end minus the event start (at least 0). An alarm
     episode is true when it overlaps any event (with the same tolerance). ``span`` limits events to the
-    scored part of the series.
+    scored part of the series; one that began before it counts from there, as in replay-eval (its delay was
+    measured from a start in the training part).
     """
     labels = np.asarray(sample_labels).astype(bool)
     events = runs(labels)
     if span is not None:
-        events = [e for e in events if e.end >= span[0] and e.start <= span[1]]
+        events = [Event(max(e.start, span[0]), e.end) for e in events if e.end >= span[0] and e.start <= span[1]]
     all_ends = np.asarray(window_ends, dtype="int64")
     flagged = np.asarray(flagged, dtype=bool)
     ends = all_ends[flagged]

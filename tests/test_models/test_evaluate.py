@@ -63,3 +63,11 @@ def test_alarms_of_windows_that_only_share_samples_are_two_episodes() -> None:
     assert ev["alarm_episodes"] == 2 and ev["event_precision"] == 0.5 and ev["event_recall"] == 1.0
     ev = event_metrics(labels, ends, np.isin(ends, [1059, 1069, 1079, 1089]), window=40, tolerance=40)
     assert ev["alarm_episodes"] == 1 and ev["event_precision"] == 1.0  # consecutive windows: one episode
+
+
+def test_an_event_straddling_the_split_counts_from_the_scored_part() -> None:
+    labels = np.zeros(300, dtype=int)
+    labels[80:130] = 1  # begins 20 samples before the test part (100 on)
+    ends = np.arange(109, 300, 10)
+    ev = event_metrics(labels, ends, ends == 119, window=10, span=(100, 299))
+    assert ev["events_detected"] == 1 and ev["mean_delay_samples"] == 19.0  # from 100, not 39 from 80
