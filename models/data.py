@@ -256,9 +256,11 @@ def make_windows(values: np.ndarray, window: int, hop: int) -> tuple[np.ndarray,
     return view, ends
 
 
-def finite_windows(windows: np.ndarray) -> np.ndarray:
-    """Boolean mask of windows whose every value is finite."""
-    return np.isfinite(windows).all(axis=(1, 2))
+def finite_windows(windows: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Boolean mask of windows whose every value is finite; in chunks, since ``windows`` is usually a strided view
+    whose full ``isfinite`` would be window × channels bytes per window."""
+    return np.concatenate([np.isfinite(windows[i : i + chunk]).all(axis=(1, 2))
+                           for i in range(0, len(windows), chunk)] or [np.zeros(0, bool)])
 
 
 def windows_for(values: np.ndarray, window: int, hop: int,

@@ -402,3 +402,20 @@ def test_tsmon_run_logs_at_the_configured_level_and_format(stream_model: Path, m
         main(["--log-level", "INFO", "--log-format", "console", *args])  # the root flags win
     err = capsys.readouterr().err
     assert "models_warmed" in err and '"event"' not in err
+
+
+def test_scoring_in_chunks_gives_the_scores_of_one_pass(dense_artifact: Path, series_csv: Path) -> None:
+    from models import artifact
+    from models.data import finite_windows, make_windows
+    from monitor.commands.model_cmds import _score_in_chunks
+
+    det = artifact.load(dense_artifact, "cpu")
+    values = pd.read_csv(series_csv)[["ch0", "ch1"]].to_numpy("float32")
+    values[500, 1] = np.nan
+    wins, _ = make_windows(values, det.window, 3)
+    ok = finite_windows(wins, chunk=5)
+    assert ok.sum() == len(ok) - 13 and finite_windows(wins[:0]).shape == (0,)
+    whole = det.score(np.ascontiguousarray(wins[ok]))
+    score, channel = _score_in_chunks(det, wins, ok, chunk=7)
+    np.testing.assert_array_equal(score, whole.window)
+    np.testing.assert_array_equal(channel, whole.channel)
