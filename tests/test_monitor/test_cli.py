@@ -417,5 +417,5 @@ def test_scoring_in_chunks_gives_the_scores_of_one_pass(dense_artifact: Path, se
     assert ok.sum() == len(ok) - 13 and finite_windows(wins[:0]).shape == (0,)
     whole = det.score(np.ascontiguousarray(wins[ok]))
     score, channel = _score_in_chunks(det, wins, ok, chunk=7)
-    np.testing.assert_array_equal(score, whole.window)
-    np.testing.assert_array_equal(channel, whole.channel)
+    np.testing.assert_allclose(score, whole.window, rtol=1e-5)  # other batch sizes: other float32 rounding
+    np.testing.assert_allclose(channel, whole.channel, rtol=1e-5)
