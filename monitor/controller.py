@@ -93,13 +93,19 @@ class Controller:
             doc = {"type": "daemon_state", "v": 1, "frozen_all": self.cal.frozen_all, "command_ids": self.seen.ids()}
             self.p.sink.send(json_message(topic, GLOBAL_KEY, doc, [("tsmon.type", b"daemon_state")]))
 
-    def restore_global(self, doc: dict[str, Any]) -> None:
-        """Continue from the changelog's daemon-wide document; remembered ids are merged, never dropped."""
+    def restore_global(self, doc: dict[str, Any], first: bool = True) -> None:
+        """Continue from the changelog's daemon-wide document; remembered ids are merged, never dropped.
+
+        ``freeze --all`` is taken from it at the ``first`` restore only: later, at each new assignment, this
+        instance has applied every command itself, and the document may be older — another instance's that had
+        not read the freeze yet, or its own whose write did not land — which silently lifted a freeze.
+        """
         ids = doc.get("command_ids")
         if doc.get("type") != "daemon_state" or not isinstance(ids, list):
             log.error("daemon_state_unreadable", keys=sorted(doc)[:10])
             return
-        self.cal.frozen_all = doc.get("frozen_all") is True
+        if first:
+            self.cal.frozen_all = doc.get("frozen_all") is True
         for i in ids:
             if isinstance(i, str) and i not in self.seen:
                 self.seen.add(i)

@@ -304,7 +304,7 @@ class Daemon:
     def _apply_changelog(self, log_: Changelog) -> None:
         daemon_doc = log_.docs.pop(GLOBAL_KEY, None)
         if daemon_doc is not None:
-            self.controller.restore_global(daemon_doc)
+            self.controller.restore_global(daemon_doc, first=not self._restored)
         self.processor.restored = {k: v for k, v in log_.docs.items() if k not in self.processor.streams}
         dormant = self.processor.adopt(self.source.assignment())
         self.metrics.restore_seconds.set(log_.seconds)

@@ -650,6 +650,10 @@ def test_global_state_merges_ids_and_ignores_garbage(make: Make) -> None:
     assert "mine" in c.seen and "theirs" in c.seen and c.cal.frozen_all
     c.restore_global({"type": "stream_state", "command_ids": None})
     assert "mine" in c.seen
+    # at a later assignment the running instance's own freeze state stands: an older document (an instance
+    # that had not read the freeze yet wrote it last) lifted `freeze --all` silently
+    c.restore_global({"type": "daemon_state", "frozen_all": False, "command_ids": ["later"]}, first=False)
+    assert c.cal.frozen_all and "later" in c.seen
 
 
 @pytest.mark.parametrize("damage", [
