@@ -119,6 +119,7 @@ class Processor:
         self._inflight: deque[tuple[Batch, Future[Result]]] = deque()
         self.restored: dict[str, dict[str, Any]] = {}  # changelog documents of streams not started yet
         self.evicted: set[str] = set()  # streams this instance evicted since its last assignment (see wake)
+        self.evicted_here: set[str] = set()  # those of them evicted by evict_idle (not adopted): no input replayed
         self.owed: dict[str, int] = {}  # evicted with a silenced alert open: silence end (epoch ms), page owed
         self._owed_warned: set[str] = set()
         self.clock = time.time  # wall clock: silences and state timestamps
@@ -233,9 +234,11 @@ class Processor:
             StreamQuality(stream, np.asarray(det.scaler.scale, "float32"), det.channel_names, s.flatline_rel_std,
                           s.rate_tolerance, s.quality_cooldown_ms),
             AlertState(stream, served.identity, self.alert_settings(served)), recent_alerts=deque(maxlen=s.recent_alerts))
+        replayed = stream not in self.evicted_here  # its input was released at the eviction: none comes again
         self.evicted.discard(stream)
+        self.evicted_here.discard(stream)
         self.owed.pop(stream, None)
-        restored = self._restore(stream, st)
+        restored = self._restore(stream, st, replayed)
         state = self.calibrator.threshold(stream)
         log.info("stream_started", stream=stream, model=served.name, window=served.window, hop=served.hop,
                  threshold=state.value, threshold_source=state.source, threshold_version=state.version,
@@ -244,12 +247,12 @@ class Processor:
         self.metrics.streams.set(len(self.streams))
         return st
 
-    def _restore(self, stream: str, st: StreamState) -> str | None:
+    def _restore(self, stream: str, st: StreamState, replayed: bool = True) -> str | None:
         doc = self.restored.pop(stream, None)
         if doc is None:
             return None
         try:
-            how = st.restore(stream, doc, self.calibrator)
+            how = st.restore(stream, doc, self.calibrator, replayed)
         except Exception as exc:  # noqa: BLE001 — a bad document (compaction keeps it) must not stop the stream
             log.error("state_restore_failed", stream=stream, error=f"{type(exc).__name__}: {exc}")
             return "failed"
@@ -535,6 +538,7 @@ class Processor:
             self._drop(name)
             self.ledger.forget(name)
             self.evicted.add(name)
+            self.evicted_here.add(name)
             self.metrics.evicted.inc()
             log.info("stream_evicted", stream=name, idle_s=round(idle_s, 1), partial_window_samples=partial)
         # Without a changelog the evicted streams' documents live only here: at most max_streams of them, oldest
@@ -544,6 +548,7 @@ class Processor:
         while self.settings.state_topic is None and len(self.restored) > self.settings.max_streams:
             oldest = str(self.restored.pop(next(iter(self.restored))).get("stream", ""))
             self.evicted.discard(oldest)
+            self.evicted_here.discard(oldest)
             self.owed.pop(oldest, None)
         return len(gone)
 
@@ -658,6 +663,7 @@ class Processor:
     def forget_evicted(self) -> None:
         """At an assignment change: the evicted streams' partitions may now be another instance's."""
         self.evicted.clear()
+        self.evicted_here.clear()
         self.owed.clear()
         self._owed_warned.clear()
 

@@ -106,13 +106,20 @@ class StreamState:
         return {"type": "stream_state", "v": DOC_VERSION, "stream": stream, "model": self.served.describe(),
                 "written_ms": written_ms, "applied_until_ts": applied,
                 "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,
+                "last_sample_ts": self.windows.last_ts,
                 "calibrator": calibrator.export(stream, replayed), "alerts": self.alerts.to_doc(),
                 "silenced_until_ms": self.silenced_until_ms, "feedback": dict(self.feedback),
                 "recent_alerts": [a.to_doc() for a in self.recent_alerts],
                 "partitions": [[t, p] for t, p in sorted(self.home)]}
 
-    def restore(self, stream: str, doc: dict[str, Any], calibrator: Calibrator) -> str:
+    def restore(self, stream: str, doc: dict[str, Any], calibrator: Calibrator, replayed: bool = True) -> str:
         """Continue from a changelog document; returns what was restored (``full`` or ``controls``).
+
+        ``replayed``: input the document already includes may come again (a new owner replays from the commit),
+        so the windows align on the stored point and pass over what precedes it. A stream this instance evicted
+        comes back with new input only: it continues after its last sample, and older input is refused by the
+        order rule as it would have been without the eviction (passed over as a replay, a day of data from a
+        clock set back went unscored, uncounted and not dead-lettered).
 
         A document written for another model version restores only the operator's controls (silence, freeze)
         and the feedback: thresholds, a pin and alert state belong to the model that produced them.
@@ -138,10 +145,15 @@ class StreamState:
         applied = int(doc["applied_until_ts"])
         window_from = doc.get("window_from_ts")  # absent from documents of earlier versions
         window_from = None if window_from is None else (int(window_from), int(doc.get("window_from_skip", 0)))
+        last_sample = doc.get("last_sample_ts")  # absent from documents of earlier versions
+        if last_sample is not None and (isinstance(last_sample, bool) or not isinstance(last_sample, int)):
+            raise TypeError(f"last_sample_ts must be an integer, got {last_sample!r}")
         calibrator.restore(stream, doc["calibrator"])  # validated whole; the last step that can fail
         self.silenced_until_ms, self.feedback, self.alerts, self.applied_until_ts = silenced, feedback, alerts, applied
         self.recent_alerts.extend(recent)
-        if window_from is not None:
+        if not replayed:
+            self.windows.last_ts = last_sample
+        elif window_from is not None:
             self.windows.align(*window_from)
         return "full"
 

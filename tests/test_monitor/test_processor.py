@@ -436,6 +436,26 @@ def test_idle_streams_are_evicted_and_continue_when_they_return(make: Make) -> N
     assert [d["status"] for d in docs(p, "anomaly")] == ["firing", "resolved"]  # not fired twice
 
 
+def test_an_evicted_stream_that_returns_with_older_timestamps_is_refused_not_passed_over(make: Make) -> None:
+    """A stream evicted while its clock ran a day fast, back with the clock corrected: its samples, stamped
+    before the stored window point, were passed over as if replayed — counted ok, never windowed, never
+    dead-lettered, the burst in them never alerted. They break the order rule as they would have without the
+    eviction; newer samples continue the stream."""
+    p = make()
+    p.settings = Settings(idle_evict_s=60.0)
+    day = 86_400_000
+    feed(p, records("dev-c", *sine_stream(500, start_ms=1_700_000_000_000 + day)))
+    scored = metric(p, "tsmon_windows_scored_total")
+    assert p.evict_idle(time.monotonic() + 4000) == 1
+    back = records("dev-c", *sine_stream(300, bursts=(150,)), first_offset=50)
+    feed(p, back)
+    dead = [dict(m.headers)["tsmon.reason"] for m in sink(p).sent if m.topic == DLQ]
+    assert dead == [b"timestamp_backwards"] * len(back)
+    ts, v = sine_stream(400, start_ms=1_700_000_000_000 + day + 500 * STREAM_PERIOD_MS)
+    feed(p, records("dev-c", ts, v, first_offset=80))
+    assert metric(p, "tsmon_windows_scored_total") > scored  # later samples continue it
+
+
 def test_more_streams_than_the_limit_are_dead_lettered(make: Make) -> None:
     p = make()
     p.settings = Settings(max_streams=3)
