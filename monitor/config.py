@@ -345,11 +345,15 @@ class LimitsConfig(_Section):
     max_streams: int = Field(10_000, ge=1, description="streams held at once; records of more are dead-lettered")
     idle_evict_s: float | None = Field(3600.0, gt=0, description="a stream silent this long is snapshotted and "
                                                                  "dropped from memory; none = never")
+    max_future_s: float | None = Field(3600.0, gt=0, description="samples stamped further ahead of this host's "
+                                                                 "clock are dead-lettered (timestamp_in_future): one "
+                                                                 "such sample refused every later one until its time "
+                                                                 "came; none = no check")
 
-    _optional = field_validator("idle_evict_s", mode="before")(_unset)
+    _optional = field_validator("idle_evict_s", "max_future_s", mode="before")(_unset)
 
     def to_limits(self) -> Limits:
-        return Limits(**self.model_dump(exclude={"max_streams", "idle_evict_s"}))
+        return Limits(**self.model_dump(exclude={"max_streams", "idle_evict_s", "max_future_s"}))
 
 
 class DaemonConfig(_Section):
@@ -666,6 +670,7 @@ max_channels = 256                       # most channels per sample
 max_stream_len = 256                     # longest stream id
 max_streams = 10000                      # streams held at once; a record of one more is dead-lettered
 idle_evict_s = 3600.0                    # a stream silent this long is snapshotted and dropped; "none" = never
+max_future_s = 3600.0                    # samples stamped further ahead of this clock are dead-lettered; "none" = no check
 
 [daemon]
 device = "auto"                          # auto, cpu, cuda or cuda:N

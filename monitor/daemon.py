@@ -98,7 +98,8 @@ def processor_settings(cfg: Config) -> Settings:
                     q.flatline_rel_std, q.rate_tolerance, q.cooldown_ms, a.max_hold_windows, cfg.limits.to_limits(),
                     cfg.daemon.sink_timeout_s, state_topic=cfg.state.topic if cfg.state.enabled else None,
                     recent_alerts=cfg.state.recent_alerts, max_streams=cfg.limits.max_streams,
-                    idle_evict_s=cfg.limits.idle_evict_s, model_quantile=cfg.calibrator.quantile is None)
+                    idle_evict_s=cfg.limits.idle_evict_s, max_future_s=cfg.limits.max_future_s,
+                    model_quantile=cfg.calibrator.quantile is None)
 
 
 class Daemon:

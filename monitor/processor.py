@@ -65,6 +65,7 @@ class Settings:
     state_topic: str | None = None  # changelog of stream states; None = not persisted
     max_streams: int = 10_000  # streams held at once
     idle_evict_s: float | None = 3600.0  # silent this long: snapshotted and dropped from memory
+    max_future_s: float | None = None  # samples stamped further ahead of the clock are dead-lettered (daemon: 1 h)
     recent_alerts: int = 20  # alerts per stream remembered for feedback
     model_quantile: bool = False  # each stream calibrated at its model's threshold quantile (no quantile configured)
 
@@ -198,7 +199,14 @@ class Processor:
         st = self.streams[stream]
         st.last_seen = time.monotonic()
         last, good = st.windows.last_ts, []
+        ahead_s = self.settings.max_future_s
+        latest_ok = math.inf if ahead_s is None else self.clock() * 1000 + ahead_s * 1000
         for rec, block in items:
+            if int(block.ts_ms[-1]) > latest_ok:  # taken, it would make every later sample "backwards" until then
+                ahead = (int(block.ts_ms[-1]) - self.clock() * 1000) / 1000
+                self._dead_letter(rec, BadRecord("timestamp_in_future", f"{ahead:.0f} s ahead of this host's "
+                                                 f"clock (limits.max_future_s = {ahead_s:g})"))
+                continue
             refused = order_problem(int(block.ts_ms[0]), last)
             if refused is None:
                 good.append((rec, block))

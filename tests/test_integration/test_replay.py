@@ -45,6 +45,20 @@ def test_replay_round_trips_a_csv(broker: Any, topic: str, tmp_path: Path) -> No
     assert len(blocks) == 9 + 100  # chunks of 100, but the one holding the irregular spot goes sample by sample
 
 
+def test_a_file_without_timestamps_sent_at_once_ends_now(broker: Any, topic: str, tmp_path: Path) -> None:
+    """Stamped from now on, 2 000 samples a minute apart lay up to 33 h ahead of the daemon's clock, past
+    limits.max_future_s (1 h): the daemon dead-letters such samples. Sent at once, the file is the recent past."""
+    import time
+
+    path = tmp_path / "slow.csv"
+    pd.DataFrame({"v": np.arange(2000.0)}).to_csv(path, index=False)
+    before = time.time() * 1000
+    blocks = replayed(broker, topic, path, "--period-ms", "60000", "--chunk", "500")
+    ts = np.concatenate([b.ts_ms for b in sorted(blocks, key=lambda b: int(b.ts_ms[0]))])
+    assert len(ts) == 2000 and np.all(np.diff(ts) == 60000)
+    assert before - 2000 * 60000 - 1000 <= ts[0] and ts[-1] <= time.time() * 1000
+
+
 def test_replay_refuses_a_missing_file(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "monitor", "replay", "--input", str(tmp_path / "nope.csv"),
                            "--topic", "t"], capture_output=True, text=True, timeout=60, check=False)

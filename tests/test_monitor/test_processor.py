@@ -6,6 +6,7 @@ commits, checked exactly on the small PCA stream model (40-sample windows, hop 1
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -454,6 +455,24 @@ def test_an_evicted_stream_that_returns_with_older_timestamps_is_refused_not_pas
     ts, v = sine_stream(400, start_ms=1_700_000_000_000 + day + 500 * STREAM_PERIOD_MS)
     feed(p, records("dev-c", ts, v, first_offset=80))
     assert metric(p, "tsmon_windows_scored_total") > scored  # later samples continue it
+
+
+def test_a_sample_far_ahead_of_the_clock_is_dead_lettered_not_taken(make: Make) -> None:
+    """One message stamped in 2100 was taken: every later sample of the stream was then "backwards" and
+    dead-lettered until that time came. Past limits.max_future_s it is refused itself, and the stream goes on."""
+    p = make()
+    p.settings = Settings(max_future_s=3600.0)
+    ts, v = sine_stream(1000)
+    recs = records("s", ts, v)
+    p.clock = lambda: ts[-1] / 1000  # the host's clock: the stream's present
+    feed(p, recs[:20])
+    future = InRecord("in", 0, 1000, b"s", json.dumps({"ts": 4_102_444_800_000, "values": [0.1, 0.2]}).encode(), 0)
+    p.handle([future])
+    feed(p, recs[20:])
+    dead = [dict(m.headers) for m in sink(p).sent if m.topic == DLQ]
+    assert [d["tsmon.reason"] for d in dead] == [b"timestamp_in_future"]
+    assert b"ahead of this host's clock" in dead[0]["tsmon.detail"]
+    assert p.streams["s"].windows.seen == 1000
 
 
 def test_more_streams_than_the_limit_are_dead_lettered(make: Make) -> None:
