@@ -183,17 +183,21 @@ class Processor:
     def _append_or_dead_letter(self, stream: str, items: list[tuple[InRecord, SampleBlock]]) -> float:
         """:meth:`_append`; a failure we did not foresee costs these records (dead letters ``unprocessable``,
         logged as an error), never the daemon: an exception here stopped the loop, and at the restart the same
-        records stopped it again."""
+        records stopped it again. Records already dead-lettered or counted are not again (a failure after the
+        order check dead-lettered a late record twice and counted the others as ok and as dead letters);
+        samples already taken into the stream's windows stay there."""
+        done: set[int] = set()  # id() of the records accounted for
         try:
-            return self._append(stream, items)
+            return self._append(stream, items, done)
         except Exception as exc:  # noqa: BLE001
             why = f"{type(exc).__name__}: {exc}"
             log.error("append_failed", stream=stream[:64], error=why[:300])
             for rec, _block in items:
-                self._dead_letter(rec, BadRecord("unprocessable", why[:200]))
+                if id(rec) not in done:
+                    self._dead_letter(rec, BadRecord("unprocessable", why[:200]))
             return 0.0
 
-    def _append(self, stream: str, items: list[tuple[InRecord, SampleBlock]]) -> float:
+    def _append(self, stream: str, items: list[tuple[InRecord, SampleBlock]], done: set[int]) -> float:
         """Order-check the blocks, then window, hold and batch them together (vectorised per poll); returns
         the windows their samples make at the stream's hop (counted whether or not one completed yet)."""
         st = self.streams[stream]
@@ -206,6 +210,7 @@ class Processor:
                 ahead = (int(block.ts_ms[-1]) - self.clock() * 1000) / 1000
                 self._dead_letter(rec, BadRecord("timestamp_in_future", f"{ahead:.0f} s ahead of this host's "
                                                  f"clock (limits.max_future_s = {ahead_s:g})"))
+                done.add(id(rec))
                 continue
             refused = order_problem(int(block.ts_ms[0]), last)
             if refused is None:
@@ -216,6 +221,7 @@ class Processor:
             kind = "duplicate" if reason == "duplicate_timestamp" else "late"
             self._quality(st.quality.event(kind, int(block.ts_ms[0]), detail))
             self._dead_letter(rec, BadRecord(reason, detail))
+            done.add(id(rec))
         if not good:
             return 0.0
         ts = np.concatenate([b.ts_ms for _, b in good]) if len(good) > 1 else good[0][1].ts_ms
@@ -225,11 +231,12 @@ class Processor:
         w = st.windows.push(ts, values)
         for (rec, block), last_seq in zip(good, seen + np.cumsum([len(b.ts_ms) for _, b in good]), strict=True):
             self.ledger.hold(rec.tp, stream, rec.offset, int(last_seq))
-        self.metrics.records.labels("ok").inc(len(good))
-        self.metrics.samples.inc(len(ts))
         self.batcher.add(st.served.name, stream, w)
         st.unscored.extend(zip((w.end_seq - st.served.window + 1).tolist(), w.start_ts.tolist(), strict=True))
         self._release(stream, st)
+        self.metrics.records.labels("ok").inc(len(good))
+        self.metrics.samples.inc(len(ts))
+        done.update(id(rec) for rec, _ in good)
         return len(ts) / st.served.hop
 
     def _new_stream(self, stream: str, served: Served) -> StreamState:

@@ -133,6 +133,21 @@ def test_a_failure_we_did_not_foresee_costs_the_records_not_the_daemon(make: Mak
         (b"unprocessable", str(r.offset).encode()) for r in later[:3]]
     assert b"RuntimeError: unforeseen" in dead[0]["tsmon.detail"]
     assert p.streams["dev-ok"].windows.seen == 200  # the other stream went on
+    # failing after the order check: the late record is dead-lettered once, as late; the others once, and not
+    # counted ok too (records_total rose by 8 for 4 records: 3 ok + 5 dead letters)
+    del bad.quality.timing
+    p.batcher.add = broken  # type: ignore[method-assign]
+    def records_total() -> dict[str, float]:
+        return {s.labels["outcome"]: s.value for f in p.metrics.records.collect() for s in f.samples
+                if s.name == "tsmon_records_total"}
+
+    before = records_total()
+    again = records("dev-bad", *sine_stream(200, seed=2, start_ms=1_800_000_000_000), partition=1, first_offset=50)
+    old = records("dev-bad", *sine_stream(100, seed=2), partition=1, first_offset=60)[2]  # before its last sample
+    p.handle([old] + again[10:13])
+    dead = [dict(m.headers)["tsmon.reason"] for m in sink(p).sent if m.topic == DLQ][3:]
+    assert dead == [b"timestamp_backwards"] + [b"unprocessable"] * 3
+    assert {k: v - before[k] for k, v in records_total().items()} == {"ok": 0, "dead_letter": 4}
 
 
 @pytest.mark.parametrize("body, reason", [
