@@ -47,6 +47,7 @@ FLUSH_SLICE_S = 0.25  # a commit waits for the sink in slices of this: a deadlin
 WAKE_RESERVE = 0.1  # share of limits.max_streams that streams woken for a command leave to new streams
 DEAD_LETTER_MAX = 512 * 1024  # a bad record longer than this is dead-lettered truncated …
 DEAD_LETTER_KEEP = 64 * 1024  # … to its first bytes (the source offset header names the whole record)
+DEAD_LETTER_KEY_KEEP = 4096  # a longer key (no stream id is: limits.max_stream_len) is cut to this many bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -601,11 +602,14 @@ class Processor:
                    ("tsmon.source.topic", rec.topic.encode()), ("tsmon.source.partition", str(rec.partition).encode()),
                    ("tsmon.source.offset", str(rec.offset).encode()),
                    ("tsmon.source.timestamp", str(rec.timestamp_ms).encode())]
-        value = rec.value or b""
+        value, key = rec.value or b"", rec.key
         if len(value) > DEAD_LETTER_MAX:  # with the headers, near the producer's request size: undeliverable
             headers.append(("tsmon.truncated_from", str(len(value)).encode()))
             value = value[:DEAD_LETTER_KEEP]
-        self.sink.send(OutMessage(self.settings.dead_letter_topic, rec.key, value, headers))
+        if key is not None and len(key) > DEAD_LETTER_KEY_KEEP:  # a 1 MB key (bad_stream) made it undeliverable too
+            headers.append(("tsmon.key_truncated_from", str(len(key)).encode()))
+            key = key[:DEAD_LETTER_KEY_KEEP]
+        self.sink.send(OutMessage(self.settings.dead_letter_topic, key, value, headers))
         log.warning("dead_letter", reason=bad.reason, detail=bad.detail, topic=rec.topic, partition=rec.partition,
                     offset=rec.offset)
 

@@ -168,6 +168,17 @@ def test_a_large_bad_record_is_dead_lettered_truncated_so_the_producer_can_take_
     assert dead.value == body[: 64 * 1024] and h["tsmon.source.offset"] == b"7"
 
 
+def test_a_huge_key_is_dead_lettered_cut(make: Make) -> None:
+    """A 1 MB key (bad_stream: longer than limits.max_stream_len) went into its dead letter whole: with the
+    headers over the producer's request size, so the dead letter was never delivered."""
+    p = make()
+    p.handle([InRecord("in", 0, 1, b"k" * 1_000_000, b'{"ts": 1, "values": [1, 2]}', 0)])
+    [dead] = [m for m in sink(p).sent if m.topic == DLQ]
+    h = dict(dead.headers)
+    assert h["tsmon.reason"] == b"bad_stream" and dead.key == b"k" * 4096
+    assert h["tsmon.key_truncated_from"] == b"1000000"
+
+
 def test_the_route_cache_stays_bounded_however_many_ids_arrive(stream_model: Path, monkeypatch: Any) -> None:
     from monitor import scorer as scorer_mod
 
