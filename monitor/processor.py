@@ -248,7 +248,8 @@ class Processor:
         st = StreamState(
             served, windows.for_stream(det.windowing, served.window, served.hop, served.channels, gap_ms),
             StreamQuality(stream, np.asarray(det.scaler.scale, "float32"), det.channel_names, s.flatline_rel_std,
-                          s.rate_tolerance, s.quality_cooldown_ms),
+                          s.rate_tolerance, s.quality_cooldown_ms,
+                          on_finding=lambda kind: self.metrics.quality.labels(kind).inc()),
             AlertState(stream, served.identity, self.alert_settings(served)), recent_alerts=deque(maxlen=s.recent_alerts))
         replayed = stream not in self.evicted_here  # its input was released at the eviction: none comes again
         self.evicted.discard(stream)
@@ -586,8 +587,7 @@ class Processor:
 
     # 3. side outputs ------------------------------------------------------------------------------
     def _quality(self, events: list[QualityEvent]) -> None:
-        for e in events:
-            self.metrics.quality.labels(e.kind).inc()
+        for e in events:  # counted as found (StreamQuality.on_finding), held back by the cooldown or not
             doc: dict[str, Any] = {"type": "data_quality", "event_id": e.event_id, "stream": e.stream,
                                    "kind": e.kind, "ts": e.ts, "time": iso(e.ts), "detail": e.detail,
                                    "channels": list(e.channels), "suppressed": e.suppressed}

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import statistics
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +58,7 @@ class StreamQuality:
     rate_tolerance: float = 0.25
     cooldown_ms: float = 60_000
     period_ms: float | None = None  # learned from the first intervals
+    on_finding: Callable[[str], None] | None = None  # every finding, a held-back one too (the daemon's counter)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     _diffs: deque[float] = field(default_factory=lambda: deque(maxlen=256))
     _new_diffs: int = 0
@@ -67,6 +69,8 @@ class StreamQuality:
     def event(self, kind: str, ts: int, detail: str, channels: tuple[str, ...] = ()) -> list[QualityEvent]:
         """Count a finding; return it as an event unless the cooldown holds it back."""
         self.counts[kind] += 1
+        if self.on_finding is not None:
+            self.on_finding(kind)
         last = self._last_emit.get(kind)
         if last is not None and ts - last < self.cooldown_ms:
             self._held[kind] = self._held.get(kind, 0) + 1

@@ -306,6 +306,19 @@ def test_committed_offset_with_two_streams_on_one_partition_is_the_older_need(ma
 # ---- data quality -------------------------------------------------------------------------------------------------
 
 
+def test_the_quality_counter_counts_every_finding_not_only_the_published_ones(make: Make) -> None:
+    """50 late records in a minute: 50 dead letters, one data_quality event (the cooldown holds the rest back,
+    to count them in the next one's `suppressed`), and the counter said 1 — "findings" that never came later
+    were in no metric."""
+    p = make()
+    recs = records("dev-l", *sine_stream(1000))
+    feed(p, recs)
+    feed(p, recs[10:60])
+    sink(p).flush(1)
+    late = [d for d in docs(p, "data_quality") if d["kind"] == "late"]
+    assert len(late) == 1 and metric(p, "tsmon_data_quality_events_total") == 50
+
+
 def test_flatlined_channel_is_a_data_quality_event_not_an_anomaly(make: Make) -> None:
     n = 400
     ts, v = sine_stream(n, seed=10)
