@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -32,6 +33,20 @@ from monitor.records import Limits
 
 ENV_PREFIX = "TSMON_"
 _Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+# Kafka's legal topic names: a space or a comma passed `config check` and then stopped `tsmon run` with a traceback
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _topic_name(name: str) -> str:
+    """Kafka's rule for topic names: a space or a comma passed ``config check``, then stopped ``tsmon run`` with a
+    traceback from kafka-python."""
+    if not _TOPIC.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"{name[:80]!r} is not a Kafka topic name: letters, digits, '.', '_' and '-' only, "
+                         f"at most 249, not '.' or '..'")
+    return name
+
+
+_Topic = Annotated[str, StringConstraints(strip_whitespace=True), AfterValidator(_topic_name)]
 _HOST_PORT = re.compile(r"(?:[A-Za-z][A-Za-z0-9_]*://)?"  # SECURITY_PROTOCOL:// as the Java client takes it
                         r"(?:(?:\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+)(?::(\d{1,5}))?"  # host or [IPv6], port
                         r"|[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.%]*)")  # bare IPv6: no port
@@ -47,8 +62,13 @@ def bootstrap_problem(server: str) -> str | None:
 
 
 def _split(value: Any) -> Any:
-    """``"a:1, b:2"`` → ``["a:1", "b:2"]``: the environment and CLI flags give lists as one string."""
-    return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+    """``"a:1, b:2"`` → ``["a:1", "b:2"]``: the environment and CLI flags give lists as one string, and a flag given
+    twice a list of such strings (``--topic a,b`` was one topic named "a,b")."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [s.strip() for v in value for s in v.split(",") if s.strip()]
+    return value
 
 
 def _unset(value: Any) -> Any:
@@ -90,10 +110,10 @@ class KafkaConfig(_Section):
     bootstrap_servers: list[_Name] = Field(["127.0.0.1:9092"], min_length=1, description="broker host:port list")
     group_id: str = Field("tsmon", min_length=1, description="consumer group sharing the input partitions")
     client_id: str = Field("tsmon", min_length=1, description="client id shown in broker logs")
-    topics: list[_Name] = Field(["tsmon.input"], description="input topics (unless topic_pattern is set)")
+    topics: list[_Topic] = Field(["tsmon.input"], description="input topics (unless topic_pattern is set)")
     topic_pattern: str | None = Field(None, description="regex of input topics; replaces topics when set")
-    alerts_topic: str = Field("tsmon.alerts", min_length=1, description="topic alert events go to")
-    dead_letter_topic: str = Field("tsmon.dead-letter", min_length=1, description="topic for unusable input")
+    alerts_topic: _Topic = Field("tsmon.alerts", description="topic alert events go to")
+    dead_letter_topic: _Topic = Field("tsmon.dead-letter", description="topic for unusable input")
     auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description="start of a new group")
     session_timeout_ms: int = Field(6000, ge=500, description="a consumer silent this long is dropped")
     heartbeat_interval_ms: int = Field(1000, ge=100, description="below session_timeout_ms (best ≤ 1/3 of it)")
@@ -123,8 +143,8 @@ class KafkaConfig(_Section):
                                     "brokers' default.replication.factor (Kafka >= 2.4)")
 
     _lists = field_validator("bootstrap_servers", "topics", mode="before")(_split)
-    _optional = field_validator("topic_pattern", "sasl_mechanism", "ssl_cafile", "ssl_certfile", "ssl_keyfile",
-                                mode="before")(_unset)
+    _optional = field_validator("topic_pattern", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile",
+                                "ssl_certfile", "ssl_keyfile", mode="before")(_unset)  # "" too: a missing secret
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -293,7 +313,9 @@ class BatchConfig(_Section):
 
 class CalibratorConfig(_Section):
     enabled: bool = Field(True, description="adapt thresholds per stream to recent normal errors")
-    quantile: float | None = Field(None, gt=0, lt=1, description="none = each stream's own model's threshold quantile")
+    quantile: float | None = Field(None, gt=0, le=0.999, description="none = each stream's own model's threshold "
+                                   "quantile; at most 0.999, the calibrator's highest (calibrator.MAX_QUANTILE: a "
+                                   "higher one was taken as 0.999 without a word)")
     margin: float = Field(1.0, gt=0, description="threshold = margin × the quantile of recent errors")
     window: int = Field(2000, ge=10, description="recent normal errors kept per stream")
     min_samples: int = Field(200, ge=1, description="errors needed before adapting (≤ window)")
@@ -396,8 +418,8 @@ class DaemonConfig(_Section):
 
 
 class ControlConfig(_Section):
-    topic: str = Field("tsmon.control", min_length=1, description="topic operators' commands arrive on")
-    audit_topic: str = Field("tsmon.audit", min_length=1, description="every command, its ack and its effect")
+    topic: _Topic = Field("tsmon.control", description="topic operators' commands arrive on")
+    audit_topic: _Topic = Field("tsmon.audit", description="every command, its ack and its effect")
     key: SecretStr | None = Field(None, description="shared HMAC-SHA256 key; none = every command is refused")
     max_age_s: float = Field(300.0, gt=0, description="commands issued longer ago (or ahead) are refused")
     poll_interval_ms: float = Field(200.0, gt=0, description="how often the daemon looks for commands")
@@ -408,7 +430,7 @@ class ControlConfig(_Section):
 
 class StateConfig(_Section):
     enabled: bool = Field(True, description="persist and restore thresholds, controls and open alerts")
-    topic: str = Field("tsmon.state", min_length=1, description="changelog topic keyed by stream (compacted)")
+    topic: _Topic = Field("tsmon.state", description="changelog topic keyed by stream (compacted)")
     snapshot_interval_s: float = Field(30.0, gt=0, description="seconds between snapshots of changed streams")
     restore_timeout_s: float = Field(300.0, gt=0, description="longest a restore may read the changelog (the "
                                      "input waits); then streams it did not reach start from their artifact")
@@ -482,16 +504,26 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
     """Defaults < TOML file ``path`` < ``TSMON_*`` variables of ``env`` (default ``os.environ``) < ``overrides``."""
     file_layer = _canonical(_read_toml(path)) if path is not None else {}
     env_layer, model = _from_env(os.environ if env is None else env)
-    raw = _merge(file_layer, env_layer)
+    raw = _merge(file_layer, _topics_win(file_layer, env_layer))
     if model and not file_layer.get("models"):
         raw["models"] = [{"pattern": "*", "path": model}]
-    raw = _merge(raw, _canonical(_from_overrides(overrides or {})))
+    raw = _merge(raw, _topics_win(raw, _canonical(_from_overrides(overrides or {}))))
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
         sources = ([str(path)] if path is not None else []) + (["environment"] if env_layer else [])
         where = f" ({' + '.join(sources)})" if sources else ""
         raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(_problems(exc))) from None
+
+
+def _topics_win(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
+    """A layer that names input topics and no pattern replaces a lower layer's pattern (which replaces topics):
+    ``--topic orders`` over a file's ``topic_pattern`` consumed the pattern's topics, without a word."""
+    kafka = upper.get("kafka")
+    if isinstance(kafka, dict) and "topics" in kafka and "topic_pattern" not in kafka \
+            and isinstance(lower.get("kafka"), dict) and lower["kafka"].get("topic_pattern"):
+        return {**upper, "kafka": {**kafka, "topic_pattern": None}}
+    return upper
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -522,6 +554,8 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], str | None]:
                 # a misspelt override, not silence
                 problems.append(f"{var}: unknown variable (overrides are TSMON_<SECTION>__<KEY>, with two "
                                 f"underscores, e.g. TSMON_KAFKA__TOPICS)")
+            elif rest.startswith("MODEL") and rest != "MODEL":  # TSMON_MODELS, TSMON_MODEL_PATH: ignored before
+                problems.append(f"{var}: unknown variable (the one-route shortcut is TSMON_MODEL=ARTIFACT)")
             continue
         section, _, key = rest.lower().partition("__")
         if section not in _SECTIONS:

@@ -158,7 +158,7 @@ device = "gpu"
         "kafka.session_timeout_ms: Input should be greater than or equal to 500",
         "models[0].path: Field required",
         "batch.max_batch: Input should be greater than or equal to 1",
-        "calibrator.quantile: Input should be less than 1",
+        "calibrator.quantile: Input should be less than or equal to 0.999",
         "daemon.device: use auto, cpu, cuda or cuda:N, not 'gpu'",
     ]
     assert "pydantic" not in message and "http" not in message
@@ -400,3 +400,44 @@ def test_the_confluent_client_without_its_package_is_a_one_line_config_error(mon
         confluent.require()
     with pytest.raises(ConfigError, match="no confluent-kafka equivalent"):
         confluent.rdkafka_config({"bootstrap_servers": ["a:1"], "api_version": (2, 0)})
+
+
+@pytest.mark.parametrize("overrides, env", [
+    ({"kafka.topics": ["sensor data"]}, {}), ({}, {"TSMON_CONTROL__TOPIC": "ctl topic"}), ({"state.topic": ".."}, {}),
+    ({"kafka.alerts_topic": "x" * 250}, {}),
+])
+def test_a_topic_name_kafka_refuses_is_a_config_error(overrides: dict, env: dict) -> None:
+    # they passed `config check`, then `tsmon run` stopped with kafka-python's traceback
+    with pytest.raises(ConfigError, match="is not a Kafka topic name"):
+        load_config(None, overrides, env)
+
+
+def test_a_flag_with_commas_is_a_list_and_topics_given_later_replace_a_pattern(tmp_path: Path) -> None:
+    assert load_config(None, {"kafka.topics": ["a,b", "c"]}, {}).kafka.topics == ["a", "b", "c"]  # was "a,b"
+    path = tmp_path / "p.toml"
+    path.write_text('[kafka]\ntopic_pattern = "^sensors\\\\..*"\n')
+    assert load_config(path, {}, {}).kafka.subscription() == {"pattern": "^sensors\\..*"}
+    # the flag or the environment names topics: they win over the file's pattern (which was consumed instead)
+    assert load_config(path, {"kafka.topics": ["orders"]}, {}).kafka.subscription() == {"topics": ["orders"]}
+    assert load_config(path, {}, {"TSMON_KAFKA__TOPICS": "orders"}).kafka.subscription() == {"topics": ["orders"]}
+
+
+def test_sasl_credentials_can_be_unset_and_empty_ones_are_missing() -> None:
+    off = {"TSMON_KAFKA__SASL_MECHANISM": "none", "TSMON_KAFKA__SASL_USERNAME": "none",
+           "TSMON_KAFKA__SASL_PASSWORD": "none"}
+    assert load_config(None, {}, off).kafka.sasl_password is None  # "none" was a literal password
+    empty = {"TSMON_KAFKA__SECURITY_PROTOCOL": "SASL_SSL", "TSMON_KAFKA__SASL_MECHANISM": "PLAIN",
+             "TSMON_KAFKA__SASL_USERNAME": "", "TSMON_KAFKA__SASL_PASSWORD": ""}  # e.g. a missing k8s secret
+    with pytest.raises(ConfigError, match="sasl_password: required"):
+        load_config(None, {}, empty)
+
+
+def test_a_calibrator_quantile_above_what_it_uses_is_refused_and_models_typos_are_named() -> None:
+    from monitor.calibrator import MAX_QUANTILE
+
+    assert load_config(None, {"calibrator.quantile": MAX_QUANTILE}, {}).calibrator.quantile == MAX_QUANTILE
+    with pytest.raises(ConfigError, match="calibrator.quantile"):  # 0.9999 was used as 0.999 without a word
+        load_config(None, {"calibrator.quantile": 0.9999}, {})
+    for var in ("TSMON_MODELS", "TSMON_MODEL_PATH"):  # ignored: a route given this way was never used
+        with pytest.raises(ConfigError, match=f"{var}: unknown variable"):
+            load_config(None, {}, {var: "artifacts/x"})
