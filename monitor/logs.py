@@ -8,26 +8,49 @@ import sys
 
 import structlog
 
+from models.errors import ConfigError
+
 _FLAGS: dict[str, str | None] = {"level": None, "fmt": None}  # given on the command line: they win over config
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+FORMATS = ("json", "console")
+
+
+def _env(name: str, allowed: tuple[str, ...]) -> str | None:
+    """``TSMON_LOG_LEVEL`` / ``TSMON_LOG_FORMAT``, checked: ``verbose`` was taken as INFO, ``pretty`` as json."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if (value.upper() if name.endswith("LEVEL") else value.lower()) not in allowed:
+        raise ConfigError(f"{name}={value[:40]!r}: use one of {', '.join(allowed)}")
+    return value.upper() if name.endswith("LEVEL") else value.lower()
+
+
 def configure_from_flags(level: str | None, fmt: str | None) -> None:
-    """The root ``--log-level`` / ``--log-format`` (None: not given), remembered for :func:`configure_daemon`."""
-    _FLAGS.update(level=level, fmt=fmt)
-    configure(level, fmt)
+    """The root ``--log-level`` / ``--log-format`` (None: not given), remembered for :func:`configure_daemon`
+    and :func:`quiet`; else ``TSMON_LOG_LEVEL`` / ``TSMON_LOG_FORMAT``, checked."""
+    _FLAGS.update(level=level or _env("TSMON_LOG_LEVEL", LEVELS), fmt=fmt or _env("TSMON_LOG_FORMAT", FORMATS))
+    configure(_FLAGS["level"], _FLAGS["fmt"])
 
 
 def configure_daemon(level: str | None, fmt: str | None) -> None:
-    """``tsmon run``'s ``[daemon] log_level`` / ``log_format`` (file or ``TSMON_DAEMON__*``), unless the flags
-    were given: they were read only from the flags, so the images' ``TSMON_DAEMON__LOG_FORMAT=json`` did
-    nothing and no configuration could change the level."""
+    """``tsmon run``'s ``[daemon] log_level`` / ``log_format`` (file or ``TSMON_DAEMON__*``), unless the flags or
+    ``TSMON_LOG_*`` were given: they were read only from the flags, so the images'
+    ``TSMON_DAEMON__LOG_FORMAT=json`` did nothing and no configuration could change the level."""
     configure(_FLAGS["level"] or level, _FLAGS["fmt"] or fmt)
+
+
+def quiet(level: str) -> None:
+    """Commands whose output is a table log at ``level`` unless a level was asked for; the format asked for
+    stays (replay-eval and demo reset both: ``--log-level DEBUG --log-format console`` gave errors in JSON)."""
+    configure(_FLAGS["level"] or level, _FLAGS["fmt"])
 
 
 def configure(level: str | None = None, fmt: str | None = None) -> None:
     """Configure structlog once for the process; ``fmt`` is ``json``, ``console`` or None (auto)."""
-    level_name = (level or os.environ.get("TSMON_LOG_LEVEL", "INFO")).upper()
-    fmt = fmt or os.environ.get("TSMON_LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
+    level_name = (level or "INFO").upper()
+    fmt = fmt or ("console" if sys.stderr.isatty() else "json")
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -79,8 +78,7 @@ def demo(
     if as_json or not console.is_terminal:
         summary = run_demo(str(model), opts, progress)
     else:
-        if "TSMON_LOG_LEVEL" not in os.environ:  # the live table is the output; keep only warnings beside it
-            logs.configure("WARNING", None)
+        logs.quiet("WARNING")  # the live table is the output; keep only warnings beside it
         with Live(LiveView(progress), console=console, refresh_per_second=4):
             summary = run_demo(str(model), opts, progress)
     if as_json:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -66,8 +65,8 @@ def replay_eval(
     ts_ms = time_axis(series, sample_rate)
     opts = ReplayOptions(speed, seconds, chunk, tolerance, train_fraction, gap_ms, bootstrap, config, baseline,
                          stream, out, calibrator_clock)
-    if not as_json and "TSMON_LOG_LEVEL" not in os.environ:
-        logs.configure("ERROR", None)  # the table is the output (dead letters are counted in it)
+    if not as_json:
+        logs.quiet("ERROR")  # the table is the output (dead letters are counted in it)
     report = run(model, series, ts_ms, opts)
     if as_json:
         emit_json(report)

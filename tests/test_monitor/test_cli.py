@@ -419,3 +419,31 @@ def test_scoring_in_chunks_gives_the_scores_of_one_pass(dense_artifact: Path, se
     score, channel = _score_in_chunks(det, wins, ok, chunk=7)
     np.testing.assert_allclose(score, whole.window, rtol=1e-5)  # other batch sizes: other float32 rounding
     np.testing.assert_allclose(channel, whole.channel, rtol=1e-5)
+
+
+def test_log_settings_from_flags_and_environment_are_checked_and_kept(capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.errors import ConfigError
+    from monitor import logs
+
+    monkeypatch.setenv("TSMON_LOG_LEVEL", "verbose")  # was taken as INFO
+    code, _, err = run(capsys, "config", "reference")
+    assert code == 1 and "TSMON_LOG_LEVEL='verbose': use one of" in err, err
+    monkeypatch.delenv("TSMON_LOG_LEVEL")
+    monkeypatch.setenv("TSMON_LOG_FORMAT", "pretty")  # was taken as json
+    with pytest.raises(ConfigError, match="TSMON_LOG_FORMAT='pretty': use one of json, console"):
+        logs.configure_from_flags(None, None)
+    monkeypatch.delenv("TSMON_LOG_FORMAT")
+    try:
+        # the daemon's [daemon] level gives way to TSMON_LOG_LEVEL (run read only the config's); a table
+        # command's quiet level gives way to it too, and keeps the format asked for (it reset both)
+        monkeypatch.setenv("TSMON_LOG_LEVEL", "warning")
+        logs.configure_from_flags(None, "console")
+        logs.configure_daemon("INFO", None)
+        logs.get("t").info("hidden")
+        logs.quiet("ERROR")
+        logs.get("t").warning("shown")
+        err = capsys.readouterr().err
+        assert "hidden" not in err and "shown" in err and not err.lstrip().startswith("{")  # console, not JSON
+    finally:
+        logs.configure_from_flags(None, None)
