@@ -562,6 +562,8 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], str | None]:
             problems.append(f"{var}: unknown section {section!r} (use one of {', '.join(_SECTIONS)})")
         elif key not in _KEYS[section]:
             problems.append(f"{var}: unknown key {key!r} in section {section}")
+        elif _KEYS[section][key] in layer.get(section, {}):  # e.g. __FOR and __FOR_WINDOWS: one won silently
+            problems.append(f"{var}: the same setting as another variable of section {section}; keep one")
         else:
             layer.setdefault(section, {})[_KEYS[section][key]] = env[var]
     if problems:
@@ -586,6 +588,10 @@ def _canonical(layer: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(layer)
     for section, keys in _KEYS.items():
         if isinstance(out.get(section), Mapping):
+            renamed = [(keys.get(k, k), k) for k in out[section]]
+            twice = sorted({f"{new} / {old}" for new, old in renamed if new != old and new in out[section]})
+            if twice:  # one of them silently won
+                raise ConfigError(f"[{section}] {', '.join(twice)}: one setting given under both names; keep one")
             out[section] = {keys.get(k, k): v for k, v in out[section].items()}
     return out
 

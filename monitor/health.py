@@ -54,8 +54,9 @@ class HealthServer:
             return
         try:
             self._server = _Server((self.host, self.port), self)
-        except OSError as exc:
-            raise ConfigError(f"http.port: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
+        except OSError as exc:  # a name that does not resolve (socket.gaierror) is the host's fault, not the port's
+            key = "http.host" if isinstance(exc, socket.gaierror) else "http.port"
+            raise ConfigError(f"{key}: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="tsmon-http", daemon=True)
         self._thread.start()

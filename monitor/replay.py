@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from models.errors import BrokerError
 from monitor.source import InRecord
 
 _UNIFORM_MS = 1e-3  # spacing that differs by at most this from the mean still makes one chunk
@@ -71,18 +72,30 @@ def as_records(stream: str, ts_ms: np.ndarray, values: np.ndarray, chunk: int, t
 
 def replay(producer: Any, topic: str, stream: str, ts_ms: np.ndarray, values: np.ndarray, chunk: int = 100,
            rate: float | None = None, stop: threading.Event | None = None) -> int:
-    """Send the series; ``rate`` in samples per second (None: as fast as the producer goes). Returns samples sent."""
-    key, sent, t0 = stream.encode(), 0, time.monotonic()
-    for body, n in messages(stream, ts_ms, values, chunk):
-        if stop is not None and stop.is_set():
-            break
-        producer.send(topic, key=key, value=body)
-        sent += n
-        if rate:
-            ahead = sent / rate - (time.monotonic() - t0)
-            if ahead > 0:
-                time.sleep(ahead)
-    producer.flush()
+    """Send the series; ``rate`` in samples per second (None: as fast as the producer goes). Returns samples sent.
+
+    Raises :class:`BrokerError` when the producer refuses a message (too large: a traceback before) or the broker
+    does not take one (reported as success before: nothing looked at the sends' results).
+    """
+    from kafka.errors import KafkaError
+
+    key, sent, t0, failed = stream.encode(), 0, time.monotonic(), []
+    try:
+        for body, n in messages(stream, ts_ms, values, chunk):
+            if stop is not None and stop.is_set():
+                break
+            producer.send(topic, key=key, value=body).add_errback(failed.append)
+            sent += n
+            if rate:
+                ahead = sent / rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+        producer.flush()
+    except KafkaError as exc:
+        hint = ": a smaller --chunk makes smaller messages" if "TooLarge" in type(exc).__name__ else ""
+        raise BrokerError(f"cannot send to {topic} after {sent} samples: {type(exc).__name__}: {exc}{hint}") from None
+    if failed:
+        raise BrokerError(f"{len(failed)} message(s) to {topic} not delivered: {type(failed[0]).__name__}: {failed[0]}")
     return sent
 
 

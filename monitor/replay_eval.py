@@ -51,6 +51,10 @@ from monitor.events import Span, labelled_events, latest_alerts, score_alerts
 
 log = logs.get("tsmon.replay_eval")
 
+# the local broker speaks plaintext: a config's security settings (for the user's cluster) made every client
+# fail to bootstrap, reported after ~30 s as "cannot reach" the local broker
+LOCAL_PLAINTEXT = {"kafka.security_protocol": "PLAINTEXT", **{f"kafka.{k}": "none" for k in (
+    "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile", "ssl_certfile", "ssl_keyfile")}}
 DEFAULT_START_MS = 1_700_000_000_000  # files without timestamps start here (fixed: alert ids repeat run to run)
 PROBATION = 0.15  # leading share of a series that is not scored, when the model was not trained on the file
 MIN_INTERVAL_S = 0.2  # the calibrator never runs more often than this in wall time, whatever the speed
@@ -225,6 +229,7 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
         }
         if local:  # a real Kafka refuses sessions under its group.min.session.timeout.ms (6 s by default)
             overrides.update(LOCAL_GROUP)
+            overrides.update(LOCAL_PLAINTEXT)  # a --config for a TLS/SASL cluster: not for this broker of its own
         cfg = load_config(opts.config, overrides)
         client = cfg.kafka.client_kwargs()
         servers = client.pop("bootstrap_servers")

@@ -17,7 +17,7 @@ log = logs.get("tsmon.broker")
 
 
 def broker(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 = a free one).")] = 9092,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 = a free one).", min=0, max=65535)] = 9092,
     data_dir: Annotated[Path | None, typer.Option(help="Persist topics and offsets here (default: memory).")] = None,
 ) -> None:
     """Run a local broker (Tansu) on 127.0.0.1; prints its bootstrap address when ready."""

@@ -337,9 +337,11 @@ def _alert_from_topic(alert_id: str, config: Path | None, bootstrap: str | None)
     cfg = load_config(config)
     servers = bootstrap or ",".join(cfg.kafka.bootstrap_servers)
     topic = cfg.kafka.alerts_topic
+    client = cfg.kafka.client_kwargs()  # its security settings: plaintext against a TLS/SASL cluster failed
+    client.pop("bootstrap_servers")
     _reachable(servers)
     try:
-        docs = TopicReader(servers, topic).settle(quiet_s=1.0, limit_s=20)
+        docs = TopicReader(servers.split(","), topic, **client).settle(quiet_s=1.0, limit_s=20)
     except (KafkaError, OSError) as exc:
         raise BrokerError(f"cannot read topic {topic} at {servers}: {exc}") from None
     mine = [d for d in docs if isinstance(d, dict) and d.get("alert_id") == alert_id]
@@ -357,9 +359,16 @@ def _reachable(servers: str, timeout_s: float = 3.0) -> None:
     import socket
 
     for server in servers.split(","):
-        host, _, port = server.strip().rpartition(":")
+        addr = server.strip().split("://", 1)[-1]  # SASL_SSL://host:port, [v6]:port and bare v6 as the config takes
+        if addr.startswith("["):
+            host, _, rest = addr[1:].partition("]")
+            port = rest.removeprefix(":")
+        elif addr.count(":") > 1:
+            host, port = addr, ""
+        else:
+            host, _, port = addr.partition(":")
         try:
-            with socket.create_connection((host.strip("[]") or server.strip(), int(port or 9092)), timeout=timeout_s):
+            with socket.create_connection((host, int(port or 9092)), timeout=timeout_s):
                 return
         except (OSError, ValueError):
             continue

@@ -441,3 +441,25 @@ def test_a_calibrator_quantile_above_what_it_uses_is_refused_and_models_typos_ar
     for var in ("TSMON_MODELS", "TSMON_MODEL_PATH"):  # ignored: a route given this way was never used
         with pytest.raises(ConfigError, match=f"{var}: unknown variable"):
             load_config(None, {}, {var: "artifacts/x"})
+
+
+def test_replay_eval_talks_plaintext_to_its_own_broker_whatever_the_config_says(tmp_path: Path) -> None:
+    from monitor.replay_eval import LOCAL_PLAINTEXT
+
+    path = tmp_path / "sasl.toml"
+    path.write_text('[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "PLAIN"\nsasl_username = "u"\n'
+                    'sasl_password = "p"\n')
+    kafka = load_config(path, {"kafka.bootstrap_servers": "127.0.0.1:1", **LOCAL_PLAINTEXT}, {}).kafka
+    assert kafka.security_protocol == "PLAINTEXT" and kafka.sasl_password is None  # it failed to bootstrap
+    assert "sasl_plain_username" not in kafka.client_kwargs()
+
+
+def test_one_setting_under_both_of_its_names_is_an_error(tmp_path: Path) -> None:
+    # the file gave `for` = 5 and `for_windows` = 7 (or the environment both variables): one silently won
+    path = tmp_path / "f.toml"
+    path.write_text("[alerts]\nfor = 5\nfor_windows = 7\n")
+    with pytest.raises(ConfigError, match="for / for_windows: one setting given under both names"):
+        load_config(path, {}, {})
+    with pytest.raises(ConfigError, match="the same setting as another variable"):
+        load_config(None, {}, {"TSMON_ALERTS__FOR": "5", "TSMON_ALERTS__FOR_WINDOWS": "7"})
+    assert load_config(None, {"alerts.for_windows": 3}, {"TSMON_ALERTS__FOR": "5"}).alerts.for_windows == 3

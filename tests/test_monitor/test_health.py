@@ -121,6 +121,9 @@ def test_port_in_use_is_a_config_error_and_close_frees_it(server: HealthServer, 
     other = HealthServer("127.0.0.1", port, metrics.registry, stubs.health, stubs.readiness, stubs.streams)
     with pytest.raises(ConfigError, match=rf"^http\.port: cannot listen on 127\.0\.0\.1:{port}: "):
         other.start()
+    nowhere = HealthServer("no such host!", 0, metrics.registry, stubs.health, stubs.readiness, stubs.streams)
+    with pytest.raises(ConfigError, match=r"^http\.host: cannot listen on no such host!:0"):  # it blamed the port
+        nowhere.start()
     server.close()
     server.close()  # idempotent
     other.start()

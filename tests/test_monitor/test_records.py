@@ -142,3 +142,33 @@ def test_iso_timestamps_are_exact_to_the_millisecond(stamp: str) -> None:
 
     block = parse(json.dumps({"ts": stamp, "value": 1.0}).encode(), b"s")
     assert isinstance(block, SampleBlock) and int(block.ts_ms[0]) == pd.Timestamp(stamp).value // 10**6
+
+
+def test_replay_reports_a_message_the_producer_or_the_broker_refuses() -> None:
+    """A message too large for the producer ended `tsmon replay` in a traceback, and a send the broker refused
+    was never looked at: `replayed` and exit 0."""
+    from kafka.errors import MessageSizeTooLargeError, TopicAuthorizationFailedError
+    from kafka.future import Future
+
+    from models.errors import BrokerError
+    from monitor.replay import replay
+
+    class Producer:
+        def __init__(self, refuse: Exception | None, fail: Exception | None) -> None:
+            self.refuse, self.fail = refuse, fail
+
+        def send(self, topic: str, key: bytes, value: bytes) -> Future:
+            if self.refuse is not None:
+                raise self.refuse
+            f = Future()
+            return f.failure(self.fail) if self.fail is not None else f.success(None)
+
+        def flush(self) -> None:
+            pass
+
+    ts, v = np.arange(10, dtype="int64") * 10, np.zeros((10, 1), "float32")
+    assert replay(Producer(None, None), "t", "s", ts, v, chunk=5) == 10
+    with pytest.raises(BrokerError, match="MessageSizeTooLargeError.*a smaller --chunk"):
+        replay(Producer(MessageSizeTooLargeError("1.4 MB"), None), "t", "s", ts, v, chunk=5)
+    with pytest.raises(BrokerError, match="2 message\\(s\\) to t not delivered: TopicAuthorizationFailedError"):
+        replay(Producer(None, TopicAuthorizationFailedError()), "t", "s", ts, v, chunk=5)
