@@ -28,6 +28,14 @@ Json = Annotated[bool, typer.Option("--json", help="Print the acknowledgements a
 Quantile = Annotated[float | None, typer.Option(help="Quantile of recent normal errors (default: the stream's own).")]
 
 
+def _login() -> str:
+    """The login name for ``--operator``; an arbitrary uid with no passwd entry (OpenShift) made getuser raise."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        raise ConfigError("no login name for this user id: give --operator NAME") from None
+
+
 def _target(stream: str | None, all_: bool, required: bool = True) -> str:
     if stream and all_:
         raise ConfigError("give --stream or --all, not both")
@@ -44,7 +52,7 @@ def _run(command: str, target: str, params: dict[str, Any], config: Path | None,
     if not 1.0 <= timeout < math.inf:  # below a second not even a healthy broker answers: it read as its failure
         raise typer.BadParameter(f"must be at least 1 second, got {timeout:g}", param_hint="--timeout")
     cfg = load_config(config)
-    answers = ctl.send(cfg, command, target, params, operator or getpass.getuser(), reason, timeout)
+    answers = ctl.send(cfg, command, target, params, operator or _login(), reason, timeout)
     if as_json:
         emit_json(answers.acks)
     else:

@@ -902,3 +902,18 @@ def test_an_evicted_stream_whose_silence_ends_pages(make: Make) -> None:
     ack = send(c, "silence", "dev-*", for_s=60)  # 1 of 2 held: 10 % (at least one) is left to new streams
     assert ack["streams"] == ["dev-s"] and ack["result"]["not_woken"] == ["dev-q", "dev-r"]
 
+
+
+def test_ctl_without_a_login_name_asks_for_an_operator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An arbitrary uid with no passwd entry (OpenShift): getpass.getuser raised out of tsmon ctl."""
+    import getpass
+
+    from models.errors import ConfigError
+    from monitor.commands import ctl_cmd
+
+    def nobody() -> str:
+        raise KeyError("getpwuid(): uid not found: 1000680000")
+
+    monkeypatch.setattr(getpass, "getuser", nobody)
+    with pytest.raises(ConfigError, match="give --operator NAME"):
+        ctl_cmd._login()
