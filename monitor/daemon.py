@@ -388,6 +388,9 @@ class Daemon:
         log.info("daemon_starting", models={n: m.describe() for n, m in self.scorer.models.items()},
                  scoring=self.scoring,
                  config=self.cfg.redacted())
+        if self.cfg.control.key is None:  # "" from a missing secret unsets it too: say so, once, at start
+            log.warning("control_key_unset", consequence="every operator command is refused (pin, silence, "
+                        "freeze, recalibrate)", fix="set TSMON_CONTROL__KEY")
         self._started = last_commit = last_control = time.monotonic()
         try:  # whatever fails from here on, _shutdown closes what was opened (and the heap is thawed)
             log.info("heap_frozen", objects=heap.freeze())  # start-up's objects: out of every collection

@@ -531,6 +531,16 @@ def in_process_daemon(model: Path, source: MemorySource, sink: MemorySink, **ove
     return Daemon(cfg, source=source, sink=sink)
 
 
+def test_a_daemon_without_a_control_key_says_so_at_start(stream_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty TSMON_CONTROL__KEY (a missing secret) unsets the key: every command is refused, and nothing at
+    start said so."""
+    for key, warned in ((None, True), ("k" * 32, False)):
+        d = in_process_daemon(stream_model, MemorySource([]), MemorySink(), **{"control.key": key or ""})
+        d.run(until=lambda: True)
+        logged = capsys.readouterr()
+        assert ("control_key_unset" in logged.out + logged.err) is warned
+
+
 def test_a_stuck_sink_pauses_the_input_and_it_resumes_when_the_sink_recovers(stream_model: Path) -> None:
     source, out = MemorySource(records("dev-bp", *sine_stream(3000)), batch=20), MemorySink()
     d = in_process_daemon(stream_model, source, out, **{"daemon.commit_interval_ms": 1})
