@@ -176,6 +176,7 @@ class Daemon:
         self._restored = not (self._kafka and cfg.state.enabled)
         self._paused: set[TP] = set()  # partitions paused while the sink or the broker fails
         self._rewind: dict[TP, int] = {}  # offsets to read the partitions of the last revoke again from
+        self._backlog: list[InRecord] = []  # polled, not handed over yet: batch.max_pending was reached
         self._restoring: ChangelogReader | None = None  # the changelog read in progress
         self._restore_due = False  # a restore asked for in a rebalance callback, opened by the loop
         self._unassigned = False  # revoked, the assignment not come yet (an eager JoinGroup spans polls)
@@ -207,6 +208,7 @@ class Daemon:
     def _on_revoke(self, tps: list[TP]) -> None:
         log.info("partitions_revoked", partitions=[f"{t}-{p}" for t, p in tps])
         self._paused -= set(tps)
+        self._backlog = [r for r in self._backlog if r.tp not in set(tps)]  # never read: the next owner reads it
         self._rewind = self.processor.revoke(self.source, set(tps))
         self._unassigned = bool(tps)  # its streams are dropped: commands wait for the assignment and its restore
 
@@ -409,7 +411,12 @@ class Daemon:
                     self._restore_step(RESTORE_STEP_S)
                     timeout = 0
                 room = self._poll_room()
-                if room and not self.processor.scoring_busy:
+                if self._backlog:  # what the last poll brought and did not fit, before anything new
+                    if self.processor.pending < self.cfg.batch.pending_limit:
+                        self._handle([])
+                    else:
+                        self.processor.wait_scored(timeout / 1000)
+                elif room and not self.processor.scoring_busy:
                     self._handle(self.source.poll(max(timeout, 0), room))
                 else:  # a result is on its way (it wakes us), or no record fits: wait for the scorer first,
                     self.processor.wait_scored(timeout / 1000)  # the records stay in the client meanwhile
@@ -445,7 +452,9 @@ class Daemon:
 
     def _handle(self, records: list[InRecord]) -> None:
         """Records that arrive after a stop signal are left to the next owner (never committed): the shutdown
-        budget is for what was taken before it. So are records of a partition no longer assigned."""
+        budget is for what was taken before it. So are records of a partition no longer assigned. Records
+        waiting in ``_backlog`` go first."""
+        records, self._backlog = self._backlog + records, []
         if records and self.stop_event.is_set():
             log.info("records_left_for_replay", records=len(records))
             return
@@ -454,7 +463,29 @@ class Daemon:
             # gone and its document not read back yet; the partition's next owner reads it from the commit
             log.info("records_of_revoked_partitions_left", partitions=sorted(f"{t}-{p}" for t, p in stale))
             records = [r for r in records if r.tp not in stale]
-        self.processor.handle(records)
+        self._hand_over(records)
+
+    def _hand_over(self, records: list[InRecord]) -> None:
+        """Hand records to the processor a slice at a time, each slice as many bytes as the windows per byte learnt
+        so far says fit ``batch.max_pending``; the rest wait in ``_backlog`` for the scorer (read, not consumed: a
+        commit never passes them). A poll is sized by records, and messages can change size by 1 000×: after
+        single-sample messages one poll took 500 chunks of 2 000 samples at once (~100 000 windows)."""
+        limit, i = self.cfg.batch.pending_limit, 0
+        while i < len(records):
+            room = limit - self.processor.pending
+            if i and room <= 0:
+                self._backlog = records[i:]
+                return
+            per_byte, k, size = self.processor.windows_per_byte, 0, 0
+            if per_byte is None:  # nothing learnt yet: one record tells
+                k = 1
+            else:
+                budget = max(room, 1) / max(per_byte, 1e-9)
+                while i + k < len(records) and (k == 0 or size + len(records[i + k].value or b"") <= budget):
+                    size += len(records[i + k].value or b"")
+                    k += 1
+            self.processor.handle(records[i : i + k])
+            i += k
 
     def _commit(self) -> None:
         """Commit; while the broker or the sink fails, pause the input and retry with backoff.
@@ -553,6 +584,9 @@ class Daemon:
 
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
+        if self._backlog:  # polled, never consumed: the next start reads them from the commit
+            log.info("records_left_for_replay", records=len(self._backlog))
+            self._backlog = []
         if self.restoring:  # stopped while restoring: the input never resumed, nothing to apply
             log.error("state_restore_incomplete", reason="stopping",
                       records=self._restoring.records if self._restoring else 0)

@@ -129,6 +129,9 @@ class Processor:
         # windows a good record makes (samples / hop; decays slowly from the largest seen): sizes the next
         # poll. None until a record told (the daemon's first polls take one record each).
         self.windows_per_record: float | None = None
+        # the same per byte of message: messages of another size make windows in proportion to their bytes, not
+        # their number (hands a poll's records over in slices that fit, see Daemon._hand_over)
+        self.windows_per_byte: float | None = None
         self.data_clock: DataClock | None = None  # calibrator.clock = "data": recalibrations between windows
         self.peak_pending = 0  # most windows waiting right after a poll was handled (benchmarks, tests)
         # called after each batch is applied: (batch, wall-clock ms of the decision, scoring seconds)
@@ -163,6 +166,9 @@ class Processor:
             ratio = made / good
             prev = self.windows_per_record
             self.windows_per_record = ratio if prev is None else max(ratio, 0.9 * prev)
+            per_byte = made / max(1, sum(len(rec.value or b"") for items in by_stream.values() for rec, _ in items))
+            prev = self.windows_per_byte
+            self.windows_per_byte = per_byte if prev is None else max(per_byte, 0.9 * prev)
         self.peak_pending = max(self.peak_pending, self.pending)
 
     def _route(self, block: SampleBlock) -> BadRecord | None:

@@ -541,6 +541,29 @@ def test_a_daemon_without_a_control_key_says_so_at_start(stream_model: Path, cap
         assert ("control_key_unset" in logged.out + logged.err) is warned
 
 
+def test_a_jump_in_message_size_does_not_take_the_waiting_windows_far_past_max_pending(stream_model: Path) -> None:
+    """After single-sample messages the learnt windows per record is ~0.1: a poll sized by it took 500 records
+    of 2 000 samples at once (~100 000 windows at hop 10 against a limit of 1 024). Records are now handed over
+    a slice at a time and the rest wait in a backlog; everything is still scored and committed once."""
+    ts, v = sine_stream(200 + 40 * 2000)
+    small = records("dev-j", ts[:200], v[:200], chunk=1)
+    big = records("dev-j", ts[200:], v[200:], chunk=2000, first_offset=len(small))
+    source, out = MemorySource(small + big, batch=500), MemorySink()
+    d = in_process_daemon(stream_model, source, out)
+    peak = [0]
+
+    def until() -> bool:
+        peak[0] = max(peak[0], d.processor.pending)
+        return not source.records and not getattr(d, "_backlog", None) and d.processor.pending == 0
+
+    d.run(until=until)
+    limit = d.cfg.batch.pending_limit
+    assert peak[0] <= 4 * limit and d.processor.peak_pending <= 4 * limit  # by bytes: ~3× off at the jump (2 617)
+    assert d.metrics.total("tsmon_windows_scored_total") == (len(ts) - W) // H + 1  # all of them, once
+    # every record committed but the last, whose samples after the last window a next window still needs
+    assert source.committed == {(TOPIC, 0): len(small) + len(big) - 1}
+
+
 def test_a_stuck_sink_pauses_the_input_and_it_resumes_when_the_sink_recovers(stream_model: Path) -> None:
     source, out = MemorySource(records("dev-bp", *sine_stream(3000)), batch=20), MemorySink()
     d = in_process_daemon(stream_model, source, out, **{"daemon.commit_interval_ms": 1})
