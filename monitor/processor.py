@@ -119,6 +119,9 @@ class Processor:
         self.first_record_at: float | None = None  # monotonic time the first record arrived (benchmarks)
         self._backend = backend or ThreadBackend(scorer)
         self._inflight: deque[tuple[Batch, Future[Result]]] = deque()
+        # a batch whose scoring raised: its windows are lost to this process, so from then on nothing is applied,
+        # snapshotted or committed past them (the shutdown and the revoke did both: the restart never replayed them)
+        self.failed: str | None = None
         self.restored: dict[str, dict[str, Any]] = {}  # changelog documents of streams not started yet
         self.evicted: set[str] = set()  # streams this instance evicted since its last assignment (see wake)
         self.evicted_here: set[str] = set()  # those of them evicted by evict_idle (not adopted): no input replayed
@@ -306,6 +309,8 @@ class Processor:
         free; returns the windows applied. Never blocks unless ``force``: then every waiting window is
         scored and applied (revoke, shutdown). What cannot be submitted waits in the batcher, which the
         daemon bounds by pausing its input (:attr:`pending`)."""
+        if self.failed is not None:
+            return 0
         n = self._apply_done()
         if force:
             for batch in self.batcher.ready(force=True):
@@ -343,7 +348,14 @@ class Processor:
         return bool(self._inflight)
 
     def _apply(self, batch: Batch, future: Future[Result]) -> int:
-        window_err, channel_err, seconds = future.result()  # a scoring failure surfaces here, on our thread
+        try:
+            window_err, channel_err, seconds = future.result()  # a scoring failure surfaces here, on our thread
+        except Exception as exc:
+            self.failed = f"{type(exc).__name__}: {exc}"[:300]
+            log.error("scoring_failed", error=self.failed, windows=len(batch),
+                      consequence="nothing applied, snapshotted or committed from now on: the next start replays "
+                                  "from the last commit")
+            raise
         self.metrics.batch_seconds.observe(seconds)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.windows.labels(batch.model).inc(len(batch))
@@ -513,7 +525,7 @@ class Processor:
     def save(self, stream: str) -> dict[str, Any] | None:
         """Send the stream's state to the changelog (acknowledged with everything else before a commit)."""
         st, topic = self.streams.get(stream), self.settings.state_topic
-        if st is None:
+        if st is None or self.failed is not None:  # it would include windows after the lost ones
             return None
         point = st.replay_point()
         st.home = frozenset(self.ledger.partitions_of(stream)) or st.home  # woken: none read since, keep the doc's
@@ -626,6 +638,8 @@ class Processor:
         Raises SinkBackpressure (the sink did not acknowledge: nothing committed) or BrokerError (the
         commit itself failed); either way the input is replayed from the last commit if we die now.
         """
+        if self.failed is not None:
+            return {}
         end = time.monotonic() + self.settings.flush_timeout_s
 
         def left() -> float:  # the flush and the commit share the timeout; a deadline (shutdown) cuts it

@@ -564,6 +564,40 @@ def test_a_jump_in_message_size_does_not_take_the_waiting_windows_far_past_max_p
     assert source.committed == {(TOPIC, 0): len(small) + len(big) - 1}
 
 
+def test_after_a_batch_fails_to_score_nothing_is_applied_snapshotted_or_committed_past_it(make: Make) -> None:
+    """A batch whose scoring raised (a CUDA out-of-memory on the thread backend) stopped the loop, but the
+    shutdown then applied the batches behind it, snapshotted and committed past its input: its windows were
+    never scored, and the restart did not replay them."""
+    from concurrent.futures import Future
+
+    p = make(max_batch=8)
+    p.settings = Settings(state_topic="state")
+    real, calls = p._backend.submit, [0]
+
+    def submit(model: str, values: np.ndarray) -> Future:
+        calls[0] += 1
+        if calls[0] != 2:
+            return real(model, values)
+        f: Future = Future()
+        f.set_exception(RuntimeError("CUDA out of memory"))
+        return f
+
+    p._backend.submit = submit  # type: ignore[method-assign]
+    recs = records("dev-f", *sine_stream(400))
+    src = MemorySource([])
+    p.handle(recs[:10])
+    p.score_ready(force=True)
+    p.commit(src, {(TOPIC, 0)})
+    before, snapshots = dict(src.committed), len([m for m in sink(p).sent if m.topic == "state"])
+    p.handle(recs[10:20])
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        p.score_ready(force=True)
+    p.handle(recs[20:40])  # what the shutdown and the revoke then did
+    assert p.score_ready(force=True) == 0 and p.save("dev-f") is None and p.commit(src, {(TOPIC, 0)}) == {}
+    assert src.committed == before and len([m for m in sink(p).sent if m.topic == "state"]) == snapshots
+    assert p.failed == "RuntimeError: CUDA out of memory"
+
+
 def test_a_stuck_sink_pauses_the_input_and_it_resumes_when_the_sink_recovers(stream_model: Path) -> None:
     source, out = MemorySource(records("dev-bp", *sine_stream(3000)), batch=20), MemorySink()
     d = in_process_daemon(stream_model, source, out, **{"daemon.commit_interval_ms": 1})
