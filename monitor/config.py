@@ -416,6 +416,10 @@ class DaemonConfig(_Section):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    def _rules(self) -> Iterator[str]:
+        if self.precision != "float32" and not self.warmup:  # the check runs in the warm-up: it was skipped
+            yield f"warmup: precision {self.precision} is checked against float32 in the warm-up; keep it on"
+
 
 class ControlConfig(_Section):
     topic: _Topic = Field("tsmon.control", description="topic operators' commands arrive on")

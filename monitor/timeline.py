@@ -72,8 +72,9 @@ def draw(out: Path, p: Any, series: Series, ts_ms: np.ndarray, played: dict[str,
             if j == 0:
                 for ch in range(len(channels)):
                     axes[ch, 0].axvspan(x(s.start_ms), x(s.end_ms), ymin=0.9, color="tab:orange", alpha=0.8, lw=0)
-        if len(scores):
-            ax.set_ylim(0, max(float(np.percentile(scores, 99.9)), max(val)) * 1.3)
+        finite = scores[np.isfinite(scores)]  # a window of extreme finite values scores inf or NaN: the limit was
+        if len(finite):  # NaN and matplotlib refused it, after report.json, leaving no picture
+            ax.set_ylim(0, max(float(np.percentile(finite, 99.9)), max(val)) * 1.3)
         ax.set_ylabel(f"{label}\nscore")
         ax.legend(loc="upper left", fontsize=7)
     for ax in axes[:, 0]:

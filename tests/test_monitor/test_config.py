@@ -463,3 +463,10 @@ def test_one_setting_under_both_of_its_names_is_an_error(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="the same setting as another variable"):
         load_config(None, {}, {"TSMON_ALERTS__FOR": "5", "TSMON_ALERTS__FOR_WINDOWS": "7"})
     assert load_config(None, {"alerts.for_windows": 3}, {"TSMON_ALERTS__FOR": "5"}).alerts.for_windows == 3
+
+
+def test_a_reduced_precision_needs_the_warm_up_that_checks_it() -> None:
+    # with warmup = false the float32 comparison never ran and float16 was served unchecked
+    with pytest.raises(ConfigError, match="daemon.warmup: precision float16 is checked against float32"):
+        load_config(None, {"daemon.precision": "float16", "daemon.warmup": False}, {})
+    assert load_config(None, {"daemon.warmup": False}, {}).daemon.warmup is False
