@@ -207,9 +207,10 @@ class Daemon:
     # rebalance callbacks (called from inside poll, on the loop's thread)
     def _on_revoke(self, tps: list[TP]) -> None:
         log.info("partitions_revoked", partitions=[f"{t}-{p}" for t, p in tps])
-        self._paused -= set(tps)
-        self._backlog = [r for r in self._backlog if r.tp not in set(tps)]  # never read: the next owner reads it
-        self._rewind = self.processor.revoke(self.source, set(tps))
+        revoked = set(tps)
+        self._paused -= revoked
+        self._backlog = [r for r in self._backlog if r.tp not in revoked]  # never read: the next owner reads it
+        self._rewind = self.processor.revoke(self.source, revoked)
         self._unassigned = bool(tps)  # its streams are dropped: commands wait for the assignment and its restore
 
     def _on_assign(self, tps: list[TP]) -> None:
