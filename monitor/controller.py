@@ -39,6 +39,9 @@ class Controller:
         self._key, self.audit_topic, self.instance = key, audit_topic, instance
         self.max_age_s, self.clock = max_age_s, clock
         self.seen = Seen(remember)
+        # the group's daemon-wide state (freeze --all) is known: taken from the changelog, found absent from a
+        # complete read of it, or set by an operator here; until then this instance writes none of its own
+        self.global_known = False
         self.not_woken: set[str] = set()  # evicted streams the command in hand found no room to wake
         # the input partitions held now ({topic: [partition, ...]}), in every ack: tsmon ctl waits until
         # each partition of the input topics has been answered for (None: not known, as in unit tests)
@@ -89,23 +92,25 @@ class Controller:
 
     def save_global(self) -> None:
         topic = self.p.settings.state_topic
-        if topic is not None:
+        if topic is not None and self.global_known:  # else its default frozen_all false hid the group's freeze
             doc = {"type": "daemon_state", "v": 1, "frozen_all": self.cal.frozen_all, "command_ids": self.seen.ids()}
             self.p.sink.send(json_message(topic, GLOBAL_KEY, doc, [("tsmon.type", b"daemon_state")]))
 
-    def restore_global(self, doc: dict[str, Any], first: bool = True) -> None:
+    def restore_global(self, doc: dict[str, Any]) -> None:
         """Continue from the changelog's daemon-wide document; remembered ids are merged, never dropped.
 
-        ``freeze --all`` is taken from it at the ``first`` restore only: later, at each new assignment, this
-        instance has applied every command itself, and the document may be older — another instance's that had
-        not read the freeze yet, or its own whose write did not land — which silently lifted a freeze.
+        ``freeze --all`` is taken from it until the group's state is known (:attr:`global_known`) — the first read
+        that finds it: at a later assignment this instance has applied every command itself, and the document may
+        be older (another instance's that had not read the freeze yet, or its own whose write did not land),
+        which silently lifted a freeze. A first read that failed leaves it to the next.
         """
         ids = doc.get("command_ids")
         if doc.get("type") != "daemon_state" or not isinstance(ids, list):
             log.error("daemon_state_unreadable", keys=sorted(doc)[:10])
             return
-        if first:
+        if not self.global_known:
             self.cal.frozen_all = doc.get("frozen_all") is True
+            self.global_known = True
         for i in ids:
             if isinstance(i, str) and i not in self.seen:
                 self.seen.add(i)
@@ -169,6 +174,7 @@ class Controller:
         streams = self._targets(cmd, lambda doc: not frozen and bool(doc.get("calibrator", {}).get("frozen")))
         before = {s: self._view(s) for s in streams}
         self.cal.frozen_all = frozen
+        self.global_known = True  # an operator's word: this is the group's state now
         if not frozen:
             for s in streams:
                 self.cal.set_frozen(s, False)

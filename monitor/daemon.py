@@ -308,7 +308,9 @@ class Daemon:
     def _apply_changelog(self, log_: Changelog) -> None:
         daemon_doc = log_.docs.pop(GLOBAL_KEY, None)
         if daemon_doc is not None:
-            self.controller.restore_global(daemon_doc, first=not self._restored)
+            self.controller.restore_global(daemon_doc)
+        elif log_.complete:  # read to its end and none there: this instance's state is the group's
+            self.controller.global_known = True
         self.processor.restored = {k: v for k, v in log_.docs.items() if k not in self.processor.streams}
         dormant = self.processor.adopt(self.source.assignment())
         self.metrics.restore_seconds.set(log_.seconds)

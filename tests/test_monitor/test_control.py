@@ -652,8 +652,17 @@ def test_global_state_merges_ids_and_ignores_garbage(make: Make) -> None:
     assert "mine" in c.seen
     # at a later assignment the running instance's own freeze state stands: an older document (an instance
     # that had not read the freeze yet wrote it last) lifted `freeze --all` silently
-    c.restore_global({"type": "daemon_state", "frozen_all": False, "command_ids": ["later"]}, first=False)
+    c.restore_global({"type": "daemon_state", "frozen_all": False, "command_ids": ["later"]})
     assert c.cal.frozen_all and "later" in c.seen
+    # until the group's state is known (a first read that failed) it writes none: its default frozen_all false
+    # would have lifted the group's freeze for instances started later; a read that finds it takes it then
+    p = make()
+    p.settings = Settings(state_topic="state")
+    fresh = controller(p)
+    fresh.save_global()
+    assert [d for d in out(p, "state") if d.get("type") == "daemon_state"] == []
+    fresh.restore_global({"type": "daemon_state", "frozen_all": True, "command_ids": []})
+    assert fresh.cal.frozen_all and fresh.global_known
 
 
 @pytest.mark.parametrize("damage", [
