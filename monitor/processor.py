@@ -212,12 +212,12 @@ class Processor:
         the windows their samples make at the stream's hop (counted whether or not one completed yet)."""
         st = self.streams[stream]
         st.last_seen = time.monotonic()
-        last, good = st.windows.last_ts, []
-        ahead_s = self.settings.max_future_s
-        latest_ok = math.inf if ahead_s is None else self.clock() * 1000 + ahead_s * 1000
+        last, good = st.windows.last_ts if st.windows.last_ts is not None else st.resume_after_ts, []
+        ahead_s, now_ms = self.settings.max_future_s, self.clock() * 1000
+        latest_ok = math.inf if ahead_s is None else now_ms + ahead_s * 1000
         for rec, block in items:
             if int(block.ts_ms[-1]) > latest_ok:  # taken, it would make every later sample "backwards" until then
-                ahead = (int(block.ts_ms[-1]) - self.clock() * 1000) / 1000
+                ahead = (int(block.ts_ms[-1]) - now_ms) / 1000
                 self._dead_letter(rec, BadRecord("timestamp_in_future", f"{ahead:.0f} s ahead of this host's "
                                                  f"clock (limits.max_future_s = {ahead_s:g})"))
                 done.add(id(rec))
@@ -573,7 +573,8 @@ class Processor:
             self._drop(name)
             self.ledger.forget(name)
             self.evicted.add(name)
-            self.evicted_here.add(name)
+            if st.windows.seen:  # it read input here, so none of its input is still to be replayed to it (one
+                self.evicted_here.add(name)  # woken for a command before its replay came still needs aligning)
             self.metrics.evicted.inc()
             log.info("stream_evicted", stream=name, idle_s=round(idle_s, 1), partial_window_samples=partial)
         # Without a changelog the evicted streams' documents live only here: at most max_streams of them, oldest

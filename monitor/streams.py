@@ -54,6 +54,7 @@ class StreamState:
     last_seen: float = 0.0  # monotonic time of its last record (idle eviction)
     doc_from_seq: int | None = None  # the replay point of the last document sent: input from it stays held
     orphan: Episode | None = None  # a fired episode restored for another model version, to resolve
+    resume_after_ts: int | None = None  # back from an eviction here: its samples must be newer than this one
     home: frozenset[TP] = frozenset()  # the input partitions its records came from (stored in its document)
 
     @property
@@ -151,8 +152,8 @@ class StreamState:
         calibrator.restore(stream, doc["calibrator"])  # validated whole; the last step that can fail
         self.silenced_until_ms, self.feedback, self.alerts, self.applied_until_ts = silenced, feedback, alerts, applied
         self.recent_alerts.extend(recent)
-        if not replayed:
-            self.windows.last_ts = last_sample
+        if not replayed:  # no window restart, no gap event for the eviction's silence: the order rule only
+            self.resume_after_ts = last_sample
         elif window_from is not None:
             self.windows.align(*window_from)
         return "full"

@@ -494,6 +494,12 @@ def test_an_evicted_stream_that_returns_with_older_timestamps_is_refused_not_pas
     ts, v = sine_stream(400, start_ms=1_700_000_000_000 + day + 500 * STREAM_PERIOD_MS)
     feed(p, records("dev-c", ts, v, first_offset=80))
     assert metric(p, "tsmon_windows_scored_total") > scored  # later samples continue it
+    sink(p).flush(1)
+    assert not [d for d in docs(p, "data_quality") if d["kind"] == "gap"]  # the eviction's silence is no data gap
+    # woken for a command before any input came (an adopted stream whose replay is still on its way) and evicted
+    # again: its replay must still be aligned, not taken as new input
+    assert p.evict_idle(time.monotonic() + 8000) == 1 and p.wake("dev-c", reserve=False)
+    assert p.evict_idle(time.monotonic() + 16000) == 1 and "dev-c" not in p.evicted_here
 
 
 def test_a_sample_far_ahead_of_the_clock_is_dead_lettered_not_taken(make: Make) -> None:
