@@ -86,9 +86,9 @@ def replay(
     if model is None and series.values.shape[1] > 1:  # a model trained on other columns would score the wrong ones
         log.warning("channels_sent_by_position", channels=series.channels,
                     hint="the daemon takes values by position: pass --model ART (or --value-col in its order)")
-    # a file without timestamps: paced (--rate), it starts now; sent at once, it is the recent past, ending now
-    # (starting now, a long file lay hours ahead of the daemon's clock: limits.max_future_s dead-letters that)
-    start = None if rate is not None else int(time.time() * 1000) - len(series.values) * period_ms
+    # a file without timestamps is the recent past, ending now: stamped from now on, a long file lay hours ahead of
+    # the daemon's clock (limits.max_future_s dead-letters that), paced or not — --rate need not be 1000/--period-ms
+    start = int(time.time() * 1000) - len(series.values) * period_ms
     ts = (series.timestamps.astype("datetime64[ms]").astype("int64") if series.timestamps is not None
           else timestamps(len(series.values), period_ms, start))
     ts, values, skipped = finite_rows(ts, series.values)

@@ -57,6 +57,9 @@ def test_a_file_without_timestamps_sent_at_once_ends_now(broker: Any, topic: str
     ts = np.concatenate([b.ts_ms for b in sorted(blocks, key=lambda b: int(b.ts_ms[0]))])
     assert len(ts) == 2000 and np.all(np.diff(ts) == 60000)
     assert before - 2000 * 60000 - 1000 <= ts[0] and ts[-1] <= time.time() * 1000
+    # paced at another speed than --period-ms says (here 100 000 samples/s): still the recent past, ending now
+    blocks = replayed(broker, topic + "-paced", path, "--period-ms", "60000", "--chunk", "500", "--rate", "100000")
+    assert max(int(b.ts_ms[-1]) for b in blocks) <= time.time() * 1000
 
 
 def test_replay_refuses_a_missing_file(tmp_path: Path) -> None:
