@@ -156,8 +156,11 @@ def fit(model: Autoencoder, train: np.ndarray, val: np.ndarray, cfg: TrainConfig
         result.seconds = time.perf_counter() - start
         return result
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if len(xt) == 1 and any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules()):
-        raise DataError("batch norm needs at least 2 training windows (got 1): give more data or drop --batch-norm")
+    if model.kind == "dense" and getattr(model.config, "batch_norm", False) and min(len(xt), cfg.batch_size) < 2:
+        # its BatchNorm1d sees [batch, features]: one window per batch is a traceback from torch (conv's sees the
+        # timesteps too and trains on one)
+        raise DataError(f"the dense model's batch norm needs batches of at least 2 windows (batch size "
+                        f"{cfg.batch_size}, {len(xt)} training windows): raise them or drop --batch-norm")
     per_epoch = len(_batches(torch.arange(len(xt)), cfg.batch_size))
     epochs = max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
     steps = epochs * per_epoch

@@ -88,8 +88,11 @@ def test_denoising_and_sparsity_options_train() -> None:
     # 97 windows at batch 32 leave a last batch of one, which batch norm cannot train on (a traceback)
     res = fit(m, x[:97], x[100:], TrainConfig(epochs=2, batch_size=32))
     assert res.epochs_run == 2 and np.isfinite(res.best_val_loss)
-    with pytest.raises(DataError, match="batch norm needs at least 2 training windows"):
-        fit(m, x[:1], x[100:], TrainConfig(epochs=1))
+    for windows, batch in ((1, 32), (97, 1)):  # one window per batch: a traceback from torch
+        with pytest.raises(DataError, match="batch norm needs batches of at least 2 windows"):
+            fit(m, x[:windows], x[100:], TrainConfig(epochs=1, batch_size=batch))
+    conv = build("conv", {"window": 24, "channels": 2, "filters": [8, 4], "batch_norm": True})
+    assert fit(conv, x[:1], x[100:], TrainConfig(epochs=1)).epochs_run == 1  # its batch norm sees the timesteps
 
 
 def test_vae_elbo_score_is_larger_than_reconstruction() -> None:
