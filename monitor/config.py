@@ -524,8 +524,9 @@ def _topics_win(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
     """A layer that names input topics and no pattern replaces a lower layer's pattern (which replaces topics):
     ``--topic orders`` over a file's ``topic_pattern`` consumed the pattern's topics, without a word."""
     kafka = upper.get("kafka")
-    if isinstance(kafka, dict) and "topics" in kafka and "topic_pattern" not in kafka \
-            and isinstance(lower.get("kafka"), dict) and lower["kafka"].get("topic_pattern"):
+    named = isinstance(kafka, dict) and _split(kafka.get("topics")) not in (None, [])  # an empty variable names none
+    if named and "topic_pattern" not in kafka and isinstance(lower.get("kafka"), dict) \
+            and lower["kafka"].get("topic_pattern"):
         return {**upper, "kafka": {**kafka, "topic_pattern": None}}
     return upper
 

@@ -420,6 +420,8 @@ def test_a_flag_with_commas_is_a_list_and_topics_given_later_replace_a_pattern(t
     # the flag or the environment names topics: they win over the file's pattern (which was consumed instead)
     assert load_config(path, {"kafka.topics": ["orders"]}, {}).kafka.subscription() == {"topics": ["orders"]}
     assert load_config(path, {}, {"TSMON_KAFKA__TOPICS": "orders"}).kafka.subscription() == {"topics": ["orders"]}
+    # an empty variable (templated manifests export them) names no topic: the pattern stands
+    assert load_config(path, {}, {"TSMON_KAFKA__TOPICS": ""}).kafka.subscription() == {"pattern": "^sensors\\..*"}
 
 
 def test_sasl_credentials_can_be_unset_and_empty_ones_are_missing() -> None:
