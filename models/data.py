@@ -256,7 +256,10 @@ def make_windows(values: np.ndarray, window: int, hop: int) -> tuple[np.ndarray,
     return view, ends
 
 
-def finite_windows(windows: np.ndarray, chunk: int = 65536) -> np.ndarray:
+WINDOW_CHUNK = 65536  # windows checked (and by tsmon score, scored) at a time: memory stays bounded
+
+
+def finite_windows(windows: np.ndarray, chunk: int = WINDOW_CHUNK) -> np.ndarray:
     """Boolean mask of windows whose every value is finite; in chunks, since ``windows`` is usually a strided view
     whose full ``isfinite`` would be window × channels bytes per window."""
     return np.concatenate([np.isfinite(windows[i : i + chunk]).all(axis=(1, 2))
@@ -325,7 +328,7 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
                "window_count": len(ends),  # "windows" is the label windows file (DataSpec)
                "dropped_nonfinite": int((~ok).sum()), "train": len(train_idx), "val": n_val,
                "train_dropped_overlapping": len(fit_idx) - n_val - len(train_idx),
-               "test": len(test_idx), "test_dropped_nonfinite": int(test_bad.sum()),
+               "test": len(test_idx), "test_windows_dropped_nonfinite": int(test_bad.sum()),
                "test_anomalies_dropped_nonfinite": int((test_bad & (win_label > 0)).sum()),
                "dropped_out_of_order": series.dropped_out_of_order}
     return Dataset(Path(series.path).name, window, hop, series.channels,

@@ -181,7 +181,7 @@ def evaluate(detector: Detector, data: Dataset, with_baseline: bool = True) -> d
     out: dict[str, Any] = {"model": detector.kind, **report(data.test_labels, scores, detector.threshold.value),
                            "test_windows": len(data.test), "test_anomalies": int(data.test_labels.sum()),
                            # windows holding NaN/inf are not scored: not in the metrics above, counted here
-                           "test_windows_dropped_nonfinite": int(data.summary.get("test_dropped_nonfinite", 0)),
+                           "test_windows_dropped_nonfinite": int(data.summary.get("test_windows_dropped_nonfinite", 0)),
                            "test_anomalies_dropped_nonfinite": int(data.summary.get("test_anomalies_dropped_nonfinite", 0))}
     if data.series is not None and data.series.labels is not None and data.test_ends is not None:
         flagged = ~(scores <= detector.threshold.value)

@@ -47,10 +47,10 @@ def _root(
     log_format: Annotated[str | None, typer.Option(
         help="json or console (default: console on a terminal; tsmon run: daemon.log_format).")] = None,
 ) -> None:
-    if log_format not in (None, "json", "console"):
-        raise typer.BadParameter("use json or console", param_hint="--log-format")
-    if log_level is not None and log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise typer.BadParameter("use DEBUG, INFO, WARNING or ERROR", param_hint="--log-level")
+    if log_format is not None and log_format not in logs.FORMATS:
+        raise typer.BadParameter(f"use {' or '.join(logs.FORMATS)}", param_hint="--log-format")
+    if log_level is not None and log_level.upper() not in logs.LEVELS:
+        raise typer.BadParameter(f"use {', '.join(logs.LEVELS)}", param_hint="--log-level")
     logs.configure_from_flags(log_level, log_format)
 
 

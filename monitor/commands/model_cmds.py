@@ -11,7 +11,7 @@ import pandas as pd
 import typer
 
 from models import artifact
-from models.data import ECG5000_WINDOW, finite_windows, read_series, windows_for
+from models.data import ECG5000_WINDOW, WINDOW_CHUNK, finite_windows, read_series, windows_for
 from models.detector import DEFAULT_QUANTILE, check_downsample, check_threshold_options
 from models.errors import BrokerError, DataError, ModelConfigError
 from models.registry import DEFAULT_KIND, KINDS, config_for, train_defaults
@@ -186,7 +186,13 @@ def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, ti
     return det, series, wins, ends, ok
 
 
-def _score_in_chunks(det: Any, wins: np.ndarray, ok: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def _blank(x: np.ndarray) -> np.ndarray:
+    """Non-finite values as NaN, which the CSV writes empty."""
+    return np.where(np.isfinite(x), x, np.nan)
+
+
+def _score_in_chunks(det: Any, wins: np.ndarray, ok: np.ndarray, chunk: int = WINDOW_CHUNK,
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Window scores and channel errors of the finite windows, scored a chunk at a time: the copy out of the
     strided view and the per-step errors (window × 4 bytes each) stay bounded instead of growing with the file
     (hop 1 over a million samples held ~1 GB)."""
@@ -221,11 +227,11 @@ def score(
     if series.timestamps is not None:
         # UTC, and saying so: a file with +02:00 offsets read back two hours off without the Z
         frame["timestamp"] = pd.to_datetime(series.timestamps[kept]).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    frame["score"] = np.where(np.isfinite(score), score, np.nan)  # empty in the CSV: inf was written
+    frame["score"] = _blank(score)  # empty in the CSV: inf was written
     frame["threshold"] = det.threshold.value
     frame["is_anomaly"] = (~(score <= det.threshold.value)).astype(int)  # a NaN score is not normal
     for i, name in enumerate(det.channel_names):
-        frame[f"error_{name}"] = np.where(np.isfinite(channel[:, i]), channel[:, i], np.nan)
+        frame[f"error_{name}"] = _blank(channel[:, i])
     output.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(output, index=False)
     dropped, nonfinite = int((~ok).sum()), int((~np.isfinite(score)).sum())

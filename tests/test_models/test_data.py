@@ -67,12 +67,12 @@ def test_nan_windows_are_dropped_and_counted(tmp_path: Path) -> None:
     df.to_csv(tmp_path / "n.csv", index=False)
     ds = series_dataset(read_series(tmp_path / "n.csv"), window=40, hop=10)
     assert ds.summary["dropped_nonfinite"] == 8  # 4 windows cover each bad sample
-    assert ds.summary["test_dropped_nonfinite"] == 0
+    assert ds.summary["test_windows_dropped_nonfinite"] == 0
     df.loc[1800, "ch0"] = np.nan  # in the test part, and in a labelled window: counted apart (eval reports it)
     df.loc[1800, "label"] = 1
     df.to_csv(tmp_path / "n.csv", index=False)
     ds = series_dataset(read_series(tmp_path / "n.csv"), window=40, hop=10)
-    assert (ds.summary["test_dropped_nonfinite"], ds.summary["test_anomalies_dropped_nonfinite"]) == (4, 4)
+    assert (ds.summary["test_windows_dropped_nonfinite"], ds.summary["test_anomalies_dropped_nonfinite"]) == (4, 4)
     assert np.isfinite(ds.train).all() and np.isfinite(ds.val).all() and np.isfinite(ds.test).all()
 
 
