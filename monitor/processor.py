@@ -47,7 +47,7 @@ FLUSH_SLICE_S = 0.25  # a commit waits for the sink in slices of this: a deadlin
 WAKE_RESERVE = 0.1  # share of limits.max_streams that streams woken for a command leave to new streams
 DEAD_LETTER_MAX = 512 * 1024  # a bad record longer than this is dead-lettered truncated …
 DEAD_LETTER_KEEP = 64 * 1024  # … to its first bytes (the source offset header names the whole record)
-DEAD_LETTER_KEY_KEEP = 4096  # a longer key (no stream id is: limits.max_stream_len) is cut to this many bytes
+DEAD_LETTER_KEY_KEEP = 4096  # a longer key is cut to this many bytes (or 4 × limits.max_stream_len, if more)
 
 
 @dataclass(frozen=True, slots=True)
@@ -625,9 +625,10 @@ class Processor:
         if len(value) > DEAD_LETTER_MAX:  # with the headers, near the producer's request size: undeliverable
             headers.append(("tsmon.truncated_from", str(len(value)).encode()))
             value = value[:DEAD_LETTER_KEEP]
-        if key is not None and len(key) > DEAD_LETTER_KEY_KEEP:  # a 1 MB key (bad_stream) made it undeliverable too
+        keep = max(DEAD_LETTER_KEY_KEEP, 4 * self.settings.limits.max_stream_len)  # never a stream id (UTF-8)
+        if key is not None and len(key) > keep:  # a 1 MB key (bad_stream) made it undeliverable too
             headers.append(("tsmon.key_truncated_from", str(len(key)).encode()))
-            key = key[:DEAD_LETTER_KEY_KEEP]
+            key = key[:keep]
         self.sink.send(OutMessage(self.settings.dead_letter_topic, key, value, headers))
         log.warning("dead_letter", reason=bad.reason, detail=bad.detail, topic=rec.topic, partition=rec.partition,
                     offset=rec.offset)

@@ -129,10 +129,15 @@ class StreamState:
             raise ValueError(f"unknown state document version {doc.get('v')!r}")
         silenced = int(doc["silenced_until_ms"])
         feedback = {k: int(doc["feedback"][k]) for k in NO_FEEDBACK}
+        last_sample = doc.get("last_sample_ts")  # absent from documents of earlier versions
+        if last_sample is not None and (isinstance(last_sample, bool) or not isinstance(last_sample, int)):
+            raise TypeError(f"last_sample_ts must be an integer, got {last_sample!r}")
         self.home = self.home or doc_partitions(doc)
         if doc["model"] != self.served.describe():
             frozen = doc["calibrator"]["frozen"] is True  # a pinned value is on the old model's scale
             self.silenced_until_ms, self.feedback = silenced, feedback
+            if not replayed:  # the order rule is the stream's, whatever model scores it
+                self.resume_after_ts = last_sample
             calibrator.set_frozen(stream, frozen)
             if doc["alerts"].get("episode"):  # paged under the old model: the processor resolves it
                 old = AlertState(self.alerts.stream, str(doc["model"].get("name", "")), self.alerts.settings)
@@ -146,9 +151,6 @@ class StreamState:
         applied = int(doc["applied_until_ts"])
         window_from = doc.get("window_from_ts")  # absent from documents of earlier versions
         window_from = None if window_from is None else (int(window_from), int(doc.get("window_from_skip", 0)))
-        last_sample = doc.get("last_sample_ts")  # absent from documents of earlier versions
-        if last_sample is not None and (isinstance(last_sample, bool) or not isinstance(last_sample, int)):
-            raise TypeError(f"last_sample_ts must be an integer, got {last_sample!r}")
         calibrator.restore(stream, doc["calibrator"])  # validated whole; the last step that can fail
         self.silenced_until_ms, self.feedback, self.alerts, self.applied_until_ts = silenced, feedback, alerts, applied
         self.recent_alerts.extend(recent)
