@@ -286,7 +286,9 @@ class Processor:
         if how == "full" and self.data_clock is not None and isinstance(at, int | float) and math.isfinite(at):
             self.data_clock.next_ms[stream] = float(at)
         if st.orphan is not None:  # paged under the model version it replaced: never leave that page open
-            self.publish_alert(stream, st, Transition("resolved", st.orphan), remember=False, reset=True,
+            names = doc.get("channels")  # the old model's (the new one's named another model's channels)
+            names = names if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
+            self.publish_alert(stream, st, Transition("resolved", st.orphan), remember=False, names=names, reset=True,
                                model_changed=True, model=doc["model"])  # its errors are on the old model's scale
             st.orphan = None
         return how
@@ -460,8 +462,9 @@ class Processor:
         return len(paged)
 
     def publish_alert(self, stream: str, st: StreamState, t: Transition, arrived: float | None = None,
-                      remember: bool = True, **extra: Any) -> None:
-        """Send a transition: a firing one carries its picture; while silenced it is recorded, not paged."""
+                      remember: bool = True, names: list[str] | None = None, **extra: Any) -> None:
+        """Send a transition: a firing one carries its picture; while silenced it is recorded, not paged.
+        ``names``: the channels of the model that scored it, when not the stream's model now."""
         ep = t.episode
         status = t.status
         if status == "firing":
@@ -473,8 +476,8 @@ class Processor:
         topic, partition = (first or last or ((None, None), None))[0]
         source = {"topic": topic, "partition": partition,
                   "first_offset": first[1] if first else None, "last_offset": last[1] if last else None}
-        doc = alert_doc(stream, t, st.served.describe(), st.served.detector.channel_names, source,
-                        self.settings.alerts)
+        doc = alert_doc(stream, t, st.served.describe(), st.served.detector.channel_names if names is None else names,
+                        source, self.settings.alerts)
         doc.update(status=status, silenced=ep.silenced, **extra)
         if t.status == "firing":
             doc["explain"] = self._explain(st, ep.peak)

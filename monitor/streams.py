@@ -107,7 +107,7 @@ class StreamState:
         return {"type": "stream_state", "v": DOC_VERSION, "stream": stream, "model": self.served.describe(),
                 "written_ms": written_ms, "applied_until_ts": applied,
                 "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,
-                "last_sample_ts": self.windows.last_ts,
+                "last_sample_ts": self.windows.last_ts, "channels": list(self.served.detector.names),
                 "calibrator": calibrator.export(stream, replayed), "alerts": self.alerts.to_doc(),
                 "silenced_until_ms": self.silenced_until_ms, "feedback": dict(self.feedback),
                 "recent_alerts": [a.to_doc() for a in self.recent_alerts],

@@ -496,11 +496,13 @@ def test_stream_state_document_round_trip(make: Make) -> None:
     wider = json.loads(json.dumps(other))
     for k in ("start", "peak", "fired", "last"):
         wider["alerts"]["episode"][k]["channel_errors"] = [0.1, 0.2, 5.0]
-    w = make()
-    w.restored = {"dev-x": wider}
-    feed(w, records("dev-x", ts[:100], v[:100]))
-    [closed] = anomalies(w)
-    assert closed["status"] == "resolved" and closed["top_channels"][0]["channel"] == "ch2"
+    # named by the old model's channels (the new one's named other channels), ch{i} where a document has none
+    for names, top in ((["x", "y", "z"], "z"), (None, "ch2")):
+        w = make()
+        w.restored = {"dev-x": {**wider, "channels": names}}
+        feed(w, records("dev-x", ts[:100], v[:100]))
+        [closed] = anomalies(w)
+        assert closed["status"] == "resolved" and closed["top_channels"][0]["channel"] == top
 
 
 def test_an_anomaly_going_on_at_a_model_rotation_pages_under_a_new_id(make: Make, served: Served) -> None:
