@@ -91,6 +91,11 @@ class Autoencoder(nn.Module):
         """Float operations (multiply and add counted apart) of one window's forward pass."""
         raise NotImplementedError
 
+    @property
+    def min_batch(self) -> int:
+        """Fewest windows a training batch may hold (2 where a batch norm normalises across the batch only)."""
+        return 1
+
     def errors(self, x: torch.Tensor, loss: str = "l1", elbo: bool = False) -> ErrorViews:
         """Reconstruction error views of ``x`` ``[batch, window, channels]``."""
         return error_views(self(x), x, loss, elbo)

@@ -62,6 +62,12 @@ class DenseAE(Autoencoder):
         self.encoder = mlp(self.sizes, config.dropout, config.batch_norm)
         self.decoder = mlp(self.sizes[::-1], config.dropout, config.batch_norm)
 
+    @property
+    def min_batch(self) -> int:
+        """Its batch norm sees ``[batch, features]``: one window is no batch to normalise (conv's sees the
+        timesteps too and trains on one)."""
+        return 2 if self.config.batch_norm else 1
+
     def forward(self, x: torch.Tensor) -> AEOutput:
         code = self.encoder(x.flatten(1))
         return AEOutput(recon=self.decoder(code).view_as(x), code=code)

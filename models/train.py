@@ -156,12 +156,10 @@ def fit(model: Autoencoder, train: np.ndarray, val: np.ndarray, cfg: TrainConfig
         result.seconds = time.perf_counter() - start
         return result
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if model.kind == "dense" and getattr(model.config, "batch_norm", False) and min(len(xt), cfg.batch_size) < 2:
-        # its BatchNorm1d sees [batch, features]: one window per batch is a traceback from torch (conv's sees the
-        # timesteps too and trains on one)
-        raise DataError(f"the dense model's batch norm needs batches of at least 2 windows (batch size "
-                        f"{cfg.batch_size}, {len(xt)} training windows): raise them or drop --batch-norm")
-    per_epoch = len(_batches(torch.arange(len(xt)), cfg.batch_size))
+    if min(len(xt), cfg.batch_size) < model.min_batch:  # a traceback from torch's batch norm otherwise
+        raise DataError(f"the {model.kind} model's batch norm needs batches of at least {model.min_batch} windows "
+                        f"(batch size {cfg.batch_size}, {len(xt)} training windows): raise them or drop --batch-norm")
+    per_epoch = len(_batches(torch.arange(len(xt)), cfg.batch_size))  # counted as the epochs will split them
     epochs = max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
     steps = epochs * per_epoch
     patience = max(cfg.patience, round(cfg.patience * epochs / cfg.epochs))  # scaled with min_steps
