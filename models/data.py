@@ -313,8 +313,9 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
     n_val = max(1, int(round(len(fit_idx) * val_fraction)))
     # test windows lie wholly after the split: one reaching back shared samples with the windows the model
     # was fitted, stopped and thresholded on, and an anomaly before the split counted as a test detection
-    test_idx = np.flatnonzero(ok & (ends - wins.shape[1] + 1 >= split))
-    val_start = int(ends[fit_idx[len(fit_idx) - n_val]]) - wins.shape[1] + 1  # first sample of the first one
+    after = ends - window + 1 >= split
+    test_idx = np.flatnonzero(ok & after)
+    val_start = int(ends[fit_idx[len(fit_idx) - n_val]]) - window + 1  # first sample of the first one
     # training windows end before it: overlapping ones shared samples with the windows the model was stopped and
     # thresholded on, biasing the validation errors (and the threshold) low
     train_idx = fit_idx[: len(fit_idx) - n_val]
@@ -322,7 +323,7 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
     if len(train_idx) == 0:
         raise DataError(f"{Path(series.path).name}: no training window ends before the validation windows start "
                         f"(sample {val_start}); give it more data or a larger --train-fraction")
-    test_bad = ~ok & (ends - wins.shape[1] + 1 >= split)
+    test_bad = ~ok & after
     summary = {"source": series.path, "sha256": series.sha256, "samples": len(series.values),
                "split_sample": split, "val_start_sample": val_start, "train_fraction": train_fraction,
                "window_count": len(ends),  # "windows" is the label windows file (DataSpec)
