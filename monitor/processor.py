@@ -72,6 +72,11 @@ class Settings:
 
 
 
+def _slow_max(prev: float | None, now: float) -> float:
+    """The largest rate seen, decaying by a tenth per poll: quick to learn that records grew, slow to forget."""
+    return now if prev is None else max(now, 0.9 * prev)
+
+
 @dataclass
 class DataClock:
     """Calls ``tick(stream)`` every ``every_ms`` of each stream's own time, between the windows of a batch:
@@ -166,12 +171,9 @@ class Processor:
         made = sum(self._append_or_dead_letter(stream, items) for stream, items in by_stream.items())  # windows
         good = sum(len(items) for items in by_stream.values())
         if good:  # dead letters make no windows and tell nothing about the next records' size
-            ratio = made / good
-            prev = self.windows_per_record
-            self.windows_per_record = ratio if prev is None else max(ratio, 0.9 * prev)
-            per_byte = made / max(1, sum(len(rec.value or b"") for items in by_stream.values() for rec, _ in items))
-            prev = self.windows_per_byte
-            self.windows_per_byte = per_byte if prev is None else max(per_byte, 0.9 * prev)
+            size = sum(len(rec.value or b"") for items in by_stream.values() for rec, _ in items)
+            self.windows_per_record = _slow_max(self.windows_per_record, made / good)
+            self.windows_per_byte = _slow_max(self.windows_per_byte, made / max(1, size))
         self.peak_pending = max(self.peak_pending, self.pending)
 
     def _route(self, block: SampleBlock) -> BadRecord | None:
@@ -261,9 +263,7 @@ class Processor:
                           on_finding=lambda kind: self.metrics.quality.labels(kind).inc()),
             AlertState(stream, served.identity, self.alert_settings(served)), recent_alerts=deque(maxlen=s.recent_alerts))
         replayed = stream not in self.evicted_here  # its input was released at the eviction: none comes again
-        self.evicted.discard(stream)
-        self.evicted_here.discard(stream)
-        self.owed.pop(stream, None)
+        self._unevict(stream)
         restored = self._restore(stream, st, replayed)
         state = self.calibrator.threshold(stream)
         log.info("stream_started", stream=stream, model=served.name, window=served.window, hop=served.hop,
@@ -585,11 +585,14 @@ class Processor:
         # restore read it all anyway) plus streams evicted since: trimming it would forget the pins, silences
         # and open alerts of streams this instance will see again.
         while self.settings.state_topic is None and len(self.restored) > self.settings.max_streams:
-            oldest = str(self.restored.pop(next(iter(self.restored))).get("stream", ""))
-            self.evicted.discard(oldest)
-            self.evicted_here.discard(oldest)
-            self.owed.pop(oldest, None)
+            self._unevict(str(self.restored.pop(next(iter(self.restored))).get("stream", "")))
         return len(gone)
+
+    def _unevict(self, stream: str) -> None:
+        """Forget that ``stream`` was evicted (it is back, or its document is gone)."""
+        self.evicted.discard(stream)
+        self.evicted_here.discard(stream)
+        self.owed.pop(stream, None)
 
     def _drop(self, stream: str) -> None:
         self.streams.pop(stream, None)
