@@ -473,19 +473,17 @@ class Daemon:
         so far says fit ``batch.max_pending``; the rest wait in ``_backlog`` for the scorer (read, not consumed: a
         commit never passes them). A poll is sized by records, and messages can change size by 1 000×: after
         single-sample messages one poll took 500 chunks of 2 000 samples at once (~100 000 windows)."""
-        limit, i = self.cfg.batch.pending_limit, 0
+        limit, i, sizes = self.cfg.batch.pending_limit, 0, [len(r.value or b"") for r in records]
         while i < len(records):
             room = limit - self.processor.pending
             if i and room <= 0:
                 self._backlog = records[i:]
                 return
-            per_byte, k, size = self.processor.windows_per_byte, 0, 0
-            if per_byte is None:  # nothing learnt yet: one record tells
-                k = 1
-            else:
-                budget = max(room, 1) / max(per_byte, 1e-9)
-                while i + k < len(records) and (k == 0 or size + len(records[i + k].value or b"") <= budget):
-                    size += len(records[i + k].value or b"")
+            k, per_byte = 1, self.processor.windows_per_byte  # nothing learnt yet: one record tells
+            if per_byte is not None:
+                budget, size = max(room, 1) / max(per_byte, 1e-9), sizes[i]
+                while i + k < len(records) and size + sizes[i + k] <= budget:
+                    size += sizes[i + k]
                     k += 1
             self.processor.handle(records[i : i + k])
             i += k
