@@ -48,17 +48,25 @@ def _topic_name(name: str) -> str:
 
 _Topic = Annotated[str, StringConstraints(strip_whitespace=True), AfterValidator(_topic_name)]
 _HOST_PORT = re.compile(r"(?:[A-Za-z][A-Za-z0-9_]*://)?"  # SECURITY_PROTOCOL:// as the Java client takes it
-                        r"(?:(?:\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+)(?::(\d{1,5}))?"  # host or [IPv6], port
-                        r"|[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.%]*)")  # bare IPv6: no port
+                        r"(?:(?P<host>\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+)(?::(?P<port>\d{1,5}))?"  # host or [IPv6]
+                        r"|(?P<bare>[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.%]*))")  # bare IPv6: no port
 _SASL_USER_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 def bootstrap_problem(server: str) -> str | None:
     """Why ``server`` is not a broker address the Kafka clients accept, or None."""
     m = _HOST_PORT.fullmatch(server.strip())
-    if m is None or (m.group(1) is not None and not 1 <= int(m.group(1)) <= 65535):
+    if m is None or (m.group("port") is not None and not 1 <= int(m.group("port")) <= 65535):
         return f"{server!r} is not host:port (port 1-65535; IPv6 as [addr]:port, or bare without a port)"
     return None
+
+
+def host_port(server: str, default_port: int = 9092) -> tuple[str, int] | None:
+    """``(host, port)`` of a broker address in any form :func:`bootstrap_problem` accepts, or None."""
+    m = _HOST_PORT.fullmatch(server.strip())
+    if m is None or bootstrap_problem(server) is not None:
+        return None
+    return (m.group("host") or m.group("bare")).strip("[]"), int(m.group("port") or default_port)
 
 
 def _split(value: Any) -> Any:

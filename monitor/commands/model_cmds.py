@@ -364,19 +364,16 @@ def _reachable(servers: str, timeout_s: float = 3.0) -> None:
     """Fail fast when no bootstrap server accepts a TCP connection (kafka-python waits ~30 s)."""
     import socket
 
+    from monitor.config import host_port
+
     for server in servers.split(","):
-        addr = server.strip().split("://", 1)[-1]  # SASL_SSL://host:port, [v6]:port and bare v6 as the config takes
-        if addr.startswith("["):
-            host, _, rest = addr[1:].partition("]")
-            port = rest.removeprefix(":")
-        elif addr.count(":") > 1:
-            host, port = addr, ""
-        else:
-            host, _, port = addr.partition(":")
+        address = host_port(server)  # SASL_SSL://host:port, [v6]:port and bare v6, as the config takes them
+        if address is None:
+            continue
         try:
-            with socket.create_connection((host, int(port or 9092)), timeout=timeout_s):
+            with socket.create_connection(address, timeout=timeout_s):
                 return
-        except (OSError, ValueError):
+        except OSError:
             continue
     raise BrokerError(f"cannot reach {servers}: no broker accepts connections; give --bootstrap or --config")
 
