@@ -13,6 +13,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -380,10 +381,36 @@ class LimitsConfig(_Section):
                                                                  "such sample refused every later one until its time "
                                                                  "came; none = no check")
 
+    earliest_ts: str | None = Field("2000-01-01T00:00:00Z", description="samples stamped before this time (ISO-8601 "
+                                    "with a zone) are dead-lettered (timestamp_too_early): epoch seconds sent as "
+                                    "milliseconds read as January 1970; none = no check")
+
     _optional = field_validator("idle_evict_s", "max_future_s", mode="before")(_unset)
 
+    @field_validator("earliest_ts", mode="before")
+    @classmethod
+    def _instant(cls, value: Any) -> Any:
+        """A TOML datetime or an ISO-8601 string with a zone; kept as the string it was given."""
+        value = _unset(value)
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        if isinstance(value, str):
+            try:
+                parsed = datetime.fromisoformat(value.strip())
+            except ValueError:
+                raise ValueError(f"not an ISO-8601 time: {value!r}") from None
+            if parsed.tzinfo is None:
+                raise ValueError(f"give a zone (e.g. {value.strip()}Z): {value!r} would be read in each host's own")
+            value = value.strip()
+        return value
+
+    @property
+    def earliest_ms(self) -> int | None:
+        """``earliest_ts`` in epoch milliseconds."""
+        return None if self.earliest_ts is None else int(datetime.fromisoformat(self.earliest_ts).timestamp() * 1000)
+
     def to_limits(self) -> Limits:
-        return Limits(**self.model_dump(exclude={"max_streams", "idle_evict_s", "max_future_s"}))
+        return Limits(**self.model_dump(exclude={"max_streams", "idle_evict_s", "max_future_s", "earliest_ts"}))
 
 
 class DaemonConfig(_Section):
@@ -724,6 +751,7 @@ max_stream_len = 256                     # longest stream id
 max_streams = 10000                      # streams held at once; a record of one more is dead-lettered
 idle_evict_s = 3600.0                    # a stream silent this long is snapshotted and dropped; "none" = never
 max_future_s = 3600.0                    # samples stamped further ahead of this clock are dead-lettered; "none" = no check
+earliest_ts = "2000-01-01T00:00:00Z"     # samples stamped before are dead-lettered (seconds sent as ms); "none" = no check
 
 [daemon]
 device = "auto"                          # auto, cpu, cuda or cuda:N

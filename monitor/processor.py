@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,7 @@ class Settings:
     max_streams: int = 10_000  # streams held at once
     idle_evict_s: float | None = 3600.0  # silent this long: snapshotted and dropped from memory
     max_future_s: float | None = None  # samples stamped further ahead of the clock are dead-lettered (daemon: 1 h)
+    earliest_ms: int | None = None  # samples stamped before are dead-lettered (daemon: 2000-01-01)
     recent_alerts: int = 20  # alerts per stream remembered for feedback
     model_quantile: bool = False  # each stream calibrated at its model's threshold quantile (no quantile configured)
 
@@ -217,7 +219,14 @@ class Processor:
         last, good = st.windows.last_ts if st.windows.last_ts is not None else st.resume_after_ts, []
         ahead_s, now_ms = self.settings.max_future_s, self.clock() * 1000
         latest_ok = math.inf if ahead_s is None else now_ms + ahead_s * 1000
+        earliest = self.settings.earliest_ms
         for rec, block in items:
+            if earliest is not None and int(block.ts_ms[0]) < earliest:  # seconds read as ms: January 1970
+                first = datetime.fromtimestamp(int(block.ts_ms[0]) / 1000, UTC).isoformat(timespec="seconds")
+                self._dead_letter(rec, BadRecord("timestamp_too_early", f"ts {int(block.ts_ms[0])} is {first}, before "
+                                                 f"limits.earliest_ts (ts is epoch milliseconds, not seconds)"))
+                done.add(id(rec))
+                continue
             if int(block.ts_ms[-1]) > latest_ok:  # taken, it would make every later sample "backwards" until then
                 ahead = (int(block.ts_ms[-1]) - now_ms) / 1000
                 self._dead_letter(rec, BadRecord("timestamp_in_future", f"{ahead:.0f} s ahead of this host's "

@@ -472,3 +472,13 @@ def test_a_reduced_precision_needs_the_warm_up_that_checks_it() -> None:
     with pytest.raises(ConfigError, match="daemon.warmup: precision float16 is checked against float32"):
         load_config(None, {"daemon.precision": "float16", "daemon.warmup": False}, {})
     assert load_config(None, {"daemon.warmup": False}, {}).daemon.warmup is False
+
+
+def test_earliest_ts_takes_a_toml_datetime_a_zoned_string_or_none(tmp_path: Path) -> None:
+    assert load_config(None, {}, {}).limits.earliest_ms == 946_684_800_000  # 2000-01-01 UTC
+    native = write(tmp_path, "[limits]\nearliest_ts = 2020-01-01T01:00:00+01:00\n")
+    assert load_config(native, {}, {}).limits.earliest_ms == 1_577_836_800_000
+    assert load_config(None, {}, {"TSMON_LIMITS__EARLIEST_TS": "none"}).limits.earliest_ms is None
+    for bad, why in (("2020-01-01T00:00:00", "give a zone"), ("yesterday", "not an ISO-8601 time")):
+        with pytest.raises(ConfigError, match=f"limits.earliest_ts.*{why}"):
+            load_config(None, {}, {"TSMON_LIMITS__EARLIEST_TS": bad})

@@ -520,6 +520,26 @@ def test_a_sample_far_ahead_of_the_clock_is_dead_lettered_not_taken(make: Make) 
     assert p.streams["s"].windows.seen == 1000
 
 
+def test_samples_stamped_in_epoch_seconds_are_dead_lettered_as_too_early(make: Make) -> None:
+    """A producer sending epoch seconds where milliseconds are expected: read as January 1970, 360 Hz float seconds
+    collapsed to whole "milliseconds" and most samples were dead-lettered as duplicates with a misleading reason.
+    Before limits.earliest_ts the record is refused with a reason that says what happened; the stream goes on."""
+    p = make()
+    p.settings = Settings(earliest_ms=946_684_800_000)
+    ts, v = sine_stream(600)
+    recs = records("s", ts, v)
+    feed(p, recs[:10])
+    seconds = InRecord("in", 0, 1000, b"s", json.dumps({"ts": 1_764_892_800.25, "period_ms": 2.7778,
+                                                        "samples": [[0.1, 0.2]] * 3}).encode(), 0)
+    p.handle([seconds])
+    feed(p, recs[10:])
+    dead = [dict(m.headers) for m in sink(p).sent if m.topic == DLQ]
+    assert [d["tsmon.reason"] for d in dead] == [b"timestamp_too_early"]
+    assert b"1970-01-21T10:14:52+00:00" in dead[0]["tsmon.detail"] and b"not seconds" in dead[0]["tsmon.detail"]
+    assert p.streams["s"].windows.seen == 600
+    assert p.metrics.total("tsmon_dead_letters_total") == 1
+
+
 def test_more_streams_than_the_limit_are_dead_lettered(make: Make) -> None:
     p = make()
     p.settings = Settings(max_streams=3)
