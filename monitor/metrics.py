@@ -15,12 +15,24 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 
 
 class Metrics:
     def __init__(self, max_stream_labels: int = 500) -> None:
         self.registry = r = CollectorRegistry()
+        # the process's own series (start time, resident memory, CPU, open files; Python's GC and version): a crash
+        # loop under systemd or compose and memory nearing its limit are visible only through these
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
         self.records = Counter("tsmon_records", "Input records by outcome (ok, dead_letter)", ["outcome"], registry=r)
         self.samples = Counter("tsmon_samples", "Samples accepted into windows", registry=r)
         self.dead_letters = Counter("tsmon_dead_letters", "Records sent to the dead-letter topic", ["reason"],
@@ -84,6 +96,10 @@ class Metrics:
             self.records.labels(outcome)
         for outcome in ("changed", "new_normal", "refused", "commanded"):
             self.calibrations.labels(outcome)
+        for status in ("firing", "silenced", "resolved"):
+            self.alerts.labels(status)
+        for severity in ("minor", "major", "critical"):
+            self.alert_severity.labels(severity)
         self._max_stream_labels = max_stream_labels
         self._labelled: dict[str, str] = {}  # stream → the source its one threshold series carries
         self._over_cap: set[str] = set()
@@ -126,6 +142,8 @@ class Metrics:
         """Totals by metric (and label values), e.g. ``{"tsmon_dead_letters_total{reason=invalid_json}": 3}``."""
         out: dict[str, float] = {}
         for family in self.registry.collect():
+            if not family.name.startswith("tsmon_"):  # the process's own series
+                continue
             for s in family.samples:
                 if s.name.endswith(("_created", "_bucket")) or family.name == "tsmon_threshold":
                     continue

@@ -183,6 +183,10 @@ def test_dashboard_and_alert_rules_use_exported_metrics() -> None:
     for wanted in ("throughput", "lag", "latency", "batch size", "threshold", "alert", "dead letter"):
         assert wanted in titles, wanted
     assert {"TsmonNotConsuming", "TsmonLagGrowing", "TsmonDeadLettersRising"} <= {r["alert"] for r in rules}
+    # output the broker refuses for good is given up (the input would wait forever): lost, so someone is paged
+    lost = [r for r in rules if "tsmon_undeliverable_messages_total" in r["expr"]]
+    assert lost and lost[0]["labels"]["severity"] == "critical"
+    assert "tsmon_undeliverable_messages_total" in " ".join(exprs[: -len(rules)])  # and on the dashboard
 
 
 def test_readme_configuration_reference_is_the_generated_one() -> None:

@@ -194,6 +194,25 @@ def test_outcome_series_exist_before_the_first_record() -> None:
     for outcome in ("ok", "dead_letter"):
         assert f'tsmon_records_total{{outcome="{outcome}"}} 0.0' in text
     assert 'tsmon_calibrations_total{outcome="refused"} 0.0' in text
+    # the first alert of each kind after a start is an increase() on the dashboard only from a series at 0
+    for status in ("firing", "silenced", "resolved"):
+        assert f'tsmon_alert_messages_total{{status="{status}"}} 0.0' in text
+    for severity in ("minor", "major", "critical"):
+        assert f'tsmon_alerts_fired_total{{severity="{severity}"}} 0.0' in text
+
+
+def test_the_process_own_series_are_exported_but_not_in_the_snapshot() -> None:
+    """A crash loop under systemd or compose (``changes(process_start_time_seconds)``) and memory nearing the unit's
+    limit were invisible: the private registry held tsmon_* series only."""
+    from prometheus_client import generate_latest
+
+    metrics = Metrics()
+    text = generate_latest(metrics.registry).decode()
+    for series in ("process_start_time_seconds", "process_resident_memory_bytes", "python_info",
+                   "python_gc_collections_total"):
+        assert f"\n{series}" in text or f"\n# HELP {series}" in text, series
+    assert all(key.startswith("tsmon_") for key in metrics.snapshot())
+    assert len(generate_latest(Metrics().registry)) > 0  # a second registry in one process: the collectors are shared
 
 
 def test_new_counters_sum_in_total(metrics: Metrics) -> None:
