@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -43,9 +45,19 @@ def run(
     cfg = load_config(config, overrides)
     logs.configure_daemon(cfg.daemon.log_level, cfg.daemon.log_format)
     cfg.require_models()
+    # Until the daemon's own handlers are in place (loading models, warming up, bootstrapping Kafka: up to ~35 s
+    # with Kafka away) a stop ends the start at once. As a container's PID 1 a signal without a handler is
+    # ignored: the runtime waited out its grace period and killed it.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_starting)
     daemon = Daemon(cfg)
     daemon.install_signal_handlers()
     daemon.run()
+
+
+def _stop_starting(signum: int, _frame: FrameType | None) -> None:
+    log.info("stopped_while_starting", signal=signal.Signals(signum).name)
+    raise SystemExit(128 + signum)  # nothing consumed yet: nothing to drain or commit
 
 
 def replay(

@@ -477,3 +477,37 @@ def test_inspect_alert_reads_the_topic_with_the_configs_security(tmp_path: Path,
                        'sasl_username = "u"\nsasl_password = "p"\n')
         assert model_cmds._alert_from_topic("a1", cfg, None) == {"alert_id": "a1", "explain": {}}
     assert seen["security_protocol"] == "SASL_PLAINTEXT" and seen["sasl_plain_username"] == "u"
+
+
+def test_a_stop_signal_during_the_start_ends_it_at_once(stream_model: Path) -> None:
+    """Loading, warming up and bootstrapping Kafka (about 35 s when it is away) ran before the daemon installed its
+    signal handlers: as a container's PID 1, which ignores a signal without a handler, a SIGTERM then was ignored
+    until the grace period's SIGKILL. The start now stops at once, exit 128 + 15."""
+    import os
+    import select
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on: the clients' bootstrap keeps trying
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--bootstrap-servers", f"127.0.0.1:{port}",
+                             "--topic", "t", "--model", str(stream_model)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "TSMON_DAEMON__LOG_FORMAT": "json"})
+    try:
+        out, deadline = [], time.monotonic() + 60
+        while time.monotonic() < deadline and not any("models_warmed" in line for line in out):
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                out.append(proc.stdout.readline())  # type: ignore[union-attr]
+        assert any("models_warmed" in line for line in out), out
+        time.sleep(0.5)  # bootstrapping the broker that is not there
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, rest[-2000:])
+        assert "stopped_while_starting" in rest and time.monotonic() - sent < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
