@@ -110,7 +110,10 @@ def test_compose_services_use_real_commands_and_config(tmp_path: Path) -> None:
         if src.startswith("./"):
             assert (DEPLOY / src).exists(), src
     # the control key signs operator commands: no published default; and nothing listens beyond the host
-    assert s["tsmon"]["environment"]["TSMON_CONTROL__KEY"].startswith("${TSMON_CONTROL_KEY:?")
+    # taken from the host's variable of the same name: exported for `tsmon ctl` too, which refuses a misspelt
+    # TSMON_* variable (TSMON_CONTROL_KEY broke ctl, status and config check on that host)
+    assert s["tsmon"]["environment"]["TSMON_CONTROL__KEY"].startswith("${TSMON_CONTROL__KEY:?")
+    assert "TSMON_CONTROL_KEY" not in (DEPLOY / "compose.yaml").read_text() + (ROOT / "README.md").read_text()
     assert all(p.startswith("127.0.0.1:") for svc in s.values() for p in svc.get("ports", [])), "loopback only"
     target = _yaml(DEPLOY / "prometheus" / "prometheus.yml")[0]["scrape_configs"][0]["static_configs"][0]
     assert target["targets"] == [f"tsmon:{cfg.http.port}"]
@@ -118,8 +121,18 @@ def test_compose_services_use_real_commands_and_config(tmp_path: Path) -> None:
 
 def test_kubernetes_manifests(tmp_path: Path) -> None:
     docs = {d["kind"]: d for p in (DEPLOY / "k8s").glob("*.yaml") for d in _yaml(p) if "kind" in d}
-    assert {"Deployment", "ConfigMap", "Secret", "Service", "PodDisruptionBudget", "ScaledObject",
+    assert {"Deployment", "Secret", "Service", "PodDisruptionBudget", "ScaledObject",
             "TriggerAuthentication"} <= set(docs)
+    # the config is generated from its file (a name with its content's hash: a change rolls the pods), the one the
+    # Deployment mounts; a fixed-name ConfigMap changed nothing in running pods (subPath mounts are never updated)
+    kustomization = docs.pop("Kustomization")
+    generated = {g["name"]: g["files"] for g in kustomization["configMapGenerator"]}
+    assert "ConfigMap" not in docs and all((DEPLOY / "k8s" / r).exists() for r in kustomization["resources"])
+    mounted = {v["configMap"]["name"] for v in docs["Deployment"]["spec"]["template"]["spec"]["volumes"]
+               if "configMap" in v}
+    assert mounted == {"tsmon-config"} and generated["tsmon-config"] == ["tsmon.toml"]
+    docs["ConfigMap"] = {"kind": "ConfigMap", "metadata": {"name": "tsmon-config"},
+                         "data": {"tsmon.toml": (DEPLOY / "k8s" / "tsmon.toml").read_text()}}
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
