@@ -30,8 +30,10 @@ from pydantic import (
 )
 
 from models.errors import ConfigError
+from monitor import logs
 from monitor.records import Limits
 
+log = logs.get("tsmon.config")
 ENV_PREFIX = "TSMON_"
 _Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 # Kafka's legal topic names: a space or a comma passed `config check` and then stopped `tsmon run` with a traceback
@@ -547,12 +549,42 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
     if model and not file_layer.get("models"):
         raw["models"] = [{"pattern": "*", "path": model}]
     raw = _merge(raw, _topics_win(raw, _canonical(_from_overrides(overrides or {}))))
+    if overridden := _overridden(file_layer, env_layer):  # by precedence, but a file edit then does nothing
+        log.warning("config_file_values_overridden", file=str(path), by="environment", values=overridden,
+                    hint="unset the TSMON_* variable (container images set some) or change it instead")
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
         sources = ([str(path)] if path is not None else []) + (["environment"] if env_layer else [])
         where = f" ({' + '.join(sources)})" if sources else ""
         raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(_problems(exc))) from None
+
+
+def _overridden(file_layer: Mapping[str, Any], env_layer: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``section.key`` → {file, environment} for every setting the file gives one value and a variable another
+    (secrets masked): the environment wins, and an edit of the file does nothing without a word."""
+    out = {}
+    for section, values in env_layer.items():
+        given = file_layer.get(section)
+        if not isinstance(given, Mapping):
+            continue
+        for key, text in values.items():
+            if key not in given or _as_text(given[key]) == str(text).strip():
+                continue
+            field = _SECTIONS[section].model_fields.get(key) or next(
+                f for f in _SECTIONS[section].model_fields.values() if f.alias == key)
+            secret = "SecretStr" in str(field.annotation)
+            out[f"{section}.{key}"] = {"file": "***" if secret else given[key], "environment": "***" if secret else text}
+    return out
+
+
+def _as_text(value: Any) -> str:
+    """A file value as the variable that gives the same would spell it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def _topics_win(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:

@@ -85,6 +85,9 @@ def test_container_entry_command_runs(name: str, tmp_path: Path) -> None:
     _accepts(cmd)
     assert "USER" in d and d["USER"][-1] not in ("root", "0")  # non-root
     env = _env_pairs(d["ENV"])
+    # the environment wins over the file: a port, device or log format set by the image made those keys of a
+    # mounted config do nothing (a port change there: probes on the new port, daemon on the old, a crash loop)
+    assert {k for k in env if k.startswith("TSMON_")} == {"TSMON_HTTP__HOST"}
     cfg = load_config(None, {"models": [{"path": "/models/x"}]}, env={k: v for k, v in env.items()
                                                                        if k.startswith("TSMON_")})
     assert d["EXPOSE"] == [str(cfg.http.port)]

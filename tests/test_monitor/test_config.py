@@ -482,3 +482,21 @@ def test_earliest_ts_takes_a_toml_datetime_a_zoned_string_or_none(tmp_path: Path
     for bad, why in (("2020-01-01T00:00:00", "give a zone"), ("yesterday", "not an ISO-8601 time")):
         with pytest.raises(ConfigError, match=f"limits.earliest_ts.*{why}"):
             load_config(None, {}, {"TSMON_LIMITS__EARLIEST_TS": bad})
+
+
+def test_a_file_value_the_environment_overrides_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The environment wins over the file, silently: an image's TSMON_HTTP__PORT made a port set in the mounted
+    file do nothing. The override is logged (key, both values; secrets masked); equal values say nothing."""
+    path = write(tmp_path, '[http]\nport = 8080\nhost = "0.0.0.0"\n[kafka]\ntopics = ["a", "b"]\n'
+                           'security_protocol = "SASL_SSL"\nsasl_mechanism = "PLAIN"\nsasl_username = "u"\n'
+                           'sasl_password = "file-secret"\n')
+    env = {"TSMON_HTTP__PORT": "9465", "TSMON_HTTP__HOST": "0.0.0.0", "TSMON_KAFKA__TOPICS": "a,b",
+           "TSMON_KAFKA__SASL_PASSWORD": "env-secret"}
+    assert load_config(path, {}, env).http.port == 9465  # the precedence itself is unchanged
+    logged = capsys.readouterr()
+    text = logged.out + logged.err
+    assert "config_file_values_overridden" in text and '"http.port"' in text and "8080" in text
+    assert '"kafka.sasl_password"' in text and "secret" not in text.replace("sasl_password", "")
+    assert '"http.host"' not in text and '"kafka.topics"' not in text
+    load_config(path, {}, {"TSMON_HTTP__PORT": "8080"})
+    assert "overridden" not in "".join(capsys.readouterr())
