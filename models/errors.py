@@ -44,3 +44,8 @@ class SinkBackpressure(TsmonError):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ScoringStuck(TsmonError):
+    """A scoring call has not returned within ``daemon.scoring_timeout_s`` (a hung GPU or worker): it cannot be
+    interrupted, so the daemon stops without committing past it and the process exits for its supervisor."""

@@ -419,6 +419,9 @@ class DaemonConfig(_Section):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     commit_interval_ms: float = Field(1000.0, gt=0, description="how often finished offsets are committed")
     shutdown_timeout_s: float = Field(10.0, gt=0, description="SIGTERM to exit, at most (drain, commit, close)")
+    scoring_timeout_s: float = Field(60.0, gt=0, description="a micro-batch not scored by then is stuck (a hung GPU "
+                                     "or worker): nothing is committed past it and the process exits 1 for its "
+                                     "supervisor to restart it")
     sink_timeout_s: float = Field(5.0, gt=0, description="longest wait for the broker to acknowledge output "
                                                          "before input pauses")
     retry_max_s: float = Field(10.0, gt=0, description="longest wait between commit retries while the broker "
@@ -789,6 +792,7 @@ earliest_ts = "2000-01-01T00:00:00Z"     # samples stamped before are dead-lette
 device = "auto"                          # auto, cpu, cuda or cuda:N
 commit_interval_ms = 1000.0              # how often finished offsets are committed
 shutdown_timeout_s = 10.0                # SIGTERM to exit, at most: score, publish, commit, close
+scoring_timeout_s = 60.0                 # a micro-batch not scored by then is stuck: the process exits 1
 sink_timeout_s = 5.0                     # output not acknowledged within this: input pauses, retried later
 retry_max_s = 10.0                       # retries while the broker or sink fails back off up to this
 poll_timeout_ms = 100                    # longest one poll blocks

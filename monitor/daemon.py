@@ -96,7 +96,8 @@ def processor_settings(cfg: Config) -> Settings:
                     AlertSettings(a.for_windows, a.resolve_after, a.flap_period_ms, a.flap_max, a.major_ratio,
                                   a.critical_ratio),
                     q.flatline_rel_std, q.rate_tolerance, q.cooldown_ms, a.max_hold_windows, cfg.limits.to_limits(),
-                    cfg.daemon.sink_timeout_s, state_topic=cfg.state.topic if cfg.state.enabled else None,
+                    cfg.daemon.sink_timeout_s, scoring_timeout_s=cfg.daemon.scoring_timeout_s,
+                    state_topic=cfg.state.topic if cfg.state.enabled else None,
                     recent_alerts=cfg.state.recent_alerts, max_streams=cfg.limits.max_streams,
                     idle_evict_s=cfg.limits.idle_evict_s, max_future_s=cfg.limits.max_future_s,
                     earliest_ms=cfg.limits.earliest_ms,
@@ -429,6 +430,7 @@ class Daemon:
                     if room:
                         self._handle(self.source.poll(0, room))
                 self.processor.score_ready()  # never blocks: what waits is bounded by _hold_input
+                self.processor.check_stuck()  # a call that never returns: ScoringStuck, nothing committed past it
                 self._hold_input()
                 if (self.control is not None and self._restored and not self.restoring and not self._unassigned
                         and time.monotonic() - last_control >= self.cfg.control.poll_interval_ms / 1000):

@@ -22,11 +22,11 @@ from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
-from models.errors import BrokerError, SinkBackpressure
+from models.errors import BrokerError, ScoringStuck, SinkBackpressure
 from monitor import logs, windows
 from monitor.alerts import AlertSettings, AlertState, Observation, Step, Transition, alert_doc, iso
 from monitor.batcher import Batch, Batcher
@@ -64,6 +64,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     flush_timeout_s: float = 10.0
     max_inflight: int = 2  # batches submitted to the scoring thread and not yet applied
+    scoring_timeout_s: float = 60.0  # a batch not scored by then is stuck (ScoringStuck): the daemon stops
     state_topic: str | None = None  # changelog of stream states; None = not persisted
     max_streams: int = 10_000  # streams held at once
     idle_evict_s: float | None = 3600.0  # silent this long: snapshotted and dropped from memory
@@ -125,7 +126,8 @@ class Processor:
         self._committed: dict[TP, int] = {}
         self.first_record_at: float | None = None  # monotonic time the first record arrived (benchmarks)
         self._backend = backend or ThreadBackend(scorer)
-        self._inflight: deque[tuple[Batch, Future[Result]]] = deque()
+        self._inflight: deque[tuple[Batch, Future[Result], float]] = deque()  # with the monotonic submit time
+        self.stuck = False  # a scoring call never returned: the backend is closed without waiting for it
         # a batch whose scoring raised: its windows are lost to this process, so from then on nothing is applied,
         # snapshotted or committed past them (the shutdown and the revoke did both: the restart never replayed them)
         self.failed: str | None = None
@@ -150,7 +152,7 @@ class Processor:
     @property
     def pending(self) -> int:
         """Windows not yet scored and applied (waiting in the batcher or on the scoring thread)."""
-        return self.batcher.size + sum(len(b) for b, _ in self._inflight)
+        return self.batcher.size + sum(len(b) for b, _, _ in self._inflight)
 
     # 1. records → windows -------------------------------------------------------------------------
     def handle(self, records: list[InRecord]) -> None:
@@ -351,17 +353,36 @@ class Processor:
         return n
 
     def _submit(self, batch: Batch) -> None:
-        self._inflight.append((batch, self._backend.submit(batch.model, batch.values)))
+        self._inflight.append((batch, self._backend.submit(batch.model, batch.values), time.monotonic()))
+
+    def check_stuck(self) -> None:
+        """Raise :class:`ScoringStuck` once the oldest batch in flight has run past ``scoring_timeout_s`` (the loop
+        asks every turn: waiting on it never blocks there, so a hung call went unnoticed while the loop turned)."""
+        if self._inflight and not self._inflight[0][1].done():
+            batch, _, since = self._inflight[0]
+            if time.monotonic() - since > self.settings.scoring_timeout_s:
+                self._stuck(batch)
 
     @property
     def scoring_busy(self) -> bool:
         """A batch is being scored (its result not applied yet)."""
         return bool(self._inflight)
 
-    def _apply(self, batch: Batch, future: Future[Result]) -> int:
-        try:
-            window_err, channel_err, seconds = future.result()  # a scoring failure surfaces here, on our thread
+    def _stuck(self, batch: Batch) -> NoReturn:
+        self.stuck = True
+        self.failed = (f"scoring stuck: a batch of {len(batch)} windows of model {batch.model} has not returned in "
+                       f"{self.settings.scoring_timeout_s:g} s (daemon.scoring_timeout_s)")
+        log.error("scoring_stuck", error=self.failed, consequence="nothing applied, snapshotted or committed from "
+                  "now on; the process exits for its supervisor to restart it, which replays from the last commit")
+        raise ScoringStuck(self.failed)
+
+    def _apply(self, batch: Batch, future: Future[Result], since: float) -> int:
+        try:  # a scoring failure surfaces here, on our thread; a call that never returns, after the timeout
+            window_err, channel_err, seconds = future.result(
+                timeout=max(0.0, since + self.settings.scoring_timeout_s - time.monotonic()))
         except Exception as exc:
+            if not future.done():  # not a failure of the call: it is still running
+                self._stuck(batch)
             self.failed = f"{type(exc).__name__}: {exc}"[:300]
             log.error("scoring_failed", error=self.failed, windows=len(batch),
                       consequence="nothing applied, snapshotted or committed from now on: the next start replays "
@@ -379,7 +400,7 @@ class Processor:
         return len(batch)
 
     def close(self) -> None:
-        self._backend.close()
+        self._backend.close(wait=not self.stuck)
 
     def _after_scoring(self, batch: Batch, window_err: np.ndarray, channel_err: np.ndarray) -> None:
         served = self.scorer.models[batch.model]

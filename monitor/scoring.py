@@ -35,7 +35,7 @@ Timings = dict[str, list[tuple[int, float]]]  # per model: (batch size, seconds)
 class Backend(Protocol):
     def submit(self, model: str, values: np.ndarray) -> Future[Result]: ...
     def warm_up(self, sizes: list[int], tolerance: float) -> Timings: ...  # ConfigError: precision off float32
-    def close(self) -> None: ...
+    def close(self, wait: bool = True) -> None: ...  # wait=False: a call is stuck, do not wait for it
 
 
 def _timed(scorer: Scorer, model: str, values: np.ndarray) -> Result:
@@ -57,8 +57,8 @@ class ThreadBackend:
     def warm_up(self, sizes: list[int], tolerance: float) -> Timings:
         return self._pool.submit(self._scorer.warm_up, sizes, tolerance).result()
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)
 
 
 _worker: Scorer | None = None
@@ -115,8 +115,11 @@ class ProcessBackend:
     def warm_up(self, sizes: list[int], tolerance: float) -> Timings:
         return self._pool.submit(_warm_up_in_worker, sizes, tolerance).result()
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        if not wait:  # the worker is stuck in a call: end it, nothing it could still return is wanted
+            for proc in list(getattr(self._pool, "_processes", {}).values()):
+                proc.terminate()
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)
 
 
 def choose(mode: str, device: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -14,7 +15,7 @@ import typer
 
 from models import artifact
 from models.data import read_series
-from models.errors import BrokerError, ConfigError
+from models.errors import BrokerError, ConfigError, ScoringStuck
 from monitor import logs
 from monitor.commands.render import emit_json
 from monitor.config import bootstrap_problem, load_config
@@ -52,7 +53,13 @@ def run(
         signal.signal(signum, _stop_starting)
     daemon = Daemon(cfg)
     daemon.install_signal_handlers()
-    daemon.run()
+    try:
+        daemon.run()
+    except ScoringStuck as exc:  # the stuck call holds a thread nothing can stop, which a normal exit would join
+        sys.stderr.write(f"ScoringStuck: {exc}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
 
 
 def _stop_starting(signum: int, _frame: FrameType | None) -> None:

@@ -845,9 +845,76 @@ class SlowBackend:
     def warm_up(self, sizes: list[int], tolerance: float) -> Any:
         return self.inner.warm_up(sizes, tolerance)
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-        self.inner.close()
+    def close(self, wait: bool = True) -> None:
+        self.pool.shutdown(wait=wait, cancel_futures=not wait)
+        self.inner.close(wait)
+
+
+class HangingBackend(SlowBackend):
+    """Scores like :class:`SlowBackend` for ``good`` batches, then each call waits for ``release`` (a hung GPU)."""
+
+    def __init__(self, scorer: Scorer, good: int = 0) -> None:
+        import threading
+
+        super().__init__(scorer, 0.0)
+        self.good, self.release = good, threading.Event()
+
+    def submit(self, model: str, values: np.ndarray) -> Any:
+        self.good -= 1
+        if self.good >= 0:
+            return super().submit(model, values)
+        return self.pool.submit(lambda: (self.release.wait(30), self.inner.submit(model, values).result())[1])
+
+
+def test_a_scoring_call_that_never_returns_is_stuck_after_its_timeout_and_nothing_passes_it(served: Served) -> None:
+    """A hung scoring call (a GPU hang, a deadlocked worker) went unnoticed: the loop waits on it in slices, so it
+    kept turning (/healthz 200) with no progress, and the shutdown's final scoring waited on it for ever (SIGKILL
+    at the grace period). After ``scoring_timeout_s`` it is ScoringStuck: nothing applied or committed past it."""
+    from models.errors import ScoringStuck
+    from monitor.batcher import Batcher
+    from monitor.calibrator import Calibrator
+
+    backend = HangingBackend(Scorer([served]))
+    p = Processor(Scorer([served]), Calibrator(), Batcher(4, 0.0), MemorySink(), backend=backend,
+                  settings=Settings(scoring_timeout_s=0.3))
+    try:
+        p.handle(records("dev-hang", *sine_stream(400)))
+        p.score_ready()
+        p.check_stuck()  # not yet
+        t0 = time.monotonic()
+        with pytest.raises(ScoringStuck, match="has not returned in 0.3 s"):
+            p.score_ready(force=True)  # the shutdown's drain: bounded by the timeout, not for ever
+        assert time.monotonic() - t0 < 1.0 and p.stuck and p.failed
+        assert p.score_ready(force=True) == 0  # from then on nothing is applied
+        assert p.metrics.total("tsmon_windows_scored_total") == 0
+    finally:
+        backend.release.set()
+        t0 = time.monotonic()
+        p.close()
+        assert time.monotonic() - t0 < 0.5  # not waiting for the stuck call
+
+
+def test_a_daemon_whose_scoring_hangs_stops_without_committing_past_it(stream_model: Path) -> None:
+    from models.errors import ScoringStuck
+
+    ts, v = sine_stream(2000)
+    source = MemorySource(records("dev-hang", ts, v), batch=10)
+    d = in_process_daemon(stream_model, source, MemorySink(), **{"batch.max_batch": 4, "batch.max_delay_ms": 0,
+                                                                 "daemon.scoring_timeout_s": 0.5,
+                                                                 "daemon.commit_interval_ms": 50})
+    d.processor._backend.close()
+    backend = d.processor._backend = HangingBackend(d.scorer, good=5)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ScoringStuck):
+            d.run(until=lambda: time.monotonic() - t0 > 20)  # the loop notices it, not a shutdown
+        assert time.monotonic() - t0 < 10
+        scored = d.metrics.total("tsmon_windows_scored_total")
+        assert scored == 5 * 4  # the batches before the stuck one, and nothing after it
+        committed = source.committed.get((TOPIC, 0), 0)
+        assert committed * 10 <= (scored - 1) * H + W  # no record whose windows were not all scored
+    finally:
+        backend.release.set()
 
 
 def test_score_ready_never_blocks_on_a_busy_scorer(served: Served) -> None:
