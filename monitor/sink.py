@@ -15,10 +15,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.errors import (
+    InvalidRecordError,
+    InvalidTopicError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+)
 
 from models.errors import BrokerError, SinkBackpressure
 from monitor import logs
+
+# errors that sending again cannot cure: the message or its topic is wrong, or we may not write there
+NEVER_DELIVERABLE = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError, InvalidTopicError,
+                     TopicAuthorizationFailedError)
 
 log = logs.get("tsmon.sink")
 
@@ -208,6 +220,9 @@ class KafkaSink:
 
 
 def _retriable(exc: BaseException | None) -> bool:
-    """Will sending again help? Timeouts and kafka-python's retriable errors yes; a record too large, an
-    authorisation or an invalid-topic error never."""
-    return exc is None or isinstance(exc, KafkaTimeoutError) or bool(getattr(exc, "retriable", False))
+    """Will sending again help? Yes, unless the message or its topic is wrong or we may not write there (the
+    list the librdkafka sink gives up on). kafka-python marks far more errors not retriable — the broker's
+    generic UnknownError, CorruptRecordError, the idempotent producer's sequence and epoch errors at a reset —
+    and giving those up lost an alert while its input was committed (measured: a broker whose store restarted
+    answered UnknownError to every produce for a moment)."""
+    return not isinstance(exc, NEVER_DELIVERABLE)

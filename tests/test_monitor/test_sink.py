@@ -9,7 +9,13 @@ from typing import Any, ClassVar
 
 import kafka
 import pytest
-from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, NotLeaderForPartitionError
+from kafka.errors import (
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NotLeaderForPartitionError,
+    TopicAuthorizationFailedError,
+    UnknownError,
+)
 
 from models.errors import SinkBackpressure
 from monitor.sink import KafkaSink, OutMessage
@@ -50,6 +56,8 @@ class ScriptedProducer:
                     f.exception = NotLeaderForPartitionError("leader moved")
                 elif f.outcome == "fatal":
                     f.exception = MessageSizeTooLargeError("too large")
+                elif f.outcome == "unknown":  # kafka-python: not retriable; nothing wrong with the message
+                    f.exception = UnknownError("broker error")
                 else:
                     self.log.append(f.message)  # type: ignore[attr-defined]
         if not all(f.is_done for f in self.futures):
@@ -105,6 +113,24 @@ def test_a_message_given_up_sends_nothing_again(scripted: type[ScriptedProducer]
     sink.send(OutMessage("alerts", b"dev-1", b"next"))
     sink.flush(5.0)
     assert appended(sink) == [("alerts", b"dev-1", b"next")] and len(lost) == 1
+
+
+def test_a_broker_error_that_is_not_the_message_fault_is_retried_not_given_up(scripted: type[ScriptedProducer]) -> None:
+    """kafka-python marks UnknownError (the broker's generic error), CorruptRecordError and the idempotent
+    producer's sequence errors not retriable: the alert was given up as undeliverable and its input committed.
+    Only a wrong message or topic, or a missing permission, is given up."""
+    from kafka.errors import CorruptRecordError, OutOfOrderSequenceNumberError
+
+    from monitor.sink import _retriable
+
+    scripted.script = ["unknown", "ok"]
+    lost: list[str] = []
+    sink = KafkaSink({}, on_undeliverable=lambda _m, why: lost.append(why))
+    sink.send(OutMessage("alerts", b"dev-1", b"firing"))
+    sink.flush(5.0)
+    assert appended(sink) == [("alerts", b"dev-1", b"firing")] and not lost and sink.pending == 0
+    assert all(_retriable(e("x")) for e in (CorruptRecordError, OutOfOrderSequenceNumberError, UnknownError))
+    assert not _retriable(TopicAuthorizationFailedError("x")) and not _retriable(MessageSizeTooLargeError("x"))
 
 
 def test_a_message_that_keeps_failing_holds_the_flush_back_and_says_why(scripted: type[ScriptedProducer]) -> None:
