@@ -226,6 +226,8 @@ class Daemon:
         # A partition revoked and given straight back keeps its read position in the client, but its streams
         # were dropped at the revoke: read it again from where a next owner would begin.
         given = set(tps)
+        # a commit that failed during the join paused what the client still listed then, revoked ones too
+        self._paused &= given
         back, self._rewind = {tp: o for tp, o in self._rewind.items() if tp in given}, {}
         if back:
             self.source.rewind(back)

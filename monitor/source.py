@@ -214,14 +214,15 @@ class KafkaSource:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
     def pause(self, tps: set[TP]) -> None:
-        from kafka import TopicPartition
-
-        self._consumer.pause(*(TopicPartition(t, p) for t, p in tps))
+        self._consumer.pause(*self._assigned(tps))
 
     def resume(self, tps: set[TP]) -> None:
-        from kafka import TopicPartition
+        self._consumer.resume(*self._assigned(tps))
 
-        self._consumer.resume(*(TopicPartition(t, p) for t, p in tps))
+    def _assigned(self, tps: set[TP]) -> list[Any]:
+        """Those of ``tps`` the consumer holds now: kafka-python raises KeyError for any other (a partition the
+        daemon paused during an eager rebalance, when the group then gave it elsewhere, stopped the daemon)."""
+        return [tp for tp in self._consumer.assignment() if (tp.topic, tp.partition) in tps]
 
     def lags(self) -> dict[TP, int]:
         """Records behind the high watermark of the last fetch, per assigned partition with both known now.

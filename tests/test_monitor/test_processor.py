@@ -1305,3 +1305,16 @@ def test_records_of_a_partition_no_longer_assigned_are_left_to_its_next_owner(st
         assert list(d.processor.streams) == ["dev-x"] and set(d.processor.ledger.committable()) == {(TOPIC, 0)}
     finally:
         d.processor.close()
+
+
+def test_partitions_paused_during_a_rebalance_and_given_elsewhere_are_no_longer_held_paused(stream_model: Path) -> None:
+    """A commit failing between an eager revoke and the assignment paused what the client still listed (the
+    revoked partitions too); one given elsewhere stayed in the paused set, and resuming it crashed the daemon."""
+    source = MemorySource([], assigned={("in", 0), ("in", 1)})
+    d = in_process_daemon(stream_model, source, MemorySink())
+    d._on_revoke([("in", 0), ("in", 1)])
+    d._failing("sink", "sink back-pressure: test")  # the client still lists both during the join
+    assert d._paused == {("in", 0), ("in", 1)}
+    source.assigned = {("in", 1)}
+    d._on_assign([("in", 1)])
+    assert d._paused == {("in", 1)}

@@ -142,3 +142,39 @@ def test_topics_that_cannot_be_created_are_one_clear_error(monkeypatch: pytest.M
         Admin.error = error
         with pytest.raises(BrokerError, match=r"cannot create topic\(s\) tsmon.audit, tsmon.state: .*beforehand"):
             ensure_topics("127.0.0.1:9", {"tsmon.control": 1, "tsmon.audit": 1, "tsmon.state": 1})
+
+
+class StrictConsumer:
+    """Pauses and resumes like kafka-python: KeyError for a partition it does not hold."""
+
+    def __init__(self, held: list[tuple[str, int]]) -> None:
+        from kafka import TopicPartition
+
+        self.held = {TopicPartition(t, p) for t, p in held}
+        self.paused: set[Any] = set()
+
+    def assignment(self) -> set[Any]:
+        return set(self.held)
+
+    def pause(self, *tps: Any) -> None:
+        for tp in tps:
+            if tp not in self.held:
+                raise KeyError(tp)
+            self.paused.add(tp)
+
+    def resume(self, *tps: Any) -> None:
+        for tp in tps:
+            if tp not in self.held:
+                raise KeyError(tp)
+            self.paused.discard(tp)
+
+
+def test_pausing_or_resuming_a_partition_no_longer_held_is_ignored_not_a_crash() -> None:
+    """A commit that failed during an eager rebalance paused every partition the client still listed; the group
+    then gave one of them elsewhere, and resuming it at the next good commit raised KeyError out of the loop."""
+    consumer = StrictConsumer([("t", 1)])
+    src = source_on(consumer)  # type: ignore[arg-type]
+    src.pause({("t", 0), ("t", 1)})
+    assert {(tp.topic, tp.partition) for tp in consumer.paused} == {("t", 1)}
+    src.resume({("t", 0), ("t", 1)})
+    assert consumer.paused == set()
