@@ -289,7 +289,14 @@ class ControlSource:
         self._consumer, _ = partition_reader(client, topic, at_end=True)
 
     def poll(self) -> list[bytes | None]:
-        batches = self._consumer.poll(timeout_ms=0)
+        """Commands that arrived; none while the client fails to read the topic (commands wait, never lost)."""
+        from kafka.errors import KafkaError
+
+        try:
+            batches = self._consumer.poll(timeout_ms=0)
+        except KafkaError as exc:  # raised, it ended the daemon
+            log.warning("control_poll_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            return []
         return [r.value for records in batches.values() for r in records]
 
     def close(self) -> None:

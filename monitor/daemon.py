@@ -189,6 +189,8 @@ class Daemon:
         self._input_since = time.monotonic()  # input last came back from a pause: silence before it is not idleness
         self._problem: str | None = None  # why the last commit attempt failed; /readyz reports it
         self._retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
+        self._read_retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
+        self._read_problem: str | None = None  # why the last poll failed (a fetch the client cannot use)
         self._ready: tuple[bool, str] = (False, "starting")
         h = cfg.http
         self.http = HealthServer(h.host, h.port, self.metrics.registry, self._health, lambda: self._ready,
@@ -368,8 +370,8 @@ class Daemon:
             self._rows = self.processor.status_rows(lags)
         if self.restoring:  # _restore_step says how far it is
             return
-        if self._problem:
-            self._ready = (False, self._problem)
+        if self._problem or self._read_problem:
+            self._ready = (False, self._problem or self._read_problem or "")
         else:
             self._ready = (True, f"{len(assigned)} partition(s) assigned") if assigned else (False, "no partition assigned")
 
@@ -426,11 +428,11 @@ class Daemon:
                     else:
                         self.processor.wait_scored(timeout / 1000)
                 elif room and not self.processor.scoring_busy:
-                    self._handle(self.source.poll(max(timeout, 0), room))
+                    self._handle(self._poll(max(timeout, 0), room))
                 else:  # a result is on its way (it wakes us), or no record fits: wait for the scorer first,
                     self.processor.wait_scored(timeout / 1000)  # the records stay in the client meanwhile
                     if room:
-                        self._handle(self.source.poll(0, room))
+                        self._handle(self._poll(0, room))
                 self.processor.score_ready()  # never blocks: what waits is bounded by _hold_input
                 self.processor.check_stuck()  # a call that never returns: ScoringStuck, nothing committed past it
                 self._hold_input()
@@ -459,6 +461,31 @@ class Daemon:
             finally:
                 heap.thaw()
         return self.metrics.snapshot()
+
+    def _poll(self, timeout_ms: int, room: int) -> list[InRecord]:
+        """Poll the input; a poll that fails (a fetch the client cannot use: a codec it lacks, a corrupt batch)
+        is retried with backoff while the loop goes on — raised, it ended the daemon, and every restart read the
+        same batch again. The position stays before what failed: nothing is skipped."""
+        now = time.monotonic()
+        if not self._read_retry.due(now):
+            time.sleep(max(0.0, min(timeout_ms / 1000, self._read_retry.next_at - now)))
+            return []
+        try:
+            records = self.source.poll(timeout_ms, room)
+        except BrokerError as exc:
+            first = self._read_problem is None
+            self._read_problem = f"input unreadable: {exc}"
+            self.metrics.retries.labels("input").inc()
+            delay = self._read_retry.failed(time.monotonic())
+            (log.error if first else log.info)("input_read_failed", error=str(exc)[:500], retry_in_s=round(delay, 2),
+                                               consequence="nothing is read until a poll succeeds; nothing skipped")
+            return []
+        if self._read_problem is not None:
+            log.info("input_read_resumed", retries=self._read_retry.failures,
+                     after_s=round(time.monotonic() - (self._read_retry.since or now), 1))
+            self._read_problem = None
+            self._read_retry.succeeded()
+        return records
 
     def _handle(self, records: list[InRecord]) -> None:
         """Records that arrive after a stop signal are left to the next owner (never committed): the shutdown

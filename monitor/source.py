@@ -152,9 +152,15 @@ class KafkaSource:
         now = time.monotonic()
         deadline = now + timeout_ms / 1000
         piece = POLL_SLICE_MS if now - self._last_records < SLICE_WHILE_ACTIVE_S else timeout_ms
+        from kafka.errors import KafkaError
+
         while True:
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            batches = self._consumer.poll(timeout_ms=min(left_ms, piece), max_records=max_records)
+            try:
+                batches = self._consumer.poll(timeout_ms=min(left_ms, piece), max_records=max_records)
+            except KafkaError as exc:  # a fetch the client cannot use (an unknown codec, a corrupt batch): the
+                # loop pauses and retries, as for a broker that fails; raised, it ended the daemon at every start
+                raise BrokerError(f"cannot read the input: {type(exc).__name__}: {exc}") from None
             if batches or left_ms <= piece:
                 break
         if batches:

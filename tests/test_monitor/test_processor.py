@@ -1318,3 +1318,35 @@ def test_partitions_paused_during_a_rebalance_and_given_elsewhere_are_no_longer_
     source.assigned = {("in", 1)}
     d._on_assign([("in", 1)])
     assert d._paused == {("in", 1)}
+
+
+def test_a_poll_that_fails_is_retried_with_backoff_and_the_daemon_goes_on(stream_model: Path) -> None:
+    """A poll error (a codec the client lacks, a corrupt batch) ended the daemon, and every restart read the same
+    batch again. It is retried with backoff, /readyz says why meanwhile, and nothing is skipped."""
+    from models.errors import BrokerError
+
+    class FlakySource(MemorySource):
+        failures = 3
+
+        def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InRecord]:
+            if self.failures:
+                self.failures -= 1
+                raise BrokerError("cannot read the input: CorruptRecordError: crc")
+            return super().poll(timeout_ms, max_records)
+
+    ts, v = sine_stream(400)
+    source = FlakySource(records("dev-f", ts, v))
+    d = in_process_daemon(stream_model, source, MemorySink(), **{"daemon.commit_interval_ms": 20,
+                                                                 "daemon.retry_max_s": 0.1})
+    seen: list[str] = []
+
+    def until() -> bool:
+        seen.append(d._read_problem or "")
+        d._refresh_views()
+        seen.append(d._ready[1])
+        return not source.records and d.processor.pending == 0
+
+    d.run(until=until)
+    assert source.failures == 0 and d.metrics.total("tsmon_windows_scored_total") == n_windows(400)
+    assert any("input unreadable: cannot read the input: CorruptRecordError" in s for s in seen)
+    assert d._read_problem is None and d.metrics.snapshot()["tsmon_commit_retries_total{cause=input}"] == 3

@@ -178,3 +178,22 @@ def test_pausing_or_resuming_a_partition_no_longer_held_is_ignored_not_a_crash()
     assert {(tp.topic, tp.partition) for tp in consumer.paused} == {("t", 1)}
     src.resume({("t", 0), ("t", 1)})
     assert consumer.paused == set()
+
+
+def test_a_fetch_the_client_cannot_use_is_a_broker_error_not_an_exception_out_of_the_loop() -> None:
+    from kafka.errors import CorruptRecordError, UnsupportedCodecError
+
+    from models.errors import BrokerError
+
+    class Failing(SleepyConsumer):
+        error: Exception = UnsupportedCodecError("Libraries for zstd compression codec not found")
+
+        def poll(self, timeout_ms: int, max_records: int | None = None) -> dict[Any, list[Any]]:
+            raise self.error
+
+    consumer = Failing(ready_at=0.0)
+    with pytest.raises(BrokerError, match="cannot read the input: UnsupportedCodecError: .*zstd"):
+        source_on(consumer).poll(10)
+    consumer.error = CorruptRecordError("crc")
+    with pytest.raises(BrokerError, match="CorruptRecordError"):
+        source_on(consumer).poll(10)
