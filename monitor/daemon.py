@@ -182,6 +182,7 @@ class Daemon:
         self._rewind: dict[TP, int] = {}  # offsets to read the partitions of the last revoke again from
         self._backlog: list[InRecord] = []  # polled, not handed over yet: batch.max_pending was reached
         self._restoring: ChangelogReader | None = None  # the changelog read in progress
+        self._opening = False  # opening the changelog reader (a bounded wait on the loop's thread)
         self._restore_due = False  # a restore asked for in a rebalance callback, opened by the loop
         self._unassigned = False  # revoked, the assignment not come yet (an eager JoinGroup spans polls)
         self._restore_waits: set[TP] = set()  # partitions paused until it is read
@@ -291,8 +292,12 @@ class Daemon:
         try:
             if self._restore_due:
                 self._restore_due = False
-                self._restoring = ChangelogReader(self.cfg.kafka.client_kwargs(), st.topic,
-                                                  min(st.restore_timeout_s, RESTORE_OPEN_S))
+                self._opening = True  # blocks the loop, for at most twice RESTORE_OPEN_S: /healthz allows it
+                try:
+                    self._restoring = ChangelogReader(self.cfg.kafka.client_kwargs(), st.topic,
+                                                      min(st.restore_timeout_s, RESTORE_OPEN_S))
+                finally:
+                    self._opening = False
             reader = self._restoring
             if reader is None:
                 return
@@ -354,8 +359,12 @@ class Daemon:
 
     def _health(self) -> tuple[bool, str]:
         age = time.monotonic() - self._beat
-        ok = age < self.cfg.http.stall_s
-        return ok, f"loop turned {age:.1f} s ago" + ("" if ok else f" (limit {self.cfg.http.stall_s:g} s)")
+        # opening the changelog waits for its positions and end offsets (RESTORE_OPEN_S each, a partition's leader
+        # away): a bounded wait, not a hung loop — at the default stall_s a liveness probe restarted it meanwhile
+        limit = self.cfg.http.stall_s + (2 * RESTORE_OPEN_S if self._opening else 0.0)
+        ok = age < limit
+        return ok, f"loop turned {age:.1f} s ago" + (" (opening the changelog)" if self._opening else "") + (
+            "" if ok else f" (limit {limit:g} s)")
 
     def _refresh_views(self) -> None:
         """The loop's state for the HTTP threads: replaced, never mutated."""

@@ -1350,3 +1350,33 @@ def test_a_poll_that_fails_is_retried_with_backoff_and_the_daemon_goes_on(stream
     assert source.failures == 0 and d.metrics.total("tsmon_windows_scored_total") == n_windows(400)
     assert any("input unreadable: cannot read the input: CorruptRecordError" in s for s in seen)
     assert d._read_problem is None and d.metrics.snapshot()["tsmon_commit_retries_total{cause=input}"] == 3
+
+
+def test_opening_the_changelog_is_a_bounded_wait_that_healthz_allows(stream_model: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening the changelog waits for its positions and end offsets on the loop's thread (up to RESTORE_OPEN_S
+    each, a partition leader away); /healthz failed past stall_s meanwhile, and a liveness probe restarted a
+    daemon that was about to go on."""
+    import threading
+
+    import monitor.daemon
+
+    source = MemorySource(records("dev-o", *sine_stream(100)))
+    d = restoring_daemon(stream_model, source, monkeypatch, **{"http.stall_s": 0.1})
+    seen: list[tuple[bool, str]] = []
+
+    class SlowToOpen(SlowChangelog):
+        def __init__(self, *a: Any, **k: Any) -> None:
+            time.sleep(0.3)
+            seen.append(d._health())
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(monitor.daemon, "ChangelogReader", SlowToOpen)
+    d._beat = time.monotonic()
+    d.restore()
+    opener = threading.Thread(target=d._restore_step, args=(0.0,))
+    opener.start()
+    opener.join(5)
+    assert seen and seen[0][0] and "opening the changelog" in seen[0][1]
+    time.sleep(0.15)
+    assert not d._health()[0]  # otherwise the stall limit holds as before
