@@ -4,7 +4,10 @@ Owns the ``"explain"`` object a firing alert carries (one scored window: raw sig
 error per timestep, error per channel, score and threshold) and :func:`render`, which draws it from an
 alert message alone, without the model. The payload is JSON-safe (non-finite floats become ``null``),
 rounded to 5 significant digits and downsampled to at most ``max_points`` samples per series, so its
-size does not grow with the window length (it grows linearly with the number of channels).
+size does not grow with the window length; a window of more than ``max_channels`` channels carries the series
+of the ones with the largest error only (``channels_total`` says of how many), so it does not grow without
+bound with the channels either (256 channels made a firing alert of 1.1 MB, over the producer's 1 MB limit:
+never delivered).
 """
 
 from __future__ import annotations
@@ -27,18 +30,19 @@ REQUIRED = ("version", "start_ts", "end_ts", "window", "step", "channels", "valu
 
 
 def for_window(detector: Detector, values: np.ndarray, threshold: float, start_ts: int, end_ts: int,
-               max_points: int = 256) -> dict[str, Any]:
+               max_points: int = 256, max_channels: int = 16) -> dict[str, Any]:
     """The ``explain`` payload of one raw window ``[W, C]`` scored by ``detector`` against ``threshold``."""
     x = np.asarray(values, dtype="float32")[None]
     recon, scores = detector.reconstruct(x)
     return payload(x[0], recon[0], scores.timestep[0], scores.channel[0], detector.names, threshold,
-                   float(scores.window[0]), start_ts, end_ts, max_points)
+                   float(scores.window[0]), start_ts, end_ts, max_points, max_channels)
 
 
 def payload(values: np.ndarray, recon: np.ndarray, timestep_error: np.ndarray, channel_error: np.ndarray,
             channel_names: list[str], threshold: float, score: float, start_ts: int, end_ts: int,
-            max_points: int = 256) -> dict[str, Any]:
-    """JSON-able explanation of one window; series longer than ``max_points`` are downsampled by ``step``."""
+            max_points: int = 256, max_channels: int = 16) -> dict[str, Any]:
+    """JSON-able explanation of one window; series longer than ``max_points`` are downsampled by ``step``, and
+    of more than ``max_channels`` channels only those with the largest error are kept (in channel order)."""
     v, r = np.asarray(values, dtype="float64"), np.asarray(recon, dtype="float64")
     err, ch = np.asarray(timestep_error, dtype="float64"), np.asarray(channel_error, dtype="float64")
     if v.ndim != 2 or r.shape != v.shape or err.shape != (v.shape[0],) or ch.shape != (v.shape[1],):
@@ -46,13 +50,17 @@ def payload(values: np.ndarray, recon: np.ndarray, timestep_error: np.ndarray, c
                         f"timestep_error {list(err.shape)}, channel_error {list(ch.shape)}")
     if len(channel_names) != v.shape[1]:
         raise DataError(f"explain: {len(channel_names)} channel name(s) for {v.shape[1]} channel(s)")
-    if max_points < 1:
-        raise DataError(f"explain: max_points must be >= 1, got {max_points}")
+    if max_points < 1 or max_channels < 1:
+        raise DataError(f"explain: max_points and max_channels must be >= 1, got {max_points}, {max_channels}")
+    total = v.shape[1]
+    if total > max_channels:  # the largest errors (NaN first: a channel that broke the score is the news)
+        keep = np.sort(np.argsort(-np.nan_to_num(ch, nan=np.inf), kind="stable")[:max_channels])
+        v, r, ch, channel_names = v[:, keep], r[:, keep], ch[keep], [channel_names[i] for i in keep]
     window = v.shape[0]
     step = stride(window, max_points)
     return {
         "version": VERSION, "start_ts": int(start_ts), "end_ts": int(end_ts), "window": window, "step": step,
-        "channels": [str(n) for n in channel_names],
+        "channels": [str(n) for n in channel_names], "channels_total": total,
         "values": [_floats(v[::step, c]) for c in range(v.shape[1])],
         "reconstruction": [_floats(r[::step, c]) for c in range(r.shape[1])],
         "timestep_error": _floats(block_max(err, step)),
@@ -160,8 +168,9 @@ def render(doc: dict[str, Any], out: Path) -> Path:
     ax.set_ylabel(f"error ({e.get('loss_units', 'normalised')})")
     ax.legend(loc="upper right", fontsize=8)
     _contribution(fig.add_subplot(grid[c + 1, 0]), names, ch)
+    shown = "" if e.get("channels_total", c) == c else f"  ({c} of {e['channels_total']} channels: largest errors)"
     fig.suptitle(f"{doc.get('stream', '?')}  alert {doc.get('alert_id', '?')}  {doc.get('severity', '?')}  "
-                 f"ratio {doc.get('ratio', '?')}×  ({doc.get('start_time', e['start_ts'])})")
+                 f"ratio {doc.get('ratio', '?')}×  ({doc.get('start_time', e['start_ts'])}){shown}")
     return save_figure(fig, out)
 
 

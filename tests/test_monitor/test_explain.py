@@ -18,8 +18,8 @@ from monitor.cli import main
 from tests.conftest import STREAM_PERIOD_MS, STREAM_WINDOW, sine_stream
 
 PNG = b"\x89PNG\r\n\x1a\n"
-KEYS = ["version", "start_ts", "end_ts", "window", "step", "channels", "values", "reconstruction", "timestep_error",
-        "channel_error", "score", "threshold", "loss_units"]
+KEYS = ["version", "start_ts", "end_ts", "window", "step", "channels", "channels_total", "values", "reconstruction",
+        "timestep_error", "channel_error", "score", "threshold", "loss_units"]
 
 
 def arrays(w: int, c: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -53,6 +53,20 @@ def test_long_window_is_downsampled_and_spikes_survive() -> None:
     assert p["values"][0][10] == float(f"{values[80, 0]:.5g}")  # every 8th sample
     assert len(json.dumps(p)) < 20_000
     explain.check(p)
+
+
+def test_a_window_of_many_channels_keeps_the_largest_errors_and_fits_a_message(tmp_path: Path) -> None:
+    """Its size grew with the channels: 256 made a firing alert of 1.1 MB, over the producer's 1 MB request limit,
+    so the page was never delivered. Past max_channels only the channels with the largest error are carried."""
+    values, recon, err, ch = arrays(720, c=256)
+    ch[[5, 200]] = [50.0, np.nan]  # the one that broke the score, and a non-finite one
+    p = explain.payload(values, recon, err, ch, [f"sensor-{i}" for i in range(256)], 0.5, 3.0, 0, 1)
+    assert p["channels_total"] == 256 and len(p["channels"]) == len(p["values"]) == len(p["channel_error"]) == 16
+    order = np.argsort(-np.nan_to_num(ch, nan=np.inf))[:16]
+    assert p["channels"] == [f"sensor-{i}" for i in sorted(order)] and {"sensor-5", "sensor-200"} <= set(p["channels"])
+    assert len(json.dumps(p)) < 100_000
+    explain.check(p)
+    assert explain.render({"stream": "s", "explain": p}, tmp_path / "many.png").read_bytes().startswith(PNG)
 
 
 def test_non_finite_floats_become_null() -> None:
