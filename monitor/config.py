@@ -297,8 +297,12 @@ class ModelRoute(_Section):
 
 class WindowsConfig(_Section):
     gap_ms: float | None = Field(5000.0, gt=0, description="a longer gap restarts a stream; none = never")
+    gap_periods: float | None = Field(2.5, gt=1, description="an interval longer than this many of the stream's "
+                                      "sample periods (learnt from its first intervals) is a gap too: a 130 ms "
+                                      "dropout of a 100 Hz stream was spliced into windows and paged as critical; "
+                                      "none = gap_ms alone (irregularly sampled streams)")
 
-    _optional = field_validator("gap_ms", mode="before")(_unset)
+    _optional = field_validator("gap_ms", "gap_periods", mode="before")(_unset)
 
 
 class BatchConfig(_Section):
@@ -744,6 +748,7 @@ path = "artifacts/ecg5000-lstm"          # example: artifact directory written b
 
 [windows]
 gap_ms = 5000.0                          # a longer gap between samples restarts the stream; "none" = never
+gap_periods = 2.5                        # so does an interval over this many learnt sample periods; "none" = off
 
 [batch]
 max_batch = 256                          # windows scored in one model call at most (1..65536)

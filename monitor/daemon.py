@@ -100,7 +100,7 @@ def processor_settings(cfg: Config) -> Settings:
                     state_topic=cfg.state.topic if cfg.state.enabled else None,
                     recent_alerts=cfg.state.recent_alerts, max_streams=cfg.limits.max_streams,
                     idle_evict_s=cfg.limits.idle_evict_s, max_future_s=cfg.limits.max_future_s,
-                    earliest_ms=cfg.limits.earliest_ms,
+                    earliest_ms=cfg.limits.earliest_ms, gap_periods=cfg.windows.gap_periods,
                     model_quantile=cfg.calibrator.quantile is None)
 
 

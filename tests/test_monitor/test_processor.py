@@ -1380,3 +1380,23 @@ def test_opening_the_changelog_is_a_bounded_wait_that_healthz_allows(stream_mode
     assert seen and seen[0][0] and "opening the changelog" in seen[0][1]
     time.sleep(0.15)
     assert not d._health()[0]  # otherwise the stall limit holds as before
+
+
+@pytest.mark.parametrize("dropout_ms", [20, 130, 1000])
+def test_a_dropout_shorter_than_gap_ms_is_a_gap_of_the_learnt_period_not_a_page(make: Make, dropout_ms: int) -> None:
+    """With gap_ms (5 s) alone, samples missing from a 100 Hz stream for 20 ms to 5 s were spliced into windows
+    that joined two phases of the signal, and paged (minor at 20 ms, critical from 50 ms), with no data_quality
+    event. Over gap_periods × the learnt period the interval is a gap: the windows restart and it is reported."""
+    p = make()
+    p.settings = Settings(gap_periods=2.5)
+    ts, v = sine_stream(4000, seed=7)
+    keep = np.r_[0:2000, 2000 + dropout_ms // STREAM_PERIOD_MS : 4000]
+    feed(p, records("dev-d", ts[keep], v[keep]))
+    sink(p).flush(1)
+    assert not docs(p, "anomaly")
+    assert [d["kind"] for d in docs(p, "data_quality")] == ["gap"]
+    p2 = make()
+    p2.settings = Settings(gap_periods=None)  # gap_ms alone, as before
+    feed(p2, records("dev-d", ts[keep], v[keep]))
+    sink(p2).flush(1)
+    assert docs(p2, "anomaly") and not docs(p2, "data_quality")
