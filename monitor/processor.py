@@ -56,7 +56,6 @@ class Settings:
     alerts_topic: str = "tsmon.alerts"
     dead_letter_topic: str = "tsmon.dead-letter"
     gap_ms: float | None = 5000.0
-    gap_periods: float | None = None  # an interval over this many learnt sample periods is a gap too (daemon: 2.5)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     flatline_rel_std: float = 1e-3
     rate_tolerance: float = 0.25
@@ -72,6 +71,7 @@ class Settings:
     max_future_s: float | None = None  # samples stamped further ahead of the clock are dead-lettered (daemon: 1 h)
     earliest_ms: int | None = None  # samples stamped before are dead-lettered (daemon: 2000-01-01)
     recent_alerts: int = 20  # alerts per stream remembered for feedback
+    gap_periods: float | None = None  # an interval over this many learnt sample periods is a gap too (daemon: 2.5)
     model_quantile: bool = False  # each stream calibrated at its model's threshold quantile (no quantile configured)
 
 
