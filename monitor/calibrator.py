@@ -328,6 +328,16 @@ class Calibrator:
         if len(normal) < (1 if commanded else s.min_samples):
             return None, 0, ""
         value = self._target(old, normal, q, commanded)
+        n = len(recent) // max(1, thin)  # non-overlapping recent windows
+        if not commanded and value < old.value and n * (1.0 - q) >= 2.0:
+            # Never lower it below the quantile of every recent window: the normal evidence lacks the over-threshold
+            # runs that fired (with overlapping windows normal ones come in runs), so alone it walked the threshold
+            # below its quantile (at W/H = 4, 0.79 × q0.95 with 22 % of windows over). Lowering only: an incident
+            # among the recent windows can hold the threshold, never raise it. The quantile is read one-sided 95 %
+            # high (binomial, on the non-overlapping count): nothing raises it back from a noisy low read; and only
+            # where the recent windows hold two expected exceedances or more.
+            level = min(MAX_QUANTILE, q + 1.645 * math.sqrt(q * (1.0 - q) / n))
+            value = max(value, min(old.value, self._bounded(old, float(np.quantile(recent, level)) * s.margin)))
         if commanded and drift.enabled and value > old.value * (1 + _MIN_CHANGE):
             verdict = assess(recent, value, drift, thin, stationary=False)
             if not verdict.accept:

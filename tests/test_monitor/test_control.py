@@ -563,7 +563,7 @@ def test_a_restart_keeps_the_data_clocks_recalibration_schedule(make: Make, cut:
     recs = records("dev-a", ts, v, chunk=10)
     whole, q = uninterrupted_and_restarted(build, recs, cut)
     versions = [[(h["version"], round(h["value"], 6)) for h in x.calibrator.history("dev-a")] for x in (whole, q)]
-    assert len(versions[0]) > 5 and versions[0] == versions[1]
+    assert len(versions[0]) >= 3 and versions[0] == versions[1]
 
 
 @pytest.mark.parametrize("cut", [110, 152, 159, 215])

@@ -101,6 +101,9 @@ def test_guard_off_changes_nothing_for_the_scheduled_path(enabled: bool) -> None
     c = Calibrator(CalibratorSettings(window=500, min_samples=100, drift=DriftSettings(enabled=enabled)))
     c.register("s", 2.0)  # well above q0.95 of normal(500) (~1.5): a change whatever the draw
     c.observe("s", normal(500))
+    # the recent windows at a new level: not the guard's to judge here, and no reason to lower the threshold
     c.observe_all("s", normal(600, 3.0))
+    assert c.recalibrate() == {}
+    c.observe_all("s", normal(600))  # at the normal level: the scheduled path lowers it, the guard not consulted
     (_, new), = c.recalibrate().values()
     assert new.reason.startswith("scheduled")
