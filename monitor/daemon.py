@@ -31,7 +31,7 @@ import torch
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from models.detector import DEFAULT_QUANTILE
-from models.errors import BrokerError, SinkBackpressure, TsmonError
+from models.errors import BrokerError, ScoringStuck, SinkBackpressure, TsmonError
 from monitor import heap, logs
 from monitor.alerts import AlertSettings
 from monitor.batcher import Batcher
@@ -444,6 +444,8 @@ class Daemon:
                         self._handle(self._poll(0, room))
                 self.processor.score_ready()  # never blocks: what waits is bounded by _hold_input
                 self.processor.check_stuck()  # a call that never returns: ScoringStuck, nothing committed past it
+                if self.processor.failed is not None:  # raised where something caught it: never run on without scoring
+                    raise (ScoringStuck if self.processor.stuck else TsmonError)(self.processor.failed)
                 self._hold_input()
                 if (self.control is not None and self._restored and not self.restoring and not self._unassigned
                         and time.monotonic() - last_control >= self.cfg.control.poll_interval_ms / 1000):

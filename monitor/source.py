@@ -127,6 +127,7 @@ class KafkaSource:
                     on_assign([(tp.topic, tp.partition) for tp in assigned])
 
         self._in_callback = False
+        self._callback_error: BaseException | None = None  # what our rebalance callback raised inside a poll
         self._last_records = -float("inf")  # monotonic time the last poll returned records
         self._session_s = consumer_kwargs.get("session_timeout_ms", 10_000) / 1000
 
@@ -160,7 +161,9 @@ class KafkaSource:
                 batches = self._consumer.poll(timeout_ms=min(left_ms, piece), max_records=max_records)
             except KafkaError as exc:  # a fetch the client cannot use (an unknown codec, a corrupt batch): the
                 # loop pauses and retries, as for a broker that fails; raised, it ended the daemon at every start
+                self._raise_callback_error()  # unless our own callback failed: kafka-python wraps that too
                 raise BrokerError(f"cannot read the input: {type(exc).__name__}: {exc}") from None
+            self._raise_callback_error()
             if batches or left_ms <= piece:
                 break
         if batches:
@@ -173,8 +176,18 @@ class KafkaSource:
         self._in_callback = True
         try:
             yield
+        except BaseException as exc:
+            self._callback_error = exc  # kafka-python re-raises it as a KafkaError "User rebalance callback ..."
+            raise
         finally:
             self._in_callback = False
+
+    def _raise_callback_error(self) -> None:
+        """Raise what our rebalance callback raised (a batch that failed to score at a revoke): taken for a
+        poll error and retried, it left a daemon that looked healthy and scored and committed nothing."""
+        if self._callback_error is not None:
+            exc, self._callback_error = self._callback_error, None
+            raise exc
 
     def commit(self, offsets: dict[TP, int], timeout_s: float) -> None:
         """Commit exactly these offsets, waiting at most ``timeout_s``; BrokerError if the broker did not take them."""

@@ -1400,3 +1400,17 @@ def test_a_dropout_shorter_than_gap_ms_is_a_gap_of_the_learnt_period_not_a_page(
     feed(p2, records("dev-d", ts[keep], v[keep]))
     sink(p2).flush(1)
     assert docs(p2, "anomaly") and not docs(p2, "data_quality")
+
+
+def test_a_daemon_whose_scoring_failed_where_it_was_caught_stops_instead_of_running_on(stream_model: Path) -> None:
+    """A failure raised inside a rebalance callback can be caught on its way out (kafka-python wraps it): the loop
+    then ran on, healthy to every probe, scoring and committing nothing. Once the processor has failed it stops."""
+    from models.errors import TsmonError
+
+    source = MemorySource(records("dev-z", *sine_stream(400)))
+    d = in_process_daemon(stream_model, source, MemorySink())
+    d.processor.failed = "RuntimeError: CUDA error (in a revoke)"
+    t0 = time.monotonic()
+    with pytest.raises(TsmonError, match="CUDA error"):
+        d.run(until=lambda: time.monotonic() - t0 > 5)
+    assert time.monotonic() - t0 < 4 and not source.committed

@@ -33,6 +33,7 @@ def source_on(consumer: SleepyConsumer, flowing: bool = True) -> KafkaSource:
     src = KafkaSource.__new__(KafkaSource)  # the consumer and the time of the last records: all poll uses
     src._consumer = consumer
     src._last_records = time.monotonic() if flowing else -float("inf")
+    src._callback_error, src._in_callback = None, False
     return src
 
 
@@ -197,3 +198,23 @@ def test_a_fetch_the_client_cannot_use_is_a_broker_error_not_an_exception_out_of
     consumer.error = CorruptRecordError("crc")
     with pytest.raises(BrokerError, match="CorruptRecordError"):
         source_on(consumer).poll(10)
+
+
+def test_an_error_of_our_own_rebalance_callback_is_raised_as_itself_not_retried_as_a_poll_error() -> None:
+    """kafka-python re-raises a listener's exception as KafkaError("User rebalance callback throws an error"): taken
+    for a poll error and retried, a batch that failed to score at a revoke left a daemon that looked healthy and
+    scored and committed nothing."""
+    from kafka.errors import KafkaError
+
+    class Rebalancing(SleepyConsumer):
+        def poll(self, timeout_ms: int, max_records: int | None = None) -> dict[Any, list[Any]]:
+            try:
+                with src._callback():  # what kafka-python does around our listener
+                    raise RuntimeError("CUDA error: out of memory")
+            except RuntimeError as exc:
+                raise KafkaError("User rebalance callback throws an error") from exc
+
+    src = source_on(Rebalancing(ready_at=0.0))
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        src.poll(10)
+    assert src._callback_error is None
