@@ -628,6 +628,7 @@ class Daemon:
         def left(share: float = 1.0) -> float:
             return max(0.05, (end - time.monotonic()) * share)
 
+        self.processor.scoring_deadline = end  # a batch not back by then is stuck: never wait past the budget
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
         if self._backlog:  # polled, never consumed: the next start reads them from the commit

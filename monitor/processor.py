@@ -139,6 +139,7 @@ class Processor:
         self._owed_warned: set[str] = set()
         self.clock = time.time  # wall clock: silences and state timestamps
         self.deadline: float | None = None  # monotonic time by which commits must be done (set at shutdown)
+        self.scoring_deadline: float | None = None  # by which scoring must be done (the shutdown's drain)
         # windows a good record makes (samples / hop; decays slowly from the largest seen): sizes the next
         # poll. None until a record told (the daemon's first polls take one record each).
         self.windows_per_record: float | None = None
@@ -364,6 +365,7 @@ class Processor:
             n += self._apply(*self._inflight.popleft())
         return n
 
+
     def _submit(self, batch: Batch) -> None:
         self._inflight.append((batch, self._backend.submit(batch.model, batch.values), time.monotonic()))
 
@@ -380,26 +382,32 @@ class Processor:
         """A batch is being scored (its result not applied yet)."""
         return bool(self._inflight)
 
-    def _stuck(self, batch: Batch) -> NoReturn:
+    def _stuck(self, batch: Batch, shutting_down: bool = False) -> NoReturn:
         self.stuck = True
-        self.failed = (f"scoring stuck: a batch of {len(batch)} windows of model {batch.model} has not returned in "
-                       f"{self.settings.scoring_timeout_s:g} s (daemon.scoring_timeout_s)")
+        self.failed = (f"scoring stuck: a batch of {len(batch)} windows of model {batch.model} has not returned "
+                       + ("by the end of the shutdown's drain (daemon.shutdown_timeout_s)" if shutting_down else
+                          f"in {self.settings.scoring_timeout_s:g} s (daemon.scoring_timeout_s)"))
         log.error("scoring_stuck", error=self.failed, consequence="nothing applied, snapshotted or committed from "
                   "now on; the process exits for its supervisor to restart it, which replays from the last commit")
         raise ScoringStuck(self.failed)
 
     def _apply(self, batch: Batch, future: Future[Result], since: float) -> int:
+        limit = since + self.settings.scoring_timeout_s
+        if self.scoring_deadline is not None:
+            limit = min(limit, self.scoring_deadline)
         try:  # a scoring failure surfaces here, on our thread; a call that never returns, after the timeout
-            window_err, channel_err, seconds = future.result(
-                timeout=max(0.0, since + self.settings.scoring_timeout_s - time.monotonic()))
+            window_err, channel_err, seconds = future.result(timeout=max(0.0, limit - time.monotonic()))
         except Exception as exc:
             if not future.done():  # not a failure of the call: it is still running
-                self._stuck(batch)
+                self._stuck(batch, shutting_down=limit < since + self.settings.scoring_timeout_s)
             self.failed = f"{type(exc).__name__}: {exc}"[:300]
             log.error("scoring_failed", error=self.failed, windows=len(batch),
                       consequence="nothing applied, snapshotted or committed from now on: the next start replays "
                                   "from the last commit")
             raise
+        if self._inflight:  # the next batch waited behind this one: its time counts from now
+            head_batch, head_future, head_since = self._inflight[0]
+            self._inflight[0] = (head_batch, head_future, max(head_since, time.monotonic()))
         self.metrics.batch_seconds.observe(seconds)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.windows.labels(batch.model).inc(len(batch))

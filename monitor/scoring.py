@@ -116,9 +116,10 @@ class ProcessBackend:
         return self._pool.submit(_warm_up_in_worker, sizes, tolerance).result()
 
     def close(self, wait: bool = True) -> None:
-        if not wait:  # the worker is stuck in a call: end it, nothing it could still return is wanted
+        if not wait:  # the worker is stuck in a call: end it, nothing it could still return is wanted (SIGKILL:
+            # it ignores SIGTERM, which the daemon handles for it)
             for proc in list(getattr(self._pool, "_processes", {}).values()):
-                proc.terminate()
+                proc.kill()
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
 
 

@@ -1414,3 +1414,47 @@ def test_a_daemon_whose_scoring_failed_where_it_was_caught_stops_instead_of_runn
     with pytest.raises(TsmonError, match="CUDA error"):
         d.run(until=lambda: time.monotonic() - t0 > 5)
     assert time.monotonic() - t0 < 4 and not source.committed
+
+
+def test_the_shutdown_waits_for_a_stuck_batch_only_until_its_drain_ends(served: Served) -> None:
+    """ScoringStuck came after scoring_timeout_s (60 s) even during a shutdown of 10 s: SIGKILL at the grace
+    period. The shutdown's drain end bounds the wait too."""
+    from models.errors import ScoringStuck
+    from monitor.batcher import Batcher
+    from monitor.calibrator import Calibrator
+
+    backend = HangingBackend(Scorer([served]))
+    p = Processor(Scorer([served]), Calibrator(), Batcher(4, 0.0), MemorySink(), backend=backend,
+                  settings=Settings(scoring_timeout_s=30.0))
+    try:
+        p.handle(records("dev-hang", *sine_stream(400)))
+        p.score_ready()
+        p.scoring_deadline = time.monotonic() + 0.3
+        t0 = time.monotonic()
+        with pytest.raises(ScoringStuck, match="end of the shutdown's drain"):
+            p.score_ready(force=True)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        backend.release.set()
+        p.close()
+
+
+def test_a_batch_waiting_behind_another_is_not_stuck_for_its_waiting_time(served: Served) -> None:
+    """The timeout counted from the submission, so the second batch in flight (queued behind the first) was
+    declared stuck though each took less than the timeout: a false exit 1 and a restart loop."""
+    from monitor.batcher import Batcher
+    from monitor.calibrator import Calibrator
+
+    p = Processor(Scorer([served]), Calibrator(), Batcher(4, 0.0), MemorySink(),
+                  backend=SlowBackend(Scorer([served]), 0.4), settings=Settings(scoring_timeout_s=0.6))
+    try:
+        p.handle(records("dev-q", *sine_stream(120)))
+        p.score_ready()  # two batches in flight: the second waits 0.4 s behind the first, then takes 0.4 s
+        for _ in range(20):
+            p.check_stuck()
+            p.score_ready()
+            time.sleep(0.05)
+        assert p.score_ready(force=True) >= 0 and p.failed is None
+        assert p.metrics.total("tsmon_windows_scored_total") == n_windows(120)
+    finally:
+        p.close()
