@@ -44,6 +44,7 @@ from monitor.windows import order_problem
 
 log = logs.get("tsmon.processor")
 RESERVED_PREFIX = "__tsmon"  # changelog keys of daemon-wide state
+SECONDS_LOOK_LIKE_MS = 100_000_000_000  # 1973-03-03 in ms; epoch seconds of any date before 5138 are below it
 FLUSH_SLICE_S = 0.25  # a commit waits for the sink in slices of this: a deadline set meanwhile applies at the next
 WAKE_RESERVE = 0.1  # share of limits.max_streams that streams woken for a command leave to new streams
 DEAD_LETTER_MAX = 512 * 1024  # a bad record longer than this is dead-lettered truncated …
@@ -226,9 +227,12 @@ class Processor:
         earliest = self.settings.earliest_ms
         for rec, block in items:
             if earliest is not None and int(block.ts_ms[0]) < earliest:  # seconds read as ms: January 1970
-                first = datetime.fromtimestamp(int(block.ts_ms[0]) / 1000, UTC).isoformat(timespec="seconds")
-                self._dead_letter(rec, BadRecord("timestamp_too_early", f"ts {int(block.ts_ms[0])} is {first}, before "
-                                                 f"limits.earliest_ts (ts is epoch milliseconds, not seconds)"))
+                t0 = int(block.ts_ms[0])
+                first = datetime.fromtimestamp(t0 / 1000, UTC).isoformat(timespec="seconds")
+                hint = ("epoch seconds? ts is epoch milliseconds" if t0 < SECONDS_LOOK_LIKE_MS else
+                        "historical data: set limits.earliest_ts earlier, or none")
+                self._dead_letter(rec, BadRecord("timestamp_too_early", f"ts {t0} is {first}, before "
+                                                 f"limits.earliest_ts ({hint})"))
                 done.add(id(rec))
                 continue
             if int(block.ts_ms[-1]) > latest_ok:  # taken, it would make every later sample "backwards" until then

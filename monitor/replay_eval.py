@@ -222,6 +222,7 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
             "control.topic": f"{run_id}.control", "control.audit_topic": f"{run_id}.audit",
             "state.topic": f"{run_id}.state", "calibrator.interval_s": interval,
             "calibrator.clock": clock, "limits.idle_evict_s": "none",
+            "limits.earliest_ts": "none",  # a recorded series keeps its own time, however old
             "http.enabled": False,
             "models": [{"pattern": glob.escape(streams[0]), "path": str(p.model), "name": "model", "gap_ms": p.gap_ms},
                        {"pattern": glob.escape(streams[1]), "path": str(p.baseline), "name": "baseline",
