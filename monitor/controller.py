@@ -287,16 +287,24 @@ class ControlSource:
 
     def __init__(self, client: dict[str, Any], topic: str) -> None:
         self._consumer, _ = partition_reader(client, topic, at_end=True)
+        self._failing = False
 
     def poll(self) -> list[bytes | None]:
-        """Commands that arrived; none while the client fails to read the topic (commands wait, never lost)."""
+        """Commands that arrived; none while the client fails to read the topic (commands wait, never lost).
+        The failure is logged once, and its end (the control topic is polled every 200 ms)."""
         from kafka.errors import KafkaError
 
         try:
             batches = self._consumer.poll(timeout_ms=0)
         except KafkaError as exc:  # raised, it ended the daemon
-            log.warning("control_poll_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            if not self._failing:
+                log.warning("control_poll_failed", error=f"{type(exc).__name__}: {exc}"[:300],
+                            consequence="operator commands wait until the control topic can be read")
+            self._failing = True
             return []
+        if self._failing:
+            log.info("control_poll_resumed")
+            self._failing = False
         return [r.value for records in batches.values() for r in records]
 
     def close(self) -> None:

@@ -115,7 +115,9 @@ class Daemon:
         threads = scoring_threads(cfg.daemon.torch_threads)
         torch.set_num_threads(threads)
         self.metrics = Metrics(cfg.http.max_stream_labels)
-        for topic in (cfg.kafka.alerts_topic, cfg.kafka.dead_letter_topic):  # at 0: the first loss is an increase
+        outputs = (cfg.kafka.alerts_topic, cfg.kafka.dead_letter_topic, cfg.control.audit_topic,
+                   *([cfg.state.topic] if cfg.state.enabled else []))
+        for topic in outputs:  # at 0: the first loss is an increase()
             self.metrics.undeliverable.labels(topic)
         self.scorer = scorer or build_scorer(cfg)
         self.scoring = choose(cfg.daemon.scoring, cfg.daemon.device)

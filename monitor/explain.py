@@ -23,7 +23,8 @@ from models.errors import DataError
 if TYPE_CHECKING:
     from models.detector import Detector
 
-VERSION = 1
+VERSION = 1  # every channel of the model, in its order
+VERSION_SUBSET = 2  # the channels with the largest error only (``channels`` names them; ``channels_total``)
 DIGITS = 5  # significant digits kept in the payload
 REQUIRED = ("version", "start_ts", "end_ts", "window", "step", "channels", "values", "reconstruction",
             "timestep_error", "channel_error", "score", "threshold")
@@ -59,7 +60,7 @@ def payload(values: np.ndarray, recon: np.ndarray, timestep_error: np.ndarray, c
     window = v.shape[0]
     step = stride(window, max_points)
     return {
-        "version": VERSION, "start_ts": int(start_ts), "end_ts": int(end_ts), "window": window, "step": step,
+        "version": VERSION if total == len(channel_names) else VERSION_SUBSET, "start_ts": int(start_ts), "end_ts": int(end_ts), "window": window, "step": step,
         "channels": [str(n) for n in channel_names], "channels_total": total,
         "values": [_floats(v[::step, c]) for c in range(v.shape[1])],
         "reconstruction": [_floats(r[::step, c]) for c in range(r.shape[1])],
@@ -97,8 +98,9 @@ def check(explain: Any) -> None:
     missing = [k for k in REQUIRED if k not in explain]
     if missing:
         raise DataError(f"alert 'explain' lacks key(s) {', '.join(missing)}")
-    if explain["version"] != VERSION:
-        raise DataError(f"alert 'explain' version {explain['version']!r} unsupported (this tsmon reads {VERSION})")
+    if explain["version"] not in (VERSION, VERSION_SUBSET):
+        raise DataError(f"alert 'explain' version {explain['version']!r} unsupported (this tsmon reads "
+                        f"{VERSION} and {VERSION_SUBSET})")
     window, step = explain["window"], explain["step"]
     if not (isinstance(window, int) and isinstance(step, int) and window >= 1 and step >= 1):
         raise DataError(f"alert 'explain' window and step must be positive integers, got {window!r}, {step!r}")

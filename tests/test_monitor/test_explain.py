@@ -62,6 +62,7 @@ def test_a_window_of_many_channels_keeps_the_largest_errors_and_fits_a_message(t
     ch[[5, 200]] = [50.0, np.nan]  # the one that broke the score, and a non-finite one
     p = explain.payload(values, recon, err, ch, [f"sensor-{i}" for i in range(256)], 0.5, 3.0, 0, 1)
     assert p["channels_total"] == 256 and len(p["channels"]) == len(p["values"]) == len(p["channel_error"]) == 16
+    assert p["version"] == 2  # a reader taking channel_error[i] for the model's channel i must notice
     order = np.argsort(-np.nan_to_num(ch, nan=np.inf))[:16]
     assert p["channels"] == [f"sensor-{i}" for i in sorted(order)] and {"sensor-5", "sensor-200"} <= set(p["channels"])
     assert len(json.dumps(p)) < 100_000

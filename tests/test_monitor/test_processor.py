@@ -570,8 +570,8 @@ def test_a_daemon_without_a_control_key_says_so_at_start(stream_model: Path, cap
         logged = capsys.readouterr()
         assert ("control_key_unset" in logged.out + logged.err) is warned
         # the output topics' loss counters exist at 0 from the start: the first loss is an increase()
-        assert {"tsmon_undeliverable_messages_total{topic=tsmon.alerts}",
-                "tsmon_undeliverable_messages_total{topic=tsmon.dead-letter}"} <= set(d.metrics.snapshot())
+        assert {f"tsmon_undeliverable_messages_total{{topic={t}}}" for t in ("tsmon.alerts", "tsmon.dead-letter",
+                "tsmon.audit", "tsmon.state")} <= set(d.metrics.snapshot())
 
 
 def test_a_jump_in_message_size_does_not_take_the_waiting_windows_far_past_max_pending(stream_model: Path) -> None:

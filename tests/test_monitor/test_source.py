@@ -218,3 +218,26 @@ def test_an_error_of_our_own_rebalance_callback_is_raised_as_itself_not_retried_
     with pytest.raises(RuntimeError, match="CUDA error"):
         src.poll(10)
     assert src._callback_error is None
+
+
+def test_a_control_topic_that_cannot_be_read_is_logged_once_until_it_can(capsys: pytest.CaptureFixture[str]) -> None:
+    """The control topic is polled every 200 ms: a lasting failure (a missing Read ACL) logged 5 warnings a second."""
+    from kafka.errors import TopicAuthorizationFailedError
+
+    from monitor.controller import ControlSource
+
+    class Refusing:
+        refuse = True
+
+        def poll(self, timeout_ms: int = 0) -> dict[Any, list[Any]]:
+            if self.refuse:
+                raise TopicAuthorizationFailedError("tsmon.control")
+            return {("tsmon.control", 0): [SimpleNamespace(value=b"{}")]}
+
+    control = ControlSource.__new__(ControlSource)
+    control._consumer, control._failing = Refusing(), False
+    assert [control.poll() for _ in range(10)] == [[]] * 10
+    control._consumer.refuse = False
+    assert control.poll() == [b"{}"]
+    logged = "".join(capsys.readouterr())
+    assert logged.count("control_poll_failed") == 1 and logged.count("control_poll_resumed") == 1
