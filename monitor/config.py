@@ -576,7 +576,7 @@ def _overridden(file_layer: Mapping[str, Any], env_layer: Mapping[str, Any]) -> 
         if not isinstance(given, Mapping):
             continue
         for key, text in values.items():
-            if key not in given or _as_text(given[key]) == str(text).strip():
+            if key not in given or _same(given[key], str(text)):
                 continue
             field = _SECTIONS[section].model_fields.get(key) or next(
                 f for f in _SECTIONS[section].model_fields.values() if f.alias == key)
@@ -585,13 +585,22 @@ def _overridden(file_layer: Mapping[str, Any], env_layer: Mapping[str, Any]) -> 
     return out
 
 
-def _as_text(value: Any) -> str:
-    """A file value as the variable that gives the same would spell it."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return str(value)
+def _same(value: Any, text: str) -> bool:
+    """Does the variable's ``text`` say what the file's ``value`` says (20.0 and "20", true and "True", a list and
+    its comma-separated items, a TOML datetime and its ISO-8601 spelling)?"""
+    t = text.strip()
+    try:
+        if isinstance(value, bool):
+            return t.lower() in (("true", "1", "yes", "on") if value else ("false", "0", "no", "off"))
+        if isinstance(value, int | float):
+            return float(t) == float(value)
+        if isinstance(value, list):
+            return [x.strip() for x in t.split(",") if x.strip()] == [str(v).strip() for v in value]
+        if isinstance(value, datetime):
+            return datetime.fromisoformat(t) == value
+    except ValueError:
+        return False
+    return str(value).strip() == t
 
 
 def _topics_win(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
