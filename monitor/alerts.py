@@ -95,6 +95,7 @@ class Episode:
     silenced: bool = False  # fired while the stream was silenced, and not published as firing since
     scores: list[float] = field(default_factory=list)  # of its over-threshold windows, the first 64 (feedback)
     paged: bool = False  # published as firing at least once (tsmon_alerts_fired_total counts it then)
+    last_paging_ts: int = 0  # end of the last window of a run that pages (not noise): what a flapping hold waits out
 
     def add(self, obs: Observation) -> None:
         self.last = obs
@@ -181,13 +182,15 @@ class AlertState:
                 self.episode = None
                 return Step([], True, ep.windows_over)  # too short to fire: noise (never under for_windows = 1)
             if ep.windows_over >= s.for_windows:
-                ep.fired = obs
+                ep.fired, ep.last_paging_ts = obs, obs.end_ts
                 self.run, self.run_peak = ep.windows_over, _ratio(ep.peak)
                 self.fires.append(obs.end_ts)
                 return Step([Transition("firing", ep)], False, 0)
             return Step([], False, 0)
         if obs.over:
             self.under, self.run, self.run_peak = 0, self.run + 1, max(self.run_peak, _ratio(obs))
+            if self.would_over or not s.noise(self.run, self.run_peak):  # a run that pages, not noise
+                ep.last_paging_ts = obs.end_ts
             return Step([], False, 0)
         run, peak = self.run, self.run_peak
         self.run, self.run_peak, self.under = 0, 0.0, self.under + 1
@@ -204,7 +207,9 @@ class AlertState:
                 return self._closed(ep, Transition("firing", ep))
             self.episode = None
             return self._closed(ep, Transition("resolved", ep))
-        if obs.end_ts - ep.last_over_ts < s.flap_period_ms:
+        # the hold ends after flap_period_ms without a run that pages: noise runs do not extend it (waiting for no
+        # over-threshold window at all, it never ended on a stream of 10 windows a second calibrated at q0.95)
+        if obs.end_ts - ep.last_paging_ts < s.flap_period_ms:
             return self._held(ep, noise)
         self.episode = None  # the hold learnt its windows as they came; this one resolves it
         return Step([Transition("resolved", ep)], False, noise + self._would_close())
@@ -243,7 +248,8 @@ class AlertState:
         episode = None if ep is None else {
             "alert_id": ep.alert_id, "start": ep.start.to_doc(), "peak": ep.peak.to_doc(),
             "fired": ep.fired.to_doc() if ep.fired else None, "last": ep.last.to_doc() if ep.last else None,
-            "last_over_ts": ep.last_over_ts, "windows_over": ep.windows_over, "flapping": ep.flapping,
+            "last_over_ts": ep.last_over_ts, "last_paging_ts": ep.last_paging_ts,
+            "windows_over": ep.windows_over, "flapping": ep.flapping,
             "silenced": ep.silenced, "scores": ep.scores, "paged": ep.paged}
         return {"episode": episode, "under": self.under, "run": self.run, "run_peak": self.run_peak,
                 "would_over": self.would_over, "would_peak": self.would_peak, "fires": list(self.fires),
@@ -272,7 +278,8 @@ class AlertState:
         self.episode = Episode(str(e["alert_id"]), replace(start, start_seq=replay_from_seq), obs["peak"],
                                obs["fired"], obs["last"], int(e["last_over_ts"]), int(e["windows_over"]),
                                bool(e["flapping"]), bool(e["silenced"]), [float(x) for x in e["scores"]],
-                               bool(e.get("paged", not e["silenced"])))  # absent before: paged unless silenced
+                               bool(e.get("paged", not e["silenced"])),  # absent before: paged unless silenced
+                               int(e.get("last_paging_ts", e["last_over_ts"])))  # absent before: any over window
 
     def _id(self, obs: Observation) -> str:
         return hashlib.sha256(f"{self.model}|{self.stream}|{obs.start_ts}".encode()).hexdigest()[:20]

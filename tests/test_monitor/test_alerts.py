@@ -349,3 +349,27 @@ def test_a_hold_that_resolves_after_a_gap_counts_the_noise_run_it_ends() -> None
     st.update(obs(6, OVER))
     step = st.update(obs(126, UNDER))  # two minutes later: quiet for a whole period
     assert statuses([step]) == [["resolved"]] and (step.normal, step.censored) == (False, 1)
+
+
+@pytest.mark.parametrize("per_s", [1, 10])
+def test_a_flapping_hold_ends_a_minute_after_the_last_run_that_pages_not_the_last_noise(per_s: int) -> None:
+    """The hold waited for flap_period_ms without any over-threshold window: on a stream calibrated at q0.95, 5 % of
+    windows are over by construction, so at 10 windows a second it never resolved (2.5 windows/s: after 85 min),
+    and the stream's next incident never paged. Noise runs (too short to page) no longer extend it."""
+    import math
+    from statistics import NormalDist
+
+    q95 = math.exp(0.25 * NormalDist().inv_cdf(0.95))
+    st, rng, step_ms = AlertState("s", "m", AlertSettings()), np.random.default_rng(0), int(1000 / per_s)
+    flapped, resolved_at = False, None
+    for i in range(int(per_s * 1800)):  # half an hour
+        t = i * step_ms
+        score = float(rng.lognormal(0, 0.25))
+        if t < 60_000 and (t // 5000) % 3 == 0:
+            score = 3 * q95  # the first minute: 5 s bursts every 15 s
+        step = st.update(Observation(t, t + step_ms, i, i, score, q95, "calibrated", np.ones(1, "float32")))
+        flapped |= any(x.episode.flapping for x in step.transitions)
+        if t > 60_000 and any(x.status == "resolved" for x in step.transitions):
+            resolved_at = t
+            break
+    assert flapped and resolved_at is not None and resolved_at < 6 * 60_000
