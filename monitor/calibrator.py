@@ -53,6 +53,7 @@ import numpy as np
 from models.errors import ArtifactError, ConfigError
 from monitor.drift import DriftSettings, assess, level_shift
 
+MIN_INDEPENDENT = 20  # non-overlapping recent windows the drift guard needs (monitor.drift.assess: 10 a half)
 _MIN_CHANGE = 1e-9  # relative; below it a recalibration is not a change (float noise)
 MAX_QUANTILE = 0.999  # an artifact thresholded at its maximum (q = 1) still calibrates, at this quantile
 NEW_NORMAL = "new normal: "  # reason of a level the drift guard accepted
@@ -216,7 +217,10 @@ class Calibrator:
             if stream not in self._streams:
                 state = ThresholdState(float(artifact_value), "artifact", 0, 0, float(artifact_value))
                 s = self.settings
-                self._streams[stream] = _Stream(state, Ring(s.window), Ring(s.drift.window),
+                # the drift guard judges 20 non-overlapping windows at least (10 a half): at window/hop = 35 and
+                # more, drift.window = 600 held fewer, and it refused every new normal, commanded ones too
+                recent = max(s.drift.window, MIN_INDEPENDENT * max(1, thin))
+                self._streams[stream] = _Stream(state, Ring(s.window), Ring(recent),
                                                 deque([state], maxlen=s.history), max(1, thin), quantile)
                 self._on_change(stream, state)
             return self._streams[stream].state

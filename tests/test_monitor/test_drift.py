@@ -107,3 +107,19 @@ def test_guard_off_changes_nothing_for_the_scheduled_path(enabled: bool) -> None
     c.observe_all("s", normal(600))  # at the normal level: the scheduled path lowers it, the guard not consulted
     (_, new), = c.recalibrate().values()
     assert new.reason.startswith("scheduled")
+
+
+@pytest.mark.parametrize("thin", [35, 140])
+def test_a_small_hop_still_leaves_the_guard_enough_windows_to_accept_a_new_normal(thin: int) -> None:
+    """The guard needs 20 non-overlapping recent windows; with window/hop = 35 or more, drift.window = 600 held fewer,
+    and every new normal was refused ("insufficient evidence"), an operator's recalibrate too."""
+    gen = np.random.default_rng(0)
+    c = Calibrator(CalibratorSettings(drift=DriftSettings()), clock=lambda: 0.0)
+    c.register("s", 1.0, thin=thin)
+    base = gen.lognormal(np.log(0.5), 0.2, 2000)
+    c.observe("s", base)
+    c.observe_all("s", base)
+    c.observe_all("s", gen.lognormal(np.log(2.0), 0.2, 25 * thin))  # a clean × 4 level, same shape
+    refused: dict[str, str] = {}
+    (_, new), = c.recalibrate(refused=refused).values()
+    assert not refused and new.reason.startswith("new normal") and 2.2 < new.value < 3.5
