@@ -43,10 +43,17 @@ _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 def _topic_name(name: str) -> str:
     """Kafka's rule for topic names: a space or a comma passed ``config check``, then stopped ``tsmon run`` with a
     traceback from kafka-python."""
-    if not _TOPIC.fullmatch(name) or name in (".", ".."):
-        raise ValueError(f"{name[:80]!r} is not a Kafka topic name: letters, digits, '.', '_' and '-' only, "
-                         f"at most 249, not '.' or '..'")
+    if (problem := topic_problem(name)) is not None:
+        raise ValueError(problem)
     return name
+
+
+def topic_problem(name: str) -> str | None:
+    """Why ``name`` is not a Kafka topic name, or None (commands that take a topic outside the config use it)."""
+    if not _TOPIC.fullmatch(name) or name in (".", ".."):
+        return (f"{name[:80]!r} is not a Kafka topic name: letters, digits, '.', '_' and '-' only, at most 249, "
+                f"not '.' or '..'")
+    return None
 
 
 _Topic = Annotated[str, StringConstraints(strip_whitespace=True), AfterValidator(_topic_name)]

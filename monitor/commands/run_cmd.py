@@ -18,7 +18,7 @@ from models.data import read_series
 from models.errors import BrokerError, ConfigError, ScoringStuck
 from monitor import logs
 from monitor.commands.render import emit_json
-from monitor.config import bootstrap_problem, load_config
+from monitor.config import bootstrap_problem, load_config, topic_problem
 from monitor.replay import finite_rows, timestamps
 from monitor.replay import replay as replay_series
 
@@ -97,6 +97,8 @@ def replay(
     for server in bootstrap_servers.split(","):
         if (problem := bootstrap_problem(server)) is not None:
             raise typer.BadParameter(problem, param_hint="--bootstrap-servers")
+    if (problem := topic_problem(topic)) is not None:  # kafka-python's own check raised a traceback
+        raise typer.BadParameter(problem, param_hint="--topic")
     if model is not None:
         if value_col:
             raise ConfigError("give --model (its channels, by name) or --value-col, not both")

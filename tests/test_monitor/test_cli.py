@@ -203,6 +203,7 @@ def test_score_reorders_named_channels(dense_artifact: Path, series_csv: Path, t
     (["train", "--max-minutes", "0", "--out", "/tmp/x"], 1),  # was no budget at all
     (["train", "--out-of-order", "keep", "--out", "/tmp/x"], 1),
     (["replay", "--input", "x.csv", "--rate", "nan"], 2),  # replayed as fast as possible
+    (["replay", "--input", "x.csv", "--topic", "bad topic"], 2),  # a traceback from kafka-python
     (["train", "--param", "window=64", "--out", "/tmp/x"], 1),  # was dropped without a word
 ])
 def test_more_bad_options(capsys: pytest.CaptureFixture[str], args: list[str], expected: int) -> None:
