@@ -295,7 +295,12 @@ class Calibrator:
             names = list(self._streams) if streams is None else [s for s in streams if s in self._streams]
             todo = [(n, st.state, st.thin, st.normal.values(), st.recent.values(), quantile or st.quantile)
                     for n in names if not ((st := self._streams[n]).pinned or st.frozen)]
+            held = {n: (f"pinned at {st.state.value:.6g}: unpin it first" if st.pinned else
+                        "frozen: unfreeze it first")
+                    for n in names if (st := self._streams[n]).pinned or st.frozen}
         refused = {} if refused is None else refused
+        if commanded:  # an operator's command says why nothing moved (it was "unchanged", exit 0, no reason)
+            refused.update(held)
         proposed = []
         for name, old, thin, normal, recent, q in todo:
             value, samples, reason = self._proposal(old, normal, recent, thin, q, commanded, refused, name)

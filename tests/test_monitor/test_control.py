@@ -278,6 +278,12 @@ def test_pin_silence_and_audit_on_a_processor(make: Make) -> None:
     assert all(e["after"]["source"] == "pinned" and e["before"]["source"] == "artifact" for e in a["effects"])
     assert p.calibrator.recalibrate(commanded=True) == {}  # pins hold against recalibration
     audit = out(p, "audit")
+    # and an operator's recalibrate of a pinned stream says so: it was "unchanged", exit 0, no reason
+    r = send(c, "recalibrate", "dev-a")
+    assert r["result"]["refused"] == {"dev-a": "pinned at 3: unpin it first"}
+    with pytest.raises(CommandFailed, match="recalibrate refused for dev-a: pinned at 3: unpin it first"):
+        verdict("recalibrate", "dev-a", [r], 5)
+    audit = [d for d in out(p, "audit") if d["command"] == "pin"]
     assert [d["status"] for d in audit] == ["applied"] and audit[0]["operator"] == "alice"
     assert send(c, "pin", "nothing-matches", threshold=3.0)["streams"] == []
     failed = send(c, "pin", "dev-a", threshold=-1)
