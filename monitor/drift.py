@@ -80,7 +80,7 @@ def assess(recent: np.ndarray, proposed: float, s: DriftSettings, thin: int = 1,
         return Verdict(False, f"insufficient evidence: {len(finite)} recent windows, {s.min_windows} needed")
     over = float(np.mean(finite > proposed))
     if over > s.max_over_share:
-        return Verdict(False, f"sustained anomaly: {over:.0%} of the last {len(finite)} windows would stay over "
+        return Verdict(False, f"sustained anomaly: {over:.1%} of the last {len(finite)} windows would stay over "
                               f"{proposed:.4g} (at most {s.max_over_share:.0%} allowed)")
     if not stationary:
         return Verdict(True, f"{over:.1%} of the last {len(finite)} windows over {proposed:.4g}")

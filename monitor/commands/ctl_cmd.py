@@ -55,7 +55,7 @@ def _run(command: str, target: str, params: dict[str, Any], config: Path | None,
     answers = ctl.send(cfg, command, target, params, operator or _login(), reason, timeout)
     if as_json:
         emit_json(answers.acks)
-    else:
+    elif answers.acks:  # none: the verdict's one line says so (an empty table came before it)
         _show(answers.acks)
     ctl.verdict(command, target, answers.acks, timeout, answers.unanswered)
 

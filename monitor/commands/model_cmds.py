@@ -15,7 +15,7 @@ from models.data import ECG5000_WINDOW, WINDOW_CHUNK, finite_windows, read_serie
 from models.detector import DEFAULT_QUANTILE, check_downsample, check_threshold_options
 from models.errors import BrokerError, DataError, ModelConfigError
 from models.registry import DEFAULT_KIND, KINDS, config_for, train_defaults
-from models.train import TrainConfig
+from models.train import TrainConfig, resolve_device
 from models.workflow import DataSpec, evaluate, load_dataset, spec_for_eval, train_detector
 from monitor import logs
 from monitor.commands.render import emit_json, epoch_progress, eval_table, stdout
@@ -124,9 +124,12 @@ def _order(out_of_order: str) -> str:
 
 def run_training(spec: DataSpec, kind: str, params: dict[str, Any], cfg: TrainConfig, out: Path,
                  quantile: float, margin: float, normalisation: str, downsample: int = 1) -> None:
+    resolve_device(cfg.device)  # a device it cannot use is one line before anything is read or drawn
     ds = load_dataset(spec)
-    log.info("training", kind=kind, data=ds.summary, epochs=cfg.epochs, batch_size=cfg.batch_size,
-             downsample=downsample)
+    log.info("training", kind=kind, data=ds.summary, epochs=cfg.epochs, min_steps=cfg.min_steps,
+             batch_size=cfg.batch_size, downsample=downsample,
+             **({"note": f"at least {cfg.min_steps} optimizer steps: more epochs on a small data set"}
+                if cfg.min_steps else {}))
     with epoch_progress(cfg.epochs, f"train {kind}") as on_epoch:
         det, training = train_detector(ds, kind, params, cfg, quantile, margin, normalisation, on_epoch,
                                        downsample)
@@ -161,10 +164,10 @@ def eval_(
     if as_json:
         emit_json(result)
     else:
-        unscored = f", {dropped} with NaN/inf not scored" if dropped else ""
+        unscored = f" (of {result['test_windows'] + dropped}: {dropped} with NaN/inf not scored)" if dropped else ""
         stdout.print(eval_table(result, f"{det.kind} on {ds.name} ({ds.summary.get('protocol', 'chronological split')}, "
-                                        f"{result['test_windows']} test windows, {result['test_anomalies']} anomalous"
-                                        f"{unscored})"))
+                                        f"{result['test_windows']} test windows scored{unscored}, "
+                                        f"{result['test_anomalies']} anomalous)"))
 
 
 def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, timestamp_col: str | None,

@@ -135,7 +135,7 @@ def test_errors_are_one_line(capsys: pytest.CaptureFixture[str], args: list[str]
 
 def test_eval_refuses_another_protocol(dense_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", "ecg5000")
-    assert code == 1 and "not trained on ecg5000" in err
+    assert code == 1 and "not ecg5000 (the default of --data): give --data FILE" in err
 
 
 def test_score_with_wrong_channels(dense_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -512,3 +512,9 @@ def test_a_stop_signal_during_the_start_ends_it_at_once(stream_model: Path) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_unusable_device_is_refused_before_the_data_is_read_or_a_bar_drawn(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "train", "--device", "mps", "--out", "/tmp/never-written")
+    assert code == 1 and err.strip().splitlines()[-1].startswith("ModelConfigError: device 'mps' is not supported")
+    assert "train lstm" not in out + err
