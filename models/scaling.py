@@ -24,6 +24,15 @@ class Scaler:
     center: tuple[float, ...]
     scale: tuple[float, ...]
     method: str = "standard"
+    # with method "none", the training data's standard deviation per channel (the scale is 1 there: the daemon's
+    # flat-line test, relative to it, was absolute and flagged a live channel of std 3e-4 in every window); None for
+    # the other methods, whose scale is that spread, and in artifacts written before
+    spread: tuple[float, ...] | None = None
+
+    @property
+    def flat_scale(self) -> tuple[float, ...]:
+        """What a channel's variation is measured against (the flat-line test)."""
+        return self.spread if self.spread is not None else self.scale
 
     @classmethod
     def fit(cls, windows: np.ndarray, method: str = "standard") -> Scaler:
@@ -44,7 +53,11 @@ class Scaler:
         else:
             raise DataError(f"unknown normalisation {method!r}: use standard, robust or none")
         scale = np.where(scale > 1e-8, scale, 1.0)  # a constant channel stays constant, not inf
-        return cls(tuple(map(float, center)), tuple(map(float, scale)), method)
+        spread = None
+        if method == "none":  # the scale (1) says nothing of the data's variation
+            std = flat.std(axis=0)
+            spread = tuple(map(float, np.where(std > 1e-12, std, 1.0)))
+        return cls(tuple(map(float, center)), tuple(map(float, scale)), method, spread)
 
     @property
     def channels(self) -> int:
@@ -62,7 +75,10 @@ class Scaler:
         return (x * s + c).astype("float32", copy=False)
 
     def to_dict(self) -> dict[str, object]:
-        return {"method": self.method, "center": list(self.center), "scale": list(self.scale)}
+        out: dict[str, object] = {"method": self.method, "center": list(self.center), "scale": list(self.scale)}
+        if self.spread is not None:
+            out["spread"] = list(self.spread)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> Scaler:
@@ -70,4 +86,7 @@ class Scaler:
         scale = tuple(float(v) for v in d["scale"])  # type: ignore[attr-defined]
         if len(center) != len(scale) or not all(np.isfinite(center + scale)) or min(scale) <= 0:
             raise ValueError("normalisation center/scale must be finite, positive and of equal length")
-        return cls(center, scale, str(d.get("method", "standard")))
+        spread = None if d.get("spread") is None else tuple(float(v) for v in d["spread"])  # type: ignore[attr-defined]
+        if spread is not None and (len(spread) != len(scale) or not all(np.isfinite(spread)) or min(spread) <= 0):
+            raise ValueError("normalisation spread must be finite, positive and one per channel")
+        return cls(center, scale, str(d.get("method", "standard")), spread)

@@ -286,7 +286,7 @@ class Processor:
         gap_ms = served.gap_ms if served.gap_ms is not None else s.gap_ms
         st = StreamState(
             served, windows.for_stream(det.windowing, served.window, served.hop, served.channels, gap_ms),
-            StreamQuality(stream, np.asarray(det.scaler.scale, "float32"), det.channel_names, s.flatline_rel_std,
+            StreamQuality(stream, np.asarray(det.scaler.flat_scale, "float32"), det.channel_names, s.flatline_rel_std,
                           s.rate_tolerance, s.quality_cooldown_ms,
                           on_finding=lambda kind: self.metrics.quality.labels(kind).inc()),
             AlertState(stream, served.identity, self.alert_settings(served)), recent_alerts=deque(maxlen=s.recent_alerts))
@@ -428,7 +428,7 @@ class Processor:
 
     def _after_scoring(self, batch: Batch, window_err: np.ndarray, channel_err: np.ndarray) -> None:
         served = self.scorer.models[batch.model]
-        flat = flat_channels(batch.values, np.asarray(served.detector.scaler.scale, "float32"),
+        flat = flat_channels(batch.values, np.asarray(served.detector.scaler.flat_scale, "float32"),
                              self.settings.flatline_rel_std)  # one pass for the whole batch
         touched: dict[str, StreamState] = {}
         normal: dict[str, list[float]] = {}  # per stream, fed to the calibrator once per batch, in order

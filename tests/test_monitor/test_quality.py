@@ -166,3 +166,20 @@ def test_flat_events_name_the_channels() -> None:
     assert q.flat_events(np.zeros((2, 3), bool), np.asarray([20_000, 21_000])) == []
     (later,) = q.flat_events(flat[3:], np.asarray([13_000], "int64"))
     assert later.suppressed == 1 and later.channels == ("a", "b", "c")
+
+
+def test_the_flat_line_test_of_an_unnormalised_model_is_relative_to_the_training_spread() -> None:
+    """With --normalisation none the scale is 1: the test was absolute (std ≤ 1e-3), and a live channel of std 3e-4
+    was flat in every window — never scored, flatline events on normal data. The artifact now keeps the spread."""
+    from models.scaling import Scaler
+    from monitor.quality import flat_channels
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(0.0, 3e-4, size=(200, 40, 2))
+    for method in ("none", "standard"):
+        scaler = Scaler.fit(train, method)
+        live = rng.normal(0.0, 3e-4, size=(10, 40, 2))
+        stuck = np.full((1, 40, 2), 0.5)
+        flat = flat_channels(np.concatenate([live, stuck]), np.asarray(scaler.flat_scale), 1e-3)
+        assert not flat[:10].any() and flat[10].all(), method
+        assert Scaler.from_dict(scaler.to_dict()) == scaler  # the spread survives the artifact
