@@ -169,6 +169,19 @@ class AlertState:
             self.over_floor = math.inf
         return step
 
+    def cut(self) -> Step:
+        """A gap in the stream's data: a pending run does not go on across it (an over-threshold window before an
+        hour of silence and one after it made two in a row, and paged under ``for`` = 2); it was noise. A fired
+        episode stays open: the gap says nothing of whether the anomaly ended."""
+        ep = self.pending
+        if ep is None:
+            return Step([], False, 0)
+        self.episode = None
+        above = self.over_floor
+        self.over_floor = math.inf
+        noise = int(self.settings.noise(ep.windows_over, _ratio(ep.peak)))
+        return Step([], False, ep.windows_over if noise else 0, above)
+
     def _update(self, obs: Observation) -> Step:
         ep, s = self.episode, self.settings
         if ep is None:

@@ -479,6 +479,10 @@ class Processor:
         end_seq = int(batch.end_seq[i])
         obs = Observation(int(batch.start_ts[i]), int(batch.end_ts[i]), end_seq - st.served.window + 1, end_seq,
                           score, th.value, th.source, ch, batch.values[i].copy() if score > th.value else None)
+        gaps = st.windows.gaps
+        while gaps and gaps[0] <= obs.start_ts:  # a gap since the last window: no pending run goes on across it
+            if st.last_window_ts < gaps.popleft():
+                learn(self.calibrator, stream, st.alerts.cut(), score, normal)
         st.scored += 1
         st.last_window_ts = obs.end_ts
         st.dirty = True

@@ -9,6 +9,7 @@ so that no window spans missing data. State per stream is bounded: the last ``W 
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,7 @@ class _Windowing:
     channels: int
     gap_ms: float | None
     last_ts: int | None
+    gaps: deque[int]  # first sample time after each recent gap, for the alert state (bounded)
 
     def restart(self) -> None:
         raise NotImplementedError
@@ -57,6 +59,7 @@ class _Windowing:
         for lo, hi in itertools.pairwise(bounds):
             if lo in gaps:
                 self.restart()
+                self.gaps.append(int(ts[lo]))
             parts.append(self._push_segment(ts[lo:hi], values[lo:hi]))
         self.last_ts = int(ts[-1])
         return _concat(parts, self.window, self.channels)
@@ -73,6 +76,7 @@ class StreamWindows(_Windowing):
     restarts: int = 0
     seen: int = 0  # samples accepted since the stream was created
     last_ts: int | None = None
+    gaps: deque[int] = field(default_factory=lambda: deque(maxlen=64))
     _tail: np.ndarray = field(init=False, repr=False)
     _tail_ts: np.ndarray = field(init=False, repr=False)
     _since_start: int = field(init=False, default=0)  # samples since the last (re)start
@@ -194,6 +198,7 @@ class BeatWindows(_Windowing):
     restarts: int = 0
     seen: int = 0
     last_ts: int | None = None
+    gaps: deque[int] = field(default_factory=lambda: deque(maxlen=64))
     _buf: np.ndarray = field(init=False, repr=False)
     _buf_ts: np.ndarray = field(init=False, repr=False)
     _offset: int = field(init=False, default=0)  # position (since the last restart) of _buf[0]

@@ -1462,3 +1462,18 @@ def test_a_batch_waiting_behind_another_is_not_stuck_for_its_waiting_time(served
         assert p.metrics.total("tsmon_windows_scored_total") == n_windows(120)
     finally:
         p.close()
+
+
+def test_over_threshold_windows_either_side_of_a_gap_are_not_one_run(make: Make) -> None:
+    """A spike just before the data stopped and another just after it came back (a shutdown and a warm-up
+    transient, an hour apart) made two over-threshold windows "in a row" and paged under for = 2."""
+    p = make()
+    p.settings = Settings(gap_periods=2.5)
+    ts, v = sine_stream(4000, seed=3)
+    v[1995:2000, 0] += 3.0  # only in the last window before the gap
+    ts[2000:] += 3_600_000  # an hour without data
+    v[2000:2005, 0] += 3.0  # only in the first window after it
+    feed(p, records("dev-g", ts, v))
+    sink(p).flush(1)
+    assert not [d for d in docs(p, "anomaly") if d["status"] == "firing"]
+    assert [d["kind"] for d in docs(p, "data_quality")] == ["gap"]
