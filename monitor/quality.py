@@ -72,7 +72,7 @@ class StreamQuality:
         if self.on_finding is not None:
             self.on_finding(kind)
         last = self._last_emit.get(kind)
-        if last is not None and ts - last < self.cooldown_ms:
+        if last is not None and abs(ts - last) < self.cooldown_ms:  # late samples go back in time: both ways
             self._held[kind] = self._held.get(kind, 0) + 1
             return []
         self._last_emit[kind] = ts

@@ -183,3 +183,14 @@ def test_the_flat_line_test_of_an_unnormalised_model_is_relative_to_the_training
         flat = flat_channels(np.concatenate([live, stuck]), np.asarray(scaler.flat_scale), 1e-3)
         assert not flat[:10].any() and flat[10].all(), method
         assert Scaler.from_dict(scaler.to_dict()) == scaler  # the spread survives the artifact
+
+
+def test_the_cooldown_holds_back_late_findings_for_a_minute_of_their_own_time_either_way() -> None:
+    """Late samples go back in time: after one was reported, a day of backfilled older samples all fell "within the
+    cooldown" (their time minus the last report's was negative) and produced no event for the whole day."""
+    q = StreamQuality("s", np.ones(1, "float32"), ["ch0"])
+    now = 1_700_000_000_000
+    out = q.event("late", now - 1_000, "one late sample")
+    for k in range(3_600):  # then an hour of older data, 1 Hz
+        out += q.event("late", now - 86_400_000 + k * 1000, "backfill")
+    assert len(out) == 1 + 60 and q.counts["late"] == 3_601
