@@ -520,7 +520,7 @@ class Calibrator:
             st.state = versions[-1]
             st.pinned, st.frozen, st.before_pin = pinned, frozen, before_pin if pinned else None
             st.normal = Ring(self.settings.window, normal)
-            st.recent = Ring(self.settings.drift.window, [x for x in recent if math.isfinite(x)])
+            st.recent = Ring(st.recent.maxlen, [x for x in recent if math.isfinite(x)])  # as register sized it
             st.recent_frozen = min(recent_frozen, len(st.recent))
             if not (frozen or self._frozen_all):  # thawed while away (unfreeze --all reaches resident streams only):
                 _thaw(st)  # the incident it was frozen against would have stayed drift evidence, for good

@@ -123,3 +123,16 @@ def test_a_small_hop_still_leaves_the_guard_enough_windows_to_accept_a_new_norma
     refused: dict[str, str] = {}
     (_, new), = c.recalibrate(refused=refused).values()
     assert not refused and new.reason.startswith("new normal") and 2.2 < new.value < 3.5
+
+
+def test_the_recent_ring_keeps_its_size_through_a_restore() -> None:
+    """register() sized it to 20 non-overlapping windows, restore() rebuilt it at drift.window: after every restart
+    or rebalance a small-hop stream refused every new normal again."""
+    c = Calibrator(CalibratorSettings(drift=DriftSettings()), clock=lambda: 0.0)
+    c.register("s", 1.0, thin=40)
+    c.observe_all("s", np.ones(800))
+    doc = c.export("s")
+    again = Calibrator(CalibratorSettings(drift=DriftSettings()), clock=lambda: 0.0)
+    again.register("s", 1.0, thin=40)
+    again.restore("s", doc)
+    assert again._streams["s"].recent.maxlen == 800 and len(again._streams["s"].recent) == 800
