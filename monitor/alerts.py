@@ -202,7 +202,7 @@ class AlertState:
             return Step([], False, 0)
         if obs.over:
             self.under, self.run, self.run_peak = 0, self.run + 1, max(self.run_peak, _ratio(obs))
-            if self.would_over or not s.noise(self.run, self.run_peak):  # a run that pages, not noise
+            if self.would_over or self.run >= s.for_windows:  # a run that would page (under for = 1: any window)
                 ep.last_paging_ts = obs.end_ts
             return Step([], False, 0)
         run, peak = self.run, self.run_peak
