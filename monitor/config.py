@@ -304,10 +304,11 @@ class ModelRoute(_Section):
 
 class WindowsConfig(_Section):
     gap_ms: float | None = Field(5000.0, gt=0, description="a longer gap restarts a stream; none = never")
-    gap_periods: float | None = Field(2.5, gt=1, description="an interval longer than this many of the stream's "
-                                      "sample periods (learnt from its first intervals) is a gap too: a 130 ms "
-                                      "dropout of a 100 Hz stream was spliced into windows and paged as critical; "
-                                      "none = gap_ms alone (irregularly sampled streams)")
+    gap_periods: float | None = Field(None, gt=1, description="an interval longer than this many of the stream's "
+                                      "sample periods (learnt, and relearnt when the rate drifts) is a gap too, for "
+                                      "regular streams stamped by the device's sample clock (e.g. 2.5: two missing "
+                                      "samples; a 130 ms dropout of a 100 Hz stream was spliced into windows and "
+                                      "paged); none = gap_ms alone (receipt-time stamps, bursty or irregular streams)")
 
     _optional = field_validator("gap_ms", "gap_periods", mode="before")(_unset)
 
@@ -764,7 +765,7 @@ path = "artifacts/ecg5000-lstm"          # example: artifact directory written b
 
 [windows]
 gap_ms = 5000.0                          # a longer gap between samples restarts the stream; "none" = never
-gap_periods = 2.5                        # so does an interval over this many learnt sample periods; "none" = off
+# gap_periods = 2.5                      # example: an interval over 2.5 learnt sample periods is a gap too; default: off
 
 [batch]
 max_batch = 256                          # windows scored in one model call at most (1..65536)

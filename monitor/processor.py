@@ -72,7 +72,7 @@ class Settings:
     max_future_s: float | None = None  # samples stamped further ahead of the clock are dead-lettered (daemon: 1 h)
     earliest_ms: int | None = None  # samples stamped before are dead-lettered (daemon: 2000-01-01)
     recent_alerts: int = 20  # alerts per stream remembered for feedback
-    gap_periods: float | None = None  # an interval over this many learnt sample periods is a gap too (daemon: 2.5)
+    gap_periods: float | None = None  # an interval over this many learnt sample periods is a gap too (opt-in)
     model_quantile: bool = False  # each stream calibrated at its model's threshold quantile (no quantile configured)
 
 
@@ -256,7 +256,7 @@ class Processor:
         ts = np.concatenate([b.ts_ms for _, b in good]) if len(good) > 1 else good[0][1].ts_ms
         values = np.concatenate([b.values for _, b in good]) if len(good) > 1 else good[0][1].values
         st.windows.gap_ms = self._gap_ms(st)
-        self._quality(st.quality.timing(ts, st.windows.last_ts, st.windows.gap_ms))
+        self._quality(st.quality.timing(ts, st.windows.last_ts, st.windows.gap_ms, self._base_gap_ms(st)))
         seen = st.windows.seen
         w = st.windows.push(ts, values)
         for (rec, block), last_seq in zip(good, seen + np.cumsum([len(b.ts_ms) for _, b in good]), strict=True):
@@ -269,13 +269,17 @@ class Processor:
         done.update(id(rec) for rec, _ in good)
         return len(ts) / st.served.hop
 
+    def _base_gap_ms(self, st: StreamState) -> float | None:
+        return st.served.gap_ms if st.served.gap_ms is not None else self.settings.gap_ms
+
     def _gap_ms(self, st: StreamState) -> float | None:
-        """The longest interval that is not a gap: the route's (or daemon's) ``gap_ms``, or ``gap_periods`` ×
-        the stream's sample period once learnt, whichever is shorter. With ``gap_ms`` alone a 130 ms dropout of
-        a 100 Hz stream joined two phases of its signal inside windows, which paged as critical."""
-        base = st.served.gap_ms if st.served.gap_ms is not None else self.settings.gap_ms
-        k, period = self.settings.gap_periods, st.quality.period_ms
-        if k is None or not period:  # not learnt yet
+        """The longest interval that is not a gap: the route's (or daemon's) ``gap_ms``, or with ``gap_periods``
+        set, that many of the stream's sample periods once learnt (the recent period while the rate has drifted:
+        learnt once, a rate that fell made every interval a gap), whichever is shorter. With ``gap_ms`` alone a
+        130 ms dropout of a 100 Hz stream joined two phases of its signal inside windows, which paged."""
+        base = self._base_gap_ms(st)
+        k, period = self.settings.gap_periods, st.quality.current_period_ms
+        if k is None or not period:  # off, or not learnt yet
             return base
         return k * period if base is None else min(base, k * period)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import statistics
 from collections import deque
 from collections.abc import Callable
@@ -65,6 +66,7 @@ class StreamQuality:
     _last_emit: dict[str, int] = field(default_factory=dict)
     _held: dict[str, int] = field(default_factory=dict)
     _drifting: bool = False
+    _recent_period: float | None = None  # the median of the last CHECK_EVERY intervals, at the last check
 
     def event(self, kind: str, ts: int, detail: str, channels: tuple[str, ...] = ()) -> list[QualityEvent]:
         """Count a finding; return it as an event unless the cooldown holds it back."""
@@ -78,15 +80,25 @@ class StreamQuality:
         self._last_emit[kind] = ts
         return [QualityEvent(self.stream, kind, ts, detail, channels, self._held.pop(kind, 0))]
 
-    def timing(self, ts: np.ndarray, prev_ts: int | None, gap_ms: float | None) -> list[QualityEvent]:
-        """Gaps longer than ``gap_ms`` (an event each, subject to the cooldown), then sample-rate drift."""
+    def timing(self, ts: np.ndarray, prev_ts: int | None, gap_ms: float | None,
+               rate_gap_ms: float | None = math.inf) -> list[QualityEvent]:
+        """Gaps longer than ``gap_ms`` (an event each, subject to the cooldown), then sample-rate drift, learnt from
+        the intervals up to ``rate_gap_ms`` (default: ``gap_ms``; an absolute limit where ``gap_ms`` is relative to
+        the learnt period, or a slower rate would be all gaps and never seen as a drift)."""
         d = intervals_ms(ts, prev_ts)
+        limit = gap_ms if rate_gap_ms == math.inf else rate_gap_ms
+        rate = self._rate(d if limit is None else d[d <= limit], int(ts[-1]))
         if gap_ms is None:
-            return self._rate(d, int(ts[-1]))
+            return rate
         first, events = int(prev_ts is None), []  # d[j] ends at sample j + first
         for j in np.flatnonzero(d > gap_ms):
             events += self.event("gap", int(ts[j + first]), f"no samples for {int(d[j])} ms")
-        return events + self._rate(d[d <= gap_ms], int(ts[-1]))
+        return events + rate
+
+    @property
+    def current_period_ms(self) -> float | None:
+        """The sample period now: the learnt one, or while the rate has drifted from it, the recent one."""
+        return self._recent_period if self._drifting and self._recent_period else self.period_ms
 
     def intervals(self, ts: np.ndarray, prev_ts: int | None, gap_ms: float | None) -> list[QualityEvent]:
         """Learn the period from in-order samples and report a drift of the sample rate (gaps left out)."""
@@ -105,6 +117,7 @@ class StreamQuality:
             return []
         self._new_diffs = 0
         recent = float(statistics.median(itertools.islice(self._diffs, len(self._diffs) - CHECK_EVERY, None)))
+        self._recent_period = recent
         change = recent / self.period_ms - 1 if self.period_ms > 0 else 0.0
         was, self._drifting = self._drifting, abs(change) > self.rate_tolerance
         if self._drifting and not was:

@@ -1477,3 +1477,21 @@ def test_over_threshold_windows_either_side_of_a_gap_are_not_one_run(make: Make)
     sink(p).flush(1)
     assert not [d for d in docs(p, "anomaly") if d["status"] == "firing"]
     assert [d["kind"] for d in docs(p, "data_quality")] == ["gap"]
+
+
+def test_with_gap_periods_a_stream_whose_rate_falls_is_scored_again_at_its_new_period(make: Make) -> None:
+    """The period was learnt once: after the rate fell below 1 / gap_periods of it every interval was a gap, the
+    windows restarted at each sample, the stream was never scored again, and the rate drift went unreported (its
+    intervals were left out as gaps). The drift is reported and the gap rule follows the recent period."""
+    p = make()
+    p.settings = Settings(gap_periods=2.5)
+    ts, v = sine_stream(3000, seed=4)
+    slow = ts[1999] + 40 * (np.arange(1, 1001))  # 100 Hz, then 25 Hz
+    ts = np.concatenate([ts[:2000], slow])
+    feed(p, records("dev-r", ts, v))
+    sink(p).flush(1)
+    kinds = [d["kind"] for d in docs(p, "data_quality")]
+    assert "rate_drift" in kinds and kinds.count("gap") <= 2
+    scored = p.metrics.total("tsmon_windows_scored_total")
+    # the slow part is scored once the drift is seen (CHECK_EVERY intervals later), not restarted at each sample
+    assert scored >= n_windows(2000) + n_windows(1000) // 3
