@@ -148,12 +148,16 @@ class Controller:
         before = {s: self._view(s) for s in names}
         refused: dict[str, str] = {}
         changed = self.cal.recalibrate(names, q, commanded=True, refused=refused)
-        guarded = [r for r in refused.values() if not r.startswith(("pinned at", "frozen:"))]  # the drift guard's
-        self.p.metrics.calibrations.labels("refused").inc(len(guarded))
+        held = {s: r for s, r in refused.items() if r.startswith(("pinned at", "frozen:"))}
+        self.p.metrics.calibrations.labels("refused").inc(len(refused) - len(held))  # the drift guard's
         self.p.metrics.calibrations.labels("commanded").inc(len(changed))
+        if any(c in cmd.target for c in "*?["):  # --all or a glob: pinned and frozen ones are skipped, and listed
+            refused = {s: r for s, r in refused.items() if s not in held}
+        else:  # named: refused, with the reason (it was "unchanged", exit 0)
+            held = {}
         effects = [{"stream": s, "before": before[s], "after": self._view(s)} for s in changed]
-        unchanged = [s for s in names if s not in changed and s not in refused]
-        return list(changed), effects, {"refused": refused, "unchanged": unchanged}
+        unchanged = [s for s in names if s not in changed and s not in refused and s not in held]
+        return list(changed), effects, {"refused": refused, "unchanged": unchanged, "held": held}
 
     def _pin(self, cmd: Command) -> Effects:
         value = float(cmd.params["threshold"])

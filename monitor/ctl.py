@@ -175,7 +175,8 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
     if key is not None:
         matched = any(a["result"].get(key) for a in applied)
     else:  # a recalibration the drift guard refused still matched its stream (it fails below)
-        matched = any(a["streams"] or a["result"].get("refused") or a["result"].get("unchanged") for a in applied)
+        matched = any(a["streams"] or a["result"].get("refused") or a["result"].get("unchanged")
+                      or a["result"].get("held") for a in applied)
     if not matched:
         if command == "feedback":  # its target is '*': the alert id is what was looked for
             alert = (applied[0].get("params") or {}).get("alert_id")

@@ -283,6 +283,10 @@ def test_pin_silence_and_audit_on_a_processor(make: Make) -> None:
     assert r["result"]["refused"] == {"dev-a": "pinned at 3: unpin it first"}
     with pytest.raises(CommandFailed, match="recalibrate refused for dev-a: pinned at 3: unpin it first"):
         verdict("recalibrate", "dev-a", [r], 5)
+    r = send(c, "recalibrate", "dev-*")  # a glob (or --all): the pinned ones are skipped and listed, not a failure
+    assert r["result"]["refused"] == {} and r["result"]["held"] == {"dev-a": "pinned at 3: unpin it first",
+                                                                   "dev-b": "pinned at 3: unpin it first"}
+    verdict("recalibrate", "dev-*", [r], 5)
     audit = [d for d in out(p, "audit") if d["command"] == "pin"]
     assert [d["status"] for d in audit] == ["applied"] and audit[0]["operator"] == "alice"
     assert send(c, "pin", "nothing-matches", threshold=3.0)["streams"] == []
