@@ -95,7 +95,7 @@ class Episode:
     silenced: bool = False  # fired while the stream was silenced, and not published as firing since
     scores: list[float] = field(default_factory=list)  # of its over-threshold windows, the first 64 (feedback)
     paged: bool = False  # published as firing at least once (tsmon_alerts_fired_total counts it then)
-    last_paging_ts: int = 0  # end of the last window of a run that pages (not noise): what a flapping hold waits out
+    last_paging_ts: int = 0  # end of the last window of a run that would page (≥ for windows): a hold waits it out
 
     def add(self, obs: Observation) -> None:
         self.last = obs

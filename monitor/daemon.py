@@ -52,6 +52,7 @@ from monitor.topics import ensure_topics
 log = logs.get("tsmon.daemon")
 SHUTDOWN_DRAIN_SHARE = 0.85  # of shutdown_timeout_s for draining and commits; the rest for closing processes
 RESTORE_STEP_S = 0.1  # changelog reading per loop turn while a restore holds the input
+READ_ERROR_EVERY_S = 60.0  # input_read_failed is an error at most this often (then info)
 RESTORE_OPEN_S = 30.0  # longest the loop waits for the changelog's positions (the broker away) when opening it
 
 
@@ -194,6 +195,7 @@ class Daemon:
         self._retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
         self._read_retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
         self._read_problem: str | None = None  # why the last poll failed (a fetch the client cannot use)
+        self._read_failed_at = -math.inf  # monotonic time of the last failed poll
         self._ready: tuple[bool, str] = (False, "starting")
         h = cfg.http
         self.http = HealthServer(h.host, h.port, self.metrics.registry, self._health, lambda: self._ready,
@@ -486,12 +488,14 @@ class Daemon:
         try:
             records = self.source.poll(timeout_ms, room)
         except BrokerError as exc:
-            first = self._read_problem is None
+            # an error once a minute at most: one bad partition among good ones fails every other poll
+            first = time.monotonic() - self._read_failed_at > READ_ERROR_EVERY_S
             self._read_problem = f"input unreadable: {exc}"
             self.metrics.retries.labels("input").inc()
             delay = self._read_retry.failed(time.monotonic())
             (log.error if first else log.info)("input_read_failed", error=str(exc)[:500], retry_in_s=round(delay, 2),
                                                consequence="nothing is read until a poll succeeds; nothing skipped")
+            self._read_failed_at = time.monotonic()
             return []
         if self._read_problem is not None:
             log.info("input_read_resumed", retries=self._read_retry.failures,

@@ -256,7 +256,7 @@ class Processor:
         ts = np.concatenate([b.ts_ms for _, b in good]) if len(good) > 1 else good[0][1].ts_ms
         values = np.concatenate([b.values for _, b in good]) if len(good) > 1 else good[0][1].values
         st.windows.gap_ms = self._gap_ms(st)
-        self._quality(st.quality.timing(ts, st.windows.last_ts, st.windows.gap_ms, self._base_gap_ms(st)))
+        self._quality(st.quality.timing(ts, st.windows.last_ts, st.windows.gap_ms, self._base_gap_ms(st.served)))
         seen = st.windows.seen
         w = st.windows.push(ts, values)
         for (rec, block), last_seq in zip(good, seen + np.cumsum([len(b.ts_ms) for _, b in good]), strict=True):
@@ -269,15 +269,16 @@ class Processor:
         done.update(id(rec) for rec, _ in good)
         return len(ts) / st.served.hop
 
-    def _base_gap_ms(self, st: StreamState) -> float | None:
-        return st.served.gap_ms if st.served.gap_ms is not None else self.settings.gap_ms
+    def _base_gap_ms(self, served: Served) -> float | None:
+        """The route's ``gap_ms``, else the daemon's."""
+        return served.gap_ms if served.gap_ms is not None else self.settings.gap_ms
 
     def _gap_ms(self, st: StreamState) -> float | None:
         """The longest interval that is not a gap: the route's (or daemon's) ``gap_ms``, or with ``gap_periods``
         set, that many of the stream's sample periods once learnt (the recent period while the rate has drifted:
         learnt once, a rate that fell made every interval a gap), whichever is shorter. With ``gap_ms`` alone a
         130 ms dropout of a 100 Hz stream joined two phases of its signal inside windows, which paged."""
-        base = self._base_gap_ms(st)
+        base = self._base_gap_ms(st.served)
         k, period = self.settings.gap_periods, st.quality.current_period_ms
         if k is None or not period:  # off, or not learnt yet
             return base
@@ -287,9 +288,9 @@ class Processor:
         s, det = self.settings, served.detector
         self.calibrator.register(stream, det.threshold.value, thin=max(1, served.window // served.hop),
                                  quantile=min(det.threshold.quantile, MAX_QUANTILE) if s.model_quantile else None)
-        gap_ms = served.gap_ms if served.gap_ms is not None else s.gap_ms
         st = StreamState(
-            served, windows.for_stream(det.windowing, served.window, served.hop, served.channels, gap_ms),
+            served, windows.for_stream(det.windowing, served.window, served.hop, served.channels,
+                                       self._base_gap_ms(served)),
             StreamQuality(stream, np.asarray(det.scaler.flat_scale, "float32"), det.channel_names, s.flatline_rel_std,
                           s.rate_tolerance, s.quality_cooldown_ms,
                           on_finding=lambda kind: self.metrics.quality.labels(kind).inc()),
@@ -372,7 +373,6 @@ class Processor:
         while self._inflight and self._inflight[0][1].done():
             n += self._apply(*self._inflight.popleft())
         return n
-
 
     def _submit(self, batch: Batch) -> None:
         self._inflight.append((batch, self._backend.submit(batch.model, batch.values), time.monotonic()))
