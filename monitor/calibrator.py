@@ -282,25 +282,26 @@ class Calibrator:
     # recalibration ----------------------------------------------------------------------------------
     def recalibrate(self, streams: Iterable[str] | None = None, quantile: float | None = None,
                     commanded: bool = False, refused: dict[str, str] | None = None,
-                    ) -> dict[str, tuple[ThresholdState, ThresholdState]]:
+                    held: dict[str, str] | None = None) -> dict[str, tuple[ThresholdState, ThresholdState]]:
         """Recompute thresholds (all streams, or ``streams``); ``{stream: (old, new)}`` for those that changed.
 
         ``commanded`` (an operator's ``recalibrate``): runs even when disabled or frozen for all, and
         moves straight to the target instead of by ``max_change``; pins and per-stream freezes still hold.
-        The drift guard's refusals go to ``refused`` (stream → reason) when given.
+        The drift guard's refusals go to ``refused`` (stream → reason) when given, and the pinned or frozen
+        streams left alone to ``held`` (stream → why: an operator's command must say why nothing moved).
         """
         if not commanded and (not self.settings.enabled or self.frozen_all):
             return {}
         with self._lock:  # copy, then compute without holding the lock
             names = list(self._streams) if streams is None else [s for s in streams if s in self._streams]
-            todo = [(n, st.state, st.thin, st.normal.values(), st.recent.values(), quantile or st.quantile)
-                    for n in names if not ((st := self._streams[n]).pinned or st.frozen)]
-            held = {n: (f"pinned at {st.state.value:.6g}: unpin it first" if st.pinned else
-                        "frozen: unfreeze it first")
-                    for n in names if (st := self._streams[n]).pinned or st.frozen}
+            todo = []
+            for n in names:
+                st = self._streams[n]
+                if not (st.pinned or st.frozen):
+                    todo.append((n, st.state, st.thin, st.normal.values(), st.recent.values(), quantile or st.quantile))
+                elif held is not None:
+                    held[n] = f"pinned at {st.state.value:.6g}: unpin it first" if st.pinned else "frozen: unfreeze it first"
         refused = {} if refused is None else refused
-        if commanded:  # an operator's command says why nothing moved (it was "unchanged", exit 0, no reason)
-            refused.update(held)
         proposed = []
         for name, old, thin, normal, recent, q in todo:
             value, samples, reason = self._proposal(old, normal, recent, thin, q, commanded, refused, name)

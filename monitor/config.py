@@ -603,7 +603,7 @@ def _same(value: Any, text: str) -> bool:
         if isinstance(value, int | float):
             return float(t) == float(value)
         if isinstance(value, list):
-            return [x.strip() for x in t.split(",") if x.strip()] == [str(v).strip() for v in value]
+            return _split(t) == [str(v).strip() for v in value]
         if isinstance(value, datetime):
             return datetime.fromisoformat(t) == value
     except ValueError:

@@ -147,14 +147,12 @@ class Controller:
         names = self._targets(cmd)
         before = {s: self._view(s) for s in names}
         refused: dict[str, str] = {}
-        changed = self.cal.recalibrate(names, q, commanded=True, refused=refused)
-        held = {s: r for s, r in refused.items() if r.startswith(("pinned at", "frozen:"))}
-        self.p.metrics.calibrations.labels("refused").inc(len(refused) - len(held))  # the drift guard's
+        held: dict[str, str] = {}
+        changed = self.cal.recalibrate(names, q, commanded=True, refused=refused, held=held)
+        self.p.metrics.calibrations.labels("refused").inc(len(refused))  # the drift guard's
         self.p.metrics.calibrations.labels("commanded").inc(len(changed))
-        if any(c in cmd.target for c in "*?["):  # --all or a glob: pinned and frozen ones are skipped, and listed
-            refused = {s: r for s, r in refused.items() if s not in held}
-        else:  # named: refused, with the reason (it was "unchanged", exit 0)
-            held = {}
+        if not any(c in cmd.target for c in "*?["):  # named: refused, with the reason (it was "unchanged", exit 0);
+            refused, held = {**refused, **held}, {}  # under --all or a glob, skipped and listed
         effects = [{"stream": s, "before": before[s], "after": self._view(s)} for s in changed]
         unchanged = [s for s in names if s not in changed and s not in refused and s not in held]
         return list(changed), effects, {"refused": refused, "unchanged": unchanged, "held": held}

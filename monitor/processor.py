@@ -21,7 +21,6 @@ from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import numpy as np
@@ -44,7 +43,6 @@ from monitor.windows import order_problem
 
 log = logs.get("tsmon.processor")
 RESERVED_PREFIX = "__tsmon"  # changelog keys of daemon-wide state
-SECONDS_LOOK_LIKE_MS = 100_000_000_000  # 1973-03-03 in ms; epoch seconds of any date before 5138 are below it
 FLUSH_SLICE_S = 0.25  # a commit waits for the sink in slices of this: a deadline set meanwhile applies at the next
 WAKE_RESERVE = 0.1  # share of limits.max_streams that streams woken for a command leave to new streams
 DEAD_LETTER_MAX = 512 * 1024  # a bad record longer than this is dead-lettered truncated …
@@ -70,7 +68,6 @@ class Settings:
     max_streams: int = 10_000  # streams held at once
     idle_evict_s: float | None = 3600.0  # silent this long: snapshotted and dropped from memory
     max_future_s: float | None = None  # samples stamped further ahead of the clock are dead-lettered (daemon: 1 h)
-    earliest_ms: int | None = None  # samples stamped before are dead-lettered (daemon: 2000-01-01)
     recent_alerts: int = 20  # alerts per stream remembered for feedback
     gap_periods: float | None = None  # an interval over this many learnt sample periods is a gap too (opt-in)
     model_quantile: bool = False  # each stream calibrated at its model's threshold quantile (no quantile configured)
@@ -224,17 +221,7 @@ class Processor:
         last, good = st.windows.last_ts if st.windows.last_ts is not None else st.resume_after_ts, []
         ahead_s, now_ms = self.settings.max_future_s, self.clock() * 1000
         latest_ok = math.inf if ahead_s is None else now_ms + ahead_s * 1000
-        earliest = self.settings.earliest_ms
         for rec, block in items:
-            if earliest is not None and int(block.ts_ms[0]) < earliest:  # seconds read as ms: January 1970
-                t0 = int(block.ts_ms[0])
-                first = datetime.fromtimestamp(t0 / 1000, UTC).isoformat(timespec="seconds")
-                hint = ("epoch seconds? ts is epoch milliseconds" if t0 < SECONDS_LOOK_LIKE_MS else
-                        "historical data: set limits.earliest_ts earlier, or none")
-                self._dead_letter(rec, BadRecord("timestamp_too_early", f"ts {t0} is {first}, before "
-                                                 f"limits.earliest_ts ({hint})"))
-                done.add(id(rec))
-                continue
             if int(block.ts_ms[-1]) > latest_ok:  # taken, it would make every later sample "backwards" until then
                 ahead = (int(block.ts_ms[-1]) - now_ms) / 1000
                 self._dead_letter(rec, BadRecord("timestamp_in_future", f"{ahead:.0f} s ahead of this host's "
@@ -255,8 +242,9 @@ class Processor:
             return 0.0
         ts = np.concatenate([b.ts_ms for _, b in good]) if len(good) > 1 else good[0][1].ts_ms
         values = np.concatenate([b.values for _, b in good]) if len(good) > 1 else good[0][1].values
-        st.windows.gap_ms = self._gap_ms(st)
-        self._quality(st.quality.timing(ts, st.windows.last_ts, st.windows.gap_ms, self._base_gap_ms(st.served)))
+        base = self._base_gap_ms(st.served)
+        st.windows.gap_ms = self._gap_ms(st, base)
+        self._quality(st.quality.timing(ts, st.windows.last_ts, st.windows.gap_ms, base))
         seen = st.windows.seen
         w = st.windows.push(ts, values)
         for (rec, block), last_seq in zip(good, seen + np.cumsum([len(b.ts_ms) for _, b in good]), strict=True):
@@ -273,12 +261,11 @@ class Processor:
         """The route's ``gap_ms``, else the daemon's."""
         return served.gap_ms if served.gap_ms is not None else self.settings.gap_ms
 
-    def _gap_ms(self, st: StreamState) -> float | None:
-        """The longest interval that is not a gap: the route's (or daemon's) ``gap_ms``, or with ``gap_periods``
+    def _gap_ms(self, st: StreamState, base: float | None) -> float | None:
+        """The longest interval that is not a gap: ``base`` (the route's or daemon's ``gap_ms``), or with ``gap_periods``
         set, that many of the stream's sample periods once learnt (the recent period while the rate has drifted:
         learnt once, a rate that fell made every interval a gap), whichever is shorter. With ``gap_ms`` alone a
         130 ms dropout of a 100 Hz stream joined two phases of its signal inside windows, which paged."""
-        base = self._base_gap_ms(st.served)
         k, period = self.settings.gap_periods, st.quality.current_period_ms
         if k is None or not period:  # off, or not learnt yet
             return base

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import math
 import statistics
 from collections import deque
 from collections.abc import Callable
@@ -81,13 +80,12 @@ class StreamQuality:
         return [QualityEvent(self.stream, kind, ts, detail, channels, self._held.pop(kind, 0))]
 
     def timing(self, ts: np.ndarray, prev_ts: int | None, gap_ms: float | None,
-               rate_gap_ms: float | None = math.inf) -> list[QualityEvent]:
+               rate_gap_ms: float | None) -> list[QualityEvent]:
         """Gaps longer than ``gap_ms`` (an event each, subject to the cooldown), then sample-rate drift, learnt from
-        the intervals up to ``rate_gap_ms`` (default: ``gap_ms``; an absolute limit where ``gap_ms`` is relative to
-        the learnt period, or a slower rate would be all gaps and never seen as a drift)."""
+        the intervals up to ``rate_gap_ms`` (the absolute ``gap_ms`` where ``gap_ms`` is relative to the learnt
+        period: otherwise a slower rate would be all gaps and never seen as a drift)."""
         d = intervals_ms(ts, prev_ts)
-        limit = gap_ms if rate_gap_ms == math.inf else rate_gap_ms
-        rate = self._rate(d if limit is None else d[d <= limit], int(ts[-1]))
+        rate = self._rate(d if rate_gap_ms is None else d[d <= rate_gap_ms], int(ts[-1]))
         if gap_ms is None:
             return rate
         first, events = int(prev_ts is None), []  # d[j] ends at sample j + first

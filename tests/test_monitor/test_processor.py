@@ -19,6 +19,7 @@ from models.errors import SinkBackpressure
 from monitor.config import load_config
 from monitor.daemon import Daemon, build_scorer
 from monitor.processor import Processor, Settings
+from monitor.records import Limits
 from monitor.replay import as_records
 from monitor.scorer import Scorer, Served, load_served
 from monitor.sink import MemorySink
@@ -525,7 +526,7 @@ def test_samples_stamped_in_epoch_seconds_are_dead_lettered_as_too_early(make: M
     collapsed to whole "milliseconds" and most samples were dead-lettered as duplicates with a misleading reason.
     Before limits.earliest_ts the record is refused with a reason that says what happened; the stream goes on."""
     p = make()
-    p.settings = Settings(earliest_ms=946_684_800_000)
+    p.settings = Settings(limits=Limits(earliest_ms=946_684_800_000))
     ts, v = sine_stream(600)
     recs = records("s", ts, v)
     feed(p, recs[:10])
@@ -854,6 +855,15 @@ class SlowBackend:
         self.inner.close(wait)
 
 
+def batched(served: Served, backend: Any, **settings: Any) -> Processor:
+    """A processor of 4-window batches scored on ``backend``."""
+    from monitor.batcher import Batcher
+    from monitor.calibrator import Calibrator
+
+    return Processor(Scorer([served]), Calibrator(), Batcher(4, 0.0), MemorySink(), backend=backend,
+                     settings=Settings(**settings))
+
+
 class HangingBackend(SlowBackend):
     """Scores like :class:`SlowBackend` for ``good`` batches, then each call waits for ``release`` (a hung GPU)."""
 
@@ -875,12 +885,9 @@ def test_a_scoring_call_that_never_returns_is_stuck_after_its_timeout_and_nothin
     kept turning (/healthz 200) with no progress, and the shutdown's final scoring waited on it for ever (SIGKILL
     at the grace period). After ``scoring_timeout_s`` it is ScoringStuck: nothing applied or committed past it."""
     from models.errors import ScoringStuck
-    from monitor.batcher import Batcher
-    from monitor.calibrator import Calibrator
 
     backend = HangingBackend(Scorer([served]))
-    p = Processor(Scorer([served]), Calibrator(), Batcher(4, 0.0), MemorySink(), backend=backend,
-                  settings=Settings(scoring_timeout_s=0.3))
+    p = batched(served, backend, scoring_timeout_s=0.3)
     try:
         p.handle(records("dev-hang", *sine_stream(400)))
         p.score_ready()
@@ -1424,12 +1431,9 @@ def test_the_shutdown_waits_for_a_stuck_batch_only_until_its_drain_ends(served: 
     """ScoringStuck came after scoring_timeout_s (60 s) even during a shutdown of 10 s: SIGKILL at the grace
     period. The shutdown's drain end bounds the wait too."""
     from models.errors import ScoringStuck
-    from monitor.batcher import Batcher
-    from monitor.calibrator import Calibrator
 
     backend = HangingBackend(Scorer([served]))
-    p = Processor(Scorer([served]), Calibrator(), Batcher(4, 0.0), MemorySink(), backend=backend,
-                  settings=Settings(scoring_timeout_s=30.0))
+    p = batched(served, backend, scoring_timeout_s=30.0)
     try:
         p.handle(records("dev-hang", *sine_stream(400)))
         p.score_ready()
@@ -1446,11 +1450,7 @@ def test_the_shutdown_waits_for_a_stuck_batch_only_until_its_drain_ends(served: 
 def test_a_batch_waiting_behind_another_is_not_stuck_for_its_waiting_time(served: Served) -> None:
     """The timeout counted from the submission, so the second batch in flight (queued behind the first) was
     declared stuck though each took less than the timeout: a false exit 1 and a restart loop."""
-    from monitor.batcher import Batcher
-    from monitor.calibrator import Calibrator
-
-    p = Processor(Scorer([served]), Calibrator(), Batcher(4, 0.0), MemorySink(),
-                  backend=SlowBackend(Scorer([served]), 0.4), settings=Settings(scoring_timeout_s=0.6))
+    p = batched(served, SlowBackend(Scorer([served]), 0.4), scoring_timeout_s=0.6)
     try:
         p.handle(records("dev-q", *sine_stream(120)))
         p.score_ready()  # two batches in flight: the second waits 0.4 s behind the first, then takes 0.4 s
