@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -96,13 +96,12 @@ def processor_settings(cfg: Config) -> Settings:
     return Settings(cfg.kafka.alerts_topic, cfg.kafka.dead_letter_topic, cfg.windows.gap_ms,
                     AlertSettings(a.for_windows, a.resolve_after, a.flap_period_ms, a.flap_max, a.major_ratio,
                                   a.critical_ratio),
-                    q.flatline_rel_std, q.rate_tolerance, q.cooldown_ms, a.max_hold_windows,
-                    replace(cfg.limits.to_limits(), earliest_ms=cfg.limits.earliest_ms),
+                    q.flatline_rel_std, q.rate_tolerance, q.cooldown_ms, a.max_hold_windows, cfg.limits.to_limits(),
                     cfg.daemon.sink_timeout_s, scoring_timeout_s=cfg.daemon.scoring_timeout_s,
                     state_topic=cfg.state.topic if cfg.state.enabled else None,
                     recent_alerts=cfg.state.recent_alerts, max_streams=cfg.limits.max_streams,
                     idle_evict_s=cfg.limits.idle_evict_s, max_future_s=cfg.limits.max_future_s,
-                    gap_periods=cfg.windows.gap_periods,
+                    earliest_ms=cfg.limits.earliest_ms, gap_periods=cfg.windows.gap_periods,
                     model_quantile=cfg.calibrator.quantile is None)
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import numpy as np
@@ -43,6 +44,7 @@ from monitor.windows import order_problem
 
 log = logs.get("tsmon.processor")
 RESERVED_PREFIX = "__tsmon"  # changelog keys of daemon-wide state
+SECONDS_LOOK_LIKE_MS = 100_000_000_000  # 1973-03-03 in ms; epoch seconds of any date before 5138 are below it
 FLUSH_SLICE_S = 0.25  # a commit waits for the sink in slices of this: a deadline set meanwhile applies at the next
 WAKE_RESERVE = 0.1  # share of limits.max_streams that streams woken for a command leave to new streams
 DEAD_LETTER_MAX = 512 * 1024  # a bad record longer than this is dead-lettered truncated …
@@ -68,6 +70,7 @@ class Settings:
     max_streams: int = 10_000  # streams held at once
     idle_evict_s: float | None = 3600.0  # silent this long: snapshotted and dropped from memory
     max_future_s: float | None = None  # samples stamped further ahead of the clock are dead-lettered (daemon: 1 h)
+    earliest_ms: int | None = None  # samples stamped before are dead-lettered (daemon: 2000-01-01)
     recent_alerts: int = 20  # alerts per stream remembered for feedback
     gap_periods: float | None = None  # an interval over this many learnt sample periods is a gap too (opt-in)
     model_quantile: bool = False  # each stream calibrated at its model's threshold quantile (no quantile configured)
@@ -221,7 +224,17 @@ class Processor:
         last, good = st.windows.last_ts if st.windows.last_ts is not None else st.resume_after_ts, []
         ahead_s, now_ms = self.settings.max_future_s, self.clock() * 1000
         latest_ok = math.inf if ahead_s is None else now_ms + ahead_s * 1000
+        earliest = self.settings.earliest_ms
         for rec, block in items:
+            if earliest is not None and int(block.ts_ms[0]) < earliest:  # seconds read as ms: January 1970
+                t0 = int(block.ts_ms[0])
+                first = datetime.fromtimestamp(t0 / 1000, UTC).isoformat(timespec="seconds")
+                hint = ("epoch seconds? ts is epoch milliseconds" if t0 < SECONDS_LOOK_LIKE_MS else
+                        "historical data: set limits.earliest_ts earlier, or none")
+                self._dead_letter(rec, BadRecord("timestamp_too_early", f"ts {t0} is {first}, before "
+                                                 f"limits.earliest_ts ({hint})"))
+                done.add(id(rec))
+                continue
             if int(block.ts_ms[-1]) > latest_ok:  # taken, it would make every later sample "backwards" until then
                 ahead = (int(block.ts_ms[-1]) - now_ms) / 1000
                 self._dead_letter(rec, BadRecord("timestamp_in_future", f"{ahead:.0f} s ahead of this host's "

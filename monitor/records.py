@@ -30,10 +30,6 @@ class Limits:
     max_samples: int = 10_000  # per chunk
     max_channels: int = 256
     max_stream_len: int = 256
-    earliest_ms: int | None = None  # a message stamped before is refused (timestamp_too_early); daemon: 2000-01-01
-
-
-SECONDS_LOOK_LIKE_MS = 100_000_000_000  # 1973-03-03 in ms; epoch seconds of any date before 5138 are below it
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +128,6 @@ def parse(value: bytes | None, key: bytes | None = None, limits: Limits = Limits
     t0 = _timestamp_ms(doc.get("ts"))
     if t0 is None:
         return BadRecord("bad_timestamp", f"ts must be epoch ms or ISO-8601 with a zone, got {doc.get('ts')!r}"[:200])
-    if limits.earliest_ms is not None and t0 < limits.earliest_ms:  # epoch seconds read as ms: January 1970
-        first = datetime.fromtimestamp(t0 / 1000, UTC).isoformat(timespec="seconds")
-        hint = ("epoch seconds? ts is epoch milliseconds" if t0 < SECONDS_LOOK_LIKE_MS else
-                "historical data: set limits.earliest_ts earlier, or none")
-        return BadRecord("timestamp_too_early", f"ts {t0} is {first}, before limits.earliest_ts ({hint})")
     forms = [k for k in ("value", "values", "samples") if k in doc]
     if len(forms) != 1:
         return BadRecord("bad_shape", "give exactly one of value, values or samples")

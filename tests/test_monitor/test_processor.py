@@ -19,7 +19,6 @@ from models.errors import SinkBackpressure
 from monitor.config import load_config
 from monitor.daemon import Daemon, build_scorer
 from monitor.processor import Processor, Settings
-from monitor.records import Limits
 from monitor.replay import as_records
 from monitor.scorer import Scorer, Served, load_served
 from monitor.sink import MemorySink
@@ -526,7 +525,7 @@ def test_samples_stamped_in_epoch_seconds_are_dead_lettered_as_too_early(make: M
     collapsed to whole "milliseconds" and most samples were dead-lettered as duplicates with a misleading reason.
     Before limits.earliest_ts the record is refused with a reason that says what happened; the stream goes on."""
     p = make()
-    p.settings = Settings(limits=Limits(earliest_ms=946_684_800_000))
+    p.settings = Settings(earliest_ms=946_684_800_000)
     ts, v = sine_stream(600)
     recs = records("s", ts, v)
     feed(p, recs[:10])
