@@ -11,12 +11,19 @@ Owns what `tsmon replay-eval` claims, and nothing is point-adjusted:
 * an alert is **true** when its span overlaps an event widened by ``tolerance`` at its end
   (``[start, end + tolerance]``: a window ending shortly after the event still saw it), else **false**;
 * an event is **detected** when a true alert overlaps it; its **delay** is the first such alert's firing
-  time (``fired_ts``: the end of the window that made it fire) minus the event's first sample, at least 0.
+  time (``fired_ts``: the end of the window that made it fire) minus the event's first sample, at least 0 —
+  averaged over the events an alert fired for (at or after the event's first sample). An event that fell
+  inside an alert already firing before it began is detected, but not fired for: it is counted in
+  ``events_inside_open_alert`` and has no delay (one alert held open for the whole test part would
+  otherwise detect every event with a delay of 0);
+* an alert that overlaps no scored event but one that ended during the warm-up (widened by ``tolerance``)
+  was raised by that event: it is neither true nor false (``ignored_for_warmup_event``).
 
 Recall = detected / events; precision = true alerts / alerts; false alerts per hour (and per day) over the
-test part's duration in data time; ``log`` lists each scored alert with its verdict. ``time_in_alert`` is the
-share of the test part some alert spent open — including one that fired during probation and never
-resolved, which counts for nothing else: a stream stuck in alert shows here, not as recall.
+test part's duration in data time; the p90 delay is numpy's linearly interpolated percentile; ``log`` lists
+each scored alert with its verdict. ``time_in_alert`` is the share of the test part some alert spent open
+(from its firing to its resolution) — including one that fired during probation and never resolved, which
+counts for nothing else: a stream stuck in alert shows here, not as recall.
 """
 
 from __future__ import annotations
@@ -49,6 +56,12 @@ def labelled_events(ts_ms: np.ndarray, labels: np.ndarray, from_ms: float) -> li
     return [s for s in spans if s.end_ms >= from_ms]
 
 
+def warmup_events(ts_ms: np.ndarray, labels: np.ndarray, from_ms: float) -> list[Span]:
+    """The runs of label 1 that :func:`labelled_events` leaves out: they end before ``from_ms``."""
+    spans = [Span(float(ts_ms[e.start]), float(ts_ms[e.end])) for e in runs(labels)]
+    return [s for s in spans if s.end_ms < from_ms]
+
+
 def latest_alerts(docs: list[dict[str, Any]], stream: str) -> list[dict[str, Any]]:
     """One document per alert id of ``stream``: the latest message (``resolved`` supersedes ``firing``)."""
     latest: dict[str, dict[str, Any]] = {}
@@ -58,27 +71,37 @@ def latest_alerts(docs: list[dict[str, Any]], stream: str) -> list[dict[str, Any
     return list(latest.values())
 
 
-def alert_span(doc: dict[str, Any], data_end_ms: float) -> Span:
+def alert_span(doc: dict[str, Any], data_end_ms: float, key: str = "start_ts") -> Span:
+    """From the alert's ``key`` (its first over-threshold window's start, or ``fired_ts``) to its end."""
     end = doc.get("end_ts")
-    return Span(float(doc["start_ts"]), float(end) if end is not None else data_end_ms)
+    return Span(float(doc[key]), float(end) if end is not None else data_end_ms)
 
 
-def score_alerts(events: list[Span], alerts: list[dict[str, Any]], test: Span, tolerance_ms: float) -> dict[str, Any]:
-    """Recall, precision, false alerts per hour/day, mean and p90 detection delay (s), alerts per hour."""
+def score_alerts(events: list[Span], alerts: list[dict[str, Any]], test: Span, tolerance_ms: float,
+                 warmup: list[Span] | None = None) -> dict[str, Any]:
+    """Recall, precision, false alerts per hour/day, mean and p90 detection delay (s), alerts per hour.
+    ``warmup``: the events that ended before the test part (:func:`warmup_events`)."""
     scored = [a for a in alerts if a.get("fired_ts") is not None and a["fired_ts"] >= test.start_ms]
     spans = [alert_span(a, test.end_ms) for a in scored]
     true = [any(ev.overlaps(s, tolerance_ms) for ev in events) for s in spans]
+    earlier = [not t and any(ev.overlaps(s, tolerance_ms) for ev in warmup or ()) for s, t in zip(spans, true, strict=True)]
     delays: list[float] = []
+    inside = 0
     for ev in events:
         fired = [float(a["fired_ts"]) for a, s in zip(scored, spans, strict=True) if ev.overlaps(s, tolerance_ms)]
-        if fired:
-            delays.append(max(0.0, min(fired) - ev.start_ms) / 1000)
+        for_it = [f for f in fired if f >= ev.start_ms]
+        if for_it:
+            delays.append((min(for_it) - ev.start_ms) / 1000)
+        elif fired:
+            inside += 1
     hours = max(test.end_ms - test.start_ms, 1.0) / 3.6e6
-    n_false = len(true) - sum(true)
-    firing = [alert_span(a, test.end_ms) for a in alerts if a.get("fired_ts") is not None]
+    n_true, n_ignored = sum(true), sum(earlier)
+    n_false = len(true) - n_true - n_ignored
+    detected = len(delays) + inside
+    firing = [alert_span(a, test.end_ms, "fired_ts") for a in alerts if a.get("fired_ts") is not None]
     return {
-        "recall": len(delays) / len(events) if events else None,
-        "precision": sum(true) / len(true) if true else None,
+        "recall": detected / len(events) if events else None,
+        "precision": n_true / (n_true + n_false) if n_true + n_false else None,
         "false_alerts_per_hour": n_false / hours,
         "false_alerts_per_day": n_false / hours * 24,
         "mean_delay_s": float(np.mean(delays)) if delays else None,
@@ -86,15 +109,18 @@ def score_alerts(events: list[Span], alerts: list[dict[str, Any]], test: Span, t
         "alerts": len(scored),
         "alerts_per_hour": len(scored) / hours,
         "events": len(events),
-        "events_detected": len(delays),
-        "true_alerts": sum(true),
+        "events_detected": detected,
+        "events_inside_open_alert": inside,
+        "true_alerts": n_true,
         "false_alerts": n_false,
         "ignored_in_probation": len(alerts) - len(scored),
+        "ignored_for_warmup_event": n_ignored,
         "time_in_alert": covered_share(firing, test),
         "log": [{"alert_id": a["alert_id"], "start_ts": a["start_ts"], "fired_ts": a["fired_ts"],
                  "end_ts": a.get("end_ts"), "ratio": a.get("ratio"),
-                 "top_channel": (a.get("top_channels") or [{}])[0].get("channel"), "true": t}
-                for a, t in zip(scored, true, strict=True)],
+                 "top_channel": (a.get("top_channels") or [{}])[0].get("channel"),
+                 "true": t, **({"warmup_event": True} if e else {})}
+                for a, t, e in zip(scored, true, earlier, strict=True)],
     }
 
 

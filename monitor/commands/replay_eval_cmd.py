@@ -20,7 +20,7 @@ ROWS = (("event recall", "recall"), ("event precision", "precision"), ("alerts",
         ("alerts / hour", "alerts_per_hour"), ("false alerts / hour", "false_alerts_per_hour"),
         ("false alerts / day", "false_alerts_per_day"), ("mean delay (s)", "mean_delay_s"),
         ("p90 delay (s)", "p90_delay_s"), ("events detected", "events_detected"),
-        ("share of time in alert", "time_in_alert"))
+        ("… inside an alert already open", "events_inside_open_alert"), ("share of time in alert", "time_in_alert"))
 
 
 def replay_eval(
@@ -40,7 +40,8 @@ def replay_eval(
     seconds: Annotated[float, typer.Option(help="Wall time the replay takes when --speed is not given.")] = 30.0,
     chunk: Annotated[int, typer.Option(help="Samples per message (0: about 250 ms of data).")] = 0,
     tolerance: Annotated[float | None, typer.Option(
-        help="Seconds after a labelled event an alert still counts for it (default: one window).")] = None,
+        help="Seconds after a labelled event an alert's first over-threshold window may begin and still count "
+             "for it (default: one window).")] = None,
     gap_ms: Annotated[float | None, typer.Option(
         help="Gap that restarts windows (default: 3 × the sampling interval, at least windows.gap_ms).")] = None,
     config: Annotated[Path | None, typer.Option(help="Daemon settings to evaluate (TOML); topics, models and "

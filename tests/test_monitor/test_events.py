@@ -10,7 +10,7 @@ import pytest
 
 from models.data import anomaly_windows, read_series, window_labels
 from models.errors import DataError
-from monitor.events import Span, labelled_events, latest_alerts, score_alerts
+from monitor.events import Span, labelled_events, latest_alerts, score_alerts, warmup_events
 
 H = 3_600_000  # one hour in ms
 
@@ -52,8 +52,10 @@ def test_recall_precision_false_alert_rate_and_delays_by_hand() -> None:
     assert r["mean_delay_s"] == pytest.approx((900 + 6300) / 2)
     assert r["p90_delay_s"] == pytest.approx(900 + 0.9 * (6300 - 900))
     assert r["ignored_in_probation"] == 1
-    # open: a 9.5–10.5, b 10.75–12, c 21.5–22, d 40–45 (still firing), e before the test part: 1 + 1.25 + 0.5 + 5 = 7.75 h of 40
-    assert r["time_in_alert"] == pytest.approx(7.75 / 40)
+    # open from firing: a 10.25–10.5, b 11–12, c 21.75–22, d 40.1–45 (still firing), e before the test part:
+    # 0.25 + 1 + 0.25 + 4.9 = 6.4 h of 40 (from each first over-threshold window's start it would be 7.75 h)
+    assert r["time_in_alert"] == pytest.approx(6.4 / 40)
+    assert r["events_inside_open_alert"] == 0
     strict = score_alerts(events, latest_alerts(alerts, "s"), test, tolerance_ms=0)
     assert strict["events_detected"] == 1 and strict["true_alerts"] == 2  # c no longer counts
 
@@ -64,7 +66,34 @@ def test_a_resolved_message_supersedes_its_firing_one_and_an_alert_counts_once()
     (only,) = latest_alerts(docs, "s")
     assert only["end_ts"] == 50
     r = score_alerts([Span(20, 30)], [only], Span(0, 100), 0)
-    assert r["alerts"] == 1 and r["recall"] == 1.0 and r["mean_delay_s"] == 0.0  # fired before the event: 0
+    # fired before the event began: detected, but inside an alert already open, so no delay
+    assert r["alerts"] == 1 and r["recall"] == 1.0 and r["events_inside_open_alert"] == 1
+    assert r["mean_delay_s"] is None
+
+
+def test_events_inside_an_alert_open_since_before_them_are_detected_without_a_delay() -> None:
+    events = [Span(1 * H, 1.1 * H), Span(5 * H, 5.1 * H), Span(8 * H, 8.1 * H)]
+    held = alert("a", 0, 60_000, None, status="firing")  # fired at the start of the test part, never resolved
+    r = score_alerts(events, [held], Span(0, 10 * H), 60_000)
+    assert r["recall"] == 1.0 and r["precision"] == 1.0 and r["events_inside_open_alert"] == 3
+    assert r["mean_delay_s"] is None and r["p90_delay_s"] is None and r["time_in_alert"] == pytest.approx(1 - 60_000 / (10 * H))
+    later = alert("b", 5.05 * H, 5.06 * H, 5.2 * H)  # one that fires during event 2 gives it a delay
+    r = score_alerts(events, [{**held, "end_ts": 2 * H}, later], Span(0, 10 * H), 60_000)
+    assert r["events_detected"] == 2 and r["events_inside_open_alert"] == 1
+    assert r["mean_delay_s"] == pytest.approx(0.06 * 3600)
+
+
+def test_an_alert_raised_by_an_event_of_the_warm_up_is_neither_true_nor_false() -> None:
+    ts = np.arange(0, 10 * H + 1, 1000.0)
+    labels = np.zeros(len(ts), "int8")
+    labels[(ts >= 0.9 * H) & (ts <= 0.99 * H)] = 1  # ends 36 s before the test part
+    test = Span(1 * H, 10 * H)
+    assert labelled_events(ts, labels, test.start_ms) == []
+    late = alert("a", 0.985 * H, 1.005 * H, 1.05 * H)  # its first window saw the event; it fired after the split
+    r = score_alerts([], [late], test, 60_000, warmup=warmup_events(ts, labels, test.start_ms))
+    assert r["alerts"] == 1 and r["false_alerts"] == 0 and r["ignored_for_warmup_event"] == 1
+    assert r["precision"] is None and r["log"][0]["warmup_event"] is True
+    assert score_alerts([], [late], test, 60_000)["false_alerts"] == 1  # without the warm-up's events: false
 
 
 def test_an_alert_stuck_open_since_probation_counts_for_nothing_but_shows_as_time_in_alert() -> None:
