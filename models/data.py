@@ -62,6 +62,7 @@ class Dataset:
     series: Series | None = None  # set for file data
     test_ends: np.ndarray | None = None  # index of each test window's last sample in ``series``
     windowing: dict[str, Any] = field(default_factory=lambda: {"kind": "sliding"})  # see models.beats
+    test_positions: np.ndarray | None = None  # each test window's place among all the series' windows (NaN ones too)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -337,4 +338,4 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
                    np.ascontiguousarray(wins[fit_idx[len(fit_idx) - n_val :]]),
                    np.ascontiguousarray(wins[test_idx]),
                    win_label[test_idx] if series.labels is not None else None,
-                   summary, series, ends[test_idx], windowing)
+                   summary, series, ends[test_idx], windowing, test_idx)

@@ -96,18 +96,23 @@ def runs(mask: np.ndarray) -> list[Event]:
 
 
 def event_metrics(sample_labels: np.ndarray, window_ends: np.ndarray, flagged: np.ndarray, window: int,
-                  tolerance: int = 0, span: tuple[int, int] | None = None) -> dict[str, Any]:
+                  tolerance: int = 0, span: tuple[int, int] | None = None,
+                  positions: np.ndarray | None = None) -> dict[str, Any]:
     """Event-level recall/precision and detection delay (samples), no point adjustment.
 
     ``window_ends``: the last sample of every scored window, in order; ``flagged``: which of them alarmed. A
     labelled event is an unbroken run of label 1. An alarm is a flagged window, covering samples
     ``[end - window + 1, end]``; alarms of consecutive windows merge into one alarm episode (windows that
     merely share samples do not: with a hop under the window, a false alarm three windows after a true
-    one was absorbed into it). An event is detected when an alarm window overlaps ``[start, end +
-    tolerance]``; its delay is the first such window's end minus the event start (at least 0). An alarm
-    episode is true when it overlaps any event (with the same tolerance). ``span`` limits events to the
-    scored part of the series; one that began before it counts from there, as in replay-eval (its delay was
-    measured from a start in the training part).
+    one was absorbed into it). ``positions``: each scored window's place among all the series' windows,
+    where windows holding NaN/inf were left out — two alarms either side of such a stretch are two
+    episodes, not one (None: the scored windows are all the windows). An event is detected when an alarm
+    window overlaps ``[start, end + tolerance]``; its delay is the first such window's end minus the event
+    start, averaged over the events an episode began for (its first window ends at or after the event's first
+    sample); an event inside an episode that began before it is detected without a delay (``events_inside_open_alarm``). An
+    alarm episode is true when it overlaps any event (with the same tolerance). ``span`` limits events to
+    the scored part of the series; one that began before it counts from there, as in replay-eval (its delay
+    was measured from a start in the training part).
     """
     labels = np.asarray(sample_labels).astype(bool)
     events = runs(labels)
@@ -115,21 +120,30 @@ def event_metrics(sample_labels: np.ndarray, window_ends: np.ndarray, flagged: n
         events = [Event(max(e.start, span[0]), e.end) for e in events if e.end >= span[0] and e.start <= span[1]]
     all_ends = np.asarray(window_ends, dtype="int64")
     flagged = np.asarray(flagged, dtype=bool)
-    ends = all_ends[flagged]
-    starts = ends - window + 1
+    place = np.arange(len(all_ends)) if positions is None else np.asarray(positions, dtype="int64")
+    episodes: list[tuple[int, int]] = []  # first and last window (indices into window_ends) of each episode
+    for r in runs(flagged):
+        cuts = np.flatnonzero(np.diff(place[r.start : r.end + 1]) != 1) + r.start
+        episodes += zip([r.start, *(cuts + 1)], [*cuts, r.end], strict=True)
     delays: list[int] = []
+    inside = 0
     for e in events:
-        hit = np.flatnonzero((ends >= e.start) & (starts <= e.end + tolerance))
-        if len(hit):
-            delays.append(max(0, int(ends[hit[0]]) - e.start))
-    episodes = [(int(all_ends[r.start]) - window + 1, int(all_ends[r.end])) for r in runs(flagged)]
-    true_eps = sum(any(a <= ev.end + tolerance and b >= ev.start for ev in events) for a, b in episodes)
+        hit = [int(all_ends[a]) for a, b in episodes
+               if np.any((all_ends[a : b + 1] >= e.start) & (all_ends[a : b + 1] - window + 1 <= e.end + tolerance))]
+        began = [end for end in hit if end >= e.start]  # its first window already hits the event
+        if began:
+            delays.append(min(began) - e.start)
+        elif hit:
+            inside += 1
+    spans = [(int(all_ends[a]) - window + 1, int(all_ends[b])) for a, b in episodes]
+    true_eps = sum(any(a <= ev.end + tolerance and b >= ev.start for ev in events) for a, b in spans)
     return {
         "events": len(events),
-        "events_detected": len(delays),
-        "event_recall": len(delays) / len(events) if events else 0.0,
+        "events_detected": len(delays) + inside,
+        "events_inside_open_alarm": inside,
+        "event_recall": (len(delays) + inside) / len(events) if events else None,
         "alarm_episodes": len(episodes),
-        "event_precision": true_eps / len(episodes) if episodes else 0.0,
+        "event_precision": true_eps / len(episodes) if episodes else None,
         "mean_delay_samples": float(np.mean(delays)) if delays else None,
         "tolerance_samples": tolerance,
     }

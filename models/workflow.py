@@ -188,7 +188,7 @@ def evaluate(detector: Detector, data: Dataset, with_baseline: bool = True) -> d
         flagged = ~(scores <= detector.threshold.value)
         span = (int(data.test_ends[0]) - data.window + 1, int(data.test_ends[-1]))
         out["events"] = event_metrics(data.series.labels, data.test_ends, flagged, data.window,
-                                      tolerance=data.window, span=span)
+                                      tolerance=data.window, span=span, positions=data.test_positions)
     if with_baseline:
         out["baseline"] = evaluate(baseline(data, detector), data, with_baseline=False)
     return out

@@ -63,7 +63,7 @@ def epoch_progress(epochs: int, label: str) -> Iterator[Any]:
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    return f"{v:.4f}" if isinstance(v, float) else "n/a" if v is None else str(v)
 
 
 def eval_table(result: dict[str, Any], title: str) -> Table:
@@ -81,7 +81,8 @@ def eval_table(result: dict[str, Any], title: str) -> Table:
     if "events" in result:
         ev, bev = result["events"], base.get("events", {})
         for name, key in (("event recall", "event_recall"), ("event precision", "event_precision"),
-                          ("mean delay (samples)", "mean_delay_samples"), ("alarm episodes", "alarm_episodes")):
+                          ("mean delay (samples)", "mean_delay_samples"), ("alarm episodes", "alarm_episodes"),
+                          ("events inside an open alarm", "events_inside_open_alarm")):
             t.add_row(name, _fmt(ev[key]), *([_fmt(bev.get(key))] if bev else []))
     return t
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from models.data import Series, series_dataset
 from models.errors import DataError
 from models.evaluate import at_threshold, average_precision, event_metrics, roc_auc, runs
 
@@ -71,3 +72,35 @@ def test_an_event_straddling_the_split_counts_from_the_scored_part() -> None:
     ends = np.arange(109, 300, 10)
     ev = event_metrics(labels, ends, ends == 119, window=10, span=(100, 299))
     assert ev["events_detected"] == 1 and ev["mean_delay_samples"] == 19.0  # from 100, not 39 from 80
+
+
+def test_alarms_either_side_of_windows_left_out_for_nan_are_two_episodes() -> None:
+    """Windows holding NaN are not scored: the windows before and after such a stretch are neighbours in the
+    scored list, not in the series. Merged, a false alarm 300 samples after a true one was absorbed into it."""
+    n, window, hop = 2000, 20, 5
+    values = np.sin(np.arange(n) / 7.0).astype("float32")[:, None]
+    values[1400:1700] = np.nan
+    labels = np.zeros(n, "int8")
+    labels[1385:1395] = 1
+    data = series_dataset(Series(values, ["x"], None, labels, "", "s.csv"), window, hop, 0.5)
+    ends = data.test_ends
+    flagged = np.isin(ends, [1399, 1719])  # the last window before the NaN and the first after it
+    first = int(np.flatnonzero(ends == 1399)[0])
+    assert np.flatnonzero(flagged).tolist() == [first, first + 1]  # neighbours in the scored list
+    span = (int(ends[0]) - window + 1, int(ends[-1]))
+    ev = event_metrics(labels, ends, flagged, window, tolerance=window, span=span, positions=data.test_positions)
+    assert ev["alarm_episodes"] == 2 and ev["event_precision"] == 0.5 and ev["event_recall"] == 1.0
+    assert event_metrics(labels, ends, flagged, window, tolerance=window, span=span)["alarm_episodes"] == 1
+
+
+def test_events_inside_an_alarm_open_before_them_have_no_delay() -> None:
+    labels = np.zeros(5000, int)
+    for start in (1000, 2500, 4000):
+        labels[start : start + 30] = 1
+    ends = np.arange(19, 5000, 5)
+    ev = event_metrics(labels, ends, np.ones(len(ends), bool), window=20, tolerance=20)  # alarms throughout
+    assert ev["event_recall"] == 1.0 and ev["events_inside_open_alarm"] == 3 and ev["mean_delay_samples"] is None
+    ev = event_metrics(labels, ends, (ends >= 1004) & (ends < 3000), window=20, tolerance=20)
+    assert ev["events_inside_open_alarm"] == 1 and ev["mean_delay_samples"] == 4.0  # the first began for event 1
+    none = event_metrics(labels, ends, np.zeros(len(ends), bool), window=20)
+    assert none["alarm_episodes"] == 0 and none["event_precision"] is None and none["event_recall"] == 0.0
