@@ -47,7 +47,7 @@ from models.errors import BrokerError, DataError
 from models.workflow import baseline
 from monitor import logs
 from monitor.alerts import iso
-from monitor.events import Span, labelled_events, latest_alerts, score_alerts
+from monitor.events import Span, labelled_events, latest_alerts, score_alerts, warmup_events
 
 log = logs.get("tsmon.replay_eval")
 
@@ -133,9 +133,11 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
         start = max(start, int(trained["val_start_sample"]))
     opts.out.mkdir(parents=True, exist_ok=True)
     base = opts.baseline
-    if base is None:
-        base = artifact.save(baseline(data, det), opts.out / "baseline-pca",
-                             {"data": {**data.summary, "value_cols": list(series.channels), "train_fraction": frac}})
+    if base is None:  # fitted on the model's own training windows, also when more than them is left unscored
+        fit = data if own is None or frac == own else series_dataset(series, det.window, det.hop, own, beat=beat)
+        base = artifact.save(baseline(fit, det), opts.out / "baseline-pca",
+                             {"data": {**fit.summary, "value_cols": list(series.channels),
+                                       "train_fraction": fit.summary["train_fraction"]}})
     steps = np.diff(ts_ms)
     steps = steps[steps > 0]
     if not len(steps):
@@ -165,7 +167,8 @@ def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> 
     played = _play(p, series, ts_ms, opts, base_cfg.calibrator.interval_s, clock)
     test = Span(float(ts_ms[p.split]), float(ts_ms[-1]))
     events = labelled_events(ts_ms, series.labels, test.start_ms)  # type: ignore[arg-type]
-    results = {name: score_alerts(events, latest_alerts(played["alerts"], s), test, p.tolerance_ms)
+    warmup = warmup_events(ts_ms, series.labels, test.start_ms)  # type: ignore[arg-type]
+    results = {name: score_alerts(events, latest_alerts(played["alerts"], s), test, p.tolerance_ms, warmup)
                for name, s in (("model", p.stream), ("baseline", p.stream + BASELINE_SUFFIX))}
     report: dict[str, Any] = {
         **results["model"], "baseline": results["baseline"],

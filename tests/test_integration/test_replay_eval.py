@@ -87,6 +87,9 @@ def test_the_replay_never_plays_windows_the_model_was_fitted_on(tmp_path: Path) 
     # from window 239 on, which starts on sample 5 × 239 = 1195)
     later = plan(model, series, time_axis(series, None), ReplayOptions(out=tmp_path / "o2", train_fraction=0.5), None)
     assert later.split == 1500 and later.start == 1195
+    # the baseline is fitted on the model's own training windows all the same, not on the larger share
+    fitted = artifact.read_manifest(later.baseline)["training"]["data"]
+    assert fitted["train_fraction"] == 0.4 and fitted["train"] == labelled.summary["train"]
     # a smaller one would score windows the model was fitted on: refused, not replayed
     with pytest.raises(DataError, match=r"--train-fraction 0.3 is below the model's own split on this file \(0.4\)"):
         plan(model, series, time_axis(series, None), ReplayOptions(out=tmp_path / "o3", train_fraction=0.3), None)
