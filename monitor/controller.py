@@ -174,7 +174,7 @@ class Controller:
             if not frozen and self.cal.frozen_all:  # it would be acknowledged and change nothing
                 raise Refused("calibration is frozen daemon-wide (freeze --all): unfreeze --all lifts it")
             return self._each(cmd, lambda s: self.cal.set_frozen(s, frozen))
-        streams = self._targets(cmd, lambda doc: not frozen and bool(doc.get("calibrator", {}).get("frozen")))
+        streams = self._targets(cmd, lambda doc: not frozen and _field(doc, "calibrator", dict).get("frozen") is True)
         before = {s: self._view(s) for s in streams}
         self.cal.frozen_all = frozen
         self.global_known = True  # an operator's word: this is the group's state now
@@ -203,7 +203,7 @@ class Controller:
         if verdict not in ("confirmed", "false_positive"):
             raise Refused(f"verdict must be confirmed or false_positive, got {verdict[:40]!r}")
         def raised_it(doc: dict[str, Any]) -> bool:
-            return any(isinstance(a, dict) and a.get("alert_id") == alert_id for a in doc.get("recent_alerts", ()))
+            return any(isinstance(a, dict) and a.get("alert_id") == alert_id for a in _field(doc, "recent_alerts", list))
 
         for stream in self._targets(cmd, raised_it):
             st = self.p.streams[stream]
@@ -270,6 +270,13 @@ def _quantile(value: Any) -> float | None:
     if not 0 < q < 1:
         raise Refused(f"quantile must be in (0, 1), got {q}")
     return q
+
+
+def _field(doc: dict[str, Any], key: str, kind: type) -> Any:
+    """``doc[key]`` if it is a ``kind``, else an empty one: a damaged changelog document (restoring it is
+    logged and skipped) must not fail a command that looks into every evicted stream's document."""
+    value = doc.get(key)
+    return value if isinstance(value, kind) else kind()
 
 
 def _claimed(raw: bytes | None) -> str | None:

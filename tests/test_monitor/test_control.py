@@ -836,6 +836,23 @@ def test_commands_reach_streams_this_instance_evicted(make: Make) -> None:
     assert p.evicted == set()  # after a rebalance the partition may be another instance's
 
 
+def test_a_damaged_changelog_document_does_not_fail_unfreeze_all_or_feedback(make: Make) -> None:
+    """``unfreeze *`` and ``feedback`` look into every evicted stream's document: one whose ``calibrator`` or
+    ``recent_alerts`` is damaged (restoring it is logged and skipped) failed the whole command, and the
+    daemon-wide freeze could not be lifted on that instance."""
+    p = make()
+    p.settings = Settings(state_topic="state")
+    feed(p, records("dev-a", *sine_stream(300)))
+    c = controller(p)
+    assert send(c, "freeze", "*")["status"] == "applied"
+    p.restored = {"dev-z": {"type": "stream_state", "v": 1, "partitions": [["in", 0]], "calibrator": None,
+                            "recent_alerts": None}}
+    assert p.adopt({("in", 0)}) == 1
+    assert send(c, "unfreeze", "*")["status"] == "applied" and not p.calibrator.frozen_all
+    ack = send(c, "feedback", "*", alert_id="nope", verdict="confirmed")
+    assert ack["status"] == "applied" and ack["error"] is None
+
+
 def test_commands_and_owed_pages_reach_streams_quiet_since_the_restore(make: Make) -> None:
     """After a restart (or a rebalance) a stream that has sent nothing yet is neither held nor evicted: a
     ``silence dev-*`` used to skip it, so it paged in the maintenance window, and a page owed when its silence
