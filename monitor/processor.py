@@ -295,6 +295,10 @@ class Processor:
                           s.rate_tolerance, s.quality_cooldown_ms,
                           on_finding=lambda kind: self.metrics.quality.labels(kind).inc()),
             AlertState(stream, served.identity, self.alert_settings(served)), recent_alerts=deque(maxlen=s.recent_alerts))
+        if s.state_topic is not None:  # until its first document, a replay after a crash must begin where this
+            st.doc_from_seq = 1       # instance began reading it: the state it started from (restored or the
+            # artifact's) is the latest there is (the commit ran past a restored document's point, and a crash
+            # then lost the windows in between, their evidence and the alert ids that followed)
         replayed = stream not in self.evicted_here  # its input was released at the eviction: none comes again
         self._unevict(stream)
         restored = self._restore(stream, st, replayed)
@@ -599,7 +603,7 @@ class Processor:
             doc["recalibrate_at_ts"] = self.data_clock.next_ms[stream]
         if topic is not None:
             self.sink.send(json_message(topic, stream, doc, [("tsmon.type", b"stream_state")]))
-            st.doc_from_seq = point[0] if point else None  # a replay after a crash must reach this document's
+            st.doc_from_seq = st.resume_seq(point)  # a replay after a crash must reach this document's
             self._release(stream, st)  # the older document's hold ends now (a shutdown sends no more records)
             st.dirty = False
             self.metrics.snapshots.inc()

@@ -94,6 +94,20 @@ class StreamState:
             points.append((ep.start.start_seq, ep.start.start_ts, 0))
         return min(points)
 
+    def resume_seq(self, point: tuple[int, int, int] | None) -> int:
+        """The sample a replay after a crash must read from to rebuild what a document written now (at
+        ``point``, :meth:`replay_point`) does not hold: that point's; for beat windows, which have none, the
+        first sample a window not yet applied needs — to be cut, waiting to be scored, or of a pending episode
+        (without it the commit passed every snapshot, and a crash lost the beats scored since the last one)."""
+        if point is not None:
+            return point[0]
+        seqs = [self.windows.needed_from]
+        if self.unscored:
+            seqs.append(self.unscored[0][0])
+        if (ep := self.alerts.pending) is not None:
+            seqs.append(ep.start.start_seq)
+        return min(seqs)
+
     def to_doc(self, stream: str, calibrator: Calibrator, written_ms: int,
                point: tuple[int, int, int] | None = None) -> dict[str, Any]:
         """The changelog document (``point``: :meth:`replay_point`, when the caller has it). A pending episode

@@ -25,6 +25,7 @@ from monitor.control import (
     split_ack,
     verify,
 )
+from monitor.calibrator import _unpack
 from monitor.controller import GLOBAL_KEY, Controller, simulate
 from monitor.ctl import CommandFailed, duration_s, unanswered, verdict
 from monitor.processor import Settings
@@ -581,7 +582,6 @@ def test_a_restart_gives_the_calibrator_the_evidence_of_an_uninterrupted_run(mak
     """A document saved while an episode was pending leaves its windows to the replay, which fed them to the
     drift guard's recent errors a second time (cut 152: 299 entries, 2 of them anomalous, against 297)."""
     from monitor.alerts import AlertSettings
-    from monitor.calibrator import _unpack
 
     def build() -> Any:
         p = make()
@@ -794,6 +794,76 @@ def test_after_a_crash_the_replay_reaches_the_last_document_and_alert_ids_hold(m
     assert ts[committed * 7] <= doc["window_from_ts"] < ts[230 * 7]  # held back to the document's point
     r = next_owner(make, doc, recs[committed:])
     assert [(d["status"], d["alert_id"], d["start_ts"]) for d in anomalies(r)] == expected[2:]
+
+
+def test_a_restored_stream_holds_its_input_until_it_writes_a_document(make: Make) -> None:
+    """A restored stream had no hold of its own until its first snapshot (up to 30 s, commits every 1 s): the
+    commit ran past the restored document's point, and a crash then replayed that same document from a later
+    offset — windows never applied again (105 of 297 recent errors lost here), a shifted grid, new alert ids."""
+    ts, v = sine_stream(3000, (2500,), seed=3)
+    recs = records("dev-a", ts, v, chunk=7)
+    tp = recs[0].tp
+
+    def owner() -> Any:
+        p = make()
+        p.settings = Settings(state_topic="state")
+        return p
+
+    whole = owner()
+    feed(whole, recs)
+    p1 = owner()
+    feed(p1, recs[:100])
+    p1.save("dev-a")
+    p1.commit(MemorySource(), {tp})  # the revoke
+    doc1, held1 = [d for d in out(p1, "state") if d.get("stream") == "dev-a"][-1], p1.ledger.committable()[tp]
+    p2 = owner()
+    p2.restored = {"dev-a": doc1}
+    feed(p2, recs[held1:250])  # the next owner, before its first snapshot
+    held2 = p2.commit(MemorySource(), {tp})[tp]
+    assert held2 <= held1  # where p2 began reading: the state it started from is still the latest
+    p3 = owner()
+    p3.restored = {"dev-a": doc1}
+    feed(p3, recs[held2:])  # p2 died
+    recent = [len(_unpack(q.calibrator.export("dev-a")["recent"])) for q in (whole, p3)]
+    assert recent[0] == recent[1]
+    assert [d["alert_id"] for d in anomalies(p3)] == [d["alert_id"] for d in anomalies(whole)]
+
+
+def test_beat_windows_hold_their_input_back_to_the_last_document(make: Make, tmp_path: Path) -> None:
+    """Beat windows have no phase to store, so the commit passed every snapshot: a crash lost every beat
+    scored since the last one (their errors never reached the restored calibrator: 38 of 61 here)."""
+    from models import artifact
+    from models.data import Series, series_dataset
+    from models.train import TrainConfig
+    from models.workflow import train_detector
+    from monitor.scorer import load_served
+    from tests.test_monitor.test_beats import ecg_like
+
+    x, _ = ecg_like(6000, premature=(4725,))
+    ds = series_dataset(Series(x, ["a", "b"]), 80, 0, train_fraction=0.6,
+                        beat={"pre": 48, "refractory": 16, "baseline": 12})
+    det, training = train_detector(ds, "pca", {}, TrainConfig(epochs=1, seed=0, device="cpu"), 1.0, 1.5)
+    served = load_served("*", artifact.save(det, tmp_path / "beats", training), None, None, "cpu")
+    recs = records("ecg-1", 1_700_000_000_000 + 3 * np.arange(len(x), dtype="int64"), x, chunk=77)
+
+    def owner() -> Any:
+        p = make(Scorer([served]))
+        p.settings = Settings(state_topic="state")
+        return p
+
+    whole = owner()
+    feed(whole, recs)
+    p1 = owner()
+    feed(p1, recs[:20])
+    p1.save("ecg-1")  # the periodic snapshot
+    feed(p1, recs[20:50])
+    held = p1.commit(MemorySource(), {recs[0].tp})[recs[0].tp]  # a later commit; then the process dies
+    assert held < 20
+    p2 = owner()
+    p2.restored = {"ecg-1": [d for d in out(p1, "state") if d.get("stream") == "ecg-1"][-1]}
+    feed(p2, recs[held:])
+    recent = [len(_unpack(q.calibrator.export("ecg-1")["recent"])) for q in (whole, p2)]
+    assert recent[0] == recent[1]
 
 
 def test_documents_read_at_restore_are_kept_whatever_their_number(make: Make) -> None:
