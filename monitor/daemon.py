@@ -262,7 +262,11 @@ class Daemon:
         every assigned partition stays paused, so no stream starts before its document is known (one that did
         would write over it with its artifact's state) and the loop keeps turning however long it takes.
         Called in the rebalance callback, which must not block: the group's heartbeat waits for it."""
-        if not (self._kafka and self.cfg.state.enabled):
+        if not self.cfg.state.enabled:  # no changelog: the documents kept in memory at evictions are all there is,
+            # and a revoke forgot which of them are this instance's (a page owed when a silence ends was lost)
+            self.processor.adopt(self.source.assignment())
+            return
+        if not self._kafka:
             return
         self._drop_reader()  # an assignment during a restore: read again, for the new partitions
         self.processor.restored = {}  # never continue from documents read at an earlier assignment

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from monitor.alerts import RATIO_CAP, AlertSettings
+from monitor.calibrator import _unpack
 from monitor.control import (
     ACK_PART_BYTES,
     COMMANDS,
@@ -25,7 +26,6 @@ from monitor.control import (
     split_ack,
     verify,
 )
-from monitor.calibrator import _unpack
 from monitor.controller import GLOBAL_KEY, Controller, simulate
 from monitor.ctl import CommandFailed, duration_s, unanswered, verdict
 from monitor.processor import Settings
@@ -1010,6 +1010,35 @@ def test_an_evicted_stream_whose_silence_ends_pages(make: Make) -> None:
     ack = send(c, "silence", "dev-*", for_s=60)  # 1 of 2 held: 10 % (at least one) is left to new streams
     assert ack["streams"] == ["dev-s"] and ack["result"]["not_woken"] == ["dev-q", "dev-r"]
 
+
+def test_without_a_changelog_a_page_owed_survives_a_rebalance(stream_model: Path) -> None:
+    """``state.enabled = false``: the evicted documents kept in memory are all there is. A revoke forgot which
+    of them were this instance's, and with no restore to adopt them again the page owed when a silence ends
+    was never sent (and commands no longer reached the stream)."""
+    from tests.test_monitor.test_processor import in_process_daemon
+
+    ts, v = sine_stream(1000, (970,))
+    source = MemorySource(records("dev-e", ts, v), batch=1000)
+    d = in_process_daemon(stream_model, source, MemorySink(), **{"state.enabled": False, "limits.idle_evict_s": 60})
+    p, now = d.processor, [time.time()]
+    p.clock = lambda: now[0]
+    try:
+        d._handle(source.poll(0)[:1])
+        p.score_ready(force=True)
+        p.streams["dev-e"].silenced_until_ms = int((now[0] + 600) * 1000)
+        d._handle(source.handed[1:])
+        p.score_ready(force=True)
+        assert p.streams["dev-e"].alerts.silenced_open
+        assert p.evict_idle(time.monotonic() + 61) == 1 and "dev-e" in p.owed
+        tp = ("in", 0)
+        d._on_revoke([tp])
+        d._on_assign([tp])  # an eager rebalance gives the partition straight back
+        assert "dev-e" in p.owed and "dev-e" in p.evicted
+        now[0] += 601
+        assert p.page_unsilenced() == 1
+        assert [x["status"] for x in anomalies(p)] == ["silenced", "firing"]
+    finally:
+        p.close()
 
 
 def test_ctl_without_a_login_name_asks_for_an_operator(monkeypatch: pytest.MonkeyPatch) -> None:
