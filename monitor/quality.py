@@ -98,6 +98,17 @@ class StreamQuality:
         """The sample period now: the learnt one, or while the rate has drifted from it, the recent one."""
         return self._recent_period if self._drifting and self._recent_period else self.period_ms
 
+    def periods(self) -> tuple[float | None, float | None]:
+        """What a changelog document keeps of the rate: the learnt period, and the recent one while drifting."""
+        return self.period_ms, (self._recent_period if self._drifting else None)
+
+    def resume(self, learnt: float | None, recent: float | None) -> None:
+        """Continue with the periods a document kept (:meth:`periods`): relearnt from 64 intervals, a gap of a
+        few periods right after a restore or an eviction was spliced into windows (``windows.gap_periods``)."""
+        if learnt is not None and self.period_ms is None:
+            self.period_ms = learnt
+            self._recent_period, self._drifting = recent, recent is not None
+
     def intervals(self, ts: np.ndarray, prev_ts: int | None, gap_ms: float | None) -> list[QualityEvent]:
         """Learn the period from in-order samples and report a drift of the sample rate (gaps left out)."""
         d = intervals_ms(ts, prev_ts)

@@ -9,6 +9,7 @@ restore, replayed windows up to it are scored again but not applied twice.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,7 +122,8 @@ class StreamState:
         return {"type": "stream_state", "v": DOC_VERSION, "stream": stream, "model": self.served.describe(),
                 "written_ms": written_ms, "applied_until_ts": applied,
                 "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,
-                "last_sample_ts": self.windows.last_ts, "channels": list(self.served.detector.names),
+                "last_sample_ts": self.windows.last_ts, "sample_periods_ms": list(self.quality.periods()),
+                "channels": list(self.served.detector.names),
                 "calibrator": calibrator.export(stream, replayed), "alerts": self.alerts.to_doc(),
                 "silenced_until_ms": self.silenced_until_ms, "feedback": dict(self.feedback),
                 "recent_alerts": [a.to_doc() for a in self.recent_alerts],
@@ -146,10 +148,17 @@ class StreamState:
         last_sample = doc.get("last_sample_ts")  # absent from documents of earlier versions
         if last_sample is not None and (isinstance(last_sample, bool) or not isinstance(last_sample, int)):
             raise TypeError(f"last_sample_ts must be an integer, got {last_sample!r}")
+        periods = doc.get("sample_periods_ms", [None, None])  # absent from documents of earlier versions
+        if not (isinstance(periods, list) and len(periods) == 2
+                and all(p is None or (isinstance(p, int | float) and not isinstance(p, bool) and math.isfinite(p)
+                                      and p > 0) for p in periods)):
+            raise TypeError(f"sample_periods_ms must be two periods (ms > 0) or null, got {periods!r}")
+        periods = [None if p is None else float(p) for p in periods]
         self.home = self.home or doc_partitions(doc)
         if doc["model"] != self.served.describe():
             frozen = doc["calibrator"]["frozen"] is True  # a pinned value is on the old model's scale
             self.silenced_until_ms, self.feedback = silenced, feedback
+            self.quality.resume(*periods)  # the stream's rate, whatever model scores it
             if not replayed:  # the order rule is the stream's, whatever model scores it
                 self.resume_after_ts = last_sample
             calibrator.set_frozen(stream, frozen)
@@ -167,6 +176,7 @@ class StreamState:
         window_from = None if window_from is None else (int(window_from), int(doc.get("window_from_skip", 0)))
         calibrator.restore(stream, doc["calibrator"])  # validated whole; the last step that can fail
         self.silenced_until_ms, self.feedback, self.alerts, self.applied_until_ts = silenced, feedback, alerts, applied
+        self.quality.resume(*periods)
         self.recent_alerts.extend(recent)
         if not replayed:  # no window restart, no gap event for the eviction's silence: the order rule only
             self.resume_after_ts = last_sample

@@ -682,6 +682,7 @@ def test_global_state_merges_ids_and_ignores_garbage(make: Make) -> None:
     {"calibrator": {"versions": [{"value": "abc", "source": "a", "samples": 0, "updated_ms": 0, "artifact": 1.0}]}},
     {"calibrator": {"versions": [{"value": float("nan"), "source": "a", "samples": 0, "updated_ms": 0,
                                   "artifact": 1.0}]}},
+    {"sample_periods_ms": [0, None]}, {"sample_periods_ms": "10"},
 ])
 def test_a_damaged_document_restores_nothing(make: Make, damage: dict[str, Any]) -> None:
     p = make()
@@ -864,6 +865,39 @@ def test_beat_windows_hold_their_input_back_to_the_last_document(make: Make, tmp
     feed(p2, recs[held:])
     recent = [len(_unpack(q.calibrator.export("ecg-1")["recent"])) for q in (whole, p2)]
     assert recent[0] == recent[1]
+
+
+def test_the_learnt_sample_period_survives_a_restore_and_an_eviction(make: Make) -> None:
+    """With ``windows.gap_periods`` a gap is a few learnt periods; the period was not in the document, so
+    for 64 intervals after a restore or an eviction's return a 130 ms dropout of a 100 Hz stream was spliced
+    into windows and paged, where the uninterrupted run restarted its windows and did not."""
+    ts, v = sine_stream(1413, seed=3)
+    keep = np.r_[0:600, 613:1413]  # a 130 ms dropout at sample 600
+    recs = records("dev-g", ts[keep], v[keep], chunk=10)
+    tp = recs[0].tp
+
+    def owner() -> Any:
+        p = make()
+        p.settings = Settings(state_topic="state", gap_periods=3.0, idle_evict_s=60.0)
+        return p
+
+    whole = owner()
+    feed(whole, recs)
+    p1 = owner()
+    feed(p1, recs[:55])
+    p1.save("dev-g")
+    held = p1.commit(MemorySource(), {tp})[tp]
+    doc = [d for d in out(p1, "state") if d.get("stream") == "dev-g"][-1]
+    assert doc["sample_periods_ms"][0] == pytest.approx(10.0, rel=0.05) and doc["sample_periods_ms"][1] is None
+    p2 = owner()
+    p2.restored = {"dev-g": doc}
+    feed(p2, recs[held:])
+    p3 = owner()
+    feed(p3, recs[:58])
+    assert p3.evict_idle(time.monotonic() + 61) == 1
+    feed(p3, recs[58:])
+    assert [[d["status"] for d in anomalies(q)] for q in (whole, p2, p3)] == [[], [], []]
+    assert [q.streams["dev-g"].quality.counts["gap"] for q in (whole, p2, p3)] == [1, 1, 1]
 
 
 def test_documents_read_at_restore_are_kept_whatever_their_number(make: Make) -> None:
