@@ -63,10 +63,13 @@ def warmup_events(ts_ms: np.ndarray, labels: np.ndarray, from_ms: float) -> list
 
 
 def latest_alerts(docs: list[dict[str, Any]], stream: str) -> list[dict[str, Any]]:
-    """One document per alert id of ``stream``: the latest message (``resolved`` supersedes ``firing``)."""
+    """One document per alert id of ``stream``: the latest message, but a ``resolved`` one supersedes any
+    other (at-least-once: a ``firing`` sent again can arrive after its ``resolved``, and the alert then
+    counted as open to the end of the data)."""
     latest: dict[str, dict[str, Any]] = {}
     for d in docs:
-        if d.get("type") == "anomaly" and d.get("stream") == stream:
+        resolved = latest.get(d.get("alert_id"), {}).get("status") == "resolved"  # a firing re-sent after it
+        if d.get("type") == "anomaly" and d.get("stream") == stream and not resolved:
             latest[d["alert_id"]] = d
     return list(latest.values())
 

@@ -62,7 +62,7 @@ def test_recall_precision_false_alert_rate_and_delays_by_hand() -> None:
 
 def test_a_resolved_message_supersedes_its_firing_one_and_an_alert_counts_once() -> None:
     docs = [alert("a", 0, 10, None, status="firing"), {"type": "data_quality", "stream": "s"},
-            alert("a", 0, 10, 50)]
+            alert("a", 0, 10, 50), alert("a", 0, 10, None, status="firing")]  # a firing re-sent after it
     (only,) = latest_alerts(docs, "s")
     assert only["end_ts"] == 50
     r = score_alerts([Span(20, 30)], [only], Span(0, 100), 0)
