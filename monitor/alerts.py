@@ -96,6 +96,10 @@ class Episode:
     scores: list[float] = field(default_factory=list)  # of its over-threshold windows, the first 64 (feedback)
     paged: bool = False  # published as firing at least once (tsmon_alerts_fired_total counts it then)
     last_paging_ts: int = 0  # end of the last window of a run that would page (≥ for windows): a hold waits it out
+    # (topic, partition, offset) of its first window's input, as first published; None: not published yet, or
+    # restored from a document that did not keep it (unknown then: the restored start names the replay's)
+    first_source: tuple[str, int, int] | None = None
+    explain: dict[str, Any] | None = None  # the picture of a silenced episode, kept until its page goes out
 
     def add(self, obs: Observation) -> None:
         self.last = obs
@@ -106,6 +110,9 @@ class Episode:
             self.last_over_ts = obs.end_ts
             if _ratio(obs) > _ratio(self.peak):
                 self.peak = obs
+
+
+UNKNOWN_SOURCE = ("", -1, -1)  # a restored episode's first input, when its document did not keep it
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +270,8 @@ class AlertState:
             "fired": ep.fired.to_doc() if ep.fired else None, "last": ep.last.to_doc() if ep.last else None,
             "last_over_ts": ep.last_over_ts, "last_paging_ts": ep.last_paging_ts,
             "windows_over": ep.windows_over, "flapping": ep.flapping,
-            "silenced": ep.silenced, "scores": ep.scores, "paged": ep.paged}
+            "silenced": ep.silenced, "scores": ep.scores, "paged": ep.paged,
+            "first_source": list(ep.first_source) if ep.first_source else None, "explain": ep.explain}
         return {"episode": episode, "under": self.under, "run": self.run, "run_peak": self.run_peak,
                 "would_over": self.would_over, "would_peak": self.would_peak, "fires": list(self.fires),
                 "over_floor": self.over_floor if math.isfinite(self.over_floor) else None}
@@ -288,11 +296,18 @@ class AlertState:
         start = obs["start"]
         if start is None or obs["peak"] is None:
             raise ValueError("an open episode needs its start and peak windows")
+        source, picture = e.get("first_source"), e.get("explain")  # absent before: unknown, none
+        if source is not None and not (isinstance(source, list) and len(source) == 3 and isinstance(source[0], str)
+                                       and all(isinstance(x, int) and not isinstance(x, bool) for x in source[1:])):
+            raise ValueError(f"first_source must be [topic, partition, offset] or null, got {source!r}")
+        if picture is not None and not isinstance(picture, dict):
+            raise ValueError(f"explain must be an object or null, got {type(picture).__name__}")
         self.episode = Episode(str(e["alert_id"]), replace(start, start_seq=replay_from_seq), obs["peak"],
                                obs["fired"], obs["last"], int(e["last_over_ts"]), int(e["windows_over"]),
                                bool(e["flapping"]), bool(e["silenced"]), [float(x) for x in e["scores"]],
                                bool(e.get("paged", not e["silenced"])),  # absent before: paged unless silenced
-                               int(e.get("last_paging_ts", e["last_over_ts"])))  # absent before: any over window
+                               int(e.get("last_paging_ts", e["last_over_ts"])),  # absent before: any over window
+                               tuple(source) if source else UNKNOWN_SOURCE, picture)
 
     def _id(self, obs: Observation) -> str:
         return hashlib.sha256(f"{self.model}|{self.stream}|{obs.start_ts}".encode()).hexdigest()[:20]
@@ -303,6 +318,12 @@ RATIO_CAP = 1e12  # score / threshold past it is reported as it: JSON has no inf
 
 def _ratio(obs: Observation) -> float:
     return min(obs.score / obs.threshold, RATIO_CAP)
+
+
+def significant(x: float, digits: int = 6) -> float:
+    """``x`` to ``digits`` significant digits: rounded to decimal places, the scores of a model on raw
+    small-amplitude signals (1e-7) were published as 0.0, a threshold of 2.4e-6 as 2e-6 beside a ratio of 1.67."""
+    return float(f"{x:.{digits}g}")
 
 
 def severity(ratio: float, s: AlertSettings) -> str:
@@ -318,7 +339,7 @@ def top_channels(errors: np.ndarray, names: list[str], k: int = 3) -> list[dict[
     ``names`` (an alert of a model with more channels, resolved under the one that replaced it)."""
     total = float(np.sum(errors))
     order = np.argsort(-errors)[:k]
-    return [{"channel": names[c] if c < len(names) else f"ch{c}", "error": round(float(errors[c]), 6),
+    return [{"channel": names[c] if c < len(names) else f"ch{c}", "error": significant(float(errors[c])),
              "share": round(float(errors[c]) / total, 4) if total > 0 else 0.0} for c in order]
 
 
@@ -327,15 +348,15 @@ def alert_doc(stream: str, t: Transition, model: dict[str, str], channel_names: 
     """The JSON body of a ``firing`` or ``resolved`` message."""
     ep = t.episode
     peak, last = ep.peak, ep.last or ep.peak
-    ratio = _ratio(peak)
+    ratio = round(_ratio(peak), 4)  # the severity of the ratio shown (1.49996 was shown 1.5 and called minor)
     return {
         "type": "anomaly", "alert_id": ep.alert_id, "stream": stream, "status": t.status,
         "flapping": ep.flapping, "severity": severity(ratio, s),
         "start_ts": ep.start.start_ts, "start_time": iso(ep.start.start_ts),
         "fired_ts": ep.fired.end_ts if ep.fired else None,
         "end_ts": last.end_ts if t.status == "resolved" else None,
-        "peak_score": round(peak.score, 6), "peak_ts": peak.end_ts, "ratio": round(ratio, 4),
-        "threshold": round(peak.threshold, 6), "threshold_source": peak.threshold_source,
+        "peak_score": significant(peak.score), "peak_ts": peak.end_ts, "ratio": ratio,
+        "threshold": significant(peak.threshold), "threshold_source": peak.threshold_source,
         "top_channels": top_channels(peak.channel_errors, channel_names),
         "windows_over": ep.windows_over, "model": model, "source": source,
     }

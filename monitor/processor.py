@@ -28,7 +28,7 @@ import numpy as np
 
 from models.errors import BrokerError, ScoringStuck, SinkBackpressure
 from monitor import logs, windows
-from monitor.alerts import AlertSettings, AlertState, Observation, Step, Transition, alert_doc, iso
+from monitor.alerts import UNKNOWN_SOURCE, AlertSettings, AlertState, Observation, Step, Transition, alert_doc, iso
 from monitor.batcher import Batch, Batcher
 from monitor.calibrator import MAX_QUANTILE, Calibrator
 from monitor.ledger import OffsetLedger
@@ -537,7 +537,12 @@ class Processor:
             if not ep.paged:  # a page that went out stays one: a silence set later does not relabel its repeats
                 ep.silenced = self.silenced(st)
             status = "silenced" if ep.silenced else "firing"
-        first = self.ledger.offset_of(stream, ep.start.start_seq)
+        if ep.first_source is None:  # as first published, ever after (a restored start names the replay's input)
+            first = self.ledger.offset_of(stream, ep.start.start_seq)
+            if first is not None:
+                ep.first_source = (first[0][0], first[0][1], first[1])
+        else:
+            first = None if ep.first_source == UNKNOWN_SOURCE else (ep.first_source[:2], ep.first_source[2])
         last = self.ledger.offset_of(stream, (ep.last or ep.peak).end_seq)
         topic, partition = (first or last or ((None, None), None))[0]
         source = {"topic": topic, "partition": partition,
@@ -545,8 +550,9 @@ class Processor:
         doc = alert_doc(stream, t, st.served.describe(), st.served.detector.channel_names if names is None else names,
                         source, self.settings.alerts)
         doc.update(status=status, silenced=ep.silenced, **extra)
-        if t.status == "firing":
-            doc["explain"] = self._explain(st, ep.peak)
+        if t.status == "firing":  # a restored peak has no samples: a silenced episode keeps its picture for its page
+            doc["explain"] = self._explain(st, ep.peak) or ep.explain
+            ep.explain = doc["explain"] if status == "silenced" else None
         if status == "firing" and not ep.paged:  # once per episode: not a silenced one, not a flapping repeat
             ep.paged = True
             self.metrics.alert_severity.labels(doc["severity"]).inc()

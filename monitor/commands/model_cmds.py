@@ -329,7 +329,7 @@ def _alert_from_file(path: Path) -> dict[str, Any]:
                     docs.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{n}: not JSON ({exc.msg}); give one alert object or JSON lines") from None
-    found = [d for d in docs if isinstance(d, dict) and "explain" in d]
+    found = [d for d in docs if isinstance(d, dict) and isinstance(d.get("explain"), dict)]
     if not found:
         raise DataError(f"{path}: no alert message with an 'explain' object among {len(docs)} message(s) "
                         "(only firing messages carry one)")
@@ -354,7 +354,7 @@ def _alert_from_topic(alert_id: str, config: Path | None, bootstrap: str | None)
     except (KafkaError, OSError) as exc:
         raise BrokerError(f"cannot read topic {topic} at {servers}: {exc}") from None
     mine = [d for d in docs if isinstance(d, dict) and d.get("alert_id") == alert_id]
-    firing = [d for d in mine if "explain" in d]
+    firing = [d for d in mine if isinstance(d.get("explain"), dict)]  # null: a repeat restored without one
     if firing:
         return firing[0]  # the message that paged; a flapping episode may send a second one
     if mine:

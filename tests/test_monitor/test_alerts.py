@@ -378,3 +378,21 @@ def test_a_flapping_hold_ends_a_minute_after_the_last_run_that_pages_not_the_las
         assert resolved_at is None
     else:
         assert resolved_at is not None and resolved_at < 6 * 60_000
+
+
+@pytest.mark.parametrize("score, threshold, severity_, ratio", [
+    (3e-7, 1e-7, "critical", 3.0), (4e-6, 2.4e-6, "major", 1.6667),
+    (1.49996, 1.0, "major", 1.5), (2.99996, 1.0, "critical", 3.0), (1.49994, 1.0, "minor", 1.4999),
+])
+def test_a_message_keeps_significant_digits_and_its_severity_matches_the_ratio_shown(
+        score: float, threshold: float, severity_: str, ratio: float) -> None:
+    """Rounded to 6 decimal places, scores of 1e-7 were published as 0.0 (threshold 0.0, every channel 0.0),
+    and 2.4e-6 as 2e-6 beside a ratio of 1.67; the severity came from the unrounded ratio (1.5 shown, minor)."""
+    s = AlertSettings(for_windows=1)
+    state = AlertState("s", "m@v", s)
+    [t] = state.update(Observation(0, 100, 0, 9, score, threshold, "calibrated",
+                                   np.array([score * 0.7, score * 0.3], "float32"))).transitions
+    doc = alert_doc("s", t, {}, ["a", "b"], {}, s)
+    assert doc["peak_score"] == pytest.approx(score, rel=1e-5) and doc["threshold"] == pytest.approx(threshold, rel=1e-5)
+    assert doc["top_channels"][0]["error"] == pytest.approx(score * 0.7, rel=1e-5)
+    assert doc["ratio"] == ratio and doc["severity"] == severity_

@@ -1075,6 +1075,60 @@ def test_without_a_changelog_a_page_owed_survives_a_rebalance(stream_model: Path
         p.close()
 
 
+def test_a_late_page_carries_the_picture_and_the_input_of_its_silenced_message(make: Make, tmp_path: Path) -> None:
+    """A silenced episode of a stream evicted (or restored) before its silence ended paged with ``explain``
+    null — a restored peak has no samples — and a source of nulls, and ``tsmon inspect --alert`` failed on it."""
+    from monitor.commands.model_cmds import _alert_from_file
+
+    p = make()
+    now = [1_800_000_000.0]
+    p.clock = lambda: now[0]
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0)
+    ts, v = sine_stream(1000, (970,))
+    feed(p, records("dev-q", ts[:200], v[:200]))
+    p.streams["dev-q"].silenced_until_ms = int((now[0] + 7200) * 1000)
+    feed(p, records("dev-q", ts[200:], v[200:], first_offset=20))
+    assert p.evict_idle(time.monotonic() + 61) == 1
+    now[0] += 7201
+    assert p.page_unsilenced() == 1
+    silenced, page = anomalies(p)
+    assert (silenced["status"], page["status"], page["after_silence"]) == ("silenced", "firing", True)
+    assert isinstance(page["explain"], dict) and page["explain"] == silenced["explain"]
+    assert page["source"]["topic"] == "in" and page["source"]["first_offset"] == silenced["source"]["first_offset"]
+    assert [d for d in out(p, "state") if d.get("stream") == "dev-q"][-1]["alerts"]["episode"]["explain"] is None
+    path = tmp_path / "page.json"
+    path.write_text(json.dumps({**page, "explain": None}) + "\n" + json.dumps(silenced) + "\n")
+    assert _alert_from_file(path)["status"] == "silenced"  # a message whose explain is null is passed over
+
+
+def test_an_episode_restored_keeps_the_first_input_offset_it_was_published_with(make: Make) -> None:
+    """The restored start is re-anchored on the replay's first sample: a resolve after a restart named the
+    committed offset as the episode's first input (197 instead of 87) under the same alert id."""
+    ts, v = sine_stream(4000, (), seed=2)
+    v[900:2600, 0] += 3.0  # an episode longer than max_hold_windows: the commit passes its start
+    recs = records("dev-l", ts, v)
+
+    def owner() -> Any:
+        p = make()
+        p.settings = Settings(state_topic="state", max_hold_windows=20)
+        return p
+
+    whole = owner()
+    feed(whole, recs)
+    expected = [(d["status"], d["source"]["first_offset"]) for d in anomalies(whole)]
+    assert [s for s, _ in expected] == ["firing", "resolved"] and expected[0][1] == expected[1][1]
+    q, src = owner(), MemorySource()
+    feed(q, recs[:200])
+    q.revoke(src, {recs[0].tp})
+    doc = [d for d in out(q, "state") if d.get("stream") == "dev-l"][-1]
+    committed = src.committed[recs[0].tp]
+    assert committed > expected[0][1]
+    r = owner()
+    r.restored = {"dev-l": doc}
+    feed(r, recs[committed:])
+    assert [(d["status"], d["source"]["first_offset"]) for d in anomalies(q) + anomalies(r)] == expected
+
+
 def test_ctl_without_a_login_name_asks_for_an_operator(monkeypatch: pytest.MonkeyPatch) -> None:
     """An arbitrary uid with no passwd entry (OpenShift): getpass.getuser raised out of tsmon ctl."""
     import getpass
