@@ -108,8 +108,8 @@ def event_metrics(sample_labels: np.ndarray, window_ends: np.ndarray, flagged: n
     where windows holding NaN/inf were left out — two alarms either side of such a stretch are two
     episodes, not one (None: the scored windows are all the windows). An event is detected when an alarm
     window overlaps ``[start, end + tolerance]``; its delay is the first such window's end minus the event
-    start, averaged over the events an episode began for (its first window ends at or after the event's first
-    sample); an event inside an episode that began before it is detected without a delay (``events_inside_open_alarm``). An
+    start, averaged over the events no episode was open for when they began; an event inside an episode that
+    began before it is detected without a delay (``events_inside_open_alarm``), whatever began after. An
     alarm episode is true when it overlaps any event (with the same tolerance). ``span`` limits events to
     the scored part of the series; one that began before it counts from there, as in replay-eval (its delay
     was measured from a start in the training part).
@@ -125,16 +125,20 @@ def event_metrics(sample_labels: np.ndarray, window_ends: np.ndarray, flagged: n
     for r in runs(flagged):
         cuts = np.flatnonzero(np.diff(place[r.start : r.end + 1]) != 1) + r.start
         episodes += zip([r.start, *(cuts + 1)], [*cuts, r.end], strict=True)
+    episode_of = np.full(len(all_ends), -1)
+    for k, (a, b) in enumerate(episodes):
+        episode_of[a : b + 1] = k
+    began = np.array([int(all_ends[a]) for a, _ in episodes], dtype="int64")  # each episode's first window end
     delays: list[int] = []
     inside = 0
-    for e in events:
-        hit = [int(all_ends[a]) for a, b in episodes
-               if np.any((all_ends[a : b + 1] >= e.start) & (all_ends[a : b + 1] - window + 1 <= e.end + tolerance))]
-        began = [end for end in hit if end >= e.start]  # its first window already hits the event
-        if began:
-            delays.append(min(began) - e.start)
-        elif hit:
+    for e in events:  # the windows hitting it end in [start, end + tolerance + window - 1]
+        lo, hi = np.searchsorted(all_ends, [e.start, e.end + tolerance + window], side="left")
+        hit = np.unique(episode_of[lo:hi])
+        firsts = began[hit[hit >= 0]]
+        if np.any(firsts < e.start):  # an episode open when it began (one begun after changes nothing)
             inside += 1
+        elif len(firsts):
+            delays.append(int(firsts.min()) - e.start)
     spans = [(int(all_ends[a]) - window + 1, int(all_ends[b])) for a, b in episodes]
     true_eps = sum(any(a <= ev.end + tolerance and b >= ev.start for ev in events) for a, b in spans)
     return {

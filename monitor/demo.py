@@ -57,8 +57,8 @@ def scorecard(streams: list[DemoStream], alerts: list[dict[str, Any]], period_ms
     """Precision, recall and mean delay of anomaly alerts against the labelled episodes.
 
     An alert still open at the end (no ``resolved`` message) spans to the end of its stream: it is firing
-    there. The delay is averaged over episodes whose detecting alert fired at or after the episode began;
-    episodes that fell inside an alert already firing (e.g. held by flapping) are counted apart.
+    there. The delay is averaged over episodes no alert was already firing for when they began; episodes that
+    fell inside an alert already firing (e.g. held by flapping) are counted apart, whatever fired after.
     """
     latest: dict[str, dict[str, Any]] = {}
     for a in alerts:  # one row per alert id; a later message (resolved) supersedes an earlier one
@@ -75,11 +75,10 @@ def scorecard(streams: list[DemoStream], alerts: list[dict[str, Any]], period_ms
             if not fired:
                 continue
             detected += 1
-            own = [f for f in fired if f >= e0]
-            if own:
-                delays.append((min(own) - e0) / period_ms + 1)
-            else:
+            if any(f < e0 for f in fired):  # an alert already firing when it began (one after it changes nothing)
                 covered += 1
+            else:
+                delays.append((min(fired) - e0) / period_ms + 1)
     n_alerts = len(latest)
     return {
         "alerts": n_alerts, "true_alerts": tp_alerts, "labelled_anomalies": labelled, "detected": detected,

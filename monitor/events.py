@@ -12,10 +12,10 @@ Owns what `tsmon replay-eval` claims, and nothing is point-adjusted:
   (``[start, end + tolerance]``: a window ending shortly after the event still saw it), else **false**;
 * an event is **detected** when a true alert overlaps it; its **delay** is the first such alert's firing
   time (``fired_ts``: the end of the window that made it fire) minus the event's first sample, at least 0 —
-  averaged over the events an alert fired for (at or after the event's first sample). An event that fell
-  inside an alert already firing before it began is detected, but not fired for: it is counted in
-  ``events_inside_open_alert`` and has no delay (one alert held open for the whole test part would
-  otherwise detect every event with a delay of 0);
+  averaged over the events no alert was already firing for when they began. An event that fell inside an
+  alert already firing before it began is detected, but not fired for: it is counted in
+  ``events_inside_open_alert`` and has no delay, whatever fires after (one alert held open for the whole test
+  part would otherwise detect every event with a delay of 0);
 * an alert that overlaps no scored event but one that ended during the warm-up (widened by ``tolerance``)
   was raised by that event: it is neither true nor false (``ignored_for_warmup_event``).
 
@@ -92,11 +92,10 @@ def score_alerts(events: list[Span], alerts: list[dict[str, Any]], test: Span, t
     inside = 0
     for ev in events:
         fired = [float(a["fired_ts"]) for a, s in zip(scored, spans, strict=True) if ev.overlaps(s, tolerance_ms)]
-        for_it = [f for f in fired if f >= ev.start_ms]
-        if for_it:
-            delays.append((min(for_it) - ev.start_ms) / 1000)
-        elif fired:
+        if any(f < ev.start_ms for f in fired):  # open when it began (a later alert during it changes nothing)
             inside += 1
+        elif fired:
+            delays.append((min(fired) - ev.start_ms) / 1000)
     hours = max(test.end_ms - test.start_ms, 1.0) / 3.6e6
     n_true, n_ignored = sum(true), sum(earlier)
     n_false = len(true) - n_true - n_ignored

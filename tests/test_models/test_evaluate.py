@@ -104,3 +104,12 @@ def test_events_inside_an_alarm_open_before_them_have_no_delay() -> None:
     assert ev["events_inside_open_alarm"] == 1 and ev["mean_delay_samples"] == 4.0  # the first began for event 1
     none = event_metrics(labels, ends, np.zeros(len(ends), bool), window=20)
     assert none["alarm_episodes"] == 0 and none["event_precision"] is None and none["event_recall"] == 0.0
+
+
+def test_an_event_an_episode_was_open_for_when_it_began_has_no_delay_whatever_alarms_later() -> None:
+    labels = np.zeros(200, int)
+    labels[50:121] = 1
+    ends = np.arange(9, 200, 5)
+    flagged = ((ends >= 44) & (ends <= 69)) | ((ends >= 99) & (ends <= 124))  # episode 1 begins before it
+    ev = event_metrics(labels, ends, flagged, 10)
+    assert ev["events_inside_open_alarm"] == 1 and ev["mean_delay_samples"] is None and ev["alarm_episodes"] == 2

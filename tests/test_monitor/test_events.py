@@ -81,6 +81,9 @@ def test_events_inside_an_alert_open_since_before_them_are_detected_without_a_de
     r = score_alerts(events, [{**held, "end_ts": 2 * H}, later], Span(0, 10 * H), 60_000)
     assert r["events_detected"] == 2 and r["events_inside_open_alert"] == 1
     assert r["mean_delay_s"] == pytest.approx(0.06 * 3600)
+    during = alert("c", 5.08 * H, 5.09 * H, 5.3 * H)  # fires during event 2, which an alert was open for
+    r = score_alerts([Span(1 * H, 10 * H)], [{**held, "end_ts": 2 * H}, during], Span(0, 10 * H), 60_000)
+    assert r["events_inside_open_alert"] == 1 and r["mean_delay_s"] is None
 
 
 def test_an_alert_raised_by_an_event_of_the_warm_up_is_neither_true_nor_false() -> None:
@@ -158,3 +161,16 @@ def test_windows_need_timestamps_and_exclude_a_label_column(tmp_path) -> None:
     pd.DataFrame({"value": [1.0, 2.0]}).to_csv(tmp_path / "n.csv", index=False)
     with pytest.raises(DataError, match="needs a timestamp column"):
         read_series(tmp_path / "n.csv", windows=tmp_path / "w.json")
+
+
+def test_the_demo_scorecard_counts_episodes_inside_an_open_alert_apart_whatever_fires_later() -> None:
+    """The demo's summary follows the same rule as replay-eval: an episode an alert was already firing for
+    when it began has no delay, also when another alert fires during it."""
+    from monitor.demo import DemoStream, scorecard
+
+    s = DemoStream("d", np.arange(0, 1000, 10, dtype="int64"), np.zeros((100, 1), "float32"),
+                   [(100, 400), (600, 700)])
+    docs = [alert("a", 50, 80, 200, stream="d"), alert("b", 250, 300, 450, stream="d"),  # a open when it began
+            alert("c", 600, 650, 700, stream="d")]  # fires 50 ms into episode 2: 6 samples at 10 ms
+    r = scorecard([s], docs, period_ms=10)
+    assert r["detected"] == 2 and r["inside_open_alert"] == 1 and r["mean_delay_samples"] == 6.0
