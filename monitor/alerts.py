@@ -47,8 +47,9 @@ class AlertSettings:
     def noise(self, run: int, peak_ratio: float) -> bool:
         """Is an over-threshold run of ``run`` windows, at most ``peak_ratio`` × threshold, normal noise?
 
-        Runs too short to page are; with ``for_windows`` = 1, where a single window pages, only a minor one."""
-        return 0 < run < self.noise_run and (self.for_windows > 1 or peak_ratio < self.major_ratio)
+        Runs too short to page are; with ``for_windows`` = 1, where a single window pages, only a minor one (as
+        its message shows it: the ratio rounded to 4 decimals)."""
+        return 0 < run < self.noise_run and (self.for_windows > 1 or round(peak_ratio, 4) < self.major_ratio)
 
 
 @dataclass(frozen=True, slots=True)

@@ -602,6 +602,10 @@ class Processor:
         st, topic = self.streams.get(stream), self.settings.state_topic
         if st is None or self.failed is not None:  # it would include windows after the lost ones
             return None
+        ep = st.alerts.episode  # a picture kept for a late page shows the peak as it is now (it may have grown)
+        if ep is not None and ep.explain is not None and ep.peak.values is not None \
+                and ep.explain.get("end_ts") != ep.peak.end_ts:
+            ep.explain = self._explain(st, ep.peak) or ep.explain
         point = st.replay_point()
         st.home = frozenset(self.ledger.partitions_of(stream)) or st.home  # woken: none read since, keep the doc's
         doc = st.to_doc(stream, self.calibrator, int(self.clock() * 1000), point)

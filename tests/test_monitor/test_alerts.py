@@ -396,3 +396,15 @@ def test_a_message_keeps_significant_digits_and_its_severity_matches_the_ratio_s
     assert doc["peak_score"] == pytest.approx(score, rel=1e-5) and doc["threshold"] == pytest.approx(threshold, rel=1e-5)
     assert doc["top_channels"][0]["error"] == pytest.approx(score * 0.7, rel=1e-5)
     assert doc["ratio"] == ratio and doc["severity"] == severity_
+
+
+def test_a_single_window_shown_as_major_is_not_learnt_as_noise() -> None:
+    """Severity is judged on the rounded ratio (1.49996 shows as 1.5, major): so is the noise test under
+    ``for`` = 1, which learnt such a page as a minor window of normal noise."""
+    s = AlertSettings(for_windows=1)
+    state = AlertState("s", "m@v", s)
+    ch = np.array([1.0], "float32")
+    state.update(Observation(0, 100, 0, 9, 1.49996, 1.0, "calibrated", ch))
+    state.update(Observation(100, 200, 0, 9, 0.5, 1.0, "calibrated", ch))
+    assert state.update(Observation(200, 300, 0, 9, 0.5, 1.0, "calibrated", ch)).censored == 0
+    assert s.noise(1, 1.49994) and not s.noise(1, 1.49996)

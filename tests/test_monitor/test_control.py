@@ -1093,12 +1093,34 @@ def test_a_late_page_carries_the_picture_and_the_input_of_its_silenced_message(m
     assert p.page_unsilenced() == 1
     silenced, page = anomalies(p)
     assert (silenced["status"], page["status"], page["after_silence"]) == ("silenced", "firing", True)
-    assert isinstance(page["explain"], dict) and page["explain"] == silenced["explain"]
+    assert isinstance(page["explain"], dict) and page["explain"]["end_ts"] == page["peak_ts"]
     assert page["source"]["topic"] == "in" and page["source"]["first_offset"] == silenced["source"]["first_offset"]
     assert [d for d in out(p, "state") if d.get("stream") == "dev-q"][-1]["alerts"]["episode"]["explain"] is None
     path = tmp_path / "page.json"
     path.write_text(json.dumps({**page, "explain": None}) + "\n" + json.dumps(silenced) + "\n")
     assert _alert_from_file(path)["status"] == "silenced"  # a message whose explain is null is passed over
+
+
+def test_a_late_page_after_an_eviction_pictures_the_peak_it_reports(make: Make) -> None:
+    """The kept picture was the one of the silenced message: an episode whose peak grew before the eviction
+    paged with the new peak's score beside the picture of a weaker, earlier window."""
+    p = make()
+    now = [1_800_000_000.0]
+    p.clock = lambda: now[0]
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0)
+    ts, v = sine_stream(1200, (), seed=3)
+    v[900:1200, 0] += 3.0
+    v[1050:1200, 0] += 5.0  # the peak grows after the silenced message
+    feed(p, records("dev-q", ts[:200], v[:200]))
+    p.streams["dev-q"].silenced_until_ms = int((now[0] + 7200) * 1000)
+    feed(p, records("dev-q", ts[200:], v[200:], first_offset=20))
+    assert p.evict_idle(time.monotonic() + 61) == 1
+    now[0] += 7201
+    assert p.page_unsilenced() == 1
+    silenced, page = anomalies(p)
+    assert silenced["explain"]["end_ts"] < page["peak_ts"]
+    assert page["explain"]["end_ts"] == page["peak_ts"]
+    assert page["explain"]["score"] == pytest.approx(page["peak_score"], rel=1e-4)
 
 
 def test_an_episode_restored_keeps_the_first_input_offset_it_was_published_with(make: Make) -> None:
