@@ -137,6 +137,7 @@ class Processor:
         self.evicted: set[str] = set()  # streams this instance evicted since its last assignment (see wake)
         self.evicted_here: set[str] = set()  # those of them evicted by evict_idle (not adopted): no input replayed
         self.owed: dict[str, int] = {}  # evicted with a silenced alert open: silence end (epoch ms), page owed
+        self.undocumented: set[str] = set()  # started since the last commit: their first document goes with it
         self._owed_warned: set[str] = set()
         self.clock = time.time  # wall clock: silences and state timestamps
         self.deadline: float | None = None  # monotonic time by which commits must be done (set at shutdown)
@@ -295,10 +296,11 @@ class Processor:
                           s.rate_tolerance, s.quality_cooldown_ms,
                           on_finding=lambda kind: self.metrics.quality.labels(kind).inc()),
             AlertState(stream, served.identity, self.alert_settings(served)), recent_alerts=deque(maxlen=s.recent_alerts))
-        if s.state_topic is not None:  # until its first document, a replay after a crash must begin where this
-            st.doc_from_seq = 1       # instance began reading it: the state it started from (restored or the
-            # artifact's) is the latest there is (the commit ran past a restored document's point, and a crash
-            # then lost the windows in between, their evidence and the alert ids that followed)
+        if s.state_topic is not None:  # until its first document (sent with the next commit), a replay after a
+            st.doc_from_seq = 1       # crash must begin where this instance began reading it: the state it
+            self.undocumented.add(stream)  # started from (restored or the artifact's) is the latest there is
+            # (the commit ran past a restored document's point, and a crash then lost the windows in between,
+            # their evidence and the alert ids that followed)
         replayed = stream not in self.evicted_here  # its input was released at the eviction: none comes again
         self._unevict(stream)
         restored = self._restore(stream, st, replayed)
@@ -613,6 +615,7 @@ class Processor:
             doc["recalibrate_at_ts"] = self.data_clock.next_ms[stream]
         if topic is not None:
             self.sink.send(json_message(topic, stream, doc, [("tsmon.type", b"stream_state")]))
+            self.undocumented.discard(stream)
             st.doc_from_seq = st.resume_seq(point)  # a replay after a crash must reach this document's
             self._release(stream, st)  # the older document's hold ends now (a shutdown sends no more records)
             st.dirty = False
@@ -729,6 +732,9 @@ class Processor:
         def left() -> float:  # the flush and the commit share the timeout; a deadline (shutdown) cuts it
             return (end if self.deadline is None else min(end, self.deadline)) - time.monotonic()
 
+        for name in sorted(self.undocumented):  # their hold from the first sample read ends with this commit
+            self.save(name)
+        self.undocumented.clear()
         self._flush(left)
         assigned = source.assignment() if tps is None else tps
         offsets = {tp: o for tp, o in self.ledger.committable(assigned).items() if self._committed.get(tp) != o}

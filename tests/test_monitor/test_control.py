@@ -800,7 +800,8 @@ def test_after_a_crash_the_replay_reaches_the_last_document_and_alert_ids_hold(m
 def test_a_restored_stream_holds_its_input_until_it_writes_a_document(make: Make) -> None:
     """A restored stream had no hold of its own until its first snapshot (up to 30 s, commits every 1 s): the
     commit ran past the restored document's point, and a crash then replayed that same document from a later
-    offset — windows never applied again (105 of 297 recent errors lost here), a shifted grid, new alert ids."""
+    offset — windows never applied again (105 of 297 recent errors lost here), a shifted grid, new alert ids.
+    Its first document now goes out with the first commit after it started, and holds until then."""
     ts, v = sine_stream(3000, (2500,), seed=3)
     recs = records("dev-a", ts, v, chunk=7)
     tp = recs[0].tp
@@ -810,20 +811,24 @@ def test_a_restored_stream_holds_its_input_until_it_writes_a_document(make: Make
         p.settings = Settings(state_topic="state")
         return p
 
+    def latest(p: Any) -> dict[str, Any]:
+        return [d for d in out(p, "state") if d.get("stream") == "dev-a"][-1]
+
     whole = owner()
     feed(whole, recs)
     p1 = owner()
     feed(p1, recs[:100])
-    p1.save("dev-a")
-    p1.commit(MemorySource(), {tp})  # the revoke
-    doc1, held1 = [d for d in out(p1, "state") if d.get("stream") == "dev-a"][-1], p1.ledger.committable()[tp]
+    p1.commit(MemorySource(), {tp})  # the revoke (its first document goes with it)
+    doc1, held1 = latest(p1), p1.ledger.committable()[tp]
     p2 = owner()
     p2.restored = {"dev-a": doc1}
-    feed(p2, recs[held1:250])  # the next owner, before its first snapshot
+    feed(p2, recs[held1:250])
+    assert p2.ledger.committable()[tp] <= held1  # before its first document: held where p2 began reading
     held2 = p2.commit(MemorySource(), {tp})[tp]
-    assert held2 <= held1  # where p2 began reading: the state it started from is still the latest
+    doc2 = latest(p2)
+    assert doc2 is not doc1 and held2 > held1  # the commit sent p2's own first document, then moved on
     p3 = owner()
-    p3.restored = {"dev-a": doc1}
+    p3.restored = {"dev-a": doc2}
     feed(p3, recs[held2:])  # p2 died
     recent = [len(_unpack(q.calibrator.export("dev-a")["recent"])) for q in (whole, p3)]
     assert recent[0] == recent[1]
