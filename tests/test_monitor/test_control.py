@@ -1080,16 +1080,13 @@ def test_without_a_changelog_a_page_owed_survives_a_rebalance(stream_model: Path
         p.close()
 
 
-def test_a_late_page_carries_the_picture_and_the_input_of_its_silenced_message(make: Make, tmp_path: Path) -> None:
-    """A silenced episode of a stream evicted (or restored) before its silence ended paged with ``explain``
-    null — a restored peak has no samples — and a source of nulls, and ``tsmon inspect --alert`` failed on it."""
-    from monitor.commands.model_cmds import _alert_from_file
-
+def late_page_after_eviction(make: Make, ts: np.ndarray, v: np.ndarray) -> tuple[Any, dict, dict]:
+    """Silence ``dev-q`` from its 200th sample for 2 h, feed the rest, evict it, let the silence end: the
+    processor, the silenced message and the late page."""
     p = make()
     now = [1_800_000_000.0]
     p.clock = lambda: now[0]
     p.settings = Settings(state_topic="state", idle_evict_s=60.0)
-    ts, v = sine_stream(1000, (970,))
     feed(p, records("dev-q", ts[:200], v[:200]))
     p.streams["dev-q"].silenced_until_ms = int((now[0] + 7200) * 1000)
     feed(p, records("dev-q", ts[200:], v[200:], first_offset=20))
@@ -1097,6 +1094,15 @@ def test_a_late_page_carries_the_picture_and_the_input_of_its_silenced_message(m
     now[0] += 7201
     assert p.page_unsilenced() == 1
     silenced, page = anomalies(p)
+    return p, silenced, page
+
+
+def test_a_late_page_carries_the_picture_and_the_input_of_its_silenced_message(make: Make, tmp_path: Path) -> None:
+    """A silenced episode of a stream evicted (or restored) before its silence ended paged with ``explain``
+    null — a restored peak has no samples — and a source of nulls, and ``tsmon inspect --alert`` failed on it."""
+    from monitor.commands.model_cmds import _alert_from_file
+
+    p, silenced, page = late_page_after_eviction(make, *sine_stream(1000, (970,)))
     assert (silenced["status"], page["status"], page["after_silence"]) == ("silenced", "firing", True)
     assert isinstance(page["explain"], dict) and page["explain"]["end_ts"] == page["peak_ts"]
     assert page["source"]["topic"] == "in" and page["source"]["first_offset"] == silenced["source"]["first_offset"]
@@ -1109,20 +1115,10 @@ def test_a_late_page_carries_the_picture_and_the_input_of_its_silenced_message(m
 def test_a_late_page_after_an_eviction_pictures_the_peak_it_reports(make: Make) -> None:
     """The kept picture was the one of the silenced message: an episode whose peak grew before the eviction
     paged with the new peak's score beside the picture of a weaker, earlier window."""
-    p = make()
-    now = [1_800_000_000.0]
-    p.clock = lambda: now[0]
-    p.settings = Settings(state_topic="state", idle_evict_s=60.0)
     ts, v = sine_stream(1200, (), seed=3)
     v[900:1200, 0] += 3.0
     v[1050:1200, 0] += 5.0  # the peak grows after the silenced message
-    feed(p, records("dev-q", ts[:200], v[:200]))
-    p.streams["dev-q"].silenced_until_ms = int((now[0] + 7200) * 1000)
-    feed(p, records("dev-q", ts[200:], v[200:], first_offset=20))
-    assert p.evict_idle(time.monotonic() + 61) == 1
-    now[0] += 7201
-    assert p.page_unsilenced() == 1
-    silenced, page = anomalies(p)
+    _, silenced, page = late_page_after_eviction(make, ts, v)
     assert silenced["explain"]["end_ts"] < page["peak_ts"]
     assert page["explain"]["end_ts"] == page["peak_ts"]
     assert page["explain"]["score"] == pytest.approx(page["peak_score"], rel=1e-4)
