@@ -113,6 +113,14 @@ class Episode:
                 self.peak = obs
 
 
+def generation_of(doc: dict[str, Any]) -> int:
+    """The ``generation`` of an ``alerts`` document (absent before: 0)."""
+    g = doc.get("generation", 0)
+    if isinstance(g, bool) or not isinstance(g, int) or g < 0:
+        raise ValueError(f"generation must be an integer >= 0, got {g!r}")
+    return g
+
+
 UNKNOWN_SOURCE = ("", -1, -1)  # a restored episode's first input, when its document did not keep it
 
 
@@ -143,6 +151,9 @@ class AlertState:
     would_peak: float = 0.0  # its highest score / threshold
     fires: deque[int] = field(default_factory=deque)  # end times of the last flap_max firings
     over_floor: float = math.inf  # lowest threshold of the over windows not yet settled as fired or noise
+    # model changes this stream went through (each restore of another version's document adds one): part of
+    # the alert id from the first on, so a rollback (v1 → v2 → v1) does not rebuild an id already resolved
+    generation: int = 0
 
     def __post_init__(self) -> None:
         # flap_max firings within the period flap: the last flap_max tell (a fixed 64 never saw a 65th)
@@ -275,12 +286,14 @@ class AlertState:
             "first_source": list(ep.first_source) if ep.first_source else None, "explain": ep.explain}
         return {"episode": episode, "under": self.under, "run": self.run, "run_peak": self.run_peak,
                 "would_over": self.would_over, "would_peak": self.would_peak, "fires": list(self.fires),
-                "over_floor": self.over_floor if math.isfinite(self.over_floor) else None}
+                "over_floor": self.over_floor if math.isfinite(self.over_floor) else None,
+                "generation": self.generation}
 
     def restore(self, doc: dict[str, Any], replay_from_seq: int) -> None:
         """Continue from :meth:`to_doc`'s output. Sample numbers restart with the process, so an open
         episode is re-anchored at ``replay_from_seq`` (the first sample this process reads)."""
         e = doc["episode"]
+        self.generation = generation_of(doc)
         self.under, self.fires = int(doc["under"]), deque((int(t) for t in doc["fires"]), maxlen=self.fires.maxlen)
         floor = doc.get("over_floor")  # absent before: the threshold of the window that settles the run
         self.over_floor = math.inf if floor is None else float(floor)
@@ -311,7 +324,8 @@ class AlertState:
                                tuple(source) if source else UNKNOWN_SOURCE, picture)
 
     def _id(self, obs: Observation) -> str:
-        return hashlib.sha256(f"{self.model}|{self.stream}|{obs.start_ts}".encode()).hexdigest()[:20]
+        key = f"{self.model}|{self.stream}|{obs.start_ts}" + (f"|{self.generation}" if self.generation else "")
+        return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 RATIO_CAP = 1e12  # score / threshold past it is reported as it: JSON has no infinity (a pin of 1e-310 made one)

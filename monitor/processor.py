@@ -593,7 +593,7 @@ class Processor:
         ep = st.alerts.episode
         if ep is not None and ep.fired is not None:  # never leave a page open that nothing will resolve
             self.publish_alert(stream, st, Transition("resolved", ep), reset=True)
-        st.reset(AlertState(stream, st.served.identity, self.alert_settings(st.served)))
+        st.reset(AlertState(stream, st.served.identity, self.alert_settings(st.served), generation=st.alerts.generation))
         self.calibrator.reset(stream, reason)
         self._release(stream, st)
         self.save(stream)

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from monitor.alerts import AlertState, Episode, iso
+from monitor.alerts import AlertState, Episode, generation_of, iso
 from monitor.calibrator import Calibrator
 from monitor.quality import StreamQuality
 from monitor.scorer import Served
@@ -157,15 +157,18 @@ class StreamState:
         self.home = self.home or doc_partitions(doc)
         if doc["model"] != self.served.describe():
             frozen = doc["calibrator"]["frozen"] is True  # a pinned value is on the old model's scale
+            generation = generation_of(doc["alerts"]) + 1
+            old = None
+            if doc["alerts"].get("episode"):  # paged under the old model: the processor resolves it
+                old = AlertState(self.alerts.stream, str(doc["model"].get("name", "")), self.alerts.settings)
+                old.restore(doc["alerts"], self.windows.seen)  # checked before anything is applied
             self.silenced_until_ms, self.feedback = silenced, feedback
             self.quality.resume(*periods)  # the stream's rate, whatever model scores it
             if not replayed:  # the order rule is the stream's, whatever model scores it
                 self.resume_after_ts = last_sample
             calibrator.set_frozen(stream, frozen)
-            if doc["alerts"].get("episode"):  # paged under the old model: the processor resolves it
-                old = AlertState(self.alerts.stream, str(doc["model"].get("name", "")), self.alerts.settings)
-                old.restore(doc["alerts"], self.windows.seen)
-                self.orphan = old.episode
+            self.alerts.generation = generation
+            self.orphan = old.episode if old is not None else None
             return "controls"
         alerts = AlertState(self.alerts.stream, self.alerts.model, self.alerts.settings)
         alerts.restore(doc["alerts"], self.windows.seen)

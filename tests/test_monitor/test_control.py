@@ -905,6 +905,55 @@ def test_the_learnt_sample_period_survives_a_restore_and_an_eviction(make: Make)
     assert [q.streams["dev-g"].quality.counts["gap"] for q in (whole, p2, p3)] == [1, 1, 1]
 
 
+def test_a_rotation_rolled_back_never_rebuilds_an_alert_id_already_resolved(make: Make, served: Served) -> None:
+    """v1 → v2 → v1 with an anomaly going on: the commit holds the open episode's start, so v1 back rebuilt its
+    episode from the same first window — the id v2 had resolved with ``model_changed`` — and a consumer
+    deduplicating on (alert_id, status) dropped the page. A model change now counts in the id."""
+    v1, v2 = served, replace(served, version="rotated0000")
+    ts, v = sine_stream(2400, (970,), seed=2)
+    v[970:2200, 0] += 3.0  # the anomaly goes on through both rotations
+    recs = records("dev-x", ts, v)
+
+    def owner(model: Served, doc: dict[str, Any] | None, part: list[Any]) -> Any:
+        p = make(Scorer([model]))
+        p.settings = Settings(state_topic="state")
+        p.restored = {"dev-x": doc} if doc else {}
+        feed(p, part)
+        p.save("dev-x")
+        p.commit(MemorySource())
+        return p
+
+    p = owner(v1, None, recs[:105])
+    [held] = p.ledger.committable().values()
+    r = owner(v2, [d for d in out(p, "state") if d.get("stream") == "dev-x"][-1], recs[held:130])
+    [held2] = r.ledger.committable().values()
+    s = owner(v1, [d for d in out(r, "state") if d.get("stream") == "dev-x"][-1], recs[held2:])
+    sent = [(d["alert_id"], d["status"]) for q in (p, r, s) for d in anomalies(q)]
+    assert len(sent) == len(set(sent)) == 6  # v1 fires; v2 resolves it, fires; v1 resolves that, fires, resolves
+    assert [d.get("model_changed", False) for d in anomalies(s)] == [True, False, False]
+
+
+def test_a_damaged_document_of_another_model_version_applies_nothing(make: Make, served: Served) -> None:
+    """Its silence and freeze were applied before the alert part failed to restore, and the page it had open was
+    then never resolved; checked whole first, it is ignored like any damaged document."""
+    ts, v = sine_stream(1400, (970,), seed=2)
+    v[970:1300, 0] += 3.0
+    recs = records("dev-x", ts, v)
+    p = make()
+    p.settings = Settings(state_topic="state")
+    feed(p, recs[:105])
+    p.calibrator.set_frozen("dev-x", True)
+    p.streams["dev-x"].silenced_until_ms = 4102444800000
+    p.save("dev-x")
+    doc = json.loads(json.dumps([d for d in out(p, "state") if d.get("stream") == "dev-x"][-1]))
+    doc["alerts"]["episode"]["first_source"] = "bad"
+    r = make(Scorer([replace(served, version="rotated0000")]))
+    r.settings = Settings(state_topic="state")
+    r.restored = {"dev-x": doc}
+    feed(r, recs[105:110])
+    assert r.streams["dev-x"].silenced_until_ms == 0 and not r.calibrator.controls("dev-x")["frozen"]
+
+
 def test_documents_read_at_restore_are_kept_whatever_their_number(make: Make) -> None:
     """The changelog holds the documents of every instance's streams, more than ``max_streams``: none of them
     is dropped when idle streams are evicted (a pinned, silenced stream used to come back as artifact)."""
