@@ -283,7 +283,8 @@ class ModelRoute(_Section):
                                                                          "episode on these streams; none = alerts.for")
     resolve_after: int | None = Field(None, ge=1, description="normal windows in a row that resolve it; "
                                                               "none = alerts.resolve_after")
-    name: str | None = Field(None, min_length=1, description="display name; none = the directory name")
+    name: str | None = Field(None, min_length=1, description="display name, unique across routes (two routes to one "
+                                                            "artifact need one each); none = the directory name")
 
     _optional = field_validator("hop", "gap_ms", "for_windows", "resolve_after", "name", mode="before")(_unset)
 

@@ -21,6 +21,7 @@ from monitor.commands.render import emit_json
 from monitor.config import bootstrap_problem, load_config, topic_problem
 from monitor.replay import finite_rows, timestamps
 from monitor.replay import replay as replay_series
+from monitor.scorer import Scorer, load_served
 
 log = logs.get("tsmon.cli")
 
@@ -153,10 +154,14 @@ def config_check(
     """Validate a configuration (file + TSMON_* environment) and print it resolved, secrets masked."""
     cfg = load_config(config)
     cfg.kafka.check_files()  # as the clients of `tsmon run` will
-    for route in cfg.require_models():  # loaded whole, as `tsmon run` will (a manifest alone passed before)
+    routes = cfg.require_models()
+    for route in routes:
         if not (Path(route.path) / "manifest.json").is_file():
             raise ConfigError(f"models: no artifact at {route.path} (pattern {route.pattern!r})")
-        artifact.load(route.path, device="cpu")
+    # loaded whole and routed as `tsmon run` will (on CPU): a manifest alone passed before, and so did two
+    # routes to one artifact without a name each, which `tsmon run` refused
+    Scorer([load_served(r.pattern, r.path, r.name, r.hop, "cpu", r.gap_ms, r.for_windows, r.resolve_after)
+            for r in routes], cfg.daemon.precision)
     emit_json(cfg.redacted())
 
 

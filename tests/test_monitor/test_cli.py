@@ -293,6 +293,20 @@ def test_more_bad_input_gives_one_line(dense_artifact: Path, tmp_path: Path, cap
     assert code == 1 and "validation_error_quantiles must be an object" in err
 
 
+def test_config_check_refuses_two_unnamed_routes_to_one_artifact(dense_artifact: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """``tsmon run`` refuses two routes with the same model name (the directory's when none is set); config
+    check loaded each artifact alone and passed the file."""
+    cfg = tmp_path / "two.toml"
+    cfg.write_text(f'[[models]]\npattern = "ecg-*"\npath = "{dense_artifact}"\nfor = 1\n\n'
+                   f'[[models]]\npattern = "*"\npath = "{dense_artifact}"\n')
+    code, _, err = run(capsys, "config", "check", "--config", str(cfg))
+    assert code == 1 and "model names must be unique" in err and "Traceback" not in err
+    cfg.write_text(cfg.read_text().replace("for = 1\n", 'for = 1\nname = "ecg"\n'))
+    code, out, _ = run(capsys, "config", "check", "--config", str(cfg))
+    assert code == 0 and '"ecg"' in out
+
+
 def test_a_bad_training_summary_in_the_manifest_gives_one_line(dense_artifact: Path, series_csv: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     # each was a 40-line traceback from eval (AttributeError, ValueError, TypeError from BeatRule.fit)
