@@ -88,6 +88,11 @@ def _score_in_worker(model: str, values: np.ndarray) -> Result:
     return _timed(_worker, model, values)
 
 
+def _versions_in_worker() -> dict[str, str]:
+    assert _worker is not None, "scoring process not initialised"
+    return {name: m.version for name, m in _worker.models.items()}
+
+
 def _warm_up_in_worker(sizes: list[int], tolerance: float) -> Timings:
     assert _worker is not None, "scoring process not initialised"
     return _worker.warm_up(sizes, tolerance)
@@ -97,7 +102,10 @@ class ProcessBackend:
     """Scores in one spawned process holding its own copy of the models (no GIL shared with parsing)."""
 
     def __init__(self, routes: list[RouteSpec], device: str, threads: int, start_timeout_s: float = 120,
-                 precision: str = "float32") -> None:
+                 precision: str = "float32", versions: dict[str, str] | None = None) -> None:
+        """``versions``: model name → the weights version the daemon loaded. The process loads the artifacts
+        again by path: one replaced in place meanwhile (``tsmon train --out`` over it, seconds at start) was
+        scored by the new weights for the process's life while alerts and documents named the old version."""
         ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and a CUDA context
         self._pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker,
                                          initargs=(routes, device, threads, os.getpid(), precision))
@@ -108,6 +116,12 @@ class ProcessBackend:
             raise ConfigError(f"the scoring process could not start: {type(exc).__name__}: {str(exc)[:300]} (a script "
                               "that starts the daemon needs `if __name__ == '__main__':`; or set "
                               "daemon.scoring = \"thread\")") from None
+        loaded = self._pool.submit(_versions_in_worker).result(timeout=start_timeout_s) if versions else {}
+        changed = {n: (v, loaded[n]) for n, v in (versions or {}).items() if n in loaded and loaded[n] != v}
+        if changed:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            raise ConfigError("artifact(s) replaced while the daemon started: " + ", ".join(
+                f"{n} loaded as {a}, then as {b}" for n, (a, b) in sorted(changed.items())) + "; start it again")
 
     def submit(self, model: str, values: np.ndarray) -> Future[Result]:
         return self._pool.submit(_score_in_worker, model, values)

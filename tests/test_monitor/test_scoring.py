@@ -43,6 +43,17 @@ def test_a_model_the_scoring_process_cannot_load_fails_at_start(tmp_path: Path) 
         ProcessBackend([("*", str(tmp_path / "missing"), None, None)], "cpu", 1, start_timeout_s=60)
 
 
+def test_an_artifact_replaced_between_the_daemons_load_and_the_scoring_processs_is_refused(stream_model: Path) -> None:
+    """The scoring process loads the artifacts again by path: one replaced in place meanwhile (``tsmon train
+    --out`` over it, seconds at start) was scored by the new weights for the process's life while alerts and
+    documents named the old version."""
+    served = load_served("*", stream_model, None, None, "cpu")
+    with pytest.raises(ConfigError, match=rf"artifact\(s\) replaced while the daemon started: {served.name} "
+                                          rf"loaded as 0123456789ab, then as {served.version}"):
+        ProcessBackend([("*", str(stream_model), None, None)], "cpu", 1, start_timeout_s=60,
+                       versions={served.name: "0123456789ab"})
+
+
 def test_scoring_threads_follow_a_container_cpu_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """os.cpu_count() counts the node's cores: under a 2-CPU limit on a 64-core node the daemon ran 63 threads."""
     import os
