@@ -120,6 +120,7 @@ class StreamState:
             applied, replayed = min(applied, ep.start.end_ts - 1), ep.windows_over
         point = point or self.replay_point()
         return {"type": "stream_state", "v": DOC_VERSION, "stream": stream, "model": self.served.describe(),
+                "artifact_threshold": self.served.detector.threshold.value,
                 "written_ms": written_ms, "applied_until_ts": applied,
                 "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,
                 "last_sample_ts": self.windows.last_ts, "sample_periods_ms": list(self.quality.periods()),
@@ -138,8 +139,10 @@ class StreamState:
         order rule as it would have been without the eviction (passed over as a replay, a day of data from a
         clock set back went unscored, uncounted and not dead-lettered).
 
-        A document written for another model version restores only the operator's controls (silence, freeze)
-        and the feedback: thresholds, a pin and alert state belong to the model that produced them.
+        A document written for another model version — or for the same weights with another artifact
+        threshold (retrained with ``--threshold-quantile``: its threshold was ignored, even by reset-stream) —
+        restores only the operator's controls (silence, freeze) and the feedback: thresholds, a pin and alert
+        state belong to the model that produced them.
         """
         if doc.get("v") != DOC_VERSION:
             raise ValueError(f"unknown state document version {doc.get('v')!r}")
@@ -155,7 +158,9 @@ class StreamState:
             raise TypeError(f"sample_periods_ms must be two periods (ms > 0) or null, got {periods!r}")
         periods = [None if p is None else float(p) for p in periods]
         self.home = self.home or doc_partitions(doc)
-        if doc["model"] != self.served.describe():
+        artifact = self.served.detector.threshold.value  # absent from documents of earlier versions: the same
+        retrained = doc.get("artifact_threshold", artifact) != artifact  # same weights, a new threshold
+        if doc["model"] != self.served.describe() or retrained:
             frozen = doc["calibrator"]["frozen"] is True  # a pinned value is on the old model's scale
             generation = generation_of(doc["alerts"]) + 1
             old = None

@@ -954,6 +954,31 @@ def test_a_damaged_document_of_another_model_version_applies_nothing(make: Make,
     assert r.streams["dev-x"].silenced_until_ms == 0 and not r.calibrator.controls("dev-x")["frozen"]
 
 
+def test_a_retrain_that_changes_only_the_threshold_is_a_new_model_for_the_stream(make: Make, served: Served) -> None:
+    """Same weights (PCA is deterministic), ``--threshold-quantile 0.999``: the version is the weights' hash, so
+    the restored stream kept the old artifact threshold, even after reset-stream."""
+    from copy import copy
+
+    from models.detector import Threshold
+
+    ts, v = sine_stream(1200, seed=2)
+    recs = records("dev-x", ts, v)
+    p = make()
+    p.settings = Settings(state_topic="state")
+    feed(p, recs[:60])
+    p.save("dev-x")
+    doc = [d for d in out(p, "state") if d.get("stream") == "dev-x"][-1]
+    detector = copy(served.detector)
+    detector.threshold = Threshold(0.999, 1.5, served.detector.threshold.value * 1.5)
+    r = make(Scorer([replace(served, detector=detector)]))
+    r.settings = Settings(state_topic="state")
+    r.restored = {"dev-x": doc}
+    feed(r, recs[60:70])
+    th = r.calibrator.threshold("dev-x")
+    assert (th.value, th.source, th.artifact) == (detector.threshold.value, "artifact", detector.threshold.value)
+    assert r.streams["dev-x"].alerts.generation == 1
+
+
 def test_documents_read_at_restore_are_kept_whatever_their_number(make: Make) -> None:
     """The changelog holds the documents of every instance's streams, more than ``max_streams``: none of them
     is dropped when idle streams are evicted (a pinned, silenced stream used to come back as artifact)."""
