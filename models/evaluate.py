@@ -121,14 +121,14 @@ def event_metrics(sample_labels: np.ndarray, window_ends: np.ndarray, flagged: n
     all_ends = np.asarray(window_ends, dtype="int64")
     flagged = np.asarray(flagged, dtype=bool)
     place = np.arange(len(all_ends)) if positions is None else np.asarray(positions, dtype="int64")
-    episodes: list[tuple[int, int]] = []  # first and last window (indices into window_ends) of each episode
-    for r in runs(flagged):
-        cuts = np.flatnonzero(np.diff(place[r.start : r.end + 1]) != 1) + r.start
-        episodes += zip([r.start, *(cuts + 1)], [*cuts, r.end], strict=True)
+    # an episode: flagged windows next to each other in the series (and in the scored list)
+    idx = np.flatnonzero(flagged)
+    breaks = (np.diff(idx) != 1) | (np.diff(place[idx]) != 1)
+    starts, ends = np.r_[True, breaks][: len(idx)], np.r_[breaks, True][: len(idx)]
+    first, last = idx[starts], idx[ends]
     episode_of = np.full(len(all_ends), -1)
-    for k, (a, b) in enumerate(episodes):
-        episode_of[a : b + 1] = k
-    began = np.array([int(all_ends[a]) for a, _ in episodes], dtype="int64")  # each episode's first window end
+    episode_of[idx] = np.cumsum(starts) - 1
+    began = all_ends[first]  # each episode's first window end
     delays: list[int] = []
     inside = 0
     for e in events:  # the windows hitting it end in [start, end + tolerance + window - 1]
@@ -139,15 +139,15 @@ def event_metrics(sample_labels: np.ndarray, window_ends: np.ndarray, flagged: n
             inside += 1
         elif len(firsts):
             delays.append(int(firsts.min()) - e.start)
-    spans = [(int(all_ends[a]) - window + 1, int(all_ends[b])) for a, b in episodes]
+    spans = zip((all_ends[first] - window + 1).tolist(), all_ends[last].tolist(), strict=True)
     true_eps = sum(any(a <= ev.end + tolerance and b >= ev.start for ev in events) for a, b in spans)
     return {
         "events": len(events),
         "events_detected": len(delays) + inside,
         "events_inside_open_alarm": inside,
         "event_recall": (len(delays) + inside) / len(events) if events else None,
-        "alarm_episodes": len(episodes),
-        "event_precision": true_eps / len(episodes) if episodes else None,
+        "alarm_episodes": len(first),
+        "event_precision": true_eps / len(first) if len(first) else None,
         "mean_delay_samples": float(np.mean(delays)) if delays else None,
         "tolerance_samples": tolerance,
     }

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from monitor.events import latest_alerts
+
 EPISODE_BEATS = (2, 4)  # inclusive range of abnormal beats per episode
 
 
@@ -60,13 +62,11 @@ def scorecard(streams: list[DemoStream], alerts: list[dict[str, Any]], period_ms
     there. The delay is averaged over episodes no alert was already firing for when they began; episodes that
     fell inside an alert already firing (e.g. held by flapping) are counted apart, whatever fired after.
     """
-    latest: dict[str, dict[str, Any]] = {}
-    for a in alerts:  # one row per alert id; a later message (resolved) supersedes an earlier one
-        if a.get("type") == "anomaly":
-            latest[a["alert_id"]] = a
-    tp_alerts, detected, covered, delays, labelled = 0, 0, 0, [], 0
+    tp_alerts, detected, covered, delays, labelled, n_alerts, flapping = 0, 0, 0, [], 0, 0, 0
     for s in streams:
-        mine = [a for a in latest.values() if a["stream"] == s.name]
+        mine = latest_alerts(alerts, s.name)  # one per alert id, as replay-eval scores them
+        n_alerts += len(mine)
+        flapping += sum(bool(a.get("flapping")) for a in mine)
         spans = [(a["start_ts"], a["end_ts"] or int(s.ts[-1]), a["fired_ts"]) for a in mine]
         labelled += len(s.episodes)
         tp_alerts += sum(any(lo <= e1 and hi >= e0 for e0, e1 in s.episodes) for lo, hi, _ in spans)
@@ -79,13 +79,12 @@ def scorecard(streams: list[DemoStream], alerts: list[dict[str, Any]], period_ms
                 covered += 1
             else:
                 delays.append((min(fired) - e0) / period_ms + 1)
-    n_alerts = len(latest)
     return {
         "alerts": n_alerts, "true_alerts": tp_alerts, "labelled_anomalies": labelled, "detected": detected,
         "precision": round(tp_alerts / n_alerts, 4) if n_alerts else None,
         "recall": round(detected / labelled, 4) if labelled else None,
         "mean_delay_samples": round(float(np.mean(delays)), 1) if delays else None,
-        "inside_open_alert": covered, "flapping": sum(bool(a.get("flapping")) for a in latest.values()),
+        "inside_open_alert": covered, "flapping": flapping,
     }
 
 

@@ -52,14 +52,16 @@ def labelled_events(ts_ms: np.ndarray, labels: np.ndarray, from_ms: float) -> li
     """Runs of label 1 as spans of data time; those that end before ``from_ms`` are left out, and one that
     began before it counts from ``from_ms`` (alerts of the warm-up count for nothing, so its delay starts
     with the scored part)."""
-    spans = [Span(max(float(ts_ms[e.start]), from_ms), float(ts_ms[e.end])) for e in runs(labels)]
-    return [s for s in spans if s.end_ms >= from_ms]
+    return [Span(max(s.start_ms, from_ms), s.end_ms) for s in _runs_ms(ts_ms, labels) if s.end_ms >= from_ms]
 
 
 def warmup_events(ts_ms: np.ndarray, labels: np.ndarray, from_ms: float) -> list[Span]:
     """The runs of label 1 that :func:`labelled_events` leaves out: they end before ``from_ms``."""
-    spans = [Span(float(ts_ms[e.start]), float(ts_ms[e.end])) for e in runs(labels)]
-    return [s for s in spans if s.end_ms < from_ms]
+    return [s for s in _runs_ms(ts_ms, labels) if s.end_ms < from_ms]
+
+
+def _runs_ms(ts_ms: np.ndarray, labels: np.ndarray) -> list[Span]:
+    return [Span(float(ts_ms[e.start]), float(ts_ms[e.end])) for e in runs(labels)]
 
 
 def latest_alerts(docs: list[dict[str, Any]], stream: str) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.errors import DataError
+from monitor.alerts import significant
 
 if TYPE_CHECKING:
     from models.detector import Detector
@@ -84,7 +85,7 @@ def block_max(x: np.ndarray, step: int) -> np.ndarray:
 
 def _num(x: float) -> float | None:
     x = float(x)
-    return float(f"{x:.{DIGITS}g}") if math.isfinite(x) else None
+    return significant(x, DIGITS) if math.isfinite(x) else None
 
 
 def _floats(xs: np.ndarray) -> list[float | None]:
