@@ -285,8 +285,12 @@ class ModelRoute(_Section):
                                                               "none = alerts.resolve_after")
     name: str | None = Field(None, min_length=1, description="display name, unique across routes (two routes to one "
                                                             "artifact need one each); none = the directory name")
+    gap_periods: float | None = Field(None, gt=1, description="an interval longer than this many of these streams' "
+                                      "sample periods is a gap too (e.g. 2.5 for device-clock ECG beside "
+                                      "receipt-stamped sensors); none = windows.gap_periods")
 
-    _optional = field_validator("hop", "gap_ms", "for_windows", "resolve_after", "name", mode="before")(_unset)
+    _optional = field_validator("hop", "gap_ms", "for_windows", "resolve_after", "name", "gap_periods",
+                                mode="before")(_unset)
 
     @field_validator("path", mode="before")
     @classmethod
@@ -760,6 +764,7 @@ pattern = "*"                            # example: fnmatch glob on the stream i
 path = "artifacts/ecg5000-lstm"          # example: artifact directory written by `tsmon train`
 # hop = 1                                # example: window hop in samples; default: the artifact's hop
 # gap_ms = 900000.0                      # example: slow sensors (5-min samples); default: windows.gap_ms
+# gap_periods = 2.5                      # example: device-clock ECG (a dropout is a gap); default: windows.gap_periods
 # for = 1                                # example: ECG beats (one abnormal beat is the event); default: alerts.for
 # resolve_after = 2                      # example: default: alerts.resolve_after
 # name = "ecg"                           # example: display name; default: the directory name

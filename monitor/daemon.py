@@ -76,7 +76,7 @@ def scoring_threads(configured: int | None) -> int:
 
 def build_scorer(cfg: Config) -> Scorer:
     return Scorer([load_served(r.pattern, r.path, r.name, r.hop, cfg.daemon.device, r.gap_ms, r.for_windows,
-                               r.resolve_after) for r in cfg.require_models()], cfg.daemon.precision)
+                               r.resolve_after, r.gap_periods) for r in cfg.require_models()], cfg.daemon.precision)
 
 
 def calibrator_settings(cfg: Config) -> CalibratorSettings:

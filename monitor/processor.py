@@ -277,10 +277,11 @@ class Processor:
 
     def _gap_ms(self, st: StreamState, base: float | None) -> float | None:
         """The longest interval that is not a gap: ``base`` (the route's or daemon's ``gap_ms``), or with ``gap_periods``
-        set, that many of the stream's sample periods once learnt (the recent period while the rate has drifted:
+        set (the route's, else the daemon's), that many of the stream's sample periods once learnt (the recent period while the rate has drifted:
         learnt once, a rate that fell made every interval a gap), whichever is shorter. With ``gap_ms`` alone a
         130 ms dropout of a 100 Hz stream joined two phases of its signal inside windows, which paged."""
-        k, period = self.settings.gap_periods, st.quality.current_period_ms
+        k = st.served.gap_periods if st.served.gap_periods is not None else self.settings.gap_periods
+        period = st.quality.current_period_ms
         if k is None or not period:  # off, or not learnt yet
             return base
         return k * period if base is None else min(base, k * period)

@@ -42,6 +42,7 @@ class Served:
     gap_ms: float | None = None  # the route's own gap that restarts windows; None = the daemon-wide one
     for_windows: int | None = None  # the route's own alert debounce; None = the daemon-wide one
     resolve_after: int | None = None
+    gap_periods: float | None = None  # the route's own relative gap; None = the daemon-wide one
 
     @property
     def window(self) -> int:
@@ -62,11 +63,11 @@ class Served:
 
 def load_served(pattern: str, path: Path, name: str | None, hop: int | None, device: str,
                 gap_ms: float | None = None, for_windows: int | None = None,
-                resolve_after: int | None = None) -> Served:
+                resolve_after: int | None = None, gap_periods: float | None = None) -> Served:
     det = artifact.load(path, device)
     version = str(det.meta["weights"]["sha256"])[:12]  # artifact.load has checked the weights against it
     return Served(name or Path(path).name, pattern, det, hop or det.hop or det.window, version, gap_ms,
-                  for_windows, resolve_after)
+                  for_windows, resolve_after, gap_periods)
 
 
 ROUTE_CACHE = 16_384  # stream ids whose route is remembered

@@ -160,7 +160,8 @@ def config_check(
             raise ConfigError(f"models: no artifact at {route.path} (pattern {route.pattern!r})")
     # loaded whole and routed as `tsmon run` will (on CPU): a manifest alone passed before, and so did two
     # routes to one artifact without a name each, which `tsmon run` refused
-    Scorer([load_served(r.pattern, r.path, r.name, r.hop, "cpu", r.gap_ms, r.for_windows, r.resolve_after)
+    Scorer([load_served(r.pattern, r.path, r.name, r.hop, "cpu", r.gap_ms, r.for_windows, r.resolve_after,
+                       r.gap_periods)
             for r in routes], cfg.daemon.precision)
     emit_json(cfg.redacted())
 

@@ -1412,6 +1412,29 @@ def test_a_dropout_shorter_than_gap_ms_is_a_gap_of_the_learnt_period_not_a_page(
     assert docs(p2, "anomaly") and not docs(p2, "data_quality")
 
 
+def test_gap_periods_per_route_applies_to_its_streams_only(make: Make, stream_model: Path) -> None:
+    """A deployment mixing device-clock streams (a dropout is a gap) with receipt-stamped ones (bursty intervals
+    are not) sets ``gap_periods`` on the route of the first: the daemon-wide key could only be on for all."""
+    routes = [{"pattern": "clk-*", "path": str(stream_model), "name": "clock", "gap_periods": 2.5},
+              {"pattern": "*", "path": str(stream_model), "name": "recv"}]
+    scorer = build_scorer(load_config(None, {"models": routes, "daemon.device": "cpu"}, env={}))
+    on, base = scorer.models["clock"], scorer.models["recv"]
+    assert (on.gap_periods, base.gap_periods) == (2.5, None)
+    p = make(scorer)
+    p.settings = Settings(gap_periods=None)
+    ts, v = sine_stream(4000, seed=7)
+    keep = np.r_[0:2000, 2000 + 130 // STREAM_PERIOD_MS : 4000]
+    feed(p, records("clk-1", ts[keep], v[keep]) + records("dev-1", ts[keep], v[keep], partition=1))
+    sink(p).flush(1)
+    assert [(d["stream"], d["kind"]) for d in docs(p, "data_quality")] == [("clk-1", "gap")]
+    assert {d["stream"] for d in docs(p, "anomaly")} == {"dev-1"}  # spliced where the route leaves it off
+    p2 = make(Scorer([replace(on, gap_periods=None), base]))
+    p2.settings = Settings(gap_periods=2.5)  # none on the route: the daemon's
+    feed(p2, records("clk-1", ts[keep], v[keep]))
+    sink(p2).flush(1)
+    assert [d["kind"] for d in docs(p2, "data_quality")] == ["gap"]
+
+
 def test_a_daemon_whose_scoring_failed_where_it_was_caught_stops_instead_of_running_on(stream_model: Path) -> None:
     """A failure raised inside a rebalance callback can be caught on its way out (kafka-python wraps it): the loop
     then ran on, healthy to every probe, scoring and committing nothing. Once the processor has failed it stops."""
