@@ -123,9 +123,11 @@ class Daemon:
         self.scorer = scorer or build_scorer(cfg)
         self.scoring = choose(cfg.daemon.scoring, cfg.daemon.device)
         if self.scoring == "process":
-            backend: Backend = ProcessBackend([(r.pattern, str(r.path), r.name, r.hop) for r in cfg.require_models()],
-                                              cfg.daemon.device, threads, precision=cfg.daemon.precision,
-                                              versions={m.name: m.version for m in self.scorer.models.values()})
+            process = ProcessBackend([(r.pattern, str(r.path), r.name, r.hop) for r in cfg.require_models()],
+                                     cfg.daemon.device, threads, precision=cfg.daemon.precision,
+                                     versions={m.name: m.version for m in self.scorer.models.values()})
+            self.metrics.watch_scoring_process(lambda: process.pid)
+            backend: Backend = process
         else:
             # The CPU LSTM steps its layers from Python, taking the GIL between ops; with the default 5 ms
             # switch interval it waits behind the parsing thread (193k → 223k samples/s at 0.2 ms).

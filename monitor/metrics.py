@@ -14,6 +14,7 @@ summary; :meth:`Metrics.total` sums one counter.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -23,6 +24,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
 )
 
 
@@ -104,6 +106,12 @@ class Metrics:
         self._labelled: dict[str, str] = {}  # stream → the source its one threshold series carries
         self._over_cap: set[str] = set()
         self._threshold_lock = threading.Lock()  # the calibrator thread and the loop both set thresholds
+
+    def watch_scoring_process(self, pid: Callable[[], int | None]) -> None:
+        """Export the scoring process's own series (``tsmon_scoring_process_resident_memory_bytes``, CPU, open
+        files, start time): it holds the models and torch's buffers, and on CPU it does the scoring, none of
+        which the daemon process's series show. Nothing is exported while it is gone."""
+        ProcessCollector(namespace="tsmon_scoring", pid=lambda: str(pid() or "absent"), registry=self.registry)
 
     def set_threshold(self, stream: str, value: float, source: str) -> None:
         """Export ``stream``'s threshold as one series ``{stream, source}``, within the label cap.

@@ -126,6 +126,12 @@ class ProcessBackend:
     def submit(self, model: str, values: np.ndarray) -> Future[Result]:
         return self._pool.submit(_score_in_worker, model, values)
 
+    @property
+    def pid(self) -> int | None:
+        """The scoring process's pid (None once it is gone): its memory and CPU are exported beside the daemon's."""
+        procs = [p for p in list((getattr(self._pool, "_processes", None) or {}).values()) if p.is_alive()]
+        return procs[0].pid if procs else None
+
     def warm_up(self, sizes: list[int], tolerance: float) -> Timings:
         return self._pool.submit(_warm_up_in_worker, sizes, tolerance).result()
 

@@ -561,6 +561,18 @@ def in_process_daemon(model: Path, source: MemorySource, sink: MemorySink, **ove
     return Daemon(cfg, source=source, sink=sink)
 
 
+def test_a_daemon_scoring_in_a_process_exports_that_process_series(stream_model: Path) -> None:
+    from prometheus_client import generate_latest
+
+    d = in_process_daemon(stream_model, MemorySource([]), MemorySink(), **{"daemon.scoring": "process"})
+    try:
+        scrape = generate_latest(d.metrics.registry).decode()
+        assert "tsmon_scoring_process_resident_memory_bytes" in scrape and "\nprocess_resident_memory_bytes" in scrape
+    finally:
+        d.run(until=lambda: True)  # shuts the scoring process down
+    assert "tsmon_scoring_process_" not in generate_latest(d.metrics.registry).decode()
+
+
 def test_a_daemon_without_a_control_key_says_so_at_start(stream_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An empty TSMON_CONTROL__KEY (a missing secret) unsets the key: every command is refused, and nothing at
     start said so."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,30 @@ def test_thread_and_process_backends_agree(stream_model: Path) -> None:
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
     assert a[0].shape == (64,) and a[1].shape == (64, 2) and b[2] > 0
+
+
+def test_the_scoring_process_has_its_own_process_series(stream_model: Path) -> None:
+    """On CPU the models, torch and the scoring live in the scoring process: the daemon's process series missed
+    them (an operator's memory alert saw a fraction of the pod's memory)."""
+    from prometheus_client import generate_latest
+
+    from monitor.metrics import Metrics
+
+    metrics = Metrics()
+    process = ProcessBackend([("*", str(stream_model), None, None)], "cpu", 1)
+    metrics.watch_scoring_process(lambda: process.pid)
+    try:
+        assert process.pid not in (None, os.getpid())
+        process.submit(stream_model.name, np.zeros((8, STREAM_WINDOW, 2), "float32")).result()
+        rows = {line.split()[0]: float(line.split()[1]) for line in generate_latest(metrics.registry).decode().splitlines()
+                if line.startswith("tsmon_scoring_process_")}
+        assert rows["tsmon_scoring_process_resident_memory_bytes"] > 50e6  # torch and the model
+        assert rows["tsmon_scoring_process_cpu_seconds_total"] > 0
+        assert "process_resident_memory_bytes" in generate_latest(metrics.registry).decode()  # the daemon's own too
+    finally:
+        process.close()
+    assert process.pid is None
+    assert "tsmon_scoring_process_" not in generate_latest(metrics.registry).decode()  # gone: nothing, not stale
 
 
 def test_auto_is_a_process_on_cpu_and_a_thread_on_cuda() -> None:
