@@ -46,6 +46,9 @@ class ChangelogReader:
             self._consumer.close()
             raise BrokerError(f"cannot read the changelog {topic}: {type(exc).__name__}: {exc}") from None
         self.complete = not self._tps
+        if not self._tps:
+            log.warning("changelog_missing", topic=topic, consequence="no stream state to restore: streams start "
+                        "from their artifact (a broker that lost its topics, or one deleted)")
 
     @property
     def seconds(self) -> float:

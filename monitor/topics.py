@@ -60,7 +60,8 @@ def partition_reader(client: dict[str, Any], topic: str, at_end: bool, if_missin
     try:
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or if_missing)]
         consumer.assign(tps)
-        (consumer.seek_to_end if at_end else consumer.seek_to_beginning)(*tps)
+        if tps:  # none: the topic is gone (a broker that lost its topics), nothing to read
+            (consumer.seek_to_end if at_end else consumer.seek_to_beginning)(*tps)
         end = time.monotonic() + timeout_s
         for tp in tps:
             if consumer.position(tp, timeout_ms=max(1, int((end - time.monotonic()) * 1000))) is None:

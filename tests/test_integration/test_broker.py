@@ -120,6 +120,19 @@ def test_a_broker_error_while_reading_the_changelog_is_a_broker_error(broker, to
         reader.step(1.0)
 
 
+def test_a_changelog_topic_without_partitions_reads_as_empty(broker) -> None:
+    """A broker that lost its topics (an in-memory one restarted) has no changelog partition: seeking none
+    raised a ValueError out of the restore, and the daemon stopped with a traceback."""
+    import uuid
+
+    from monitor.state import ChangelogReader
+
+    reader = ChangelogReader({"bootstrap_servers": broker.bootstrap}, f"absent-{uuid.uuid4().hex[:8]}", timeout_s=5)
+    assert reader.step(0.1)
+    log_ = reader.close()
+    assert log_.complete and log_.records == 0 and log_.docs == {}
+
+
 def test_the_changelog_is_read_in_steps_to_its_end(broker, topic: str) -> None:
     from monitor.state import ChangelogReader
 
