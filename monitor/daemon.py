@@ -379,6 +379,7 @@ class Daemon:
 
     def _refresh_views(self) -> None:
         """The loop's state for the HTTP threads: replaced, never mutated."""
+        self.metrics.loop_turned.set_to_current_time()
         assigned = self.source.assignment()
         lags = self.source.lags() if hasattr(self.source, "lags") else {}
         for topic, partition in self._lag_labels - set(lags):  # revoked: no stale lag to alert on

@@ -25,10 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from models.errors import BrokerError
+from monitor import logs
 
+log = logs.get("tsmon.source")
 TP = tuple[str, int]  # (topic, partition)
 POLL_SLICE_MS = 10  # longest single wait inside KafkaSource.poll while records flow (see there)
 SLICE_WHILE_ACTIVE_S = 1.0  # records within this long: the input counts as flowing
+PAUSED_ENDS_EVERY_S = 5.0  # how often the end offsets of paused partitions are asked for (KafkaSource.lags)
+PAUSED_ENDS_TIMEOUT_MS = 500  # ... and how long the loop waits for them at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +134,8 @@ class KafkaSource:
         self._callback_error: BaseException | None = None  # what our rebalance callback raised inside a poll
         self._last_records = -float("inf")  # monotonic time the last poll returned records
         self._session_s = consumer_kwargs.get("session_timeout_ms", 10_000) / 1000
+        self._paused_ends: dict[Any, int] = {}  # end offsets of paused partitions, asked for (lags)
+        self._paused_ends_due = 0.0  # monotonic time they are asked for again
 
         try:
             self._consumer = KafkaConsumer(**consumer_kwargs)
@@ -247,10 +253,26 @@ class KafkaSource:
         """Records behind the high watermark of the last fetch, per assigned partition with both known now.
         ``position`` never waits: without a timeout it resolves every partition's position first (committed
         offsets, resets: the broker), which blocked the loop for ``request_timeout_ms`` with the broker away,
-        and then returned None for a partition being reset (a TypeError that stopped the daemon)."""
+        and then returned None for a partition being reset (a TypeError that stopped the daemon).
+
+        A paused partition is not fetched, so its high watermark froze: an instance that stopped consuming
+        (back-pressure, a restore, a failing sink) kept reporting the lag it had then — 0 when it was caught
+        up — and no lag alert could fire. Paused partitions' end offsets are asked for instead, every
+        ``PAUSED_ENDS_EVERY_S`` with the broker reachable, waiting ``PAUSED_ENDS_TIMEOUT_MS`` at most."""
+        from kafka.errors import KafkaError
+
+        paused = self._consumer.paused()
+        self._paused_ends = {tp: o for tp, o in self._paused_ends.items() if tp in paused}
+        if paused and time.monotonic() >= self._paused_ends_due and self.broker_problem() is None:
+            self._paused_ends_due = time.monotonic() + PAUSED_ENDS_EVERY_S
+            try:
+                self._paused_ends.update(self._consumer.end_offsets(list(paused), timeout_ms=PAUSED_ENDS_TIMEOUT_MS))
+            except KafkaError as exc:
+                log.debug("paused_end_offsets_failed", error=f"{type(exc).__name__}: {exc}")
         out = {}
         for tp in self._consumer.assignment():
-            high = self._consumer.highwater(tp)
+            high = max((h for h in (self._consumer.highwater(tp), self._paused_ends.get(tp)) if h is not None),
+                       default=None)
             if high is not None and (pos := self._consumer.position(tp, timeout_ms=0)) is not None:
                 out[(tp.topic, tp.partition)] = max(0, high - pos)
         return out

@@ -133,6 +133,33 @@ def test_a_changelog_topic_without_partitions_reads_as_empty(broker) -> None:
     assert log_.complete and log_.records == 0 and log_.docs == {}
 
 
+def test_a_paused_partition_reports_the_lag_that_builds_up_behind_it(broker, topic: str) -> None:
+    """A paused partition is not fetched, so its high watermark froze: an instance that stopped consuming while
+    caught up reported lag 0 for as long as the pause lasted, and the lag alerts could never fire."""
+    from monitor.config import load_config
+    from monitor.source import KafkaSource
+
+    cfg = load_config(None, {"kafka.bootstrap_servers": broker.bootstrap, "kafka.group_id": f"g-{topic}",
+                             "kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 500}, env={})
+    src = KafkaSource(cfg.kafka.consumer_kwargs(), [topic], None, lambda _tps: None, lambda _tps: None)
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1)
+    try:
+        deadline = time.monotonic() + 30
+        while not src.assignment() and time.monotonic() < deadline:
+            src.poll(100)
+        p.send(topic, b"x", partition=0), p.flush()
+        got = [r for _ in range(30) for r in src.poll(100)]
+        assert len(got) == 1 and src.lags()[(topic, 0)] == 0  # caught up
+        src.pause(src.assignment())
+        for i in range(90):  # one record a batch: Tansu's end offsets are right for those
+            p.send(topic, b"%d" % i, partition=0), p.flush()
+        assert not src.poll(200)
+        assert src.lags()[(topic, 0)] == 90
+    finally:
+        p.close()
+        src.close(5)
+
+
 def test_the_changelog_is_read_in_steps_to_its_end(broker, topic: str) -> None:
     from monitor.state import ChangelogReader
 

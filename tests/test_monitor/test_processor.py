@@ -573,6 +573,16 @@ def test_a_daemon_scoring_in_a_process_exports_that_process_series(stream_model:
     assert "tsmon_scoring_process_" not in generate_latest(d.metrics.registry).decode()
 
 
+def test_the_loop_stamps_its_turns_for_prometheus(stream_model: Path) -> None:
+    """A hung loop froze every gauge and looked healthy to Prometheus; the loop stamps its last turn."""
+    d = in_process_daemon(stream_model, MemorySource([]), MemorySink(), **{"daemon.commit_interval_ms": 50})
+    created = d.metrics.loop_turned._value.get()
+    time.sleep(0.3)
+    started = time.time()
+    d.run(until=lambda: time.time() - started > 0.5)
+    assert d.metrics.loop_turned._value.get() >= started > created + 0.25
+
+
 def test_a_daemon_without_a_control_key_says_so_at_start(stream_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An empty TSMON_CONTROL__KEY (a missing secret) unsets the key: every command is refused, and nothing at
     start said so."""

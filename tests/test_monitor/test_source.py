@@ -82,7 +82,8 @@ def test_lags_never_wait_for_a_position() -> None:
         return {p0: 40, p1: None}.get(tp)
 
     src = object.__new__(KafkaSource)
-    src._consumer = SimpleNamespace(assignment=lambda: {p0, p1, p2}, position=position,
+    src._paused_ends = {}
+    src._consumer = SimpleNamespace(assignment=lambda: {p0, p1, p2}, position=position, paused=set,
                                     highwater=lambda tp: {p0: 100, p1: 7}.get(tp))
     assert src.lags() == {("in", 0): 60} and asked and all(t == 0 for t in asked)
 
