@@ -195,6 +195,7 @@ class Daemon:
         self._holding = False  # input paused because scoring falls behind (back-pressure)
         self._input_since = time.monotonic()  # input last came back from a pause: silence before it is not idleness
         self._problem: str | None = None  # why the last commit attempt failed; /readyz reports it
+        self._refusing: set[str] = set()  # streams whose last recalibration refused a raise
         self._retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
         self._read_retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
         self._read_problem: str | None = None  # why the last poll failed (a fetch the client cannot use)
@@ -346,6 +347,10 @@ class Daemon:
         """Scheduled recalibration of every stream (wall clock) or of ``streams`` (data clock: one at a time)."""
         refused: dict[str, str] = {}
         changed = self.calibrator.recalibrate(streams, refused=refused)
+        # streams whose new level is being refused now (each refusal is counted too, once per recalibration)
+        kept = set() if streams is None else self._refusing - set(streams)
+        self._refusing = (kept | set(refused)) & self.processor.streams.keys()
+        self.metrics.refusing.set(len(self._refusing))
         for stream, (old, new) in changed.items():
             outcome = "new_normal" if new.reason.startswith("new normal") else "changed"
             self.metrics.calibrations.labels(outcome).inc()
@@ -353,8 +358,9 @@ class Daemon:
                      source=new.source, version=new.version, reason=new.reason, samples=new.samples)
         for stream, reason in refused.items():
             self.metrics.calibrations.labels("refused").inc()
-            log.warning("threshold_raise_refused", stream=stream, reason=reason,
-                        threshold=round(self.calibrator.threshold(stream).value, 6))
+            if (extra := self.processor.throttle("threshold_raise_refused")) is not None:
+                log.warning("threshold_raise_refused", stream=stream, reason=reason,
+                            threshold=round(self.calibrator.threshold(stream).value, 6), **extra)
 
     def _undeliverable(self, msg: OutMessage, _why: str) -> None:
         self.metrics.undeliverable.labels(msg.topic).inc()

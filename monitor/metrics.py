@@ -83,6 +83,8 @@ class Metrics:
                                       "by severity", ["severity"], registry=r)
         self.calibrations = Counter("tsmon_calibrations", "Threshold recalibrations by outcome", ["outcome"],
                                     registry=r)
+        self.refusing = Gauge("tsmon_threshold_raise_refused_streams", "Streams whose last recalibration refused "
+                              "to raise their threshold to a new level (the drift guard)", registry=r)
         self.commands = Counter("tsmon_commands", "Operator commands by command and outcome", ["command", "outcome"],
                                 registry=r)
         self.snapshots = Counter("tsmon_state_snapshots", "Stream states written to the changelog", registry=r)

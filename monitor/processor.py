@@ -139,6 +139,7 @@ class Processor:
         self.owed: dict[str, int] = {}  # evicted with a silenced alert open: silence end (epoch ms), page owed
         self.undocumented: set[str] = set()  # started since the last commit: their first document goes with it
         self._owed_warned: set[str] = set()
+        self.throttle = logs.Throttle()  # per-record, per-window and per-stream events: a sample in the log
         self.clock = time.time  # wall clock: silences and state timestamps
         self.deadline: float | None = None  # monotonic time by which commits must be done (set at shutdown)
         self.scoring_deadline: float | None = None  # by which scoring must be done (the shutdown's drain)
@@ -168,8 +169,9 @@ class Processor:
             try:
                 block = parse(rec.value, rec.key, self.settings.limits)
             except Exception as exc:  # noqa: BLE001 — a parser bug must cost one message, never the daemon
-                log.error("parse_failed", error=f"{type(exc).__name__}: {exc}"[:300], topic=rec.topic,
-                          partition=rec.partition, offset=rec.offset)
+                if (extra := self.throttle("parse_failed")) is not None:
+                    log.error("parse_failed", error=f"{type(exc).__name__}: {exc}"[:300], topic=rec.topic,
+                              partition=rec.partition, offset=rec.offset, **extra)
                 block = BadRecord("unparseable", f"{type(exc).__name__}: {exc}"[:200])
             why = self._route(block) if isinstance(block, SampleBlock) else block
             if why is not None:
@@ -306,9 +308,10 @@ class Processor:
         self._unevict(stream)
         restored = self._restore(stream, st, replayed)
         state = self.calibrator.threshold(stream)
-        log.info("stream_started", stream=stream, model=served.name, window=served.window, hop=served.hop,
-                 threshold=state.value, threshold_source=state.source, threshold_version=state.version,
-                 restored=restored)
+        if (extra := self.throttle("stream_started")) is not None:
+            log.info("stream_started", stream=stream, model=served.name, window=served.window, hop=served.hop,
+                     threshold=state.value, threshold_source=state.source, threshold_version=state.version,
+                     restored=restored, **extra)
         self.streams[stream] = st
         self.metrics.streams.set(len(self.streams))
         return st
@@ -464,7 +467,9 @@ class Processor:
             score = float(window_err[i])
             if not np.isfinite(score):  # not "normal": no calibration, no progress towards resolving
                 self.metrics.skipped.labels("nonfinite_score").inc()
-                log.error("nonfinite_score", stream=stream, model=batch.model, end_ts=int(batch.end_ts[i]))
+                if (extra := self.throttle("nonfinite_score")) is not None:
+                    log.error("nonfinite_score", stream=stream, model=batch.model, end_ts=int(batch.end_ts[i]),
+                              **extra)
                 continue
             every.setdefault(stream, []).append(score)
             normal.setdefault(stream, [])
@@ -716,8 +721,9 @@ class Processor:
             headers.append(("tsmon.key_truncated_from", str(len(key)).encode()))
             key = key[:keep]
         self.sink.send(OutMessage(self.settings.dead_letter_topic, key, value, headers))
-        log.warning("dead_letter", reason=bad.reason, detail=bad.detail, topic=rec.topic, partition=rec.partition,
-                    offset=rec.offset)
+        if (extra := self.throttle("dead_letter")) is not None:
+            log.warning("dead_letter", reason=bad.reason, detail=bad.detail, topic=rec.topic, partition=rec.partition,
+                        offset=rec.offset, **extra)
 
     # 4. commits and rebalances --------------------------------------------------------------------
     def commit(self, source: Source, tps: set[TP] | None = None) -> dict[TP, int]:

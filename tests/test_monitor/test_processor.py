@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from models.errors import SinkBackpressure
+from monitor import logs
 from monitor.config import load_config
 from monitor.daemon import Daemon, build_scorer
 from monitor.processor import Processor, Settings
@@ -354,6 +355,23 @@ def test_gap_restarts_the_windows_and_is_reported(make: Make, poll: int) -> None
     assert docs(p, "anomaly") == []
 
 
+def test_a_flood_of_bad_records_writes_a_sample_of_warnings(make: Make, capsys: pytest.CaptureFixture[str]) -> None:
+    """1 000 bad records wrote 1 000 warnings: each is dead-lettered and counted, and the log keeps a sample."""
+    p = make()
+    now = [0.0]
+    p.throttle = logs.Throttle(clock=lambda: now[0])
+    bad = [InRecord(TOPIC, 0, i, b"dev-x", b"{oops", 0) for i in range(100)]
+    capsys.readouterr()
+    p.handle(bad)
+    now[0] = 61.0
+    p.handle([InRecord(TOPIC, 0, 100, b"dev-x", b"{oops", 0)])
+    logged = capsys.readouterr()
+    lines = [x for x in (logged.out + logged.err).splitlines() if "dead_letter" in x and "reason" in x]
+    assert len(lines) == 21 and "suppressed=80" in lines[-1].replace('"suppressed": 80', "suppressed=80")
+    assert "suppressed" not in lines[0]
+    assert len([m for m in sink(p).sent if m.topic == p.settings.dead_letter_topic]) == 101  # every one kept
+
+
 def test_nonfinite_score_is_neither_normal_nor_an_alert(make: Make, served: Served,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     scorer = Scorer([served])
@@ -581,6 +599,34 @@ def test_the_loop_stamps_its_turns_for_prometheus(stream_model: Path) -> None:
     started = time.time()
     d.run(until=lambda: time.time() - started > 0.5)
     assert d.metrics.loop_turned._value.get() >= started > created + 0.25
+
+
+def test_refused_raises_are_watched_per_stream_not_per_refusal(stream_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TsmonThresholdRaisesRefused counted refusals: one stream refused every 30 s tripped it in 6 minutes. The
+    gauge holds the streams refused at their last recalibration."""
+    from types import SimpleNamespace
+
+    d = in_process_daemon(stream_model, MemorySource([]), MemorySink())
+    monkeypatch.setattr(d.processor, "streams", {"a": None, "b": None, "c": None})
+    answers = iter([{"a": "still changing", "b": "still changing"}, {"a": "still changing"}, {"c": "x"}, {}])
+
+    def recalibrate(streams: list[str] | None = None, refused: dict[str, str] | None = None) -> dict[str, Any]:
+        assert refused is not None
+        refused.update(next(answers))
+        return {}
+
+    monkeypatch.setattr(d.calibrator, "recalibrate", recalibrate)
+    monkeypatch.setattr(d.calibrator, "threshold", lambda _stream: SimpleNamespace(value=1.0))
+    gauge = d.metrics.refusing._value.get
+    d.recalibrate()
+    assert gauge() == 2
+    d.recalibrate()  # every stream recalibrated: b is no longer refused
+    assert gauge() == 1 and d.metrics.total("tsmon_calibrations_total") == 3
+    d.recalibrate(["c"])  # one stream (data clock): a stays as it was
+    assert gauge() == 2
+    d.recalibrate(["a"])
+    assert gauge() == 1
+    d.run(until=lambda: True)
 
 
 def test_a_daemon_without_a_control_key_says_so_at_start(stream_model: Path, capsys: pytest.CaptureFixture[str]) -> None:

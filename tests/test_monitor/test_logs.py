@@ -1,0 +1,17 @@
+"""The log throttle: a sample of per-record events, with a count of what was left out."""
+
+from __future__ import annotations
+
+from monitor.logs import Throttle
+
+
+def test_the_throttle_keeps_a_burst_per_period_and_says_how_many_it_left_out() -> None:
+    now = [0.0]
+    t = Throttle(burst=3, period_s=60.0, clock=lambda: now[0])
+    assert [t("dead_letter") for _ in range(5)] == [{}, {}, {}, None, None]
+    assert t("stream_started") == {}  # each event its own budget
+    now[0] = 59.9
+    assert t("dead_letter") is None
+    now[0] = 60.0
+    assert t("dead_letter") == {"suppressed": 3} and t("dead_letter") == {}  # counted once, then reset
+    assert [t("dead_letter") for _ in range(2)] == [{}, None]
