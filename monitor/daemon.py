@@ -44,6 +44,7 @@ from monitor.metrics import Metrics
 from monitor.processor import DataClock, Processor, Settings
 from monitor.scorer import Scorer, load_served
 from monitor.scoring import Backend, ProcessBackend, ThreadBackend, choose
+from monitor.sdnotify import Notifier
 from monitor.sink import KafkaSink, OutMessage, Sink
 from monitor.source import TP, InRecord, KafkaSource, Source
 from monitor.state import Changelog, ChangelogReader
@@ -196,6 +197,7 @@ class Daemon:
         self._input_since = time.monotonic()  # input last came back from a pause: silence before it is not idleness
         self._problem: str | None = None  # why the last commit attempt failed; /readyz reports it
         self._refusing: set[str] = set()  # streams whose last recalibration refused a raise
+        self.notifier = Notifier()  # systemd's ready / watchdog / stopping, under Type=notify only
         self._retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
         self._read_retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
         self._read_problem: str | None = None  # why the last poll failed (a fetch the client cannot use)
@@ -386,6 +388,7 @@ class Daemon:
     def _refresh_views(self) -> None:
         """The loop's state for the HTTP threads: replaced, never mutated."""
         self.metrics.loop_turned.set_to_current_time()
+        self.notifier.watchdog()
         assigned = self.source.assignment()
         lags = self.source.lags() if hasattr(self.source, "lags") else {}
         for topic, partition in self._lag_labels - set(lags):  # revoked: no stale lag to alert on
@@ -437,6 +440,7 @@ class Daemon:
             if self.http is not None:
                 self.http.start()
             self._scheduler.start()
+            self.notifier.ready("consuming")  # models loaded, clients open: systemd's Type=notify start is done
             while not self.stop_event.is_set() and not (until and until()):
                 self._beat = time.monotonic()
                 wait = self.processor.batcher.wait_s()
@@ -660,6 +664,7 @@ class Daemon:
             self._drop_reader()
             self._restore_due = False
         self._ready = (False, "stopping")
+        self.notifier.stopping()
         try:
             self.processor.score_ready(force=True)
             self.processor.save_changed(every=True)
@@ -685,6 +690,7 @@ class Daemon:
                         close()
                 except Exception as exc:  # noqa: BLE001
                     log.error("close_failed", part=name, error=f"{type(exc).__name__}: {exc}")
+        self.notifier.close()
         log.info("daemon_stopped", uptime_s=round(time.monotonic() - self._started, 1),
                  shutdown_s=round(time.monotonic() - t0, 3), **_summary(self.metrics))
 

@@ -124,8 +124,12 @@ def test_compose_services_use_real_commands_and_config(tmp_path: Path) -> None:
 
 def test_kubernetes_manifests(tmp_path: Path) -> None:
     docs = {d["kind"]: d for p in (DEPLOY / "k8s").glob("*.yaml") for d in _yaml(p) if "kind" in d}
-    assert {"Deployment", "Secret", "Service", "PodDisruptionBudget", "ScaledObject",
-            "TriggerAuthentication"} <= set(docs)
+    assert {"Deployment", "Secret", "Service", "PodDisruptionBudget", "ScaledObject"} <= set(docs)
+    # scaled on what is left to read: KEDA's kafka scaler reads committed offsets, which tsmon holds back while a
+    # stream has a partial window (up to idle_evict_s), and scaled out for an hour with no backlog
+    triggers = docs["ScaledObject"]["spec"]["triggers"]
+    assert [t["type"] for t in triggers] == ["prometheus"]
+    assert set(re.findall(r"\btsmon_[a-z_]+", triggers[0]["metadata"]["query"])) == {"tsmon_consumer_lag"}
     # the config is generated from its file (a name with its content's hash: a change rolls the pods), the one the
     # Deployment mounts; a fixed-name ConfigMap changed nothing in running pods (subPath mounts are never updated)
     kustomization = docs.pop("Kustomization")
@@ -155,7 +159,6 @@ def test_kubernetes_manifests(tmp_path: Path) -> None:
     # what the pods mount and kustomize does not create is named for the operator to create first
     needed = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
     needed |= {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
-    needed |= {r["name"] for r in docs["TriggerAuthentication"]["spec"]["secretTargetRef"]}
     created = {d["metadata"]["name"] for d in docs.values() if d["kind"] not in ("Secret", "Kustomization")}
     howto = (DEPLOY / "k8s" / "kustomization.yaml").read_text()
     assert needed - created and all(n in howto for n in needed - created), needed
@@ -175,6 +178,11 @@ def test_systemd_unit() -> None:
     assert unit["Service"]["User"] != "root" and unit["Service"]["Restart"] in ("on-failure", "always")
     assert unit["Unit"].get("StartLimitIntervalSec") == "0" and "StartLimitBurst" not in unit["Unit"]
     assert "useradd --system" in (DEPLOY / "systemd" / "tsmon.service").read_text()  # User= must exist
+    # the daemon notifies (READY, WATCHDOG from its loop): the watchdog must outlast the loop's longest bounded
+    # wait (stall_s, plus 60 s opening the changelog), or systemd would kill a healthy daemon
+    svc = unit["Service"]
+    assert svc["Type"] == "notify" and svc["NotifyAccess"] == "main"
+    assert int(svc["WatchdogSec"]) > Config().http.stall_s + 60 and int(svc["TimeoutStartSec"]) >= 120
     env = dict(e.split("=", 1) for e in shlex.split(unit["Service"]["Environment"]))
     load_config(None, env=env)
 

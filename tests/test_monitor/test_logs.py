@@ -1,4 +1,4 @@
-"""The log throttle: a sample of per-record events, with a count of what was left out."""
+"""The log throttle (a sample of per-record events, with a count of what was left out); systemd notifications."""
 
 from __future__ import annotations
 
@@ -15,3 +15,18 @@ def test_the_throttle_keeps_a_burst_per_period_and_says_how_many_it_left_out() -
     now[0] = 60.0
     assert t("dead_letter") == {"suppressed": 3} and t("dead_letter") == {}  # counted once, then reset
     assert [t("dead_letter") for _ in range(2)] == [{}, None]
+
+
+def test_notifications_do_nothing_outside_systemd_and_stop_quietly_when_the_socket_fails(tmp_path) -> None:
+    from monitor.sdnotify import Notifier
+
+    off = Notifier(env={})
+    off.ready("x"), off.watchdog(), off.stopping()  # no NOTIFY_SOCKET: nothing at all
+    assert not off.enabled
+    gone = Notifier(env={"NOTIFY_SOCKET": str(tmp_path / "absent")})
+    assert gone.enabled
+    gone.ready("consuming")  # no listener: logged once, then off — never raised into the daemon
+    assert not gone.enabled
+    abstract = Notifier(env={"NOTIFY_SOCKET": "@tsmon-test"})
+    assert abstract._address == "\0tsmon-test"
+    abstract.close()

@@ -629,6 +629,34 @@ def test_refused_raises_are_watched_per_stream_not_per_refusal(stream_model: Pat
     d.run(until=lambda: True)
 
 
+def test_under_systemd_the_daemon_says_ready_keeps_the_watchdog_fed_and_says_stopping(
+        stream_model: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Outside Kubernetes nothing restarted a daemon whose loop hung (a Docker HEALTHCHECK only marks it,
+    Restart= only sees an exit): under Type=notify with WatchdogSec, systemd does, fed by the loop."""
+    import socket
+
+    path = str(tmp_path / "notify")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setattr("monitor.sdnotify.WATCHDOG_EVERY_S", 0.1)
+    d = in_process_daemon(stream_model, MemorySource([]), MemorySink(), **{"daemon.commit_interval_ms": 50})
+    started = time.monotonic()
+    d.run(until=lambda: time.monotonic() - started > 0.6)
+    got = []
+    server.settimeout(0.5)
+    try:
+        while True:
+            got.append(server.recv(256).decode())
+    except TimeoutError:
+        pass
+    finally:
+        server.close()
+    assert got[0].startswith("READY=1\n") and got[-1] == "STOPPING=1"
+    assert 3 <= got.count("WATCHDOG=1") <= 8  # fed every turn, at most every 0.1 s here
+
+
 def test_a_daemon_without_a_control_key_says_so_at_start(stream_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An empty TSMON_CONTROL__KEY (a missing secret) unsets the key: every command is refused, and nothing at
     start said so."""
