@@ -657,6 +657,32 @@ def test_under_systemd_the_daemon_says_ready_keeps_the_watchdog_fed_and_says_sto
     assert 3 <= got.count("WATCHDOG=1") <= 8  # fed every turn, at most every 0.1 s here
 
 
+def test_the_streams_table_is_built_only_while_someone_reads_it(stream_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One row per stream took 64–107 ms at 10 000 streams, rebuilt at every commit interval for nobody (6–11 %
+    of the loop). The loop builds it while /streams is read; the first request waits for one."""
+    import threading
+    import urllib.request
+
+    d = in_process_daemon(stream_model, MemorySource(records("dev-a", *sine_stream(400))), MemorySink(),
+                          **{"daemon.commit_interval_ms": 50, "http.enabled": True, "http.port": 0})
+    built = []
+    real = d.processor.status_rows
+    monkeypatch.setattr(d.processor, "status_rows", lambda lags: built.append(1) or real(lags))
+    runner = threading.Thread(target=d.run)
+    runner.start()
+    try:
+        time.sleep(0.6)
+        assert not built  # nobody asked
+        with urllib.request.urlopen(d.http.url + "/streams", timeout=5) as answer:
+            rows = json.loads(answer.read())["streams"]
+        assert [r["stream"] for r in rows] == ["dev-a"] and built  # built for this request, not an empty table
+        time.sleep(0.3)
+        assert len(built) >= 3  # kept fresh while it is being read
+    finally:
+        d.stop_event.set()
+        runner.join(10)
+
+
 def test_a_daemon_without_a_control_key_says_so_at_start(stream_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An empty TSMON_CONTROL__KEY (a missing secret) unsets the key: every command is refused, and nothing at
     start said so."""
