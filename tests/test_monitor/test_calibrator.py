@@ -363,3 +363,51 @@ def test_a_rollback_ends_a_pin() -> None:
     assert (rolled.value, rolled.source, cal.controls("s")["pinned"]) == (1.0, "rollback", False)
     cal.observe("s", np.full(50, 1.1))
     assert "s" in cal.recalibrate()  # calibration resumes from it
+
+
+def test_a_frozen_stream_or_a_daemon_wide_freeze_keeps_the_threshold_where_it_is() -> None:
+    """Evidence gathered before the freeze must not move a frozen threshold either (the freeze was only
+    checked where errors are learnt, and a recalibration ignoring it went unnoticed by every test)."""
+    for freeze in ("stream", "all"):
+        cal = Calibrator(CalibratorSettings(min_samples=10, window=50, max_change=1.0))
+        cal.register("s", 1.0)
+        cal.observe("s", np.full(50, 1.5))
+        if freeze == "stream":
+            cal.set_frozen("s", True)
+        else:
+            cal.frozen_all = True
+        held: dict[str, str] = {}
+        assert cal.recalibrate(held=held) == {} and cal.threshold("s").value == 1.0, freeze
+        if freeze == "stream":  # an operator's recalibrate holds too, and says why
+            assert cal.recalibrate(["s"], commanded=True, held=held) == {} and held == {"s": "frozen: unfreeze it first"}
+            cal.set_frozen("s", False)
+        else:  # a daemon-wide freeze stops the schedule, not an operator's command
+            assert cal.recalibrate(["s"], commanded=True)["s"][1].value == pytest.approx(1.5)
+            cal.frozen_all = False
+        cal.recalibrate()  # thawed: the evidence counts again
+        assert cal.threshold("s").value == pytest.approx(1.5)
+
+
+def test_a_commanded_recalibration_moves_straight_to_the_target() -> None:
+    cal = Calibrator(CalibratorSettings(min_samples=10, window=50, max_change=0.2))
+    cal.register("s", 1.0), cal.register("t", 1.0)
+    for s in ("s", "t"):
+        cal.observe(s, np.full(50, 0.6))
+    assert cal.recalibrate(["t"])["t"][1].value == pytest.approx(0.8)  # the schedule: by max_change
+    assert cal.recalibrate(["s"], commanded=True)["s"][1].value == pytest.approx(0.6)  # the operator: there
+
+
+def test_the_margin_multiplies_the_quantile() -> None:
+    cal = Calibrator(CalibratorSettings(min_samples=10, window=200, max_change=1.0, margin=1.5))
+    cal.register("s", 1.0)
+    cal.observe("s", np.full(200, 0.8))
+    assert cal.recalibrate()["s"][1].value == pytest.approx(1.2)
+
+
+def test_a_move_below_min_change_is_not_a_new_version() -> None:
+    cal = Calibrator(CalibratorSettings(min_samples=10, window=50, max_change=1.0, min_change=0.05))
+    cal.register("s", 1.0)
+    cal.observe("s", np.full(50, 1.02))
+    assert cal.recalibrate() == {} and len(cal.history("s")) == 1
+    cal.observe("s", np.full(50, 1.08))
+    assert cal.recalibrate()["s"][1].value == pytest.approx(1.08) and len(cal.history("s")) == 2
