@@ -72,6 +72,8 @@ def test_unsigned_wrong_key_stale_and_keyless_are_refused() -> None:
         verify(raw(doc), "other", 60, time.time())
     with pytest.raises(Refused, match="stale command"):
         verify(raw(doc), KEY, 60, time.time() + 61)
+    with pytest.raises(Refused, match="stale command"):  # dated ahead: a clock that is wrong, or a replay kept
+        verify(raw(doc), KEY, 60, time.time() - 61)
     with pytest.raises(Refused, match="no control key"):
         verify(raw(doc), None, 60, time.time())
     # without an offset each host read it in its own time zone: fresh on UTC hosts, stale on others
@@ -270,6 +272,21 @@ def test_every_command_has_a_handler(make: Make) -> None:
     assert set(controller(make())._handlers) == set(COMMANDS)
 
 
+def test_an_operators_recalibrate_moves_an_unpinned_stream_to_the_quantile_asked_for(make: Make) -> None:
+    """A recalibrate that recalibrated nothing passed every test (the end-to-end one accepts any outcome)."""
+    p = make()
+    feed(p, records("dev-a", *sine_stream(400)))
+    artifact = p.calibrator.threshold("dev-a").value
+    p.calibrator.observe("dev-a", np.linspace(0.5, 0.7, 301) * artifact, commanded=True)
+    before = len(p.calibrator.history("dev-a"))
+    r = send(controller(p), "recalibrate", "dev-a", quantile=0.5)
+    assert r["status"] == "applied" and r["streams"] == ["dev-a"]
+    after = r["effects"][0]["after"]
+    assert after["source"] == "calibrated" and after["threshold"] == pytest.approx(0.6 * artifact, rel=0.02)
+    history = p.calibrator.history("dev-a")
+    assert len(history) == before + 1 and history[-1]["source"] == "calibrated"
+
+
 def test_pin_silence_and_audit_on_a_processor(make: Make) -> None:
     p = make()
     feed(p, records("dev-a", *sine_stream(400)) + records("dev-b", *sine_stream(400, seed=2), partition=1))
@@ -294,6 +311,9 @@ def test_pin_silence_and_audit_on_a_processor(make: Make) -> None:
     failed = send(c, "pin", "dev-a", threshold=-1)
     assert failed["status"] == "failed" and "finite and > 0" in failed["error"]
     assert send(c, "silence", "dev-a", for_s=0)["status"] == "failed"
+    now = time.time()
+    assert send(controller(p, clock=now), "silence", "dev-b", for_s=3600)["status"] == "applied"
+    assert p.streams["dev-b"].silenced_until_ms == int((now + 3600) * 1000)  # an hour, not 3.6 s
 
 
 def test_a_tiny_pin_gives_capped_ratios_not_a_stopped_daemon(make: Make) -> None:

@@ -97,6 +97,10 @@ def test_an_alert_raised_by_an_event_of_the_warm_up_is_neither_true_nor_false() 
     assert r["alerts"] == 1 and r["false_alerts"] == 0 and r["ignored_for_warmup_event"] == 1
     assert r["precision"] is None and r["log"][0]["warmup_event"] is True
     assert score_alerts([], [late], test, 60_000)["false_alerts"] == 1  # without the warm-up's events: false
+    after = alert("b", 0.99 * H + 30_000, 1.005 * H, 1.05 * H)  # began 30 s after the event ended: the tolerance
+    warm = warmup_events(ts, labels, test.start_ms)
+    assert score_alerts([], [after], test, 60_000, warmup=warm)["ignored_for_warmup_event"] == 1
+    assert score_alerts([], [after], test, 10_000, warmup=warm)["false_alerts"] == 1
 
 
 def test_an_alert_stuck_open_since_probation_counts_for_nothing_but_shows_as_time_in_alert() -> None:

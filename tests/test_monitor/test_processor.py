@@ -110,6 +110,8 @@ def test_stream_matching_no_model_is_dead_lettered(make: Make, stream_model: Pat
         h = dict(m.headers)
         assert h["tsmon.reason"] == b"no_model" and b"other-1" in h["tsmon.detail"]
         assert int(h["tsmon.source.offset"]) == rec.offset and m.value == rec.value and m.key == rec.key
+        assert (h["tsmon.source.topic"], int(h["tsmon.source.partition"])) == (TOPIC.encode(), rec.partition)
+        assert int(h["tsmon.source.timestamp"]) == rec.timestamp_ms
     assert p.streams == {} and docs(p) == []
     assert metric(p, "tsmon_dead_letters_total") == len(recs)
     assert src.committed == {(TOPIC, 0): len(recs)}  # dead letters are acknowledged: nothing is held

@@ -133,6 +133,22 @@ def test_a_broker_error_that_is_not_the_message_fault_is_retried_not_given_up(sc
     assert not _retriable(TopicAuthorizationFailedError("x")) and not _retriable(MessageSizeTooLargeError("x"))
 
 
+def test_a_message_still_failing_at_the_flush_deadline_is_kept_for_the_next_flush(
+        scripted: type[ScriptedProducer]) -> None:
+    """Out of time before its retries ran out: the alert must stay in flight (the commit waits for it) and go at
+    the next flush — dropped there, the next flush succeeded and the commit passed an alert never delivered."""
+    scripted.script = ["retry", "retry"]
+    sink = KafkaSink({}, retries=5)
+    sink.send(OutMessage("alerts", b"dev-1", b"firing"))
+    with pytest.raises(SinkBackpressure):
+        sink.flush(0.0)
+    assert sink.pending == 1
+    with pytest.raises(SinkBackpressure):
+        sink.flush(0.0)
+    sink.flush(5.0)
+    assert appended(sink) == [("alerts", b"dev-1", b"firing")] and sink.pending == 0
+
+
 def test_a_message_that_keeps_failing_holds_the_flush_back_and_says_why(scripted: type[ScriptedProducer]) -> None:
     scripted.script = ["retry"] * 10
     sink = KafkaSink({}, retries=2)
