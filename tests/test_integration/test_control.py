@@ -232,20 +232,23 @@ def test_state_survives_a_restart_and_does_not_refire(broker: Any, topic: str, s
     produce(broker.bootstrap, topic, {"dev-r": stream(500, 1000, bursts=(470,))})  # an episode left open
     run.caught_up(2500)
     run.wait(lambda: run.daemon.processor.streams["dev-r"].alerts.firing)
+    silenced_until = run.daemon.processor.streams["dev-q"].silenced_until_ms
+    assert silenced_until > time.time() * 1000
     run.stop()
     fired = [d for d in alerts(cfg) if d["stream"] == "dev-r"]
     assert [d["status"] for d in fired] == ["firing"]
 
     second = Running(cfg)
     try:  # dev-q has sent nothing since the restart: its document names its partition, so a command reaches it
-        assert command(cfg, "silence", "dev-q", for_s=900)["streams"] == ["dev-q"]
+        assert command(cfg, "freeze", "dev-q")["streams"] == ["dev-q"]  # touches neither its pin nor its silence
         produce(broker.bootstrap, topic, {"dev-r": stream(500, 1500), "dev-q": stream(100, 1000, seed=3)})
         second.wait(lambda: "dev-q" in second.daemon.processor.streams and "dev-r" in second.daemon.processor.streams)
         second.wait(lambda: second.daemon.metrics.total("tsmon_samples_total") >= 600 and
                     second.daemon.processor.pending == 0)
         th = second.daemon.calibrator.threshold("dev-q")
         assert (th.value, th.source) == (0.5, "pinned")
-        assert second.daemon.processor.streams["dev-q"].silenced_until_ms > time.time() * 1000
+        assert second.daemon.processor.streams["dev-q"].silenced_until_ms == silenced_until  # restored, not re-sent
+        assert second.daemon.calibrator.controls("dev-q")["frozen"]
         second.wait(lambda: not second.daemon.processor.streams["dev-r"].alerts.firing)
     finally:
         second.stop()

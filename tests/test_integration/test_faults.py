@@ -412,8 +412,11 @@ def test_shutdown_is_bounded_while_the_sink_is_stalled(stream_model: Path, tmp_p
             wait_for(lambda: '"stream_started"' in log.read_text(), proc)
             proxy.hold.set()
             watch(f"{http_url(log)}/readyz", 503, proc, 40)  # paused: output is waiting
+            held_at = committed_total(bootstrap, topic, f"g-{topic}")
             stop_within(proc, log, budget)
             player.join(30)
+            # commits still reach the broker (only Produce is held): none went past the unacknowledged output
+            assert committed_total(bootstrap, topic, f"g-{topic}") == held_at
         finally:
             proxy.hold.clear()
             stop(proc)

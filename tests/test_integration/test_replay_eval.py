@@ -118,6 +118,8 @@ def test_known_answers_recall_delay_and_identical_baseline(broker: Any, tmp_path
     assert r["mean_delay_s"] == pytest.approx(5.0) and r["p90_delay_s"] == pytest.approx(5.0)
     for key in ("recall", "precision", "alerts", "mean_delay_s", "false_alerts_per_hour"):
         assert r["baseline"][key] == r[key], key
+    ids = {a["alert_id"] for a in r["log"]}  # the baseline's figures come from its own stream's alerts
+    assert len(ids) == 3 and len(r["baseline"]["log"]) == 3 and ids.isdisjoint(a["alert_id"] for a in r["baseline"]["log"])
     assert [a["fired_ts"] for a in r["log"]] == [
         int(pd.Timestamp("2024-01-01").value // 10**6) + (e + HOP) * 1000 for e in EVENTS]
     assert Path(r["timeline"]).stat().st_size > 10_000
