@@ -187,6 +187,7 @@ class Daemon:
         self._rows_wanted = -math.inf  # ... and /streams was last asked for
         self._rows_built = threading.Event()
         self._lag_labels: set[TP] = set()
+        self._held_labels: set[TP] = set()  # partitions with a tsmon_uncommitted_records series
         # the changelog is read at the first assignment, then at every later one; commands wait for the first
         self._restored = not (self._kafka and cfg.state.enabled)
         self._paused: set[TP] = set()  # partitions paused while the sink or the broker fails
@@ -411,6 +412,12 @@ class Daemon:
         for (topic, partition), lag in lags.items():
             self.metrics.lag.labels(topic, str(partition)).set(lag)
         self._lag_labels = set(lags)
+        held = self.processor.ledger.uncommitted(assigned)
+        for topic, partition in self._held_labels - set(held):
+            self.metrics.uncommitted.remove(topic, str(partition))
+        for (topic, partition), n in held.items():
+            self.metrics.uncommitted.labels(topic, str(partition)).set(n)
+        self._held_labels = set(held)
         now = time.monotonic()
         if self.http is not None and now - self._rows_wanted < ROWS_WANTED_S:  # one row per stream (64–107 ms at
             # 10 000 streams: built every commit interval, it took 6–11 % of the loop): only while someone reads them

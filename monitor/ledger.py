@@ -94,6 +94,11 @@ class OffsetLedger:
             out[tp] = min(firsts, default=nxt)
         return out
 
+    def uncommitted(self, tps: set[TP] | None = None) -> dict[TP, int]:
+        """Per partition, the records read past the offset to commit: what a crash now would read again (a quiet
+        stream's partial window holds its partition's commit at its first sample until it is cut or evicted)."""
+        return {tp: self._consumed[tp] - off for tp, off in self.committable(tps).items()}
+
     def first_read(self, tp: TP) -> int | None:
         """The offset of the first record read from the partition since it was assigned (where it began)."""
         return self._first.get(tp)

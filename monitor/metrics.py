@@ -77,6 +77,10 @@ class Metrics:
                                   registry=r)
         self.backpressure_pauses = Counter("tsmon_backpressure_pauses", "Times input was paused because scoring "
                                            "fell behind", registry=r)
+        self.uncommitted = Gauge("tsmon_uncommitted_records", "Records read past the offset tsmon may commit on the "
+                                 "partition: what a crash now would replay (a quiet stream's partial window holds it "
+                                 "back until its window is cut or the stream is evicted)", ["topic", "partition"],
+                                 registry=r)
         self.lag = Gauge("tsmon_consumer_lag", "Records behind the partition's high watermark", ["topic", "partition"],
                          registry=r)
         self.alert_severity = Counter("tsmon_alerts_fired", "Alerts paged, once per episode (not while silenced), "

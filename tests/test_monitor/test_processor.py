@@ -685,6 +685,20 @@ def test_the_streams_table_is_built_only_while_someone_reads_it(stream_model: Pa
         runner.join(10)
 
 
+def test_the_records_a_crash_would_replay_are_exported_per_partition(stream_model: Path) -> None:
+    """A quiet stream's partial window holds its partition's commit at its first sample: every record read
+    after it is replayed by a crash, and consumer-group lag tools count them as lag. That was nowhere to see."""
+    ts, v = sine_stream(400, seed=5)
+    quiet = records("dev-quiet", ts[:20], v[:20], chunk=20)  # half a window, then nothing
+    busy = records("dev-busy", ts, v, first_offset=1)
+    src = MemorySource(quiet + busy)
+    d = in_process_daemon(stream_model, src, MemorySink(), **{"daemon.commit_interval_ms": 50})
+    t0 = time.monotonic()
+    d.run(until=lambda: (not src.records and d.processor.pending == 0 and time.monotonic() - t0 > 0.5))
+    assert src.committed[(TOPIC, 0)] == 0  # held at the quiet stream's first sample
+    assert d.metrics.uncommitted.labels(TOPIC, "0")._value.get() == 1 + len(busy)
+
+
 def test_a_daemon_without_a_control_key_says_so_at_start(stream_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An empty TSMON_CONTROL__KEY (a missing secret) unsets the key: every command is refused, and nothing at
     start said so."""
