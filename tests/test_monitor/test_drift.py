@@ -136,3 +136,13 @@ def test_the_recent_ring_keeps_its_size_through_a_restore() -> None:
     again.register("s", 1.0, thin=40)
     again.restore("s", doc)
     assert again._streams["s"].recent.maxlen == 800 and len(again._streams["s"].recent) == 800
+
+
+def test_overlapping_windows_are_thinned_to_independent_ones_before_the_ks_tests() -> None:
+    """Windows overlapping by hop = W/4 share their samples: four errors are worth one. The guard judges every
+    ``thin``-th error (ignoring it, no test noticed: every test fed independent draws)."""
+    rng = np.random.default_rng(3)
+    recent = np.repeat(rng.lognormal(0.0, 0.2, 60), 4)  # 60 independent windows, each seen 4 times
+    thinned = assess(recent[:64], 5.0, DriftSettings(min_windows=10), thin=4)
+    assert not thinned.accept and "16 non-overlapping windows" in thinned.reason
+    assert assess(recent, 5.0, DriftSettings(min_windows=10), thin=4).accept
