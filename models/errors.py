@@ -6,6 +6,7 @@
   + ModelConfigError         impossible model or training hyper-parameters
   + ConfigError              bad daemon configuration; the message names the key and the fix
   + BrokerError              broker unreachable or refused a request
+    + PartitionUnreadable    a fetch of one input partition the client cannot use (carries ``tp``)
   + SinkBackpressure         the sink is slow; carries ``retry_after`` seconds
 
 Every message is one line that names the problem and, where there is one, the fix.
@@ -36,6 +37,15 @@ class ConfigError(TsmonError):
 
 class BrokerError(TsmonError):
     """The Kafka broker cannot be reached or refused a request."""
+
+
+class PartitionUnreadable(BrokerError):
+    """A fetch of one input partition cannot be used (a corrupt batch, a codec the client lacks): that partition
+    waits and is retried while the others are read."""
+
+    def __init__(self, message: str, tp: tuple[str, int]) -> None:
+        super().__init__(message)
+        self.tp = tp
 
 
 class SinkBackpressure(TsmonError):

@@ -31,7 +31,7 @@ import torch
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from models.detector import DEFAULT_QUANTILE
-from models.errors import BrokerError, ScoringStuck, SinkBackpressure, TsmonError
+from models.errors import BrokerError, PartitionUnreadable, ScoringStuck, SinkBackpressure, TsmonError
 from monitor import heap, logs
 from monitor.alerts import AlertSettings
 from monitor.batcher import Batcher
@@ -54,6 +54,7 @@ log = logs.get("tsmon.daemon")
 SHUTDOWN_DRAIN_SHARE = 0.85  # of shutdown_timeout_s for draining and commits; the rest for closing processes
 RESTORE_STEP_S = 0.1  # changelog reading per loop turn while a restore holds the input
 ROWS_WANTED_S = 60.0  # the /streams rows are built while they were asked for within this long
+UNREADABLE_CLEAR_S = 5.0  # a partition retried after a failed fetch counts as readable after this long without one
 READ_ERROR_EVERY_S = 60.0  # input_read_failed is an error at most this often (then info)
 RESTORE_OPEN_S = 30.0  # longest the loop waits for the changelog's positions (the broker away) when opening it
 
@@ -206,6 +207,9 @@ class Daemon:
         self._retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
         self._read_retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
         self._read_problem: str | None = None  # why the last poll failed (a fetch the client cannot use)
+        self._unreadable: dict[TP, Backoff] = {}  # partitions whose fetch failed, retried apart from the others
+        self._unreadable_waits: set[TP] = set()  # ... of them, those paused until their retry
+        self._unreadable_since: dict[TP, float] = {}  # ... resumed for a retry at (monotonic)
         self._read_failed_at = -math.inf  # monotonic time of the last failed poll
         self._ready: tuple[bool, str] = (False, "starting")
         h = cfg.http
@@ -246,6 +250,8 @@ class Daemon:
         given = set(tps)
         # a commit that failed during the join paused what the client still listed then, revoked ones too
         self._paused &= given
+        for tp in list(self._unreadable):  # a new assignment starts them from the commit: try again
+            self._forget_unreadable(tp)
         back, self._rewind = {tp: o for tp, o in self._rewind.items() if tp in given}, {}
         if back:
             self.source.rewind(back)
@@ -333,7 +339,7 @@ class Daemon:
         self._restored = True
         waits, self._restore_waits = self._restore_waits & self.source.assignment(), set()
         if not self._holding:  # a failure's pause (_paused) is lifted by the next good commit
-            self.source.resume(waits - self._paused)
+            self.source.resume(waits - self._paused - self._unreadable_waits)
         self._input_since = time.monotonic()
         self._refresh_views()
 
@@ -528,24 +534,77 @@ class Daemon:
         if not self._read_retry.due(now):
             time.sleep(max(0.0, min(timeout_ms / 1000, self._read_retry.next_at - now)))
             return []
+        self._retry_unreadable(now)
         try:
             records = self.source.poll(timeout_ms, room)
+        except PartitionUnreadable as exc:
+            if exc.tp not in self.source.assignment():
+                return self._read_failed(exc)
+            return self._partition_unreadable(exc)
         except BrokerError as exc:
-            # an error once a minute at most: one bad partition among good ones fails every other poll
-            first = time.monotonic() - self._read_failed_at > READ_ERROR_EVERY_S
-            self._read_problem = f"input unreadable: {exc}"
-            self.metrics.retries.labels("input").inc()
-            delay = self._read_retry.failed(time.monotonic())
-            (log.error if first else log.info)("input_read_failed", error=str(exc)[:500], retry_in_s=round(delay, 2),
-                                               consequence="nothing is read until a poll succeeds; nothing skipped")
-            self._read_failed_at = time.monotonic()
-            return []
-        if self._read_problem is not None:
-            log.info("input_read_resumed", retries=self._read_retry.failures,
-                     after_s=round(time.monotonic() - (self._read_retry.since or now), 1))
+            return self._read_failed(exc)
+        self._read_well({r.tp for r in records}, now)
+        if self._read_problem is not None and not self._unreadable:
+            if self._read_retry.failures:  # a partition of its own logs partition_read_resumed
+                log.info("input_read_resumed", retries=self._read_retry.failures,
+                         after_s=round(time.monotonic() - (self._read_retry.since or now), 1))
             self._read_problem = None
             self._read_retry.succeeded()
         return records
+
+    def _read_failed(self, exc: BrokerError) -> list[InRecord]:
+        """A poll failed as a whole: nothing is read until one succeeds (backoff)."""
+        # an error once a minute at most
+        first = time.monotonic() - self._read_failed_at > READ_ERROR_EVERY_S
+        self._read_problem = f"input unreadable: {exc}"
+        self.metrics.retries.labels("input").inc()
+        delay = self._read_retry.failed(time.monotonic())
+        (log.error if first else log.info)("input_read_failed", error=str(exc)[:500], retry_in_s=round(delay, 2),
+                                           consequence="nothing is read until a poll succeeds; nothing skipped")
+        self._read_failed_at = time.monotonic()
+        return []
+
+    def _partition_unreadable(self, exc: PartitionUnreadable) -> list[InRecord]:
+        """A fetch of one partition cannot be used (a corrupt batch names its partition): that partition waits for
+        its retry (backoff) while the others are read. Every poll used to fail with it, so the good partitions
+        were read every other poll and /readyz flapped. Its position stays before the bad batch: nothing skipped."""
+        tp, now = exc.tp, time.monotonic()
+        backoff = self._unreadable.setdefault(tp, Backoff(self.cfg.daemon.commit_interval_ms / 1000,
+                                                          self.cfg.daemon.retry_max_s))
+        first = backoff.failures == 0 or now - self._read_failed_at > READ_ERROR_EVERY_S
+        delay = backoff.failed(now)
+        self.source.pause({tp})
+        self._unreadable_waits.add(tp)
+        self._unreadable_since.pop(tp, None)
+        self.metrics.retries.labels("input").inc()
+        self._read_problem = f"input unreadable on {tp[0]}-{tp[1]}: {exc}"
+        (log.error if first else log.info)("partition_unreadable", partition=f"{tp[0]}-{tp[1]}",
+                                           error=str(exc)[:500], retry_in_s=round(delay, 2), failures=backoff.failures,
+                                           consequence="this partition waits, the others are read; nothing skipped")
+        self._read_failed_at = now
+        return []
+
+    def _retry_unreadable(self, now: float) -> None:
+        """Resume each unreadable partition whose retry is due, unless something else holds it."""
+        for tp in [tp for tp in self._unreadable_waits if self._unreadable[tp].due(now)]:
+            self._unreadable_waits.discard(tp)
+            self._unreadable_since[tp] = now
+            if tp in self.source.assignment() and not (tp in self._paused or tp in self._restore_waits
+                                                       or self._holding):
+                self.source.resume({tp})
+
+    def _read_well(self, read: set[TP], now: float) -> None:
+        """A retried partition that gave records, or stayed quiet for UNREADABLE_CLEAR_S, is readable again."""
+        for tp, since in list(self._unreadable_since.items()):
+            if tp in read or now - since >= UNREADABLE_CLEAR_S:
+                log.info("partition_read_resumed", partition=f"{tp[0]}-{tp[1]}",
+                         retries=self._unreadable[tp].failures)
+                self._forget_unreadable(tp)
+
+    def _forget_unreadable(self, tp: TP) -> None:
+        self._unreadable.pop(tp, None)
+        self._unreadable_since.pop(tp, None)
+        self._unreadable_waits.discard(tp)
 
     def _handle(self, records: list[InRecord]) -> None:
         """Records that arrive after a stop signal are left to the next owner (never committed): the shutdown
@@ -601,7 +660,7 @@ class Daemon:
             self._failing("broker", f"broker unavailable: {exc}")
             return
         if self._paused and not self._holding:
-            self.source.resume(self._paused - self._restore_waits)
+            self.source.resume(self._paused - self._restore_waits - self._unreadable_waits)
             self._input_since = time.monotonic()
         if self._problem is not None:
             log.info("input_resumed", partitions=len(self._paused), after_s=round(now - (self._retry.since or now), 1),
@@ -647,7 +706,7 @@ class Daemon:
             log.debug("input_held", pending_windows=pending, limit=limit)
         elif self._holding and pending <= limit // 2:
             self._holding = False
-            self.source.resume(self.source.assignment() - self._paused - self._restore_waits)
+            self.source.resume(self.source.assignment() - self._paused - self._restore_waits - self._unreadable_waits)
             self._input_since = time.monotonic()
             self.metrics.backpressure.set(0)
             log.debug("input_released", pending_windows=pending)

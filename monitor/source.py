@@ -18,19 +18,21 @@ uses the real broker.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from models.errors import BrokerError
+from models.errors import BrokerError, PartitionUnreadable
 from monitor import logs
 
 log = logs.get("tsmon.source")
 TP = tuple[str, int]  # (topic, partition)
 POLL_SLICE_MS = 10  # longest single wait inside KafkaSource.poll while records flow (see there)
 SLICE_WHILE_ACTIVE_S = 1.0  # records within this long: the input counts as flowing
+NAMED_PARTITION = re.compile(r"TopicPartition\(topic='([^']*)', partition=(\d+)\)")  # in kafka-python's messages
 PAUSED_ENDS_EVERY_S = 5.0  # how often the end offsets of paused partitions are asked for (KafkaSource.lags)
 PAUSED_ENDS_TIMEOUT_MS = 500  # ... and how long the loop waits for them at most
 
@@ -168,7 +170,10 @@ class KafkaSource:
             except KafkaError as exc:  # a fetch the client cannot use (an unknown codec, a corrupt batch): the
                 # loop pauses and retries, as for a broker that fails; raised, it ended the daemon at every start
                 self._raise_callback_error()  # unless our own callback failed: kafka-python wraps that too
-                raise BrokerError(f"cannot read the input: {type(exc).__name__}: {exc}") from None
+                message = f"cannot read the input: {type(exc).__name__}: {exc}"
+                if (named := NAMED_PARTITION.search(str(exc))) is not None:  # a corrupt batch names its partition
+                    raise PartitionUnreadable(message, (named[1], int(named[2]))) from None
+                raise BrokerError(message) from None
             self._raise_callback_error()
             if batches or left_ms <= piece:
                 break

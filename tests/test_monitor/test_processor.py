@@ -6,6 +6,7 @@ commits, checked exactly on the small PCA stream model (40-sample windows, hop 1
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import replace
@@ -1466,6 +1467,47 @@ def test_partitions_paused_during_a_rebalance_and_given_elsewhere_are_no_longer_
     source.assigned = {("in", 1)}
     d._on_assign([("in", 1)])
     assert d._paused == {("in", 1)}
+
+
+def test_one_unreadable_partition_waits_while_the_others_are_read(stream_model: Path) -> None:
+    """A fetch the client cannot use names its partition (a corrupt batch): every poll failed while it lasted, so
+    the good partitions were read every other poll and /readyz flapped. That partition waits for its retries,
+    paused, while the others flow; nothing of it is skipped."""
+    from models.errors import PartitionUnreadable
+
+    class OneBadPartition(MemorySource):
+        failures = 4
+        read_while_bad = 0
+
+        def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InRecord]:
+            bad = (TOPIC, 1)
+            if bad not in self.paused and self.failures and any(r.tp == bad for r in self.records):
+                self.failures -= 1
+                raise PartitionUnreadable("cannot read the input: CorruptRecordError: Record batch for partition "
+                                          f"TopicPartition(topic='{TOPIC}', partition=1) at offset 0 failed crc check",
+                                          bad)
+            out = [r for r in self.records if r.tp not in self.paused][: min(self.batch, max_records or self.batch)]
+            taken = {id(r) for r in out}
+            self.records = [r for r in self.records if id(r) not in taken]
+            self.handed.extend(out)
+            self.read_while_bad += bool(out) and bad in self.paused
+            return out
+
+    a, b = records("dev-a", *sine_stream(2000, seed=1)), records("dev-b", *sine_stream(400, seed=2), partition=1)
+    source = OneBadPartition([r for pair in itertools.zip_longest(a, b) for r in pair if r is not None])
+    d = in_process_daemon(stream_model, source, MemorySink(), **{"daemon.commit_interval_ms": 20,
+                                                                 "daemon.retry_max_s": 0.2})
+    seen: list[str] = []
+
+    def until() -> bool:
+        seen.append(d._ready[1])
+        return not source.records and d.processor.pending == 0
+
+    d.run(until=until)
+    assert source.failures == 0 and source.read_while_bad > 0  # the good partition flowed meanwhile
+    assert d.processor.streams["dev-b"].scored == n_windows(400) and d.processor.streams["dev-a"].scored == n_windows(2000)
+    assert any(f"input unreadable on {TOPIC}-1" in s for s in seen) and d._read_problem is None
+    assert d.metrics.snapshot()["tsmon_commit_retries_total{cause=input}"] == 4
 
 
 def test_a_poll_that_fails_is_retried_with_backoff_and_the_daemon_goes_on(stream_model: Path) -> None:

@@ -185,7 +185,7 @@ def test_pausing_or_resuming_a_partition_no_longer_held_is_ignored_not_a_crash()
 def test_a_fetch_the_client_cannot_use_is_a_broker_error_not_an_exception_out_of_the_loop() -> None:
     from kafka.errors import CorruptRecordError, UnsupportedCodecError
 
-    from models.errors import BrokerError
+    from models.errors import BrokerError, PartitionUnreadable
 
     class Failing(SleepyConsumer):
         error: Exception = UnsupportedCodecError("Libraries for zstd compression codec not found")
@@ -197,8 +197,15 @@ def test_a_fetch_the_client_cannot_use_is_a_broker_error_not_an_exception_out_of
     with pytest.raises(BrokerError, match="cannot read the input: UnsupportedCodecError: .*zstd"):
         source_on(consumer).poll(10)
     consumer.error = CorruptRecordError("crc")
-    with pytest.raises(BrokerError, match="CorruptRecordError"):
+    with pytest.raises(BrokerError, match="CorruptRecordError") as whole:
         source_on(consumer).poll(10)
+    assert not isinstance(whole.value, PartitionUnreadable)
+    # kafka-python names the partition of a corrupt batch: that one can wait while the others are read
+    consumer.error = CorruptRecordError("Record batch for partition TopicPartition(topic='in.v1', partition=3) at "
+                                        "offset 17 failed crc check")
+    with pytest.raises(PartitionUnreadable, match="CorruptRecordError") as one:
+        source_on(consumer).poll(10)
+    assert one.value.tp == ("in.v1", 3)
 
 
 def test_an_error_of_our_own_rebalance_callback_is_raised_as_itself_not_retried_as_a_poll_error() -> None:
