@@ -119,18 +119,40 @@ class KafkaSink:
 
     def __init__(self, producer_kwargs: dict[str, Any], retries: int = 3,
                  on_undeliverable: Callable[[OutMessage, str], None] | None = None) -> None:
-        from kafka import KafkaProducer
-
-        try:
-            self._producer = KafkaProducer(**producer_kwargs)
-        except KafkaError as exc:
-            where = producer_kwargs.get("bootstrap_servers")
-            raise BrokerError(f"cannot create a producer for {where}: {exc}") from None
+        self._kwargs = producer_kwargs
+        self._producer = self._new_producer()
         self._retries = retries
         self._inflight: list[tuple[OutMessage, Any | None]] = []  # (message, future or None if not taken yet)
         self._last_error: Exception | None = None
         self._refused = False  # the producer refused a message since the last flush attempt
         self._on_undeliverable = on_undeliverable or (lambda _msg, _why: None)
+
+    def _new_producer(self) -> Any:
+        from kafka import KafkaProducer
+
+        try:
+            return KafkaProducer(**self._kwargs)
+        except KafkaError as exc:
+            where = self._kwargs.get("bootstrap_servers")
+            raise BrokerError(f"cannot create a producer for {where}: {exc}") from None
+
+    def _replace_if_fatal(self) -> None:
+        """kafka-python's idempotent producer can enter a fatal state (its producer id refused, a sequence it
+        cannot recover): it then aborts every batch with that error, and the sink re-sent them on the same
+        producer for ever, the input paused. Replace it, as the librdkafka sink does; what was in flight goes
+        again on the new one (at-least-once: nothing was committed past it)."""
+        manager = getattr(self._producer, "_transaction_manager", None)
+        if manager is None or not manager.has_fatal_error():
+            return
+        log.error("producer_replaced", error=f"{type(manager.last_error).__name__}: {manager.last_error}",
+                  in_flight=len(self._inflight), consequence="in-flight messages are sent again on a new producer")
+        try:
+            self._producer.close(timeout=0)
+        except Exception as exc:  # noqa: BLE001 — a producer in a fatal state may fail to close; dropped either way
+            log.debug("producer_close_failed", error=f"{type(exc).__name__}: {exc}")
+        self._producer = self._new_producer()
+        self._inflight = [(m, None) for m, _f in self._inflight]
+        self._refused = False
 
     def send(self, msg: OutMessage) -> None:
         """Hand ``msg`` to the producer and keep it in flight until acknowledged. If the producer cannot take
@@ -164,6 +186,7 @@ class KafkaSink:
         newest (an alert's ``resolved`` after its ``firing``, a stream's latest state document last).
         """
         deadline = time.monotonic() + timeout_s
+        self._replace_if_fatal()
         for _attempt in range(self._retries + 1):
             try:
                 self._producer.flush(timeout=max(0.1, deadline - time.monotonic()))

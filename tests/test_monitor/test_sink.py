@@ -93,6 +93,28 @@ def test_a_failed_message_goes_again_with_every_later_one_of_its_key(scripted: t
     assert sink.pending == 0
 
 
+def test_a_producer_in_a_fatal_state_is_replaced_and_what_was_in_flight_goes_again(
+        scripted: type[ScriptedProducer]) -> None:
+    """kafka-python's idempotent producer in a fatal state aborts every batch with that error; the sink re-sent
+    them on the same producer for ever (input paused, 503). It is replaced, as the librdkafka sink does."""
+    from kafka.errors import ClusterAuthorizationFailedError
+
+    class Manager:
+        fatal, last_error = True, ClusterAuthorizationFailedError("producer id refused")
+
+        def has_fatal_error(self) -> bool:
+            return self.fatal
+
+    scripted.script = ["retry"]
+    sink = KafkaSink({})
+    first = sink._producer
+    first._transaction_manager = Manager()  # type: ignore[attr-defined]
+    sink.send(OutMessage("alerts", b"dev-1", b"firing"))
+    sink.flush(5.0)
+    assert sink._producer is not first and sink.pending == 0
+    assert appended(sink) == [("alerts", b"dev-1", b"firing")] and first.log == []
+
+
 def test_a_later_message_delivered_while_an_earlier_one_waits_goes_again_if_that_one_fails(
         scripted: type[ScriptedProducer]) -> None:
     # the producer keeps five requests in flight: "resolved" was acknowledged and forgotten while "firing" was
