@@ -143,6 +143,7 @@ class Daemon:
         self.threshold_listeners: list[Callable[[str, ThresholdState], None]] = []
         self._started = time.monotonic()
         self._stop_at: float | None = None  # monotonic time of the stopping signal
+        self._signal: str | None = None  # the stopping signal's name (logged by the loop, not the handler)
         sink_class: Any = KafkaSink
         source_class: Any = KafkaSource
         if cfg.kafka.client == "confluent":
@@ -442,10 +443,12 @@ class Daemon:
 
     def install_signal_handlers(self) -> None:
         def handler(signum: int, _frame: FrameType | None) -> None:
+            # No structlog call in here: its printer's lock may be held by the very code this interrupted (the
+            # loop in a log write), and the handler then waited for itself for ever. The loop logs "stopping".
             if self.stop_event.is_set():
-                log.error("second_signal_exit_now", signal=signum)
+                logs.from_signal_handler("second_signal_exit_now", "error", signal=signal.Signals(signum).name)
                 raise SystemExit(128 + signum)
-            log.info("stopping", signal=signal.Signals(signum).name)
+            self._signal = signal.Signals(signum).name
             # The budget counts from here. A commit waiting on a stalled sink meanwhile (the loop's, a revoke's)
             # ends by the share of it the final commit would get (see _shutdown), not after its own timeout.
             now = time.monotonic()
@@ -730,6 +733,8 @@ class Daemon:
         """Score, publish, snapshot, commit and close, all within ``shutdown_timeout_s``: every commit asked
         for meanwhile (the final one, the revoke's) ends by ``processor.deadline``."""
         t0 = time.monotonic() if self._stop_at is None else self._stop_at  # from the signal, when one came
+        if self._signal is not None:
+            log.info("stopping", signal=self._signal, since_signal_s=round(time.monotonic() - t0, 3))
         budget = self.cfg.daemon.shutdown_timeout_s
         end = t0 + budget * SHUTDOWN_DRAIN_SHARE  # the rest is for stopping the scoring process and HTTP
 

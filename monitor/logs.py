@@ -5,6 +5,7 @@ starting) go through a :class:`Throttle`: their counts are in the metrics, the l
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -107,3 +108,15 @@ class Throttle:
             return None
         self._seen[event] = (start, lines + 1, 0)
         return {"suppressed": dropped} if dropped else {}
+
+
+def from_signal_handler(event: str, level: str = "info", **fields: object) -> None:
+    """One JSON line straight to file descriptor 2, for a signal handler: structlog's printer holds a plain lock
+    around each write, and a handler that logged while the interrupted code held it waited for itself for ever
+    (a SIGTERM during a log write — likely when the reader of stderr lags — hung the daemon, a second one too)."""
+    line = json.dumps({"event": event, "level": level, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       **fields}, default=str)
+    try:
+        os.write(2, line.encode() + b"\n")
+    except OSError:
+        pass  # stderr closed or full: the exit status still tells

@@ -64,7 +64,7 @@ def run(
 
 
 def _stop_starting(signum: int, _frame: FrameType | None) -> None:
-    log.info("stopped_while_starting", signal=signal.Signals(signum).name)
+    logs.from_signal_handler("stopped_while_starting", signal=signal.Signals(signum).name)  # no structlog here
     raise SystemExit(128 + signum)  # nothing consumed yet: nothing to drain or commit
 
 

@@ -700,6 +700,42 @@ def test_the_records_a_crash_would_replay_are_exported_per_partition(stream_mode
     assert d.metrics.uncommitted.labels(TOPIC, "0")._value.get() == 1 + len(busy)
 
 
+def test_the_signal_handler_takes_no_logging_lock(stream_model: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    """structlog's printer holds a plain lock around each write: a SIGTERM landing while the loop wrote a log
+    line ran a handler that logged, and waited for that lock for ever — the daemon never drained nor exited, a
+    second signal neither. The handler only sets flags; the loop logs "stopping"."""
+    import signal
+
+    import monitor.daemon as daemon_module
+
+    d = in_process_daemon(stream_model, MemorySource([]), MemorySink())
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        d.install_signal_handlers()
+        handler = signal.getsignal(signal.SIGTERM)
+
+        class NoLog:
+            def __getattr__(self, name: str) -> Any:
+                raise AssertionError(f"log.{name} called inside the signal handler")
+
+        real = daemon_module.log
+        monkeypatch.setattr(daemon_module, "log", NoLog())
+        handler(signal.SIGTERM, None)  # type: ignore[operator]
+        monkeypatch.setattr(daemon_module, "log", real)
+        assert d.stop_event.is_set()
+        d.run()
+        logged = capfd.readouterr()
+        assert "stopping" in logged.out + logged.err
+        monkeypatch.setattr(daemon_module, "log", NoLog())
+        with pytest.raises(SystemExit):
+            handler(signal.SIGTERM, None)  # type: ignore[operator]
+        assert '"event": "second_signal_exit_now"' in capfd.readouterr().err  # straight to file descriptor 2
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+
+
 def test_a_daemon_without_a_control_key_says_so_at_start(stream_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An empty TSMON_CONTROL__KEY (a missing secret) unsets the key: every command is refused, and nothing at
     start said so."""
