@@ -358,7 +358,15 @@ class Daemon:
             records=log_.records, seconds=round(log_.seconds, 3), frozen_all=self.calibrator.frozen_all)
 
     def recalibrate(self, streams: list[str] | None = None) -> None:
-        """Scheduled recalibration of every stream (wall clock) or of ``streams`` (data clock: one at a time)."""
+        """Scheduled recalibration of every stream (wall clock) or of ``streams`` (data clock: one at a time). A
+        failure is logged, never raised: into apscheduler it printed a plain-text traceback amid the JSON log
+        and lost the run's counts and warnings; on the data clock it would stop the loop."""
+        try:
+            self._recalibrate(streams)
+        except Exception as exc:  # noqa: BLE001 — the next scheduled run tries again
+            log.error("recalibration_failed", error=f"{type(exc).__name__}: {exc}"[:500])
+
+    def _recalibrate(self, streams: list[str] | None) -> None:
         refused: dict[str, str] = {}
         changed = self.calibrator.recalibrate(streams, refused=refused)
         # streams whose new level is being refused now (each refusal is counted too, once per recalibration)
@@ -373,8 +381,11 @@ class Daemon:
         for stream, reason in refused.items():
             self.metrics.calibrations.labels("refused").inc()
             if (extra := self.processor.throttle("threshold_raise_refused")) is not None:
-                log.warning("threshold_raise_refused", stream=stream, reason=reason,
-                            threshold=round(self.calibrator.threshold(stream).value, 6), **extra)
+                try:  # revoked or evicted (on the loop's thread) since: forgotten by the calibrator
+                    value: float | None = round(self.calibrator.threshold(stream).value, 6)
+                except KeyError:
+                    value = None
+                log.warning("threshold_raise_refused", stream=stream, reason=reason, threshold=value, **extra)
 
     def _undeliverable(self, msg: OutMessage, _why: str) -> None:
         self.metrics.undeliverable.labels(msg.topic).inc()
@@ -744,6 +755,13 @@ class Daemon:
         self.processor.scoring_deadline = end  # a batch not back by then is stuck: never wait past the budget
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
+        # a recalibration running on the scheduler's thread: its changes must be in the final documents (they
+        # came after them, logged as threshold_changed, and the next owner resumed from the older versions)
+        if self.calibrator.recalibrating.acquire(timeout=left(0.2)):
+            self.calibrator.recalibrating.release()
+        else:
+            log.warning("recalibration_still_running", consequence="thresholds it sets now are not in the final "
+                        "state documents: the next owner starts from the ones before")
         if self._backlog:  # polled, never consumed: the next start reads them from the commit
             log.info("records_left_for_replay", records=len(self._backlog))
             self._backlog = []

@@ -411,3 +411,26 @@ def test_a_move_below_min_change_is_not_a_new_version() -> None:
     assert cal.recalibrate() == {} and len(cal.history("s")) == 1
     cal.observe("s", np.full(50, 1.08))
     assert cal.recalibrate()["s"][1].value == pytest.approx(1.08) and len(cal.history("s")) == 2
+
+
+def test_an_operators_recalibration_is_not_lost_to_a_scheduled_one_running_beside_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each computes without the data lock; the scheduled run stepped the threshold while the operator's was
+    computing, which then found it changed and left it: acknowledged "applied", listed unchanged (70 of 100
+    trials in a review). One recalibration runs at a time."""
+    cal = Calibrator(CalibratorSettings(min_samples=10, window=50, max_change=0.2))
+    cal.register("s", 1.0)
+    cal.observe("s", np.full(50, 3.0))
+    real, scheduled = cal._proposal, []
+
+    def proposal(*args: object) -> object:
+        if args[5] and not scheduled:  # the operator's run is computing: the schedule fires now
+            scheduled.append(threading.Thread(target=cal.recalibrate))
+            scheduled[0].start()
+            scheduled[0].join(0.3)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cal, "_proposal", proposal)
+    changed = cal.recalibrate(["s"], commanded=True)
+    scheduled[0].join(5)
+    assert changed["s"][1].value == pytest.approx(3.0) and cal.threshold("s").value == pytest.approx(3.0)

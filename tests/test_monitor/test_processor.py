@@ -736,6 +736,50 @@ def test_the_signal_handler_takes_no_logging_lock(stream_model: Path, monkeypatc
         signal.signal(signal.SIGINT, previous[1])
 
 
+def test_a_scheduled_recalibration_never_raises_into_the_scheduler(stream_model: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A stream refused, then revoked or evicted on the loop's thread before the job logged it: KeyError into
+    apscheduler (a plain-text traceback in the JSON log; the run's other refusals uncounted)."""
+    d = in_process_daemon(stream_model, MemorySource([]), MemorySink())
+    monkeypatch.setattr(d.calibrator, "recalibrate", lambda *_a, refused, **_k: refused.update(gone="still changing") or {})
+    d.recalibrate()  # "gone" is not registered: logged with no threshold
+    assert d.metrics.total("tsmon_calibrations_total") == 1
+
+    def broken(*_a: Any, **_k: Any) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(d.calibrator, "recalibrate", broken)
+    d.recalibrate()
+    logged = capsys.readouterr()
+    assert "recalibration_failed" in logged.out + logged.err and "boom" in logged.out + logged.err
+    d.run(until=lambda: True)
+
+
+def test_the_shutdown_waits_for_a_recalibration_running_on_the_scheduler(stream_model: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its changes came after the final documents and final_thresholds: the next owner resumed from older ones."""
+    import threading
+
+    d = in_process_daemon(stream_model, MemorySource([]), MemorySink())
+    d.calibrator.register("s", 1.0)
+    d.calibrator.observe("s", np.full(300, 0.5))
+    real = d.calibrator._proposal
+    computing = threading.Event()
+
+    def slow(*args: Any) -> Any:
+        computing.set()
+        time.sleep(0.4)
+        return real(*args)
+
+    monkeypatch.setattr(d.calibrator, "_proposal", slow)
+    runner = threading.Thread(target=d.recalibrate)  # as the scheduler's thread runs it
+    runner.start()
+    computing.wait(5)
+    d.run(until=lambda: True)
+    runner.join(5)
+    assert d.final_thresholds["s"]["value"] == pytest.approx(0.8) == d.calibrator.threshold("s").value
+
+
 def test_a_daemon_without_a_control_key_says_so_at_start(stream_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An empty TSMON_CONTROL__KEY (a missing secret) unsets the key: every command is refused, and nothing at
     start said so."""
