@@ -14,7 +14,7 @@ summary; :meth:`Metrics.total` sums one counter.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -26,6 +26,7 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
 )
+from prometheus_client.core import GaugeMetricFamily
 
 
 class Metrics:
@@ -93,7 +94,7 @@ class Metrics:
                                 registry=r)
         self.snapshots = Counter("tsmon_state_snapshots", "Stream states written to the changelog", registry=r)
         self.restore_seconds = Gauge("tsmon_state_restore_seconds", "Time the last state restore took", registry=r)
-        self.thresholds = Gauge("tsmon_threshold", "Current threshold per stream", ["stream", "source"], registry=r)
+        r.register(_Thresholds(self))  # tsmon_threshold{stream, source}, read under the lock that sets it
         self.thresholds_unlabelled = Gauge("tsmon_threshold_streams_unlabelled",
                                 "Streams over the label cap, their threshold not exported", registry=r)
         self._counters = {c.describe()[0].name: c for c in (self.records, self.samples, self.dead_letters,
@@ -113,7 +114,7 @@ class Metrics:
         for severity in ("minor", "major", "critical"):
             self.alert_severity.labels(severity)
         self._max_stream_labels = max_stream_labels
-        self._labelled: dict[str, str] = {}  # stream → the source its one threshold series carries
+        self._labelled: dict[str, tuple[str, float]] = {}  # stream → the source and value of its threshold series
         self._over_cap: set[str] = set()
         self._threshold_lock = threading.Lock()  # the calibrator thread and the loop both set thresholds
 
@@ -130,20 +131,14 @@ class Metrics:
         ``tsmon_threshold_streams_unlabelled``; it gets a label once a slot is free again.
         """
         with self._threshold_lock:
-            old = self._labelled.get(stream)
-            if old is None and not self._take_slot(stream):
+            if stream not in self._labelled and not self._take_slot(stream):
                 return
-            if old is not None and old != source:
-                self.thresholds.remove(stream, old)
-            self._labelled[stream] = source
-            self.thresholds.labels(stream, source).set(value)
+            self._labelled[stream] = (source, value)
 
     def forget_threshold(self, stream: str) -> None:
         """Drop ``stream``'s threshold series (or its count over the cap), freeing its slot."""
         with self._threshold_lock:
-            source = self._labelled.pop(stream, None)
-            if source is not None:
-                self.thresholds.remove(stream, source)
+            self._labelled.pop(stream, None)
             self._over_cap.discard(stream)
             self.thresholds_unlabelled.set(len(self._over_cap))
 
@@ -176,3 +171,24 @@ class Metrics:
         """
         counter = self._counters[name.removesuffix("_total")]
         return sum(s.value for family in counter.collect() for s in family.samples if s.name == name)
+
+
+class _Thresholds:
+    """``tsmon_threshold{stream, source}`` built at each scrape from what :meth:`Metrics.set_threshold` keeps,
+    under its lock. A gauge series per source had to be removed and another made when a stream's source changed
+    (a pin, a first calibration): a scrape in between, on its own thread, read the threshold as 0 or missing
+    (a review: 946 of 5 780 reads while pinning and unpinning), or as two series."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("tsmon_threshold", "Current threshold per stream", labels=["stream", "source"])
+        with self._m._threshold_lock:
+            rows = list(self._m._labelled.items())
+        for stream, (source, value) in rows:
+            family.add_metric([stream, source], value)
+        yield family
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("tsmon_threshold", "Current threshold per stream", labels=["stream", "source"])
