@@ -45,18 +45,26 @@ class ChangelogReader:
         except KafkaError as exc:
             self._consumer.close()
             raise BrokerError(f"cannot read the changelog {topic}: {type(exc).__name__}: {exc}") from None
-        self.complete = not self._tps
-        if not self._tps:
-            log.warning("changelog_missing", topic=topic, consequence="no stream state to restore: streams start "
-                        "from their artifact (a broker that lost its topics, or one deleted)")
+        # no partition at all is not "read to its end, nothing there": the topic may be gone (a broker that lost
+        # its topics), unauthorised or not known yet to the broker that answered. Read as complete, the group's
+        # daemon-wide document (a freeze --all, the command ids) would be overwritten by this instance's defaults.
+        self.complete = False
+        self._missing = not self._tps
+        if self._missing:
+            log.error("changelog_missing", topic=topic, consequence="no stream state restored: streams start from "
+                      "their artifact; the daemon-wide state (freeze --all) is not overwritten")
 
     @property
     def seconds(self) -> float:
         return time.monotonic() - self._t0
 
     def step(self, budget_s: float) -> bool:
-        """Read for about ``budget_s``; True once every partition is read to its end."""
+        """Read for about ``budget_s``; True once every partition is read to its end (or there is none to read:
+        then the read stays incomplete, see ``__init__``)."""
         from kafka.errors import KafkaError
+
+        if self._missing:
+            return True
 
         until = time.monotonic() + budget_s
         try:
