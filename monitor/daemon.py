@@ -430,7 +430,9 @@ class Daemon:
         for (topic, partition), lag in lags.items():
             self.metrics.lag.labels(topic, str(partition)).set(lag)
         self._lag_labels = set(lags)
-        held = self.processor.ledger.uncommitted(assigned)
+        held = self.processor.uncommitted(assigned)
+        self._refusing &= self.processor.streams.keys()  # revoked or evicted since the last recalibration
+        self.metrics.refusing.set(len(self._refusing))
         for topic, partition in self._held_labels - set(held):
             self.metrics.uncommitted.remove(topic, str(partition))
         for (topic, partition), n in held.items():

@@ -94,10 +94,15 @@ class OffsetLedger:
             out[tp] = min(firsts, default=nxt)
         return out
 
-    def uncommitted(self, tps: set[TP] | None = None) -> dict[TP, int]:
-        """Per partition, the records read past the offset to commit: what a crash now would read again (a quiet
-        stream's partial window holds its partition's commit at its first sample until it is cut or evicted)."""
-        return {tp: self._consumed[tp] - off for tp, off in self.committable(tps).items()}
+    def read_past(self, committed: dict[TP, int], tps: set[TP]) -> dict[TP, int]:
+        """Per partition of ``tps`` read from, the records read past ``committed`` (the offsets the broker has;
+        where none was committed since the assignment, where reading began): what a crash now would read again."""
+        out = {}
+        for tp in tps:
+            if (nxt := self._consumed.get(tp)) is not None:
+                base = committed.get(tp, self._first.get(tp, nxt))
+                out[tp] = max(0, nxt - base)
+        return out
 
     def first_read(self, tp: TP) -> int | None:
         """The offset of the first record read from the partition since it was assigned (where it began)."""

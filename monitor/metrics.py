@@ -78,9 +78,9 @@ class Metrics:
                                   registry=r)
         self.backpressure_pauses = Counter("tsmon_backpressure_pauses", "Times input was paused because scoring "
                                            "fell behind", registry=r)
-        self.uncommitted = Gauge("tsmon_uncommitted_records", "Records read past the offset tsmon may commit on the "
-                                 "partition: what a crash now would replay (a quiet stream's partial window holds it "
-                                 "back until its window is cut or the stream is evicted)", ["topic", "partition"],
+        self.uncommitted = Gauge("tsmon_uncommitted_records", "Records read past the offset last committed on the "
+                                 "partition: what a crash now would replay (failing commits, or a quiet stream's "
+                                 "partial window, which holds it back until it is cut or the stream is evicted)", ["topic", "partition"],
                                  registry=r)
         self.lag = Gauge("tsmon_consumer_lag", "Records behind the partition's high watermark", ["topic", "partition"],
                          registry=r)

@@ -751,6 +751,12 @@ class Processor:
             self.metrics.commits.inc()
         return offsets
 
+    def uncommitted(self, tps: set[TP]) -> dict[TP, int]:
+        """Records read past the offsets last committed to the broker, per partition: what a crash now would
+        replay — held back by a quiet stream's partial window, or by commits that fail (not what *could* be
+        committed: that reads near 0 exactly while the commits fail)."""
+        return self.ledger.read_past(self._committed, tps)
+
     def _flush(self, left: Callable[[], float]) -> None:
         """Wait for the sink while ``left()`` > 0, in slices of ``FLUSH_SLICE_S``: a SIGTERM that lands in
         a stalled flush brings ``deadline`` forward, and the flush ends by it (give or take a slice, or a

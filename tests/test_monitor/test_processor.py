@@ -629,6 +629,9 @@ def test_refused_raises_are_watched_per_stream_not_per_refusal(stream_model: Pat
     assert gauge() == 2
     d.recalibrate(["a"])
     assert gauge() == 1
+    monkeypatch.setattr(d.processor, "streams", {})  # revoked or evicted: no recalibration may come (data clock)
+    d._refresh_views()
+    assert gauge() == 0
     d.run(until=lambda: True)
 
 
@@ -698,6 +701,13 @@ def test_the_records_a_crash_would_replay_are_exported_per_partition(stream_mode
     d.run(until=lambda: (not src.records and d.processor.pending == 0 and time.monotonic() - t0 > 0.5))
     assert src.committed[(TOPIC, 0)] == 0  # held at the quiet stream's first sample
     assert d.metrics.uncommitted.labels(TOPIC, "0")._value.get() == 1 + len(busy)
+    # commits that fail: what could be committed moves on, what the broker has does not — a crash replays it all
+    failing = MemorySource(list(busy), down="broker away")
+    d2 = in_process_daemon(stream_model, failing, MemorySink(), **{"daemon.commit_interval_ms": 50})
+    t0 = time.monotonic()
+    d2.run(until=lambda: time.monotonic() - t0 > 0.5)  # the input pauses at the first failed commit
+    assert failing.handed and not failing.committed
+    assert d2.metrics.uncommitted.labels(TOPIC, "0")._value.get() == failing.handed[-1].offset
 
 
 def test_the_signal_handler_takes_no_logging_lock(stream_model: Path, monkeypatch: pytest.MonkeyPatch,

@@ -249,3 +249,24 @@ def test_a_control_topic_that_cannot_be_read_is_logged_once_until_it_can(capsys:
     assert control.poll() == [b"{}"]
     logged = "".join(capsys.readouterr())
     assert logged.count("control_poll_failed") == 1 and logged.count("control_poll_resumed") == 1
+
+
+def test_a_failing_end_offsets_request_for_paused_partitions_never_escapes() -> None:
+    """kafka-python raises KeyError for a partition the answer left out, RuntimeError from a closed selector: out
+    of lags() (the loop's gauges) either stopped the daemon, at every restart while the partition stayed paused."""
+    from types import SimpleNamespace
+
+    from kafka import TopicPartition
+
+    from monitor.source import KafkaSource
+
+    p0 = TopicPartition("in", 0)
+
+    def end_offsets(_tps: list[TopicPartition], timeout_ms: int | None = None) -> dict[TopicPartition, int]:
+        raise KeyError(p0)
+
+    src = object.__new__(KafkaSource)
+    src._paused_ends, src._paused_ends_due, src._session_s = {}, 0.0, 10.0
+    src._consumer = SimpleNamespace(assignment=lambda: {p0}, paused=lambda: {p0}, end_offsets=end_offsets,
+                                    position=lambda tp, timeout_ms=None: 40, highwater=lambda tp: 50, metrics=dict)
+    assert src.lags() == {("in", 0): 10}  # the last fetch's high watermark, as before
