@@ -421,8 +421,6 @@ class Daemon:
 
     def _refresh_views(self) -> None:
         """The loop's state for the HTTP threads: replaced, never mutated."""
-        self.metrics.loop_turned.set_to_current_time()
-        self.notifier.watchdog()
         assigned = self.source.assignment()
         lags = self.source.lags() if hasattr(self.source, "lags") else {}
         for topic, partition in self._lag_labels - set(lags):  # revoked: no stale lag to alert on
@@ -487,9 +485,13 @@ class Daemon:
             if self.http is not None:
                 self.http.start()
             self._scheduler.start()
-            self.notifier.ready("consuming")  # models loaded, clients open: systemd's Type=notify start is done
+            self.notifier.ready("started")  # models loaded, clients open (partitions come with the group's join)
             while not self.stop_event.is_set() and not (until and until()):
                 self._beat = time.monotonic()
+                # every turn, as /healthz's stamp: at the commit interval a long commit_interval_ms would have the
+                # watchdog kill a healthy daemon and TsmonLoopStalled fire
+                self.metrics.loop_turned.set_to_current_time()
+                self.notifier.watchdog()  # at most once a second
                 wait = self.processor.batcher.wait_s()
                 timeout = d.poll_timeout_ms if wait is None else min(d.poll_timeout_ms, int(wait * 1000))
                 if self.processor.scoring_busy:  # results in flight: come back soon, but do not spin

@@ -59,8 +59,7 @@ class Metrics:
         self.retries = Counter("tsmon_commit_retries", "Commits put off because the sink or the broker failed",
                                ["cause"], registry=r)
         self.loop_turned = Gauge("tsmon_loop_last_turn_timestamp_seconds", "Unix time the consuming loop last "
-                                 "refreshed these gauges (every commit interval): a hung loop leaves every other "
-                                 "series frozen, this one too", registry=r)
+                                 "turned: a hung loop leaves every other series frozen, this one too", registry=r)
         self.loop_turned.set_to_current_time()
         self.paused = Gauge("tsmon_consumption_paused", "1 while input is paused because the sink or broker fails",
                             registry=r)

@@ -1,4 +1,4 @@
-"""systemd's service notifications (the sd_notify protocol): ready, watchdog keep-alives, stopping.
+"""systemd's service notifications (the sd_notify protocol): started, watchdog keep-alives, stopping.
 
 Owns the datagrams to ``$NOTIFY_SOCKET``. Under ``Type=notify`` with ``WatchdogSec`` systemd restarts a daemon
 whose loop stops turning — the one thing nothing else outside Kubernetes acted on (a Docker HEALTHCHECK only
