@@ -53,7 +53,9 @@ from monitor.topics import ensure_topics
 log = logs.get("tsmon.daemon")
 SHUTDOWN_DRAIN_SHARE = 0.85  # of shutdown_timeout_s for draining and commits; the rest for closing processes
 RESTORE_STEP_S = 0.1  # changelog reading per loop turn while a restore holds the input
-ROWS_WANTED_S = 60.0  # the /streams rows are built while they were asked for within this long
+ROWS_WANTED_S = 60.0  # the /streams rows are built at each commit interval while asked for within this long
+ROWS_FRESH_S = 2.0  # older rows are built again for a request, at the loop's next turn ...
+ROWS_WAIT_S = 3.0  # ... which it waits for this long at most (a hung loop: the last rows); tsmon status waits 5 s
 UNREADABLE_CLEAR_S = 5.0  # a partition retried after a failed fetch counts as readable after this long without one
 READ_ERROR_EVERY_S = 60.0  # input_read_failed is an error at most this often (then info)
 RESTORE_OPEN_S = 30.0  # longest the loop waits for the changelog's positions (the broker away) when opening it
@@ -188,6 +190,8 @@ class Daemon:
         self._rows_at = -math.inf  # monotonic time the loop built them
         self._rows_wanted = -math.inf  # ... and /streams was last asked for
         self._rows_built = threading.Event()
+        self._rows_asked = False  # a request waits for rows: the loop builds them at its next turn
+        self._lags: dict[TP, int] = {}  # the last refresh's, for rows built between refreshes
         self._lag_labels: set[TP] = set()
         self._held_labels: set[TP] = set()  # partitions with a tsmon_uncommitted_records series
         # the changelog is read at the first assignment, then at every later one; commands wait for the first
@@ -409,15 +413,19 @@ class Daemon:
             "" if ok else f" (limit {limit:g} s)")
 
     def _streams_view(self) -> list[dict[str, Any]]:
-        """``/streams`` (an HTTP thread): rows the loop built within the last commit interval, or — when nobody
-        asked for a while, so it stopped building them — the ones it builds at its next refresh (a hung loop:
-        the last ones, after waiting for it a little)."""
-        interval = self.cfg.daemon.commit_interval_ms / 1000
+        """``/streams`` (an HTTP thread): rows the loop built within ``ROWS_FRESH_S``, else the ones it builds at
+        its next turn — not its next commit interval: with commit_interval_ms at 10 s ``tsmon status`` timed out
+        (a hung loop: the last ones, after ``ROWS_WAIT_S``)."""
         self._rows_wanted = now = time.monotonic()
-        if now - self._rows_at > 2 * interval:
+        if now - self._rows_at > ROWS_FRESH_S:
             self._rows_built.clear()
-            self._rows_built.wait(2 * interval + 1.0)
+            self._rows_asked = True
+            self._rows_built.wait(ROWS_WAIT_S)
         return self._rows
+
+    def _build_rows(self) -> None:
+        self._rows, self._rows_at, self._rows_asked = self.processor.status_rows(self._lags), time.monotonic(), False
+        self._rows_built.set()
 
     def _refresh_views(self) -> None:
         """The loop's state for the HTTP threads: replaced, never mutated."""
@@ -427,7 +435,7 @@ class Daemon:
             self.metrics.lag.remove(topic, str(partition))
         for (topic, partition), lag in lags.items():
             self.metrics.lag.labels(topic, str(partition)).set(lag)
-        self._lag_labels = set(lags)
+        self._lag_labels, self._lags = set(lags), lags
         held = self.processor.uncommitted(assigned)
         self._refusing &= self.processor.streams.keys()  # revoked or evicted since the last recalibration
         self.metrics.refusing.set(len(self._refusing))
@@ -439,8 +447,7 @@ class Daemon:
         now = time.monotonic()
         if self.http is not None and now - self._rows_wanted < ROWS_WANTED_S:  # one row per stream (64–107 ms at
             # 10 000 streams: built every commit interval, it took 6–11 % of the loop): only while someone reads them
-            self._rows, self._rows_at = self.processor.status_rows(lags), now
-            self._rows_built.set()
+            self._build_rows()
         if self.restoring:  # _restore_step says how far it is
             return
         if self._problem or self._read_problem:
@@ -492,6 +499,8 @@ class Daemon:
                 # watchdog kill a healthy daemon and TsmonLoopStalled fire
                 self.metrics.loop_turned.set_to_current_time()
                 self.notifier.watchdog()  # at most once a second
+                if self._rows_asked:  # a /streams request waits (rows are not built for nobody)
+                    self._build_rows()
                 wait = self.processor.batcher.wait_s()
                 timeout = d.poll_timeout_ms if wait is None else min(d.poll_timeout_ms, int(wait * 1000))
                 if self.processor.scoring_busy:  # results in flight: come back soon, but do not spin

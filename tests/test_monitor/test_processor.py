@@ -790,6 +790,27 @@ def test_the_shutdown_waits_for_a_recalibration_running_on_the_scheduler(stream_
     assert d.final_thresholds["s"]["value"] == pytest.approx(0.8) == d.calibrator.threshold("s").value
 
 
+def test_a_streams_request_is_answered_at_the_next_loop_turn_not_the_next_commit(stream_model: Path) -> None:
+    """With commit_interval_ms at 10 s the first request after a quiet spell waited for the next commit interval
+    and `tsmon status` (5 s) timed out."""
+    import threading
+    import urllib.request
+
+    d = in_process_daemon(stream_model, MemorySource(records("dev-a", *sine_stream(400))), MemorySink(),
+                          **{"daemon.commit_interval_ms": 10_000, "http.enabled": True, "http.port": 0})
+    runner = threading.Thread(target=d.run)
+    runner.start()
+    try:
+        time.sleep(0.5)
+        asked = time.monotonic()
+        with urllib.request.urlopen(d.http.url + "/streams", timeout=5) as answer:
+            rows = json.loads(answer.read())["streams"]
+        assert [r["stream"] for r in rows] == ["dev-a"] and time.monotonic() - asked < 4.0  # not the 10 s interval
+    finally:
+        d.stop_event.set()
+        runner.join(15)
+
+
 def test_a_daemon_without_a_control_key_says_so_at_start(stream_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An empty TSMON_CONTROL__KEY (a missing secret) unsets the key: every command is refused, and nothing at
     start said so."""
