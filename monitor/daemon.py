@@ -207,7 +207,7 @@ class Daemon:
         self._holding = False  # input paused because scoring falls behind (back-pressure)
         self._input_since = time.monotonic()  # input last came back from a pause: silence before it is not idleness
         self._problem: str | None = None  # why the last commit attempt failed; /readyz reports it
-        self._refusing: set[str] = set()  # streams whose last recalibration refused a raise
+        self._refusing: dict[str, str] = {}  # streams whose last recalibration refused a raise → why
         self.notifier = Notifier()  # systemd's ready / watchdog / stopping, under Type=notify only
         self._retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
         self._read_retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
@@ -374,8 +374,9 @@ class Daemon:
         refused: dict[str, str] = {}
         changed = self.calibrator.recalibrate(streams, refused=refused)
         # streams whose new level is being refused now (each refusal is counted too, once per recalibration)
-        kept = set() if streams is None else self._refusing - set(streams)
-        self._refusing = (kept | set(refused)) & self.processor.streams.keys()
+        kept = {} if streams is None else {s: r for s, r in self._refusing.items() if s not in set(streams)}
+        held = self.processor.streams
+        self._refusing = {s: r for s, r in {**kept, **refused}.items() if s in held}
         self.metrics.refusing.set(len(self._refusing))
         for stream, (old, new) in changed.items():
             outcome = "new_normal" if new.reason.startswith("new normal") else "changed"
@@ -424,7 +425,10 @@ class Daemon:
         return self._rows
 
     def _build_rows(self) -> None:
-        self._rows, self._rows_at, self._rows_asked = self.processor.status_rows(self._lags), time.monotonic(), False
+        rows, refusing = self.processor.status_rows(self._lags), self._refusing
+        for row in rows:  # the per-stream warnings are throttled: here every refused stream is named
+            row["raise_refused"] = refusing.get(row["stream"])
+        self._rows, self._rows_at, self._rows_asked = rows, time.monotonic(), False
         self._rows_built.set()
 
     def _refresh_views(self) -> None:
@@ -437,7 +441,8 @@ class Daemon:
             self.metrics.lag.labels(topic, str(partition)).set(lag)
         self._lag_labels, self._lags = set(lags), lags
         held = self.processor.uncommitted(assigned)
-        self._refusing &= self.processor.streams.keys()  # revoked or evicted since the last recalibration
+        held_now = self.processor.streams  # revoked or evicted since the last recalibration: dropped
+        self._refusing = {s: r for s, r in list(self._refusing.items()) if s in held_now}
         self.metrics.refusing.set(len(self._refusing))
         for topic, partition in self._held_labels - set(held):
             self.metrics.uncommitted.remove(topic, str(partition))

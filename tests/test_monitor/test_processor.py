@@ -628,7 +628,7 @@ def test_refused_raises_are_watched_per_stream_not_per_refusal(stream_model: Pat
     d.recalibrate(["c"])  # one stream (data clock): a stays as it was
     assert gauge() == 2
     d.recalibrate(["a"])
-    assert gauge() == 1
+    assert gauge() == 1 and d._refusing == {"c": "x"}  # named in the /streams rows (raise_refused)
     monkeypatch.setattr(d.processor, "streams", {})  # revoked or evicted: no recalibration may come (data clock)
     d._refresh_views()
     assert gauge() == 0
@@ -682,6 +682,7 @@ def test_the_streams_table_is_built_only_while_someone_reads_it(stream_model: Pa
         with urllib.request.urlopen(d.http.url + "/streams", timeout=5) as answer:
             rows = json.loads(answer.read())["streams"]
         assert [r["stream"] for r in rows] == ["dev-a"] and built  # built for this request, not an empty table
+        assert rows[0]["raise_refused"] is None
         time.sleep(0.3)
         assert len(built) >= 3  # kept fresh while it is being read
     finally:
