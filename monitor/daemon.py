@@ -374,7 +374,8 @@ class Daemon:
         refused: dict[str, str] = {}
         changed = self.calibrator.recalibrate(streams, refused=refused)
         # streams whose new level is being refused now (each refusal is counted too, once per recalibration)
-        kept = {} if streams is None else {s: r for s, r in self._refusing.items() if s not in set(streams)}
+        done = set(streams or ())
+        kept = {} if streams is None else {s: r for s, r in self._refusing.items() if s not in done}
         held = self.processor.streams
         self._refusing = {s: r for s, r in {**kept, **refused}.items() if s in held}
         self.metrics.refusing.set(len(self._refusing))
