@@ -208,6 +208,7 @@ class Daemon:
         self._input_since = time.monotonic()  # input last came back from a pause: silence before it is not idleness
         self._problem: str | None = None  # why the last commit attempt failed; /readyz reports it
         self._refusing: dict[str, str] = {}  # streams whose last recalibration refused a raise → why
+        self._refusing_lock = threading.Lock()  # the scheduler's thread and the loop both replace it
         self.notifier = Notifier()  # systemd's ready / watchdog / stopping, under Type=notify only
         self._retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
         self._read_retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
@@ -375,10 +376,11 @@ class Daemon:
         changed = self.calibrator.recalibrate(streams, refused=refused)
         # streams whose new level is being refused now (each refusal is counted too, once per recalibration)
         done = set(streams or ())
-        kept = {} if streams is None else {s: r for s, r in self._refusing.items() if s not in done}
         held = self.processor.streams
-        self._refusing = {s: r for s, r in {**kept, **refused}.items() if s in held}
-        self.metrics.refusing.set(len(self._refusing))
+        with self._refusing_lock:
+            kept = {} if streams is None else {s: r for s, r in self._refusing.items() if s not in done}
+            self._refusing = {s: r for s, r in {**kept, **refused}.items() if s in held}
+            self.metrics.refusing.set(len(self._refusing))
         for stream, (old, new) in changed.items():
             outcome = "new_normal" if new.reason.startswith("new normal") else "changed"
             self.metrics.calibrations.labels(outcome).inc()
@@ -443,8 +445,9 @@ class Daemon:
         self._lag_labels, self._lags = set(lags), lags
         held = self.processor.uncommitted(assigned)
         held_now = self.processor.streams  # revoked or evicted since the last recalibration: dropped
-        self._refusing = {s: r for s, r in list(self._refusing.items()) if s in held_now}
-        self.metrics.refusing.set(len(self._refusing))
+        with self._refusing_lock:
+            self._refusing = {s: r for s, r in self._refusing.items() if s in held_now}
+            self.metrics.refusing.set(len(self._refusing))
         for topic, partition in self._held_labels - set(held):
             self.metrics.uncommitted.remove(topic, str(partition))
         for (topic, partition), n in held.items():
@@ -620,10 +623,11 @@ class Daemon:
     def _retry_unreadable(self, now: float) -> None:
         """Resume each unreadable partition whose retry is due, unless something else holds it."""
         for tp in [tp for tp in self._unreadable_waits if self._unreadable[tp].due(now)]:
+            if tp in self._paused or tp in self._restore_waits or self._holding:
+                continue  # held for another reason: retried once that is lifted (not "readable" meanwhile)
             self._unreadable_waits.discard(tp)
             self._unreadable_since[tp] = now
-            if tp in self.source.assignment() and not (tp in self._paused or tp in self._restore_waits
-                                                       or self._holding):
+            if tp in self.source.assignment():
                 self.source.resume({tp})
 
     def _read_well(self, read: set[TP], now: float) -> None:

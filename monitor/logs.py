@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import sys
 import time
 from collections.abc import Callable
@@ -117,6 +118,7 @@ def from_signal_handler(event: str, level: str = "info", **fields: object) -> No
     line = json.dumps({"event": event, "level": level, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                        **fields}, default=str)
     try:
-        os.write(2, line.encode() + b"\n")
-    except OSError:
+        if select.select([], [2], [], 0)[1]:  # a full pipe would block the handler until its reader catches up
+            os.write(2, line.encode() + b"\n")
+    except (OSError, ValueError):
         pass  # stderr closed or full: the exit status still tells

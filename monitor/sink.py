@@ -127,11 +127,11 @@ class KafkaSink:
         self._refused = False  # the producer refused a message since the last flush attempt
         self._on_undeliverable = on_undeliverable or (lambda _msg, _why: None)
 
-    def _new_producer(self) -> Any:
+    def _new_producer(self, **extra: Any) -> Any:
         from kafka import KafkaProducer
 
         try:
-            return KafkaProducer(**self._kwargs)
+            return KafkaProducer(**{**self._kwargs, **extra})
         except KafkaError as exc:
             where = self._kwargs.get("bootstrap_servers")
             raise BrokerError(f"cannot create a producer for {where}: {exc}") from None
@@ -146,11 +146,16 @@ class KafkaSink:
             return
         log.error("producer_replaced", error=f"{type(manager.last_error).__name__}: {manager.last_error}",
                   in_flight=len(self._inflight), consequence="in-flight messages are sent again on a new producer")
-        try:
-            self._producer.close(timeout=0)
+        old = self._producer
+        try:  # close() flushes first and raises, the producer left open, while batches are incomplete (see close)
+            old._accumulator.abort_incomplete_batches()
+            old.close(timeout=0.1)
         except Exception as exc:  # noqa: BLE001 — a producer in a fatal state may fail to close; dropped either way
             log.debug("producer_close_failed", error=f"{type(exc).__name__}: {exc}")
-        self._producer = self._new_producer()
+        # the version the old one found: no bootstrap in the constructor, which blocked the loop for 30 s (and the
+        # shutdown twice) with the broker away
+        version = getattr(old, "config", {}).get("api_version")
+        self._producer = self._new_producer(**({"api_version": version} if version else {}))
         self._inflight = [(m, None) for m, _f in self._inflight]
         self._refused = False
 

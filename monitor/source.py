@@ -170,6 +170,7 @@ class KafkaSource:
             except KafkaError as exc:  # a fetch the client cannot use (an unknown codec, a corrupt batch): the
                 # loop pauses and retries, as for a broker that fails; raised, it ended the daemon at every start
                 self._raise_callback_error()  # unless our own callback failed: kafka-python wraps that too
+                self._drop_failed_fetch()
                 message = f"cannot read the input: {type(exc).__name__}: {exc}"
                 if (named := NAMED_PARTITION.search(str(exc))) is not None:  # a corrupt batch names its partition
                     raise PartitionUnreadable(message, (named[1], int(named[2]))) from None
@@ -181,6 +182,15 @@ class KafkaSource:
             self._last_records = time.monotonic()
         return [InRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp or 0)
                 for records in batches.values() for r in records]
+
+    def _drop_failed_fetch(self) -> None:
+        """kafka-python keeps the buffered records whose parsing raised (a corrupt batch) as the next to hand out;
+        the next poll of that partition then spun for ever in its fetcher, which saw no progress (the loop hung,
+        and every restart again). Dropped, the partition's next fetch reads from its position again: nothing
+        skipped, the same error raised again while the batch stays corrupt."""
+        fetcher = getattr(self._consumer, "_fetcher", None)
+        if getattr(fetcher, "_next_partition_records", None) is not None:
+            fetcher._next_partition_records = None  # type: ignore[union-attr]
 
     @contextmanager
     def _callback(self) -> Iterator[None]:

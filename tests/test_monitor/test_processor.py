@@ -1622,6 +1622,27 @@ def test_one_unreadable_partition_waits_while_the_others_are_read(stream_model: 
     assert d.metrics.snapshot()["tsmon_commit_retries_total{cause=input}"] == 4
 
 
+def test_an_unreadable_partition_held_for_another_reason_is_not_declared_readable(stream_model: Path) -> None:
+    """Its retry came due under back-pressure (or a failing sink): it was not resumed, yet 5 s later it counted
+    as readable again — /readyz 200, its backoff reset — while it still held the bad batch."""
+    from monitor.daemon import Backoff
+
+    d = in_process_daemon(stream_model, MemorySource([]), MemorySink())
+    tp = (TOPIC, 1)
+    d.source.assigned.add(tp)
+    d._unreadable[tp] = Backoff(0.0, 1.0)
+    d._unreadable_waits.add(tp)
+    d.source.pause({tp})
+    d._holding = True
+    d._retry_unreadable(time.monotonic())
+    d._read_well(set(), time.monotonic() + 10)
+    assert tp in d._unreadable_waits and tp in d._unreadable and tp in d.source.paused  # still waiting
+    d._holding = False
+    d._retry_unreadable(time.monotonic())
+    assert tp not in d._unreadable_waits and tp in d._unreadable_since and tp not in d.source.paused  # retried now
+    d.run(until=lambda: True)
+
+
 def test_a_poll_that_fails_is_retried_with_backoff_and_the_daemon_goes_on(stream_model: Path) -> None:
     """A poll error (a codec the client lacks, a corrupt batch) ended the daemon, and every restart read the same
     batch again. It is retried with backoff, /readyz says why meanwhile, and nothing is skipped."""

@@ -270,3 +270,56 @@ def test_a_failing_end_offsets_request_for_paused_partitions_never_escapes() -> 
     src._consumer = SimpleNamespace(assignment=lambda: {p0}, paused=lambda: {p0}, end_offsets=end_offsets,
                                     position=lambda tp, timeout_ms=None: 40, highwater=lambda tp: 50, metrics=dict)
     assert src.lags() == {("in", 0): 10}  # the last fetch's high watermark, as before
+
+
+def test_a_corrupt_batch_is_dropped_from_the_fetcher_so_the_next_poll_does_not_spin_for_ever() -> None:
+    """kafka-python 3.0.12 keeps the records whose CRC check failed as the next to hand out; once the partition
+    was polled again (a retry: resumed, or the whole poll) its fetcher looped for ever seeing no progress —
+    the daemon's loop hung at the first retry, and at every restart. Shown on kafka-python's own Fetcher."""
+    import collections
+    import threading
+
+    from kafka import TopicPartition
+    from kafka.consumer.fetcher import Fetcher
+    from kafka.consumer.subscription_state import SubscriptionState
+    from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
+
+    from models.errors import PartitionUnreadable
+
+    builder = MemoryRecordsBuilder(magic=2, compression_type=0, batch_size=1 << 20)
+    for i in range(3):
+        builder.append(timestamp=1, key=b"k", value=b"v%d" % i)
+    builder.close()
+    damaged = bytearray(builder.buffer())
+    damaged[-2] ^= 0xFF  # the batch's CRC check fails
+    tp = TopicPartition("in", 0)
+    subscription = SubscriptionState()
+    subscription.assign_from_user([tp])
+    subscription.seek(tp, 0)
+    fetcher = object.__new__(Fetcher)  # only what fetched_records uses
+    fetcher._subscriptions, fetcher._sensors = subscription, None
+    fetcher._next_in_line_exception_metadata = None
+    fetcher._paused_completed_fetches, fetcher._paused_partition_records = {}, {}
+    fetcher._completed_fetches = collections.deque()
+    fetcher._next_partition_records = Fetcher.PartitionRecords(0, tp, MemoryRecords(bytes(damaged)), check_crcs=True,
+                                                               on_drain=lambda _p: None)
+
+    class Consumer:
+        _fetcher = fetcher
+
+        def poll(self, timeout_ms: int, max_records: int | None = None) -> dict[Any, list[Any]]:
+            return fetcher.fetched_records(10)[0]
+
+    src = source_on(Consumer(), flowing=False)  # type: ignore[arg-type]
+    with pytest.raises(PartitionUnreadable) as unreadable:
+        src.poll(0)
+    assert unreadable.value.tp == ("in", 0)
+    subscription.pause(tp)  # the daemon's pause, then its retry
+    src.poll(0)
+    subscription.resume(tp)
+    answered: list[object] = []
+    retry = threading.Thread(target=lambda: answered.append(src.poll(0)), daemon=True)
+    retry.start()
+    retry.join(5)
+    assert answered == [[]]  # returned (nothing buffered: the next fetch reads from position 0 again)
+    assert subscription.assignment[tp].position.offset == 0  # nothing skipped
