@@ -224,8 +224,14 @@ class Controller:
         return [], [], {"alert_id": alert_id, "found": False}
 
     def _history(self, cmd: Command) -> Effects:
-        names = self._targets(cmd)
-        return [], [], {"history": {s: self.cal.history(s) for s in names}}
+        """Read-only: an evicted stream's versions come from its document, without waking it (``history --stream
+        '*'`` woke every evicted stream, each held in memory again until evicted an hour later)."""
+        found = {s: self.cal.history(s) for s in self.p.streams if fnmatch.fnmatchcase(s, cmd.target)}
+        for name, doc in sorted(self.p.evicted_docs().items()):
+            if name not in found and fnmatch.fnmatchcase(name, cmd.target):
+                found[name] = [v for v in _field(_field(doc, "calibrator", dict), "versions", list)
+                               if isinstance(v, dict)]
+        return [], [], {"history": dict(sorted(found.items()))}
 
     def _rollback(self, cmd: Command) -> Effects:
         version = int(cmd.params["version"])

@@ -1028,6 +1028,9 @@ def test_commands_reach_streams_this_instance_evicted(make: Make) -> None:
     send(c, "freeze", "*")
     p.streams["dev-a"].last_seen += 120  # only dev-b is idle
     assert p.evict_idle(time.monotonic() + 61) == 1 and p.evicted == {"dev-b"}
+    history = send(c, "history", "dev-*")["result"]["history"]  # read-only: from the document, not woken
+    assert p.evicted == {"dev-b"} and "dev-b" not in p.streams
+    assert [h["source"] for h in history["dev-b"]] == ["artifact"] and set(history) == {"dev-a", "dev-b"}
     ack = send(c, "silence", "dev-*", for_s=3600)
     assert sorted(ack["streams"]) == ["dev-a", "dev-b"] and p.streams["dev-b"].silenced_until_ms > 0
     assert send(c, "unfreeze", "*")["status"] == "applied" and not p.calibrator.frozen_all
