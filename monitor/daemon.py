@@ -79,9 +79,11 @@ def scoring_threads(configured: int | None) -> int:
     return configured or max(1, usable_cpus() - 1)
 
 
-def build_scorer(cfg: Config) -> Scorer:
-    return Scorer([load_served(r.pattern, r.path, r.name, r.hop, cfg.daemon.device, r.gap_ms, r.for_windows,
-                               r.resolve_after, r.gap_periods) for r in cfg.require_models()], cfg.daemon.precision)
+def build_scorer(cfg: Config, device: str | None = None) -> Scorer:
+    """The configured routes, loaded and routed (on ``device``, else the configured one)."""
+    return Scorer([load_served(r.pattern, r.path, r.name, r.hop, device or cfg.daemon.device, r.gap_ms,
+                               r.for_windows, r.resolve_after, r.gap_periods) for r in cfg.require_models()],
+                  cfg.daemon.precision)
 
 
 def calibrator_settings(cfg: Config) -> CalibratorSettings:
@@ -208,7 +210,7 @@ class Daemon:
         self._input_since = time.monotonic()  # input last came back from a pause: silence before it is not idleness
         self._problem: str | None = None  # why the last commit attempt failed; /readyz reports it
         self._refusing: dict[str, str] = {}  # streams whose last recalibration refused a raise → why
-        self._refusing_lock = threading.Lock()  # the scheduler's thread and the loop both replace it
+        self._refusing_lock = threading.Lock()
         self.notifier = Notifier()  # systemd's ready / watchdog / stopping, under Type=notify only
         self._retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
         self._read_retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
@@ -374,13 +376,8 @@ class Daemon:
     def _recalibrate(self, streams: list[str] | None) -> None:
         refused: dict[str, str] = {}
         changed = self.calibrator.recalibrate(streams, refused=refused)
-        # streams whose new level is being refused now (each refusal is counted too, once per recalibration)
-        done = set(streams or ())
-        held = self.processor.streams
-        with self._refusing_lock:
-            kept = {} if streams is None else {s: r for s, r in self._refusing.items() if s not in done}
-            self._refusing = {s: r for s, r in {**kept, **refused}.items() if s in held}
-            self.metrics.refusing.set(len(self._refusing))
+        done = set(streams or ())  # a run over every stream (None) settles every earlier refusal
+        self._note_refusals(lambda s: streams is not None and s not in done, refused)
         for stream, (old, new) in changed.items():
             outcome = "new_normal" if new.reason.startswith("new normal") else "changed"
             self.metrics.calibrations.labels(outcome).inc()
@@ -388,12 +385,23 @@ class Daemon:
                      source=new.source, version=new.version, reason=new.reason, samples=new.samples)
         for stream, reason in refused.items():
             self.metrics.calibrations.labels("refused").inc()
-            if (extra := self.processor.throttle("threshold_raise_refused")) is not None:
-                try:  # revoked or evicted (on the loop's thread) since: forgotten by the calibrator
-                    value: float | None = round(self.calibrator.threshold(stream).value, 6)
-                except KeyError:
-                    value = None
-                log.warning("threshold_raise_refused", stream=stream, reason=reason, threshold=value, **extra)
+            self.processor.throttle.log(log.warning, "threshold_raise_refused", stream=stream, reason=reason,
+                                        threshold=self._threshold_or_none(stream))
+
+    def _threshold_or_none(self, stream: str) -> float | None:
+        try:  # revoked or evicted (on the loop's thread) since a recalibration refused it: forgotten
+            return round(self.calibrator.threshold(stream).value, 6)
+        except KeyError:
+            return None
+
+    def _note_refusals(self, keep: Callable[[str], bool], new: dict[str, str]) -> None:
+        """The streams whose threshold raise is refused now → why: the earlier ones ``keep`` accepts, and ``new``;
+        one no longer held (revoked or evicted) is dropped. Each refusal is also counted, once per run."""
+        held = self.processor.streams
+        with self._refusing_lock:  # the scheduler's thread and the loop both replace it
+            both = {**{s: r for s, r in self._refusing.items() if keep(s)}, **new}
+            self._refusing = {s: r for s, r in both.items() if s in held}
+            self.metrics.refusing.set(len(self._refusing))
 
     def _undeliverable(self, msg: OutMessage, _why: str) -> None:
         self.metrics.undeliverable.labels(msg.topic).inc()
@@ -444,10 +452,7 @@ class Daemon:
             self.metrics.lag.labels(topic, str(partition)).set(lag)
         self._lag_labels, self._lags = set(lags), lags
         held = self.processor.uncommitted(assigned)
-        held_now = self.processor.streams  # revoked or evicted since the last recalibration: dropped
-        with self._refusing_lock:
-            self._refusing = {s: r for s, r in self._refusing.items() if s in held_now}
-            self.metrics.refusing.set(len(self._refusing))
+        self._note_refusals(lambda _s: True, {})  # revoked or evicted since the last recalibration: dropped
         for topic, partition in self._held_labels - set(held):
             self.metrics.uncommitted.remove(topic, str(partition))
         for (topic, partition), n in held.items():

@@ -12,6 +12,7 @@ import select
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -109,6 +110,11 @@ class Throttle:
             return None
         self._seen[event] = (start, lines + 1, 0)
         return {"suppressed": dropped} if dropped else {}
+
+    def log(self, method: Callable[..., Any], event: str, **fields: Any) -> None:
+        """``method(event, **fields)`` (a bound logger's ``info``, ``error`` …) unless the event is over its budget."""
+        if (extra := self(event)) is not None:
+            method(event, **fields, **extra)
 
 
 def from_signal_handler(event: str, level: str = "info", **fields: object) -> None:

@@ -182,7 +182,7 @@ class _Thresholds:
         self._m = metrics
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("tsmon_threshold", "Current threshold per stream", labels=["stream", "source"])
+        family = self._family()
         with self._m._threshold_lock:
             rows = list(self._m._labelled.items())
         for stream, (source, value) in rows:
@@ -190,4 +190,8 @@ class _Thresholds:
         yield family
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
-        yield GaugeMetricFamily("tsmon_threshold", "Current threshold per stream", labels=["stream", "source"])
+        yield self._family()
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily("tsmon_threshold", "Current threshold per stream", labels=["stream", "source"])

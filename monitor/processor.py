@@ -169,9 +169,8 @@ class Processor:
             try:
                 block = parse(rec.value, rec.key, self.settings.limits)
             except Exception as exc:  # noqa: BLE001 — a parser bug must cost one message, never the daemon
-                if (extra := self.throttle("parse_failed")) is not None:
-                    log.error("parse_failed", error=f"{type(exc).__name__}: {exc}"[:300], topic=rec.topic,
-                              partition=rec.partition, offset=rec.offset, **extra)
+                self.throttle.log(log.error, "parse_failed", error=f"{type(exc).__name__}: {exc}"[:300],
+                                  topic=rec.topic, partition=rec.partition, offset=rec.offset)
                 block = BadRecord("unparseable", f"{type(exc).__name__}: {exc}"[:200])
             why = self._route(block) if isinstance(block, SampleBlock) else block
             if why is not None:
@@ -308,10 +307,9 @@ class Processor:
         self._unevict(stream)
         restored = self._restore(stream, st, replayed)
         state = self.calibrator.threshold(stream)
-        if (extra := self.throttle("stream_started")) is not None:
-            log.info("stream_started", stream=stream, model=served.name, window=served.window, hop=served.hop,
-                     threshold=state.value, threshold_source=state.source, threshold_version=state.version,
-                     restored=restored, **extra)
+        self.throttle.log(log.info, "stream_started", stream=stream, model=served.name, window=served.window,
+                          hop=served.hop, threshold=state.value, threshold_source=state.source,
+                          threshold_version=state.version, restored=restored)
         self.streams[stream] = st
         self.metrics.streams.set(len(self.streams))
         return st
@@ -467,9 +465,8 @@ class Processor:
             score = float(window_err[i])
             if not np.isfinite(score):  # not "normal": no calibration, no progress towards resolving
                 self.metrics.skipped.labels("nonfinite_score").inc()
-                if (extra := self.throttle("nonfinite_score")) is not None:
-                    log.error("nonfinite_score", stream=stream, model=batch.model, end_ts=int(batch.end_ts[i]),
-                              **extra)
+                self.throttle.log(log.error, "nonfinite_score", stream=stream, model=batch.model,
+                                  end_ts=int(batch.end_ts[i]))
                 continue
             every.setdefault(stream, []).append(score)
             normal.setdefault(stream, [])
@@ -721,9 +718,8 @@ class Processor:
             headers.append(("tsmon.key_truncated_from", str(len(key)).encode()))
             key = key[:keep]
         self.sink.send(OutMessage(self.settings.dead_letter_topic, key, value, headers))
-        if (extra := self.throttle("dead_letter")) is not None:
-            log.warning("dead_letter", reason=bad.reason, detail=bad.detail, topic=rec.topic, partition=rec.partition,
-                        offset=rec.offset, **extra)
+        self.throttle.log(log.warning, "dead_letter", reason=bad.reason, detail=bad.detail, topic=rec.topic,
+                          partition=rec.partition, offset=rec.offset)
 
     # 4. commits and rebalances --------------------------------------------------------------------
     def commit(self, source: Source, tps: set[TP] | None = None) -> dict[TP, int]:

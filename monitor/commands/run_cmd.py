@@ -21,7 +21,6 @@ from monitor.commands.render import emit_json
 from monitor.config import bootstrap_problem, load_config, topic_problem
 from monitor.replay import finite_rows, timestamps
 from monitor.replay import replay as replay_series
-from monitor.scorer import Scorer, load_served
 
 log = logs.get("tsmon.cli")
 
@@ -158,11 +157,11 @@ def config_check(
     for route in routes:
         if not (Path(route.path) / "manifest.json").is_file():
             raise ConfigError(f"models: no artifact at {route.path} (pattern {route.pattern!r})")
+    from monitor.daemon import build_scorer
+
     # loaded whole and routed as `tsmon run` will (on CPU): a manifest alone passed before, and so did two
     # routes to one artifact without a name each, which `tsmon run` refused
-    Scorer([load_served(r.pattern, r.path, r.name, r.hop, "cpu", r.gap_ms, r.for_windows, r.resolve_after,
-                       r.gap_periods)
-            for r in routes], cfg.daemon.precision)
+    build_scorer(cfg, device="cpu")
     emit_json(cfg.redacted())
 
 
