@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import getpass
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from models.errors import ConfigError
 from monitor import ctl
@@ -19,6 +21,8 @@ app = typer.Typer(help="Operator commands to running daemons: signed with contro
                   no_args_is_help=True)
 
 Stream = Annotated[str | None, typer.Option("--stream", help="Stream id, or a glob such as 'ecg-*'.")]
+Exact = Annotated[bool, typer.Option("--exact", help="--stream is one stream's id as it is, not a glob (for an id "
+                                                     "with * ? or [ in it).")]
 All = Annotated[bool, typer.Option("--all", help="Every stream (for freeze/unfreeze: daemon-wide).")]
 Config = Annotated[Path | None, typer.Option("--config", help="TOML configuration (kafka, control.key).")]
 Operator = Annotated[str | None, typer.Option(help="Who is acting (default: the login name).")]
@@ -36,14 +40,18 @@ def _login() -> str:
         raise ConfigError("no login name for this user id: give --operator NAME") from None
 
 
-def _target(stream: str | None, all_: bool, required: bool = True) -> str:
+def _target(stream: str | None, all_: bool = False, required: bool = True, exact: bool = False) -> str:
+    """What the daemons match stream ids against (an fnmatch glob); ``exact``: ``stream``'s glob characters
+    escaped, so that ``pump[1]`` names that stream and not ``pump1``, on every instance alike."""
+    if exact and not stream:
+        raise ConfigError("--exact needs --stream ID")
     if stream and all_:
         raise ConfigError("give --stream or --all, not both")
     if not stream and not all_:
         if required:
             raise ConfigError("give --stream S (a glob is fine) or --all")
         return "*"
-    return "*" if all_ else str(stream)
+    return "*" if all_ else re.sub(r"([*?[])", r"[\1]", str(stream)) if exact else str(stream)
 
 
 def _run(command: str, target: str, params: dict[str, Any], config: Path | None, operator: str | None,
@@ -72,7 +80,8 @@ def _check(params: dict[str, Any]) -> None:
 def _show(acks: list[dict[str, Any]]) -> None:
     table = Table("instance", "status", "streams", "effect / result", title="acknowledgements")
     for a in acks:
-        table.add_row(str(a["instance"]), str(a["status"]), str(len(a["streams"])), _effect(a))
+        # Text: a stream id is never markup ("sensor[/x]" raised MarkupError after the command was applied)
+        table.add_row(*(Text(c) for c in (str(a["instance"]), str(a["status"]), str(len(a["streams"])), _effect(a))))
     stdout.print(table)
 
 
@@ -108,62 +117,63 @@ def _fmt(view: dict[str, Any] | None) -> str:
 
 @app.command()
 def recalibrate(stream: Stream = None, all_: All = False, quantile: Quantile = None, config: Config = None,
-                operator: Operator = None, reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False) -> None:
+                operator: Operator = None, reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False,
+                exact: Exact = False) -> None:
     """Recalibrate now from the recent normal errors (the drift guard may refuse a raise, and says why)."""
     params = {} if quantile is None else {"quantile": quantile}
-    _run("recalibrate", _target(stream, all_), params, config, operator, reason, timeout, as_json)
+    _run("recalibrate", _target(stream, all_, exact=exact), params, config, operator, reason, timeout, as_json)
 
 
 @app.command()
 def pin(threshold: Annotated[float, typer.Option(help="The threshold to hold.")], stream: Stream = None,
         config: Config = None, operator: Operator = None, reason: Reason = "", timeout: Timeout = 10.0,
-        as_json: Json = False) -> None:
+        as_json: Json = False, exact: Exact = False) -> None:
     """Hold a stream's threshold at a value; calibration leaves it alone until unpin."""
-    _run("pin", _target(stream, False), {"threshold": threshold}, config, operator, reason, timeout, as_json)
+    _run("pin", _target(stream, exact=exact), {"threshold": threshold}, config, operator, reason, timeout, as_json)
 
 
 @app.command()
 def unpin(stream: Stream = None, config: Config = None, operator: Operator = None, reason: Reason = "",
-          timeout: Timeout = 10.0, as_json: Json = False) -> None:
+          timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
     """Back to the value before the pin; calibration resumes."""
-    _run("unpin", _target(stream, False), {}, config, operator, reason, timeout, as_json)
+    _run("unpin", _target(stream, exact=exact), {}, config, operator, reason, timeout, as_json)
 
 
 @app.command()
 def freeze(stream: Stream = None, all_: All = False, config: Config = None, operator: Operator = None,
-           reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False) -> None:
+           reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
     """Stop calibration for a stream, or for all (--all)."""
-    _run("freeze", _target(stream, all_), {}, config, operator, reason, timeout, as_json)
+    _run("freeze", _target(stream, all_, exact=exact), {}, config, operator, reason, timeout, as_json)
 
 
 @app.command()
 def unfreeze(stream: Stream = None, all_: All = False, config: Config = None, operator: Operator = None,
-             reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False) -> None:
+             reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
     """Resume calibration."""
-    _run("unfreeze", _target(stream, all_), {}, config, operator, reason, timeout, as_json)
+    _run("unfreeze", _target(stream, all_, exact=exact), {}, config, operator, reason, timeout, as_json)
 
 
 @app.command()
 def silence(for_: Annotated[str, typer.Option("--for", help="How long: 90s, 30m, 2h, 1d.")],
             stream: Stream = None, config: Config = None, operator: Operator = None, reason: Reason = "",
-            timeout: Timeout = 10.0, as_json: Json = False) -> None:
+            timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
     """Record the stream's alerts as silenced instead of publishing them as firing, for a while."""
-    _run("silence", _target(stream, False), {"for_s": ctl.duration_s(for_)}, config, operator, reason, timeout,
+    _run("silence", _target(stream, exact=exact), {"for_s": ctl.duration_s(for_)}, config, operator, reason, timeout,
          as_json)
 
 
 @app.command()
 def unsilence(stream: Stream = None, config: Config = None, operator: Operator = None, reason: Reason = "",
-              timeout: Timeout = 10.0, as_json: Json = False) -> None:
+              timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
     """End a silence now (an alert still open is then published as firing)."""
-    _run("unsilence", _target(stream, False), {}, config, operator, reason, timeout, as_json)
+    _run("unsilence", _target(stream, exact=exact), {}, config, operator, reason, timeout, as_json)
 
 
 @app.command("reset-stream")
 def reset_stream(stream: Stream = None, config: Config = None, operator: Operator = None, reason: Reason = "",
-                 timeout: Timeout = 10.0, as_json: Json = False) -> None:
+                 timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
     """Forget the stream's windows, alert state and calibration (an open alert is resolved)."""
-    _run("reset-stream", _target(stream, False), {}, config, operator, reason, timeout, as_json)
+    _run("reset-stream", _target(stream, exact=exact), {}, config, operator, reason, timeout, as_json)
 
 
 @app.command()
@@ -181,25 +191,25 @@ def feedback(alert: Annotated[str, typer.Option("--alert", help="The alert_id.")
 
 @app.command()
 def history(stream: Stream = None, config: Config = None, operator: Operator = None, reason: Reason = "",
-            timeout: Timeout = 10.0, as_json: Json = False) -> None:
+            timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
     """Every threshold version of the stream, with its source and reason."""
-    _run("history", _target(stream, False), {}, config, operator, reason, timeout, as_json)
+    _run("history", _target(stream, exact=exact), {}, config, operator, reason, timeout, as_json)
 
 
 @app.command()
 def rollback(to: Annotated[int, typer.Option("--to", help="Version number (see history).")], stream: Stream = None,
              config: Config = None, operator: Operator = None, reason: Reason = "", timeout: Timeout = 10.0,
-             as_json: Json = False) -> None:
+             as_json: Json = False, exact: Exact = False) -> None:
     """Set the threshold of a former version again (as a new version)."""
-    _run("rollback", _target(stream, False), {"version": to}, config, operator, reason, timeout, as_json)
+    _run("rollback", _target(stream, exact=exact), {"version": to}, config, operator, reason, timeout, as_json)
 
 
 @app.command()
 def shadow(stream: Stream = None, quantile: Quantile = None, config: Config = None, operator: Operator = None,
-           reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False) -> None:
+           reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
     """Dry run: what a threshold at this quantile would have alerted over the recent windows."""
     params = {} if quantile is None else {"quantile": quantile}
-    _run("shadow", _target(stream, False), params, config, operator, reason, timeout, as_json)
+    _run("shadow", _target(stream, exact=exact), params, config, operator, reason, timeout, as_json)
 
 
 def register(root: typer.Typer) -> None:

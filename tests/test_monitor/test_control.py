@@ -1249,6 +1249,30 @@ def test_an_episode_restored_keeps_the_first_input_offset_it_was_published_with(
     assert [(d["status"], d["source"]["first_offset"]) for d in anomalies(q) + anomalies(r)] == expected
 
 
+def test_ctl_exact_names_the_one_stream_whose_id_has_glob_characters(make: Make) -> None:
+    """``--stream pump[1]`` pinned pump1 and never pump[1]; ``line*`` took line-7 too. ``--exact`` escapes the
+    glob characters on the ctl side, so every instance matches the same one id; the acknowledgement table
+    shows ids as text (``sensor[/x]`` raised rich's MarkupError after the command had been applied)."""
+    from models.errors import ConfigError
+    from monitor.commands import ctl_cmd
+    from monitor.commands.render import stdout
+
+    p = make()
+    ids = ["pump1", "pump[1]", "line*", "line-7", "a?", "ab", "sensor[/x]"]
+    feed(p, [r for i, s in enumerate(ids) for r in records(s, *sine_stream(200), first_offset=1000 * i)])
+    c = controller(p)
+    for name in ids:
+        target = ctl_cmd._target(name, exact=True)
+        assert send(c, "pin", target, threshold=2.0)["streams"] == [name], name
+    assert sorted(send(c, "unpin", "line*")["streams"]) == ["line*", "line-7"]  # without --exact: a glob
+    with pytest.raises(ConfigError, match="--exact needs --stream"):
+        ctl_cmd._target(None, all_=True, exact=True)
+    ack = send(c, "pin", ctl_cmd._target("sensor[/x]", exact=True), threshold=3.0)
+    with stdout.capture() as shown:
+        ctl_cmd._show([ack])
+    assert "sensor[/x]: 2 (pinned" in shown.get()
+
+
 def test_ctl_without_a_login_name_asks_for_an_operator(monkeypatch: pytest.MonkeyPatch) -> None:
     """An arbitrary uid with no passwd entry (OpenShift): getpass.getuser raised out of tsmon ctl."""
     import getpass
