@@ -661,7 +661,8 @@ class Processor:
             if st.windows.seen:  # it read input here, so none of its input is still to be replayed to it (one
                 self.evicted_here.add(name)  # woken for a command before its replay came still needs aligning)
             self.metrics.evicted.inc()
-            log.info("stream_evicted", stream=name, idle_s=round(idle_s, 1), partial_window_samples=partial)
+            self.throttle.log(log.info, "stream_evicted", stream=name, idle_s=round(idle_s, 1),
+                              partial_window_samples=partial)
         # Without a changelog the evicted streams' documents live only here: at most max_streams of them, oldest
         # out first. With one, ``restored`` is what the changelog held at the last assignment (its size; the
         # restore read it all anyway) plus streams evicted since: trimming it would forget the pins, silences
@@ -699,7 +700,8 @@ class Processor:
                                    "kind": e.kind, "ts": e.ts, "time": iso(e.ts), "detail": e.detail,
                                    "channels": list(e.channels), "suppressed": e.suppressed}
             self.sink.send(json_message(self.settings.alerts_topic, e.stream, doc, [("tsmon.type", b"data_quality")]))
-            log.warning("data_quality", stream=e.stream, kind=e.kind, detail=e.detail, suppressed=e.suppressed)
+            self.throttle.log(log.warning, "data_quality", stream=e.stream, kind=e.kind, detail=e.detail,
+                              repeats_suppressed=e.suppressed)
 
     def _dead_letter(self, rec: InRecord, bad: BadRecord) -> None:
         self.ledger.consumed(rec.tp, rec.offset)

@@ -375,6 +375,26 @@ def test_a_flood_of_bad_records_writes_a_sample_of_warnings(make: Make, capsys: 
     assert len([m for m in sink(p).sent if m.topic == p.settings.dead_letter_topic]) == 101  # every one kept
 
 
+def test_per_stream_events_of_many_streams_write_a_sample_of_lines(make: Make,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """2 000 streams wrote 2 000 ``stream_evicted`` lines and one ``data_quality`` line per finding; each event is
+    now logged 20 times a minute at most, while every finding still goes to the alerts topic."""
+    p = make()
+    p.settings = Settings(idle_evict_s=60.0)
+    p.throttle = logs.Throttle(clock=lambda: 0.0)
+    ts, v = sine_stream(300, seed=11)
+    ts[150:] += 10_000  # a gap: one data_quality finding per stream
+    capsys.readouterr()
+    feed(p, [r for i in range(30) for r in records(f"dev-{i}", ts, v, first_offset=1000 * i)])
+    assert p.evict_idle(time.monotonic() + 4000) == 30
+    logged = capsys.readouterr()
+    lines = (logged.out + logged.err).splitlines()
+    assert len([x for x in lines if "stream_evicted" in x]) == 20
+    assert len([x for x in lines if "data_quality" in x and "gap" in x]) == 20
+    sink(p).flush(1)
+    assert len([d for d in docs(p, "data_quality") if d["kind"] == "gap"]) == 30
+
+
 def test_nonfinite_score_is_neither_normal_nor_an_alert(make: Make, served: Served,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     scorer = Scorer([served])
