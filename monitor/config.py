@@ -497,6 +497,11 @@ class StateConfig(_Section):
                                      "input waits); then streams it did not reach start from their artifact")
     history: int = Field(50, ge=1, description="threshold versions kept per stream")
     recent_alerts: int = Field(20, ge=1, description="alerts per stream remembered for feedback")
+    forget_after_s: float | None = Field(
+        604_800.0, gt=0, description="the document of a stream not seen for this long is forgotten (a tombstone on "
+        "the changelog) unless it holds a pin, a freeze, a running silence or a fired alert; none = kept for ever")
+
+    _optional = field_validator("forget_after_s", mode="before")(_unset)
 
 
 class HttpConfig(_Section):
@@ -848,6 +853,7 @@ snapshot_interval_s = 30.0               # snapshot of the streams that changed,
 restore_timeout_s = 300.0                # longest a restore may read the changelog (the input waits)
 history = 50                             # threshold versions kept per stream (tsmon ctl history)
 recent_alerts = 20                       # alerts per stream remembered for tsmon ctl feedback
+forget_after_s = 604800.0                # a stream unseen this long (7 days) is forgotten; "none" = kept for ever
 
 [http]
 enabled = true                           # /metrics, /healthz, /readyz, /streams

@@ -324,7 +324,7 @@ class ConfluentSink:
 
     def _give_up(self, msg: OutMessage, why: str) -> None:
         log.error("message_undeliverable", topic=msg.topic, key=(msg.key or b"").decode(errors="replace"),
-                  bytes=len(msg.value), error=why)
+                  bytes=len(msg.value or b""), error=why)
         self._on_undeliverable(msg, why)
 
     def _fatal(self) -> bool:

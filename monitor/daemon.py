@@ -59,6 +59,7 @@ ROWS_WAIT_S = 3.0  # ... which it waits for this long at most (a hung loop: the 
 UNREADABLE_CLEAR_S = 5.0  # a partition retried after a failed fetch counts as readable after this long without one
 READ_ERROR_EVERY_S = 60.0  # input_read_failed is an error at most this often (then info)
 RESTORE_OPEN_S = 30.0  # longest the loop waits for the changelog's positions (the broker away) when opening it
+FORGET_EVERY_S = 60.0  # how often the documents of long-unseen streams are looked for (state.forget_after_s)
 
 
 def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -109,7 +110,7 @@ def processor_settings(cfg: Config) -> Settings:
                     recent_alerts=cfg.state.recent_alerts, max_streams=cfg.limits.max_streams,
                     idle_evict_s=cfg.limits.idle_evict_s, max_future_s=cfg.limits.max_future_s,
                     earliest_ms=cfg.limits.earliest_ms, gap_periods=cfg.windows.gap_periods,
-                    model_quantile=cfg.calibrator.quantile is None)
+                    model_quantile=cfg.calibrator.quantile is None, forget_after_s=cfg.state.forget_after_s)
 
 
 class Daemon:
@@ -208,6 +209,7 @@ class Daemon:
         self._restore_waits: set[TP] = set()  # partitions paused until it is read
         self._holding = False  # input paused because scoring falls behind (back-pressure)
         self._input_since = time.monotonic()  # input last came back from a pause: silence before it is not idleness
+        self._forgot_at = time.monotonic()  # the last look for documents to forget (the restore looks too)
         self._problem: str | None = None  # why the last commit attempt failed; /readyz reports it
         self._refusing: dict[str, str] = {}  # streams whose last recalibration refused a raise → why
         self._refusing_lock = threading.Lock()
@@ -359,10 +361,12 @@ class Daemon:
             self.controller.global_known = True
         self.processor.restored = {k: v for k, v in log_.docs.items() if k not in self.processor.streams}
         dormant = self.processor.adopt(self.source.assignment())
+        forgotten = self.processor.forget_dormant()  # adopted first: the tombstones go for this instance's own
         self.metrics.restore_seconds.set(log_.seconds)
         (log.info if log_.complete else log.error)(
             "state_restored" if log_.complete else "state_restore_incomplete", streams=len(log_.docs), dormant=dormant,
-            records=log_.records, seconds=round(log_.seconds, 3), frozen_all=self.calibrator.frozen_all)
+            records=log_.records, seconds=round(log_.seconds, 3), frozen_all=self.calibrator.frozen_all,
+            forgotten=forgotten)
 
     def recalibrate(self, streams: list[str] | None = None) -> None:
         """Scheduled recalibration of every stream (wall clock) or of ``streams`` (data clock: one at a time). A
@@ -558,6 +562,9 @@ class Daemon:
                     self.processor.page_unsilenced()
                     if not self._paused and not self._holding:  # a stream is not idle while its input waits
                         self.processor.evict_idle(last_commit, self._input_since)
+                    if last_commit - self._forgot_at >= FORGET_EVERY_S:
+                        self._forgot_at = last_commit
+                        self.processor.forget_dormant()
                     self._commit()
                     self._refresh_views()
         finally:

@@ -93,6 +93,10 @@ class Metrics:
                                 registry=r)
         self.snapshots = Counter("tsmon_state_snapshots", "Stream states written to the changelog", registry=r)
         self.restore_seconds = Gauge("tsmon_state_restore_seconds", "Time the last state restore took", registry=r)
+        self.documents = Gauge("tsmon_state_documents", "Changelog documents held for streams not in memory "
+                               "(evicted, or not seen since the last restore)", registry=r)
+        self.forgotten = Counter("tsmon_state_forgotten", "Documents of streams unseen for state.forget_after_s "
+                                 "forgotten (with a tombstone for this instance's own)", registry=r)
         r.register(_Thresholds(self))  # tsmon_threshold{stream, source}, read under the lock that sets it
         self.thresholds_unlabelled = Gauge("tsmon_threshold_streams_unlabelled",
                                 "Streams over the label cap, their threshold not exported", registry=r)
@@ -100,7 +104,7 @@ class Metrics:
                                                             self.windows, self.skipped, self.alerts, self.quality,
                                                             self.commits, self.alert_severity, self.calibrations,
                                                             self.commands, self.snapshots, self.evicted, self.retries,
-                                                            self.undeliverable)}
+                                                            self.undeliverable, self.forgotten)}
         # Series of a closed label set exist from the start at 0: a rule such as "no record taken in 5 m" (rate of an
         # absent series is no result, not 0) must fire for an instance stuck since it started, and increase() must
         # count an outcome's first occurrence.

@@ -39,7 +39,7 @@ from monitor.scorer import Scorer, Served
 from monitor.scoring import Backend, Result, ThreadBackend
 from monitor.sink import OutMessage, Sink, json_message
 from monitor.source import TP, InRecord, Source
-from monitor.streams import StreamState, doc_partitions, owes_page
+from monitor.streams import StreamState, doc_partitions, holds_commitments, owes_page
 from monitor.windows import order_problem
 
 log = logs.get("tsmon.processor")
@@ -74,6 +74,7 @@ class Settings:
     recent_alerts: int = 20  # alerts per stream remembered for feedback
     gap_periods: float | None = None  # an interval over this many learnt sample periods is a gap too (opt-in)
     model_quantile: bool = False  # each stream calibrated at its model's threshold quantile (no quantile configured)
+    forget_after_s: float | None = None  # a document not written for this long is forgotten (:meth:`forget_dormant`)
 
 
 
@@ -670,6 +671,29 @@ class Processor:
         while self.settings.state_topic is None and len(self.restored) > self.settings.max_streams:
             self._unevict(str(self.restored.pop(next(iter(self.restored))).get("stream", "")))
         return len(gone)
+
+    def forget_dormant(self, now_ms: int | None = None) -> int:
+        """Forget the documents of streams not held that were last written ``forget_after_s`` ago, unless they hold
+        commitments (:func:`holds_commitments`). Those this instance owns (evicted here, or adopted, since its
+        last assignment) get a tombstone on the changelog, which a compacted topic then drops; the others are only
+        dropped from memory: their partitions' owner decides, and the next restore reads them again.
+
+        Without it every stream id ever seen kept its document: a producer that sent 20 000 ids once each left
+        20 000 documents in every instance's memory and in every restore (6.6 s, growing)."""
+        after, topic = self.settings.forget_after_s, self.settings.state_topic
+        now_ms = int(self.clock() * 1000) if now_ms is None else now_ms
+        old = {} if after is None else {
+            n: w for n, d in self.restored.items() if n not in self.streams and isinstance(w := d.get("written_ms"), int)
+            and w < now_ms - after * 1000 and not holds_commitments(d, now_ms)}
+        for name, written_ms in old.items():
+            del self.restored[name]
+            if topic is not None and name in self.evicted:
+                self.sink.send(OutMessage(topic, name.encode(), None, [("tsmon.type", b"stream_forgotten")]))
+            self._unevict(name)
+            self.throttle.log(log.info, "stream_forgotten", stream=name, unseen_s=(now_ms - written_ms) // 1000)
+        self.metrics.forgotten.inc(len(old))
+        self.metrics.documents.set(len(self.restored))
+        return len(old)
 
     def _unevict(self, stream: str) -> None:
         """Forget that ``stream`` was evicted (it is back, or its document is gone)."""

@@ -41,7 +41,7 @@ Headers = list[tuple[str, bytes]]
 class OutMessage:
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone (a changelog key deleted)
     headers: Headers = field(default_factory=list)
 
 
@@ -105,7 +105,7 @@ class MemorySink:
         self.flush(timeout_s)
 
     def docs(self, topic: str) -> list[dict[str, Any]]:
-        return [json.loads(m.value) for m in self.acked if m.topic == topic]
+        return [json.loads(m.value) for m in self.acked if m.topic == topic and m.value is not None]
 
 
 class KafkaSink:
@@ -179,7 +179,7 @@ class KafkaSink:
     def _give_up(self, msg: OutMessage, exc: BaseException) -> None:
         why = f"{type(exc).__name__}: {exc}"
         log.error("message_undeliverable", topic=msg.topic, key=(msg.key or b"").decode(errors="replace"),
-                  bytes=len(msg.value), error=why)
+                  bytes=len(msg.value or b""), error=why)
         self._on_undeliverable(msg, why)
 
     def flush(self, timeout_s: float) -> None:

@@ -219,6 +219,15 @@ def doc_partitions(doc: dict[str, Any]) -> frozenset[TP]:
                      if isinstance(t, str) and isinstance(p, int) and not isinstance(p, bool))
 
 
+def holds_commitments(doc: dict[str, Any], now_ms: int) -> bool:
+    """Does the document hold what forgetting it would silently undo: an operator's pin or freeze, a silence
+    still running, or an alert fired and not resolved (its page would stay open for good)?"""
+    cal, alerts, until = doc.get("calibrator"), doc.get("alerts"), doc.get("silenced_until_ms")
+    controls = isinstance(cal, dict) and (cal.get("pinned") is True or cal.get("frozen") is True)
+    fired = isinstance(alerts, dict) and alerts.get("episode") is not None
+    return controls or fired or (isinstance(until, int) and until > now_ms)
+
+
 def owes_page(doc: dict[str, Any]) -> bool:
     """Does the document hold a fired episode recorded as silenced (its page is owed when the silence ends)?"""
     alerts = doc.get("alerts")

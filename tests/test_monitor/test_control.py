@@ -559,6 +559,38 @@ def test_an_anomaly_going_on_at_a_model_rotation_pages_under_a_new_id(make: Make
     assert len(set(seen)) == 4 and seen[0][0] == seen[1][0] != seen[2][0] == seen[3][0]
 
 
+def test_documents_of_streams_unseen_for_forget_after_s_are_forgotten_with_a_tombstone(make: Make) -> None:
+    """Every stream id ever seen kept its document (20 000 ids sent once: 20 000 documents in memory and in every
+    restore). Unseen for ``forget_after_s``, a document goes — with a tombstone for this instance's own — unless
+    it holds a pin, a freeze, a silence still running or a fired alert."""
+    from monitor.streams import holds_commitments
+
+    p = make()
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0, forget_after_s=3600.0)
+    now_ms = int(time.time() * 1000)
+    p.clock = lambda: now_ms / 1000
+    names = ["dev-old", "dev-pinned", "dev-silenced", "dev-frozen"]
+    feed(p, [r for i, s in enumerate(names) for r in records(s, *sine_stream(300), first_offset=1000 * i)])
+    c = controller(p, clock=now_ms / 1000)
+    for cmd, name, params in [("pin", "dev-pinned", {"threshold": 2.0}), ("silence", "dev-silenced",
+                              {"for_s": 3 * 3600}), ("freeze", "dev-frozen", {})]:
+        assert send(c, cmd, name, **params)["status"] == "applied"
+    assert p.evict_idle(time.monotonic() + 4000) == 4
+    p.restored["elsewhere"] = {**p.restored["dev-old"], "stream": "elsewhere"}  # another instance's partitions
+    assert p.forget_dormant(now_ms + 1_800_000) == 0  # unseen for half an hour: kept
+    assert p.forget_dormant(now_ms + 7_200_000) == 2
+    assert set(p.restored) == {"dev-pinned", "dev-silenced", "dev-frozen"}
+    assert [m.key for m in p.sink.sent if m.topic == "state" and m.value is None] == [b"dev-old"]  # its own only
+    assert "dev-old" not in p.evicted and not p.wake("dev-old")
+    assert p.metrics.snapshot()["tsmon_state_forgotten_total"] == 2
+    assert p.forget_dormant(now_ms + 4 * 3_600_000) == 1 and "dev-silenced" not in p.restored  # the silence ended
+    feed(p, records("dev-old", *sine_stream(300, start_ms=now_ms + 5 * 3_600_000), first_offset=9000))
+    assert p.streams["dev-old"].scored > 0  # back as a new stream
+    doc = p.restored["dev-pinned"]
+    fired = {**doc, "calibrator": {**doc["calibrator"], "pinned": False}, "alerts": {"episode": {"alert_id": "a"}}}
+    assert holds_commitments(fired, now_ms) and not holds_commitments({**fired, "alerts": {"episode": None}}, now_ms)
+
+
 def uninterrupted_and_restarted(build: Any, recs: list[Any], cut: int) -> tuple[Any, Any]:
     """Stream dev-a's records through one processor; and through one that saves, commits and stops after
     ``cut`` records, then another that restores its document and replays from the commit (a crash)."""
