@@ -501,6 +501,10 @@ class StateConfig(_Section):
         604_800.0, gt=0, description="the document of a stream not seen for this long is forgotten (a tombstone on "
         "the changelog) unless it holds a pin, a freeze, a running silence or a fired alert; none = kept for ever")
 
+    max_documents: int = Field(50_000, ge=1, description="documents of streams not in memory kept at most (~11 kB "
+                               "each with the default windows); over it the least recently written are forgotten "
+                               "as above")
+
     _optional = field_validator("forget_after_s", mode="before")(_unset)
 
 
@@ -854,6 +858,7 @@ restore_timeout_s = 300.0                # longest a restore may read the change
 history = 50                             # threshold versions kept per stream (tsmon ctl history)
 recent_alerts = 20                       # alerts per stream remembered for tsmon ctl feedback
 forget_after_s = 604800.0                # a stream unseen this long (7 days) is forgotten; "none" = kept for ever
+max_documents = 50000                    # documents of streams not in memory kept at most (least recent forgotten)
 
 [http]
 enabled = true                           # /metrics, /healthz, /readyz, /streams

@@ -110,7 +110,8 @@ def processor_settings(cfg: Config) -> Settings:
                     recent_alerts=cfg.state.recent_alerts, max_streams=cfg.limits.max_streams,
                     idle_evict_s=cfg.limits.idle_evict_s, max_future_s=cfg.limits.max_future_s,
                     earliest_ms=cfg.limits.earliest_ms, gap_periods=cfg.windows.gap_periods,
-                    model_quantile=cfg.calibrator.quantile is None, forget_after_s=cfg.state.forget_after_s)
+                    model_quantile=cfg.calibrator.quantile is None, forget_after_s=cfg.state.forget_after_s,
+                    max_documents=cfg.state.max_documents)
 
 
 class Daemon:

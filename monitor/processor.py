@@ -75,6 +75,7 @@ class Settings:
     gap_periods: float | None = None  # an interval over this many learnt sample periods is a gap too (opt-in)
     model_quantile: bool = False  # each stream calibrated at its model's threshold quantile (no quantile configured)
     forget_after_s: float | None = None  # a document not written for this long is forgotten (:meth:`forget_dormant`)
+    max_documents: int | None = None  # documents of streams not held kept at most (the least recently written go)
 
 
 
@@ -673,24 +674,29 @@ class Processor:
         return len(gone)
 
     def forget_dormant(self, now_ms: int | None = None) -> int:
-        """Forget the documents of streams not held that were last written ``forget_after_s`` ago, unless they hold
-        commitments (:func:`holds_commitments`). Those this instance owns (evicted here, or adopted, since its
-        last assignment) get a tombstone on the changelog, which a compacted topic then drops; the others are only
-        dropped from memory: their partitions' owner decides, and the next restore reads them again.
+        """Forget the documents of streams not held that were last written ``forget_after_s`` ago — and, over
+        ``max_documents``, the oldest of the others — unless they hold commitments (:func:`holds_commitments`).
+        Those this instance owns (evicted here, or adopted, since its last assignment) get a tombstone on the
+        changelog, which a compacted topic then drops; the others are only dropped from memory: their partitions'
+        owner decides, and the next restore reads them again.
 
         Without it every stream id ever seen kept its document: a producer that sent 20 000 ids once each left
         20 000 documents in every instance's memory and in every restore (6.6 s, growing)."""
-        after, topic = self.settings.forget_after_s, self.settings.state_topic
+        after, topic, most = self.settings.forget_after_s, self.settings.state_topic, self.settings.max_documents
         now_ms = int(self.clock() * 1000) if now_ms is None else now_ms
-        old = {} if after is None else {
-            n: w for n, d in self.restored.items() if n not in self.streams and isinstance(w := d.get("written_ms"), int)
-            and w < now_ms - after * 1000 and not holds_commitments(d, now_ms)}
+        forgettable = {n: w for n, d in self.restored.items() if n not in self.streams
+                       and isinstance(w := d.get("written_ms"), int) and not holds_commitments(d, now_ms)}
+        old = {n: w for n, w in forgettable.items() if after is not None and w < now_ms - after * 1000}
+        over = len(self.restored) - len(old) - most if most is not None else 0
+        if over > 0:  # the least recently written of the rest, however recent
+            old.update((n, w) for w, n in sorted((w, n) for n, w in forgettable.items() if n not in old)[:over])
         for name, written_ms in old.items():
             del self.restored[name]
             if topic is not None and name in self.evicted:
                 self.sink.send(OutMessage(topic, name.encode(), None, [("tsmon.type", b"stream_forgotten")]))
             self._unevict(name)
-            self.throttle.log(log.info, "stream_forgotten", stream=name, unseen_s=(now_ms - written_ms) // 1000)
+            self.throttle.log(log.info, "stream_forgotten", stream=name, unseen_s=(now_ms - written_ms) // 1000,
+                              documents=len(self.restored))
         self.metrics.forgotten.inc(len(old))
         self.metrics.documents.set(len(self.restored))
         return len(old)

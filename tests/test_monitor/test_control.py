@@ -591,6 +591,26 @@ def test_documents_of_streams_unseen_for_forget_after_s_are_forgotten_with_a_tom
     assert holds_commitments(fired, now_ms) and not holds_commitments({**fired, "alerts": {"episode": None}}, now_ms)
 
 
+def test_over_max_documents_the_least_recently_written_are_forgotten(make: Make) -> None:
+    """A flood of new ids within ``forget_after_s`` is bounded too: over ``max_documents`` the documents written
+    longest ago go first, those that hold commitments never."""
+    p = make()
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0, forget_after_s=None, max_documents=2)
+    now_ms = [int(time.time() * 1000)]
+    p.clock = lambda: now_ms[0] / 1000
+    for i in range(5):  # dev-0 written first, dev-4 last
+        feed(p, records(f"dev-{i}", *sine_stream(300), first_offset=1000 * i))
+    c = controller(p, clock=now_ms[0] / 1000)
+    assert send(c, "pin", "dev-0", threshold=2.0)["status"] == "applied"  # written first, but pinned
+    for i in range(5):
+        now_ms[0] += 1000
+        p.streams[f"dev-{i}"].last_seen = 0.0
+        assert p.evict_idle(time.monotonic()) == 1
+    assert p.forget_dormant() == 3
+    assert set(p.restored) == {"dev-0", "dev-4"}  # 2 kept: the pinned one and the newest
+    assert [m.key for m in p.sink.sent if m.topic == "state" and m.value is None] == [b"dev-1", b"dev-2", b"dev-3"]
+
+
 def uninterrupted_and_restarted(build: Any, recs: list[Any], cut: int) -> tuple[Any, Any]:
     """Stream dev-a's records through one processor; and through one that saves, commits and stops after
     ``cut`` records, then another that restores its document and replays from the commit (a crash)."""
