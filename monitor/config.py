@@ -498,8 +498,9 @@ class StateConfig(_Section):
     history: int = Field(50, ge=1, description="threshold versions kept per stream")
     recent_alerts: int = Field(20, ge=1, description="alerts per stream remembered for feedback")
     forget_after_s: float | None = Field(
-        604_800.0, gt=0, description="the document of a stream not seen for this long is forgotten (a tombstone on "
-        "the changelog) unless it holds a pin, a freeze, a running silence or a fired alert; none = kept for ever")
+        604_800.0, gt=0, description="the document of a stream unseen while its partition's input moved this long "
+        "on (record time) is forgotten (a tombstone on the changelog) unless it holds a pin, a freeze, a running "
+        "silence or a fired alert; none = kept for ever")
 
     max_documents: int = Field(50_000, ge=1, description="documents of streams not in memory kept at most (~11 kB "
                                "each with the default windows); over it the least recently written are forgotten "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -151,7 +152,7 @@ class Controller:
         changed = self.cal.recalibrate(names, q, commanded=True, refused=refused, held=held)
         self.p.metrics.calibrations.labels("refused").inc(len(refused))  # the drift guard's
         self.p.metrics.calibrations.labels("commanded").inc(len(changed))
-        if not any(c in cmd.target for c in "*?["):  # named: refused, with the reason (it was "unchanged", exit 0);
+        if names_one(cmd.target):  # named: refused, with the reason (it was "unchanged", exit 0);
             refused, held = {**refused, **held}, {}  # under --all or a glob, skipped and listed
         effects = [{"stream": s, "before": before[s], "after": self._view(s)} for s in changed]
         unchanged = [s for s in names if s not in changed and s not in refused and s not in held]
@@ -267,6 +268,12 @@ def simulate(errors: np.ndarray, threshold: float, settings: AlertSettings) -> d
         obs = Observation(i, i, i, i, float(e), threshold, "shadow", np.zeros(1, "float32"))
         fired += sum(1 for t in state.update(obs).transitions if t.status == "firing")
     return {"threshold": threshold, "windows_over": int(np.count_nonzero(errors > threshold)), "alerts": fired}
+
+
+def names_one(target: str) -> bool:
+    """Does the fnmatch pattern name one stream id — no wildcard left once the escaped characters (``[*]``,
+    ``[?]``, ``[[]``: ``tsmon ctl --exact``) are taken out?"""
+    return not any(c in re.sub(r"\[[*?[]\]", "", target) for c in "*?[")
 
 
 def _quantile(value: Any) -> float | None:

@@ -210,7 +210,7 @@ class Daemon:
         self._restore_waits: set[TP] = set()  # partitions paused until it is read
         self._holding = False  # input paused because scoring falls behind (back-pressure)
         self._input_since = time.monotonic()  # input last came back from a pause: silence before it is not idleness
-        self._forgot_at = time.monotonic()  # the last look for documents to forget (the restore looks too)
+        self._forgot_at = time.monotonic()  # the last look for documents to forget (state.forget_after_s)
         self._problem: str | None = None  # why the last commit attempt failed; /readyz reports it
         self._refusing: dict[str, str] = {}  # streams whose last recalibration refused a raise → why
         self._refusing_lock = threading.Lock()
@@ -362,12 +362,10 @@ class Daemon:
             self.controller.global_known = True
         self.processor.restored = {k: v for k, v in log_.docs.items() if k not in self.processor.streams}
         dormant = self.processor.adopt(self.source.assignment())
-        forgotten = self.processor.forget_dormant()  # adopted first: the tombstones go for this instance's own
         self.metrics.restore_seconds.set(log_.seconds)
         (log.info if log_.complete else log.error)(
             "state_restored" if log_.complete else "state_restore_incomplete", streams=len(log_.docs), dormant=dormant,
-            records=log_.records, seconds=round(log_.seconds, 3), frozen_all=self.calibrator.frozen_all,
-            forgotten=forgotten)
+            records=log_.records, seconds=round(log_.seconds, 3), frozen_all=self.calibrator.frozen_all)
 
     def recalibrate(self, streams: list[str] | None = None) -> None:
         """Scheduled recalibration of every stream (wall clock) or of ``streams`` (data clock: one at a time). A
@@ -563,9 +561,9 @@ class Daemon:
                     self.processor.page_unsilenced()
                     if not self._paused and not self._holding:  # a stream is not idle while its input waits
                         self.processor.evict_idle(last_commit, self._input_since)
-                    if last_commit - self._forgot_at >= FORGET_EVERY_S:
-                        self._forgot_at = last_commit
-                        self.processor.forget_dormant()
+                        if last_commit - self._forgot_at >= FORGET_EVERY_S:
+                            self._forgot_at = last_commit
+                            self.processor.forget_dormant(self.source.assignment())
                     self._commit()
                     self._refresh_views()
         finally:

@@ -136,6 +136,7 @@ class Processor:
         # snapshotted or committed past them (the shutdown and the revoke did both: the restart never replayed them)
         self.failed: str | None = None
         self.restored: dict[str, dict[str, Any]] = {}  # changelog documents of streams not started yet
+        self.read_ts: dict[TP, int] = {}  # newest record timestamp handled per partition, at most the clock's
         self.evicted: set[str] = set()  # streams this instance evicted since its last assignment (see wake)
         self.evicted_here: set[str] = set()  # those of them evicted by evict_idle (not adopted): no input replayed
         self.owed: dict[str, int] = {}  # evicted with a silenced alert open: silence end (epoch ms), page owed
@@ -167,7 +168,10 @@ class Processor:
         if records and self.first_record_at is None:
             self.first_record_at = time.monotonic()
         by_stream: dict[str, list[tuple[InRecord, SampleBlock]]] = {}
+        now_ms = int(self.clock() * 1000)
         for rec in records:
+            if rec.timestamp_ms > self.read_ts.get(rec.tp, -1):  # how far each partition's input has moved on
+                self.read_ts[rec.tp] = min(rec.timestamp_ms, now_ms)
             try:
                 block = parse(rec.value, rec.key, self.settings.limits)
             except Exception as exc:  # noqa: BLE001 — a parser bug must cost one message, never the daemon
@@ -673,29 +677,46 @@ class Processor:
             self._unevict(str(self.restored.pop(next(iter(self.restored))).get("stream", "")))
         return len(gone)
 
-    def forget_dormant(self, now_ms: int | None = None) -> int:
-        """Forget the documents of streams not held that were last written ``forget_after_s`` ago — and, over
-        ``max_documents``, the oldest of the others — unless they hold commitments (:func:`holds_commitments`).
-        Those this instance owns (evicted here, or adopted, since its last assignment) get a tombstone on the
-        changelog, which a compacted topic then drops; the others are only dropped from memory: their partitions'
-        owner decides, and the next restore reads them again.
+    def forget_dormant(self, assigned: set[TP], now_ms: int | None = None) -> int:
+        """Forget the documents of streams not held that went unseen for ``forget_after_s`` — and, over
+        ``max_documents``, the least recently written of the others — unless they hold commitments
+        (:func:`holds_commitments`). Returns how many.
+
+        Unseen is measured in input, not in wall-clock time: a document of a stream on ``assigned`` partitions
+        goes once every such partition's input was read ``forget_after_s`` past the document's ``written_ms``
+        (record timestamps, capped at the clock), so an outage or a lag reading older input forgets nothing
+        (records of the stream may be waiting). Only a stream this instance evicted itself since its last
+        assignment gets a tombstone on the changelog — it wrote that document, and its partition stayed with it;
+        an adopted document or another instance's is only dropped from memory (its owner decides, and the next
+        restore reads it again). Documents of other partitions are dropped from memory by wall-clock age. The
+        bound drops those first, then this instance's own evicted ones; never an adopted one of its partitions,
+        whose stream may be replayed any moment.
 
         Without it every stream id ever seen kept its document: a producer that sent 20 000 ids once each left
         20 000 documents in every instance's memory and in every restore (6.6 s, growing)."""
         after, topic, most = self.settings.forget_after_s, self.settings.state_topic, self.settings.max_documents
         now_ms = int(self.clock() * 1000) if now_ms is None else now_ms
-        forgettable = {n: w for n, d in self.restored.items() if n not in self.streams
-                       and isinstance(w := d.get("written_ms"), int) and not holds_commitments(d, now_ms)}
-        old = {n: w for n, w in forgettable.items() if after is not None and w < now_ms - after * 1000}
+        after_ms = None if after is None else after * 1000
+        old: dict[str, int] = {}
+        spare: tuple[list[tuple[int, str]], list[tuple[int, str]]] = ([], [])  # others', own evicted: for the bound
+        for name, doc in self.restored.items():
+            if name in self.streams or not isinstance(w := doc.get("written_ms"), int) or holds_commitments(doc, now_ms):
+                continue
+            home = doc_partitions(doc) & assigned
+            if after_ms is not None and (all(self.read_ts.get(tp, -1) >= w + after_ms for tp in home) if home
+                                         else w < now_ms - after_ms):
+                old[name] = w
+            elif not home or name in self.evicted_here:
+                spare[bool(home)].append((w, name))
         over = len(self.restored) - len(old) - most if most is not None else 0
-        if over > 0:  # the least recently written of the rest, however recent
-            old.update((n, w) for w, n in sorted((w, n) for n, w in forgettable.items() if n not in old)[:over])
+        if over > 0:
+            old.update((n, w) for w, n in (sorted(spare[0]) + sorted(spare[1]))[:over])
         for name, written_ms in old.items():
             del self.restored[name]
-            if topic is not None and name in self.evicted:
+            if topic is not None and name in self.evicted_here:
                 self.sink.send(OutMessage(topic, name.encode(), None, [("tsmon.type", b"stream_forgotten")]))
             self._unevict(name)
-            self.throttle.log(log.info, "stream_forgotten", stream=name, unseen_s=(now_ms - written_ms) // 1000,
+            self.throttle.log(log.info, "stream_forgotten", stream=name, written_s_ago=(now_ms - written_ms) // 1000,
                               documents=len(self.restored))
         self.metrics.forgotten.inc(len(old))
         self.metrics.documents.set(len(self.restored))
@@ -859,4 +880,5 @@ class Processor:
             self.ledger.forget(stream)  # also what it held on partitions that stay: nothing would release it
         for tp in tps:
             self._committed.pop(tp, None)
+            self.read_ts.pop(tp, None)
         return resume

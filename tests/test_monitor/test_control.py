@@ -561,41 +561,64 @@ def test_an_anomaly_going_on_at_a_model_rotation_pages_under_a_new_id(make: Make
 
 def test_documents_of_streams_unseen_for_forget_after_s_are_forgotten_with_a_tombstone(make: Make) -> None:
     """Every stream id ever seen kept its document (20 000 ids sent once: 20 000 documents in memory and in every
-    restore). Unseen for ``forget_after_s``, a document goes — with a tombstone for this instance's own — unless
-    it holds a pin, a freeze, a silence still running or a fired alert."""
+    restore). Unseen while its partition's input moved ``forget_after_s`` on, a document goes — with a tombstone
+    only for a stream this instance evicted itself — unless it holds a pin, a freeze, a running silence or a fired
+    alert. Wall-clock time alone forgets nothing of this instance's partitions: after an outage their records
+    may be waiting."""
+    from dataclasses import replace as with_
+
     from monitor.streams import holds_commitments
+    from tests.test_monitor.test_processor import TOPIC
 
     p = make()
     p.settings = Settings(state_topic="state", idle_evict_s=60.0, forget_after_s=3600.0)
-    now_ms = int(time.time() * 1000)
-    p.clock = lambda: now_ms / 1000
+    start = int(time.time() * 1000)
+    now_ms = [start]
+    p.clock = lambda: now_ms[0] / 1000
     names = ["dev-old", "dev-pinned", "dev-silenced", "dev-frozen"]
     feed(p, [r for i, s in enumerate(names) for r in records(s, *sine_stream(300), first_offset=1000 * i)])
-    c = controller(p, clock=now_ms / 1000)
+    c = controller(p, clock=start / 1000)
     for cmd, name, params in [("pin", "dev-pinned", {"threshold": 2.0}), ("silence", "dev-silenced",
-                              {"for_s": 3 * 3600}), ("freeze", "dev-frozen", {})]:
+                              {"for_s": 30 * 3600}), ("freeze", "dev-frozen", {})]:
         assert send(c, cmd, name, **params)["status"] == "applied"
     assert p.evict_idle(time.monotonic() + 4000) == 4
-    p.restored["elsewhere"] = {**p.restored["dev-old"], "stream": "elsewhere"}  # another instance's partitions
-    assert p.forget_dormant(now_ms + 1_800_000) == 0  # unseen for half an hour: kept
-    assert p.forget_dormant(now_ms + 7_200_000) == 2
+    p.restored["elsewhere"] = {**p.restored["dev-old"], "stream": "elsewhere", "partitions": [["other", 0]]}
+    p.restored["dev-adopted"] = {**p.restored["dev-old"], "stream": "dev-adopted"}  # another owner's, adopted
+    p.evicted.add("dev-adopted")
+    mine = {(TOPIC, 0)}
+
+    def tick(at_ms: int, offset: int) -> None:  # another stream's record: the partition's input moves on
+        now_ms[0] = at_ms
+        ts, v = sine_stream(30)
+        feed(p, [with_(r, timestamp_ms=at_ms) for r in records("dev-ticker", ts + (at_ms - int(ts[0])), v,
+                                                                first_offset=offset)])
+
+    assert p.forget_dormant(mine, start + 1_800_000) == 0  # half an hour: kept
+    assert p.forget_dormant(mine, start + 8 * 86_400_000) == 1  # 8 days of outage: only another instance's copy
+    assert "elsewhere" not in p.restored and "dev-old" in p.restored
+    tick(start + 2 * 3_600_000, 9000)  # the partition's input 2 h on
+    assert p.forget_dormant(mine) == 2
     assert set(p.restored) == {"dev-pinned", "dev-silenced", "dev-frozen"}
     assert [m.key for m in p.sink.sent if m.topic == "state" and m.value is None] == [b"dev-old"]  # its own only
-    assert "dev-old" not in p.evicted and not p.wake("dev-old")
-    assert p.metrics.snapshot()["tsmon_state_forgotten_total"] == 2
-    assert p.forget_dormant(now_ms + 4 * 3_600_000) == 1 and "dev-silenced" not in p.restored  # the silence ended
-    feed(p, records("dev-old", *sine_stream(300, start_ms=now_ms + 5 * 3_600_000), first_offset=9000))
+    assert "dev-old" not in p.evicted and not p.wake("dev-old") and not p.wake("dev-adopted")
+    assert p.metrics.snapshot()["tsmon_state_forgotten_total"] == 3
+    tick(start + 31 * 3_600_000, 9100)  # the silence has ended
+    assert p.forget_dormant(mine) == 1 and "dev-silenced" not in p.restored
+    feed(p, records("dev-old", *sine_stream(300, start_ms=start + 32 * 3_600_000), first_offset=9200))
     assert p.streams["dev-old"].scored > 0  # back as a new stream
     doc = p.restored["dev-pinned"]
     fired = {**doc, "calibrator": {**doc["calibrator"], "pinned": False}, "alerts": {"episode": {"alert_id": "a"}}}
-    assert holds_commitments(fired, now_ms) and not holds_commitments({**fired, "alerts": {"episode": None}}, now_ms)
+    assert holds_commitments(fired, start) and not holds_commitments({**fired, "alerts": {"episode": None}}, start)
 
 
 def test_over_max_documents_the_least_recently_written_are_forgotten(make: Make) -> None:
-    """A flood of new ids within ``forget_after_s`` is bounded too: over ``max_documents`` the documents written
-    longest ago go first, those that hold commitments never."""
+    """A flood of new ids within ``forget_after_s`` is bounded too: over ``max_documents`` other instances' copies
+    go first, then this instance's own evicted streams, least recently written first; never a document that holds
+    commitments, nor one of its partitions it adopted (its stream may be replayed any moment)."""
+    from tests.test_monitor.test_processor import TOPIC
+
     p = make()
-    p.settings = Settings(state_topic="state", idle_evict_s=60.0, forget_after_s=None, max_documents=2)
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0, forget_after_s=None, max_documents=3)
     now_ms = [int(time.time() * 1000)]
     p.clock = lambda: now_ms[0] / 1000
     for i in range(5):  # dev-0 written first, dev-4 last
@@ -606,8 +629,11 @@ def test_over_max_documents_the_least_recently_written_are_forgotten(make: Make)
         now_ms[0] += 1000
         p.streams[f"dev-{i}"].last_seen = 0.0
         assert p.evict_idle(time.monotonic()) == 1
-    assert p.forget_dormant() == 3
-    assert set(p.restored) == {"dev-0", "dev-4"}  # 2 kept: the pinned one and the newest
+    p.restored["dev-adopted"] = {**p.restored["dev-1"], "stream": "dev-adopted"}
+    p.evicted.add("dev-adopted")
+    p.restored["elsewhere"] = {**p.restored["dev-4"], "stream": "elsewhere", "partitions": [["other", 0]]}
+    assert p.forget_dormant({(TOPIC, 0)}) == 4  # 7 documents, 3 kept: the other instance's copy goes first
+    assert set(p.restored) == {"dev-0", "dev-adopted", "dev-4"}
     assert [m.key for m in p.sink.sent if m.topic == "state" and m.value is None] == [b"dev-1", b"dev-2", b"dev-3"]
 
 
@@ -1319,6 +1345,8 @@ def test_ctl_exact_names_the_one_stream_whose_id_has_glob_characters(make: Make)
     assert sorted(send(c, "unpin", "line*")["streams"]) == ["line*", "line-7"]  # without --exact: a glob
     with pytest.raises(ConfigError, match="--exact needs --stream"):
         ctl_cmd._target(None, all_=True, exact=True)
+    r = send(c, "recalibrate", ctl_cmd._target("pump[1]", exact=True))  # named, pinned: refused, not "held"
+    assert r["result"]["refused"] == {"pump[1]": "pinned at 2: unpin it first"} and r["result"]["held"] == {}
     ack = send(c, "pin", ctl_cmd._target("sensor[/x]", exact=True), threshold=3.0)
     with stdout.capture() as shown:
         ctl_cmd._show([ack])
