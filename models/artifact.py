@@ -28,7 +28,7 @@ from models.registry import build
 from models.scaling import Scaler
 
 FORMAT = "tsmon-model"
-FORMAT_VERSION = 2  # 2 added `downsample`; artifacts without it are still written as 1
+FORMAT_VERSION = 3  # 2 added `downsample`, 3 the lstm's `reverse`; an artifact without either is still written as 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 REQUIRED = ("kind", "params", "window", "hop", "channels", "loss", "normalisation",
@@ -41,6 +41,14 @@ def weights_blob(state: dict[str, torch.Tensor], kind: str) -> bytes:
     return st_save(state, metadata={"format": f"{FORMAT}/{kind}"})
 
 
+def _format_version(params: dict[str, Any], downsample: int) -> int:
+    """The lowest format that holds the artifact, so that an older tsmon still reads what it can score right
+    and refuses the rest in one line ("reads up to N") instead of scoring it wrong."""
+    if params.get("reverse"):  # an older tsmon would not know the key (and an lstm decoding reversed is another model)
+        return 3
+    return 2 if downsample > 1 else 1
+
+
 def save(detector: Detector, path: str | Path, training: dict[str, Any] | None = None) -> Path:
     """Write ``detector`` to the directory ``path`` (created; an existing artifact there is replaced whole).
 
@@ -51,11 +59,14 @@ def save(detector: Detector, path: str | Path, training: dict[str, Any] | None =
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in detector.model.state_dict().items()}
     blob = weights_blob(state, detector.kind)
+    params = detector.model.config.to_dict()
+    if params.get("reverse") is False:  # the classic order, as an artifact without the key means: any tsmon reads it
+        del params["reverse"]
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION if detector.downsample > 1 else 1,  # 2: downsample; 1 still reads as before
+        "format_version": _format_version(params, detector.downsample),
         "kind": detector.kind,
-        "params": detector.model.config.to_dict(),
+        "params": params,
         "window": detector.window,
         "hop": detector.hop or detector.window,
         "windowing": detector.windowing,

@@ -3,6 +3,11 @@
 Encoder: LSTM(channels → hidden) → LSTM(hidden → embedding); the last hidden state is the code.
 Decoder: the code repeated over the window → LSTM(embedding → embedding) → LSTM(embedding → hidden)
 → Linear(hidden → channels). ``hidden`` defaults to 2 × embedding, as in the reference.
+
+``reverse`` (opt-in): the decoder emits the window last step first (Malhotra et al. 2016, LSTM-ED;
+Sutskever et al. 2014), so its first outputs are the steps the code saw last; the output is flipped back,
+so the scoring contract is unchanged. Not the default: on ECG5000's classic split it lowered the validation
+loss for two seeds of three and raised it for the third (README, "ECG5000 classic").
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class LSTMAEConfig(ModelConfig):
     embedding: int = 32
     hidden: int = 0  # 0 → 2 × embedding
     dropout: float = 0.0  # between the stacked layers
+    reverse: bool = False  # decode last step first (see the module docstring); False: the classic order
 
     def validate(self) -> None:
         ModelConfig.validate(self)
@@ -80,7 +86,8 @@ class LSTMAE(Autoencoder):
         z = code.unsqueeze(1).expand(-1, x.shape[1], -1)
         h, _ = self.dec1(z)
         h, _ = self.dec2(self.drop(h))
-        return AEOutput(recon=self.out(h), code=code)
+        recon = self.out(h)
+        return AEOutput(recon=recon.flip(1) if self.config.reverse else recon, code=code)
 
     def _forward_batched_cpu(self, x: torch.Tensor) -> AEOutput:
         """Inference path for large CPU batches (see :mod:`models.lstm_infer`); dropout is inactive."""
@@ -99,7 +106,8 @@ class LSTMAE(Autoencoder):
         dec1, dec2 = InferenceCell(self.dec1, dec, 0, -1.0), InferenceCell(self.dec2, dec, e + 1, -1.0)
         w_out_t = self.out.weight.t().contiguous()
         recon = x.new_empty(steps, batch, c)
-        for t in range(steps):
+        order = range(steps - 1, -1, -1) if self.config.reverse else range(steps)
+        for t in order:
             dec1.step()
             torch.addmm(self.out.bias, dec2.step(), w_out_t, alpha=-1.0, out=recon[t])
         return AEOutput(recon=recon.transpose(0, 1), code=-neg_code)

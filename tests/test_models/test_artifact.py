@@ -177,6 +177,23 @@ def test_a_downsampled_model_scores_the_averaged_windows_and_round_trips(series_
         train_detector(ds, "pca", {}, TrainConfig(epochs=1, device="cpu"), downsample=3)
 
 
+def test_an_lstm_artifact_from_before_reverse_reads_as_the_classic_order(series_csv: Path, tmp_path: Path) -> None:
+    """Format 3 marks a reversed lstm; the classic order is written without the key (format 1), as an older tsmon
+    wrote it and still reads it."""
+    ds = series_dataset(read_series(series_csv), window=40, hop=10)
+    cfg = TrainConfig(epochs=1, seed=3, device="cpu")
+    rev, training = train_detector(ds, "lstm", {"embedding": 8, "reverse": True}, cfg)
+    m = json.loads((artifact.save(rev, tmp_path / "rev", training) / "manifest.json").read_text())
+    assert m["params"]["reverse"] is True and m["format_version"] == 3
+    classic, training = train_detector(ds, "lstm", {"embedding": 8}, cfg)
+    path = artifact.save(classic, tmp_path / "classic", training)
+    m = json.loads((path / "manifest.json").read_text())
+    assert "reverse" not in m["params"] and m["format_version"] == 1  # as an older tsmon wrote it, and reads it
+    again = artifact.load(path, device="cpu")
+    assert again.model.config.reverse is False
+    np.testing.assert_array_equal(again.score(ds.test).window, classic.score(ds.test).window)
+
+
 def test_a_save_that_fails_leaves_the_previous_artifact_whole(trained, tmp_path: Path) -> None:
     # the weights used to be written before the manifest was serialised: a NaN in it (a --threshold-margin nan)
     # left new weights beside the old manifest, and the artifact failed its sha256 check from then on

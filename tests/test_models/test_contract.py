@@ -130,6 +130,20 @@ def test_batched_cpu_lstm_path_equals_nn_lstm(channels: int) -> None:
     torch.testing.assert_close(fast.channel, ref.channel.detach(), atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [5, 69])  # nn.LSTM path, hand-stepped path (>= FUSED_MIN_BATCH)
+def test_reverse_lstm_is_the_same_network_read_back_to_front(batch: int) -> None:
+    """``reverse``: the same weights emit the window last step first; both inference paths flip it back."""
+    torch.manual_seed(0)
+    classic = build("lstm", {"window": 30, "channels": 2, "embedding": 8}).eval()
+    rev = build("lstm", {"window": 30, "channels": 2, "embedding": 8, "reverse": True}).eval()
+    rev.load_state_dict(classic.state_dict())
+    x = torch.randn(batch, 30, 2)
+    with torch.no_grad():
+        a, b = classic(x).recon, rev(x).recon
+    torch.testing.assert_close(b, a.flip(1), atol=2e-6, rtol=1e-5)
+    assert not torch.allclose(b, a, atol=1e-3)  # not the classic order
+
+
 @pytest.mark.parametrize("kind", ["dense", "conv", "vae"])
 def test_flops_per_window_match_torchs_own_count(kind: str) -> None:
     """bench scorer's model_gflops and efficiency rest on these counts: conv counted its transposed convolutions
