@@ -1,7 +1,7 @@
 """The daemon's HTTP side door: ``/metrics``, ``/healthz``, ``/readyz`` and ``/streams``.
 
 Owns the HTTP server only, a stdlib ``ThreadingHTTPServer`` on a background daemon thread (one more
-thread per request). It decides nothing: liveness, readiness and the per-stream rows come from
+thread per request, at most ``MAX_CONNECTIONS``, each cut after ``REQUEST_DEADLINE_S``). It decides nothing: liveness, readiness and the per-stream rows come from
 callables the daemon passes in, called on the request's thread, so they must be cheap and thread-safe
 (the daemon hands out immutable snapshots). A callable that raises answers 500 and the server goes on.
 """
@@ -27,6 +27,8 @@ log = logs.get("tsmon.health")
 Probe = Callable[[], tuple[bool, str]]
 JSON = "application/json"
 JOIN_TIMEOUT_S = 5.0
+MAX_CONNECTIONS = 64  # requests served at once; one more is closed unanswered (a probe's next try gets in)
+REQUEST_DEADLINE_S = 10.0  # a connection is cut this long after it was accepted, however it trickles
 
 
 class HealthServer:
@@ -114,16 +116,50 @@ def _json(status: int, body: Any) -> tuple[int, str, bytes]:
 
 
 class _Server(ThreadingHTTPServer):
+    """One thread per request, at most ``MAX_CONNECTIONS`` at once, each cut ``REQUEST_DEADLINE_S`` after it was
+    accepted: a client sending a byte every few seconds held its thread for good (the handler's timeout is per
+    read), and 200 such clients held 59 threads."""
+
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], owner: HealthServer) -> None:
         self.owner = owner
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            log.debug("http_connection_refused", client=str(client_address), reason="too many connections")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the request's thread
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        cut = threading.Timer(REQUEST_DEADLINE_S, _cut, (request,))
+        cut.daemon = True
+        cut.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            cut.cancel()
+            self.slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # default prints a traceback to stderr
         exc = sys.exc_info()[1]  # called inside socketserver's except block
         log.debug("http_connection_error", client=str(client_address), error=f"{type(exc).__name__}: {exc}")
+
+
+def _cut(request: socket.socket) -> None:
+    """End a connection past its deadline: its thread's blocked read returns and the request ends."""
+    try:
+        request.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -112,6 +114,46 @@ def test_a_raising_callable_answers_500_and_the_server_goes_on(server: HealthSer
     assert status == 500 and json.loads(body)["error"] == "RuntimeError: snapshot unavailable"
     stubs.broken = False
     assert get(server.url + "/streams")[0] == 200 and get(server.url + "/healthz")[0] == 200
+
+
+def test_connections_are_capped_and_a_trickling_client_is_cut_at_the_deadline(
+        server: HealthServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client sending a byte every few seconds held its thread for good (the timeout is per read), and every
+    connection got a thread of its own: 200 such clients held 59 threads. Now at most MAX_CONNECTIONS are served
+    at once (one more is closed unanswered) and each is cut REQUEST_DEADLINE_S after it was accepted."""
+    import threading
+
+    from monitor import health
+
+    monkeypatch.setattr(health, "REQUEST_DEADLINE_S", 0.5)
+    assert server._server is not None
+    server._server.slots = threading.BoundedSemaphore(2)
+    host, port = server.address
+    slow = [socket.create_connection((host, port), timeout=5) for _ in range(2)]
+    for s in slow:
+        s.sendall(b"GET /healthz HTTP/1.1\r\n")  # headers never end
+    time.sleep(0.2)
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        get(server.url + "/healthz")  # a third: closed unanswered
+    start = time.monotonic()
+    while time.monotonic() - start < 3:  # trickle: a byte every 0.1 s, until the server hangs up
+        try:
+            slow[0].sendall(b"X")
+        except OSError:
+            break
+        slow[0].settimeout(0.1)
+        try:
+            if slow[0].recv(1) == b"":
+                break
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+    assert time.monotonic() - start < 2  # cut at the deadline, not held for as long as it trickles
+    for s in slow:
+        s.close()
+    time.sleep(0.6)
+    assert get(server.url + "/healthz")[0] == 200  # the slots are back
 
 
 def test_port_in_use_is_a_config_error_and_close_frees_it(server: HealthServer, stubs: Stubs,
