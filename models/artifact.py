@@ -28,7 +28,7 @@ from models.registry import build
 from models.scaling import Scaler
 
 FORMAT = "tsmon-model"
-FORMAT_VERSION = 3  # 2 added `downsample`, 3 the lstm's `reverse`; an artifact without either is still written as 1
+FORMAT_VERSION = 3  # 2: `downsample` (and beat windows), 3: the lstm's `reverse`; an artifact without them is still 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 REQUIRED = ("kind", "params", "window", "hop", "channels", "loss", "normalisation",
@@ -41,12 +41,14 @@ def weights_blob(state: dict[str, torch.Tensor], kind: str) -> bytes:
     return st_save(state, metadata={"format": f"{FORMAT}/{kind}"})
 
 
-def _format_version(params: dict[str, Any], downsample: int) -> int:
+def _format_version(params: dict[str, Any], downsample: int, windowing: dict[str, Any]) -> int:
     """The lowest format that holds the artifact, so that an older tsmon still reads what it can score right
-    and refuses the rest in one line ("reads up to N") instead of scoring it wrong."""
+    and refuses the rest in one line ("reads up to N") instead of scoring it wrong: every field that changes the
+    windows or the scores raises it. Beat windows came with format 2's readers; a tsmon from before read a beat
+    artifact as format 1 and cut sliding windows every `hop` samples (195 of 199 windows over the threshold)."""
     if params.get("reverse"):  # an older tsmon would not know the key (and an lstm decoding reversed is another model)
         return 3
-    return 2 if downsample > 1 else 1
+    return 2 if downsample > 1 or windowing.get("kind", "sliding") != "sliding" else 1
 
 
 def save(detector: Detector, path: str | Path, training: dict[str, Any] | None = None) -> Path:
@@ -64,7 +66,7 @@ def save(detector: Detector, path: str | Path, training: dict[str, Any] | None =
         del params["reverse"]
     manifest = {
         "format": FORMAT,
-        "format_version": _format_version(params, detector.downsample),
+        "format_version": _format_version(params, detector.downsample, detector.windowing),
         "kind": detector.kind,
         "params": params,
         "window": detector.window,

@@ -123,6 +123,7 @@ def test_a_beat_model_round_trips_and_the_daemon_scores_one_window_per_beat(tmp_
     fired = [d for d in p.sink.docs("tsmon.alerts") if d.get("status") == "firing"]
     assert len(fired) == 1 and fired[0]["start_ts"] <= ts[4725] <= fired[0]["peak_ts"] + 300
     manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format_version"] == 2  # a tsmon from before beat windows refuses it (it cut sliding ones)
     manifest["windowing"]["pre"] = 80  # pre must be inside the window
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="incompatible artifact"):
