@@ -580,6 +580,9 @@ def _pack(values: np.ndarray) -> str:
     return base64.b64encode(np.asarray(values, "<f4").tobytes()).decode()
 
 
+EMPTY_ERRORS = _pack(np.empty(0))  # no evidence, as a document holds it
+
+
 def _unpack(text: str) -> list[float]:
     values = np.frombuffer(base64.b64decode(text, validate=True), "<f4").astype("float64")
     if np.isnan(values).any() or np.isneginf(values).any():

@@ -330,7 +330,10 @@ class Processor:
             log.error("state_restore_failed", stream=stream, error=f"{type(exc).__name__}: {exc}")
             return "failed"
         at = doc.get("recalibrate_at_ts")  # absent: written on the wall clock, or by an earlier version
-        if how == "full" and self.data_clock is not None and isinstance(at, int | float) and math.isfinite(at):
+        if how == "evidence_unreadable":
+            log.warning("state_evidence_unreadable", stream=stream, consequence="threshold, controls and alert "
+                        "state restored; the calibrator learns its evidence again")
+        if how != "controls" and self.data_clock is not None and isinstance(at, int | float) and math.isfinite(at):
             self.data_clock.next_ms[stream] = float(at)
         if st.orphan is not None:  # paged under the model version it replaced: never leave that page open
             names = doc.get("channels")  # the old model's (the new one's named another model's channels)

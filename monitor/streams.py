@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from monitor.alerts import AlertState, Episode, generation_of, iso
-from monitor.calibrator import Calibrator
+from monitor.calibrator import EMPTY_ERRORS, Calibrator
 from monitor.quality import StreamQuality
 from monitor.scorer import Served
 from monitor.source import TP
@@ -131,7 +131,8 @@ class StreamState:
                 "partitions": [[t, p] for t, p in sorted(self.home)]}
 
     def restore(self, stream: str, doc: dict[str, Any], calibrator: Calibrator, replayed: bool = True) -> str:
-        """Continue from a changelog document; returns what was restored (``full`` or ``controls``).
+        """Continue from a changelog document; returns what was restored (``full``, ``controls``, or
+        ``evidence_unreadable``: all but the calibrator's evidence, which this version cannot read).
 
         ``replayed``: input the document already includes may come again (a new owner replays from the commit),
         so the windows align on the stored point and pass over what precedes it. A stream this instance evicted
@@ -182,7 +183,15 @@ class StreamState:
         applied = int(doc["applied_until_ts"])
         window_from = doc.get("window_from_ts")  # absent from documents of earlier versions
         window_from = None if window_from is None else (int(window_from), int(doc.get("window_from_skip", 0)))
-        calibrator.restore(stream, doc["calibrator"])  # validated whole; the last step that can fail
+        how = "full"
+        try:
+            calibrator.restore(stream, doc["calibrator"])  # validated whole; the last step that can fail
+        except (KeyError, TypeError, ValueError):  # evidence in an encoding this version cannot read (another
+            # version's): the threshold, its versions, the pin and freeze, the silence and the open alert still hold
+            # (refused whole, a mixed-version group lost them and paged the open alert again under a new id)
+            calibrator.restore(stream, {**doc["calibrator"], "normal": EMPTY_ERRORS, "recent": EMPTY_ERRORS,
+                                        "recent_frozen": 0})
+            how = "evidence_unreadable"
         self.silenced_until_ms, self.feedback, self.alerts, self.applied_until_ts = silenced, feedback, alerts, applied
         self.quality.resume(*periods)
         self.recent_alerts.extend(recent)
@@ -190,7 +199,7 @@ class StreamState:
             self.resume_after_ts = last_sample
         elif window_from is not None:
             self.windows.align(*window_from)
-        return "full"
+        return how
 
     def status(self, stream: str, calibrator: Calibrator, lag: int | None, now_ms: int) -> dict[str, Any]:
         """One row of ``/streams`` and ``tsmon status``."""

@@ -637,6 +637,42 @@ def test_over_max_documents_the_least_recently_written_are_forgotten(make: Make)
     assert [m.key for m in p.sink.sent if m.topic == "state" and m.value is None] == [b"dev-1", b"dev-2", b"dev-3"]
 
 
+def test_a_document_whose_evidence_cannot_be_read_keeps_its_controls_and_open_alert(make: Make,
+                                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Evidence written in an encoding this version cannot read (another version's, in a mixed or rolled-back
+    group) refused the whole document: the pin and the silence were lost and the open alert paged again under a
+    new id. Now only the evidence is learnt again."""
+    import base64
+
+    p = make()
+    p.settings = Settings(state_topic="state")
+    ts, v = sine_stream(1400, (600,), seed=2)
+    v[600:1000, 0] += 3.0  # an episode still open when the document is written
+    recs = records("dev-x", ts, v)
+    feed(p, recs[:80])
+    c = controller(p)
+    assert send(c, "pin", "dev-x", threshold=0.5)["status"] == "applied"
+    assert send(c, "silence", "dev-x", for_s=3600)["status"] == "applied"
+    p.save("dev-x")
+    p.commit(MemorySource())
+    [held] = p.ledger.committable().values()
+    doc = [d for d in out(p, "state") if d.get("stream") == "dev-x"][-1]
+    fired = doc["alerts"]["episode"]["alert_id"]
+    nan = base64.b64encode(np.full(4, np.nan, "<f4").tobytes()).decode()
+    doc = {**doc, "calibrator": {**doc["calibrator"], "normal": nan}}
+    q = make()
+    q.settings = Settings(state_topic="state")
+    q.restored = {"dev-x": doc}
+    capsys.readouterr()
+    feed(q, recs[held:])
+    th, controls = q.calibrator.threshold("dev-x"), q.calibrator.controls("dev-x")
+    assert controls["pinned"] and th.value == 0.5
+    assert q.streams["dev-x"].silenced_until_ms == p.streams["dev-x"].silenced_until_ms > 0
+    assert {(d["alert_id"], d["status"]) for d in out(q, Settings().alerts_topic) if d["type"] == "anomaly"} <= {
+        (fired, "resolved"), (fired, "silenced")}  # the same episode, never a new page
+    assert "state_evidence_unreadable" in capsys.readouterr().out
+
+
 def uninterrupted_and_restarted(build: Any, recs: list[Any], cut: int) -> tuple[Any, Any]:
     """Stream dev-a's records through one processor; and through one that saves, commits and stops after
     ``cut`` records, then another that restores its document and replays from the commit (a crash)."""
