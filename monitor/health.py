@@ -142,9 +142,11 @@ class _Server(ThreadingHTTPServer):
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         cut = threading.Timer(REQUEST_DEADLINE_S, _cut, (request,))
         cut.daemon = True
-        cut.start()
         try:
+            cut.start()  # may fail (no thread to be had): the slot must come back all the same
             super().process_request_thread(request, client_address)
+        except RuntimeError:
+            self.shutdown_request(request)
         finally:
             cut.cancel()
             self.slots.release()

@@ -670,7 +670,8 @@ def test_a_document_whose_evidence_cannot_be_read_keeps_its_controls_and_open_al
     assert q.streams["dev-x"].silenced_until_ms == p.streams["dev-x"].silenced_until_ms > 0
     assert {(d["alert_id"], d["status"]) for d in out(q, Settings().alerts_topic) if d["type"] == "anomaly"} <= {
         (fired, "resolved"), (fired, "silenced")}  # the same episode, never a new page
-    assert "state_evidence_unreadable" in capsys.readouterr().out
+    logged = capsys.readouterr()
+    assert "state_evidence_unreadable" in logged.out + logged.err
 
 
 def uninterrupted_and_restarted(build: Any, recs: list[Any], cut: int) -> tuple[Any, Any]:

@@ -156,6 +156,29 @@ def test_connections_are_capped_and_a_trickling_client_is_cut_at_the_deadline(
     assert get(server.url + "/healthz")[0] == 200  # the slots are back
 
 
+def test_a_deadline_that_cannot_start_gives_its_slot_back(server: HealthServer,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline's timer started before the request's try: when it could not (no thread to be had) the slot
+    was never given back, and once every slot was lost each probe was closed unanswered for good."""
+    import threading
+
+    assert server._server is not None
+    server._server.slots = threading.BoundedSemaphore(2)
+    real, calls = threading.Timer.start, [0]
+
+    def start(timer: threading.Timer) -> None:
+        calls[0] += 1
+        if calls[0] <= 2:
+            raise RuntimeError("can't start new thread")
+        real(timer)
+
+    monkeypatch.setattr(threading.Timer, "start", start)
+    for _ in range(2):
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            get(server.url + "/healthz")
+    assert get(server.url + "/healthz")[0] == 200
+
+
 def test_port_in_use_is_a_config_error_and_close_frees_it(server: HealthServer, stubs: Stubs,
                                                          metrics: Metrics) -> None:
     host, port = server.address
