@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -168,10 +168,7 @@ class Processor:
         if records and self.first_record_at is None:
             self.first_record_at = time.monotonic()
         by_stream: dict[str, list[tuple[InRecord, SampleBlock]]] = {}
-        now_ms = int(self.clock() * 1000)
         for rec in records:
-            if rec.timestamp_ms > self.read_ts.get(rec.tp, -1):  # how far each partition's input has moved on
-                self.read_ts[rec.tp] = min(rec.timestamp_ms, now_ms)
             try:
                 block = parse(rec.value, rec.key, self.settings.limits)
             except Exception as exc:  # noqa: BLE001 — a parser bug must cost one message, never the daemon
@@ -184,12 +181,23 @@ class Processor:
             else:
                 by_stream.setdefault(block.stream, []).append((rec, block))  # type: ignore[union-attr]
         made = sum(self._append_or_dead_letter(stream, items) for stream, items in by_stream.items())  # windows
+        self._moved_on(rec for items in by_stream.values() for rec, _ in items)
         good = sum(len(items) for items in by_stream.values())
         if good:  # dead letters make no windows and tell nothing about the next records' size
             size = sum(len(rec.value or b"") for items in by_stream.values() for rec, _ in items)
             self.windows_per_record = _slow_max(self.windows_per_record, made / good)
             self.windows_per_byte = _slow_max(self.windows_per_byte, made / max(1, size))
         self.peak_pending = max(self.peak_pending, self.pending)
+
+    def _moved_on(self, good: Iterable[InRecord]) -> None:
+        """How far each partition's input has moved on (:meth:`forget_dormant`), from the records taken: a dead
+        letter's timestamp tells nothing, and one stamped past the clock's tolerance is ignored, not capped (one
+        garbage timestamp made a partition look 8 days on and forgot streams whose records were still waiting)."""
+        now_ms = int(self.clock() * 1000)
+        limit = now_ms + (self.settings.max_future_s or 3600.0) * 1000
+        for rec in good:
+            if self.read_ts.get(rec.tp, -1) < rec.timestamp_ms <= limit:
+                self.read_ts[rec.tp] = min(rec.timestamp_ms, now_ms)
 
     def _route(self, block: SampleBlock) -> BadRecord | None:
         served = self.scorer.route(block.stream)
@@ -687,13 +695,13 @@ class Processor:
 
         Unseen is measured in input, not in wall-clock time: a document of a stream on ``assigned`` partitions
         goes once every such partition's input was read ``forget_after_s`` past the document's ``written_ms``
-        (record timestamps, capped at the clock), so an outage or a lag reading older input forgets nothing
-        (records of the stream may be waiting). Only a stream this instance evicted itself since its last
-        assignment gets a tombstone on the changelog — it wrote that document, and its partition stayed with it;
-        an adopted document or another instance's is only dropped from memory (its owner decides, and the next
-        restore reads it again). Documents of other partitions are dropped from memory by wall-clock age. The
-        bound drops those first, then this instance's own evicted ones; never an adopted one of its partitions,
-        whose stream may be replayed any moment.
+        (:meth:`_moved_on`), so an outage or a lag reading older input forgets nothing (records of the stream may
+        be waiting). It gets a tombstone on the changelog when all its partitions are this instance's (evicted
+        here, or adopted at a restore: dropped from memory only, a document came back at every restart and the
+        changelog grew for good); documents of other partitions are only dropped from memory, by wall-clock age
+        (their owner decides, and the next restore reads them again). The bound drops those first, then the
+        streams this instance evicted itself; never an adopted one of its partitions, whose stream may be
+        replayed any moment.
 
         Without it every stream id ever seen kept its document: a producer that sent 20 000 ids once each left
         20 000 documents in every instance's memory and in every restore (6.6 s, growing)."""
@@ -701,22 +709,29 @@ class Processor:
         now_ms = int(self.clock() * 1000) if now_ms is None else now_ms
         after_ms = None if after is None else after * 1000
         old: dict[str, int] = {}
+        tombstoned: set[str] = set()
         spare: tuple[list[tuple[int, str]], list[tuple[int, str]]] = ([], [])  # others', own evicted: for the bound
         for name, doc in self.restored.items():
             if name in self.streams or not isinstance(w := doc.get("written_ms"), int) or holds_commitments(doc, now_ms):
                 continue
-            home = doc_partitions(doc) & assigned
+            parts = doc_partitions(doc)
+            home = parts & assigned
             if after_ms is not None and (all(self.read_ts.get(tp, -1) >= w + after_ms for tp in home) if home
                                          else w < now_ms - after_ms):
                 old[name] = w
+                if name in self.evicted_here or (home and parts <= assigned):
+                    tombstoned.add(name)
             elif not home or name in self.evicted_here:
                 spare[bool(home)].append((w, name))
         over = len(self.restored) - len(old) - most if most is not None else 0
         if over > 0:
-            old.update((n, w) for w, n in (sorted(spare[0]) + sorted(spare[1]))[:over])
+            for w, name in (sorted(spare[0]) + sorted(spare[1]))[:over]:
+                old[name] = w
+                if name in self.evicted_here:
+                    tombstoned.add(name)
         for name, written_ms in old.items():
             del self.restored[name]
-            if topic is not None and name in self.evicted_here:
+            if topic is not None and name in tombstoned:
                 self.sink.send(OutMessage(topic, name.encode(), None, [("tsmon.type", b"stream_forgotten")]))
             self._unevict(name)
             self.throttle.log(log.info, "stream_forgotten", stream=name, written_s_ago=(now_ms - written_ms) // 1000,

@@ -562,11 +562,12 @@ def test_an_anomaly_going_on_at_a_model_rotation_pages_under_a_new_id(make: Make
 def test_documents_of_streams_unseen_for_forget_after_s_are_forgotten_with_a_tombstone(make: Make) -> None:
     """Every stream id ever seen kept its document (20 000 ids sent once: 20 000 documents in memory and in every
     restore). Unseen while its partition's input moved ``forget_after_s`` on, a document goes — with a tombstone
-    only for a stream this instance evicted itself — unless it holds a pin, a freeze, a running silence or a fired
+    when its partitions are all this instance's — unless it holds a pin, a freeze, a running silence or a fired
     alert. Wall-clock time alone forgets nothing of this instance's partitions: after an outage their records
     may be waiting."""
     from dataclasses import replace as with_
 
+    from monitor.source import InRecord
     from monitor.streams import holds_commitments
     from tests.test_monitor.test_processor import TOPIC
 
@@ -596,10 +597,16 @@ def test_documents_of_streams_unseen_for_forget_after_s_are_forgotten_with_a_tom
     assert p.forget_dormant(mine, start + 1_800_000) == 0  # half an hour: kept
     assert p.forget_dormant(mine, start + 8 * 86_400_000) == 1  # 8 days of outage: only another instance's copy
     assert "elsewhere" not in p.restored and "dev-old" in p.restored
+    now_ms[0] = start + 8 * 86_400_000  # back after the outage: a dead letter, and a record stamped a month ahead
+    p.handle([InRecord(TOPIC, 0, 8000, b"dev-junk", b"not json", 2**62)])
+    ts, v = sine_stream(30)
+    feed(p, [with_(r, timestamp_ms=start + 30 * 86_400_000) for r in records("dev-ticker", ts, v, first_offset=8100)])
+    assert p.forget_dormant(mine) == 0  # neither moved the partition on (one garbage timestamp forgot them all)
     tick(start + 2 * 3_600_000, 9000)  # the partition's input 2 h on
     assert p.forget_dormant(mine) == 2
     assert set(p.restored) == {"dev-pinned", "dev-silenced", "dev-frozen"}
-    assert [m.key for m in p.sink.sent if m.topic == "state" and m.value is None] == [b"dev-old"]  # its own only
+    # evicted here, or adopted on a partition all its own: a tombstone (not another instance's copy)
+    assert [m.key for m in p.sink.sent if m.topic == "state" and m.value is None] == [b"dev-old", b"dev-adopted"]
     assert "dev-old" not in p.evicted and not p.wake("dev-old") and not p.wake("dev-adopted")
     assert p.metrics.snapshot()["tsmon_state_forgotten_total"] == 3
     tick(start + 31 * 3_600_000, 9100)  # the silence has ended
