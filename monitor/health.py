@@ -1,9 +1,10 @@
 """The daemon's HTTP side door: ``/metrics``, ``/healthz``, ``/readyz`` and ``/streams``.
 
 Owns the HTTP server only, a stdlib ``ThreadingHTTPServer`` on a background daemon thread (one more
-thread per request, at most ``MAX_CONNECTIONS``, each cut after ``REQUEST_DEADLINE_S``). It decides nothing: liveness, readiness and the per-stream rows come from
-callables the daemon passes in, called on the request's thread, so they must be cheap and thread-safe
-(the daemon hands out immutable snapshots). A callable that raises answers 500 and the server goes on.
+thread per request, at most ``MAX_CONNECTIONS``, each cut after ``REQUEST_DEADLINE_S``). It decides
+nothing: liveness, readiness and the per-stream rows come from callables the daemon passes in, called on
+the request's thread, so they must be cheap and thread-safe (the daemon hands out immutable snapshots). A
+callable that raises answers 500 and the server goes on.
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ class Processor:
         # snapshotted or committed past them (the shutdown and the revoke did both: the restart never replayed them)
         self.failed: str | None = None
         self.restored: dict[str, dict[str, Any]] = {}  # changelog documents of streams not started yet
-        self.read_ts: dict[TP, int] = {}  # newest record timestamp handled per partition, at most the clock's
+        self.read_ts: dict[TP, int] = {}  # per partition, the newest timestamp of the records taken (_moved_on)
         self.evicted: set[str] = set()  # streams this instance evicted since its last assignment (see wake)
         self.evicted_here: set[str] = set()  # those of them evicted by evict_idle (not adopted): no input replayed
         self.owed: dict[str, int] = {}  # evicted with a silenced alert open: silence end (epoch ms), page owed
@@ -712,7 +712,8 @@ class Processor:
         tombstoned: set[str] = set()
         spare: tuple[list[tuple[int, str]], list[tuple[int, str]]] = ([], [])  # others', own evicted: for the bound
         for name, doc in self.restored.items():
-            if name in self.streams or not isinstance(w := doc.get("written_ms"), int) or holds_commitments(doc, now_ms):
+            w = doc.get("written_ms")
+            if name in self.streams or not isinstance(w, int) or holds_commitments(doc, now_ms):
                 continue
             parts = doc_partitions(doc)
             home = parts & assigned

@@ -644,8 +644,8 @@ def test_over_max_documents_the_least_recently_written_are_forgotten(make: Make)
     assert [m.key for m in p.sink.sent if m.topic == "state" and m.value is None] == [b"dev-1", b"dev-2", b"dev-3"]
 
 
-def test_a_document_whose_evidence_cannot_be_read_keeps_its_controls_and_open_alert(make: Make,
-                                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_document_whose_evidence_cannot_be_read_keeps_its_controls_and_open_alert(
+        make: Make, capsys: pytest.CaptureFixture[str]) -> None:
     """Evidence written in an encoding this version cannot read (another version's, in a mixed or rolled-back
     group) refused the whole document: the pin and the silence were lost and the open alert paged again under a
     new id. Now only the evidence is learnt again."""
