@@ -137,6 +137,8 @@ class Processor:
         self.failed: str | None = None
         self.restored: dict[str, dict[str, Any]] = {}  # changelog documents of streams not started yet
         self.read_ts: dict[TP, int] = {}  # per partition, the newest timestamp of the records taken (_moved_on)
+        self.knocked: dict[str, int] = {}  # streams with a document refused for want of room: when, last (epoch ms)
+        self._refused: set[tuple[TP, int]] = set()  # records dead-lettered by the current handle call
         self.evicted: set[str] = set()  # streams this instance evicted since its last assignment (see wake)
         self.evicted_here: set[str] = set()  # those of them evicted by evict_idle (not adopted): no input replayed
         self.owed: dict[str, int] = {}  # evicted with a silenced alert open: silence end (epoch ms), page owed
@@ -168,6 +170,7 @@ class Processor:
         if records and self.first_record_at is None:
             self.first_record_at = time.monotonic()
         by_stream: dict[str, list[tuple[InRecord, SampleBlock]]] = {}
+        self._refused.clear()
         for rec in records:
             try:
                 block = parse(rec.value, rec.key, self.settings.limits)
@@ -181,7 +184,8 @@ class Processor:
             else:
                 by_stream.setdefault(block.stream, []).append((rec, block))  # type: ignore[union-attr]
         made = sum(self._append_or_dead_letter(stream, items) for stream, items in by_stream.items())  # windows
-        self._moved_on(rec for items in by_stream.values() for rec, _ in items)
+        taken = (rec for items in by_stream.values() for rec, _ in items if (rec.tp, rec.offset) not in self._refused)
+        self._moved_on(taken)  # dead letters tell nothing of how far the input has moved on
         good = sum(len(items) for items in by_stream.values())
         if good:  # dead letters make no windows and tell nothing about the next records' size
             size = sum(len(rec.value or b"") for items in by_stream.values() for rec, _ in items)
@@ -210,6 +214,8 @@ class Processor:
             if block.stream.startswith(RESERVED_PREFIX):
                 return BadRecord("reserved_stream", f"stream ids starting with {RESERVED_PREFIX!r} are tsmon's own")
             if len(self.streams) >= self.settings.max_streams:
+                if block.stream in self.restored:  # it is sending: not unseen (forget_dormant), and its document is
+                    self.knocked[block.stream] = int(self.clock() * 1000)  # all the state it has left
                 return BadRecord("too_many_streams", f"{len(self.streams)} streams held (limits.max_streams); "
                                                      "idle ones are evicted after limits.idle_evict_s")
             self._new_stream(block.stream, served)
@@ -330,6 +336,7 @@ class Processor:
 
     def _restore(self, stream: str, st: StreamState, replayed: bool = True) -> str | None:
         doc = self.restored.pop(stream, None)
+        self.knocked.pop(stream, None)
         if doc is None:
             return None
         try:
@@ -715,12 +722,13 @@ class Processor:
             w = doc.get("written_ms")
             if name in self.streams or not isinstance(w, int) or holds_commitments(doc, now_ms):
                 continue
+            w = max(w, self.knocked.get(name, w))  # sending, but refused for want of room: seen then
             parts = doc_partitions(doc)
-            home = parts & assigned
+            home = parts & assigned if parts else set(assigned)  # none recorded (earlier versions): maybe any of them
             if after_ms is not None and (all(self.read_ts.get(tp, -1) >= w + after_ms for tp in home) if home
                                          else w < now_ms - after_ms):
                 old[name] = w
-                if name in self.evicted_here or (home and parts <= assigned):
+                if name in self.evicted_here or (parts and parts <= assigned):
                     tombstoned.add(name)
             elif not home or name in self.evicted_here:
                 spare[bool(home)].append((w, name))
@@ -732,6 +740,7 @@ class Processor:
                     tombstoned.add(name)
         for name, written_ms in old.items():
             del self.restored[name]
+            self.knocked.pop(name, None)
             if topic is not None and name in tombstoned:
                 self.sink.send(OutMessage(topic, name.encode(), None, [("tsmon.type", b"stream_forgotten")]))
             self._unevict(name)
@@ -774,6 +783,7 @@ class Processor:
                               repeats_suppressed=e.suppressed)
 
     def _dead_letter(self, rec: InRecord, bad: BadRecord) -> None:
+        self._refused.add((rec.tp, rec.offset))
         self.ledger.consumed(rec.tp, rec.offset)
         self.metrics.records.labels("dead_letter").inc()
         self.metrics.dead_letters.labels(bad.reason).inc()
@@ -872,6 +882,7 @@ class Processor:
 
     def forget_evicted(self) -> None:
         """At an assignment change: the evicted streams' partitions may now be another instance's."""
+        self.knocked.clear()
         self.evicted.clear()
         self.evicted_here.clear()
         self.owed.clear()

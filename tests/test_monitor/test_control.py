@@ -681,6 +681,42 @@ def test_a_document_whose_evidence_cannot_be_read_keeps_its_controls_and_open_al
     assert "state_evidence_unreadable" in logged.out + logged.err
 
 
+def test_a_stream_still_sending_or_of_unknown_partition_is_not_forgotten(make: Make) -> None:
+    """Found by review: a stream refused for want of room (its document all the state it has left) was forgotten
+    and tombstoned as unseen; records dead-lettered while appended (a timestamp going back) still moved the
+    partition on; a document without partitions (earlier versions) was dropped by wall-clock age after an outage
+    although its stream may be this instance's."""
+    from dataclasses import replace as with_
+
+    from tests.test_monitor.test_processor import TOPIC
+
+    p = make()
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0, forget_after_s=3600.0, max_streams=1)
+    start = int(time.time() * 1000)
+    now_ms = [start]
+    p.clock = lambda: now_ms[0] / 1000
+    feed(p, records("dev-x", *sine_stream(300)))
+    assert p.evict_idle(time.monotonic() + 4000) == 1
+    doc = p.restored["dev-x"]
+    p.restored["dev-old"] = {k: v for k, v in doc.items() if k != "partitions"} | {"stream": "dev-old"}
+    mine = {(TOPIC, 0)}
+    assert p.forget_dormant(mine, start + 8 * 86_400_000) == 0  # 8 days of outage: nothing read, nothing forgotten
+    ts, v = sine_stream(300, start_ms=1_800_000_000_000)
+    now_ms[0] = start + 60_000
+    feed(p, [with_(r, timestamp_ms=start + 60_000) for r in records("dev-held", ts, v, first_offset=1000)])
+    back = with_(records("dev-held", ts[:10], v[:10], first_offset=2000)[0], timestamp_ms=start + 7_200_000)
+    now_ms[0] = start + 7_200_000
+    p.handle([back])  # a timestamp going back: dead-lettered, so it tells nothing of the partition's time
+    assert p.read_ts[(TOPIC, 0)] == start + 60_000
+    # dev-x keeps sending while dev-held takes the only room: refused, so seen
+    p.handle([with_(r, timestamp_ms=start + 7_100_000) for r in records("dev-x", ts, v, first_offset=3000)[:3]])
+    later = records("dev-held", ts + 3_000_000, v, first_offset=4000)
+    feed(p, [with_(r, timestamp_ms=start + 7_200_000) for r in later])  # the partition 2 h on
+    assert p.read_ts[(TOPIC, 0)] == start + 7_200_000
+    assert p.forget_dormant(mine) == 1 and set(p.restored) == {"dev-x"}  # dev-old only: unseen for 2 h of input
+    assert [m.key for m in p.sink.sent if m.topic == "state" and m.value is None] == []  # its partitions unknown
+
+
 def uninterrupted_and_restarted(build: Any, recs: list[Any], cut: int) -> tuple[Any, Any]:
     """Stream dev-a's records through one processor; and through one that saves, commits and stops after
     ``cut`` records, then another that restores its document and replays from the commit (a crash)."""
