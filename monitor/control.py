@@ -57,6 +57,18 @@ class Command:
         return {k: getattr(self, k) for k in _FIELDS}
 
 
+def exact_target(stream: str) -> str:
+    """The target that matches ``stream`` alone: its glob characters escaped (``pump[1]`` → ``pump[[]1]``, which
+    ``tsmon ctl --exact`` sends, so every instance matches that one id)."""
+    return re.sub(r"([*?[])", r"[\1]", stream)
+
+
+def names_one(target: str) -> bool:
+    """Does the fnmatch pattern name one stream id — no wildcard left once the escaped characters (``[*]``,
+    ``[?]``, ``[[]``: :func:`exact_target`) are taken out?"""
+    return not any(c in re.sub(r"\[[*?[]\]", "", target) for c in "*?[")
+
+
 def canonical(doc: dict[str, Any]) -> bytes:
     """The bytes that are signed: every field but the signature, sorted, compact."""
     body = {k: v for k, v in doc.items() if k != "signature"}

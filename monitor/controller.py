@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -22,7 +21,7 @@ import numpy as np
 
 from monitor import logs
 from monitor.alerts import AlertSettings, AlertState, Observation
-from monitor.control import Command, Refused, Seen, ack, split_ack, verify
+from monitor.control import Command, Refused, Seen, ack, names_one, split_ack, verify
 from monitor.processor import Processor
 from monitor.sink import json_message
 from monitor.topics import partition_reader
@@ -268,12 +267,6 @@ def simulate(errors: np.ndarray, threshold: float, settings: AlertSettings) -> d
         obs = Observation(i, i, i, i, float(e), threshold, "shadow", np.zeros(1, "float32"))
         fired += sum(1 for t in state.update(obs).transitions if t.status == "firing")
     return {"threshold": threshold, "windows_over": int(np.count_nonzero(errors > threshold)), "alerts": fired}
-
-
-def names_one(target: str) -> bool:
-    """Does the fnmatch pattern name one stream id — no wildcard left once the escaped characters (``[*]``,
-    ``[?]``, ``[[]``: ``tsmon ctl --exact``) are taken out?"""
-    return not any(c in re.sub(r"\[[*?[]\]", "", target) for c in "*?[")
 
 
 def _quantile(value: Any) -> float | None:

@@ -350,7 +350,7 @@ class Daemon:
         self._restored = True
         waits, self._restore_waits = self._restore_waits & self.source.assignment(), set()
         if not self._holding:  # a failure's pause (_paused) is lifted by the next good commit
-            self.source.resume(waits - self._paused - self._unreadable_waits)
+            self._resume(waits)
         self._input_since = time.monotonic()
         self._refresh_views()
 
@@ -649,6 +649,11 @@ class Daemon:
                          retries=self._unreadable[tp].failures)
                 self._forget_unreadable(tp)
 
+    def _resume(self, tps: set[TP]) -> None:
+        """Resume ``tps`` but those still held for another reason: a failing sink or broker (``_paused``), the
+        restore, a failed fetch's retry. Each hold is lifted by its own path, which calls this."""
+        self.source.resume(tps - self._paused - self._restore_waits - self._unreadable_waits)
+
     def _forget_unreadable(self, tp: TP) -> None:
         self._unreadable.pop(tp, None)
         self._unreadable_since.pop(tp, None)
@@ -707,14 +712,15 @@ class Daemon:
             self.metrics.broker_up.set(0)  # unreachable or not answering, until a commit goes through
             self._failing("broker", f"broker unavailable: {exc}")
             return
-        if self._paused and not self._holding:
-            self.source.resume(self._paused - self._restore_waits - self._unreadable_waits)
+        paused, self._paused = self._paused, set()
+        if paused and not self._holding:
+            self._resume(paused)
             self._input_since = time.monotonic()
         if self._problem is not None:
-            log.info("input_resumed", partitions=len(self._paused), after_s=round(now - (self._retry.since or now), 1),
+            log.info("input_resumed", partitions=len(paused), after_s=round(now - (self._retry.since or now), 1),
                      retries=self._retry.failures)
             self.metrics.paused.set(0)
-        self._paused, self._problem = set(), None
+        self._problem = None
         self._retry.succeeded()
 
     def _commit_now(self) -> None:
@@ -754,7 +760,7 @@ class Daemon:
             log.debug("input_held", pending_windows=pending, limit=limit)
         elif self._holding and pending <= limit // 2:
             self._holding = False
-            self.source.resume(self.source.assignment() - self._paused - self._restore_waits - self._unreadable_waits)
+            self._resume(self.source.assignment())
             self._input_since = time.monotonic()
             self.metrics.backpressure.set(0)
             log.debug("input_released", pending_windows=pending)

@@ -79,8 +79,8 @@ class Metrics:
                                            "fell behind", registry=r)
         self.uncommitted = Gauge("tsmon_uncommitted_records", "Records read past the offset last committed on the "
                                  "partition: what a crash now would replay (failing commits, or a quiet stream's "
-                                 "partial window, which holds it back until it is cut or the stream is evicted)", ["topic", "partition"],
-                                 registry=r)
+                                 "partial window, which holds it back until it is cut or the stream is evicted)",
+                                 ["topic", "partition"], registry=r)
         self.lag = Gauge("tsmon_consumer_lag", "Records behind the partition's high watermark", ["topic", "partition"],
                          registry=r)
         self.alert_severity = Counter("tsmon_alerts_fired", "Alerts paged, once per episode (not while silenced), "

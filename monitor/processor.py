@@ -138,7 +138,6 @@ class Processor:
         self.restored: dict[str, dict[str, Any]] = {}  # changelog documents of streams not started yet
         self.read_ts: dict[TP, int] = {}  # per partition, the newest timestamp of the records taken (_moved_on)
         self.knocked: dict[str, int] = {}  # streams with a document refused for want of room: when, last (epoch ms)
-        self._refused: set[tuple[TP, int]] = set()  # records dead-lettered by the current handle call
         self.evicted: set[str] = set()  # streams this instance evicted since its last assignment (see wake)
         self.evicted_here: set[str] = set()  # those of them evicted by evict_idle (not adopted): no input replayed
         self.owed: dict[str, int] = {}  # evicted with a silenced alert open: silence end (epoch ms), page owed
@@ -170,7 +169,6 @@ class Processor:
         if records and self.first_record_at is None:
             self.first_record_at = time.monotonic()
         by_stream: dict[str, list[tuple[InRecord, SampleBlock]]] = {}
-        self._refused.clear()
         for rec in records:
             try:
                 block = parse(rec.value, rec.key, self.settings.limits)
@@ -184,8 +182,6 @@ class Processor:
             else:
                 by_stream.setdefault(block.stream, []).append((rec, block))  # type: ignore[union-attr]
         made = sum(self._append_or_dead_letter(stream, items) for stream, items in by_stream.items())  # windows
-        taken = (rec for items in by_stream.values() for rec, _ in items if (rec.tp, rec.offset) not in self._refused)
-        self._moved_on(taken)  # dead letters tell nothing of how far the input has moved on
         good = sum(len(items) for items in by_stream.values())
         if good:  # dead letters make no windows and tell nothing about the next records' size
             size = sum(len(rec.value or b"") for items in by_stream.values() for rec, _ in items)
@@ -193,13 +189,12 @@ class Processor:
             self.windows_per_byte = _slow_max(self.windows_per_byte, made / max(1, size))
         self.peak_pending = max(self.peak_pending, self.pending)
 
-    def _moved_on(self, good: Iterable[InRecord]) -> None:
+    def _moved_on(self, taken: Iterable[InRecord], now_ms: int) -> None:
         """How far each partition's input has moved on (:meth:`forget_dormant`), from the records taken: a dead
         letter's timestamp tells nothing, and one stamped past the clock's tolerance is ignored, not capped (one
         garbage timestamp made a partition look 8 days on and forgot streams whose records were still waiting)."""
-        now_ms = int(self.clock() * 1000)
         limit = now_ms + (self.settings.max_future_s or 3600.0) * 1000
-        for rec in good:
+        for rec in taken:
             if self.read_ts.get(rec.tp, -1) < rec.timestamp_ms <= limit:
                 self.read_ts[rec.tp] = min(rec.timestamp_ms, now_ms)
 
@@ -290,6 +285,7 @@ class Processor:
         self.metrics.records.labels("ok").inc(len(good))
         self.metrics.samples.inc(len(ts))
         done.update(id(rec) for rec, _ in good)
+        self._moved_on((rec for rec, _ in good), int(now_ms))
         return len(ts) / st.served.hop
 
     def _base_gap_ms(self, served: Served) -> float | None:
@@ -717,7 +713,8 @@ class Processor:
         after_ms = None if after is None else after * 1000
         old: dict[str, int] = {}
         tombstoned: set[str] = set()
-        spare: tuple[list[tuple[int, str]], list[tuple[int, str]]] = ([], [])  # others', own evicted: for the bound
+        others: list[tuple[int, str]] = []  # for the bound: copies of other instances' partitions, first
+        own: list[tuple[int, str]] = []  # ... then the streams this instance evicted itself
         for name, doc in self.restored.items():
             w = doc.get("written_ms")
             if name in self.streams or not isinstance(w, int) or holds_commitments(doc, now_ms):
@@ -730,11 +727,13 @@ class Processor:
                 old[name] = w
                 if name in self.evicted_here or (parts and parts <= assigned):
                     tombstoned.add(name)
-            elif not home or name in self.evicted_here:
-                spare[bool(home)].append((w, name))
+            elif not home:
+                others.append((w, name))
+            elif name in self.evicted_here:
+                own.append((w, name))
         over = len(self.restored) - len(old) - most if most is not None else 0
         if over > 0:
-            for w, name in (sorted(spare[0]) + sorted(spare[1]))[:over]:
+            for w, name in (sorted(others) + sorted(own))[:over]:
                 old[name] = w
                 if name in self.evicted_here:
                     tombstoned.add(name)
@@ -783,7 +782,6 @@ class Processor:
                               repeats_suppressed=e.suppressed)
 
     def _dead_letter(self, rec: InRecord, bad: BadRecord) -> None:
-        self._refused.add((rec.tp, rec.offset))
         self.ledger.consumed(rec.tp, rec.offset)
         self.metrics.records.labels("dead_letter").inc()
         self.metrics.dead_letters.labels(bad.reason).inc()

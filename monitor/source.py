@@ -274,7 +274,6 @@ class KafkaSource:
         (back-pressure, a restore, a failing sink) kept reporting the lag it had then — 0 when it was caught
         up — and no lag alert could fire. Paused partitions' end offsets are asked for instead, every
         ``PAUSED_ENDS_EVERY_S`` with the broker reachable, waiting ``PAUSED_ENDS_TIMEOUT_MS`` at most."""
-
         paused = self._consumer.paused()
         self._paused_ends = {tp: o for tp, o in self._paused_ends.items() if tp in paused}
         if paused and time.monotonic() >= self._paused_ends_due and self.broker_problem() is None:

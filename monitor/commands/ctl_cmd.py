@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import getpass
 import math
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +15,7 @@ from models.errors import ConfigError
 from monitor import ctl
 from monitor.commands.render import emit_json, stdout
 from monitor.config import load_config
+from monitor.control import exact_target
 
 app = typer.Typer(help="Operator commands to running daemons: signed with control.key, acknowledged, audited.",
                   no_args_is_help=True)
@@ -51,7 +51,9 @@ def _target(stream: str | None, all_: bool = False, required: bool = True, exact
         if required:
             raise ConfigError("give --stream S (a glob is fine) or --all")
         return "*"
-    return "*" if all_ else re.sub(r"([*?[])", r"[\1]", str(stream)) if exact else str(stream)
+    if all_:
+        return "*"
+    return exact_target(str(stream)) if exact else str(stream)
 
 
 def _run(command: str, target: str, params: dict[str, Any], config: Path | None, operator: str | None,
