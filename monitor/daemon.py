@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from models.detector import DEFAULT_QUANTILE
-from models.errors import BrokerError, PartitionUnreadable, ScoringStuck, SinkBackpressure, TsmonError
+from models.errors import BrokerError, ScoringStuck, SinkBackpressure, TsmonError
 from monitor import heap, logs
 from monitor.alerts import AlertSettings
 from monitor.batcher import Batcher
@@ -42,6 +41,7 @@ from monitor.drift import DriftSettings
 from monitor.health import HealthServer
 from monitor.metrics import Metrics
 from monitor.processor import DataClock, Processor, Settings
+from monitor.reading import Backoff, InputReader
 from monitor.scorer import Scorer, load_served
 from monitor.scoring import Backend, ProcessBackend, ThreadBackend, choose
 from monitor.sdnotify import Notifier
@@ -56,8 +56,6 @@ RESTORE_STEP_S = 0.1  # changelog reading per loop turn while a restore holds th
 ROWS_WANTED_S = 60.0  # the /streams rows are built at each commit interval while asked for within this long
 ROWS_FRESH_S = 2.0  # older rows are built again for a request, at the loop's next turn ...
 ROWS_WAIT_S = 3.0  # ... which it waits for this long at most (a hung loop: the last rows); tsmon status waits 5 s
-UNREADABLE_CLEAR_S = 5.0  # a partition retried after a failed fetch counts as readable after this long without one
-READ_ERROR_EVERY_S = 60.0  # input_read_failed is an error at most this often (then info)
 RESTORE_OPEN_S = 30.0  # longest the loop waits for the changelog's positions (the broker away) when opening it
 FORGET_EVERY_S = 60.0  # how often the documents of long-unseen streams are looked for (state.forget_after_s)
 
@@ -216,12 +214,10 @@ class Daemon:
         self._refusing_lock = threading.Lock()
         self.notifier = Notifier()  # systemd's ready / watchdog / stopping, under Type=notify only
         self._retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
-        self._read_retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
-        self._read_problem: str | None = None  # why the last poll failed (a fetch the client cannot use)
-        self._unreadable: dict[TP, Backoff] = {}  # partitions whose fetch failed, retried apart from the others
-        self._unreadable_waits: set[TP] = set()  # ... of them, those paused until their retry
-        self._unreadable_since: dict[TP, float] = {}  # ... resumed for a retry at (monotonic)
-        self._read_failed_at = -math.inf  # monotonic time of the last failed poll
+        # polls, retrying a failed one, and a partition whose fetch failed apart from the others
+        self.input_reader = InputReader(self.source, self.metrics, cfg.daemon.commit_interval_ms / 1000,
+                                        cfg.daemon.retry_max_s,
+                                        lambda tp: tp in self._paused or tp in self._restore_waits or self._holding)
         self._ready: tuple[bool, str] = (False, "starting")
         h = cfg.http
         self.http = HealthServer(h.host, h.port, self.metrics.registry, self._health, lambda: self._ready,
@@ -261,8 +257,8 @@ class Daemon:
         given = set(tps)
         # a commit that failed during the join paused what the client still listed then, revoked ones too
         self._paused &= given
-        for tp in list(self._unreadable):  # a new assignment starts them from the commit: try again
-            self._forget_unreadable(tp)
+        for tp in list(self.input_reader.unreadable):  # a new assignment starts them from the commit: try again
+            self.input_reader.forget(tp)
         back, self._rewind = {tp: o for tp, o in self._rewind.items() if tp in given}, {}
         if back:
             self.source.rewind(back)
@@ -467,8 +463,8 @@ class Daemon:
             self._build_rows()
         if self.restoring:  # _restore_step says how far it is
             return
-        if self._problem or self._read_problem:
-            self._ready = (False, self._problem or self._read_problem or "")
+        if self._problem or self.input_reader.problem:
+            self._ready = (False, self._problem or self.input_reader.problem or "")
         else:
             self._ready = (True, f"{len(assigned)} partition(s) assigned") if assigned else (False, "no partition assigned")
 
@@ -534,11 +530,11 @@ class Daemon:
                     else:
                         self.processor.wait_scored(timeout / 1000)
                 elif room and not self.processor.scoring_busy:
-                    self._handle(self._poll(max(timeout, 0), room))
+                    self._handle(self.input_reader.poll(max(timeout, 0), room))
                 else:  # a result is on its way (it wakes us), or no record fits: wait for the scorer first,
                     self.processor.wait_scored(timeout / 1000)  # the records stay in the client meanwhile
                     if room:
-                        self._handle(self._poll(0, room))
+                        self._handle(self.input_reader.poll(0, room))
                 self.processor.score_ready()  # never blocks: what waits is bounded by _hold_input
                 self.processor.check_stuck()  # a call that never returns: ScoringStuck, nothing committed past it
                 if self.processor.failed is not None:  # raised where something caught it: never run on without scoring
@@ -573,91 +569,10 @@ class Daemon:
                 heap.thaw()
         return self.metrics.snapshot()
 
-    def _poll(self, timeout_ms: int, room: int) -> list[InRecord]:
-        """Poll the input; a poll that fails (a fetch the client cannot use: a codec it lacks, a corrupt batch)
-        is retried with backoff while the loop goes on — raised, it ended the daemon, and every restart read the
-        same batch again. The position stays before what failed: nothing is skipped."""
-        now = time.monotonic()
-        if not self._read_retry.due(now):
-            time.sleep(max(0.0, min(timeout_ms / 1000, self._read_retry.next_at - now)))
-            return []
-        self._retry_unreadable(now)
-        try:
-            records = self.source.poll(timeout_ms, room)
-        except PartitionUnreadable as exc:
-            if exc.tp not in self.source.assignment():
-                return self._read_failed(exc)
-            return self._partition_unreadable(exc)
-        except BrokerError as exc:
-            return self._read_failed(exc)
-        self._read_well({r.tp for r in records}, now)
-        if self._read_problem is not None and not self._unreadable:
-            if self._read_retry.failures:  # a partition of its own logs partition_read_resumed
-                log.info("input_read_resumed", retries=self._read_retry.failures,
-                         after_s=round(time.monotonic() - (self._read_retry.since or now), 1))
-            self._read_problem = None
-            self._read_retry.succeeded()
-        return records
-
-    def _read_failed(self, exc: BrokerError) -> list[InRecord]:
-        """A poll failed as a whole: nothing is read until one succeeds (backoff)."""
-        # an error once a minute at most
-        first = time.monotonic() - self._read_failed_at > READ_ERROR_EVERY_S
-        self._read_problem = f"input unreadable: {exc}"
-        self.metrics.retries.labels("input").inc()
-        delay = self._read_retry.failed(time.monotonic())
-        (log.error if first else log.info)("input_read_failed", error=str(exc)[:500], retry_in_s=round(delay, 2),
-                                           consequence="nothing is read until a poll succeeds; nothing skipped")
-        self._read_failed_at = time.monotonic()
-        return []
-
-    def _partition_unreadable(self, exc: PartitionUnreadable) -> list[InRecord]:
-        """A fetch of one partition cannot be used (a corrupt batch names its partition): that partition waits for
-        its retry (backoff) while the others are read. Every poll used to fail with it, so the good partitions
-        were read every other poll and /readyz flapped. Its position stays before the bad batch: nothing skipped."""
-        tp, now = exc.tp, time.monotonic()
-        backoff = self._unreadable.setdefault(tp, Backoff(self.cfg.daemon.commit_interval_ms / 1000,
-                                                          self.cfg.daemon.retry_max_s))
-        first = backoff.failures == 0 or now - self._read_failed_at > READ_ERROR_EVERY_S
-        delay = backoff.failed(now)
-        self.source.pause({tp})
-        self._unreadable_waits.add(tp)
-        self._unreadable_since.pop(tp, None)
-        self.metrics.retries.labels("input").inc()
-        self._read_problem = f"input unreadable on {tp[0]}-{tp[1]}: {exc}"
-        (log.error if first else log.info)("partition_unreadable", partition=f"{tp[0]}-{tp[1]}",
-                                           error=str(exc)[:500], retry_in_s=round(delay, 2), failures=backoff.failures,
-                                           consequence="this partition waits, the others are read; nothing skipped")
-        self._read_failed_at = now
-        return []
-
-    def _retry_unreadable(self, now: float) -> None:
-        """Resume each unreadable partition whose retry is due, unless something else holds it."""
-        for tp in [tp for tp in self._unreadable_waits if self._unreadable[tp].due(now)]:
-            if tp in self._paused or tp in self._restore_waits or self._holding:
-                continue  # held for another reason: retried once that is lifted (not "readable" meanwhile)
-            self._unreadable_waits.discard(tp)
-            self._unreadable_since[tp] = now
-            if tp in self.source.assignment():
-                self.source.resume({tp})
-
-    def _read_well(self, read: set[TP], now: float) -> None:
-        """A retried partition that gave records, or stayed quiet for UNREADABLE_CLEAR_S, is readable again."""
-        for tp, since in list(self._unreadable_since.items()):
-            if tp in read or now - since >= UNREADABLE_CLEAR_S:
-                log.info("partition_read_resumed", partition=f"{tp[0]}-{tp[1]}",
-                         retries=self._unreadable[tp].failures)
-                self._forget_unreadable(tp)
-
     def _resume(self, tps: set[TP]) -> None:
         """Resume ``tps`` but those still held for another reason: a failing sink or broker (``_paused``), the
         restore, a failed fetch's retry. Each hold is lifted by its own path, which calls this."""
-        self.source.resume(tps - self._paused - self._restore_waits - self._unreadable_waits)
-
-    def _forget_unreadable(self, tp: TP) -> None:
-        self._unreadable.pop(tp, None)
-        self._unreadable_since.pop(tp, None)
-        self._unreadable_waits.discard(tp)
+        self.source.resume(tps - self._paused - self._restore_waits - self.input_reader.waits)
 
     def _handle(self, records: list[InRecord]) -> None:
         """Records that arrive after a stop signal are left to the next owner (never committed): the shutdown
@@ -840,32 +755,6 @@ class Daemon:
         self.notifier.close()
         log.info("daemon_stopped", uptime_s=round(time.monotonic() - self._started, 1),
                  shutdown_s=round(time.monotonic() - t0, 3), **_summary(self.metrics))
-
-
-@dataclass
-class Backoff:
-    """When to retry a failing step: after ``first`` s, then twice as long each time up to ``cap``."""
-
-    first: float
-    cap: float
-    failures: int = 0
-    since: float | None = None  # when this run of failures began
-    next_at: float = 0.0
-
-    def due(self, now: float) -> bool:
-        return now >= self.next_at
-
-    def failed(self, now: float) -> float:
-        """Count a failure; returns the wait before the next try."""
-        if self.since is None:
-            self.since = now
-        delay = min(self.cap, self.first * 2 ** min(self.failures, 30))
-        self.failures += 1
-        self.next_at = now + delay
-        return delay
-
-    def succeeded(self) -> None:
-        self.failures, self.since, self.next_at = 0, None, 0.0
 
 
 def _summary(m: Metrics) -> dict[str, int]:

@@ -1038,7 +1038,7 @@ def test_a_sigterm_during_a_stalled_commit_stops_the_daemon_within_its_budget(st
 
 
 def test_backoff_doubles_up_to_its_cap_and_a_success_resets_it() -> None:
-    from monitor.daemon import Backoff
+    from monitor.reading import Backoff
 
     b = Backoff(0.5, 3.0)
     assert b.due(0.0)
@@ -1638,28 +1638,28 @@ def test_one_unreadable_partition_waits_while_the_others_are_read(stream_model: 
     d.run(until=until)
     assert source.failures == 0 and source.read_while_bad > 0  # the good partition flowed meanwhile
     assert d.processor.streams["dev-b"].scored == n_windows(400) and d.processor.streams["dev-a"].scored == n_windows(2000)
-    assert any(f"input unreadable on {TOPIC}-1" in s for s in seen) and d._read_problem is None
+    assert any(f"input unreadable on {TOPIC}-1" in s for s in seen) and d.input_reader.problem is None
     assert d.metrics.snapshot()["tsmon_commit_retries_total{cause=input}"] == 4
 
 
 def test_an_unreadable_partition_held_for_another_reason_is_not_declared_readable(stream_model: Path) -> None:
     """Its retry came due under back-pressure (or a failing sink): it was not resumed, yet 5 s later it counted
     as readable again — /readyz 200, its backoff reset — while it still held the bad batch."""
-    from monitor.daemon import Backoff
+    from monitor.reading import Backoff
 
     d = in_process_daemon(stream_model, MemorySource([]), MemorySink())
     tp = (TOPIC, 1)
     d.source.assigned.add(tp)
-    d._unreadable[tp] = Backoff(0.0, 1.0)
-    d._unreadable_waits.add(tp)
+    d.input_reader.unreadable[tp] = Backoff(0.0, 1.0)
+    d.input_reader.waits.add(tp)
     d.source.pause({tp})
     d._holding = True
-    d._retry_unreadable(time.monotonic())
-    d._read_well(set(), time.monotonic() + 10)
-    assert tp in d._unreadable_waits and tp in d._unreadable and tp in d.source.paused  # still waiting
+    d.input_reader._retry_unreadable(time.monotonic())
+    d.input_reader._read_well(set(), time.monotonic() + 10)
+    assert tp in d.input_reader.waits and tp in d.input_reader.unreadable and tp in d.source.paused  # still waiting
     d._holding = False
-    d._retry_unreadable(time.monotonic())
-    assert tp not in d._unreadable_waits and tp in d._unreadable_since and tp not in d.source.paused  # retried now
+    d.input_reader._retry_unreadable(time.monotonic())
+    assert tp not in d.input_reader.waits and tp in d.input_reader.since and tp not in d.source.paused  # retried now
     d.run(until=lambda: True)
 
 
@@ -1684,7 +1684,7 @@ def test_a_poll_that_fails_is_retried_with_backoff_and_the_daemon_goes_on(stream
     seen: list[str] = []
 
     def until() -> bool:
-        seen.append(d._read_problem or "")
+        seen.append(d.input_reader.problem or "")
         d._refresh_views()
         seen.append(d._ready[1])
         return not source.records and d.processor.pending == 0
@@ -1692,7 +1692,7 @@ def test_a_poll_that_fails_is_retried_with_backoff_and_the_daemon_goes_on(stream
     d.run(until=until)
     assert source.failures == 0 and d.metrics.total("tsmon_windows_scored_total") == n_windows(400)
     assert any("input unreadable: cannot read the input: CorruptRecordError" in s for s in seen)
-    assert d._read_problem is None and d.metrics.snapshot()["tsmon_commit_retries_total{cause=input}"] == 3
+    assert d.input_reader.problem is None and d.metrics.snapshot()["tsmon_commit_retries_total{cause=input}"] == 3
 
 
 def test_opening_the_changelog_is_a_bounded_wait_that_healthz_allows(stream_model: Path,
