@@ -36,18 +36,18 @@ from monitor.alerts import AlertSettings
 from monitor.batcher import Batcher
 from monitor.calibrator import MAX_QUANTILE, Calibrator, CalibratorSettings, ThresholdState
 from monitor.config import Config
-from monitor.controller import GLOBAL_KEY, Controller, ControlSource
+from monitor.controller import Controller, ControlSource
 from monitor.drift import DriftSettings
 from monitor.health import HealthServer
 from monitor.metrics import Metrics
 from monitor.processor import DataClock, Processor, Settings
 from monitor.reading import Backoff, InputReader
+from monitor.restoring import RESTORE_OPEN_S, Restore
 from monitor.scorer import Scorer, load_served
 from monitor.scoring import Backend, ProcessBackend, ThreadBackend, choose
 from monitor.sdnotify import Notifier
 from monitor.sink import KafkaSink, OutMessage, Sink
 from monitor.source import TP, InRecord, KafkaSource, Source
-from monitor.state import Changelog, ChangelogReader
 from monitor.topics import ensure_topics
 
 log = logs.get("tsmon.daemon")
@@ -56,7 +56,6 @@ RESTORE_STEP_S = 0.1  # changelog reading per loop turn while a restore holds th
 ROWS_WANTED_S = 60.0  # the /streams rows are built at each commit interval while asked for within this long
 ROWS_FRESH_S = 2.0  # older rows are built again for a request, at the loop's next turn ...
 ROWS_WAIT_S = 3.0  # ... which it waits for this long at most (a hung loop: the last rows); tsmon status waits 5 s
-RESTORE_OPEN_S = 30.0  # longest the loop waits for the changelog's positions (the broker away) when opening it
 FORGET_EVERY_S = 60.0  # how often the documents of long-unseen streams are looked for (state.forget_after_s)
 
 
@@ -201,11 +200,7 @@ class Daemon:
         self._paused: set[TP] = set()  # partitions paused while the sink or the broker fails
         self._rewind: dict[TP, int] = {}  # offsets to read the partitions of the last revoke again from
         self._backlog: list[InRecord] = []  # polled, not handed over yet: batch.max_pending was reached
-        self._restoring: ChangelogReader | None = None  # the changelog read in progress
-        self._opening = False  # opening the changelog reader (a bounded wait on the loop's thread)
-        self._restore_due = False  # a restore asked for in a rebalance callback, opened by the loop
         self._unassigned = False  # revoked, the assignment not come yet (an eager JoinGroup spans polls)
-        self._restore_waits: set[TP] = set()  # partitions paused until it is read
         self._holding = False  # input paused because scoring falls behind (back-pressure)
         self._input_since = time.monotonic()  # input last came back from a pause: silence before it is not idleness
         self._forgot_at = time.monotonic()  # the last look for documents to forget (state.forget_after_s)
@@ -215,9 +210,11 @@ class Daemon:
         self.notifier = Notifier()  # systemd's ready / watchdog / stopping, under Type=notify only
         self._retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
         # polls, retrying a failed one, and a partition whose fetch failed apart from the others
+        # the changelog read at each assignment, while the assigned partitions wait for it
+        self.restorer = Restore(cfg, self.processor, self.controller, self.source, self.metrics, self.calibrator)
         self.input_reader = InputReader(self.source, self.metrics, cfg.daemon.commit_interval_ms / 1000,
                                         cfg.daemon.retry_max_s,
-                                        lambda tp: tp in self._paused or tp in self._restore_waits or self._holding)
+                                        lambda tp: tp in self._paused or tp in self.restorer.waits or self._holding)
         self._ready: tuple[bool, str] = (False, "starting")
         h = cfg.http
         self.http = HealthServer(h.host, h.port, self.metrics.registry, self._health, lambda: self._ready,
@@ -282,28 +279,18 @@ class Daemon:
                       replication_factor=k.replication_factor, **client)
 
     def restore(self) -> None:
-        """Ask for the changelog to be read: the loop opens it and reads it in steps (:meth:`_restore_step`) while
-        every assigned partition stays paused, so no stream starts before its document is known (one that did
-        would write over it with its artifact's state) and the loop keeps turning however long it takes.
-        Called in the rebalance callback, which must not block: the group's heartbeat waits for it."""
+        """Ask for the changelog to be read: the loop reads it in steps (:meth:`_restore_step`) while every assigned
+        partition stays paused, so no stream starts before its document is known (one that did would write over it
+        with its artifact's state) and the loop keeps turning however long it takes. Called in the rebalance
+        callback, which must not block."""
         if not self.cfg.state.enabled:  # no changelog: the documents kept in memory at evictions are all there is,
             # and a revoke forgot which of them are this instance's (a page owed when a silence ends was lost)
             self.processor.adopt(self.source.assignment())
             return
         if not self._kafka:
             return
-        self._drop_reader()  # an assignment during a restore: read again, for the new partitions
-        self.processor.restored = {}  # never continue from documents read at an earlier assignment
-        self.processor.forget_evicted()
-        self._restore_due = True
-        self._restore_waits = self.source.assignment()  # all of them, whatever else holds them too
-        self.source.pause(self._restore_waits)
+        self.restorer.ask()
         self._ready = (False, "restoring state")
-
-    def _drop_reader(self) -> None:
-        if self._restoring is not None:
-            self._restoring.close()
-            self._restoring = None
 
     def _inputs(self) -> dict[str, list[int]]:
         """The input partitions this instance holds, by topic; a configured topic it holds none of is listed
@@ -315,53 +302,21 @@ class Daemon:
 
     @property
     def restoring(self) -> bool:
-        return self._restore_due or self._restoring is not None
+        return self.restorer.active
 
     def _restore_step(self, budget_s: float) -> None:
-        """Open the changelog if asked to, read on in it; once it is read to its end (or ``restore_timeout_s`` ran
-        out, or the broker failed) its documents wait in the processor for their streams, and the input resumes."""
-        st = self.cfg.state
-        try:
-            if self._restore_due:
-                self._restore_due = False
-                self._opening = True  # blocks the loop, for at most twice RESTORE_OPEN_S: /healthz allows it
-                try:
-                    self._restoring = ChangelogReader(self.cfg.kafka.client_kwargs(), st.topic,
-                                                      min(st.restore_timeout_s, RESTORE_OPEN_S))
-                finally:
-                    self._opening = False
-            reader = self._restoring
-            if reader is None:
-                return
-            if not reader.step(min(budget_s, max(0.0, st.restore_timeout_s - reader.seconds))) \
-                    and reader.seconds < st.restore_timeout_s and not self.stop_event.is_set():
-                self._ready = (False, f"restoring state: {reader.records} changelog records read")
-                return
-        except TsmonError as exc:
-            log.error("state_restore_failed", error=str(exc), consequence="streams start from what was read, or "
-                      "from their artifact")
-        reader, self._restoring = self._restoring, None
-        if reader is not None:
-            self._apply_changelog(reader.close())
+        """Read on in the changelog; once it is read the input resumes (unless held for another reason)."""
+        done = self.restorer.step(budget_s, self.stop_event.is_set())
+        if done is None:
+            return
+        if isinstance(done, str):
+            self._ready = (False, done)
+            return
         self._restored = True
-        waits, self._restore_waits = self._restore_waits & self.source.assignment(), set()
         if not self._holding:  # a failure's pause (_paused) is lifted by the next good commit
-            self._resume(waits)
+            self._resume(done)
         self._input_since = time.monotonic()
         self._refresh_views()
-
-    def _apply_changelog(self, log_: Changelog) -> None:
-        daemon_doc = log_.docs.pop(GLOBAL_KEY, None)
-        if daemon_doc is not None:
-            self.controller.restore_global(daemon_doc)
-        elif log_.complete:  # read to its end and none there: this instance's state is the group's
-            self.controller.global_known = True
-        self.processor.restored = {k: v for k, v in log_.docs.items() if k not in self.processor.streams}
-        dormant = self.processor.adopt(self.source.assignment())
-        self.metrics.restore_seconds.set(log_.seconds)
-        (log.info if log_.complete else log.error)(
-            "state_restored" if log_.complete else "state_restore_incomplete", streams=len(log_.docs), dormant=dormant,
-            records=log_.records, seconds=round(log_.seconds, 3), frozen_all=self.calibrator.frozen_all)
 
     def recalibrate(self, streams: list[str] | None = None) -> None:
         """Scheduled recalibration of every stream (wall clock) or of ``streams`` (data clock: one at a time). A
@@ -418,9 +373,10 @@ class Daemon:
         age = time.monotonic() - self._beat
         # opening the changelog waits for its positions and end offsets (RESTORE_OPEN_S each, a partition's leader
         # away): a bounded wait, not a hung loop — at the default stall_s a liveness probe restarted it meanwhile
-        limit = self.cfg.http.stall_s + (2 * RESTORE_OPEN_S if self._opening else 0.0)
+        opening = self.restorer.opening
+        limit = self.cfg.http.stall_s + (2 * RESTORE_OPEN_S if opening else 0.0)
         ok = age < limit
-        return ok, f"loop turned {age:.1f} s ago" + (" (opening the changelog)" if self._opening else "") + (
+        return ok, f"loop turned {age:.1f} s ago" + (" (opening the changelog)" if opening else "") + (
             "" if ok else f" (limit {limit:g} s)")
 
     def _streams_view(self) -> list[dict[str, Any]]:
@@ -572,7 +528,7 @@ class Daemon:
     def _resume(self, tps: set[TP]) -> None:
         """Resume ``tps`` but those still held for another reason: a failing sink or broker (``_paused``), the
         restore, a failed fetch's retry. Each hold is lifted by its own path, which calls this."""
-        self.source.resume(tps - self._paused - self._restore_waits - self.input_reader.waits)
+        self.source.resume(tps - self._paused - self.restorer.waits - self.input_reader.waits)
 
     def _handle(self, records: list[InRecord]) -> None:
         """Records that arrive after a stop signal are left to the next owner (never committed): the shutdown
@@ -720,11 +676,7 @@ class Daemon:
         if self._backlog:  # polled, never consumed: the next start reads them from the commit
             log.info("records_left_for_replay", records=len(self._backlog))
             self._backlog = []
-        if self.restoring:  # stopped while restoring: the input never resumed, nothing to apply
-            log.error("state_restore_incomplete", reason="stopping",
-                      records=self._restoring.records if self._restoring else 0)
-            self._drop_reader()
-            self._restore_due = False
+        self.restorer.cancel()
         self._ready = (False, "stopping")
         self.notifier.stopping()
         try:

@@ -1475,9 +1475,9 @@ class SlowChangelog:
 
 def restoring_daemon(model: Path, source: MemorySource, monkeypatch: pytest.MonkeyPatch, **over: Any) -> Daemon:
     """An in-process daemon that reads a (slow) changelog at each assignment, as it does with a broker."""
-    import monitor.daemon
+    import monitor.restoring
 
-    monkeypatch.setattr(monitor.daemon, "ChangelogReader", SlowChangelog)
+    monkeypatch.setattr(monitor.restoring, "ChangelogReader", SlowChangelog)
     SlowChangelog.broken, SlowChangelog.docs = False, {}
     d = in_process_daemon(model, source, MemorySink(), **over)
     d._kafka, d._restored = True, False
@@ -1490,8 +1490,8 @@ def assign(d: Daemon, source: MemorySource, tps: set[TP], done: bool | None = No
     source.assigned = set(tps)
     d._on_assign(sorted(tps))
     d._restore_step(0.0)  # opens the read
-    if done is not None and d._restoring is not None:
-        d._restoring.done = done
+    if done is not None and d.restorer.reader is not None:
+        d.restorer.reader.done = done
         d._restore_step(0.0)
 
 
@@ -1514,7 +1514,7 @@ def test_a_restore_holds_the_input_whatever_else_paused_it(stream_model: Path, m
         d._handle(source.poll(0))
         assert d.processor.streams == {}
         SlowChangelog.docs = {"dev-x": {"v": 0}}
-        d._restoring.done = True
+        d.restorer.reader.done = True
         d._restore_step(0.0)
         assert source.paused == set() and "dev-x" in d.processor.restored
     finally:
@@ -1565,7 +1565,7 @@ def test_commands_wait_for_the_assignment_and_its_restore(stream_model: Path, mo
                 d._on_assign([p0])
             if turns[0] == 20:
                 SlowChangelog.docs = {"dev-x": d.processor.sink.docs("tsmon.state")[-1]}
-                d._restoring.done = True
+                d.restorer.reader.done = True
             return turns[0] > 40
 
         d.run(until=until)
@@ -1702,7 +1702,7 @@ def test_opening_the_changelog_is_a_bounded_wait_that_healthz_allows(stream_mode
     daemon that was about to go on."""
     import threading
 
-    import monitor.daemon
+    import monitor.restoring
 
     source = MemorySource(records("dev-o", *sine_stream(100)))
     d = restoring_daemon(stream_model, source, monkeypatch, **{"http.stall_s": 0.1})
@@ -1714,7 +1714,7 @@ def test_opening_the_changelog_is_a_bounded_wait_that_healthz_allows(stream_mode
             seen.append(d._health())
             super().__init__(*a, **k)
 
-    monkeypatch.setattr(monitor.daemon, "ChangelogReader", SlowToOpen)
+    monkeypatch.setattr(monitor.restoring, "ChangelogReader", SlowToOpen)
     d._beat = time.monotonic()
     d.restore()
     opener = threading.Thread(target=d._restore_step, args=(0.0,))
