@@ -8,8 +8,9 @@ Owns per-stream state and the order of the at-least-once contract inside one con
    :mod:`monitor.scoring`) while the next records are parsed; results are applied on the caller's thread
    in submission order:
    each updates the stream's alert state and, if normal, the calibrator; transitions go to the sink;
-3. :meth:`commit` flushes the sink (every alert, event and dead letter acknowledged by the broker), and
-   only then commits, per partition, the oldest offset whose samples are still needed.
+3. :meth:`commit` flushes the sink (every alert, event and dead letter acknowledged by the broker), then sends
+   the state documents saved since and flushes again (a document says its alerts were published), and only then
+   commits, per partition, the oldest offset whose samples are still needed.
 """
 
 from __future__ import annotations
@@ -142,6 +143,9 @@ class Processor:
         self.evicted_here: set[str] = set()  # those of them evicted by evict_idle (not adopted): no input replayed
         self.owed: dict[str, int] = {}  # evicted with a silenced alert open: silence end (epoch ms), page owed
         self.undocumented: set[str] = set()  # started since the last commit: their first document goes with it
+        # state documents (a tombstone: value None) by stream, sent at the next commit once everything sent before
+        # them is acknowledged: a document says its stream's alerts were published (a replay skips their windows)
+        self.documents: dict[str, OutMessage] = {}
         self._owed_warned: set[str] = set()
         self.throttle = logs.Throttle()  # per-record, per-window and per-stream events: a sample in the log
         self.clock = time.time  # wall clock: silences and state timestamps
@@ -637,7 +641,7 @@ class Processor:
         if self.data_clock is not None and stream in self.data_clock.next_ms:  # the replay keeps its schedule
             doc["recalibrate_at_ts"] = self.data_clock.next_ms[stream]
         if topic is not None:
-            self.sink.send(json_message(topic, stream, doc, [("tsmon.type", b"stream_state")]))
+            self.documents[stream] = json_message(topic, stream, doc, [("tsmon.type", b"stream_state")])
             self.undocumented.discard(stream)
             st.doc_from_seq = st.resume_seq(point)  # a replay after a crash must reach this document's
             self._release(stream, st)  # the older document's hold ends now (a shutdown sends no more records)
@@ -741,7 +745,7 @@ class Processor:
             del self.restored[name]
             self.knocked.pop(name, None)
             if topic is not None and name in tombstoned:
-                self.sink.send(OutMessage(topic, name.encode(), None, [("tsmon.type", b"stream_forgotten")]))
+                self.documents[name] = OutMessage(topic, name.encode(), None, [("tsmon.type", b"stream_forgotten")])
             self._unevict(name)
             self.throttle.log(log.info, "stream_forgotten", stream=name, written_s_ago=(now_ms - written_ms) // 1000,
                               documents=len(self.restored))
@@ -803,7 +807,12 @@ class Processor:
 
     # 4. commits and rebalances --------------------------------------------------------------------
     def commit(self, source: Source, tps: set[TP] | None = None) -> dict[TP, int]:
-        """Flush the sink, then commit what is safe, both within ``flush_timeout_s`` (and by ``deadline``).
+        """The commit order, all within ``flush_timeout_s`` (and by ``deadline``):
+
+        1. flush the sink: alerts, data-quality events and dead letters acknowledged;
+        2. send the state documents saved since (:attr:`documents`) and flush again — a document says its stream's
+           alerts were published, so it never reaches the changelog before them;
+        3. commit what the ledger says is safe.
 
         Raises SinkBackpressure (the sink did not acknowledge: nothing committed) or BrokerError (the
         commit itself failed); either way the input is replayed from the last commit if we die now.
@@ -818,7 +827,9 @@ class Processor:
         for name in sorted(self.undocumented):  # their hold from the first sample read ends with this commit
             self.save(name)
         self.undocumented.clear()
-        self._flush(left)
+        self._flush(left)  # 1. alerts, events, dead letters: acknowledged before any document that follows them
+        if self.send_documents():  # 2. then acknowledged too (a lost alert with its document acknowledged was
+            self._flush(left)  # never sent again: the replay skipped its windows)
         assigned = source.assignment() if tps is None else tps
         offsets = {tp: o for tp, o in self.ledger.committable(assigned).items() if self._committed.get(tp) != o}
         if offsets:
@@ -826,6 +837,13 @@ class Processor:
             self._committed.update(offsets)
             self.metrics.commits.inc()
         return offsets
+
+    def send_documents(self) -> int:
+        """Hand the state documents saved since the last commit to the sink (:meth:`commit`'s step 2)."""
+        docs, self.documents = self.documents, {}
+        for msg in docs.values():
+            self.sink.send(msg)
+        return len(docs)
 
     def uncommitted(self, tps: set[TP]) -> dict[TP, int]:
         """Records read past the offsets last committed to the broker, per partition: what a crash now would

@@ -250,10 +250,19 @@ def test_simulate_counts_windows_and_alerts() -> None:
 # --- applied to a processor ---------------------------------------------------------------------------------------
 
 def out(p: Any, topic: str) -> list[dict[str, Any]]:
-    """What the processor sent to ``topic`` (acknowledged by a flush first)."""
+    """What the processor sent to ``topic``, acknowledged as a commit would: what it sent, then the documents saved
+    since."""
     assert isinstance(p.sink, MemorySink)
     p.sink.flush(1)
+    p.send_documents()
+    p.sink.flush(1)
     return p.sink.docs(topic)
+
+
+def tombstones(p: Any) -> list[bytes | None]:
+    """The keys of the documents deleted on the changelog (as a commit sends them)."""
+    p.send_documents()
+    return [m.key for m in p.sink.sent if m.topic == "state" and m.value is None]
 
 
 def anomalies(p: Any) -> list[dict[str, Any]]:
@@ -606,7 +615,7 @@ def test_documents_of_streams_unseen_for_forget_after_s_are_forgotten_with_a_tom
     assert p.forget_dormant(mine) == 2
     assert set(p.restored) == {"dev-pinned", "dev-silenced", "dev-frozen"}
     # evicted here, or adopted on a partition all its own: a tombstone (not another instance's copy)
-    assert [m.key for m in p.sink.sent if m.topic == "state" and m.value is None] == [b"dev-old", b"dev-adopted"]
+    assert tombstones(p) == [b"dev-old", b"dev-adopted"]
     assert "dev-old" not in p.evicted and not p.wake("dev-old") and not p.wake("dev-adopted")
     assert p.metrics.snapshot()["tsmon_state_forgotten_total"] == 3
     tick(start + 31 * 3_600_000, 9100)  # the silence has ended
@@ -641,7 +650,7 @@ def test_over_max_documents_the_least_recently_written_are_forgotten(make: Make)
     p.restored["elsewhere"] = {**p.restored["dev-4"], "stream": "elsewhere", "partitions": [["other", 0]]}
     assert p.forget_dormant({(TOPIC, 0)}) == 4  # 7 documents, 3 kept: the other instance's copy goes first
     assert set(p.restored) == {"dev-0", "dev-adopted", "dev-4"}
-    assert [m.key for m in p.sink.sent if m.topic == "state" and m.value is None] == [b"dev-1", b"dev-2", b"dev-3"]
+    assert tombstones(p) == [b"dev-1", b"dev-2", b"dev-3"]
 
 
 def test_a_document_whose_evidence_cannot_be_read_keeps_its_controls_and_open_alert(
@@ -714,7 +723,7 @@ def test_a_stream_still_sending_or_of_unknown_partition_is_not_forgotten(make: M
     feed(p, [with_(r, timestamp_ms=start + 7_200_000) for r in later])  # the partition 2 h on
     assert p.read_ts[(TOPIC, 0)] == start + 7_200_000
     assert p.forget_dormant(mine) == 1 and set(p.restored) == {"dev-x"}  # dev-old only: unseen for 2 h of input
-    assert [m.key for m in p.sink.sent if m.topic == "state" and m.value is None] == []  # its partitions unknown
+    assert tombstones(p) == []  # its partitions unknown
 
 
 def uninterrupted_and_restarted(build: Any, recs: list[Any], cut: int) -> tuple[Any, Any]:
@@ -782,11 +791,14 @@ def test_a_document_saved_at_an_alert_holds_the_evidence_of_every_window_it_says
 
     p = make()
     p.settings = Settings(state_topic="state")
+    saved: list[dict[str, Any] | None] = []  # as saved: the commit sends the latest of each stream's
+    real = p.save
+    p.save = lambda stream: saved.append(doc := real(stream)) or doc  # type: ignore[method-assign]
     ts, v = sine_stream(1500, (900,), seed=3)
     feed(p, records("dev-t", ts, v), poll=1000)  # one batch: the firing is in its middle
     served = p.streams["dev-t"].served
     ends = ts[served.window - 1 :: served.hop]  # every window's last sample, in order
-    firing = next(d for d in out(p, "state") if d.get("stream") == "dev-t" and d["alerts"]["episode"])
+    firing = next(d for d in saved if d is not None and d["alerts"]["episode"])
     every = _unpack(p.calibrator.export("dev-t")["recent"])  # the whole run's, uninterrupted
     applied = int(np.count_nonzero(ends <= firing["applied_until_ts"]))
     assert 0 < applied < len(every)
