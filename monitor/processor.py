@@ -262,10 +262,14 @@ class Processor:
                                                  f"clock (limits.max_future_s = {ahead_s:g})"))
                 done.add(id(rec))
                 continue
-            refused = order_problem(int(block.ts_ms[0]), last)
+            behind, until, doc_last = last, st.replay_until.get(rec.tp), st.replay_last_ts
+            if until is not None and rec.offset > until and doc_last is not None:  # new input, not a replay
+                behind = doc_last if last is None else max(last, doc_last)
+            refused = order_problem(int(block.ts_ms[0]), behind)
             if refused is None:
                 good.append((rec, block))
                 last = int(block.ts_ms[-1])
+                st.read_until[rec.tp] = max(rec.offset, st.read_until.get(rec.tp, -1))
                 continue
             reason, _, detail = refused.partition(": ")
             kind = "duplicate" if reason == "duplicate_timestamp" else "late"

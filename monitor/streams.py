@@ -57,6 +57,11 @@ class StreamState:
     orphan: Episode | None = None  # a fired episode restored for another model version, to resolve
     resume_after_ts: int | None = None  # back from an eviction here: its samples must be newer than this one
     home: frozenset[TP] = frozenset()  # the input partitions its records came from (stored in its document)
+    read_until: dict[TP, int] = field(default_factory=dict)  # per partition, the offset of the last record taken
+    # restored for a replay: records at or before these offsets come again; later ones are new input, which must
+    # follow the document's last sample (replay_last_ts) — passed over as a replay, a clock set back went unscored
+    replay_until: dict[TP, int] = field(default_factory=dict)
+    replay_last_ts: int | None = None
 
     @property
     def precision(self) -> float | None:
@@ -128,7 +133,8 @@ class StreamState:
                 "calibrator": calibrator.export(stream, replayed), "alerts": self.alerts.to_doc(),
                 "silenced_until_ms": self.silenced_until_ms, "feedback": dict(self.feedback),
                 "recent_alerts": [a.to_doc() for a in self.recent_alerts],
-                "partitions": [[t, p] for t, p in sorted(self.home)]}
+                "partitions": [[t, p] for t, p in sorted(self.home)],
+                "read_offsets": [[t, p, o] for (t, p), o in sorted({**self.replay_until, **self.read_until}.items())]}
 
     def restore(self, stream: str, doc: dict[str, Any], calibrator: Calibrator, replayed: bool = True) -> str:
         """Continue from a changelog document; returns what was restored (``full``, ``controls``, or
@@ -159,6 +165,8 @@ class StreamState:
             raise TypeError(f"sample_periods_ms must be two periods (ms > 0) or null, got {periods!r}")
         periods = [None if p is None else float(p) for p in periods]
         self.home = self.home or doc_partitions(doc)
+        if replayed:  # absent from documents of earlier versions: every record is taken as a possible replay
+            self.replay_until, self.replay_last_ts = doc_offsets(doc), last_sample
         artifact = self.served.detector.threshold.value  # absent from documents of earlier versions: the same
         retrained = doc.get("artifact_threshold", artifact) != artifact  # same weights, a new threshold
         if doc["model"] != self.served.describe() or retrained:
@@ -226,6 +234,16 @@ def doc_partitions(doc: dict[str, Any]) -> frozenset[TP]:
         return frozenset()
     return frozenset((t, p) for t, p in (x for x in tps if isinstance(x, list) and len(x) == 2)
                      if isinstance(t, str) and isinstance(p, int) and not isinstance(p, bool))
+
+
+def doc_offsets(doc: dict[str, Any]) -> dict[TP, int]:
+    """Per input partition, the offset of the last record a changelog document's state includes (malformed entries
+    are left out: their records are taken as possible replays, as before documents recorded them)."""
+    rows = doc.get("read_offsets")
+    if not isinstance(rows, list):
+        return {}
+    return {(r[0], r[1]): r[2] for r in rows if isinstance(r, list) and len(r) == 3 and isinstance(r[0], str)
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in r[1:])}
 
 
 def holds_commitments(doc: dict[str, Any], now_ms: int) -> bool:

@@ -517,6 +517,34 @@ def test_idle_streams_are_evicted_and_continue_when_they_return(make: Make) -> N
     assert [d["status"] for d in docs(p, "anomaly")] == ["firing", "resolved"]  # not fired twice
 
 
+def test_a_restored_stream_whose_new_input_goes_back_is_refused_not_passed_over(make: Make) -> None:
+    """A stream evicted, then restored from its document (after a restart, or at the partition's next owner) and
+    back with its clock set back a day: the document was taken as a replay, and new samples stamped before its
+    stored window point were passed over as replayed ones — counted ok, never windowed,
+    never dead-lettered. A document now records, per partition, the offset of the last record it includes: records
+    past it are new input and follow its last sample; those at or before it come again and are aligned as before."""
+    day = 86_400_000
+    first = records("dev-c", *sine_stream(500, start_ms=1_700_000_000_000 + day))
+    p = make()
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0)
+    feed(p, first)
+    assert p.evict_idle(time.monotonic() + 4000) == 1
+    p.commit(MemorySource([]), {(TOPIC, 0)})
+    doc = [json.loads(m.value) for m in sink(p).sent if m.topic == "state" and m.value is not None][-1]
+    assert doc["read_offsets"] == [[TOPIC, 0, len(first) - 1]]
+
+    def restarted(recs: list[InRecord]) -> list[bytes]:
+        q = make()
+        q.settings = Settings(state_topic="state")
+        q.restored = {"dev-c": json.loads(json.dumps(doc))}
+        feed(q, recs)
+        return [dict(m.headers)["tsmon.reason"] for m in sink(q).sent if m.topic == DLQ]
+
+    back = records("dev-c", *sine_stream(300, bursts=(150,)), first_offset=len(first))
+    assert restarted(back) == [b"timestamp_backwards"] * len(back)
+    assert restarted(first[-20:]) == []  # a replay of what the document includes: passed over
+
+
 def test_an_evicted_stream_that_returns_with_older_timestamps_is_refused_not_passed_over(make: Make) -> None:
     """A stream evicted while its clock ran a day fast, back with the clock corrected: its samples, stamped
     before the stored window point, were passed over as if replayed — counted ok, never windowed, never
