@@ -56,6 +56,7 @@ RESTORE_STEP_S = 0.1  # changelog reading per loop turn while a restore holds th
 ROWS_WANTED_S = 60.0  # the /streams rows are built at each commit interval while asked for within this long
 ROWS_FRESH_S = 2.0  # older rows are built again for a request, at the loop's next turn ...
 ROWS_WAIT_S = 3.0  # ... which it waits for this long at most (a hung loop: the last rows); tsmon status waits 5 s
+REBALANCING = "rebalancing: partitions revoked, waiting for the assignment"
 FORGET_EVERY_S = 60.0  # how often the documents of long-unseen streams are looked for (state.forget_after_s)
 
 
@@ -242,6 +243,8 @@ class Daemon:
         self._backlog = [r for r in self._backlog if r.tp not in revoked]  # never read: the next owner reads it
         self._rewind = self.processor.revoke(self.source, revoked)
         self._unassigned = bool(tps)  # its streams are dropped: commands wait for the assignment and its restore
+        if tps:  # kafka-python lists them until the assignment: /readyz said "4 partition(s) assigned" meanwhile
+            self._ready = (False, REBALANCING)
 
     def _on_assign(self, tps: list[TP]) -> None:
         # Streams of these partitions start when their first record arrives; they continue from the
@@ -407,6 +410,7 @@ class Daemon:
             self.metrics.lag.labels(topic, str(partition)).set(lag)
         self._lag_labels, self._lags = set(lags), lags
         held = self.processor.uncommitted(assigned)
+        self.metrics.documents.set(len(self.processor.restored))  # forget_dormant's count lagged a rebalance by 60 s
         self._note_refusals(lambda _s: True, {})  # revoked or evicted since the last recalibration: dropped
         for topic, partition in self._held_labels - set(held):
             self.metrics.uncommitted.remove(topic, str(partition))
@@ -419,7 +423,9 @@ class Daemon:
             self._build_rows()
         if self.restoring:  # _restore_step says how far it is
             return
-        if self._problem or self.input_reader.problem:
+        if self._unassigned:  # revoked, the assignment not come yet (kafka-python still lists the partitions)
+            self._ready = (False, REBALANCING)
+        elif self._problem or self.input_reader.problem:
             self._ready = (False, self._problem or self.input_reader.problem or "")
         else:
             self._ready = (True, f"{len(assigned)} partition(s) assigned") if assigned else (False, "no partition assigned")

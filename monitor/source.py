@@ -116,6 +116,8 @@ class MemorySource:
 class KafkaSource:
     """Subscribe to topics (or a pattern) in a group; poll records; commit given offsets."""
 
+    _callback_done = -math.inf  # monotonic time our last rebalance callback returned
+
     def __init__(self, consumer_kwargs: dict[str, Any], topics: list[str], pattern: str | None,
                  on_revoke: Callable[[list[TP]], None], on_assign: Callable[[list[TP]], None]) -> None:
         from kafka import ConsumerRebalanceListener, KafkaConsumer
@@ -202,6 +204,7 @@ class KafkaSource:
             raise
         finally:
             self._in_callback = False
+            self._callback_done = time.monotonic()
 
     def _raise_callback_error(self) -> None:
         """Raise what our rebalance callback raised (a batch that failed to score at a revoke): taken for a
@@ -246,6 +249,9 @@ class KafkaSource:
         if not metrics.get("consumer-metrics", {}).get("connection-count", 1):
             return "no connection to any broker"
         silent = metrics.get("consumer-coordinator-metrics", {}).get("last-heartbeat-seconds-ago", 0.0)
+        # no heartbeat goes out while our rebalance callback runs (a revoke's commit waiting on a stalled sink, up to
+        # sink_timeout_s): that silence is ours, not the broker's (it paused the input, "broker not answering")
+        silent = min(silent, time.monotonic() - self._callback_done)
         if math.isfinite(silent) and silent > self._session_s and self._consumer.assignment():
             return f"broker not answering: no group heartbeat for {silent:.0f} s (session timeout {self._session_s:g} s)"
         return None

@@ -1558,6 +1558,32 @@ def assign(d: Daemon, source: MemorySource, tps: set[TP], done: bool | None = No
         d._restore_step(0.0)
 
 
+def test_readiness_and_the_documents_gauge_follow_a_rebalance(stream_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between a revoke and its assignment kafka-python still lists the revoked partitions: /readyz answered
+    "4 partition(s) assigned" meanwhile. And tsmon_state_documents was only set every 60 s by the forgetting:
+    0 after a restore that left documents of streams not started."""
+    p0 = (TOPIC, 0)
+    source = MemorySource(records("dev-x", *sine_stream(200)), batch=1000)
+    d = restoring_daemon(stream_model, source, monkeypatch)
+    try:
+        SlowChangelog.docs = {"dev-quiet": {"v": 0}, "dev-other": {"v": 0}}
+        assign(d, source, {p0}, done=True)
+        d._refresh_views()
+        assert d._ready == (True, "1 partition(s) assigned")
+        assert d.metrics.snapshot()["tsmon_state_documents"] == 2
+        d._on_revoke([p0])  # the eager join: the client still lists p0 until the assignment
+        d._refresh_views()
+        assert not d._ready[0] and d._ready[1].startswith("rebalancing")
+        d._on_assign([p0])
+        d._restore_step(0.0)
+        d.restorer.reader.done = True
+        d._restore_step(0.0)
+        d._refresh_views()
+        assert d._ready == (True, "1 partition(s) assigned")
+    finally:
+        d.processor.close()
+
+
 def test_a_restore_holds_the_input_whatever_else_paused_it(stream_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rebalance while the broker fails: the good commit that follows must not resume the input while the
     changelog is still read (streams started from their artifact, then overwrote their documents)."""

@@ -113,6 +113,10 @@ def test_a_broker_that_stops_answering_is_a_problem_though_its_connections_stay_
     assert source.broker_problem() is None
     source._consumer.heartbeat, source._consumer.held = float("inf"), {("t", 0)}  # none sent yet
     assert source.broker_problem() is None
+    source._consumer.heartbeat, source._callback_done = 7.2, time.monotonic() - 2.0  # a revoke's callback blocked
+    assert source.broker_problem() is None  # the heartbeats for 5 s: no broker problem until a session after it
+    source._callback_done = time.monotonic() - 6.6
+    assert source.broker_problem() == "broker not answering: no group heartbeat for 7 s (session timeout 6 s)"
 
 
 def test_topics_that_cannot_be_created_are_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
