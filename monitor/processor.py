@@ -920,14 +920,19 @@ class Processor:
         woken = {n for n in self.streams if not self.ledger.partitions_of(n)}
         for stream in self.ledger.streams_on(tps) | woken:  # their next owner restores from these
             self.save(stream)
+        failed = False
         try:
             self.commit(source, tps)
         except (SinkBackpressure, BrokerError) as exc:  # the next owner replays from the last commit
             log.error("commit_on_revoke_failed", error=str(exc))
+            failed = True
         resume = {tp: o for tp in tps if (o := self._committed.get(tp, self.ledger.first_read(tp))) is not None}
         for stream in self.ledger.drop(tps) | woken:  # a woken one comes back from the changelog if it stays
             self._drop(stream)
             self.ledger.forget(stream)  # also what it held on partitions that stay: nothing would release it
+            if failed:  # never sent: the next owner continues from the document that went with the last commit.
+                self.documents.pop(stream, None)  # Sent at this instance's next commit, it landed after the next
+                # owner's own and became the stream's latest (a pin applied there was lost at the next restore)
         for tp in tps:
             self._committed.pop(tp, None)
             self.read_ts.pop(tp, None)

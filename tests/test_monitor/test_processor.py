@@ -931,6 +931,26 @@ def test_a_document_waits_for_the_alerts_sent_before_it(make: Make, lost: str) -
     assert set(replayed) <= set(expected)
 
 
+def test_a_revoke_whose_commit_fails_never_sends_its_documents_later(make: Make) -> None:
+    """Documents saved at a revoke whose commit failed (a stalled sink) waited for this instance's next commit,
+    and landed on the changelog after the next owner had restored and saved its own: the old state became the
+    stream's latest (an operator's pin applied at the next owner was lost at the restore after). They are dropped;
+    the next owner replays from the last commit and the document that went with it."""
+    p, src = make(), MemorySource([])
+    p.settings = Settings(state_topic="state")
+    recs = records("dev-r", *sine_stream(400))
+    src.assigned = {(TOPIC, 0)}
+    feed(p, recs[:20])
+    p.commit(src, {(TOPIC, 0)})
+    states = lambda: [m for m in sink(p).sent if m.topic == "state" and m.key == b"dev-r"]
+    before = len(states())
+    feed(p, recs[20:30])
+    sink(p).fail_next = 1
+    p.revoke(src, {(TOPIC, 0)})
+    p.commit(src, set())  # the sink is back
+    assert len(states()) == before and p.documents == {}
+
+
 def test_after_a_batch_fails_to_score_nothing_is_applied_snapshotted_or_committed_past_it(make: Make) -> None:
     """A batch whose scoring raised (a CUDA out-of-memory on the thread backend) stopped the loop, but the
     shutdown then applied the batches behind it, snapshotted and committed past its input: its windows were
