@@ -265,7 +265,7 @@ class Processor:
             behind, until, doc_last = last, st.replay_until.get(rec.tp), st.replay_last_ts
             if until is not None and rec.offset > until and doc_last is not None:  # new input, not a replay
                 behind = doc_last if last is None else max(last, doc_last)
-            refused = order_problem(int(block.ts_ms[0]), behind)
+            refused = order_problem(int(block.ts_ms[0]), behind, int(block.ts_ms[-1]))
             if refused is None:
                 good.append((rec, block))
                 last = int(block.ts_ms[-1])

@@ -49,7 +49,7 @@ class _Windowing:
         """Why a block cannot be appended (``None`` if it can): channel count or time order."""
         if values.ndim != 2 or values.shape[1] != self.channels:
             return f"channel_mismatch: stream has {self.channels} channel(s), block has {values.shape[-1]}"
-        return order_problem(int(ts[0]), self.last_ts)
+        return order_problem(int(ts[0]), self.last_ts, int(ts[-1]))
 
     def push(self, ts: np.ndarray, values: np.ndarray) -> Windows:
         """Append a checked block (see :meth:`check`): restart at each gap; return the windows it completes."""
@@ -275,11 +275,13 @@ def _gap_starts(ts: np.ndarray, last_ts: int | None, gap_ms: float | None) -> li
     return first + inner.tolist()
 
 
-def order_problem(first_ts: int, last_ts: int | None) -> str | None:
-    """Why a block starting at ``first_ts`` cannot follow a stream whose last sample is at ``last_ts``."""
+def order_problem(first_ts: int, last_ts: int | None, block_last_ts: int | None = None) -> str | None:
+    """Why a block starting at ``first_ts`` (ending at ``block_last_ts``) cannot follow a stream whose last sample
+    is at ``last_ts``. A block that ends on that very sample is a duplicate (a producer re-sent its last message:
+    a chunk of 10 samples was reported as a clock going back); one that only starts there is too."""
     if last_ts is None or first_ts > last_ts:
         return None
-    kind = "duplicate_timestamp" if first_ts == last_ts else "timestamp_backwards"
+    kind = "duplicate_timestamp" if last_ts in (first_ts, block_last_ts) else "timestamp_backwards"
     return f"{kind}: {first_ts} after {last_ts}"
 
 

@@ -60,6 +60,9 @@ def test_order_and_channels_are_checked_without_touching_state() -> None:
     sw.push(ts[:10], values[:10])
     assert sw.check(ts[9:12], values[9:12]).startswith("duplicate_timestamp")
     assert sw.check(ts[5:8], values[5:8]).startswith("timestamp_backwards")
+    # the last message sent again (a producer's retry): it ends on the stream's last sample — reported as a clock
+    # going back when it held more than one sample
+    assert sw.check(ts[6:10], values[6:10]).startswith("duplicate_timestamp")
     assert sw.check(ts[10:12], values[10:12, :1]).startswith("channel_mismatch")
     assert sw.seen == 10 and sw.last_ts == ts[9]
 
