@@ -109,6 +109,23 @@ class StreamQuality:
             self.period_ms = learnt
             self._recent_period, self._drifting = recent, recent is not None
 
+    def cooldowns(self) -> dict[str, dict[str, int]]:
+        """What a changelog document keeps of the rate limit: per kind, the time of the last event published and the
+        number held back since (a replay after a restart published again what the cooldown had held back, under
+        a new id)."""
+        return {"last_emit": dict(self._last_emit), "held": dict(self._held)}
+
+    def resume_cooldowns(self, doc: object) -> None:
+        """Continue the rate limit a document kept (:meth:`cooldowns`); entries of unknown kinds or types are left
+        out (documents of earlier versions keep none)."""
+        if not isinstance(doc, dict):
+            return
+        for name, into in (("last_emit", self._last_emit), ("held", self._held)):
+            part = doc.get(name)
+            if isinstance(part, dict):
+                into.update({k: v for k, v in part.items()
+                             if k in KINDS and isinstance(v, int) and not isinstance(v, bool)})
+
     def intervals(self, ts: np.ndarray, prev_ts: int | None, gap_ms: float | None) -> list[QualityEvent]:
         """Learn the period from in-order samples and report a drift of the sample rate (gaps left out)."""
         d = intervals_ms(ts, prev_ts)

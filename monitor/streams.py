@@ -129,6 +129,7 @@ class StreamState:
                 "written_ms": written_ms, "applied_until_ts": applied,
                 "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,
                 "last_sample_ts": self.windows.last_ts, "sample_periods_ms": list(self.quality.periods()),
+                "quality_cooldowns": self.quality.cooldowns(),
                 "channels": list(self.served.detector.names),
                 "calibrator": calibrator.export(stream, replayed), "alerts": self.alerts.to_doc(),
                 "silenced_until_ms": self.silenced_until_ms, "feedback": dict(self.feedback),
@@ -178,6 +179,7 @@ class StreamState:
                 old.restore(doc["alerts"], self.windows.seen)  # checked before anything is applied
             self.silenced_until_ms, self.feedback = silenced, feedback
             self.quality.resume(*periods)  # the stream's rate, whatever model scores it
+            self.quality.resume_cooldowns(doc.get("quality_cooldowns"))
             if not replayed:  # the order rule is the stream's, whatever model scores it
                 self.resume_after_ts = last_sample
             calibrator.set_frozen(stream, frozen)
@@ -202,6 +204,7 @@ class StreamState:
             how = "evidence_unreadable"
         self.silenced_until_ms, self.feedback, self.alerts, self.applied_until_ts = silenced, feedback, alerts, applied
         self.quality.resume(*periods)
+        self.quality.resume_cooldowns(doc.get("quality_cooldowns"))
         self.recent_alerts.extend(recent)
         if not replayed:  # no window restart, no gap event for the eviction's silence: the order rule only
             self.resume_after_ts = last_sample
