@@ -100,4 +100,5 @@ class Restore:
         self.metrics.restore_seconds.set(log_.seconds)
         (log.info if log_.complete else log.error)(
             "state_restored" if log_.complete else "state_restore_incomplete", streams=len(log_.docs), dormant=dormant,
-            records=log_.records, seconds=round(log_.seconds, 3), frozen_all=self.calibrator.frozen_all)
+            records=log_.records, seconds=round(log_.seconds, 3), frozen_all=self.calibrator.frozen_all,
+            superseded=log_.superseded)

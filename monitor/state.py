@@ -26,6 +26,7 @@ class Changelog:
     records: int
     seconds: float
     complete: bool  # read to the end within the time limit
+    superseded: int = 0  # documents left out for one of a later owner read before them (see _keep)
 
 
 class ChangelogReader:
@@ -36,7 +37,7 @@ class ChangelogReader:
     def __init__(self, client: dict[str, Any], topic: str, timeout_s: float) -> None:
         from kafka.errors import KafkaError
 
-        self.topic, self.records, self.complete = topic, 0, False
+        self.topic, self.records, self.complete, self.superseded = topic, 0, False, 0
         self.docs: dict[str, dict[str, Any]] = {}  # key → latest document
         self._t0 = time.monotonic()
         self._consumer, self._tps = partition_reader(client, topic, at_end=False, if_missing=(), timeout_s=timeout_s)
@@ -72,7 +73,7 @@ class ChangelogReader:
                 batches = self._consumer.poll(timeout_ms=max(1, min(200, int((until - time.monotonic()) * 1000))))
                 for rec in (r for rs in batches.values() for r in rs):
                     self.records += 1
-                    _keep(self.docs, rec.key, rec.value)
+                    self.superseded += not _keep(self.docs, rec.key, rec.value)
                 self.complete = not batches and all(self._at_end(tp) for tp in self._tps)
         except KafkaError as exc:
             raise BrokerError(f"cannot read the changelog {self.topic}: {type(exc).__name__}: {exc}") from None
@@ -84,20 +85,34 @@ class ChangelogReader:
 
     def close(self) -> Changelog:
         self._consumer.close()
-        return Changelog(self.docs, self.records, self.seconds, self.complete)
+        return Changelog(self.docs, self.records, self.seconds, self.complete, self.superseded)
 
 
-def _keep(docs: dict[str, dict[str, Any]], key: bytes | None, value: bytes | None) -> None:
+def _keep(docs: dict[str, dict[str, Any]], key: bytes | None, value: bytes | None) -> bool:
+    """Take a changelog record into ``docs`` (the latest per key); False for a document of an earlier owner than
+    the one already read: each owner that continues a stream from its document writes the next ``epoch``, so a
+    document its previous owner's producer delivered late (sent before a revoke, acknowledged after) does not
+    become the stream's latest — it did, and a pin set at the new owner was lost at the next restore."""
     if key is None:
-        return
+        return True
     name = key.decode("utf-8", "replace")
     if value is None:  # a tombstone: the state was deleted
         docs.pop(name, None)
-        return
+        return True
     try:
         doc = json.loads(value)
     except (ValueError, UnicodeDecodeError, RecursionError):
         log.error("state_document_unreadable", key=name[:64])
-        return
-    if isinstance(doc, dict):
-        docs[name] = doc
+        return True
+    if not isinstance(doc, dict):
+        return True
+    if name in docs and doc_epoch(doc) < doc_epoch(docs[name]):
+        return False
+    docs[name] = doc
+    return True
+
+
+def doc_epoch(doc: dict[str, Any]) -> int:
+    """How many owners continued the stream before the one that wrote ``doc`` (0 in documents of earlier versions)."""
+    epoch = doc.get("epoch", 0)
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0

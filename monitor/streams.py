@@ -19,6 +19,7 @@ from monitor.calibrator import EMPTY_ERRORS, Calibrator
 from monitor.quality import StreamQuality
 from monitor.scorer import Served
 from monitor.source import TP
+from monitor.state import doc_epoch
 from monitor.windows import BeatWindows, StreamWindows
 
 DOC_VERSION = 1
@@ -62,6 +63,7 @@ class StreamState:
     # follow the document's last sample (replay_last_ts) — passed over as a replay, a clock set back went unscored
     replay_until: dict[TP, int] = field(default_factory=dict)
     replay_last_ts: int | None = None
+    epoch: int = 0  # owners that continued it from a document before this one (a fencing token: see state._keep)
 
     @property
     def precision(self) -> float | None:
@@ -135,7 +137,8 @@ class StreamState:
                 "silenced_until_ms": self.silenced_until_ms, "feedback": dict(self.feedback),
                 "recent_alerts": [a.to_doc() for a in self.recent_alerts],
                 "partitions": [[t, p] for t, p in sorted(self.home)],
-                "read_offsets": [[t, p, o] for (t, p), o in sorted({**self.replay_until, **self.read_until}.items())]}
+                "read_offsets": [[t, p, o] for (t, p), o in sorted({**self.replay_until, **self.read_until}.items())],
+                "epoch": self.epoch}
 
     def restore(self, stream: str, doc: dict[str, Any], calibrator: Calibrator, replayed: bool = True) -> str:
         """Continue from a changelog document; returns what was restored (``full``, ``controls``, or
@@ -166,6 +169,7 @@ class StreamState:
             raise TypeError(f"sample_periods_ms must be two periods (ms > 0) or null, got {periods!r}")
         periods = [None if p is None else float(p) for p in periods]
         self.home = self.home or doc_partitions(doc)
+        self.epoch = doc_epoch(doc) + 1
         if replayed:  # absent from documents of earlier versions: every record is taken as a possible replay
             self.replay_until, self.replay_last_ts = doc_offsets(doc), last_sample
         artifact = self.served.detector.threshold.value  # absent from documents of earlier versions: the same

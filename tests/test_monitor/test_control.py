@@ -497,6 +497,39 @@ def test_duplicates_apply_once_and_global_state_round_trips(make: Make) -> None:
     assert GLOBAL_KEY == "__tsmon__"
 
 
+def test_a_previous_owners_late_document_does_not_supersede_the_next_owners(make: Make) -> None:
+    """A document the old owner's producer delivered late (sent before a revoke, acknowledged after the next owner
+    had restored and written its own) was the last on the changelog, so the restore after took it: a pin set at
+    the next owner was lost (the scale review, on the real broker). Each owner that continues a stream from its
+    document writes the next epoch, and a document of an earlier epoch read after one of a later is left out."""
+    from monitor.state import _keep
+
+    recs = records("dev-k", *sine_stream(300))
+    a = make()
+    a.settings = Settings(state_topic="state")
+    feed(a, recs[:10])
+    first = a.save("dev-k")
+    feed(a, recs[10:20])
+    late = a.save("dev-k")  # still in the old owner's producer at the revoke
+    b = make()
+    b.settings = Settings(state_topic="state")
+    b.restored = {"dev-k": json.loads(json.dumps(first))}
+    feed(b, recs[10:20])
+    b.calibrator.pin("dev-k", 9.0, "ops")
+    pinned = b.save("dev-k")
+    assert first is not None and late is not None and pinned is not None
+    assert (first["epoch"], late["epoch"], pinned["epoch"]) == (0, 0, 1)
+    docs: dict[str, dict[str, Any]] = {}
+    kept = [_keep(docs, b"dev-k", json.dumps(d).encode()) for d in (first, pinned, late)]
+    assert kept == [True, True, False] and docs["dev-k"]["epoch"] == 1
+    c = make()
+    c.restored = docs
+    feed(c, recs[20:30])
+    assert c.calibrator.threshold("dev-k").value == 9.0 and c.calibrator.controls("dev-k")["pinned"]
+    assert _keep(docs, b"dev-k", json.dumps({**pinned, "epoch": 1, "written_ms": 2}).encode())  # its own: latest
+    assert _keep(docs, b"dev-k", None) and "dev-k" not in docs  # a tombstone deletes whatever was there
+
+
 def test_a_replay_holds_back_the_data_quality_events_the_cooldown_held(make: Make) -> None:
     """The rate limit of data_quality events was not in the document: a restart between two duplicates published
     the second one, which the uninterrupted run had held back, under a new event id."""
