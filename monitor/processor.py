@@ -146,6 +146,7 @@ class Processor:
         # state documents (a tombstone: value None) by stream, sent at the next commit once everything sent before
         # them is acknowledged: a document says its stream's alerts were published (a replay skips their windows)
         self.documents: dict[str, OutMessage] = {}
+        self._homes: dict[str, frozenset[TP]] = {}  # ... and the input partitions each one's stream came from
         self._owed_warned: set[str] = set()
         self.throttle = logs.Throttle()  # per-record, per-window and per-stream events: a sample in the log
         self.clock = time.time  # wall clock: silences and state timestamps
@@ -646,6 +647,7 @@ class Processor:
             doc["recalibrate_at_ts"] = self.data_clock.next_ms[stream]
         if topic is not None:
             self.documents[stream] = json_message(topic, stream, doc, [("tsmon.type", b"stream_state")])
+            self._homes[stream] = st.home
             self.undocumented.discard(stream)
             st.doc_from_seq = st.resume_seq(point)  # a replay after a crash must reach this document's
             self._release(stream, st)  # the older document's hold ends now (a shutdown sends no more records)
@@ -746,10 +748,11 @@ class Processor:
                 if name in self.evicted_here:
                     tombstoned.add(name)
         for name, written_ms in old.items():
-            del self.restored[name]
+            gone = self.restored.pop(name)
             self.knocked.pop(name, None)
             if topic is not None and name in tombstoned:
                 self.documents[name] = OutMessage(topic, name.encode(), None, [("tsmon.type", b"stream_forgotten")])
+                self._homes[name] = doc_partitions(gone)
             self._unevict(name)
             self.throttle.log(log.info, "stream_forgotten", stream=name, written_s_ago=(now_ms - written_ms) // 1000,
                               documents=len(self.restored))
@@ -844,7 +847,7 @@ class Processor:
 
     def send_documents(self) -> int:
         """Hand the state documents saved since the last commit to the sink (:meth:`commit`'s step 2)."""
-        docs, self.documents = self.documents, {}
+        docs, self.documents, self._homes = self.documents, {}, {}
         for msg in docs.values():
             self.sink.send(msg)
         return len(docs)
@@ -930,9 +933,12 @@ class Processor:
         for stream in self.ledger.drop(tps) | woken:  # a woken one comes back from the changelog if it stays
             self._drop(stream)
             self.ledger.forget(stream)  # also what it held on partitions that stay: nothing would release it
-            if failed:  # never sent: the next owner continues from the document that went with the last commit.
-                self.documents.pop(stream, None)  # Sent at this instance's next commit, it landed after the next
-                # owner's own and became the stream's latest (a pin applied there was lost at the next restore)
+        if failed:  # the documents (tombstones too) of streams only on these partitions are never sent: their next
+            # owner continues from the ones that went with the last commit. Sent at this instance's next commit, they
+            # landed after the next owner's own and became the streams' latest (a pin set there was lost at the next
+            # restore), and a tombstone deleted the next owner's document. Those of partitions kept here still go.
+            for name in [n for n, home in self._homes.items() if home and home <= tps]:
+                del self.documents[name], self._homes[name]
         for tp in tps:
             self._committed.pop(tp, None)
             self.read_ts.pop(tp, None)

@@ -497,6 +497,39 @@ def test_duplicates_apply_once_and_global_state_round_trips(make: Make) -> None:
     assert GLOBAL_KEY == "__tsmon__"
 
 
+def test_a_failed_revoke_drops_what_only_its_partitions_concern_and_sends_the_rest(make: Make) -> None:
+    """At a revoke whose commit fails, documents waiting for the commit were dropped only for the streams dropped
+    then: a tombstone of a stream forgotten on the revoked partition (and an evicted stream's document) went out
+    at this instance's next commit and deleted the next owner's document; while a pin on a woken stream whose
+    partition stays here was dropped although no other owner was concerned. What concerns only the revoked
+    partitions is dropped, the rest is sent."""
+    from models.errors import SinkBackpressure
+
+    tp0, tp1 = ("in", 0), ("in", 1)
+    p = make()
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0, forget_after_s=1.0)
+    src = MemorySource([])
+    src.assigned = {tp0, tp1}
+    feed(p, records("dev-e", *sine_stream(400)) + records("dev-w", *sine_stream(300), partition=1))
+    assert p.evict_idle(time.monotonic() + 4000) == 2
+    p.commit(src)
+    later = int(time.time() * 1000) + 10_000_000
+    p.read_ts[tp0] = later  # tp0's input moved on: dev-e's document is forgotten, with a tombstone
+    assert p.forget_dormant({tp0, tp1}, later) == 1 and p.documents["dev-e"].value is None
+    feed(p, records("dev-a", *sine_stream(300)))
+    assert send(controller(p), "pin", "dev-w", threshold=3.0)["streams"] == ["dev-w"]  # wakes it: tp1 stays
+    p.sink.fail_next = 2
+    with pytest.raises(SinkBackpressure):
+        p.commit(src)
+    p.revoke(src, {tp0})  # tp0 goes to another instance; this commit fails too
+    src.assigned = {tp1}
+    sent = len(p.sink.sent)
+    p.commit(src)
+    after = [m for m in p.sink.sent[sent:] if m.topic == "state"]
+    assert [m.key for m in after] == [b"dev-w"]  # not dev-e's tombstone: it deleted the next owner's document
+    assert json.loads(after[0].value)["calibrator"]["pinned"] is True  # the pin goes out: no other owner
+
+
 def test_a_previous_owners_late_document_does_not_supersede_the_next_owners(make: Make) -> None:
     """A document the old owner's producer delivered late (sent before a revoke, acknowledged after the next owner
     had restored and written its own) was the last on the changelog, so the restore after took it: a pin set at
