@@ -243,7 +243,8 @@ class Daemon:
         self._backlog = [r for r in self._backlog if r.tp not in revoked]  # never read: the next owner reads it
         self._rewind = self.processor.revoke(self.source, revoked)
         self._unassigned = bool(tps)  # its streams are dropped: commands wait for the assignment and its restore
-        if tps:  # kafka-python lists them until the assignment: /readyz said "4 partition(s) assigned" meanwhile
+        if tps and self._ready[1] != "stopping":  # kafka-python lists them until the assignment: /readyz said "4
+            # partition(s) assigned" meanwhile (a revoke at the shutdown's close() is no rebalance)
             self._ready = (False, REBALANCING)
 
     def _on_assign(self, tps: list[TP]) -> None:

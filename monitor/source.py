@@ -251,7 +251,8 @@ class KafkaSource:
         silent = metrics.get("consumer-coordinator-metrics", {}).get("last-heartbeat-seconds-ago", 0.0)
         # no heartbeat goes out while our rebalance callback runs (a revoke's commit waiting on a stalled sink, up to
         # sink_timeout_s): that silence is ours, not the broker's (it paused the input, "broker not answering")
-        silent = min(silent, time.monotonic() - self._callback_done)
+        if math.isfinite(silent):  # infinite: none sent yet, not a silence
+            silent = min(silent, time.monotonic() - self._callback_done)
         if math.isfinite(silent) and silent > self._session_s and self._consumer.assignment():
             return f"broker not answering: no group heartbeat for {silent:.0f} s (session timeout {self._session_s:g} s)"
         return None

@@ -116,6 +116,15 @@ class StreamState:
             seqs.append(ep.start.start_seq)
         return min(seqs)
 
+    @property
+    def last_sample_ts(self) -> int | None:
+        """The time of its last sample: one taken here, else the one its document had (a stream restored or woken
+        for a command and saved before any input: its document lost it, and with it the order rule at the next
+        restore)."""
+        if self.windows.last_ts is not None:
+            return self.windows.last_ts
+        return self.resume_after_ts if self.resume_after_ts is not None else self.replay_last_ts
+
     def to_doc(self, stream: str, calibrator: Calibrator, written_ms: int,
                point: tuple[int, int, int] | None = None) -> dict[str, Any]:
         """The changelog document (``point``: :meth:`replay_point`, when the caller has it). A pending episode
@@ -130,7 +139,7 @@ class StreamState:
                 "artifact_threshold": self.served.detector.threshold.value,
                 "written_ms": written_ms, "applied_until_ts": applied,
                 "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,
-                "last_sample_ts": self.windows.last_ts, "sample_periods_ms": list(self.quality.periods()),
+                "last_sample_ts": self.last_sample_ts, "sample_periods_ms": list(self.quality.periods()),
                 "quality_cooldowns": self.quality.cooldowns(),
                 "channels": list(self.served.detector.names),
                 "calibrator": calibrator.export(stream, replayed), "alerts": self.alerts.to_doc(),

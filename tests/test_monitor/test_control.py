@@ -530,6 +530,34 @@ def test_a_failed_revoke_drops_what_only_its_partitions_concern_and_sends_the_re
     assert json.loads(after[0].value)["calibrator"]["pinned"] is True  # the pin goes out: no other owner
 
 
+def test_a_stream_woken_and_saved_before_any_input_keeps_its_last_sample(make: Make) -> None:
+    """Adopted at a restore and woken by a command before any input, a stream wrote last_sample_ts null: at the
+    restart after, its new input was no longer held to the order rule, and a day of samples from a clock set back
+    was passed over as a replay instead of dead-lettered."""
+    day = 86_400_000
+    first = records("dev-c", *sine_stream(500, start_ms=1_700_000_000_000 + day))
+    p = make()
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0)
+    feed(p, first)
+    assert p.evict_idle(time.monotonic() + 4000) == 1
+    doc = [d for d in out(p, "state") if d.get("stream") == "dev-c"][-1]
+    q = make()  # a restart: adopted, then woken by a pin before any input
+    q.settings = Settings(state_topic="state")
+    q.restored = {"dev-c": json.loads(json.dumps(doc))}
+    q.adopt({("in", 0)})
+    assert send(controller(q), "pin", "dev-c", threshold=3.0)["streams"] == ["dev-c"]
+    woken = [d for d in out(q, "state") if d.get("stream") == "dev-c"][-1]
+    assert woken["last_sample_ts"] == doc["last_sample_ts"] is not None
+    assert woken["read_offsets"] == doc["read_offsets"]
+    r = make()  # the restart after, and the clock set back a day
+    r.settings = Settings(state_topic="state")
+    r.restored = {"dev-c": woken}
+    back = records("dev-c", *sine_stream(300, bursts=(150,)), first_offset=len(first))
+    feed(r, back)
+    dead = [dict(m.headers)["tsmon.reason"] for m in r.sink.sent if m.topic == Settings().dead_letter_topic]
+    assert dead == [b"timestamp_backwards"] * len(back)
+
+
 def test_a_previous_owners_late_document_does_not_supersede_the_next_owners(make: Make) -> None:
     """A document the old owner's producer delivered late (sent before a revoke, acknowledged after the next owner
     had restored and written its own) was the last on the changelog, so the restore after took it: a pin set at

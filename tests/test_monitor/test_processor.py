@@ -1600,6 +1600,9 @@ def test_readiness_and_the_documents_gauge_follow_a_rebalance(stream_model: Path
         d._restore_step(0.0)
         d._refresh_views()
         assert d._ready == (True, "1 partition(s) assigned")
+        d._ready = (False, "stopping")  # kafka-python's close() revokes at the shutdown: no rebalance
+        d._on_revoke([p0])
+        assert d._ready == (False, "stopping")
     finally:
         d.processor.close()
 

@@ -117,6 +117,8 @@ def test_a_broker_that_stops_answering_is_a_problem_though_its_connections_stay_
     assert source.broker_problem() is None  # the heartbeats for 5 s: no broker problem until a session after it
     source._callback_done = time.monotonic() - 6.6
     assert source.broker_problem() == "broker not answering: no group heartbeat for 7 s (session timeout 6 s)"
+    source._consumer.heartbeat = float("inf")  # none sent yet since the assignment: not a silence
+    assert source.broker_problem() is None
 
 
 def test_topics_that_cannot_be_created_are_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
