@@ -3,8 +3,9 @@
 Owns what each command of :mod:`monitor.control` does. Runs on the daemon's loop thread (the only one
 that touches stream state): the loop calls :meth:`Controller.poll` every ``control.poll_interval_ms``.
 Each command is applied to the streams this instance owns whose id matches the target glob; every
-stream it changed is snapshotted to the changelog at once, and one acknowledgement (also the audit
-record) goes to the audit topic through the same sink, so it is acknowledged before the next commit.
+stream it changed is snapshotted, and one acknowledgement (also the audit record) goes to the audit topic
+through the same sink — both at the next commit, the acknowledgement after the documents are acknowledged
+(:meth:`Processor.commit`), so an "applied" is never sent for a change the changelog does not have.
 """
 
 from __future__ import annotations
@@ -86,15 +87,18 @@ class Controller:
         self.p.metrics.commands.labels(command, doc["status"]).inc()
         if self.inputs is not None:
             doc = {**doc, "inputs": self.inputs()}
-        for part in split_ack(doc):  # one message unless it is too large for one
-            self.p.sink.send(json_message(self.audit_topic, str(doc["command_id"]), part, [("tsmon.type", b"ack")]))
+        for part in split_ack(doc):  # one message unless it is too large for one; sent at the next commit, after the
+            # documents of the streams it changed: "applied" went out at once while the pinned document waited, and a
+            # crash (or a batch that failed to score) lost the pin the operator had been told was applied
+            self.p.acks.append(json_message(self.audit_topic, str(doc["command_id"]), part, [("tsmon.type", b"ack")]))
         return doc
 
     def save_global(self) -> None:
         topic = self.p.settings.state_topic
         if topic is not None and self.global_known:  # else its default frozen_all false hid the group's freeze
             doc = {"type": "daemon_state", "v": 1, "frozen_all": self.cal.frozen_all, "command_ids": self.seen.ids()}
-            self.p.sink.send(json_message(topic, GLOBAL_KEY, doc, [("tsmon.type", b"daemon_state")]))
+            self.p.documents.pop(GLOBAL_KEY, None)  # after the streams' documents it records the command of
+            self.p.documents[GLOBAL_KEY] = json_message(topic, GLOBAL_KEY, doc, [("tsmon.type", b"daemon_state")])
 
     def restore_global(self, doc: dict[str, Any]) -> None:
         """Continue from the changelog's daemon-wide document; remembered ids are merged, never dropped.

@@ -508,6 +508,7 @@ class Daemon:
                     last_control = time.monotonic()
                     for raw in self.control.poll():
                         self.controller.handle(raw)
+                        last_commit = -math.inf  # its documents, then its acknowledgement, go with a commit: now
                 if self._snapshot_due.is_set():
                     self._snapshot_due.clear()
                     self.processor.save_changed()

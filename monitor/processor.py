@@ -147,6 +147,7 @@ class Processor:
         # them is acknowledged: a document says its stream's alerts were published (a replay skips their windows)
         self.documents: dict[str, OutMessage] = {}
         self._homes: dict[str, frozenset[TP]] = {}  # ... and the input partitions each one's stream came from
+        self.acks: list[OutMessage] = []  # operators' command acknowledgements, sent after those documents
         self._owed_warned: set[str] = set()
         self.throttle = logs.Throttle()  # per-record, per-window and per-stream events: a sample in the log
         self.clock = time.time  # wall clock: silences and state timestamps
@@ -819,13 +820,14 @@ class Processor:
         1. flush the sink: alerts, data-quality events and dead letters acknowledged;
         2. send the state documents saved since (:attr:`documents`) and flush again — a document says its stream's
            alerts were published, so it never reaches the changelog before them;
-        3. commit what the ledger says is safe.
+        3. send the acknowledgements of the operators' commands those documents record (:attr:`acks`): an
+           "applied" never goes out for a change that is not on the changelog;
+        4. commit what the ledger says is safe — not after a batch failed to score (:attr:`failed`): steps 1–3
+           still run, for what was decided and saved before it.
 
         Raises SinkBackpressure (the sink did not acknowledge: nothing committed) or BrokerError (the
         commit itself failed); either way the input is replayed from the last commit if we die now.
         """
-        if self.failed is not None:
-            return {}
         end = time.monotonic() + self.settings.flush_timeout_s
 
         def left() -> float:  # the flush and the commit share the timeout; a deadline (shutdown) cuts it
@@ -837,6 +839,9 @@ class Processor:
         self._flush(left)  # 1. alerts, events, dead letters: acknowledged before any document that follows them
         if self.send_documents():  # 2. then acknowledged too (a lost alert with its document acknowledged was
             self._flush(left)  # never sent again: the replay skipped its windows)
+        self.send_acks()  # 3. (flushed with the next commit's step 1)
+        if self.failed is not None:
+            return {}
         assigned = source.assignment() if tps is None else tps
         offsets = {tp: o for tp, o in self.ledger.committable(assigned).items() if self._committed.get(tp) != o}
         if offsets:
@@ -851,6 +856,12 @@ class Processor:
         for msg in docs.values():
             self.sink.send(msg)
         return len(docs)
+
+    def send_acks(self) -> None:
+        """Hand the command acknowledgements to the sink (:meth:`commit`'s step 3)."""
+        acks, self.acks = self.acks, []
+        for msg in acks:
+            self.sink.send(msg)
 
     def uncommitted(self, tps: set[TP]) -> dict[TP, int]:
         """Records read past the offsets last committed to the broker, per partition: what a crash now would

@@ -251,10 +251,12 @@ def test_simulate_counts_windows_and_alerts() -> None:
 
 def out(p: Any, topic: str) -> list[dict[str, Any]]:
     """What the processor sent to ``topic``, acknowledged as a commit would: what it sent, then the documents saved
-    since."""
+    since, then the commands' acknowledgements."""
     assert isinstance(p.sink, MemorySink)
     p.sink.flush(1)
     p.send_documents()
+    p.sink.flush(1)
+    p.send_acks()
     p.sink.flush(1)
     return p.sink.docs(topic)
 
@@ -556,6 +558,32 @@ def test_a_stream_woken_and_saved_before_any_input_keeps_its_last_sample(make: M
     feed(r, back)
     dead = [dict(m.headers)["tsmon.reason"] for m in r.sink.sent if m.topic == Settings().dead_letter_topic]
     assert dead == [b"timestamp_backwards"] * len(back)
+
+
+def test_a_command_is_acknowledged_after_its_documents_and_survives_a_failed_batch(make: Make) -> None:
+    """Documents wait for the commit (after the alerts before them), but the "applied" acknowledgement and the
+    daemon-wide document recording the command's id went out at once: a crash before the next commit lost a pin
+    the operator had been told was applied, and a batch that failed to score lost it for good (no commit at all
+    after it). The acknowledgement now follows the documents, and a commit after a failed batch still sends what
+    was saved before it (only the offsets stay put)."""
+    p = make()
+    p.settings = Settings(state_topic="state")
+    feed(p, records("dev-a", *sine_stream(400)))
+    src = MemorySource([])
+    src.assigned = {("in", 0)}
+    p.commit(src)
+    c = controller(p)
+    c.global_known = True
+    n = len(p.sink.sent)
+    r = send(c, "pin", "dev-a", threshold=3.0)
+    assert r["status"] == "applied" and p.sink.sent[n:] == []  # nothing at once: the ack waits for the documents
+    p.failed = "RuntimeError: boom"  # a batch fails to score: nothing is committed from now on
+    committed = dict(src.committed)
+    assert p.commit(src) == {} and src.committed == committed
+    sent = [(m.topic, m.key) for m in p.sink.sent[n:]]
+    assert sent.index(("state", b"dev-a")) < sent.index(("state", GLOBAL_KEY.encode())) < sent.index(
+        ("audit", r["command_id"].encode()))  # the stream's document, the command's id, then "applied"
+    assert [d for d in out(p, "state") if d.get("stream") == "dev-a"][-1]["calibrator"]["pinned"] is True
 
 
 def test_a_previous_owners_late_document_does_not_supersede_the_next_owners(make: Make) -> None:
