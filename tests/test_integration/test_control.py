@@ -400,8 +400,10 @@ def test_an_acknowledgement_over_the_request_limit_reaches_ctl_whole(broker: Any
     try:
         doc = big_ack(8000)
         assert len(json.dumps(doc)) > 1_048_576
-        Controller(SimpleNamespace(calibrator=None, sink=sink, metrics=Metrics()), KEY, audit, "h:1")._publish(
-            doc, "silence")
+        processor = SimpleNamespace(calibrator=None, sink=sink, metrics=Metrics(), acks=[])
+        Controller(processor, KEY, audit, "h:1")._publish(doc, "silence")
+        for msg in processor.acks:  # as the commit sends them (Processor.send_acks)
+            sink.send(msg)
         sink.flush(10)
         acks = ctl._collect(reader, doc["command_id"], timeout_s=10, settle_s=1).acks
     finally:
