@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from models.errors import BrokerError, ConfigError, SinkBackpressure
+from models.errors import BrokerError, ConfigError, PartitionUnreadable, SinkBackpressure
 from monitor import logs
 from monitor.sink import OutMessage, resend_plan
-from monitor.source import TP, InRecord
+from monitor.source import PAUSED_ENDS_EVERY_S, PAUSED_ENDS_TIMEOUT_MS, TP, InRecord
 
 log = logs.get("tsmon.confluent")
 
@@ -136,8 +136,14 @@ class ConfluentSource:
         self._health = _Health(session_s=int(consumer_kwargs.get("session_timeout_ms", 45_000)) / 1000)
         self._lost = False  # inside the callback for partitions the group took away: nothing can be committed
         self._closing = False
+        self._bad: PartitionUnreadable | None = None  # a partition's fetch failed: raised by the next poll
+        self._unread_lags: dict[TP, int] = {}  # assigned partitions nothing was delivered from yet (see lags)
+        self._unread_due = 0.0  # monotonic time they are asked for again
+        self._unread_thread: threading.Thread | None = None
+        # check.crcs: off by default in librdkafka, which then handed a batch whose CRC did not match over as valid
         conf = {**rdkafka_config(consumer_kwargs), "enable.auto.commit": False, "enable.auto.offset.store": False,
-                "statistics.interval.ms": 1000, "stats_cb": self._health.stats, "error_cb": self._health.error}
+                "check.crcs": True, "statistics.interval.ms": 1000, "stats_cb": self._health.stats,
+                "error_cb": self._health.error}
 
         def assigned(consumer: Any, partitions: Any) -> None:
             consumer.assign(partitions)  # before the daemon's callback: it may pause what it was given
@@ -169,6 +175,10 @@ class ConfluentSource:
     def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InRecord]:
         from confluent_kafka import KafkaError, KafkaException
 
+        if self._bad is not None:  # the records taken with it went out first
+            bad, self._bad = self._bad, None
+            if bad.tp in self.assignment():
+                raise bad
         n = max_records or self._max
         try:  # consume() waits until it has n messages or the timeout passed; kafka-python returns what is there
             messages = self._consumer.consume(num_messages=n, timeout=0)
@@ -182,7 +192,13 @@ class ConfluentSource:
         for m in messages:
             err = m.error()
             if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if m.topic() and m.partition() is not None and m.partition() >= 0:  # a fetch of one partition that
+                    # cannot be used (a batch failing its CRC): that partition waits for its retries, as with
+                    # kafka-python (a warning per message, /readyz 200 and the partition stalled, before)
+                    self._bad = PartitionUnreadable(f"cannot read the input: {err}", (m.topic(), m.partition()))
+                else:
                     log.warning("consume_error", client="confluent", error=str(err))
                 continue
             out.append(InRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value(), max(0, m.timestamp()[1])))
@@ -230,7 +246,39 @@ class ConfluentSource:
     def lags(self) -> dict[TP, int]:
         """Records behind the high watermark per assigned partition, from the last statistics (every second)."""
         assigned = self.assignment()
-        return {tp: lag for tp, lag in (self._health.lags or {}).items() if tp in assigned}
+        out = {tp: lag for tp, lag in (self._health.lags or {}).items() if tp in assigned}
+        return {**self._unread(assigned - set(out)), **out}
+
+    def _unread(self, tps: set[TP]) -> dict[TP, int]:
+        """Lags of assigned partitions nothing was delivered from since the assignment — paused at once while the
+        state is restored, or while the sink fails: librdkafka's statistics know no position for them (nor a high
+        watermark, unfetched), so they had no lag series exactly when a takeover made one worth watching. Their
+        committed offsets and high watermarks are asked for every ``PAUSED_ENDS_EVERY_S`` with the broker
+        reachable, on a thread of its own: each answer waits behind the consumer's fetch (up to its
+        ``fetch.wait.max.ms``), too long for the loop."""
+        known = {tp: lag for tp, lag in self._unread_lags.items() if tp in tps}
+        busy = self._unread_thread is not None and self._unread_thread.is_alive()
+        if tps and not busy and time.monotonic() >= self._unread_due and self.broker_problem() is None:
+            self._unread_due = time.monotonic() + PAUSED_ENDS_EVERY_S
+            self._unread_thread = threading.Thread(target=self._ask_unread, args=(sorted(tps),), daemon=True,
+                                                   name="tsmon-unread-lags")
+            self._unread_thread.start()
+        return known
+
+    def _ask_unread(self, tps: list[TP]) -> None:
+        from confluent_kafka import TopicPartition
+
+        wait = 2 * PAUSED_ENDS_TIMEOUT_MS / 1000
+        lags: dict[TP, int] = {}
+        try:
+            for c in self._consumer.committed([TopicPartition(t, p) for t, p in tps], timeout=wait):
+                low, high = self._consumer.get_watermark_offsets(c, timeout=wait, cached=False)
+                position = c.offset if c.offset >= 0 else low  # none committed: from the beginning
+                if high >= 0 and position >= 0:
+                    lags[(c.topic, c.partition)] = max(0, high - position)
+        except Exception as exc:  # noqa: BLE001 — a gauge must never stop anything (a closed consumer: RuntimeError)
+            log.debug("unread_lags_failed", client="confluent", error=f"{type(exc).__name__}: {exc}")
+        self._unread_lags = lags  # replaced whole: read by the loop
 
     def rewind(self, offsets: dict[TP, int]) -> None:
         """Nothing to do: every assignment here follows an unassign, so librdkafka starts each partition at its
