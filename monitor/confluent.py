@@ -13,6 +13,7 @@ the changelog and topic creation stay on kafka-python: they are not on the hot p
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +55,26 @@ def require() -> None:
     if not available():
         raise ConfigError("kafka.client = \"confluent\" needs the confluent-kafka package: "
                           "pip install 'tsmon[confluent]' (or use kafka.client = \"kafka-python\")")
+
+
+class _ToStructlog(logging.Handler):
+    """librdkafka's own log lines (``%3|…|FAIL|…``) into tsmon's log: written to stderr by librdkafka, they came
+    as plain text amid the JSON lines. Its warnings and errors are info (what matters also reaches ``error_cb``:
+    ``kafka_client_error``), the rest debug."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        (log.info if record.levelno >= logging.WARNING else log.debug)(
+            "kafka_client_log", client="confluent", level=record.levelname.lower(), message=record.getMessage()[:500])
+
+
+def client_logger() -> logging.Logger:
+    """The ``logger`` librdkafka's clients are given (their lines are served by poll and flush, on that thread)."""
+    logger = logging.getLogger("tsmon.librdkafka")
+    if not any(isinstance(h, _ToStructlog) for h in logger.handlers):
+        logger.addHandler(_ToStructlog())
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+    return logger
 
 
 def rdkafka_config(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +163,7 @@ class ConfluentSource:
         self._unread_thread: threading.Thread | None = None
         # check.crcs: off by default in librdkafka, which then handed a batch whose CRC did not match over as valid
         conf = {**rdkafka_config(consumer_kwargs), "enable.auto.commit": False, "enable.auto.offset.store": False,
-                "check.crcs": True, "statistics.interval.ms": 1000, "stats_cb": self._health.stats,
+                "check.crcs": True, "logger": client_logger(), "statistics.interval.ms": 1000, "stats_cb": self._health.stats,
                 "error_cb": self._health.error}
 
         def assigned(consumer: Any, partitions: Any) -> None:
@@ -324,7 +345,7 @@ class ConfluentSink:
         # murmur2 as kafka-python and the Java client: a stream's messages land on the same partition
         # whichever client wrote them; at most 5 requests in flight, as kafka-python
         self._conf = {**rdkafka_config(producer_kwargs), "partitioner": "murmur2_random",
-                      "max.in.flight.requests.per.connection": 5,
+                      "max.in.flight.requests.per.connection": 5, "logger": client_logger(),
                       "error_cb": lambda err: log.warning("kafka_client_error", client="confluent", error=str(err))}
         self._producer = self._new_producer()
         self._retries = retries

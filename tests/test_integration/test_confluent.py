@@ -3,6 +3,7 @@ commits as the default kafka-python client on the same input, and pause/resume t
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -149,6 +150,29 @@ def test_a_batch_failing_its_crc_holds_its_partition_and_one_paused_at_once_has_
         assert src.lags()[(topic, 1)] == 30 and not [r for r in got if r.partition == 1]
     finally:
         src.close(5)
+
+
+def test_librdkafka_log_lines_go_through_tsmons_log(capfd: pytest.CaptureFixture[str]) -> None:
+    """librdkafka wrote its own lines (``%3|…|FAIL|… Connect to … failed``) to stderr as plain text, amid the JSON
+    log lines of a production daemon: they come through tsmon's log as ``kafka_client_log``."""
+    import socket
+
+    from models.errors import SinkBackpressure
+    from monitor.confluent import ConfluentSink
+    from monitor.sink import OutMessage
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sink = ConfluentSink({"bootstrap_servers": [f"127.0.0.1:{port}"]})
+    sink.send(OutMessage("t", b"k", b"v", []))
+    with pytest.raises(SinkBackpressure):
+        sink.flush(2.0)
+    with contextlib.suppress(SinkBackpressure):
+        sink.close(0.1)
+    seen = capfd.readouterr()
+    assert "kafka_client_log" in seen.out + seen.err
+    assert not [line for line in seen.err.splitlines() if line.startswith("%")]  # librdkafka's own format
 
 
 def consumer_kwargs(bootstrap: str, group: str) -> dict[str, Any]:
