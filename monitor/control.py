@@ -158,6 +158,9 @@ class Seen:
         while len(self._ids) > self.size:
             self._ids.popitem(last=False)
 
+    def discard(self, command_id: str) -> None:
+        self._ids.pop(command_id, None)
+
     def ids(self) -> list[str]:
         return list(self._ids)
 

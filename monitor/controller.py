@@ -62,6 +62,9 @@ class Controller:
             doc = ack(None, _claimed(raw), "rejected", self.instance, error=str(exc))
             log.warning("command_rejected", reason=str(exc), claimed=doc["command_id"])
             return self._publish(doc, "unknown")
+        if self.p.failed is not None:  # a batch failed to score: nothing is saved from now on, the daemon stops
+            return self._publish(ack(cmd, None, "failed", self.instance, error=f"not applied: {self.p.failed}"),
+                                 cmd.command)
         if cmd.command_id in self.seen:
             log.info("command_duplicate", command=cmd.command, command_id=cmd.command_id)
             return self._publish(ack(cmd, None, "duplicate", self.instance), cmd.command)
@@ -72,6 +75,8 @@ class Controller:
                 result = {**result, "not_woken": sorted(self.not_woken)}
         except Exception as exc:  # noqa: BLE001 — a signed but unusable command must never stop the loop
             error = str(exc) if isinstance(exc, Refused | ValueError) else f"bad params: {type(exc).__name__} {exc}"
+            if self.p.failed is not None:  # the scoring it ran first (reset-stream) failed: not the params
+                error = f"not applied: {self.p.failed}"
             log.warning("command_failed", command=cmd.command, command_id=cmd.command_id, error=error)
             return self._publish(ack(cmd, None, "failed", self.instance, error=error), cmd.command)
         self.seen.add(cmd.command_id)
@@ -90,8 +95,16 @@ class Controller:
         for part in split_ack(doc):  # one message unless it is too large for one; sent at the next commit, after the
             # documents of the streams it changed: "applied" went out at once while the pinned document waited, and a
             # crash (or a batch that failed to score) lost the pin the operator had been told was applied
-            self.p.acks.append(json_message(self.audit_topic, str(doc["command_id"]), part, [("tsmon.type", b"ack")]))
+            msg = json_message(self.audit_topic, str(doc["command_id"]), part, [("tsmon.type", b"ack")])
+            self.p.acks.append((msg, frozenset(doc.get("streams") or ()), str(doc["command_id"])))
         return doc
+
+    def forget(self, command_ids: set[str]) -> None:
+        """Commands whose changes never reached the changelog (:attr:`Processor.unpersisted`): not applied as far as
+        the group knows, so the same command sent again is applied, not a duplicate."""
+        for command_id in command_ids:
+            self.seen.discard(command_id)
+        self.save_global()
 
     def save_global(self) -> None:
         topic = self.p.settings.state_topic

@@ -242,6 +242,9 @@ class Daemon:
         self._paused -= revoked
         self._backlog = [r for r in self._backlog if r.tp not in revoked]  # never read: the next owner reads it
         self._rewind = self.processor.revoke(self.source, revoked)
+        if self.processor.unpersisted:  # their changes were dropped with the documents: not applied, as far as
+            self.controller.forget(self.processor.unpersisted)  # the group knows (sent again, they are applied)
+            self.processor.unpersisted = set()
         self._unassigned = bool(tps)  # its streams are dropped: commands wait for the assignment and its restore
         if tps and self._ready[1] != "stopping":  # kafka-python lists them until the assignment: /readyz said "4
             # partition(s) assigned" meanwhile (a revoke at the shutdown's close() is no rebalance)

@@ -147,7 +147,9 @@ class Processor:
         # them is acknowledged: a document says its stream's alerts were published (a replay skips their windows)
         self.documents: dict[str, OutMessage] = {}
         self._homes: dict[str, frozenset[TP]] = {}  # ... and the input partitions each one's stream came from
-        self.acks: list[OutMessage] = []  # operators' command acknowledgements, sent after those documents
+        # operators' command acknowledgements, sent after those documents: (message, streams changed, command id)
+        self.acks: list[tuple[OutMessage, frozenset[str], str]] = []
+        self.unpersisted: set[str] = set()  # ids of commands whose documents a failed revoke dropped (see revoke)
         self._owed_warned: set[str] = set()
         self.throttle = logs.Throttle()  # per-record, per-window and per-stream events: a sample in the log
         self.clock = time.time  # wall clock: silences and state timestamps
@@ -860,7 +862,7 @@ class Processor:
     def send_acks(self) -> None:
         """Hand the command acknowledgements to the sink (:meth:`commit`'s step 3)."""
         acks, self.acks = self.acks, []
-        for msg in acks:
+        for msg, _streams, _id in acks:
             self.sink.send(msg)
 
     def uncommitted(self, tps: set[TP]) -> dict[TP, int]:
@@ -948,8 +950,17 @@ class Processor:
             # owner continues from the ones that went with the last commit. Sent at this instance's next commit, they
             # landed after the next owner's own and became the streams' latest (a pin set there was lost at the next
             # restore), and a tombstone deleted the next owner's document. Those of partitions kept here still go.
-            for name in [n for n, home in self._homes.items() if home and home <= tps]:
+            dropped = {n for n, home in self._homes.items() if home and home <= tps}
+            for name in dropped:
                 del self.documents[name], self._homes[name]
+            # a command whose change was in them is not acknowledged (an "applied" went out, and the next owner
+            # restored the stream without it): tsmon ctl says the partition was not answered for, to send it again
+            lost = [a for a in self.acks if a[1] & dropped]
+            if lost:
+                self.acks = [a for a in self.acks if not a[1] & dropped]
+                self.unpersisted |= {command_id for _msg, _streams, command_id in lost}
+                log.warning("commands_not_persisted", command_ids=sorted(self.unpersisted),
+                            consequence="not acknowledged: send them again (their streams' next owner applies them)")
         for tp in tps:
             self._committed.pop(tp, None)
             self.read_ts.pop(tp, None)

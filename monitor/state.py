@@ -106,8 +106,8 @@ def _keep(docs: dict[str, dict[str, Any]], key: bytes | None, value: bytes | Non
         return True
     if not isinstance(doc, dict):
         return True
-    if name in docs and doc_epoch(doc) < doc_epoch(docs[name]):
-        return False
+    if name in docs and "epoch" in doc and doc_epoch(doc) < doc_epoch(docs[name]):  # one without (an earlier
+        return False  # version's: a rolling upgrade, a rollback) is taken by its offset, as before
     docs[name] = doc
     return True
 

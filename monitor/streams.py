@@ -164,6 +164,11 @@ class StreamState:
         restores only the operator's controls (silence, freeze) and the feedback: thresholds, a pin and alert
         state belong to the model that produced them.
         """
+        # first, whatever fails after: a stream that starts afresh from a document it cannot read must still write
+        # past it (at epoch 0 its documents lost to that one at every restore). An owner continuing from a changelog
+        # read is the next owner; back from an eviction here, or woken, it is the same one (counting those, its late
+        # document tied with the next owner's, and the later offset won)
+        self.epoch = doc_epoch(doc) + (1 if replayed else 0)
         if doc.get("v") != DOC_VERSION:
             raise ValueError(f"unknown state document version {doc.get('v')!r}")
         silenced = int(doc["silenced_until_ms"])
@@ -178,9 +183,10 @@ class StreamState:
             raise TypeError(f"sample_periods_ms must be two periods (ms > 0) or null, got {periods!r}")
         periods = [None if p is None else float(p) for p in periods]
         self.home = self.home or doc_partitions(doc)
-        self.epoch = doc_epoch(doc) + 1
         if replayed:  # absent from documents of earlier versions: every record is taken as a possible replay
             self.replay_until, self.replay_last_ts = doc_offsets(doc), last_sample
+        else:  # its records since were taken here: kept for its next document (woken, it wrote none)
+            self.read_until = doc_offsets(doc)
         artifact = self.served.detector.threshold.value  # absent from documents of earlier versions: the same
         retrained = doc.get("artifact_threshold", artifact) != artifact  # same weights, a new threshold
         if doc["model"] != self.served.describe() or retrained:

@@ -402,7 +402,7 @@ def test_an_acknowledgement_over_the_request_limit_reaches_ctl_whole(broker: Any
         assert len(json.dumps(doc)) > 1_048_576
         processor = SimpleNamespace(calibrator=None, sink=sink, metrics=Metrics(), acks=[])
         Controller(processor, KEY, audit, "h:1")._publish(doc, "silence")
-        for msg in processor.acks:  # as the commit sends them (Processor.send_acks)
+        for msg, _streams, _id in processor.acks:  # as the commit sends them (Processor.send_acks)
             sink.send(msg)
         sink.flush(10)
         acks = ctl._collect(reader, doc["command_id"], timeout_s=10, settle_s=1).acks

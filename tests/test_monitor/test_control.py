@@ -551,6 +551,9 @@ def test_a_stream_woken_and_saved_before_any_input_keeps_its_last_sample(make: M
     woken = [d for d in out(q, "state") if d.get("stream") == "dev-c"][-1]
     assert woken["last_sample_ts"] == doc["last_sample_ts"] is not None
     assert woken["read_offsets"] == doc["read_offsets"]
+    assert send(controller(p), "silence", "dev-c", for_s=600)["streams"] == ["dev-c"]  # woken where it was evicted
+    here = [d for d in out(p, "state") if d.get("stream") == "dev-c"][-1]
+    assert here["read_offsets"] == doc["read_offsets"] and here["last_sample_ts"] == doc["last_sample_ts"]
     r = make()  # the restart after, and the clock set back a day
     r.settings = Settings(state_topic="state")
     r.restored = {"dev-c": woken}
@@ -584,6 +587,82 @@ def test_a_command_is_acknowledged_after_its_documents_and_survives_a_failed_bat
     assert sent.index(("state", b"dev-a")) < sent.index(("state", GLOBAL_KEY.encode())) < sent.index(
         ("audit", r["command_id"].encode()))  # the stream's document, the command's id, then "applied"
     assert [d for d in out(p, "state") if d.get("stream") == "dev-a"][-1]["calibrator"]["pinned"] is True
+
+
+def test_a_command_whose_documents_a_failed_revoke_dropped_is_not_acknowledged(make: Make) -> None:
+    """A pin whose commit failed, then a revoke of its stream's partition whose commit failed too: the revoke drops
+    the pinned document (the next owner continues from the last committed one), yet "applied" went out at the next
+    commit and the command's id was remembered, so sending it again did nothing. Its ack is dropped (tsmon ctl says
+    the partition was not answered for) and its id forgotten."""
+    from models.errors import SinkBackpressure
+
+    tp0 = ("in", 0)
+    p = make()
+    p.settings = Settings(state_topic="state")
+    src = MemorySource([])
+    src.assigned = {tp0}
+    feed(p, records("dev-a", *sine_stream(300)))
+    p.commit(src)
+    c = controller(p)
+    c.global_known = True
+    r = send(c, "pin", "dev-a", threshold=3.0)
+    assert r["status"] == "applied"
+    p.sink.fail_next = 2  # the commit after the command, and the revoke's
+    with pytest.raises(SinkBackpressure):
+        p.commit(src)
+    p.revoke(src, {tp0})
+    assert p.unpersisted == {r["command_id"]}
+    c.forget(p.unpersisted)  # as the daemon does after the revoke
+    src.assigned = set()
+    p.commit(src)
+    assert not [a for a in out(p, "audit") if a["command_id"] == r["command_id"]]
+    assert not [d for d in out(p, "state") if d.get("stream") == "dev-a" and d["calibrator"]["pinned"]]
+    assert r["command_id"] not in [d for d in out(p, "state") if d.get("type") == "daemon_state"][-1]["command_ids"]
+    p.failed = "RuntimeError: boom"  # and once a batch failed to score, commands are not applied at all
+    assert send(c, "pin", "dev-a", threshold=4.0)["status"] == "failed"
+
+
+def test_the_epoch_counts_owners_survives_a_bad_document_and_spares_earlier_versions(make: Make) -> None:
+    """Three holes in the fence (second diff review): a stream back from an eviction on the same owner counted as a
+    new owner, so that owner's late document tied with the next owner's and the later offset won (a pin lost);
+    a stream that started afresh from a document it could not read wrote epoch 0, so every later document of it
+    lost to the bad one; and a document of an earlier version (no epoch) lost to any with one, so state written
+    by the other half of a rolling upgrade, or after a rollback, was dropped."""
+    from monitor.state import _keep
+
+    def kept(*docs: dict[str, Any]) -> dict[str, Any]:
+        into: dict[str, dict[str, Any]] = {}
+        for d in docs:
+            _keep(into, b"dev-k", json.dumps(d).encode())
+        return into["dev-k"]
+
+    recs = records("dev-k", *sine_stream(400))
+    a = make()
+    a.settings = Settings(state_topic="state", idle_evict_s=60.0)
+    feed(a, recs[:10])
+    assert a.evict_idle(time.monotonic() + 4000) == 1
+    evicted = json.loads(a.documents["dev-k"].value)
+    feed(a, recs[10:20])  # back on the same owner
+    late = a.save("dev-k")  # its revoke's document, delivered late
+    b = make()
+    b.settings = Settings(state_topic="state")
+    b.restored = {"dev-k": json.loads(json.dumps(evicted))}
+    feed(b, recs[10:20])
+    b.calibrator.pin("dev-k", 9.0, "ops")
+    pinned = b.save("dev-k")
+    assert late is not None and pinned is not None and (evicted["epoch"], late["epoch"], pinned["epoch"]) == (0, 0, 1)
+    assert kept(evicted, pinned, late)["calibrator"]["pinned"] is True
+
+    bad = {**json.loads(json.dumps(pinned)), "epoch": 3, "sample_periods_ms": "garbage"}
+    q = make()
+    q.settings = Settings(state_topic="state")
+    q.restored = {"dev-k": bad}
+    feed(q, recs[20:30])  # state_restore_failed: from the artifact
+    fresh = q.save("dev-k")
+    assert fresh is not None and fresh["epoch"] == 4 and kept(bad, fresh) == fresh
+
+    earlier = {k: v for k, v in pinned.items() if k != "epoch"}  # written after it by the previous release
+    assert kept(pinned, earlier) == earlier
 
 
 def test_a_previous_owners_late_document_does_not_supersede_the_next_owners(make: Make) -> None:
