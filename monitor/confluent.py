@@ -209,7 +209,7 @@ class ConfluentSource:
                     messages = [first, *(self._consumer.consume(num_messages=n - 1, timeout=0) if n > 1 else [])]
         except KafkaException as exc:
             raise BrokerError(f"consume failed: {exc}") from None
-        out = []
+        out, failed = [], {}
         for m in messages:
             err = m.error()
             if err is not None:
@@ -219,11 +219,27 @@ class ConfluentSource:
                     # cannot be used (a batch failing its CRC): that partition waits for its retries, as with
                     # kafka-python (a warning per message, /readyz 200 and the partition stalled, before)
                     self._bad = PartitionUnreadable(f"cannot read the input: {err}", (m.topic(), m.partition()))
+                    if m.offset() is not None and m.offset() >= 0:
+                        failed.setdefault((m.topic(), m.partition()), m.offset())
                 else:
                     log.warning("consume_error", client="confluent", error=str(err))
                 continue
+            if (m.topic(), m.partition()) in failed:  # librdkafka goes on after a bad batch: what follows it is read
+                continue  # again from it (below), never taken past it
             out.append(InRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value(), max(0, m.timestamp()[1])))
+        self._back_to(failed)
         return out
+
+    def _back_to(self, failed: dict[TP, int]) -> None:
+        """Position each partition whose fetch failed back on the batch that failed: its retry reads from there."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        for (topic, partition), offset in failed.items():
+            try:
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:
+                log.error("seek_failed", client="confluent", partition=f"{topic}-{partition}", offset=offset,
+                          error=str(exc), consequence="the records after the bad batch may be read past it")
 
     def commit(self, offsets: dict[TP, int], timeout_s: float) -> None:
         """Commit exactly these offsets (synchronously: librdkafka's commit has no timeout of its own, so the
@@ -293,6 +309,8 @@ class ConfluentSource:
         lags: dict[TP, int] = {}
         try:
             for c in self._consumer.committed([TopicPartition(t, p) for t, p in tps], timeout=wait):
+                if self._closing:
+                    return
                 low, high = self._consumer.get_watermark_offsets(c, timeout=wait, cached=False)
                 position = c.offset if c.offset >= 0 else low  # none committed: from the beginning
                 if high >= 0 and position >= 0:
@@ -312,6 +330,8 @@ class ConfluentSource:
         the daemon's revoke work (scoring, saving, committing) ran on that thread and could outlive this call,
         racing the sink's and the scorer's close — and the daemon has drained, saved and committed by now."""
         self._closing = True
+        if self._unread_thread is not None:  # librdkafka forbids destroying a handle in use on another thread
+            self._unread_thread.join(min(2.0, timeout_s / 2))
         closer = threading.Thread(target=self._consumer.close, name="tsmon-confluent-close", daemon=True)
         closer.start()
         closer.join(max(0.1, timeout_s))

@@ -7,7 +7,7 @@ import contextlib
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -173,6 +173,61 @@ def test_librdkafka_log_lines_go_through_tsmons_log(capfd: pytest.CaptureFixture
     seen = capfd.readouterr()
     assert "kafka_client_log" in seen.out + seen.err
     assert not [line for line in seen.err.splitlines() if line.startswith("%")]  # librdkafka's own format
+
+
+def test_records_after_a_bad_batch_are_read_again_from_it_not_taken_past_it() -> None:
+    """librdkafka goes on with the next batch after one that failed its CRC: where a fetch brings several (a real
+    Kafka broker), the records after the bad batch came in the same poll and were taken, moving the position past
+    the bad one — lost, while the log said nothing was skipped. They are left, and the partition is positioned
+    back on the bad batch for its retry; the other partitions' records are taken."""
+    from confluent_kafka import KafkaError
+
+    from models.errors import PartitionUnreadable
+
+    class Message:
+        def __init__(self, partition: int, offset: int, error: KafkaError | None = None) -> None:
+            self.p, self.o, self.e = partition, offset, error
+
+        def error(self) -> KafkaError | None:
+            return self.e
+
+        def topic(self) -> str:
+            return "t"
+
+        def partition(self) -> int:
+            return self.p
+
+        def offset(self) -> int:
+            return self.o
+
+        def key(self) -> bytes:
+            return b"k"
+
+        def value(self) -> bytes:
+            return b"v"
+
+        def timestamp(self) -> tuple[int, int]:
+            return (1, 1_700_000_000_000)
+
+    class Consumer:
+        sought: ClassVar[list[tuple[str, int, int]]] = []
+
+        def consume(self, num_messages: int, timeout: float) -> list[Message]:
+            return [Message(0, 0), Message(0, 1, KafkaError(KafkaError._BAD_MSG)), Message(0, 2), Message(1, 7)]
+
+        def assignment(self) -> list[TopicPartition]:
+            return [TopicPartition("t", 0), TopicPartition("t", 1)]
+
+        def seek(self, tp: Any) -> None:
+            self.sought.append((tp.topic, tp.partition, tp.offset))
+
+    src = ConfluentSource.__new__(ConfluentSource)
+    src._consumer, src._max, src._bad = Consumer(), 10, None
+    assert [(r.partition, r.offset) for r in src.poll(0)] == [(0, 0), (1, 7)]
+    assert Consumer.sought == [("t", 0, 1)]
+    with pytest.raises(PartitionUnreadable) as bad:
+        src.poll(0)
+    assert bad.value.tp == ("t", 0)
 
 
 def consumer_kwargs(bootstrap: str, group: str) -> dict[str, Any]:
