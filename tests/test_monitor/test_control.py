@@ -34,7 +34,7 @@ from monitor.sink import MemorySink
 from monitor.source import MemorySource
 from tests.conftest import sine_stream
 from tests.test_monitor.conftest import Make
-from tests.test_monitor.test_processor import feed, records
+from tests.test_monitor.test_processor import evicted_a_day_ahead, feed, records
 
 KEY = "k"
 
@@ -536,12 +536,7 @@ def test_a_stream_woken_and_saved_before_any_input_keeps_its_last_sample(make: M
     """Adopted at a restore and woken by a command before any input, a stream wrote last_sample_ts null: at the
     restart after, its new input was no longer held to the order rule, and a day of samples from a clock set back
     was passed over as a replay instead of dead-lettered."""
-    day = 86_400_000
-    first = records("dev-c", *sine_stream(500, start_ms=1_700_000_000_000 + day))
-    p = make()
-    p.settings = Settings(state_topic="state", idle_evict_s=60.0)
-    feed(p, first)
-    assert p.evict_idle(time.monotonic() + 4000) == 1
+    p, first = evicted_a_day_ahead(make)
     doc = [d for d in out(p, "state") if d.get("stream") == "dev-c"][-1]
     q = make()  # a restart: adopted, then woken by a pin before any input
     q.settings = Settings(state_topic="state")
@@ -622,6 +617,18 @@ def test_a_command_whose_documents_a_failed_revoke_dropped_is_not_acknowledged(m
     assert send(c, "pin", "dev-a", threshold=4.0)["status"] == "failed"
 
 
+def next_owner_pins(make: Make, doc: dict[str, Any], recs: list[Any]) -> dict[str, Any]:
+    """The stream's next owner: restores ``doc``, takes ``recs``, pins it at 9 and saves; its document."""
+    b = make()
+    b.settings = Settings(state_topic="state")
+    b.restored = {"dev-k": json.loads(json.dumps(doc))}
+    feed(b, recs)
+    b.calibrator.pin("dev-k", 9.0, "ops")
+    pinned = b.save("dev-k")
+    assert pinned is not None
+    return pinned
+
+
 def test_the_epoch_counts_owners_survives_a_bad_document_and_spares_earlier_versions(make: Make) -> None:
     """Three holes in the fence (second diff review): a stream back from an eviction on the same owner counted as a
     new owner, so that owner's late document tied with the next owner's and the later offset won (a pin lost);
@@ -644,13 +651,8 @@ def test_the_epoch_counts_owners_survives_a_bad_document_and_spares_earlier_vers
     evicted = json.loads(a.documents["dev-k"].value)
     feed(a, recs[10:20])  # back on the same owner
     late = a.save("dev-k")  # its revoke's document, delivered late
-    b = make()
-    b.settings = Settings(state_topic="state")
-    b.restored = {"dev-k": json.loads(json.dumps(evicted))}
-    feed(b, recs[10:20])
-    b.calibrator.pin("dev-k", 9.0, "ops")
-    pinned = b.save("dev-k")
-    assert late is not None and pinned is not None and (evicted["epoch"], late["epoch"], pinned["epoch"]) == (0, 0, 1)
+    pinned = next_owner_pins(make, evicted, recs[10:20])
+    assert late is not None and (evicted["epoch"], late["epoch"], pinned["epoch"]) == (0, 0, 1)
     assert kept(evicted, pinned, late)["calibrator"]["pinned"] is True
 
     bad = {**json.loads(json.dumps(pinned)), "epoch": 3, "sample_periods_ms": "garbage"}
@@ -679,13 +681,8 @@ def test_a_previous_owners_late_document_does_not_supersede_the_next_owners(make
     first = a.save("dev-k")
     feed(a, recs[10:20])
     late = a.save("dev-k")  # still in the old owner's producer at the revoke
-    b = make()
-    b.settings = Settings(state_topic="state")
-    b.restored = {"dev-k": json.loads(json.dumps(first))}
-    feed(b, recs[10:20])
-    b.calibrator.pin("dev-k", 9.0, "ops")
-    pinned = b.save("dev-k")
-    assert first is not None and late is not None and pinned is not None
+    assert first is not None and late is not None
+    pinned = next_owner_pins(make, first, recs[10:20])
     assert (first["epoch"], late["epoch"], pinned["epoch"]) == (0, 0, 1)
     docs: dict[str, dict[str, Any]] = {}
     kept = [_keep(docs, b"dev-k", json.dumps(d).encode()) for d in (first, pinned, late)]

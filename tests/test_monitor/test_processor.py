@@ -517,18 +517,23 @@ def test_idle_streams_are_evicted_and_continue_when_they_return(make: Make) -> N
     assert [d["status"] for d in docs(p, "anomaly")] == ["firing", "resolved"]  # not fired twice
 
 
+def evicted_a_day_ahead(make: Make) -> tuple[Processor, list[InRecord]]:
+    """A processor with a changelog whose stream dev-c, stamped a day ahead, was evicted; and its records."""
+    first = records("dev-c", *sine_stream(500, start_ms=1_700_000_000_000 + 86_400_000))
+    p = make()
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0)
+    feed(p, first)
+    assert p.evict_idle(time.monotonic() + 4000) == 1
+    return p, first
+
+
 def test_a_restored_stream_whose_new_input_goes_back_is_refused_not_passed_over(make: Make) -> None:
     """A stream evicted, then restored from its document (after a restart, or at the partition's next owner) and
     back with its clock set back a day: the document was taken as a replay, and new samples stamped before its
     stored window point were passed over as replayed ones — counted ok, never windowed,
     never dead-lettered. A document now records, per partition, the offset of the last record it includes: records
     past it are new input and follow its last sample; those at or before it come again and are aligned as before."""
-    day = 86_400_000
-    first = records("dev-c", *sine_stream(500, start_ms=1_700_000_000_000 + day))
-    p = make()
-    p.settings = Settings(state_topic="state", idle_evict_s=60.0)
-    feed(p, first)
-    assert p.evict_idle(time.monotonic() + 4000) == 1
+    p, first = evicted_a_day_ahead(make)
     p.commit(MemorySource([]), {(TOPIC, 0)})
     doc = [json.loads(m.value) for m in sink(p).sent if m.topic == "state" and m.value is not None][-1]
     assert doc["read_offsets"] == [[TOPIC, 0, len(first) - 1]]
