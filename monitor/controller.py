@@ -96,7 +96,7 @@ class Controller:
             # documents of the streams it changed: "applied" went out at once while the pinned document waited, and a
             # crash (or a batch that failed to score) lost the pin the operator had been told was applied
             msg = json_message(self.audit_topic, str(doc["command_id"]), part, [("tsmon.type", b"ack")])
-            self.p.acks.append((msg, frozenset(doc.get("streams") or ()), str(doc["command_id"])))
+            self.p.outbox.ack(msg, frozenset(doc.get("streams") or ()), str(doc["command_id"]))
         return doc
 
     def forget(self, command_ids: set[str]) -> None:
@@ -110,8 +110,8 @@ class Controller:
         topic = self.p.settings.state_topic
         if topic is not None and self.global_known:  # else its default frozen_all false hid the group's freeze
             doc = {"type": "daemon_state", "v": 1, "frozen_all": self.cal.frozen_all, "command_ids": self.seen.ids()}
-            self.p.documents.pop(GLOBAL_KEY, None)  # after the streams' documents it records the command of
-            self.p.documents[GLOBAL_KEY] = json_message(topic, GLOBAL_KEY, doc, [("tsmon.type", b"daemon_state")])
+            # after the documents of the streams it records the command of
+            self.p.outbox.document(GLOBAL_KEY, json_message(topic, GLOBAL_KEY, doc, [("tsmon.type", b"daemon_state")]))
 
     def restore_global(self, doc: dict[str, Any]) -> None:
         """Continue from the changelog's daemon-wide document; remembered ids are merged, never dropped.

@@ -9,8 +9,9 @@ Owns per-stream state and the order of the at-least-once contract inside one con
    in submission order:
    each updates the stream's alert state and, if normal, the calibrator; transitions go to the sink;
 3. :meth:`commit` flushes the sink (every alert, event and dead letter acknowledged by the broker), then sends
-   the state documents saved since and flushes again (a document says its alerts were published), and only then
-   commits, per partition, the oldest offset whose samples are still needed.
+   the state documents saved since and flushes again (a document says its alerts were published), then the
+   operators' acknowledgements (:mod:`monitor.outbox`), and only then commits, per partition, the oldest offset
+   whose samples are still needed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from monitor.batcher import Batch, Batcher
 from monitor.calibrator import MAX_QUANTILE, Calibrator
 from monitor.ledger import OffsetLedger
 from monitor.metrics import Metrics
+from monitor.outbox import Outbox
 from monitor.quality import QualityEvent, StreamQuality, flat_channels
 from monitor.records import BadRecord, Limits, SampleBlock, parse
 from monitor.scorer import Scorer, Served
@@ -143,12 +145,7 @@ class Processor:
         self.evicted_here: set[str] = set()  # those of them evicted by evict_idle (not adopted): no input replayed
         self.owed: dict[str, int] = {}  # evicted with a silenced alert open: silence end (epoch ms), page owed
         self.undocumented: set[str] = set()  # started since the last commit: their first document goes with it
-        # state documents (a tombstone: value None) by stream, sent at the next commit once everything sent before
-        # them is acknowledged: a document says its stream's alerts were published (a replay skips their windows)
-        self.documents: dict[str, OutMessage] = {}
-        self._homes: dict[str, frozenset[TP]] = {}  # ... and the input partitions each one's stream came from
-        # operators' command acknowledgements, sent after those documents: (message, streams changed, command id)
-        self.acks: list[tuple[OutMessage, frozenset[str], str]] = []
+        self.outbox = Outbox()  # state documents, then operators' acknowledgements: sent by the next commit
         self.unpersisted: set[str] = set()  # ids of commands whose documents a failed revoke dropped (see revoke)
         self._owed_warned: set[str] = set()
         self.throttle = logs.Throttle()  # per-record, per-window and per-stream events: a sample in the log
@@ -649,8 +646,7 @@ class Processor:
         if self.data_clock is not None and stream in self.data_clock.next_ms:  # the replay keeps its schedule
             doc["recalibrate_at_ts"] = self.data_clock.next_ms[stream]
         if topic is not None:
-            self.documents[stream] = json_message(topic, stream, doc, [("tsmon.type", b"stream_state")])
-            self._homes[stream] = st.home
+            self.outbox.document(stream, json_message(topic, stream, doc, [("tsmon.type", b"stream_state")]), st.home)
             self.undocumented.discard(stream)
             st.doc_from_seq = st.resume_seq(point)  # a replay after a crash must reach this document's
             self._release(stream, st)  # the older document's hold ends now (a shutdown sends no more records)
@@ -754,8 +750,8 @@ class Processor:
             gone = self.restored.pop(name)
             self.knocked.pop(name, None)
             if topic is not None and name in tombstoned:
-                self.documents[name] = OutMessage(topic, name.encode(), None, [("tsmon.type", b"stream_forgotten")])
-                self._homes[name] = doc_partitions(gone)
+                self.outbox.document(name, OutMessage(topic, name.encode(), None, [("tsmon.type", b"stream_forgotten")]),
+                                     doc_partitions(gone))
             self._unevict(name)
             self.throttle.log(log.info, "stream_forgotten", stream=name, written_s_ago=(now_ms - written_ms) // 1000,
                               documents=len(self.restored))
@@ -820,9 +816,9 @@ class Processor:
         """The commit order, all within ``flush_timeout_s`` (and by ``deadline``):
 
         1. flush the sink: alerts, data-quality events and dead letters acknowledged;
-        2. send the state documents saved since (:attr:`documents`) and flush again — a document says its stream's
+        2. send the state documents saved since (:attr:`outbox`) and flush again — a document says its stream's
            alerts were published, so it never reaches the changelog before them;
-        3. send the acknowledgements of the operators' commands those documents record (:attr:`acks`): an
+        3. send the acknowledgements of the operators' commands those documents record (:attr:`outbox`): an
            "applied" never goes out for a change that is not on the changelog;
         4. commit what the ledger says is safe — not after a batch failed to score (:attr:`failed`): steps 1–3
            still run, for what was decided and saved before it.
@@ -854,16 +850,11 @@ class Processor:
 
     def send_documents(self) -> int:
         """Hand the state documents saved since the last commit to the sink (:meth:`commit`'s step 2)."""
-        docs, self.documents, self._homes = self.documents, {}, {}
-        for msg in docs.values():
-            self.sink.send(msg)
-        return len(docs)
+        return self.outbox.send_documents(self.sink)
 
     def send_acks(self) -> None:
         """Hand the command acknowledgements to the sink (:meth:`commit`'s step 3)."""
-        acks, self.acks = self.acks, []
-        for msg, _streams, _id in acks:
-            self.sink.send(msg)
+        self.outbox.send_acks(self.sink)
 
     def uncommitted(self, tps: set[TP]) -> dict[TP, int]:
         """Records read past the offsets last committed to the broker, per partition: what a crash now would
@@ -946,21 +937,15 @@ class Processor:
         for stream in self.ledger.drop(tps) | woken:  # a woken one comes back from the changelog if it stays
             self._drop(stream)
             self.ledger.forget(stream)  # also what it held on partitions that stay: nothing would release it
-        if failed:  # the documents (tombstones too) of streams only on these partitions are never sent: their next
-            # owner continues from the ones that went with the last commit. Sent at this instance's next commit, they
-            # landed after the next owner's own and became the streams' latest (a pin set there was lost at the next
-            # restore), and a tombstone deleted the next owner's document. Those of partitions kept here still go.
-            dropped = {n for n, home in self._homes.items() if home and home <= tps}
-            for name in dropped:
-                del self.documents[name], self._homes[name]
-            # a command whose change was in them is not acknowledged (an "applied" went out, and the next owner
-            # restored the stream without it): tsmon ctl says the partition was not answered for, to send it again
-            lost = [a for a in self.acks if a[1] & dropped]
-            if lost:
-                self.acks = [a for a in self.acks if not a[1] & dropped]
-                self.unpersisted |= {command_id for _msg, _streams, command_id in lost}
-                log.warning("commands_not_persisted", command_ids=sorted(self.unpersisted),
-                            consequence="not acknowledged: send them again (their streams' next owner applies them)")
+        # The documents (tombstones too) of streams only on these partitions are never sent: sent at this instance's
+        # next commit, they landed after the next owner's own and became the streams' latest (a pin set there was
+        # lost at the next restore), and a tombstone deleted the next owner's document. A command whose change was
+        # in them is not acknowledged ("applied" went out, the next owner restored the streams without it): tsmon
+        # ctl says the partition was not answered for, to send it again.
+        if failed and (lost := self.outbox.drop_revoked(tps)):
+            self.unpersisted |= lost
+            log.warning("commands_not_persisted", command_ids=sorted(self.unpersisted),
+                        consequence="not acknowledged: send them again (their streams' next owner applies them)")
         for tp in tps:
             self._committed.pop(tp, None)
             self.read_ts.pop(tp, None)

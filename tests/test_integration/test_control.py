@@ -388,6 +388,7 @@ def test_an_acknowledgement_over_the_request_limit_reaches_ctl_whole(broker: Any
 
     from monitor.controller import Controller
     from monitor.metrics import Metrics
+    from monitor.outbox import Outbox
     from monitor.sink import KafkaSink
     from monitor.topics import partition_reader
     from tests.test_monitor.test_control import big_ack
@@ -400,10 +401,9 @@ def test_an_acknowledgement_over_the_request_limit_reaches_ctl_whole(broker: Any
     try:
         doc = big_ack(8000)
         assert len(json.dumps(doc)) > 1_048_576
-        processor = SimpleNamespace(calibrator=None, sink=sink, metrics=Metrics(), acks=[])
+        processor = SimpleNamespace(calibrator=None, sink=sink, metrics=Metrics(), outbox=Outbox())
         Controller(processor, KEY, audit, "h:1")._publish(doc, "silence")
-        for msg, _streams, _id in processor.acks:  # as the commit sends them (Processor.send_acks)
-            sink.send(msg)
+        processor.outbox.send_acks(sink)  # as the commit does
         sink.flush(10)
         acks = ctl._collect(reader, doc["command_id"], timeout_s=10, settle_s=1).acks
     finally:

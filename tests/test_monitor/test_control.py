@@ -517,7 +517,7 @@ def test_a_failed_revoke_drops_what_only_its_partitions_concern_and_sends_the_re
     p.commit(src)
     later = int(time.time() * 1000) + 10_000_000
     p.read_ts[tp0] = later  # tp0's input moved on: dev-e's document is forgotten, with a tombstone
-    assert p.forget_dormant({tp0, tp1}, later) == 1 and p.documents["dev-e"].value is None
+    assert p.forget_dormant({tp0, tp1}, later) == 1 and p.outbox.documents["dev-e"].value is None
     feed(p, records("dev-a", *sine_stream(300)))
     assert send(controller(p), "pin", "dev-w", threshold=3.0)["streams"] == ["dev-w"]  # wakes it: tp1 stays
     p.sink.fail_next = 2
@@ -648,7 +648,7 @@ def test_the_epoch_counts_owners_survives_a_bad_document_and_spares_earlier_vers
     a.settings = Settings(state_topic="state", idle_evict_s=60.0)
     feed(a, recs[:10])
     assert a.evict_idle(time.monotonic() + 4000) == 1
-    evicted = json.loads(a.documents["dev-k"].value)
+    evicted = json.loads(a.outbox.documents["dev-k"].value)
     feed(a, recs[10:20])  # back on the same owner
     late = a.save("dev-k")  # its revoke's document, delivered late
     pinned = next_owner_pins(make, evicted, recs[10:20])

@@ -953,7 +953,7 @@ def test_a_revoke_whose_commit_fails_never_sends_its_documents_later(make: Make)
     sink(p).fail_next = 1
     p.revoke(src, {(TOPIC, 0)})
     p.commit(src, set())  # the sink is back
-    assert len(states()) == before and p.documents == {}
+    assert len(states()) == before and p.outbox.documents == {}
 
 
 def test_after_a_batch_fails_to_score_nothing_is_applied_snapshotted_or_committed_past_it(make: Make) -> None:
