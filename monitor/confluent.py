@@ -161,6 +161,7 @@ class ConfluentSource:
         self._unread_lags: dict[TP, int] = {}  # assigned partitions nothing was delivered from yet (see lags)
         self._unread_due = 0.0  # monotonic time they are asked for again
         self._unread_thread: threading.Thread | None = None
+        self._in_use = threading.Lock()  # held by that thread around each call: close() never destroys it in use
         # check.crcs: off by default in librdkafka, which then handed a batch whose CRC did not match over as valid
         conf = {**rdkafka_config(consumer_kwargs), "enable.auto.commit": False, "enable.auto.offset.store": False,
                 "check.crcs": True, "logger": client_logger(), "statistics.interval.ms": 1000, "stats_cb": self._health.stats,
@@ -308,10 +309,15 @@ class ConfluentSource:
         wait = 2 * PAUSED_ENDS_TIMEOUT_MS / 1000
         lags: dict[TP, int] = {}
         try:
-            for c in self._consumer.committed([TopicPartition(t, p) for t, p in tps], timeout=wait):
+            with self._in_use:
                 if self._closing:
                     return
-                low, high = self._consumer.get_watermark_offsets(c, timeout=wait, cached=False)
+                committed = self._consumer.committed([TopicPartition(t, p) for t, p in tps], timeout=wait)
+            for c in committed:
+                with self._in_use:
+                    if self._closing:
+                        return
+                    low, high = self._consumer.get_watermark_offsets(c, timeout=wait, cached=False)
                 position = c.offset if c.offset >= 0 else low  # none committed: from the beginning
                 if high >= 0 and position >= 0:
                     lags[(c.topic, c.partition)] = max(0, high - position)
@@ -330,11 +336,16 @@ class ConfluentSource:
         the daemon's revoke work (scoring, saving, committing) ran on that thread and could outlive this call,
         racing the sink's and the scorer's close — and the daemon has drained, saved and committed by now."""
         self._closing = True
-        if self._unread_thread is not None:  # librdkafka forbids destroying a handle in use on another thread
-            self._unread_thread.join(min(2.0, timeout_s / 2))
+        # librdkafka forbids destroying a handle in use on another thread: the lag thread's call (1 s at most) ends
+        # first, and it makes no other after this
+        held = self._in_use.acquire(timeout=max(0.1, timeout_s / 2))
+        if not held:
+            log.warning("consumer_in_use_at_close", client="confluent", consequence="closed during a lag query")
         closer = threading.Thread(target=self._consumer.close, name="tsmon-confluent-close", daemon=True)
         closer.start()
         closer.join(max(0.1, timeout_s))
+        if held:  # the lag thread, if waiting, sees _closing and ends
+            self._in_use.release()
         if closer.is_alive():
             log.error("consumer_close_timeout", client="confluent", timeout_s=round(timeout_s, 2),
                       consequence="the group notices after session_timeout_ms; uncommitted input is replayed")

@@ -111,7 +111,8 @@ class Controller:
         if topic is not None and self.global_known:  # else its default frozen_all false hid the group's freeze
             doc = {"type": "daemon_state", "v": 1, "frozen_all": self.cal.frozen_all, "command_ids": self.seen.ids()}
             # after the documents of the streams it records the command of
-            self.p.outbox.document(GLOBAL_KEY, json_message(topic, GLOBAL_KEY, doc, [("tsmon.type", b"daemon_state")]))
+            self.p.outbox.document(GLOBAL_KEY, json_message(topic, GLOBAL_KEY, doc, [("tsmon.type", b"daemon_state")]),
+                                   last=True)
 
     def restore_global(self, doc: dict[str, Any]) -> None:
         """Continue from the changelog's daemon-wide document; remembered ids are merged, never dropped.

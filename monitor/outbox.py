@@ -22,10 +22,13 @@ class Outbox:
     homes: dict[str, frozenset[TP]] = field(default_factory=dict)
     # acknowledgements: (message, streams the command changed, command id)
     acks: list[tuple[OutMessage, frozenset[str], str]] = field(default_factory=list)
+    handed: dict[str, frozenset[TP]] = field(default_factory=dict)  # documents sent, not acknowledged yet: homes
 
-    def document(self, key: str, msg: OutMessage, home: frozenset[TP] = frozenset()) -> None:
-        """Keep ``msg`` as ``key``'s document to send, after the ones kept before it (the latest per key)."""
-        self.documents.pop(key, None)
+    def document(self, key: str, msg: OutMessage, home: frozenset[TP] = frozenset(), last: bool = False) -> None:
+        """Keep ``msg`` as ``key``'s document to send (the latest per key, in the place of the one it replaces);
+        ``last``: after every other one (the daemon-wide document, which records the commands those carry)."""
+        if last:
+            self.documents.pop(key, None)
         self.documents[key] = msg
         self.homes[key] = home
 
@@ -33,10 +36,15 @@ class Outbox:
         self.acks.append((msg, streams, command_id))
 
     def send_documents(self, sink: Sink) -> int:
-        docs, self.documents, self.homes = self.documents, {}, {}
+        docs, homes, self.documents, self.homes = self.documents, self.homes, {}, {}
         for msg in docs.values():
             sink.send(msg)
+        self.handed.update(homes)
         return len(docs)
+
+    def delivered(self) -> None:
+        """The sink acknowledged everything sent so far: the documents handed to it are on the changelog."""
+        self.handed.clear()
 
     def send_acks(self, sink: Sink) -> None:
         acks, self.acks = self.acks, []
@@ -50,6 +58,8 @@ class Outbox:
         dropped = {key for key, home in self.homes.items() if home and home <= tps}
         for key in dropped:
             del self.documents[key], self.homes[key]
-        lost = {command_id for _msg, streams, command_id in self.acks if streams & dropped}
-        self.acks = [a for a in self.acks if not a[1] & dropped]
+        # handed to the sink but not acknowledged: they may land after the next owner's, and lose to its epoch
+        unsure = dropped | {key for key, home in self.handed.items() if home and home <= tps}
+        lost = {command_id for _msg, streams, command_id in self.acks if streams & unsure}
+        self.acks = [a for a in self.acks if a[2] not in lost]  # a "duplicate" of one of them too
         return lost

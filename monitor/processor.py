@@ -835,8 +835,10 @@ class Processor:
             self.save(name)
         self.undocumented.clear()
         self._flush(left)  # 1. alerts, events, dead letters: acknowledged before any document that follows them
+        self.outbox.delivered()  # (and documents a failed step 2 left with the sink)
         if self.send_documents():  # 2. then acknowledged too (a lost alert with its document acknowledged was
             self._flush(left)  # never sent again: the replay skipped its windows)
+            self.outbox.delivered()
         self.send_acks()  # 3. (flushed with the next commit's step 1)
         if self.failed is not None:
             return {}

@@ -575,6 +575,7 @@ def test_a_command_is_acknowledged_after_its_documents_and_survives_a_failed_bat
     n = len(p.sink.sent)
     r = send(c, "pin", "dev-a", threshold=3.0)
     assert r["status"] == "applied" and p.sink.sent[n:] == []  # nothing at once: the ack waits for the documents
+    p.save("dev-a")  # saved again before the commit (a snapshot): still before the document recording the command
     p.failed = "RuntimeError: boom"  # a batch fails to score: nothing is committed from now on
     committed = dict(src.committed)
     assert p.commit(src) == {} and src.committed == committed
@@ -584,12 +585,15 @@ def test_a_command_is_acknowledged_after_its_documents_and_survives_a_failed_bat
     assert [d for d in out(p, "state") if d.get("stream") == "dev-a"][-1]["calibrator"]["pinned"] is True
 
 
-def test_a_command_whose_documents_a_failed_revoke_dropped_is_not_acknowledged(make: Make) -> None:
-    """A pin whose commit failed, then a revoke of its stream's partition whose commit failed too: the revoke drops
-    the pinned document (the next owner continues from the last committed one), yet "applied" went out at the next
-    commit and the command's id was remembered, so sending it again did nothing. Its ack is dropped (tsmon ctl says
-    the partition was not answered for) and its id forgotten."""
+@pytest.mark.parametrize("fails_at", ["first flush", "second flush"])
+def test_a_command_whose_documents_a_failed_revoke_dropped_is_not_acknowledged(make: Make, fails_at: str) -> None:
+    """A pin, then a revoke of its stream's partition whose commit fails: before its documents were handed to the
+    sink (they are dropped: the next owner continues from the last committed one) or after, unacknowledged (they
+    may land after the next owner's, and lose to its epoch). Yet "applied" — and the "duplicate" of the same
+    command sent again — went out at the next commit and the id was remembered, so sending it again did nothing.
+    Both acks are withheld (tsmon ctl says the partition was not answered for) and the id forgotten."""
     from models.errors import SinkBackpressure
+    from monitor.control import new_command
 
     tp0 = ("in", 0)
     p = make()
@@ -600,22 +604,31 @@ def test_a_command_whose_documents_a_failed_revoke_dropped_is_not_acknowledged(m
     p.commit(src)
     c = controller(p)
     c.global_known = True
-    r = send(c, "pin", "dev-a", threshold=3.0)
-    assert r["status"] == "applied"
-    p.sink.fail_next = 2  # the commit after the command, and the revoke's
-    with pytest.raises(SinkBackpressure):
-        p.commit(src)
+    cmd = new_command("pin", "dev-a", {"threshold": 3.0}, "alice", "t", KEY)
+    assert [c.handle(raw(cmd))["status"] for _ in range(2)] == ["applied", "duplicate"]
+    if fails_at == "first flush":
+        p.sink.fail_next = 2  # the commit after the command, and the revoke's
+        with pytest.raises(SinkBackpressure):
+            p.commit(src)
+    else:  # the revoke's second flush: its documents handed to the sink, not acknowledged
+        real, calls = p.sink.flush, [0]
+
+        def flush(timeout_s: float) -> None:
+            calls[0] += 1
+            if calls[0] == 2:
+                raise SinkBackpressure("slow", 0.0)
+            real(timeout_s)
+
+        p.sink.flush = flush  # type: ignore[method-assign]
     p.revoke(src, {tp0})
-    assert p.unpersisted == {r["command_id"]}
+    assert p.unpersisted == {cmd["command_id"]}
     c.forget(p.unpersisted)  # as the daemon does after the revoke
     src.assigned = set()
     p.commit(src)
-    assert not [a for a in out(p, "audit") if a["command_id"] == r["command_id"]]
-    assert not [d for d in out(p, "state") if d.get("stream") == "dev-a" and d["calibrator"]["pinned"]]
-    assert r["command_id"] not in [d for d in out(p, "state") if d.get("type") == "daemon_state"][-1]["command_ids"]
+    assert not [a for a in out(p, "audit") if a["command_id"] == cmd["command_id"]]
+    assert cmd["command_id"] not in [d for d in out(p, "state") if d.get("type") == "daemon_state"][-1]["command_ids"]
     p.failed = "RuntimeError: boom"  # and once a batch failed to score, commands are not applied at all
     assert send(c, "pin", "dev-a", threshold=4.0)["status"] == "failed"
-
 
 def next_owner_pins(make: Make, doc: dict[str, Any], recs: list[Any]) -> dict[str, Any]:
     """The stream's next owner: restores ``doc``, takes ``recs``, pins it at 9 and saves; its document."""
