@@ -157,7 +157,7 @@ class ConfluentSource:
         self._health = _Health(session_s=int(consumer_kwargs.get("session_timeout_ms", 45_000)) / 1000)
         self._lost = False  # inside the callback for partitions the group took away: nothing can be committed
         self._closing = False
-        self._bad: PartitionUnreadable | None = None  # a partition's fetch failed: raised by the next poll
+        self._bad: dict[TP, PartitionUnreadable] = {}  # partitions whose fetch failed: raised by the next polls
         self._unread_lags: dict[TP, int] = {}  # assigned partitions nothing was delivered from yet (see lags)
         self._unread_due = 0.0  # monotonic time they are asked for again
         self._unread_thread: threading.Thread | None = None
@@ -197,10 +197,10 @@ class ConfluentSource:
     def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InRecord]:
         from confluent_kafka import KafkaError, KafkaException
 
-        if self._bad is not None:  # the records taken with it went out first
-            bad, self._bad = self._bad, None
-            if bad.tp in self.assignment():
-                raise bad
+        held = self.assignment()
+        self._bad = {tp: exc for tp, exc in self._bad.items() if tp in held}
+        if self._bad:  # the records taken with them went out first; one a poll (each is paused by its raise)
+            raise self._bad.pop(next(iter(self._bad)))
         n = max_records or self._max
         try:  # consume() waits until it has n messages or the timeout passed; kafka-python returns what is there
             messages = self._consumer.consume(num_messages=n, timeout=0)
@@ -219,7 +219,8 @@ class ConfluentSource:
                 if m.topic() and m.partition() is not None and m.partition() >= 0:  # a fetch of one partition that
                     # cannot be used (a batch failing its CRC): that partition waits for its retries, as with
                     # kafka-python (a warning per message, /readyz 200 and the partition stalled, before)
-                    self._bad = PartitionUnreadable(f"cannot read the input: {err}", (m.topic(), m.partition()))
+                    tp = (m.topic(), m.partition())
+                    self._bad[tp] = PartitionUnreadable(f"cannot read the input: {err}", tp)
                     if m.offset() is not None and m.offset() >= 0:
                         failed.setdefault((m.topic(), m.partition()), m.offset())
                 else:

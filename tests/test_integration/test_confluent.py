@@ -213,21 +213,25 @@ def test_records_after_a_bad_batch_are_read_again_from_it_not_taken_past_it() ->
         sought: ClassVar[list[tuple[str, int, int]]] = []
 
         def consume(self, num_messages: int, timeout: float) -> list[Message]:
-            return [Message(0, 0), Message(0, 1, KafkaError(KafkaError._BAD_MSG)), Message(0, 2), Message(1, 7)]
+            return [Message(0, 0), Message(0, 1, KafkaError(KafkaError._BAD_MSG)), Message(0, 2), Message(1, 7),
+                    Message(2, 4, KafkaError(KafkaError._BAD_MSG))]
 
         def assignment(self) -> list[TopicPartition]:
-            return [TopicPartition("t", 0), TopicPartition("t", 1)]
+            return [TopicPartition("t", p) for p in range(3)]
 
         def seek(self, tp: Any) -> None:
             self.sought.append((tp.topic, tp.partition, tp.offset))
 
     src = ConfluentSource.__new__(ConfluentSource)
-    src._consumer, src._max, src._bad = Consumer(), 10, None
+    src._consumer, src._max, src._bad = Consumer(), 10, {}
     assert [(r.partition, r.offset) for r in src.poll(0)] == [(0, 0), (1, 7)]
-    assert Consumer.sought == [("t", 0, 1)]
-    with pytest.raises(PartitionUnreadable) as bad:
-        src.poll(0)
-    assert bad.value.tp == ("t", 0)
+    assert Consumer.sought == [("t", 0, 1), ("t", 2, 4)]
+    raised = []
+    for _ in range(2):  # one a poll: each raise pauses its partition in the daemon
+        with pytest.raises(PartitionUnreadable) as bad:
+            src.poll(0)
+        raised.append(bad.value.tp)
+    assert raised == [("t", 0), ("t", 2)]
 
 
 def consumer_kwargs(bootstrap: str, group: str) -> dict[str, Any]:
