@@ -55,11 +55,13 @@ class Outbox:
         """A revoke of ``tps`` whose commit failed: drop the documents of streams only on them, and the
         acknowledgements of commands that changed those streams; returns those commands' ids. Documents of streams
         whose partitions are unknown (earlier versions) or kept here still go."""
-        dropped = {key for key, home in self.homes.items() if home and home <= tps}
+        queued = dict(self.homes)
+        dropped = {key for key, home in queued.items() if home and home <= tps}
         for key in dropped:
             del self.documents[key], self.homes[key]
-        # handed to the sink but not acknowledged: they may land after the next owner's, and lose to its epoch
-        unsure = dropped | {key for key, home in self.handed.items() if home and home <= tps}
+        # handed to the sink but not acknowledged: they may land after the next owner's, and lose to its epoch (a
+        # key also queued is judged by the newer document's partitions: its stream may have been read on more since)
+        unsure = dropped | {key for key, home in self.handed.items() if key not in queued and home and home <= tps}
         lost = {command_id for _msg, streams, command_id in self.acks if streams & unsure}
         self.acks = [a for a in self.acks if a[2] not in lost]  # a "duplicate" of one of them too
         return lost

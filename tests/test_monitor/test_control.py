@@ -585,6 +585,46 @@ def test_a_command_is_acknowledged_after_its_documents_and_survives_a_failed_bat
     assert [d for d in out(p, "state") if d.get("stream") == "dev-a"][-1]["calibrator"]["pinned"] is True
 
 
+def failing_flushes(p: Any, which: set[int]) -> None:
+    """Make the sink's flushes numbered ``which`` (from 1, counted from now) fail."""
+    from models.errors import SinkBackpressure
+
+    real, calls = p.sink.flush, [0]
+
+    def flush(timeout_s: float) -> None:
+        calls[0] += 1
+        if calls[0] in which:
+            raise SinkBackpressure("slow", 0.0)
+        real(timeout_s)
+
+    p.sink.flush = flush
+
+
+def test_a_stream_read_on_a_kept_partition_since_its_document_was_handed_keeps_its_ack(make: Make) -> None:
+    """A pinned document handed to the sink and not acknowledged, then the stream read on a second partition, then
+    a revoke of the first whose commit fails: the stream's newer document stays (a partition is kept), yet its
+    command's ack was withheld by the older document's partitions (the fourth review)."""
+    from models.errors import SinkBackpressure
+
+    tp0, tp1 = ("in", 0), ("in", 1)
+    p = make()
+    p.settings = Settings(state_topic="state")
+    src = MemorySource([])
+    src.assigned = {tp0, tp1}
+    ts, values = sine_stream(600)
+    feed(p, records("dev-a", ts[:300], values[:300]))
+    p.commit(src)
+    c = controller(p)
+    c.global_known = True
+    send(c, "pin", "dev-a", threshold=3.0)
+    failing_flushes(p, {2, 3})  # this commit's second flush, then the revoke's first
+    with pytest.raises(SinkBackpressure):
+        p.commit(src)
+    feed(p, records("dev-a", ts[300:], values[300:], partition=1))
+    p.revoke(src, {tp0})
+    assert p.unpersisted == set() and "dev-a" in p.outbox.documents
+
+
 @pytest.mark.parametrize("fails_at", ["first flush", "second flush"])
 def test_a_command_whose_documents_a_failed_revoke_dropped_is_not_acknowledged(make: Make, fails_at: str) -> None:
     """A pin, then a revoke of its stream's partition whose commit fails: before its documents were handed to the
@@ -611,19 +651,13 @@ def test_a_command_whose_documents_a_failed_revoke_dropped_is_not_acknowledged(m
         with pytest.raises(SinkBackpressure):
             p.commit(src)
     else:  # the revoke's second flush: its documents handed to the sink, not acknowledged
-        real, calls = p.sink.flush, [0]
-
-        def flush(timeout_s: float) -> None:
-            calls[0] += 1
-            if calls[0] == 2:
-                raise SinkBackpressure("slow", 0.0)
-            real(timeout_s)
-
-        p.sink.flush = flush  # type: ignore[method-assign]
+        failing_flushes(p, {2})
     p.revoke(src, {tp0})
     assert p.unpersisted == {cmd["command_id"]}
-    c.forget(p.unpersisted)  # as the daemon does after the revoke
     src.assigned = set()
+    p.commit(src)
+    assert p.outbox.handed == {}  # acknowledged by that commit's first flush (it had no document to send)
+    c.forget(p.unpersisted)  # as the daemon does after the revoke
     p.commit(src)
     assert not [a for a in out(p, "audit") if a["command_id"] == cmd["command_id"]]
     assert cmd["command_id"] not in [d for d in out(p, "state") if d.get("type") == "daemon_state"][-1]["command_ids"]
