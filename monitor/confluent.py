@@ -197,10 +197,11 @@ class ConfluentSource:
     def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InRecord]:
         from confluent_kafka import KafkaError, KafkaException
 
-        held = self.assignment()
-        self._bad = {tp: exc for tp, exc in self._bad.items() if tp in held}
         if self._bad:  # the records taken with them went out first; one a poll (each is paused by its raise)
-            raise self._bad.pop(next(iter(self._bad)))
+            held = self.assignment()  # (asked only then: poll is the hot path)
+            self._bad = {tp: exc for tp, exc in self._bad.items() if tp in held}
+            if self._bad:
+                raise self._bad.pop(next(iter(self._bad)))
         n = max_records or self._max
         try:  # consume() waits until it has n messages or the timeout passed; kafka-python returns what is there
             messages = self._consumer.consume(num_messages=n, timeout=0)
@@ -222,12 +223,12 @@ class ConfluentSource:
                     tp = (m.topic(), m.partition())
                     self._bad[tp] = PartitionUnreadable(f"cannot read the input: {err}", tp)
                     if m.offset() is not None and m.offset() >= 0:
-                        failed.setdefault((m.topic(), m.partition()), m.offset())
+                        failed.setdefault(tp, m.offset())
                 else:
                     log.warning("consume_error", client="confluent", error=str(err))
                 continue
-            if (m.topic(), m.partition()) in failed:  # librdkafka goes on after a bad batch: what follows it is read
-                continue  # again from it (below), never taken past it
+            if failed and (m.topic(), m.partition()) in failed:  # librdkafka goes on after a bad batch: what follows
+                continue  # it is read again from it (below), never taken past it
             out.append(InRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value(), max(0, m.timestamp()[1])))
         self._back_to(failed)
         return out

@@ -414,7 +414,6 @@ class Daemon:
             self.metrics.lag.labels(topic, str(partition)).set(lag)
         self._lag_labels, self._lags = set(lags), lags
         held = self.processor.uncommitted(assigned)
-        self.metrics.documents.set(len(self.processor.restored))  # forget_dormant's count lagged a rebalance by 60 s
         self._note_refusals(lambda _s: True, {})  # revoked or evicted since the last recalibration: dropped
         for topic, partition in self._held_labels - set(held):
             self.metrics.uncommitted.remove(topic, str(partition))

@@ -139,6 +139,7 @@ class Processor:
         # snapshotted or committed past them (the shutdown and the revoke did both: the restart never replayed them)
         self.failed: str | None = None
         self.restored: dict[str, dict[str, Any]] = {}  # changelog documents of streams not started yet
+        self.metrics.documents.set_function(lambda: len(self.restored))  # as it is when scraped (replaced whole too)
         self.read_ts: dict[TP, int] = {}  # per partition, the newest timestamp of the records taken (_moved_on)
         self.knocked: dict[str, int] = {}  # streams with a document refused for want of room: when, last (epoch ms)
         self.evicted: set[str] = set()  # streams this instance evicted since its last assignment (see wake)
@@ -194,12 +195,14 @@ class Processor:
             self.windows_per_byte = _slow_max(self.windows_per_byte, made / max(1, size))
         self.peak_pending = max(self.peak_pending, self.pending)
 
-    def _moved_on(self, taken: Iterable[InRecord], now_ms: int) -> None:
-        """How far each partition's input has moved on (:meth:`forget_dormant`), from the records taken: a dead
-        letter's timestamp tells nothing, and one stamped past the clock's tolerance is ignored, not capped (one
-        garbage timestamp made a partition look 8 days on and forgot streams whose records were still waiting)."""
+    def _moved_on(self, st: StreamState, taken: Iterable[InRecord], now_ms: int) -> None:
+        """How far the records taken for ``st`` moved its input on: per partition, the offset of the last one (for
+        its document's ``read_offsets``), and the newest timestamp (:meth:`forget_dormant`): a dead letter's
+        timestamp tells nothing, and one stamped past the clock's tolerance is ignored, not capped (one garbage
+        timestamp made a partition look 8 days on and forgot streams whose records were still waiting)."""
         limit = now_ms + (self.settings.max_future_s or 3600.0) * 1000
         for rec in taken:
+            st.read_until[rec.tp] = max(rec.offset, st.read_until.get(rec.tp, -1))
             if self.read_ts.get(rec.tp, -1) < rec.timestamp_ms <= limit:
                 self.read_ts[rec.tp] = min(rec.timestamp_ms, now_ms)
 
@@ -243,7 +246,7 @@ class Processor:
         the windows their samples make at the stream's hop (counted whether or not one completed yet)."""
         st = self.streams[stream]
         st.last_seen = time.monotonic()
-        last, good = st.windows.last_ts if st.windows.last_ts is not None else st.resume_after_ts, []
+        last, good = st.windows.last_ts, []
         ahead_s, now_ms = self.settings.max_future_s, self.clock() * 1000
         latest_ok = math.inf if ahead_s is None else now_ms + ahead_s * 1000
         earliest = self.settings.earliest_ms
@@ -263,14 +266,13 @@ class Processor:
                                                  f"clock (limits.max_future_s = {ahead_s:g})"))
                 done.add(id(rec))
                 continue
-            behind, until, doc_last = last, st.replay_until.get(rec.tp), st.replay_last_ts
-            if until is not None and rec.offset > until and doc_last is not None:  # new input, not a replay
-                behind = doc_last if last is None else max(last, doc_last)
+            behind = last
+            if st.doc_last_ts is not None and st.is_new(rec.tp, rec.offset):  # new input follows the document's
+                behind = st.doc_last_ts if last is None else max(last, st.doc_last_ts)
             refused = order_problem(int(block.ts_ms[0]), behind, int(block.ts_ms[-1]))
             if refused is None:
                 good.append((rec, block))
                 last = int(block.ts_ms[-1])
-                st.read_until[rec.tp] = max(rec.offset, st.read_until.get(rec.tp, -1))
                 continue
             reason, _, detail = refused.partition(": ")
             kind = "duplicate" if reason == "duplicate_timestamp" else "late"
@@ -294,7 +296,7 @@ class Processor:
         self.metrics.records.labels("ok").inc(len(good))
         self.metrics.samples.inc(len(ts))
         done.update(id(rec) for rec, _ in good)
-        self._moved_on((rec for rec, _ in good), int(now_ms))
+        self._moved_on(st, (rec for rec, _ in good), int(now_ms))
         return len(ts) / st.served.hop
 
     def _base_gap_ms(self, served: Served) -> float | None:
@@ -721,7 +723,7 @@ class Processor:
         now_ms = int(self.clock() * 1000) if now_ms is None else now_ms
         after_ms = None if after is None else after * 1000
         old: dict[str, int] = {}
-        tombstoned: set[str] = set()
+        tombstoned: dict[str, frozenset[TP]] = {}  # → the partitions its stream came from
         others: list[tuple[int, str]] = []  # for the bound: copies of other instances' partitions, first
         own: list[tuple[int, str]] = []  # ... then the streams this instance evicted itself
         for name, doc in self.restored.items():
@@ -735,7 +737,7 @@ class Processor:
                                          else w < now_ms - after_ms):
                 old[name] = w
                 if name in self.evicted_here or (parts and parts <= assigned):
-                    tombstoned.add(name)
+                    tombstoned[name] = parts
             elif not home:
                 others.append((w, name))
             elif name in self.evicted_here:
@@ -745,18 +747,17 @@ class Processor:
             for w, name in (sorted(others) + sorted(own))[:over]:
                 old[name] = w
                 if name in self.evicted_here:
-                    tombstoned.add(name)
+                    tombstoned[name] = doc_partitions(self.restored[name])
         for name, written_ms in old.items():
-            gone = self.restored.pop(name)
+            del self.restored[name]
             self.knocked.pop(name, None)
             if topic is not None and name in tombstoned:
                 self.outbox.document(name, OutMessage(topic, name.encode(), None, [("tsmon.type", b"stream_forgotten")]),
-                                     doc_partitions(gone))
+                                     tombstoned[name])
             self._unevict(name)
             self.throttle.log(log.info, "stream_forgotten", stream=name, written_s_ago=(now_ms - written_ms) // 1000,
                               documents=len(self.restored))
         self.metrics.forgotten.inc(len(old))
-        self.metrics.documents.set(len(self.restored))
         return len(old)
 
     def _unevict(self, stream: str) -> None:

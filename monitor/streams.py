@@ -56,13 +56,14 @@ class StreamState:
     last_seen: float = 0.0  # monotonic time of its last record (idle eviction)
     doc_from_seq: int | None = None  # the replay point of the last document sent: input from it stays held
     orphan: Episode | None = None  # a fired episode restored for another model version, to resolve
-    resume_after_ts: int | None = None  # back from an eviction here: its samples must be newer than this one
+    # the last sample of the document it continued from: new input must follow it (the order rule across an eviction
+    # or a restore — passed over as a replay, a clock set back went unscored); which input is new: see replay_until
+    doc_last_ts: int | None = None
     home: frozenset[TP] = frozenset()  # the input partitions its records came from (stored in its document)
     read_until: dict[TP, int] = field(default_factory=dict)  # per partition, the offset of the last record taken
-    # restored for a replay: records at or before these offsets come again; later ones are new input, which must
-    # follow the document's last sample (replay_last_ts) — passed over as a replay, a clock set back went unscored
-    replay_until: dict[TP, int] = field(default_factory=dict)
-    replay_last_ts: int | None = None
+    # restored for a replay: records at or before these offsets come again, later ones are new; None: every one is
+    # new (back from an eviction here, or never restored)
+    replay_until: dict[TP, int] | None = None
     epoch: int = 0  # owners that continued it from a document before this one (a fencing token: see state._keep)
 
     @property
@@ -121,9 +122,16 @@ class StreamState:
         """The time of its last sample: one taken here, else the one its document had (a stream restored or woken
         for a command and saved before any input: its document lost it, and with it the order rule at the next
         restore)."""
-        if self.windows.last_ts is not None:
-            return self.windows.last_ts
-        return self.resume_after_ts if self.resume_after_ts is not None else self.replay_last_ts
+        return self.windows.last_ts if self.windows.last_ts is not None else self.doc_last_ts
+
+    def is_new(self, rec_tp: TP, offset: int) -> bool:
+        """Is the record at ``offset`` of ``rec_tp`` new input (held to the order rule against :attr:`doc_last_ts`),
+        not a replay of what the document includes? A partition the document records no offset for (earlier
+        versions): every record is taken as a possible replay."""
+        if self.replay_until is None:
+            return True
+        until = self.replay_until.get(rec_tp)
+        return until is not None and offset > until
 
     def to_doc(self, stream: str, calibrator: Calibrator, written_ms: int,
                point: tuple[int, int, int] | None = None) -> dict[str, Any]:
@@ -146,7 +154,7 @@ class StreamState:
                 "silenced_until_ms": self.silenced_until_ms, "feedback": dict(self.feedback),
                 "recent_alerts": [a.to_doc() for a in self.recent_alerts],
                 "partitions": [[t, p] for t, p in sorted(self.home)],
-                "read_offsets": [[t, p, o] for (t, p), o in sorted({**self.replay_until, **self.read_until}.items())],
+                "read_offsets": [[t, p, o] for (t, p), o in sorted({**(self.replay_until or {}), **self.read_until}.items())],
                 "epoch": self.epoch}
 
     def restore(self, stream: str, doc: dict[str, Any], calibrator: Calibrator, replayed: bool = True) -> str:
@@ -183,8 +191,8 @@ class StreamState:
             raise TypeError(f"sample_periods_ms must be two periods (ms > 0) or null, got {periods!r}")
         periods = [None if p is None else float(p) for p in periods]
         self.home = self.home or doc_partitions(doc)
-        if replayed:  # absent from documents of earlier versions: every record is taken as a possible replay
-            self.replay_until, self.replay_last_ts = doc_offsets(doc), last_sample
+        if replayed:
+            self.replay_until, self.doc_last_ts = doc_offsets(doc), last_sample
         else:  # its records since were taken here: kept for its next document (woken, it wrote none)
             self.read_until = doc_offsets(doc)
         artifact = self.served.detector.threshold.value  # absent from documents of earlier versions: the same
@@ -200,7 +208,7 @@ class StreamState:
             self.quality.resume(*periods)  # the stream's rate, whatever model scores it
             self.quality.resume_cooldowns(doc.get("quality_cooldowns"))
             if not replayed:  # the order rule is the stream's, whatever model scores it
-                self.resume_after_ts = last_sample
+                self.doc_last_ts = last_sample
             calibrator.set_frozen(stream, frozen)
             self.alerts.generation = generation
             self.orphan = old.episode if old is not None else None
@@ -226,7 +234,7 @@ class StreamState:
         self.quality.resume_cooldowns(doc.get("quality_cooldowns"))
         self.recent_alerts.extend(recent)
         if not replayed:  # no window restart, no gap event for the eviction's silence: the order rule only
-            self.resume_after_ts = last_sample
+            self.doc_last_ts = last_sample
         elif window_from is not None:
             self.windows.align(*window_from)
         return how
