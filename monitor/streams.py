@@ -119,10 +119,11 @@ class StreamState:
 
     @property
     def last_sample_ts(self) -> int | None:
-        """The time of its last sample: one taken here, else the one its document had (a stream restored or woken
-        for a command and saved before any input: its document lost it, and with it the order rule at the next
-        restore)."""
-        return self.windows.last_ts if self.windows.last_ts is not None else self.doc_last_ts
+        """The time of its last sample: the later of the one taken here and the one its document had (a stream restored
+        or woken for a command and saved before any input: its document lost it, and with it the order rule at the
+        next restore)."""
+        ts = [t for t in (self.windows.last_ts, self.doc_last_ts) if t is not None]
+        return max(ts) if ts else None  # mid-replay the windows are behind the document's
 
     def is_new(self, rec_tp: TP, offset: int) -> bool:
         """Is the record at ``offset`` of ``rec_tp`` new input (held to the order rule against :attr:`doc_last_ts`),
@@ -132,6 +133,15 @@ class StreamState:
             return True
         until = self.replay_until.get(rec_tp)
         return until is not None and offset > until
+
+    def read_offsets(self) -> dict[TP, int]:
+        """Per partition, the offset of the last record its state includes: read here, or included by the document
+        it was restored from — the later of the two (mid-replay, the offsets read so far are below the document's:
+        taken instead, the next restore held the records between to the order rule, as new input)."""
+        out = dict(self.replay_until or {})
+        for tp, offset in self.read_until.items():
+            out[tp] = max(offset, out.get(tp, -1))
+        return out
 
     def to_doc(self, stream: str, calibrator: Calibrator, written_ms: int,
                point: tuple[int, int, int] | None = None) -> dict[str, Any]:
@@ -154,7 +164,7 @@ class StreamState:
                 "silenced_until_ms": self.silenced_until_ms, "feedback": dict(self.feedback),
                 "recent_alerts": [a.to_doc() for a in self.recent_alerts],
                 "partitions": [[t, p] for t, p in sorted(self.home)],
-                "read_offsets": [[t, p, o] for (t, p), o in sorted({**(self.replay_until or {}), **self.read_until}.items())],
+                "read_offsets": [[t, p, o] for (t, p), o in sorted(self.read_offsets().items())],
                 "epoch": self.epoch}
 
     def restore(self, stream: str, doc: dict[str, Any], calibrator: Calibrator, replayed: bool = True) -> str:

@@ -550,6 +550,23 @@ def test_a_restored_stream_whose_new_input_goes_back_is_refused_not_passed_over(
     assert restarted(first[-20:]) == []  # a replay of what the document includes: passed over
 
 
+def test_a_document_written_mid_replay_keeps_the_offsets_its_state_includes(make: Make) -> None:
+    """A restored stream that writes a document before its replay is through: the offsets and the last sample read so
+    far replaced the document's own, so its next restore took the rest of the replay, which its state includes, for
+    new input, and held later input to the order rule from an earlier point."""
+    p, first = evicted_a_day_ahead(make)
+    p.commit(MemorySource([]), {(TOPIC, 0)})
+    doc = [json.loads(m.value) for m in sink(p).sent if m.topic == "state" and m.value is not None][-1]
+    q = make()
+    q.settings = Settings(state_topic="state")
+    q.restored = {"dev-c": doc}
+    feed(q, first[:20])  # the start of the replay
+    q.commit(MemorySource([]), {(TOPIC, 0)})
+    again = [json.loads(m.value) for m in sink(q).sent if m.topic == "state" and m.value is not None][-1]
+    assert again["read_offsets"] == [[TOPIC, 0, len(first) - 1]]
+    assert again["last_sample_ts"] == doc["last_sample_ts"]  # not the last one replayed so far
+
+
 def test_an_evicted_stream_that_returns_with_older_timestamps_is_refused_not_passed_over(make: Make) -> None:
     """A stream evicted while its clock ran a day fast, back with the clock corrected: its samples, stamped
     before the stored window point, were passed over as if replayed — counted ok, never windowed, never
