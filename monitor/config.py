@@ -315,7 +315,14 @@ class WindowsConfig(_Section):
                                       "samples; a 130 ms dropout of a 100 Hz stream was spliced into windows and "
                                       "paged); none = gap_ms alone (receipt-time stamps, bursty or irregular streams)")
 
-    _optional = field_validator("gap_ms", "gap_periods", mode="before")(_unset)
+    clock_step_s: float | None = Field(60.0, gt=0, description="a stream whose new samples stay behind its last one "
+                                       "for this long of their own time (consecutive records, in order among "
+                                       "themselves, produced over half of it at least) had its clock set back: it "
+                                       "restarts at the new time (an open "
+                                       "alert is resolved; a `clock_step` event); none = never: they are "
+                                       "dead-lettered until its clock passes the old time (up to limits.max_future_s)")
+
+    _optional = field_validator("gap_ms", "gap_periods", "clock_step_s", mode="before")(_unset)
 
 
 class BatchConfig(_Section):
@@ -782,6 +789,7 @@ path = "artifacts/ecg5000-lstm"          # example: artifact directory written b
 [windows]
 gap_ms = 5000.0                          # a longer gap between samples restarts the stream; "none" = never
 # gap_periods = 2.5                      # example: an interval over 2.5 learnt sample periods is a gap too; default: off
+clock_step_s = 60.0                      # samples behind the stream for this long of their own time: a clock set back
 
 [batch]
 max_batch = 256                          # windows scored in one model call at most (1..65536)

@@ -79,6 +79,7 @@ class Settings:
     model_quantile: bool = False  # each stream calibrated at its model's threshold quantile (no quantile configured)
     forget_after_s: float | None = None  # a document not written for this long is forgotten (:meth:`forget_dormant`)
     max_documents: int | None = None  # documents of streams not held kept at most (the least recently written go)
+    clock_step_s: float | None = None  # new input behind the stream this long (its own time): its clock was set back
 
 
 
@@ -233,7 +234,9 @@ class Processor:
         done: set[int] = set()  # id() of the records accounted for
         try:
             return self._append(stream, items, done)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
+            if self.failed is not None:  # scoring failed (a clock step scores what waits): the daemon's, not theirs
+                raise
             why = f"{type(exc).__name__}: {exc}"
             log.error("append_failed", stream=stream[:64], error=why[:300])
             for rec, _block in items:
@@ -246,7 +249,7 @@ class Processor:
         the windows their samples make at the stream's hop (counted whether or not one completed yet)."""
         st = self.streams[stream]
         st.last_seen = time.monotonic()
-        last, good = st.windows.last_ts, []
+        last, good, made = st.windows.last_ts, [], 0.0
         ahead_s, now_ms = self.settings.max_future_s, self.clock() * 1000
         latest_ok = math.inf if ahead_s is None else now_ms + ahead_s * 1000
         earliest = self.settings.earliest_ms
@@ -270,15 +273,27 @@ class Processor:
             if st.doc_last_ts is not None and st.is_new(rec.tp, rec.offset):  # new input follows the document's
                 behind = st.doc_last_ts if last is None else max(last, st.doc_last_ts)
             refused = order_problem(int(block.ts_ms[0]), behind, int(block.ts_ms[-1]))
+            reason, _, detail = (refused or "").partition(": ")
+            if reason == "timestamp_backwards" and self._set_back(st, rec, block):
+                made += self._take(stream, st, good, done, now_ms)  # those before the step, in the old time
+                good = []
+                self._clock_step(stream, st, behind)
+                refused = None
             if refused is None:
                 good.append((rec, block))
                 last = int(block.ts_ms[-1])
+                st.behind_run = None
                 continue
-            reason, _, detail = refused.partition(": ")
             kind = "duplicate" if reason == "duplicate_timestamp" else "late"
             self._quality(st.quality.event(kind, int(block.ts_ms[0]), detail))
             self._dead_letter(rec, BadRecord(reason, detail))
             done.add(id(rec))
+        return made + self._take(stream, st, good, done, now_ms)
+
+    def _take(self, stream: str, st: StreamState, good: list[tuple[InRecord, SampleBlock]], done: set[int],
+              now_ms: float) -> float:
+        """Window, hold and batch the stream's blocks that passed the order check; returns the windows their samples
+        make at the stream's hop."""
         if not good:
             return 0.0
         ts = np.concatenate([b.ts_ms for _, b in good]) if len(good) > 1 else good[0][1].ts_ms
@@ -298,6 +313,47 @@ class Processor:
         done.update(id(rec) for rec, _ in good)
         self._moved_on(st, (rec for rec, _ in good), int(now_ms))
         return len(ts) / st.served.hop
+
+    def _set_back(self, st: StreamState, rec: InRecord, block: SampleBlock) -> bool:
+        """Count a block refused as behind the stream into its run of such blocks (in a row, in order among
+        themselves); True once the run has lasted ``clock_step_s`` of its own time, and was produced over at least
+        half of that (the records' Kafka timestamps, when they have them): the stream's clock was set back (a device's
+        clock corrected by NTP, or reset at a reboot), not a late message, nor a buffer sent again at once (a
+        store-and-forward gateway's two minutes, resent in a second, would have restarted the stream on them)."""
+        first, end = int(block.ts_ms[0]), int(block.ts_ms[-1])
+        run = st.behind_run
+        if run is None or first <= run[1]:
+            run = (first, end, 1, rec.timestamp_ms)
+        else:
+            run = (run[0], end, run[2] + 1, run[3])
+        st.behind_run = run
+        step_ms = None if self.settings.clock_step_s is None else self.settings.clock_step_s * 1000
+        produced = rec.timestamp_ms - run[3] if rec.timestamp_ms > 0 and run[3] > 0 else math.inf
+        return step_ms is not None and end - run[0] >= step_ms and produced >= step_ms / 2
+
+    def _clock_step(self, stream: str, st: StreamState, was: int | None) -> None:
+        """Restart a stream whose clock was set back at its new time: what waits is scored first, an open alert is
+        resolved (``clock_step``), and its windows, order point, alert state and data-clock schedule start again —
+        its alerts in a new generation, so that their ids cannot meet those of the old time. Its calibration stays
+        (it counts windows, not time). Before, its samples were dead-lettered until its clock passed the old time."""
+        first, _, refused, _ = st.behind_run or (0, 0, 0, 0)
+        self.score_ready(force=True)
+        ep = st.alerts.episode
+        if ep is not None and ep.fired is not None:
+            self.publish_alert(stream, st, Transition("resolved", ep), clock_step=True)
+        st.alerts = AlertState(stream, st.served.identity, self.alert_settings(st.served),
+                               generation=st.alerts.generation + 1)
+        st.windows.set_back()
+        st.doc_last_ts, st.applied_until_ts, st.last_window_ts, st.behind_run, st.dirty = None, -1, -1, None, True
+        if self.data_clock is not None:
+            self.data_clock.forget(stream)
+        back_s = ((was or first) - first) / 1000
+        detail = (f"its samples went back {back_s:.0f} s (to {iso(first)}) and stayed behind for "
+                  f"{self.settings.clock_step_s:g} s (windows.clock_step_s): its clock was set back? restarted at the "
+                  f"new time; {refused - 1} record(s) dead-lettered meanwhile")
+        self._quality(st.quality.event("clock_step", first, detail))
+        log.warning("clock_step", stream=stream[:64], back_s=round(back_s, 3), dead_lettered=refused - 1)
+        self._release(stream, st)
 
     def _base_gap_ms(self, served: Served) -> float | None:
         """The route's ``gap_ms``, else the daemon's."""

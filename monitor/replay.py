@@ -65,9 +65,13 @@ def messages(stream: str, ts_ms: np.ndarray, values: np.ndarray, chunk: int) -> 
 
 def as_records(stream: str, ts_ms: np.ndarray, values: np.ndarray, chunk: int, topic: str, partition: int = 0,
                first_offset: int = 0) -> list[InRecord]:
-    """The same messages as consumed records on consecutive offsets of one partition (in-process sources)."""
-    return [InRecord(topic, partition, first_offset + i, stream.encode(), body, int(ts_ms[0]))
-            for i, (body, _n) in enumerate(messages(stream, ts_ms, values, chunk))]
+    """The same messages as consumed records on consecutive offsets of one partition (in-process sources), each
+    stamped (its Kafka timestamp) with its first sample's time, as a live producer's would be."""
+    out, at = [], 0
+    for i, (body, n) in enumerate(messages(stream, ts_ms, values, chunk)):
+        out.append(InRecord(topic, partition, first_offset + i, stream.encode(), body, int(ts_ms[at])))
+        at += n
+    return out
 
 
 def replay(producer: Any, topic: str, stream: str, ts_ms: np.ndarray, values: np.ndarray, chunk: int = 100,

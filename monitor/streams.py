@@ -65,6 +65,9 @@ class StreamState:
     # new (back from an eviction here, or never restored)
     replay_until: dict[TP, int] | None = None
     epoch: int = 0  # owners that continued it from a document before this one (a fencing token: see state._keep)
+    # new records refused as behind its last sample, in a row and in order among themselves: (first ts, last ts,
+    # records, the first one's Kafka timestamp); held for clock_step_s, they are a clock set back (Processor._set_back)
+    behind_run: tuple[int, int, int, int] | None = None
 
     @property
     def precision(self) -> float | None:

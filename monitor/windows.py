@@ -45,6 +45,12 @@ class _Windowing:
     def _push_segment(self, ts: np.ndarray, values: np.ndarray) -> Windows:
         raise NotImplementedError
 
+    def set_back(self) -> None:
+        """The stream's clock was set back: restart, and the next sample follows none before it."""
+        self.restart()
+        self.last_ts = None
+        self.gaps.clear()
+
     def check(self, ts: np.ndarray, values: np.ndarray) -> str | None:
         """Why a block cannot be appended (``None`` if it can): channel count or time order."""
         if values.ndim != 2 or values.shape[1] != self.channels:

@@ -135,6 +135,27 @@ def test_malformed_input_is_dead_lettered_and_the_stream_keeps_flowing(broker: A
     assert [q["kind"] for q in quality] == ["late"]  # the second one is within the cooldown: counted, not sent
 
 
+def test_a_stream_whose_clock_is_set_back_pages_at_its_new_time(broker: Any, topic: str, stream_model: Path) -> None:
+    """A device clock 30 minutes fast, then corrected: its records, produced as it samples them (Kafka timestamps),
+    were dead-lettered until its clock passed the old time and the incident in them never paged. After
+    windows.clock_step_s of them it restarts at the new time and pages."""
+    fast, p = 1_700_000_000_000 + 1_800_000, KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1, linger_ms=5)
+    for ts, v in (sine_stream(1000, start_ms=fast), sine_stream(1000, bursts=(500,), seed=2)):
+        for i, (body, n) in enumerate(messages("dev-step", ts, v, STREAM_HOP)):
+            p.send(topic, key=b"dev-step", value=body, timestamp_ms=int(ts[i * n]))
+    p.flush()
+    p.close()
+    cfg = config(broker, topic, stream_model, **{"windows.clock_step_s": 1.0})
+    d = run_until_samples(cfg, 1900, linger_s=0.5)  # 10 records (1 s) of the corrected clock are dead-lettered
+    docs = TopicReader(broker.bootstrap, cfg.kafka.alerts_topic).settle()
+    assert [q["kind"] for q in docs if q.get("type") == "data_quality"] == ["late", "clock_step"]
+    alerts = [a for a in docs if a.get("type") == "anomaly"]
+    burst = 1_700_000_000_000 + 500 * STREAM_PERIOD_MS  # sample 500 of the corrected clock
+    assert [a["status"] for a in alerts] == ["firing", "resolved"]
+    assert burst - STREAM_WINDOW * STREAM_PERIOD_MS <= alerts[0]["start_ts"] <= burst + 29 * STREAM_PERIOD_MS
+    assert d.metrics.total("tsmon_dead_letters_total") == 10
+
+
 def _crash(d: Daemon) -> None:
     """Stop like a killed process: nothing flushed or committed at the end (the consumer just leaves)."""
     d.processor.sink.flush(10)  # what was already sent may or may not have reached the broker; say it did

@@ -593,6 +593,57 @@ def test_an_evicted_stream_that_returns_with_older_timestamps_is_refused_not_pas
     assert p.evict_idle(time.monotonic() + 16000) == 1 and "dev-c" not in p.evicted_here
 
 
+@pytest.mark.parametrize("step_s", [1.0, None])
+def test_a_stream_whose_clock_is_set_back_restarts_at_the_new_time(make: Make, step_s: float | None) -> None:
+    """A device whose clock ran 30 minutes fast, then was corrected (NTP): every later record was dead-lettered as
+    timestamp_backwards until its clock passed the old time (up to limits.max_future_s, an hour by default) — the
+    stream unmonitored, an incident in it never paged, reset-stream no way out. Records that stay behind for
+    windows.clock_step_s of their own time, produced over half of it at least, are a clock set back: the stream
+    restarts at the new time, its open alert resolved; a late message, or a buffer sent again at once, is still
+    refused."""
+    p = make()
+    p.settings = Settings(clock_step_s=step_s)
+    fast = 1_700_000_000_000 + 1_800_000
+    feed(p, records("dev-s", *sine_stream(1000, start_ms=fast)))
+    # a gateway's buffer of the last 3 s, sent again at once: longer than clock_step_s, but no clock set back
+    resent = [replace(r, timestamp_ms=fast + 10_000) for r in records("dev-s", *sine_stream(300, start_ms=fast + 6_000),
+                                                                      first_offset=100)]
+    live = records("dev-s", *sine_stream(200, bursts=(160,), start_ms=fast + 10_000), first_offset=130)  # alert open
+    feed(p, resent + live)
+    corrected = records("dev-s", *sine_stream(1000, bursts=(500,), seed=2), first_offset=150)
+    feed(p, corrected)
+    sink(p).flush(1)
+    dead = [dict(m.headers)["tsmon.reason"] for m in sink(p).sent if m.topic == DLQ]
+    anomalies = [(d["status"], d.get("clock_step"), d["alert_id"]) for d in docs(p, "anomaly")]
+    steps = [d for d in docs(p, "data_quality") if d["kind"] == "clock_step"]
+    if step_s is None:  # as before: refused until the clock passes the old time
+        assert dead == [b"timestamp_backwards"] * (30 + len(corrected)) and len(anomalies) == 1 and not steps
+        return
+    assert dead == [b"timestamp_backwards"] * (30 + 10)  # the buffer; then 1 s of the corrected clock
+    assert [a[:2] for a in anomalies] == [("firing", None), ("resolved", True), ("firing", None), ("resolved", None)]
+    assert anomalies[2][2] != anomalies[0][2]  # the incident after the step paged, under an id of its own
+    assert len(steps) == 1 and "went back 1812 s" in steps[0]["detail"] and "10 record(s)" in steps[0]["detail"]
+    now_ts = int(sine_stream(1000)[0][-1])
+    assert p.streams["dev-s"].windows.last_ts == now_ts
+    doc = p.save("dev-s")  # a restore must not take the new time's windows for ones the state already includes
+    assert doc is not None and doc["applied_until_ts"] <= now_ts and doc["last_sample_ts"] == now_ts
+
+
+def test_a_restored_stream_whose_clock_was_set_back_restarts_and_pages(make: Make) -> None:
+    """The clock step after a restart: new input behind the document's last sample for windows.clock_step_s
+    restarts the stream, and its windows are not taken for ones the restored state already includes."""
+    p, first = evicted_a_day_ahead(make)
+    p.commit(MemorySource([]), {(TOPIC, 0)})
+    doc = [json.loads(m.value) for m in sink(p).sent if m.topic == "state" and m.value is not None][-1]
+    q = make()
+    q.settings = Settings(state_topic="state", clock_step_s=1.0)
+    q.restored = {"dev-c": doc}
+    feed(q, records("dev-c", *sine_stream(300, bursts=(150,)), first_offset=len(first)))
+    sink(q).flush(1)
+    assert [dict(m.headers)["tsmon.reason"] for m in sink(q).sent if m.topic == DLQ] == [b"timestamp_backwards"] * 10
+    assert [d["status"] for d in docs(q, "anomaly")] == ["firing", "resolved"]
+
+
 def test_a_sample_far_ahead_of_the_clock_is_dead_lettered_not_taken(make: Make) -> None:
     """One message stamped in 2100 was taken: every later sample of the stream was then "backwards" and
     dead-lettered until that time came. Past limits.max_future_s it is refused itself, and the stream goes on."""
