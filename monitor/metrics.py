@@ -38,6 +38,8 @@ class Metrics:
             r.register(collector)
         self.records = Counter("tsmon_records", "Input records by outcome (ok, dead_letter)", ["outcome"], registry=r)
         self.samples = Counter("tsmon_samples", "Samples accepted into windows", registry=r)
+        self.overlapped = Counter("tsmon_samples_overlapped", "Samples dropped from the start of a chunk that overlaps "
+                                  "its stream's last sample (the rest of the chunk taken)", registry=r)
         self.dead_letters = Counter("tsmon_dead_letters", "Records sent to the dead-letter topic", ["reason"],
                                     registry=r)
         self.windows = Counter("tsmon_windows_scored", "Windows scored", ["model"], registry=r)
@@ -100,7 +102,7 @@ class Metrics:
         r.register(_Thresholds(self))  # tsmon_threshold{stream, source}, read under the lock that sets it
         self.thresholds_unlabelled = Gauge("tsmon_threshold_streams_unlabelled",
                                 "Streams over the label cap, their threshold not exported", registry=r)
-        self._counters = {c.describe()[0].name: c for c in (self.records, self.samples, self.dead_letters,
+        self._counters = {c.describe()[0].name: c for c in (self.records, self.samples, self.overlapped, self.dead_letters,
                                                             self.windows, self.skipped, self.alerts, self.quality,
                                                             self.commits, self.alert_severity, self.calibrations,
                                                             self.commands, self.snapshots, self.evicted, self.retries,

@@ -273,6 +273,13 @@ class Processor:
             if st.doc_last_ts is not None and st.is_new(rec.tp, rec.offset):  # new input follows the document's
                 behind = st.doc_last_ts if last is None else max(last, st.doc_last_ts)
             refused = order_problem(int(block.ts_ms[0]), behind, int(block.ts_ms[-1]))
+            if refused is not None and behind is not None and int(block.ts_ms[-1]) > behind:
+                block, hole, refused = *self._overlap(st, block, behind), None  # it goes on after the last sample
+                if hole:  # the samples dropped are a gap: no window joins what was before to what follows
+                    made += self._take(stream, st, good, done, now_ms)
+                    good = []
+                    st.windows.restart()
+                    st.windows.gaps.append(int(block.ts_ms[0]))
             reason, _, detail = (refused or "").partition(": ")
             if reason == "timestamp_backwards" and self._set_back(st, rec, block):
                 made += self._take(stream, st, good, done, now_ms)  # those before the step, in the old time
@@ -313,6 +320,25 @@ class Processor:
         done.update(id(rec) for rec, _ in good)
         self._moved_on(st, (rec for rec, _ in good), int(now_ms))
         return len(ts) / st.served.hop
+
+    def _overlap(self, st: StreamState, block: SampleBlock, behind: int) -> tuple[SampleBlock, bool]:
+        """The samples of ``block`` after the stream's last one (at ``behind``), and whether those dropped (at or
+        before it: counted and reported, ``late``) leave a gap by the stream's rule (``gap_ms``, ``gap_periods``), at
+        the chunk's own period. Chunks whose ``period_ms`` is a little long (128 Hz sent as 8 ms) overlap the next one:
+        whole, every other chunk was dead-lettered as going back, and the windows spliced the chunks kept across the
+        holes, which paged."""
+        keep = block.ts_ms > behind
+        n, dropped = len(keep), int(len(keep) - np.count_nonzero(keep))
+        span = int(block.ts_ms[-1] - block.ts_ms[0])
+        self.metrics.overlapped.inc(dropped)
+        self._quality(st.quality.event("late", int(block.ts_ms[0]), (
+            f"{dropped} sample(s) of a chunk of {n} at or before the stream's last one ({iso(behind)}) dropped, the "
+            f"rest taken: overlapping chunks — is period_ms right? ({n} samples spanning {span} ms, starting "
+            f"{behind - int(block.ts_ms[0])} ms before the last sample)")))
+        period = span / max(1, n - 1)  # the chunk's own
+        gap = self._gap_ms(st, self._base_gap_ms(st.served), period)
+        hole = gap is not None and (dropped + 1) * period > gap
+        return replace(block, ts_ms=block.ts_ms[keep], values=block.values[keep]), hole
 
     def _set_back(self, st: StreamState, rec: InRecord, block: SampleBlock) -> bool:
         """Count a block refused as behind the stream into its run of such blocks (in a row, in order among
@@ -359,13 +385,14 @@ class Processor:
         """The route's ``gap_ms``, else the daemon's."""
         return served.gap_ms if served.gap_ms is not None else self.settings.gap_ms
 
-    def _gap_ms(self, st: StreamState, base: float | None) -> float | None:
+    def _gap_ms(self, st: StreamState, base: float | None, period: float | None = None) -> float | None:
         """The longest interval that is not a gap: ``base`` (the route's or daemon's ``gap_ms``), or with ``gap_periods``
         set (the route's, else the daemon's), that many of the stream's sample periods once learnt (the recent period while the rate has drifted:
         learnt once, a rate that fell made every interval a gap), whichever is shorter. With ``gap_ms`` alone a
-        130 ms dropout of a 100 Hz stream joined two phases of its signal inside windows, which paged."""
+        130 ms dropout of a 100 Hz stream joined two phases of its signal inside windows, which paged. ``period``:
+        the one to use while none is learnt."""
         k = st.served.gap_periods if st.served.gap_periods is not None else self.settings.gap_periods
-        period = st.quality.current_period_ms
+        period = st.quality.current_period_ms or period
         if k is None or not period:  # off, or not learnt yet
             return base
         return k * period if base is None else min(base, k * period)

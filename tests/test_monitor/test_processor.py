@@ -644,6 +644,32 @@ def test_a_restored_stream_whose_clock_was_set_back_restarts_and_pages(make: Mak
     assert [d["status"] for d in docs(q, "anomaly")] == ["firing", "resolved"]
 
 
+@pytest.mark.parametrize("period_ms, dropped", [(11, 9), (10.2, 2)])
+def test_chunks_whose_period_ms_is_too_long_lose_their_overlap_not_every_other_chunk(make: Make, period_ms: float,
+                                                                                      dropped: int) -> None:
+    """A producer sending 100 samples a second with ``period_ms`` a little long (the true period 10 ms): each chunk
+    overlaps the next. Whole, every other chunk was dead-lettered as going back (30 of 60), and the windows spliced
+    the chunks kept across the holes, which paged. The samples at or before the stream's last one are dropped and
+    reported (``late``, with a hint at period_ms); the rest of each chunk is taken, and the windows restart after
+    the samples dropped when they make a gap by the stream's rule."""
+    p = make()
+    p.settings = Settings(gap_periods=2.5)  # a device's sample clock (README: recommended settings)
+    ts, v = sine_stream(6000)
+    recs = []
+    for i in range(60):
+        body = {"stream": "dev-p", "ts": int(ts[100 * i]), "period_ms": period_ms,
+                "samples": v[100 * i : 100 * i + 100].tolist()}
+        recs.append(InRecord(TOPIC, 0, i, b"dev-p", json.dumps(body).encode(), int(ts[100 * i])))
+    feed(p, recs)
+    sink(p).flush(1)
+    assert not [m for m in sink(p).sent if m.topic == DLQ]
+    assert metric(p, "tsmon_samples_total") == 6000 - 59 * dropped
+    assert metric(p, "tsmon_samples_overlapped_total") == 59 * dropped
+    late = [d for d in docs(p, "data_quality") if d["kind"] == "late"]
+    assert late and "is period_ms right?" in late[0]["detail"] and f"{dropped} sample(s)" in late[0]["detail"]
+    assert not docs(p, "anomaly")
+
+
 def test_a_sample_far_ahead_of_the_clock_is_dead_lettered_not_taken(make: Make) -> None:
     """One message stamped in 2100 was taken: every later sample of the stream was then "backwards" and
     dead-lettered until that time came. Past limits.max_future_s it is refused itself, and the stream goes on."""
