@@ -25,7 +25,10 @@ import torch
 from models import artifact
 from models.detector import Detector, autocast, precision_error
 from models.errors import ConfigError
+from monitor import logs
 from monitor.batcher import Batch
+
+log = logs.get("tsmon.scorer")
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 
@@ -74,6 +77,16 @@ ROUTE_CACHE = 16_384  # stream ids whose route is remembered
 MISSING = object()
 
 
+def exact_float32() -> None:
+    """float32 on CUDA is IEEE float32: torch lets cuDNN's convolutions and RNNs use TF32 (a 10-bit mantissa) by
+    default, so a "float32" GPU scored an LSTM or conv model off the float32 its CPU-trained threshold came from, and
+    the reduced-precision check at start compared against TF32. Process-wide; a reduced precision is asked for by
+    ``daemon.precision``, not by this default."""
+    torch.backends.cudnn.rnn.fp32_precision = "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+
+
 class Scorer:
     """Routes streams to models and scores batches."""
 
@@ -90,6 +103,9 @@ class Scorer:
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.precision = precision
+        self.max_rows: dict[str, int] = {}  # per model, the windows one call may take (lowered by an out-of-memory)
+        if any(m.detector.device.type == "cuda" for m in models):
+            exact_float32()
 
     def route(self, stream: str) -> Served | None:
         """The model serving ``stream`` (None if no pattern matches); the last ``ROUTE_CACHE`` answers are kept
@@ -107,15 +123,50 @@ class Scorer:
         return self.score_values(batch.model, batch.values)
 
     def precision_of(self, model: str) -> str:
-        """The precision ``model`` is scored in: the configured one on CUDA, float32 on CPU."""
-        return self.precision if self.models[model].detector.device.type == "cuda" else "float32"
+        """The precision ``model`` is scored in: the configured one on CUDA, float32 on CPU — and float16 for an LSTM
+        asked for bfloat16: under autocast cuDNN's RNNs run in float16 whatever the dtype asked (ATen's
+        AutocastRNN.cpp casts to half), so "bfloat16" served an LSTM with float16's range under that name."""
+        det = self.models[model].detector
+        if det.device.type != "cuda":
+            return "float32"
+        return "float16" if self.precision == "bfloat16" and det.kind == "lstm" else self.precision
 
     def score_values(self, model: str, values: np.ndarray, precision: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Window errors ``[n]`` and channel errors ``[n, C]`` of ``values``. Out of GPU memory, the windows are
+        scored in halves, down to one (a shared GPU or a large ``batch.max_batch`` stopped the daemon at every
+        batch, and so at every restart), and later calls keep to the size that fitted. Under a reduced precision a
+        window whose score is not finite is scored again in float32: beyond float16's range (65 504 σ) a spike scored
+        NaN, which is never taken for normal, but never paged either."""
+        precision = precision or self.precision_of(model)
+        rows = self.max_rows.get(model, len(values)) or 1
+        parts = [self._score_fitting(model, values[i : i + rows], precision) for i in range(0, len(values), rows)]
+        window = np.concatenate([w for w, _ in parts]) if len(parts) != 1 else parts[0][0]
+        channel = np.concatenate([c for _, c in parts]) if len(parts) != 1 else parts[0][1]
+        if precision != "float32" and not (finite := np.isfinite(window)).all():
+            window[~finite], channel[~finite] = self._score_fitting(model, values[~finite], "float32")
+        return window, channel
+
+    def _score_fitting(self, model: str, values: np.ndarray, precision: str) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            return self._score(model, values, precision)
+        except torch.OutOfMemoryError:
+            if len(values) < 2:
+                raise
+            half = len(values) // 2
+            self.max_rows[model] = min(self.max_rows.get(model, half), half)
+            log.warning("scoring_out_of_memory", model=model, windows=len(values), now=half,
+                        consequence="scored in parts of at most this many windows from now on")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            a, b = (self._score_fitting(model, part, precision) for part in (values[:half], values[half:]))
+            return np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]])
+
+    def _score(self, model: str, values: np.ndarray, precision: str) -> tuple[np.ndarray, np.ndarray]:
         det = self.models[model].detector
         x = torch.from_numpy(det.scaler.transform(values))
         if det.device.type == "cuda":
             x = x.pin_memory().to(det.device, non_blocking=True)
-        with autocast(det.device, precision or self.precision_of(model)):
+        with autocast(det.device, precision):
             window, channel, _ = det.score_tensor(x)
         return window.float().cpu().numpy(), channel.float().cpu().numpy()
 

@@ -235,3 +235,14 @@ def test_alert_runbook_links_point_at_readme_sections() -> None:
         anchor, _, item = link.removeprefix("README.md#").partition(", item ")
         assert anchor in slugs, link
         assert not item or f"- **{item}**" in readme, link
+
+
+def test_the_cuda_image_names_its_torch_cuda_build() -> None:
+    """The image was an nvidia/cuda 12.8 base with PyPI's default torch wheel, whose CUDA version is PyPI's choice (13
+    from torch 2.11 on: a 12.8-era driver then saw no GPU, and the image carried a CUDA torch never used). The wheel
+    brings its own CUDA; the image names which one."""
+    text = re.sub(r"\\\n\s*", " ", (DEPLOY / "Dockerfile.cuda").read_text())
+    images = re.findall(r"^FROM (\S+)", text, re.M)
+    assert images and not [i for i in images if i.startswith("nvidia/cuda")]
+    assert re.search(r'"torch==[\d.]+" --index-url "https://download\.pytorch\.org/whl/\$\{TORCH_CUDA\}"', text)
+    assert re.search(r"^ARG TORCH_CUDA=cu1\d\d$", text, re.M)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from models.errors import ConfigError
 from monitor.scorer import Scorer, load_served
@@ -94,3 +95,85 @@ def test_scoring_threads_follow_a_container_cpu_limit(tmp_path: Path, monkeypatc
     assert daemon.usable_cpus(tmp_path / "absent") == 64
     monkeypatch.setattr(daemon, "usable_cpus", lambda: 2)
     assert daemon.scoring_threads(None) == 1 and daemon.scoring_threads(5) == 5
+
+
+def test_out_of_gpu_memory_scores_in_parts_that_fit(stream_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA out-of-memory error in a batch stopped the daemon, and every restart at the same batch: it is scored in
+    halves down to what fits, and later batches keep to that size."""
+    _, values = sine_stream(STREAM_WINDOW * 50, (500,), seed=7)
+    windows = values.reshape(50, STREAM_WINDOW, 2)
+    scorer = Scorer([load_served("*", stream_model, None, None, "cpu")])
+    name = next(iter(scorer.models))
+    exact = scorer.score_values(name, windows)
+    real, calls = scorer._score, []
+
+    def small_gpu(model: str, v: np.ndarray, precision: str) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(len(v))
+        if len(v) > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real(model, v, precision)
+
+    monkeypatch.setattr(scorer, "_score", small_gpu)
+    for _ in range(2):
+        got = scorer.score_values(name, windows)
+        np.testing.assert_array_equal(got[0], exact[0])
+        np.testing.assert_array_equal(got[1], exact[1])
+    assert scorer.max_rows[name] == 6 and calls[-9:] == [6] * 8 + [2]  # the second batch went in parts at once
+    monkeypatch.setattr(scorer, "_score", lambda *_: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(torch.OutOfMemoryError):  # one window that does not fit: the daemon's scoring failure
+        scorer.score_values(name, windows[:1])
+
+
+def test_a_score_beyond_reduced_precision_is_scored_again_in_float32(stream_model: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under float16 a window beyond its range (a 1e6 spike: 65 504 σ) scored NaN, which is never taken for normal
+    but never pages either: such windows are scored again in float32."""
+    _, values = sine_stream(STREAM_WINDOW * 4, seed=7)
+    windows = values.reshape(4, STREAM_WINDOW, 2)
+    windows[2, 5, 0] = 1e6
+    scorer = Scorer([load_served("*", stream_model, None, None, "cpu")])
+    name = next(iter(scorer.models))
+    exact = scorer.score_values(name, windows)
+    real = scorer._score
+
+    def half(model: str, v: np.ndarray, precision: str) -> tuple[np.ndarray, np.ndarray]:
+        w, c = real(model, v, "float32")
+        if precision == "float16":  # what CUDA autocast does to a value past 65 504
+            w[np.abs(v).max(axis=(1, 2)) > 65_504] = np.nan
+        return w, c
+
+    monkeypatch.setattr(scorer, "_score", half)
+    got = scorer.score_values(name, windows, "float16")
+    assert np.isfinite(got[0]).all() and got[0][2] == pytest.approx(exact[0][2], rel=1e-5)
+    assert exact[0][2] > 1000 * exact[0][0]
+
+
+def test_precision_on_cuda_is_what_it_says(stream_model: Path, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuDNN's LSTM runs in float16 under any autocast dtype: "bfloat16" served it with float16's range under the name
+    of the other, and the log and /readyz said bfloat16."""
+    from models import artifact
+    from models.detector import Detector
+    from models.registry import build
+
+    pca = artifact.load(stream_model)
+    lstm = build("lstm", {"window": STREAM_WINDOW, "channels": 2, "embedding": 4}).eval()
+    artifact.save(Detector(lstm, pca.scaler, pca.threshold, pca.quantiles, pca.loss, pca.names, pca.hop),
+                  tmp_path / "lstm", {})
+    scorer = Scorer([load_served("*", stream_model, None, None, "cpu"),
+                     load_served("ecg*", tmp_path / "lstm", None, None, "cpu")], precision="bfloat16")
+    names = list(scorer.models)
+    assert [scorer.precision_of(n) for n in names] == ["float32", "float32"]  # CPU
+    for served in scorer.models.values():
+        monkeypatch.setattr(served.detector, "device", torch.device("cuda"))
+    assert [scorer.precision_of(n) for n in names] == ["bfloat16", "float16"]
+    # float32 on CUDA is IEEE float32, not cuDNN's default TF32 for RNNs and convolutions
+    flags = (torch.backends.cudnn.rnn, torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+    before = [f.fp32_precision for f in flags]
+    try:
+        assert before[0] == "tf32"
+        Scorer(list(scorer.models.values()))
+        assert [f.fp32_precision for f in flags] == ["ieee"] * 3
+    finally:
+        for f, value in zip(flags, before, strict=True):
+            f.fp32_precision = value
