@@ -764,6 +764,11 @@ class Processor:
         for name in gone:
             st, idle_s = self.streams[name], quiet[name]
             partial = max(0, st.windows.seen - st.windows.needed_from + 1)  # of a window never completed
+            ep, last = st.alerts.episode, st.last_sample_ts
+            if ep is not None and ep.fired is not None and last is not None:  # paged, then silent: a sensor gone?
+                self._quality(st.quality.event("stale", last, (
+                    f"no data for {idle_s:.0f} s (limits.idle_evict_s) since its last sample at {iso(last)}: alert "
+                    f"{ep.alert_id} stays open until the stream sends again — is its source alive?")))
             doc = self.save(name)
             if doc is not None:
                 self.restored[name] = doc

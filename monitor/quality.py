@@ -1,5 +1,5 @@
-"""Data quality of one stream: gaps, late or duplicate samples, sample-rate drift, flat-lined channels and a clock
-set back.
+"""Data quality of one stream: gaps, late or duplicate samples, sample-rate drift, flat-lined channels, a clock
+set back, and silence with an alert open.
 
 Owns the rule that bad data is not an anomaly. These findings become ``data_quality`` events on the sink
 topic — never anomaly alerts — and the windows concerned stay out of calibration and alerting. Events are
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-KINDS = ("gap", "late", "duplicate", "rate_drift", "flatline", "clock_step")
+KINDS = ("gap", "late", "duplicate", "rate_drift", "flatline", "clock_step", "stale")
 LEARN_DIFFS = 64  # sample intervals that fix a stream's nominal period
 CHECK_EVERY = 64  # new intervals between two sample-rate checks
 

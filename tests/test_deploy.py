@@ -242,7 +242,7 @@ def test_the_cuda_image_names_its_torch_cuda_build() -> None:
     from torch 2.11 on: a 12.8-era driver then saw no GPU, and the image carried a CUDA torch never used). The wheel
     brings its own CUDA; the image names which one."""
     text = re.sub(r"\\\n\s*", " ", (DEPLOY / "Dockerfile.cuda").read_text())
-    images = re.findall(r"^FROM (\S+)", text, re.M)
+    images = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
     assert images and not [i for i in images if i.startswith("nvidia/cuda")]
     assert re.search(r'"torch==[\d.]+" --index-url "https://download\.pytorch\.org/whl/\$\{TORCH_CUDA\}"', text)
-    assert re.search(r"^ARG TORCH_CUDA=cu1\d\d$", text, re.M)
+    assert re.search(r"^ARG TORCH_CUDA=cu1\d\d$", text, re.MULTILINE)
