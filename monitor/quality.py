@@ -21,6 +21,7 @@ import numpy as np
 KINDS = ("gap", "late", "duplicate", "rate_drift", "flatline", "clock_step", "stale")
 LEARN_DIFFS = 64  # sample intervals that fix a stream's nominal period
 CHECK_EVERY = 64  # new intervals between two sample-rate checks
+GAPS_HINT = 8  # gaps in a row after which a gap event says the stream is sampled more slowly than gap_ms
 
 
 def intervals_ms(ts: np.ndarray, prev_ts: int | None) -> np.ndarray:
@@ -67,6 +68,7 @@ class StreamQuality:
     _held: dict[str, int] = field(default_factory=dict)
     _drifting: bool = False
     _recent_period: float | None = None  # the median of the last CHECK_EVERY intervals, at the last check
+    _gaps_in_row: int = 0  # intervals over gap_ms since the last one under it
 
     def event(self, kind: str, ts: int, detail: str, channels: tuple[str, ...] = ()) -> list[QualityEvent]:
         """Count a finding; return it as an event unless the cooldown holds it back."""
@@ -90,8 +92,16 @@ class StreamQuality:
         if gap_ms is None:
             return rate
         first, events = int(prev_ts is None), []  # d[j] ends at sample j + first
-        for j in np.flatnonzero(d > gap_ms):
-            events += self.event("gap", int(ts[j + first]), f"no samples for {int(d[j])} ms")
+        over = d > gap_ms
+        if not over.all():
+            self._gaps_in_row = 0
+        for j in np.flatnonzero(over):
+            self._gaps_in_row = 1 if j and not over[j - 1] else self._gaps_in_row + 1
+            # a stream sampled more slowly than gap_ms is all gaps and never completes a window: say so
+            hint = (f"; every one of its last {self._gaps_in_row} intervals was over gap_ms ({gap_ms:g} ms), so its "
+                    "windows never complete: set gap_ms (windows.gap_ms, or the route's) above its sampling interval"
+                    if self._gaps_in_row >= GAPS_HINT else "")
+            events += self.event("gap", int(ts[j + first]), f"no samples for {int(d[j])} ms{hint}")
         return events + rate
 
     @property

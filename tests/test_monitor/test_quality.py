@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from monitor.quality import KINDS, LEARN_DIFFS, QualityEvent, StreamQuality
+from monitor.quality import GAPS_HINT, KINDS, LEARN_DIFFS, QualityEvent, StreamQuality
 
 PERIOD = 10  # ms
 
@@ -194,3 +194,22 @@ def test_the_cooldown_holds_back_late_findings_for_a_minute_of_their_own_time_ei
     for k in range(3_600):  # then an hour of older data, 1 Hz
         out += q.event("late", now - 86_400_000 + k * 1000, "backfill")
     assert len(out) == 1 + 60 and q.counts["late"] == 3_601
+
+
+def test_a_stream_sampled_more_slowly_than_gap_ms_is_told_so() -> None:
+    """A 5-minute sensor at the default gap_ms (5 s): every sample restarted its windows, none ever completed, and each
+    gap event said only "no samples for 300000 ms" (499 of them for 500 samples). After GAPS_HINT gaps in a row the
+    event says what to set; a stream with one real gap among regular samples is not told."""
+    q = quality()
+    slow = 1_000_000 + 300_000 * np.arange(20, dtype="int64")
+    events = q.timing(slow[:12], None, 5_000, 5_000) + q.timing(slow[12:], int(slow[11]), 5_000, 5_000)
+    hinted = ["set gap_ms" in e.detail for e in events]
+    assert len(events) == 19 and hinted == [False] * (GAPS_HINT - 1) + [True] * (20 - GAPS_HINT)
+    assert "its last 19 intervals" in events[-1].detail
+    q = quality()
+    ts = 1_000 + PERIOD * np.arange(200, dtype="int64")
+    ts[100:] += 60_000  # a real gap
+    for _ in range(GAPS_HINT + 1):
+        events = q.timing(ts, None, 5_000, 5_000)
+        assert [e.detail for e in events] == ["no samples for 60010 ms"]
+        ts = ts + 200_000
