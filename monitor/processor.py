@@ -668,7 +668,7 @@ class Processor:
                   "first_offset": first[1] if first else None, "last_offset": last[1] if last else None}
         doc = alert_doc(stream, t, st.served.describe(), st.served.detector.channel_names if names is None else names,
                         source, self.settings.alerts)
-        doc.update(status=status, silenced=ep.silenced, **extra)
+        doc.update(status=status, silenced=ep.silenced, published_ts=int(self.clock() * 1000), **extra)
         if t.status == "firing":  # a restored peak has no samples: a silenced episode keeps its picture for its page
             doc["explain"] = self._explain(st, ep.peak) or ep.explain
             ep.explain = doc["explain"] if status == "silenced" else None

@@ -675,6 +675,20 @@ def test_chunks_whose_period_ms_is_too_long_lose_their_overlap_not_every_other_c
     assert not docs(p, "anomaly")
 
 
+def test_an_alert_says_when_it_was_published(make: Make) -> None:
+    """Every time in an alert was the stream's: a backfill of 3-day-old data paged exactly like live data, and a pager
+    could not tell them apart. ``published_ts`` is the wall clock when the message was sent (not part of its id)."""
+    p = make()
+    ts, v = sine_stream(1000, bursts=(500,))
+    p.clock = lambda: float(ts[-1]) / 1000 + 3 * 86_400  # the host's clock, 3 days on
+    feed(p, records("dev-old", ts, v))
+    sink(p).flush(1)
+    alerts = docs(p, "anomaly")
+    assert [a["status"] for a in alerts] == ["firing", "resolved"]
+    assert {a["published_ts"] for a in alerts} == {int(ts[-1]) + 3 * 86_400_000}
+    assert alerts[0]["published_ts"] - alerts[0]["fired_ts"] > 3 * 86_400_000 - 10_000
+
+
 def test_a_sample_far_ahead_of_the_clock_is_dead_lettered_not_taken(make: Make) -> None:
     """One message stamped in 2100 was taken: every later sample of the stream was then "backwards" and
     dead-lettered until that time came. Past limits.max_future_s it is refused itself, and the stream goes on."""
