@@ -42,7 +42,7 @@ from monitor.scorer import Scorer, Served
 from monitor.scoring import Backend, Result, ThreadBackend
 from monitor.sink import OutMessage, Sink, json_message
 from monitor.source import TP, InRecord, Source
-from monitor.streams import StreamState, doc_partitions, holds_commitments, owes_page
+from monitor.streams import BehindRun, StreamState, doc_partitions, holds_commitments, owes_page
 from monitor.windows import order_problem
 
 log = logs.get("tsmon.processor")
@@ -269,22 +269,28 @@ class Processor:
                                                  f"clock (limits.max_future_s = {ahead_s:g})"))
                 done.add(id(rec))
                 continue
+            if rec.offset < st.time_from.get(rec.tp, -1):  # replayed from before a clock step the state is past
+                self.ledger.consumed(rec.tp, rec.offset)
+                self.metrics.records.labels("ok").inc()
+                done.add(id(rec))
+                continue
             behind = last
             if st.doc_last_ts is not None and st.is_new(rec.tp, rec.offset):  # new input follows the document's
                 behind = st.doc_last_ts if last is None else max(last, st.doc_last_ts)
             refused = order_problem(int(block.ts_ms[0]), behind, int(block.ts_ms[-1]))
             if refused is not None and behind is not None and int(block.ts_ms[-1]) > behind:
-                block, hole, refused = *self._overlap(st, block, behind), None  # it goes on after the last sample
+                block, hole, refused = *self._overlap(st, block, behind, good), None  # goes on after the last one
                 if hole:  # the samples dropped are a gap: no window joins what was before to what follows
                     made += self._take(stream, st, good, done, now_ms)
                     good = []
                     st.windows.restart()
                     st.windows.gaps.append(int(block.ts_ms[0]))
             reason, _, detail = (refused or "").partition(": ")
-            if reason == "timestamp_backwards" and self._set_back(st, rec, block):
+            if reason == "timestamp_backwards" and self._set_back(st, rec, block, now_ms):
                 made += self._take(stream, st, good, done, now_ms)  # those before the step, in the old time
                 good = []
                 self._clock_step(stream, st, behind)
+                st.time_from[rec.tp] = rec.offset
                 refused = None
             if refused is None:
                 good.append((rec, block))
@@ -321,48 +327,65 @@ class Processor:
         self._moved_on(st, (rec for rec, _ in good), int(now_ms))
         return len(ts) / st.served.hop
 
-    def _overlap(self, st: StreamState, block: SampleBlock, behind: int) -> tuple[SampleBlock, bool]:
-        """The samples of ``block`` after the stream's last one (at ``behind``), and whether those dropped (at or
-        before it: counted and reported, ``late``) leave a gap by the stream's rule (``gap_ms``, ``gap_periods``), at
-        the chunk's own period. Chunks whose ``period_ms`` is a little long (128 Hz sent as 8 ms) overlap the next one:
-        whole, every other chunk was dead-lettered as going back, and the windows spliced the chunks kept across the
-        holes, which paged."""
+    def _overlap(self, st: StreamState, block: SampleBlock, behind: int,
+                 taken: list[tuple[InRecord, SampleBlock]]) -> tuple[SampleBlock, bool]:
+        """The samples of ``block`` after the stream's last one (at ``behind``), and whether the windows must restart
+        before them. Those at or before it are dropped, counted and reported: ``duplicate`` when the stream still
+        holds the same samples at their times (a message sent again, longer than the last: no restart), else ``late``.
+        Chunks whose ``period_ms`` is a little long (128 Hz sent as 8 ms) overlap the next one: whole, every other
+        chunk was dead-lettered as going back, and the windows spliced the chunks kept across the holes, which paged.
+        Samples lost so are a hole of their number (plus one) of the chunk's own period, judged by the stream's gap
+        rule — but the windows restart there only if the rest of the chunk fills a window: restarted at every
+        message, a stream of shorter ones was never scored."""
         keep = block.ts_ms > behind
         n, dropped = len(keep), int(len(keep) - np.count_nonzero(keep))
         span = int(block.ts_ms[-1] - block.ts_ms[0])
+        held_ts, held = st.windows.recent()  # and the blocks of this poll taken before it
+        held_ts = np.concatenate([held_ts, *(b.ts_ms for _, b in taken)])
+        held = np.concatenate([held.reshape(-1, block.channels), *(b.values for _, b in taken)])
+        at = np.searchsorted(held_ts, block.ts_ms[~keep]).clip(max=max(0, len(held_ts) - 1))
+        resent = bool(len(held_ts) and (held_ts[at] == block.ts_ms[~keep]).all()
+                      and np.array_equal(held[at], block.values[~keep]))  # the same samples, not just the same times
         self.metrics.overlapped.inc(dropped)
-        self._quality(st.quality.event("late", int(block.ts_ms[0]), (
+        what = "sent again" if resent else "overlapping chunks — is period_ms right?"
+        self._quality(st.quality.event("duplicate" if resent else "late", int(block.ts_ms[0]), (
             f"{dropped} sample(s) of a chunk of {n} at or before the stream's last one ({iso(behind)}) dropped, the "
-            f"rest taken: overlapping chunks — is period_ms right? ({n} samples spanning {span} ms, starting "
-            f"{behind - int(block.ts_ms[0])} ms before the last sample)")))
+            f"rest taken: {what} ({n} samples spanning {span} ms, starting {behind - int(block.ts_ms[0])} ms before "
+            "the last sample)")))
         period = span / max(1, n - 1)  # the chunk's own
         gap = self._gap_ms(st, self._base_gap_ms(st.served), period)
-        hole = gap is not None and (dropped + 1) * period > gap
+        hole = not resent and gap is not None and (dropped + 1) * period > gap and n - dropped >= st.served.window
         return replace(block, ts_ms=block.ts_ms[keep], values=block.values[keep]), hole
 
-    def _set_back(self, st: StreamState, rec: InRecord, block: SampleBlock) -> bool:
-        """Count a block refused as behind the stream into its run of such blocks (in a row, in order among
-        themselves); True once the run has lasted ``clock_step_s`` of its own time, and was produced over at least
-        half of that (the records' Kafka timestamps, when they have them): the stream's clock was set back (a device's
-        clock corrected by NTP, or reset at a reboot), not a late message, nor a buffer sent again at once (a
-        store-and-forward gateway's two minutes, resent in a second, would have restarted the stream on them)."""
+    def _set_back(self, st: StreamState, rec: InRecord, block: SampleBlock, now_ms: float) -> bool:
+        """Count a block refused as behind the stream into its run of such blocks (:class:`BehindRun`); True once the
+        run has lasted ``clock_step_s`` of its own time and was produced over at least half of that: the stream's clock
+        was set back (a device's clock corrected by NTP, or reset at a reboot), not a late message nor a buffer sent
+        again at once (a store-and-forward gateway's two minutes, resent in a second, would have restarted the stream
+        on them). Produced over: by the records' Kafka timestamps where they are times of production; where one is
+        missing, or is its first sample's time (a producer stamping records with event time), by this host's clock
+        as they are taken — so such a stream's clock step read while catching up is taken once it is live."""
         first, end = int(block.ts_ms[0]), int(block.ts_ms[-1])
-        run = st.behind_run
-        if run is None or first <= run[1]:
-            run = (first, end, 1, rec.timestamp_ms)
+        run, produce_time = st.behind_run, rec.timestamp_ms > 0 and rec.timestamp_ms != first
+        if run is None or first <= run.last_ts:
+            run = BehindRun(first, end, 1, rec.timestamp_ms, now_ms, produce_time)
         else:
-            run = (run[0], end, run[2] + 1, run[3])
+            run = BehindRun(run.first_ts, end, run.records + 1, run.first_produced, run.first_read,
+                            run.produce_times and produce_time)
         st.behind_run = run
-        step_ms = None if self.settings.clock_step_s is None else self.settings.clock_step_s * 1000
-        produced = rec.timestamp_ms - run[3] if rec.timestamp_ms > 0 and run[3] > 0 else math.inf
-        return step_ms is not None and end - run[0] >= step_ms and produced >= step_ms / 2
+        if self.settings.clock_step_s is None:
+            return False
+        step_ms = self.settings.clock_step_s * 1000
+        produced = rec.timestamp_ms - run.first_produced if run.produce_times else now_ms - run.first_read
+        return end - run.first_ts >= step_ms and produced >= step_ms / 2
 
     def _clock_step(self, stream: str, st: StreamState, was: int | None) -> None:
         """Restart a stream whose clock was set back at its new time: what waits is scored first, an open alert is
         resolved (``clock_step``), and its windows, order point, alert state and data-clock schedule start again —
         its alerts in a new generation, so that their ids cannot meet those of the old time. Its calibration stays
         (it counts windows, not time). Before, its samples were dead-lettered until its clock passed the old time."""
-        first, _, refused, _ = st.behind_run or (0, 0, 0, 0)
+        run = st.behind_run
+        first, refused = (run.first_ts, run.records) if run is not None else (0, 1)
         self.score_ready(force=True)
         ep = st.alerts.episode
         if ep is not None and ep.fired is not None:

@@ -38,6 +38,19 @@ class RecentAlert:
         return {"alert_id": self.alert_id, "scores": self.scores, "verdict": self.verdict}
 
 
+@dataclass(frozen=True, slots=True)
+class BehindRun:
+    """New records refused as behind the stream's last sample, in a row and in order among themselves: held for
+    ``windows.clock_step_s``, they are its clock set back."""
+
+    first_ts: int  # the first one's first sample
+    last_ts: int  # the last one's last sample
+    records: int
+    first_produced: int  # the first one's Kafka timestamp (ms)
+    first_read: float  # this host's clock (ms) when the first one was taken
+    produce_times: bool  # every one's Kafka timestamp is a time of production (set, and not its first sample's)
+
+
 @dataclass
 class StreamState:
     served: Served
@@ -65,9 +78,10 @@ class StreamState:
     # new (back from an eviction here, or never restored)
     replay_until: dict[TP, int] | None = None
     epoch: int = 0  # owners that continued it from a document before this one (a fencing token: see state._keep)
-    # new records refused as behind its last sample, in a row and in order among themselves: (first ts, last ts,
-    # records, the first one's Kafka timestamp); held for clock_step_s, they are a clock set back (Processor._set_back)
-    behind_run: tuple[int, int, int, int] | None = None
+    behind_run: BehindRun | None = None  # new records refused as behind its last sample (Processor._set_back)
+    # per partition, the offset of the record its clock step restarted it at: a replay of those before it (old time,
+    # which the state no longer windows) is passed over, not windowed anew into the new time's alert state
+    time_from: dict[TP, int] = field(default_factory=dict)
 
     @property
     def precision(self) -> float | None:
@@ -168,7 +182,8 @@ class StreamState:
                 "recent_alerts": [a.to_doc() for a in self.recent_alerts],
                 "partitions": [[t, p] for t, p in sorted(self.home)],
                 "read_offsets": [[t, p, o] for (t, p), o in sorted(self.read_offsets().items())],
-                "epoch": self.epoch}
+                "epoch": self.epoch,
+                "time_from_offsets": [[t, p, o] for (t, p), o in sorted(self.time_from.items())]}
 
     def restore(self, stream: str, doc: dict[str, Any], calibrator: Calibrator, replayed: bool = True) -> str:
         """Continue from a changelog document; returns what was restored (``full``, ``controls``, or
@@ -204,6 +219,7 @@ class StreamState:
             raise TypeError(f"sample_periods_ms must be two periods (ms > 0) or null, got {periods!r}")
         periods = [None if p is None else float(p) for p in periods]
         self.home = self.home or doc_partitions(doc)
+        self.time_from = doc_offsets(doc, "time_from_offsets")
         if replayed:
             self.replay_until, self.doc_last_ts = doc_offsets(doc), last_sample
         else:  # its records since were taken here: kept for its next document (woken, it wrote none)
@@ -279,10 +295,11 @@ def doc_partitions(doc: dict[str, Any]) -> frozenset[TP]:
                      if isinstance(t, str) and isinstance(p, int) and not isinstance(p, bool))
 
 
-def doc_offsets(doc: dict[str, Any]) -> dict[TP, int]:
+def doc_offsets(doc: dict[str, Any], key: str = "read_offsets") -> dict[TP, int]:
     """Per input partition, the offset of the last record a changelog document's state includes (malformed entries
-    are left out: their records are taken as possible replays, as before documents recorded them)."""
-    rows = doc.get("read_offsets")
+    are left out: their records are taken as possible replays, as before documents recorded them); with ``key`` =
+    ``time_from_offsets``, of the record its stream's time restarted at (a clock set back)."""
+    rows = doc.get(key)
     if not isinstance(rows, list):
         return {}
     return {(r[0], r[1]): r[2] for r in rows if isinstance(r, list) and len(r) == 3 and isinstance(r[0], str)

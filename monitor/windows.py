@@ -45,6 +45,10 @@ class _Windowing:
     def _push_segment(self, ts: np.ndarray, values: np.ndarray) -> Windows:
         raise NotImplementedError
 
+    def recent(self) -> tuple[np.ndarray, np.ndarray]:
+        """Timestamps and values of the samples it still holds (the tail a next window needs)."""
+        raise NotImplementedError
+
     def set_back(self) -> None:
         """The stream's clock was set back: restart, and the next sample follows none before it."""
         self.restart()
@@ -100,6 +104,9 @@ class StreamWindows(_Windowing):
         w, h, last = self.window, self.hop, self._since_start - 1
         next_end = w - 1 if last < w - 1 else w - 1 + h * ((last - (w - 1)) // h + 1)
         return next_end - w + 1
+
+    def recent(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._tail_ts, self._tail
 
     @property
     def needed_from(self) -> int:
@@ -219,6 +226,9 @@ class BeatWindows(_Windowing):
     @property
     def window(self) -> int:
         return self.rule.window
+
+    def recent(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._buf_ts, self._buf
 
     @property
     def needed_from(self) -> int:

@@ -142,7 +142,7 @@ def test_a_stream_whose_clock_is_set_back_pages_at_its_new_time(broker: Any, top
     fast, p = 1_700_000_000_000 + 1_800_000, KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1, linger_ms=5)
     for ts, v in (sine_stream(1000, start_ms=fast), sine_stream(1000, bursts=(500,), seed=2)):
         for i, (body, n) in enumerate(messages("dev-step", ts, v, STREAM_HOP)):
-            p.send(topic, key=b"dev-step", value=body, timestamp_ms=int(ts[i * n]))
+            p.send(topic, key=b"dev-step", value=body, timestamp_ms=int(ts[i * n]) + 5)  # produced 5 ms after
     p.flush()
     p.close()
     cfg = config(broker, topic, stream_model, **{"windows.clock_step_s": 1.0})
