@@ -31,6 +31,7 @@ from monitor.batcher import Batch
 log = logs.get("tsmon.scorer")
 
 PRECISIONS = ("float32", "bfloat16", "float16")
+REGROW_AFTER = 100  # calls split at the size an out-of-memory left that fitted before trying twice that size
 
 
 @dataclass
@@ -82,9 +83,13 @@ def exact_float32() -> None:
     default, so a "float32" GPU scored an LSTM or conv model off the float32 its CPU-trained threshold came from, and
     the reduced-precision check at start compared against TF32. Process-wide; a reduced precision is asked for by
     ``daemon.precision``, not by this default."""
-    torch.backends.cudnn.rnn.fp32_precision = "ieee"
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    if hasattr(torch.backends.cudnn, "rnn"):  # the fp32_precision settings (torch 2.9 on)
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    else:  # before them, TF32 is one switch for all of cuDNN
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 class Scorer:
@@ -104,6 +109,7 @@ class Scorer:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.precision = precision
         self.max_rows: dict[str, int] = {}  # per model, the windows one call may take (lowered by an out-of-memory)
+        self._fitted: dict[str, int] = {}  # per model, calls split at max_rows that fitted since it was set
         if any(m.detector.device.type == "cuda" for m in models):
             exact_float32()
 
@@ -136,10 +142,15 @@ class Scorer:
         scored in halves, down to one (a shared GPU or a large ``batch.max_batch`` stopped the daemon at every
         batch, and so at every restart), and later calls keep to the size that fitted. Under a reduced precision a
         window whose score is not finite is scored again in float32: beyond float16's range (65 504 σ) a spike scored
-        NaN, which is never taken for normal, but never paged either."""
+        NaN, which is never taken for normal, but never paged either. After ``REGROW_AFTER`` split calls that fitted,
+        the size is doubled again (one transient out-of-memory on a shared GPU halved the throughput for good)."""
         precision = precision or self.precision_of(model)
         rows = self.max_rows.get(model, len(values)) or 1
         parts = [self._score_fitting(model, values[i : i + rows], precision) for i in range(0, len(values), rows)]
+        if model in self.max_rows and len(values) > rows:  # split, and it fitted: try twice the size in a while
+            self._fitted[model] = self._fitted.get(model, 0) + 1
+            if self._fitted[model] >= REGROW_AFTER:
+                self.max_rows[model], self._fitted[model] = 2 * rows, 0
         window = np.concatenate([w for w, _ in parts]) if len(parts) != 1 else parts[0][0]
         channel = np.concatenate([c for _, c in parts]) if len(parts) != 1 else parts[0][1]
         if precision != "float32" and not (finite := np.isfinite(window)).all():
@@ -149,11 +160,11 @@ class Scorer:
     def _score_fitting(self, model: str, values: np.ndarray, precision: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             return self._score(model, values, precision)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError since 2.5; the older name still stands for it
             if len(values) < 2:
                 raise
             half = len(values) // 2
-            self.max_rows[model] = min(self.max_rows.get(model, half), half)
+            self.max_rows[model], self._fitted[model] = min(self.max_rows.get(model, half), half), 0
             log.warning("scoring_out_of_memory", model=model, windows=len(values), now=half,
                         consequence="scored in parts of at most this many windows from now on")
             if torch.cuda.is_available():

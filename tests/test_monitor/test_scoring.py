@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.errors import ConfigError
-from monitor.scorer import Scorer, load_served
+from monitor.scorer import REGROW_AFTER, Scorer, load_served
 from monitor.scoring import ProcessBackend, ThreadBackend, choose
 from tests.conftest import STREAM_WINDOW, sine_stream
 
@@ -119,6 +119,15 @@ def test_out_of_gpu_memory_scores_in_parts_that_fit(stream_model: Path, monkeypa
         np.testing.assert_array_equal(got[0], exact[0])
         np.testing.assert_array_equal(got[1], exact[1])
     assert scorer.max_rows[name] == 6 and calls[-9:] == [6] * 8 + [2]  # the second batch went in parts at once
+    for _ in range(REGROW_AFTER - 1):  # a while later, twice the size is tried again (and fails here)
+        scorer.score_values(name, windows)
+    assert scorer.max_rows[name] == 12
+    np.testing.assert_array_equal(scorer.score_values(name, windows)[0], exact[0])
+    assert scorer.max_rows[name] == 6 and calls[-3:] == [6, 6, 2]
+    monkeypatch.setattr(scorer, "_score", real)  # the memory is back: the full size again, in steps
+    for _ in range(5 * REGROW_AFTER):
+        scorer.score_values(name, windows)
+    assert scorer.max_rows[name] >= len(windows)
     monkeypatch.setattr(scorer, "_score", lambda *_: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
     with pytest.raises(torch.OutOfMemoryError):  # one window that does not fit: the daemon's scoring failure
         scorer.score_values(name, windows[:1])
