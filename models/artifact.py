@@ -162,6 +162,9 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
     if bad:  # every score would be NaN: nothing would ever be called anomalous
         raise ArtifactError(f"weights {wfile} hold NaN or inf ({', '.join(bad[:3])}): retrain the model")
     try:
+        with torch.device("meta"):  # shapes only, nothing allocated: checked against the weights before the model is
+            shapes = build(m["kind"], dict(m["params"])).state_dict()  # built (params of a hand-edited manifest
+        _fits(root, m["kind"], shapes, state)  # asked for 12 GiB before the weights were found not to fit)
         model = build(m["kind"], dict(m["params"]))
         scaler = Scaler.from_dict(m["normalisation"])
         threshold = _threshold(m["threshold"])
@@ -211,6 +214,15 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
     det = Detector(model, scaler, threshold, quantiles, str(m["loss"]), list(names), int(m["hop"]), meta=m,
                    windowing=dict(windowing), downsample=k)
     return det.to(device)
+
+
+def _fits(root: Path, kind: str, shapes: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """The weights have the tensors, of the shapes, that the manifest's params make (PCA's fitted buffers aside)."""
+    want = {k: tuple(t.shape) for k, t in shapes.items() if k not in ("mean", "components")}
+    have = {k: tuple(t.shape) for k, t in state.items() if k not in ("mean", "components")}
+    if want != have:
+        diff = sorted((set(want.items()) ^ set(have.items())), key=str)[:2]
+        raise ArtifactError(f"weights in {root} do not fit a {kind} model with its params: {diff}"[:300])
 
 
 def _threshold(doc: dict[str, Any]) -> Threshold:

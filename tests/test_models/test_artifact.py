@@ -116,6 +116,24 @@ def test_pca_weights_for_another_window_are_incompatible(series_csv: Path, tmp_p
         artifact.load(copy)
 
 
+def test_params_that_would_build_a_huge_model_are_refused_before_it_is_built(series_csv: Path, tmp_path: Path) -> None:
+    """A manifest whose params were edited (the weights left alone, their sha256 still right) had the model built
+    before the weights were found not to fit: 12.6 GiB for hidden [40000, 40000], and a raw RuntimeError from the
+    allocator for 2^20 (security review). Its shapes are checked first, on torch's meta device."""
+    import resource
+
+    ds = series_dataset(read_series(series_csv), window=40, hop=10)
+    det, _ = train_detector(ds, "dense", {"hidden": [8], "code": 4}, TrainConfig(epochs=1, device="cpu"))
+    copy = artifact.save(det, tmp_path / "dense")
+    m = json.loads((copy / "manifest.json").read_text())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for hidden in ([40_000, 40_000], [1 << 20, 1 << 20]):
+        _edit(copy, params={**m["params"], "hidden": hidden})
+        with pytest.raises(ArtifactError, match="do not fit a dense model"):
+            artifact.load(copy)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: nothing the size was made
+
+
 def test_weights_of_another_shape_are_incompatible(trained, tmp_path: Path) -> None:
     det, _, path = trained
     if det.kind != "lstm":
