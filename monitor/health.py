@@ -29,7 +29,9 @@ Probe = Callable[[], tuple[bool, str]]
 JSON = "application/json"
 JOIN_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 64  # requests served at once; one more is closed unanswered (a probe's next try gets in)
+MAX_PER_CLIENT = 16  # of them from one address: 64 idle connections from one client kept every probe out
 REQUEST_DEADLINE_S = 10.0  # a connection is cut this long after it was accepted, however it trickles
+READ_TIMEOUT_S = 2.0  # a client silent this long (its request not sent) is cut: idle connections held slots 10 s
 
 
 class HealthServer:
@@ -117,28 +119,48 @@ def _json(status: int, body: Any) -> tuple[int, str, bytes]:
 
 
 class _Server(ThreadingHTTPServer):
-    """One thread per request, at most ``MAX_CONNECTIONS`` at once, each cut ``REQUEST_DEADLINE_S`` after it was
-    accepted: a client sending a byte every few seconds held its thread for good (the handler's timeout is per
-    read), and 200 such clients held 59 threads."""
+    """One thread per request, at most ``MAX_CONNECTIONS`` at once and ``MAX_PER_CLIENT`` from one address, each cut
+    ``REQUEST_DEADLINE_S`` after it was accepted, or after ``READ_TIMEOUT_S`` of silence: a client sending a byte
+    every few seconds held its thread for good (the handler's timeout is per read), 200 such clients held 59
+    threads, and 64 idle connections from one client kept every probe out for 10 s at a time."""
 
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], owner: HealthServer) -> None:
         self.owner = owner
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.lock = threading.Lock()
+        self.clients: dict[str, int] = {}  # connections being served, per client address
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            log.debug("http_connection_refused", client=str(client_address), reason="too many connections")
+        host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        with self.lock:
+            crowded = self.clients.get(host, 0) >= MAX_PER_CLIENT
+            if not crowded:
+                self.clients[host] = self.clients.get(host, 0) + 1
+        if crowded or not self.slots.acquire(blocking=False):
+            if not crowded:
+                self._left(host)
+            log.debug("http_connection_refused", client=str(client_address),
+                      reason="too many connections from this client" if crowded else "too many connections")
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)  # starts the request's thread
         except BaseException:
             self.slots.release()
+            self._left(host)
             raise
+
+    def _left(self, host: str) -> None:
+        with self.lock:
+            n = self.clients.get(host, 0) - 1
+            if n > 0:
+                self.clients[host] = n
+            else:
+                self.clients.pop(host, None)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         cut = threading.Timer(REQUEST_DEADLINE_S, _cut, (request,))
@@ -151,6 +173,7 @@ class _Server(ThreadingHTTPServer):
         finally:
             cut.cancel()
             self.slots.release()
+            self._left(client_address[0] if isinstance(client_address, tuple) else str(client_address))
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # default prints a traceback to stderr
         exc = sys.exc_info()[1]  # called inside socketserver's except block
@@ -168,7 +191,7 @@ def _cut(request: socket.socket) -> None:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = f"tsmon/{__version__}"
-    timeout = 10  # seconds a slow or silent client may hold its thread
+    timeout = READ_TIMEOUT_S  # seconds a silent client may hold its thread (per read; the deadline bounds it all)
 
     def do_GET(self) -> None:
         status, content_type, body = self.server.owner.respond(self.path)

@@ -366,3 +366,28 @@ def test_a_scrape_during_a_source_change_reads_one_threshold_series() -> None:
         stop.set()
         t.join(5)
     assert not bad, bad[:5]
+
+
+def test_idle_connections_from_one_client_keep_no_probe_out(server: HealthServer) -> None:
+    """64 idle connections (not a byte sent) took every slot for 10 s at a time, and /healthz went unanswered: a
+    liveness probe failing restarts the pod (security review). One address gets MAX_PER_CLIENT of them, and a
+    connection silent for READ_TIMEOUT_S is cut."""
+    from monitor import health
+
+    host, port = server.address
+    idle = []
+    for _ in range(health.MAX_CONNECTIONS):
+        s = socket.create_connection((host, port), timeout=5, source_address=("127.0.0.2", 0))
+        idle.append(s)
+    time.sleep(0.2)
+    assert get(server.url + "/healthz")[0] == 200  # from another address: in at once
+    start, closed = time.monotonic(), 0
+    for s in idle:
+        s.settimeout(max(0.1, health.READ_TIMEOUT_S + 2 - (time.monotonic() - start)))
+        try:
+            closed += s.recv(1) == b""
+        except (TimeoutError, OSError):
+            pass
+        s.close()
+    assert closed == health.MAX_CONNECTIONS  # refused beyond MAX_PER_CLIENT, the others cut once silent
+    assert time.monotonic() - start < health.READ_TIMEOUT_S + 1.5
