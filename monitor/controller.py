@@ -11,6 +11,7 @@ through the same sink — both at the next commit, the acknowledgement after the
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import math
 import time
@@ -33,6 +34,8 @@ _MAX_SILENCE_S = 30 * 86400.0
 Effects = tuple[list[str], list[dict[str, Any]], dict[str, Any]]
 
 
+REJECTIONS_PER_MINUTE = 10  # refused messages logged and acknowledged a minute; the others are counted
+
 class Controller:
     def __init__(self, processor: Processor, key: str | None, audit_topic: str, instance: str,
                  max_age_s: float = 300.0, remember: int = 10_000, clock: Callable[[], float] = time.time) -> None:
@@ -44,6 +47,9 @@ class Controller:
         # complete read of it, or set by an operator here; until then this instance writes none of its own
         self.global_known = False
         self.not_woken: set[str] = set()  # evicted streams the command in hand found no room to wake
+        # refusals logged and acknowledged: 1 000 unsigned messages wrote 1 000 warnings and audit records (per
+        # instance); past the budget they are only counted (tsmon_commands_total{command="unknown"})
+        self._rejections = logs.Throttle(burst=REJECTIONS_PER_MINUTE, period_s=60.0)
         # the input partitions held now ({topic: [partition, ...]}), in every ack: tsmon ctl waits until
         # each partition of the input topics has been answered for (None: not known, as in unit tests)
         self.inputs: Callable[[], dict[str, list[int]]] | None = None
@@ -60,7 +66,15 @@ class Controller:
             cmd = verify(raw, self._key, self.max_age_s, self.clock())
         except Refused as exc:
             doc = ack(None, _claimed(raw), "rejected", self.instance, error=str(exc))
-            log.warning("command_rejected", reason=str(exc), claimed=doc["command_id"])
+            # what was read, so that tsmon ctl can tell a refusal of its own message from one of a message that
+            # only claims its id (anyone who can write to the control topic can send those)
+            doc["received_sha256"] = hashlib.sha256(raw or b"").hexdigest()
+            if (extra := self._rejections("command_rejected")) is None:  # a flood, unsigned: counted, no more
+                self.p.metrics.commands.labels("unknown", "rejected").inc()
+                return doc
+            log.warning("command_rejected", reason=str(exc), claimed=doc["command_id"], **extra)
+            if extra:
+                doc["result"] = {"rejected_unacknowledged_before": extra["suppressed"]}
             return self._publish(doc, "unknown")
         if self.p.failed is not None:  # a batch failed to score: nothing is saved from now on, the daemon stops
             return self._publish(ack(cmd, None, "failed", self.instance, error=f"not applied: {self.p.failed}"),

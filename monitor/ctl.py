@@ -11,6 +11,7 @@ while they are not known, or for acks of daemons that do not name their partitio
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -62,11 +63,13 @@ def send(cfg: Config, command: str, target: str, params: dict[str, Any], operato
     audit, _ = partition_reader(cfg.kafka.client_kwargs(), c.audit_topic, at_end=True)
     try:
         producer = KafkaProducer(**cfg.kafka.producer_kwargs())
+        body = json.dumps(doc).encode()
         try:
-            producer.send(c.topic, key=doc["command_id"].encode(), value=json.dumps(doc).encode()).get(timeout_s)
+            producer.send(c.topic, key=doc["command_id"].encode(), value=body).get(timeout_s)
         finally:
             producer.close(timeout_s)
-        return _collect(audit, doc["command_id"], timeout_s, settle_s, lambda: topics.partitions)
+        return _collect(audit, doc["command_id"], timeout_s, settle_s, lambda: topics.partitions,
+                        hashlib.sha256(body).hexdigest())
     except KafkaError as exc:
         raise BrokerError(f"cannot send the command: {type(exc).__name__}: {exc}") from None
     finally:
@@ -95,15 +98,17 @@ class Topics:
 
 
 def _collect(audit: Any, command_id: str, timeout_s: float, settle_s: float,
-             partitions: Callable[[], dict[str, set[int]] | None] = lambda: None) -> Answers:
+             partitions: Callable[[], dict[str, set[int]] | None] = lambda: None, sent: str | None = None) -> Answers:
     """Acks of ``command_id`` for ``settle_s`` after the first one, and on until every input partition the acks
     name is answered for (``partitions()``: each topic's, None while not known) and every ack is whole, or
-    ``timeout_s``."""
+    ``timeout_s``. A refusal of another message than the one sent (its ``received_sha256`` is not ``sent``'s: a
+    message claiming the command's id, which anyone who can write to the control topic can send) is left out."""
     parts: list[dict[str, Any]] = []
     acks: list[dict[str, Any]] = []
     t0, first = time.monotonic(), None
     while time.monotonic() - t0 < timeout_s:
-        got = [a for records in audit.poll(timeout_ms=100).values() for a in _acks_of(records, command_id)]
+        got = [a for records in audit.poll(timeout_ms=100).values() for a in _acks_of(records, command_id)
+               if sent is None or a.get("received_sha256") in (None, sent)]
         if got:
             parts += got
             first = first or time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import replace
@@ -199,6 +200,32 @@ def test_ctl_collects_for_the_settle_time_and_on_until_every_partition_is_answer
     # metadata not known: the settle rule alone
     got = _collect(ScriptedAudit([(0.0, a), (0.3, b)]), "c", timeout_s=10, settle_s=1.0)
     assert len(got.acks) == 2 and got.unanswered is None
+
+
+def test_a_flood_of_unsigned_messages_is_counted_not_logged_and_audited_each(make: Make,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Anyone who can write to the control topic, without the key, made every instance log a warning and publish an
+    audit record per message (1 000 of each for 1 000), and could send a refusal under the id of an operator's real
+    command, which ctl then reported as "applied only in part" (security review). Refusals past
+    REJECTIONS_PER_MINUTE are counted only; each names the hash of what it read, and ctl leaves out refusals of
+    another message than the one it sent."""
+    from monitor.controller import REJECTIONS_PER_MINUTE
+    from monitor.ctl import _collect
+
+    p = make()
+    c = controller(p)
+    for i in range(1000):
+        c.handle(raw({"command": "freeze", "command_id": f"x{i}", "signature": "0" * 64}))
+    acks = [json.loads(m.value) for m, *_ in p.outbox.acks]
+    assert len(acks) == REJECTIONS_PER_MINUTE and p.metrics.total("tsmon_commands_total") == 1000
+    cap = capsys.readouterr()
+    assert (cap.out + cap.err).count("command_rejected") == REJECTIONS_PER_MINUTE
+    sent = raw(new_command("pin", "s", {"threshold": 1.0}, "alice", "why", KEY))
+    spoof = {**acks[0], "command_id": "c", "received_sha256": hashlib.sha256(b"other").hexdigest()}
+    mine = {**acks[0], "command_id": "c", "status": "applied", "received_sha256": None}
+    got = _collect(ScriptedAudit([(0.0, spoof), (0.0, mine)]), "c", timeout_s=3, settle_s=0.3,
+                   sent=hashlib.sha256(sent).hexdigest())
+    assert [a["status"] for a in got.acks] == ["applied"]
 
 
 def test_the_daemons_acks_name_the_partitions_it_holds(stream_model: Path) -> None:
