@@ -150,7 +150,8 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
     its streams as they were) and every input partition was answered for."""
     if not acks:
         raise CommandFailed(f"no daemon acknowledged {command} within {timeout_s:g} s (is one running, "
-                            f"reading the control topic, with the same key?)")
+                            f"reading the control topic, with the same key? a daemon acknowledges 10 refusals a "
+                            f"minute: see its command_rejected log lines)")
     applied = [a for a in acks if a["status"] in ("applied", "duplicate")]
     if not applied:
         a = acks[0]

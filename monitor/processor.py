@@ -269,7 +269,8 @@ class Processor:
                                                  f"clock (limits.max_future_s = {ahead_s:g})"))
                 done.add(id(rec))
                 continue
-            if rec.offset < st.time_from.get(rec.tp, -1):  # replayed from before a clock step the state is past
+            if rec.offset < st.time_from.get(rec.tp, -1) and not st.is_new(rec.tp, rec.offset):  # a replay from
+                # before a clock step the state is past: the old time, which the new time's windows must not take
                 self.ledger.consumed(rec.tp, rec.offset)
                 self.metrics.records.labels("ok").inc()
                 done.add(id(rec))
@@ -343,9 +344,12 @@ class Processor:
         held_ts, held = st.windows.recent()  # and the blocks of this poll taken before it
         held_ts = np.concatenate([held_ts, *(b.ts_ms for _, b in taken)])
         held = np.concatenate([held.reshape(-1, block.channels), *(b.values for _, b in taken)])
-        at = np.searchsorted(held_ts, block.ts_ms[~keep]).clip(max=max(0, len(held_ts) - 1))
-        resent = bool(len(held_ts) and (held_ts[at] == block.ts_ms[~keep]).all()
-                      and np.array_equal(held[at], block.values[~keep]))  # the same samples, not just the same times
+        lost_ts, lost = block.ts_ms[~keep], block.values[~keep]
+        if len(held_ts):  # those older than what is held cannot be compared: judged by the rest (a long resend)
+            lost_ts, lost = lost_ts[lost_ts >= held_ts[0]], lost[lost_ts >= held_ts[0]]
+        at = np.searchsorted(held_ts, lost_ts).clip(max=max(0, len(held_ts) - 1))
+        resent = bool(len(lost_ts) and (held_ts[at] == lost_ts).all()
+                      and np.array_equal(held[at], lost))  # the same samples, not just the same times
         self.metrics.overlapped.inc(dropped)
         what = "sent again" if resent else "overlapping chunks — is period_ms right?"
         self._quality(st.quality.event("duplicate" if resent else "late", int(block.ts_ms[0]), (
@@ -960,7 +964,17 @@ class Processor:
             source.commit(offsets, max(0.05, left()))
             self._committed.update(offsets)
             self.metrics.commits.inc()
+            self._past_steps(offsets)
         return offsets
+
+    def _past_steps(self, committed: dict[TP, int]) -> None:
+        """Forget where a clock step began once the commit is past it: no replay can start before it any more, and
+        kept, it passed over records of a partition whose offsets began again (a topic recreated)."""
+        for st in self.streams.values():
+            done = [tp for tp, at in st.time_from.items() if committed.get(tp, -1) > at]
+            for tp in done:
+                del st.time_from[tp]
+            st.dirty = st.dirty or bool(done)
 
     def send_documents(self) -> int:
         """Hand the state documents saved since the last commit to the sink (:meth:`commit`'s step 2)."""

@@ -368,19 +368,15 @@ def test_a_scrape_during_a_source_change_reads_one_threshold_series() -> None:
     assert not bad, bad[:5]
 
 
-def test_idle_connections_from_one_client_keep_no_probe_out(server: HealthServer) -> None:
+def test_idle_connections_are_cut_and_one_address_gets_a_share(server: HealthServer) -> None:
     """64 idle connections (not a byte sent) took every slot for 10 s at a time, and /healthz went unanswered: a
-    liveness probe failing restarts the pod (security review). One address gets MAX_PER_CLIENT of them, and a
-    connection silent for READ_TIMEOUT_S is cut."""
+    liveness probe failing restarts the pod (security review). A connection silent for READ_TIMEOUT_S is cut, and one
+    address gets MAX_PER_CLIENT of the slots — not loopback, from which a sidecar proxy forwards every client."""
     from monitor import health
 
     host, port = server.address
-    idle = []
-    for _ in range(health.MAX_CONNECTIONS):
-        s = socket.create_connection((host, port), timeout=5, source_address=("127.0.0.2", 0))
-        idle.append(s)
+    idle = [socket.create_connection((host, port), timeout=5) for _ in range(health.MAX_CONNECTIONS)]
     time.sleep(0.2)
-    assert get(server.url + "/healthz")[0] == 200  # from another address: in at once
     start, closed = time.monotonic(), 0
     for s in idle:
         s.settimeout(max(0.1, health.READ_TIMEOUT_S + 2 - (time.monotonic() - start)))
@@ -389,5 +385,15 @@ def test_idle_connections_from_one_client_keep_no_probe_out(server: HealthServer
         except (TimeoutError, OSError):
             pass
         s.close()
-    assert closed == health.MAX_CONNECTIONS  # refused beyond MAX_PER_CLIENT, the others cut once silent
-    assert time.monotonic() - start < health.READ_TIMEOUT_S + 1.5
+    assert closed == health.MAX_CONNECTIONS and time.monotonic() - start < health.READ_TIMEOUT_S + 1.5
+    assert get(server.url + "/healthz")[0] == 200
+    assert server._server is not None
+    pairs = [socket.socketpair() for _ in range(health.MAX_PER_CLIENT + 1)]
+    for i, (a, _) in enumerate(pairs):
+        server._server.process_request(a, ("10.1.2.3", 40_000 + i))
+    assert server._server.clients == {"10.1.2.3": health.MAX_PER_CLIENT}
+    assert pairs[-1][1].recv(1) == b""  # the one over its share: closed unanswered
+    assert get(server.url + "/healthz")[0] == 200  # another address: in at once
+    for a, b in pairs:
+        a.close()
+        b.close()
