@@ -110,6 +110,8 @@ class Scorer:
         self.precision = precision
         self.max_rows: dict[str, int] = {}  # per model, the windows one call may take (lowered by an out-of-memory)
         self._fitted: dict[str, int] = {}  # per model, calls split at max_rows that fitted since it was set
+        self._regrow: dict[str, int] = {}  # per model, such calls before twice the size is tried (doubles per failure)
+        self._grown: dict[str, bool] = {}  # per model, max_rows was doubled and has not failed since
         if any(m.detector.device.type == "cuda" for m in models):
             exact_float32()
 
@@ -143,14 +145,15 @@ class Scorer:
         batch, and so at every restart), and later calls keep to the size that fitted. Under a reduced precision a
         window whose score is not finite is scored again in float32: beyond float16's range (65 504 σ) a spike scored
         NaN, which is never taken for normal, but never paged either. After ``REGROW_AFTER`` split calls that fitted,
-        the size is doubled again (one transient out-of-memory on a shared GPU halved the throughput for good)."""
+        the size is doubled again (one transient out-of-memory on a shared GPU halved the throughput for good), and
+        each time that fails, the wait doubles (a GPU short for good failed a forward pass every 100 calls)."""
         precision = precision or self.precision_of(model)
         rows = self.max_rows.get(model, len(values)) or 1
         parts = [self._score_fitting(model, values[i : i + rows], precision) for i in range(0, len(values), rows)]
         if model in self.max_rows and len(values) > rows:  # split, and it fitted: try twice the size in a while
             self._fitted[model] = self._fitted.get(model, 0) + 1
-            if self._fitted[model] >= REGROW_AFTER:
-                self.max_rows[model], self._fitted[model] = 2 * rows, 0
+            if self._fitted[model] >= self._regrow.get(model, REGROW_AFTER):
+                self.max_rows[model], self._fitted[model], self._grown[model] = 2 * rows, 0, True
         window = np.concatenate([w for w, _ in parts]) if len(parts) != 1 else parts[0][0]
         channel = np.concatenate([c for _, c in parts]) if len(parts) != 1 else parts[0][1]
         if precision != "float32" and not (finite := np.isfinite(window)).all():
@@ -165,6 +168,8 @@ class Scorer:
                 raise
             half = len(values) // 2
             self.max_rows[model], self._fitted[model] = min(self.max_rows.get(model, half), half), 0
+            if self._grown.pop(model, False):  # twice the size failed again: wait twice as long before the next try
+                self._regrow[model] = min(64 * REGROW_AFTER, 2 * self._regrow.get(model, REGROW_AFTER))
             log.warning("scoring_out_of_memory", model=model, windows=len(values), now=half,
                         consequence="scored in parts of at most this many windows from now on")
             if torch.cuda.is_available():

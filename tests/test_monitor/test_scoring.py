@@ -124,8 +124,14 @@ def test_out_of_gpu_memory_scores_in_parts_that_fit(stream_model: Path, monkeypa
     assert scorer.max_rows[name] == 12
     np.testing.assert_array_equal(scorer.score_values(name, windows)[0], exact[0])
     assert scorer.max_rows[name] == 6 and calls[-3:] == [6, 6, 2]
+    for _ in range(REGROW_AFTER):  # that failed: twice as long before the next try
+        scorer.score_values(name, windows)
+    assert scorer.max_rows[name] == 6
+    for _ in range(REGROW_AFTER - 1):
+        scorer.score_values(name, windows)
+    assert scorer.max_rows[name] == 12
     monkeypatch.setattr(scorer, "_score", real)  # the memory is back: the full size again, in steps
-    for _ in range(5 * REGROW_AFTER):
+    for _ in range(12 * REGROW_AFTER):
         scorer.score_values(name, windows)
     assert scorer.max_rows[name] >= len(windows)
     monkeypatch.setattr(scorer, "_score", lambda *_: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
