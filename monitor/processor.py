@@ -299,6 +299,12 @@ class Processor:
                 st.behind_run = None
                 continue
             kind = "duplicate" if reason == "duplicate_timestamp" else "late"
+            run = st.behind_run
+            if kind == "late" and run is not None and behind is not None and self.settings.clock_step_s is not None:
+                detail = (f"{(behind - int(block.ts_ms[0])) / 1000:.1f} s behind the stream's last sample "
+                          f"({iso(behind)}); behind it for {(run.last_ts - run.first_ts) / 1000:.1f} s of their own "
+                          f"time so far: a clock set back? after windows.clock_step_s "
+                          f"({self.settings.clock_step_s:g} s) the stream restarts at their time ({detail})")
             self._quality(st.quality.event(kind, int(block.ts_ms[0]), detail))
             self._dead_letter(rec, BadRecord(reason, detail))
             done.add(id(rec))
@@ -371,11 +377,12 @@ class Processor:
         as they are taken — so such a stream's clock step read while catching up is taken once it is live."""
         first, end = int(block.ts_ms[0]), int(block.ts_ms[-1])
         run, produce_time = st.behind_run, rec.timestamp_ms > 0 and rec.timestamp_ms != first
-        if run is None or first <= run.last_ts:
+        if run is None or first < run.first_ts:  # further back than the run began: a run of its own
             run = BehindRun(first, end, 1, rec.timestamp_ms, now_ms, produce_time)
-        else:
+        elif end > run.last_ts:  # it goes on (chunks that overlap, as a period_ms a little long makes them, too)
             run = BehindRun(run.first_ts, end, run.records + 1, run.first_produced, run.first_read,
                             run.produce_times and produce_time)
+        # else a message sent again inside the run: it neither ends nor moves it (a producer's retries did both)
         st.behind_run = run
         if self.settings.clock_step_s is None:
             return False
@@ -407,6 +414,7 @@ class Processor:
         self._quality(st.quality.event("clock_step", first, detail))
         log.warning("clock_step", stream=stream[:64], back_s=round(back_s, 3), dead_lettered=refused - 1)
         self._release(stream, st)
+        self.save(stream)  # with the next commit, not the next snapshot: a crash before it stepped again elsewhere
 
     def _base_gap_ms(self, served: Served) -> float | None:
         """The route's ``gap_ms``, else the daemon's."""

@@ -775,6 +775,63 @@ def test_a_clock_step_of_records_stamped_with_event_time_is_judged_by_this_hosts
         assert [d["kind"] for d in docs(p, "data_quality") if d["kind"] == "clock_step"] == expected
 
 
+@pytest.mark.parametrize("how", ["overlapping", "resent"])
+def test_a_clock_step_is_taken_through_overlapping_or_resent_messages(make: Make, how: str) -> None:
+    """A run of records behind the stream began again at every record that did not start after its last sample: a
+    device whose chunks overlap (period_ms 11 for 10 ms) or a producer's retries (every 5th message twice) never
+    stepped, dead-lettered until its clock passed the old time (third review). Inside a run, a record that goes on
+    continues it, and one sent again neither ends nor moves it."""
+    p = make()
+    p.settings = Settings(clock_step_s=1.0)
+    feed(p, records("dev-s", *sine_stream(1000, start_ms=1_700_000_000_000 + 1_800_000), produced=5))
+    ts, v = sine_stream(3000, bursts=(2000,), seed=2)
+    if how == "overlapping":
+        recs = [InRecord(TOPIC, 0, 100 + i, b"dev-s", json.dumps(
+            {"stream": "dev-s", "ts": int(ts[100 * i]), "period_ms": 11, "samples": v[100 * i : 100 * i + 100].tolist()}
+        ).encode(), int(ts[100 * i]) + 5) for i in range(30)]
+    else:
+        recs = []
+        for i, r in enumerate(records("dev-s", ts, v, produced=5)):
+            recs += [r, replace(r, timestamp_ms=r.timestamp_ms + 50)] if i % 5 == 4 else [r]
+        recs = [replace(r, offset=100 + i) for i, r in enumerate(recs)]
+    feed(p, recs, poll=1)
+    sink(p).flush(1)
+    quality = docs(p, "data_quality")
+    assert [d["kind"] for d in quality if d["kind"] == "clock_step"] == ["clock_step"]
+    assert "firing" in [d["status"] for d in docs(p, "anomaly")]  # the burst at the new time
+    late = next(d["detail"] for d in quality if d["kind"] == "late")
+    assert "a clock set back? after windows.clock_step_s (1 s) the stream restarts at their time" in late
+
+
+def test_a_crash_after_a_clock_step_of_an_evicted_stream_pages_nothing_twice(make: Make) -> None:
+    """A stream back from eviction holds no input, so the commit moves past its run's dead letters up to the step. The
+    document with the step waited for the next snapshot (30 s): a crash before it restarted from the old one, the
+    replay stepped again a clock_step_s later, on another window grid, and paged the incident again under a new id,
+    the first left open for good (third review). The document goes with the commit right after the step."""
+    old = records("dev-s", *sine_stream(1000, start_ms=1_700_000_000_000 + 1_800_000), chunk=7, produced=5)
+    new = records("dev-s", *sine_stream(1000, bursts=(960,), seed=2), chunk=7, first_offset=len(old) + 50,
+                  produced=5)
+    p, src = make(), MemorySource([])
+    p.settings = Settings(state_topic="state", clock_step_s=3.0, idle_evict_s=60.0)
+    feed(p, old)
+    p.commit(src, {(TOPIC, 0)})
+    assert p.evict_idle(time.monotonic() + 4000) == 1
+    for i in range(0, 60, 10):  # past the step (3 s: 43 records of 7 samples), a commit every 10 records
+        feed(p, new[i : i + 10])
+        p.commit(src, {(TOPIC, 0)})
+    delivered = [json.loads(m.value) for m in sink(p).acked if m.topic == "state" and m.key == b"dev-s" and m.value]
+    committed = src.committed[(TOPIC, 0)]
+    feed(p, new[60:])  # without a crash: the reference
+    sink(p).flush(1)
+    first = {d["alert_id"] for d in docs(p, "anomaly")}
+    q = make()
+    q.settings = p.settings
+    q.restored = {"dev-s": delivered[-1]}  # a crash: what the changelog has, from the commit on
+    feed(q, [r for r in old + new if r.offset >= committed])
+    sink(q).flush(1)
+    assert first and {d["alert_id"] for d in docs(q, "anomaly")} <= first
+
+
 def test_a_sample_far_ahead_of_the_clock_is_dead_lettered_not_taken(make: Make) -> None:
     """One message stamped in 2100 was taken: every later sample of the stream was then "backwards" and
     dead-lettered until that time came. Past limits.max_future_s it is refused itself, and the stream goes on."""
