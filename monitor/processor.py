@@ -290,8 +290,8 @@ class Processor:
             if reason == "timestamp_backwards" and self._set_back(st, rec, block, now_ms):
                 made += self._take(stream, st, good, done, now_ms)  # those before the step, in the old time
                 good = []
+                st.time_from[rec.tp] = rec.offset  # before the step's document is saved: it must say where
                 self._clock_step(stream, st, behind)
-                st.time_from[rec.tp] = rec.offset
                 refused = None
             if refused is None:
                 good.append((rec, block))
@@ -351,8 +351,9 @@ class Processor:
         held_ts = np.concatenate([held_ts, *(b.ts_ms for _, b in taken)])
         held = np.concatenate([held.reshape(-1, block.channels), *(b.values for _, b in taken)])
         lost_ts, lost = block.ts_ms[~keep], block.values[~keep]
-        if len(held_ts):  # those older than what is held cannot be compared: judged by the rest (a long resend)
-            lost_ts, lost = lost_ts[lost_ts >= held_ts[0]], lost[lost_ts >= held_ts[0]]
+        oldest = held_ts[0] if len(held_ts) else np.iinfo("int64").max  # nothing held (back from eviction): none
+        lost_ts, lost = lost_ts[lost_ts >= oldest], lost[lost_ts >= oldest]  # those older than what is held cannot be
+        # compared: judged by the rest (a long resend)
         at = np.searchsorted(held_ts, lost_ts).clip(max=max(0, len(held_ts) - 1))
         resent = bool(len(lost_ts) and (held_ts[at] == lost_ts).all()
                       and np.array_equal(held[at], lost))  # the same samples, not just the same times
@@ -404,6 +405,7 @@ class Processor:
         st.alerts = AlertState(stream, st.served.identity, self.alert_settings(st.served),
                                generation=st.alerts.generation + 1)
         st.windows.set_back()
+        st.quality.set_back()
         st.doc_last_ts, st.applied_until_ts, st.last_window_ts, st.behind_run, st.dirty = None, -1, -1, None, True
         if self.data_clock is not None:
             self.data_clock.forget(stream)

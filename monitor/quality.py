@@ -120,6 +120,11 @@ class StreamQuality:
             self.period_ms = learnt
             self._recent_period, self._drifting = recent, recent is not None
 
+    def set_back(self) -> None:
+        """The stream's clock was set back: the rate limit restarts (kept, it ran on the old time's stamps, and a second
+        step to within a cooldown of the first one's new time was held back); what it held back is still told."""
+        self._last_emit.clear()
+
     def cooldowns(self) -> dict[str, dict[str, int]]:
         """What a changelog document keeps of the rate limit: per kind, the time of the last event published and the
         number held back since (a replay after a restart published again what the cooldown had held back, under
