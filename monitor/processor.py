@@ -287,7 +287,7 @@ class Processor:
                     st.windows.restart()
                     st.windows.gaps.append(int(block.ts_ms[0]))
             reason, _, detail = (refused or "").partition(": ")
-            if reason == "timestamp_backwards" and self._set_back(st, rec, block, now_ms):
+            if reason == "timestamp_backwards" and self._set_back(st, rec, block, now_ms, behind):
                 made += self._take(stream, st, good, done, now_ms)  # those before the step, in the old time
                 good = []
                 st.time_from[rec.tp] = rec.offset  # before the step's document is saved: it must say where
@@ -368,14 +368,17 @@ class Processor:
         hole = not resent and gap is not None and (dropped + 1) * period > gap and n - dropped >= st.served.window
         return replace(block, ts_ms=block.ts_ms[keep], values=block.values[keep]), hole
 
-    def _set_back(self, st: StreamState, rec: InRecord, block: SampleBlock, now_ms: float) -> bool:
+    def _set_back(self, st: StreamState, rec: InRecord, block: SampleBlock, now_ms: float, behind: int | None) -> bool:
         """Count a block refused as behind the stream into its run of such blocks (:class:`BehindRun`); True once the
         run has lasted ``clock_step_s`` of its own time and was produced over at least half of that: the stream's clock
         was set back (a device's clock corrected by NTP, or reset at a reboot), not a late message nor a buffer sent
         again at once (a store-and-forward gateway's two minutes, resent in a second, would have restarted the stream
         on them). Produced over: by the records' Kafka timestamps where they are times of production; where one is
         missing, or is its first sample's time (a producer stamping records with event time), by this host's clock
-        as they are taken — so such a stream's clock step read while catching up is taken once it is live."""
+        as they are taken — so such a stream's clock step read while catching up is taken once it is live. And only
+        while the time it went back from is still ahead of this host's clock: a clock that ran fast, corrected. Behind
+        a time that has passed, the run is history sent again (an upstream's replay from a checkpoint, a backfill):
+        taken for a step, it paged an old incident a second time under a new id (regression review)."""
         first, end = int(block.ts_ms[0]), int(block.ts_ms[-1])
         run, produce_time = st.behind_run, rec.timestamp_ms > 0 and rec.timestamp_ms != first
         if run is None or first < run.first_ts:  # further back than the run began: a run of its own
@@ -389,7 +392,8 @@ class Processor:
             return False
         step_ms = self.settings.clock_step_s * 1000
         produced = rec.timestamp_ms - run.first_produced if run.produce_times else now_ms - run.first_read
-        return end - run.first_ts >= step_ms and produced >= step_ms / 2
+        ahead = behind is not None and behind > now_ms
+        return ahead and end - run.first_ts >= step_ms and produced >= step_ms / 2
 
     def _clock_step(self, stream: str, st: StreamState, was: int | None) -> None:
         """Restart a stream whose clock was set back at its new time: what waits is scored first, an open alert is

@@ -83,7 +83,8 @@ def exact_float32() -> None:
     default, so a "float32" GPU scored an LSTM or conv model off the float32 its CPU-trained threshold came from, and
     the reduced-precision check at start compared against TF32. Process-wide; a reduced precision is asked for by
     ``daemon.precision``, not by this default."""
-    if hasattr(torch.backends.cudnn, "rnn"):  # the fp32_precision settings (torch 2.9 on)
+    if hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):  # those settings (torch 2.9 on; an
+        # older torch has a module torch.backends.cudnn.rnn of its own, so that name tells nothing)
         torch.backends.cudnn.rnn.fp32_precision = "ieee"
         torch.backends.cudnn.conv.fp32_precision = "ieee"
         torch.backends.cuda.matmul.fp32_precision = "ieee"
@@ -204,10 +205,11 @@ class Scorer:
                 values = (center + scale * rng.normal(size=(n, det.window, det.channels))).astype("float32")
                 self.score_values(name, values)
                 t0 = time.perf_counter()
-                scores, _ = self.score_values(name, values)
+                self.score_values(name, values)
                 timings.append((n, time.perf_counter() - t0))
-                if self.precision_of(name) != "float32":
-                    self._check_precision(name, values, scores, tolerance)
+                if (precision := self.precision_of(name)) != "float32":  # its own scores, none scored again: a model
+                    # whose reduced-precision scores are NaN was taken, and every batch then scored twice
+                    self._check_precision(name, values, self._score(name, values, precision)[0], tolerance)
             out[name] = timings
         return out
 

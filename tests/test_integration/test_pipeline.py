@@ -139,8 +139,10 @@ def test_a_stream_whose_clock_is_set_back_pages_at_its_new_time(broker: Any, top
     """A device clock 30 minutes fast, then corrected: its records, produced as it samples them (Kafka timestamps),
     were dead-lettered until its clock passed the old time and the incident in them never paged. After
     windows.clock_step_s of them it restarts at the new time and pages."""
-    fast, p = 1_700_000_000_000 + 1_800_000, KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1, linger_ms=5)
-    for ts, v in (sine_stream(1000, start_ms=fast), sine_stream(1000, bursts=(500,), seed=2)):
+    now = int(time.time() * 1000) - 15_000  # the corrected clock: the last 15 s (a run is taken while the time it
+    fast = now + 1_800_000  # went back from is still ahead of this host's clock)
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1, linger_ms=5)
+    for ts, v in (sine_stream(1000, start_ms=fast), sine_stream(1000, bursts=(500,), seed=2, start_ms=now)):
         for i, (body, n) in enumerate(messages("dev-step", ts, v, STREAM_HOP)):
             p.send(topic, key=b"dev-step", value=body, timestamp_ms=int(ts[i * n]) + 5)  # produced 5 ms after
     p.flush()
@@ -150,7 +152,7 @@ def test_a_stream_whose_clock_is_set_back_pages_at_its_new_time(broker: Any, top
     docs = TopicReader(broker.bootstrap, cfg.kafka.alerts_topic).settle()
     assert [q["kind"] for q in docs if q.get("type") == "data_quality"] == ["late", "clock_step"]
     alerts = [a for a in docs if a.get("type") == "anomaly"]
-    burst = 1_700_000_000_000 + 500 * STREAM_PERIOD_MS  # sample 500 of the corrected clock
+    burst = now + 500 * STREAM_PERIOD_MS  # sample 500 of the corrected clock
     assert [a["status"] for a in alerts] == ["firing", "resolved"]
     assert burst - STREAM_WINDOW * STREAM_PERIOD_MS <= alerts[0]["start_ts"] <= burst + 29 * STREAM_PERIOD_MS
     assert d.metrics.total("tsmon_dead_letters_total") == 10

@@ -29,6 +29,7 @@ from tests.conftest import STREAM_HOP, STREAM_PERIOD_MS, STREAM_WINDOW, sine_str
 from tests.test_monitor.conftest import Make
 
 W, H = STREAM_WINDOW, STREAM_HOP
+NOW_S = 1_700_000_100.0  # this host's clock in the clock-step tests: past sine_stream's start, before a fast clock's
 TOPIC = "in"
 ALERTS = Settings().alerts_topic
 DLQ = Settings().dead_letter_topic
@@ -610,6 +611,7 @@ def test_a_stream_whose_clock_is_set_back_restarts_at_the_new_time(make: Make, s
     restarts at the new time, its open alert resolved; a late message, or a buffer sent again at once, is still
     refused."""
     p = make()
+    p.clock = lambda: NOW_S  # this host's clock: the corrected time's
     p.settings = Settings(clock_step_s=step_s)
     fast = 1_700_000_000_000 + 1_800_000
     feed(p, records("dev-s", *sine_stream(1000, start_ms=fast), produced=5))
@@ -645,6 +647,7 @@ def test_a_restored_stream_whose_clock_was_set_back_restarts_and_pages(make: Mak
     p.commit(MemorySource([]), {(TOPIC, 0)})
     doc = [json.loads(m.value) for m in sink(p).sent if m.topic == "state" and m.value is not None][-1]
     q = make()
+    q.clock = lambda: NOW_S  # this host's clock: the corrected time's
     q.settings = Settings(state_topic="state", clock_step_s=1.0)
     q.restored = {"dev-c": doc}
     feed(q, records("dev-c", *sine_stream(300, bursts=(150,)), first_offset=len(first), produced=5))
@@ -728,6 +731,7 @@ def test_a_restart_after_a_clock_step_does_not_page_the_old_time_again(make: Mak
     new = records("dev-s", *sine_stream(1000, bursts=(500,), seed=2), first_offset=len(old) + len(slow) + 50,
                   produced=5)
     p, src = make(), MemorySource([])
+    p.clock = lambda: NOW_S  # this host's clock: the corrected time's
     p.settings = Settings(state_topic="state", clock_step_s=1.0)
     for part in (old, slow, more, new):
         feed(p, part)
@@ -737,6 +741,7 @@ def test_a_restart_after_a_clock_step_does_not_page_the_old_time_again(make: Mak
     assert [s for s, _ in first] == ["firing", "resolved", "firing", "resolved"] and src.committed[(TOPIC, 0)] == len(old)
     doc = [json.loads(m.value) for m in sink(p).sent if m.topic == "state" and m.key == b"dev-s"][-1]
     q = make()
+    q.clock = lambda: NOW_S  # this host's clock: the corrected time's
     q.settings = p.settings
     q.restored = {"dev-s": doc}
     feed(q, (old + slow + more + new)[src.committed[(TOPIC, 0)]:])  # the replay from the commit
@@ -755,6 +760,7 @@ def test_a_restart_after_a_clock_step_does_not_page_the_old_time_again(make: Mak
     # the document saved at the step says where the new time began: it was set after that save, so with nothing else
     # saved before the commit a crash replayed the old time from a document without it (fourth review)
     r, src = make(), MemorySource([])
+    r.clock = lambda: NOW_S  # this host's clock: the corrected time's
     r.settings = p.settings
     feed(r, old + slow + more + new[:30])
     r.commit(src, {(TOPIC, 0)})
@@ -770,7 +776,7 @@ def test_a_clock_step_of_records_stamped_with_event_time_is_judged_by_this_hosts
     for clock_runs, expected in ((False, []), (True, ["clock_step"])):
         p = make()
         p.settings = Settings(clock_step_s=1.0)
-        def clock(advance: bool = clock_runs, host: list[float] = [1_800_000_000.0]) -> float:  # noqa: B006
+        def clock(advance: bool = clock_runs, host: list[float] = [NOW_S]) -> float:  # noqa: B006
             host[0] += 0.5 if advance else 0.0  # each poll of each stream: half a second later, or all at once
             return host[0]
 
@@ -790,6 +796,7 @@ def test_a_clock_step_is_taken_through_overlapping_or_resent_messages(make: Make
     stepped, dead-lettered until its clock passed the old time (third review). Inside a run, a record that goes on
     continues it, and one sent again neither ends nor moves it."""
     p = make()
+    p.clock = lambda: NOW_S  # this host's clock: the corrected time's
     p.settings = Settings(clock_step_s=1.0)
     feed(p, records("dev-s", *sine_stream(1000, start_ms=1_700_000_000_000 + 1_800_000), produced=5))
     ts, v = sine_stream(3000, bursts=(2000,), seed=2)
@@ -820,6 +827,7 @@ def test_a_crash_after_a_clock_step_of_an_evicted_stream_pages_nothing_twice(mak
     new = records("dev-s", *sine_stream(1000, bursts=(960,), seed=2), chunk=7, first_offset=len(old) + 50,
                   produced=5)
     p, src = make(), MemorySource([])
+    p.clock = lambda: NOW_S  # this host's clock: the corrected time's
     p.settings = Settings(state_topic="state", clock_step_s=3.0, idle_evict_s=60.0)
     feed(p, old)
     p.commit(src, {(TOPIC, 0)})
@@ -833,6 +841,7 @@ def test_a_crash_after_a_clock_step_of_an_evicted_stream_pages_nothing_twice(mak
     sink(p).flush(1)
     first = {d["alert_id"] for d in docs(p, "anomaly")}
     q = make()
+    q.clock = lambda: NOW_S  # this host's clock: the corrected time's
     q.settings = p.settings
     q.restored = {"dev-s": delivered[-1]}  # a crash: what the changelog has, from the commit on
     feed(q, [r for r in old + new if r.offset >= committed])
@@ -845,6 +854,7 @@ def test_an_overlap_after_an_eviction_and_a_second_clock_step_are_handled(make: 
     dead-lettered unprocessable (an IndexError); and a second clock step to within a cooldown of the first one's new
     time was counted but its event held back (the rate limit ran on the old time's stamps)."""
     p = make()
+    p.clock = lambda: NOW_S  # this host's clock: the corrected time's
     p.settings = Settings(idle_evict_s=60.0, clock_step_s=1.0)
     ts, v = sine_stream(605)
     feed(p, records("dev-e", ts[:500], v[:500], produced=5))
@@ -852,6 +862,7 @@ def test_an_overlap_after_an_eviction_and_a_second_clock_step_are_handled(make: 
     feed(p, records("dev-e", ts[495:], v[495:], chunk=110, first_offset=50, produced=5))
     assert not [m for m in sink(p).sent if m.topic == DLQ] and p.streams["dev-e"].windows.last_ts == int(ts[-1])
     q = make()
+    q.clock = lambda: NOW_S  # this host's clock: the corrected time's
     q.settings = Settings(clock_step_s=1.0)
     fast = 1_700_000_000_000 + 1_800_000
     for i, start in enumerate((fast, 1_700_000_000_000, fast + 1_200_000, 1_700_000_000_000 + 12_500)):
@@ -859,6 +870,22 @@ def test_an_overlap_after_an_eviction_and_a_second_clock_step_are_handled(make: 
         q.score_ready(force=True)
     sink(q).flush(1)
     assert [d["kind"] for d in docs(q, "data_quality") if d["kind"] == "clock_step"] == ["clock_step"] * 2
+
+
+def test_history_sent_again_at_its_pace_is_no_clock_step(make: Make) -> None:
+    """A producer restarting from a checkpoint sent 20 s of a stream again, at their original pace: taken for a clock
+    step, the incident in them paged a second time under a new id (regression review). A run is a clock set back only
+    while the time it went back from is still ahead of this host's clock (a fast clock, corrected)."""
+    p = make()
+    p.settings = Settings(clock_step_s=5.0)
+    ts, v = sine_stream(2000, bursts=(1950,))
+    first = records("dev-r", ts, v, produced=5)
+    p.clock = lambda: float(ts[-1]) / 1000 + 30  # now: 30 s after the last sample
+    feed(p, first + [replace(r, offset=200 + i, timestamp_ms=r.timestamp_ms + 25_000) for i, r in enumerate(first)])
+    sink(p).flush(1)
+    assert [d["status"] for d in docs(p, "anomaly")] == ["firing"]  # once (it stays open: nothing after it)
+    assert not [d for d in docs(p, "data_quality") if d["kind"] == "clock_step"]
+    assert len([m for m in sink(p).sent if m.topic == DLQ]) == 200
 
 
 def test_a_sample_far_ahead_of_the_clock_is_dead_lettered_not_taken(make: Make) -> None:
@@ -1642,16 +1669,19 @@ def test_a_precision_off_float32_beyond_the_tolerance_stops_the_start(served: Se
 
     scorer = Scorer([served], precision="float16")
     monkeypatch.setattr(scorer, "precision_of", lambda _m: "float16")  # as on CUDA
-    real = Scorer.score_values
+    real, off = Scorer._score, [1.05]
 
-    def reduced(self: Scorer, model: str, values: np.ndarray, precision: str | None = None) -> Any:
+    def reduced(self: Scorer, model: str, values: np.ndarray, precision: str) -> Any:
         window, channel = real(self, model, values, "float32")
-        return (window * 1.05 if precision != "float32" else window), channel  # 5 % off float32
+        return (window * off[0] if precision != "float32" else window), channel  # 5 % off float32
 
-    monkeypatch.setattr(Scorer, "score_values", reduced)
+    monkeypatch.setattr(Scorer, "_score", reduced)
     with pytest.raises(ConfigError, match="float16 scores differ from float32 by 5.00%"):
         scorer.warm_up([4], tolerance=0.02)
     assert scorer.warm_up([4], tolerance=0.06)
+    off[0] = float("nan")  # checked on its own scores: the float32 ones that replace NaN let such a model through
+    with pytest.raises(ConfigError, match="float16 scores differ from float32"):
+        scorer.warm_up([4], tolerance=0.06)
 
 
 def test_input_held_across_a_rebalance_is_released_with_the_new_assignment(stream_model: Path) -> None:
