@@ -182,10 +182,13 @@ class _Server(ThreadingHTTPServer):
 
 
 def _loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, and ::ffff:127.x (how a dual-stack listener on "::" sees 127.0.0.1)."""
     try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+        ip = ipaddress.ip_address(host.split("%")[0])
     except ValueError:
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _cut(request: socket.socket) -> None:

@@ -394,6 +394,8 @@ def test_idle_connections_are_cut_and_one_address_gets_a_share(server: HealthSer
     assert server._server.clients == {"10.1.2.3": health.MAX_PER_CLIENT}
     assert pairs[-1][1].recv(1) == b""  # the one over its share: closed unanswered
     assert get(server.url + "/healthz")[0] == 200  # another address: in at once
+    assert [health._loopback(a) for a in ("127.0.0.6", "::1", "::ffff:127.0.0.1", "::ffff:10.1.2.3", "10.1.2.3")] == \
+        [True, True, True, False, False]  # a dual-stack listener sees 127.0.0.1 as ::ffff:127.0.0.1
     for a, b in pairs:
         a.close()
         b.close()
