@@ -149,6 +149,8 @@ class Scorer:
         the size is doubled again (one transient out-of-memory on a shared GPU halved the throughput for good), and
         each time that fails, the wait doubles (a GPU short for good failed a forward pass every 100 calls)."""
         precision = precision or self.precision_of(model)
+        if not len(values):
+            return self._score(model, values, precision)
         rows = self.max_rows.get(model, len(values)) or 1
         parts = [self._score_fitting(model, values[i : i + rows], precision) for i in range(0, len(values), rows)]
         if model in self.max_rows and len(values) > rows:  # split, and it fitted: try twice the size in a while

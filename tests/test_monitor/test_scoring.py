@@ -105,6 +105,7 @@ def test_out_of_gpu_memory_scores_in_parts_that_fit(stream_model: Path, monkeypa
     scorer = Scorer([load_served("*", stream_model, None, None, "cpu")])
     name = next(iter(scorer.models))
     exact = scorer.score_values(name, windows)
+    assert [a.shape for a in scorer.score_values(name, windows[:0])] == [(0,), (0, 2)]  # no windows: none scored
     real, calls = scorer._score, []
 
     def small_gpu(model: str, v: np.ndarray, precision: str) -> tuple[np.ndarray, np.ndarray]:
