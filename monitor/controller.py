@@ -36,6 +36,7 @@ Effects = tuple[list[str], list[dict[str, Any]], dict[str, Any]]
 
 REJECTIONS_PER_MINUTE = 10  # refused messages logged and acknowledged a minute; the others are counted
 
+
 class Controller:
     def __init__(self, processor: Processor, key: str | None, audit_topic: str, instance: str,
                  max_age_s: float = 300.0, remember: int = 10_000, clock: Callable[[], float] = time.time) -> None:

@@ -136,7 +136,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        host = _host(client_address)
         with self.lock:  # not loopback: a sidecar proxy forwards every client, probes included, from there
             crowded = self.clients.get(host, 0) >= MAX_PER_CLIENT and not _loopback(host)
             if not crowded:
@@ -174,11 +174,15 @@ class _Server(ThreadingHTTPServer):
         finally:
             cut.cancel()
             self.slots.release()
-            self._left(client_address[0] if isinstance(client_address, tuple) else str(client_address))
+            self._left(_host(client_address))
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # default prints a traceback to stderr
         exc = sys.exc_info()[1]  # called inside socketserver's except block
         log.debug("http_connection_error", client=str(client_address), error=f"{type(exc).__name__}: {exc}")
+
+
+def _host(client_address: Any) -> str:
+    return client_address[0] if isinstance(client_address, tuple) else str(client_address)
 
 
 def _loopback(host: str) -> bool:

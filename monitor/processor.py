@@ -281,11 +281,10 @@ class Processor:
             refused = order_problem(int(block.ts_ms[0]), behind, int(block.ts_ms[-1]))
             if refused is not None and behind is not None and int(block.ts_ms[-1]) > behind:
                 block, hole, refused = *self._overlap(st, block, behind, good), None  # goes on after the last one
-                if hole:  # the samples dropped are a gap: no window joins what was before to what follows
+                if hole:  # the samples dropped are a gap
                     made += self._take(stream, st, good, done, now_ms)
                     good = []
-                    st.windows.restart()
-                    st.windows.gaps.append(int(block.ts_ms[0]))
+                    st.windows.break_at(int(block.ts_ms[0]))
             reason, _, detail = (refused or "").partition(": ")
             if reason == "timestamp_backwards" and self._set_back(st, rec, block, now_ms, behind):
                 made += self._take(stream, st, good, done, now_ms)  # those before the step, in the old time
@@ -347,10 +346,8 @@ class Processor:
         keep = block.ts_ms > behind
         n, dropped = len(keep), int(len(keep) - np.count_nonzero(keep))
         span = int(block.ts_ms[-1] - block.ts_ms[0])
-        held_ts, held = st.windows.recent()  # and the blocks of this poll taken before it
-        held_ts = np.concatenate([held_ts, *(b.ts_ms for _, b in taken)])
-        held = np.concatenate([held.reshape(-1, block.channels), *(b.values for _, b in taken)])
         lost_ts, lost = block.ts_ms[~keep], block.values[~keep]
+        held_ts, held = self._held(st, taken, int(lost_ts[0]))
         oldest = held_ts[0] if len(held_ts) else np.iinfo("int64").max  # nothing held (back from eviction): none
         lost_ts, lost = lost_ts[lost_ts >= oldest], lost[lost_ts >= oldest]  # those older than what is held cannot be
         # compared: judged by the rest (a long resend)
@@ -367,6 +364,22 @@ class Processor:
         gap = self._gap_ms(st, self._base_gap_ms(st.served), period)
         hole = not resent and gap is not None and (dropped + 1) * period > gap and n - dropped >= st.served.window
         return replace(block, ts_ms=block.ts_ms[keep], values=block.values[keep]), hole
+
+    @staticmethod
+    def _held(st: StreamState, taken: list[tuple[InRecord, SampleBlock]], since: int) -> tuple[np.ndarray, np.ndarray]:
+        """The samples the stream holds from ``since`` on: the last blocks of this poll taken so far, back to the one
+        that reaches ``since``, and before them its windows' tail (only as far back as needed: every overlapping chunk
+        of a stream with a long period_ms concatenated the whole poll's blocks again)."""
+        parts = []
+        for _, b in reversed(taken):
+            parts.append((b.ts_ms, b.values))
+            if b.ts_ms[0] <= since:
+                break
+        else:
+            tail_ts, tail = st.windows.recent()
+            parts.append((tail_ts, tail.reshape(len(tail_ts), st.windows.channels)))
+        parts.reverse()
+        return np.concatenate([t for t, _ in parts]), np.concatenate([v for _, v in parts])
 
     def _set_back(self, st: StreamState, rec: InRecord, block: SampleBlock, now_ms: float, behind: int | None) -> bool:
         """Count a block refused as behind the stream into its run of such blocks (:class:`BehindRun`); True once the

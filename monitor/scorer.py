@@ -78,6 +78,16 @@ ROUTE_CACHE = 16_384  # stream ids whose route is remembered
 MISSING = object()
 
 
+@dataclass(slots=True)
+class _Regrowth:
+    """After an out-of-memory: calls split at ``Scorer.max_rows`` that fitted since it was set, how many of them
+    before twice the size is tried (doubled each time that fails), and whether it was just doubled."""
+
+    fitted: int = 0
+    wait: int = REGROW_AFTER
+    grown: bool = False
+
+
 def exact_float32() -> None:
     """float32 on CUDA is IEEE float32: torch lets cuDNN's convolutions and RNNs use TF32 (a 10-bit mantissa) by
     default, so a "float32" GPU scored an LSTM or conv model off the float32 its CPU-trained threshold came from, and
@@ -110,9 +120,7 @@ class Scorer:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.precision = precision
         self.max_rows: dict[str, int] = {}  # per model, the windows one call may take (lowered by an out-of-memory)
-        self._fitted: dict[str, int] = {}  # per model, calls split at max_rows that fitted since it was set
-        self._regrow: dict[str, int] = {}  # per model, such calls before twice the size is tried (doubles per failure)
-        self._grown: dict[str, bool] = {}  # per model, max_rows was doubled and has not failed since
+        self._regrowth: dict[str, _Regrowth] = {}  # per model whose max_rows an out-of-memory set
         if any(m.detector.device.type == "cuda" for m in models):
             exact_float32()
 
@@ -153,10 +161,10 @@ class Scorer:
             return self._score(model, values, precision)
         rows = self.max_rows.get(model, len(values)) or 1
         parts = [self._score_fitting(model, values[i : i + rows], precision) for i in range(0, len(values), rows)]
-        if model in self.max_rows and len(values) > rows:  # split, and it fitted: try twice the size in a while
-            self._fitted[model] = self._fitted.get(model, 0) + 1
-            if self._fitted[model] >= self._regrow.get(model, REGROW_AFTER):
-                self.max_rows[model], self._fitted[model], self._grown[model] = 2 * rows, 0, True
+        if (regrowth := self._regrowth.get(model)) is not None and len(values) > rows:  # split, and it fitted
+            regrowth.fitted += 1
+            if regrowth.fitted >= regrowth.wait:  # try twice the size
+                self.max_rows[model], regrowth.fitted, regrowth.grown = 2 * rows, 0, True
         window = np.concatenate([w for w, _ in parts]) if len(parts) != 1 else parts[0][0]
         channel = np.concatenate([c for _, c in parts]) if len(parts) != 1 else parts[0][1]
         if precision != "float32" and not (finite := np.isfinite(window)).all():
@@ -170,9 +178,11 @@ class Scorer:
             if len(values) < 2:
                 raise
             half = len(values) // 2
-            self.max_rows[model], self._fitted[model] = min(self.max_rows.get(model, half), half), 0
-            if self._grown.pop(model, False):  # twice the size failed again: wait twice as long before the next try
-                self._regrow[model] = min(64 * REGROW_AFTER, 2 * self._regrow.get(model, REGROW_AFTER))
+            self.max_rows[model] = min(self.max_rows.get(model, half), half)
+            regrowth = self._regrowth.setdefault(model, _Regrowth())
+            if regrowth.grown:  # twice the size failed again: wait twice as long before the next try
+                regrowth.wait = min(64 * REGROW_AFTER, 2 * regrowth.wait)
+            regrowth.fitted, regrowth.grown = 0, False
             log.warning("scoring_out_of_memory", model=model, windows=len(values), now=half,
                         consequence="scored in parts of at most this many windows from now on")
             if torch.cuda.is_available():

@@ -49,6 +49,12 @@ class _Windowing:
         """Timestamps and values of the samples it still holds (the tail a next window needs)."""
         raise NotImplementedError
 
+    def break_at(self, ts: int) -> None:
+        """A gap before the sample at ``ts``: no window joins what came before to what follows (the alert state is told
+        through :attr:`gaps`)."""
+        self.restart()
+        self.gaps.append(ts)
+
     def set_back(self) -> None:
         """The stream's clock was set back: restart, and the next sample follows none before it."""
         self.restart()
@@ -68,8 +74,7 @@ class _Windowing:
         parts: list[Windows] = []
         for lo, hi in itertools.pairwise(bounds):
             if lo in gaps:
-                self.restart()
-                self.gaps.append(int(ts[lo]))
+                self.break_at(int(ts[lo]))
             parts.append(self._push_segment(ts[lo:hi], values[lo:hi]))
         self.last_ts = int(ts[-1])
         return _concat(parts, self.window, self.channels)
