@@ -92,16 +92,16 @@ class StreamQuality:
         if gap_ms is None:
             return rate
         first, events = int(prev_ts is None), []  # d[j] ends at sample j + first
-        over = d > gap_ms
-        if not over.all():
-            self._gaps_in_row = 0
+        over, before = d > gap_ms, -1  # the block's first interval goes on from the last block's run
         for j in np.flatnonzero(over):
-            self._gaps_in_row = 1 if j and not over[j - 1] else self._gaps_in_row + 1
+            self._gaps_in_row, before = (self._gaps_in_row + 1 if j == before + 1 else 1), j
             # a stream sampled more slowly than gap_ms is all gaps and never completes a window: say so
             hint = (f"; every one of its last {self._gaps_in_row} intervals was over gap_ms ({gap_ms:g} ms), so its "
                     "windows never complete: set gap_ms (windows.gap_ms, or the route's) above its sampling interval"
                     if self._gaps_in_row >= GAPS_HINT else "")
             events += self.event("gap", int(ts[j + first]), f"no samples for {int(d[j])} ms{hint}")
+        if len(over) and not over[-1]:
+            self._gaps_in_row = 0
         return events + rate
 
     @property

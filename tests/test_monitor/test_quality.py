@@ -206,6 +206,19 @@ def test_a_stream_sampled_more_slowly_than_gap_ms_is_told_so() -> None:
     hinted = ["set gap_ms" in e.detail for e in events]
     assert len(events) == 19 and hinted == [False] * (GAPS_HINT - 1) + [True] * (20 - GAPS_HINT)
     assert "its last 19 intervals" in events[-1].detail
+    # "in a row" across blocks: a block that begins with gaps goes on from the last one's run, and one that ends
+    # with samples in time ends it (the run was reset before a block with any interval under gap_ms, and kept after)
+    def blocks(*shapes: tuple[int, int]) -> list[QualityEvent]:
+        q, at, events = quality(), 1_000_000, []
+        for gaps, regular in shapes:
+            block = at + np.concatenate([300_000 * np.arange(1, gaps + 1),
+                                         300_000 * gaps + PERIOD * np.arange(1, regular + 1)])
+            events = q.timing(block, at, 5_000, 5_000)
+            at = int(block[-1])
+        return events
+
+    assert "set gap_ms" in blocks((GAPS_HINT - 2, 0), (2, 3))[-1].detail  # the GAPS_HINT-th in a row
+    assert "set gap_ms" not in blocks((GAPS_HINT - 1, 1), (1, 0))[-1].detail  # the first after a regular interval
     q = quality()
     ts = 1_000 + PERIOD * np.arange(200, dtype="int64")
     ts[100:] += 60_000  # a real gap
