@@ -7,6 +7,7 @@ chronologically; windows with NaN/inf are dropped and counted, never scored.
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import hashlib
 import io
@@ -117,6 +118,36 @@ def _pick(columns: list[str], wanted: str | None, names: tuple[str, ...], what: 
     return next((c for c in columns if c.lower() in names), None)
 
 
+def increasing_rows(t: np.ndarray) -> np.ndarray:
+    """Keep-mask of the fewest rows to drop so that ``t`` strictly increases (a longest increasing subsequence,
+    O(n log n)); of equal choices the earliest rows are kept (a resent block loses its copy, a repeat its second).
+
+    Against the running maximum, one stamp typed far in the future made every later row "go back": half a file
+    was dropped, silently.
+
+    >>> np.flatnonzero(increasing_rows(np.array([1, 2, 1000, 3, 4, 2, 5]))).tolist()
+    [0, 1, 3, 4, 6]
+    """
+    s = (-t[::-1]).tolist()  # increasing in t, earliest first = increasing in the reversed, negated series
+    tails: list[int] = []
+    tail_at: list[int] = []
+    prev = [-1] * len(s)
+    for i, v in enumerate(s):
+        k = bisect.bisect_left(tails, v)
+        if k == len(tails):
+            tails.append(v)
+            tail_at.append(i)
+        else:
+            tails[k], tail_at[k] = v, i
+        prev[i] = tail_at[k - 1] if k else -1
+    keep = np.zeros(len(s), dtype=bool)
+    i = tail_at[-1] if tail_at else -1
+    while i >= 0:
+        keep[len(s) - 1 - i] = True
+        i = prev[i]
+    return keep
+
+
 def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp_col: str | None = None,
                 label_col: str | None = None, windows: str | Path | None = None,
                 out_of_order: str = "error", labels_wanted: bool = True) -> Series:
@@ -185,7 +216,7 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
             raise DataError(f"{p}: timestamps must strictly increase (row {i} repeats or goes back); sort the "
                             f"file, or drop such rows with --out-of-order drop")
         if len(back) and out_of_order == "drop":
-            keep = np.r_[True, stamps[1:] > np.maximum.accumulate(stamps)[:-1]]
+            keep = increasing_rows(stamps.astype("int64"))
             dropped, rows = int((~keep).sum()), np.flatnonzero(keep)
             df, stamps = df[keep], stamps[keep]
             labels = labels[keep] if labels is not None else None

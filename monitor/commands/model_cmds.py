@@ -122,10 +122,19 @@ def _order(out_of_order: str) -> str:
     return out_of_order
 
 
+def _warn_dropped(summary: dict[str, Any]) -> None:
+    """Rows ``--out-of-order drop`` skipped, said where they are skipped (an info line's summary hid them)."""
+    if summary.get("dropped_out_of_order"):
+        log.warning("rows_dropped_out_of_order", count=summary["dropped_out_of_order"],
+                    of=summary["dropped_out_of_order"] + summary.get("samples", 0),
+                    reason="timestamp repeats or goes back")
+
+
 def run_training(spec: DataSpec, kind: str, params: dict[str, Any], cfg: TrainConfig, out: Path,
                  quantile: float, margin: float, normalisation: str, downsample: int = 1) -> None:
     resolve_device(cfg.device)  # a device it cannot use is one line before anything is read or drawn
     ds = load_dataset(spec)
+    _warn_dropped(ds.summary)
     log.info("training", kind=kind, data=ds.summary, epochs=cfg.epochs, min_steps=cfg.min_steps,
              batch_size=cfg.batch_size, downsample=downsample,
              **({"note": f"at least {cfg.min_steps} optimizer steps: more epochs on a small data set"}
@@ -155,6 +164,7 @@ def eval_(
     if data != "ecg5000" and not spec.value_cols:
         log.warning("channels_mapped_by_position", model=det.channel_names, reason=f"{data} lacks these names")
     ds = load_dataset(spec)
+    _warn_dropped(ds.summary)
     result = evaluate(det, ds)
     dropped = result["test_windows_dropped_nonfinite"]
     if dropped:  # labelled windows among them vanished from the metrics without a word

@@ -133,6 +133,19 @@ def test_label_as_value_and_unsorted_timestamps_are_refused(tmp_path: Path, seri
         read_series(tmp_path / "rev.csv")
 
 
+def test_drop_skips_a_far_future_typo_and_a_resent_block_not_the_rows_after_them(tmp_path: Path) -> None:
+    df = synthetic_series(400, anomalies=(150, 350))
+    typo = df.copy()
+    typo.loc[100, "timestamp"] = pd.Timestamp("2204-01-01")  # one stamp typed two centuries ahead
+    resent = pd.concat([typo.iloc[:300], typo.iloc[250:260], typo.iloc[300:]])  # ten rows sent again
+    resent.to_csv(tmp_path / "s.csv", index=False)
+    s = read_series(tmp_path / "s.csv", out_of_order="drop")
+    assert s.dropped_out_of_order == 11  # the typo and the ten copies; against the running maximum: 309
+    assert s.labels is not None and s.labels.sum() == df["label"].sum() == 60  # the labelled bursts later on are kept
+    assert s.rows is not None and s.rows[99:101].tolist() == [99, 101]  # file rows: the typo's is the one skipped
+    assert s.rows[297:300].tolist() == [298, 299, 310]  # the copies (file rows 300-309) skipped
+
+
 def test_no_normal_training_windows_is_explained(tmp_path: Path) -> None:
     df = synthetic_series(300)
     df["label"] = 1

@@ -156,6 +156,19 @@ def test_module_entry_point_and_version() -> None:
         assert cmd in r.stdout
 
 
+def test_train_says_how_many_rows_out_of_order_dropped(series_csv: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    typo = tmp_path / "typo.csv"
+    df = pd.read_csv(series_csv)
+    df.loc[1000, "timestamp"] = "2204-01-01 00:00:00"
+    df.to_csv(typo, index=False)
+    code, _, err = run(capsys, "train", "--data", str(typo), "--model", "pca", "--window", "40", "--hop", "10",
+                       "--out-of-order", "drop", "--out", str(tmp_path / "m"))
+    assert code == 0
+    line = next(json.loads(x) for x in err.splitlines() if '"rows_dropped_out_of_order"' in x)
+    assert line["level"] == "warning" and line["count"] == 1 and line["of"] == 4000
+
+
 def test_explicit_epochs_are_honoured(series_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, _ = run(capsys, "train", "--data", str(series_csv), "--model", "lstm", "--window", "40", "--hop", "20",
                      "--epochs", "2", "--embedding", "4", "--out", str(tmp_path / "m"), "--device", "cpu")
