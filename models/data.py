@@ -45,6 +45,7 @@ class Series:
     path: str = ""
     dropped_out_of_order: int = 0  # rows skipped because their timestamp repeated or went back
     rows: np.ndarray | None = None  # file row of each sample when rows were skipped (else sample i is row i)
+    numeric_stamps: bool = False  # the timestamps were numbers, read as epoch milliseconds
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,23 @@ def _pick(columns: list[str], wanted: str | None, names: tuple[str, ...], what: 
             raise DataError(f"{what} column {wanted!r} not found; columns are {columns}")
         return wanted
     return next((c for c in columns if c.lower() in names), None)
+
+
+MAX_EPOCH_MS = 9_223_372_036_854  # datetime64[ns]'s range (years 1677-2262) in epoch milliseconds
+SUSPECT_BEFORE = np.datetime64("1990-01-01", "ns")  # numeric stamps earlier than this: another unit, or relative time
+
+
+def suspect_stamps(series: Series) -> str | None:
+    """Why the series' numeric timestamps look like another unit than epoch milliseconds, or None.
+
+    Epoch seconds read as milliseconds fall in January 1970: the file was accepted, scores were stamped 1970 and a
+    windows file of real dates labelled nothing.
+    """
+    t = series.timestamps
+    if t is None or not series.numeric_stamps or not len(t) or t.max() >= SUSPECT_BEFORE:
+        return None
+    return (f"its numeric timestamps read as epoch milliseconds end at {np.datetime_as_string(t.max(), 's')}Z: "
+            "epoch seconds, or time since the start? (multiply seconds by 1000)")
 
 
 def increasing_rows(t: np.ndarray) -> np.ndarray:
@@ -202,10 +220,15 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
     stamps = None
     if ts is not None:
         col = df[ts]
+        if pd.api.types.is_numeric_dtype(col) and not col.isna().all():
+            far = col[(col.abs() > MAX_EPOCH_MS) & col.notna()]  # epoch µs or ns read as ms: year 55 969 wrapped
+            if len(far):  # round int64 nanoseconds into an invented date, silently
+                raise DataError(f"{p}: timestamp column {ts!r} row {far.index[0]}: {far.iloc[0]!r} is not epoch "
+                                f"milliseconds (past year 2262: microseconds or nanoseconds?)")
         try:  # in UTC: naive stamps are taken as UTC, offsets converted row by row (they change at summer time)
             stamps = (pd.to_datetime(col, unit="ms") if pd.api.types.is_numeric_dtype(col)
                       else pd.to_datetime(col, format="mixed", utc=True)).to_numpy("datetime64[ns]")
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise DataError(f"{p}: timestamp column {ts!r} is not epoch-ms or ISO-8601: {exc}") from None
         if np.isnat(stamps).any():  # NaT compares false with everything: --out-of-order drop lost every later row
             i = int(np.flatnonzero(np.isnat(stamps))[0])
@@ -226,7 +249,8 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         if stamps is None:
             raise DataError(f"{p}: anomaly windows are timestamps, so the file needs a timestamp column")
         labels = window_labels(stamps, anomaly_windows(windows, p.name))
-    return Series(df[values].to_numpy("float32"), values, stamps, labels, sha256_bytes(raw), str(p), dropped, rows)
+    return Series(df[values].to_numpy("float32"), values, stamps, labels, sha256_bytes(raw), str(p), dropped, rows,
+                  ts is not None and pd.api.types.is_numeric_dtype(df[ts]))
 
 
 def anomaly_windows(path: str | Path, data_name: str) -> list[tuple[np.datetime64, np.datetime64]]:

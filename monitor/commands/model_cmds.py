@@ -11,7 +11,8 @@ import pandas as pd
 import typer
 
 from models import artifact
-from models.data import ECG5000_WINDOW, WINDOW_CHUNK, finite_windows, read_series, windows_for
+from models.data import (ECG5000_WINDOW, WINDOW_CHUNK, Dataset, Series, finite_windows, read_series, suspect_stamps,
+                         windows_for)
 from models.detector import DEFAULT_QUANTILE, check_downsample, check_threshold_options
 from models.errors import BrokerError, DataError, ModelConfigError
 from models.registry import DEFAULT_KIND, KINDS, config_for, train_defaults
@@ -26,7 +27,7 @@ DataOpt = Annotated[str, typer.Option("--data", help="'ecg5000' (vendored) or a 
 ValueCols = Annotated[list[str] | None, typer.Option("--value-col", help="Value column (repeat for channels).")]
 OutOfOrder = Annotated[str, typer.Option("--out-of-order", help="Rows whose timestamp repeats or goes back: error "
                                                                 "or drop.")]
-TsCol = Annotated[str | None, typer.Option(help="Timestamp column (epoch ms or ISO-8601); auto: timestamp/ts/time.")]
+TsCol = Annotated[str | None, typer.Option(help="Timestamp column (epoch ms or ISO-8601); auto: timestamp/ts/time (score, inspect: the one the model was trained with).")]
 LabelCol = Annotated[str | None, typer.Option(help="0/1 label column; auto: label/is_anomaly/anomaly.")]
 WindowsOpt = Annotated[str | None, typer.Option("--windows", help="JSON of labelled anomaly windows, a list of "
                                                                   "start/end timestamp pairs (or NAB's "
@@ -122,19 +123,27 @@ def _order(out_of_order: str) -> str:
     return out_of_order
 
 
-def _warn_dropped(summary: dict[str, Any]) -> None:
-    """Rows ``--out-of-order drop`` skipped, said where they are skipped (an info line's summary hid them)."""
-    if summary.get("dropped_out_of_order"):
-        log.warning("rows_dropped_out_of_order", count=summary["dropped_out_of_order"],
-                    of=summary["dropped_out_of_order"] + summary.get("samples", 0),
+def _warn_read(ds: Dataset) -> None:
+    """What reading the file put aside or doubts, said where it is read: rows ``--out-of-order drop`` skipped
+    (an info line's summary hid them), timestamps that look like another unit."""
+    if ds.summary.get("dropped_out_of_order"):
+        log.warning("rows_dropped_out_of_order", count=ds.summary["dropped_out_of_order"],
+                    of=ds.summary["dropped_out_of_order"] + ds.summary.get("samples", 0),
                     reason="timestamp repeats or goes back")
+    _warn_stamps(ds.series)
+
+
+def _warn_stamps(series: Series | None) -> None:
+    why = suspect_stamps(series) if series is not None else None
+    if why:
+        log.warning("timestamps_suspect", path=series.path if series else None, reason=why)
 
 
 def run_training(spec: DataSpec, kind: str, params: dict[str, Any], cfg: TrainConfig, out: Path,
                  quantile: float, margin: float, normalisation: str, downsample: int = 1) -> None:
     resolve_device(cfg.device)  # a device it cannot use is one line before anything is read or drawn
     ds = load_dataset(spec)
-    _warn_dropped(ds.summary)
+    _warn_read(ds)
     log.info("training", kind=kind, data=ds.summary, epochs=cfg.epochs, min_steps=cfg.min_steps,
              batch_size=cfg.batch_size, downsample=downsample,
              **({"note": f"at least {cfg.min_steps} optimizer steps: more epochs on a small data set"}
@@ -164,7 +173,7 @@ def eval_(
     if data != "ecg5000" and not spec.value_cols:
         log.warning("channels_mapped_by_position", model=det.channel_names, reason=f"{data} lacks these names")
     ds = load_dataset(spec)
-    _warn_dropped(ds.summary)
+    _warn_read(ds)
     result = evaluate(det, ds)
     dropped = result["test_windows_dropped_nonfinite"]
     if dropped:  # labelled windows among them vanished from the metrics without a word
@@ -189,8 +198,11 @@ def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, ti
         cols = list(det.channel_names)  # the model's channel order, whatever order they were given in
     elif value_col:
         log.warning("channels_mapped_by_position", model=det.channel_names, columns=cols)
+    # the column the model was trained with, as eval takes it (another one, or the file's rows unsorted, were scored)
+    timestamp_col = timestamp_col or det.meta.get("training", {}).get("data", {}).get("timestamp_col")
     series = read_series(path, cols, timestamp_col, None, out_of_order=_order(out_of_order),  # names a missing column
                          labels_wanted=False)  # labels are not used: a partly empty label column must not fail
+    _warn_stamps(series)
     if series.values.shape[1] != det.channels:
         raise DataError(f"model expects {det.channels} channel(s) {det.channel_names}, {path} gives "
                         f"{series.values.shape[1]} {series.channels}; choose them with --value-col")

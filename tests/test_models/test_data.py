@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.data import load_ecg5000, make_windows, read_series, series_dataset
+from models.data import load_ecg5000, make_windows, read_series, series_dataset, suspect_stamps
 from models.errors import DataError
 from models.train import TrainConfig
 from models.workflow import spec_for_eval, train_detector
@@ -144,6 +144,23 @@ def test_drop_skips_a_far_future_typo_and_a_resent_block_not_the_rows_after_them
     assert s.labels is not None and s.labels.sum() == df["label"].sum() == 60  # the labelled bursts later on are kept
     assert s.rows is not None and s.rows[99:101].tolist() == [99, 101]  # file rows: the typo's is the one skipped
     assert s.rows[297:300].tolist() == [298, 299, 310]  # the copies (file rows 300-309) skipped
+
+
+def test_numeric_timestamps_in_another_unit_are_refused_or_doubted(tmp_path: Path) -> None:
+    df = synthetic_series(200)
+    df["timestamp"] = 1_704_067_200_000_000 + np.arange(200) * 1_000_000  # epoch microseconds
+    df.to_csv(tmp_path / "us.csv", index=False)
+    with pytest.raises(DataError, match="row 0: .* is not epoch milliseconds .*microseconds or nanoseconds"):
+        read_series(tmp_path / "us.csv")  # read as ms: year 55 969, wrapped into 2190 silently
+    df["timestamp"] = 1_704_067_200 + np.arange(200)  # epoch seconds
+    df.to_csv(tmp_path / "s.csv", index=False)
+    assert "epoch seconds" in (suspect_stamps(read_series(tmp_path / "s.csv")) or "")
+    df["timestamp"] = 1_704_067_200_000 + np.arange(200) * 1000  # epoch milliseconds: fine
+    df.to_csv(tmp_path / "ms.csv", index=False)
+    assert suspect_stamps(read_series(tmp_path / "ms.csv")) is None
+    df["timestamp"] = pd.date_range("1985-01-01", periods=200, freq="s")  # dates written out: taken as they are
+    df.to_csv(tmp_path / "iso.csv", index=False)
+    assert suspect_stamps(read_series(tmp_path / "iso.csv")) is None
 
 
 def test_no_normal_training_windows_is_explained(tmp_path: Path) -> None:

@@ -169,6 +169,26 @@ def test_train_says_how_many_rows_out_of_order_dropped(series_csv: Path, tmp_pat
     assert line["level"] == "warning" and line["count"] == 1 and line["of"] == 4000
 
 
+def test_score_reads_the_timestamp_column_the_model_was_trained_with(series_csv: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    df = pd.read_csv(series_csv).rename(columns={"timestamp": "event_time"})
+    df.to_csv(tmp_path / "et.csv", index=False)
+    model = tmp_path / "m"
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "et.csv"), "--timestamp-col", "event_time",
+                       "--model", "pca", "--window", "40", "--hop", "10", "--out", str(model))
+    assert code == 0, err
+    df.iloc[[1500, 1200]] = df.iloc[[1200, 1500]].to_numpy()  # two rows swapped
+    df.to_csv(tmp_path / "unsorted.csv", index=False)
+    code, _, err = run(capsys, "score", "--model", str(model), "--input", str(tmp_path / "unsorted.csv"),
+                       "--output", str(tmp_path / "s.csv"))
+    assert code == 1 and "strictly increase" in err  # was scored in file order, without timestamps
+    df.assign(event_time=1_704_067_200 + np.arange(len(df))).to_csv(tmp_path / "sec.csv", index=False)  # epoch s
+    code, _, err = run(capsys, "score", "--model", str(model), "--input", str(tmp_path / "sec.csv"),
+                       "--output", str(tmp_path / "s.csv"))
+    assert code == 0 and '"timestamps_suspect"' in err and "epoch seconds" in err
+    assert pd.read_csv(tmp_path / "s.csv")["timestamp"].iloc[0].startswith("1970-01-20")
+
+
 def test_explicit_epochs_are_honoured(series_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, _ = run(capsys, "train", "--data", str(series_csv), "--model", "lstm", "--window", "40", "--hop", "20",
                      "--epochs", "2", "--embedding", "4", "--out", str(tmp_path / "m"), "--device", "cpu")
