@@ -11,8 +11,16 @@ import pandas as pd
 import typer
 
 from models import artifact
-from models.data import (ECG5000_WINDOW, WINDOW_CHUNK, Dataset, Series, finite_windows, read_series, suspect_stamps,
-                         windows_for)
+from models.data import (
+    ECG5000_WINDOW,
+    WINDOW_CHUNK,
+    Dataset,
+    Series,
+    finite_windows,
+    read_series,
+    suspect_stamps,
+    windows_for,
+)
 from models.detector import DEFAULT_QUANTILE, check_downsample, check_threshold_options
 from models.errors import BrokerError, DataError, ModelConfigError
 from models.registry import DEFAULT_KIND, KINDS, config_for, train_defaults
