@@ -105,8 +105,18 @@ def peak_positions(x: np.ndarray, rule: BeatRule, start: int = 0) -> np.ndarray:
 
 
 def beat_windows(values: np.ndarray, rule: BeatRule) -> tuple[np.ndarray, np.ndarray]:
-    """Windows ``[k, W, C]`` at every complete beat of ``values`` and the index of each one's last sample."""
-    p = peak_positions(values[:, rule.lead], rule)
+    """Windows ``[k, W, C]`` at every complete beat of ``values`` and the index of each one's last sample.
+
+    A file's NaN/inf samples are bridged (linearly) to find the peaks only: the window around one still holds
+    them, so it is dropped and counted as non-finite, never lost — NaN spread over the high-pass's span and won
+    every peak's argmax, and the beat vanished from the windows uncounted. (The daemon never sees them: records
+    with NaN are dead-lettered.)
+    """
+    lead = values[:, rule.lead].astype("float64")
+    bad = ~np.isfinite(lead)
+    if bad.any() and not bad.all():
+        lead[bad] = np.interp(np.flatnonzero(bad), np.flatnonzero(~bad), lead[~bad])
+    p = peak_positions(lead, rule)
     starts = p - rule.pre
     starts = starts[(starts >= 0) & (starts + rule.window <= len(values))]
     wins = values[starts[:, None] + np.arange(rule.window)] if len(starts) else np.empty(

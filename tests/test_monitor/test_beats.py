@@ -148,6 +148,20 @@ def test_replaying_from_needed_from_recovers_every_window_not_yet_emitted(pre: i
         assert not missing, (cut, sorted(missing))
 
 
+def test_a_nan_near_a_peak_leaves_its_beat_window_to_be_counted_not_lost() -> None:
+    x, _ = ecg_like(3000)
+    rule = BeatRule.fit(x[:1500], **RULE)
+    wins, ends = beat_windows(x, rule)
+    holed = x.copy()
+    holed[1560, 0] = np.nan  # 10 samples after the R peak at 1550, on the lead the peaks are found on
+    holed[2052, 1] = np.inf  # and on the other lead
+    w2, e2 = beat_windows(holed, rule)
+    np.testing.assert_array_equal(e2, ends)  # the same beats: before, the one at 1550 vanished, uncounted
+    bad = ~np.isfinite(w2).all(axis=(1, 2))
+    assert bad.sum() == 2  # left for finite_windows to drop and count
+    np.testing.assert_array_equal(w2[~bad], wins[~bad])
+
+
 def test_a_beat_rule_that_finds_no_beats_is_a_clear_error() -> None:
     from models.data import Series, series_dataset
 
