@@ -248,7 +248,13 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
             raise DataError(f"{p}: give the labels once: a label column ({lab!r}) or a windows file, not both")
         if stamps is None:
             raise DataError(f"{p}: anomaly windows are timestamps, so the file needs a timestamp column")
-        labels = window_labels(stamps, anomaly_windows(windows, p.name))
+        spans = anomaly_windows(windows, p.name)
+        labels = window_labels(stamps, spans)
+        if spans and not labels.any():  # another zone, unit or series: anomalies trained on as normal, silently
+            iso = lambda t: np.datetime_as_string(np.datetime64(t, "s"))  # noqa: E731
+            raise DataError(f"{p}: none of the {len(spans)} anomaly window(s) of {windows} holds a sample: they span "
+                            f"{iso(min(a for a, _ in spans))} .. {iso(max(b for _, b in spans))}, the series "
+                            f"{iso(stamps[0])} .. {iso(stamps[-1])} (UTC)")
     return Series(df[values].to_numpy("float32"), values, stamps, labels, sha256_bytes(raw), str(p), dropped, rows,
                   ts is not None and pd.api.types.is_numeric_dtype(df[ts]))
 

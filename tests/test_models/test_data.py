@@ -163,6 +163,19 @@ def test_numeric_timestamps_in_another_unit_are_refused_or_doubted(tmp_path: Pat
     assert suspect_stamps(read_series(tmp_path / "iso.csv")) is None
 
 
+def test_a_windows_file_that_labels_nothing_is_an_error(tmp_path: Path) -> None:
+    df = synthetic_series(300).drop(columns="label")
+    df.to_csv(tmp_path / "s.csv", index=False)
+    (tmp_path / "w.json").write_text('[["2030-01-01T00:00:00", "2030-01-02T00:00:00"]]')
+    with pytest.raises(DataError, match=r"none of the 1 anomaly window.* 2030-01-01T00:00:00 .. 2030-01-02T00:00:00, "
+                                        r"the series 2024-01-01T00:00:00 .. 2024-01-01T00:04:59"):
+        read_series(tmp_path / "s.csv", windows=tmp_path / "w.json")
+    (tmp_path / "w.json").write_text('[["2024-01-01T00:01:00", "2024-01-01T00:01:09"]]')
+    assert read_series(tmp_path / "s.csv", windows=tmp_path / "w.json").labels.sum() == 10
+    (tmp_path / "w.json").write_text("[]")  # no anomaly in this series: all normal
+    assert read_series(tmp_path / "s.csv", windows=tmp_path / "w.json").labels.sum() == 0
+
+
 def test_no_normal_training_windows_is_explained(tmp_path: Path) -> None:
     df = synthetic_series(300)
     df["label"] = 1
