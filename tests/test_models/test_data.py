@@ -176,6 +176,28 @@ def test_a_windows_file_that_labels_nothing_is_an_error(tmp_path: Path) -> None:
     assert read_series(tmp_path / "s.csv", windows=tmp_path / "w.json").labels.sum() == 0
 
 
+def test_files_as_other_tools_write_them(tmp_path: Path) -> None:
+    import decimal
+
+    df = synthetic_series(300, anomalies=(100,))
+    # a timestamp index (set_index, then to_parquet): it was invisible — no order check, no timestamps
+    df.iloc[[20, 10]] = df.iloc[[10, 20]].to_numpy()
+    df.set_index("timestamp").to_parquet(tmp_path / "idx.parquet")
+    with pytest.raises(DataError, match="strictly increase"):
+        read_series(tmp_path / "idx.parquet")
+    df = synthetic_series(300, anomalies=(100,))
+    df.to_csv(tmp_path / "i.csv")  # pandas' index written too, as "Unnamed: 0"
+    assert read_series(tmp_path / "i.csv").channels == ["ch0", "ch1"]  # the row counter was a channel
+    df[["ch0"]].to_csv(tmp_path / "noheader.csv", index=False, header=False)
+    with pytest.raises(DataError, match="needs a header row"):
+        read_series(tmp_path / "noheader.csv")  # its first sample was the column's name
+    df.assign(ch0=[decimal.Decimal(str(round(v, 4))) for v in df["ch0"]]).to_parquet(tmp_path / "dec.parquet")
+    assert read_series(tmp_path / "dec.parquet").values[:, 0] == pytest.approx(df["ch0"].round(4), abs=1e-6)
+    for suffix, how in ((".csv.GZ", "gzip"), (".csv.bz2", "bz2"), (".csv.xz", "xz")):
+        df.to_csv(tmp_path / f"c{suffix}", index=False, compression=how)
+        assert read_series(tmp_path / f"c{suffix}").labels.sum() == 30
+
+
 def test_no_normal_training_windows_is_explained(tmp_path: Path) -> None:
     df = synthetic_series(300)
     df["label"] = 1
