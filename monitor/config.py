@@ -506,12 +506,13 @@ class StateConfig(_Section):
     recent_alerts: int = Field(20, ge=1, description="alerts per stream remembered for feedback")
     forget_after_s: float | None = Field(
         604_800.0, gt=0, description="the document of a stream unseen while its partition's input moved this long "
-        "on (record time) is forgotten (a tombstone on the changelog) unless it holds a pin, a freeze, a running "
-        "silence or a fired alert; none = kept for ever")
+        "on (record time) is forgotten (a tombstone on the changelog) unless it holds a pin, a freeze or a running "
+        "silence; a fired alert it holds is resolved then (stream_gone), the document forgotten this long later; "
+        "none = kept for ever")
 
     max_documents: int = Field(50_000, ge=1, description="documents of streams not in memory kept at most (~11 kB "
-                               "each with the default windows); over it the least recently written are forgotten "
-                               "as above")
+                               "each with the default windows) that hold no pin, freeze, running silence or open "
+                               "alert; over it the least recently written are forgotten as above")
 
     _optional = field_validator("forget_after_s", mode="before")(_unset)
 

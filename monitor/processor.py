@@ -42,7 +42,8 @@ from monitor.scorer import Scorer, Served
 from monitor.scoring import Backend, Result, ThreadBackend
 from monitor.sink import OutMessage, Sink, json_message
 from monitor.source import TP, InRecord, Source
-from monitor.streams import BehindRun, StreamState, doc_partitions, holds_commitments, owes_page
+from monitor.streams import (BehindRun, StreamState, doc_partitions, open_alert_unsilenced, holds_commitments,
+                             owes_page)
 from monitor.windows import order_problem
 
 log = logs.get("tsmon.processor")
@@ -416,11 +417,7 @@ class Processor:
         run = st.behind_run
         first, refused = (run.first_ts, run.records) if run is not None else (0, 1)
         self.score_ready(force=True)
-        ep = st.alerts.episode
-        if ep is not None and ep.fired is not None:
-            self.publish_alert(stream, st, Transition("resolved", ep), clock_step=True)
-        st.alerts = AlertState(stream, st.served.identity, self.alert_settings(st.served),
-                               generation=st.alerts.generation + 1)
+        self._end_episode(stream, st, clock_step=True)
         st.windows.set_back()
         st.quality.set_back()
         st.doc_last_ts, st.applied_until_ts, st.last_window_ts, st.behind_run, st.dirty = None, -1, -1, None, True
@@ -434,6 +431,17 @@ class Processor:
         log.warning("clock_step", stream=stream[:64], back_s=round(back_s, 3), dead_lettered=refused - 1)
         self._release(stream, st)
         self.save(stream)  # with the next commit, not the next snapshot: a crash before it stepped again elsewhere
+
+    def _end_episode(self, stream: str, st: StreamState, **why: Any) -> str | None:
+        """Resolve an open alert for ``why`` (not the stream's windows) and start its alert state again, in a new
+        generation so that later ids cannot meet the old ones. Returns the resolved alert's id."""
+        ep = st.alerts.episode
+        if ep is not None and ep.fired is not None:
+            self.publish_alert(stream, st, Transition("resolved", ep), **why)
+        st.alerts = AlertState(stream, st.served.identity, self.alert_settings(st.served),
+                               generation=st.alerts.generation + 1)
+        st.dirty = True
+        return ep.alert_id if ep is not None and ep.fired is not None else None
 
     def _base_gap_ms(self, served: Served) -> float | None:
         """The route's ``gap_ms``, else the daemon's."""
@@ -868,15 +876,22 @@ class Processor:
         tombstoned: dict[str, frozenset[TP]] = {}  # → the partitions its stream came from
         others: list[tuple[int, str]] = []  # for the bound: copies of other instances' partitions, first
         own: list[tuple[int, str]] = []  # ... then the streams this instance evicted itself
+        held, gone = 0, []  # documents with commitments (outside the bound); of them, alerts of streams gone
         for name, doc in self.restored.items():
             w = doc.get("written_ms")
-            if name in self.streams or not isinstance(w, int) or holds_commitments(doc, now_ms):
+            if name in self.streams or not isinstance(w, int):
                 continue
             w = max(w, self.knocked.get(name, w))  # sending, but refused for want of room: seen then
             parts = doc_partitions(doc)
             home = parts & assigned if parts else set(assigned)  # none recorded (earlier versions): maybe any of them
-            if after_ms is not None and (all(self.read_ts.get(tp, -1) >= w + after_ms for tp in home) if home
-                                         else w < now_ms - after_ms):
+            unseen = after_ms is not None and (all(self.read_ts.get(tp, -1) >= w + after_ms for tp in home) if home
+                                               else w < now_ms - after_ms)
+            if holds_commitments(doc, now_ms):  # kept, but outside the bound: counted in it, they forgot the others
+                held += 1
+                if unseen and home and name in self.evicted and open_alert_unsilenced(doc, now_ms):
+                    gone.append(name)
+                continue
+            if unseen:
                 old[name] = w
                 if name in self.evicted_here or (parts and parts <= assigned):
                     tombstoned[name] = parts
@@ -884,7 +899,7 @@ class Processor:
                 others.append((w, name))
             elif name in self.evicted_here:
                 own.append((w, name))
-        over = len(self.restored) - len(old) - most if most is not None else 0
+        over = len(self.restored) - len(old) - held - most if most is not None else 0
         if over > 0:
             for w, name in (sorted(others) + sorted(own))[:over]:
                 old[name] = w
@@ -900,7 +915,24 @@ class Processor:
             self.throttle.log(log.info, "stream_forgotten", stream=name, written_s_ago=(now_ms - written_ms) // 1000,
                               documents=len(self.restored))
         self.metrics.forgotten.inc(len(old))
+        for name in gone:
+            self._resolve_gone(name, now_ms)
         return len(old)
+
+    def _resolve_gone(self, stream: str, now_ms: int) -> None:
+        """Resolve the open alert of a stream unseen for ``forget_after_s`` (its ``stale`` event went out at the
+        eviction): woken from its document, the alert resolved with ``stream_gone``, the document saved — then it is
+        evicted again when idle and forgotten like any other. Kept open, its document was never forgotten: every
+        dead sensor that had paged stayed in memory, in every restore and on the changelog for good."""
+        doc = self.restored.get(stream, {})
+        if not self.wake(stream):  # no room now: tried again at the next pass
+            return
+        st = self.streams[stream]
+        alert_id = self._end_episode(stream, st, stream_gone=True)
+        written = doc.get("written_ms")
+        log.warning("alert_resolved_stream_gone", stream=stream[:64], alert_id=alert_id,
+                    unseen_s=(now_ms - written) // 1000 if isinstance(written, int) else None)
+        self.save(stream)
 
     def _unevict(self, stream: str) -> None:
         """Forget that ``stream`` was evicted (it is back, or its document is gone)."""

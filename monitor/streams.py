@@ -315,6 +315,14 @@ def holds_commitments(doc: dict[str, Any], now_ms: int) -> bool:
     return controls or fired or (isinstance(until, int) and until > now_ms)
 
 
+def open_alert_unsilenced(doc: dict[str, Any], now_ms: int) -> bool:
+    """Does the document hold a fired alert that no silence holds back (what :meth:`Processor.forget_dormant`
+    resolves once its stream is unseen for ``forget_after_s``)?"""
+    alerts, until = doc.get("alerts"), doc.get("silenced_until_ms")
+    fired = isinstance(alerts, dict) and alerts.get("episode") is not None
+    return fired and not (isinstance(until, int) and until > now_ms)
+
+
 def owes_page(doc: dict[str, Any]) -> bool:
     """Does the document hold a fired episode recorded as silenced (its page is owed when the silence ends)?"""
     alerts = doc.get("alerts")

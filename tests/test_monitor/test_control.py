@@ -925,10 +925,58 @@ def test_documents_of_streams_unseen_for_forget_after_s_are_forgotten_with_a_tom
     assert holds_commitments(fired, start) and not holds_commitments({**fired, "alerts": {"episode": None}}, start)
 
 
+def test_an_alert_of_a_stream_gone_for_forget_after_s_is_resolved_and_its_document_then_forgotten(
+        make: Make, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by review: a document holding a fired alert was kept whatever its age — every dead sensor that had
+    paged stayed in memory, in every restore and on the changelog for good — and counted in ``max_documents``
+    while it could not go, so past the bound every other document was forgotten at the next pass. Unseen for
+    ``forget_after_s`` (its ``stale`` event went out at the eviction), its alert is resolved (``stream_gone``,
+    the same id) and the document is forgotten like any other; documents with commitments stay outside the bound."""
+    from dataclasses import replace as with_
+
+    from tests.test_monitor.test_processor import TOPIC
+
+    p = make()
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0, forget_after_s=3600.0, max_documents=2)
+    start = int(time.time() * 1000)
+    now_ms = [start]
+    p.clock = lambda: now_ms[0] / 1000
+    ts, v = sine_stream(1400, (600,), seed=2)
+    v[600:1400, 0] += 3.0  # pages, then the sensor dies with the alert open
+    feed(p, records("dev-dead", ts, v))
+    for i in range(2):  # two pinned streams: commitments, as many as the bound
+        feed(p, records(f"dev-pin{i}", *sine_stream(300), first_offset=5000 + 1000 * i))
+        assert send(controller(p, clock=start / 1000), "pin", f"dev-pin{i}", threshold=2.0)["status"] == "applied"
+    feed(p, records("dev-quiet", *sine_stream(300), first_offset=8000))
+    [fired] = {d["alert_id"] for d in anomalies(p) if d["stream"] == "dev-dead"}
+    assert p.evict_idle(time.monotonic() + 4000) == 4
+    assert p.forget_dormant({(TOPIC, 0)}, start) == 0  # three commitments over a bound of 2: dev-quiet stays
+
+    def tick(at_ms: int, offset: int) -> None:  # another stream's record: the partition's input moves on
+        now_ms[0] = at_ms
+        t, x = sine_stream(30)
+        feed(p, [with_(r, timestamp_ms=at_ms) for r in records("dev-ticker", t + (at_ms - int(t[0])), x,
+                                                                first_offset=offset)])
+
+    tick(start + 2 * 3_600_000, 9000)
+    capsys.readouterr()
+    assert p.forget_dormant({(TOPIC, 0)}) == 1  # dev-quiet, unseen for an hour
+    gone = [d for d in anomalies(p) if d["stream"] == "dev-dead"]
+    assert [(d["alert_id"], d["status"], d.get("stream_gone")) for d in gone][-1] == (fired, "resolved", True)
+    logged = capsys.readouterr()
+    assert "alert_resolved_stream_gone" in logged.out + logged.err
+    assert p.evict_idle(time.monotonic() + 4000) == 2  # woken to resolve it (the ticker too), evicted again
+    tick(start + 4 * 3_600_000, 9100)
+    assert p.forget_dormant({(TOPIC, 0)}) == 1 and "dev-dead" not in p.restored  # an ordinary document now
+    assert b"dev-dead" in tombstones(p) and set(p.restored) >= {"dev-pin0", "dev-pin1"}
+    assert [d["status"] for d in anomalies(p) if d["stream"] == "dev-dead"].count("resolved") == 1  # resolved once
+
+
 def test_over_max_documents_the_least_recently_written_are_forgotten(make: Make) -> None:
     """A flood of new ids within ``forget_after_s`` is bounded too: over ``max_documents`` other instances' copies
     go first, then this instance's own evicted streams, least recently written first; never a document that holds
-    commitments, nor one of its partitions it adopted (its stream may be replayed any moment)."""
+    commitments (nor counted in the bound), nor one of its partitions it adopted (its stream may be replayed any
+    moment)."""
     from tests.test_monitor.test_processor import TOPIC
 
     p = make()
@@ -946,9 +994,9 @@ def test_over_max_documents_the_least_recently_written_are_forgotten(make: Make)
     p.restored["dev-adopted"] = {**p.restored["dev-1"], "stream": "dev-adopted"}
     p.evicted.add("dev-adopted")
     p.restored["elsewhere"] = {**p.restored["dev-4"], "stream": "elsewhere", "partitions": [["other", 0]]}
-    assert p.forget_dormant({(TOPIC, 0)}) == 4  # 7 documents, 3 kept: the other instance's copy goes first
-    assert set(p.restored) == {"dev-0", "dev-adopted", "dev-4"}
-    assert tombstones(p) == [b"dev-1", b"dev-2", b"dev-3"]
+    assert p.forget_dormant({(TOPIC, 0)}) == 3  # 6 documents without commitments, 3 kept: the other instance's
+    assert set(p.restored) == {"dev-0", "dev-adopted", "dev-3", "dev-4"}  # copy goes first; the pin is outside
+    assert tombstones(p) == [b"dev-1", b"dev-2"]
 
 
 def test_a_document_whose_evidence_cannot_be_read_keeps_its_controls_and_open_alert(
