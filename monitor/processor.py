@@ -42,8 +42,7 @@ from monitor.scorer import Scorer, Served
 from monitor.scoring import Backend, Result, ThreadBackend
 from monitor.sink import OutMessage, Sink, json_message
 from monitor.source import TP, InRecord, Source
-from monitor.streams import (BehindRun, StreamState, doc_partitions, open_alert_unsilenced, holds_commitments,
-                             owes_page)
+from monitor.streams import BehindRun, StreamState, doc_partitions, holds_commitments, open_alert_unsilenced, owes_page
 from monitor.windows import order_problem
 
 log = logs.get("tsmon.processor")
