@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+MAX_EPISODE_SCORES = 64  # an episode's over-threshold errors kept for feedback (the first ones)
+
 
 @dataclass(frozen=True, slots=True)
 class AlertSettings:
@@ -106,7 +108,7 @@ class Episode:
         self.last = obs
         if obs.over:
             self.windows_over += 1
-            if len(self.scores) < 64:
+            if len(self.scores) < MAX_EPISODE_SCORES:
                 self.scores.append(obs.score)
             self.last_over_ts = obs.end_ts
             if _ratio(obs) > _ratio(self.peak):

@@ -510,8 +510,8 @@ class StateConfig(_Section):
         "silence; a fired alert it holds is resolved then (stream_gone), the document forgotten this long later; "
         "none = kept for ever")
 
-    max_documents: int = Field(50_000, ge=1, description="documents of streams not in memory kept at most (~11 kB "
-                               "each with the default windows) that hold no pin, freeze, running silence or open "
+    max_documents: int = Field(50_000, ge=1, description="documents of streams not in memory kept at most (~21 kB "
+                               "each in memory with full evidence, up to ~93 kB with full alert history) that hold no pin, freeze, running silence or open "
                                "alert; over it the least recently written are forgotten as above")
 
     _optional = field_validator("forget_after_s", mode="before")(_unset)

@@ -117,6 +117,11 @@ def test_bench_memory_counts_what_a_stream_holds(capsys: pytest.CaptureFixture[s
     # the calibrator's evidence at capacity: (2000 + 600) float64 values (the first few counted with the stream)
     assert 0.9 * 8 * (r["calibrator_window"] + r["drift_window"]) <= r["calibrator_evidence_bytes"] < 30_000
     assert 0 < r["stream_state_bytes"] < 100_000
+    # 20 recent alerts of 64 float64 scores and 50 threshold versions, full (counted not at all before; the scores
+    # held as Python floats took 41 kB a stream)
+    assert r["recent_alerts"] * 64 * 8 + r["threshold_versions"] * 100 <= r["alert_history_bytes"] < 32_000
+    per = r["stream_state_bytes"] + r["calibrator_evidence_bytes"] + r["alert_history_bytes"]
+    assert r["per_stream_bytes"] == pytest.approx(per, abs=2)
     assert r["total_mb"] == pytest.approx(r["max_streams"] * r["per_stream_bytes"] / 2**20, abs=0.1)
 
 
