@@ -30,6 +30,7 @@ from monitor.topics import partition_reader
 
 log = logs.get("tsmon.control")
 GLOBAL_KEY = "__tsmon__"  # changelog key of daemon-wide state (global freeze, applied ids); no stream may use it
+GLOBAL_IDS_BYTES = 512 * 1024  # the applied ids it persists, at most (the producer's message limit is 1 MB)
 _MAX_SILENCE_S = 30 * 86400.0
 Effects = tuple[list[str], list[dict[str, Any]], dict[str, Any]]
 
@@ -124,7 +125,7 @@ class Controller:
     def save_global(self) -> None:
         topic = self.p.settings.state_topic
         if topic is not None and self.global_known:  # else its default frozen_all false hid the group's freeze
-            doc = {"type": "daemon_state", "v": 1, "frozen_all": self.cal.frozen_all, "command_ids": self.seen.ids()}
+            doc = {"type": "daemon_state", "v": 1, "frozen_all": self.cal.frozen_all, "command_ids": self.seen.ids(GLOBAL_IDS_BYTES)}
             # after the documents of the streams it records the command of
             self.p.outbox.document(GLOBAL_KEY, json_message(topic, GLOBAL_KEY, doc, [("tsmon.type", b"daemon_state")]),
                                    last=True)

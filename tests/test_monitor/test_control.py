@@ -105,6 +105,19 @@ def test_seen_keeps_the_newest_ids() -> None:
     assert seen.ids() == ["c", "d"]
 
 
+def test_the_persisted_ids_fit_in_one_message() -> None:
+    """Found by review: 10 000 remembered ids of 128 characters made the daemon-wide document 1.3 MB, over the
+    producer's 1 MB limit: dropped as undeliverable at every command, the applied ids and ``freeze --all`` no
+    longer persisted. It keeps the newest ids that fit in ``GLOBAL_IDS_BYTES``."""
+    from monitor.controller import GLOBAL_IDS_BYTES
+
+    seen = Seen(10_000, [f"{i:0128d}" for i in range(10_000)])
+    kept = seen.ids(GLOBAL_IDS_BYTES)
+    assert len(json.dumps({"command_ids": kept})) <= GLOBAL_IDS_BYTES < 1_000_000
+    assert 3_000 < len(kept) < 10_000 and kept[-1] == f"{9_999:0128d}" and kept == seen.ids()[-len(kept):]
+    assert Seen(10, ["a", "b"]).ids(GLOBAL_IDS_BYTES) == ["a", "b"]
+
+
 def test_durations() -> None:
     assert [duration_s(t) for t in ("90", "90s", "30m", "2h", "1d", "1.5h")] == [90, 90, 1800, 7200, 86400, 5400]
     for bad in ("", "2x", "-1h", "0"):
