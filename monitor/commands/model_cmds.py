@@ -197,15 +197,21 @@ def eval_(
                                         f"{result['test_anomalies']} anomalous)"))
 
 
+def model_columns(names: list[str], value_col: list[str] | None) -> list[str]:
+    """The file's columns for a model's channels: its names, in its order, whatever order ``--value-col`` gave them
+    in; other names are mapped by position, with a warning."""
+    cols = list(value_col or names)
+    if set(cols) == set(names):
+        return list(names)
+    log.warning("channels_mapped_by_position", model=names, columns=cols)
+    return cols
+
+
 def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, timestamp_col: str | None,
                     hop: int, device: str, out_of_order: str = "error",
                     ) -> tuple[Any, Any, np.ndarray, np.ndarray, np.ndarray]:
     det = artifact.load(model_dir, device)
-    cols = list(value_col or det.channel_names)
-    if set(cols) == set(det.channel_names):
-        cols = list(det.channel_names)  # the model's channel order, whatever order they were given in
-    elif value_col:
-        log.warning("channels_mapped_by_position", model=det.channel_names, columns=cols)
+    cols = model_columns(det.channel_names, value_col)
     # the column the model was trained with, as eval takes it (another one, or the file's rows unsorted, were scored)
     timestamp_col = timestamp_col or det.meta.get("training", {}).get("data", {}).get("timestamp_col")
     series = read_series(path, cols, timestamp_col, None, out_of_order=_order(out_of_order),  # names a missing column

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import signal
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -12,7 +15,7 @@ from models import artifact
 from models.data import read_series
 from models.errors import DataError
 from monitor import logs
-from monitor.commands.model_cmds import LabelCol, TsCol, ValueCols, WindowsOpt
+from monitor.commands.model_cmds import LabelCol, TsCol, ValueCols, WindowsOpt, model_columns
 from monitor.commands.render import emit_json, stdout
 from monitor.replay_eval import ReplayOptions, run, time_axis
 
@@ -57,23 +60,37 @@ def replay_eval(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Replay a labelled series through the daemon and score its alerts by event, beside the PCA baseline."""
-    if (speed is not None and speed <= 0) or seconds <= 0 or chunk < 0 or (tolerance is not None and tolerance < 0):
-        raise DataError("--speed and --seconds must be > 0, --chunk and --tolerance >= 0")
+    # "not > 0" and "not >= 0": NaN passed "<= 0" (--tolerance nan scored every alert false; --seconds nan wrote
+    # "speed": NaN into report.json, which is no JSON); infinity is no pace either
+    if (speed is not None and not 0 < speed < math.inf) or not 0 < seconds < math.inf or chunk < 0 \
+            or (tolerance is not None and not 0 <= tolerance < math.inf):
+        raise DataError("--speed and --seconds must be finite numbers > 0, --chunk and --tolerance >= 0")
     if train_fraction is not None and not 0 < train_fraction < 1:
         raise DataError("--train-fraction must be in (0, 1)")
-    names = artifact.read_manifest(model)["channels"]
-    series = read_series(data, list(value_col or names), timestamp_col, label_col, windows, out_of_order="keep")
+    names = artifact.read_manifest(model)["channels"]  # by name, in the model's order (given in another: swapped)
+    series = read_series(data, model_columns(names, value_col), timestamp_col, label_col, windows,
+                         out_of_order="keep")
     ts_ms = time_axis(series, sample_rate)
     opts = ReplayOptions(speed, seconds, chunk, tolerance, train_fraction, gap_ms, bootstrap, config, baseline,
                          stream, out, calibrator_clock)
     if not as_json:
         logs.quiet("ERROR")  # the table is the output (dead letters are counted in it)
-    report = run(model, series, ts_ms, opts)
+    # SIGTERM (timeout, a cancelled CI job, systemd) unwinds like Ctrl-C: it killed the process at once, leaving
+    # the local broker running for good, or the run's topics on a --bootstrap cluster
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        report = run(model, series, ts_ms, opts)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if as_json:
         emit_json(report)
     else:
         stdout.print(_table(report))
         stdout.print(f"report {out / 'report.json'} · timeline {report['timeline']}")
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # through the run's clean-up (broker, topics), as KeyboardInterrupt goes
 
 
 def _fmt(v: Any) -> str:

@@ -126,6 +126,82 @@ def test_known_answers_recall_delay_and_identical_baseline(broker: Any, tmp_path
     assert json.loads((tmp_path / "out" / "report.json").read_text())["recall"] == 1.0
 
 
+def test_a_series_stamped_ahead_of_this_clock_is_replayed_not_dead_lettered(broker: Any, tmp_path: Path) -> None:
+    """Found by review: the replay turned off the daemon's floor for old samples, not its ceiling for future ones —
+    a series stamped from now (or naive local times ahead of UTC) had every sample past an hour ahead dead-lettered,
+    and the run reported a poor detector."""
+    data = labelled_sine(tmp_path / "sine.csv")
+    frame = pd.read_csv(data)
+    ahead = pd.Timestamp.now(tz="UTC").floor("s") + pd.Timedelta(hours=3)  # wholly beyond limits.max_future_s
+    frame["timestamp"] = pd.date_range(ahead, periods=len(frame), freq="s").strftime("%Y-%m-%dT%H:%M:%SZ")
+    frame.to_csv(data, index=False)
+    model = train(data, tmp_path / "pca", "pca", W, HOP, 0.4, quantile=1.0, margin=1.5)
+    cfg = tmp_path / "tsmon.toml"
+    cfg.write_text("[calibrator]\nenabled = false\n")
+    series = read_series(data)
+    r = run(model, series, time_axis(series, None),
+            ReplayOptions(seconds=4, config=cfg, bootstrap=broker.bootstrap, out=tmp_path / "out"))
+    assert r["replay"]["dead_letters"] == 0 and r["recall"] == 1.0 and r["alerts"] == 3
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid``."""
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.add(int(stat.parent.name))
+    return kids
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_local_broker_it_started(tmp_path: Path) -> None:
+    """Found by review: SIGTERM (timeout, a cancelled CI job) killed replay-eval at once, and the broker it had
+    started ran on for good (or the run's topics stayed on a --bootstrap cluster). It unwinds as Ctrl-C does."""
+    import os
+    import signal
+    import time
+
+    data = labelled_sine(tmp_path / "sine.csv")
+    model = train(data, tmp_path / "pca", "pca", W, HOP, 0.4, quantile=1.0, margin=1.5)
+    proc = subprocess.Popen([sys.executable, "-m", "monitor", "replay-eval", "--model", str(model), "--data",
+                             str(data), "--seconds", "60", "--out", str(tmp_path / "o")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kids: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while not kids and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            kids = _children(proc.pid)  # the broker, once started
+        assert kids, "no broker started"
+        time.sleep(3)  # into the replay
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        left = kids
+        for _ in range(40):  # stopping takes a moment after the parent's exit
+            left = {k for k in left if _running(k)}
+            if not left:
+                break
+            time.sleep(0.25)
+        assert not left  # none left running (the broker stayed, its parent gone)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for k in kids:  # a failing run leaves no broker behind either
+            if _running(k):
+                os.kill(k, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_a_multichannel_lstm_end_to_end_points_at_the_perturbed_channel(broker: Any, tmp_path: Path) -> None:
     """Two channels, bursts on channel 0 only: the default kind (LSTM) finds both, and names channel 0."""

@@ -194,6 +194,25 @@ def test_score_reads_the_timestamp_column_the_model_was_trained_with(series_csv:
     assert pd.read_csv(tmp_path / "s.csv")["timestamp"].iloc[0].startswith("1970-01-20")
 
 
+def test_replay_eval_refuses_non_finite_options_and_reads_channels_by_name(
+        dense_artifact: Path, series_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: NaN passed the "<= 0" checks (--tolerance nan scored every alert false; --seconds nan wrote
+    "speed": NaN into report.json), and --value-col in another order than the model's channels swapped them."""
+    import monitor.commands.replay_eval_cmd as cmd
+
+    base = ["replay-eval", "--model", str(dense_artifact), "--data", str(series_csv), "--out", str(tmp_path / "o")]
+    for option, value in (("--tolerance", "nan"), ("--seconds", "nan"), ("--speed", "inf"), ("--seconds", "inf")):
+        code, _, err = run(capsys, *base, option, value)
+        assert code == 1 and "finite numbers > 0" in err, (option, value)
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(cmd, "run", lambda model, series, ts, opts: seen.setdefault("series", series) and {})
+    monkeypatch.setattr(cmd, "emit_json", lambda report: None)
+    code, _, err = run(capsys, *base, "--value-col", "ch1", "--value-col", "ch0", "--json")
+    assert code == 0 and seen["series"].channels == ["ch0", "ch1"]  # the model's order
+    assert '"channels_mapped_by_position"' not in err
+
+
 def test_explicit_epochs_are_honoured(series_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, _ = run(capsys, "train", "--data", str(series_csv), "--model", "lstm", "--window", "40", "--hop", "20",
                      "--epochs", "2", "--embedding", "4", "--out", str(tmp_path / "m"), "--device", "cpu")
