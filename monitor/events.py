@@ -16,6 +16,8 @@ Owns what `tsmon replay-eval` claims, and nothing is point-adjusted:
   alert already firing before it began is detected, but not fired for: it is counted in
   ``events_inside_open_alert`` and has no delay, whatever fires after (one alert held open for the whole test
   part would otherwise detect every event with a delay of 0);
+* an event that straddles the start of the test part is also detected (inside an open alert, no delay) when an
+  alert fired during probation is still open at the start of the test part and overlaps it;
 * an alert that overlaps no scored event but one that ended during the warm-up (widened by ``tolerance``)
   was raised by that event: it is neither true nor false (``ignored_for_warmup_event``).
 
@@ -92,10 +94,16 @@ def score_alerts(events: list[Span], alerts: list[dict[str, Any]], test: Span, t
     earlier = [not t and any(ev.overlaps(s, tolerance_ms) for ev in warmup or ()) for s, t in zip(spans, true, strict=True)]
     delays: list[float] = []
     inside = 0
+    # alerts fired during probation and still open at the split: they count for nothing, but an event that straddles
+    # the split and that such an alert overlaps was found before the scored part began (it fired on the event's
+    # first samples, and the event counted as missed: a slower detector would have been credited)
+    open_at_split = [alert_span(a, test.end_ms) for a in alerts
+                     if a.get("fired_ts") is not None and a["fired_ts"] < test.start_ms]
     for ev in events:
         fired = [float(a["fired_ts"]) for a, s in zip(scored, spans, strict=True) if ev.overlaps(s, tolerance_ms)]
-        if any(f < ev.start_ms for f in fired):  # open when it began (a later alert during it changes nothing)
-            inside += 1
+        straddles = ev.start_ms <= test.start_ms  # began before the split (labelled_events clipped it there)
+        if any(f < ev.start_ms for f in fired) or (straddles and any(ev.overlaps(s) for s in open_at_split)):
+            inside += 1  # open when it began (a later alert during it changes nothing)
         elif fired:
             delays.append((min(fired) - ev.start_ms) / 1000)
     hours = max(test.end_ms - test.start_ms, 1.0) / 3.6e6

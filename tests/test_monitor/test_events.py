@@ -109,6 +109,25 @@ def test_an_alert_stuck_open_since_probation_counts_for_nothing_but_shows_as_tim
     assert r["alerts"] == 0 and r["recall"] == 0.0 and r["time_in_alert"] == 1.0
 
 
+def test_an_event_straddling_the_split_found_before_it_is_detected_not_missed() -> None:
+    """Found by review: an event beginning in the warm-up and going on into the test part, for which an alert fired
+    on its first samples (before the split) and stayed open, counted as missed — a slower detector was credited."""
+    ts = np.arange(0, 10 * H + 1, 1000.0)
+    labels = np.zeros(len(ts), "int8")
+    labels[(ts >= 0.99 * H) & (ts <= 1.01 * H)] = 1  # straddles the split at 1 h
+    test = Span(1 * H, 10 * H)
+    events = labelled_events(ts, labels, test.start_ms)
+    prompt = alert("a", 0.99 * H, 0.995 * H, 1.02 * H)  # fired in the warm-up, resolved after the split
+    r = score_alerts(events, [prompt], test, 60_000)
+    assert r["recall"] == 1.0 and r["events_inside_open_alert"] == 1 and r["mean_delay_s"] is None
+    assert r["alerts"] == 0 and r["ignored_in_probation"] == 1  # the alert itself still counts for nothing
+    done = alert("b", 0.99 * H, 0.995 * H, 0.999 * H)  # resolved before the split: not open there
+    assert score_alerts(events, [done], test, 60_000)["recall"] == 0.0
+    stuck = alert("s", 0.5 * H, 0.6 * H, None, status="firing")  # open at the split: only a straddling event
+    later = labelled_events(ts, np.where((ts >= 5 * H) & (ts <= 5.1 * H), 1, 0).astype("int8"), test.start_ms)
+    assert score_alerts(later, [stuck], test, 60_000)["recall"] == 0.0  # an event wholly after it: still missed
+
+
 def test_no_alerts_and_no_events_give_none_not_a_fake_score() -> None:
     r = score_alerts([], [], Span(0, H), 0)
     assert r["recall"] is None and r["precision"] is None and r["mean_delay_s"] is None
