@@ -39,6 +39,25 @@ def window_scores(model: Path, values: np.ndarray, ts_ms: np.ndarray, hop: int) 
     return ts_ms[ends[ok]], scores, det.threshold.value
 
 
+LOG_RANGE = 20.0  # scores this many times the lowest threshold: a log axis
+
+
+def score_axis(ax: Any, scores: np.ndarray, thresholds: list[float]) -> None:
+    """The score axis's scale and limits. Anomalies scoring far above the threshold get a log axis: on a linear one
+    up to the 99.9th percentile, the threshold and the normal scores lay flat on the x-axis, and false alerts at
+    1.1× it showed no crossing."""
+    finite = scores[np.isfinite(scores)]  # a window of extreme finite values scores inf or NaN: the limit was
+    if not len(finite):  # NaN and matplotlib refused it, after report.json, leaving no picture
+        return
+    top, low = max(float(np.percentile(finite, 99.9)), max(thresholds)), min(thresholds)
+    positive = finite[finite > 0]
+    if top > LOG_RANGE * low and len(positive):
+        ax.set_yscale("log")
+        ax.set_ylim(min(float(np.percentile(positive, 1)), low) / 2, top * 2)
+    else:
+        ax.set_ylim(0, top * 1.3)
+
+
 def draw(out: Path, p: Any, series: Series, ts_ms: np.ndarray, played: dict[str, Any], test: Span) -> Path:
     """Write the PNG; ``p`` is the replay's :class:`monitor.replay_eval.Plan`."""
     from monitor.replay_eval import BASELINE_SUFFIX
@@ -72,9 +91,7 @@ def draw(out: Path, p: Any, series: Series, ts_ms: np.ndarray, played: dict[str,
             if j == 0:
                 for ch in range(len(channels)):
                     axes[ch, 0].axvspan(x(s.start_ms), x(s.end_ms), ymin=0.9, color="tab:orange", alpha=0.8, lw=0)
-        finite = scores[np.isfinite(scores)]  # a window of extreme finite values scores inf or NaN: the limit was
-        if len(finite):  # NaN and matplotlib refused it, after report.json, leaving no picture
-            ax.set_ylim(0, max(float(np.percentile(finite, 99.9)), max(val)) * 1.3)
+        score_axis(ax, scores, val)
         ax.set_ylabel(f"{label}\nscore")
         ax.legend(loc="upper left", fontsize=7)
     for ax in axes[:, 0]:

@@ -25,3 +25,22 @@ def test_a_window_that_scores_inf_or_nan_does_not_cost_the_picture(stream_model:
     out = timeline.draw(tmp_path / "t.png", p, series, ts.astype("float64"), {"thresholds": {}, "alerts": []},
                         Span(float(ts[200]), float(ts[-1])))
     assert out.stat().st_size > 10_000
+
+
+def test_anomalies_far_over_the_threshold_get_a_log_axis_that_shows_the_threshold() -> None:
+    """Found by review: the score axis ran linearly to the 99.9th percentile (an anomaly 100× the threshold), and the
+    threshold and normal scores lay flat on the x-axis — false alerts at 1.1× showed no crossing."""
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    scores = np.r_[rng.uniform(0.01, 0.03, 2000), np.full(10, 3.0)]  # normal ~0.02, threshold 0.03, bursts 3.0
+    fig, ax = plt.subplots()
+    timeline.score_axis(ax, scores, [0.03, 0.032])
+    low, high = ax.get_ylim()
+    assert ax.get_yscale() == "log" and low < 0.01 and high >= 3.0  # normal scores and the threshold apart, visible
+    timeline.score_axis(ax2 := fig.add_subplot(212), np.r_[scores[:2000], [0.05]], [0.03])  # no spike: linear
+    assert ax2.get_yscale() == "linear" and ax2.get_ylim()[0] == 0
+    before = ax.get_ylim()
+    timeline.score_axis(ax, np.array([np.nan, np.inf]), [0.03])  # nothing finite: left as it was
+    assert ax.get_ylim() == before
+    plt.close(fig)
