@@ -157,8 +157,7 @@ class StreamState:
         """Per partition, the offset of the last record its state includes: read here, or included by the document
         it was restored from — the later of the two (mid-replay, the offsets read so far are below the document's:
         taken instead, the next restore held the records between to the order rule, as new input)."""
-        out = {tp: o for tp, o in (self.replay_until or {}).items()  # a partition neither its home nor read since:
-               if not self.home or tp in self.home or tp in self.read_until}  # carried for good (rotated topics)
+        out = dict(self.replay_until or {})
         for tp, offset in self.read_until.items():
             out[tp] = max(offset, out.get(tp, -1))
         return out

@@ -576,22 +576,6 @@ def test_a_document_written_mid_replay_keeps_the_offsets_its_state_includes(make
     assert again["last_sample_ts"] == doc["last_sample_ts"]  # not the last one replayed so far
 
 
-def test_a_document_drops_the_offsets_of_partitions_its_stream_left(make: Make) -> None:
-    """Found by review: every (topic, partition) a stream was ever read from stayed in its document's offsets for
-    good (a topic a day: 60 entries after 60 days). Those of partitions neither its home nor read since go."""
-    p, first = evicted_a_day_ahead(make)
-    p.commit(MemorySource([]), {(TOPIC, 0)})
-    doc = [json.loads(m.value) for m in sink(p).sent if m.topic == "state" and m.value is not None][-1]
-    doc["read_offsets"] = [["old-topic", 3, 77], *doc["read_offsets"]]  # read from a topic since rotated away
-    q = make()
-    q.settings = Settings(state_topic="state")
-    q.restored = {"dev-c": doc}
-    feed(q, first[:20])  # a replay on its home partition
-    q.commit(MemorySource([]), {(TOPIC, 0)})
-    again = [json.loads(m.value) for m in sink(q).sent if m.topic == "state" and m.value is not None][-1]
-    assert again["read_offsets"] == [[TOPIC, 0, len(first) - 1]]
-
-
 def test_an_evicted_stream_that_returns_with_older_timestamps_is_refused_not_passed_over(make: Make) -> None:
     """A stream evicted while its clock ran a day fast, back with the clock corrected: its samples, stamped
     before the stored window point, were passed over as if replayed — counted ok, never windowed, never
