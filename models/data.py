@@ -8,6 +8,7 @@ chronologically; windows with NaN/inf are dropped and counted, never scored.
 from __future__ import annotations
 
 import bisect
+import decimal
 import gzip
 import hashlib
 import io
@@ -169,6 +170,25 @@ def increasing_rows(t: np.ndarray) -> np.ndarray:
 COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zip": "zip", ".xz": "xz", ".zst": "zstd"}
 
 
+def _index_as_column(df: pd.DataFrame) -> pd.DataFrame:
+    """A Parquet file's index as a column when it is data: a named one (``set_index("ts")``), or a datetime one (as
+    ``timestamp`` when unnamed) — invisible before, a timestamp index got no order check and no timestamps. Another
+    unnamed index (the row numbers of a filtered frame) is dropped: it is no channel."""
+    if isinstance(df.index, pd.DatetimeIndex) and df.index.name is None and "timestamp" not in df.columns:
+        return df.rename_axis("timestamp").reset_index()
+    if df.index.name is not None and df.index.name not in df.columns:
+        return df.reset_index()
+    return df.reset_index(drop=True)
+
+
+def _decimals(col: pd.Series) -> bool:
+    """Is ``col`` a column of ``decimal.Decimal`` values (and nulls)?"""
+    if col.dtype != object:
+        return False
+    values = col.dropna()
+    return bool(len(values)) and all(isinstance(v, decimal.Decimal) for v in values)
+
+
 def _is_number(name: str) -> bool:
     try:
         float(name)
@@ -209,9 +229,7 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
     suffix = p.suffix.lower()
     try:
         if suffix in (".parquet", ".pq"):
-            df = pd.read_parquet(io.BytesIO(raw))
-            if not isinstance(df.index, pd.RangeIndex) or df.index.name is not None:
-                df = df.reset_index()  # a timestamp index (set_index, then to_parquet) was invisible: no order check
+            df = _index_as_column(pd.read_parquet(io.BytesIO(raw)))
         else:  # from bytes pandas infers no compression: by the suffix, whatever its case
             df = pd.read_csv(io.BytesIO(raw), compression=COMPRESSION.get(suffix))
     except Exception as exc:  # pandas raises many types for unreadable files
@@ -221,7 +239,7 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         raise DataError(f"{p} has no rows")
     cols = [str(c) for c in df.columns]
     df.columns = cols
-    if all(_is_number(c) for c in cols):
+    if all(_is_number(c) for c in cols) and cols != [str(i) for i in range(len(cols))]:  # 0, 1, …: pandas' names
         raise DataError(f"{p}: its first row {cols[:4]} is numbers, not column names: the file needs a header row")
     ts = _pick(cols, timestamp_col, TIMESTAMP_NAMES, "timestamp")
     lab = _pick(cols, label_col, LABEL_NAMES, "label") if labels_wanted else None
@@ -235,11 +253,11 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         if c not in cols:
             raise DataError(f"{p}: value column {c!r} not found; columns are {cols}")
         if not pd.api.types.is_numeric_dtype(df[c]):
+            if _decimals(df[c]):  # Parquet decimals (SQL exports): numbers, not text (datetimes, bools stay refused)
+                df[c] = df[c].astype("float64")
+                continue
             number = pd.to_numeric(df[c], errors="coerce")
             bad = df[c][number.isna() & df[c].notna()]
-            if not len(bad) and pd.api.types.is_numeric_dtype(number):  # e.g. Parquet decimals: every value a number
-                df[c] = number
-                continue
             example = bad.iloc[0] if len(bad) else df[c].iloc[0]
             raise DataError(f"{p}: value column {c!r} is not numeric (row {bad.index[0] if len(bad) else 0}: {example!r})")
     labels = None

@@ -186,11 +186,21 @@ def test_files_as_other_tools_write_them(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="strictly increase"):
         read_series(tmp_path / "idx.parquet")
     df = synthetic_series(300, anomalies=(100,))
+    df[df["ch0"] > -2].to_parquet(tmp_path / "rows.parquet")  # a filtered frame's row numbers: no channel
+    assert read_series(tmp_path / "rows.parquet").channels == ["ch0", "ch1"]
+    df.set_index("timestamp").rename_axis(None).to_parquet(tmp_path / "unnamed.parquet")  # an unnamed time index
+    s = read_series(tmp_path / "unnamed.parquet")
+    assert s.channels == ["ch0", "ch1"] and s.timestamps is not None  # (it was a channel of epoch nanoseconds)
+    df.assign(seen=df["timestamp"]).to_parquet(tmp_path / "dt.parquet")  # a datetime column is no number
+    with pytest.raises(DataError, match="'seen' is not numeric"):
+        read_series(tmp_path / "dt.parquet")
     df.to_csv(tmp_path / "i.csv")  # pandas' index written too, as "Unnamed: 0"
     assert read_series(tmp_path / "i.csv").channels == ["ch0", "ch1"]  # the row counter was a channel
     df[["ch0"]].to_csv(tmp_path / "noheader.csv", index=False, header=False)
     with pytest.raises(DataError, match="needs a header row"):
         read_series(tmp_path / "noheader.csv")  # its first sample was the column's name
+    pd.DataFrame(df[["ch0", "ch1"]].to_numpy()).to_csv(tmp_path / "numbered.csv", index=False)  # header "0,1"
+    assert read_series(tmp_path / "numbered.csv").channels == ["0", "1"]
     df.assign(ch0=[decimal.Decimal(str(round(v, 4))) for v in df["ch0"]]).to_parquet(tmp_path / "dec.parquet")
     assert read_series(tmp_path / "dec.parquet").values[:, 0] == pytest.approx(df["ch0"].round(4), abs=1e-6)
     for suffix, how in ((".csv.GZ", "gzip"), (".csv.bz2", "bz2"), (".csv.xz", "xz")):
