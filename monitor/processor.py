@@ -823,26 +823,7 @@ class Processor:
         quiet = {n: now - max(st.last_seen, input_since) for n, st in self.streams.items() if not st.unscored}
         gone = [n for n, q in quiet.items() if q >= idle]
         for name in gone:
-            st, idle_s = self.streams[name], quiet[name]
-            partial = max(0, st.windows.seen - st.windows.needed_from + 1)  # of a window never completed
-            ep, last = st.alerts.episode, st.last_sample_ts
-            if ep is not None and ep.fired is not None and last is not None:  # paged, then silent: a sensor gone?
-                self._quality(st.quality.event("stale", last, (
-                    f"no data for {idle_s:.0f} s (limits.idle_evict_s) since its last sample at {iso(last)}: alert "
-                    f"{ep.alert_id} stays open until the stream sends again — is its source alive?")))
-            doc = self.save(name)
-            if doc is not None:
-                self.restored[name] = doc
-                if st.alerts.silenced_open:
-                    self.owed[name] = st.silenced_until_ms
-            self._drop(name)
-            self.ledger.forget(name)
-            self.evicted.add(name)
-            if st.windows.seen:  # it read input here, so none of its input is still to be replayed to it (one
-                self.evicted_here.add(name)  # woken for a command before its replay came still needs aligning)
-            self.metrics.evicted.inc()
-            self.throttle.log(log.info, "stream_evicted", stream=name, idle_s=round(idle_s, 1),
-                              partial_window_samples=partial)
+            self._evict(name, quiet[name])
         # Without a changelog the evicted streams' documents live only here: at most max_streams of them, oldest
         # out first. With one, ``restored`` is what the changelog held at the last assignment (its size; the
         # restore read it all anyway) plus streams evicted since: trimming it would forget the pins, silences
@@ -850,6 +831,29 @@ class Processor:
         while self.settings.state_topic is None and len(self.restored) > self.settings.max_streams:
             self._unevict(str(self.restored.pop(next(iter(self.restored))).get("stream", "")))
         return len(gone)
+
+    def _evict(self, name: str, idle_s: float) -> None:
+        """Snapshot a stream and drop it from memory, its document kept at hand (see :meth:`evict_idle`)."""
+        st = self.streams[name]
+        partial = max(0, st.windows.seen - st.windows.needed_from + 1)  # of a window never completed
+        ep, last = st.alerts.episode, st.last_sample_ts
+        if ep is not None and ep.fired is not None and last is not None:  # paged, then silent: a sensor gone?
+            self._quality(st.quality.event("stale", last, (
+                f"no data for {idle_s:.0f} s (limits.idle_evict_s) since its last sample at {iso(last)}: alert "
+                f"{ep.alert_id} stays open until the stream sends again — is its source alive?")))
+        doc = self.save(name)
+        if doc is not None:
+            self.restored[name] = doc
+            if st.alerts.silenced_open:
+                self.owed[name] = st.silenced_until_ms
+        self._drop(name)
+        self.ledger.forget(name)
+        self.evicted.add(name)
+        if st.windows.seen:  # it read input here, so none of its input is still to be replayed to it (one
+            self.evicted_here.add(name)  # woken for a command before its replay came still needs aligning)
+        self.metrics.evicted.inc()
+        self.throttle.log(log.info, "stream_evicted", stream=name, idle_s=round(idle_s, 1),
+                          partial_window_samples=partial)
 
     def forget_dormant(self, assigned: set[TP], now_ms: int | None = None) -> int:
         """Forget the documents of streams not held that went unseen for ``forget_after_s`` — and, over
@@ -887,8 +891,9 @@ class Processor:
                                                else w < now_ms - after_ms)
             if holds_commitments(doc, now_ms):  # kept, but outside the bound: counted in it, they forgot the others
                 held += 1
-                if unseen and home and name in self.evicted and open_alert_unsilenced(doc, now_ms):
-                    gone.append(name)
+                mine = name in self.evicted_here or bool(parts and parts <= assigned)  # as for a tombstone: another
+                if unseen and mine and name in self.evicted and open_alert_unsilenced(doc, now_ms):  # owner's stream
+                    gone.append(name)  # may still be alive and firing there
                 continue
             if unseen:
                 old[name] = w
@@ -923,15 +928,17 @@ class Processor:
         eviction): woken from its document, the alert resolved with ``stream_gone``, the document saved — then it is
         evicted again when idle and forgotten like any other. Kept open, its document was never forgotten: every
         dead sensor that had paged stayed in memory, in every restore and on the changelog for good."""
-        doc = self.restored.get(stream, {})
+        doc, here = self.restored.get(stream, {}), stream in self.evicted_here
         if not self.wake(stream):  # no room now: tried again at the next pass
             return
         st = self.streams[stream]
         alert_id = self._end_episode(stream, st, stream_gone=True)
         written = doc.get("written_ms")
-        log.warning("alert_resolved_stream_gone", stream=stream[:64], alert_id=alert_id,
-                    unseen_s=(now_ms - written) // 1000 if isinstance(written, int) else None)
-        self.save(stream)
+        unseen_s = (now_ms - written) // 1000 if isinstance(written, int) else 0
+        log.warning("alert_resolved_stream_gone", stream=stream[:64], alert_id=alert_id, unseen_s=unseen_s)
+        self._evict(stream, unseen_s)  # at once: woken and held for idle_evict_s, a die-off took the streams' room
+        if here:
+            self.evicted_here.add(stream)
 
     def _unevict(self, stream: str) -> None:
         """Forget that ``stream`` was evicted (it is back, or its document is gone)."""

@@ -963,6 +963,9 @@ def test_an_alert_of_a_stream_gone_for_forget_after_s_is_resolved_and_its_docume
     feed(p, records("dev-quiet", *sine_stream(300), first_offset=8000))
     [fired] = {d["alert_id"] for d in anomalies(p) if d["stream"] == "dev-dead"}
     assert p.evict_idle(time.monotonic() + 4000) == 4
+    shared = {**p.restored["dev-dead"], "stream": "dev-shared", "partitions": [[TOPIC, 0], ["other", 0]]}
+    p.restored["dev-shared"] = shared  # its stream also came from a partition of another instance: theirs to say
+    p.evicted.add("dev-shared")
     assert p.forget_dormant({(TOPIC, 0)}, start) == 0  # three commitments over a bound of 2: dev-quiet stays
 
     def tick(at_ms: int, offset: int) -> None:  # another stream's record: the partition's input moves on
@@ -978,10 +981,12 @@ def test_an_alert_of_a_stream_gone_for_forget_after_s_is_resolved_and_its_docume
     assert [(d["alert_id"], d["status"], d.get("stream_gone")) for d in gone][-1] == (fired, "resolved", True)
     logged = capsys.readouterr()
     assert "alert_resolved_stream_gone" in logged.out + logged.err
-    assert p.evict_idle(time.monotonic() + 4000) == 2  # woken to resolve it (the ticker too), evicted again
+    assert "dev-dead" not in p.streams and "dev-dead" in p.evicted_here  # woken to resolve it, evicted at once
+    assert p.evict_idle(time.monotonic() + 4000) == 1  # the ticker
     tick(start + 4 * 3_600_000, 9100)
     assert p.forget_dormant({(TOPIC, 0)}) == 1 and "dev-dead" not in p.restored  # an ordinary document now
-    assert b"dev-dead" in tombstones(p) and set(p.restored) >= {"dev-pin0", "dev-pin1"}
+    assert b"dev-dead" in tombstones(p) and set(p.restored) >= {"dev-pin0", "dev-pin1", "dev-shared"}
+    assert not [d for d in anomalies(p) if d["stream"] == "dev-shared"]  # never resolved here
     assert [d["status"] for d in anomalies(p) if d["stream"] == "dev-dead"].count("resolved") == 1  # resolved once
 
 
