@@ -208,14 +208,16 @@ def _iso_stamps(col: pd.Series) -> pd.Series:
 
 def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp_col: str | None = None,
                 label_col: str | None = None, windows: str | Path | None = None,
-                out_of_order: str = "error", labels_wanted: bool = True) -> Series:
+                out_of_order: str = "error", labels_wanted: bool = True,
+                preferred_timestamp: str | None = None) -> Series:
     """Read a CSV (optionally gzipped) or Parquet file: optional timestamp and 0/1 label, value columns.
 
     ``windows``: a JSON file of labelled anomaly windows (see :func:`anomaly_windows`) that gives the labels
     instead of a label column. Rows whose timestamp repeats or goes back (``out_of_order``): ``error``,
     ``drop`` (counted in ``Series.dropped_out_of_order``), or ``keep`` (replay-eval: the daemon dead-letters
     them, as it would in production). ``labels_wanted=False``: no label column is looked for (scoring a
-    file whose label column is partly empty must not fail on it).
+    file whose label column is partly empty must not fail on it). ``preferred_timestamp``: the timestamp column
+    when no ``timestamp_col`` is given and the file has it (a model's, for scoring), else the usual names.
     """
     dropped, rows = 0, None
     if out_of_order not in ("error", "drop", "keep"):
@@ -241,7 +243,8 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
     df.columns = cols
     if all(_is_number(c) for c in cols) and cols != [str(i) for i in range(len(cols))]:  # 0, 1, …: pandas' names
         raise DataError(f"{p}: its first row {cols[:4]} is numbers, not column names: the file needs a header row")
-    ts = _pick(cols, timestamp_col, TIMESTAMP_NAMES, "timestamp")
+    ts = _pick(cols, timestamp_col or (preferred_timestamp if preferred_timestamp in cols else None),
+               TIMESTAMP_NAMES, "timestamp")
     lab = _pick(cols, label_col, LABEL_NAMES, "label") if labels_wanted else None
     # a pandas index written with to_csv ("Unnamed: 0", the row number) is no channel: named, it is taken
     values = value_cols or [c for c in cols if c not in (ts, lab) and c != "sample" and not c.startswith("Unnamed: ")]

@@ -212,10 +212,12 @@ def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, ti
                     ) -> tuple[Any, Any, np.ndarray, np.ndarray, np.ndarray]:
     det = artifact.load(model_dir, device)
     cols = model_columns(det.channel_names, value_col)
-    # the column the model was trained with, as eval takes it (another one, or the file's rows unsorted, were scored)
-    timestamp_col = timestamp_col or det.meta.get("training", {}).get("data", {}).get("timestamp_col")
+    # the column the model was trained with when the file has it (another was read, and the rows scored in file
+    # order, unsorted), else timestamp/ts/time or none, as before
+    trained_ts = det.meta.get("training", {}).get("data", {}).get("timestamp_col")
     series = read_series(path, cols, timestamp_col, None, out_of_order=_order(out_of_order),  # names a missing column
-                         labels_wanted=False)  # labels are not used: a partly empty label column must not fail
+                         labels_wanted=False,  # labels are not used: a partly empty label column must not fail
+                         preferred_timestamp=trained_ts)
     _warn_stamps(series)
     if series.values.shape[1] != det.channels:
         raise DataError(f"model expects {det.channels} channel(s) {det.channel_names}, {path} gives "

@@ -187,6 +187,11 @@ def test_score_reads_the_timestamp_column_the_model_was_trained_with(series_csv:
     code, _, err = run(capsys, "score", "--model", str(model), "--input", str(tmp_path / "unsorted.csv"),
                        "--output", str(tmp_path / "s.csv"))
     assert code == 1 and "strictly increase" in err  # was scored in file order, without timestamps
+    for other in (df.drop(columns="event_time"), df.rename(columns={"event_time": "timestamp"})):
+        other.sort_values(list(other.columns[:1])).to_csv(tmp_path / "other.csv", index=False)
+        code, _, err = run(capsys, "score", "--model", str(model), "--input", str(tmp_path / "other.csv"),
+                           "--output", str(tmp_path / "s.csv"))  # no such column: the usual names, or none
+        assert code == 0, err
     df.assign(event_time=1_704_067_200 + np.arange(len(df))).to_csv(tmp_path / "sec.csv", index=False)  # epoch s
     code, _, err = run(capsys, "score", "--model", str(model), "--input", str(tmp_path / "sec.csv"),
                        "--output", str(tmp_path / "s.csv"))
