@@ -100,8 +100,12 @@ class LocalBroker:
         """Start the broker; returns its bootstrap address once it accepts connections."""
         self._refuse_taken_port()
         self._env = dict(os.environ)
-        self._storage = self._start_store(self._env) if self.data_dir else "memory://tansu/"
-        self._launch(timeout)
+        try:
+            self._storage = self._start_store(self._env) if self.data_dir else "memory://tansu/"
+            self._launch(timeout)
+        except BaseException:  # the store too, when the broker did not come up or starting was interrupted
+            self.stop()
+            raise
         return self.bootstrap
 
     def restart(self, timeout: float = 15.0) -> str:
@@ -134,8 +138,8 @@ class LocalBroker:
                 log.close()  # type: ignore[union-attr]
         try:
             wait_for_port(self.host, self.port, timeout, self.proc)
-        except BrokerError:
-            self.stop()
+        except BaseException:  # failed, or interrupted (SIGTERM in replay-eval, Ctrl-C): nothing left running — an
+            self.stop()  # interrupt while waiting left the broker running for good, __exit__ never registered
             raise
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -66,6 +66,34 @@ def test_broker_command_prints_address_and_stops_on_sigterm() -> None:
         proc.stderr.close()
 
 
+def test_an_interrupt_while_the_broker_starts_leaves_nothing_running(tmp_path, monkeypatch) -> None:
+    """Found by review: SIGTERM (replay-eval raises SystemExit for it) or Ctrl-C while waiting for the new broker's
+    port left it running for good: only a BrokerError stopped it, and the caller's __exit__ was never registered."""
+    import monitor.broker as broker_module
+
+    real = broker_module.wait_for_port
+    for data_dir, nth in ((None, 1), (tmp_path / "data", 2)):  # with persistent storage its store's port comes first
+        procs: list[subprocess.Popen[bytes]] = []  # what it waited for: the store's, then the broker's process
+
+        def wait(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes], nth: int = nth) -> None:
+            procs.append(proc)
+            if len(procs) == nth:  # the broker's port: interrupted there
+                raise SystemExit(143)
+            real(host, port, timeout, proc)
+
+        monkeypatch.setattr(broker_module, "wait_for_port", wait)
+        try:
+            with pytest.raises(SystemExit):
+                LocalBroker(data_dir=data_dir).start()
+            assert len(procs) == nth and all(p.poll() is not None for p in procs)  # broker (and store) stopped
+        finally:
+            monkeypatch.undo()
+            for p in procs:  # a failing run leaves nothing behind either
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+
 def test_a_taken_port_is_refused(broker) -> None:
     from models.errors import BrokerError
 
