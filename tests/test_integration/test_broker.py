@@ -75,7 +75,8 @@ def test_an_interrupt_while_the_broker_starts_leaves_nothing_running(tmp_path, m
     for data_dir, nth in ((None, 1), (tmp_path / "data", 2)):  # with persistent storage its store's port comes first
         procs: list[subprocess.Popen[bytes]] = []  # what it waited for: the store's, then the broker's process
 
-        def wait(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes], nth: int = nth) -> None:
+        def wait(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes], nth: int = nth,
+                 procs: list[subprocess.Popen[bytes]] = procs) -> None:
             procs.append(proc)
             if len(procs) == nth:  # the broker's port: interrupted there
                 raise SystemExit(143)
