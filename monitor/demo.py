@@ -11,12 +11,14 @@ sample to the end of the window that made the alert fire.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from models.errors import BrokerError
 from monitor.events import latest_alerts
 
 EPISODE_BEATS = (2, 4)  # inclusive range of abnormal beats per episode
@@ -97,6 +99,7 @@ class DemoOptions:
     period_ms: int = 8
     seed: int = 0
     bad_records: bool = True  # also send a few malformed messages, to show the dead-letter path
+    http_port: int | None = None  # the daemon's HTTP endpoints; None: the config's default (9465), 0: any free port
 
 
 @dataclass
@@ -138,12 +141,18 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
                             opts.period_ms, int(time.time() * 1000) - n_beats * w * opts.period_ms, opts.seed)
     progress.total_samples = sum(len(s.ts) for s in streams)
     t_start = time.monotonic()
-    with LocalBroker() as broker:
+    broker_log = Path(model).parent / "demo-broker.log"  # why it stopped, if it does (it wrote to /dev/null)
+    broker_log.unlink(missing_ok=True)
+    with LocalBroker(log_file=broker_log) as broker:
         ensure_topics(broker.bootstrap, {"tsmon.input": 4, "tsmon.alerts": 1, "tsmon.dead-letter": 1})
-        cfg = load_config(None, {"kafka.bootstrap_servers": broker.bootstrap, **LOCAL_GROUP,
-                                 "calibrator.interval_s": 2.0,
-                                 "calibrator.min_samples": 100,
-                                 "models": [{"pattern": "ecg-*", "path": model, "name": "ecg5000-lstm"}]}, env={})
+        overrides: dict[str, Any] = {"kafka.bootstrap_servers": broker.bootstrap, **LOCAL_GROUP,
+                                     "calibrator.interval_s": 2.0, "calibrator.min_samples": 100,
+                                     "models": [{"pattern": "ecg-*", "path": model, "name": "ecg5000-lstm"}]}
+        if opts.http_port is not None:
+            overrides["http.port"] = opts.http_port
+        if os.environ.get("TSMON_CONTROL__KEY"):  # the demo reads no other environment: its figures are README's
+            overrides["control.key"] = os.environ["TSMON_CONTROL__KEY"]  # (tsmon ctl against the demo needs it)
+        cfg = load_config(None, overrides, env={})
         reader = TopicReader(broker.bootstrap, "tsmon.alerts")
         progress.alerts = reader.docs
         daemon = Daemon(cfg)
@@ -171,7 +180,12 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         player.start()
         limit = time.monotonic() + opts.duration_s + 60
 
+        def broker_gone() -> bool:
+            return broker.proc is None or broker.proc.poll() is not None
+
         def finished() -> bool:
+            if broker_gone():  # the run cannot go on, and its figures would be those of a part of it: a scorecard
+                return True  # of 808 of 4 287 windows, printed after two minutes of retries, looked like a result
             return (not player.is_alive() and daemon.caught_up(progress.total_samples)) or time.monotonic() > limit
 
         try:
@@ -179,7 +193,17 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         finally:
             stop.set()
             player.join(10)
-            producer.close()
+            try:
+                producer.close(timeout=5)
+            except Exception:  # its last sends time out when the broker is gone: that is said below
+                if not broker_gone():
+                    raise
+        if broker_gone():
+            reader.close()
+            code = broker.proc.returncode if broker.proc is not None else None
+            raise BrokerError(f"the demo's broker stopped (exit status {code}) after "
+                              f"{time.monotonic() - t_start:.0f} s, with {progress.sent_samples:,} of "
+                              f"{progress.total_samples:,} samples sent: no scorecard; its log: {broker_log}")
         alerts = reader.settle(quiet_s=1.0)
         thresholds = daemon.final_thresholds
     progress.done = True

@@ -96,3 +96,24 @@ def stream_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     det, training = train_detector(ds, "pca", {}, TrainConfig(epochs=1, seed=0, device="cpu"))
     det.threshold = Threshold(1.0, 1.5, det.quantiles["max"] * 1.5)
     return artifact.save(det, tmp_path_factory.mktemp("stream-model") / "sine-pca", training)
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid``."""
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.add(int(stat.parent.name))
+    return kids
+
+
+def running(pid: int) -> bool:
+    """Is ``pid`` a live process (not a zombie)?"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -67,13 +67,17 @@ def demo(
     model: Annotated[Path, typer.Option(help="ECG5000 model; trained here first if missing.")]
     = Path("artifacts/ecg5000-lstm"),
     seed: Annotated[int, typer.Option(help="Seed of the stream generator.")] = 0,
+    http_port: Annotated[int | None, typer.Option(
+        help="Port of the daemon's HTTP endpoints (default 9465, as configured; 0: any free port, logged).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (no live table).")] = False,
 ) -> None:
     """Start a broker, replay ECG streams with labelled abnormal beats, run the daemon, show alerts, score them."""
-    if duration <= 0 or streams < 1 or rate <= 0 or not 0 < anomaly_rate < 0.5:
-        raise DataError("--duration and --rate must be > 0, --streams >= 1, --anomaly-rate in (0, 0.5)")
+    if duration <= 0 or streams < 1 or rate <= 0 or not 0 < anomaly_rate < 0.5 \
+            or (http_port is not None and not 0 <= http_port <= 65535):
+        raise DataError("--duration and --rate must be > 0, --streams >= 1, --anomaly-rate in (0, 0.5), "
+                        "--http-port in 0..65535")
     ensure_demo_model(model)
-    opts = DemoOptions(duration, streams, rate, anomaly_rate, seed=seed)
+    opts = DemoOptions(duration, streams, rate, anomaly_rate, seed=seed, http_port=http_port)
     progress = DemoProgress()
     if as_json or not console.is_terminal:
         summary = run_demo(str(model), opts, progress)

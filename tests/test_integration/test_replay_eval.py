@@ -18,6 +18,7 @@ from models.errors import DataError
 from models.train import TrainConfig
 from models.workflow import train_detector
 from monitor.replay_eval import ReplayOptions, replay_clock, run, time_axis
+from tests.conftest import children, running
 
 W, HOP = 20, 5
 EVENTS = (1519, 2019, 2519)  # each on a window end (19 + 5k): the first window that sees it ends on it
@@ -144,26 +145,6 @@ def test_a_series_stamped_ahead_of_this_clock_is_replayed_not_dead_lettered(brok
     assert r["replay"]["dead_letters"] == 0 and r["recall"] == 1.0 and r["alerts"] == 3
 
 
-def _children(pid: int) -> set[int]:
-    """The processes whose parent is ``pid``."""
-    kids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.add(int(stat.parent.name))
-    return kids
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 @pytest.mark.slow
 def test_sigterm_stops_the_local_broker_it_started(tmp_path: Path) -> None:
     """Found by review: SIGTERM (timeout, a cancelled CI job) killed replay-eval at once, and the broker it had
@@ -182,14 +163,14 @@ def test_sigterm_stops_the_local_broker_it_started(tmp_path: Path) -> None:
         deadline = time.monotonic() + 60
         while not kids and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
-            kids = _children(proc.pid)  # the broker, once started
+            kids = children(proc.pid)  # the broker, once started
         assert kids, "no broker started"
         time.sleep(3)  # into the replay
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 128 + signal.SIGTERM
         left = kids
         for _ in range(40):  # stopping takes a moment after the parent's exit
-            left = {k for k in left if _running(k)}
+            left = {k for k in left if running(k)}
             if not left:
                 break
             time.sleep(0.25)
@@ -198,7 +179,7 @@ def test_sigterm_stops_the_local_broker_it_started(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         for k in kids:  # a failing run leaves no broker behind either
-            if _running(k):
+            if running(k):
                 os.kill(k, signal.SIGKILL)
 
 
