@@ -1,4 +1,4 @@
-"""The ``tsmon`` command line: train, eval, score, inspect, bench, demo, broker, run, replay, replay-eval, status.
+"""The ``tsmon`` command line: train, eval, score, inspect, bench, demo, broker, run, replay, replay-eval, status, tail.
 
 Every failure the user can cause ends in one line ``ErrorType: message`` on stderr and exit status 1.
 """
@@ -23,6 +23,7 @@ from monitor.commands import (
     replay_eval_cmd,
     run_cmd,
     status_cmd,
+    tail_cmd,
 )
 from monitor.commands.render import emit_json
 
@@ -61,6 +62,7 @@ status_cmd.register(app)
 ctl_cmd.register(app)
 demo_cmd.register(app)
 replay_eval_cmd.register(app)
+tail_cmd.register(app)
 bench_cmd.register(bench_app)
 
 

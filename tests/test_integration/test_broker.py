@@ -95,6 +95,39 @@ def test_an_interrupt_while_the_broker_starts_leaves_nothing_running(tmp_path, m
                     p.wait()
 
 
+def test_tail_prints_a_topics_messages_as_json_lines(broker, topic: str, capsys) -> None:
+    """Found by a new user's run: nothing in tsmon read its alerts or dead letters (a Kafka client of one's own)."""
+    import json
+
+    from monitor.cli import main
+
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    producer.send(topic, key=b"dev-1", value=b'{"type": "anomaly", "status": "firing"}', partition=0)
+    producer.send(topic, key=b"dev-2", value=b"{not json", headers=[("tsmon.reason", b"invalid_json")], partition=1)
+    producer.send(topic, key=b"dev-3", value=b"\xff\xfe", partition=2)
+    producer.flush()
+    producer.close()
+    capsys.readouterr()
+
+    def tail(*args: str) -> int:
+        with pytest.raises(SystemExit) as done:
+            main(["tail", "--bootstrap", broker.bootstrap, *args])
+        return int(done.value.code or 0)
+
+    assert tail("--topic", topic, "--from-beginning", "--max-messages", "3") == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    by_key = {d["key"]: d for d in lines}
+    assert len(lines) == 3 and by_key["dev-1"]["value"] == {"type": "anomaly", "status": "firing"}
+    assert by_key["dev-2"]["value"] == "{not json" and by_key["dev-2"]["headers"] == {"tsmon.reason": "invalid_json"}
+    assert by_key["dev-3"]["value"] == "base64://4="  # not UTF-8
+    assert {d["partition"] for d in lines} == {0, 1, 2} and all(d["offset"] == 0 for d in lines)
+    started = time.monotonic()
+    assert tail("--topic", topic, "--idle", "1") == 0  # from the end: nothing new
+    assert capsys.readouterr().out == "" and time.monotonic() - started < 15
+    assert tail("--topic", "no-such-topic-here", "--idle", "1") == 1
+    assert "BrokerError: topic 'no-such-topic-here' not found" in capsys.readouterr().err
+
+
 def test_a_taken_port_is_refused(broker) -> None:
     from models.errors import BrokerError
 

@@ -1,0 +1,113 @@
+"""``tsmon tail``: a tsmon topic (alerts, dead letters, audit, changelog) as one JSON line per message.
+
+Owns reading a topic for people: without a consumer group (nothing committed, nothing rebalanced in the
+daemon's group), every partition, from the end (new messages) or the beginning, with the configuration's
+security settings. Before it there was no way to read the alerts but a Kafka client of one's own.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+
+from models.errors import BrokerError, ConfigError
+from monitor.config import load_config
+
+POLL_MS = 500
+
+
+def tail(
+    topic: Annotated[str | None, typer.Option(help="Topic (default: kafka.alerts_topic of the configuration).")] = None,
+    dead_letters: Annotated[bool, typer.Option("--dead-letters", help="The dead-letter topic instead "
+                                                                      "(kafka.dead_letter_topic).")] = False,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file (brokers, security, "
+                                                                 "topic names).")] = None,
+    bootstrap: Annotated[str | None, typer.Option(help="host:port of a broker (default: kafka.bootstrap_servers).")]
+    = None,
+    from_beginning: Annotated[bool, typer.Option("--from-beginning", help="Every message the topic keeps, not "
+                                                                          "only new ones.")] = False,
+    max_messages: Annotated[int | None, typer.Option(help="Stop after this many messages.", min=1)] = None,
+    idle: Annotated[float | None, typer.Option(help="Stop after this many seconds without a message.")] = None,
+) -> None:
+    """Print a topic's messages as JSON lines: topic, partition, offset, ts, key, headers, value (parsed JSON)."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
+
+    if topic is not None and dead_letters:
+        raise ConfigError("give --topic or --dead-letters, not both")
+    if idle is not None and not 0 < idle < float("inf"):
+        raise ConfigError("--idle must be a number of seconds > 0")
+    cfg = load_config(config, {"kafka.bootstrap_servers": [bootstrap]} if bootstrap else None)
+    name = topic or (cfg.kafka.dead_letter_topic if dead_letters else cfg.kafka.alerts_topic)
+    client = cfg.kafka.client_kwargs()
+    try:
+        consumer = KafkaConsumer(**client, group_id=None, enable_auto_commit=False)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot reach {', '.join(client['bootstrap_servers'])}: {type(exc).__name__}") from None
+    stop = [False]
+
+    def _stop(_signum: int, _frame: FrameType | None) -> None:
+        stop[0] = True
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        parts = consumer.partitions_for_topic(name)
+        if not parts:
+            raise BrokerError(f"topic {name!r} not found on {', '.join(client['bootstrap_servers'])}")
+        tps = [TopicPartition(name, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        (consumer.seek_to_beginning if from_beginning else consumer.seek_to_end)(*tps)
+        printed, last = 0, time.monotonic()
+        while not stop[0] and (max_messages is None or printed < max_messages):
+            batch = consumer.poll(timeout_ms=POLL_MS)
+            records = sorted((r for rs in batch.values() for r in rs), key=lambda r: (r.timestamp, r.partition))
+            for rec in records[: None if max_messages is None else max_messages - printed]:
+                sys.stdout.write(json.dumps(as_line(rec), ensure_ascii=False) + "\n")
+                printed += 1
+            sys.stdout.flush()
+            if records:
+                last = time.monotonic()
+            elif idle is not None and time.monotonic() - last >= idle:
+                break
+    except KeyboardInterrupt:  # Ctrl-C is how a tail ends
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        consumer.close()
+
+
+def as_line(rec: Any) -> dict[str, Any]:
+    """One message as a JSON-able object; a value that is not JSON is given as text, or base64 if not UTF-8."""
+    return {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset, "ts": rec.timestamp,
+            "key": _text(rec.key), "headers": {k: _text(v) for k, v in (rec.headers or [])},
+            "value": _value(rec.value)}
+
+
+def _text(raw: bytes | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(raw).decode()
+
+
+def _value(raw: bytes | None) -> Any:
+    if raw is None:
+        return None  # a tombstone (the changelog's forgotten streams)
+    try:
+        return json.loads(raw)
+    except ValueError:  # a dead letter's bytes as they came (not UTF-8: base64)
+        return _text(raw)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(tail)
