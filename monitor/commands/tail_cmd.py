@@ -8,7 +8,9 @@ security settings. Before it there was no way to read the alerts but a Kafka cli
 from __future__ import annotations
 
 import base64
+import heapq
 import json
+import os
 import signal
 import sys
 import time
@@ -22,6 +24,8 @@ from models.errors import BrokerError, ConfigError
 from monitor.config import load_config
 
 POLL_MS = 500
+TIMEOUT_MS = 10_000  # a request the broker does not answer: it is gone (the daemon waits longer)
+ALIVE_EVERY_S = 10.0  # with nothing to read, ask the broker this often whether it is there
 
 
 def tail(
@@ -47,11 +51,12 @@ def tail(
         raise ConfigError("--idle must be a number of seconds > 0")
     cfg = load_config(config, {"kafka.bootstrap_servers": [bootstrap]} if bootstrap else None)
     name = topic or (cfg.kafka.dead_letter_topic if dead_letters else cfg.kafka.alerts_topic)
-    client = cfg.kafka.client_kwargs()
-    try:
+    client = {**cfg.kafka.client_kwargs(), "request_timeout_ms": min(cfg.kafka.request_timeout_ms, TIMEOUT_MS)}
+    brokers = ", ".join(client["bootstrap_servers"])
+    try:  # (a wrong address took the daemon's 30 s request timeout to be said)
         consumer = KafkaConsumer(**client, group_id=None, enable_auto_commit=False)
     except KafkaError as exc:
-        raise BrokerError(f"cannot reach {', '.join(client['bootstrap_servers'])}: {type(exc).__name__}") from None
+        raise BrokerError(f"cannot reach {brokers}: {type(exc).__name__}") from None
     stop = [False]
 
     def _stop(_signum: int, _frame: FrameType | None) -> None:
@@ -61,24 +66,35 @@ def tail(
     try:
         parts = consumer.partitions_for_topic(name)
         if not parts:
-            raise BrokerError(f"topic {name!r} not found on {', '.join(client['bootstrap_servers'])}")
+            raise BrokerError(f"topic {name!r} not found on {brokers}")
         tps = [TopicPartition(name, p) for p in sorted(parts)]
         consumer.assign(tps)
         (consumer.seek_to_beginning if from_beginning else consumer.seek_to_end)(*tps)
-        printed, last = 0, time.monotonic()
+        printed, last, checked = 0, time.monotonic(), time.monotonic()
         while not stop[0] and (max_messages is None or printed < max_messages):
             batch = consumer.poll(timeout_ms=POLL_MS)
-            records = sorted((r for rs in batch.values() for r in rs), key=lambda r: (r.timestamp, r.partition))
+            # partitions interleaved by time, each in its own order (sorted whole, a partition's records with
+            # timestamps going back printed out of offset order: a resolved alert before its firing)
+            records = list(heapq.merge(*batch.values(), key=lambda r: r.timestamp))
             for rec in records[: None if max_messages is None else max_messages - printed]:
                 sys.stdout.write(json.dumps(as_line(rec), ensure_ascii=False) + "\n")
                 printed += 1
             sys.stdout.flush()
+            now = time.monotonic()
             if records:
-                last = time.monotonic()
-            elif idle is not None and time.monotonic() - last >= idle:
+                last = checked = now
+                continue
+            if now - checked >= ALIVE_EVERY_S or (idle is not None and now - last >= idle):
+                consumer.end_offsets(tps)  # a broker gone: polls come back empty for ever (with --idle: "done")
+                checked = now
+            if idle is not None and now - last >= idle:
                 break
     except KeyboardInterrupt:  # Ctrl-C is how a tail ends
         pass
+    except BrokenPipeError:  # `| head -1`: the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — nothing more to flush at exit
+    except KafkaError as exc:
+        raise BrokerError(f"lost {brokers} while reading {name!r}: {type(exc).__name__}: {exc}"[:300]) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         consumer.close()
@@ -104,9 +120,13 @@ def _value(raw: bytes | None) -> Any:
     if raw is None:
         return None  # a tombstone (the changelog's forgotten streams)
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_no_constant)
     except ValueError:  # a dead letter's bytes as they came (not UTF-8: base64)
         return _text(raw)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)  # NaN, Infinity: not JSON, printed they made a line strict parsers refuse: as text
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -105,6 +106,10 @@ def test_tail_prints_a_topics_messages_as_json_lines(broker, topic: str, capsys)
     producer.send(topic, key=b"dev-1", value=b'{"type": "anomaly", "status": "firing"}', partition=0)
     producer.send(topic, key=b"dev-2", value=b"{not json", headers=[("tsmon.reason", b"invalid_json")], partition=1)
     producer.send(topic, key=b"dev-3", value=b"\xff\xfe", partition=2)
+    now_ms = int(time.time() * 1000)
+    producer.send(topic, key=b"late-1", value=b'{"n": 1}', partition=3, timestamp_ms=now_ms)
+    producer.flush()  # one record a batch: Tansu's end offset of a multi-record batch is its first record's
+    producer.send(topic, key=b"late-2", value=b"NaN", partition=3, timestamp_ms=now_ms - 60_000)  # stamped back
     producer.flush()
     producer.close()
     capsys.readouterr()
@@ -114,10 +119,13 @@ def test_tail_prints_a_topics_messages_as_json_lines(broker, topic: str, capsys)
             main(["tail", "--bootstrap", broker.bootstrap, *args])
         return int(done.value.code or 0)
 
-    assert tail("--topic", topic, "--from-beginning", "--max-messages", "3") == 0
-    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert tail("--topic", topic, "--from-beginning", "--max-messages", "5") == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]  # strict JSON: NaN would fail here
     by_key = {d["key"]: d for d in lines}
-    assert len(lines) == 3 and by_key["dev-1"]["value"] == {"type": "anomaly", "status": "firing"}
+    assert len(lines) == 5 and by_key["dev-1"]["value"] == {"type": "anomaly", "status": "firing"}
+    assert [d["key"] for d in lines if d["partition"] == 3] == ["late-1", "late-2"]  # a partition in its own order
+    assert by_key["late-2"]["value"] == "NaN"  # not JSON: as text
+    lines = [d for d in lines if d["partition"] < 3]
     assert by_key["dev-2"]["value"] == "{not json" and by_key["dev-2"]["headers"] == {"tsmon.reason": "invalid_json"}
     assert by_key["dev-3"]["value"] == "base64://4="  # not UTF-8
     assert {d["partition"] for d in lines} == {0, 1, 2} and all(d["offset"] == 0 for d in lines)
@@ -126,6 +134,25 @@ def test_tail_prints_a_topics_messages_as_json_lines(broker, topic: str, capsys)
     assert capsys.readouterr().out == "" and time.monotonic() - started < 15
     assert tail("--topic", "no-such-topic-here", "--idle", "1") == 1
     assert "BrokerError: topic 'no-such-topic-here' not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tail_says_when_its_broker_is_gone(tmp_path) -> None:
+    """Found by review: with the broker gone its polls came back empty for ever — no end, or with --idle exit 0,
+    cut-off output reported as done. It asks the broker whether it is there before it ends or every 10 s idle."""
+    with LocalBroker() as b:
+        producer = KafkaProducer(bootstrap_servers=b.bootstrap)
+        producer.send("gone", value=b'{"n": 1}')
+        producer.flush()
+        producer.close()
+        proc = subprocess.Popen([sys.executable, "-m", "monitor", "tail", "--bootstrap", b.bootstrap, "--topic", "gone",
+                                 "--from-beginning", "--idle", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        time.sleep(2.0)
+        b.kill()
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "BrokerError: lost" in err and err.strip().count("\n") == 0
+    assert json.loads(out.splitlines()[0])["value"] == {"n": 1}  # what it read before
 
 
 def test_a_taken_port_is_refused(broker) -> None:
