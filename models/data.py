@@ -189,6 +189,12 @@ def _decimals(col: pd.Series) -> bool:
     return bool(len(values)) and all(isinstance(v, decimal.Decimal) for v in values)
 
 
+def _texts(col: pd.Series) -> bool:
+    """Is ``col`` a column of strings (and nulls)?"""
+    values = col.dropna()
+    return bool(len(values)) and all(isinstance(v, str) for v in values)
+
+
 def _is_number(name: str) -> bool:
     try:
         float(name)
@@ -241,7 +247,8 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         raise DataError(f"{p} has no rows")
     cols = [str(c) for c in df.columns]
     df.columns = cols
-    if all(_is_number(c) for c in cols) and cols != [str(i) for i in range(len(cols))]:  # 0, 1, …: pandas' names
+    # pandas' own names 0, 1, … (two columns at least: a headerless one-column file of counts starting at 0 lost it)
+    if all(_is_number(c) for c in cols) and (len(cols) < 2 or cols != [str(i) for i in range(len(cols))]):
         raise DataError(f"{p}: its first row {cols[:4]} is numbers, not column names: the file needs a header row")
     ts = _pick(cols, timestamp_col or (preferred_timestamp if preferred_timestamp in cols else None),
                TIMESTAMP_NAMES, "timestamp")
@@ -261,6 +268,9 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
                 continue
             number = pd.to_numeric(df[c], errors="coerce")
             bad = df[c][number.isna() & df[c].notna()]
+            if not len(bad) and _texts(df[c]):  # numbers stored as text (Parquet strings): read as numbers
+                df[c] = number.astype("float64")
+                continue
             example = bad.iloc[0] if len(bad) else df[c].iloc[0]
             raise DataError(f"{p}: value column {c!r} is not numeric (row {bad.index[0] if len(bad) else 0}: {example!r})")
     labels = None

@@ -201,6 +201,11 @@ def test_files_as_other_tools_write_them(tmp_path: Path) -> None:
         read_series(tmp_path / "noheader.csv")  # its first sample was the column's name
     pd.DataFrame(df[["ch0", "ch1"]].to_numpy()).to_csv(tmp_path / "numbered.csv", index=False)  # header "0,1"
     assert read_series(tmp_path / "numbered.csv").channels == ["0", "1"]
+    (tmp_path / "counts.csv").write_text("0\n5\n3\n7\n")  # one headerless column starting at 0
+    with pytest.raises(DataError, match="needs a header row"):
+        read_series(tmp_path / "counts.csv")
+    df.assign(ch0=df["ch0"].round(4).astype(str)).to_parquet(tmp_path / "text.parquet")  # numbers stored as text
+    assert read_series(tmp_path / "text.parquet").values[:, 0] == pytest.approx(df["ch0"].round(4), abs=1e-6)
     df.assign(ch0=[decimal.Decimal(str(round(v, 4))) for v in df["ch0"]]).to_parquet(tmp_path / "dec.parquet")
     assert read_series(tmp_path / "dec.parquet").values[:, 0] == pytest.approx(df["ch0"].round(4), abs=1e-6)
     for suffix, how in ((".csv.GZ", "gzip"), (".csv.bz2", "bz2"), (".csv.xz", "xz")):
