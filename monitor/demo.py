@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,18 @@ BAD_RECORDS = [b"{not json", b'{"stream": "ecg-01", "ts": 1, "value": NaN}',
                b'{"stream": "ecg-01", "ts": 1, "values": [0.1, 0.2]}']
 
 
+def _log_file(wanted: Path) -> Path:
+    """``wanted``, emptied, or a file of its own in the temporary directory where that cannot be written (a
+    read-only model directory stopped the demo before it began)."""
+    try:
+        wanted.write_bytes(b"")
+        return wanted
+    except OSError:
+        fd, path = tempfile.mkstemp(prefix="tsmon-demo-broker-", suffix=".log")
+        os.close(fd)
+        return Path(path)
+
+
 def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None) -> dict[str, Any]:
     """Broker, topics, ECG streams, the daemon, the alerts: everything the demo does; returns the summary."""
     import threading
@@ -141,8 +154,7 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
                             opts.period_ms, int(time.time() * 1000) - n_beats * w * opts.period_ms, opts.seed)
     progress.total_samples = sum(len(s.ts) for s in streams)
     t_start = time.monotonic()
-    broker_log = Path(model).parent / "demo-broker.log"  # why it stopped, if it does (it wrote to /dev/null)
-    broker_log.unlink(missing_ok=True)
+    broker_log = _log_file(Path(model).parent / "demo-broker.log")  # why it stopped, if it does (it wrote nowhere)
     with LocalBroker(log_file=broker_log) as broker:
         ensure_topics(broker.bootstrap, {"tsmon.input": 4, "tsmon.alerts": 1, "tsmon.dead-letter": 1})
         overrides: dict[str, Any] = {"kafka.bootstrap_servers": broker.bootstrap, **LOCAL_GROUP,

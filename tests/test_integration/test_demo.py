@@ -67,3 +67,15 @@ def test_a_demo_whose_broker_dies_says_so_instead_of_a_scorecard(ecg_pca: Path) 
         for k in kids:
             if running(k):
                 os.kill(k, signal.SIGKILL)
+
+
+def test_the_broker_log_goes_where_it_can_be_written(tmp_path: Path) -> None:
+    """Found by review: beside a model in a read-only directory the demo failed before it began (the log)."""
+    from monitor.demo import _log_file
+
+    wanted = tmp_path / "demo-broker.log"
+    wanted.write_text("an older run's")
+    assert _log_file(wanted) == wanted and wanted.read_text() == ""  # emptied for this run
+    elsewhere = _log_file(tmp_path / "no-such-dir" / "demo-broker.log")  # cannot be written there
+    assert elsewhere.parent != tmp_path / "no-such-dir" and elsewhere.exists()
+    elsewhere.unlink()
