@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -117,3 +121,21 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def child_processes(proc: Any, timeout_s: float = 60.0) -> set[int]:
+    """The processes ``proc`` started (its broker, once up): waited for up to ``timeout_s``."""
+    deadline, kids = time.monotonic() + timeout_s, set()
+    while not kids and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        kids = children(proc.pid)
+    return kids
+
+
+def kill_all(proc: Any, kids: set[int]) -> None:
+    """A failing test leaves nothing running: ``proc`` and its children, by PID."""
+    if proc.poll() is None:
+        proc.kill()
+    for k in kids:
+        if running(k):
+            os.kill(k, signal.SIGKILL)

@@ -13,7 +13,7 @@ import pytest
 
 from monitor.cli import main
 from monitor.demo import DemoOptions, run_demo
-from tests.conftest import children, running
+from tests.conftest import child_processes, kill_all
 
 SHORT = {"duration_s": 4.0, "streams": 2, "rate": 1000.0}
 
@@ -50,10 +50,7 @@ def test_a_demo_whose_broker_dies_says_so_instead_of_a_scorecard(ecg_pca: Path) 
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     kids: set[int] = set()
     try:
-        deadline = time.monotonic() + 60
-        while not kids and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            kids = children(proc.pid)  # the broker, once started
+        kids = child_processes(proc)  # the broker, once started
         assert kids, "no broker started"
         time.sleep(8)  # streams flowing
         for k in kids:
@@ -62,11 +59,7 @@ def test_a_demo_whose_broker_dies_says_so_instead_of_a_scorecard(ecg_pca: Path) 
         assert proc.returncode == 1 and not out.strip()  # no scorecard
         assert "BrokerError: the demo's broker stopped (exit status -9)" in err and "demo-broker.log" in err
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for k in kids:
-            if running(k):
-                os.kill(k, signal.SIGKILL)
+        kill_all(proc, kids)
 
 
 def test_the_broker_log_goes_where_it_can_be_written(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from models.errors import DataError
 from models.train import TrainConfig
 from models.workflow import train_detector
 from monitor.replay_eval import ReplayOptions, replay_clock, run, time_axis
-from tests.conftest import children, running
+from tests.conftest import child_processes, kill_all, running
 
 W, HOP = 20, 5
 EVENTS = (1519, 2019, 2519)  # each on a window end (19 + 5k): the first window that sees it ends on it
@@ -149,7 +149,6 @@ def test_a_series_stamped_ahead_of_this_clock_is_replayed_not_dead_lettered(brok
 def test_sigterm_stops_the_local_broker_it_started(tmp_path: Path) -> None:
     """Found by review: SIGTERM (timeout, a cancelled CI job) killed replay-eval at once, and the broker it had
     started ran on for good (or the run's topics stayed on a --bootstrap cluster). It unwinds as Ctrl-C does."""
-    import os
     import signal
     import time
 
@@ -160,10 +159,7 @@ def test_sigterm_stops_the_local_broker_it_started(tmp_path: Path) -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kids: set[int] = set()
     try:
-        deadline = time.monotonic() + 60
-        while not kids and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            kids = children(proc.pid)  # the broker, once started
+        kids = child_processes(proc)  # the broker, once started
         assert kids, "no broker started"
         time.sleep(3)  # into the replay
         proc.send_signal(signal.SIGTERM)
@@ -176,11 +172,7 @@ def test_sigterm_stops_the_local_broker_it_started(tmp_path: Path) -> None:
             time.sleep(0.25)
         assert not left  # none left running (the broker stayed, its parent gone)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for k in kids:  # a failing run leaves no broker behind either
-            if running(k):
-                os.kill(k, signal.SIGKILL)
+        kill_all(proc, kids)
 
 
 @pytest.mark.slow
