@@ -247,8 +247,10 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         raise DataError(f"{p} has no rows")
     cols = [str(c) for c in df.columns]
     df.columns = cols
-    # pandas' own names 0, 1, … (two columns at least: a headerless one-column file of counts starting at 0 lost it)
-    if all(_is_number(c) for c in cols) and (len(cols) < 2 or cols != [str(i) for i in range(len(cols))]):
+    # a CSV's first row taken for names (Parquet's names are never data); pandas' own 0, 1, … are names — of two
+    # columns at least: a headerless one-column file of counts starting at 0 lost its first row
+    if suffix not in (".parquet", ".pq") and all(_is_number(c) for c in cols) \
+            and (len(cols) < 2 or cols != [str(i) for i in range(len(cols))]):
         raise DataError(f"{p}: its first row {cols[:4]} is numbers, not column names: the file needs a header row")
     ts = _pick(cols, timestamp_col or (preferred_timestamp if preferred_timestamp in cols else None),
                TIMESTAMP_NAMES, "timestamp")

@@ -118,6 +118,9 @@ BAD_RECORDS = [b"{not json", b'{"stream": "ecg-01", "ts": 1, "value": NaN}',
                b'{"stream": "ecg-01", "ts": 1, "values": [0.1, 0.2]}']
 
 
+FALLBACK_LOG = "tsmon-demo-broker-"  # the broker log's name in the temporary directory
+
+
 def _log_file(wanted: Path) -> Path:
     """``wanted``, emptied, or a file of its own in the temporary directory where that cannot be written (a
     read-only model directory stopped the demo before it began)."""
@@ -125,7 +128,7 @@ def _log_file(wanted: Path) -> Path:
         wanted.write_bytes(b"")
         return wanted
     except OSError:
-        fd, path = tempfile.mkstemp(prefix="tsmon-demo-broker-", suffix=".log")
+        fd, path = tempfile.mkstemp(prefix=FALLBACK_LOG, suffix=".log")
         os.close(fd)
         return Path(path)
 
@@ -210,6 +213,8 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
             except Exception:  # its last sends time out when the broker is gone: that is said below
                 if not broker_gone():
                     raise
+        if not broker_gone() and broker_log.name.startswith(FALLBACK_LOG):
+            broker_log.unlink(missing_ok=True)  # a fallback log of a run that went well: one more file each run
         if broker_gone():
             reader.close()
             code = broker.proc.returncode if broker.proc is not None else None

@@ -53,8 +53,8 @@ def tail(
     name = topic or (cfg.kafka.dead_letter_topic if dead_letters else cfg.kafka.alerts_topic)
     client = {**cfg.kafka.client_kwargs(), "request_timeout_ms": min(cfg.kafka.request_timeout_ms, TIMEOUT_MS)}
     brokers = ", ".join(client["bootstrap_servers"])
-    try:  # (a wrong address took the daemon's 30 s request timeout to be said)
-        consumer = KafkaConsumer(**client, group_id=None, enable_auto_commit=False)
+    try:  # a wrong address: said after TIMEOUT_MS (kafka-python's default bootstrap wait is 30 s)
+        consumer = KafkaConsumer(**client, group_id=None, enable_auto_commit=False, bootstrap_timeout_ms=TIMEOUT_MS)
     except KafkaError as exc:
         raise BrokerError(f"cannot reach {brokers}: {type(exc).__name__}") from None
     stop = [False]
@@ -77,7 +77,7 @@ def tail(
             # timestamps going back printed out of offset order: a resolved alert before its firing)
             records = list(heapq.merge(*batch.values(), key=lambda r: r.timestamp))
             for rec in records[: None if max_messages is None else max_messages - printed]:
-                sys.stdout.write(json.dumps(as_line(rec), ensure_ascii=False) + "\n")
+                sys.stdout.write(_json_line(rec) + "\n")
                 printed += 1
             sys.stdout.flush()
             now = time.monotonic()
@@ -94,10 +94,19 @@ def tail(
     except BrokenPipeError:  # `| head -1`: the reader has what it wanted
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — nothing more to flush at exit
     except KafkaError as exc:
-        raise BrokerError(f"lost {brokers} while reading {name!r}: {type(exc).__name__}: {exc}"[:300]) from None
+        raise BrokerError(f"lost {brokers} while reading {name!r}: {exc}"[:300]) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         consumer.close()
+
+
+def _json_line(rec: Any) -> str:
+    """Strict JSON: a value holding a number past float range (1e400 reads as inf) is given as text."""
+    line = as_line(rec)
+    try:
+        return json.dumps(line, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return json.dumps({**line, "value": _text(rec.value)}, ensure_ascii=False, allow_nan=False)
 
 
 def as_line(rec: Any) -> dict[str, Any]:

@@ -110,6 +110,7 @@ def test_tail_prints_a_topics_messages_as_json_lines(broker, topic: str, capsys)
     producer.send(topic, key=b"late-1", value=b'{"n": 1}', partition=3, timestamp_ms=now_ms)
     producer.flush()  # one record a batch: Tansu's end offset of a multi-record batch is its first record's
     producer.send(topic, key=b"late-2", value=b"NaN", partition=3, timestamp_ms=now_ms - 60_000)  # stamped back
+    producer.send(topic, key=b"huge", value=b'{"x": 1e400}', partition=0)  # past float range: inf
     producer.flush()
     producer.close()
     capsys.readouterr()
@@ -119,13 +120,15 @@ def test_tail_prints_a_topics_messages_as_json_lines(broker, topic: str, capsys)
             main(["tail", "--bootstrap", broker.bootstrap, *args])
         return int(done.value.code or 0)
 
-    assert tail("--topic", topic, "--from-beginning", "--max-messages", "5") == 0
-    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]  # strict JSON: NaN would fail here
+    assert tail("--topic", topic, "--from-beginning", "--max-messages", "6") == 0
+    strict = {"parse_constant": lambda c: pytest.fail(f"{c} is not JSON")}
+    lines = [json.loads(x, **strict) for x in capsys.readouterr().out.splitlines()]
     by_key = {d["key"]: d for d in lines}
-    assert len(lines) == 5 and by_key["dev-1"]["value"] == {"type": "anomaly", "status": "firing"}
+    assert by_key["huge"]["value"] == '{"x": 1e400}'  # as text (printed as Infinity before)
+    assert len(lines) == 6 and by_key["dev-1"]["value"] == {"type": "anomaly", "status": "firing"}
     assert [d["key"] for d in lines if d["partition"] == 3] == ["late-1", "late-2"]  # a partition in its own order
     assert by_key["late-2"]["value"] == "NaN"  # not JSON: as text
-    lines = [d for d in lines if d["partition"] < 3]
+    lines = [d for d in lines if d["partition"] < 3 and d["key"] != "huge"]
     assert by_key["dev-2"]["value"] == "{not json" and by_key["dev-2"]["headers"] == {"tsmon.reason": "invalid_json"}
     assert by_key["dev-3"]["value"] == "base64://4="  # not UTF-8
     assert {d["partition"] for d in lines} == {0, 1, 2} and all(d["offset"] == 0 for d in lines)
@@ -134,6 +137,11 @@ def test_tail_prints_a_topics_messages_as_json_lines(broker, topic: str, capsys)
     assert capsys.readouterr().out == "" and time.monotonic() - started < 15
     assert tail("--topic", "no-such-topic-here", "--idle", "1") == 1
     assert "BrokerError: topic 'no-such-topic-here' not found" in capsys.readouterr().err
+    started = time.monotonic()  # in a process of its own: kafka-python leaves a failed bootstrap's sockets open
+    wrong = subprocess.run([sys.executable, "-m", "monitor", "tail", "--bootstrap", f"127.0.0.1:{free_port()}",
+                            "--topic", topic], capture_output=True, text=True, timeout=60, check=False)
+    assert wrong.returncode == 1 and "BrokerError: cannot reach" in wrong.stderr
+    assert time.monotonic() - started < 20  # (30 s of kafka-python's bootstrap wait before)
 
 
 @pytest.mark.slow

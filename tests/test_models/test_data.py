@@ -204,6 +204,8 @@ def test_files_as_other_tools_write_them(tmp_path: Path) -> None:
     (tmp_path / "counts.csv").write_text("0\n5\n3\n7\n")  # one headerless column starting at 0
     with pytest.raises(DataError, match="needs a header row"):
         read_series(tmp_path / "counts.csv")
+    pd.DataFrame(df[["ch0"]].to_numpy()).to_parquet(tmp_path / "zero.parquet")  # Parquet's names are names
+    assert read_series(tmp_path / "zero.parquet").channels == ["0"]
     df.assign(ch0=df["ch0"].round(4).astype(str)).to_parquet(tmp_path / "text.parquet")  # numbers stored as text
     assert read_series(tmp_path / "text.parquet").values[:, 0] == pytest.approx(df["ch0"].round(4), abs=1e-6)
     df.assign(ch0=[decimal.Decimal(str(round(v, 4))) for v in df["ch0"]]).to_parquet(tmp_path / "dec.parquet")
