@@ -107,6 +107,8 @@ def _effect(a: dict[str, Any]) -> str:
     if "precision" in r:
         p = r["precision"]
         lines.append(f"{r['verdict']}; precision {p:.3f} ({r['feedback']})" if p is not None else r["verdict"])
+    if not lines and not a["streams"] and a["status"] == "applied" and not r:
+        return "no stream of this instance matched"  # "applied" over a bare "-" read as done, above "no daemon has…"
     return "\n".join(lines) or "-"
 
 

@@ -1807,6 +1807,11 @@ def test_ctl_exact_names_the_one_stream_whose_id_has_glob_characters(make: Make)
     with stdout.capture() as shown:
         ctl_cmd._show([ack])
     assert "sensor[/x]: 2 (pinned" in shown.get()
+    none = send(c, "silence", "pump-9", for_s=60)  # matches nothing: "applied" over a bare "-" read as done
+    assert none["status"] == "applied" and none["streams"] == []
+    with stdout.capture() as shown:
+        ctl_cmd._show([none])
+    assert "no stream of this instance matched" in shown.get()
 
 
 def test_ctl_without_a_login_name_asks_for_an_operator(monkeypatch: pytest.MonkeyPatch) -> None:
