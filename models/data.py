@@ -168,6 +168,7 @@ def increasing_rows(t: np.ndarray) -> np.ndarray:
 
 
 COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zip": "zip", ".xz": "xz", ".zst": "zstd"}
+PARQUET = (".parquet", ".pq")
 
 
 def _index_as_column(df: pd.DataFrame) -> pd.DataFrame:
@@ -181,18 +182,10 @@ def _index_as_column(df: pd.DataFrame) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def _decimals(col: pd.Series) -> bool:
-    """Is ``col`` a column of ``decimal.Decimal`` values (and nulls)?"""
-    if col.dtype != object:
-        return False
+def _all_of(col: pd.Series, kind: type) -> bool:
+    """Is ``col`` a column of ``kind`` values (and nulls)?"""
     values = col.dropna()
-    return bool(len(values)) and all(isinstance(v, decimal.Decimal) for v in values)
-
-
-def _texts(col: pd.Series) -> bool:
-    """Is ``col`` a column of strings (and nulls)?"""
-    values = col.dropna()
-    return bool(len(values)) and all(isinstance(v, str) for v in values)
+    return bool(len(values)) and all(isinstance(v, kind) for v in values)
 
 
 def _is_number(name: str) -> bool:
@@ -235,8 +228,9 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         raise DataError(f"{p} is not a file")
     raw = p.read_bytes()
     suffix = p.suffix.lower()
+    parquet = suffix in PARQUET
     try:
-        if suffix in (".parquet", ".pq"):
+        if parquet:
             df = _index_as_column(pd.read_parquet(io.BytesIO(raw)))
         else:  # from bytes pandas infers no compression: by the suffix, whatever its case
             df = pd.read_csv(io.BytesIO(raw), compression=COMPRESSION.get(suffix))
@@ -249,7 +243,7 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
     df.columns = cols
     # a CSV's first row taken for names (Parquet's names are never data); pandas' own 0, 1, … are names — of two
     # columns at least: a headerless one-column file of counts starting at 0 lost its first row
-    if suffix not in (".parquet", ".pq") and all(_is_number(c) for c in cols) \
+    if not parquet and all(_is_number(c) for c in cols) \
             and (len(cols) < 2 or cols != [str(i) for i in range(len(cols))]):
         raise DataError(f"{p}: its first row {cols[:4]} is numbers, not column names: the file needs a header row")
     ts = _pick(cols, timestamp_col or (preferred_timestamp if preferred_timestamp in cols else None),
@@ -265,12 +259,12 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         if c not in cols:
             raise DataError(f"{p}: value column {c!r} not found; columns are {cols}")
         if not pd.api.types.is_numeric_dtype(df[c]):
-            if _decimals(df[c]):  # Parquet decimals (SQL exports): numbers, not text (datetimes, bools stay refused)
+            if df[c].dtype == object and _all_of(df[c], decimal.Decimal):  # Parquet decimals (SQL exports): numbers, not text (datetimes, bools stay refused)
                 df[c] = df[c].astype("float64")
                 continue
             number = pd.to_numeric(df[c], errors="coerce")
             bad = df[c][number.isna() & df[c].notna()]
-            if not len(bad) and _texts(df[c]):  # numbers stored as text (Parquet strings): read as numbers
+            if not len(bad) and _all_of(df[c], str):  # numbers stored as text (Parquet strings): read as numbers
                 df[c] = number.astype("float64")
                 continue
             example = bad.iloc[0] if len(bad) else df[c].iloc[0]
@@ -281,17 +275,16 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         if not lv.isin([0, 1]).all():
             raise DataError(f"{p}: label column {lab!r} must hold only 0 and 1")
         labels = lv.to_numpy("int8")
-    stamps = None
+    stamps, numeric = None, ts is not None and pd.api.types.is_numeric_dtype(df[ts])
     if ts is not None:
         col = df[ts]
-        if pd.api.types.is_numeric_dtype(col) and not col.isna().all():
+        if numeric and not col.isna().all():
             far = col[(col.abs() > MAX_EPOCH_MS) & col.notna()]  # epoch µs or ns read as ms: year 55 969 wrapped
             if len(far):  # round int64 nanoseconds into an invented date, silently
                 raise DataError(f"{p}: timestamp column {ts!r} row {far.index[0]}: {far.iloc[0]!r} is not epoch "
                                 f"milliseconds (past year 2262: microseconds or nanoseconds?)")
         try:  # in UTC: naive stamps are taken as UTC, offsets converted row by row (they change at summer time)
-            stamps = (pd.to_datetime(col, unit="ms") if pd.api.types.is_numeric_dtype(col)
-                      else _iso_stamps(col)).to_numpy("datetime64[ns]")
+            stamps = (pd.to_datetime(col, unit="ms") if numeric else _iso_stamps(col)).to_numpy("datetime64[ns]")
         except (ValueError, TypeError, OverflowError) as exc:
             raise DataError(f"{p}: timestamp column {ts!r} is not epoch-ms or ISO-8601: {exc}") from None
         if np.isnat(stamps).any():  # NaT compares false with everything: --out-of-order drop lost every later row
@@ -320,7 +313,7 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
                             f"{iso(min(a for a, _ in spans))} .. {iso(max(b for _, b in spans))}, the series "
                             f"{iso(stamps[0])} .. {iso(stamps[-1])} (UTC)")
     return Series(df[values].to_numpy("float32"), values, stamps, labels, sha256_bytes(raw), str(p), dropped, rows,
-                  ts is not None and pd.api.types.is_numeric_dtype(df[ts]))
+                  numeric)
 
 
 def anomaly_windows(path: str | Path, data_name: str) -> list[tuple[np.datetime64, np.datetime64]]:

@@ -102,10 +102,10 @@ class LocalBroker:
         self._env = dict(os.environ)
         try:
             self._storage = self._start_store(self._env) if self.data_dir else "memory://tansu/"
-            self._launch(timeout)
-        except BaseException:  # the store too, when the broker did not come up or starting was interrupted
+        except BaseException:  # a store that did not come up, or starting was interrupted: nothing left running
             self.stop()
             raise
+        self._launch(timeout)  # (which stops the store too if the broker does not come up)
         return self.bootstrap
 
     def restart(self, timeout: float = 15.0) -> str:
@@ -154,6 +154,11 @@ class LocalBroker:
                 proc.kill()
                 proc.wait(timeout)
         self.proc = self.store = self._storage = None
+
+    @property
+    def exited(self) -> bool:
+        """Is the broker not running (never started, stopped, or dead)?"""
+        return self.proc is None or self.proc.poll() is not None
 
     def kill(self) -> None:
         """SIGKILL the broker only (fault tests); the store keeps running."""

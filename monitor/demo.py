@@ -195,11 +195,8 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         player.start()
         limit = time.monotonic() + opts.duration_s + 60
 
-        def broker_gone() -> bool:
-            return broker.proc is None or broker.proc.poll() is not None
-
         def finished() -> bool:
-            if broker_gone():  # the run cannot go on, and its figures would be those of a part of it: a scorecard
+            if broker.exited:  # the run cannot go on, and its figures would be those of a part of it: a scorecard
                 return True  # of 808 of 4 287 windows, printed after two minutes of retries, looked like a result
             return (not player.is_alive() and daemon.caught_up(progress.total_samples)) or time.monotonic() > limit
 
@@ -211,16 +208,16 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
             try:
                 producer.close(timeout=5)
             except Exception:  # its last sends time out when the broker is gone: that is said below
-                if not broker_gone():
+                if not broker.exited:
                     raise
-        if not broker_gone() and broker_log.name.startswith(FALLBACK_LOG):
-            broker_log.unlink(missing_ok=True)  # a fallback log of a run that went well: one more file each run
-        if broker_gone():
+        if broker.exited:
             reader.close()
             code = broker.proc.returncode if broker.proc is not None else None
             raise BrokerError(f"the demo's broker stopped (exit status {code}) after "
                               f"{time.monotonic() - t_start:.0f} s, with {progress.sent_samples:,} of "
                               f"{progress.total_samples:,} samples sent: no scorecard; its log: {broker_log}")
+        if broker_log.name.startswith(FALLBACK_LOG):
+            broker_log.unlink(missing_ok=True)  # a fallback log of a run that went well: one more file each run
         alerts = reader.settle(quiet_s=1.0)
         thresholds = daemon.final_thresholds
     progress.done = True

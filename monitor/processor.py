@@ -435,12 +435,13 @@ class Processor:
         """Resolve an open alert for ``why`` (not the stream's windows) and start its alert state again, in a new
         generation so that later ids cannot meet the old ones. Returns the resolved alert's id."""
         ep = st.alerts.episode
-        if ep is not None and ep.fired is not None:
+        fired = ep is not None and ep.fired is not None
+        if fired:
             self.publish_alert(stream, st, Transition("resolved", ep), **why)
         st.alerts = AlertState(stream, st.served.identity, self.alert_settings(st.served),
                                generation=st.alerts.generation + 1)
         st.dirty = True
-        return ep.alert_id if ep is not None and ep.fired is not None else None
+        return ep.alert_id if fired else None
 
     def _base_gap_ms(self, served: Served) -> float | None:
         """The route's ``gap_ms``, else the daemon's."""
@@ -889,15 +890,17 @@ class Processor:
             home = parts & assigned if parts else set(assigned)  # none recorded (earlier versions): maybe any of them
             unseen = after_ms is not None and (all(self.read_ts.get(tp, -1) >= w + after_ms for tp in home) if home
                                                else w < now_ms - after_ms)
+            # this instance's stream: a tombstone, or the resolution of its alert, is its to send (another owner's
+            # stream may still be alive and firing there)
+            mine = name in self.evicted_here or bool(parts and parts <= assigned)
             if holds_commitments(doc, now_ms):  # kept, but outside the bound: counted in it, they forgot the others
                 held += 1
-                mine = name in self.evicted_here or bool(parts and parts <= assigned)  # as for a tombstone: another
-                if unseen and mine and name in self.evicted and open_alert_unsilenced(doc, now_ms):  # owner's stream
-                    gone.append(name)  # may still be alive and firing there
+                if unseen and mine and name in self.evicted and open_alert_unsilenced(doc, now_ms):
+                    gone.append(name)
                 continue
             if unseen:
                 old[name] = w
-                if name in self.evicted_here or (parts and parts <= assigned):
+                if mine:
                     tombstoned[name] = parts
             elif not home:
                 others.append((w, name))

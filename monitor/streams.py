@@ -308,21 +308,29 @@ def doc_offsets(doc: dict[str, Any], key: str = "read_offsets") -> dict[TP, int]
             and all(isinstance(x, int) and not isinstance(x, bool) for x in r[1:])}
 
 
+def _fired(doc: dict[str, Any]) -> bool:
+    """Does the document hold an alert fired and not resolved?"""
+    alerts = doc.get("alerts")
+    return isinstance(alerts, dict) and alerts.get("episode") is not None
+
+
+def _silence_running(doc: dict[str, Any], now_ms: int) -> bool:
+    until = doc.get("silenced_until_ms")
+    return isinstance(until, int) and until > now_ms
+
+
 def holds_commitments(doc: dict[str, Any], now_ms: int) -> bool:
     """Does the document hold what forgetting it would silently undo: an operator's pin or freeze, a silence
     still running, or an alert fired and not resolved (its page would stay open for good)?"""
-    cal, alerts, until = doc.get("calibrator"), doc.get("alerts"), doc.get("silenced_until_ms")
+    cal = doc.get("calibrator")
     controls = isinstance(cal, dict) and (cal.get("pinned") is True or cal.get("frozen") is True)
-    fired = isinstance(alerts, dict) and alerts.get("episode") is not None
-    return controls or fired or (isinstance(until, int) and until > now_ms)
+    return controls or _fired(doc) or _silence_running(doc, now_ms)
 
 
 def open_alert_unsilenced(doc: dict[str, Any], now_ms: int) -> bool:
     """Does the document hold a fired alert that no silence holds back (what :meth:`Processor.forget_dormant`
     resolves once its stream is unseen for ``forget_after_s``)?"""
-    alerts, until = doc.get("alerts"), doc.get("silenced_until_ms")
-    fired = isinstance(alerts, dict) and alerts.get("episode") is not None
-    return fired and not (isinstance(until, int) and until > now_ms)
+    return _fired(doc) and not _silence_running(doc, now_ms)
 
 
 def owes_page(doc: dict[str, Any]) -> bool:

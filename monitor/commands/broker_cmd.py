@@ -29,7 +29,7 @@ def broker(
         sys.stdout.flush()
         log.info("broker_ready", bootstrap=b.bootstrap, storage=str(data_dir) if data_dir else "memory")
         while not stop.wait(0.5):
-            if b.proc is None or b.proc.poll() is not None:
+            if b.exited:
                 log.error("broker_exited", status=None if b.proc is None else b.proc.returncode)
                 raise typer.Exit(1)
     log.info("broker_stopped")

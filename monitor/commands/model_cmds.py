@@ -142,9 +142,8 @@ def _warn_read(ds: Dataset) -> None:
 
 
 def _warn_stamps(series: Series | None) -> None:
-    why = suspect_stamps(series) if series is not None else None
-    if why:
-        log.warning("timestamps_suspect", path=series.path if series else None, reason=why)
+    if series is not None and (why := suspect_stamps(series)):
+        log.warning("timestamps_suspect", path=series.path, reason=why)
 
 
 def run_training(spec: DataSpec, kind: str, params: dict[str, Any], cfg: TrainConfig, out: Path,

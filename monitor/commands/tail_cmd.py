@@ -22,6 +22,7 @@ import typer
 
 from models.errors import BrokerError, ConfigError
 from monitor.config import load_config
+from monitor.topics import partition_reader
 
 POLL_MS = 500
 TIMEOUT_MS = 10_000  # a request the broker does not answer: it is gone (the daemon waits longer)
@@ -42,7 +43,6 @@ def tail(
     idle: Annotated[float | None, typer.Option(help="Stop after this many seconds without a message.")] = None,
 ) -> None:
     """Print a topic's messages as JSON lines: topic, partition, offset, ts, key, headers, value (parsed JSON)."""
-    from kafka import KafkaConsumer, TopicPartition
     from kafka.errors import KafkaError
 
     if topic is not None and dead_letters:
@@ -51,12 +51,12 @@ def tail(
         raise ConfigError("--idle must be a number of seconds > 0")
     cfg = load_config(config, {"kafka.bootstrap_servers": [bootstrap]} if bootstrap else None)
     name = topic or (cfg.kafka.dead_letter_topic if dead_letters else cfg.kafka.alerts_topic)
-    client = {**cfg.kafka.client_kwargs(), "request_timeout_ms": min(cfg.kafka.request_timeout_ms, TIMEOUT_MS)}
+    # a wrong address: said after TIMEOUT_MS (kafka-python's default bootstrap wait is 30 s)
+    client = {**cfg.kafka.client_kwargs(), "request_timeout_ms": min(cfg.kafka.request_timeout_ms, TIMEOUT_MS),
+              "bootstrap_timeout_ms": TIMEOUT_MS}
     brokers = ", ".join(client["bootstrap_servers"])
-    try:  # a wrong address: said after TIMEOUT_MS (kafka-python's default bootstrap wait is 30 s)
-        consumer = KafkaConsumer(**client, group_id=None, enable_auto_commit=False, bootstrap_timeout_ms=TIMEOUT_MS)
-    except KafkaError as exc:
-        raise BrokerError(f"cannot reach {brokers}: {type(exc).__name__}") from None
+    consumer, tps = partition_reader(client, name, at_end=not from_beginning, if_missing=(),
+                                     timeout_s=TIMEOUT_MS / 1000)
     stop = [False]
 
     def _stop(_signum: int, _frame: FrameType | None) -> None:
@@ -64,12 +64,8 @@ def tail(
 
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
-        parts = consumer.partitions_for_topic(name)
-        if not parts:
+        if not tps:
             raise BrokerError(f"topic {name!r} not found on {brokers}")
-        tps = [TopicPartition(name, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        (consumer.seek_to_beginning if from_beginning else consumer.seek_to_end)(*tps)
         printed, last, checked = 0, time.monotonic(), time.monotonic()
         while not stop[0] and (max_messages is None or printed < max_messages):
             batch = consumer.poll(timeout_ms=POLL_MS)
