@@ -182,7 +182,7 @@ def fit(model: Autoencoder, train: np.ndarray, val: np.ndarray, cfg: TrainConfig
             sched.step()
             total += float(loss.detach()) * len(idx)
         val_loss = mean_error(model, xv, cfg.loss)
-        if not math.isfinite(val_loss):
+        if not (math.isfinite(val_loss) and math.isfinite(total)):  # an inf training loss broke the manifest
             result.stop_reason = "diverged"
             break
         if val_loss < result.best_val_loss - cfg.min_delta:

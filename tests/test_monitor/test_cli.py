@@ -231,6 +231,17 @@ def test_diverged_training_is_an_error(series_csv: Path, tmp_path: Path, capsys:
     assert code == 1 and "ModelConfigError" in err and not (tmp_path / "d").exists()
 
 
+def test_training_loss_overflow_is_an_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # values near float32's limit, kept raw: the training loss overflowed to inf while the validation loss stayed
+    # finite, and the inf history ended `tsmon train` in a traceback from the manifest's JSON
+    n = np.arange(2000)
+    data = tmp_path / "big.csv"
+    pd.DataFrame({"a": (np.sin(n / 10) + np.random.default_rng(0).normal(0, 0.1, 2000)) * 1e37}).to_csv(data, index=False)
+    code, _, err = run(capsys, "train", "--data", str(data), "--model", "dense", "--epochs", "2", "--normalisation",
+                       "none", "--window", "20", "--hop", "10", "--out", str(tmp_path / "d"), "--device", "cpu")
+    assert code == 1 and "diverged" in err and "Traceback" not in err and not (tmp_path / "d").exists()
+
+
 def test_eval_on_another_file(dense_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tests.conftest import synthetic_series
 
