@@ -8,6 +8,16 @@ import numpy as np
 
 from models.errors import DataError
 
+TINY_SPREAD = 1e-30  # below this a spread is no spread (its reciprocal still fits in float32)
+FLOAT32_RESOLUTION = 1e-7  # a spread under this share of the level is float32 rounding, not variation
+
+
+def varies(spread: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """Channels whose ``spread`` is a variation of the data, relative to their ``level`` (its magnitude), not nothing
+    or float32 rounding: an absolute cut-off at 1e-8 took a live channel in metres or amperes (spread 1e-9) for a
+    constant one, scaled it by 1, and the daemon found it flat in every window — never scored."""
+    return spread > np.maximum(TINY_SPREAD, FLOAT32_RESOLUTION * np.abs(level))
+
 
 @dataclass(frozen=True, slots=True)
 class Scaler:
@@ -52,11 +62,11 @@ class Scaler:
             center, scale = np.zeros(flat.shape[1]), np.ones(flat.shape[1])
         else:
             raise DataError(f"unknown normalisation {method!r}: use standard, robust or none")
-        scale = np.where(scale > 1e-8, scale, 1.0)  # a constant channel stays constant, not inf
+        scale = np.where(varies(scale, center), scale, 1.0)  # a constant channel stays constant, not inf
         spread = None
         if method == "none":  # the scale (1) says nothing of the data's variation
             std = flat.std(axis=0)
-            spread = tuple(map(float, np.where(std > 1e-12, std, 1.0)))
+            spread = tuple(map(float, np.where(varies(std, flat.mean(axis=0)), std, 1.0)))
         return cls(tuple(map(float, center)), tuple(map(float, scale)), method, spread)
 
     @property

@@ -185,6 +185,26 @@ def test_the_flat_line_test_of_an_unnormalised_model_is_relative_to_the_training
         assert Scaler.from_dict(scaler.to_dict()) == scaler  # the spread survives the artifact
 
 
+def test_a_channel_of_tiny_units_is_scaled_by_its_own_spread_and_is_not_flat() -> None:
+    """A spread under 1e-8 (a strain gauge in metres, a current in amperes) was taken for a constant channel: scale
+    1, and the daemon's flat-line test, relative to it, found every live window flat — the stream was never scored.
+    A channel is constant when its spread is nothing or float32 rounding of its level."""
+    from models.scaling import Scaler
+    from monitor.quality import flat_channels
+
+    rng = np.random.default_rng(1)
+    train = np.stack([rng.normal(0.0, 1e-9, (100, 40)), 1e6 + rng.normal(0.0, 0.5, (100, 40)),
+                      np.full((100, 40), 1e6), np.zeros((100, 40))], axis=-1).astype("float32")
+    for method in ("standard", "robust", "none"):
+        scaler = Scaler.fit(train, method)
+        if method != "none":
+            assert 5e-10 < scaler.scale[0] < 2e-9 and 0.2 < scaler.scale[1] < 1.0, method
+            assert scaler.scale[2:] == (1.0, 1.0), method  # constant: left as it is, not divided by ~0
+        live = np.stack([rng.normal(0.0, 1e-9, (5, 40)), 1e6 + rng.normal(0.0, 0.5, (5, 40))], axis=-1)
+        flat = flat_channels(live.astype("float32"), np.asarray(scaler.flat_scale[:2], "float32"), 1e-3)
+        assert not flat.any(), method
+
+
 def test_the_cooldown_holds_back_late_findings_for_a_minute_of_their_own_time_either_way() -> None:
     """Late samples go back in time: after one was reported, a day of backfilled older samples all fell "within the
     cooldown" (their time minus the last report's was negative) and produced no event for the whole day."""
