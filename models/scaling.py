@@ -38,6 +38,11 @@ class Scaler:
     # flat-line test, relative to it, was absolute and flagged a live channel of std 3e-4 in every window); None for
     # the other methods, whose scale is that spread, and in artifacts written before
     spread: tuple[float, ...] | None = None
+    # per channel, the 1st percentile over the training windows of the spread inside a window, relative to
+    # ``flat_scale``: a channel this steady in 1 % of the normal windows or more (a constant one, a set-point that
+    # moves now and then) is never flat-lined by the daemon — it skipped every window of such a stream, unscored.
+    # None where fitted on samples, not windows, and in artifacts written before (the daemon tests every channel)
+    window_spread: tuple[float, ...] | None = None
 
     @property
     def flat_scale(self) -> tuple[float, ...]:
@@ -67,7 +72,9 @@ class Scaler:
         if method == "none":  # the scale (1) says nothing of the data's variation
             std = flat.std(axis=0)
             spread = tuple(map(float, np.where(varies(std, flat.mean(axis=0)), std, 1.0)))
-        return cls(tuple(map(float, center)), tuple(map(float, scale)), method, spread)
+        flat_scale = np.asarray(spread if spread is not None else scale)
+        steady = None if windows.ndim != 3 else tuple(map(float, _low_window_spread(windows) / flat_scale))
+        return cls(tuple(map(float, center)), tuple(map(float, scale)), method, spread, steady)
 
     @property
     def channels(self) -> int:
@@ -88,6 +95,8 @@ class Scaler:
         out: dict[str, object] = {"method": self.method, "center": list(self.center), "scale": list(self.scale)}
         if self.spread is not None:
             out["spread"] = list(self.spread)
+        if self.window_spread is not None:
+            out["window_spread"] = list(self.window_spread)
         return out
 
     @classmethod
@@ -99,4 +108,15 @@ class Scaler:
         spread = None if d.get("spread") is None else tuple(float(v) for v in d["spread"])  # type: ignore[attr-defined]
         if spread is not None and (len(spread) != len(scale) or not all(np.isfinite(spread)) or min(spread) <= 0):
             raise ValueError("normalisation spread must be finite, positive and one per channel")
-        return cls(center, scale, str(d.get("method", "standard")), spread)
+        steady = None if d.get("window_spread") is None else tuple(float(v) for v in d["window_spread"])  # type: ignore[attr-defined]
+        if steady is not None and (len(steady) != len(scale) or not all(np.isfinite(steady)) or min(steady) < 0):
+            raise ValueError("normalisation window_spread must be finite, non-negative and one per channel")
+        return cls(center, scale, str(d.get("method", "standard")), spread, steady)
+
+
+def _low_window_spread(windows: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Per channel, the 1st percentile of the standard deviation inside each window ``[n, W, C]`` (in chunks: a
+    float64 copy of a million hop-1 windows at once would not fit)."""
+    stds = [windows[i : i + chunk].astype("float64").std(axis=1) for i in range(0, len(windows), chunk)]
+    return np.percentile(np.concatenate(stds), 1, axis=0)
+

@@ -468,7 +468,8 @@ class Processor:
                                        self._base_gap_ms(served)),
             StreamQuality(stream, np.asarray(det.scaler.flat_scale, "float32"), det.channel_names, s.flatline_rel_std,
                           s.rate_tolerance, s.quality_cooldown_ms,
-                          on_finding=lambda kind: self.metrics.quality.labels(kind).inc()),
+                          on_finding=lambda kind: self.metrics.quality.labels(kind).inc(),
+                          window_spread=det.scaler.window_spread),
             AlertState(stream, served.identity, self.alert_settings(served)), recent_alerts=deque(maxlen=s.recent_alerts))
         if s.state_topic is not None:  # until its first document (sent with the next commit), a replay after a
             st.doc_from_seq = 1       # crash must begin where this instance began reading it: the state it
@@ -616,8 +617,9 @@ class Processor:
 
     def _after_scoring(self, batch: Batch, window_err: np.ndarray, channel_err: np.ndarray) -> None:
         served = self.scorer.models[batch.model]
-        flat = flat_channels(batch.values, np.asarray(served.detector.scaler.flat_scale, "float32"),
-                             self.settings.flatline_rel_std)  # one pass for the whole batch
+        scaler = served.detector.scaler
+        flat = flat_channels(batch.values, np.asarray(scaler.flat_scale, "float32"), self.settings.flatline_rel_std,
+                             scaler.window_spread)  # one pass for the whole batch
         touched: dict[str, StreamState] = {}
         normal: dict[str, list[float]] = {}  # per stream, fed to the calibrator once per batch, in order
         every: dict[str, list[float]] = {}  # all finite errors per stream, for the drift guard

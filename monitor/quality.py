@@ -30,9 +30,13 @@ def intervals_ms(ts: np.ndarray, prev_ts: int | None) -> np.ndarray:
     return inner if prev_ts is None else np.concatenate((ts[:1] - prev_ts, inner))
 
 
-def flat_channels(windows: np.ndarray, scale: np.ndarray, rel_std: float) -> np.ndarray:
-    """``[k, C]``: channels whose spread in a window ``[k, W, C]`` is at most ``rel_std`` × their training spread."""
-    return windows.std(axis=1) <= rel_std * scale
+def flat_channels(windows: np.ndarray, scale: np.ndarray, rel_std: float,
+                  window_spread: tuple[float, ...] | None = None) -> np.ndarray:
+    """``[k, C]``: channels whose spread in a window ``[k, W, C]`` is at most ``rel_std`` × their training spread —
+    among those whose training windows were rarely that steady (``window_spread``, relative to ``scale``: a channel
+    constant in training, or a set-point steady for most windows, is not a stuck sensor when it is steady live)."""
+    flat = windows.std(axis=1) <= rel_std * scale
+    return flat if window_spread is None else flat & (np.asarray(window_spread) > rel_std)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,7 @@ class StreamQuality:
     _drifting: bool = False
     _recent_period: float | None = None  # the median of the last CHECK_EVERY intervals, at the last check
     _gaps_in_row: int = 0  # intervals over gap_ms since the last one under it
+    window_spread: tuple[float, ...] | None = None  # the model's (Scaler.window_spread): channels steady in training
 
     def event(self, kind: str, ts: int, detail: str, channels: tuple[str, ...] = ()) -> list[QualityEvent]:
         """Count a finding; return it as an event unless the cooldown holds it back."""
@@ -169,7 +174,7 @@ class StreamQuality:
 
     def flat(self, windows: np.ndarray) -> np.ndarray:
         """Per window and channel: is the channel flat-lined (stuck or lead-off) in that window? ``[k, C]``."""
-        return flat_channels(windows, self.scale, self.flatline_rel_std)
+        return flat_channels(windows, self.scale, self.flatline_rel_std, self.window_spread)
 
     def flat_events(self, flat: np.ndarray, end_ts: np.ndarray) -> list[QualityEvent]:
         out: list[QualityEvent] = []

@@ -18,6 +18,8 @@ import pytest
 
 from models.errors import SinkBackpressure
 from monitor import logs
+from monitor.batcher import Batcher
+from monitor.calibrator import Calibrator
 from monitor.config import load_config
 from monitor.daemon import Daemon, build_scorer
 from monitor.processor import Processor, Settings
@@ -342,6 +344,38 @@ def test_flatlined_channel_is_a_data_quality_event_not_an_anomaly(make: Make) ->
     assert metric(p, "tsmon_windows_skipped_total") == n_windows(n)
     assert metric(p, "tsmon_windows_scored_total") == n_windows(n)
     assert p.calibrator.samples("dev-flat") == 0  # never fed as normal
+
+
+@pytest.mark.parametrize("case", ["constant", "set-point"])
+def test_a_channel_steady_in_training_is_not_flat_lined_and_the_others_are_scored(tmp_path: Path, case: str) -> None:
+    """A channel constant in the normal data (or a set-point that holds for most windows) was called flat in every
+    live window it held still, and the whole window went unscored: a +3 burst on the other channel never paged,
+    while `tsmon score` found it. Such a channel is steady by nature, not stuck."""
+    from models import artifact
+    from models.data import Series, series_dataset
+    from models.train import TrainConfig
+    from models.workflow import train_detector
+
+    def steady(v: np.ndarray) -> np.ndarray:
+        v[:, 1] = 3.0 if case == "constant" else (np.arange(len(v)) // 500) % 2  # switches every 500 samples
+        return v
+
+    _, v = sine_stream(6000, seed=1)
+    ds = series_dataset(Series(steady(v), ["ch0", "ch1"]), W, H, train_fraction=0.9)
+    det, training = train_detector(ds, "pca", {}, TrainConfig(epochs=1, seed=0, device="cpu"))
+    assert det.scaler.window_spread is not None and det.scaler.window_spread[1] == 0.0
+    assert det.scaler.window_spread[0] > 0.5  # a sine: never steady, still flat-lined when it stops
+    served = load_served("*", artifact.save(det, tmp_path / "m", training), None, None, "cpu")
+    p = Processor(Scorer([served]), Calibrator(), Batcher(64, 0.0), MemorySink())
+    try:
+        ts, x = sine_stream(1000, bursts=(720,), seed=5)
+        feed(p, records("dev-s", ts, steady(x)))
+        p.commit(MemorySource())
+        fired = [(d["peak_ts"] - ts[0]) // STREAM_PERIOD_MS for d in docs(p, "anomaly") if d["status"] == "firing"]
+        assert any(720 <= peak < 760 for peak in fired), fired  # the burst's window
+        assert docs(p, "data_quality") == [] and metric(p, "tsmon_windows_skipped_total") == 0
+    finally:
+        p.close()
 
 
 @pytest.mark.parametrize("poll", [1, 50, 100])  # the gap between two polls, or inside one
