@@ -645,6 +645,7 @@ class Processor:
                 self.metrics.skipped.labels("nonfinite_score").inc()
                 self.throttle.log(log.error, "nonfinite_score", stream=stream, model=batch.model,
                                   end_ts=int(batch.end_ts[i]))
+                self._quality(st.quality.unscorable(batch.values[i], channel_err[i], score, int(batch.end_ts[i])))
                 continue
             every.setdefault(stream, []).append(score)
             normal.setdefault(stream, [])

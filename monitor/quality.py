@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import statistics
 from collections import deque
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-KINDS = ("gap", "late", "duplicate", "rate_drift", "flatline", "clock_step", "stale")
+KINDS = ("gap", "late", "duplicate", "rate_drift", "flatline", "clock_step", "stale", "nonfinite_score")
 LEARN_DIFFS = 64  # sample intervals that fix a stream's nominal period
 CHECK_EVERY = 64  # new intervals between two sample-rate checks
 GAPS_HINT = 8  # gaps in a row after which a gap event says the stream is sampled more slowly than gap_ms
@@ -35,7 +36,7 @@ def flat_channels(windows: np.ndarray, scale: np.ndarray, rel_std: float,
     """``[k, C]``: channels whose spread in a window ``[k, W, C]`` is at most ``rel_std`` × their training spread —
     among those whose training windows were rarely that steady (``window_spread``, relative to ``scale``: a channel
     constant in training, or a set-point steady for most windows, is not a stuck sensor when it is steady live)."""
-    flat = windows.std(axis=1) <= rel_std * scale
+    flat = windows.std(axis=1, dtype="float64") <= rel_std * scale  # float32 squares overflow above ~1e19
     return flat if window_spread is None else flat & (np.asarray(window_spread) > rel_std)
 
 
@@ -175,6 +176,16 @@ class StreamQuality:
     def flat(self, windows: np.ndarray) -> np.ndarray:
         """Per window and channel: is the channel flat-lined (stuck or lead-off) in that window? ``[k, C]``."""
         return flat_channels(windows, self.scale, self.flatline_rel_std, self.window_spread)
+
+    def unscorable(self, values: np.ndarray, channel_error: np.ndarray, score: float, end_ts: int) -> list[QualityEvent]:
+        """A window of finite values whose score is NaN or inf (values the model's arithmetic overflows on, e.g. an
+        instrument's 9.9e37 overload code): no anomaly, no "normal" — but said, not only logged and counted."""
+        bad = ~np.isfinite(channel_error)
+        names = tuple(n for n, b in zip(self.channel_names, bad, strict=True) if b) or tuple(self.channel_names)
+        with np.errstate(over="ignore", invalid="ignore"):
+            largest = float(np.nanmax(np.abs(values.astype("float64")))) if values.size else math.nan
+        return self.event("nonfinite_score", end_ts, f"score {score} on values up to |{largest:.3g}| on "
+                          f"{', '.join(names)}: beyond what the model computes; not scored, not taken as normal", names)
 
     def flat_events(self, flat: np.ndarray, end_ts: np.ndarray) -> list[QualityEvent]:
         out: list[QualityEvent] = []

@@ -456,7 +456,24 @@ def test_nonfinite_score_is_neither_normal_nor_an_alert(make: Make, served: Serv
     assert metric(p, "tsmon_windows_scored_total") == n_windows(n)
     assert p.calibrator.samples("dev-nan") == n_windows(n) - 1  # every other window was fed; the NaN one was not
     assert p.calibrator.rejected == 0  # it never reached the calibrator at all
-    assert docs(p) == []
+    assert docs(p, "anomaly") == []
+    (event,) = docs(p)  # said on the alerts topic, not only logged and counted
+    assert (event["type"], event["kind"], event["channels"]) == ("data_quality", "nonfinite_score", ["ch0", "ch1"])
+
+
+def test_finite_values_the_model_overflows_on_are_a_data_quality_event(make: Make) -> None:
+    """An instrument's overload code (9.9e37: finite, accepted) overflows the model's arithmetic: the score is inf
+    or NaN. Those windows were skipped with a log line and a counter only — on the alerts topic, nothing at all."""
+    ts, v = sine_stream(600, seed=13)
+    v[300:310, 1] = 9.9e37
+    p = make()
+    feed(p, records("dev-ovl", ts, v))
+    p.commit(MemorySource())
+    skipped = metric(p, "tsmon_windows_skipped_total")
+    assert skipped == p.metrics.snapshot()["tsmon_windows_skipped_total{why=nonfinite_score}"] >= 1
+    (event,) = docs(p, "data_quality")  # one: the cooldown holds the others back
+    assert event["kind"] == "nonfinite_score" and "9.9e+37" in event["detail"] and "ch1" in event["channels"]
+    assert docs(p, "anomaly") == []
 
 
 # ---- rebalance ----------------------------------------------------------------------------------------------------
