@@ -7,6 +7,11 @@ calls :meth:`Restore.step` each turn while one is active, so health, metrics, si
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
 from models.errors import TsmonError
 from monitor import logs
 from monitor.calibrator import Calibrator
@@ -18,24 +23,58 @@ from monitor.source import TP, Source
 from monitor.state import Changelog, ChangelogReader
 
 log = logs.get("tsmon.daemon")
-RESTORE_OPEN_S = 30.0  # longest the loop waits for the changelog's positions (the broker away) when opening it
+RESTORE_OPEN_S = 30.0  # longest one opening of the changelog waits for its positions and end offsets (the broker away)
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 10.0  # after a broker error the read starts again after this, doubling
+
+
+def _open_in_thread(client: dict[str, Any], topic: str, timeout_s: float) -> Future[ChangelogReader]:
+    """Open the changelog (bootstrap, positions, end offsets: tens of seconds with the broker away) off the loop's
+    thread, so that a signal, health and the group's poll go on meanwhile."""
+    opened: Future[ChangelogReader] = Future()
+
+    def run() -> None:
+        try:
+            opened.set_result(ChangelogReader(client, topic, timeout_s))
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, which raises what is not a broker error
+            opened.set_exception(exc)
+
+    threading.Thread(target=run, name="changelog-open", daemon=True).start()
+    return opened
+
+
+def _close_when_opened(opened: Future[ChangelogReader]) -> None:
+    """An opening no longer wanted: its consumer is closed once it is there."""
+    opened.add_done_callback(lambda f: f.result().close() if f.exception() is None else None)
 
 
 class Restore:
-    """One changelog read at a time; a new assignment during a read starts it again, for the new partitions."""
+    """One changelog read at a time; a new assignment during a read starts it again, for the new partitions.
+
+    A broker error while the changelog is opened or read starts the read again (after 1 s, doubling up to 10 s)
+    until ``restore_timeout_s`` from the assignment: given up at the first error, the streams started from their
+    artifacts and their next snapshot wrote over the documents — operators' pins, silences and calibrated
+    thresholds lost for good after a broker hang of 30 s at the assignment."""
 
     def __init__(self, cfg: Config, processor: Processor, controller: Controller, source: Source, metrics: Metrics,
                  calibrator: Calibrator) -> None:
         self.cfg, self.processor, self.controller = cfg, processor, controller
         self.source, self.metrics, self.calibrator = source, metrics, calibrator
-        self.due = False  # asked for in a rebalance callback, opened by the loop
+        self.due = False  # asked for in a rebalance callback (or to be tried again), opened by the loop
         self.reader: ChangelogReader | None = None  # the read in progress
-        self.opening = False  # opening the reader (a bounded wait on the loop's thread): /healthz allows it
+        self._opening: Future[ChangelogReader] | None = None  # the changelog being opened, in a thread of its own
         self.waits: set[TP] = set()  # partitions paused until it is read
+        self.started = 0.0  # monotonic time of the assignment it is for (restore_timeout_s counts from it)
+        self.failures = 0  # broker errors since then
+        self._retry_at = 0.0
+        self._error = ""
 
     @property
     def active(self) -> bool:
-        return self.due or self.reader is not None
+        return self.due or self.reader is not None or self._opening is not None
+
+    @property
+    def opening(self) -> bool:
+        return self._opening is not None
 
     def ask(self) -> None:
         """Called in the rebalance callback, which must not block (the group's heartbeat waits for it): the read is
@@ -44,38 +83,64 @@ class Restore:
         self.processor.restored = {}  # never continue from documents read at an earlier assignment
         self.processor.forget_evicted()
         self.due = True
+        self.started, self.failures, self._retry_at, self._error = time.monotonic(), 0, 0.0, ""
         self.waits = self.source.assignment()
         self.source.pause(self.waits)
 
     def step(self, budget_s: float, stopping: bool) -> str | set[TP] | None:
         """Open the read if asked to, read on for ``budget_s``. Returns how far it is while it goes on; once it is
-        read to its end (or ``restore_timeout_s`` ran out, or the broker failed) its documents wait in the
-        processor for their streams, and it returns the assigned partitions that waited for it (to resume).
-        ``None``: no read to step."""
-        st = self.cfg.state
-        try:
-            if self.due:
-                self.due = False
-                self.opening = True  # blocks the loop, for at most twice RESTORE_OPEN_S
-                try:
-                    self.reader = ChangelogReader(self.cfg.kafka.client_kwargs(), st.topic,
-                                                  min(st.restore_timeout_s, RESTORE_OPEN_S))
-                finally:
-                    self.opening = False
-            reader = self.reader
-            if reader is None:
-                return None
-            if not reader.step(min(budget_s, max(0.0, st.restore_timeout_s - reader.seconds))) \
-                    and reader.seconds < st.restore_timeout_s and not stopping:
-                return f"restoring state: {reader.records} changelog records read"
-        except TsmonError as exc:
-            log.error("state_restore_failed", error=str(exc), consequence="streams start from what was read, or "
-                      "from their artifact")
+        read to its end (or ``restore_timeout_s`` ran out, or the signal came, or broker errors lasted until then)
+        its documents wait in the processor for their streams, and it returns the assigned partitions that waited
+        for it (to resume). ``None``: no read to step."""
+        if not self.active:
+            return None
+        left = self.cfg.state.restore_timeout_s - (time.monotonic() - self.started)
+        if not stopping and left > 0:
+            try:
+                progress = self._advance(budget_s, left)
+                if progress is not None:
+                    return progress
+                self._error = ""  # read to its end, whatever failed before
+            except TsmonError as exc:
+                self.failures, self._error = self.failures + 1, str(exc)
+                wait = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self.failures - 1))
+                left = self.cfg.state.restore_timeout_s - (time.monotonic() - self.started)
+                if wait < left:
+                    self.drop()
+                    self.due, self._retry_at = True, time.monotonic() + wait
+                    log.warning("state_restore_retry", error=str(exc), retry_in_s=wait, failures=self.failures,
+                                left_s=round(left, 1))
+                    return f"restoring state: broker error, trying again in {wait:g} s ({exc})"
         reader, self.reader = self.reader, None
+        self.drop()  # an opening still under way, a retry still due: given up
+        self.due = False
+        if self._error and not stopping:
+            log.error("state_restore_failed", error=self._error, failures=self.failures,
+                      consequence="streams start from what was read, or from their artifact: restore_timeout_s ran "
+                      "out with the broker failing")
         if reader is not None:
             self._apply(reader.close())
         waits, self.waits = self.waits & self.source.assignment(), set()
         return waits
+
+    def _advance(self, budget_s: float, left: float) -> str | None:
+        """One step of the open or the read; None once it is read to its end."""
+        if self.due:
+            if time.monotonic() < self._retry_at:
+                return f"restoring state: broker error, trying again ({self._error})"
+            self.due = False
+            self._opening = _open_in_thread(self.cfg.kafka.client_kwargs(), self.cfg.state.topic,
+                                            min(left, RESTORE_OPEN_S))
+        if self._opening is not None:
+            if not self._opening.done():
+                return "restoring state: opening the changelog"
+            opened, self._opening = self._opening, None
+            self.reader = opened.result()  # its broker error is raised here
+        reader = self.reader
+        assert reader is not None
+        if not reader.step(min(budget_s, left)):
+            return f"restoring state: {reader.records} changelog records read"
+        return None
 
     def cancel(self) -> None:
         """Stopped while restoring: the input never resumed, nothing to apply."""
@@ -88,6 +153,9 @@ class Restore:
         if self.reader is not None:
             self.reader.close()
             self.reader = None
+        if self._opening is not None:
+            _close_when_opened(self._opening)
+            self._opening = None
 
     def _apply(self, log_: Changelog) -> None:
         daemon_doc = log_.docs.pop(GLOBAL_KEY, None)

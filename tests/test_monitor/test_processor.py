@@ -1938,12 +1938,22 @@ def restoring_daemon(model: Path, source: MemorySource, monkeypatch: pytest.Monk
     return d
 
 
+def opened(d: Daemon) -> None:
+    """Wait for the thread that opens the changelog, then the step that takes its reader (or its error)."""
+    import concurrent.futures
+
+    if d.restorer._opening is not None:
+        concurrent.futures.wait([d.restorer._opening], timeout=5)
+        d._restore_step(0.0)
+
+
 def assign(d: Daemon, source: MemorySource, tps: set[TP], done: bool | None = None) -> None:
-    """A rebalance that gives ``tps``; then one restore step (the read ends there if ``done``)."""
+    """A rebalance that gives ``tps``; then the restore steps that open the read (it ends there if ``done``)."""
     d._on_revoke(sorted(source.assigned))
     source.assigned = set(tps)
     d._on_assign(sorted(tps))
-    d._restore_step(0.0)  # opens the read
+    d._restore_step(0.0)  # starts opening the read
+    opened(d)
     if done is not None and d.restorer.reader is not None:
         d.restorer.reader.done = done
         d._restore_step(0.0)
@@ -1967,6 +1977,7 @@ def test_readiness_and_the_documents_gauge_follow_a_rebalance(stream_model: Path
         assert not d._ready[0] and d._ready[1].startswith("rebalancing")
         d._on_assign([p0])
         d._restore_step(0.0)
+        opened(d)
         d.restorer.reader.done = True
         d._restore_step(0.0)
         d._refresh_views()
@@ -2010,7 +2021,7 @@ def test_a_partition_given_back_resumes_when_the_restore_cannot_open(stream_mode
     nothing resumed it (the input of that partition stalled for good, the daemon ready)."""
     p0 = (TOPIC, 0)
     source = MemorySource(records("dev-x", *sine_stream(200)), batch=1000)
-    d = restoring_daemon(stream_model, source, monkeypatch)
+    d = restoring_daemon(stream_model, source, monkeypatch, **{"state.restore_timeout_s": 0.5})  # no time to retry
     try:
         assign(d, source, {p0}, done=True)
         assign(d, source, {p0})  # a read in progress holds p0 ...
@@ -2046,9 +2057,10 @@ def test_commands_wait_for_the_assignment_and_its_restore(stream_model: Path, mo
             turns[0] += 1
             if turns[0] == 10:  # the assignment comes; its restore reads dev-x's document again
                 d._on_assign([p0])
-            if turns[0] == 20:
+            if turns[0] >= 20 and d.restorer.reader is not None and not d.restorer.reader.done:  # once opened
                 SlowChangelog.docs = {"dev-x": d.processor.sink.docs("tsmon.state")[-1]}
                 d.restorer.reader.done = True
+                turns[0] = 20
             return turns[0] > 40
 
         d.run(until=until)
@@ -2178,34 +2190,67 @@ def test_a_poll_that_fails_is_retried_with_backoff_and_the_daemon_goes_on(stream
     assert d.input_reader.problem is None and d.metrics.snapshot()["tsmon_commit_retries_total{cause=input}"] == 3
 
 
-def test_opening_the_changelog_is_a_bounded_wait_that_healthz_allows(stream_model: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Opening the changelog waits for its positions and end offsets on the loop's thread (up to RESTORE_OPEN_S
-    each, a partition leader away); /healthz failed past stall_s meanwhile, and a liveness probe restarted a
-    daemon that was about to go on."""
+def test_the_changelog_is_opened_off_the_loop_and_a_signal_does_not_wait_for_it(stream_model: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening the changelog (bootstrap, positions, end offsets: ~30 s with the broker hung) blocked the loop: a
+    SIGTERM meanwhile took 22 s against a 4 s budget. It is opened in a thread; the loop turns and can stop."""
     import threading
 
     import monitor.restoring
 
     source = MemorySource(records("dev-o", *sine_stream(100)))
-    d = restoring_daemon(stream_model, source, monkeypatch, **{"http.stall_s": 0.1})
-    seen: list[tuple[bool, str]] = []
+    d = restoring_daemon(stream_model, source, monkeypatch)
+    release = threading.Event()
 
-    class SlowToOpen(SlowChangelog):
+    class HungOpen(SlowChangelog):
         def __init__(self, *a: Any, **k: Any) -> None:
-            time.sleep(0.3)
-            seen.append(d._health())
+            release.wait(10)
             super().__init__(*a, **k)
 
-    monkeypatch.setattr(monitor.restoring, "ChangelogReader", SlowToOpen)
-    d._beat = time.monotonic()
-    d.restore()
-    opener = threading.Thread(target=d._restore_step, args=(0.0,))
-    opener.start()
-    opener.join(5)
-    assert seen and seen[0][0] and "opening the changelog" in seen[0][1]
-    time.sleep(0.15)
-    assert not d._health()[0]  # otherwise the stall limit holds as before
+    monkeypatch.setattr(monitor.restoring, "ChangelogReader", HungOpen)
+    try:
+        source.assigned = {(TOPIC, 0)}
+        d.restore()
+        t0 = time.monotonic()
+        for _ in range(3):
+            d._restore_step(0.0)
+        assert time.monotonic() - t0 < 1.0 and d.restoring and d.restorer.opening
+        assert d._ready == (False, "restoring state: opening the changelog")
+        d._beat = time.monotonic()
+        assert d._health()[0]
+        assert d.restorer.step(0.0, stopping=True) == {(TOPIC, 0)}  # the signal: given up at once
+        assert not d.restoring and time.monotonic() - t0 < 1.0
+    finally:
+        release.set()
+        d.processor.close()
+
+
+def test_a_broker_error_at_the_restore_is_tried_again_not_a_start_from_the_artifact(
+        stream_model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A broker hung ~30 s at the assignment: the changelog failed to open, the streams started from their artifacts
+    and their first snapshot wrote over the documents — an operator's pin, silences and calibrated thresholds lost
+    for good. The read is tried again (1 s, doubling) within restore_timeout_s, the input held meanwhile."""
+    import monitor.restoring
+
+    monkeypatch.setattr(monitor.restoring, "RETRY_FIRST_S", 0.01)
+    p0 = (TOPIC, 0)
+    source = MemorySource(records("dev-x", *sine_stream(200)), batch=1000)
+    d = restoring_daemon(stream_model, source, monkeypatch)
+    try:
+        SlowChangelog.broken = True
+        assign(d, source, {p0})
+        assert d.restoring and source.paused == {p0} and d._ready[1].startswith("restoring state: broker error")
+        SlowChangelog.broken, SlowChangelog.docs = False, {"dev-x": {"v": 0}}  # the broker is back
+        time.sleep(0.05)
+        d._restore_step(0.0)  # opens again
+        opened(d)
+        d.restorer.reader.done = True
+        d._restore_step(0.0)
+        assert not d.restoring and source.paused == set() and "dev-x" in d.processor.restored
+        out = capsys.readouterr()
+        assert "state_restore_retry" in out.out + out.err and "state_restore_failed" not in out.out + out.err
+    finally:
+        d.processor.close()
 
 
 @pytest.mark.parametrize("dropout_ms", [20, 130, 1000])
