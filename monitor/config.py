@@ -94,6 +94,9 @@ def _unset(value: Any) -> Any:
     return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
 
 
+MAX_DURATION_S = 315_360_000  # ten years: longer waits overflow the timers (threading, apscheduler) that run them
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -111,7 +114,7 @@ class _Section(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> Self:
-        problems = list(self._rules())  # "key: message" lines; _problems() puts the section in front
+        problems = [*self._durations(), *self._rules()]  # "key: message" lines; _problems() puts the section in front
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -119,6 +122,16 @@ class _Section(BaseModel):
     def _rules(self) -> Iterator[str]:
         """Rules between fields, checked once every field is valid on its own."""
         return iter(())
+
+    def _durations(self) -> Iterator[str]:
+        """Every ``*_s`` / ``*_ms`` setting is at most ten years: a "never" of 1e10 s passed the check and then
+        overflowed the daemon's timers (a scoring timeout stopped the daemon at its first batch, an interval ended
+        the start in a traceback)."""
+        for name in type(self).model_fields:
+            unit = 1.0 if name.endswith("_s") else 1000.0 if name.endswith("_ms") else 0.0
+            value = getattr(self, name)
+            if unit and isinstance(value, int | float) and value > MAX_DURATION_S * unit:
+                yield f"{name}: at most {MAX_DURATION_S * unit:.0f} (ten years), got {value:g}"
 
 
 class KafkaConfig(_Section):

@@ -198,6 +198,22 @@ def test_cross_field_rules_between_sections_keys() -> None:
     ]
 
 
+def test_durations_are_at_most_ten_years() -> None:
+    """A "never" of 1e10 s passed the check, then overflowed the timers: a scoring timeout stopped the daemon at its
+    first batch (Future.result), an interval of 1e13 s ended the start in a traceback (apscheduler)."""
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(env={}, overrides={"daemon.scoring_timeout_s": 1e10, "calibrator.interval_s": 1e13,
+                                       "daemon.poll_timeout_ms": 10**12, "models": [{"pattern": "*", "path": "m",
+                                                                                     "gap_ms": 1e300}]})
+    assert error_lines(excinfo) == [
+        "models[0].gap_ms: at most 315360000000 (ten years), got 1e+300",
+        "calibrator.interval_s: at most 315360000 (ten years), got 1e+13",
+        "daemon.scoring_timeout_s: at most 315360000 (ten years), got 1e+10",
+        "daemon.poll_timeout_ms: at most 315360000000 (ten years), got 1e+12",
+    ]
+    assert load_config(env={}, overrides={"daemon.scoring_timeout_s": 315_360_000}).daemon.scoring_timeout_s > 0
+
+
 def test_bad_toml_names_file_and_line(tmp_path: Path) -> None:
     path = write(tmp_path, "[kafka]\ntopics = a\n")
     with pytest.raises(ConfigError) as excinfo:
