@@ -513,8 +513,9 @@ class StateConfig(_Section):
     enabled: bool = Field(True, description="persist and restore thresholds, controls and open alerts")
     topic: _Topic = Field("tsmon.state", description="changelog topic keyed by stream (compacted)")
     snapshot_interval_s: float = Field(30.0, gt=0, description="seconds between snapshots of changed streams")
-    restore_timeout_s: float = Field(300.0, gt=0, description="longest a restore may read the changelog (the "
-                                     "input waits); then streams it did not reach start from their artifact")
+    restore_timeout_s: float = Field(300.0, gt=0, description="longest a restore may read the changelog, broker "
+                                     "errors tried again meanwhile (the input waits); then streams it did not reach "
+                                     "start from their artifact")
     history: int = Field(50, ge=1, description="threshold versions kept per stream")
     recent_alerts: int = Field(20, ge=1, description="alerts per stream remembered for feedback")
     forget_after_s: float | None = Field(
