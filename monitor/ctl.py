@@ -24,7 +24,7 @@ from models.errors import BrokerError, ConfigError, TsmonError
 from monitor import logs
 from monitor.config import Config
 from monitor.control import merge_acks, new_command
-from monitor.topics import partition_reader
+from monitor.topics import partition_reader, within
 
 log = logs.get("tsmon.ctl")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -58,11 +58,12 @@ def send(cfg: Config, command: str, target: str, params: dict[str, Any], operato
     if c.key is None:
         raise ConfigError("control.key is not set: give the daemons' key in TSMON_CONTROL__KEY or [control] key")
     doc = new_command(command, target, params, operator, reason, c.key.get_secret_value())
-    topics = Topics(cfg.kafka.client_kwargs())
+    client = within(cfg.kafka.client_kwargs(), timeout_s)  # a hung broker: said at --timeout, not after 32 s
+    topics = Topics(client)
     # positioned before sending: the acknowledgement cannot come earlier than this
-    audit, _ = partition_reader(cfg.kafka.client_kwargs(), c.audit_topic, at_end=True)
+    audit, _ = partition_reader(client, c.audit_topic, at_end=True, timeout_s=timeout_s)
     try:
-        producer = KafkaProducer(**cfg.kafka.producer_kwargs())
+        producer = KafkaProducer(**{**within(cfg.kafka.producer_kwargs(), timeout_s), "max_block_ms": int(timeout_s * 1000)})
         body = json.dumps(doc).encode()
         try:
             producer.send(c.topic, key=doc["command_id"].encode(), value=body).get(timeout_s)

@@ -42,6 +42,14 @@ def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: d
         admin.close()
 
 
+def within(client: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """``client`` settings whose bootstrap and requests give up after ``timeout_s`` (kafka-python waits 30 s to
+    bootstrap whatever the caller's own limit: a command-line tool said nothing for that long, the broker hung)."""
+    ms = max(1000, int(timeout_s * 1000))
+    return {**client, "request_timeout_ms": min(int(client.get("request_timeout_ms", ms)), ms),
+            "bootstrap_timeout_ms": ms}
+
+
 def partition_reader(client: dict[str, Any], topic: str, at_end: bool, if_missing: tuple[int, ...] = (0,),
                      timeout_s: float = 30.0) -> tuple[Any, list[Any]]:
     """A consumer without a group, assigned every partition of ``topic`` (``if_missing`` while the topic is

@@ -22,7 +22,7 @@ import typer
 
 from models.errors import BrokerError, ConfigError
 from monitor.config import load_config
-from monitor.topics import partition_reader
+from monitor.topics import partition_reader, within
 
 POLL_MS = 500
 TIMEOUT_MS = 10_000  # a request the broker does not answer: it is gone (the daemon waits longer)
@@ -52,8 +52,7 @@ def tail(
     cfg = load_config(config, {"kafka.bootstrap_servers": [bootstrap]} if bootstrap else None)
     name = topic or (cfg.kafka.dead_letter_topic if dead_letters else cfg.kafka.alerts_topic)
     # a wrong address: said after TIMEOUT_MS (kafka-python's default bootstrap wait is 30 s)
-    client = {**cfg.kafka.client_kwargs(), "request_timeout_ms": min(cfg.kafka.request_timeout_ms, TIMEOUT_MS),
-              "bootstrap_timeout_ms": TIMEOUT_MS}
+    client = within(cfg.kafka.client_kwargs(), TIMEOUT_MS / 1000)
     brokers = ", ".join(client["bootstrap_servers"])
     consumer, tps = partition_reader(client, name, at_end=not from_beginning, if_missing=(),
                                      timeout_s=TIMEOUT_MS / 1000)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +366,42 @@ def test_more_bad_input_gives_one_line(dense_artifact: Path, tmp_path: Path, cap
     monkeypatch.setenv("TSMON_MODEL", str(broken))
     code, _, err = run(capsys, "config", "check")
     assert code == 1 and "validation_error_quantiles must be an object" in err
+
+
+def test_ctl_against_a_hung_broker_answers_at_its_timeout(tmp_path: Path) -> None:
+    """A broker that takes connections and never answers (SIGSTOP, a black-holed host): `tsmon ctl --timeout 2`
+    said nothing for 32 s — kafka-python's 30 s bootstrap wait, whatever the command's own limit."""
+    import socket
+    import threading
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        hung.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(hung.accept()[0])  # taken, never answered
+            except TimeoutError:
+                pass
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    env = {**os.environ, "TSMON_CONTROL__KEY": "k" * 32, "TSMON_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{hung.getsockname()[1]}"}
+    started = time.monotonic()
+    try:  # in a process of its own: kafka-python leaves a failed bootstrap's sockets open
+        p = subprocess.run([sys.executable, "-m", "monitor", "ctl", "history", "--stream", "s", "--timeout", "2"],
+                           capture_output=True, text=True, timeout=60, check=False, env=env)
+    finally:
+        stop.set()
+        acceptor.join(5)
+        for s in [*held, hung]:
+            s.close()
+    assert p.returncode == 1 and "BrokerError" in p.stderr and "Traceback" not in p.stderr
+    assert time.monotonic() - started < 20  # 32 s before: a bound, not a speed figure
 
 
 def test_config_check_refuses_two_unnamed_routes_to_one_artifact(dense_artifact: Path, tmp_path: Path,
