@@ -210,6 +210,7 @@ class Daemon:
         self._refusing_lock = threading.Lock()
         self.notifier = Notifier()  # systemd's ready / watchdog / stopping, under Type=notify only
         self._retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
+        self._broker_absent = False  # the last commit was not tried: the client saw no broker (see _commit)
         # polls, retrying a failed one, and a partition whose fetch failed apart from the others
         # the changelog read at each assignment, while the assigned partitions wait for it
         self.restorer = Restore(cfg, self.processor, self.controller, self.source, self.metrics, self.calibrator)
@@ -578,8 +579,9 @@ class Daemon:
         replayed from the last commit if we die), and no new input is fetched until a commit succeeds.
         """
         now = time.monotonic()
-        if not self._retry.due(now):
-            return
+        if not self._retry.due(now) and not (self._broker_absent and self.source.broker_problem() is None):
+            return  # waiting out the backoff — unless the broker whose absence paused the input is back: then at
+            # once (after a 45 s freeze /readyz said "no group heartbeat for 43 s" for 10 s more, input paused)
         try:
             self._commit_now()
         except SinkBackpressure as exc:
@@ -603,6 +605,7 @@ class Daemon:
     def _commit_now(self) -> None:
         """Flush and commit, unless the broker is unreachable: a commit then would only block until it timed out."""
         problem = self.source.broker_problem()
+        self._broker_absent = problem is not None
         if problem is not None:  # tsmon_broker_up goes 0 where every failure of this lands (:meth:`_commit`)
             raise BrokerError(problem)
         self.processor.commit(self.source)

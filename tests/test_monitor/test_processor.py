@@ -1989,6 +1989,41 @@ def test_readiness_and_the_documents_gauge_follow_a_rebalance(stream_model: Path
         d.processor.close()
 
 
+def test_the_input_resumes_as_soon_as_the_absent_broker_is_back(stream_model: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a 45 s broker freeze the commit retry's backoff had reached 10 s: /readyz kept saying "no group
+    heartbeat for 43 s" and the input stayed paused for up to 10 s after the heartbeats were back. A broker the
+    client saw absent is tried again as soon as it sees it; a commit that failed otherwise waits its backoff."""
+    from models.errors import BrokerError
+
+    p0 = (TOPIC, 0)
+    source = MemorySource(records("dev-x", *sine_stream(200)), batch=1000)
+    d = restoring_daemon(stream_model, source, monkeypatch)
+    try:
+        assign(d, source, {p0}, done=True)
+        source.down = "no group heartbeat for 43 s"
+        for _ in range(4):  # the backoff grows
+            d._retry.next_at = 0.0
+            d._commit()
+        assert d._retry.next_at > time.monotonic() + 1 and source.paused == {p0}
+        source.down = None  # heartbeats again
+        d._commit()
+        assert d._problem is None and source.paused == set()
+
+        def refused(_source: Any) -> None:
+            raise BrokerError("commit failed: KafkaTimeoutError")
+
+        monkeypatch.setattr(d.processor, "commit", refused)
+        d._commit()  # the broker is there, the commit fails: the backoff is waited out, not tried every turn
+        assert d._problem is not None and d._retry.next_at > time.monotonic()
+        calls = []
+        monkeypatch.setattr(d, "_commit_now", lambda: calls.append(1))
+        d._commit()
+        assert calls == []
+    finally:
+        d.processor.close()
+
+
 def test_a_restore_holds_the_input_whatever_else_paused_it(stream_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rebalance while the broker fails: the good commit that follows must not resume the input while the
     changelog is still read (streams started from their artifact, then overwrote their documents)."""
