@@ -29,9 +29,10 @@ log = logs.get("tsmon.health")
 Probe = Callable[[], tuple[bool, str]]
 JSON = "application/json"
 JOIN_TIMEOUT_S = 5.0
-MAX_CONNECTIONS = 64  # requests served at once; one more is closed unanswered (a probe's next try gets in)
+MAX_CONNECTIONS = 64  # requests served at once; one more takes the slot of the oldest still sending nothing
 MAX_PER_CLIENT = 16  # of them from one address (not loopback): 64 idle connections from one kept every probe out
 REQUEST_DEADLINE_S = 10.0  # a connection is cut this long after it was accepted, however it trickles
+EVICT_WAIT_S = 0.5  # longest the accepting thread waits for the slot of a connection it cut for a newcomer
 READ_TIMEOUT_S = 2.0  # a client silent this long (its request not sent) is cut: idle connections held slots 10 s
 
 
@@ -132,6 +133,7 @@ class _Server(ThreadingHTTPServer):
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.lock = threading.Lock()
         self.clients: dict[str, int] = {}  # connections being served, per client address
+        self.waiting: dict[int, socket.socket] = {}  # accepted, request not in yet (oldest first), by id
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
 
@@ -141,19 +143,40 @@ class _Server(ThreadingHTTPServer):
             crowded = self.clients.get(host, 0) >= MAX_PER_CLIENT and not _loopback(host)
             if not crowded:
                 self.clients[host] = self.clients.get(host, 0) + 1
-        if crowded or not self.slots.acquire(blocking=False):
+        if crowded or not (self.slots.acquire(blocking=False) or self._make_room()):
             if not crowded:
                 self._left(host)
             log.debug("http_connection_refused", client=str(client_address),
                       reason="too many connections from this client" if crowded else "too many connections")
             self.shutdown_request(request)
             return
+        with self.lock:
+            self.waiting[id(request)] = request
         try:
             super().process_request(request, client_address)  # starts the request's thread
         except BaseException:
+            with self.lock:
+                self.served(request)
             self.slots.release()
             self._left(host)
             raise
+
+    def _make_room(self) -> bool:
+        """Every slot taken: cut the connection that has waited longest without sending its request, and take its
+        slot. Refused instead, a probe lost to a stream of idle connections: 200 loopback clients reconnecting as
+        soon as they were cut (READ_TIMEOUT_S) answered 0 probes of 30, and a liveness probe restarts the daemon."""
+        with self.lock:
+            oldest = next(iter(self.waiting.values()), None)
+            if oldest is not None:
+                self.served(oldest)
+        if oldest is None:
+            return False
+        _cut(oldest)
+        return self.slots.acquire(timeout=EVICT_WAIT_S)  # its thread ends at the cut and gives the slot back
+
+    def served(self, request: socket.socket) -> None:
+        """Its request is in (or it is over): no longer the one to cut for a newcomer."""
+        self.waiting.pop(id(request), None)
 
     def _left(self, host: str) -> None:
         with self.lock:
@@ -173,6 +196,8 @@ class _Server(ThreadingHTTPServer):
             self.shutdown_request(request)
         finally:
             cut.cancel()
+            with self.lock:
+                self.served(request)
             self.slots.release()
             self._left(_host(client_address))
 
@@ -209,6 +234,8 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = READ_TIMEOUT_S  # seconds a silent client may hold its thread (per read; the deadline bounds it all)
 
     def do_GET(self) -> None:
+        with self.server.lock:
+            self.server.served(self.connection)
         # the request is in: the answer may take the rest of the deadline (which the cut bounds) to be read — the
         # read timeout applied to the whole write, and cut a 6 MB /streams read at 1 MB/s (regression review)
         self.connection.settimeout(REQUEST_DEADLINE_S)
