@@ -28,21 +28,21 @@ def window_figure(detector: Detector, window: np.ndarray, out: str | Path, title
         ax.plot(t, x[0, :, i], label=f"{name} (input)", color="tab:blue")
         ax.plot(t, recon[:, i], label="reconstruction", color="tab:orange", linestyle="--")
         ax.set_ylabel(name)
-        ax.set_title(f"{name}: channel error {scores.channel[0, i]:.4f}", fontsize=9, loc="left")
+        ax.set_title(f"{name}: channel error {scores.channel[0, i]:.4g}", fontsize=9, loc="left")
         ax.legend(loc="upper right", fontsize=8)
     ax = axes[c, 0]
     ax.fill_between(t, scores.timestep[0], color="tab:red", alpha=0.5, label="error per timestep")
     ax.axhline(float(scores.window[0]), color="tab:red", linestyle="--",
-               label=f"window score {scores.window[0]:.4f} (mean of the error)")
+               label=f"window score {scores.window[0]:.4g} (mean of the error)")
     ax.axhline(detector.threshold.value, color="black", linestyle=":",
-               label=f"threshold {detector.threshold.value:.4f} (for the window score)")
+               label=f"threshold {detector.threshold.value:.4g} (for the window score)")
     ax.set_xlabel("timestep")
     ax.set_ylabel(f"{detector.loss} error (normalised units)")
     ax.legend(loc="upper right", fontsize=8)
     verdict = "ANOMALY" if not scores.window[0] <= detector.threshold.value else "normal"
     ratio = scores.window[0] / detector.threshold.value if detector.threshold.value > 0 else float("inf")
-    fig.suptitle(f"{title} score {scores.window[0]:.4f} = {ratio:.2f}× threshold "
-                 f"{detector.threshold.value:.4f}: {verdict}")
+    fig.suptitle(f"{title} score {scores.window[0]:.4g} = {ratio:.2f}× threshold "
+                 f"{detector.threshold.value:.4g}: {verdict}")
     return save_figure(fig, out)
 
 

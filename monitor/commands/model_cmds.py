@@ -21,15 +21,18 @@ from models.data import (
     suspect_stamps,
     windows_for,
 )
-from models.detector import DEFAULT_QUANTILE, check_downsample, check_threshold_options
+from models.detector import DEFAULT_QUANTILE, Detector, check_downsample, check_threshold_options
 from models.errors import BrokerError, DataError, ModelConfigError
 from models.registry import DEFAULT_KIND, KINDS, config_for, train_defaults
 from models.train import TrainConfig, resolve_device
 from models.workflow import DataSpec, evaluate, load_dataset, spec_for_eval, train_detector
 from monitor import logs
+from monitor.alerts import significant
 from monitor.commands.render import emit_json, epoch_progress, eval_table, stdout
 
 log = logs.get("tsmon.cli")
+MIN_VALIDATION_WINDOWS = 20  # fewer, and the threshold's quantile is one of their errors
+ROUNDING_ERROR = 1e-5  # a threshold under this (normalised units) is the model reproducing float32 rounding
 
 DataOpt = Annotated[str, typer.Option("--data", help="'ecg5000' (vendored) or a CSV/Parquet file.")]
 ValueCols = Annotated[list[str] | None, typer.Option("--value-col", help="Value column (repeat for channels).")]
@@ -163,7 +166,23 @@ def run_training(spec: DataSpec, kind: str, params: dict[str, Any], cfg: TrainCo
     res = training["result"]
     log.info("trained", artifact=str(path), epochs=res["epochs_run"], best_epoch=res["best_epoch"],
              stop=res["stop_reason"], seconds=res["seconds"], device=res["device"],
-             threshold=round(det.threshold.value, 6))
+             threshold=significant(det.threshold.value))  # rounded to 6 decimals, 1.7e-7 was "0.0"
+    _warn_threshold(det, len(ds.val))
+
+
+def _warn_threshold(det: Detector, validation_windows: int) -> None:
+    """A threshold that will not mean what its quantile says: taken from a handful of validation windows (the
+    "q0.95" of 1 window is that window's error), or at float32 rounding of the data (a model that reproduces its
+    input exactly — a full-rank PCA — scores noise: 28 alarm episodes for 3 events)."""
+    if validation_windows < MIN_VALIDATION_WINDOWS:
+        log.warning("threshold_from_few_windows", validation_windows=validation_windows,
+                    quantile=det.threshold.quantile, consequence="the quantile is one of these few errors: give more "
+                    "data, a smaller --hop or a larger validation share")
+    unit = float(np.mean(det.scaler.flat_scale)) if det.scaler.method == "none" else 1.0
+    if det.threshold.value < ROUNDING_ERROR * unit:
+        log.warning("threshold_at_rounding_level", threshold=significant(det.threshold.value),
+                    consequence="the model reproduces its input to float32 rounding: its scores are noise; use a "
+                    "smaller model (fewer PCA components, a smaller --embedding)")
 
 
 def eval_(

@@ -63,7 +63,10 @@ def epoch_progress(epochs: int, label: str) -> Iterator[Any]:
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else "n/a" if v is None else str(v)
+    """Four decimals; a small non-zero value (a threshold of 1.7e-7 read "0.0000") in significant digits."""
+    if isinstance(v, float):
+        return f"{v:.3g}" if 0 < abs(v) < 1e-3 else f"{v:.4f}"
+    return "n/a" if v is None else str(v)
 
 
 def eval_table(result: dict[str, Any], title: str) -> Table:
