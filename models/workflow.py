@@ -149,6 +149,11 @@ def train_detector(data: Dataset, kind: str, params: dict[str, Any], cfg: TrainC
                    list(data.channels), data.hop, windowing=dict(data.windowing),
                    downsample=downsample).to(result.device)
     val_err = det.score(data.val).window
+    if not np.isfinite(val_err).all():  # finite values the model's arithmetic overflows on (|x| near float32's limit)
+        bad = ~np.isfinite(val_err)
+        raise DataError(f"{int(bad.sum())} of {len(val_err)} validation window(s) score NaN or inf: their values (up "
+                        f"to |{float(np.abs(data.val[bad].astype('float64')).max()):.3g}|) overflow the model; "
+                        "remove them from the training part or rescale the data")
     det.quantiles = error_quantiles(val_err)
     det.threshold = Threshold.from_errors(val_err, threshold_quantile, threshold_margin)
     if not 0.0 < det.threshold.value < math.inf:  # an artifact with it would be refused at load
@@ -179,8 +184,13 @@ def evaluate(detector: Detector, data: Dataset, with_baseline: bool = True) -> d
     if len(data.test) == 0:
         raise DataError("no test windows left after the training split")
     scores = detector.score(data.test).window
+    # a NaN/inf score (finite values the model overflows on) is not normal: ranked above every other, as `tsmon
+    # score` flags it; one such window made eval refuse the whole file ("a non-finite score is not a ranking")
+    nonfinite = int((~np.isfinite(scores)).sum())
+    scores = np.where(np.isfinite(scores), scores.astype("float64"), np.finfo("float64").max)
     out: dict[str, Any] = {"model": detector.kind, **report(data.test_labels, scores, detector.threshold.value),
                            "test_windows": len(data.test), "test_anomalies": int(data.test_labels.sum()),
+                           "test_windows_nonfinite_score": nonfinite,
                            # windows holding NaN/inf are not scored: not in the metrics above, counted here
                            "test_windows_dropped_nonfinite": int(data.summary.get("test_windows_dropped_nonfinite", 0)),
                            "test_anomalies_dropped_nonfinite": int(data.summary.get("test_anomalies_dropped_nonfinite", 0))}

@@ -206,6 +206,9 @@ def eval_(
         log.warning("test_windows_dropped_nonfinite", count=dropped,
                     anomalous=result["test_anomalies_dropped_nonfinite"], reason="NaN or inf in window",
                     consequence="not scored, not in the metrics")
+    if result["test_windows_nonfinite_score"]:
+        log.warning("test_windows_nonfinite_score", count=result["test_windows_nonfinite_score"],
+                    reason="values the model overflows on", consequence="ranked above every other window, anomalous")
     if as_json:
         emit_json(result)
     else:

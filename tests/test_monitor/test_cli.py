@@ -259,6 +259,30 @@ def test_a_threshold_that_cannot_mean_its_quantile_is_warned_of(series_csv: Path
     assert code == 0 and "threshold_from_few_windows" in err and "threshold_at_rounding_level" not in err
 
 
+def test_eval_ranks_a_window_the_model_overflows_on_first_and_train_names_it(series_csv: Path, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """3e38 is a finite float32, but the model's arithmetic overflows on it: one such sample in the test part made
+    eval refuse the whole file ("a non-finite score is not a ranking"), while `tsmon score` flags those windows; in
+    the validation part training failed with "validation errors must be ... finite", naming nothing."""
+    code, _, _ = run(capsys, "train", "--data", str(series_csv), "--model", "pca", "--window", "40", "--hop", "20",
+                     "--out", str(tmp_path / "m"))
+    assert code == 0
+    df = pd.read_csv(series_csv)
+    df.loc[3000, "ch0"] = 3e38  # a normal stretch of the test part
+    spiked = tmp_path / "spiked.csv"
+    df.to_csv(spiked, index=False)
+    code, out, err = run(capsys, "eval", "--model", str(tmp_path / "m"), "--data", str(spiked), "--json")
+    result = json.loads(out)
+    assert code == 0 and result["test_windows_nonfinite_score"] == 2 and "test_windows_nonfinite_score" in err
+    assert result["baseline"]["test_windows_nonfinite_score"] == 2 and 0.5 < result["roc_auc"] <= 1.0
+    df.loc[3000, "ch0"] = df.loc[2990, "ch0"]
+    df.loc[1800, "ch0"] = 3e38  # in the validation part
+    df.to_csv(spiked, index=False)
+    code, _, err = run(capsys, "train", "--data", str(spiked), "--model", "pca", "--window", "40", "--hop", "20",
+                       "--out", str(tmp_path / "v"))
+    assert code == 1 and "validation window(s) score NaN or inf" in err and "3e+38" in err
+
+
 def test_eval_on_another_file(dense_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tests.conftest import synthetic_series
 
