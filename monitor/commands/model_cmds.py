@@ -24,6 +24,7 @@ from models.data import (
 from models.detector import DEFAULT_QUANTILE, Detector, check_downsample, check_threshold_options
 from models.errors import BrokerError, DataError, ModelConfigError
 from models.registry import DEFAULT_KIND, KINDS, config_for, train_defaults
+from models.scaling import outlier_scaled
 from models.train import TrainConfig, resolve_device
 from models.workflow import DataSpec, evaluate, load_dataset, spec_for_eval, train_detector
 from monitor import logs
@@ -168,6 +169,10 @@ def run_training(spec: DataSpec, kind: str, params: dict[str, Any], cfg: TrainCo
              stop=res["stop_reason"], seconds=res["seconds"], device=res["device"],
              threshold=significant(det.threshold.value))  # rounded to 6 decimals, 1.7e-7 was "0.0"
     _warn_threshold(det, len(ds.val))
+    if outliers := outlier_scaled(ds.train, det.scaler):
+        log.warning("scale_set_by_outliers", channels=[det.names[c] for c in outliers],
+                    consequence="a few extreme training samples set the standard scale: every other window looks "
+                    "the same to the model; use --normalisation robust, or remove them")
 
 
 def _warn_threshold(det: Detector, validation_windows: int) -> None:

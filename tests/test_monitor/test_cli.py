@@ -283,6 +283,23 @@ def test_eval_ranks_a_window_the_model_overflows_on_first_and_train_names_it(ser
     assert code == 1 and "validation window(s) score NaN or inf" in err and "3e+38" in err
 
 
+def test_a_scale_set_by_a_few_extreme_training_samples_is_warned_of(series_csv: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """One 1e30 in the training part set the standard scale to 3.6e28: every window scored the same 1.9e-9, the
+    model was blind (ROC-AUC 0.5, 0 of 3 events) and training said nothing. `robust` is not moved by it."""
+    df = pd.read_csv(series_csv)
+    df.loc[500, "ch1"] = 1e30
+    spiked = tmp_path / "spiked.csv"
+    df.to_csv(spiked, index=False)
+    args = ["train", "--data", str(spiked), "--model", "pca", "--window", "40", "--hop", "20"]
+    code, _, err = run(capsys, *args, "--out", str(tmp_path / "s"))
+    assert code == 0 and "scale_set_by_outliers" in err and '"ch1"' in err and '"ch0"' not in err.split("scale_set")[1]
+    code, _, err = run(capsys, *args, "--normalisation", "robust", "--out", str(tmp_path / "r"))
+    assert code == 0 and "scale_set_by_outliers" not in err
+    code, _, err = run(capsys, *args[:2], str(series_csv), *args[3:], "--out", str(tmp_path / "c"))
+    assert code == 0 and "scale_set_by_outliers" not in err
+
+
 def test_eval_on_another_file(dense_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tests.conftest import synthetic_series
 
