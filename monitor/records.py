@@ -134,7 +134,8 @@ def parse(value: bytes | None, key: bytes | None = None, limits: Limits = Limits
     if forms[0] == "samples":
         period = doc.get("period_ms")
         if type(period) not in (int, float) or not 0 < period < MAX_TS_MS or not math.isfinite(period):
-            return BadRecord("bad_timestamp", f"a chunk needs period_ms > 0, got {period!r}"[:200])
+            return BadRecord("bad_timestamp", f"a chunk needs a finite period_ms > 0 and below {MAX_TS_MS:.0f} "
+                                              f"(year 5138), got {period!r}"[:200])
         arr = _matrix(doc["samples"], "samples", limits)
         if isinstance(arr, BadRecord):
             return arr

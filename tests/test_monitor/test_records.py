@@ -76,6 +76,12 @@ def test_bad_messages_have_a_reason(raw: bytes | None, key: bytes | None, reason
     assert bad.reason in REASONS and bad.detail
 
 
+def test_a_period_too_long_is_said_to_be_too_long() -> None:
+    """period_ms = 1e300 is > 0: it was refused as "a chunk needs period_ms > 0", which it has."""
+    bad = parse(b'{"ts": 1, "samples": [1, 2], "period_ms": 1e300}', b"s")
+    assert isinstance(bad, BadRecord) and bad.reason == "bad_timestamp" and "below 100000000000000" in bad.detail
+
+
 def test_limits() -> None:
     big = json.dumps({"ts": 1, "period_ms": 1, "samples": [0.0] * 50}).encode()
     assert parse(big, b"s", Limits(max_samples=10)).reason == "too_many_samples"
