@@ -59,3 +59,13 @@ class SinkBackpressure(TsmonError):
 class ScoringStuck(TsmonError):
     """A scoring call has not returned within ``daemon.scoring_timeout_s`` (a hung GPU or worker): it cannot be
     interrupted, so the daemon stops without committing past it and the process exits for its supervisor."""
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of any exception, once: kafka-python's errors put their class name in their message
+    already ("KafkaTimeoutError: KafkaTimeoutError: None" on /readyz), and one without a message is its name."""
+    name, text = type(exc).__name__, str(exc)
+    if text.startswith(name):
+        text = text[len(name):].lstrip(": ")
+    return f"{name}: {text}" if text and text != "None" else name
+

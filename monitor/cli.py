@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from models.errors import TsmonError
+from models.errors import TsmonError, describe
 from monitor import __version__, logs
 from monitor.commands import (
     bench_cmd,
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="tsmon")  # usage errors: typer prints them and exits 2
     except TsmonError as exc:
-        sys.stderr.write(f"{type(exc).__name__}: {exc}\n")
+        sys.stderr.write(f"{describe(exc)}\n")
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         sys.stderr.write("aborted\n")

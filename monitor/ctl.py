@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from models.errors import BrokerError, ConfigError, TsmonError
+from models.errors import BrokerError, ConfigError, TsmonError, describe
 from monitor import logs
 from monitor.config import Config
 from monitor.control import merge_acks, new_command
@@ -72,7 +72,7 @@ def send(cfg: Config, command: str, target: str, params: dict[str, Any], operato
         return _collect(audit, doc["command_id"], timeout_s, settle_s, lambda: topics.partitions,
                         hashlib.sha256(body).hexdigest())
     except KafkaError as exc:
-        raise BrokerError(f"cannot send the command: {type(exc).__name__}: {exc}") from None
+        raise BrokerError(f"cannot send the command: {describe(exc)}") from None
     finally:
         audit.close()
 
@@ -95,7 +95,7 @@ class Topics:
             finally:
                 consumer.close()
         except Exception as exc:  # noqa: BLE001 — without it ctl falls back to the settle rule
-            log.info("ctl_metadata_unavailable", error=f"{type(exc).__name__}: {exc}")
+            log.info("ctl_metadata_unavailable", error=f"{describe(exc)}")
 
 
 def _collect(audit: Any, command_id: str, timeout_s: float, settle_s: float,

@@ -30,7 +30,7 @@ import torch
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from models.detector import DEFAULT_QUANTILE
-from models.errors import BrokerError, ScoringStuck, SinkBackpressure, TsmonError
+from models.errors import BrokerError, ScoringStuck, SinkBackpressure, TsmonError, describe
 from monitor import heap, logs
 from monitor.alerts import AlertSettings
 from monitor.batcher import Batcher
@@ -333,7 +333,7 @@ class Daemon:
         try:
             self._recalibrate(streams)
         except Exception as exc:  # noqa: BLE001 — the next scheduled run tries again
-            log.error("recalibration_failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            log.error("recalibration_failed", error=f"{describe(exc)}"[:500])
 
     def _recalibrate(self, streams: list[str] | None) -> None:
         refused: dict[str, str] = {}
@@ -712,7 +712,7 @@ class Daemon:
                     if close is not None:
                         close()
                 except Exception as exc:  # noqa: BLE001
-                    log.error("close_failed", part=name, error=f"{type(exc).__name__}: {exc}")
+                    log.error("close_failed", part=name, error=f"{describe(exc)}")
         self.notifier.close()
         log.info("daemon_stopped", uptime_s=round(time.monotonic() - self._started, 1),
                  shutdown_s=round(time.monotonic() - t0, 3), **_summary(self.metrics))

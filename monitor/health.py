@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from models.errors import ConfigError
+from models.errors import ConfigError, describe
 from monitor import __version__, logs
 
 log = logs.get("tsmon.health")
@@ -107,8 +107,8 @@ class HealthServer:
         try:
             return route()
         except Exception as exc:  # noqa: BLE001 (a broken callable must not take the server down)
-            log.warning("http_endpoint_failed", path=path, error=f"{type(exc).__name__}: {exc}")
-            return _json(500, {"error": f"{type(exc).__name__}: {exc}"})
+            log.warning("http_endpoint_failed", path=path, error=f"{describe(exc)}")
+            return _json(500, {"error": f"{describe(exc)}"})
 
 
 def _probe(check: Probe) -> tuple[int, str, bytes]:
@@ -203,7 +203,7 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # default prints a traceback to stderr
         exc = sys.exc_info()[1]  # called inside socketserver's except block
-        log.debug("http_connection_error", client=str(client_address), error=f"{type(exc).__name__}: {exc}")
+        log.debug("http_connection_error", client=str(client_address), error=f"{describe(exc)}")
 
 
 def _host(client_address: Any) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import BrokerError
+from models.errors import BrokerError, describe
 from monitor.source import InRecord
 
 _UNIFORM_MS = 1e-3  # spacing that differs by at most this from the mean still makes one chunk
@@ -97,7 +97,7 @@ def replay(producer: Any, topic: str, stream: str, ts_ms: np.ndarray, values: np
         producer.flush()
     except KafkaError as exc:
         hint = ": a smaller --chunk makes smaller messages" if "TooLarge" in type(exc).__name__ else ""
-        raise BrokerError(f"cannot send to {topic} after {sent} samples: {type(exc).__name__}: {exc}{hint}") from None
+        raise BrokerError(f"cannot send to {topic} after {sent} samples: {describe(exc)}{hint}") from None
     if failed:
         raise BrokerError(f"{len(failed)} message(s) to {topic} not delivered: {type(failed[0]).__name__}: {failed[0]}")
     return sent

@@ -43,7 +43,7 @@ import numpy as np
 from models import artifact
 from models.beats import rule_of
 from models.data import Series, series_dataset
-from models.errors import BrokerError, DataError
+from models.errors import BrokerError, DataError, describe
 from models.workflow import baseline
 from monitor import logs
 from monitor.alerts import iso
@@ -327,4 +327,4 @@ def _delete_topics(client: dict[str, Any], topics: list[str]) -> None:
         finally:
             admin.close()
     except KafkaError as exc:
-        log.warning("replay_eval_topics_left", topics=topics, error=f"{type(exc).__name__}: {exc}")
+        log.warning("replay_eval_topics_left", topics=topics, error=f"{describe(exc)}")

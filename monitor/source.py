@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from models.errors import BrokerError, PartitionUnreadable
+from models.errors import BrokerError, PartitionUnreadable, describe
 from monitor import logs
 
 log = logs.get("tsmon.source")
@@ -173,7 +173,7 @@ class KafkaSource:
                 # loop pauses and retries, as for a broker that fails; raised, it ended the daemon at every start
                 self._raise_callback_error()  # unless our own callback failed: kafka-python wraps that too
                 self._drop_failed_fetch()
-                message = f"cannot read the input: {type(exc).__name__}: {exc}"
+                message = f"cannot read the input: {describe(exc)}"
                 if (named := NAMED_PARTITION.search(str(exc))) is not None:  # a corrupt batch names its partition
                     raise PartitionUnreadable(message, (named[1], int(named[2]))) from None
                 raise BrokerError(message) from None
@@ -227,7 +227,7 @@ class KafkaSource:
             else:
                 self._consumer.commit(request, timeout_ms=max(1, int(timeout_s * 1000)))
         except KafkaError as exc:  # timeout (broker away) or a rebalance took the partitions: replayed, not lost
-            raise BrokerError(f"commit failed: {type(exc).__name__}: {exc}") from None
+            raise BrokerError(f"commit failed: {describe(exc)}") from None
 
     def rewind(self, offsets: dict[TP, int]) -> None:
         """Read these partitions again from these offsets. kafka-python keeps the position (and fetched
@@ -289,7 +289,7 @@ class KafkaSource:
                 self._paused_ends.update(self._consumer.end_offsets(list(paused), timeout_ms=PAUSED_ENDS_TIMEOUT_MS))
             except Exception as exc:  # noqa: BLE001 — a gauge must never stop the loop (kafka-python raises KeyError
                 # for a partition the answer left out, RuntimeError from a closed selector)
-                log.debug("paused_end_offsets_failed", error=f"{type(exc).__name__}: {exc}")
+                log.debug("paused_end_offsets_failed", error=f"{describe(exc)}")
         out = {}
         for tp in self._consumer.assignment():
             high = max((h for h in (self._consumer.highwater(tp), self._paused_ends.get(tp)) if h is not None),

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from models.errors import BrokerError
+from models.errors import BrokerError, describe
 from monitor import logs
 from monitor.topics import partition_reader
 
@@ -45,7 +45,7 @@ class ChangelogReader:
             self._end = self._consumer.end_offsets(self._tps, timeout_ms=max(1, int(timeout_s * 1000))) if self._tps else {}
         except KafkaError as exc:
             self._consumer.close()
-            raise BrokerError(f"cannot read the changelog {topic}: {type(exc).__name__}: {exc}") from None
+            raise BrokerError(f"cannot read the changelog {topic}: {describe(exc)}") from None
         # no partition at all is not "read to its end, nothing there": the topic may be gone (a broker that lost
         # its topics), unauthorised or not known yet to the broker that answered. Read as complete, the group's
         # daemon-wide document (a freeze --all, the command ids) would be overwritten by this instance's defaults.
@@ -76,7 +76,7 @@ class ChangelogReader:
                     self.superseded += not _keep(self.docs, rec.key, rec.value)
                 self.complete = not batches and all(self._at_end(tp) for tp in self._tps)
         except KafkaError as exc:
-            raise BrokerError(f"cannot read the changelog {self.topic}: {type(exc).__name__}: {exc}") from None
+            raise BrokerError(f"cannot read the changelog {self.topic}: {describe(exc)}") from None
         return self.complete
 
     def _at_end(self, tp: Any) -> bool:

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from models.errors import BrokerError
+from models.errors import BrokerError, describe
 
 
 def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: dict[str, dict[str, str]] | None = None,
@@ -35,7 +35,7 @@ def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: d
         pass
     except KafkaError as exc:  # not authorised to create, a broker older than Kafka 2.4 (replication -1), ...
         names = ", ".join(t.name for t in missing) or ", ".join(topics)
-        raise BrokerError(f"cannot create topic(s) {names}: {type(exc).__name__}: {exc} (create them beforehand, "
+        raise BrokerError(f"cannot create topic(s) {names}: {describe(exc)} (create them beforehand, "
                           f"or allow Create on the cluster; a broker older than Kafka 2.4 needs "
                           f"kafka.replication_factor >= 1)") from None
     finally:
@@ -64,7 +64,7 @@ def partition_reader(client: dict[str, Any], topic: str, at_end: bool, if_missin
     try:
         consumer = KafkaConsumer(**client, group_id=None, enable_auto_commit=False)
     except KafkaError as exc:
-        raise BrokerError(f"cannot reach {client.get('bootstrap_servers')}: {type(exc).__name__}: {exc}") from None
+        raise BrokerError(f"cannot reach {client.get('bootstrap_servers')}: {describe(exc)}") from None
     try:
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or if_missing)]
         consumer.assign(tps)
@@ -77,7 +77,7 @@ def partition_reader(client: dict[str, Any], topic: str, at_end: bool, if_missin
                                   f"within {timeout_s:g} s")
     except KafkaError as exc:
         consumer.close()
-        raise BrokerError(f"cannot read {topic}: {type(exc).__name__}: {exc}") from None
+        raise BrokerError(f"cannot read {topic}: {describe(exc)}") from None
     except BaseException:
         consumer.close()
         raise

@@ -30,3 +30,18 @@ def test_notifications_do_nothing_outside_systemd_and_stop_quietly_when_the_sock
     abstract = Notifier(env={"NOTIFY_SOCKET": "@tsmon-test"})
     assert abstract._address == "\0tsmon-test"
     abstract.close()
+
+
+def test_an_error_is_described_with_its_type_once() -> None:
+    """kafka-python's errors carry their class name in their message: /readyz read "commit failed:
+    KafkaTimeoutError: KafkaTimeoutError: None", which told an operator nothing twice."""
+    from kafka.errors import KafkaTimeoutError
+
+    from models.errors import DataError, describe
+
+    assert describe(KafkaTimeoutError()) == "KafkaTimeoutError"
+    assert describe(KafkaTimeoutError(None)) == "KafkaTimeoutError"
+    assert describe(KafkaTimeoutError("Failed to update metadata after 2.0 secs.")) == \
+        "KafkaTimeoutError: Failed to update metadata after 2.0 secs."
+    assert describe(DataError("bad column")) == "DataError: bad column"
+    assert describe(OSError(28, "No space left on device")) == "OSError: [Errno 28] No space left on device"
