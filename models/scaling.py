@@ -114,9 +114,10 @@ class Scaler:
         return cls(center, scale, str(d.get("method", "standard")), spread, steady)
 
 
-def _low_window_spread(windows: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Per channel, the 1st percentile of the standard deviation inside each window ``[n, W, C]`` (in chunks: a
-    float64 copy of a million hop-1 windows at once would not fit)."""
+def _low_window_spread(windows: np.ndarray, chunk: int = 4096, max_windows: int = 100_000) -> np.ndarray:
+    """Per channel, the 1st percentile of the standard deviation inside each window ``[n, W, C]``, on at most
+    ``max_windows`` of them spread over the set, in chunks."""
+    windows = windows[:: max(1, len(windows) // max_windows)]
     stds = [windows[i : i + chunk].astype("float64").std(axis=1) for i in range(0, len(windows), chunk)]
     return np.percentile(np.concatenate(stds), 1, axis=0)
 

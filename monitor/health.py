@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import select
 import socket
 import sys
 import threading
@@ -166,7 +167,7 @@ class _Server(ThreadingHTTPServer):
         slot. Refused instead, a probe lost to a stream of idle connections: 200 loopback clients reconnecting as
         soon as they were cut (READ_TIMEOUT_S) answered 0 probes of 30, and a liveness probe restarts the daemon."""
         with self.lock:
-            oldest = next(iter(self.waiting.values()), None)
+            oldest = next((c for c in self.waiting.values() if not _has_bytes(c)), None)  # sent some: not idle
             if oldest is not None:
                 self.served(oldest)
         if oldest is None:
@@ -220,6 +221,18 @@ def _loopback(host: str) -> bool:
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
+def _has_bytes(conn: socket.socket) -> bool:
+    """Whether a connection has something not read yet — its request, waiting for its thread to get to it, or its
+    end (then its thread ends it: no slot to win by cutting it). Asked without waiting (a peek on a socket with a
+    timeout waits that long)."""
+    poller = select.poll()
+    try:
+        poller.register(conn, select.POLLIN)
+    except (OSError, ValueError):  # closed meanwhile
+        return True
+    return bool(poller.poll(0))
+
+
 def _cut(request: socket.socket) -> None:
     """End a connection past its deadline: its thread's blocked read returns and the request ends."""
     try:
@@ -233,9 +246,13 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = f"tsmon/{__version__}"
     timeout = READ_TIMEOUT_S  # seconds a silent client may hold its thread (per read; the deadline bounds it all)
 
-    def do_GET(self) -> None:
+    def parse_request(self) -> bool:
+        ok = super().parse_request()  # the request line and headers are in: no longer a connection to cut
         with self.server.lock:
             self.server.served(self.connection)
+        return ok
+
+    def do_GET(self) -> None:
         # the request is in: the answer may take the rest of the deadline (which the cut bounds) to be read — the
         # read timeout applied to the whole write, and cut a 6 MB /streams read at 1 MB/s (regression review)
         self.connection.settimeout(REQUEST_DEADLINE_S)

@@ -7,6 +7,7 @@ calls :meth:`Restore.step` each turn while one is active, so health, metrics, si
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 from concurrent.futures import Future
@@ -42,6 +43,11 @@ def _open_in_thread(client: dict[str, Any], topic: str, timeout_s: float) -> Fut
     return opened
 
 
+def wait_for(opened: Future[ChangelogReader], timeout_s: float) -> bool:
+    """Whether the opening is over, waiting at most ``timeout_s`` for it."""
+    return bool(concurrent.futures.wait([opened], timeout=max(0.0, timeout_s)).done)
+
+
 def _close_when_opened(opened: Future[ChangelogReader]) -> None:
     """An opening no longer wanted: its consumer is closed once it is there."""
     opened.add_done_callback(lambda f: f.result().close() if f.exception() is None else None)
@@ -67,6 +73,7 @@ class Restore:
         self.failures = 0  # broker errors since then
         self._retry_at = 0.0
         self._error = ""
+        self._partial: Changelog | None = None  # the furthest of the reads that failed, applied if none succeeds
 
     @property
     def active(self) -> bool:
@@ -84,14 +91,16 @@ class Restore:
         self.processor.forget_evicted()
         self.due = True
         self.started, self.failures, self._retry_at, self._error = time.monotonic(), 0, 0.0, ""
+        self._partial = None
         self.waits = self.source.assignment()
         self.source.pause(self.waits)
 
     def step(self, budget_s: float, stopping: bool) -> str | set[TP] | None:
-        """Open the read if asked to, read on for ``budget_s``. Returns how far it is while it goes on; once it is
-        read to its end (or ``restore_timeout_s`` ran out, or the signal came, or broker errors lasted until then)
-        its documents wait in the processor for their streams, and it returns the assigned partitions that waited
-        for it (to resume). ``None``: no read to step."""
+        """Open the read if asked to, read on for ``budget_s`` (waiting for an opening or a retry's time at most
+        that long: returned at once, the loop spun — 171 000 turns a second). Returns how far it is while it goes
+        on; once it is read to its end (or ``restore_timeout_s`` ran out, or the signal came) its documents wait in
+        the processor for their streams — those of the furthest read when every read failed — and it returns the
+        assigned partitions that waited for it (to resume). ``None``: no read to step."""
         if not self.active:
             return None
         left = self.cfg.state.restore_timeout_s - (time.monotonic() - self.started)
@@ -100,42 +109,58 @@ class Restore:
                 progress = self._advance(budget_s, left)
                 if progress is not None:
                     return progress
-                self._error = ""  # read to its end, whatever failed before
             except TsmonError as exc:
                 self.failures, self._error = self.failures + 1, str(exc)
                 wait = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self.failures - 1))
                 left = self.cfg.state.restore_timeout_s - (time.monotonic() - self.started)
                 if wait < left:
+                    self._keep_partial()
                     self.drop()
                     self.due, self._retry_at = True, time.monotonic() + wait
                     log.warning("state_restore_retry", error=str(exc), retry_in_s=wait, failures=self.failures,
                                 left_s=round(left, 1))
                     return f"restoring state: broker error, trying again in {wait:g} s ({exc})"
-        reader, self.reader = self.reader, None
+        self._keep_partial()
+        read, opening = self._partial, self._opening is not None
+        self._partial = None
         self.drop()  # an opening still under way, a retry still due: given up
         self.due = False
-        if self._error and not stopping:
-            log.error("state_restore_failed", error=self._error, failures=self.failures,
+        if not stopping and (self._error or opening) and (read is None or not read.complete):
+            log.error("state_restore_failed", failures=self.failures, records=read.records if read else 0,
+                      error=self._error or f"the changelog was still opening after {self.cfg.state.restore_timeout_s:g} s",
                       consequence="streams start from what was read, or from their artifact: restore_timeout_s ran "
-                      "out with the broker failing")
-        if reader is not None:
-            self._apply(reader.close())
+                      "out")
+        if read is not None:
+            self._apply(read)
         waits, self.waits = self.waits & self.source.assignment(), set()
         return waits
+
+    def _keep_partial(self) -> None:
+        """Close the reader, keeping what it read if it read further than the read kept before (each read starts
+        at the changelog's beginning: the longer one holds the shorter's documents, or later versions of them)."""
+        reader, self.reader = self.reader, None
+        if reader is not None:
+            read = reader.close()
+            kept = self._partial
+            if kept is None or read.complete or (not kept.complete and read.records >= kept.records):
+                self._partial = read
 
     def _advance(self, budget_s: float, left: float) -> str | None:
         """One step of the open or the read; None once it is read to its end."""
         if self.due:
-            if time.monotonic() < self._retry_at:
+            wait = self._retry_at - time.monotonic()
+            if wait > 0:
+                time.sleep(min(wait, budget_s))
                 return f"restoring state: broker error, trying again ({self._error})"
             self.due = False
             self._opening = _open_in_thread(self.cfg.kafka.client_kwargs(), self.cfg.state.topic,
                                             min(left, RESTORE_OPEN_S))
         if self._opening is not None:
-            if not self._opening.done():
+            if not wait_for(self._opening, budget_s):
                 return "restoring state: opening the changelog"
             opened, self._opening = self._opening, None
             self.reader = opened.result()  # its broker error is raised here
+            self._error = ""  # opened: an error from now on is this read's
         reader = self.reader
         assert reader is not None
         if not reader.step(min(budget_s, left)):

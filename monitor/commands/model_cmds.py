@@ -30,10 +30,12 @@ from models.workflow import DataSpec, evaluate, load_dataset, spec_for_eval, tra
 from monitor import logs
 from monitor.alerts import significant
 from monitor.commands.render import emit_json, epoch_progress, eval_table, stdout
+from monitor.config import QualityConfig
 
 log = logs.get("tsmon.cli")
 MIN_VALIDATION_WINDOWS = 20  # fewer, and the threshold's quantile is one of their errors
 ROUNDING_ERROR = 1e-5  # a threshold under this (normalised units) is the model reproducing float32 rounding
+FLATLINE_REL_STD = QualityConfig.model_fields["flatline_rel_std"].default
 
 DataOpt = Annotated[str, typer.Option("--data", help="'ecg5000' (vendored) or a CSV/Parquet file.")]
 ValueCols = Annotated[list[str] | None, typer.Option("--value-col", help="Value column (repeat for channels).")]
@@ -169,6 +171,10 @@ def run_training(spec: DataSpec, kind: str, params: dict[str, Any], cfg: TrainCo
              stop=res["stop_reason"], seconds=res["seconds"], device=res["device"],
              threshold=significant(det.threshold.value))  # rounded to 6 decimals, 1.7e-7 was "0.0"
     _warn_threshold(det, len(ds.val))
+    steady = [n for n, w in zip(det.names, det.scaler.window_spread or (), strict=False) if w <= FLATLINE_REL_STD]
+    if steady:  # the daemon's flat-line test is off for them: said, not found out when a stuck sensor is not reported
+        log.info("channels_steady_in_training", channels=steady, consequence="steady in 1 % or more of the training "
+                 "windows: the daemon does not report them flat-lined (at the default quality.flatline_rel_std)")
     if outliers := outlier_scaled(ds.train, det.scaler):
         log.warning("scale_set_by_outliers", channels=[det.names[c] for c in outliers],
                     consequence="a few extreme training samples set the standard scale: every other window looks "
@@ -183,8 +189,8 @@ def _warn_threshold(det: Detector, validation_windows: int) -> None:
         log.warning("threshold_from_few_windows", validation_windows=validation_windows,
                     quantile=det.threshold.quantile, consequence="the quantile is one of these few errors: give more "
                     "data, a smaller --hop or a larger validation share")
-    unit = float(np.mean(det.scaler.flat_scale)) if det.scaler.method == "none" else 1.0
-    if det.threshold.value < ROUNDING_ERROR * unit:
+    unit = ROUNDING_ERROR * (float(np.mean(det.scaler.flat_scale)) if det.scaler.method == "none" else 1.0)
+    if det.threshold.value < (unit * unit if det.loss == "mse" else unit):  # mse: squared units
         log.warning("threshold_at_rounding_level", threshold=significant(det.threshold.value),
                     consequence="the model reproduces its input to float32 rounding: its scores are noise; use a "
                     "smaller model (fewer PCA components, a smaller --embedding)")

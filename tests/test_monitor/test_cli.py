@@ -300,6 +300,36 @@ def test_a_scale_set_by_a_few_extreme_training_samples_is_warned_of(series_csv: 
     assert code == 0 and "scale_set_by_outliers" not in err
 
 
+def test_the_rounding_level_of_an_mse_threshold_is_squared(capsys: pytest.CaptureFixture[str]) -> None:
+    """Under --loss mse the threshold is in squared units: 5e-6 is an RMS error of 2e-3 — a model fitting well,
+    hundreds of times float32 rounding — and it was told its scores were noise."""
+    from types import SimpleNamespace
+
+    from monitor.commands.model_cmds import _warn_threshold
+
+    def det(loss: str, value: float) -> Any:
+        return SimpleNamespace(loss=loss, scaler=SimpleNamespace(method="standard", flat_scale=(1.0,)),
+                               threshold=SimpleNamespace(value=value, quantile=0.95))
+
+    for loss, value, warned in (("mse", 5e-6, False), ("mse", 5e-11, True), ("l1", 5e-6, True), ("l1", 5e-4, False)):
+        _warn_threshold(det(loss, value), 100)
+        out, err = capsys.readouterr()
+        assert ("threshold_at_rounding_level" in out + err) == warned, (loss, value)
+
+
+def test_channels_steady_in_training_are_named(series_csv: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The flat-line test is off for a channel steady in 1 % or more of the training windows: said at training, not
+    found out when a stuck sensor goes unreported."""
+    df = pd.read_csv(series_csv)
+    df["ch1"] = 3.0
+    steady = tmp_path / "steady.csv"
+    df.to_csv(steady, index=False)
+    code, _, err = run(capsys, "train", "--data", str(steady), "--model", "pca", "--window", "40", "--hop", "20",
+                       "--out", str(tmp_path / "m"))
+    assert code == 0 and "channels_steady_in_training" in err and '["ch1"]' in err
+
+
 def test_eval_on_another_file(dense_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tests.conftest import synthetic_series
 

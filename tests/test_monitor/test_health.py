@@ -431,6 +431,25 @@ def test_a_probe_gets_in_through_a_flood_of_idle_connections(server: HealthServe
             s.close()
 
 
+def test_a_connection_whose_request_is_in_is_not_the_one_cut() -> None:
+    """Only a connection that has sent nothing is cut for a newcomer: a probe whose request waits in its socket for
+    its thread (a flood of newcomers, a busy interpreter) was as likely to go. Asked without waiting: a peek on a
+    socket with a timeout waited that long (the accepting thread, 30 s)."""
+    from monitor import health
+
+    a, b = socket.socketpair()
+    try:
+        a.settimeout(30)
+        t0 = time.monotonic()
+        assert not health._has_bytes(a) and time.monotonic() - t0 < 1
+        b.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert health._has_bytes(a)
+        assert a.recv(100).startswith(b"GET")  # a peek: nothing taken from it
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_large_answer_read_slowly_arrives_whole(server: HealthServer, stubs: Stubs) -> None:
     """The 2 s read timeout also bounded the whole write of the answer: a 6 MB /streams (10 000 streams) read at
     1 MB/s was cut after 5.4 MB, invalid JSON for tsmon status (regression review). The answer has the rest of the

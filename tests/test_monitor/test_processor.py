@@ -2260,6 +2260,84 @@ def test_the_changelog_is_opened_off_the_loop_and_a_signal_does_not_wait_for_it(
         d.processor.close()
 
 
+def test_a_restore_waits_for_its_opening_without_spinning_and_gives_up_loudly(
+        stream_model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """With the opening in a thread, each restore step returned at once and the loop spun (171 000 turns in 1.5 s,
+    a core) for the whole opening and every retry's wait; and a restore_timeout_s that ran out while the first
+    opening hung gave up with no log line at all — the streams starting from their artifacts unannounced."""
+    import threading
+
+    import monitor.restoring
+
+    source = MemorySource(records("dev-o", *sine_stream(100)))
+    d = restoring_daemon(stream_model, source, monkeypatch, **{"state.restore_timeout_s": 0.6})
+    release = threading.Event()
+
+    class HungOpen(SlowChangelog):
+        def __init__(self, *a: Any, **k: Any) -> None:
+            release.wait(10)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(monitor.restoring, "ChangelogReader", HungOpen)
+    turns = [0]
+
+    def until() -> bool:
+        turns[0] += 1
+        return not d.restoring and turns[0] > 1
+
+    try:
+        source.assigned = {(TOPIC, 0)}
+        d.restore()
+        t0 = time.monotonic()
+        d.run(until=until)
+        assert 0.5 < time.monotonic() - t0 < 5 and turns[0] < 100  # ~0.1 s a turn while the opening hangs
+        out = capsys.readouterr()
+        assert "state_restore_failed" in out.out + out.err and "still opening" in out.out + out.err
+    finally:
+        release.set()
+        d.processor.close()
+
+
+def test_what_a_failed_read_got_is_kept_when_no_later_read_succeeds(
+        stream_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read that failed part-way was dropped for the retry; when every retry then failed until restore_timeout_s
+    nothing was applied, and the streams it had read lost their pins and thresholds to their artifacts (the old
+    code applied the partial read). The furthest read is applied, as incomplete."""
+    import monitor.restoring
+    from models.errors import BrokerError
+    from monitor.state import Changelog
+
+    monkeypatch.setattr(monitor.restoring, "RETRY_FIRST_S", 0.05)
+    opened = [0]
+
+    class FailsPartWay(SlowChangelog):
+        def __init__(self, *a: Any, **k: Any) -> None:
+            opened[0] += 1
+            if opened[0] > 1:
+                raise BrokerError("cannot read the changelog state: KafkaTimeoutError")
+            super().__init__(*a, **k)
+
+        def step(self, _budget_s: float) -> bool:
+            raise BrokerError("cannot read the changelog state: NotLeaderForPartitionError")
+
+        def close(self) -> Any:
+            return Changelog({"dev-x": {"v": 0}}, 7, 0.0, False)
+
+    p0 = (TOPIC, 0)
+    source = MemorySource(records("dev-x", *sine_stream(200)), batch=1000)
+    d = restoring_daemon(stream_model, source, monkeypatch, **{"state.restore_timeout_s": 0.5})
+    monkeypatch.setattr(monitor.restoring, "ChangelogReader", FailsPartWay)
+    try:
+        assign(d, source, {p0})
+        t0 = time.monotonic()
+        while d.restoring and time.monotonic() - t0 < 5:
+            d._restore_step(0.05)
+        assert opened[0] >= 2 and not d.restoring and source.paused == set()
+        assert "dev-x" in d.processor.restored  # from the read that got it
+    finally:
+        d.processor.close()
+
+
 def test_a_broker_error_at_the_restore_is_tried_again_not_a_start_from_the_artifact(
         stream_model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A broker hung ~30 s at the assignment: the changelog failed to open, the streams started from their artifacts
