@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -2225,16 +2226,10 @@ def test_a_poll_that_fails_is_retried_with_backoff_and_the_daemon_goes_on(stream
     assert d.input_reader.problem is None and d.metrics.snapshot()["tsmon_commit_retries_total{cause=input}"] == 3
 
 
-def test_the_changelog_is_opened_off_the_loop_and_a_signal_does_not_wait_for_it(stream_model: Path,
-                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Opening the changelog (bootstrap, positions, end offsets: ~30 s with the broker hung) blocked the loop: a
-    SIGTERM meanwhile took 22 s against a 4 s budget. It is opened in a thread; the loop turns and can stop."""
-    import threading
-
+def hung_opening(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Openings of the changelog that hang until the returned event is set (a broker frozen at the assignment)."""
     import monitor.restoring
 
-    source = MemorySource(records("dev-o", *sine_stream(100)))
-    d = restoring_daemon(stream_model, source, monkeypatch)
     release = threading.Event()
 
     class HungOpen(SlowChangelog):
@@ -2243,6 +2238,16 @@ def test_the_changelog_is_opened_off_the_loop_and_a_signal_does_not_wait_for_it(
             super().__init__(*a, **k)
 
     monkeypatch.setattr(monitor.restoring, "ChangelogReader", HungOpen)
+    return release
+
+
+def test_the_changelog_is_opened_off_the_loop_and_a_signal_does_not_wait_for_it(stream_model: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening the changelog (bootstrap, positions, end offsets: ~30 s with the broker hung) blocked the loop: a
+    SIGTERM meanwhile took 22 s against a 4 s budget. It is opened in a thread; the loop turns and can stop."""
+    source = MemorySource(records("dev-o", *sine_stream(100)))
+    d = restoring_daemon(stream_model, source, monkeypatch)
+    release = hung_opening(monkeypatch)
     try:
         source.assigned = {(TOPIC, 0)}
         d.restore()
@@ -2265,20 +2270,9 @@ def test_a_restore_waits_for_its_opening_without_spinning_and_gives_up_loudly(
     """With the opening in a thread, each restore step returned at once and the loop spun (171 000 turns in 1.5 s,
     a core) for the whole opening and every retry's wait; and a restore_timeout_s that ran out while the first
     opening hung gave up with no log line at all — the streams starting from their artifacts unannounced."""
-    import threading
-
-    import monitor.restoring
-
     source = MemorySource(records("dev-o", *sine_stream(100)))
     d = restoring_daemon(stream_model, source, monkeypatch, **{"state.restore_timeout_s": 0.6})
-    release = threading.Event()
-
-    class HungOpen(SlowChangelog):
-        def __init__(self, *a: Any, **k: Any) -> None:
-            release.wait(10)
-            super().__init__(*a, **k)
-
-    monkeypatch.setattr(monitor.restoring, "ChangelogReader", HungOpen)
+    release = hung_opening(monkeypatch)
     turns = [0]
 
     def until() -> bool:
