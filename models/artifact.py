@@ -24,6 +24,7 @@ from models import __version__, beats
 from models.base import LOSSES
 from models.detector import Detector, Threshold
 from models.errors import ArtifactError, DataError, ModelConfigError
+from models.files import check_writable, locked_dir, write_bytes_atomically
 from models.registry import build
 from models.scaling import Scaler
 
@@ -51,11 +52,28 @@ def _format_version(params: dict[str, Any], downsample: int, windowing: dict[str
     return 2 if downsample > 1 or windowing.get("kind", "sliding") != "sliding" else 1
 
 
+def check_target(path: str | Path) -> None:
+    """``path`` may take an artifact: a new directory, or one holding a tsmon artifact (replaced), or an empty
+    one — never another program's directory (a `manifest.json` of a web app beside its notes was replaced), never a
+    file; in a folder this process may write to. Called before training, not after its minutes of work."""
+    out = Path(path)
+    check_writable(out, "artifact directory", directory=True)
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            is_ours = json.loads((out / MANIFEST).read_text()).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            is_ours = False
+        if not is_ours:
+            raise ArtifactError(f"{out} is a directory that holds no tsmon artifact: give a new or empty one")
+
+
 def save(detector: Detector, path: str | Path, training: dict[str, Any] | None = None) -> Path:
     """Write ``detector`` to the directory ``path`` (created; an existing artifact there is replaced whole).
 
-    The manifest is serialised before anything is written and both files are renamed into place only once
-    complete: a failure (a value JSON cannot hold, a full disk) leaves the previous artifact as it was.
+    The manifest is serialised before anything is written and both files are flushed to disk and renamed into
+    place only once complete: a failure (a value JSON cannot hold, a full disk) leaves the previous artifact as it
+    was. A save killed between its two renames leaves new weights beside the old manifest, which :func:`load`
+    refuses (their sha256 differs) — never a pair taken for good.
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,15 +103,9 @@ def save(detector: Detector, path: str | Path, training: dict[str, Any] | None =
         "weights": {"file": WEIGHTS, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)},
     }
     text = json.dumps(manifest, indent=2, default=_jsonable, allow_nan=False) + "\n"
-    parts = [(WEIGHTS, blob), (MANIFEST, text.encode())]
-    try:
-        for name, data in parts:
-            (out / f".{name}.new").write_bytes(data)
-        for name, _ in parts:  # the weights first: a manifest never names weights that are not there yet
-            (out / f".{name}.new").replace(out / name)
-    finally:
-        for name, _ in parts:
-            (out / f".{name}.new").unlink(missing_ok=True)
+    with locked_dir(out):  # one save at a time: two trainings to one --out swapped each other's fixed-name temp files
+        write_bytes_atomically(out / WEIGHTS, blob)  # the weights first: a manifest never names weights not there yet
+        write_bytes_atomically(out / MANIFEST, text.encode())
     return out
 
 
@@ -144,8 +156,14 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
     root = Path(path)
     m = read_manifest(root)
     wfile = root / str(m["weights"].get("file", WEIGHTS))
-    if not wfile.is_file():
+    if not wfile.exists():
         raise ArtifactError(f"artifact {root} is missing its weights file {wfile.name}")
+    if not wfile.is_file():
+        raise ArtifactError(f"weights {wfile} are not a regular file")
+    size, expected = wfile.stat().st_size, m["weights"].get("bytes")
+    if isinstance(expected, int) and size != expected:  # before reading it: a 1 GiB file was read whole first
+        raise ArtifactError(f"weights {wfile} are {size} bytes, the manifest says {expected}: corrupt, truncated "
+                            "or from another save")
     try:
         blob = wfile.read_bytes()
     except OSError as exc:
@@ -153,7 +171,8 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
     if not isinstance(m["weights"].get("sha256"), str):
         raise ArtifactError(f"incompatible artifact {root}: the manifest gives no sha256 of its weights")
     if hashlib.sha256(blob).hexdigest() != m["weights"]["sha256"]:
-        raise ArtifactError(f"weights {wfile} are corrupt or truncated (sha256 does not match the manifest)")
+        raise ArtifactError(f"weights {wfile} are corrupt, truncated or from another save (sha256 does not match the "
+                            "manifest)")
     try:
         state = st_load(blob)
     except (SafetensorError, ValueError) as exc:

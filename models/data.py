@@ -23,6 +23,7 @@ import pandas as pd
 
 from models import beats
 from models.errors import DataError
+from models.files import regular_file
 
 ECG5000_SHA256 = {
     "ECG5000_TRAIN.tsv.gz": "df86ac15d7e283e731db6be7865f5004b65bc639014cb8b9753c26e24a9092a1",
@@ -32,6 +33,7 @@ PROTOCOLS = ("classic", "ucr")
 ECG5000_WINDOW = 140  # samples per beat
 TIMESTAMP_NAMES = ("timestamp", "ts", "time", "date", "datetime")
 LABEL_NAMES = ("label", "is_anomaly", "anomaly")
+MAX_WINDOWS_BYTES = 64 << 20  # a list of labelled windows (NAB's, all 58 series: 30 kB)
 
 
 @dataclass(frozen=True)
@@ -325,7 +327,7 @@ def anomaly_windows(path: str | Path, data_name: str) -> list[tuple[np.datetime6
     """
     p = Path(path)
     try:
-        doc = json.loads(p.read_text())
+        doc = json.loads(regular_file(p, "windows file", MAX_WINDOWS_BYTES).read_text())  # not a FIFO, not /dev/zero
     except FileNotFoundError:
         raise DataError(f"windows file not found: {p}") from None
     except (OSError, ValueError) as exc:

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from models.detector import Detector
+from models.files import replace_atomically
 
 
 def window_figure(detector: Detector, window: np.ndarray, out: str | Path, title: str = "") -> Path:
@@ -49,8 +50,7 @@ def window_figure(detector: Detector, window: np.ndarray, out: str | Path, title
 def save_figure(fig: Any, out: str | Path) -> Path:
     """Lay out, write as PNG (creating the folder), and free the figure."""
     fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    try:  # whole or not at all: a full disk left a cut PNG that still read as one
+        return replace_atomically(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)

@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from models.errors import ConfigError
+from models.files import regular_file
 from monitor import logs
 from monitor.records import Limits
 
@@ -94,6 +95,7 @@ def _unset(value: Any) -> Any:
     return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few kB: larger is not one
 MAX_DURATION_S = 315_360_000  # ten years: longer waits overflow the timers (threading, apscheduler) that run them
 
 
@@ -661,8 +663,10 @@ def _topics_win(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        if path.exists():  # a FIFO blocked for ever, /dev/zero was read until memory ran out
+            regular_file(path, "config file", MAX_CONFIG_BYTES, ConfigError)
+        raw = path.read_bytes()
+        return tomllib.loads(raw.removeprefix(b"\xef\xbb\xbf").decode())  # an editor's byte-order mark: not TOML's
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found: give an existing file or leave --config out") from None
     except OSError as exc:

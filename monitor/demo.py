@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from models.errors import BrokerError
+from models.files import write_bytes_atomically
 from monitor.events import latest_alerts
 
 EPISODE_BEATS = (2, 4)  # inclusive range of abnormal beats per episode
@@ -245,6 +246,6 @@ def strongest_alert_picture(alerts: list[dict[str, Any]], out_dir: Path) -> dict
         return None
     top = max(paging, key=lambda a: a["ratio"])
     doc = out_dir / "demo-alert.json"
-    doc.write_text(json.dumps(top) + "\n")
+    write_bytes_atomically(doc, (json.dumps(top) + "\n").encode())
     png = explain.render(top, out_dir / "demo-alert.png")
     return {"alert_id": top["alert_id"], "json": str(doc), "png": str(png)}

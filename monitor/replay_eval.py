@@ -44,6 +44,7 @@ from models import artifact
 from models.beats import rule_of
 from models.data import Series, series_dataset
 from models.errors import BrokerError, DataError, describe
+from models.files import write_bytes_atomically
 from models.workflow import baseline
 from monitor import logs
 from monitor.alerts import iso
@@ -185,9 +186,9 @@ def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> 
     }
     from monitor import timeline
 
-    (opts.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")  # the figures first, then the picture
+    write_bytes_atomically(opts.out / "report.json", (json.dumps(report, indent=2) + "\n").encode())  # the figures first
     report["timeline"] = str(timeline.draw(opts.out / "timeline.png", p, series, ts_ms, played, test))
-    (opts.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_bytes_atomically(opts.out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     return report
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from models import artifact
 from models.data import Series, finite_windows, windows_for
+from models.files import replace_atomically
 from monitor.events import Span, alert_span, labelled_events, latest_alerts
 
 MAX_POINTS = 100_000  # per line; longer series are thinned for drawing
@@ -104,6 +105,7 @@ def draw(out: Path, p: Any, series: Series, ts_ms: np.ndarray, played: dict[str,
                            f"orange: alerts)")
     fig.suptitle(f"tsmon replay-eval: {Path(series.path).name}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    try:
+        return replace_atomically(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

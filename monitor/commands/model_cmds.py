@@ -23,6 +23,7 @@ from models.data import (
 )
 from models.detector import DEFAULT_QUANTILE, Detector, check_downsample, check_threshold_options
 from models.errors import BrokerError, DataError, ModelConfigError
+from models.files import check_writable, replace_atomically
 from models.registry import DEFAULT_KIND, KINDS, config_for, train_defaults
 from models.scaling import outlier_scaled
 from models.train import TrainConfig, resolve_device
@@ -127,6 +128,7 @@ def train(
             raise
         raise ModelConfigError(f"{exc} (the model sees window {cut} / --downsample {downsample} = "
                                f"{cut // downsample} steps)") from None
+    artifact.check_target(out)  # before the minutes of training, not after them
     run_training(spec, model, params, cfg, out, threshold_quantile, threshold_margin, normalisation, downsample)
 
 
@@ -285,6 +287,9 @@ def score(
     out_of_order: OutOfOrder = "error",
 ) -> None:
     """Score every window of a series; rows are aligned to each window's last sample."""
+    if output.resolve() == input.resolve():  # the scores replaced the data they were scored from, exit 0
+        raise DataError(f"--output {output} is the --input file: give another name")
+    check_writable(output, "--output")
     det, series, wins, ends, ok = _series_windows(model, input, value_col, timestamp_col, hop, device, out_of_order)
     if len(ok) == 0:  # it said "every window contains NaN or inf" for a file with none
         why = (f"fewer than {det.window} samples" if det.windowing.get("kind") == "sliding" else
@@ -305,8 +310,7 @@ def score(
     frame["is_anomaly"] = (~(score <= det.threshold.value)).astype(int)  # a NaN score is not normal
     for i, name in enumerate(det.channel_names):
         frame[f"error_{name}"] = _blank(channel[:, i])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(output, index=False)
+    replace_atomically(output, lambda tmp: frame.to_csv(tmp, index=False))  # a full disk left a cut CSV that parsed
     dropped, nonfinite = int((~ok).sum()), int((~np.isfinite(score)).sum())
     if dropped:
         log.warning("windows_dropped_nonfinite", count=dropped, reason="NaN or inf in window")
@@ -346,6 +350,7 @@ def inspect(
                                  param_hint="--model / --alert")
     if out.suffix.lower() != ".png":
         raise DataError(f"--out must be a .png file, got {out.name!r}")
+    check_writable(out, "--out")
     if alert is not None:
         from monitor import explain
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -102,7 +103,7 @@ def _nan_weights(path: Path) -> None:
     blob = save(state)
     (path / "weights.safetensors").write_bytes(blob)
     m = json.loads((path / "manifest.json").read_text())
-    _edit(path, weights={**m["weights"], "sha256": hashlib.sha256(blob).hexdigest()})
+    _edit(path, weights={**m["weights"], "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)})
 
 
 def test_pca_weights_for_another_window_are_incompatible(series_csv: Path, tmp_path: Path) -> None:
@@ -235,3 +236,42 @@ def test_the_same_weights_give_the_same_file_in_every_process() -> None:
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).resolve().parents[2]).stdout for _ in range(6)}
     assert len(digests) == 1
+
+
+def test_two_saves_to_one_directory_leave_one_whole_artifact(series_csv: Path, tmp_path: Path) -> None:
+    """Two trainings to one --out (two `make demo` at once, a retrain while one runs) shared fixed temporary names:
+    they renamed each other's files into place, and the artifact was left unloadable in 84–199 of 300 trials —
+    with one of them reporting success. Saves now take turns, each file written whole before it is renamed."""
+    import threading
+
+    ds = series_dataset(read_series(series_csv), window=40, hop=10)
+    a, _ = train_detector(ds, "pca", {}, TrainConfig(epochs=1, seed=0, device="cpu"))
+    b, _ = train_detector(ds, "pca", {"components": 2}, TrainConfig(epochs=1, seed=0, device="cpu"))
+    out = tmp_path / "race"
+    errors: list[BaseException] = []
+
+    def go(det: Any) -> None:
+        try:
+            artifact.save(det, out)
+        except BaseException as exc:  # noqa: BLE001 - counted
+            errors.append(exc)
+
+    for _ in range(40):
+        savers = [threading.Thread(target=go, args=(d,)) for d in (a, b)]
+        for t in savers:
+            t.start()
+        for t in savers:
+            t.join()
+        loaded = artifact.load(out, "cpu")
+        assert loaded.model.config.to_dict()["components"] in (a.model.config.components, 2)
+    assert errors == [] and sorted(p.name for p in out.iterdir()) == ["manifest.json", "weights.safetensors"]
+
+
+def test_weights_of_another_size_are_refused_before_they_are_read(trained, tmp_path: Path) -> None:
+    """A weights file grown to 1 GiB was read whole (1.36 GB) before its sha256 told it apart."""
+    _, _, path = trained
+    copy = _copy(path, tmp_path)
+    with open(copy / "weights.safetensors", "ab") as f:
+        f.truncate(1 << 30)  # sparse: no disk taken
+    with pytest.raises(ArtifactError, match="bytes, the manifest says"):
+        artifact.load(copy, "cpu")

@@ -330,6 +330,27 @@ def test_channels_steady_in_training_are_named(series_csv: Path, tmp_path: Path,
     assert code == 0 and "channels_steady_in_training" in err and '["ch1"]' in err
 
 
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(series_csv: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`--out` a file, or another program's directory, was found out after training (its manifest.json replaced
+    beside its notes, silently); `score --output` = `--input` replaced the data with its scores, exit 0."""
+    other = tmp_path / "webapp"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"name": "my web app"}')
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, message in ((other, "holds no tsmon artifact"), (a_file, "is a file, not a directory")):
+        code, _, err = run(capsys, "train", "--data", str(series_csv), "--model", "pca", "--window", "40",
+                           "--out", str(out))
+        assert code == 1 and message in err and '"training"' not in err, out  # refused before training
+    assert (other / "manifest.json").read_text() == '{"name": "my web app"}'
+    copy = tmp_path / "data.csv"
+    copy.write_bytes(series_csv.read_bytes())
+    code, _, err = run(capsys, "score", "--model", str(tmp_path / "none"), "--input", str(copy), "--output",
+                       str(tmp_path / "." / "data.csv"))
+    assert code == 1 and "is the --input file" in err and copy.read_bytes() == series_csv.read_bytes()
+
+
 def test_eval_on_another_file(dense_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tests.conftest import synthetic_series
 
