@@ -19,11 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import BrokerError
+from models.errors import BrokerError, describe
 from models.files import write_bytes_atomically
+from monitor import logs
 from monitor.events import latest_alerts
 
 EPISODE_BEATS = (2, 4)  # inclusive range of abnormal beats per episode
+
+log = logs.get("tsmon.demo")
 
 
 @dataclass
@@ -246,6 +249,10 @@ def strongest_alert_picture(alerts: list[dict[str, Any]], out_dir: Path) -> dict
         return None
     top = max(paging, key=lambda a: a["ratio"])
     doc = out_dir / "demo-alert.json"
-    write_bytes_atomically(doc, (json.dumps(top) + "\n").encode())
-    png = explain.render(top, out_dir / "demo-alert.png")
+    try:  # a folder it cannot write: the run's scorecard still comes (it ended the demo with exit 1, no scorecard)
+        write_bytes_atomically(doc, (json.dumps(top) + "\n").encode())
+        png = explain.render(top, out_dir / "demo-alert.png")
+    except OSError as exc:
+        log.warning("demo_alert_not_written", folder=str(out_dir), error=describe(exc))
+        return None
     return {"alert_id": top["alert_id"], "json": str(doc), "png": str(png)}

@@ -215,3 +215,21 @@ def test_cli_inspect_needs_exactly_one_source(stream_model: Path, firing_doc: di
     for args in ([], ["--model", str(stream_model), "--alert", str(one)]):
         code, err = run(capsys, "inspect", *args, "--out", str(tmp_path / "x.png"))
         assert code == 2 and "exactly one of --model" in err and "Traceback" not in err
+
+
+def test_the_demo_keeps_its_scorecard_when_its_alert_cannot_be_written(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`tsmon demo --model` in a folder it cannot write played the whole run, then ended with exit 1 and no
+    scorecard on writing the alert's picture beside the model."""
+    from monitor.demo import strongest_alert_picture
+
+    values, recon, err, ch = arrays(140)
+    alert = {"type": "anomaly", "status": "firing", "ratio": 3.0, "alert_id": "a1", "stream": "s",
+             "explain": explain.payload(values, recon, err, ch, ["a", "b"], 0.5, 1.5, 0, 1)}
+    blocked = tmp_path / "a_file"
+    blocked.write_text("x")
+    assert strongest_alert_picture([alert], blocked / "models") is None  # a file where the folder should be
+    out, err_ = capsys.readouterr()
+    assert "demo_alert_not_written" in out + err_
+    shown = strongest_alert_picture([alert], tmp_path)
+    assert shown is not None and Path(shown["png"]).stat().st_size > 0
