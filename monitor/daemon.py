@@ -317,8 +317,9 @@ class Daemon:
         done = self.restorer.step(budget_s, self.stop_event.is_set())
         if done is None:
             return
-        if isinstance(done, str):
-            self._ready = (False, done)
+        if isinstance(done, str):  # and the broker's state, when it is the cause ("opening" hid it for 30 s)
+            problem = self.source.broker_problem()
+            self._ready = (False, done if problem is None else f"{done}; {problem}")
             return
         self._restored = True
         if not self._holding:  # a failure's pause (_paused) is lifted by the next good commit

@@ -99,7 +99,7 @@ def replay(producer: Any, topic: str, stream: str, ts_ms: np.ndarray, values: np
         hint = ": a smaller --chunk makes smaller messages" if "TooLarge" in type(exc).__name__ else ""
         raise BrokerError(f"cannot send to {topic} after {sent} samples: {describe(exc)}{hint}") from None
     if failed:
-        raise BrokerError(f"{len(failed)} message(s) to {topic} not delivered: {type(failed[0]).__name__}: {failed[0]}")
+        raise BrokerError(f"{len(failed)} message(s) to {topic} not delivered: {describe(failed[0])}")
     return sent
 
 

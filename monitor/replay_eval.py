@@ -298,7 +298,7 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
             stop.set()
             player.join(10)
         if failed:
-            raise BrokerError(f"replaying into {topics['in']} failed: {type(failed[0]).__name__}: {failed[0]}")
+            raise BrokerError(f"replaying into {topics['in']} failed: {describe(failed[0])}")
         complete = handled()
         alerts = reader.settle(quiet_s=1.0)
         wall = time.monotonic() - t_start

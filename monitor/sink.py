@@ -144,7 +144,7 @@ class KafkaSink:
         manager = getattr(self._producer, "_transaction_manager", None)
         if manager is None or not manager.has_fatal_error():
             return
-        log.error("producer_replaced", error=f"{type(manager.last_error).__name__}: {manager.last_error}",
+        log.error("producer_replaced", error=describe(manager.last_error),
                   in_flight=len(self._inflight), consequence="in-flight messages are sent again on a new producer")
         old = self._producer
         try:  # close() flushes first and raises, the producer left open, while batches are incomplete (see close)

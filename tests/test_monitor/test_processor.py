@@ -2347,6 +2347,10 @@ def test_a_broker_error_at_the_restore_is_tried_again_not_a_start_from_the_artif
         SlowChangelog.broken = True
         assign(d, source, {p0})
         assert d.restoring and source.paused == {p0} and d._ready[1].startswith("restoring state: broker error")
+        source.down = "no connection to any broker"  # and /readyz says what the client sees of the broker
+        d._restore_step(0.0)
+        assert d._ready[1].endswith("; no connection to any broker")
+        source.down = None
         SlowChangelog.broken, SlowChangelog.docs = False, {"dev-x": {"v": 0}}  # the broker is back
         time.sleep(0.05)
         d._restore_step(0.0)  # opens again
