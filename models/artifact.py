@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import platform
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from models import __version__, beats
 from models.base import LOSSES
 from models.detector import Detector, Threshold
 from models.errors import ArtifactError, DataError, ModelConfigError
-from models.files import check_writable, locked_dir, write_bytes_atomically
+from models.files import check_writable, leftovers, locked_dir, write_bytes_atomically
 from models.registry import build
 from models.scaling import Scaler
 
@@ -58,7 +59,9 @@ def check_target(path: str | Path) -> None:
     file; in a folder this process may write to. Called before training, not after its minutes of work."""
     out = Path(path)
     check_writable(out, "artifact directory", directory=True)
-    if out.is_dir() and any(out.iterdir()):
+    others = [] if not out.is_dir() else [p for p in out.iterdir() if not (  # what a folder may hold besides ours:
+        p.name.startswith(".") or p.name in ("lost+found", WEIGHTS))]  # a .gitkeep, a fresh volume, a killed save's
+    if others:
         try:
             is_ours = json.loads((out / MANIFEST).read_text()).get("format") == FORMAT
         except (OSError, ValueError, AttributeError):
@@ -104,6 +107,8 @@ def save(detector: Detector, path: str | Path, training: dict[str, Any] | None =
     }
     text = json.dumps(manifest, indent=2, default=_jsonable, allow_nan=False) + "\n"
     with locked_dir(out):  # one save at a time: two trainings to one --out swapped each other's fixed-name temp files
+        for stale in leftovers(out):  # of saves killed before their rename (a full weights file each)
+            shutil.rmtree(stale, ignore_errors=True)
         write_bytes_atomically(out / WEIGHTS, blob)  # the weights first: a manifest never names weights not there yet
         write_bytes_atomically(out / MANIFEST, text.encode())
     return out

@@ -23,7 +23,7 @@ import pandas as pd
 
 from models import beats
 from models.errors import DataError
-from models.files import regular_file
+from models.files import read_limited
 
 ECG5000_SHA256 = {
     "ECG5000_TRAIN.tsv.gz": "df86ac15d7e283e731db6be7865f5004b65bc639014cb8b9753c26e24a9092a1",
@@ -326,11 +326,11 @@ def anomaly_windows(path: str | Path, data_name: str) -> list[tuple[np.datetime6
     whose last path component is ``data_name`` is used.
     """
     p = Path(path)
+    if not p.exists():
+        raise DataError(f"windows file not found: {p}")
     try:
-        doc = json.loads(regular_file(p, "windows file", MAX_WINDOWS_BYTES).read_text())  # not a FIFO, not /dev/zero
-    except FileNotFoundError:
-        raise DataError(f"windows file not found: {p}") from None
-    except (OSError, ValueError) as exc:
+        doc = json.loads(read_limited(p, "windows file", MAX_WINDOWS_BYTES))  # /dev/zero: not read until memory ran out
+    except ValueError as exc:
         raise DataError(f"windows file {p} is not readable JSON: {exc}") from None
     if isinstance(doc, dict):
         keys = [k for k in doc if Path(str(k)).name == data_name]

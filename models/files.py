@@ -3,7 +3,7 @@
 Owns :func:`replace_atomically` (a temporary sibling, flushed to disk, renamed over the target: a full disk or a
 kill left a truncated scores CSV or PNG in place of the good one, which still parsed), :func:`locked_dir` (one
 writer of a directory at a time: two trainings to one ``--out`` swapped each other's files) and
-:func:`regular_file` (a FIFO given as a config file blocked for ever, ``/dev/zero`` read until memory ran out).
+:func:`read_limited` (``/dev/zero`` given as a config file was read until memory ran out).
 """
 
 from __future__ import annotations
@@ -12,29 +12,57 @@ import contextlib
 import fcntl
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from models.errors import DataError, TsmonError
 
+TMP_PREFIX = ".tsmon-tmp-"  # the temporary folder of a write in progress, beside its target
+
 
 def replace_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Have ``write`` fill a temporary file beside ``path`` (same name after a prefix, so suffixes that choose a
-    format or a compression still do), flush it to disk and rename it over ``path``; on any failure the
-    temporary file is removed and ``path`` is as it was."""
-    target = Path(path)
+    """Have ``write`` fill a file of the same name in a temporary folder beside ``path`` (so a suffix that picks a
+    format, a compression or a zip's entry name does as before), flush it to disk, give it the mode of the file it
+    replaces and rename it over that file; on any failure the temporary folder goes and ``path`` is as it was. A
+    symlink is written through (the file it names is replaced, not the link); a target that is not a regular file
+    (``/dev/stdout``, a FIFO) is written directly."""
+    given = Path(path)
+    target = Path(os.path.realpath(given))
+    if target.exists() and not target.is_file():
+        write(target)
+        return given
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{secrets.token_hex(4)}-{target.name}")
+    folder = target.parent / f"{TMP_PREFIX}{secrets.token_hex(4)}"
+    folder.mkdir()
+    tmp = folder / target.name
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if target.exists():
+            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))  # a 0600 output stays 0600
         os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+        _fsync_dir(target.parent)  # the rename itself survives a power loss
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return given
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot: the rename is done all the same
+    finally:
+        os.close(fd)
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Temporary folders of writes killed before their rename (a full weights file or CSV each)."""
+    return [p for p in folder.glob(f"{TMP_PREFIX}*") if p.is_dir()]
 
 
 def write_bytes_atomically(path: str | Path, data: bytes) -> Path:
@@ -46,34 +74,42 @@ def locked_dir(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on the directory ``path`` (advisory, on the directory itself: nothing is added to it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without locks (some NFS): saves do not take turns there, but still happen
         yield
     finally:
         os.close(fd)  # releases the lock
 
 
-def regular_file(path: str | Path, what: str, max_bytes: int, error: type[TsmonError] = DataError) -> Path:
-    """``path`` if it is a regular file of at most ``max_bytes``; else ``error`` naming ``what`` and why (opened
-    first, a FIFO blocked the command for ever and ``/dev/zero`` was read until memory ran out)."""
+def read_limited(path: str | Path, what: str, max_bytes: int, error: type[TsmonError] = DataError) -> bytes:
+    """The bytes of ``path`` — a file, a pipe (``<(...)``, ``/dev/stdin``) — if there are at most ``max_bytes``; else
+    ``error`` naming ``what`` and why (``/dev/zero`` as a config file was read until memory ran out)."""
     p = Path(path)
     try:
-        st = p.stat()
+        if p.is_dir():
+            raise error(f"{what} {p} is a directory, not a file")
+        if p.is_file() and p.stat().st_size > max_bytes:
+            raise error(f"{what} {p} is {p.stat().st_size} bytes, over the {max_bytes} this reads")
+        with open(p, "rb") as f:
+            data = f.read(max_bytes + 1)
     except FileNotFoundError:
         raise error(f"{what} {p} not found") from None
     except OSError as exc:
         raise error(f"cannot read {what} {p}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise error(f"{what} {p} is not a regular file")
-    if st.st_size > max_bytes:
-        raise error(f"{what} {p} is {st.st_size} bytes, over the {max_bytes} this reads")
-    return p
+    if len(data) > max_bytes:
+        raise error(f"{what} {p} holds more than the {max_bytes} bytes this reads")
+    return data
 
 
 def check_writable(path: str | Path, what: str, directory: bool = False) -> None:
     """Before the work, not after it: ``path`` can be written as a ``what`` — a file (not an existing directory) or,
     with ``directory``, a directory (not an existing file) — in a folder this process may write to. Training
     found an unwritable --out only once its minutes of work were done."""
-    p = Path(path)
+    p = Path(os.path.realpath(path))  # a symlink is written through: its target's folder counts
+    if p.exists() and not p.is_dir() and not p.is_file():
+        return  # /dev/stdout, a FIFO: written in place
     if p.exists() and p.is_dir() != directory:
         raise DataError(f"{what} {p} is {'a file' if directory else 'a directory'}, not {'a directory' if directory else 'a file'}")
     folder = p if directory and p.is_dir() else p.parent

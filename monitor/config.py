@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from models.errors import ConfigError
-from models.files import regular_file
+from models.files import read_limited
 from monitor import logs
 from monitor.records import Limits
 
@@ -662,15 +662,11 @@ def _topics_win(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file {path} not found: give an existing file or leave --config out")
+    raw = read_limited(path, "config file", MAX_CONFIG_BYTES, ConfigError)  # /dev/zero was read until memory ran out
     try:
-        if path.exists():  # a FIFO blocked for ever, /dev/zero was read until memory ran out
-            regular_file(path, "config file", MAX_CONFIG_BYTES, ConfigError)
-        raw = path.read_bytes()
         return tomllib.loads(raw.removeprefix(b"\xef\xbb\xbf").decode())  # an editor's byte-order mark: not TOML's
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found: give an existing file or leave --config out") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 

@@ -21,7 +21,7 @@ from monitor.controller import GLOBAL_KEY, Controller
 from monitor.metrics import Metrics
 from monitor.processor import Processor
 from monitor.source import TP, Source
-from monitor.state import Changelog, ChangelogReader
+from monitor.state import Changelog, ChangelogReader, doc_epoch
 
 log = logs.get("tsmon.daemon")
 RESTORE_OPEN_S = 30.0  # longest one opening of the changelog waits for its positions and end offsets (the broker away)
@@ -51,6 +51,18 @@ def wait_for(opened: Future[ChangelogReader], timeout_s: float) -> bool:
 def _close_when_opened(opened: Future[ChangelogReader]) -> None:
     """An opening no longer wanted: its consumer is closed once it is there."""
     opened.add_done_callback(lambda f: f.result().close() if f.exception() is None else None)
+
+
+def _merged(a: Changelog, b: Changelog) -> Changelog:
+    """Two failed reads of the changelog as one: every stream either found, in the version of the later owner
+    (``epoch``), else of the read that got further. Kept whole, the further read lost the streams of a partition
+    the other had read further in (a changelog has several)."""
+    first, last = sorted((a, b), key=lambda c: c.records)
+    docs = dict(first.docs)
+    for key, doc in last.docs.items():
+        if key not in docs or doc_epoch(doc) >= doc_epoch(docs[key]):
+            docs[key] = doc
+    return Changelog(docs, last.records, last.seconds, False, last.superseded)
 
 
 class Restore:
@@ -140,10 +152,8 @@ class Restore:
         at the changelog's beginning: the longer one holds the shorter's documents, or later versions of them)."""
         reader, self.reader = self.reader, None
         if reader is not None:
-            read = reader.close()
-            kept = self._partial
-            if kept is None or read.complete or (not kept.complete and read.records >= kept.records):
-                self._partial = read
+            read, kept = reader.close(), self._partial
+            self._partial = read if kept is None or read.complete else kept if kept.complete else _merged(kept, read)
 
     def _advance(self, budget_s: float, left: float) -> str | None:
         """One step of the open or the read; None once it is read to its end."""

@@ -192,6 +192,7 @@ class KafkaSource:
                 break
         if batches:
             self._last_records = time.monotonic()
+            self._absent = False  # records came: the broker is back (its heartbeat may not say so for seconds)
         return [InRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp or 0)
                 for records in batches.values() for r in records]
 

@@ -275,3 +275,23 @@ def test_weights_of_another_size_are_refused_before_they_are_read(trained, tmp_p
         f.truncate(1 << 30)  # sparse: no disk taken
     with pytest.raises(ArtifactError, match="bytes, the manifest says"):
         artifact.load(copy, "cpu")
+
+
+def test_a_folder_that_may_take_an_artifact_is_taken_and_a_killed_save_is_cleared(trained, tmp_path: Path) -> None:
+    """Review: a folder holding only a .gitkeep, a fresh volume's lost+found, or the weights a killed first save
+    left was refused as "another program's directory"; a killed save's temporary files piled up."""
+    det, _, _ = trained
+    out = tmp_path / "vol"
+    (out / "lost+found").mkdir(parents=True)
+    (out / ".gitkeep").write_text("")
+    (out / "weights.safetensors").write_bytes(b"half")
+    stale = out / ".tsmon-tmp-0badc0de"
+    stale.mkdir()
+    (stale / "weights.safetensors").write_bytes(b"x" * 1000)
+    artifact.check_target(out)
+    artifact.save(det, out)
+    assert not stale.exists() and artifact.load(out, "cpu").kind == det.kind
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="holds no tsmon artifact"):
+        artifact.check_target(tmp_path / "app")

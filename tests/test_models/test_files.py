@@ -1,15 +1,17 @@
-"""Files written whole or not at all, and read only when they are regular files of a sane size."""
+"""Files written whole or not at all, and read only up to a size."""
 
 from __future__ import annotations
 
 import errno
 import os
+import zipfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from models.errors import ConfigError, DataError
-from models.files import regular_file, replace_atomically
+from models.files import leftovers, read_limited, replace_atomically
 
 
 def test_a_failed_write_leaves_the_good_file_and_no_temporary(tmp_path: Path) -> None:
@@ -19,7 +21,7 @@ def test_a_failed_write_leaves_the_good_file_and_no_temporary(tmp_path: Path) ->
     out.write_text("good\n")
 
     def half(tmp: Path) -> None:
-        assert tmp.parent == out.parent and tmp.name.endswith(".csv.gz")  # suffixes kept: pandas picks gzip by them
+        assert tmp.parent.parent == out.parent and tmp.name == out.name  # suffixes kept: pandas picks gzip by them
         tmp.write_text("half a ro")
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -28,20 +30,41 @@ def test_a_failed_write_leaves_the_good_file_and_no_temporary(tmp_path: Path) ->
     assert out.read_text() == "good\n" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv.gz"]
     replace_atomically(out, lambda tmp: tmp.write_text("new\n"))
     assert out.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv.gz"]
+    assert leftovers(tmp_path) == []
 
 
-def test_only_a_regular_file_of_a_sane_size_is_read(tmp_path: Path) -> None:
-    """A FIFO given as --config blocked the command for ever; /dev/zero was read until memory ran out."""
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
+def test_a_replaced_file_keeps_its_mode_its_links_and_its_archive_entry(tmp_path: Path) -> None:
+    """Review: the link of `latest.csv -> v1.csv` was replaced by a file (v1 left stale), a 0600 output came back
+    0644, and a zip held `.tmp-2049c8a4-scores.csv` instead of `scores.csv`; /dev/stdout would have been replaced."""
+    real = tmp_path / "v1.csv"
+    real.write_text("old\n")
+    real.chmod(0o600)
+    link = tmp_path / "latest.csv"
+    link.symlink_to(real)
+    replace_atomically(link, lambda tmp: tmp.write_text("new\n"))
+    assert link.is_symlink() and real.read_text() == "new\n" and real.stat().st_mode & 0o777 == 0o600
+    zipped = tmp_path / "scores.csv.zip"
+    replace_atomically(zipped, lambda tmp: pd.DataFrame({"a": [1]}).to_csv(tmp, index=False))
+    assert zipfile.ZipFile(zipped).namelist() == ["scores.csv"]
+    replace_atomically("/dev/null", lambda tmp: tmp.write_text("gone\n"))  # not a regular file: written in place
+    assert Path("/dev/null").is_char_device()
+
+
+def test_only_so_many_bytes_are_read(tmp_path: Path) -> None:
+    """/dev/zero as --config or --windows was read until memory ran out; a pipe (`<(...)`) is read as before."""
     big = tmp_path / "big.toml"
     big.write_bytes(b"#" * 2000)
-    with pytest.raises(ConfigError, match="is not a regular file"):
-        regular_file(fifo, "config file", 1000, ConfigError)
-    with pytest.raises(DataError, match="is not a regular file"):
-        regular_file("/dev/zero", "windows file", 1000)
+    with pytest.raises(ConfigError, match="holds more than the 1000 bytes"):
+        read_limited("/dev/zero", "config file", 1000, ConfigError)
     with pytest.raises(DataError, match="2000 bytes, over the 1000"):
-        regular_file(big, "windows file", 1000)
+        read_limited(big, "windows file", 1000)
     with pytest.raises(DataError, match="not found"):
-        regular_file(tmp_path / "absent", "windows file", 1000)
-    assert regular_file(big, "windows file", 2000) == big
+        read_limited(tmp_path / "absent", "windows file", 1000)
+    with pytest.raises(DataError, match="is a directory"):
+        read_limited(tmp_path, "windows file", 1000)
+    assert read_limited(big, "windows file", 2000) == b"#" * 2000
+    r, w = os.pipe()
+    os.write(w, b"[a]\n")
+    os.close(w)
+    assert read_limited(f"/dev/fd/{r}", "config file", 1000) == b"[a]\n"
+    os.close(r)

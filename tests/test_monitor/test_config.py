@@ -214,16 +214,22 @@ def test_durations_are_at_most_ten_years() -> None:
     assert load_config(env={}, overrides={"daemon.scoring_timeout_s": 315_360_000}).daemon.scoring_timeout_s > 0
 
 
-def test_a_config_that_is_no_regular_file_is_refused_and_a_bom_is_read(tmp_path: Path) -> None:
-    """A FIFO as --config blocked `config check`, `run` and `status` for ever; /dev/zero was read until memory ran
-    out; a file an editor saved with a byte-order mark was "not valid TOML (line 1, column 1)"."""
+def test_a_config_past_its_size_is_refused_a_pipe_is_read_and_a_bom_skipped(tmp_path: Path) -> None:
+    """/dev/zero as --config was read until memory ran out; a config rendered into a pipe (`--config <(...)`) is
+    read; a file an editor saved with a byte-order mark was "not valid TOML (line 1, column 1)"."""
     import os
+    import threading
 
-    fifo = tmp_path / "tsmon.toml"
+    with pytest.raises(ConfigError, match="holds more than the 1048576 bytes"):
+        load_config(Path("/dev/zero"), env={})
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path, env={})
+    fifo = tmp_path / "rendered.toml"
     os.mkfifo(fifo)
-    for path in (fifo, Path("/dev/zero")):
-        with pytest.raises(ConfigError, match="is not a regular file"):
-            load_config(path, env={})
+    writer = threading.Thread(target=fifo.write_text, args=("[daemon]\nshutdown_timeout_s = 7\n",))
+    writer.start()
+    assert load_config(fifo, env={}).daemon.shutdown_timeout_s == 7
+    writer.join(5)
     bom = tmp_path / "bom.toml"
     bom.write_bytes(b"\xef\xbb\xbf[daemon]\nshutdown_timeout_s = 5\n")
     assert load_config(bom, env={}).daemon.shutdown_timeout_s == 5
@@ -257,7 +263,7 @@ def test_broker_addresses_the_clients_accept() -> None:
 def test_missing_and_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file .*nope.toml not found"):
         load_config(tmp_path / "nope.toml", env={})
-    with pytest.raises(ConfigError, match="config file .* is not a regular file"):
+    with pytest.raises(ConfigError, match="config file .* is a directory"):
         load_config(tmp_path, env={})
 
 

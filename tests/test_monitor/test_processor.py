@@ -2292,6 +2292,19 @@ def test_a_restore_waits_for_its_opening_without_spinning_and_gives_up_loudly(
         d.processor.close()
 
 
+def test_two_failed_reads_are_merged_stream_by_stream() -> None:
+    """Review: the read with more records was kept whole, and the streams of a partition the other read had got
+    further in lost their documents (a changelog has several partitions, read in no fixed order)."""
+    from monitor.restoring import _merged
+    from monitor.state import Changelog
+
+    first = Changelog({"p0-a": {"v": 1, "epoch": 2}, "p0-b": {"v": 1}}, 600, 1.0, False)
+    second = Changelog({"p0-a": {"v": 0, "epoch": 1}, "p1-c": {"v": 1}}, 700, 2.0, False)
+    merged = _merged(first, second)
+    assert merged.docs == {"p0-a": {"v": 1, "epoch": 2}, "p0-b": {"v": 1}, "p1-c": {"v": 1}}
+    assert (merged.records, merged.complete) == (700, False)
+
+
 def test_what_a_failed_read_got_is_kept_when_no_later_read_succeeds(
         stream_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A read that failed part-way was dropped for the retry; when every retry then failed until restore_timeout_s

@@ -47,6 +47,9 @@ def test_while_the_broker_is_away_poll_asks_without_waiting_and_sleeps() -> None
     src.broker_problem = lambda: "broker not answering: no group heartbeat for 7 s"  # type: ignore[method-assign]
     t0 = time.monotonic()
     assert src.poll(60) == [] and consumer.timeouts == [0] and time.monotonic() - t0 >= 0.05
+    consumer.ready_at = 0.0  # records again before the heartbeat says the broker is back: it is, no more sleeping
+    assert src.poll(60) and src._absent is False
+    consumer.ready_at, src._last_records = float("inf"), -float("inf")
     src.broker_problem = lambda: None  # type: ignore[method-assign]
     time.sleep(0.5)  # asked again after ABSENT_CHECK_S: back, the wait is the client's again
     assert src.poll(35) == [] and consumer.timeouts[-1] > 30
