@@ -44,7 +44,7 @@ from models import artifact
 from models.beats import rule_of
 from models.data import Series, series_dataset
 from models.errors import BrokerError, DataError, describe
-from models.files import write_bytes_atomically
+from models.files import check_writable, write_bytes_atomically
 from models.workflow import baseline
 from monitor import logs
 from monitor.alerts import iso
@@ -161,6 +161,7 @@ def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> 
     from monitor.config import load_config
 
     base_cfg = load_config(opts.config)
+    check_writable(opts.out, "--out", directory=True)  # before the replay: found at its end, the figures were lost
     clock = replay_clock(opts.calibrator_clock, base_cfg)  # before plan() writes the baseline
     p = plan(model, series, ts_ms, opts, base_cfg.windows.gap_ms)
     log.info("replay_eval_plan", stream=p.stream, speed=round(p.speed, 3), split_sample=p.split,

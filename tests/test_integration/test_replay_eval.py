@@ -214,6 +214,10 @@ def test_the_cli_prints_the_json_keys_and_rejects_unlabelled_data(broker: Any, t
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1 and "--calibrator-clock must be data or wall" in proc.stderr
     assert not (tmp_path / "h").exists()  # refused before anything was fitted or written
+    (tmp_path / "a_file").write_text("x")  # an --out that cannot be a folder: said before the replay, not after it
+    proc = subprocess.run([*base, "--data", str(data), "--out", str(tmp_path / "a_file")], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 1 and "is a file, not a directory" in proc.stderr and "replay_eval_plan" not in proc.stderr
     pd.read_csv(data).drop(columns="label").to_csv(tmp_path / "plain.csv", index=False)
     proc = subprocess.run([*base, "--data", str(tmp_path / "plain.csv")], capture_output=True, text=True,
                           timeout=60, check=False)
