@@ -283,14 +283,19 @@ def test_eval_ranks_a_window_the_model_overflows_on_first_and_train_names_it(ser
     assert code == 1 and "validation window(s) score NaN or inf" in err and "3e+38" in err
 
 
+def csv_with(series_csv: Path, path: Path, change: Any) -> Path:
+    """A copy of the test series at ``path`` with ``change(frame)`` applied."""
+    df = pd.read_csv(series_csv)
+    change(df)
+    df.to_csv(path, index=False)
+    return path
+
+
 def test_a_scale_set_by_a_few_extreme_training_samples_is_warned_of(series_csv: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """One 1e30 in the training part set the standard scale to 3.6e28: every window scored the same 1.9e-9, the
     model was blind (ROC-AUC 0.5, 0 of 3 events) and training said nothing. `robust` is not moved by it."""
-    df = pd.read_csv(series_csv)
-    df.loc[500, "ch1"] = 1e30
-    spiked = tmp_path / "spiked.csv"
-    df.to_csv(spiked, index=False)
+    spiked = csv_with(series_csv, tmp_path / "spiked.csv", lambda df: df.loc.__setitem__((500, "ch1"), 1e30))
     args = ["train", "--data", str(spiked), "--model", "pca", "--window", "40", "--hop", "20"]
     code, _, err = run(capsys, *args, "--out", str(tmp_path / "s"))
     assert code == 0 and "scale_set_by_outliers" in err and '"ch1"' in err and '"ch0"' not in err.split("scale_set")[1]
@@ -321,10 +326,7 @@ def test_channels_steady_in_training_are_named(series_csv: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """The flat-line test is off for a channel steady in 1 % or more of the training windows: said at training, not
     found out when a stuck sensor goes unreported."""
-    df = pd.read_csv(series_csv)
-    df["ch1"] = 3.0
-    steady = tmp_path / "steady.csv"
-    df.to_csv(steady, index=False)
+    steady = csv_with(series_csv, tmp_path / "steady.csv", lambda df: df.__setitem__("ch1", 3.0))
     code, _, err = run(capsys, "train", "--data", str(steady), "--model", "pca", "--window", "40", "--hop", "20",
                        "--out", str(tmp_path / "m"))
     assert code == 0 and "channels_steady_in_training" in err and '["ch1"]' in err
