@@ -1,7 +1,7 @@
 """Files tsmon writes and reads by name: written whole or not at all, read only when they are what they claim.
 
-Owns :func:`replace_atomically` (a temporary sibling, flushed to disk, renamed over the target: a full disk or a
-kill left a truncated scores CSV or PNG in place of the good one, which still parsed), :func:`locked_dir` (one
+Owns :func:`replace_atomically` (written in a temporary folder beside the target, flushed to disk, renamed over it:
+a full disk or a kill left a truncated scores CSV or PNG in place of the good one, which still parsed), :func:`locked_dir` (one
 writer of a directory at a time: two trainings to one ``--out`` swapped each other's files) and
 :func:`read_limited` (``/dev/zero`` given as a config file was read until memory ran out).
 """

@@ -133,7 +133,7 @@ class _Health:
                         lags[(topic, int(p))] = max(0, int(high) - int(position))
             self.lags = lags
         except Exception as exc:  # noqa: BLE001
-            log.error("kafka_statistics_unreadable", client="confluent", error=f"{describe(exc)}")
+            log.error("kafka_statistics_unreadable", client="confluent", error=describe(exc))
 
     def error(self, err: Any) -> None:
         from confluent_kafka import KafkaError
@@ -324,7 +324,7 @@ class ConfluentSource:
                 if high >= 0 and position >= 0:
                     lags[(c.topic, c.partition)] = max(0, high - position)
         except Exception as exc:  # noqa: BLE001 — a gauge must never stop anything (a closed consumer: RuntimeError)
-            log.debug("unread_lags_failed", client="confluent", error=f"{describe(exc)}")
+            log.debug("unread_lags_failed", client="confluent", error=describe(exc))
         self._unread_lags = lags  # replaced whole: read by the loop
 
     def rewind(self, offsets: dict[TP, int]) -> None:

@@ -349,7 +349,7 @@ class ControlSource:
             batches = self._consumer.poll(timeout_ms=0)
         except KafkaError as exc:  # raised, it ended the daemon
             if not self._failing:
-                log.warning("control_poll_failed", error=f"{describe(exc)}"[:300],
+                log.warning("control_poll_failed", error=describe(exc)[:300],
                             consequence="operator commands wait until the control topic can be read")
             self._failing = True
             return []

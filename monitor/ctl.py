@@ -95,7 +95,7 @@ class Topics:
             finally:
                 consumer.close()
         except Exception as exc:  # noqa: BLE001 — without it ctl falls back to the settle rule
-            log.info("ctl_metadata_unavailable", error=f"{describe(exc)}")
+            log.info("ctl_metadata_unavailable", error=describe(exc))
 
 
 def _collect(audit: Any, command_id: str, timeout_s: float, settle_s: float,

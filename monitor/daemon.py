@@ -334,7 +334,7 @@ class Daemon:
         try:
             self._recalibrate(streams)
         except Exception as exc:  # noqa: BLE001 — the next scheduled run tries again
-            log.error("recalibration_failed", error=f"{describe(exc)}"[:500])
+            log.error("recalibration_failed", error=describe(exc)[:500])
 
     def _recalibrate(self, streams: list[str] | None) -> None:
         refused: dict[str, str] = {}
@@ -713,7 +713,7 @@ class Daemon:
                     if close is not None:
                         close()
                 except Exception as exc:  # noqa: BLE001
-                    log.error("close_failed", part=name, error=f"{describe(exc)}")
+                    log.error("close_failed", part=name, error=describe(exc))
         self.notifier.close()
         log.info("daemon_stopped", uptime_s=round(time.monotonic() - self._started, 1),
                  shutdown_s=round(time.monotonic() - t0, 3), **_summary(self.metrics))

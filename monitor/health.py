@@ -108,8 +108,8 @@ class HealthServer:
         try:
             return route()
         except Exception as exc:  # noqa: BLE001 (a broken callable must not take the server down)
-            log.warning("http_endpoint_failed", path=path, error=f"{describe(exc)}")
-            return _json(500, {"error": f"{describe(exc)}"})
+            log.warning("http_endpoint_failed", path=path, error=describe(exc))
+            return _json(500, {"error": describe(exc)})
 
 
 def _probe(check: Probe) -> tuple[int, str, bytes]:
@@ -163,7 +163,7 @@ class _Server(ThreadingHTTPServer):
             raise
 
     def _make_room(self) -> bool:
-        """Every slot taken: cut the connection that has waited longest without sending its request, and take its
+        """Every slot taken: cut the connection that has waited longest without sending anything, and take its
         slot. Refused instead, a probe lost to a stream of idle connections: 200 loopback clients reconnecting as
         soon as they were cut (READ_TIMEOUT_S) answered 0 probes of 30, and a liveness probe restarts the daemon."""
         with self.lock:
@@ -204,7 +204,7 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # default prints a traceback to stderr
         exc = sys.exc_info()[1]  # called inside socketserver's except block
-        log.debug("http_connection_error", client=str(client_address), error=f"{describe(exc)}")
+        log.debug("http_connection_error", client=str(client_address), error=describe(exc))
 
 
 def _host(client_address: Any) -> str:

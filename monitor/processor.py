@@ -180,9 +180,9 @@ class Processor:
             try:
                 block = parse(rec.value, rec.key, self.settings.limits)
             except Exception as exc:  # noqa: BLE001 — a parser bug must cost one message, never the daemon
-                self.throttle.log(log.error, "parse_failed", error=f"{describe(exc)}"[:300],
+                self.throttle.log(log.error, "parse_failed", error=describe(exc)[:300],
                                   topic=rec.topic, partition=rec.partition, offset=rec.offset)
-                block = BadRecord("unparseable", f"{describe(exc)}"[:200])
+                block = BadRecord("unparseable", describe(exc)[:200])
             why = self._route(block) if isinstance(block, SampleBlock) else block
             if why is not None:
                 self._dead_letter(rec, why)
@@ -237,7 +237,7 @@ class Processor:
         except Exception as exc:
             if self.failed is not None:  # scoring failed (a clock step scores what waits): the daemon's, not theirs
                 raise
-            why = f"{describe(exc)}"
+            why = describe(exc)
             log.error("append_failed", stream=stream[:64], error=why[:300])
             for rec, _block in items:
                 if id(rec) not in done:
@@ -495,7 +495,7 @@ class Processor:
         try:
             how = st.restore(stream, doc, self.calibrator, replayed)
         except Exception as exc:  # noqa: BLE001 — a bad document (compaction keeps it) must not stop the stream
-            log.error("state_restore_failed", stream=stream, error=f"{describe(exc)}")
+            log.error("state_restore_failed", stream=stream, error=describe(exc))
             return "failed"
         at = doc.get("recalibrate_at_ts")  # absent: written on the wall clock, or by an earlier version
         if how == "evidence_unreadable":
@@ -593,7 +593,7 @@ class Processor:
         except Exception as exc:
             if not future.done():  # not a failure of the call: it is still running
                 self._stuck(batch, shutting_down=limit < since + self.settings.scoring_timeout_s)
-            self.failed = f"{describe(exc)}"[:300]
+            self.failed = describe(exc)[:300]
             log.error("scoring_failed", error=self.failed, windows=len(batch),
                       consequence="nothing applied, snapshotted or committed from now on: the next start replays "
                                   "from the last commit")
@@ -759,7 +759,7 @@ class Processor:
         try:
             return explain.for_window(st.served.detector, peak.values, peak.threshold, peak.start_ts, peak.end_ts)
         except Exception as exc:  # noqa: BLE001 — a picture must never cost the alert itself
-            log.error("explain_failed", error=f"{describe(exc)}")
+            log.error("explain_failed", error=describe(exc))
             return None
 
     def alert_settings(self, served: Served) -> AlertSettings:

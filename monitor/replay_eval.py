@@ -329,4 +329,4 @@ def _delete_topics(client: dict[str, Any], topics: list[str]) -> None:
         finally:
             admin.close()
     except KafkaError as exc:
-        log.warning("replay_eval_topics_left", topics=topics, error=f"{describe(exc)}")
+        log.warning("replay_eval_topics_left", topics=topics, error=describe(exc))

@@ -85,7 +85,7 @@ class Restore:
         self.failures = 0  # broker errors since then
         self._retry_at = 0.0
         self._error = ""
-        self._partial: Changelog | None = None  # the furthest of the reads that failed, applied if none succeeds
+        self._partial: Changelog | None = None  # the reads that failed, merged: applied if none succeeds
 
     @property
     def active(self) -> bool:
@@ -111,7 +111,7 @@ class Restore:
         """Open the read if asked to, read on for ``budget_s`` (waiting for an opening or a retry's time at most
         that long: returned at once, the loop spun — 171 000 turns a second). Returns how far it is while it goes
         on; once it is read to its end (or ``restore_timeout_s`` ran out, or the signal came) its documents wait in
-        the processor for their streams — those of the furthest read when every read failed — and it returns the
+        the processor for their streams — those the failed reads got, merged, when none succeeded — and it returns the
         assigned partitions that waited for it (to resume). ``None``: no read to step."""
         if not self.active:
             return None
@@ -148,8 +148,8 @@ class Restore:
         return waits
 
     def _keep_partial(self) -> None:
-        """Close the reader, keeping what it read if it read further than the read kept before (each read starts
-        at the changelog's beginning: the longer one holds the shorter's documents, or later versions of them)."""
+        """Close the reader, keeping what it read: a complete read replaces what failed reads got, a failed one is
+        merged with them (:func:`_merged`)."""
         reader, self.reader = self.reader, None
         if reader is not None:
             read, kept = reader.close(), self._partial

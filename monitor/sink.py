@@ -151,7 +151,7 @@ class KafkaSink:
             old._accumulator.abort_incomplete_batches()
             old.close(timeout=0.1)
         except Exception as exc:  # noqa: BLE001 — a producer in a fatal state may fail to close; dropped either way
-            log.debug("producer_close_failed", error=f"{describe(exc)}")
+            log.debug("producer_close_failed", error=describe(exc))
         # the version the old one found: no bootstrap in the constructor, which blocked the loop for 30 s (and the
         # shutdown twice) with the broker away
         version = getattr(old, "config", {}).get("api_version")
@@ -177,7 +177,7 @@ class KafkaSink:
         self._inflight.append((msg, future))
 
     def _give_up(self, msg: OutMessage, exc: BaseException) -> None:
-        why = f"{describe(exc)}"
+        why = describe(exc)
         log.error("message_undeliverable", topic=msg.topic, key=(msg.key or b"").decode(errors="replace"),
                   bytes=len(msg.value or b""), error=why)
         self._on_undeliverable(msg, why)

@@ -300,7 +300,7 @@ class KafkaSource:
                 self._paused_ends.update(self._consumer.end_offsets(list(paused), timeout_ms=PAUSED_ENDS_TIMEOUT_MS))
             except Exception as exc:  # noqa: BLE001 — a gauge must never stop the loop (kafka-python raises KeyError
                 # for a partition the answer left out, RuntimeError from a closed selector)
-                log.debug("paused_end_offsets_failed", error=f"{describe(exc)}")
+                log.debug("paused_end_offsets_failed", error=describe(exc))
         out = {}
         for tp in self._consumer.assignment():
             high = max((h for h in (self._consumer.highwater(tp), self._paused_ends.get(tp)) if h is not None),
