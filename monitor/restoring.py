@@ -133,13 +133,15 @@ class Restore:
                                 left_s=round(left, 1))
                     return f"restoring state: broker error, trying again in {wait:g} s ({exc})"
         self._keep_partial()
-        read, opening = self._partial, self._opening is not None
+        read, opening = self._partial, self._opening
         self._partial = None
         self.drop()  # an opening still under way, a retry still due: given up
         self.due = False
         if not stopping and (self._error or opening) and (read is None or not read.complete):
+            late = opening is not None and opening.done() and opening.exception() is None
             log.error("state_restore_failed", failures=self.failures, records=read.records if read else 0,
-                      error=self._error or f"the changelog was still opening after {self.cfg.state.restore_timeout_s:g} s",
+                      error=self._error or f"the changelog {'opened just as' if late else 'was still opening when'} "
+                      f"restore_timeout_s ({self.cfg.state.restore_timeout_s:g} s) ran out: nothing read",
                       consequence="streams start from what was read, or from their artifact: restore_timeout_s ran "
                       "out")
         if read is not None:

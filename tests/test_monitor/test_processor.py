@@ -2286,7 +2286,7 @@ def test_a_restore_waits_for_its_opening_without_spinning_and_gives_up_loudly(
         d.run(until=until)
         assert 0.5 < time.monotonic() - t0 < 5 and turns[0] < 100  # ~0.1 s a turn while the opening hangs
         out = capsys.readouterr()
-        assert "state_restore_failed" in out.out + out.err and "still opening" in out.out + out.err
+        assert "state_restore_failed" in out.out + out.err and "was still opening when" in out.out + out.err
     finally:
         release.set()
         d.processor.close()
