@@ -32,7 +32,6 @@ log = logs.get("tsmon.source")
 TP = tuple[str, int]  # (topic, partition)
 POLL_SLICE_MS = 10  # longest single wait inside KafkaSource.poll while records flow (see there)
 SLICE_WHILE_ACTIVE_S = 1.0  # records within this long: the input counts as flowing
-ABSENT_CHECK_S = 0.5  # how often poll asks whether the broker is away (its metrics cost a dict of them all)
 NAMED_PARTITION = re.compile(r"TopicPartition\(topic='([^']*)', partition=(\d+)\)")  # in kafka-python's messages
 PAUSED_ENDS_EVERY_S = 5.0  # how often the end offsets of paused partitions are asked for (KafkaSource.lags)
 PAUSED_ENDS_TIMEOUT_MS = 500  # ... and how long the loop waits for them at most
@@ -138,7 +137,6 @@ class KafkaSource:
         self._in_callback = False
         self._callback_error: BaseException | None = None  # what our rebalance callback raised inside a poll
         self._last_records = -float("inf")  # monotonic time the last poll returned records
-        self._absent_at, self._absent = -float("inf"), False  # broker_problem(), asked at most every ABSENT_CHECK_S
         self._session_s = consumer_kwargs.get("session_timeout_ms", 10_000) / 1000
         self._paused_ends: dict[Any, int] = {}  # end offsets of paused partitions, asked for (lags)
         self._paused_ends_due = 0.0  # monotonic time they are asked for again
@@ -167,11 +165,6 @@ class KafkaSource:
         piece = POLL_SLICE_MS if now - self._last_records < SLICE_WHILE_ACTIVE_S else timeout_ms
         from kafka.errors import KafkaError
 
-        if now - self._absent_at >= ABSENT_CHECK_S:
-            self._absent_at, self._absent = now, self.broker_problem() is not None
-        if self._absent:  # kafka-python's poll spins a core while the broker is frozen (~28 s of 100 %, measured):
-            piece = 0  # asked without waiting, the rest of the wait slept below
-
         while True:
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
             try:
@@ -185,14 +178,10 @@ class KafkaSource:
                     raise PartitionUnreadable(message, (named[1], int(named[2]))) from None
                 raise BrokerError(message) from None
             self._raise_callback_error()
-            if self._absent and not batches:
-                time.sleep(max(0.0, deadline - time.monotonic()))
-                break
             if batches or left_ms <= piece:
                 break
         if batches:
             self._last_records = time.monotonic()
-            self._absent = False  # records came: the broker is back (its heartbeat may not say so for seconds)
         return [InRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp or 0)
                 for records in batches.values() for r in records]
 

@@ -34,25 +34,7 @@ def source_on(consumer: SleepyConsumer, flowing: bool = True) -> KafkaSource:
     src._consumer = consumer
     src._last_records = time.monotonic() if flowing else -float("inf")
     src._callback_error, src._in_callback = None, False
-    src._absent_at, src._absent = float("inf"), False  # the broker is not asked after (no metrics here)
     return src
-
-
-def test_while_the_broker_is_away_poll_asks_without_waiting_and_sleeps() -> None:
-    """kafka-python's poll spins a core while the broker is frozen (97-99 % for ~28 s of a freeze, a bare client
-    too): while broker_problem() says it is away, the client is asked with a zero timeout and the wait is slept."""
-    consumer = SleepyConsumer(ready_at=float("inf"))
-    src = source_on(consumer, flowing=False)
-    src._absent_at = -float("inf")
-    src.broker_problem = lambda: "broker not answering: no group heartbeat for 7 s"  # type: ignore[method-assign]
-    t0 = time.monotonic()
-    assert src.poll(60) == [] and consumer.timeouts == [0] and time.monotonic() - t0 >= 0.05
-    consumer.ready_at = 0.0  # records again before the heartbeat says the broker is back: it is, no more sleeping
-    assert src.poll(60) and src._absent is False
-    consumer.ready_at, src._last_records = float("inf"), -float("inf")
-    src.broker_problem = lambda: None  # type: ignore[method-assign]
-    time.sleep(0.5)  # asked again after ABSENT_CHECK_S: back, the wait is the client's again
-    assert src.poll(35) == [] and consumer.timeouts[-1] > 30
 
 
 def test_while_records_flow_poll_waits_in_slices_and_returns_as_soon_as_records_come() -> None:
