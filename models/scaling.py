@@ -114,10 +114,15 @@ class Scaler:
         return cls(center, scale, str(d.get("method", "standard")), spread, steady)
 
 
+def _spread_over(windows: np.ndarray, max_windows: int) -> np.ndarray:
+    """At most about ``max_windows`` of ``windows``, taken evenly over the set (a view: nothing copied)."""
+    return windows[:: max(1, len(windows) // max_windows)]
+
+
 def _low_window_spread(windows: np.ndarray, chunk: int = 4096, max_windows: int = 100_000) -> np.ndarray:
     """Per channel, the 1st percentile of the standard deviation inside each window ``[n, W, C]``, on at most
     ``max_windows`` of them spread over the set, in chunks."""
-    windows = windows[:: max(1, len(windows) // max_windows)]
+    windows = _spread_over(windows, max_windows)
     stds = [windows[i : i + chunk].astype("float64").std(axis=1) for i in range(0, len(windows), chunk)]
     return np.percentile(np.concatenate(stds), 1, axis=0)
 
@@ -131,7 +136,7 @@ def outlier_scaled(windows: np.ndarray, scaler: Scaler, max_windows: int = 20_00
     the model blind, ROC-AUC 0.5). ``robust`` is not moved by them. Checked on at most ``max_windows`` windows."""
     if scaler.method != "standard" or windows.ndim != 3 or len(windows) == 0:
         return []
-    sample = windows[:: max(1, len(windows) // max_windows)].reshape(-1, windows.shape[-1]).astype("float64")
+    sample = _spread_over(windows, max_windows).reshape(-1, windows.shape[-1]).astype("float64")
     q75, q25 = np.percentile(sample, [75, 25], axis=0)
     middle = (q75 - q25) / 1.349
     scale = np.asarray(scaler.scale)

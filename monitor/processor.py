@@ -468,8 +468,7 @@ class Processor:
                                        self._base_gap_ms(served)),
             StreamQuality(stream, np.asarray(det.scaler.flat_scale, "float32"), det.channel_names, s.flatline_rel_std,
                           s.rate_tolerance, s.quality_cooldown_ms,
-                          on_finding=lambda kind: self.metrics.quality.labels(kind).inc(),
-                          window_spread=det.scaler.window_spread),
+                          on_finding=lambda kind: self.metrics.quality.labels(kind).inc()),
             AlertState(stream, served.identity, self.alert_settings(served)), recent_alerts=deque(maxlen=s.recent_alerts))
         if s.state_topic is not None:  # until its first document (sent with the next commit), a replay after a
             st.doc_from_seq = 1       # crash must begin where this instance began reading it: the state it

@@ -37,7 +37,13 @@ def flat_channels(windows: np.ndarray, scale: np.ndarray, rel_std: float,
     among those whose training windows were rarely that steady (``window_spread``, relative to ``scale``: a channel
     constant in training, or a set-point steady for most windows, is not a stuck sensor when it is steady live)."""
     flat = windows.std(axis=1, dtype="float64") <= rel_std * scale  # float32 squares overflow above ~1e19
-    return flat if window_spread is None else flat & (np.asarray(window_spread) > rel_std)
+    return flat if window_spread is None else flat & ~steady(window_spread, rel_std)
+
+
+def steady(window_spread: tuple[float, ...], rel_std: float) -> np.ndarray:
+    """``[C]``: channels as steady as a flat line in 1 % or more of the training windows (``Scaler.window_spread``):
+    the flat-line test leaves them alone."""
+    return np.asarray(window_spread) <= rel_std
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +80,6 @@ class StreamQuality:
     _drifting: bool = False
     _recent_period: float | None = None  # the median of the last CHECK_EVERY intervals, at the last check
     _gaps_in_row: int = 0  # intervals over gap_ms since the last one under it
-    window_spread: tuple[float, ...] | None = None  # the model's (Scaler.window_spread): channels steady in training
 
     def event(self, kind: str, ts: int, detail: str, channels: tuple[str, ...] = ()) -> list[QualityEvent]:
         """Count a finding; return it as an event unless the cooldown holds it back."""
@@ -175,7 +180,7 @@ class StreamQuality:
 
     def flat(self, windows: np.ndarray) -> np.ndarray:
         """Per window and channel: is the channel flat-lined (stuck or lead-off) in that window? ``[k, C]``."""
-        return flat_channels(windows, self.scale, self.flatline_rel_std, self.window_spread)
+        return flat_channels(windows, self.scale, self.flatline_rel_std)
 
     def unscorable(self, values: np.ndarray, channel_error: np.ndarray, score: float, end_ts: int) -> list[QualityEvent]:
         """A window of finite values whose score is NaN or inf (values the model's arithmetic overflows on, e.g. an

@@ -32,6 +32,7 @@ from monitor import logs
 from monitor.alerts import significant
 from monitor.commands.render import emit_json, epoch_progress, eval_table, stdout
 from monitor.config import QualityConfig
+from monitor.quality import steady
 
 log = logs.get("tsmon.cli")
 MIN_VALIDATION_WINDOWS = 20  # fewer, and the threshold's quantile is one of their errors
@@ -173,9 +174,10 @@ def run_training(spec: DataSpec, kind: str, params: dict[str, Any], cfg: TrainCo
              stop=res["stop_reason"], seconds=res["seconds"], device=res["device"],
              threshold=significant(det.threshold.value))  # rounded to 6 decimals, 1.7e-7 was "0.0"
     _warn_threshold(det, len(ds.val))
-    steady = [n for n, w in zip(det.names, det.scaler.window_spread or (), strict=False) if w <= FLATLINE_REL_STD]
-    if steady:  # the daemon's flat-line test is off for them: said, not found out when a stuck sensor is not reported
-        log.info("channels_steady_in_training", channels=steady, consequence="steady in 1 % or more of the training "
+    exempt = [] if det.scaler.window_spread is None else [
+        n for n, s in zip(det.names, steady(det.scaler.window_spread, FLATLINE_REL_STD), strict=True) if s]
+    if exempt:  # the daemon's flat-line test is off for them: said, not found out when a stuck sensor is not reported
+        log.info("channels_steady_in_training", channels=exempt, consequence="steady in 1 % or more of the training "
                  "windows: the daemon does not report them flat-lined (at the default quality.flatline_rel_std)")
     if outliers := outlier_scaled(ds.train, det.scaler):
         log.warning("scale_set_by_outliers", channels=[det.names[c] for c in outliers],
