@@ -5,7 +5,7 @@ Owns the memory-budget measurement. Streams are fed through a real :class:`~moni
 that state takes per stream. The calibrator's evidence (``calibrator.window`` normal errors and
 ``drift.window`` recent ones) fills only after thousands of windows, so it is then filled to capacity
 directly and counted on its own, as are a stream's recent alerts (``state.recent_alerts``, each with its
-episode's scores) and threshold versions (``calibrator.history``), filled to capacity. ``total_mb`` = ``max_streams`` × the per-stream sum: the bound the
+episode's scores) and threshold versions (``state.history``), filled to capacity. ``total_mb`` = ``max_streams`` × the per-stream sum: the bound the
 limits put on stream state (the model, the batcher's windows and the Kafka clients' buffers come on top,
 each bounded by its own setting).
 """

@@ -187,8 +187,8 @@ def memory(
     if as_json:
         emit_json(r)
         return
-    keys = ("streams", "stream_state_bytes", "calibrator_evidence_bytes", "per_stream_bytes", "max_streams",
-            "total_mb")
+    keys = ("streams", "stream_state_bytes", "calibrator_evidence_bytes", "alert_history_bytes", "per_stream_bytes",
+            "max_streams", "total_mb")  # the three parts, then their sum: the table adds up
     stdout.print(value_table(f"tsmon bench memory — {r['model']}", [(k, r[k]) for k in keys]))
 
 

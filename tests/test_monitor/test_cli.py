@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -125,6 +126,16 @@ def test_bench_memory_counts_what_a_stream_holds(capsys: pytest.CaptureFixture[s
     per = r["stream_state_bytes"] + r["calibrator_evidence_bytes"] + r["alert_history_bytes"]
     assert r["per_stream_bytes"] == pytest.approx(per, abs=2)
     assert r["total_mb"] == pytest.approx(r["max_streams"] * r["per_stream_bytes"] / 2**20, abs=0.1)
+
+
+def test_bench_memory_table_adds_up(capsys: pytest.CaptureFixture[str], stream_model: Path) -> None:
+    """The table shows every part of the per-stream sum (the alert history was in --json only: 16 + 20 ≠ 62 kB)."""
+    code, out, _ = run(capsys, "--log-level", "WARNING", "bench", "memory", "--model", str(stream_model),
+                       "--streams", "5")
+    values = {m[1]: int(m[2]) for m in re.finditer(r"(\w+_bytes)\W+(\d+)", out)}
+    assert code == 0 and {"stream_state_bytes", "calibrator_evidence_bytes", "alert_history_bytes"} < set(values)
+    parts = values["stream_state_bytes"] + values["calibrator_evidence_bytes"] + values["alert_history_bytes"]
+    assert values["per_stream_bytes"] == pytest.approx(parts, abs=2)
 
 
 @pytest.mark.parametrize("args, expected", [
