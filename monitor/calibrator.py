@@ -291,8 +291,9 @@ class Calibrator:
 
         ``commanded`` (an operator's ``recalibrate``): runs even when disabled or frozen for all, and
         moves straight to the target instead of by ``max_change``; pins and per-stream freezes still hold.
-        The drift guard's refusals go to ``refused`` (stream → reason) when given, and the pinned or frozen
-        streams left alone to ``held`` (stream → why: an operator's command must say why nothing moved).
+        The drift guard's refusals go to ``refused`` (stream → reason) when given, and the streams left alone to
+        ``held`` (stream → why: pinned, frozen, or, commanded, no normal error yet — an operator's command must say
+        why nothing moved).
         """
         if not commanded and (not self.settings.enabled or self.frozen_all):
             return {}
@@ -315,6 +316,9 @@ class Calibrator:
         proposed = []
         for name, old, thin, normal, recent, q in todo:
             value, samples, reason = self._proposal(old, normal, recent, thin, q, commanded, refused, name)
+            if value is None and commanded and not len(normal) and name not in refused and held is not None:
+                # an operator must not read "unchanged" (applied, exit 0) where there was nothing to compute from
+                held[name] = "no normal window scored since the stream started or was reset: nothing to recalibrate from"
             if value is not None:
                 proposed.append((name, old, value, samples, reason))
         now_ms = int(self._clock() * 1000)

@@ -338,6 +338,23 @@ def test_an_operators_recalibrate_moves_an_unpinned_stream_to_the_quantile_asked
     assert len(history) == before + 1 and history[-1]["source"] == "calibrated"
 
 
+def test_an_operators_recalibrate_of_a_stream_without_evidence_says_so(make: Make) -> None:
+    """After a reset (or before its first scored window) a stream has no normal error to take a quantile of: a
+    named recalibrate read "applied", the stream listed unchanged, exit 0 and no reason."""
+    p = make()
+    feed(p, records("dev-a", *sine_stream(400)) + records("dev-b", *sine_stream(400, seed=2), partition=1))
+    c = controller(p)
+    assert send(c, "reset-stream", "dev-a")["status"] == "applied"
+    r = send(c, "recalibrate", "dev-a")
+    why = "no normal window scored since the stream started or was reset: nothing to recalibrate from"
+    assert r["result"]["refused"] == {"dev-a": why} and r["result"]["unchanged"] == []
+    with pytest.raises(CommandFailed, match="recalibrate refused for dev-a: no normal window scored"):
+        verdict("recalibrate", "dev-a", [r], 5)
+    r = send(c, "recalibrate", "dev-*")  # under a glob: skipped and listed, as a pinned one is
+    assert r["result"]["held"] == {"dev-a": why} and r["streams"] == ["dev-b"]
+    verdict("recalibrate", "dev-*", [r], 5)
+
+
 def test_pin_silence_and_audit_on_a_processor(make: Make) -> None:
     p = make()
     feed(p, records("dev-a", *sine_stream(400)) + records("dev-b", *sine_stream(400, seed=2), partition=1))
