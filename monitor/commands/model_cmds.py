@@ -390,7 +390,8 @@ def _alert_doc(alert: str, config: Path | None, bootstrap: str | None) -> dict[s
 
 
 def _alert_from_file(path: Path) -> dict[str, Any]:
-    """One JSON object (or a list of them), or JSON lines; the first message that carries ``explain``."""
+    """One JSON object (or a list of them), or JSON lines — alert messages, or ``tsmon tail``'s lines that carry
+    them; the first message that carries ``explain``."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -406,11 +407,19 @@ def _alert_from_file(path: Path) -> dict[str, Any]:
                     docs.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{n}: not JSON ({exc.msg}); give one alert object or JSON lines") from None
+    docs = [_message(d) for d in docs]
     found = [d for d in docs if isinstance(d, dict) and isinstance(d.get("explain"), dict)]
     if not found:
         raise DataError(f"{path}: no alert message with an 'explain' object among {len(docs)} message(s) "
                         "(only firing messages carry one)")
     return found[0]
+
+
+def _message(doc: Any) -> Any:
+    """The alert inside a ``tsmon tail`` line (topic, partition, offset, …, value), or ``doc`` as it is."""
+    if isinstance(doc, dict) and {"topic", "partition", "offset"} <= doc.keys() and isinstance(doc.get("value"), dict):
+        return doc["value"]
+    return doc
 
 
 def _alert_from_topic(alert_id: str, config: Path | None, bootstrap: str | None) -> dict[str, Any]:

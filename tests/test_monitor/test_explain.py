@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from models.errors import DataError
 from monitor import explain
 from monitor.alerts import AlertState, Observation, alert_doc
 from monitor.cli import main
+from monitor.commands.tail_cmd import as_line
 from tests.conftest import STREAM_PERIOD_MS, STREAM_WINDOW, sine_stream
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -183,6 +185,13 @@ def test_cli_inspect_alert_file(firing_doc: dict[str, Any], tmp_path: Path,
     lines.write_text("\n".join(json.dumps(d) for d in (resolved, firing_doc, firing_doc)) + "\n")
     code, _ = run(capsys, "inspect", "--alert", str(lines), "--out", str(tmp_path / "lines.png"))
     assert code == 0 and (tmp_path / "lines.png").read_bytes()[:8] == PNG
+    # what `tsmon tail` writes (each message in an envelope): it was "no alert message with an 'explain' object"
+    tailed = tmp_path / "tailed.jsonl"
+    envelope = [as_line(SimpleNamespace(topic="tsmon.alerts", partition=0, offset=n, timestamp=0, key=b"s", headers=[],
+                                        value=json.dumps(d).encode())) for n, d in enumerate((resolved, firing_doc))]
+    tailed.write_text("\n".join(json.dumps(e) for e in envelope) + "\n")
+    code, err = run(capsys, "inspect", "--alert", str(tailed), "--out", str(tmp_path / "tailed.png"))
+    assert code == 0 and (tmp_path / "tailed.png").read_bytes()[:8] == PNG, err
 
 
 def test_cli_inspect_alert_errors(firing_doc: dict[str, Any], tmp_path: Path,
