@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -20,13 +21,17 @@ from typing import Annotated, Any
 
 import typer
 
-from models.errors import BrokerError, ConfigError
+from models.errors import BrokerError, ConfigError, describe
+from monitor import logs
 from monitor.config import load_config
 from monitor.topics import partition_reader, within
+
+log = logs.get("tsmon.tail")
 
 POLL_MS = 500
 TIMEOUT_MS = 10_000  # a request the broker does not answer: it is gone (the daemon waits longer)
 ALIVE_EVERY_S = 10.0  # with nothing to read, ask the broker this often whether it is there
+TOPIC_EVERY_S = 2.0  # a tsmon topic not created yet: looked for this often
 
 
 def tail(
@@ -64,9 +69,21 @@ def tail(
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         if not tps:
-            raise BrokerError(f"topic {name!r} not found on {brokers}")
+            if topic is not None:  # a name given: most likely misspelt
+                raise BrokerError(f"topic {name!r} not found on {brokers}")
+            # the configuration's alerts or dead-letter topic: created by the first message tsmon writes to it (a
+            # fresh deployment without a bad record has none), so it is waited for, as for a message
+            log.warning("topic_not_created_yet", topic=name, brokers=brokers,
+                        hint="nothing was written to it yet (or kafka names another topic): waiting for it")
         printed, last, checked = 0, time.monotonic(), time.monotonic()
         while not stop[0] and (max_messages is None or printed < max_messages):
+            if not tps:
+                tps = _appeared(consumer, name, brokers)
+                if not tps:
+                    if idle is not None and time.monotonic() - last >= idle:
+                        break
+                    time.sleep(min(TOPIC_EVERY_S, idle or TOPIC_EVERY_S))
+                    continue
             batch = consumer.poll(timeout_ms=POLL_MS)
             # partitions interleaved by time, each in its own order (sorted whole, a partition's records with
             # timestamps going back printed out of offset order: a resolved alert before its firing)
@@ -93,6 +110,35 @@ def tail(
     finally:
         signal.signal(signal.SIGTERM, previous)
         consumer.close()
+
+
+def _appeared(consumer: Any, topic: str, brokers: str) -> list[Any]:
+    """The partitions of ``topic`` once it exists (assigned from their beginning: every message is new), else [].
+
+    The broker is asked on a thread: kafka-python waits for metadata without a time limit."""
+    from kafka import TopicPartition
+
+    found: list[Any] = []
+
+    def ask() -> None:
+        try:
+            found.append(consumer.partitions_for_topic(topic))  # asks the broker again while the topic is unknown
+        except Exception as exc:  # noqa: BLE001 — said below, as a broker that does not answer
+            found.append(exc)
+
+    asking = threading.Thread(target=ask, name="tail-metadata", daemon=True)
+    asking.start()
+    asking.join(TIMEOUT_MS / 1000)
+    if not found or isinstance(found[0], Exception):
+        why = describe(found[0]) if found else f"no answer within {TIMEOUT_MS / 1000:g} s"
+        raise BrokerError(f"lost {brokers} while waiting for topic {topic!r}: {why}"[:300])
+    parts = found[0]
+    if not parts:
+        return []
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    return tps
 
 
 def _json_line(rec: Any) -> str:
