@@ -597,21 +597,29 @@ _KEYS = {section: {**{n: f.alias or n for n, f in model.model_fields.items()},
 def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None,
                 env: Mapping[str, str] | None = None) -> Config:
     """Defaults < TOML file ``path`` < ``TSMON_*`` variables of ``env`` (default ``os.environ``) < ``overrides``."""
-    file_layer = _canonical(_read_toml(path)) if path is not None else {}
+    twice: list[str] = []  # a setting given under both its names: listed with the other problems
+    file_layer = _canonical(_read_toml(path), twice) if path is not None else {}
     env_layer, model = _from_env(os.environ if env is None else env)
     raw = _merge(file_layer, _topics_win(file_layer, env_layer))
     if model and not file_layer.get("models"):
         raw["models"] = [{"pattern": "*", "path": model}]
-    raw = _merge(raw, _topics_win(raw, _canonical(_from_overrides(overrides or {}))))
+    elif model:  # against the precedence (file < environment), so said: the routes are the file's
+        log.warning("config_model_variable_ignored", file=str(path), model=model,
+                    hint="TSMON_MODEL serves every stream only where the file has no [[models]]: edit the routes")
+    raw = _merge(raw, _topics_win(raw, _canonical(_from_overrides(overrides or {}), twice)))
     if overridden := _overridden(file_layer, env_layer):  # by precedence, but a file edit then does nothing
         log.warning("config_file_values_overridden", file=str(path), by="environment", values=overridden,
                     hint="unset the TSMON_* variable (container images set some) or change it instead")
+    problems = list(twice)
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as exc:
+        problems += _problems(exc)
+    if problems:
         sources = ([str(path)] if path is not None else []) + (["environment"] if env_layer else [])
         where = f" ({' + '.join(sources)})" if sources else ""
-        raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(_problems(exc))) from None
+        raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(problems)) from None
+    return cfg
 
 
 def _overridden(file_layer: Mapping[str, Any], env_layer: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -716,16 +724,17 @@ def _from_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     return layer
 
 
-def _canonical(layer: Mapping[str, Any]) -> dict[str, Any]:
-    """Rename keys to their TOML names so that ``for`` in the file and ``for_windows`` in a flag meet."""
+def _canonical(layer: Mapping[str, Any], twice: list[str]) -> dict[str, Any]:
+    """Rename keys to their TOML names so that ``for`` in the file and ``for_windows`` in a flag meet; a setting
+    given under both names (one of them silently won) goes to ``twice`` as a problem, its TOML name kept."""
     out = dict(layer)
     for section, keys in _KEYS.items():
         if isinstance(out.get(section), Mapping):
             renamed = [(keys.get(k, k), k) for k in out[section]]
-            twice = sorted({f"{new} / {old}" for new, old in renamed if new != old and new in out[section]})
-            if twice:  # one of them silently won
-                raise ConfigError(f"[{section}] {', '.join(twice)}: one setting given under both names; keep one")
-            out[section] = {keys.get(k, k): v for k, v in out[section].items()}
+            twice += sorted({f"{section}.{new} / {old}: one setting given under both names; keep one"
+                             for new, old in renamed if new != old and new in out[section]})
+            out[section] = {keys.get(k, k): v for k, v in out[section].items() if keys.get(k, k) == k or
+                            keys.get(k, k) not in out[section]}
     return out
 
 

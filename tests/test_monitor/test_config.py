@@ -380,11 +380,14 @@ def test_device_rejected(device: str) -> None:
         load_config(env={}, overrides={"daemon.device": device})
 
 
-def test_model_shortcut_from_environment(tmp_path: Path) -> None:
+def test_model_shortcut_from_environment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     env = {"TSMON_MODEL": "artifacts/env-model"}
     assert load_config(env=env).models == [ModelRoute(pattern="*", path=Path("artifacts/env-model"))]
+    assert "config_model_variable_ignored" not in "".join(capsys.readouterr())
     path = write(tmp_path, '[[models]]\npattern = "a-*"\npath = "artifacts/file-model"\n')
     assert [m.path for m in load_config(path, env=env).models] == [Path("artifacts/file-model")]
+    # the file's routes win, against the precedence: said (it was ignored without a word)
+    assert "config_model_variable_ignored" in "".join(capsys.readouterr())
     flagged = load_config(env=env, overrides={"models": [{"path": "artifacts/flag-model"}]})
     assert [m.path for m in flagged.models] == [Path("artifacts/flag-model")]
 
@@ -499,6 +502,12 @@ def test_one_setting_under_both_of_its_names_is_an_error(tmp_path: Path) -> None
     path.write_text("[alerts]\nfor = 5\nfor_windows = 7\n")
     with pytest.raises(ConfigError, match="for / for_windows: one setting given under both names"):
         load_config(path, {}, {})
+    # listed with every other problem (it was the only one reported: fix, run again, find the next)
+    path.write_text("[kafka]\nbogus = 1\n[batch]\nmax_batch = 0\n[alerts]\nfor = 1\nfor_windows = 2\n")
+    with pytest.raises(ConfigError) as listed:
+        load_config(path, {}, {})
+    lines = str(listed.value).splitlines()[1:]
+    assert [x.strip().split(":")[0] for x in lines] == ["alerts.for / for_windows", "kafka.bogus", "batch.max_batch"]
     with pytest.raises(ConfigError, match="the same setting as another variable"):
         load_config(None, {}, {"TSMON_ALERTS__FOR": "5", "TSMON_ALERTS__FOR_WINDOWS": "7"})
     assert load_config(None, {"alerts.for_windows": 3}, {"TSMON_ALERTS__FOR": "5"}).alerts.for_windows == 3
