@@ -139,6 +139,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise ArtifactError(f"incompatible artifact {root}: manifest lacks {', '.join(missing)}")
+    wrong = [f"{key} must be an object, got {manifest[key]!r}"[:100] for key in ("params", "normalisation", "threshold")
+             if not isinstance(manifest[key], dict)]  # a hand-edited null read "'NoneType' object is not subscriptable"
+    if wrong:
+        raise ArtifactError(f"incompatible artifact {root}: {'; '.join(wrong)}")
     params, hop, k = manifest["params"], manifest["hop"], manifest.get("downsample", 1)  # before: always 1
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ArtifactError(f"incompatible artifact {root}: downsample must be a positive integer, got {k!r}")

@@ -17,7 +17,7 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from models.errors import DataError, TsmonError
+from models.errors import DataError, TsmonError, describe
 
 TMP_PREFIX = ".tsmon-tmp-"  # the temporary folder of a write in progress, beside its target
 
@@ -33,9 +33,12 @@ def replace_atomically(path: str | Path, write: Callable[[Path], object]) -> Pat
     if target.exists() and not target.is_file():
         write(target)
         return given
-    target.parent.mkdir(parents=True, exist_ok=True)
     folder = target.parent / f"{TMP_PREFIX}{secrets.token_hex(4)}"
-    folder.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir()
+    except OSError as exc:  # a folder the permission bits allow but the file system refuses (/proc): raw OSError
+        raise DataError(f"cannot write {given}: {describe(exc)}") from None
     tmp = folder / target.name
     try:
         write(tmp)

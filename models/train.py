@@ -42,8 +42,10 @@ class TrainConfig:
             raise ModelConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or not math.isfinite(self.lr) or self.patience < 1:
             raise ModelConfigError("epochs, batch_size, patience must be >= 1 and lr a finite number > 0")
-        if self.seed < 0 or (self.max_seconds is not None and not self.max_seconds > 0):
-            raise ModelConfigError("seed must be >= 0 and the time budget > 0")
+        if self.seed < 0:
+            raise ModelConfigError(f"seed must be >= 0, got {self.seed}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ModelConfigError(f"the time budget (max_seconds) must be > 0, got {self.max_seconds}")
         if not (math.isfinite(self.noise_std) and math.isfinite(self.sparsity)):
             raise ModelConfigError("noise_std and sparsity must be finite")
         if not 0.0 <= self.warmup < 1.0:

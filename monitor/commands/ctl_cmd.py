@@ -40,7 +40,7 @@ def _login() -> str:
         raise ConfigError("no login name for this user id: give --operator NAME") from None
 
 
-def _target(stream: str | None, all_: bool = False, required: bool = True, exact: bool = False) -> str:
+def _target(stream: str | None, all_: bool | None = None, required: bool = True, exact: bool = False) -> str:
     """What the daemons match stream ids against (an fnmatch glob); ``exact``: ``stream``'s glob characters
     escaped, so that ``pump[1]`` names that stream and not ``pump1``, on every instance alike."""
     if exact and not stream:
@@ -49,7 +49,9 @@ def _target(stream: str | None, all_: bool = False, required: bool = True, exact
         raise ConfigError("give --stream or --all, not both")
     if not stream and not all_:
         if required:
-            raise ConfigError("give --stream S (a glob is fine) or --all")
+            # every stream of a command without --all: a glob such as '*' says it (pin once named --all it lacks)
+            raise ConfigError("give --stream S (a glob is fine)" + (" or --all" if all_ is not None else
+                                                                    ": '*' for every stream"))
         return "*"
     if all_:
         return "*"

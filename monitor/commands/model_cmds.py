@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -107,6 +108,10 @@ def train(
     max_minutes: Annotated[float | None, typer.Option(help="Stop training after this many minutes (> 0).")] = None,
 ) -> None:
     """Train a model on normal data only and write an artifact."""
+    if max_minutes is not None and not 0 < max_minutes < math.inf:  # the option, not the library's max_seconds
+        raise ModelConfigError(f"--max-minutes must be a number of minutes > 0, got {max_minutes}")
+    if not 0 < train_fraction < 1:  # (the library's message named its internal val_fraction too)
+        raise DataError(f"--train-fraction must be in (0, 1), got {train_fraction}")
     spec = DataSpec(data, protocol, seed, window, hop, tuple(value_col or ()), timestamp_col, label_col,
                     train_fraction, windows, out_of_order, align, beat_pre, beat_refractory, beat_baseline)
     params = parse_params(param, embedding=embedding, dropout=dropout, batch_norm=batch_norm)

@@ -65,6 +65,10 @@ def _copy(path: Path, tmp_path: Path) -> Path:
     (lambda p: _edit(p, format_version=99), "artifact format 99"),
     (lambda p: _edit(p, kind="transformer"), "incompatible artifact"),
     (lambda p: _edit(p, threshold=None), "lacks threshold"),
+    # a hand-edited null read "'NoneType' object is not subscriptable" (or "… not iterable")
+    (lambda p: _null(p, "threshold"), "threshold must be an object, got None"),
+    (lambda p: _null(p, "params"), "params must be an object, got None"),
+    (lambda p: _null(p, "normalisation"), "normalisation must be an object, got None"),
     # each of these was taken, and scored every window normal (NaN) or anomalous (< 0), or raised a traceback
     (lambda p: _edit(p, threshold={"quantile": 0.95, "margin": 1.0, "value": float("nan")}), "finite value > 0"),
     (lambda p: _edit(p, threshold={"quantile": 0.95, "margin": 1.0, "value": -1.0}), "finite value > 0"),
@@ -92,6 +96,11 @@ def _edit(path: Path, **changes: object) -> None:
         else:
             m[k] = v
     (path / "manifest.json").write_text(json.dumps(m))
+
+
+def _null(path: Path, key: str) -> None:
+    m = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**m, key: None}))
 
 
 def _nan_weights(path: Path) -> None:

@@ -33,6 +33,15 @@ def test_a_failed_write_leaves_the_good_file_and_no_temporary(tmp_path: Path) ->
     assert leftovers(tmp_path) == []
 
 
+def test_a_folder_the_file_system_refuses_is_a_one_line_error() -> None:
+    """/proc passes the permission check (as root) and refuses the temporary folder: a raw OSError ended
+    `tsmon score --output /proc/x.csv`, not the "cannot write" line."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    with pytest.raises(DataError, match="^cannot write /proc/tsmon-test.csv: "):
+        replace_atomically("/proc/tsmon-test.csv", lambda tmp: tmp.write_text("x\n"))
+
+
 def test_a_replaced_file_keeps_its_mode_its_links_and_its_archive_entry(tmp_path: Path) -> None:
     """Review: the link of `latest.csv -> v1.csv` was replaced by a file (v1 left stale), a 0600 output came back
     0644, and a zip held `.tmp-2049c8a4-scores.csv` instead of `scores.csv`; /dev/stdout would have been replaced."""

@@ -143,6 +143,11 @@ def test_bench_memory_table_adds_up(capsys: pytest.CaptureFixture[str], stream_m
     (["train", "--data", "/nonexistent.csv", "--out", "/tmp/x"], "DataError: data file not found"),
     (["train", "--model", "transformer", "--out", "/tmp/x"], "ModelConfigError: unknown model kind"),
     (["train", "--data", "ecg5000", "--protocol", "random", "--out", "/tmp/x"], "DataError: unknown ECG5000 protocol"),
+    # each named something else (the seed, an internal val_fraction, a --all that pin does not have)
+    (["train", "--max-minutes", "0", "--out", "/tmp/x"], "ModelConfigError: --max-minutes must be a number of minutes"),
+    (["train", "--train-fraction", "1.5", "--out", "/tmp/x"], "DataError: --train-fraction must be in (0, 1), got 1.5"),
+    (["ctl", "pin", "--threshold", "1"], "ConfigError: give --stream S (a glob is fine): '*' for every stream"),
+    (["ctl", "recalibrate"], "ConfigError: give --stream S (a glob is fine) or --all"),
 ])
 def test_errors_are_one_line(capsys: pytest.CaptureFixture[str], args: list[str], expected: str) -> None:
     code, _, err = run(capsys, *args)
