@@ -283,7 +283,9 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         if numeric and not col.isna().all():
             far = col[(col.abs() > MAX_EPOCH_MS) & col.notna()]  # epoch µs or ns read as ms: year 55 969 wrapped
             if len(far):  # round int64 nanoseconds into an invented date, silently
-                raise DataError(f"{p}: timestamp column {ts!r} row {far.index[0]}: {far.iloc[0].item()!r} is not epoch "
+                first = far.iloc[0]  # a numpy scalar (shown as np.int64(…)), or a Python number from a pyarrow column
+                first = first.item() if isinstance(first, np.generic) else first
+                raise DataError(f"{p}: timestamp column {ts!r} row {far.index[0]}: {first!r} is not epoch "
                                 f"milliseconds (past year 2262: microseconds or nanoseconds?)")
         try:  # in UTC: naive stamps are taken as UTC, offsets converted row by row (they change at summer time)
             stamps = (pd.to_datetime(col, unit="ms") if numeric else _iso_stamps(col)).to_numpy("datetime64[ns]")

@@ -318,7 +318,8 @@ class Calibrator:
             value, samples, reason = self._proposal(old, normal, recent, thin, q, commanded, refused, name)
             if value is None and commanded and not len(normal) and name not in refused and held is not None:
                 # an operator must not read "unchanged" (applied, exit 0) where there was nothing to compute from
-                held[name] = "no normal window scored since the stream started or was reset: nothing to recalibrate from"
+                held[name] = ("no normal error learnt since the stream started or was reset (or while it was frozen): "
+                              "nothing to recalibrate from")
             if value is not None:
                 proposed.append((name, old, value, samples, reason))
         now_ms = int(self._clock() * 1000)

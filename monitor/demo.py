@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import BrokerError, describe
+from models.errors import BrokerError, DataError, describe
 from models.files import write_bytes_atomically
 from monitor import logs
 from monitor.events import latest_alerts
@@ -252,7 +252,7 @@ def strongest_alert_picture(alerts: list[dict[str, Any]], out_dir: Path) -> dict
     try:  # a folder it cannot write: the run's scorecard still comes (it ended the demo with exit 1, no scorecard)
         write_bytes_atomically(doc, (json.dumps(top) + "\n").encode())
         png = explain.render(top, out_dir / "demo-alert.png")
-    except OSError as exc:
+    except (OSError, DataError) as exc:  # DataError: a folder the file system refuses (files.replace_atomically)
         log.warning("demo_alert_not_written", folder=str(out_dir), error=describe(exc))
         return None
     return {"alert_id": top["alert_id"], "json": str(doc), "png": str(png)}

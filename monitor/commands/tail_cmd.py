@@ -84,6 +84,7 @@ def tail(
                         break
                     time.sleep(min(TOPIC_EVERY_S, idle or TOPIC_EVERY_S))
                     continue
+                last = checked = time.monotonic()  # --idle counts from here: its first messages may take a poll
             batch = consumer.poll(timeout_ms=POLL_MS)
             # partitions interleaved by time, each in its own order (sorted whole, a partition's records with
             # timestamps going back printed out of offset order: a resolved alert before its firing)

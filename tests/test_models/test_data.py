@@ -152,6 +152,10 @@ def test_numeric_timestamps_in_another_unit_are_refused_or_doubted(tmp_path: Pat
     df.to_csv(tmp_path / "us.csv", index=False)
     with pytest.raises(DataError, match="row 0: 1704067200000000 is not epoch milliseconds .*microseconds or nano"):
         read_series(tmp_path / "us.csv")  # read as ms: year 55 969, wrapped into 2190 silently
+    arrow = df.assign(timestamp=pd.array(df["timestamp"], dtype="int64[pyarrow]"))  # Parquet can give these back
+    arrow.to_parquet(tmp_path / "us.parquet")
+    with pytest.raises(DataError, match="row 0: 1704067200000000 is not epoch milliseconds"):
+        read_series(tmp_path / "us.parquet")
     df["timestamp"] = 1_704_067_200 + np.arange(200)  # epoch seconds
     df.to_csv(tmp_path / "s.csv", index=False)
     assert "epoch seconds" in (suspect_stamps(read_series(tmp_path / "s.csv")) or "")

@@ -14,6 +14,7 @@ import pytest
 
 from monitor.alerts import RATIO_CAP, AlertSettings
 from monitor.calibrator import _unpack
+from monitor.commands.ctl_cmd import _effect
 from monitor.control import (
     ACK_PART_BYTES,
     COMMANDS,
@@ -346,13 +347,15 @@ def test_an_operators_recalibrate_of_a_stream_without_evidence_says_so(make: Mak
     c = controller(p)
     assert send(c, "reset-stream", "dev-a")["status"] == "applied"
     r = send(c, "recalibrate", "dev-a")
-    why = "no normal window scored since the stream started or was reset: nothing to recalibrate from"
+    why = ("no normal error learnt since the stream started or was reset (or while it was frozen): nothing to "
+           "recalibrate from")
     assert r["result"]["refused"] == {"dev-a": why} and r["result"]["unchanged"] == []
-    with pytest.raises(CommandFailed, match="recalibrate refused for dev-a: no normal window scored"):
+    with pytest.raises(CommandFailed, match="recalibrate refused for dev-a: no normal error learnt"):
         verdict("recalibrate", "dev-a", [r], 5)
     r = send(c, "recalibrate", "dev-*")  # under a glob: skipped and listed, as a pinned one is
     assert r["result"]["held"] == {"dev-a": why} and r["streams"] == ["dev-b"]
     verdict("recalibrate", "dev-*", [r], 5)
+    assert f"dev-a: skipped: {why}" in _effect(r).splitlines()  # in ctl's table too, not only in --json
 
 
 def test_pin_silence_and_audit_on_a_processor(make: Make) -> None:
