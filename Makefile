@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast test-lowest venv clean
 
 venv: $(STAMP)
 
@@ -27,5 +27,17 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
+# every runtime dependency at the lowest version pyproject.toml allows (constraints/lowest.txt), in a venv of its
+# own, then every test not marked slow: a floor that does not work fails here (not part of `make test`: ~9 minutes)
+LOWEST := .venv-lowest
+test-lowest:
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q --upgrade pip
+	$(LOWEST)/bin/python -m pip install -q "$(TORCH)"
+	$(LOWEST)/bin/python -m pip install -q -c constraints/lowest.txt -e ".[dev]"
+	$(LOWEST)/bin/python -m pip check
+	$(LOWEST)/bin/python -m pytest -m "not slow"
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LOWEST) build *.egg-info .pytest_cache
