@@ -106,7 +106,7 @@ def _effect(a: dict[str, Any]) -> str:
                      f"{cur['windows_over']} over, {cur['alerts']} alerts; q{sh['quantile']:g} "
                      f"{cand['threshold']:.6g} -> {cand['windows_over']} over, {cand['alerts']} alerts")
     lines += [f"{s}: refused: {why}" for s, why in r.get("refused", {}).items()]
-    lines += [f"{s}: skipped: {why}" for s, why in r.get("held", {}).items()]  # under --all or a glob (--json only)
+    lines += [f"{s}: skipped: {why}" for s, why in r.get("held", {}).items()]  # under --all or a glob (was --json only)
     if "precision" in r:
         p = r["precision"]
         lines.append(f"{r['verdict']}; precision {p:.3f} ({r['feedback']})" if p is not None else r["verdict"])
