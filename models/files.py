@@ -17,6 +17,8 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import structlog
+
 from models.errors import DataError, TsmonError, describe
 
 TMP_PREFIX = ".tsmon-tmp-"  # the temporary folder of a write in progress, beside its target
@@ -74,10 +76,16 @@ def write_bytes_atomically(path: str | Path, data: bytes) -> Path:
 
 @contextlib.contextmanager
 def locked_dir(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the directory ``path`` (advisory, on the directory itself: nothing is added to it)."""
+    """Hold an exclusive lock on the directory ``path`` (advisory, on the directory itself: nothing is added to it).
+    Held by another process, it is waited for, and that is said first: a save behind a stopped one (Ctrl-Z) waited
+    without a word."""
     fd = os.open(path, os.O_RDONLY)
     try:
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            structlog.get_logger("tsmon.files").warning(
+                "waiting_for_another_save", folder=str(path), hint="another tsmon process is saving to this folder")
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:
             pass  # a file system without locks (some NFS): saves do not take turns there, but still happen

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import threading
 import zipfile
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pandas as pd
 import pytest
 
 from models.errors import ConfigError, DataError
-from models.files import leftovers, read_limited, replace_atomically
+from models.files import leftovers, locked_dir, read_limited, replace_atomically
 
 
 def test_a_failed_write_leaves_the_good_file_and_no_temporary(tmp_path: Path) -> None:
@@ -40,6 +42,31 @@ def test_a_folder_the_file_system_refuses_is_a_one_line_error() -> None:
         pytest.skip("needs Linux's /proc")
     with pytest.raises(DataError, match="^cannot write /proc/tsmon-test.csv: "):
         replace_atomically("/proc/tsmon-test.csv", lambda tmp: tmp.write_text("x\n"))
+
+
+def test_a_save_behind_another_says_it_waits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A save into a folder another process holds (a training stopped with Ctrl-Z mid-save) waited without a word."""
+    held = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # the other process (another open file: flock conflicts within one process too)
+    inside = threading.Event()
+
+    def save() -> None:
+        with locked_dir(tmp_path):
+            inside.set()
+
+    saver = threading.Thread(target=save, daemon=True)
+    saver.start()
+    try:
+        assert not inside.wait(0.5)  # it waits
+        logged = capsys.readouterr()
+        assert "waiting_for_another_save" in logged.out + logged.err and str(tmp_path) in logged.out + logged.err
+    finally:
+        os.close(held)  # released: the save goes on
+    assert inside.wait(10)
+    saver.join(10)
+    with locked_dir(tmp_path):  # free: nothing said
+        pass
+    assert "waiting_for_another_save" not in "".join(capsys.readouterr())
 
 
 def test_a_replaced_file_keeps_its_mode_its_links_and_its_archive_entry(tmp_path: Path) -> None:
