@@ -145,6 +145,9 @@ class KafkaConfig(_Section):
     client_id: str = Field("tsmon", min_length=1, description="client id shown in broker logs")
     topics: list[_Topic] = Field(["tsmon.input"], description="input topics (unless topic_pattern is set)")
     topic_pattern: str | None = Field(None, description="regex of input topics; replaces topics when set")
+    metadata_max_age_ms: int = Field(300_000, ge=1000, le=86_400_000, description="how often the topic metadata is "
+                                     "read again: a new topic matching topic_pattern, or partitions added to an "
+                                     "input topic, are consumed at most this long after they appear")
     alerts_topic: _Topic = Field("tsmon.alerts", description="topic alert events go to")
     dead_letter_topic: _Topic = Field("tsmon.dead-letter", description="topic for unusable input")
     auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description="start of a new group")
@@ -249,7 +252,7 @@ class KafkaConfig(_Section):
     def consumer_kwargs(self) -> dict[str, Any]:
         """kafka-python ``KafkaConsumer`` settings; offsets are committed by the daemon, never automatically."""
         keys = ("group_id", "auto_offset_reset", "session_timeout_ms", "heartbeat_interval_ms",
-                "max_poll_interval_ms", "max_poll_records", "fetch_max_wait_ms")
+                "max_poll_interval_ms", "max_poll_records", "fetch_max_wait_ms", "metadata_max_age_ms")
         return {**self.client_kwargs(), **{k: getattr(self, k) for k in keys}, "enable_auto_commit": False}
 
     def producer_kwargs(self) -> dict[str, Any]:

@@ -39,6 +39,7 @@ _KEYS = {
     "heartbeat_interval_ms": "heartbeat.interval.ms", "max_poll_interval_ms": "max.poll.interval.ms",
     "fetch_max_wait_ms": "fetch.wait.max.ms", "enable_auto_commit": "enable.auto.commit", "acks": "acks",
     "enable_idempotence": "enable.idempotence", "linger_ms": "linger.ms",
+    "metadata_max_age_ms": "topic.metadata.refresh.interval.ms",
 }
 _DROPPED = {"max_poll_records", "max_block_ms"}  # no librdkafka property: poll sizes and produce() never block
 
