@@ -86,7 +86,8 @@ def locked_dir(path: Path) -> Iterator[None]:
         except BlockingIOError:
             structlog.get_logger("tsmon.files").warning(
                 "waiting_for_another_save", folder=str(path), hint="another tsmon process is saving to this folder")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError):  # as below
+                fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:
             pass  # a file system without locks (some NFS): saves do not take turns there, but still happen
         yield

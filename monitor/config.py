@@ -145,9 +145,10 @@ class KafkaConfig(_Section):
     client_id: str = Field("tsmon", min_length=1, description="client id shown in broker logs")
     topics: list[_Topic] = Field(["tsmon.input"], description="input topics (unless topic_pattern is set)")
     topic_pattern: str | None = Field(None, description="regex of input topics; replaces topics when set")
-    metadata_max_age_ms: int = Field(300_000, ge=1000, le=86_400_000, description="how often the topic metadata is "
+    metadata_max_age_ms: int = Field(300_000, ge=1000, le=3_600_000, description="how often the topic metadata is "
                                      "read again: a new topic matching topic_pattern, or partitions added to an "
-                                     "input topic, are consumed at most this long after they appear")
+                                     "input topic, are found at most this long after they appear (librdkafka's "
+                                     "limit: 1 h)")
     alerts_topic: _Topic = Field("tsmon.alerts", description="topic alert events go to")
     dead_letter_topic: _Topic = Field("tsmon.dead-letter", description="topic for unusable input")
     auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description="start of a new group")

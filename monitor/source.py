@@ -35,7 +35,6 @@ SLICE_WHILE_ACTIVE_S = 1.0  # records within this long: the input counts as flow
 NAMED_PARTITION = re.compile(r"TopicPartition\(topic='([^']*)', partition=(\d+)\)")  # in kafka-python's messages
 PAUSED_ENDS_EVERY_S = 5.0  # how often the end offsets of paused partitions are asked for (KafkaSource.lags)
 PAUSED_ENDS_TIMEOUT_MS = 500  # ... and how long the loop waits for them at most
-JOIN_POLL_MS = 1000  # shortest poll while the group join is under way (see KafkaSource.poll)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,17 +127,14 @@ class KafkaSource:
 
         class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             def on_partitions_revoked(self, revoked: Any) -> None:
-                source._joining = True  # a (re)join starts: it ends at the assignment
                 with source._callback():
                     on_revoke([(tp.topic, tp.partition) for tp in revoked])
 
             def on_partitions_assigned(self, assigned: Any) -> None:
-                source._joining = False
                 with source._callback():
                     on_assign([(tp.topic, tp.partition) for tp in assigned])
 
         self._in_callback = False
-        self._joining = True  # no assignment yet: the first join, or a rejoin after a revoke
         self._callback_error: BaseException | None = None  # what our rebalance callback raised inside a poll
         self._last_records = -float("inf")  # monotonic time the last poll returned records
         self._session_s = consumer_kwargs.get("session_timeout_ms", 10_000) / 1000
@@ -163,19 +159,10 @@ class KafkaSource:
         ~15). Slicing the wait bounds that sleep to a slice; a fetch in flight still wakes the poll at once.
         A slice costs a poll (~0.7 ms of CPU with the client's threads), so an input silent for
         ``SLICE_WHILE_ACTIVE_S`` is waited for in one piece again (idle CPU 2.4 % of a core instead of 9.6 %).
-
-        While the group join is under way (before the first assignment, and from a revoke to the next) the poll
-        waits ``JOIN_POLL_MS`` at least, in one piece: under a ``topic_pattern`` kafka-python asks for fresh
-        metadata at the start of every poll that must rejoin and joins only after it, so the short polls of the
-        loop (10 ms slices, ``poll_timeout_ms``) never got through a join — a topic matching the pattern that
-        appeared later stopped the input for good (a review: no assignment in 55 s, "broker not answering"), and
-        the first join took 7–23 s. Nothing is read while joining, so the loop loses nothing by the wait.
         """
         now = time.monotonic()
         deadline = now + timeout_ms / 1000
         piece = POLL_SLICE_MS if now - self._last_records < SLICE_WHILE_ACTIVE_S else timeout_ms
-        if self._joining:
-            deadline, piece = max(deadline, now + JOIN_POLL_MS / 1000), max(piece, JOIN_POLL_MS)
         from kafka.errors import KafkaError
 
         while True:

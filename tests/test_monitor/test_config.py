@@ -432,6 +432,17 @@ def test_the_control_key_is_masked_when_printed() -> None:
     assert "s3cret" not in str(cfg.redacted()) and "s3cret" not in repr(cfg)
 
 
+def test_metadata_max_age_reaches_both_clients_within_librdkafkas_range() -> None:
+    """How soon new topics and partitions are found (kafka-python's 5-minute default was fixed, not a setting)."""
+    from monitor import confluent
+
+    kafka = load_config(None, {"kafka.metadata_max_age_ms": 60_000}, {}).kafka
+    assert kafka.consumer_kwargs()["metadata_max_age_ms"] == 60_000
+    assert confluent.rdkafka_config(kafka.consumer_kwargs())["topic.metadata.refresh.interval.ms"] == 60_000
+    with pytest.raises(ConfigError, match="kafka.metadata_max_age_ms"):  # librdkafka refuses more than 1 h at start
+        load_config(None, {"kafka.metadata_max_age_ms": 3_600_001}, {})
+
+
 def test_the_confluent_client_without_its_package_is_a_one_line_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from monitor import confluent
 
