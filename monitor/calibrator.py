@@ -315,11 +315,7 @@ class Calibrator:
         refused = {} if refused is None else refused
         proposed = []
         for name, old, thin, normal, recent, q in todo:
-            value, samples, reason = self._proposal(old, normal, recent, thin, q, commanded, refused, name)
-            if value is None and commanded and not len(normal) and name not in refused and held is not None:
-                # an operator must not read "unchanged" (applied, exit 0) where there was nothing to compute from
-                held[name] = ("no normal error learnt since the stream started or was reset (or while it was frozen): "
-                              "nothing to recalibrate from")
+            value, samples, reason = self._proposal(old, normal, recent, thin, q, commanded, refused, name, held)
             if value is not None:
                 proposed.append((name, old, value, samples, reason))
         now_ms = int(self._clock() * 1000)
@@ -340,7 +336,7 @@ class Calibrator:
 
     def _proposal(self, old: ThresholdState, normal: np.ndarray, recent: np.ndarray, thin: int,
                   quantile: float | None, commanded: bool, refused: dict[str, str],
-                  name: str) -> tuple[float | None, int, str]:
+                  name: str, held: dict[str, str] | None = None) -> tuple[float | None, int, str]:
         s, q = self.settings, quantile or self.settings.quantile
         drift = s.drift
         if drift.enabled and level_shift(recent, old.value, drift):
@@ -351,6 +347,9 @@ class Calibrator:
                 return None, 0, ""
             return target, len(recent), f"{NEW_NORMAL}{verdict.reason}"
         if len(normal) < (1 if commanded else s.min_samples):
+            if commanded and held is not None:  # an operator must not read "unchanged" (applied, exit 0) here
+                held[name] = ("no normal error learnt since the stream started or was reset (or while it was frozen): "
+                              "nothing to recalibrate from")
             return None, 0, ""
         value = self._target(old, normal, q, commanded)
         n = len(recent) // max(1, thin)  # non-overlapping recent windows

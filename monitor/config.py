@@ -737,8 +737,8 @@ def _canonical(layer: Mapping[str, Any], twice: list[str]) -> dict[str, Any]:
             renamed = [(keys.get(k, k), k) for k in out[section]]
             twice += sorted({f"{section}.{new} / {old}: one setting given under both names; keep one"
                              for new, old in renamed if new != old and new in out[section]})
-            out[section] = {keys.get(k, k): v for k, v in out[section].items() if keys.get(k, k) == k or
-                            keys.get(k, k) not in out[section]}
+            given = out[section]  # under both names, the TOML name's value is kept (the other is a problem above)
+            out[section] = {new: given[old] for new, old in renamed if new == old or new not in given}
     return out
 
 
