@@ -163,6 +163,9 @@ class KafkaConfig(_Section):
                                     description="kafka-python needs fetch_max_wait_ms (500) < it < 540000")
     reconnect_backoff_max_ms: int = Field(10_000, ge=50, description="reconnects to a lost broker back off "
                                                                        "exponentially from 50 ms up to this")
+    bootstrap_timeout_ms: int = Field(30_000, ge=1000, le=3_600_000, description="how long a start waits for a "
+                                      "broker to answer (each bootstrap address probed: connection, TLS handshake, "
+                                      "a Kafka request) before it stops and names what failed")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="how clients talk to the brokers: TLS and/or SASL authentication")
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = Field(
@@ -248,7 +251,8 @@ class KafkaConfig(_Section):
         """What every kafka-python client needs: brokers, client id, security (admin and group-less readers)."""
         return {"bootstrap_servers": list(self.bootstrap_servers), "client_id": self.client_id,
                 "request_timeout_ms": self.request_timeout_ms, "reconnect_backoff_ms": 50,
-                "reconnect_backoff_max_ms": self.reconnect_backoff_max_ms, **self._security_kwargs()}
+                "reconnect_backoff_max_ms": self.reconnect_backoff_max_ms,
+                "bootstrap_timeout_ms": self.bootstrap_timeout_ms, **self._security_kwargs()}
 
     def consumer_kwargs(self) -> dict[str, Any]:
         """kafka-python ``KafkaConsumer`` settings; offsets are committed by the daemon, never automatically."""
@@ -791,6 +795,7 @@ max_poll_records = 500
 fetch_max_wait_ms = 500                  # a fetch held this long at most (lower: latency on brokers that always hold it)
 request_timeout_ms = 30000               # kafka-python needs 500 < request_timeout_ms < 540000
 reconnect_backoff_max_ms = 10000         # reconnects to a lost broker back off from 50 ms up to this
+bootstrap_timeout_ms = 30000             # a start waits this long for a broker to answer, then names what failed
 security_protocol = "PLAINTEXT"          # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
 # sasl_mechanism = "SCRAM-SHA-512"       # example: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER
 # sasl_username = "tsmon"                # example: PLAIN and SCRAM need a username and password;

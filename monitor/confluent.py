@@ -41,7 +41,8 @@ _KEYS = {
     "enable_idempotence": "enable.idempotence", "linger_ms": "linger.ms",
     "metadata_max_age_ms": "topic.metadata.refresh.interval.ms",
 }
-_DROPPED = {"max_poll_records", "max_block_ms"}  # no librdkafka property: poll sizes and produce() never block
+# no librdkafka property: poll sizes, produce() never blocks, the start's wait is tsmon's own (monitor.reach)
+_DROPPED = {"max_poll_records", "max_block_ms", "bootstrap_timeout_ms"}
 
 
 def available() -> bool:

@@ -24,6 +24,7 @@ from models.errors import BrokerError, ConfigError, TsmonError, describe
 from monitor import logs
 from monitor.config import Config
 from monitor.control import merge_acks, new_command
+from monitor.reach import wait_for_brokers
 from monitor.topics import partition_reader, within
 
 log = logs.get("tsmon.ctl")
@@ -58,6 +59,7 @@ def send(cfg: Config, command: str, target: str, params: dict[str, Any], operato
     if c.key is None:
         raise ConfigError("control.key is not set: give the daemons' key in TSMON_CONTROL__KEY or [control] key")
     doc = new_command(command, target, params, operator, reason, c.key.get_secret_value())
+    wait_for_brokers(cfg.kafka, timeout_s)  # a wrong address or TLS setting named, within --timeout
     client = within(cfg.kafka.client_kwargs(), timeout_s)  # a hung broker: said at --timeout, not after 32 s
     topics = Topics(client)
     # positioned before sending: the acknowledgement cannot come earlier than this

@@ -41,6 +41,7 @@ from monitor.drift import DriftSettings
 from monitor.health import HealthServer
 from monitor.metrics import Metrics
 from monitor.processor import DataClock, Processor, Settings
+from monitor.reach import Problem, wait_for_brokers
 from monitor.reading import Backoff, InputReader
 from monitor.restoring import Restore
 from monitor.scorer import Scorer, load_served
@@ -158,13 +159,15 @@ class Daemon:
             sink_class, source_class = rdkafka.ConfluentSink, rdkafka.ConfluentSource
         b = cfg.batch
         batcher = Batcher(b.max_batch, b.max_delay_ms, latency_target_ms=b.latency_target_ms)
-        if cfg.daemon.warmup:  # before any client exists: a refused precision leaves nothing open
-            try:
+        try:
+            if cfg.daemon.warmup:  # before any client exists: a refused precision leaves nothing open
                 self._warm_up(backend, batcher)
-            except BaseException:
-                backend.close()  # a scoring process must not outlive a start that failed
-                raise
-        self.sink = sink or sink_class(cfg.kafka.producer_kwargs(), on_undeliverable=self._undeliverable)
+            if source is None:  # a real broker: one that cannot be reached is named now, not as the clients'
+                self._wait_for_brokers()  # "Unable to bootstrap" 30 s later (or never: a TLS handshake hung)
+            self.sink = sink or sink_class(cfg.kafka.producer_kwargs(), on_undeliverable=self._undeliverable)
+        except BaseException:
+            backend.close()  # a scoring process must not outlive a start that failed
+            raise
         self.processor = Processor(self.scorer, self.calibrator, batcher, self.sink, self.metrics,
                                    processor_settings(cfg), backend)
         k, c = cfg.kafka, cfg.control
@@ -278,6 +281,18 @@ class Daemon:
             self.source.resume(set(tps))
         if tps or not self._restored:
             self.restore()
+
+    def _wait_for_brokers(self) -> None:
+        last: list[Any] = [None, 0.0]  # what was logged, when: a new problem at once, the same one every 30 s
+
+        def unreachable(problems: list[Problem]) -> None:
+            said = [str(p) for p in problems]
+            if said != last[0] or time.monotonic() - last[1] >= 30:
+                log.warning("broker_unreachable", problems=said, retrying=True)
+                last[:] = [said, time.monotonic()]
+
+        k = self.cfg.kafka
+        wait_for_brokers(k, k.bootstrap_timeout_ms / 1000, on_problems=unreachable)
 
     def _ensure_topics(self) -> None:
         k, c, st = self.cfg.kafka, self.cfg.control, self.cfg.state

@@ -1,14 +1,18 @@
-"""A loopback TCP proxy in front of the test broker that can hold back the Kafka Produce requests of one client.
+"""A loopback TCP proxy in front of the test broker that can hold back the Kafka Produce requests of one client,
+and can speak TLS to the clients (the broker itself only speaks plaintext here).
 
 The broker advertises the proxy's address, so every client connects through it. Requests are framed
 (4-byte size), and the request header names the API (Produce = 0) and the client id: requests of
 ``client_id`` with API key 0 wait while :attr:`hold` is set, so the daemon's producer (its sink) stalls
-while its consumer and every other client go on. Responses are copied through unchanged.
+while its consumer and every other client go on. Responses are copied through unchanged. With ``tls`` (a
+server-side context) every client connection is a TLS session, ended at the proxy: handshakes it refused are
+in :attr:`refused`.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -19,11 +23,14 @@ PRODUCE = 0
 
 
 class KafkaProxy:
-    def __init__(self, upstream_port: int, client_id: str, host: str = "127.0.0.1") -> None:
+    def __init__(self, upstream_port: int, client_id: str, host: str = "127.0.0.1",
+                 tls: ssl.SSLContext | None = None) -> None:
         self.upstream = (host, upstream_port)
         self.client_id = client_id.encode()
+        self.tls = tls
         self.hold = threading.Event()
         self.held = 0  # Produce requests that had to wait
+        self.refused: list[str] = []  # TLS handshakes that failed, why
         self._stop = threading.Event()
         self._server = socket.create_server((host, 0))
         self.port = int(self._server.getsockname()[1])
@@ -46,16 +53,30 @@ class KafkaProxy:
                 client, _ = self._server.accept()
             except OSError:
                 return
-            try:
-                upstream = socket.create_connection(self.upstream, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
             with self._lock:
-                self._sockets += [client, upstream]
-            self._spawn(self._requests, client, upstream)
-            self._spawn(self._copy, upstream, client)
+                self._sockets.append(client)
+            self._spawn(self._open, client)
+
+    def _open(self, client: socket.socket) -> None:
+        if self.tls is not None:  # the handshake in this connection's thread: a silent client holds only itself
+            try:
+                client.settimeout(10)
+                client = self.tls.wrap_socket(client, server_side=True)
+                client.settimeout(None)
+            except OSError as exc:  # ssl.SSLError included
+                self.refused.append(str(exc))
+                _close(client)
+                return
+        try:
+            upstream = socket.create_connection(self.upstream, timeout=5)
+        except OSError:
+            _close(client)
+            return
+        upstream.settimeout(None)
+        with self._lock:
+            self._sockets += [client, upstream]
+        self._spawn(self._requests, client, upstream)
+        self._spawn(self._copy, upstream, client)
 
     def _requests(self, src: socket.socket, dst: socket.socket) -> None:
         try:
@@ -86,7 +107,7 @@ class KafkaProxy:
 
     def stop(self) -> None:
         self._stop.set()
-        self._server.close()
+        _close(self._server)  # shut down too: closing alone did not wake the accept() (5 s more at every stop)
         with self._lock:
             sockets, threads = list(self._sockets), list(self._threads)
         _close(*sockets)

@@ -432,14 +432,15 @@ def _alert_from_topic(alert_id: str, config: Path | None, bootstrap: str | None)
     from kafka.errors import KafkaError
 
     from monitor.config import load_config
+    from monitor.reach import wait_for_brokers
     from monitor.topics import TopicReader
 
-    cfg = load_config(config)
-    servers = bootstrap or ",".join(cfg.kafka.bootstrap_servers)
+    cfg = load_config(config, {"kafka.bootstrap_servers": bootstrap} if bootstrap else None)
+    servers = ",".join(cfg.kafka.bootstrap_servers)
     topic = cfg.kafka.alerts_topic
     client = cfg.kafka.client_kwargs()  # its security settings: plaintext against a TLS/SASL cluster failed
     client.pop("bootstrap_servers")
-    _reachable(servers)
+    wait_for_brokers(cfg.kafka, 3.0, "give --bootstrap or --config")  # kafka-python: ~30 s, "Unable to bootstrap"
     try:
         docs = TopicReader(servers.split(","), topic, **client).settle(quiet_s=1.0, limit_s=20)
     except (KafkaError, OSError) as exc:
@@ -452,24 +453,6 @@ def _alert_from_topic(alert_id: str, config: Path | None, bootstrap: str | None)
         raise DataError(f"alert {alert_id} on topic {topic} at {servers} has {len(mine)} message(s) but none "
                         "carries 'explain' (fired by a tsmon without explain?)")
     raise DataError(f"alert {alert_id} not found on topic {topic} at {servers} (read {len(docs)} messages)")
-
-
-def _reachable(servers: str, timeout_s: float = 3.0) -> None:
-    """Fail fast when no bootstrap server accepts a TCP connection (kafka-python waits ~30 s)."""
-    import socket
-
-    from monitor.config import host_port
-
-    for server in servers.split(","):
-        address = host_port(server)  # SASL_SSL://host:port, [v6]:port and bare v6, as the config takes them
-        if address is None:
-            continue
-        try:
-            with socket.create_connection(address, timeout=timeout_s):
-                return
-        except OSError:
-            continue
-    raise BrokerError(f"cannot reach {servers}: no broker accepts connections; give --bootstrap or --config")
 
 
 def register(app: typer.Typer) -> None:

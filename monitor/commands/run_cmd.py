@@ -69,8 +69,12 @@ def _stop_starting(signum: int, _frame: FrameType | None) -> None:
 
 def replay(
     input: Annotated[Path, typer.Option("--input", help="CSV/CSV.gz/Parquet series (timestamp column optional).")],
-    topic: Annotated[str, typer.Option(help="Topic to write to.")] = "tsmon.input",
-    bootstrap_servers: Annotated[str, typer.Option(help="host:port of the broker.")] = "127.0.0.1:9092",
+    topic: Annotated[str | None, typer.Option(
+        help="Topic to write to (default: the configuration's first input topic, else tsmon.input).")] = None,
+    bootstrap_servers: Annotated[str | None, typer.Option(
+        help="host:port of the broker (default: the configuration's, else 127.0.0.1:9092).")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="TOML configuration: its brokers, TLS/SASL settings and input topic.")] = None,
     stream: Annotated[str | None, typer.Option(help="Stream id (default: the file name without suffix).")] = None,
     rate: Annotated[float | None, typer.Option(help="Samples per second (default: as fast as possible).")] = None,
     chunk: Annotated[int, typer.Option(help="Samples per message (1 = one message per sample).")] = 100,
@@ -88,17 +92,25 @@ def replay(
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
 
+    from monitor.reach import wait_for_brokers
+    from monitor.topics import within
+
     if chunk < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--chunk")
     if rate is not None and not 0 < rate < math.inf:
         raise typer.BadParameter("must be finite and > 0", param_hint="--rate")
     if period_ms < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--period-ms")
-    for server in bootstrap_servers.split(","):
+    for server in bootstrap_servers.split(",") if bootstrap_servers is not None else ():
         if (problem := bootstrap_problem(server)) is not None:
             raise typer.BadParameter(problem, param_hint="--bootstrap-servers")
-    if (problem := topic_problem(topic)) is not None:  # kafka-python's own check raised a traceback
+    if topic is not None and (problem := topic_problem(topic)) is not None:  # kafka-python's check: a traceback
         raise typer.BadParameter(problem, param_hint="--topic")
+    # the brokers with their TLS/SASL settings: without a config it wrote in plaintext whatever the cluster needed
+    cfg = load_config(config, {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None)
+    if topic is None and not cfg.kafka.topics:
+        raise ConfigError("give --topic: the configuration reads its input by kafka.topic_pattern")
+    topic = topic or cfg.kafka.topics[0]
     if model is not None:
         if value_col:
             raise ConfigError("give --model (its channels, by name) or --value-col, not both")
@@ -116,11 +128,11 @@ def replay(
     if skipped:
         log.warning("rows_skipped_nonfinite", rows=skipped)
     name = stream or input.name.split(".")[0]
+    wait_for_brokers(cfg.kafka, 10.0, "give --bootstrap-servers or --config")
     try:
-        producer = KafkaProducer(bootstrap_servers=bootstrap_servers.split(","), acks=1, linger_ms=10,
-                                 bootstrap_timeout_ms=10_000)
+        producer = KafkaProducer(**within(cfg.kafka.client_kwargs(), 10.0), acks=1, linger_ms=10)
     except KafkaError as exc:
-        raise BrokerError(f"cannot reach the broker at {bootstrap_servers}: {exc}") from None
+        raise BrokerError(f"cannot reach the broker at {', '.join(cfg.kafka.bootstrap_servers)}: {exc}") from None
     sent = replay_series(producer, topic, name, ts, values, chunk, rate)
     producer.close()
     log.info("replayed", stream=name, topic=topic, samples=sent, channels=series.channels)

@@ -24,6 +24,7 @@ import typer
 from models.errors import BrokerError, ConfigError, describe
 from monitor import logs
 from monitor.config import load_config
+from monitor.reach import wait_for_brokers
 from monitor.topics import partition_reader, within
 
 log = logs.get("tsmon.tail")
@@ -57,6 +58,7 @@ def tail(
     cfg = load_config(config, {"kafka.bootstrap_servers": [bootstrap]} if bootstrap else None)
     name = topic or (cfg.kafka.dead_letter_topic if dead_letters else cfg.kafka.alerts_topic)
     # a wrong address: said after TIMEOUT_MS (kafka-python's default bootstrap wait is 30 s)
+    wait_for_brokers(cfg.kafka, TIMEOUT_MS / 1000, "give --bootstrap or --config")  # a wrong address or TLS, named
     client = within(cfg.kafka.client_kwargs(), TIMEOUT_MS / 1000)
     brokers = ", ".join(client["bootstrap_servers"])
     consumer, tps = partition_reader(client, name, at_end=not from_beginning, if_missing=(),

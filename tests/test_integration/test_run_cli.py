@@ -55,10 +55,11 @@ port = 0
     return path
 
 
-def produce(bootstrap: str, topic: str, stream: str, burst: int, n: int = 2000) -> set[int]:
-    """One stream with one burst, in hop-sized chunk messages; returns the partitions it went to."""
+def produce(bootstrap: str, topic: str, stream: str, burst: int, n: int = 2000, **client: Any) -> set[int]:
+    """One stream with one burst, in hop-sized chunk messages; returns the partitions it went to.
+    ``client``: further producer settings (TLS)."""
     ts, values = sine_stream(n, (burst,), seed=50)
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5)
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5, **client)
     try:
         futures = [p.send(topic, key=stream.encode(), value=body) for body, _ in messages(stream, ts, values, STREAM_HOP)]
         p.flush()
@@ -67,9 +68,10 @@ def produce(bootstrap: str, topic: str, stream: str, burst: int, n: int = 2000) 
         p.close()
 
 
-def wait_for_firing(bootstrap: str, topic: str, proc: subprocess.Popen[bytes], limit_s: float = 60) -> dict[str, Any]:
+def wait_for_firing(bootstrap: str, topic: str, proc: subprocess.Popen[bytes], limit_s: float = 60,
+                    **client: Any) -> dict[str, Any]:
     c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
-                      group_id=None)
+                      group_id=None, **client)
     try:
         deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline:

@@ -700,11 +700,11 @@ def test_log_settings_from_flags_and_environment_are_checked_and_kept(capsys: py
         logs.configure_from_flags(None, None)
 
 
-def test_inspect_alert_reads_the_topic_with_the_configs_security(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inspect_alert_reads_the_topic_with_the_configs_security(broker: Any, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """It connected in plaintext whatever the config said (a TLS/SASL cluster: cannot read), and a
-    SCHEME://host:port address, which the config takes, was "cannot reach"."""
-    import socket
-
+    SCHEME://host:port address, which the config takes, was "cannot reach". (The broker answers the probe's
+    ApiVersions request, which Kafka takes before any SASL exchange.)"""
     from monitor import topics
     from monitor.commands import model_cmds
 
@@ -718,15 +718,11 @@ def test_inspect_alert_reads_the_topic_with_the_configs_security(tmp_path: Path,
             return [{"alert_id": "a1", "explain": {}}]
 
     monkeypatch.setattr(topics, "TopicReader", Reader)
-    with socket.socket() as srv:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen()
-        port = srv.getsockname()[1]
-        cfg = tmp_path / "c.toml"
-        cfg.write_text(f'[kafka]\nbootstrap_servers = ["SASL_PLAINTEXT://127.0.0.1:{port}"]\n'
-                       'security_protocol = "SASL_PLAINTEXT"\nsasl_mechanism = "PLAIN"\n'
-                       'sasl_username = "u"\nsasl_password = "p"\n')
-        assert model_cmds._alert_from_topic("a1", cfg, None) == {"alert_id": "a1", "explain": {}}
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[kafka]\nbootstrap_servers = ["SASL_PLAINTEXT://{broker.bootstrap}"]\n'
+                   'security_protocol = "SASL_PLAINTEXT"\nsasl_mechanism = "PLAIN"\n'
+                   'sasl_username = "u"\nsasl_password = "p"\n')
+    assert model_cmds._alert_from_topic("a1", cfg, None) == {"alert_id": "a1", "explain": {}}
     assert seen["security_protocol"] == "SASL_PLAINTEXT" and seen["sasl_plain_username"] == "u"
 
 

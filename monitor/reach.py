@@ -1,0 +1,182 @@
+"""Can the configured brokers be reached with these settings? One bounded probe per bootstrap address — the TCP
+connection, the TLS handshake when the protocol uses TLS, one Kafka ApiVersions request — that names what failed.
+
+The Kafka clients say none of it: kafka-python reports every failure to bootstrap as "Unable to bootstrap" after
+30 s (an untrusted certificate, a refused client certificate and a closed port all read the same), and its TLS
+handshake has no time limit (3.0.12): a listener that accepts the connection and never answers the handshake — a
+plaintext port with ``security_protocol = "SSL"`` — held ``tsmon run`` for good, without a log line. Callers probe
+before they build any client (:func:`wait_for_brokers`), so a start fails within its limit, with the reason.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from models.errors import BrokerError
+
+if TYPE_CHECKING:
+    from monitor.config import KafkaConfig
+
+API_VERSIONS = 18
+_TLS_RECORD = (0x15, 0x16)  # alert, handshake: what a TLS listener sends back to a plaintext request
+# OpenSSL reasons that mean "this peer does not speak TLS here" (a plaintext listener answering a ClientHello)
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL",
+            "HTTP_REQUEST")
+# alerts a broker sends when it wants, or does not accept, the client's certificate
+_CLIENT_CERT = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN", "ACCESS_DENIED",
+                "HANDSHAKE_FAILURE", "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why one address failed. ``lasting``: a setting is wrong (certificate, protocol), waiting will not help."""
+
+    address: str
+    reason: str
+    lasting: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.address}: {self.reason}"
+
+
+def tls_context(kafka: KafkaConfig) -> ssl.SSLContext:
+    """The context kafka-python's TLS transport builds from the same settings (TLS ≥ 1.2, the CA file or the
+    system's, the hostname check as configured, the client certificate when given)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = kafka.ssl_check_hostname
+    if kafka.ssl_cafile:
+        ctx.load_verify_locations(kafka.ssl_cafile)
+    else:
+        ctx.load_default_certs()
+    if kafka.ssl_certfile:
+        ctx.load_cert_chain(kafka.ssl_certfile, kafka.ssl_keyfile)
+    return ctx
+
+
+def _api_versions(client_id: str, correlation: int) -> bytes:
+    """An ApiVersions v0 request (every broker since Kafka 0.10 answers it, before any SASL exchange)."""
+    cid = client_id.encode()[:200]
+    body = struct.pack(">hhih", API_VERSIONS, 0, correlation, len(cid)) + cid
+    return struct.pack(">i", len(body)) + body
+
+
+def _read(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _guess(kafka: KafkaConfig, step: str) -> str:
+    """What a connection closed, or left unanswered, at ``step`` most likely means."""
+    if not kafka.security_protocol.endswith("SSL"):
+        return f" (a TLS listener? kafka.security_protocol is {kafka.security_protocol})"
+    if step == "TLS handshake":
+        return f" (a plaintext listener? kafka.security_protocol is {kafka.security_protocol})"
+    if step == "Kafka request":
+        return " (a broker that wants a client certificate? kafka.ssl_certfile, kafka.ssl_keyfile)"
+    return ""
+
+
+def _tls_problem(exc: ssl.SSLError, address: str, host: str, step: str, kafka: KafkaConfig) -> Problem:
+    """An OpenSSL failure in words, with the setting that decides it."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        message = exc.verify_message or str(exc)
+        if "mismatch" in message or "not valid for" in message:
+            return Problem(address, f"the broker's certificate is not valid for {host} ({message}): connect by a "
+                                    "name it holds, or set kafka.ssl_check_hostname = false", True)
+        return Problem(address, f"the broker's certificate is not trusted ({message}): kafka.ssl_cafile must hold "
+                                "the CA that signed it", True)
+    reason = exc.reason or str(exc)
+    if isinstance(exc, ssl.SSLEOFError) or "EOF" in reason:  # closed without a word: not a setting for sure
+        return Problem(address, f"closed the connection during the {step}: {reason}{_guess(kafka, step)}")
+    if any(r in reason for r in _NOT_TLS):
+        return Problem(address, f"does not answer in TLS ({reason}): a plaintext listener? "
+                                "(kafka.security_protocol)", True)
+    if any(r in reason for r in _CLIENT_CERT):
+        return Problem(address, f"the broker refused the TLS session ({reason}): it may want a client certificate "
+                                "it trusts (kafka.ssl_certfile, kafka.ssl_keyfile)", True)
+    return Problem(address, f"TLS failed: {reason}", True)
+
+
+def probe(address: str, kafka: KafkaConfig, timeout_s: float) -> Problem | None:
+    """Connect to one bootstrap address as the clients would and ask it for its API versions; None when a Kafka
+    broker answered, else what failed. Every step waits at most ``timeout_s``."""
+    from monitor.config import host_port
+
+    where = host_port(address)
+    if where is None:
+        return Problem(address, "not a host:port address", True)
+    host, port = where
+    tls = kafka.security_protocol.endswith("SSL")
+    step = "connect"
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout_s)
+    except socket.gaierror as exc:
+        return Problem(address, f"the name does not resolve ({exc.strerror or exc})")
+    except TimeoutError:
+        return Problem(address, f"no answer to the connection within {timeout_s:.1f} s")
+    except OSError as exc:
+        return Problem(address, f"cannot connect: {exc.strerror or exc}")
+    sock: socket.socket = raw
+    try:
+        if tls:
+            step = "TLS handshake"
+            sock = tls_context(kafka).wrap_socket(raw, server_hostname=host.rstrip("."))
+        step = "Kafka request"
+        sock.sendall(_api_versions(kafka.client_id, 1))
+        head = _read(sock, 8)
+    except ssl.SSLError as exc:
+        return _tls_problem(exc, address, host, step, kafka)
+    except TimeoutError:
+        return Problem(address, f"no answer to the {step} within {timeout_s:.1f} s{_guess(kafka, step)}")
+    except OSError as exc:  # reset, or closed in the middle of the handshake
+        return Problem(address, f"closed the connection during the {step}: {exc.strerror or exc}"
+                                f"{_guess(kafka, step)}")
+    finally:
+        sock.close()  # the TLS socket took over the connection (``raw`` is detached then)
+        raw.close()
+    if not tls and head[:1] and head[0] in _TLS_RECORD and head[1:2] == b"\x03":
+        return Problem(address, "answers in TLS: set kafka.security_protocol = \"SSL\" (or \"SASL_SSL\")", True)
+    if len(head) < 8:
+        return Problem(address, f"closed the connection without answering the Kafka request{_guess(kafka, step)}")
+    if struct.unpack(">i", head[4:8])[0] != 1:
+        return Problem(address, "answered, but not as a Kafka broker", True)
+    return None
+
+
+def wait_for_brokers(kafka: KafkaConfig, timeout_s: float, hint: str = "", step_s: float = 10.0,
+                     on_problems: Callable[[list[Problem]], None] | None = None,
+                     clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Return once a bootstrap address answers a Kafka request; probe them again (backing off from 0.5 to 5 s)
+    while none does, for at most ``timeout_s``. Raises :class:`BrokerError` naming every address's problem at
+    the limit, or at once when every address has a lasting problem (a certificate, a protocol: waiting will not
+    mend a setting), with ``hint`` after them. ``on_problems`` hears each failed round (to log it)."""
+    deadline, backoff = clock() + timeout_s, 0.5
+    while True:
+        problems = []
+        for address in kafka.bootstrap_servers:
+            problem = probe(address, kafka, max(0.5, min(step_s, deadline - clock())))
+            if problem is None:
+                return
+            problems.append(problem)
+        lasting = all(p.lasting for p in problems)
+        left = deadline - clock()
+        if lasting or left <= 0:
+            within = "" if lasting else f" within {timeout_s:g} s"
+            raise BrokerError(f"cannot reach a broker{within}: " + "; ".join(map(str, problems))
+                              + (f" ({hint})" if hint else ""))
+        if on_problems is not None:
+            on_problems(problems)
+        sleep(min(backoff, left))
+        backoff = min(backoff * 2, 5.0)

@@ -1,0 +1,143 @@
+"""The broker probe (monitor.reach) against loopback servers that answer in each wrong way, and the real broker."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from models.errors import BrokerError
+from monitor import reach
+from monitor.config import KafkaConfig, load_config
+
+
+def kafka(servers: str, **over: Any) -> KafkaConfig:
+    return load_config(None, {"kafka.bootstrap_servers": servers, "kafka.topics": "x",
+                              **{f"kafka.{k}": v for k, v in over.items()}}).kafka
+
+
+@contextmanager
+def server(answer: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A loopback server that runs ``answer`` on each connection (bounded: 20 connections, 5 s each)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        for _ in range(20):
+            while not done.is_set():
+                try:
+                    conn, _ = srv.accept()
+                    break
+                except TimeoutError:
+                    continue
+            else:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    answer(conn)
+                except OSError:
+                    pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield f"127.0.0.1:{srv.getsockname()[1]}"
+    finally:
+        done.set()
+        t.join(10)
+        srv.close()
+
+
+def request(conn: socket.socket) -> bytes:
+    size = struct.unpack(">i", conn.recv(4))[0]
+    return conn.recv(size)
+
+
+def kafka_answer(conn: socket.socket) -> None:
+    """Answers the ApiVersions request with its correlation id (the rest of a real answer is not read)."""
+    body = request(conn)
+    assert struct.unpack(">hh", body[:4]) == (reach.API_VERSIONS, 0)
+    conn.sendall(struct.pack(">ii", 6, struct.unpack(">i", body[4:8])[0]) + b"\0\0")
+
+
+def test_a_kafka_answer_passes_and_the_real_broker_answers(broker: Any) -> None:
+    with server(kafka_answer) as address:
+        assert reach.probe(address, kafka(address), 2) is None
+    assert reach.probe(broker.bootstrap, kafka(broker.bootstrap), 5) is None
+    reach.wait_for_brokers(kafka(f"127.0.0.1:1,{broker.bootstrap}"), 5)  # one address that answers is enough
+
+
+@pytest.mark.parametrize(("answer", "says", "lasting"), [
+    (lambda c: (request(c), c.sendall(b"\x15\x03\x03\x00\x02\x02\x32")), "answers in TLS: set kafka.security_protocol",
+     True),  # a TLS listener's alert to a plaintext request
+    (lambda c: (request(c), c.sendall(struct.pack(">ii", 6, 77) + b"\0\0")), "not as a Kafka broker", True),
+    (lambda c: request(c), "closed the connection without answering", False),
+    (lambda c: (request(c), threading.Event().wait(3)), "no answer to the Kafka request within 1.0 s", False),
+])
+def test_each_wrong_answer_is_named(answer: Callable[[socket.socket], Any], says: str, lasting: bool) -> None:
+    with server(answer) as address:
+        problem = reach.probe(address, kafka(address), 1.0)
+    assert problem is not None and says in problem.reason and problem.lasting is lasting, problem
+
+
+def test_tls_against_a_plaintext_server_is_named() -> None:
+    """A ClientHello a server closes on (as Kafka's plaintext listener does) or never answers (as Tansu does)."""
+    with server(lambda c: c.recv(5)) as address:
+        problem = reach.probe(address, kafka(address, security_protocol="SSL"), 1.0)
+    assert problem is not None and "during the TLS handshake" in problem.reason
+    assert "a plaintext listener?" in problem.reason
+    with server(lambda c: threading.Event().wait(3)) as address:
+        problem = reach.probe(address, kafka(address, security_protocol="SSL"), 1.0)
+    assert problem is not None and problem.reason.startswith("no answer to the TLS handshake within 1.0 s")
+
+
+def test_refused_and_unresolvable_addresses() -> None:
+    from monitor.broker import free_port
+
+    refused = reach.probe(f"127.0.0.1:{free_port()}", kafka("127.0.0.1:9092"), 1.0)
+    assert refused is not None and refused.reason.startswith("cannot connect") and not refused.lasting
+    unknown = reach.probe("no-such-host.invalid:9092", kafka("127.0.0.1:9092"), 1.0)
+    assert unknown is not None and "does not resolve" in unknown.reason and not unknown.lasting
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now, self.slept = 0.0, []
+
+    def sleep(self, s: float) -> None:
+        self.slept.append(s)
+        self.now += s
+
+
+def test_waiting_backs_off_until_the_limit_and_a_lasting_problem_stops_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers: list[reach.Problem | None] = []
+    monkeypatch.setattr(reach, "probe", lambda address, *_: answers.pop(0) if answers else
+                        reach.Problem(address, "cannot connect: refused"))
+    clock, rounds = Clock(), []
+    with pytest.raises(BrokerError, match=r"^cannot reach a broker within 20 s: a:1: cannot connect: refused; "
+                                          r"b:2: cannot connect: refused \(give --bootstrap\)$"):
+        reach.wait_for_brokers(kafka("a:1,b:2"), 20, "give --bootstrap", on_problems=rounds.append,
+                               clock=lambda: clock.now, sleep=clock.sleep)
+    assert clock.slept == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 2.5] and len(rounds) == 7
+
+    clock = Clock()
+    answers[:] = [reach.Problem("a:1", "refused"), None]  # the second address answers: done
+    reach.wait_for_brokers(kafka("a:1,b:2"), 20, clock=lambda: clock.now, sleep=clock.sleep)
+    assert clock.slept == []
+
+    answers[:] = [reach.Problem("a:1", "not trusted", True), reach.Problem("b:2", "not trusted", True)]
+    with pytest.raises(BrokerError, match=r"^cannot reach a broker: a:1: not trusted; b:2: not trusted$"):
+        reach.wait_for_brokers(kafka("a:1,b:2"), 20, clock=lambda: clock.now, sleep=clock.sleep)
+    assert clock.slept == []  # a certificate will not be mended by waiting
+
+    answers[:] = [reach.Problem("a:1", "not trusted", True), reach.Problem("b:2", "refused")]
+    with pytest.raises(BrokerError, match="within 20 s"):  # one address may still come up: waited for
+        reach.wait_for_brokers(kafka("a:1,b:2"), 20, clock=lambda: clock.now, sleep=clock.sleep)
+    assert clock.slept
