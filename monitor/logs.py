@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import select
 import sys
 import time
@@ -74,6 +75,40 @@ def configure(level: str | None = None, fmt: str | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),
         cache_logger_on_first_use=False,
     )
+    forward_kafka_python()
+
+
+class _KafkaPython(logging.Handler):
+    """kafka-python's warnings and errors as ``kafka_client_log`` lines (errors as warnings, warnings as info),
+    at most 3 in 5 minutes for each of its messages (digits left out: some are formatted before they are logged) —
+    a broker away for an hour wrote hundreds of reconnection lines a minute otherwise. kafka-python logs through
+    the standard library to a NullHandler, so why a connection failed — a certificate no longer trusted after a
+    rotation, a refused address — was nowhere, and the daemon said only "no connection to any broker"."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.throttle = Throttle(burst=3, period_s=300.0)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()[:500]
+        except Exception:  # noqa: BLE001 - a record whose arguments do not format: said as it is
+            message = str(record.msg)[:500]
+        if (extra := self.throttle(f"{record.name}:{re.sub(r'[0-9.]+', '#', str(record.msg)[:80])}")) is None:
+            return
+        log = get("tsmon.kafka")
+        (log.warning if record.levelno >= logging.ERROR else log.info)(
+            "kafka_client_log", client="kafka-python", level=record.levelname.lower(), logger=record.name,
+            message=message, **extra)
+
+
+def forward_kafka_python() -> None:
+    """Install :class:`_KafkaPython` on the ``kafka`` logger once (its debug and info records are not even made)."""
+    logger = logging.getLogger("kafka")
+    if not any(isinstance(h, _KafkaPython) for h in logger.handlers):
+        logger.addHandler(_KafkaPython())
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
 
 
 class _Stderr:

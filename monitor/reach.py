@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from models.errors import BrokerError
+from models.errors import BrokerError, ConfigError
 
 if TYPE_CHECKING:
     from monitor.config import KafkaConfig
@@ -30,7 +30,7 @@ _NOT_TLS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_L
             "HTTP_REQUEST")
 # alerts a broker sends when it wants, or does not accept, the client's certificate
 _CLIENT_CERT = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN", "ACCESS_DENIED",
-                "HANDSHAKE_FAILURE", "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED")
+                "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED")
 
 
 @dataclass(frozen=True)
@@ -47,16 +47,25 @@ class Problem:
 
 def tls_context(kafka: KafkaConfig) -> ssl.SSLContext:
     """The context kafka-python's TLS transport builds from the same settings (TLS ≥ 1.2, the CA file or the
-    system's, the hostname check as configured, the client certificate when given)."""
+    system's, the hostname check as configured, the client certificate when given). A file that does not load is
+    a :class:`ConfigError` naming its setting, not a connection problem."""
+    kafka.check_files()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = kafka.ssl_check_hostname
-    if kafka.ssl_cafile:
-        ctx.load_verify_locations(kafka.ssl_cafile)
-    else:
-        ctx.load_default_certs()
+    try:
+        if kafka.ssl_cafile:
+            ctx.load_verify_locations(kafka.ssl_cafile)
+        else:
+            ctx.load_default_certs()
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(f"kafka.ssl_cafile: {kafka.ssl_cafile} holds no CA certificate that loads ({exc})") from None
     if kafka.ssl_certfile:
-        ctx.load_cert_chain(kafka.ssl_certfile, kafka.ssl_keyfile)
+        try:
+            ctx.load_cert_chain(kafka.ssl_certfile, kafka.ssl_keyfile)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"kafka.ssl_certfile / ssl_keyfile: the client certificate and its key do not load "
+                              f"({exc})") from None
     return ctx
 
 
@@ -67,9 +76,19 @@ def _api_versions(client_id: str, correlation: int) -> bytes:
     return struct.pack(">i", len(body)) + body
 
 
-def _read(sock: socket.socket, n: int) -> bytes:
+def _left(end: float) -> float:
+    """Seconds to ``end``; TimeoutError once it has passed (each blocking step gets only what is left)."""
+    left = end - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+def _read(sock: socket.socket, n: int, end: float) -> bytes:
+    """``n`` bytes, or fewer if the peer closed; TimeoutError at ``end`` (a server trickling bytes included)."""
     data = b""
     while len(data) < n:
+        sock.settimeout(_left(end))
         chunk = sock.recv(n - len(data))
         if not chunk:
             break
@@ -106,12 +125,17 @@ def _tls_problem(exc: ssl.SSLError, address: str, host: str, step: str, kafka: K
     if any(r in reason for r in _CLIENT_CERT):
         return Problem(address, f"the broker refused the TLS session ({reason}): it may want a client certificate "
                                 "it trusts (kafka.ssl_certfile, kafka.ssl_keyfile)", True)
-    return Problem(address, f"TLS failed: {reason}", True)
+    if "HANDSHAKE_FAILURE" in reason:
+        return Problem(address, f"the broker ended the TLS handshake ({reason}): no TLS version or cipher in "
+                                "common, or it wants a client certificate (kafka.ssl_certfile, kafka.ssl_keyfile)",
+                       True)
+    return Problem(address, f"TLS failed: {reason}")  # not known to be a setting (a proxy's internal error …)
 
 
-def probe(address: str, kafka: KafkaConfig, timeout_s: float) -> Problem | None:
+def probe(address: str, kafka: KafkaConfig, timeout_s: float, ctx: ssl.SSLContext | None = None) -> Problem | None:
     """Connect to one bootstrap address as the clients would and ask it for its API versions; None when a Kafka
-    broker answered, else what failed. Every step waits at most ``timeout_s``."""
+    broker answered, else what failed. All of it within ``timeout_s`` (the name's lookup aside: the resolver's own
+    limits). ``ctx``: the TLS context (:func:`tls_context`, made once by the caller) when the protocol uses TLS."""
     from monitor.config import host_port
 
     where = host_port(address)
@@ -119,7 +143,7 @@ def probe(address: str, kafka: KafkaConfig, timeout_s: float) -> Problem | None:
         return Problem(address, "not a host:port address", True)
     host, port = where
     tls = kafka.security_protocol.endswith("SSL")
-    step = "connect"
+    step, end = "connect", time.monotonic() + timeout_s
     try:
         raw = socket.create_connection((host, port), timeout=timeout_s)
     except socket.gaierror as exc:
@@ -132,10 +156,14 @@ def probe(address: str, kafka: KafkaConfig, timeout_s: float) -> Problem | None:
     try:
         if tls:
             step = "TLS handshake"
-            sock = tls_context(kafka).wrap_socket(raw, server_hostname=host.rstrip("."))
+            sock = (ctx or tls_context(kafka)).wrap_socket(raw, server_hostname=host.rstrip("."),
+                                                           do_handshake_on_connect=False)  # closed below if a
+            sock.settimeout(_left(end))  # signal ends the handshake (wrap_socket closes only on OSError)
+            sock.do_handshake()
         step = "Kafka request"
+        sock.settimeout(_left(end))
         sock.sendall(_api_versions(kafka.client_id, 1))
-        head = _read(sock, 8)
+        head = _read(sock, 8, end)
     except ssl.SSLError as exc:
         return _tls_problem(exc, address, host, step, kafka)
     except TimeoutError:
@@ -162,11 +190,12 @@ def wait_for_brokers(kafka: KafkaConfig, timeout_s: float, hint: str = "", step_
     while none does, for at most ``timeout_s``. Raises :class:`BrokerError` naming every address's problem at
     the limit, or at once when every address has a lasting problem (a certificate, a protocol: waiting will not
     mend a setting), with ``hint`` after them. ``on_problems`` hears each failed round (to log it)."""
+    ctx = tls_context(kafka) if kafka.security_protocol.endswith("SSL") else None  # a file that fails: ConfigError
     deadline, backoff = clock() + timeout_s, 0.5
     while True:
         problems = []
         for address in kafka.bootstrap_servers:
-            problem = probe(address, kafka, max(0.5, min(step_s, deadline - clock())))
+            problem = probe(address, kafka, min(step_s, max(0.1, deadline - clock())), ctx)
             if problem is None:
                 return
             problems.append(problem)

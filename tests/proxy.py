@@ -105,6 +105,12 @@ class KafkaProxy:
         finally:
             _close(src, dst)
 
+    def drop(self) -> None:
+        """Close every connection made so far (the clients reconnect: with :attr:`tls` as it is then)."""
+        with self._lock:
+            sockets, self._sockets = list(self._sockets), []
+        _close(*sockets)
+
     def stop(self) -> None:
         self._stop.set()
         _close(self._server)  # shut down too: closing alone did not wake the accept() (5 s more at every stop)

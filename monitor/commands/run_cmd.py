@@ -108,8 +108,8 @@ def replay(
         raise typer.BadParameter(problem, param_hint="--topic")
     # the brokers with their TLS/SASL settings: without a config it wrote in plaintext whatever the cluster needed
     cfg = load_config(config, {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None)
-    if topic is None and not cfg.kafka.topics:
-        raise ConfigError("give --topic: the configuration reads its input by kafka.topic_pattern")
+    if topic is None and cfg.kafka.topic_pattern:  # its topics list is then the unused default
+        raise ConfigError(f"give --topic: the configuration reads the topics matching {cfg.kafka.topic_pattern!r}")
     topic = topic or cfg.kafka.topics[0]
     if model is not None:
         if value_col:

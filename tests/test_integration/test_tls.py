@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import synthetic_series
+from tests.test_integration.test_faults import http_url, wait_for, watch
 from tests.test_integration.test_run_cli import log_events, produce, tsmon_env, wait_for_firing, write_config
 
 trustme = pytest.importorskip("trustme")
@@ -37,6 +38,8 @@ class Tls:
     cert: Path  # the client's certificate and key
     key: Path
     refused: list[str]  # handshakes the mutual-TLS proxy refused
+    proxy: Any  # the mutual-TLS proxy (tests.proxy.KafkaProxy)
+    untrusted: ssl.SSLContext  # a server context for it whose certificate the clients' CA did not sign
 
     def client(self, **over: Any) -> dict[str, Any]:
         """kafka-python settings of a client the proxies accept."""
@@ -82,7 +85,8 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tls]:
     try:
         with mutual, named:
             yield Tls(f"127.0.0.1:{mutual.port}", f"127.0.0.1:{named.port}", broker.bootstrap, files / "ca.pem",
-                      files / "other-ca.pem", files / "client.pem", files / "client.key", mutual.refused)
+                      files / "other-ca.pem", files / "client.pem", files / "client.key", mutual.refused, mutual,
+                      _server(other.issue_cert("127.0.0.1"), ca, True))
     finally:
         broker.stop()
 
@@ -168,3 +172,37 @@ def test_a_start_with_tls_set_up_wrong_says_what_is_wrong(tls: Tls, stream_model
     assert took < (15 if at_once else 25), took  # the start itself (model, warm-up) takes ~5 s
     assert ("within 4 s" in last) is not at_once
     assert ('"broker_unreachable"' in run.stderr) is retried  # said while it retried
+
+
+def test_a_broker_certificate_no_longer_trusted_is_named_while_the_daemon_runs(tls: Tls, stream_model: Path,
+                                                                                tmp_path: Path) -> None:
+    """The broker's certificate is replaced by one the daemon's CA file did not sign (a rotation that went wrong)
+    and its connections are dropped: the daemon reports the broker unavailable and logs kafka-python's reason
+    (through the standard library to a NullHandler, it was nowhere); the trusted certificate back, it recovers."""
+    topic = "t-tls-rotation"
+    cfg = tls.config(tmp_path / "tsmon.toml", topic, stream_model)
+    produce(tls.bootstrap, topic, "dev-rotation", burst=1000, n=400, **tls.client())
+    log = tmp_path / "stderr.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(cfg)], cwd=tmp_path,
+                                env=tsmon_env(), stdout=subprocess.DEVNULL, stderr=err)
+    trusted = tls.proxy.tls
+    try:
+        wait_for(lambda: '"stream_started"' in log.read_text(), proc)
+        url = http_url(log)
+        watch(f"{url}/readyz", 200, proc, 30)
+        tls.proxy.tls = tls.untrusted
+        tls.proxy.drop()
+        _, reason = watch(f"{url}/readyz", 503, proc, 40)
+        assert "broker" in reason, reason
+        wait_for(lambda: any(e.get("event") == "kafka_client_log" and "CERTIFICATE_VERIFY_FAILED" in e["message"]
+                             for e in log_events(log)), proc, 20)
+        tls.proxy.tls = trusted
+        watch(f"{url}/readyz", 200, proc, 60)
+    finally:
+        tls.proxy.tls = trusted
+        proc.terminate()
+        proc.wait(timeout=30)
+    said = [e for e in log_events(log) if e.get("event") == "kafka_client_log"]
+    print(f"{len(said)} kafka_client_log lines; reason {reason!r}")
+    assert proc.returncode == 0

@@ -488,6 +488,11 @@ def test_more_bad_input_gives_one_line(dense_artifact: Path, tmp_path: Path, cap
         assert code == 2 and "must be at least 1 second" in err and "Traceback" not in err, timeout
     code, _, err = run(capsys, "replay", "--input", str(tmp_path / "x.csv"), "--bootstrap-servers", "127.0.0.1:abc")
     assert code == 2 and "'127.0.0.1:abc' is not host:port" in err
+    pattern = tmp_path / "pattern.toml"  # its topics list is the unused default: replay wrote to tsmon.input
+    pattern.write_text('[kafka]\ntopic_pattern = "sensors\\\\..*"\n')
+    code, _, err = run(capsys, "replay", "--input", str(tmp_path / "x.csv"), "--config", str(pattern))
+    assert code == 1 and err.strip().splitlines()[-1] == ("ConfigError: give --topic: the configuration reads the "
+                                                           "topics matching 'sensors\\\\..*'"), err
     monkeypatch.setenv("TSMON_MODEL", str(broken))
     code, _, err = run(capsys, "config", "check")
     assert code == 1 and "validation_error_quantiles must be an object" in err

@@ -45,3 +45,27 @@ def test_an_error_is_described_with_its_type_once() -> None:
         "KafkaTimeoutError: Failed to update metadata after 2.0 secs."
     assert describe(DataError("bad column")) == "DataError: bad column"
     assert describe(OSError(28, "No space left on device")) == "OSError: [Errno 28] No space left on device"
+
+
+def test_kafka_python_warnings_reach_the_log_throttled_per_message(capsys) -> None:
+    """kafka-python logs to a NullHandler: its reasons (a certificate not trusted) were nowhere. Now errors are
+    warnings and warnings info, three per message in five minutes (digits do not make a message new)."""
+    import json
+    import logging
+
+    from monitor import logs
+
+    logs.configure("INFO", "json")
+    try:
+        kafka = logging.getLogger("kafka.net.manager")
+        for backoff in (0.11, 0.38, 1.67, 6.33):  # formatted before logging, as kafka-python does
+            kafka.error(f"Connection failed: Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] (backoff {backoff})")
+        kafka.warning("Bootstrap %s not ready", "bootstrap-0")
+        kafka.info("Attempting bootstrap")  # below warning: not even made
+        lines = [json.loads(ln) for ln in capsys.readouterr().err.splitlines()]
+    finally:
+        logs.configure_from_flags(None, None)
+    assert [(d["event"], d["level"], d["logger"]) for d in lines] == [
+        ("kafka_client_log", "warning", "kafka.net.manager")] * 3 + [("kafka_client_log", "info", "kafka.net.manager")]
+    assert "CERTIFICATE_VERIFY_FAILED" in lines[0]["message"] and lines[3]["message"] == "Bootstrap bootstrap-0 not ready"
+    assert sum(isinstance(h, logs._KafkaPython) for h in logging.getLogger("kafka").handlers) == 1  # once

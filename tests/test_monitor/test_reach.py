@@ -141,3 +141,62 @@ def test_waiting_backs_off_until_the_limit_and_a_lasting_problem_stops_at_once(m
     with pytest.raises(BrokerError, match="within 20 s"):  # one address may still come up: waited for
         reach.wait_for_brokers(kafka("a:1,b:2"), 20, clock=lambda: clock.now, sleep=clock.sleep)
     assert clock.slept
+
+
+def test_tls_files_that_do_not_load_are_a_config_error_before_any_connection(tmp_path) -> None:
+    """The probe built its context inside the connection's try: a missing CA file read as "closed the connection
+    during the TLS handshake" and was retried to the limit, or, with nothing listening, not named at all."""
+    from models.errors import ConfigError
+
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate\n")
+    for cafile, says in ((tmp_path / "missing.pem", "is not a readable file"), (garbage, "no CA certificate")):
+        with pytest.raises(ConfigError, match=f"^kafka.ssl_cafile: .*{says}"):
+            reach.wait_for_brokers(kafka("127.0.0.1:1", security_protocol="SSL", ssl_cafile=str(cafile)), 30)
+    with pytest.raises(ConfigError, match="^kafka.ssl_certfile / ssl_keyfile: the client certificate and its key"):
+        reach.wait_for_brokers(kafka("127.0.0.1:1", security_protocol="SSL", ssl_certfile=str(garbage),
+                                     ssl_keyfile=str(garbage)), 30)
+
+
+def test_a_server_that_trickles_its_answer_is_cut_at_the_limit() -> None:
+    """Each recv had the whole limit: one byte every 0.4 s took 3.2 s of a 1 s limit."""
+    import time
+
+    def trickle(conn: socket.socket) -> None:
+        request(conn)
+        for b in struct.pack(">ii", 6, 1):
+            conn.sendall(bytes([b]))
+            time.sleep(0.4)
+
+    with server(trickle) as address:
+        started = time.monotonic()
+        problem = reach.probe(address, kafka(address), 1.0)
+        took = time.monotonic() - started
+    assert problem is not None and problem.reason.startswith("no answer to the Kafka request within 1.0 s")
+    assert took < 1.5, took
+
+
+def test_a_signal_during_the_tls_handshake_leaves_no_socket_open() -> None:
+    """`tsmon run` ends a start on SIGTERM by raising: raised in the handshake, wrap_socket kept the socket."""
+    import gc
+    import signal
+    import warnings
+
+    class Stop(Exception):
+        pass
+
+    def stop(_signum: int, _frame: Any) -> None:
+        raise Stop
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    try:
+        with server(lambda c: threading.Event().wait(3)) as address, warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(Stop):
+                reach.probe(address, kafka(address, security_protocol="SSL"), 2.0)
+            gc.collect()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not [w for w in seen if issubclass(w.category, ResourceWarning)], [str(w.message) for w in seen]
