@@ -10,13 +10,14 @@ before they build any client (:func:`wait_for_brokers`), so a start fails within
 
 from __future__ import annotations
 
+import inspect
 import socket
 import ssl
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from models.errors import BrokerError, ConfigError
 
@@ -191,6 +192,8 @@ def wait_for_brokers(kafka: KafkaConfig, timeout_s: float, hint: str = "", step_
     the limit, or at once when every address has a lasting problem (a certificate, a protocol: waiting will not
     mend a setting), with ``hint`` after them. ``on_problems`` hears each failed round (to log it)."""
     ctx = tls_context(kafka) if kafka.security_protocol.endswith("SSL") else None  # a file that fails: ConfigError
+    if ctx is not None:  # the clients built after this probe: their handshakes end too
+        bound_tls_handshakes(kafka.request_timeout_ms / 1000)
     deadline, backoff = clock() + timeout_s, 0.5
     while True:
         problems = []
@@ -209,3 +212,43 @@ def wait_for_brokers(kafka: KafkaConfig, timeout_s: float, hint: str = "", step_
             on_problems(problems)
         sleep(min(backoff, left))
         backoff = min(backoff * 2, 5.0)
+
+
+_HANDSHAKE_LIMIT_S = [30.0]  # what bound_tls_handshakes() installed last
+
+
+def bound_tls_handshakes(limit_s: float) -> bool:
+    """Give kafka-python's TLS handshakes a time limit; True when installed (kafka-python 3's transport found).
+
+    kafka-python 3.0.12 waits for a TLS handshake with no limit (its connection timeout covers the TCP connect and
+    the Kafka requests, not the handshake between them). A broker address that accepted connections and never
+    answered them for a while — a proxy or load balancer without a healthy backend — left a client that reconnected
+    then waiting for good: measured, a producer still stuck 240 s after the address answered again, so the daemon
+    stayed "broker unavailable" until restarted. With the limit the handshake fails like any connection, and the
+    client's own reconnects (with backoff) find the broker again. Same loop as kafka-python's, with its own wait's
+    ``timeout_at`` set."""
+    _HANDSHAKE_LIMIT_S[0] = limit_s
+    try:
+        from kafka.net.selector import NetworkSelector
+        from kafka.net.transport import KafkaSSLTransport
+    except ImportError:  # another kafka-python: its own handshake is left as it is
+        return False
+    if "timeout_at" not in inspect.signature(NetworkSelector.wait_read).parameters:
+        return False
+    if getattr(KafkaSSLTransport.handshake, "_tsmon_bounded", False):
+        return True
+
+    async def handshake(self: Any) -> None:
+        timeout_at = time.monotonic() + _HANDSHAKE_LIMIT_S[0]
+        while True:
+            try:
+                self._sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                await self._net.wait_read(self._sock, timeout_at)
+            except ssl.SSLWantWriteError:
+                await self._net.wait_write(self._sock, timeout_at)
+
+    handshake._tsmon_bounded = True  # type: ignore[attr-defined]
+    KafkaSSLTransport.handshake = handshake  # type: ignore[method-assign]
+    return True

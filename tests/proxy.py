@@ -31,6 +31,7 @@ class KafkaProxy:
         self.hold = threading.Event()
         self.held = 0  # Produce requests that had to wait
         self.refused: list[str] = []  # TLS handshakes that failed, why
+        self.blackhole = threading.Event()  # while set, new connections are held open and never answered
         self._stop = threading.Event()
         self._server = socket.create_server((host, 0))
         self.port = int(self._server.getsockname()[1])
@@ -58,6 +59,8 @@ class KafkaProxy:
             self._spawn(self._open, client)
 
     def _open(self, client: socket.socket) -> None:
+        if self.blackhole.is_set():  # accepted, never read, never closed (until stop): a backend-less balancer
+            return
         if self.tls is not None:  # the handshake in this connection's thread: a silent client holds only itself
             try:
                 client.settimeout(10)

@@ -206,3 +206,34 @@ def test_a_broker_certificate_no_longer_trusted_is_named_while_the_daemon_runs(t
     said = [e for e in log_events(log) if e.get("event") == "kafka_client_log"]
     print(f"{len(said)} kafka_client_log lines; reason {reason!r}")
     assert proc.returncode == 0
+
+
+def test_the_daemon_comes_back_after_its_broker_address_answered_no_tls_handshake_for_a_while(
+        tls: Tls, stream_model: Path, tmp_path: Path) -> None:
+    """The address takes connections and answers none for 8 s (a balancer without a healthy backend), its open
+    connections dropped: kafka-python's reconnects waited in their TLS handshakes with no limit, so the daemon
+    stayed "broker unavailable" after the address answered again (a producer was still stuck 240 s later). With
+    the handshake bounded by request_timeout_ms (3 s here) the reconnects fail, retry, and find it again."""
+    topic = "t-tls-blackhole"
+    cfg = tls.config(tmp_path / "tsmon.toml", topic, stream_model, request_timeout_ms=3000, fetch_max_wait_ms=100)
+    produce(tls.bootstrap, topic, "dev-blackhole", burst=1000, n=400, **tls.client())
+    log = tmp_path / "stderr.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config", str(cfg)], cwd=tmp_path,
+                                env=tsmon_env(), stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_for(lambda: '"stream_started"' in log.read_text(), proc)
+        url = http_url(log)
+        watch(f"{url}/readyz", 200, proc, 30)
+        tls.proxy.blackhole.set()
+        tls.proxy.drop()
+        watch(f"{url}/readyz", 503, proc, 30)
+        time.sleep(8)
+        tls.proxy.blackhole.clear()
+        back, _ = watch(f"{url}/readyz", 200, proc, 60)
+    finally:
+        tls.proxy.blackhole.clear()
+        proc.terminate()
+        proc.wait(timeout=30)
+    print(f"ready again {back:.1f} s after the address answered")
+    assert proc.returncode == 0

@@ -200,3 +200,10 @@ def test_a_signal_during_the_tls_handshake_leaves_no_socket_open() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert not [w for w in seen if issubclass(w.category, ResourceWarning)], [str(w.message) for w in seen]
+
+
+def test_kafka_pythons_tls_handshake_gets_a_limit_once() -> None:
+    from kafka.net.transport import KafkaSSLTransport
+
+    assert reach.bound_tls_handshakes(3.0) and reach.bound_tls_handshakes(5.0)
+    assert KafkaSSLTransport.handshake._tsmon_bounded and reach._HANDSHAKE_LIMIT_S == [5.0]  # the last limit wins
