@@ -79,11 +79,16 @@ def configure(level: str | None = None, fmt: str | None = None) -> None:
 
 
 class _KafkaPython(logging.Handler):
-    """kafka-python's warnings and errors as ``kafka_client_log`` lines (errors as warnings, warnings as info),
-    at most 3 in 5 minutes for each of its messages (digits left out: some are formatted before they are logged) —
-    a broker away for an hour wrote hundreds of reconnection lines a minute otherwise. kafka-python logs through
-    the standard library to a NullHandler, so why a connection failed — a certificate no longer trusted after a
-    rotation, a refused address — was nowhere, and the daemon said only "no connection to any broker"."""
+    """kafka-python's warnings and errors as ``kafka_client_log`` lines (errors as warnings, warnings as info; its
+    own level in ``client_level``), at most 3 in 5 minutes for each message text (digits and ``<…>`` object names
+    left out) — a broker away for an hour wrote hundreds of reconnection lines a minute otherwise, and a budget per
+    template (``Connection failed: %s``) let refused connections hide a certificate failure after them.
+    kafka-python logs through the standard library to a NullHandler, so why a connection failed — a certificate no
+    longer trusted after a rotation, a refused address — was nowhere, and the daemon said only "no connection to any
+    broker". Nothing it does may raise: it runs in kafka-python's own threads (a failed write to stderr ended the
+    client's IO thread, and poll() then waited for good)."""
+
+    MAX_KEYS = 1000  # distinct messages remembered for the throttle; beyond, it starts again
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -91,15 +96,26 @@ class _KafkaPython(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            self._emit(record)
+        except Exception:  # noqa: BLE001, S110 - a log line that cannot be written is not kafka-python's problem
+            pass
+
+    def _emit(self, record: logging.LogRecord) -> None:
+        try:
             message = record.getMessage()[:500]
         except Exception:  # noqa: BLE001 - a record whose arguments do not format: said as it is
             message = str(record.msg)[:500]
-        if (extra := self.throttle(f"{record.name}:{re.sub(r'[0-9.]+', '#', str(record.msg)[:80])}")) is None:
+        key = record.name + ":" + re.sub(r"<[^>]*>|[0-9.]+", "#", message)[:160]
+        if len(self.throttle.seen) >= self.MAX_KEYS and key not in self.throttle.seen:
+            self.throttle.seen.clear()
+        if (extra := self.throttle(key)) is None:
             return
+        fields: dict[str, Any] = {"client": "kafka-python", "client_level": record.levelname.lower(),
+                                  "logger": record.name, "message": message, **extra}
+        if record.exc_info and record.exc_info[1] is not None:  # log.exception: the error, not the whole traceback
+            fields["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"[:500]
         log = get("tsmon.kafka")
-        (log.warning if record.levelno >= logging.ERROR else log.info)(
-            "kafka_client_log", client="kafka-python", level=record.levelname.lower(), logger=record.name,
-            message=message, **extra)
+        (log.warning if record.levelno >= logging.ERROR else log.info)("kafka_client_log", **fields)
 
 
 def forward_kafka_python() -> None:
@@ -132,18 +148,18 @@ class Throttle:
 
     def __init__(self, burst: int = 20, period_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.burst, self.period_s, self._clock = burst, period_s, clock
-        self._seen: dict[str, tuple[float, int, int]] = {}  # event → (period start, lines in it, dropped since a line)
+        self.seen: dict[str, tuple[float, int, int]] = {}  # event → (period start, lines in it, dropped since a line)
 
     def __call__(self, event: str) -> dict[str, int] | None:
         """None: drop this line. Else the fields to add to it: ``{"suppressed": n}`` after dropped ones, or {}."""
         now = self._clock()
-        start, lines, dropped = self._seen.get(event, (now, 0, 0))
+        start, lines, dropped = self.seen.get(event, (now, 0, 0))
         if now - start >= self.period_s:
             start, lines = now, 0
         if lines >= self.burst:
-            self._seen[event] = (start, lines, dropped + 1)
+            self.seen[event] = (start, lines, dropped + 1)
             return None
-        self._seen[event] = (start, lines + 1, 0)
+        self.seen[event] = (start, lines + 1, 0)
         return {"suppressed": dropped} if dropped else {}
 
     def log(self, method: Callable[..., Any], event: str, **fields: Any) -> None:

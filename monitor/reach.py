@@ -126,10 +126,12 @@ def _tls_problem(exc: ssl.SSLError, address: str, host: str, step: str, kafka: K
     if any(r in reason for r in _CLIENT_CERT):
         return Problem(address, f"the broker refused the TLS session ({reason}): it may want a client certificate "
                                 "it trusts (kafka.ssl_certfile, kafka.ssl_keyfile)", True)
+    if any(r in reason for r in ("PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE")):
+        return Problem(address, f"no TLS version in common with the broker ({reason}): the clients need TLS 1.2 "
+                                "or later", True)
     if "HANDSHAKE_FAILURE" in reason:
-        return Problem(address, f"the broker ended the TLS handshake ({reason}): no TLS version or cipher in "
-                                "common, or it wants a client certificate (kafka.ssl_certfile, kafka.ssl_keyfile)",
-                       True)
+        return Problem(address, f"the broker ended the TLS handshake ({reason}): no cipher in common, or it "
+                                "wants a client certificate (kafka.ssl_certfile, kafka.ssl_keyfile)", True)
     return Problem(address, f"TLS failed: {reason}")  # not known to be a setting (a proxy's internal error …)
 
 
@@ -197,8 +199,9 @@ def wait_for_brokers(kafka: KafkaConfig, timeout_s: float, hint: str = "", step_
     deadline, backoff = clock() + timeout_s, 0.5
     while True:
         problems = []
-        for address in kafka.bootstrap_servers:
-            problem = probe(address, kafka, min(step_s, max(0.1, deadline - clock())), ctx)
+        for i, address in enumerate(kafka.bootstrap_servers):  # the time left shared by the addresses not probed
+            share = (deadline - clock()) / (len(kafka.bootstrap_servers) - i)  # yet (a silent first one took all
+            problem = probe(address, kafka, min(step_s, max(1.0, share)), ctx)  # of it, a healthy second got 0.1 s)
             if problem is None:
                 return
             problems.append(problem)

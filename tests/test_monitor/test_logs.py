@@ -65,7 +65,48 @@ def test_kafka_python_warnings_reach_the_log_throttled_per_message(capsys) -> No
         lines = [json.loads(ln) for ln in capsys.readouterr().err.splitlines()]
     finally:
         logs.configure_from_flags(None, None)
-    assert [(d["event"], d["level"], d["logger"]) for d in lines] == [
-        ("kafka_client_log", "warning", "kafka.net.manager")] * 3 + [("kafka_client_log", "info", "kafka.net.manager")]
+    assert [(d["event"], d["level"], d["client_level"]) for d in lines] == [
+        ("kafka_client_log", "warning", "error")] * 3 + [("kafka_client_log", "info", "warning")]
     assert "CERTIFICATE_VERIFY_FAILED" in lines[0]["message"] and lines[3]["message"] == "Bootstrap bootstrap-0 not ready"
     assert sum(isinstance(h, logs._KafkaPython) for h in logging.getLogger("kafka").handlers) == 1  # once
+
+
+def test_kafka_python_messages_of_one_template_have_budgets_of_their_own_and_never_raise(capsys) -> None:
+    """Found by review: the budget was the template's, so refused connections during a broker restart hid the
+    certificate failure after them for 5 minutes; and a write to stderr that failed raised into kafka-python's IO
+    thread, which ended it (the consumer's poll then waited for good)."""
+    import json
+    import logging
+    import sys
+
+    from monitor import logs
+
+    logs.configure("INFO", "json")
+    kafka = logging.getLogger("kafka.net.connection")
+    try:
+        for _ in range(4):
+            kafka.error("Connection failed: %s", "KafkaConnectionError: 111 ECONNREFUSED")
+        kafka.error("Connection failed: %s", "Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            kafka.exception("Uncaught error in kafka producer I/O thread")
+        lines = [json.loads(ln) for ln in capsys.readouterr().err.splitlines()]
+
+        class Broken:
+            def write(self, _text: str) -> int:
+                raise BrokenPipeError(32, "Broken pipe")
+
+            def flush(self) -> None:
+                raise BrokenPipeError(32, "Broken pipe")
+
+        stderr, sys.stderr = sys.stderr, Broken()
+        try:
+            kafka.error("Connection failed: %s", "the log collector is gone")  # must not raise
+        finally:
+            sys.stderr = stderr
+    finally:
+        logs.configure_from_flags(None, None)
+    messages = [d["message"] for d in lines]
+    assert sum("ECONNREFUSED" in m for m in messages) == 3 and any("CERTIFICATE_VERIFY_FAILED" in m for m in messages)
+    assert lines[-1]["error"] == "ValueError: boom"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 import struct
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -207,3 +210,33 @@ def test_kafka_pythons_tls_handshake_gets_a_limit_once() -> None:
 
     assert reach.bound_tls_handshakes(3.0) and reach.bound_tls_handshakes(5.0)
     assert KafkaSSLTransport.handshake._tsmon_bounded and reach._HANDSHAKE_LIMIT_S == [5.0]  # the last limit wins
+
+
+def test_a_silent_first_address_leaves_the_second_time_to_answer() -> None:
+    """Found by review: the first address took the whole limit and a healthy second one got 0.1 s."""
+    import time
+
+    def slow(conn: socket.socket) -> None:
+        time.sleep(0.15)  # a broker 150 ms away
+        kafka_answer(conn)
+
+    with server(lambda c: threading.Event().wait(5)) as silent, server(slow) as healthy:
+        reach.wait_for_brokers(kafka(f"{silent},{healthy}"), 4)
+
+
+def test_no_tls_version_in_common_stops_at_once(tmp_path) -> None:
+    ca = pytest.importorskip("trustme").CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():  # a server of the past, on purpose
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version, ctx.maximum_version = ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1
+
+    def old_tls(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            ctx.wrap_socket(conn, server_side=True).recv(1)
+
+    with server(old_tls) as address, pytest.raises(BrokerError, match=r"^cannot reach a broker: .*no TLS version"):
+        reach.wait_for_brokers(kafka(address, security_protocol="SSL", ssl_cafile=str(tmp_path / "ca.pem")), 30)
