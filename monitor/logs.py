@@ -105,9 +105,11 @@ class _KafkaPython(logging.Handler):
             message = record.getMessage()[:500]
         except Exception:  # noqa: BLE001 - a record whose arguments do not format: said as it is
             message = str(record.msg)[:500]
-        key = record.name + ":" + re.sub(r"<[^>]*>|[0-9.]+", "#", message)[:160]
+        key = record.name + ":" + re.sub(r"<(?!class )[^>]*>|[0-9.]+", "#", message)[:160]
         if len(self.throttle.seen) >= self.MAX_KEYS and key not in self.throttle.seen:
-            self.throttle.seen.clear()
+            self.throttle.forget_expired()
+            if len(self.throttle.seen) >= self.MAX_KEYS:  # a thousand messages in one period: start again
+                self.throttle.seen.clear()
         if (extra := self.throttle(key)) is None:
             return
         fields: dict[str, Any] = {"client": "kafka-python", "client_level": record.levelname.lower(),
@@ -161,6 +163,11 @@ class Throttle:
             return None
         self.seen[event] = (start, lines + 1, 0)
         return {"suppressed": dropped} if dropped else {}
+
+    def forget_expired(self) -> None:
+        """Drop the events whose period has passed and that have nothing suppressed to report."""
+        now = self._clock()
+        self.seen = {e: v for e, v in self.seen.items() if now - v[0] < self.period_s or v[2]}
 
     def log(self, method: Callable[..., Any], event: str, **fields: Any) -> None:
         """``method(event, **fields)`` (a bound logger's ``info``, ``error`` …) unless the event is over its budget."""

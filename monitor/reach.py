@@ -11,6 +11,7 @@ before they build any client (:func:`wait_for_brokers`), so a start fails within
 from __future__ import annotations
 
 import inspect
+import logging
 import socket
 import ssl
 import struct
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from models.errors import BrokerError, ConfigError
+from monitor import logs
 
 if TYPE_CHECKING:
     from monitor.config import KafkaConfig
@@ -235,23 +237,40 @@ def bound_tls_handshakes(limit_s: float) -> bool:
         from kafka.net.selector import NetworkSelector
         from kafka.net.transport import KafkaSSLTransport
     except ImportError:  # another kafka-python: its own handshake is left as it is
-        return False
-    if "timeout_at" not in inspect.signature(NetworkSelector.wait_read).parameters:
-        return False
-    if getattr(KafkaSSLTransport.handshake, "_tsmon_bounded", False):
+        return _unbounded("no kafka.net.transport.KafkaSSLTransport")
+    original = KafkaSSLTransport.handshake
+    if getattr(original, "_tsmon_bounded", False):
         return True
+    code = getattr(original, "__code__", None)
+    if ("timeout_at" not in inspect.signature(NetworkSelector.wait_read).parameters
+            or list(inspect.signature(original).parameters) != ["self"]
+            or code is None or not {"do_handshake", "wait_read", "wait_write"} <= set(code.co_names)):
+        return _unbounded("its handshake is not the one checked (3.0.9-3.0.12)")  # replaced, it would undo a change
+    connected = logging.getLogger("kafka.net.transport")
 
     async def handshake(self: Any) -> None:
         timeout_at = time.monotonic() + _HANDSHAKE_LIMIT_S[0]
-        while True:
-            try:
-                self._sock.do_handshake()
-                return
-            except ssl.SSLWantReadError:
-                await self._net.wait_read(self._sock, timeout_at)
-            except ssl.SSLWantWriteError:
-                await self._net.wait_write(self._sock, timeout_at)
+        try:
+            while True:
+                try:
+                    self._sock.do_handshake()
+                    connected.info("%s: connected to %s", self, self._sock)
+                    return
+                except ssl.SSLWantReadError:
+                    await self._net.wait_read(self._sock, timeout_at)
+                except ssl.SSLWantWriteError:
+                    await self._net.wait_write(self._sock, timeout_at)
+        except BaseException:  # kafka-python drops a failed transport unclosed: at every reconnect into a black
+            self.close()  # hole a socket stayed open until the cycle collector ran
+            raise
 
     handshake._tsmon_bounded = True  # type: ignore[attr-defined]
     KafkaSSLTransport.handshake = handshake  # type: ignore[method-assign]
     return True
+
+
+def _unbounded(why: str) -> bool:
+    logs.get("tsmon.reach").warning("kafka_tls_handshake_unbounded", reason=why,
+                                    hint="a TLS address that takes connections and never answers can hold a "
+                                         "client until restarted")
+    return False

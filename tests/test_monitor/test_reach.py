@@ -205,11 +205,22 @@ def test_a_signal_during_the_tls_handshake_leaves_no_socket_open() -> None:
     assert not [w for w in seen if issubclass(w.category, ResourceWarning)], [str(w.message) for w in seen]
 
 
-def test_kafka_pythons_tls_handshake_gets_a_limit_once() -> None:
+def test_kafka_pythons_tls_handshake_gets_a_limit_once_and_an_unknown_one_is_left_alone(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from kafka.net.transport import KafkaSSLTransport
 
+    monkeypatch.setattr(KafkaSSLTransport, "handshake", KafkaSSLTransport.handshake)  # restored afterwards
+    monkeypatch.setattr(reach, "_HANDSHAKE_LIMIT_S", [30.0])
     assert reach.bound_tls_handshakes(3.0) and reach.bound_tls_handshakes(5.0)
     assert KafkaSSLTransport.handshake._tsmon_bounded and reach._HANDSHAKE_LIMIT_S == [5.0]  # the last limit wins
+
+    async def handshake(self: Any, timeout_at: float | None = None) -> None:  # as a later kafka-python may have it
+        pass
+
+    monkeypatch.setattr(KafkaSSLTransport, "handshake", handshake)
+    assert not reach.bound_tls_handshakes(3.0) and KafkaSSLTransport.handshake is handshake
+    said = capsys.readouterr()
+    assert "kafka_tls_handshake_unbounded" in said.out + said.err  # (structlog's stream depends on earlier tests)
 
 
 def test_a_silent_first_address_leaves_the_second_time_to_answer() -> None:
