@@ -5,7 +5,9 @@ The Kafka clients say none of it: kafka-python reports every failure to bootstra
 30 s (an untrusted certificate, a refused client certificate and a closed port all read the same), and its TLS
 handshake has no time limit (3.0.12): a listener that accepts the connection and never answers the handshake — a
 plaintext port with ``security_protocol = "SSL"`` — held ``tsmon run`` for good, without a log line. Callers probe
-before they build any client (:func:`wait_for_brokers`), so a start fails within its limit, with the reason.
+before they build any client (:func:`wait_for_brokers`), so a start fails within its limit, with the reason;
+and the probe gives kafka-python's own TLS handshakes a limit (:func:`bound_tls_handshakes`), so a client that
+reconnects into a black hole later fails and retries instead of waiting for good.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def tls_context(kafka: KafkaConfig) -> ssl.SSLContext:
         else:
             ctx.load_default_certs()
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        raise ConfigError(f"kafka.ssl_cafile: {kafka.ssl_cafile} holds no CA certificate that loads ({exc})") from None
+        where = kafka.ssl_cafile or "not set, and the system's CA certificates"
+        raise ConfigError(f"kafka.ssl_cafile: {where} holds no CA certificate that loads ({exc})") from None
     if kafka.ssl_certfile:
         try:
             ctx.load_cert_chain(kafka.ssl_certfile, kafka.ssl_keyfile)
