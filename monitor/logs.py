@@ -48,6 +48,8 @@ def configure_daemon(level: str | None, fmt: str | None) -> None:
     ``TSMON_LOG_*`` were given: they were read only from the flags, so the images'
     ``TSMON_DAEMON__LOG_FORMAT=json`` did nothing and no configuration could change the level."""
     configure(_FLAGS["level"] or level, _FLAGS["fmt"] or fmt)
+    forward_kafka_python()  # the daemon's log only: the one-shot commands keep their one-line errors (the probe
+    # names what they need), where kafka-python's reconnection lines came around a broker that went away
 
 
 def quiet(level: str) -> None:
@@ -75,7 +77,6 @@ def configure(level: str | None = None, fmt: str | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),
         cache_logger_on_first_use=False,
     )
-    forward_kafka_python()
 
 
 class _KafkaPython(logging.Handler):

@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from monitor import logs
 from monitor.logs import Throttle
+
+
+@pytest.fixture
+def forwarded() -> Iterator[None]:
+    """kafka-python's records forwarded as `tsmon run` does, JSON, and the handler gone afterwards."""
+    logs.configure("INFO", "json")
+    logs.forward_kafka_python()
+    try:
+        yield
+    finally:
+        kafka = logging.getLogger("kafka")
+        for h in [h for h in kafka.handlers if isinstance(h, logs._KafkaPython)]:
+            kafka.removeHandler(h)
+        kafka.setLevel(logging.NOTSET)
+        logs.configure_from_flags(None, None)
 
 
 def test_the_throttle_keeps_a_burst_per_period_and_says_how_many_it_left_out() -> None:
@@ -47,66 +68,53 @@ def test_an_error_is_described_with_its_type_once() -> None:
     assert describe(OSError(28, "No space left on device")) == "OSError: [Errno 28] No space left on device"
 
 
-def test_kafka_python_warnings_reach_the_log_throttled_per_message(capsys) -> None:
+def test_kafka_python_warnings_reach_the_log_throttled_per_message(forwarded: None, capsys) -> None:
     """kafka-python logs to a NullHandler: its reasons (a certificate not trusted) were nowhere. Now errors are
     warnings and warnings info, three per message in five minutes (digits do not make a message new)."""
     import json
-    import logging
 
-    from monitor import logs
-
-    logs.configure("INFO", "json")
-    try:
-        kafka = logging.getLogger("kafka.net.manager")
-        for backoff in (0.11, 0.38, 1.67, 6.33):  # formatted before logging, as kafka-python does
-            kafka.error(f"Connection failed: Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] (backoff {backoff})")
-        kafka.warning("Bootstrap %s not ready", "bootstrap-0")
-        kafka.info("Attempting bootstrap")  # below warning: not even made
-        lines = [json.loads(ln) for ln in capsys.readouterr().err.splitlines()]
-    finally:
-        logs.configure_from_flags(None, None)
+    kafka = logging.getLogger("kafka.net.manager")
+    for backoff in (0.11, 0.38, 1.67, 6.33):  # formatted before logging, as kafka-python does
+        kafka.error(f"Connection failed: Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] (backoff {backoff})")
+    kafka.warning("Bootstrap %s not ready", "bootstrap-0")
+    kafka.info("Attempting bootstrap")  # below warning: not even made
+    lines = [json.loads(ln) for ln in capsys.readouterr().err.splitlines()]
     assert [(d["event"], d["level"], d["client_level"]) for d in lines] == [
         ("kafka_client_log", "warning", "error")] * 3 + [("kafka_client_log", "info", "warning")]
     assert "CERTIFICATE_VERIFY_FAILED" in lines[0]["message"] and lines[3]["message"] == "Bootstrap bootstrap-0 not ready"
     assert sum(isinstance(h, logs._KafkaPython) for h in logging.getLogger("kafka").handlers) == 1  # once
 
 
-def test_kafka_python_messages_of_one_template_have_budgets_of_their_own_and_never_raise(capsys) -> None:
+def test_kafka_python_messages_of_one_template_have_budgets_of_their_own_and_never_raise(forwarded: None,
+                                                                                       capsys) -> None:
     """Found by review: the budget was the template's, so refused connections during a broker restart hid the
     certificate failure after them for 5 minutes; and a write to stderr that failed raised into kafka-python's IO
     thread, which ended it (the consumer's poll then waited for good)."""
     import json
-    import logging
     import sys
 
-    from monitor import logs
-
-    logs.configure("INFO", "json")
     kafka = logging.getLogger("kafka.net.connection")
+    for _ in range(4):
+        kafka.error("Connection failed: %s", "KafkaConnectionError: 111 ECONNREFUSED")
+    kafka.error("Connection failed: %s", "Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
     try:
-        for _ in range(4):
-            kafka.error("Connection failed: %s", "KafkaConnectionError: 111 ECONNREFUSED")
-        kafka.error("Connection failed: %s", "Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
-        try:
-            raise ValueError("boom")
-        except ValueError:
-            kafka.exception("Uncaught error in kafka producer I/O thread")
-        lines = [json.loads(ln) for ln in capsys.readouterr().err.splitlines()]
+        raise ValueError("boom")
+    except ValueError:
+        kafka.exception("Uncaught error in kafka producer I/O thread")
+    lines = [json.loads(ln) for ln in capsys.readouterr().err.splitlines()]
 
-        class Broken:
-            def write(self, _text: str) -> int:
-                raise BrokenPipeError(32, "Broken pipe")
+    class Broken:
+        def write(self, _text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
 
-            def flush(self) -> None:
-                raise BrokenPipeError(32, "Broken pipe")
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
 
-        stderr, sys.stderr = sys.stderr, Broken()
-        try:
-            kafka.error("Connection failed: %s", "the log collector is gone")  # must not raise
-        finally:
-            sys.stderr = stderr
+    stderr, sys.stderr = sys.stderr, Broken()
+    try:
+        kafka.error("Connection failed: %s", "the log collector is gone")  # must not raise
     finally:
-        logs.configure_from_flags(None, None)
+        sys.stderr = stderr
     messages = [d["message"] for d in lines]
     assert sum("ECONNREFUSED" in m for m in messages) == 3 and any("CERTIFICATE_VERIFY_FAILED" in m for m in messages)
     assert lines[-1]["error"] == "ValueError: boom"
