@@ -113,6 +113,17 @@ def _guess(kafka: KafkaConfig, step: str) -> str:
     return ""
 
 
+def _closed(address: str, kafka: KafkaConfig, step: str, what: str) -> Problem:
+    """The peer closed (or reset) the connection without a word at ``step``. Right after a TLS handshake, with no
+    client certificate set, that is a broker that wants one: with TLS 1.3 its refusal comes after the handshake,
+    and when the request crosses it the connection is reset before the alert that names it can be read (the
+    mutual-TLS test failed once in CI that way, "closed" instead of "certificate required")."""
+    if step == "Kafka request" and kafka.security_protocol.endswith("SSL") and not kafka.ssl_certfile:
+        return Problem(address, f"{what} right after the TLS handshake: the broker most likely wants a client "
+                                "certificate (kafka.ssl_certfile and kafka.ssl_keyfile are not set)", True)
+    return Problem(address, f"{what}{_guess(kafka, step)}")
+
+
 def _tls_problem(exc: ssl.SSLError, address: str, host: str, step: str, kafka: KafkaConfig) -> Problem:
     """An OpenSSL failure in words, with the setting that decides it."""
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -124,7 +135,7 @@ def _tls_problem(exc: ssl.SSLError, address: str, host: str, step: str, kafka: K
                                 "the CA that signed it", True)
     reason = exc.reason or str(exc)
     if isinstance(exc, ssl.SSLEOFError) or "EOF" in reason:  # closed without a word: not a setting for sure
-        return Problem(address, f"closed the connection during the {step}: {reason}{_guess(kafka, step)}")
+        return _closed(address, kafka, step, f"closed the connection during the {step}: {reason}")
     if any(r in reason for r in _NOT_TLS):
         return Problem(address, f"does not answer in TLS ({reason}): a plaintext listener? "
                                 "(kafka.security_protocol)", True)
@@ -177,15 +188,14 @@ def probe(address: str, kafka: KafkaConfig, timeout_s: float, ctx: ssl.SSLContex
     except TimeoutError:
         return Problem(address, f"no answer to the {step} within {timeout_s:.1f} s{_guess(kafka, step)}")
     except OSError as exc:  # reset, or closed in the middle of the handshake
-        return Problem(address, f"closed the connection during the {step}: {exc.strerror or exc}"
-                                f"{_guess(kafka, step)}")
+        return _closed(address, kafka, step, f"closed the connection during the {step}: {exc.strerror or exc}")
     finally:
         sock.close()  # the TLS socket took over the connection (``raw`` is detached then)
         raw.close()
     if not tls and head[:1] and head[0] in _TLS_RECORD and head[1:2] == b"\x03":
         return Problem(address, "answers in TLS: set kafka.security_protocol = \"SSL\" (or \"SASL_SSL\")", True)
     if len(head) < 8:
-        return Problem(address, f"closed the connection without answering the Kafka request{_guess(kafka, step)}")
+        return _closed(address, kafka, step, "closed the connection without answering the Kafka request")
     if struct.unpack(">i", head[4:8])[0] != 1:
         return Problem(address, "answered, but not as a Kafka broker", True)
     return None

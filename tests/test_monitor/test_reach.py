@@ -251,3 +251,28 @@ def test_no_tls_version_in_common_stops_at_once(tmp_path) -> None:
 
     with server(old_tls) as address, pytest.raises(BrokerError, match=r"^cannot reach a broker: .*no TLS version"):
         reach.wait_for_brokers(kafka(address, security_protocol="SSL", ssl_cafile=str(tmp_path / "ca.pem")), 30)
+
+
+def test_a_close_right_after_the_tls_handshake_names_the_client_certificate(tmp_path) -> None:
+    """With TLS 1.3 a broker that wants a client certificate refuses after the handshake; when the probe's request
+    crossed its alert the connection was reset first, and the start retried "closed the connection" to its limit
+    (the mutual-TLS test failed once in CI that way)."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+
+    def handshake_then_reset(conn: socket.socket) -> None:
+        tls = ctx.wrap_socket(conn, server_side=True)
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+        tls.close()
+
+    with server(handshake_then_reset) as address:
+        bare = reach.probe(address, kafka(address, security_protocol="SSL", ssl_cafile=str(tmp_path / "ca.pem")), 2)
+        client = ca.issue_cert("tsmon")
+        client.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "client.pem"))
+        with_cert = reach.probe(address, kafka(address, security_protocol="SSL", ssl_cafile=str(tmp_path / "ca.pem"),
+                                               ssl_certfile=str(tmp_path / "client.pem")), 2)
+    assert bare is not None and bare.lasting and "most likely wants a client certificate" in bare.reason, bare
+    assert with_cert is not None and not with_cert.lasting, with_cert  # one is set: not that, waited for
