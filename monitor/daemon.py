@@ -283,13 +283,12 @@ class Daemon:
             self.restore()
 
     def _wait_for_brokers(self) -> None:
-        last: list[Any] = [None, 0.0]  # what was logged, when: a new problem at once, the same one every 30 s
+        throttle = logs.Throttle(burst=1, period_s=30.0)  # a new problem at once, the same one every 30 s
 
         def unreachable(problems: list[Problem]) -> None:
             said = [str(p) for p in problems]
-            if said != last[0] or time.monotonic() - last[1] >= 30:
-                log.warning("broker_unreachable", problems=said, retrying=True)
-                last[:] = [said, time.monotonic()]
+            if (extra := throttle("; ".join(said))) is not None:
+                log.warning("broker_unreachable", problems=said, retrying=True, **extra)
 
         k = self.cfg.kafka
         wait_for_brokers(k, k.bootstrap_timeout_ms / 1000, on_problems=unreachable)
