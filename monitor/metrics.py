@@ -28,6 +28,12 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
+from monitor.quality import KINDS as QUALITY_KINDS
+from monitor.records import DEAD_LETTER_REASONS
+
+SKIP_REASONS = ("restored", "flatline", "nonfinite_score")  # why a scored window is kept out of alerting
+RETRY_CAUSES = ("sink", "broker", "input")  # why a commit was put off
+
 
 class Metrics:
     def __init__(self, max_stream_labels: int = 500) -> None:
@@ -118,6 +124,10 @@ class Metrics:
             self.alerts.labels(status)
         for severity in ("minor", "major", "critical"):
             self.alert_severity.labels(severity)
+        for counter, values in ((self.dead_letters, DEAD_LETTER_REASONS), (self.quality, QUALITY_KINDS),
+                                (self.skipped, SKIP_REASONS), (self.retries, RETRY_CAUSES)):
+            for value in values:
+                counter.labels(value)
         self._max_stream_labels = max_stream_labels
         self._labelled: dict[str, tuple[str, float]] = {}  # stream → the source and value of its threshold series
         self._over_cap: set[str] = set()

@@ -22,6 +22,10 @@ _EPOCH, _ONE_MS = datetime(1970, 1, 1, tzinfo=UTC), timedelta(milliseconds=1)
 MAX_TS_MS = 10**14  # sample times are ms since the epoch below this (year 5138)
 REASONS = ("oversized", "empty", "invalid_json", "not_object", "bad_stream", "bad_timestamp", "bad_shape",
            "wrong_type", "non_finite", "too_many_samples")
+# every reason a record is dead-lettered for: the message's own (above), then the daemon's for a valid message
+DEAD_LETTER_REASONS = (*REASONS, "no_model", "channel_mismatch", "duplicate_timestamp", "timestamp_backwards",
+                       "timestamp_in_future", "timestamp_too_early", "reserved_stream", "too_many_streams",
+                       "unparseable", "unprocessable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +51,7 @@ class SampleBlock:
 
 @dataclass(frozen=True, slots=True)
 class BadRecord:
-    """Why a message cannot be used; ``reason`` is one of :data:`REASONS`."""
+    """Why a message cannot be used; ``reason`` is one of :data:`DEAD_LETTER_REASONS`."""
 
     reason: str
     detail: str

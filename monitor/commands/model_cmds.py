@@ -348,7 +348,7 @@ def inspect(
     alert: AlertOpt = None,
     config: Annotated[Path | None, typer.Option("--config", help="--alert ID: daemon config naming the broker "
                                                                   "and alerts topic.")] = None,
-    bootstrap: Annotated[str | None, typer.Option("--bootstrap", help="--alert ID: broker host:port "
+    bootstrap: Annotated[str | None, typer.Option("--bootstrap", "--bootstrap-servers", help="--alert ID: broker host:port "
                                                                       "(overrides the config's).")] = None,
 ) -> None:
     """Draw one window, its reconstruction, the error per timestep and the threshold; or why an alert fired."""

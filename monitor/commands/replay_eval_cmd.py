@@ -49,7 +49,8 @@ def replay_eval(
         help="Gap that restarts windows (default: 3 × the sampling interval, at least windows.gap_ms).")] = None,
     config: Annotated[Path | None, typer.Option(help="Daemon settings to evaluate (TOML); topics, models and "
                                                      "the broker are the run's own.")] = None,
-    bootstrap: Annotated[str | None, typer.Option(help="Use this Kafka instead of a local broker.")] = None,
+    bootstrap: Annotated[str | None, typer.Option("--bootstrap", "--bootstrap-servers",
+                                                  help="Use this Kafka instead of a local broker.")] = None,
     stream: Annotated[str | None, typer.Option(help="Stream id (default: the file's name).")] = None,
     calibrator_clock: Annotated[str | None, typer.Option(
         help="data: recalibrate every calibrator.interval_s of the series' own time (production's cadence, the "

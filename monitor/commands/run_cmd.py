@@ -27,7 +27,8 @@ log = logs.get("tsmon.cli")
 
 def run(
     config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file.")] = None,
-    bootstrap_servers: Annotated[str | None, typer.Option(help="host:port[,host:port] of the Kafka cluster.")] = None,
+    bootstrap_servers: Annotated[str | None, typer.Option(
+        "--bootstrap-servers", "--bootstrap", help="host:port[,host:port] of the Kafka cluster.")] = None,
     topic: Annotated[list[str] | None, typer.Option("--topic", help="Input topic (repeat for several).")] = None,
     alerts_topic: Annotated[str | None, typer.Option(help="Topic for alerts and data-quality events.")] = None,
     dead_letter_topic: Annotated[str | None, typer.Option(help="Topic for records that cannot be used.")] = None,
@@ -72,13 +73,16 @@ def replay(
     topic: Annotated[str | None, typer.Option(
         help="Topic to write to (default: the configuration's first input topic, else tsmon.input).")] = None,
     bootstrap_servers: Annotated[str | None, typer.Option(
+        "--bootstrap-servers", "--bootstrap",
         help="host:port of the broker (default: the configuration's, else 127.0.0.1:9092).")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="TOML configuration: its brokers, TLS/SASL settings and input topic.")] = None,
     stream: Annotated[str | None, typer.Option(help="Stream id (default: the file name without suffix).")] = None,
     rate: Annotated[float | None, typer.Option(help="Samples per second (default: as fast as possible).")] = None,
     chunk: Annotated[int, typer.Option(help="Samples per message (1 = one message per sample).")] = 100,
-    value_col: Annotated[list[str] | None, typer.Option("--value-col", help="Value column(s); default all.")] = None,
+    value_col: Annotated[list[str] | None, typer.Option("--value-col", help=(
+        "Value column(s); default every column but the timestamp, a label column (label, is_anomaly, anomaly) "
+        "and a 'sample' index."))] = None,
     timestamp_col: Annotated[str | None, typer.Option(help="Timestamp column (default: auto-detected).")] = None,
     period_ms: Annotated[int, typer.Option(help="Sample period when the file has no timestamps.")] = 1000,
     out_of_order: Annotated[str, typer.Option(

@@ -41,7 +41,8 @@ def tail(
                                                                       "(kafka.dead_letter_topic).")] = False,
     config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file (brokers, security, "
                                                                  "topic names).")] = None,
-    bootstrap: Annotated[str | None, typer.Option(help="host:port of a broker (default: kafka.bootstrap_servers).")]
+    bootstrap: Annotated[str | None, typer.Option(
+        "--bootstrap", "--bootstrap-servers", help="host:port of a broker (default: kafka.bootstrap_servers).")]
     = None,
     from_beginning: Annotated[bool, typer.Option("--from-beginning", help="Every message the topic keeps, not "
                                                                           "only new ones.")] = False,

@@ -769,3 +769,17 @@ def test_an_unusable_device_is_refused_before_the_data_is_read_or_a_bar_drawn(ca
     code, out, err = run(capsys, "train", "--device", "mps", "--out", "/tmp/never-written")
     assert code == 1 and err.strip().splitlines()[-1].startswith("ModelConfigError: device 'mps' is not supported")
     assert "train lstm" not in out + err
+
+
+def test_every_command_that_reaches_a_broker_takes_both_spellings_of_its_address() -> None:
+    """A new user following the README wrote `tsmon tail --bootstrap-servers` after `tsmon run --bootstrap-servers`:
+    "No such option". Each command that names a broker takes --bootstrap and --bootstrap-servers alike."""
+    import typer.main
+
+    from monitor.cli import app
+
+    root = typer.main.get_command(app)
+    commands = {name: root.commands[name] for name in ("run", "replay", "tail", "inspect", "replay-eval")}
+    for name, command in commands.items():
+        opts = [set(p.opts) for p in command.params if {"--bootstrap", "--bootstrap-servers"} & set(p.opts)]
+        assert opts == [{"--bootstrap", "--bootstrap-servers"}], (name, opts)

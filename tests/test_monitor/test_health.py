@@ -295,6 +295,38 @@ def test_new_counters_sum_in_total(metrics: Metrics) -> None:
     assert metrics.snapshot()["tsmon_consumer_lag{partition=0,topic=tsmon.input}"] == 17
 
 
+
+def test_every_closed_label_set_is_exported_at_zero_from_the_start() -> None:
+    """A new user looking at a fresh daemon's /metrics found no tsmon_dead_letters_total, tsmon_windows_skipped_total
+    or tsmon_commit_retries_total: a series appeared only at its first event, so ``increase()`` missed that event
+    and a rule on the rate had nothing to read. Every value of a closed label set is exported at 0."""
+    import re
+    from pathlib import Path
+
+    from prometheus_client import generate_latest
+
+    from monitor.metrics import RETRY_CAUSES, SKIP_REASONS
+    from monitor.quality import KINDS
+    from monitor.records import DEAD_LETTER_REASONS
+
+    text = generate_latest(Metrics().registry).decode()
+    for name, label, values in (("tsmon_dead_letters_total", "reason", DEAD_LETTER_REASONS),
+                                ("tsmon_data_quality_events_total", "kind", KINDS),
+                                ("tsmon_windows_skipped_total", "why", SKIP_REASONS),
+                                ("tsmon_commit_retries_total", "cause", RETRY_CAUSES)):
+        for value in values:
+            assert f'{name}{{{label}="{value}"}} 0.0' in text, (name, value)
+    # the lists are complete: every reason, skip and cause the code names is in them
+    import monitor
+
+    source = "\n".join(p.read_text() for p in Path(monitor.__file__).parent.rglob("*.py"))
+    reasons = set(re.findall(r'BadRecord\(\s*"(\w+)"', source)) | {"duplicate_timestamp", "timestamp_backwards"}
+    assert reasons and reasons <= set(DEAD_LETTER_REASONS), reasons - set(DEAD_LETTER_REASONS)
+    assert set(re.findall(r'skipped\.labels\("(\w+)"\)', source)) == set(SKIP_REASONS)
+    causes = set(re.findall(r'retries\.labels\("(\w+)"\)', source)) | set(re.findall(r'_failing\("(\w+)"', source))
+    assert causes == set(RETRY_CAUSES)
+    assert '"duplicate_timestamp" if' in source and '"timestamp_backwards"' in source  # windows.order_problem's
+
 # --- tsmon status -------------------------------------------------------------------------------------------------
 
 
