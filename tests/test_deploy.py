@@ -246,3 +246,16 @@ def test_the_cuda_image_names_its_torch_cuda_build() -> None:
     assert images and not [i for i in images if i.startswith("nvidia/cuda")]
     assert re.search(r'"torch==[\d.]+" --index-url "https://download\.pytorch\.org/whl/\$\{TORCH_CUDA\}"', text)
     assert re.search(r"^ARG TORCH_CUDA=cu1\d\d$", text, re.MULTILINE)
+
+
+def test_the_readme_configuration_example_is_a_valid_configuration(tmp_path: Path) -> None:
+    """The README's TOML example is what users copy: every key in it must load (a renamed key is an error)."""
+    from monitor.config import load_config
+
+    blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    assert blocks
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"example{i}.toml"
+        path.write_text(block)
+        cfg = load_config(path)
+        assert cfg.models, "the example routes streams to models"
