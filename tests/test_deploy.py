@@ -248,14 +248,20 @@ def test_the_cuda_image_names_its_torch_cuda_build() -> None:
     assert re.search(r"^ARG TORCH_CUDA=cu1\d\d$", text, re.MULTILINE)
 
 
-def test_the_readme_configuration_example_is_a_valid_configuration(tmp_path: Path) -> None:
-    """The README's TOML example is what users copy: every key in it must load (a renamed key is an error)."""
+def test_the_readme_configuration_example_is_a_valid_configuration(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's TOML example is what users copy: every key in it must load (a renamed key is an error), and
+    its models are the ones the README's Usage trains."""
     from monitor.config import load_config
 
-    blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    for name in [n for n in os.environ if n.startswith("TSMON_")]:  # the file alone, not this shell's settings
+        monkeypatch.delenv(name)
+    readme = (ROOT / "README.md").read_text()
+    trained = set(re.findall(r"^tsmon train .*--out (\S+)", readme, re.MULTILINE))
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.DOTALL)
     assert blocks
     for i, block in enumerate(blocks):
         path = tmp_path / f"example{i}.toml"
         path.write_text(block)
         cfg = load_config(path)
-        assert cfg.models, "the example routes streams to models"
+        assert cfg.models and {str(m.path) for m in cfg.models} <= trained, (cfg.models, trained)

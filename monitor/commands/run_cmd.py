@@ -82,7 +82,7 @@ def replay(
     chunk: Annotated[int, typer.Option(help="Samples per message (1 = one message per sample).")] = 100,
     value_col: Annotated[list[str] | None, typer.Option("--value-col", help=(
         "Value column(s); default every column but the timestamp, a label column (label, is_anomaly, anomaly) "
-        "and a 'sample' index."))] = None,
+        "and a 'sample' or pandas index (Unnamed: …)."))] = None,
     timestamp_col: Annotated[str | None, typer.Option(help="Timestamp column (default: auto-detected).")] = None,
     period_ms: Annotated[int, typer.Option(help="Sample period when the file has no timestamps.")] = 1000,
     out_of_order: Annotated[str, typer.Option(

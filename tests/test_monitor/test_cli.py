@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -778,8 +779,18 @@ def test_every_command_that_reaches_a_broker_takes_both_spellings_of_its_address
 
     from monitor.cli import app
 
-    root = typer.main.get_command(app)
-    commands = {name: root.commands[name] for name in ("run", "replay", "tail", "inspect", "replay-eval")}
-    for name, command in commands.items():
-        opts = [set(p.opts) for p in command.params if {"--bootstrap", "--bootstrap-servers"} & set(p.opts)]
+    def commands(group: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):  # a group (bench, ctl, config, …)
+                yield from commands(command, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", command
+
+    named = {}
+    for name, command in commands(typer.main.get_command(app)):
+        opts = [set(p.opts) for p in command.params if any("bootstrap" in o for o in p.opts)]
+        if opts:
+            named[name] = opts
+    assert {"run", "replay", "tail", "inspect", "replay-eval"} <= set(named)
+    for name, opts in named.items():  # any command naming a broker, a future one too
         assert opts == [{"--bootstrap", "--bootstrap-servers"}], (name, opts)
