@@ -295,7 +295,6 @@ def test_new_counters_sum_in_total(metrics: Metrics) -> None:
     assert metrics.snapshot()["tsmon_consumer_lag{partition=0,topic=tsmon.input}"] == 17
 
 
-
 def test_every_closed_label_set_is_exported_at_zero_from_the_start() -> None:
     """A new user looking at a fresh daemon's /metrics found no tsmon_dead_letters_total, tsmon_windows_skipped_total
     or tsmon_commit_retries_total: a series appeared only at its first event, so ``increase()`` missed that event
@@ -305,9 +304,11 @@ def test_every_closed_label_set_is_exported_at_zero_from_the_start() -> None:
 
     from prometheus_client import generate_latest
 
+    import monitor
     from monitor.metrics import RETRY_CAUSES, SKIP_REASONS
     from monitor.quality import KINDS
     from monitor.records import DEAD_LETTER_REASONS
+    from monitor.windows import order_problem
 
     text = generate_latest(Metrics().registry).decode()
     for name, label, values in (("tsmon_dead_letters_total", "reason", DEAD_LETTER_REASONS),
@@ -317,11 +318,7 @@ def test_every_closed_label_set_is_exported_at_zero_from_the_start() -> None:
         for value in values:
             assert f'{name}{{{label}="{value}"}} 0.0' in text, (name, value)
     # the lists are complete: every reason, skip and cause the code names is in them
-    import monitor
-
     source = "\n".join(p.read_text() for p in Path(monitor.__file__).parent.rglob("*.py"))
-    from monitor.windows import order_problem
-
     ordered = {str(order_problem(5, 5)).split(":")[0], str(order_problem(3, 5, 4)).split(":")[0]}
     assert len(ordered) == 2
     reasons = set(re.findall(r'BadRecord\(\s*"(\w+)"', source)) | ordered
@@ -329,6 +326,7 @@ def test_every_closed_label_set_is_exported_at_zero_from_the_start() -> None:
     assert set(re.findall(r'skipped\.labels\("(\w+)"\)', source)) == set(SKIP_REASONS)
     causes = set(re.findall(r'retries\.labels\("(\w+)"\)', source)) | set(re.findall(r'_failing\("(\w+)"', source))
     assert causes == set(RETRY_CAUSES)
+
 
 # --- tsmon status -------------------------------------------------------------------------------------------------
 
