@@ -89,11 +89,9 @@ class _KafkaPython(logging.Handler):
     broker". Nothing it does may raise: it runs in kafka-python's own threads (a failed write to stderr ended the
     client's IO thread, and poll() then waited for good)."""
 
-    MAX_KEYS = 1000  # distinct messages remembered for the throttle; beyond, it starts again
-
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
-        self.throttle = Throttle(burst=3, period_s=300.0)
+        self.throttle = Throttle(burst=3, period_s=300.0, max_events=1000)  # message texts are not a closed set
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -107,10 +105,6 @@ class _KafkaPython(logging.Handler):
         except Exception:  # noqa: BLE001 - a record whose arguments do not format: said as it is
             message = str(record.msg)[:500]
         key = record.name + ":" + re.sub(r"<(?!class )[^>]*>|[0-9.]+", "#", message)[:160]
-        if len(self.throttle.seen) >= self.MAX_KEYS and key not in self.throttle.seen:
-            self.throttle.forget_expired()
-            if len(self.throttle.seen) >= self.MAX_KEYS:  # a thousand messages in one period: start again
-                self.throttle.seen.clear()
         if (extra := self.throttle(key)) is None:
             return
         fields: dict[str, Any] = {"client": "kafka-python", "client_level": record.levelname.lower(),
@@ -149,26 +143,31 @@ class Throttle:
     line of that event that is logged says how many (``suppressed``). 1 000 bad records wrote 1 000 warnings,
     10 000 streams 10 000 ``stream_started`` lines at every eager rebalance."""
 
-    def __init__(self, burst: int = 20, period_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, burst: int = 20, period_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 max_events: int | None = None) -> None:
         self.burst, self.period_s, self._clock = burst, period_s, clock
-        self.seen: dict[str, tuple[float, int, int]] = {}  # event → (period start, lines in it, dropped since a line)
+        self.max_events = max_events  # events remembered at most (for events that are not a closed set)
+        self._seen: dict[str, tuple[float, int, int]] = {}  # event → (period start, lines in it, dropped since a line)
 
     def __call__(self, event: str) -> dict[str, int] | None:
         """None: drop this line. Else the fields to add to it: ``{"suppressed": n}`` after dropped ones, or {}."""
         now = self._clock()
-        start, lines, dropped = self.seen.get(event, (now, 0, 0))
+        if self.max_events is not None and event not in self._seen and len(self._seen) >= self.max_events:
+            self._forget_expired(now)
+            if len(self._seen) >= self.max_events:  # that many events in one period: start again
+                self._seen.clear()
+        start, lines, dropped = self._seen.get(event, (now, 0, 0))
         if now - start >= self.period_s:
             start, lines = now, 0
         if lines >= self.burst:
-            self.seen[event] = (start, lines, dropped + 1)
+            self._seen[event] = (start, lines, dropped + 1)
             return None
-        self.seen[event] = (start, lines + 1, 0)
+        self._seen[event] = (start, lines + 1, 0)
         return {"suppressed": dropped} if dropped else {}
 
-    def forget_expired(self) -> None:
+    def _forget_expired(self, now: float) -> None:
         """Drop the events whose period has passed and that have nothing suppressed to report."""
-        now = self._clock()
-        self.seen = {e: v for e, v in self.seen.items() if now - v[0] < self.period_s or v[2]}
+        self._seen = {e: v for e, v in self._seen.items() if now - v[0] < self.period_s or v[2]}
 
     def log(self, method: Callable[..., Any], event: str, **fields: Any) -> None:
         """``method(event, **fields)`` (a bound logger's ``info``, ``error`` …) unless the event is over its budget."""

@@ -38,6 +38,19 @@ def test_the_throttle_keeps_a_burst_per_period_and_says_how_many_it_left_out() -
     assert [t("dead_letter") for _ in range(2)] == [{}, None]
 
 
+
+def test_a_throttle_of_open_ended_events_remembers_a_bounded_number() -> None:
+    """kafka-python's message texts are not a closed set: the throttle of them keeps at most ``max_events``, the
+    expired ones going first, an event with lines left out kept until it has said so."""
+    now = [0.0]
+    t = Throttle(burst=1, period_s=60.0, clock=lambda: now[0], max_events=3)
+    assert [t(e) for e in ("a", "a", "b", "c")] == [{}, None, {}, {}]
+    now[0] = 61.0
+    assert t("d") == {}  # full: b and c expired and go; a keeps its suppressed line
+    assert t("a") == {"suppressed": 1}
+    assert [t(e) for e in ("e", "f")] == [{}, {}]  # a, d, e full again, none expired: start afresh
+    assert t("d") == {}
+
 def test_notifications_do_nothing_outside_systemd_and_stop_quietly_when_the_socket_fails(tmp_path) -> None:
     from monitor.sdnotify import Notifier
 
