@@ -1,0 +1,313 @@
+"""Records → windows: each record is routed to its stream, order-checked and windowed, or dead-lettered.
+
+Owns the first rule of the at-least-once contract (:mod:`monitor.processor`): every record ends in exactly one
+place — its samples in a stream's windows (held in the ledger until no window needs them), or the dead-letter topic
+with the reason — and never raises out of :meth:`Ingest.handle`. Also the order rules: samples at or before a
+stream's last one (duplicates, late and overlapping chunks), timestamps too early or in the future, and a clock
+set back (the stream restarts at its new time).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import numpy as np
+
+from models.errors import describe
+from monitor import logs
+from monitor.alerts import iso
+from monitor.procstate import ProcessorState
+from monitor.records import BadRecord, SampleBlock, parse
+from monitor.source import InRecord
+from monitor.streams import BehindRun, StreamState
+from monitor.windows import order_problem
+
+log = logs.get("tsmon.processor")
+
+RESERVED_PREFIX = "__tsmon"  # changelog keys of daemon-wide state
+SECONDS_LOOK_LIKE_MS = 100_000_000_000  # 1973-03-03 in ms; epoch seconds of any date before 5138 are below it
+
+
+def _slow_max(prev: float | None, now: float) -> float:
+    """The largest rate seen, decaying by a tenth per poll: quick to learn that records grew, slow to forget."""
+    return now if prev is None else max(now, 0.9 * prev)
+
+
+class Ingest(ProcessorState):
+    """Records → windows (:meth:`handle`); see the module docstring."""
+
+    def handle(self, records: list[InRecord]) -> None:
+        """Route each record; then, per stream, append all its good blocks of this poll in one go."""
+        if records and self.first_record_at is None:
+            self.first_record_at = time.monotonic()
+        by_stream: dict[str, list[tuple[InRecord, SampleBlock]]] = {}
+        for rec in records:
+            try:
+                block = parse(rec.value, rec.key, self.settings.limits)
+            except Exception as exc:  # noqa: BLE001 — a parser bug must cost one message, never the daemon
+                self.throttle.log(log.error, "parse_failed", error=describe(exc)[:300],
+                                  topic=rec.topic, partition=rec.partition, offset=rec.offset)
+                block = BadRecord("unparseable", describe(exc)[:200])
+            why = self._route(block) if isinstance(block, SampleBlock) else block
+            if why is not None:
+                self._dead_letter(rec, why)
+            else:
+                by_stream.setdefault(block.stream, []).append((rec, block))  # type: ignore[union-attr]
+        made = sum(self._append_or_dead_letter(stream, items) for stream, items in by_stream.items())  # windows
+        good = sum(len(items) for items in by_stream.values())
+        if good:  # dead letters make no windows and tell nothing about the next records' size
+            size = sum(len(rec.value or b"") for items in by_stream.values() for rec, _ in items)
+            self.windows_per_record = _slow_max(self.windows_per_record, made / good)
+            self.windows_per_byte = _slow_max(self.windows_per_byte, made / max(1, size))
+        self.peak_pending = max(self.peak_pending, self.pending)
+
+    def _moved_on(self, st: StreamState, taken: Iterable[InRecord], now_ms: int) -> None:
+        """How far the records taken for ``st`` moved its input on: per partition, the offset of the last one (for
+        its document's ``read_offsets``), and the newest timestamp (:meth:`forget_dormant`): a dead letter's
+        timestamp tells nothing, and one stamped past the clock's tolerance is ignored, not capped (one garbage
+        timestamp made a partition look 8 days on and forgot streams whose records were still waiting)."""
+        limit = now_ms + (self.settings.max_future_s or 3600.0) * 1000
+        for rec in taken:
+            st.read_until[rec.tp] = max(rec.offset, st.read_until.get(rec.tp, -1))
+            if self.read_ts.get(rec.tp, -1) < rec.timestamp_ms <= limit:
+                self.read_ts[rec.tp] = min(rec.timestamp_ms, now_ms)
+
+    def _route(self, block: SampleBlock) -> BadRecord | None:
+        served = self.scorer.route(block.stream)
+        if served is None:
+            return BadRecord("no_model", f"no [[models]] pattern matches stream {block.stream[:64]!r}")
+        if block.channels != served.channels:
+            return BadRecord("channel_mismatch", f"model {served.name} takes {served.channels} channel(s), "
+                                                 f"the message has {block.channels}")
+        if block.stream not in self.streams:  # checks for a new stream only, not on every message
+            if block.stream.startswith(RESERVED_PREFIX):
+                return BadRecord("reserved_stream", f"stream ids starting with {RESERVED_PREFIX!r} are tsmon's own")
+            if len(self.streams) >= self.settings.max_streams:
+                if block.stream in self.restored:  # it is sending: not unseen (forget_dormant), and its document is
+                    self.knocked[block.stream] = int(self.clock() * 1000)  # all the state it has left
+                return BadRecord("too_many_streams", f"{len(self.streams)} streams held (limits.max_streams); "
+                                                     "idle ones are evicted after limits.idle_evict_s")
+            self._new_stream(block.stream, served)
+        return None
+
+    def _append_or_dead_letter(self, stream: str, items: list[tuple[InRecord, SampleBlock]]) -> float:
+        """:meth:`_append`; a failure we did not foresee costs these records (dead letters ``unprocessable``,
+        logged as an error), never the daemon: an exception here stopped the loop, and at the restart the same
+        records stopped it again. Records already dead-lettered or counted are not again (a failure after the
+        order check dead-lettered a late record twice and counted the others as ok and as dead letters);
+        samples already taken into the stream's windows stay there."""
+        done: set[int] = set()  # id() of the records accounted for
+        try:
+            return self._append(stream, items, done)
+        except Exception as exc:
+            if self.failed is not None:  # scoring failed (a clock step scores what waits): the daemon's, not theirs
+                raise
+            why = describe(exc)
+            log.error("append_failed", stream=stream[:64], error=why[:300])
+            for rec, _block in items:
+                if id(rec) not in done:
+                    self._dead_letter(rec, BadRecord("unprocessable", why[:200]))
+            return 0.0
+
+    def _append(self, stream: str, items: list[tuple[InRecord, SampleBlock]], done: set[int]) -> float:
+        """Order-check the blocks, then window, hold and batch them together (vectorised per poll); returns
+        the windows their samples make at the stream's hop (counted whether or not one completed yet)."""
+        st = self.streams[stream]
+        st.last_seen = time.monotonic()
+        last, good, made = st.windows.last_ts, [], 0.0
+        ahead_s, now_ms = self.settings.max_future_s, self.clock() * 1000
+        latest_ok = math.inf if ahead_s is None else now_ms + ahead_s * 1000
+        earliest = self.settings.earliest_ms
+        for rec, block in items:
+            if earliest is not None and int(block.ts_ms[0]) < earliest:  # seconds read as ms: January 1970
+                t0 = int(block.ts_ms[0])
+                first = datetime.fromtimestamp(t0 / 1000, UTC).isoformat(timespec="seconds")
+                hint = ("epoch seconds? ts is epoch milliseconds" if t0 < SECONDS_LOOK_LIKE_MS else
+                        "historical data: set limits.earliest_ts earlier, or none")
+                self._dead_letter(rec, BadRecord("timestamp_too_early", f"ts {t0} is {first}, before "
+                                                 f"limits.earliest_ts ({hint})"))
+                done.add(id(rec))
+                continue
+            if int(block.ts_ms[-1]) > latest_ok:  # taken, it would make every later sample "backwards" until then
+                ahead = (int(block.ts_ms[-1]) - now_ms) / 1000
+                self._dead_letter(rec, BadRecord("timestamp_in_future", f"{ahead:.0f} s ahead of this host's "
+                                                 f"clock (limits.max_future_s = {ahead_s:g})"))
+                done.add(id(rec))
+                continue
+            if rec.offset < st.time_from.get(rec.tp, -1) and not st.is_new(rec.tp, rec.offset):  # a replay from
+                # before a clock step the state is past: the old time, which the new time's windows must not take
+                self.ledger.consumed(rec.tp, rec.offset)
+                self.metrics.records.labels("ok").inc()
+                done.add(id(rec))
+                continue
+            behind = last
+            if st.doc_last_ts is not None and st.is_new(rec.tp, rec.offset):  # new input follows the document's
+                behind = st.doc_last_ts if last is None else max(last, st.doc_last_ts)
+            refused = order_problem(int(block.ts_ms[0]), behind, int(block.ts_ms[-1]))
+            if refused is not None and behind is not None and int(block.ts_ms[-1]) > behind:
+                block, hole, refused = *self._overlap(st, block, behind, good), None  # goes on after the last one
+                if hole:  # the samples dropped are a gap
+                    made += self._take(stream, st, good, done, now_ms)
+                    good = []
+                    st.windows.break_at(int(block.ts_ms[0]))
+            reason, _, detail = (refused or "").partition(": ")
+            if reason == "timestamp_backwards" and self._set_back(st, rec, block, now_ms, behind):
+                made += self._take(stream, st, good, done, now_ms)  # those before the step, in the old time
+                good = []
+                st.time_from[rec.tp] = rec.offset  # before the step's document is saved: it must say where
+                self._clock_step(stream, st, behind)
+                refused = None
+            if refused is None:
+                good.append((rec, block))
+                last = int(block.ts_ms[-1])
+                st.behind_run = None
+                continue
+            kind = "duplicate" if reason == "duplicate_timestamp" else "late"
+            run = st.behind_run
+            if kind == "late" and run is not None and behind is not None and self.settings.clock_step_s is not None:
+                detail = (f"{(behind - int(block.ts_ms[0])) / 1000:.1f} s behind the stream's last sample "
+                          f"({iso(behind)}); behind it for {(run.last_ts - run.first_ts) / 1000:.1f} s of their own "
+                          f"time so far: a clock set back? after windows.clock_step_s "
+                          f"({self.settings.clock_step_s:g} s) the stream restarts at their time ({detail})")
+            self._quality(st.quality.event(kind, int(block.ts_ms[0]), detail))
+            self._dead_letter(rec, BadRecord(reason, detail))
+            done.add(id(rec))
+        return made + self._take(stream, st, good, done, now_ms)
+
+    def _take(self, stream: str, st: StreamState, good: list[tuple[InRecord, SampleBlock]], done: set[int],
+              now_ms: float) -> float:
+        """Window, hold and batch the stream's blocks that passed the order check; returns the windows their samples
+        make at the stream's hop."""
+        if not good:
+            return 0.0
+        ts = np.concatenate([b.ts_ms for _, b in good]) if len(good) > 1 else good[0][1].ts_ms
+        values = np.concatenate([b.values for _, b in good]) if len(good) > 1 else good[0][1].values
+        base = self._base_gap_ms(st.served)
+        st.windows.gap_ms = self._gap_ms(st, base)
+        self._quality(st.quality.timing(ts, st.windows.last_ts, st.windows.gap_ms, base))
+        seen = st.windows.seen
+        w = st.windows.push(ts, values)
+        for (rec, block), last_seq in zip(good, seen + np.cumsum([len(b.ts_ms) for _, b in good]), strict=True):
+            self.ledger.hold(rec.tp, stream, rec.offset, int(last_seq))
+        self.batcher.add(st.served.name, stream, w)
+        st.unscored.extend(zip((w.end_seq - st.served.window + 1).tolist(), w.start_ts.tolist(), strict=True))
+        self._release(stream, st)
+        self.metrics.records.labels("ok").inc(len(good))
+        self.metrics.samples.inc(len(ts))
+        done.update(id(rec) for rec, _ in good)
+        self._moved_on(st, (rec for rec, _ in good), int(now_ms))
+        return len(ts) / st.served.hop
+
+    def _overlap(self, st: StreamState, block: SampleBlock, behind: int,
+                 taken: list[tuple[InRecord, SampleBlock]]) -> tuple[SampleBlock, bool]:
+        """The samples of ``block`` after the stream's last one (at ``behind``), and whether the windows must restart
+        before them. Those at or before it are dropped, counted and reported: ``duplicate`` when the stream still
+        holds the same samples at their times (a message sent again, longer than the last: no restart), else ``late``.
+        Chunks whose ``period_ms`` is a little long (128 Hz sent as 8 ms) overlap the next one: whole, every other
+        chunk was dead-lettered as going back, and the windows spliced the chunks kept across the holes, which paged.
+        Samples lost so are a hole of their number (plus one) of the chunk's own period, judged by the stream's gap
+        rule — but the windows restart there only if the rest of the chunk fills a window: restarted at every
+        message, a stream of shorter ones was never scored."""
+        keep = block.ts_ms > behind
+        n, dropped = len(keep), int(len(keep) - np.count_nonzero(keep))
+        span = int(block.ts_ms[-1] - block.ts_ms[0])
+        lost_ts, lost = block.ts_ms[~keep], block.values[~keep]
+        held_ts, held = self._held(st, taken, int(lost_ts[0]))
+        oldest = held_ts[0] if len(held_ts) else np.iinfo("int64").max  # nothing held (back from eviction): none
+        lost_ts, lost = lost_ts[lost_ts >= oldest], lost[lost_ts >= oldest]  # those older than what is held cannot be
+        # compared: judged by the rest (a long resend)
+        at = np.searchsorted(held_ts, lost_ts).clip(max=max(0, len(held_ts) - 1))
+        resent = bool(len(lost_ts) and (held_ts[at] == lost_ts).all()
+                      and np.array_equal(held[at], lost))  # the same samples, not just the same times
+        self.metrics.overlapped.inc(dropped)
+        what = "sent again" if resent else "overlapping chunks — is period_ms right?"
+        self._quality(st.quality.event("duplicate" if resent else "late", int(block.ts_ms[0]), (
+            f"{dropped} sample(s) of a chunk of {n} at or before the stream's last one ({iso(behind)}) dropped, the "
+            f"rest taken: {what} ({n} samples spanning {span} ms, starting {behind - int(block.ts_ms[0])} ms before "
+            "the last sample)")))
+        period = span / max(1, n - 1)  # the chunk's own
+        gap = self._gap_ms(st, self._base_gap_ms(st.served), period)
+        hole = not resent and gap is not None and (dropped + 1) * period > gap and n - dropped >= st.served.window
+        return replace(block, ts_ms=block.ts_ms[keep], values=block.values[keep]), hole
+
+    @staticmethod
+    def _held(st: StreamState, taken: list[tuple[InRecord, SampleBlock]], since: int) -> tuple[np.ndarray, np.ndarray]:
+        """The samples the stream holds from ``since`` on: the last blocks of this poll taken so far, back to the one
+        that reaches ``since``, and before them its windows' tail (only as far back as needed: every overlapping chunk
+        of a stream with a long period_ms concatenated the whole poll's blocks again)."""
+        parts = []
+        for _, b in reversed(taken):
+            parts.append((b.ts_ms, b.values))
+            if b.ts_ms[0] <= since:
+                break
+        else:
+            tail_ts, tail = st.windows.recent()
+            parts.append((tail_ts, tail.reshape(len(tail_ts), st.windows.channels)))
+        parts.reverse()
+        return np.concatenate([t for t, _ in parts]), np.concatenate([v for _, v in parts])
+
+    def _set_back(self, st: StreamState, rec: InRecord, block: SampleBlock, now_ms: float, behind: int | None) -> bool:
+        """Count a block refused as behind the stream into its run of such blocks (:class:`BehindRun`); True once the
+        run has lasted ``clock_step_s`` of its own time and was produced over at least half of that: the stream's clock
+        was set back (a device's clock corrected by NTP, or reset at a reboot), not a late message nor a buffer sent
+        again at once (a store-and-forward gateway's two minutes, resent in a second, would have restarted the stream
+        on them). Produced over: by the records' Kafka timestamps where they are times of production; where one is
+        missing, or is its first sample's time (a producer stamping records with event time), by this host's clock
+        as they are taken — so such a stream's clock step read while catching up is taken once it is live. And only
+        while the time it went back from is still ahead of this host's clock: a clock that ran fast, corrected. Behind
+        a time that has passed, the run is history sent again (an upstream's replay from a checkpoint, a backfill):
+        taken for a step, it paged an old incident a second time under a new id (regression review)."""
+        first, end = int(block.ts_ms[0]), int(block.ts_ms[-1])
+        run, produce_time = st.behind_run, rec.timestamp_ms > 0 and rec.timestamp_ms != first
+        if run is None or first < run.first_ts:  # further back than the run began: a run of its own
+            run = BehindRun(first, end, 1, rec.timestamp_ms, now_ms, produce_time)
+        elif end > run.last_ts:  # it goes on (chunks that overlap, as a period_ms a little long makes them, too)
+            run = BehindRun(run.first_ts, end, run.records + 1, run.first_produced, run.first_read,
+                            run.produce_times and produce_time)
+        # else a message sent again inside the run: it neither ends nor moves it (a producer's retries did both)
+        st.behind_run = run
+        if self.settings.clock_step_s is None:
+            return False
+        step_ms = self.settings.clock_step_s * 1000
+        produced = rec.timestamp_ms - run.first_produced if run.produce_times else now_ms - run.first_read
+        ahead = behind is not None and behind > now_ms
+        return ahead and end - run.first_ts >= step_ms and produced >= step_ms / 2
+
+    def _clock_step(self, stream: str, st: StreamState, was: int | None) -> None:
+        """Restart a stream whose clock was set back at its new time: what waits is scored first, an open alert is
+        resolved (``clock_step``), and its windows, order point, alert state and data-clock schedule start again —
+        its alerts in a new generation, so that their ids cannot meet those of the old time. Its calibration stays
+        (it counts windows, not time). Before, its samples were dead-lettered until its clock passed the old time."""
+        run = st.behind_run
+        first, refused = (run.first_ts, run.records) if run is not None else (0, 1)
+        self.score_ready(force=True)
+        self._end_episode(stream, st, clock_step=True)
+        st.windows.set_back()
+        st.quality.set_back()
+        st.doc_last_ts, st.applied_until_ts, st.last_window_ts, st.behind_run, st.dirty = None, -1, -1, None, True
+        if self.data_clock is not None:
+            self.data_clock.forget(stream)
+        back_s = ((was or first) - first) / 1000
+        detail = (f"its samples went back {back_s:.0f} s (to {iso(first)}) and stayed behind for "
+                  f"{self.settings.clock_step_s:g} s (windows.clock_step_s): its clock was set back? restarted at the "
+                  f"new time; {refused - 1} record(s) dead-lettered meanwhile")
+        self._quality(st.quality.event("clock_step", first, detail))
+        log.warning("clock_step", stream=stream[:64], back_s=round(back_s, 3), dead_lettered=refused - 1)
+        self._release(stream, st)
+        self.save(stream)  # with the next commit, not the next snapshot: a crash before it stepped again elsewhere
+
+    def _gap_ms(self, st: StreamState, base: float | None, period: float | None = None) -> float | None:
+        """The longest interval that is not a gap: ``base`` (the route's or daemon's ``gap_ms``), or with ``gap_periods``
+        set (the route's, else the daemon's), that many of the stream's sample periods once learnt (the recent period while the rate has drifted:
+        learnt once, a rate that fell made every interval a gap), whichever is shorter. With ``gap_ms`` alone a
+        130 ms dropout of a 100 Hz stream joined two phases of its signal inside windows, which paged. ``period``:
+        the one to use while none is learnt."""
+        k = st.served.gap_periods if st.served.gap_periods is not None else self.settings.gap_periods
+        period = st.quality.current_period_ms or period
+        if k is None or not period:  # off, or not learnt yet
+            return base
+        return k * period if base is None else min(base, k * period)

@@ -1,0 +1,207 @@
+"""What one :class:`monitor.processor.Processor` holds, and the helpers every part of it shares.
+
+The processor is one object written in five modules, one per part of its work: :mod:`monitor.ingest` (records →
+windows), :mod:`monitor.inflight` (batches on the scoring backend, results taken in order), :mod:`monitor.processor`
+(results → alerts and state documents), :mod:`monitor.residency` (which streams are held in memory) and
+:mod:`monitor.committing` (the commit order and rebalances). Each is a mixin over :class:`ProcessorState`, which
+owns the state they share, the settings, and the side outputs every part sends: dead letters and data-quality
+events.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from monitor import logs
+from monitor.alerts import AlertSettings, Transition, iso
+from monitor.batcher import Batch, Batcher
+from monitor.calibrator import Calibrator
+from monitor.ledger import OffsetLedger
+from monitor.metrics import Metrics
+from monitor.outbox import Outbox
+from monitor.quality import QualityEvent
+from monitor.records import BadRecord, Limits
+from monitor.scorer import Scorer, Served
+from monitor.scoring import Backend, Result, ThreadBackend
+from monitor.sink import OutMessage, Sink, json_message
+from monitor.source import TP, InRecord
+from monitor.streams import StreamState
+
+log = logs.get("tsmon.processor")
+
+DEAD_LETTER_MAX = 512 * 1024  # a bad record longer than this is dead-lettered truncated …
+DEAD_LETTER_KEEP = 64 * 1024  # … to its first bytes (the source offset header names the whole record)
+DEAD_LETTER_KEY_KEEP = 4096  # a longer key is cut to this many bytes (or 4 × limits.max_stream_len, if more)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    alerts_topic: str = "tsmon.alerts"
+    dead_letter_topic: str = "tsmon.dead-letter"
+    gap_ms: float | None = 5000.0
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    flatline_rel_std: float = 1e-3
+    rate_tolerance: float = 0.25
+    quality_cooldown_ms: float = 60_000
+    max_hold_windows: int = 1000
+    limits: Limits = field(default_factory=Limits)
+    flush_timeout_s: float = 10.0
+    max_inflight: int = 2  # batches submitted to the scoring thread and not yet applied
+    scoring_timeout_s: float = 60.0  # a batch not scored by then is stuck (ScoringStuck): the daemon stops
+    state_topic: str | None = None  # changelog of stream states; None = not persisted
+    max_streams: int = 10_000  # streams held at once
+    idle_evict_s: float | None = 3600.0  # silent this long: snapshotted and dropped from memory
+    max_future_s: float | None = None  # samples stamped further ahead of the clock are dead-lettered (daemon: 1 h)
+    earliest_ms: int | None = None  # samples stamped before are dead-lettered (daemon: 2000-01-01)
+    recent_alerts: int = 20  # alerts per stream remembered for feedback
+    gap_periods: float | None = None  # an interval over this many learnt sample periods is a gap too (opt-in)
+    model_quantile: bool = False  # each stream calibrated at its model's threshold quantile (no quantile configured)
+    forget_after_s: float | None = None  # a document not written for this long is forgotten (:meth:`forget_dormant`)
+    max_documents: int | None = None  # documents of streams not held kept at most (the least recently written go)
+    clock_step_s: float | None = None  # new input behind the stream this long (its own time): its clock was set back
+
+
+@dataclass
+class DataClock:
+    """Calls ``tick(stream)`` every ``every_ms`` of each stream's own time, between the windows of a batch:
+    a stream is recalibrated only when its own data moved on (never on another stream's evidence)."""
+
+    every_ms: float
+    tick: Callable[[list[str]], None]
+    next_ms: dict[str, float] = field(default_factory=dict)
+
+    def due(self, stream: str, ts_ms: int) -> bool:
+        if stream not in self.next_ms:
+            self.next_ms[stream] = ts_ms + self.every_ms
+        return ts_ms >= self.next_ms[stream]
+
+    def fire(self, stream: str, ts_ms: int) -> None:
+        self.next_ms[stream] = ts_ms + self.every_ms
+        self.tick([stream])
+
+    def forget(self, stream: str) -> None:
+        self.next_ms.pop(stream, None)
+
+
+class ProcessorState:
+    """The state the processor's parts share (see the module docstring)."""
+
+    def __init__(self, scorer: Scorer, calibrator: Calibrator, batcher: Batcher, sink: Sink,
+                 metrics: Metrics | None = None, settings: Settings = Settings(),
+                 backend: Backend | None = None) -> None:
+        self.scorer, self.calibrator, self.batcher, self.sink = scorer, calibrator, batcher, sink
+        self.metrics = metrics or Metrics()
+        self.settings = settings
+        self.ledger = OffsetLedger()
+        self.streams: dict[str, StreamState] = {}
+        self._committed: dict[TP, int] = {}
+        self.first_record_at: float | None = None  # monotonic time the first record arrived (benchmarks)
+        self._backend = backend or ThreadBackend(scorer)
+        self._inflight: deque[tuple[Batch, Future[Result], float]] = deque()  # with the monotonic submit time
+        self.stuck = False  # a scoring call never returned: the backend is closed without waiting for it
+        # a batch whose scoring raised: its windows are lost to this process, so from then on nothing is applied,
+        # snapshotted or committed past them (the shutdown and the revoke did both: the restart never replayed them)
+        self.failed: str | None = None
+        self.restored: dict[str, dict[str, Any]] = {}  # changelog documents of streams not started yet
+        self.metrics.documents.set_function(lambda: len(self.restored))  # as it is when scraped (replaced whole too)
+        self.read_ts: dict[TP, int] = {}  # per partition, the newest timestamp of the records taken (_moved_on)
+        self.knocked: dict[str, int] = {}  # streams with a document refused for want of room: when, last (epoch ms)
+        self.evicted: set[str] = set()  # streams this instance evicted since its last assignment (see wake)
+        self.evicted_here: set[str] = set()  # those of them evicted by evict_idle (not adopted): no input replayed
+        self.owed: dict[str, int] = {}  # evicted with a silenced alert open: silence end (epoch ms), page owed
+        self.undocumented: set[str] = set()  # started since the last commit: their first document goes with it
+        self.outbox = Outbox()  # state documents, then operators' acknowledgements: sent by the next commit
+        self.unpersisted: set[str] = set()  # ids of commands whose documents a failed revoke dropped (see revoke)
+        self._owed_warned: set[str] = set()
+        self.throttle = logs.Throttle()  # per-record, per-window and per-stream events: a sample in the log
+        self.clock = time.time  # wall clock: silences and state timestamps
+        self.deadline: float | None = None  # monotonic time by which commits must be done (set at shutdown)
+        self.scoring_deadline: float | None = None  # by which scoring must be done (the shutdown's drain)
+        # windows a good record makes (samples / hop; decays slowly from the largest seen): sizes the next
+        # poll. None until a record told (the daemon's first polls take one record each).
+        self.windows_per_record: float | None = None
+        # the same per byte of message: messages of another size make windows in proportion to their bytes, not
+        # their number (hands a poll's records over in slices that fit, see Daemon._hand_over)
+        self.windows_per_byte: float | None = None
+        self.data_clock: DataClock | None = None  # calibrator.clock = "data": recalibrations between windows
+        self.peak_pending = 0  # most windows waiting right after a poll was handled (benchmarks, tests)
+        # called after each batch is applied: (batch, wall-clock ms of the decision, scoring seconds)
+        self.on_decided: Callable[[Batch, float, float], None] | None = None
+
+    if TYPE_CHECKING:  # implemented by the other parts (see the module docstring)
+        def score_ready(self, force: bool = False) -> int: ...
+        def _after_scoring(self, batch: Batch, window_err: np.ndarray, channel_err: np.ndarray) -> None: ...
+        def publish_alert(self, stream: str, st: StreamState, t: Transition, arrived: float | None = None,
+                          remember: bool = True, names: list[str] | None = None, **extra: Any) -> None: ...
+        def _end_episode(self, stream: str, st: StreamState, **why: Any) -> str | None: ...
+        def save(self, stream: str) -> dict[str, Any] | None: ...
+        def _new_stream(self, stream: str, served: Served) -> StreamState: ...
+        def _drop(self, stream: str) -> None: ...
+        def wake(self, stream: str, reserve: bool = True) -> bool: ...
+        def forget_evicted(self) -> None: ...
+
+    @property
+    def pending(self) -> int:
+        """Windows not yet scored and applied (waiting in the batcher or on the scoring thread)."""
+        return self.batcher.size + sum(len(b) for b, _, _ in self._inflight)
+
+    def _release(self, stream: str, st: StreamState) -> None:
+        """Let the ledger forget input that no future window and no open episode needs."""
+        point = st.windows.phase()  # the next window's start, or for hop ≥ window the last sample (its phase)
+        seqs = [point[0] if point is not None else st.windows.needed_from]
+        if st.unscored:
+            seqs.append(st.unscored[0][0])
+        limit = self.settings.max_hold_windows * st.served.hop
+        for hold in (st.alerts.hold_seq, st.doc_from_seq):  # an open episode; where the stored state resumes
+            if hold is not None and st.windows.seen - hold <= limit:
+                seqs.append(hold)
+        self.ledger.release(stream, min(seqs))
+
+    def _base_gap_ms(self, served: Served) -> float | None:
+        """The route's ``gap_ms``, else the daemon's."""
+        return served.gap_ms if served.gap_ms is not None else self.settings.gap_ms
+
+    def alert_settings(self, served: Served) -> AlertSettings:
+        """The daemon's alert settings with the route's own debounce, where it sets one."""
+        a = self.settings.alerts
+        return replace(a, for_windows=served.for_windows or a.for_windows,
+                       resolve_after=served.resolve_after or a.resolve_after)
+
+    def silenced(self, st: StreamState) -> bool:
+        return st.silenced_until_ms > self.clock() * 1000
+
+    def _quality(self, events: list[QualityEvent]) -> None:
+        for e in events:  # counted as found (StreamQuality.on_finding), held back by the cooldown or not
+            doc: dict[str, Any] = {"type": "data_quality", "event_id": e.event_id, "stream": e.stream,
+                                   "kind": e.kind, "ts": e.ts, "time": iso(e.ts), "detail": e.detail,
+                                   "channels": list(e.channels), "suppressed": e.suppressed}
+            self.sink.send(json_message(self.settings.alerts_topic, e.stream, doc, [("tsmon.type", b"data_quality")]))
+            self.throttle.log(log.warning, "data_quality", stream=e.stream, kind=e.kind, detail=e.detail,
+                              repeats_suppressed=e.suppressed)
+
+    def _dead_letter(self, rec: InRecord, bad: BadRecord) -> None:
+        self.ledger.consumed(rec.tp, rec.offset)
+        self.metrics.records.labels("dead_letter").inc()
+        self.metrics.dead_letters.labels(bad.reason).inc()
+        headers = [("tsmon.reason", bad.reason.encode()), ("tsmon.detail", bad.detail.encode()[:1000]),
+                   ("tsmon.source.topic", rec.topic.encode()), ("tsmon.source.partition", str(rec.partition).encode()),
+                   ("tsmon.source.offset", str(rec.offset).encode()),
+                   ("tsmon.source.timestamp", str(rec.timestamp_ms).encode())]
+        value, key = rec.value or b"", rec.key
+        if len(value) > DEAD_LETTER_MAX:  # with the headers, near the producer's request size: undeliverable
+            headers.append(("tsmon.truncated_from", str(len(value)).encode()))
+            value = value[:DEAD_LETTER_KEEP]
+        keep = max(DEAD_LETTER_KEY_KEEP, 4 * self.settings.limits.max_stream_len)  # never a stream id (UTF-8)
+        if key is not None and len(key) > keep:  # a 1 MB key (bad_stream) made it undeliverable too
+            headers.append(("tsmon.key_truncated_from", str(len(key)).encode()))
+            key = key[:keep]
+        self.sink.send(OutMessage(self.settings.dead_letter_topic, key, value, headers))
+        self.throttle.log(log.warning, "dead_letter", reason=bad.reason, detail=bad.detail, topic=rec.topic,
+                          partition=rec.partition, offset=rec.offset)

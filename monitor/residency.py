@@ -1,0 +1,271 @@
+"""Which streams are held in memory: a stream starts (from its document or its model), is evicted when idle,
+woken for a command or a page it owes, adopted after a restore, and its document is forgotten when unseen.
+
+Documents of streams not held (:attr:`ProcessorState.restored`) are bounded: by ``max_streams`` without a
+changelog, by ``forget_after_s`` and ``max_documents`` with one — never one that holds commitments (a pin, a
+silence, an open alert).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from models.errors import describe
+from monitor import logs, windows
+from monitor.alerts import AlertState, Transition, iso
+from monitor.calibrator import MAX_QUANTILE
+from monitor.procstate import ProcessorState
+from monitor.quality import StreamQuality
+from monitor.scorer import Served
+from monitor.sink import OutMessage
+from monitor.source import TP
+from monitor.streams import StreamState, doc_partitions, holds_commitments, open_alert_unsilenced, owes_page
+
+log = logs.get("tsmon.processor")
+
+WAKE_RESERVE = 0.1  # share of limits.max_streams that streams woken for a command leave to new streams
+
+
+class Residency(ProcessorState):
+    """Streams held in memory and the documents of those not held; see the module docstring."""
+
+    def _new_stream(self, stream: str, served: Served) -> StreamState:
+        s, det = self.settings, served.detector
+        self.calibrator.register(stream, det.threshold.value, thin=max(1, served.window // served.hop),
+                                 quantile=min(det.threshold.quantile, MAX_QUANTILE) if s.model_quantile else None)
+        st = StreamState(
+            served, windows.for_stream(det.windowing, served.window, served.hop, served.channels,
+                                       self._base_gap_ms(served)),
+            StreamQuality(stream, np.asarray(det.scaler.flat_scale, "float32"), det.channel_names, s.flatline_rel_std,
+                          s.rate_tolerance, s.quality_cooldown_ms,
+                          on_finding=lambda kind: self.metrics.quality.labels(kind).inc()),
+            AlertState(stream, served.identity, self.alert_settings(served)), recent_alerts=deque(maxlen=s.recent_alerts))
+        if s.state_topic is not None:  # until its first document (sent with the next commit), a replay after a
+            st.doc_from_seq = 1       # crash must begin where this instance began reading it: the state it
+            self.undocumented.add(stream)  # started from (restored or the artifact's) is the latest there is
+            # (the commit ran past a restored document's point, and a crash then lost the windows in between,
+            # their evidence and the alert ids that followed)
+        replayed = stream not in self.evicted_here  # its input was released at the eviction: none comes again
+        self._unevict(stream)
+        restored = self._restore(stream, st, replayed)
+        state = self.calibrator.threshold(stream)
+        self.throttle.log(log.info, "stream_started", stream=stream, model=served.name, window=served.window,
+                          hop=served.hop, threshold=state.value, threshold_source=state.source,
+                          threshold_version=state.version, restored=restored)
+        self.streams[stream] = st
+        self.metrics.streams.set(len(self.streams))
+        return st
+
+    def _restore(self, stream: str, st: StreamState, replayed: bool = True) -> str | None:
+        doc = self.restored.pop(stream, None)
+        self.knocked.pop(stream, None)
+        if doc is None:
+            return None
+        try:
+            how = st.restore(stream, doc, self.calibrator, replayed)
+        except Exception as exc:  # noqa: BLE001 — a bad document (compaction keeps it) must not stop the stream
+            log.error("state_restore_failed", stream=stream, error=describe(exc))
+            return "failed"
+        at = doc.get("recalibrate_at_ts")  # absent: written on the wall clock, or by an earlier version
+        if how == "evidence_unreadable":
+            log.warning("state_evidence_unreadable", stream=stream, consequence="threshold, controls and alert "
+                        "state restored; the calibrator learns its evidence again")
+        if how != "controls" and self.data_clock is not None and isinstance(at, int | float) and math.isfinite(at):
+            self.data_clock.next_ms[stream] = float(at)
+        if st.orphan is not None:  # paged under the model version it replaced: never leave that page open
+            names = doc.get("channels")  # the old model's (the new one's named another model's channels)
+            names = names if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
+            self.publish_alert(stream, st, Transition("resolved", st.orphan), remember=False, names=names, reset=True,
+                               model_changed=True, model=doc["model"])  # its errors are on the old model's scale
+            st.orphan = None
+        return how
+
+    def evict_idle(self, now: float, input_since: float = 0.0) -> int:
+        """Snapshot and drop the streams silent for ``idle_evict_s`` with nothing waiting to be scored.
+
+        Silence counts from ``input_since`` at the earliest: the daemon's input was paused before it (a failing
+        sink or broker, back-pressure) and a stream cannot be heard while its records wait in the broker.
+
+        Their documents stay at hand for when they come back (without a changelog at most ``max_streams`` of
+        them), and on the changelog; the ledger stops holding their input, the sink acknowledges the document
+        first.
+        """
+        idle = self.settings.idle_evict_s
+        if idle is None:
+            return 0
+        quiet = {n: now - max(st.last_seen, input_since) for n, st in self.streams.items() if not st.unscored}
+        gone = [n for n, q in quiet.items() if q >= idle]
+        for name in gone:
+            self._evict(name, quiet[name])
+        # Without a changelog the evicted streams' documents live only here: at most max_streams of them, oldest
+        # out first. With one, ``restored`` is what the changelog held at the last assignment (its size; the
+        # restore read it all anyway) plus streams evicted since: trimming it would forget the pins, silences
+        # and open alerts of streams this instance will see again.
+        while self.settings.state_topic is None and len(self.restored) > self.settings.max_streams:
+            self._unevict(str(self.restored.pop(next(iter(self.restored))).get("stream", "")))
+        return len(gone)
+
+    def _evict(self, name: str, idle_s: float) -> None:
+        """Snapshot a stream and drop it from memory, its document kept at hand (see :meth:`evict_idle`)."""
+        st = self.streams[name]
+        partial = max(0, st.windows.seen - st.windows.needed_from + 1)  # of a window never completed
+        ep, last = st.alerts.episode, st.last_sample_ts
+        if ep is not None and ep.fired is not None and last is not None:  # paged, then silent: a sensor gone?
+            self._quality(st.quality.event("stale", last, (
+                f"no data for {idle_s:.0f} s (limits.idle_evict_s) since its last sample at {iso(last)}: alert "
+                f"{ep.alert_id} stays open until the stream sends again — is its source alive?")))
+        doc = self.save(name)
+        if doc is not None:
+            self.restored[name] = doc
+            if st.alerts.silenced_open:
+                self.owed[name] = st.silenced_until_ms
+        self._drop(name)
+        self.ledger.forget(name)
+        self.evicted.add(name)
+        if st.windows.seen:  # it read input here, so none of its input is still to be replayed to it (one
+            self.evicted_here.add(name)  # woken for a command before its replay came still needs aligning)
+        self.metrics.evicted.inc()
+        self.throttle.log(log.info, "stream_evicted", stream=name, idle_s=round(idle_s, 1),
+                          partial_window_samples=partial)
+
+    def forget_dormant(self, assigned: set[TP], now_ms: int | None = None) -> int:
+        """Forget the documents of streams not held that went unseen for ``forget_after_s`` — and, over
+        ``max_documents``, the least recently written of the others — unless they hold commitments
+        (:func:`holds_commitments`). Returns how many.
+
+        Unseen is measured in input, not in wall-clock time: a document of a stream on ``assigned`` partitions
+        goes once every such partition's input was read ``forget_after_s`` past the document's ``written_ms``
+        (:meth:`_moved_on`), so an outage or a lag reading older input forgets nothing (records of the stream may
+        be waiting). It gets a tombstone on the changelog when all its partitions are this instance's (evicted
+        here, or adopted at a restore: dropped from memory only, a document came back at every restart and the
+        changelog grew for good); documents of other partitions are only dropped from memory, by wall-clock age
+        (their owner decides, and the next restore reads them again). The bound drops those first, then the
+        streams this instance evicted itself; never an adopted one of its partitions, whose stream may be
+        replayed any moment.
+
+        Without it every stream id ever seen kept its document: a producer that sent 20 000 ids once each left
+        20 000 documents in every instance's memory and in every restore (6.6 s, growing)."""
+        after, topic, most = self.settings.forget_after_s, self.settings.state_topic, self.settings.max_documents
+        now_ms = int(self.clock() * 1000) if now_ms is None else now_ms
+        after_ms = None if after is None else after * 1000
+        old: dict[str, int] = {}
+        tombstoned: dict[str, frozenset[TP]] = {}  # → the partitions its stream came from
+        others: list[tuple[int, str]] = []  # for the bound: copies of other instances' partitions, first
+        own: list[tuple[int, str]] = []  # ... then the streams this instance evicted itself
+        held, gone = 0, []  # documents with commitments (outside the bound); of them, alerts of streams gone
+        for name, doc in self.restored.items():
+            w = doc.get("written_ms")
+            if name in self.streams or not isinstance(w, int):
+                continue
+            w = max(w, self.knocked.get(name, w))  # sending, but refused for want of room: seen then
+            parts = doc_partitions(doc)
+            home = parts & assigned if parts else set(assigned)  # none recorded (earlier versions): maybe any of them
+            unseen = after_ms is not None and (all(self.read_ts.get(tp, -1) >= w + after_ms for tp in home) if home
+                                               else w < now_ms - after_ms)
+            # this instance's stream: a tombstone, or the resolution of its alert, is its to send (another owner's
+            # stream may still be alive and firing there)
+            mine = name in self.evicted_here or bool(parts and parts <= assigned)
+            if holds_commitments(doc, now_ms):  # kept, but outside the bound: counted in it, they forgot the others
+                held += 1
+                if unseen and mine and name in self.evicted and open_alert_unsilenced(doc, now_ms):
+                    gone.append(name)
+                continue
+            if unseen:
+                old[name] = w
+                if mine:
+                    tombstoned[name] = parts
+            elif not home:
+                others.append((w, name))
+            elif name in self.evicted_here:
+                own.append((w, name))
+        over = len(self.restored) - len(old) - held - most if most is not None else 0
+        if over > 0:
+            for w, name in (sorted(others) + sorted(own))[:over]:
+                old[name] = w
+                if name in self.evicted_here:
+                    tombstoned[name] = doc_partitions(self.restored[name])
+        for name, written_ms in old.items():
+            del self.restored[name]
+            self.knocked.pop(name, None)
+            if topic is not None and name in tombstoned:
+                self.outbox.document(name, OutMessage(topic, name.encode(), None, [("tsmon.type", b"stream_forgotten")]),
+                                     tombstoned[name])
+            self._unevict(name)
+            self.throttle.log(log.info, "stream_forgotten", stream=name, written_s_ago=(now_ms - written_ms) // 1000,
+                              documents=len(self.restored))
+        self.metrics.forgotten.inc(len(old))
+        for name in gone:
+            self._resolve_gone(name, now_ms)
+        return len(old)
+
+    def _resolve_gone(self, stream: str, now_ms: int) -> None:
+        """Resolve the open alert of a stream unseen for ``forget_after_s`` (its ``stale`` event went out at the
+        eviction): woken from its document, the alert resolved with ``stream_gone``, the document saved — then it is
+        evicted again when idle and forgotten like any other. Kept open, its document was never forgotten: every
+        dead sensor that had paged stayed in memory, in every restore and on the changelog for good."""
+        doc, here = self.restored.get(stream, {}), stream in self.evicted_here
+        if not self.wake(stream):  # no room now: tried again at the next pass
+            return
+        st = self.streams[stream]
+        alert_id = self._end_episode(stream, st, stream_gone=True)
+        written = doc.get("written_ms")
+        unseen_s = (now_ms - written) // 1000 if isinstance(written, int) else 0
+        log.warning("alert_resolved_stream_gone", stream=stream[:64], alert_id=alert_id, unseen_s=unseen_s)
+        self._evict(stream, unseen_s)  # at once: woken and held for idle_evict_s, a die-off took the streams' room
+        if here:
+            self.evicted_here.add(stream)
+
+    def _unevict(self, stream: str) -> None:
+        """Forget that ``stream`` was evicted (it is back, or its document is gone)."""
+        self.evicted.discard(stream)
+        self.evicted_here.discard(stream)
+        self.owed.pop(stream, None)
+
+    def _drop(self, stream: str) -> None:
+        self.streams.pop(stream, None)
+        self.calibrator.forget(stream)
+        if self.data_clock is not None:
+            self.data_clock.forget(stream)
+        self.metrics.streams.set(len(self.streams))
+
+    def wake(self, stream: str, reserve: bool = True) -> bool:
+        """Bring a stream this instance evicted (or adopted: :meth:`adopt`) back from its document, for an
+        operator's command that names it (it is evicted again when idle). Only since the last assignment:
+        after a rebalance its partition may be another instance's, whose newer document this one must not
+        overwrite. ``reserve``: leave ``WAKE_RESERVE`` of ``max_streams`` (at least one) to new streams; a
+        page owed takes any room left."""
+        served, most = self.scorer.route(stream), self.settings.max_streams
+        room = len(self.streams) < (most - max(1, math.ceil(most * WAKE_RESERVE)) if reserve else most)
+        if stream not in self.evicted or stream in self.streams or served is None or not room:
+            return False
+        self._new_stream(stream, served).last_seen = time.monotonic()
+        return True
+
+    def evicted_docs(self) -> dict[str, dict[str, Any]]:
+        """The documents of the streams :meth:`wake` can bring back."""
+        return {n: d for n in self.evicted if (d := self.restored.get(n)) is not None}
+
+    def adopt(self, assigned: set[TP]) -> int:
+        """After a restore: the streams whose documents say they come from these partitions but have sent
+        nothing since are this instance's, so commands reach them (woken like evicted ones) and a page owed
+        when their silence ends is sent. Returns how many."""
+        mine = [n for n, d in self.restored.items() if n not in self.streams and doc_partitions(d) & assigned]
+        for name in mine:
+            doc = self.restored[name]
+            self.evicted.add(name)
+            if owes_page(doc) and isinstance(until := doc.get("silenced_until_ms"), int):
+                self.owed[name] = until  # paged by page_unsilenced once it has passed
+        return len(mine)
+
+    def forget_evicted(self) -> None:
+        """At an assignment change: the evicted streams' partitions may now be another instance's."""
+        self.knocked.clear()
+        self.evicted.clear()
+        self.evicted_here.clear()
+        self.owed.clear()
+        self._owed_warned.clear()
