@@ -10,6 +10,11 @@ While the broker is unreachable or the sink cannot get acknowledgements, commits
 exponential backoff and the input is paused (``/readyz`` says why); the loop keeps turning.
 SIGTERM/SIGINT set a flag; the loop then scores what waits, publishes, snapshots, commits and closes,
 all within ``shutdown_timeout_s``; a second signal exits at once.
+
+This module holds the wiring, the loop, the signals and the shutdown; :class:`Daemon`'s other parts are mixins
+over :class:`monitor.daemon_state.DaemonState`: :mod:`monitor.intake` (how much input is taken, pauses, commits
+with backoff), :mod:`monitor.rebalance` (assignments, the changelog restore), :mod:`monitor.recalibration` and
+:mod:`monitor.views` (what the HTTP threads read).
 """
 
 from __future__ import annotations
@@ -39,10 +44,13 @@ from monitor.config import Config
 from monitor.controller import Controller, ControlSource
 from monitor.drift import DriftSettings
 from monitor.health import HealthServer
+from monitor.intake import Intake
 from monitor.metrics import Metrics
 from monitor.processor import DataClock, Processor, Settings
 from monitor.reach import Problem, wait_for_brokers
 from monitor.reading import Backoff, InputReader
+from monitor.rebalance import Rebalance
+from monitor.recalibration import Recalibration
 from monitor.restoring import Restore
 from monitor.scorer import Scorer, load_served
 from monitor.scoring import Backend, ProcessBackend, ThreadBackend, choose
@@ -50,14 +58,11 @@ from monitor.sdnotify import Notifier
 from monitor.sink import KafkaSink, OutMessage, Sink
 from monitor.source import TP, InRecord, KafkaSource, Source
 from monitor.topics import ensure_topics
+from monitor.views import Views
 
 log = logs.get("tsmon.daemon")
 SHUTDOWN_DRAIN_SHARE = 0.85  # of shutdown_timeout_s for draining and commits; the rest for closing processes
 RESTORE_STEP_S = 0.1  # changelog reading per loop turn while a restore holds the input
-ROWS_WANTED_S = 60.0  # the /streams rows are built at each commit interval while asked for within this long
-ROWS_FRESH_S = 2.0  # older rows are built again for a request, at the loop's next turn ...
-ROWS_WAIT_S = 3.0  # ... which it waits for this long at most (a hung loop: the last rows); tsmon status waits 5 s
-REBALANCING = "rebalancing: partitions revoked, waiting for the assignment"
 FORGET_EVERY_S = 60.0  # how often the documents of long-unseen streams are looked for (state.forget_after_s)
 
 
@@ -113,7 +118,7 @@ def processor_settings(cfg: Config) -> Settings:
                     max_documents=cfg.state.max_documents, clock_step_s=cfg.windows.clock_step_s)
 
 
-class Daemon:
+class Daemon(Views, Intake, Rebalance, Recalibration):
     """One tsmon consumer. ``source``/``sink`` default to Kafka; tests may pass doubles for unit work."""
 
     def __init__(self, cfg: Config, source: Source | None = None, sink: Sink | None = None,
@@ -239,49 +244,6 @@ class Daemon:
                  ms_per_batch={m: {n: round(s * 1000, 2) for n, s in p} for m, p in timings.items()},
                  batch_limit={m: batcher.limit(m) for m in timings})
 
-    # rebalance callbacks (called from inside poll, on the loop's thread)
-    def _on_revoke(self, tps: list[TP]) -> None:
-        log.info("partitions_revoked", partitions=[f"{t}-{p}" for t, p in tps])
-        revoked = set(tps)
-        self._paused -= revoked
-        self._backlog = [r for r in self._backlog if r.tp not in revoked]  # never read: the next owner reads it
-        self._rewind = self.processor.revoke(self.source, revoked)
-        if self.processor.unpersisted:  # their changes were dropped with the documents: not applied, as far as
-            self.controller.forget(self.processor.unpersisted)  # the group knows (sent again, they are applied)
-            self.processor.unpersisted = set()
-        self._unassigned = bool(tps)  # its streams are dropped: commands wait for the assignment and its restore
-        if tps and self._ready[1] != "stopping":  # kafka-python lists them until the assignment: /readyz said "4
-            # partition(s) assigned" meanwhile (a revoke at the shutdown's close() is no rebalance)
-            self._ready = (False, REBALANCING)
-
-    def _on_assign(self, tps: list[TP]) -> None:
-        # Streams of these partitions start when their first record arrives; they continue from the
-        # changelog, which the previous owner wrote when the partitions were revoked from it. The first
-        # assignment reads it in any case (daemon-wide state), before any command is polled.
-        log.info("partitions_assigned", partitions=[f"{t}-{p}" for t, p in tps])
-        self._unassigned = False
-        # A partition revoked and given straight back keeps its read position in the client, but its streams
-        # were dropped at the revoke: read it again from where a next owner would begin.
-        given = set(tps)
-        # a commit that failed during the join paused what the client still listed then, revoked ones too
-        self._paused &= given
-        for tp in list(self.input_reader.unreadable):  # a new assignment starts them from the commit: try again
-            self.input_reader.forget(tp)
-        back, self._rewind = {tp: o for tp, o in self._rewind.items() if tp in given}, {}
-        if back:
-            self.source.rewind(back)
-            log.info("partitions_rewound", offsets={f"{t}-{p}": o for (t, p), o in sorted(back.items())})
-        if self._problem is not None:  # still failing: new partitions wait like the others
-            self._pause(set(tps))
-        elif self._holding and tps:  # scoring still behind: they wait for the release like the others
-            self.source.pause(set(tps))
-        elif tps:  # nothing holds them: kafka-python keeps the pause flag of a partition it kept, and without
-            # state no restore resumes them (paused for a commit that failed, then succeeded during the join,
-            # one was never read again)
-            self.source.resume(set(tps))
-        if tps or not self._restored:
-            self.restore()
-
     def _wait_for_brokers(self) -> None:
         throttle = logs.Throttle(burst=1, period_s=30.0)  # a new problem at once, the same one every 30 s
 
@@ -300,150 +262,8 @@ class Daemon:
         ensure_topics(client.pop("bootstrap_servers"), topics, {st.topic: {"cleanup.policy": "compact"}},
                       replication_factor=k.replication_factor, **client)
 
-    def restore(self) -> None:
-        """Ask for the changelog to be read: the loop reads it in steps (:meth:`_restore_step`) while every assigned
-        partition stays paused, so no stream starts before its document is known (one that did would write over it
-        with its artifact's state) and the loop keeps turning however long it takes. Called in the rebalance
-        callback, which must not block."""
-        if not self.cfg.state.enabled:  # no changelog: the documents kept in memory at evictions are all there is,
-            # and a revoke forgot which of them are this instance's (a page owed when a silence ends was lost)
-            self.processor.adopt(self.source.assignment())
-            return
-        if not self._kafka:
-            return
-        self.restorer.ask()
-        self._ready = (False, "restoring state")
-
-    def _inputs(self) -> dict[str, list[int]]:
-        """The input partitions this instance holds, by topic; a configured topic it holds none of is listed
-        empty (tsmon ctl then still expects that topic's partitions to be answered for by someone)."""
-        held: dict[str, list[int]] = {t: [] for t in self.cfg.kafka.topics} if not self.cfg.kafka.topic_pattern else {}
-        for topic, partition in sorted(self.source.assignment()):
-            held.setdefault(topic, []).append(partition)
-        return held
-
-    @property
-    def restoring(self) -> bool:
-        return self.restorer.active
-
-    def _restore_step(self, budget_s: float) -> None:
-        """Read on in the changelog; once it is read the input resumes (unless held for another reason)."""
-        done = self.restorer.step(budget_s, self.stop_event.is_set())
-        if done is None:
-            return
-        if isinstance(done, str):  # and the broker's state, when it is the cause ("opening" hid it for 30 s)
-            problem = self.source.broker_problem()
-            self._ready = (False, done if problem is None else f"{done}; {problem}")
-            return
-        self._restored = True
-        if not self._holding:  # a failure's pause (_paused) is lifted by the next good commit
-            self._resume(done)
-        self._input_since = time.monotonic()
-        self._refresh_views()
-
-    def recalibrate(self, streams: list[str] | None = None) -> None:
-        """Scheduled recalibration of every stream (wall clock) or of ``streams`` (data clock: one at a time). A
-        failure is logged, never raised: into apscheduler it printed a plain-text traceback amid the JSON log
-        and lost the run's counts and warnings; on the data clock it would stop the loop."""
-        try:
-            self._recalibrate(streams)
-        except Exception as exc:  # noqa: BLE001 — the next scheduled run tries again
-            log.error("recalibration_failed", error=describe(exc)[:500])
-
-    def _recalibrate(self, streams: list[str] | None) -> None:
-        refused: dict[str, str] = {}
-        changed = self.calibrator.recalibrate(streams, refused=refused)
-        done = set(streams or ())  # a run over every stream (None) settles every earlier refusal
-        self._note_refusals(lambda s: streams is not None and s not in done, refused)
-        for stream, (old, new) in changed.items():
-            outcome = "new_normal" if new.reason.startswith("new normal") else "changed"
-            self.metrics.calibrations.labels(outcome).inc()
-            log.info("threshold_changed", stream=stream, old=round(old.value, 6), new=round(new.value, 6),
-                     source=new.source, version=new.version, reason=new.reason, samples=new.samples)
-        for stream, reason in refused.items():
-            self.metrics.calibrations.labels("refused").inc()
-            self.processor.throttle.log(log.warning, "threshold_raise_refused", stream=stream, reason=reason,
-                                        threshold=self._threshold_or_none(stream))
-
-    def _threshold_or_none(self, stream: str) -> float | None:
-        try:  # revoked or evicted (on the loop's thread) since a recalibration refused it: forgotten
-            return round(self.calibrator.threshold(stream).value, 6)
-        except KeyError:
-            return None
-
-    def _note_refusals(self, keep: Callable[[str], bool], new: dict[str, str]) -> None:
-        """The streams whose threshold raise is refused now → why: the earlier ones ``keep`` accepts, and ``new``;
-        one no longer held (revoked or evicted) is dropped. Each refusal is also counted, once per run."""
-        held = self.processor.streams
-        with self._refusing_lock:  # the scheduler's thread and the loop both replace it
-            both = {**{s: r for s, r in self._refusing.items() if keep(s)}, **new}
-            self._refusing = {s: r for s, r in both.items() if s in held}
-            self.metrics.refusing.set(len(self._refusing))
-
     def _undeliverable(self, msg: OutMessage, _why: str) -> None:
         self.metrics.undeliverable.labels(msg.topic).inc()
-
-    def _threshold_metric(self, stream: str, state: ThresholdState | None) -> None:
-        """Keeps ``tsmon_threshold`` equal to the calibrator's state, whatever changed it."""
-        if state is None:
-            self.metrics.forget_threshold(stream)
-            return
-        self.metrics.set_threshold(stream, state.value, state.source)
-        for listener in self.threshold_listeners:
-            listener(stream, state)
-
-    def _health(self) -> tuple[bool, str]:
-        age = time.monotonic() - self._beat
-        limit = self.cfg.http.stall_s  # the changelog is opened in a thread of its own: the loop turns meanwhile
-        ok = age < limit
-        return ok, f"loop turned {age:.1f} s ago" + ("" if ok else f" (limit {limit:g} s)")
-
-    def _streams_view(self) -> list[dict[str, Any]]:
-        """``/streams`` (an HTTP thread): rows the loop built within ``ROWS_FRESH_S``, else the ones it builds at
-        its next turn — not its next commit interval: with commit_interval_ms at 10 s ``tsmon status`` timed out
-        (a hung loop: the last ones, after ``ROWS_WAIT_S``)."""
-        self._rows_wanted = now = time.monotonic()
-        if now - self._rows_at > ROWS_FRESH_S:
-            self._rows_built.clear()
-            self._rows_asked = True
-            self._rows_built.wait(ROWS_WAIT_S)
-        return self._rows
-
-    def _build_rows(self) -> None:
-        rows, refusing = self.processor.status_rows(self._lags), self._refusing
-        for row in rows:  # the per-stream warnings are throttled: here every refused stream is named
-            row["raise_refused"] = refusing.get(row["stream"])
-        self._rows, self._rows_at, self._rows_asked = rows, time.monotonic(), False
-        self._rows_built.set()
-
-    def _refresh_views(self) -> None:
-        """The loop's state for the HTTP threads: replaced, never mutated."""
-        assigned = self.source.assignment()
-        lags = self.source.lags() if hasattr(self.source, "lags") else {}
-        for topic, partition in self._lag_labels - set(lags):  # revoked: no stale lag to alert on
-            self.metrics.lag.remove(topic, str(partition))
-        for (topic, partition), lag in lags.items():
-            self.metrics.lag.labels(topic, str(partition)).set(lag)
-        self._lag_labels, self._lags = set(lags), lags
-        held = self.processor.uncommitted(assigned)
-        self._note_refusals(lambda _s: True, {})  # revoked or evicted since the last recalibration: dropped
-        for topic, partition in self._held_labels - set(held):
-            self.metrics.uncommitted.remove(topic, str(partition))
-        for (topic, partition), n in held.items():
-            self.metrics.uncommitted.labels(topic, str(partition)).set(n)
-        self._held_labels = set(held)
-        now = time.monotonic()
-        if self.http is not None and now - self._rows_wanted < ROWS_WANTED_S:  # one row per stream (64–107 ms at
-            # 10 000 streams: built every commit interval, it took 6–11 % of the loop): only while someone reads them
-            self._build_rows()
-        if self.restoring:  # _restore_step says how far it is
-            return
-        if self._unassigned:  # revoked, the assignment not come yet (kafka-python still lists the partitions)
-            self._ready = (False, REBALANCING)
-        elif self._problem or self.input_reader.problem:
-            self._ready = (False, self._problem or self.input_reader.problem or "")
-        else:
-            self._ready = (True, f"{len(assigned)} partition(s) assigned") if assigned else (False, "no partition assigned")
 
     def caught_up(self, samples: int) -> bool:
         """Has it taken ``samples`` samples and scored every window they made? (demo, benchmark, tests)"""
@@ -546,134 +366,6 @@ class Daemon:
             finally:
                 heap.thaw()
         return self.metrics.snapshot()
-
-    def _resume(self, tps: set[TP]) -> None:
-        """Resume ``tps`` but those still held for another reason: a failing sink or broker (``_paused``), the
-        restore, a failed fetch's retry. Each hold is lifted by its own path, which calls this."""
-        self.source.resume(tps - self._paused - self.restorer.waits - self.input_reader.waits)
-
-    def _handle(self, records: list[InRecord]) -> None:
-        """Records that arrive after a stop signal are left to the next owner (never committed): the shutdown
-        budget is for what was taken before it. So are records of a partition no longer assigned. Records
-        waiting in ``_backlog`` go first."""
-        records, self._backlog = self._backlog + records, []
-        if records and self.stop_event.is_set():
-            log.info("records_left_for_replay", records=len(records))
-            return
-        if records and (stale := {r.tp for r in records} - self.source.assignment()):
-            # taken before a revoke that came in the same poll (librdkafka can hand one over): its stream is
-            # gone and its document not read back yet; the partition's next owner reads it from the commit
-            log.info("records_of_revoked_partitions_left", partitions=sorted(f"{t}-{p}" for t, p in stale))
-            records = [r for r in records if r.tp not in stale]
-        self._hand_over(records)
-
-    def _hand_over(self, records: list[InRecord]) -> None:
-        """Hand records to the processor a slice at a time, each slice as many bytes as the windows per byte learnt
-        so far says fit ``batch.max_pending``; the rest wait in ``_backlog`` for the scorer (read, not consumed: a
-        commit never passes them). A poll is sized by records, and messages can change size by 1 000×: after
-        single-sample messages one poll took 500 chunks of 2 000 samples at once (~100 000 windows)."""
-        limit, i, sizes = self.cfg.batch.pending_limit, 0, [len(r.value or b"") for r in records]
-        while i < len(records):
-            room = limit - self.processor.pending
-            if i and room <= 0:
-                self._backlog = records[i:]
-                return
-            k, per_byte = 1, self.processor.windows_per_byte  # nothing learnt yet: one record tells
-            if per_byte is not None:
-                budget, size = max(room, 1) / max(per_byte, 1e-9), sizes[i]
-                while i + k < len(records) and size + sizes[i + k] <= budget:
-                    size += sizes[i + k]
-                    k += 1
-            self.processor.handle(records[i : i + k])
-            i += k
-
-    def _commit(self) -> None:
-        """Commit; while the broker or the sink fails, pause the input and retry with backoff.
-
-        Nothing is buffered without bound and nothing is dropped: what was scored waits in the sink (or is
-        replayed from the last commit if we die), and no new input is fetched until a commit succeeds.
-        """
-        now = time.monotonic()
-        if not self._retry.due(now) and not (self._broker_absent and self.source.broker_problem() is None):
-            return  # waiting out the backoff — unless the broker whose absence paused the input is back: then at
-            # once (after a 45 s freeze /readyz said "no group heartbeat for 43 s" for 10 s more, input paused)
-        try:
-            self._commit_now()
-        except SinkBackpressure as exc:
-            self._failing("sink", f"sink back-pressure: {exc}")
-            return
-        except BrokerError as exc:  # unreachable, or the commit itself failed (a broker that stopped answering)
-            self.metrics.broker_up.set(0)  # unreachable or not answering, until a commit goes through
-            self._failing("broker", f"broker unavailable: {exc}")
-            return
-        paused, self._paused = self._paused, set()
-        if paused and not self._holding:
-            self._resume(paused)
-            self._input_since = time.monotonic()
-        if self._problem is not None:
-            log.info("input_resumed", partitions=len(paused), after_s=round(now - (self._retry.since or now), 1),
-                     retries=self._retry.failures)
-            self.metrics.paused.set(0)
-        self._problem = None
-        self._retry.succeeded()
-
-    def _commit_now(self) -> None:
-        """Flush and commit, unless the broker is unreachable: a commit then would only block until it timed out."""
-        problem = self.source.broker_problem()
-        self._broker_absent = problem is not None
-        if problem is not None:  # tsmon_broker_up goes 0 where every failure of this lands (:meth:`_commit`)
-            raise BrokerError(problem)
-        self.processor.commit(self.source)
-        self.metrics.broker_up.set(1)  # only once a commit went through: a scrape during a retry reads 0
-
-    def _poll_room(self) -> int:
-        """Records the next poll may take: as many as keep the waiting windows within ``batch.max_pending``
-        (a record of 140 samples at hop 1 makes 140 windows), at most ``kafka.max_poll_records``; 0 when not
-        even one fits (the loop then waits for the scorer instead of polling: nothing is paused, so the client
-        keeps what it fetched), except that with nothing waiting one record is taken however many windows it
-        makes. One while nothing is known about the records' size. A pause (``_hold_input``) is left for
-        records that make more windows than learnt."""
-        room = self.cfg.batch.pending_limit - self.processor.pending
-        per = self.processor.windows_per_record
-        if per is None:
-            return 1 if room > 0 else 0
-        k = int(min(self.cfg.kafka.max_poll_records, max(room, 0) / max(per, 1e-3)))
-        # none fits: wait for the scorer; but with nothing waiting at all, take one however large it is
-        return k if k >= 1 else (1 if self.processor.pending == 0 else 0)
-
-    def _hold_input(self) -> None:
-        """Back-pressure: pause every assigned partition while more than ``batch.max_pending`` windows wait to
-        be scored; resume them (unless paused for a failure) once fewer than half do. Polling goes on, so
-        commits, commands and health keep turning while the scorer catches up. Partitions assigned while
-        holding are paused on arrival (``_on_assign``); a kept partition keeps its pause across a rebalance."""
-        pending, limit = self.processor.pending, self.cfg.batch.pending_limit
-        if not self._holding and pending > limit:
-            self._holding = True
-            self.source.pause(self.source.assignment() - self._paused)
-            self.metrics.backpressure.set(1)
-            self.metrics.backpressure_pauses.inc()
-            log.debug("input_held", pending_windows=pending, limit=limit)
-        elif self._holding and pending <= limit // 2:
-            self._holding = False
-            self._resume(self.source.assignment())
-            self._input_since = time.monotonic()
-            self.metrics.backpressure.set(0)
-            log.debug("input_released", pending_windows=pending)
-
-    def _pause(self, tps: set[TP]) -> None:
-        if tps:
-            self.source.pause(tps)
-            self._paused |= tps
-
-    def _failing(self, cause: str, problem: str) -> None:
-        self._pause(self.source.assignment() - self._paused)
-        first = self._problem is None
-        self._problem = problem
-        self.metrics.paused.set(1)
-        self.metrics.retries.labels(cause).inc()
-        delay = self._retry.failed(time.monotonic())  # from the end of the attempt, which can take seconds
-        (log.warning if first else log.info)("input_paused" if first else "commit_retry_failed", cause=cause,
-                                             error=problem, partitions=len(self._paused), retry_in_s=round(delay, 2))
 
     def _shutdown(self) -> None:
         """Score, publish, snapshot, commit and close, all within ``shutdown_timeout_s``: every commit asked

@@ -1,0 +1,78 @@
+"""What the daemon's loop shows the HTTP threads: ``/healthz``'s loop stamp, ``/readyz``'s state and reason,
+``/streams`` rows (built only while someone reads them), and the lag and uncommitted-records gauges.
+
+The loop replaces these views, never mutates them; a ``/streams`` request asks the loop for fresh rows and waits
+for its next turn (:data:`ROWS_WAIT_S` at most: a hung loop gives the last ones).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from monitor import logs
+from monitor.daemon_state import DaemonState
+
+log = logs.get("tsmon.daemon")
+
+ROWS_WANTED_S = 60.0  # the /streams rows are built at each commit interval while asked for within this long
+ROWS_FRESH_S = 2.0  # older rows are built again for a request, at the loop's next turn ...
+ROWS_WAIT_S = 3.0  # ... which it waits for this long at most (a hung loop: the last rows); tsmon status waits 5 s
+REBALANCING = "rebalancing: partitions revoked, waiting for the assignment"
+
+
+class Views(DaemonState):
+    """See the module docstring."""
+
+    def _health(self) -> tuple[bool, str]:
+        age = time.monotonic() - self._beat
+        limit = self.cfg.http.stall_s  # the changelog is opened in a thread of its own: the loop turns meanwhile
+        ok = age < limit
+        return ok, f"loop turned {age:.1f} s ago" + ("" if ok else f" (limit {limit:g} s)")
+
+    def _streams_view(self) -> list[dict[str, Any]]:
+        """``/streams`` (an HTTP thread): rows the loop built within ``ROWS_FRESH_S``, else the ones it builds at
+        its next turn — not its next commit interval: with commit_interval_ms at 10 s ``tsmon status`` timed out
+        (a hung loop: the last ones, after ``ROWS_WAIT_S``)."""
+        self._rows_wanted = now = time.monotonic()
+        if now - self._rows_at > ROWS_FRESH_S:
+            self._rows_built.clear()
+            self._rows_asked = True
+            self._rows_built.wait(ROWS_WAIT_S)
+        return self._rows
+
+    def _build_rows(self) -> None:
+        rows, refusing = self.processor.status_rows(self._lags), self._refusing
+        for row in rows:  # the per-stream warnings are throttled: here every refused stream is named
+            row["raise_refused"] = refusing.get(row["stream"])
+        self._rows, self._rows_at, self._rows_asked = rows, time.monotonic(), False
+        self._rows_built.set()
+
+    def _refresh_views(self) -> None:
+        """The loop's state for the HTTP threads: replaced, never mutated."""
+        assigned = self.source.assignment()
+        lags = self.source.lags() if hasattr(self.source, "lags") else {}
+        for topic, partition in self._lag_labels - set(lags):  # revoked: no stale lag to alert on
+            self.metrics.lag.remove(topic, str(partition))
+        for (topic, partition), lag in lags.items():
+            self.metrics.lag.labels(topic, str(partition)).set(lag)
+        self._lag_labels, self._lags = set(lags), lags
+        held = self.processor.uncommitted(assigned)
+        self._note_refusals(lambda _s: True, {})  # revoked or evicted since the last recalibration: dropped
+        for topic, partition in self._held_labels - set(held):
+            self.metrics.uncommitted.remove(topic, str(partition))
+        for (topic, partition), n in held.items():
+            self.metrics.uncommitted.labels(topic, str(partition)).set(n)
+        self._held_labels = set(held)
+        now = time.monotonic()
+        if self.http is not None and now - self._rows_wanted < ROWS_WANTED_S:  # one row per stream (64–107 ms at
+            # 10 000 streams: built every commit interval, it took 6–11 % of the loop): only while someone reads them
+            self._build_rows()
+        if self.restoring:  # _restore_step says how far it is
+            return
+        if self._unassigned:  # revoked, the assignment not come yet (kafka-python still lists the partitions)
+            self._ready = (False, REBALANCING)
+        elif self._problem or self.input_reader.problem:
+            self._ready = (False, self._problem or self.input_reader.problem or "")
+        else:
+            self._ready = (True, f"{len(assigned)} partition(s) assigned") if assigned else (False, "no partition assigned")
