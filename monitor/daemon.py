@@ -1,6 +1,6 @@
 """The daemon: wires config → source, processor, sink, calibrator, control, state and HTTP; runs the loop.
 
-A thin wiring layer. The loop is single-threaded (kafka-python's consumer is not thread-safe): poll →
+Wiring and the loop. The loop is single-threaded (kafka-python's consumer is not thread-safe): poll →
 handle → score due batches → operator commands every ``control.poll_interval_ms`` → snapshots when due
 → commit every ``commit_interval_ms``. The calibrator runs on an apscheduler thread behind its own lock;
 the snapshot job only raises a flag for the loop. The HTTP server reads immutable views the loop
@@ -13,8 +13,8 @@ all within ``shutdown_timeout_s``; a second signal exits at once.
 
 This module holds the wiring, the loop, the signals and the shutdown; :class:`Daemon`'s other parts are mixins
 over :class:`monitor.daemon_state.DaemonState`: :mod:`monitor.intake` (how much input is taken, pauses, commits
-with backoff), :mod:`monitor.rebalance` (assignments, the changelog restore), :mod:`monitor.recalibration` and
-:mod:`monitor.views` (what the HTTP threads read).
+with backoff), :mod:`monitor.rebalance` (assignments, the changelog restore), :mod:`monitor.recalibration`
+(scheduled runs, refused raises, the threshold gauge) and :mod:`monitor.views` (what the HTTP threads read).
 """
 
 from __future__ import annotations
@@ -229,6 +229,15 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         h = cfg.http
         self.http = HealthServer(h.host, h.port, self.metrics.registry, self._health, lambda: self._ready,
                                  self._streams_view) if h.enabled else None
+
+    def _inputs(self) -> dict[str, list[int]]:
+        """The input partitions this instance holds, by topic; a configured topic it holds none of is listed
+        empty (tsmon ctl then still expects that topic's partitions to be answered for by someone)."""
+        held: dict[str, list[int]] = {t: [] for t in self.cfg.kafka.topics} if not self.cfg.kafka.topic_pattern else {}
+        for topic, partition in sorted(self.source.assignment()):
+            held.setdefault(topic, []).append(partition)
+        return held
+
 
     def _warm_up(self, backend: Backend, batcher: Batcher) -> None:
         """Score each batch size once per model before consuming; the timings seed the batcher's cost model.

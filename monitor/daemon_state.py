@@ -1,9 +1,10 @@
 """The attributes the daemon's parts share, declared in one place (:class:`monitor.daemon.Daemon` sets them).
 
-The daemon is one object written in five modules: :mod:`monitor.daemon` (wiring, the loop, signals, shutdown),
-:mod:`monitor.intake` (how much input is taken, pauses, commits with backoff), :mod:`monitor.rebalance`
-(assignments and the changelog restore), :mod:`monitor.recalibration` (scheduled recalibration, refused raises)
-and :mod:`monitor.views` (what the HTTP threads read). Each part is a mixin over :class:`DaemonState`.
+The daemon is one object written in five modules besides this one: :mod:`monitor.daemon` (wiring, the loop,
+signals, shutdown), :mod:`monitor.intake` (how much input is taken, pauses, commits with backoff),
+:mod:`monitor.rebalance` (assignments and the changelog restore), :mod:`monitor.recalibration` (scheduled
+recalibration, refused raises) and :mod:`monitor.views` (what the HTTP threads read). Each part but the first is a
+mixin over :class:`DaemonState`.
 """
 
 from __future__ import annotations
@@ -12,16 +13,19 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from monitor.calibrator import Calibrator, ThresholdState
-from monitor.config import Config
-from monitor.controller import Controller
-from monitor.health import HealthServer
-from monitor.metrics import Metrics
-from monitor.processor import Processor
-from monitor.reading import Backoff, InputReader
-from monitor.restoring import Restore
-from monitor.sink import Sink
-from monitor.source import TP, InRecord, Source
+if TYPE_CHECKING:  # annotations only: importing the parts at run time is the daemon's job
+    from monitor.calibrator import Calibrator, ThresholdState
+    from monitor.config import Config
+    from monitor.controller import Controller
+    from monitor.health import HealthServer
+    from monitor.metrics import Metrics
+    from monitor.processor import Processor
+    from monitor.reading import Backoff, InputReader
+    from monitor.restoring import Restore
+    from monitor.sink import Sink
+    from monitor.source import TP, InRecord, Source
+
+REBALANCING = "rebalancing: partitions revoked, waiting for the assignment"  # /readyz, between revoke and assign
 
 
 class DaemonState:

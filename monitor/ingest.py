@@ -2,9 +2,11 @@
 
 Owns the first rule of the at-least-once contract (:mod:`monitor.processor`): every record ends in exactly one
 place — its samples in a stream's windows (held in the ledger until no window needs them), or the dead-letter topic
-with the reason — and never raises out of :meth:`Ingest.handle`. Also the order rules: samples at or before a
-stream's last one (duplicates, late and overlapping chunks), timestamps too early or in the future, and a clock
-set back (the stream restarts at its new time).
+with the reason — and raises out of :meth:`Ingest.handle` only when scoring failed (a clock step scores what
+waits first; :attr:`ProcessorState.failed`). Also the order rules: samples at or before a stream's last one
+(duplicates, late and overlapping chunks), timestamps too early or in the future, and a clock set back (the stream
+restarts at its new time); and how many windows a record, and a byte of one, makes (the daemon sizes its polls
+and hand-overs by them).
 """
 
 from __future__ import annotations

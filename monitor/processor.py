@@ -16,7 +16,8 @@ Owns per-stream state and the order of the at-least-once contract inside one con
 :class:`Processor` is written in parts, one module each, over the state they share
 (:mod:`monitor.procstate`): rule 1 in :mod:`monitor.ingest`, the scoring backend's batches in
 :mod:`monitor.inflight`, rule 3 and rebalances in :mod:`monitor.committing`, which streams are held in memory
-in :mod:`monitor.residency`. This module applies the results: alert transitions, pages, state documents.
+in :mod:`monitor.residency`. This module applies the results: alert transitions, pages, state documents,
+stream resets, and the ``/streams`` rows.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The processor is one object written in five modules, one per part of its work: :mod:`monitor.ingest` (records →
 windows), :mod:`monitor.inflight` (batches on the scoring backend, results taken in order), :mod:`monitor.processor`
-(results → alerts and state documents), :mod:`monitor.residency` (which streams are held in memory) and
+(results → alerts, state documents, ``/streams`` rows), :mod:`monitor.residency` (which streams are held in memory) and
 :mod:`monitor.committing` (the commit order and rebalances). Each is a mixin over :class:`ProcessorState`, which
 owns the state they share, the settings, and the side outputs every part sends: dead letters and data-quality
 events.

@@ -10,9 +10,8 @@ from __future__ import annotations
 import time
 
 from monitor import logs
-from monitor.daemon_state import DaemonState
+from monitor.daemon_state import REBALANCING, DaemonState
 from monitor.source import TP
-from monitor.views import REBALANCING
 
 log = logs.get("tsmon.daemon")
 
@@ -76,14 +75,6 @@ class Rebalance(DaemonState):
             return
         self.restorer.ask()
         self._ready = (False, "restoring state")
-
-    def _inputs(self) -> dict[str, list[int]]:
-        """The input partitions this instance holds, by topic; a configured topic it holds none of is listed
-        empty (tsmon ctl then still expects that topic's partitions to be answered for by someone)."""
-        held: dict[str, list[int]] = {t: [] for t in self.cfg.kafka.topics} if not self.cfg.kafka.topic_pattern else {}
-        for topic, partition in sorted(self.source.assignment()):
-            held.setdefault(topic, []).append(partition)
-        return held
 
     @property
     def restoring(self) -> bool:

@@ -1,9 +1,9 @@
 """Which streams are held in memory: a stream starts (from its document or its model), is evicted when idle,
 woken for a command or a page it owes, adopted after a restore, and its document is forgotten when unseen.
 
-Documents of streams not held (:attr:`ProcessorState.restored`) are bounded: by ``max_streams`` without a
-changelog, by ``forget_after_s`` and ``max_documents`` with one — never one that holds commitments (a pin, a
-silence, an open alert).
+Documents of streams not held (:attr:`ProcessorState.restored`) are bounded by ``forget_after_s`` and
+``max_documents``, never dropping one that holds commitments (a pin, a silence, an open alert) — and without a
+changelog, where they are all the state there is, also by ``max_streams``, oldest first.
 """
 
 from __future__ import annotations

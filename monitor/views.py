@@ -11,14 +11,13 @@ import time
 from typing import Any
 
 from monitor import logs
-from monitor.daemon_state import DaemonState
+from monitor.daemon_state import REBALANCING, DaemonState
 
 log = logs.get("tsmon.daemon")
 
 ROWS_WANTED_S = 60.0  # the /streams rows are built at each commit interval while asked for within this long
 ROWS_FRESH_S = 2.0  # older rows are built again for a request, at the loop's next turn ...
 ROWS_WAIT_S = 3.0  # ... which it waits for this long at most (a hung loop: the last rows); tsmon status waits 5 s
-REBALANCING = "rebalancing: partitions revoked, waiting for the assignment"
 
 
 class Views(DaemonState):

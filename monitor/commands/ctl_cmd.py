@@ -25,6 +25,8 @@ Exact = Annotated[bool, typer.Option("--exact", help="--stream is one stream's i
                                                      "with * ? or [ in it).")]
 All = Annotated[bool, typer.Option("--all", help="Every stream (for freeze/unfreeze: daemon-wide).")]
 Config = Annotated[Path | None, typer.Option("--config", help="TOML configuration (kafka, control.key).")]
+Bootstrap = Annotated[str | None, typer.Option("--bootstrap", "--bootstrap-servers",
+                                               help="host:port of a broker (default: kafka.bootstrap_servers).")]
 Operator = Annotated[str | None, typer.Option(help="Who is acting (default: the login name).")]
 Reason = Annotated[str, typer.Option(help="Why; goes to the audit topic.")]
 Timeout = Annotated[float, typer.Option(help="Seconds to wait for acknowledgements.")]
@@ -58,12 +60,12 @@ def _target(stream: str | None, all_: bool | None = None, required: bool = True,
     return exact_target(str(stream)) if exact else str(stream)
 
 
-def _run(command: str, target: str, params: dict[str, Any], config: Path | None, operator: str | None,
-         reason: str, timeout: float, as_json: bool) -> None:
+def _run(command: str, target: str, params: dict[str, Any], config: Path | None, bootstrap: str | None,
+         operator: str | None, reason: str, timeout: float, as_json: bool) -> None:
     _check(params)
     if not 1.0 <= timeout < math.inf:  # below a second not even a healthy broker answers: it read as its failure
         raise typer.BadParameter(f"must be at least 1 second, got {timeout:g}", param_hint="--timeout")
-    cfg = load_config(config)
+    cfg = load_config(config, {"kafka.bootstrap_servers": [bootstrap]} if bootstrap else None)
     answers = ctl.send(cfg, command, target, params, operator or _login(), reason, timeout)
     if as_json:
         emit_json(answers.acks)
@@ -124,99 +126,106 @@ def _fmt(view: dict[str, Any] | None) -> str:
 
 @app.command()
 def recalibrate(stream: Stream = None, all_: All = False, quantile: Quantile = None, config: Config = None,
-                operator: Operator = None, reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False,
-                exact: Exact = False) -> None:
+                bootstrap: Bootstrap = None, operator: Operator = None, reason: Reason = "", timeout: Timeout = 10.0,
+                as_json: Json = False, exact: Exact = False) -> None:
     """Recalibrate now from the recent normal errors (the drift guard may refuse a raise, and says why)."""
     params = {} if quantile is None else {"quantile": quantile}
-    _run("recalibrate", _target(stream, all_, exact=exact), params, config, operator, reason, timeout, as_json)
-
-
-@app.command()
-def pin(threshold: Annotated[float, typer.Option(help="The threshold to hold.")], stream: Stream = None,
-        config: Config = None, operator: Operator = None, reason: Reason = "", timeout: Timeout = 10.0,
-        as_json: Json = False, exact: Exact = False) -> None:
-    """Hold a stream's threshold at a value; calibration leaves it alone until unpin."""
-    _run("pin", _target(stream, exact=exact), {"threshold": threshold}, config, operator, reason, timeout, as_json)
-
-
-@app.command()
-def unpin(stream: Stream = None, config: Config = None, operator: Operator = None, reason: Reason = "",
-          timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
-    """Back to the value before the pin; calibration resumes."""
-    _run("unpin", _target(stream, exact=exact), {}, config, operator, reason, timeout, as_json)
-
-
-@app.command()
-def freeze(stream: Stream = None, all_: All = False, config: Config = None, operator: Operator = None,
-           reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
-    """Stop calibration for a stream, or for all (--all)."""
-    _run("freeze", _target(stream, all_, exact=exact), {}, config, operator, reason, timeout, as_json)
-
-
-@app.command()
-def unfreeze(stream: Stream = None, all_: All = False, config: Config = None, operator: Operator = None,
-             reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
-    """Resume calibration."""
-    _run("unfreeze", _target(stream, all_, exact=exact), {}, config, operator, reason, timeout, as_json)
-
-
-@app.command()
-def silence(for_: Annotated[str, typer.Option("--for", help="How long: 90s, 30m, 2h, 1d.")],
-            stream: Stream = None, config: Config = None, operator: Operator = None, reason: Reason = "",
-            timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
-    """Record the stream's alerts as silenced instead of publishing them as firing, for a while."""
-    _run("silence", _target(stream, exact=exact), {"for_s": ctl.duration_s(for_)}, config, operator, reason, timeout,
+    _run("recalibrate", _target(stream, all_, exact=exact), params, config, bootstrap, operator, reason, timeout,
          as_json)
 
 
 @app.command()
-def unsilence(stream: Stream = None, config: Config = None, operator: Operator = None, reason: Reason = "",
-              timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
+def pin(threshold: Annotated[float, typer.Option(help="The threshold to hold.")], stream: Stream = None,
+        config: Config = None, bootstrap: Bootstrap = None, operator: Operator = None, reason: Reason = "",
+        timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
+    """Hold a stream's threshold at a value; calibration leaves it alone until unpin."""
+    _run("pin", _target(stream, exact=exact), {"threshold": threshold}, config, bootstrap, operator, reason, timeout,
+         as_json)
+
+
+@app.command()
+def unpin(stream: Stream = None, config: Config = None, bootstrap: Bootstrap = None, operator: Operator = None,
+          reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
+    """Back to the value before the pin; calibration resumes."""
+    _run("unpin", _target(stream, exact=exact), {}, config, bootstrap, operator, reason, timeout, as_json)
+
+
+@app.command()
+def freeze(stream: Stream = None, all_: All = False, config: Config = None, bootstrap: Bootstrap = None,
+           operator: Operator = None, reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False,
+           exact: Exact = False) -> None:
+    """Stop calibration for a stream, or for all (--all)."""
+    _run("freeze", _target(stream, all_, exact=exact), {}, config, bootstrap, operator, reason, timeout, as_json)
+
+
+@app.command()
+def unfreeze(stream: Stream = None, all_: All = False, config: Config = None, bootstrap: Bootstrap = None,
+             operator: Operator = None, reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False,
+             exact: Exact = False) -> None:
+    """Resume calibration."""
+    _run("unfreeze", _target(stream, all_, exact=exact), {}, config, bootstrap, operator, reason, timeout, as_json)
+
+
+@app.command()
+def silence(for_: Annotated[str, typer.Option("--for", help="How long: 90s, 30m, 2h, 1d.")], stream: Stream = None,
+            config: Config = None, bootstrap: Bootstrap = None, operator: Operator = None, reason: Reason = "",
+            timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
+    """Record the stream's alerts as silenced instead of publishing them as firing, for a while."""
+    _run("silence", _target(stream, exact=exact), {"for_s": ctl.duration_s(for_)}, config, bootstrap, operator, reason,
+         timeout, as_json)
+
+
+@app.command()
+def unsilence(stream: Stream = None, config: Config = None, bootstrap: Bootstrap = None, operator: Operator = None,
+              reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
     """End a silence now (an alert still open is then published as firing)."""
-    _run("unsilence", _target(stream, exact=exact), {}, config, operator, reason, timeout, as_json)
+    _run("unsilence", _target(stream, exact=exact), {}, config, bootstrap, operator, reason, timeout, as_json)
 
 
 @app.command("reset-stream")
-def reset_stream(stream: Stream = None, config: Config = None, operator: Operator = None, reason: Reason = "",
-                 timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
+def reset_stream(stream: Stream = None, config: Config = None, bootstrap: Bootstrap = None, operator: Operator = None,
+                 reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
     """Forget the stream's windows, alert state and calibration (an open alert is resolved)."""
-    _run("reset-stream", _target(stream, exact=exact), {}, config, operator, reason, timeout, as_json)
+    _run("reset-stream", _target(stream, exact=exact), {}, config, bootstrap, operator, reason, timeout, as_json)
 
 
 @app.command()
 def feedback(alert: Annotated[str, typer.Option("--alert", help="The alert_id.")],
              false_positive: Annotated[bool, typer.Option("--false-positive", help="It was normal.")] = False,
              confirmed: Annotated[bool, typer.Option("--confirmed", help="It was a real anomaly.")] = False,
-             config: Config = None, operator: Operator = None, reason: Reason = "", timeout: Timeout = 10.0,
-             as_json: Json = False) -> None:
+             config: Config = None, bootstrap: Bootstrap = None, operator: Operator = None, reason: Reason = "",
+             timeout: Timeout = 10.0, as_json: Json = False) -> None:
     """On-call verdict on an alert: false positives widen the stream's calibration evidence."""
     if false_positive == confirmed:
         raise ConfigError("give exactly one of --false-positive or --confirmed")
     verdict = "false_positive" if false_positive else "confirmed"
-    _run("feedback", "*", {"alert_id": alert, "verdict": verdict}, config, operator, reason, timeout, as_json)
+    _run("feedback", "*", {"alert_id": alert, "verdict": verdict}, config, bootstrap, operator, reason, timeout,
+         as_json)
 
 
 @app.command()
-def history(stream: Stream = None, config: Config = None, operator: Operator = None, reason: Reason = "",
-            timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
+def history(stream: Stream = None, config: Config = None, bootstrap: Bootstrap = None, operator: Operator = None,
+            reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
     """Every threshold version of the stream, with its source and reason."""
-    _run("history", _target(stream, exact=exact), {}, config, operator, reason, timeout, as_json)
+    _run("history", _target(stream, exact=exact), {}, config, bootstrap, operator, reason, timeout, as_json)
 
 
 @app.command()
 def rollback(to: Annotated[int, typer.Option("--to", help="Version number (see history).")], stream: Stream = None,
-             config: Config = None, operator: Operator = None, reason: Reason = "", timeout: Timeout = 10.0,
-             as_json: Json = False, exact: Exact = False) -> None:
+             config: Config = None, bootstrap: Bootstrap = None, operator: Operator = None, reason: Reason = "",
+             timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
     """Set the threshold of a former version again (as a new version)."""
-    _run("rollback", _target(stream, exact=exact), {"version": to}, config, operator, reason, timeout, as_json)
+    _run("rollback", _target(stream, exact=exact), {"version": to}, config, bootstrap, operator, reason, timeout,
+         as_json)
 
 
 @app.command()
-def shadow(stream: Stream = None, quantile: Quantile = None, config: Config = None, operator: Operator = None,
-           reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
+def shadow(stream: Stream = None, quantile: Quantile = None, config: Config = None, bootstrap: Bootstrap = None,
+           operator: Operator = None, reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False,
+           exact: Exact = False) -> None:
     """Dry run: what a threshold at this quantile would have alerted over the recent windows."""
     params = {} if quantile is None else {"quantile": quantile}
-    _run("shadow", _target(stream, exact=exact), params, config, operator, reason, timeout, as_json)
+    _run("shadow", _target(stream, exact=exact), params, config, bootstrap, operator, reason, timeout, as_json)
 
 
 def register(root: typer.Typer) -> None:

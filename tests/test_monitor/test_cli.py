@@ -499,6 +499,24 @@ def test_more_bad_input_gives_one_line(dense_artifact: Path, tmp_path: Path, cap
     assert code == 1 and "validation_error_quantiles must be an object" in err
 
 
+def test_ctl_takes_its_broker_from_the_option_before_the_environment(capsys: pytest.CaptureFixture[str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tsmon ctl` had no broker option: only --config or TSMON_KAFKA__BOOTSTRAP_SERVERS told it where to send."""
+    import socket
+
+    ports = []
+    for _ in range(2):  # two ports nothing listens on: each refuses at once
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    monkeypatch.setenv("TSMON_CONTROL__KEY", "k" * 32)
+    monkeypatch.setenv("TSMON_KAFKA__BOOTSTRAP_SERVERS", f"127.0.0.1:{ports[0]}")
+    code, _, err = run(capsys, "ctl", "history", "--stream", "s", "--timeout", "1",
+                       "--bootstrap-servers", f"127.0.0.1:{ports[1]}")
+    assert code == 1 and "BrokerError" in err and f"127.0.0.1:{ports[1]}" in err, err
+    assert f"127.0.0.1:{ports[0]}" not in err
+
+
 def test_ctl_against_a_hung_broker_answers_at_its_timeout(tmp_path: Path) -> None:
     """A broker that takes connections and never answers (SIGSTOP, a black-holed host): `tsmon ctl --timeout 2`
     said nothing for 32 s — kafka-python's 30 s bootstrap wait, whatever the command's own limit."""
@@ -791,6 +809,6 @@ def test_every_command_that_reaches_a_broker_takes_both_spellings_of_its_address
         opts = [set(p.opts) for p in command.params if any("bootstrap" in o for o in p.opts)]
         if opts:
             named[name] = opts
-    assert {"run", "replay", "tail", "inspect", "replay-eval"} <= set(named)
+    assert {"run", "replay", "tail", "inspect", "replay-eval", "ctl pin", "ctl feedback"} <= set(named)
     for name, opts in named.items():  # any command naming a broker, a future one too
         assert opts == [{"--bootstrap", "--bootstrap-servers"}], (name, opts)

@@ -1147,8 +1147,8 @@ def test_the_signal_handler_takes_no_logging_lock(stream_model: Path, monkeypatc
             def __getattr__(self, name: str) -> Any:
                 raise AssertionError(f"log.{name} called inside the signal handler")
 
-        real = daemon_module.log
-        monkeypatch.setattr(daemon_module, "log", NoLog())
+        real = daemon_module.log  # the handler is in monitor/daemon.py (the daemon's mixins log through loggers
+        monkeypatch.setattr(daemon_module, "log", NoLog())  # of their own modules: it must call none of them)
         handler(signal.SIGTERM, None)  # type: ignore[operator]
         monkeypatch.setattr(daemon_module, "log", real)
         assert d.stop_event.is_set()
