@@ -624,7 +624,8 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
     except ValidationError as exc:
         problems += _problems(exc)
     if problems:
-        sources = ([str(path)] if path is not None else []) + (["environment"] if env_layer else [])
+        sources = (([str(path)] if path is not None else []) + (["environment"] if env_layer else [])
+                   + (["command-line options"] if overrides else []))
         where = f" ({' + '.join(sources)})" if sources else ""
         raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(problems)) from None
     return cfg

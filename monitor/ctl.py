@@ -59,7 +59,7 @@ def send(cfg: Config, command: str, target: str, params: dict[str, Any], operato
     if c.key is None:
         raise ConfigError("control.key is not set: give the daemons' key in TSMON_CONTROL__KEY or [control] key")
     doc = new_command(command, target, params, operator, reason, c.key.get_secret_value())
-    wait_for_brokers(cfg.kafka, timeout_s)  # a wrong address or TLS setting named, within --timeout
+    wait_for_brokers(cfg.kafka, timeout_s, "give --bootstrap-servers or --config")  # named, within --timeout
     client = within(cfg.kafka.client_kwargs(), timeout_s)  # a hung broker: said at --timeout, not after 32 s
     topics = Topics(client)
     # positioned before sending: the acknowledgement cannot come earlier than this

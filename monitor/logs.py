@@ -79,6 +79,11 @@ def configure(level: str | None = None, fmt: str | None = None) -> None:
     )
 
 
+# kafka-python errors that are routine: a metadata refresh in flight when its client closes (the restore's reader
+# closes at every assignment) is cancelled, and kafka-python logs that as an error
+_ROUTINE = re.compile(r"Metadata refresh: failed Cancelled$")
+
+
 class _KafkaPython(logging.Handler):
     """kafka-python's warnings and errors as ``kafka_client_log`` lines (errors as warnings, warnings as info; its
     own level in ``client_level``), at most 3 in 5 minutes for each message text (digits and ``<…>`` object names
@@ -112,7 +117,8 @@ class _KafkaPython(logging.Handler):
         if record.exc_info and record.exc_info[1] is not None:  # log.exception: the error, not the whole traceback
             fields["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"[:500]
         log = get("tsmon.kafka")
-        (log.warning if record.levelno >= logging.ERROR else log.info)("kafka_client_log", **fields)
+        error = record.levelno >= logging.ERROR and not _ROUTINE.match(message)
+        (log.warning if error else log.info)("kafka_client_log", **fields)
 
 
 def forward_kafka_python() -> None:

@@ -14,7 +14,7 @@ from rich.text import Text
 from models.errors import ConfigError
 from monitor import ctl
 from monitor.commands.render import emit_json, stdout
-from monitor.config import load_config
+from monitor.config import bootstrap_problem, load_config
 from monitor.control import exact_target
 
 app = typer.Typer(help="Operator commands to running daemons: signed with control.key, acknowledged, audited.",
@@ -45,15 +45,16 @@ def _login() -> str:
 def _target(stream: str | None, all_: bool | None = None, required: bool = True, exact: bool = False) -> str:
     """What the daemons match stream ids against (an fnmatch glob); ``exact``: ``stream``'s glob characters
     escaped, so that ``pump[1]`` names that stream and not ``pump1``, on every instance alike."""
-    if exact and not stream:
-        raise ConfigError("--exact needs --stream ID")
+    if exact and not stream:  # usage errors (exit 2), as typer's own are
+        raise typer.BadParameter("--exact needs --stream ID", param_hint="--exact")
     if stream and all_:
-        raise ConfigError("give --stream or --all, not both")
+        raise typer.BadParameter("give --stream or --all, not both", param_hint="--stream")
     if not stream and not all_:
         if required:
             # every stream of a command without --all: a glob such as '*' says it (pin once named --all it lacks)
-            raise ConfigError("give --stream S (a glob is fine)" + (" or --all" if all_ is not None else
-                                                                    ": '*' for every stream"))
+            raise typer.BadParameter("give --stream S (a glob is fine)" + (" or --all" if all_ is not None else
+                                                                           ": '*' for every stream"),
+                                     param_hint="--stream")
         return "*"
     if all_:
         return "*"
@@ -65,6 +66,8 @@ def _run(command: str, target: str, params: dict[str, Any], config: Path | None,
     _check(params)
     if not 1.0 <= timeout < math.inf:  # below a second not even a healthy broker answers: it read as its failure
         raise typer.BadParameter(f"must be at least 1 second, got {timeout:g}", param_hint="--timeout")
+    if bootstrap is not None and (problem := bootstrap_problem(bootstrap)) is not None:
+        raise typer.BadParameter(problem, param_hint="--bootstrap-servers")
     cfg = load_config(config, {"kafka.bootstrap_servers": [bootstrap]} if bootstrap else None)
     answers = ctl.send(cfg, command, target, params, operator or _login(), reason, timeout)
     if as_json:
@@ -197,7 +200,7 @@ def feedback(alert: Annotated[str, typer.Option("--alert", help="The alert_id.")
              timeout: Timeout = 10.0, as_json: Json = False) -> None:
     """On-call verdict on an alert: false positives widen the stream's calibration evidence."""
     if false_positive == confirmed:
-        raise ConfigError("give exactly one of --false-positive or --confirmed")
+        raise typer.BadParameter("give exactly one of --false-positive or --confirmed", param_hint="--confirmed")
     verdict = "false_positive" if false_positive else "confirmed"
     _run("feedback", "*", {"alert_id": alert, "verdict": verdict}, config, bootstrap, operator, reason, timeout,
          as_json)

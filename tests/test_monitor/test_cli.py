@@ -147,8 +147,6 @@ def test_bench_memory_table_adds_up(capsys: pytest.CaptureFixture[str], stream_m
     # each named something else (the seed, an internal val_fraction, a --all that pin does not have)
     (["train", "--max-minutes", "0", "--out", "/tmp/x"], "ModelConfigError: --max-minutes must be a number of minutes"),
     (["train", "--train-fraction", "1.5", "--out", "/tmp/x"], "DataError: --train-fraction must be in (0, 1), got 1.5"),
-    (["ctl", "pin", "--threshold", "1"], "ConfigError: give --stream S (a glob is fine): '*' for every stream"),
-    (["ctl", "recalibrate"], "ConfigError: give --stream S (a glob is fine) or --all"),
 ])
 def test_errors_are_one_line(capsys: pytest.CaptureFixture[str], args: list[str], expected: str) -> None:
     code, _, err = run(capsys, *args)
@@ -499,6 +497,21 @@ def test_more_bad_input_gives_one_line(dense_artifact: Path, tmp_path: Path, cap
     assert code == 1 and "validation_error_quantiles must be an object" in err
 
 
+def test_ctl_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing --stream is a usage error, as the README says usage errors are (it exited 1, a ConfigError), and so
+    is a --bootstrap-servers that is not host:port (blamed on the environment, where it was not)."""
+    for args, message in [(["pin", "--threshold", "1"], "give --stream S (a glob is fine): '*' for every stream"),
+                          (["recalibrate"], "give --stream S (a glob is fine) or --all"),
+                          (["freeze", "--stream", "s", "--all"], "give --stream or --all, not both"),
+                          (["history", "--exact"], "--exact needs --stream ID"),
+                          (["feedback", "--alert", "a1"], "give exactly one of --false-positive or --confirmed"),
+                          (["history", "--stream", "s", "--bootstrap-servers", "127.0.0.1:notaport"],
+                           "'127.0.0.1:notaport' is not host:port")]:
+        code, _, err = run(capsys, "ctl", *args)
+        said = " ".join(re.sub(r"[│╭╮╰╯─]", " ", err).split())  # typer's box wraps a long message
+        assert code == 2 and message in said and "Traceback" not in err, (args, err)
+
+
 def test_ctl_takes_its_broker_from_the_option_before_the_environment(capsys: pytest.CaptureFixture[str],
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """`tsmon ctl` had no broker option: only --config or TSMON_KAFKA__BOOTSTRAP_SERVERS told it where to send."""
@@ -514,7 +527,7 @@ def test_ctl_takes_its_broker_from_the_option_before_the_environment(capsys: pyt
     code, _, err = run(capsys, "ctl", "history", "--stream", "s", "--timeout", "1",
                        "--bootstrap-servers", f"127.0.0.1:{ports[1]}")
     assert code == 1 and "BrokerError" in err and f"127.0.0.1:{ports[1]}" in err, err
-    assert f"127.0.0.1:{ports[0]}" not in err
+    assert f"127.0.0.1:{ports[0]}" not in err and "(give --bootstrap-servers or --config)" in err
 
 
 def test_ctl_against_a_hung_broker_answers_at_its_timeout(tmp_path: Path) -> None:

@@ -254,6 +254,18 @@ def test_a_malformed_broker_address_is_a_config_error(server: str) -> None:
     assert error_lines(excinfo) == [line]
 
 
+def test_an_error_names_every_layer_it_could_come_from(tmp_path: Path) -> None:
+    """A bad value given as a command-line option was reported as "(environment)" when any TSMON_* variable was set:
+    an operator looked for a variable that was not there."""
+    bad = {"kafka.bootstrap_servers": ["127.0.0.1:notaport"]}
+    for env, overrides, where in [({"TSMON_CONTROL__KEY": "k"}, bad, "(environment + command-line options)"),
+                                  ({}, bad, "(command-line options)"),
+                                  ({"TSMON_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:notaport"}, None, "(environment)")]:
+        with pytest.raises(ConfigError) as excinfo:
+            load_config(env=env, overrides=overrides)
+        assert str(excinfo.value).splitlines()[0] == f"invalid configuration {where}:", excinfo.value
+
+
 def test_broker_addresses_the_clients_accept() -> None:
     servers = ["broker-1.example.com:9093", "nohost", "SASL_SSL://k.example:9094", "[::1]:9092", "10.0.0.7:65535",
                "::1", "fe80::1", "2001:db8::5"]  # bare IPv6: kafka-python takes it, on port 9092

@@ -1807,7 +1807,8 @@ def test_ctl_exact_names_the_one_stream_whose_id_has_glob_characters(make: Make)
     """``--stream pump[1]`` pinned pump1 and never pump[1]; ``line*`` took line-7 too. ``--exact`` escapes the
     glob characters on the ctl side, so every instance matches the same one id; the acknowledgement table
     shows ids as text (``sensor[/x]`` raised rich's MarkupError after the command had been applied)."""
-    from models.errors import ConfigError
+    import typer
+
     from monitor.commands import ctl_cmd
     from monitor.commands.render import stdout
 
@@ -1819,7 +1820,7 @@ def test_ctl_exact_names_the_one_stream_whose_id_has_glob_characters(make: Make)
         target = ctl_cmd._target(name, exact=True)
         assert send(c, "pin", target, threshold=2.0)["streams"] == [name], name
     assert sorted(send(c, "unpin", "line*")["streams"]) == ["line*", "line-7"]  # without --exact: a glob
-    with pytest.raises(ConfigError, match="--exact needs --stream"):
+    with pytest.raises(typer.BadParameter, match="--exact needs --stream"):
         ctl_cmd._target(None, all_=True, exact=True)
     r = send(c, "recalibrate", ctl_cmd._target("pump[1]", exact=True))  # named, pinned: refused, not "held"
     assert r["result"]["refused"] == {"pump[1]": "pinned at 2: unpin it first"} and r["result"]["held"] == {}

@@ -81,6 +81,20 @@ def test_an_error_is_described_with_its_type_once() -> None:
     assert describe(OSError(28, "No space left on device")) == "OSError: [Errno 28] No space left on device"
 
 
+def test_a_metadata_refresh_cancelled_by_its_client_closing_is_no_warning(forwarded: None, capsys) -> None:
+    """kafka-python logs a metadata refresh cancelled by its client's close as an error: the restore's reader closes
+    at every assignment, so every daemon start logged a warning that meant nothing. A refresh that failed stays one."""
+    import json
+
+    kafka = logging.getLogger("kafka.cluster")
+    kafka.error("Metadata refresh: failed %s", "Cancelled")
+    kafka.error("Metadata refresh: failed %s", "KafkaConnectionError: Connection reset by peer")
+    lines = [json.loads(ln) for ln in capsys.readouterr().err.splitlines()]
+    assert [(d["level"], d["client_level"], d["message"]) for d in lines] == [
+        ("info", "error", "Metadata refresh: failed Cancelled"),
+        ("warning", "error", "Metadata refresh: failed KafkaConnectionError: Connection reset by peer")]
+
+
 def test_kafka_python_warnings_reach_the_log_throttled_per_message(forwarded: None, capsys) -> None:
     """kafka-python logs to a NullHandler: its reasons (a certificate not trusted) were nowhere. Now errors are
     warnings and warnings info, three per message in five minutes (digits do not make a message new)."""
