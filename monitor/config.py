@@ -614,7 +614,8 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
     elif model:  # against the precedence (file < environment), so said: the routes are the file's
         log.warning("config_model_variable_ignored", file=str(path), model=model,
                     hint="TSMON_MODEL serves every stream only where the file has no [[models]]: edit the routes")
-    raw = _merge(raw, _topics_win(raw, _canonical(_from_overrides(overrides or {}), twice)))
+    given = _from_overrides(overrides or {})  # the options set (None: not given)
+    raw = _merge(raw, _topics_win(raw, _canonical(given, twice)))
     if overridden := _overridden(file_layer, env_layer):  # by precedence, but a file edit then does nothing
         log.warning("config_file_values_overridden", file=str(path), by="environment", values=overridden,
                     hint="unset the TSMON_* variable (container images set some) or change it instead")
@@ -625,7 +626,7 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
         problems += _problems(exc)
     if problems:
         sources = (([str(path)] if path is not None else []) + (["environment"] if env_layer else [])
-                   + (["command-line options"] if overrides else []))
+                   + (["command options"] if given else []))
         where = f" ({' + '.join(sources)})" if sources else ""
         raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(problems)) from None
     return cfg

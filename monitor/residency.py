@@ -3,7 +3,7 @@ woken for a command or a page it owes, adopted after a restore, and its document
 
 Documents of streams not held (:attr:`ProcessorState.restored`) are bounded by ``forget_after_s`` and
 ``max_documents``, never dropping one that holds commitments (a pin, a silence, an open alert) — and without a
-changelog, where they are all the state there is, also by ``max_streams``, oldest first.
+changelog, where they are all the state there is, also by ``max_streams``, oldest first, commitments or not.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ from rich.text import Text
 
 from models.errors import ConfigError
 from monitor import ctl
+from monitor.commands.options import brokers
 from monitor.commands.render import emit_json, stdout
-from monitor.config import bootstrap_problem, load_config
+from monitor.config import load_config
 from monitor.control import exact_target
 
 app = typer.Typer(help="Operator commands to running daemons: signed with control.key, acknowledged, audited.",
@@ -25,7 +26,7 @@ Exact = Annotated[bool, typer.Option("--exact", help="--stream is one stream's i
                                                      "with * ? or [ in it).")]
 All = Annotated[bool, typer.Option("--all", help="Every stream (for freeze/unfreeze: daemon-wide).")]
 Config = Annotated[Path | None, typer.Option("--config", help="TOML configuration (kafka, control.key).")]
-Bootstrap = Annotated[str | None, typer.Option("--bootstrap", "--bootstrap-servers",
+Bootstrap = Annotated[str | None, typer.Option("--bootstrap", "--bootstrap-servers", callback=brokers,
                                                help="host:port of a broker (default: kafka.bootstrap_servers).")]
 Operator = Annotated[str | None, typer.Option(help="Who is acting (default: the login name).")]
 Reason = Annotated[str, typer.Option(help="Why; goes to the audit topic.")]
@@ -66,8 +67,6 @@ def _run(command: str, target: str, params: dict[str, Any], config: Path | None,
     _check(params)
     if not 1.0 <= timeout < math.inf:  # below a second not even a healthy broker answers: it read as its failure
         raise typer.BadParameter(f"must be at least 1 second, got {timeout:g}", param_hint="--timeout")
-    if bootstrap is not None and (problem := bootstrap_problem(bootstrap)) is not None:
-        raise typer.BadParameter(problem, param_hint="--bootstrap-servers")
     cfg = load_config(config, {"kafka.bootstrap_servers": [bootstrap]} if bootstrap else None)
     answers = ctl.send(cfg, command, target, params, operator or _login(), reason, timeout)
     if as_json:

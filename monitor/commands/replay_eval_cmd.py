@@ -16,6 +16,7 @@ from models.data import read_series
 from models.errors import DataError
 from monitor import logs
 from monitor.commands.model_cmds import LabelCol, TsCol, ValueCols, WindowsOpt, model_columns
+from monitor.commands.options import brokers
 from monitor.commands.render import emit_json, stdout
 from monitor.replay_eval import ReplayOptions, run, time_axis
 
@@ -49,7 +50,7 @@ def replay_eval(
         help="Gap that restarts windows (default: 3 × the sampling interval, at least windows.gap_ms).")] = None,
     config: Annotated[Path | None, typer.Option(help="Daemon settings to evaluate (TOML); topics, models and "
                                                      "the broker are the run's own.")] = None,
-    bootstrap: Annotated[str | None, typer.Option("--bootstrap", "--bootstrap-servers",
+    bootstrap: Annotated[str | None, typer.Option("--bootstrap", "--bootstrap-servers", callback=brokers,
                                                   help="Use this Kafka instead of a local broker.")] = None,
     stream: Annotated[str | None, typer.Option(help="Stream id (default: the file's name).")] = None,
     calibrator_clock: Annotated[str | None, typer.Option(

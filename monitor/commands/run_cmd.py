@@ -17,8 +17,9 @@ from models import artifact
 from models.data import read_series
 from models.errors import BrokerError, ConfigError, ScoringStuck
 from monitor import logs
+from monitor.commands.options import brokers
 from monitor.commands.render import emit_json
-from monitor.config import bootstrap_problem, load_config, topic_problem
+from monitor.config import load_config, topic_problem
 from monitor.replay import finite_rows, timestamps
 from monitor.replay import replay as replay_series
 
@@ -28,7 +29,8 @@ log = logs.get("tsmon.cli")
 def run(
     config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file.")] = None,
     bootstrap_servers: Annotated[str | None, typer.Option(
-        "--bootstrap-servers", "--bootstrap", help="host:port[,host:port] of the Kafka cluster.")] = None,
+        "--bootstrap-servers", "--bootstrap", callback=brokers, help="host:port[,host:port] of the Kafka cluster.")]
+    = None,
     topic: Annotated[list[str] | None, typer.Option("--topic", help="Input topic (repeat for several).")] = None,
     alerts_topic: Annotated[str | None, typer.Option(help="Topic for alerts and data-quality events.")] = None,
     dead_letter_topic: Annotated[str | None, typer.Option(help="Topic for records that cannot be used.")] = None,
@@ -73,7 +75,7 @@ def replay(
     topic: Annotated[str | None, typer.Option(
         help="Topic to write to (default: the configuration's first input topic, else tsmon.input).")] = None,
     bootstrap_servers: Annotated[str | None, typer.Option(
-        "--bootstrap-servers", "--bootstrap",
+        "--bootstrap-servers", "--bootstrap", callback=brokers,
         help="host:port of the broker (default: the configuration's, else 127.0.0.1:9092).")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="TOML configuration: its brokers, TLS/SASL settings and input topic.")] = None,
@@ -105,9 +107,6 @@ def replay(
         raise typer.BadParameter("must be finite and > 0", param_hint="--rate")
     if period_ms < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--period-ms")
-    for server in bootstrap_servers.split(",") if bootstrap_servers is not None else ():
-        if (problem := bootstrap_problem(server)) is not None:
-            raise typer.BadParameter(problem, param_hint="--bootstrap-servers")
     if topic is not None and (problem := topic_problem(topic)) is not None:  # kafka-python's check: a traceback
         raise typer.BadParameter(problem, param_hint="--topic")
     # the brokers with their TLS/SASL settings: without a config it wrote in plaintext whatever the cluster needed

@@ -227,12 +227,13 @@ def http_get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def watch(url: str, want: int, proc: subprocess.Popen[bytes], limit_s: float) -> tuple[float, str]:
-    """Poll ``url`` until it answers ``want``; returns (seconds it took, body)."""
+def watch(url: str, want: int, proc: subprocess.Popen[bytes], limit_s: float,
+          says: str | None = None) -> tuple[float, str]:
+    """Poll ``url`` until it answers ``want`` (with ``says`` in the body, if given); returns (seconds it took, body)."""
     t0 = time.monotonic()
     while True:
         status, body = http_get(url)
-        if status == want:
+        if status == want and (says is None or says in body):
             return time.monotonic() - t0, body
         assert proc.poll() is None, "daemon exited"
         assert time.monotonic() - t0 < limit_s, f"{url} still {status} {body} after {limit_s} s"
@@ -261,7 +262,10 @@ def test_a_broker_restart_is_ridden_out(stream_model: Path, tmp_path: Path) -> N
             broker.kill()
             killed = time.monotonic()
             down_after, reason = watch(f"{url}/readyz", 503, proc, 20)
-            assert "broker unavailable" in reason, reason
+            # a kill that lands while a commit waits for the sink is said first as the sink's timeout (the consumer
+            # had not seen its connections close yet); the next retry names the broker (CI, once in many runs)
+            assert "broker unavailable" in reason or "sink back-pressure" in reason, reason
+            watch(f"{url}/readyz", 503, proc, 20, says="broker unavailable")
             while time.monotonic() - killed < 8:  # the broker stays away 8 s
                 assert http_get(f"{url}/healthz")[0] == 200  # the loop keeps turning: no restart by a liveness probe
                 time.sleep(0.5)

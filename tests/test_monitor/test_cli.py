@@ -23,6 +23,11 @@ BENCH_KEYS = {"batch1_windows_per_s", "batched_windows_per_s", "batch_size", "ra
               "efficiency"}
 
 
+def _said(err: str) -> str:
+    """A usage error's text without typer's box, which wraps a long message over lines."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", err).split())
+
+
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     try:
         main(["--log-format", "json", *args])
@@ -144,7 +149,7 @@ def test_bench_memory_table_adds_up(capsys: pytest.CaptureFixture[str], stream_m
     (["train", "--data", "/nonexistent.csv", "--out", "/tmp/x"], "DataError: data file not found"),
     (["train", "--model", "transformer", "--out", "/tmp/x"], "ModelConfigError: unknown model kind"),
     (["train", "--data", "ecg5000", "--protocol", "random", "--out", "/tmp/x"], "DataError: unknown ECG5000 protocol"),
-    # each named something else (the seed, an internal val_fraction, a --all that pin does not have)
+    # each named something else (the seed, an internal val_fraction)
     (["train", "--max-minutes", "0", "--out", "/tmp/x"], "ModelConfigError: --max-minutes must be a number of minutes"),
     (["train", "--train-fraction", "1.5", "--out", "/tmp/x"], "DataError: --train-fraction must be in (0, 1), got 1.5"),
 ])
@@ -486,7 +491,7 @@ def test_more_bad_input_gives_one_line(dense_artifact: Path, tmp_path: Path, cap
         code, _, err = run(capsys, "ctl", "history", "--stream", "s", "--timeout", timeout)
         assert code == 2 and "must be at least 1 second" in err and "Traceback" not in err, timeout
     code, _, err = run(capsys, "replay", "--input", str(tmp_path / "x.csv"), "--bootstrap-servers", "127.0.0.1:abc")
-    assert code == 2 and "'127.0.0.1:abc' is not host:port" in err
+    assert code == 2 and "'127.0.0.1:abc' is not host:port" in _said(err)
     pattern = tmp_path / "pattern.toml"  # its topics list is the unused default: replay wrote to tsmon.input
     pattern.write_text('[kafka]\ntopic_pattern = "sensors\\\\..*"\n')
     code, _, err = run(capsys, "replay", "--input", str(tmp_path / "x.csv"), "--config", str(pattern))
@@ -498,18 +503,14 @@ def test_more_bad_input_gives_one_line(dense_artifact: Path, tmp_path: Path, cap
 
 
 def test_ctl_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    """A missing --stream is a usage error, as the README says usage errors are (it exited 1, a ConfigError), and so
-    is a --bootstrap-servers that is not host:port (blamed on the environment, where it was not)."""
+    """A missing --stream is a usage error, as the README says usage errors are (it exited 1, a ConfigError)."""
     for args, message in [(["pin", "--threshold", "1"], "give --stream S (a glob is fine): '*' for every stream"),
                           (["recalibrate"], "give --stream S (a glob is fine) or --all"),
                           (["freeze", "--stream", "s", "--all"], "give --stream or --all, not both"),
                           (["history", "--exact"], "--exact needs --stream ID"),
-                          (["feedback", "--alert", "a1"], "give exactly one of --false-positive or --confirmed"),
-                          (["history", "--stream", "s", "--bootstrap-servers", "127.0.0.1:notaport"],
-                           "'127.0.0.1:notaport' is not host:port")]:
+                          (["feedback", "--alert", "a1"], "give exactly one of --false-positive or --confirmed")]:
         code, _, err = run(capsys, "ctl", *args)
-        said = " ".join(re.sub(r"[│╭╮╰╯─]", " ", err).split())  # typer's box wraps a long message
-        assert code == 2 and message in said and "Traceback" not in err, (args, err)
+        assert code == 2 and message in _said(err) and "Traceback" not in err, (args, err)
 
 
 def test_ctl_takes_its_broker_from_the_option_before_the_environment(capsys: pytest.CaptureFixture[str],
@@ -803,9 +804,8 @@ def test_an_unusable_device_is_refused_before_the_data_is_read_or_a_bar_drawn(ca
     assert "train lstm" not in out + err
 
 
-def test_every_command_that_reaches_a_broker_takes_both_spellings_of_its_address() -> None:
-    """A new user following the README wrote `tsmon tail --bootstrap-servers` after `tsmon run --bootstrap-servers`:
-    "No such option". Each command that names a broker takes --bootstrap and --bootstrap-servers alike."""
+def _broker_options() -> dict[str, list[set[str]]]:
+    """Every command (``ctl pin``…) with an option naming a broker → the spellings of each such option."""
     import typer.main
 
     from monitor.cli import app
@@ -822,6 +822,27 @@ def test_every_command_that_reaches_a_broker_takes_both_spellings_of_its_address
         opts = [set(p.opts) for p in command.params if any("bootstrap" in o for o in p.opts)]
         if opts:
             named[name] = opts
-    assert {"run", "replay", "tail", "inspect", "replay-eval", "ctl pin", "ctl feedback"} <= set(named)
+    return named
+
+
+def test_every_command_that_reaches_a_broker_takes_both_spellings_of_its_address() -> None:
+    """A new user following the README wrote `tsmon tail --bootstrap-servers` after `tsmon run --bootstrap-servers`:
+    "No such option". Each command that names a broker takes --bootstrap and --bootstrap-servers alike."""
+    named = _broker_options()
+    assert {"run", "replay", "tail", "inspect", "replay-eval"} <= set(named)
+    assert {name for name in named if name.startswith("ctl ")} == {
+        f"ctl {c}" for c in ("recalibrate", "pin", "unpin", "freeze", "unfreeze", "silence", "unsilence", "reset-stream",
+                             "feedback", "history", "rollback", "shadow")}
     for name, opts in named.items():  # any command naming a broker, a future one too
         assert opts == [{"--bootstrap", "--bootstrap-servers"}], (name, opts)
+
+
+def test_every_broker_option_checks_each_address_as_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """Only replay (and later ctl) checked the value itself; the others left it to the configuration, a ConfigError
+    (exit 1) that named the environment as its source when any TSMON_* variable was set. A list is checked whole."""
+    from monitor.commands.options import brokers
+
+    for name in _broker_options():  # the bad value is read before any option the command requires is missed
+        code, _, err = run(capsys, *name.split(), "--bootstrap-servers", "127.0.0.1:9092,127.0.0.1:notaport")
+        assert code == 2 and "'127.0.0.1:notaport' is not host:port" in _said(err) and "Traceback" not in err, (name, err)
+    assert brokers("k1:9092, k2:9092") == "k1:9092, k2:9092" and brokers(None) is None

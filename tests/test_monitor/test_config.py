@@ -256,11 +256,14 @@ def test_a_malformed_broker_address_is_a_config_error(server: str) -> None:
 
 def test_an_error_names_every_layer_it_could_come_from(tmp_path: Path) -> None:
     """A bad value given as a command-line option was reported as "(environment)" when any TSMON_* variable was set:
-    an operator looked for a variable that was not there."""
+    an operator looked for a variable that was not there. Options not given (None, as tsmon run passes them) are
+    no source."""
     bad = {"kafka.bootstrap_servers": ["127.0.0.1:notaport"]}
-    for env, overrides, where in [({"TSMON_CONTROL__KEY": "k"}, bad, "(environment + command-line options)"),
-                                  ({}, bad, "(command-line options)"),
-                                  ({"TSMON_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:notaport"}, None, "(environment)")]:
+    env_bad = {"TSMON_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:notaport"}
+    for env, overrides, where in [({"TSMON_CONTROL__KEY": "k"}, bad, "(environment + command options)"),
+                                  ({}, bad, "(command options)"),
+                                  (env_bad, None, "(environment)"),
+                                  (env_bad, {"kafka.topics": None}, "(environment)")]:  # an option not given
         with pytest.raises(ConfigError) as excinfo:
             load_config(env=env, overrides=overrides)
         assert str(excinfo.value).splitlines()[0] == f"invalid configuration {where}:", excinfo.value
