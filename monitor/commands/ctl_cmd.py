@@ -13,7 +13,7 @@ from rich.text import Text
 
 from models.errors import ConfigError
 from monitor import ctl
-from monitor.commands.options import brokers
+from monitor.commands.options import bootstrap_option
 from monitor.commands.render import emit_json, stdout
 from monitor.config import load_config
 from monitor.control import exact_target
@@ -26,8 +26,7 @@ Exact = Annotated[bool, typer.Option("--exact", help="--stream is one stream's i
                                                      "with * ? or [ in it).")]
 All = Annotated[bool, typer.Option("--all", help="Every stream (for freeze/unfreeze: daemon-wide).")]
 Config = Annotated[Path | None, typer.Option("--config", help="TOML configuration (kafka, control.key).")]
-Bootstrap = Annotated[str | None, typer.Option("--bootstrap", "--bootstrap-servers", callback=brokers,
-                                               help="host:port of a broker (default: kafka.bootstrap_servers).")]
+Bootstrap = Annotated[str | None, bootstrap_option("host:port of a broker (default: kafka.bootstrap_servers).")]
 Operator = Annotated[str | None, typer.Option(help="Who is acting (default: the login name).")]
 Reason = Annotated[str, typer.Option(help="Why; goes to the audit topic.")]
 Timeout = Annotated[float, typer.Option(help="Seconds to wait for acknowledgements.")]

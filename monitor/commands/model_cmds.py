@@ -31,7 +31,7 @@ from models.train import TrainConfig, resolve_device
 from models.workflow import DataSpec, evaluate, load_dataset, spec_for_eval, train_detector
 from monitor import logs
 from monitor.alerts import significant
-from monitor.commands.options import brokers
+from monitor.commands.options import bootstrap_option
 from monitor.commands.render import emit_json, epoch_progress, eval_table, stdout
 from monitor.config import QualityConfig
 from monitor.quality import steady
@@ -349,9 +349,8 @@ def inspect(
     alert: AlertOpt = None,
     config: Annotated[Path | None, typer.Option("--config", help="--alert ID: daemon config naming the broker "
                                                                   "and alerts topic.")] = None,
-    bootstrap: Annotated[str | None, typer.Option("--bootstrap", "--bootstrap-servers", callback=brokers,
-                                                  help="--alert ID: broker host:port "
-                                                                      "(overrides the config's).")] = None,
+    bootstrap: Annotated[str | None, bootstrap_option("--alert ID: broker host:port (overrides the config's).")]
+    = None,
 ) -> None:
     """Draw one window, its reconstruction, the error per timestep and the threshold; or why an alert fired."""
     if (model is None) == (alert is None):

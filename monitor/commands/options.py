@@ -1,6 +1,8 @@
-"""Checks shared by the options of several commands (typer callbacks: a bad value is a usage error, exit 2)."""
+"""Options shared by several commands, and their checks (typer callbacks: a bad value is a usage error, exit 2)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import typer
 
@@ -15,3 +17,8 @@ def brokers(value: str | None) -> str | None:
             if (problem := bootstrap_problem(server.strip())) is not None:
                 raise typer.BadParameter(problem)
     return value
+
+
+def bootstrap_option(help: str) -> Any:
+    """The broker option of every command that reaches one: both spellings, each address checked (:func:`brokers`)."""
+    return typer.Option("--bootstrap-servers", "--bootstrap", callback=brokers, help=help)

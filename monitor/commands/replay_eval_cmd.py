@@ -16,7 +16,7 @@ from models.data import read_series
 from models.errors import DataError
 from monitor import logs
 from monitor.commands.model_cmds import LabelCol, TsCol, ValueCols, WindowsOpt, model_columns
-from monitor.commands.options import brokers
+from monitor.commands.options import bootstrap_option
 from monitor.commands.render import emit_json, stdout
 from monitor.replay_eval import ReplayOptions, run, time_axis
 
@@ -50,8 +50,7 @@ def replay_eval(
         help="Gap that restarts windows (default: 3 × the sampling interval, at least windows.gap_ms).")] = None,
     config: Annotated[Path | None, typer.Option(help="Daemon settings to evaluate (TOML); topics, models and "
                                                      "the broker are the run's own.")] = None,
-    bootstrap: Annotated[str | None, typer.Option("--bootstrap", "--bootstrap-servers", callback=brokers,
-                                                  help="Use this Kafka instead of a local broker.")] = None,
+    bootstrap: Annotated[str | None, bootstrap_option("Use this Kafka instead of a local broker.")] = None,
     stream: Annotated[str | None, typer.Option(help="Stream id (default: the file's name).")] = None,
     calibrator_clock: Annotated[str | None, typer.Option(
         help="data: recalibrate every calibrator.interval_s of the series' own time (production's cadence, the "

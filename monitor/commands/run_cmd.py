@@ -17,7 +17,7 @@ from models import artifact
 from models.data import read_series
 from models.errors import BrokerError, ConfigError, ScoringStuck
 from monitor import logs
-from monitor.commands.options import brokers
+from monitor.commands.options import bootstrap_option
 from monitor.commands.render import emit_json
 from monitor.config import load_config, topic_problem
 from monitor.replay import finite_rows, timestamps
@@ -28,9 +28,7 @@ log = logs.get("tsmon.cli")
 
 def run(
     config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file.")] = None,
-    bootstrap_servers: Annotated[str | None, typer.Option(
-        "--bootstrap-servers", "--bootstrap", callback=brokers, help="host:port[,host:port] of the Kafka cluster.")]
-    = None,
+    bootstrap_servers: Annotated[str | None, bootstrap_option("host:port[,host:port] of the Kafka cluster.")] = None,
     topic: Annotated[list[str] | None, typer.Option("--topic", help="Input topic (repeat for several).")] = None,
     alerts_topic: Annotated[str | None, typer.Option(help="Topic for alerts and data-quality events.")] = None,
     dead_letter_topic: Annotated[str | None, typer.Option(help="Topic for records that cannot be used.")] = None,
@@ -74,9 +72,8 @@ def replay(
     input: Annotated[Path, typer.Option("--input", help="CSV/CSV.gz/Parquet series (timestamp column optional).")],
     topic: Annotated[str | None, typer.Option(
         help="Topic to write to (default: the configuration's first input topic, else tsmon.input).")] = None,
-    bootstrap_servers: Annotated[str | None, typer.Option(
-        "--bootstrap-servers", "--bootstrap", callback=brokers,
-        help="host:port of the broker (default: the configuration's, else 127.0.0.1:9092).")] = None,
+    bootstrap_servers: Annotated[str | None, bootstrap_option(
+        "host:port of the broker (default: the configuration's, else 127.0.0.1:9092).")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="TOML configuration: its brokers, TLS/SASL settings and input topic.")] = None,
     stream: Annotated[str | None, typer.Option(help="Stream id (default: the file name without suffix).")] = None,

@@ -23,7 +23,7 @@ import typer
 
 from models.errors import BrokerError, ConfigError, describe
 from monitor import logs
-from monitor.commands.options import brokers
+from monitor.commands.options import bootstrap_option
 from monitor.config import load_config
 from monitor.reach import wait_for_brokers
 from monitor.topics import partition_reader, within
@@ -42,9 +42,7 @@ def tail(
                                                                       "(kafka.dead_letter_topic).")] = False,
     config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file (brokers, security, "
                                                                  "topic names).")] = None,
-    bootstrap: Annotated[str | None, typer.Option(
-        "--bootstrap", "--bootstrap-servers", callback=brokers,
-        help="host:port of a broker (default: kafka.bootstrap_servers).")]
+    bootstrap: Annotated[str | None, bootstrap_option("host:port of a broker (default: kafka.bootstrap_servers).")]
     = None,
     from_beginning: Annotated[bool, typer.Option("--from-beginning", help="Every message the topic keeps, not "
                                                                           "only new ones.")] = False,
