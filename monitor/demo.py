@@ -180,6 +180,13 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         stop = threading.Event()
 
         def play() -> None:
+            try:
+                send_all()
+            except Exception as e:  # noqa: BLE001 - a thread's error would be a traceback on stderr
+                if not (stop.is_set() or broker.exited):  # after either, its sends were given up: said below
+                    log.error("demo_player_failed", error=describe(e), sent_samples=progress.sent_samples)
+
+        def send_all() -> None:
             bodies = [[m for m, _ in messages(s.name, s.ts, s.values, w)] for s in streams]  # a beat a message
             t0 = time.monotonic()
             for i in range(max(map(len, bodies))):
@@ -208,9 +215,10 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
             daemon.run(until=finished)
         finally:
             stop.set()
-            player.join(10)
+            gone = broker.exited  # nothing left to deliver to: the player, blocked in a send, is not waited for
+            player.join(0.5 if gone else 10)  # (it was: 10 s, then 5 s for the producer, before the error was said)
             try:
-                producer.close(timeout=5)
+                producer.close(timeout=0 if gone else 5)
             except Exception:  # its last sends time out when the broker is gone: that is said below
                 if not broker.exited:
                     raise
