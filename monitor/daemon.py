@@ -48,7 +48,7 @@ from monitor.intake import Intake
 from monitor.metrics import Metrics
 from monitor.processor import DataClock, Processor, Settings
 from monitor.reach import Problem, wait_for_brokers
-from monitor.reading import Backoff, InputReader
+from monitor.reading import InputReader
 from monitor.rebalance import Rebalance
 from monitor.recalibration import Recalibration
 from monitor.restoring import Restore
@@ -56,7 +56,7 @@ from monitor.scorer import Scorer, load_served
 from monitor.scoring import Backend, ProcessBackend, ThreadBackend, choose
 from monitor.sdnotify import Notifier
 from monitor.sink import KafkaSink, OutMessage, Sink
-from monitor.source import TP, InRecord, KafkaSource, Source
+from monitor.source import KafkaSource, Source
 from monitor.topics import ensure_topics
 from monitor.views import Views
 
@@ -118,6 +118,18 @@ def processor_settings(cfg: Config) -> Settings:
                     max_documents=cfg.state.max_documents, clock_step_s=cfg.windows.clock_step_s)
 
 
+def client_classes(cfg: Config, need: bool) -> tuple[Any, Any]:
+    """The sink and source classes of ``kafka.client``; ``need``: they will be built, so a missing librdkafka
+    binding is a clear one-line error now, before anything starts."""
+    if cfg.kafka.client != "confluent":
+        return KafkaSink, KafkaSource
+    from monitor import confluent as rdkafka
+
+    if need:
+        rdkafka.require()
+    return rdkafka.ConfluentSink, rdkafka.ConfluentSource
+
+
 class Daemon(Views, Intake, Rebalance, Recalibration):
     """One tsmon consumer. ``source``/``sink`` default to Kafka; tests may pass doubles for unit work."""
 
@@ -135,17 +147,7 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
             self.metrics.undeliverable.labels(topic)
         self.scorer = scorer or build_scorer(cfg)
         self.scoring = choose(cfg.daemon.scoring, cfg.daemon.device)
-        if self.scoring == "process":
-            process = ProcessBackend([(r.pattern, str(r.path), r.name, r.hop) for r in cfg.require_models()],
-                                     cfg.daemon.device, threads, precision=cfg.daemon.precision,
-                                     versions={m.name: m.version for m in self.scorer.models.values()})
-            self.metrics.watch_scoring_process(lambda: process.pid)
-            backend: Backend = process
-        else:
-            # The CPU LSTM steps its layers from Python, taking the GIL between ops; with the default 5 ms
-            # switch interval it waits behind the parsing thread (193k → 223k samples/s at 0.2 ms).
-            sys.setswitchinterval(0.0002)
-            backend = ThreadBackend(self.scorer)
+        backend = self._backend(threads)
         self.calibrator = Calibrator(calibrator_settings(cfg), on_change=self._threshold_metric)
         self.stop_event = threading.Event()
         self.final_thresholds: dict[str, dict[str, Any]] = {}  # calibrator snapshot taken at shutdown
@@ -154,14 +156,7 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         self._started = time.monotonic()
         self._stop_at: float | None = None  # monotonic time of the stopping signal
         self._signal: str | None = None  # the stopping signal's name (logged by the loop, not the handler)
-        sink_class: Any = KafkaSink
-        source_class: Any = KafkaSource
-        if cfg.kafka.client == "confluent":
-            from monitor import confluent as rdkafka
-
-            if source is None or sink is None:
-                rdkafka.require()  # a clear one-line error before anything starts
-            sink_class, source_class = rdkafka.ConfluentSink, rdkafka.ConfluentSource
+        sink_class, source_class = client_classes(cfg, need=source is None or sink is None)
         b = cfg.batch
         batcher = Batcher(b.max_batch, b.max_delay_ms, latency_target_ms=b.latency_target_ms)
         try:
@@ -186,6 +181,40 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
                                              self._on_revoke, self._on_assign)
         self.control = ControlSource(k.client_kwargs(), c.topic) if self._kafka else None
         self.controller.inputs = self._inputs
+        self._schedule()
+        self._init_views()
+        self._init_intake()
+        self._init_rebalance()
+        self._init_recalibration()
+        self._forgot_at = time.monotonic()  # the last look for documents to forget (state.forget_after_s)
+        self.notifier = Notifier()  # systemd's ready / watchdog / stopping, under Type=notify only
+        # the changelog read at each assignment, while the assigned partitions wait for it
+        self.restorer = Restore(cfg, self.processor, self.controller, self.source, self.metrics, self.calibrator)
+        # polls, retrying a failed one, and a partition whose fetch failed apart from the others
+        self.input_reader = InputReader(self.source, self.metrics, cfg.daemon.commit_interval_ms / 1000,
+                                        cfg.daemon.retry_max_s,
+                                        lambda tp: tp in self._paused or tp in self.restorer.waits or self._holding)
+        h = cfg.http
+        self.http = HealthServer(h.host, h.port, self.metrics.registry, self._health, lambda: self._ready,
+                                 self._streams_view) if h.enabled else None
+
+    def _backend(self, threads: int) -> Backend:
+        """Where the forward pass runs: a scoring process of its own, or a thread of this one."""
+        if self.scoring == "process":
+            cfg = self.cfg
+            process = ProcessBackend([(r.pattern, str(r.path), r.name, r.hop) for r in cfg.require_models()],
+                                     cfg.daemon.device, threads, precision=cfg.daemon.precision,
+                                     versions={m.name: m.version for m in self.scorer.models.values()})
+            self.metrics.watch_scoring_process(lambda: process.pid)
+            return process
+        # The CPU LSTM steps its layers from Python, taking the GIL between ops; with the default 5 ms
+        # switch interval it waits behind the parsing thread (193k → 223k samples/s at 0.2 ms).
+        sys.setswitchinterval(0.0002)
+        return ThreadBackend(self.scorer)
+
+    def _schedule(self) -> None:
+        """Recalibration every ``calibrator.interval_s`` (of wall time, or of the data's own) and the snapshot flag."""
+        cfg = self.cfg
         self._scheduler = BackgroundScheduler(daemon=True)
         if cfg.calibrator.clock == "wall":
             self._scheduler.add_job(self.recalibrate, "interval", seconds=cfg.calibrator.interval_s,
@@ -195,40 +224,6 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         self._snapshot_due = threading.Event()
         self._scheduler.add_job(self._snapshot_due.set, "interval", seconds=cfg.state.snapshot_interval_s,
                                 id="snapshot", max_instances=1, coalesce=True)
-        self._beat = time.monotonic()  # the loop's last turn, for /healthz
-        self._rows: list[dict[str, Any]] = []  # /streams, refreshed by the loop while someone reads it
-        self._rows_at = -math.inf  # monotonic time the loop built them
-        self._rows_wanted = -math.inf  # ... and /streams was last asked for
-        self._rows_built = threading.Event()
-        self._rows_asked = False  # a request waits for rows: the loop builds them at its next turn
-        self._lags: dict[TP, int] = {}  # the last refresh's, for rows built between refreshes
-        self._lag_labels: set[TP] = set()
-        self._held_labels: set[TP] = set()  # partitions with a tsmon_uncommitted_records series
-        # the changelog is read at the first assignment, then at every later one; commands wait for the first
-        self._restored = not (self._kafka and cfg.state.enabled)
-        self._paused: set[TP] = set()  # partitions paused while the sink or the broker fails
-        self._rewind: dict[TP, int] = {}  # offsets to read the partitions of the last revoke again from
-        self._backlog: list[InRecord] = []  # polled, not handed over yet: batch.max_pending was reached
-        self._unassigned = False  # revoked, the assignment not come yet (an eager JoinGroup spans polls)
-        self._holding = False  # input paused because scoring falls behind (back-pressure)
-        self._input_since = time.monotonic()  # input last came back from a pause: silence before it is not idleness
-        self._forgot_at = time.monotonic()  # the last look for documents to forget (state.forget_after_s)
-        self._problem: str | None = None  # why the last commit attempt failed; /readyz reports it
-        self._refusing: dict[str, str] = {}  # streams whose last recalibration refused a raise → why
-        self._refusing_lock = threading.Lock()
-        self.notifier = Notifier()  # systemd's ready / watchdog / stopping, under Type=notify only
-        self._retry = Backoff(cfg.daemon.commit_interval_ms / 1000, cfg.daemon.retry_max_s)
-        self._broker_absent = False  # the last commit was not tried: the client saw no broker (see _commit)
-        # polls, retrying a failed one, and a partition whose fetch failed apart from the others
-        # the changelog read at each assignment, while the assigned partitions wait for it
-        self.restorer = Restore(cfg, self.processor, self.controller, self.source, self.metrics, self.calibrator)
-        self.input_reader = InputReader(self.source, self.metrics, cfg.daemon.commit_interval_ms / 1000,
-                                        cfg.daemon.retry_max_s,
-                                        lambda tp: tp in self._paused or tp in self.restorer.waits or self._holding)
-        self._ready: tuple[bool, str] = (False, "starting")
-        h = cfg.http
-        self.http = HealthServer(h.host, h.port, self.metrics.registry, self._health, lambda: self._ready,
-                                 self._streams_view) if h.enabled else None
 
     def _inputs(self) -> dict[str, list[int]]:
         """The input partitions this instance holds, by topic; a configured topic it holds none of is listed

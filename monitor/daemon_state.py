@@ -29,7 +29,8 @@ REBALANCING = "rebalancing: partitions revoked, waiting for the assignment"  # /
 
 
 class DaemonState:
-    """Declarations only: the values, and what each one means, are in :meth:`monitor.daemon.Daemon.__init__`."""
+    """Declarations only: the values, and what each one means, are set by :meth:`monitor.daemon.Daemon.__init__` and
+    each part's ``_init_*`` (``_init_views``, ``_init_intake``, ``_init_rebalance``, ``_init_recalibration``)."""
 
     cfg: Config
     processor: Processor

@@ -13,6 +13,7 @@ import time
 from models.errors import BrokerError, SinkBackpressure
 from monitor import logs
 from monitor.daemon_state import DaemonState
+from monitor.reading import Backoff
 from monitor.source import TP, InRecord
 
 log = logs.get("tsmon.daemon")
@@ -20,6 +21,15 @@ log = logs.get("tsmon.daemon")
 
 class Intake(DaemonState):
     """See the module docstring."""
+
+    def _init_intake(self) -> None:
+        self._paused = set()  # partitions paused while the sink or the broker fails
+        self._backlog = []  # polled, not handed over yet: batch.max_pending was reached
+        self._holding = False  # input paused because scoring falls behind (back-pressure)
+        self._input_since = time.monotonic()  # input last came back from a pause: silence before it is not idleness
+        self._problem = None  # why the last commit attempt failed; /readyz reports it
+        self._retry = Backoff(self.cfg.daemon.commit_interval_ms / 1000, self.cfg.daemon.retry_max_s)
+        self._broker_absent = False  # the last commit was not tried: the client saw no broker (see _commit)
 
     def _resume(self, tps: set[TP]) -> None:
         """Resume ``tps`` but those still held for another reason: a failing sink or broker (``_paused``), the

@@ -19,6 +19,12 @@ log = logs.get("tsmon.daemon")
 class Rebalance(DaemonState):
     """See the module docstring."""
 
+    def _init_rebalance(self) -> None:
+        # the changelog is read at the first assignment, then at every later one; commands wait for the first
+        self._restored = not (self._kafka and self.cfg.state.enabled)
+        self._rewind = {}  # offsets to read the partitions of the last revoke again from
+        self._unassigned = False  # revoked, the assignment not come yet (an eager JoinGroup spans polls)
+
     # rebalance callbacks (called from inside poll, on the loop's thread)
     def _on_revoke(self, tps: list[TP]) -> None:
         log.info("partitions_revoked", partitions=[f"{t}-{p}" for t, p in tps])

@@ -6,6 +6,7 @@ A failed run is logged, never raised: the next scheduled run tries again.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from models.errors import describe
@@ -18,6 +19,10 @@ log = logs.get("tsmon.daemon")
 
 class Recalibration(DaemonState):
     """See the module docstring."""
+
+    def _init_recalibration(self) -> None:
+        self._refusing = {}  # streams whose last recalibration refused a raise → why
+        self._refusing_lock = threading.Lock()
 
     def recalibrate(self, streams: list[str] | None = None) -> None:
         """Scheduled recalibration of every stream (wall clock) or of ``streams`` (data clock: one at a time). A

@@ -7,6 +7,8 @@ for its next turn (:data:`ROWS_WAIT_S` at most: a hung loop gives the last ones)
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from typing import Any
 
@@ -22,6 +24,18 @@ ROWS_WAIT_S = 3.0  # ... which it waits for this long at most (a hung loop: the 
 
 class Views(DaemonState):
     """See the module docstring."""
+
+    def _init_views(self) -> None:
+        self._beat = time.monotonic()  # the loop's last turn, for /healthz
+        self._ready = (False, "starting")
+        self._rows = []  # /streams, refreshed by the loop while someone reads it
+        self._rows_at = -math.inf  # monotonic time the loop built them
+        self._rows_wanted = -math.inf  # ... and /streams was last asked for
+        self._rows_built = threading.Event()
+        self._rows_asked = False  # a request waits for rows: the loop builds them at its next turn
+        self._lags = {}  # the last refresh's, for rows built between refreshes
+        self._lag_labels = set()
+        self._held_labels = set()  # partitions with a tsmon_uncommitted_records series
 
     def _health(self) -> tuple[bool, str]:
         age = time.monotonic() - self._beat
