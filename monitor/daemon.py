@@ -187,6 +187,7 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         self._init_rebalance()
         self._init_recalibration()
         self._forgot_at = time.monotonic()  # the last look for documents to forget (state.forget_after_s)
+        self._last_commit = self._last_control = time.monotonic()  # the loop's last commit, last control poll
         self.notifier = Notifier()  # systemd's ready / watchdog / stopping, under Type=notify only
         # the changelog read at each assignment, while the assigned partitions wait for it
         self.restorer = Restore(cfg, self.processor, self.controller, self.source, self.metrics, self.calibrator)
@@ -293,14 +294,13 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
 
     def run(self, until: Callable[[], bool] | None = None) -> dict[str, Any]:
         """Run until stopped (signal, :attr:`stop_event` or ``until()``); returns the metrics snapshot."""
-        d = self.cfg.daemon
         log.info("daemon_starting", models={n: m.describe() for n, m in self.scorer.models.items()},
                  scoring=self.scoring,
                  config=self.cfg.redacted())
         if self.cfg.control.key is None:  # "" from a missing secret unsets it too: say so, once, at start
             log.warning("control_key_unset", consequence="every operator command is refused (pin, silence, "
                         "freeze, recalibrate)", fix="set TSMON_CONTROL__KEY")
-        self._started = last_commit = last_control = time.monotonic()
+        self._started = self._last_commit = self._last_control = time.monotonic()
         try:  # whatever fails from here on, _shutdown closes what was opened (and the heap is thawed)
             log.info("heap_frozen", objects=heap.freeze())  # start-up's objects: out of every collection
             if self.http is not None:
@@ -315,61 +315,81 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
                 self.notifier.watchdog()  # at most once a second
                 if self._rows_asked:  # a /streams request waits (rows are not built for nobody)
                     self._build_rows()
-                wait = self.processor.batcher.wait_s()
-                timeout = d.poll_timeout_ms if wait is None else min(d.poll_timeout_ms, int(wait * 1000))
-                if self.processor.scoring_busy:  # results in flight: come back soon, but do not spin
-                    timeout = min(max(timeout, 2), 5)
-                elif (idle := self.processor.batcher.idle_wait_s()) is not None:  # an idle scorer takes it soon
-                    timeout = min(timeout, int(idle * 1000))
+                timeout = self._poll_timeout()
                 if self.restoring:  # the input waits for it: read on instead of waiting in poll
                     self._restore_step(RESTORE_STEP_S)
                     timeout = 0
-                room = self._poll_room()
-                if self._backlog:  # what the last poll brought and did not fit, before anything new
-                    if self.processor.pending < self.cfg.batch.pending_limit:
-                        self._handle([])
-                    else:
-                        self.processor.wait_scored(timeout / 1000)
-                elif room and not self.processor.scoring_busy:
-                    self._handle(self.input_reader.poll(max(timeout, 0), room))
-                else:  # a result is on its way (it wakes us), or no record fits: wait for the scorer first,
-                    self.processor.wait_scored(timeout / 1000)  # the records stay in the client meanwhile
-                    if room:
-                        self._handle(self.input_reader.poll(0, room))
+                self._take_input(timeout)
                 self.processor.score_ready()  # never blocks: what waits is bounded by _hold_input
                 self.processor.check_stuck()  # a call that never returns: ScoringStuck, nothing committed past it
                 if self.processor.failed is not None:  # raised where something caught it: never run on without scoring
                     raise (ScoringStuck if self.processor.stuck else TsmonError)(self.processor.failed)
                 self._hold_input()
-                if (self.control is not None and self._restored and not self.restoring and not self._unassigned
-                        and time.monotonic() - last_control >= self.cfg.control.poll_interval_ms / 1000):
-                    last_control = time.monotonic()
-                    for raw in self.control.poll():
-                        self.controller.handle(raw)
-                        last_commit = -math.inf  # its documents, then its acknowledgement, go with a commit: now
+                self._apply_commands()
                 if self._snapshot_due.is_set():
                     self._snapshot_due.clear()
                     self.processor.save_changed()
                 if self.stop_event.is_set():  # a signal came during this turn: the shutdown commits
                     break
-                if (time.monotonic() - last_commit >= d.commit_interval_ms / 1000
-                        or (self._problem is None  # output piles up: flush now (a failing sink waits its retry)
-                            and getattr(self.sink, "pending", 0) >= d.max_unacked)):
-                    last_commit = time.monotonic()
-                    self.processor.page_unsilenced()
-                    if not self._paused and not self._holding:  # a stream is not idle while its input waits
-                        self.processor.evict_idle(last_commit, self._input_since)
-                        if last_commit - self._forgot_at >= FORGET_EVERY_S:
-                            self._forgot_at = last_commit
-                            self.processor.forget_dormant(self.source.assignment())
-                    self._commit()
-                    self._refresh_views()
+                self._commit_when_due()
         finally:
             try:
                 self._shutdown()
             finally:
                 heap.thaw()
         return self.metrics.snapshot()
+
+    def _poll_timeout(self) -> int:
+        """Milliseconds the next poll may wait: at most until the batcher's next batch is due."""
+        d = self.cfg.daemon
+        wait = self.processor.batcher.wait_s()
+        timeout = d.poll_timeout_ms if wait is None else min(d.poll_timeout_ms, int(wait * 1000))
+        if self.processor.scoring_busy:  # results in flight: come back soon, but do not spin
+            timeout = min(max(timeout, 2), 5)
+        elif (idle := self.processor.batcher.idle_wait_s()) is not None:  # an idle scorer takes it soon
+            timeout = min(timeout, int(idle * 1000))
+        return timeout
+
+    def _take_input(self, timeout: int) -> None:
+        """Hand the processor the backlog, or what a poll brings, as much as fits; else wait for the scorer."""
+        room = self._poll_room()
+        if self._backlog:  # what the last poll brought and did not fit, before anything new
+            if self.processor.pending < self.cfg.batch.pending_limit:
+                self._handle([])
+            else:
+                self.processor.wait_scored(timeout / 1000)
+        elif room and not self.processor.scoring_busy:
+            self._handle(self.input_reader.poll(max(timeout, 0), room))
+        else:  # a result is on its way (it wakes us), or no record fits: wait for the scorer first,
+            self.processor.wait_scored(timeout / 1000)  # the records stay in the client meanwhile
+            if room:
+                self._handle(self.input_reader.poll(0, room))
+
+    def _apply_commands(self) -> None:
+        """Operator commands, every ``control.poll_interval_ms`` once the state is restored and partitions held."""
+        if (self.control is not None and self._restored and not self.restoring and not self._unassigned
+                and time.monotonic() - self._last_control >= self.cfg.control.poll_interval_ms / 1000):
+            self._last_control = time.monotonic()
+            for raw in self.control.poll():
+                self.controller.handle(raw)
+                self._last_commit = -math.inf  # its documents, then its acknowledgement, go with a commit: now
+
+    def _commit_when_due(self) -> None:
+        """Every ``commit_interval_ms`` (sooner when output piles up): pages, idle streams, forgotten documents,
+        the commit and the views."""
+        d = self.cfg.daemon
+        if (time.monotonic() - self._last_commit >= d.commit_interval_ms / 1000
+                or (self._problem is None  # output piles up: flush now (a failing sink waits its retry)
+                    and getattr(self.sink, "pending", 0) >= d.max_unacked)):
+            self._last_commit = now = time.monotonic()
+            self.processor.page_unsilenced()
+            if not self._paused and not self._holding:  # a stream is not idle while its input waits
+                self.processor.evict_idle(now, self._input_since)
+                if now - self._forgot_at >= FORGET_EVERY_S:
+                    self._forgot_at = now
+                    self.processor.forget_dormant(self.source.assignment())
+            self._commit()
+            self._refresh_views()
 
     def _shutdown(self) -> None:
         """Score, publish, snapshot, commit and close, all within ``shutdown_timeout_s``: every commit asked
