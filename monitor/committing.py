@@ -80,6 +80,10 @@ class Committing(ProcessorState):
         """Hand the command acknowledgements to the sink (:meth:`commit`'s step 3)."""
         self.outbox.send_acks(self.sink)
 
+    def committed_offsets(self) -> dict[TP, int]:
+        """The offsets this instance last committed, per partition it holds."""
+        return dict(self._committed)
+
     def uncommitted(self, tps: set[TP]) -> dict[TP, int]:
         """Records read past the offsets last committed to the broker, per partition: what a crash now would
         replay — held back by a quiet stream's partial window, or by commits that fail (not what *could* be

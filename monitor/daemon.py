@@ -57,7 +57,7 @@ from monitor.scoring import Backend, ProcessBackend, ThreadBackend, choose
 from monitor.sdnotify import Notifier
 from monitor.sink import KafkaSink, OutMessage, Sink
 from monitor.source import KafkaSource, Source
-from monitor.topics import ensure_topics
+from monitor.topics import ensure_topics, require_inputs
 from monitor.views import Views
 
 log = logs.get("tsmon.daemon")
@@ -164,6 +164,9 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
                 self._warm_up(backend, batcher)
             if source is None:  # a real broker: one that cannot be reached is named now, not as the clients'
                 self._wait_for_brokers()  # "Unable to bootstrap" 30 s later (or never: a TLS handshake hung)
+                existing = self._ensure_topics()
+                if not cfg.kafka.topic_pattern:
+                    require_inputs(list(cfg.kafka.topics), existing, ",".join(cfg.kafka.bootstrap_servers))
             self.sink = sink or sink_class(cfg.kafka.producer_kwargs(), on_undeliverable=self._undeliverable)
         except BaseException:
             backend.close()  # a scoring process must not outlive a start that failed
@@ -175,8 +178,6 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         self.controller = Controller(self.processor, c.key.get_secret_value() if c.key else None, c.audit_topic,
                                      self.instance, c.max_age_s, c.remember)
         self._kafka = source is None  # control topic and changelog only with a real broker
-        if self._kafka:
-            self._ensure_topics()
         self.source = source or source_class(k.consumer_kwargs(), list(k.topics), k.topic_pattern,
                                              self._on_revoke, self._on_assign)
         self.control = ControlSource(k.client_kwargs(), c.topic) if self._kafka else None
@@ -260,12 +261,13 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         k = self.cfg.kafka
         wait_for_brokers(k, k.bootstrap_timeout_ms / 1000, on_problems=unreachable)
 
-    def _ensure_topics(self) -> None:
+    def _ensure_topics(self) -> set[str]:
+        """Create the control, audit and state topics that are missing; returns the topics that existed."""
         k, c, st = self.cfg.kafka, self.cfg.control, self.cfg.state
         topics = {c.topic: 1, c.audit_topic: 1, **({st.topic: 1} if st.enabled else {})}
         client = k.client_kwargs()
-        ensure_topics(client.pop("bootstrap_servers"), topics, {st.topic: {"cleanup.policy": "compact"}},
-                      replication_factor=k.replication_factor, **client)
+        return ensure_topics(client.pop("bootstrap_servers"), topics, {st.topic: {"cleanup.policy": "compact"}},
+                             replication_factor=k.replication_factor, **client)
 
     def _undeliverable(self, msg: OutMessage, _why: str) -> None:
         self.metrics.undeliverable.labels(msg.topic).inc()
@@ -424,6 +426,8 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
             self.processor.save_changed(every=True)
             self.processor.deadline = time.monotonic() + left(0.3)
             self._commit_now()
+            log.info("final_commit", offsets={f"{t}-{p}": o for (t, p), o in
+                                              sorted(self.processor.committed_offsets().items())})
         except (SinkBackpressure, BrokerError) as exc:
             log.error("final_commit_failed", error=str(exc),
                       consequence="input since the last commit is replayed at the next start")

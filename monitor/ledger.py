@@ -104,6 +104,15 @@ class OffsetLedger:
                 out[tp] = max(0, nxt - base)
         return out
 
+    def holding(self, stream: str) -> int:
+        """Records read past the stream's oldest message still needed, over its partitions: what it alone keeps
+        from being committed (a quiet stream's partial window holds its partition's commit until it is evicted)."""
+        total = 0
+        for tp in self._streams.get(stream, ()):
+            if (first := self._held[tp][stream].first()) is not None:
+                total += self._consumed.get(tp, first) - first
+        return total
+
     def first_read(self, tp: TP) -> int | None:
         """The offset of the first record read from the partition since it was assigned (where it began)."""
         return self._first.get(tp)

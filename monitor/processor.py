@@ -266,5 +266,5 @@ class Processor(Ingest, InFlight, Residency, Committing):
         for name, st in self.streams.items():
             tps = self.ledger.partitions_of(name)
             lag = sum(lags[tp] for tp in tps if tp in lags) if any(tp in lags for tp in tps) else None
-            rows.append(st.status(name, self.calibrator, lag, now_ms))
+            rows.append(st.status(name, self.calibrator, lag, now_ms, self.ledger.holding(name)))
         return rows

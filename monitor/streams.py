@@ -270,8 +270,9 @@ class StreamState:
             self.windows.align(*window_from)
         return how
 
-    def status(self, stream: str, calibrator: Calibrator, lag: int | None, now_ms: int) -> dict[str, Any]:
-        """One row of ``/streams`` and ``tsmon status``."""
+    def status(self, stream: str, calibrator: Calibrator, lag: int | None, now_ms: int,
+               holding: int = 0) -> dict[str, Any]:
+        """One row of ``/streams`` and ``tsmon status``; ``holding``: records it keeps from being committed."""
         th, controls = calibrator.threshold(stream), calibrator.controls(stream)
         source = "pinned" if controls["pinned"] else "frozen" if controls["frozen"] else th.source
         ep = self.alerts.episode
@@ -284,7 +285,7 @@ class StreamState:
                 "alert_state": state, "alert_id": ep.alert_id if ep and ep.fired else None,
                 "silenced_until_ms": self.silenced_until_ms if silenced else None,
                 "silenced_until_time": iso(self.silenced_until_ms) if silenced else None, "lag": lag,
-                "precision": self.precision, "feedback": dict(self.feedback)}
+                "holding_back": holding, "precision": self.precision, "feedback": dict(self.feedback)}
 
 
 def doc_partitions(doc: dict[str, Any]) -> frozenset[TP]:

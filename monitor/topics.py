@@ -7,12 +7,13 @@ import threading
 import time
 from typing import Any
 
-from models.errors import BrokerError, describe
+from models.errors import BrokerError, ConfigError, describe
 
 
 def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: dict[str, dict[str, str]] | None = None,
-                  replication_factor: int = -1, **client: Any) -> None:
-    """Create the topics that do not exist yet, with the given partition counts and topic configs.
+                  replication_factor: int = -1, **client: Any) -> set[str]:
+    """Create the topics that do not exist yet, with the given partition counts and topic configs; returns the
+    topics that existed before (those this principal may describe).
 
     ``client``: further ``KafkaAdminClient`` settings (security). ``replication_factor`` -1 asks for the
     brokers' ``default.replication.factor`` (1 on a single local broker); a topic that exists is left alone.
@@ -25,6 +26,7 @@ def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: d
     except KafkaError as exc:
         raise BrokerError(f"cannot reach {bootstrap}: {exc}") from None
     missing: list[Any] = []
+    existing: set[str] = set()
     try:
         existing = set(admin.list_topics())
         missing = [NewTopic(t, n, replication_factor, topic_configs=(configs or {}).get(t, {})) for t, n in topics.items()
@@ -40,6 +42,22 @@ def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: d
                           f"kafka.replication_factor >= 1)") from None
     finally:
         admin.close()
+    return existing
+
+
+def require_inputs(topics: list[str], existing: set[str], servers: str) -> None:
+    """The input topics must exist before the group subscribes to them: a consumer's metadata request has a broker
+    that auto-creates topics create a misspelt one, empty, and the daemon then waited on it for good, ready and
+    healthy, while the real topic went unread (Kafka Streams refuses to start the same way)."""
+    import difflib
+
+    missing = [t for t in topics if t not in existing]
+    if not missing:
+        return
+    close = {t: difflib.get_close_matches(t, sorted(existing), n=1, cutoff=0.75) for t in missing}
+    named = ", ".join(f"{t!r}" + (f" (did you mean {close[t][0]!r}?)" if close[t] else "") for t in missing)
+    raise ConfigError(f"kafka.topics: no topic {named} at {servers}: create it first, correct the name, or give "
+                      "this principal Describe on it (the daemon does not create its input topics)")
 
 
 def within(client: dict[str, Any], timeout_s: float) -> dict[str, Any]:

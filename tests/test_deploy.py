@@ -107,6 +107,11 @@ def test_compose_services_use_real_commands_and_config(tmp_path: Path) -> None:
     _accepts(train[1:])
     _accepts(s["tsmon"]["command"])
     cfg = _config_valid((DEPLOY / "tsmon.toml").read_text(), s["tsmon"]["environment"], tmp_path)
+    # tsmon refuses an input topic that is not there (it never creates one): a job creates it before it starts
+    topics = s["topics"]["command"]
+    assert s["topics"]["image"] == s["kafka"]["image"] and "--create" in topics and "--if-not-exists" in topics
+    assert [topics[i + 1] for i, a in enumerate(topics) if a == "--topic"] == list(cfg.kafka.topics)
+    assert s["tsmon"]["depends_on"]["topics"] == {"condition": "service_completed_successfully"}
     grace = int(s["tsmon"]["stop_grace_period"].rstrip("s"))
     assert grace > cfg.daemon.shutdown_timeout_s
     for mount in s["prometheus"]["volumes"] + s["grafana"]["volumes"] + s["tsmon"]["volumes"]:

@@ -21,7 +21,8 @@ from monitor.config import load_config
 TIMEOUT_S = 5.0
 WIDE = 400  # piped output: one line per stream, never wrapped
 COLUMNS = ("stream", "model", "last sample", "windows", "threshold", "source", "alert", "silenced", "lag",
-           "precision")
+           "held back", "precision")
+NUMERIC = ("windows", "threshold", "lag", "held back", "precision")
 
 
 def status(
@@ -68,7 +69,7 @@ def fetch_streams(url: str) -> list[dict[str, Any]]:
 def streams_table(rows: list[dict[str, Any]]) -> Table:
     t = Table(title=f"{len(rows)} stream{'s' if len(rows) != 1 else ''}")
     for name in COLUMNS:
-        t.add_column(name, justify="right" if name in ("windows", "threshold", "lag", "precision") else "left")
+        t.add_column(name, justify="right" if name in NUMERIC else "left")
     for r in rows:
         t.add_row(*(Text(c) for c in stream_cells(r)))  # Text: a stream id is never markup
     return t
@@ -84,7 +85,8 @@ def stream_cells(r: dict[str, Any]) -> list[str]:
     threshold = r.get("threshold")
     return [_cell(r.get("stream")), _cell(r.get("model")), _time(r.get("last_sample_time")),
             _cell(r.get("windows_scored")), f"{threshold:.4g}" if _number(threshold) else _cell(threshold),
-            source, alert, _time(r.get("silenced_until_time")), _cell(r.get("lag")), _precision(r.get("precision"))]
+            source, alert, _time(r.get("silenced_until_time")), _cell(r.get("lag")),
+            _cell(r.get("holding_back")), _precision(r.get("precision"))]
 
 
 def _cell(v: Any) -> str:

@@ -52,12 +52,22 @@ def test_persistent_storage_survives_restart(tmp_path) -> None:
 
 
 def test_broker_command_prints_address_and_stops_on_sigterm() -> None:
+    """... with the topics it was asked for made before it says its address (tsmon run needs its input topic)."""
+    from kafka.admin import KafkaAdminClient
+
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "monitor", "--log-format", "json", "broker", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "monitor", "--log-format", "json", "broker", "--port", str(port),
+                             "--topic", "sensors.raw:3", "--topic", "plain"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline().strip()
         assert line == f"127.0.0.1:{port}"
+        admin = KafkaAdminClient(bootstrap_servers=line)
+        try:
+            described = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(["sensors.raw", "plain"])}
+        finally:
+            admin.close()
+        assert described == {"sensors.raw": 3, "plain": 4}
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(15) == 0
     finally:

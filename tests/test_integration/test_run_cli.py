@@ -130,6 +130,12 @@ def test_run_alerts_then_stops_on_sigterm_and_commits(broker: Any, topic: str, s
     sent = 2000 // STREAM_HOP
     assert all(o is not None and 0 < o <= sent - (STREAM_WINDOW - STREAM_HOP) // STREAM_HOP
                for o in committed.values()), committed
+    # the logs say where reading began and what the stop committed (a pipeline owner could not tell from them)
+    [(p,)] = [tuple(partitions)]
+    began = [e for e in events if e.get("event") == "partition_reading_from"]
+    assert [(e["partition"], e["offset"]) for e in began] == [(f"{topic}-{p}", 0)], began
+    [final] = [e for e in events if e.get("event") == "final_commit"]
+    assert final["offsets"] == {f"{topic}-{p}": committed[p]}, final
 
 
 def test_run_with_a_missing_config_file_is_a_one_line_error(tmp_path: Path) -> None:
@@ -156,3 +162,24 @@ def test_run_without_a_model_says_how_to_give_one(tmp_path: Path) -> None:
         assert r.returncode == 1, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("ConfigError:") and "--model" in lines[0], r.stderr
+
+
+def test_a_misspelt_input_topic_stops_the_start_and_is_not_created(broker: Any, topic: str, stream_model: Path,
+                                                                   tmp_path: Path) -> None:
+    """Found by a pipeline owner's pass: `topics = ["sensor.raw"]` for sensors.raw had the broker create
+    sensor.raw at the consumer's first metadata request; the daemon then read that empty topic, ready and healthy,
+    while the real one went unread."""
+    from kafka.admin import KafkaAdminClient
+
+    typo = topic[:-1]  # the fixture's topic exists: one letter short of it does not
+    cfg = write_config(tmp_path / "typo.toml", broker.bootstrap, typo, stream_model)
+    r = tsmon("run", "--config", str(cfg), cwd=tmp_path)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("{")]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"ConfigError: kafka.topics: no topic '{typo}' (did you mean '{topic}'?) at "
+                               f"{broker.bootstrap}: create it first"), lines
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    try:
+        assert typo not in admin.list_topics()  # nothing subscribed to it
+    finally:
+        admin.close()

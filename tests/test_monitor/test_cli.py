@@ -513,6 +513,13 @@ def test_ctl_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
         assert code == 2 and message in _said(err) and "Traceback" not in err, (args, err)
 
 
+def test_broker_topics_are_checked_before_it_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    for spec, message in [("a b", "'a b' is not a Kafka topic name"), ("t:0", "partitions must be a whole number"),
+                          ("t:x", "partitions must be a whole number"), (":3", "'' is not a Kafka topic name")]:
+        code, _, err = run(capsys, "broker", "--port", "1", "--topic", spec)
+        assert code == 2 and message in _said(err), (spec, err)
+
+
 def test_ctl_takes_its_broker_from_the_option_before_the_environment(capsys: pytest.CaptureFixture[str],
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """`tsmon ctl` had no broker option: only --config or TSMON_KAFKA__BOOTSTRAP_SERVERS told it where to send."""

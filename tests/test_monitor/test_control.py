@@ -31,7 +31,7 @@ from monitor.control import (
 from monitor.controller import GLOBAL_KEY, Controller, simulate
 from monitor.ctl import CommandFailed, duration_s, unanswered, verdict
 from monitor.processor import Settings
-from monitor.scorer import Scorer, Served
+from monitor.scorer import Scorer, Served, load_served
 from monitor.sink import MemorySink
 from monitor.source import MemorySource
 from tests.conftest import sine_stream
@@ -1223,10 +1223,13 @@ def test_rollback_is_all_or_nothing(make: Make) -> None:
     assert p.calibrator.threshold("dev-1").version == 1  # untouched
 
 
-def test_reserved_stream_ids_are_dead_lettered(make: Make) -> None:
-    p = make()
-    feed(p, records("__tsmon__", *sine_stream(100)))
-    assert "__tsmon__" not in p.streams and p.metrics.total("tsmon_dead_letters_total") > 0
+def test_reserved_stream_ids_are_dead_lettered(make: Make, stream_model: Path) -> None:
+    """As reserved_stream whether a route matches the id or not (one no pattern matched was called no_model)."""
+    for scorer in (None, Scorer([load_served("dev-*", stream_model, None, None, "cpu")])):
+        p = make(scorer)
+        feed(p, records("__tsmon__", *sine_stream(100)))
+        reasons = {dict(m.headers)["tsmon.reason"] for m in p.sink.sent if m.topic == Settings().dead_letter_topic}
+        assert "__tsmon__" not in p.streams and reasons == {b"reserved_stream"}, reasons
 
 
 def test_global_state_merges_ids_and_ignores_garbage(make: Make) -> None:

@@ -22,7 +22,8 @@ from tests.test_monitor.test_cli import run as cli_run
 ROWS: list[dict[str, Any]] = [
     {"stream": "press-7", "model": "dense", "last_sample_time": "2024-01-01T00:10:00.000Z", "windows_scored": 1234,
      "threshold": 0.123456789, "threshold_source": "calibrated", "threshold_version": 3, "alert_state": "firing",
-     "alert_id": "a1b2c3d4e5f6a7b8", "silenced_until_time": None, "lag": 17, "precision": 0.75},
+     "alert_id": "a1b2c3d4e5f6a7b8", "silenced_until_time": None, "lag": 17, "holding_back": 2990,
+     "precision": 0.75},
     {"stream": "pump[2]", "model": "lstm", "last_sample_time": 1704067200000, "threshold_source": "artifact",
      "alert_state": "ok"},
 ]
@@ -341,7 +342,7 @@ def test_status_table(server: HealthServer, capsys: pytest.CaptureFixture[str]) 
     assert code == 0
     first = next(line for line in out.splitlines() if "press-7" in line)
     for cell in ("dense", "2024-01-01T00:10:00.000Z", "1234", "0.1235", "calibrated v3", "firing a1b2c3d4", "17",
-                 "0.750"):
+                 "2990", "0.750"):
         assert cell in first, cell
     assert "a1b2c3d4e" not in out
     second = next(line for line in out.splitlines() if "pump[2]" in line)  # not taken for rich markup

@@ -62,6 +62,20 @@ def test_two_streams_on_one_partition_commit_the_older_of_both() -> None:
     assert led.committable() == {P0: 4}
 
 
+def test_holding_names_what_each_stream_keeps_from_the_commit() -> None:
+    """A pipeline owner saw a partition's commit held 3 000 records back, and lag 0 for every stream: which one?"""
+    led = OffsetLedger()
+    led.hold(P0, "quiet", 0, last_seq=0)  # one sample of a window, then nothing
+    for off in range(1, 101):
+        led.hold(P0, "busy", off, last_seq=off)
+    led.release("busy", 99)  # all but its last message scored
+    led.hold(P1, "busy", 7, last_seq=101)
+    assert led.committable() == {P0: 0, P1: 7}
+    assert (led.holding("quiet"), led.holding("busy"), led.holding("unknown")) == (101, 2 + 1, 0)
+    led.release("quiet", 1)
+    assert led.holding("quiet") == 0 and led.committable()[P0] == 99
+
+
 def test_partitions_are_independent() -> None:
     led = OffsetLedger()
     led.hold(P0, "a", 100, last_seq=3)

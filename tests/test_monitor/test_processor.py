@@ -79,6 +79,18 @@ def metric(p: Processor, name: str) -> float:
 
 # ---- alerts -------------------------------------------------------------------------------------------------------
 
+def test_a_quiet_streams_row_says_how_many_records_it_holds_back(make: Make) -> None:
+    """A partition's commit stayed 3 000 records behind, held by one stream's partial window, while /streams and
+    tsmon status said lag 0 for every stream: nothing named the stream that held it."""
+    p = make()
+    quiet = records("quiet", *sine_stream(3), chunk=3)  # fewer samples than a window: held until evicted
+    busy = records("busy", *sine_stream(40 * W), first_offset=len(quiet))
+    feed(p, quiet + busy)
+    rows = {r["stream"]: r for r in p.status_rows({})}
+    assert rows["quiet"]["holding_back"] == len(quiet) + len(busy)  # from its one message to the last read
+    assert rows["busy"]["holding_back"] <= W // H  # its partial window's messages
+
+
 
 def test_each_burst_fires_and_resolves_once_and_a_clean_stream_is_silent(make: Make) -> None:
     bursts = (1500, 3000)

@@ -152,6 +152,21 @@ def test_topics_that_cannot_be_created_are_one_clear_error(monkeypatch: pytest.M
             ensure_topics("127.0.0.1:9", {"tsmon.control": 1, "tsmon.audit": 1, "tsmon.state": 1})
 
 
+def test_input_topics_must_exist_and_a_near_name_is_suggested() -> None:
+    """The daemon subscribes only to input topics that exist: on a broker that auto-creates topics, a misspelt one
+    was created empty and read for good."""
+    from models.errors import ConfigError
+    from monitor.topics import require_inputs
+
+    existing = {"sensors.raw", "tsmon.control", "ecg"}
+    require_inputs(["sensors.raw", "ecg"], existing, "k:9092")  # all there: nothing said
+    with pytest.raises(ConfigError) as err:
+        require_inputs(["sensor.raw", "ecg", "pressure"], existing, "k:9092")
+    assert str(err.value) == ("kafka.topics: no topic 'sensor.raw' (did you mean 'sensors.raw'?), 'pressure' at "
+                              "k:9092: create it first, correct the name, or give this principal Describe on it "
+                              "(the daemon does not create its input topics)")
+
+
 class StrictConsumer:
     """Pauses and resumes like kafka-python: KeyError for a partition it does not hold."""
 
