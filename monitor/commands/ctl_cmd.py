@@ -76,12 +76,12 @@ def _run(command: str, target: str, params: dict[str, Any], config: Path | None,
 
 
 def _check(params: dict[str, Any]) -> None:
-    """Refuse what no instance could apply before sending it (NaN is not even JSON)."""
+    """Refuse what no instance could apply before sending it (NaN is not even JSON): usage errors, as --timeout's."""
     threshold, quantile = params.get("threshold"), params.get("quantile")
     if threshold is not None and not 0.0 < threshold < math.inf:
-        raise ConfigError(f"--threshold must be finite and > 0, got {threshold}")
+        raise typer.BadParameter(f"must be finite and > 0, got {threshold}", param_hint="--threshold")
     if quantile is not None and not 0.0 < quantile < 1.0:
-        raise ConfigError(f"--quantile must be in (0, 1), got {quantile}")
+        raise typer.BadParameter(f"must be in (0, 1), got {quantile}", param_hint="--quantile")
 
 
 def _show(acks: list[dict[str, Any]]) -> None:
@@ -172,8 +172,12 @@ def silence(for_: Annotated[str, typer.Option("--for", help="How long: 90s, 30m,
             config: Config = None, bootstrap: Bootstrap = None, operator: Operator = None, reason: Reason = "",
             timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
     """Record the stream's alerts as silenced instead of publishing them as firing, for a while."""
-    _run("silence", _target(stream, exact=exact), {"for_s": ctl.duration_s(for_)}, config, bootstrap, operator, reason,
-         timeout, as_json)
+    try:
+        for_s = ctl.duration_s(for_)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("--for: "), param_hint="--for") from None
+    _run("silence", _target(stream, exact=exact), {"for_s": for_s}, config, bootstrap, operator, reason, timeout,
+         as_json)
 
 
 @app.command()

@@ -113,7 +113,8 @@ def replay(
     topic = topic or cfg.kafka.topics[0]
     if model is not None:
         if value_col:
-            raise ConfigError("give --model (its channels, by name) or --value-col, not both")
+            raise typer.BadParameter("give --model (its channels, by name) or --value-col, not both",
+                                     param_hint="--model")
         value_col = [str(c) for c in artifact.read_manifest(model)["channels"]]
     series = read_series(input, value_col, timestamp_col, out_of_order=out_of_order)
     if model is None and series.values.shape[1] > 1:  # a model trained on other columns would score the wrong ones

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
-from models.errors import BrokerError, ConfigError, describe
+from models.errors import BrokerError, describe
 from monitor import logs
 from monitor.commands.options import bootstrap_option
 from monitor.config import load_config
@@ -53,9 +53,9 @@ def tail(
     from kafka.errors import KafkaError
 
     if topic is not None and dead_letters:
-        raise ConfigError("give --topic or --dead-letters, not both")
+        raise typer.BadParameter("give --topic or --dead-letters, not both", param_hint="--topic")
     if idle is not None and not 0 < idle < float("inf"):
-        raise ConfigError("--idle must be a number of seconds > 0")
+        raise typer.BadParameter(f"must be a number of seconds > 0, got {idle:g}", param_hint="--idle")
     cfg = load_config(config, {"kafka.bootstrap_servers": [bootstrap]} if bootstrap else None)
     name = topic or (cfg.kafka.dead_letter_topic if dead_letters else cfg.kafka.alerts_topic)
     # a wrong address: said after TIMEOUT_MS (kafka-python's default bootstrap wait is 30 s)

@@ -478,8 +478,6 @@ def test_more_bad_input_gives_one_line(dense_artifact: Path, tmp_path: Path, cap
     (broken / "manifest.json").write_text(json.dumps({**manifest, "validation_error_quantiles": [1, 2]}))
     cases: list[tuple[list[str], str]] = [
         (["inspect", "--alert", str(binary), "--out", str(tmp_path / "a.png")], "not UTF-8 text"),
-        (["ctl", "pin", "--stream", "s", "--threshold", "nan"], "--threshold must be finite and > 0"),
-        (["ctl", "shadow", "--stream", "s", "--quantile", "inf"], "--quantile must be in (0, 1)"),
         (["score", "--model", str(dense_artifact), "--input", str(binary), "--device", "mps"], "is not supported"),
         (["score", "--model", str(dense_artifact), "--input", str(binary), "--device", "meta"], "is not supported"),
         (["bench", "scorer", "--kind", "dense", "--batch-size", "-4", "--seconds", "0.1"], "--batch-size must be >= 1"),
@@ -508,8 +506,19 @@ def test_ctl_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
                           (["recalibrate"], "give --stream S (a glob is fine) or --all"),
                           (["freeze", "--stream", "s", "--all"], "give --stream or --all, not both"),
                           (["history", "--exact"], "--exact needs --stream ID"),
-                          (["feedback", "--alert", "a1"], "give exactly one of --false-positive or --confirmed")]:
+                          (["feedback", "--alert", "a1"], "give exactly one of --false-positive or --confirmed"),
+                          # values no instance could apply (they exited 1, where --timeout's exited 2)
+                          (["pin", "--stream", "s", "--threshold", "nan"], "Invalid value for --threshold: must be finite and > 0"),
+                          (["shadow", "--stream", "s", "--quantile", "inf"], "Invalid value for --quantile: must be in (0, 1)"),
+                          (["silence", "--stream", "s", "--for", "soon"], "Invalid value for --for: expected a duration like 90s")]:
         code, _, err = run(capsys, "ctl", *args)
+        assert code == 2 and message in _said(err) and "Traceback" not in err, (args, err)
+    # the other commands' conflicting options are usage errors too (they exited 1 as configuration errors)
+    for args, message in [(["tail", "--topic", "x", "--dead-letters"], "give --topic or --dead-letters, not both"),
+                          (["tail", "--idle", "0"], "Invalid value for --idle: must be a number of seconds > 0"),
+                          (["replay", "--input", "x.csv", "--model", "m", "--value-col", "a"],
+                           "give --model (its channels, by name) or --value-col, not both")]:
+        code, _, err = run(capsys, *args)
         assert code == 2 and message in _said(err) and "Traceback" not in err, (args, err)
 
 
