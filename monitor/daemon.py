@@ -19,6 +19,7 @@ with backoff), :mod:`monitor.rebalance` (assignments, the changelog restore), :m
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -178,9 +179,16 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         self.controller = Controller(self.processor, c.key.get_secret_value() if c.key else None, c.audit_topic,
                                      self.instance, c.max_age_s, c.remember)
         self._kafka = source is None  # control topic and changelog only with a real broker
-        self.source = source or source_class(k.consumer_kwargs(), list(k.topics), k.topic_pattern,
-                                             self._on_revoke, self._on_assign)
-        self.control = ControlSource(k.client_kwargs(), c.topic) if self._kafka else None
+        try:
+            self.source = source or source_class(k.consumer_kwargs(), list(k.topics), k.topic_pattern,
+                                                 self._on_revoke, self._on_assign)
+            self.control = ControlSource(k.client_kwargs(), c.topic) if self._kafka else None
+        except BaseException:  # the clients made so far, and the scoring process, must not outlive the start
+            for close in (lambda: self.source.close(1.0) if hasattr(self, "source") else None,
+                          lambda: self.sink.close(1.0), backend.close):
+                with contextlib.suppress(Exception):
+                    close()
+            raise
         self.controller.inputs = self._inputs
         self._schedule()
         self._init_views()
@@ -426,8 +434,9 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
             self.processor.save_changed(every=True)
             self.processor.deadline = time.monotonic() + left(0.3)
             self._commit_now()
-            log.info("final_commit", offsets={f"{t}-{p}": o for (t, p), o in
-                                              sorted(self.processor.committed_offsets().items())})
+            if self.processor.failed is None:  # else nothing was committed past the failed batch (said as it failed)
+                log.info("final_commit", offsets={f"{t}-{p}": o for (t, p), o in
+                                                  sorted(self.processor.committed_offsets().items())})
         except (SinkBackpressure, BrokerError) as exc:
             log.error("final_commit_failed", error=str(exc),
                       consequence="input since the last commit is replayed at the next start")

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import BrokerError, DataError, describe
+from models.errors import BrokerError, DataError, TsmonError, describe
 from models.files import write_bytes_atomically
 from monitor import logs
 from monitor.events import latest_alerts
@@ -143,6 +143,7 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
     import time
 
     from kafka import KafkaProducer
+    from kafka.errors import KafkaError
 
     from models import artifact
     from models.workflow import load_dataset, spec_for_eval
@@ -178,13 +179,14 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         progress.metrics = daemon.metrics
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1, linger_ms=5)
         stop = threading.Event()
+        player_failed: list[Exception] = []
 
         def play() -> None:
             try:
                 send_all()
             except Exception as e:  # noqa: BLE001 - a thread's error would be a traceback on stderr
                 if not (stop.is_set() or broker.exited):  # after either, its sends were given up: said below
-                    log.error("demo_player_failed", error=describe(e), sent_samples=progress.sent_samples)
+                    player_failed.append(e)  # the run stops: a scorecard of a part of it is no result
 
         def send_all() -> None:
             bodies = [[m for m, _ in messages(s.name, s.ts, s.values, w)] for s in streams]  # a beat a message
@@ -207,8 +209,9 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         limit = time.monotonic() + opts.duration_s + 60
 
         def finished() -> bool:
-            if broker.exited:  # the run cannot go on, and its figures would be those of a part of it: a scorecard
-                return True  # of 808 of 4 287 windows, printed after two minutes of retries, looked like a result
+            if broker.exited or player_failed:  # the run cannot go on, and its figures would be those of a part of
+                return True  # it: a scorecard of 808 of 4 287 windows, printed after two minutes of retries, looked
+                # like a result
             return (not player.is_alive() and daemon.caught_up(progress.total_samples)) or time.monotonic() > limit
 
         try:
@@ -220,7 +223,7 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
             try:
                 producer.close(timeout=0 if gone else 5)
             except Exception:  # its last sends time out when the broker is gone: that is said below
-                if not broker.exited:
+                if not (broker.exited or player_failed):
                     raise
         if broker.exited:
             reader.close()
@@ -228,6 +231,12 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
             raise BrokerError(f"the demo's broker stopped (exit status {code}) after "
                               f"{time.monotonic() - t_start:.0f} s, with {progress.sent_samples:,} of "
                               f"{progress.total_samples:,} samples sent: no scorecard; its log: {broker_log}")
+        if player_failed:
+            reader.close()
+            error = BrokerError if isinstance(player_failed[0], KafkaError) else TsmonError
+            raise error(f"the demo could not send its streams ({describe(player_failed[0])}) after "
+                        f"{progress.sent_samples:,} of {progress.total_samples:,} samples: no scorecard; "
+                        f"the broker's log: {broker_log}")
         if broker_log.name.startswith(FALLBACK_LOG):
             broker_log.unlink(missing_ok=True)  # a fallback log of a run that went well: one more file each run
         alerts = reader.settle(quiet_s=1.0)

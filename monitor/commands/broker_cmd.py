@@ -26,9 +26,11 @@ def topic_specs(values: list[str] | None) -> dict[str, int]:
         name, _, count = value.partition(":")
         if (problem := topic_problem(name)) is not None:
             raise typer.BadParameter(problem, param_hint="--topic")
-        if count and not (count.isdigit() and 1 <= int(count) <= 10_000):
+        if count and not (count.isascii() and count.isdigit() and 1 <= int(count) <= 10_000):  # not "²"
             raise typer.BadParameter(f"{value!r}: partitions must be a whole number from 1 to 10000",
                                      param_hint="--topic")
+        if name in specs:
+            raise typer.BadParameter(f"{name!r} is given twice", param_hint="--topic")
         specs[name] = int(count) if count else DEFAULT_PARTITIONS
     return specs
 

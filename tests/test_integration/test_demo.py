@@ -69,6 +69,23 @@ def test_a_demo_whose_broker_dies_says_so_instead_of_a_scorecard(ecg_pca: Path) 
         kill_all(proc, kids)
 
 
+def test_a_demo_whose_player_fails_stops_with_its_error(ecg_pca: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: a player that failed with its broker up was a thread traceback, and the demo waited out its
+    duration and a minute more, then printed a scorecard of the part it had sent."""
+    import monitor.replay
+    from models.errors import TsmonError
+    from monitor.demo import DemoOptions, run_demo
+
+    def broken(*_args: object, **_kw: object) -> None:
+        raise RuntimeError("no bodies today")
+
+    monkeypatch.setattr(monitor.replay, "messages", broken)
+    t0 = time.monotonic()
+    with pytest.raises(TsmonError, match=r"could not send its streams \(RuntimeError: no bodies today\) after 0 of "):
+        run_demo(str(ecg_pca), DemoOptions(duration_s=30, streams=2, rate=1000, http_port=0))
+    assert time.monotonic() - t0 < 30  # not the duration and a minute more
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()

@@ -524,9 +524,12 @@ def test_ctl_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_broker_topics_are_checked_before_it_starts(capsys: pytest.CaptureFixture[str]) -> None:
     for spec, message in [("a b", "'a b' is not a Kafka topic name"), ("t:0", "partitions must be a whole number"),
-                          ("t:x", "partitions must be a whole number"), (":3", "'' is not a Kafka topic name")]:
+                          ("t:x", "partitions must be a whole number"), ("t:²", "partitions must be a whole number"),
+                          (":3", "'' is not a Kafka topic name")]:
         code, _, err = run(capsys, "broker", "--port", "1", "--topic", spec)
         assert code == 2 and message in _said(err), (spec, err)
+    code, _, err = run(capsys, "broker", "--port", "1", "--topic", "a:3", "--topic", "a:5")
+    assert code == 2 and "'a' is given twice" in _said(err), err
 
 
 def test_ctl_takes_its_broker_from_the_option_before_the_environment(capsys: pytest.CaptureFixture[str],

@@ -79,17 +79,23 @@ def metric(p: Processor, name: str) -> float:
 
 # ---- alerts -------------------------------------------------------------------------------------------------------
 
-def test_a_quiet_streams_row_says_how_many_records_it_holds_back(make: Make) -> None:
+@pytest.mark.parametrize("state", [False, True])
+def test_a_quiet_streams_row_says_how_many_records_it_holds_back(make: Make, state: bool) -> None:
     """A partition's commit stayed 3 000 records behind, held by one stream's partial window, while /streams and
     tsmon status said lag 0 for every stream: nothing named the stream that held it."""
     p = make()
+    if state:  # a stream also holds the input since its last state document: until a snapshot, all of it
+        p.settings = Settings(state_topic="state")
     quiet = records("quiet", *sine_stream(3), chunk=3)  # fewer samples than a window: held until evicted
     busy = records("busy", *sine_stream(40 * W), first_offset=len(quiet))
     feed(p, quiet + busy)
-    rows = {r["stream"]: r for r in p.status_rows({})}
-    assert rows["quiet"]["holding_back"] == len(quiet) + len(busy)  # from its one message to the last read
-    assert rows["busy"]["holding_back"] <= W // H  # its partial window's messages
-
+    rows = {r["stream"]: r["holding_back"] for r in p.status_rows({})}
+    assert rows == {"quiet": len(quiet) + len(busy), "busy": len(busy) if state else rows["busy"]}
+    if state:
+        p.save_changed(every=True)  # the snapshot releases what the documents now hold
+        rows = {r["stream"]: r["holding_back"] for r in p.status_rows({})}
+    assert rows["quiet"] == len(quiet) + len(busy)  # from its one message to the last read
+    assert rows["busy"] <= W // H  # its partial window's messages
 
 
 def test_each_burst_fires_and_resolves_once_and_a_clean_stream_is_silent(make: Make) -> None:
@@ -1009,6 +1015,40 @@ def in_process_daemon(model: Path, source: MemorySource, sink: MemorySink, **ove
     cfg = load_config(None, {"models": [{"pattern": "*", "path": str(model)}], "daemon.scoring": "thread",
                              "daemon.device": "cpu", "http.enabled": False, **overrides}, env={})
     return Daemon(cfg, source=source, sink=sink)
+
+
+def test_a_start_whose_consumer_fails_closes_the_sink_and_the_scoring_backend(stream_model: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: a consumer or control client that failed to build (a SASL setting kafka-python refuses)
+    left the producer and the scoring process of the start open."""
+    import monitor.daemon
+
+    closed: list[str] = []
+
+    class Sink(MemorySink):
+        def close(self, timeout_s: float) -> None:
+            closed.append("sink")
+
+    class Refused:
+        def __init__(self, *_a: Any, **_kw: Any) -> None:
+            raise ValueError("sasl_mechanism refused")
+
+    real_backend = Daemon._backend
+
+    def backend(self: Any, threads: int) -> Any:
+        b = real_backend(self, threads)
+        b.close = lambda: closed.append("backend")  # type: ignore[method-assign]
+        return b
+
+    monkeypatch.setattr(Daemon, "_backend", backend)
+    monkeypatch.setattr(Daemon, "_wait_for_brokers", lambda self: None)
+    monkeypatch.setattr(Daemon, "_ensure_topics", lambda self: {"tsmon.input"})
+    monkeypatch.setattr(monitor.daemon, "client_classes", lambda cfg, need: (None, Refused))
+    cfg = load_config(None, {"models": [{"pattern": "*", "path": str(stream_model)}], "daemon.scoring": "thread",
+                             "daemon.device": "cpu", "http.enabled": False}, env={})
+    with pytest.raises(ValueError, match="sasl_mechanism refused"):
+        Daemon(cfg, sink=Sink())
+    assert closed == ["sink", "backend"]
 
 
 def test_a_daemon_scoring_in_a_process_exports_that_process_series(stream_model: Path) -> None:
@@ -2434,18 +2474,23 @@ def test_gap_periods_per_route_applies_to_its_streams_only(make: Make, stream_mo
     assert [d["kind"] for d in docs(p2, "data_quality")] == ["gap"]
 
 
-def test_a_daemon_whose_scoring_failed_where_it_was_caught_stops_instead_of_running_on(stream_model: Path) -> None:
+def test_a_daemon_whose_scoring_failed_where_it_was_caught_stops_instead_of_running_on(
+        stream_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A failure raised inside a rebalance callback can be caught on its way out (kafka-python wraps it): the loop
-    then ran on, healthy to every probe, scoring and committing nothing. Once the processor has failed it stops."""
+    then ran on, healthy to every probe, scoring and committing nothing. Once the processor has failed it stops,
+    and its log does not say a final commit (of the offsets committed before) went through."""
     from models.errors import TsmonError
 
     source = MemorySource(records("dev-z", *sine_stream(400)))
     d = in_process_daemon(stream_model, source, MemorySink())
     d.processor.failed = "RuntimeError: CUDA error (in a revoke)"
     t0 = time.monotonic()
+    capsys.readouterr()
     with pytest.raises(TsmonError, match="CUDA error"):
         d.run(until=lambda: time.monotonic() - t0 > 5)
     assert time.monotonic() - t0 < 4 and not source.committed
+    logged = capsys.readouterr()
+    assert "daemon_stopped" in logged.err + logged.out and "final_commit" not in logged.err + logged.out
 
 
 def test_the_shutdown_waits_for_a_stuck_batch_only_until_its_drain_ends(served: Served) -> None:
