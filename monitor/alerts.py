@@ -5,7 +5,9 @@ and resolves after ``resolve_after`` consecutive windows under it; everything be
 with one ``alert_id`` = hash(model name and version, stream, first window's start time), so a replay after a restart
 produces the same id and consumers can deduplicate. A stream that fired ``flap_max`` times within
 ``flap_period_ms`` is held firing (``flapping``) until it has been quiet for a whole period, instead of
-sending a storm of messages. The machine also tells the calibrator which windows were normal:
+sending a storm of messages. A page is updated, under the same id with the next ``revision``, when its episode's
+peak rises to a higher severity (minor → major → critical: at most twice) and when it turns flapping, so the
+message on a consumer's screen describes the worst window so far. The machine also tells the calibrator which windows were normal:
 ``Step.normal`` (under threshold, no episode open) and ``Step.censored`` (over-threshold windows that were
 *noise*: a run shorter than ``for_windows`` that ended without firing; with ``for_windows`` = 1, a
 single-window episode under ``major_ratio`` × its threshold once it resolves — else a stream paging on
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 MAX_EPISODE_SCORES = 64  # an episode's over-threshold errors kept for feedback (the first ones)
+SEVERITIES = ("minor", "major", "critical")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,8 @@ class Episode:
     # restored from a document that did not keep it (unknown then: the restored start names the replay's)
     first_source: tuple[str, int, int] | None = None
     explain: dict[str, Any] | None = None  # the picture of a silenced episode, kept until its page goes out
+    revision: int = 0  # firing messages paged so far: the next one's revision (updates: 1, 2, ...)
+    severity_sent: str = ""  # of the last firing message paged: a peak of a higher one updates the page
 
     def add(self, obs: Observation) -> None:
         self.last = obs
@@ -130,6 +135,7 @@ UNKNOWN_SOURCE = ("", -1, -1)  # a restored episode's first input, when its docu
 class Transition:
     status: str  # "firing" or "resolved"
     episode: Episode
+    escalation: bool = False  # a page sent again: its peak rose to a higher severity (not a new firing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +231,8 @@ class AlertState:
             self.under, self.run, self.run_peak = 0, self.run + 1, max(self.run_peak, _ratio(obs))
             if self.would_over or self.run >= s.for_windows:  # a run that would page (under for = 1: any window)
                 ep.last_paging_ts = obs.end_ts
+            if ep.paged and not ep.silenced and _rank(peak_severity(ep, s)) > _rank(ep.severity_sent):
+                return Step([Transition("firing", ep, escalation=True)], False, 0)  # the page is updated
             return Step([], False, 0)
         run, peak = self.run, self.run_peak
         self.run, self.run_peak, self.under = 0, 0.0, self.under + 1
@@ -285,7 +293,8 @@ class AlertState:
             "last_over_ts": ep.last_over_ts, "last_paging_ts": ep.last_paging_ts,
             "windows_over": ep.windows_over, "flapping": ep.flapping,
             "silenced": ep.silenced, "scores": ep.scores, "paged": ep.paged,
-            "first_source": list(ep.first_source) if ep.first_source else None, "explain": ep.explain}
+            "first_source": list(ep.first_source) if ep.first_source else None, "explain": ep.explain,
+            "revision": ep.revision, "severity_sent": ep.severity_sent}
         return {"episode": episode, "under": self.under, "run": self.run, "run_peak": self.run_peak,
                 "would_over": self.would_over, "would_peak": self.would_peak, "fires": list(self.fires),
                 "over_floor": self.over_floor if math.isfinite(self.over_floor) else None,
@@ -318,12 +327,18 @@ class AlertState:
             raise ValueError(f"first_source must be [topic, partition, offset] or null, got {source!r}")
         if picture is not None and not isinstance(picture, dict):
             raise ValueError(f"explain must be an object or null, got {type(picture).__name__}")
+        paged = bool(e.get("paged", not e["silenced"]))  # absent before: paged unless silenced
         self.episode = Episode(str(e["alert_id"]), replace(start, start_seq=replay_from_seq), obs["peak"],
                                obs["fired"], obs["last"], int(e["last_over_ts"]), int(e["windows_over"]),
-                               bool(e["flapping"]), bool(e["silenced"]), [float(x) for x in e["scores"]],
-                               bool(e.get("paged", not e["silenced"])),  # absent before: paged unless silenced
+                               bool(e["flapping"]), bool(e["silenced"]), [float(x) for x in e["scores"]], paged,
                                int(e.get("last_paging_ts", e["last_over_ts"])),  # absent before: any over window
                                tuple(source) if source else UNKNOWN_SOURCE, picture)
+        # absent before: one page sent, at the peak's severity (no update for what was already paged)
+        self.episode.revision = int(e.get("revision", int(paged)))
+        sent = e.get("severity_sent", peak_severity(self.episode, self.settings) if paged else "")
+        if sent not in ("", *SEVERITIES):
+            raise ValueError(f"severity_sent must be one of {SEVERITIES} or empty, got {sent!r}")
+        self.episode.severity_sent = sent
 
     def _id(self, obs: Observation) -> str:
         key = f"{self.model}|{self.stream}|{obs.start_ts}" + (f"|{self.generation}" if self.generation else "")
@@ -347,6 +362,15 @@ def severity(ratio: float, s: AlertSettings) -> str:
     return "critical" if ratio >= s.critical_ratio else "major" if ratio >= s.major_ratio else "minor"
 
 
+def peak_severity(ep: Episode, s: AlertSettings) -> str:
+    """The severity of the episode's peak, as its message shows it (the ratio rounded to 4 decimals)."""
+    return severity(round(_ratio(ep.peak), 4), s)
+
+
+def _rank(sev: str) -> int:
+    return SEVERITIES.index(sev) if sev in SEVERITIES else -1
+
+
 def iso(ts_ms: int) -> str:
     return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -366,14 +390,31 @@ def alert_doc(stream: str, t: Transition, model: dict[str, str], channel_names: 
     ep = t.episode
     peak, last = ep.peak, ep.last or ep.peak
     ratio = round(_ratio(peak), 4)  # the severity of the ratio shown (1.49996 was shown 1.5 and called minor)
-    return {
+    fired_ts = ep.fired.end_ts if ep.fired else None
+    end_ts = last.end_ts if t.status == "resolved" else None
+    doc = {
         "type": "anomaly", "alert_id": ep.alert_id, "stream": stream, "status": t.status,
-        "flapping": ep.flapping, "severity": severity(ratio, s),
+        "revision": ep.revision if t.status == "firing" else 0, "flapping": ep.flapping, "severity": severity(ratio, s),
         "start_ts": ep.start.start_ts, "start_time": iso(ep.start.start_ts),
-        "fired_ts": ep.fired.end_ts if ep.fired else None,
-        "end_ts": last.end_ts if t.status == "resolved" else None,
-        "peak_score": significant(peak.score), "peak_ts": peak.end_ts, "ratio": ratio,
+        "fired_ts": fired_ts, "fired_time": iso(fired_ts) if fired_ts is not None else None,
+        "end_ts": end_ts, "end_time": iso(end_ts) if end_ts is not None else None,
+        "peak_score": significant(peak.score), "peak_ts": peak.end_ts, "peak_time": iso(peak.end_ts), "ratio": ratio,
         "threshold": significant(peak.threshold), "threshold_source": peak.threshold_source,
         "top_channels": top_channels(peak.channel_errors, channel_names),
         "windows_over": ep.windows_over, "model": model, "source": source,
     }
+    doc["summary"] = summary(doc)
+    return doc
+
+
+def summary(doc: dict[str, Any]) -> str:
+    """One line for a human paged by the message: stream, severity, how far over, where, since when, what next."""
+    top = doc["top_channels"][0] if doc["top_channels"] else None
+    where = f", mostly {top['channel']} ({top['share']:.0%} of the error)" if top and len(doc["top_channels"]) > 1 \
+        else ""
+    head = (f"{doc['stream']}: {doc['severity']} anomaly, error {doc['ratio']:g}× its threshold at the worst "
+            f"window{where}; over it since {doc['start_time']}")
+    if doc["status"] == "resolved":
+        return f"{head}, resolved at {doc['end_time']} after {doc['windows_over']} window(s) over"
+    held = " (flapping: held open)" if doc["flapping"] else ""
+    return f"{head}, {doc['windows_over']} window(s) over{held}; picture: tsmon inspect --alert {doc['alert_id']}"

@@ -178,6 +178,10 @@ class Processor(Ingest, InFlight, Residency, Committing):
         doc = alert_doc(stream, t, st.served.describe(), st.served.detector.channel_names if names is None else names,
                         source, self.settings.alerts)
         doc.update(status=status, silenced=ep.silenced, published_ts=int(self.clock() * 1000), **extra)
+        if status == "firing":  # the page, or an update of it (a higher severity, the flapping mark): its revision
+            ep.revision, ep.severity_sent = ep.revision + 1, doc["severity"]
+        else:
+            doc["revision"] = 0
         if t.status == "firing":  # a restored peak has no samples: a silenced episode keeps its picture for its page
             doc["explain"] = self._explain(st, ep.peak) or ep.explain
             ep.explain = doc["explain"] if status == "silenced" else None

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from models.errors import ConfigError
 from monitor import ctl
+from monitor.alerts import iso
 from monitor.commands.options import bootstrap_option
 from monitor.commands.render import emit_json, stdout
 from monitor.config import load_config
@@ -99,7 +100,8 @@ def _effect(a: dict[str, Any]) -> str:
              if "before" in e]
     r = a["result"]
     for stream, versions in r.get("history", {}).items():
-        lines += [f"{stream} v{v['version']}: {v['value']:.6g} {v['source']} {v['reason']}" for v in versions]
+        lines += [f"{stream} v{v['version']}: {v['value']:.6g} {v['source']} {_when(v.get('updated_ms'))} {v['reason']}"
+                  for v in versions]
     for stream, sh in r.get("shadow", {}).items():
         if "error" in sh:
             lines.append(f"{stream}: {sh['error']}")
@@ -116,6 +118,11 @@ def _effect(a: dict[str, Any]) -> str:
     if not lines and not a["streams"] and a["status"] == "applied" and not r:
         return "no stream of this instance matched"  # "applied" over a bare "-" read as done, above "no daemon has…"
     return "\n".join(lines) or "-"
+
+
+def _when(ms: Any) -> str:
+    """A version's time: ISO 8601, or "initial" for the artifact's value (0)."""
+    return iso(int(ms)) if isinstance(ms, int) and not isinstance(ms, bool) and ms > 0 else "initial"
 
 
 def _fmt(view: dict[str, Any] | None) -> str:

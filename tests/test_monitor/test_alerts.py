@@ -264,7 +264,7 @@ def test_top_channels_with_no_error() -> None:
 
 DOC_KEYS = {"type", "alert_id", "stream", "status", "flapping", "severity", "start_ts", "start_time", "fired_ts",
             "end_ts", "peak_score", "peak_ts", "ratio", "threshold", "threshold_source", "top_channels",
-            "windows_over", "model", "source"}
+            "windows_over", "model", "source", "revision", "fired_time", "end_time", "peak_time", "summary"}
 
 
 def test_alert_doc_firing_and_resolved() -> None:
@@ -300,6 +300,39 @@ def test_alert_doc_of_a_flapping_episode() -> None:
     assert doc["status"] == "firing" and doc["flapping"] is True and doc["end_ts"] is None
     assert doc["severity"] == "critical" and doc["ratio"] == 3.5 and doc["fired_ts"] == 13_000
     json.dumps(doc, allow_nan=False)
+
+
+def paged(st: AlertState, scores: list[float], first: int = 0) -> list[tuple[int, str]]:
+    """Feed the windows and publish each firing transition as the processor does: (revision, severity) sent."""
+    sent = []
+    for i, score in enumerate(scores):
+        for t in st.update(obs(first + i, score)).transitions:
+            if t.status == "firing" and not t.episode.silenced:
+                doc = alert_doc("s1", t, {"name": "m1"}, ["a", "b", "c"], {}, st.settings)
+                sent.append((doc["revision"], doc["severity"]))
+                ep = t.episode
+                ep.paged, ep.revision, ep.severity_sent = True, ep.revision + 1, doc["severity"]
+    return sent
+
+
+def test_a_page_is_sent_again_only_when_its_severity_rises_and_the_revision_survives_a_restore() -> None:
+    s = AlertSettings(for_windows=1, resolve_after=1)  # threshold 2: major from 3, critical from 6
+    st = AlertState("s1", "m1", s)
+    assert paged(st, [MINOR, MINOR, 3.5, 3.0, MINOR]) == [(0, "minor"), (1, "major")]
+    doc = json.loads(json.dumps(st.to_doc()))
+    assert (doc["episode"]["revision"], doc["episode"]["severity_sent"]) == (2, "major")
+    again = AlertState("s1", "m1", s)
+    again.restore(doc, replay_from_seq=0)
+    assert paged(again, [5.0, 13.0, 19.0], first=5) == [(2, "critical")]  # once: none above it
+    del doc["episode"]["revision"], doc["episode"]["severity_sent"]  # a document of an earlier version
+    old = AlertState("s1", "m1", s)
+    old.restore(doc, replay_from_seq=0)
+    assert paged(old, [4.0], first=5) == [] and old.episode is not None and old.episode.revision == 1
+    silenced = AlertState("s1", "m1", s)
+    silenced.update(obs(0, MINOR))
+    assert silenced.episode is not None
+    silenced.episode.silenced = True  # recorded, not paged: its page, when it goes out, shows the peak then
+    assert paged(silenced, [19.0], first=1) == [] and silenced.episode.revision == 0
 
 
 def test_a_restored_hold_learns_as_the_one_saved() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -490,9 +491,13 @@ def test_feedback_reset_history_rollback_shadow(make: Make) -> None:
                                                                                          "found": False}
     send(c, "pin", "dev-f", threshold=1.0)
     send(c, "rollback", "dev-f", version=0)
-    hist = send(c, "history", "dev-f")["result"]["history"]["dev-f"]
+    answer = send(c, "history", "dev-f")
+    hist = answer["result"]["history"]["dev-f"]
     assert [(h["version"], h["source"], h["value"]) for h in hist][1:] == [
         (1, "pinned", 1.0), (2, "rollback", hist[0]["value"])]
+    table = _effect(answer).splitlines()  # with its time, as the README's table says (it had none)
+    assert table[0].startswith("dev-f v0: ") and " artifact initial " in table[0]
+    assert re.fullmatch(r"dev-f v1: 1 pinned \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z.*", table[1]), table[1]
     assert "no version 7" in send(c, "rollback", "dev-f", version=7)["error"]
     sh = send(c, "shadow", "dev-f", quantile=0.5)["result"]["shadow"]["dev-f"]
     assert sh["candidate"]["threshold"] < sh["current"]["threshold"] and sh["windows"] > 0

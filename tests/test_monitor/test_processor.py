@@ -98,6 +98,34 @@ def test_a_quiet_streams_row_says_how_many_records_it_holds_back(make: Make, sta
     assert rows["busy"] <= W // H  # its partial window's messages
 
 
+def test_a_page_is_updated_when_its_episode_grows_worse(make: Make) -> None:
+    """Found by an on-call pass: the page was fixed when it fired (minor, the first windows' channel and picture)
+    while the episode grew critical; only its resolved message, after the fact, said so. A higher severity now
+    sends the page again, same id, next revision, with the worst window's figures and picture."""
+    p = make()
+    ts, v = sine_stream(4000, seed=2)
+    v[1500:1530, 0] += 0.5  # a small anomaly first: its page is not critical
+    recs = records("dev-esc", ts, v)
+    cut = 140
+    while not docs(p, "anomaly") and cut < 180:  # into the burst, up to its page
+        feed(p, recs[cut - 1 : cut] if cut > 140 else recs[:cut])
+        p.commit(MemorySource())
+        cut += 1
+    [first] = [d for d in docs(p, "anomaly") if d["status"] == "firing"]
+    assert first["severity"] != "critical" and first["revision"] == 0
+    p.calibrator.pin("dev-esc", p.calibrator.threshold("dev-esc").value / 20, "the episode grows worse")
+    feed(p, recs[cut - 1 : cut + 40])
+    p.commit(MemorySource())
+    firing = [d for d in docs(p, "anomaly") if d["status"] == "firing"]
+    assert [(d["alert_id"], d["revision"], d["severity"]) for d in firing] == [
+        (first["alert_id"], 0, first["severity"]), (first["alert_id"], 1, "critical")]  # critical: no higher one
+    update = firing[1]
+    assert update["ratio"] > first["ratio"] and update["explain"] and update["peak_ts"] > first["peak_ts"]
+    assert update["summary"].startswith(f"dev-esc: critical anomaly, error {update['ratio']:g}× its threshold")
+    assert update["summary"].endswith(f"picture: tsmon inspect --alert {first['alert_id']}")
+    assert metric(p, "tsmon_alerts_fired_total") == 1  # one page, updated
+
+
 def test_each_burst_fires_and_resolves_once_and_a_clean_stream_is_silent(make: Make) -> None:
     bursts = (1500, 3000)
     p = make()
