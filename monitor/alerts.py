@@ -5,9 +5,11 @@ and resolves after ``resolve_after`` consecutive windows under it; everything be
 with one ``alert_id`` = hash(model name and version, stream, first window's start time), so a replay after a restart
 produces the same id and consumers can deduplicate. A stream that fired ``flap_max`` times within
 ``flap_period_ms`` is held firing (``flapping``) until it has been quiet for a whole period, instead of
-sending a storm of messages. A page is updated, under the same id with the next ``revision``, when its episode's
+sending a storm of messages. A page is updated, under the same id with a higher ``revision``, when its episode's
 peak rises to a higher severity (minor → major → critical: at most twice) and when it turns flapping, so the
-message on a consumer's screen describes the worst window so far. The machine also tells the calibrator which windows were normal:
+message on a consumer's screen describes the worst window so far; the revision is derived from what the message
+says (severity and flapping), so a replay can never send other content under a revision already sent. The
+machine also tells the calibrator which windows were normal:
 ``Step.normal`` (under threshold, no episode open) and ``Step.censored`` (over-threshold windows that were
 *noise*: a run shorter than ``for_windows`` that ended without firing; with ``for_windows`` = 1, a
 single-window episode under ``major_ratio`` × its threshold once it resolves — else a stream paging on
@@ -106,7 +108,6 @@ class Episode:
     # restored from a document that did not keep it (unknown then: the restored start names the replay's)
     first_source: tuple[str, int, int] | None = None
     explain: dict[str, Any] | None = None  # the picture of a silenced episode, kept until its page goes out
-    revision: int = 0  # firing messages paged so far: the next one's revision (updates: 1, 2, ...)
     severity_sent: str = ""  # of the last firing message paged: a peak of a higher one updates the page
 
     def add(self, obs: Observation) -> None:
@@ -231,7 +232,8 @@ class AlertState:
             self.under, self.run, self.run_peak = 0, self.run + 1, max(self.run_peak, _ratio(obs))
             if self.would_over or self.run >= s.for_windows:  # a run that would page (under for = 1: any window)
                 ep.last_paging_ts = obs.end_ts
-            if ep.paged and not ep.silenced and _rank(peak_severity(ep, s)) > _rank(ep.severity_sent):
+            paging = not ep.flapping or self.would_over or self.run >= s.for_windows  # not a hold's noise run
+            if ep.paged and paging and _rank(peak_severity(ep, s)) > _rank(ep.severity_sent):
                 return Step([Transition("firing", ep, escalation=True)], False, 0)  # the page is updated
             return Step([], False, 0)
         run, peak = self.run, self.run_peak
@@ -294,7 +296,7 @@ class AlertState:
             "windows_over": ep.windows_over, "flapping": ep.flapping,
             "silenced": ep.silenced, "scores": ep.scores, "paged": ep.paged,
             "first_source": list(ep.first_source) if ep.first_source else None, "explain": ep.explain,
-            "revision": ep.revision, "severity_sent": ep.severity_sent}
+            "severity_sent": ep.severity_sent}
         return {"episode": episode, "under": self.under, "run": self.run, "run_peak": self.run_peak,
                 "would_over": self.would_over, "would_peak": self.would_peak, "fires": list(self.fires),
                 "over_floor": self.over_floor if math.isfinite(self.over_floor) else None,
@@ -334,7 +336,6 @@ class AlertState:
                                int(e.get("last_paging_ts", e["last_over_ts"])),  # absent before: any over window
                                tuple(source) if source else UNKNOWN_SOURCE, picture)
         # absent before: one page sent, at the peak's severity (no update for what was already paged)
-        self.episode.revision = int(e.get("revision", int(paged)))
         sent = e.get("severity_sent", peak_severity(self.episode, self.settings) if paged else "")
         if sent not in ("", *SEVERITIES):
             raise ValueError(f"severity_sent must be one of {SEVERITIES} or empty, got {sent!r}")
@@ -371,6 +372,13 @@ def _rank(sev: str) -> int:
     return SEVERITIES.index(sev) if sev in SEVERITIES else -1
 
 
+def revision(sev: str, flapping: bool) -> int:
+    """What a message of an episode says, as a number that rises with each update: 2 × the severity's rank (minor
+    0, major 1, critical 2) + 1 when flapping. Derived, not counted: a replay that pages after a silence at major,
+    where the first run paged minor then major, sends nothing under a revision with other content."""
+    return 2 * max(_rank(sev), 0) + int(flapping)
+
+
 def iso(ts_ms: int) -> str:
     return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -394,7 +402,7 @@ def alert_doc(stream: str, t: Transition, model: dict[str, str], channel_names: 
     end_ts = last.end_ts if t.status == "resolved" else None
     doc = {
         "type": "anomaly", "alert_id": ep.alert_id, "stream": stream, "status": t.status,
-        "revision": ep.revision if t.status == "firing" else 0, "flapping": ep.flapping, "severity": severity(ratio, s),
+        "revision": revision(severity(ratio, s), ep.flapping), "flapping": ep.flapping, "severity": severity(ratio, s),
         "start_ts": ep.start.start_ts, "start_time": iso(ep.start.start_ts),
         "fired_ts": fired_ts, "fired_time": iso(fired_ts) if fired_ts is not None else None,
         "end_ts": end_ts, "end_time": iso(end_ts) if end_ts is not None else None,
@@ -407,14 +415,23 @@ def alert_doc(stream: str, t: Transition, model: dict[str, str], channel_names: 
     return doc
 
 
+END_CAUSES = ("reset", "model_changed", "clock_step", "stream_gone")  # flags of a resolve its windows did not make
+
+
 def summary(doc: dict[str, Any]) -> str:
     """One line for a human paged by the message: stream, severity, how far over, where, since when, what next."""
-    top = doc["top_channels"][0] if doc["top_channels"] else None
-    where = f", mostly {top['channel']} ({top['share']:.0%} of the error)" if top and len(doc["top_channels"]) > 1 \
-        else ""
-    head = (f"{doc['stream']}: {doc['severity']} anomaly, error {doc['ratio']:g}× its threshold at the worst "
-            f"window{where}; over it since {doc['start_time']}")
+    top = doc["top_channels"]
+    where = f", largest share {top[0]['channel']} ({top[0]['share']:.0%} of the error)" if len(top) > 1 else ""
+    ratio = f"at least {RATIO_CAP:g}" if doc["ratio"] >= RATIO_CAP else f"{doc['ratio']:g}"
+    head = (f"{doc['stream']}: {doc['severity']} anomaly, error {ratio}× its threshold at the worst window{where}; "
+            f"over it since {doc['start_time']}")
     if doc["status"] == "resolved":
-        return f"{head}, resolved at {doc['end_time']} after {doc['windows_over']} window(s) over"
+        why = [k.replace("_", " ") for k in END_CAUSES if doc.get(k)]
+        return f"{head}, resolved at {doc['end_time']}" + (f" ({', '.join(why)})" if why else "") + \
+            f" after {doc['windows_over']} window(s) over"
     held = " (flapping: held open)" if doc["flapping"] else ""
-    return f"{head}, {doc['windows_over']} window(s) over{held}; picture: tsmon inspect --alert {doc['alert_id']}"
+    late = " (paged when its silence ended)" if doc.get("after_silence") else ""
+    if doc["status"] == "silenced":
+        return f"{head}, {doc['windows_over']} window(s) over{held}; recorded while silenced, not paged"
+    return f"{head}, {doc['windows_over']} window(s) over{held}{late}; picture: tsmon inspect --alert {doc['alert_id']}"
+

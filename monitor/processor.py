@@ -29,7 +29,7 @@ import numpy as np
 
 from models.errors import describe
 from monitor import logs
-from monitor.alerts import UNKNOWN_SOURCE, AlertState, Observation, Step, Transition, alert_doc
+from monitor.alerts import UNKNOWN_SOURCE, AlertState, Observation, Step, Transition, alert_doc, summary
 from monitor.batcher import Batch
 from monitor.calibrator import Calibrator
 from monitor.committing import Committing
@@ -161,6 +161,8 @@ class Processor(Ingest, InFlight, Residency, Committing):
         ``names``: the channels of the model that scored it, when not the stream's model now."""
         ep = t.episode
         status = t.status
+        if t.escalation and self.silenced(st):  # a silence set after the page: its update waits for the silence's end
+            return
         if status == "firing":
             if not ep.paged:  # a page that went out stays one: a silence set later does not relabel its repeats
                 ep.silenced = self.silenced(st)
@@ -178,10 +180,9 @@ class Processor(Ingest, InFlight, Residency, Committing):
         doc = alert_doc(stream, t, st.served.describe(), st.served.detector.channel_names if names is None else names,
                         source, self.settings.alerts)
         doc.update(status=status, silenced=ep.silenced, published_ts=int(self.clock() * 1000), **extra)
-        if status == "firing":  # the page, or an update of it (a higher severity, the flapping mark): its revision
-            ep.revision, ep.severity_sent = ep.revision + 1, doc["severity"]
-        else:
-            doc["revision"] = 0
+        doc["summary"] = summary(doc)  # of the message as sent: silenced, after a silence, why it resolved
+        if status == "firing":  # the page, or an update of it (a higher severity, the flapping mark)
+            ep.severity_sent = doc["severity"]
         if t.status == "firing":  # a restored peak has no samples: a silenced episode keeps its picture for its page
             doc["explain"] = self._explain(st, ep.peak) or ep.explain
             ep.explain = doc["explain"] if status == "silenced" else None

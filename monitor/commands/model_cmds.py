@@ -428,8 +428,18 @@ def _message(doc: Any) -> Any:
     return doc
 
 
+def latest_picture(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of one alert's messages with a picture, the latest update's (highest ``revision``, then the last sent): its
+    worst window. The first page's showed the windows before the episode grew (a level shift not there yet)."""
+    def rank(item: tuple[int, dict[str, Any]]) -> tuple[int, int]:
+        r = item[1].get("revision")
+        return (r if isinstance(r, int) and not isinstance(r, bool) else 0, item[0])
+
+    return max(enumerate(messages), key=rank)[1]
+
+
 def _alert_from_topic(alert_id: str, config: Path | None, bootstrap: str | None) -> dict[str, Any]:
-    """The firing message (the one with ``explain``) of ``alert_id`` on the alerts topic."""
+    """The latest firing message with a picture (``explain``) of ``alert_id`` on the alerts topic."""
     from kafka.errors import KafkaError
 
     from monitor.config import load_config
@@ -449,7 +459,7 @@ def _alert_from_topic(alert_id: str, config: Path | None, bootstrap: str | None)
     mine = [d for d in docs if isinstance(d, dict) and d.get("alert_id") == alert_id]
     firing = [d for d in mine if isinstance(d.get("explain"), dict)]  # null: a repeat restored without one
     if firing:
-        return firing[0]  # the message that paged; a flapping episode may send a second one
+        return latest_picture(firing)
     if mine:
         raise DataError(f"alert {alert_id} on topic {topic} at {servers} has {len(mine)} message(s) but none "
                         "carries 'explain' (fired by a tsmon without explain?)")

@@ -117,8 +117,9 @@ def test_commands_end_to_end(broker: Any, topic: str, stream_model: Path, tmp_pa
                                           "dev-b": stream(1000, 1000, bursts=(300,), seed=1)})
         run.caught_up(4000)
         docs = alerts(cfg)
-        (fired,) = [d for d in docs if d["stream"] == "dev-a" and d["status"] == "firing"]
-        assert (fired["threshold"], fired["threshold_source"]) == (0.5, "pinned")
+        fired = [d for d in docs if d["stream"] == "dev-a" and d["status"] == "firing"]  # the page, its updates
+        assert len({d["alert_id"] for d in fired}) == 1 and len({d["revision"] for d in fired}) == len(fired)
+        assert all((d["threshold"], d["threshold_source"]) == (0.5, "pinned") for d in fired)
         b = [d for d in docs if d["stream"] == "dev-b"]
         assert [d["status"] for d in b] == ["silenced", "resolved"] and all(d["silenced"] for d in b)
 

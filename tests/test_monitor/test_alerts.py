@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from monitor.alerts import AlertSettings, AlertState, Observation, Step, alert_doc, severity, top_channels
+from monitor.alerts import AlertSettings, AlertState, Observation, Step, alert_doc, severity, summary, top_channels
 
 TH = 2.0
 HOP_MS = 1_000
@@ -292,6 +292,23 @@ def test_alert_doc_firing_and_resolved() -> None:
         assert json.loads(json.dumps(doc, allow_nan=False)) == doc
 
 
+def test_the_summary_says_what_the_message_is() -> None:
+    s = AlertSettings(for_windows=1, resolve_after=1)
+    st = AlertState("pump-7", "m1", s)
+    fired = st.update(obs(0, 7.0, errors=(1.0, 6.0, 3.0))).transitions[0]
+    doc = alert_doc("pump-7", fired, {"name": "m1"}, ["temp", "rpm", "press"], {}, s)
+    assert doc["summary"] == ("pump-7: critical anomaly, error 3.5× its threshold at the worst window, largest share "
+                              "rpm (60% of the error); over it since 1970-01-01T00:00:00.000Z, 1 window(s) over; "
+                              f"picture: tsmon inspect --alert {doc['alert_id']}")
+    assert summary({**doc, "status": "silenced"}).endswith("; recorded while silenced, not paged")
+    assert "(paged when its silence ended)" in summary({**doc, "after_silence": True})
+    gone = {**doc, "status": "resolved", "end_time": "1970-01-08T00:00:09.000Z", "stream_gone": True}
+    assert summary(gone).endswith("resolved at 1970-01-08T00:00:09.000Z (stream gone) after 1 window(s) over")
+    assert "error at least 1e+12× its threshold" in summary({**doc, "ratio": 1e12})
+    single = AlertState("ecg-1", "m1", s).update(obs(0, 7.0, errors=(5.0,))).transitions[0]
+    assert "largest share" not in alert_doc("ecg-1", single, {"name": "m1"}, ["ecg"], {}, s)["summary"]
+
+
 def test_alert_doc_of_a_flapping_episode() -> None:
     s = AlertSettings(for_windows=1, resolve_after=1, flap_period_ms=60_000, flap_max=3)
     st = AlertState("s1", "m1", s)
@@ -310,29 +327,32 @@ def paged(st: AlertState, scores: list[float], first: int = 0) -> list[tuple[int
             if t.status == "firing" and not t.episode.silenced:
                 doc = alert_doc("s1", t, {"name": "m1"}, ["a", "b", "c"], {}, st.settings)
                 sent.append((doc["revision"], doc["severity"]))
-                ep = t.episode
-                ep.paged, ep.revision, ep.severity_sent = True, ep.revision + 1, doc["severity"]
+                t.episode.paged, t.episode.severity_sent = True, doc["severity"]
     return sent
 
 
-def test_a_page_is_sent_again_only_when_its_severity_rises_and_the_revision_survives_a_restore() -> None:
+def test_a_page_is_sent_again_only_when_its_severity_rises_and_a_restore_remembers_what_was_sent() -> None:
     s = AlertSettings(for_windows=1, resolve_after=1)  # threshold 2: major from 3, critical from 6
     st = AlertState("s1", "m1", s)
-    assert paged(st, [MINOR, MINOR, 3.5, 3.0, MINOR]) == [(0, "minor"), (1, "major")]
+    assert paged(st, [MINOR, MINOR, 3.5, 3.0, MINOR]) == [(0, "minor"), (2, "major")]  # revision: 2 × rank
     doc = json.loads(json.dumps(st.to_doc()))
-    assert (doc["episode"]["revision"], doc["episode"]["severity_sent"]) == (2, "major")
+    assert doc["episode"]["severity_sent"] == "major"
     again = AlertState("s1", "m1", s)
     again.restore(doc, replay_from_seq=0)
-    assert paged(again, [5.0, 13.0, 19.0], first=5) == [(2, "critical")]  # once: none above it
-    del doc["episode"]["revision"], doc["episode"]["severity_sent"]  # a document of an earlier version
+    assert paged(again, [5.0, 13.0, 19.0], first=5) == [(4, "critical")]  # once: none above it
+    del doc["episode"]["severity_sent"]  # a document of an earlier version: paged at its peak's severity
     old = AlertState("s1", "m1", s)
     old.restore(doc, replay_from_seq=0)
-    assert paged(old, [4.0], first=5) == [] and old.episode is not None and old.episode.revision == 1
-    silenced = AlertState("s1", "m1", s)
-    silenced.update(obs(0, MINOR))
-    assert silenced.episode is not None
-    silenced.episode.silenced = True  # recorded, not paged: its page, when it goes out, shows the peak then
-    assert paged(silenced, [19.0], first=1) == [] and silenced.episode.revision == 0
+    assert paged(old, [4.0], first=5) == [] and paged(old, [13.0], first=6) == [(4, "critical")]
+
+
+def test_a_flapping_hold_updates_its_page_only_for_a_run_that_would_page() -> None:
+    s = AlertSettings(for_windows=2, resolve_after=1, flap_max=2)
+    st = AlertState("s1", "m1", s)
+    assert paged(st, [MINOR, MINOR, UNDER, MINOR, MINOR, UNDER]) == [(0, "minor"), (0, "minor"), (1, "minor")]  # mark
+    assert st.episode is not None and st.episode.flapping
+    assert paged(st, [UNDER, 13.0, UNDER], first=6) == []  # one critical window: noise in a hold, no update
+    assert paged(st, [13.0, 13.0], first=9) == [(5, "critical")]
 
 
 def test_a_restored_hold_learns_as_the_one_saved() -> None:

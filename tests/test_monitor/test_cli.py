@@ -771,15 +771,18 @@ def test_inspect_alert_reads_the_topic_with_the_configs_security(broker: Any, tm
         def __init__(self, bootstrap: Any, topic: str, **client: Any) -> None:
             seen.update(bootstrap=bootstrap, topic=topic, **client)
 
-        def settle(self, **_: Any) -> list[dict[str, Any]]:
-            return [{"alert_id": "a1", "explain": {}}]
+        def settle(self, **_: Any) -> list[dict[str, Any]]:  # the page, its update, a repeat of the page
+            return [{"alert_id": "a1", "revision": 0, "explain": {"w": 0}}, {"alert_id": "a1", "revision": 2,
+                     "explain": {"w": 2}}, {"alert_id": "a1", "revision": 0, "explain": {"w": 0}},
+                    {"alert_id": "a2", "revision": 4, "explain": {}}]
 
     monkeypatch.setattr(topics, "TopicReader", Reader)
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[kafka]\nbootstrap_servers = ["SASL_PLAINTEXT://{broker.bootstrap}"]\n'
                    'security_protocol = "SASL_PLAINTEXT"\nsasl_mechanism = "PLAIN"\n'
                    'sasl_username = "u"\nsasl_password = "p"\n')
-    assert model_cmds._alert_from_topic("a1", cfg, None) == {"alert_id": "a1", "explain": {}}
+    # the update's picture, the worst window (the first page's showed the episode before it grew)
+    assert model_cmds._alert_from_topic("a1", cfg, None) == {"alert_id": "a1", "revision": 2, "explain": {"w": 2}}
     assert seen["security_protocol"] == "SASL_PLAINTEXT" and seen["sasl_plain_username"] == "u"
 
 
