@@ -112,6 +112,8 @@ def _effect(a: dict[str, Any]) -> str:
                      f"{cand['threshold']:.6g} -> {cand['windows_over']} over, {cand['alerts']} alerts")
     lines += [f"{s}: refused: {why}" for s, why in r.get("refused", {}).items()]
     lines += [f"{s}: skipped: {why}" for s, why in r.get("held", {}).items()]  # under --all or a glob (was --json only)
+    if r.get("found") is False:  # feedback for an alert this instance does not know: "applied" over "-" read as done
+        lines.append(f"no recent alert {r.get('alert_id')} here")
     if "precision" in r:
         p = r["precision"]
         lines.append(f"{r['verdict']}; precision {p:.3f} ({r['feedback']})" if p is not None else r["verdict"])

@@ -487,8 +487,9 @@ def test_feedback_reset_history_rollback_shadow(make: Make) -> None:
     assert fb["precision"] == 0.0 and p.calibrator.samples("dev-f") > before
     fb = send(c, "feedback", "*", alert_id=alert_id, verdict="confirmed")["result"]
     assert fb["precision"] == 1.0 and fb["feedback"] == {"confirmed": 1, "false_positive": 0}
-    assert send(c, "feedback", "*", alert_id="nope", verdict="confirmed")["result"] == {"alert_id": "nope",
-                                                                                         "found": False}
+    unknown = send(c, "feedback", "*", alert_id="nope", verdict="confirmed")
+    assert unknown["result"] == {"alert_id": "nope", "found": False}
+    assert _effect(unknown) == "no recent alert nope here"  # its table row read "applied" and "-", then exit 1
     send(c, "pin", "dev-f", threshold=1.0)
     send(c, "rollback", "dev-f", version=0)
     answer = send(c, "history", "dev-f")
