@@ -230,10 +230,11 @@ class AlertState:
             return Step([], False, 0)
         if obs.over:
             self.under, self.run, self.run_peak = 0, self.run + 1, max(self.run_peak, _ratio(obs))
-            if self.would_over or self.run >= s.for_windows:  # a run that would page (under for = 1: any window)
+            pages = self.would_over or self.run >= s.for_windows  # a run that would page (under for = 1: any window)
+            if pages:
                 ep.last_paging_ts = obs.end_ts
-            paging = not ep.flapping or self.would_over or self.run >= s.for_windows  # not a hold's noise run
-            if ep.paged and paging and _rank(peak_severity(ep, s)) > _rank(ep.severity_sent):
+            # the page is updated by a higher severity, but not by a flapping hold's noise run
+            if ep.paged and (pages or not ep.flapping) and _rank(peak_severity(ep, s)) > _rank(ep.severity_sent):
                 return Step([Transition("firing", ep, escalation=True)], False, 0)  # the page is updated
             return Step([], False, 0)
         run, peak = self.run, self.run_peak
@@ -393,23 +394,25 @@ def top_channels(errors: np.ndarray, names: list[str], k: int = 3) -> list[dict[
 
 
 def alert_doc(stream: str, t: Transition, model: dict[str, str], channel_names: list[str],
-              source: dict[str, Any], s: AlertSettings) -> dict[str, Any]:
-    """The JSON body of a ``firing`` or ``resolved`` message."""
+              source: dict[str, Any], s: AlertSettings, fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON body of a ``firing`` or ``resolved`` message; ``fields`` (the status as sent, flags, a former model)
+    are set before its summary is made."""
     ep = t.episode
     peak, last = ep.peak, ep.last or ep.peak
     ratio = round(_ratio(peak), 4)  # the severity of the ratio shown (1.49996 was shown 1.5 and called minor)
+    sev = severity(ratio, s)
     fired_ts = ep.fired.end_ts if ep.fired else None
     end_ts = last.end_ts if t.status == "resolved" else None
     doc = {
         "type": "anomaly", "alert_id": ep.alert_id, "stream": stream, "status": t.status,
-        "revision": revision(severity(ratio, s), ep.flapping), "flapping": ep.flapping, "severity": severity(ratio, s),
+        "revision": revision(sev, ep.flapping), "flapping": ep.flapping, "severity": sev,
         "start_ts": ep.start.start_ts, "start_time": iso(ep.start.start_ts),
         "fired_ts": fired_ts, "fired_time": iso(fired_ts) if fired_ts is not None else None,
         "end_ts": end_ts, "end_time": iso(end_ts) if end_ts is not None else None,
         "peak_score": significant(peak.score), "peak_ts": peak.end_ts, "peak_time": iso(peak.end_ts), "ratio": ratio,
         "threshold": significant(peak.threshold), "threshold_source": peak.threshold_source,
         "top_channels": top_channels(peak.channel_errors, channel_names),
-        "windows_over": ep.windows_over, "model": model, "source": source,
+        "windows_over": ep.windows_over, "model": model, "source": source, **(fields or {}),
     }
     doc["summary"] = summary(doc)
     return doc

@@ -300,7 +300,7 @@ def simulate(errors: np.ndarray, threshold: float, settings: AlertSettings) -> d
     fired = 0
     for i, e in enumerate(np.asarray(errors, "float64")):
         obs = Observation(i, i, i, i, float(e), threshold, "shadow", np.zeros(1, "float32"))
-        fired += sum(1 for t in state.update(obs).transitions if t.status == "firing" and not t.escalation)
+        fired += sum(1 for t in state.update(obs).transitions if t.status == "firing")  # nothing paged: no update
     return {"threshold": threshold, "windows_over": int(np.count_nonzero(errors > threshold)), "alerts": fired}
 
 

@@ -24,7 +24,7 @@ from monitor import logs
 from monitor.alerts import iso
 from monitor.procstate import ProcessorState
 from monitor.records import BadRecord, SampleBlock, parse
-from monitor.source import TP, InRecord
+from monitor.source import InRecord
 from monitor.streams import BehindRun, StreamState
 from monitor.windows import order_problem
 
@@ -46,7 +46,6 @@ class Ingest(ProcessorState):
         """Route each record; then, per stream, append all its good blocks of this poll in one go."""
         if records and self.first_record_at is None:
             self.first_record_at = time.monotonic()
-        self._log_first_offsets(records)
         by_stream: dict[str, list[tuple[InRecord, SampleBlock]]] = {}
         for rec in records:
             try:
@@ -67,16 +66,15 @@ class Ingest(ProcessorState):
             self.windows_per_record = _slow_max(self.windows_per_record, made / good)
             self.windows_per_byte = _slow_max(self.windows_per_byte, made / max(1, size))
         self.peak_pending = max(self.peak_pending, self.pending)
+        self._log_first_offsets()
 
-    def _log_first_offsets(self, records: list[InRecord]) -> None:
-        """Where reading a partition began since it was assigned (after a start: the committed offset, else auto_offset_reset's), once per
-        assignment: from the logs alone, an owner could not tell that a restart resumed from its commit."""
-        first: dict[TP, int] = {}
-        for rec in records:
-            first.setdefault(rec.tp, rec.offset)
-        for (topic, partition), offset in first.items():
-            if self.ledger.first_read((topic, partition)) is None:
-                log.info("partition_reading_from", partition=f"{topic}-{partition}", offset=offset)
+    def _log_first_offsets(self) -> None:
+        """Where reading a partition began since it was assigned (after a start: the committed offset, else
+        auto_offset_reset's), once per assignment, as the ledger noted it: from the logs alone, an owner could not
+        tell that a restart resumed from its commit."""
+        for (topic, partition), offset in self.ledger.began:
+            log.info("partition_reading_from", partition=f"{topic}-{partition}", offset=offset)
+        self.ledger.began.clear()
 
     def _moved_on(self, st: StreamState, taken: Iterable[InRecord], now_ms: int) -> None:
         """How far the records taken for ``st`` moved its input on: per partition, the offset of the last one (for
@@ -90,7 +88,8 @@ class Ingest(ProcessorState):
                 self.read_ts[rec.tp] = min(rec.timestamp_ms, now_ms)
 
     def _route(self, block: SampleBlock) -> BadRecord | None:
-        if block.stream.startswith(RESERVED_PREFIX):  # the id itself is refused, whatever route matches it
+        new = block.stream not in self.streams  # checks for a new stream only, not on every message
+        if new and block.stream.startswith(RESERVED_PREFIX):  # the id itself is refused, whatever route matches it
             return BadRecord("reserved_stream", f"stream ids starting with {RESERVED_PREFIX!r} are tsmon's own")
         served = self.scorer.route(block.stream)
         if served is None:
@@ -98,7 +97,7 @@ class Ingest(ProcessorState):
         if block.channels != served.channels:
             return BadRecord("channel_mismatch", f"model {served.name} takes {served.channels} channel(s), "
                                                  f"the message has {block.channels}")
-        if block.stream not in self.streams:  # checks for a new stream only, not on every message
+        if new:
             if len(self.streams) >= self.settings.max_streams:
                 if block.stream in self.restored:  # it is sending: not unseen (forget_dormant), and its document is
                     self.knocked[block.stream] = int(self.clock() * 1000)  # all the state it has left

@@ -57,10 +57,13 @@ class OffsetLedger:
         self._first: dict[TP, int] = {}  # the first record seen since the partition was assigned
         self._held: dict[TP, dict[str, _Messages]] = {}
         self._streams: dict[str, set[TP]] = {}
+        self.began: list[tuple[TP, int]] = []  # partitions whose first record since their assignment was just read
 
     def consumed(self, tp: TP, offset: int) -> None:
         """A record was read (whatever became of it)."""
-        self._first.setdefault(tp, offset)
+        if tp not in self._first:
+            self._first[tp] = offset
+            self.began.append((tp, offset))
         self._consumed[tp] = max(self._consumed.get(tp, 0), offset + 1)
 
     def hold(self, tp: TP, stream: str, offset: int, last_seq: int) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 
 from models.errors import describe
 from monitor import logs
-from monitor.alerts import UNKNOWN_SOURCE, AlertState, Observation, Step, Transition, alert_doc, summary
+from monitor.alerts import UNKNOWN_SOURCE, AlertState, Observation, Step, Transition, alert_doc
 from monitor.batcher import Batch
 from monitor.calibrator import Calibrator
 from monitor.committing import Committing
@@ -178,9 +178,8 @@ class Processor(Ingest, InFlight, Residency, Committing):
         source = {"topic": topic, "partition": partition,
                   "first_offset": first[1] if first else None, "last_offset": last[1] if last else None}
         doc = alert_doc(stream, t, st.served.describe(), st.served.detector.channel_names if names is None else names,
-                        source, self.settings.alerts)
-        doc.update(status=status, silenced=ep.silenced, published_ts=int(self.clock() * 1000), **extra)
-        doc["summary"] = summary(doc)  # of the message as sent: silenced, after a silence, why it resolved
+                        source, self.settings.alerts, {"status": status, "silenced": ep.silenced,
+                                                       "published_ts": int(self.clock() * 1000), **extra})
         if status == "firing":  # the page, or an update of it (a higher severity, the flapping mark)
             ep.severity_sent = doc["severity"]
         if t.status == "firing":  # a restored peak has no samples: a silenced episode keeps its picture for its page

@@ -271,7 +271,7 @@ class StreamState:
         return how
 
     def status(self, stream: str, calibrator: Calibrator, lag: int | None, now_ms: int,
-               holding: int = 0) -> dict[str, Any]:
+               holding: int) -> dict[str, Any]:
         """One row of ``/streams`` and ``tsmon status``; ``holding``: records it keeps from being committed."""
         th, controls = calibrator.threshold(stream), calibrator.controls(stream)
         source = "pinned" if controls["pinned"] else "frozen" if controls["frozen"] else th.source
