@@ -1,8 +1,9 @@
 """Model artifacts: a directory with ``manifest.json`` and ``weights.safetensors`` (never pickle).
 
 The manifest records kind and hyper-parameters, window, hop, channel names, normalisation, the
-validation-error quantiles and the default threshold, the training data summary and hash, versions and
-creation time, plus the weights' sha256 so that corruption and truncation are caught at load time.
+validation-error quantiles (and each channel's median validation error) and the default threshold, the
+training data summary and hash, versions and creation time, plus the weights' sha256 so that corruption and
+truncation are caught at load time.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def save(detector: Detector, path: str | Path, training: dict[str, Any] | None =
         "loss": detector.loss,
         "normalisation": detector.scaler.to_dict(),
         "validation_error_quantiles": detector.quantiles,
+        **({"validation_channel_error_median": detector.channel_usual} if detector.channel_usual else {}),
         "threshold": {"quantile": detector.threshold.quantile, "margin": detector.threshold.margin,
                       "value": detector.threshold.value},
         "training": training or {},
@@ -209,6 +211,7 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
         names = m["channels"]
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
             raise TypeError(f"channels must be a list of names, got {names!r}")
+        usual = _channel_usual(m.get("validation_channel_error_median", []), len(names))
     except KeyError as exc:
         raise ArtifactError(f"incompatible artifact {root}: manifest lacks {exc}") from None
     except (ModelConfigError, TypeError, ValueError) as exc:
@@ -240,8 +243,19 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
         raise ArtifactError(f"incompatible artifact {root}: beat window {rule.window} / lead {rule.lead} do not "
                             f"fit the model")
     det = Detector(model, scaler, threshold, quantiles, str(m["loss"]), list(names), int(m["hop"]), meta=m,
-                   windowing=dict(windowing), downsample=k)
+                   windowing=dict(windowing), downsample=k, channel_usual=usual)
     return det.to(device)
+
+
+def _channel_usual(doc: object, channels: int) -> list[float]:
+    """The median validation error of each channel (absent from artifacts before it: ``[]``, alerts then rank
+    channels by their raw error): one finite value >= 0 per channel."""
+    if not isinstance(doc, list) or (doc and len(doc) != channels):
+        raise TypeError(f"validation_channel_error_median must be a list of {channels} error(s), got {doc!r}"[:200])
+    usual = [float(v) for v in doc]
+    if not all(math.isfinite(v) and v >= 0 for v in usual):
+        raise ValueError(f"validation_channel_error_median must be finite errors >= 0, got {usual}"[:200])
+    return usual
 
 
 def _fits(root: Path, kind: str, shapes: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:

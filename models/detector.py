@@ -113,6 +113,7 @@ class Detector:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     windowing: dict[str, Any] = field(default_factory=lambda: {"kind": "sliding"})  # how windows are cut
     downsample: int = 1  # samples averaged into one model step
+    channel_usual: list[float] = field(default_factory=list)  # median validation error per channel ([] = unknown)
 
     @property
     def kind(self) -> str:

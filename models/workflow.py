@@ -148,13 +148,15 @@ def train_detector(data: Dataset, kind: str, params: dict[str, Any], cfg: TrainC
     det = Detector(model, scaler, Threshold(threshold_quantile, threshold_margin, 0.0), {}, cfg.loss,
                    list(data.channels), data.hop, windowing=dict(data.windowing),
                    downsample=downsample).to(result.device)
-    val_err = det.score(data.val).window
+    val_scores = det.score(data.val)
+    val_err = val_scores.window
     if not np.isfinite(val_err).all():  # finite values the model's arithmetic overflows on (|x| near float32's limit)
         bad = ~np.isfinite(val_err)
         raise DataError(f"{int(bad.sum())} of {len(val_err)} validation window(s) score NaN or inf: their values (up "
                         f"to |{float(np.abs(data.val[bad].astype('float64')).max()):.3g}|) overflow the model; "
                         "remove them from the training part or rescale the data")
     det.quantiles = error_quantiles(val_err)
+    det.channel_usual = [float(v) for v in np.median(val_scores.channel, axis=0)]  # what alerts rank channels by
     det.threshold = Threshold.from_errors(val_err, threshold_quantile, threshold_margin)
     if not 0.0 < det.threshold.value < math.inf:  # an artifact with it would be refused at load
         how = "exactly" if det.threshold.value == 0 else "as NaN"

@@ -384,19 +384,44 @@ def iso(ts_ms: int) -> str:
     return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def top_channels(errors: np.ndarray, names: list[str], k: int = 3) -> list[dict[str, Any]]:
-    """The channels that contribute most to a window's error, with their share of it; ``ch{i}`` past the end of
-    ``names`` (an alert of a model with more channels, resolved under the one that replaced it)."""
-    total = float(np.sum(errors))
-    order = np.argsort(-errors)[:k]
-    return [{"channel": names[c] if c < len(names) else f"ch{c}", "error": significant(float(errors[c])),
-             "share": round(float(errors[c]) / total, 4) if total > 0 else 0.0} for c in order]
+def vs_usual(errors: np.ndarray, usual: list[float] | None) -> np.ndarray | None:
+    """Each channel's error over its usual (median validation) error, ``[..., channels]``; None where the usual
+    errors are not known for these channels. A usual error of 0 (a channel reconstructed exactly) is floored."""
+    err = np.asarray(errors, "float64")
+    if usual is None or len(usual) != err.shape[-1] or not len(usual):
+        return None
+    base = np.asarray(usual, "float64")
+    return err / np.maximum(base, max(float(base.max()) * 1e-6, 1e-12))
+
+
+def top_channels(errors: np.ndarray, names: list[str], k: int = 3,
+                 usual: list[float] | None = None) -> list[dict[str, Any]]:
+    """The ``k`` channels that explain a window's error, with their share of it; ``ch{i}`` past the end of ``names``
+    (an alert of a model with more channels, resolved under the one that replaced it).
+
+    With ``usual`` (each channel's median validation error, from the artifact) they are ranked by how far each
+    channel is over its usual error (``vs_usual``): a channel the model always reconstructs badly takes the largest
+    share of every window's error, anomalous or not, and named it in every page. Without it (an artifact from
+    before, or a resolve under a replaced model), by raw error."""
+    err = np.asarray(errors, "float64")
+    total = float(np.sum(err))
+    rel = vs_usual(err, usual)
+    order = np.argsort(-(err if rel is None else rel), kind="stable")[:k]  # (only finite scores reach an alert)
+    out = []
+    for c in order:
+        row: dict[str, Any] = {"channel": names[c] if c < len(names) else f"ch{c}", "error": significant(float(err[c])),
+                               "share": round(float(err[c]) / total, 4) if total > 0 else 0.0}
+        if rel is not None:
+            row["vs_usual"] = significant(float(rel[c]), 4)
+        out.append(row)
+    return out
 
 
 def alert_doc(stream: str, t: Transition, model: dict[str, str], channel_names: list[str],
-              source: dict[str, Any], s: AlertSettings, fields: dict[str, Any] | None = None) -> dict[str, Any]:
+              source: dict[str, Any], s: AlertSettings, fields: dict[str, Any] | None = None,
+              channel_usual: list[float] | None = None) -> dict[str, Any]:
     """The JSON body of a ``firing`` or ``resolved`` message; ``fields`` (the status as sent, flags, a former model)
-    are set before its summary is made."""
+    are set before its summary is made; ``channel_usual`` ranks its channels (:func:`top_channels`)."""
     ep = t.episode
     peak, last = ep.peak, ep.last or ep.peak
     ratio = round(_ratio(peak), 4)  # the severity of the ratio shown (1.49996 was shown 1.5 and called minor)
@@ -411,7 +436,7 @@ def alert_doc(stream: str, t: Transition, model: dict[str, str], channel_names: 
         "end_ts": end_ts, "end_time": iso(end_ts) if end_ts is not None else None,
         "peak_score": significant(peak.score), "peak_ts": peak.end_ts, "peak_time": iso(peak.end_ts), "ratio": ratio,
         "threshold": significant(peak.threshold), "threshold_source": peak.threshold_source,
-        "top_channels": top_channels(peak.channel_errors, channel_names),
+        "top_channels": top_channels(peak.channel_errors, channel_names, usual=channel_usual),
         "windows_over": ep.windows_over, "model": model, "source": source, **(fields or {}),
     }
     doc["summary"] = summary(doc)
@@ -424,7 +449,9 @@ END_CAUSES = ("reset", "model_changed", "clock_step", "stream_gone")  # flags of
 def summary(doc: dict[str, Any]) -> str:
     """One line for a human paged by the message: stream, severity, how far over, where, since when, what next."""
     top = doc["top_channels"]
-    where = f", largest share {top[0]['channel']} ({top[0]['share']:.0%} of the error)" if len(top) > 1 else ""
+    where = "" if len(top) < 2 else (
+        f", most unusual {top[0]['channel']} ({top[0]['vs_usual']:g}× its usual error, {top[0]['share']:.0%} of "
+        "the error)" if "vs_usual" in top[0] else f", largest share {top[0]['channel']} ({top[0]['share']:.0%} of the error)")
     ratio = f"at least {RATIO_CAP:g}" if doc["ratio"] >= RATIO_CAP else f"{doc['ratio']:g}"
     head = (f"{doc['stream']}: {doc['severity']} anomaly, error {ratio}× its threshold at the worst window{where}; "
             f"over it since {doc['start_time']}")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.errors import DataError
-from monitor.alerts import significant
+from monitor.alerts import significant, vs_usual
 
 if TYPE_CHECKING:
     from models.detector import Detector
@@ -37,14 +37,15 @@ def for_window(detector: Detector, values: np.ndarray, threshold: float, start_t
     x = np.asarray(values, dtype="float32")[None]
     recon, scores = detector.reconstruct(x)
     return payload(x[0], recon[0], scores.timestep[0], scores.channel[0], detector.names, threshold,
-                   float(scores.window[0]), start_ts, end_ts, max_points, max_channels)
+                   float(scores.window[0]), start_ts, end_ts, max_points, max_channels, detector.channel_usual)
 
 
 def payload(values: np.ndarray, recon: np.ndarray, timestep_error: np.ndarray, channel_error: np.ndarray,
             channel_names: list[str], threshold: float, score: float, start_ts: int, end_ts: int,
-            max_points: int = 256, max_channels: int = 16) -> dict[str, Any]:
+            max_points: int = 256, max_channels: int = 16, usual: list[float] | None = None) -> dict[str, Any]:
     """JSON-able explanation of one window; series longer than ``max_points`` are downsampled by ``step``, and
-    of more than ``max_channels`` channels only those with the largest error are kept (in channel order)."""
+    of more than ``max_channels`` channels only those with the largest error are kept (in channel order): the
+    largest relative to each channel's ``usual`` error where the model gives it, as the alert ranks them."""
     v, r = np.asarray(values, dtype="float64"), np.asarray(recon, dtype="float64")
     err, ch = np.asarray(timestep_error, dtype="float64"), np.asarray(channel_error, dtype="float64")
     if v.ndim != 2 or r.shape != v.shape or err.shape != (v.shape[0],) or ch.shape != (v.shape[1],):
@@ -56,7 +57,8 @@ def payload(values: np.ndarray, recon: np.ndarray, timestep_error: np.ndarray, c
         raise DataError(f"explain: max_points and max_channels must be >= 1, got {max_points}, {max_channels}")
     total = v.shape[1]
     if total > max_channels:  # the largest errors (NaN first: a channel that broke the score is the news)
-        keep = np.sort(np.argsort(-np.nan_to_num(ch, nan=np.inf), kind="stable")[:max_channels])
+        rel = vs_usual(ch, usual)
+        keep = np.sort(np.argsort(-np.nan_to_num(ch if rel is None else rel, nan=np.inf), kind="stable")[:max_channels])
         v, r, ch, channel_names = v[:, keep], r[:, keep], ch[keep], [channel_names[i] for i in keep]
     window = v.shape[0]
     step = stride(window, max_points)

@@ -156,9 +156,11 @@ class Processor(Ingest, InFlight, Residency, Committing):
         return len(paged)
 
     def publish_alert(self, stream: str, st: StreamState, t: Transition, arrived: float | None = None,
-                      remember: bool = True, names: list[str] | None = None, **extra: Any) -> None:
+                      remember: bool = True, names: list[str] | None = None, usual: list[float] | None = None,
+                      **extra: Any) -> None:
         """Send a transition: a firing one carries its picture; while silenced it is recorded, not paged.
-        ``names``: the channels of the model that scored it, when not the stream's model now."""
+        ``names`` and ``usual``: the channels of the model that scored it and their usual errors, when not the
+        stream's model now."""
         ep = t.episode
         status = t.status
         if t.escalation and self.silenced(st):  # a silence set after the page: its update waits for the silence's end
@@ -177,9 +179,11 @@ class Processor(Ingest, InFlight, Residency, Committing):
         topic, partition = (first or last or ((None, None), None))[0]
         source = {"topic": topic, "partition": partition,
                   "first_offset": first[1] if first else None, "last_offset": last[1] if last else None}
-        doc = alert_doc(stream, t, st.served.describe(), st.served.detector.channel_names if names is None else names,
+        det = st.served.detector
+        doc = alert_doc(stream, t, st.served.describe(), det.channel_names if names is None else names,
                         source, self.settings.alerts, {"status": status, "silenced": ep.silenced,
-                                                       "published_ts": int(self.clock() * 1000), **extra})
+                                                       "published_ts": int(self.clock() * 1000), **extra},
+                        det.channel_usual if names is None else usual)
         if status == "firing":  # the page, or an update of it (a higher severity, the flapping mark)
             ep.severity_sent = doc["severity"]
         if t.status == "firing":  # a restored peak has no samples: a silenced episode keeps its picture for its page

@@ -80,8 +80,10 @@ class Residency(ProcessorState):
         if st.orphan is not None:  # paged under the model version it replaced: never leave that page open
             names = doc.get("channels")  # the old model's (the new one's named another model's channels)
             names = names if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
-            self.publish_alert(stream, st, Transition("resolved", st.orphan), remember=False, names=names, reset=True,
-                               model_changed=True, model=doc["model"])  # its errors are on the old model's scale
+            usual = doc.get("channel_usual")  # absent from documents of earlier versions: ranked by raw error
+            usual = usual if isinstance(usual, list) and all(isinstance(v, int | float) for v in usual) else None
+            self.publish_alert(stream, st, Transition("resolved", st.orphan), remember=False, names=names,
+                               usual=usual, reset=True, model_changed=True, model=doc["model"])  # the old model's scale
             st.orphan = None
         return how
 

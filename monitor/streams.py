@@ -178,7 +178,7 @@ class StreamState:
                 "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,
                 "last_sample_ts": self.last_sample_ts, "sample_periods_ms": list(self.quality.periods()),
                 "quality_cooldowns": self.quality.cooldowns(),
-                "channels": list(self.served.detector.names),
+                "channels": list(self.served.detector.names), "channel_usual": list(self.served.detector.channel_usual),
                 "calibrator": calibrator.export(stream, replayed), "alerts": self.alerts.to_doc(),
                 "silenced_until_ms": self.silenced_until_ms, "feedback": dict(self.feedback),
                 "recent_alerts": [a.to_doc() for a in self.recent_alerts],

@@ -38,6 +38,16 @@ def test_round_trip_gives_identical_scores(trained) -> None:
     np.testing.assert_array_equal(a.window, b.window)
     np.testing.assert_array_equal(a.channel, b.channel)
     assert again.threshold == det.threshold and again.channel_names == ["ch0", "ch1"]
+    assert again.channel_usual == det.channel_usual  # what alerts rank channels by
+
+
+def test_the_usual_error_of_each_channel_is_the_median_over_the_validation_windows(trained, tmp_path: Path) -> None:
+    det, ds, path = trained
+    assert det.channel_usual == pytest.approx(np.median(det.score(ds.val).channel, axis=0).tolist())
+    assert len(det.channel_usual) == 2 and all(v > 0 for v in det.channel_usual)
+    older = _copy(path, tmp_path)  # an artifact from before it: read, alerts rank channels by raw error
+    _edit(older, validation_channel_error_median=None)
+    assert artifact.load(older).channel_usual == []
 
 
 def test_manifest_has_what_operators_need(trained) -> None:
@@ -75,6 +85,9 @@ def _copy(path: Path, tmp_path: Path) -> Path:
     (lambda p: _edit(p, channels=2), "list of names"),
     (lambda p: _edit(p, validation_error_quantiles=[1, 2]), "must be an object"),
     (lambda p: _edit(p, validation_error_quantiles={"0.5": float("nan")}), "finite errors >= 0"),
+    (lambda p: _edit(p, validation_channel_error_median=[0.1]), "list of 2 error"),
+    (lambda p: _edit(p, validation_channel_error_median=[0.1, -1.0]), "finite errors >= 0"),
+    (lambda p: _edit(p, validation_channel_error_median={"ch0": 1}), "list of 2 error"),
     (lambda p: _edit(p, training="x"), "training must be an object"),  # loaded; eval then raised a traceback
     (lambda p: _edit(p, weights={"file": "weights.safetensors"}), "no sha256"),
     (lambda p: _nan_weights(p), "hold NaN or inf"),

@@ -845,6 +845,7 @@ def test_stream_state_document_round_trip(make: Make) -> None:
     p.save("dev-x")
     doc = [d for d in out(p, "state") if d.get("stream") == "dev-x"][-1]
     assert json.loads(json.dumps(doc)) == doc
+    assert doc["channel_usual"] == p.streams["dev-x"].served.detector.channel_usual and len(doc["channel_usual"]) == 2
 
     q = make()
     q.restored = {"dev-x": doc}
@@ -880,6 +881,12 @@ def test_stream_state_document_round_trip(make: Make) -> None:
         feed(w, records("dev-x", ts[:100], v[:100]))
         [closed] = anomalies(w)
         assert closed["status"] == "resolved" and closed["top_channels"][0]["channel"] == top
+    # ranked by the old model's usual channel errors where the document keeps them, as its page was
+    w = make()
+    w.restored = {"dev-x": {**wider, "channels": ["x", "y", "z"], "channel_usual": [0.01, 1.0, 50.0]}}
+    feed(w, records("dev-x", ts[:100], v[:100]))
+    [closed] = anomalies(w)
+    assert [c["channel"] for c in closed["top_channels"]] == ["x", "y", "z"] and closed["top_channels"][0]["vs_usual"] == 10
 
 
 def test_an_anomaly_going_on_at_a_model_rotation_pages_under_a_new_id(make: Make, served: Served) -> None:

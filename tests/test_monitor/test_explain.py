@@ -70,6 +70,12 @@ def test_a_window_of_many_channels_keeps_the_largest_errors_and_fits_a_message(t
     assert len(json.dumps(p)) < 100_000
     explain.check(p)
     assert explain.render({"stream": "s", "explain": p}, tmp_path / "many.png").read_bytes().startswith(PNG)
+    usual = np.ones(256)
+    usual[5], usual[7] = 1000.0, 0.001  # sensor-5 always errs that much, sensor-7 never: the alert ranks them so
+    ranked = explain.payload(values, recon, err, ch, [f"sensor-{i}" for i in range(256)], 0.5, 3.0, 0, 1,
+                             usual=usual.tolist())
+    assert "sensor-7" not in p["channels"] and "sensor-7" in ranked["channels"] and "sensor-200" in ranked["channels"]
+    assert "sensor-5" not in ranked["channels"]
 
 
 def test_non_finite_floats_become_null() -> None:

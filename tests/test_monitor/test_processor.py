@@ -1962,6 +1962,43 @@ def test_a_downsampled_model_serves_a_stream_at_its_own_rate(tmp_path: Path) -> 
     assert len(picture["timestep_error"]) == 40
 
 
+def test_an_alert_names_the_channel_over_its_usual_error_not_the_one_always_reconstructed_badly(
+        tmp_path: Path) -> None:
+    """Found by the on-call pass: ``top_channels`` ranked by raw error, so a channel the model never reconstructs
+    well (here white noise) headed every page. They are ranked by the error over each channel's median validation
+    error, which the artifact records; the raw share stays in the message."""
+    from models import artifact
+    from models.data import Series, series_dataset
+    from models.detector import Threshold
+    from models.train import TrainConfig
+    from models.workflow import train_detector
+
+    def three(n: int, seed: int, burst: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        ts, v = sine_stream(n, seed=seed)
+        noisy = np.random.default_rng(seed + 100).normal(size=(n, 1)).astype("float32")
+        v = np.concatenate([v, noisy], axis=1)
+        if burst is not None:
+            v[burst : burst + 320, 1] += 0.3  # modest: ch1's error stays under the noise channel's
+        return ts, v
+
+    # windows of 160: the noise channel's error varies little from window to window, so a modest burst crosses
+    ds = series_dataset(Series(three(6000, 1)[1], ["ch0", "ch1", "noisy"]), 160, 40, train_fraction=0.9)
+    det, training = train_detector(ds, "pca", {}, TrainConfig(epochs=1, seed=0, device="cpu"))
+    usual = det.channel_usual
+    assert len(usual) == 3 and usual[2] > 5 * max(usual[:2])  # the noise is the badly reconstructed one
+    det.threshold = Threshold(1.0, 1.05, det.quantiles["max"] * 1.05)
+    path = artifact.save(det, tmp_path / "noisy", training)
+    source, out = MemorySource(records("dev-3", *three(3000, 5, burst=1500)), batch=50), MemorySink()
+    d = in_process_daemon(path, source, out)
+    d.run(until=lambda: not source.records and d.processor.pending == 0)
+    fired = [a for a in out.docs(ALERTS) if a["type"] == "anomaly" and a["status"] == "firing"]
+    assert len(fired) == 1
+    top = fired[0]["top_channels"]
+    assert max(top, key=lambda c: c["share"])["channel"] == "noisy"  # by raw error the noise would head the page
+    assert top[0]["channel"] == "ch1" and top[0]["vs_usual"] > 3 > next(c["vs_usual"] for c in top if c["channel"] == "noisy")
+    assert "most unusual ch1" in fired[0]["summary"]
+
+
 def test_while_a_batch_is_scored_the_loop_waits_on_the_result_not_in_the_consumer(stream_model: Path) -> None:
     """A result that comes back is applied at once: the loop waits on it, then polls without blocking."""
     seen: list[tuple[int, bool]] = []
