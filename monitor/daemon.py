@@ -116,7 +116,8 @@ def processor_settings(cfg: Config) -> Settings:
                     idle_evict_s=cfg.limits.idle_evict_s, max_future_s=cfg.limits.max_future_s,
                     earliest_ms=cfg.limits.earliest_ms, gap_periods=cfg.windows.gap_periods,
                     model_quantile=cfg.calibrator.quantile is None, forget_after_s=cfg.state.forget_after_s,
-                    max_documents=cfg.state.max_documents, clock_step_s=cfg.windows.clock_step_s)
+                    max_documents=cfg.state.max_documents, clock_step_s=cfg.windows.clock_step_s,
+                    silent_after_s=q.silent_after_s)
 
 
 def client_classes(cfg: Config, need: bool) -> tuple[Any, Any]:

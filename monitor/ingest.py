@@ -125,11 +125,25 @@ class Ingest(ProcessorState):
                     self._dead_letter(rec, BadRecord("unprocessable", why[:200]))
             return 0.0
 
+    def _resumed(self, stream: str, st: StreamState, items: list[tuple[InRecord, SampleBlock]]) -> None:
+        """A stream reported ``silent`` sends a sample after the one it went silent at: a ``resumed`` event, once.
+        A replay of what it sent before (a new owner reading from the commit) is not news."""
+        silent = st.silent_ts
+        assert silent is not None
+        first = next((int(b.ts_ms[b.ts_ms > silent][0]) for _, b in items if int(b.ts_ms[-1]) > silent), None)
+        if first is None:
+            return
+        st.silent_ts, st.dirty = None, True
+        self._quality(st.quality.event("resumed", first, f"data again at {iso(first)}, {(first - silent) / 1000:.0f} s "
+                                                         f"after the last sample before its silence ({iso(silent)})"))
+
     def _append(self, stream: str, items: list[tuple[InRecord, SampleBlock]], done: set[int]) -> float:
         """Order-check the blocks, then window, hold and batch them together (vectorised per poll); returns
         the windows their samples make at the stream's hop (counted whether or not one completed yet)."""
         st = self.streams[stream]
         st.last_seen = time.monotonic()
+        if st.silent_ts is not None:
+            self._resumed(stream, st, items)
         last, good, made = st.windows.last_ts, [], 0.0
         ahead_s, now_ms = self.settings.max_future_s, self.clock() * 1000
         latest_ok = math.inf if ahead_s is None else now_ms + ahead_s * 1000

@@ -56,6 +56,8 @@ class Metrics:
         self.batch_seconds = Histogram("tsmon_batch_seconds", "Scoring time of one micro-batch", registry=r,
                                        buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3))
         self.streams = Gauge("tsmon_streams", "Streams held in memory", registry=r)
+        self.silent = Gauge("tsmon_streams_silent", "Streams reported silent (quality.silent_after_s) that have not "
+                            "sent since, held or evicted here", registry=r)
         self.evicted = Counter("tsmon_streams_evicted", "Idle streams snapshotted and dropped from memory",
                                registry=r)
         self.broker_up = Gauge("tsmon_broker_up", "0 while the consumer has no open connection to any broker, or "

@@ -66,6 +66,7 @@ class Settings:
     forget_after_s: float | None = None  # a document not written for this long is forgotten (:meth:`forget_dormant`)
     max_documents: int | None = None  # documents of streams not held kept at most (the least recently written go)
     clock_step_s: float | None = None  # new input behind the stream this long (its own time): its clock was set back
+    silent_after_s: float | None = None  # no input from a stream this long: a ``silent`` event (daemon: 600 s)
 
 
 @dataclass

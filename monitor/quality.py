@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-KINDS = ("gap", "late", "duplicate", "rate_drift", "flatline", "clock_step", "stale", "nonfinite_score")
+KINDS = ("gap", "late", "duplicate", "rate_drift", "flatline", "clock_step", "stale", "nonfinite_score", "silent",
+         "resumed")
 LEARN_DIFFS = 64  # sample intervals that fix a stream's nominal period
 CHECK_EVERY = 64  # new intervals between two sample-rate checks
 GAPS_HINT = 8  # gaps in a row after which a gap event says the stream is sampled more slowly than gap_ms

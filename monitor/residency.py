@@ -28,6 +28,7 @@ from monitor.streams import StreamState, doc_partitions, holds_commitments, open
 
 log = logs.get("tsmon.processor")
 
+SILENT_PERIODS = 10  # a stream is silent after this many of its sample periods at the least (slow sensors)
 WAKE_RESERVE = 0.1  # share of limits.max_streams that streams woken for a command leave to new streams
 
 
@@ -98,9 +99,10 @@ class Residency(ProcessorState):
         first.
         """
         idle = self.settings.idle_evict_s
+        quiet = {n: now - max(st.last_seen, input_since) for n, st in self.streams.items() if not st.unscored}
+        self._report_silent(quiet)
         if idle is None:
             return 0
-        quiet = {n: now - max(st.last_seen, input_since) for n, st in self.streams.items() if not st.unscored}
         gone = [n for n, q in quiet.items() if q >= idle]
         for name in gone:
             self._evict(name, quiet[name])
@@ -111,6 +113,29 @@ class Residency(ProcessorState):
         while self.settings.state_topic is None and len(self.restored) > self.settings.max_streams:
             self._unevict(str(self.restored.pop(next(iter(self.restored))).get("stream", "")))
         return len(gone)
+
+    def _report_silent(self, quiet: dict[str, float]) -> None:
+        """A ``silent`` event, once, for each stream quiet for ``silent_after_s`` and 10 of its sample periods (by
+        its eviction at the latest); its next sample brings a ``resumed`` one (:meth:`Ingest._resumed`). Quiet
+        counts as for eviction: not while input was paused."""
+        after, idle = self.settings.silent_after_s, self.settings.idle_evict_s
+        if after is not None:
+            for name, q in quiet.items():
+                st = self.streams[name]
+                last = st.last_sample_ts
+                if st.silent_ts is not None or last is None:
+                    continue
+                limit = max(after, SILENT_PERIODS * (st.quality.period_ms or 0.0) / 1000)
+                if q < (limit if idle is None else min(limit, idle)):
+                    continue
+                st.silent_ts, st.dirty = last, True
+                ep = st.alerts.episode
+                held = f"; alert {ep.alert_id} stays open" if ep is not None and ep.fired is not None else ""
+                self._quality(st.quality.event("silent", last, (
+                    f"no data for {q:.0f} s since its last sample at {iso(last)}{held} — is its source alive?")))
+        self.metrics.silent.set(sum(st.silent_ts is not None for st in self.streams.values())
+                                + sum(self.restored.get(n, {}).get("silent_reported_ts") is not None
+                                      for n in self.evicted_here))
 
     def _evict(self, name: str, idle_s: float) -> None:
         """Snapshot a stream and drop it from memory, its document kept at hand (see :meth:`evict_idle`)."""

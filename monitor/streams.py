@@ -84,6 +84,7 @@ class StreamState:
     # per partition, the offset of the record its clock step restarted it at: a replay of those before it (old time,
     # which the state no longer windows) is passed over, not windowed anew into the new time's alert state
     time_from: dict[TP, int] = field(default_factory=dict)
+    silent_ts: int | None = None  # its last sample when it was reported silent, until it sends again (``resumed``)
 
     @property
     def precision(self) -> float | None:
@@ -176,7 +177,8 @@ class StreamState:
                 "artifact_threshold": self.served.detector.threshold.value,
                 "written_ms": written_ms, "applied_until_ts": applied,
                 "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,
-                "last_sample_ts": self.last_sample_ts, "sample_periods_ms": list(self.quality.periods()),
+                "last_sample_ts": self.last_sample_ts, "silent_reported_ts": self.silent_ts,
+                "sample_periods_ms": list(self.quality.periods()),
                 "quality_cooldowns": self.quality.cooldowns(),
                 "channels": list(self.served.detector.names), "channel_usual": list(self.served.detector.channel_usual),
                 "calibrator": calibrator.export(stream, replayed), "alerts": self.alerts.to_doc(),
@@ -214,6 +216,9 @@ class StreamState:
         last_sample = doc.get("last_sample_ts")  # absent from documents of earlier versions
         if last_sample is not None and (isinstance(last_sample, bool) or not isinstance(last_sample, int)):
             raise TypeError(f"last_sample_ts must be an integer, got {last_sample!r}")
+        silent = doc.get("silent_reported_ts")  # absent from documents of earlier versions
+        if silent is not None and (isinstance(silent, bool) or not isinstance(silent, int)):
+            raise TypeError(f"silent_reported_ts must be an integer, got {silent!r}")
         periods = doc.get("sample_periods_ms", [None, None])  # absent from documents of earlier versions
         if not (isinstance(periods, list) and len(periods) == 2
                 and all(p is None or (isinstance(p, int | float) and not isinstance(p, bool) and math.isfinite(p)
@@ -222,6 +227,7 @@ class StreamState:
         periods = [None if p is None else float(p) for p in periods]
         self.home = self.home or doc_partitions(doc)
         self.time_from = doc_offsets(doc, "time_from_offsets")
+        self.silent_ts = silent  # the stream's, whatever model scores it: its next data says it resumed
         if replayed:
             self.replay_until, self.doc_last_ts = doc_offsets(doc), last_sample
         else:  # its records since were taken here: kept for its next document (woken, it wrote none)
@@ -285,7 +291,8 @@ class StreamState:
                 "alert_state": state, "alert_id": ep.alert_id if ep and ep.fired else None,
                 "silenced_until_ms": self.silenced_until_ms if silenced else None,
                 "silenced_until_time": iso(self.silenced_until_ms) if silenced else None, "lag": lag,
-                "holding_back": holding, "precision": self.precision, "feedback": dict(self.feedback)}
+                "holding_back": holding, "silent": self.silent_ts is not None, "precision": self.precision,
+                "feedback": dict(self.feedback)}
 
 
 def doc_partitions(doc: dict[str, Any]) -> frozenset[TP]:

@@ -83,7 +83,8 @@ def stream_cells(r: dict[str, Any]) -> list[str]:
     if r.get("alert_id"):
         alert += f" {str(r['alert_id'])[:8]}"
     threshold = r.get("threshold")
-    return [_cell(r.get("stream")), _cell(r.get("model")), _time(r.get("last_sample_time")),
+    last = _time(r.get("last_sample_time")) + (" (silent)" if r.get("silent") is True else "")
+    return [_cell(r.get("stream")), _cell(r.get("model")), last,
             _cell(r.get("windows_scored")), f"{threshold:.4g}" if _number(threshold) else _cell(threshold),
             source, alert, _time(r.get("silenced_until_time")), _cell(r.get("lag")),
             _cell(r.get("holding_back")), _precision(r.get("precision"))]

@@ -579,3 +579,13 @@ def test_a_file_value_the_environment_overrides_is_named(tmp_path: Path, capsys:
                            "TSMON_KAFKA__BOOTSTRAP_SERVERS": "k1:9092, k2:9092",
                            "TSMON_LIMITS__EARLIEST_TS": "2000-01-01T00:00:00Z"})
     assert "overridden" not in "".join(capsys.readouterr())  # the same values, spelt otherwise
+
+
+def test_silent_after_s_defaults_to_ten_minutes_and_takes_none() -> None:
+    from monitor.daemon import processor_settings
+
+    assert load_config(None, {}, {}).quality.silent_after_s == 600.0
+    assert processor_settings(load_config(None, {"quality.silent_after_s": 90}, {})).silent_after_s == 90.0
+    assert load_config(None, {}, {"TSMON_QUALITY__SILENT_AFTER_S": "none"}).quality.silent_after_s is None
+    with pytest.raises(ConfigError, match="quality.silent_after_s"):
+        load_config(None, {"quality.silent_after_s": 0}, {})

@@ -598,6 +598,78 @@ def test_a_failed_revoke_drops_what_only_its_partitions_concern_and_sends_the_re
     assert json.loads(after[0].value)["calibrator"]["pinned"] is True  # the pin goes out: no other owner
 
 
+def quality_events(p: Any) -> list[dict[str, Any]]:
+    return [d for d in out(p, Settings().alerts_topic) if d["type"] == "data_quality"]
+
+
+def test_a_stream_that_stops_sending_is_reported_silent_once_and_resumed_when_it_sends_again(make: Make) -> None:
+    """Found by the on-call pass: a stream that stopped sending with no alert open was only logged at its eviction,
+    an hour later, and then left `tsmon status`. After ``silent_after_s`` a ``silent`` event goes out, once; the
+    gauge and its status row say so; its next new sample brings ``resumed``. A replay of what it sent before the
+    silence is not news."""
+    p = make()
+    p.settings = Settings(silent_after_s=600.0)  # eviction after 3600 s
+    ts, v = sine_stream(2000)
+    first, later = records("dev-s", ts[:1000], v[:1000]), records("dev-q", ts[:1000], v[:1000], partition=1)
+    feed(p, first + later)
+    now = time.monotonic()
+    p.streams["dev-q"].last_seen = now + 100  # it sent since
+    assert p.evict_idle(now + 599) == 0 and quality_events(p) == []
+    p.evict_idle(now + 650)
+    p.evict_idle(now + 699)  # once per silence
+    [ev] = quality_events(p)
+    assert p.streams["dev-s"].quality.counts["silent"] == 1  # found once, not held back by the cooldown after
+    assert (ev["kind"], ev["stream"], ev["ts"]) == ("silent", "dev-s", int(ts[999]))
+    assert ev["detail"].startswith("no data for 650 s since its last sample at 2023-11-14T22:") and "alert" not in ev["detail"]
+    assert p.metrics.silent._value.get() == 1 and p.metrics.total("tsmon_data_quality_events_total") >= 1
+    assert {r["stream"]: r["silent"] for r in p.status_rows({})} == {"dev-s": True, "dev-q": False}
+    feed(p, records("dev-s", ts[900:1000], v[900:1000], first_offset=len(first)))  # sent again, old samples
+    assert [e["kind"] for e in quality_events(p) if e["kind"] in ("silent", "resumed")] == ["silent"]
+    feed(p, records("dev-s", ts[1000:], v[1000:], first_offset=2 * len(first)))
+    [_, back] = [e for e in quality_events(p) if e["kind"] in ("silent", "resumed")]
+    assert (back["kind"], back["ts"]) == ("resumed", int(ts[1000])) and back["detail"].startswith("data again at")
+    p.evict_idle(time.monotonic())
+    assert p.metrics.silent._value.get() == 0 and not any(r["silent"] for r in p.status_rows({}))
+    quiet = make()
+    quiet.settings = Settings(silent_after_s=None)  # "none": never
+    feed(quiet, records("dev-s", ts[:1000], v[:1000]))
+    quiet.evict_idle(time.monotonic() + 3000)
+    assert quality_events(quiet) == []
+
+
+def test_a_silent_stream_evicted_and_restored_elsewhere_says_it_resumed_only_for_new_samples(make: Make) -> None:
+    """The report outlives the stream's eviction (its document keeps it, and the gauge counts it) and a new owner:
+    the first sample after the silence brings ``resumed``, the replay of the samples before it does not. A slow
+    stream (a sample a minute) is silent after 10 of its periods, not after ``silent_after_s`` alone."""
+    p = make()
+    p.settings = Settings(state_topic="state", silent_after_s=600.0, idle_evict_s=3600.0)
+    ts, v = sine_stream(2000)
+    recs = records("dev-e", ts[:1000], v[:1000])
+    feed(p, recs)
+    now = time.monotonic()
+    assert p.evict_idle(now + 3600) == 1  # silent and evicted in one pass: reported first
+    assert [e["kind"] for e in quality_events(p)] == ["silent"] and p.metrics.silent._value.get() == 1
+    doc = [d for d in out(p, "state") if d.get("stream") == "dev-e"][-1]
+    assert doc["silent_reported_ts"] == int(ts[999])
+    q = make()  # another owner, replaying from the commit
+    q.settings = Settings(state_topic="state", silent_after_s=600.0)
+    q.restored = {"dev-e": json.loads(json.dumps(doc))}
+    feed(q, recs[-20:])
+    assert quality_events(q) == []
+    feed(q, records("dev-e", ts[1000:], v[1000:], first_offset=len(recs)))
+    [back] = quality_events(q)
+    assert back["kind"] == "resumed" and back["ts"] == int(ts[1000]) and q.streams["dev-e"].silent_ts is None
+
+    slow = make()
+    slow.settings = Settings(silent_after_s=600.0, gap_ms=None)
+    every_2_min = ts[:200] + (np.arange(200) * (120_000 - (ts[1] - ts[0]))).astype("int64")
+    feed(slow, records("dev-m", every_2_min, v[:200]))
+    slow.evict_idle(time.monotonic() + 1100)  # past the 600 s, not 10 of its periods
+    assert quality_events(slow) == []
+    slow.evict_idle(time.monotonic() + 1201)
+    assert [e["kind"] for e in quality_events(slow)] == ["silent"]
+
+
 def test_a_stream_woken_and_saved_before_any_input_keeps_its_last_sample(make: Make) -> None:
     """Adopted at a restore and woken by a command before any input, a stream wrote last_sample_ts null: at the
     restart after, its new input was no longer held to the order rule, and a day of samples from a clock set back

@@ -25,7 +25,7 @@ ROWS: list[dict[str, Any]] = [
      "alert_id": "a1b2c3d4e5f6a7b8", "silenced_until_time": None, "lag": 17, "holding_back": 2990,
      "precision": 0.75},
     {"stream": "pump[2]", "model": "lstm", "last_sample_time": 1704067200000, "threshold_source": "artifact",
-     "alert_state": "ok"},
+     "alert_state": "ok", "silent": True},
 ]
 
 
@@ -346,7 +346,8 @@ def test_status_table(server: HealthServer, capsys: pytest.CaptureFixture[str]) 
         assert cell in first, cell
     assert "a1b2c3d4e" not in out
     second = next(line for line in out.splitlines() if "pump[2]" in line)  # not taken for rich markup
-    assert "lstm" in second and "2024-01-01T00:00:00.000Z" in second and "artifact" in second
+    assert "lstm" in second and "2024-01-01T00:00:00.000Z (silent)" in second and "artifact" in second
+    assert "(silent)" not in first
 
 
 def test_status_json(server: HealthServer, capsys: pytest.CaptureFixture[str]) -> None:
