@@ -27,6 +27,7 @@ from monitor.alerts import AlertSettings, AlertState, Observation
 from monitor.control import Command, Refused, Seen, ack, names_one, split_ack, verify
 from monitor.processor import Processor
 from monitor.sink import json_message
+from monitor.streams import doc_commands
 from monitor.topics import partition_reader
 
 log = logs.get("tsmon.control")
@@ -36,6 +37,9 @@ _MAX_SILENCE_S = 30 * 86400.0
 Effects = tuple[list[str], list[dict[str, Any]], dict[str, Any]]
 
 
+# commands that change the streams they name: applied once to each (its document keeps the command's id)
+PER_STREAM = frozenset({"recalibrate", "pin", "unpin", "freeze", "unfreeze", "silence", "unsilence", "reset-stream",
+                        "rollback"})
 REJECTIONS_PER_MINUTE = 10  # refused messages logged and acknowledged a minute; the others are counted
 
 
@@ -82,7 +86,7 @@ class Controller:
         if self.p.failed is not None:  # a batch failed to score: nothing is saved from now on, the daemon stops
             return self._publish(ack(cmd, None, "failed", self.instance, error=f"not applied: {self.p.failed}"),
                                  cmd.command)
-        if cmd.command_id in self.seen:
+        if cmd.command_id in self.seen and not self._owed(cmd):
             log.info("command_duplicate", command=cmd.command, command_id=cmd.command_id)
             return self._publish(ack(cmd, None, "duplicate", self.instance), cmd.command)
         self.not_woken.clear()
@@ -98,6 +102,8 @@ class Controller:
             return self._publish(ack(cmd, None, "failed", self.instance, error=error), cmd.command)
         self.seen.add(cmd.command_id)
         for stream in streams:
+            if cmd.command in PER_STREAM:
+                self.p.streams[stream].commands.append(cmd.command_id)
             self.p.save(stream)
         self.save_global()
         log.info("command_applied", command=cmd.command, target=cmd.target, operator=cmd.operator,
@@ -151,13 +157,28 @@ class Controller:
                 self.seen.add(i)
 
     # helpers ----------------------------------------------------------------------------------------
+    def _owed(self, cmd: Command) -> bool:
+        """A command this instance knows as applied (by itself, or by another instance of the group: the ids of
+        the daemon-wide document) that a stream held here, or evicted here, has not had: its partition came here
+        in a rebalance, restored from a document written before the command — at a restart during a command,
+        6 of 10 streams were skipped as a "duplicate" and ctl exited 0."""
+        if cmd.command not in PER_STREAM or (cmd.command in ("freeze", "unfreeze") and cmd.target == "*"):
+            return False
+        return any(fnmatch.fnmatchcase(n, cmd.target) and cmd.command_id not in st.commands
+                   for n, st in self.p.streams.items()) or any(
+            fnmatch.fnmatchcase(n, cmd.target) and cmd.command_id not in doc_commands(doc)
+            for n, doc in self.p.evicted_docs().items())
+
     def _targets(self, cmd: Command, wake: Callable[[dict[str, Any]], bool] = lambda doc: True) -> list[str]:
         """The streams held that match, and those this instance evicted whose document ``wake`` accepts, woken
-        from it: a command for ``dev-*`` must reach a stream that happened to be idle (a silence most of all)."""
+        from it: a command for ``dev-*`` must reach a stream that happened to be idle (a silence most of all).
+        Not those it was applied to already (by an earlier owner of the stream, or before a restart)."""
         for name, doc in sorted(self.p.evicted_docs().items()):
-            if fnmatch.fnmatchcase(name, cmd.target) and wake(doc) and not self.p.wake(name):
+            if (fnmatch.fnmatchcase(name, cmd.target) and cmd.command_id not in doc_commands(doc) and wake(doc)
+                    and not self.p.wake(name)):
                 self.not_woken.add(name)  # no room: the ack says so, and tsmon ctl fails
-        return [s for s in self.p.streams if fnmatch.fnmatchcase(s, cmd.target)]
+        return [s for s, st in self.p.streams.items()
+                if fnmatch.fnmatchcase(s, cmd.target) and cmd.command_id not in st.commands]
 
     def _view(self, stream: str) -> dict[str, Any]:
         th, st = self.cal.threshold(stream), self.p.streams[stream]

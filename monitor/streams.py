@@ -25,6 +25,7 @@ from monitor.state import doc_epoch
 from monitor.windows import BeatWindows, StreamWindows
 
 DOC_VERSION = 1
+COMMANDS_KEPT = 32  # ids of the operator commands applied to a stream that its document keeps (newest)
 NO_FEEDBACK = {"confirmed": 0, "false_positive": 0}
 
 
@@ -85,6 +86,9 @@ class StreamState:
     # which the state no longer windows) is passed over, not windowed anew into the new time's alert state
     time_from: dict[TP, int] = field(default_factory=dict)
     silent_ts: int | None = None  # its last sample when it was reported silent, until it sends again (``resumed``)
+    # the operator commands applied to it: a command is applied once to each stream, wherever it is held when the
+    # command is read (``Controller``), not once per instance
+    commands: deque[str] = field(default_factory=lambda: deque(maxlen=COMMANDS_KEPT))
 
     @property
     def precision(self) -> float | None:
@@ -178,6 +182,7 @@ class StreamState:
                 "written_ms": written_ms, "applied_until_ts": applied,
                 "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,
                 "last_sample_ts": self.last_sample_ts, "silent_reported_ts": self.silent_ts,
+                "commands": list(self.commands),
                 "sample_periods_ms": list(self.quality.periods()),
                 "quality_cooldowns": self.quality.cooldowns(),
                 "channels": list(self.served.detector.names), "channel_usual": list(self.served.detector.channel_usual),
@@ -228,6 +233,7 @@ class StreamState:
         self.home = self.home or doc_partitions(doc)
         self.time_from = doc_offsets(doc, "time_from_offsets")
         self.silent_ts = silent  # the stream's, whatever model scores it: its next data says it resumed
+        self.commands.extend(doc_commands(doc))
         if replayed:
             self.replay_until, self.doc_last_ts = doc_offsets(doc), last_sample
         else:  # its records since were taken here: kept for its next document (woken, it wrote none)
@@ -293,6 +299,13 @@ class StreamState:
                 "silenced_until_time": iso(self.silenced_until_ms) if silenced else None, "lag": lag,
                 "holding_back": holding, "silent": self.silent_ts is not None, "precision": self.precision,
                 "feedback": dict(self.feedback)}
+
+
+def doc_commands(doc: dict[str, Any]) -> list[str]:
+    """The ids of the operator commands a document says were applied to its stream (none in documents of earlier
+    versions)."""
+    ids = doc.get("commands")
+    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
 
 
 def doc_partitions(doc: dict[str, Any]) -> frozenset[TP]:

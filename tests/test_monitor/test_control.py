@@ -763,6 +763,50 @@ def test_a_stream_read_on_a_kept_partition_since_its_document_was_handed_keeps_i
     assert p.unpersisted == set() and "dev-a" in p.outbox.documents
 
 
+def test_a_command_another_instance_applied_is_applied_to_the_streams_that_came_here_without_it(make: Make) -> None:
+    """Found by the operator pass: a silence sent while one instance restarted. The other applied it to the streams
+    it held and wrote the group's document with the command's id; the restarting one restored that id with the
+    documents of its new partitions — written before the command — and answered "duplicate": 6 of 10 streams were
+    never silenced, and ctl exited 0. A command is applied once to each stream (its document keeps the id), not
+    once per instance; a stream whose document has it is not changed again."""
+    p = make()  # the instance that stayed
+    p.settings = Settings(state_topic="state")
+    ts, v = sine_stream(300)
+    feed(p, records("dev-10", ts, v) + records("dev-11", ts, v, partition=1))
+    c = controller(p)
+    c.global_known = True
+    p.save("dev-11")
+    moved = [d for d in out(p, "state") if d.get("stream") == "dev-11"][-1]  # its document at the revoke
+    cmd = new_command("silence", "dev-1*", {"for_s": 3600.0}, "alice", "maintenance", KEY)
+    del p.streams["dev-11"]  # revoked: moved to the other instance, which has not read the command yet
+    assert c.handle(raw(cmd))["streams"] == ["dev-10"]
+    group = [d for d in out(p, "state") if d["type"] == "daemon_state"][-1]
+    assert cmd["command_id"] in group["command_ids"]
+    silenced = [d for d in out(p, "state") if d.get("stream") == "dev-10"][-1]
+    assert silenced["commands"] == [cmd["command_id"]]
+
+    q = make()  # the one that restarted: restores the group's document and the moved stream's
+    q.settings = Settings(state_topic="state")
+    d = controller(q)
+    d.restore_global(group)
+    q.restored = {"dev-11": json.loads(json.dumps(moved))}
+    feed(q, records("dev-11", ts, v, partition=1))
+    ack = d.handle(raw(cmd))
+    assert (ack["status"], ack["streams"]) == ("applied", ["dev-11"])  # was "duplicate", and never silenced
+    assert q.streams["dev-11"].silenced_until_ms > time.time() * 1000
+    assert d.handle(raw(cmd))["status"] == "duplicate"  # read again: once per stream
+    assert q.evict_idle(time.monotonic() + 4000) == 1
+    assert d.handle(raw(cmd))["status"] == "duplicate" and "dev-11" not in q.streams  # evicted: its document says so
+    r = make()  # a later owner of both: dev-10's document has the command, it is not silenced again (a new end)
+    r.settings = Settings(state_topic="state")
+    e = controller(r)
+    e.restore_global(group)
+    r.restored = {"dev-10": json.loads(json.dumps(silenced)), "dev-11": json.loads(json.dumps(moved))}
+    feed(r, records("dev-10", ts, v) + records("dev-11", ts, v, partition=1))
+    assert e.handle(raw(cmd))["streams"] == ["dev-11"]
+    assert r.streams["dev-10"].silenced_until_ms == silenced["silenced_until_ms"]
+
+
 @pytest.mark.parametrize("fails_at", ["first flush", "second flush"])
 def test_a_command_whose_documents_a_failed_revoke_dropped_is_not_acknowledged(make: Make, fails_at: str) -> None:
     """A pin, then a revoke of its stream's partition whose commit fails: before its documents were handed to the
