@@ -465,6 +465,11 @@ class Calibrator:
             st = self._streams[stream]
             return {"pinned": st.pinned, "frozen": st.frozen or self.frozen_all}
 
+    def control_counts(self) -> tuple[int, int]:
+        """Streams pinned, and frozen by a freeze of their own (``frozen_all`` aside)."""
+        with self._lock:
+            return (sum(st.pinned for st in self._streams.values()), sum(st.frozen for st in self._streams.values()))
+
     def history(self, stream: str) -> list[dict[str, Any]]:
         with self._lock:
             return [asdict(v) for v in self._streams[stream].versions]

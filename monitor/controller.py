@@ -24,7 +24,7 @@ import numpy as np
 from models.errors import describe
 from monitor import logs
 from monitor.alerts import AlertSettings, AlertState, Observation
-from monitor.control import Command, Refused, Seen, ack, names_one, split_ack, verify
+from monitor.control import MAX_SILENCE_S, Command, Refused, Seen, ack, names_one, split_ack, verify
 from monitor.processor import Processor
 from monitor.sink import json_message
 from monitor.streams import doc_commands
@@ -33,7 +33,6 @@ from monitor.topics import partition_reader
 log = logs.get("tsmon.control")
 GLOBAL_KEY = "__tsmon__"  # changelog key of daemon-wide state (global freeze, applied ids); no stream may use it
 GLOBAL_IDS_BYTES = 512 * 1024  # the applied ids it persists, at most (the producer's message limit is 1 MB)
-_MAX_SILENCE_S = 30 * 86400.0
 Effects = tuple[list[str], list[dict[str, Any]], dict[str, Any]]
 
 
@@ -185,14 +184,21 @@ class Controller:
         return {"threshold": th.value, "source": th.source, "version": th.version, **self.cal.controls(stream),
                 "silenced_until_ms": st.silenced_until_ms}
 
-    def _each(self, cmd: Command, change: Callable[[str], None]) -> Effects:
-        """Apply ``change`` to every matching stream, recording before → after."""
-        streams, effects = self._targets(cmd), []
-        for stream in streams:
+    def _each(self, cmd: Command, change: Callable[[str], None], idle: Callable[[str], str | None] | None = None
+              ) -> Effects:
+        """Apply ``change`` to every matching stream, recording before → after; an undo passes over the streams
+        ``idle`` says it would not change (listed in ``held`` with why: "applied" to a stream never pinned read as
+        done, and the audit recorded an effect)."""
+        streams, effects, held = [], [], {}
+        for stream in self._targets(cmd):
+            if idle is not None and (why := idle(stream)) is not None:
+                held[stream] = why
+                continue
             before = self._view(stream)
             change(stream)
+            streams.append(stream)
             effects.append({"stream": stream, "before": before, "after": self._view(stream)})
-        return streams, effects, {}
+        return streams, effects, {"held": held} if held else {}
 
     def _why(self, cmd: Command) -> str:
         return f"{cmd.command} by {cmd.operator}: {cmd.reason}".strip().rstrip(":")
@@ -220,7 +226,8 @@ class Controller:
         return self._each(cmd, lambda s: self.cal.pin(s, value, self._why(cmd)))
 
     def _unpin(self, cmd: Command) -> Effects:
-        return self._each(cmd, lambda s: self.cal.unpin(s, self._why(cmd)))
+        return self._each(cmd, lambda s: self.cal.unpin(s, self._why(cmd)),
+                          lambda s: None if self.cal.controls(s)["pinned"] else "not pinned: nothing to undo")
 
     def _freeze(self, cmd: Command) -> Effects:
         """``freeze *`` is daemon-wide (``frozen_all``, persisted): no per-stream flag is set, so none is left
@@ -229,7 +236,8 @@ class Controller:
         if cmd.target != "*":
             if not frozen and self.cal.frozen_all:  # it would be acknowledged and change nothing
                 raise Refused("calibration is frozen daemon-wide (freeze --all): unfreeze --all lifts it")
-            return self._each(cmd, lambda s: self.cal.set_frozen(s, frozen))
+            return self._each(cmd, lambda s: self.cal.set_frozen(s, frozen), None if frozen else (
+                lambda s: None if self.cal.controls(s)["frozen"] else "not frozen: nothing to undo"))
         streams = self._targets(cmd, lambda doc: not frozen and _field(doc, "calibrator", dict).get("frozen") is True)
         before = {s: self._view(s) for s in streams}
         self.cal.frozen_all = frozen
@@ -243,13 +251,17 @@ class Controller:
         until = 0
         if cmd.command == "silence":
             seconds = float(cmd.params["for_s"])
-            if not 0 < seconds <= _MAX_SILENCE_S:
-                raise Refused(f"for_s must be in (0, {_MAX_SILENCE_S:.0f}], got {seconds}")
+            if not 0 < seconds <= MAX_SILENCE_S:
+                raise Refused(f"for_s must be in (0, {MAX_SILENCE_S:.0f}], got {seconds}")
             until = int((self.clock() + seconds) * 1000)
 
         def change(stream: str) -> None:
             self.p.streams[stream].silenced_until_ms = until
-        return self._each(cmd, change)
+
+        def not_silenced(stream: str) -> str | None:
+            return None if self.p.streams[stream].silenced_until_ms > self.clock() * 1000 else \
+                "not silenced: nothing to undo"
+        return self._each(cmd, change, None if until else not_silenced)
 
     def _reset(self, cmd: Command) -> Effects:
         return self._each(cmd, lambda s: self.p.reset_stream(s, self._why(cmd)))

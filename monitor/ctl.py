@@ -23,7 +23,7 @@ from typing import Any
 from models.errors import BrokerError, ConfigError, TsmonError, describe
 from monitor import logs
 from monitor.config import Config
-from monitor.control import merge_acks, new_command
+from monitor.control import MAX_SILENCE_S, merge_acks, new_command
 from monitor.reach import wait_for_brokers
 from monitor.topics import partition_reader, within
 
@@ -40,7 +40,10 @@ def duration_s(text: str) -> float:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
     if not m or float(m.group(1)) <= 0:
         raise ConfigError(f"--for: expected a duration like 90s, 30m, 2h or 1d, got {text!r}")
-    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if seconds > MAX_SILENCE_S:  # what every daemon refuses: said here, nothing sent (it was sent, then "failed")
+        raise ConfigError(f"--for: at most 30d, got {text.strip()!r}")
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +175,10 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
     refused = [a for a in acks if a["status"] not in ("applied", "duplicate")]
     if refused:
         by = "; ".join(f"{a['status']} by {a['instance']}: {a['error']}" for a in refused)
-        raise CommandFailed(f"{command} applied only in part (by {', '.join(a['instance'] for a in applied)}); "
-                            f"{by}")
+        did = [a["instance"] for a in applied if a["streams"] or a["status"] == "duplicate"]
+        if not did:  # the others hold no stream it names: "applied only in part (by …)" read as a partial success
+            raise CommandFailed(f"{command} {by}")
+        raise CommandFailed(f"{command} applied only in part (by {', '.join(did)}); {by}")
     asleep = sorted({s for a in applied for s in (a.get("result") or {}).get("not_woken", ())})
     if asleep:
         raise CommandFailed(f"{command} applied only in part: {len(asleep)} idle stream(s) not woken, "

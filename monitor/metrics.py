@@ -56,6 +56,13 @@ class Metrics:
         self.batch_seconds = Histogram("tsmon_batch_seconds", "Scoring time of one micro-batch", registry=r,
                                        buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3))
         self.streams = Gauge("tsmon_streams", "Streams held in memory", registry=r)
+        self.silenced = Gauge("tsmon_streams_silenced", "Streams held whose alerts are silenced now (ctl silence)",
+                              registry=r)
+        self.pinned = Gauge("tsmon_streams_pinned", "Streams held whose threshold is pinned (ctl pin)", registry=r)
+        self.frozen = Gauge("tsmon_streams_frozen", "Streams held frozen by a freeze of their own (ctl freeze "
+                            "--stream); see tsmon_calibration_frozen_all", registry=r)
+        self.frozen_all = Gauge("tsmon_calibration_frozen_all", "1 while calibration is frozen daemon-wide "
+                                "(ctl freeze --all)", registry=r)
         self.silent = Gauge("tsmon_streams_silent", "Streams reported silent (quality.silent_after_s) that have not "
                             "sent since, held or evicted here", registry=r)
         self.evicted = Counter("tsmon_streams_evicted", "Idle streams snapshotted and dropped from memory",

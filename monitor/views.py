@@ -61,6 +61,17 @@ class Views(DaemonState):
         self._rows, self._rows_at, self._rows_asked = rows, time.monotonic(), False
         self._rows_built.set()
 
+    def _control_gauges(self) -> None:
+        """How many held streams are silenced, pinned and frozen, and the daemon-wide freeze: an operator's controls
+        were only in ``/streams`` (``tsmon_threshold``'s source is the version's, never "frozen")."""
+        cal, p = self.processor.calibrator, self.processor
+        now_ms = p.clock() * 1000
+        self.metrics.silenced.set(sum(st.silenced_until_ms > now_ms for st in p.streams.values()))
+        pinned, frozen = cal.control_counts()
+        self.metrics.pinned.set(pinned)
+        self.metrics.frozen.set(frozen)
+        self.metrics.frozen_all.set(int(cal.frozen_all))
+
     def _refresh_views(self) -> None:
         """The loop's state for the HTTP threads: replaced, never mutated."""
         assigned = self.source.assignment()
@@ -77,6 +88,7 @@ class Views(DaemonState):
         for (topic, partition), n in held.items():
             self.metrics.uncommitted.labels(topic, str(partition)).set(n)
         self._held_labels = set(held)
+        self._control_gauges()
         now = time.monotonic()
         if self.http is not None and now - self._rows_wanted < ROWS_WANTED_S:  # one row per stream (64–107 ms at
             # 10 000 streams: built every commit interval, it took 6–11 % of the loop): only while someone reads them

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import math
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -127,10 +128,15 @@ def _when(ms: Any) -> str:
     return iso(int(ms)) if isinstance(ms, int) and not isinstance(ms, bool) and ms > 0 else "initial"
 
 
-def _fmt(view: dict[str, Any] | None) -> str:
+def _fmt(view: dict[str, Any] | None, now_ms: float | None = None) -> str:
+    """A stream's threshold and controls; a silence with its end, and only while it runs (one that had ended read
+    "silenced", and re-silencing a stream for less did not say it shortened the silence)."""
     if not view:
         return "-"
-    flags = [f for f in ("pinned", "frozen") if view.get(f)] + (["silenced"] if view.get("silenced_until_ms") else [])
+    until = view.get("silenced_until_ms")
+    now_ms = time.time() * 1000 if now_ms is None else now_ms
+    running = isinstance(until, int | float) and not isinstance(until, bool) and until > now_ms
+    flags = [f for f in ("pinned", "frozen") if view.get(f)] + ([f"silenced until {iso(int(until))}"] if running else [])
     return f"{view['threshold']:.6g} ({view['source']} v{view['version']}{', ' + ', '.join(flags) if flags else ''})"
 
 
@@ -225,7 +231,7 @@ def history(stream: Stream = None, config: Config = None, bootstrap: Bootstrap =
 
 
 @app.command()
-def rollback(to: Annotated[int, typer.Option("--to", help="Version number (see history).")], stream: Stream = None,
+def rollback(to: Annotated[int, typer.Option("--to", help="Version number (see history).", min=0)], stream: Stream = None,
              config: Config = None, bootstrap: Bootstrap = None, operator: Operator = None, reason: Reason = "",
              timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
     """Set the threshold of a former version again (as a new version)."""

@@ -45,8 +45,11 @@ def status(
 
 
 def fetch_streams(url: str) -> list[dict[str, Any]]:
-    """The daemon's stream rows; an unreachable or unexpected answer raises :class:`TsmonError`."""
-    base = url.rstrip("/")
+    """The daemon's stream rows; an unreachable or unexpected answer raises :class:`TsmonError`. ``host:port``
+    means http, and a URL of ``/streams`` itself is taken as given (they read "unknown url type" and 404)."""
+    base = url.strip().rstrip("/").removesuffix("/streams")
+    if "://" not in base:
+        base = f"http://{base}"
     try:
         with urllib.request.urlopen(f"{base}/streams", timeout=TIMEOUT_S) as resp:
             raw = resp.read()

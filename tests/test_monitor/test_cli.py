@@ -510,7 +510,10 @@ def test_ctl_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
                           # values no instance could apply (they exited 1, where --timeout's exited 2)
                           (["pin", "--stream", "s", "--threshold", "nan"], "Invalid value for --threshold: must be finite and > 0"),
                           (["shadow", "--stream", "s", "--quantile", "inf"], "Invalid value for --quantile: must be in (0, 1)"),
-                          (["silence", "--stream", "s", "--for", "soon"], "Invalid value for --for: expected a duration like 90s")]:
+                          (["silence", "--stream", "s", "--for", "soon"], "Invalid value for --for: expected a duration like 90s"),
+                          # sent, then refused by every daemon (found by the operator pass)
+                          (["silence", "--stream", "s", "--for", "31d"], "Invalid value for --for: at most 30d, got '31d'"),
+                          (["rollback", "--stream", "s", "--to", "-1"], "Invalid value for '--to'")]:
         code, _, err = run(capsys, "ctl", *args)
         assert code == 2 and message in _said(err) and "Traceback" not in err, (args, err)
     # the other commands' conflicting options are usage errors too (they exited 1 as configuration errors)

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from monitor.alerts import RATIO_CAP, AlertSettings
+from models.errors import ConfigError
+from monitor.alerts import RATIO_CAP, AlertSettings, iso
 from monitor.calibrator import _unpack
 from monitor.commands.ctl_cmd import _effect
 from monitor.control import (
@@ -140,6 +141,9 @@ def test_ctl_verdict_needs_an_applying_daemon() -> None:
     skewed = {**ack, "instance": "h:2", "status": "rejected", "error": "stale command: issued -412 s from now"}
     with pytest.raises(CommandFailed, match=r"pin applied only in part \(by h:1\); rejected by h:2: stale"):
         verdict("pin", "s", [{**ack, "streams": ["s"]}, skewed], 5)  # h:2's streams were left as they were
+    lacking = {**ack, "instance": "h:2", "status": "failed", "error": "no version 99 kept for s"}
+    with pytest.raises(CommandFailed, match=r"^rollback failed by h:2: no version 99 kept for s$"):
+        verdict("rollback", "s", [ack, lacking], 5)  # h:1 holds no stream s: not "applied only in part (by h:1)"
     with pytest.raises(CommandFailed, match=r"applied only in part: 1 idle stream\(s\) not woken.*: s-2"):
         verdict("silence", "s*", [{**ack, "streams": ["s"], "result": {"not_woken": ["s-2"]}}], 5)
     # a refused recalibration was reported as applied, exit 0: a script read success
@@ -386,6 +390,39 @@ def test_pin_silence_and_audit_on_a_processor(make: Make) -> None:
     now = time.time()
     assert send(controller(p, clock=now), "silence", "dev-b", for_s=3600)["status"] == "applied"
     assert p.streams["dev-b"].silenced_until_ms == int((now + 3600) * 1000)  # an hour, not 3.6 s
+    # found by the operator pass: ctl's table read "(silenced) -> (silenced)" for a silence cut from an hour to 90 s,
+    # and "silenced" for one that had ended
+    shorter = send(controller(p, clock=now), "silence", "dev-b", for_s=90)
+    hour, ninety = iso(int((now + 3600) * 1000)), iso(int((now + 90) * 1000))
+    assert _effect(shorter) == f"dev-b: 3 (pinned v1, pinned, silenced until {hour}) -> 3 (pinned v1, pinned, " \
+                               f"silenced until {ninety})"
+    p.streams["dev-b"].silenced_until_ms = int((now - 1) * 1000)
+    assert "silenced" not in _effect(send(c, "pin", "dev-b", threshold=2.0)).split(" -> ")[0]  # ended: not shown
+    with pytest.raises(ConfigError, match="at most 30d"):  # every daemon refuses it: ctl says so, nothing is sent
+        duration_s("31d")
+    assert duration_s("30d") == 30 * 86400
+
+
+def test_an_undo_that_would_change_nothing_says_so_and_changes_nothing(make: Make) -> None:
+    """Found by the operator pass: unpin, unsilence and unfreeze of a stream never pinned, silenced or frozen were
+    "applied" to it (ctl exit 0, one stream changed in the table and the audit). They pass over it, listed in
+    ``held`` with why (exit 0 still: an undo is idempotent), and change only those it concerns."""
+    p = make()
+    feed(p, records("dev-a", *sine_stream(400)) + records("dev-b", *sine_stream(400, seed=2), partition=1))
+    c = controller(p)
+    send(c, "pin", "dev-a", threshold=3.0)
+    send(c, "silence", "dev-a", for_s=600)
+    send(c, "freeze", "dev-a")
+    for command, what in (("unpin", "pinned"), ("unsilence", "silenced"), ("unfreeze", "frozen")):
+        a = send(c, command, "dev-*")
+        assert (a["status"], a["streams"]) == ("applied", ["dev-a"]), command
+        assert a["result"]["held"] == {"dev-b": f"not {what}: nothing to undo"}
+        assert f"dev-b: skipped: not {what}: nothing to undo" in _effect(a).splitlines()
+        again = send(c, command, "dev-a")
+        assert (again["streams"], again["effects"]) == ([], []) and "dev-a" in again["result"]["held"]
+        verdict(command, "dev-a", [again], 5)  # not a failure
+    assert p.calibrator.controls("dev-a") == {"pinned": False, "frozen": False}
+    assert p.streams["dev-a"].silenced_until_ms == 0
 
 
 def test_a_tiny_pin_gives_capped_ratios_not_a_stopped_daemon(make: Make) -> None:

@@ -353,6 +353,10 @@ def test_status_table(server: HealthServer, capsys: pytest.CaptureFixture[str]) 
 def test_status_json(server: HealthServer, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "status", "--url", server.url + "/", "--json")
     assert code == 0 and json.loads(out) == ROWS
+    # found by the operator pass: host:port read "unknown url type", and the /streams URL itself a 404
+    for url in (server.url.removeprefix("http://"), server.url + "/streams"):
+        code, out, err = run(capsys, "status", "--url", url, "--json")
+        assert code == 0 and json.loads(out) == ROWS, (url, err)
 
 
 def test_status_url_from_the_environment(server: HealthServer, stubs: Stubs, capsys: pytest.CaptureFixture[str],

@@ -1999,6 +1999,29 @@ def test_an_alert_names_the_channel_over_its_usual_error_not_the_one_always_reco
     assert "most unusual ch1" in fired[0]["summary"]
 
 
+def test_the_operators_controls_are_counted_in_metrics(stream_model: Path) -> None:
+    """Found by the operator pass: silences, pins and freezes were only in ``/streams`` (``tsmon_threshold``'s
+    source never says "frozen"), so Prometheus and Grafana could not show that a stream was silenced."""
+    ts, v = sine_stream(400)
+    recs = records("dev-a", ts, v) + records("dev-b", ts, v, partition=1) + records("dev-c", ts, v, partition=2)
+    source, out = MemorySource(recs, batch=50), MemorySink()
+    d = in_process_daemon(stream_model, source, out)
+    d.run(until=lambda: not source.records and d.processor.pending == 0)
+    p, cal = d.processor, d.processor.calibrator
+    p.streams["dev-a"].silenced_until_ms = int(time.time() * 1000) + 60_000
+    p.streams["dev-b"].silenced_until_ms = int(time.time() * 1000) - 1  # ended
+    cal.pin("dev-b", 2.0, "test")
+    cal.set_frozen("dev-c", True)
+    d._refresh_views()
+    gauges = {n: d.metrics.registry.get_sample_value(n) for n in (
+        "tsmon_streams_silenced", "tsmon_streams_pinned", "tsmon_streams_frozen", "tsmon_calibration_frozen_all")}
+    assert gauges == {"tsmon_streams_silenced": 1, "tsmon_streams_pinned": 1, "tsmon_streams_frozen": 1,
+                      "tsmon_calibration_frozen_all": 0}
+    cal.frozen_all = True
+    d._refresh_views()
+    assert d.metrics.registry.get_sample_value("tsmon_calibration_frozen_all") == 1
+
+
 def test_while_a_batch_is_scored_the_loop_waits_on_the_result_not_in_the_consumer(stream_model: Path) -> None:
     """A result that comes back is applied at once: the loop waits on it, then polls without blocking."""
     seen: list[tuple[int, bool]] = []
