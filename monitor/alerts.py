@@ -399,14 +399,17 @@ def top_channels(errors: np.ndarray, names: list[str], k: int = 3,
     """The ``k`` channels that explain a window's error, with their share of it; ``ch{i}`` past the end of ``names``
     (an alert of a model with more channels, resolved under the one that replaced it).
 
-    With ``usual`` (each channel's median validation error, from the artifact) they are ranked by how far each
-    channel is over its usual error (``vs_usual``): a channel the model always reconstructs badly takes the largest
-    share of every window's error, anomalous or not, and named it in every page. Without it (an artifact from
-    before, or a resolve under a replaced model), by raw error."""
+    With ``usual`` (each channel's median validation error, from the artifact) they are ranked by how much each
+    is over its usual error — its part in raising the window's score (the mean of the channels' errors) above
+    normal — with the ratio ``vs_usual`` beside: by raw error, a channel the model always reconstructs badly took
+    the largest share of every window's error, anomalous or not, and headed every page; by the ratio alone, a
+    channel of tiny usual error at 20× its usual (0.4 % of the error) did. Without it (an artifact from before,
+    or a resolve under a replaced model), by raw error."""
     err = np.asarray(errors, "float64")
     total = float(np.sum(err))
     rel = vs_usual(err, usual)
-    order = np.argsort(-(err if rel is None else rel), kind="stable")[:k]  # (only finite scores reach an alert)
+    excess = err if rel is None else err - np.asarray(usual, "float64")
+    order = np.argsort(-excess, kind="stable")[:k]  # (only finite scores reach an alert)
     out = []
     for c in order:
         row: dict[str, Any] = {"channel": names[c] if c < len(names) else f"ch{c}", "error": significant(float(err[c])),
@@ -450,8 +453,8 @@ def summary(doc: dict[str, Any]) -> str:
     """One line for a human paged by the message: stream, severity, how far over, where, since when, what next."""
     top = doc["top_channels"]
     where = "" if len(top) < 2 else (
-        f", most unusual {top[0]['channel']} ({top[0]['vs_usual']:g}× its usual error, {top[0]['share']:.0%} of "
-        "the error)" if "vs_usual" in top[0] else f", largest share {top[0]['channel']} ({top[0]['share']:.0%} of the error)")
+        f", furthest over its usual error {top[0]['channel']} ({top[0]['vs_usual']:g}× usual, {top[0]['share']:.0%} "
+        "of the error)" if "vs_usual" in top[0] else f", largest share {top[0]['channel']} ({top[0]['share']:.0%} of the error)")
     ratio = f"at least {RATIO_CAP:g}" if doc["ratio"] >= RATIO_CAP else f"{doc['ratio']:g}"
     head = (f"{doc['stream']}: {doc['severity']} anomaly, error {ratio}× its threshold at the worst window{where}; "
             f"over it since {doc['start_time']}")

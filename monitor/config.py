@@ -416,7 +416,7 @@ class QualityConfig(_Section):
     rate_tolerance: float = Field(0.25, gt=0, lt=1, description="relative sample-period drift that is reported")
     cooldown_ms: float = Field(60_000.0, ge=0, description="one data_quality event per stream and kind per this")
     silent_after_s: float | None = Field(600.0, gt=0, description="a stream that sent nothing for this long (and "
-                                         "10 of its sample periods) is reported silent; none = never")
+                                         "10 of its usual waits between records) is reported silent; none = never")
 
     _optional = field_validator("silent_after_s", mode="before")(_unset)
 
@@ -862,7 +862,7 @@ max_hold_windows = 1000                  # an open episode holds input commits b
 flatline_rel_std = 0.001                 # channel std below this x its training std is flat-lined
 rate_tolerance = 0.25                    # relative drift of the sample period that is reported
 cooldown_ms = 60000.0                    # at most one data_quality event per stream and kind per this
-silent_after_s = 600.0                   # no data this long (and 10 sample periods): a "silent" event; "none" = never
+silent_after_s = 600.0                   # no data this long (and 10 usual waits): a "silent" event; "none" = never
 
 [limits]
 max_bytes = 1048576                      # largest input message

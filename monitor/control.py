@@ -57,6 +57,11 @@ class Command:
     def describe(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _FIELDS}
 
+    @property
+    def issued_ms(self) -> int:
+        """``issued_at`` in epoch ms (checked by :func:`verify`)."""
+        return int(datetime.fromisoformat(self.issued_at).timestamp() * 1000)
+
 
 def exact_target(stream: str) -> str:
     """The target that matches ``stream`` alone: its glob characters escaped (``pump[1]`` → ``pump[[]1]``, which

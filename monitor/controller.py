@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -27,7 +27,7 @@ from monitor.alerts import AlertSettings, AlertState, Observation
 from monitor.control import MAX_SILENCE_S, Command, Refused, Seen, ack, names_one, split_ack, verify
 from monitor.processor import Processor
 from monitor.sink import json_message
-from monitor.streams import doc_commands
+from monitor.streams import doc_commands, doc_since_ms
 from monitor.topics import partition_reader
 
 log = logs.get("tsmon.control")
@@ -53,6 +53,7 @@ class Controller:
         # complete read of it, or set by an operator here; until then this instance writes none of its own
         self.global_known = False
         self.not_woken: set[str] = set()  # evicted streams the command in hand found no room to wake
+        self.matched: set[str] = set()  # the streams the command in hand was for (each gets its id)
         # refusals logged and acknowledged: 1 000 unsigned messages wrote 1 000 warnings and audit records (per
         # instance); past the budget they are only counted (tsmon_commands_total{command="unknown"})
         self._rejections = logs.Throttle(burst=REJECTIONS_PER_MINUTE, period_s=60.0)
@@ -89,6 +90,7 @@ class Controller:
             log.info("command_duplicate", command=cmd.command, command_id=cmd.command_id)
             return self._publish(ack(cmd, None, "duplicate", self.instance), cmd.command)
         self.not_woken.clear()
+        self.matched.clear()
         try:
             streams, effects, result = self._handlers[cmd.command](cmd)
             if self.not_woken:
@@ -100,9 +102,11 @@ class Controller:
             log.warning("command_failed", command=cmd.command, command_id=cmd.command_id, error=error)
             return self._publish(ack(cmd, None, "failed", self.instance, error=error), cmd.command)
         self.seen.add(cmd.command_id)
-        for stream in streams:
-            if cmd.command in PER_STREAM:
+        if cmd.command in PER_STREAM:  # those it passed over too (not pinned, held, refused): read again, an undo
+            for stream in self.matched & self.p.streams.keys():  # of a stream pinned since unpinned it
                 self.p.streams[stream].commands.append(cmd.command_id)
+                self.p.streams[stream].dirty = True
+        for stream in streams:
             self.p.save(stream)
         self.save_global()
         log.info("command_applied", command=cmd.command, target=cmd.target, operator=cmd.operator,
@@ -163,21 +167,32 @@ class Controller:
         6 of 10 streams were skipped as a "duplicate" and ctl exited 0."""
         if cmd.command not in PER_STREAM or (cmd.command in ("freeze", "unfreeze") and cmd.target == "*"):
             return False
-        return any(fnmatch.fnmatchcase(n, cmd.target) and cmd.command_id not in st.commands
-                   for n, st in self.p.streams.items()) or any(
-            fnmatch.fnmatchcase(n, cmd.target) and cmd.command_id not in doc_commands(doc)
+        issued = cmd.issued_ms
+        return any(self._lacks(cmd, n, st.commands, st.since_ms, issued) for n, st in self.p.streams.items()) or any(
+            self._lacks(cmd, n, doc_commands(doc), doc_since_ms(doc), issued)
             for n, doc in self.p.evicted_docs().items())
+
+    @staticmethod
+    def _lacks(cmd: Command, stream: str, applied: Iterable[str], since_ms: int, issued_ms: int | None) -> bool:
+        """Is ``stream`` one the command is for that has not had it? With ``issued_ms`` (a command read again, or
+        applied elsewhere in the group), not a stream that started after the command was issued: read again after
+        a restart, a silence of ``dev-*`` silenced a stream that began later. (Not at the first reading: the
+        streams' start times are this host's clock, the issue time the operator's.)"""
+        return (fnmatch.fnmatchcase(stream, cmd.target) and cmd.command_id not in applied
+                and (issued_ms is None or cmd.command not in PER_STREAM or since_ms <= issued_ms))
 
     def _targets(self, cmd: Command, wake: Callable[[dict[str, Any]], bool] = lambda doc: True) -> list[str]:
         """The streams held that match, and those this instance evicted whose document ``wake`` accepts, woken
         from it: a command for ``dev-*`` must reach a stream that happened to be idle (a silence most of all).
         Not those it was applied to already (by an earlier owner of the stream, or before a restart)."""
+        issued = cmd.issued_ms if cmd.command_id in self.seen else None
         for name, doc in sorted(self.p.evicted_docs().items()):
-            if (fnmatch.fnmatchcase(name, cmd.target) and cmd.command_id not in doc_commands(doc) and wake(doc)
+            if (self._lacks(cmd, name, doc_commands(doc), doc_since_ms(doc), issued) and wake(doc)
                     and not self.p.wake(name)):
                 self.not_woken.add(name)  # no room: the ack says so, and tsmon ctl fails
-        return [s for s, st in self.p.streams.items()
-                if fnmatch.fnmatchcase(s, cmd.target) and cmd.command_id not in st.commands]
+        names = [s for s, st in self.p.streams.items() if self._lacks(cmd, s, st.commands, st.since_ms, issued)]
+        self.matched.update(names)
+        return names
 
     def _view(self, stream: str) -> dict[str, Any]:
         th, st = self.cal.threshold(stream), self.p.streams[stream]

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.errors import DataError
-from monitor.alerts import significant, vs_usual
+from monitor.alerts import significant
 
 if TYPE_CHECKING:
     from models.detector import Detector
@@ -45,7 +45,7 @@ def payload(values: np.ndarray, recon: np.ndarray, timestep_error: np.ndarray, c
             max_points: int = 256, max_channels: int = 16, usual: list[float] | None = None) -> dict[str, Any]:
     """JSON-able explanation of one window; series longer than ``max_points`` are downsampled by ``step``, and
     of more than ``max_channels`` channels only those with the largest error are kept (in channel order): the
-    largest relative to each channel's ``usual`` error where the model gives it, as the alert ranks them."""
+    largest over each channel's ``usual`` error where the model gives it, as the alert ranks them."""
     v, r = np.asarray(values, dtype="float64"), np.asarray(recon, dtype="float64")
     err, ch = np.asarray(timestep_error, dtype="float64"), np.asarray(channel_error, dtype="float64")
     if v.ndim != 2 or r.shape != v.shape or err.shape != (v.shape[0],) or ch.shape != (v.shape[1],):
@@ -57,8 +57,8 @@ def payload(values: np.ndarray, recon: np.ndarray, timestep_error: np.ndarray, c
         raise DataError(f"explain: max_points and max_channels must be >= 1, got {max_points}, {max_channels}")
     total = v.shape[1]
     if total > max_channels:  # the largest errors (NaN first: a channel that broke the score is the news)
-        rel = vs_usual(ch, usual)
-        keep = np.sort(np.argsort(-np.nan_to_num(ch if rel is None else rel, nan=np.inf), kind="stable")[:max_channels])
+        over = ch - np.asarray(usual, "float64") if usual is not None and len(usual) == total else ch
+        keep = np.sort(np.argsort(-np.nan_to_num(over, nan=np.inf), kind="stable")[:max_channels])
         v, r, ch, channel_names = v[:, keep], r[:, keep], ch[keep], [channel_names[i] for i in keep]
     window = v.shape[0]
     step = stride(window, max_points)

@@ -28,6 +28,7 @@ from monitor.source import InRecord
 from monitor.streams import BehindRun, StreamState
 from monitor.windows import order_problem
 
+GAP_DECAY = 0.97  # per record: a long wait between records is forgotten after ~100 short ones
 log = logs.get("tsmon.processor")
 
 RESERVED_PREFIX = "__tsmon"  # changelog keys of daemon-wide state
@@ -126,22 +127,29 @@ class Ingest(ProcessorState):
             return 0.0
 
     def _resumed(self, stream: str, st: StreamState, items: list[tuple[InRecord, SampleBlock]]) -> None:
-        """A stream reported ``silent`` sends a sample after the one it went silent at: a ``resumed`` event, once.
-        A replay of what it sent before (a new owner reading from the commit) is not news."""
+        """A stream reported ``silent`` sends again — new input, whatever its timestamps (a clock set back) and
+        whether or not it is dead-lettered next: its source is alive — a ``resumed`` event, once. A replay of what
+        it sent before (a new owner reading from the commit) is not news."""
         silent = st.silent_ts
         assert silent is not None
-        first = next((int(b.ts_ms[b.ts_ms > silent][0]) for _, b in items if int(b.ts_ms[-1]) > silent), None)
+        first = next((int(b.ts_ms[0]) for rec, b in items if st.is_new(rec.tp, rec.offset) or int(b.ts_ms[-1]) > silent),
+                     None)
         if first is None:
             return
         st.silent_ts, st.dirty = None, True
-        self._quality(st.quality.event("resumed", first, f"data again at {iso(first)}, {(first - silent) / 1000:.0f} s "
-                                                         f"after the last sample before its silence ({iso(silent)})"))
+        when = (f"{(first - silent) / 1000:.0f} s after" if first > silent else "stamped before") + \
+            f" its last sample before the silence ({iso(silent)})"
+        self._quality(st.quality.event("resumed", first, f"data again at {iso(first)}, {when}"))
 
     def _append(self, stream: str, items: list[tuple[InRecord, SampleBlock]], done: set[int]) -> float:
         """Order-check the blocks, then window, hold and batch them together (vectorised per poll); returns
         the windows their samples make at the stream's hop (counted whether or not one completed yet)."""
         st = self.streams[stream]
-        st.last_seen = time.monotonic()
+        now = time.monotonic()
+        if st.last_seen:  # what "silent" waits for (Residency._report_silent)
+            st.arrival_gap_s = max(now - st.last_seen, st.arrival_gap_s * GAP_DECAY)
+            st.gaps_seen += 1
+        st.last_seen = now
         if st.silent_ts is not None:
             self._resumed(stream, st, items)
         last, good, made = st.windows.last_ts, [], 0.0

@@ -45,7 +45,8 @@ class Residency(ProcessorState):
             StreamQuality(stream, np.asarray(det.scaler.flat_scale, "float32"), det.channel_names, s.flatline_rel_std,
                           s.rate_tolerance, s.quality_cooldown_ms,
                           on_finding=lambda kind: self.metrics.quality.labels(kind).inc()),
-            AlertState(stream, served.identity, self.alert_settings(served)), recent_alerts=deque(maxlen=s.recent_alerts))
+            AlertState(stream, served.identity, self.alert_settings(served)), recent_alerts=deque(maxlen=s.recent_alerts),
+            since_ms=int(self.clock() * 1000))  # a document it continues from says when it first started
         if s.state_topic is not None:  # until its first document (sent with the next commit), a replay after a
             st.doc_from_seq = 1       # crash must begin where this instance began reading it: the state it
             self.undocumented.add(stream)  # started from (restored or the artifact's) is the latest there is
@@ -115,27 +116,32 @@ class Residency(ProcessorState):
         return len(gone)
 
     def _report_silent(self, quiet: dict[str, float]) -> None:
-        """A ``silent`` event, once, for each stream quiet for ``silent_after_s`` and 10 of its sample periods (by
-        its eviction at the latest); its next sample brings a ``resumed`` one (:meth:`Ingest._resumed`). Quiet
-        counts as for eviction: not while input was paused."""
-        after, idle = self.settings.silent_after_s, self.settings.idle_evict_s
-        if after is not None:
-            for name, q in quiet.items():
-                st = self.streams[name]
-                last = st.last_sample_ts
-                if st.silent_ts is not None or last is None:
-                    continue
-                limit = max(after, SILENT_PERIODS * (st.quality.period_ms or 0.0) / 1000)
-                if q < (limit if idle is None else min(limit, idle)):
-                    continue
-                st.silent_ts, st.dirty = last, True
-                ep = st.alerts.episode
-                held = f"; alert {ep.alert_id} stays open" if ep is not None and ep.fired is not None else ""
-                self._quality(st.quality.event("silent", last, (
-                    f"no data for {q:.0f} s since its last sample at {iso(last)}{held} — is its source alive?")))
-        self.metrics.silent.set(sum(st.silent_ts is not None for st in self.streams.values())
-                                + sum(self.restored.get(n, {}).get("silent_reported_ts") is not None
-                                      for n in self.evicted_here))
+        """A ``silent`` event, once, for each stream quiet for ``silent_after_s`` and for 10 of its sample periods and
+        of the usual gaps between its records (a meter sending every 15 minutes, a gateway uploading in bursts); its
+        next record brings a ``resumed`` one (:meth:`Ingest._resumed`). Not before two of its records came (the gap
+        is not known), nor for a stream whose limit is past ``idle_evict_s`` (evicted first). Quiet counts as for
+        eviction: not while input was paused. The report is saved at once: lost in a crash, the stream (not
+        replayed: its input was committed) never said it resumed."""
+        after, silent = self.settings.silent_after_s, 0
+        for name, q in quiet.items():
+            st = self.streams[name]
+            if st.silent_ts is not None:
+                silent += 1
+                continue
+            if after is None or q < after or st.gaps_seen < 1:
+                continue
+            if q < SILENT_PERIODS * max(st.arrival_gap_s, (st.quality.period_ms or 0.0) / 1000):
+                continue
+            last = st.last_sample_ts
+            if last is None:
+                continue
+            st.silent_ts, silent = last, silent + 1
+            ep = st.alerts.episode
+            held = f"; alert {ep.alert_id} stays open" if ep is not None and ep.fired is not None else ""
+            self._quality(st.quality.event("silent", last, (
+                f"no data for {q:.0f} s since its last sample at {iso(last)}{held} — is its source alive?")))
+            self.save(name)
+        self.metrics.silent.set(silent)
 
     def _evict(self, name: str, idle_s: float) -> None:
         """Snapshot a stream and drop it from memory, its document kept at hand (see :meth:`evict_idle`)."""

@@ -25,7 +25,7 @@ from monitor.state import doc_epoch
 from monitor.windows import BeatWindows, StreamWindows
 
 DOC_VERSION = 1
-COMMANDS_KEPT = 32  # ids of the operator commands applied to a stream that its document keeps (newest)
+COMMANDS_KEPT = 16  # ids of the operator commands applied to a stream that its document keeps (newest)
 NO_FEEDBACK = {"confirmed": 0, "false_positive": 0}
 
 
@@ -89,6 +89,9 @@ class StreamState:
     # the operator commands applied to it: a command is applied once to each stream, wherever it is held when the
     # command is read (``Controller``), not once per instance
     commands: deque[str] = field(default_factory=lambda: deque(maxlen=COMMANDS_KEPT))
+    since_ms: int = 0  # wall-clock ms it first started (on any instance; 0: before documents kept it)
+    arrival_gap_s: float = 0.0  # the usual longest wait between its records here (a decaying maximum)
+    gaps_seen: int = 0  # waits between its records measured here
 
     @property
     def precision(self) -> float | None:
@@ -182,7 +185,7 @@ class StreamState:
                 "written_ms": written_ms, "applied_until_ts": applied,
                 "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,
                 "last_sample_ts": self.last_sample_ts, "silent_reported_ts": self.silent_ts,
-                "commands": list(self.commands),
+                "commands": list(self.commands), "since_ms": self.since_ms,
                 "sample_periods_ms": list(self.quality.periods()),
                 "quality_cooldowns": self.quality.cooldowns(),
                 "channels": list(self.served.detector.names), "channel_usual": list(self.served.detector.channel_usual),
@@ -234,6 +237,7 @@ class StreamState:
         self.time_from = doc_offsets(doc, "time_from_offsets")
         self.silent_ts = silent  # the stream's, whatever model scores it: its next data says it resumed
         self.commands.extend(doc_commands(doc))
+        self.since_ms = doc_since_ms(doc)
         if replayed:
             self.replay_until, self.doc_last_ts = doc_offsets(doc), last_sample
         else:  # its records since were taken here: kept for its next document (woken, it wrote none)
@@ -306,6 +310,12 @@ def doc_commands(doc: dict[str, Any]) -> list[str]:
     versions)."""
     ids = doc.get("commands")
     return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
+
+
+def doc_since_ms(doc: dict[str, Any]) -> int:
+    """When a document's stream first started (0 in documents of earlier versions: as if always there)."""
+    since = doc.get("since_ms")
+    return since if isinstance(since, int) and not isinstance(since, bool) else 0
 
 
 def doc_partitions(doc: dict[str, Any]) -> frozenset[TP]:

@@ -53,6 +53,19 @@ WindowsOpt = Annotated[str | None, typer.Option("--windows", help="JSON of label
                                                                   "column.")]
 
 
+def _applies(data: str, protocol: str, series_options: dict[str, Any]) -> None:
+    """Options of the other kind of data are a usage error, not ignored: ``--data ecg5000 --window -5`` trained
+    for two minutes on the 140-sample beats, and ``--protocol ucr`` with a file was dropped without a word."""
+    if data == "ecg5000":
+        given = [name for name, value in series_options.items() if value]
+        if given:
+            raise typer.BadParameter(f"series files only: ECG5000 comes cut in beats of {ECG5000_WINDOW} samples "
+                                     "and is split by --protocol", param_hint=" / ".join(given))
+    elif protocol != "classic":
+        raise typer.BadParameter("ECG5000 only (--data ecg5000): a file is split by --train-fraction",
+                                 param_hint="--protocol")
+
+
 def parse_params(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
     params = {k: v for k, v in named.items() if v is not None}
     for pair in pairs or []:
@@ -113,6 +126,11 @@ def train(
         raise ModelConfigError(f"--max-minutes must be a number of minutes > 0, got {max_minutes}")
     if not 0 < train_fraction < 1:  # (the library's message named its internal val_fraction too)
         raise DataError(f"--train-fraction must be in (0, 1), got {train_fraction}")
+    _applies(data, protocol, {"--window": window != ECG5000_WINDOW, "--hop": hop, "--value-col": value_col,
+                              "--timestamp-col": timestamp_col, "--label-col": label_col, "--windows": windows,
+                              "--out-of-order": out_of_order != "error", "--align": align != "sliding",
+                              "--beat-pre": beat_pre, "--beat-refractory": beat_refractory,
+                              "--beat-baseline": beat_baseline, "--train-fraction": train_fraction != 0.5})
     spec = DataSpec(data, protocol, seed, window, hop, tuple(value_col or ()), timestamp_col, label_col,
                     train_fraction, windows, out_of_order, align, beat_pre, beat_refractory, beat_baseline)
     params = parse_params(param, embedding=embedding, dropout=dropout, batch_norm=batch_norm)

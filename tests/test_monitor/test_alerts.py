@@ -263,13 +263,14 @@ def test_top_channels_with_no_error() -> None:
 
 
 def test_top_channels_rank_by_the_error_over_each_channels_usual_one() -> None:
-    """With the artifact's usual (median validation) errors, the channel furthest over its own usual error leads,
-    not the one with the largest raw error; the share stays the raw one."""
+    """With the artifact's usual (median validation) errors, the channel furthest over its own usual error leads —
+    its part in raising the score (the mean of the channels' errors) — not the one with the largest raw error (b:
+    always that high), nor the one with the largest ratio (a: 10× a tiny usual error, 10 % of the error)."""
     top = top_channels(np.asarray([1.0, 6.0, 3.0], "float32"), ["a", "b", "c"], usual=[0.1, 5.0, 1.0])
-    assert [(t["channel"], t["vs_usual"], t["share"]) for t in top] == [("a", 10.0, 0.1), ("c", 3.0, 0.3),
-                                                                        ("b", 1.2, 0.6)]
-    exact = top_channels(np.asarray([0.5, 2.0], "float32"), ["flat", "b"], usual=[0.0, 1.0])  # never reconstructed
-    assert exact[0]["channel"] == "flat" and np.isfinite(exact[0]["vs_usual"])               # off: no division by 0
+    assert [(t["channel"], t["vs_usual"], t["share"]) for t in top] == [("c", 3.0, 0.3), ("b", 1.2, 0.6),
+                                                                        ("a", 10.0, 0.1)]
+    exact = top_channels(np.asarray([0.5, 2.0], "float32"), ["flat", "b"], usual=[0.0, 1.0])  # never off before:
+    assert [t["channel"] for t in exact] == ["b", "flat"] and np.isfinite(exact[1]["vs_usual"])  # no division by 0
     assert "vs_usual" not in top_channels(np.ones(2, "float32"), ["a", "b"], usual=[1.0, 1.0, 1.0])[0]  # not its
 
 
@@ -317,7 +318,7 @@ def test_the_summary_says_what_the_message_is() -> None:
     assert summary(gone).endswith("resolved at 1970-01-08T00:00:09.000Z (stream gone) after 1 window(s) over")
     assert "error at least 1e+12× its threshold" in summary({**doc, "ratio": 1e12})
     usual = alert_doc("pump-7", fired, {"name": "m1"}, ["temp", "rpm", "press"], {}, s, channel_usual=[0.1, 6.0, 3.0])
-    assert ", most unusual temp (10× its usual error, 10% of the error);" in usual["summary"]
+    assert ", furthest over its usual error temp (10× usual, 10% of the error);" in usual["summary"]
     single = AlertState("ecg-1", "m1", s).update(obs(0, 7.0, errors=(5.0,))).transitions[0]
     assert "largest share" not in alert_doc("ecg-1", single, {"name": "m1"}, ["ecg"], {}, s)["summary"]
 

@@ -151,13 +151,25 @@ def test_bench_memory_table_adds_up(capsys: pytest.CaptureFixture[str], stream_m
     (["train", "--data", "ecg5000", "--protocol", "random", "--out", "/tmp/x"], "DataError: unknown ECG5000 protocol"),
     # each named something else (the seed, an internal val_fraction)
     (["train", "--max-minutes", "0", "--out", "/tmp/x"], "ModelConfigError: --max-minutes must be a number of minutes"),
-    (["train", "--train-fraction", "1.5", "--out", "/tmp/x"], "DataError: --train-fraction must be in (0, 1), got 1.5"),
+    (["train", "--data", "/tmp/x.csv", "--train-fraction", "1.5", "--out", "/tmp/x"],
+     "DataError: --train-fraction must be in (0, 1), got 1.5"),
 ])
 def test_errors_are_one_line(capsys: pytest.CaptureFixture[str], args: list[str], expected: str) -> None:
     code, _, err = run(capsys, *args)
     assert code == 1
     assert err.strip().splitlines()[-1].startswith(expected)
     assert "Traceback" not in err
+
+
+def test_options_of_the_other_kind_of_data_are_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``--data ecg5000 --window -5`` trained two minutes on the 140-sample beats, the option dropped without a
+    word; ``--protocol ucr`` with a file likewise."""
+    code, _, err = run(capsys, "train", "--data", "ecg5000", "--window", "-5", "--align", "beats", "--out", str(tmp_path))
+    assert code == 2 and "Invalid value for --window / --align: series files only: ECG5000 comes cut in beats" in _said(err)
+    series = tmp_path / "s.csv"
+    series.write_text("value\n1\n")
+    code, _, err = run(capsys, "train", "--data", str(series), "--protocol", "ucr", "--out", str(tmp_path / "a"))
+    assert code == 2 and "Invalid value for --protocol: ECG5000 only" in _said(err)
 
 
 def test_eval_refuses_another_protocol(dense_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -405,7 +417,7 @@ def test_score_reorders_named_channels(dense_artifact: Path, series_csv: Path, t
     (["train", "--seed", "-5", "--out", "/tmp/x"], 1),
     (["train", "--threshold-margin", "nan", "--out", "/tmp/x"], 1),  # was a traceback after training
     (["train", "--max-minutes", "0", "--out", "/tmp/x"], 1),  # was no budget at all
-    (["train", "--out-of-order", "keep", "--out", "/tmp/x"], 1),
+    (["train", "--data", "/tmp/x.csv", "--out-of-order", "keep", "--out", "/tmp/x"], 1),
     (["replay", "--input", "x.csv", "--rate", "nan"], 2),  # replayed as fast as possible
     (["replay", "--input", "x.csv", "--topic", "bad topic"], 2),  # a traceback from kafka-python
     (["train", "--param", "window=64", "--out", "/tmp/x"], 1),  # was dropped without a word

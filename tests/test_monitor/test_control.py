@@ -642,8 +642,9 @@ def quality_events(p: Any) -> list[dict[str, Any]]:
 def test_a_stream_that_stops_sending_is_reported_silent_once_and_resumed_when_it_sends_again(make: Make) -> None:
     """Found by the on-call pass: a stream that stopped sending with no alert open was only logged at its eviction,
     an hour later, and then left `tsmon status`. After ``silent_after_s`` a ``silent`` event goes out, once; the
-    gauge and its status row say so; its next new sample brings ``resumed``. A replay of what it sent before the
-    silence is not news."""
+    gauge and its status row say so; its next new record brings ``resumed``, whatever its timestamps (a producer
+    sending old samples again, a clock set back: its source is alive; before, such a stream stayed "silent" while
+    sending, and its next real silence went unreported)."""
     p = make()
     p.settings = Settings(silent_after_s=600.0)  # eviction after 3600 s
     ts, v = sine_stream(2000)
@@ -661,12 +662,12 @@ def test_a_stream_that_stops_sending_is_reported_silent_once_and_resumed_when_it
     assert p.metrics.silent._value.get() == 1 and p.metrics.total("tsmon_data_quality_events_total") >= 1
     assert {r["stream"]: r["silent"] for r in p.status_rows({})} == {"dev-s": True, "dev-q": False}
     feed(p, records("dev-s", ts[900:1000], v[900:1000], first_offset=len(first)))  # sent again, old samples
-    assert [e["kind"] for e in quality_events(p) if e["kind"] in ("silent", "resumed")] == ["silent"]
-    feed(p, records("dev-s", ts[1000:], v[1000:], first_offset=2 * len(first)))
     [_, back] = [e for e in quality_events(p) if e["kind"] in ("silent", "resumed")]
-    assert (back["kind"], back["ts"]) == ("resumed", int(ts[1000])) and back["detail"].startswith("data again at")
+    assert (back["kind"], back["ts"]) == ("resumed", int(ts[900])) and "stamped before its last sample" in back["detail"]
     p.evict_idle(time.monotonic())
     assert p.metrics.silent._value.get() == 0 and not any(r["silent"] for r in p.status_rows({}))
+    feed(p, records("dev-s", ts[1000:], v[1000:], first_offset=2 * len(first)))
+    assert p.streams["dev-s"].quality.counts["resumed"] == 1  # once
     quiet = make()
     quiet.settings = Settings(silent_after_s=None)  # "none": never
     feed(quiet, records("dev-s", ts[:1000], v[:1000]))
@@ -674,18 +675,39 @@ def test_a_stream_that_stops_sending_is_reported_silent_once_and_resumed_when_it
     assert quality_events(quiet) == []
 
 
+def test_silence_is_judged_against_the_streams_own_waits_between_records(make: Make) -> None:
+    """Found by review: a meter sending every 15 minutes, or a gateway uploading in bursts every 15 minutes (its
+    samples a second apart), was reported silent and resumed at every upload: the 10 sample periods guard
+    knew only the samples' spacing. The usual wait between its records counts too; a stream with one record is
+    not judged (its wait is not known)."""
+    p = make()
+    p.settings = Settings(silent_after_s=600.0, idle_evict_s=None)
+    ts, v = sine_stream(600)
+    feed(p, records("dev-g", ts[:200], v[:200]) + records("dev-one", ts[:10], v[:10], chunk=10, partition=1))
+    p.streams["dev-g"].last_seen -= 900  # its next upload comes 15 minutes after this one
+    feed(p, records("dev-g", ts[200:400], v[200:400], first_offset=20))
+    now = time.monotonic()
+    p.evict_idle(now + 8000)
+    assert quality_events(p) == [] and p.streams["dev-g"].arrival_gap_s >= 900
+    p.evict_idle(now + 9001)  # 10 of its waits
+    assert [(e["kind"], e["stream"]) for e in quality_events(p)] == [("silent", "dev-g")]  # not dev-one
+
+
 def test_a_silent_stream_evicted_and_restored_elsewhere_says_it_resumed_only_for_new_samples(make: Make) -> None:
-    """The report outlives the stream's eviction (its document keeps it, and the gauge counts it) and a new owner:
-    the first sample after the silence brings ``resumed``, the replay of the samples before it does not. A slow
-    stream (a sample a minute) is silent after 10 of its periods, not after ``silent_after_s`` alone."""
+    """The report is saved at once and outlives the stream's eviction and a new owner: the first sample after the
+    silence brings ``resumed``, the replay of the samples before it does not. A slow stream (a sample every 2
+    minutes) is silent after 10 of its periods, not after ``silent_after_s`` alone."""
     p = make()
     p.settings = Settings(state_topic="state", silent_after_s=600.0, idle_evict_s=3600.0)
     ts, v = sine_stream(2000)
     recs = records("dev-e", ts[:1000], v[:1000])
     feed(p, recs)
     now = time.monotonic()
-    assert p.evict_idle(now + 3600) == 1  # silent and evicted in one pass: reported first
+    assert p.evict_idle(now + 650) == 0
     assert [e["kind"] for e in quality_events(p)] == ["silent"] and p.metrics.silent._value.get() == 1
+    saved = [d for d in out(p, "state") if d.get("stream") == "dev-e"]  # at once: a crash must not lose it
+    assert saved and saved[-1]["silent_reported_ts"] == int(ts[999])
+    assert p.evict_idle(now + 3600) == 1
     doc = [d for d in out(p, "state") if d.get("stream") == "dev-e"][-1]
     assert doc["silent_reported_ts"] == int(ts[999])
     q = make()  # another owner, replaying from the commit
@@ -700,7 +722,7 @@ def test_a_silent_stream_evicted_and_restored_elsewhere_says_it_resumed_only_for
     slow = make()
     slow.settings = Settings(silent_after_s=600.0, gap_ms=None)
     every_2_min = ts[:200] + (np.arange(200) * (120_000 - (ts[1] - ts[0]))).astype("int64")
-    feed(slow, records("dev-m", every_2_min, v[:200]))
+    feed(slow, records("dev-m", every_2_min, v[:200]), poll=5)
     slow.evict_idle(time.monotonic() + 1100)  # past the 600 s, not 10 of its periods
     assert quality_events(slow) == []
     slow.evict_idle(time.monotonic() + 1201)
@@ -842,6 +864,27 @@ def test_a_command_another_instance_applied_is_applied_to_the_streams_that_came_
     feed(r, records("dev-10", ts, v) + records("dev-11", ts, v, partition=1))
     assert e.handle(raw(cmd))["streams"] == ["dev-11"]
     assert r.streams["dev-10"].silenced_until_ms == silenced["silenced_until_ms"]
+
+
+def test_a_command_read_again_changes_no_stream_it_passed_over_nor_one_that_started_after_it(make: Make) -> None:
+    """Found by review of the per-stream ids: an undo that passed over a stream (not pinned) left it without the id,
+    so read again (the last batch before a start, within control.max_age_s) it was "owed" and unpinned the pin
+    set since; and a silence of dev-* read again silenced a stream that started after it."""
+    p = make()
+    ts, v = sine_stream(300)
+    feed(p, records("dev-a", ts, v))
+    c = controller(p)
+    unpin = new_command("unpin", "dev-*", {}, "alice", "", KEY)
+    assert c.handle(raw(unpin))["result"]["held"] == {"dev-a": "not pinned: nothing to undo"}
+    assert send(c, "pin", "dev-a", threshold=2.0)["streams"] == ["dev-a"]
+    assert c.handle(raw(unpin))["status"] == "duplicate" and p.calibrator.controls("dev-a")["pinned"]
+    silence = new_command("silence", "dev-*", {"for_s": 600.0}, "alice", "", KEY)
+    assert c.handle(raw(silence))["streams"] == ["dev-a"]
+    time.sleep(0.01)
+    feed(p, records("dev-b", ts, v, partition=1))  # started after the silence was issued
+    assert c.handle(raw(silence))["status"] == "duplicate" and p.streams["dev-b"].silenced_until_ms == 0
+    late = controller(p)  # an instance that never read it (a fresh controller): the first reading applies it
+    assert late.handle(raw(silence))["streams"] == ["dev-b"]
 
 
 @pytest.mark.parametrize("fails_at", ["first flush", "second flush"])

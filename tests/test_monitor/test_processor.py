@@ -1965,7 +1965,7 @@ def test_a_downsampled_model_serves_a_stream_at_its_own_rate(tmp_path: Path) -> 
 def test_an_alert_names_the_channel_over_its_usual_error_not_the_one_always_reconstructed_badly(
         tmp_path: Path) -> None:
     """Found by the on-call pass: ``top_channels`` ranked by raw error, so a channel the model never reconstructs
-    well (here white noise) headed every page. They are ranked by the error over each channel's median validation
+    well (here white noise) headed every page. They are ranked by how far each is over its median validation
     error, which the artifact records; the raw share stays in the message."""
     from models import artifact
     from models.data import Series, series_dataset
@@ -1996,7 +1996,7 @@ def test_an_alert_names_the_channel_over_its_usual_error_not_the_one_always_reco
     top = fired[0]["top_channels"]
     assert max(top, key=lambda c: c["share"])["channel"] == "noisy"  # by raw error the noise would head the page
     assert top[0]["channel"] == "ch1" and top[0]["vs_usual"] > 3 > next(c["vs_usual"] for c in top if c["channel"] == "noisy")
-    assert "most unusual ch1" in fired[0]["summary"]
+    assert "furthest over its usual error ch1 (4.217× usual, 32% of the error)" in fired[0]["summary"]
 
 
 def test_the_operators_controls_are_counted_in_metrics(stream_model: Path) -> None:
