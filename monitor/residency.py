@@ -28,7 +28,7 @@ from monitor.streams import StreamState, doc_partitions, holds_commitments, open
 
 log = logs.get("tsmon.processor")
 
-SILENT_PERIODS = 10  # a stream is silent after this many of its sample periods at the least (slow sensors)
+SILENT_PERIODS = 10  # silent after this many of its sample periods and of its usual waits between records, at least
 WAKE_RESERVE = 0.1  # share of limits.max_streams that streams woken for a command leave to new streams
 
 

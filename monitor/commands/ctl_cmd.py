@@ -128,14 +128,13 @@ def _when(ms: Any) -> str:
     return iso(int(ms)) if isinstance(ms, int) and not isinstance(ms, bool) and ms > 0 else "initial"
 
 
-def _fmt(view: dict[str, Any] | None, now_ms: float | None = None) -> str:
+def _fmt(view: dict[str, Any] | None) -> str:
     """A stream's threshold and controls; a silence with its end, and only while it runs (one that had ended read
     "silenced", and re-silencing a stream for less did not say it shortened the silence)."""
     if not view:
         return "-"
     until = view.get("silenced_until_ms")
-    now_ms = time.time() * 1000 if now_ms is None else now_ms
-    running = isinstance(until, int | float) and not isinstance(until, bool) and until > now_ms
+    running = isinstance(until, int | float) and not isinstance(until, bool) and until > time.time() * 1000
     flags = [f for f in ("pinned", "frozen") if view.get(f)] + ([f"silenced until {iso(int(until))}"] if running else [])
     return f"{view['threshold']:.6g} ({view['source']} v{view['version']}{', ' + ', '.join(flags) if flags else ''})"
 
