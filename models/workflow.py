@@ -94,7 +94,7 @@ def _spec(manifest: dict[str, Any], trained: dict[str, Any], source: str, protoc
     if source == "ecg5000":
         if trained.get("source") != "ecg5000":
             raise DataError(f"this model was trained on {trained.get('path') or trained.get('source') or 'other data'}, "
-                            "not ecg5000 (the default of --data): give --data FILE of its own kind")
+                            "not ecg5000 (--data, by default ecg5000): give --data FILE of its own kind")
         proto = protocol or trained.get("protocol", "classic")
         if proto != trained.get("protocol"):
             raise DataError(f"model was trained with protocol {trained.get('protocol')!r}; evaluating with "

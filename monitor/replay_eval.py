@@ -42,7 +42,7 @@ import numpy as np
 
 from models import artifact
 from models.beats import rule_of
-from models.data import Series, series_dataset
+from models.data import Series, increasing_rows, series_dataset
 from models.errors import BrokerError, DataError, describe
 from models.files import check_writable, write_bytes_atomically
 from models.workflow import baseline
@@ -128,10 +128,16 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
                         f"scored part would hold windows the model was fitted on; use {own:g} or more")
     beat = det.windowing if rule_of(det.windowing) is not None else None  # the baseline cuts the same windows
     data = series_dataset(series, det.window, det.hop, frac, beat=beat)  # the model's own split on its file
-    start = int(data.summary["val_start_sample"])
+    start, split = int(data.summary["val_start_sample"]), int(data.summary["split_sample"])
     if same and "val_start_sample" in trained:
         # labels the training run did not have can move the validation windows back into fitted ones
-        start = max(start, int(trained["val_start_sample"]))
+        own_start, own_split = int(trained["val_start_sample"]), int(trained.get("split_sample", split))
+        if trained.get("out_of_order") == "drop" and series.timestamps is not None:  # counted in the rows training
+            rows = np.flatnonzero(increasing_rows(series.timestamps.astype("int64")))  # kept: the file's are played
+            own_start, own_split = int(rows[min(own_start, len(rows) - 1)]), int(rows[min(own_split, len(rows) - 1)])
+        start = max(start, own_start)
+        if frac == own:  # the model's own split on its file, in the file's rows (6 training samples were replayed)
+            split = own_split
     opts.out.mkdir(parents=True, exist_ok=True)
     base = opts.baseline
     if base is None:  # fitted on the model's own training windows, also when more than them is left unscored
@@ -153,7 +159,7 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
     gap = opts.gap_ms or max(3 * period, windows_gap_ms or 0.0)
     tol = opts.tolerance_s * 1000 if opts.tolerance_s is not None else det.window * period
     return Plan(opts.stream or Path(series.path).name.split(".")[0], model, base, det.window, det.hop,
-                int(data.summary["split_sample"]), start, frac, same, speed, chunk, tol, gap, period)
+                split, start, frac, same, speed, chunk, tol, gap, period)
 
 
 def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> dict[str, Any]:
@@ -225,6 +231,7 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
             "kafka.alerts_topic": topics["alerts"], "kafka.dead_letter_topic": topics["dead"],
             "kafka.group_id": run_id, "kafka.auto_offset_reset": "earliest",
             "control.topic": f"{run_id}.control", "control.audit_topic": f"{run_id}.audit",
+            "control.key": uuid.uuid4().hex,  # nobody commands the run's daemon: not "every command is refused"
             "state.topic": f"{run_id}.state", "calibrator.interval_s": interval,
             "calibrator.clock": clock, "limits.idle_evict_s": "none",
             "limits.earliest_ts": "none",  # a recorded series keeps its own time, however old

@@ -17,6 +17,7 @@ from models.registry import DEFAULT_KIND, KINDS, build
 from models.scaling import Scaler
 from models.train import resolve_device
 from monitor.commands.model_cmds import parse_params
+from monitor.commands.options import not_with
 from monitor.commands.render import bench_table, emit_json, stdout, value_table
 from monitor.scorer import PRECISIONS
 
@@ -46,6 +47,8 @@ def scorer(
     """Windows/s at batch 1 (the classic loop) vs batched and the daemon's micro-batch, against the GEMM rate."""
     dev = resolve_device(device)
     if model is not None:
+        not_with({"--kind": kind != DEFAULT_KIND, "--window": window != 140, "--channels": channels != 1,
+                  "--param": param}, "for an untrained model only: the artifact of --model sets them")
         dets = [artifact.load(model, str(dev))]
     else:
         kinds = list(KINDS) if kind == "all" else [kind]

@@ -31,13 +31,14 @@ from models.train import TrainConfig, resolve_device
 from models.workflow import DataSpec, evaluate, load_dataset, spec_for_eval, train_detector
 from monitor import logs
 from monitor.alerts import significant
-from monitor.commands.options import bootstrap_option
+from monitor.commands.options import bootstrap_option, not_with
 from monitor.commands.render import emit_json, epoch_progress, eval_table, stdout
 from monitor.config import QualityConfig
 from monitor.quality import steady
 
 log = logs.get("tsmon.cli")
 MIN_VALIDATION_WINDOWS = 20  # fewer, and the threshold's quantile is one of their errors
+OUTLIER_RATIO = 1000.0  # a threshold of this many spreads of the data (normalised units) comes from extreme windows
 ROUNDING_ERROR = 1e-5  # a threshold under this (normalised units) is the model reproducing float32 rounding
 FLATLINE_REL_STD = QualityConfig.model_fields["flatline_rel_std"].default
 
@@ -53,17 +54,15 @@ WindowsOpt = Annotated[str | None, typer.Option("--windows", help="JSON of label
                                                                   "column.")]
 
 
-def _applies(data: str, protocol: str, series_options: dict[str, Any]) -> None:
+def _applies(data: str, protocol: str | None, series_options: dict[str, Any]) -> None:
     """Options of the other kind of data are a usage error, not ignored: ``--data ecg5000 --window -5`` trained
     for two minutes on the 140-sample beats, and ``--protocol ucr`` with a file was dropped without a word."""
     if data == "ecg5000":
-        given = [name for name, value in series_options.items() if value]
-        if given:
-            raise typer.BadParameter(f"series files only: ECG5000 comes cut in beats of {ECG5000_WINDOW} samples "
-                                     "and is split by --protocol", param_hint=" / ".join(given))
-    elif protocol != "classic":
-        raise typer.BadParameter("ECG5000 only (--data ecg5000): a file is split by --train-fraction",
-                                 param_hint="--protocol")
+        not_with(series_options, f"series files only: ECG5000 comes cut in beats of {ECG5000_WINDOW} samples and "
+                                 "is split by --protocol")
+    else:
+        not_with({"--protocol": protocol not in (None, "classic")},
+                 "ECG5000 only (--data ecg5000): a file is split by --train-fraction")
 
 
 def parse_params(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
@@ -134,6 +133,11 @@ def train(
     spec = DataSpec(data, protocol, seed, window, hop, tuple(value_col or ()), timestamp_col, label_col,
                     train_fraction, windows, out_of_order, align, beat_pre, beat_refractory, beat_baseline)
     params = parse_params(param, embedding=embedding, dropout=dropout, batch_norm=batch_norm)
+    if model == "pca":  # it was accepted, and the manifest recorded a training config that never ran
+        not_with({"--epochs": epochs is not None, "--batch-size": batch_size is not None, "--lr": lr is not None,
+                  "--patience": patience is not None, "--noise": noise, "--sparsity": sparsity,
+                  "--max-minutes": max_minutes is not None},
+                 "gradient training only: pca is fitted in closed form (SVD)")
     defaults = train_defaults(model)
     if epochs is not None:
         defaults["min_steps"] = 0  # an explicit --epochs is taken as given
@@ -206,7 +210,8 @@ def run_training(spec: DataSpec, kind: str, params: dict[str, Any], cfg: TrainCo
     if outliers := outlier_scaled(ds.train, det.scaler):
         log.warning("scale_set_by_outliers", channels=[det.names[c] for c in outliers],
                     consequence="a few extreme training samples set the standard scale: every other window looks "
-                    "the same to the model; use --normalisation robust, or remove them")
+                    "the same to the model; remove them (--normalisation robust keeps the other windows apart, but "
+                    "the windows holding them still train and threshold the model)")
 
 
 def _warn_threshold(det: Detector, validation_windows: int) -> None:
@@ -217,8 +222,18 @@ def _warn_threshold(det: Detector, validation_windows: int) -> None:
         log.warning("threshold_from_few_windows", validation_windows=validation_windows,
                     quantile=det.threshold.quantile, consequence="the quantile is one of these few errors: give more "
                     "data, a smaller --hop or a larger validation share")
-    unit = ROUNDING_ERROR * (float(np.mean(det.scaler.flat_scale)) if det.scaler.method == "none" else 1.0)
-    if det.threshold.value < (unit * unit if det.loss == "mse" else unit):  # mse: squared units
+    spread = float(np.mean(det.scaler.flat_scale)) if det.scaler.method == "none" else 1.0  # of the model's units
+    power = 2 if det.loss == "mse" else 1  # mse: squared units
+    value = det.threshold.value
+    if value > (OUTLIER_RATIO * spread) ** power:  # a 1e30 sample under robust scaling: a threshold of 3e19
+        # normalised units, a blind model (ROC-AUC 0.5) and as blind a PCA baseline, without a word
+        log.warning("threshold_set_by_outliers", threshold=significant(value),
+                    median_validation_error=significant(det.quantiles.get("0.5", math.nan)),
+                    consequence="windows of extreme values (an outlier, "
+                    "data that is not normal) trained or thresholded the model: no other window will ever cross "
+                    "it; remove them from the training part")
+        return  # not "at rounding level" too: with no normalisation, the outlier's spread made that unit huge
+    if value < (ROUNDING_ERROR * spread) ** power:
         log.warning("threshold_at_rounding_level", threshold=significant(det.threshold.value),
                     consequence="the model reproduces its input to float32 rounding: its scores are noise; use a "
                     "smaller model (fewer PCA components, a smaller --embedding)")
@@ -233,6 +248,7 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Evaluate a model beside the PCA baseline, at the threshold chosen on normal validation data."""
+    _applies(data, protocol, {"--windows": windows})
     det = artifact.load(model, device)
     spec = spec_for_eval(det.meta, data, protocol, windows)
     if data != "ecg5000" and not spec.value_cols:
@@ -263,7 +279,8 @@ def model_columns(names: list[str], value_col: list[str] | None) -> list[str]:
     cols = list(value_col or names)
     if set(cols) == set(names):
         return list(names)
-    log.warning("channels_mapped_by_position", model=names, columns=cols)
+    if len(cols) == len(names):  # as many as the model has: taken in order (fewer or more: refused later, one line)
+        log.warning("channels_mapped_by_position", model=names, columns=cols)
     return cols
 
 
@@ -384,6 +401,8 @@ def inspect(
         log.info("picture_written", path=str(path))
         return
     assert model is not None
+    _applies(data, None, {"--value-col": value_col, "--timestamp-col": timestamp_col, "--hop": hop,
+                          "--out-of-order": out_of_order != "error"})
     from models.plots import window_figure  # matplotlib is slow to import; only this command needs it
 
     if data == "ecg5000":

@@ -75,7 +75,7 @@ def replay_eval(
     opts = ReplayOptions(speed, seconds, chunk, tolerance, train_fraction, gap_ms, bootstrap, config, baseline,
                          stream, out, calibrator_clock)
     if not as_json:
-        logs.quiet("ERROR")  # the table is the output (dead letters are counted in it)
+        logs.quiet("WARNING")  # the table is the output; warnings stay (rows skipped for NaN went unsaid)
     # SIGTERM (timeout, a cancelled CI job, systemd) unwinds like Ctrl-C: it killed the process at once, leaving
     # the local broker running for good, or the run's topics on a --bootstrap cluster
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -100,12 +100,17 @@ def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _span(hours: float) -> str:
+    """A duration to read ("0.0 h" for a 30 s scored part)."""
+    return f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.1f} min" if hours * 60 >= 1 else f"{hours * 3600:.0f} s"
+
+
 def _table(r: dict[str, Any]) -> Table:
     d, rp = r["data"], r["replay"]
     t = Table(title=f"replay-eval {Path(d['path']).name}", title_justify="left",
-              caption=f"{r['events']} labelled events in the {d['test_hours']:.1f} h after the first "
+              caption=f"{r['events']} labelled events in the {_span(d['test_hours'])} after the first "
                       f"{d['train_fraction']:.0%} (warm-up, replayed from {d['played_from']}); "
-                      f"tolerance {d['tolerance_s']:g} s; replayed at "
+                      f"tolerance {d['tolerance_s']:.4g} s; replayed at "
                       f"{rp['speed']:.4g}× in {rp['wall_s']} s; calibrator every "
                       f"{rp['calibrator_interval_data_s']:.4g} s of data; {rp['dead_letters']} dead letters"
                       + ("" if rp["complete"] else "; INCOMPLETE: the daemon did not take every message in time"),

@@ -96,6 +96,26 @@ def test_the_replay_never_plays_windows_the_model_was_fitted_on(tmp_path: Path) 
         plan(model, series, time_axis(series, None), ReplayOptions(out=tmp_path / "o3", train_fraction=0.3), None)
 
 
+def test_a_model_trained_with_rows_dropped_is_replayed_from_its_own_split_in_the_files_rows(tmp_path: Path) -> None:
+    """Found by the ML user pass: a model trained with ``--out-of-order drop`` stores its split and validation start
+    in the rows it kept; the replay plays every row of the file and took them as file rows: it began 6 samples
+    early, inside training windows, and scored from 6 rows before the model's split."""
+    from monitor.replay_eval import plan
+
+    path = labelled_sine(tmp_path / "sine.csv", events=(2019,))
+    df = pd.read_csv(path)
+    pd.concat([df.iloc[:100], df.iloc[50:56], df.iloc[100:]]).to_csv(path, index=False)  # 6 rows sent again
+    kept = read_series(path, out_of_order="drop")
+    assert kept.dropped_out_of_order == 6
+    ds = series_dataset(kept, W, HOP, 0.4)
+    det, training = train_detector(ds, "pca", {}, TrainConfig(seed=0, device="cpu"))
+    training["data"].update({"train_fraction": 0.4, "out_of_order": "drop"})
+    model = artifact.save(det, tmp_path / "pca", training)
+    played = read_series(path, out_of_order="keep")
+    p = plan(model, played, time_axis(played, None), ReplayOptions(out=tmp_path / "out"), None)
+    assert p.trained_on_file and (p.start, p.split) == (ds.summary["val_start_sample"] + 6, 1200 + 6)
+
+
 @pytest.mark.slow
 def test_known_answers_recall_delay_and_identical_baseline(broker: Any, tmp_path: Path) -> None:
     """Every event is detected at the second window over the threshold (``for`` = 2): delay = one hop = 5 s.
@@ -210,6 +230,12 @@ def test_the_cli_prints_the_json_keys_and_rejects_unlabelled_data(broker: Any, t
     # the calibrator counts the series' own time by default: the configured 30 s, whatever the replay speed
     assert doc["replay"]["calibrator_clock"] == "data" and doc["replay"]["calibrator_interval_data_s"] == 30.0
     assert doc["replay"]["calibrator_interval_wall_s"] is None
+    # the table: its warnings are said (the 3 rows skipped for NaN went unsaid), and a short part not as "0.0 h"
+    proc = subprocess.run([*base, "--data", str(data), "--seconds", "2", "--out", str(tmp_path / "t")],
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0 and "rows_skipped_nonfinite" in proc.stderr, proc.stderr[-2000:]
+    shown = " ".join(proc.stdout.split())
+    assert "control_key_unset" not in proc.stderr and " min after the first 15%" in shown
     proc = subprocess.run([*base, "--data", str(data), "--calibrator-clock", "hourly", "--out", str(tmp_path / "h")],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1 and "--calibrator-clock must be data or wall" in proc.stderr
