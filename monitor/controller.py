@@ -39,6 +39,7 @@ Effects = tuple[list[str], list[dict[str, Any]], dict[str, Any]]
 # commands that change the streams they name: applied once to each (its document keeps the command's id)
 PER_STREAM = frozenset({"recalibrate", "pin", "unpin", "freeze", "unfreeze", "silence", "unsilence", "reset-stream",
                         "rollback"})
+CLOCK_SKEW_MS = 30_000  # a stream started this soon after a command's issue (the operator's clock) still gets it
 REJECTIONS_PER_MINUTE = 10  # refused messages logged and acknowledged a minute; the others are counted
 
 
@@ -176,10 +177,10 @@ class Controller:
     def _lacks(cmd: Command, stream: str, applied: Iterable[str], since_ms: int, issued_ms: int | None) -> bool:
         """Is ``stream`` one the command is for that has not had it? With ``issued_ms`` (a command read again, or
         applied elsewhere in the group), not a stream that started after the command was issued: read again after
-        a restart, a silence of ``dev-*`` silenced a stream that began later. (Not at the first reading: the
-        streams' start times are this host's clock, the issue time the operator's.)"""
+        a restart, a silence of ``dev-*`` silenced a stream that began later. (Not at the first reading, and with
+        ``CLOCK_SKEW_MS`` to spare: the streams' start times are this host's clock, the issue time the operator's.)"""
         return (fnmatch.fnmatchcase(stream, cmd.target) and cmd.command_id not in applied
-                and (issued_ms is None or cmd.command not in PER_STREAM or since_ms <= issued_ms))
+                and (issued_ms is None or cmd.command not in PER_STREAM or since_ms <= issued_ms + CLOCK_SKEW_MS))
 
     def _targets(self, cmd: Command, wake: Callable[[dict[str, Any]], bool] = lambda doc: True) -> list[str]:
         """The streams held that match, and those this instance evicted whose document ``wake`` accepts, woken

@@ -60,7 +60,6 @@ class DaemonState:
     _paused: set[TP]
     _holding: bool
     _backlog: list[InRecord]
-    _input_since: float
     _retry: Backoff
     _broker_absent: bool
     _kafka: bool
@@ -70,6 +69,16 @@ class DaemonState:
     # recalibration
     _refusing: dict[str, str]
     _refusing_lock: threading.Lock
+
+    @property
+    def _input_since(self) -> float:
+        """Monotonic time input last came back from a pause: silence before it is not idleness. Kept by the
+        processor, whose streams' waits between records do not count a pause either."""
+        return self.processor.input_since
+
+    @_input_since.setter
+    def _input_since(self, value: float) -> None:
+        self.processor.input_since = value
 
     if TYPE_CHECKING:  # implemented by the other parts (see the module docstring)
         @property

@@ -28,7 +28,7 @@ from monitor.source import InRecord
 from monitor.streams import BehindRun, StreamState
 from monitor.windows import order_problem
 
-GAP_DECAY = 0.97  # per record: a long wait between records is forgotten after ~100 short ones
+GAP_DECAY = 0.97  # per poll that brings the stream records: a long wait is forgotten after ~100 short ones
 log = logs.get("tsmon.processor")
 
 RESERVED_PREFIX = "__tsmon"  # changelog keys of daemon-wide state
@@ -132,8 +132,8 @@ class Ingest(ProcessorState):
         it sent before (a new owner reading from the commit) is not news."""
         silent = st.silent_ts
         assert silent is not None
-        first = next((int(b.ts_ms[0]) for rec, b in items if st.is_new(rec.tp, rec.offset) or int(b.ts_ms[-1]) > silent),
-                     None)
+        first = next((int(b.ts_ms[b.ts_ms > silent][0]) if int(b.ts_ms[-1]) > silent else int(b.ts_ms[0])
+                      for rec, b in items if st.is_new(rec.tp, rec.offset) or int(b.ts_ms[-1]) > silent), None)
         if first is None:
             return
         st.silent_ts, st.dirty = None, True
@@ -146,8 +146,9 @@ class Ingest(ProcessorState):
         the windows their samples make at the stream's hop (counted whether or not one completed yet)."""
         st = self.streams[stream]
         now = time.monotonic()
-        if st.last_seen:  # what "silent" waits for (Residency._report_silent)
-            st.arrival_gap_s = max(now - st.last_seen, st.arrival_gap_s * GAP_DECAY)
+        if st.last_seen and st.silent_ts is None:  # what "silent" waits for (Residency._report_silent): not a
+            # pause of the daemon's input, nor a silence it reported (its length is no usual wait)
+            st.arrival_gap_s = max(now - max(st.last_seen, self.input_since), st.arrival_gap_s * GAP_DECAY)
             st.gaps_seen += 1
         st.last_seen = now
         if st.silent_ts is not None:

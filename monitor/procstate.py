@@ -123,6 +123,7 @@ class ProcessorState:
         self._owed_warned: set[str] = set()
         self.throttle = logs.Throttle()  # per-record, per-window and per-stream events: a sample in the log
         self.clock = time.time  # wall clock: silences and state timestamps
+        self.input_since = 0.0  # monotonic: the daemon's input last came back from a pause (Intake)
         self.deadline: float | None = None  # monotonic time by which commits must be done (set at shutdown)
         self.scoring_deadline: float | None = None  # by which scoring must be done (the shutdown's drain)
         # windows a good record makes (samples / hop; decays slowly from the largest seen): sizes the next

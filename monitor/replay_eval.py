@@ -34,7 +34,7 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,19 +129,23 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
     beat = det.windowing if rule_of(det.windowing) is not None else None  # the baseline cuts the same windows
     data = series_dataset(series, det.window, det.hop, frac, beat=beat)  # the model's own split on its file
     start, split = int(data.summary["val_start_sample"]), int(data.summary["split_sample"])
+    kept = series  # the rows the model was trained on (--out-of-order drop kept some): its split counts in them
+    if same and trained.get("out_of_order") == "drop" and series.timestamps is not None:
+        keep = increasing_rows(series.timestamps.astype("int64"))
+        kept = replace(series, values=series.values[keep], timestamps=series.timestamps[keep],
+                       labels=series.labels[keep] if series.labels is not None else None)
     if same and "val_start_sample" in trained:
         # labels the training run did not have can move the validation windows back into fitted ones
         own_start, own_split = int(trained["val_start_sample"]), int(trained.get("split_sample", split))
-        if trained.get("out_of_order") == "drop" and series.timestamps is not None:  # counted in the rows training
-            rows = np.flatnonzero(increasing_rows(series.timestamps.astype("int64")))  # kept: the file's are played
+        if kept is not series:  # in the file's rows, which are played (6 training samples were replayed)
+            rows = np.flatnonzero(keep)
             own_start, own_split = int(rows[min(own_start, len(rows) - 1)]), int(rows[min(own_split, len(rows) - 1)])
-        start = max(start, own_start)
-        if frac == own:  # the model's own split on its file, in the file's rows (6 training samples were replayed)
-            split = own_split
+        start, split = max(start, own_start), max(split, own_split)  # never a fitted window scored
     opts.out.mkdir(parents=True, exist_ok=True)
     base = opts.baseline
     if base is None:  # fitted on the model's own training windows, also when more than them is left unscored
-        fit = data if own is None or frac == own else series_dataset(series, det.window, det.hop, own, beat=beat)
+        fit = data if own is None or (frac == own and kept is series) else series_dataset(
+            kept, det.window, det.hop, own, beat=beat)
         base = artifact.save(baseline(fit, det), opts.out / "baseline-pca",
                              {"data": {**fit.summary, "value_cols": list(series.channels),
                                        "train_fraction": fit.summary["train_fraction"]}})

@@ -117,12 +117,12 @@ class Residency(ProcessorState):
 
     def _report_silent(self, quiet: dict[str, float]) -> None:
         """A ``silent`` event, once, for each stream quiet for ``silent_after_s`` and for 10 of its sample periods and
-        of the usual gaps between its records (a meter sending every 15 minutes, a gateway uploading in bursts); its
-        next record brings a ``resumed`` one (:meth:`Ingest._resumed`). Not before two of its records came (the gap
-        is not known), nor for a stream whose limit is past ``idle_evict_s`` (evicted first). Quiet counts as for
-        eviction: not while input was paused. The report is saved at once: lost in a crash, the stream (not
-        replayed: its input was committed) never said it resumed."""
-        after, silent = self.settings.silent_after_s, 0
+        of the usual waits between its records (a meter sending every 15 minutes, a gateway uploading in bursts) —
+        at its eviction at the latest, when that misses 3 of its waits; its next record brings a ``resumed`` one
+        (:meth:`Ingest._resumed`). Not before it sent twice (its wait is not known). Quiet counts as for eviction:
+        not while input was paused. The report is saved at once: lost in a crash, the stream (not replayed: its
+        input was committed) never said it resumed."""
+        after, idle, silent = self.settings.silent_after_s, self.settings.idle_evict_s, 0
         for name, q in quiet.items():
             st = self.streams[name]
             if st.silent_ts is not None:
@@ -130,7 +130,11 @@ class Residency(ProcessorState):
                 continue
             if after is None or q < after or st.gaps_seen < 1:
                 continue
-            if q < SILENT_PERIODS * max(st.arrival_gap_s, (st.quality.period_ms or 0.0) / 1000):
+            wait = max(st.arrival_gap_s, (st.quality.period_ms or 0.0) / 1000)
+            limit = max(after, SILENT_PERIODS * wait)
+            if idle is not None and limit > idle:  # evicted first: said then, if that misses 3 of its waits (a meter
+                limit = idle if idle >= 3 * wait else math.inf  # every 15 minutes); not one sending once an hour
+            if q < limit:
                 continue
             last = st.last_sample_ts
             if last is None:

@@ -25,7 +25,7 @@ from monitor.state import doc_epoch
 from monitor.windows import BeatWindows, StreamWindows
 
 DOC_VERSION = 1
-COMMANDS_KEPT = 16  # ids of the operator commands applied to a stream that its document keeps (newest)
+COMMANDS_KEPT = 32  # ids of the operator commands applied to a stream that its document keeps (newest)
 NO_FEEDBACK = {"confirmed": 0, "false_positive": 0}
 
 
@@ -186,6 +186,7 @@ class StreamState:
                 "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,
                 "last_sample_ts": self.last_sample_ts, "silent_reported_ts": self.silent_ts,
                 "commands": list(self.commands), "since_ms": self.since_ms,
+                "arrival_gap_s": round(self.arrival_gap_s, 3) if self.gaps_seen else None,
                 "sample_periods_ms": list(self.quality.periods()),
                 "quality_cooldowns": self.quality.cooldowns(),
                 "channels": list(self.served.detector.names), "channel_usual": list(self.served.detector.channel_usual),
@@ -238,6 +239,9 @@ class StreamState:
         self.silent_ts = silent  # the stream's, whatever model scores it: its next data says it resumed
         self.commands.extend(doc_commands(doc))
         self.since_ms = doc_since_ms(doc)
+        gap = doc.get("arrival_gap_s")  # its usual wait: a restart did not make a gateway's next upload a silence
+        if isinstance(gap, int | float) and not isinstance(gap, bool) and math.isfinite(gap) and gap >= 0:
+            self.arrival_gap_s, self.gaps_seen = float(gap), 1
         if replayed:
             self.replay_until, self.doc_last_ts = doc_offsets(doc), last_sample
         else:  # its records since were taken here: kept for its next document (woken, it wrote none)

@@ -230,8 +230,9 @@ def _warn_threshold(det: Detector, validation_windows: int) -> None:
         log.warning("threshold_set_by_outliers", threshold=significant(value),
                     median_validation_error=significant(det.quantiles.get("0.5", math.nan)),
                     consequence="windows of extreme values (an outlier, "
-                    "data that is not normal) trained or thresholded the model: no other window will ever cross "
-                    "it; remove them from the training part")
+                    "data that is not normal) trained or thresholded the model, or a channel's excursions are huge "
+                    "next to its usual spread (under robust, its IQR): few windows will ever cross it; remove such "
+                    "windows from the training part, or check the channel")
         return  # not "at rounding level" too: with no normalisation, the outlier's spread made that unit huge
     if value < (ROUNDING_ERROR * spread) ** power:
         log.warning("threshold_at_rounding_level", threshold=significant(det.threshold.value),

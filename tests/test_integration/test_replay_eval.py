@@ -114,6 +114,12 @@ def test_a_model_trained_with_rows_dropped_is_replayed_from_its_own_split_in_the
     played = read_series(path, out_of_order="keep")
     p = plan(model, played, time_axis(played, None), ReplayOptions(out=tmp_path / "out"), None)
     assert p.trained_on_file and (p.start, p.split) == (ds.summary["val_start_sample"] + 6, 1200 + 6)
+    fitted = artifact.read_manifest(p.baseline)["training"]["data"]  # the baseline: on the model's own windows
+    assert (fitted["train"], fitted["split_sample"]) == (ds.summary["train"], 1200)
+    # a share a little over the model's: 0.401 of the file's 3006 rows is row 1205, before the model's split
+    later = plan(model, played, time_axis(played, None), ReplayOptions(out=tmp_path / "o2", train_fraction=0.401),
+                 None)
+    assert later.split == 1206
 
 
 @pytest.mark.slow
