@@ -128,7 +128,7 @@ class Residency(ProcessorState):
             if st.silent_ts is not None:
                 silent += 1
                 continue
-            if after is None or q < after or st.gaps_seen < 1:
+            if after is None or st.gaps_seen < 1 or q < (after if idle is None else min(after, idle)):
                 continue
             wait = max(st.arrival_gap_s, (st.quality.period_ms or 0.0) / 1000)
             limit = max(after, SILENT_PERIODS * wait)

@@ -712,6 +712,11 @@ def test_silence_is_judged_against_the_streams_own_waits_between_records(make: M
     feed(back, records("dev-15min", ts[400:420], v[400:420], first_offset=40))
     assert back.streams["dev-15min"].arrival_gap_s >= 900 * 0.97
 
+    late = make()  # silent_after_s past the eviction: said at the eviction all the same
+    late.settings = Settings(silent_after_s=5000.0, idle_evict_s=3600.0)
+    feed(late, records("dev-l", ts[:400], v[:400]), poll=10)
+    assert late.evict_idle(time.monotonic() + 3601) == 1 and [e["kind"] for e in quality_events(late)] == ["silent"]
+
     # a pause of the daemon's input (a sink outage) is no wait of the stream's, nor is a silence it reported
     r = make()
     r.settings = Settings(silent_after_s=600.0, idle_evict_s=None)
