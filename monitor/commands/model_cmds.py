@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -245,15 +246,20 @@ def eval_(
     data: DataOpt = "ecg5000",
     protocol: Annotated[str | None, typer.Option(help="ECG5000: must match training (default: the model's).")] = None,
     windows: WindowsOpt = None,
+    value_col: ValueCols = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Evaluate a model beside the PCA baseline, at the threshold chosen on normal validation data."""
-    _applies(data, protocol, {"--windows": windows})
+    _applies(data, protocol, {"--windows": windows, "--value-col": value_col})
     det = artifact.load(model, device)
     spec = spec_for_eval(det.meta, data, protocol, windows)
-    if data != "ecg5000" and not spec.value_cols:
-        log.warning("channels_mapped_by_position", model=det.channel_names, reason=f"{data} lacks these names")
+    if value_col:  # a file whose columns are named otherwise (score, inspect and replay-eval took it; eval could not)
+        cols = model_columns(det.channel_names, value_col)
+        if len(cols) != det.channels:
+            raise DataError(f"model expects {det.channels} channel(s) {det.channel_names}, --value-col gives "
+                            f"{len(cols)} {cols}")
+        spec = replace(spec, value_cols=tuple(cols))
     ds = load_dataset(spec)
     _warn_read(ds)
     result = evaluate(det, ds)

@@ -479,6 +479,17 @@ def test_eval_takes_the_models_channels_by_name(dense_artifact: Path, series_csv
     assert results[0]["confusion"] == results[1]["confusion"] and results[0]["roc_auc"] == results[1]["roc_auc"]
     code, _, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(series_csv), "--protocol", "ucr")
     assert code == 2 and "Invalid value for --protocol: ECG5000 only" in _said(err)  # it was ignored
+    # found by the ML user pass: a file with its columns named otherwise could not be evaluated at all
+    renamed = tmp_path / "renamed.csv"
+    df.rename(columns={"ch0": "temp", "ch1": "rpm"}).to_csv(renamed, index=False)
+    code, _, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(renamed), "--json")
+    assert code == 1 and "'ch0' not found" in err
+    code, out, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(renamed), "--value-col", "temp",
+                         "--value-col", "rpm", "--json")
+    assert code == 0 and json.loads(out)["confusion"] == results[0]["confusion"], err
+    assert "channels_mapped_by_position" in err
+    code, _, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(renamed), "--value-col", "temp")
+    assert code == 1 and "DataError: model expects 2 channel(s)" in err
 
 
 def test_score_never_calls_a_window_normal_when_its_score_is_not_finite(dense_artifact: Path, series_csv: Path,
