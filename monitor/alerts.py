@@ -364,9 +364,15 @@ def severity(ratio: float, s: AlertSettings) -> str:
     return "critical" if ratio >= s.critical_ratio else "major" if ratio >= s.major_ratio else "minor"
 
 
+def shown_ratio(obs: Observation) -> float:
+    """``score / threshold`` as a message shows it, rounded to 4 decimals: the severity is judged on it (1.49996
+    was shown 1.5 and called minor)."""
+    return round(_ratio(obs), 4)
+
+
 def peak_severity(ep: Episode, s: AlertSettings) -> str:
-    """The severity of the episode's peak, as its message shows it (the ratio rounded to 4 decimals)."""
-    return severity(round(_ratio(ep.peak), 4), s)
+    """The severity of the episode's peak, as its message shows it."""
+    return severity(shown_ratio(ep.peak), s)
 
 
 def _rank(sev: str) -> int:
@@ -384,14 +390,25 @@ def iso(ts_ms: int) -> str:
     return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def vs_usual(errors: np.ndarray, usual: list[float] | None) -> np.ndarray | None:
-    """Each channel's error over its usual (median validation) error, ``[..., channels]``; None where the usual
-    errors are not known for these channels. A usual error of 0 (a channel reconstructed exactly) is floored."""
+def _usual(usual: list[float] | None, channels: int) -> np.ndarray | None:
+    """The usual (median validation) errors, where the model gives them for these ``channels``."""
+    return None if usual is None or len(usual) != channels or not channels else np.asarray(usual, "float64")
+
+
+def over_usual(errors: np.ndarray, usual: list[float] | None) -> np.ndarray:
+    """What channels are ranked by (alerts, pictures): each channel's error over its usual one where known, else
+    the raw error."""
     err = np.asarray(errors, "float64")
-    if usual is None or len(usual) != err.shape[-1] or not len(usual):
-        return None
-    base = np.asarray(usual, "float64")
-    return err / np.maximum(base, max(float(base.max()) * 1e-6, 1e-12))
+    base = _usual(usual, err.shape[-1])
+    return err if base is None else err - base
+
+
+def vs_usual(errors: np.ndarray, usual: list[float] | None) -> np.ndarray | None:
+    """Each channel's error over its usual error, as a ratio; None where they are not known. A usual error of 0
+    (a channel reconstructed exactly) is floored."""
+    err = np.asarray(errors, "float64")
+    base = _usual(usual, err.shape[-1])
+    return None if base is None else err / np.maximum(base, max(float(base.max()) * 1e-6, 1e-12))
 
 
 def top_channels(errors: np.ndarray, names: list[str], k: int = 3,
@@ -408,8 +425,7 @@ def top_channels(errors: np.ndarray, names: list[str], k: int = 3,
     err = np.asarray(errors, "float64")
     total = float(np.sum(err))
     rel = vs_usual(err, usual)
-    excess = err if rel is None else err - np.asarray(usual, "float64")
-    order = np.argsort(-excess, kind="stable")[:k]  # (only finite scores reach an alert)
+    order = np.argsort(-over_usual(err, usual), kind="stable")[:k]  # (only finite scores reach an alert)
     out = []
     for c in order:
         row: dict[str, Any] = {"channel": names[c] if c < len(names) else f"ch{c}", "error": significant(float(err[c])),
@@ -427,7 +443,7 @@ def alert_doc(stream: str, t: Transition, model: dict[str, str], channel_names: 
     are set before its summary is made; ``channel_usual`` ranks its channels (:func:`top_channels`)."""
     ep = t.episode
     peak, last = ep.peak, ep.last or ep.peak
-    ratio = round(_ratio(peak), 4)  # the severity of the ratio shown (1.49996 was shown 1.5 and called minor)
+    ratio = shown_ratio(peak)
     sev = severity(ratio, s)
     fired_ts = ep.fired.end_ts if ep.fired else None
     end_ts = last.end_ts if t.status == "resolved" else None

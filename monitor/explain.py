@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.errors import DataError
-from monitor.alerts import significant
+from monitor.alerts import over_usual, significant
 
 if TYPE_CHECKING:
     from models.detector import Detector
@@ -57,8 +57,7 @@ def payload(values: np.ndarray, recon: np.ndarray, timestep_error: np.ndarray, c
         raise DataError(f"explain: max_points and max_channels must be >= 1, got {max_points}, {max_channels}")
     total = v.shape[1]
     if total > max_channels:  # the largest errors (NaN first: a channel that broke the score is the news)
-        over = ch - np.asarray(usual, "float64") if usual is not None and len(usual) == total else ch
-        keep = np.sort(np.argsort(-np.nan_to_num(over, nan=np.inf), kind="stable")[:max_channels])
+        keep = np.sort(np.argsort(-np.nan_to_num(over_usual(ch, usual), nan=np.inf), kind="stable")[:max_channels])
         v, r, ch, channel_names = v[:, keep], r[:, keep], ch[keep], [channel_names[i] for i in keep]
     window = v.shape[0]
     step = stride(window, max_points)

@@ -65,8 +65,7 @@ class Views(DaemonState):
         """How many held streams are silenced, pinned and frozen, and the daemon-wide freeze: an operator's controls
         were only in ``/streams`` (``tsmon_threshold``'s source is the version's, never "frozen")."""
         cal, p = self.processor.calibrator, self.processor
-        now_ms = p.clock() * 1000
-        self.metrics.silenced.set(sum(st.silenced_until_ms > now_ms for st in p.streams.values()))
+        self.metrics.silenced.set(sum(p.silenced(st) for st in p.streams.values()))
         pinned, frozen = cal.control_counts()
         self.metrics.pinned.set(pinned)
         self.metrics.frozen.set(frozen)
