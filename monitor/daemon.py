@@ -65,6 +65,9 @@ log = logs.get("tsmon.daemon")
 SHUTDOWN_DRAIN_SHARE = 0.85  # of shutdown_timeout_s for draining and commits; the rest for closing processes
 RESTORE_STEP_S = 0.1  # changelog reading per loop turn while a restore holds the input
 FORGET_EVERY_S = 60.0  # how often the documents of long-unseen streams are looked for (state.forget_after_s)
+# a partition at lag 0 this long after input came back is read to its end (the lags are of fetches since then; a
+# paused partition's high watermark was the one before the pause)
+CAUGHT_UP_AFTER_S = 5.0
 
 
 def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -395,7 +398,9 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
             self._last_commit = now = time.monotonic()
             self.processor.page_unsilenced()
             if not self._paused and not self._holding:  # a stream is not idle while its input waits
-                self.processor.evict_idle(now, self._input_since)
+                caught_up = {tp for tp, lag in self._lags.items() if lag == 0} \
+                    if now - self._input_since >= CAUGHT_UP_AFTER_S else set()
+                self.processor.evict_idle(now, self._input_since, caught_up)
                 if now - self._forgot_at >= FORGET_EVERY_S:
                     self._forgot_at = now
                     self.processor.forget_dormant(self.source.assignment())

@@ -55,6 +55,10 @@ class Residency(ProcessorState):
         replayed = stream not in self.evicted_here  # its input was released at the eviction: none comes again
         self._unevict(stream)
         restored = self._restore(stream, st, replayed)
+        if replayed and st.seen_ms is not None:  # quiet since its last new record, not since the replay re-read it:
+            # restarts more often than idle_evict_s held a stopped sensor's partial window, and the commit, for good
+            st.last_seen = time.monotonic() - max(0.0, self.clock() - st.seen_ms / 1000)
+            st.seen_from_doc = True
         state = self.calibrator.threshold(stream)
         self.throttle.log(log.info, "stream_started", stream=stream, model=served.name, window=served.window,
                           hop=served.hop, threshold=state.value, threshold_source=state.source,
@@ -89,18 +93,22 @@ class Residency(ProcessorState):
             st.orphan = None
         return how
 
-    def evict_idle(self, now: float, input_since: float = 0.0) -> int:
+    def evict_idle(self, now: float, input_since: float = 0.0, caught_up: frozenset[TP] | set[TP] = frozenset()) -> int:
         """Snapshot and drop the streams silent for ``idle_evict_s`` with nothing waiting to be scored.
 
         Silence counts from ``input_since`` at the earliest: the daemon's input was paused before it (a failing
-        sink or broker, back-pressure) and a stream cannot be heard while its records wait in the broker.
+        sink or broker, back-pressure, a restart) and a stream cannot be heard while its records wait in the broker.
+        Except for a stream restored from a document that sent nothing new since, once its partitions are
+        ``caught_up`` (read to their end since input came back): it was not heard because it said nothing, and its
+        silence counts from its last new record (the document's ``seen_ms``), on whichever instance that was read.
 
         Their documents stay at hand for when they come back (without a changelog at most ``max_streams`` of
         them), and on the changelog; the ledger stops holding their input, the sink acknowledges the document
         first.
         """
         idle = self.settings.idle_evict_s
-        quiet = {n: now - max(st.last_seen, input_since) for n, st in self.streams.items() if not st.unscored}
+        quiet = {n: now - (st.last_seen if st.seen_from_doc and st.home and st.home <= caught_up
+                           else max(st.last_seen, input_since)) for n, st in self.streams.items() if not st.unscored}
         self._report_silent(quiet)
         if idle is None:
             return 0

@@ -69,7 +69,10 @@ class StreamState:
     recent_alerts: deque[RecentAlert] = field(default_factory=lambda: deque(maxlen=20))
     feedback: dict[str, int] = field(default_factory=lambda: dict(NO_FEEDBACK))
     dirty: bool = True  # changed since its last snapshot
-    last_seen: float = 0.0  # monotonic time of its last record (idle eviction)
+    last_seen: float = 0.0  # monotonic time of its last new record (idle eviction), or its document's seen_ms
+    seen_ms: int | None = None  # wall-clock ms of its last new record, kept in its documents (None: not known)
+    # last_seen is its document's: no new record since a restore for a replay (see Residency.evict_idle)
+    seen_from_doc: bool = False
     doc_from_seq: int | None = None  # the replay point of the last document sent: input from it stays held
     orphan: Episode | None = None  # a fired episode restored for another model version, to resolve
     # the last sample of the document it continued from: new input must follow it (the order rule across an eviction
@@ -186,7 +189,7 @@ class StreamState:
                 "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,
                 "last_sample_ts": self.last_sample_ts, "silent_reported_ts": self.silent_ts,
                 "commands": list(self.commands), "since_ms": self.since_ms,
-                "arrival_gap_s": round(self.arrival_gap_s, 3) if self.gaps_seen else None,
+                "arrival_gap_s": round(self.arrival_gap_s, 3) if self.gaps_seen else None, "seen_ms": self.seen_ms,
                 "sample_periods_ms": list(self.quality.periods()),
                 "quality_cooldowns": self.quality.cooldowns(),
                 "channels": list(self.served.detector.names), "channel_usual": list(self.served.detector.channel_usual),
@@ -242,6 +245,9 @@ class StreamState:
         gap = doc.get("arrival_gap_s")  # its usual wait: a restart did not make a gateway's next upload a silence
         if isinstance(gap, int | float) and not isinstance(gap, bool) and math.isfinite(gap) and gap >= 0:
             self.arrival_gap_s, self.gaps_seen = float(gap), 1
+        seen = doc.get("seen_ms")  # absent from documents of earlier versions: its idleness counts from the restore
+        if isinstance(seen, int) and not isinstance(seen, bool) and seen > 0:
+            self.seen_ms = seen
         if replayed:
             self.replay_until, self.doc_last_ts = doc_offsets(doc), last_sample
         else:  # its records since were taken here: kept for its next document (woken, it wrote none)

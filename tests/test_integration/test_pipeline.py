@@ -307,6 +307,41 @@ def test_graceful_shutdown_commits_everything_not_needed(broker: Any, topic: str
     assert again.metrics.total("tsmon_records_total") == 6 and again.metrics.total("tsmon_windows_scored_total") == 0
 
 
+def test_a_stopped_stream_is_evicted_across_restarts_and_its_commit_goes_on(broker: Any, stream_model: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two sensors stop inside a window: their last records hold the partition's commit until they are evicted
+    (``limits.idle_evict_s``). A restart read those records again and counted the sensors' silence from then on,
+    so a daemon restarted more often than ``idle_evict_s`` never let the commit go on. Now the second instance,
+    started after the silence has lasted ``idle_evict_s``, evicts them once it has read the partition to its end:
+    before its own ``idle_evict_s`` could have run out, and the commit reaches the end."""
+    import monitor.daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "CAUGHT_UP_AFTER_S", 0.5)
+    idle_s = 6.0
+    topic = f"t-{uuid.uuid4().hex[:12]}"
+    ensure_topics(broker.bootstrap, {topic: 1})
+    n = STREAM_WINDOW * 3 + STREAM_HOP // 2  # stopped inside a window
+    sent = produce(broker.bootstrap, topic, {"dev-a": sine_stream(n, seed=50), "dev-b": sine_stream(n, seed=51)})
+    cfg = config(broker, topic, stream_model, **{"limits.idle_evict_s": idle_s})
+    first = run_until_samples(cfg, 2 * n)
+    assert first.metrics.total("tsmon_streams_evicted_total") == 0
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=cfg.kafka.group_id, enable_auto_commit=False)
+    tp = TopicPartition(topic, 0)
+    assert (c.committed(tp) or 0) < sent  # held for the windows the stopped sensors never completed
+    time.sleep(idle_s)  # down meanwhile: the sensors have now been silent for idle_evict_s
+    second = Daemon(cfg)
+    t0 = time.monotonic()
+    second.run(until=lambda: second.metrics.total("tsmon_streams_evicted_total") >= 2
+               or time.monotonic() - t0 > idle_s - 1)
+    assert second.metrics.total("tsmon_records_total") > 0  # it read the held records again
+    assert second.metrics.total("tsmon_streams_evicted_total") == 2
+    assert c.committed(tp) == sent
+    c.close()
+    third = Daemon(cfg)
+    third.run(until=lambda: time.monotonic() - t0 > idle_s + 2)
+    assert third.metrics.total("tsmon_records_total") == 0  # nothing read a third time
+
+
 def test_a_forgotten_stream_is_tombstoned_on_the_changelog(broker: Any, stream_model: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """``state.forget_after_s``: the documents of streams unseen while their partition's input moved that long on

@@ -686,6 +686,47 @@ def test_a_restored_stream_whose_new_input_goes_back_is_refused_not_passed_over(
     assert restarted(first[-20:]) == []  # a replay of what the document includes: passed over
 
 
+def test_a_stopped_stream_read_again_after_a_restart_stays_quiet_since_its_last_new_record(make: Make) -> None:
+    """A sensor stopped mid-window holds its partition's commit until it is evicted; a restart replays its records.
+    Re-read, they made it "just seen", so restarts more often than ``idle_evict_s`` held the commit for good (and the
+    replay grew at each one). Its document now says when its last new record came (``seen_ms``): once the partition
+    is read to its end, its silence counts from then; while the partition is behind, its next records may wait there.
+    New input, or a document without ``seen_ms`` (earlier versions), counts from the records read here, as before."""
+    p = make()
+    p.settings = Settings(state_topic="state", idle_evict_s=3600.0)
+    ts, v = sine_stream(STREAM_WINDOW + STREAM_HOP // 2)  # stopped inside a window: its last records are held
+    recs = records("dev-q", ts, v)
+    feed(p, recs)
+    p.commit(MemorySource([]), {(TOPIC, 0)})
+    doc = [json.loads(m.value) for m in sink(p).sent if m.topic == "state" and m.value is not None][-1]
+    assert abs(doc["seen_ms"] - time.time() * 1000) < 60_000
+    assert p.ledger.committable({(TOPIC, 0)})[(TOPIC, 0)] < len(recs)
+
+    def restarted(seen_ago_s: float | None, then: list[InRecord] = ()) -> Processor:
+        q = make()
+        q.settings = Settings(state_topic="state", idle_evict_s=3600.0)
+        restored = json.loads(json.dumps(doc))
+        if seen_ago_s is None:
+            del restored["seen_ms"]
+        else:
+            restored["seen_ms"] = int((time.time() - seen_ago_s) * 1000)
+        q.restored = {"dev-q": restored}
+        feed(q, recs + list(then))  # replayed from the commit
+        return q
+
+    now, tp = time.monotonic(), (TOPIC, 0)
+    q = restarted(seen_ago_s=3000.0)
+    assert q.evict_idle(now + 300, input_since=now, caught_up={tp}) == 0  # 55 minutes: not yet
+    assert q.evict_idle(now + 700, input_since=now, caught_up=set()) == 0  # behind: its records may wait there
+    assert q.evict_idle(now + 700, input_since=now, caught_up={tp}) == 1  # an hour since it last sent
+    assert q.ledger.committable({tp})[tp] == len(recs)  # the commit goes past it
+    assert restarted(seen_ago_s=None).evict_idle(now + 700, input_since=now, caught_up={tp}) == 0
+    more = records("dev-q", *sine_stream(STREAM_HOP, start_ms=int(ts[-1]) + STREAM_PERIOD_MS), first_offset=len(recs))
+    back = restarted(seen_ago_s=3000.0, then=more)  # sent again during the restart
+    assert back.evict_idle(now + 700, input_since=now, caught_up={tp}) == 0
+    assert back.evict_idle(time.monotonic() + 3601, input_since=now, caught_up={tp}) == 1
+
+
 def test_a_document_written_mid_replay_keeps_the_offsets_its_state_includes(make: Make) -> None:
     """A restored stream that writes a document before its replay is through: the offsets and the last sample read so
     far replaced the document's own, so its next restore took the rest of the replay, which its state includes, for
