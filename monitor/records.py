@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import chain
@@ -162,6 +163,9 @@ def parse(value: bytes | None, key: bytes | None = None, limits: Limits = Limits
     return SampleBlock(stream, ts, arr.astype("float32"))
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 control characters
+
+
 def _stream(field: Any, key: bytes | None, limits: Limits) -> str | BadRecord:
     try:
         key_id = key.decode("utf-8") if key else None
@@ -176,6 +180,10 @@ def _stream(field: Any, key: bytes | None, limits: Limits) -> str | BadRecord:
         return BadRecord("bad_stream", f"stream field {field[:64]!r} differs from the key {key_id[:64]!r}")
     if len(stream) > limits.max_stream_len:
         return BadRecord("bad_stream", f"stream id longer than {limits.max_stream_len} characters")
+    if stream.isspace():  # no glob of `tsmon ctl --stream` or row of `tsmon status` can show it
+        return BadRecord("bad_stream", "stream id is only whitespace")
+    if (bad := _CONTROL.search(stream)) is not None:  # a NUL, a newline, an escape: garbage, or a terminal's trap
+        return BadRecord("bad_stream", f"stream id has a control character (U+{ord(bad.group()):04X})")
     if field:  # a JSON field may carry lone surrogates ("\\ud800"; a key decoded from UTF-8 cannot): such an id
         try:  # could never key an alert or a state document
             field.encode("utf-8")

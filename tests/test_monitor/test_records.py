@@ -30,6 +30,14 @@ def test_good_messages_parse_and_match_the_schema(doc: dict) -> None:
     assert (np.diff(block.ts_ms) > 0).all()
 
 
+@pytest.mark.parametrize("stream, good", [("pump 3", True), (" ", False), ("s\u0000", False), ("dev\x1b[2J", False),
+                                          ("dev\u0085", False)])
+def test_the_schema_and_the_parser_agree_on_stream_ids(stream: str, good: bool) -> None:
+    doc = {"stream": stream, "ts": 1_700_000_000_000, "value": 0.1}
+    assert jsonschema.Draft202012Validator(SCHEMA).is_valid(doc) is good
+    assert isinstance(parse(json.dumps(doc).encode()), SampleBlock) is good
+
+
 def test_chunk_timestamps_follow_the_period() -> None:
     block = parse(json.dumps(GOOD[2]).encode())
     assert block.ts_ms.tolist() == [1_700_000_000_000, 1_700_000_000_003, 1_700_000_000_006]
@@ -52,6 +60,11 @@ def test_chunk_timestamps_follow_the_period() -> None:
     (b'{"stream": "a", "ts": 1, "value": 1}', b"b", "bad_stream"),
     (b'{"stream": 5, "ts": 1, "value": 1}', None, "bad_stream"),
     (b'{"stream": "dev\\ud800", "ts": 1, "value": 1}', None, "bad_stream"),  # would not encode as a key
+    (b'{"stream": " ", "ts": 1, "value": 1}', None, "bad_stream"),  # no ctl glob or status row can show it
+    (b'{"ts": 1, "value": 1}', b"\t\n", "bad_stream"),
+    (b'{"stream": "s\\u0000", "ts": 1, "value": 1}', None, "bad_stream"),
+    (b'{"ts": 1, "value": 1}', b"dev\x1b[2J", "bad_stream"),  # a terminal escape in `tsmon status`
+    (b'{"ts": 1, "value": 1}', b"dev\xc2\x85", "bad_stream"),  # U+0085, a C1 control
     (b'{"ts": "yesterday", "value": 1}', b"s", "bad_timestamp"),
     (b'{"ts": "2024-05-01T12:00:00", "value": 1}', b"s", "bad_timestamp"),
     (b'{"ts": true, "value": 1}', b"s", "bad_timestamp"),
