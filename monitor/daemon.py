@@ -57,7 +57,7 @@ from monitor.scorer import Scorer, load_served
 from monitor.scoring import Backend, ProcessBackend, ThreadBackend, choose
 from monitor.sdnotify import Notifier
 from monitor.sink import KafkaSink, OutMessage, Sink
-from monitor.source import KafkaSource, Source
+from monitor.source import TP, KafkaSource, Source
 from monitor.topics import ensure_topics, require_inputs
 from monitor.views import Views
 
@@ -65,9 +65,7 @@ log = logs.get("tsmon.daemon")
 SHUTDOWN_DRAIN_SHARE = 0.85  # of shutdown_timeout_s for draining and commits; the rest for closing processes
 RESTORE_STEP_S = 0.1  # changelog reading per loop turn while a restore holds the input
 FORGET_EVERY_S = 60.0  # how often the documents of long-unseen streams are looked for (state.forget_after_s)
-# a partition at lag 0 this long after input came back is read to its end (the lags are of fetches since then; a
-# paused partition's high watermark was the one before the pause)
-CAUGHT_UP_AFTER_S = 5.0
+CAUGHT_UP_AFTER_S = 5.0  # a partition at lag 0 this long after input came back is read to its end (see _caught_up)
 
 
 def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -398,14 +396,20 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
             self._last_commit = now = time.monotonic()
             self.processor.page_unsilenced()
             if not self._paused and not self._holding:  # a stream is not idle while its input waits
-                caught_up = {tp for tp, lag in self._lags.items() if lag == 0} \
-                    if now - self._input_since >= CAUGHT_UP_AFTER_S else set()
-                self.processor.evict_idle(now, self._input_since, caught_up)
+                self.processor.evict_idle(now, self._input_since, self._caught_up(now))
                 if now - self._forgot_at >= FORGET_EVERY_S:
                     self._forgot_at = now
                     self.processor.forget_dormant(self.source.assignment())
             self._commit()
             self._refresh_views()
+
+    def _caught_up(self, now: float) -> set[TP]:
+        """The partitions read to their end: at lag 0 now, ``CAUGHT_UP_AFTER_S`` or more after input came back (the
+        high watermark of a partition paused until then is the one before the pause, until a fetch), none while a
+        restore holds the input (paused, their lags are the ones before)."""
+        if self.restoring or now - self._input_since < CAUGHT_UP_AFTER_S or not hasattr(self.source, "lags"):
+            return set()
+        return {tp for tp, lag in self.source.lags().items() if lag == 0}
 
     def _shutdown(self) -> None:
         """Score, publish, snapshot, commit and close, all within ``shutdown_timeout_s``: every commit asked

@@ -146,9 +146,10 @@ class Ingest(ProcessorState):
         the windows their samples make at the stream's hop (counted whether or not one completed yet)."""
         st = self.streams[stream]
         now = time.monotonic()
-        if any(st.is_new(rec.tp, rec.offset) for rec, _block in items):  # not a replay of what its document includes
-            if st.last_seen and st.silent_ts is None:  # what "silent" waits for (Residency._report_silent): not a
-                # pause of the daemon's input, nor a silence it reported (its length is no usual wait)
+        if not all(st.read_before(rec.tp, rec.offset) for rec, _block in items):  # not only a replay
+            if st.last_seen and st.silent_ts is None and not st.seen_from_doc:  # what "silent" waits for
+                # (Residency._report_silent): not a pause of the daemon's input, nor a silence it reported, nor its
+                # wait across a restart and the replay before its first new record (no usual wait)
                 st.arrival_gap_s = max(now - max(st.last_seen, self.input_since), st.arrival_gap_s * GAP_DECAY)
                 st.gaps_seen += 1
             st.last_seen, st.seen_ms, st.seen_from_doc = now, int(self.clock() * 1000), False

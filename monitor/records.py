@@ -180,7 +180,8 @@ def _stream(field: Any, key: bytes | None, limits: Limits) -> str | BadRecord:
         return BadRecord("bad_stream", f"stream field {field[:64]!r} differs from the key {key_id[:64]!r}")
     if len(stream) > limits.max_stream_len:
         return BadRecord("bad_stream", f"stream id longer than {limits.max_stream_len} characters")
-    if stream.isspace():  # no glob of `tsmon ctl --stream` or row of `tsmon status` can show it
+    if stream.replace("\ufeff", " ").isspace():  # no glob of `tsmon ctl --stream` or row of `tsmon status` can show
+        # it (nor U+FEFF, which ECMA-262's \s, a schema validator's, takes for a space)
         return BadRecord("bad_stream", "stream id is only whitespace")
     if (bad := _CONTROL.search(stream)) is not None:  # a NUL, a newline, an escape: garbage, or a terminal's trap
         return BadRecord("bad_stream", f"stream id has a control character (U+{ord(bad.group()):04X})")

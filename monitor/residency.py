@@ -29,6 +29,9 @@ from monitor.streams import StreamState, doc_partitions, holds_commitments, open
 log = logs.get("tsmon.processor")
 
 SILENT_PERIODS = 10  # silent after this many of its sample periods and of its usual waits between records, at least
+# a document's seen_ms is the clock of the instance that read the record: the silence it starts is counted this much
+# shorter, for a clock here that is ahead of that one
+SEEN_CLOCK_SKEW_S = 30.0
 WAKE_RESERVE = 0.1  # share of limits.max_streams that streams woken for a command leave to new streams
 
 
@@ -57,7 +60,7 @@ class Residency(ProcessorState):
         restored = self._restore(stream, st, replayed)
         if replayed and st.seen_ms is not None:  # quiet since its last new record, not since the replay re-read it:
             # restarts more often than idle_evict_s held a stopped sensor's partial window, and the commit, for good
-            st.last_seen = time.monotonic() - max(0.0, self.clock() - st.seen_ms / 1000)
+            st.last_seen = time.monotonic() - max(0.0, self.clock() - st.seen_ms / 1000 - SEEN_CLOCK_SKEW_S)
             st.seen_from_doc = True
         state = self.calibrator.threshold(stream)
         self.throttle.log(log.info, "stream_started", stream=stream, model=served.name, window=served.window,
@@ -288,7 +291,8 @@ class Residency(ProcessorState):
         room = len(self.streams) < (most - max(1, math.ceil(most * WAKE_RESERVE)) if reserve else most)
         if stream not in self.evicted or stream in self.streams or served is None or not room:
             return False
-        self._new_stream(stream, served).last_seen = time.monotonic()
+        st = self._new_stream(stream, served)
+        st.last_seen, st.seen_from_doc = time.monotonic(), False
         return True
 
     def evicted_docs(self) -> dict[str, dict[str, Any]]:

@@ -164,6 +164,14 @@ class StreamState:
         until = self.replay_until.get(rec_tp)
         return until is not None and offset > until
 
+    def read_before(self, rec_tp: TP, offset: int) -> bool:
+        """Was the record at ``offset`` of ``rec_tp`` read before, by the owner whose document this stream continued
+        from (a replay)? Not when the document lists no offset for the partition (a partition the stream had not
+        used, more partitions, documents of earlier versions): taken as new, so that its idle clock never stops
+        for a stream that sends (unlike :meth:`is_new`, which holds such records to no order rule)."""
+        until = None if self.replay_until is None else self.replay_until.get(rec_tp)
+        return until is not None and offset <= until
+
     def read_offsets(self) -> dict[TP, int]:
         """Per partition, the offset of the last record its state includes: read here, or included by the document
         it was restored from — the later of the two (mid-replay, the offsets read so far are below the document's:
@@ -245,9 +253,11 @@ class StreamState:
         gap = doc.get("arrival_gap_s")  # its usual wait: a restart did not make a gateway's next upload a silence
         if isinstance(gap, int | float) and not isinstance(gap, bool) and math.isfinite(gap) and gap >= 0:
             self.arrival_gap_s, self.gaps_seen = float(gap), 1
-        seen = doc.get("seen_ms")  # absent from documents of earlier versions: its idleness counts from the restore
-        if isinstance(seen, int) and not isinstance(seen, bool) and seen > 0:
-            self.seen_ms = seen
+        for key in ("seen_ms", "written_ms"):  # absent from documents of earlier versions: when it was written,
+            seen = doc.get(key)  # after its last record (kept from then on: not a silence restarted at each restore)
+            if isinstance(seen, int) and not isinstance(seen, bool) and seen > 0:
+                self.seen_ms = seen
+                break
         if replayed:
             self.replay_until, self.doc_last_ts = doc_offsets(doc), last_sample
         else:  # its records since were taken here: kept for its next document (woken, it wrote none)

@@ -690,22 +690,24 @@ def test_a_stopped_stream_read_again_after_a_restart_stays_quiet_since_its_last_
     """A sensor stopped mid-window holds its partition's commit until it is evicted; a restart replays its records.
     Re-read, they made it "just seen", so restarts more often than ``idle_evict_s`` held the commit for good (and the
     replay grew at each one). Its document now says when its last new record came (``seen_ms``): once the partition
-    is read to its end, its silence counts from then; while the partition is behind, its next records may wait there.
-    New input, or a document without ``seen_ms`` (earlier versions), counts from the records read here, as before."""
+    is read to its end, its silence counts from then (less ``SEEN_CLOCK_SKEW_S``); while the partition is behind, its
+    next records may wait there. A document of an earlier version counts from when it was written, and the next
+    one keeps that. New input — also on a partition the document lists no offset for — counts from here."""
     p = make()
     p.settings = Settings(state_topic="state", idle_evict_s=3600.0)
     ts, v = sine_stream(STREAM_WINDOW + STREAM_HOP // 2)  # stopped inside a window: its last records are held
     recs = records("dev-q", ts, v)
-    feed(p, recs)
+    feed(p, recs, poll=1)  # one record a poll: its usual wait between records is known (for "silent")
     p.commit(MemorySource([]), {(TOPIC, 0)})
     doc = [json.loads(m.value) for m in sink(p).sent if m.topic == "state" and m.value is not None][-1]
     assert abs(doc["seen_ms"] - time.time() * 1000) < 60_000
     assert p.ledger.committable({(TOPIC, 0)})[(TOPIC, 0)] < len(recs)
 
-    def restarted(seen_ago_s: float | None, then: list[InRecord] = ()) -> Processor:
+    def restarted(seen_ago_s: float | None, then: list[InRecord] = (), written_ago_s: float = 0.0,
+                  **settings: Any) -> Processor:
         q = make()
-        q.settings = Settings(state_topic="state", idle_evict_s=3600.0)
-        restored = json.loads(json.dumps(doc))
+        q.settings = Settings(state_topic="state", idle_evict_s=3600.0, **settings)
+        restored = {**json.loads(json.dumps(doc)), "written_ms": int((time.time() - written_ago_s) * 1000)}
         if seen_ago_s is None:
             del restored["seen_ms"]
         else:
@@ -714,17 +716,36 @@ def test_a_stopped_stream_read_again_after_a_restart_stays_quiet_since_its_last_
         feed(q, recs + list(then))  # replayed from the commit
         return q
 
-    now, tp = time.monotonic(), (TOPIC, 0)
+    now, tp, tp1 = time.monotonic(), (TOPIC, 0), (TOPIC, 1)
     q = restarted(seen_ago_s=3000.0)
     assert q.evict_idle(now + 300, input_since=now, caught_up={tp}) == 0  # 55 minutes: not yet
+    assert restarted(seen_ago_s=3590.0).evict_idle(now + 20, input_since=now, caught_up={tp}) == 0  # this clock
+    # may be ahead of the one that stamped seen_ms
     assert q.evict_idle(now + 700, input_since=now, caught_up=set()) == 0  # behind: its records may wait there
     assert q.evict_idle(now + 700, input_since=now, caught_up={tp}) == 1  # an hour since it last sent
     assert q.ledger.committable({tp})[tp] == len(recs)  # the commit goes past it
-    assert restarted(seen_ago_s=None).evict_idle(now + 700, input_since=now, caught_up={tp}) == 0
-    more = records("dev-q", *sine_stream(STREAM_HOP, start_ms=int(ts[-1]) + STREAM_PERIOD_MS), first_offset=len(recs))
-    back = restarted(seen_ago_s=3000.0, then=more)  # sent again during the restart
-    assert back.evict_idle(now + 700, input_since=now, caught_up={tp}) == 0
-    assert back.evict_idle(time.monotonic() + 3601, input_since=now, caught_up={tp}) == 1
+
+    old = restarted(seen_ago_s=None, written_ago_s=3000.0)  # a document of an earlier version
+    old.commit(MemorySource([]), {tp})
+    again = [json.loads(m.value) for m in sink(old).sent if m.topic == "state" and m.value is not None][-1]
+    assert abs(again["seen_ms"] - (time.time() - 3000) * 1000) < 60_000  # not restarted at the next restore
+    assert old.evict_idle(now + 700, input_since=now, caught_up={tp}) == 1
+
+    later = sine_stream(STREAM_HOP, start_ms=int(ts[-1]) + STREAM_PERIOD_MS)
+    for then in (records("dev-q", *later, first_offset=len(recs)),  # sent again during the restart
+                 records("dev-q", *later, partition=1)):  # on a partition it had not used (more partitions)
+        back = restarted(seen_ago_s=3000.0, then=then)
+        assert back.evict_idle(now + 700, input_since=now, caught_up={tp, tp1}) == 0
+        assert back.evict_idle(time.monotonic() + 3601, input_since=now, caught_up={tp, tp1}) == 1
+
+    q = restarted(seen_ago_s=3000.0, silent_after_s=600.0)  # its silence is reported once the partition is read
+    assert q.evict_idle(now + 1, input_since=now, caught_up=set()) == 0
+    sink(q).flush(1)
+    assert docs(q, "data_quality") == []
+    assert q.evict_idle(now + 2, input_since=now, caught_up={tp}) == 0
+    sink(q).flush(1)
+    [silent] = docs(q, "data_quality")
+    assert silent["kind"] == "silent" and silent["ts"] == int(ts[-1])
 
 
 def test_a_document_written_mid_replay_keeps_the_offsets_its_state_includes(make: Make) -> None:
