@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -210,7 +211,7 @@ def _iso_stamps(col: pd.Series) -> pd.Series:
 def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp_col: str | None = None,
                 label_col: str | None = None, windows: str | Path | None = None,
                 out_of_order: str = "error", labels_wanted: bool = True,
-                preferred_timestamp: str | None = None) -> Series:
+                preferred_timestamp: str | None = None, model_channels: Sequence[str] | None = None) -> Series:
     """Read a CSV (optionally gzipped) or Parquet file: optional timestamp and 0/1 label, value columns.
 
     ``windows``: a JSON file of labelled anomaly windows (see :func:`anomaly_windows`) that gives the labels
@@ -219,6 +220,8 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
     them, as it would in production). ``labels_wanted=False``: no label column is looked for (scoring a
     file whose label column is partly empty must not fail on it). ``preferred_timestamp``: the timestamp column
     when no ``timestamp_col`` is given and the file has it (a model's, for scoring), else the usual names.
+    ``model_channels``: the value columns are a model's channels, not named by the user (a missing one is said so,
+    with the option that maps the file's columns to them).
     """
     dropped, rows = 0, None
     if out_of_order not in ("error", "drop", "keep"):
@@ -259,6 +262,10 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         raise DataError(f"{p}: value columns {values} repeat a column or include the timestamp/label column")
     for c in values:
         if c not in cols:
+            if model_channels is not None:  # "value column" read as one the user had named
+                raise DataError(f"{p}: no column {c!r}, a channel of the model (its channels: {list(model_channels)}); "
+                                f"columns are {cols}: give the file's columns for them with --value-col, in the "
+                                "model's order")
             raise DataError(f"{p}: value column {c!r} not found; columns are {cols}")
         if not pd.api.types.is_numeric_dtype(df[c]):
             if df[c].dtype == object and _all_of(df[c], decimal.Decimal):  # Parquet decimals (SQL exports): numbers, not text (datetimes, bools stay refused)

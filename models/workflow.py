@@ -4,7 +4,7 @@ and evaluate both on the same test split."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,11 +61,12 @@ class DataSpec:
         return d
 
 
-def load_dataset(spec: DataSpec) -> Dataset:
+def load_dataset(spec: DataSpec, model_channels: Sequence[str] | None = None) -> Dataset:
+    """``model_channels``: the spec's value columns are a model's channels (see :func:`read_series`)."""
     if spec.source == "ecg5000":
         return load_ecg5000(spec.protocol, spec.seed)
     series = read_series(spec.source, list(spec.value_cols) or None, spec.timestamp_col, spec.label_col,
-                         spec.windows, spec.out_of_order)
+                         spec.windows, spec.out_of_order, model_channels=model_channels)
     hop = spec.hop or max(1, spec.window // 4)
     return series_dataset(series, spec.window, hop, spec.train_fraction, beat=spec.beat())
 

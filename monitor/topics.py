@@ -45,10 +45,12 @@ def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: d
     return existing
 
 
-def require_inputs(topics: list[str], existing: set[str], servers: str) -> None:
+def require_inputs(topics: list[str], existing: set[str], servers: str, setting: str = "kafka.topics",
+                   why: str = "the daemon does not create its input topics") -> None:
     """The input topics must exist before the group subscribes to them: a consumer's metadata request has a broker
     that auto-creates topics create a misspelt one, empty, and the daemon then waited on it for good, ready and
-    healthy, while the real topic went unread (Kafka Streams refuses to start the same way)."""
+    healthy, while the real topic went unread (Kafka Streams refuses to start the same way). ``tsmon replay``
+    likewise: its producer's first send created the misspelt topic, and the series went where no daemon reads."""
     import difflib
 
     missing = [t for t in topics if t not in existing]
@@ -56,8 +58,8 @@ def require_inputs(topics: list[str], existing: set[str], servers: str) -> None:
         return
     close = {t: difflib.get_close_matches(t, sorted(existing), n=1, cutoff=0.75) for t in missing}
     named = ", ".join(f"{t!r}" + (f" (did you mean {close[t][0]!r}?)" if close[t] else "") for t in missing)
-    raise ConfigError(f"kafka.topics: no topic {named} at {servers}: create it first, correct the name, or give "
-                      "this principal Describe on it (the daemon does not create its input topics)")
+    raise ConfigError(f"{setting}: no topic {named} at {servers}: create it first, correct the name, or give "
+                      f"this principal Describe on it ({why})")
 
 
 def within(client: dict[str, Any], timeout_s: float) -> dict[str, Any]:

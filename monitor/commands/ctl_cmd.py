@@ -90,8 +90,25 @@ def _show(acks: list[dict[str, Any]]) -> None:
     table = Table("instance", "status", "streams", "effect / result", title="acknowledgements")
     for a in acks:
         # Text: a stream id is never markup ("sensor[/x]" raised MarkupError after the command was applied)
-        table.add_row(*(Text(c) for c in (str(a["instance"]), str(a["status"]), str(len(a["streams"])), _effect(a))))
+        table.add_row(*(Text(c) for c in (str(a["instance"]), _status(a), str(_streams(a)), _effect(a))))
     stdout.print(table)
+
+
+def _status(a: dict[str, Any]) -> str:
+    """The instance's answer; "no match" for a command it applied to nothing (read as done beside the verdict's
+    "no daemon has a stream matching")."""
+    return "no match" if _matched_nothing(a) else str(a["status"])
+
+
+def _streams(a: dict[str, Any]) -> int:
+    """The streams it changed, or those it reports on (history, shadow: 0 beside a stream's history before)."""
+    r = a["result"] or {}
+    return len(a["streams"]) or len(r.get("history") or {}) or len(r.get("shadow") or {})
+
+
+def _matched_nothing(a: dict[str, Any]) -> bool:
+    return a["status"] == "applied" and not a["error"] and not a["streams"] and not a["result"] and \
+        not any("before" in e for e in a["effects"])
 
 
 def _effect(a: dict[str, Any]) -> str:
@@ -117,8 +134,10 @@ def _effect(a: dict[str, Any]) -> str:
         lines.append(f"no recent alert {r.get('alert_id')} here")
     if "precision" in r:
         p = r["precision"]
-        lines.append(f"{r['verdict']}; precision {p:.3f} ({r['feedback']})" if p is not None else r["verdict"])
-    if not lines and not a["streams"] and a["status"] == "applied" and not r:
+        counts = r.get("feedback") or {}
+        told = f"confirmed {counts.get('confirmed', 0)}, false positives {counts.get('false_positive', 0)}"
+        lines.append(f"{r['verdict']}; precision {p:.3f} ({told})" if p is not None else r["verdict"])
+    if not lines and _matched_nothing(a):
         return "no stream of this instance matched"  # "applied" over a bare "-" read as done, above "no daemon has…"
     return "\n".join(lines) or "-"
 

@@ -79,10 +79,11 @@ def demo(
     ensure_demo_model(model)
     opts = DemoOptions(duration, streams, rate, anomaly_rate, seed=seed, http_port=http_port)
     progress = DemoProgress()
+    if not as_json:  # the tables are the output, live or at the end; keep only warnings beside them (redirected,
+        logs.quiet("WARNING")  # as `make demo > f`, its info lines ran to 160, which replay-eval's table never had)
     if as_json or not console.is_terminal:
         summary = run_demo(str(model), opts, progress)
     else:
-        logs.quiet("WARNING")  # the live table is the output; keep only warnings beside it
         with Live(LiveView(progress), console=console, refresh_per_second=4):
             summary = run_demo(str(model), opts, progress)
     if as_json:
@@ -91,11 +92,16 @@ def demo(
         _print_summary(summary)
 
 
+def _share(x: float | None) -> str | None:
+    """A precision or recall with 4 decimals always (0.75 beside 0.8553, 1.0 beside 0.9855 in another run)."""
+    return None if x is None else f"{x:.4f}"
+
+
 def _print_summary(s: dict[str, Any]) -> None:
     rows = [("streams", s["streams"]), ("samples", f"{s['samples']:,}"), ("windows scored", f"{s['windows_scored']:,}"),
             ("anomaly rate (beats)", s["anomaly_rate"]), ("labelled anomalies (episodes)", s["labelled_anomalies"]),
-            ("alerts", s["alerts"]), ("detected", s["detected"]), ("precision", s["precision"]),
-            ("recall", s["recall"]), ("  of which inside an alert already firing", s["inside_open_alert"]),
+            ("alerts", s["alerts"]), ("detected", s["detected"]), ("precision", _share(s["precision"])),
+            ("recall", _share(s["recall"])), ("  of which inside an alert already firing", s["inside_open_alert"]),
             ("mean delay (samples)", s["mean_delay_samples"]),
             ("flapping alerts", s["flapping"]), ("dead letters", s["dead_letters"]),
             ("data-quality events", s["data_quality_events"]), ("seconds", s["seconds"])]

@@ -260,7 +260,7 @@ def eval_(
             raise DataError(f"model expects {det.channels} channel(s) {det.channel_names}, --value-col gives "
                             f"{len(cols)} {cols}")
         spec = replace(spec, value_cols=tuple(cols))
-    ds = load_dataset(spec)
+    ds = load_dataset(spec, model_channels=None if value_col else det.channel_names)
     _warn_read(ds)
     result = evaluate(det, ds)
     dropped = result["test_windows_dropped_nonfinite"]
@@ -301,7 +301,7 @@ def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, ti
     trained_ts = det.meta.get("training", {}).get("data", {}).get("timestamp_col")
     series = read_series(path, cols, timestamp_col, None, out_of_order=_order(out_of_order),  # names a missing column
                          labels_wanted=False,  # labels are not used: a partly empty label column must not fail
-                         preferred_timestamp=trained_ts)
+                         preferred_timestamp=trained_ts, model_channels=None if value_col else det.channel_names)
     _warn_stamps(series)
     if series.values.shape[1] != det.channels:
         raise DataError(f"model expects {det.channels} channel(s) {det.channel_names}, {path} gives "

@@ -70,7 +70,7 @@ def replay_eval(
         raise DataError("--train-fraction must be in (0, 1)")
     names = artifact.read_manifest(model)["channels"]  # by name, in the model's order (given in another: swapped)
     series = read_series(data, model_columns(names, value_col), timestamp_col, label_col, windows,
-                         out_of_order="keep")
+                         out_of_order="keep", model_channels=None if value_col else names)
     ts_ms = time_axis(series, sample_rate)
     opts = ReplayOptions(speed, seconds, chunk, tolerance, train_fraction, gap_ms, bootstrap, config, baseline,
                          stream, out, calibrator_clock)

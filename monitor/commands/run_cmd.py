@@ -24,6 +24,7 @@ from monitor.replay import finite_rows, timestamps
 from monitor.replay import replay as replay_series
 
 log = logs.get("tsmon.cli")
+REPLAY_PARTITIONS = 4  # of a topic `tsmon replay --create-topic` creates (as `tsmon broker --topic`)
 
 
 def run(
@@ -90,13 +91,16 @@ def replay(
     model: Annotated[Path | None, typer.Option(
         "--model", help="Artifact whose channels to send, by column name and in its order (the input format "
                         "carries no names: the daemon takes values by position).")] = None,
+    create_topic: Annotated[bool, typer.Option(
+        "--create-topic", help="Create the topic (4 partitions) if it does not exist; without it, a topic that "
+                               "does not exist is an error (a misspelt name would have been created, unread).")] = False,
 ) -> None:
     """Stream a recorded series into a topic in tsmon's input format."""
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
 
     from monitor.reach import wait_for_brokers
-    from monitor.topics import within
+    from monitor.topics import ensure_topics, require_inputs, within
 
     if chunk < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--chunk")
@@ -130,6 +134,12 @@ def replay(
         log.warning("rows_skipped_nonfinite", rows=skipped)
     name = stream or input.name.split(".")[0]
     wait_for_brokers(cfg.kafka, 10.0, "give --bootstrap-servers or --config")
+    client = within(cfg.kafka.client_kwargs(), 10.0)
+    servers = client.pop("bootstrap_servers")
+    existing = ensure_topics(servers, {topic: REPLAY_PARTITIONS} if create_topic else {}, **client)
+    if not create_topic:
+        require_inputs([topic], existing, ",".join(cfg.kafka.bootstrap_servers), "--topic",
+                       "or pass --create-topic; the daemon reads only the topics it is given")
     try:
         producer = KafkaProducer(**within(cfg.kafka.client_kwargs(), 10.0), acks=1, linger_ms=10)
     except KafkaError as exc:

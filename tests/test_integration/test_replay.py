@@ -58,8 +58,33 @@ def test_a_file_without_timestamps_sent_at_once_ends_now(broker: Any, topic: str
     assert len(ts) == 2000 and np.all(np.diff(ts) == 60000)
     assert before - 2000 * 60000 - 1000 <= ts[0] and ts[-1] <= time.time() * 1000
     # paced at another speed than --period-ms says (here 100 000 samples/s): still the recent past, ending now
-    blocks = replayed(broker, topic + "-paced", path, "--period-ms", "60000", "--chunk", "500", "--rate", "100000")
+    blocks = replayed(broker, topic + "-paced", path, "--period-ms", "60000", "--chunk", "500", "--rate", "100000",
+                      "--create-topic")
     assert max(int(b.ts_ms[-1]) for b in blocks) <= time.time() * 1000
+
+
+def test_replay_to_a_topic_that_does_not_exist_is_an_error_not_a_new_topic(broker: Any, topic: str,
+                                                                          tmp_path: Path) -> None:
+    """A misspelt --topic: the producer's first send created it (the broker creates topics on demand), the command
+    said "replayed" and exited 0, and the series lay where no daemon reads. Now a one-line error naming the closest
+    topic, and nothing is created; --create-topic creates it on purpose."""
+    from kafka.admin import KafkaAdminClient
+
+    path = tmp_path / "small.csv"
+    pd.DataFrame({"v": np.arange(50.0)}).to_csv(path, index=False)
+    typo = topic[:-1] + ("x" if topic[-1] != "x" else "y")
+    proc = subprocess.run([sys.executable, "-m", "monitor", "replay", "--input", str(path), "--topic", typo,
+                           "--bootstrap-servers", broker.bootstrap], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 1, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("ConfigError: --topic: no topic") and f"did you mean {topic!r}" in line
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    try:
+        assert typo not in set(admin.list_topics())
+    finally:
+        admin.close()
+    assert len(replayed(broker, typo, path, "--create-topic")) == 1
 
 
 def test_replay_refuses_a_missing_file(tmp_path: Path) -> None:

@@ -192,7 +192,12 @@ def test_score_with_wrong_channels(dense_artifact: Path, tmp_path: Path, capsys:
     p = tmp_path / "one.csv"
     pd.DataFrame({"v": range(100)}).to_csv(p, index=False)
     code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(p), "--output", str(tmp_path / "o.csv"))
-    assert code == 1 and "DataError:" in err and "'ch0' not found" in err
+    # the columns looked for are the model's channels, not ones the user named ("value column 'ch0' not found")
+    assert code == 1 and "DataError:" in err and "no column 'ch0', a channel of the model (its channels: ['ch0', " \
+        "'ch1']); columns are ['v']: give the file's columns for them with --value-col, in the model's order" in err
+    code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(p), "--value-col", "w",
+                       "--output", str(tmp_path / "o.csv"))
+    assert code == 1 and "value column 'w' not found" in err  # one the user named
     code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(p), "--value-col", "v",
                        "--output", str(tmp_path / "o.csv"))
     assert code == 1 and "DataError: model expects 2 channel(s)" in err
@@ -427,7 +432,7 @@ def test_score_reorders_named_channels(dense_artifact: Path, series_csv: Path, t
     renamed = tmp_path / "renamed.csv"
     df.rename(columns={"ch0": "temp"}).to_csv(renamed, index=False)
     code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(renamed), "--output", str(b))
-    assert code == 1 and "'ch0' not found" in err
+    assert code == 1 and "no column 'ch0', a channel of the model" in err
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -483,7 +488,7 @@ def test_eval_takes_the_models_channels_by_name(dense_artifact: Path, series_csv
     renamed = tmp_path / "renamed.csv"
     df.rename(columns={"ch0": "temp", "ch1": "rpm"}).to_csv(renamed, index=False)
     code, _, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(renamed), "--json")
-    assert code == 1 and "'ch0' not found" in err
+    assert code == 1 and "no column 'ch0', a channel of the model" in err and "--value-col" in err
     code, out, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(renamed), "--value-col", "temp",
                          "--value-col", "rpm", "--json")
     assert code == 0 and json.loads(out)["confusion"] == results[0]["confusion"], err
@@ -915,3 +920,27 @@ def test_every_broker_option_checks_each_address_as_a_usage_error(capsys: pytest
         code, _, err = run(capsys, *name.split(), "--bootstrap-servers", "127.0.0.1:9092,127.0.0.1:notaport")
         assert code == 2 and "'127.0.0.1:notaport' is not host:port" in _said(err) and "Traceback" not in err, (name, err)
     assert brokers("k1:9092, k2:9092") == "k1:9092, k2:9092" and brokers(None) is None
+
+
+def test_demo_redirected_keeps_warnings_beside_its_table_and_shows_shares_alike(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """From a new user's pass: with its output redirected (`make demo > f`, CI) the demo wrote ~160 info lines
+    beside its table, which replay-eval never did; and its precision read 0.75 in one run, 0.8553 in another."""
+    from monitor import logs
+    from monitor.commands import demo_cmd
+
+    def fake_run(_model: str, _opts: Any, _progress: Any) -> dict[str, Any]:
+        logs.get("tsmon.demo").info("demo_step_said")
+        logs.get("tsmon.demo").warning("demo_warning_said")
+        return {"streams": 2, "samples": 1000, "windows_scored": 10, "anomaly_rate": 0.05, "labelled_anomalies": 4,
+                "alerts": 4, "detected": 4, "precision": 0.75, "recall": 1.0, "inside_open_alert": 0,
+                "mean_delay_samples": 12.0, "flapping": 0, "dead_letters": 0, "data_quality_events": 0,
+                "seconds": 3.0, "thresholds": {}, "picture": None}
+
+    monkeypatch.setattr(demo_cmd, "ensure_demo_model", lambda _path: None)
+    monkeypatch.setattr(demo_cmd, "run_demo", fake_run)
+    code, out, err = run(capsys, "demo", "--model", str(tmp_path / "m"))
+    assert code == 0 and "demo_warning_said" in err and "demo_step_said" not in err
+    assert "0.7500" in out and "1.0000" in out
+    code, out, err = run(capsys, "demo", "--model", str(tmp_path / "m"), "--json")  # JSON out, the log as asked
+    assert code == 0 and "demo_step_said" in err and json.loads(out)["precision"] == 0.75

@@ -2079,6 +2079,12 @@ def test_ctl_exact_names_the_one_stream_whose_id_has_glob_characters(make: Make)
     with stdout.capture() as shown:
         ctl_cmd._show([none])
     assert "no stream of this instance matched" in shown.get()
+    assert "no match" in shown.get() and "applied" not in shown.get()  # read as done beside the failure after it
+    history = send(c, "history", ctl_cmd._target("pump1", exact=True))  # "0" streams beside pump1's history
+    feedback = {**ack, "streams": ["pump1"], "effects": [],
+                "result": {"verdict": "false_positive", "precision": 0.0, "feedback": {"confirmed": 0, "false_positive": 1}}}
+    assert ctl_cmd._streams(history) == 1 and "pump1 v" in ctl_cmd._effect(history)
+    assert ctl_cmd._effect(feedback) == "false_positive; precision 0.000 (confirmed 0, false positives 1)"  # a dict
 
 
 def test_ctl_without_a_login_name_asks_for_an_operator(monkeypatch: pytest.MonkeyPatch) -> None:
