@@ -115,6 +115,7 @@ class DemoProgress:
     sent_samples: int = 0
     alerts: list[dict[str, Any]] = field(default_factory=list)
     metrics: Any = None  # monitor.metrics.Metrics once the daemon exists
+    http_url: str | None = None  # the daemon's HTTP endpoints once it listens (any free port with --http-port 0)
     done: bool = False
 
 
@@ -177,6 +178,7 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         progress.alerts = reader.docs
         daemon = Daemon(cfg)
         progress.metrics = daemon.metrics
+        progress.http_url = daemon.http.url if daemon.http is not None else None
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1, linger_ms=5)
         stop = threading.Event()
         player_failed: list[Exception] = []

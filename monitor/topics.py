@@ -36,6 +36,8 @@ def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: d
     except TopicAlreadyExistsError:
         pass
     except KafkaError as exc:  # not authorised to create, a broker older than Kafka 2.4 (replication -1), ...
+        if not topics:  # asked only what exists (tsmon replay): nothing was to be created
+            raise BrokerError(f"cannot list the topics at {bootstrap}: {describe(exc)}") from None
         names = ", ".join(t.name for t in missing) or ", ".join(topics)
         raise BrokerError(f"cannot create topic(s) {names}: {describe(exc)} (create them beforehand, "
                           f"or allow Create on the cluster; a broker older than Kafka 2.4 needs "

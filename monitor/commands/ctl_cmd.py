@@ -107,8 +107,12 @@ def _streams(a: dict[str, Any]) -> int:
 
 
 def _matched_nothing(a: dict[str, Any]) -> bool:
-    return a["status"] == "applied" and not a["error"] and not a["streams"] and not a["result"] and \
-        not any("before" in e for e in a["effects"])
+    """Applied to no stream here: nothing changed and nothing to report (a result of empty lists: recalibrate's
+    refused/held/unchanged, history, shadow). Not a daemon-wide freeze or unfreeze, which applies without one."""
+    if a.get("command") in ("freeze", "unfreeze") and a.get("target") == "*":
+        return False
+    return a["status"] == "applied" and not a["error"] and not a["streams"] and \
+        not any(a["result"].values()) and not any("before" in e for e in a["effects"])
 
 
 def _effect(a: dict[str, Any]) -> str:

@@ -32,7 +32,7 @@ class LiveView:
     def __rich__(self) -> Table:
         p, m = self.p, self.p.metrics
         total = lambda name: int(m.total(name)) if m is not None else 0
-        head = (f"sent {p.sent_samples:,}/{p.total_samples:,} samples · scored {total('tsmon_windows_scored_total'):,}"
+        head = (f"{p.http_url or ''} " f"sent {p.sent_samples:,}/{p.total_samples:,} samples · scored {total('tsmon_windows_scored_total'):,}"
                 f" windows · dead letters {total('tsmon_dead_letters_total')} · alerts {len(p.alerts)} messages")
         t = Table(title=head, title_justify="left", expand=False)
         for col in ("stream time", "stream", "status", "severity", "ratio", "threshold", "alert_id"):
@@ -68,7 +68,8 @@ def demo(
     = Path("artifacts/ecg5000-lstm"),
     seed: Annotated[int, typer.Option(help="Seed of the stream generator.")] = 0,
     http_port: Annotated[int | None, typer.Option(
-        help="Port of the daemon's HTTP endpoints (default 9465, as configured; 0: any free port, logged).")] = None,
+        help="Port of the daemon's HTTP endpoints (default 9465, as configured; 0: any free port, shown in the live "
+             "table's title; with the output redirected, `tsmon --log-level INFO demo` logs it).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (no live table).")] = False,
 ) -> None:
     """Start a broker, replay ECG streams with labelled abnormal beats, run the daemon, show alerts, score them."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -114,13 +115,18 @@ def replay(
     cfg = load_config(config, {"kafka.bootstrap_servers": bootstrap_servers} if bootstrap_servers else None)
     if topic is None and cfg.kafka.topic_pattern:  # its topics list is then the unused default
         raise ConfigError(f"give --topic: the configuration reads the topics matching {cfg.kafka.topic_pattern!r}")
+    setting = "--topic" if topic is not None else "kafka.topics"  # the error names where the name came from
     topic = topic or cfg.kafka.topics[0]
+    # a topic the daemon's pattern matches (re.match, as kafka-python) may be new: the daemon picks it up at its next
+    # metadata refresh (not checked, created)
+    create_topic = create_topic or bool(cfg.kafka.topic_pattern and re.match(cfg.kafka.topic_pattern, topic))
     if model is not None:
         if value_col:
             raise typer.BadParameter("give --model (its channels, by name) or --value-col, not both",
                                      param_hint="--model")
         value_col = [str(c) for c in artifact.read_manifest(model)["channels"]]
-    series = read_series(input, value_col, timestamp_col, out_of_order=out_of_order)
+    series = read_series(input, value_col, timestamp_col, out_of_order=out_of_order,
+                         model_channels=value_col if model is not None else None)
     if model is None and series.values.shape[1] > 1:  # a model trained on other columns would score the wrong ones
         log.warning("channels_sent_by_position", channels=series.channels,
                     hint="the daemon takes values by position: pass --model ART (or --value-col in its order)")
@@ -136,9 +142,10 @@ def replay(
     wait_for_brokers(cfg.kafka, 10.0, "give --bootstrap-servers or --config")
     client = within(cfg.kafka.client_kwargs(), 10.0)
     servers = client.pop("bootstrap_servers")
-    existing = ensure_topics(servers, {topic: REPLAY_PARTITIONS} if create_topic else {}, **client)
+    existing = ensure_topics(servers, {topic: REPLAY_PARTITIONS} if create_topic else {},
+                             replication_factor=cfg.kafka.replication_factor, **client)
     if not create_topic:
-        require_inputs([topic], existing, ",".join(cfg.kafka.bootstrap_servers), "--topic",
+        require_inputs([topic], existing, ",".join(cfg.kafka.bootstrap_servers), setting,
                        "or pass --create-topic; the daemon reads only the topics it is given")
     try:
         producer = KafkaProducer(**within(cfg.kafka.client_kwargs(), 10.0), acks=1, linger_ms=10)

@@ -85,6 +85,14 @@ def test_replay_to_a_topic_that_does_not_exist_is_an_error_not_a_new_topic(broke
     finally:
         admin.close()
     assert len(replayed(broker, typo, path, "--create-topic")) == 1
+    cfg = tmp_path / "tsmon.toml"  # the name from the configuration: the error says so, not --topic
+    cfg.write_text(f'[kafka]\nbootstrap_servers = ["{broker.bootstrap}"]\ntopics = ["{topic}-nope"]\n')
+    proc = subprocess.run([sys.executable, "-m", "monitor", "replay", "--input", str(path), "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("ConfigError: kafka.topics: no topic"), proc.stderr
+    # a daemon reading a topic_pattern picks a new matching topic up: created, as the producer would have
+    cfg.write_text(f'[kafka]\nbootstrap_servers = ["{broker.bootstrap}"]\ntopic_pattern = "{topic}-p.*"\n')
+    assert len(replayed(broker, f"{topic}-pat", path, "--config", str(cfg))) == 1
 
 
 def test_replay_refuses_a_missing_file(tmp_path: Path) -> None:

@@ -198,6 +198,8 @@ def test_score_with_wrong_channels(dense_artifact: Path, tmp_path: Path, capsys:
     code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(p), "--value-col", "w",
                        "--output", str(tmp_path / "o.csv"))
     assert code == 1 and "value column 'w' not found" in err  # one the user named
+    code, _, err = run(capsys, "replay", "--input", str(p), "--model", str(dense_artifact))  # read before any broker
+    assert code == 1 and "no column 'ch0', a channel of the model" in err
     code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(p), "--value-col", "v",
                        "--output", str(tmp_path / "o.csv"))
     assert code == 1 and "DataError: model expects 2 channel(s)" in err

@@ -2084,6 +2084,12 @@ def test_ctl_exact_names_the_one_stream_whose_id_has_glob_characters(make: Make)
     feedback = {**ack, "streams": ["pump1"], "effects": [],
                 "result": {"verdict": "false_positive", "precision": 0.0, "feedback": {"confirmed": 0, "false_positive": 1}}}
     assert ctl_cmd._streams(history) == 1 and "pump1 v" in ctl_cmd._effect(history)
+    for command in ("recalibrate", "history", "shadow"):  # a result of empty lists: nothing matched either
+        params = {"quantile": 0.99} if command == "shadow" else {}
+        assert ctl_cmd._status(send(c, command, "typo*", **params)) == "no match", command
+    bare = controller(make())  # an instance without streams: a daemon-wide freeze applies all the same
+    assert ctl_cmd._status(send(bare, "freeze", "*")) == "applied"
+    assert ctl_cmd._status(send(bare, "pin", "*", threshold=1.0)) == "no match"
     assert ctl_cmd._effect(feedback) == "false_positive; precision 0.000 (confirmed 0, false positives 1)"  # a dict
 
 
