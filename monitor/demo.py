@@ -115,8 +115,16 @@ class DemoProgress:
     sent_samples: int = 0
     alerts: list[dict[str, Any]] = field(default_factory=list)
     metrics: Any = None  # monitor.metrics.Metrics once the daemon exists
-    http_url: str | None = None  # the daemon's HTTP endpoints once it listens (any free port with --http-port 0)
+    http: Any = None  # the daemon's monitor.health.HealthServer (any free port with --http-port 0)
     done: bool = False
+
+    @property
+    def http_url(self) -> str | None:
+        """Where the daemon's HTTP endpoints listen, once they do."""
+        try:
+            return str(self.http.url) if self.http is not None else None
+        except RuntimeError:  # not listening yet
+            return None
 
 
 BAD_RECORDS = [b"{not json", b'{"stream": "ecg-01", "ts": 1, "value": NaN}',
@@ -178,7 +186,7 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         progress.alerts = reader.docs
         daemon = Daemon(cfg)
         progress.metrics = daemon.metrics
-        progress.http_url = daemon.http.url if daemon.http is not None else None
+        progress.http = daemon.http
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1, linger_ms=5)
         stop = threading.Event()
         player_failed: list[Exception] = []

@@ -946,3 +946,23 @@ def test_demo_redirected_keeps_warnings_beside_its_table_and_shows_shares_alike(
     assert "0.7500" in out and "1.0000" in out
     code, out, err = run(capsys, "demo", "--model", str(tmp_path / "m"), "--json")  # JSON out, the log as asked
     assert code == 0 and "demo_step_said" in err and json.loads(out)["precision"] == 0.75
+
+
+def test_the_demos_live_table_names_its_http_endpoints_once_they_listen() -> None:
+    """With --http-port 0 the port was only logged at info: hidden beside the live table."""
+    from monitor.commands.demo_cmd import LiveView
+    from monitor.demo import DemoProgress
+
+    class Server:
+        listening = False
+
+        @property
+        def url(self) -> str:
+            if not self.listening:
+                raise RuntimeError("HealthServer.address: not listening (call start() first)")
+            return "http://127.0.0.1:43210"
+
+    progress = DemoProgress(http=Server())
+    assert progress.http_url is None and str(LiveView(progress).__rich__().title).startswith("sent 0/0 samples")
+    progress.http.listening = True
+    assert str(LiveView(progress).__rich__().title).startswith("http://127.0.0.1:43210 · sent 0/0 samples")
