@@ -57,6 +57,8 @@ class Ingest(ProcessorState):
                 block = BadRecord("unparseable", describe(exc)[:200])
             why = self._route(block) if isinstance(block, SampleBlock) else block
             if why is not None:
+                if isinstance(block, SampleBlock) and (st := self.streams.get(block.stream)) is not None:
+                    self._heard(block.stream, st, rec, block)
                 self._dead_letter(rec, why)
             else:
                 by_stream.setdefault(block.stream, []).append((rec, block))  # type: ignore[union-attr]
@@ -87,6 +89,15 @@ class Ingest(ProcessorState):
             st.read_until[rec.tp] = max(rec.offset, st.read_until.get(rec.tp, -1))
             if self.read_ts.get(rec.tp, -1) < rec.timestamp_ms <= limit:
                 self.read_ts[rec.tp] = min(rec.timestamp_ms, now_ms)
+
+    def _heard(self, stream: str, st: StreamState, rec: InRecord, block: SampleBlock) -> None:
+        """A stream held here sent a record refused before its windows (its channel count changed): its source is
+        alive — not reported ``silent`` ("is its source alive?") while it sends, and ``resumed`` if it was."""
+        if st.read_before(rec.tp, rec.offset):
+            return
+        st.last_seen, st.seen_ms, st.seen_from_doc = time.monotonic(), int(self.clock() * 1000), False
+        if st.silent_ts is not None:
+            self._resumed(stream, st, [(rec, block)])
 
     def _route(self, block: SampleBlock) -> BadRecord | None:
         new = block.stream not in self.streams  # checks for a new stream only, not on every message

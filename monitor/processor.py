@@ -85,7 +85,9 @@ class Processor(Ingest, InFlight, Residency, Committing):
                 continue
             if flat[i].any():
                 self.metrics.skipped.labels("flatline").inc()
-                self._quality(st.quality.flat_events(flat[i : i + 1], batch.end_ts[i : i + 1]))
+                ep = st.alerts.episode
+                self._quality(st.quality.flat_events(flat[i : i + 1], batch.end_ts[i : i + 1],
+                                                     ep.alert_id if ep is not None and ep.fired is not None else None))
                 continue
             score = float(window_err[i])
             if not np.isfinite(score):  # not "normal": no calibration, no progress towards resolving

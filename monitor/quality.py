@@ -21,6 +21,9 @@ import numpy as np
 
 KINDS = ("gap", "late", "duplicate", "rate_drift", "flatline", "clock_step", "stale", "nonfinite_score", "silent",
          "resumed")
+# changes of a stream's state, said once each by their callers: never held back (a sensor that came back for a few
+# seconds and died again within the cooldown had its second `silent` dropped, `resumed` left as the last word)
+UNTHROTTLED = frozenset({"silent", "resumed", "stale"})
 LEARN_DIFFS = 64  # sample intervals that fix a stream's nominal period
 CHECK_EVERY = 64  # new intervals between two sample-rate checks
 GAPS_HINT = 8  # gaps in a row after which a gap event says the stream is sampled more slowly than gap_ms
@@ -83,12 +86,12 @@ class StreamQuality:
     _gaps_in_row: int = 0  # intervals over gap_ms since the last one under it
 
     def event(self, kind: str, ts: int, detail: str, channels: tuple[str, ...] = ()) -> list[QualityEvent]:
-        """Count a finding; return it as an event unless the cooldown holds it back."""
+        """Count a finding; return it as an event unless the cooldown holds it back (never ``UNTHROTTLED`` ones)."""
         self.counts[kind] += 1
         if self.on_finding is not None:
             self.on_finding(kind)
         last = self._last_emit.get(kind)
-        if last is not None and abs(ts - last) < self.cooldown_ms:  # late samples go back in time: both ways
+        if last is not None and abs(ts - last) < self.cooldown_ms and kind not in UNTHROTTLED:  # late samples go back in time: both ways
             self._held[kind] = self._held.get(kind, 0) + 1
             return []
         self._last_emit[kind] = ts
@@ -193,9 +196,13 @@ class StreamQuality:
         return self.event("nonfinite_score", end_ts, f"score {score} on values up to |{largest:.3g}| on "
                           f"{', '.join(names)}: beyond what the model computes; not scored, not taken as normal", names)
 
-    def flat_events(self, flat: np.ndarray, end_ts: np.ndarray) -> list[QualityEvent]:
+    def flat_events(self, flat: np.ndarray, end_ts: np.ndarray, open_alert: str | None = None) -> list[QualityEvent]:
+        """Windows with a flat-lined channel are not scored: said, with the alert that stays open meanwhile (it
+        neither resolves nor escalates until the channel varies again)."""
         out: list[QualityEvent] = []
+        held = f"; alert {open_alert} stays open, neither resolved nor raised," if open_alert else ""
         for row in np.flatnonzero(flat.any(axis=1)):
             names = tuple(self.channel_names[c] for c in np.flatnonzero(flat[row]))
-            out += self.event("flatline", int(end_ts[row]), f"no variation on {', '.join(names)}", names)
+            out += self.event("flatline", int(end_ts[row]), f"no variation on {', '.join(names)}: the stream's "
+                              f"windows are not scored{held} until it varies again", names)
         return out

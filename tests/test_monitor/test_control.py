@@ -666,13 +666,38 @@ def test_a_stream_that_stops_sending_is_reported_silent_once_and_resumed_when_it
     assert (back["kind"], back["ts"]) == ("resumed", int(ts[900])) and "stamped before its last sample" in back["detail"]
     p.evict_idle(time.monotonic())
     assert p.metrics.silent._value.get() == 0 and not any(r["silent"] for r in p.status_rows({}))
+    p.evict_idle(time.monotonic() + 650)  # silent again, within the quality cooldown of the first (a sensor that
+    # came back for seconds and died): said, not held back, or "resumed" stayed its last word
     feed(p, records("dev-s", ts[1000:], v[1000:], first_offset=2 * len(first)))
-    assert p.streams["dev-s"].quality.counts["resumed"] == 1  # once
+    assert [e["kind"] for e in quality_events(p) if e["kind"] in ("silent", "resumed")] == \
+        ["silent", "resumed", "silent", "resumed"]
+    assert p.streams["dev-s"].quality.counts["resumed"] == 2  # once per silence
     quiet = make()
     quiet.settings = Settings(silent_after_s=None)  # "none": never
     feed(quiet, records("dev-s", ts[:1000], v[:1000]))
     quiet.evict_idle(time.monotonic() + 3000)
     assert quality_events(quiet) == []
+
+
+def test_a_stream_whose_records_are_refused_is_not_silent(make: Make) -> None:
+    """Found by the on-call pass: a device whose firmware changed its channel count sends on, every record dead-lettered
+    (channel_mismatch), and was reported "silent … is its source alive?": on-call checked power and network. Its
+    refused records are signs of life: not silent, and ``resumed`` if it had been."""
+    p = make()
+    p.settings = Settings(silent_after_s=600.0)
+    ts, v = sine_stream(2000)
+    feed(p, records("dev-s", ts[:1000], v[:1000]))
+    st = p.streams["dev-s"]
+    st.last_seen -= 700  # its last good record, 700 s ago
+    feed(p, records("dev-s", ts[1000:1100], v[1000:1100, :1], first_offset=100))  # one channel: refused
+    assert {dict(m.headers)["tsmon.reason"] for m in p.sink.sent if m.topic == Settings().dead_letter_topic} == \
+        {b"channel_mismatch"}
+    p.evict_idle(time.monotonic())
+    assert quality_events(p) == []  # not silent: it sends
+    st.last_seen -= 700
+    p.evict_idle(time.monotonic())
+    feed(p, records("dev-s", ts[1100:1200], v[1100:1200, :1], first_offset=200))
+    assert [e["kind"] for e in quality_events(p)] == ["silent", "resumed"]
 
 
 def test_silence_is_judged_against_the_streams_own_waits_between_records(make: Make) -> None:

@@ -159,13 +159,17 @@ def test_flat_events_name_the_channels() -> None:
     flat = np.asarray([[True, False, True], [False, False, False], [False, True, False], [True, True, True]])
     events = q.flat_events(flat, np.asarray([10_000, 11_000, 12_000, 12_500], "int64"))
     assert [(e.kind, e.ts, e.channels, e.detail) for e in events] == [
-        ("flatline", 10_000, ("a", "c"), "no variation on a, c"),
-        ("flatline", 12_000, ("b",), "no variation on b"),
+        ("flatline", 10_000, ("a", "c"), ("no variation on a, c: the stream's windows are not scored until it varies "
+                                          "again")),
+        ("flatline", 12_000, ("b",), "no variation on b: the stream's windows are not scored until it varies again"),
     ]  # the last row is within the cooldown of the one before
     assert q.counts["flatline"] == 3
     assert q.flat_events(np.zeros((2, 3), bool), np.asarray([20_000, 21_000])) == []
-    (later,) = q.flat_events(flat[3:], np.asarray([13_000], "int64"))
+    (later,) = q.flat_events(flat[3:], np.asarray([13_000], "int64"), open_alert="91ec6067")
     assert later.suppressed == 1 and later.channels == ("a", "b", "c")
+    # from the on-call pass: an alert open when a channel stuck never resolved, and nothing said why
+    assert later.detail.endswith("the stream's windows are not scored; alert 91ec6067 stays open, neither resolved nor "
+                                 "raised, until it varies again")
 
 
 def test_the_flat_line_test_of_an_unnormalised_model_is_relative_to_the_training_spread() -> None:
