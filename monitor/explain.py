@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.errors import DataError
-from monitor.alerts import over_usual, significant
+from monitor.alerts import over_usual, significant, vs_usual
 
 if TYPE_CHECKING:
     from models.detector import Detector
@@ -56,9 +56,11 @@ def payload(values: np.ndarray, recon: np.ndarray, timestep_error: np.ndarray, c
     if max_points < 1 or max_channels < 1:
         raise DataError(f"explain: max_points and max_channels must be >= 1, got {max_points}, {max_channels}")
     total = v.shape[1]
+    ratio = vs_usual(ch, usual)  # each channel's error over its usual one (None: the model does not say)
     if total > max_channels:  # the largest errors (NaN first: a channel that broke the score is the news)
         keep = np.sort(np.argsort(-np.nan_to_num(over_usual(ch, usual), nan=np.inf), kind="stable")[:max_channels])
         v, r, ch, channel_names = v[:, keep], r[:, keep], ch[keep], [channel_names[i] for i in keep]
+        ratio = None if ratio is None else ratio[keep]
     window = v.shape[0]
     step = stride(window, max_points)
     return {
@@ -69,6 +71,7 @@ def payload(values: np.ndarray, recon: np.ndarray, timestep_error: np.ndarray, c
         "timestep_error": _floats(block_max(err, step)),
         "channel_error": _floats(ch),
         "score": _num(score), "threshold": _num(threshold), "loss_units": "normalised",
+        **({} if ratio is None else {"channel_vs_usual": _floats(ratio)}),
     }
 
 
@@ -119,6 +122,9 @@ def check(explain: Any) -> None:
         raise DataError(f"alert 'explain' timestep_error must hold {n} points (window {window}, step {step})")
     if not isinstance(explain["channel_error"], list) or len(explain["channel_error"]) != len(channels):
         raise DataError(f"alert 'explain' channel_error must hold one value per channel ({len(channels)})")
+    ratio = explain.get("channel_vs_usual")  # absent from pictures of earlier versions and models without usual errors
+    if ratio is not None and (not isinstance(ratio, list) or len(ratio) != len(channels)):
+        raise DataError(f"alert 'explain' channel_vs_usual must hold one value per channel ({len(channels)})")
     for key in ("score", "threshold"):
         if explain[key] is not None and not isinstance(explain[key], int | float):
             raise DataError(f"alert 'explain' {key} must be a number or null, got {explain[key]!r}")
@@ -171,20 +177,30 @@ def render(doc: dict[str, Any], out: Path) -> Path:
     ax.set_xlabel(f"sample in window ({e['window']} samples)")
     ax.set_ylabel(f"error ({e.get('loss_units', 'normalised')})")
     ax.legend(loc="upper right", fontsize=8)
-    _contribution(fig.add_subplot(grid[c + 1, 0]), names, ch)
+    ratio = e.get("channel_vs_usual")
+    _contribution(fig.add_subplot(grid[c + 1, 0]), names, ch, None if ratio is None else _array(ratio))
     shown = "" if e.get("channels_total", c) == c else f"  ({c} of {e['channels_total']} channels: largest errors)"
     fig.suptitle(f"{doc.get('stream', '?')}  alert {doc.get('alert_id', '?')}  {doc.get('severity', '?')}  "
                  f"ratio {doc.get('ratio', '?')}×  ({doc.get('start_time', e['start_ts'])}){shown}")
     return save_figure(fig, out)
 
 
-def _contribution(ax: Any, names: list[str], channel_error: np.ndarray) -> None:
-    """Bar chart of each channel's share of the window's error."""
+def _contribution(ax: Any, names: list[str], channel_error: np.ndarray, ratio: np.ndarray | None = None) -> None:
+    """Bar chart of each channel's share of the window's error; with each channel's error over its usual one
+    (``ratio``), the channel furthest over its usual error — the page's first in ``top_channels`` — in red, and
+    every bar labelled with its ratio: by share alone, a noisy channel at 0.85× its usual error stood tallest
+    beside a page that named another at 15×."""
     finite = np.nan_to_num(channel_error, nan=0.0, posinf=0.0, neginf=0.0)
     total = float(finite.sum())
     share = finite / total if total > 0 else np.zeros_like(finite)
-    bars = ax.bar(names, share, color="tab:purple")
-    ax.bar_label(bars, labels=[f"{x:.0%}" for x in share], fontsize=8)
+    colors, labels, title = ["tab:purple"] * len(names), [f"{x:.0%}" for x in share], "per-channel contribution"
+    if ratio is not None and np.isfinite(ratio).any():
+        usual = np.where(np.isfinite(ratio) & (ratio > 0), finite / np.where(ratio > 0, ratio, 1.0), np.nan)
+        colors[int(np.nanargmax(np.nan_to_num(finite - usual, nan=-np.inf)))] = "tab:red"
+        labels = [f"{s:.0%} · {r:.3g}× usual" if np.isfinite(r) else f"{s:.0%}" for s, r in zip(share, ratio, strict=True)]
+        title += " (red: furthest over its usual error, as the alert ranks channels)"
+    bars = ax.bar(names, share, color=colors)
+    ax.bar_label(bars, labels=labels, fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of error")
-    ax.set_title("per-channel contribution", fontsize=9, loc="left")
+    ax.set_title(title, fontsize=9, loc="left")

@@ -76,6 +76,33 @@ def test_a_window_of_many_channels_keeps_the_largest_errors_and_fits_a_message(t
                              usual=usual.tolist())
     assert "sensor-7" not in p["channels"] and "sensor-7" in ranked["channels"] and "sensor-200" in ranked["channels"]
     assert "sensor-5" not in ranked["channels"]
+    assert len(ranked["channel_vs_usual"]) == 16 and "channel_vs_usual" not in p  # kept channels' ratios only
+
+
+def test_the_pictures_bars_mark_the_channel_the_alert_names_first(tmp_path: Path) -> None:
+    """From the on-call pass: the page said "furthest over its usual error sig (14.91× usual, 35% of the error)"
+    while its picture's tallest bar was a white-noise channel at 0.85× its usual error (45 %): the bars showed raw
+    shares only. With the model's usual errors the payload carries each channel's ratio; the bars are labelled
+    with it and the channel the alert ranks first is drawn in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values, recon, err, _ = arrays(140, c=3)
+    ch = np.array([0.45, 0.35, 0.20])  # vib (noisy), sig (stepped), sig2
+    p = explain.payload(values, recon, err, ch, ["vib", "sig", "sig2"], 0.5, 1.0, 0, 1, usual=[0.53, 0.0235, 0.2])
+    explain.check(p)
+    assert p["channel_vs_usual"] == pytest.approx([0.849, 14.89, 1.0], abs=0.01)
+    fig, ax = plt.subplots()
+    explain._contribution(ax, p["channels"], np.array(p["channel_error"]), np.array(p["channel_vs_usual"]))
+    red = [i for i, bar in enumerate(ax.patches) if bar.get_facecolor() == matplotlib.colors.to_rgba("tab:red")]
+    labels = [t.get_text() for t in ax.texts]
+    plt.close(fig)
+    assert red == [1] and labels == ["45% · 0.849× usual", "35% · 14.9× usual", "20% · 1× usual"]
+    assert explain.render({"stream": "s", "explain": p}, tmp_path / "usual.png").read_bytes().startswith(PNG)
+    with pytest.raises(DataError, match="channel_vs_usual must hold one value per channel"):
+        explain.check({**p, "channel_vs_usual": [1.0]})
 
 
 def test_non_finite_floats_become_null() -> None:
