@@ -197,7 +197,8 @@ def _contribution(ax: Any, names: list[str], channel_error: np.ndarray, ratio: n
     if ratio is not None and np.isfinite(ratio).any():
         usual = np.where(np.isfinite(ratio) & (ratio > 0), finite / np.where(ratio > 0, ratio, 1.0), np.nan)
         colors[int(np.nanargmax(np.nan_to_num(finite - usual, nan=-np.inf)))] = "tab:red"
-        labels = [f"{s:.0%} · {r:.3g}× usual" if np.isfinite(r) else f"{s:.0%}" for s, r in zip(share, ratio, strict=True)]
+        labels = [f"{s:.0%} · {r:.3g}× usual" if np.isfinite(r) else f"{s:.0%}"
+                  for s, r in zip(share, ratio, strict=True)]
         title += " (red: furthest over its usual error, as the alert ranks channels)"
     bars = ax.bar(names, share, color=colors)
     ax.bar_label(bars, labels=labels, fontsize=8)

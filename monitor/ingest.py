@@ -95,7 +95,7 @@ class Ingest(ProcessorState):
         alive — not reported ``silent`` ("is its source alive?") while it sends, and ``resumed`` if it was."""
         if st.read_before(rec.tp, rec.offset):
             return
-        st.last_seen, st.seen_ms, st.seen_from_doc = time.monotonic(), int(self.clock() * 1000), False
+        st.heard(time.monotonic(), int(self.clock() * 1000))
         if st.silent_ts is not None:
             self._resumed(stream, st, [(rec, block)])
 
@@ -163,7 +163,7 @@ class Ingest(ProcessorState):
                 # wait across a restart and the replay before its first new record (no usual wait)
                 st.arrival_gap_s = max(now - max(st.last_seen, self.input_since), st.arrival_gap_s * GAP_DECAY)
                 st.gaps_seen += 1
-            st.last_seen, st.seen_ms, st.seen_from_doc = now, int(self.clock() * 1000), False
+            st.heard(now, int(self.clock() * 1000))
         if st.silent_ts is not None:
             self._resumed(stream, st, items)
         last, good, made = st.windows.last_ts, [], 0.0

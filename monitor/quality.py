@@ -91,7 +91,8 @@ class StreamQuality:
         if self.on_finding is not None:
             self.on_finding(kind)
         last = self._last_emit.get(kind)
-        if last is not None and abs(ts - last) < self.cooldown_ms and kind not in UNTHROTTLED:  # late samples go back in time: both ways
+        # late samples go back in time: both ways
+        if last is not None and abs(ts - last) < self.cooldown_ms and kind not in UNTHROTTLED:
             self._held[kind] = self._held.get(kind, 0) + 1
             return []
         self._last_emit[kind] = ts

@@ -164,6 +164,10 @@ class StreamState:
         until = self.replay_until.get(rec_tp)
         return until is not None and offset > until
 
+    def heard(self, now: float, now_ms: int) -> None:
+        """It sent a new record (monotonic ``now``, wall-clock ``now_ms``): its idle clock starts again here."""
+        self.last_seen, self.seen_ms, self.seen_from_doc = now, now_ms, False
+
     def read_before(self, rec_tp: TP, offset: int) -> bool:
         """Was the record at ``offset`` of ``rec_tp`` read before, by the owner whose document this stream continued
         from (a replay)? Not when the document lists no offset for the partition (a partition the stream had not
