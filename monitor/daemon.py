@@ -396,20 +396,21 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
             self._last_commit = now = time.monotonic()
             self.processor.page_unsilenced()
             if not self._paused and not self._holding:  # a stream is not idle while its input waits
-                self.processor.evict_idle(now, self._input_since, self._caught_up(now))
+                self.processor.evict_idle(now, self._input_since, self._caught_up())
                 if now - self._forgot_at >= FORGET_EVERY_S:
                     self._forgot_at = now
                     self.processor.forget_dormant(self.source.assignment())
             self._commit()
             self._refresh_views()
 
-    def _caught_up(self, now: float) -> set[TP]:
-        """The partitions read to their end: at lag 0 now, ``CAUGHT_UP_AFTER_S`` or more after input came back (the
-        high watermark of a partition paused until then is the one before the pause, until a fetch), none while a
-        restore holds the input (paused, their lags are the ones before)."""
-        if self.restoring or now - self._input_since < CAUGHT_UP_AFTER_S or not hasattr(self.source, "lags"):
+    def _caught_up(self) -> set[TP]:
+        """The partitions read to their end: at lag 0 in the last refresh of the views, made ``CAUGHT_UP_AFTER_S``
+        or more after input came back (the high watermark of a partition paused until then is the one before the
+        pause, until a fetch); none while a restore holds the input (paused, their lags are the ones before). The
+        refresh's lags, not asked of the client a second time each commit interval."""
+        if self.restoring or self._lags_at - self._input_since < CAUGHT_UP_AFTER_S:
             return set()
-        return {tp for tp, lag in self.source.lags().items() if lag == 0}
+        return {tp for tp, lag in self._lags.items() if lag == 0}
 
     def _shutdown(self) -> None:
         """Score, publish, snapshot, commit and close, all within ``shutdown_timeout_s``: every commit asked

@@ -53,6 +53,7 @@ class DaemonState:
     _rows_built: threading.Event
     _rows_asked: bool
     _lags: dict[TP, int]
+    _lags_at: float
     _lag_labels: set[TP]
     _held_labels: set[TP]
     # input held back, commits failing, rebalances

@@ -34,6 +34,7 @@ class Views(DaemonState):
         self._rows_built = threading.Event()
         self._rows_asked = False  # a request waits for rows: the loop builds them at its next turn
         self._lags = {}  # the last refresh's, for rows built between refreshes
+        self._lags_at = -math.inf  # monotonic time of that refresh
         self._lag_labels = set()
         self._held_labels = set()  # partitions with a tsmon_uncommitted_records series
 
@@ -79,7 +80,7 @@ class Views(DaemonState):
             self.metrics.lag.remove(topic, str(partition))
         for (topic, partition), lag in lags.items():
             self.metrics.lag.labels(topic, str(partition)).set(lag)
-        self._lag_labels, self._lags = set(lags), lags
+        self._lag_labels, self._lags, self._lags_at = set(lags), lags, time.monotonic()
         held = self.processor.uncommitted(assigned)
         self._note_refusals(lambda _s: True, {})  # revoked or evicted since the last recalibration: dropped
         for topic, partition in self._held_labels - set(held):

@@ -148,7 +148,7 @@ def replay(
         require_inputs([topic], existing, ",".join(cfg.kafka.bootstrap_servers), setting,
                        "or pass --create-topic; the daemon reads only the topics it is given")
     try:
-        producer = KafkaProducer(**within(cfg.kafka.client_kwargs(), 10.0), acks=1, linger_ms=10)
+        producer = KafkaProducer(bootstrap_servers=servers, **client, acks=1, linger_ms=10)
     except KafkaError as exc:
         raise BrokerError(f"cannot reach the broker at {', '.join(cfg.kafka.bootstrap_servers)}: {exc}") from None
     sent = replay_series(producer, topic, name, ts, values, chunk, rate)
