@@ -4,6 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
+# test worker processes (pytest-xdist), a test file per worker at a time; 0 runs the tests in this process
+TEST_WORKERS ?= 2
+PYTEST := -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: demo test test-fast test-lowest venv clean
 
@@ -22,10 +25,10 @@ demo: $(STAMP)
 	$(VENV)/bin/tsmon demo
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) $(PYTEST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) $(PYTEST) -m "not slow"
 
 # every runtime dependency at the lowest version pyproject.toml allows (constraints/lowest.txt), in a venv of its
 # own, then every test not marked slow: a floor that does not work fails here (not part of `make test`: ~9 minutes)
@@ -37,7 +40,7 @@ test-lowest:
 	$(LOWEST)/bin/python -m pip install -q "$(TORCH)"
 	$(LOWEST)/bin/python -m pip install -q -c constraints/lowest.txt -e ".[dev]"
 	$(LOWEST)/bin/python -m pip check
-	$(LOWEST)/bin/python -m pytest -m "not slow"
+	$(LOWEST)/bin/python $(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(LOWEST) build *.egg-info .pytest_cache

@@ -43,7 +43,8 @@ def series_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def broker():
-    """A real Kafka-protocol broker (Tansu) on a free loopback port for the whole session, stopped by PID."""
+    """A real Kafka-protocol broker (Tansu) on a free loopback port for the whole session (one per test worker
+    process under pytest-xdist), stopped by PID."""
     from monitor.broker import LocalBroker
 
     b = LocalBroker()
