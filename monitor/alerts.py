@@ -85,9 +85,14 @@ class Observation:
 
     @staticmethod
     def from_doc(doc: dict[str, Any]) -> Observation:
+        """Raises ValueError for a score that is not finite or a threshold that is not a finite number > 0 (a
+        threshold of 0 in a document divided by zero in the loop at the episode's next window)."""
+        score, threshold = float(doc["score"]), float(doc["threshold"])
+        if not (math.isfinite(score) and math.isfinite(threshold) and threshold > 0):
+            raise ValueError(f"a window's score must be finite and its threshold finite and > 0, got {score!r} and "
+                             f"{threshold!r}")
         return Observation(int(doc["start_ts"]), int(doc["end_ts"]), int(doc["start_seq"]), int(doc["end_seq"]),
-                           float(doc["score"]), float(doc["threshold"]), str(doc["threshold_source"]),
-                           np.asarray(doc["channel_errors"], "float32"))
+                           score, threshold, str(doc["threshold_source"]), np.asarray(doc["channel_errors"], "float32"))
 
 
 @dataclass

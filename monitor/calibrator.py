@@ -106,6 +106,11 @@ class ThresholdState:
     reason: str = ""
 
 
+def _positive(x: object) -> bool:
+    """A finite number > 0 (a threshold, as a document states it)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
 class Ring:
     """The last ``maxlen`` floats in one numpy buffer: 8 bytes a value where a deque of Python floats takes
     ~32. The buffer grows (doubling) until it holds ``maxlen``, so a stream with few windows costs little."""
@@ -524,9 +529,10 @@ class Calibrator:
         versions = [ThresholdState(**v) for v in doc["versions"]]
         before_pin = doc.get("before_pin")  # absent from documents of earlier versions
         before_pin = None if before_pin is None else ThresholdState(**before_pin)
-        if not versions or not all(isinstance(v.value, int | float) and math.isfinite(v.value) and v.value > 0
-                                   and isinstance(v.version, int) for v in [*versions, *filter(None, [before_pin])]):
-            raise ValueError("threshold versions must be a non-empty list of finite values > 0")
+        if not versions or not all(_positive(v.value) and _positive(v.artifact) and isinstance(v.version, int)
+                                   for v in [*versions, *filter(None, [before_pin])]):  # an artifact of 0 bounded the
+            # next recalibration to a threshold of 0, and the next window over it divided by zero in the loop
+            raise ValueError("threshold versions must be a non-empty list of finite values > 0 (value and artifact)")
         normal, recent = _unpack(doc["normal"]), _unpack(doc["recent"])
         pinned, frozen = doc["pinned"], doc["frozen"]
         recent_frozen = doc.get("recent_frozen", 0)  # absent from documents written before

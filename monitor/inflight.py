@@ -105,7 +105,14 @@ class InFlight(ProcessorState):
         self.metrics.batch_size.observe(len(batch))
         self.metrics.windows.labels(batch.model).inc(len(batch))
         self.batcher.observed(batch.model, len(batch), seconds)
-        self._after_scoring(batch, window_err, channel_err)
+        try:
+            self._after_scoring(batch, window_err, channel_err)
+        except Exception as exc:  # a bug or a bad document: the rest of the batch is not applied, so nothing may be
+            self.failed = describe(exc)[:300]  # committed past it (the shutdown went on to commit, before)
+            log.error("scoring_apply_failed", error=self.failed, windows=len(batch),
+                      consequence="nothing applied, snapshotted or committed from now on: the next start replays "
+                                  "from the last commit")
+            raise
         decided_ms = self.clock() * 1000
         self.metrics.event_lag.observe(max(0.0, (decided_ms - float(batch.end_ts.min())) / 1000))
         if self.on_decided is not None:

@@ -259,13 +259,16 @@ class Processor(Ingest, InFlight, Residency, Committing):
             self.undocumented.discard(stream)
             st.doc_from_seq = st.resume_seq(point)  # a replay after a crash must reach this document's
             self._release(stream, st)  # the older document's hold ends now (a shutdown sends no more records)
-            st.dirty = False
+            st.dirty, st.saved_version = False, int(doc["calibrator"]["versions"][-1]["version"])
             self.metrics.snapshots.inc()
         return doc
 
     def save_changed(self, every: bool = False) -> int:
-        """Snapshot the streams that changed since their last one (all of them with ``every``)."""
-        names = [n for n, st in self.streams.items() if every or st.dirty]
+        """Snapshot the streams that changed since their last one (all of them with ``every``): new windows,
+        commands, or a threshold the wall-clock recalibration changed (a stream no window came to since kept its
+        new version out of the changelog until one did, and lost it at a crash)."""
+        names = [n for n, st in self.streams.items()
+                 if every or st.dirty or self.calibrator.threshold(n).version != st.saved_version]
         for name in names:
             self.save(name)
         return len(names)

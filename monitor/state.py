@@ -112,7 +112,16 @@ def _keep(docs: dict[str, dict[str, Any]], key: bytes | None, value: bytes | Non
     return True
 
 
+def fresh_epoch(now_s: float) -> int:
+    """The epoch of a stream that started without its document because the changelog was not read to its end (a
+    broker outage longer than ``restore_timeout_s``): the wall clock in ms, above any count of owners, so that its
+    documents supersede the unread one, as the README says, rather than lose to it at every restore after.
+    Owners after it count on from there."""
+    return int(now_s * 1000)
+
+
 def doc_epoch(doc: dict[str, Any]) -> int:
-    """How many owners continued the stream before the one that wrote ``doc`` (0 in documents of earlier versions)."""
+    """How many owners continued the stream before the one that wrote ``doc`` (0 in documents of earlier versions),
+    counted from :func:`fresh_epoch` for a stream started without reading its document."""
     epoch = doc.get("epoch", 0)
     return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0

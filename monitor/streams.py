@@ -69,6 +69,8 @@ class StreamState:
     recent_alerts: deque[RecentAlert] = field(default_factory=lambda: deque(maxlen=20))
     feedback: dict[str, int] = field(default_factory=lambda: dict(NO_FEEDBACK))
     dirty: bool = True  # changed since its last snapshot
+    # the threshold version its last document holds: a scheduled recalibration (another thread) changes it alone
+    saved_version: int = -1
     last_seen: float = 0.0  # monotonic time of its last new record (idle eviction), or its document's seen_ms
     seen_ms: int | None = None  # wall-clock ms of its last new record, kept in its documents (None: not known)
     # last_seen is its document's: no new record since a restore for a replay (see Residency.evict_idle)
@@ -249,23 +251,6 @@ class StreamState:
                                       and p > 0) for p in periods)):
             raise TypeError(f"sample_periods_ms must be two periods (ms > 0) or null, got {periods!r}")
         periods = [None if p is None else float(p) for p in periods]
-        self.home = self.home or doc_partitions(doc)
-        self.time_from = doc_offsets(doc, "time_from_offsets")
-        self.silent_ts = silent  # the stream's, whatever model scores it: its next data says it resumed
-        self.commands.extend(doc_commands(doc))
-        self.since_ms = doc_since_ms(doc)
-        gap = doc.get("arrival_gap_s")  # its usual wait: a restart did not make a gateway's next upload a silence
-        if isinstance(gap, int | float) and not isinstance(gap, bool) and math.isfinite(gap) and gap >= 0:
-            self.arrival_gap_s, self.gaps_seen = float(gap), 1
-        for key in ("seen_ms", "written_ms"):  # absent from documents of earlier versions: when it was written,
-            seen = doc.get(key)  # after its last record (kept from then on: not a silence restarted at each restore)
-            if isinstance(seen, int) and not isinstance(seen, bool) and seen > 0:
-                self.seen_ms = seen
-                break
-        if replayed:
-            self.replay_until, self.doc_last_ts = doc_offsets(doc), last_sample
-        else:  # its records since were taken here: kept for its next document (woken, it wrote none)
-            self.read_until = doc_offsets(doc)
         artifact = self.served.detector.threshold.value  # absent from documents of earlier versions: the same
         retrained = doc.get("artifact_threshold", artifact) != artifact  # same weights, a new threshold
         if doc["model"] != self.served.describe() or retrained:
@@ -275,6 +260,7 @@ class StreamState:
             if doc["alerts"].get("episode"):  # paged under the old model: the processor resolves it
                 old = AlertState(self.alerts.stream, str(doc["model"].get("name", "")), self.alerts.settings)
                 old.restore(doc["alerts"], self.windows.seen)  # checked before anything is applied
+            self._continue_from(doc, silent, last_sample, replayed)
             self.silenced_until_ms, self.feedback = silenced, feedback
             self.quality.resume(*periods)  # the stream's rate, whatever model scores it
             self.quality.resume_cooldowns(doc.get("quality_cooldowns"))
@@ -300,6 +286,7 @@ class StreamState:
             calibrator.restore(stream, {**doc["calibrator"], "normal": EMPTY_ERRORS, "recent": EMPTY_ERRORS,
                                         "recent_frozen": 0})
             how = "evidence_unreadable"
+        self._continue_from(doc, silent, last_sample, replayed)
         self.silenced_until_ms, self.feedback, self.alerts, self.applied_until_ts = silenced, feedback, alerts, applied
         self.quality.resume(*periods)
         self.quality.resume_cooldowns(doc.get("quality_cooldowns"))
@@ -309,6 +296,28 @@ class StreamState:
         elif window_from is not None:
             self.windows.align(*window_from)
         return how
+
+    def _continue_from(self, doc: dict[str, Any], silent: int | None, last_sample: int | None, replayed: bool) -> None:
+        """What the stream takes from a document whatever model scores it, once nothing in it can fail: taken
+        before a check that failed, a rejected document's command ids stayed recorded as applied (the controller
+        then skipped the pin they made) and its offsets ruled the replay."""
+        self.home = self.home or doc_partitions(doc)
+        self.time_from = doc_offsets(doc, "time_from_offsets")
+        self.silent_ts = silent  # the stream's, whatever model scores it: its next data says it resumed
+        self.commands.extend(doc_commands(doc))
+        self.since_ms = doc_since_ms(doc)
+        gap = doc.get("arrival_gap_s")  # its usual wait: a restart did not make a gateway's next upload a silence
+        if isinstance(gap, int | float) and not isinstance(gap, bool) and math.isfinite(gap) and gap >= 0:
+            self.arrival_gap_s, self.gaps_seen = float(gap), 1
+        for key in ("seen_ms", "written_ms"):  # absent from documents of earlier versions: when it was written,
+            seen = doc.get(key)  # after its last record (kept from then on: not a silence restarted at each restore)
+            if isinstance(seen, int) and not isinstance(seen, bool) and seen > 0:
+                self.seen_ms = seen
+                break
+        if replayed:
+            self.replay_until, self.doc_last_ts = doc_offsets(doc), last_sample
+        else:  # its records since were taken here: kept for its next document (woken, it wrote none)
+            self.read_until = doc_offsets(doc)
 
     def status(self, stream: str, calibrator: Calibrator, lag: int | None, now_ms: int,
                holding: int) -> dict[str, Any]:

@@ -382,6 +382,19 @@ def test_a_restored_hold_learns_as_the_one_saved() -> None:
     assert expected == [(False, 0), (False, 0), (True, 0), (False, 0), (True, 1)]
 
 
+@pytest.mark.parametrize(("key", "value"), [("threshold", 0.0), ("threshold", -1.0), ("score", float("nan"))])
+def test_a_saved_episode_with_a_threshold_of_zero_or_a_nan_score_is_refused(key: str, value: float) -> None:
+    """Code review: a document's window with a threshold of 0 restored, and its episode's next window divided by
+    zero in the loop (the ratio over the threshold)."""
+    st = state(for_windows=2, resolve_after=2)
+    feed(st, [OVER, OVER, OVER])
+    doc = json.loads(json.dumps(st.to_doc()))
+    assert doc["episode"] is not None
+    doc["episode"]["peak"][key] = value
+    with pytest.raises(ValueError, match="finite"):
+        state(for_windows=2, resolve_after=2).restore(doc, replay_from_seq=0)
+
+
 def test_a_hold_saved_before_holds_learnt_learns_after_resolve_after_windows() -> None:
     st = state(for_windows=2, resolve_after=2, flap_max=2)
     feed(st, [OVER, OVER, UNDER, UNDER, OVER, OVER, UNDER, UNDER, OVER])

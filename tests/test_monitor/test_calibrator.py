@@ -124,6 +124,20 @@ def test_censoring_points_survive_export_and_documents_with_inf_still_load() -> 
         again.restore("s", {**doc, "normal": base64.b64encode(np.array([-math.inf], "<f4").tobytes()).decode()})
 
 
+@pytest.mark.parametrize("bad", [{"artifact": 0.0}, {"artifact": math.nan}, {"value": -1.0}, {"artifact": True}])
+def test_a_document_whose_threshold_numbers_are_not_finite_and_positive_is_refused_whole(bad: dict[str, object]) -> None:
+    """Code review: a version's ``artifact`` was not checked, and one of 0 bounded the next recalibration to a
+    threshold of 0 — the next window over it divided by zero in the loop."""
+    cal = Calibrator(CalibratorSettings(min_samples=10))
+    cal.register("s", 0.5)
+    cal.observe("s", [0.2, 0.4])
+    doc = json.loads(json.dumps(cal.export("s")))
+    doc["versions"][-1].update(bad)
+    with pytest.raises(ValueError, match="finite values > 0"):
+        cal.restore("s", doc)
+    assert cal.threshold("s").value == 0.5 and cal.threshold("s").artifact == 0.5  # nothing of it taken
+
+
 def test_without_censoring_the_threshold_ratchets_down() -> None:
     # The documented failure mode the censored counts exist for: the 0.95-quantile of values truncated
     # at T is below T, so a below-only feed lowers the threshold on every recalibration (down to the floor).

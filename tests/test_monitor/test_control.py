@@ -38,7 +38,7 @@ from monitor.sink import MemorySink
 from monitor.source import MemorySource
 from tests.conftest import sine_stream
 from tests.test_monitor.conftest import Make
-from tests.test_monitor.test_processor import evicted_a_day_ahead, feed, records
+from tests.test_monitor.test_processor import TOPIC, evicted_a_day_ahead, feed, records
 
 KEY = "k"
 
@@ -1033,6 +1033,82 @@ def test_the_epoch_counts_owners_survives_a_bad_document_and_spares_earlier_vers
 
     earlier = {k: v for k, v in pinned.items() if k != "epoch"}  # written after it by the previous release
     assert kept(pinned, earlier) == earlier
+
+
+def test_a_stream_started_while_the_changelog_was_not_read_to_its_end_supersedes_what_it_did_not_read(
+        make: Make) -> None:
+    """Code review: a stream that started from its artifact because the restore stopped short (a broker outage
+    past restore_timeout_s) wrote epoch 0, below the documents it had not read (every owner adds one), so at every
+    restore after, its own — a pin set on it — lost to the stale one. Started while the last read was incomplete,
+    it takes the wall clock as its epoch (also over an older document the partial read did get); started after a
+    complete read, it counts as before."""
+    from monitor.state import _keep
+
+    def latest(*docs: dict[str, Any]) -> dict[str, Any]:
+        into: dict[str, dict[str, Any]] = {}
+        for d in docs:
+            _keep(into, b"dev-k", json.dumps(d).encode())
+        return into["dev-k"]
+
+    recs = records("dev-k", *sine_stream(400))
+    a = make()
+    a.settings = Settings(state_topic="state")
+    feed(a, recs[:10])
+    unread = {**json.loads(json.dumps(a.save("dev-k"))), "epoch": 7}  # four restarts later, not read this time
+    older = {**unread, "epoch": 5}
+
+    for got in (None, older):
+        b = make()
+        b.settings = Settings(state_topic="state")
+        b.restore_incomplete = True
+        b.restored = {"dev-k": json.loads(json.dumps(got))} if got else {}
+        feed(b, recs[10:20])
+        b.calibrator.pin("dev-k", 9.0, "ops")
+        pinned = b.save("dev-k")
+        assert pinned is not None and pinned["epoch"] >= int(b.clock() * 1000) - 60_000
+        assert latest(unread, pinned)["calibrator"]["pinned"] is True  # its document is the latest
+
+        c = make()
+        c.settings = Settings(state_topic="state")
+        c.restored = {"dev-k": latest(unread, pinned)}
+        feed(c, recs[20:30])
+        after = c.save("dev-k")
+        assert after is not None and after["epoch"] == pinned["epoch"] + 1  # the next owner counts on from there
+        assert latest(unread, pinned, after, pinned) == after  # and the late one of the owner before is fenced
+        assert c.calibrator.controls("dev-k")["pinned"]
+
+    d = make()
+    d.settings = Settings(state_topic="state")
+    feed(d, recs[:10])
+    assert d.save("dev-k")["epoch"] == 0  # a complete read found no document: none to supersede
+
+
+@pytest.mark.parametrize("other_model", [False, True])
+def test_a_document_refused_by_its_checks_leaves_nothing_of_itself_behind(make: Make, other_model: bool) -> None:
+    """Code review: a document refused by a check late in the restore (its alert state malformed) had already
+    handed the stream its command ids, offsets and clocks: the ids counted as applied, so the controller skipped
+    the pin they had made and the operator's pin was lost, and the refused document's offsets ruled the replay.
+    Refused, it is ignored whole (as the README says); under another model version too (controls only)."""
+    recs = records("dev-k", *sine_stream(400))
+    a = make()
+    a.settings = Settings(state_topic="state")
+    feed(a, recs[:10])
+    a.streams["dev-k"].commands.append("cmd-pin")
+    doc = json.loads(json.dumps(a.save("dev-k")))
+    doc["alerts"]["episode"] = {"alert_id": "x"}  # malformed
+    doc["time_from_offsets"], doc["seen_ms"], doc["since_ms"] = [[TOPIC, 0, 30]], 1_000, 5
+    if other_model:
+        doc["model"] = {**doc["model"], "version": "another"}
+    fresh = make()
+    fresh.settings = Settings(state_topic="state")
+    feed(fresh, recs[:1])
+    q = make()
+    q.settings = Settings(state_topic="state")
+    q.restored = {"dev-k": doc}
+    feed(q, recs[:1])
+    st, new = q.streams["dev-k"], fresh.streams["dev-k"]
+    assert list(st.commands) == [] and st.time_from == {} and st.seen_ms != 1_000 and st.since_ms != 5
+    assert (st.replay_until, st.doc_last_ts) == (new.replay_until, new.doc_last_ts)
 
 
 def test_a_previous_owners_late_document_does_not_supersede_the_next_owners(make: Make) -> None:

@@ -1491,15 +1491,34 @@ def test_a_revoke_whose_commit_fails_never_sends_its_documents_later(make: Make)
     assert len(states()) == before and p.outbox.documents == {}
 
 
-def test_after_a_batch_fails_to_score_nothing_is_applied_snapshotted_or_committed_past_it(make: Make) -> None:
+def test_a_threshold_changed_by_the_scheduled_recalibration_alone_is_snapshotted(make: Make) -> None:
+    """Code review: the wall-clock recalibration (on the scheduler's thread) changed a threshold without marking its
+    stream changed, so a stream no window came to since kept the new version out of the changelog, and a crash
+    lost it (its history and version numbers then differed). The snapshot compares the version it last saved."""
+    p = make()
+    p.settings = Settings(state_topic="state")
+    feed(p, records("dev-r", *sine_stream(2000)))
+    assert p.save_changed() == 1 and p.save_changed() == 0  # saved, then nothing changed
+    changed = p.calibrator.recalibrate(None, quantile=0.5, commanded=True)  # as the scheduler's thread does
+    assert "dev-r" in changed
+    assert p.save_changed() == 1 and p.save_changed() == 0
+    doc = json.loads(p.outbox.documents["dev-r"].value)  # sent with the next commit
+    assert doc["calibrator"]["versions"][-1]["version"] == changed["dev-r"][1].version
+
+
+@pytest.mark.parametrize("where", ["scoring", "applying"])
+def test_after_a_batch_fails_to_score_nothing_is_applied_snapshotted_or_committed_past_it(make: Make,
+                                                                                          where: str) -> None:
     """A batch whose scoring raised (a CUDA out-of-memory on the thread backend) stopped the loop, but the
     shutdown then applied the batches behind it, snapshotted and committed past its input: its windows were
-    never scored, and the restart did not replay them."""
+    never scored, and the restart did not replay them. An error while a scored batch's results were applied
+    (code review: a document's threshold of 0 divided by zero) left the rest of that batch unapplied, and the
+    shutdown committed past it too."""
     from concurrent.futures import Future
 
     p = make(max_batch=8)
     p.settings = Settings(state_topic="state")
-    real, calls = p._backend.submit, [0]
+    real, calls = (p._backend.submit if where == "scoring" else p._after_scoring), [0]
 
     def submit(model: str, values: np.ndarray) -> Future:
         calls[0] += 1
@@ -1509,7 +1528,16 @@ def test_after_a_batch_fails_to_score_nothing_is_applied_snapshotted_or_committe
         f.set_exception(RuntimeError("CUDA out of memory"))
         return f
 
-    p._backend.submit = submit  # type: ignore[method-assign]
+    def apply(*args: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("CUDA out of memory")  # the same message, so the assertions below are shared
+        real(*args)
+
+    if where == "scoring":
+        p._backend.submit = submit  # type: ignore[method-assign]
+    else:
+        p._after_scoring = apply  # type: ignore[method-assign]
     recs = records("dev-f", *sine_stream(400))
     src = MemorySource([])
     p.handle(recs[:10])
@@ -2574,6 +2602,7 @@ def test_what_a_failed_read_got_is_kept_when_no_later_read_succeeds(
             d._restore_step(0.05)
         assert opened[0] >= 2 and not d.restoring and source.paused == set()
         assert "dev-x" in d.processor.restored  # from the read that got it
+        assert d.processor.restore_incomplete  # its streams write past documents the reads did not reach
     finally:
         d.processor.close()
 
@@ -2601,9 +2630,11 @@ def test_a_broker_error_at_the_restore_is_tried_again_not_a_start_from_the_artif
         time.sleep(0.05)
         d._restore_step(0.0)  # opens again
         opened(d)
+        assert d.processor.restore_incomplete  # while it reads
         d.restorer.reader.done = True
         d._restore_step(0.0)
         assert not d.restoring and source.paused == set() and "dev-x" in d.processor.restored
+        assert not d.processor.restore_incomplete
         out = capsys.readouterr()
         assert "state_restore_retry" in out.out + out.err and "state_restore_failed" not in out.out + out.err
     finally:
