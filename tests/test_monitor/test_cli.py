@@ -591,15 +591,18 @@ def test_ctl_takes_its_broker_from_the_option_before_the_environment(capsys: pyt
     """`tsmon ctl` had no broker option: only --config or TSMON_KAFKA__BOOTSTRAP_SERVERS told it where to send."""
     import socket
 
-    ports = []
-    for _ in range(2):  # two ports nothing listens on: each refuses at once
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+    held = [socket.socket(), socket.socket()]  # two ports nothing listens on: each refuses at once. Kept bound
+    for s in held:                               # to the end: freed, another test worker's server could take one
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in held]
     monkeypatch.setenv("TSMON_CONTROL__KEY", "k" * 32)
     monkeypatch.setenv("TSMON_KAFKA__BOOTSTRAP_SERVERS", f"127.0.0.1:{ports[0]}")
-    code, _, err = run(capsys, "ctl", "history", "--stream", "s", "--timeout", "1",
-                       "--bootstrap-servers", f"127.0.0.1:{ports[1]}")
+    try:
+        code, _, err = run(capsys, "ctl", "history", "--stream", "s", "--timeout", "1",
+                           "--bootstrap-servers", f"127.0.0.1:{ports[1]}")
+    finally:
+        for s in held:
+            s.close()
     assert code == 1 and "BrokerError" in err and f"127.0.0.1:{ports[1]}" in err, err
     assert f"127.0.0.1:{ports[0]}" not in err and "(give --bootstrap-servers or --config)" in err
 
