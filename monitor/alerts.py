@@ -322,6 +322,9 @@ class AlertState:
         else:  # saved before holds learnt: an open episode learns nothing until its next resolve_after unders
             self.run, self.run_peak = 0, 0.0
             self.would_over, self.would_peak = (self.settings.noise_run, 0.0) if e is not None else (0, 0.0)
+        if min(self.under, self.run, self.would_over) < 0 or not self.over_floor > 0 \
+                or not (math.isfinite(self.run_peak) and math.isfinite(self.would_peak)):  # a floor of 0 or NaN
+            raise ValueError("run counts must be >= 0, peaks finite and over_floor > 0 or null")  # broke the loop
         if e is None:
             self.episode = None
             return

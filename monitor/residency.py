@@ -59,8 +59,8 @@ class Residency(ProcessorState):
         replayed = stream not in self.evicted_here  # its input was released at the eviction: none comes again
         self._unevict(stream)
         restored = self._restore(stream, st, replayed)
-        if replayed and self.restore_incomplete:  # its latest document may be one the read did not reach: its
-            st.epoch = max(st.epoch, fresh_epoch(self.clock()))  # own must supersede that, whatever epoch it has
+        if replayed:  # an owner (re)starting the stream writes above its document's epoch and any earlier start's
+            st.epoch = max(st.epoch, fresh_epoch(self.clock()))  # (the read may not have reached that one's)
         if replayed and st.seen_ms is not None:  # quiet since its last new record, not since the replay re-read it:
             # restarts more often than idle_evict_s held a stopped sensor's partial window, and the commit, for good
             st.last_seen = time.monotonic() - max(0.0, self.clock() - st.seen_ms / 1000 - SEEN_CLOCK_SKEW_S)

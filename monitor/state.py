@@ -90,7 +90,7 @@ class ChangelogReader:
 
 def _keep(docs: dict[str, dict[str, Any]], key: bytes | None, value: bytes | None) -> bool:
     """Take a changelog record into ``docs`` (the latest per key); False for a document of an earlier owner than
-    the one already read: each owner that continues a stream from its document writes the next ``epoch``, so a
+    the one already read: each owner that starts a stream writes an ``epoch`` above its document's (:func:`fresh_epoch`), so a
     document its previous owner's producer delivered late (sent before a revoke, acknowledged after) does not
     become the stream's latest — it did, and a pin set at the new owner was lost at the next restore."""
     if key is None:
@@ -113,15 +113,14 @@ def _keep(docs: dict[str, dict[str, Any]], key: bytes | None, value: bytes | Non
 
 
 def fresh_epoch(now_s: float) -> int:
-    """The epoch of a stream that started without its document because the changelog was not read to its end (a
-    broker outage longer than ``restore_timeout_s``): the wall clock in ms, above any count of owners, so that its
-    documents supersede the unread one, as the README says, rather than lose to it at every restore after.
-    Owners after it count on from there."""
+    """The least epoch of an owner that starts a stream at ``now_s``: the wall clock in ms. An owner continuing from
+    a document writes one above it, and at least this: so a start that did not read the stream's latest document (a
+    restore cut short by a broker outage, a document its previous owner's producer delivered after the read)
+    still supersedes it, where a count of owners from 0 tied with it or lost to it at every restore after."""
     return int(now_s * 1000)
 
 
 def doc_epoch(doc: dict[str, Any]) -> int:
-    """How many owners continued the stream before the one that wrote ``doc`` (0 in documents of earlier versions),
-    counted from :func:`fresh_epoch` for a stream started without reading its document."""
+    """The fencing number of the owner that wrote ``doc`` (:func:`fresh_epoch`; 0 in documents of earlier versions)."""
     epoch = doc.get("epoch", 0)
     return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0

@@ -85,7 +85,7 @@ class StreamState:
     # restored for a replay: records at or before these offsets come again, later ones are new; None: every one is
     # new (back from an eviction here, or never restored)
     replay_until: dict[TP, int] | None = None
-    epoch: int = 0  # owners that continued it from a document before this one (a fencing token: see state._keep)
+    epoch: int = 0  # a fencing token, above its document's and at least the clock at its start: see state.fresh_epoch
     behind_run: BehindRun | None = None  # new records refused as behind its last sample (Processor._set_back)
     # per partition, the offset of the record its clock step restarted it at: a replay of those before it (old time,
     # which the state no longer windows) is passed over, not windowed anew into the new time's alert state

@@ -395,6 +395,20 @@ def test_a_saved_episode_with_a_threshold_of_zero_or_a_nan_score_is_refused(key:
         state(for_windows=2, resolve_after=2).restore(doc, replay_from_seq=0)
 
 
+@pytest.mark.parametrize(("key", "value"), [("over_floor", 0.0), ("over_floor", float("nan")), ("under", -1),
+                                            ("run", -2), ("would_over", -1), ("run_peak", float("nan"))])
+def test_a_saved_run_with_a_floor_of_zero_or_a_negative_count_is_refused(key: str, value: float) -> None:
+    """Second review: ``over_floor`` was taken unchecked, and a floor of 0 or NaN raised in the loop at the next run
+    of windows over the threshold that ended as noise; negative counts passed too."""
+    st = state(for_windows=2, resolve_after=2)
+    feed(st, [OVER, UNDER])
+    doc = json.loads(json.dumps(st.to_doc()))
+    state(for_windows=2, resolve_after=2).restore(doc, replay_from_seq=0)  # as saved: taken
+    doc[key] = value
+    with pytest.raises(ValueError, match="over_floor"):
+        state(for_windows=2, resolve_after=2).restore(doc, replay_from_seq=0)
+
+
 def test_a_hold_saved_before_holds_learnt_learns_after_resolve_after_windows() -> None:
     st = state(for_windows=2, resolve_after=2, flap_max=2)
     feed(st, [OVER, OVER, UNDER, UNDER, OVER, OVER, UNDER, UNDER, OVER])

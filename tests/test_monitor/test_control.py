@@ -1020,28 +1020,27 @@ def test_the_epoch_counts_owners_survives_a_bad_document_and_spares_earlier_vers
     feed(a, recs[10:20])  # back on the same owner
     late = a.save("dev-k")  # its revoke's document, delivered late
     pinned = next_owner_pins(make, evicted, recs[10:20])
-    assert late is not None and (evicted["epoch"], late["epoch"], pinned["epoch"]) == (0, 0, 1)
+    assert late is not None and evicted["epoch"] == late["epoch"] < pinned["epoch"]
     assert kept(evicted, pinned, late)["calibrator"]["pinned"] is True
 
-    bad = {**json.loads(json.dumps(pinned)), "epoch": 3, "sample_periods_ms": "garbage"}
+    bad = {**json.loads(json.dumps(pinned)), "epoch": 10**13, "sample_periods_ms": "garbage"}  # a clock far ahead
     q = make()
     q.settings = Settings(state_topic="state")
     q.restored = {"dev-k": bad}
     feed(q, recs[20:30])  # state_restore_failed: from the artifact
     fresh = q.save("dev-k")
-    assert fresh is not None and fresh["epoch"] == 4 and kept(bad, fresh) == fresh
+    assert fresh is not None and fresh["epoch"] == 10**13 + 1 and kept(bad, fresh) == fresh
 
     earlier = {k: v for k, v in pinned.items() if k != "epoch"}  # written after it by the previous release
     assert kept(pinned, earlier) == earlier
 
 
-def test_a_stream_started_while_the_changelog_was_not_read_to_its_end_supersedes_what_it_did_not_read(
-        make: Make) -> None:
-    """Code review: a stream that started from its artifact because the restore stopped short (a broker outage
-    past restore_timeout_s) wrote epoch 0, below the documents it had not read (every owner adds one), so at every
-    restore after, its own — a pin set on it — lost to the stale one. Started while the last read was incomplete,
-    it takes the wall clock as its epoch (also over an older document the partial read did get); started after a
-    complete read, it counts as before."""
+def test_an_owner_supersedes_documents_its_read_did_not_reach(make: Make) -> None:
+    """Code review: a stream that started from its artifact because the restore stopped short (a broker outage past
+    restore_timeout_s) wrote epoch 0, below the documents it had not read (every owner added one), so at every
+    restore after its own — a pin set on it — lost to the stale one; and (second review) an owner's late document
+    (acknowledged after the next owner's read) tied with or beat the next owner's when that one had not read it
+    either. Each start's epoch is above its document's and at least the wall clock in ms."""
     from monitor.state import _keep
 
     def latest(*docs: dict[str, Any]) -> dict[str, Any]:
@@ -1051,36 +1050,33 @@ def test_a_stream_started_while_the_changelog_was_not_read_to_its_end_supersedes
         return into["dev-k"]
 
     recs = records("dev-k", *sine_stream(400))
-    a = make()
-    a.settings = Settings(state_topic="state")
-    feed(a, recs[:10])
-    unread = {**json.loads(json.dumps(a.save("dev-k"))), "epoch": 7}  # four restarts later, not read this time
-    older = {**unread, "epoch": 5}
+    t0 = time.time()
+    old = make()
+    old.settings = Settings(state_topic="state")
+    feed(old, recs[:10])
+    stale = {**json.loads(json.dumps(old.save("dev-k"))), "epoch": 7}  # written by a seventh owner, say
 
-    for got in (None, older):
-        b = make()
-        b.settings = Settings(state_topic="state")
-        b.restore_incomplete = True
-        b.restored = {"dev-k": json.loads(json.dumps(got))} if got else {}
-        feed(b, recs[10:20])
-        b.calibrator.pin("dev-k", 9.0, "ops")
-        pinned = b.save("dev-k")
-        assert pinned is not None and pinned["epoch"] >= int(b.clock() * 1000) - 60_000
-        assert latest(unread, pinned)["calibrator"]["pinned"] is True  # its document is the latest
+    a = make()  # its restore was cut short: starts from its artifact, never read ``stale``
+    a.settings, a.clock = Settings(state_topic="state"), lambda: t0 + 10
+    feed(a, recs[10:20])
+    a.calibrator.pin("dev-k", 9.0, "ops")
+    pinned = a.save("dev-k")
+    assert pinned is not None and latest(stale, pinned) == pinned  # its document is the latest, not the stale one
 
-        c = make()
-        c.settings = Settings(state_topic="state")
-        c.restored = {"dev-k": latest(unread, pinned)}
-        feed(c, recs[20:30])
-        after = c.save("dev-k")
-        assert after is not None and after["epoch"] == pinned["epoch"] + 1  # the next owner counts on from there
-        assert latest(unread, pinned, after, pinned) == after  # and the late one of the owner before is fenced
-        assert c.calibrator.controls("dev-k")["pinned"]
+    b = make()  # read the changelog before ``late`` (a's, acknowledged after b's read) landed: continues ``stale``
+    b.settings, b.clock = Settings(state_topic="state"), lambda: t0 + 11
+    b.restored = {"dev-k": stale}
+    feed(b, recs[20:30])
+    b.calibrator.pin("dev-k", 5.0, "ops")
+    fenced = b.save("dev-k")
+    late = {**pinned, "written_ms": pinned["written_ms"] + 1}
+    assert fenced is not None and latest(stale, pinned, fenced, late) == fenced  # a's late one does not win
 
-    d = make()
-    d.settings = Settings(state_topic="state")
-    feed(d, recs[:10])
-    assert d.save("dev-k")["epoch"] == 0  # a complete read found no document: none to supersede
+    c = make()  # the next owner counts on from b's
+    c.settings, c.clock = Settings(state_topic="state"), lambda: t0 + 12
+    c.restored = {"dev-k": latest(stale, pinned, fenced, late)}
+    feed(c, recs[30:40])
+    assert c.save("dev-k")["epoch"] > fenced["epoch"] and c.calibrator.threshold("dev-k").value == 5.0
 
 
 @pytest.mark.parametrize("other_model", [False, True])
@@ -1099,16 +1095,21 @@ def test_a_document_refused_by_its_checks_leaves_nothing_of_itself_behind(make: 
     doc["time_from_offsets"], doc["seen_ms"], doc["since_ms"] = [[TOPIC, 0, 30]], 1_000, 5
     if other_model:
         doc["model"] = {**doc["model"], "version": "another"}
-    fresh = make()
-    fresh.settings = Settings(state_topic="state")
-    feed(fresh, recs[:1])
     q = make()
     q.settings = Settings(state_topic="state")
     q.restored = {"dev-k": doc}
     feed(q, recs[:1])
-    st, new = q.streams["dev-k"], fresh.streams["dev-k"]
-    assert list(st.commands) == [] and st.time_from == {} and st.seen_ms != 1_000 and st.since_ms != 5
-    assert (st.replay_until, st.doc_last_ts) == (new.replay_until, new.doc_last_ts)
+    assert list(q.streams["dev-k"].commands) == []  # the controller applies the pin again
+    st = q.streams["dev-k"]
+
+    def taken() -> tuple[Any, ...]:
+        return (list(st.commands), st.home, dict(st.time_from), st.silent_ts, st.since_ms, st.arrival_gap_s,
+                st.seen_ms, st.replay_until, st.doc_last_ts, st.read_until)
+
+    before = taken()
+    with pytest.raises((KeyError, TypeError, ValueError)):
+        st.restore("dev-k", doc, q.calibrator)
+    assert taken() == before
 
 
 def test_a_previous_owners_late_document_does_not_supersede_the_next_owners(make: Make) -> None:
@@ -1127,15 +1128,15 @@ def test_a_previous_owners_late_document_does_not_supersede_the_next_owners(make
     late = a.save("dev-k")  # still in the old owner's producer at the revoke
     assert first is not None and late is not None
     pinned = next_owner_pins(make, first, recs[10:20])
-    assert (first["epoch"], late["epoch"], pinned["epoch"]) == (0, 0, 1)
+    assert first["epoch"] == late["epoch"] < pinned["epoch"]
     docs: dict[str, dict[str, Any]] = {}
     kept = [_keep(docs, b"dev-k", json.dumps(d).encode()) for d in (first, pinned, late)]
-    assert kept == [True, True, False] and docs["dev-k"]["epoch"] == 1
+    assert kept == [True, True, False] and docs["dev-k"]["epoch"] == pinned["epoch"]
     c = make()
     c.restored = docs
     feed(c, recs[20:30])
     assert c.calibrator.threshold("dev-k").value == 9.0 and c.calibrator.controls("dev-k")["pinned"]
-    assert _keep(docs, b"dev-k", json.dumps({**pinned, "epoch": 1, "written_ms": 2}).encode())  # its own: latest
+    assert _keep(docs, b"dev-k", json.dumps({**pinned, "written_ms": 2}).encode())  # its own: the latest
     assert _keep(docs, b"dev-k", None) and "dev-k" not in docs  # a tombstone deletes whatever was there
 
 
