@@ -118,7 +118,7 @@ def load_ecg5000(protocol: str = "classic", seed: int = 42) -> Dataset:
 def _pick(columns: list[str], wanted: str | None, names: tuple[str, ...], what: str) -> str | None:
     if wanted:
         if wanted not in columns:
-            raise DataError(f"{what} column {wanted!r} not found; columns are {columns}")
+            raise DataError(f"{what} column {wanted!r} not found; columns are {columns} (--{what}-col names another)")
         return wanted
     return next((c for c in columns if c.lower() in names), None)
 
@@ -258,6 +258,11 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
     values = value_cols or [c for c in cols if c not in (ts, lab) and c != "sample" and not c.startswith("Unnamed: ")]
     if not values:
         raise DataError(f"{p}: no value columns (columns are {cols})")
+    named_like = [c for c in values if c.lower() in LABEL_NAMES + TIMESTAMP_NAMES] if not value_cols else []
+    if named_like:  # a second label column (label and is_anomaly) became a channel: the answer fed to the model
+        raise DataError(f"{p}: column(s) {named_like} look like a label or a timestamp but would be read as channels "
+                        f"(label {lab!r}, timestamp {ts!r}): name the channels with --value-col (and the label with "
+                        "--label-col, the timestamp with --timestamp-col)")
     if len(set(values)) != len(values) or set(values) & {ts, lab}:
         raise DataError(f"{p}: value columns {values} repeat a column or include the timestamp/label column")
     for c in values:
@@ -323,8 +328,9 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
             raise DataError(f"{p}: none of the {len(spans)} anomaly window(s) of {windows} holds a sample: they span "
                             f"{iso(min(a for a, _ in spans))} .. {iso(max(b for _, b in spans))}, the series "
                             f"{iso(stamps[0])} .. {iso(stamps[-1])} (UTC)")
-    return Series(df[values].to_numpy("float32"), values, stamps, labels, sha256_bytes(raw), str(p), dropped, rows,
-                  numeric)
+    with np.errstate(over="ignore"):  # values past float32 become inf, dropped and counted with the NaN windows
+        data = df[values].to_numpy("float32")  # (numpy's overflow warning printed a raw line of pandas source)
+    return Series(data, values, stamps, labels, sha256_bytes(raw), str(p), dropped, rows, numeric)
 
 
 def anomaly_windows(path: str | Path, data_name: str) -> list[tuple[np.datetime64, np.datetime64]]:

@@ -143,6 +143,11 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
         start, split = max(start, own_start), max(split, own_split)  # never a fitted window scored
     opts.out.mkdir(parents=True, exist_ok=True)
     base = opts.baseline
+    if base is not None:  # checked before the replay: a baseline of other channels was dead-lettered throughout,
+        other = artifact.load(base, "cpu")  # then failed the report with an internal shape error
+        if other.channels != det.channels:
+            raise DataError(f"the baseline {base} takes {other.channels} channel(s) {other.channel_names}, the model "
+                            f"{det.channels} {det.channel_names}: a baseline scores the same records")
     if base is None:  # fitted on the model's own training windows, also when more than them is left unscored
         fit = data if own is None or (frac == own and kept is series) else series_dataset(
             kept, det.window, det.hop, own, beat=beat)

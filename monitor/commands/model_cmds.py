@@ -63,7 +63,7 @@ def _applies(data: str, protocol: str | None, series_options: dict[str, Any]) ->
                                  "is split by --protocol")
     else:
         not_with({"--protocol": protocol not in (None, "classic")},
-                 "ECG5000 only (--data ecg5000): a file is split by --train-fraction")
+                 "ECG5000 only (--data ecg5000): a file is split chronologically (tsmon train --train-fraction)")
 
 
 def parse_params(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
@@ -222,7 +222,7 @@ def _warn_threshold(det: Detector, validation_windows: int) -> None:
     if validation_windows < MIN_VALIDATION_WINDOWS:
         log.warning("threshold_from_few_windows", validation_windows=validation_windows,
                     quantile=det.threshold.quantile, consequence="the quantile is one of these few errors: give more "
-                    "data, a smaller --hop or a larger validation share")
+                    "data, a smaller --hop or a larger --train-fraction (validation: the last 20 % of its windows)")
     spread = float(np.mean(det.scaler.flat_scale)) if det.scaler.method == "none" else 1.0  # of the model's units
     power = 2 if det.loss == "mse" else 1  # mse: squared units
     value = det.threshold.value
@@ -247,13 +247,21 @@ def eval_(
     protocol: Annotated[str | None, typer.Option(help="ECG5000: must match training (default: the model's).")] = None,
     windows: WindowsOpt = None,
     value_col: ValueCols = None,
+    label_col: Annotated[str | None, typer.Option(help="0/1 label column; auto: the one training used, else "
+                                                       "label/is_anomaly/anomaly.")] = None,
+    timestamp_col: Annotated[str | None, typer.Option(help="Timestamp column; auto: the one training used, else "
+                                                           "timestamp/ts/time.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Evaluate a model beside the PCA baseline, at the threshold chosen on normal validation data."""
-    _applies(data, protocol, {"--windows": windows, "--value-col": value_col})
+    _applies(data, protocol, {"--windows": windows, "--value-col": value_col, "--label-col": label_col,
+                              "--timestamp-col": timestamp_col})
     det = artifact.load(model, device)
     spec = spec_for_eval(det.meta, data, protocol, windows)
+    if label_col or timestamp_col:  # a file whose label is named otherwise could not be evaluated (its error named
+        spec = replace(spec, label_col=label_col or spec.label_col,  # --label-col, an option of train only)
+                       timestamp_col=timestamp_col or spec.timestamp_col)
     if value_col:  # a file whose columns are named otherwise (score, inspect and replay-eval took it; eval could not)
         cols = model_columns(det.channel_names, value_col)
         if len(cols) != det.channels:

@@ -94,6 +94,14 @@ def test_the_replay_never_plays_windows_the_model_was_fitted_on(tmp_path: Path) 
     # a smaller one would score windows the model was fitted on: refused, not replayed
     with pytest.raises(DataError, match=r"--train-fraction 0.3 is below the model's own split on this file \(0.4\)"):
         plan(model, series, time_axis(series, None), ReplayOptions(out=tmp_path / "o3", train_fraction=0.3), None)
+    # a baseline of other channels, refused before the replay (the ML user pass: it was replayed dead-lettered
+    # throughout, then the report failed on an internal shape error)
+    two = replace(series, values=np.repeat(series.values, 2, axis=1), channels=["value", "copy"])
+    other, _ = train_detector(series_dataset(replace(two, labels=None), W, HOP, 0.4), "pca", {},
+                              TrainConfig(seed=0, device="cpu"))
+    wide = artifact.save(other, tmp_path / "pca2", {})
+    with pytest.raises(DataError, match=r"the baseline .*pca2 takes 2 channel\(s\) \['value', 'copy'\], the model 1"):
+        plan(model, series, time_axis(series, None), ReplayOptions(out=tmp_path / "o4", baseline=wide), None)
 
 
 def test_a_model_trained_with_rows_dropped_is_replayed_from_its_own_split_in_the_files_rows(tmp_path: Path) -> None:

@@ -133,6 +133,29 @@ def test_label_as_value_and_unsorted_timestamps_are_refused(tmp_path: Path, seri
         read_series(tmp_path / "rev.csv")
 
 
+def test_a_value_past_float32_reads_as_inf_without_numpys_warning(tmp_path: Path) -> None:
+    """Found by the ML user pass: 1e39 printed numpy's raw overflow warning (a line of pandas source) beside the
+    structured warning of the windows it drops (under pytest's filterwarnings = error, raised)."""
+    df = synthetic_series(100)
+    df.loc[10, "ch0"] = 1e39
+    df.to_csv(tmp_path / "big.csv", index=False)
+    values = read_series(tmp_path / "big.csv").values
+    assert np.isinf(values[10, 0]) and np.isfinite(np.delete(values, 10, axis=0)).all()
+
+
+def test_a_second_label_or_timestamp_column_is_not_taken_as_a_channel(tmp_path: Path) -> None:
+    """Found by the ML user pass: with both ``label`` and ``is_anomaly``, the second became a channel (the answer fed
+    to the model), and so did a second timestamp column; the channels must then be named."""
+    df = synthetic_series(100)
+    df.assign(is_anomaly=df["label"]).to_csv(tmp_path / "two.csv", index=False)
+    with pytest.raises(DataError, match=r"\['is_anomaly'\] look like a label or a timestamp .* --value-col"):
+        read_series(tmp_path / "two.csv")
+    assert read_series(tmp_path / "two.csv", ["ch0", "ch1"]).channels == ["ch0", "ch1"]  # named: fine
+    df.assign(ts=range(100)).to_csv(tmp_path / "ts.csv", index=False)
+    with pytest.raises(DataError, match=r"\['ts'\]"):
+        read_series(tmp_path / "ts.csv")
+
+
 def test_drop_skips_a_far_future_typo_and_a_resent_block_not_the_rows_after_them(tmp_path: Path) -> None:
     df = synthetic_series(400, anomalies=(150, 350))
     typo = df.copy()

@@ -420,6 +420,14 @@ def test_eval_on_another_file(dense_artifact: Path, tmp_path: Path, capsys: pyte
     synthetic_series(seed=5, anomalies=(2700, 3500)).to_parquet(other)
     code, out, _ = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(other), "--json")
     assert code == 0 and json.loads(out)["events"]["events"] == 2
+    # labels under another name: eval had no --label-col (its error named train's option)
+    renamed = tmp_path / "renamed.csv"
+    synthetic_series(seed=5, anomalies=(2700, 3500)).rename(columns={"label": "fault"}).to_csv(renamed, index=False)
+    code, _, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(renamed))
+    assert code == 1 and "evaluation needs labels" in err and "(--label-col)" in err
+    code, out, _ = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(renamed), "--json",
+                       "--label-col", "fault")
+    assert code == 0 and json.loads(out)["events"]["events"] == 2
 
 
 def test_score_reorders_named_channels(dense_artifact: Path, series_csv: Path, tmp_path: Path,
