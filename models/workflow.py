@@ -106,13 +106,17 @@ def _spec(manifest: dict[str, Any], trained: dict[str, Any], source: str, protoc
     # the model's channels by name, in its order (by position, a file with its columns in another order was
     # evaluated on swapped channels, and one with other names was evaluated at all); a missing one is an error
     names = tuple(manifest["channels"])
+    used = trained.get("windows") if not windows and _training_file(source, trained) else None
+    if isinstance(used, str) and not Path(used).is_file():  # said "windows file not found", as if named here
+        raise DataError(f"the anomaly windows file training used, {used!r} (the path as given to tsmon train), is "
+                        "not found from here: give it with --windows")
     if trained.get("align") == "beats" and rule_of(manifest.get("windowing")) is None:
         raise ValueError(f"align is beats but the windowing is {manifest.get('windowing')!r}")
     return DataSpec(source, window=int(manifest["window"]), hop=int(manifest["hop"]),
                     value_cols=names,
                     timestamp_col=trained.get("timestamp_col"), label_col=trained.get("label_col"),
                     train_fraction=float(trained.get("train_fraction", 0.5)),
-                    windows=windows or (trained.get("windows") if _training_file(source, trained) else None),
+                    windows=windows or used,
                     out_of_order=trained.get("out_of_order", "error"), align=trained.get("align", "sliding"),
                     beat_pre=int(trained.get("beat_pre", 0)), beat_refractory=int(trained.get("beat_refractory", 0)),
                     beat_baseline=int(trained.get("beat_baseline", 0)),

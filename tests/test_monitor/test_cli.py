@@ -698,6 +698,14 @@ def test_eval_of_the_training_file_by_another_path_keeps_its_label_windows(tmp_p
     code, out, err = run(capsys, "eval", "--model", "m", "--data", "./s.csv", "--json")
     assert code == 0, err
     assert json.loads(out)["test_anomalies"] > 0
+    # from another directory the relative path training stored is not found: said so, with the option (the ML
+    # user pass: "windows file not found: w.json", as if the user had named it)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, _, err = run(capsys, "eval", "--model", "../m", "--data", "../s.csv")
+    assert code == 1 and "the anomaly windows file training used, 'w.json'" in err and "--windows" in err
+    code, out, err = run(capsys, "eval", "--model", "../m", "--data", "../s.csv", "--windows", "../w.json", "--json")
+    assert code == 0 and json.loads(out)["test_anomalies"] > 0, err
 
 
 def test_score_drops_rows_out_of_order_when_asked(dense_artifact: Path, series_csv: Path, tmp_path: Path,
