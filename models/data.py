@@ -409,6 +409,27 @@ def windows_for(values: np.ndarray, window: int, hop: int,
     return beats.beat_windows(values, rule) if rule is not None else make_windows(values, window, hop)
 
 
+GAP_INTERVALS = 3.0  # an interval longer than this many median sample intervals is a gap (replay-eval's default)
+
+
+def gap_spanning(timestamps: np.ndarray | None, ends: np.ndarray, window: int) -> tuple[int, float]:
+    """How many of the windows ending at ``ends`` hold a gap (an interval over :data:`GAP_INTERVALS` median
+    intervals), and the longest gap in seconds. The daemon restarts its windows at a gap (``windows.gap_ms``)
+    and never scores such a window; these tools cut windows by position, across it."""
+    if timestamps is None or len(timestamps) < 3 or not len(ends):
+        return 0, 0.0
+    steps = np.diff(timestamps.astype("int64"))
+    positive = steps[steps > 0]
+    if not len(positive):
+        return 0, 0.0
+    gap = steps > GAP_INTERVALS * float(np.median(positive))
+    if not gap.any():
+        return 0, 0.0
+    before = np.r_[0, np.cumsum(gap)]  # gaps among the intervals before each sample
+    starts = np.maximum(ends - window + 1, 0)
+    return int((before[ends] - before[starts] > 0).sum()), float(steps[gap].max()) / 1e9
+
+
 def series_dataset(series: Series, window: int, hop: int, train_fraction: float = 0.5,
                    val_fraction: float = 0.2, beat: dict[str, Any] | None = None) -> Dataset:
     """Chronological split: normal windows in the first ``train_fraction`` of samples train (their last
@@ -468,6 +489,9 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
                "test": len(test_idx), "test_windows_dropped_nonfinite": int(test_bad.sum()),
                "test_anomalies_dropped_nonfinite": int((test_bad & (win_label > 0)).sum()),
                "dropped_out_of_order": series.dropped_out_of_order}
+    spanning, longest = gap_spanning(series.timestamps, ends, window)
+    if spanning:
+        summary.update(windows_spanning_gaps=spanning, longest_gap_s=round(longest, 3))
     return Dataset(Path(series.path).name, window, hop, series.channels,
                    np.ascontiguousarray(wins[train_idx]),
                    np.ascontiguousarray(wins[fit_idx[len(fit_idx) - n_val :]]),

@@ -133,6 +133,23 @@ def test_label_as_value_and_unsorted_timestamps_are_refused(tmp_path: Path, seri
         read_series(tmp_path / "rev.csv")
 
 
+def test_windows_that_hold_a_gap_are_counted(tmp_path: Path) -> None:
+    """Found by the ML user pass: windows cut across gaps in the timestamps, which the daemon never scores, were
+    trained on and scored offline without a word. They are counted (the CLI warns: windows_span_gaps)."""
+    from models.data import gap_spanning, series_dataset
+
+    stamps = (np.arange(100) * 1000 + np.where(np.arange(100) >= 50, 10_000, 0)).astype("datetime64[ms]")
+    ends = np.arange(9, 100, 5)  # window 10, hop 5: only the window of samples 45..54 holds the 11 s interval
+    assert gap_spanning(stamps.astype("datetime64[ns]"), ends, 10) == (1, 11.0)
+    assert gap_spanning(None, ends, 10) == (0, 0.0)
+    assert gap_spanning(np.arange(100).astype("datetime64[s]").astype("datetime64[ns]"), ends, 10) == (0, 0.0)
+    df = synthetic_series(400)
+    df["timestamp"] = pd.to_datetime(df["timestamp"]) + pd.to_timedelta(np.where(df.index >= 200, 3600, 0), "s")
+    df.to_csv(tmp_path / "gap.csv", index=False)
+    summary = series_dataset(read_series(tmp_path / "gap.csv"), 40, 10).summary
+    assert summary["windows_spanning_gaps"] == 3 and summary["longest_gap_s"] > 3600  # ends 209, 219, 229
+
+
 def test_a_value_past_float32_reads_as_inf_without_numpys_warning(tmp_path: Path) -> None:
     """Found by the ML user pass: 1e39 printed numpy's raw overflow warning (a line of pandas source) beside the
     structured warning of the windows it drops (under pytest's filterwarnings = error, raised)."""

@@ -430,6 +430,24 @@ def test_eval_on_another_file(dense_artifact: Path, tmp_path: Path, capsys: pyte
     assert code == 0 and json.loads(out)["events"]["events"] == 2
 
 
+def test_score_and_eval_warn_of_windows_cut_across_a_gap(dense_artifact: Path, series_csv: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The ML user pass: windows across a gap in the timestamps (which the daemon never scores) were scored and
+    flagged without a word."""
+    df = pd.read_csv(series_csv)
+    df["timestamp"] = pd.to_datetime(df["timestamp"]) + pd.to_timedelta(np.where(df.index >= 3000, 3600, 0), "s")
+    gap = tmp_path / "gap.csv"
+    df.to_csv(gap, index=False)
+    code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(gap), "--output",
+                       str(tmp_path / "s.csv"))
+    assert code == 0 and '"windows_span_gaps"' in err and '"count": 3' in err  # window 40, hop 10
+    code, _, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(gap))
+    assert code == 0 and '"windows_span_gaps"' in err
+    code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(series_csv), "--output",
+                       str(tmp_path / "s.csv"))
+    assert code == 0 and "windows_span_gaps" not in err
+
+
 def test_score_reorders_named_channels(dense_artifact: Path, series_csv: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     df = pd.read_csv(series_csv)
