@@ -16,6 +16,7 @@ from models import artifact
 from models.data import (
     ECG5000_WINDOW,
     GAP_INTERVALS,
+    PARQUET,
     WINDOW_CHUNK,
     Dataset,
     Series,
@@ -133,6 +134,11 @@ def train(
                               "--out-of-order": out_of_order != "error", "--align": align != "sliding",
                               "--beat-pre": beat_pre, "--beat-refractory": beat_refractory,
                               "--beat-baseline": beat_baseline, "--train-fraction": train_fraction != 0.5})
+    if align == "sliding":  # accepted and ignored (the ML user pass)
+        not_with({"--beat-pre": beat_pre, "--beat-refractory": beat_refractory, "--beat-baseline": beat_baseline},
+                 "beat windows only (--align beats)")
+    if normalisation not in ("standard", "robust", "none"):  # refused once training had begun, after the bar
+        raise DataError(f"unknown normalisation {normalisation!r}: use standard, robust or none")
     spec = DataSpec(data, protocol, seed, window, hop, tuple(value_col or ()), timestamp_col, label_col,
                     train_fraction, windows, out_of_order, align, beat_pre, beat_refractory, beat_baseline)
     params = parse_params(param, embedding=embedding, dropout=dropout, batch_norm=batch_norm)
@@ -354,7 +360,8 @@ def _score_in_chunks(det: Any, wins: np.ndarray, ok: np.ndarray, chunk: int = WI
 def score(
     model: Annotated[Path, typer.Option("--model", help="Artifact directory.")],
     input: Annotated[Path, typer.Option("--input", help="CSV or Parquet series.")],
-    output: Annotated[Path, typer.Option("--output", help="CSV to write, one row per window.")] = Path("scores.csv"),
+    output: Annotated[Path, typer.Option("--output", help="CSV to write, one row per window (Parquet for .parquet, "
+                                                       "compressed for .gz …).")] = Path("scores.csv"),
     value_col: ValueCols = None,
     timestamp_col: TsCol = None,
     hop: Annotated[int, typer.Option(help="Hop between windows (0 → the model's).")] = 0,
@@ -385,7 +392,10 @@ def score(
     frame["is_anomaly"] = (~(score <= det.threshold.value)).astype(int)  # a NaN score is not normal
     for i, name in enumerate(det.channel_names):
         frame[f"error_{name}"] = _blank(channel[:, i])
-    replace_atomically(output, lambda tmp: frame.to_csv(tmp, index=False))  # a full disk left a cut CSV that parsed
+    if output.suffix.lower() in PARQUET:  # s.parquet was written as CSV text
+        replace_atomically(output, lambda tmp: frame.to_parquet(tmp, index=False))
+    else:  # compressed by its suffix (.gz …); a full disk left a cut CSV that parsed
+        replace_atomically(output, lambda tmp: frame.to_csv(tmp, index=False))
     dropped, nonfinite = int((~ok).sum()), int((~np.isfinite(score)).sum())
     if dropped:
         log.warning("windows_dropped_nonfinite", count=dropped, reason="NaN or inf in window")

@@ -178,9 +178,15 @@ def test_options_of_the_other_kind_of_data_are_usage_errors(capsys: pytest.Captu
             (["inspect", "--model", str(tmp_path), "--hop", "7", "--out", str(tmp_path / "x.png")],
              "Invalid value for --hop: series files only"),
             (["bench", "scorer", "--model", str(tmp_path), "--kind", "dense", "--param", "hidden=[8]"],
-             "Invalid value for --kind / --param: for an untrained model only")]:
+             "Invalid value for --kind / --param: for an untrained model only"),
+            (["train", "--data", str(series), "--beat-pre", "5", "--out", str(tmp_path / "a")],
+             "Invalid value for --beat-pre: beat windows only (--align beats)")]:
         code, _, err = run(capsys, *args)
         assert code == 2 and message in _said(err), (args, err)
+    # and (the second ML user pass) a normalisation it does not know was refused once training had begun
+    code, _, err = run(capsys, "train", "--data", str(series), "--model", "pca", "--normalisation", "zscore",
+                       "--out", str(tmp_path / "a"))
+    assert code == 1 and "unknown normalisation 'zscore'" in err and '"training"' not in err
 
 
 def test_eval_refuses_another_protocol(dense_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -444,8 +450,9 @@ def test_score_and_eval_warn_of_windows_cut_across_a_gap(dense_artifact: Path, s
     code, _, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(gap))
     assert code == 0 and '"windows_span_gaps"' in err
     code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(series_csv), "--output",
-                       str(tmp_path / "s.csv"))
+                       str(tmp_path / "s.parquet"))  # written as CSV text before (the ML user pass)
     assert code == 0 and "windows_span_gaps" not in err
+    assert len(pd.read_parquet(tmp_path / "s.parquet")) == (4000 - 40) // 10 + 1
 
 
 def test_score_reorders_named_channels(dense_artifact: Path, series_csv: Path, tmp_path: Path,
