@@ -997,20 +997,22 @@ def next_owner_pins(make: Make, doc: dict[str, Any], recs: list[Any]) -> dict[st
     return pinned
 
 
+def kept(*docs: dict[str, Any]) -> dict[str, Any]:
+    """The document of ``dev-k`` a restore keeps after reading ``docs`` in this order."""
+    from monitor.state import _keep
+
+    into: dict[str, dict[str, Any]] = {}
+    for d in docs:
+        _keep(into, b"dev-k", json.dumps(d).encode())
+    return into["dev-k"]
+
+
 def test_the_epoch_counts_owners_survives_a_bad_document_and_spares_earlier_versions(make: Make) -> None:
     """Three holes in the fence (second diff review): a stream back from an eviction on the same owner counted as a
     new owner, so that owner's late document tied with the next owner's and the later offset won (a pin lost);
     a stream that started afresh from a document it could not read wrote epoch 0, so every later document of it
     lost to the bad one; and a document of an earlier version (no epoch) lost to any with one, so state written
     by the other half of a rolling upgrade, or after a rollback, was dropped."""
-    from monitor.state import _keep
-
-    def kept(*docs: dict[str, Any]) -> dict[str, Any]:
-        into: dict[str, dict[str, Any]] = {}
-        for d in docs:
-            _keep(into, b"dev-k", json.dumps(d).encode())
-        return into["dev-k"]
-
     recs = records("dev-k", *sine_stream(400))
     a = make()
     a.settings = Settings(state_topic="state", idle_evict_s=60.0)
@@ -1041,14 +1043,6 @@ def test_an_owner_supersedes_documents_its_read_did_not_reach(make: Make) -> Non
     restore after its own — a pin set on it — lost to the stale one; and (second review) an owner's late document
     (acknowledged after the next owner's read) tied with or beat the next owner's when that one had not read it
     either. Each start's epoch is above its document's and at least the wall clock in ms."""
-    from monitor.state import _keep
-
-    def latest(*docs: dict[str, Any]) -> dict[str, Any]:
-        into: dict[str, dict[str, Any]] = {}
-        for d in docs:
-            _keep(into, b"dev-k", json.dumps(d).encode())
-        return into["dev-k"]
-
     recs = records("dev-k", *sine_stream(400))
     t0 = time.time()
     old = make()
@@ -1061,7 +1055,7 @@ def test_an_owner_supersedes_documents_its_read_did_not_reach(make: Make) -> Non
     feed(a, recs[10:20])
     a.calibrator.pin("dev-k", 9.0, "ops")
     pinned = a.save("dev-k")
-    assert pinned is not None and latest(stale, pinned) == pinned  # its document is the latest, not the stale one
+    assert pinned is not None and kept(stale, pinned) == pinned  # its document is the latest, not the stale one
 
     b = make()  # read the changelog before ``late`` (a's, acknowledged after b's read) landed: continues ``stale``
     b.settings, b.clock = Settings(state_topic="state"), lambda: t0 + 11
@@ -1070,11 +1064,11 @@ def test_an_owner_supersedes_documents_its_read_did_not_reach(make: Make) -> Non
     b.calibrator.pin("dev-k", 5.0, "ops")
     fenced = b.save("dev-k")
     late = {**pinned, "written_ms": pinned["written_ms"] + 1}
-    assert fenced is not None and latest(stale, pinned, fenced, late) == fenced  # a's late one does not win
+    assert fenced is not None and kept(stale, pinned, fenced, late) == fenced  # a's late one does not win
 
     c = make()  # the next owner counts on from b's
     c.settings, c.clock = Settings(state_topic="state"), lambda: t0 + 12
-    c.restored = {"dev-k": latest(stale, pinned, fenced, late)}
+    c.restored = {"dev-k": kept(stale, pinned, fenced, late)}
     feed(c, recs[30:40])
     assert c.save("dev-k")["epoch"] > fenced["epoch"] and c.calibrator.threshold("dev-k").value == 5.0
 
