@@ -280,6 +280,10 @@ def eval_(
                               "--timestamp-col": timestamp_col})
     det = artifact.load(model, device)
     spec = spec_for_eval(det.meta, data, protocol, windows)
+    if data != "ecg5000" and "train_fraction" not in det.meta.get("training", {}).get("data", {}):
+        log.warning("training_split_unknown", split=spec.train_fraction, consequence="the manifest does not say "
+                    "where training split its data: the file is split at this share, and if the model was trained on "
+                    "it, some test windows may be ones it was fitted on")  # silent before (the ML user pass)
     if label_col or timestamp_col:  # a file whose label is named otherwise could not be evaluated (its error named
         spec = replace(spec, label_col=label_col or spec.label_col,  # --label-col, an option of train only)
                        timestamp_col=timestamp_col or spec.timestamp_col)

@@ -431,9 +431,18 @@ def test_eval_on_another_file(dense_artifact: Path, tmp_path: Path, capsys: pyte
     synthetic_series(seed=5, anomalies=(2700, 3500)).rename(columns={"label": "fault"}).to_csv(renamed, index=False)
     code, _, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(renamed))
     assert code == 1 and "evaluation needs labels" in err and "(--label-col)" in err
-    code, out, _ = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(renamed), "--json",
-                       "--label-col", "fault")
-    assert code == 0 and json.loads(out)["events"]["events"] == 2
+    code, out, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(renamed), "--json",
+                         "--label-col", "fault")
+    assert code == 0 and json.loads(out)["events"]["events"] == 2 and "training_split_unknown" not in err
+    # a manifest that lost its training part: split at 0.5 without a word, before
+    import shutil
+
+    bare = shutil.copytree(dense_artifact, tmp_path / "bare")
+    manifest = json.loads((bare / "manifest.json").read_text())
+    del manifest["training"]
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run(capsys, "eval", "--model", str(bare), "--data", str(other), "--json")
+    assert code == 0 and '"training_split_unknown"' in err and '"split": 0.5' in err
 
 
 def test_score_and_eval_warn_of_windows_cut_across_a_gap(dense_artifact: Path, series_csv: Path, tmp_path: Path,
