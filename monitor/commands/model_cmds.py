@@ -217,6 +217,10 @@ def run_training(spec: DataSpec, kind: str, params: dict[str, Any], cfg: TrainCo
     with epoch_progress(cfg.epochs, f"train {kind}") as on_epoch:
         det, training = train_detector(ds, kind, params, cfg, quantile, margin, normalisation, on_epoch,
                                        downsample)
+    fitted = getattr(det.model.config, "components", None)
+    if kind == "pca" and isinstance(params.get("components"), int) and params["components"] > (fitted or 0):
+        log.warning("pca_components_capped", asked=params["components"], fitted=fitted, reason="a PCA has at most "
+                    "min(training windows, window * channels) components")  # stored as fitted, silently before
     training["data"].update(spec.to_dict())
     path = artifact.save(det, out, training)
     res = training["result"]

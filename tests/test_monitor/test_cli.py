@@ -189,6 +189,17 @@ def test_options_of_the_other_kind_of_data_are_usage_errors(capsys: pytest.Captu
     assert code == 1 and "unknown normalisation 'zscore'" in err and '"training"' not in err
 
 
+def test_pca_components_past_what_the_data_holds_are_said(series_csv: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The ML user pass: --param components=1000 was stored as the 80 a PCA of these windows can have, silently."""
+    code, _, err = run(capsys, "train", "--data", str(series_csv), "--model", "pca", "--window", "40",
+                       "--param", "components=1000", "--out", str(tmp_path / "p"))
+    assert code == 0 and '"pca_components_capped"' in err and '"fitted": 80' in err
+    code, _, err = run(capsys, "train", "--data", str(series_csv), "--model", "pca", "--window", "40",
+                       "--param", "components=4", "--out", str(tmp_path / "p"))
+    assert code == 0 and "pca_components_capped" not in err
+
+
 def test_eval_refuses_another_protocol(dense_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", "ecg5000")
     assert code == 1 and "not ecg5000 (--data, by default ecg5000): give --data FILE" in err
