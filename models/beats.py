@@ -36,9 +36,9 @@ class BeatRule:
 
     def __post_init__(self) -> None:
         if not (0 <= self.pre < self.window and self.refractory >= 1 and self.baseline >= 1 and self.lead >= 0):
-            raise DataError(f"beat windows need 0 <= pre < window, refractory >= 1 and baseline >= 1 (--beat-pre, "
-                            f"--window, --beat-refractory, --beat-baseline): got pre {self.pre}, window {self.window}, "
-                            f"refractory {self.refractory}, baseline {self.baseline}, lead {self.lead}")
+            raise DataError(f"beat windows need 0 <= pre < window, refractory >= 1, baseline >= 1 and lead >= 0: got "
+                            f"pre {self.pre}, window {self.window}, refractory {self.refractory}, baseline "
+                            f"{self.baseline}, lead {self.lead}")
         if not np.isfinite(self.level):
             raise DataError("beat level must be finite")
 

@@ -261,8 +261,7 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
     named_like = [c for c in values if c.lower() in LABEL_NAMES + TIMESTAMP_NAMES] if not value_cols else []
     if named_like:  # a second label column (label and is_anomaly) became a channel: the answer fed to the model
         raise DataError(f"{p}: column(s) {named_like} look like a label or a timestamp but would be read as channels "
-                        f"(label {lab!r}, timestamp {ts!r}): name the channels with --value-col (and the label with "
-                        "--label-col, the timestamp with --timestamp-col)")
+                        f"(label {lab!r}, timestamp {ts!r}): name the channels with --value-col")
     if len(set(values)) != len(values) or set(values) & {ts, lab}:
         raise DataError(f"{p}: value columns {values} repeat a column or include the timestamp/label column")
     for c in values:
@@ -409,25 +408,32 @@ def windows_for(values: np.ndarray, window: int, hop: int,
     return beats.beat_windows(values, rule) if rule is not None else make_windows(values, window, hop)
 
 
-GAP_INTERVALS = 3.0  # an interval longer than this many median sample intervals is a gap (replay-eval's default)
+# a gap: an interval longer than this many median sample intervals and than GAP_MIN_MS — replay-eval's default, and
+# the daemon's default windows.gap_ms (5 s) for streams that sample at least every 1.7 s
+GAP_INTERVALS, GAP_MIN_MS = 3.0, 5000.0
 
 
 def gap_spanning(timestamps: np.ndarray | None, ends: np.ndarray, window: int) -> tuple[int, float]:
-    """How many of the windows ending at ``ends`` hold a gap (an interval over :data:`GAP_INTERVALS` median
-    intervals), and the longest gap in seconds. The daemon restarts its windows at a gap (``windows.gap_ms``)
-    and never scores such a window; these tools cut windows by position, across it."""
+    """How many of the windows ending at ``ends`` hold a gap (see :data:`GAP_INTERVALS`), and the longest such gap
+    inside one, in seconds. The daemon restarts its windows at a gap and never scores such a window; these tools
+    cut windows by position, across it."""
     if timestamps is None or len(timestamps) < 3 or not len(ends):
         return 0, 0.0
-    steps = np.diff(timestamps.astype("int64"))
+    steps = np.diff(timestamps.astype("int64"))  # ns
     positive = steps[steps > 0]
     if not len(positive):
         return 0, 0.0
-    gap = steps > GAP_INTERVALS * float(np.median(positive))
+    gap = steps > max(GAP_INTERVALS * float(np.median(positive)), GAP_MIN_MS * 1e6)
     if not gap.any():
         return 0, 0.0
     before = np.r_[0, np.cumsum(gap)]  # gaps among the intervals before each sample
     starts = np.maximum(ends - window + 1, 0)
-    return int((before[ends] - before[starts] > 0).sum()), float(steps[gap].max()) / 1e9
+    held = before[ends] - before[starts] > 0
+    inside = np.zeros(len(steps) + 1, "int64")  # intervals some window spans (interval i: samples i to i + 1)
+    np.add.at(inside, starts, 1)
+    np.add.at(inside, ends, -1)
+    spanned = np.cumsum(inside)[:-1] > 0
+    return int(held.sum()), float(steps[gap & spanned].max()) / 1e9 if held.any() else 0.0
 
 
 def series_dataset(series: Series, window: int, hop: int, train_fraction: float = 0.5,

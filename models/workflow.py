@@ -72,26 +72,26 @@ def load_dataset(spec: DataSpec, model_channels: Sequence[str] | None = None) ->
 
 
 def spec_for_eval(manifest: dict[str, Any], source: str, protocol: str | None,
-                  windows: str | None = None) -> DataSpec:
+                  windows: str | None = None, label_col: str | None = None) -> DataSpec:
     """The data spec to evaluate a trained model on ``source`` without touching its training data.
 
     Same ECG5000 protocol and seed as training (another protocol would test on training beats); a series
     file is split chronologically as in training: the model is tested on the part after the split and
     the PCA baseline is fitted on the part before it (for the training file, the model's own split).
     ``windows`` (a JSON file of anomaly windows) labels the file; for the training file it defaults to
-    the one training used.
+    the one training used, unless ``label_col`` names the labels.
     """
     trained = manifest.get("training", {}).get("data", {})
     if not isinstance(trained, dict):  # .get on it raised AttributeError: a traceback
         raise ArtifactError(f"manifest training.data must be an object, got {trained!r}"[:200])
     try:
-        return _spec(manifest, trained, source, protocol, windows)
+        return _spec(manifest, trained, source, protocol, windows, label_col)
     except (TypeError, ValueError) as exc:  # a hand-edited summary ("train_fraction": "abc"): one line, not a traceback
         raise ArtifactError(f"manifest training.data is unusable: {exc}"[:300]) from None
 
 
 def _spec(manifest: dict[str, Any], trained: dict[str, Any], source: str, protocol: str | None,
-          windows: str | None) -> DataSpec:
+          windows: str | None, label_col: str | None = None) -> DataSpec:
     if source == "ecg5000":
         if trained.get("source") != "ecg5000":
             raise DataError(f"this model was trained on {trained.get('path') or trained.get('source') or 'other data'}, "
@@ -106,7 +106,7 @@ def _spec(manifest: dict[str, Any], trained: dict[str, Any], source: str, protoc
     # the model's channels by name, in its order (by position, a file with its columns in another order was
     # evaluated on swapped channels, and one with other names was evaluated at all); a missing one is an error
     names = tuple(manifest["channels"])
-    used = trained.get("windows") if not windows and _training_file(source, trained) else None
+    used = trained.get("windows") if not (windows or label_col) and _training_file(source, trained) else None
     if isinstance(used, str) and not Path(used).is_file():  # said "windows file not found", as if named here
         raise DataError(f"the anomaly windows file training used, {used!r} (the path as given to tsmon train), is "
                         "not found from here: give it with --windows")
@@ -114,7 +114,7 @@ def _spec(manifest: dict[str, Any], trained: dict[str, Any], source: str, protoc
         raise ValueError(f"align is beats but the windowing is {manifest.get('windowing')!r}")
     return DataSpec(source, window=int(manifest["window"]), hop=int(manifest["hop"]),
                     value_cols=names,
-                    timestamp_col=trained.get("timestamp_col"), label_col=trained.get("label_col"),
+                    timestamp_col=trained.get("timestamp_col"), label_col=label_col or trained.get("label_col"),
                     train_fraction=float(trained.get("train_fraction", 0.5)),
                     windows=windows or used,
                     out_of_order=trained.get("out_of_order", "error"), align=trained.get("align", "sliding"),

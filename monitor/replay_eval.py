@@ -114,6 +114,12 @@ class Plan:
 def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, windows_gap_ms: float | None) -> Plan:
     """Split, baseline, speed, chunking and tolerance for a replay of ``series`` against ``model``."""
     det = artifact.load(model, "cpu")
+    base = opts.baseline
+    if base is not None:  # checked before the replay: a baseline of other channels was dead-lettered throughout,
+        other = artifact.load(base, "cpu")  # then failed the report with an internal shape error
+        if other.channels != det.channels:
+            raise DataError(f"the baseline {base} takes {other.channels} channel(s) {other.channel_names}, the model "
+                            f"{det.channels} {det.channel_names}: a baseline scores the same records")
     if series.labels is None:
         raise DataError("replay-eval needs labels: a 0/1 label column (--label-col) or anomaly windows (--windows)")
     if series.values.shape[1] != det.channels:
@@ -142,12 +148,6 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
             own_start, own_split = int(rows[min(own_start, len(rows) - 1)]), int(rows[min(own_split, len(rows) - 1)])
         start, split = max(start, own_start), max(split, own_split)  # never a fitted window scored
     opts.out.mkdir(parents=True, exist_ok=True)
-    base = opts.baseline
-    if base is not None:  # checked before the replay: a baseline of other channels was dead-lettered throughout,
-        other = artifact.load(base, "cpu")  # then failed the report with an internal shape error
-        if other.channels != det.channels:
-            raise DataError(f"the baseline {base} takes {other.channels} channel(s) {other.channel_names}, the model "
-                            f"{det.channels} {det.channel_names}: a baseline scores the same records")
     if base is None:  # fitted on the model's own training windows, also when more than them is left unscored
         fit = data if own is None or (frac == own and kept is series) else series_dataset(
             kept, det.window, det.hop, own, beat=beat)

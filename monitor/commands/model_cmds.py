@@ -16,6 +16,7 @@ from models import artifact
 from models.data import (
     ECG5000_WINDOW,
     GAP_INTERVALS,
+    GAP_MIN_MS,
     PARQUET,
     WINDOW_CHUNK,
     Dataset,
@@ -50,7 +51,7 @@ DataOpt = Annotated[str, typer.Option("--data", help="'ecg5000' (vendored) or a 
 ValueCols = Annotated[list[str] | None, typer.Option("--value-col", help="Value column (repeat for channels).")]
 OutOfOrder = Annotated[str, typer.Option("--out-of-order", help="Rows whose timestamp repeats or goes back: error "
                                                                 "or drop.")]
-TsCol = Annotated[str | None, typer.Option(help="Timestamp column (epoch ms or ISO-8601); auto: timestamp/ts/time (score, inspect: the one the model was trained with).")]
+TsCol = Annotated[str | None, typer.Option(help="Timestamp column (epoch ms or ISO-8601); auto: timestamp/ts/time/date/datetime (score, inspect: the one the model was trained with).")]
 LabelCol = Annotated[str | None, typer.Option(help="0/1 label column; auto: label/is_anomaly/anomaly.")]
 WindowsOpt = Annotated[str | None, typer.Option("--windows", help="JSON of labelled anomaly windows, a list of "
                                                                   "start/end timestamp pairs (or NAB's "
@@ -195,7 +196,7 @@ def _warn_gaps(spanning: int, of: int, longest_s: float) -> None:
     of over 3 h, one 206 h, and 22 of them were flagged)."""
     if spanning:
         log.warning("windows_span_gaps", count=spanning, of=of, longest_gap_s=longest_s,
-                    rule=f"an interval over {GAP_INTERVALS:g} median sample intervals",
+                    rule=f"an interval over {GAP_INTERVALS:g} median sample intervals and {GAP_MIN_MS / 1000:g} s",
                     consequence="cut by position across the gap here; the daemon restarts its windows at a gap "
                     "(windows.gap_ms, per route gap_ms) and never scores such a window")
 
@@ -275,7 +276,7 @@ def eval_(
     label_col: Annotated[str | None, typer.Option(help="0/1 label column; auto: the one training used, else "
                                                        "label/is_anomaly/anomaly.")] = None,
     timestamp_col: Annotated[str | None, typer.Option(help="Timestamp column; auto: the one training used, else "
-                                                           "timestamp/ts/time.")] = None,
+                                                           "timestamp/ts/time/date/datetime.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
@@ -283,14 +284,13 @@ def eval_(
     _applies(data, protocol, {"--windows": windows, "--value-col": value_col, "--label-col": label_col,
                               "--timestamp-col": timestamp_col})
     det = artifact.load(model, device)
-    spec = spec_for_eval(det.meta, data, protocol, windows)
+    spec = spec_for_eval(det.meta, data, protocol, windows, label_col)
     if data != "ecg5000" and "train_fraction" not in det.meta.get("training", {}).get("data", {}):
         log.warning("training_split_unknown", split=spec.train_fraction, consequence="the manifest does not say "
                     "where training split its data: the file is split at this share, and if the model was trained on "
                     "it, some test windows may be ones it was fitted on")  # silent before (the ML user pass)
-    if label_col or timestamp_col:  # a file whose label is named otherwise could not be evaluated (its error named
-        spec = replace(spec, label_col=label_col or spec.label_col,  # --label-col, an option of train only)
-                       timestamp_col=timestamp_col or spec.timestamp_col)
+    if timestamp_col:  # (a file whose label is named otherwise could not be evaluated: its error named --label-col,
+        spec = replace(spec, timestamp_col=timestamp_col)  # an option of train only)
     if value_col:  # a file whose columns are named otherwise (score, inspect and replay-eval took it; eval could not)
         cols = model_columns(det.channel_names, value_col)
         if len(cols) != det.channels:

@@ -102,6 +102,7 @@ def test_the_replay_never_plays_windows_the_model_was_fitted_on(tmp_path: Path) 
     wide = artifact.save(other, tmp_path / "pca2", {})
     with pytest.raises(DataError, match=r"the baseline .*pca2 takes 2 channel\(s\) \['value', 'copy'\], the model 1"):
         plan(model, series, time_axis(series, None), ReplayOptions(out=tmp_path / "o4", baseline=wide), None)
+    assert not (tmp_path / "o4").exists()  # refused before anything is written
 
 
 def test_a_model_trained_with_rows_dropped_is_replayed_from_its_own_split_in_the_files_rows(tmp_path: Path) -> None:

@@ -143,6 +143,14 @@ def test_windows_that_hold_a_gap_are_counted(tmp_path: Path) -> None:
     assert gap_spanning(stamps.astype("datetime64[ns]"), ends, 10) == (1, 11.0)
     assert gap_spanning(None, ends, 10) == (0, 0.0)
     assert gap_spanning(np.arange(100).astype("datetime64[s]").astype("datetime64[ns]"), ends, 10) == (0, 0.0)
+    # review: 4 s at 1 Hz is no gap to replay-eval or the daemon (5 s), and a longer gap after the last window is
+    # held by none
+    jittered = (np.arange(100) * 1000 + np.where(np.arange(100) >= 50, 3000, 0)
+                + np.where(np.arange(100) >= 99, 60_000, 0)).astype("datetime64[ms]").astype("datetime64[ns]")
+    assert gap_spanning(jittered, np.arange(9, 95, 5), 10) == (0, 0.0)
+    tail = (np.arange(100) * 1000 + np.where(np.arange(100) >= 50, 10_000, 0)
+            + np.where(np.arange(100) >= 99, 60_000, 0)).astype("datetime64[ms]").astype("datetime64[ns]")
+    assert gap_spanning(tail, np.arange(9, 95, 5), 10) == (1, 11.0)  # not the 61 s one past the last window
     df = synthetic_series(400)
     df["timestamp"] = pd.to_datetime(df["timestamp"]) + pd.to_timedelta(np.where(df.index >= 200, 3600, 0), "s")
     df.to_csv(tmp_path / "gap.csv", index=False)

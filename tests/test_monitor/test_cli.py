@@ -751,6 +751,15 @@ def test_eval_of_the_training_file_by_another_path_keeps_its_label_windows(tmp_p
     assert code == 1 and "the anomaly windows file training used, 'w.json'" in err and "--windows" in err
     code, out, err = run(capsys, "eval", "--model", "../m", "--data", "../s.csv", "--windows", "../w.json", "--json")
     assert code == 0 and json.loads(out)["test_anomalies"] > 0, err
+    # labels of a column named here replace training's windows file (review: "give the labels once", or "not found")
+    df.assign(fault=((df.index >= 1700) & (df.index < 1730)).astype(int)).drop(columns="label").to_csv(
+        tmp_path / "f.csv", index=False)
+    code, _, err = run(capsys, "train", "--data", "../f.csv", "--windows", "../w.json", "--model", "pca", "--window",
+                       "40", "--value-col", "ch0", "--value-col", "ch1", "--out", "mf")
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "eval", "--model", "elsewhere/mf", "--data", "f.csv", "--label-col", "fault", "--json")
+    assert code == 0 and json.loads(out)["test_anomalies"] > 0, err
 
 
 def test_score_drops_rows_out_of_order_when_asked(dense_artifact: Path, series_csv: Path, tmp_path: Path,
