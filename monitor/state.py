@@ -90,9 +90,10 @@ class ChangelogReader:
 
 def _keep(docs: dict[str, dict[str, Any]], key: bytes | None, value: bytes | None) -> bool:
     """Take a changelog record into ``docs`` (the latest per key); False for a document of an earlier owner than
-    the one already read: each owner that starts a stream writes an ``epoch`` above its document's (:func:`fresh_epoch`), so a
-    document its previous owner's producer delivered late (sent before a revoke, acknowledged after) does not
-    become the stream's latest — it did, and a pin set at the new owner was lost at the next restore."""
+    the one already read: each owner that starts a stream writes an ``epoch`` above its document's
+    (:func:`fresh_epoch`), so a document its previous owner's producer delivered late (sent before a revoke,
+    acknowledged after) does not become the stream's latest — it did, and a pin set at the new owner was lost at
+    the next restore."""
     if key is None:
         return True
     name = key.decode("utf-8", "replace")

@@ -125,7 +125,8 @@ def test_censoring_points_survive_export_and_documents_with_inf_still_load() -> 
 
 
 @pytest.mark.parametrize("bad", [{"artifact": 0.0}, {"artifact": math.nan}, {"value": -1.0}, {"artifact": True}])
-def test_a_document_whose_threshold_numbers_are_not_finite_and_positive_is_refused_whole(bad: dict[str, object]) -> None:
+def test_a_document_whose_threshold_numbers_are_not_finite_and_positive_is_refused_whole(
+        bad: dict[str, object]) -> None:
     """Code review: a version's ``artifact`` was not checked, and one of 0 bounded the next recalibration to a
     threshold of 0 — the next window over it divided by zero in the loop."""
     cal = Calibrator(CalibratorSettings(min_samples=10))
