@@ -8,6 +8,7 @@ import numpy as np
 
 from models.errors import DataError
 
+METHODS = ("standard", "robust", "none")  # the per-channel scalings
 TINY_SPREAD = 1e-30  # below this a spread is no spread (its reciprocal still fits in float32)
 FLOAT32_RESOLUTION = 1e-7  # a spread under this share of the level is float32 rounding, not variation
 
@@ -57,16 +58,15 @@ class Scaler:
             raise DataError("cannot fit normalisation on empty training data")
         if not np.isfinite(flat).all():
             raise DataError("cannot fit normalisation: training data contains NaN or inf")
+        check_method(method)
         if method == "standard":
             center, scale = flat.mean(axis=0), flat.std(axis=0)
         elif method == "robust":
             center = np.median(flat, axis=0)
             q75, q25 = np.percentile(flat, [75, 25], axis=0)
             scale = (q75 - q25) / 1.349
-        elif method == "none":
+        else:  # none
             center, scale = np.zeros(flat.shape[1]), np.ones(flat.shape[1])
-        else:
-            raise DataError(f"unknown normalisation {method!r}: use standard, robust or none")
         scale = np.where(varies(scale, center), scale, 1.0)  # a constant channel stays constant, not inf
         spread = None
         if method == "none":  # the scale (1) says nothing of the data's variation
@@ -125,6 +125,12 @@ def _low_window_spread(windows: np.ndarray, chunk: int = 4096, max_windows: int 
     windows = _spread_over(windows, max_windows)
     stds = [windows[i : i + chunk].astype("float64").std(axis=1) for i in range(0, len(windows), chunk)]
     return np.percentile(np.concatenate(stds), 1, axis=0)
+
+
+def check_method(method: str) -> None:
+    """A DataError for a scaling that is not one of :data:`METHODS`."""
+    if method not in METHODS:
+        raise DataError(f"unknown normalisation {method!r}: use {', '.join(METHODS[:-1])} or {METHODS[-1]}")
 
 
 OUTLIER_SCALE = 100.0  # a standard deviation this many times the spread of the middle half: a few samples set it

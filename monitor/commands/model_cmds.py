@@ -31,7 +31,7 @@ from models.detector import DEFAULT_QUANTILE, Detector, check_downsample, check_
 from models.errors import BrokerError, DataError, ModelConfigError
 from models.files import check_writable, replace_atomically
 from models.registry import DEFAULT_KIND, KINDS, config_for, train_defaults
-from models.scaling import outlier_scaled
+from models.scaling import check_method, outlier_scaled
 from models.train import TrainConfig, resolve_device
 from models.workflow import DataSpec, evaluate, load_dataset, spec_for_eval, train_detector
 from monitor import logs
@@ -138,8 +138,7 @@ def train(
     if align == "sliding":  # accepted and ignored (the ML user pass)
         not_with({"--beat-pre": beat_pre, "--beat-refractory": beat_refractory, "--beat-baseline": beat_baseline},
                  "beat windows only (--align beats)")
-    if normalisation not in ("standard", "robust", "none"):  # refused once training had begun, after the bar
-        raise DataError(f"unknown normalisation {normalisation!r}: use standard, robust or none")
+    check_method(normalisation)  # refused once training had begun, after the progress bar
     spec = DataSpec(data, protocol, seed, window, hop, tuple(value_col or ()), timestamp_col, label_col,
                     train_fraction, windows, out_of_order, align, beat_pre, beat_refractory, beat_baseline)
     params = parse_params(param, embedding=embedding, dropout=dropout, batch_norm=batch_norm)
