@@ -33,6 +33,7 @@ SILENT_PERIODS = 10  # silent after this many of its sample periods and of its u
 # a document's seen_ms is the clock of the instance that read the record: the silence it starts is counted this much
 # shorter, for a clock here that is ahead of that one
 SEEN_CLOCK_SKEW_S = 30.0
+EPOCH_AHEAD_MS = 60_000  # a document's epoch further ahead of this clock than this: another instance's clock is ahead
 WAKE_RESERVE = 0.1  # share of limits.max_streams that streams woken for a command leave to new streams
 
 
@@ -60,7 +61,12 @@ class Residency(ProcessorState):
         self._unevict(stream)
         restored = self._restore(stream, st, replayed)
         if replayed:  # an owner (re)starting the stream writes above its document's epoch and any earlier start's
-            st.epoch = max(st.epoch, fresh_epoch(self.clock()))  # (the read may not have reached that one's)
+            now = fresh_epoch(self.clock())  # (the read may not have reached that one's)
+            if st.epoch - 1 > now + EPOCH_AHEAD_MS:  # written by an instance whose clock is ahead of this one's
+                self.throttle.log(log.warning, "state_epoch_ahead", stream=stream, ahead_s=(st.epoch - 1 - now) // 1000,
+                                  consequence="another instance's clock is ahead of this one's: a start here that "
+                                  "does not read its documents loses to them; keep the instances' clocks in step (NTP)")
+            st.epoch = max(st.epoch, now)
         if replayed and st.seen_ms is not None:  # quiet since its last new record, not since the replay re-read it:
             # restarts more often than idle_evict_s held a stopped sensor's partial window, and the commit, for good
             st.last_seen = time.monotonic() - max(0.0, self.clock() - st.seen_ms / 1000 - SEEN_CLOCK_SKEW_S)

@@ -1007,7 +1007,8 @@ def kept(*docs: dict[str, Any]) -> dict[str, Any]:
     return into["dev-k"]
 
 
-def test_the_epoch_counts_owners_survives_a_bad_document_and_spares_earlier_versions(make: Make) -> None:
+def test_the_epoch_counts_owners_survives_a_bad_document_and_spares_earlier_versions(
+        make: Make, capsys: pytest.CaptureFixture[str]) -> None:
     """Three holes in the fence (second diff review): a stream back from an eviction on the same owner counted as a
     new owner, so that owner's late document tied with the next owner's and the later offset won (a pin lost);
     a stream that started afresh from a document it could not read wrote epoch 0, so every later document of it
@@ -1032,6 +1033,8 @@ def test_the_epoch_counts_owners_survives_a_bad_document_and_spares_earlier_vers
     feed(q, recs[20:30])  # state_restore_failed: from the artifact
     fresh = q.save("dev-k")
     assert fresh is not None and fresh["epoch"] == 10**13 + 1 and kept(bad, fresh) == fresh
+    said = capsys.readouterr()
+    assert "state_epoch_ahead" in said.out + said.err  # written by an instance whose clock is ahead
 
     earlier = {k: v for k, v in pinned.items() if k != "epoch"}  # written after it by the previous release
     assert kept(pinned, earlier) == earlier
