@@ -111,6 +111,8 @@ class ProcessorState:
         # snapshotted or committed past them (the shutdown and the revoke did both: the restart never replayed them)
         self.failed: str | None = None
         self.restored: dict[str, dict[str, Any]] = {}  # changelog documents of streams not started yet
+        # the last changelog read stopped short of its end: streams that start now may have a later document unread
+        self.restore_incomplete = False
         self.metrics.documents.set_function(lambda: len(self.restored))  # as it is when scraped (replaced whole too)
         self.read_ts: dict[TP, int] = {}  # per partition, the newest timestamp of the records taken (_moved_on)
         self.knocked: dict[str, int] = {}  # streams with a document refused for want of room: when, last (epoch ms)

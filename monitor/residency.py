@@ -60,8 +60,9 @@ class Residency(ProcessorState):
         replayed = stream not in self.evicted_here  # its input was released at the eviction: none comes again
         self._unevict(stream)
         restored = self._restore(stream, st, replayed)
-        if replayed:  # an owner (re)starting the stream writes above its document's epoch and any earlier start's
-            now = fresh_epoch(self.clock())  # (the read may not have reached that one's)
+        provisional = replayed and self.restore_incomplete  # its latest document may be one the read did not reach
+        if replayed and not provisional:  # an owner starting the stream writes above its document's epoch and any
+            now = fresh_epoch(self.clock())  # earlier start's (a previous owner's document delivered after the read)
             if st.epoch - 1 > now + EPOCH_AHEAD_MS:  # written by an instance whose clock is ahead of this one's
                 self.throttle.log(log.warning, "state_epoch_ahead", stream=stream, ahead_s=(st.epoch - 1 - now) // 1000,
                                   consequence="another instance's clock is ahead of this one's: a start here that "
@@ -74,7 +75,8 @@ class Residency(ProcessorState):
         state = self.calibrator.threshold(stream)
         self.throttle.log(log.info, "stream_started", stream=stream, model=served.name, window=served.window,
                           hop=served.hop, threshold=state.value, threshold_source=state.source,
-                          threshold_version=state.version, restored=restored)
+                          threshold_version=state.version, restored=restored,
+                          **({"provisional": True} if provisional else {}))
         self.streams[stream] = st
         self.metrics.streams.set(len(self.streams))
         return st

@@ -100,6 +100,7 @@ class Restore:
         opened by the loop's next :meth:`step`. Every assigned partition waits, whatever else holds it too."""
         self.drop()
         self.processor.restored = {}  # never continue from documents read at an earlier assignment
+        self.processor.restore_incomplete = True  # until a read reaches its end
         self.processor.forget_evicted()
         self.due = True
         self.started, self.failures, self._retry_at, self._error = time.monotonic(), 0, 0.0, ""
@@ -201,6 +202,7 @@ class Restore:
         elif log_.complete:  # read to its end and none there: this instance's state is the group's
             self.controller.global_known = True
         self.processor.restored = {k: v for k, v in log_.docs.items() if k not in self.processor.streams}
+        self.processor.restore_incomplete = not log_.complete
         dormant = self.processor.adopt(self.source.assignment())
         self.metrics.restore_seconds.set(log_.seconds)
         (log.info if log_.complete else log.error)(

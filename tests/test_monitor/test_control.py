@@ -1040,40 +1040,44 @@ def test_the_epoch_counts_owners_survives_a_bad_document_and_spares_earlier_vers
     assert kept(pinned, earlier) == earlier
 
 
-def test_an_owner_supersedes_documents_its_read_did_not_reach(make: Make) -> None:
-    """Code review: a stream that started from its artifact because the restore stopped short (a broker outage past
-    restore_timeout_s) wrote epoch 0, below the documents it had not read (every owner added one), so at every
-    restore after its own — a pin set on it — lost to the stale one; and (second review) an owner's late document
-    (acknowledged after the next owner's read) tied with or beat the next owner's when that one had not read it
-    either. Each start's epoch is above its document's and at least the wall clock in ms."""
-    recs = records("dev-k", *sine_stream(400))
+def test_an_owner_supersedes_a_late_document_and_a_provisional_start_supersedes_nothing(make: Make) -> None:
+    """Fencing by epoch, after three reviews. An owner's late document (acknowledged after the next owner's read)
+    tied with or beat the next owner's when that one had not read it either: each start's epoch is now above its
+    document's and at least the wall clock in ms. But a start while the changelog was not read to its end (a broker
+    stall past restore_timeout_s) is provisional: given the wall clock too, its stale state — an older document the
+    partial read got, or the artifact — outranked the latest document for good (the pipeline owner's pass: a 0.9 pin
+    went back to 0.7 for ever); it counts on from what it read instead, and loses to any later document."""
+    recs = records("dev-k", *sine_stream(800))
     t0 = time.time()
     old = make()
     old.settings = Settings(state_topic="state")
     feed(old, recs[:10])
     stale = {**json.loads(json.dumps(old.save("dev-k"))), "epoch": 7}  # written by a seventh owner, say
 
-    a = make()  # its restore was cut short: starts from its artifact, never read ``stale``
-    a.settings, a.clock = Settings(state_topic="state"), lambda: t0 + 10
-    feed(a, recs[10:20])
-    a.calibrator.pin("dev-k", 9.0, "ops")
-    pinned = a.save("dev-k")
-    assert pinned is not None and kept(stale, pinned) == pinned  # its document is the latest, not the stale one
+    def owner(at_s: float, doc: dict[str, Any] | None, pin: float, incomplete: bool = False,
+              chunk: int = 1) -> dict[str, Any]:
+        p = make()
+        p.settings, p.clock, p.restore_incomplete = Settings(state_topic="state"), lambda: t0 + at_s, incomplete
+        p.restored = {"dev-k": json.loads(json.dumps(doc))} if doc else {}
+        feed(p, recs[10 * chunk : 10 * chunk + 10])
+        p.calibrator.pin("dev-k", pin, "ops")
+        saved = p.save("dev-k")
+        assert saved is not None
+        return saved
 
-    b = make()  # read the changelog before ``late`` (a's, acknowledged after b's read) landed: continues ``stale``
-    b.settings, b.clock = Settings(state_topic="state"), lambda: t0 + 11
-    b.restored = {"dev-k": stale}
-    feed(b, recs[20:30])
-    b.calibrator.pin("dev-k", 5.0, "ops")
-    fenced = b.save("dev-k")
-    late = {**pinned, "written_ms": pinned["written_ms"] + 1}
-    assert fenced is not None and kept(stale, pinned, fenced, late) == fenced  # a's late one does not win
+    a = owner(10, stale, 9.0)  # continued ``stale``; its next document is delivered late
+    b = owner(11, stale, 5.0, chunk=2)  # read the changelog before a's landed: continues ``stale`` too
+    late = {**a, "written_ms": a["written_ms"] + 1}
+    assert stale["epoch"] < a["epoch"] < b["epoch"] and kept(stale, a, b, late) == b  # a's late one does not win
+    c = owner(12, kept(stale, a, b, late), 6.0, chunk=3)
+    assert c["epoch"] > b["epoch"]  # the next owner counts on from b's
 
-    c = make()  # the next owner counts on from b's
-    c.settings, c.clock = Settings(state_topic="state"), lambda: t0 + 12
-    c.restored = {"dev-k": kept(stale, pinned, fenced, late)}
-    feed(c, recs[30:40])
-    assert c.save("dev-k")["epoch"] > fenced["epoch"] and c.calibrator.threshold("dev-k").value == 5.0
+    for partial in (stale, None):  # a provisional start, from the older document the partial read got, or none
+        p = owner(20, partial, 1.0, incomplete=True, chunk=4)
+        assert p["epoch"] == (stale["epoch"] + 1 if partial else 0) < c["epoch"]
+        assert kept(stale, a, b, c, p) == c  # the latest document before it comes back at the next full read
+    after = owner(30, c, 2.0, chunk=5)
+    assert after["epoch"] > c["epoch"]  # and a complete read's owner counts on from the wall clock again
 
 
 @pytest.mark.parametrize("other_model", [False, True])

@@ -2602,6 +2602,7 @@ def test_what_a_failed_read_got_is_kept_when_no_later_read_succeeds(
             d._restore_step(0.05)
         assert opened[0] >= 2 and not d.restoring and source.paused == set()
         assert "dev-x" in d.processor.restored  # from the read that got it
+        assert d.processor.restore_incomplete  # its streams start provisional: later documents supersede theirs
     finally:
         d.processor.close()
 
@@ -2629,9 +2630,11 @@ def test_a_broker_error_at_the_restore_is_tried_again_not_a_start_from_the_artif
         time.sleep(0.05)
         d._restore_step(0.0)  # opens again
         opened(d)
+        assert d.processor.restore_incomplete  # while it reads
         d.restorer.reader.done = True
         d._restore_step(0.0)
         assert not d.restoring and source.paused == set() and "dev-x" in d.processor.restored
+        assert not d.processor.restore_incomplete
         out = capsys.readouterr()
         assert "state_restore_retry" in out.out + out.err and "state_restore_failed" not in out.out + out.err
     finally:
