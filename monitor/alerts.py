@@ -395,7 +395,12 @@ def revision(sev: str, flapping: bool) -> int:
 
 
 def iso(ts_ms: int) -> str:
-    return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """ISO 8601 in UTC with its ``Z``; a time no date can say (past year 9999) as its number, never an error (one
+    raised in the loop while /streams rows were built, and stopped the daemon)."""
+    try:
+        return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return str(ts_ms)
 
 
 def _usual(usual: list[float] | None, channels: int) -> np.ndarray | None:

@@ -27,6 +27,7 @@ from monitor.windows import BeatWindows, StreamWindows
 DOC_VERSION = 1
 COMMANDS_KEPT = 32  # ids of the operator commands applied to a stream that its document keeps (newest)
 NO_FEEDBACK = {"confirmed": 0, "false_positive": 0}
+MAX_TS_MS = 253_402_300_799_999  # the end of year 9999, the last time a date can say
 
 
 @dataclass
@@ -239,12 +240,17 @@ class StreamState:
             raise ValueError(f"unknown state document version {doc.get('v')!r}")
         silenced = int(doc["silenced_until_ms"])
         feedback = {k: int(doc["feedback"][k]) for k in NO_FEEDBACK}
+        if not 0 <= silenced <= MAX_TS_MS or min(feedback.values()) < 0:  # a silence to 1e20 ms restored, then
+            # stopped the daemon at the first /streams (no date that far)
+            raise ValueError(f"silenced_until_ms must be a time up to year 9999 and feedback counts >= 0, got "
+                             f"{silenced!r} and {feedback!r}")
         last_sample = doc.get("last_sample_ts")  # absent from documents of earlier versions
-        if last_sample is not None and (isinstance(last_sample, bool) or not isinstance(last_sample, int)):
-            raise TypeError(f"last_sample_ts must be an integer, got {last_sample!r}")
+        if last_sample is not None and (isinstance(last_sample, bool) or not isinstance(last_sample, int)
+                                        or abs(last_sample) > MAX_TS_MS):
+            raise TypeError(f"last_sample_ts must be an integer time, got {last_sample!r}")
         silent = doc.get("silent_reported_ts")  # absent from documents of earlier versions
-        if silent is not None and (isinstance(silent, bool) or not isinstance(silent, int)):
-            raise TypeError(f"silent_reported_ts must be an integer, got {silent!r}")
+        if silent is not None and (isinstance(silent, bool) or not isinstance(silent, int) or abs(silent) > MAX_TS_MS):
+            raise TypeError(f"silent_reported_ts must be an integer time, got {silent!r}")
         periods = doc.get("sample_periods_ms", [None, None])  # absent from documents of earlier versions
         if not (isinstance(periods, list) and len(periods) == 2
                 and all(p is None or (isinstance(p, int | float) and not isinstance(p, bool) and math.isfinite(p)

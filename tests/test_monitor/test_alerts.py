@@ -279,6 +279,12 @@ DOC_KEYS = {"type", "alert_id", "stream", "status", "flapping", "severity", "sta
             "windows_over", "model", "source", "revision", "fired_time", "end_time", "peak_time", "summary"}
 
 
+def test_a_time_no_date_can_say_is_written_as_its_number() -> None:
+    from monitor.alerts import iso
+
+    assert iso(1_000) == "1970-01-01T00:00:01.000Z" and iso(10**20) == "100000000000000000000"
+
+
 def test_alert_doc_firing_and_resolved() -> None:
     s = AlertSettings(for_windows=2, resolve_after=1)
     st = AlertState("s1", "m1", s)

@@ -38,7 +38,7 @@ from monitor.sink import MemorySink
 from monitor.source import MemorySource
 from tests.conftest import sine_stream
 from tests.test_monitor.conftest import Make
-from tests.test_monitor.test_processor import TOPIC, evicted_a_day_ahead, feed, records
+from tests.test_monitor.test_processor import DLQ, TOPIC, evicted_a_day_ahead, feed, records
 
 KEY = "k"
 
@@ -1078,6 +1078,26 @@ def test_an_owner_supersedes_a_late_document_and_a_provisional_start_supersedes_
         assert kept(stale, a, b, c, p) == c  # the latest document before it comes back at the next full read
     after = owner(30, c, 2.0, chunk=5)
     assert after["epoch"] > c["epoch"]  # and a complete read's owner counts on from the wall clock again
+
+
+@pytest.mark.parametrize("bad", [{"silenced_until_ms": 10**20}, {"feedback": {"confirmed": -5, "false_positive": 0}},
+                                 {"last_sample_ts": 10**20}])
+def test_a_document_with_times_no_date_can_say_or_negative_counts_is_refused(make: Make, bad: dict[str, Any]) -> None:
+    """The pipeline owner's pass: a document silenced to 1e20 ms restored whole, and the first /streams stopped the
+    daemon (OSError: value too large, building the row's date); feedback of -5 made a precision of 0.625."""
+    recs = records("dev-k", *sine_stream(400))
+    a = make()
+    a.settings = Settings(state_topic="state")
+    feed(a, recs[:10])
+    doc = {**json.loads(json.dumps(a.save("dev-k"))), **bad}
+    q = make()
+    q.settings = Settings(state_topic="state")
+    q.restored = {"dev-k": doc}
+    feed(q, recs[10:20])
+    st = q.streams["dev-k"]
+    assert st.silenced_until_ms == 0 and st.feedback == {"confirmed": 0, "false_positive": 0}
+    assert q.status_rows({})[0]["stream"] == "dev-k"  # the rows build
+    assert st.scored > 0 and not [m for m in q.sink.sent if m.topic == DLQ]  # its input not refused as behind it
 
 
 @pytest.mark.parametrize("other_model", [False, True])
