@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+from models.errors import describe
 from monitor import logs
 from monitor.daemon_state import REBALANCING, DaemonState
 
@@ -56,10 +57,17 @@ class Views(DaemonState):
         return self._rows
 
     def _build_rows(self) -> None:
-        rows, refusing = self.processor.status_rows(self._lags), self._refusing
-        for row in rows:  # the per-stream warnings are throttled: here every refused stream is named
-            row["raise_refused"] = refusing.get(row["stream"])
-        self._rows, self._rows_at, self._rows_asked = rows, time.monotonic(), False
+        """The ``/streams`` rows, built on the loop's thread when asked for. A failure is logged, and the request
+        answered with the rows built before: it must not stop the loop (a restored silence past year 9999 did)."""
+        try:
+            rows, refusing = self.processor.status_rows(self._lags), self._refusing
+            for row in rows:  # the per-stream warnings are throttled: here every refused stream is named
+                row["raise_refused"] = refusing.get(row["stream"])
+            self._rows, self._rows_at = rows, time.monotonic()
+        except Exception as exc:  # noqa: BLE001 — a view, not the data path
+            log.error("streams_view_failed", error=describe(exc)[:300], consequence="/streams answers the rows "
+                      "built before")
+        self._rows_asked = False
         self._rows_built.set()
 
     def _control_gauges(self) -> None:

@@ -1182,6 +1182,22 @@ def test_a_daemon_scoring_in_a_process_exports_that_process_series(stream_model:
     assert "tsmon_scoring_process_" not in generate_latest(d.metrics.registry).decode()
 
 
+def test_a_failure_building_the_streams_rows_is_logged_not_the_end_of_the_loop(
+        stream_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The pipeline owner's pass: a row that could not be built (a restored silence past year 9999) raised in the
+    loop at the first /streams, and the daemon stopped. It is logged; the request gets the rows built before."""
+    d = in_process_daemon(stream_model, MemorySource([]), MemorySink())
+    try:
+        d._rows, d._rows_asked = [{"stream": "before"}], True
+        d.processor.status_rows = lambda _lags: 1 / 0  # type: ignore[method-assign]
+        d._build_rows()
+        assert d._rows == [{"stream": "before"}] and d._rows_built.is_set() and not d._rows_asked
+        said = capsys.readouterr()
+        assert "streams_view_failed" in said.out + said.err and "ZeroDivisionError" in said.out + said.err
+    finally:
+        d.processor.close()
+
+
 def test_the_loop_stamps_its_turns_for_prometheus(stream_model: Path) -> None:
     """A hung loop froze every gauge and looked healthy to Prometheus; the loop stamps its last turn."""
     d = in_process_daemon(stream_model, MemorySource([]), MemorySink(), **{"daemon.commit_interval_ms": 50})
