@@ -61,7 +61,10 @@ class Residency(ProcessorState):
         self._unevict(stream)
         restored = self._restore(stream, st, replayed)
         provisional = replayed and self.restore_incomplete  # its latest document may be one the read did not reach
-        if replayed and not provisional:  # an owner starting the stream writes above its document's epoch and any
+        if provisional:  # below the document it read (that owner's later ones share its epoch), and below 0 from the
+            st.epoch -= 2  # artifact (an earlier version's documents have none): every one before supersedes its own
+            st.provisional = True
+        elif replayed:  # an owner starting the stream writes above its document's epoch and any
             now = fresh_epoch(self.clock())  # earlier start's (a previous owner's document delivered after the read)
             if st.epoch - 1 > now + EPOCH_AHEAD_MS:  # written by an instance whose clock is ahead of this one's
                 self.throttle.log(log.warning, "state_epoch_ahead", stream=stream, ahead_s=(st.epoch - 1 - now) // 1000,
@@ -251,7 +254,8 @@ class Residency(ProcessorState):
         for name, written_ms in old.items():
             del self.restored[name]
             self.knocked.pop(name, None)
-            if topic is not None and name in tombstoned:
+            if topic is not None and name in tombstoned and not self.restore_incomplete:  # a later document may
+                # be unread: a tombstone would delete that (its pin, its open alert) whatever its epoch
                 self.outbox.document(name, OutMessage(topic, name.encode(), None, [("tsmon.type", b"stream_forgotten")]),
                                      tombstoned[name])
             self._unevict(name)

@@ -87,6 +87,7 @@ class StreamState:
     # new (back from an eviction here, or never restored)
     replay_until: dict[TP, int] | None = None
     epoch: int = 0  # a fencing token, above its document's and at least the clock at its start: see state.fresh_epoch
+    provisional: bool = False  # started while the changelog was not read to its end: later documents supersede its
     behind_run: BehindRun | None = None  # new records refused as behind its last sample (Processor._set_back)
     # per partition, the offset of the record its clock step restarted it at: a replay of those before it (old time,
     # which the state no longer windows) is passed over, not windowed anew into the new time's alert state
@@ -341,7 +342,7 @@ class StreamState:
                 "silenced_until_ms": self.silenced_until_ms if silenced else None,
                 "silenced_until_time": iso(self.silenced_until_ms) if silenced else None, "lag": lag,
                 "holding_back": holding, "silent": self.silent_ts is not None, "precision": self.precision,
-                "feedback": dict(self.feedback)}
+                "feedback": dict(self.feedback), "provisional": self.provisional}
 
 
 def doc_commands(doc: dict[str, Any]) -> list[str]:

@@ -65,8 +65,8 @@ class Views(DaemonState):
                 row["raise_refused"] = refusing.get(row["stream"])
             self._rows, self._rows_at = rows, time.monotonic()
         except Exception as exc:  # noqa: BLE001 — a view, not the data path
-            log.error("streams_view_failed", error=describe(exc)[:300], consequence="/streams answers the rows "
-                      "built before")
+            self.processor.throttle.log(log.error, "streams_view_failed", error=describe(exc)[:300],
+                                        consequence="/streams answers the rows built before")
         self._rows_asked = False
         self._rows_built.set()
 

@@ -1062,7 +1062,7 @@ def test_an_owner_supersedes_a_late_document_and_a_provisional_start_supersedes_
         feed(p, recs[10 * chunk : 10 * chunk + 10])
         p.calibrator.pin("dev-k", pin, "ops")
         saved = p.save("dev-k")
-        assert saved is not None
+        assert saved is not None and p.status_rows({})[0]["provisional"] is incomplete  # said in /streams
         return saved
 
     a = owner(10, stale, 9.0)  # continued ``stale``; its next document is delivered late
@@ -1074,8 +1074,14 @@ def test_an_owner_supersedes_a_late_document_and_a_provisional_start_supersedes_
 
     for partial in (stale, None):  # a provisional start, from the older document the partial read got, or none
         p = owner(20, partial, 1.0, incomplete=True, chunk=4)
-        assert p["epoch"] == (stale["epoch"] + 1 if partial else 0) < c["epoch"]
+        assert p["epoch"] == (stale["epoch"] - 1 if partial else -2)
         assert kept(stale, a, b, c, p) == c  # the latest document before it comes back at the next full read
+    # (review) the partial read got an older document of the owner of the latest: the same epoch as the latest
+    older_c = {**c, "written_ms": c["written_ms"] - 1, "calibrator": stale["calibrator"]}
+    p = owner(21, older_c, 1.0, incomplete=True, chunk=4)
+    assert p["epoch"] < c["epoch"] and kept(older_c, c, p) == c
+    earlier = {k: v for k, v in stale.items() if k != "epoch"}  # an earlier version's document, unread
+    assert kept(earlier, owner(22, None, 1.0, True, 4)) == earlier
     after = owner(30, c, 2.0, chunk=5)
     assert after["epoch"] > c["epoch"]  # and a complete read's owner counts on from the wall clock again
 
@@ -1316,7 +1322,10 @@ def test_documents_of_streams_unseen_for_forget_after_s_are_forgotten_with_a_tom
     assert "dev-old" not in p.evicted and not p.wake("dev-old") and not p.wake("dev-adopted")
     assert p.metrics.snapshot()["tsmon_state_forgotten_total"] == 3
     tick(start + 31 * 3_600_000, 9100)  # the silence has ended
+    p.restore_incomplete = True  # review: a later document may be unread, which a tombstone would delete
     assert p.forget_dormant(mine) == 1 and "dev-silenced" not in p.restored
+    assert tombstones(p) == [b"dev-old", b"dev-adopted"]  # forgotten from memory only
+    p.restore_incomplete = False
     feed(p, records("dev-old", *sine_stream(300, start_ms=start + 32 * 3_600_000), first_offset=9200))
     assert p.streams["dev-old"].scored > 0  # back as a new stream
     doc = p.restored["dev-pinned"]
