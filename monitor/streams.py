@@ -19,6 +19,7 @@ import numpy as np
 from monitor.alerts import AlertState, Episode, generation_of, iso
 from monitor.calibrator import EMPTY_ERRORS, Calibrator
 from monitor.quality import StreamQuality
+from monitor.records import MAX_TS_MS
 from monitor.scorer import Served
 from monitor.source import TP
 from monitor.state import doc_epoch
@@ -27,7 +28,6 @@ from monitor.windows import BeatWindows, StreamWindows
 DOC_VERSION = 1
 COMMANDS_KEPT = 32  # ids of the operator commands applied to a stream that its document keeps (newest)
 NO_FEEDBACK = {"confirmed": 0, "false_positive": 0}
-MAX_TS_MS = 253_402_300_799_999  # the end of year 9999, the last time a date can say
 
 
 @dataclass
@@ -241,9 +241,9 @@ class StreamState:
             raise ValueError(f"unknown state document version {doc.get('v')!r}")
         silenced = int(doc["silenced_until_ms"])
         feedback = {k: int(doc["feedback"][k]) for k in NO_FEEDBACK}
-        if not 0 <= silenced <= MAX_TS_MS or min(feedback.values()) < 0:  # a silence to 1e20 ms restored, then
+        if not 0 <= silenced < MAX_TS_MS or min(feedback.values()) < 0:  # a silence to 1e20 ms restored, then
             # stopped the daemon at the first /streams (no date that far)
-            raise ValueError(f"silenced_until_ms must be a time up to year 9999 and feedback counts >= 0, got "
+            raise ValueError(f"silenced_until_ms must be a time below {MAX_TS_MS} ms and feedback counts >= 0, got "
                              f"{silenced!r} and {feedback!r}")
         last_sample = doc.get("last_sample_ts")  # absent from documents of earlier versions
         if last_sample is not None and (isinstance(last_sample, bool) or not isinstance(last_sample, int)

@@ -32,7 +32,8 @@ class LiveView:
     def __rich__(self) -> Table:
         p, m = self.p, self.p.metrics
         total = lambda name: int(m.total(name)) if m is not None else 0
-        head = (f"{p.http_url + ' · ' if p.http_url else ''}sent {p.sent_samples:,}/{p.total_samples:,} samples · scored {total('tsmon_windows_scored_total'):,}"
+        url = f"{p.http_url} · " if p.http_url else ""
+        head = (f"{url}sent {p.sent_samples:,}/{p.total_samples:,} samples · scored {total('tsmon_windows_scored_total'):,}"
                 f" windows · dead letters {total('tsmon_dead_letters_total')} · alerts {len(p.alerts)} messages")
         t = Table(title=head, title_justify="left", expand=False)
         for col in ("stream time", "stream", "status", "severity", "ratio", "threshold", "alert_id"):
