@@ -208,6 +208,13 @@ def _iso_stamps(col: pd.Series) -> pd.Series:
         return pd.to_datetime(col, format="mixed", utc=True)
 
 
+def _csv_header(raw: bytes, compression: str | None) -> list[str]:
+    """A CSV's first row as written (``pd.read_csv`` reads a repeated name as ``name.1``)."""
+    first = pd.read_csv(io.BytesIO(raw), compression=compression, header=None, nrows=1, dtype=str,
+                        keep_default_na=False)
+    return [str(c) for c in first.iloc[0]]
+
+
 def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp_col: str | None = None,
                 label_col: str | None = None, windows: str | Path | None = None,
                 out_of_order: str = "error", labels_wanted: bool = True,
@@ -248,9 +255,13 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
     df.columns = cols
     # a CSV's first row taken for names (Parquet's names are never data); pandas' own 0, 1, … are names — of two
     # columns at least: a headerless one-column file of counts starting at 0 lost its first row
-    if not parquet and all(_is_number(c) for c in cols) \
-            and (len(cols) < 2 or cols != [str(i) for i in range(len(cols))]):
-        raise DataError(f"{p}: its first row {cols[:4]} is numbers, not column names: the file needs a header row")
+    header = cols if parquet else _csv_header(raw, COMPRESSION.get(suffix))  # as written: pandas renames repeats
+    if not parquet and all(_is_number(c) for c in header) \
+            and (len(header) < 2 or header != [str(i) for i in range(len(header))]):
+        raise DataError(f"{p}: its first row {header[:4]} is numbers, not column names: the file needs a header row")
+    repeated = sorted({c for c in header if c and header.count(c) > 1})  # (blank: pandas' Unnamed: n)
+    if repeated:  # read as temp and temp.1: two channels, one a name no one wrote
+        raise DataError(f"{p}: the header names column(s) {repeated} more than once: rename them")
     ts = _pick(cols, timestamp_col or (preferred_timestamp if preferred_timestamp in cols else None),
                TIMESTAMP_NAMES, "timestamp")
     lab = _pick(cols, label_col, LABEL_NAMES, "label") if labels_wanted else None

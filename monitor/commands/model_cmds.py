@@ -141,6 +141,11 @@ def train(
     check_method(normalisation)  # refused once training had begun, after the progress bar
     spec = DataSpec(data, protocol, seed, window, hop, tuple(value_col or ()), timestamp_col, label_col,
                     train_fraction, windows, out_of_order, align, beat_pre, beat_refractory, beat_baseline)
+    if model in KINDS:  # (an unknown kind is the registry's error) the model's own error exited 1, not 2
+        not_with({"--embedding": embedding is not None and model != "lstm",
+                  "--dropout": dropout is not None and model == "pca",
+                  "--batch-norm/--no-batch-norm": batch_norm is not None and model not in ("dense", "conv")},
+                 f"not an option of the {model} model (see tsmon train --help)")
     params = parse_params(param, embedding=embedding, dropout=dropout, batch_norm=batch_norm)
     if model == "pca":  # it was accepted, and the manifest recorded a training config that never ran
         not_with({"--epochs": epochs is not None, "--batch-size": batch_size is not None, "--lr": lr is not None,

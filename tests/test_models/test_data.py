@@ -256,6 +256,14 @@ def test_files_as_other_tools_write_them(tmp_path: Path) -> None:
     (tmp_path / "counts.csv").write_text("0\n5\n3\n7\n")  # one headerless column starting at 0
     with pytest.raises(DataError, match="needs a header row"):
         read_series(tmp_path / "counts.csv")
+    (tmp_path / "two.csv").write_text("0.5,0.5\n1,1\n2,2\n")  # headerless, first row repeats a value
+    with pytest.raises(DataError, match="needs a header row"):
+        read_series(tmp_path / "two.csv")  # (pandas named its columns 0.5 and 0.5.1: no longer all numbers)
+    df[["timestamp", "ch0", "ch1"]].rename(columns={"ch1": "ch0"}).to_csv(tmp_path / "dup.csv.gz", index=False)
+    with pytest.raises(DataError, match=r"names column\(s\) \['ch0'\] more than once"):
+        read_series(tmp_path / "dup.csv.gz")  # it was two channels, ch0 and ch0.1
+    (tmp_path / "blank.csv").write_text(",,ch0\n" + "".join(f"{i},{i},{i % 7}\n" for i in range(50)))
+    assert read_series(tmp_path / "blank.csv").channels == ["ch0"]  # two blank names (Unnamed: 0, 1) are no repeat
     pd.DataFrame(df[["ch0"]].to_numpy()).to_parquet(tmp_path / "zero.parquet")  # Parquet's names are names
     assert read_series(tmp_path / "zero.parquet").channels == ["0"]
     df.assign(ch0=df["ch0"].round(4).astype(str)).to_parquet(tmp_path / "text.parquet")  # numbers stored as text

@@ -180,7 +180,12 @@ def test_options_of_the_other_kind_of_data_are_usage_errors(capsys: pytest.Captu
             (["bench", "scorer", "--model", str(tmp_path), "--kind", "dense", "--param", "hidden=[8]"],
              "Invalid value for --kind / --param: for an untrained model only"),
             (["train", "--data", str(series), "--beat-pre", "5", "--out", str(tmp_path / "a")],
-             "Invalid value for --beat-pre: beat windows only (--align beats)")]:
+             "Invalid value for --beat-pre: beat windows only (--align beats)"),
+            # the model's own configuration error, exit 1 (the third ML user pass)
+            (["train", "--model", "dense", "--embedding", "8", "--out", str(tmp_path / "a")],
+             "Invalid value for --embedding: not an option of the dense model"),
+            (["train", "--model", "vae", "--batch-norm", "--out", str(tmp_path / "a")],
+             "Invalid value for --batch-norm/--no-batch-norm: not an option of the vae model")]:
         code, _, err = run(capsys, *args)
         assert code == 2 and message in _said(err), (args, err)
     # and (the second ML user pass) a normalisation it does not know was refused once training had begun
