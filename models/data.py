@@ -50,6 +50,7 @@ class Series:
     dropped_out_of_order: int = 0  # rows skipped because their timestamp repeated or went back
     rows: np.ndarray | None = None  # file row of each sample when rows were skipped (else sample i is row i)
     numeric_stamps: bool = False  # the timestamps were numbers, read as epoch milliseconds
+    windows_sha256: str = ""  # of the anomaly windows that labelled it (from a windows file), as nanosecond pairs
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
     ``model_channels``: the value columns are a model's channels, not named by the user (a missing one is said so,
     with the option that maps the file's columns to them).
     """
-    dropped, rows = 0, None
+    dropped, rows, spans_sha = 0, None, ""
     if out_of_order not in ("error", "drop", "keep"):
         raise DataError(f"out_of_order must be error, drop or keep, not {out_of_order!r}")
     p = Path(path)
@@ -332,6 +333,7 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         if stamps is None:
             raise DataError(f"{p}: anomaly windows are timestamps, so the file needs a timestamp column")
         spans = anomaly_windows(windows, p.name)
+        spans_sha = sha256_bytes(np.asarray(spans, "datetime64[ns]").astype("int64").tobytes())
         labels = window_labels(stamps, spans)
         if spans and not labels.any():  # another zone, unit or series: anomalies trained on as normal, silently
             iso = lambda t: np.datetime_as_string(np.datetime64(t, "s"))  # noqa: E731
@@ -340,7 +342,7 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
                             f"{iso(stamps[0])} .. {iso(stamps[-1])} (UTC)")
     with np.errstate(over="ignore"):  # values past float32 become inf, dropped and counted with the NaN windows
         data = df[values].to_numpy("float32")  # (numpy's overflow warning printed a raw line of pandas source)
-    return Series(data, values, stamps, labels, sha256_bytes(raw), str(p), dropped, rows, numeric)
+    return Series(data, values, stamps, labels, sha256_bytes(raw), str(p), dropped, rows, numeric, spans_sha)
 
 
 def anomaly_windows(path: str | Path, data_name: str) -> list[tuple[np.datetime64, np.datetime64]]:
@@ -506,6 +508,8 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
                "test": len(test_idx), "test_windows_dropped_nonfinite": int(test_bad.sum()),
                "test_anomalies_dropped_nonfinite": int((test_bad & (win_label > 0)).sum()),
                "dropped_out_of_order": series.dropped_out_of_order}
+    if series.windows_sha256:  # eval tells whether the windows file training used still labels the file the same
+        summary["windows_sha256"] = series.windows_sha256
     spanning, longest = gap_spanning(series.timestamps, ends, window)
     if spanning:
         summary.update(windows_spanning_gaps=spanning, longest_gap_s=round(longest, 3))

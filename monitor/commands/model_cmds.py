@@ -302,6 +302,11 @@ def eval_(
                             f"{len(cols)} {cols}")
         spec = replace(spec, value_cols=tuple(cols))
     ds = load_dataset(spec, model_channels=None if value_col else det.channel_names)
+    trained_spans = det.meta.get("training", {}).get("data", {}).get("windows_sha256")
+    if spec.windows and not windows and trained_spans and ds.summary.get("windows_sha256") != trained_spans:
+        raise DataError(f"the anomaly windows file training used, {spec.windows}, labels this file otherwise now "
+                        "than when the model was trained: give it (or another) with --windows to evaluate with it "
+                        "as it is")  # evaluated on other labels than training set aside, silently
     _warn_read(ds)
     result = evaluate(det, ds)
     dropped = result["test_windows_dropped_nonfinite"]

@@ -748,6 +748,17 @@ def test_eval_of_the_training_file_by_another_path_keeps_its_label_windows(tmp_p
     code, out, err = run(capsys, "eval", "--model", "m", "--data", "./s.csv", "--json")
     assert code == 0, err
     assert json.loads(out)["test_anomalies"] > 0
+    # the windows file edited since training: eval took the new labels without a word (the ML user pass)
+    saved = (tmp_path / "w.json").read_text()
+    (tmp_path / "w.json").write_text(json.dumps([[stamps[1700], stamps[1729]]]))
+    code, _, err = run(capsys, "eval", "--model", "m", "--data", "s.csv")
+    assert code == 1 and "labels this file otherwise now than when the model was trained" in err
+    code, out, err = run(capsys, "eval", "--model", "m", "--data", "s.csv", "--windows", "w.json", "--json")
+    assert code == 0 and json.loads(out)["test_anomalies"] > 0, err  # named: taken as it is
+    (tmp_path / "w.json").write_text(json.dumps({"other/x.csv": [], "data/s.csv": json.loads(saved)}))
+    code, out, err = run(capsys, "eval", "--model", "m", "--data", "s.csv", "--json")  # the same windows, NAB's form
+    assert code == 0, err
+    (tmp_path / "w.json").write_text(saved)
     # from another directory the relative path training stored is not found: said so, with the option (the ML
     # user pass: "windows file not found: w.json", as if the user had named it)
     (tmp_path / "elsewhere").mkdir()
