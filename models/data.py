@@ -426,19 +426,20 @@ def windows_for(values: np.ndarray, window: int, hop: int,
 GAP_INTERVALS, GAP_MIN_MS = 3.0, 5000.0
 
 
-def gap_spanning(timestamps: np.ndarray | None, ends: np.ndarray, window: int) -> tuple[int, float]:
-    """How many of the windows ending at ``ends`` hold a gap (see :data:`GAP_INTERVALS`), and the longest such gap
-    inside one, in seconds. The daemon restarts its windows at a gap and never scores such a window; these tools
-    cut windows by position, across it."""
+def gap_windows(timestamps: np.ndarray | None, ends: np.ndarray, window: int) -> tuple[np.ndarray, float]:
+    """Which of the windows ending at ``ends`` hold a gap (see :data:`GAP_INTERVALS`), and the longest such gap
+    inside one, in seconds. The daemon restarts its windows at a gap and never scores such a window, so these
+    tools set them aside too: not trained on, thresholded, tested or scored."""
+    held = np.zeros(len(ends), bool)
     if timestamps is None or len(timestamps) < 3 or not len(ends):
-        return 0, 0.0
+        return held, 0.0
     steps = np.diff(timestamps.astype("int64"))  # ns
     positive = steps[steps > 0]
     if not len(positive):
-        return 0, 0.0
+        return held, 0.0
     gap = steps > max(GAP_INTERVALS * float(np.median(positive)), GAP_MIN_MS * 1e6)
     if not gap.any():
-        return 0, 0.0
+        return held, 0.0
     before = np.r_[0, np.cumsum(gap)]  # gaps among the intervals before each sample
     starts = np.maximum(ends - window + 1, 0)
     held = before[ends] - before[starts] > 0
@@ -446,7 +447,7 @@ def gap_spanning(timestamps: np.ndarray | None, ends: np.ndarray, window: int) -
     np.add.at(inside, starts, 1)
     np.add.at(inside, ends, -1)
     spanned = np.cumsum(inside)[:-1] > 0
-    return int(held.sum()), float(steps[gap & spanned].max()) / 1e9 if held.any() else 0.0
+    return held, float(steps[gap & spanned].max()) / 1e9 if held.any() else 0.0
 
 
 def series_dataset(series: Series, window: int, hop: int, train_fraction: float = 0.5,
@@ -474,7 +475,9 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
         hop = int(np.median(np.diff(peaks)))
         windowing = rule.to_dict()
     wins, ends = windows_for(series.values, window, hop, windowing)
-    ok = finite_windows(wins)
+    finite = finite_windows(wins)
+    across, longest = gap_windows(series.timestamps, ends, window)
+    ok = finite & ~across
     if series.labels is not None:
         csum = np.r_[0, np.cumsum(series.labels)]
         win_label = (csum[ends + 1] - csum[ends + 1 - window] > 0).astype("int8")
@@ -484,8 +487,9 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
     if len(fit_idx) < 2:
         in_part = int((ends < split).sum())
         raise DataError(f"{Path(series.path).name}: {len(fit_idx)} normal training window(s) in the first {split} "
-                        f"samples (window {window}, hop {hop}: {in_part} windows, {int((~ok & (ends < split)).sum())} "
-                        f"with NaN/inf, {int((win_label[ends < split] > 0).sum())} labelled); need at least 2")
+                        f"samples (window {window}, hop {hop}: {in_part} windows, {int((~finite & (ends < split)).sum())} "
+                        f"with NaN/inf, {int((across & (ends < split)).sum())} across a gap in the timestamps, "
+                        f"{int((win_label[ends < split] > 0).sum())} labelled); need at least 2")
     n_val = max(1, int(round(len(fit_idx) * val_fraction)))
     # test windows lie wholly after the split: one reaching back shared samples with the windows the model
     # was fitted, stopped and thresholded on, and an anomaly before the split counted as a test detection
@@ -499,20 +503,21 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
     if len(train_idx) == 0:
         raise DataError(f"{Path(series.path).name}: no training window ends before the validation windows start "
                         f"(sample {val_start}); give it more data or a larger --train-fraction")
-    test_bad = ~ok & after
+    test_bad = ~finite & after
     summary = {"source": series.path, "sha256": series.sha256, "samples": len(series.values),
                "split_sample": split, "val_start_sample": val_start, "train_fraction": train_fraction,
                "window_count": len(ends),  # "windows" is the label windows file (DataSpec)
-               "dropped_nonfinite": int((~ok).sum()), "train": len(train_idx), "val": n_val,
+               "dropped_nonfinite": int((~finite).sum()), "train": len(train_idx), "val": n_val,
                "train_dropped_overlapping": len(fit_idx) - n_val - len(train_idx),
                "test": len(test_idx), "test_windows_dropped_nonfinite": int(test_bad.sum()),
                "test_anomalies_dropped_nonfinite": int((test_bad & (win_label > 0)).sum()),
                "dropped_out_of_order": series.dropped_out_of_order}
     if series.windows_sha256:  # eval tells whether the windows file training used still labels the file the same
         summary["windows_sha256"] = series.windows_sha256
-    spanning, longest = gap_spanning(series.timestamps, ends, window)
-    if spanning:
-        summary.update(windows_spanning_gaps=spanning, longest_gap_s=round(longest, 3))
+    if across.any():  # set aside, as the daemon does: counted, all and among the test part
+        summary.update(windows_spanning_gaps=int(across.sum()), longest_gap_s=round(longest, 3),
+                       test_windows_spanning_gaps=int((across & after).sum()),
+                       test_anomalies_spanning_gaps=int((across & after & (win_label > 0)).sum()))
     return Dataset(Path(series.path).name, window, hop, series.channels,
                    np.ascontiguousarray(wins[train_idx]),
                    np.ascontiguousarray(wins[fit_idx[len(fit_idx) - n_val :]]),

@@ -200,7 +200,10 @@ def evaluate(detector: Detector, data: Dataset, with_baseline: bool = True) -> d
                            "test_windows_nonfinite_score": nonfinite,
                            # windows holding NaN/inf are not scored: not in the metrics above, counted here
                            "test_windows_dropped_nonfinite": int(data.summary.get("test_windows_dropped_nonfinite", 0)),
-                           "test_anomalies_dropped_nonfinite": int(data.summary.get("test_anomalies_dropped_nonfinite", 0))}
+                           "test_anomalies_dropped_nonfinite": int(data.summary.get("test_anomalies_dropped_nonfinite", 0)),
+                           # and those across a gap in the timestamps, which the daemon never scores
+                           "test_windows_spanning_gaps": int(data.summary.get("test_windows_spanning_gaps", 0)),
+                           "test_anomalies_spanning_gaps": int(data.summary.get("test_anomalies_spanning_gaps", 0))}
     if data.series is not None and data.series.labels is not None and data.test_ends is not None:
         flagged = ~(scores <= detector.threshold.value)
         span = (int(data.test_ends[0]) - data.window + 1, int(data.test_ends[-1]))

@@ -22,7 +22,7 @@ from models.data import (
     Dataset,
     Series,
     finite_windows,
-    gap_spanning,
+    gap_windows,
     read_series,
     suspect_stamps,
     windows_for,
@@ -195,14 +195,14 @@ def _warn_read(ds: Dataset) -> None:
 
 
 def _warn_gaps(spanning: int, of: int, longest_s: float) -> None:
-    """Windows cut across a gap in the timestamps: trained on, thresholded and scored here, never scored by the
-    daemon, which restarts its windows at a gap (the ML user pass: 93 of 1 805 windows of a NAB series held gaps
-    of over 3 h, one 206 h, and 22 of them were flagged)."""
+    """Windows cut across a gap in the timestamps are set aside, as the daemon never scores them (the ML user pass: 93
+    of 1 805 windows of a NAB series held gaps of over 3 h, one 206 h, and 22 of them were flagged; trained on and
+    scored before, then only warned of)."""
     if spanning:
         log.warning("windows_span_gaps", count=spanning, of=of, longest_gap_s=longest_s,
                     rule=f"an interval over {GAP_INTERVALS:g} median sample intervals and {GAP_MIN_MS / 1000:g} s",
-                    consequence="cut by position across the gap here; the daemon restarts its windows at a gap "
-                    "(windows.gap_ms, per route gap_ms) and never scores such a window")
+                    consequence="set aside: not trained on, thresholded, tested or scored, as the daemon restarts its "
+                    "windows at a gap (windows.gap_ms, per route gap_ms) and never scores such a window")
 
 
 def _warn_stamps(series: Series | None) -> None:
@@ -339,7 +339,8 @@ def model_columns(names: list[str], value_col: list[str] | None) -> list[str]:
 
 def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, timestamp_col: str | None,
                     hop: int, device: str, out_of_order: str = "error",
-                    ) -> tuple[Any, Any, np.ndarray, np.ndarray, np.ndarray]:
+                    ) -> tuple[Any, Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The model, the series, its windows and their ends, which are finite and which hold a gap."""
     det = artifact.load(model_dir, device)
     cols = model_columns(det.channel_names, value_col)
     # the column the model was trained with when the file has it (another was read, and the rows scored in file
@@ -353,10 +354,9 @@ def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, ti
         raise DataError(f"model expects {det.channels} channel(s) {det.channel_names}, {path} gives "
                         f"{series.values.shape[1]} {series.channels}; choose them with --value-col")
     wins, ends = windows_for(series.values, det.window, hop or det.hop, det.windowing)
-    spanning, longest = gap_spanning(series.timestamps, ends, det.window)
-    _warn_gaps(spanning, len(ends), longest)
-    ok = finite_windows(wins)
-    return det, series, wins, ends, ok
+    across, longest = gap_windows(series.timestamps, ends, det.window)
+    _warn_gaps(int(across.sum()), len(ends), longest)
+    return det, series, wins, ends, finite_windows(wins), across
 
 
 def _blank(x: np.ndarray) -> np.ndarray:
@@ -389,14 +389,17 @@ def score(
     if output.resolve() == input.resolve():  # the scores replaced the data they were scored from, exit 0
         raise DataError(f"--output {output} is the --input file: give another name")
     check_writable(output, "--output")
-    det, series, wins, ends, ok = _series_windows(model, input, value_col, timestamp_col, hop, device, out_of_order)
+    det, series, wins, ends, finite, across = _series_windows(model, input, value_col, timestamp_col, hop, device,
+                                                              out_of_order)
+    ok = finite & ~across
     if len(ok) == 0:  # it said "every window contains NaN or inf" for a file with none
         why = (f"fewer than {det.window} samples" if det.windowing.get("kind") == "sliding" else
                f"no R peak at the model's level {det.windowing.get('level', 0):.4g}: another recording, other "
                f"units or another lead?")
         raise DataError(f"{input}: no window to score ({why})")
     if not ok.any():
-        raise DataError(f"{input}: every window contains NaN or inf; nothing to score")
+        raise DataError(f"{input}: every window contains NaN or inf" + (" or holds a gap in the timestamps" if across.any()
+                        else "") + "; nothing to score")
     score, channel = _score_in_chunks(det, wins, ok)
     kept = ends[ok]
     frame = pd.DataFrame({"window": np.flatnonzero(ok)})  # the --index of `tsmon inspect`
@@ -413,7 +416,7 @@ def score(
         replace_atomically(output, lambda tmp: frame.to_parquet(tmp, index=False))
     else:  # compressed by its suffix (.gz …); a full disk left a cut CSV that parsed
         replace_atomically(output, lambda tmp: frame.to_csv(tmp, index=False))
-    dropped, nonfinite = int((~ok).sum()), int((~np.isfinite(score)).sum())
+    dropped, nonfinite = int((~finite).sum()), int((~np.isfinite(score)).sum())
     if dropped:
         log.warning("windows_dropped_nonfinite", count=dropped, reason="NaN or inf in window")
     if nonfinite:  # finite values beyond the model's range (e.g. 3e38): flagged, never called normal
@@ -470,10 +473,11 @@ def inspect(
         wins, title = ds.test, "ECG5000 test beat"
         label = lambda i: "abnormal" if ds.test_labels[i] else "normal"
     else:
-        det, _, all_wins, _, ok = _series_windows(model, Path(data), value_col, timestamp_col, hop, device,
-                                                  out_of_order)  # numbered as score numbers them
-        wins, title, label = all_wins, f"{Path(data).name} window", lambda i: ""
-        if 0 <= index < len(ok) and not ok[index]:
+        det, _, all_wins, _, finite, across = _series_windows(model, Path(data), value_col, timestamp_col, hop,
+                                                              device, out_of_order)  # numbered as score numbers them
+        wins, title = all_wins, f"{Path(data).name} window"
+        label = lambda i: "(holds a gap: neither score nor the daemon scores it)" if across[i] else ""
+        if 0 <= index < len(finite) and not finite[index]:
             raise DataError(f"window {index} contains NaN or inf; it cannot be scored")
     if not 0 <= index < len(wins):
         raise DataError(f"--index {index} out of range: 0..{len(wins) - 1}")

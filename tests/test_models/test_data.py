@@ -133,29 +133,45 @@ def test_label_as_value_and_unsorted_timestamps_are_refused(tmp_path: Path, seri
         read_series(tmp_path / "rev.csv")
 
 
-def test_windows_that_hold_a_gap_are_counted(tmp_path: Path) -> None:
+def test_windows_that_hold_a_gap_are_set_aside(tmp_path: Path) -> None:
     """Found by the ML user pass: windows cut across gaps in the timestamps, which the daemon never scores, were
-    trained on and scored offline without a word. They are counted (the CLI warns: windows_span_gaps)."""
-    from models.data import gap_spanning, series_dataset
+    trained on and scored offline without a word. They are set aside and counted (the CLI warns: windows_span_gaps)."""
+    from models.data import gap_windows, series_dataset
+
+    def spanning(stamps: np.ndarray | None, ends: np.ndarray, window: int) -> tuple[int, float]:
+        held, longest = gap_windows(stamps, ends, window)
+        assert held.shape == ends.shape
+        return int(held.sum()), longest
 
     stamps = (np.arange(100) * 1000 + np.where(np.arange(100) >= 50, 10_000, 0)).astype("datetime64[ms]")
     ends = np.arange(9, 100, 5)  # window 10, hop 5: only the window of samples 45..54 holds the 11 s interval
-    assert gap_spanning(stamps.astype("datetime64[ns]"), ends, 10) == (1, 11.0)
-    assert gap_spanning(None, ends, 10) == (0, 0.0)
-    assert gap_spanning(np.arange(100).astype("datetime64[s]").astype("datetime64[ns]"), ends, 10) == (0, 0.0)
+    assert spanning(stamps.astype("datetime64[ns]"), ends, 10) == (1, 11.0)
+    assert gap_windows(stamps.astype("datetime64[ns]"), ends, 10)[0][9]  # (ends[9] = 54)
+    assert spanning(None, ends, 10) == (0, 0.0)
+    assert spanning(np.arange(100).astype("datetime64[s]").astype("datetime64[ns]"), ends, 10) == (0, 0.0)
     # review: 4 s at 1 Hz is no gap to replay-eval or the daemon (5 s), and a longer gap after the last window is
     # held by none
     jittered = (np.arange(100) * 1000 + np.where(np.arange(100) >= 50, 3000, 0)
                 + np.where(np.arange(100) >= 99, 60_000, 0)).astype("datetime64[ms]").astype("datetime64[ns]")
-    assert gap_spanning(jittered, np.arange(9, 95, 5), 10) == (0, 0.0)
+    assert spanning(jittered, np.arange(9, 95, 5), 10) == (0, 0.0)
     tail = (np.arange(100) * 1000 + np.where(np.arange(100) >= 50, 10_000, 0)
             + np.where(np.arange(100) >= 99, 60_000, 0)).astype("datetime64[ms]").astype("datetime64[ns]")
-    assert gap_spanning(tail, np.arange(9, 95, 5), 10) == (1, 11.0)  # not the 61 s one past the last window
+    assert spanning(tail, np.arange(9, 95, 5), 10) == (1, 11.0)  # not the 61 s one past the last window
     df = synthetic_series(400)
-    df["timestamp"] = pd.to_datetime(df["timestamp"]) + pd.to_timedelta(np.where(df.index >= 200, 3600, 0), "s")
-    df.to_csv(tmp_path / "gap.csv", index=False)
-    summary = series_dataset(read_series(tmp_path / "gap.csv"), 40, 10).summary
-    assert summary["windows_spanning_gaps"] == 3 and summary["longest_gap_s"] > 3600  # ends 209, 219, 229
+    df.to_csv(tmp_path / "even.csv", index=False)
+    even = series_dataset(read_series(tmp_path / "even.csv"), 40, 10)
+    for at, where in ((100, "train"), (300, "test")):
+        gapped = df.assign(timestamp=pd.to_datetime(df["timestamp"])
+                           + pd.to_timedelta(np.where(df.index >= at, 3600, 0), "s"))
+        gapped.to_csv(tmp_path / "gap.csv", index=False)
+        ds = series_dataset(read_series(tmp_path / "gap.csv"), 40, 10)
+        assert ds.summary["windows_spanning_gaps"] == 3 and ds.summary["longest_gap_s"] > 3600, where  # 3 hold it
+        held = {at + 9, at + 19, at + 29}  # the ends of the windows that hold the interval before sample `at`
+        if where == "train":  # none of them trained on (they are not validation windows either, the part's end)
+            assert len(ds.train) == len(even.train) - 3 and not np.isin(list(held), ds.test_ends).any()
+        else:  # nor tested: the daemon never scores them
+            assert len(ds.test) == len(even.test) - 3 and not np.isin(list(held), ds.test_ends).any()
+            assert ds.summary["test_windows_spanning_gaps"] == 3
 
 
 def test_a_value_past_float32_reads_as_inf_without_numpys_warning(tmp_path: Path) -> None:

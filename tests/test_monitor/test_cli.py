@@ -461,10 +461,10 @@ def test_eval_on_another_file(dense_artifact: Path, tmp_path: Path, capsys: pyte
     assert code == 0 and '"training_split_unknown"' in err and '"split": 0.5' in err
 
 
-def test_score_and_eval_warn_of_windows_cut_across_a_gap(dense_artifact: Path, series_csv: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_score_and_eval_set_aside_windows_cut_across_a_gap(dense_artifact: Path, series_csv: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """The ML user pass: windows across a gap in the timestamps (which the daemon never scores) were scored and
-    flagged without a word."""
+    flagged without a word; then only warned of. They are set aside, as the daemon sets them aside."""
     df = pd.read_csv(series_csv)
     df["timestamp"] = pd.to_datetime(df["timestamp"]) + pd.to_timedelta(np.where(df.index >= 3000, 3600, 0), "s")
     gap = tmp_path / "gap.csv"
@@ -472,8 +472,14 @@ def test_score_and_eval_warn_of_windows_cut_across_a_gap(dense_artifact: Path, s
     code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(gap), "--output",
                        str(tmp_path / "s.csv"))
     assert code == 0 and '"windows_span_gaps"' in err and '"count": 3' in err  # window 40, hop 10
-    code, _, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(gap))
-    assert code == 0 and '"windows_span_gaps"' in err
+    scored = pd.read_csv(tmp_path / "s.csv")
+    assert len(scored) == (4000 - 40) // 10 + 1 - 3 and not scored["window"].isin([297, 298, 299]).any()
+    assert "windows_dropped_nonfinite" not in err  # (the count of windows with NaN/inf)
+    code, out, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(gap), "--json")
+    assert code == 0 and '"windows_span_gaps"' in err and json.loads(out)["test_windows_spanning_gaps"] == 3
+    code, _, err = run(capsys, "inspect", "--model", str(dense_artifact), "--data", str(gap), "--index", "298",
+                       "--out", str(tmp_path / "w.png"))
+    assert code == 0 and (tmp_path / "w.png").stat().st_size > 0  # drawn, its title says it holds a gap
     code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(series_csv), "--output",
                        str(tmp_path / "s.parquet"))  # written as CSV text before (the ML user pass)
     assert code == 0 and "windows_span_gaps" not in err
