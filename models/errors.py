@@ -8,6 +8,8 @@
   + BrokerError              broker unreachable or refused a request
     + PartitionUnreadable    a fetch of one input partition the client cannot use (carries ``tp``)
   + SinkBackpressure         the sink is slow; carries ``retry_after`` seconds
+  + ScoringStuck             a scoring call did not return in time
+  + monitor.control.Refused  an operator command not applied; its acknowledgement gives the reason
 
 Every message is one line that names the problem and, where there is one, the fix.
 """

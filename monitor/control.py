@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from models.errors import ConfigError
+from models.errors import ConfigError, TsmonError
 from monitor.alerts import iso
 
 COMMANDS = ("recalibrate", "pin", "unpin", "freeze", "unfreeze", "silence", "unsilence", "reset-stream",
@@ -40,7 +40,7 @@ ACK_PART_BYTES = 512_000  # JSON per acknowledgement message: well under the pro
 _FIELDS = ("command", "target", "params", "operator", "reason", "issued_at", "command_id")
 
 
-class Refused(Exception):
+class Refused(TsmonError):
     """A command that must not be applied; the message is the reason given in its acknowledgement."""
 
 
@@ -146,6 +146,10 @@ def _command(doc: dict[str, Any]) -> Command:
         raise Refused(f"unknown command {doc['command'][:40]!r}")
     if not doc["operator"].strip() or not doc["command_id"].strip() or len(doc["command_id"]) > 128:
         raise Refused("operator and command_id (at most 128 characters) must not be empty")
+    try:  # the id keys the acknowledgement: a lone surrogate ("\\ud800", valid JSON) stopped the daemon there
+        doc["command_id"].encode("utf-8")
+    except UnicodeEncodeError:
+        raise Refused("command_id is not valid Unicode (a lone surrogate)") from None
     return Command(**{k: doc[k] for k in _FIELDS})
 
 

@@ -376,7 +376,17 @@ def _claimed(raw: bytes | None) -> str | None:
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     cid = doc.get("command_id") if isinstance(doc, dict) else None
-    return cid[:128] if isinstance(cid, str) else None
+    return cid[:128] if isinstance(cid, str) and _encodable(cid[:128]) else None
+
+
+def _encodable(text: str) -> bool:
+    """JSON may carry lone surrogates (``"\\ud800"``), which no UTF-8 message key can hold: as an ack's key, an id
+    with one raised out of the loop and stopped the daemon (standards audit)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class ControlSource:

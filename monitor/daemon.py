@@ -383,7 +383,12 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
                 and time.monotonic() - self._last_control >= self.cfg.control.poll_interval_ms / 1000):
             self._last_control = time.monotonic()
             for raw in self.control.poll():
-                self.controller.handle(raw)
+                try:
+                    self.controller.handle(raw)
+                except Exception as exc:  # noqa: BLE001 — one control message must never stop the daemon
+                    log.error("control_message_failed", error=describe(exc)[:300],
+                              consequence="not applied, not acknowledged (tsmon ctl reports no answer)")
+                    self.metrics.commands.labels("unknown", "error").inc()
                 self._last_commit = -math.inf  # its documents, then its acknowledgement, go with a commit: now
 
     def _commit_when_due(self) -> None:

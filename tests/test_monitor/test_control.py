@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.errors import ConfigError
+from models.errors import ConfigError, TsmonError
 from monitor.alerts import RATIO_CAP, AlertSettings, iso
 from monitor.calibrator import _unpack
 from monitor.commands.ctl_cmd import _effect
@@ -245,6 +245,24 @@ def test_a_flood_of_unsigned_messages_is_counted_not_logged_and_audited_each(mak
     got = _collect(ScriptedAudit([(0.0, spoof), (0.0, mine)]), "c", timeout_s=3, settle_s=0.3,
                    sent=hashlib.sha256(sent).hexdigest())
     assert [a["status"] for a in got.acks] == ["applied"]
+
+
+def test_a_command_id_no_message_key_can_hold_is_refused_not_a_crash(make: Make) -> None:
+    """JSON may carry a lone surrogate ("\\ud800"); as the key of the acknowledgement, such a command id raised
+    UnicodeEncodeError out of the loop and stopped the daemon, from anyone who can write to the control topic,
+    without the key (standards audit)."""
+    p = make()
+    c = controller(p)
+    unsigned = b'{"command": "freeze", "command_id": "\\ud800x", "signature": "' + b"0" * 64 + b'"}'
+    assert c.handle(unsigned)["status"] == "rejected"
+    doc = {**new_command("freeze", "*", {}, "alice", "", KEY), "command_id": "\ud800"}
+    doc["signature"] = signature({k: v for k, v in doc.items() if k != "signature"}, KEY)
+    with pytest.raises(Refused, match="not valid Unicode"):
+        verify(raw(doc), KEY, 60, time.time())
+    got = c.handle(raw(doc))
+    assert got["status"] == "rejected" and got["command_id"] is None and not p.calibrator.frozen_all
+    assert [m.key for m, *_ in p.outbox.acks] == [b"None", b"None"]  # each answered, under no claimed id
+    assert isinstance(Refused("x"), TsmonError)  # the one hierarchy
 
 
 def test_the_daemons_acks_name_the_partitions_it_holds(stream_model: Path) -> None:
