@@ -231,10 +231,49 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
     ``model_channels``: the value columns are a model's channels, not named by the user (a missing one is said so,
     with the option that maps the file's columns to them).
     """
-    dropped, rows, spans_sha = 0, None, ""
     if out_of_order not in ("error", "drop", "keep"):
         raise DataError(f"out_of_order must be error, drop or keep, not {out_of_order!r}")
     p = Path(path)
+    df, raw = _read_frame(p)
+    cols = list(df.columns)
+    ts = _pick(cols, timestamp_col or (preferred_timestamp if preferred_timestamp in cols else None),
+               TIMESTAMP_NAMES, "timestamp")
+    lab = _pick(cols, label_col, LABEL_NAMES, "label") if labels_wanted else None
+    values = _value_columns(p, df, value_cols, ts, lab, model_channels)
+    labels = None
+    if lab is not None:
+        lv = pd.to_numeric(df[lab], errors="coerce")
+        if not lv.isin([0, 1]).all():
+            raise DataError(f"{p}: label column {lab!r} must hold only 0 and 1")
+        labels = lv.to_numpy("int8")
+    dropped, rows, spans_sha = 0, None, ""
+    stamps, numeric = None, ts is not None and pd.api.types.is_numeric_dtype(df[ts])
+    if ts is not None:
+        stamps = _stamps(p, df[ts], ts, numeric)
+        back = np.flatnonzero(np.diff(stamps.astype("int64")) <= 0)
+        if len(back) and out_of_order == "error":
+            i = int(back[0]) + 1
+            raise DataError(f"{p}: timestamps must strictly increase (row {i} repeats or goes back); sort the "
+                            f"file, or drop such rows with --out-of-order drop")
+        if len(back) and out_of_order == "drop":
+            keep = increasing_rows(stamps.astype("int64"))
+            dropped, rows = int((~keep).sum()), np.flatnonzero(keep)
+            df, stamps = df[keep], stamps[keep]
+            labels = labels[keep] if labels is not None else None
+    if windows is not None:
+        if labels is not None:
+            raise DataError(f"{p}: give the labels once: a label column ({lab!r}) or a windows file, not both")
+        if stamps is None:
+            raise DataError(f"{p}: anomaly windows are timestamps, so the file needs a timestamp column")
+        labels, spans_sha = _labels_of_windows(p, windows, stamps)
+    with np.errstate(over="ignore"):  # values past float32 become inf, dropped and counted with the NaN windows
+        data = df[values].to_numpy("float32")  # (numpy's overflow warning printed a raw line of pandas source)
+    return Series(data, values, stamps, labels, sha256_bytes(raw), str(p), dropped, rows, numeric, spans_sha)
+
+
+def _read_frame(p: Path) -> tuple[pd.DataFrame, bytes]:
+    """The file as a frame with string column names, and its bytes; a header that is numbers or repeats a name is
+    an error."""
     if not p.exists():
         raise DataError(f"data file not found: {p}")
     if not p.is_file():
@@ -263,9 +302,14 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
     repeated = sorted({c for c in header if c and header.count(c) > 1})  # (blank: pandas' Unnamed: n)
     if repeated:  # read as temp and temp.1: two channels, one a name no one wrote
         raise DataError(f"{p}: the header names column(s) {repeated} more than once: rename them")
-    ts = _pick(cols, timestamp_col or (preferred_timestamp if preferred_timestamp in cols else None),
-               TIMESTAMP_NAMES, "timestamp")
-    lab = _pick(cols, label_col, LABEL_NAMES, "label") if labels_wanted else None
+    return df, raw
+
+
+def _value_columns(p: Path, df: pd.DataFrame, value_cols: list[str] | None, ts: str | None, lab: str | None,
+                   model_channels: Sequence[str] | None) -> list[str]:
+    """The channels' columns (named, or every other one), checked, and made numbers in ``df`` where they are
+    numbers stored otherwise (Parquet decimals or strings)."""
+    cols = list(df.columns)
     # a pandas index written with to_csv ("Unnamed: 0", the row number) is no channel: named, it is taken
     values = value_cols or [c for c in cols if c not in (ts, lab) and c != "sample" and not c.startswith("Unnamed: ")]
     if not values:
@@ -294,55 +338,38 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
                 continue
             example = bad.iloc[0] if len(bad) else df[c].iloc[0]
             raise DataError(f"{p}: value column {c!r} is not numeric (row {bad.index[0] if len(bad) else 0}: {example!r})")
-    labels = None
-    if lab is not None:
-        lv = pd.to_numeric(df[lab], errors="coerce")
-        if not lv.isin([0, 1]).all():
-            raise DataError(f"{p}: label column {lab!r} must hold only 0 and 1")
-        labels = lv.to_numpy("int8")
-    stamps, numeric = None, ts is not None and pd.api.types.is_numeric_dtype(df[ts])
-    if ts is not None:
-        col = df[ts]
-        if numeric and not col.isna().all():
-            far = col[(col.abs() > MAX_EPOCH_MS) & col.notna()]  # epoch µs or ns read as ms: year 55 969 wrapped
-            if len(far):  # round int64 nanoseconds into an invented date, silently
-                first = far.iloc[0]  # a numpy scalar (shown as np.int64(…)), or a Python number from a pyarrow column
-                first = first.item() if isinstance(first, np.generic) else first
-                raise DataError(f"{p}: timestamp column {ts!r} row {far.index[0]}: {first!r} is not epoch "
-                                f"milliseconds (past year 2262: microseconds or nanoseconds?)")
-        try:  # in UTC: naive stamps are taken as UTC, offsets converted row by row (they change at summer time)
-            stamps = (pd.to_datetime(col, unit="ms") if numeric else _iso_stamps(col)).to_numpy("datetime64[ns]")
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise DataError(f"{p}: timestamp column {ts!r} is not epoch-ms or ISO-8601: {exc}") from None
-        if np.isnat(stamps).any():  # NaT compares false with everything: --out-of-order drop lost every later row
-            i = int(np.flatnonzero(np.isnat(stamps))[0])
-            raise DataError(f"{p}: row {i} has no timestamp (column {ts!r} is empty there)")
-        back = np.flatnonzero(np.diff(stamps.astype("int64")) <= 0)
-        if len(back) and out_of_order == "error":
-            i = int(back[0]) + 1
-            raise DataError(f"{p}: timestamps must strictly increase (row {i} repeats or goes back); sort the "
-                            f"file, or drop such rows with --out-of-order drop")
-        if len(back) and out_of_order == "drop":
-            keep = increasing_rows(stamps.astype("int64"))
-            dropped, rows = int((~keep).sum()), np.flatnonzero(keep)
-            df, stamps = df[keep], stamps[keep]
-            labels = labels[keep] if labels is not None else None
-    if windows is not None:
-        if labels is not None:
-            raise DataError(f"{p}: give the labels once: a label column ({lab!r}) or a windows file, not both")
-        if stamps is None:
-            raise DataError(f"{p}: anomaly windows are timestamps, so the file needs a timestamp column")
-        spans = anomaly_windows(windows, p.name)
-        spans_sha = sha256_bytes(np.asarray(spans, "datetime64[ns]").astype("int64").tobytes())
-        labels = window_labels(stamps, spans)
-        if spans and not labels.any():  # another zone, unit or series: anomalies trained on as normal, silently
-            iso = lambda t: np.datetime_as_string(np.datetime64(t, "s"))  # noqa: E731
-            raise DataError(f"{p}: none of the {len(spans)} anomaly window(s) of {windows} holds a sample: they span "
-                            f"{iso(min(a for a, _ in spans))} .. {iso(max(b for _, b in spans))}, the series "
-                            f"{iso(stamps[0])} .. {iso(stamps[-1])} (UTC)")
-    with np.errstate(over="ignore"):  # values past float32 become inf, dropped and counted with the NaN windows
-        data = df[values].to_numpy("float32")  # (numpy's overflow warning printed a raw line of pandas source)
-    return Series(data, values, stamps, labels, sha256_bytes(raw), str(p), dropped, rows, numeric, spans_sha)
+    return values
+
+
+def _stamps(p: Path, col: pd.Series, ts: str, numeric: bool) -> np.ndarray:
+    """The timestamp column as UTC ``datetime64[ns]``: epoch milliseconds when numbers, else ISO-8601."""
+    if numeric and not col.isna().all():
+        far = col[(col.abs() > MAX_EPOCH_MS) & col.notna()]  # epoch µs or ns read as ms: year 55 969 wrapped
+        if len(far):  # round int64 nanoseconds into an invented date, silently
+            first = far.iloc[0]  # a numpy scalar (shown as np.int64(…)), or a Python number from a pyarrow column
+            first = first.item() if isinstance(first, np.generic) else first
+            raise DataError(f"{p}: timestamp column {ts!r} row {far.index[0]}: {first!r} is not epoch "
+                            f"milliseconds (past year 2262: microseconds or nanoseconds?)")
+    try:  # in UTC: naive stamps are taken as UTC, offsets converted row by row (they change at summer time)
+        stamps = (pd.to_datetime(col, unit="ms") if numeric else _iso_stamps(col)).to_numpy("datetime64[ns]")
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise DataError(f"{p}: timestamp column {ts!r} is not epoch-ms or ISO-8601: {exc}") from None
+    if np.isnat(stamps).any():  # NaT compares false with everything: --out-of-order drop lost every later row
+        i = int(np.flatnonzero(np.isnat(stamps))[0])
+        raise DataError(f"{p}: row {i} has no timestamp (column {ts!r} is empty there)")
+    return stamps
+
+
+def _labels_of_windows(p: Path, windows: str | Path, stamps: np.ndarray) -> tuple[np.ndarray, str]:
+    """Per-sample labels from a windows file, and the hash of the windows that gave them (as nanosecond pairs)."""
+    spans = anomaly_windows(windows, p.name)
+    labels = window_labels(stamps, spans)
+    if spans and not labels.any():  # another zone, unit or series: anomalies trained on as normal, silently
+        iso = lambda t: np.datetime_as_string(np.datetime64(t, "s"))  # noqa: E731
+        raise DataError(f"{p}: none of the {len(spans)} anomaly window(s) of {windows} holds a sample: they span "
+                        f"{iso(min(a for a, _ in spans))} .. {iso(max(b for _, b in spans))}, the series "
+                        f"{iso(stamps[0])} .. {iso(stamps[-1])} (UTC)")
+    return labels, sha256_bytes(np.asarray(spans, "datetime64[ns]").astype("int64").tobytes())
 
 
 def anomaly_windows(path: str | Path, data_name: str) -> list[tuple[np.datetime64, np.datetime64]]:
