@@ -42,13 +42,15 @@ class _Messages:
     def first(self) -> int | None:
         return self.offsets[self.head] if self.head < len(self.offsets) else None
 
-    def offset_of(self, seq: int) -> int | None:
-        """The message that carried sample ``seq``, released or not, while it is in the lists; None once it
-        was dropped (it was the oldest still kept: an episode longer than ``max_hold_windows`` named it)."""
+    def offset_of(self, seq: int) -> tuple[int, int] | None:
+        """The first message here whose samples reach sample ``seq``, released or not, while it is in the lists,
+        and its last sample number; None once it was dropped (it was the oldest still kept: an episode longer
+        than ``max_hold_windows`` named it). On this partition alone it carried ``seq``; a stream whose messages
+        came on several partitions has gaps in each one's numbers (see :meth:`OffsetLedger.offset_of`)."""
         if seq <= self.dropped_seq:
             return None
         i = bisect_left(self.last_seq, seq)
-        return self.offsets[i] if i < len(self.offsets) else None
+        return (self.offsets[i], self.last_seq[i]) if i < len(self.offsets) else None
 
 
 class OffsetLedger:
@@ -80,12 +82,16 @@ class OffsetLedger:
             self._held[tp][stream].release(seq)
 
     def offset_of(self, stream: str, seq: int) -> tuple[TP, int] | None:
-        """The input message that carried sample ``seq`` of the stream, while it is known (see _Messages)."""
-        for tp in self._streams.get(stream, ()):
-            off = self._held[tp][stream].offset_of(seq)
-            if off is not None:
-                return tp, off
-        return None
+        """The input message that carried sample ``seq`` of the stream, while it is known (see _Messages). A
+        message carries consecutive samples, so where the stream came on several partitions (keyless messages)
+        it is the one, of each partition's first to reach ``seq``, that ends soonest (the first partition found
+        named another message, by the order of a set)."""
+        found = [(hit[1], tp, hit[0]) for tp in self._streams.get(stream, ())
+                 if (hit := self._held[tp][stream].offset_of(seq)) is not None]
+        if not found:
+            return None
+        _, tp, offset = min(found, key=lambda f: f[0])
+        return tp, offset
 
     def committable(self, tps: set[TP] | None = None) -> dict[TP, int]:
         """Per partition, the offset to commit: the oldest message still needed, else past the last one read."""

@@ -181,6 +181,8 @@ class Processor(Ingest, InFlight, Residency, Committing):
         topic, partition = (first or last or ((None, None), None))[0]
         source = {"topic": topic, "partition": partition,
                   "first_offset": first[1] if first else None, "last_offset": last[1] if last else None}
+        if first and last and last[0] != first[0]:  # a stream whose (keyless) messages came on several partitions
+            source.update(last_topic=last[0][0], last_partition=last[0][1])
         det = st.served.detector
         doc = alert_doc(stream, t, st.served.describe(), det.channel_names if names is None else names,
                         source, self.settings.alerts, {"status": status, "silenced": ep.silenced,

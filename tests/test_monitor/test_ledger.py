@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from monitor.ledger import OffsetLedger
 
 P0, P1 = ("in", 0), ("in", 1)
@@ -107,6 +109,20 @@ def test_offset_of_maps_a_sample_to_its_message() -> None:
     assert led.offset_of("nobody", 1) is None
     led.release("a", 6)
     assert led.offset_of("a", 7) == (P0, 11)
+
+
+@pytest.mark.parametrize("order", [(P0, P1), (P1, P0)])
+def test_offset_of_a_stream_on_two_partitions_names_the_message_that_carried_the_sample(order: tuple) -> None:
+    """Keyless messages of one stream spread over partitions: each partition's numbers have gaps, and the first
+    partition that reached the sample (by the order of a set) was named: the alert's source pointed at another
+    message (in-process fuzzing)."""
+    led = OffsetLedger()
+    first, second = order
+    for k in range(6):  # messages of 10 samples, alternating: samples 0-9 on `first`, 10-19 on `second`, …
+        led.hold(first if k % 2 == 0 else second, "a", 100 + k // 2, last_seq=10 * k + 9)
+    for seq in range(60):
+        k = seq // 10
+        assert led.offset_of("a", seq) == (first if k % 2 == 0 else second, 100 + k // 2), seq
 
 
 def test_drop_forgets_partitions_and_returns_their_streams() -> None:
