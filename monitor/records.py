@@ -163,7 +163,11 @@ def parse(value: bytes | None, key: bytes | None = None, limits: Limits = Limits
     return SampleBlock(stream, ts, arr.astype("float32"))
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 control characters
+# C0, DEL and C1 control characters, and the bidirectional overrides and isolates, which reorder what a terminal or
+# a dashboard shows of the characters after them (U+202E made "dev-1<RLO>cba" show as "dev-1abc")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# whitespace and the format characters that show as nothing (as in the input schema's pattern)
+_INVISIBLE = re.compile(r"[\s\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]*")
 
 
 def _stream(field: Any, key: bytes | None, limits: Limits) -> str | BadRecord:
@@ -180,9 +184,10 @@ def _stream(field: Any, key: bytes | None, limits: Limits) -> str | BadRecord:
         return BadRecord("bad_stream", f"stream field {field[:64]!r} differs from the key {key_id[:64]!r}")
     if len(stream) > limits.max_stream_len:
         return BadRecord("bad_stream", f"stream id longer than {limits.max_stream_len} characters")
-    if stream.replace("\ufeff", " ").isspace():  # no glob of `tsmon ctl --stream` or row of `tsmon status` can show
-        # it (nor U+FEFF, which ECMA-262's \s, a schema validator's, takes for a space)
-        return BadRecord("bad_stream", "stream id is only whitespace")
+    if _INVISIBLE.fullmatch(stream):
+        # no glob of `tsmon ctl --stream` or row of `tsmon status` can show it: whitespace, or format characters
+        # that show as nothing (U+FEFF, which ECMA-262's \s, a schema validator's, takes for a space; U+200B …)
+        return BadRecord("bad_stream", "stream id is only whitespace or invisible characters")
     if (bad := _CONTROL.search(stream)) is not None:  # a NUL, a newline, an escape: garbage, or a terminal's trap
         return BadRecord("bad_stream", f"stream id has a control character (U+{ord(bad.group()):04X})")
     if field:  # a JSON field may carry lone surrogates ("\\ud800"; a key decoded from UTF-8 cannot): such an id

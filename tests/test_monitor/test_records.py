@@ -31,7 +31,11 @@ def test_good_messages_parse_and_match_the_schema(doc: dict) -> None:
 
 
 @pytest.mark.parametrize("stream, good", [("pump 3", True), (" ", False), ("s\u0000", False), ("dev\x1b[2J", False),
-                                          ("dev\u0085", False), ("\ufeff", False)])
+                                          ("dev\u0085", False), ("\ufeff", False),
+                                          # invisible alone, or reordering what a terminal shows (in-process fuzzing)
+                                          ("\u200b", False), ("\u2060\u200d", False), ("\u00ad", False),
+                                          ("dev-1\u202ecba", False), ("dev\u2066x", False),
+                                          ("dev\u200dx", True)])
 def test_the_schema_and_the_parser_agree_on_stream_ids(stream: str, good: bool) -> None:
     doc = {"stream": stream, "ts": 1_700_000_000_000, "value": 0.1}
     assert jsonschema.Draft202012Validator(SCHEMA).is_valid(doc) is good
