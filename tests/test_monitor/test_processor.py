@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import threading
 import time
 from dataclasses import replace
@@ -1214,6 +1215,32 @@ def test_a_failure_building_the_streams_rows_is_logged_not_the_end_of_the_loop(
         assert d._rows == [{"stream": "before"}] and d._rows_built.is_set() and not d._rows_asked
         said = capsys.readouterr()
         assert "streams_view_failed" in said.out + said.err and "ZeroDivisionError" in said.out + said.err
+    finally:
+        d.processor.close()
+
+
+def test_an_error_handling_one_control_message_is_logged_not_the_end_of_the_loop(
+        stream_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Standards audit: an error escaping one control message (a command id no message key could hold raised
+    UnicodeEncodeError) left the loop and stopped the daemon. It is logged and counted; the next one is handled."""
+    d = in_process_daemon(stream_model, MemorySource([]), MemorySink())
+    try:
+        handled: list[bytes] = []
+
+        def handle(raw: bytes) -> dict[str, Any]:
+            handled.append(raw)
+            if raw == b"bad":
+                raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+            return {}
+
+        d.control = type("Control", (), {"poll": lambda self: [b"bad", b"good"], "close": lambda self: None})()
+        d.controller.handle = handle  # type: ignore[method-assign]
+        d._last_control = -math.inf
+        d._apply_commands()
+        assert handled == [b"bad", b"good"]
+        assert d.metrics.commands.labels("unknown", "error")._value.get() == 1
+        said = capsys.readouterr()
+        assert "control_message_failed" in said.out + said.err and "UnicodeEncodeError" in said.out + said.err
     finally:
         d.processor.close()
 
