@@ -50,7 +50,7 @@ class Series:
     dropped_out_of_order: int = 0  # rows skipped because their timestamp repeated or went back
     rows: np.ndarray | None = None  # file row of each sample when rows were skipped (else sample i is row i)
     numeric_stamps: bool = False  # the timestamps were numbers, read as epoch milliseconds
-    windows_sha256: str = ""  # of the anomaly windows that labelled it (from a windows file), as nanosecond pairs
+    windows_sha256: str = ""  # of the labels a windows file gave it
 
 
 @dataclass(frozen=True)
@@ -361,7 +361,7 @@ def _stamps(p: Path, col: pd.Series, ts: str, numeric: bool) -> np.ndarray:
 
 
 def _labels_of_windows(p: Path, windows: str | Path, stamps: np.ndarray) -> tuple[np.ndarray, str]:
-    """Per-sample labels from a windows file, and the hash of the windows that gave them (as nanosecond pairs)."""
+    """Per-sample labels from a windows file, and their hash (what eval compares with training's)."""
     spans = anomaly_windows(windows, p.name)
     labels = window_labels(stamps, spans)
     if spans and not labels.any():  # another zone, unit or series: anomalies trained on as normal, silently
@@ -369,7 +369,7 @@ def _labels_of_windows(p: Path, windows: str | Path, stamps: np.ndarray) -> tupl
         raise DataError(f"{p}: none of the {len(spans)} anomaly window(s) of {windows} holds a sample: they span "
                         f"{iso(min(a for a, _ in spans))} .. {iso(max(b for _, b in spans))}, the series "
                         f"{iso(stamps[0])} .. {iso(stamps[-1])} (UTC)")
-    return labels, sha256_bytes(np.asarray(spans, "datetime64[ns]").astype("int64").tobytes())
+    return labels, sha256_bytes(np.packbits(labels.astype(bool)).tobytes())  # the labels they give: not the order
 
 
 def anomaly_windows(path: str | Path, data_name: str) -> list[tuple[np.datetime64, np.datetime64]]:
@@ -453,18 +453,21 @@ def windows_for(values: np.ndarray, window: int, hop: int,
 GAP_INTERVALS, GAP_MIN_MS = 3.0, 5000.0
 
 
-def gap_windows(timestamps: np.ndarray | None, ends: np.ndarray, window: int) -> tuple[np.ndarray, float]:
-    """Which of the windows ending at ``ends`` hold a gap (see :data:`GAP_INTERVALS`), and the longest such gap
-    inside one, in seconds. The daemon restarts its windows at a gap and never scores such a window, so these
-    tools set them aside too: not trained on, thresholded, tested or scored."""
+def gap_windows(timestamps: np.ndarray | None, ends: np.ndarray, window: int,
+                gap_ms: float | None = None) -> tuple[np.ndarray, float]:
+    """Which of the windows ending at ``ends`` hold a gap (see :data:`GAP_INTERVALS`; or, given ``gap_ms``, an
+    interval longer than that: a replay's), and the longest such gap inside one, in seconds. The daemon restarts
+    its windows at a gap and never scores such a window, so these tools set them aside too: not trained on,
+    thresholded, tested or scored."""
     held = np.zeros(len(ends), bool)
     if timestamps is None or len(timestamps) < 3 or not len(ends):
         return held, 0.0
-    steps = np.diff(timestamps.astype("int64"))  # ns
+    steps = np.diff(timestamps.astype("datetime64[ns]").astype("int64"))  # ns
     positive = steps[steps > 0]
     if not len(positive):
         return held, 0.0
-    gap = steps > max(GAP_INTERVALS * float(np.median(positive)), GAP_MIN_MS * 1e6)
+    gap = steps > (gap_ms * 1e6 if gap_ms is not None
+                   else max(GAP_INTERVALS * float(np.median(positive)), GAP_MIN_MS * 1e6))
     if not gap.any():
         return held, 0.0
     before = np.r_[0, np.cumsum(gap)]  # gaps among the intervals before each sample
@@ -541,10 +544,13 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
                "dropped_out_of_order": series.dropped_out_of_order}
     if series.windows_sha256:  # eval tells whether the windows file training used still labels the file the same
         summary["windows_sha256"] = series.windows_sha256
-    if across.any():  # set aside, as the daemon does: counted, all and among the test part
-        summary.update(windows_spanning_gaps=int(across.sum()), longest_gap_s=round(longest, 3),
-                       test_windows_spanning_gaps=int((across & after).sum()),
-                       test_anomalies_spanning_gaps=int((across & after & (win_label > 0)).sum()))
+    gapped = across & finite  # set aside, as the daemon does (those with NaN/inf are counted as such, not twice)
+    if gapped.any():
+        summary.update(windows_spanning_gaps=int(gapped.sum()), longest_gap_s=round(longest, 3),
+                       test_windows_spanning_gaps=int((gapped & after).sum()),
+                       test_anomalies_spanning_gaps=int((gapped & after & (win_label > 0)).sum()))
+    if after.any():  # the samples the test part's windows cover, scored or set aside (the event metrics' span)
+        summary["test_span"] = [int(ends[after][0]) - window + 1, int(ends[after][-1])]
     return Dataset(Path(series.path).name, window, hop, series.channels,
                    np.ascontiguousarray(wins[train_idx]),
                    np.ascontiguousarray(wins[fit_idx[len(fit_idx) - n_val :]]),

@@ -387,7 +387,8 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
                     self.controller.handle(raw)
                 except Exception as exc:  # noqa: BLE001 — one control message must never stop the daemon
                     log.error("control_message_failed", error=describe(exc)[:300],
-                              consequence="not applied, not acknowledged (tsmon ctl reports no answer)")
+                              consequence="its handling stopped part way: it may be applied in part, and it may be "
+                                          "unacknowledged (tsmon ctl then reports no answer); the daemon goes on")
                     self.metrics.commands.labels("unknown", "error").inc()
                 self._last_commit = -math.inf  # its documents, then its acknowledgement, go with a commit: now
 

@@ -167,7 +167,8 @@ def parse(value: bytes | None, key: bytes | None = None, limits: Limits = Limits
 # a dashboard shows of the characters after them (U+202E made "dev-1<RLO>cba" show as "dev-1abc")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 # whitespace and the format characters that show as nothing (as in the input schema's pattern)
-_INVISIBLE = re.compile(r"[\s\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]*")
+_INVISIBLE = re.compile(r"[\s\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+                        r"\u2066-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb]*")
 
 
 def _stream(field: Any, key: bytes | None, limits: Limits) -> str | BadRecord:

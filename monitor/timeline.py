@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from models import artifact
-from models.data import Series, finite_windows, windows_for
+from models.data import Series, finite_windows, gap_windows, windows_for
 from models.files import replace_atomically
 from monitor.events import Span, alert_span, labelled_events, latest_alerts
 
@@ -30,12 +30,15 @@ def _unit(span_ms: float) -> tuple[float, str]:
     return next(((ms, name) for ms, name in _UNITS if span_ms >= 3 * ms), (1.0, "ms"))
 
 
-def window_scores(model: Path, values: np.ndarray, ts_ms: np.ndarray, hop: int) -> tuple[np.ndarray, np.ndarray,
-                                                                                           float]:
-    """Each finite window's end time and score, and the artifact threshold (the threshold at the start)."""
+def window_scores(model: Path, values: np.ndarray, ts_ms: np.ndarray, hop: int,
+                  gap_ms: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """The end time and score of each finite window that holds no gap over ``gap_ms`` (the daemon scores no such
+    window), and the artifact threshold (the threshold at the start)."""
     det = artifact.load(model, "cpu")
     wins, ends = windows_for(values, det.window, hop, det.windowing)
     ok = finite_windows(wins)
+    if gap_ms is not None:  # drawn before, scored where neither the daemon nor tsmon score scores (review)
+        ok &= ~gap_windows(np.asarray(ts_ms, "int64").astype("datetime64[ms]"), ends, det.window, gap_ms)[0]
     scores = det.score(np.ascontiguousarray(wins[ok])).window if ok.any() else np.empty(0, "float32")
     return ts_ms[ends[ok]], scores, det.threshold.value
 
@@ -79,7 +82,7 @@ def draw(out: Path, p: Any, series: Series, ts_ms: np.ndarray, played: dict[str,
     detectors = (("model", p.model, p.stream), ("PCA baseline", p.baseline, p.stream + BASELINE_SUFFIX))
     for j, (label, path, stream) in enumerate(detectors):
         ax = axes[len(channels) + j, 0]
-        end_ms, scores, start_threshold = window_scores(path, series.values, ts_ms, p.hop)
+        end_ms, scores, start_threshold = window_scores(path, series.values, ts_ms, p.hop, p.gap_ms)
         k = max(1, len(scores) // MAX_POINTS)
         ax.plot(x(end_ms[::k]), scores[::k], lw=0.6, color="tab:gray", label=f"{label} score")
         changes = sorted(played["thresholds"].get(stream, []))

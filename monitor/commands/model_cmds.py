@@ -314,13 +314,19 @@ def eval_(
         log.warning("test_windows_dropped_nonfinite", count=dropped,
                     anomalous=result["test_anomalies_dropped_nonfinite"], reason="NaN or inf in window",
                     consequence="not scored, not in the metrics")
+    gapped = result["test_windows_spanning_gaps"]
+    if gapped:  # likewise (review)
+        log.warning("test_windows_spanning_gaps", count=gapped, anomalous=result["test_anomalies_spanning_gaps"],
+                    reason="a gap in the timestamps inside the window",
+                    consequence="not scored, not in the metrics (the daemon never scores such a window)")
     if result["test_windows_nonfinite_score"]:
         log.warning("test_windows_nonfinite_score", count=result["test_windows_nonfinite_score"],
                     reason="values the model overflows on", consequence="ranked above every other window, anomalous")
     if as_json:
         emit_json(result)
     else:
-        unscored = f" (of {result['test_windows'] + dropped}: {dropped} with NaN/inf not scored)" if dropped else ""
+        why = [f"{n} {what}" for n, what in ((dropped, "with NaN/inf"), (gapped, "across a gap")) if n]
+        unscored = f" (of {result['test_windows'] + dropped + gapped}: {', '.join(why)} not scored)" if why else ""
         stdout.print(eval_table(result, f"{det.kind} on {ds.name} ({ds.summary.get('protocol', 'chronological split')}, "
                                         f"{result['test_windows']} test windows scored{unscored}, "
                                         f"{result['test_anomalies']} anomalous)"))
@@ -355,8 +361,9 @@ def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, ti
                         f"{series.values.shape[1]} {series.channels}; choose them with --value-col")
     wins, ends = windows_for(series.values, det.window, hop or det.hop, det.windowing)
     across, longest = gap_windows(series.timestamps, ends, det.window)
-    _warn_gaps(int(across.sum()), len(ends), longest)
-    return det, series, wins, ends, finite_windows(wins), across
+    finite = finite_windows(wins)
+    _warn_gaps(int((across & finite).sum()), len(ends), longest)  # (those with NaN/inf are said as such)
+    return det, series, wins, ends, finite, across
 
 
 def _blank(x: np.ndarray) -> np.ndarray:

@@ -462,7 +462,8 @@ def test_eval_on_another_file(dense_artifact: Path, tmp_path: Path, capsys: pyte
 
 
 def test_score_and_eval_set_aside_windows_cut_across_a_gap(dense_artifact: Path, series_csv: Path, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The ML user pass: windows across a gap in the timestamps (which the daemon never scores) were scored and
     flagged without a word; then only warned of. They are set aside, as the daemon sets them aside."""
     df = pd.read_csv(series_csv)
@@ -477,9 +478,17 @@ def test_score_and_eval_set_aside_windows_cut_across_a_gap(dense_artifact: Path,
     assert "windows_dropped_nonfinite" not in err  # (the count of windows with NaN/inf)
     code, out, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(gap), "--json")
     assert code == 0 and '"windows_span_gaps"' in err and json.loads(out)["test_windows_spanning_gaps"] == 3
-    code, _, err = run(capsys, "inspect", "--model", str(dense_artifact), "--data", str(gap), "--index", "298",
-                       "--out", str(tmp_path / "w.png"))
-    assert code == 0 and (tmp_path / "w.png").stat().st_size > 0  # drawn, its title says it holds a gap
+    code, out, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", str(gap))  # said in the table too
+    assert code == 0 and '"test_windows_spanning_gaps"' in err and "3 across a gap not scored" in out
+    import models.plots
+
+    titles: list[str] = []
+    monkeypatch.setattr(models.plots, "window_figure", lambda _det, _w, out, title: titles.append(title) or out)
+    for index in (298, 10):  # drawn, the one across the gap saying so
+        code, _, err = run(capsys, "inspect", "--model", str(dense_artifact), "--data", str(gap), "--index",
+                           str(index), "--out", str(tmp_path / "w.png"))
+        assert code == 0, err
+    assert "holds a gap" in titles[0] and "holds a gap" not in titles[1]
     code, _, err = run(capsys, "score", "--model", str(dense_artifact), "--input", str(series_csv), "--output",
                        str(tmp_path / "s.parquet"))  # written as CSV text before (the ML user pass)
     assert code == 0 and "windows_span_gaps" not in err
@@ -764,6 +773,10 @@ def test_eval_of_the_training_file_by_another_path_keeps_its_label_windows(tmp_p
     (tmp_path / "w.json").write_text(json.dumps({"other/x.csv": [], "data/s.csv": json.loads(saved)}))
     code, out, err = run(capsys, "eval", "--model", "m", "--data", "s.csv", "--json")  # the same windows, NAB's form
     assert code == 0, err
+    later = str(pd.Timestamp(stamps.iloc[-1]) + pd.Timedelta(days=1))  # review: the same labels are no change
+    (tmp_path / "w.json").write_text(json.dumps(json.loads(saved)[::-1] + [[later, later]]))
+    code, out, err = run(capsys, "eval", "--model", "m", "--data", "s.csv", "--json")  # in another order, and one
+    assert code == 0, err  # outside the series
     (tmp_path / "w.json").write_text(saved)
     # from another directory the relative path training stored is not found: said so, with the option (the ML
     # user pass: "windows file not found: w.json", as if the user had named it)

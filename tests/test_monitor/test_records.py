@@ -34,6 +34,7 @@ def test_good_messages_parse_and_match_the_schema(doc: dict) -> None:
                                           ("dev\u0085", False), ("\ufeff", False),
                                           # invisible alone, or reordering what a terminal shows (in-process fuzzing)
                                           ("\u200b", False), ("\u2060\u200d", False), ("\u00ad", False),
+                                          ("\u3164", False), ("\ufe0f\u034f", False), ("\u3164x", True),
                                           ("dev-1\u202ecba", False), ("dev\u2066x", False),
                                           ("dev\u200dx", True)])
 def test_the_schema_and_the_parser_agree_on_stream_ids(stream: str, good: bool) -> None:

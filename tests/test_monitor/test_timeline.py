@@ -20,11 +20,21 @@ def test_a_window_that_scores_inf_or_nan_does_not_cost_the_picture(stream_model:
     v[600, 0] = 3e38
     _, scores, _ = timeline.window_scores(stream_model, v, ts.astype("float64"), 10)
     assert not np.isfinite(scores).all()
-    p = SimpleNamespace(model=stream_model, baseline=stream_model, stream="s", hop=10, start=100)
+    p = SimpleNamespace(model=stream_model, baseline=stream_model, stream="s", hop=10, start=100, gap_ms=None)
     series = Series(v, ["a", "b"], labels=np.zeros(len(v), "int8"), path="s.csv")
     out = timeline.draw(tmp_path / "t.png", p, series, ts.astype("float64"), {"thresholds": {}, "alerts": []},
                         Span(float(ts[200]), float(ts[-1])))
     assert out.stat().st_size > 10_000
+
+
+def test_windows_across_a_gap_get_no_score(stream_model: Path) -> None:
+    """Review: the timeline drew scores for windows across a gap, which neither the daemon nor tsmon score scores."""
+    ts, v = sine_stream(1000)
+    ts = ts + np.where(np.arange(1000) >= 500, 60_000, 0)  # one minute missing before sample 500
+    end, _, _ = timeline.window_scores(stream_model, v, ts.astype("float64"), 10)
+    kept, _, _ = timeline.window_scores(stream_model, v, ts.astype("float64"), 10, gap_ms=5000)
+    across = ts[[509, 519, 529]]  # window 40, hop 10: the windows ending at samples 509-529 hold the minute
+    assert np.isin(across, end).all() and len(kept) == len(end) - 3 and not np.isin(across, kept).any()
 
 
 def test_anomalies_far_over_the_threshold_get_a_log_axis_that_shows_the_threshold() -> None:
