@@ -86,11 +86,10 @@ class OffsetLedger:
         message carries consecutive samples, so where the stream came on several partitions (keyless messages)
         it is the one, of each partition's first to reach ``seq``, that ends soonest (the first partition found
         named another message, by the order of a set)."""
-        held = [self._held[tp][stream] for tp in self._streams.get(stream, ())]
-        if any(seq <= m.dropped_seq for m in held):  # it may have been one of those dropped: not known any more
+        held = [(tp, self._held[tp][stream]) for tp in self._streams.get(stream, ())]
+        if any(seq <= m.dropped_seq for _, m in held):  # it may have been one of those dropped: not known any more
             return None
-        found = [(hit[1], tp, hit[0]) for tp in self._streams.get(stream, ())
-                 if (hit := self._held[tp][stream].offset_of(seq)) is not None]
+        found = [(hit[1], tp, hit[0]) for tp, m in held if (hit := m.offset_of(seq)) is not None]
         if not found:
             return None
         _, tp, offset = min(found, key=lambda f: f[0])
