@@ -217,10 +217,14 @@ class Ingest(ProcessorState):
             kind = "duplicate" if reason == "duplicate_timestamp" else "late"
             run = st.behind_run
             if kind == "late" and run is not None and behind is not None and self.settings.clock_step_s is not None:
-                detail = (f"{(behind - int(block.ts_ms[0])) / 1000:.1f} s behind the stream's last sample "
+                so_far = (f"{(behind - int(block.ts_ms[0])) / 1000:.1f} s behind the stream's last sample "
                           f"({iso(behind)}); behind it for {(run.last_ts - run.first_ts) / 1000:.1f} s of their own "
-                          f"time so far: a clock set back? after windows.clock_step_s "
-                          f"({self.settings.clock_step_s:g} s) the stream restarts at their time ({detail})")
+                          "time so far: ")
+                detail = so_far + (  # a restart is promised only where one can come (a new user's second replay)
+                    f"a clock set back? after windows.clock_step_s ({self.settings.clock_step_s:g} s) the stream "
+                    f"restarts at their time ({detail})" if behind > now_ms else
+                    f"history sent again (a replay, a backfill)? not taken: the stream's last sample is not ahead of "
+                    f"this host's clock, so this is no clock step; send it as another stream to score it ({detail})")
             self._quality(st.quality.event(kind, int(block.ts_ms[0]), detail))
             self._dead_letter(rec, BadRecord(reason, detail))
             done.add(id(rec))

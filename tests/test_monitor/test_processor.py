@@ -1096,6 +1096,10 @@ def test_history_sent_again_at_its_pace_is_no_clock_step(make: Make) -> None:
     assert [d["status"] for d in docs(p, "anomaly")] == ["firing"]  # once (it stays open: nothing after it)
     assert not [d for d in docs(p, "data_quality") if d["kind"] == "clock_step"]
     assert len([m for m in sink(p).sent if m.topic == DLQ]) == 200
+    # and its late events do not promise a restart that cannot come (a new user's second replay of a file)
+    late = [d["detail"] for d in docs(p, "data_quality") if d["kind"] == "late"]
+    assert late and not any("restarts" in d for d in late)
+    assert "history sent again (a replay, a backfill)? not taken" in late[-1]
 
 
 def test_a_sample_far_ahead_of_the_clock_is_dead_lettered_not_taken(make: Make) -> None:
