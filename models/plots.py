@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,8 @@ def window_figure(detector: Detector, window: np.ndarray, out: str | Path, title
     ax.legend(loc="upper right", fontsize=8)
     verdict = "ANOMALY" if not scores.window[0] <= detector.threshold.value else "normal"
     ratio = scores.window[0] / detector.threshold.value if detector.threshold.value > 0 else float("inf")
-    fig.suptitle(f"{title} score {scores.window[0]:.4g} = {ratio:.2f}× threshold "
-                 f"{detector.threshold.value:.4g}: {verdict}")
+    heading = f"{title} score {scores.window[0]:.4g} = {ratio:.2f}× threshold {detector.threshold.value:.4g}: {verdict}"
+    fig.suptitle("\n".join(textwrap.wrap(heading, 100)))  # one line was cut off at both sides (a new user's pass)
     return save_figure(fig, out)
 
 

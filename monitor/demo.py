@@ -116,6 +116,7 @@ class DemoProgress:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     metrics: Any = None  # monitor.metrics.Metrics once the daemon exists
     http: Any = None  # the daemon's monitor.health.HealthServer (any free port with --http-port 0)
+    bootstrap: str | None = None  # the demo's broker (a free loopback port): what tsmon ctl and tail need
     done: bool = False
 
     @property
@@ -184,6 +185,9 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         cfg = load_config(None, overrides, env={})
         reader = TopicReader(broker.bootstrap, "tsmon.alerts")
         progress.alerts = reader.docs
+        progress.bootstrap = broker.bootstrap  # never said before: tsmon ctl against the demo meant hunting for it
+        log.info("demo_broker", bootstrap=broker.bootstrap,
+                 use=f"tsmon ctl … --bootstrap {broker.bootstrap}, tsmon tail --bootstrap {broker.bootstrap} …")
         daemon = Daemon(cfg)
         progress.metrics = daemon.metrics
         progress.http = daemon.http

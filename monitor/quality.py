@@ -115,7 +115,7 @@ class StreamQuality:
             hint = (f"; every one of its last {self._gaps_in_row} intervals was over gap_ms ({gap_ms:g} ms), so its "
                     "windows never complete: set gap_ms (windows.gap_ms, or the route's) above its sampling interval"
                     if self._gaps_in_row >= GAPS_HINT else "")
-            events += self.event("gap", int(ts[j + first]), f"no samples for {int(d[j])} ms{hint}")
+            events += self.event("gap", int(ts[j + first]), f"no samples for {int(d[j])} ms{_readable(d[j])}{hint}")
         if len(over) and not over[-1]:
             self._gaps_in_row = 0
         return events + rate
@@ -207,3 +207,11 @@ class StreamQuality:
             out += self.event("flatline", int(end_ts[row]), f"no variation on {', '.join(names)}: the stream's "
                               f"windows are not scored{held} until it varies again", names)
         return out
+
+
+def _readable(ms: float) -> str:
+    """A long interval also in a unit people read (" (5.0 h)"): 18001000 ms alone, a new user had to work it out."""
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("min", 60_000)):
+        if ms >= size:
+            return f" ({ms / size:.1f} {unit})"
+    return ""

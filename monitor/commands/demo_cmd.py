@@ -33,12 +33,14 @@ class LiveView:
         p, m = self.p, self.p.metrics
         total = lambda name: int(m.total(name)) if m is not None else 0
         url = f"{p.http_url} · " if p.http_url else ""
-        head = (f"{url}sent {p.sent_samples:,}/{p.total_samples:,} samples · scored {total('tsmon_windows_scored_total'):,}"
+        broker = f"broker {p.bootstrap} · " if p.bootstrap else ""
+        head = (f"{broker}{url}sent {p.sent_samples:,}/{p.total_samples:,} samples · scored {total('tsmon_windows_scored_total'):,}"
                 f" windows · dead letters {total('tsmon_dead_letters_total')} · alerts {len(p.alerts)} messages")
         t = Table(title=head, title_justify="left", expand=False)
         for col in ("stream time", "stream", "status", "severity", "ratio", "threshold", "alert_id"):
             t.add_column(col)
-        for a in list(p.alerts)[-12:]:
+        shown = lambda a: float((a.get("end_ts") or a.get("fired_ts")) if a.get("type") == "anomaly" else a.get("ts") or 0)
+        for a in sorted(list(p.alerts)[-12:], key=shown):  # in stream time (in publish order, they jumped back)
             if a.get("type") == "anomaly":
                 style = "red" if a["status"] == "firing" else "green"
                 status = f"[{style}]{a['status']}" + (" (flapping)" if a["flapping"] else "")

@@ -58,8 +58,8 @@ def epoch_progress(epochs: int, label: str) -> Iterator[Any]:
             bar.update(task, completed=s.epoch, total=s.epochs,
                        losses=f"train {s.train_loss:.4f}  val {s.val_loss:.4f}  best {s.best_val_loss:.4f}")
 
-        yield on_epoch
-        bar.update(task, total=bar.tasks[0].completed or 1)
+        yield on_epoch  # an early stop or the time budget leaves the bar at the epoch reached, of the epochs allowed
+        # (it was set full, and a run the budget cut read as finished: the 'trained' line says why it stopped)
 
 
 def _fmt(v: Any) -> str:

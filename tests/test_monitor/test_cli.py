@@ -95,6 +95,25 @@ def test_score_writes_one_row_per_window(dense_artifact: Path, series_csv: Path,
     assert code == 0 and pd.read_csv(tmp_path / "local-scores.csv")["timestamp"].iloc[0] == df["timestamp"].iloc[0]
 
 
+def test_a_long_picture_title_is_wrapped_not_cut(dense_artifact: Path, monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    """A new user's pass: inspect's title for a window across a gap ran off both sides of the picture."""
+    import models.plots
+    from models.artifact import load
+
+    titles: list[str] = []
+    def save(fig: Any, out: Path) -> Path:
+        titles.append(fig._suptitle.get_text())
+        models.plots.plt.close(fig)
+        return out
+
+    monkeypatch.setattr(models.plots, "save_figure", save)
+    det = load(dense_artifact, "cpu")
+    models.plots.window_figure(det, np.zeros((det.window, det.channels), "float32"), tmp_path / "w.png",
+                               "plant.csv window 245 (holds a gap: neither score nor the daemon scores it):")
+    assert len(titles[0].splitlines()) == 2 and max(map(len, titles[0].splitlines())) <= 100
+
+
 def test_inspect_writes_a_png(dense_artifact: Path, series_csv: Path, tmp_path: Path,
                               capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "w.png"
@@ -1074,3 +1093,12 @@ def test_the_demos_live_table_names_its_http_endpoints_once_they_listen() -> Non
     assert progress.http_url is None and str(LiveView(progress).__rich__().title).startswith("sent 0/0 samples")
     progress.http.listening = True
     assert str(LiveView(progress).__rich__().title).startswith("http://127.0.0.1:43210 · sent 0/0 samples")
+    # and its broker, a free port no one could find for tsmon ctl (a new user's pass); rows in stream time
+    progress.bootstrap = "127.0.0.1:45115"
+    alert = {"type": "anomaly", "status": "resolved", "flapping": False, "severity": "warning", "ratio": 1.5,
+             "threshold": 0.1, "threshold_source": "artifact", "alert_id": "a" * 20, "stream": "ecg-04"}
+    progress.alerts = [{**alert, "stream": "ecg-01", "end_ts": 1_700_000_011_531, "fired_ts": 1},
+                       {**alert, "end_ts": 1_700_000_010_411, "fired_ts": 1}]
+    table = LiveView(progress).__rich__()
+    assert str(table.title).startswith("broker 127.0.0.1:45115 · http://127.0.0.1:43210 · sent")
+    assert list(table.columns[1].cells) == ["ecg-04", "ecg-01"]

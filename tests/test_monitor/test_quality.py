@@ -248,5 +248,8 @@ def test_a_stream_sampled_more_slowly_than_gap_ms_is_told_so() -> None:
     ts[100:] += 60_000  # a real gap
     for _ in range(GAPS_HINT + 1):
         events = q.timing(ts, None, 5_000, 5_000)
-        assert [e.detail for e in events] == ["no samples for 60010 ms"]
+        assert [e.detail for e in events] == ["no samples for 60010 ms (1.0 min)"]  # (and in minutes, from 1)
         ts = ts + 200_000
+    from monitor.quality import _readable
+
+    assert (_readable(59_999), _readable(18_001_000), _readable(3 * 86_400_000)) == ("", " (5.0 h)", " (3.0 d)")
