@@ -95,6 +95,15 @@ def test_score_writes_one_row_per_window(dense_artifact: Path, series_csv: Path,
     assert code == 0 and pd.read_csv(tmp_path / "local-scores.csv")["timestamp"].iloc[0] == df["timestamp"].iloc[0]
 
 
+def test_a_run_the_time_budget_cut_leaves_its_progress_bar_where_it_stopped(series_csv: Path, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A new user's pass: the bar was set full at the end, and a run cut by --max-minutes read as finished."""
+    code, out, err = run(capsys, "train", "--data", str(series_csv), "--model", "dense", "--window", "40",
+                         "--epochs", "50", "--max-minutes", "0.00001", "--out", str(tmp_path / "m"))
+    assert code == 0 and '"stop": "time_budget"' in err
+    assert " 1/50 " in out + err and "50/50" not in out + err
+
+
 def test_a_long_picture_title_is_wrapped_not_cut(dense_artifact: Path, monkeypatch: pytest.MonkeyPatch,
                                                 tmp_path: Path) -> None:
     """A new user's pass: inspect's title for a window across a gap ran off both sides of the picture."""
