@@ -217,14 +217,7 @@ class Ingest(ProcessorState):
             kind = "duplicate" if reason == "duplicate_timestamp" else "late"
             run = st.behind_run
             if kind == "late" and run is not None and behind is not None and self.settings.clock_step_s is not None:
-                so_far = (f"{(behind - int(block.ts_ms[0])) / 1000:.1f} s behind the stream's last sample "
-                          f"({iso(behind)}); behind it for {(run.last_ts - run.first_ts) / 1000:.1f} s of their own "
-                          "time so far: ")
-                detail = so_far + (  # a restart is promised only where one can come (a new user's second replay)
-                    f"a clock set back? after windows.clock_step_s ({self.settings.clock_step_s:g} s) the stream "
-                    f"restarts at their time ({detail})" if behind > now_ms else
-                    f"history sent again (a replay, a backfill)? not taken: the stream's last sample is not ahead of "
-                    f"this host's clock, so this is no clock step; send it as another stream to score it ({detail})")
+                detail = self._late_detail(run, behind, int(block.ts_ms[0]), now_ms, detail)
             self._quality(st.quality.event(kind, int(block.ts_ms[0]), detail))
             self._dead_letter(rec, BadRecord(reason, detail))
             done.add(id(rec))
@@ -301,6 +294,24 @@ class Ingest(ProcessorState):
             parts.append((tail_ts, tail.reshape(len(tail_ts), st.windows.channels)))
         parts.reverse()
         return np.concatenate([t for t, _ in parts]), np.concatenate([v for _, v in parts])
+
+    def _late_detail(self, run: BehindRun, behind: int, first: int, now_ms: float, detail: str) -> str:
+        """A late block's detail: how far behind, for how long, and what comes of it — a restart is promised only
+        where one can come (a clock set back from a time still ahead of this host's, as far back as clock_step_s;
+        a new user's second replay of a file was promised it in every dead letter), history sent again is said so
+        once it has lasted that long, and a block merely late (a reordered message) gets no guess."""
+        step_ms = (self.settings.clock_step_s or 0) * 1000
+        lasted = run.last_ts - run.first_ts
+        said = (f"{(behind - first) / 1000:.1f} s behind the stream's last sample ({iso(behind)}); behind it for "
+                f"{lasted / 1000:.1f} s of their own time so far")
+        if behind > now_ms and behind - run.first_ts >= step_ms:
+            return (f"{said}: a clock set back? after windows.clock_step_s ({step_ms / 1000:g} s) the stream "
+                    f"restarts at their time ({detail})")
+        if behind <= now_ms and lasted >= step_ms:
+            return (f"{said}: history sent again (a replay, a backfill)? not taken: the stream's last sample is not "
+                    f"ahead of this host's clock, so this is no clock step; send it as another stream to score it "
+                    f"({detail})")
+        return f"{said} ({detail})"
 
     def _set_back(self, st: StreamState, rec: InRecord, block: SampleBlock, now_ms: float, behind: int | None) -> bool:
         """Count a block refused as behind the stream into its run of such blocks (:class:`BehindRun`); True once the

@@ -212,6 +212,6 @@ class StreamQuality:
 def _readable(ms: float) -> str:
     """A long interval also in a unit people read (" (5.0 h)"): 18001000 ms alone, a new user had to work it out."""
     for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("min", 60_000)):
-        if ms >= size:
+        if round(ms / size, 1) >= 1:  # (3 599 999 ms is 1.0 h, not 60.0 min)
             return f" ({ms / size:.1f} {unit})"
     return ""

@@ -39,20 +39,27 @@ class LiveView:
         t = Table(title=head, title_justify="left", expand=False)
         for col in ("stream time", "stream", "status", "severity", "ratio", "threshold", "alert_id"):
             t.add_column(col)
-        shown = lambda a: float((a.get("end_ts") or a.get("fired_ts")) if a.get("type") == "anomaly" else a.get("ts") or 0)
-        for a in sorted(list(p.alerts)[-12:], key=shown):  # in stream time (in publish order, they jumped back)
+        for a in sorted(list(p.alerts)[-12:], key=_stream_time):  # in stream time (in publish order, they jumped back)
             if a.get("type") == "anomaly":
                 style = "red" if a["status"] == "firing" else "green"
                 status = f"[{style}]{a['status']}" + (" (flapping)" if a["flapping"] else "")
-                t.add_row(iso(a["end_ts"] or a["fired_ts"])[11:23], a["stream"], status, a["severity"],
+                t.add_row(iso(_stream_time(a))[11:23], a["stream"], status, a["severity"],
                           f"{a['ratio']:.2f}", f"{a['threshold']:.3f} {a['threshold_source']}", a["alert_id"][:10])
             else:
                 t.add_row(a["time"][11:23], a["stream"], f"[yellow]{a['kind']}", "", "", "", a["event_id"][:10])
         return t
 
 
+def _stream_time(a: dict[str, Any]) -> int:
+    """The stream time a message of the live table is about: an alert's end, else the latest of its firing and its
+    peak (an update of a firing alert is about its peak), a data-quality event's time."""
+    if a.get("type") == "anomaly":
+        return int(a.get("end_ts") or max(a.get("fired_ts") or 0, a.get("peak_ts") or 0))
+    return int(a.get("ts") or 0)
+
+
 def ensure_demo_model(path: Path) -> None:
-    """Reuse the cached ECG5000 model, or train the default one (about 4 minutes on 2 CPU cores)."""
+    """Reuse the cached ECG5000 model, or train the default one (1 to 4 minutes on 2 CPU cores)."""
     if (path / "manifest.json").is_file():
         return
     log.warning("training_demo_model", path=str(path), note="first run only; later runs reuse it")

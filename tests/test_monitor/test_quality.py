@@ -252,4 +252,5 @@ def test_a_stream_sampled_more_slowly_than_gap_ms_is_told_so() -> None:
         ts = ts + 200_000
     from monitor.quality import _readable
 
-    assert (_readable(59_999), _readable(18_001_000), _readable(3 * 86_400_000)) == ("", " (5.0 h)", " (3.0 d)")
+    assert (_readable(50_000), _readable(18_001_000), _readable(3 * 86_400_000)) == ("", " (5.0 h)", " (3.0 d)")
+    assert (_readable(3_599_999), _readable(59_999)) == (" (1.0 h)", " (1.0 min)")  # not "60.0 min", "0 …"
