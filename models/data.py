@@ -246,7 +246,7 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         if not lv.isin([0, 1]).all():
             raise DataError(f"{p}: label column {lab!r} must hold only 0 and 1")
         labels = lv.to_numpy("int8")
-    dropped, rows, spans_sha = 0, None, ""
+    dropped, rows, labels_sha = 0, None, ""
     stamps, numeric = None, ts is not None and pd.api.types.is_numeric_dtype(df[ts])
     if ts is not None:
         stamps = _stamps(p, df[ts], ts, numeric)
@@ -265,10 +265,10 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
             raise DataError(f"{p}: give the labels once: a label column ({lab!r}) or a windows file, not both")
         if stamps is None:
             raise DataError(f"{p}: anomaly windows are timestamps, so the file needs a timestamp column")
-        labels, spans_sha = _labels_of_windows(p, windows, stamps)
+        labels, labels_sha = _labels_of_windows(p, windows, stamps)
     with np.errstate(over="ignore"):  # values past float32 become inf, dropped and counted with the NaN windows
         data = df[values].to_numpy("float32")  # (numpy's overflow warning printed a raw line of pandas source)
-    return Series(data, values, stamps, labels, sha256_bytes(raw), str(p), dropped, rows, numeric, spans_sha)
+    return Series(data, values, stamps, labels, sha256_bytes(raw), str(p), dropped, rows, numeric, labels_sha)
 
 
 def _read_frame(p: Path) -> tuple[pd.DataFrame, bytes]:
