@@ -489,8 +489,9 @@ def summary(doc: dict[str, Any]) -> str:
             f"over it since {doc['start_time']}")
     if doc["status"] == "resolved":
         why = [k.replace("_", " ") for k in END_CAUSES if doc.get(k)]
+        quiet = "; it was silenced: never paged" if doc.get("silenced") else ""  # (an on-call pass: forwarded, it
         return f"{head}, resolved at {doc['end_time']}" + (f" ({', '.join(why)})" if why else "") + \
-            f" after {doc['windows_over']} window(s) over"
+            f" after {doc['windows_over']} window(s) over{quiet}"  # announced the end of a page nobody got)
     held = " (flapping: held open)" if doc["flapping"] else ""
     late = " (paged when its silence ended)" if doc.get("after_silence") else ""
     if doc["status"] == "silenced":

@@ -105,7 +105,8 @@ def _read(sock: socket.socket, n: int, end: float) -> bytes:
 def _guess(kafka: KafkaConfig, step: str) -> str:
     """What a connection closed, or left unanswered, at ``step`` most likely means."""
     if not kafka.security_protocol.endswith("SSL"):
-        return f" (a TLS listener? kafka.security_protocol is {kafka.security_protocol})"
+        return (f" (a TLS listener, or a broker starting or stopping? kafka.security_protocol is "  # (one that was
+                f"{kafka.security_protocol})")  # shutting down got the TLS guess alone: an on-call pass)
     if step == "TLS handshake":
         return f" (a plaintext listener? kafka.security_protocol is {kafka.security_protocol})"
     if step == "Kafka request":

@@ -525,7 +525,9 @@ def _alert_from_file(path: Path) -> dict[str, Any]:
     if not found:
         raise DataError(f"{path}: no alert message with an 'explain' object among {len(docs)} message(s) "
                         "(only firing messages carry one)")
-    return found[0]
+    # the latest picture of the first alert with one, as by its id (the first message drew the 1.38× page of an
+    # alert whose later revision was 1.83×: an on-call pass)
+    return latest_picture([d for d in found if d.get("alert_id") == found[0].get("alert_id")])
 
 
 def _message(doc: Any) -> Any:

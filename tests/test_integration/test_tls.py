@@ -144,7 +144,9 @@ CASES = {
     # (the alert that names it, or — when the probe's request crosses it — a reset right after the handshake)
     "no client certificate": ({"ssl_certfile": None, "ssl_keyfile": None}, "client certificate", True, False),
     "plaintext to TLS": ({"security_protocol": "PLAINTEXT", "ssl_cafile": None, "ssl_certfile": None,
-                          "ssl_keyfile": None}, "(a TLS listener? kafka.security_protocol is PLAINTEXT)", False, True),
+                          "ssl_keyfile": None},
+                         "(a TLS listener, or a broker starting or stopping? kafka.security_protocol is PLAINTEXT)",
+                         False, True),
     # kafka-python waited for ever here: the broker reads the ClientHello as the size of a request and waits for it
     # (one probe takes the whole 4 s limit)
     "TLS to plaintext": ({"bootstrap": "plaintext"}, "no answer to the TLS handshake", False, False),

@@ -322,6 +322,8 @@ def test_the_summary_says_what_the_message_is() -> None:
     assert "(paged when its silence ended)" in summary({**doc, "after_silence": True})
     gone = {**doc, "status": "resolved", "end_time": "1970-01-08T00:00:09.000Z", "stream_gone": True}
     assert summary(gone).endswith("resolved at 1970-01-08T00:00:09.000Z (stream gone) after 1 window(s) over")
+    # an episode silenced throughout: forwarded, "resolved" announced the end of a page nobody got (on-call pass)
+    assert summary({**gone, "silenced": True}).endswith("after 1 window(s) over; it was silenced: never paged")
     assert "error at least 1e+12× its threshold" in summary({**doc, "ratio": 1e12})
     usual = alert_doc("pump-7", fired, {"name": "m1"}, ["temp", "rpm", "press"], {}, s, channel_usual=[0.1, 6.0, 3.0])
     assert ", furthest over its usual error temp (10× usual, 10% of the error);" in usual["summary"]

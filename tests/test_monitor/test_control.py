@@ -2157,6 +2157,14 @@ def test_a_late_page_carries_the_picture_and_the_input_of_its_silenced_message(m
     path = tmp_path / "page.json"
     path.write_text(json.dumps({**page, "explain": None}) + "\n" + json.dumps(silenced) + "\n")
     assert _alert_from_file(path)["status"] == "silenced"  # a message whose explain is null is passed over
+    # of the first alert with a picture, its latest: the first page (1.38×) was drawn from a file of its three
+    # messages, its ID drew the 1.83× update (an on-call pass)
+    first = {**silenced, "alert_id": "a", "status": "firing", "revision": 0}
+    later = {**first, "revision": 2, "ratio": 1.83}
+    other = {**first, "alert_id": "b", "revision": 5}
+    path.write_text("\n".join(json.dumps(d) for d in (first, other, later, {**later, "status": "resolved",
+                                                                                "explain": None})))
+    assert _alert_from_file(path)["revision"] == 2
 
 
 def test_a_late_page_after_an_eviction_pictures_the_peak_it_reports(make: Make) -> None:
