@@ -182,6 +182,7 @@ class _Stream:
     frozen: bool = False
     before_pin: ThresholdState | None = None  # what unpin goes back to (the history is bounded)
     recent_frozen: int = 0  # the newest entries of ``recent``, taken in while frozen: dropped when thawed
+    lowering_held: str | None = None  # why the last scheduled recalibration did not lower it (tsmon status says)
 
 
 class Calibrator:
@@ -318,14 +319,19 @@ class Calibrator:
                 elif held is not None:
                     held[n] = f"pinned at {st.state.value:.6g}: unpin it first" if st.pinned else "frozen: unfreeze it first"
         refused = {} if refused is None else refused
-        proposed = []
+        proposed: list[tuple[str, ThresholdState, float, int, str]] = []
+        lowering_held: dict[str, str] = {}
         for name, old, thin, normal, recent, q in todo:
-            value, samples, reason = self._proposal(old, normal, recent, thin, q, commanded, refused, name, held)
+            value, samples, reason = self._proposal(old, normal, recent, thin, q, commanded, refused, name, held,
+                                                    lowering_held)
             if value is not None:
                 proposed.append((name, old, value, samples, reason))
         now_ms = int(self._clock() * 1000)
         changed: dict[str, tuple[ThresholdState, ThresholdState]] = {}
         with self._lock:
+            for name in names if not commanded else ():  # (pinned or frozen: nothing held it)
+                if (st := self._streams.get(name)) is not None:
+                    st.lowering_held = lowering_held.get(name)
             for name, old, value, samples, reason in proposed:
                 st = self._streams.get(name)
                 # forgotten, re-registered, updated, pinned or frozen since the copy: leave it
@@ -341,7 +347,8 @@ class Calibrator:
 
     def _proposal(self, old: ThresholdState, normal: np.ndarray, recent: np.ndarray, thin: int,
                   quantile: float | None, commanded: bool, refused: dict[str, str],
-                  name: str, held: dict[str, str] | None = None) -> tuple[float | None, int, str]:
+                  name: str, held: dict[str, str] | None = None,
+                  lowering_held: dict[str, str] | None = None) -> tuple[float | None, int, str]:
         s, q = self.settings, quantile or self.settings.quantile
         drift = s.drift
         if drift.enabled and level_shift(recent, old.value, drift):
@@ -366,7 +373,14 @@ class Calibrator:
             # high (binomial, on the non-overlapping count): nothing raises it back from a noisy low read; and only
             # where the recent windows hold two expected exceedances or more.
             level = min(MAX_QUANTILE, q + 1.645 * math.sqrt(q * (1.0 - q) / n))
-            value = max(value, min(old.value, self._bounded(old, float(np.quantile(recent, level)) * s.margin)))
+            lowered, value = value, max(value, min(old.value, self._bounded(old, float(np.quantile(recent, level)) * s.margin)))
+            moves = max(_MIN_CHANGE, s.min_change) * old.value  # a change smaller than this is none
+            if lowering_held is not None and lowered < old.value - moves and value >= old.value - moves:
+                # nothing moved, and nothing said why: an operator saw a stream's threshold stay at its artifact's
+                # while the others moved (an on-call pass)
+                lowering_held[name] = (f"q{q:g} of the normal errors would lower it to {lowered:.4g}; held at "
+                                       f"{old.value:.4g} by q{level:.3f} of the {len(recent)} recent windows (over-"
+                                       "threshold ones among them, an incident, hold it)")
         if commanded and drift.enabled and value > old.value * (1 + _MIN_CHANGE):
             verdict = assess(recent, value, drift, thin, stationary=False)
             if not verdict.accept:
@@ -464,6 +478,11 @@ class Calibrator:
             st.pinned = st.frozen = False
             st.before_pin = None
             return self._set(stream, st, st.state.artifact, "artifact", reason, samples=0)
+
+    def lowering_held(self, stream: str) -> str | None:
+        """Why the last scheduled recalibration did not lower the stream's threshold, if it held it."""
+        with self._lock:
+            return self._streams[stream].lowering_held
 
     def controls(self, stream: str) -> dict[str, bool]:
         with self._lock:

@@ -342,7 +342,8 @@ class StreamState:
                 "silenced_until_ms": self.silenced_until_ms if silenced else None,
                 "silenced_until_time": iso(self.silenced_until_ms) if silenced else None, "lag": lag,
                 "holding_back": holding, "silent": self.silent_ts is not None, "precision": self.precision,
-                "feedback": dict(self.feedback), "provisional": self.provisional}
+                "feedback": dict(self.feedback), "provisional": self.provisional,
+                "threshold_held": calibrator.lowering_held(stream)}
 
 
 def doc_commands(doc: dict[str, Any]) -> list[str]:

@@ -82,6 +82,8 @@ def stream_cells(r: dict[str, Any]) -> list[str]:
     source = _cell(r.get("threshold_source"))
     if source != "-" and r.get("threshold_version") is not None:
         source += f" v{r['threshold_version']}"
+    if r.get("threshold_held"):  # why it does not come down: /streams (status --json) gives the reason
+        source += " (lowering held)"
     alert = _cell(r.get("alert_state"))
     if r.get("alert_id"):
         alert += f" {str(r['alert_id'])[:8]}"

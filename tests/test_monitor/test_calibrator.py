@@ -48,6 +48,27 @@ def test_artifact_value_until_min_samples_then_calibrated() -> None:
     assert cal.threshold("s") is new
 
 
+def test_a_lowering_the_recent_windows_hold_is_said() -> None:
+    """An on-call pass: one demo stream's threshold stayed at its artifact's while the others moved, and nothing said
+    why: the quantile of its recent windows (an incident among them) held the lowering. tsmon status says so now."""
+    cal = Calibrator(CalibratorSettings(min_samples=100), clock=lambda: 0.0)
+    cal.register("s", 1.0)
+    cal.observe("s", np.full(500, 0.5))  # normal evidence: it would lower the threshold
+    cal.observe_all("s", np.r_[np.full(450, 0.5), np.full(50, 2.0)])  # but 10 % of the recent windows are over it
+    assert cal.recalibrate() == {} and cal.threshold("s").value == 1.0
+    said = cal.lowering_held("s")
+    assert said is not None and "held at 1 by q0.9" in said and "of the 500 recent windows" in said
+    cal.observe_all("s", np.full(2000, 0.5))  # the incident has left the recent windows: it lowers, nothing held
+    assert cal.recalibrate() and cal.lowering_held("s") is None
+    cal.observe("s", np.full(500, 0.3))
+    cal.observe_all("s", np.r_[np.full(1800, 0.5), np.full(200, 2.0)])
+    cal.recalibrate()
+    assert cal.lowering_held("s") is not None
+    cal.pin("s", 0.7, "test")
+    cal.recalibrate()  # pinned: nothing held it
+    assert cal.lowering_held("s") is None
+
+
 def test_max_change_clamps_one_step_both_ways() -> None:
     cal = Calibrator(CalibratorSettings(min_samples=10, window=10, max_change=0.2))
     cal.register("up", 1.0), cal.register("down", 1.0)

@@ -1111,3 +1111,13 @@ def test_the_demos_live_table_names_its_http_endpoints_once_they_listen() -> Non
     table = LiveView(progress).__rich__()
     assert str(table.title).startswith("broker 127.0.0.1:45115 · http://127.0.0.1:43210 · sent")
     assert list(table.columns[1].cells) == ["ecg-04", "ecg-01"]
+
+
+def test_status_says_a_threshold_whose_lowering_is_held() -> None:
+    """An on-call pass: a stream's threshold stayed at its artifact's, and nothing said why."""
+    from monitor.commands.status_cmd import COLUMNS, stream_cells
+
+    row = {"stream": "ecg-03", "threshold": 0.232, "threshold_source": "artifact", "threshold_version": 0}
+    source = COLUMNS.index("source")
+    assert stream_cells(row)[source] == "artifact v0"
+    assert stream_cells({**row, "threshold_held": "q0.95 … held at 0.232 …"})[source] == "artifact v0 (lowering held)"
