@@ -31,6 +31,7 @@ from typing import Any
 
 from models.errors import ConfigError, TsmonError
 from monitor.alerts import iso
+from monitor.records import encodable
 
 COMMANDS = ("recalibrate", "pin", "unpin", "freeze", "unfreeze", "silence", "unsilence", "reset-stream",
             "feedback", "history", "rollback", "shadow")
@@ -146,10 +147,8 @@ def _command(doc: dict[str, Any]) -> Command:
         raise Refused(f"unknown command {doc['command'][:40]!r}")
     if not doc["operator"].strip() or not doc["command_id"].strip() or len(doc["command_id"]) > 128:
         raise Refused("operator and command_id (at most 128 characters) must not be empty")
-    try:  # the id keys the acknowledgement: a lone surrogate ("\\ud800", valid JSON) stopped the daemon there
-        doc["command_id"].encode("utf-8")
-    except UnicodeEncodeError:
-        raise Refused("command_id is not valid Unicode (a lone surrogate)") from None
+    if not encodable(doc["command_id"]):  # it keys the acknowledgement: a lone surrogate stopped the daemon there
+        raise Refused("command_id is not valid Unicode (a lone surrogate)")
     return Command(**{k: doc[k] for k in _FIELDS})
 
 

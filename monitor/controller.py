@@ -26,6 +26,7 @@ from monitor import logs
 from monitor.alerts import AlertSettings, AlertState, Observation
 from monitor.control import MAX_SILENCE_S, Command, Refused, Seen, ack, names_one, split_ack, verify
 from monitor.processor import Processor
+from monitor.records import encodable
 from monitor.sink import json_message
 from monitor.streams import doc_commands, doc_since_ms
 from monitor.topics import partition_reader
@@ -376,17 +377,7 @@ def _claimed(raw: bytes | None) -> str | None:
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     cid = doc.get("command_id") if isinstance(doc, dict) else None
-    return cid[:128] if isinstance(cid, str) and _encodable(cid[:128]) else None
-
-
-def _encodable(text: str) -> bool:
-    """JSON may carry lone surrogates (``"\\ud800"``), which no UTF-8 message key can hold: as an ack's key, an id
-    with one raised out of the loop and stopped the daemon (standards audit)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return cid[:128] if isinstance(cid, str) and encodable(cid[:128]) else None  # (an ack's key: see _command)
 
 
 class ControlSource:

@@ -191,9 +191,17 @@ def _stream(field: Any, key: bytes | None, limits: Limits) -> str | BadRecord:
         return BadRecord("bad_stream", "stream id is only whitespace or invisible characters")
     if (bad := _CONTROL.search(stream)) is not None:  # a NUL, a newline, an escape: garbage, or a terminal's trap
         return BadRecord("bad_stream", f"stream id has a control character (U+{ord(bad.group()):04X})")
-    if field:  # a JSON field may carry lone surrogates ("\\ud800"; a key decoded from UTF-8 cannot): such an id
-        try:  # could never key an alert or a state document
-            field.encode("utf-8")
-        except UnicodeEncodeError:
-            return BadRecord("bad_stream", "stream id is not valid Unicode (a lone surrogate)")
+    if field and not encodable(field):  # a JSON field may carry lone surrogates (a key decoded from UTF-8 cannot):
+        # such an id could never key an alert or a state document
+        return BadRecord("bad_stream", "stream id is not valid Unicode (a lone surrogate)")
     return stream
+
+
+def encodable(text: str) -> bool:
+    """Can ``text`` be a message key, UTF-8? JSON may carry lone surrogates (``"\\ud800"``), which no UTF-8 text
+    holds: a stream id or a command id with one raised where it keyed a message."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
