@@ -196,8 +196,9 @@ class AlertState:
         if obs.over:
             self.over_floor = min(self.over_floor, obs.threshold)
         step = self._update(obs)
-        if step.censored:  # noise windows are known only to be over the threshold of their time
-            step = replace(step, above=min(self.over_floor, obs.threshold))
+        if step.censored:  # noise windows are known only to be over the threshold of their time: the lowest of
+            # theirs (the threshold of the window that settles the run is not theirs; it was, before over_floor was kept)
+            step = replace(step, above=self.over_floor if math.isfinite(self.over_floor) else obs.threshold)
         if not obs.over and not self.would_over:  # every run before this window is settled
             self.over_floor = math.inf
         return step
@@ -205,9 +206,16 @@ class AlertState:
     def cut(self) -> Step:
         """A gap in the stream's data: a pending run does not go on across it (an over-threshold window before an
         hour of silence and one after it made two in a row, and paged under ``for`` = 2); it was noise. A fired
-        episode stays open: the gap says nothing of whether the anomaly ended."""
+        episode stays open: the gap says nothing of whether the anomaly ended — but in a flapping hold, a run too
+        short to page ends at the gap as it would with no alert open (it made a paging run with the window after
+        the gap, and kept the hold open)."""
         ep = self.pending
         if ep is None:
+            flapping = self.firing and self.episode.flapping  # type: ignore[union-attr]
+            if flapping and 0 < self.run < self.settings.for_windows and not self.would_over:
+                run, peak, above = self.run, self.run_peak, self.over_floor
+                self.run, self.run_peak, self.over_floor = 0, 0.0, math.inf
+                return Step([], False, run if self.settings.noise(run, peak) else 0, above)
             return Step([], False, 0)
         self.episode = None
         above = self.over_floor

@@ -152,8 +152,8 @@ class Ring:
         returns how many were found. Rebuilds the buffer: for rare calls (an operator's verdict)."""
         held, gone = self.values(), 0
         keep = np.ones(len(held), bool)
-        for v in values:
-            hits = np.flatnonzero((held == v) & keep)
+        for v in values:  # a value restored from a state document is its float32 copy (see _pack)
+            hits = np.flatnonzero(((held == v) | (held == float(np.float32(v)))) & keep)
             if len(hits):
                 keep[hits[-1]], gone = False, gone + 1
         if gone:
@@ -425,6 +425,7 @@ class Calibrator:
                       updated_ms=int(self._clock() * 1000) if now_ms is None else now_ms,
                       version=st.versions[-1].version + 1)
         st.state = new
+        st.lowering_held = None  # it moved (or was pinned, reset, rolled back): the next scheduled run says again
         st.versions.append(new)
         self._on_change(stream, new)
         return new
@@ -481,8 +482,8 @@ class Calibrator:
 
     def lowering_held(self, stream: str) -> str | None:
         """Why the last scheduled recalibration did not lower the stream's threshold, if it held it."""
-        with self._lock:
-            return self._streams[stream].lowering_held
+        with self._lock:  # none while scheduled runs are off: the reason would be stale
+            return None if self.frozen_all or not self.settings.enabled else self._streams[stream].lowering_held
 
     def controls(self, stream: str) -> dict[str, bool]:
         with self._lock:

@@ -63,6 +63,29 @@ def test_a_noise_run_is_censored_at_the_lowest_threshold_its_windows_were_over()
     assert (second.censored, second.above) == (1, TH)
 
 
+def test_a_noise_run_is_not_censored_at_the_threshold_of_the_window_that_ends_it() -> None:
+    # a review: a recalibration lowered the threshold before the run ended, and the run was reported as over the
+    # new, lower value (more than it is known to be: it pulls the calibrator's quantile down)
+    st = state(for_windows=2)
+    st.update(obs(0, 2.1, 2.0))
+    step = st.update(obs(1, 1.0, 1.6))
+    assert (step.censored, step.above) == (1, 2.0)
+
+
+def test_in_a_flapping_hold_a_noise_run_does_not_go_on_across_a_gap() -> None:
+    # a review: a lone over window before an hour's gap and one after it made a run of 2 under for = 2, which would
+    # have paged: it kept the hold open another flap period and neither window was learnt as noise
+    st = state(for_windows=2, resolve_after=1, flap_max=2, flap_period_ms=10_000)
+    feed(st, [OVER, OVER, UNDER, OVER, OVER, UNDER])
+    assert st.episode is not None and st.episode.flapping
+    st.update(obs(20, OVER))
+    cut = st.cut()
+    assert (cut.censored, cut.above) == (1, TH)  # as with no alert open: a run of one, noise, ended by the gap
+    assert st.update(obs(3_600, OVER)).transitions == []
+    end = st.update(obs(3_601, UNDER))  # the hold had no paging run for an hour: it resolves here
+    assert [t.status for t in end.transitions] == ["resolved"] and end.censored == 1
+
+
 def test_the_censoring_point_of_a_run_survives_a_restart() -> None:
     # in a flapping hold a run over 2.0 is settled by the next window, under a threshold raised to 2.6; restored
     # in between, the run was reported as over 2.6 (more than is known)

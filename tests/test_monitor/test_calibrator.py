@@ -69,6 +69,45 @@ def test_a_lowering_the_recent_windows_hold_is_said() -> None:
     assert cal.lowering_held("s") is None
 
 
+@pytest.mark.parametrize("then", ["reset", "freeze_all", "disabled", "commanded"])
+def test_a_held_lowering_is_not_said_once_it_no_longer_applies(then: str) -> None:
+    # a review: a reset (back to the artifact, no evidence) or freeze --all kept saying "(lowering held)"
+    cal = Calibrator(CalibratorSettings(min_samples=100), clock=lambda: 0.0)
+    cal.register("s", 1.0)
+    cal.observe("s", np.full(500, 0.5))
+    cal.observe_all("s", np.r_[np.full(450, 0.5), np.full(50, 2.0)])
+    cal.recalibrate()
+    assert cal.lowering_held("s") is not None
+    if then == "reset":
+        cal.reset("s", "sensor replaced")
+    elif then == "freeze_all":
+        cal.frozen_all = True
+    elif then == "disabled":
+        cal.settings = CalibratorSettings(min_samples=100, enabled=False)
+    else:
+        assert cal.recalibrate(commanded=True)  # an operator's recalibrate moved it
+    assert cal.lowering_held("s") is None
+
+
+@pytest.mark.parametrize("restored", [False, True])
+def test_a_verdict_changed_back_takes_its_errors_out_after_a_restore_too(restored: bool) -> None:
+    # a review: a false positive's errors (float64 in the alert history) joined the evidence, which a state document
+    # keeps as float32; restored (a restart, a rebalance, an idle eviction), the verdict changed back found none
+    scores = [1.2345678901, 1.7777777777]
+    cal = Calibrator(CalibratorSettings(window=100, min_samples=10), clock=lambda: 0.0)
+    cal.register("s", 1.0)
+    cal.observe("s", np.asarray([0.5, 0.6]))
+    cal.observe("s", np.asarray(scores), commanded=True)
+    if restored:
+        doc = json.loads(json.dumps(cal.export("s")))
+        cal = Calibrator(CalibratorSettings(window=100, min_samples=10), clock=lambda: 0.0)
+        cal.register("s", 1.0)
+        cal.restore("s", doc)
+    assert cal.unobserve("s", scores) == 2
+    assert cal.unobserve("s", scores) == 0  # once each
+    assert cal.unobserve("s", [0.5, 0.6, 0.7]) == 2  # the normal errors beside them are still there
+
+
 def test_max_change_clamps_one_step_both_ways() -> None:
     cal = Calibrator(CalibratorSettings(min_samples=10, window=10, max_change=0.2))
     cal.register("up", 1.0), cal.register("down", 1.0)
