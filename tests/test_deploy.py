@@ -169,6 +169,26 @@ def test_kubernetes_manifests(tmp_path: Path) -> None:
     howto = (DEPLOY / "k8s" / "kustomization.yaml").read_text()
     assert needed - created and all(n in howto for n in needed - created), needed
     assert docs["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+    # the worst case of what the config lets one replica hold fits its memory limit (README "Memory bounds": 62.3 kB
+    # a stream held, up to 93 kB a document of one not held; the runtime ~1 GiB): the default 50 000 documents did not
+    limit = _bytes(c["resources"]["limits"]["memory"])
+    assert cfg.limits.max_streams * 62.3e3 + cfg.state.max_documents * 93e3 + 2**30 < limit
+    # every scale is a rebalance: the HPA KEDA creates is told to go one pod at a time (KEDA's cooldownPeriod only
+    # acts on a scale to zero, which minReplicaCount >= 1 rules out: 1 → 4 went at once)
+    scaled = docs["ScaledObject"]["spec"]
+    behavior = scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert scaled["minReplicaCount"] >= 1 and "cooldownPeriod" not in scaled
+    for way in ("scaleUp", "scaleDown"):
+        policies = behavior[way]["policies"]
+        assert behavior[way]["stabilizationWindowSeconds"] >= 60 and len(policies) == 1
+        assert (policies[0]["type"], policies[0]["value"]) == ("Pods", 1) and policies[0]["periodSeconds"] >= 60
+
+
+def _bytes(quantity: str) -> float:
+    """A Kubernetes memory quantity (4Gi, 512Mi, 4G) in bytes."""
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]i?)?", quantity).groups()  # type: ignore[union-attr]
+    powers = {"K": 1, "M": 2, "G": 3, "T": 4}
+    return float(number) * ((1024 if unit.endswith("i") else 1000) ** powers[unit[0]] if unit else 1)
 
 
 def test_systemd_unit() -> None:
@@ -183,7 +203,11 @@ def test_systemd_unit() -> None:
     # start limit and stay failed once the outage outlasts it
     assert unit["Service"]["User"] != "root" and unit["Service"]["Restart"] in ("on-failure", "always")
     assert unit["Unit"].get("StartLimitIntervalSec") == "0" and "StartLimitBurst" not in unit["Unit"]
-    assert "useradd --system" in (DEPLOY / "systemd" / "tsmon.service").read_text()  # User= must exist
+    text = (DEPLOY / "systemd" / "tsmon.service").read_text()
+    assert "useradd --system" in text  # User= must exist
+    # PyPI's default Linux torch is a CUDA 13 build: gigabytes on a CPU host, no GPU under an older driver
+    installs = re.findall(r"pip install (torch==\S+.*)", text)
+    assert installs and all("--index-url https://download.pytorch.org/whl/" in i for i in installs), installs
     # the daemon notifies (READY, WATCHDOG from its loop): the watchdog must outlast the loop's longest bounded
     # waits (stall_s, with room for a commit or a flush with the broker away), or systemd would kill a healthy daemon
     svc = unit["Service"]
@@ -218,6 +242,9 @@ def test_dashboard_and_alert_rules_use_exported_metrics() -> None:
     # output the broker refuses for good is given up (the input would wait forever): lost, so someone is paged
     lost = [r for r in rules if "tsmon_undeliverable_messages_total" in r["expr"]]
     assert lost and lost[0]["labels"]["severity"] == "critical"
+    # a broker outage or a paused input has rules of its own: "not consuming" (restart it) must not page beside them
+    stuck = next(r for r in rules if r["alert"] == "TsmonNotConsuming")["expr"]
+    assert re.search(r"unless on ?\(instance\) \(tsmon_broker_up == 0 or tsmon_consumption_paused == 1\)", stuck)
     assert "tsmon_undeliverable_messages_total" in " ".join(exprs[: -len(rules)])  # and on the dashboard
 
 
