@@ -10,6 +10,7 @@ events.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -125,7 +126,9 @@ class ProcessorState:
         self._owed_warned: set[str] = set()
         self.throttle = logs.Throttle()  # per-record, per-window and per-stream events: a sample in the log
         self.clock = time.time  # wall clock: silences and state timestamps
-        self.input_since = 0.0  # monotonic: the daemon's input last came back from a pause (Intake)
+        # monotonic: the daemon's input last came back from a pause (Intake); never paused: none (0.0 was a time,
+        # the machine's boot: a wait longer than its uptime was cut to it)
+        self.input_since = -math.inf
         self.deadline: float | None = None  # monotonic time by which commits must be done (set at shutdown)
         self.scoring_deadline: float | None = None  # by which scoring must be done (the shutdown's drain)
         # windows a good record makes (samples / hop; decays slowly from the largest seen): sizes the next

@@ -110,7 +110,7 @@ class Residency(ProcessorState):
             st.orphan = None
         return how
 
-    def evict_idle(self, now: float, input_since: float = 0.0, caught_up: frozenset[TP] | set[TP] = frozenset()) -> int:
+    def evict_idle(self, now: float, input_since: float = -math.inf, caught_up: frozenset[TP] | set[TP] = frozenset()) -> int:
         """Snapshot and drop the streams silent for ``idle_evict_s`` with nothing waiting to be scored.
 
         Silence counts from ``input_since`` at the earliest: the daemon's input was paused before it (a failing
