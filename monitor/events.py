@@ -17,7 +17,8 @@ Owns what `tsmon replay-eval` claims, and nothing is point-adjusted:
   ``events_inside_open_alert`` and has no delay, whatever fires after (one alert held open for the whole test
   part would otherwise detect every event with a delay of 0);
 * an event that straddles the start of the test part is also detected (inside an open alert, no delay) when an
-  alert fired during probation is still open at the start of the test part and overlaps it;
+  alert that fired on it during probation (at or after its first sample) is still open at the start of the test
+  part; one already open when the event began counts for nothing, as it would for a later event;
 * an alert that overlaps no scored event but one that ended during the warm-up (widened by ``tolerance``)
   was raised by that event: it is neither true nor false (``ignored_for_warmup_event``).
 
@@ -44,6 +45,7 @@ class Span:
 
     start_ms: float
     end_ms: float
+    began_ms: float | None = None  # an event clipped at the start of the scored part: its first sample (else None)
 
     def overlaps(self, other: Span, late_ms: float = 0.0) -> bool:
         """Does ``other`` overlap this span widened by ``late_ms`` at its end?"""
@@ -54,7 +56,8 @@ def labelled_events(ts_ms: np.ndarray, labels: np.ndarray, from_ms: float) -> li
     """Runs of label 1 as spans of data time; those that end before ``from_ms`` are left out, and one that
     began before it counts from ``from_ms`` (alerts of the warm-up count for nothing, so its delay starts
     with the scored part)."""
-    return [Span(max(s.start_ms, from_ms), s.end_ms) for s in _runs_ms(ts_ms, labels) if s.end_ms >= from_ms]
+    return [Span(from_ms, s.end_ms, s.start_ms) if s.start_ms < from_ms else s
+            for s in _runs_ms(ts_ms, labels) if s.end_ms >= from_ms]
 
 
 def warmup_events(ts_ms: np.ndarray, labels: np.ndarray, from_ms: float) -> list[Span]:
@@ -97,12 +100,14 @@ def score_alerts(events: list[Span], alerts: list[dict[str, Any]], test: Span, t
     # alerts fired during probation and still open at the split: they count for nothing, but an event that straddles
     # the split and that such an alert overlaps was found before the scored part began (it fired on the event's
     # first samples, and the event counted as missed: a slower detector would have been credited)
-    open_at_split = [alert_span(a, test.end_ms) for a in alerts
+    open_at_split = [(float(a["fired_ts"]), alert_span(a, test.end_ms)) for a in alerts
                      if a.get("fired_ts") is not None and a["fired_ts"] < test.start_ms]
     for ev in events:
         fired = [float(a["fired_ts"]) for a, s in zip(scored, spans, strict=True) if ev.overlaps(s, tolerance_ms)]
-        straddles = ev.start_ms <= test.start_ms  # began before the split (labelled_events clipped it there)
-        if any(f < ev.start_ms for f in fired) or (straddles and any(ev.overlaps(s) for s in open_at_split)):
+        began = ev.start_ms if ev.began_ms is None else ev.began_ms  # before the split: labelled_events clipped it
+        # fired on it: not an alert already stuck open when it began (that counts for nothing, as for a later event)
+        found_early = any(f >= began and ev.overlaps(s) for f, s in open_at_split) if began < test.start_ms else False
+        if any(f < ev.start_ms for f in fired) or found_early:
             inside += 1  # open when it began (a later alert during it changes nothing)
         elif fired:
             delays.append((min(fired) - ev.start_ms) / 1000)
@@ -141,7 +146,7 @@ def covered_share(spans: list[Span], within: Span) -> float:
     cut = sorted((max(s.start_ms, within.start_ms), min(s.end_ms, within.end_ms)) for s in spans)
     total, reach = 0.0, within.start_ms
     for a, b in cut:
-        if b > reach:
+        if b > max(a, reach):  # (an alert wholly outside ``within`` has b < a here)
             total += b - max(a, reach)
             reach = b
     return total / max(within.end_ms - within.start_ms, 1.0)

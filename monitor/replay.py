@@ -49,18 +49,38 @@ def messages(stream: str, ts_ms: np.ndarray, values: np.ndarray, chunk: int) -> 
     if not np.isfinite(values).all():
         raise ValueError("non-finite values have no wire format: drop those rows first (finite_rows)")
     head = json.dumps(stream)
-    for lo in range(0, len(ts_ms), chunk):
-        t, v = ts_ms[lo : lo + chunk], values[lo : lo + chunk]
-        d = np.diff(t)
-        period = float(d.mean()) if len(d) else 0.0
-        if len(t) > 1 and period >= 1 and np.abs(d - period).max() <= _UNIFORM_MS:
-            p = int(period) if period == int(period) else f"{period:.10g}"  # 360 Hz: 2.777777778
+    for lo, t, p in _chunks(ts_ms, chunk):
+        v = values[lo : lo + len(t)]
+        if p is not None:
             yield (f'{{"stream":{head},"ts":{round(t[0])},"period_ms":{p},"samples":{_numbers(v)}}}'
                    .encode(), len(t))
         else:
             for i in range(len(t)):
                 row = "[" + ",".join([f"{x:.9g}" for x in v[i].tolist()]) + "]"
                 yield f'{{"stream":{head},"ts":{round(t[i])},"values":{row}}}'.encode(), 1
+
+
+def _chunks(ts_ms: np.ndarray, chunk: int) -> Iterator[tuple[int, np.ndarray, int | str | None]]:
+    """(first row, its timestamps, period_ms as written) of each message; period None: one message a sample."""
+    for lo in range(0, len(ts_ms), chunk):
+        t = ts_ms[lo : lo + chunk]
+        d = np.diff(t)
+        period = float(d.mean()) if len(d) else 0.0
+        if not (len(t) > 1 and period >= 1 and np.abs(d - period).max() <= _UNIFORM_MS):
+            yield lo, t, None
+        else:
+            yield lo, t, int(period) if period == int(period) else f"{period:.10g}"  # 360 Hz: 2.777777778
+
+
+def stamped(ts_ms: np.ndarray, chunk: int) -> np.ndarray:
+    """The whole-millisecond times the daemon gives the samples of :func:`messages`' messages (a chunk's first
+    sample rounded, plus its rounded offsets at the written period: ``records.parse``): what its windows and
+    alerts say, which fractional times (360 Hz) miss by up to half a millisecond."""
+    out = np.empty(len(ts_ms), dtype="int64")
+    for lo, t, p in _chunks(ts_ms, chunk):
+        out[lo : lo + len(t)] = (round(t[0]) + np.round(np.arange(len(t)) * float(p)).astype("int64") if p is not None
+                                 else np.round(t).astype("int64"))
+    return out
 
 
 def as_records(stream: str, ts_ms: np.ndarray, values: np.ndarray, chunk: int, topic: str, partition: int = 0,

@@ -49,6 +49,7 @@ from models.workflow import baseline
 from monitor import logs
 from monitor.alerts import iso
 from monitor.events import Span, labelled_events, latest_alerts, score_alerts, warmup_events
+from monitor.replay import stamped
 
 log = logs.get("tsmon.replay_eval")
 
@@ -89,6 +90,15 @@ def time_axis(series: Series, sample_rate_hz: float | None, start_ms: float = DE
     if not sample_rate_hz or not sample_rate_hz > 0:
         raise DataError(f"{Path(series.path).name} has no timestamp column: give its --sample-rate in Hz")
     return start_ms + np.arange(len(series.values)) * (1000.0 / sample_rate_hz)
+
+
+def daemon_times(ts_ms: np.ndarray, values: np.ndarray, start: int, chunk: int) -> np.ndarray:
+    """Each sample's time as the daemon stamps it (whole ms; see :func:`monitor.replay.stamped`) for the rows played
+    from ``start`` with finite values, the others' rounded: events are scored on the clock of the alerts."""
+    out = np.round(ts_ms).astype("float64")
+    ok = np.flatnonzero(np.isfinite(values[start:]).all(axis=1)) + start
+    out[ok] = stamped(ts_ms[ok], chunk)
+    return out
 
 
 @dataclass
@@ -182,9 +192,10 @@ def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> 
     log.info("replay_eval_plan", stream=p.stream, speed=round(p.speed, 3), split_sample=p.split,
              train_fraction=p.train_fraction, chunk=p.chunk, gap_ms=p.gap_ms, baseline=str(p.baseline))
     played = _play(p, series, ts_ms, opts, base_cfg.calibrator.interval_s, clock)
-    test = Span(float(ts_ms[p.split]), float(ts_ms[-1]))
-    events = labelled_events(ts_ms, series.labels, test.start_ms)  # type: ignore[arg-type]
-    warmup = warmup_events(ts_ms, series.labels, test.start_ms)  # type: ignore[arg-type]
+    wire = daemon_times(ts_ms, series.values, p.start, p.chunk)  # the clock of the windows and alerts
+    test = Span(float(wire[p.split]), float(wire[p.split:].max()))  # (rows whose time goes back are replayed)
+    events = labelled_events(wire, series.labels, test.start_ms)  # type: ignore[arg-type]
+    warmup = warmup_events(wire, series.labels, test.start_ms)  # type: ignore[arg-type]
     results = {name: score_alerts(events, latest_alerts(played["alerts"], s), test, p.tolerance_ms, warmup)
                for name, s in (("model", p.stream), ("baseline", p.stream + BASELINE_SUFFIX))}
     report: dict[str, Any] = {

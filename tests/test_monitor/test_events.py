@@ -28,7 +28,8 @@ def test_labelled_events_are_runs_on_the_time_axis_and_skip_those_before_the_tes
     labels[10:13] = 1
     labels[19] = 1
     assert labelled_events(ts, labels, from_ms=5000) == [Span(10_000, 12_000), Span(19_000, 19_000)]
-    assert labelled_events(ts, labels, from_ms=11_000)[0] == Span(11_000, 12_000)  # straddles: counts from there
+    assert labelled_events(ts, labels, from_ms=11_000)[0] == Span(11_000, 12_000, 10_000)  # straddles: counts from
+    # there, its first sample kept
 
 
 def test_recall_precision_false_alert_rate_and_delays_by_hand() -> None:
@@ -126,6 +127,16 @@ def test_an_event_straddling_the_split_found_before_it_is_detected_not_missed() 
     stuck = alert("s", 0.5 * H, 0.6 * H, None, status="firing")  # open at the split: only a straddling event
     later = labelled_events(ts, np.where((ts >= 5 * H) & (ts <= 5.1 * H), 1, 0).astype("int8"), test.start_ms)
     assert score_alerts(later, [stuck], test, 60_000)["recall"] == 0.0  # an event wholly after it: still missed
+    # a review: nor a straddling one it was already open for when it began (it did not fire on it)
+    assert score_alerts(events, [stuck], test, 60_000)["recall"] == 0.0
+    on_it = alert("o", 0.5 * H, 0.99 * H, None, status="firing")  # open since earlier, fired at the event's first sample
+    assert score_alerts(events, [on_it], test, 60_000)["events_inside_open_alert"] == 1
+
+
+def test_time_in_alert_is_never_negative_for_an_alert_beyond_the_scored_part() -> None:
+    # a review: a file whose last row goes back in time ended the scored part before an alert began: -0.6
+    r = score_alerts([], [alert("a", 80_000, 80_000, None, status="firing")], Span(0, 50_000), 0)
+    assert r["time_in_alert"] == 0.0
 
 
 def test_no_alerts_and_no_events_give_none_not_a_fake_score() -> None:

@@ -145,6 +145,25 @@ def test_a_360_hz_series_replays_as_chunks_with_a_fractional_period() -> None:
     np.testing.assert_array_equal(np.concatenate([b.values for b in blocks]), values)
 
 
+@pytest.mark.parametrize("rate, chunk, jitter", [(360, 250, False), (360, 7, False), (128, 100, False), (3, 10, True)])
+def test_replay_eval_scores_on_the_times_the_daemon_stamps(rate: float, chunk: int, jitter: bool) -> None:
+    """A review: replay-eval scored labelled events on the file's fractional times (360 Hz: sample 3 at +8.333 ms)
+    while the daemon stamped +8, so an alert firing on a labelled sample's window read as fired before it."""
+    from monitor.replay import messages
+    from monitor.replay_eval import daemon_times
+
+    rng = np.random.default_rng(0)
+    ts = 1_700_000_000_000.4 + np.arange(1000) * (1000 / rate) + (rng.uniform(0, 50, 1000) if jitter else 0)
+    values = np.arange(1000, dtype="float64")[:, None]
+    values[[5, 400]] = np.nan  # holes are not sent: their rows keep rounded times
+    ok = np.isfinite(values[:, 0])
+    got = np.concatenate([parse(b, b"s").ts_ms for b, _ in messages("s", ts[ok], values[ok], chunk)])  # type: ignore[union-attr]
+    wire = daemon_times(ts, values, 0, chunk)
+    np.testing.assert_array_equal(wire[ok], got)
+    assert not np.array_equal(np.round(ts[ok]), got) or jitter  # fractional times do miss the daemon's
+    np.testing.assert_array_equal(wire[~ok], np.round(ts[~ok]))
+
+
 def test_holes_in_a_recording_are_dropped_before_encoding_never_sent_as_nan() -> None:
     from monitor.replay import finite_rows, messages
 
