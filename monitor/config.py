@@ -62,6 +62,8 @@ _HOST_PORT = re.compile(r"(?:[A-Za-z][A-Za-z0-9_]*://)?"  # SECURITY_PROTOCOL://
                         r"(?:(?P<host>\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+)(?::(?P<port>\d{1,5}))?"  # host or [IPv6]
                         r"|(?P<bare>[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.%]*))")  # bare IPv6: no port
 _SASL_USER_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_RDKAFKA_MOST = {"session_timeout_ms": 3_600_000, "max_poll_interval_ms": 86_400_000,
+                 "reconnect_backoff_max_ms": 3_600_000, "request_timeout_ms": 300_000}
 
 
 def bootstrap_problem(server: str) -> str | None:
@@ -141,7 +143,7 @@ class KafkaConfig(_Section):
         "kafka-python", description="client of the input and output topics; confluent = librdkafka "
                                     "(pip install 'tsmon[confluent]')")
     bootstrap_servers: list[_Name] = Field(["127.0.0.1:9092"], min_length=1, description="broker host:port list")
-    group_id: str = Field("tsmon", min_length=1, description="consumer group sharing the input partitions")
+    group_id: _Name = Field("tsmon", min_length=1, description="consumer group sharing the input partitions")
     client_id: str = Field("tsmon", min_length=1, description="client id shown in broker logs")
     topics: list[_Topic] = Field(["tsmon.input"], description="input topics (unless topic_pattern is set)")
     topic_pattern: str | None = Field(None, description="regex of input topics; replaces topics when set")
@@ -242,6 +244,12 @@ class KafkaConfig(_Section):
                        f"({self.session_timeout_ms}) with client = \"confluent\"")
             if self.max_poll_records > 1_000_000:
                 yield "max_poll_records: at most 1000000 with client = \"confluent\""
+            for key, most in _RDKAFKA_MOST.items():  # beyond them librdkafka refuses the client (or cut it short)
+                if getattr(self, key) > most:
+                    yield f"{key}: at most {most} with client = \"confluent\" (librdkafka's range)"
+            if self.topic_pattern is not None and "(?" in self.topic_pattern:
+                yield ("topic_pattern: librdkafka's regular expressions have no (?...) groups (lookarounds, "
+                       "non-capturing groups, flags) with client = \"confluent\"; list the topics instead")
 
     def subscription(self) -> dict[str, Any]:
         """Keyword arguments of ``KafkaConsumer.subscribe``: the pattern if set, else the topics."""
@@ -581,6 +589,34 @@ class Config(_Section):
     http: HttpConfig = Field(default_factory=HttpConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
 
+    def _rules(self) -> Iterator[str]:
+        # tsmon's own topics apart from each other and from its input: a dead-letter topic that was an input topic
+        # dead-lettered its own dead letters for ever (one message in, one out), an alerts topic read as input ...
+        own = {"kafka.alerts_topic": self.kafka.alerts_topic, "kafka.dead_letter_topic": self.kafka.dead_letter_topic,
+               "control.topic": self.control.topic, "control.audit_topic": self.control.audit_topic,
+               "state.topic": self.state.topic}
+        seen: dict[str, str] = {}
+        for key, topic in own.items():
+            if topic in seen:
+                yield f"{key}: {topic!r} is already {seen[topic]}: each of tsmon's topics needs its own"
+            elif topic in self.kafka.topics and self.kafka.topic_pattern is None:
+                yield f"{key}: {topic!r} is an input topic (kafka.topics): tsmon would read its own output"
+            elif self.kafka.topic_pattern is not None and re.match(self.kafka.topic_pattern, topic):
+                yield (f"kafka.topic_pattern: it matches {key} ({topic!r}): tsmon would read its own output "
+                       f"(exclude it, e.g. list the input topics)")
+            seen.setdefault(topic, key)
+        # one turn of the loop blocks up to a poll and a flush: past http.stall_s /healthz (liveness) fails a daemon
+        # that is only waiting for a broker away (an orchestrator then restarts it for an outage)
+        turn = self.daemon.poll_timeout_ms / 1000 + self.daemon.sink_timeout_s
+        if self.http.enabled and turn >= self.http.stall_s:
+            yield (f"http.stall_s: must exceed daemon.poll_timeout_ms + daemon.sink_timeout_s ({turn:g} s), the "
+                   f"longest one turn of the loop may wait; /healthz would fail a daemon waiting for its broker")
+        for i, route in enumerate(self.models):  # first match wins: a route after "*" or its own pattern is never used
+            before = next((j for j in range(i) if self.models[j].pattern in ("*", route.pattern)), None)
+            if before is not None:
+                yield (f"models[{i}].pattern: {route.pattern!r} is never reached: models[{before}] "
+                       f"({self.models[before].pattern!r}) comes first and the first match wins")
+
     def redacted(self) -> dict[str, Any]:
         """JSON-able settings for logs: secrets masked, paths as strings, TOML key names."""
         return self.model_dump(mode="json", by_alias=True)
@@ -705,12 +741,12 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], str | None]:
         if rest == "MODEL":
             model = env[var].strip() or None
         if "__" not in rest:
-            if rest.lower() in _SECTIONS or rest.lower().startswith(tuple(f"{sec}_" for sec in _SECTIONS)):
+            if rest.startswith("MODEL") and rest != "MODEL":  # TSMON_MODELS, TSMON_MODEL_PATH: ignored before
+                problems.append(f"{var}: unknown variable (the one-route shortcut is TSMON_MODEL=ARTIFACT)")
+            elif rest.lower().startswith(tuple(_SECTIONS)):  # TSMON_KAFKA_TOPICS, TSMON_KAFKATOPICS: ignored before
                 # a misspelt override, not silence
                 problems.append(f"{var}: unknown variable (overrides are TSMON_<SECTION>__<KEY>, with two "
                                 f"underscores, e.g. TSMON_KAFKA__TOPICS)")
-            elif rest.startswith("MODEL") and rest != "MODEL":  # TSMON_MODELS, TSMON_MODEL_PATH: ignored before
-                problems.append(f"{var}: unknown variable (the one-route shortcut is TSMON_MODEL=ARTIFACT)")
             continue
         section, _, key = rest.lower().partition("__")
         if section not in _SECTIONS:
@@ -769,7 +805,8 @@ def _problems(exc: ValidationError) -> list[str]:
         message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         for line in message.splitlines():
             key, sep, rest = line.partition(": ")
-            if err["type"] == "value_error" and sep and key.isidentifier():
+            if err["type"] == "value_error" and sep and all(part.partition("[")[0].isidentifier()
+                                                            for part in key.split(".")):
                 line, where_line = rest, f"{where}.{key}".lstrip(".")
             else:
                 where_line = where

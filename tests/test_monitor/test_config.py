@@ -428,10 +428,37 @@ def test_example_toml_loads_and_documents_the_defaults(tmp_path: Path) -> None:
 
 
 def test_a_misspelt_environment_variable_is_an_error_not_ignored() -> None:
-    for var in ("TSMON_KAFKA_TOPICS", "TSMON_BATCH_MAX_BATCH"):
+    for var in ("TSMON_KAFKA_TOPICS", "TSMON_BATCH_MAX_BATCH", "TSMON_KAFKATOPICS", "TSMON_CONTROLKEY"):
         with pytest.raises(ConfigError, match=f"{var}: unknown variable"):
             load_config(None, env={var: "x"})
     load_config(None, env={"TSMON_LOG_FORMAT": "json", "TSMON_LOG_LEVEL": "INFO"})  # these belong to logging
+
+
+@pytest.mark.parametrize("overrides, line", [
+    # a config audit: a dead-letter topic that was an input topic dead-lettered its own dead letters for ever
+    ({"kafka.topics": ["sensors"], "kafka.dead_letter_topic": "sensors"},
+     "kafka.dead_letter_topic: 'sensors' is an input topic (kafka.topics): tsmon would read its own output"),
+    ({"control.audit_topic": "tsmon.alerts"},
+     "control.audit_topic: 'tsmon.alerts' is already kafka.alerts_topic: each of tsmon's topics needs its own"),
+    ({"kafka.topic_pattern": r"tsmon\..*", "kafka.topics": ""},
+     "kafka.topic_pattern: it matches kafka.alerts_topic ('tsmon.alerts'): tsmon would read its own output"),
+    # one turn may wait a poll and a flush: past stall_s, liveness fails a daemon waiting for its broker
+    ({"daemon.sink_timeout_s": 30}, "http.stall_s: must exceed daemon.poll_timeout_ms + daemon.sink_timeout_s (30.1 s)"),
+    ({"daemon.poll_timeout_ms": 30_000}, "http.stall_s: must exceed daemon.poll_timeout_ms + daemon.sink_timeout_s"),
+    ({"kafka.group_id": " "}, "kafka.group_id: String should have at least 1 character"),  # librdkafka aborted
+    ({"kafka.client": "confluent", "kafka.topic_pattern": r"(?!tsmon\.).*", "kafka.topics": ""},
+     "kafka.topic_pattern: librdkafka's regular expressions have no (?...) groups"),
+    ({"kafka.client": "confluent", "kafka.request_timeout_ms": 400_000},
+     "kafka.request_timeout_ms: at most 300000 with client = \"confluent\" (librdkafka's range)"),
+    ({"models": [{"path": "a"}, {"pattern": "ecg-*", "path": "b", "for": 1}]},
+     "models[1].pattern: 'ecg-*' is never reached: models[0] ('*') comes first and the first match wins"),
+])
+def test_settings_that_would_misbehave_together_are_refused_at_load(overrides: dict, line: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides, env={})
+    assert any(got.startswith(line) for got in error_lines(excinfo)), error_lines(excinfo)
+    load_config(None, {"http.enabled": False, "daemon.sink_timeout_s": 30}, env={})  # no /healthz to fail
+    load_config(None, {"models": [{"pattern": "ecg-*", "path": "b"}, {"path": "a"}]}, env={})  # "*" last: fine
 
 
 def test_an_error_from_the_environment_is_not_blamed_on_the_file(tmp_path: Path) -> None:
