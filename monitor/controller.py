@@ -24,6 +24,7 @@ import numpy as np
 from models.errors import describe
 from monitor import logs
 from monitor.alerts import AlertSettings, AlertState, Observation
+from monitor.calibrator import MAX_QUANTILE
 from monitor.control import MAX_SILENCE_S, Command, Refused, Seen, ack, names_one, split_ack, verify
 from monitor.processor import Processor
 from monitor.records import encodable
@@ -253,7 +254,9 @@ class Controller:
         if cmd.target != "*":
             if not frozen and self.cal.frozen_all:  # it would be acknowledged and change nothing
                 raise Refused("calibration is frozen daemon-wide (freeze --all): unfreeze --all lifts it")
-            return self._each(cmd, lambda s: self.cal.set_frozen(s, frozen), None if frozen else (
+            # a repeat is passed over as an undo of nothing is (it was reported as a change, before = after)
+            return self._each(cmd, lambda s: self.cal.set_frozen(s, frozen), (
+                lambda s: "already frozen: nothing to do" if self.cal.controls(s)["frozen"] else None) if frozen else (
                 lambda s: None if self.cal.controls(s)["frozen"] else "not frozen: nothing to undo"))
         streams = self._targets(cmd, lambda doc: not frozen and _field(doc, "calibrator", dict).get("frozen") is True)
         before = {s: self._view(s) for s in streams}
@@ -262,7 +265,8 @@ class Controller:
         if not frozen:
             for s in streams:
                 self.cal.set_frozen(s, False)
-        return streams, [{"stream": s, "before": before[s], "after": self._view(s)} for s in streams], {}
+        changed = [s for s in streams if self._view(s) != before[s]]  # a repeat changes none (it listed them all)
+        return changed, [{"stream": s, "before": before[s], "after": self._view(s)} for s in changed], {}
 
     def _silence(self, cmd: Command) -> Effects:
         until = 0
@@ -358,8 +362,8 @@ def _quantile(value: Any) -> float | None:
     if value is None:
         return None
     q = float(value)
-    if not 0 < q < 1:
-        raise Refused(f"quantile must be in (0, 1), got {q}")
+    if not 0 < q <= MAX_QUANTILE:  # as calibrator.quantile (an operator pass: q0.9999 was applied)
+        raise Refused(f"quantile must be in (0, {MAX_QUANTILE}], got {q}")
     return q
 
 

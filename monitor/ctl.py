@@ -25,7 +25,7 @@ from monitor import logs
 from monitor.config import Config
 from monitor.control import MAX_SILENCE_S, merge_acks, new_command
 from monitor.reach import wait_for_brokers
-from monitor.topics import partition_reader, within
+from monitor.topics import ensure_topics, partition_reader, require_inputs, within
 
 log = logs.get("tsmon.ctl")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -64,6 +64,7 @@ def send(cfg: Config, command: str, target: str, params: dict[str, Any], operato
     doc = new_command(command, target, params, operator, reason, c.key.get_secret_value())
     wait_for_brokers(cfg.kafka, timeout_s, "give --bootstrap-servers or --config")  # named, within --timeout
     client = within(cfg.kafka.client_kwargs(), timeout_s)  # a hung broker: said at --timeout, not after 32 s
+    _require_control_topics(cfg, client)
     topics = Topics(client)
     # positioned before sending: the acknowledgement cannot come earlier than this
     audit, _ = partition_reader(client, c.audit_topic, at_end=True, timeout_s=timeout_s)
@@ -80,6 +81,16 @@ def send(cfg: Config, command: str, target: str, params: dict[str, Any], operato
         raise BrokerError(f"cannot send the command: {describe(exc)}") from None
     finally:
         audit.close()
+
+
+def _require_control_topics(cfg: Config, client: dict[str, Any]) -> None:
+    """Both topics must exist (every daemon creates them at its start): a misspelt one was created by the send and
+    the reader, and ctl waited out --timeout for an acknowledgement, naming no topic (an operator pass)."""
+    servers = client["bootstrap_servers"]
+    existing = ensure_topics(servers, {}, **{k: v for k, v in client.items() if k != "bootstrap_servers"})
+    for setting, topic in (("control.topic", cfg.control.topic), ("control.audit_topic", cfg.control.audit_topic)):
+        require_inputs([topic], existing, ",".join(servers), setting,
+                       why="every daemon creates it at its start: is one running with this configuration?")
 
 
 class Topics:

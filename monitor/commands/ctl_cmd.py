@@ -15,6 +15,7 @@ from rich.text import Text
 from models.errors import ConfigError
 from monitor import ctl
 from monitor.alerts import iso
+from monitor.calibrator import MAX_QUANTILE
 from monitor.commands.options import bootstrap_option
 from monitor.commands.render import emit_json, stdout
 from monitor.config import load_config
@@ -82,8 +83,8 @@ def _check(params: dict[str, Any]) -> None:
     threshold, quantile = params.get("threshold"), params.get("quantile")
     if threshold is not None and not 0.0 < threshold < math.inf:
         raise typer.BadParameter(f"must be finite and > 0, got {threshold}", param_hint="--threshold")
-    if quantile is not None and not 0.0 < quantile < 1.0:
-        raise typer.BadParameter(f"must be in (0, 1), got {quantile}", param_hint="--quantile")
+    if quantile is not None and not 0.0 < quantile <= MAX_QUANTILE:  # the calibrator's highest, as in the config
+        raise typer.BadParameter(f"must be in (0, {MAX_QUANTILE}], got {quantile}", param_hint="--quantile")
 
 
 def _show(acks: list[dict[str, Any]]) -> None:

@@ -86,7 +86,7 @@ def stream_cells(r: dict[str, Any]) -> list[str]:
         source += " (lowering held)"
     alert = _cell(r.get("alert_state"))
     if r.get("alert_id"):
-        alert += f" {str(r['alert_id'])[:8]}"
+        alert += f" {r['alert_id']}"  # whole: ctl feedback --alert needs it (8 characters matched nothing)
     threshold = r.get("threshold")
     last = _time(r.get("last_sample_time")) + (" (silent)" if r.get("silent") is True else "")
     return [_cell(r.get("stream")), _cell(r.get("model")), last,

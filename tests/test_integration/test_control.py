@@ -219,6 +219,16 @@ def test_status_and_ctl_commands(broker: Any, topic: str, stream_model: Path, ca
         # the last line of stderr (the daemon on its thread logs there too)
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err == "CommandFailed: unpin: no daemon has a stream matching 'no-such-stream'"
+        # an operator pass: a misspelt control topic was created by the send, and ctl waited out its timeout for an
+        # acknowledgement naming no topic
+        misspelt = cfg.control.topic.replace("control", "contrl")
+        monkeypatch.setenv("TSMON_CONTROL__TOPIC", misspelt)
+        with pytest.raises(SystemExit) as exc:
+            main(["ctl", "pin", "--stream", "dev-s", "--threshold", "0.3", "--reason", "typo"])
+        assert exc.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"ConfigError: control.topic: no topic {misspelt!r} (did you mean {cfg.control.topic!r}?)")
+        assert misspelt not in ensure_topics(broker.bootstrap, {})
     finally:
         run.stop()
 

@@ -661,7 +661,9 @@ def test_ctl_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
                           (["feedback", "--alert", "a1"], "give exactly one of --false-positive or --confirmed"),
                           # values no instance could apply (they exited 1, where --timeout's exited 2)
                           (["pin", "--stream", "s", "--threshold", "nan"], "Invalid value for --threshold: must be finite and > 0"),
-                          (["shadow", "--stream", "s", "--quantile", "inf"], "Invalid value for --quantile: must be in (0, 1)"),
+                          (["shadow", "--stream", "s", "--quantile", "inf"], "Invalid value for --quantile: must be in (0, 0.999]"),
+                          # the calibrator's highest, as calibrator.quantile (an operator pass: q0.9999 was applied)
+                          (["recalibrate", "--stream", "s", "--quantile", "0.9999"], "must be in (0, 0.999], got 0.9999"),
                           (["silence", "--stream", "s", "--for", "soon"], "Invalid value for --for: expected a duration like 90s"),
                           # sent, then refused by every daemon (found by the operator pass)
                           (["silence", "--stream", "s", "--for", "31d"], "Invalid value for --for: at most 30d, got '31d'"),

@@ -578,6 +578,21 @@ def test_unfreezing_one_stream_under_a_daemon_wide_freeze_is_refused(make: Make)
     assert send(c, "unfreeze", "*")["status"] == "applied" and not p.calibrator.controls("dev-a")["frozen"]
 
 
+def test_a_repeated_freeze_reports_no_change(make: Make) -> None:
+    """An operator pass: a second freeze of a stream was reported as a change (frozen -> frozen), and a second
+    unfreeze --all listed every stream, before = after; undo commands already said 'nothing to undo'."""
+    p = make()
+    c = controller(p)
+    feed(p, records("dev-a", *sine_stream(300)))
+    feed(p, records("dev-b", *sine_stream(300, seed=3), partition=1))
+    assert [e["stream"] for e in send(c, "freeze", "dev-a")["effects"]] == ["dev-a"]
+    again = send(c, "freeze", "dev-a")
+    assert again["effects"] == [] and again["result"]["held"] == {"dev-a": "already frozen: nothing to do"}
+    assert sorted(e["stream"] for e in send(c, "unfreeze", "*")["effects"]) == ["dev-a"]  # dev-b was not frozen
+    assert send(c, "unfreeze", "*")["effects"] == []
+    assert len(send(c, "freeze", "*")["effects"]) == 2 and send(c, "freeze", "*")["effects"] == []
+
+
 def test_reset_resolves_an_open_alert(make: Make) -> None:
     p = make()
     c = controller(p)
