@@ -168,7 +168,8 @@ class Residency(ProcessorState):
             ep = st.alerts.episode
             held = f"; alert {ep.alert_id} stays open" if ep is not None and ep.fired is not None else ""
             self._quality(st.quality.event("silent", last, (
-                f"no data for {q:.0f} s since its last sample at {iso(last)}{held} — is its source alive?")))
+                f"no data received for {q:.0f} s (its last sample is stamped {iso(last)}){held} — is its source "
+                "alive?")))
             self.save(name)
         self.metrics.silent.set(silent)
 
@@ -179,7 +180,7 @@ class Residency(ProcessorState):
         ep, last = st.alerts.episode, st.last_sample_ts
         if ep is not None and ep.fired is not None and last is not None:  # paged, then silent: a sensor gone?
             self._quality(st.quality.event("stale", last, (
-                f"no data for {idle_s:.0f} s (limits.idle_evict_s) since its last sample at {iso(last)}: alert "
+                f"no data received for {idle_s:.0f} s (limits.idle_evict_s; its last sample is stamped {iso(last)}): alert "
                 f"{ep.alert_id} stays open until the stream sends again — is its source alive?")))
         doc = self.save(name)
         if doc is not None:

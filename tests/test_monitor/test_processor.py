@@ -665,7 +665,7 @@ def test_idle_streams_are_evicted_and_continue_when_they_return(make: Make) -> N
     stale = [d for d in docs(p, "data_quality") if d["kind"] == "stale"]  # paged, then silent: nothing said so
     fired = [d for d in docs(p, "anomaly") if d["status"] == "firing"]
     assert [d["stream"] for d in stale] == ["dev-e"] and fired[0]["alert_id"] in stale[0]["detail"]
-    assert stale[0]["ts"] == int(ts[-1]) and "no data for 61 s" in stale[0]["detail"]
+    assert stale[0]["ts"] == int(ts[-1]) and "no data received for 61 s" in stale[0]["detail"]
     later_ts, later_v = sine_stream(200, start_ms=int(ts[-1]) + STREAM_PERIOD_MS)
     feed(p, records("dev-e", later_ts, later_v, first_offset=100) + records("dev-f", *sine_stream(
         100, start_ms=int(ts[299]) + STREAM_PERIOD_MS, seed=1), partition=1, first_offset=30))
