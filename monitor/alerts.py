@@ -135,6 +135,7 @@ def generation_of(doc: dict[str, Any]) -> int:
 
 
 UNKNOWN_SOURCE = ("", -1, -1)  # a restored episode's first input, when its document did not keep it
+UNKNOWN_SEQ = -1  # a restored window's sample number: of another process (the ledger knows no message for it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +337,10 @@ class AlertState:
         if e is None:
             self.episode = None
             return
-        obs = {k: Observation.from_doc(e[k]) if e[k] else None for k in ("start", "peak", "fired", "last")}
+        # sample numbers restart with the process: the old ones would name another message of the new one (an alert's
+        # source, published before the stream's next window, e.g. an unsilenced page); -1 is none (UNKNOWN_SEQ)
+        obs = {k: replace(Observation.from_doc(e[k]), start_seq=UNKNOWN_SEQ, end_seq=UNKNOWN_SEQ) if e[k] else None
+               for k in ("start", "peak", "fired", "last")}
         start = obs["start"]
         if start is None or obs["peak"] is None:
             raise ValueError("an open episode needs its start and peak windows")

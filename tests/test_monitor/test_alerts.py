@@ -391,6 +391,23 @@ def test_a_page_is_sent_again_only_when_its_severity_rises_and_a_restore_remembe
     assert paged(old, [4.0], first=5) == [] and paged(old, [13.0], first=6) == [(4, "critical")]
 
 
+def test_a_restored_episode_names_no_message_of_this_process_for_its_old_windows() -> None:
+    # a review: sample numbers restart with the process, so a restored window's old number named another message of
+    # the new one in an alert's source (published before the stream's next window: an unsilenced page, a reset)
+    from monitor.ledger import OffsetLedger
+
+    st = state(for_windows=1, resolve_after=5)
+    feed(st, [OVER] * 3, first=5_000)
+    again = state(for_windows=1, resolve_after=5)
+    again.restore(json.loads(json.dumps(st.to_doc())), replay_from_seq=1)
+    ep = again.episode
+    assert ep is not None and ep.start.start_seq == 1 and (ep.last or ep.peak).end_seq == -1
+    ledger = OffsetLedger()
+    ledger.hold(("in", 0), "s1", 0, 6_000)  # this process has read 6 000 samples of the stream in one message
+    assert ledger.offset_of("s1", (ep.last or ep.peak).end_seq) is None
+    assert ledger.offset_of("s1", st.episode.last.end_seq) is not None  # the old number: a message, not its own
+
+
 def test_a_flapping_hold_updates_its_page_only_for_a_run_that_would_page() -> None:
     s = AlertSettings(for_windows=2, resolve_after=1, flap_max=2)
     st = AlertState("s1", "m1", s)
