@@ -64,7 +64,7 @@ class Metrics:
         self.frozen_all = Gauge("tsmon_calibration_frozen_all", "1 while calibration is frozen daemon-wide "
                                 "(ctl freeze --all)", registry=r)
         self.silent = Gauge("tsmon_streams_silent", "Streams reported silent (quality.silent_after_s) that have not "
-                            "sent since, held or evicted here", registry=r)
+                            "sent since, held here (one leaves it at its eviction)", registry=r)
         self.evicted = Counter("tsmon_streams_evicted", "Idle streams snapshotted and dropped from memory",
                                registry=r)
         self.broker_up = Gauge("tsmon_broker_up", "0 while the consumer has no open connection to any broker, or "
