@@ -611,6 +611,15 @@ class Config(_Section):
         if self.http.enabled and turn >= self.http.stall_s:
             yield (f"http.stall_s: must exceed daemon.poll_timeout_ms + daemon.sink_timeout_s ({turn:g} s), the "
                    f"longest one turn of the loop may wait; /healthz would fail a daemon waiting for its broker")
+        # a gap under 1 + rate_tolerance periods: a stream a little slower (+20 %) had every interval a gap for good,
+        # its period never relearnt (a drift under the tolerance is none): not one window more
+        least = 1 + self.quality.rate_tolerance
+        periods = {"windows.gap_periods": self.windows.gap_periods,
+                   **{f"models[{i}].gap_periods": r.gap_periods for i, r in enumerate(self.models)}}
+        for key, value in periods.items():
+            if value is not None and value <= least:
+                yield (f"{key}: must exceed 1 + quality.rate_tolerance ({least:g}): a stream that slows by less than "
+                       f"the tolerance would have every interval taken for a gap")
         for i, route in enumerate(self.models):  # first match wins: a route after "*" or its own pattern is never used
             before = next((j for j in range(i) if self.models[j].pattern in ("*", route.pattern)), None)
             if before is not None:

@@ -232,7 +232,7 @@ class Ingest(ProcessorState):
         ts = np.concatenate([b.ts_ms for _, b in good]) if len(good) > 1 else good[0][1].ts_ms
         values = np.concatenate([b.values for _, b in good]) if len(good) > 1 else good[0][1].values
         base = self._base_gap_ms(st.served)
-        st.windows.gap_ms = self._gap_ms(st, base)
+        st.windows.gap_ms = self._gap_ms(st, base, st.quality.period_to_learn(ts, st.windows.last_ts, base))
         self._quality(st.quality.timing(ts, st.windows.last_ts, st.windows.gap_ms, base))
         seen = st.windows.seen
         w = st.windows.push(ts, values)

@@ -120,6 +120,17 @@ class StreamQuality:
             self._gaps_in_row = 0
         return events + rate
 
+    def period_to_learn(self, ts: np.ndarray, prev_ts: int | None, rate_gap_ms: float | None) -> float | None:
+        """While no period is learnt: the one :meth:`timing` will learn from this block, if it will (else None). A
+        stream's first poll can hold thousands of samples, cut into windows before the period was known: its
+        dropouts were spliced into windows where a poll of one record would have restarted them."""
+        if self.period_ms is not None:
+            return None
+        d = intervals_ms(ts, prev_ts)
+        d = d if rate_gap_ms is None else d[d <= rate_gap_ms]
+        diffs = [*self._diffs, *d.tolist()][-(self._diffs.maxlen or len(self._diffs) + len(d)):]  # as _rate keeps
+        return float(statistics.median(diffs)) if len(diffs) >= LEARN_DIFFS else None
+
     @property
     def current_period_ms(self) -> float | None:
         """The sample period now: the learnt one, or while the rate has drifted from it, the recent one."""

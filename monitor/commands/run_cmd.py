@@ -133,7 +133,8 @@ def replay(
     # a file without timestamps is the recent past, ending now: stamped from now on, a long file lay hours ahead of
     # the daemon's clock (limits.max_future_s dead-letters that), paced or not — --rate need not be 1000/--period-ms
     start = int(time.time() * 1000) - len(series.values) * period_ms
-    ts = (series.timestamps.astype("datetime64[ms]").astype("int64") if series.timestamps is not None
+    # fractional ms kept (360 Hz: 2.778 ms apart): cut to whole ms they were uneven, and went one message a sample
+    ts = (series.timestamps.astype("datetime64[ns]").astype("int64") / 1e6 if series.timestamps is not None
           else timestamps(len(series.values), period_ms, start))
     ts, values, skipped = finite_rows(ts, series.values)
     if skipped:

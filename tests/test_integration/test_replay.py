@@ -45,6 +45,22 @@ def test_replay_round_trips_a_csv(broker: Any, topic: str, tmp_path: Path) -> No
     assert len(blocks) == 9 + 100  # chunks of 100, but the one holding the irregular spot goes sample by sample
 
 
+def test_a_360_hz_file_goes_in_chunks_stamped_as_replay_eval_scores_them(broker: Any, topic: str,
+                                                                          tmp_path: Path) -> None:
+    """A review: stamps cut to whole ms (2.778 ms apart: 2, 3, 3, 2 …) read as uneven, so a 360 Hz file went one
+    message a sample whatever --chunk said, stamped by truncation where replay-eval scores rounded stamps."""
+    from monitor.replay import stamped
+
+    n = 1000
+    ts = pd.Timestamp("2024-03-01") + pd.to_timedelta(np.arange(n) * (1e9 / 360), unit="ns")
+    path = tmp_path / "ecg.csv"
+    pd.DataFrame({"timestamp": ts, "mlii": np.sin(np.arange(n) / 20)}).to_csv(path, index=False)
+    blocks = replayed(broker, topic, path, "--stream", "ecg", "--chunk", "100")
+    assert len(blocks) == 10
+    got = np.concatenate([b.ts_ms for b in sorted(blocks, key=lambda b: int(b.ts_ms[0]))])
+    np.testing.assert_array_equal(got, stamped(ts.to_numpy().astype("datetime64[ns]").astype("int64") / 1e6, 100))
+
+
 def test_a_file_without_timestamps_sent_at_once_ends_now(broker: Any, topic: str, tmp_path: Path) -> None:
     """Stamped from now on, 2 000 samples a minute apart lay up to 33 h ahead of the daemon's clock, past
     limits.max_future_s (1 h): the daemon dead-letters such samples. Sent at once, the file is the recent past."""

@@ -2743,6 +2743,23 @@ def test_a_dropout_shorter_than_gap_ms_is_a_gap_of_the_learnt_period_not_a_page(
     assert docs(p2, "anomaly") and not docs(p2, "data_quality")
 
 
+def test_a_dropout_in_a_streams_first_poll_is_a_gap_whatever_the_poll_size(make: Make) -> None:
+    """A review: the period was learnt from a stream's first poll only after its windows were cut, so a dropout in
+    a first poll of 50 records was spliced into 3 windows and reported nowhere; polled one record at a time, the
+    same data restarted the windows there."""
+    ts, v = sine_stream(1200, seed=7)
+    keep = np.r_[0:700, 707:1200]  # 7 samples missing after the learnt 64 intervals
+    scored = []
+    for poll in (1, 200):
+        p = make()
+        p.settings = Settings(gap_periods=2.5)
+        feed(p, records("dev-d", ts[keep], v[keep]), poll=poll)
+        sink(p).flush(1)
+        assert [d["kind"] for d in docs(p, "data_quality")] == ["gap"], poll
+        scored.append(p.streams["dev-d"].scored)
+    assert scored[0] == scored[1]
+
+
 def test_gap_periods_per_route_applies_to_its_streams_only(make: Make, stream_model: Path) -> None:
     """A deployment mixing device-clock streams (a dropout is a gap) with receipt-stamped ones (bursty intervals
     are not) sets ``gap_periods`` on the route of the first: the daemon-wide key could only be on for all."""
