@@ -453,12 +453,14 @@ def windows_for(values: np.ndarray, window: int, hop: int,
 GAP_INTERVALS, GAP_MIN_MS = 3.0, 5000.0
 
 
-def gap_windows(timestamps: np.ndarray | None, ends: np.ndarray, window: int,
-                gap_ms: float | None = None) -> tuple[np.ndarray, float]:
+def gap_windows(timestamps: np.ndarray | None, ends: np.ndarray, window: int, gap_ms: float | None = None,
+                windowing: dict[str, Any] | None = None) -> tuple[np.ndarray, float]:
     """Which of the windows ending at ``ends`` hold a gap (see :data:`GAP_INTERVALS`; or, given ``gap_ms``, an
     interval longer than that: a replay's), and the longest such gap inside one, in seconds. The daemon restarts
     its windows at a gap and never scores such a window, so these tools set them aside too: not trained on,
-    thresholded, tested or scored."""
+    thresholded, tested or scored. A beat window (``windowing``) also depends on the samples its R peak was
+    decided on, ``lookahead`` either side of it: where those reach past the window, across a gap, the daemon never
+    cuts it (a peak within ``lookahead`` of a restart is not decided there)."""
     held = np.zeros(len(ends), bool)
     if timestamps is None or len(timestamps) < 3 or not len(ends):
         return held, 0.0
@@ -470,12 +472,16 @@ def gap_windows(timestamps: np.ndarray | None, ends: np.ndarray, window: int,
                    else max(GAP_INTERVALS * float(np.median(positive)), GAP_MIN_MS * 1e6))
     if not gap.any():
         return held, 0.0
+    rule = beats.rule_of(windowing) if windowing else None
+    early, late = (0, 0) if rule is None else (max(0, rule.lookahead - rule.pre),  # samples the peak's decision
+                                               max(0, rule.lookahead - (rule.window - 1 - rule.pre)))  # reads beyond
     before = np.r_[0, np.cumsum(gap)]  # gaps among the intervals before each sample
-    starts = np.maximum(ends - window + 1, 0)
-    held = before[ends] - before[starts] > 0
+    starts = np.maximum(ends - window + 1 - early, 0)
+    last = np.minimum(ends + late, len(timestamps) - 1)
+    held = before[last] - before[starts] > 0
     inside = np.zeros(len(steps) + 1, "int64")  # intervals some window spans (interval i: samples i to i + 1)
     np.add.at(inside, starts, 1)
-    np.add.at(inside, ends, -1)
+    np.add.at(inside, last, -1)
     spanned = np.cumsum(inside)[:-1] > 0
     return held, float(steps[gap & spanned].max()) / 1e9 if held.any() else 0.0
 
@@ -506,7 +512,7 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
         windowing = rule.to_dict()
     wins, ends = windows_for(series.values, window, hop, windowing)
     finite = finite_windows(wins)
-    across, longest = gap_windows(series.timestamps, ends, window)
+    across, longest = gap_windows(series.timestamps, ends, window, windowing=windowing)
     ok = finite & ~across
     if series.labels is not None:
         csum = np.r_[0, np.cumsum(series.labels)]

@@ -38,7 +38,8 @@ def window_scores(model: Path, values: np.ndarray, ts_ms: np.ndarray, hop: int,
     wins, ends = windows_for(values, det.window, hop, det.windowing)
     ok = finite_windows(wins)
     if gap_ms is not None:  # drawn before, scored where neither the daemon nor tsmon score scores (review)
-        ok &= ~gap_windows(np.asarray(ts_ms, "int64").astype("datetime64[ms]"), ends, det.window, gap_ms)[0]
+        ok &= ~gap_windows(np.asarray(ts_ms, "int64").astype("datetime64[ms]"), ends, det.window, gap_ms,
+                           det.windowing)[0]
     scores = det.score(np.ascontiguousarray(wins[ok])).window if ok.any() else np.empty(0, "float32")
     return ts_ms[ends[ok]], scores, det.threshold.value
 

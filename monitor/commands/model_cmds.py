@@ -360,7 +360,7 @@ def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, ti
         raise DataError(f"model expects {det.channels} channel(s) {det.channel_names}, {path} gives "
                         f"{series.values.shape[1]} {series.channels}; choose them with --value-col")
     wins, ends = windows_for(series.values, det.window, hop or det.hop, det.windowing)
-    across, longest = gap_windows(series.timestamps, ends, det.window)
+    across, longest = gap_windows(series.timestamps, ends, det.window, windowing=det.windowing)
     finite = finite_windows(wins)
     _warn_gaps(int((across & finite).sum()), len(ends), longest)  # (those with NaN/inf are said as such)
     return det, series, wins, ends, finite, across

@@ -133,6 +133,22 @@ def test_label_as_value_and_unsorted_timestamps_are_refused(tmp_path: Path, seri
         read_series(tmp_path / "rev.csv")
 
 
+def test_a_beat_window_whose_peak_was_decided_across_a_gap_is_set_aside() -> None:
+    """A review: with pre under the rule's lookahead, a beat window just after a gap holds none, but its R peak was
+    decided on samples before it; the daemon, restarted at the gap, never cuts that window, and offline scored it."""
+    from models.beats import BeatRule
+    from models.data import gap_windows
+
+    rule = BeatRule(window=200, pre=20, refractory=40, baseline=30, level=0.0)  # lookahead 70
+    stamps = (np.arange(1000) * 5 + np.where(np.arange(1000) >= 300, 60_000, 0)).astype("datetime64[ms]")
+    ends = np.array([100 + 199, 300 + 199, 350 + 199])  # windows from 100, 300 and 350: none holds the gap itself
+    assert not gap_windows(stamps, ends, 200, 1000.0)[0].any()
+    held, longest = gap_windows(stamps, ends, 200, 1000.0, rule.to_dict())
+    assert held.tolist() == [False, True, False] and longest == pytest.approx(60.005)  # 300 + 20 − 70 < 300
+    late = BeatRule(window=200, pre=190, refractory=40, baseline=30, level=0.0)  # 9 samples after the peak
+    assert gap_windows(stamps, np.array([238, 250]), 200, 1000.0, late.to_dict())[0].tolist() == [False, True]
+
+
 def test_windows_that_hold_a_gap_are_set_aside(tmp_path: Path) -> None:
     """Found by the ML user pass: windows cut across gaps in the timestamps, which the daemon never scores, were
     trained on and scored offline without a word. They are set aside and counted (the CLI warns: windows_span_gaps)."""
