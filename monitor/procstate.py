@@ -166,9 +166,13 @@ class ProcessorState:
         seqs = [point[0] if point is not None else st.windows.needed_from]
         if st.unscored:
             seqs.append(st.unscored[0][0])
-        limit = self.settings.max_hold_windows * st.served.hop
+        # max_hold_windows windows after the first one (counted from its first sample, a window of W/H ≥ the limit was
+        # already "too long": a pending episode's input was committed past, and a crash re-fired it under a new id);
+        # a pending episode (at most `for` windows: the state document leaves it to the replay) is always held
+        limit = st.served.window + self.settings.max_hold_windows * st.served.hop
         for hold in (st.alerts.hold_seq, st.doc_from_seq):  # an open episode; where the stored state resumes
-            if hold is not None and st.windows.seen - hold <= limit:
+            pending = hold is not None and hold == st.alerts.hold_seq and st.alerts.pending is not None
+            if hold is not None and (st.windows.seen - hold <= limit or pending):
                 seqs.append(hold)
         self.ledger.release(stream, min(seqs))
 

@@ -2760,6 +2760,39 @@ def test_a_dropout_in_a_streams_first_poll_is_a_gap_whatever_the_poll_size(make:
     assert scored[0] == scored[1]
 
 
+def test_a_pending_episode_holds_its_input_however_small_max_hold_windows(make: Make) -> None:
+    """A delivery review: the hold of an open episode counted max_hold_windows × hop from its first sample, so at
+    W/H ≥ max_hold_windows a one-window pending episode was already "too long": the commit passed its input, and
+    after a crash (its document leaves a pending episode to the replay) the alert fired under another id."""
+    settings = Settings(state_topic="state", max_hold_windows=4)  # W/H = 4
+    recs = records("dev-a", *sine_stream(3000, (1500,), seed=2), chunk=3)
+    whole = make()
+    whole.settings = settings
+    feed(whole, recs)
+    whole.commit(MemorySource([]), {(TOPIC, 0)})
+    expected = [(d["alert_id"], d["status"]) for d in docs(whole, "anomaly")]
+    assert expected
+    p = make()
+    p.settings = settings
+    src = MemorySource([])
+    crash_at = None
+    for i in range(len(recs)):  # one record at a time, committing after each: stop while an episode is pending
+        p.handle(recs[i : i + 1])
+        p.score_ready(force=True)
+        p.commit(src, {(TOPIC, 0)})
+        if p.streams["dev-a"].alerts.pending is not None and p.streams["dev-a"].alerts.episode.windows_over == 1:
+            crash_at = i
+            break
+    assert crash_at is not None and not docs(p, "anomaly")
+    states = [json.loads(m.value) for m in sink(p).acked if m.topic == "state" and m.value]
+    q = make()  # the restart: the last document acknowledged, the input from the committed offset
+    q.settings = settings
+    q.restored = {"dev-a": states[-1]}
+    feed(q, recs[src.committed[(TOPIC, 0)] :])
+    q.commit(MemorySource([]), {(TOPIC, 0)})
+    assert [(d["alert_id"], d["status"]) for d in docs(q, "anomaly")] == expected
+
+
 def test_gap_periods_per_route_applies_to_its_streams_only(make: Make, stream_model: Path) -> None:
     """A deployment mixing device-clock streams (a dropout is a gap) with receipt-stamped ones (bursty intervals
     are not) sets ``gap_periods`` on the route of the first: the daemon-wide key could only be on for all."""

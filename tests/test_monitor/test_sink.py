@@ -246,3 +246,52 @@ def test_the_librdkafka_sink_keeps_a_keys_last_message_its_newest(rdkafka: type[
     sink.send(OutMessage("alerts", b"dev-1", b"resolved"))
     sink.flush(5.0)
     assert [v for _t, _k, v in sink._producer.log] == [b"resolved", b"firing", b"resolved"] and sink.pending == 0
+
+
+class StuckKeyProducer(ScriptedProducer):
+    """``fail…`` values fail at once (retriable); every other message stays in flight (a partition not answering)."""
+
+    def flush(self, timeout: float | None = None) -> None:
+        for f in self.futures:
+            if not f.is_done and f.message[2].startswith(b"fail"):  # type: ignore[attr-defined]
+                f.is_done, f.exception = True, NotLeaderForPartitionError("leader moved")
+        raise KafkaTimeoutError("flush timed out")
+
+
+class StuckKeyRdkafka(ScriptedRdkafka):
+    def flush(self, _timeout: float) -> int:
+        from confluent_kafka import KafkaError
+
+        left = []
+        for item in self.queued:
+            if item[1][2].startswith(b"fail"):
+                item[2](KafkaError(KafkaError._MSG_TIMED_OUT), None)
+            else:
+                left.append(item)
+        self.queued = left
+        return len(left)
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_key_stuck_behind_a_failing_message_does_not_multiply_what_is_in_flight(
+        client: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delivery review: a message still open behind a failed one of its key was kept and copied; every flush that
+    failed again kept every open copy and copied it again — pending 17, 257, 4 097 … 1 048 577 after five flushes
+    on librdkafka (6, 10, 14 … on kafka-python), the producer's queue as much. Its copy is what is waited for."""
+    if client == "confluent":
+        confluent_kafka = pytest.importorskip("confluent_kafka")
+        monkeypatch.setattr(confluent_kafka, "Producer", StuckKeyRdkafka)
+        from monitor.confluent import ConfluentSink
+
+        sink: Any = ConfluentSink({"bootstrap_servers": ["127.0.0.1:9"]})
+    else:
+        monkeypatch.setattr(kafka, "KafkaProducer", StuckKeyProducer)
+        sink = KafkaSink({}, retries=3)
+    sink.send(OutMessage("state", b"dev-1", b"fail doc 1"))
+    sink.send(OutMessage("state", b"dev-1", b"doc 2"))
+    sizes = []
+    for _ in range(5):
+        with pytest.raises(SinkBackpressure):
+            sink.flush(1.0)
+        sizes.append(sink.pending)
+    assert max(sizes) <= 2, sizes
