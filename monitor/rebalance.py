@@ -30,8 +30,12 @@ class Rebalance(DaemonState):
         log.info("partitions_revoked", partitions=[f"{t}-{p}" for t, p in tps])
         revoked = set(tps)
         self._paused -= revoked
-        self._backlog = [r for r in self._backlog if r.tp not in revoked]  # never read: the next owner reads it
-        self._rewind = self.processor.revoke(self.source, revoked)
+        dropped: dict[TP, int] = {}  # never handed over: the next owner reads them — or this instance, given the
+        for r in self._backlog:  # partition straight back, from the first of them where nothing was read before them
+            if r.tp in revoked:  # (the client keeps its position past them: they were skipped)
+                dropped[r.tp] = min(dropped.get(r.tp, r.offset), r.offset)
+        self._backlog = [r for r in self._backlog if r.tp not in revoked]
+        self._rewind = {**dropped, **self.processor.revoke(self.source, revoked)}
         if self.processor.unpersisted:  # their changes were dropped with the documents: not applied, as far as
             self.controller.forget(self.processor.unpersisted)  # the group knows (sent again, they are applied)
             self.processor.unpersisted = set()
