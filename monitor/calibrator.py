@@ -482,8 +482,9 @@ class Calibrator:
 
     def lowering_held(self, stream: str) -> str | None:
         """Why the last scheduled recalibration did not lower the stream's threshold, if it held it."""
-        with self._lock:  # none while scheduled runs are off: the reason would be stale
-            return None if self.frozen_all or not self.settings.enabled else self._streams[stream].lowering_held
+        with self._lock:  # none while scheduled runs are off or it is frozen: the reason would be stale
+            st = self._streams[stream]
+            return None if self.frozen_all or not self.settings.enabled or st.frozen else st.lowering_held
 
     def controls(self, stream: str) -> dict[str, bool]:
         with self._lock:

@@ -166,13 +166,14 @@ class ProcessorState:
         seqs = [point[0] if point is not None else st.windows.needed_from]
         if st.unscored:
             seqs.append(st.unscored[0][0])
-        # max_hold_windows windows after the first one (counted from its first sample, a window of W/H ≥ the limit was
-        # already "too long": a pending episode's input was committed past, and a crash re-fired it under a new id);
-        # a pending episode (at most `for` windows: the state document leaves it to the replay) is always held
-        limit = st.served.window + self.settings.max_hold_windows * st.served.hop
+        # max_hold_windows windows after the first one, and never fewer than `for`, which a pending episode (left to
+        # the replay by the state document) needs: counted from its first sample with no room for the window itself,
+        # at W/H ≥ max_hold_windows a one-window pending episode was "too long", its input committed past, and a
+        # crash re-fired it under a new id. Bounded all the same: windows that stop reaching the alert state (flat,
+        # non-finite) would leave an episode pending for good, and the partition's commit with it
+        limit = st.served.window + max(self.settings.max_hold_windows, st.alerts.settings.for_windows) * st.served.hop
         for hold in (st.alerts.hold_seq, st.doc_from_seq):  # an open episode; where the stored state resumes
-            pending = hold is not None and hold == st.alerts.hold_seq and st.alerts.pending is not None
-            if hold is not None and (st.windows.seen - hold <= limit or pending):
+            if hold is not None and st.windows.seen - hold <= limit:
                 seqs.append(hold)
         self.ledger.release(stream, min(seqs))
 

@@ -44,7 +44,7 @@ class LiveView:
                 style = "red" if a["status"] == "firing" else "green"
                 status = f"[{style}]{a['status']}" + (" (flapping)" if a["flapping"] else "")
                 t.add_row(iso(_stream_time(a))[11:23], a["stream"], status, a["severity"],
-                          f"{a['ratio']:.2f}", f"{a['threshold']:.3f} {a['threshold_source']}", a["alert_id"][:10])
+                          f"{a['ratio']:.2f}", f"{a['threshold']:.3f} {a['threshold_source']}", a["alert_id"])
             else:
                 t.add_row(a["time"][11:23], a["stream"], f"[yellow]{a['kind']}", "", "", "", a["event_id"][:10])
         return t

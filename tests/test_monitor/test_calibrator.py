@@ -69,7 +69,7 @@ def test_a_lowering_the_recent_windows_hold_is_said() -> None:
     assert cal.lowering_held("s") is None
 
 
-@pytest.mark.parametrize("then", ["reset", "freeze_all", "disabled", "commanded"])
+@pytest.mark.parametrize("then", ["reset", "freeze_all", "freeze", "disabled", "commanded"])
 def test_a_held_lowering_is_not_said_once_it_no_longer_applies(then: str) -> None:
     # a review: a reset (back to the artifact, no evidence) or freeze --all kept saying "(lowering held)"
     cal = Calibrator(CalibratorSettings(min_samples=100), clock=lambda: 0.0)
@@ -82,6 +82,8 @@ def test_a_held_lowering_is_not_said_once_it_no_longer_applies(then: str) -> Non
         cal.reset("s", "sensor replaced")
     elif then == "freeze_all":
         cal.frozen_all = True
+    elif then == "freeze":
+        cal.set_frozen("s", True)
     elif then == "disabled":
         cal.settings = CalibratorSettings(min_samples=100, enabled=False)
     else:

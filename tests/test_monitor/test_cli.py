@@ -1113,6 +1113,7 @@ def test_the_demos_live_table_names_its_http_endpoints_once_they_listen() -> Non
     table = LiveView(progress).__rich__()
     assert str(table.title).startswith("broker 127.0.0.1:45115 · http://127.0.0.1:43210 · sent")
     assert list(table.columns[1].cells) == ["ecg-04", "ecg-01"]
+    assert list(table.columns[6].cells) == ["a" * 20] * 2  # whole: what tsmon ctl feedback --alert needs
 
 
 def test_status_says_a_threshold_whose_lowering_is_held() -> None:

@@ -20,6 +20,7 @@ import pytest
 
 from models.errors import SinkBackpressure
 from monitor import logs
+from monitor.alerts import AlertSettings
 from monitor.batcher import Batcher
 from monitor.calibrator import Calibrator
 from monitor.config import load_config
@@ -2791,6 +2792,22 @@ def test_a_pending_episode_holds_its_input_however_small_max_hold_windows(make: 
     feed(q, recs[src.committed[(TOPIC, 0)] :])
     q.commit(MemorySource([]), {(TOPIC, 0)})
     assert [(d["alert_id"], d["status"]) for d in docs(q, "anomaly")] == expected
+
+
+def test_a_pending_episode_whose_stream_stops_reaching_the_alert_state_does_not_hold_the_commit_for_good(
+        make: Make) -> None:
+    """A review of the fix above: held always, a pending episode of a stream whose windows stopped reaching the alert
+    state (a stuck sensor: flat windows are skipped) held its partition's commit for good (offset 147 of 4 000)."""
+    ts, v = sine_stream(41_530, (1500,), seed=2)
+    v[1530:] = v[1530]  # the sensor sticks after the burst
+    recs = records("dev-a", ts, v)
+    p = make()
+    p.settings = Settings(state_topic="state", alerts=AlertSettings(for_windows=10))
+    feed(p, recs)
+    src = MemorySource([])
+    p.commit(src, {(TOPIC, 0)})
+    assert p.streams["dev-a"].alerts.pending is not None  # still pending: 6 windows over, for = 10
+    assert src.committed[(TOPIC, 0)] > len(recs) - 1100 // H  # released after max_hold_windows windows
 
 
 def test_gap_periods_per_route_applies_to_its_streams_only(make: Make, stream_model: Path) -> None:
