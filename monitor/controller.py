@@ -118,7 +118,6 @@ class Controller:
                                  result=result), cmd.command)
 
     def _publish(self, doc: dict[str, Any], command: str) -> dict[str, Any]:
-        self.p.metrics.commands.labels(command, doc["status"]).inc()
         if self.inputs is not None:
             doc = {**doc, "inputs": self.inputs()}
         for part in split_ack(doc):  # one message unless it is too large for one; sent at the next commit, after the
@@ -126,6 +125,7 @@ class Controller:
             # crash (or a batch that failed to score) lost the pin the operator had been told was applied
             msg = json_message(self.audit_topic, str(doc["command_id"]), part, [("tsmon.type", b"ack")])
             self.p.outbox.ack(msg, frozenset(doc.get("streams") or ()), str(doc["command_id"]))
+        self.p.metrics.commands.labels(command, doc["status"]).inc()  # once queued (one that raised counts as error)
         return doc
 
     def forget(self, command_ids: set[str]) -> None:

@@ -343,6 +343,22 @@ def send(c: Controller, command: str, target: str, **params: Any) -> dict[str, A
     return c.handle(raw(new_command(command, target, params, "alice", "test", KEY)))
 
 
+def test_a_command_whose_acknowledgement_could_not_be_queued_is_not_counted_as_answered(make: Make) -> None:
+    """Noticed in the last stop: an error queuing the ack was counted twice, as the command's status and (by the
+    daemon's guard) as an error."""
+    p = make()
+    c = controller(p)
+    feed(p, records("dev-a", *sine_stream(300)))
+
+    def broken(*_a: Any, **_k: Any) -> None:
+        raise RuntimeError("outbox broken")
+
+    p.outbox.ack = broken
+    with pytest.raises(RuntimeError):
+        send(c, "pin", "dev-a", threshold=1.0)
+    assert p.metrics.commands.labels("pin", "applied")._value.get() == 0
+
+
 def test_every_command_has_a_handler(make: Make) -> None:
     assert set(controller(make())._handlers) == set(COMMANDS)
 
