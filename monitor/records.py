@@ -168,7 +168,9 @@ def parse(value: bytes | None, key: bytes | None = None, limits: Limits = Limits
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 # whitespace and the format characters that show as nothing (as in the input schema's pattern)
 _INVISIBLE = re.compile(r"[\s\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
-                        r"\u2066-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb]*")
+                        r"\u2066-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb"
+                        # beyond the BMP: shorthand and musical format controls, tags, variation selectors
+                        r"\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e007f\U000e0100-\U000e01ef]*")
 
 
 def _stream(field: Any, key: bytes | None, limits: Limits) -> str | BadRecord:
