@@ -139,7 +139,7 @@ class Metrics:
                 counter.labels(value)
         self._max_stream_labels = max_stream_labels
         self._labelled: dict[str, tuple[str, float]] = {}  # stream → the source and value of its threshold series
-        self._over_cap: set[str] = set()
+        self._over_cap: dict[str, tuple[str, float]] = {}  # streams beyond the cap: their latest (source, value)
         self._threshold_lock = threading.Lock()  # the calibrator thread and the loop both set thresholds
 
     def watch_scoring_process(self, pid: Callable[[], int | None]) -> None:
@@ -155,25 +155,22 @@ class Metrics:
         ``tsmon_threshold_streams_unlabelled``; it gets a label once a slot is free again.
         """
         with self._threshold_lock:
-            if stream not in self._labelled and not self._take_slot(stream):
-                return
-            self._labelled[stream] = (source, value)
-
-    def forget_threshold(self, stream: str) -> None:
-        """Drop ``stream``'s threshold series (or its count over the cap), freeing its slot."""
-        with self._threshold_lock:
-            self._labelled.pop(stream, None)
-            self._over_cap.discard(stream)
+            if stream in self._labelled or len(self._labelled) < self._max_stream_labels:
+                self._over_cap.pop(stream, None)
+                self._labelled[stream] = (source, value)
+            else:
+                self._over_cap[stream] = (source, value)
             self.thresholds_unlabelled.set(len(self._over_cap))
 
-    def _take_slot(self, stream: str) -> bool:
-        """A label slot for a stream without one; False (and counted over the cap) when none is free."""
-        if len(self._labelled) >= self._max_stream_labels:
-            self._over_cap.add(stream)
-        else:
-            self._over_cap.discard(stream)
-        self.thresholds_unlabelled.set(len(self._over_cap))
-        return stream not in self._over_cap
+    def forget_threshold(self, stream: str) -> None:
+        """Drop ``stream``'s threshold series (or its count over the cap), freeing its slot for the longest waiting
+        stream over the cap (which got one only at its next threshold change, never for a pinned or steady one)."""
+        with self._threshold_lock:
+            self._over_cap.pop(stream, None)
+            if self._labelled.pop(stream, None) is not None and self._over_cap:
+                waiting = next(iter(self._over_cap))
+                self._labelled[waiting] = self._over_cap.pop(waiting)
+            self.thresholds_unlabelled.set(len(self._over_cap))
 
     def snapshot(self) -> dict[str, float]:
         """Totals by metric (and label values), e.g. ``{"tsmon_dead_letters_total{reason=invalid_json}": 3}``."""

@@ -243,11 +243,15 @@ def test_a_source_change_keeps_one_series_per_stream(metrics: Metrics) -> None:
 def test_forget_frees_the_slot(metrics: Metrics) -> None:
     for stream in ("a", "b", "c"):
         metrics.set_threshold(stream, 1.0, "artifact")
+    metrics.set_threshold("c", 2.0, "pinned")  # over the cap: counted, its latest value kept
     metrics.forget_threshold("a")
-    assert threshold_series(metrics) == {("b", "artifact")} and unlabelled(metrics) == 1
-    metrics.set_threshold("c", 2.0, "pinned")  # the freed slot goes to the next stream that reports
+    # the freed slot goes to the stream waiting over the cap, at once (a metrics review: it waited for its next
+    # threshold change, never for a pinned or steady stream)
     assert threshold_series(metrics) == {("b", "artifact"), ("c", "pinned")} and unlabelled(metrics) == 0
+    assert threshold(metrics, "c", "pinned") == 2.0
     metrics.forget_threshold("nobody")
+    metrics.forget_threshold("b")
+    assert threshold_series(metrics) == {("c", "pinned")} and unlabelled(metrics) == 0
     metrics.forget_threshold("c")
     metrics.forget_threshold("b")
     assert threshold_series(metrics) == set()
