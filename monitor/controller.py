@@ -57,6 +57,7 @@ class Controller:
         self.global_known = False
         self.not_woken: set[str] = set()  # evicted streams the command in hand found no room to wake
         self.matched: set[str] = set()  # the streams the command in hand was for (each gets its id)
+        self.provisional: set[str] = set()  # ... left alone: provisional, their documents lose to older ones
         # refusals logged and acknowledged: 1 000 unsigned messages wrote 1 000 warnings and audit records (per
         # instance); past the budget they are only counted (tsmon_commands_total{command="unknown"})
         self._rejections = logs.Throttle(burst=REJECTIONS_PER_MINUTE, period_s=60.0)
@@ -94,10 +95,13 @@ class Controller:
             return self._publish(ack(cmd, None, "duplicate", self.instance), cmd.command)
         self.not_woken.clear()
         self.matched.clear()
+        self.provisional.clear()
         try:
             streams, effects, result = self._handlers[cmd.command](cmd)
             if self.not_woken:
                 result = {**result, "not_woken": sorted(self.not_woken)}
+            if self.provisional:
+                result = {**result, "provisional": sorted(self.provisional)}
         except Exception as exc:  # noqa: BLE001 — a signed but unusable command must never stop the loop
             error = str(exc) if isinstance(exc, Refused | ValueError) else f"bad params: {type(exc).__name__} {exc}"
             if self.p.failed is not None:  # the scoring it ran first (reset-stream) failed: not the params
@@ -189,11 +193,20 @@ class Controller:
         from it: a command for ``dev-*`` must reach a stream that happened to be idle (a silence most of all).
         Not those it was applied to already (by an earlier owner of the stream, or before a restart)."""
         issued = cmd.issued_ms if cmd.command_id in self.seen else None
+        # a change to a provisional stream (started or woken while the changelog was not read to its end) is written
+        # below the document it read, and lost at the next restore: acknowledged "applied", the pin reverted (review)
+        changes = cmd.command in PER_STREAM or cmd.command == "feedback"
         for name, doc in sorted(self.p.evicted_docs().items()):
-            if (self._lacks(cmd, name, doc_commands(doc), doc_since_ms(doc), issued) and wake(doc)
-                    and not self.p.wake(name)):
+            if not (self._lacks(cmd, name, doc_commands(doc), doc_since_ms(doc), issued) and wake(doc)):
+                continue
+            if changes and self.p.restore_incomplete and name not in self.p.evicted_here:  # it would wake provisional
+                self.provisional.add(name)
+            elif not self.p.wake(name):
                 self.not_woken.add(name)  # no room: the ack says so, and tsmon ctl fails
         names = [s for s, st in self.p.streams.items() if self._lacks(cmd, s, st.commands, st.since_ms, issued)]
+        if changes:
+            self.provisional.update(s for s in names if self.p.streams[s].provisional)
+            names = [s for s in names if not self.p.streams[s].provisional]
         self.matched.update(names)
         return names
 
@@ -202,13 +215,14 @@ class Controller:
         return {"threshold": th.value, "source": th.source, "version": th.version, **self.cal.controls(stream),
                 "silenced_until_ms": st.silenced_until_ms}
 
-    def _each(self, cmd: Command, change: Callable[[str], None], idle: Callable[[str], str | None] | None = None
-              ) -> Effects:
+    def _each(self, cmd: Command, change: Callable[[str], None], idle: Callable[[str], str | None] | None = None,
+              wake: Callable[[dict[str, Any]], bool] = lambda doc: True) -> Effects:
         """Apply ``change`` to every matching stream, recording before → after; an undo passes over the streams
         ``idle`` says it would not change (listed in ``held`` with why: "applied" to a stream never pinned read as
-        done, and the audit recorded an effect)."""
+        done, and the audit recorded an effect; ``wake``: the documents of idle streams it would change, so that an
+        undo wakes no stream it passes over, each held until evicted again, taking the room the one it needs)."""
         streams, effects, held = [], [], {}
-        for stream in self._targets(cmd):
+        for stream in self._targets(cmd, wake):
             if idle is not None and (why := idle(stream)) is not None:
                 held[stream] = why
                 continue
@@ -245,7 +259,8 @@ class Controller:
 
     def _unpin(self, cmd: Command) -> Effects:
         return self._each(cmd, lambda s: self.cal.unpin(s, self._why(cmd)),
-                          lambda s: None if self.cal.controls(s)["pinned"] else "not pinned: nothing to undo")
+                          lambda s: None if self.cal.controls(s)["pinned"] else "not pinned: nothing to undo",
+                          lambda doc: _field(doc, "calibrator", dict).get("pinned") is True)
 
     def _freeze(self, cmd: Command) -> Effects:
         """``freeze *`` is daemon-wide (``frozen_all``, persisted): no per-stream flag is set, so none is left
@@ -257,7 +272,8 @@ class Controller:
             # a repeat is passed over as an undo of nothing is (it was reported as a change, before = after)
             return self._each(cmd, lambda s: self.cal.set_frozen(s, frozen), (
                 lambda s: "already frozen: nothing to do" if self.cal.controls(s)["frozen"] else None) if frozen else (
-                lambda s: None if self.cal.controls(s)["frozen"] else "not frozen: nothing to undo"))
+                lambda s: None if self.cal.controls(s)["frozen"] else "not frozen: nothing to undo"),
+                lambda doc: frozen or _field(doc, "calibrator", dict).get("frozen") is True)
         streams = self._targets(cmd, lambda doc: not frozen and _field(doc, "calibrator", dict).get("frozen") is True)
         before = {s: self._view(s) for s in streams}
         self.cal.frozen_all = frozen
@@ -282,7 +298,9 @@ class Controller:
         def not_silenced(stream: str) -> str | None:
             return None if self.p.streams[stream].silenced_until_ms > self.clock() * 1000 else \
                 "not silenced: nothing to undo"
-        return self._each(cmd, change, None if until else not_silenced)
+        now_ms = self.clock() * 1000
+        return self._each(cmd, change, None if until else not_silenced, (lambda doc: True) if until else (
+            lambda doc: isinstance(doc.get("silenced_until_ms"), int) and doc["silenced_until_ms"] > now_ms))
 
     def _reset(self, cmd: Command) -> Effects:
         return self._each(cmd, lambda s: self.p.reset_stream(s, self._why(cmd)))
@@ -324,10 +342,18 @@ class Controller:
 
     def _rollback(self, cmd: Command) -> Effects:
         version = int(cmd.params["version"])
-        lacking = [s for s in self._targets(cmd) if not any(v["version"] == version for v in self.cal.history(s))]
-        if lacking:  # all or nothing: a half-applied command would be audited as failed
+
+        def kept(doc: dict[str, Any]) -> bool:  # woken only where it can apply: a refusal left every match woken
+            versions = _field(_field(doc, "calibrator", dict), "versions", list)
+            return any(isinstance(v, dict) and v.get("version") == version for v in versions)
+
+        lacking = [s for s, st in self.p.streams.items() if self._lacks(cmd, s, st.commands, st.since_ms, None)
+                   and not any(v["version"] == version for v in self.cal.history(s))]
+        lacking += [n for n, doc in sorted(self.p.evicted_docs().items())
+                    if self._lacks(cmd, n, doc_commands(doc), doc_since_ms(doc), None) and not kept(doc)]
+        if lacking:  # all or nothing: a half-applied command would be audited as failed (checked before waking any)
             raise Refused(f"no version {version} kept for {', '.join(lacking[:5])}")
-        return self._each(cmd, lambda s: self.cal.rollback(s, version, self._why(cmd)))
+        return self._each(cmd, lambda s: self.cal.rollback(s, version, self._why(cmd)), wake=kept)
 
     def _shadow(self, cmd: Command) -> Effects:
         asked = _quantile(cmd.params.get("quantile"))

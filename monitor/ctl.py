@@ -194,6 +194,13 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
     if asleep:
         raise CommandFailed(f"{command} applied only in part: {len(asleep)} idle stream(s) not woken, "
                             f"limits.max_streams nearly reached: {', '.join(asleep[:5])}")
+    unsure = sorted({s for a in applied for s in (a.get("result") or {}).get("provisional", ())})
+    if unsure:  # their instance's restore did not read the changelog to its end: a change would be lost at the next
+        did = "applied only in part" if any(a["streams"] for a in applied) else "not applied"
+        raise CommandFailed(f"{command} {did}: {len(unsure)} stream(s) left unchanged, provisional (their instance "
+                            f"did not read the changelog to its end within state.restore_timeout_s, so a change "
+                            f"would be lost at its next restore; send it again once it has restored, e.g. after "
+                            f"restarting it): {', '.join(unsure[:5])}")
     if command in ("freeze", "unfreeze") and target == "*":
         return  # daemon-wide, whether or not a stream exists yet
     key = {"feedback": "verdict", "history": "history", "shadow": "shadow"}.get(command)

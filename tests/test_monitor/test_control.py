@@ -2295,3 +2295,53 @@ def test_ctl_without_a_login_name_asks_for_an_operator(monkeypatch: pytest.Monke
     monkeypatch.setattr(getpass, "getuser", nobody)
     with pytest.raises(ConfigError, match="give --operator NAME"):
         ctl_cmd._login()
+
+
+@pytest.mark.parametrize("dormant", [True, False])
+def test_a_provisional_stream_is_left_unchanged_and_said_not_acknowledged_applied(make: Make, dormant: bool) -> None:
+    """A control-plane review: after a restore cut short (state.restore_timeout_s) a stream started or woken is
+    provisional, its documents below the one it read; a pin was acknowledged applied, and the next restore kept the
+    older, unpinned document. It is left alone and listed; tsmon ctl fails."""
+    a = make()
+    a.settings = Settings(state_topic="state")
+    recs = records("dev-k", *sine_stream(600))
+    feed(a, recs[:30])
+    doc = json.loads(json.dumps(a.save("dev-k")))
+    q = make()
+    q.settings = Settings(state_topic="state")
+    q.restored = {"dev-k": json.loads(json.dumps(doc))}
+    q.restore_incomplete = True
+    if dormant:
+        assert q.adopt({("in", 0)}) == 1  # its document names its partition: asleep here
+    else:
+        feed(q, recs[30:50])  # live, started from the document
+        assert q.streams["dev-k"].provisional
+    answer = send(controller(q), "pin", "dev-k", threshold=0.5)
+    assert answer["streams"] == [] and answer["result"]["provisional"] == ["dev-k"]
+    assert "dev-k" not in q.streams or not q.calibrator.controls("dev-k")["pinned"]
+    with pytest.raises(CommandFailed, match=r"pin not applied: 1 stream\(s\) left unchanged, provisional"):
+        verdict("pin", "dev-k", [answer], 5)
+    q.restore_incomplete = False  # read to its end (the next assignment's restore): applied again
+    if not dormant:
+        q.streams["dev-k"].provisional = False
+    assert send(controller(q), "pin", "dev-k", threshold=0.5)["streams"] == ["dev-k"]
+
+
+def test_an_undo_wakes_only_the_idle_streams_it_changes(make: Make) -> None:
+    """A control-plane review: unpin 'dev-*' woke every evicted stream it then passed over (not pinned), filling the
+    room until the one pinned stream was not woken, and ctl failed; a rollback refused left every match woken."""
+    p = make()
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0, max_streams=5)
+    recs = []
+    for i in range(5):
+        recs += records(f"dev-{i}", *sine_stream(100, seed=i), partition=i)
+    feed(p, recs)
+    c = controller(p)
+    send(c, "pin", "dev-4", threshold=0.5)
+    send(c, "silence", "dev-3", for_s=600)
+    assert p.evict_idle(time.monotonic() + 61) == 5
+    answer = send(c, "unpin", "dev-*")
+    assert answer["streams"] == ["dev-4"] and "not_woken" not in answer["result"] and sorted(p.streams) == ["dev-4"]
+    assert send(c, "unsilence", "dev-*")["streams"] == ["dev-3"] and sorted(p.streams) == ["dev-3", "dev-4"]
+    assert send(c, "unfreeze", "dev-0")["streams"] == [] and "dev-0" not in p.streams
+    assert send(c, "rollback", "dev-*", version=9)["status"] == "failed" and sorted(p.streams) == ["dev-3", "dev-4"]
