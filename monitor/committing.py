@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from models.errors import BrokerError, SinkBackpressure
 from monitor import logs
@@ -116,8 +117,11 @@ class Committing(ProcessorState):
         self.score_ready(force=True)
         # a stream woken by a command has read nothing since: its partition is unknown, it may be one of these
         woken = {n for n in self.streams if not self.ledger.partitions_of(n)}
+        kept: dict[str, dict[str, Any]] = {}
         for stream in self.ledger.streams_on(tps) | woken:  # their next owner restores from these
-            self.save(stream)
+            doc = self.save(stream)
+            if doc is not None and stream in woken and self.settings.state_topic is None:  # no changelog: kept here,
+                kept[stream] = doc  # as at its eviction (dropped, a pin or an owed page set on it was lost for good)
         failed = False
         try:
             self.commit(source, tps)
@@ -128,6 +132,7 @@ class Committing(ProcessorState):
         for stream in self.ledger.drop(tps) | woken:  # a woken one comes back from the changelog if it stays
             self._drop(stream)
             self.ledger.forget(stream)  # also what it held on partitions that stay: nothing would release it
+        self.restored.update(kept)  # adopted again at the assignment, as evicted streams' documents are
         # The documents (tombstones too) of streams only on these partitions are never sent: sent at this instance's
         # next commit, they landed after the next owner's own and became the streams' latest (a pin set there was
         # lost at the next restore), and a tombstone deleted the next owner's document. A command whose change was

@@ -178,7 +178,9 @@ class Residency(ProcessorState):
         st = self.streams[name]
         partial = max(0, st.windows.seen - st.windows.needed_from + 1)  # of a window never completed
         ep, last = st.alerts.episode, st.last_sample_ts
-        if ep is not None and ep.fired is not None and last is not None:  # paged, then silent: a sensor gone?
+        # paged, then silent: a sensor gone? Said once: not again for a stream woken by a command that read nothing
+        # since (each command on it sent another, its wait counted from the wake)
+        if ep is not None and ep.fired is not None and last is not None and st.windows.seen:
             self._quality(st.quality.event("stale", last, (
                 f"no data received for {idle_s:.0f} s (limits.idle_evict_s; its last sample is stamped {iso(last)}): alert "
                 f"{ep.alert_id} stays open until the stream sends again — is its source alive?")))

@@ -2345,3 +2345,35 @@ def test_an_undo_wakes_only_the_idle_streams_it_changes(make: Make) -> None:
     assert send(c, "unsilence", "dev-*")["streams"] == ["dev-3"] and sorted(p.streams) == ["dev-3", "dev-4"]
     assert send(c, "unfreeze", "dev-0")["streams"] == [] and "dev-0" not in p.streams
     assert send(c, "rollback", "dev-*", version=9)["status"] == "failed" and sorted(p.streams) == ["dev-3", "dev-4"]
+
+
+def test_without_a_changelog_a_stream_woken_by_a_command_keeps_its_state_across_a_rebalance(make: Make) -> None:
+    """A control-plane review: with no state topic a woken stream was saved nowhere and dropped at a revoke, its
+    document already taken from memory: the pin set on it (or a page owed) was gone, while the evicted stream
+    beside it, never woken, was adopted again."""
+    p = make()
+    p.settings = Settings(state_topic=None, idle_evict_s=60.0)
+    feed(p, records("dev-a", *sine_stream(300, seed=1)) + records("dev-b", *sine_stream(300, seed=2), partition=1))
+    assert p.evict_idle(time.monotonic() + 61) == 2
+    assert send(controller(p), "pin", "dev-b", threshold=0.5)["streams"] == ["dev-b"]
+    p.revoke(MemorySource(), {("in", 0), ("in", 1)})  # an eager rebalance: all revoked, given straight back
+    assert p.adopt({("in", 0), ("in", 1)}) == 2
+    assert p.restored["dev-b"]["calibrator"]["pinned"] is True
+
+
+def test_a_stream_woken_by_commands_is_said_stale_once_not_at_each_eviction(make: Make) -> None:
+    """A control-plane review: each command that woke a paged, silent stream sent another `stale` event at its next
+    eviction ("no data received for 61 s", counted from the wake): three commands, three events."""
+    p = make()
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0)
+    ts, v = sine_stream(1000, (970,))
+    feed(p, records("dev-b", ts[:990], v[:990], partition=1))
+    fired = anomalies(p)
+    assert [d["status"] for d in fired] == ["firing"]
+    c = controller(p)
+    assert p.evict_idle(time.monotonic() + 61) == 1
+    send(c, "silence", "dev-b", for_s=60)
+    assert p.evict_idle(time.monotonic() + 61) == 1
+    send(c, "feedback", "*", alert_id=fired[0]["alert_id"], verdict="confirmed")
+    assert p.evict_idle(time.monotonic() + 61) == 1
+    assert [e["kind"] for e in quality_events(p)].count("stale") == 1
