@@ -13,6 +13,7 @@ from typing import Any
 
 from models.errors import BrokerError, SinkBackpressure
 from monitor import logs
+from monitor.outbox import STATE_HEADER
 from monitor.procstate import ProcessorState
 from monitor.source import TP, Source
 
@@ -75,6 +76,8 @@ class Committing(ProcessorState):
 
     def send_documents(self) -> int:
         """Hand the state documents saved since the last commit to the sink (:meth:`commit`'s step 2)."""
+        states = sum(1 for m in self.outbox.documents.values() if (STATE_HEADER in m.headers))
+        self.metrics.snapshots.inc(states)  # those sent, not each save (the latest per stream goes: 4 saves, 1 sent)
         return self.outbox.send_documents(self.sink)
 
     def send_acks(self) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from monitor.sink import OutMessage, Sink
 from monitor.source import TP
 
+STATE_HEADER = ("tsmon.type", b"stream_state")  # a stream's state document (not the daemon-wide one, a tombstone)
+
 
 @dataclass
 class Outbox:

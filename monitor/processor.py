@@ -35,6 +35,7 @@ from monitor.calibrator import Calibrator
 from monitor.committing import Committing
 from monitor.inflight import InFlight
 from monitor.ingest import Ingest
+from monitor.outbox import STATE_HEADER
 from monitor.procstate import DataClock, Settings
 from monitor.quality import flat_channels
 from monitor.residency import Residency
@@ -257,12 +258,11 @@ class Processor(Ingest, InFlight, Residency, Committing):
         if self.data_clock is not None and stream in self.data_clock.next_ms:  # the replay keeps its schedule
             doc["recalibrate_at_ts"] = self.data_clock.next_ms[stream]
         if topic is not None:
-            self.outbox.document(stream, json_message(topic, stream, doc, [("tsmon.type", b"stream_state")]), st.home)
+            self.outbox.document(stream, json_message(topic, stream, doc, [STATE_HEADER]), st.home)
             self.undocumented.discard(stream)
             st.doc_from_seq = st.resume_seq(point)  # a replay after a crash must reach this document's
             self._release(stream, st)  # the older document's hold ends now (a shutdown sends no more records)
             st.dirty, st.saved_version = False, int(doc["calibrator"]["versions"][-1]["version"])
-            self.metrics.snapshots.inc()
         return doc
 
     def save_changed(self, every: bool = False) -> int:

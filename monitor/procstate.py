@@ -118,6 +118,7 @@ class ProcessorState:
         self.read_ts: dict[TP, int] = {}  # per partition, the newest timestamp of the records taken (_moved_on)
         self.knocked: dict[str, int] = {}  # streams with a document refused for want of room: when, last (epoch ms)
         self.evicted: set[str] = set()  # streams this instance evicted since its last assignment (see wake)
+        self.provisional_evicted: set[str] = set()  # evicted while provisional: still so when back (same restore)
         self.evicted_here: set[str] = set()  # those of them evicted by evict_idle (not adopted): no input replayed
         self.owed: dict[str, int] = {}  # evicted with a silenced alert open: silence end (epoch ms), page owed
         self.undocumented: set[str] = set()  # started since the last commit: their first document goes with it

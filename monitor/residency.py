@@ -58,6 +58,7 @@ class Residency(ProcessorState):
             # (the commit ran past a restored document's point, and a crash then lost the windows in between,
             # their evidence and the alert ids that followed)
         replayed = stream not in self.evicted_here  # its input was released at the eviction: none comes again
+        was_provisional = stream in self.provisional_evicted  # back on the epoch it had (its kept document's)
         self._unevict(stream)
         restored = self._restore(stream, st, replayed)
         provisional = replayed and self.restore_incomplete  # its latest document may be one the read did not reach
@@ -71,6 +72,7 @@ class Residency(ProcessorState):
                                   consequence="another instance's clock is ahead of this one's: a start here that "
                                   "does not read its documents loses to them; keep the instances' clocks in step (NTP)")
             st.epoch = max(st.epoch, now)
+        st.provisional = st.provisional or (was_provisional and self.restore_incomplete)  # (it said false, back)
         if replayed and st.seen_ms is not None:  # quiet since its last new record, not since the replay re-read it:
             # restarts more often than idle_evict_s held a stopped sensor's partial window, and the commit, for good
             st.last_seen = time.monotonic() - max(0.0, self.clock() - st.seen_ms / 1000 - SEEN_CLOCK_SKEW_S)
@@ -192,6 +194,8 @@ class Residency(ProcessorState):
         self._drop(name)
         self.ledger.forget(name)
         self.evicted.add(name)
+        if st.provisional:
+            self.provisional_evicted.add(name)
         if st.windows.seen:  # it read input here, so none of its input is still to be replayed to it (one
             self.evicted_here.add(name)  # woken for a command before its replay came still needs aligning)
         self.metrics.evicted.inc()
@@ -290,6 +294,7 @@ class Residency(ProcessorState):
         """Forget that ``stream`` was evicted (it is back, or its document is gone)."""
         self.evicted.discard(stream)
         self.evicted_here.discard(stream)
+        self.provisional_evicted.discard(stream)
         self.owed.pop(stream, None)
 
     def _drop(self, stream: str) -> None:
@@ -334,5 +339,6 @@ class Residency(ProcessorState):
         self.knocked.clear()
         self.evicted.clear()
         self.evicted_here.clear()
+        self.provisional_evicted.clear()
         self.owed.clear()
         self._owed_warned.clear()

@@ -75,6 +75,9 @@ class Views(DaemonState):
         were only in ``/streams`` (``tsmon_threshold``'s source is the version's, never "frozen")."""
         cal, p = self.processor.calibrator, self.processor
         self.metrics.silenced.set(sum(p.silenced(st) for st in p.streams.values()))
+        # held ones reported silent: counted here too, or it kept streams revoked, evicted or back since (it was set
+        # only where silence is judged, which waits while input is paused: wrong for a whole outage)
+        self.metrics.silent.set(sum(st.silent_ts is not None for st in p.streams.values()))
         pinned, frozen = cal.control_counts()
         self.metrics.pinned.set(pinned)
         self.metrics.frozen.set(frozen)

@@ -2377,3 +2377,35 @@ def test_a_stream_woken_by_commands_is_said_stale_once_not_at_each_eviction(make
     send(c, "feedback", "*", alert_id=fired[0]["alert_id"], verdict="confirmed")
     assert p.evict_idle(time.monotonic() + 61) == 1
     assert [e["kind"] for e in quality_events(p)].count("stale") == 1
+
+
+def test_a_provisional_stream_evicted_and_back_is_still_provisional(make: Make) -> None:
+    """A metrics review: evicted and back within the same incomplete restore, a provisional stream read
+    provisional: false in /streams while it still ran on its provisional epoch."""
+    a = make()
+    a.settings = Settings(state_topic="state")
+    recs = records("dev-p", *sine_stream(1200))  # 120 records
+    feed(a, recs[:30])
+    q = make()
+    q.settings = Settings(state_topic="state", idle_evict_s=3600.0)
+    q.restore_incomplete = True
+    q.restored = {"dev-p": json.loads(json.dumps(a.save("dev-p")))}
+    feed(q, recs[30:70])
+    assert q.streams["dev-p"].provisional
+    epoch = q.streams["dev-p"].epoch
+    assert q.evict_idle(time.monotonic() + 4000) == 1
+    feed(q, recs[70:])
+    assert q.streams["dev-p"].provisional and q.streams["dev-p"].epoch == epoch
+
+
+def test_state_snapshots_count_the_documents_sent_not_each_save(make: Make) -> None:
+    """A metrics review: tsmon_state_snapshots_total ("stream states written to the changelog") counted each save,
+    4 where one document went out: the latest per stream is what is sent."""
+    p = make()
+    p.settings = Settings(state_topic="state")
+    feed(p, records("dev-s", *sine_stream(300)))
+    for _ in range(3):
+        p.save("dev-s")
+    assert p.metrics.total("tsmon_state_snapshots_total") == 0
+    out(p, "state")
+    assert p.metrics.total("tsmon_state_snapshots_total") == 1

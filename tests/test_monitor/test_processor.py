@@ -2942,3 +2942,20 @@ def test_records_waiting_at_a_revoke_are_read_again_when_the_partition_comes_str
         assert any(x["stream"] == "dev-b" and x["status"] == "firing" for x in alerts)
     finally:
         d.processor.close()
+
+
+def test_the_silent_gauge_counts_the_streams_held_now(stream_model: Path) -> None:
+    """A metrics review: tsmon_streams_silent was set only where silence is judged (skipped while input is paused),
+    so it kept counting streams revoked, evicted or back since — for a whole outage."""
+    d = in_process_daemon(stream_model, MemorySource(records("dev-a", *sine_stream(100))), MemorySink())
+    try:
+        d._handle(d.source.poll(0))
+        d.processor.score_ready(force=True)
+        d.processor.streams["dev-a"].silent_ts = 1
+        d._control_gauges()
+        assert d.metrics.silent._value.get() == 1
+        d.processor.revoke(d.source, {(TOPIC, 0)})
+        d._control_gauges()
+        assert d.metrics.silent._value.get() == 0
+    finally:
+        d.processor.close()
