@@ -339,7 +339,13 @@ def model_columns(names: list[str], value_col: list[str] | None) -> list[str]:
     if set(cols) == set(names):
         return list(names)
     if len(cols) == len(names):  # as many as the model has: taken in order (fewer or more: refused later, one line)
-        log.warning("channels_mapped_by_position", model=names, columns=cols)
+        # a column named as a channel goes to that channel; the others fill the rest in order (a model of temp, rpm
+        # given --value-col speed --value-col temp scored speed as temp and temp as rpm: every window anomalous)
+        named = {c: c for c in cols if c in names}
+        others = iter(c for c in cols if c not in named)
+        cols = [named.get(n) or next(others) for n in names]
+        log.warning("channels_mapped_by_position", model=names, columns=cols,
+                    mapping={c: n for c, n in zip(cols, names, strict=True) if c != n})
     return cols
 
 

@@ -1124,3 +1124,14 @@ def test_status_says_a_threshold_whose_lowering_is_held() -> None:
     source = COLUMNS.index("source")
     assert stream_cells(row)[source] == "artifact v0"
     assert stream_cells({**row, "threshold_held": "q0.95 … held at 0.232 …"})[source] == "artifact v0 (lowering held)"
+
+
+def test_value_columns_named_as_channels_go_to_those_channels() -> None:
+    """A model CLI pass: --value-col speed --value-col temp for a model of (temp, rpm) scored speed as temp and temp
+    as rpm (by position): every window anomalous. A named channel takes its column; the others fill in order."""
+    from monitor.commands.model_cmds import model_columns
+
+    assert model_columns(["temp", "rpm"], ["speed", "temp"]) == ["temp", "speed"]
+    assert model_columns(["temp", "rpm"], ["rpm", "temp"]) == ["temp", "rpm"]
+    assert model_columns(["temp", "rpm"], ["a", "b"]) == ["a", "b"]
+    assert model_columns(["temp", "rpm"], None) == ["temp", "rpm"]
