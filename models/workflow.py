@@ -190,6 +190,14 @@ def evaluate(detector: Detector, data: Dataset, with_baseline: bool = True) -> d
         raise DataError("evaluation needs labels: give the data a 0/1 label column (--label-col)")
     if len(data.test) == 0:
         raise DataError("no test windows left after the training split")
+    y = np.asarray(data.test_labels).astype(bool)
+    if y.all() or not y.any():  # said with the file and why ("needs both normal and anomalous examples" said neither)
+        s = data.summary
+        aside = int(s.get("test_anomalies_spanning_gaps", 0)) + int(s.get("test_anomalies_dropped_nonfinite", 0))
+        which, why = ("normal", "") if y.any() else ("anomalous", f" ({aside} set aside: across a gap in the "
+                                                                   f"timestamps or holding NaN/inf)" if aside else "")
+        raise DataError(f"{data.name}: no {which} test window left to rank{why}; ROC-AUC and the metrics at the "
+                        f"threshold need both: label more of the test part, or move --train-fraction")
     scores = detector.score(data.test).window
     # a NaN/inf score (finite values the model overflows on) is not normal: ranked above every other, as `tsmon
     # score` flags it; one such window made eval refuse the whole file ("a non-finite score is not a ranking")

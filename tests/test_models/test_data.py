@@ -362,3 +362,20 @@ def test_test_windows_lie_wholly_after_the_split(tmp_path: Path) -> None:
     assert ds.summary["split_sample"] == 2000
     starts = ds.test_ends - 40 + 1
     assert starts.min() >= 2000 and ds.test_labels is not None and ds.test_labels.sum() == 0
+
+
+def test_eval_with_every_anomalous_test_window_set_aside_says_so_naming_the_file(tmp_path: Path) -> None:
+    """A model CLI pass: the only labelled event sat in windows across a gap; eval stopped with "evaluation needs
+    both normal and anomalous examples", naming neither the file nor why."""
+    from models.workflow import evaluate
+
+    df = synthetic_series(1200, anomalies=(1000,))
+    df["timestamp"] = pd.to_datetime(df["timestamp"]) + pd.to_timedelta(np.where(df.index >= 1015, 3600, 0), "s")
+    df.to_csv(tmp_path / "gapev.csv", index=False)
+    ds = series_dataset(read_series(tmp_path / "gapev.csv"), 40, 10)
+    assert ds.summary["test_anomalies_spanning_gaps"] > 0 and ds.test_labels is not None
+    det, _ = train_detector(ds, "pca", {}, TrainConfig(device="cpu"))
+    if ds.test_labels.any():  # the burst's windows after the gap hold it too: keep only those set aside
+        ds.test_labels[:] = 0
+    with pytest.raises(DataError, match=r"gapev\.csv: no anomalous test window left to rank \(\d+ set aside: across"):
+        evaluate(det, ds)
