@@ -59,6 +59,7 @@ LOCAL_PLAINTEXT = {"kafka.security_protocol": "PLAINTEXT", **{f"kafka.{k}": "non
     "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile", "ssl_certfile", "ssl_keyfile")}}
 DEFAULT_START_MS = 1_700_000_000_000  # files without timestamps start here (fixed: alert ids repeat run to run)
 PROBATION = 0.15  # leading share of a series that is not scored, when the model was not trained on the file
+MAX_WALL_S = 7 * 86400.0  # the longest replay --speed may ask for
 MIN_INTERVAL_S = 0.2  # the calibrator never runs more often than this in wall time, whatever the speed
 BASELINE_SUFFIX = ".baseline"
 CLOCKS = ("data", "wall")  # what the replay's calibrator may count: the series' own time or the wall's
@@ -174,6 +175,9 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
                         f"1 ms resolution (at most 1 kHz a stream)")
     span_s = (ts_ms[start:].max() - ts_ms[start:].min()) / 1000  # what is played
     speed = opts.speed or max(span_s / opts.seconds, 1e-3)
+    if span_s / speed > MAX_WALL_S:  # a pace no replay keeps (1e-9: an OverflowError from the player, the broker up)
+        raise DataError(f"--speed {speed:g} would replay the {span_s:.6g} s played in {span_s / speed:.3g} s of wall "
+                        f"time, over {MAX_WALL_S / 86400:g} days: give a larger --speed")
     chunk = opts.chunk or int(min(1000, max(1, round(250 / period))))
     gap = opts.gap_ms or max(3 * period, windows_gap_ms or 0.0)
     tol = opts.tolerance_s * 1000 if opts.tolerance_s is not None else det.window * period

@@ -63,6 +63,18 @@ def score_axis(ax: Any, scores: np.ndarray, thresholds: list[float]) -> None:
         ax.set_ylim(0, top * 1.3)
 
 
+def broken(t_ms: np.ndarray, y: np.ndarray, gap_ms: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """``t_ms``, ``y`` with a NaN between points further apart than ``gap_ms`` (and than 3 of their median spacing),
+    so that a line is not drawn straight across a gap in the data as if the signal had gone on."""
+    t, v = np.asarray(t_ms, "float64"), np.asarray(y, "float64")
+    if len(t) < 3:
+        return t, v
+    d = np.diff(t)
+    limit = max(gap_ms or 0.0, 3 * float(np.median(d)))
+    cut = np.flatnonzero(d > limit) + 1
+    return np.insert(t, cut, np.nan), np.insert(v, cut, np.nan)
+
+
 def draw(out: Path, p: Any, series: Series, ts_ms: np.ndarray, played: dict[str, Any], test: Span) -> Path:
     """Write the PNG; ``p`` is the replay's :class:`monitor.replay_eval.Plan`."""
     from monitor.replay_eval import BASELINE_SUFFIX
@@ -78,14 +90,16 @@ def draw(out: Path, p: Any, series: Series, ts_ms: np.ndarray, played: dict[str,
     step = max(1, len(ts_ms) // MAX_POINTS)
     for i, name in enumerate(channels):
         ax = axes[i, 0]
-        ax.plot(x(ts_ms[::step]), series.values[::step, i], lw=0.5, color="tab:blue")
+        t, v = broken(ts_ms[::step], series.values[::step, i], p.gap_ms)
+        ax.plot(x(t), v, lw=0.5, color="tab:blue")
         ax.set_ylabel(name)
     detectors = (("model", p.model, p.stream), ("PCA baseline", p.baseline, p.stream + BASELINE_SUFFIX))
     for j, (label, path, stream) in enumerate(detectors):
         ax = axes[len(channels) + j, 0]
         end_ms, scores, start_threshold = window_scores(path, series.values, ts_ms, p.hop, p.gap_ms)
         k = max(1, len(scores) // MAX_POINTS)
-        ax.plot(x(end_ms[::k]), scores[::k], lw=0.6, color="tab:gray", label=f"{label} score")
+        t, v = broken(end_ms[::k], scores[::k], p.gap_ms)
+        ax.plot(x(t), v, lw=0.6, color="tab:gray", label=f"{label} score")
         changes = sorted(played["thresholds"].get(stream, []))
         at = [float(ts_ms[p.start])] + [t for t, _ in changes] + [float(ts_ms[-1])]
         val = [start_threshold] + [v for _, v in changes]

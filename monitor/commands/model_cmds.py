@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import typer
 
-from models import artifact
+from models import artifact, beats
 from models.data import (
     ECG5000_WINDOW,
     GAP_INTERVALS,
@@ -138,6 +138,8 @@ def train(
     if align == "sliding":  # accepted and ignored (the ML user pass)
         not_with({"--beat-pre": beat_pre, "--beat-refractory": beat_refractory, "--beat-baseline": beat_baseline},
                  "beat windows only (--align beats)")
+    else:  # one window per beat: a --hop was recorded in the manifest and ignored (a model CLI pass)
+        not_with({"--hop": hop}, "sliding windows only: --align beats cuts one window per beat")
     check_method(normalisation)  # refused once training had begun, after the progress bar
     spec = DataSpec(data, protocol, seed, window, hop, tuple(value_col or ()), timestamp_col, label_col,
                     train_fraction, windows, out_of_order, align, beat_pre, beat_refractory, beat_baseline)
@@ -317,7 +319,8 @@ def eval_(
     gapped = result["test_windows_spanning_gaps"]
     if gapped:  # likewise (review)
         log.warning("test_windows_spanning_gaps", count=gapped, anomalous=result["test_anomalies_spanning_gaps"],
-                    reason="a gap in the timestamps inside the window",
+                    reason="a gap in the timestamps inside the window (for a beat window: or across the samples its "
+                           "R peak was decided on)",
                     consequence="not scored, not in the metrics (the daemon never scores such a window)")
     if result["test_windows_nonfinite_score"]:
         log.warning("test_windows_nonfinite_score", count=result["test_windows_nonfinite_score"],
@@ -365,6 +368,8 @@ def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, ti
     if series.values.shape[1] != det.channels:
         raise DataError(f"model expects {det.channels} channel(s) {det.channel_names}, {path} gives "
                         f"{series.values.shape[1]} {series.channels}; choose them with --value-col")
+    if beats.rule_of(det.windowing) is not None:  # one window per beat: a --hop changed nothing (a model CLI pass)
+        not_with({"--hop": hop}, "sliding-window models only: this model cuts one window per beat")
     wins, ends = windows_for(series.values, det.window, hop or det.hop, det.windowing)
     across, longest = gap_windows(series.timestamps, ends, det.window, windowing=det.windowing)
     finite = finite_windows(wins)
@@ -489,11 +494,13 @@ def inspect(
         det, _, all_wins, _, finite, across = _series_windows(model, Path(data), value_col, timestamp_col, hop,
                                                               device, out_of_order)  # numbered as score numbers them
         wins, title = all_wins, f"{Path(data).name} window"
-        label = lambda i: "(holds a gap: neither score nor the daemon scores it)" if across[i] else ""
+        gap = "holds a gap" + (", or its R peak was decided across one" if beats.rule_of(det.windowing) else "")
+        label = lambda i: f"({gap}: neither score nor the daemon scores it)" if across[i] else ""
         if 0 <= index < len(finite) and not finite[index]:
-            raise DataError(f"window {index} contains NaN or inf; it cannot be scored")
+            raise DataError(f"{Path(data).name}: window {index} contains NaN or inf; it cannot be scored")
     if not 0 <= index < len(wins):
-        raise DataError(f"--index {index} out of range: 0..{len(wins) - 1}")
+        raise DataError(f"{Path(data).name if data != 'ecg5000' else 'ECG5000'}: --index {index} out of range: "
+                        f"0..{len(wins) - 1}")
     path = window_figure(det, wins[index], out, f"{title} {index} {label(index)}".strip() + ":")
     log.info("picture_written", path=str(path))
 

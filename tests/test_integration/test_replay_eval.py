@@ -103,6 +103,9 @@ def test_the_replay_never_plays_windows_the_model_was_fitted_on(tmp_path: Path) 
     with pytest.raises(DataError, match=r"the baseline .*pca2 takes 2 channel\(s\) \['value', 'copy'\], the model 1"):
         plan(model, series, time_axis(series, None), ReplayOptions(out=tmp_path / "o4", baseline=wide), None)
     assert not (tmp_path / "o4").exists()  # refused before anything is written
+    # a pace no replay keeps, refused before the broker starts (a model CLI pass: an OverflowError from the player)
+    with pytest.raises(DataError, match=r"--speed 1e-09 would replay the .* s of wall time, over 7 days"):
+        plan(model, series, time_axis(series, None), ReplayOptions(out=tmp_path / "o5", speed=1e-9), None)
 
 
 def test_a_model_trained_with_rows_dropped_is_replayed_from_its_own_split_in_the_files_rows(tmp_path: Path) -> None:

@@ -871,6 +871,13 @@ def test_a_beat_model_is_evaluated_on_the_windows_score_cuts(tmp_path: Path, cap
     code, _, err = run(capsys, "score", "--model", str(art), "--input", str(tmp_path / "low.csv"),
                        "--output", str(tmp_path / "s.csv"))
     assert code == 1 and "no R peak at the model's level" in err and "NaN" not in err
+    # a --hop with beat windows was recorded and ignored (a model CLI pass): a usage error, in train and score
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "ecg.csv"), "--model", "pca", "--align", "beats",
+                       "--window", "80", "--hop", "10", "--out", str(tmp_path / "b2"))
+    assert code == 2 and "--align beats cuts one window per beat" in _said(err)
+    code, _, err = run(capsys, "score", "--model", str(art), "--input", str(tmp_path / "ecg.csv"), "--hop", "5",
+                       "--output", str(tmp_path / "s2.csv"))
+    assert code == 2 and "this model cuts one window per beat" in _said(err)
 
 
 def test_tsmon_run_logs_at_the_configured_level_and_format(stream_model: Path, monkeypatch: pytest.MonkeyPatch,

@@ -54,3 +54,13 @@ def test_anomalies_far_over_the_threshold_get_a_log_axis_that_shows_the_threshol
     timeline.score_axis(ax, np.array([np.nan, np.inf]), [0.03])  # nothing finite: left as it was
     assert ax.get_ylim() == before
     plt.close(fig)
+
+
+def test_lines_are_broken_at_a_gap_not_drawn_across_it() -> None:
+    """A model CLI pass: the signal and the score were drawn as a straight line across a gap in the data."""
+    from monitor.timeline import broken
+
+    t = np.r_[np.arange(10) * 1000.0, 60_000 + np.arange(10) * 1000.0]
+    bt, bv = broken(t, np.arange(20.0), 5000.0)
+    assert len(bt) == 21 and np.isnan(bt[10]) and np.isnan(bv[10]) and bv[11] == 10.0
+    assert len(broken(t[:10], np.arange(10.0), 5000.0)[0]) == 10  # no gap: unchanged
