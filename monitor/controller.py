@@ -188,27 +188,38 @@ class Controller:
         return (fnmatch.fnmatchcase(stream, cmd.target) and cmd.command_id not in applied
                 and (issued_ms is None or cmd.command not in PER_STREAM or since_ms <= issued_ms + CLOCK_SKEW_MS))
 
-    def _targets(self, cmd: Command, wake: Callable[[dict[str, Any]], bool] = lambda doc: True) -> list[str]:
+    def _targets(self, cmd: Command, wake: Callable[[dict[str, Any]], bool] = lambda doc: True,
+                 changes_held: Callable[[str], bool] = lambda stream: True) -> list[str]:
         """The streams held that match, and those this instance evicted whose document ``wake`` accepts, woken
         from it: a command for ``dev-*`` must reach a stream that happened to be idle (a silence most of all).
-        Not those it was applied to already (by an earlier owner of the stream, or before a restart)."""
-        issued = cmd.issued_ms if cmd.command_id in self.seen else None
-        # a change to a provisional stream (started or woken while the changelog was not read to its end) is written
-        # below the document it read, and lost at the next restore: acknowledged "applied", the pin reverted (review)
-        changes = cmd.command in PER_STREAM or cmd.command == "feedback"
+        Not those it was applied to already (by an earlier owner of the stream, or before a restart).
+
+        A provisional stream (started or woken while the changelog was not read to its end) is left alone by a command
+        that would change it (``changes_held``: would it, for a stream held), and listed: its documents are written
+        below the one it read, so the change is lost at the next restore (a pin acknowledged "applied" reverted).
+        Daemon-wide ``freeze *`` / ``unfreeze *`` are not per stream."""
+        issued = self._issued(cmd)
+        changes = (cmd.command in PER_STREAM or cmd.command == "feedback") and not (
+            cmd.command in ("freeze", "unfreeze") and cmd.target == "*")
         for name, doc in sorted(self.p.evicted_docs().items()):
             if not (self._lacks(cmd, name, doc_commands(doc), doc_since_ms(doc), issued) and wake(doc)):
                 continue
-            if changes and self.p.restore_incomplete and name not in self.p.evicted_here:  # it would wake provisional
+            if changes and self.p.restore_incomplete and (name not in self.p.evicted_here  # it would wake provisional
+                                                          or name in self.p.provisional_evicted):
                 self.provisional.add(name)
             elif not self.p.wake(name):
                 self.not_woken.add(name)  # no room: the ack says so, and tsmon ctl fails
         names = [s for s, st in self.p.streams.items() if self._lacks(cmd, s, st.commands, st.since_ms, issued)]
         if changes:
-            self.provisional.update(s for s in names if self.p.streams[s].provisional)
-            names = [s for s in names if not self.p.streams[s].provisional]
+            unsafe = {s for s in names if self.p.streams[s].provisional and changes_held(s)}
+            self.provisional |= unsafe
+            names = [s for s in names if s not in unsafe]
         self.matched.update(names)
         return names
+
+    def _issued(self, cmd: Command) -> int | None:
+        """The command's issue time when it was seen before (read again, or applied elsewhere), else None."""
+        return cmd.issued_ms if cmd.command_id in self.seen else None
 
     def _view(self, stream: str) -> dict[str, Any]:
         th, st = self.cal.threshold(stream), self.p.streams[stream]
@@ -222,7 +233,7 @@ class Controller:
         done, and the audit recorded an effect; ``wake``: the documents of idle streams it would change, so that an
         undo wakes no stream it passes over, each held until evicted again, taking the room the one it needs)."""
         streams, effects, held = [], [], {}
-        for stream in self._targets(cmd, wake):
+        for stream in self._targets(cmd, wake, (lambda s: idle(s) is None) if idle is not None else (lambda s: True)):
             if idle is not None and (why := idle(stream)) is not None:
                 held[stream] = why
                 continue
@@ -312,7 +323,10 @@ class Controller:
         def raised_it(doc: dict[str, Any]) -> bool:
             return any(isinstance(a, dict) and a.get("alert_id") == alert_id for a in _field(doc, "recent_alerts", list))
 
-        for stream in self._targets(cmd, raised_it):
+        def has_it(stream: str) -> bool:
+            return any(a.alert_id == alert_id for a in self.p.streams[stream].recent_alerts)
+
+        for stream in self._targets(cmd, raised_it, has_it):
             st = self.p.streams[stream]
             alert = next((a for a in st.recent_alerts if a.alert_id == alert_id), None)
             if alert is None:
@@ -347,10 +361,11 @@ class Controller:
             versions = _field(_field(doc, "calibrator", dict), "versions", list)
             return any(isinstance(v, dict) and v.get("version") == version for v in versions)
 
-        lacking = [s for s, st in self.p.streams.items() if self._lacks(cmd, s, st.commands, st.since_ms, None)
-                   and not any(v["version"] == version for v in self.cal.history(s))]
+        issued = self._issued(cmd)  # as _targets reads it: a stream started since a command read again is not one
+        lacking = [s for s, st in self.p.streams.items() if self._lacks(cmd, s, st.commands, st.since_ms, issued)
+                   and not st.provisional and not any(v["version"] == version for v in self.cal.history(s))]
         lacking += [n for n, doc in sorted(self.p.evicted_docs().items())
-                    if self._lacks(cmd, n, doc_commands(doc), doc_since_ms(doc), None) and not kept(doc)]
+                    if self._lacks(cmd, n, doc_commands(doc), doc_since_ms(doc), issued) and not kept(doc)]
         if lacking:  # all or nothing: a half-applied command would be audited as failed (checked before waking any)
             raise Refused(f"no version {version} kept for {', '.join(lacking[:5])}")
         return self._each(cmd, lambda s: self.cal.rollback(s, version, self._why(cmd)), wake=kept)

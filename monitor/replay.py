@@ -41,7 +41,7 @@ def finite_rows(ts_ms: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.n
 def messages(stream: str, ts_ms: np.ndarray, values: np.ndarray, chunk: int) -> Iterator[tuple[bytes, int]]:
     """Message bodies (and their sample counts) for a stream's samples, ``chunk`` samples at most each.
 
-    ``ts_ms`` may be fractional (float): samples evenly spaced to within a microsecond go out as a chunk
+    ``ts_ms`` may be fractional (float): samples evenly spaced to within 0.01 ms go out as a chunk
     with a fractional ``period_ms`` (360 Hz: 2.777777778 ms), timestamps rounded to the millisecond.
     Non-finite values are refused (:func:`finite_rows` first): written as ``nan`` they made invalid JSON,
     whose whole chunk the daemon dead-lettered as ``invalid_json``.

@@ -177,7 +177,7 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
     speed = opts.speed or max(span_s / opts.seconds, 1e-3)
     if span_s / speed > MAX_WALL_S:  # a pace no replay keeps (1e-9: an OverflowError from the player, the broker up)
         raise DataError(f"--speed {speed:g} would replay the {span_s:.6g} s played in {span_s / speed:.3g} s of wall "
-                        f"time, over {MAX_WALL_S / 86400:g} days: give a larger --speed")
+                        f"time, over {MAX_WALL_S / 86400:g} days: give a larger --speed (or a smaller --seconds)")
     chunk = opts.chunk or int(min(1000, max(1, round(250 / period))))
     gap = opts.gap_ms or max(3 * period, windows_gap_ms or 0.0)
     tol = opts.tolerance_s * 1000 if opts.tolerance_s is not None else det.window * period

@@ -138,7 +138,7 @@ def train(
     if align == "sliding":  # accepted and ignored (the ML user pass)
         not_with({"--beat-pre": beat_pre, "--beat-refractory": beat_refractory, "--beat-baseline": beat_baseline},
                  "beat windows only (--align beats)")
-    else:  # one window per beat: a --hop was recorded in the manifest and ignored (a model CLI pass)
+    elif align == "beats":  # one window per beat: a --hop was recorded in the manifest and ignored (a model CLI pass)
         not_with({"--hop": hop}, "sliding windows only: --align beats cuts one window per beat")
     check_method(normalisation)  # refused once training had begun, after the progress bar
     spec = DataSpec(data, protocol, seed, window, hop, tuple(value_col or ()), timestamp_col, label_col,
@@ -341,7 +341,8 @@ def model_columns(names: list[str], value_col: list[str] | None) -> list[str]:
     cols = list(value_col or names)
     if set(cols) == set(names):
         return list(names)
-    if len(cols) == len(names):  # as many as the model has: taken in order (fewer or more: refused later, one line)
+    if len(cols) == len(names) and len(set(cols)) == len(cols):  # as many as the model has, none twice (refused
+        # later, one line, as are fewer or more): taken in order
         # a column named as a channel goes to that channel; the others fill the rest in order (a model of temp, rpm
         # given --value-col speed --value-col temp scored speed as temp and temp as rpm: every window anomalous)
         named = {c: c for c in cols if c in names}

@@ -1142,3 +1142,5 @@ def test_value_columns_named_as_channels_go_to_those_channels() -> None:
     assert model_columns(["temp", "rpm"], ["rpm", "temp"]) == ["temp", "rpm"]
     assert model_columns(["temp", "rpm"], ["a", "b"]) == ["a", "b"]
     assert model_columns(["temp", "rpm"], None) == ["temp", "rpm"]
+    assert model_columns(["temp", "rpm"], ["temp", "temp"]) == ["temp", "temp"]  # refused later in one line (it
+    # raised StopIteration here, a review found)

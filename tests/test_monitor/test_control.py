@@ -2409,3 +2409,26 @@ def test_state_snapshots_count_the_documents_sent_not_each_save(make: Make) -> N
     assert p.metrics.total("tsmon_state_snapshots_total") == 0
     out(p, "state")
     assert p.metrics.total("tsmon_state_snapshots_total") == 1
+
+
+def test_daemon_wide_freeze_and_a_feedback_are_not_failed_for_provisional_streams_they_do_not_change(
+        make: Make) -> None:
+    """A review of the provisional rule: freeze --all (daemon-wide: provisional streams are frozen too) and a feedback
+    for another stream's alert listed every provisional stream held, so tsmon ctl failed commands that worked."""
+    a = make()
+    a.settings = Settings(state_topic="state")
+    recs = records("dev-k", *sine_stream(1200))
+    feed(a, recs[:30])
+    q = make()
+    q.settings = Settings(state_topic="state")
+    q.restore_incomplete = True
+    q.restored = {"dev-k": json.loads(json.dumps(a.save("dev-k")))}
+    feed(q, recs[30:60])
+    assert q.streams["dev-k"].provisional
+    c = controller(q)
+    answer = send(c, "freeze", "*")
+    assert "provisional" not in answer["result"] and q.calibrator.controls("dev-k")["frozen"]
+    verdict("freeze", "*", [answer], 5)
+    answer = send(c, "feedback", "*", alert_id="not-here", verdict="confirmed")
+    assert "provisional" not in answer["result"]
+    assert "provisional" not in send(c, "unpin", "dev-k")["result"]  # not pinned: it would not change

@@ -36,14 +36,22 @@ def test_good_messages_parse_and_match_the_schema(doc: dict) -> None:
                                           ("\u200b", False), ("\u2060\u200d", False), ("\u00ad", False),
                                           ("\u3164", False), ("\ufe0f\u034f", False), ("\u3164x", True),
                                           ("dev-1\u202ecba", False), ("dev\u2066x", False),
-                                          ("dev\u200dx", True),
-                                          # astral format characters: tags, variation selectors (noticed at a stop)
-                                          ("\U000e0041\U000e0042", False), ("\U000e0100", False),
-                                          ("\U0001d173", False), ("dev\U000e0041", True), ("\U0001f600", True)])
+                                          ("dev\u200dx", True), ("abc\n", False)])
 def test_the_schema_and_the_parser_agree_on_stream_ids(stream: str, good: bool) -> None:
     doc = {"stream": stream, "ts": 1_700_000_000_000, "value": 0.1}
     assert jsonschema.Draft202012Validator(SCHEMA).is_valid(doc) is good
     assert isinstance(parse(json.dumps(doc).encode()), SampleBlock) is good
+
+
+@pytest.mark.parametrize("stream, good", [("\U000e0041\U000e0042", False), ("\U000e0100", False),
+                                          ("\U0001d173", False), ("dev\U000e0041", True), ("\U0001f600", True)])
+def test_astral_invisible_stream_ids_are_refused_by_the_parser(stream: str, good: bool) -> None:
+    """Tags, variation selectors and format controls beyond the BMP alone (noticed at a stop) are bad_stream. The
+    input schema leaves them out: in a character class they break ECMA-262 validators without the u flag (a
+    review); the parser is the stricter there."""
+    doc = {"stream": stream, "ts": 1_700_000_000_000, "value": 0.1}
+    assert isinstance(parse(json.dumps(doc).encode()), SampleBlock) is good
+    assert jsonschema.Draft202012Validator(SCHEMA).is_valid(doc)
 
 
 def test_chunk_timestamps_follow_the_period() -> None:
