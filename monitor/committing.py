@@ -76,7 +76,7 @@ class Committing(ProcessorState):
 
     def send_documents(self) -> int:
         """Hand the state documents saved since the last commit to the sink (:meth:`commit`'s step 2)."""
-        states = sum(1 for m in self.outbox.documents.values() if (STATE_HEADER in m.headers))
+        states = sum(1 for m in self.outbox.documents.values() if STATE_HEADER in m.headers)
         self.metrics.snapshots.inc(states)  # those sent, not each save (the latest per stream goes: 4 saves, 1 sent)
         return self.outbox.send_documents(self.sink)
 

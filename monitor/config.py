@@ -590,8 +590,14 @@ class Config(_Section):
     drift: DriftConfig = Field(default_factory=DriftConfig)
 
     def _rules(self) -> Iterator[str]:
-        # tsmon's own topics apart from each other and from its input: a dead-letter topic that was an input topic
-        # dead-lettered its own dead letters for ever (one message in, one out), an alerts topic read as input ...
+        """Settings of several sections that misbehave together."""
+        yield from self._topic_rules()
+        yield from self._timing_rules()
+        yield from self._route_rules()
+
+    def _topic_rules(self) -> Iterator[str]:
+        """tsmon's own topics apart from each other and from its input: a dead-letter topic that was an input topic
+        dead-lettered its own dead letters for ever (one message in, one out), an alerts topic read as input ..."""
         own = {"kafka.alerts_topic": self.kafka.alerts_topic, "kafka.dead_letter_topic": self.kafka.dead_letter_topic,
                "control.topic": self.control.topic, "control.audit_topic": self.control.audit_topic,
                "state.topic": self.state.topic}
@@ -605,6 +611,8 @@ class Config(_Section):
                 yield (f"kafka.topic_pattern: it matches {key} ({topic!r}): tsmon would read its own output "
                        f"(exclude it, e.g. list the input topics)")
             seen.setdefault(topic, key)
+
+    def _timing_rules(self) -> Iterator[str]:
         # one turn of the loop blocks up to a poll and a flush: past http.stall_s /healthz (liveness) fails a daemon
         # that is only waiting for a broker away (an orchestrator then restarts it for an outage)
         turn = self.daemon.poll_timeout_ms / 1000 + self.daemon.sink_timeout_s
@@ -620,6 +628,8 @@ class Config(_Section):
             if value is not None and value <= least:
                 yield (f"{key}: must exceed 1 + quality.rate_tolerance ({least:g}): a stream that slows by less than "
                        f"the tolerance would have every interval taken for a gap")
+
+    def _route_rules(self) -> Iterator[str]:
         for i, route in enumerate(self.models):  # first match wins: a route after "*" or its own pattern is never used
             before = next((j for j in range(i) if self.models[j].pattern in ("*", route.pattern)), None)
             if before is not None:
