@@ -158,6 +158,7 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         self.threshold_listeners: list[Callable[[str, ThresholdState], None]] = []
         self._started = time.monotonic()
         self._stop_at: float | None = None  # monotonic time of the stopping signal
+        self.exit_now: Callable[[int], Any] = os._exit  # a second signal: no drain, no commit, no close
         self._signal: str | None = None  # the stopping signal's name (logged by the loop, not the handler)
         sink_class, source_class = client_classes(cfg, need=source is None or sink is None)
         b = cfg.batch
@@ -290,15 +291,20 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         def handler(signum: int, _frame: FrameType | None) -> None:
             # No structlog call in here: its printer's lock may be held by the very code this interrupted (the
             # loop in a log write), and the handler then waited for itself for ever. The loop logs "stopping".
-            if self.stop_event.is_set():
+            if self.stop_event.is_set():  # at once: raised as SystemExit it went through run()'s shutdown (the drain,
+                # the snapshot, the final commit, then a false scoring_stuck and exit 1; a daemon review)
                 logs.from_signal_handler("second_signal_exit_now", "error", signal=signal.Signals(signum).name)
-                raise SystemExit(128 + signum)
+                self.exit_now(128 + signum)
             self._signal = signal.Signals(signum).name
             # The budget counts from here. A commit waiting on a stalled sink meanwhile (the loop's, a revoke's)
             # ends by the share of it the final commit would get (see _shutdown), not after its own timeout.
             now = time.monotonic()
             cut = now + self.cfg.daemon.shutdown_timeout_s * SHUTDOWN_DRAIN_SHARE * 0.3
             self._stop_at, self.processor.deadline = now, min(cut, self.processor.deadline or cut)
+            # and a forced drain under way (a revoke's, a reset's) scores no batch past the shutdown's drain: it ran
+            # 2.6 s for a 1 s budget, each batch bounded only by scoring_timeout_s (what it leaves is not committed)
+            drain = now + self.cfg.daemon.shutdown_timeout_s * SHUTDOWN_DRAIN_SHARE
+            self.processor.scoring_deadline = min(drain, self.processor.scoring_deadline or drain)
             self.stop_event.set()
 
         signal.signal(signal.SIGTERM, handler)

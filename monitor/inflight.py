@@ -33,9 +33,16 @@ class InFlight(ProcessorState):
             return 0
         n = self._apply_done()
         if force:
-            for batch in self.batcher.ready(force=True):
+            batches = self.batcher.ready(force=True)
+            for i, batch in enumerate(batches):
                 while len(self._inflight) >= self.settings.max_inflight:  # bounded: wait for the oldest
                     n += self._apply(*self._inflight.popleft())
+                if self.scoring_deadline is not None and time.monotonic() >= self.scoring_deadline:
+                    # a shutdown's drain is over: what is left stays unscored, so uncommitted (replayed at the next
+                    # start); a revoke's drain a SIGTERM cut ran on, each batch bounded only by scoring_timeout_s
+                    log.info("drain_cut", windows_left=sum(len(b) for b in batches[i:]),
+                             consequence="not scored here: replayed from the last commit")
+                    break
                 self._submit(batch)
             while self._inflight:
                 n += self._apply(*self._inflight.popleft())

@@ -35,7 +35,19 @@ class Rebalance(DaemonState):
             if r.tp in revoked:  # (the client keeps its position past them: they were skipped)
                 dropped[r.tp] = min(dropped.get(r.tp, r.offset), r.offset)
         self._backlog = [r for r in self._backlog if r.tp not in revoked]
-        self._rewind = {**dropped, **self.processor.revoke(self.source, revoked)}
+        # no wall-clock recalibration between the revoked streams' documents and their drop: a threshold it set then
+        # was logged and exported, never in the changelog (the next owner resumed from the version before and wrote
+        # another under the same number; a daemon review). On the data clock it runs on this thread: nothing to hold
+        held = self.processor.data_clock is None and self.calibrator.recalibrating.acquire(
+            timeout=self.cfg.daemon.sink_timeout_s)
+        if not held and self.processor.data_clock is None:
+            log.warning("recalibration_still_running", consequence="thresholds it sets now may miss the revoked "
+                        "streams' documents: their next owner starts from the ones before")
+        try:
+            self._rewind = {**dropped, **self.processor.revoke(self.source, revoked)}
+        finally:
+            if held:
+                self.calibrator.recalibrating.release()
         if self.processor.unpersisted:  # their changes were dropped with the documents: not applied, as far as
             self.controller.forget(self.processor.unpersisted)  # the group knows (sent again, they are applied)
             self.processor.unpersisted = set()

@@ -1406,12 +1406,15 @@ def test_the_signal_handler_takes_no_logging_lock(stream_model: Path, monkeypatc
         handler(signal.SIGTERM, None)  # type: ignore[operator]
         monkeypatch.setattr(daemon_module, "log", real)
         assert d.stop_event.is_set()
+        assert d.processor.scoring_deadline is not None  # a forced drain under way (a revoke's) ends with the budget
         d.run()
         logged = capfd.readouterr()
         assert "stopping" in logged.out + logged.err
         monkeypatch.setattr(daemon_module, "log", NoLog())
-        with pytest.raises(SystemExit):
-            handler(signal.SIGTERM, None)  # type: ignore[operator]
+        exits: list[int] = []
+        d.exit_now = exits.append  # os._exit: at once (a daemon review: SystemExit went through the whole shutdown)
+        handler(signal.SIGTERM, None)  # type: ignore[operator]
+        assert exits == [128 + signal.SIGTERM]
         assert '"event": "second_signal_exit_now"' in capfd.readouterr().err  # straight to file descriptor 2
     finally:
         signal.signal(signal.SIGTERM, previous[0])
@@ -2957,5 +2960,61 @@ def test_the_silent_gauge_counts_the_streams_held_now(stream_model: Path) -> Non
         d.processor.revoke(d.source, {(TOPIC, 0)})
         d._control_gauges()
         assert d.metrics.silent._value.get() == 0
+    finally:
+        d.processor.close()
+
+
+def test_a_forced_drain_past_the_shutdown_budget_scores_no_more_and_commits_nothing_unscored(
+        stream_model: Path) -> None:
+    """A daemon review: a SIGTERM during a revoke's drain moved the commit deadline only; the drain went on batch
+    after batch (2.6 s for a 1 s budget). Past the drain's end no batch is submitted: what waits stays unscored and
+    uncommitted, replayed from the last commit."""
+    recs = records("dev-a", *sine_stream(2000))
+    source = MemorySource(recs, batch=len(recs))
+    d = in_process_daemon(stream_model, source, MemorySink(), **{"batch.max_batch": 4, "batch.max_pending": 10_000})
+    try:
+        d._handle(source.poll(0))
+        assert d.processor.batcher.size > 8
+        d.processor.scoring_deadline = time.monotonic() - 0.001  # the drain's end has passed
+        d.processor.score_ready(force=True)
+        left = d.processor.streams["dev-a"].unscored
+        assert left and d.processor.batcher.size == 0
+        first = d.processor.ledger.offset_of("dev-a", left[0][0])  # the message of the first window left
+        assert first is not None
+        d.processor.scoring_deadline = None
+        d.processor.commit(source)
+        assert source.committed.get((TOPIC, 0), 0) <= first[1]  # not past the windows left unscored
+    finally:
+        d.processor.close()
+
+
+def test_a_wall_clock_recalibration_waits_for_a_revoke_to_drop_its_streams(stream_model: Path) -> None:
+    """A daemon review: the scheduler's recalibration could run between a revoke's documents and their streams'
+    drop (while its commit waited on the sink): a threshold logged and exported, never in the changelog."""
+    import threading
+
+    recs = records("dev-a", *sine_stream(2000))
+    source = MemorySource(recs, batch=len(recs))
+    d = in_process_daemon(stream_model, source, MemorySink(), **{"state.topic": "state"})
+    try:
+        d._handle(source.poll(0))
+        d.processor.score_ready(force=True)
+        real, waited = d.processor.commit, []
+
+        def commit(*args: Any, **kwargs: Any) -> Any:  # the scheduler's thread fires while the revoke commits
+            t = threading.Thread(target=d.recalibrate)
+            t.start()
+            t.join(0.3)
+            waited.append(t.is_alive())
+            d.processor.commit = real
+            try:
+                return real(*args, **kwargs)
+            finally:
+                waited.append(t)
+
+        d.processor.commit = commit
+        d._on_revoke([(TOPIC, 0)])
+        waited[1].join(5)
+        assert waited[0] is True and "dev-a" not in d.processor.streams
     finally:
         d.processor.close()
