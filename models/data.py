@@ -337,7 +337,8 @@ def _value_columns(p: Path, df: pd.DataFrame, value_cols: list[str] | None, ts: 
                 df[c] = number.astype("float64")
                 continue
             example = bad.iloc[0] if len(bad) else df[c].iloc[0]
-            raise DataError(f"{p}: value column {c!r} is not numeric (row {bad.index[0] if len(bad) else 0}: {example!r})")
+            raise DataError(f"{p}: value column {c!r} is not numeric (row {bad.index[0] if len(bad) else 0}: "
+                            f"{_short(example)})")
     return values
 
 
@@ -451,6 +452,12 @@ def windows_for(values: np.ndarray, window: int, hop: int,
 # a gap: an interval longer than this many median sample intervals and than GAP_MIN_MS — replay-eval's default, and
 # the daemon's default windows.gap_ms (5 s) for streams that sample at least every 1.7 s
 GAP_INTERVALS, GAP_MIN_MS = 3.0, 5000.0
+
+
+def _short(value: object, most: int = 80) -> str:
+    """``repr(value)``, cut to ``most`` characters: a cell of 2 000 000 digits made a 2 MB error line."""
+    text = repr(value)
+    return text if len(text) <= most else f"{text[:most]}… ({len(text)} characters)"
 
 
 def gap_windows(timestamps: np.ndarray | None, ends: np.ndarray, window: int, gap_ms: float | None = None,

@@ -17,7 +17,7 @@ from models.registry import DEFAULT_KIND, KINDS, build
 from models.scaling import Scaler
 from models.train import resolve_device
 from monitor.commands.model_cmds import parse_params
-from monitor.commands.options import not_with
+from monitor.commands.options import MAX_COUNT, MAX_STREAMS, MAX_WINDOW, not_with
 from monitor.commands.render import bench_table, emit_json, stdout, value_table
 from monitor.scorer import PRECISIONS
 
@@ -34,7 +34,7 @@ def _untrained(kind: str, window: int, channels: int, params: dict[str, Any]) ->
 def scorer(
     model: Annotated[Path | None, typer.Option("--model", help="Artifact (default: an untrained model of --kind).")] = None,
     kind: Annotated[str, typer.Option(help=f"Kind when no artifact: {', '.join(KINDS)}, or 'all'.")] = DEFAULT_KIND,
-    window: Annotated[int, typer.Option(help="Window when no artifact.")] = 140,
+    window: Annotated[int, typer.Option(help="Window when no artifact.", max=MAX_WINDOW)] = 140,
     channels: Annotated[int, typer.Option(help="Channels when no artifact.")] = 1,
     param: Annotated[list[str] | None, typer.Option(help="Hyper-parameter key=value when no artifact.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batched size (default 2048 CPU, 4096 CUDA).")] = None,
@@ -67,7 +67,7 @@ def scorer(
 
 def pipeline(
     model: Annotated[Path, typer.Option("--model", help="Artifact to serve.")] = Path("artifacts/ecg5000-lstm"),
-    streams: Annotated[int, typer.Option(help="Streams (keys) in the topic.")] = 8,
+    streams: Annotated[int, typer.Option(help="Streams (keys) in the topic.", max=MAX_STREAMS)] = 8,
     samples: Annotated[int, typer.Option(help="Samples in all.")] = 560_000,
     chunk: Annotated[int, typer.Option(help="Samples per message.")] = 140,
     max_batch: Annotated[int, typer.Option(help="Micro-batch size, for the scorer alone and the daemon.")] = 256,
@@ -101,10 +101,10 @@ def pipeline(
 
 def latency(
     model: Annotated[Path, typer.Option("--model", help="Artifact to serve.")] = Path("artifacts/ecg5000-lstm"),
-    streams: Annotated[int, typer.Option(help="Streams (keys).")] = 32,
+    streams: Annotated[int, typer.Option(help="Streams (keys).", max=MAX_STREAMS)] = 32,
     rate: Annotated[float, typer.Option(help="Samples per second per stream (below saturation).")] = 500.0,
     seconds: Annotated[float, typer.Option(help="Input time per policy.")] = 20.0,
-    hop: Annotated[int | None, typer.Option(help="Window hop (default: the artifact's).")] = None,
+    hop: Annotated[int | None, typer.Option(help="Window hop (default: the artifact's).", max=MAX_COUNT)] = None,
     chunk: Annotated[int | None, typer.Option(help="Samples per message (default: the hop).")] = None,
     max_batch: Annotated[int, typer.Option(help="batch.max_batch of both runs.")] = 256,
     max_delay_ms: Annotated[float, typer.Option(help="batch.max_delay_ms of both runs.")] = 50.0,
@@ -153,7 +153,7 @@ def latency(
 def soak(
     model: Annotated[Path, typer.Option("--model", help="Artifact to serve.")] = Path("artifacts/ecg5000-lstm"),
     seconds: Annotated[float, typer.Option(help="How long the daemon runs.")] = 600.0,
-    streams: Annotated[int, typer.Option(help="Streams (keys).")] = 8,
+    streams: Annotated[int, typer.Option(help="Streams (keys).", max=MAX_STREAMS)] = 8,
     rate: Annotated[float, typer.Option(help="Samples per second per stream.")] = 1000.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (with the RSS series).")] = False,
 ) -> None:
@@ -176,7 +176,7 @@ def soak(
 
 def memory(
     model: Annotated[Path, typer.Option("--model", help="Artifact to serve.")] = Path("artifacts/ecg5000-lstm"),
-    streams: Annotated[int, typer.Option(help="Streams to measure with.")] = 200,
+    streams: Annotated[int, typer.Option(help="Streams to measure with.", max=MAX_STREAMS)] = 200,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Memory one stream holds (window state + calibrator evidence at capacity) and the total limits.max_streams

@@ -36,7 +36,7 @@ from models.train import TrainConfig, resolve_device
 from models.workflow import DataSpec, evaluate, load_dataset, spec_for_eval, train_detector
 from monitor import logs
 from monitor.alerts import significant
-from monitor.commands.options import bootstrap_option, not_with
+from monitor.commands.options import MAX_COUNT, MAX_SEED, MAX_WINDOW, bootstrap_option, not_with
 from monitor.commands.render import emit_json, epoch_progress, eval_table, stdout
 from monitor.config import QualityConfig
 from monitor.quality import steady
@@ -90,8 +90,8 @@ def train(
     model: Annotated[str, typer.Option(help=f"Model kind: {', '.join(KINDS)}.")] = DEFAULT_KIND,
     out: Annotated[Path, typer.Option("--out", help="Artifact directory to write.")] = Path("artifacts/model"),
     protocol: Annotated[str, typer.Option(help="ECG5000 split: classic or ucr.")] = "classic",
-    window: Annotated[int, typer.Option(help="Window length W (series; ECG5000 beats are 140).")] = 140,
-    hop: Annotated[int, typer.Option(help="Hop H between windows (series; 0 → W/4).")] = 0,
+    window: Annotated[int, typer.Option(help="Window length W (series; ECG5000 beats are 140).", max=MAX_WINDOW)] = 140,
+    hop: Annotated[int, typer.Option(help="Hop H between windows (series; 0 → W/4).", max=MAX_COUNT)] = 0,
     value_col: ValueCols = None,
     timestamp_col: TsCol = None,
     label_col: LabelCol = None,
@@ -121,7 +121,7 @@ def train(
     threshold_quantile: Annotated[float, typer.Option(help="Quantile of validation errors for the threshold.")] = DEFAULT_QUANTILE,
     threshold_margin: Annotated[float, typer.Option(help="Threshold = quantile × margin.")] = 1.0,
     normalisation: Annotated[str, typer.Option(help="Per-channel scaling: standard, robust or none.")] = "standard",
-    seed: Annotated[int, typer.Option(help="Seed for the split and training.")] = 42,
+    seed: Annotated[int, typer.Option(help="Seed for the split and training.", max=MAX_SEED)] = 42,
     device: Annotated[str, typer.Option(help="auto (cuda if available), cpu or cuda[:N].")] = "auto",
     max_minutes: Annotated[float | None, typer.Option(help="Stop training after this many minutes (> 0).")] = None,
 ) -> None:
@@ -400,7 +400,7 @@ def score(
                                                        "compressed for .gz …).")] = Path("scores.csv"),
     value_col: ValueCols = None,
     timestamp_col: TsCol = None,
-    hop: Annotated[int, typer.Option(help="Hop between windows (0 → the model's).")] = 0,
+    hop: Annotated[int, typer.Option(help="Hop between windows (0 → the model's).", max=MAX_COUNT)] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     out_of_order: OutOfOrder = "error",
 ) -> None:
@@ -460,7 +460,8 @@ def inspect(
     value_col: ValueCols = None,
     timestamp_col: TsCol = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    hop: Annotated[int, typer.Option(help="Series: hop between windows, as given to score (0 → the model's).")] = 0,
+    hop: Annotated[int, typer.Option(help="Series: hop between windows, as given to score (0 → the model's).",
+                                     max=MAX_COUNT)] = 0,
     out_of_order: OutOfOrder = "error",
     alert: AlertOpt = None,
     config: Annotated[Path | None, typer.Option("--config", help="--alert ID: daemon config naming the broker "

@@ -24,6 +24,14 @@ def bootstrap_option(help: str) -> Any:
     return typer.Option("--bootstrap-servers", "--bootstrap", callback=brokers, help=help)
 
 
+# bounds of count options, so that a number past them is a usage error, not a traceback from numpy or torch (a
+# 1e23 --hop failed as an index, a 1e20 --seed overflowed torch's generator, a 1e11 --window tried 400 GB)
+MAX_COUNT = 2**31 - 1
+MAX_WINDOW = 1_000_000  # samples in one window
+MAX_SEED = 2**32 - 1
+MAX_STREAMS = 1_000_000
+
+
 def not_with(options: dict[str, Any], reason: str) -> None:
     """Options that do not apply here (each one given: a truthy value) are a usage error naming them, not dropped
     without a word (``train --data ecg5000 --window -5`` trained two minutes on the 140-sample beats)."""

@@ -66,6 +66,8 @@ def replay_eval(
     if (speed is not None and not 0 < speed < math.inf) or not 0 < seconds < math.inf or chunk < 0 \
             or (tolerance is not None and not 0 <= tolerance < math.inf):
         raise DataError("--speed and --seconds must be finite numbers > 0, --chunk and --tolerance >= 0")
+    if sample_rate is not None and not 0 < sample_rate < math.inf:  # 0 with a timestamped file passed unsaid
+        raise DataError(f"--sample-rate must be a finite number of Hz > 0, got {sample_rate}")
     if train_fraction is not None and not 0 < train_fraction < 1:
         raise DataError("--train-fraction must be in (0, 1)")
     names = artifact.read_manifest(model)["channels"]  # by name, in the model's order (given in another: swapped)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -55,7 +56,8 @@ def fetch_streams(url: str) -> list[dict[str, Any]]:
             raw = resp.read()
     except urllib.error.HTTPError as exc:
         raise TsmonError(f"the tsmon daemon at {base} answered HTTP {exc.code} for /streams") from None
-    except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections, a malformed URL
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError, timeouts, refusals, a malformed URL
+        # (InvalidURL, for spaces in it, is an HTTPException: a traceback before)
         reason = getattr(exc, "reason", None) or exc
         raise TsmonError(f"cannot reach the tsmon daemon at {base}: {reason} (is it running with http enabled?)"
                          ) from None

@@ -1144,3 +1144,26 @@ def test_value_columns_named_as_channels_go_to_those_channels() -> None:
     assert model_columns(["temp", "rpm"], None) == ["temp", "rpm"]
     assert model_columns(["temp", "rpm"], ["temp", "temp"]) == ["temp", "temp"]  # refused later in one line (it
     # raised StopIteration here, a review found)
+
+
+def test_numbers_past_what_an_option_can_take_are_usage_errors_not_tracebacks(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """CLI fuzzing: a 1e23 --hop failed as a numpy index, a 1e20 --seed overflowed torch's generator, a 1e11 bench
+    --window tried to allocate 400 GB, a URL with spaces raised http.client.InvalidURL: each a traceback."""
+    for args in (["train", "--data", "x.csv", "--hop", "99999999999999999999999"],
+                 ["train", "--data", "x.csv", "--seed", "99999999999999999999999"],
+                 ["score", "--model", "m", "--input", "x.csv", "--hop", "99999999999999999999999"],
+                 ["bench", "scorer", "--window", "99999999999"],
+                 ["bench", "memory", "--streams", "99999999999999999999"]):
+        code, _, err = run(capsys, *args)
+        assert code == 2 and "Traceback" not in err, (args, err)
+    code, _, err = run(capsys, "status", "--url", "not a url")
+    assert code == 1 and "Traceback" not in err and "cannot reach the tsmon daemon" in err
+    from models.data import read_series
+    from models.errors import DataError
+
+    path = tmp_path / "wide.csv"
+    path.write_text("value\n" + "9" * 100_000 + "x\n1\n")
+    with pytest.raises(DataError) as exc:
+        read_series(path)
+    assert len(str(exc.value)) < 300  # the cell is cut (a 2 MB line before)
