@@ -270,6 +270,10 @@ def _play(p: Plan, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, inter
             overrides.update(LOCAL_GROUP)
             overrides.update(LOCAL_PLAINTEXT)  # a --config for a TLS/SASL cluster: not for this broker of its own
         cfg = load_config(opts.config, overrides)
+        if not local:  # a cluster that does not answer: said in 10 s, naming the address (63 s of silence before)
+            from monitor.reach import wait_for_brokers
+
+            wait_for_brokers(cfg.kafka, 10.0, "give another --bootstrap, or none for a broker of the run's own")
         client = cfg.kafka.client_kwargs()
         servers = client.pop("bootstrap_servers")
         if not local:  # leave nothing behind on the user's cluster, whatever happens from here

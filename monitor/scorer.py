@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import artifact
+from models import artifact, beats
 from models.detector import Detector, autocast, precision_error
 from models.errors import ConfigError
 from monitor import logs
@@ -69,6 +69,10 @@ def load_served(pattern: str, path: Path, name: str | None, hop: int | None, dev
                 gap_ms: float | None = None, for_windows: int | None = None,
                 resolve_after: int | None = None, gap_periods: float | None = None) -> Served:
     det = artifact.load(path, device)
+    if hop is not None and beats.rule_of(det.windowing) is not None:  # recorded, ignored, and it changed the
+        # calibrator's thinning (the CLI refuses --hop for such a model too)
+        raise ConfigError(f"[[models]] route {pattern!r}: hop is for sliding-window models; {path} cuts one window "
+                          f"per beat (remove hop)")
     version = str(det.meta["weights"]["sha256"])[:12]  # artifact.load has checked the weights against it
     return Served(name or Path(path).name, pattern, det, hop or det.hop or det.window, version, gap_ms,
                   for_windows, resolve_after, gap_periods)

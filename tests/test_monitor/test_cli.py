@@ -319,6 +319,18 @@ def test_replay_eval_refuses_non_finite_options_and_reads_channels_by_name(
     code, _, err = run(capsys, *base, "--value-col", "ch1", "--value-col", "ch0", "--json")
     assert code == 0 and seen["series"].channels == ["ch0", "ch1"]  # the model's order
     assert '"channels_mapped_by_position"' not in err
+    code, _, err = run(capsys, *base, "--sample-rate", "0")  # passed unsaid for a timestamped file (CLI fuzzing)
+    assert code == 1 and "--sample-rate must be a finite number of Hz > 0" in err
+
+
+def test_replay_eval_names_a_cluster_that_does_not_answer_within_seconds(
+        dense_artifact: Path, series_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI fuzzing: --bootstrap at an address nobody answers said nothing for 63 s (killed by a 45 s timeout with
+    empty output); it is probed first, as tsmon replay does, and named."""
+    t0 = time.monotonic()
+    code, _, err = run(capsys, "replay-eval", "--model", str(dense_artifact), "--data", str(series_csv),
+                       "--out", str(tmp_path / "o"), "--bootstrap", "127.0.0.1:1")
+    assert code == 1 and "cannot reach" in err and "127.0.0.1:1" in err and time.monotonic() - t0 < 40
 
 
 def test_explicit_epochs_are_honoured(series_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -878,6 +890,12 @@ def test_a_beat_model_is_evaluated_on_the_windows_score_cuts(tmp_path: Path, cap
     code, _, err = run(capsys, "score", "--model", str(art), "--input", str(tmp_path / "ecg.csv"), "--hop", "5",
                        "--output", str(tmp_path / "s2.csv"))
     assert code == 2 and "this model cuts one window per beat" in _said(err)
+    from models.errors import ConfigError
+    from monitor.scorer import load_served
+
+    with pytest.raises(ConfigError, match="hop is for sliding-window models"):  # a daemon route's hop likewise
+        load_served("ecg-*", art, None, 5, "cpu")
+    assert load_served("ecg-*", art, None, None, "cpu").hop == json.loads((art / "manifest.json").read_text())["hop"]
 
 
 def test_tsmon_run_logs_at_the_configured_level_and_format(stream_model: Path, monkeypatch: pytest.MonkeyPatch,
