@@ -233,7 +233,7 @@ class Controller:
         done, and the audit recorded an effect; ``wake``: the documents of idle streams it would change, so that an
         undo wakes no stream it passes over, each held until evicted again, taking the room the one it needs)."""
         streams, effects, held = [], [], {}
-        for stream in self._targets(cmd, wake, (lambda s: idle(s) is None) if idle is not None else (lambda s: True)):
+        for stream in self._targets(cmd, wake, lambda s: idle is None or idle(s) is None):
             if idle is not None and (why := idle(stream)) is not None:
                 held[stream] = why
                 continue

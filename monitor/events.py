@@ -106,7 +106,7 @@ def score_alerts(events: list[Span], alerts: list[dict[str, Any]], test: Span, t
         fired = [float(a["fired_ts"]) for a, s in zip(scored, spans, strict=True) if ev.overlaps(s, tolerance_ms)]
         began = ev.start_ms if ev.began_ms is None else ev.began_ms  # before the split: labelled_events clipped it
         # fired on it: not an alert already stuck open when it began (that counts for nothing, as for a later event)
-        found_early = any(f >= began and ev.overlaps(s) for f, s in open_at_split) if began < test.start_ms else False
+        found_early = began < test.start_ms and any(f >= began and ev.overlaps(s) for f, s in open_at_split)
         if any(f < ev.start_ms for f in fired) or found_early:
             inside += 1  # open when it began (a later alert during it changes nothing)
         elif fired:
