@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -55,11 +56,11 @@ class ConvAE(Autoencoder):
         k, p = config.kernel, config.kernel // 2
         chans = [config.channels, *config.filters]
         enc: list[nn.Module] = []
-        for a, b in zip(chans[:-1], chans[1:]):
+        for a, b in itertools.pairwise(chans):
             enc += _block(nn.Conv1d(a, b, k, stride=2, padding=p), b, config)
         dec: list[nn.Module] = []
         rev = chans[::-1]
-        for a, b in zip(rev[:-2], rev[1:-1]):
+        for a, b in itertools.pairwise(rev[:-1]):
             dec += _block(nn.ConvTranspose1d(a, b, k, stride=2, padding=p, output_padding=1), b, config)
         dec.append(nn.ConvTranspose1d(rev[-2], rev[-1], k, stride=2, padding=p, output_padding=1))
         self.encoder = nn.Sequential(*enc)
@@ -76,7 +77,7 @@ class ConvAE(Autoencoder):
         cfg = self.config
         chans = [cfg.channels, *cfg.filters]
         total, length = 0, cfg.window
-        for a, b in zip(chans[:-1], chans[1:]):
+        for a, b in itertools.pairwise(chans):
             length = (length + 1) // 2
             total += 2 * a * b * cfg.kernel * length  # encoder conv at the reduced length
             # its transposed twin: every one of its ``length`` input positions meets each kernel tap once (it

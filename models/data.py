@@ -286,7 +286,7 @@ def _read_frame(p: Path) -> tuple[pd.DataFrame, bytes]:
             df = _index_as_column(pd.read_parquet(io.BytesIO(raw)))
         else:  # from bytes pandas infers no compression: by the suffix, whatever its case
             df = pd.read_csv(io.BytesIO(raw), compression=COMPRESSION.get(suffix))
-    except Exception as exc:  # pandas raises many types for unreadable files
+    except Exception as exc:  # noqa: BLE001 - pandas raises many types for unreadable files
         what = f" (compressed: {COMPRESSION[suffix]})" if suffix in COMPRESSION else ""
         raise DataError(f"cannot read {p}{what}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     if df.empty:
@@ -366,7 +366,7 @@ def _labels_of_windows(p: Path, windows: str | Path, stamps: np.ndarray) -> tupl
     spans = anomaly_windows(windows, p.name)
     labels = window_labels(stamps, spans)
     if spans and not labels.any():  # another zone, unit or series: anomalies trained on as normal, silently
-        iso = lambda t: np.datetime_as_string(np.datetime64(t, "s"))  # noqa: E731
+        iso = lambda t: np.datetime_as_string(np.datetime64(t, "s"))
         raise DataError(f"{p}: none of the {len(spans)} anomaly window(s) of {windows} holds a sample: they span "
                         f"{iso(min(a for a, _ in spans))} .. {iso(max(b for _, b in spans))}, the series "
                         f"{iso(stamps[0])} .. {iso(stamps[-1])} (UTC)")
@@ -533,7 +533,7 @@ def series_dataset(series: Series, window: int, hop: int, train_fraction: float 
                         f"samples (window {window}, hop {hop}: {in_part} windows, {int((~finite & (ends < split)).sum())} "
                         f"with NaN/inf, {int((across & (ends < split)).sum())} across a gap in the timestamps, "
                         f"{int((win_label[ends < split] > 0).sum())} labelled); need at least 2")
-    n_val = max(1, int(round(len(fit_idx) * val_fraction)))
+    n_val = max(1, round(len(fit_idx) * val_fraction))
     # test windows lie wholly after the split: one reaching back shared samples with the windows the model
     # was fitted, stopped and thresholded on, and an anomaly before the split counted as a test detection
     after = ends - window + 1 >= split

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ class DenseAEConfig(ModelConfig):
 def mlp(sizes: list[int], dropout: float, batch_norm: bool) -> nn.Sequential:
     """Linear layers with ReLU between them (none after the last)."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             if batch_norm:
@@ -41,7 +42,7 @@ def mlp(sizes: list[int], dropout: float, batch_norm: bool) -> nn.Sequential:
 
 
 def mlp_flops(sizes: list[int]) -> int:
-    return sum(linear_flops(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+    return sum(linear_flops(a, b) for a, b in itertools.pairwise(sizes))
 
 
 class DenseAE(Autoencoder):
