@@ -66,6 +66,7 @@ SHUTDOWN_DRAIN_SHARE = 0.85  # of shutdown_timeout_s for draining and commits; t
 RESTORE_STEP_S = 0.1  # changelog reading per loop turn while a restore holds the input
 FORGET_EVERY_S = 60.0  # how often the documents of long-unseen streams are looked for (state.forget_after_s)
 CAUGHT_UP_AFTER_S = 5.0  # a partition at lag 0 this long after input came back is read to its end (see _caught_up)
+CLOCK_STEP_S = 2.0  # the wall clock moving this much against the monotonic one between turns re-bases the jobs
 
 
 def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -237,6 +238,21 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         self._snapshot_due = threading.Event()
         self._scheduler.add_job(self._snapshot_due.set, "interval", seconds=cfg.state.snapshot_interval_s,
                                 id="snapshot", max_instances=1, coalesce=True)
+        self._clock_offset = time.time() - time.monotonic()
+
+    def _check_clock(self) -> None:
+        """Re-base the scheduled jobs after the wall clock stepped. apscheduler's interval jobs run at wall-clock
+        times: after a step back of an hour (a VM resumed, NTP's first correction) recalibrations and snapshots
+        stopped for that hour; after a step forward the missed run was dropped as a misfire. Each job now runs
+        next one interval after the step."""
+        offset = time.time() - time.monotonic()
+        step, self._clock_offset = offset - self._clock_offset, offset
+        if abs(step) <= CLOCK_STEP_S:
+            return
+        jobs = self._scheduler.get_jobs()
+        for job in jobs:
+            self._scheduler.reschedule_job(job.id, trigger="interval", seconds=job.trigger.interval.total_seconds())
+        log.warning("wall_clock_stepped", seconds=round(step, 3), rescheduled=sorted(j.id for j in jobs))
 
     def _inputs(self) -> dict[str, list[int]]:
         """The input partitions this instance holds, by topic; a configured topic it holds none of is listed
@@ -327,6 +343,7 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
             self.notifier.ready("started")  # models loaded, clients open (partitions come with the group's join)
             while not self.stop_event.is_set() and not (until and until()):
                 self._beat = time.monotonic()
+                self._check_clock()
                 # every turn, as /healthz's stamp: at the commit interval a long commit_interval_ms would have the
                 # watchdog kill a healthy daemon and TsmonLoopStalled fire
                 self.metrics.loop_turned.set_to_current_time()

@@ -1465,6 +1465,32 @@ def test_the_shutdown_waits_for_a_recalibration_running_on_the_scheduler(stream_
     assert d.final_thresholds["s"]["value"] == pytest.approx(0.8) == d.calibrator.threshold("s").value
 
 
+def test_a_wall_clock_step_rebases_the_scheduled_jobs(stream_model: Path) -> None:
+    """apscheduler's interval jobs run at wall-clock times: after the clock stepped back an hour the snapshot and
+    recalibration jobs stood still for that hour. The loop's next turn re-bases each to one interval from now;
+    without a step nothing moves."""
+    from datetime import datetime, timedelta, timezone
+
+    d = in_process_daemon(stream_model, MemorySource([]), MemorySink(),
+                          **{"state.snapshot_interval_s": 30, "calibrator.interval_s": 60})
+    d._scheduler.start(paused=True)
+    try:
+        stuck = datetime.now(timezone.utc) + timedelta(hours=1, seconds=30)  # due before the clock went back
+        for job in d._scheduler.get_jobs():
+            job.modify(next_run_time=stuck)
+        d._clock_offset += 3600.0
+        d._check_clock()
+        now = datetime.now(timezone.utc)
+        due = {j.id: (j.next_run_time - now).total_seconds() for j in d._scheduler.get_jobs()}
+        assert set(due) == {"recalibrate", "snapshot"}
+        assert 25 < due["snapshot"] <= 30 and 55 < due["recalibrate"] <= 60
+        before = {j.id: j.next_run_time for j in d._scheduler.get_jobs()}
+        d._check_clock()
+        assert {j.id: j.next_run_time for j in d._scheduler.get_jobs()} == before
+    finally:
+        d._scheduler.shutdown(wait=False)
+
+
 def test_a_streams_request_is_answered_at_the_next_loop_turn_not_the_next_commit(stream_model: Path) -> None:
     """With commit_interval_ms at 10 s the first request after a quiet spell waited for the next commit interval
     and `tsmon status` (5 s) timed out."""
