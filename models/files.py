@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -129,3 +130,7 @@ def check_writable(path: str | Path, what: str, directory: bool = False) -> None
         folder = folder.parent  # the first one that exists: the rest would be created
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise DataError(f"cannot write {what} {p}: {folder} is not a folder this process may write to")
+    try:  # access() says yes for root anywhere, and for /proc or /sys, which refuse a new entry all the same
+        os.rmdir(tempfile.mkdtemp(prefix=".tsmon-probe-", dir=folder))
+    except OSError as exc:
+        raise DataError(f"cannot write {what} {p}: {folder} refuses a new entry ({exc.strerror or exc})") from None

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from models.errors import ConfigError, DataError
-from models.files import leftovers, locked_dir, read_limited, replace_atomically
+from models.files import check_writable, leftovers, locked_dir, read_limited, replace_atomically
 
 
 def test_a_failed_write_leaves_the_good_file_and_no_temporary(tmp_path: Path) -> None:
@@ -42,6 +42,17 @@ def test_a_folder_the_file_system_refuses_is_a_one_line_error() -> None:
         pytest.skip("needs Linux's /proc")
     with pytest.raises(DataError, match="^cannot write /proc/tsmon-test.csv: "):
         replace_atomically("/proc/tsmon-test.csv", lambda tmp: tmp.write_text("x\n"))
+
+
+def test_training_checks_that_its_out_folder_takes_a_new_entry_before_it_trains(tmp_path: Path) -> None:
+    """/proc passes the access check (as root): `tsmon train --out /proc/x` trained first and then ended in a raw
+    OSError. The check makes (and removes) a probe folder: nothing of it stays behind where it succeeds."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    with pytest.raises(DataError, match=r"^cannot write artifact directory /proc/tsmon-x: /proc refuses a new entry"):
+        check_writable("/proc/tsmon-x", "artifact directory", directory=True)
+    check_writable(tmp_path / "art", "artifact directory", directory=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_save_behind_another_says_it_waits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

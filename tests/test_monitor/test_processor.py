@@ -12,6 +12,7 @@ import math
 import threading
 import time
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -1469,18 +1470,16 @@ def test_a_wall_clock_step_rebases_the_scheduled_jobs(stream_model: Path) -> Non
     """apscheduler's interval jobs run at wall-clock times: after the clock stepped back an hour the snapshot and
     recalibration jobs stood still for that hour. The loop's next turn re-bases each to one interval from now;
     without a step nothing moves."""
-    from datetime import datetime, timedelta, timezone
-
     d = in_process_daemon(stream_model, MemorySource([]), MemorySink(),
                           **{"state.snapshot_interval_s": 30, "calibrator.interval_s": 60})
     d._scheduler.start(paused=True)
     try:
-        stuck = datetime.now(timezone.utc) + timedelta(hours=1, seconds=30)  # due before the clock went back
+        stuck = datetime.now(UTC) + timedelta(hours=1, seconds=30)  # due before the clock went back
         for job in d._scheduler.get_jobs():
             job.modify(next_run_time=stuck)
         d._clock_offset += 3600.0
         d._check_clock()
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         due = {j.id: (j.next_run_time - now).total_seconds() for j in d._scheduler.get_jobs()}
         assert set(due) == {"recalibrate", "snapshot"}
         assert 25 < due["snapshot"] <= 30 and 55 < due["recalibrate"] <= 60
