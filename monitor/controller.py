@@ -147,21 +147,27 @@ class Controller:
             self.p.outbox.document(GLOBAL_KEY, json_message(topic, GLOBAL_KEY, doc, [("tsmon.type", b"daemon_state")]),
                                    last=True)
 
-    def restore_global(self, doc: dict[str, Any]) -> None:
+    def restore_global(self, doc: dict[str, Any] | None, complete: bool) -> None:
         """Continue from the changelog's daemon-wide document; remembered ids are merged, never dropped.
 
         ``freeze --all`` is taken from it until the group's state is known (:attr:`global_known`) — the first read
         that finds it: at a later assignment this instance has applied every command itself, and the document may
         be older (another instance's that had not read the freeze yet, or its own whose write did not land),
-        which silently lifted a freeze. A first read that failed leaves it to the next.
+        which silently lifted a freeze. A read cut short (``complete`` false) found a document, not necessarily the
+        latest: its freeze is taken for now and the next read's replaces it (taken as known, an older document's
+        ``frozen_all`` held for the life of the process and was written over the group's at the next command).
+        A complete read with no usable document (none, or one this version cannot read) makes this instance's
+        state the group's (left unknown, no command id was persisted again until a ``freeze --all``).
         """
-        ids = doc.get("command_ids")
-        if doc.get("type") != "daemon_state" or not isinstance(ids, list):
-            log.error("daemon_state_unreadable", keys=sorted(doc)[:10])
+        ids = None if doc is None else doc.get("command_ids")
+        if doc is None or doc.get("type") != "daemon_state" or not isinstance(ids, list):
+            if doc is not None:
+                log.error("daemon_state_unreadable", keys=sorted(doc)[:10])
+            self.global_known = self.global_known or complete
             return
         if not self.global_known:
             self.cal.frozen_all = doc.get("frozen_all") is True
-            self.global_known = True
+            self.global_known = complete
         for i in ids:
             if isinstance(i, str) and i not in self.seen:
                 self.seen.add(i)

@@ -268,7 +268,10 @@ class Processor(Ingest, InFlight, Residency, Committing):
     def save_changed(self, every: bool = False) -> int:
         """Snapshot the streams that changed since their last one (all of them with ``every``): new windows,
         commands, or a threshold the wall-clock recalibration changed (a stream no window came to since kept its
-        new version out of the changelog until one did, and lost it at a crash)."""
+        new version out of the changelog until one did, and lost it at a crash). Without a changelog, none: every
+        snapshot tick built every stream's document and threw it away, on the loop's thread."""
+        if self.settings.state_topic is None:
+            return 0
         names = [n for n, st in self.streams.items()
                  if every or st.dirty or self.calibrator.threshold(n).version != st.saved_version]
         for name in names:

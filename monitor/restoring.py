@@ -196,11 +196,7 @@ class Restore:
             self._opening = None
 
     def _apply(self, log_: Changelog) -> None:
-        daemon_doc = log_.docs.pop(GLOBAL_KEY, None)
-        if daemon_doc is not None:
-            self.controller.restore_global(daemon_doc)
-        elif log_.complete:  # read to its end and none there: this instance's state is the group's
-            self.controller.global_known = True
+        self.controller.restore_global(log_.docs.pop(GLOBAL_KEY, None), log_.complete)
         self.processor.restored = {k: v for k, v in log_.docs.items() if k not in self.processor.streams}
         self.processor.restore_incomplete = not log_.complete
         dormant = self.processor.adopt(self.source.assignment())

@@ -9,6 +9,7 @@ stream; the latest document per key wins, as compaction would leave it. Brokers 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -101,16 +102,36 @@ def _keep(docs: dict[str, dict[str, Any]], key: bytes | None, value: bytes | Non
         docs.pop(name, None)
         return True
     try:
-        doc = json.loads(value)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        log.error("state_document_unreadable", key=name[:64])
+        doc = parse_document(value)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        log.error("state_document_unreadable", key=name[:64], reason=str(exc)[:120], kept="the key's previous document")
         return True
     if not isinstance(doc, dict):
+        log.error("state_document_unreadable", key=name[:64], reason=f"a JSON {type(doc).__name__}, not an object",
+                  kept="the key's previous document")
         return True
     if name in docs and "epoch" in doc and doc_epoch(doc) < doc_epoch(docs[name]):  # one without (an earlier
         return False  # version's: a rolling upgrade, a rollback) is taken by its offset, as before
     docs[name] = doc
     return True
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a state document holds")
+
+
+def _finite(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"{text[:40]} is not a finite number")
+    return x
+
+
+def parse_document(value: bytes) -> Any:
+    """A changelog record's JSON, refusing NaN, Infinity and numbers past float's range (``1e400``): documents are
+    written with ``allow_nan=False``, so one taken in with such a value (a foreign or damaged writer's) made the
+    stream's next document raise and stopped the daemon — after every restart, as the record stayed the latest."""
+    return json.loads(value, parse_constant=_no_constant, parse_float=_finite)
 
 
 def fresh_epoch(now_s: float) -> int:

@@ -282,6 +282,8 @@ class StreamState:
         recent = [RecentAlert(str(a["alert_id"]), np.array([float(x) for x in a["scores"]], dtype="float64"), a["verdict"])
                   for a in doc["recent_alerts"]]
         applied = int(doc["applied_until_ts"])
+        if abs(applied) > MAX_TS_MS:  # every window at or before it is skipped as restored: 1e18 stopped the stream
+            raise ValueError(f"applied_until_ts must be a time within {MAX_TS_MS} ms, got {applied!r}")
         window_from = doc.get("window_from_ts")  # absent from documents of earlier versions
         window_from = None if window_from is None else (int(window_from), int(doc.get("window_from_skip", 0)))
         how = "full"

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from models.errors import ConfigError, TsmonError
 from monitor.alerts import RATIO_CAP, AlertSettings, iso
@@ -646,7 +647,7 @@ def test_duplicates_apply_once_and_global_state_round_trips(make: Make) -> None:
     state = [d for d in out(p, "state") if d["type"] == "daemon_state"][-1]
     assert state["frozen_all"] and doc["command_id"] in state["command_ids"]
     fresh = controller(make())
-    fresh.restore_global(state)
+    fresh.restore_global(state, complete=True)
     assert fresh.cal.frozen_all and fresh.handle(raw(doc))["status"] == "duplicate"
     assert GLOBAL_KEY == "__tsmon__"
 
@@ -955,7 +956,7 @@ def test_a_command_another_instance_applied_is_applied_to_the_streams_that_came_
     q = make()  # the one that restarted: restores the group's document and the moved stream's
     q.settings = Settings(state_topic="state")
     d = controller(q)
-    d.restore_global(group)
+    d.restore_global(group, complete=True)
     q.restored = {"dev-11": json.loads(json.dumps(moved))}
     feed(q, records("dev-11", ts, v, partition=1))
     ack = d.handle(raw(cmd))
@@ -967,7 +968,7 @@ def test_a_command_another_instance_applied_is_applied_to_the_streams_that_came_
     r = make()  # a later owner of both: dev-10's document has the command, it is not silenced again (a new end)
     r.settings = Settings(state_topic="state")
     e = controller(r)
-    e.restore_global(group)
+    e.restore_global(group, complete=True)
     r.restored = {"dev-10": json.loads(json.dumps(silenced)), "dev-11": json.loads(json.dumps(moved))}
     feed(r, records("dev-10", ts, v) + records("dev-11", ts, v, partition=1))
     assert e.handle(raw(cmd))["streams"] == ["dev-11"]
@@ -1214,6 +1215,69 @@ def test_a_previous_owners_late_document_does_not_supersede_the_next_owners(make
     assert c.calibrator.threshold("dev-k").value == 9.0 and c.calibrator.controls("dev-k")["pinned"]
     assert _keep(docs, b"dev-k", json.dumps({**pinned, "written_ms": 2}).encode())  # its own: the latest
     assert _keep(docs, b"dev-k", None) and "dev-k" not in docs  # a tombstone deletes whatever was there
+
+
+@pytest.mark.parametrize("bad", ["NaN", "-Infinity", "1e400"])
+def test_a_state_document_with_a_number_json_cannot_write_back_is_refused_at_the_read(make: Make, bad: str) -> None:
+    """json.loads takes NaN, Infinity and 1e400 (inf); documents are written with allow_nan=False, so one taken in
+    from a damaged or foreign writer made the stream's next document raise out of the commit and stopped the daemon,
+    after every restart (the state review). It is refused at the read and the key's previous document kept; a
+    document that is not a JSON object is logged the same way (it was skipped without a word)."""
+    from monitor.state import _keep
+
+    p = make()
+    p.settings = Settings(state_topic="state")
+    ts, v = sine_stream(1000, (970,))  # an alert left open: the episode's scores are in the document
+    feed(p, records("dev-n", ts, v))
+    doc = p.save("dev-n")
+    assert doc is not None and doc["alerts"]["episode"] and doc["recent_alerts"]
+    damaged = json.loads(json.dumps(doc))
+    damaged["alerts"]["episode"]["scores"][0] = "BAD"
+    docs: dict[str, dict[str, Any]] = {"dev-n": doc}
+    with capture_logs() as logs:
+        assert _keep(docs, b"dev-n", json.dumps(damaged).replace('"BAD"', bad).encode())
+        assert _keep(docs, b"dev-n", b"[1, 2]")
+    assert docs["dev-n"] is doc
+    assert [e["event"] for e in logs] == ["state_document_unreadable"] * 2 and "not an object" in logs[1]["reason"]
+    q = make()
+    q.settings = Settings(state_topic="state")
+    q.restored = docs
+    feed(q, records("dev-n", *sine_stream(200, start_ms=int(ts[-1]) + 10), first_offset=100))
+    q.commit(MemorySource([]), {(TOPIC, 0)})  # raised ValueError (Out of range float values) with the NaN taken in
+    assert q.failed is None and [d["stream"] for d in out(q, "state") if d.get("type") == "stream_state"] == ["dev-n"]
+
+
+def test_a_restore_cut_short_does_not_fix_the_groups_freeze_from_an_older_document(make: Make) -> None:
+    """A read cut short (a broker outage, restore_timeout_s) that reached only an older daemon-wide document made
+    its frozen_all the group's for the life of the process: the next complete read, which held `freeze --all`,
+    was ignored, and the next command wrote frozen_all false over the group's (the state review). Its freeze is
+    now taken for now and nothing is written until a read is complete; a complete read with a document this
+    version cannot read makes this instance's state the group's (no command id was persisted again)."""
+    from monitor.restoring import Restore
+    from monitor.state import Changelog
+
+    def restore(doc: dict[str, Any], complete: bool) -> None:
+        r._apply(Changelog({GLOBAL_KEY: dict(doc)}, records=1, seconds=1.0, complete=complete))
+
+    older = {"type": "daemon_state", "v": 1, "frozen_all": False, "command_ids": ["a"]}
+    newer = {"type": "daemon_state", "v": 1, "frozen_all": True, "command_ids": ["a", "freeze-all"]}
+    p = make()
+    p.settings = Settings(state_topic="state")
+    c = controller(p)
+    r = Restore(None, p, c, MemorySource([]), p.metrics, p.calibrator)  # type: ignore[arg-type]
+    restore(older, complete=False)
+    c.save_global()  # as after any command: nothing written while the group's state is not known
+    assert not p.calibrator.frozen_all and not c.global_known and p.outbox.documents.get(GLOBAL_KEY) is None
+    restore(newer, complete=True)
+    assert p.calibrator.frozen_all and c.global_known and {"a", "freeze-all"} <= set(c.seen.ids(10_000))
+    q = make()
+    q.settings = Settings(state_topic="state")
+    d = controller(q)
+    Restore(None, q, d, MemorySource([]), q.metrics, q.calibrator)._apply(  # type: ignore[arg-type]
+        Changelog({GLOBAL_KEY: {"type": "daemon_state", "command_ids": "garbled"}}, records=1, seconds=1.0,
+                  complete=True))
+    d.save_global()
+    assert d.global_known and json.loads(q.outbox.documents[GLOBAL_KEY].value)["frozen_all"] is False
 
 
 def test_a_replay_holds_back_the_data_quality_events_the_cooldown_held(make: Make) -> None:
@@ -1659,13 +1723,13 @@ def test_reserved_stream_ids_are_dead_lettered(make: Make, stream_model: Path) -
 def test_global_state_merges_ids_and_ignores_garbage(make: Make) -> None:
     c = controller(make())
     c.seen.add("mine")
-    c.restore_global({"type": "daemon_state", "frozen_all": True, "command_ids": ["theirs", 3]})
+    c.restore_global({"type": "daemon_state", "frozen_all": True, "command_ids": ["theirs", 3]}, complete=True)
     assert "mine" in c.seen and "theirs" in c.seen and c.cal.frozen_all
-    c.restore_global({"type": "stream_state", "command_ids": None})
+    c.restore_global({"type": "stream_state", "command_ids": None}, complete=True)
     assert "mine" in c.seen
     # at a later assignment the running instance's own freeze state stands: an older document (an instance
     # that had not read the freeze yet wrote it last) lifted `freeze --all` silently
-    c.restore_global({"type": "daemon_state", "frozen_all": False, "command_ids": ["later"]})
+    c.restore_global({"type": "daemon_state", "frozen_all": False, "command_ids": ["later"]}, complete=True)
     assert c.cal.frozen_all and "later" in c.seen
     # until the group's state is known (a first read that failed) it writes none: its default frozen_all false
     # would have lifted the group's freeze for instances started later; a read that finds it takes it then
@@ -1674,7 +1738,7 @@ def test_global_state_merges_ids_and_ignores_garbage(make: Make) -> None:
     fresh = controller(p)
     fresh.save_global()
     assert [d for d in out(p, "state") if d.get("type") == "daemon_state"] == []
-    fresh.restore_global({"type": "daemon_state", "frozen_all": True, "command_ids": []})
+    fresh.restore_global({"type": "daemon_state", "frozen_all": True, "command_ids": []}, complete=True)
     assert fresh.cal.frozen_all and fresh.global_known
 
 
@@ -1684,6 +1748,7 @@ def test_global_state_merges_ids_and_ignores_garbage(make: Make) -> None:
     {"calibrator": {"versions": [{"value": float("nan"), "source": "a", "samples": 0, "updated_ms": 0,
                                   "artifact": 1.0}]}},
     {"sample_periods_ms": [0, None]}, {"sample_periods_ms": "10"},
+    {"applied_until_ts": 10**18},  # every window skipped as restored, for good (the state review)
 ])
 def test_a_damaged_document_restores_nothing(make: Make, damage: dict[str, Any]) -> None:
     p = make()

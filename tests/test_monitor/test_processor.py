@@ -1617,6 +1617,17 @@ def test_a_threshold_changed_by_the_scheduled_recalibration_alone_is_snapshotted
     assert doc["calibrator"]["versions"][-1]["version"] == changed["dev-r"][1].version
 
 
+def test_without_a_changelog_the_snapshot_tick_builds_no_document(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without state.topic nothing is sent, yet each tick built every changed stream's document (all of them, as
+    nothing marked them saved) and threw it away, on the loop's thread (the state review: 200 streams rebuilt at
+    every tick)."""
+    p = make()
+    feed(p, records("dev-r", *sine_stream(500)) + records("dev-s", *sine_stream(500), first_offset=500))
+    built: list[str] = []
+    monkeypatch.setattr(p, "save", built.append)
+    assert p.save_changed() == 0 and p.save_changed(every=True) == 0 and built == []
+
+
 @pytest.mark.parametrize("where", ["scoring", "applying"])
 def test_after_a_batch_fails_to_score_nothing_is_applied_snapshotted_or_committed_past_it(make: Make,
                                                                                           where: str) -> None:
