@@ -163,19 +163,20 @@ class KafkaSource:
         now = time.monotonic()
         deadline = now + timeout_ms / 1000
         piece = POLL_SLICE_MS if now - self._last_records < SLICE_WHILE_ACTIVE_S else timeout_ms
-        from kafka.errors import KafkaError
-
         while True:
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
             try:
                 batches = self._consumer.poll(timeout_ms=min(left_ms, piece), max_records=max_records)
-            except KafkaError as exc:  # a fetch the client cannot use (an unknown codec, a corrupt batch): the
-                # loop pauses and retries, as for a broker that fails; raised, it ended the daemon at every start
+            except Exception as exc:  # noqa: BLE001 - a fetch the client cannot use (an unknown codec, a corrupt
+                # batch, one that does not inflate: EOFError or zlib.error, not KafkaError): the loop pauses and
+                # retries, as for a broker that fails; raised, it ended the daemon at every start
                 self._raise_callback_error()  # unless our own callback failed: kafka-python wraps that too
-                self._drop_failed_fetch()
+                parsing = self._drop_failed_fetch()
                 message = f"cannot read the input: {describe(exc)}"
                 if (named := NAMED_PARTITION.search(str(exc))) is not None:  # a corrupt batch names its partition
                     raise PartitionUnreadable(message, (named[1], int(named[2]))) from None
+                if parsing is not None:  # else the one whose records were being parsed (a header key not UTF-8)
+                    raise PartitionUnreadable(message, parsing) from None
                 raise BrokerError(message) from None
             self._raise_callback_error()
             if batches or left_ms <= piece:
@@ -185,14 +186,19 @@ class KafkaSource:
         return [InRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp or 0)
                 for records in batches.values() for r in records]
 
-    def _drop_failed_fetch(self) -> None:
+    def _drop_failed_fetch(self) -> TP | None:
         """kafka-python keeps the buffered records whose parsing raised (a corrupt batch) as the next to hand out;
         the next poll of that partition then spun for ever in its fetcher, which saw no progress (the loop hung,
         and every restart again). Dropped, the partition's next fetch reads from its position again: nothing
-        skipped, the same error raised again while the batch stays corrupt."""
+        skipped, the same error raised again while the batch stays corrupt. Returns that partition: an error
+        that does not name it (a record whose header key is not UTF-8) made every partition wait, not just it."""
         fetcher = getattr(self._consumer, "_fetcher", None)
-        if getattr(fetcher, "_next_partition_records", None) is not None:
-            fetcher._next_partition_records = None  # type: ignore[union-attr]
+        parsing = getattr(fetcher, "_next_partition_records", None)
+        if parsing is None:
+            return None
+        fetcher._next_partition_records = None  # type: ignore[union-attr]
+        tp = getattr(parsing, "topic_partition", None)
+        return None if tp is None else (tp.topic, tp.partition)
 
     @contextmanager
     def _callback(self) -> Iterator[None]:

@@ -63,8 +63,6 @@ class ChangelogReader:
     def step(self, budget_s: float) -> bool:
         """Read for about ``budget_s``; True once every partition is read to its end (or there is none to read:
         then the read stays incomplete, see ``__init__``)."""
-        from kafka.errors import KafkaError
-
         if self._missing:
             return True
 
@@ -76,7 +74,7 @@ class ChangelogReader:
                     self.records += 1
                     self.superseded += not _keep(self.docs, rec.key, rec.value)
                 self.complete = not batches and all(self._at_end(tp) for tp in self._tps)
-        except KafkaError as exc:
+        except Exception as exc:  # noqa: BLE001 - KafkaError, or a batch that does not inflate (EOFError, zlib.error)
             raise BrokerError(f"cannot read the changelog {self.topic}: {describe(exc)}") from None
         return self.complete
 
