@@ -68,6 +68,8 @@ class Ingest(ProcessorState):
             size = sum(len(rec.value or b"") for items in by_stream.values() for rec, _ in items)
             self.windows_per_record = _slow_max(self.windows_per_record, made / good)
             self.windows_per_byte = _slow_max(self.windows_per_byte, made / max(1, size))
+        elif records:
+            self.unsized_room *= 2
         self.peak_pending = max(self.peak_pending, self.pending)
         self._log_first_offsets()
 

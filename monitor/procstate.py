@@ -135,6 +135,10 @@ class ProcessorState:
         # windows a good record makes (samples / hop; decays slowly from the largest seen): sizes the next
         # poll. None until a record told (the daemon's first polls take one record each).
         self.windows_per_record: float | None = None
+        # records the next poll may take while that is unknown: doubled by every record dead-lettered meanwhile (a
+        # start on a backlog of bad input read it one record per loop turn until a good record came). Safe: until
+        # a good record tells its size, the records polled are handed over one at a time (Intake._hand_over)
+        self.unsized_room = 1
         # the same per byte of message: messages of another size make windows in proportion to their bytes, not
         # their number (hands a poll's records over in slices that fit, see Daemon._hand_over)
         self.windows_per_byte: float | None = None

@@ -1466,6 +1466,30 @@ def test_the_shutdown_waits_for_a_recalibration_running_on_the_scheduler(stream_
     assert d.final_thresholds["s"]["value"] == pytest.approx(0.8) == d.calibrator.threshold("s").value
 
 
+def test_a_backlog_of_dead_letters_is_not_read_one_record_per_poll(stream_model: Path) -> None:
+    """Until a good record tells how many windows a record makes, a poll takes one record: a start on a backlog
+    of bad input (a misrouted producer) read it one loop turn per record — 3 000 polls for 3 000 records (the data
+    path review). Each dead letter before the first good record now doubles the next poll's size (they are still
+    handed over one at a time until a good record tells its size); the good records after them are read as
+    before."""
+    bad = [InRecord(TOPIC, 0, i, b"dev-x", b'{"ts": 1700000000000, "values": [1, 2, 3, 4, 5]}', 0)  # channel
+           for i in range(3000)]  # mismatch
+    good = records("dev-g", *sine_stream(400), first_offset=3000)
+    sizes: list[int] = []
+
+    class Counting(MemorySource):
+        def poll(self, timeout_ms: int, max_records: int | None = None) -> list[Any]:
+            got = super().poll(timeout_ms, max_records)
+            sizes.extend([len(got)] if got else [])
+            return got
+
+    source, out = Counting(bad + good, batch=500), MemorySink()
+    d = in_process_daemon(stream_model, source, out)
+    d.run(until=lambda: not source.records and d.processor.pending == 0)
+    assert len([m for m in out.sent if m.topic == DLQ]) == 3000 and d.processor.streams["dev-g"].scored > 0
+    assert sizes[:2] == [1, 2] and len(sizes) < 20, sizes
+
+
 def test_a_wall_clock_step_rebases_the_scheduled_jobs(stream_model: Path) -> None:
     """apscheduler's interval jobs run at wall-clock times: after the clock stepped back an hour the snapshot and
     recalibration jobs stood still for that hour. The loop's next turn re-bases each to one interval from now;
