@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -285,17 +286,24 @@ def _read_frame(p: Path) -> tuple[pd.DataFrame, bytes]:
         if parquet:
             df = _index_as_column(pd.read_parquet(io.BytesIO(raw)))
         else:  # from bytes pandas infers no compression: by the suffix, whatever its case
-            df = pd.read_csv(io.BytesIO(raw), compression=COMPRESSION.get(suffix))
+            with warnings.catch_warnings():  # rows longer than the header: an error, not pandas' warning
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                # no index column: with a delimiter ending each data row pandas took the first column for the index
+                # and shifted every name one column (timestamps read from the first channel)
+                df = pd.read_csv(io.BytesIO(raw), compression=COMPRESSION.get(suffix), index_col=False)
+    except pd.errors.ParserWarning:
+        raise DataError(f"cannot read {p}: some rows hold more fields than the header names columns") from None
     except Exception as exc:  # noqa: BLE001 - pandas raises many types for unreadable files
         what = f" (compressed: {COMPRESSION[suffix]})" if suffix in COMPRESSION else ""
         raise DataError(f"cannot read {p}{what}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     if df.empty:
         raise DataError(f"{p} has no rows")
-    cols = [str(c) for c in df.columns]
+    cols = [str(c).strip() for c in df.columns]  # "timestamp, temp, label": " label" was read as a channel
     df.columns = cols
     # a CSV's first row taken for names (Parquet's names are never data); pandas' own 0, 1, … are names — of two
     # columns at least: a headerless one-column file of counts starting at 0 lost its first row
-    header = cols if parquet else _csv_header(raw, COMPRESSION.get(suffix))  # as written: pandas renames repeats
+    header = cols if parquet else [c.strip() for c in _csv_header(raw, COMPRESSION.get(suffix))]  # as written:
+    # pandas renames repeats
     if not parquet and all(_is_number(c) for c in header) \
             and (len(header) < 2 or header != [str(i) for i in range(len(header))]):
         raise DataError(f"{p}: its first row {header[:4]} is numbers, not column names: the file needs a header row")
@@ -311,7 +319,7 @@ def _value_columns(p: Path, df: pd.DataFrame, value_cols: list[str] | None, ts: 
     numbers stored otherwise (Parquet decimals or strings)."""
     cols = list(df.columns)
     # a pandas index written with to_csv ("Unnamed: 0", the row number) is no channel: named, it is taken
-    values = value_cols or [c for c in cols if c not in (ts, lab) and c != "sample" and not c.startswith("Unnamed: ")]
+    values = value_cols or [c for c in cols if c not in (ts, lab) and c.lower() != "sample" and not c.startswith("Unnamed: ")]
     if not values:
         raise DataError(f"{p}: no value columns (columns are {cols})")
     named_like = [c for c in values if c.lower() in LABEL_NAMES + TIMESTAMP_NAMES] if not value_cols else []

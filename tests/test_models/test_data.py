@@ -33,6 +33,27 @@ def test_read_csv_and_parquet_agree(tmp_path: Path) -> None:
     assert a.timestamps is not None and a.timestamps[0] == np.datetime64("2024-01-01T00:00:00")
 
 
+def test_a_header_with_spaces_and_rows_ending_in_a_delimiter_read_as_written(tmp_path: Path) -> None:
+    """Two silent misreads (the models review): "timestamp, temp, label" made " label" a channel (the anomalies
+    trained on as normal, the file then "unlabelled") and " timestamp" too; a delimiter ending each data row made
+    pandas take the first column for the index and shift every name (timestamps read from a channel); a "Sample"
+    column (the row number) was a channel where "sample" was not. A row with a value past the header is an error,
+    not a column dropped."""
+    rows = [f"{1_700_000_000_000 + 1000 * i}, {np.sin(i / 5):.4f}, {int(50 <= i < 60)}" for i in range(100)]
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text(" timestamp, temp, label\n" + "\n".join(rows) + "\n")
+    s = read_series(spaced)
+    assert s.channels == ["temp"] and s.timestamps is not None and s.labels is not None and s.labels.sum() == 10
+    trailing = tmp_path / "trailing.csv"
+    trailing.write_text("timestamp,a,Sample\n" + "\n".join(f"{1_700_000_000_000 + i},{i / 10},{i}," for i in range(50)))
+    t = read_series(trailing)
+    assert t.channels == ["a"] and t.values[3, 0] == pytest.approx(0.3) and t.timestamps is not None
+    longer = tmp_path / "longer.csv"
+    longer.write_text("timestamp,a\n1700000000000,0.1,9\n1700000000001,0.2\n")
+    with pytest.raises(DataError, match="longer.csv: some rows hold more fields than the header"):
+        read_series(longer)
+
+
 def test_epoch_ms_timestamps(tmp_path: Path) -> None:
     pd.DataFrame({"ts": [1_700_000_000_000, 1_700_000_001_000], "v": [1.0, 2.0]}).to_csv(tmp_path / "e.csv", index=False)
     s = read_series(tmp_path / "e.csv")
