@@ -26,7 +26,7 @@ from models import __version__, beats
 from models.base import LOSSES
 from models.detector import Detector, Threshold
 from models.errors import ArtifactError, DataError, ModelConfigError
-from models.files import check_writable, leftovers, locked_dir, write_bytes_atomically
+from models.files import check_writable, leftovers, locked_dir, read_limited, write_bytes_atomically
 from models.registry import build
 from models.scaling import Scaler
 
@@ -34,6 +34,9 @@ FORMAT = "tsmon-model"
 FORMAT_VERSION = 3  # 2: `downsample` (and beat windows), 3: the lstm's `reverse`; an artifact without them is still 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is kilobytes: a multi-GB file named so is not read whole
+MAX_INT = 2**63 - 1  # any integer a manifest holds
+MAX_HOP = 2**31 - 1
 REQUIRED = ("kind", "params", "window", "hop", "channels", "loss", "normalisation",
             "validation_error_quantiles", "threshold", "weights")
 
@@ -122,6 +125,15 @@ def _jsonable(o: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _bounded_int(text: str) -> int:
+    """A manifest's integer, within int64: 10**400 as a threshold or a quantile raised OverflowError (a traceback)
+    wherever it was made a float; 10**30 as the hop an IndexError in score."""
+    value = int(text)
+    if abs(value) > MAX_INT:
+        raise ValueError(f"integer {text[:20]}... is out of range")
+    return value
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The validated manifest of the artifact at ``path``."""
     root = Path(path)
@@ -130,9 +142,12 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not root.is_dir() or not (root / MANIFEST).is_file():
         raise ArtifactError(f"{root} is not a tsmon model artifact (no {MANIFEST})")
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"corrupt manifest {root / MANIFEST}: {exc}") from None
+        manifest = json.loads(read_limited(root / MANIFEST, "manifest", MAX_MANIFEST_BYTES, ArtifactError),
+                              parse_int=_bounded_int)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ArtifactError(f"corrupt manifest {root / MANIFEST}: {exc}"[:300]) from None
+    except RecursionError:  # "[" * 100 000: a traceback
+        raise ArtifactError(f"corrupt manifest {root / MANIFEST}: nested too deeply") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{root / MANIFEST} is not a tsmon model manifest (format != {FORMAT!r})")
     version = manifest.get("format_version")
@@ -152,8 +167,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not isinstance(params, dict) or not isinstance(params.get("window"), int) or params["window"] * k != manifest["window"]:
         raise ArtifactError(f"incompatible artifact {root}: window {manifest['window']!r} differs from params "
                             f"(model window × downsample {k})")
-    if not isinstance(hop, int) or isinstance(hop, bool) or hop < 1:
-        raise ArtifactError(f"incompatible artifact {root}: hop must be a positive integer, got {hop!r}")
+    if not isinstance(hop, int) or isinstance(hop, bool) or not 1 <= hop <= MAX_HOP:  # 1e30: score's numpy index
+        raise ArtifactError(f"incompatible artifact {root}: hop must be an integer in 1..{MAX_HOP}, got {hop!r}"[:200])
     if manifest["loss"] not in LOSSES:
         raise ArtifactError(f"incompatible artifact {root}: unknown loss {manifest['loss']!r}")
     wname = str(manifest["weights"].get("file", WEIGHTS)) if isinstance(manifest["weights"], dict) else ""
@@ -188,6 +203,10 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
         state = st_load(blob)
     except (SafetensorError, ValueError) as exc:
         raise ArtifactError(f"cannot read weights {wfile}: {exc}") from None
+    odd = [f"{name} ({t.dtype})" for name, t in state.items()
+           if t.dtype != torch.float32 and not (name.endswith("num_batches_tracked") and t.dtype == torch.int64)]
+    if odd:  # float16 PCA weights failed at the first score in a matmul; bool ones scored around 1e7
+        raise ArtifactError(f"weights {wfile} are not float32: {', '.join(odd[:3])}")
     bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:  # every score would be NaN: nothing would ever be called anomalous
         raise ArtifactError(f"weights {wfile} hold NaN or inf ({', '.join(bad[:3])}): retrain the model")
@@ -214,8 +233,8 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
         usual = _channel_usual(m.get("validation_channel_error_median", []), len(names))
     except KeyError as exc:
         raise ArtifactError(f"incompatible artifact {root}: manifest lacks {exc}") from None
-    except (ModelConfigError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"incompatible artifact {root}: {exc}") from None
+    except (ModelConfigError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: float(10**400)
+        raise ArtifactError(f"incompatible artifact {root}: {exc}"[:300]) from None
     d = model.config.window * model.config.channels
     for name, buf in state.items():  # PCA buffers are sized at fit time: only the components' count is free
         if name in ("mean", "components"):
@@ -262,6 +281,10 @@ def _fits(root: Path, kind: str, shapes: dict[str, torch.Tensor], state: dict[st
     """The weights have the tensors, of the shapes, that the manifest's params make (PCA's fitted buffers aside)."""
     want = {k: tuple(t.shape) for k, t in shapes.items() if k not in ("mean", "components")}
     have = {k: tuple(t.shape) for k, t in state.items() if k not in ("mean", "components")}
+    if "components" in shapes and "components" in state and shapes["components"].shape[0] != state["components"].shape[0]:
+        # PCA records its fitted count: a hand-edited 10 000 000 allocated 1.1 GB before anything was compared
+        raise ArtifactError(f"weights in {root} do not fit a {kind} model with its params: params.components is "
+                            f"{shapes['components'].shape[0]}, the weights hold {state['components'].shape[0]}")
     if want != have:
         diff = sorted((set(want.items()) ^ set(have.items())), key=str)[:2]
         raise ArtifactError(f"weights in {root} do not fit a {kind} model with its params: {diff}"[:300])

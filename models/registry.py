@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from models.base import Autoencoder, ModelConfig
 from models.conv import ConvAE, ConvAEConfig
 from models.dense import DenseAE, DenseAEConfig
@@ -20,6 +22,7 @@ KINDS: dict[str, tuple[type[ModelConfig], type[Autoencoder]]] = {
     "pca": (PCAConfig, PCA),
 }
 DEFAULT_KIND = "lstm"
+MAX_PARAMETERS = 500_000_000  # 2 GiB of float32 weights; tsmon's models hold thousands to millions
 
 
 def config_for(kind: str, params: dict[str, Any]) -> ModelConfig:
@@ -32,8 +35,18 @@ def config_for(kind: str, params: dict[str, Any]) -> ModelConfig:
 
 
 def build(kind: str, params: dict[str, Any]) -> Autoencoder:
-    """Instantiate an untrained model of ``kind``."""
+    """Instantiate an untrained model of ``kind``, sized first on the meta device: ``--embedding 1000000000``
+    (or a hand-edited PCA count) asked the allocator for 32 GB and ended in a torch traceback."""
     cfg = config_for(kind, params)  # checks the kind first
+    try:
+        with torch.device("meta"):
+            size = sum(t.numel() for t in KINDS[kind][1](cfg).state_dict().values())  # type: ignore[call-arg]
+    except RuntimeError as exc:  # "Storage size calculation overflowed": past any memory
+        raise ModelConfigError(f"{kind} with these hyper-parameters is too large to build: "
+                               f"{str(exc).splitlines()[0][:120]}") from None
+    if size > MAX_PARAMETERS:
+        raise ModelConfigError(f"{kind} with these hyper-parameters holds {size:,} weights, over the {MAX_PARAMETERS:,} "
+                               f"this builds ({4 * size / 2**30:.1f} GiB in float32): choose smaller sizes")
     return KINDS[kind][1](cfg)  # type: ignore[call-arg]
 
 

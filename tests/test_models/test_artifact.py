@@ -15,7 +15,8 @@ import torch
 
 from models import artifact
 from models.data import read_series, series_dataset
-from models.errors import ArtifactError
+from models.errors import ArtifactError, ModelConfigError
+from models.registry import build
 from models.train import TrainConfig
 from models.workflow import train_detector
 
@@ -91,6 +92,15 @@ def _copy(path: Path, tmp_path: Path) -> Path:
     (lambda p: _edit(p, training="x"), "training must be an object"),  # loaded; eval then raised a traceback
     (lambda p: _edit(p, weights={"file": "weights.safetensors"}), "no sha256"),
     (lambda p: _nan_weights(p), "hold NaN or inf"),
+    # the models review: each of these raised a traceback (OverflowError, IndexError at the first score,
+    # RecursionError, a dtype mismatch in the first matmul) or scored every window anomalous
+    (lambda p: _raw(p, "threshold", '{"quantile": 0.95, "margin": 1.0, "value": 1' + "0" * 400 + "}"), "out of range"),
+    (lambda p: _edit(p, hop=10**30), "out of range"),
+    (lambda p: _edit(p, hop=2**40), r"hop must be an integer in 1\.\."),
+    (lambda p: (p / "manifest.json").write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+    (lambda p: _half_weights(p), "not float32"),
+    (lambda p: _normalisation(p, scale=[1e-300, 1e-300]), r"finite \(in float32\)"),
+    (lambda p: _normalisation(p, method="bogus"), "method 'bogus' is not one of"),
 ])
 def test_damaged_artifacts_fail_with_one_line(trained, tmp_path: Path, damage, message: str) -> None:
     _, _, path = trained
@@ -114,6 +124,27 @@ def _edit(path: Path, **changes: object) -> None:
 def _null(path: Path, key: str) -> None:
     m = json.loads((path / "manifest.json").read_text())
     (path / "manifest.json").write_text(json.dumps({**m, key: None}))
+
+
+def _raw(path: Path, key: str, text: str) -> None:
+    """Set ``key`` to JSON text that json.dumps would not write (an integer of 400 digits)."""
+    m = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**m, key: "@@"}).replace('"@@"', text))
+
+
+def _normalisation(path: Path, **changes: object) -> None:
+    m = json.loads((path / "manifest.json").read_text())
+    _edit(path, normalisation={**m["normalisation"], **changes})
+
+
+def _half_weights(path: Path) -> None:
+    from safetensors.torch import load, save
+
+    state = {n: t.half() if t.is_floating_point() else t for n, t in load((path / "weights.safetensors").read_bytes()).items()}
+    blob = save(state)
+    (path / "weights.safetensors").write_bytes(blob)
+    m = json.loads((path / "manifest.json").read_text())
+    _edit(path, weights={**m["weights"], "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)})
 
 
 def _nan_weights(path: Path) -> None:
@@ -152,9 +183,19 @@ def test_params_that_would_build_a_huge_model_are_refused_before_it_is_built(ser
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for hidden in ([40_000, 40_000], [1 << 20, 1 << 20]):
         _edit(copy, params={**m["params"], "hidden": hidden})
-        with pytest.raises(ArtifactError, match="do not fit a dense model"):
+        with pytest.raises(ArtifactError, match="do not fit a dense model|weights, over the 500,000,000"):
             artifact.load(copy)
+    pca, _ = train_detector(ds, "pca", {}, TrainConfig(device="cpu"))
+    pca_copy = artifact.save(pca, tmp_path / "pca")
+    pm = json.loads((pca_copy / "manifest.json").read_text())
+    _edit(pca_copy, params={**pm["params"], "components": 5_000_000})  # built before compared: 1.6 GB here
+    with pytest.raises(ArtifactError, match=r"params.components is 5000000, the weights hold \d+"):
+        artifact.load(pca_copy)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: nothing the size was made
+    with pytest.raises(ModelConfigError, match="lstm with these hyper-parameters holds 6,000,580,001 weights"):
+        build("lstm", {"window": 20, "channels": 1, "embedding": 10_000})  # `tsmon train --embedding 10000`: 22 GiB
+    with pytest.raises(ModelConfigError, match="too large to build"):
+        build("lstm", {"window": 20, "channels": 1, "embedding": 10**9})  # a torch traceback
 
 
 def test_weights_of_another_shape_are_incompatible(trained, tmp_path: Path) -> None:
