@@ -54,15 +54,27 @@ def _close_when_opened(opened: Future[ChangelogReader]) -> None:
 
 
 def _merged(a: Changelog, b: Changelog) -> Changelog:
-    """Two failed reads of the changelog as one: every stream either found, in the version of the later owner
-    (``epoch``), else of the read that got further. Kept whole, the further read lost the streams of a partition
-    the other had read further in (a changelog has several)."""
+    """Two failed reads of the changelog as one, key by key: the read that got further in the key's partition
+    decides it — the one whose record for it has the higher offset, a tombstone included (each read's documents
+    already respect the owners' epochs). Kept whole, the further read lost the streams of a partition the other
+    had read further in (a changelog has several); chosen by epoch, the same owner's older document won when the
+    read with more records overall held it, and a document deleted in one read came back from the other. Reads
+    without offsets: the later owner's version (``epoch``), else the read with more records."""
     first, last = sorted((a, b), key=lambda c: c.records)
     docs = dict(first.docs)
     for key, doc in last.docs.items():
         if key not in docs or doc_epoch(doc) >= doc_epoch(docs[key]):
             docs[key] = doc
-    return Changelog(docs, last.records, last.seconds, False, last.superseded)
+    for key in first.offsets.keys() | last.offsets.keys():
+        far, near = (first, last) if first.offsets.get(key, -1) > last.offsets.get(key, -1) else (last, first)
+        if far.offsets.get(key, -1) == near.offsets.get(key, -1):
+            continue  # the same record: the same document
+        if key in far.docs:
+            docs[key] = far.docs[key]
+        else:
+            docs.pop(key, None)  # deleted in the read that got further
+    offsets = {k: max(a.offsets.get(k, -1), b.offsets.get(k, -1)) for k in a.offsets.keys() | b.offsets.keys()}
+    return Changelog(docs, last.records, last.seconds, False, last.superseded, offsets)
 
 
 class Restore:

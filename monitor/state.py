@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from models.errors import BrokerError, describe
@@ -28,6 +28,9 @@ class Changelog:
     seconds: float
     complete: bool  # read to the end within the time limit
     superseded: int = 0  # documents left out for one of a later owner read before them (see _keep)
+    # key → offset of the record that decided it (a tombstone's too: a key here and not in docs was deleted);
+    # two reads cut short are merged by it (restoring._merged)
+    offsets: dict[str, int] = field(default_factory=dict)
 
 
 class ChangelogReader:
@@ -40,6 +43,7 @@ class ChangelogReader:
 
         self.topic, self.records, self.complete, self.superseded = topic, 0, False, 0
         self.docs: dict[str, dict[str, Any]] = {}  # key → latest document
+        self.offsets: dict[str, int] = {}  # key → offset of the record that decided it
         self._t0 = time.monotonic()
         self._consumer, self._tps = partition_reader(client, topic, at_end=False, if_missing=(), timeout_s=timeout_s)
         try:  # may be low on brokers that misreport it: read until quiet too
@@ -72,7 +76,11 @@ class ChangelogReader:
                 batches = self._consumer.poll(timeout_ms=max(1, min(200, int((until - time.monotonic()) * 1000))))
                 for rec in (r for rs in batches.values() for r in rs):
                     self.records += 1
-                    self.superseded += not _keep(self.docs, rec.key, rec.value)
+                    if _keep(self.docs, rec.key, rec.value):
+                        if rec.key is not None:
+                            self.offsets[rec.key.decode("utf-8", "replace")] = rec.offset
+                    else:
+                        self.superseded += 1
                 self.complete = not batches and all(self._at_end(tp) for tp in self._tps)
         except Exception as exc:  # noqa: BLE001 - KafkaError, or a batch that does not inflate (EOFError, zlib.error)
             raise BrokerError(f"cannot read the changelog {self.topic}: {describe(exc)}") from None
@@ -84,7 +92,7 @@ class ChangelogReader:
 
     def close(self) -> Changelog:
         self._consumer.close()
-        return Changelog(self.docs, self.records, self.seconds, self.complete, self.superseded)
+        return Changelog(self.docs, self.records, self.seconds, self.complete, self.superseded, self.offsets)
 
 
 def _keep(docs: dict[str, dict[str, Any]], key: bytes | None, value: bytes | None) -> bool:

@@ -2712,6 +2712,34 @@ def test_two_failed_reads_are_merged_stream_by_stream() -> None:
     assert (merged.records, merged.complete) == (700, False)
 
 
+def test_two_failed_reads_are_merged_by_how_far_each_got_in_the_keys_partition() -> None:
+    """The state review: chosen by epoch, then by the read with more records overall, the same owner's older
+    document won over its later one (a pin set meanwhile lost), and a document one read had seen deleted came
+    back from the other. The record with the higher offset decides now, a tombstone included."""
+    from monitor.restoring import _merged
+    from monitor.state import Changelog
+
+    older, pinned = {"stream": "x", "epoch": 5, "pinned": False}, {"stream": "x", "epoch": 5, "pinned": True}
+    a = Changelog({"x": pinned, "z": {"epoch": 1}}, 100, 1.0, False, offsets={"x": 40, "z": 3})
+    b = Changelog({"x": older, "y": {"epoch": 1}}, 150, 1.0, False, offsets={"x": 12, "y": 90, "z": 8})  # z deleted
+    merged = _merged(a, b)
+    assert merged.docs == {"x": pinned, "y": {"epoch": 1}} and merged.offsets == {"x": 40, "y": 90, "z": 8}
+    assert _merged(b, a).docs == merged.docs
+    from types import SimpleNamespace
+
+    from monitor.state import ChangelogReader
+
+    recs = [SimpleNamespace(key=b"x", value=b'{"epoch": 5}', offset=0), SimpleNamespace(key=b"z", value=b"{}", offset=1),
+            SimpleNamespace(key=b"x", value=b'{"epoch": 4}', offset=2), SimpleNamespace(key=b"z", value=None, offset=3)]
+    batches = [{"tp": recs}, {}]
+    reader = ChangelogReader.__new__(ChangelogReader)  # what step uses, on a consumer double
+    reader.topic, reader.records, reader.complete, reader.superseded, reader._missing = "state", 0, False, 0, False
+    reader.docs, reader.offsets, reader._tps, reader._end = {}, {}, ["tp"], {"tp": 4}
+    reader._consumer = SimpleNamespace(poll=lambda timeout_ms: batches.pop(0), position=lambda tp, timeout_ms: 4)
+    assert reader.step(1.0) and reader.docs == {"x": {"epoch": 5}} and reader.offsets == {"x": 0, "z": 3}
+    assert reader.superseded == 1  # the earlier owner's late document decides nothing
+
+
 def test_what_a_failed_read_got_is_kept_when_no_later_read_succeeds(
         stream_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A read that failed part-way was dropped for the retry; when every retry then failed until restore_timeout_s
