@@ -74,7 +74,8 @@ class Threshold:
     @staticmethod
     def from_errors(errors: np.ndarray, quantile: float = DEFAULT_QUANTILE, margin: float = 1.0) -> Threshold:
         check_threshold_options(quantile, margin)
-        return Threshold(quantile, margin, float(np.quantile(errors, quantile) * margin))
+        return Threshold(quantile, margin, float(np.quantile(errors, quantile)) * margin)  # in float64: a float32
+        # quantile × 1e308 overflowed with a RuntimeWarning
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:

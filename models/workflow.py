@@ -163,6 +163,9 @@ def train_detector(data: Dataset, kind: str, params: dict[str, Any], cfg: TrainC
     det.quantiles = error_quantiles(val_err)
     det.channel_usual = [float(v) for v in np.median(val_scores.channel, axis=0)]  # what alerts rank channels by
     det.threshold = Threshold.from_errors(val_err, threshold_quantile, threshold_margin)
+    if det.threshold.value == math.inf:  # --threshold-margin 1e308 was said to be NaN reconstructions
+        raise DataError(f"the threshold, the validation error's q{threshold_quantile:g} × margin {threshold_margin:g}, "
+                        "overflows to inf: give a smaller --threshold-margin")
     if not 0.0 < det.threshold.value < math.inf:  # an artifact with it would be refused at load
         how = "exactly" if det.threshold.value == 0 else "as NaN"
         raise DataError(f"the threshold from the validation errors is {det.threshold.value}: the model "

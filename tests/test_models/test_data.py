@@ -400,3 +400,13 @@ def test_eval_with_every_anomalous_test_window_set_aside_says_so_naming_the_file
         ds.test_labels[:] = 0
     with pytest.raises(DataError, match=r"gapev\.csv: no anomalous test window left to rank \(\d+ set aside: across"):
         evaluate(det, ds)
+
+
+def test_a_threshold_margin_that_overflows_is_named_not_taken_for_nan_reconstructions(tmp_path: Path) -> None:
+    """`--threshold-margin 1e308` said "the model reconstructs the validation windows as NaN (constant data?)"."""
+    df = synthetic_series(1200)
+    df[["ch0", "ch1"]] *= 1000  # unscaled: validation errors far above 1
+    df.to_csv(tmp_path / "m.csv", index=False)
+    ds = series_dataset(read_series(tmp_path / "m.csv"), 40, 10)
+    with pytest.raises(DataError, match="margin 1e\\+308, overflows to inf: give a smaller --threshold-margin"):
+        train_detector(ds, "pca", {}, TrainConfig(device="cpu"), threshold_margin=1e308, normalisation="none")
