@@ -18,8 +18,10 @@ uses the real broker.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -113,6 +115,14 @@ class MemorySource:
         pass
 
 
+def from_record_code(exc: BaseException) -> bool:
+    """Was ``exc`` raised inside kafka-python's record or codec code (a batch that does not inflate, a record that
+    does not decode) — data the client cannot read, not a bug of its or ours?"""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any(f"kafka{os.sep}record{os.sep}" in f.filename or f.filename.endswith(f"kafka{os.sep}codec.py")
+               for f in frames)
+
+
 class KafkaSource:
     """Subscribe to topics (or a pattern) in a group; poll records; commit given offsets."""
 
@@ -160,6 +170,8 @@ class KafkaSource:
         A slice costs a poll (~0.7 ms of CPU with the client's threads), so an input silent for
         ``SLICE_WHILE_ACTIVE_S`` is waited for in one piece again (idle CPU 2.4 % of a core instead of 9.6 %).
         """
+        from kafka.errors import CorruptRecordError, KafkaError
+
         now = time.monotonic()
         deadline = now + timeout_ms / 1000
         piece = POLL_SLICE_MS if now - self._last_records < SLICE_WHILE_ACTIVE_S else timeout_ms
@@ -167,17 +179,21 @@ class KafkaSource:
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
             try:
                 batches = self._consumer.poll(timeout_ms=min(left_ms, piece), max_records=max_records)
-            except Exception as exc:  # noqa: BLE001 - a fetch the client cannot use (an unknown codec, a corrupt
-                # batch, one that does not inflate: EOFError or zlib.error, not KafkaError): the loop pauses and
-                # retries, as for a broker that fails; raised, it ended the daemon at every start
+            except Exception as exc:
+                # a fetch the client cannot use (an unknown codec, a corrupt batch, one that does not inflate: an
+                # EOFError or zlib.error out of its record code, not a KafkaError): the loop pauses and retries, as
+                # for a broker that fails; raised, it ended the daemon at every start. Anything else is a bug: raised
                 self._raise_callback_error()  # unless our own callback failed: kafka-python wraps that too
+                decoding = from_record_code(exc)
+                if not (decoding or isinstance(exc, KafkaError)):
+                    raise
                 parsing = self._drop_failed_fetch()
                 message = f"cannot read the input: {describe(exc)}"
                 if (named := NAMED_PARTITION.search(str(exc))) is not None:  # a corrupt batch names its partition
                     raise PartitionUnreadable(message, (named[1], int(named[2]))) from None
-                if parsing is not None:  # else the one whose records were being parsed (a header key not UTF-8)
-                    raise PartitionUnreadable(message, parsing) from None
-                raise BrokerError(message) from None
+                if parsing is not None and (decoding or isinstance(exc, CorruptRecordError)):  # else the one whose
+                    raise PartitionUnreadable(message, parsing) from None  # records it was parsing (a header key
+                raise BrokerError(message) from None  # not UTF-8: CorruptRecordError naming no partition)
             self._raise_callback_error()
             if batches or left_ms <= piece:
                 break
@@ -198,7 +214,8 @@ class KafkaSource:
             return None
         fetcher._next_partition_records = None  # type: ignore[union-attr]
         tp = getattr(parsing, "topic_partition", None)
-        return None if tp is None else (tp.topic, tp.partition)
+        # a drained one stays there, falsy, after its records were handed out: the error is not its
+        return None if tp is None or not parsing else (tp.topic, tp.partition)
 
     @contextmanager
     def _callback(self) -> Iterator[None]:

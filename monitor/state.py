@@ -16,6 +16,7 @@ from typing import Any
 
 from models.errors import BrokerError, describe
 from monitor import logs
+from monitor.source import from_record_code
 from monitor.topics import partition_reader
 
 log = logs.get("tsmon.state")
@@ -67,6 +68,8 @@ class ChangelogReader:
     def step(self, budget_s: float) -> bool:
         """Read for about ``budget_s``; True once every partition is read to its end (or there is none to read:
         then the read stays incomplete, see ``__init__``)."""
+        from kafka.errors import KafkaError
+
         if self._missing:
             return True
 
@@ -82,7 +85,9 @@ class ChangelogReader:
                     else:
                         self.superseded += 1
                 self.complete = not batches and all(self._at_end(tp) for tp in self._tps)
-        except Exception as exc:  # noqa: BLE001 - KafkaError, or a batch that does not inflate (EOFError, zlib.error)
+        except Exception as exc:  # a KafkaError, or a batch that does not inflate (EOFError, zlib.error); else a bug
+            if not (isinstance(exc, KafkaError) or from_record_code(exc)):
+                raise
             raise BrokerError(f"cannot read the changelog {self.topic}: {describe(exc)}") from None
         return self.complete
 

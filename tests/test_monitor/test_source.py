@@ -234,33 +234,57 @@ def test_a_batch_that_does_not_inflate_or_a_header_that_does_not_decode_holds_it
     KafkaError: it ended the daemon, at every restart as the batch stayed. A header key not UTF-8 (a librdkafka or
     Go producer can write one) raises a CorruptRecordError that names no partition, so every partition waited
     (20 000 records on three others: 3.3 s with three input pauses, 0.4 s clean; the data path review). Both are
-    now the parsed partition's, whose buffered records are dropped to be fetched again."""
-    from kafka.errors import CorruptRecordError
+    now the parsed partition's, whose buffered records are dropped to be fetched again. A drained partition's
+    records stay in kafka-python's fetcher, falsy: a later error is not theirs (a timeout held a healthy
+    partition); an error from outside kafka-python's record code that is no KafkaError is a bug, raised."""
+    import kafka.codec
+    from kafka.errors import CorruptRecordError, KafkaTimeoutError
 
     from models.errors import BrokerError, PartitionUnreadable
 
-    class Parsing(SleepyConsumer):
-        error: Exception = EOFError("Compressed file ended before the end-of-stream marker was reached")
+    class Records(SimpleNamespace):
+        def __bool__(self) -> bool:
+            return self.live  # type: ignore[no-any-return]
 
+    class Parsing(SleepyConsumer):
         def __init__(self) -> None:
             super().__init__(ready_at=0.0)
             self._fetcher = SimpleNamespace(_next_partition_records=None)
+            self.fail: Any = None
+            self.live = True
 
         def poll(self, timeout_ms: int, max_records: int | None = None) -> dict[Any, list[Any]]:
-            self._fetcher._next_partition_records = SimpleNamespace(topic_partition=SimpleNamespace(topic="in", partition=2))
-            raise self.error
+            tp = SimpleNamespace(topic="in", partition=2)
+            self._fetcher._next_partition_records = Records(topic_partition=tp, live=self.live)
+            return self.fail()  # type: ignore[no-any-return]
+
+    def corrupt() -> Any:
+        raise CorruptRecordError("Found invalid record structure: UnicodeDecodeError('utf-8', b'\\xff', 0, 1, 'x')")
+
+    def timeout() -> Any:
+        raise KafkaTimeoutError("fetch timed out")
+
+    def bug() -> Any:
+        raise ValueError("max_records must be > 0")
 
     consumer = Parsing()
-    for error in (EOFError("Compressed file ended"), CorruptRecordError(
-            "Found invalid record structure: UnicodeDecodeError('utf-8', b'\\xff\\xfekey', 0, 1, 'invalid start byte')")):
-        consumer.error = error
-        with pytest.raises(PartitionUnreadable, match=f"cannot read the input: {type(error).__name__}") as one:
+    for fail, name in ((lambda: kafka.codec.gzip_decode(kafka.codec.gzip_encode(b"x" * 100)[:-12]), "EOFError"),
+                       (corrupt, "CorruptRecordError")):
+        consumer.fail = fail
+        with pytest.raises(PartitionUnreadable, match=f"cannot read the input: {name}") as one:
             source_on(consumer).poll(10)
         assert one.value.tp == ("in", 2) and consumer._fetcher._next_partition_records is None
-    consumer.poll = lambda *_a, **_k: (_ for _ in ()).throw(OSError("odd"))  # type: ignore[method-assign]
-    with pytest.raises(BrokerError, match="OSError: odd") as whole:  # no partition being parsed: the whole poll
+    consumer.fail = timeout
+    with pytest.raises(BrokerError, match="KafkaTimeoutError") as whole:  # parsing nothing: the whole poll
         source_on(consumer).poll(10)
     assert not isinstance(whole.value, PartitionUnreadable)
+    consumer.fail, consumer.live = corrupt, False  # drained: not the one that failed
+    with pytest.raises(BrokerError) as whole:
+        source_on(consumer).poll(10)
+    assert not isinstance(whole.value, PartitionUnreadable)
+    consumer.fail = bug
+    with pytest.raises(ValueError, match="max_records"):
+        source_on(consumer).poll(10)
 
 
 def test_an_error_of_our_own_rebalance_callback_is_raised_as_itself_not_retried_as_a_poll_error() -> None:
