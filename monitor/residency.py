@@ -21,6 +21,7 @@ from monitor.alerts import AlertState, Transition, iso
 from monitor.calibrator import MAX_QUANTILE
 from monitor.procstate import ProcessorState
 from monitor.quality import StreamQuality
+from monitor.records import MAX_TS_MS
 from monitor.scorer import Served
 from monitor.sink import OutMessage
 from monitor.source import TP
@@ -100,7 +101,8 @@ class Residency(ProcessorState):
         if how == "evidence_unreadable":
             log.warning("state_evidence_unreadable", stream=stream, consequence="threshold, controls and alert "
                         "state restored; the calibrator learns its evidence again")
-        if how != "controls" and self.data_clock is not None and isinstance(at, int | float) and math.isfinite(at):
+        if how != "controls" and self.data_clock is not None and isinstance(at, int | float) and abs(at) <= MAX_TS_MS:
+            # (1e18: never recalibrated again; NaN fails the comparison)
             self.data_clock.next_ms[stream] = float(at)
         if st.orphan is not None:  # paged under the model version it replaced: never leave that page open
             names = doc.get("channels")  # the old model's (the new one's named another model's channels)

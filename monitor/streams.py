@@ -28,6 +28,7 @@ from monitor.windows import BeatWindows, StreamWindows
 DOC_VERSION = 1
 COMMANDS_KEPT = 32  # ids of the operator commands applied to a stream that its document keeps (newest)
 NO_FEEDBACK = {"confirmed": 0, "false_positive": 0}
+MAX_SKIP = 2**31  # window_from_skip: samples before the next window's start, never more than a hop
 
 
 @dataclass
@@ -286,6 +287,9 @@ class StreamState:
             raise ValueError(f"applied_until_ts must be a time within {MAX_TS_MS} ms, got {applied!r}")
         window_from = doc.get("window_from_ts")  # absent from documents of earlier versions
         window_from = None if window_from is None else (int(window_from), int(doc.get("window_from_skip", 0)))
+        if window_from is not None and not (abs(window_from[0]) <= MAX_TS_MS and 0 <= window_from[1] <= MAX_SKIP):
+            raise ValueError(f"window_from_ts must be a time within {MAX_TS_MS} ms and window_from_skip a count in "
+                             f"0..{MAX_SKIP}, got {window_from!r}")  # 1e18 of either: no sample ever cut a window
         how = "full"
         try:
             calibrator.restore(stream, doc["calibrator"])  # validated whole; the last step that can fail

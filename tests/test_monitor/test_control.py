@@ -1636,6 +1636,28 @@ def test_a_restart_keeps_the_data_clocks_recalibration_schedule(make: Make, cut:
     assert len(versions[0]) >= 3 and versions[0] == versions[1]
 
 
+def test_a_recalibration_time_past_the_time_range_is_not_restored(make: Make) -> None:
+    """recalibrate_at_ts of 1e18 in a document was taken: the data clock never recalibrated the stream again (the
+    review of the state fixes)."""
+    from monitor.processor import DataClock
+
+    def build() -> Any:
+        p = make()
+        p.settings = Settings(state_topic="state")
+        p.data_clock = DataClock(4000, lambda streams: None)
+        return p
+
+    p = build()
+    recs = records("dev-a", *sine_stream(600))
+    feed(p, recs[:30])
+    doc = p.save("dev-a")
+    assert doc is not None and isinstance(doc.get("recalibrate_at_ts"), int | float)
+    q = build()
+    q.restored = {"dev-a": {**doc, "recalibrate_at_ts": 1e18}}
+    feed(q, recs[30:])
+    assert q.data_clock.next_ms["dev-a"] < 1e15
+
+
 @pytest.mark.parametrize("cut", [110, 152, 159, 215])
 def test_a_restart_gives_the_calibrator_the_evidence_of_an_uninterrupted_run(make: Make, cut: int) -> None:
     """A document saved while an episode was pending leaves its windows to the replay, which fed them to the
@@ -1749,6 +1771,7 @@ def test_global_state_merges_ids_and_ignores_garbage(make: Make) -> None:
                                   "artifact": 1.0}]}},
     {"sample_periods_ms": [0, None]}, {"sample_periods_ms": "10"},
     {"applied_until_ts": 10**18},  # every window skipped as restored, for good (the state review)
+    {"window_from_ts": 10**18}, {"window_from_skip": 10**18},  # no sample ever cut a window (its review)
 ])
 def test_a_damaged_document_restores_nothing(make: Make, damage: dict[str, Any]) -> None:
     p = make()
