@@ -236,6 +236,9 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         raise DataError(f"out_of_order must be error, drop or keep, not {out_of_order!r}")
     p = Path(path)
     df, raw = _read_frame(p)
+    if p.suffix.lower() not in PARQUET:  # a CSV's names are read without the spaces around them: so are these
+        timestamp_col, label_col = (c.strip() if c else c for c in (timestamp_col, label_col))
+        value_cols = [c.strip() for c in value_cols] if value_cols else value_cols
     cols = list(df.columns)
     ts = _pick(cols, timestamp_col or (preferred_timestamp if preferred_timestamp in cols else None),
                TIMESTAMP_NAMES, "timestamp")
@@ -298,7 +301,8 @@ def _read_frame(p: Path) -> tuple[pd.DataFrame, bytes]:
         raise DataError(f"cannot read {p}{what}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     if df.empty:
         raise DataError(f"{p} has no rows")
-    cols = [str(c).strip() for c in df.columns]  # "timestamp, temp, label": " label" was read as a channel
+    # a CSV's "timestamp, temp, label": " label" was read as a channel (Parquet's names are as written)
+    cols = [str(c) if parquet else str(c).strip() for c in df.columns]
     df.columns = cols
     # a CSV's first row taken for names (Parquet's names are never data); pandas' own 0, 1, … are names — of two
     # columns at least: a headerless one-column file of counts starting at 0 lost its first row
@@ -319,7 +323,7 @@ def _value_columns(p: Path, df: pd.DataFrame, value_cols: list[str] | None, ts: 
     numbers stored otherwise (Parquet decimals or strings)."""
     cols = list(df.columns)
     # a pandas index written with to_csv ("Unnamed: 0", the row number) is no channel: named, it is taken
-    values = value_cols or [c for c in cols if c not in (ts, lab) and c.lower() != "sample" and not c.startswith("Unnamed: ")]
+    values = value_cols or [c for c in cols if c not in (ts, lab) and c != "sample" and not c.startswith("Unnamed: ")]
     if not values:
         raise DataError(f"{p}: no value columns (columns are {cols})")
     named_like = [c for c in values if c.lower() in LABEL_NAMES + TIMESTAMP_NAMES] if not value_cols else []

@@ -44,10 +44,16 @@ def build(kind: str, params: dict[str, Any]) -> Autoencoder:
     except RuntimeError as exc:  # "Storage size calculation overflowed": past any memory
         raise ModelConfigError(f"{kind} with these hyper-parameters is too large to build: "
                                f"{str(exc).splitlines()[0][:120]}") from None
+    refuse_oversized(kind, size)
+    return KINDS[kind][1](cfg)  # type: ignore[call-arg]
+
+
+def refuse_oversized(kind: str, size: int) -> None:
+    """ModelConfigError for a model of ``size`` weights over :data:`MAX_PARAMETERS` (a PCA's fitted component
+    count is known only after its fit: checked then too, else train saved what load refuses)."""
     if size > MAX_PARAMETERS:
         raise ModelConfigError(f"{kind} with these hyper-parameters holds {size:,} weights, over the {MAX_PARAMETERS:,} "
                                f"this builds ({4 * size / 2**30:.1f} GiB in float32): choose smaller sizes")
-    return KINDS[kind][1](cfg)  # type: ignore[call-arg]
 
 
 # Training defaults per kind (``tsmon train`` options override them). The LSTM's were chosen by

@@ -17,10 +17,11 @@ from models.data import Dataset, load_ecg5000, read_series, series_dataset, sha2
 from models.detector import DEFAULT_QUANTILE, Detector, Threshold, check_downsample, error_quantiles, pool
 from models.errors import ArtifactError, DataError
 from models.evaluate import event_metrics, report
-from models.registry import build
+from models.registry import build, refuse_oversized
 from models.scaling import Scaler
 from models.train import EpochStats, TrainConfig, fit
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 @dataclass(frozen=True, slots=True)
 class DataSpec:
@@ -150,6 +151,7 @@ def train_detector(data: Dataset, kind: str, params: dict[str, Any], cfg: TrainC
     model = build(kind, {**params, "window": data.window // downsample, "channels": len(data.channels)})
     result = fit(model, pool(scaler.transform(data.train), downsample), pool(scaler.transform(data.val), downsample),
                  cfg, on_epoch)
+    refuse_oversized(kind, sum(t.numel() for t in model.state_dict().values()))  # as load will
     det = Detector(model, scaler, Threshold(threshold_quantile, threshold_margin, 0.0), {}, cfg.loss,
                    list(data.channels), data.hop, windowing=dict(data.windowing),
                    downsample=downsample).to(result.device)
@@ -163,9 +165,10 @@ def train_detector(data: Dataset, kind: str, params: dict[str, Any], cfg: TrainC
     det.quantiles = error_quantiles(val_err)
     det.channel_usual = [float(v) for v in np.median(val_scores.channel, axis=0)]  # what alerts rank channels by
     det.threshold = Threshold.from_errors(val_err, threshold_quantile, threshold_margin)
-    if det.threshold.value == math.inf:  # --threshold-margin 1e308 was said to be NaN reconstructions
+    if det.threshold.value > FLOAT32_MAX:  # --threshold-margin 1e308 was said to be NaN reconstructions; above
+        # float32's range no score (float32) would ever cross it
         raise DataError(f"the threshold, the validation error's q{threshold_quantile:g} × margin {threshold_margin:g}, "
-                        "overflows to inf: give a smaller --threshold-margin")
+                        "overflows float32 (scores never reach it): give a smaller --threshold-margin")
     if not 0.0 < det.threshold.value < math.inf:  # an artifact with it would be refused at load
         how = "exactly" if det.threshold.value == 0 else "as NaN"
         raise DataError(f"the threshold from the validation errors is {det.threshold.value}: the model "

@@ -119,8 +119,9 @@ def parse(value: bytes | None, key: bytes | None = None, limits: Limits = Limits
     if len(value) > limits.max_bytes:
         return BadRecord("oversized", f"message is {len(value)} bytes (limit {limits.max_bytes})")
     try:
-        # UTF-8 only, strictly: json.loads(bytes) guessed UTF-16/32, skipped a BOM and let encoded surrogates through
-        doc = json.loads(value.decode("utf-8"), parse_constant=_reject_constant)
+        # UTF-8 only, strictly: json.loads(bytes) guessed UTF-16/32 and let encoded surrogates through. A UTF-8
+        # byte-order mark is skipped, as RFC 8259 lets a parser do (.NET and PowerShell writers put one)
+        doc = json.loads(value.decode("utf-8-sig"), parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, NaN literal, deep nesting
         # a NaN literal, or an integer of more digits than Python converts (valid JSON, beyond any float)
         reason = "non_finite" if "is not a number" in str(exc) or "integer string conversion" in str(exc) \

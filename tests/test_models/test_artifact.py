@@ -198,6 +198,17 @@ def test_params_that_would_build_a_huge_model_are_refused_before_it_is_built(ser
         build("lstm", {"window": 20, "channels": 1, "embedding": 10**9})  # a torch traceback
 
 
+def test_a_pca_fitted_past_the_size_cap_is_refused_at_train_not_at_load(series_csv: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its component count is known only after the fit (built with one): train saved an artifact load refused."""
+    import models.registry
+
+    monkeypatch.setattr(models.registry, "MAX_PARAMETERS", 200)
+    ds = series_dataset(read_series(series_csv), window=40, hop=10)
+    with pytest.raises(ModelConfigError, match="pca with these hyper-parameters holds .* over the 200"):
+        train_detector(ds, "pca", {}, TrainConfig(device="cpu"))
+
+
 def test_weights_of_another_shape_are_incompatible(trained, tmp_path: Path) -> None:
     det, _, path = trained
     if det.kind != "lstm":

@@ -36,16 +36,17 @@ def test_read_csv_and_parquet_agree(tmp_path: Path) -> None:
 def test_a_header_with_spaces_and_rows_ending_in_a_delimiter_read_as_written(tmp_path: Path) -> None:
     """Two silent misreads (the models review): "timestamp, temp, label" made " label" a channel (the anomalies
     trained on as normal, the file then "unlabelled") and " timestamp" too; a delimiter ending each data row made
-    pandas take the first column for the index and shift every name (timestamps read from a channel); a "Sample"
-    column (the row number) was a channel where "sample" was not. A row with a value past the header is an error,
-    not a column dropped."""
+    pandas take the first column for the index and shift every name (timestamps read from a channel). A row with
+    a value past the header is an error, not a column dropped. Names given for such a file are stripped too."""
     rows = [f"{1_700_000_000_000 + 1000 * i}, {np.sin(i / 5):.4f}, {int(50 <= i < 60)}" for i in range(100)]
     spaced = tmp_path / "spaced.csv"
     spaced.write_text(" timestamp, temp, label\n" + "\n".join(rows) + "\n")
     s = read_series(spaced)
     assert s.channels == ["temp"] and s.timestamps is not None and s.labels is not None and s.labels.sum() == 10
+    named = read_series(spaced, value_cols=[" temp"], timestamp_col=" timestamp", label_col="label ")
+    assert named.channels == ["temp"] and named.labels is not None and (named.values == s.values).all()
     trailing = tmp_path / "trailing.csv"
-    trailing.write_text("timestamp,a,Sample\n" + "\n".join(f"{1_700_000_000_000 + i},{i / 10},{i}," for i in range(50)))
+    trailing.write_text("timestamp,a,sample\n" + "\n".join(f"{1_700_000_000_000 + i},{i / 10},{i}," for i in range(50)))
     t = read_series(trailing)
     assert t.channels == ["a"] and t.values[3, 0] == pytest.approx(0.3) and t.timestamps is not None
     longer = tmp_path / "longer.csv"
@@ -408,5 +409,5 @@ def test_a_threshold_margin_that_overflows_is_named_not_taken_for_nan_reconstruc
     df[["ch0", "ch1"]] *= 1000  # unscaled: validation errors far above 1
     df.to_csv(tmp_path / "m.csv", index=False)
     ds = series_dataset(read_series(tmp_path / "m.csv"), 40, 10)
-    with pytest.raises(DataError, match="margin 1e\\+308, overflows to inf: give a smaller --threshold-margin"):
+    with pytest.raises(DataError, match="margin 1e\\+308, overflows float32 .scores never reach it.: give a smaller"):
         train_detector(ds, "pca", {}, TrainConfig(device="cpu"), threshold_margin=1e308, normalisation="none")

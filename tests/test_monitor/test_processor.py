@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from models.errors import SinkBackpressure
 from monitor import logs
@@ -1512,6 +1513,12 @@ def test_a_wall_clock_step_rebases_the_scheduled_jobs(stream_model: Path) -> Non
         assert {j.id: j.next_run_time for j in d._scheduler.get_jobs()} == before
     finally:
         d._scheduler.shutdown(wait=False)
+    e = in_process_daemon(stream_model, MemorySource([]), MemorySink())
+    e._clock_offset += 3600.0  # as if the clock went back an hour before the loop's first turn
+    turns: list[int] = []
+    with capture_logs() as logged:
+        e.run(until=lambda: turns.append(1) or len(turns) > 2)
+    assert [x["seconds"] < -3500 for x in logged if x["event"] == "wall_clock_stepped"] == [True]  # the loop checks
 
 
 def test_a_streams_request_is_answered_at_the_next_loop_turn_not_the_next_commit(stream_model: Path) -> None:
