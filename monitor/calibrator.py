@@ -328,9 +328,13 @@ class Calibrator:
                 proposed.append((name, old, value, samples, reason))
         now_ms = int(self._clock() * 1000)
         changed: dict[str, tuple[ThresholdState, ThresholdState]] = {}
+        copied = {name: old for name, old, *_ in todo}
         with self._lock:
             for name in names if not commanded else ():  # (pinned or frozen: nothing held it)
-                if (st := self._streams.get(name)) is not None:
+                # not where a pin, reset or rollback came since the copy: it cleared the reason, which then came
+                # back quoting the errors a reset had dropped (the concurrency review)
+                if (st := self._streams.get(name)) is not None and copied.get(name) is st.state \
+                        and not (st.pinned or st.frozen):
                     st.lowering_held = lowering_held.get(name)
             for name, old, value, samples, reason in proposed:
                 st = self._streams.get(name)

@@ -155,7 +155,8 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         self.calibrator = Calibrator(calibrator_settings(cfg), on_change=self._threshold_metric)
         self.stop_event = threading.Event()
         self.final_thresholds: dict[str, dict[str, Any]] = {}  # calibrator snapshot taken at shutdown
-        # called on every threshold change, whatever made it (replay-eval draws them on data time)
+        # called on every threshold change, whatever made it (replay-eval draws them on data time), under the
+        # calibrator's lock, on the thread that changed it: a listener must not call the calibrator (a deadlock)
         self.threshold_listeners: list[Callable[[str, ThresholdState], None]] = []
         self._started = time.monotonic()
         self._stop_at: float | None = None  # monotonic time of the stopping signal
@@ -403,7 +404,10 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
     def _apply_commands(self) -> None:
         """Operator commands, every ``control.poll_interval_ms`` once the state is restored and partitions held."""
         if (self.control is not None and self._restored and not self.restoring and not self._unassigned
-                and time.monotonic() - self._last_control >= self.cfg.control.poll_interval_ms / 1000):
+                and time.monotonic() - self._last_control >= self.cfg.control.poll_interval_ms / 1000
+                # not while a scheduled recalibration runs: a `recalibrate` waited for the rest of it on the loop's
+                # thread (2.2 s over 5 000 streams, no input read meanwhile; the concurrency review)
+                and not self.calibrator.recalibrating.locked()):
             self._last_control = time.monotonic()
             for raw in self.control.poll():
                 try:

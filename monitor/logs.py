@@ -11,6 +11,7 @@ import os
 import re
 import select
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -154,9 +155,14 @@ class Throttle:
         self.burst, self.period_s, self._clock = burst, period_s, clock
         self.max_events = max_events  # events remembered at most (for events that are not a closed set)
         self._seen: dict[str, tuple[float, int, int]] = {}  # event → (period start, lines in it, dropped since a line)
+        self._lock = threading.Lock()  # the loop and the scheduler's thread share the processor's (counts were lost)
 
     def __call__(self, event: str) -> dict[str, int] | None:
         """None: drop this line. Else the fields to add to it: ``{"suppressed": n}`` after dropped ones, or {}."""
+        with self._lock:
+            return self._count(event)
+
+    def _count(self, event: str) -> dict[str, int] | None:
         now = self._clock()
         if self.max_events is not None and event not in self._seen and len(self._seen) >= self.max_events:
             self._forget_expired(now)

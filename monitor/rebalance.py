@@ -38,8 +38,10 @@ class Rebalance(DaemonState):
         # no wall-clock recalibration between the revoked streams' documents and their drop: a threshold it set then
         # was logged and exported, never in the changelog (the next owner resumed from the version before and wrote
         # another under the same number; a daemon review). On the data clock it runs on this thread: nothing to hold
-        held = self.processor.data_clock is None and self.calibrator.recalibrating.acquire(
-            timeout=self.cfg.daemon.sink_timeout_s)
+        wait = self.cfg.daemon.sink_timeout_s  # within the shutdown's budget when stopping: kafka-python runs this
+        if self.processor.deadline is not None:  # in close(), which waits for it whatever timeout it was given
+            wait = max(0.0, min(wait, self.processor.deadline - time.monotonic()))
+        held = self.processor.data_clock is None and self.calibrator.recalibrating.acquire(timeout=wait)
         if not held and self.processor.data_clock is None:
             log.warning("recalibration_still_running", consequence="thresholds it sets now may miss the revoked "
                         "streams' documents: their next owner starts from the ones before")

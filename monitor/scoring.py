@@ -111,12 +111,15 @@ class ProcessBackend:
                                          initargs=(routes, device, threads, os.getpid(), precision))
         try:
             self._pool.submit(int, 0).result(timeout=start_timeout_s)  # models load now: fail at start
+            loaded = self._pool.submit(_versions_in_worker).result(timeout=start_timeout_s) if versions else {}
         except Exception as exc:  # noqa: BLE001 — whatever stopped the worker becomes one ConfigError
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.close(wait=False)
             raise ConfigError(f"the scoring process could not start: {type(exc).__name__}: {str(exc)[:300]} (a script "
                               "that starts the daemon needs `if __name__ == '__main__':`; or set "
                               "daemon.scoring = \"thread\")") from None
-        loaded = self._pool.submit(_versions_in_worker).result(timeout=start_timeout_s) if versions else {}
+        except BaseException:  # a SIGTERM meanwhile (SystemExit): the pool was left, and the interpreter's exit
+            self.close(wait=False)  # waited for the worker to import torch and load its models (up to start_timeout_s)
+            raise
         changed = {n: (v, loaded[n]) for n, v in (versions or {}).items() if n in loaded and loaded[n] != v}
         if changed:
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -138,7 +141,7 @@ class ProcessBackend:
     def close(self, wait: bool = True) -> None:
         if not wait:  # the worker is stuck in a call: end it, nothing it could still return is wanted (SIGKILL:
             # it ignores SIGTERM, which the daemon handles for it)
-            for proc in list(getattr(self._pool, "_processes", {}).values()):
+            for proc in list((getattr(self._pool, "_processes", None) or {}).values()):
                 proc.kill()
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
 

@@ -69,6 +69,36 @@ def test_a_lowering_the_recent_windows_hold_is_said() -> None:
     assert cal.lowering_held("s") is None
 
 
+@pytest.mark.parametrize("op", ["pin", "reset", "rollback"])
+def test_an_operator_change_during_a_scheduled_run_is_not_given_the_runs_held_lowering(op: str) -> None:
+    """The scheduled run computes without the data lock; a pin, reset or rollback landing meanwhile cleared the
+    reason, and the run's apply step wrote it back — after a reset quoting the errors the reset had dropped (the
+    concurrency review)."""
+    cal = Calibrator(CalibratorSettings(min_samples=50))
+    rng = np.random.default_rng(0)
+    cal.register("s", 1.0)
+    cal.observe("s", rng.uniform(0.0, 0.5, 300))  # normal evidence would lower it; the recent windows hold it
+    cal.observe_all("s", rng.uniform(0.0, 2.0, 300))
+    in_compute, go_on = threading.Event(), threading.Event()
+    real = cal._proposal
+
+    def proposal(*a: object, **kw: object) -> object:
+        out = real(*a, **kw)  # type: ignore[arg-type]
+        in_compute.set()
+        go_on.wait(5)
+        return out
+
+    cal._proposal = proposal  # type: ignore[method-assign,assignment]
+    run = threading.Thread(target=cal.recalibrate)  # the scheduler's thread
+    run.start()
+    assert in_compute.wait(5)
+    {"pin": lambda: cal.pin("s", 3.0, "operator"), "reset": lambda: cal.reset("s", "operator"),
+     "rollback": lambda: cal.rollback("s", 0, "operator")}[op]()
+    go_on.set()
+    run.join(5)
+    assert cal.lowering_held("s") is None
+
+
 @pytest.mark.parametrize("then", ["reset", "freeze_all", "freeze", "disabled", "commanded"])
 def test_a_held_lowering_is_not_said_once_it_no_longer_applies(then: str) -> None:
     # a review: a reset (back to the artifact, no evidence) or freeze --all kept saying "(lowering held)"

@@ -149,3 +149,23 @@ def test_kafka_python_messages_of_one_template_have_budgets_of_their_own_and_nev
     messages = [d["message"] for d in lines]
     assert sum("ECONNREFUSED" in m for m in messages) == 3 and any("CERTIFICATE_VERIFY_FAILED" in m for m in messages)
     assert lines[-1]["error"] == "ValueError: boom"
+
+
+def test_a_throttle_shared_by_two_threads_counts_every_line() -> None:
+    """The processor's throttle is used by the loop and by the scheduler's thread (recalibration logs): its read-
+    modify-write lost counts (34 343 of 40 000 under a short switch interval; the concurrency review)."""
+    import sys
+    import threading
+
+    throttle = Throttle(burst=10**9, period_s=3600.0)
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        runs = [threading.Thread(target=lambda: [throttle("e") for _ in range(20_000)]) for _ in range(2)]
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join(30)
+    finally:
+        sys.setswitchinterval(before)
+    assert throttle._seen["e"][1] == 40_000

@@ -1491,6 +1491,95 @@ def test_a_backlog_of_dead_letters_is_not_read_one_record_per_poll(stream_model:
     assert sizes[:2] == [1, 2] and len(sizes) < 20, sizes
 
 
+def test_a_scheduled_recalibration_waits_between_an_evictions_document_and_its_drop(stream_model: Path) -> None:
+    """_evict saves the stream's document, then drops it; a wall-clock recalibration applied in between (the
+    scheduler's thread) was logged and counted but in no document, and the stream came back from the version
+    before (the concurrency review: 64 of 479 evictions under a tight schedule). As at a revoke, the run waits."""
+    source = MemorySource(records("dev-a", *sine_stream(1200)), batch=20)
+    d = in_process_daemon(stream_model, source, MemorySink(), **{
+        "daemon.commit_interval_ms": 5, "limits.idle_evict_s": 0.2, "calibrator.min_samples": 5})
+    seen: list[tuple[int, int]] = []
+    runs: list[threading.Thread] = []
+    real_drop = d.processor._drop
+
+    def drop(name: str) -> None:
+        doc = d.processor.restored.get(name)
+        runs.append(threading.Thread(target=d.recalibrate))  # the scheduler's run lands here
+        runs[-1].start()
+        runs[-1].join(0.5)
+        if doc is not None:
+            seen.append((int(doc["calibrator"]["versions"][-1]["version"]), d.calibrator.threshold(name).version))
+        real_drop(name)
+
+    d.processor._drop = drop  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    d.run(until=lambda: bool(seen) or time.monotonic() - t0 > 20)
+    for run in runs:
+        run.join(5)
+    assert seen and seen[0][0] == seen[0][1]
+
+
+def test_a_revoke_at_close_waits_for_a_running_recalibration_only_within_the_shutdown_budget(
+        stream_model: Path) -> None:
+    """kafka-python runs the revoke of close() on its IO thread and waits for it whatever timeout close() was given;
+    the revoke waited for a running wall-clock recalibration up to sink_timeout_s, past shutdown_timeout_s (5.2 s
+    for 1 s; the concurrency review). It waits within what is left of the shutdown's budget now."""
+
+    class IOThreadSource(MemorySource):
+        def close(self, timeout_s: float) -> None:  # as KafkaConsumer.close: the listener on another thread
+            io = threading.Thread(target=d._on_revoke, args=(sorted(self.assigned),))
+            io.start()
+            io.join()
+
+    source = IOThreadSource(records("dev-a", *sine_stream(400)))
+    d = in_process_daemon(stream_model, source, MemorySink(), **{
+        "daemon.shutdown_timeout_s": 1.0, "daemon.sink_timeout_s": 3.0, "calibrator.min_samples": 1})
+    real = d.calibrator._proposal
+
+    def slow(*a: Any) -> Any:
+        time.sleep(3.5)  # a scheduled run over many streams still computing
+        return real(*a)
+
+    d.calibrator._proposal = slow  # type: ignore[method-assign]
+    started: list[float] = []
+
+    def until() -> bool:
+        if not source.records and d.processor.pending == 0 and not started:
+            threading.Thread(target=d.recalibrate, daemon=True).start()  # the scheduler's run
+            started.append(time.monotonic())
+        return bool(started) and time.monotonic() - started[0] > 0.2
+
+    d.run(until=until)
+    assert time.monotonic() - started[0] - 0.2 < 1.5
+
+
+def test_a_sigterm_while_the_scoring_process_starts_ends_the_start_at_once(stream_model: Path, tmp_path: Path) -> None:
+    """The start's signal handler raises SystemExit; inside ProcessBackend's wait for the worker that is no
+    Exception, so the pool was left, and the interpreter's exit waited for the worker to import torch and load its
+    models (4.4 s here; up to start_timeout_s, 120 s, for large models; the concurrency review). It is killed."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "start.py"
+    script.write_text(f"""
+import os, signal, sys, threading, time
+from monitor.commands.run_cmd import _stop_starting
+from monitor.scoring import ProcessBackend
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stop_starting)
+    threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+    try:
+        ProcessBackend([("*", {str(stream_model)!r}, None, None)], "cpu", 1)
+    finally:
+        sys.stderr.write(f"raised at {{time.time():.3f}}\\n")
+""")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False,
+                       cwd=Path(__file__).parents[2])
+    ended = time.time()
+    raised_at = float(r.stderr.strip().splitlines()[-1].rsplit(" at ", 1)[1])
+    assert r.returncode != 0 and ended - raised_at < 2.0, r.stderr[-500:]
+
+
 def test_a_wall_clock_step_rebases_the_scheduled_jobs(stream_model: Path) -> None:
     """apscheduler's interval jobs run at wall-clock times: after the clock stepped back an hour the snapshot and
     recalibration jobs stood still for that hour. The loop's next turn re-bases each to one interval from now;
@@ -2515,6 +2604,25 @@ def test_commands_wait_for_the_assignment_and_its_restore(stream_model: Path, mo
 
         d.run(until=until)
         assert d.processor.streams["dev-x"].silenced_until_ms > 0  # applied after the restore, to dev-x
+    finally:
+        d.processor.close()
+
+
+def test_commands_wait_while_a_scheduled_recalibration_runs(stream_model: Path) -> None:
+    """An operator's `recalibrate` takes the recalibration lock on the loop's thread: it waited for the rest of a
+    scheduled run there (2.2 s over 5 000 streams, nothing read meanwhile; the concurrency review). The control
+    topic is not read while a run holds it."""
+    polls: list[int] = []
+    d = in_process_daemon(stream_model, MemorySource([]), MemorySink(), **{"control.poll_interval_ms": 1})
+    d.control = type("Control", (), {"poll": lambda self: polls.append(1) or [], "close": lambda self: None})()
+    d._restored, d._unassigned = True, False
+    try:
+        with d.calibrator.recalibrating:  # the scheduler's run
+            d._last_control = -math.inf
+            d._apply_commands()
+            assert polls == []
+        d._apply_commands()
+        assert polls == [1]
     finally:
         d.processor.close()
 
