@@ -183,6 +183,7 @@ class _Stream:
     before_pin: ThresholdState | None = None  # what unpin goes back to (the history is bounded)
     recent_frozen: int = 0  # the newest entries of ``recent``, taken in while frozen: dropped when thawed
     lowering_held: str | None = None  # why the last scheduled recalibration did not lower it (tsmon status says)
+    leaving: bool = False  # its document is being written before it is dropped: no recalibration may change it now
 
 
 class Calibrator:
@@ -333,13 +334,17 @@ class Calibrator:
             for name in names if not commanded else ():  # (pinned or frozen: nothing held it)
                 # not where a pin, reset or rollback came since the copy: it cleared the reason, which then came
                 # back quoting the errors a reset had dropped (the concurrency review)
-                if (st := self._streams.get(name)) is not None and copied.get(name) is st.state \
-                        and not (st.pinned or st.frozen):
+                if (st := self._streams.get(name)) is None:
+                    continue
+                if st.pinned or st.frozen:  # nothing held it
+                    st.lowering_held = None
+                elif copied.get(name) is st.state:
                     st.lowering_held = lowering_held.get(name)
             for name, old, value, samples, reason in proposed:
                 st = self._streams.get(name)
-                # forgotten, re-registered, updated, pinned or frozen since the copy: leave it
-                if (st is None or st.state is not old or st.pinned or st.frozen or (self.frozen_all and not commanded)
+                # forgotten, re-registered, updated, pinned or frozen since the copy, or leaving: leave it
+                if (st is None or st.state is not old or st.pinned or st.frozen or st.leaving
+                        or (self.frozen_all and not commanded)
                         or abs(value - old.value) <= max(_MIN_CHANGE, self.settings.min_change) * old.value):
                     continue
                 if reason.startswith(NEW_NORMAL):  # the old level's errors would walk it back down (see module doc)
@@ -505,6 +510,14 @@ class Calibrator:
             return [asdict(v) for v in self._streams[stream].versions]
 
     # bookkeeping ------------------------------------------------------------------------------------
+    def leave(self, stream: str, leaving: bool = True) -> None:
+        """Mark a stream whose document is about to be written before it is dropped (an eviction): a recalibration
+        applied between the document and the drop was logged and counted, never saved, and the stream came back
+        with the version before (the concurrency review). ``leaving=False`` undoes it (the drop did not happen)."""
+        with self._lock:
+            if (st := self._streams.get(stream)) is not None:
+                st.leaving = leaving
+
     def forget(self, stream: str) -> None:
         """Drop a stream (partition revoked); unknown streams are ignored."""
         with self._lock:

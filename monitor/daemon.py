@@ -27,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -202,6 +203,7 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         self._init_recalibration()
         self._forgot_at = time.monotonic()  # the last look for documents to forget (state.forget_after_s)
         self._last_commit = self._last_control = time.monotonic()  # the loop's last commit, last control poll
+        self._commands: deque[Any] = deque()  # control messages polled, not handled yet (a recalibration ran)
         self.notifier = Notifier()  # systemd's ready / watchdog / stopping, under Type=notify only
         # the changelog read at each assignment, while the assigned partitions wait for it
         self.restorer = Restore(cfg, self.processor, self.controller, self.source, self.metrics, self.calibrator)
@@ -404,12 +406,14 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
     def _apply_commands(self) -> None:
         """Operator commands, every ``control.poll_interval_ms`` once the state is restored and partitions held."""
         if (self.control is not None and self._restored and not self.restoring and not self._unassigned
-                and time.monotonic() - self._last_control >= self.cfg.control.poll_interval_ms / 1000
-                # not while a scheduled recalibration runs: a `recalibrate` waited for the rest of it on the loop's
-                # thread (2.2 s over 5 000 streams, no input read meanwhile; the concurrency review)
-                and not self.calibrator.recalibrating.locked()):
-            self._last_control = time.monotonic()
-            for raw in self.control.poll():
+                and (self._commands or time.monotonic() - self._last_control >= self.cfg.control.poll_interval_ms / 1000)):
+            if not self._commands:
+                self._last_control = time.monotonic()
+                self._commands.extend(self.control.poll())
+            # none while a scheduled recalibration runs (checked before each): a `recalibrate` waited for the rest of
+            # it on the loop's thread (2.2 s over 5 000 streams, no input read meanwhile; the concurrency review)
+            while self._commands and not self.calibrator.recalibrating.locked():
+                raw = self._commands.popleft()
                 try:
                     self.controller.handle(raw)
                 except Exception as exc:  # noqa: BLE001 — one control message must never stop the daemon

@@ -134,18 +134,8 @@ class Residency(ProcessorState):
         if idle is None:
             return 0
         gone = [n for n, q in quiet.items() if q >= idle]
-        # no wall-clock recalibration between a stream's document and its drop (as at a revoke): a threshold it set
-        # then was logged, never saved, and the stream came back with the version before (the concurrency review:
-        # 64 of 479 evictions under a tight schedule). A run under way puts the evictions off to a later call
-        held = bool(gone) and self.data_clock is None and self.calibrator.recalibrating.acquire(blocking=False)
-        if gone and self.data_clock is None and not held:
-            return 0
-        try:
-            for name in gone:
-                self._evict(name, quiet[name])
-        finally:
-            if held:
-                self.calibrator.recalibrating.release()
+        for name in gone:
+            self._evict(name, quiet[name])
         # Without a changelog the evicted streams' documents live only here: at most max_streams of them, oldest
         # out first. With one, ``restored`` is what the changelog held at the last assignment (its size; the
         # restore read it all anyway) plus streams evicted since: trimming it would forget the pins, silences
@@ -198,7 +188,14 @@ class Residency(ProcessorState):
             self._quality(st.quality.event("stale", last, (
                 f"no data received for {idle_s:.0f} s (limits.idle_evict_s; its last sample is stamped {iso(last)}): alert "
                 f"{ep.alert_id} stays open until the stream sends again — is its source alive?")))
-        doc = self.save(name)
+        # no recalibration between its document and its drop (the scheduler's thread; a threshold it set then was
+        # logged, never saved: 64 of 479 evictions under a tight schedule, the concurrency review)
+        self.calibrator.leave(name)
+        try:
+            doc = self.save(name)
+        except BaseException:
+            self.calibrator.leave(name, False)
+            raise
         if doc is not None:
             self.restored[name] = doc
             if st.alerts.silenced_open:

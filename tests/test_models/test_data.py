@@ -49,6 +49,9 @@ def test_a_header_with_spaces_and_rows_ending_in_a_delimiter_read_as_written(tmp
     trailing.write_text("timestamp,a,sample\n" + "\n".join(f"{1_700_000_000_000 + i},{i / 10},{i}," for i in range(50)))
     t = read_series(trailing)
     assert t.channels == ["a"] and t.values[3, 0] == pytest.approx(0.3) and t.timestamps is not None
+    upper = tmp_path / "upper.csv"  # only a column named exactly `sample` (a row number) is left out
+    upper.write_text("Sample\n" + "\n".join(str(i % 7) for i in range(50)) + "\n")
+    assert read_series(upper).channels == ["Sample"]
     longer = tmp_path / "longer.csv"
     longer.write_text("timestamp,a\n1700000000000,0.1,9\n1700000000001,0.2\n")
     with pytest.raises(DataError, match="longer.csv: some rows hold more fields than the header"):

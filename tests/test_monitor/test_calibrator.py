@@ -99,6 +99,22 @@ def test_an_operator_change_during_a_scheduled_run_is_not_given_the_runs_held_lo
     assert cal.lowering_held("s") is None
 
 
+def test_a_frozen_streams_held_lowering_is_cleared_by_the_next_run() -> None:
+    """Its review: the apply step stopped writing the reason for frozen streams, so one said before the freeze
+    came back at the unfreeze quoting the evidence of then."""
+    cal = Calibrator(CalibratorSettings(min_samples=50))
+    rng = np.random.default_rng(0)
+    cal.register("s", 1.0)
+    cal.observe("s", rng.uniform(0.0, 0.5, 300))
+    cal.observe_all("s", rng.uniform(0.0, 2.0, 300))
+    cal.recalibrate()
+    assert cal.lowering_held("s") is not None
+    cal.set_frozen("s", True)
+    cal.recalibrate()  # frozen: nothing holds it
+    cal.set_frozen("s", False)
+    assert cal.lowering_held("s") is None
+
+
 @pytest.mark.parametrize("then", ["reset", "freeze_all", "freeze", "disabled", "commanded"])
 def test_a_held_lowering_is_not_said_once_it_no_longer_applies(then: str) -> None:
     # a review: a reset (back to the artifact, no evidence) or freeze --all kept saying "(lowering held)"

@@ -1494,7 +1494,8 @@ def test_a_backlog_of_dead_letters_is_not_read_one_record_per_poll(stream_model:
 def test_a_scheduled_recalibration_waits_between_an_evictions_document_and_its_drop(stream_model: Path) -> None:
     """_evict saves the stream's document, then drops it; a wall-clock recalibration applied in between (the
     scheduler's thread) was logged and counted but in no document, and the stream came back from the version
-    before (the concurrency review: 64 of 479 evictions under a tight schedule). As at a revoke, the run waits."""
+    before (the concurrency review: 64 of 479 evictions under a tight schedule). The run now leaves a stream that
+    is leaving alone (it does not wait: a wait put evictions off for as long as runs kept the lock)."""
     source = MemorySource(records("dev-a", *sine_stream(1200)), batch=20)
     d = in_process_daemon(stream_model, source, MemorySink(), **{
         "daemon.commit_interval_ms": 5, "limits.idle_evict_s": 0.2, "calibrator.min_samples": 5})
@@ -2610,19 +2611,29 @@ def test_commands_wait_for_the_assignment_and_its_restore(stream_model: Path, mo
 
 def test_commands_wait_while_a_scheduled_recalibration_runs(stream_model: Path) -> None:
     """An operator's `recalibrate` takes the recalibration lock on the loop's thread: it waited for the rest of a
-    scheduled run there (2.2 s over 5 000 streams, nothing read meanwhile; the concurrency review). The control
-    topic is not read while a run holds it."""
+    scheduled run there (2.2 s over 5 000 streams, nothing read meanwhile; the concurrency review). Commands are
+    held, in order, while a run holds it — checked before each one, so a run that starts during the poll (its
+    review: the loop blocked 2.0 s) holds them too."""
     polls: list[int] = []
-    d = in_process_daemon(stream_model, MemorySource([]), MemorySink(), **{"control.poll_interval_ms": 1})
-    d.control = type("Control", (), {"poll": lambda self: polls.append(1) or [], "close": lambda self: None})()
-    d._restored, d._unassigned = True, False
+    handled: list[bytes] = []
+    d = in_process_daemon(stream_model, MemorySource([]), MemorySink(), **{"control.poll_interval_ms": 60_000})
+
+    def poll(self: Any) -> list[bytes]:
+        polls.append(1)
+        d.calibrator.recalibrating.acquire()  # a scheduled run starts meanwhile
+        return [b"one", b"two"]
+
+    d.control = type("Control", (), {"poll": poll, "close": lambda self: None})()
+    d.controller.handle = handled.append  # type: ignore[method-assign,assignment]
+    d._restored, d._unassigned, d._last_control = True, False, -math.inf
     try:
-        with d.calibrator.recalibrating:  # the scheduler's run
-            d._last_control = -math.inf
-            d._apply_commands()
-            assert polls == []
         d._apply_commands()
-        assert polls == [1]
+        assert polls == [1] and handled == []
+        d._apply_commands()  # the run goes on: still held, and no new poll
+        assert polls == [1] and handled == []
+        d.calibrator.recalibrating.release()
+        d._apply_commands()  # before the next poll is due
+        assert polls == [1] and handled == [b"one", b"two"]
     finally:
         d.processor.close()
 
