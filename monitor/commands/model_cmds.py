@@ -304,6 +304,11 @@ def eval_(
                             f"{len(cols)} {cols}")
         spec = replace(spec, value_cols=tuple(cols))
     ds = load_dataset(spec, model_channels=None if value_col else det.channel_names)
+    trained = det.meta.get("training", {}).get("data", {})
+    if data == trained.get("source") and trained.get("sha256") and ds.summary.get("sha256") != trained["sha256"]:
+        log.warning("training_file_changed", path=data, split=spec.train_fraction, consequence="the file at the path "
+                    "training read holds other bytes now: split at the same share, its test part may hold samples "
+                    "the model was fitted on (rows added or removed before the split)")  # silent before (a review)
     trained_spans = det.meta.get("training", {}).get("data", {}).get("windows_sha256")
     if spec.windows and not windows and trained_spans and ds.summary.get("windows_sha256") != trained_spans:
         raise DataError(f"the anomaly windows file training used, {spec.windows}, labels this file otherwise now "

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from monitor.cli import main
+from tests.conftest import synthetic_series
 
 EVAL_KEYS = {"roc_auc", "pr_auc", "accuracy", "precision", "recall", "f1", "threshold", "balanced_accuracy", "baseline"}
 BENCH_KEYS = {"batch1_windows_per_s", "batched_windows_per_s", "batch_size", "ratio", "model_gflops", "gemm_gflops",
@@ -236,6 +237,21 @@ def test_pca_components_past_what_the_data_holds_are_said(series_csv: Path, tmp_
 def test_eval_refuses_another_protocol(dense_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "eval", "--model", str(dense_artifact), "--data", "ecg5000")
     assert code == 1 and "not ecg5000 (--data, by default ecg5000): give --data FILE" in err
+
+
+def test_eval_on_the_training_path_holding_other_bytes_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file re-exported at the path training read (rows added before the split) was split at the same share
+    without a word: its test part could hold samples the model was fitted on (the models review)."""
+    monkeypatch.chdir(tmp_path)
+    synthetic_series(1200, anomalies=(900,)).to_csv("s.csv", index=False)
+    code, _, err = run(capsys, "train", "--data", "s.csv", "--model", "pca", "--window", "40", "--out", "art")
+    assert code == 0, err[-300:]
+    code, _, err = run(capsys, "eval", "--model", "art", "--data", "s.csv")
+    assert code == 0 and "training_file_changed" not in err
+    synthetic_series(1300, anomalies=(1000,)).to_csv("s.csv", index=False)
+    code, _, err = run(capsys, "eval", "--model", "art", "--data", "s.csv")
+    assert code == 0 and "training_file_changed" in err
 
 
 def test_score_with_wrong_channels(dense_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
