@@ -35,6 +35,15 @@ def intervals_ms(ts: np.ndarray, prev_ts: int | None) -> np.ndarray:
     return inner if prev_ts is None else np.concatenate((ts[:1] - prev_ts, inner))
 
 
+def _within(d: np.ndarray, ts: np.ndarray, prev_ts: int | None, gap_ms: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The intervals ``d`` of ``ts`` (:func:`intervals_ms`) up to ``gap_ms``, and the sample that ends each."""
+    ends = ts if prev_ts is not None else ts[1:]
+    if gap_ms is None:
+        return d, ends
+    keep = d <= gap_ms
+    return d[keep], ends[keep]
+
+
 def flat_channels(windows: np.ndarray, scale: np.ndarray, rel_std: float,
                   window_spread: tuple[float, ...] | None = None) -> np.ndarray:
     """``[k, C]``: channels whose spread in a window ``[k, W, C]`` is at most ``rel_std`` × their training spread —
@@ -104,7 +113,7 @@ class StreamQuality:
         the intervals up to ``rate_gap_ms`` (the absolute ``gap_ms`` where ``gap_ms`` is relative to the learnt
         period: otherwise a slower rate would be all gaps and never seen as a drift)."""
         d = intervals_ms(ts, prev_ts)
-        rate = self._rate(d if rate_gap_ms is None else d[d <= rate_gap_ms], int(ts[-1]))
+        rate = self._rate(*_within(d, ts, prev_ts, rate_gap_ms))
         if gap_ms is None:
             return rate
         first, events = int(prev_ts is None), []  # d[j] ends at sample j + first
@@ -171,20 +180,33 @@ class StreamQuality:
 
     def intervals(self, ts: np.ndarray, prev_ts: int | None, gap_ms: float | None) -> list[QualityEvent]:
         """Learn the period from in-order samples and report a drift of the sample rate (gaps left out)."""
-        d = intervals_ms(ts, prev_ts)
-        return self._rate(d if gap_ms is None else d[d <= gap_ms], int(ts[-1]))
+        return self._rate(*_within(intervals_ms(ts, prev_ts), ts, prev_ts, gap_ms))
 
-    def _rate(self, d: np.ndarray, end_ts: int) -> list[QualityEvent]:
-        self._new_diffs += len(d)
-        self._diffs.extend(d[-CHECK_EVERY:].tolist() if self.period_ms is not None else d.tolist())
+    def _rate(self, d: np.ndarray, ends: np.ndarray) -> list[QualityEvent]:
         if self.period_ms is None:
+            self._new_diffs += len(d)
+            self._diffs.extend(d.tolist())
             if len(self._diffs) >= LEARN_DIFFS:
                 self.period_ms = float(statistics.median(self._diffs))  # ≤ 256 floats: 3 µs, np.median 19
                 self._new_diffs = 0
             return []
-        if self._new_diffs < CHECK_EVERY:
-            return []
-        self._new_diffs = 0
+        # every CHECK_EVERY intervals counted across polls, judged at the sample that completes them: checked once per
+        # poll on its last 64 intervals, the event's time and id depended on how records were grouped into polls (a
+        # replay read in other polls sent it again under another id), and a slowdown inside one poll went unseen
+        events: list[QualityEvent] = []
+        i = 0
+        while i < len(d):
+            take = min(len(d) - i, CHECK_EVERY - self._new_diffs)
+            self._diffs.extend(d[i : i + take].tolist())
+            self._new_diffs, i = self._new_diffs + take, i + take
+            if self._new_diffs >= CHECK_EVERY:
+                self._new_diffs = 0
+                events += self._check(int(ends[i - 1]))
+        return events
+
+    def _check(self, end_ts: int) -> list[QualityEvent]:
+        """The sample rate of the last CHECK_EVERY intervals against the learnt one: ``rate_drift`` when it drifts."""
+        assert self.period_ms is not None
         recent = float(statistics.median(itertools.islice(self._diffs, len(self._diffs) - CHECK_EVERY, None)))
         self._recent_period = recent
         change = recent / self.period_ms - 1 if self.period_ms > 0 else 0.0
