@@ -67,10 +67,12 @@ class QualityEvent:
     detail: str
     channels: tuple[str, ...] = ()
     suppressed: int = 0  # events of this kind held back by the cooldown since the previous one
+    nth: int = 0  # its count among the stream's events of this kind at one time (silences: see Residency)
 
     @property
     def event_id(self) -> str:
-        return hashlib.sha256(f"{self.stream}|{self.kind}|{self.ts}".encode()).hexdigest()[:20]
+        nth = f"|{self.nth}" if self.nth else ""  # the first one's id as before
+        return hashlib.sha256(f"{self.stream}|{self.kind}|{self.ts}{nth}".encode()).hexdigest()[:20]
 
 
 @dataclass
@@ -94,7 +96,7 @@ class StreamQuality:
     _recent_period: float | None = None  # the median of the last CHECK_EVERY intervals, at the last check
     _gaps_in_row: int = 0  # intervals over gap_ms since the last one under it
 
-    def event(self, kind: str, ts: int, detail: str, channels: tuple[str, ...] = ()) -> list[QualityEvent]:
+    def event(self, kind: str, ts: int, detail: str, channels: tuple[str, ...] = (), nth: int = 0) -> list[QualityEvent]:
         """Count a finding; return it as an event unless the cooldown holds it back (never ``UNTHROTTLED`` ones)."""
         self.counts[kind] += 1
         if self.on_finding is not None:
@@ -105,7 +107,7 @@ class StreamQuality:
             self._held[kind] = self._held.get(kind, 0) + 1
             return []
         self._last_emit[kind] = ts
-        return [QualityEvent(self.stream, kind, ts, detail, channels, self._held.pop(kind, 0))]
+        return [QualityEvent(self.stream, kind, ts, detail, channels, self._held.pop(kind, 0), nth)]
 
     def timing(self, ts: np.ndarray, prev_ts: int | None, gap_ms: float | None,
                rate_gap_ms: float | None) -> list[QualityEvent]:

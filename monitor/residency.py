@@ -171,9 +171,12 @@ class Residency(ProcessorState):
             st.silent_ts, silent = last, silent + 1
             ep = st.alerts.episode
             held = f"; alert {ep.alert_id} stays open" if ep is not None and ep.fired is not None else ""
+            # its count in the id: a silence after a resume that brought no new sample (old ones sent again, refused
+            # ones) had the first one's id, and deduplicated, "resumed" stayed the last word (the observability review)
+            nth, st.silences = st.silences, st.silences + 1
             self._quality(st.quality.event("silent", last, (
                 f"no data received for {q:.0f} s (its last sample is stamped {iso(last)}){held} — is its source "
-                "alive?")))
+                "alive?"), nth=nth))
             self.save(name)
         self.metrics.silent.set(silent)
 

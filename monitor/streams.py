@@ -94,6 +94,7 @@ class StreamState:
     # which the state no longer windows) is passed over, not windowed anew into the new time's alert state
     time_from: dict[TP, int] = field(default_factory=dict)
     silent_ts: int | None = None  # its last sample when it was reported silent, until it sends again (``resumed``)
+    silences: int = 0  # ``silent`` events it had: a second one with no new sample since had the first one's id
     # the operator commands applied to it: a command is applied once to each stream, wherever it is held when the
     # command is read (``Controller``), not once per instance
     commands: deque[str] = field(default_factory=lambda: deque(maxlen=COMMANDS_KEPT))
@@ -204,7 +205,7 @@ class StreamState:
                 "artifact_threshold": self.served.detector.threshold.value,
                 "written_ms": written_ms, "applied_until_ts": applied,
                 "window_from_ts": point[1] if point else None, "window_from_skip": point[2] if point else 0,
-                "last_sample_ts": self.last_sample_ts, "silent_reported_ts": self.silent_ts,
+                "last_sample_ts": self.last_sample_ts, "silent_reported_ts": self.silent_ts, "silences": self.silences,
                 "commands": list(self.commands), "since_ms": self.since_ms,
                 "arrival_gap_s": round(self.arrival_gap_s, 3) if self.gaps_seen else None, "seen_ms": self.seen_ms,
                 "sample_periods_ms": list(self.quality.periods()),
@@ -317,6 +318,8 @@ class StreamState:
         self.home = self.home or doc_partitions(doc)
         self.time_from = doc_offsets(doc, "time_from_offsets")
         self.silent_ts = silent  # the stream's, whatever model scores it: its next data says it resumed
+        silences = doc.get("silences", 0)  # absent from documents of earlier versions
+        self.silences = silences if isinstance(silences, int) and not isinstance(silences, bool) and silences >= 0 else 0
         self.commands.extend(doc_commands(doc))
         self.since_ms = doc_since_ms(doc)
         gap = doc.get("arrival_gap_s")  # its usual wait: a restart did not make a gateway's next upload a silence
@@ -340,7 +343,7 @@ class StreamState:
         ep = self.alerts.episode
         state = "ok" if ep is None else "pending" if ep.fired is None else "flapping" if ep.flapping else "firing"
         silenced = self.silenced_until_ms > now_ms
-        last = self.windows.last_ts
+        last = self.last_sample_ts  # its document's too: a stream woken by a command showed none, "silent" or not
         return {"stream": stream, "model": self.served.name, "last_sample_ts": last,
                 "last_sample_time": iso(last) if last is not None else None, "windows_scored": self.scored,
                 "threshold": th.value, "threshold_source": source, "threshold_version": th.version,

@@ -86,6 +86,10 @@ def stream_cells(r: dict[str, Any]) -> list[str]:
         source += f" v{r['threshold_version']}"
     if r.get("threshold_held"):  # why it does not come down: /streams (status --json) gives the reason
         source += " (lowering held)"
+    if r.get("raise_refused"):  # the drift guard's refusal: the reason is in --json too
+        source += " (raise refused)"
+    if r.get("provisional") is True:  # started after a restore cut short: its pin, silence, threshold not read
+        source += " (provisional)"
     alert = _cell(r.get("alert_state"))
     if r.get("alert_id"):
         alert += f" {r['alert_id']}"  # whole: ctl feedback --alert needs it (8 characters matched nothing)

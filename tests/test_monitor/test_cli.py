@@ -1165,6 +1165,9 @@ def test_status_says_a_threshold_whose_lowering_is_held() -> None:
     source = COLUMNS.index("source")
     assert stream_cells(row)[source] == "artifact v0"
     assert stream_cells({**row, "threshold_held": "q0.95 … held at 0.232 …"})[source] == "artifact v0 (lowering held)"
+    # an observability review: both were in --json only; a provisional stream looked normal in the table
+    assert stream_cells({**row, "raise_refused": "a level shift …", "provisional": True})[source] == \
+        "artifact v0 (raise refused) (provisional)"
 
 
 def test_value_columns_named_as_channels_go_to_those_channels() -> None:

@@ -719,9 +719,20 @@ def test_a_stream_that_stops_sending_is_reported_silent_once_and_resumed_when_it
     p.evict_idle(time.monotonic() + 650)  # silent again, within the quality cooldown of the first (a sensor that
     # came back for seconds and died): said, not held back, or "resumed" stayed its last word
     feed(p, records("dev-s", ts[1000:], v[1000:], first_offset=2 * len(first)))
-    assert [e["kind"] for e in quality_events(p) if e["kind"] in ("silent", "resumed")] == \
-        ["silent", "resumed", "silent", "resumed"]
+    told = [e for e in quality_events(p) if e["kind"] in ("silent", "resumed")]
+    assert [e["kind"] for e in told] == ["silent", "resumed", "silent", "resumed"]
+    # the second silence has the first one's ts (no new sample came between): its id is its own (deduplicated
+    # by id, it was dropped and "resumed" stayed the last word; the observability review)
+    assert told[0]["ts"] == told[2]["ts"] and told[0]["event_id"] != told[2]["event_id"]
     assert p.streams["dev-s"].quality.counts["resumed"] == 2  # once per silence
+    woken = make()  # evicted silent, then woken by a command: its row showed no last sample, "silent" or not
+    woken.settings = Settings(silent_after_s=600.0)
+    feed(woken, records("dev-w", ts[:1000], v[:1000]))
+    now = time.monotonic()
+    woken.evict_idle(now + 650)
+    assert woken.evict_idle(now + 3601) == 1 and woken.wake("dev-w")
+    [row] = woken.status_rows({})
+    assert row["silent"] and row["last_sample_ts"] == int(ts[999])
     quiet = make()
     quiet.settings = Settings(silent_after_s=None)  # "none": never
     feed(quiet, records("dev-s", ts[:1000], v[:1000]))
