@@ -12,6 +12,7 @@ the changelog and topic creation stay on kafka-python: they are not on the hot p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -24,6 +25,8 @@ from models.errors import BrokerError, ConfigError, PartitionUnreadable, SinkBac
 from monitor import logs
 from monitor.sink import OutMessage, resend_plan
 from monitor.source import PAUSED_ENDS_EVERY_S, PAUSED_ENDS_TIMEOUT_MS, TP, InRecord
+
+KAFKA_PYTHON_MAX_REQUEST = 1_048_576  # kafka-python's max_request_size: the largest message either client sends
 
 log = logs.get("tsmon.confluent")
 
@@ -169,14 +172,27 @@ class ConfluentSource:
                 "check.crcs": True, "logger": client_logger(), "statistics.interval.ms": 1000, "stats_cb": self._health.stats,
                 "error_cb": self._health.error}
 
+        # what the daemon's callbacks raise, raised again by poll as itself: confluent-kafka re-raises it out of
+        # consume(), where a KafkaException (a fatal producer's, from the revoke's flush) was taken for a consume
+        # error and retried, the daemon going on after a revoke stopped half way (the confluent review)
+        self._callback_error: BaseException | None = None
+
         def assigned(consumer: Any, partitions: Any) -> None:
-            consumer.assign(partitions)  # before the daemon's callback: it may pause what it was given
-            on_assign(_tps(partitions))
+            try:
+                consumer.assign(partitions)  # before the daemon's callback: it may pause what it was given
+                on_assign(_tps(partitions))
+            except BaseException as exc:
+                self._callback_error = exc
+                raise
 
         def revoked(consumer: Any, partitions: Any) -> None:
-            if not self._closing:  # close() runs on a thread of its own: the daemon has saved and committed
-                on_revoke(_tps(partitions))  # scores, publishes and commits them while they are still ours
-            consumer.unassign()
+            try:
+                if not self._closing:  # close() runs on a thread of its own: the daemon has saved and committed
+                    on_revoke(_tps(partitions))  # scores, publishes and commits them while they are still ours
+                consumer.unassign()
+            except BaseException as exc:
+                self._callback_error = exc
+                raise
 
         def lost(consumer: Any, partitions: Any) -> None:
             # the group went on without us (no heartbeat for a session timeout): a commit can only fail, and a
@@ -196,6 +212,11 @@ class ConfluentSource:
         except KafkaException as exc:
             raise BrokerError(f"cannot create a consumer for {conf['bootstrap.servers']}: {exc}") from None
 
+    def _raise_callback_error(self) -> None:
+        if self._callback_error is not None:
+            exc, self._callback_error = self._callback_error, None
+            raise exc
+
     def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InRecord]:
         from confluent_kafka import KafkaError, KafkaException
 
@@ -212,7 +233,9 @@ class ConfluentSource:
                 if first is not None:
                     messages = [first, *(self._consumer.consume(num_messages=n - 1, timeout=0) if n > 1 else [])]
         except KafkaException as exc:
+            self._raise_callback_error()
             raise BrokerError(f"consume failed: {exc}") from None
+        self._raise_callback_error()
         out, failed = [], {}
         for m in messages:
             err = m.error()
@@ -364,6 +387,14 @@ def _never_deliverable(err: Any) -> bool:
                           KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.TOPIC_EXCEPTION, KafkaError._INVALID_ARG}
 
 
+def _is_fatal(err: Any) -> bool:
+    """A fatal producer error (idempotence: an out-of-order sequence, a fenced producer): ``fatal()``, or the
+    ``_FATAL`` code that produce() and delivery reports carry once the producer is in that state."""
+    from confluent_kafka import KafkaError
+
+    return err is not None and hasattr(err, "code") and (err.fatal() or err.code() == KafkaError._FATAL)
+
+
 class _Entry:
     __slots__ = ("error", "msg", "state")
 
@@ -379,9 +410,12 @@ class ConfluentSink:
         require()
         # murmur2 as kafka-python and the Java client: a stream's messages land on the same partition
         # whichever client wrote them; at most 5 requests in flight, as kafka-python
+        # and kafka-python's largest request (1 MiB): librdkafka's 1 000 000 bytes gave up messages it delivers
         self._conf = {**rdkafka_config(producer_kwargs), "partitioner": "murmur2_random",
-                      "max.in.flight.requests.per.connection": 5, "logger": client_logger(),
-                      "error_cb": lambda err: log.warning("kafka_client_error", client="confluent", error=str(err))}
+                      "max.in.flight.requests.per.connection": 5, "message.max.bytes": KAFKA_PYTHON_MAX_REQUEST,
+                      "logger": client_logger(),
+                      "error_cb": self._client_error}
+        self._failed_fatally = False  # the producer reported a fatal error (idempotence): flush replaces it
         self._producer = self._new_producer()
         self._retries = retries
         self._entries: list[_Entry] = []
@@ -419,12 +453,22 @@ class ConfluentSink:
             else:  # e.g. a fatal producer error: kept; flush replaces the producer
                 entry.state, entry.error, self._refused = "failed", err, True
 
+    def _client_error(self, err: Any) -> None:
+        log.warning("kafka_client_error", client="confluent", error=str(err))
+        self._failed_fatally = self._failed_fatally or _is_fatal(err)
+
     def send(self, msg: OutMessage) -> None:
+        from confluent_kafka import KafkaException
+
         entry = _Entry(msg)
         self._produce(entry)
         if entry.state != "given_up":
             self._entries.append(entry)
-        self._producer.poll(0)  # serve delivery reports as we go
+        try:
+            self._producer.poll(0)  # serve delivery reports as we go
+        except KafkaException as exc:  # a fatal producer raises here: it stopped the daemon (the confluent review)
+            self._failed_fatally = True
+            log.error("producer_failed", client="confluent", error=str(exc), consequence="replaced at the next flush")
 
     def _give_up(self, msg: OutMessage, why: str) -> None:
         log.error("message_undeliverable", topic=msg.topic, key=(msg.key or b"").decode(errors="replace"),
@@ -432,26 +476,36 @@ class ConfluentSink:
         self._on_undeliverable(msg, why)
 
     def _fatal(self) -> bool:
-        return any(e.error is not None and hasattr(e.error, "fatal") and e.error.fatal() for e in self._entries)
+        """librdkafka reports an idempotent producer's fatal state as ``_FATAL`` errors whose own ``fatal()`` is
+        false (the producer was never replaced: every flush after it failed), or raises it from poll and flush."""
+        return self._failed_fatally or any(_is_fatal(e.error) for e in self._entries)
 
     def flush(self, timeout_s: float) -> None:
         """Block until everything sent is acknowledged; re-send what failed (at most ``retries`` times per
         flush, in order) unless it can never be delivered — and with it every later message of its topic and
         key, delivered or not (:func:`monitor.sink.resend_plan`, as KafkaSink); raise SinkBackpressure if something
         is still unacknowledged after ``timeout_s``. A producer in a fatal state (idempotence) is replaced first."""
+        from confluent_kafka import KafkaException
+
         deadline = time.monotonic() + timeout_s
         waiting: list[_Entry] = []
         for _attempt in range(self._retries + 1):
-            self._producer.flush(max(0.0, deadline - time.monotonic()))
+            try:
+                self._producer.flush(max(0.0, deadline - time.monotonic()))
+            except KafkaException:  # a fatal producer raises here too
+                self._failed_fatally = True
             if self._fatal():
                 log.error("producer_fatal", client="confluent", consequence="a new producer re-sends the rest")
-                self._producer.purge()
-                self._producer = self._new_producer()
+                with contextlib.suppress(KafkaException):
+                    self._producer.purge()
+                self._producer, self._failed_fatally = self._new_producer(), False
                 for e in self._entries:
-                    if e.state != "acked":
+                    if e.state not in ("acked", "given_up"):
                         e.state, e.error = "failed", None
             entries = []
             for e in self._entries:
+                if e.state == "given_up":  # given up (and counted) as the last flush re-sent it: not waited for
+                    continue
                 if e.state == "failed" and e.error is not None and _never_deliverable(e.error):
                     self._give_up(e.msg, str(e.error))
                 else:

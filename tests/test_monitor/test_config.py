@@ -448,6 +448,9 @@ def test_a_misspelt_environment_variable_is_an_error_not_ignored() -> None:
     ({"kafka.group_id": " "}, "kafka.group_id: String should have at least 1 character"),  # librdkafka aborted
     ({"kafka.client": "confluent", "kafka.topic_pattern": r"(?!tsmon\.).*", "kafka.topics": ""},
      "kafka.topic_pattern: librdkafka's regular expressions have no (?...) groups"),
+    # the confluent review: "\d" is no POSIX class, and the daemon waited with no input and no error
+    ({"kafka.client": "confluent", "kafka.topic_pattern": r"sensors\.\d+", "kafka.topics": ""},
+     r"kafka.topic_pattern: librdkafka's regular expressions (POSIX) have no \d"),
     ({"kafka.client": "confluent", "kafka.request_timeout_ms": 400_000},
      "kafka.request_timeout_ms: at most 300000 with client = \"confluent\" (librdkafka's range)"),
     # a review: a stream 20 % slower had every interval a gap for good (the drift, under the tolerance, is none)

@@ -248,6 +248,87 @@ def test_the_librdkafka_sink_keeps_a_keys_last_message_its_newest(rdkafka: type[
     assert [v for _t, _k, v in sink._producer.log] == [b"resolved", b"firing", b"resolved"] and sink.pending == 0
 
 
+def test_a_fatal_librdkafka_producer_is_replaced_not_raised(rdkafka: type[ScriptedRdkafka]) -> None:
+    """The confluent review, on librdkafka's mock cluster: a fatal idempotent producer raised KafkaException out of
+    send's poll(0) and flush (neither a BrokerError nor back-pressure: the daemon stopped), and its messages' errors
+    carry the _FATAL code with fatal() false, so the producer was never replaced and every later flush failed."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from monitor.confluent import ConfluentSink
+
+    made: list[Any] = []
+
+    class FatalFirst(ScriptedRdkafka):
+        def __init__(self, conf: dict[str, Any]) -> None:
+            super().__init__(conf)
+            made.append(self)
+            self.fatal = len(made) == 1
+
+        def poll(self, _timeout: float) -> int:
+            if self.fatal and self.queued:
+                raise KafkaException(KafkaError(KafkaError._FATAL, "out of order sequence", fatal=True))
+            return 0
+
+        def flush(self, timeout: float) -> int:
+            if not self.fatal:
+                return super().flush(timeout)
+            for _outcome, _message, report in self.queued:
+                report(KafkaError(KafkaError._FATAL), None)  # the code, fatal() false
+            self.queued = []
+            raise KafkaException(KafkaError(KafkaError._FATAL, fatal=True))
+
+    import confluent_kafka
+
+    confluent_kafka.Producer = FatalFirst  # type: ignore[misc]  # (the fixture restores it)
+    sink = ConfluentSink({"bootstrap_servers": ["127.0.0.1:9"]})
+    sink.send(OutMessage("alerts", b"dev-1", b"firing"))  # poll(0) raised here
+    sink.flush(5.0)
+    assert len(made) == 2 and made[1].log == [("alerts", b"dev-1", b"firing")] and sink.pending == 0
+
+
+def test_a_message_given_up_while_a_flush_resends_it_is_not_waited_for(rdkafka: type[ScriptedRdkafka]) -> None:
+    """The confluent review: a message first kept unsent (the queue was full) and refused for good when the flush
+    sent it again was given up and counted, but stayed in the list as "open": every later flush failed (no commit,
+    input paused until a restart)."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from monitor.confluent import ConfluentSink
+
+    class FullThenRefusing(ScriptedRdkafka):
+        full = True
+
+        def produce(self, topic: str, value: bytes, key: bytes | None = None, headers: Any = None,
+                    on_delivery: Any = None) -> None:
+            if value == b"first" and FullThenRefusing.full:
+                FullThenRefusing.full = False
+                raise BufferError("queue full")
+            if value == b"huge":
+                raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+            super().produce(topic, value, key, headers, on_delivery)
+
+    import confluent_kafka
+
+    confluent_kafka.Producer = FullThenRefusing  # type: ignore[misc]
+    lost: list[str] = []
+    sink = ConfluentSink({"bootstrap_servers": ["127.0.0.1:9"]}, on_undeliverable=lambda _m, why: lost.append(why))
+    sink.send(OutMessage("dlq", b"a", b"first"))  # the queue is full: kept, and the next ones wait behind it
+    sink.send(OutMessage("dlq", b"b", b"huge"))
+    sink.flush(5.0)
+    sink.flush(5.0)
+    assert len(lost) == 1 and sink.pending == 0 and sink._producer.log == [("dlq", b"a", b"first")]
+
+
+def test_both_clients_send_messages_up_to_the_same_size(rdkafka: type[ScriptedRdkafka]) -> None:
+    """The confluent review, on the broker: a 1 010 000-byte message (a large document, the dead letter of a near
+    1 MB input) was delivered by kafka-python and given up and paged by librdkafka (its limit 1 000 000 bytes)."""
+    from kafka.producer.kafka import KafkaProducer
+
+    from monitor.confluent import ConfluentSink
+
+    sink = ConfluentSink({"bootstrap_servers": ["127.0.0.1:9"]})
+    assert sink._conf["message.max.bytes"] == KafkaProducer.DEFAULT_CONFIG["max_request_size"] == 1_048_576
+
+
 class StuckKeyProducer(ScriptedProducer):
     """``fail…`` values fail at once (retriable); every other message stays in flight (a partition not answering)."""
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from monitor.source import POLL_SLICE_MS, InRecord, KafkaSource
+from monitor.source import POLL_SLICE_MS, TP, InRecord, KafkaSource
 
 
 class SleepyConsumer:
@@ -402,3 +402,40 @@ def test_a_corrupt_batch_is_dropped_from_the_fetcher_so_the_next_poll_does_not_s
     retry.join(5)
     assert answered == [[]]  # returned (nothing buffered: the next fetch reads from position 0 again)
     assert subscription.assignment[tp].position.offset == 0  # nothing skipped
+
+
+def test_a_kafka_exception_of_our_rebalance_callback_on_librdkafka_is_raised_as_itself(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """confluent-kafka re-raises a callback's exception out of consume(): a KafkaException (a fatal producer's, from
+    the revoke's flush) was taken for a consume error and retried as a BrokerError, the daemon going on after a
+    revoke that stopped half way (the confluent review). It is raised as itself, as with kafka-python."""
+    confluent_kafka = pytest.importorskip("confluent_kafka")
+    from confluent_kafka import KafkaError, KafkaException
+
+    from monitor.confluent import ConfluentSource
+
+    class RevokingConsumer:
+        def __init__(self, _conf: dict[str, Any]) -> None:
+            self.callbacks: dict[str, Any] = {}
+
+        def subscribe(self, _topics: list[str], **callbacks: Any) -> None:
+            self.callbacks = callbacks
+
+        def unassign(self) -> None:
+            pass
+
+        def consume(self, num_messages: int, timeout: float) -> list[Any]:
+            self.callbacks["on_revoke"](self, [])  # a rebalance served inside consume: its error comes out here
+            return []
+
+    fatal = KafkaException(KafkaError(KafkaError._FATAL, "out of order sequence", fatal=True))
+
+    def on_revoke(_tps: list[TP]) -> None:
+        raise fatal
+
+    monkeypatch.setattr(confluent_kafka, "Consumer", RevokingConsumer)
+    src = ConfluentSource({"bootstrap_servers": ["127.0.0.1:9"], "group_id": "g"}, ["in"], None, on_revoke,
+                          lambda _tps: None)
+    with pytest.raises(KafkaException) as raised:
+        src.poll(0)
+    assert raised.value is fatal
