@@ -228,7 +228,7 @@ def test_records_after_a_bad_batch_are_read_again_from_it_not_taken_past_it() ->
             self.sought.append((tp.topic, tp.partition, tp.offset))
 
     src = ConfluentSource.__new__(ConfluentSource)
-    src._consumer, src._max, src._bad = Consumer(), 10, {}
+    src._consumer, src._max, src._bad, src._callback_error = Consumer(), 10, {}, None
     assert [(r.partition, r.offset) for r in src.poll(0)] == [(0, 0), (1, 7)]
     assert Consumer.sought == [("t", 0, 1), ("t", 2, 4)]
     raised = []
