@@ -76,7 +76,8 @@ class Intake(DaemonState):
         (a record of 140 samples at hop 1 makes 140 windows), at most ``kafka.max_poll_records``; 0 when not
         even one fits (the loop then waits for the scorer instead of polling: nothing is paused, so the client
         keeps what it fetched), except that with nothing waiting one record is taken however many windows it
-        makes. One while nothing is known about the records' size, twice as many after each dead letter meanwhile. A pause (``_hold_input``) is left for records that make more windows than learnt."""
+        makes. One while nothing is known about the records' size, twice as many after each dead letter meanwhile.
+        A pause (``_hold_input``) is left for records that make more windows than learnt."""
         room = self.cfg.batch.pending_limit - self.processor.pending
         per = self.processor.windows_per_record
         if per is None:

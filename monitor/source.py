@@ -191,9 +191,11 @@ class KafkaSource:
                 message = f"cannot read the input: {describe(exc)}"
                 if (named := NAMED_PARTITION.search(str(exc))) is not None:  # a corrupt batch names its partition
                     raise PartitionUnreadable(message, (named[1], int(named[2]))) from None
-                if parsing is not None and (decoding or isinstance(exc, CorruptRecordError)):  # else the one whose
-                    raise PartitionUnreadable(message, parsing) from None  # records it was parsing (a header key
-                raise BrokerError(message) from None  # not UTF-8: CorruptRecordError naming no partition)
+                # else the partition whose records it was parsing (a header key not UTF-8: a CorruptRecordError
+                # naming no partition)
+                if parsing is not None and (decoding or isinstance(exc, CorruptRecordError)):
+                    raise PartitionUnreadable(message, parsing) from None
+                raise BrokerError(message) from None
             self._raise_callback_error()
             if batches or left_ms <= piece:
                 break
