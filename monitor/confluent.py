@@ -235,6 +235,10 @@ class ConfluentSource:
         except KafkaException as exc:
             self._raise_callback_error()
             raise BrokerError(f"consume failed: {exc}") from None
+        except BaseException as exc:  # the callback's own error, out of consume(): not to be raised again later
+            if exc is self._callback_error:
+                self._callback_error = None
+            raise
         self._raise_callback_error()
         out, failed = [], {}
         for m in messages:
@@ -541,9 +545,12 @@ class ConfluentSink:
     def close(self, timeout_s: float) -> None:
         """Deliver what is in flight within ``timeout_s``; what is not acknowledged by then is purged (it was
         never committed past, so it is replayed)."""
+        from confluent_kafka import KafkaException
+
         try:
             self.flush(timeout_s)
         except SinkBackpressure:
-            self._producer.purge()
-            self._producer.flush(0)
+            with contextlib.suppress(KafkaException):  # a fatal producer raises from these too
+                self._producer.purge()
+                self._producer.flush(0)
             raise

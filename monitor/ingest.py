@@ -152,7 +152,10 @@ class Ingest(ProcessorState):
         st.silent_ts, st.dirty = None, True
         when = (f"{(first - silent) / 1000:.0f} s after" if first > silent else "stamped before") + \
             f" its last sample before the silence ({iso(silent)})"
-        self._quality(st.quality.event("resumed", first, f"data again at {iso(first)}, {when}"))
+        # the silence's count in its id, as silent's: the same old samples sent again after a second silence gave
+        # the first one's id, and deduplicated, "silent" stayed the last word for a stream that is alive
+        self._quality(st.quality.event("resumed", first, f"data again at {iso(first)}, {when}",
+                                       nth=max(0, st.silences - 1)))
 
     def _append(self, stream: str, items: list[tuple[InRecord, SampleBlock]], done: set[int]) -> float:
         """Order-check the blocks, then window, hold and batch them together (vectorised per poll); returns

@@ -622,3 +622,10 @@ def test_silent_after_s_defaults_to_ten_minutes_and_takes_none() -> None:
     assert load_config(None, {}, {"TSMON_QUALITY__SILENT_AFTER_S": "none"}).quality.silent_after_s is None
     with pytest.raises(ConfigError, match="quality.silent_after_s"):
         load_config(None, {"quality.silent_after_s": 0}, {})
+
+
+def test_gnu_classes_librdkafka_does_have_are_taken_in_a_confluent_pattern() -> None:
+    """Its review, on librdkafka 2.16: \\w, \\s and \\b match (glibc's regcomp), only \\d does not."""
+    cfg = load_config(None, {"kafka.client": "confluent", "kafka.topic_pattern": r"sensors\.\w+", "kafka.topics": ""},
+                      env={})
+    assert cfg.kafka.topic_pattern == r"sensors\.\w+"

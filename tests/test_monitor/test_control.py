@@ -725,6 +725,14 @@ def test_a_stream_that_stops_sending_is_reported_silent_once_and_resumed_when_it
     # by id, it was dropped and "resumed" stayed the last word; the observability review)
     assert told[0]["ts"] == told[2]["ts"] and told[0]["event_id"] != told[2]["event_id"]
     assert p.streams["dev-s"].quality.counts["resumed"] == 2  # once per silence
+    again = make()  # the same old samples sent after each of two silences: two resumed events of one ts, each
+    again.settings = Settings(silent_after_s=600.0)  # with its own id (deduplicated, "silent" stayed the last word)
+    feed(again, records("dev-a", ts[:1000], v[:1000]))
+    for k in range(2):
+        again.evict_idle(time.monotonic() + 650)
+        feed(again, records("dev-a", ts[900:1000], v[900:1000], first_offset=(k + 1) * 1000))
+    resumed = [e for e in quality_events(again) if e["kind"] == "resumed"]
+    assert len(resumed) == 2 and resumed[0]["ts"] == resumed[1]["ts"] and resumed[0]["event_id"] != resumed[1]["event_id"]
     woken = make()  # evicted silent, then woken by a command: its row showed no last sample, "silent" or not
     woken.settings = Settings(silent_after_s=600.0)
     feed(woken, records("dev-w", ts[:1000], v[:1000]))

@@ -257,11 +257,11 @@ def test_a_stream_sampled_more_slowly_than_gap_ms_is_told_so() -> None:
 
 
 def test_a_rate_drift_is_found_and_stamped_alike_however_the_samples_are_grouped() -> None:
-    """Checked once per block on its last 64 intervals, the event's time (and id, which replays deduplicate by)
+    """Checked once per block on its last 64 intervals, the event's time (and id, which consumers deduplicate by)
     depended on how records fell into polls (…019980, …011580, …010980 for polls of 50, 3 and 1 records; the
     observability review), and a slowdown inside one block went unseen. Every 64 intervals now, counted across
-    blocks, judged at the sample that completes them (the period is learnt from the first poll, which the daemon
-    cuts where it is learnt: StreamQuality.period_to_learn)."""
+    blocks from the poll that taught the period, judged at the sample that completes them (that poll is the same
+    here each time: its size sets where the count starts, and a restart starts it again)."""
     ts = 1_000_000 + np.cumsum(np.r_[0, np.full(500, PERIOD), np.full(200, 2 * PERIOD), np.full(500, PERIOD)])
     found = []
     for size in (1000, 50, 7, 1):

@@ -412,6 +412,7 @@ def test_a_kafka_exception_of_our_rebalance_callback_on_librdkafka_is_raised_as_
     confluent_kafka = pytest.importorskip("confluent_kafka")
     from confluent_kafka import KafkaError, KafkaException
 
+    from models.errors import BrokerError
     from monitor.confluent import ConfluentSource
 
     class RevokingConsumer:
@@ -439,3 +440,10 @@ def test_a_kafka_exception_of_our_rebalance_callback_on_librdkafka_is_raised_as_
     with pytest.raises(KafkaException) as raised:
         src.poll(0)
     assert raised.value is fatal
+    # any other error of it comes out of consume() as itself, once: kept, the next poll raised it again and dropped
+    # the records consume() had handed over (its review)
+    fatal = BrokerError("commit failed")  # type: ignore[assignment]
+    with pytest.raises(BrokerError):
+        src.poll(0)
+    RevokingConsumer.consume = lambda self, num_messages, timeout: []  # type: ignore[method-assign,assignment]
+    assert src.poll(0) == []
