@@ -110,6 +110,8 @@ class Metrics:
                                 registry=r)
         self.snapshots = Counter("tsmon_state_snapshots", "Stream states written to the changelog", registry=r)
         self.restore_seconds = Gauge("tsmon_state_restore_seconds", "Time the last state restore took", registry=r)
+        self.restore_incomplete = Gauge("tsmon_state_restore_incomplete", "1 while the last state restore was cut "
+                                        "short (streams it did not reach run provisionally), else 0", registry=r)
         self.documents = Gauge("tsmon_state_documents", "Changelog documents held for streams not in memory "
                                "(evicted, or not seen since the last restore)", registry=r)
         self.forgotten = Counter("tsmon_state_forgotten", "Documents of streams unseen for state.forget_after_s "

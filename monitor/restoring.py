@@ -213,6 +213,7 @@ class Restore:
         self.processor.restore_incomplete = not log_.complete
         dormant = self.processor.adopt(self.source.assignment())
         self.metrics.restore_seconds.set(log_.seconds)
+        self.metrics.restore_incomplete.set(0 if log_.complete else 1)  # only logs said so (the observability review)
         (log.info if log_.complete else log.error)(
             "state_restored" if log_.complete else "state_restore_incomplete", streams=len(log_.docs), dormant=dormant,
             records=log_.records, seconds=round(log_.seconds, 3), frozen_all=self.calibrator.frozen_all,

@@ -1287,8 +1287,10 @@ def test_a_restore_cut_short_does_not_fix_the_groups_freeze_from_an_older_docume
     restore(older, complete=False)
     c.save_global()  # as after any command: nothing written while the group's state is not known
     assert not p.calibrator.frozen_all and not c.global_known and p.outbox.documents.get(GLOBAL_KEY) is None
+    assert p.metrics.snapshot()["tsmon_state_restore_incomplete"] == 1  # only the logs said so (a review)
     restore(newer, complete=True)
     assert p.calibrator.frozen_all and c.global_known and {"a", "freeze-all"} <= set(c.seen.ids(10_000))
+    assert p.metrics.snapshot()["tsmon_state_restore_incomplete"] == 0
     q = make()
     q.settings = Settings(state_topic="state")
     d = controller(q)
