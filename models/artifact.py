@@ -233,7 +233,7 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
         usual = _channel_usual(m.get("validation_channel_error_median", []), len(names))
     except KeyError as exc:
         raise ArtifactError(f"incompatible artifact {root}: manifest lacks {exc}") from None
-    except (ModelConfigError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: float(10**400)
+    except (ModelConfigError, TypeError, ValueError) as exc:  # (no float(10**400): read_manifest bounds integers)
         raise ArtifactError(f"incompatible artifact {root}: {exc}"[:300]) from None
     d = model.config.window * model.config.channels
     for name, buf in state.items():  # PCA buffers are sized at fit time: only the components' count is free

@@ -194,22 +194,24 @@ class StreamQuality:
             return []
         # every CHECK_EVERY intervals counted across polls, judged at the sample that completes them: checked once per
         # poll on its last 64 intervals, the event's time and id depended on how records were grouped into polls (a
-        # replay read in other polls sent it again under another id), and a slowdown inside one poll went unseen
+        # replay read in other polls sent it again under another id), and a slowdown inside one poll went unseen.
+        # The steps' medians in one numpy call (a 10 000-sample chunk is 156 steps)
+        have = self._new_diffs  # the newest intervals, of a step not complete yet
+        left = np.fromiter(itertools.islice(self._diffs, len(self._diffs) - have, None), "float64", have)
+        pending = np.concatenate((left, d))
+        steps = len(pending) // CHECK_EVERY
+        self._diffs.extend(d[-(self._diffs.maxlen or len(d)):].tolist())  # only the newest are read again
+        self._new_diffs = len(pending) - steps * CHECK_EVERY
+        medians = np.median(pending[: steps * CHECK_EVERY].reshape(steps, CHECK_EVERY), axis=1) if steps else ()
         events: list[QualityEvent] = []
-        i = 0
-        while i < len(d):
-            take = min(len(d) - i, CHECK_EVERY - self._new_diffs)
-            self._diffs.extend(d[i : i + take].tolist())
-            self._new_diffs, i = self._new_diffs + take, i + take
-            if self._new_diffs >= CHECK_EVERY:
-                self._new_diffs = 0
-                events += self._check(int(ends[i - 1]))
+        for step, recent in enumerate(medians):
+            events += self._check(float(recent), int(ends[(step + 1) * CHECK_EVERY - have - 1]))
         return events
 
-    def _check(self, end_ts: int) -> list[QualityEvent]:
-        """The sample rate of the last CHECK_EVERY intervals against the learnt one: ``rate_drift`` when it drifts."""
+    def _check(self, recent: float, end_ts: int) -> list[QualityEvent]:
+        """The sample rate of a step of CHECK_EVERY intervals (their median ``recent``) against the learnt one:
+        ``rate_drift`` when it drifts."""
         assert self.period_ms is not None
-        recent = float(statistics.median(itertools.islice(self._diffs, len(self._diffs) - CHECK_EVERY, None)))
         self._recent_period = recent
         change = recent / self.period_ms - 1 if self.period_ms > 0 else 0.0
         was, self._drifting = self._drifting, abs(change) > self.rate_tolerance

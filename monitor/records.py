@@ -58,7 +58,8 @@ class BadRecord:
     detail: str
 
 
-def _reject_constant(name: str) -> float:
+def reject_constant(name: str) -> float:
+    """``parse_constant`` for JSON that must hold numbers only: NaN, Infinity and -Infinity are refused."""
     raise ValueError(f"{name} is not a number")
 
 
@@ -121,7 +122,7 @@ def parse(value: bytes | None, key: bytes | None = None, limits: Limits = Limits
     try:
         # UTF-8 only, strictly: json.loads(bytes) guessed UTF-16/32 and let encoded surrogates through. A UTF-8
         # byte-order mark is skipped, as RFC 8259 lets a parser do (.NET and PowerShell writers put one)
-        doc = json.loads(value.decode("utf-8-sig"), parse_constant=_reject_constant)
+        doc = json.loads(value.decode("utf-8-sig"), parse_constant=reject_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, NaN literal, deep nesting
         # a NaN literal, or an integer of more digits than Python converts (valid JSON, beyond any float)
         reason = "non_finite" if "is not a number" in str(exc) or "integer string conversion" in str(exc) \

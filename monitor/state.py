@@ -16,6 +16,7 @@ from typing import Any
 
 from models.errors import BrokerError, describe
 from monitor import logs
+from monitor.records import reject_constant
 from monitor.source import from_record_code
 from monitor.topics import partition_reader
 
@@ -127,10 +128,6 @@ def _keep(docs: dict[str, dict[str, Any]], key: bytes | None, value: bytes | Non
     return True
 
 
-def _no_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number a state document holds")
-
-
 def _finite(text: str) -> float:
     x = float(text)
     if not math.isfinite(x):
@@ -142,7 +139,7 @@ def parse_document(value: bytes) -> Any:
     """A changelog record's JSON, refusing NaN, Infinity and numbers past float's range (``1e400``): documents are
     written with ``allow_nan=False``, so one taken in with such a value (a foreign or damaged writer's) made the
     stream's next document raise and stopped the daemon — after every restart, as the record stayed the latest."""
-    return json.loads(value, parse_constant=_no_constant, parse_float=_finite)
+    return json.loads(value, parse_constant=reject_constant, parse_float=_finite)
 
 
 def fresh_epoch(now_s: float) -> int:
