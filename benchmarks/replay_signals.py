@@ -5,7 +5,7 @@ series; not part of the product). Settings are chosen per kind of signal, never 
 the test part: see README "Recommended settings per signal type" (ECG: ``for = 1`` in the daemon config,
 one abnormal beat being the event; ``--defaults`` replays every signal with the daemon's defaults).
 
-    .venv/bin/python benchmarks/replay_signals.py [--only NAME ...] [--out runs/replay-signals]
+    .venv/bin/python benchmarks/replay_signals.py [--only NAME ...] [--out runs/replay-signals] [--train-arg=ARG ...]
 
 Prints one JSON line per signal (model and baseline figures, training seconds).
 """
@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--seconds", default="30")
     ap.add_argument("--reuse", action="store_true", help="replay-evaluate models already trained under --out")
     ap.add_argument("--defaults", action="store_true", help="daemon defaults for every signal (ECG: for = 2)")
+    ap.add_argument("--train-arg", action="append", default=[], metavar="ARG",
+                    help="passed on to every `tsmon train` (repeat; e.g. --train-arg=--param --train-arg=embedding=64)")
     a = ap.parse_args()
     if not MITDB.exists():
         subprocess.run([sys.executable, str(Path(__file__).with_name("prepare_mitdb.py")), "--out", str(MITDB)],
@@ -64,7 +66,7 @@ def main() -> None:
             continue
         model = a.out / name / "model"
         if not (a.reuse and (model / "manifest.json").exists()):
-            p = tsmon("train", "--data", *s["data"], *s["train"], "--out", str(model))
+            p = tsmon("train", "--data", *s["data"], *s["train"], *a.train_arg, "--out", str(model))
             if p.returncode:
                 sys.exit(f"{name}: training failed: {p.stderr[-1000:]}")
         config: list[str] = []
