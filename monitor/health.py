@@ -9,6 +9,7 @@ callable that raises answers 500 and the server goes on.
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import json
 import select
@@ -35,6 +36,9 @@ MAX_PER_CLIENT = 16  # of them from one address (not loopback): 64 idle connecti
 REQUEST_DEADLINE_S = 10.0  # a connection is cut this long after it was accepted, however it trickles
 EVICT_WAIT_S = 0.5  # longest the accepting thread waits for the slot of a connection it cut for a newcomer
 READ_TIMEOUT_S = 2.0  # a client silent this long (its request not sent) is cut: idle connections held slots 10 s
+MAX_HEAD_BYTES = 16 << 10  # request line and headers: the stdlib's 100 lines of 64 KB let 64 requests take 1 GB
+LISTEN_BACKLOG = 1024  # connections the kernel queues: at the stdlib's 5 a flood dropped SYNs, each retried 1 s
+# later — the kubelet's probe timeout — and 9 of 30 liveness probes went unanswered
 
 
 class HealthServer:
@@ -51,8 +55,10 @@ class HealthServer:
             "/metrics": self._metrics,
             "/healthz": lambda: _probe(health),
             "/readyz": lambda: _probe(ready),
-            "/streams": lambda: _json(200, {"streams": streams()}),
+            "/streams": lambda: self._streams(streams()),
         }
+        self._body_lock = threading.Lock()
+        self._body: tuple[list[dict[str, Any]], bytes] | None = None  # the last rows served, as sent
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -96,6 +102,16 @@ class HealthServer:
         host, port = self.address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
+    def _streams(self, rows: list[dict[str, Any]]) -> tuple[int, str, bytes]:
+        """/streams: the body is made once per rows list (the daemon hands out a new list when it rebuilds them)
+        and a row at a time: one ``json.dumps`` of 10 000 rows (5 MB) held the GIL, and so the scoring loop, for
+        55–225 ms per request, and every client paid it again."""
+        with self._body_lock:  # a second client of the same rows waits for the body instead of making it again
+            if self._body is None or self._body[0] is not rows:
+                parts = [json.dumps(row, default=str) for row in rows]  # a C call per row: the loop runs between
+                self._body = rows, ('{"streams": [' + ", ".join(parts) + "]}\n").encode()
+            return 200, JSON, self._body[1]
+
     def _metrics(self) -> tuple[int, str, bytes]:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
 
@@ -128,6 +144,7 @@ class _Server(ThreadingHTTPServer):
     threads, and 64 idle connections from one client kept every probe out for 10 s at a time."""
 
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int], owner: HealthServer) -> None:
         self.owner = owner
@@ -241,10 +258,40 @@ def _cut(request: socket.socket) -> None:
         pass  # already closed
 
 
+class _HeadReader:
+    """The request's input as the handler reads its head: at most ``MAX_HEAD_BYTES`` in all, past which a line
+    reads as too long (the handler answers 431, or 414 for the request line)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.left = raw, MAX_HEAD_BYTES
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self.raw.readline(self.left + 1 if size < 0 else min(size, self.left + 1))
+        self.left -= len(line)
+        if self.left < 0:
+            raise http.client.LineTooLong(f"request head over {MAX_HEAD_BYTES} bytes")
+        return line
+
+    def __getattr__(self, name: str) -> Any:  # read, close, ...: the file's own
+        return getattr(self.raw, name)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = f"tsmon/{__version__}"
     timeout = READ_TIMEOUT_S  # seconds a silent client may hold its thread (per read; the deadline bounds it all)
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = _HeadReader(self.rfile)  # type: ignore[assignment]
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except http.client.LineTooLong:  # the request line itself (the headers' is answered 431 by parse_request)
+            self.requestline, self.request_version, self.command = "", "", ""
+            self.send_error(414, f"request line over {MAX_HEAD_BYTES} bytes")
+            self.close_connection = True
 
     def parse_request(self) -> bool:
         ok = super().parse_request()  # the request line and headers are in: no longer a connection to cut
@@ -253,16 +300,23 @@ class _Handler(BaseHTTPRequestHandler):
         return ok
 
     def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def do_HEAD(self) -> None:  # curl -I and uptime checkers: the GET's status and headers (it was 501, in HTML)
+        self._answer(body=False)
+
+    def _answer(self, body: bool) -> None:
         # the request is in: the answer may take the rest of the deadline (which the cut bounds) to be read — the
         # read timeout applied to the whole write, and cut a 6 MB /streams read at 1 MB/s (regression review)
         self.connection.settimeout(REQUEST_DEADLINE_S)
-        status, content_type, body = self.server.owner.respond(self.path)
+        status, content_type, content = self.server.owner.respond(self.path)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(content)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
-        self.wfile.write(body)
+        if body:
+            self.wfile.write(content)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http_request", client=self.address_string(), line=format % args)

@@ -512,3 +512,91 @@ def test_a_large_answer_read_slowly_arrives_whole(server: HealthServer, stubs: S
     _, _, body = got.partition(b"\r\n\r\n")
     assert len(json.loads(body)["streams"]) == 4000
     assert time.monotonic() - start > 2.5, "not slow enough to test anything"
+
+
+def test_streams_body_is_made_once_per_rows_list_a_row_at_a_time(server: HealthServer, stubs: Stubs,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """One json.dumps of 10 000 rows held the GIL — and so the scoring loop — for 55–225 ms per request, and every
+    client paid it again (a review). The body is made once per rows list the daemon hands out (a new list when it
+    rebuilds them), a row per call, and is the JSON it was."""
+    from monitor import health
+
+    calls: list[object] = []
+    dumps = json.dumps
+
+    def counting(obj: object, **kw: Any) -> str:
+        calls.append(obj)
+        return dumps(obj, **kw)
+
+    monkeypatch.setattr(health.json, "dumps", counting)
+    first = get(server.url + "/streams")[2]
+    assert first == (dumps({"streams": ROWS}, default=str) + "\n").encode()
+    assert calls == ROWS  # a call per row, never one for all of them
+    assert get(server.url + "/streams")[2] == first and len(calls) == len(ROWS)  # the same list: not made again
+    stubs.rows = [dict(ROWS[1])]  # rebuilt by the loop: a new list
+    assert json.loads(get(server.url + "/streams")[2]) == {"streams": [ROWS[1]]}
+    stubs.rows = []
+    assert json.loads(get(server.url + "/streams")[2]) == {"streams": []}
+
+
+def _raw(server: HealthServer, request: bytes) -> bytes:
+    host, port = server.address
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(request)
+        got = b""
+        while chunk := s.recv(65_536):
+            got += chunk
+    return got
+
+
+def test_a_request_head_over_16_kb_is_refused_and_a_normal_one_served(server: HealthServer) -> None:
+    """The stdlib took 100 header lines of 64 KB each: 64 such requests at once took the daemon from 380 MB to
+    1.25 GB (a review). The head is capped at MAX_HEAD_BYTES: 431 for headers, 414 for the request line."""
+    from monitor.health import MAX_HEAD_BYTES
+
+    headers = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(MAX_HEAD_BYTES // 1000 + 1))
+    assert _raw(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n").startswith(b"HTTP/1.0 431")
+    long_line = b"GET /healthz?" + b"q" * MAX_HEAD_BYTES + b" HTTP/1.1\r\n\r\n"
+    assert _raw(server, long_line).startswith(b"HTTP/1.0 414")
+    fits = headers[: MAX_HEAD_BYTES // 2]
+    fits = fits[: fits.rindex(b"\r\n") + 2]
+    assert _raw(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + fits + b"\r\n").startswith(b"HTTP/1.0 200")
+    assert get(server.url + "/healthz")[0] == 200
+
+
+def test_head_answers_the_gets_status_and_headers_without_a_body(server: HealthServer) -> None:
+    """curl -I and uptime checkers send HEAD: it was 501 with an HTML body."""
+    conn = http.client.HTTPConnection(*server.address, timeout=5)
+    conn.request("HEAD", "/readyz")
+    resp = conn.getresponse()
+    assert (resp.status, resp.getheader("Content-Type"), resp.read()) == (503, "application/json", b"")
+    assert int(resp.getheader("Content-Length")) == len(get(server.url + "/readyz")[2])
+    conn.close()
+
+
+def test_the_listen_queue_takes_a_burst_of_connections_while_none_is_accepted(stubs: Stubs, metrics: Metrics) -> None:
+    """At the stdlib's backlog of 5 a connection flood dropped SYNs, each retried 1 s later — the kubelet's probe
+    timeout — and 9 of 30 liveness probes went unanswered (a review). Here the server accepts nothing (not
+    serving yet): 64 connections must still be queued by the kernel, not left retrying."""
+    import select as sel
+
+    from monitor.health import _Server
+
+    owner = HealthServer("127.0.0.1", 0, metrics.registry, stubs.health, stubs.readiness, stubs.streams)
+    server = _Server(("127.0.0.1", 0), owner)  # listening, never served
+    clients = []
+    try:
+        for _ in range(64):
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(server.server_address)
+            clients.append(c)
+        deadline, pending = time.monotonic() + 0.8, set(clients)
+        while pending and time.monotonic() < deadline:
+            _, done, _ = sel.select([], list(pending), [], 0.05)
+            pending -= {c for c in done if c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0}
+        assert not pending, f"{len(pending)} of 64 connections not queued within 0.8 s"
+    finally:
+        for c in clients:
+            c.close()
+        server.server_close()
