@@ -158,6 +158,8 @@ def test_kubernetes_manifests(tmp_path: Path) -> None:
     # liveness must not be /readyz: a broker outage makes the daemon not-ready, and it must not be restarted for it
     paths = {p: c[p]["httpGet"]["path"] for p in ("startupProbe", "livenessProbe", "readinessProbe")}
     assert paths == {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+    assert all(c[p]["timeoutSeconds"] >= 3 for p in paths)  # the kubelet's 1 s is one SYN retry under a flood
+    assert docs["Service"]["spec"]["publishNotReadyAddresses"] is True  # status in an outage, when all are unready
     server = HealthServer("127.0.0.1", 0, Metrics().registry, lambda: (True, ""), lambda: (True, ""), list)
     assert all(server.respond(p)[0] == 200 for p in paths.values())  # endpoints the daemon serves
     assert pod["securityContext"]["runAsNonRoot"] is True
