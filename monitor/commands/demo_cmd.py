@@ -59,7 +59,7 @@ def _stream_time(a: dict[str, Any]) -> int:
 
 
 def ensure_demo_model(path: Path) -> None:
-    """Reuse the cached ECG5000 model, or train the default one (1 to 4 minutes on 2 CPU cores)."""
+    """Reuse the cached ECG5000 model, or train the default one (4 to 5 minutes on 2 idle CPU cores)."""
     if (path / "manifest.json").is_file():
         return
     log.warning("training_demo_model", path=str(path), note="first run only; later runs reuse it")

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from models.train import EpochStats
+from monitor import logs
+
+if TYPE_CHECKING:
+    from models.train import EpochStats
 
 console = Console(stderr=True)
 stdout = Console()
+log = logs.get("tsmon.train")
+EPOCH_LOG_S = 30.0  # without a terminal (CI, nohup, a pipe) the bar draws nothing: an `epoch` log line this often
 
 
 
@@ -54,9 +60,16 @@ def epoch_progress(epochs: int, label: str) -> Iterator[Any]:
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(label, total=epochs, losses="")
 
+        logged = time.monotonic()
+
         def on_epoch(s: EpochStats) -> None:
+            nonlocal logged
             bar.update(task, completed=s.epoch, total=s.epochs,
                        losses=f"train {s.train_loss:.4f}  val {s.val_loss:.4f}  best {s.best_val_loss:.4f}")
+            if not console.is_terminal and time.monotonic() - logged >= EPOCH_LOG_S:  # a first run's demo trained
+                logged = time.monotonic()  # for minutes with nothing in its log after `training` (a new user's pass)
+                log.info("epoch", model=label, epoch=s.epoch, epochs=s.epochs, train_loss=round(s.train_loss, 5),
+                         val_loss=round(s.val_loss, 5), best_val_loss=round(s.best_val_loss, 5))
 
         yield on_epoch  # an early stop or the time budget leaves the bar at the epoch reached, of the epochs allowed
         # (it was set full, and a run the budget cut read as finished: the 'trained' line says why it stopped)

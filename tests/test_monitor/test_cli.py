@@ -1205,3 +1205,48 @@ def test_numbers_past_what_an_option_can_take_are_usage_errors_not_tracebacks(
     with pytest.raises(DataError) as exc:
         read_series(path)
     assert len(str(exc.value)) < 300  # the cell is cut (a 2 MB line before)
+
+
+@pytest.mark.parametrize("args", [["ctl", "pin", "--help"], ["status", "--help"], ["--log-level", "INFO", "tail",
+                                                                                       "--help"], ["broker", "--help"]])
+def test_operator_commands_do_not_import_torch_or_pandas(args: list[str]) -> None:
+    """Every command imported torch and pandas first: `tsmon ctl` waited ~3 s (10 s under load) before doing
+    anything, and `ctl --timeout 3` against a dead broker took 11.7 s (a new user's pass)."""
+    code = ("import sys\nfrom monitor.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted({'torch', 'pandas'} & set(sys.modules))\nassert not heavy, heavy\n")
+    p = subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Usage: tsmon" in p.stdout
+
+
+def test_the_whole_cli_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from monitor.cli import LIGHT, command_of
+
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for name in ("train", "eval", "score", "inspect", "broker", "run", "replay", "status", "ctl", "demo",
+                 "replay-eval", "tail", "bench"):
+        assert re.search(rf"│ {re.escape(name)} ", out), name
+    assert command_of(["--log-level", "DEBUG", "--log-format=json", "ctl", "pin"]) == "ctl"
+    assert command_of(["--version"]) is None and set(LIGHT) == {"ctl", "status", "tail", "broker"}
+
+
+def test_training_without_a_terminal_logs_its_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The progress bar draws nothing without a terminal: a first run's `make demo` trained for minutes with
+    nothing in its log after `training` (a new user's pass). An `epoch` line comes every EPOCH_LOG_S."""
+    from structlog.testing import capture_logs
+
+    from models.train import EpochStats
+    from monitor.commands import render
+
+    monkeypatch.setattr(render, "EPOCH_LOG_S", 0.0)
+    with capture_logs() as logged, render.epoch_progress(3, "train lstm") as on_epoch:
+        for e in (1, 2, 3):
+            on_epoch(EpochStats(e, 3, 0.5 / e, 0.4 / e, 0.4 / e, 1.0))
+    epochs = [r for r in logged if r["event"] == "epoch"]
+    assert [(r["epoch"], r["epochs"], r["val_loss"]) for r in epochs] == [(1, 3, 0.4), (2, 3, 0.2), (3, 3, 0.13333)]
+    monkeypatch.setattr(render, "EPOCH_LOG_S", 3600.0)
+    with capture_logs() as logged, render.epoch_progress(3, "train lstm") as on_epoch:
+        on_epoch(EpochStats(1, 3, 0.5, 0.4, 0.4, 1.0))
+    assert not [r for r in logged if r["event"] == "epoch"]  # not more often than that
