@@ -16,6 +16,7 @@ import select
 import socket
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -41,6 +42,12 @@ LISTEN_BACKLOG = 1024  # connections the kernel queues: at the stdlib's 5 a floo
 # later — the kubelet's probe timeout — and 9 of 30 liveness probes went unanswered
 
 
+class Rows(list[dict[str, Any]]):
+    """A ``/streams`` rows list the daemon hands out once built and never changes: its answer is made once."""
+
+    __slots__ = ("__weakref__",)
+
+
 class HealthServer:
     """Serves the daemon's metrics, probes and stream table until :meth:`close`.
 
@@ -58,7 +65,7 @@ class HealthServer:
             "/streams": lambda: self._streams(streams()),
         }
         self._body_lock = threading.Lock()
-        self._body: tuple[list[dict[str, Any]], bytes] | None = None  # the last rows served, as sent
+        self._body: tuple[weakref.ref[Rows], bytes] | None = None  # the last Rows served, as sent
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -103,14 +110,21 @@ class HealthServer:
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def _streams(self, rows: list[dict[str, Any]]) -> tuple[int, str, bytes]:
-        """/streams: the body is made once per rows list (the daemon hands out a new list when it rebuilds them)
-        and a row at a time: one ``json.dumps`` of 10 000 rows (5 MB) held the GIL, and so the scoring loop, for
-        55–225 ms per request, and every client paid it again."""
+        """/streams: the body is made a row at a time, and once per :class:`Rows` (the daemon hands out new ones
+        when it rebuilds them): one ``json.dumps`` of 10 000 rows (5 MB) held the GIL, and so the scoring loop, for
+        55–225 ms per request, and every client paid it again. The body is kept only while its rows live."""
+        if not isinstance(rows, Rows):
+            return 200, JSON, _rows_body(rows)
         with self._body_lock:  # a second client of the same rows waits for the body instead of making it again
-            if self._body is None or self._body[0] is not rows:
-                parts = [json.dumps(row, default=str) for row in rows]  # a C call per row: the loop runs between
-                self._body = rows, ('{"streams": [' + ", ".join(parts) + "]}\n").encode()
+            if self._body is None or self._body[0]() is not rows:
+                self._body = weakref.ref(rows, self._forget), _rows_body(rows)
             return 200, JSON, self._body[1]
+
+    def _forget(self, ref: weakref.ref[Rows]) -> None:
+        """The rows of the body kept are gone (the loop built new ones): so is the body (5 MB at 10 000 streams)."""
+        body = self._body
+        if body is not None and body[0] is ref:
+            self._body = None
 
     def _metrics(self) -> tuple[int, str, bytes]:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
@@ -131,6 +145,15 @@ class HealthServer:
 def _probe(check: Probe) -> tuple[int, str, bytes]:
     ok, reason = check()
     return _json(200 if ok else 503, {"ok": bool(ok), "reason": str(reason)})
+
+
+def _rows_body(rows: list[dict[str, Any]]) -> bytes:
+    """``{"streams": rows}`` as JSON, made a row per call (the loop runs between them) and joined in one copy."""
+    chunks = [b'{"streams": [']
+    for i, row in enumerate(rows):
+        chunks += [b", "] * (i > 0) + [json.dumps(row, default=str).encode()]
+    chunks.append(b"]}\n")
+    return b"".join(chunks)
 
 
 def _json(status: int, body: Any) -> tuple[int, str, bytes]:

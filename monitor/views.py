@@ -15,6 +15,7 @@ from typing import Any
 from models.errors import describe
 from monitor import logs
 from monitor.daemon_state import REBALANCING, DaemonState
+from monitor.health import Rows
 
 log = logs.get("tsmon.daemon")
 
@@ -29,7 +30,7 @@ class Views(DaemonState):
     def _init_views(self) -> None:
         self._beat = time.monotonic()  # the loop's last turn, for /healthz
         self._ready = (False, "starting")
-        self._rows = []  # /streams, refreshed by the loop while someone reads it
+        self._rows = Rows()  # /streams, refreshed by the loop while someone reads it
         self._rows_at = -math.inf  # monotonic time the loop built them
         self._rows_wanted = -math.inf  # ... and /streams was last asked for
         self._rows_built = threading.Event()
@@ -63,7 +64,7 @@ class Views(DaemonState):
             rows, refusing = self.processor.status_rows(self._lags), self._refusing
             for row in rows:  # the per-stream warnings are throttled: here every refused stream is named
                 row["raise_refused"] = refusing.get(row["stream"])
-            self._rows, self._rows_at = rows, time.monotonic()
+            self._rows, self._rows_at = Rows(rows), time.monotonic()  # handed out as is: never changed after
         except Exception as exc:  # noqa: BLE001 — a view, not the data path
             self.processor.throttle.log(log.error, "streams_view_failed", error=describe(exc)[:300],
                                         consequence="/streams answers the rows built before")

@@ -514,12 +514,16 @@ def test_a_large_answer_read_slowly_arrives_whole(server: HealthServer, stubs: S
     assert time.monotonic() - start > 2.5, "not slow enough to test anything"
 
 
-def test_streams_body_is_made_once_per_rows_list_a_row_at_a_time(server: HealthServer, stubs: Stubs,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_streams_body_is_made_once_per_rows_a_row_at_a_time_and_kept_while_they_live(
+        server: HealthServer, stubs: Stubs, monkeypatch: pytest.MonkeyPatch) -> None:
     """One json.dumps of 10 000 rows held the GIL — and so the scoring loop — for 55–225 ms per request, and every
-    client paid it again (a review). The body is made once per rows list the daemon hands out (a new list when it
-    rebuilds them), a row per call, and is the JSON it was."""
+    client paid it again (a review). The body is made once per Rows the daemon hands out (new ones when it rebuilds
+    them), a row per call, is the JSON it was, and is let go with its rows (it kept a 5 MB body and the old rows
+    alive for good: the review of the fix)."""
+    import gc
+
     from monitor import health
+    from monitor.health import Rows
 
     calls: list[object] = []
     dumps = json.dumps
@@ -529,14 +533,23 @@ def test_streams_body_is_made_once_per_rows_list_a_row_at_a_time(server: HealthS
         return dumps(obj, **kw)
 
     monkeypatch.setattr(health.json, "dumps", counting)
+    stubs.rows = Rows(dict(r) for r in ROWS)
     first = get(server.url + "/streams")[2]
     assert first == (dumps({"streams": ROWS}, default=str) + "\n").encode()
     assert calls == ROWS  # a call per row, never one for all of them
-    assert get(server.url + "/streams")[2] == first and len(calls) == len(ROWS)  # the same list: not made again
-    stubs.rows = [dict(ROWS[1])]  # rebuilt by the loop: a new list
+    assert get(server.url + "/streams")[2] == first and len(calls) == len(ROWS)  # the same rows: not made again
+    stubs.rows = Rows([dict(ROWS[1])])  # rebuilt by the loop; the rows before are gone, and their body with them
+    gc.collect()
+    assert server._body is None
     assert json.loads(get(server.url + "/streams")[2]) == {"streams": [ROWS[1]]}
-    stubs.rows = []
+    assert server._body is not None
+    stubs.rows = Rows()
     assert json.loads(get(server.url + "/streams")[2]) == {"streams": []}
+    stubs.rows = [dict(ROWS[0])]  # a plain list may change: made for every request
+    n = len(calls)
+    get(server.url + "/streams")
+    stubs.rows[0]["stream"] = "changed"
+    assert json.loads(get(server.url + "/streams")[2])["streams"][0]["stream"] == "changed" and len(calls) == n + 2
 
 
 def _raw(server: HealthServer, request: bytes) -> bytes:
