@@ -550,3 +550,52 @@ def test_a_single_window_shown_as_major_is_not_learnt_as_noise() -> None:
     state.update(Observation(100, 200, 0, 9, 0.5, 1.0, "calibrated", ch))
     assert state.update(Observation(200, 300, 0, 9, 0.5, 1.0, "calibrated", ch)).censored == 0
     assert s.noise(1, 1.49994) and not s.noise(1, 1.49996)
+
+
+def test_alert_id_formula_is_pinned() -> None:
+    """Consumers deduplicate on the id across upgrades: an episode replayed after a restart must get the same id from
+    a newer tsmon. sha256 of model|stream|start_ts (|generation when not 0), 20 hex digits (a mutation audit)."""
+    import hashlib
+
+    def fired_id(generation: int = 0) -> str:
+        st = AlertState("s1", "m1", AlertSettings(for_windows=2))
+        st.generation = generation
+        (step,) = [s for s in feed(st, [OVER, OVER], first=3) if s.transitions]
+        return step.transitions[0].episode.alert_id
+
+    assert fired_id() == hashlib.sha256(b"m1|s1|3000").hexdigest()[:20]
+    assert fired_id(2) == hashlib.sha256(b"m1|s1|3000|2").hexdigest()[:20]
+
+
+def test_a_score_equal_to_its_threshold_is_not_over() -> None:
+    """The contract is "over the threshold": a window exactly at it is normal and starts no episode."""
+    st = state(for_windows=1)
+    step = st.update(obs(0, TH))
+    assert step.normal is True and step.transitions == [] and st.episode is None
+    assert st.update(obs(1, np.nextafter(TH, np.inf))).transitions[0].status == "firing"
+
+
+@pytest.mark.parametrize(("period_ms", "flapping"), [(6_000, True), (5_999, False)])
+def test_a_firing_exactly_flap_period_ago_counts(period_ms: int, flapping: bool) -> None:
+    """Firings within flap_period_ms of the window that would resolve count toward flap_max, the boundary included."""
+    st = state(for_windows=1, resolve_after=1, flap_max=2, flap_period_ms=period_ms)
+    feed(st, [OVER, UNDER])  # fired at window 0 (ends 9 000), resolved
+    fired, ends = feed(st, [OVER, UNDER], first=5)  # fired at window 5; window 6 ends 15 000 = 9 000 + 6 000
+    assert fired.transitions[0].status == "firing"
+    assert [t.status for t in ends.transitions] == (["firing"] if flapping else ["resolved"])
+    assert (st.episode is not None and st.episode.flapping) is flapping
+
+
+def test_a_restored_flapping_hold_ends_when_the_saved_one_would_despite_later_noise() -> None:
+    """A flapping hold waits flap_period_ms from the last run that would page, not from a later noise window: a
+    restore that took last_over_ts for it made a noisy stream's hold last longer after every restart."""
+    st = state(for_windows=2, resolve_after=1, flap_max=2, flap_period_ms=10_000)
+    feed(st, [OVER, OVER, UNDER, OVER, OVER, UNDER])  # flapping
+    feed(st, [UNDER, UNDER, OVER, UNDER], first=6)  # a noise window (one, under for = 2) after the last page
+    assert st.episode is not None and st.episode.flapping
+    assert st.episode.last_over_ts > st.episode.last_paging_ts
+    again = state(for_windows=2, resolve_after=1, flap_max=2, flap_period_ms=10_000)
+    again.restore(json.loads(json.dumps(st.to_doc())), 0)
+    rest = [UNDER] * 15
+    expected = statuses(feed(st, rest, first=10))
+    assert statuses(feed(again, rest, first=10)) == expected and ["resolved"] in expected

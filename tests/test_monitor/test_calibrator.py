@@ -189,6 +189,15 @@ def test_converges_to_the_true_quantile_with_censoring(start: float) -> None:
     assert max(values) < 1.1 * TRUE_Q95  # no +max_change jumps at equilibrium
 
 
+def test_at_a_tie_an_observed_error_leaves_before_one_known_only_to_be_above_it() -> None:
+    """"Above 2" is more than an observed 2: at the tie the observed one leaves the risk set first, so the censored
+    one still counts as at risk past 2 (survival 0.75, 0.5, 0.5, 0 by hand; the other order gave 0.75, 0.75, 0.375
+    and a q0.6 of 2 — a mutation audit)."""
+    assert censored_quantile(np.array([1.0, 2.0, -2.0, 3.0]), 0.6) == (3.0, 0.0)
+    assert censored_quantile(np.array([1.0, -2.0, 2.0, 3.0]), 0.6) == (3.0, 0.0)  # whatever the order they came in
+    assert censored_quantile(np.array([1.0, 2.0, -2.0, 3.0]), 0.5) == (2.0, 0.0)
+
+
 @pytest.mark.parametrize("quantile", [0.5, 0.9, 0.95, 0.99])
 def test_the_censored_quantile_without_censored_entries_is_the_empirical_one(quantile: float) -> None:
     rng = np.random.default_rng(1)

@@ -122,6 +122,8 @@ def test_limits() -> None:
     big = json.dumps({"ts": 1, "period_ms": 1, "samples": [0.0] * 50}).encode()
     assert parse(big, b"s", Limits(max_samples=10)).reason == "too_many_samples"
     assert parse(big, b"s", Limits(max_bytes=100)).reason == "oversized"
+    assert isinstance(parse(big, b"s", Limits(max_bytes=len(big))), SampleBlock)  # the limit itself is allowed
+    assert parse(big, b"s", Limits(max_bytes=len(big) - 1)).reason == "oversized"
     assert parse(b'{"ts": 1, "value": 1}', b"x" * 300).reason == "bad_stream"
 
 

@@ -186,3 +186,15 @@ def test_a_point_saved_while_aligning_is_found_again_by_the_next_owner() -> None
             owner = StreamWindows(window, hop, 1, gap_ms)
             owner.align(from_ts, skip)
         assert got == whole, (window, hop, gap_ms, trial)
+
+
+@pytest.mark.parametrize("split", [None, 10])  # within one block, and between two
+def test_samples_exactly_gap_ms_apart_are_no_gap(split: int | None) -> None:
+    """A gap is a spacing *over* gap_ms: a stream whose period equals gap_ms must not restart at every sample (it
+    would never complete a window). One millisecond more is a gap (a mutation audit)."""
+    for period, restarts in ((100, 0), (101, 19)):
+        ts, values = series(20, period=period)
+        sw = StreamWindows(4, 1, channels=2, gap_ms=100)
+        parts = [slice(0, 20)] if split is None else [slice(0, split), slice(split, 20)]
+        n = sum(len(sw.push(ts[p], values[p])) for p in parts)
+        assert (sw.restarts, n) == (restarts, 17 if restarts == 0 else 0), period
