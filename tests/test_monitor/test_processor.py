@@ -1624,9 +1624,10 @@ def test_a_streams_request_is_answered_at_the_next_loop_turn_not_the_next_commit
     try:
         time.sleep(0.5)
         asked = time.monotonic()
-        with urllib.request.urlopen(d.http.url + "/streams", timeout=5) as answer:
+        with urllib.request.urlopen(d.http.url + "/streams", timeout=9) as answer:
             rows = json.loads(answer.read())["streams"]
-        assert [r["stream"] for r in rows] == ["dev-a"] and time.monotonic() - asked < 4.0  # not the 10 s interval
+        assert [r["stream"] for r in rows] == ["dev-a"] and time.monotonic() - asked < 8.0  # not the 10 s interval
+        # (loose: 4 s was passed under load; what it guards against waits the whole interval)
     finally:
         d.stop_event.set()
         runner.join(15)
@@ -2835,7 +2836,8 @@ def test_a_restore_waits_for_its_opening_without_spinning_and_gives_up_loudly(
         d.restore()
         t0 = time.monotonic()
         d.run(until=until)
-        assert 0.5 < time.monotonic() - t0 < 5 and turns[0] < 100  # ~0.1 s a turn while the opening hangs
+        assert 0.5 < time.monotonic() - t0 < 15 and turns[0] < 100  # ~0.1 s a turn while the opening hangs (the
+        # bound is loose: under load, a mutation run beside it, 5 s was passed; what spun made 171 000 turns)
         out = capsys.readouterr()
         assert "state_restore_failed" in out.out + out.err and "was still opening when" in out.out + out.err
     finally:
