@@ -293,23 +293,24 @@ class Calibrator:
     # recalibration ----------------------------------------------------------------------------------
     def recalibrate(self, streams: Iterable[str] | None = None, quantile: float | None = None,
                     commanded: bool = False, refused: dict[str, str] | None = None,
-                    held: dict[str, str] | None = None) -> dict[str, tuple[ThresholdState, ThresholdState]]:
+                    held: dict[str, str] | None = None,
+                    close: dict[str, str] | None = None) -> dict[str, tuple[ThresholdState, ThresholdState]]:
         """Recompute thresholds (all streams, or ``streams``); ``{stream: (old, new)}`` for those that changed.
 
         ``commanded`` (an operator's ``recalibrate``): runs even when disabled or frozen for all, and
         moves straight to the target instead of by ``max_change``; pins and per-stream freezes still hold.
         The drift guard's refusals go to ``refused`` (stream → reason) when given, and the streams left alone to
         ``held`` (stream → why: pinned, frozen, or, commanded, no normal error yet — an operator's command must say
-        why nothing moved).
+        why nothing moved), and to ``close`` those whose target is within ``min_change`` of their threshold.
         """
         if not commanded and (not self.settings.enabled or self.frozen_all):
             return {}
         with self.recalibrating:
-            return self._recalibrate(streams, quantile, commanded, refused, held)
+            return self._recalibrate(streams, quantile, commanded, refused, held, close)
 
     def _recalibrate(self, streams: Iterable[str] | None, quantile: float | None, commanded: bool,
-                     refused: dict[str, str] | None,
-                     held: dict[str, str] | None) -> dict[str, tuple[ThresholdState, ThresholdState]]:
+                     refused: dict[str, str] | None, held: dict[str, str] | None,
+                     close: dict[str, str] | None = None) -> dict[str, tuple[ThresholdState, ThresholdState]]:
         with self._lock:  # copy, then compute without holding the lock
             names = list(self._streams) if streams is None else [s for s in streams if s in self._streams]
             todo = []
@@ -344,8 +345,12 @@ class Calibrator:
                 st = self._streams.get(name)
                 # forgotten, re-registered, updated, pinned or frozen since the copy, or leaving: leave it
                 if (st is None or st.state is not old or st.pinned or st.frozen or st.leaving
-                        or (self.frozen_all and not commanded)
-                        or abs(value - old.value) <= max(_MIN_CHANGE, self.settings.min_change) * old.value):
+                        or (self.frozen_all and not commanded)):
+                    continue
+                if abs(value - old.value) <= (within := max(_MIN_CHANGE, self.settings.min_change)) * old.value:
+                    if close is not None:  # "applied" and "-" read as if nothing had been looked at (a new user)
+                        close[name] = (f"its target {value:.6g} is within calibrator.min_change ({within:.2%}) of "
+                                       f"{old.value:.6g}: already there")
                     continue
                 if reason.startswith(NEW_NORMAL):  # the old level's errors would walk it back down (see module doc)
                     recent = st.recent.values()

@@ -259,14 +259,16 @@ class Controller:
         before = {s: self._view(s) for s in names}
         refused: dict[str, str] = {}
         held: dict[str, str] = {}
-        changed = self.cal.recalibrate(names, q, commanded=True, refused=refused, held=held)
+        close: dict[str, str] = {}
+        changed = self.cal.recalibrate(names, q, commanded=True, refused=refused, held=held, close=close)
         self.p.metrics.calibrations.labels("refused").inc(len(refused))  # the drift guard's
         self.p.metrics.calibrations.labels("commanded").inc(len(changed))
         if names_one(cmd.target):  # named: refused, with the reason (it was "unchanged", exit 0);
             refused, held = {**refused, **held}, {}  # under --all or a glob, skipped and listed
         effects = [{"stream": s, "before": before[s], "after": self._view(s)} for s in changed]
         unchanged = [s for s in names if s not in changed and s not in refused and s not in held]
-        return list(changed), effects, {"refused": refused, "unchanged": unchanged, "held": held}
+        return list(changed), effects, {"refused": refused, "unchanged": unchanged, "held": held,
+                                        "unchanged_because": {s: close[s] for s in unchanged if s in close}}
 
     def _pin(self, cmd: Command) -> Effects:
         value = float(cmd.params["threshold"])

@@ -135,6 +135,8 @@ def _effect(a: dict[str, Any]) -> str:
                      f"{cand['threshold']:.6g} -> {cand['windows_over']} over, {cand['alerts']} alerts")
     lines += [f"{s}: refused: {why}" for s, why in r.get("refused", {}).items()]
     lines += [f"{s}: skipped: {why}" for s, why in r.get("held", {}).items()]  # under --all or a glob (was --json only)
+    because = r.get("unchanged_because") or {}  # "applied" over "-": as if nothing had been looked at (a new user)
+    lines += [f"{s}: unchanged: {because.get(s, 'already at its target')}" for s in r.get("unchanged", [])]
     if r.get("found") is False:  # feedback for an alert this instance does not know: "applied" over "-" read as done
         lines.append(f"no recent alert {r.get('alert_id')} here")
     if "precision" in r:

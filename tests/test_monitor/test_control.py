@@ -377,6 +377,13 @@ def test_an_operators_recalibrate_moves_an_unpinned_stream_to_the_quantile_asked
     assert after["source"] == "calibrated" and after["threshold"] == pytest.approx(0.6 * artifact, rel=0.02)
     history = p.calibrator.history("dev-a")
     assert len(history) == before + 1 and history[-1]["source"] == "calibrated"
+    # sent again it is already there: "applied" over "-" read as if nothing had been looked at (a new user's pass)
+    again = send(controller(p), "recalibrate", "dev-a", quantile=0.5)
+    assert again["status"] == "applied" and again["streams"] == [] and again["result"]["unchanged"] == ["dev-a"]
+    why = again["result"]["unchanged_because"]["dev-a"]
+    assert re.fullmatch(r"its target \S+ is within calibrator\.min_change \(0\.50%\) of \S+: already there", why), why
+    assert _effect(again) == f"dev-a: unchanged: {why}"
+    verdict("recalibrate", "dev-a", [again], 5)  # not a failure
 
 
 def test_an_operators_recalibrate_of_a_stream_without_evidence_says_so(make: Make) -> None:
