@@ -139,6 +139,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     root = Path(path)
     if not root.exists():
         raise ArtifactError(f"model artifact not found: {root}")
+    if root.name in (MANIFEST, WEIGHTS) and root.is_file() and (root.parent / MANIFEST).is_file():
+        raise ArtifactError(f"{root} is a file of the artifact: give its directory, {root.parent}")
     if not root.is_dir() or not (root / MANIFEST).is_file():
         raise ArtifactError(f"{root} is not a tsmon model artifact (no {MANIFEST})")
     try:

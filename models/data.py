@@ -247,8 +247,10 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
     labels = None
     if lab is not None:
         lv = pd.to_numeric(df[lab], errors="coerce")
-        if not lv.isin([0, 1]).all():
-            raise DataError(f"{p}: label column {lab!r} must hold only 0 and 1")
+        if not (ok := lv.isin([0, 1])).all():  # the row named, as for the other columns
+            row = int(np.flatnonzero(~ok.to_numpy())[0])
+            raise DataError(f"{p}: label column {lab!r} must hold only 0 and 1 "
+                            f"(row {row}: {_short(df[lab].iloc[row : row + 1].tolist()[0])})")
         labels = lv.to_numpy("int8")
     dropped, rows, labels_sha = 0, None, ""
     stamps, numeric = None, ts is not None and pd.api.types.is_numeric_dtype(df[ts])

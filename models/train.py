@@ -156,6 +156,9 @@ def fit(model: Autoencoder, train: np.ndarray, val: np.ndarray, cfg: TrainConfig
         result.best_val_loss = mean_error(model, xv, cfg.loss)
         result.epochs_run, result.stop_reason = 1, "closed_form"
         result.seconds = time.perf_counter() - start
+        if on_epoch is not None:  # its one "epoch": the progress bar stayed at 0/1
+            on_epoch(EpochStats(1, 1, mean_error(model, xt, cfg.loss), result.best_val_loss, result.best_val_loss,
+                                result.seconds))
         return result
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if min(len(xt), cfg.batch_size) < model.min_batch:  # a traceback from torch's batch norm otherwise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -369,3 +370,11 @@ def test_a_folder_that_may_take_an_artifact_is_taken_and_a_killed_save_is_cleare
     (tmp_path / "app" / "notes.txt").write_text("mine")
     with pytest.raises(ArtifactError, match="holds no tsmon artifact"):
         artifact.check_target(tmp_path / "app")
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "weights.safetensors"])
+def test_a_file_of_the_artifact_given_for_it_names_its_directory(trained, name: str) -> None:
+    """`--model art/manifest.json` said "art/manifest.json is not a tsmon model artifact (no manifest.json)"."""
+    _, _, path = trained
+    with pytest.raises(ArtifactError, match=f"is a file of the artifact: give its directory, {re.escape(str(path))}$"):
+        artifact.load(path / name)

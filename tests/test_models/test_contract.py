@@ -154,3 +154,14 @@ def test_flops_per_window_match_torchs_own_count(kind: str) -> None:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.zeros(1, 140, 2))
     assert model.flops_per_window() == counter.get_total_flops()
+
+
+def test_pca_reports_its_one_closed_form_epoch() -> None:
+    """`train --model pca` left its progress bar at 0/1: the closed form never called on_epoch."""
+    from models.train import EpochStats
+
+    x = np.random.default_rng(0).normal(size=(60, 24, 2)).astype("float32")
+    seen: list[EpochStats] = []
+    result = fit(build("pca", {"window": 24, "channels": 2}), x[:50], x[50:], TrainConfig(device="cpu"), seen.append)
+    assert [(s.epoch, s.epochs) for s in seen] == [(1, 1)] and result.stop_reason == "closed_form"
+    assert seen[0].val_loss == result.best_val_loss and 0 < seen[0].train_loss < seen[0].val_loss

@@ -414,3 +414,11 @@ def test_a_threshold_margin_that_overflows_is_named_not_taken_for_nan_reconstruc
     ds = series_dataset(read_series(tmp_path / "m.csv"), 40, 10)
     with pytest.raises(DataError, match="margin 1e\\+308, overflows float32 .scores never reach it.: give a smaller"):
         train_detector(ds, "pca", {}, TrainConfig(device="cpu"), threshold_margin=1e308, normalisation="none")
+
+
+def test_a_label_that_is_not_0_or_1_is_named_with_its_row(tmp_path: Path) -> None:
+    """The timestamp and value errors name the row; the label's said only "must hold only 0 and 1"."""
+    path = tmp_path / "s.csv"
+    path.write_text("timestamp,value,label\n1,0.1,0\n2,0.2,1\n3,0.3,\n4,0.4,0\n")
+    with pytest.raises(DataError, match=r"label column 'label' must hold only 0 and 1 \(row 2: nan\)$"):
+        read_series(path, labels_wanted=True)
