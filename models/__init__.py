@@ -2,7 +2,8 @@
 
 Usable from a notebook::
 
-    from models import load_ecg5000, build, TrainConfig, train_detector
+    from models import load_ecg5000, build, TrainConfig, fit
+    from models.workflow import train_detector
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # once
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [

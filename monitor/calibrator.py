@@ -346,11 +346,18 @@ class Calibrator:
                 # forgotten, re-registered, updated, pinned or frozen since the copy, or leaving: leave it
                 if (st is None or st.state is not old or st.pinned or st.frozen or st.leaving
                         or (self.frozen_all and not commanded)):
+                    if close is not None:
+                        close[name] = ("handed over to another instance" if st is not None and st.leaving else
+                                       "changed meanwhile (pinned, frozen, reset or recalibrated): look again")
                     continue
                 if abs(value - old.value) <= (within := max(_MIN_CHANGE, self.settings.min_change)) * old.value:
                     if close is not None:  # "applied" and "-" read as if nothing had been looked at (a new user)
+                        bound = ("floor" if value <= old.artifact * self.settings.floor else
+                                 "ceiling" if value >= old.artifact * self.settings.ceiling else None)
                         close[name] = (f"its target {value:.6g} is within calibrator.min_change ({within:.2%}) of "
-                                       f"{old.value:.6g}: already there")
+                                       f"{old.value:.6g}: already there" if bound is None else
+                                       f"held at calibrator.{bound} ({getattr(self.settings, bound):g} × the "
+                                       f"artifact's {old.artifact:.6g}): already there")
                     continue
                 if reason.startswith(NEW_NORMAL):  # the old level's errors would walk it back down (see module doc)
                     recent = st.recent.values()

@@ -52,19 +52,23 @@ def build(modules: Sequence[str] = MODULES) -> typer.Typer:
     root = typer.Typer(name="tsmon", help="Streaming time-series anomaly monitor.", no_args_is_help=True,
                        pretty_exceptions_enable=False, add_completion=False)
     root.callback()(_root)
+    bench = typer.Typer(help="Benchmarks that print ratios measured in one run.", no_args_is_help=True)
+    if tuple(modules) == MODULES:
+        root.add_typer(bench, name="bench")  # first, as --help has always listed it
     for name in modules:
         importlib.import_module(f"monitor.commands.{name}").register(root)
     if tuple(modules) == MODULES:
-        bench = typer.Typer(help="Benchmarks that print ratios measured in one run.", no_args_is_help=True)
-        root.add_typer(bench, name="bench")
         importlib.import_module("monitor.commands.bench_cmd").register(bench)
     return root
 
 
 def command_of(argv: Sequence[str]) -> str | None:
-    """The command ``argv`` names (its first word past the root's options), or None."""
+    """The command ``argv`` names (its first word past the root's options), or None — also after the root's own
+    ``--help`` (`tsmon --help ctl` lists every command)."""
     args = iter(argv)
     for arg in args:
+        if arg == "--help":
+            return None
         if arg in VALUED:
             next(args, None)
         elif not arg.startswith("-"):

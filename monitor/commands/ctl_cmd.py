@@ -136,7 +136,7 @@ def _effect(a: dict[str, Any]) -> str:
     lines += [f"{s}: refused: {why}" for s, why in r.get("refused", {}).items()]
     lines += [f"{s}: skipped: {why}" for s, why in r.get("held", {}).items()]  # under --all or a glob (was --json only)
     because = r.get("unchanged_because") or {}  # "applied" over "-": as if nothing had been looked at (a new user)
-    lines += [f"{s}: unchanged: {because.get(s, 'already at its target')}" for s in r.get("unchanged", [])]
+    lines += [f"{s}: unchanged" + (f": {because[s]}" if s in because else "") for s in r.get("unchanged", [])]
     if r.get("found") is False:  # feedback for an alert this instance does not know: "applied" over "-" read as done
         lines.append(f"no recent alert {r.get('alert_id')} here")
     if "precision" in r:

@@ -309,6 +309,21 @@ def test_floor_and_ceiling_bound_the_threshold() -> None:
     assert cal.threshold("low").value == pytest.approx(0.5)
     assert cal.threshold("high").value == pytest.approx(2.0)
     assert cal.recalibrate() == {}  # pinned at the bounds: no change is reported
+    close: dict[str, str] = {}  # an operator's recalibrate says which bound holds it, not "within min_change"
+    assert cal.recalibrate(["low", "high"], commanded=True, close=close) == {}
+    assert close == {"low": "held at calibrator.floor (0.5 × the artifact's 1): already there",
+                     "high": "held at calibrator.ceiling (2 × the artifact's 1): already there"}
+
+
+def test_a_commanded_recalibrate_of_a_stream_being_handed_over_says_so() -> None:
+    """A stream evicted meanwhile was listed unchanged, which ctl read as "already at its target" (a review)."""
+    cal = Calibrator(CalibratorSettings(min_samples=10, window=50))
+    cal.register("s", 1.0)
+    cal.observe("s", np.full(50, 0.3))
+    cal.leave("s")
+    close: dict[str, str] = {}
+    assert cal.recalibrate(["s"], commanded=True, close=close) == {}
+    assert close == {"s": "handed over to another instance"}
 
 
 def test_non_finite_errors_are_rejected_and_counted() -> None:

@@ -1230,16 +1230,23 @@ def test_the_whole_cli_lists_every_command(capsys: pytest.CaptureFixture[str]) -
         assert re.search(rf"│ {re.escape(name)} ", out), name
     assert command_of(["--log-level", "DEBUG", "--log-format=json", "ctl", "pin"]) == "ctl"
     assert command_of(["--version"]) is None and set(LIGHT) == {"ctl", "status", "tail", "broker"}
+    assert command_of(["--help", "ctl"]) is None  # the root's help: every command
+    code, out, _ = run(capsys, "--help", "ctl")
+    assert code == 0 and re.search(r"│ train ", out) and re.search(r"│ ctl ", out)
 
 
 def test_training_without_a_terminal_logs_its_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
     """The progress bar draws nothing without a terminal: a first run's `make demo` trained for minutes with
     nothing in its log after `training` (a new user's pass). An `epoch` line comes every EPOCH_LOG_S."""
+    import io
+
+    from rich.console import Console
     from structlog.testing import capture_logs
 
     from models.train import EpochStats
     from monitor.commands import render
 
+    monkeypatch.setattr(render, "console", Console(file=io.StringIO(), force_terminal=False))  # FORCE_COLOR, -s
     monkeypatch.setattr(render, "EPOCH_LOG_S", 0.0)
     with capture_logs() as logged, render.epoch_progress(3, "train lstm") as on_epoch:
         for e in (1, 2, 3):
