@@ -288,8 +288,8 @@ class _HeadReader:
     def __init__(self, raw: Any) -> None:
         self.raw, self.left = raw, MAX_HEAD_BYTES
 
-    def readline(self, size: int = -1) -> bytes:
-        line = self.raw.readline(self.left + 1 if size < 0 else min(size, self.left + 1))
+    def readline(self, size: int | None = -1) -> bytes:
+        line = self.raw.readline(self.left + 1 if size is None or size < 0 else min(size, self.left + 1))
         self.left -= len(line)
         if self.left < 0:
             raise http.client.LineTooLong(f"request head over {MAX_HEAD_BYTES} bytes")
