@@ -139,7 +139,13 @@ def check_episodes(docs: list[dict[str, Any]]) -> None:
     for d in docs:
         by_id[d["alert_id"]].append(d["status"])
         streams[d["stream"]].add(d["alert_id"])
-    assert {s: len(ids) for s, ids in streams.items()} == {f"dev-k{i}": len(BURSTS) for i in range(STREAMS)}
+    counts = {s: len(ids) for s, ids in streams.items()}
+    expected = {f"dev-k{i}": len(BURSTS) for i in range(STREAMS)}
+    # a stream with another count of episodes is shown whole: a burst split by a gap (an outage's) or an id changed
+    # on replay read alike here (a restart's run had 3 ids for one stream, once in 6 CI runs)
+    keys = ("alert_id", "status", "start_ts", "end_ts", "fired_ts", "windows_over", "threshold", "threshold_source")
+    odd = [{k: d.get(k) for k in keys} for d in docs if counts.get(d["stream"]) != expected.get(d["stream"])]
+    assert counts == expected, (counts, odd, BURSTS)
     for alert_id, statuses in by_id.items():
         assert set(statuses) == {"firing", "resolved"}, (alert_id, statuses)
         assert statuses.index("firing") < statuses.index("resolved"), (alert_id, statuses)
