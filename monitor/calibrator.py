@@ -301,7 +301,8 @@ class Calibrator:
         moves straight to the target instead of by ``max_change``; pins and per-stream freezes still hold.
         The drift guard's refusals go to ``refused`` (stream → reason) when given, and the streams left alone to
         ``held`` (stream → why: pinned, frozen, or, commanded, no normal error yet — an operator's command must say
-        why nothing moved), and to ``close`` those whose target is within ``min_change`` of their threshold.
+        why nothing moved), and to ``close`` why the others with a target stayed: within ``min_change`` of their
+        threshold (or held there by ``floor``/``ceiling``), handed over, or changed since the copy.
         """
         if not commanded and (not self.settings.enabled or self.frozen_all):
             return {}

@@ -52,12 +52,13 @@ def build(modules: Sequence[str] = MODULES) -> typer.Typer:
     root = typer.Typer(name="tsmon", help="Streaming time-series anomaly monitor.", no_args_is_help=True,
                        pretty_exceptions_enable=False, add_completion=False)
     root.callback()(_root)
+    whole = tuple(modules) == MODULES
     bench = typer.Typer(help="Benchmarks that print ratios measured in one run.", no_args_is_help=True)
-    if tuple(modules) == MODULES:
+    if whole:
         root.add_typer(bench, name="bench")  # first, as --help has always listed it
     for name in modules:
         importlib.import_module(f"monitor.commands.{name}").register(root)
-    if tuple(modules) == MODULES:
+    if whole:
         importlib.import_module("monitor.commands.bench_cmd").register(bench)
     return root
 
