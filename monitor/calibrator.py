@@ -178,6 +178,7 @@ class _Stream:
     versions: deque[ThresholdState]
     thin: int = 1  # every thin-th window does not overlap the previous one
     quantile: float | None = None  # its own (its model's); None: the settings'
+    margin: float | None = None  # its own (its model's); None: the settings'
     pinned: bool = False
     frozen: bool = False
     before_pin: ThresholdState | None = None  # what unpin goes back to (the history is bounded)
@@ -217,13 +218,15 @@ class Calibrator:
                     _thaw(st)
 
     def register(self, stream: str, artifact_value: float, thin: int = 1,
-                 quantile: float | None = None) -> ThresholdState:
-        """Start ``stream`` at the artifact's threshold, calibrated at ``quantile`` (None: the settings'); a
-        second call returns the existing state."""
+                 quantile: float | None = None, margin: float | None = None) -> ThresholdState:
+        """Start ``stream`` at the artifact's threshold, calibrated at ``quantile`` × ``margin`` (None: the
+        settings'); a second call returns the existing state."""
         if not (math.isfinite(artifact_value) and artifact_value > 0):
             raise ArtifactError(f"threshold of stream {stream!r} must be finite and > 0, got {artifact_value}")
         if quantile is not None and not 0.0 < quantile < 1.0:
             raise ArtifactError(f"threshold quantile of stream {stream!r} must be in (0, 1), got {quantile}")
+        if margin is not None and not 0.0 < margin < math.inf:
+            raise ArtifactError(f"threshold margin of stream {stream!r} must be finite and > 0, got {margin}")
         with self._lock:
             if stream not in self._streams:
                 state = ThresholdState(float(artifact_value), "artifact", 0, 0, float(artifact_value))
@@ -232,7 +235,7 @@ class Calibrator:
                 # more, drift.window = 600 held fewer, and it refused every new normal, commanded ones too
                 recent = max(s.drift.window, MIN_INDEPENDENT * max(1, thin))
                 self._streams[stream] = _Stream(state, Ring(s.window), Ring(recent),
-                                                deque([state], maxlen=s.history), max(1, thin), quantile)
+                                                deque([state], maxlen=s.history), max(1, thin), quantile, margin)
                 self._on_change(stream, state)
             return self._streams[stream].state
 
@@ -244,6 +247,11 @@ class Calibrator:
         """The quantile ``stream`` is calibrated at."""
         with self._lock:
             return self._streams[stream].quantile or self.settings.quantile
+
+    def margin(self, stream: str) -> float:
+        """The margin ``stream``'s quantile is multiplied by."""
+        with self._lock:
+            return self._streams[stream].margin or self.settings.margin
 
     # evidence ---------------------------------------------------------------------------------------
     def observe(self, stream: str, errors: np.ndarray | float, commanded: bool = False) -> None:
@@ -318,15 +326,16 @@ class Calibrator:
             for n in names:
                 st = self._streams[n]
                 if not (st.pinned or st.frozen):
-                    todo.append((n, st.state, st.thin, st.normal.values(), st.recent.values(), quantile or st.quantile))
+                    todo.append((n, st.state, st.thin, st.normal.values(), st.recent.values(), quantile or st.quantile,
+                                 st.margin or self.settings.margin))
                 elif held is not None:
                     held[n] = f"pinned at {st.state.value:.6g}: unpin it first" if st.pinned else "frozen: unfreeze it first"
         refused = {} if refused is None else refused
         proposed: list[tuple[str, ThresholdState, float, int, str]] = []
         lowering_held: dict[str, str] = {}
-        for name, old, thin, normal, recent, q in todo:
-            value, samples, reason = self._proposal(old, normal, recent, thin, q, commanded, refused, name, held,
-                                                    lowering_held)
+        for name, old, thin, normal, recent, q, margin in todo:
+            value, samples, reason = self._proposal(old, normal, recent, thin, q, margin, commanded, refused, name,
+                                                    held, lowering_held)
             if value is not None:
                 proposed.append((name, old, value, samples, reason))
         now_ms = int(self._clock() * 1000)
@@ -368,13 +377,13 @@ class Calibrator:
         return changed
 
     def _proposal(self, old: ThresholdState, normal: np.ndarray, recent: np.ndarray, thin: int,
-                  quantile: float | None, commanded: bool, refused: dict[str, str],
+                  quantile: float | None, margin: float, commanded: bool, refused: dict[str, str],
                   name: str, held: dict[str, str] | None = None,
                   lowering_held: dict[str, str] | None = None) -> tuple[float | None, int, str]:
         s, q = self.settings, quantile or self.settings.quantile
         drift = s.drift
         if drift.enabled and level_shift(recent, old.value, drift):
-            target = self._bounded(old, float(np.quantile(recent, q)) * s.margin)
+            target = self._bounded(old, float(np.quantile(recent, q)) * margin)
             verdict = assess(recent, target, drift, thin, reference=normal)
             if not verdict.accept:
                 refused[name] = verdict.reason
@@ -385,7 +394,7 @@ class Calibrator:
                 held[name] = ("no normal error learnt since the stream started or was reset (or while it was frozen): "
                               "nothing to recalibrate from")
             return None, 0, ""
-        value = self._target(old, normal, q, commanded)
+        value = self._target(old, normal, q, margin, commanded)
         n = len(recent) // max(1, thin)  # non-overlapping recent windows
         if not commanded and value < old.value and n * (1.0 - q) >= 2.0:
             # Never lower it below the quantile of every recent window: the normal evidence lacks the over-threshold
@@ -395,7 +404,7 @@ class Calibrator:
             # high (binomial, on the non-overlapping count): nothing raises it back from a noisy low read; and only
             # where the recent windows hold two expected exceedances or more.
             level = min(MAX_QUANTILE, q + 1.645 * math.sqrt(q * (1.0 - q) / n))
-            lowered, value = value, max(value, min(old.value, self._bounded(old, float(np.quantile(recent, level)) * s.margin)))
+            lowered, value = value, max(value, min(old.value, self._bounded(old, float(np.quantile(recent, level)) * margin)))
             moves = max(_MIN_CHANGE, s.min_change) * old.value  # a change smaller than this is none
             if lowering_held is not None and lowered < old.value - moves and value >= old.value - moves:
                 # nothing moved, and nothing said why: an operator saw a stream's threshold stay at its artifact's
@@ -409,13 +418,15 @@ class Calibrator:
                 refused[name] = verdict.reason
                 return None, 0, ""
         how = "commanded" if commanded else "scheduled"
-        return value, len(normal), f"{how}: q{q:g} of {len(normal)} recent normal errors"
+        times = f" × {margin:g}" if margin != 1.0 else ""  # the model's headroom, where it has one
+        return value, len(normal), f"{how}: q{q:g} of {len(normal)} recent normal errors{times}"
 
-    def _target(self, old: ThresholdState, errors: np.ndarray, quantile: float, commanded: bool) -> float:
+    def _target(self, old: ThresholdState, errors: np.ndarray, quantile: float, margin: float,
+                commanded: bool) -> float:
         s = self.settings
         q, above = censored_quantile(errors, quantile)
         if math.isfinite(q):
-            target = q * s.margin
+            target = q * margin
         else:
             # Step up by max_change once the share above every observed error is twice the expected
             # 1 − quantile, less when just above it: at equilibrium that share is 1 − quantile ± sampling
@@ -433,10 +444,10 @@ class Calibrator:
         """What a commanded recalibration at ``quantile`` would set, and the recent errors (shadow runs)."""
         with self._lock:
             st = self._streams[stream]
-            normal, recent, old = st.normal.values(), st.recent.values(), st.state
+            normal, recent, old, margin = st.normal.values(), st.recent.values(), st.state, st.margin
         if len(normal) == 0:
             raise ValueError(f"stream {stream!r} has no recent normal errors yet")
-        return self._target(old, normal, quantile, commanded=True), recent
+        return self._target(old, normal, quantile, margin or self.settings.margin, commanded=True), recent
 
     # operator overrides -----------------------------------------------------------------------------
     def _set(self, stream: str, st: _Stream, value: float, source: str, reason: str, samples: int | None = None,

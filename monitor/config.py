@@ -388,7 +388,8 @@ class CalibratorConfig(_Section):
     quantile: float | None = Field(None, gt=0, le=0.999, description="none = each stream's own model's threshold "
                                    "quantile; at most 0.999, the calibrator's highest (calibrator.MAX_QUANTILE: a "
                                    "higher one was taken as 0.999 without a word)")
-    margin: float = Field(1.0, gt=0, description="threshold = margin × the quantile of recent errors")
+    margin: float | None = Field(None, gt=0, description="threshold = margin × the quantile of recent errors; none = "
+                                 "each stream's own model's threshold margin (its --threshold-margin; 1.0 by default)")
     window: int = Field(2000, ge=10, description="recent normal errors kept per stream")
     min_samples: int = Field(200, ge=1, description="errors needed before adapting (≤ window)")
     max_change: float = Field(0.2, gt=0, le=1, description="largest relative change per recalibration")
@@ -400,7 +401,7 @@ class CalibratorConfig(_Section):
         "wall", description="whose seconds interval_s counts: wall = the host's; data = the streams' own "
                             "timestamps (replays and backfills: the same recalibrations at any speed)")
 
-    _optional = field_validator("quantile", mode="before")(_unset)
+    _optional = field_validator("quantile", "margin", mode="before")(_unset)
 
     def _rules(self) -> Iterator[str]:
         if self.min_samples > self.window:
@@ -901,7 +902,7 @@ max_delay_ms = 50.0                      # longest a window waits for its batch 
 [calibrator]
 enabled = true                           # adapt each stream's threshold to its recent normal errors
 # quantile = 0.99                        # example: default is each stream's model's quantile
-margin = 1.0                             # threshold = margin x the quantile of recent normal errors
+# margin = 1.5                           # example: default is each stream's model's margin (threshold = margin x quantile)
 window = 2000                            # recent normal errors kept per stream
 min_samples = 200                        # errors needed before the first recalibration (<= window)
 max_change = 0.2                         # largest relative change per recalibration

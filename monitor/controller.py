@@ -390,7 +390,7 @@ class Controller:
                 continue
             current = self.cal.threshold(stream).value
             a = self.p.streams[stream].alerts.settings  # with the route's own debounce
-            report[stream] = {"windows": len(recent), "quantile": q,
+            report[stream] = {"windows": len(recent), "quantile": q, "margin": self.cal.margin(stream),
                               "current": simulate(recent, current, a), "candidate": simulate(recent, candidate, a)}
         if report and all("error" in r for r in report.values()):
             raise Refused(next(iter(report.values()))["error"])

@@ -97,11 +97,11 @@ def build_scorer(cfg: Config, device: str | None = None) -> Scorer:
 
 def calibrator_settings(cfg: Config) -> CalibratorSettings:
     c = cfg.calibrator
-    # unset: each stream is registered at its own model's quantile (processor Settings.model_quantile), so
-    # this one is never used for a stream
+    # unset: each stream is registered at its own model's quantile and margin (processor Settings.model_quantile,
+    # model_margin), so these are never used for a stream
     quantile = min(DEFAULT_QUANTILE if c.quantile is None else c.quantile, MAX_QUANTILE)
     d = cfg.drift
-    return CalibratorSettings(quantile, c.margin, c.window, c.min_samples, c.max_change, c.floor, c.ceiling,
+    return CalibratorSettings(quantile, 1.0 if c.margin is None else c.margin, c.window, c.min_samples, c.max_change, c.floor, c.ceiling,
                               c.enabled, cfg.state.history, c.min_change,
                               DriftSettings(d.enabled, d.window, d.min_windows, d.alpha, d.shift_share,
                                             d.max_over_share))
@@ -118,7 +118,8 @@ def processor_settings(cfg: Config) -> Settings:
                     recent_alerts=cfg.state.recent_alerts, max_streams=cfg.limits.max_streams,
                     idle_evict_s=cfg.limits.idle_evict_s, max_future_s=cfg.limits.max_future_s,
                     earliest_ms=cfg.limits.earliest_ms, gap_periods=cfg.windows.gap_periods,
-                    model_quantile=cfg.calibrator.quantile is None, forget_after_s=cfg.state.forget_after_s,
+                    model_quantile=cfg.calibrator.quantile is None,
+                    model_margin=cfg.calibrator.margin is None, forget_after_s=cfg.state.forget_after_s,
                     max_documents=cfg.state.max_documents, clock_step_s=cfg.windows.clock_step_s,
                     silent_after_s=q.silent_after_s)
 

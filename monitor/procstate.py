@@ -64,6 +64,7 @@ class Settings:
     recent_alerts: int = 20  # alerts per stream remembered for feedback
     gap_periods: float | None = None  # an interval over this many learnt sample periods is a gap too (opt-in)
     model_quantile: bool = False  # each stream calibrated at its model's threshold quantile (no quantile configured)
+    model_margin: bool = False  # and × its model's threshold margin (no margin configured)
     forget_after_s: float | None = None  # a document not written for this long is forgotten (:meth:`forget_dormant`)
     max_documents: int | None = None  # documents of streams not held kept at most (the least recently written go)
     clock_step_s: float | None = None  # new input behind the stream this long (its own time): its clock was set back

@@ -44,7 +44,8 @@ class Residency(ProcessorState):
     def _new_stream(self, stream: str, served: Served) -> StreamState:
         s, det = self.settings, served.detector
         self.calibrator.register(stream, det.threshold.value, thin=max(1, served.window // served.hop),
-                                 quantile=min(det.threshold.quantile, MAX_QUANTILE) if s.model_quantile else None)
+                                 quantile=min(det.threshold.quantile, MAX_QUANTILE) if s.model_quantile else None,
+                                 margin=det.threshold.margin if s.model_margin else None)
         st = StreamState(
             served, windows.for_stream(det.windowing, served.window, served.hop, served.channels,
                                        self._base_gap_ms(served)),

@@ -129,9 +129,10 @@ def _effect(a: dict[str, Any]) -> str:
         if "error" in sh:
             lines.append(f"{stream}: {sh['error']}")
             continue
-        cur, cand = sh["current"], sh["candidate"]
+        cur, cand, margin = sh["current"], sh["candidate"], sh.get("margin", 1.0)  # absent from older daemons'
+        rule = f"q{sh['quantile']:g}" + (f" × {margin:g}" if margin != 1.0 else "")
         lines.append(f"{stream} over last {sh['windows']} windows: now {cur['threshold']:.6g} -> "
-                     f"{cur['windows_over']} over, {cur['alerts']} alerts; q{sh['quantile']:g} "
+                     f"{cur['windows_over']} over, {cur['alerts']} alerts; {rule} "
                      f"{cand['threshold']:.6g} -> {cand['windows_over']} over, {cand['alerts']} alerts")
     lines += [f"{s}: refused: {why}" for s, why in r.get("refused", {}).items()]
     lines += [f"{s}: skipped: {why}" for s, why in r.get("held", {}).items()]  # under --all or a glob (was --json only)

@@ -141,8 +141,9 @@ def check_episodes(docs: list[dict[str, Any]]) -> None:
         streams[d["stream"]].add(d["alert_id"])
     counts = {s: len(ids) for s, ids in streams.items()}
     expected = {f"dev-k{i}": len(BURSTS) for i in range(STREAMS)}
-    # a stream with another count of episodes is shown whole: a burst split by a gap (an outage's) or an id changed
-    # on replay read alike here (a restart's run had 3 ids for one stream, once in 6 CI runs)
+    # a stream with another count of episodes is shown whole: a page on clean data, a burst split by a gap or an id
+    # changed on replay read alike here (a slow CI run had 3 ids for dev-k2: the calibrator had dropped the model's
+    # margin of 1.5 and brought its threshold down to its noise; test_processor's headroom test holds that now)
     keys = ("alert_id", "status", "start_ts", "end_ts", "fired_ts", "windows_over", "threshold", "threshold_source")
     odd = [{k: d.get(k) for k in keys} for d in docs if counts.get(d["stream"]) != expected.get(d["stream"])]
     if counts != expected:  # whole in the report's captured stdout (the assertion's repr is cut short)

@@ -477,6 +477,26 @@ def test_a_stream_registered_with_its_own_quantile_is_calibrated_at_it() -> None
         cal.register("bad", 1.0, quantile=1.0)
 
 
+def test_a_stream_registered_with_its_own_margin_is_calibrated_at_it() -> None:
+    """A model thresholded at 1.5 × its largest validation error keeps that headroom: the margin 1.0 of the settings
+    took the stream to the bare quantile of its recent errors, where its own noise paged (a CI run's 3rd episode)."""
+    cal = Calibrator(CalibratorSettings(min_samples=10, max_change=0.9, floor=0.1, margin=1.0))
+    cal.register("own", 1.0, quantile=0.5, margin=1.5)
+    cal.register("default", 1.0, quantile=0.5)
+    for s in ("own", "default"):
+        cal.observe(s, np.linspace(0.01, 0.99, 99))
+    changed = cal.recalibrate()  # scheduled, by max_change
+    assert (changed["own"][1].value, changed["default"][1].value) == (pytest.approx(0.75), pytest.approx(0.5))
+    assert (cal.margin("own"), cal.margin("default")) == (1.5, 1.0)
+    assert [cal.threshold(s).reason for s in ("own", "default")] == [  # the version says the rule it followed
+        "scheduled: q0.5 of 99 recent normal errors × 1.5", "scheduled: q0.5 of 99 recent normal errors"]
+    assert cal.candidate("own", 0.9)[0] == pytest.approx(0.9 * 1.5)  # a shadow run and an operator's command too
+    assert cal.recalibrate(["own"], quantile=0.9, commanded=True)["own"][1].value == pytest.approx(0.9 * 1.5)
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ArtifactError, match="margin"):
+            cal.register("bad", 1.0, margin=bad)
+
+
 def test_non_finite_errors_never_reach_the_drift_guard() -> None:
     cal = Calibrator()
     cal.register("s", 1.0)

@@ -579,8 +579,12 @@ def test_feedback_reset_history_rollback_shadow(make: Make) -> None:
     assert table[0].startswith("dev-f v0: ") and " artifact initial " in table[0]
     assert re.fullmatch(r"dev-f v1: 1 pinned \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z.*", table[1]), table[1]
     assert "no version 7" in send(c, "rollback", "dev-f", version=7)["error"]
-    sh = send(c, "shadow", "dev-f", quantile=0.5)["result"]["shadow"]["dev-f"]
+    answer = send(c, "shadow", "dev-f", quantile=0.5)
+    sh = answer["result"]["shadow"]["dev-f"]
     assert sh["candidate"]["threshold"] < sh["current"]["threshold"] and sh["windows"] > 0
+    assert sh["margin"] == p.calibrator.margin("dev-f") == 1.0 and "alerts; q0.5 " in _effect(answer)
+    sh["margin"] = 1.5  # a stream calibrated at its model's margin: the line says the rule whole
+    assert "alerts; q0.5 × 1.5 " in _effect(answer)
     feed(p, records("dev-g", *sine_stream(30, seed=5), partition=1))  # a new stream: no window scored yet
     both = send(c, "shadow", "dev-*", quantile=0.5)  # it used to fail the whole command
     assert both["status"] == "applied" and both["result"]["shadow"]["dev-f"]["windows"] > 0
