@@ -96,7 +96,8 @@ def alerts(cfg: Config) -> list[dict[str, Any]]:
 
 
 def test_commands_end_to_end(broker: Any, topic: str, stream_model: Path, tmp_path: Path) -> None:
-    cfg = cfg_for(broker, topic, stream_model)
+    # the operator's margin 1 over every stream's model's own (1.5 × its maximum): a shadow at q0.5 is far lower
+    cfg = cfg_for(broker, topic, stream_model, **{"calibrator.margin": 1.0})
     run = Running(cfg)
     try:
         produce(broker.bootstrap, topic, {"dev-a": stream(1000), "dev-b": stream(1000, seed=1)})
@@ -137,6 +138,7 @@ def test_commands_end_to_end(broker: Any, topic: str, stream_model: Path, tmp_pa
         # shadow: a dry run reports, changes nothing
         sh = command(cfg, "shadow", "dev-b", quantile=0.5)["result"]["shadow"]["dev-b"]
         assert sh["candidate"]["windows_over"] > sh["current"]["windows_over"] and sh["windows"] > 100
+        assert sh["margin"] == 1.0
         assert command(cfg, "history", "dev-b")["result"]["history"]["dev-b"][-1]["version"] == 0
 
         # feedback: a false positive counts towards precision and feeds the calibrator

@@ -268,7 +268,8 @@ def test_calibrator_follows_drift_and_ignores_anomalies(broker: Any, topic: str,
     cfg = config(broker, topic, stream_model, **{"calibrator.enabled": True, "calibrator.min_samples": 100,
                                                  "calibrator.window": 300, "calibrator.interval_s": 3600,
                                                  "calibrator.max_change": 0.5, "calibrator.floor": 0.05,
-                                                 "calibrator.quantile": 0.99, "kafka.max_poll_records": 30})
+                                                 "calibrator.quantile": 0.99, "calibrator.margin": 1.0,
+                                                 "kafka.max_poll_records": 30})  # (not the model's 1.5)
     # Recalibrate as the data flows, every 300 samples taken, rather than on the wall clock (the whole input
     # takes about a second here, so a schedule would race it), then 10 more times after the end.
     d, taken, after_end = Daemon(cfg), [0.0], []
