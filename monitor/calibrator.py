@@ -409,16 +409,17 @@ class Calibrator:
             if lowering_held is not None and lowered < old.value - moves and value >= old.value - moves:
                 # nothing moved, and nothing said why: an operator saw a stream's threshold stay at its artifact's
                 # while the others moved (an on-call pass)
-                lowering_held[name] = (f"q{q:g} of the normal errors would lower it to {lowered:.4g}; held at "
-                                       f"{old.value:.4g} by q{level:.3f} of the {len(recent)} recent windows (over-"
-                                       "threshold ones among them, an incident, hold it)")
+                times = f" × {margin:g}" if margin != 1.0 else ""
+                lowering_held[name] = (f"q{q:g} of the normal errors{times} would lower it to {lowered:.4g}; held at "
+                                       f"{old.value:.4g} by q{level:.3f} of the {len(recent)} recent windows{times} "
+                                       "(over-threshold ones among them, an incident, hold it)")
         if commanded and drift.enabled and value > old.value * (1 + _MIN_CHANGE):
             verdict = assess(recent, value, drift, thin, stationary=False)
             if not verdict.accept:
                 refused[name] = verdict.reason
                 return None, 0, ""
         how = "commanded" if commanded else "scheduled"
-        times = f" × {margin:g}" if margin != 1.0 else ""  # the model's headroom, where it has one
+        times = f" × {margin:g}" if margin != 1.0 else ""  # the model's headroom, where it has one (ops read it)
         return value, len(normal), f"{how}: q{q:g} of {len(normal)} recent normal errors{times}"
 
     def _target(self, old: ThresholdState, errors: np.ndarray, quantile: float, margin: float,

@@ -67,6 +67,13 @@ def test_a_lowering_the_recent_windows_hold_is_said() -> None:
     cal.pin("s", 0.7, "test")
     cal.recalibrate()  # pinned: nothing held it
     assert cal.lowering_held("s") is None
+    cal.register("m", 2.0, margin=1.5)  # the model's margin: the figures it quotes are multiplied by it, and say so
+    cal.observe("m", np.full(500, 0.5))
+    cal.observe_all("m", np.r_[np.full(450, 0.5), np.full(50, 2.0)])
+    assert cal.recalibrate() == {} and cal.threshold("m").value == 2.0
+    said = cal.lowering_held("m")
+    assert said is not None and "normal errors × 1.5 would lower it to 1.6" in said, said
+    assert "held at 2 by q0.9" in said and "recent windows × 1.5 (" in said, said
 
 
 @pytest.mark.parametrize("op", ["pin", "reset", "rollback"])
