@@ -73,7 +73,7 @@ def tail(
     try:
         if not tps:
             if topic is not None:  # a name given: most likely misspelt
-                raise BrokerError(f"topic {name!r} not found on {brokers}")
+                raise BrokerError(f"topic {name!r} not found on {brokers}{_did_you_mean(consumer, name)}")
             # the configuration's alerts or dead-letter topic: created by the first message tsmon writes to it (a
             # fresh deployment without a bad record has none), so it is waited for, as for a message
             log.warning("topic_not_created_yet", topic=name, brokers=brokers,
@@ -185,3 +185,15 @@ def _no_constant(name: str) -> Any:
 
 def register(app: typer.Typer) -> None:
     app.command()(tail)
+
+
+def _did_you_mean(consumer: Any, name: str) -> str:
+    """The broker's topics closest to a name it lacks (``tsmon.alert`` for ``tsmon.alerts``), or nothing."""
+    import difflib
+
+    try:
+        topics = sorted(t for t in consumer.topics() if not t.startswith("__"))
+    except Exception:  # noqa: BLE001 — a suggestion must never hide the error it adds to
+        return ""
+    close = difflib.get_close_matches(name, topics, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(t) for t in close)}?" if close else ""

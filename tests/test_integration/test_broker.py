@@ -147,7 +147,10 @@ def test_tail_prints_a_topics_messages_as_json_lines(broker, topic: str, capsys)
     assert tail("--topic", topic, "--idle", "1") == 0  # from the end: nothing new
     assert capsys.readouterr().out == "" and time.monotonic() - started < 15
     assert tail("--topic", "no-such-topic-here", "--idle", "1") == 1
-    assert "BrokerError: topic 'no-such-topic-here' not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "BrokerError: topic 'no-such-topic-here' not found" in err and "did you mean" not in err
+    assert tail("--topic", topic[:-1], "--idle", "1") == 1  # one letter short: the topic it most likely meant
+    assert f"not found on {broker.bootstrap}; did you mean {topic!r}" in capsys.readouterr().err  # best first
     started = time.monotonic()  # in a process of its own: kafka-python leaves a failed bootstrap's sockets open
     wrong = subprocess.run([sys.executable, "-m", "monitor", "tail", "--bootstrap", f"127.0.0.1:{free_port()}",
                             "--topic", topic], capture_output=True, text=True, timeout=60, check=False)
