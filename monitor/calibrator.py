@@ -383,10 +383,11 @@ class Calibrator:
         s, q = self.settings, quantile or self.settings.quantile
         drift = s.drift
         if drift.enabled and level_shift(recent, old.value, drift):
-            target = self._bounded(old, float(np.quantile(recent, q)) * margin)
+            wanted = float(np.quantile(recent, q)) * margin
+            target = self._bounded(old, wanted)
             verdict = assess(recent, target, drift, thin, reference=normal)
-            if not verdict.accept:
-                refused[name] = verdict.reason
+            if not verdict.accept:  # at the ceiling, what stays over it is the cap's doing, not only the data's
+                refused[name] = verdict.reason + self._capped(old, wanted, target)
                 return None, 0, ""
             return target, len(recent), f"{NEW_NORMAL}{verdict.reason}"
         if len(normal) < (1 if commanded else s.min_samples):
@@ -395,6 +396,7 @@ class Calibrator:
                               "nothing to recalibrate from")
             return None, 0, ""
         value = self._target(old, normal, q, margin, commanded)
+        target, how_far = self._target(old, normal, q, margin, commanded=True), ""  # before max_change's step
         n = len(recent) // max(1, thin)  # non-overlapping recent windows
         if not commanded and value < old.value and n * (1.0 - q) >= 2.0:
             # Never lower it below the quantile of every recent window: the normal evidence lacks the over-threshold
@@ -405,6 +407,8 @@ class Calibrator:
             # where the recent windows hold two expected exceedances or more.
             level = min(MAX_QUANTILE, q + 1.645 * math.sqrt(q * (1.0 - q) / n))
             lowered, value = value, max(value, min(old.value, self._bounded(old, float(np.quantile(recent, level)) * margin)))
+            if value > lowered:
+                how_far = f"; held by q{level:.3f} of the {len(recent)} recent windows"
             moves = max(_MIN_CHANGE, s.min_change) * old.value  # a change smaller than this is none
             if lowering_held is not None and lowered < old.value - moves and value >= old.value - moves:
                 # nothing moved, and nothing said why: an operator saw a stream's threshold stay at its artifact's
@@ -416,11 +420,17 @@ class Calibrator:
         if commanded and drift.enabled and value > old.value * (1 + _MIN_CHANGE):
             verdict = assess(recent, value, drift, thin, stationary=False)
             if not verdict.accept:
-                refused[name] = verdict.reason
+                wanted = censored_quantile(normal, q)[0] * margin  # inf: above every error seen, not the cap's doing
+                refused[name] = verdict.reason + (self._capped(old, wanted, value) if math.isfinite(wanted) else "")
                 return None, 0, ""
         how = "commanded" if commanded else "scheduled"
         times = f" × {margin:g}" if margin != 1.0 else ""  # the model's headroom, where it has one (ops read it)
-        return value, len(normal), f"{how}: q{q:g} of {len(normal)} recent normal errors{times}"
+        # the version's value is read against its reason: a step or a hold is said, with the target it moved towards
+        if not how_far and not math.isclose(value, target, rel_tol=1e-9):
+            how_far = f"; a calibrator.max_change step towards {target:.4g}"
+        bound = "floor" if target <= old.artifact * s.floor else "ceiling" if target >= old.artifact * s.ceiling else ""
+        at = f" (at calibrator.{bound}, {getattr(s, bound):g} × the artifact's)" if bound else ""
+        return value, len(normal), f"{how}: q{q:g} of {len(normal)} recent normal errors{times}{at}{how_far}"
 
     def _target(self, old: ThresholdState, errors: np.ndarray, quantile: float, margin: float,
                 commanded: bool) -> float:
@@ -438,17 +448,30 @@ class Calibrator:
             target = min(max(target, old.value * (1.0 - s.max_change)), old.value * (1.0 + s.max_change))
         return self._bounded(old, target)
 
+    def _capped(self, old: ThresholdState, wanted: float, value: float) -> str:
+        """What a refusal adds where the ceiling cut its target short (an operator read "sustained anomaly" for a
+        level at 4 × the artifact's, where q × margin would have left 5 % over)."""
+        if wanted <= value * (1 + 1e-9):
+            return ""
+        return (f"; its target {wanted:.4g} was capped at calibrator.ceiling ({self.settings.ceiling:g} × the "
+                f"artifact's {old.artifact:.4g}): raise the ceiling, or pin")
+
     def _bounded(self, old: ThresholdState, value: float) -> float:
         return min(max(value, old.artifact * self.settings.floor), old.artifact * self.settings.ceiling)
 
-    def candidate(self, stream: str, quantile: float) -> tuple[float, np.ndarray]:
-        """What a commanded recalibration at ``quantile`` would set, and the recent errors (shadow runs)."""
+    def candidate(self, stream: str, quantile: float) -> tuple[float, np.ndarray, bool]:
+        """What a commanded recalibration at ``quantile`` would set, the recent errors (shadow runs), and whether a
+        level shift is under way: then its target is the new-normal path's (the quantile of every recent window),
+        which the drift guard must still accept — a shadow gave the ordinary path's while recalibrate took this one."""
         with self._lock:
             st = self._streams[stream]
             normal, recent, old, margin = st.normal.values(), st.recent.values(), st.state, st.margin
+        margin = margin or self.settings.margin
+        if self.settings.drift.enabled and level_shift(recent, old.value, self.settings.drift):
+            return self._bounded(old, float(np.quantile(recent, quantile)) * margin), recent, True
         if len(normal) == 0:
             raise ValueError(f"stream {stream!r} has no recent normal errors yet")
-        return self._target(old, normal, quantile, margin or self.settings.margin, commanded=True), recent
+        return self._target(old, normal, quantile, margin, commanded=True), recent, False
 
     # operator overrides -----------------------------------------------------------------------------
     def _set(self, stream: str, st: _Stream, value: float, source: str, reason: str, samples: int | None = None,

@@ -118,8 +118,25 @@ class Controller:
         self.save_global()
         log.info("command_applied", command=cmd.command, target=cmd.target, operator=cmd.operator,
                  reason=cmd.reason, command_id=cmd.command_id, streams=len(streams))
+        self._log_threshold_changes(cmd, effects)
         return self._publish(ack(cmd, None, "applied", self.instance, streams=streams, effects=effects,
                                  result=result), cmd.command)
+
+    def _log_threshold_changes(self, cmd: Command, effects: list[dict[str, Any]]) -> None:
+        """``threshold_changed`` for each threshold an operator's command changed, as for a scheduled one (README:
+        every version is logged; a pin, unpin, rollback or recalibrate was only in ``command_applied``)."""
+        for e in effects:
+            before, after = e.get("before") or {}, e.get("after") or {}
+            if "version" not in after or (before.get("version"), before.get("threshold")) == (after["version"],
+                                                                                               after["threshold"]):
+                continue
+            try:
+                reason = self.cal.threshold(e["stream"]).reason
+            except KeyError:  # gone since (reset-stream of a stream the command dropped): the effect says enough
+                reason = ""
+            log.info("threshold_changed", stream=e["stream"], old=_rounded(before.get("threshold")),
+                     new=_rounded(after["threshold"]), source=after.get("source"), version=after["version"],
+                     reason=reason, command=cmd.command, operator=cmd.operator, command_id=cmd.command_id)
 
     def _publish(self, doc: dict[str, Any], command: str) -> dict[str, Any]:
         if self.inputs is not None:
@@ -384,13 +401,14 @@ class Controller:
         for stream in self._targets(cmd):
             q = asked or self.cal.quantile(stream)
             try:
-                candidate, recent = self.cal.candidate(stream, q)
+                candidate, recent, shifted = self.cal.candidate(stream, q)
             except ValueError as exc:  # a new stream: no normal errors yet; the others are still reported
                 report[stream] = {"error": str(exc)}
                 continue
             current = self.cal.threshold(stream).value
             a = self.p.streams[stream].alerts.settings  # with the route's own debounce
             report[stream] = {"windows": len(recent), "quantile": q, "margin": self.cal.margin(stream),
+                              "path": "new normal" if shifted else "normal errors",
                               "current": simulate(recent, current, a), "candidate": simulate(recent, candidate, a)}
         if report and all("error" in r for r in report.values()):
             raise Refused(next(iter(report.values()))["error"])
@@ -405,6 +423,10 @@ def simulate(errors: np.ndarray, threshold: float, settings: AlertSettings) -> d
         obs = Observation(i, i, i, i, float(e), threshold, "shadow", np.zeros(1, "float32"))
         fired += sum(1 for t in state.update(obs).transitions if t.status == "firing")  # nothing paged: no update
     return {"threshold": threshold, "windows_over": int(np.count_nonzero(errors > threshold)), "alerts": fired}
+
+
+def _rounded(value: Any) -> float | None:
+    return round(float(value), 6) if isinstance(value, int | float) else None
 
 
 def _quantile(value: Any) -> float | None:

@@ -131,6 +131,8 @@ def _effect(a: dict[str, Any]) -> str:
             continue
         cur, cand, margin = sh["current"], sh["candidate"], sh.get("margin", 1.0)  # absent from older daemons'
         rule = f"q{sh['quantile']:g}" + (f" × {margin:g}" if margin != 1.0 else "")
+        if sh.get("path") == "new normal":  # recalibrate takes this one only once the drift guard accepts it
+            rule = f"new normal (a level shift: every recent window's) {rule}"
         lines.append(f"{stream} over last {sh['windows']} windows: now {cur['threshold']:.6g} -> "
                      f"{cur['windows_over']} over, {cur['alerts']} alerts; {rule} "
                      f"{cand['threshold']:.6g} -> {cand['windows_over']} over, {cand['alerts']} alerts")

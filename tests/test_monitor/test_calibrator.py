@@ -48,6 +48,24 @@ def test_artifact_value_until_min_samples_then_calibrated() -> None:
     assert cal.threshold("s") is new
 
 
+def test_a_versions_reason_says_the_step_or_bound_that_set_its_value() -> None:
+    """An operator pass: versions 0.2807 and 0.2532 both read "q0.95 of 600 recent normal errors × 1.5", whose
+    q × margin was 0.2004 — each was a max_change step towards it, and nothing said so."""
+    cal = Calibrator(CalibratorSettings(min_samples=10, window=50, ceiling=2.0), clock=lambda: 0.0)
+    cal.register("s", 1.0)
+    cal.observe("s", np.full(50, 0.6))
+    (_, new), = cal.recalibrate().values()
+    assert (new.value, new.reason) == (pytest.approx(0.8), ("scheduled: q0.95 of 50 recent normal errors; a "
+                                                            "calibrator.max_change step towards 0.6"))
+    (_, new), = cal.recalibrate(commanded=True).values()  # an operator's goes straight there: nothing to add
+    assert (new.value, new.reason) == (pytest.approx(0.6), "commanded: q0.95 of 50 recent normal errors")
+    cal.register("c", 1.0, margin=3.0)
+    cal.observe("c", np.full(50, 0.9))
+    (_, new), = cal.recalibrate(["c"], commanded=True).values()
+    assert (new.value, new.reason) == (2.0, ("commanded: q0.95 of 50 recent normal errors × 3 (at calibrator.ceiling, "
+                                            "2 × the artifact's)"))
+
+
 def test_a_lowering_the_recent_windows_hold_is_said() -> None:
     """An on-call pass: one demo stream's threshold stayed at its artifact's while the others moved, and nothing said
     why: the quantile of its recent windows (an incident among them) held the lowering. tsmon status says so now."""

@@ -569,8 +569,17 @@ def test_feedback_reset_history_rollback_shadow(make: Make) -> None:
     unknown = send(c, "feedback", "*", alert_id="nope", verdict="confirmed")
     assert unknown["result"] == {"alert_id": "nope", "found": False}
     assert _effect(unknown) == "no recent alert nope here"  # its table row read "applied" and "-", then exit 1
-    send(c, "pin", "dev-f", threshold=1.0)
-    send(c, "rollback", "dev-f", version=0)
+    with capture_logs() as logged:  # logged as a scheduled change is (README: every version is); it was not
+        send(c, "pin", "dev-f", threshold=1.0)
+        send(c, "rollback", "dev-f", version=0)
+        send(c, "freeze", "dev-f")  # no threshold change: nothing logged
+        send(c, "unfreeze", "dev-f")
+    changes = [(e["stream"], e["new"], e["source"], e["version"], e["command"], e["operator"])
+               for e in logged if e["event"] == "threshold_changed"]
+    artifact = p.calibrator.history("dev-f")[0]["value"]
+    assert changes == [("dev-f", 1.0, "pinned", 1, "pin", "alice"),
+                       ("dev-f", round(artifact, 6), "rollback", 2, "rollback", "alice")], changes
+    assert next(e["reason"] for e in logged if e["event"] == "threshold_changed").startswith("pin by alice")
     answer = send(c, "history", "dev-f")
     hist = answer["result"]["history"]["dev-f"]
     assert [(h["version"], h["source"], h["value"]) for h in hist][1:] == [
@@ -584,7 +593,9 @@ def test_feedback_reset_history_rollback_shadow(make: Make) -> None:
     assert sh["candidate"]["threshold"] < sh["current"]["threshold"] and sh["windows"] > 0
     assert sh["margin"] == p.calibrator.margin("dev-f") == 1.0 and "alerts; q0.5 " in _effect(answer)
     sh["margin"] = 1.5  # a stream calibrated at its model's margin: the line says the rule whole
-    assert "alerts; q0.5 × 1.5 " in _effect(answer)
+    assert "alerts; q0.5 × 1.5 " in _effect(answer) and sh["path"] == "normal errors"
+    sh["path"] = "new normal"  # a level shift: the candidate is the new-normal path's, as recalibrate's
+    assert "alerts; new normal (a level shift: every recent window's) q0.5 × 1.5 " in _effect(answer)
     feed(p, records("dev-g", *sine_stream(30, seed=5), partition=1))  # a new stream: no window scored yet
     both = send(c, "shadow", "dev-*", quantile=0.5)  # it used to fail the whole command
     assert both["status"] == "applied" and both["result"]["shadow"]["dev-f"]["windows"] > 0

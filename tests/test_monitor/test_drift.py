@@ -68,6 +68,35 @@ def test_calibrator_accepts_a_new_normal_and_refuses_an_anomaly() -> None:
     assert c.threshold("s").value == 1.5
 
 
+def test_a_shadow_during_a_level_shift_shows_the_new_normal_target_recalibrate_takes() -> None:
+    """An operator pass: shadow gave the ordinary path's candidate (the current threshold, 600 over) while
+    recalibrate took the new-normal path to 0.79; "shadow first shows what it would set" (README)."""
+    c = calibrator()
+    c.observe_all("s", normal(600, 3.0))
+    value, _, shifted = c.candidate("s", 0.95)
+    (_, new), = c.recalibrate(commanded=True).values()
+    assert shifted and new.reason.startswith("new normal") and new.value == pytest.approx(value)
+    assert calibrator().candidate("s", 0.95)[2] is False  # no shift: the ordinary path, as before
+
+
+def test_a_new_normal_refused_because_the_ceiling_cut_its_target_says_so() -> None:
+    """An operator pass: "sustained anomaly: 24.8 % would stay over 0.7898", where 0.7898 was calibrator.ceiling ×
+    the artifact's and the level's own q × margin would have left 5 % over; nothing named the ceiling."""
+    c = Calibrator(CalibratorSettings(window=500, min_samples=100, ceiling=2.0, drift=S))
+    c.register("s", 1.5)
+    c.observe("s", normal(500))
+    c.observe_all("s", normal(600, 3.0))  # the settled new normal the test above accepts, its target over 2 × 1.5
+    refused: dict[str, str] = {}
+    assert c.recalibrate(refused=refused) == {}
+    assert refused["s"].startswith("sustained anomaly") and "was capped at calibrator.ceiling (2 × the artifact's " \
+        "1.5): raise the ceiling, or pin" in refused["s"], refused
+    c = Calibrator(CalibratorSettings(window=500, min_samples=100, ceiling=100.0, drift=S))  # no cap: no word of one
+    c.register("s", 1.5)
+    c.observe_all("s", normal(600) * np.linspace(3, 6, 600))  # an incident worsening: refused on its own
+    uncapped: dict[str, str] = {}
+    assert c.recalibrate(refused=uncapped) == {} and "capped" not in uncapped["s"], uncapped
+
+
 def test_an_accepted_new_normal_is_not_walked_back_by_the_old_levels_errors() -> None:
     """The normal evidence still held the old level's errors: each later scheduled recalibration took the
     threshold max_change lower (4.55 → 3.64 → 2.91 → 2.33), until most of the new normal's windows paged."""
