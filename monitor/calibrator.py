@@ -218,9 +218,10 @@ class Calibrator:
                     _thaw(st)
 
     def register(self, stream: str, artifact_value: float, thin: int = 1,
-                 quantile: float | None = None, margin: float | None = None) -> ThresholdState:
+                 quantile: float | None = None, margin: float | None = None, basis: str = "") -> ThresholdState:
         """Start ``stream`` at the artifact's threshold, calibrated at ``quantile`` × ``margin`` (None: the
-        settings'); a second call returns the existing state."""
+        settings'); ``basis``: how the artifact's was set (version 0's reason: ``ctl history`` had none to show);
+        a second call returns the existing state."""
         if not (math.isfinite(artifact_value) and artifact_value > 0):
             raise ArtifactError(f"threshold of stream {stream!r} must be finite and > 0, got {artifact_value}")
         if quantile is not None and not 0.0 < quantile < 1.0:
@@ -229,7 +230,7 @@ class Calibrator:
             raise ArtifactError(f"threshold margin of stream {stream!r} must be finite and > 0, got {margin}")
         with self._lock:
             if stream not in self._streams:
-                state = ThresholdState(float(artifact_value), "artifact", 0, 0, float(artifact_value))
+                state = ThresholdState(float(artifact_value), "artifact", 0, 0, float(artifact_value), reason=basis)
                 s = self.settings
                 # the drift guard judges 20 non-overlapping windows at least (10 a half): at window/hop = 35 and
                 # more, drift.window = 600 held fewer, and it refused every new normal, commanded ones too

@@ -45,7 +45,9 @@ class Residency(ProcessorState):
         s, det = self.settings, served.detector
         self.calibrator.register(stream, det.threshold.value, thin=max(1, served.window // served.hop),
                                  quantile=min(det.threshold.quantile, MAX_QUANTILE) if s.model_quantile else None,
-                                 margin=det.threshold.margin if s.model_margin else None)
+                                 margin=det.threshold.margin if s.model_margin else None,
+                                 basis=f"the model's: q{det.threshold.quantile:g} of its validation errors × "
+                                       f"{det.threshold.margin:g}")
         st = StreamState(
             served, windows.for_stream(det.windowing, served.window, served.hop, served.channels,
                                        self._base_gap_ms(served)),
