@@ -383,14 +383,15 @@ class Calibrator:
                   lowering_held: dict[str, str] | None = None) -> tuple[float | None, int, str]:
         s, q = self.settings, quantile or self.settings.quantile
         drift = s.drift
+        times = f" × {margin:g}" if margin != 1.0 else ""  # the model's headroom, where it has one (ops read it)
         if drift.enabled and level_shift(recent, old.value, drift):
             wanted = float(np.quantile(recent, q)) * margin
             target = self._bounded(old, wanted)
             verdict = assess(recent, target, drift, thin, reference=normal)
             if not verdict.accept:  # at the ceiling, what stays over it is the cap's doing, not only the data's
-                refused[name] = verdict.reason + self._capped(old, wanted, target)
+                refused[name] = verdict.reason + self._capped(old, wanted, target, recent)
                 return None, 0, ""
-            return target, len(recent), f"{NEW_NORMAL}{verdict.reason}"
+            return target, len(recent), f"{NEW_NORMAL}{verdict.reason}{self._at_bound(old, target)}"
         if len(normal) < (1 if commanded else s.min_samples):
             if commanded and held is not None:  # an operator must not read "unchanged" (applied, exit 0) here
                 held[name] = ("no normal error learnt since the stream started or was reset (or while it was frozen): "
@@ -409,12 +410,11 @@ class Calibrator:
             level = min(MAX_QUANTILE, q + 1.645 * math.sqrt(q * (1.0 - q) / n))
             lowered, value = value, max(value, min(old.value, self._bounded(old, float(np.quantile(recent, level)) * margin)))
             if value > lowered:
-                how_far = f"; held by q{level:.3f} of the {len(recent)} recent windows"
+                how_far = f"; held by q{level:.3f} of the {len(recent)} recent windows{times}"
             moves = max(_MIN_CHANGE, s.min_change) * old.value  # a change smaller than this is none
             if lowering_held is not None and lowered < old.value - moves and value >= old.value - moves:
                 # nothing moved, and nothing said why: an operator saw a stream's threshold stay at its artifact's
                 # while the others moved (an on-call pass)
-                times = f" × {margin:g}" if margin != 1.0 else ""
                 lowering_held[name] = (f"q{q:g} of the normal errors{times} would lower it to {lowered:.4g}; held at "
                                        f"{old.value:.4g} by q{level:.3f} of the {len(recent)} recent windows{times} "
                                        "(over-threshold ones among them, an incident, hold it)")
@@ -422,16 +422,16 @@ class Calibrator:
             verdict = assess(recent, value, drift, thin, stationary=False)
             if not verdict.accept:
                 wanted = censored_quantile(normal, q)[0] * margin  # inf: above every error seen, not the cap's doing
-                refused[name] = verdict.reason + (self._capped(old, wanted, value) if math.isfinite(wanted) else "")
+                refused[name] = verdict.reason + (self._capped(old, wanted, value, recent) if math.isfinite(wanted) else "")
                 return None, 0, ""
         how = "commanded" if commanded else "scheduled"
-        times = f" × {margin:g}" if margin != 1.0 else ""  # the model's headroom, where it has one (ops read it)
         # the version's value is read against its reason: a step or a hold is said, with the target it moved towards
-        if not how_far and not math.isclose(value, target, rel_tol=1e-9):
+        if not how_far and not math.isfinite(censored_quantile(normal, q)[0]):
+            how_far = f"; q{q:g} is above every error seen: a calibrator.max_change step up"
+        elif not how_far and not math.isclose(value, target, rel_tol=1e-9):
             how_far = f"; a calibrator.max_change step towards {target:.4g}"
-        bound = "floor" if target <= old.artifact * s.floor else "ceiling" if target >= old.artifact * s.ceiling else ""
-        at = f" (at calibrator.{bound}, {getattr(s, bound):g} × the artifact's)" if bound else ""
-        return value, len(normal), f"{how}: q{q:g} of {len(normal)} recent normal errors{times}{at}{how_far}"
+        rule = f"{how}: q{q:g} of {len(normal)} recent normal errors{times}"
+        return value, len(normal), f"{rule}{self._at_bound(old, target)}{how_far}"
 
     def _target(self, old: ThresholdState, errors: np.ndarray, quantile: float, margin: float,
                 commanded: bool) -> float:
@@ -449,10 +449,21 @@ class Calibrator:
             target = min(max(target, old.value * (1.0 - s.max_change)), old.value * (1.0 + s.max_change))
         return self._bounded(old, target)
 
-    def _capped(self, old: ThresholdState, wanted: float, value: float) -> str:
-        """What a refusal adds where the ceiling cut its target short (an operator read "sustained anomaly" for a
-        level at 4 × the artifact's, where q × margin would have left 5 % over)."""
-        if wanted <= value * (1 + 1e-9):
+    def _at_bound(self, old: ThresholdState, target: float) -> str:
+        """`` (at calibrator.floor/ceiling, …)`` where ``target`` is held there, else nothing."""
+        s = self.settings
+        bound = "floor" if target <= old.artifact * s.floor else "ceiling" if target >= old.artifact * s.ceiling else ""
+        return f" (at calibrator.{bound}, {getattr(s, bound):g} × the artifact's)" if bound else ""
+
+    def _capped(self, old: ThresholdState, wanted: float, value: float, recent: np.ndarray) -> str:
+        """What a refusal adds where the ceiling cut its target short and that is why it was refused: too many
+        windows over the capped level, not over the level itself (an operator read "sustained anomaly" for a level
+        at 4 × the artifact's, where q × margin would have left 5 % over). A refusal for another reason (still
+        changing, too little evidence, not shaped like the normal ones) is not the cap's doing."""
+        d, finite = self.settings.drift, recent[np.isfinite(recent)]
+        if wanted <= value * (1 + 1e-9) or len(finite) < d.min_windows:
+            return ""
+        if not float(np.mean(finite > value)) > d.max_over_share >= float(np.mean(finite > wanted)):
             return ""
         return (f"; its target {wanted:.4g} was capped at calibrator.ceiling ({self.settings.ceiling:g} × the "
                 f"artifact's {old.artifact:.4g}): raise the ceiling, or pin")
@@ -557,6 +568,11 @@ class Calibrator:
     def history(self, stream: str) -> list[dict[str, Any]]:
         with self._lock:
             return [asdict(v) for v in self._streams[stream].versions]
+
+    def reason_of(self, stream: str, version: int) -> str:
+        """Version ``version``'s reason ("" where it is no longer kept): the state may have moved on since."""
+        with self._lock:
+            return next((v.reason for v in reversed(self._streams[stream].versions) if v.version == version), "")
 
     # bookkeeping ------------------------------------------------------------------------------------
     def leave(self, stream: str, leaving: bool = True) -> None:

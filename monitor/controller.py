@@ -130,8 +130,8 @@ class Controller:
             if "version" not in after or (before.get("version"), before.get("threshold")) == (after["version"],
                                                                                                after["threshold"]):
                 continue
-            try:
-                reason = self.cal.threshold(e["stream"]).reason
+            try:  # by version: a scheduled run may have added one since (its thread does not wait for commands)
+                reason = self.cal.reason_of(e["stream"], after["version"])
             except KeyError:  # gone since (reset-stream of a stream the command dropped): the effect says enough
                 reason = ""
             log.info("threshold_changed", stream=e["stream"], old=_rounded(before.get("threshold")),

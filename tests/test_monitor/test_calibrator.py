@@ -66,6 +66,25 @@ def test_a_versions_reason_says_the_step_or_bound_that_set_its_value() -> None:
                                             "2 × the artifact's)"))
 
 
+def test_a_step_up_above_every_error_and_a_partial_hold_are_said_with_the_margin() -> None:
+    """A review: a step up (q above every error seen) read as the rule's value, even commanded; a hold's figure
+    left out the margin it includes (held by q0.975 of the recent windows: 1.9, the value 2.85)."""
+    cal = Calibrator(CalibratorSettings(min_samples=10, window=50), clock=lambda: 0.0)
+    cal.register("s", 1.0)
+    cal.observe("s", np.full(30, 0.5))
+    cal.observe_censored("s", 20, 1.0)  # 40 % above the threshold: q0.95 is above every error seen
+    (_, new), = cal.recalibrate().values()
+    assert (new.value, new.reason) == (pytest.approx(1.2), ("scheduled: q0.95 of 50 recent normal errors; q0.95 is "
+                                                            "above every error seen: a calibrator.max_change step up"))
+    cal = Calibrator(CalibratorSettings(min_samples=100, max_change=0.5, floor=0.1), clock=lambda: 0.0)
+    cal.register("m", 4.0, margin=1.5)
+    cal.observe("m", np.full(200, 0.5))  # 0.75 the target: a step to 2.0
+    cal.observe_all("m", np.r_[np.full(180, 0.5), np.full(20, 1.9)])  # but q0.975 of the recent windows is 1.9
+    (_, new), = cal.recalibrate().values()
+    assert (new.value, new.reason) == (pytest.approx(2.85), ("scheduled: q0.95 of 200 recent normal errors × 1.5; "
+                                                             "held by q0.975 of the 200 recent windows × 1.5"))
+
+
 def test_a_lowering_the_recent_windows_hold_is_said() -> None:
     """An on-call pass: one demo stream's threshold stayed at its artifact's while the others moved, and nothing said
     why: the quantile of its recent windows (an incident among them) held the lowering. tsmon status says so now."""

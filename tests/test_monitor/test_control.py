@@ -602,6 +602,23 @@ def test_feedback_reset_history_rollback_shadow(make: Make) -> None:
     assert both["status"] == "applied" and both["result"]["shadow"]["dev-f"]["windows"] > 0
     assert "no recent normal errors" in both["result"]["shadow"]["dev-g"]["error"]
     assert send(c, "shadow", "dev-g")["status"] == "failed"
+    saved, save = [], p.save
+
+    def scheduled_meanwhile(stream: str) -> None:  # the scheduler's thread does not wait for a command's log line
+        if not saved:  # (commanded: this stream has fewer normal errors than a scheduled run needs)
+            saved.append(p.calibrator.recalibrate(commanded=True))
+        save(stream)
+
+    low = send(c, "pin", "dev-f", threshold=0.01)["effects"][0]["after"]["version"]
+    p.save = scheduled_meanwhile
+    try:
+        with capture_logs() as logged:
+            send(c, "rollback", "dev-f", version=low)
+    finally:
+        p.save = save
+    [changed] = [e for e in logged if e["event"] == "threshold_changed"]
+    assert saved[0] and p.calibrator.threshold("dev-f").version == changed["version"] + 1  # one came after it
+    assert changed["reason"].startswith("rollback by alice"), changed  # its own version's, not the newer one's
     r = send(c, "reset-stream", "dev-f")
     assert r["effects"][0]["after"]["source"] == "artifact" and p.calibrator.samples("dev-f") == 0
     assert p.streams["dev-f"].feedback == {"confirmed": 0, "false_positive": 0}

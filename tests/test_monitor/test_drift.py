@@ -90,6 +90,20 @@ def test_a_new_normal_refused_because_the_ceiling_cut_its_target_says_so() -> No
     assert c.recalibrate(refused=refused) == {}
     assert refused["s"].startswith("sustained anomaly") and "was capped at calibrator.ceiling (2 × the artifact's " \
         "1.5): raise the ceiling, or pin" in refused["s"], refused
+    c = Calibrator(CalibratorSettings(window=500, min_samples=100, ceiling=2.0, drift=S))  # capped, but refused for
+    c.register("s", 1.5, margin=1.5)  # another reason (still rising): raising the ceiling would change nothing
+    c.observe("s", normal(500))
+    c.observe_all("s", np.linspace(1.9, 2.6, 600))
+    rising: dict[str, str] = {}
+    assert c.recalibrate(refused=rising) == {} and rising["s"].startswith("still changing")
+    assert "capped" not in rising["s"], rising
+    c = Calibrator(CalibratorSettings(window=500, min_samples=100, drift=S))  # accepted at the ceiling: said so
+    c.register("s", 1.0, margin=1.5)
+    c.observe("s", normal(500))
+    c.observe_all("s", normal(600, 2.7))
+    (_, new), = c.recalibrate().values()
+    assert new.value == 4.0 and new.reason.startswith("new normal") and new.reason.endswith(
+        " (at calibrator.ceiling, 4 × the artifact's)"), new.reason
     c = Calibrator(CalibratorSettings(window=500, min_samples=100, ceiling=100.0, drift=S))  # no cap: no word of one
     c.register("s", 1.5)
     c.observe_all("s", normal(600) * np.linspace(3, 6, 600))  # an incident worsening: refused on its own
