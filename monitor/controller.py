@@ -118,7 +118,10 @@ class Controller:
         self.save_global()
         log.info("command_applied", command=cmd.command, target=cmd.target, operator=cmd.operator,
                  reason=cmd.reason, command_id=cmd.command_id, streams=len(streams))
-        self._log_threshold_changes(cmd, effects)
+        try:  # a log line must never cost the acknowledgement of a command already applied and saved
+            self._log_threshold_changes(cmd, effects)
+        except Exception as exc:  # noqa: BLE001
+            log.error("threshold_change_log_failed", command_id=cmd.command_id, error=describe(exc)[:300])
         return self._publish(ack(cmd, None, "applied", self.instance, streams=streams, effects=effects,
                                  result=result), cmd.command)
 

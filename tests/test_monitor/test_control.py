@@ -624,6 +624,22 @@ def test_feedback_reset_history_rollback_shadow(make: Make) -> None:
     assert p.streams["dev-f"].feedback == {"confirmed": 0, "false_positive": 0}
 
 
+def test_a_failing_threshold_log_line_never_costs_an_applied_commands_acknowledgement(make: Make) -> None:
+    p = make()
+    c = controller(p)
+    feed(p, records("dev-l", *sine_stream(400)))
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("a log line that fails")
+
+    c._log_threshold_changes = broken  # type: ignore[method-assign]
+    with capture_logs() as logged:
+        answer = send(c, "pin", "dev-l", threshold=1.0)
+    assert answer["status"] == "applied" and p.calibrator.threshold("dev-l").value == 1.0
+    assert [e["error"] for e in logged if e["event"] == "threshold_change_log_failed"] == [
+        "RuntimeError: a log line that fails"]
+
+
 def test_unfreezing_one_stream_under_a_daemon_wide_freeze_is_refused(make: Make) -> None:
     """It was acknowledged as applied with frozen True -> True: the operator believed it had worked."""
     p = make()
