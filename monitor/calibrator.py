@@ -397,8 +397,9 @@ class Calibrator:
                 held[name] = ("no normal error learnt since the stream started or was reset (or while it was frozen): "
                               "nothing to recalibrate from")
             return None, 0, ""
-        value = self._target(old, normal, q, margin, commanded)
-        target, how_far = self._target(old, normal, q, margin, commanded=True), ""  # before max_change's step
+        estimate = censored_quantile(normal, q)  # sorted once for the value, its target and its reason
+        value = self._target(old, normal, q, margin, commanded, estimate)
+        target, how_far = self._target(old, normal, q, margin, True, estimate), ""  # before max_change's step
         n = len(recent) // max(1, thin)  # non-overlapping recent windows
         if not commanded and value < old.value and n * (1.0 - q) >= 2.0:
             # Never lower it below the quantile of every recent window: the normal evidence lacks the over-threshold
@@ -421,12 +422,12 @@ class Calibrator:
         if commanded and drift.enabled and value > old.value * (1 + _MIN_CHANGE):
             verdict = assess(recent, value, drift, thin, stationary=False)
             if not verdict.accept:
-                wanted = censored_quantile(normal, q)[0] * margin  # inf: above every error seen, not the cap's doing
+                wanted = estimate[0] * margin  # inf: above every error seen, not the cap's doing
                 refused[name] = verdict.reason + (self._capped(old, wanted, value, recent) if math.isfinite(wanted) else "")
                 return None, 0, ""
         how = "commanded" if commanded else "scheduled"
         # the version's value is read against its reason: a step or a hold is said, with the target it moved towards
-        if not how_far and not math.isfinite(censored_quantile(normal, q)[0]):
+        if not how_far and not math.isfinite(estimate[0]):
             how_far = f"; q{q:g} is above every error seen: a calibrator.max_change step up"
         elif not how_far and not math.isclose(value, target, rel_tol=1e-9):
             how_far = f"; a calibrator.max_change step towards {target:.4g}"
@@ -434,9 +435,10 @@ class Calibrator:
         return value, len(normal), f"{rule}{self._at_bound(old, target)}{how_far}"
 
     def _target(self, old: ThresholdState, errors: np.ndarray, quantile: float, margin: float,
-                commanded: bool) -> float:
+                commanded: bool, estimate: tuple[float, float] | None = None) -> float:
+        """``estimate``: ``censored_quantile(errors, quantile)`` where the caller has it already."""
         s = self.settings
-        q, above = censored_quantile(errors, quantile)
+        q, above = estimate if estimate is not None else censored_quantile(errors, quantile)
         if math.isfinite(q):
             target = q * margin
         else:

@@ -101,8 +101,9 @@ def calibrator_settings(cfg: Config) -> CalibratorSettings:
     # model_margin), so these are never used for a stream
     quantile = min(DEFAULT_QUANTILE if c.quantile is None else c.quantile, MAX_QUANTILE)
     d = cfg.drift
-    return CalibratorSettings(quantile, 1.0 if c.margin is None else c.margin, c.window, c.min_samples, c.max_change, c.floor, c.ceiling,
-                              c.enabled, cfg.state.history, c.min_change,
+    margin = 1.0 if c.margin is None else c.margin
+    return CalibratorSettings(quantile, margin, c.window, c.min_samples, c.max_change, c.floor, c.ceiling, c.enabled,
+                              cfg.state.history, c.min_change,
                               DriftSettings(d.enabled, d.window, d.min_windows, d.alpha, d.shift_share,
                                             d.max_over_share))
 
