@@ -46,8 +46,8 @@ class Residency(ProcessorState):
         self.calibrator.register(stream, det.threshold.value, thin=max(1, served.window // served.hop),
                                  quantile=min(det.threshold.quantile, MAX_QUANTILE) if s.model_quantile else None,
                                  margin=det.threshold.margin if s.model_margin else None,
-                                 basis=f"the model's: q{det.threshold.quantile:g} of its validation errors × "
-                                       f"{det.threshold.margin:g}")
+                                 basis=f"the model's: {_quantile_words(det.threshold.quantile)} of its validation "
+                                       f"errors × {det.threshold.margin:g}")
         st = StreamState(
             served, windows.for_stream(det.windowing, served.window, served.hop, served.channels,
                                        self._base_gap_ms(served)),
@@ -357,3 +357,8 @@ class Residency(ProcessorState):
         self.provisional_evicted.clear()
         self.owed.clear()
         self._owed_warned.clear()
+
+
+def _quantile_words(q: float) -> str:
+    """``q0.95``, or ``the largest`` for a model thresholded at its maximum (q1 read as a typo)."""
+    return "the largest" if q >= 1.0 else f"q{q:g}"

@@ -586,7 +586,7 @@ def test_feedback_reset_history_rollback_shadow(make: Make) -> None:
         (1, "pinned", 1.0), (2, "rollback", hist[0]["value"])]
     table = _effect(answer).splitlines()  # with its time, as the README's table says (it had none)
     assert table[0].startswith("dev-f v0: ") and " artifact initial " in table[0]
-    assert table[0].endswith("the model's: q1 of its validation errors × 1.5"), table[0]  # how it was set: none
+    assert table[0].endswith("the model's: the largest of its validation errors × 1.5"), table[0]  # how it was set: none
     assert re.fullmatch(r"dev-f v1: 1 pinned \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z.*", table[1]), table[1]
     assert "no version 7" in send(c, "rollback", "dev-f", version=7)["error"]
     answer = send(c, "shadow", "dev-f", quantile=0.5)
