@@ -178,7 +178,7 @@ class _Stream:
     versions: deque[ThresholdState]
     thin: int = 1  # every thin-th window does not overlap the previous one
     quantile: float | None = None  # its own (its model's); None: the settings'
-    margin: float | None = None  # its own (its model's); None: the settings'
+    margin: float = 1.0  # its own (its model's) or the settings', as registered
     pinned: bool = False
     frozen: bool = False
     before_pin: ThresholdState | None = None  # what unpin goes back to (the history is bounded)
@@ -236,7 +236,8 @@ class Calibrator:
                 # more, drift.window = 600 held fewer, and it refused every new normal, commanded ones too
                 recent = max(s.drift.window, MIN_INDEPENDENT * max(1, thin))
                 self._streams[stream] = _Stream(state, Ring(s.window), Ring(recent),
-                                                deque([state], maxlen=s.history), max(1, thin), quantile, margin)
+                                                deque([state], maxlen=s.history), max(1, thin), quantile,
+                                                margin or s.margin)
                 self._on_change(stream, state)
             return self._streams[stream].state
 
@@ -252,7 +253,7 @@ class Calibrator:
     def margin(self, stream: str) -> float:
         """The margin ``stream``'s quantile is multiplied by."""
         with self._lock:
-            return self._streams[stream].margin or self.settings.margin
+            return self._streams[stream].margin
 
     # evidence ---------------------------------------------------------------------------------------
     def observe(self, stream: str, errors: np.ndarray | float, commanded: bool = False) -> None:
@@ -328,7 +329,7 @@ class Calibrator:
                 st = self._streams[n]
                 if not (st.pinned or st.frozen):
                     todo.append((n, st.state, st.thin, st.normal.values(), st.recent.values(), quantile or st.quantile,
-                                 st.margin or self.settings.margin))
+                                 st.margin))
                 elif held is not None:
                     held[n] = f"pinned at {st.state.value:.6g}: unpin it first" if st.pinned else "frozen: unfreeze it first"
         refused = {} if refused is None else refused
@@ -363,10 +364,9 @@ class Calibrator:
                     continue
                 if abs(value - old.value) <= (within := max(_MIN_CHANGE, self.settings.min_change)) * old.value:
                     if close is not None:  # "applied" and "-" read as if nothing had been looked at (a new user)
-                        bound = ("floor" if value <= old.artifact * self.settings.floor else
-                                 "ceiling" if value >= old.artifact * self.settings.ceiling else None)
+                        bound = self._bound(old, value)
                         close[name] = (f"its target {value:.6g} is within calibrator.min_change ({within:.2%}) of "
-                                       f"{old.value:.6g}: already there" if bound is None else
+                                       f"{old.value:.6g}: already there" if not bound else
                                        f"held at calibrator.{bound} ({getattr(self.settings, bound):g} × the "
                                        f"artifact's {old.artifact:.6g}): already there")
                     continue
@@ -451,11 +451,15 @@ class Calibrator:
             target = min(max(target, old.value * (1.0 - s.max_change)), old.value * (1.0 + s.max_change))
         return self._bounded(old, target)
 
+    def _bound(self, old: ThresholdState, value: float) -> str:
+        """``floor`` or ``ceiling`` where ``value`` is held at that bound of ``old``'s artifact value, else ""."""
+        s = self.settings
+        return "floor" if value <= old.artifact * s.floor else "ceiling" if value >= old.artifact * s.ceiling else ""
+
     def _at_bound(self, old: ThresholdState, target: float) -> str:
         """`` (at calibrator.floor/ceiling, …)`` where ``target`` is held there, else nothing."""
-        s = self.settings
-        bound = "floor" if target <= old.artifact * s.floor else "ceiling" if target >= old.artifact * s.ceiling else ""
-        return f" (at calibrator.{bound}, {getattr(s, bound):g} × the artifact's)" if bound else ""
+        bound = self._bound(old, target)
+        return f" (at calibrator.{bound}, {getattr(self.settings, bound):g} × the artifact's)" if bound else ""
 
     def _capped(self, old: ThresholdState, wanted: float, value: float, recent: np.ndarray) -> str:
         """What a refusal adds where the ceiling cut its target short and that is why it was refused: too many
@@ -480,7 +484,6 @@ class Calibrator:
         with self._lock:
             st = self._streams[stream]
             normal, recent, old, margin = st.normal.values(), st.recent.values(), st.state, st.margin
-        margin = margin or self.settings.margin
         if self.settings.drift.enabled and level_shift(recent, old.value, self.settings.drift):
             return self._bounded(old, float(np.quantile(recent, quantile)) * margin), recent, True
         if len(normal) == 0:
