@@ -177,7 +177,7 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         ensure_topics(broker.bootstrap, {"tsmon.input": 4, "tsmon.alerts": 1, "tsmon.dead-letter": 1})
         overrides: dict[str, Any] = {"kafka.bootstrap_servers": broker.bootstrap, **LOCAL_GROUP,
                                      "calibrator.interval_s": 2.0, "calibrator.min_samples": 100,
-                                     "models": [{"pattern": "ecg-*", "path": model, "name": "ecg5000-lstm"}]}
+                                     "models": [{"pattern": "ecg-*", "path": model}]}  # named by its directory
         if opts.http_port is not None:
             overrides["http.port"] = opts.http_port
         if os.environ.get("TSMON_CONTROL__KEY"):  # the demo reads no other environment: its figures are README's

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from monitor.cli import main
-from monitor.demo import DemoOptions, run_demo
+from monitor.demo import DemoOptions, DemoProgress, run_demo
 from tests.conftest import child_processes, children, kill_all
 
 SHORT = {"duration_s": 4.0, "streams": 2, "rate": 1000.0}
@@ -32,11 +32,15 @@ def ecg_pca(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_short_demo_scores_every_beat_on_the_port_and_key_it_is_given(
         ecg_pca: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Found by a new user's run: the demo could not start beside a daemon on 9465 (no way to move its port: it
-    reads no environment), and warned "set TSMON_CONTROL__KEY" when it was set."""
+    reads no environment), and warned "set TSMON_CONTROL__KEY" when it was set. An on-call pass: every model was
+    named ecg5000-lstm in its alerts and dead letters, a PCA one too."""
     monkeypatch.setenv("TSMON_CONTROL__KEY", "demo-key")
     capsys.readouterr()
-    r = run_demo(str(ecg_pca), DemoOptions(**SHORT, http_port=0))
+    progress = DemoProgress()
+    r = run_demo(str(ecg_pca), DemoOptions(**SHORT, http_port=0), progress)
     assert r["windows_scored"] == r["beats"] and r["dead_letters"] == 3
+    models = {a["model"]["name"] for a in progress.alerts if a.get("type") == "anomaly"}
+    assert models == {"ecg-pca"}, models
     logged = capsys.readouterr()
     assert "control_key_unset" not in logged.out + logged.err
 
@@ -74,7 +78,7 @@ def test_a_demo_whose_player_fails_stops_with_its_error(ecg_pca: Path, monkeypat
     duration and a minute more, then printed a scorecard of the part it had sent."""
     import monitor.replay
     from models.errors import TsmonError
-    from monitor.demo import DemoOptions, run_demo
+    from monitor.demo import DemoOptions, DemoProgress, run_demo
 
     def broken(*_args: object, **_kw: object) -> None:
         raise RuntimeError("no bodies today")
