@@ -97,7 +97,10 @@ def _show(acks: list[dict[str, Any]]) -> None:
 
 def _status(a: dict[str, Any]) -> str:
     """The instance's answer; "no match" for a command it applied to nothing (read as done beside the verdict's
-    "no daemon has a stream matching")."""
+    "no daemon has a stream matching"); "not found" for feedback on an alert it does not know ("applied" beside
+    the verdict's failure, an on-call pass)."""
+    if (a["result"] or {}).get("found") is False:
+        return "not found"
     return "no match" if _matched_nothing(a) else str(a["status"])
 
 

@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 from models.errors import ConfigError, TsmonError
 from monitor.alerts import RATIO_CAP, AlertSettings, iso
 from monitor.calibrator import _unpack
-from monitor.commands.ctl_cmd import _effect
+from monitor.commands.ctl_cmd import _effect, _status
 from monitor.control import (
     ACK_PART_BYTES,
     COMMANDS,
@@ -569,6 +569,8 @@ def test_feedback_reset_history_rollback_shadow(make: Make) -> None:
     unknown = send(c, "feedback", "*", alert_id="nope", verdict="confirmed")
     assert unknown["result"] == {"alert_id": "nope", "found": False}
     assert _effect(unknown) == "no recent alert nope here"  # its table row read "applied" and "-", then exit 1
+    assert _status(unknown) == "not found" and _status(send(c, "feedback", "*", alert_id=alert_id,
+                                                            verdict="confirmed")) == "applied"
     with capture_logs() as logged:  # logged as a scheduled change is (README: every version is); it was not
         send(c, "pin", "dev-f", threshold=1.0)
         send(c, "rollback", "dev-f", version=0)
