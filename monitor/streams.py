@@ -341,7 +341,9 @@ class StreamState:
         th, controls = calibrator.threshold(stream), calibrator.controls(stream)
         source = "pinned" if controls["pinned"] else "frozen" if controls["frozen"] else th.source
         ep = self.alerts.episode
-        state = "ok" if ep is None else "pending" if ep.fired is None else "flapping" if ep.flapping else "firing"
+        # "silenced": fired while the stream was silenced and never paged since (an on-call pass read "firing")
+        state = "ok" if ep is None else "pending" if ep.fired is None else "silenced" if ep.silenced else \
+            "flapping" if ep.flapping else "firing"
         silenced = self.silenced_until_ms > now_ms
         last = self.last_sample_ts  # its document's too: a stream woken by a command showed none, "silent" or not
         return {"stream": stream, "model": self.served.name, "last_sample_ts": last,
