@@ -38,8 +38,10 @@ class CommandFailed(TsmonError):
 def duration_s(text: str) -> float:
     """``"90s"``, ``"30m"``, ``"2h"``, ``"1d"`` or plain seconds → seconds."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not m or float(m.group(1)) <= 0:
+    if not m:
         raise ConfigError(f"--for: expected a duration like 90s, 30m, 2h or 1d, got {text!r}")
+    if float(m.group(1)) <= 0:  # the format's message for "0" did not say what was wrong with it (an on-call pass)
+        raise ConfigError(f"--for: must be longer than 0, got {text.strip()!r}")
     seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
     if seconds > MAX_SILENCE_S:  # what every daemon refuses: said here, nothing sent (it was sent, then "failed")
         raise ConfigError(f"--for: at most 30d, got {text.strip()!r}")

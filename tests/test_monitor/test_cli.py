@@ -694,6 +694,7 @@ def test_ctl_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
                           # the calibrator's highest, as calibrator.quantile (an operator pass: q0.9999 was applied)
                           (["recalibrate", "--stream", "s", "--quantile", "0.9999"], "must be in (0, 0.999], got 0.9999"),
                           (["silence", "--stream", "s", "--for", "soon"], "Invalid value for --for: expected a duration like 90s"),
+                          (["silence", "--stream", "s", "--for", "0m"], "Invalid value for --for: must be longer than 0, got '0m'"),
                           # sent, then refused by every daemon (found by the operator pass)
                           (["silence", "--stream", "s", "--for", "31d"], "Invalid value for --for: at most 30d, got '31d'"),
                           (["rollback", "--stream", "s", "--to", "-1"], "Invalid value for '--to'")]:
