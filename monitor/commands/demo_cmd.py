@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.live import Live
 from rich.table import Table
 
@@ -36,17 +37,23 @@ class LiveView:
         broker = f"broker {p.bootstrap} · " if p.bootstrap else ""
         head = (f"{broker}{url}sent {p.sent_samples:,}/{p.total_samples:,} samples · scored {total('tsmon_windows_scored_total'):,}"
                 f" windows · dead letters {total('tsmon_dead_letters_total')} · alerts {len(p.alerts)} messages")
-        t = Table(title=head, title_justify="left", expand=False)
-        for col in ("stream time", "stream", "status", "severity", "ratio", "threshold", "alert_id"):
-            t.add_column(col)
+        # no vertical rules: 80 columns hold every column of a row whole (an on-call pass: cut ids and times)
+        t = Table(title=head, title_justify="left", expand=False, box=box.SIMPLE_HEAD, padding=0,
+                  pad_edge=False)
+        t.add_column("stream time", no_wrap=True, min_width=8)
+        t.add_column("stream", no_wrap=True)
+        for col, longest in (("status", 10), ("severity", 8), ("ratio", 5), ("threshold", 10)):
+            t.add_column(col, min_width=longest)  # "rate_drift", "critical", "calibrated": wrapped, never cut
+        # never cut: 80 columns showed "2aaca52c6b…", an id no one could give tsmon inspect --alert (an on-call pass)
+        t.add_column("alert_id", no_wrap=True, min_width=20)
         for a in sorted(list(p.alerts)[-12:], key=_stream_time):  # in stream time (in publish order, they jumped back)
             if a.get("type") == "anomaly":
                 style = "red" if a["status"] == "firing" else "green"
-                status = f"[{style}]{a['status']}" + (" (flapping)" if a["flapping"] else "")
-                t.add_row(iso(_stream_time(a))[11:23], a["stream"], status, a["severity"],
+                status = f"[{style}]" + ("flapping" if a["flapping"] and a["status"] == "firing" else a["status"])
+                t.add_row(iso(_stream_time(a))[11:19], a["stream"], status, a["severity"],
                           f"{a['ratio']:.2f}", f"{a['threshold']:.3f} {a['threshold_source']}", a["alert_id"])
             else:
-                t.add_row(a["time"][11:23], a["stream"], f"[yellow]{a['kind']}", "", "", "", a["event_id"][:10])
+                t.add_row(a["time"][11:19], a["stream"], f"[yellow]{a['kind']}", "", "", "", a["event_id"][:10])
         return t
 
 

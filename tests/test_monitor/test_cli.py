@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -1157,6 +1158,10 @@ def test_the_demos_live_table_names_its_http_endpoints_once_they_listen() -> Non
     assert str(table.title).startswith("broker 127.0.0.1:45115 · http://127.0.0.1:43210 · sent")
     assert list(table.columns[1].cells) == ["ecg-04", "ecg-01"]
     assert list(table.columns[6].cells) == ["a" * 20] * 2  # whole: what tsmon ctl feedback --alert needs
+    from rich.console import Console  # and shown whole on an 80-column terminal (it ended "aaaaaaaaaa…")
+    narrow = Console(width=80, record=True, file=io.StringIO())
+    narrow.print(table)
+    assert "a" * 20 in narrow.export_text()
 
 
 def test_status_says_a_threshold_whose_lowering_is_held() -> None:
