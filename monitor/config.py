@@ -61,6 +61,7 @@ _Topic = Annotated[str, StringConstraints(strip_whitespace=True), AfterValidator
 _HOST_PORT = re.compile(r"(?:[A-Za-z][A-Za-z0-9_]*://)?"  # SECURITY_PROTOCOL:// as the Java client takes it
                         r"(?:(?P<host>\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+)(?::(?P<port>\d{1,5}))?"  # host or [IPv6]
                         r"|(?P<bare>[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.%]*))")  # bare IPv6: no port
+_LINGER_MS = 5  # the producers' batching delay
 _SASL_USER_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _RDKAFKA_MOST = {"session_timeout_ms": 3_600_000, "max_poll_interval_ms": 86_400_000,
                  "reconnect_backoff_max_ms": 3_600_000, "request_timeout_ms": 300_000}
@@ -163,6 +164,9 @@ class KafkaConfig(_Section):
                                                                   "(e.g. Tansu) and latency matters")
     request_timeout_ms: int = Field(30_000, gt=500, lt=540_000,
                                     description="kafka-python needs fetch_max_wait_ms (500) < it < 540000")
+    delivery_timeout_ms: int = Field(120_000, ge=1000, le=86_400_000, description="an alert, event or dead letter "
+                                     "the broker has not acknowledged by then is sent again by tsmon (the input "
+                                     "paused meanwhile); at least request_timeout_ms + 5 (the producer's linger)")
     reconnect_backoff_max_ms: int = Field(10_000, ge=50, description="reconnects to a lost broker back off "
                                                                        "exponentially from 50 ms up to this")
     bootstrap_timeout_ms: int = Field(30_000, ge=1000, le=3_600_000, description="how long a start waits for a "
@@ -218,6 +222,9 @@ class KafkaConfig(_Section):
     def _rules(self) -> Iterator[str]:
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             yield f"heartbeat_interval_ms: must be less than session_timeout_ms ({self.session_timeout_ms})"
+        if self.delivery_timeout_ms < self.request_timeout_ms + _LINGER_MS:  # kafka-python refuses to start
+            yield (f"delivery_timeout_ms: must be at least request_timeout_ms + {_LINGER_MS} "
+                   f"({self.request_timeout_ms + _LINGER_MS})")
         if self.replication_factor == 0:
             yield "replication_factor: 0 replicas is no topic; give -1 (the brokers' default) or >= 1"
         if self.enable_idempotence and self.producer_acks != "all":
@@ -280,8 +287,8 @@ class KafkaConfig(_Section):
         # Five requests in flight (kafka-python's default). One (ordered retries) was tried and reverted: in the
         # CI run after it an alert stayed unacknowledged for good after a cancelled request (stalled 40 s, to the
         # stop), where with five such a request had been retried within about a second; cause not established.
-        return {**self.client_kwargs(), "acks": acks, "enable_idempotence": self.enable_idempotence, "linger_ms": 5,
-                "max_block_ms": 2000}
+        return {**self.client_kwargs(), "acks": acks, "enable_idempotence": self.enable_idempotence,
+                "linger_ms": _LINGER_MS, "max_block_ms": 2000, "delivery_timeout_ms": self.delivery_timeout_ms}
 
     def check_files(self) -> None:
         """The TLS files must be readable files here: a CA path that does not exist passed config check, and
@@ -863,6 +870,7 @@ max_poll_interval_ms = 300000            # longest gap between polls before a re
 max_poll_records = 500
 fetch_max_wait_ms = 500                  # a fetch held this long at most (lower: latency on brokers that always hold it)
 request_timeout_ms = 30000               # kafka-python needs 500 < request_timeout_ms < 540000
+delivery_timeout_ms = 120000            # output unacknowledged this long is sent again (input paused meanwhile)
 reconnect_backoff_max_ms = 10000         # reconnects to a lost broker back off from 50 ms up to this
 bootstrap_timeout_ms = 30000             # a start waits this long for a broker to answer, then names what failed
 security_protocol = "PLAINTEXT"          # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL

@@ -41,7 +41,7 @@ _KEYS = {
     "auto_offset_reset": "auto.offset.reset", "session_timeout_ms": "session.timeout.ms",
     "heartbeat_interval_ms": "heartbeat.interval.ms", "max_poll_interval_ms": "max.poll.interval.ms",
     "fetch_max_wait_ms": "fetch.wait.max.ms", "enable_auto_commit": "enable.auto.commit", "acks": "acks",
-    "enable_idempotence": "enable.idempotence", "linger_ms": "linger.ms",
+    "enable_idempotence": "enable.idempotence", "linger_ms": "linger.ms", "delivery_timeout_ms": "delivery.timeout.ms",
     "metadata_max_age_ms": "topic.metadata.refresh.interval.ms",
 }
 # no librdkafka property: poll sizes, produce() never blocks, the start's wait is tsmon's own (monitor.reach)
