@@ -78,7 +78,7 @@ def test_a_demo_whose_player_fails_stops_with_its_error(ecg_pca: Path, monkeypat
     duration and a minute more, then printed a scorecard of the part it had sent."""
     import monitor.replay
     from models.errors import TsmonError
-    from monitor.demo import DemoOptions, DemoProgress, run_demo
+    from monitor.demo import DemoOptions, run_demo
 
     def broken(*_args: object, **_kw: object) -> None:
         raise RuntimeError("no bodies today")

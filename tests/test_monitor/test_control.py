@@ -505,7 +505,7 @@ def test_an_alert_whose_silence_ends_pages_though_the_stream_went_quiet(make: Ma
     p.streams["dev-q"].silenced_until_ms = int((now[0] + 60) * 1000)
     feed(p, records("dev-q", ts[200:], v[200:], first_offset=20))  # fires while silenced, still open at the end
     assert [d["status"] for d in anomalies(p)] == ["silenced"] and p.page_unsilenced() == 0
-    state = lambda: p.status_rows({})[0]["alert_state"]  # noqa: E731
+    state = lambda: p.status_rows({})[0]["alert_state"]
     assert state() == "silenced"  # tsmon status said "firing" of an alert never paged (an on-call pass)
     now[0] += 61  # the silence ends; no window arrives any more
     assert p.metrics.total("tsmon_alerts_fired_total") == 0
