@@ -162,7 +162,8 @@ class Controller:
     def save_global(self) -> None:
         topic = self.p.settings.state_topic
         if topic is not None and self.global_known:  # else its default frozen_all false hid the group's freeze
-            doc = {"type": "daemon_state", "v": 1, "frozen_all": self.cal.frozen_all, "command_ids": self.seen.ids(GLOBAL_IDS_BYTES)}
+            doc = {"type": "daemon_state", "v": 1, "frozen_all": self.cal.frozen_all,
+                   "silences": self.p.silences.doc(self.clock() * 1000), "command_ids": self.seen.ids(GLOBAL_IDS_BYTES)}
             # after the documents of the streams it records the command of
             self.p.outbox.document(GLOBAL_KEY, json_message(topic, GLOBAL_KEY, doc, [("tsmon.type", b"daemon_state")]),
                                    last=True)
@@ -188,6 +189,7 @@ class Controller:
         if not self.global_known:
             self.cal.frozen_all = doc.get("frozen_all") is True
             self.global_known = complete
+        self.p.silences.merge(doc.get("silences"), self.clock() * 1000)  # absent from earlier versions' documents
         for i in ids:
             if isinstance(i, str) and i not in self.seen:
                 self.seen.add(i)
@@ -338,8 +340,16 @@ class Controller:
             return None if self.p.streams[stream].silenced_until_ms > self.clock() * 1000 else \
                 "not silenced: nothing to undo"
         now_ms = self.clock() * 1000
-        return self._each(cmd, change, None if until else not_silenced, (lambda doc: True) if until else (
+        streams, effects, result = self._each(cmd, change, None if until else not_silenced, (
+            lambda doc: True) if until else (
             lambda doc: isinstance(doc.get("silenced_until_ms"), int) and doc["silenced_until_ms"] > now_ms))
+        # and the streams that start while it runs (an on-call pass: a silence of 'press-*' paged for press-10,
+        # first seen during it, and one of a sensor not seen yet failed: no daemon had a stream matching it)
+        if until and self.p.silences.add(cmd.command_id, cmd.target, until, now_ms):
+            result = {**result, "standing": {"pattern": cmd.target, "until_ms": until}}
+        elif lifted := self.p.silences.lift(cmd.target, now_ms):
+            result = {**result, "lifted": lifted}
+        return streams, effects, result
 
     def _reset(self, cmd: Command) -> Effects:
         return self._each(cmd, lambda s: self.p.reset_stream(s, self._why(cmd)))

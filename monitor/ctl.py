@@ -208,9 +208,11 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
     key = {"feedback": "verdict", "history": "history", "shadow": "shadow"}.get(command)
     if key is not None:
         matched = any(a["result"].get(key) for a in applied)
-    else:  # a recalibration the drift guard refused still matched its stream (it fails below)
+    else:  # a recalibration the drift guard refused still matched its stream (it fails below); a silence kept for
+        # the streams that start while it runs, or one of those lifted, is applied
         matched = any(a["streams"] or a["result"].get("refused") or a["result"].get("unchanged")
-                      or a["result"].get("held") for a in applied)
+                      or a["result"].get("held") or a["result"].get("standing") or a["result"].get("lifted")
+                      for a in applied)
     if not matched:
         if command == "feedback":  # its target is '*': the alert id is what was looked for
             alert = (applied[0].get("params") or {}).get("alert_id")

@@ -31,6 +31,7 @@ from monitor.quality import QualityEvent
 from monitor.records import BadRecord, Limits
 from monitor.scorer import Scorer, Served
 from monitor.scoring import Backend, Result, ThreadBackend
+from monitor.silences import StandingSilences
 from monitor.sink import OutMessage, Sink, json_message
 from monitor.source import TP, InRecord
 from monitor.streams import StreamState
@@ -124,6 +125,7 @@ class ProcessorState:
         self.owed: dict[str, int] = {}  # evicted with a silenced alert open: silence end (epoch ms), page owed
         self.undocumented: set[str] = set()  # started since the last commit: their first document goes with it
         self.outbox = Outbox()  # state documents, then operators' acknowledgements: sent by the next commit
+        self.silences = StandingSilences()  # operators' silences for the streams that start while they run
         self.unpersisted: set[str] = set()  # ids of commands whose documents a failed revoke dropped (see revoke)
         self._owed_warned: set[str] = set()
         self.throttle = logs.Throttle()  # per-record, per-window and per-stream events: a sample in the log

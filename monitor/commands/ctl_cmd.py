@@ -143,6 +143,11 @@ def _effect(a: dict[str, Any]) -> str:
     lines += [f"{s}: skipped: {why}" for s, why in r.get("held", {}).items()]  # under --all or a glob (was --json only)
     because = r.get("unchanged_because") or {}  # "applied" over "-": as if nothing had been looked at (a new user)
     lines += [f"{s}: unchanged" + (f": {because[s]}" if s in because else "") for s in r.get("unchanged", [])]
+    if standing := r.get("standing"):  # kept: the streams that start while it runs are silenced too
+        lines.append(f"standing silence: streams matching {standing['pattern']!r} that start before "
+                     f"{_when(standing['until_ms'])} start silenced")
+    lines += [f"standing silence of {p!r} lifted: streams that start from now are not silenced"
+              for p in r.get("lifted", [])]
     if r.get("found") is False:  # feedback for an alert this instance does not know: "applied" over "-" read as done
         lines.append(f"no recent alert {r.get('alert_id')} here")
     if "precision" in r:

@@ -242,6 +242,9 @@ def test_state_survives_a_restart_and_does_not_refire(broker: Any, topic: str, s
     run.caught_up(2000)
     command(cfg, "pin", "dev-q", threshold=0.5)
     command(cfg, "silence", "dev-q", for_s=600)
+    # a sensor not seen yet (an on-call pass: "no daemon has a stream matching", exit 1): a standing silence
+    ahead = command(cfg, "silence", "dev-n*", for_s=600)
+    assert ahead["streams"] == [] and ahead["result"]["standing"]["pattern"] == "dev-n*"
     produce(broker.bootstrap, topic, {"dev-r": stream(500, 1000, bursts=(470,))})  # an episode left open
     run.caught_up(2500)
     run.wait(lambda: run.daemon.processor.streams["dev-r"].alerts.firing)
@@ -254,9 +257,10 @@ def test_state_survives_a_restart_and_does_not_refire(broker: Any, topic: str, s
     second = Running(cfg)
     try:  # dev-q has sent nothing since the restart: its document names its partition, so a command reaches it
         assert command(cfg, "freeze", "dev-q")["streams"] == ["dev-q"]  # touches neither its pin nor its silence
-        produce(broker.bootstrap, topic, {"dev-r": stream(500, 1500), "dev-q": stream(100, 1000, seed=3)})
+        produce(broker.bootstrap, topic, {"dev-r": stream(500, 1500), "dev-q": stream(100, 1000, seed=3),
+                                          "dev-n1": stream(600, bursts=(300,), seed=4)})  # first seen now
         second.wait(lambda: "dev-q" in second.daemon.processor.streams and "dev-r" in second.daemon.processor.streams)
-        second.wait(lambda: second.daemon.metrics.total("tsmon_samples_total") >= 600 and
+        second.wait(lambda: second.daemon.metrics.total("tsmon_samples_total") >= 1200 and
                     second.daemon.processor.pending == 0)
         th = second.daemon.calibrator.threshold("dev-q")
         assert (th.value, th.source) == (0.5, "pinned")
@@ -267,6 +271,8 @@ def test_state_survives_a_restart_and_does_not_refire(broker: Any, topic: str, s
         second.stop()
     statuses = [d["status"] for d in alerts(cfg) if d["stream"] == "dev-r"]
     assert statuses == ["firing", "resolved"]  # the open alert was restored: not fired again, then resolved
+    # the rule came back with the group's document: the new sensor's burst was recorded, not paged
+    assert [d["status"] for d in alerts(cfg) if d["stream"] == "dev-n1"] == ["silenced", "resolved"]
 
 
 def test_state_follows_partitions_to_a_second_instance(broker: Any, topic: str, stream_model: Path) -> None:
