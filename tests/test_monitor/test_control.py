@@ -538,12 +538,12 @@ def test_a_silence_of_a_pattern_holds_for_the_streams_that_start_while_it_runs(m
     d.clock = p.clock
     d.restore_global(group, complete=True)
     feed(q, records("dev-c", ts, v))
-    assert [a["status"] for a in anomalies(q)][0] == "silenced"
+    assert next(a["status"] for a in anomalies(q)) == "silenced"
     # unsilence with the rule's pattern lifts it: a stream that starts after is not silenced
     lifted = send(c, "unsilence", "dev-*")
     assert lifted["result"]["lifted"] == ["dev-*"] and "standing silence of 'dev-*' lifted" in _effect(lifted)
     feed(p, records("dev-d", ts, v, partition=5))
-    assert [a["status"] for a in anomalies(p) if a["stream"] == "dev-d"][0] == "firing"
+    assert next(a["status"] for a in anomalies(p) if a["stream"] == "dev-d") == "firing"
     # lifted stays lifted when merged with a document written before the lift; every rule ends with its silence
     group2 = [d for d in out(p, "state") if d["type"] == "daemon_state"][-1]
     d.restore_global(group2, complete=True)
