@@ -199,7 +199,10 @@ class Processor(Ingest, InFlight, Residency, Committing):
             self.metrics.alert_severity.labels(doc["severity"]).inc()
         if remember:  # firing, then resolved: with all its over-threshold windows
             st.remember(ep.alert_id, ep.scores)
-        self.sink.send(json_message(self.settings.alerts_topic, stream, doc, [("tsmon.type", b"anomaly")]))
+        # status and severity as headers too: a pager bridge can drop silenced messages without parsing the body
+        headers = [("tsmon.type", b"anomaly"), ("tsmon.status", status.encode()),
+                   ("tsmon.severity", str(doc["severity"]).encode())]
+        self.sink.send(json_message(self.settings.alerts_topic, stream, doc, headers))
         self.metrics.alerts.labels(status).inc()
         if arrived is not None:
             self.metrics.alert_latency.observe(time.monotonic() - arrived)
