@@ -14,6 +14,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -189,7 +190,10 @@ class Controller:
         if not self.global_known:
             self.cal.frozen_all = doc.get("frozen_all") is True
             self.global_known = complete
-        self.p.silences.merge(doc.get("silences"), self.clock() * 1000)  # absent from earlier versions' documents
+        now_ms = self.clock() * 1000
+        self.p.silences.merge(doc.get("silences"), now_ms)  # absent from earlier versions' documents
+        for name, st in self.p.streams.items():  # new streams started before the rules were read (a restore cut
+            self.p.silences.apply(name, st, now_ms)  # short at first)
         for i in ids:
             if isinstance(i, str) and i not in self.seen:
                 self.seen.add(i)
@@ -345,10 +349,15 @@ class Controller:
             lambda doc: isinstance(doc.get("silenced_until_ms"), int) and doc["silenced_until_ms"] > now_ms))
         # and the streams that start while it runs (an on-call pass: a silence of 'press-*' paged for press-10,
         # first seen during it, and one of a sensor not seen yet failed: no daemon had a stream matching it)
-        if until and self.p.silences.add(cmd.command_id, cmd.target, until, now_ms):
-            result = {**result, "standing": {"pattern": cmd.target, "until_ms": until}}
-        elif lifted := self.p.silences.lift(cmd.target, now_ms):
+        rules = self.p.silences
+        if until:
+            if rules.add(cmd.command_id, cmd.target, cmd.issued_ms, until, now_ms):
+                result = {**result, "standing": {"pattern": cmd.target, "until_ms": until}}
+            return streams, effects, result
+        if lifted := rules.lift(cmd.target, now_ms):
             result = {**result, "lifted": lifted}
+        if names_one(cmd.target) and (covering := rules.covering(_unescaped(cmd.target), now_ms)):
+            result = {**result, "still_covered_by": covering}  # a stream not started yet would start silenced
         return streams, effects, result
 
     def _reset(self, cmd: Command) -> Effects:
@@ -456,6 +465,11 @@ def _field(doc: dict[str, Any], key: str, kind: type) -> Any:
     logged and skipped) must not fail a command that looks into every evicted stream's document."""
     value = doc.get(key)
     return value if isinstance(value, kind) else kind()
+
+
+def _unescaped(target: str) -> str:
+    """The stream id a one-stream target names (``--exact`` escapes glob characters as ``[*]``)."""
+    return re.sub(r"\[([*?[])\]", r"\1", target)
 
 
 def _claimed(raw: bytes | None) -> str | None:

@@ -218,7 +218,10 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
             alert = (applied[0].get("params") or {}).get("alert_id")
             raise CommandFailed(f"feedback: no daemon has a recent alert {alert!r} (each stream keeps its last "
                                 f"alerts only)")
-        raise CommandFailed(f"{command}: no daemon has a stream matching {target!r}")
+        covered = sorted({p for a in applied for p in a["result"].get("still_covered_by", ())})
+        hint = f" (the standing silence of {covered[0]!r} will silence it when it starts: unsilence {covered[0]!r} " \
+               f"to lift it)" if covered else ""
+        raise CommandFailed(f"{command}: no daemon has a stream matching {target!r}{hint}")
     refusals = sorted((s, why) for a in applied for s, why in (a["result"].get("refused") or {}).items())
     if refusals:  # the drift guard (or too little evidence) kept these thresholds: a script must not read success
         stream, why = refusals[0]

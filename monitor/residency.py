@@ -77,7 +77,8 @@ class Residency(ProcessorState):
                                   "does not read its documents loses to them; keep the instances' clocks in step (NTP)")
             st.epoch = max(st.epoch, now)
         st.provisional = st.provisional or (was_provisional and self.restore_incomplete)  # (it said false, back)
-        self.silences.apply(stream, st, self.clock() * 1000)  # a silence of its pattern running: it starts silenced
+        st.fresh = restored is None  # new: a silence of its pattern running, it starts silenced (not a provisional one)
+        self.silences.apply(stream, st, self.clock() * 1000)
         if replayed and st.seen_ms is not None:  # quiet since its last new record, not since the replay re-read it:
             # restarts more often than idle_evict_s held a stopped sensor's partial window, and the commit, for good
             st.last_seen = time.monotonic() - max(0.0, self.clock() - st.seen_ms / 1000 - SEEN_CLOCK_SKEW_S)

@@ -1,20 +1,22 @@
 """Standing silences: an operator's ``silence`` as a rule for the streams that start while it runs.
 
 Owns the rules, not the streams' silences. ``tsmon ctl silence --stream 'press-*' --for 2h`` silences the
-matching streams held now (:mod:`monitor.controller`), and leaves a rule here so that a stream matching it
-that starts before the silence ends — a sensor first seen during the maintenance, or one not held by any
-instance when the command came (a silence of ``press-9`` before that sensor is back) — starts silenced until
-the same time (:meth:`StandingSilences.apply`, called when a stream starts). A stream gets a rule once (its
-document keeps the command's id, as for every command), so ``unsilence`` of one stream holds through its
-restarts. ``unsilence`` with the rule's own pattern (or ``'*'``) lifts the rule as well.
+matching streams there are now — held, or known by their documents — (:mod:`monitor.controller`), and leaves a
+rule here so that a *new* stream matching it, one that starts without a document before the silence ends (a
+sensor first seen during the maintenance, or one never seen before: ``silence press-9`` ahead of it), starts
+silenced until the same end (:meth:`StandingSilences.apply`). A stream with a document is never silenced by a
+rule: its document says whether the command reached it, and an ``unsilence`` of it holds through its restarts.
 
-The rules are daemon-wide state: persisted in the changelog's daemon-wide document and merged with what
-another instance of the group wrote (a rule lifted anywhere stays lifted), dropped once they have ended.
+A new silence of the same pattern replaces its rule, as it replaces the streams' silences; ``unsilence`` of a
+pattern lifts the rules whose pattern it covers. The rules are daemon-wide state: persisted in the changelog's
+daemon-wide document, merged at each restore with what it holds (a lift this instance knows wins), dropped once
+they have ended.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,19 +28,29 @@ if TYPE_CHECKING:
 
 log = logs.get("tsmon.control")
 
-MAX_RULES = 1000  # running rules kept at most (the oldest to end go first): the daemon-wide document stays small
-MAX_PATTERN = 4096  # characters of a rule's pattern at most (a stream id has limits.max_stream_len, 256 by default)
-CLOCK_SKEW_MS = 86_400_000  # a rule another instance wrote may end this much past 30 days of this clock
+MAX_RULES = 1000  # running rules kept at most (those that end first go first)
+MAX_PATTERN = 512  # characters of a rule's pattern (a stream id has limits.max_stream_len, 256 by default)
+DOC_BYTES = 256 * 1024  # of the daemon-wide document (1 MB at most, 512 KiB of it command ids)
+CLOCK_SKEW_MS = 30_000  # a stream started this long before a rule's issue (two hosts' clocks) still starts under it
+AHEAD_MS = 86_400_000  # a document's rule may end this much past 30 days of this clock (another host's)
 
 
 @dataclass(slots=True)
 class Rule:
     pattern: str
+    issued_ms: int
     until_ms: int
     lifted: bool = False
 
     def doc(self, command_id: str) -> dict[str, Any]:
-        return {"id": command_id, "pattern": self.pattern, "until_ms": self.until_ms, "lifted": self.lifted}
+        return {"id": command_id, "pattern": self.pattern, "issued_ms": self.issued_ms, "until_ms": self.until_ms,
+                "lifted": self.lifted}
+
+    def covers(self, stream: str, st: StreamState, command_id: str, now_ms: float) -> bool:
+        """Does it silence ``st``, a stream started here without a document, as it starts?"""
+        return (not self.lifted and self.until_ms > now_ms and st.fresh and not st.provisional
+                and command_id not in st.commands and st.since_ms >= self.issued_ms - CLOCK_SKEW_MS
+                and fnmatch.fnmatchcase(stream, self.pattern))
 
 
 class StandingSilences:
@@ -47,34 +59,41 @@ class StandingSilences:
     def __init__(self) -> None:
         self.rules: dict[str, Rule] = {}
 
-    def add(self, command_id: str, pattern: str, until_ms: int, now_ms: float) -> bool:
-        """Keep the rule; False for a pattern longer than any stream id could match (not kept)."""
+    def add(self, command_id: str, pattern: str, issued_ms: int, until_ms: int, now_ms: float) -> bool:
+        """Keep the rule, replacing the running ones of the same pattern; True if it runs (False: a pattern too
+        long to keep, a rule lifted or ended since — the command read again)."""
         if len(pattern) > MAX_PATTERN:
             return False
-        if command_id not in self.rules:  # read again: a rule lifted since stays lifted
-            self.rules[command_id] = Rule(pattern, until_ms)
+        if command_id not in self.rules:
+            for rule in self.running(now_ms).values():
+                if rule.pattern == pattern:  # a shorter silence of dev-* held new streams for the longer one
+                    rule.lifted = True
+            self.rules[command_id] = Rule(pattern, min(issued_ms, int(now_ms)), until_ms)
         self._prune(now_ms)
-        return True
+        return command_id in self.running(now_ms)
 
-    def lift(self, pattern: str, now_ms: float) -> list[str]:
-        """Lift the running rules of ``pattern`` (every one for ``'*'``); returns the patterns lifted."""
-        lifted = []
-        for rule in self.rules.values():
-            if not rule.lifted and rule.until_ms > now_ms and pattern in ("*", rule.pattern):
-                rule.lifted = True
-                lifted.append(rule.pattern)
-        return sorted(set(lifted))
+    def lift(self, target: str, now_ms: float) -> list[str]:
+        """Lift the running rules whose pattern ``target`` covers (``dev-*`` lifts ``dev-*`` and ``dev-a*``, ``*``
+        every one); returns their patterns."""
+        lifted = [r for r in self.running(now_ms).values() if fnmatch.fnmatchcase(r.pattern, target)]
+        for rule in lifted:
+            rule.lifted = True
+        return sorted({r.pattern for r in lifted})
+
+    def covering(self, stream: str, now_ms: float) -> list[str]:
+        """The running rules' patterns that match ``stream`` (one not started yet would start silenced)."""
+        return sorted({r.pattern for r in self.running(now_ms).values() if fnmatch.fnmatchcase(stream, r.pattern)})
 
     def running(self, now_ms: float) -> dict[str, Rule]:
         return {i: r for i, r in self.rules.items() if not r.lifted and r.until_ms > now_ms}
 
     def apply(self, stream: str, st: StreamState, now_ms: float) -> bool:
-        """Silence a starting stream by every running rule it matches and has not had; True if one applied."""
+        """Silence a new stream by every running rule that covers it; True if one did."""
         applied = False
-        for command_id, rule in self.running(now_ms).items():
-            if command_id in st.commands or not fnmatch.fnmatchcase(stream, rule.pattern):
+        for command_id, rule in self.rules.items():
+            if not rule.covers(stream, st, command_id, now_ms):
                 continue
-            st.commands.append(command_id)
+            st.commands.append(command_id)  # read again (the command), it is not silenced anew
             st.silenced_until_ms = max(st.silenced_until_ms, rule.until_ms)
             st.dirty = applied = True
             log.info("standing_silence_applied", stream=stream, pattern=rule.pattern, command_id=command_id,
@@ -82,8 +101,18 @@ class StandingSilences:
         return applied
 
     def doc(self, now_ms: float) -> list[dict[str, Any]]:
+        """The rules for the daemon-wide document, within DOC_BYTES (those that end last first)."""
         self._prune(now_ms)
-        return [r.doc(i) for i, r in self.rules.items()]
+        out, size = [], 0
+        for command_id, rule in self.rules.items():
+            entry = rule.doc(command_id)
+            size += len(json.dumps(entry)) + 2
+            if size > DOC_BYTES:
+                log.warning("standing_silences_not_saved", rules=len(self.rules) - len(out),
+                            consequence="kept in memory: a restart loses them")
+                break
+            out.append(entry)
+        return out
 
     def merge(self, docs: Any, now_ms: float) -> None:
         """Take the rules of a daemon-wide document: new ones added, a lift kept; entries it cannot read skipped."""
@@ -100,8 +129,8 @@ class StandingSilences:
         self._prune(now_ms)
 
     def _prune(self, now_ms: float) -> None:
-        """Drop the rules that have ended (a lifted one too: nothing can bring it back once it would have ended),
-        and past MAX_RULES the running ones that end first."""
+        """Drop the rules that have ended (a lifted one too: nothing brings it back once it would have ended),
+        and past MAX_RULES those that end first."""
         keep = sorted(((i, r) for i, r in self.rules.items() if r.until_ms > now_ms), key=lambda ir: -ir[1].until_ms)
         self.rules = dict(keep[:MAX_RULES])
 
@@ -110,9 +139,9 @@ def _rule(d: Any, now_ms: float) -> Rule | None:
     """A daemon-wide document's entry as a rule, or None if it is not one (hand-edited, damaged)."""
     if not isinstance(d, dict) or not isinstance(d.get("id"), str):
         return None
-    pattern, until, lifted = d.get("pattern"), d.get("until_ms"), d.get("lifted")
-    if not (isinstance(pattern, str) and 0 < len(pattern) <= MAX_PATTERN and isinstance(lifted, bool)
-            and isinstance(until, int) and not isinstance(until, bool)
-            and until <= now_ms + MAX_SILENCE_S * 1000 + CLOCK_SKEW_MS):
+    pattern, issued, until, lifted = d.get("pattern"), d.get("issued_ms"), d.get("until_ms"), d.get("lifted")
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (issued, until))
+    if not (isinstance(pattern, str) and 0 < len(pattern) <= MAX_PATTERN and isinstance(lifted, bool) and ints
+            and 0 <= issued <= until <= now_ms + MAX_SILENCE_S * 1000 + AHEAD_MS):  # type: ignore[operator]
         return None
-    return Rule(pattern, until, lifted)
+    return Rule(pattern, issued, until, lifted)  # type: ignore[arg-type]

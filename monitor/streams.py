@@ -88,6 +88,7 @@ class StreamState:
     # new (back from an eviction here, or never restored)
     replay_until: dict[TP, int] | None = None
     epoch: int = 0  # a fencing token, above its document's and at least the clock at its start: see state.fresh_epoch
+    fresh: bool = False  # started here without a document (new): a standing silence's rule may apply to it
     provisional: bool = False  # started while the changelog was not read to its end: later documents supersede its
     behind_run: BehindRun | None = None  # new records refused as behind its last sample (Processor._set_back)
     # per partition, the offset of the record its clock step restarted it at: a replay of those before it (old time,

@@ -115,8 +115,9 @@ def _matched_nothing(a: dict[str, Any]) -> bool:
     refused/held/unchanged, history, shadow). Not a daemon-wide freeze or unfreeze, which applies without one."""
     if a.get("command") in ("freeze", "unfreeze") and a.get("target") == "*":
         return False
+    told = (v for k, v in a["result"].items() if k != "still_covered_by")  # a hint, not something done
     return a["status"] == "applied" and not a["error"] and not a["streams"] and \
-        not any(a["result"].values()) and not any("before" in e for e in a["effects"])
+        not any(told) and not any("before" in e for e in a["effects"])
 
 
 def _effect(a: dict[str, Any]) -> str:
@@ -144,10 +145,13 @@ def _effect(a: dict[str, Any]) -> str:
     because = r.get("unchanged_because") or {}  # "applied" over "-": as if nothing had been looked at (a new user)
     lines += [f"{s}: unchanged" + (f": {because[s]}" if s in because else "") for s in r.get("unchanged", [])]
     if standing := r.get("standing"):  # kept: the streams that start while it runs are silenced too
-        lines.append(f"standing silence: streams matching {standing['pattern']!r} that start before "
+        none = "" if a["streams"] else "no stream here matches it now; "  # (a typo read as done)
+        lines.append(f"{none}standing silence: new streams matching {standing['pattern']!r} that start before "
                      f"{_when(standing['until_ms'])} start silenced")
-    lines += [f"standing silence of {p!r} lifted: streams that start from now are not silenced"
+    lines += [f"standing silence of {p!r} lifted: new streams that start from now are not silenced"
               for p in r.get("lifted", [])]
+    lines += [f"new streams matching {p!r} still start silenced (its standing silence): unsilence {p!r} to lift it"
+              for p in r.get("still_covered_by", [])]
     if r.get("found") is False:  # feedback for an alert this instance does not know: "applied" over "-" read as done
         lines.append(f"no recent alert {r.get('alert_id')} here")
     if "precision" in r:
