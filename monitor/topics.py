@@ -8,6 +8,9 @@ import time
 from typing import Any
 
 from models.errors import BrokerError, ConfigError, describe
+from monitor import logs
+
+log = logs.get("tsmon.topics")
 
 
 def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: dict[str, dict[str, str]] | None = None,
@@ -114,6 +117,8 @@ class TopicReader:
         from kafka import KafkaConsumer
 
         self.docs: list[dict[str, Any]] = []
+        self._topic = topic
+        self._reached_end = threading.Event()  # every partition read up to its end offset at the start
         self._stop = threading.Event()
         self._consumer = KafkaConsumer(topic, **client, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                        enable_auto_commit=False, group_id=None)
@@ -121,13 +126,38 @@ class TopicReader:
         self._thread.start()
 
     def _run(self) -> None:
+        ends = self._end_offsets()
         while not self._stop.is_set():
             for records in self._consumer.poll(timeout_ms=100).values():
                 self.docs.extend(json.loads(r.value) for r in records)
+            if not self._reached_end.is_set() and all(self._position(tp) >= end for tp, end in ends.items()):
+                self._reached_end.set()
+
+    def _end_offsets(self) -> dict[Any, int]:
+        """Each partition's end offset now ({} for a topic not created yet: nothing to wait for)."""
+        from kafka import TopicPartition
+
+        try:
+            parts = self._consumer.partitions_for_topic(self._topic) or set()
+            return dict(self._consumer.end_offsets([TopicPartition(self._topic, p) for p in parts]))
+        except Exception as exc:  # noqa: BLE001 — then only the quiet period tells the end (as before)
+            log.debug("end_offsets_unknown", topic=self._topic, error=describe(exc))
+            return {}
+
+    def _position(self, tp: Any) -> int:
+        try:
+            return int(self._consumer.position(tp))
+        except Exception:  # noqa: BLE001 — not assigned yet
+            return -1
 
     def settle(self, quiet_s: float = 1.0, limit_s: float = 15.0) -> list[dict[str, Any]]:
-        """Wait until nothing new arrived for ``quiet_s`` (at most ``limit_s``); stop; return the docs."""
-        seen, last_change, t0 = -1, time.monotonic(), time.monotonic()
+        """Wait until the topic is read to the end it had at the start, then until nothing new arrived for
+        ``quiet_s`` (at most ``limit_s`` in all); stop; return the docs. The quiet period alone ended before a
+        slow broker's first fetch (``tsmon inspect --alert``: "not found … read 0 messages", the alert there);
+        it stays for brokers whose end offsets undercount (Tansu gives a batch's end as its first record's)."""
+        t0 = time.monotonic()
+        self._reached_end.wait(limit_s)
+        seen, last_change = -1, time.monotonic()
         while time.monotonic() - t0 < limit_s:
             if len(self.docs) != seen:
                 seen, last_change = len(self.docs), time.monotonic()

@@ -447,3 +447,44 @@ def test_a_kafka_exception_of_our_rebalance_callback_on_librdkafka_is_raised_as_
         src.poll(0)
     RevokingConsumer.consume = lambda self, num_messages, timeout: []  # type: ignore[method-assign,assignment]
     assert src.poll(0) == []
+
+
+def test_a_topic_reader_waits_for_a_slow_first_fetch_before_its_quiet_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipeline owner's pass: `tsmon inspect --alert ID` said "not found … (read 0 messages)" on a broker whose
+    first fetch took 1.3 s: the 1 s quiet period had started before it. It now reads to the end offsets the topic
+    had at the start first (a topic not there yet: the quiet period alone, as before)."""
+    import json
+
+    import kafka
+
+    from monitor.topics import TopicReader
+
+    class SlowConsumer:
+        def __init__(self, topic: str, **_kw: Any) -> None:
+            self.read = 0 if topic == "alerts" else 3  # (a missing topic: nothing to read)
+            self.t0 = time.monotonic()
+
+        def partitions_for_topic(self, topic: str) -> set[int] | None:
+            return {0} if topic == "alerts" else None
+
+        def end_offsets(self, tps: list[Any]) -> dict[Any, int]:
+            return {tp: 3 for tp in tps}
+
+        def poll(self, timeout_ms: int) -> dict[Any, list[Any]]:
+            time.sleep(timeout_ms / 1000)  # each poll waits for its timeout while the fetch is under way
+            if self.read or time.monotonic() - self.t0 < 1.5:  # a slow broker's first fetch
+                return {}
+            self.read = 3
+            return {0: [SimpleNamespace(value=json.dumps({"i": i}).encode()) for i in range(3)]}
+
+        def position(self, _tp: Any) -> int:
+            return self.read
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", SlowConsumer)
+    assert [d["i"] for d in TopicReader("b:1", "alerts").settle(quiet_s=1.0, limit_s=10)] == [0, 1, 2]
+    t0 = time.monotonic()
+    assert TopicReader("b:1", "missing").settle(quiet_s=0.3, limit_s=10) == []  # nothing to wait for: no end
+    assert time.monotonic() - t0 < 5
