@@ -83,6 +83,7 @@ class StreamState:
     # or a restore — passed over as a replay, a clock set back went unscored); which input is new: see replay_until
     doc_last_ts: int | None = None
     home: frozenset[TP] = frozenset()  # the input partitions its records came from (stored in its document)
+    last_tp: TP | None = None  # the partition of its latest record taken (messages on several: keyless)
     read_until: dict[TP, int] = field(default_factory=dict)  # per partition, the offset of the last record taken
     # restored for a replay: records at or before these offsets come again, later ones are new; None: every one is
     # new (back from an eviction here, or never restored)

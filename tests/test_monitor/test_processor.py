@@ -3279,3 +3279,22 @@ def test_a_wall_clock_recalibration_waits_for_a_revoke_to_drop_its_streams(strea
         assert waited[0] is True and "dev-a" not in d.processor.streams
     finally:
         d.processor.close()
+
+
+def test_a_stream_read_out_of_order_across_partitions_is_told_to_key_its_messages(make: Make) -> None:
+    """A pipeline owner's pass: one stream's chunks sent without a key went round the topic's partitions, and 76 %
+    were dead-lettered as behind the stream, each told "history sent again (a replay, a backfill)? … send it as
+    another stream". A record behind the stream on another partition than its last one says what is likelier."""
+    p = make()
+    ts, v = sine_stream(600)
+    chunks = records("dev-k", ts, v)  # chunks of H samples
+    keyless = [replace(r, partition=i % 2, offset=i // 2) for i, r in enumerate(chunks)]
+    # each poll takes partition 1's records before partition 0's, as a consumer may
+    p.handle([r for r in keyless[:4] if r.partition == 1] + [r for r in keyless[:4] if r.partition == 0])
+    late = [m for m in sink(p).sent if m.topic == DLQ]
+    assert [dict(m.headers)["tsmon.reason"] for m in late] == [b"timestamp_backwards"] * 2
+    detail = dict(late[0].headers)["tsmon.detail"].decode()
+    assert detail.startswith(f"on another partition ({TOPIC}-0) than the stream's last message ({TOPIC}-1): messages "
+                             "without a key are spread over the partitions"), detail
+    p.handle([replace(chunks[0], partition=1, offset=50)])  # on its last partition: behind, no partition said
+    assert b"another partition" not in dict([m for m in sink(p).sent if m.topic == DLQ][-1].headers)["tsmon.detail"]
