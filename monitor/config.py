@@ -320,7 +320,8 @@ class ModelRoute(_Section):
     pattern: str = Field("*", min_length=1, description="fnmatch glob on the stream id; first match wins")
     path: Path = Field(description="model artifact directory")
     hop: int | None = Field(None, ge=1, description="window hop in samples, for sliding-window models (a beat model's "
-                                                    "route refuses one); none = the artifact's hop")
+                                                    "route refuses one), at most the model's window; none = the "
+                                                    "artifact's hop")
     gap_ms: float | None = Field(None, gt=0, description="a longer gap restarts these streams' windows; "
                                                          "none = windows.gap_ms")
     for_windows: int | None = Field(None, ge=1, alias="for", description="anomalous windows in a row that open an "

@@ -791,6 +791,21 @@ def test_config_check_refuses_two_unnamed_routes_to_one_artifact(dense_artifact:
     assert code == 0 and '"ecg"' in out
 
 
+def test_config_check_refuses_a_route_hop_longer_than_its_models_window(stream_model: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A pipeline owner's pass: hop = 1000 on a 64-sample model passed config check and the daemon scored 12
+    windows of 12 000 samples without a word; the samples between windows are never scored."""
+    window = json.loads((stream_model / "manifest.json").read_text())["window"]
+    cfg = tmp_path / "hop.toml"
+    for hop, code_wanted in ((window + 1, 1), (window, 0)):
+        cfg.write_text(f'[[models]]\npattern = "dev-*"\npath = "{stream_model}"\nhop = {hop}\n')
+        code, _, err = run(capsys, "config", "check", "--config", str(cfg))
+        assert code == code_wanted, err
+    cfg.write_text(f'[[models]]\npattern = "dev-*"\npath = "{stream_model}"\nhop = {window + 1}\n')
+    code, _, err = run(capsys, "config", "check", "--config", str(cfg))
+    assert f"route 'dev-*': hop {window + 1} is longer than {stream_model}'s window ({window} samples)" in err
+
+
 def test_a_bad_training_summary_in_the_manifest_gives_one_line(dense_artifact: Path, series_csv: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     # each was a 40-line traceback from eval (AttributeError, ValueError, TypeError from BeatRule.fit)
