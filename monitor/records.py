@@ -135,7 +135,8 @@ def parse(value: bytes | None, key: bytes | None = None, limits: Limits = Limits
         return stream
     t0 = _timestamp_ms(doc.get("ts"))
     if t0 is None:
-        return BadRecord("bad_timestamp", f"ts must be epoch ms or ISO-8601 with a zone, got {doc.get('ts')!r}"[:200])
+        return BadRecord("bad_timestamp", f"ts must be epoch ms or ISO-8601 with a zone, got {doc.get('ts')!r}"
+                                          f"{_quoted_number(doc.get('ts'))}"[:200])
     forms = [k for k in ("value", "values", "samples") if k in doc]
     if len(forms) != 1:
         return BadRecord("bad_shape", "give exactly one of value, values or samples")
@@ -143,7 +144,7 @@ def parse(value: bytes | None, key: bytes | None = None, limits: Limits = Limits
         period = doc.get("period_ms")
         if type(period) not in (int, float) or not 0 < period < MAX_TS_MS or not math.isfinite(period):
             return BadRecord("bad_timestamp", f"a chunk needs a finite period_ms > 0 and below {MAX_TS_MS:.0f} "
-                                              f"(year 5138), got {period!r}"[:200])
+                                              f"(year 5138), got {period!r}{_quoted_number(period)}"[:200])
         arr = _matrix(doc["samples"], "samples", limits)
         if isinstance(arr, BadRecord):
             return arr
@@ -210,3 +211,14 @@ def encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _quoted_number(value: Any) -> str:
+    """A note for a number sent as a JSON string ("1796636082820" read as if valid: a pipeline owner's pass)."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return ""
+    return " (a string: send the number itself, without quotes)" if math.isfinite(number) else ""

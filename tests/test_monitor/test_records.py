@@ -118,6 +118,17 @@ def test_a_period_too_long_is_said_to_be_too_long() -> None:
     assert isinstance(bad, BadRecord) and bad.reason == "bad_timestamp" and "below 100000000000000" in bad.detail
 
 
+def test_a_number_sent_as_a_string_is_said_to_be_one() -> None:
+    """A pipeline owner's pass: "ts must be epoch ms …, got '1796636082820'" read as if the value were valid."""
+    quoted = " (a string: send the number itself, without quotes)"
+    for raw in (b'{"ts": "1796636082820", "value": 1}', b'{"ts": 1, "samples": [1, 2], "period_ms": "100"}'):
+        bad = parse(raw, b"s")
+        assert isinstance(bad, BadRecord) and bad.reason == "bad_timestamp" and bad.detail.endswith(quoted), bad
+    for raw in (b'{"ts": "yesterday", "value": 1}', b'{"ts": "nan", "value": 1}'):
+        bad = parse(raw, b"s")
+        assert isinstance(bad, BadRecord) and quoted not in bad.detail
+
+
 def test_limits() -> None:
     big = json.dumps({"ts": 1, "period_ms": 1, "samples": [0.0] * 50}).encode()
     assert parse(big, b"s", Limits(max_samples=10)).reason == "too_many_samples"
