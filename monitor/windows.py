@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.beats import BeatRule, peak_positions, rule_of
+from monitor.alerts import iso
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +304,9 @@ def order_problem(first_ts: int, last_ts: int | None, block_last_ts: int | None 
     if last_ts is None or first_ts > last_ts:
         return None
     kind = "duplicate_timestamp" if last_ts in (first_ts, block_last_ts) else "timestamp_backwards"
-    return f"{kind}: {first_ts} after {last_ts}"
+    # times as dates and numbers (a pipeline owner's pass: "1796636759637 after 1796636759637" said nothing)
+    return f"{kind}: its samples start at {iso(first_ts)} ({first_ts}), not after the stream's last, {iso(last_ts)}" \
+           f" ({last_ts})"
 
 
 def _concat(parts: list[Windows], window: int, channels: int) -> Windows:
