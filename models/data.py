@@ -351,9 +351,38 @@ def _value_columns(p: Path, df: pd.DataFrame, value_cols: list[str] | None, ts: 
                 df[c] = number.astype("float64")
                 continue
             example = bad.iloc[0] if len(bad) else df[c].iloc[0]
+            hint = _timestamp_hint(c) if ts is None and not value_cols and _iso_dates(df[c]) else ""
             raise DataError(f"{p}: value column {c!r} is not numeric (row {bad.index[0] if len(bad) else 0}: "
-                            f"{_short(example)})")
+                            f"{_short(example)}){hint}")
+    if ts is None and not value_cols:  # a timestamp column of another name was a channel (a pipeline owner's pass:
+        # event_time trained on, the warning about outliers, and every live message dead-lettered, a channel short)
+        stamps = [c for c in values if _epoch_ms_rising(df[c]) and c not in (model_channels or ())]
+        if stamps:
+            raise DataError(f"{p}: column {stamps[0]!r} holds rising epoch milliseconds but would be read as a "
+                            f"channel{_timestamp_hint(stamps[0])}")
     return values
+
+
+def _timestamp_hint(column: str) -> str:
+    return f": a timestamp? give --timestamp-col {column} (or name the channels with --value-col)"
+
+
+def _epoch_ms_rising(col: pd.Series) -> bool:
+    """Integers of epoch milliseconds (1973 to 5138), strictly rising: a timestamp column, not a measurement."""
+    if not pd.api.types.is_integer_dtype(col) or len(col) < 2:
+        return False
+    v = col.to_numpy()
+    return bool(v.min() >= 100_000_000_000 and v.max() < 100_000_000_000_000 and (np.diff(v) > 0).all())
+
+
+def _iso_dates(col: pd.Series) -> bool:
+    """Its first values all read as dates (ISO 8601 and the like)."""
+    head = col.dropna().head(20).astype(str)
+    if head.empty or head.str.fullmatch(r"[-+0-9.eE ]+").all():
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bool(pd.to_datetime(head, errors="coerce", utc=True, format="mixed").notna().all())
 
 
 def _stamps(p: Path, col: pd.Series, ts: str, numeric: bool) -> np.ndarray:

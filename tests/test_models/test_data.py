@@ -422,3 +422,26 @@ def test_a_label_that_is_not_0_or_1_is_named_with_its_row(tmp_path: Path) -> Non
     path.write_text("timestamp,value,label\n1,0.1,0\n2,0.2,1\n3,0.3,\n4,0.4,0\n")
     with pytest.raises(DataError, match=r"label column 'label' must hold only 0 and 1 \(row 2: nan\)$"):
         read_series(path, labels_wanted=True)
+
+
+def test_a_timestamp_column_of_another_name_is_not_taken_for_a_channel(tmp_path: Path) -> None:
+    """A pipeline owner's pass: a file whose timestamp column was `event_time` trained a model with event_time as a
+    channel (the only warning: extreme values), and the daemon dead-lettered every live message a channel short."""
+    n = 50
+    ms = 1_796_636_000_000 + 100 * np.arange(n)
+    path = tmp_path / "s.csv"
+    pd.DataFrame({"event_time": ms, "temp": np.sin(np.arange(n)), "count": np.arange(n)}).to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"column 'event_time' holds rising epoch milliseconds but would be read as "
+                                        r"a channel: a timestamp\? give --timestamp-col event_time"):
+        read_series(path)
+    assert read_series(path, timestamp_col="event_time").channels == ["temp", "count"]  # a counter stays a channel
+    assert read_series(path, value_cols=["temp"]).channels == ["temp"]
+    iso = pd.to_datetime(ms, unit="ms", utc=True).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    pd.DataFrame({"event_time": iso, "temp": np.sin(np.arange(n))}).to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"value column 'event_time' is not numeric .*: a timestamp\? give "
+                                        r"--timestamp-col event_time"):
+        read_series(path)
+    pd.DataFrame({"site": ["north"] * n, "temp": np.sin(np.arange(n))}).to_csv(path, index=False)
+    with pytest.raises(DataError, match="not numeric") as text:
+        read_series(path)
+    assert "--timestamp-col" not in str(text.value)
