@@ -371,8 +371,8 @@ def _epoch_ms_rising(col: pd.Series) -> bool:
     """Integers of epoch milliseconds (1973 to 5138), strictly rising: a timestamp column, not a measurement."""
     if not pd.api.types.is_integer_dtype(col) or len(col) < 2:
         return False
-    v = col.to_numpy()
-    return bool(v.min() >= 100_000_000_000 and v.max() < 100_000_000_000_000 and (np.diff(v) > 0).all())
+    v = col.to_numpy()  # compared, not subtracted: a fall in unsigned integers wrapped round to a rise (a review)
+    return bool(v.min() >= 100_000_000_000 and v.max() < 100_000_000_000_000 and (v[1:] > v[:-1]).all())
 
 
 def _iso_dates(col: pd.Series) -> bool:

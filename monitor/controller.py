@@ -190,10 +190,9 @@ class Controller:
         if not self.global_known:
             self.cal.frozen_all = doc.get("frozen_all") is True
             self.global_known = complete
-        now_ms = self.clock() * 1000
-        self.p.silences.merge(doc.get("silences"), now_ms)  # absent from earlier versions' documents
-        for name, st in self.p.streams.items():  # new streams started before the rules were read (a restore cut
-            self.p.silences.apply(name, st, now_ms)  # short at first)
+        # absent from earlier versions' documents (input waits for the restore: no new stream started before it,
+        # and one started after a restore cut short is provisional, which no rule silences)
+        self.p.silences.merge(doc.get("silences"), self.clock() * 1000)
         for i in ids:
             if isinstance(i, str) and i not in self.seen:
                 self.seen.add(i)
@@ -350,9 +349,12 @@ class Controller:
         # and the streams that start while it runs (an on-call pass: a silence of 'press-*' paged for press-10,
         # first seen during it, and one of a sensor not seen yet failed: no daemon had a stream matching it)
         rules = self.p.silences
-        if until:
-            if rules.add(cmd.command_id, cmd.target, cmd.issued_ms, until, now_ms):
-                result = {**result, "standing": {"pattern": cmd.target, "until_ms": until}}
+        if until:  # the rule ends a for_s after the command was issued, whenever it is read: read again (a stream
+            # owed it), lifted (kept until then) or ended, it stays so (a review: it came back running until a for_s
+            # after the second reading)
+            end = cmd.issued_ms + int(float(cmd.params["for_s"]) * 1000)
+            if rules.add(cmd.command_id, cmd.target, cmd.issued_ms, end, now_ms):
+                result = {**result, "standing": {"pattern": cmd.target, "until_ms": end}}
             return streams, effects, result
         if lifted := rules.lift(cmd.target, now_ms):
             result = {**result, "lifted": lifted}

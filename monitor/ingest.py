@@ -221,13 +221,13 @@ class Ingest(ProcessorState):
                 continue
             kind = "duplicate" if reason == "duplicate_timestamp" else "late"
             run = st.behind_run
+            if kind == "late" and run is not None and behind is not None and self.settings.clock_step_s is not None:
+                detail = self._late_detail(run, behind, int(block.ts_ms[0]), now_ms, detail)
             if st.last_tp is not None and rec.tp != st.last_tp:  # the likeliest cause, said first (a pipeline owner's
                 # pass: keyless chunks, 76 % dead-lettered, were told "history sent again? send it as another stream")
                 detail = (f"on another partition ({rec.tp[0]}-{rec.tp[1]}) than the stream's last message "
-                          f"({st.last_tp[0]}-{st.last_tp[1]}): messages without a key are spread over the partitions "
-                          f"and read out of order; key each message by its stream id ({detail})")
-            elif kind == "late" and run is not None and behind is not None and self.settings.clock_step_s is not None:
-                detail = self._late_detail(run, behind, int(block.ts_ms[0]), now_ms, detail)
+                          f"({st.last_tp[0]}-{st.last_tp[1]}): messages without a key? they are spread over the "
+                          f"partitions and read out of order: key each message by its stream id; {detail}")
             self._quality(st.quality.event(kind, int(block.ts_ms[0]), detail))
             self._dead_letter(rec, BadRecord(reason, detail))
             done.add(id(rec))

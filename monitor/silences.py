@@ -64,11 +64,12 @@ class StandingSilences:
         long to keep, a rule lifted or ended since — the command read again)."""
         if len(pattern) > MAX_PATTERN:
             return False
-        if command_id not in self.rules:
-            for rule in self.running(now_ms).values():
-                if rule.pattern == pattern:  # a shorter silence of dev-* held new streams for the longer one
-                    rule.lifted = True
-            self.rules[command_id] = Rule(pattern, min(issued_ms, int(now_ms)), until_ms)
+        if command_id not in self.rules:  # the later issued of two of one pattern holds (a shorter silence of
+            # dev-* held new streams for the longer one; an older one read late must not end a newer one)
+            same = [r for r in self.running(now_ms).values() if r.pattern == pattern]
+            for rule in same:
+                rule.lifted = rule.lifted or rule.issued_ms <= issued_ms
+            self.rules[command_id] = Rule(pattern, issued_ms, until_ms, any(r.issued_ms > issued_ms for r in same))
         self._prune(now_ms)
         return command_id in self.running(now_ms)
 

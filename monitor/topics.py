@@ -120,18 +120,28 @@ class TopicReader:
         self._topic = topic
         self._reached_end = threading.Event()  # every partition read up to its end offset at the start
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._finished = self._abandoned = False  # the thread has ended; close() left the consumer to it
         self._consumer = KafkaConsumer(topic, **client, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                        enable_auto_commit=False, group_id=None)
         self._thread = threading.Thread(target=self._run, name=f"read-{topic}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        ends = self._end_offsets()
-        while not self._stop.is_set():
-            for records in self._consumer.poll(timeout_ms=100).values():
-                self.docs.extend(json.loads(r.value) for r in records)
-            if not self._reached_end.is_set() and all(self._position(tp) >= end for tp, end in ends.items()):
-                self._reached_end.set()
+        try:
+            ends = self._end_offsets()
+            while not self._stop.is_set():
+                for records in self._consumer.poll(timeout_ms=100).values():
+                    self.docs.extend(json.loads(r.value) for r in records)
+                if not self._reached_end.is_set() and all(self._position(tp) >= end for tp, end in ends.items()):
+                    self._reached_end.set()
+        except Exception as exc:  # noqa: BLE001 — a broker gone: what was read is what settle returns
+            log.debug("topic_read_stopped", topic=self._topic, error=describe(exc))
+        finally:
+            with self._lock:
+                self._finished, abandoned = True, self._abandoned
+            if abandoned:  # close() returned while a call here waited for a broker: closed here, not under it
+                self._consumer.close()
 
     def _end_offsets(self) -> dict[Any, int]:
         """Each partition's end offset now ({} for a topic not created yet: nothing to wait for)."""
@@ -139,14 +149,14 @@ class TopicReader:
 
         try:
             parts = self._consumer.partitions_for_topic(self._topic) or set()
-            return dict(self._consumer.end_offsets([TopicPartition(self._topic, p) for p in parts]))
+            return dict(self._consumer.end_offsets([TopicPartition(self._topic, p) for p in parts], timeout_ms=10_000))
         except Exception as exc:  # noqa: BLE001 — then only the quiet period tells the end (as before)
             log.debug("end_offsets_unknown", topic=self._topic, error=describe(exc))
             return {}
 
     def _position(self, tp: Any) -> int:
         try:
-            return int(self._consumer.position(tp))
+            return int(self._consumer.position(tp, timeout_ms=100))
         except Exception:  # noqa: BLE001 — not assigned yet
             return -1
 
@@ -164,10 +174,17 @@ class TopicReader:
             elif time.monotonic() - last_change >= quiet_s:
                 break
             time.sleep(0.05)
-        self.close()
-        return self.docs
+        self.close(wait_s=1.0)
+        return list(self.docs)
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 5.0) -> None:
+        """Stop reading. A thread still inside a call to a broker that does not answer is not waited for past
+        ``wait_s``: it closes the consumer itself when the call returns (closed from here, under it, the call
+        failed with "NetworkSelector closed!")."""
         self._stop.set()
-        self._thread.join(5)
+        self._thread.join(wait_s)
+        with self._lock:
+            if not self._finished:
+                self._abandoned = True
+                return
         self._consumer.close()

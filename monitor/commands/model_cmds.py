@@ -141,6 +141,8 @@ def train(
                  "beat windows only (--align beats)")
     elif align == "beats":  # one window per beat: a --hop was recorded in the manifest and ignored (a model CLI pass)
         not_with({"--hop": hop}, "sliding windows only: --align beats cuts one window per beat")
+    # the daemon would never score the samples between its windows (a route's hop is refused likewise)
+    not_with({"--hop": hop > window}, f"at most --window ({window}): the samples between windows would be skipped")
     check_method(normalisation)  # refused once training had begun, after the progress bar
     spec = DataSpec(data, protocol, seed, window, hop, tuple(value_col or ()), timestamp_col, label_col,
                     train_fraction, windows, out_of_order, align, beat_pre, beat_refractory, beat_baseline)

@@ -436,6 +436,12 @@ def test_a_timestamp_column_of_another_name_is_not_taken_for_a_channel(tmp_path:
         read_series(path)
     assert read_series(path, timestamp_col="event_time").channels == ["temp", "count"]  # a counter stays a channel
     assert read_series(path, value_cols=["temp"]).channels == ["temp"]
+    falling = pd.DataFrame({"big": np.array([3e11, 2e11, 5e11], "uint64"), "temp": [0.0, 1.0, 2.0]})
+    falling.to_csv(path, index=False)  # (as unsigned integers a fall wrapped round to a rise: a review)
+    assert read_series(path).channels == ["big", "temp"]
+    from models.data import _epoch_ms_rising
+
+    assert not _epoch_ms_rising(falling["big"]) and _epoch_ms_rising(pd.Series(np.array(ms, "uint64")))
     iso = pd.to_datetime(ms, unit="ms", utc=True).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     pd.DataFrame({"event_time": iso, "temp": np.sin(np.arange(n))}).to_csv(path, index=False)
     with pytest.raises(DataError, match=r"value column 'event_time' is not numeric .*: a timestamp\? give "

@@ -804,6 +804,19 @@ def test_config_check_refuses_a_route_hop_longer_than_its_models_window(stream_m
     cfg.write_text(f'[[models]]\npattern = "dev-*"\npath = "{stream_model}"\nhop = {window + 1}\n')
     code, _, err = run(capsys, "config", "check", "--config", str(cfg))
     assert f"route 'dev-*': hop {window + 1} is longer than {stream_model}'s window ({window} samples)" in err
+    # nor from the artifact (a review): train refuses such a --hop, and an artifact that has one is refused to serve
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "none.csv"), "--model", "pca", "--window", "16",
+                       "--hop", "17", "--out", str(tmp_path / "a"))
+    assert code == 2 and "at most --window (16)" in _said(err)
+    import shutil
+
+    wide = tmp_path / "wide"
+    shutil.copytree(stream_model, wide)
+    manifest = json.loads((wide / "manifest.json").read_text())
+    (wide / "manifest.json").write_text(json.dumps({**manifest, "hop": window + 5}))
+    cfg.write_text(f'[[models]]\npattern = "dev-*"\npath = "{wide}"\n')
+    code, _, err = run(capsys, "config", "check", "--config", str(cfg))
+    assert code == 1 and f"its artifact's hop {window + 5} (set hop on the route) is longer than" in err, err
 
 
 def test_a_bad_training_summary_in_the_manifest_gives_one_line(dense_artifact: Path, series_csv: Path, tmp_path: Path,
