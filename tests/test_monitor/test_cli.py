@@ -378,14 +378,15 @@ def test_training_loss_overflow_is_an_error_not_a_traceback(tmp_path: Path, caps
 def test_a_threshold_that_cannot_mean_its_quantile_is_warned_of(series_csv: Path, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """A full-rank PCA reproduces its input to float32 rounding (threshold ~1e-7, logged as "threshold": 0.0, its
-    scores noise: 28 alarm episodes for 3 events); --hop 600 left 1 validation window, whose error was "q0.95".
+    scores noise: 28 alarm episodes for 3 events); --hop 600 left 1 validation window, whose error was "q0.95" (a
+    hop longer than the window is refused since: --window 600 here).
     Both trained without a word."""
     code, _, err = run(capsys, "train", "--data", str(series_csv), "--model", "pca", "--window", "20", "--hop", "5",
                        "--param", "components=40", "--out", str(tmp_path / "full"))
     threshold = json.loads((tmp_path / "full" / "manifest.json").read_text())["threshold"]["value"]
     assert code == 0 and 0 < threshold < 1e-5 and "threshold_at_rounding_level" in err
     assert '"threshold": 0.0' not in err and "threshold=0.0 " not in err  # shown in significant digits
-    code, _, err = run(capsys, "train", "--data", str(series_csv), "--model", "pca", "--window", "20", "--hop", "600",
+    code, _, err = run(capsys, "train", "--data", str(series_csv), "--model", "pca", "--window", "600", "--hop", "600",
                        "--out", str(tmp_path / "few"))
     assert code == 0 and "threshold_from_few_windows" in err and "threshold_at_rounding_level" not in err
 
