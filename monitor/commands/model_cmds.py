@@ -381,6 +381,8 @@ def _series_windows(model_dir: Path, path: Path, value_col: list[str] | None, ti
                         f"{series.values.shape[1]} {series.channels}; choose them with --value-col")
     if beats.rule_of(det.windowing) is not None:  # one window per beat: a --hop changed nothing (a model CLI pass)
         not_with({"--hop": hop}, "sliding-window models only: this model cuts one window per beat")
+    not_with({"--hop": hop > det.window}, f"at most the model's window ({det.window}): the samples between windows "
+                                          "would be skipped")
     wins, ends = windows_for(series.values, det.window, hop or det.hop, det.windowing)
     across, longest = gap_windows(series.timestamps, ends, det.window, windowing=det.windowing)
     finite = finite_windows(wins)

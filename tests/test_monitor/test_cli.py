@@ -809,6 +809,10 @@ def test_config_check_refuses_a_route_hop_longer_than_its_models_window(stream_m
     code, _, err = run(capsys, "train", "--data", str(tmp_path / "none.csv"), "--model", "pca", "--window", "16",
                        "--hop", "17", "--out", str(tmp_path / "a"))
     assert code == 2 and "at most --window (16)" in _said(err)
+    pd.DataFrame({"ch0": np.zeros(200), "ch1": np.ones(200)}).to_csv(tmp_path / "two.csv", index=False)
+    code, _, err = run(capsys, "score", "--model", str(stream_model), "--input", str(tmp_path / "two.csv"),
+                       "--hop", str(window + 1), "--output", str(tmp_path / "s.csv"))
+    assert code == 2 and f"at most the model's window ({window})" in _said(err)
     import shutil
 
     wide = tmp_path / "wide"
