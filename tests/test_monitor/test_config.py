@@ -472,6 +472,9 @@ def test_a_misspelt_environment_variable_is_an_error_not_ignored() -> None:
     ({"models": [{"path": "a", "gap_periods": 1.2}]}, "models[0].gap_periods: must exceed 1 + quality.rate_tolerance"),
     ({"models": [{"path": "a"}, {"pattern": "ecg-*", "path": "b", "for": 1}]},
      "models[1].pattern: 'ecg-*' is never reached: models[0] ('*') comes first and the first match wins"),
+    # a pipeline owner's pass: a route after one whose glob matches every id it does
+    ({"models": [{"pattern": "line1-*", "path": "a"}, {"pattern": "line1-a*", "path": "b"}]},
+     "models[1].pattern: 'line1-a*' is never reached: models[0] ('line1-*') comes first"),
 ])
 def test_settings_that_would_misbehave_together_are_refused_at_load(overrides: dict, line: str) -> None:
     with pytest.raises(ConfigError) as excinfo:
@@ -479,6 +482,16 @@ def test_settings_that_would_misbehave_together_are_refused_at_load(overrides: d
     assert any(got.startswith(line) for got in error_lines(excinfo)), error_lines(excinfo)
     load_config(None, {"http.enabled": False, "daemon.sink_timeout_s": 30}, env={})  # no /healthz to fail
     load_config(None, {"models": [{"pattern": "ecg-*", "path": "b"}, {"path": "a"}]}, env={})  # "*" last: fine
+
+
+def test_a_route_is_never_reached_only_where_an_earlier_glob_matches_every_id_it_does() -> None:
+    from monitor.config import _covers
+
+    assert _covers("line1-*", "line1-a*") and _covers("*-a?", "x-a?") and _covers("a*", "a?") and _covers("?b", "?b")
+    assert not _covers("a?", "a*") and not _covers("a?", "abc") and not _covers("line1-a*", "line1-*")
+    assert not _covers("ab", "a?") and not _covers("x[ab]*", "xa*") and _covers("p[1]", "p[1]")
+    for narrow, wide in (("line1-a*", "line1-*"), ("a?", "a*")):  # from narrow to wide: both are reached
+        load_config(None, {"models": [{"pattern": narrow, "path": "a"}, {"pattern": wide, "path": "b"}]}, env={})
 
 
 def test_an_error_from_the_environment_is_not_blamed_on_the_file(tmp_path: Path) -> None:
