@@ -258,7 +258,8 @@ class ConfluentSource:
                 continue
             if failed and (m.topic(), m.partition()) in failed:  # librdkafka goes on after a bad batch: what follows
                 continue  # it is read again from it (below), never taken past it
-            out.append(InRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value(), max(0, m.timestamp()[1])))
+            out.append(InRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value(), max(0, m.timestamp()[1]),
+                                m.headers() or ()))
         self._back_to(failed)
         return out
 

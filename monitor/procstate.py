@@ -38,6 +38,7 @@ from monitor.streams import StreamState
 
 log = logs.get("tsmon.processor")
 
+DEAD_LETTER_HEADERS = 64 * 1024  # of the producer's headers a dead letter carries on, at most
 DEAD_LETTER_MAX = 512 * 1024  # a bad record longer than this is dead-lettered truncated …
 DEAD_LETTER_KEEP = 64 * 1024  # … to its first bytes (the source offset header names the whole record)
 DEAD_LETTER_KEY_KEEP = 4096  # a longer key is cut to this many bytes (or 4 × limits.max_stream_len, if more)
@@ -211,7 +212,8 @@ class ProcessorState:
         self.ledger.consumed(rec.tp, rec.offset)
         self.metrics.records.labels("dead_letter").inc()
         self.metrics.dead_letters.labels(bad.reason).inc()
-        headers = [("tsmon.reason", bad.reason.encode()), ("tsmon.detail", bad.detail.encode()[:1000]),
+        headers = [*_producers_headers(rec), ("tsmon.reason", bad.reason.encode()),
+                   ("tsmon.detail", bad.detail.encode()[:1000]),
                    ("tsmon.source.topic", rec.topic.encode()), ("tsmon.source.partition", str(rec.partition).encode()),
                    ("tsmon.source.offset", str(rec.offset).encode()),
                    ("tsmon.source.timestamp", str(rec.timestamp_ms).encode())]
@@ -226,3 +228,17 @@ class ProcessorState:
         self.sink.send(OutMessage(self.settings.dead_letter_topic, key, value, headers))
         self.throttle.log(log.warning, "dead_letter", reason=bad.reason, detail=bad.detail, topic=rec.topic,
                           partition=rec.partition, offset=rec.offset)
+
+
+def _producers_headers(rec: InRecord) -> list[tuple[str, bytes]]:
+    """The producer's own headers a dead letter carries on (a trace id: a pipeline owner's pass found them dropped),
+    up to DEAD_LETTER_HEADERS bytes; none named ``tsmon.*``, which are tsmon's (a producer could not fake a reason)."""
+    kept, size = [], 0
+    for name, value in rec.headers:
+        if not isinstance(name, str) or name.startswith("tsmon.") or not isinstance(value, bytes | None):
+            continue
+        size += len(name) + len(value or b"")
+        if size > DEAD_LETTER_HEADERS:
+            break
+        kept.append((name, value or b""))
+    return kept

@@ -22,7 +22,7 @@ import os
 import re
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -47,6 +47,7 @@ class InRecord:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int = 0
+    headers: Sequence[tuple[str, bytes]] = ()  # the producer's (a dead letter carries them on)
 
     @property
     def tp(self) -> TP:
@@ -201,7 +202,7 @@ class KafkaSource:
                 break
         if batches:
             self._last_records = time.monotonic()
-        return [InRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp or 0)
+        return [InRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp or 0, r.headers or ())
                 for records in batches.values() for r in records]
 
     def _drop_failed_fetch(self) -> TP | None:

@@ -116,6 +116,10 @@ def test_malformed_input_is_dead_lettered_and_the_stream_keeps_flowing(broker: A
     # the stream's first samples again, after its end: refused as going backwards, the stream unharmed
     ts, v = sine_stream(2000, seed=4)
     produce(broker.bootstrap, topic, {"dev-1": (ts[:20], v[:20])})
+    # the producer's own headers go on with a dead letter (a pipeline owner's trace id was dropped); not tsmon's
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    p.send(topic, key=b"dev-1", value=b"{traced", headers=[("trace-id", b"t-42"), ("tsmon.reason", b"faked")])
+    p.flush(), p.close()
     cfg = config(broker, topic, stream_model)
     d = run_until_samples(cfg, 2000)
     assert d.metrics.total("tsmon_windows_scored_total") == (2000 - STREAM_WINDOW) // STREAM_HOP + 1
@@ -125,11 +129,13 @@ def test_malformed_input_is_dead_lettered_and_the_stream_keeps_flowing(broker: A
     c.close()
     reasons = sorted(h["tsmon.reason"].decode() for _, h in dead)
     assert reasons == sorted(["invalid_json", "non_finite", "channel_mismatch", "bad_timestamp", "bad_stream",
-                              "timestamp_backwards", "timestamp_backwards"])
+                              "timestamp_backwards", "timestamp_backwards", "invalid_json"])
+    traced = next(h for value, h in dead if value == b"{traced")
+    assert traced["trace-id"] == b"t-42" and traced["tsmon.reason"] == b"invalid_json"
     for value, h in dead:
         assert h["tsmon.source.topic"].decode() == topic and int(h["tsmon.source.offset"]) >= 0
     assert {v for v, _ in dead} >= {b for _, b in bad}  # original bytes, unchanged
-    assert d.metrics.total("tsmon_dead_letters_total") == 7
+    assert d.metrics.total("tsmon_dead_letters_total") == 8
     quality = [a for a in TopicReader(broker.bootstrap, cfg.kafka.alerts_topic).settle()
                if a.get("type") == "data_quality"]
     assert [q["kind"] for q in quality] == ["late"]  # the second one is within the cooldown: counted, not sent

@@ -263,3 +263,16 @@ def test_a_360_hz_series_stamped_to_the_microsecond_still_goes_in_chunks() -> No
     got = np.concatenate([parse(b, b"ecg").ts_ms for b, _ in bodies])  # type: ignore[union-attr]
     np.testing.assert_array_equal(got, stamped(ts, 100))
     assert np.abs(got - exact).max() <= 1.0
+
+
+def test_a_dead_letter_carries_the_producers_headers_within_a_bound() -> None:
+    """A pipeline owner's pass: a dead letter dropped the producer's trace id. Carried on now, at most 64 KiB of
+    them, and none named tsmon.* (a producer cannot fake a dead letter's reason)."""
+    from monitor.procstate import DEAD_LETTER_HEADERS, _producers_headers
+    from monitor.source import InRecord
+
+    many = [("trace-id", b"t")] + [("tsmon.reason", b"fake")] + [(f"h{i}", b"x" * 1000) for i in range(100)]
+    kept = _producers_headers(InRecord("in", 0, 1, None, b"{", 0, many))
+    assert kept[0] == ("trace-id", b"t") and all(not n.startswith("tsmon.") for n, _ in kept)
+    assert 50 < len(kept) < 100 and sum(len(n) + len(v) for n, v in kept) <= DEAD_LETTER_HEADERS
+    assert _producers_headers(InRecord("in", 0, 1, None, b"{", 0, [("k", None)])) == [("k", b"")]  # (librdkafka)
