@@ -25,7 +25,7 @@ class SleepyConsumer:
         if time.monotonic() < self.ready_at:
             time.sleep(min(timeout_ms, 100) / 1000)
             return {}
-        rec = SimpleNamespace(topic="t", partition=0, offset=7, key=b"k", value=b"v", timestamp=5)
+        rec = SimpleNamespace(topic="t", partition=0, offset=7, key=b"k", value=b"v", timestamp=5, headers=[])
         return {("t", 0): [rec]}
 
 
