@@ -214,6 +214,9 @@ def test_records_after_a_bad_batch_are_read_again_from_it_not_taken_past_it() ->
         def timestamp(self) -> tuple[int, int]:
             return (1, 1_700_000_000_000)
 
+        def headers(self) -> None:  # librdkafka's, for a message without any
+            return None
+
     class Consumer:
         sought: ClassVar[list[tuple[str, int, int]]] = []
 
