@@ -32,6 +32,7 @@ from pydantic import (
 from models.errors import ConfigError
 from models.files import read_limited
 from monitor import logs
+from monitor.control import glob_covers
 from monitor.records import Limits
 
 log = logs.get("tsmon.config")
@@ -65,18 +66,6 @@ _LINGER_MS = 5  # the producers' batching delay
 _SASL_USER_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _RDKAFKA_MOST = {"session_timeout_ms": 3_600_000, "max_poll_interval_ms": 86_400_000,
                  "reconnect_backoff_max_ms": 3_600_000, "request_timeout_ms": 300_000}
-
-
-def _covers(first: str, later: str) -> bool:
-    """Does the glob ``first`` match every stream id ``later`` matches? Exactly for ``*`` and ``?``: ``first``'s
-    ``*`` takes any run of ``later``'s characters and wildcards, its ``?`` one character or ``?``, its other characters
-    themselves only. A pattern with a bracket class is compared whole (its sets are not worked out)."""
-    if first == "*" or first == later:
-        return True
-    if "[" in first or "[" in later:
-        return False
-    rx = "".join(".*" if c == "*" else "[^*]" if c == "?" else re.escape(c) for c in first)
-    return re.fullmatch(rx, later, flags=re.DOTALL) is not None
 
 
 def bootstrap_problem(server: str) -> str | None:
@@ -659,7 +648,7 @@ class Config(_Section):
     def _route_rules(self) -> Iterator[str]:
         for i, route in enumerate(self.models):  # first match wins: a route after "*", its own pattern or one that
             # matches every id it does (line1-a* after line1-*: a pipeline owner's pass) is never used
-            before = next((j for j in range(i) if _covers(self.models[j].pattern, route.pattern)), None)
+            before = next((j for j in range(i) if glob_covers(self.models[j].pattern, route.pattern)), None)
             if before is not None:
                 yield (f"models[{i}].pattern: {route.pattern!r} is never reached: models[{before}] "
                        f"({self.models[before].pattern!r}) comes first and the first match wins")

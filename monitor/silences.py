@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from monitor import logs
-from monitor.control import MAX_SILENCE_S
+from monitor.control import MAX_SILENCE_S, glob_covers
 
 if TYPE_CHECKING:
     from monitor.streams import StreamState
@@ -76,7 +76,7 @@ class StandingSilences:
     def lift(self, target: str, now_ms: float) -> list[str]:
         """Lift the running rules whose pattern ``target`` covers (``dev-*`` lifts ``dev-*`` and ``dev-a*``, ``*``
         every one); returns their patterns."""
-        lifted = [r for r in self.running(now_ms).values() if fnmatch.fnmatchcase(r.pattern, target)]
+        lifted = [r for r in self.running(now_ms).values() if glob_covers(target, r.pattern)]
         for rule in lifted:
             rule.lifted = True
         return sorted({r.pattern for r in lifted})

@@ -485,7 +485,7 @@ def test_settings_that_would_misbehave_together_are_refused_at_load(overrides: d
 
 
 def test_a_route_is_never_reached_only_where_an_earlier_glob_matches_every_id_it_does() -> None:
-    from monitor.config import _covers
+    from monitor.control import glob_covers as _covers
 
     assert _covers("line1-*", "line1-a*") and _covers("*-a?", "x-a?") and _covers("a*", "a?") and _covers("?b", "?b")
     assert not _covers("a?", "a*") and not _covers("a?", "abc") and not _covers("line1-a*", "line1-*")

@@ -596,6 +596,8 @@ def test_standing_silences_lift_merge_and_stay_off_streams_with_documents_or_pro
     with pytest.raises(CommandFailed, match=r"no daemon has a stream matching 'pump-9' \(the standing silence of "
                                             r"'pump-\*' will silence it when it starts: unsilence 'pump-\*'"):
         verdict("unsilence", "pump-9", [covered], 10.0)
+    send(c, "silence", "pump[[]1]", for_s=600)  # --exact: a stream id with a glob character, escaped
+    assert send(c, "unsilence", "pump[[]1]")["result"]["lifted"] == ["pump[[]1]"]  # (fnmatch read it as 'pump1')
     lifted = send(c, "unsilence", "line-*")  # covers the rule of line-a*
     assert lifted["result"]["lifted"] == ["line-a*"] and _status(lifted) == "applied"
     verdict("unsilence", "line-*", [lifted], 10.0)
