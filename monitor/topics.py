@@ -138,6 +138,7 @@ class TopicReader:
         except Exception as exc:  # noqa: BLE001 — a broker gone: what was read is what settle returns
             log.debug("topic_read_stopped", topic=self._topic, error=describe(exc))
         finally:
+            self._reached_end.set()  # stopped: nothing more to wait for
             with self._lock:
                 self._finished, abandoned = True, self._abandoned
             if abandoned:  # close() returned while a call here waited for a broker: closed here, not under it
