@@ -233,12 +233,13 @@ class ProcessorState:
 def _producers_headers(rec: InRecord) -> list[tuple[str, bytes]]:
     """The producer's own headers a dead letter carries on (a trace id: a pipeline owner's pass found them dropped),
     up to DEAD_LETTER_HEADERS bytes; none named ``tsmon.*``, which are tsmon's (a producer could not fake a reason)."""
-    kept, size = [], 0
+    kept, size, dropped = [], 0, 0
     for name, value in rec.headers:
-        if not isinstance(name, str) or name.startswith("tsmon.") or not isinstance(value, bytes | None):
+        if not isinstance(name, str) or name.lower().startswith("tsmon.") or not isinstance(value, bytes | None):
+            continue
+        if size + len(name) + len(value or b"") > DEAD_LETTER_HEADERS:  # one too large: those after it still go
+            dropped += 1
             continue
         size += len(name) + len(value or b"")
-        if size > DEAD_LETTER_HEADERS:
-            break
         kept.append((name, value or b""))
-    return kept
+    return kept + ([("tsmon.headers_dropped", str(dropped).encode())] if dropped else [])

@@ -132,7 +132,7 @@ class TopicReader:
             ends = self._end_offsets()
             while not self._stop.is_set():
                 for records in self._consumer.poll(timeout_ms=100).values():
-                    self.docs.extend(json.loads(r.value) for r in records)
+                    self.docs.extend(doc for r in records if (doc := _json_or_none(r.value)) is not None)
                 if not self._reached_end.is_set() and all(self._position(tp) >= end for tp, end in ends.items()):
                     self._reached_end.set()
         except Exception as exc:  # noqa: BLE001 — a broker gone: what was read is what settle returns
@@ -189,3 +189,12 @@ class TopicReader:
                 self._abandoned = True
                 return
         self._consumer.close()
+
+
+def _json_or_none(value: bytes | None) -> Any:
+    """A message's JSON document, or None for one that is not JSON (a tombstone, bytes someone else wrote): passed
+    over, as tsmon tail does; one such message ended the reader, and inspect --alert then said "not found"."""
+    try:
+        return json.loads(value) if value is not None else None
+    except ValueError:
+        return None

@@ -271,8 +271,14 @@ def test_a_dead_letter_carries_the_producers_headers_within_a_bound() -> None:
     from monitor.procstate import DEAD_LETTER_HEADERS, _producers_headers
     from monitor.source import InRecord
 
-    many = [("trace-id", b"t")] + [("tsmon.reason", b"fake")] + [(f"h{i}", b"x" * 1000) for i in range(100)]
-    kept = _producers_headers(InRecord("in", 0, 1, None, b"{", 0, many))
-    assert kept[0] == ("trace-id", b"t") and all(not n.startswith("tsmon.") for n, _ in kept)
+    many = [("trace-id", b"t"), ("tsmon.reason", b"fake"), ("TSMON.detail", b"fake")] + \
+        [(f"h{i}", b"x" * 1000) for i in range(100)]
+    *kept, (marker, dropped) = _producers_headers(InRecord("in", 0, 1, None, b"{", 0, many))
+    assert kept[0] == ("trace-id", b"t") and all(not n.lower().startswith("tsmon.") for n, _ in kept)
     assert 50 < len(kept) < 100 and sum(len(n) + len(v) for n, v in kept) <= DEAD_LETTER_HEADERS
+    assert marker == "tsmon.headers_dropped" and int(dropped) == 101 - len(kept)
+    # one header too large does not cost those after it (an operator pass: a trace id after it was lost)
+    big = [("big", b"x" * 70_000), ("trace-id", b"t3")]
+    assert _producers_headers(InRecord("in", 0, 1, None, b"{", 0, big)) == [("trace-id", b"t3"),
+                                                                             ("tsmon.headers_dropped", b"1")]
     assert _producers_headers(InRecord("in", 0, 1, None, b"{", 0, [("k", None)])) == [("k", b"")]  # (librdkafka)

@@ -480,7 +480,9 @@ def test_a_topic_reader_waits_for_a_slow_first_fetch_before_its_quiet_period(mon
             if self.read or time.monotonic() - self.t0 < 1.5:  # a slow broker's first fetch
                 return {}
             self.read = 3
-            return {0: [SimpleNamespace(value=json.dumps({"i": i}).encode()) for i in range(3)]}
+            docs = [SimpleNamespace(value=json.dumps({"i": i}).encode()) for i in range(3)]
+            # bytes no JSON and a tombstone among them are passed over (an operator pass: one ended the reader)
+            return {0: [docs[0], SimpleNamespace(value=b"not json {"), SimpleNamespace(value=None), *docs[1:]]}
 
         def position(self, _tp: Any, timeout_ms: int | None = None) -> int:
             return self.read
