@@ -29,6 +29,7 @@ from monitor.calibrator import MAX_QUANTILE
 from monitor.control import MAX_SILENCE_S, Command, Refused, Seen, ack, names_one, split_ack, verify
 from monitor.processor import Processor
 from monitor.records import encodable
+from monitor.silences import MAX_PATTERN
 from monitor.sink import json_message
 from monitor.streams import doc_commands, doc_since_ms
 from monitor.topics import partition_reader
@@ -349,11 +350,13 @@ class Controller:
         # and the streams that start while it runs (an on-call pass: a silence of 'press-*' paged for press-10,
         # first seen during it, and one of a sensor not seen yet failed: no daemon had a stream matching it)
         rules = self.p.silences
-        if until:  # the rule ends a for_s after the command was issued, whenever it is read: read again (a stream
-            # owed it), lifted (kept until then) or ended, it stays so (a review: it came back running until a for_s
-            # after the second reading)
-            end = cmd.issued_ms + int(float(cmd.params["for_s"]) * 1000)
-            if rules.add(cmd.command_id, cmd.target, cmd.issued_ms, end, now_ms):
+        if until:  # the streams' end, but never past a for_s after the command was issued: read again (a stream
+            # owed it), lifted (kept until then) or ended, it cannot come back running (a review: it ran again until
+            # a for_s after the second reading)
+            end = min(until, cmd.issued_ms + int(float(cmd.params["for_s"]) * 1000))
+            if len(cmd.target) > MAX_PATTERN:
+                result = {**result, "standing_refused": f"a pattern longer than {MAX_PATTERN} characters"}
+            elif end > now_ms and rules.add(cmd.command_id, cmd.target, cmd.issued_ms, end, now_ms):
                 result = {**result, "standing": {"pattern": cmd.target, "until_ms": end}}
             return streams, effects, result
         if lifted := rules.lift(cmd.target, now_ms):

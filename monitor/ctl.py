@@ -213,14 +213,18 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
         matched = any(a["streams"] or a["result"].get("refused") or a["result"].get("unchanged")
                       or a["result"].get("held") or a["result"].get("standing") or a["result"].get("lifted")
                       for a in applied)
+    covered = sorted({p for a in applied for p in a["result"].get("still_covered_by", ())})
+    if covered and not any(a["streams"] for a in applied):  # its own rule lifted, a broader one still silences it:
+        # exit 0 read as done (an operator pass)
+        raise CommandFailed(f"{command}: no daemon has a stream matching {target!r} and the standing silence of "
+                            f"{covered[0]!r} will silence it when it starts: unsilence {covered[0]!r} to lift it")
     if not matched:
         if command == "feedback":  # its target is '*': the alert id is what was looked for
             alert = (applied[0].get("params") or {}).get("alert_id")
             raise CommandFailed(f"feedback: no daemon has a recent alert {alert!r} (each stream keeps its last "
                                 f"alerts only)")
-        covered = sorted({p for a in applied for p in a["result"].get("still_covered_by", ())})
-        hint = f" (the standing silence of {covered[0]!r} will silence it when it starts: unsilence {covered[0]!r} " \
-               f"to lift it)" if covered else ""
+        refused = next((r for a in applied if (r := a["result"].get("standing_refused"))), None)
+        hint = f" (not kept as a standing silence either: {refused})" if refused else ""
         raise CommandFailed(f"{command}: no daemon has a stream matching {target!r}{hint}")
     refusals = sorted((s, why) for a in applied for s, why in (a["result"].get("refused") or {}).items())
     if refusals:  # the drift guard (or too little evidence) kept these thresholds: a script must not read success

@@ -201,7 +201,8 @@ class Processor(Ingest, InFlight, Residency, Committing):
             st.remember(ep.alert_id, ep.scores)
         # status and severity as headers too: a pager bridge can drop silenced messages without parsing the body
         headers = [("tsmon.type", b"anomaly"), ("tsmon.status", status.encode()),
-                   ("tsmon.severity", str(doc["severity"]).encode())]
+                   ("tsmon.severity", str(doc["severity"]).encode()),  # and the resolve of one never paged: dropped too
+                   ("tsmon.silenced", b"true" if doc["silenced"] else b"false")]
         self.sink.send(json_message(self.settings.alerts_topic, stream, doc, headers))
         self.metrics.alerts.labels(status).inc()
         if arrived is not None:

@@ -31,7 +31,6 @@ log = logs.get("tsmon.control")
 MAX_RULES = 1000  # running rules kept at most (those that end first go first)
 MAX_PATTERN = 512  # characters of a rule's pattern (a stream id has limits.max_stream_len, 256 by default)
 DOC_BYTES = 256 * 1024  # of the daemon-wide document (1 MB at most, 512 KiB of it command ids)
-CLOCK_SKEW_MS = 30_000  # a stream started this long before a rule's issue (two hosts' clocks) still starts under it
 AHEAD_MS = 86_400_000  # a document's rule may end this much past 30 days of this clock (another host's)
 
 
@@ -49,8 +48,7 @@ class Rule:
     def covers(self, stream: str, st: StreamState, command_id: str, now_ms: float) -> bool:
         """Does it silence ``st``, a stream started here without a document, as it starts?"""
         return (not self.lifted and self.until_ms > now_ms and st.fresh and not st.provisional
-                and command_id not in st.commands and st.since_ms >= self.issued_ms - CLOCK_SKEW_MS
-                and fnmatch.fnmatchcase(stream, self.pattern))
+                and command_id not in st.commands and fnmatch.fnmatchcase(stream, self.pattern))
 
 
 class StandingSilences:
@@ -75,8 +73,9 @@ class StandingSilences:
 
     def lift(self, target: str, now_ms: float) -> list[str]:
         """Lift the running rules whose pattern ``target`` covers (``dev-*`` lifts ``dev-*`` and ``dev-a*``, ``*``
-        every one); returns their patterns."""
-        lifted = [r for r in self.running(now_ms).values() if glob_covers(target, r.pattern)]
+        every one; a pattern with a ``[…]`` class, where its text matches ``target``); returns their patterns."""
+        lifted = [r for r in self.running(now_ms).values() if glob_covers(target, r.pattern)
+                  or "[" in r.pattern and fnmatch.fnmatchcase(r.pattern, target)]  # gear-[12]* under gear-*
         for rule in lifted:
             rule.lifted = True
         return sorted({r.pattern for r in lifted})

@@ -115,7 +115,7 @@ def _matched_nothing(a: dict[str, Any]) -> bool:
     refused/held/unchanged, history, shadow). Not a daemon-wide freeze or unfreeze, which applies without one."""
     if a.get("command") in ("freeze", "unfreeze") and a.get("target") == "*":
         return False
-    told = (v for k, v in a["result"].items() if k != "still_covered_by")  # a hint, not something done
+    told = (v for k, v in a["result"].items() if k not in ("still_covered_by", "standing_refused"))  # not done
     return a["status"] == "applied" and not a["error"] and not a["streams"] and \
         not any(told) and not any("before" in e for e in a["effects"])
 
@@ -152,6 +152,8 @@ def _effect(a: dict[str, Any]) -> str:
               for p in r.get("lifted", [])]
     lines += [f"new streams matching {p!r} still start silenced (its standing silence): unsilence {p!r} to lift it"
               for p in r.get("still_covered_by", [])]
+    if refused := r.get("standing_refused"):
+        lines.append(f"not kept as a standing silence: {refused}")
     if r.get("found") is False:  # feedback for an alert this instance does not know: "applied" over "-" read as done
         lines.append(f"no recent alert {r.get('alert_id')} here")
     if "precision" in r:

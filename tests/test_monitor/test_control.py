@@ -499,8 +499,9 @@ def test_silenced_alerts_are_recorded_not_paged_and_page_when_the_silence_ends(m
     assert p.metrics.total("tsmon_alerts_fired_total") == 1
     # as headers too: a pager bridge drops the silenced ones without parsing the body (an on-call pass)
     sent = [h for h in (dict(m.headers) for m in p.sink.sent) if h.get("tsmon.type") == b"anomaly"]
-    assert [(h["tsmon.status"], h["tsmon.severity"]) for h in sent] == [
-        (d["status"].encode(), d["severity"].encode()) for d in anomalies(p)]
+    assert [(h["tsmon.status"], h["tsmon.severity"], h["tsmon.silenced"]) for h in sent] == [
+        (d["status"].encode(), d["severity"].encode(), b"true" if d["silenced"] else b"false") for d in anomalies(p)]
+    assert sent[1]["tsmon.silenced"] == b"true"  # the resolve of an episode never paged: a bridge drops it too
 
 
 def test_a_silence_of_a_pattern_holds_for_the_streams_that_start_while_it_runs(make: Make) -> None:
@@ -567,15 +568,30 @@ def test_a_silence_read_again_does_not_bring_its_rule_back(make: Make) -> None:
     feed(p, records("dev-a", *sine_stream(200)))
     doc = new_command("silence", "dev-*", {"for_s": 60.0}, "alice", "", KEY)
     first = c.handle(raw(doc))
-    assert first["result"]["standing"]["until_ms"] == verify(raw(doc), KEY, 60, time.time()).issued_ms + 60_000
+    assert first["result"]["standing"]["until_ms"] == p.streams["dev-a"].silenced_until_ms  # the streams' end
     send(c, "unsilence", "dev-*")
     now[0] += 90
+    assert p.silences.doc(now[0] * 1000) == []  # ended: dropped (as at the next save of the daemon-wide document)
     p.streams["dev-a"].commands.clear()  # owed again: read again, it is applied to dev-a
     again = c.handle(raw(doc))
     assert again["status"] == "applied" and "standing" not in again["result"] and not p.silences.running(now[0] * 1000)
     ts, v = sine_stream(1000, (600,))
     feed(p, records("dev-new", ts, v, partition=1))
     assert next(a["status"] for a in anomalies(p) if a["stream"] == "dev-new") == "firing"
+
+
+def test_a_standing_silence_holds_whatever_the_clock_of_the_host_that_sent_it(make: Make) -> None:
+    """An operator pass: a silence sent from a host whose clock ran 2 minutes ahead (accepted: within
+    control.max_age_s) was applied, but its rule left out the streams that started in the next 90 s."""
+    p = make()
+    behind = time.time() - 120  # this daemon's clock, 2 minutes behind the sender's
+    p.clock = lambda: behind
+    c = controller(p, clock=behind)
+    rule = send(c, "silence", "skew-*", for_s=300)["result"]["standing"]
+    assert rule["until_ms"] == int((behind + 300) * 1000)  # the streams' end: from when it was read here
+    ts, v = sine_stream(1000, (600,))
+    feed(p, records("skew-1", ts, v))
+    assert next(a["status"] for a in anomalies(p)) == "silenced"
 
 
 def test_standing_silences_lift_merge_and_stay_off_streams_with_documents_or_provisional(make: Make) -> None:
@@ -593,9 +609,21 @@ def test_standing_silences_lift_merge_and_stay_off_streams_with_documents_or_pro
     send(c, "silence", "pump-*", for_s=600)
     covered = send(c, "unsilence", "pump-9")  # not started: the rule still covers it
     assert covered["result"]["still_covered_by"] == ["pump-*"] and _status(covered) == "no match"
-    with pytest.raises(CommandFailed, match=r"no daemon has a stream matching 'pump-9' \(the standing silence of "
+    with pytest.raises(CommandFailed, match=r"no daemon has a stream matching 'pump-9' and the standing silence of "
                                             r"'pump-\*' will silence it when it starts: unsilence 'pump-\*'"):
         verdict("unsilence", "pump-9", [covered], 10.0)
+    send(c, "silence", "pump-9", for_s=600)  # its own rule lifted, the broader one still covers it (an operator
+    own = send(c, "unsilence", "pump-9")  # pass: exit 0 then)
+    assert own["result"]["lifted"] == ["pump-9"] and own["result"]["still_covered_by"] == ["pump-*"]
+    with pytest.raises(CommandFailed, match="the standing silence of 'pump-\\*' will silence it"):
+        verdict("unsilence", "pump-9", [own], 10.0)
+    send(c, "silence", "gear-[12]*", for_s=600)  # a class: lifted by a pattern its text matches
+    assert send(c, "unsilence", "gear-*")["result"]["lifted"] == ["gear-[12]*"]
+    long = send(c, "silence", "x" * 600 + "*", for_s=600)  # not kept, and said so
+    assert long["result"] == {"standing_refused": "a pattern longer than 512 characters"}
+    assert _effect(long) == "not kept as a standing silence: a pattern longer than 512 characters"
+    with pytest.raises(CommandFailed, match=r"\(not kept as a standing silence either: a pattern longer than 512"):
+        verdict("silence", "x" * 600 + "*", [long], 10.0)
     send(c, "silence", "pump[[]1]", for_s=600)  # --exact: a stream id with a glob character, escaped
     assert send(c, "unsilence", "pump[[]1]")["result"]["lifted"] == ["pump[[]1]"]  # (fnmatch read it as 'pump1')
     lifted = send(c, "unsilence", "line-*")  # covers the rule of line-a*
