@@ -34,7 +34,7 @@ from monitor.alerts import iso
 from monitor.records import encodable
 
 COMMANDS = ("recalibrate", "pin", "unpin", "freeze", "unfreeze", "silence", "unsilence", "reset-stream",
-            "feedback", "history", "rollback", "shadow")
+            "feedback", "history", "rollback", "shadow", "silences")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_SILENCE_S = 30 * 86400.0  # the longest silence (tsmon ctl refuses a longer --for before sending it)
 ACK_PART_BYTES = 512_000  # JSON per acknowledgement message: well under the producer's 1 MiB request limit

@@ -26,7 +26,17 @@ from models.errors import describe
 from monitor import logs
 from monitor.alerts import AlertSettings, AlertState, Observation
 from monitor.calibrator import MAX_QUANTILE
-from monitor.control import MAX_SILENCE_S, Command, Refused, Seen, ack, names_one, split_ack, verify
+from monitor.control import (
+    MAX_SILENCE_S,
+    Command,
+    Refused,
+    Seen,
+    ack,
+    glob_covers,
+    names_one,
+    split_ack,
+    verify,
+)
 from monitor.processor import Processor
 from monitor.records import encodable
 from monitor.silences import MAX_PATTERN
@@ -70,7 +80,7 @@ class Controller:
             "recalibrate": self._recalibrate, "pin": self._pin, "unpin": self._unpin,
             "freeze": self._freeze, "unfreeze": self._freeze, "silence": self._silence, "unsilence": self._silence,
             "reset-stream": self._reset, "feedback": self._feedback, "history": self._history,
-            "rollback": self._rollback, "shadow": self._shadow}
+            "rollback": self._rollback, "shadow": self._shadow, "silences": self._silences}
 
     # one message ------------------------------------------------------------------------------------
     def handle(self, raw: bytes | None) -> dict[str, Any]:
@@ -364,6 +374,15 @@ class Controller:
         if names_one(cmd.target) and (covering := rules.covering(_unescaped(cmd.target), now_ms)):
             result = {**result, "still_covered_by": covering}  # a stream not started yet would start silenced
         return streams, effects, result
+
+    def _silences(self, cmd: Command) -> Effects:
+        """Read-only: the standing silences running whose pattern the target covers (an operator pass: a silence
+        kept ahead of a sensor was in no status, metric or list)."""
+        now_ms = self.clock() * 1000
+        rules = [{"pattern": r.pattern, "until_ms": r.until_ms, "command_id": i}
+                 for i, r in self.p.silences.running(now_ms).items()
+                 if cmd.target == "*" or glob_covers(cmd.target, r.pattern) or fnmatch.fnmatchcase(r.pattern, cmd.target)]
+        return [], [], {"silences": sorted(rules, key=lambda r: (r["pattern"], r["until_ms"]))}
 
     def _reset(self, cmd: Command) -> Effects:
         return self._each(cmd, lambda s: self.p.reset_stream(s, self._why(cmd)))

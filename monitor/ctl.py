@@ -203,8 +203,8 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
                             f"did not read the changelog to its end within state.restore_timeout_s, so a change "
                             f"would be lost at its next restore; send it again once it has restored, e.g. after "
                             f"restarting it): {', '.join(unsure[:5])}")
-    if command in ("freeze", "unfreeze") and target == "*":
-        return  # daemon-wide, whether or not a stream exists yet
+    if command in ("freeze", "unfreeze") and target == "*" or command == "silences":
+        return  # daemon-wide, whether or not a stream exists yet (a list of no silences is an answer too)
     key = {"feedback": "verdict", "history": "history", "shadow": "shadow"}.get(command)
     if key is not None:
         matched = any(a["result"].get(key) for a in applied)

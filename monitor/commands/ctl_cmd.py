@@ -113,7 +113,7 @@ def _streams(a: dict[str, Any]) -> int:
 def _matched_nothing(a: dict[str, Any]) -> bool:
     """Applied to no stream here: nothing changed and nothing to report (a result of empty lists: recalibrate's
     refused/held/unchanged, history, shadow). Not a daemon-wide freeze or unfreeze, which applies without one."""
-    if a.get("command") in ("freeze", "unfreeze") and a.get("target") == "*":
+    if a.get("command") in ("freeze", "unfreeze") and a.get("target") == "*" or a.get("command") == "silences":
         return False
     told = (v for k, v in a["result"].items() if k not in ("still_covered_by", "standing_refused"))  # not done
     return a["status"] == "applied" and not a["error"] and not a["streams"] and \
@@ -152,6 +152,9 @@ def _effect(a: dict[str, Any]) -> str:
               for p in r.get("lifted", [])]
     lines += [f"new streams matching {p!r} still start silenced (its standing silence): unsilence {p!r} to lift it"
               for p in r.get("still_covered_by", [])]
+    if "silences" in r:  # ctl silences: the standing ones running
+        lines += [f"standing silence of {x['pattern']!r} until {_when(x['until_ms'])} (command {x['command_id']})"
+                  for x in r["silences"]] or ["no standing silence running"]
     if refused := r.get("standing_refused"):
         lines.append(f"not kept as a standing silence: {refused}")
     if r.get("found") is False:  # feedback for an alert this instance does not know: "applied" over "-" read as done
@@ -270,6 +273,14 @@ def history(stream: Stream = None, config: Config = None, bootstrap: Bootstrap =
             reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
     """Every threshold version of the stream, with its source and reason."""
     _run("history", _target(stream, exact=exact), {}, config, bootstrap, operator, reason, timeout, as_json)
+
+
+@app.command()
+def silences(stream: Annotated[str, typer.Option("--stream", help="Only the rules this glob covers.")] = "*",
+             config: Config = None, bootstrap: Bootstrap = None, operator: Operator = None, reason: Reason = "",
+             timeout: Timeout = 10.0, as_json: Json = False) -> None:
+    """The standing silences running: the patterns whose new streams start silenced, and until when."""
+    _run("silences", stream, {}, config, bootstrap, operator, reason, timeout, as_json)
 
 
 @app.command()

@@ -1123,7 +1123,7 @@ def test_every_command_that_reaches_a_broker_takes_both_spellings_of_its_address
     assert {"run", "replay", "tail", "inspect", "replay-eval"} <= set(named)
     assert {name for name in named if name.startswith("ctl ")} == {
         f"ctl {c}" for c in ("recalibrate", "pin", "unpin", "freeze", "unfreeze", "silence", "unsilence", "reset-stream",
-                             "feedback", "history", "rollback", "shadow")}
+                             "feedback", "history", "rollback", "shadow", "silences")}
     for name, opts in named.items():  # any command naming a broker, a future one too
         assert opts == [{"--bootstrap", "--bootstrap-servers"}], (name, opts)
 

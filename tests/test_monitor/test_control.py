@@ -619,6 +619,16 @@ def test_standing_silences_lift_merge_and_stay_off_streams_with_documents_or_pro
         verdict("unsilence", "pump-9", [own], 10.0)
     send(c, "silence", "gear-[12]*", for_s=600)  # a class: lifted by a pattern its text matches
     assert send(c, "unsilence", "gear-*")["result"]["lifted"] == ["gear-[12]*"]
+    # the rules running can be listed (an operator pass: a silence kept ahead of a sensor was in no list)
+    listed = send(c, "silences", "*")
+    assert [(r["pattern"], r["until_ms"] > now[0] * 1000) for r in listed["result"]["silences"]] == [
+        ("line-a*", True), ("pump-*", True)]
+    assert _status(listed) == "applied" and _effect(listed).startswith("standing silence of 'line-a*' until ")
+    assert [r["pattern"] for r in send(c, "silences", "pump-*")["result"]["silences"]] == ["pump-*"]
+    verdict("silences", "*", [listed], 10.0)
+    assert send(c, "silences", "valve-*")["result"]["silences"] == []
+    assert _effect(send(c, "silences", "valve-*")) == "no standing silence running"
+    verdict("silences", "valve-*", [send(c, "silences", "valve-*")], 10.0)  # none is an answer: exit 0
     long = send(c, "silence", "x" * 600 + "*", for_s=600)  # not kept, and said so
     assert long["result"] == {"standing_refused": "a pattern longer than 512 characters"}
     assert _effect(long) == "not kept as a standing silence: a pattern longer than 512 characters"
