@@ -257,6 +257,8 @@ def test_state_survives_a_restart_and_does_not_refire(broker: Any, topic: str, s
     second = Running(cfg)
     try:  # dev-q has sent nothing since the restart: its document names its partition, so a command reaches it
         assert command(cfg, "freeze", "dev-q")["streams"] == ["dev-q"]  # touches neither its pin nor its silence
+        rules = command(cfg, "silences", "*")["result"]["silences"]  # back from the group's document
+        assert sorted(r["pattern"] for r in rules) == ["dev-n*", "dev-q"]
         produce(broker.bootstrap, topic, {"dev-r": stream(500, 1500), "dev-q": stream(100, 1000, seed=3),
                                           "dev-n1": stream(600, bursts=(300,), seed=4)})  # first seen now
         second.wait(lambda: "dev-q" in second.daemon.processor.streams and "dev-r" in second.daemon.processor.streams)
