@@ -371,17 +371,22 @@ class Controller:
             return streams, effects, result
         if lifted := rules.lift(cmd.target, now_ms):
             result = {**result, "lifted": lifted}
-        if names_one(cmd.target) and (covering := rules.covering(_unescaped(cmd.target), now_ms)):
-            result = {**result, "still_covered_by": covering}  # a stream not started yet would start silenced
+        if kept := rules.overlapping(cmd.target, now_ms):  # a class (gear-[12]*) is lifted by its own pattern only
+            result = {**result, "not_lifted": kept}
+        name = _unescaped(cmd.target) if names_one(cmd.target) else None
+        if name is not None and name not in self.p.streams and name not in self.p.evicted_docs() and (
+                covering := rules.covering(name, now_ms)):
+            result = {**result, "still_covered_by": covering}  # not started yet: it would start silenced
         return streams, effects, result
 
     def _silences(self, cmd: Command) -> Effects:
         """Read-only: the standing silences running whose pattern the target covers (an operator pass: a silence
         kept ahead of a sensor was in no status, metric or list)."""
         now_ms = self.clock() * 1000
+        name = _unescaped(cmd.target) if names_one(cmd.target) else None  # a stream id: the rules that cover it
         rules = [{"pattern": r.pattern, "until_ms": r.until_ms, "command_id": i}
                  for i, r in self.p.silences.running(now_ms).items()
-                 if cmd.target == "*" or glob_covers(cmd.target, r.pattern) or fnmatch.fnmatchcase(r.pattern, cmd.target)]
+                 if glob_covers(cmd.target, r.pattern) or name is not None and fnmatch.fnmatchcase(name, r.pattern)]
         return [], [], {"silences": sorted(rules, key=lambda r: (r["pattern"], r["until_ms"]))}
 
     def _reset(self, cmd: Command) -> Effects:

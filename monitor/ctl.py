@@ -214,8 +214,8 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
                       or a["result"].get("held") or a["result"].get("standing") or a["result"].get("lifted")
                       for a in applied)
     covered = sorted({p for a in applied for p in a["result"].get("still_covered_by", ())})
-    if covered and not any(a["streams"] for a in applied):  # its own rule lifted, a broader one still silences it:
-        # exit 0 read as done (an operator pass)
+    if covered and not any(a["streams"] or a["result"].get("held") for a in applied):  # not started anywhere: its
+        # own rule lifted or not, a broader one silences it when it starts (exit 0 read as done: an operator pass)
         raise CommandFailed(f"{command}: no daemon has a stream matching {target!r} and the standing silence of "
                             f"{covered[0]!r} will silence it when it starts: unsilence {covered[0]!r} to lift it")
     if not matched:
@@ -224,7 +224,9 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
             raise CommandFailed(f"feedback: no daemon has a recent alert {alert!r} (each stream keeps its last "
                                 f"alerts only)")
         refused = next((r for a in applied if (r := a["result"].get("standing_refused"))), None)
-        hint = f" (not kept as a standing silence either: {refused})" if refused else ""
+        kept = sorted({p for a in applied for p in a["result"].get("not_lifted", ())})
+        hint = f" (not kept as a standing silence either: {refused})" if refused else \
+            f" (the standing silence of {kept[0]!r} was not lifted: unsilence {kept[0]!r})" if kept else ""
         raise CommandFailed(f"{command}: no daemon has a stream matching {target!r}{hint}")
     refusals = sorted((s, why) for a in applied for s, why in (a["result"].get("refused") or {}).items())
     if refusals:  # the drift guard (or too little evidence) kept these thresholds: a script must not read success

@@ -73,12 +73,17 @@ class StandingSilences:
 
     def lift(self, target: str, now_ms: float) -> list[str]:
         """Lift the running rules whose pattern ``target`` covers (``dev-*`` lifts ``dev-*`` and ``dev-a*``, ``*``
-        every one; a pattern with a ``[…]`` class, where its text matches ``target``); returns their patterns."""
-        lifted = [r for r in self.running(now_ms).values() if glob_covers(target, r.pattern)
-                  or "[" in r.pattern and fnmatch.fnmatchcase(r.pattern, target)]  # gear-[12]* under gear-*
+        every one; a pattern with a ``[…]`` class, its own pattern only); returns their patterns."""
+        lifted = [r for r in self.running(now_ms).values() if glob_covers(target, r.pattern)]
         for rule in lifted:
             rule.lifted = True
         return sorted({r.pattern for r in lifted})
+
+    def overlapping(self, target: str, now_ms: float) -> list[str]:
+        """The running rules with a ``[…]`` class that ``target`` may overlap but does not cover (its text matches
+        ``target``: gear-[12]* under gear-*), said so rather than lifted (gear-*9* must not lift gear-[0-9]*)."""
+        return sorted({r.pattern for r in self.running(now_ms).values()
+                       if "[" in r.pattern and fnmatch.fnmatchcase(r.pattern, target)})
 
     def covering(self, stream: str, now_ms: float) -> list[str]:
         """The running rules' patterns that match ``stream`` (one not started yet would start silenced)."""

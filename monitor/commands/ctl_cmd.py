@@ -115,7 +115,7 @@ def _matched_nothing(a: dict[str, Any]) -> bool:
     refused/held/unchanged, history, shadow). Not a daemon-wide freeze or unfreeze, which applies without one."""
     if a.get("command") in ("freeze", "unfreeze") and a.get("target") == "*" or a.get("command") == "silences":
         return False
-    told = (v for k, v in a["result"].items() if k not in ("still_covered_by", "standing_refused"))  # not done
+    told = (v for k, v in a["result"].items() if k not in ("still_covered_by", "standing_refused", "not_lifted"))
     return a["status"] == "applied" and not a["error"] and not a["streams"] and \
         not any(told) and not any("before" in e for e in a["effects"])
 
@@ -152,6 +152,8 @@ def _effect(a: dict[str, Any]) -> str:
               for p in r.get("lifted", [])]
     lines += [f"new streams matching {p!r} still start silenced (its standing silence): unsilence {p!r} to lift it"
               for p in r.get("still_covered_by", [])]
+    lines += [f"standing silence of {p!r} not lifted (a class this glob may not cover): unsilence {p!r} to lift it"
+              for p in r.get("not_lifted", [])]
     if "silences" in r:  # ctl silences: the standing ones running
         lines += [f"standing silence of {x['pattern']!r} until {_when(x['until_ms'])} (command {x['command_id']})"
                   for x in r["silences"]] or ["no standing silence running"]
@@ -276,11 +278,11 @@ def history(stream: Stream = None, config: Config = None, bootstrap: Bootstrap =
 
 
 @app.command()
-def silences(stream: Annotated[str, typer.Option("--stream", help="Only the rules this glob covers.")] = "*",
-             config: Config = None, bootstrap: Bootstrap = None, operator: Operator = None, reason: Reason = "",
-             timeout: Timeout = 10.0, as_json: Json = False) -> None:
-    """The standing silences running: the patterns whose new streams start silenced, and until when."""
-    _run("silences", stream, {}, config, bootstrap, operator, reason, timeout, as_json)
+def silences(stream: Stream = None, config: Config = None, bootstrap: Bootstrap = None, operator: Operator = None,
+             reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
+    """The standing silences running (every one; with --stream, those a glob covers or that cover a stream id)."""
+    target = "*" if stream is None and not exact else _target(stream, exact=exact)
+    _run("silences", target, {}, config, bootstrap, operator, reason, timeout, as_json)
 
 
 @app.command()

@@ -617,8 +617,22 @@ def test_standing_silences_lift_merge_and_stay_off_streams_with_documents_or_pro
     assert own["result"]["lifted"] == ["pump-9"] and own["result"]["still_covered_by"] == ["pump-*"]
     with pytest.raises(CommandFailed, match="the standing silence of 'pump-\\*' will silence it"):
         verdict("unsilence", "pump-9", [own], 10.0)
-    send(c, "silence", "gear-[12]*", for_s=600)  # a class: lifted by a pattern its text matches
-    assert send(c, "unsilence", "gear-*")["result"]["lifted"] == ["gear-[12]*"]
+    send(c, "silence", "gear-[12]*", for_s=600)  # a class: lifted by its own pattern only, said so (a review:
+    broad = send(c, "unsilence", "gear-*1*")  # gear-*9* lifted gear-[0-9]*, and gear-1 paged)
+    assert broad["result"] == {"not_lifted": ["gear-[12]*"]} and _status(broad) == "no match"
+    assert "standing silence of 'gear-[12]*' not lifted (a class this glob may not cover)" in _effect(broad)
+    with pytest.raises(CommandFailed, match=r"the standing silence of 'gear-\[12\]\*' was not lifted"):
+        verdict("unsilence", "gear-*1*", [broad], 10.0)
+    assert send(c, "unsilence", "gear-[12]*")["result"]["lifted"] == ["gear-[12]*"]
+    # a stream held here, unsilenced twice under a rule: the rule will never silence it (it has a document), the
+    # second undo is passed over, exit 0 (a review: "no daemon has a stream matching", exit 1)
+    feed(p, records("pump-5", *sine_stream(200), partition=3))
+    again = [send(c, "unsilence", "pump-5") for _ in range(2)][-1]
+    assert "still_covered_by" not in again["result"] and again["result"]["held"]
+    verdict("unsilence", "pump-5", [again], 10.0)
+    elsewhere = {**again, "instance": "other:2", "result": {"still_covered_by": ["pump-*"]}}  # another instance,
+    verdict("unsilence", "pump-5", [again, elsewhere], 10.0)  # without it, names the rule: this one holds it
+    assert [r["pattern"] for r in send(c, "silences", "pump-9")["result"]["silences"]] == ["pump-*"]  # covers it
     # the rules running can be listed (an operator pass: a silence kept ahead of a sensor was in no list)
     listed = send(c, "silences", "*")
     assert [(r["pattern"], r["until_ms"] > now[0] * 1000) for r in listed["result"]["silences"]] == [
