@@ -88,6 +88,12 @@ def names_one(target: str) -> bool:
     return not any(c in re.sub(r"\[[*?[]\]", "", target) for c in "*?[")
 
 
+def named_stream(target: str) -> str | None:
+    """The stream id a target names alone (:func:`names_one`; ``--exact``'s escapes ``[*]`` undone), or None for a
+    glob."""
+    return re.sub(r"\[([*?[])\]", r"\1", target) if names_one(target) else None
+
+
 def canonical(doc: dict[str, Any]) -> bytes:
     """The bytes that are signed: every field but the signature, sorted, compact."""
     body = {k: v for k, v in doc.items() if k != "signature"}

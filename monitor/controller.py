@@ -14,7 +14,6 @@ import fnmatch
 import hashlib
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -33,6 +32,7 @@ from monitor.control import (
     Seen,
     ack,
     glob_covers,
+    named_stream,
     names_one,
     split_ack,
     verify,
@@ -373,7 +373,7 @@ class Controller:
             result = {**result, "lifted": lifted}
         if kept := rules.overlapping(cmd.target, now_ms):  # a class (gear-[12]*) is lifted by its own pattern only
             result = {**result, "not_lifted": kept}
-        name = _unescaped(cmd.target) if names_one(cmd.target) else None
+        name = named_stream(cmd.target)
         if name is not None and name not in self.p.streams and name not in self.p.evicted_docs() and (
                 covering := rules.covering(name, now_ms)):
             result = {**result, "still_covered_by": covering}  # not started yet: it would start silenced
@@ -383,7 +383,7 @@ class Controller:
         """Read-only: the standing silences running whose pattern the target covers (an operator pass: a silence
         kept ahead of a sensor was in no status, metric or list)."""
         now_ms = self.clock() * 1000
-        name = _unescaped(cmd.target) if names_one(cmd.target) else None  # a stream id: the rules that cover it
+        name = named_stream(cmd.target)  # a stream id: the rules that cover it
         rules = [{"pattern": r.pattern, "until_ms": r.until_ms, "command_id": i}
                  for i, r in self.p.silences.running(now_ms).items()
                  if glob_covers(cmd.target, r.pattern) or name is not None and fnmatch.fnmatchcase(name, r.pattern)]
@@ -494,11 +494,6 @@ def _field(doc: dict[str, Any], key: str, kind: type) -> Any:
     logged and skipped) must not fail a command that looks into every evicted stream's document."""
     value = doc.get(key)
     return value if isinstance(value, kind) else kind()
-
-
-def _unescaped(target: str) -> str:
-    """The stream id a one-stream target names (``--exact`` escapes glob characters as ``[*]``)."""
-    return re.sub(r"\[([*?[])\]", r"\1", target)
 
 
 def _claimed(raw: bytes | None) -> str | None:

@@ -58,10 +58,8 @@ class StandingSilences:
         self.rules: dict[str, Rule] = {}
 
     def add(self, command_id: str, pattern: str, issued_ms: int, until_ms: int, now_ms: float) -> bool:
-        """Keep the rule, replacing the running ones of the same pattern; True if it runs (False: a pattern too
-        long to keep, a rule lifted or ended since — the command read again)."""
-        if len(pattern) > MAX_PATTERN:
-            return False
+        """Keep the rule (its pattern at most MAX_PATTERN characters: the caller says why not), replacing the running
+        ones of the same pattern; True if it runs (False: a rule lifted or ended since — the command read again)."""
         if command_id not in self.rules:  # the later issued of two of one pattern holds (a shorter silence of
             # dev-* held new streams for the longer one; an older one read late must not end a newer one)
             same = [r for r in self.running(now_ms).values() if r.pattern == pattern]
