@@ -2,7 +2,8 @@
 # The GPU checks of issue 7 as one bounded script, for a machine with CUDA (e.g. the `device` tool):
 #   bash benchmarks/gpu_check.sh [OUT_DIR]            benchmarks only: under 9 minutes in all (step limits)
 #   TESTS=1 bash benchmarks/gpu_check.sh [OUT_DIR]    the test suite after them (up to 10 minutes more)
-# Writes JSON per check to OUT_DIR (default runs/gpu) and a summary to stdout. Needs a .venv with a CUDA
+# Writes JSON per check to OUT_DIR (default runs/gpu) and a summary to stdout, which ends with each GPU target
+# met or MISSED (exit 1 if any is missed or none could be judged). Needs a .venv with a CUDA
 # build of torch (`make venv TORCH=torch==2.13.0` on a CUDA host pulls one) and the ECG5000 LSTM artifact
 # (`make demo` trains it, or pass MODEL=DIR). Each step has its own time limit; a failed step is reported
 # and the next one still runs.
@@ -32,6 +33,13 @@ fi
 $PY - "$OUT" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
+verdicts = []  # (target, measured, met): the GPU targets of README's GPU section, judged on this run's figures
+
+
+def judge(target: str, measured: str, met: bool) -> None:
+    verdicts.append((target, measured, met))
+
+
 for f in sorted(out.glob("scorer-*.json")):
     try:
         rs = json.loads(f.read_text())
@@ -41,6 +49,13 @@ for f in sorted(out.glob("scorer-*.json")):
         print(f"{f.stem:24} {r['model']:6} {r['precision']:9} batch1 {r['batch1_windows_per_s']:>10,.0f}/s  "
               f"batched({r['batch_size']}) {r['batched_windows_per_s']:>12,.0f}/s  ratio {r['ratio']:7.1f}x  "
               f"micro-batch {r['daemon_batch']} {r['daemon_batch_ms']:.2f} ms  diff {r['precision_max_diff']:.2%}")
+        if f.stem.startswith("scorer-lstm-"):  # the default model at window 140, one row per precision
+            tag = f"lstm {r['precision']}"
+            judge(f"{tag}: batched >= 50 000 windows/s", f"{r['batched_windows_per_s']:,.0f}/s",
+                  r["batched_windows_per_s"] >= 50_000)
+            judge(f"{tag}: batched >= 50x the batch-1 loop", f"{r['ratio']:.1f}x", r["ratio"] >= 50)
+            judge(f"{tag}: micro-batch of {r['daemon_batch']} <= 10 ms", f"{r['daemon_batch_ms']:.2f} ms",
+                  r["daemon_batch_ms"] <= 10)
 for name in ("latency", "pipeline"):
     try:
         r = json.loads((out / f"{name}.json").read_text())
@@ -48,4 +63,13 @@ for name in ("latency", "pipeline"):
         continue
     keys = ("p50_ms", "p99_ms", "bound_ms", "batch_scoring_ms") if name == "latency" else ("pipeline_samples_per_s", "ratio")
     print(name, {k: r.get(k) for k in keys}, r.get("adaptive", {}).get("p99_ms", ""))
+    if name == "latency":
+        judge("latency: p99 <= max_delay_ms + 2 x one batch", f"{r['p99_ms']} ms against {r['bound_ms']} ms",
+              bool(r["within_bound"]))
+print("== targets")
+for target, measured, met in verdicts:
+    print(f"{'met' if met else 'MISSED':7} {target}: {measured}")
+if not verdicts:
+    print("none judged: no scorer or latency figures were written")
+sys.exit(0 if verdicts and all(met for _, _, met in verdicts) else 1)
 EOF

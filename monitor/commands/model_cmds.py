@@ -67,7 +67,7 @@ def _applies(data: str, protocol: str | None, series_options: dict[str, Any]) ->
         not_with(series_options, f"series files only: ECG5000 comes cut in beats of {ECG5000_WINDOW} samples and "
                                  "is split by --protocol")
     else:
-        not_with({"--protocol": protocol not in (None, "classic")},
+        not_with({"--protocol": protocol is not None},  # --protocol classic too (a docs audit: it was ignored)
                  "ECG5000 only (--data ecg5000): a file is split chronologically (tsmon train --train-fraction)")
 
 
@@ -90,7 +90,7 @@ def train(
     data: DataOpt = "ecg5000",
     model: Annotated[str, typer.Option(help=f"Model kind: {', '.join(KINDS)}.")] = DEFAULT_KIND,
     out: Annotated[Path, typer.Option("--out", help="Artifact directory to write.")] = Path("artifacts/model"),
-    protocol: Annotated[str, typer.Option(help="ECG5000 split: classic or ucr.")] = "classic",
+    protocol: Annotated[str | None, typer.Option(help="ECG5000 split: classic (default) or ucr.")] = None,
     window: Annotated[int, typer.Option(help="Window length W (series; ECG5000 beats are 140).", max=MAX_WINDOW)] = 140,
     hop: Annotated[int, typer.Option(help="Hop H between windows (series; 0 → W/4).", max=MAX_COUNT)] = 0,
     value_col: ValueCols = None,
@@ -144,7 +144,7 @@ def train(
     # the daemon would never score the samples between its windows (a route's hop is refused likewise)
     not_with({"--hop": hop > window}, f"at most --window ({window}): the samples between windows would be skipped")
     check_method(normalisation)  # refused once training had begun, after the progress bar
-    spec = DataSpec(data, protocol, seed, window, hop, tuple(value_col or ()), timestamp_col, label_col,
+    spec = DataSpec(data, protocol or "classic", seed, window, hop, tuple(value_col or ()), timestamp_col, label_col,
                     train_fraction, windows, out_of_order, align, beat_pre, beat_refractory, beat_baseline)
     if model in KINDS:  # (an unknown kind is the registry's error) the model's own error exited 1, not 2
         not_with({"--embedding": embedding is not None and model != "lstm",
