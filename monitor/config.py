@@ -32,7 +32,7 @@ from pydantic import (
 from models.errors import ConfigError
 from models.files import read_limited
 from monitor import logs
-from monitor.control import glob_covers
+from monitor.globs import covers
 from monitor.records import Limits
 
 log = logs.get("tsmon.config")
@@ -647,8 +647,9 @@ class Config(_Section):
 
     def _route_rules(self) -> Iterator[str]:
         for i, route in enumerate(self.models):  # first match wins: a route after "*", its own pattern or one that
-            # matches every id it does (line1-a* after line1-*: a pipeline owner's pass) is never used
-            before = next((j for j in range(i) if glob_covers(self.models[j].pattern, route.pattern)), None)
+            # matches every id it does (line1-a* after line1-*: a pipeline owner's pass) is never used (None: not
+            # worked out within its budget, taken as reached)
+            before = next((j for j in range(i) if covers(self.models[j].pattern, route.pattern)), None)
             if before is not None:
                 yield (f"models[{i}].pattern: {route.pattern!r} is never reached: models[{before}] "
                        f"({self.models[before].pattern!r}) comes first and the first match wins")

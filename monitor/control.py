@@ -70,18 +70,6 @@ def exact_target(stream: str) -> str:
     return re.sub(r"([*?[])", r"[\1]", stream)
 
 
-def glob_covers(first: str, later: str) -> bool:
-    """Does the glob ``first`` match every stream id ``later`` matches? Exactly for ``*`` and ``?``: ``first``'s
-    ``*`` takes any run of ``later``'s characters and wildcards, its ``?`` one character or ``?``, its other characters
-    themselves only. A pattern with a bracket class is compared whole (its sets are not worked out)."""
-    if first == "*" or first == later:
-        return True
-    if "[" in first or "[" in later:
-        return False
-    rx = "".join(".*" if c == "*" else "[^*]" if c == "?" else re.escape(c) for c in first)
-    return re.fullmatch(rx, later, flags=re.DOTALL) is not None
-
-
 def names_one(target: str) -> bool:
     """Does the fnmatch pattern name one stream id — no wildcard left once the escaped characters (``[*]``,
     ``[?]``, ``[[]``: :func:`exact_target`) are taken out?"""

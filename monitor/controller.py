@@ -31,7 +31,6 @@ from monitor.control import (
     Refused,
     Seen,
     ack,
-    glob_covers,
     named_stream,
     names_one,
     split_ack,
@@ -39,7 +38,7 @@ from monitor.control import (
 )
 from monitor.processor import Processor
 from monitor.records import encodable
-from monitor.silences import MAX_PATTERN
+from monitor.silences import MAX_PATTERN, MAX_RULES
 from monitor.sink import json_message
 from monitor.streams import doc_commands, doc_since_ms
 from monitor.topics import partition_reader
@@ -192,6 +191,13 @@ class Controller:
         A complete read with no usable document (none, or one this version cannot read) makes this instance's
         state the group's (left unknown, no command id was persisted again until a ``freeze --all``).
         """
+        known = self.global_known
+        self._restore_global(doc, complete)
+        if not known and self.global_known and self.p.silences.running(self.clock() * 1000):
+            self.save_global()  # the rules of commands applied while it was unknown, merged: saved at once (a
+            # review: only at the next command, and a crash before it lost them)
+
+    def _restore_global(self, doc: dict[str, Any] | None, complete: bool) -> None:
         ids = None if doc is None else doc.get("command_ids")
         if doc is None or doc.get("type") != "daemon_state" or not isinstance(ids, list):
             if doc is not None:
@@ -364,29 +370,38 @@ class Controller:
             # owed it), lifted (kept until then) or ended, it cannot come back running (a review: it ran again until
             # a for_s after the second reading)
             end = min(until, cmd.issued_ms + int(float(cmd.params["for_s"]) * 1000))
+            if self.provisional:  # not applied (to all), send it again: a rule now would run all the same (a review:
+                return streams, effects, result  # new streams silenced by a silence reported "not applied")
             if len(cmd.target) > MAX_PATTERN:
                 result = {**result, "standing_refused": f"a pattern longer than {MAX_PATTERN} characters"}
-            elif end > now_ms and rules.add(cmd.command_id, cmd.target, cmd.issued_ms, end, now_ms):
+            elif end > now_ms and (kept := rules.add(cmd.command_id, cmd.target, cmd.issued_ms, end, now_ms)) == "running":
                 result = {**result, "standing": {"pattern": cmd.target, "until_ms": end}}
+            elif end > now_ms and kept == "full":
+                result = {**result, "standing_refused": f"{MAX_RULES} standing silences run that end later (the most "
+                                                        f"kept): lift some with unsilence"}
             return streams, effects, result
-        if lifted := rules.lift(cmd.target, now_ms):
+        lifted, kept = rules.lift(cmd.target, now_ms)
+        if lifted:
             result = {**result, "lifted": lifted}
-        if kept := rules.overlapping(cmd.target, now_ms):  # a class (gear-[12]*) is lifted by its own pattern only
-            result = {**result, "not_lifted": kept}
         name = named_stream(cmd.target)
+        if name is not None and name not in self.p.streams and name in self.p.evicted_docs() and not (
+                self.not_woken or self.provisional):  # (a review: another
+            # instance, which knew no such stream, told ctl a rule would silence it when it starts; it never will)
+            result = {**result, "held": {**result.get("held", {}), name: "not silenced: nothing to undo"}}
+        if kept and name is None:  # a rule broader than the glob still silences the new streams it matches (of
+            # one stream id, the rule matters only if it has not started: still_covered_by below)
+            result = {**result, "not_lifted": kept}
         if name is not None and name not in self.p.streams and name not in self.p.evicted_docs() and (
                 covering := rules.covering(name, now_ms)):
             result = {**result, "still_covered_by": covering}  # not started yet: it would start silenced
         return streams, effects, result
 
     def _silences(self, cmd: Command) -> Effects:
-        """Read-only: the standing silences running whose pattern the target covers (an operator pass: a silence
-        kept ahead of a sensor was in no status, metric or list)."""
+        """Read-only: the standing silences running that can silence a stream the target matches (an operator pass:
+        a silence kept ahead of a sensor was in no status, metric or list; a review: press-* listed no press-[12]*)."""
         now_ms = self.clock() * 1000
-        name = named_stream(cmd.target)  # a stream id: the rules that cover it
         rules = [{"pattern": r.pattern, "until_ms": r.until_ms, "command_id": i}
-                 for i, r in self.p.silences.running(now_ms).items()
-                 if glob_covers(cmd.target, r.pattern) or name is not None and fnmatch.fnmatchcase(name, r.pattern)]
+                 for i, r in self.p.silences.matching(cmd.target, now_ms).items()]
         return [], [], {"silences": sorted(rules, key=lambda r: (r["pattern"], r["until_ms"]))}
 
     def _reset(self, cmd: Command) -> Effects:

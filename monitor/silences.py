@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from monitor import logs
-from monitor.control import MAX_SILENCE_S, glob_covers
+from monitor.control import MAX_SILENCE_S
+from monitor.globs import Budget, covers, overlaps
 
 if TYPE_CHECKING:
     from monitor.streams import StreamState
 
 log = logs.get("tsmon.control")
 
-MAX_RULES = 1000  # running rules kept at most (those that end first go first)
+MAX_RULES = 1000  # rules kept at most: the lifted ones go first, then the running ones that end first
 MAX_PATTERN = 512  # characters of a rule's pattern (a stream id has limits.max_stream_len, 256 by default)
 DOC_BYTES = 256 * 1024  # of the daemon-wide document (1 MB at most, 512 KiB of it command ids)
 AHEAD_MS = 86_400_000  # a document's rule may end this much past 30 days of this clock (another host's)
@@ -57,9 +58,10 @@ class StandingSilences:
     def __init__(self) -> None:
         self.rules: dict[str, Rule] = {}
 
-    def add(self, command_id: str, pattern: str, issued_ms: int, until_ms: int, now_ms: float) -> bool:
+    def add(self, command_id: str, pattern: str, issued_ms: int, until_ms: int, now_ms: float) -> str:
         """Keep the rule (its pattern at most MAX_PATTERN characters: the caller says why not), replacing the running
-        ones of the same pattern; True if it runs (False: a rule lifted or ended since — the command read again)."""
+        ones of the same pattern: ``running``; ``replaced`` if a later-issued one of its pattern runs, or it was
+        lifted or has ended (the command read again); ``full`` if MAX_RULES rules that end later run."""
         if command_id not in self.rules:  # the later issued of two of one pattern holds (a shorter silence of
             # dev-* held new streams for the longer one; an older one read late must not end a newer one)
             same = [r for r in self.running(now_ms).values() if r.pattern == pattern]
@@ -67,21 +69,30 @@ class StandingSilences:
                 rule.lifted = rule.lifted or rule.issued_ms <= issued_ms
             self.rules[command_id] = Rule(pattern, issued_ms, until_ms, any(r.issued_ms > issued_ms for r in same))
         self._prune(now_ms)
-        return command_id in self.running(now_ms)
+        if command_id in self.running(now_ms):
+            return "running"
+        return "replaced" if command_id in self.rules or until_ms <= now_ms else "full"
 
-    def lift(self, target: str, now_ms: float) -> list[str]:
-        """Lift the running rules whose pattern ``target`` covers (``dev-*`` lifts ``dev-*`` and ``dev-a*``, ``*``
-        every one; a pattern with a ``[…]`` class, its own pattern only); returns their patterns."""
-        lifted = [r for r in self.running(now_ms).values() if glob_covers(target, r.pattern)]
-        for rule in lifted:
-            rule.lifted = True
-        return sorted({r.pattern for r in lifted})
+    def lift(self, target: str, now_ms: float) -> tuple[list[str], list[str]]:
+        """Lift the running rules whose pattern ``target`` covers (``dev-*`` lifts ``dev-*``, ``dev-a*`` and
+        ``dev-[ab]*``, ``*`` every one); returns their patterns, and those of the running rules it overlaps but does
+        not cover, left running (``unsilence gear-1*`` under ``gear-[12]*``: gear-2x still starts silenced). One
+        budget for all the rules: a comparison not worked out within it lifts nothing and is named with the second."""
+        budget, lifted, kept = Budget(), set(), set()
+        for rule in self.running(now_ms).values():
+            if covers(target, rule.pattern, budget):
+                rule.lifted = True
+                lifted.add(rule.pattern)
+            elif overlaps(target, rule.pattern, budget) is not False:
+                kept.add(rule.pattern)
+        return sorted(lifted), sorted(kept - lifted)
 
-    def overlapping(self, target: str, now_ms: float) -> list[str]:
-        """The running rules with a ``[…]`` class that ``target`` may overlap but does not cover (its text matches
-        ``target``: gear-[12]* under gear-*), said so rather than lifted (gear-*9* must not lift gear-[0-9]*)."""
-        return sorted({r.pattern for r in self.running(now_ms).values()
-                       if "[" in r.pattern and fnmatch.fnmatchcase(r.pattern, target)})
+    def matching(self, target: str, now_ms: float) -> dict[str, Rule]:
+        """The running rules that can silence a stream ``target`` matches (a stream id: the rules that cover it;
+        ``press-*``: ``press-1*``, ``press-[12]*`` and ``*`` too); a comparison not worked out within the budget
+        lists the rule."""
+        budget = Budget()
+        return {i: r for i, r in self.running(now_ms).items() if overlaps(target, r.pattern, budget) is not False}
 
     def covering(self, stream: str, now_ms: float) -> list[str]:
         """The running rules' patterns that match ``stream`` (one not started yet would start silenced)."""
@@ -133,8 +144,13 @@ class StandingSilences:
 
     def _prune(self, now_ms: float) -> None:
         """Drop the rules that have ended (a lifted one too: nothing brings it back once it would have ended),
-        and past MAX_RULES those that end first."""
-        keep = sorted(((i, r) for i, r in self.rules.items() if r.until_ms > now_ms), key=lambda ir: -ir[1].until_ms)
+        and past MAX_RULES the lifted ones, then the running ones that end first (a review: 1 000 lifted rules
+        still in their time left no room for a new one, and it was dropped without a word)."""
+        keep = sorted(((i, r) for i, r in self.rules.items() if r.until_ms > now_ms),
+                      key=lambda ir: (ir[1].lifted, -ir[1].until_ms))
+        if dropped := sum(not r.lifted for _, r in keep[MAX_RULES:]):
+            log.warning("standing_silences_dropped", rules=dropped, limit=MAX_RULES,
+                        consequence="new streams they match start unsilenced: the rules that end first go first")
         self.rules = dict(keep[:MAX_RULES])
 
 
@@ -144,7 +160,9 @@ def _rule(d: Any, now_ms: float) -> Rule | None:
         return None
     pattern, issued, until, lifted = d.get("pattern"), d.get("issued_ms"), d.get("until_ms"), d.get("lifted")
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (issued, until))
+    limit = now_ms + MAX_SILENCE_S * 1000 + AHEAD_MS  # issued by the sending host's clock, the end by the daemon's:
+    # a rule may end before it was issued where that host runs ahead (a review: by more than --for, it was unreadable)
     if not (isinstance(pattern, str) and 0 < len(pattern) <= MAX_PATTERN and isinstance(lifted, bool) and ints
-            and 0 <= issued <= until <= now_ms + MAX_SILENCE_S * 1000 + AHEAD_MS):  # type: ignore[operator]
+            and 0 <= issued <= limit and 0 <= until <= limit):  # type: ignore[operator]
         return None
     return Rule(pattern, issued, until, lifted)  # type: ignore[arg-type]

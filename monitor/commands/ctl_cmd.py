@@ -152,7 +152,8 @@ def _effect(a: dict[str, Any]) -> str:
               for p in r.get("lifted", [])]
     lines += [f"new streams matching {p!r} still start silenced (its standing silence): unsilence {p!r} to lift it"
               for p in r.get("still_covered_by", [])]
-    lines += [f"standing silence of {p!r} not lifted (a class this glob may not cover): unsilence {p!r} to lift it"
+    lines += [f"standing silence of {p!r} not lifted (it matches streams this glob does not): new streams it matches "
+              f"still start silenced; unsilence {p!r} to lift it"
               for p in r.get("not_lifted", [])]
     if "silences" in r:  # ctl silences: the standing ones running
         lines += [f"standing silence of {x['pattern']!r} until {_when(x['until_ms'])} (command {x['command_id']})"
@@ -280,7 +281,7 @@ def history(stream: Stream = None, config: Config = None, bootstrap: Bootstrap =
 @app.command()
 def silences(stream: Stream = None, config: Config = None, bootstrap: Bootstrap = None, operator: Operator = None,
              reason: Reason = "", timeout: Timeout = 10.0, as_json: Json = False, exact: Exact = False) -> None:
-    """The standing silences running (every one; with --stream, those a glob covers or that cover a stream id)."""
+    """The standing silences running (every one; with --stream, those that can silence a stream it matches)."""
     target = "*" if stream is None and not exact else _target(stream, exact=exact)
     _run("silences", target, {}, config, bootstrap, operator, reason, timeout, as_json)
 

@@ -620,7 +620,7 @@ def test_standing_silences_lift_merge_and_stay_off_streams_with_documents_or_pro
     send(c, "silence", "gear-[12]*", for_s=600)  # a class: lifted by its own pattern only, said so (a review:
     broad = send(c, "unsilence", "gear-*1*")  # gear-*9* lifted gear-[0-9]*, and gear-1 paged)
     assert broad["result"] == {"not_lifted": ["gear-[12]*"]} and _status(broad) == "no match"
-    assert "standing silence of 'gear-[12]*' not lifted (a class this glob may not cover)" in _effect(broad)
+    assert "standing silence of 'gear-[12]*' not lifted (it matches streams this glob does not)" in _effect(broad)
     with pytest.raises(CommandFailed, match=r"the standing silence of 'gear-\[12\]\*' was not lifted"):
         verdict("unsilence", "gear-*1*", [broad], 10.0)
     assert send(c, "unsilence", "gear-[12]*")["result"]["lifted"] == ["gear-[12]*"]
@@ -685,6 +685,97 @@ def test_standing_silences_lift_merge_and_stay_off_streams_with_documents_or_pro
     kept = many.doc(now[0] * 1000)
     assert 100 < len(kept) < 1000 and len(json.dumps(kept)) <= DOC_BYTES
     assert kept[0]["until_ms"] == int(now[0] * 1000) + 60_999  # those that end last
+
+
+def test_standing_silences_are_weighed_by_their_members_and_kept_within_bounds(make: Make) -> None:
+    """From a review of the standing silences: an unsilence of a glob with a class lifts the rules it covers, and
+    names a rule it only overlaps; ``silences --stream`` lists the rules that can silence a stream the glob matches;
+    a full set of rules says so instead of dropping a new silence; a sending host far ahead leaves a rule a restart
+    can read; a silence left to provisional streams keeps no rule; an instance holding a stream's document answers
+    for it."""
+    from monitor.silences import MAX_RULES, StandingSilences
+
+    p = make()
+    now = [time.time()]
+    p.clock = lambda: now[0]
+    c = controller(p)
+    c.clock = p.clock
+    send(c, "silence", "gear-[12]*", for_s=600)
+    narrow = send(c, "unsilence", "gear-1*")  # overlaps it: said (it was neither lifted nor named)
+    assert narrow["result"] == {"not_lifted": ["gear-[12]*"]}
+    assert "not lifted (it matches streams this glob does not)" in _effect(narrow)
+    assert [r["pattern"] for r in send(c, "silences", "gear-*")["result"]["silences"]] == ["gear-[12]*"]  # ("none")
+    assert [r["pattern"] for r in send(c, "silences", "gear-1*")["result"]["silences"]] == ["gear-[12]*"]  # silences
+    assert send(c, "silences", "gear-3*")["result"]["silences"] == []  # gear-1x, not gear-3x
+    send(c, "silence", "gear-1*", for_s=600)
+    assert send(c, "unsilence", "gear-[12]*")["result"]["lifted"] == ["gear-1*", "gear-[12]*"]  # (gear-1* ran on)
+    ts, v = sine_stream(1000, (600,))
+    feed(p, records("gear-1x", ts, v))
+    assert next(a["status"] for a in anomalies(p) if a["stream"] == "gear-1x") == "firing"
+    # a rule broader than the glob: named, not lifted; of one stream id, only a stream not started (still_covered_by)
+    send(c, "silence", "valve-*", for_s=600)
+    assert send(c, "unsilence", "valve-1*")["result"]["not_lifted"] == ["valve-*"]
+    assert "not_lifted" not in send(c, "unsilence", "valve-7")["result"]
+    # full: the lifted rules go first, a new one that cannot be kept is refused and said so (it was dropped silently)
+    t = int(now[0] * 1000)
+    rules = StandingSilences()
+    for i in range(MAX_RULES):
+        assert rules.add(f"id{i}", f"old-{i}", t, t + 3_600_000 + i, t) == "running"
+    rules.lift("old-*", t)
+    assert rules.add("new", "press-9", t, t + 600_000, t) == "running"
+    for i in range(MAX_RULES):
+        rules.add(f"more{i}", f"more-{i}", t, t + 7_200_000, t)
+    assert rules.add("late", "press-8", t, t + 600_000, t) == "full"
+    with capture_logs() as logs:
+        rules.add("longer", "press-7", t, t + 9_000_000, t)
+    assert [e["rules"] for e in logs if e["event"] == "standing_silences_dropped"] == [1]
+    p.silences.rules = {f"r{i}": replace(r, lifted=False) for i, r in enumerate(rules.rules.values())}
+    full = send(c, "silence", "press-6", for_s=60)
+    assert full["result"]["standing_refused"].startswith(f"{MAX_RULES} standing silences run that end later")
+    p.silences.rules = {}
+    # the sending host 120 s ahead, --for 60: its rule ends before it was issued, and a restart reads it still
+    ahead = StandingSilences()
+    ahead.add("ahead", "dev-*", t + 120_000, t + 60_000, t)
+    again = StandingSilences()
+    again.merge(ahead.doc(t), t)
+    assert set(again.running(t)) == {"ahead"}
+    # every stream left unchanged as provisional ("not applied, send it again"): no rule either
+    p.restore_incomplete = True
+    feed(p, records("press-1", ts[:300], v[:300], partition=1))
+    left = send(c, "silence", "press-*", for_s=7200)
+    with pytest.raises(CommandFailed, match="not applied"):
+        verdict("silence", "press-*", [left], 10.0)
+    p.restore_incomplete = False
+    assert "standing" not in left["result"] and not p.silences.running(now[0] * 1000)
+    # another instance holds pump-9's document (evicted, not silenced): its ack answers for it, so the one that
+    # knows no pump-9 is not believed ("will silence it when it starts": a rule never silences a stream with one)
+    other = make()
+    other.clock = p.clock
+    oc = controller(other)
+    oc.clock = p.clock
+    feed(other, records("pump-9", *sine_stream(200), partition=2))
+    other.evict_idle(time.monotonic() + 4000)
+    acks = []
+    for command, params in (("silence", {"for_s": 600.0}), ("unsilence", {})):
+        doc = raw(new_command(command, "pump-*" if command == "silence" else "pump-9", params, "alice", "", KEY))
+        acks = [c.handle(doc), oc.handle(doc)]
+    other.evict_idle(time.monotonic() + 8000)
+    doc = raw(new_command("unsilence", "pump-9", {}, "alice", "", KEY))
+    acks = [c.handle(doc), oc.handle(doc)]
+    assert acks[1]["result"]["held"] == {"pump-9": "not silenced: nothing to undo"}
+    verdict("unsilence", "pump-9", acks, 10.0)
+
+
+def test_rules_applied_while_the_group_state_was_unread_are_saved_once_it_is_read(make: Make) -> None:
+    """A review: they were saved only at the next command, so a crash before it lost them."""
+    p = make()
+    p.settings = Settings(state_topic="state")
+    c = controller(p)
+    send(c, "silence", "press-*", for_s=600)
+    assert not [d for d in out(p, "state") if d["type"] == "daemon_state"]  # not known: not saved
+    c.restore_global(None, complete=True)
+    saved = [d for d in out(p, "state") if d["type"] == "daemon_state"]
+    assert [r["pattern"] for r in saved[-1]["silences"]] == ["press-*"]
 
 
 def test_an_alert_whose_silence_ends_pages_though_the_stream_went_quiet(make: Make) -> None:
