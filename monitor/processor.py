@@ -202,7 +202,10 @@ class Processor(Ingest, InFlight, Residency, Committing):
         # status and severity as headers too: a pager bridge can drop silenced messages without parsing the body
         headers = [("tsmon.type", b"anomaly"), ("tsmon.status", status.encode()),
                    ("tsmon.severity", str(doc["severity"]).encode()),  # and the resolve of one never paged: dropped too
-                   ("tsmon.silenced", b"true" if doc["silenced"] else b"false")]
+                   ("tsmon.silenced", b"true" if doc["silenced"] else b"false"),
+                   # and where it stands in its incident (a pager-bridge pass: following updates needed the body)
+                   ("tsmon.revision", str(doc["revision"]).encode()),
+                   ("tsmon.flapping", b"true" if doc["flapping"] else b"false")]
         self.sink.send(json_message(self.settings.alerts_topic, stream, doc, headers))
         self.metrics.alerts.labels(status).inc()
         if arrived is not None:

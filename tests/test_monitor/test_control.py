@@ -499,8 +499,10 @@ def test_silenced_alerts_are_recorded_not_paged_and_page_when_the_silence_ends(m
     assert p.metrics.total("tsmon_alerts_fired_total") == 1
     # as headers too: a pager bridge drops the silenced ones without parsing the body (an on-call pass)
     sent = [h for h in (dict(m.headers) for m in p.sink.sent) if h.get("tsmon.type") == b"anomaly"]
-    assert [(h["tsmon.status"], h["tsmon.severity"], h["tsmon.silenced"]) for h in sent] == [
-        (d["status"].encode(), d["severity"].encode(), b"true" if d["silenced"] else b"false") for d in anomalies(p)]
+    assert [(h["tsmon.status"], h["tsmon.severity"], h["tsmon.silenced"], h["tsmon.revision"], h["tsmon.flapping"])
+            for h in sent] == [(d["status"].encode(), d["severity"].encode(), b"true" if d["silenced"] else b"false",
+                                str(d["revision"]).encode(), b"true" if d["flapping"] else b"false")
+                               for d in anomalies(p)]
     assert sent[1]["tsmon.silenced"] == b"true"  # the resolve of an episode never paged: a bridge drops it too
 
 
