@@ -193,9 +193,9 @@ class Controller:
         """
         known = self.global_known
         self._restore_global(doc, complete)
-        if not known and self.global_known and self.p.silences.running(self.clock() * 1000):
-            self.save_global()  # the rules of commands applied while it was unknown, merged: saved at once (a
-            # review: only at the next command, and a crash before it lost them)
+        if not known and self.global_known and self.p.silences.rules:
+            self.save_global()  # the rules (and lifts) of commands applied while it was unknown, merged: saved at
+            # once (a review: only at the next command, and a crash before it lost them)
 
     def _restore_global(self, doc: dict[str, Any] | None, complete: bool) -> None:
         ids = None if doc is None else doc.get("command_ids")
@@ -370,8 +370,6 @@ class Controller:
             # owed it), lifted (kept until then) or ended, it cannot come back running (a review: it ran again until
             # a for_s after the second reading)
             end = min(until, cmd.issued_ms + int(float(cmd.params["for_s"]) * 1000))
-            if self.provisional:  # not applied (to all), send it again: a rule now would run all the same (a review:
-                return streams, effects, result  # new streams silenced by a silence reported "not applied")
             if len(cmd.target) > MAX_PATTERN:
                 result = {**result, "standing_refused": f"a pattern longer than {MAX_PATTERN} characters"}
             elif end > now_ms and (kept := rules.add(cmd.command_id, cmd.target, cmd.issued_ms, end, now_ms)) == "running":

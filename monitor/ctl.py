@@ -198,11 +198,14 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
                             f"limits.max_streams nearly reached: {', '.join(asleep[:5])}")
     unsure = sorted({s for a in applied for s in (a.get("result") or {}).get("provisional", ())})
     if unsure:  # their instance's restore did not read the changelog to its end: a change would be lost at the next
-        did = "applied only in part" if any(a["streams"] for a in applied) else "not applied"
+        rule = next((r["pattern"] for a in applied if (r := a["result"].get("standing"))), None)
+        did = "applied only in part" if rule is not None or any(a["streams"] for a in applied) else "not applied"
+        kept = "" if rule is None else (f"; its standing silence of {rule!r} runs (new streams matching it start "
+                                        f"silenced, and sending the silence again replaces it)")
         raise CommandFailed(f"{command} {did}: {len(unsure)} stream(s) left unchanged, provisional (their instance "
                             f"did not read the changelog to its end within state.restore_timeout_s, so a change "
                             f"would be lost at its next restore; send it again once it has restored, e.g. after "
-                            f"restarting it): {', '.join(unsure[:5])}")
+                            f"restarting it): {', '.join(unsure[:5])}{kept}")
     if command in ("freeze", "unfreeze") and target == "*" or command == "silences":
         return  # daemon-wide, whether or not a stream exists yet (a list of no silences is an answer too)
     key = {"feedback": "verdict", "history": "history", "shadow": "shadow"}.get(command)

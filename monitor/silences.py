@@ -62,16 +62,16 @@ class StandingSilences:
         """Keep the rule (its pattern at most MAX_PATTERN characters: the caller says why not), replacing the running
         ones of the same pattern: ``running``; ``replaced`` if a later-issued one of its pattern runs, or it was
         lifted or has ended (the command read again); ``full`` if MAX_RULES rules that end later run."""
-        if command_id not in self.rules:  # the later issued of two of one pattern holds (a shorter silence of
-            # dev-* held new streams for the longer one; an older one read late must not end a newer one)
+        replaced = command_id in self.rules or until_ms <= now_ms  # read again, or ended
+        if not replaced:  # the later issued of two of one pattern holds (a shorter silence of dev-* held new streams
+            # for the longer one; an older one read late must not end a newer one)
             same = [r for r in self.running(now_ms).values() if r.pattern == pattern]
             for rule in same:
                 rule.lifted = rule.lifted or rule.issued_ms <= issued_ms
-            self.rules[command_id] = Rule(pattern, issued_ms, until_ms, any(r.issued_ms > issued_ms for r in same))
+            replaced = any(r.issued_ms > issued_ms for r in same)
+            self.rules[command_id] = Rule(pattern, issued_ms, until_ms, replaced)
         self._prune(now_ms)
-        if command_id in self.running(now_ms):
-            return "running"
-        return "replaced" if command_id in self.rules or until_ms <= now_ms else "full"
+        return "running" if command_id in self.running(now_ms) else "replaced" if replaced else "full"
 
     def lift(self, target: str, now_ms: float) -> tuple[list[str], list[str]]:
         """Lift the running rules whose pattern ``target`` covers (``dev-*`` lifts ``dev-*``, ``dev-a*`` and

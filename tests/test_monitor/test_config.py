@@ -653,3 +653,19 @@ def test_gnu_classes_librdkafka_does_have_are_taken_in_a_confluent_pattern() -> 
     cfg = load_config(None, {"kafka.client": "confluent", "kafka.topic_pattern": r"sensors\.\w+", "kafka.topics": ""},
                       env={})
     assert cfg.kafka.topic_pattern == r"sensors\.\w+"
+
+
+def test_the_route_check_shares_one_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: each pair of routes had a budget of its own, and 60 long routes took 42 s to load."""
+    from monitor import config
+
+    budgets: list[object] = []
+    real = config.covers
+
+    def counted(first: str, later: str, budget: config.Budget | None = None) -> bool | None:
+        budgets.append(budget)
+        return real(first, later, budget)
+
+    monkeypatch.setattr(config, "covers", counted)
+    load_config(None, {"models": [{"pattern": f"r{i}-*", "path": "a"} for i in range(5)]}, env={})
+    assert len(budgets) == 10 and all(b is budgets[0] for b in budgets) and budgets[0] is not None
