@@ -142,7 +142,7 @@ UNKNOWN_SEQ = -1  # a restored window's sample number: of another process (the l
 class Transition:
     status: str  # "firing" or "resolved"
     episode: Episode
-    escalation: bool = False  # a page sent again: its peak rose to a higher severity (not a new firing)
+    escalation: bool = False  # a page sent again: its peak rose to a higher severity, or it turned flapping
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,8 +262,8 @@ class AlertState:
             return self._held(ep, noise)
         if not ep.flapping:
             if sum(1 for t in self.fires if obs.end_ts - t <= s.flap_period_ms) >= s.flap_max:
-                ep.flapping = True
-                return self._closed(ep, Transition("firing", ep))
+                ep.flapping = True  # the mark updates a page that went out (held back by a silence, as any update)
+                return self._closed(ep, Transition("firing", ep, escalation=ep.paged))
             self.episode = None
             return self._closed(ep, Transition("resolved", ep))
         # the hold ends after flap_period_ms without a run that pages: noise runs do not extend it (waiting for no

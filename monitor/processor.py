@@ -170,7 +170,9 @@ class Processor(Ingest, InFlight, Residency, Committing):
             return
         if status == "firing":
             if not ep.paged:  # a page that went out stays one: a silence set later does not relabel its repeats
-                ep.silenced = self.silenced(st)
+                owed, ep.silenced = ep.silenced, self.silenced(st)
+                if owed and not ep.silenced:  # recorded as silenced, paged now (also where the window after the
+                    extra = {**extra, "after_silence": True}  # silence turned it flapping: a review)
             status = "silenced" if ep.silenced else "firing"
         if ep.first_source is None:  # as first published, ever after (a restored start names the replay's input)
             first = self.ledger.offset_of(stream, ep.start.start_seq)

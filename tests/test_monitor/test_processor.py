@@ -16,6 +16,7 @@ from collections import defaultdict
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -24,7 +25,7 @@ from structlog.testing import capture_logs
 
 from models.errors import SinkBackpressure
 from monitor import logs
-from monitor.alerts import AlertSettings
+from monitor.alerts import AlertSettings, AlertState
 from monitor.batcher import Batcher
 from monitor.calibrator import Calibrator
 from monitor.config import load_config
@@ -159,6 +160,50 @@ def test_a_page_is_not_updated_during_a_silence_set_after_it(make: Make) -> None
     p.commit(MemorySource())
     updates = docs(p, "anomaly")[len(before):]
     assert [(d["alert_id"], d["status"], d["severity"]) for d in updates] == [(first["alert_id"], "firing", "critical")]
+
+
+def _window(p: Processor, stream: str, k: int, ratio: float) -> None:
+    """One window through the processor, its score ``ratio`` × the stream's threshold."""
+    st, th = p.streams[stream], p.calibrator.threshold(stream).value
+    start = 10_000_000 + k * 1000
+    batch = SimpleNamespace(start_ts=[start], end_ts=[start + 999], end_seq=[10_000 + k], enqueued=None,
+                            values=np.zeros((1, st.served.window, 2), "float32"))
+    p._observe(stream, st, batch, 0, ratio * th, np.asarray([ratio * th, 0.0], "float32"), [])  # type: ignore[arg-type]
+
+
+def test_the_flapping_mark_is_an_update_a_silence_holds_and_a_late_page_says_so(make: Make) -> None:
+    """A review of the alert state: the mark of an episode turning flapping went out as an ordinary firing — during
+    a silence set after the page, at the critical severity the silence had held back (a consumer paging on major
+    paged mid-maintenance); and as the late page of an episode recorded as silenced, without after_silence."""
+    def fresh(resolve_after: int) -> tuple[Processor, Any, int]:
+        p = make()
+        feed(p, records("s", *sine_stream(400, seed=2)))
+        st = p.streams["s"]
+        st.alerts = AlertState("s", st.served.identity, AlertSettings(for_windows=1, resolve_after=resolve_after,
+                                                                      flap_max=2, flap_period_ms=600_000))
+        p.commit(MemorySource())
+        return p, st, len(docs(p, "anomaly"))
+
+    p, st, before = fresh(1)
+    for k, ratio in enumerate((1.2, 0.5, 1.2)):  # paged, resolved, paged again (minor)
+        _window(p, "s", k, ratio)
+    st.silenced_until_ms = int(p.clock() * 1000) + 3_600_000  # a silence after the page
+    _window(p, "s", 3, 5.0)  # critical: its update held
+    _window(p, "s", 4, 0.5)  # would resolve: flapping instead
+    p.commit(MemorySource())
+    sent = [(d["status"], d["severity"], d["revision"]) for d in docs(p, "anomaly")[before:]]
+    assert sent == [("firing", "minor", 0), ("resolved", "minor", 0), ("firing", "minor", 0)], sent
+    p, st, before = fresh(2)
+    for k, ratio in enumerate((1.2, 0.5, 0.5)):  # paged, resolved
+        _window(p, "s", k, ratio)
+    st.silenced_until_ms = int(p.clock() * 1000) + 3_600_000
+    _window(p, "s", 3, 1.2)
+    _window(p, "s", 4, 0.5)  # the second episode recorded as silenced
+    st.silenced_until_ms = 0  # lifted before its next window, which turns it flapping
+    _window(p, "s", 5, 0.5)
+    p.commit(MemorySource())
+    late = [d for d in docs(p, "anomaly")[before:] if d["status"] == "firing"][1:]
+    assert [(d["revision"], d["silenced"], d.get("after_silence")) for d in late] == [(1, False, True)]
 
 
 def test_each_burst_fires_and_resolves_once_and_a_clean_stream_is_silent(make: Make) -> None:
