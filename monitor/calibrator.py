@@ -258,20 +258,27 @@ class Calibrator:
     # evidence ---------------------------------------------------------------------------------------
     def observe(self, stream: str, errors: np.ndarray | float, commanded: bool = False) -> None:
         """Errors of normal windows (below the threshold, not in an alert); non-finite ones are refused. While
-        the stream (or every stream) is frozen nothing is learnt, unless ``commanded`` (an operator's verdict)."""
+        the stream (or every stream) is frozen, or it is pinned, nothing is learnt, unless ``commanded`` (an
+        operator's verdict)."""
         arr = np.asarray(errors, dtype="float64").ravel()
         finite = np.isfinite(arr)
         kept = arr[finite][-self.settings.window:]  # only these can survive the ring anyway
         with self._lock:
             st = self._streams[stream]  # KeyError first: nothing counted for an unknown stream
             self._rejected += int(arr.size - np.count_nonzero(finite))
-            if commanded or not self._frozen(st):
+            if commanded or self._learns(st):
                 st.normal.extend(kept)
 
     def _frozen(self, st: _Stream) -> bool:
         """Frozen streams learn no normal errors: a freeze during a known incident must keep it out of the
         evidence (it stopped only the threshold's changes, and the incident's windows moved it once unfrozen)."""
         return st.frozen or self.frozen_all
+
+    def _learns(self, st: _Stream) -> bool:
+        """Normal errors are learnt neither frozen nor pinned: a pinned stream's windows are judged against the
+        pinned value, not its own threshold (a review: an incident under a pin set above it was learnt as normal,
+        and after the unpin the threshold rose by max_change every run to the ceiling, 4.7× its value)."""
+        return not (self._frozen(st) or st.pinned)
 
     def unobserve(self, stream: str, errors: Iterable[float]) -> int:
         """Take back errors fed by :meth:`observe` that turned out not to be normal (those still in the window);
@@ -286,7 +293,7 @@ class Calibrator:
             raise ValueError(f"censored count must be >= 0 and its threshold > 0, got {n} above {above}")
         with self._lock:
             st = self._streams[stream]
-            if not self._frozen(st):
+            if self._learns(st):
                 st.normal.extend(np.full(min(n, self.settings.window), -above if math.isfinite(above) else math.inf))
 
     def observe_all(self, stream: str, errors: Iterable[float]) -> None:

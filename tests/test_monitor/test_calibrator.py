@@ -645,3 +645,51 @@ def test_an_operators_recalibration_is_not_lost_to_a_scheduled_one_running_besid
     changed = cal.recalibrate(["s"], commanded=True)
     scheduled[0].join(5)
     assert changed["s"][1].value == pytest.approx(3.0) and cal.threshold("s").value == pytest.approx(3.0)
+
+
+def test_a_pinned_stream_learns_no_incident_as_normal() -> None:
+    """A review: windows are judged against the pinned value, so an incident under a pin set above it was learnt as
+    normal, and once unpinned the threshold rose by max_change every run to the ceiling (4.7× its value)."""
+    from monitor.drift import DriftSettings
+
+    cal = Calibrator(CalibratorSettings(quantile=0.95, min_samples=200, drift=DriftSettings(enabled=True)))
+    cal.register("s", 1.0)
+    rng = np.random.default_rng(0)
+
+    def window_errors(scale: float) -> np.ndarray:
+        errors = scale * rng.lognormal(-0.5, 0.2, 100)
+        cal.observe_all("s", errors)
+        return errors
+
+    for _ in range(20):
+        feed(cal, "s", window_errors(1.0), censored=False)
+        cal.recalibrate()
+    calibrated = cal.threshold("s").value
+    cal.pin("s", 20.0, "act at once")
+    for k in range(8):  # the incident, under the pin
+        feed(cal, "s", window_errors(7 + 0.5 * k), censored=False)
+        cal.recalibrate()
+    assert cal.unpin("s", "over").value == calibrated
+    for _ in range(12):
+        feed(cal, "s", window_errors(1.0), censored=False)
+        cal.recalibrate()
+    assert cal.threshold("s").value < 1.2 * calibrated  # (it reached the ceiling)
+
+
+def test_a_new_level_with_too_few_known_normal_errors_to_compare_is_refused() -> None:
+    """A review: the shape test (c) was skipped under 50 known-normal errors, so a sustained anomaly after a reset
+    during an incident was taken as the new normal unexamined."""
+    from monitor.drift import DriftSettings
+
+    cal = Calibrator(CalibratorSettings(min_samples=50, drift=DriftSettings(enabled=True, window=600, min_windows=200)))
+    cal.register("s", 1.5)
+    rng = np.random.default_rng(0)
+    normal = rng.lognormal(0, 0.25, 600)
+    cal.observe_all("s", normal)
+    cal.observe("s", normal[normal <= 1.5])
+    cal.reset("s", "reset during an incident")
+    cal.observe_all("s", rng.uniform(3, 4, 600))
+    refused: dict[str, str] = {}
+    cal.recalibrate(refused=refused)
+    assert cal.threshold("s").value == 1.5
+    assert refused["s"].startswith("insufficient evidence: 0 known-normal windows to compare the new level's shape")

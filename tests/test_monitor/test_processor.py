@@ -231,6 +231,15 @@ def test_each_burst_fires_and_resolves_once_and_a_clean_stream_is_silent(make: M
     assert sink(p).docs(DLQ) == []
 
 
+def test_the_calibrator_thins_to_windows_that_share_no_sample(make: Make, stream_model: Path) -> None:
+    """A review: thin = window // hop kept overlapping windows where the hop does not divide the window (40 at
+    hop 15: windows 0 and 2 share 10 samples), and the drift guard's KS halves ran on correlated windows."""
+    p = make(Scorer([load_served("*", stream_model, None, 15, "cpu")]))
+    feed(p, records("dev-a", *sine_stream(200)))
+    window = p.streams["dev-a"].served.window
+    assert window % 15 and p.calibrator._streams["dev-a"].thin == -(-window // 15)
+
+
 def test_stream_matching_no_model_is_dead_lettered(make: Make, stream_model: Path) -> None:
     p = make(Scorer([load_served("dev-*", stream_model, None, None, "cpu")]))
     recs = records("other-1", *sine_stream(100, seed=4))
