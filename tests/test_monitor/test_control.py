@@ -340,6 +340,16 @@ def controller(p: Any, clock: float | None = None) -> Controller:
     return Controller(p, KEY, "audit", "test:1", clock=(lambda: clock) if clock else time.time)
 
 
+def clocked(make: Make) -> tuple[Any, Controller, list[float]]:
+    """A processor and its controller on one clock the test moves (``now[0]``, seconds)."""
+    p = make()
+    now = [time.time()]
+    p.clock = lambda: now[0]
+    c = controller(p)
+    c.clock = p.clock
+    return p, c, now
+
+
 def send(c: Controller, command: str, target: str, **params: Any) -> dict[str, Any]:
     return c.handle(raw(new_command(command, target, params, "alice", "test", KEY)))
 
@@ -562,11 +572,7 @@ def test_a_silence_read_again_does_not_bring_its_rule_back(make: Make) -> None:
     """A review: a silence read again (within control.max_age_s, owed to a stream that lacked its id) took its rule
     anew, running until a for_s after the reading: after an unsilence, or once it had ended, new streams started
     silenced again. The rule is taken once, and ends a for_s after the command was issued."""
-    p = make()
-    now = [time.time()]
-    p.clock = lambda: now[0]
-    c = controller(p)
-    c.clock = p.clock
+    p, c, now = clocked(make)
     feed(p, records("dev-a", *sine_stream(200)))
     doc = new_command("silence", "dev-*", {"for_s": 60.0}, "alice", "", KEY)
     first = c.handle(raw(doc))
@@ -602,11 +608,7 @@ def test_standing_silences_lift_merge_and_stay_off_streams_with_documents_or_pro
     a merge; the rules fit the daemon-wide document."""
     from monitor.silences import DOC_BYTES, StandingSilences
 
-    p = make()
-    now = [time.time()]
-    p.clock = lambda: now[0]
-    c = controller(p)
-    c.clock = p.clock
+    p, c, now = clocked(make)
     send(c, "silence", "line-a*", for_s=600)
     send(c, "silence", "pump-*", for_s=600)
     covered = send(c, "unsilence", "pump-9")  # not started: the rule still covers it
@@ -693,15 +695,11 @@ def test_standing_silences_are_weighed_by_their_members_and_kept_within_bounds(m
     """From a review of the standing silences: an unsilence of a glob with a class lifts the rules it covers, and
     names a rule it only overlaps; ``silences --stream`` lists the rules that can silence a stream the glob matches;
     a full set of rules says so instead of dropping a new silence; a sending host far ahead leaves a rule a restart
-    can read; a silence left to provisional streams keeps no rule; an instance holding a stream's document answers
-    for it."""
+    can read; a silence left to provisional streams says its rule runs; an instance holding a stream's document
+    answers for it."""
     from monitor.silences import MAX_RULES, StandingSilences
 
-    p = make()
-    now = [time.time()]
-    p.clock = lambda: now[0]
-    c = controller(p)
-    c.clock = p.clock
+    p, c, now = clocked(make)
     send(c, "silence", "gear-[12]*", for_s=600)
     narrow = send(c, "unsilence", "gear-1*")  # overlaps it: said (it was neither lifted nor named)
     assert narrow["result"] == {"not_lifted": ["gear-[12]*"]}
