@@ -114,6 +114,7 @@ class Episode:
     first_source: tuple[str, int, int] | None = None
     explain: dict[str, Any] | None = None  # the picture of a silenced episode, kept until its page goes out
     severity_sent: str = ""  # of the last firing message paged: a peak of a higher one updates the page
+    flapping_sent: bool = False  # the last firing message paged had the flapping mark (a silence can hold it back)
 
     def add(self, obs: Observation) -> None:
         self.last = obs
@@ -248,7 +249,9 @@ class AlertState:
             if pages:
                 ep.last_paging_ts = obs.end_ts
             # the page is updated by a higher severity, but not by a flapping hold's noise run
-            if ep.paged and (pages or not ep.flapping) and _rank(peak_severity(ep, s)) > _rank(ep.severity_sent):
+            # (or by the flapping mark a silence held back: a review, it was never sent when the severity stayed)
+            owed = _rank(peak_severity(ep, s)) > _rank(ep.severity_sent) or ep.flapping and not ep.flapping_sent
+            if ep.paged and (pages or not ep.flapping) and owed:
                 return Step([Transition("firing", ep, escalation=True)], False, 0)  # the page is updated
             return Step([], False, 0)
         run, peak = self.run, self.run_peak
@@ -311,7 +314,7 @@ class AlertState:
             "windows_over": ep.windows_over, "flapping": ep.flapping,
             "silenced": ep.silenced, "scores": ep.scores, "paged": ep.paged,
             "first_source": list(ep.first_source) if ep.first_source else None, "explain": ep.explain,
-            "severity_sent": ep.severity_sent}
+            "severity_sent": ep.severity_sent, "flapping_sent": ep.flapping_sent}
         return {"episode": episode, "under": self.under, "run": self.run, "run_peak": self.run_peak,
                 "would_over": self.would_over, "would_peak": self.would_peak, "fires": list(self.fires),
                 "over_floor": self.over_floor if math.isfinite(self.over_floor) else None,
@@ -361,6 +364,10 @@ class AlertState:
         if sent not in ("", *SEVERITIES):
             raise ValueError(f"severity_sent must be one of {SEVERITIES} or empty, got {sent!r}")
         self.episode.severity_sent = sent
+        flapping_sent = e.get("flapping_sent", bool(e["flapping"]) and paged)  # absent before: sent with the mark
+        if not isinstance(flapping_sent, bool):
+            raise TypeError(f"flapping_sent must be a boolean, got {flapping_sent!r}")
+        self.episode.flapping_sent = flapping_sent
 
     def _id(self, obs: Observation) -> str:
         key = f"{self.model}|{self.stream}|{obs.start_ts}" + (f"|{self.generation}" if self.generation else "")

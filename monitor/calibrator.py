@@ -30,7 +30,8 @@ walk the threshold back down by ``max_change`` each, and the stream paged on its
 raise passes the guard's mixture test too. ``recalibrate`` reports refusals with their reason.
 
 Versions and overrides. Every change is a numbered version with its source and reason (``history``,
-``rollback``). Operators pin a value (calibration leaves it alone, learning goes on), freeze calibration per
+``rollback``). Operators pin a value (calibration leaves it alone, and no normal error is learnt: its windows are
+judged against the pinned value), freeze calibration per
 stream or for all (no normal error is learnt meanwhile, but an operator's verdict, and the drift guard's
 recent errors of that time are dropped at the thaw), reset a stream, or ask what another quantile would
 give (``candidate``). Thread-safe (one lock): the daemon recalibrates from a scheduler thread and applies
@@ -401,7 +402,7 @@ class Calibrator:
             return target, len(recent), f"{NEW_NORMAL}{verdict.reason}{self._at_bound(old, target)}"
         if len(normal) < (1 if commanded else s.min_samples):
             if commanded and held is not None:  # an operator must not read "unchanged" (applied, exit 0) here
-                held[name] = ("no normal error learnt since the stream started or was reset (or while it was frozen): "
+                held[name] = ("no normal error learnt since the stream started or was reset (or while it was frozen or pinned): "
                               "nothing to recalibrate from")
             return None, 0, ""
         estimate = censored_quantile(normal, q)  # sorted once for the value, its target and its reason
@@ -494,7 +495,8 @@ class Calibrator:
         if self.settings.drift.enabled and level_shift(recent, old.value, self.settings.drift):
             return self._bounded(old, float(np.quantile(recent, quantile)) * margin), recent, True
         if len(normal) == 0:
-            raise ValueError(f"stream {stream!r} has no recent normal errors yet")
+            raise ValueError(f"stream {stream!r} has no recent normal errors yet (none are learnt while it is frozen or "
+                             f"pinned)")
         return self._target(old, normal, quantile, margin, commanded=True), recent, False
 
     # operator overrides -----------------------------------------------------------------------------

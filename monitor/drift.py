@@ -28,7 +28,7 @@ import numpy as np
 
 from models.errors import ConfigError
 
-MIN_REFERENCE = 50  # known-normal errors the shape test (c) needs
+MIN_REFERENCE = 50  # known-normal errors the shape test (c) needs; with fewer it is not made
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +95,9 @@ def assess(recent: np.ndarray, proposed: float, s: DriftSettings, thin: int = 1,
         return Verdict(False, f"still changing: KS D={d:.3f} p={p:.2g} between the two halves of the last "
                               f"{len(sample)} windows (alpha {s.alpha})")
     ref = None if reference is None else reference[np.isfinite(reference) & (reference > 0)]
-    if ref is not None:  # too few to compare shapes with is a refusal, not a pass (a review: after a reset during an
-        if len(ref) < MIN_REFERENCE:  # incident, the incident was taken as the new normal unexamined)
-            return Verdict(False, f"insufficient evidence: {len(ref)} known-normal windows to compare the new level's "
-                                  f"shape with, {MIN_REFERENCE} needed (pin a value to act now)")
+    # with fewer known-normal errors (a stream new, or reset, at its level) the shape is not compared: refused, a new
+    # stream at another level than its artifact's stayed over its threshold for good, pinned or not (a review)
+    if ref is not None and len(ref) >= MIN_REFERENCE:
         ds, ps = ks_2samp(_shape(sample), _shape(ref))
         if ps < s.alpha:
             return Verdict(False, f"sustained anomaly: its errors are not shaped like the normal ones "

@@ -192,7 +192,7 @@ class Processor(Ingest, InFlight, Residency, Committing):
                                                        "published_ts": int(self.clock() * 1000), **extra},
                         det.channel_usual if names is None else usual)
         if status == "firing":  # the page, or an update of it (a higher severity, the flapping mark)
-            ep.severity_sent = doc["severity"]
+            ep.severity_sent, ep.flapping_sent = doc["severity"], ep.flapping
         if t.status == "firing":  # a restored peak has no samples: a silenced episode keeps its picture for its page
             doc["explain"] = self._explain(st, ep.peak) or ep.explain
             ep.explain = doc["explain"] if status == "silenced" else None

@@ -373,6 +373,7 @@ def paged(st: AlertState, scores: list[float], first: int = 0) -> list[tuple[int
                 doc = alert_doc("s1", t, {"name": "m1"}, ["a", "b", "c"], {}, st.settings)
                 sent.append((doc["revision"], doc["severity"]))
                 t.episode.paged, t.episode.severity_sent = True, doc["severity"]
+                t.episode.flapping_sent = t.episode.flapping
     return sent
 
 
@@ -389,6 +390,14 @@ def test_a_page_is_sent_again_only_when_its_severity_rises_and_a_restore_remembe
     old = AlertState("s1", "m1", s)
     old.restore(doc, replay_from_seq=0)
     assert paged(old, [4.0], first=5) == [] and paged(old, [13.0], first=6) == [(4, "critical")]
+    assert doc["episode"]["flapping_sent"] is False and old.episode is not None and not old.episode.flapping_sent
+    held = {**doc, "episode": {**doc["episode"], "flapping": True, "flapping_sent": False}}  # a mark a silence held
+    kept = AlertState("s1", "m1", s)
+    kept.restore(held, replay_from_seq=0)
+    assert kept.episode is not None and kept.episode.flapping and not kept.episode.flapping_sent
+    del held["episode"]["flapping_sent"]  # earlier versions sent the mark with the flapping transition
+    kept.restore(held, replay_from_seq=0)
+    assert kept.episode is not None and kept.episode.flapping_sent
 
 
 def test_a_restored_episode_names_no_message_of_this_process_for_its_old_windows() -> None:

@@ -404,7 +404,7 @@ def test_an_operators_recalibrate_of_a_stream_without_evidence_says_so(make: Mak
     c = controller(p)
     assert send(c, "reset-stream", "dev-a")["status"] == "applied"
     r = send(c, "recalibrate", "dev-a")
-    why = ("no normal error learnt since the stream started or was reset (or while it was frozen): nothing to "
+    why = ("no normal error learnt since the stream started or was reset (or while it was frozen or pinned): nothing to "
            "recalibrate from")
     assert r["result"]["refused"] == {"dev-a": why} and r["result"]["unchanged"] == []
     with pytest.raises(CommandFailed, match="recalibrate refused for dev-a: no normal error learnt"):
