@@ -159,6 +159,12 @@ class Restore:
                       "out")
         if read is not None:
             self._apply(read)
+        else:  # nothing read (restore_timeout_s ran out before the changelog opened, or every read failed): streams
+            # start provisional from their artifacts, and the gauge says so (an SRE pass: it stayed 0, no log line)
+            self.metrics.restore_incomplete.set(1)
+            if not stopping:
+                log.error("state_restore_incomplete", streams=0, records=0, reason=self._error or "restore_timeout_s "
+                          f"({self.cfg.state.restore_timeout_s:g} s) ran out before the changelog was read")
         waits, self.waits = self.waits & self.source.assignment(), set()
         return waits
 

@@ -151,6 +151,7 @@ class KafkaSource:
         self._session_s = consumer_kwargs.get("session_timeout_ms", 10_000) / 1000
         self._paused_ends: dict[Any, int] = {}  # end offsets of paused partitions, asked for (lags)
         self._paused_ends_due = 0.0  # monotonic time they are asked for again
+        self._moved: dict[Any, tuple[int | None, float]] = {}  # partition → (position, monotonic time it last moved)
 
         try:
             self._consumer = KafkaConsumer(**consumer_kwargs)
@@ -306,11 +307,21 @@ class KafkaSource:
         A paused partition is not fetched, so its high watermark froze: an instance that stopped consuming
         (back-pressure, a restore, a failing sink) kept reporting the lag it had then — 0 when it was caught
         up — and no lag alert could fire. Paused partitions' end offsets are asked for instead, every
-        ``PAUSED_ENDS_EVERY_S`` with the broker reachable, waiting ``PAUSED_ENDS_TIMEOUT_MS`` at most."""
-        paused = self._consumer.paused()
+        ``PAUSED_ENDS_EVERY_S`` with the broker reachable, waiting ``PAUSED_ENDS_TIMEOUT_MS`` at most; and so are
+        those of partitions whose position has not moved for as long — not polled while the scorer falls behind
+        (an SRE pass: a stalled scorer showed lag 0 for 48 s under 1 000 records/s), or idle."""
+        now = time.monotonic()
+        assigned = self._consumer.assignment()
+        for tp in assigned:
+            pos = self._consumer.position(tp, timeout_ms=0)
+            if self._moved.get(tp, (None, 0.0))[0] != pos:
+                self._moved[tp] = (pos, now)
+        self._moved = {tp: m for tp, m in self._moved.items() if tp in assigned}
+        still = {tp for tp, (_, since) in self._moved.items() if now - since >= PAUSED_ENDS_EVERY_S}
+        paused = set(self._consumer.paused()) | still
         self._paused_ends = {tp: o for tp, o in self._paused_ends.items() if tp in paused}
-        if paused and time.monotonic() >= self._paused_ends_due and self.broker_problem() is None:
-            self._paused_ends_due = time.monotonic() + PAUSED_ENDS_EVERY_S
+        if paused and now >= self._paused_ends_due and self.broker_problem() is None:
+            self._paused_ends_due = now + PAUSED_ENDS_EVERY_S
             try:
                 self._paused_ends.update(self._consumer.end_offsets(list(paused), timeout_ms=PAUSED_ENDS_TIMEOUT_MS))
             except Exception as exc:  # noqa: BLE001 — a gauge must never stop the loop (kafka-python raises KeyError

@@ -1627,6 +1627,24 @@ def test_a_state_document_with_a_number_json_cannot_write_back_is_refused_at_the
     assert q.failed is None and [d["stream"] for d in out(q, "state") if d.get("type") == "stream_state"] == ["dev-n"]
 
 
+def test_a_restore_that_read_nothing_says_so_in_its_gauge_and_its_log(make: Make) -> None:
+    """An SRE pass: restore_timeout_s ran out before the changelog opened — streams provisional on their artifacts,
+    yet tsmon_state_restore_incomplete 0 (its rule could not fire) and not one log line."""
+    from types import SimpleNamespace
+
+    from monitor.restoring import Restore
+
+    p = make()
+    p.settings = Settings(state_topic="state")
+    cfg = SimpleNamespace(state=SimpleNamespace(restore_timeout_s=0.0))
+    r = Restore(cfg, p, controller(p), MemorySource([]), p.metrics, p.calibrator)  # type: ignore[arg-type]
+    r.ask()
+    with capture_logs() as logs:
+        assert r.step(0.1, stopping=False) == set()
+    assert p.restore_incomplete and p.metrics.snapshot()["tsmon_state_restore_incomplete"] == 1
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["state_restore_incomplete"]
+
+
 def test_a_restore_cut_short_does_not_fix_the_groups_freeze_from_an_older_document(make: Make) -> None:
     """A read cut short (a broker outage, restore_timeout_s) that reached only an older daemon-wide document made
     its frozen_all the group's for the life of the process: the next complete read, which held `freeze --all`,

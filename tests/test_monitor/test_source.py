@@ -82,7 +82,7 @@ def test_lags_never_wait_for_a_position() -> None:
         return {p0: 40, p1: None}.get(tp)
 
     src = object.__new__(KafkaSource)
-    src._paused_ends = {}
+    src._paused_ends, src._moved = {}, {}
     src._consumer = SimpleNamespace(assignment=lambda: {p0, p1, p2}, position=position, paused=set,
                                     highwater=lambda tp: {p0: 100, p1: 7}.get(tp))
     assert src.lags() == {("in", 0): 60} and asked and all(t == 0 for t in asked)
@@ -345,10 +345,39 @@ def test_a_failing_end_offsets_request_for_paused_partitions_never_escapes() -> 
         raise KeyError(p0)
 
     src = object.__new__(KafkaSource)
-    src._paused_ends, src._paused_ends_due, src._session_s = {}, 0.0, 10.0
+    src._paused_ends, src._paused_ends_due, src._session_s, src._moved = {}, 0.0, 10.0, {}
     src._consumer = SimpleNamespace(assignment=lambda: {p0}, paused=lambda: {p0}, end_offsets=end_offsets,
                                     position=lambda tp, timeout_ms=None: 40, highwater=lambda tp: 50, metrics=dict)
     assert src.lags() == {("in", 0): 10}  # the last fetch's high watermark, as before
+
+
+def test_a_partition_not_polled_while_the_scorer_falls_behind_shows_its_lag() -> None:
+    """An SRE pass: with the scorer stalled the loop stops polling (nothing paused), the high watermark of the last
+    fetch froze, and tsmon_consumer_lag read 0 for 48 s under 1 000 records/s: no lag alert could fire. The end
+    offsets of a partition whose position has not moved for PAUSED_ENDS_EVERY_S are asked for, as a paused one's."""
+    from types import SimpleNamespace
+
+    from kafka import TopicPartition
+
+    from monitor.source import PAUSED_ENDS_EVERY_S, KafkaSource
+
+    p0, p1 = TopicPartition("in", 0), TopicPartition("in", 1)
+    asked: list[list[TopicPartition]] = []
+
+    def end_offsets(tps: list[TopicPartition], timeout_ms: int | None = None) -> dict[TopicPartition, int]:
+        asked.append(sorted(tps))
+        return {tp: 5_000 for tp in tps}
+
+    positions = {p0: 40, p1: 70}
+    src = object.__new__(KafkaSource)
+    src._paused_ends, src._paused_ends_due, src._session_s, src._moved = {}, 0.0, 10.0, {}
+    src._consumer = SimpleNamespace(assignment=lambda: {p0, p1}, paused=set, end_offsets=end_offsets,
+                                    position=lambda tp, timeout_ms=None: positions[tp], highwater=lambda tp: 100,
+                                    metrics=dict)
+    assert src.lags() == {("in", 0): 60, ("in", 1): 30} and asked == []  # moving: the fetch's high watermark
+    src._moved = {tp: (pos, time.monotonic() - PAUSED_ENDS_EVERY_S - 1) for tp, pos in positions.items()}
+    positions[p1] = 80  # p1 moved since
+    assert src.lags() == {("in", 0): 4_960, ("in", 1): 20} and asked == [[p0]]
 
 
 def test_a_corrupt_batch_is_dropped_from_the_fetcher_so_the_next_poll_does_not_spin_for_ever() -> None:
