@@ -150,7 +150,8 @@ class Restore:
         self._partial = None
         self.drop()  # an opening still under way, a retry still due: given up
         self.due = False
-        if not stopping and (self._error or opening) and (read is None or not read.complete):
+        failed = not stopping and bool(self._error or opening) and (read is None or not read.complete)
+        if failed:
             late = opening is not None and opening.done() and opening.exception() is None
             log.error("state_restore_failed", failures=self.failures, records=read.records if read else 0,
                       error=self._error or f"the changelog {'opened just as' if late else 'was still opening when'} "
@@ -162,9 +163,9 @@ class Restore:
         else:  # nothing read (restore_timeout_s ran out before the changelog opened, or every read failed): streams
             # start provisional from their artifacts, and the gauge says so (an SRE pass: it stayed 0, no log line)
             self.metrics.restore_incomplete.set(1)
-            if not stopping:
-                log.error("state_restore_incomplete", streams=0, records=0, reason=self._error or "restore_timeout_s "
-                          f"({self.cfg.state.restore_timeout_s:g} s) ran out before the changelog was read")
+            if not (stopping or failed):  # (state_restore_failed said why: once is enough, a review)
+                log.error("state_restore_incomplete", streams=0, records=0, reason="restore_timeout_s "
+                          f"({self.cfg.state.restore_timeout_s:g} s) ran out before the changelog was opened")
         waits, self.waits = self.waits & self.source.assignment(), set()
         return waits
 

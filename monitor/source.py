@@ -151,7 +151,7 @@ class KafkaSource:
         self._session_s = consumer_kwargs.get("session_timeout_ms", 10_000) / 1000
         self._paused_ends: dict[Any, int] = {}  # end offsets of paused partitions, asked for (lags)
         self._paused_ends_due = 0.0  # monotonic time they are asked for again
-        self._moved: dict[Any, tuple[int | None, float]] = {}  # partition → (position, monotonic time it last moved)
+        self._polled = time.monotonic()  # when the daemon last polled the input (lags: not for a while, ask the ends)
 
         try:
             self._consumer = KafkaConsumer(**consumer_kwargs)
@@ -174,7 +174,7 @@ class KafkaSource:
         """
         from kafka.errors import CorruptRecordError, KafkaError
 
-        now = time.monotonic()
+        now = self._polled = time.monotonic()
         deadline = now + timeout_ms / 1000
         piece = POLL_SLICE_MS if now - self._last_records < SLICE_WHILE_ACTIVE_S else timeout_ms
         while True:
@@ -308,17 +308,12 @@ class KafkaSource:
         (back-pressure, a restore, a failing sink) kept reporting the lag it had then — 0 when it was caught
         up — and no lag alert could fire. Paused partitions' end offsets are asked for instead, every
         ``PAUSED_ENDS_EVERY_S`` with the broker reachable, waiting ``PAUSED_ENDS_TIMEOUT_MS`` at most; and so are
-        those of partitions whose position has not moved for as long — not polled while the scorer falls behind
-        (an SRE pass: a stalled scorer showed lag 0 for 48 s under 1 000 records/s), or idle."""
+        every assigned partition's while the daemon has not polled its input for as long: it stops polling, without
+        pausing, while the scorer falls behind (an SRE pass: a stalled scorer showed lag 0 for 48 s under 1 000
+        records/s). A polled partition's high watermark is current, empty fetches included."""
         now = time.monotonic()
         assigned = self._consumer.assignment()
-        for tp in assigned:
-            pos = self._consumer.position(tp, timeout_ms=0)
-            if self._moved.get(tp, (None, 0.0))[0] != pos:
-                self._moved[tp] = (pos, now)
-        self._moved = {tp: m for tp, m in self._moved.items() if tp in assigned}
-        still = {tp for tp, (_, since) in self._moved.items() if now - since >= PAUSED_ENDS_EVERY_S}
-        paused = set(self._consumer.paused()) | still
+        paused = set(self._consumer.paused()) | (set(assigned) if now - self._polled >= PAUSED_ENDS_EVERY_S else set())
         self._paused_ends = {tp: o for tp, o in self._paused_ends.items() if tp in paused}
         if paused and now >= self._paused_ends_due and self.broker_problem() is None:
             self._paused_ends_due = now + PAUSED_ENDS_EVERY_S
@@ -328,7 +323,7 @@ class KafkaSource:
                 # for a partition the answer left out, RuntimeError from a closed selector)
                 log.debug("paused_end_offsets_failed", error=describe(exc))
         out = {}
-        for tp in self._consumer.assignment():
+        for tp in assigned:
             high = max((h for h in (self._consumer.highwater(tp), self._paused_ends.get(tp)) if h is not None),
                        default=None)
             if high is not None and (pos := self._consumer.position(tp, timeout_ms=0)) is not None:

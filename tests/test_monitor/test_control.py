@@ -1636,13 +1636,19 @@ def test_a_restore_that_read_nothing_says_so_in_its_gauge_and_its_log(make: Make
 
     p = make()
     p.settings = Settings(state_topic="state")
-    cfg = SimpleNamespace(state=SimpleNamespace(restore_timeout_s=0.0))
+    cfg = SimpleNamespace(state=SimpleNamespace(restore_timeout_s=1e-6))  # out before the loop's first step
     r = Restore(cfg, p, controller(p), MemorySource([]), p.metrics, p.calibrator)  # type: ignore[arg-type]
     r.ask()
     with capture_logs() as logs:
         assert r.step(0.1, stopping=False) == set()
     assert p.restore_incomplete and p.metrics.snapshot()["tsmon_state_restore_incomplete"] == 1
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["state_restore_incomplete"]
+    r.ask()  # every open failed: state_restore_failed says why, once (a review: a second line said it again)
+    r._error, r.due, r._retry_at = "broker down", True, float("inf")
+    with capture_logs() as logs:
+        r.step(0.1, stopping=False)
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["state_restore_failed"]
+    assert p.metrics.snapshot()["tsmon_state_restore_incomplete"] == 1
 
 
 def test_a_restore_cut_short_does_not_fix_the_groups_freeze_from_an_older_document(make: Make) -> None:
