@@ -22,11 +22,11 @@ Owns what `tsmon replay-eval` claims, and nothing is point-adjusted:
 * an alert that overlaps no scored event but one that ended during the warm-up (widened by ``tolerance``)
   was raised by that event: it is neither true nor false (``ignored_for_warmup_event``).
 
-Recall = detected / events; precision = true / (true + false) alerts (those ignored for a warm-up event left
-out); false alerts per hour (and per day) over the test part's duration in data time; the p90 delay is numpy's
-linearly interpolated percentile; ``log`` lists each scored alert with its verdict. ``time_in_alert`` is the share of the test part some alert spent open
-(from its firing to its resolution) — including one that fired during probation and never resolved, which
-counts for nothing else: a stream stuck in alert shows here, not as recall.
+Recall = detected / events; precision = true / (true + false) alerts (those ignored for a warm-up event left out);
+false alerts per hour (and per day) over the test part's duration in data time; the p90 delay is numpy's linearly
+interpolated percentile; ``log`` lists each scored alert with its verdict. ``time_in_alert`` is the share of the
+test part some alert spent open (from its firing to its resolution) — including one that fired during probation
+and never resolved, which counts for nothing else: a stream stuck in alert shows here, not as recall.
 """
 
 from __future__ import annotations
