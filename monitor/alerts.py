@@ -437,10 +437,13 @@ def over_usual(errors: np.ndarray, usual: list[float] | None) -> np.ndarray:
 
 def vs_usual(errors: np.ndarray, usual: list[float] | None) -> np.ndarray | None:
     """Each channel's error over its usual error, as a ratio; None where they are not known. A usual error of 0
-    (a channel reconstructed exactly) is floored."""
+    (a channel reconstructed exactly) is floored, at a millionth of the largest; a small one is not (a review: a
+    channel at 20× a usual error of 1e-7 beside one of 0.5 read 4× usual), but at 1e-12 at least."""
     err = np.asarray(errors, "float64")
     base = _usual(usual, err.shape[-1])
-    return None if base is None else err / np.maximum(base, max(float(base.max()) * 1e-6, 1e-12))
+    if base is None:
+        return None
+    return err / np.where(base > 0, np.maximum(base, 1e-12), max(float(base.max()) * 1e-6, 1e-12))
 
 
 def top_channels(errors: np.ndarray, names: list[str], k: int = 3,
@@ -503,7 +506,8 @@ def summary(doc: dict[str, Any]) -> str:
     where = "" if len(top) < 2 else (
         f", furthest over its usual error {top[0]['channel']} ({top[0]['vs_usual']:g}× usual, {top[0]['share']:.0%} "
         "of the error)" if "vs_usual" in top[0] else f", largest share {top[0]['channel']} ({top[0]['share']:.0%} of the error)")
-    ratio = f"at least {RATIO_CAP:g}" if doc["ratio"] >= RATIO_CAP else f"{doc['ratio']:g}"
+    # as the ratio field gives it, to 4 decimals (:g cut 1234.5678 to 1234.57, and wrote 1.23457e+06 from a million)
+    ratio = f"at least {RATIO_CAP:g}" if doc["ratio"] >= RATIO_CAP else f"{doc['ratio']:.4f}".rstrip("0").rstrip(".")
     head = (f"{doc['stream']}: {doc['severity']} anomaly, error {ratio}× its threshold at the worst window{where}; "
             f"over it since {doc['start_time']}")
     if doc["status"] == "resolved":

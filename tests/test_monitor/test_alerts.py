@@ -348,8 +348,17 @@ def test_the_summary_says_what_the_message_is() -> None:
     # an episode silenced throughout: forwarded, "resolved" announced the end of a page nobody got (on-call pass)
     assert summary({**gone, "silenced": True}).endswith("after 1 window(s) over; it was silenced: never paged")
     assert "error at least 1e+12× its threshold" in summary({**doc, "ratio": 1e12})
+    # the ratio as the field gives it (a review: 1234.5678 read 1234.57, a million 1.23457e+06)
+    assert "error 1234.5678× its" in summary({**doc, "ratio": 1234.5678})
+    assert "error 1234567.8912× its" in summary({**doc, "ratio": 1234567.8912})
     usual = alert_doc("pump-7", fired, {"name": "m1"}, ["temp", "rpm", "press"], {}, s, channel_usual=[0.1, 6.0, 3.0])
     assert ", furthest over its usual error temp (10× usual, 10% of the error);" in usual["summary"]
+    # a small usual error is not floored, only one of 0 (a review: 20× a usual 1e-7 beside 0.5 read 4×)
+    def x_vs_usual(usual: list[float], x: float) -> float:
+        return next(c["vs_usual"] for c in top_channels(np.array([x, 0.6]), ["x", "y"], usual=usual) if c["channel"] == "x")
+
+    assert x_vs_usual([1e-7, 0.5], 2e-6) == 20.0
+    assert x_vs_usual([0.0, 0.5], 1e-6) == 2.0  # 0: floored at a millionth of the largest
     single = AlertState("ecg-1", "m1", s).update(obs(0, 7.0, errors=(5.0,))).transitions[0]
     assert "largest share" not in alert_doc("ecg-1", single, {"name": "m1"}, ["ecg"], {}, s)["summary"]
 
