@@ -4,6 +4,7 @@ labelled input is still arriving, then restarts; a bad model or config stops the
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
 import signal
@@ -238,10 +239,15 @@ def http_get(url: str) -> tuple[int, str]:
 
 def watch(url: str, want: int, proc: subprocess.Popen[bytes], limit_s: float,
           says: str | None = None) -> tuple[float, str]:
-    """Poll ``url`` until it answers ``want`` (with ``says`` in the body, if given); returns (seconds it took, body)."""
+    """Poll ``url`` until it answers ``want`` (with ``says`` in the body, if given); returns (seconds it took, body).
+    A poll that gets no well-formed answer is one more try (urllib's BadStatusLine on an HTML error body without
+    a status line failed a TLS test once, in an integration run on 2 busy cores; not reproduced alone)."""
     t0 = time.monotonic()
     while True:
-        status, body = http_get(url)
+        try:
+            status, body = http_get(url)
+        except (http.client.HTTPException, OSError) as exc:  # urllib's URLError is an OSError
+            status, body = 0, f"no answer ({exc!r})"
         if status == want and (says is None or says in body):
             return time.monotonic() - t0, body
         assert proc.poll() is None, "daemon exited"
