@@ -372,9 +372,9 @@ class Controller:
             end = min(until, cmd.issued_ms + int(float(cmd.params["for_s"]) * 1000))
             if len(cmd.target) > MAX_PATTERN:
                 result = {**result, "standing_refused": f"a pattern longer than {MAX_PATTERN} characters"}
-            elif end > now_ms and (kept := rules.add(cmd.command_id, cmd.target, cmd.issued_ms, end, now_ms)) == "running":
+            elif end > now_ms and (rule := rules.add(cmd.command_id, cmd.target, cmd.issued_ms, end, now_ms)) == "running":
                 result = {**result, "standing": {"pattern": cmd.target, "until_ms": end}}
-            elif end > now_ms and kept == "full":
+            elif end > now_ms and rule == "full":
                 result = {**result, "standing_refused": f"{MAX_RULES} standing silences run that end later (the most "
                                                         f"kept): lift some with unsilence"}
             return streams, effects, result
@@ -382,16 +382,15 @@ class Controller:
         if lifted:
             result = {**result, "lifted": lifted}
         name = named_stream(cmd.target)
-        if name is not None and name not in self.p.streams and name in self.p.evicted_docs() and not (
-                self.not_woken or self.provisional):  # (a review: another
-            # instance, which knew no such stream, told ctl a rule would silence it when it starts; it never will)
-            result = {**result, "held": {**result.get("held", {}), name: "not silenced: nothing to undo"}}
-        if kept and name is None:  # a rule broader than the glob still silences the new streams it matches (of
-            # one stream id, the rule matters only if it has not started: still_covered_by below)
-            result = {**result, "not_lifted": kept}
-        if name is not None and name not in self.p.streams and name not in self.p.evicted_docs() and (
-                covering := rules.covering(name, now_ms)):
-            result = {**result, "still_covered_by": covering}  # not started yet: it would start silenced
+        if name is None:
+            if kept:  # a rule broader than the glob still silences the new streams it matches
+                result = {**result, "not_lifted": kept}
+        elif name not in self.p.streams:  # (of one stream id, a rule matters only if it has not started)
+            if name in self.p.evicted_docs():  # known here: no rule silences it (a review: another instance, which
+                if not (self.not_woken or self.provisional):  # knew no such stream, told ctl one would)
+                    result = {**result, "held": {**result.get("held", {}), name: "not silenced: nothing to undo"}}
+            elif covering := rules.covering(name, now_ms):
+                result = {**result, "still_covered_by": covering}  # not started yet: it would start silenced
         return streams, effects, result
 
     def _silences(self, cmd: Command) -> Effects:
