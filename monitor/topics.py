@@ -11,6 +11,8 @@ from models.errors import BrokerError, ConfigError, describe
 from monitor import logs
 
 log = logs.get("tsmon.topics")
+RETRY_FIRST_S, RETRY_MAX_S = 0.2, 2.0  # a failed poll of a TopicReader is tried again after these, doubling
+METADATA_MAX_AGE_MS = 1000  # how soon a TopicReader sees a topic created after it started
 
 
 def ensure_topics(bootstrap: str | list[str], topics: dict[str, int], configs: dict[str, dict[str, str]] | None = None,
@@ -110,33 +112,50 @@ def partition_reader(client: dict[str, Any], topic: str, at_end: bool, if_missin
 
 
 class TopicReader:
-    """Reads every JSON message of a topic from the beginning, in a background thread, into :attr:`docs`."""
+    """Reads every JSON message of a topic from the beginning, in a background thread, into :attr:`docs`.
+
+    A poll the broker fails (a fetch error, a broker restarting) is logged and tried again until the reader is
+    stopped; :meth:`settle` raises BrokerError while the last poll failed. The first failure used to end the
+    reader: its callers (replay-eval's figures, ``inspect --alert``) then reported what it had read so far."""
 
     def __init__(self, bootstrap: str | list[str], topic: str, **client: Any) -> None:
         """``client``: further ``KafkaConsumer`` settings (security: :meth:`KafkaConfig.client_kwargs`)."""
         from kafka import KafkaConsumer
 
         self.docs: list[dict[str, Any]] = []
+        self.error: str | None = None  # the last poll's failure; None once a poll succeeds again
+        self.failures = 0
         self._topic = topic
         self._reached_end = threading.Event()  # every partition read up to its end offset at the start
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._finished = self._abandoned = False  # the thread has ended; close() left the consumer to it
-        self._consumer = KafkaConsumer(topic, **client, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+        # a topic not there yet is found once it is created: kafka-python asks for metadata again only after
+        # metadata_max_age_ms (5 min), and a reader started before the first alert read nothing for that long
+        self._consumer = KafkaConsumer(topic, **{"metadata_max_age_ms": METADATA_MAX_AGE_MS, **client},
+                                       bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                        enable_auto_commit=False, group_id=None)
         self._thread = threading.Thread(target=self._run, name=f"read-{topic}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        backoff = RETRY_FIRST_S
         try:
             ends = self._end_offsets()
             while not self._stop.is_set():
-                for records in self._consumer.poll(timeout_ms=100).values():
+                try:
+                    polled = self._consumer.poll(timeout_ms=100)
+                except Exception as exc:  # noqa: BLE001 — a fetch the broker failed: tried again until stopped
+                    self.error, self.failures = describe(exc), self.failures + 1
+                    log.warning("topic_read_retry", topic=self._topic, error=self.error, retry_in_s=backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, RETRY_MAX_S)
+                    continue
+                self.error, backoff = None, RETRY_FIRST_S
+                for records in polled.values():
                     self.docs.extend(doc for r in records if (doc := _json_or_none(r.value)) is not None)
                 if not self._reached_end.is_set() and all(self._position(tp) >= end for tp, end in ends.items()):
                     self._reached_end.set()
-        except Exception as exc:  # noqa: BLE001 — a broker gone: what was read is what settle returns
-            log.debug("topic_read_stopped", topic=self._topic, error=describe(exc))
         finally:
             self._reached_end.set()  # stopped: nothing more to wait for
             with self._lock:
@@ -176,6 +195,9 @@ class TopicReader:
                 break
             time.sleep(0.05)
         self.close(wait_s=1.0)
+        if self.error is not None:  # what was read is not the topic: a report from it would be wrong, not short
+            raise BrokerError(f"reading topic {self._topic} failed: {self.error} ({len(self.docs)} message(s) read "
+                              f"before it, {self.failures} failed poll(s))")
         return list(self.docs)
 
     def close(self, wait_s: float = 5.0) -> None:

@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,11 +33,11 @@ STREAMS, N, BURSTS = 6, 6000, (2000, 4500)
 REPO = Path(__file__).resolve().parents[2]
 
 
-def play(bootstrap: str, topic: str, seconds: float) -> threading.Thread:
-    """Send every stream message by message, spread over ``seconds``, on a thread."""
-    bodies = {f"dev-k{i}": [b for b, _ in messages(f"dev-k{i}", *sine_stream(N, BURSTS, seed=60 + i), STREAM_HOP)]
+def play(bootstrap: str, topic: str, seconds: float, chunk: int = STREAM_HOP) -> threading.Thread:
+    """Send every stream message by message, ``chunk`` samples each, spread over ``seconds``, on a thread."""
+    bodies = {f"dev-k{i}": [b for b, _ in messages(f"dev-k{i}", *sine_stream(N, BURSTS, seed=60 + i), chunk)]
               for i in range(STREAMS)}
-    rounds = N // STREAM_HOP
+    rounds = N // chunk
 
     def run() -> None:
         p = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5)
@@ -130,11 +130,12 @@ def test_kill_9_at_random_points_loses_no_alert(broker: Any, topic: str, stream_
         stop(proc)
     assert kills[0] > 0 and kills[-1] > kills[0], f"no progress between kills: {kills}"
 
-    check_episodes(docs)
+    check_episodes(docs, log)
 
 
-def check_episodes(docs: list[dict[str, Any]]) -> None:
-    """One alert id per burst and stream; each fired before it resolved; repeats only of the same id."""
+def check_episodes(docs: list[dict[str, Any]], *logs: Path) -> None:
+    """One alert id per burst and stream; each fired before it resolved; repeats only of the same id. ``logs``
+    (the daemons' and the broker's) are summed up in the report when the count is off."""
     by_id: dict[str, list[str]] = defaultdict(list)
     streams: dict[str, set[str]] = defaultdict(set)
     for d in docs:
@@ -149,10 +150,32 @@ def check_episodes(docs: list[dict[str, Any]]) -> None:
     odd = [{k: d.get(k) for k in keys} for d in docs if counts.get(d["stream"]) != expected.get(d["stream"])]
     if counts != expected:  # whole in the report's captured stdout (the assertion's repr is cut short)
         print("episodes of the streams off count:", *odd, sep="\n")
+        for log in logs:
+            print(digest(log))
     assert counts == expected, (counts, BURSTS)
     for alert_id, statuses in by_id.items():
         assert set(statuses) == {"firing", "resolved"}, (alert_id, statuses)
         assert statuses.index("firing") < statuses.index("resolved"), (alert_id, statuses)
+
+
+def digest(log: Path, lines: int = 40) -> str:
+    """A log's events counted, then its last warnings and errors (a daemon's) or its last lines (a broker's): a
+    CI run whose broker-restart test read no episode at all left nothing to tell the daemon from the reader by."""
+    text = log.read_text(errors="replace").splitlines() if log.exists() else []
+    docs = [d for ln in text if ln.startswith("{") and isinstance(d := _json(ln), dict)]
+    if not docs:
+        return f"{log.name}, last lines:\n" + "\n".join(text[-lines:])
+    counts = Counter(str(d.get("event")) for d in docs)
+    worst = [json.dumps(d)[:400] for d in docs if d.get("event") == "daemon_stopped"
+             or (d.get("level") in ("warning", "error", "critical") and d.get("event") != "kafka_client_log")]
+    return f"{log.name}: {dict(counts)}\nlast warnings, errors and the summary:\n" + "\n".join(worst[-lines:])
+
+
+def _json(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def wait_all_resolved(bootstrap: str, topic: str, procs: list[subprocess.Popen[bytes]],
@@ -200,7 +223,7 @@ def test_kill_9_of_one_of_two_instances(broker: Any, topic: str, stream_model: P
         stop(a)
         stop(b)
     assert logs[1].read_text().count('"partitions_assigned"') >= 2  # B took A's partitions over
-    check_episodes(docs)
+    check_episodes(docs, *logs)
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "config"])
@@ -266,8 +289,11 @@ def test_a_broker_restart_is_ridden_out(stream_model: Path, tmp_path: Path) -> N
             cfg = config_for(tmp_path, broker.bootstrap, topic, stream_model)
             log = tmp_path / "stderr.log"
             # the producer is a process of its own too: kafka-python leaves the sockets of connection attempts the
-            # outage refused to the garbage collector, which pytest would report as unclosed at the end of the session
-            code = f"from tests.test_integration.test_faults import play; play({broker.bootstrap!r}, {topic!r}, 40).join()"
+            # outage refused to the garbage collector, which pytest would report as unclosed at the end of the session.
+            # Messages of 50 samples: the persistent broker reads one file per record batch, ~50 a second when idle,
+            # fewer than the 90 a second of 10 samples sent (the daemon ran 30 s behind, on busy cores 45 s)
+            code = (f"from tests.test_integration.test_faults import play; "
+                    f"play({broker.bootstrap!r}, {topic!r}, 40, chunk=50).join()")
             player = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
             proc = start(cfg, tmp_path, log)
             wait_for(lambda: '"stream_started"' in log.read_text(), proc)
@@ -295,7 +321,7 @@ def test_a_broker_restart_is_ridden_out(stream_model: Path, tmp_path: Path) -> N
     text = log.read_text()
     assert '"input_paused"' in text and '"input_resumed"' in text
     print(f"not ready {down_after:.1f} s after the kill, ready again {back_after:.1f} s after the restart")
-    check_episodes(docs)
+    check_episodes(docs, log, tmp_path / "broker.log")
 
 
 def test_a_frozen_broker_is_reported_and_its_return_noticed(stream_model: Path, tmp_path: Path) -> None:
@@ -400,7 +426,7 @@ def test_a_stalled_sink_pauses_the_input_instead_of_buffering(stream_model: Path
             stop(proc)
     print(f"paused {paused_after:.1f} s after the hold, ready {back_after:.1f} s after the release; "
           f"{proxy.held} produce requests held")
-    check_episodes(docs)
+    check_episodes(docs, log)
 
 
 def stop_within(proc: subprocess.Popen[bytes], log: Path, budget: float) -> None:

@@ -535,3 +535,52 @@ def test_a_topic_reader_waits_for_a_slow_first_fetch_before_its_quiet_period(mon
     while len(closed) < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(closed) == 3
+
+
+def test_a_topic_reader_tries_a_failed_poll_again_and_says_when_it_never_recovered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fetch the broker failed ended the reader thread with a debug line: settle then returned what had been read
+    before it (none, a CI run's broker-restart test: "no episode"), and replay-eval would have scored that. A failed
+    poll is now tried again; a reader whose polls still fail at the end raises instead of returning part."""
+    import json
+
+    import kafka
+    from kafka.errors import KafkaError
+
+    from models.errors import BrokerError
+    from monitor import topics
+    from monitor.topics import TopicReader
+
+    monkeypatch.setattr(topics, "RETRY_FIRST_S", 0.01)
+
+    class FailingConsumer:
+        def __init__(self, topic: str, **_kw: Any) -> None:
+            self.fails, self.read = (2 if topic == "flaky" else 10**9), False
+
+        def partitions_for_topic(self, _topic: str) -> set[int]:
+            return {0}
+
+        def end_offsets(self, tps: list[Any], timeout_ms: int | None = None) -> dict[Any, int]:
+            return {tp: 3 for tp in tps}
+
+        def poll(self, timeout_ms: int) -> dict[Any, list[Any]]:
+            if self.fails:
+                self.fails -= 1
+                raise KafkaError("fetch failed: UnknownServerError")
+            if self.read:
+                return {}
+            self.read = True
+            return {0: [SimpleNamespace(value=json.dumps({"i": i}).encode()) for i in range(3)]}
+
+        def position(self, _tp: Any, timeout_ms: int | None = None) -> int:
+            return 3 if self.read else 0
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", FailingConsumer)
+    reader = TopicReader("b:1", "flaky")
+    assert [d["i"] for d in reader.settle(quiet_s=0.3, limit_s=10)] == [0, 1, 2]
+    assert reader.failures == 2 and reader.error is None
+    with pytest.raises(BrokerError, match=r"reading topic gone failed: .*UnknownServerError.*0 message\(s\) read"):
+        TopicReader("b:1", "gone").settle(quiet_s=0.3, limit_s=1.0)
