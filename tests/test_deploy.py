@@ -248,6 +248,8 @@ def test_dashboard_and_alert_rules_use_exported_metrics() -> None:
     stuck = next(r for r in rules if r["alert"] == "TsmonNotConsuming")["expr"]
     assert re.search(r"unless on ?\(instance\) \(tsmon_broker_up == 0 or tsmon_consumption_paused == 1\)", stuck)
     assert "tsmon_undeliverable_messages_total" in " ".join(exprs[: -len(rules)])  # and on the dashboard
+    # control messages that fail verification (a forger, or an operator with another key) reach someone
+    assert any('tsmon_commands_total{outcome="rejected"}' in r["expr"] for r in rules)
 
 
 def test_readme_configuration_reference_is_the_generated_one() -> None:
