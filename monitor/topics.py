@@ -184,14 +184,15 @@ class TopicReader:
         """Wait until the topic is read to the end it had at the start, then until nothing new arrived for
         ``quiet_s`` (at most ``limit_s`` in all); stop; return the docs. The quiet period alone ended before a
         slow broker's first fetch (``tsmon inspect --alert``: "not found … read 0 messages", the alert there);
-        it stays for brokers whose end offsets undercount (Tansu gives a batch's end as its first record's)."""
+        it stays for brokers whose end offsets undercount (Tansu gives a batch's end as its first record's).
+        While polls fail, quiet is no end: a failure that clears within ``limit_s`` costs only the wait."""
         t0 = time.monotonic()
         self._reached_end.wait(limit_s)
         seen, last_change = -1, time.monotonic()
         while time.monotonic() - t0 < limit_s:
             if len(self.docs) != seen:
                 seen, last_change = len(self.docs), time.monotonic()
-            elif time.monotonic() - last_change >= quiet_s:
+            elif time.monotonic() - last_change >= quiet_s and self.error is None:
                 break
             time.sleep(0.05)
         self.close(wait_s=1.0)

@@ -555,7 +555,9 @@ def test_a_topic_reader_tries_a_failed_poll_again_and_says_when_it_never_recover
 
     class FailingConsumer:
         def __init__(self, topic: str, **_kw: Any) -> None:
-            self.fails, self.read = (2 if topic == "flaky" else 10**9), False
+            self.fails, self.read = (2 if topic == "flaky" else 0 if topic == "blip" else 10**9), False
+            self.blip_s = 0.6 if topic == "blip" else 0.0  # polls fail this long after the read (> the quiet period)
+            self.blip_until = 0.0
 
         def partitions_for_topic(self, _topic: str) -> set[int]:
             return {0}
@@ -564,12 +566,12 @@ def test_a_topic_reader_tries_a_failed_poll_again_and_says_when_it_never_recover
             return {tp: 3 for tp in tps}
 
         def poll(self, timeout_ms: int) -> dict[Any, list[Any]]:
-            if self.fails:
-                self.fails -= 1
+            if self.fails or time.monotonic() < self.blip_until:
+                self.fails = max(0, self.fails - 1)
                 raise KafkaError("fetch failed: UnknownServerError")
             if self.read:
                 return {}
-            self.read = True
+            self.read, self.blip_until = True, time.monotonic() + self.blip_s
             return {0: [SimpleNamespace(value=json.dumps({"i": i}).encode()) for i in range(3)]}
 
         def position(self, _tp: Any, timeout_ms: int | None = None) -> int:
@@ -582,5 +584,8 @@ def test_a_topic_reader_tries_a_failed_poll_again_and_says_when_it_never_recover
     reader = TopicReader("b:1", "flaky")
     assert [d["i"] for d in reader.settle(quiet_s=0.3, limit_s=10)] == [0, 1, 2]
     assert reader.failures == 2 and reader.error is None
+    # polls failing through the quiet period after the last message: waited out, not taken for a topic read whole
+    reader = TopicReader("b:1", "blip")
+    assert [d["i"] for d in reader.settle(quiet_s=0.3, limit_s=10)] == [0, 1, 2] and reader.failures >= 2
     with pytest.raises(BrokerError, match=r"reading topic gone failed: .*UnknownServerError.*0 message\(s\) read"):
         TopicReader("b:1", "gone").settle(quiet_s=0.3, limit_s=1.0)
