@@ -33,16 +33,27 @@ STREAMS, N, BURSTS = 6, 6000, (2000, 4500)
 REPO = Path(__file__).resolve().parents[2]
 
 
-def play(bootstrap: str, topic: str, seconds: float, chunk: int = STREAM_HOP) -> threading.Thread:
-    """Send every stream message by message, ``chunk`` samples each, spread over ``seconds``, on a thread."""
+def play(bootstrap: str, topic: str, seconds: float, chunk: int = STREAM_HOP,
+         gate: tuple[threading.Event, float] | None = None) -> threading.Thread:
+    """Send every stream message by message, ``chunk`` samples each, spread over ``seconds``, on a thread.
+
+    ``gate`` (event, share): having sent that share of the input, wait for the event (at most 120 s), then go on
+    at the same pace. A test whose faults must land before the input ends ties the input to its own progress: on
+    busy cores each ``tsmon run`` took 13-15 s to its partitions, and the third kill of three came after the
+    40 s of input (or the input ended during an 8 s hold of the sink that the first burst's alerts had missed)."""
     bodies = {f"dev-k{i}": [b for b, _ in messages(f"dev-k{i}", *sine_stream(N, BURSTS, seed=60 + i), chunk)]
               for i in range(STREAMS)}
     rounds = N // chunk
+    wait_at = int(rounds * gate[1]) if gate else -1
 
     def run() -> None:
         p = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5)
         t0 = time.monotonic()
         for r in range(rounds):
+            if r == wait_at and gate is not None:
+                waited = time.monotonic()
+                gate[0].wait(120)
+                t0 += time.monotonic() - waited
             for name, b in bodies.items():
                 p.send(topic, key=name.encode(), value=b[r])
             time.sleep(max(0.0, t0 + (r + 1) * seconds / rounds - time.monotonic()))
@@ -111,7 +122,8 @@ def committed_total(bootstrap: str, topic: str, group: str) -> int:
 def test_kill_9_at_random_points_loses_no_alert(broker: Any, topic: str, stream_model: Path, tmp_path: Path) -> None:
     cfg = config_for(tmp_path, broker.bootstrap, topic, stream_model)
     log = tmp_path / "stderr.log"
-    player = play(broker.bootstrap, topic, seconds=40)
+    released = threading.Event()  # set after the last kill: the input waits at 60 % until then
+    player = play(broker.bootstrap, topic, seconds=40, gate=(released, 0.6))
     rng = random.Random(2026)
     kills = []
     for i in range(3):  # kill -9 mid-stream, at seeded random points, three times
@@ -122,6 +134,7 @@ def test_kill_9_at_random_points_loses_no_alert(broker: Any, topic: str, stream_
         proc.wait(timeout=10)
         kills.append(committed_total(broker.bootstrap, topic, f"g-{topic}"))
     assert player.is_alive(), "the input ended before the last kill: kills were not mid-stream"
+    released.set()
     proc = start(cfg, tmp_path, log)
     try:
         player.join(60)
@@ -207,7 +220,8 @@ def resolved_then_stopped(bootstrap: str, topic: str, proc: subprocess.Popen[byt
 def test_kill_9_of_one_of_two_instances(broker: Any, topic: str, stream_model: Path, tmp_path: Path) -> None:
     cfg = config_for(tmp_path, broker.bootstrap, topic, stream_model)
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    player = play(broker.bootstrap, topic, seconds=40)
+    released = threading.Event()  # set after the kill: the input waits at 60 % until then
+    player = play(broker.bootstrap, topic, seconds=40, gate=(released, 0.6))
     a = start(cfg, tmp_path, logs[0])
     wait_for(lambda: '"partitions_assigned"' in logs[0].read_text(), a)
     b = start(cfg, tmp_path, logs[1])
@@ -217,6 +231,7 @@ def test_kill_9_of_one_of_two_instances(broker: Any, topic: str, stream_model: P
         assert player.is_alive(), "the input ended before the kill"
         a.send_signal(signal.SIGKILL)
         a.wait(timeout=10)
+        released.set()
         player.join(60)
         docs = resolved_then_stopped(broker.bootstrap, topic, b)
     finally:
@@ -404,13 +419,15 @@ def test_a_stalled_sink_pauses_the_input_instead_of_buffering(stream_model: Path
             create_topic(bootstrap, topic)
             cfg = config_for(tmp_path, bootstrap, topic, stream_model)
             log = tmp_path / "stderr.log"
-            player = play(bootstrap, topic, seconds=40)
+            held = threading.Event()  # the input waits at 25 %, before the first burst (33 %), until the hold
+            player = play(bootstrap, topic, seconds=40, gate=(held, 0.25))
             proc = start(cfg, tmp_path, log)
             wait_for(lambda: '"stream_started"' in log.read_text(), proc)
             url = http_url(log)
             watch(f"{url}/readyz", 200, proc, 30)
             time.sleep(2.0)
             proxy.hold.set()  # the daemon notices at its next output: the first burst's alerts
+            held.set()
             paused_after, reason = watch(f"{url}/readyz", 503, proc, 40)
             assert "sink back-pressure" in reason, reason
             taken = metric(url, "tsmon_records_total")
