@@ -130,8 +130,9 @@ class TopicReader:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._finished = self._abandoned = False  # the thread has ended; close() left the consumer to it
-        # a topic not there yet is found once it is created: kafka-python asks for metadata again only after
-        # metadata_max_age_ms (5 min), and a reader started before the first alert read nothing for that long
+        # a topic not there yet is found once it is created: once _end_offsets' partitions_for_topic found it
+        # missing, kafka-python asked again only after metadata_max_age_ms (5 min; a consumer that only subscribes
+        # finds it at once), and a reader started before the first alert read nothing for that long
         self._consumer = KafkaConsumer(topic, **{"metadata_max_age_ms": METADATA_MAX_AGE_MS, **client},
                                        bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                        enable_auto_commit=False, group_id=None)

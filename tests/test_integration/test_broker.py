@@ -248,8 +248,9 @@ def test_the_sink_gives_up_a_message_the_broker_can_never_take(broker, topic: st
 
 def test_a_topic_reader_finds_a_topic_created_after_it_started(broker, topic: str) -> None:
     """A CI run of the broker-restart fault test read no episode at all: its reader started before the daemon's
-    first alert created the topic, and kafka-python looks for a subscribed topic again only after
-    metadata_max_age_ms (5 min); 24 alerts went unread for 90 s. replay-eval and ``inspect --alert`` use it too."""
+    first alert created the topic, and once the reader's partitions_for_topic (for its end offsets) had found none,
+    kafka-python looked for it again only after metadata_max_age_ms (5 min); 24 alerts went unread for 90 s.
+    replay-eval and ``inspect --alert`` use it too."""
     from monitor.topics import TopicReader
 
     later = f"{topic}.later"
