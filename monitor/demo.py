@@ -188,7 +188,13 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         progress.bootstrap = broker.bootstrap  # never said before: tsmon ctl against the demo meant hunting for it
         log.info("demo_broker", bootstrap=broker.bootstrap,
                  use=f"tsmon ctl … --bootstrap {broker.bootstrap}, tsmon tail --bootstrap {broker.bootstrap} …")
-        daemon = Daemon(cfg)
+        try:
+            daemon = Daemon(cfg)
+        except BrokerError:
+            if broker.exited:  # it died while the daemon started: said 30 s later as "cannot reach a broker"
+                reader.close()
+                raise _broker_stopped(broker, broker_log, t_start, progress) from None
+            raise
         progress.metrics = daemon.metrics
         progress.http = daemon.http
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1, linger_ms=5)
@@ -241,10 +247,7 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
                     raise
         if broker.exited:
             reader.close()
-            code = broker.proc.returncode if broker.proc is not None else None
-            raise BrokerError(f"the demo's broker stopped (exit status {code}) after "
-                              f"{time.monotonic() - t_start:.0f} s, with {progress.sent_samples:,} of "
-                              f"{progress.total_samples:,} samples sent: no scorecard; its log: {broker_log}")
+            raise _broker_stopped(broker, broker_log, t_start, progress)
         if player_failed:
             reader.close()
             error = BrokerError if isinstance(player_failed[0], KafkaError) else TsmonError
@@ -269,6 +272,16 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
         "thresholds": {s: {"value": round(float(t["value"]), 4), "source": t["source"]} for s, t in thresholds.items()},
         "seconds": round(time.monotonic() - t_start, 1), "picture": picture,
     }
+
+
+def _broker_stopped(broker: Any, broker_log: Path, t_start: float, progress: DemoProgress) -> BrokerError:
+    """The one line for a demo whose own broker died: no scorecard, how far it got, where the broker's log is."""
+    import time
+
+    code = broker.proc.returncode if broker.proc is not None else None
+    return BrokerError(f"the demo's broker stopped (exit status {code}) after {time.monotonic() - t_start:.0f} s, "
+                       f"with {progress.sent_samples:,} of {progress.total_samples:,} samples sent: no scorecard; "
+                       f"its log: {broker_log}")
 
 
 def strongest_alert_picture(alerts: list[dict[str, Any]], out_dir: Path) -> dict[str, str] | None:
