@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -165,13 +166,16 @@ def test_a_start_with_tls_set_up_wrong_says_what_is_wrong(tls: Tls, stream_model
         over["ssl_cafile"] = str(tls.other_ca)
     cfg = tls.config(tmp_path / "tsmon.toml", f"t-tls-bad-{len(case)}", stream_model,
                      bootstrap=getattr(tls, where) if where else None, **over)
-    started = time.monotonic()
     run = tsmon("run", "--config", str(cfg), cwd=tmp_path, timeout=90)
-    took = time.monotonic() - started
+    ended = datetime.now(UTC)
     last = run.stderr.strip().splitlines()[-1]
     assert run.returncode == 1 and last.startswith("BrokerError: cannot reach a broker") and says in last, run.stderr
     assert "Traceback" not in run.stderr
-    assert took < (15 if at_once else 25), took  # the start itself (model, warm-up) takes ~5 s
+    # from the models warmed, the step before the brokers are probed, to the exit: the whole run was timed first,
+    # and on busy cores the start alone (torch, the model, the warm-up) took 27.5 s (a load pass, 10 of 10 cases)
+    warmed = next(json.loads(ln) for ln in run.stderr.splitlines() if '"models_warmed"' in ln)
+    took = (ended - datetime.fromisoformat(warmed["timestamp"])).total_seconds()
+    assert took < (8 if at_once else 15), took  # idle: ~1-2 s at once, ~4 s (bootstrap_timeout_ms) retried
     assert ("within 4 s" in last) is not at_once
     assert ('"broker_unreachable"' in run.stderr) is retried  # said while it retried
 
