@@ -157,6 +157,9 @@ class TopicReader:
                     self.docs.extend(doc for r in records if (doc := _json_or_none(r.value)) is not None)
                 if not self._reached_end.is_set() and all(self._position(tp) >= end for tp, end in ends.items()):
                     self._reached_end.set()
+        except Exception as exc:  # noqa: BLE001 — anything but a poll: what was read is not the topic, said by settle
+            self.error, self.failures = describe(exc), self.failures + 1
+            log.warning("topic_read_stopped", topic=self._topic, error=self.error)
         finally:
             self._reached_end.set()  # stopped: nothing more to wait for
             with self._lock:
@@ -200,6 +203,9 @@ class TopicReader:
         if self.error is not None:  # what was read is not the topic: a report from it would be wrong, not short
             raise BrokerError(f"reading topic {self._topic} failed: {self.error} ({len(self.docs)} message(s) read "
                               f"before it, {self.failures} failed poll(s))")
+        if self._abandoned:  # still inside a call to the broker: it did not answer (it was returned as read whole)
+            raise BrokerError(f"reading topic {self._topic}: the broker did not answer within {limit_s:g} s "
+                              f"({len(self.docs)} message(s) read)")
         return list(self.docs)
 
     def close(self, wait_s: float = 5.0) -> None:
@@ -220,5 +226,5 @@ def _json_or_none(value: bytes | None) -> Any:
     over, as tsmon tail does; one such message ended the reader, and inspect --alert then said "not found"."""
     try:
         return json.loads(value) if value is not None else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes ("[" * 100000)
         return None

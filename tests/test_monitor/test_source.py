@@ -486,6 +486,7 @@ def test_a_topic_reader_waits_for_a_slow_first_fetch_before_its_quiet_period(mon
 
     import kafka
 
+    from models.errors import BrokerError
     from monitor.topics import TopicReader
 
     class SlowConsumer:
@@ -510,8 +511,10 @@ def test_a_topic_reader_waits_for_a_slow_first_fetch_before_its_quiet_period(mon
                 return {}
             self.read = 3
             docs = [SimpleNamespace(value=json.dumps({"i": i}).encode()) for i in range(3)]
-            # bytes no JSON and a tombstone among them are passed over (an operator pass: one ended the reader)
-            return {0: [docs[0], SimpleNamespace(value=b"not json {"), SimpleNamespace(value=None), *docs[1:]]}
+            # bytes no JSON, a tombstone and JSON nested deeper than the parser goes (RecursionError) among them are
+            # passed over (an operator pass: one ended the reader)
+            return {0: [docs[0], SimpleNamespace(value=b"not json {"), SimpleNamespace(value=None),
+                        SimpleNamespace(value=b"[" * 100_000), *docs[1:]]}
 
         def position(self, _tp: Any, timeout_ms: int | None = None) -> int:
             return self.read
@@ -528,8 +531,10 @@ def test_a_topic_reader_waits_for_a_slow_first_fetch_before_its_quiet_period(mon
     assert time.monotonic() - t0 < 5
     # a broker that does not answer: settle keeps to its limit, and the consumer is closed by its reader thread once
     # the call returns, not under it (a review: "NetworkSelector closed!", and 5 s past the limit)
+    # (and says so: it returned [], and inspect --alert said "not found" — a review of the reader's retry)
     t0 = time.monotonic()
-    assert TopicReader("b:1", "frozen").settle(quiet_s=0.3, limit_s=1.0) == []
+    with pytest.raises(BrokerError, match=r"reading topic frozen: the broker did not answer within 1 s \(0 message"):
+        TopicReader("b:1", "frozen").settle(quiet_s=0.3, limit_s=1.0)
     assert time.monotonic() - t0 < 2.5 and len(closed) == 2
     deadline = time.monotonic() + 10
     while len(closed) < 3 and time.monotonic() < deadline:
@@ -589,3 +594,7 @@ def test_a_topic_reader_tries_a_failed_poll_again_and_says_when_it_never_recover
     assert [d["i"] for d in reader.settle(quiet_s=0.3, limit_s=10)] == [0, 1, 2] and reader.failures >= 2
     with pytest.raises(BrokerError, match=r"reading topic gone failed: .*UnknownServerError.*0 message\(s\) read"):
         TopicReader("b:1", "gone").settle(quiet_s=0.3, limit_s=1.0)
+    # anything else that ends the reader is said too (it ended the thread, and settle returned what was read)
+    monkeypatch.setattr(topics, "_json_or_none", lambda _v: 1 / 0)
+    with pytest.raises(BrokerError, match=r"reading topic flaky failed: ZeroDivisionError"):
+        TopicReader("b:1", "flaky").settle(quiet_s=0.3, limit_s=5.0)
