@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,7 +127,8 @@ def test_a_demo_whose_broker_dies_while_the_daemon_starts_says_so(ecg_pca: Path)
     code = ("import monitor.daemon\n"
             "from models.errors import BrokerError\n"
             "from monitor.demo import DemoOptions, run_demo\n"
-            "from tests.test_integration.test_demo import SHORT, dies_meanwhile\n"
+            "from tests.test_integration.test_demo import SHORT, dies_meanwhile, record_brokers\n"
+            "record_brokers()\n"
             "monitor.daemon.Daemon = dies_meanwhile\n"
             "try:\n"
             f"    run_demo({str(ecg_pca)!r}, DemoOptions(**SHORT, http_port=0))\n"
@@ -138,12 +140,26 @@ def test_a_demo_whose_broker_dies_while_the_daemon_starts_says_so(ecg_pca: Path)
     assert "demo-broker.log" in r.stdout
 
 
+STARTED: list[Any] = []  # the LocalBrokers the demo started, in its own process (record_brokers)
+
+
+def record_brokers() -> None:
+    """Keep each LocalBroker the demo starts, for dies_meanwhile. (A first version looked for the broker among this
+    process's children in /proc and, in one CI run, killed none: the demo then said "cannot reach a broker".)"""
+    import monitor.broker
+
+    start = monitor.broker.LocalBroker.start
+
+    def recorded(self: Any, *args: Any, **kwargs: Any) -> str:
+        STARTED.append(self)
+        return start(self, *args, **kwargs)
+
+    monitor.broker.LocalBroker.start = recorded  # type: ignore[method-assign]
+
+
 def dies_meanwhile(_cfg: object) -> None:
-    """The daemon's start, during which the demo's broker dies (killed here, by PID: a child of this process)."""
-    for pid in children(os.getpid()):
-        if b"tansu" in _cmdline(pid):
-            os.kill(pid, signal.SIGKILL)
-            stat, t0 = Path(f"/proc/{pid}/stat"), time.monotonic()
-            while stat.exists() and ") Z" not in stat.read_text() and time.monotonic() - t0 < 5:
-                time.sleep(0.05)  # dead (a zombie until the demo's broker.exited reaps it)
+    """The daemon's start, during which the demo's broker dies (SIGKILLed and reaped: it has exited)."""
+    assert STARTED, "the demo started no broker"
+    for broker in STARTED:
+        broker.kill()
     raise BrokerError("cannot reach a broker within 30 s: 127.0.0.1: Connection refused")
