@@ -140,7 +140,9 @@ class TopicReader:
         self._thread.start()
 
     def _run(self) -> None:
-        backoff = RETRY_FIRST_S
+        from monitor.reading import Backoff
+
+        retry = Backoff(RETRY_FIRST_S, RETRY_MAX_S)
         try:
             ends = self._end_offsets()
             while not self._stop.is_set():
@@ -148,11 +150,12 @@ class TopicReader:
                     polled = self._consumer.poll(timeout_ms=100)
                 except Exception as exc:  # noqa: BLE001 — a fetch the broker failed: tried again until stopped
                     self.error, self.failures = describe(exc), self.failures + 1
-                    log.warning("topic_read_retry", topic=self._topic, error=self.error, retry_in_s=backoff)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, RETRY_MAX_S)
+                    wait = retry.failed(time.monotonic())
+                    log.warning("topic_read_retry", topic=self._topic, error=self.error, retry_in_s=wait)
+                    self._stop.wait(wait)
                     continue
-                self.error, backoff = None, RETRY_FIRST_S
+                self.error = None
+                retry.succeeded()
                 for records in polled.values():
                     self.docs.extend(doc for r in records if (doc := _json_or_none(r.value)) is not None)
                 if not self._reached_end.is_set() and all(self._position(tp) >= end for tp, end in ends.items()):

@@ -26,7 +26,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from monitor.replay import messages
 from monitor.topics import TopicReader
 from tests.conftest import STREAM_HOP, sine_stream
-from tests.test_integration.test_run_cli import tsmon_env, write_config
+from tests.test_integration.test_run_cli import log_events, tsmon_env, write_config
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 STREAMS, N, BURSTS = 6, 6000, (2000, 4500)
@@ -44,13 +44,12 @@ def play(bootstrap: str, topic: str, seconds: float, chunk: int = STREAM_HOP,
     bodies = {f"dev-k{i}": [b for b, _ in messages(f"dev-k{i}", *sine_stream(N, BURSTS, seed=60 + i), chunk)]
               for i in range(STREAMS)}
     rounds = N // chunk
-    wait_at = int(rounds * gate[1]) if gate else -1
 
     def run() -> None:
         p = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5)
         t0 = time.monotonic()
         for r in range(rounds):
-            if r == wait_at and gate is not None:
+            if gate is not None and r == int(rounds * gate[1]):
                 waited = time.monotonic()
                 gate[0].wait(120)
                 t0 += time.monotonic() - waited
@@ -174,21 +173,15 @@ def check_episodes(docs: list[dict[str, Any]], *logs: Path) -> None:
 def digest(log: Path, lines: int = 40) -> str:
     """A log's events counted, then its last warnings and errors (a daemon's) or its last lines (a broker's): a
     CI run whose broker-restart test read no episode at all left nothing to tell the daemon from the reader by."""
-    text = log.read_text(errors="replace").splitlines() if log.exists() else []
-    docs = [d for ln in text if ln.startswith("{") and isinstance(d := _json(ln), dict)]
+    if not log.exists():
+        return f"{log.name}: not written"
+    docs = [d for d in log_events(log) if isinstance(d, dict)]
     if not docs:
-        return f"{log.name}, last lines:\n" + "\n".join(text[-lines:])
+        return f"{log.name}, last lines:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     counts = Counter(str(d.get("event")) for d in docs)
     worst = [json.dumps(d)[:400] for d in docs if d.get("event") == "daemon_stopped"
              or (d.get("level") in ("warning", "error", "critical") and d.get("event") != "kafka_client_log")]
     return f"{log.name}: {dict(counts)}\nlast warnings, errors and the summary:\n" + "\n".join(worst[-lines:])
-
-
-def _json(line: str) -> Any:
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
 
 
 def wait_all_resolved(bootstrap: str, topic: str, procs: list[subprocess.Popen[bytes]],
