@@ -11,7 +11,6 @@ and hand-overs by them).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -33,6 +32,9 @@ log = logs.get("tsmon.processor")
 
 RESERVED_PREFIX = "__tsmon"  # changelog keys of daemon-wide state
 SECONDS_LOOK_LIKE_MS = 100_000_000_000  # 1973-03-03 in ms; epoch seconds of any date before 5138 are below it
+# records a poll may take while their size is unknown (ProcessorState.unsized_room, doubled by each poll of dead
+# letters only): Intake._poll_room takes at most kafka.max_poll_records of it (the confluent client's largest is 1e6)
+UNSIZED_ROOM_MAX = 1 << 20
 
 
 def _slow_max(prev: float | None, now: float) -> float:
@@ -68,8 +70,8 @@ class Ingest(ProcessorState):
             size = sum(len(rec.value or b"") for items in by_stream.values() for rec, _ in items)
             self.windows_per_record = _slow_max(self.windows_per_record, made / good)
             self.windows_per_byte = _slow_max(self.windows_per_byte, made / max(1, size))
-        elif records:
-            self.unsized_room *= 2
+        elif records and self.windows_per_record is None:  # capped: a producer of garbage alone grew it a bit a poll
+            self.unsized_room = min(self.unsized_room * 2, UNSIZED_ROOM_MAX)
         self.peak_pending = max(self.peak_pending, self.pending)
         self._log_first_offsets()
 
@@ -105,6 +107,12 @@ class Ingest(ProcessorState):
         new = block.stream not in self.streams  # checks for a new stream only, not on every message
         if new and block.stream.startswith(RESERVED_PREFIX):  # the id itself is refused, whatever route matches it
             return BadRecord("reserved_stream", f"stream ids starting with {RESERVED_PREFIX!r} are tsmon's own")
+        if (refused := self._out_of_range(block)) is not None:  # before a new stream is made: one whose records are
+            # all refused held a slot of limits.max_streams (a producer of epoch seconds under fresh ids filled them)
+            if (st := self.streams.get(block.stream)) is not None:  # alive, yet unmonitored: said (a clock reset to
+                # 1970 went unseen on the alerts topic — each refused record a sign of life, so never `silent`)
+                self._quality(st.quality.event("clock_out_of_range", int(block.ts_ms[0]), refused.detail))
+            return refused
         served = self.scorer.route(block.stream)
         if served is None:
             return BadRecord("no_model", f"no [[models]] pattern matches stream {block.stream[:64]!r}")
@@ -118,6 +126,22 @@ class Ingest(ProcessorState):
                 return BadRecord("too_many_streams", f"{len(self.streams)} streams held (limits.max_streams); "
                                                      "idle ones are evicted after limits.idle_evict_s")
             self._new_stream(block.stream, served)
+        return None
+
+    def _out_of_range(self, block: SampleBlock) -> BadRecord | None:
+        """A block stamped before ``limits.earliest_ts`` (epoch seconds read as ms: January 1970), or ending further
+        ahead of this host's clock than ``limits.max_future_s`` (taken, it would make every later sample "backwards"
+        until then)."""
+        t0, ahead_s, now_ms = int(block.ts_ms[0]), self.settings.max_future_s, self.clock() * 1000
+        if (earliest := self.settings.earliest_ms) is not None and t0 < earliest:
+            first = datetime.fromtimestamp(t0 / 1000, UTC).isoformat(timespec="seconds")
+            hint = ("epoch seconds? ts is epoch milliseconds" if t0 < SECONDS_LOOK_LIKE_MS else
+                    "historical data: set limits.earliest_ts earlier, or none")
+            return BadRecord("timestamp_too_early", f"ts {t0} is {first}, before limits.earliest_ts ({hint})")
+        if ahead_s is not None and int(block.ts_ms[-1]) > now_ms + ahead_s * 1000:
+            ahead = (int(block.ts_ms[-1]) - now_ms) / 1000
+            return BadRecord("timestamp_in_future", f"{ahead:.0f} s ahead of this host's clock "
+                                                    f"(limits.max_future_s = {ahead_s:g})")
         return None
 
     def _append_or_dead_letter(self, stream: str, items: list[tuple[InRecord, SampleBlock]]) -> float:
@@ -172,25 +196,8 @@ class Ingest(ProcessorState):
         if st.silent_ts is not None:
             self._resumed(stream, st, items)
         last, good, made = st.windows.last_ts, [], 0.0
-        ahead_s, now_ms = self.settings.max_future_s, self.clock() * 1000
-        latest_ok = math.inf if ahead_s is None else now_ms + ahead_s * 1000
-        earliest = self.settings.earliest_ms
+        now_ms = self.clock() * 1000
         for rec, block in items:
-            if earliest is not None and int(block.ts_ms[0]) < earliest:  # seconds read as ms: January 1970
-                t0 = int(block.ts_ms[0])
-                first = datetime.fromtimestamp(t0 / 1000, UTC).isoformat(timespec="seconds")
-                hint = ("epoch seconds? ts is epoch milliseconds" if t0 < SECONDS_LOOK_LIKE_MS else
-                        "historical data: set limits.earliest_ts earlier, or none")
-                self._dead_letter(rec, BadRecord("timestamp_too_early", f"ts {t0} is {first}, before "
-                                                 f"limits.earliest_ts ({hint})"))
-                done.add(id(rec))
-                continue
-            if int(block.ts_ms[-1]) > latest_ok:  # taken, it would make every later sample "backwards" until then
-                ahead = (int(block.ts_ms[-1]) - now_ms) / 1000
-                self._dead_letter(rec, BadRecord("timestamp_in_future", f"{ahead:.0f} s ahead of this host's "
-                                                 f"clock (limits.max_future_s = {ahead_s:g})"))
-                done.add(id(rec))
-                continue
             if rec.offset < st.time_from.get(rec.tp, -1) and not st.is_new(rec.tp, rec.offset):  # a replay from
                 # before a clock step the state is past: the old time, which the new time's windows must not take
                 self.ledger.consumed(rec.tp, rec.offset)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 KINDS = ("gap", "late", "duplicate", "rate_drift", "flatline", "clock_step", "stale", "nonfinite_score", "silent",
-         "resumed")
+         "resumed", "clock_out_of_range")
 # changes of a stream's state, said once each by their callers: never held back (a sensor that came back for a few
 # seconds and died again within the cooldown had its second `silent` dropped, `resumed` left as the last word)
 UNTHROTTLED = frozenset({"silent", "resumed", "stale"})

@@ -72,7 +72,7 @@ def _timestamp_ms(ts: Any) -> int | None:
         return int(ts) if math.isfinite(ts) and 0 <= ts < MAX_TS_MS else None
     if isinstance(ts, str):
         try:
-            dt = datetime.fromisoformat(ts)
+            dt = datetime.fromisoformat(ts.upper())  # RFC 3339 (the schema's date-time) allows "t" and "z"
             if dt.tzinfo is None:
                 return None  # naive times are ambiguous on a multi-site pipeline
             ms = (dt - _EPOCH) // _ONE_MS  # exact: timestamp() * 1000 came out 1 ms early for some (2004, 2040)
@@ -167,9 +167,10 @@ def parse(value: bytes | None, key: bytes | None = None, limits: Limits = Limits
     return SampleBlock(stream, ts, arr.astype("float32"))
 
 
-# C0, DEL and C1 control characters, and the bidirectional overrides and isolates, which reorder what a terminal or
-# a dashboard shows of the characters after them (U+202E made "dev-1<RLO>cba" show as "dev-1abc")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# C0, DEL and C1 control characters, the line and paragraph separators (line breaks to str.splitlines and JavaScript,
+# as a newline), and the bidirectional overrides and isolates, which reorder what a terminal or a dashboard shows of
+# the characters after them (U+202E made "dev-1<RLO>cba" show as "dev-1abc")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 # whitespace and the format characters that show as nothing (as in the input schema's pattern)
 _INVISIBLE = re.compile(r"[\s\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
                         r"\u2066-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb"

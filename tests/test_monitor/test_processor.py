@@ -30,6 +30,7 @@ from monitor.batcher import Batcher
 from monitor.calibrator import Calibrator
 from monitor.config import load_config
 from monitor.daemon import Daemon, build_scorer
+from monitor.ingest import UNSIZED_ROOM_MAX
 from monitor.processor import Processor, Settings
 from monitor.replay import as_records
 from monitor.scorer import Scorer, Served, load_served
@@ -1216,6 +1217,59 @@ def test_samples_stamped_in_epoch_seconds_are_dead_lettered_as_too_early(make: M
     p.handle([old])  # historical data: the hint is not about seconds
     detail = [dict(m.headers) for m in sink(p).sent if m.topic == DLQ][-1]["tsmon.detail"]
     assert b"1999-06-01T10:00:00+00:00" in detail and b"set limits.earliest_ts earlier" in detail
+
+
+def test_records_stamped_out_of_range_take_no_stream_slot_and_write_no_document(make: Make) -> None:
+    """An input-path review: the stream was made before its records' timestamps were checked, so a producer of
+    epoch seconds (or far-future stamps) under fresh ids filled limits.max_streams with streams that never held a
+    sample — a real stream arriving next was refused too_many_streams — and each junk id wrote a state document."""
+    from monitor.source import MemorySource
+
+    p = make()
+    p.settings = Settings(max_streams=2, earliest_ms=946_684_800_000, max_future_s=3600.0, state_topic="state")
+    ts, v = sine_stream(50)
+    p.clock = lambda: ts[-1] / 1000
+    junk = [InRecord("in", 0, i, f"junk-{i}".encode(), json.dumps({"ts": 1_700_000_000 + i, "value": 0.1}).encode(), 0)
+            for i in range(50)]
+    ahead = InRecord("in", 0, 50, b"ahead", json.dumps({"ts": int(ts[-1]) + 86_400_000, "values": [0.1, 0.2]}).encode(),
+                     0)
+    feed(p, [*junk, ahead])
+    feed(p, records("real", ts, v, first_offset=51))
+    p.commit(MemorySource())
+    reasons = [dict(m.headers)["tsmon.reason"] for m in sink(p).sent if m.topic == DLQ]
+    assert reasons == [b"timestamp_too_early"] * 50 + [b"timestamp_in_future"]
+    assert list(p.streams) == ["real"] and {m.key for m in sink(p).sent if m.topic == "state"} == {b"real"}
+
+
+def test_a_held_stream_stamped_out_of_range_is_reported_not_left_unmonitored_in_silence(make: Make) -> None:
+    """An input-path review: a device whose clock reset to 1970 at a reboot (or jumped past limits.max_future_s)
+    had every record dead-lettered, each counted as a sign of life — so never `silent` — and nothing on the alerts
+    topic said so. Each is a `clock_out_of_range` data-quality event, held back by the cooldown like the others."""
+    p = make()
+    p.settings = Settings(earliest_ms=946_684_800_000, max_future_s=3600.0)
+    ts, v = sine_stream(200)
+    p.clock = lambda: ts[-1] / 1000
+    feed(p, records("dev", ts, v))
+    rebooted = [InRecord("in", 0, 100 + i, b"dev", json.dumps({"ts": 5_000 + i * 1000, "values": [0.1, 0.2]}).encode(),
+                         0) for i in range(90)]  # 90 s of its clock since the boot, one record a second
+    far = InRecord("in", 0, 190, b"dev", json.dumps({"ts": int(ts[-1]) + 86_400_000, "values": [0.1, 0.2]}).encode(), 0)
+    feed(p, [*rebooted, far])
+    told = [d for m in sink(p).sent if m.topic == ALERTS and (d := json.loads(m.value)).get("kind") == "clock_out_of_range"]
+    assert [(d["stream"], d["ts"]) for d in told] == [("dev", 5_000), ("dev", 65_000), ("dev", int(ts[-1]) + 86_400_000)]
+    assert "epoch seconds?" in told[0]["detail"] and "ahead of this host's clock" in told[2]["detail"]
+    assert p.metrics.total("tsmon_dead_letters_total") == 91 and p.streams["dev"].quality.counts["clock_out_of_range"] == 91
+
+
+def test_polls_of_dead_letters_alone_do_not_grow_the_poll_size_without_bound(make: Make) -> None:
+    """An input-path review: every poll of dead letters only doubled ``unsized_room``, with no cap, also once the
+    records' size was known (a producer of garbage grew it by a bit a poll)."""
+    p = make()
+    for i in range(100):
+        p.handle([InRecord("in", 0, i, b"dev", b"{not json", 0)])
+    assert p.unsized_room == UNSIZED_ROOM_MAX
+    p.windows_per_record, p.unsized_room = 1.0, 1  # a good record told the size: nothing more to learn
+    p.handle([InRecord("in", 0, 100, b"dev", b"{not json", 0)])
+    assert p.unsized_room == 1
 
 
 def test_more_streams_than_the_limit_are_dead_lettered(make: Make) -> None:

@@ -38,7 +38,9 @@ def test_good_messages_parse_and_match_the_schema(doc: dict) -> None:
                                           ("\u200b", False), ("\u2060\u200d", False), ("\u00ad", False),
                                           ("\u3164", False), ("\ufe0f\u034f", False), ("\u3164x", True),
                                           ("dev-1\u202ecba", False), ("dev\u2066x", False),
-                                          ("dev\u200dx", True), ("abc\n", False)])
+                                          ("dev\u200dx", True), ("abc\n", False),
+                                          # line breaks to str.splitlines and JavaScript (an input-path review)
+                                          ("dev\u2028x", False), ("dev\u2029x", False)])
 def test_the_schema_and_the_parser_agree_on_stream_ids(stream: str, good: bool) -> None:
     doc = {"stream": stream, "ts": 1_700_000_000_000, "value": 0.1}
     assert jsonschema.Draft202012Validator(SCHEMA).is_valid(doc) is good
@@ -85,6 +87,7 @@ def test_chunk_timestamps_follow_the_period() -> None:
     (b'{"ts": 1, "value": 1}', b"dev\xc2\x85", "bad_stream"),  # U+0085, a C1 control
     (b'{"ts": "yesterday", "value": 1}', b"s", "bad_timestamp"),
     (b'{"ts": "2024-05-01T12:00:00", "value": 1}', b"s", "bad_timestamp"),
+    (b'{"ts": "2024-05-01T23:59:60Z", "value": 1}', b"s", "bad_timestamp"),  # a leap second: documented
     (b'{"ts": true, "value": 1}', b"s", "bad_timestamp"),
     (b'{"ts": 1, "value": "1.0"}', b"s", "wrong_type"),
     (b'{"ts": 1, "value": true}', b"s", "wrong_type"),
@@ -282,3 +285,26 @@ def test_a_dead_letter_carries_the_producers_headers_within_a_bound() -> None:
     assert _producers_headers(InRecord("in", 0, 1, None, b"{", 0, big)) == [("trace-id", b"t3"),
                                                                              ("tsmon.headers_dropped", b"1")]
     assert _producers_headers(InRecord("in", 0, 1, None, b"{", 0, [("k", None)])) == [("k", b"")]  # (librdkafka)
+
+
+def test_a_dead_letter_of_many_small_headers_stays_deliverable() -> None:
+    """An input-path review: the bound counted only names and values, so 268 150 empty headers counted 0 and were all
+    carried on — a dead letter of 1 048 613 bytes from an input record of 1 048 393 the broker took, over the
+    producer's max_request_size (undeliverable: the bad record never reached the dead-letter topic). Each header's
+    own cost on the wire is counted now."""
+    from kafka.record.default_records import DefaultRecordBatchBuilder
+
+    from monitor.procstate import DEAD_LETTER_HEADERS, _producers_headers
+    from monitor.source import InRecord
+
+    *kept, (marker, dropped) = _producers_headers(InRecord("in", 0, 1, None, b"{", 0, [("", b"")] * 268_150))
+    wire = DefaultRecordBatchBuilder.estimate_size_in_bytes(None, b"", kept)
+    assert wire <= DEAD_LETTER_HEADERS and marker == "tsmon.headers_dropped" and int(dropped) == 268_150 - len(kept)
+
+
+def test_rfc3339_lower_case_t_and_z_are_taken() -> None:
+    """The schema's ts is a date-time, RFC 3339, which allows "t" and "z" (refused as bad_timestamp: an input-path
+    review)."""
+    for stamp in ("2024-05-01t12:00:00.250z", "2024-05-01T12:00:00.250z", "2024-05-01t12:00:00.250+00:00"):
+        block = parse(json.dumps({"ts": stamp, "value": 1.0}).encode(), b"s")
+        assert isinstance(block, SampleBlock) and int(block.ts_ms[0]) == 1_714_564_800_250, (stamp, block)
