@@ -36,6 +36,7 @@ from monitor.control import (
     split_ack,
     verify,
 )
+from monitor.drift import INSUFFICIENT
 from monitor.processor import Processor
 from monitor.records import encodable
 from monitor.silences import MAX_PATTERN, MAX_RULES
@@ -54,6 +55,8 @@ PER_STREAM = frozenset({"recalibrate", "pin", "unpin", "freeze", "unfreeze", "si
                         "rollback"})
 CLOCK_SKEW_MS = 30_000  # a stream started this soon after a command's issue (the operator's clock) still gets it
 REJECTIONS_PER_MINUTE = 10  # refused messages logged and acknowledged a minute; the others are counted
+# why an undo passes over a stream (listed in the acknowledgement's ``held``; ctl's table: ``skipped: …``)
+NOT_PINNED, NOT_FROZEN, NOT_SILENCED = (f"not {what}: nothing to undo" for what in ("pinned", "frozen", "silenced"))
 
 
 class Controller:
@@ -237,7 +240,8 @@ class Controller:
                 and (issued_ms is None or cmd.command not in PER_STREAM or since_ms <= issued_ms + CLOCK_SKEW_MS))
 
     def _targets(self, cmd: Command, wake: Callable[[dict[str, Any]], bool] = lambda doc: True,
-                 changes_held: Callable[[str], bool] = lambda stream: True) -> list[str]:
+                 changes_held: Callable[[str], bool] = lambda stream: True,
+                 asleep: list[str] | None = None) -> list[str]:
         """The streams held that match, and those this instance evicted whose document ``wake`` accepts, woken
         from it: a command for ``dev-*`` must reach a stream that happened to be idle (a silence most of all).
         Not those it was applied to already (by an earlier owner of the stream, or before a restart).
@@ -245,12 +249,17 @@ class Controller:
         A provisional stream (started or woken while the changelog was not read to its end) is left alone by a command
         that would change it (``changes_held``: would it, for a stream held), and listed: its documents are written
         below the one it read, so the change is lost at the next restore (a pin acknowledged "applied" reverted).
-        Daemon-wide ``freeze *`` / ``unfreeze *`` are not per stream."""
+        Daemon-wide ``freeze *`` / ``unfreeze *`` are not per stream. ``asleep`` collects the evicted streams that
+        match but ``wake`` leaves asleep."""
         issued = self._issued(cmd)
         changes = (cmd.command in PER_STREAM or cmd.command == "feedback") and not (
             cmd.command in ("freeze", "unfreeze") and cmd.target == "*")
         for name, doc in sorted(self.p.evicted_docs().items()):
-            if not (self._lacks(cmd, name, doc_commands(doc), doc_since_ms(doc), issued) and wake(doc)):
+            if not self._lacks(cmd, name, doc_commands(doc), doc_since_ms(doc), issued):
+                continue
+            if not wake(doc):
+                if asleep is not None:
+                    asleep.append(name)
                 continue
             if changes and self.p.restore_incomplete and (name not in self.p.evicted_here  # it would wake provisional
                                                           or name in self.p.provisional_evicted):
@@ -275,13 +284,14 @@ class Controller:
                 "silenced_until_ms": st.silenced_until_ms}
 
     def _each(self, cmd: Command, change: Callable[[str], None], idle: Callable[[str], str | None] | None = None,
-              wake: Callable[[dict[str, Any]], bool] = lambda doc: True) -> Effects:
+              wake: Callable[[dict[str, Any]], bool] = lambda doc: True, asleep_why: str | None = None) -> Effects:
         """Apply ``change`` to every matching stream, recording before → after; an undo passes over the streams
         ``idle`` says it would not change (listed in ``held`` with why: "applied" to a stream never pinned read as
         done, and the audit recorded an effect; ``wake``: the documents of idle streams it would change, so that an
-        undo wakes no stream it passes over, each held until evicted again, taking the room the one it needs)."""
-        streams, effects, held = [], [], {}
-        for stream in self._targets(cmd, wake, lambda s: idle is None or idle(s) is None):
+        undo wakes no stream it passes over, each held until evicted again, taking the room the one it needs; those are
+        listed in ``held`` too, with ``asleep_why``: an unpin of an idle stream never pinned was "no match", exit 1)."""
+        streams, effects, held, asleep = [], [], {}, []
+        for stream in self._targets(cmd, wake, lambda s: idle is None or idle(s) is None, asleep):
             if idle is not None and (why := idle(stream)) is not None:
                 held[stream] = why
                 continue
@@ -289,6 +299,8 @@ class Controller:
             change(stream)
             streams.append(stream)
             effects.append({"stream": stream, "before": before, "after": self._view(stream)})
+        if asleep_why is not None:
+            held.update(dict.fromkeys(asleep, asleep_why))
         return streams, effects, {"held": held} if held else {}
 
     def _why(self, cmd: Command) -> str:
@@ -306,7 +318,9 @@ class Controller:
         self.p.metrics.calibrations.labels("refused").inc(len(refused))  # the drift guard's
         self.p.metrics.calibrations.labels("commanded").inc(len(changed))
         if names_one(cmd.target):  # named: refused, with the reason (it was "unchanged", exit 0);
-            refused, held = {**refused, **held}, {}  # under --all or a glob, skipped and listed
+            refused, held = {**refused, **held}, {}  # under --all or a glob, skipped and listed — as is one with too
+        else:  # few recent windows for the drift guard to judge a raise (it failed `recalibrate --all`, exit 1)
+            held.update({s: refused.pop(s) for s in [s for s, why in refused.items() if why.startswith(INSUFFICIENT)]})
         effects = [{"stream": s, "before": before[s], "after": self._view(s)} for s in changed]
         unchanged = [s for s in names if s not in changed and s not in refused and s not in held]
         return list(changed), effects, {"refused": refused, "unchanged": unchanged, "held": held,
@@ -320,8 +334,8 @@ class Controller:
 
     def _unpin(self, cmd: Command) -> Effects:
         return self._each(cmd, lambda s: self.cal.unpin(s, self._why(cmd)),
-                          lambda s: None if self.cal.controls(s)["pinned"] else "not pinned: nothing to undo",
-                          lambda doc: _field(doc, "calibrator", dict).get("pinned") is True)
+                          lambda s: None if self.cal.controls(s)["pinned"] else NOT_PINNED,
+                          lambda doc: _field(doc, "calibrator", dict).get("pinned") is True, NOT_PINNED)
 
     def _freeze(self, cmd: Command) -> Effects:
         """``freeze *`` is daemon-wide (``frozen_all``, persisted): no per-stream flag is set, so none is left
@@ -333,8 +347,8 @@ class Controller:
             # a repeat is passed over as an undo of nothing is (it was reported as a change, before = after)
             return self._each(cmd, lambda s: self.cal.set_frozen(s, frozen), (
                 lambda s: "already frozen: nothing to do" if self.cal.controls(s)["frozen"] else None) if frozen else (
-                lambda s: None if self.cal.controls(s)["frozen"] else "not frozen: nothing to undo"),
-                lambda doc: frozen or _field(doc, "calibrator", dict).get("frozen") is True)
+                lambda s: None if self.cal.controls(s)["frozen"] else NOT_FROZEN),
+                lambda doc: frozen or _field(doc, "calibrator", dict).get("frozen") is True, None if frozen else NOT_FROZEN)
         streams = self._targets(cmd, lambda doc: not frozen and _field(doc, "calibrator", dict).get("frozen") is True)
         before = {s: self._view(s) for s in streams}
         self.cal.frozen_all = frozen
@@ -357,12 +371,12 @@ class Controller:
             self.p.streams[stream].silenced_until_ms = until
 
         def not_silenced(stream: str) -> str | None:
-            return None if self.p.streams[stream].silenced_until_ms > self.clock() * 1000 else \
-                "not silenced: nothing to undo"
+            return None if self.p.streams[stream].silenced_until_ms > self.clock() * 1000 else NOT_SILENCED
         now_ms = self.clock() * 1000
         streams, effects, result = self._each(cmd, change, None if until else not_silenced, (
             lambda doc: True) if until else (
-            lambda doc: isinstance(doc.get("silenced_until_ms"), int) and doc["silenced_until_ms"] > now_ms))
+            lambda doc: isinstance(doc.get("silenced_until_ms"), int) and doc["silenced_until_ms"] > now_ms),
+            None if until else NOT_SILENCED)
         # and the streams that start while it runs (an on-call pass: a silence of 'press-*' paged for press-10,
         # first seen during it, and one of a sensor not seen yet failed: no daemon had a stream matching it)
         rules = self.p.silences
@@ -388,7 +402,7 @@ class Controller:
         elif name not in self.p.streams:  # (of one stream id, a rule matters only if it has not started)
             if name in self.p.evicted_docs():  # known here: no rule silences it (a review: another instance, which
                 if not (self.not_woken or self.provisional):  # knew no such stream, told ctl one would)
-                    result = {**result, "held": {**result.get("held", {}), name: "not silenced: nothing to undo"}}
+                    result = {**result, "held": {**result.get("held", {}), name: NOT_SILENCED}}
             elif covering := rules.covering(name, now_ms):
                 result = {**result, "still_covered_by": covering}  # not started yet: it would start silenced
         return streams, effects, result

@@ -23,7 +23,7 @@ from typing import Any
 from models.errors import BrokerError, ConfigError, TsmonError, describe
 from monitor import logs
 from monitor.config import Config
-from monitor.control import MAX_SILENCE_S, merge_acks, new_command
+from monitor.control import MAX_SILENCE_S, merge_acks, named_stream, new_command
 from monitor.reach import wait_for_brokers
 from monitor.topics import ensure_topics, partition_reader, require_inputs, within
 
@@ -167,6 +167,7 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
     """Raise :class:`CommandFailed` unless some daemon applied the command to something, none refused it
     (each instance of a group owns other streams: one that rejected it — a skewed clock, another key — left
     its streams as they were) and every input partition was answered for."""
+    shown = named_stream(target) or target  # the id given with --exact, not its escaped glob ('pump[[]1]')
     if not acks:
         raise CommandFailed(f"no daemon acknowledged {command} within {timeout_s:g} s (is one running, "
                             f"reading the control topic, with the same key? a daemon acknowledges 10 refusals a "
@@ -219,7 +220,7 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
     covered = sorted({p for a in applied for p in a["result"].get("still_covered_by", ())})
     if covered and not any(a["streams"] or a["result"].get("held") for a in applied):  # not started anywhere: its
         # own rule lifted or not, a broader one silences it when it starts (exit 0 read as done: an operator pass)
-        raise CommandFailed(f"{command}: no daemon has a stream matching {target!r} and the standing silence of "
+        raise CommandFailed(f"{command}: no daemon has a stream matching {shown!r} and the standing silence of "
                             f"{covered[0]!r} will silence it when it starts: unsilence {covered[0]!r} to lift it")
     if not matched:
         if command == "feedback":  # its target is '*': the alert id is what was looked for
@@ -230,7 +231,7 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
         kept = sorted({p for a in applied for p in a["result"].get("not_lifted", ())})
         hint = f" (not kept as a standing silence either: {refused})" if refused else \
             f" (the standing silence of {kept[0]!r} was not lifted: unsilence {kept[0]!r})" if kept else ""
-        raise CommandFailed(f"{command}: no daemon has a stream matching {target!r}{hint}")
+        raise CommandFailed(f"{command}: no daemon has a stream matching {shown!r}{hint}")
     refusals = sorted((s, why) for a in applied for s, why in (a["result"].get("refused") or {}).items())
     if refusals:  # the drift guard (or too little evidence) kept these thresholds: a script must not read success
         stream, why = refusals[0]

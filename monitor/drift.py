@@ -29,6 +29,7 @@ import numpy as np
 from models.errors import ConfigError
 
 MIN_REFERENCE = 50  # known-normal errors the shape test (c) needs; with fewer it is not made
+INSUFFICIENT = "insufficient evidence"  # a refusal for too few recent windows to judge, not for what they show
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +80,7 @@ def assess(recent: np.ndarray, proposed: float, s: DriftSettings, thin: int = 1,
     """
     finite = recent[np.isfinite(recent)]
     if len(finite) < s.min_windows:
-        return Verdict(False, f"insufficient evidence: {len(finite)} recent windows, {s.min_windows} needed")
+        return Verdict(False, f"{INSUFFICIENT}: {len(finite)} recent windows, {s.min_windows} needed")
     over = float(np.mean(finite > proposed))
     if over > s.max_over_share:
         return Verdict(False, f"sustained anomaly: {over:.1%} of the last {len(finite)} windows would stay over "
@@ -89,7 +90,7 @@ def assess(recent: np.ndarray, proposed: float, s: DriftSettings, thin: int = 1,
     sample = finite[:: max(1, thin)]
     half = len(sample) // 2
     if half < 10:
-        return Verdict(False, f"insufficient evidence: {len(sample)} non-overlapping windows")
+        return Verdict(False, f"{INSUFFICIENT}: {len(sample)} non-overlapping windows")
     d, p = ks_2samp(sample[:half], sample[half:])
     if p < s.alpha:
         return Verdict(False, f"still changing: KS D={d:.3f} p={p:.2g} between the two halves of the last "

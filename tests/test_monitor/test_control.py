@@ -2757,6 +2757,9 @@ def test_ctl_exact_names_the_one_stream_whose_id_has_glob_characters(make: Make)
     with stdout.capture() as shown:
         ctl_cmd._show([ack])
     assert "sensor[/x]: 2 (pinned" in shown.get()
+    missing = send(c, "pin", ctl_cmd._target("pump[2]", exact=True), threshold=3.0)
+    with pytest.raises(CommandFailed, match=r"^pin: no daemon has a stream matching 'pump\[2\]'$"):  # not 'pump[[]2]'
+        verdict("pin", ctl_cmd._target("pump[2]", exact=True), [missing], 5)
     none = send(c, "freeze", "pump-9")  # matches nothing: "applied" over a bare "-" read as done
     assert none["status"] == "applied" and none["streams"] == []
     with stdout.capture() as shown:
@@ -2839,6 +2842,52 @@ def test_an_undo_wakes_only_the_idle_streams_it_changes(make: Make) -> None:
     assert send(c, "unsilence", "dev-*")["streams"] == ["dev-3"] and sorted(p.streams) == ["dev-3", "dev-4"]
     assert send(c, "unfreeze", "dev-0")["streams"] == [] and "dev-0" not in p.streams
     assert send(c, "rollback", "dev-*", version=9)["status"] == "failed" and sorted(p.streams) == ["dev-3", "dev-4"]
+
+
+@pytest.mark.parametrize(("undo", "what"), [("unpin", "pinned"), ("unfreeze", "frozen"), ("unsilence", "silenced")])
+def test_an_undo_of_an_idle_stream_it_has_nothing_to_undo_on_is_listed_and_ctl_exits_0(make: Make, undo: str,
+                                                                                     what: str) -> None:
+    """An operator pass: ``unpin`` / ``unfreeze --stream`` of a stream evicted as idle (or not woken since a restart)
+    and not pinned or frozen answered "no match", and ctl failed (exit 1, "no daemon has a stream matching"), where
+    the README promises an idempotent undo; ``unsilence`` of one id said it, of a glob not either."""
+    p = make()
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0)
+    feed(p, records("dev-a", *sine_stream(300, seed=1)) + records("dev-b", *sine_stream(300, seed=2), partition=1))
+    assert p.evict_idle(time.monotonic() + 61) == 2
+    c = controller(p)
+    for target in ("dev-a", "dev-*"):
+        ack = send(c, undo, target)
+        held = {s: f"not {what}: nothing to undo" for s in (["dev-a"] if target == "dev-a" else ["dev-a", "dev-b"])}
+        assert (ack["status"], ack["streams"], ack["result"].get("held")) == ("applied", [], held), ack
+        verdict(undo, target, [ack], 5)  # exit 0
+    assert not p.streams  # left asleep
+
+
+def test_a_recalibration_under_a_glob_skips_a_stream_with_too_little_evidence_for_the_drift_guard(served: Served) -> None:
+    """An operator pass: ``recalibrate --all`` failed (exit 1) for a stream whose raise the drift guard could not
+    judge yet ("insufficient evidence: 197 recent windows, 200 needed"), where the README lists such a stream as
+    skipped, as one with no normal error is; named, it is still refused."""
+    from monitor.batcher import Batcher
+    from monitor.calibrator import Calibrator, CalibratorSettings
+    from monitor.drift import DriftSettings
+    from monitor.processor import Processor
+
+    p = Processor(Scorer([served]), Calibrator(CalibratorSettings(drift=DriftSettings(enabled=True))), Batcher(64, 0.0),
+                  MemorySink())
+    try:
+        feed(p, records("dev-a", *sine_stream(400)) + records("dev-b", *sine_stream(400, seed=2), partition=1))
+        artifact = p.calibrator.threshold("dev-a").value
+        p.calibrator.observe("dev-a", np.linspace(1.2, 1.4, 50) * artifact, commanded=True)  # its target: a raise
+        c = controller(p)
+        ack = send(c, "recalibrate", "dev-*")
+        assert ack["result"]["refused"] == {} and ack["result"]["held"]["dev-a"].startswith("insufficient evidence: ")
+        verdict("recalibrate", "dev-*", [ack], 5)  # exit 0
+        named = send(c, "recalibrate", "dev-a")
+        assert named["result"]["refused"]["dev-a"].startswith("insufficient evidence: ")
+        with pytest.raises(CommandFailed, match="^recalibrate refused for dev-a: insufficient evidence"):
+            verdict("recalibrate", "dev-a", [named], 5)
+    finally:
+        p.close()
 
 
 def test_without_a_changelog_a_stream_woken_by_a_command_keeps_its_state_across_a_rebalance(make: Make) -> None:
