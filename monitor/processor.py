@@ -89,6 +89,7 @@ class Processor(Ingest, InFlight, Residency, Committing):
                 ep = st.alerts.episode
                 self._quality(st.quality.flat_events(flat[i : i + 1], batch.end_ts[i : i + 1],
                                                      ep.alert_id if ep is not None and ep.fired is not None else None))
+                self._unscored(stream, st, normal)
                 continue
             score = float(window_err[i])
             if not np.isfinite(score):  # not "normal": no calibration, no progress towards resolving
@@ -96,6 +97,7 @@ class Processor(Ingest, InFlight, Residency, Committing):
                 self.throttle.log(log.error, "nonfinite_score", stream=stream, model=batch.model,
                                   end_ts=int(batch.end_ts[i]))
                 self._quality(st.quality.unscorable(batch.values[i], channel_err[i], score, int(batch.end_ts[i])))
+                self._unscored(stream, st, normal)
                 continue
             every.setdefault(stream, []).append(score)
             normal.setdefault(stream, [])
@@ -105,6 +107,14 @@ class Processor(Ingest, InFlight, Residency, Committing):
         self._feed_calibrator(normal, every)
         for stream, st in touched.items():
             self._release(stream, st)
+
+    def _unscored(self, stream: str, st: StreamState, normal: dict[str, list[float]]) -> None:
+        """A window kept out of alerting (flat-lined, or a non-finite score) ends a pending run as a gap does: one
+        transient over the threshold before a lead-off and one after it made two windows in a row, and paged under
+        ``for`` = 2 an incident of two unrelated windows. A fired episode stays open (:meth:`AlertState.cut`)."""
+        if st.alerts.pending is not None or st.alerts.run:
+            learn(self.calibrator, stream, st.alerts.cut(), 0.0, normal.setdefault(stream, []))
+            st.dirty = True
 
     def _feed_calibrator(self, normal: dict[str, list[float]], every: dict[str, list[float]]) -> None:
         for stream, errors in normal.items():

@@ -180,7 +180,7 @@ class ProcessorState:
         # the replay by the state document) needs: counted from its first sample with no room for the window itself,
         # at W/H ≥ max_hold_windows a one-window pending episode was "too long", its input committed past, and a
         # crash re-fired it under a new id. Bounded all the same: windows that stop reaching the alert state (flat,
-        # non-finite) would leave an episode pending for good, and the partition's commit with it
+        # non-finite) end a pending run but leave a fired episode open for good, and the partition's commit with it
         limit = st.served.window + max(self.settings.max_hold_windows, st.alerts.settings.for_windows) * st.served.hop
         for hold in (st.alerts.hold_seq, st.doc_from_seq):  # an open episode; where the stored state resumes
             if hold is not None and st.windows.seen - hold <= limit:

@@ -495,6 +495,32 @@ def test_flatlined_channel_is_a_data_quality_event_not_an_anomaly(make: Make) ->
     assert p.calibrator.samples("dev-flat") == 0  # never fed as normal
 
 
+@pytest.mark.parametrize("between", ["gap", "flat", "overflow"])
+def test_two_transients_apart_are_no_run_whatever_keeps_the_windows_between_out(make: Make, stream_model: Path,
+                                                                               between: str) -> None:
+    """An alert-path review: one window over the threshold, 30 windows kept out of alerting — flat-lined (a lead off)
+    or unscorable (an instrument's ±9.9e37 overload codes) —, then one more over: a critical page of two unrelated
+    windows under ``for`` = 2, starting at the first. The windows between now end a pending run, as a gap does."""
+    w = 40  # hop = window: each transient is over the threshold in one window
+    p = make(Scorer([load_served("*", stream_model, None, w, "cpu")]))
+    ts, v = sine_stream(3000, seed=2)
+    for first in (20 * w, 51 * w):  # windows 20 and 51
+        v[first + 10 : first + 30, 0] += 3.0
+    keep = np.arange(len(ts))
+    if between == "flat":
+        v[21 * w : 51 * w] = 0.0
+    elif between == "overflow":
+        v[21 * w : 51 * w : 2], v[21 * w + 1 : 51 * w : 2] = 9.9e37, -9.9e37
+    else:  # the same windows never sent
+        keep = np.r_[0 : 21 * w, 51 * w : len(ts)]
+    feed(p, records("s", ts[keep], v[keep], chunk=w))
+    p.commit(MemorySource())
+    assert docs(p, "anomaly") == []
+    kinds = {"gap": "gap", "flat": "flatline", "overflow": "nonfinite_score"}
+    assert kinds[between] in {q["kind"] for q in docs(p, "data_quality")}  # kept out the intended way
+    assert p.calibrator.samples("s") > 0
+
+
 @pytest.mark.parametrize("case", ["constant", "set-point"])
 def test_a_channel_steady_in_training_is_not_flat_lined_and_the_others_are_scored(tmp_path: Path, case: str) -> None:
     """A channel constant in the normal data (or a set-point that holds for most windows) was called flat in every
@@ -3182,17 +3208,21 @@ def test_a_pending_episode_holds_its_input_however_small_max_hold_windows(make: 
 def test_a_pending_episode_whose_stream_stops_reaching_the_alert_state_does_not_hold_the_commit_for_good(
         make: Make) -> None:
     """A review of the fix above: held always, a pending episode of a stream whose windows stopped reaching the alert
-    state (a stuck sensor: flat windows are skipped) held its partition's commit for good (offset 147 of 4 000)."""
+    state (a stuck sensor: flat windows are skipped) held its partition's commit for good (offset 147 of 4 000).
+    Such windows end a pending run now (an alert-path review); a fired episode stays open across them."""
     ts, v = sine_stream(41_530, (1500,), seed=2)
     v[1530:] = v[1530]  # the sensor sticks after the burst
     recs = records("dev-a", ts, v)
-    p = make()
-    p.settings = Settings(state_topic="state", alerts=AlertSettings(for_windows=10))
-    feed(p, recs)
-    src = MemorySource([])
-    p.commit(src, {(TOPIC, 0)})
-    assert p.streams["dev-a"].alerts.pending is not None  # still pending: 6 windows over, for = 10
-    assert src.committed[(TOPIC, 0)] > len(recs) - 1100 // H  # released after max_hold_windows windows
+    for for_windows in (10, 2):
+        p = make()
+        p.settings = Settings(state_topic="state", alerts=AlertSettings(for_windows=for_windows))
+        feed(p, recs)
+        src = MemorySource([])
+        p.commit(src, {(TOPIC, 0)})
+        alerts = p.streams["dev-a"].alerts
+        # 6 windows over: under for = 10 a run the flat windows ended, under for = 2 an alert left open by them
+        assert (alerts.episode is None) if for_windows == 10 else alerts.firing
+        assert src.committed[(TOPIC, 0)] > len(recs) - 1100 // H  # released after max_hold_windows windows
 
 
 def test_gap_periods_per_route_applies_to_its_streams_only(make: Make, stream_model: Path) -> None:
