@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import structlog
 
 from models import beats
 from models.errors import DataError
@@ -413,6 +414,12 @@ def _labels_of_windows(p: Path, windows: str | Path, stamps: np.ndarray) -> tupl
         raise DataError(f"{p}: none of the {len(spans)} anomaly window(s) of {windows} holds a sample: they span "
                         f"{iso(min(a for a, _ in spans))} .. {iso(max(b for _, b in spans))}, the series "
                         f"{iso(stamps[0])} .. {iso(stamps[-1])} (UTC)")
+    t = stamps.astype("datetime64[ns]")
+    empty = [(a, b) for a, b in spans if not ((t >= a) & (t <= b)).any()]
+    if empty:  # between two samples (a window shorter than the sample period): an event no score can see, dropped
+        structlog.get_logger("tsmon.data").warning(  # without a word (an event count one short)
+            "anomaly_windows_without_samples", count=len(empty), of=len(spans), file=str(windows),
+            first=f"{np.datetime_as_string(empty[0][0], 's')} .. {np.datetime_as_string(empty[0][1], 's')}")
     return labels, sha256_bytes(np.packbits(labels.astype(bool)).tobytes())  # the labels they give: not the order
 
 

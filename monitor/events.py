@@ -60,6 +60,14 @@ def labelled_events(ts_ms: np.ndarray, labels: np.ndarray, from_ms: float) -> li
             for s in _runs_ms(ts_ms, labels) if s.end_ms >= from_ms]
 
 
+def replayed_events(events: list[Span], ts_ms: np.ndarray, labels: np.ndarray, sent: np.ndarray) -> list[Span]:
+    """The events with a labelled row among those ``sent`` (a boolean mask): one whose every row was left out of the
+    replay (NaN or infinite values) reached no detector, and counted, it capped recall."""
+    times = ts_ms[(labels == 1) & sent]
+    return [e for e in events if np.any((times >= (e.began_ms if e.began_ms is not None else e.start_ms))
+                                        & (times <= e.end_ms))]
+
+
 def warmup_events(ts_ms: np.ndarray, labels: np.ndarray, from_ms: float) -> list[Span]:
     """The runs of label 1 that :func:`labelled_events` leaves out: they end before ``from_ms``."""
     return [s for s in _runs_ms(ts_ms, labels) if s.end_ms < from_ms]

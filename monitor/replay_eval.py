@@ -48,7 +48,7 @@ from models.files import check_writable, write_bytes_atomically
 from models.workflow import baseline
 from monitor import logs
 from monitor.alerts import iso
-from monitor.events import Span, labelled_events, latest_alerts, score_alerts, warmup_events
+from monitor.events import Span, labelled_events, latest_alerts, replayed_events, score_alerts, warmup_events
 from monitor.replay import stamped
 
 log = logs.get("tsmon.replay_eval")
@@ -197,8 +197,12 @@ def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> 
              train_fraction=p.train_fraction, chunk=p.chunk, gap_ms=p.gap_ms, baseline=str(p.baseline))
     played = _play(p, series, ts_ms, opts, base_cfg.calibrator.interval_s, clock)
     wire = daemon_times(ts_ms, series.values, p.start, p.chunk)  # the clock of the windows and alerts
-    test = Span(float(wire[p.split]), float(wire[p.split:].max()))  # (rows whose time goes back are replayed)
-    events = labelled_events(wire, series.labels, test.start_ms)  # type: ignore[arg-type]
+    sent = np.isfinite(series.values).all(axis=1)  # the rows replayed: a NaN tail stretched the scored part
+    last = wire[p.split:][sent[p.split:]]
+    test = Span(float(wire[p.split]), float(last.max() if len(last) else wire[p.split]))  # (rows whose time goes
+    # back are replayed)
+    labelled = labelled_events(wire, series.labels, test.start_ms)  # type: ignore[arg-type]
+    events = replayed_events(labelled, wire, series.labels, sent)  # type: ignore[arg-type]
     warmup = warmup_events(wire, series.labels, test.start_ms)  # type: ignore[arg-type]
     results = {name: score_alerts(events, latest_alerts(played["alerts"], s), test, p.tolerance_ms, warmup)
                for name, s in (("model", p.stream), ("baseline", p.stream + BASELINE_SUFFIX))}
@@ -212,7 +216,8 @@ def run(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions) -> 
                  "split_sample": p.split, "train_fraction": p.train_fraction,
                  "played_from_sample": p.start, "played_from": iso(int(ts_ms[p.start])),
                  "test_from": iso(int(test.start_ms)), "test_to": iso(int(test.end_ms)),
-                 "test_hours": (test.end_ms - test.start_ms) / 3.6e6, "tolerance_s": p.tolerance_ms / 1000},
+                 "test_hours": (test.end_ms - test.start_ms) / 3.6e6, "tolerance_s": p.tolerance_ms / 1000,
+                 "events_unplayed": len(labelled) - len(events)},
         "replay": played["summary"],
     }
     from monitor import timeline

@@ -48,6 +48,50 @@ def train(path: Path, out: Path, kind: str, window: int, hop: int, fraction: flo
     return artifact.save(det, out, training)
 
 
+def _alerts(ts: np.ndarray, stream: str, spans: list[tuple[str, int, int, int | None]]) -> list[dict[str, Any]]:
+    """Alert documents of ``stream``: (id, first over-threshold row, firing row, resolving row or None)."""
+    return [{"type": "anomaly", "alert_id": aid + stream, "stream": stream, "status": "resolved" if e else "firing",
+             "start_ts": int(ts[s]), "fired_ts": int(ts[f]), "end_ts": int(ts[e]) if e else None}
+            for aid, s, f, e in spans]
+
+
+@pytest.mark.parametrize("nan_tail", [False, True])
+def test_the_report_composes_the_figures_from_the_alerts_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 nan_tail: bool) -> None:
+    """replay_eval.run with the broker's part replaced by hand-made alerts (a replay-eval review). With a NaN tail
+    the rows never replayed stretched the scored part (false alerts an hour understated) and the event there,
+    which no detector could see, capped recall."""
+    from monitor import replay_eval
+
+    path = labelled_sine(tmp_path / "sine.csv")  # events at 1519, 2019, 2519 (10 s each), 1 Hz, 3000 s
+    if nan_tail:
+        df = pd.read_csv(path)
+        df.loc[2400:, "value"] = float("nan")
+        df.to_csv(path, index=False)
+    model = train(path, tmp_path / "pca", "pca", 20, 5, 0.4)
+    series = read_series(path)
+    ts = time_axis(series, None)
+    end = 2399 if nan_tail else 2999
+    spans = [("p", 1000, 1005, 1010),  # probation
+             ("a", 1510, 1525, 1540),  # event 1, delay 6 s
+             ("f", 1800, 1805, 1810),  # false
+             ("o", end - 9, end - 4, None)]  # false, never resolved: open to the end of the scored part
+    monkeypatch.setattr(replay_eval, "_play", lambda p, *a, **k: {
+        "alerts": _alerts(ts, p.stream, spans) + _alerts(ts, p.stream + ".baseline", spans), "thresholds": {},
+        "final_thresholds": {}, "summary": {}})
+    monkeypatch.setattr("monitor.timeline.draw", lambda *a, **k: tmp_path / "timeline.png")
+    r = run(model, series, ts, ReplayOptions(out=tmp_path / "out"))
+    hours, events = (end - 1200) / 3600, 2 if nan_tail else 3
+    for res in (r, r["baseline"]):
+        assert res["events"] == events and res["events_detected"] == 1
+        assert res["recall"] == pytest.approx(1 / events)
+        assert res["alerts"] == 3 and res["true_alerts"] == 1 and res["false_alerts"] == 2
+        assert res["false_alerts_per_hour"] == pytest.approx(2 / hours)
+        assert res["mean_delay_s"] == pytest.approx(6.0) and res["ignored_in_probation"] == 1
+        assert res["time_in_alert"] == pytest.approx((15 + 5 + 4) / (end - 1200))
+    assert r["data"]["test_hours"] == pytest.approx(hours) and r["data"]["events_unplayed"] == (1 if nan_tail else 0)
+
+
 def test_the_replay_calibrator_counts_data_time_unless_told_otherwise(tmp_path: Path) -> None:
     from monitor.config import load_config
 

@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from structlog.testing import capture_logs
 
 from models.data import anomaly_windows, read_series, window_labels
 from models.errors import DataError
-from monitor.events import Span, labelled_events, latest_alerts, score_alerts, warmup_events
+from monitor.events import Span, labelled_events, latest_alerts, replayed_events, score_alerts, warmup_events
 
 H = 3_600_000  # one hour in ms
 
@@ -30,6 +31,23 @@ def test_labelled_events_are_runs_on_the_time_axis_and_skip_those_before_the_tes
     assert labelled_events(ts, labels, from_ms=5000) == [Span(10_000, 12_000), Span(19_000, 19_000)]
     assert labelled_events(ts, labels, from_ms=11_000)[0] == Span(11_000, 12_000, 10_000)  # straddles: counts from
     # there, its first sample kept
+
+
+def test_an_event_whose_rows_were_all_left_out_of_the_replay_is_not_an_event() -> None:
+    """A replay-eval review: rows with NaN are not replayed, yet an event lying wholly in them was scored (no detector
+    could find it: recall capped). One with some row replayed stays, whole; one clipped at the split too."""
+    ts = np.arange(30, dtype="float64") * 1000
+    labels = np.zeros(30, "int8")
+    labels[[3, 4, 10, 11, 12, 20, 21]] = 1
+    sent = np.ones(30, bool)
+    sent[[11, 12, 20, 21, 22]] = False  # the event 10-12 keeps row 10; the one at 20-21 is gone
+    events = labelled_events(ts, labels, from_ms=4000)
+    assert events == [Span(4000, 4000, 3000), Span(10_000, 12_000), Span(20_000, 21_000)]
+    assert replayed_events(events, ts, labels, sent) == events[:2]
+    sent[4] = False  # the clipped one's only row in the scored part is not replayed; its row 3 (warm-up) is
+    assert replayed_events(events, ts, labels, sent) == events[:2]
+    sent[3] = False
+    assert replayed_events(events, ts, labels, sent) == events[1:2]
 
 
 def test_recall_precision_false_alert_rate_and_delays_by_hand() -> None:
@@ -159,6 +177,14 @@ def test_nab_style_windows_label_the_samples_inside_them(tmp_path) -> None:
     ms = int(pd.Timestamp("2014-01-01 08:00").value // 10**6)  # numbers are epoch ms, as in the series
     (tmp_path / "ms.json").write_text(json.dumps([[ms, ms + 3_600_000]]))
     assert window_labels(stamps.to_numpy(), anomaly_windows(tmp_path / "ms.json", "temp.csv")).sum() == 2
+    # a window between two samples labels none: said, with how many (a replay-eval review: an event dropped silently)
+    (tmp_path / "between.json").write_text(json.dumps([["2014-01-01 02:00", "2014-01-01 02:00"],
+                                                       ["2014-01-01 05:10", "2014-01-01 05:40"]]))
+    with capture_logs() as logs:
+        s = read_series(tmp_path / "temp.csv", windows=tmp_path / "between.json")
+    assert s.labels.tolist() == [0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+    [said] = [e for e in logs if e["event"] == "anomaly_windows_without_samples"]
+    assert (said["count"], said["of"], said["first"]) == (1, 2, "2014-01-01T05:10:00 .. 2014-01-01T05:40:00")
 
 
 @pytest.mark.parametrize("doc, message", [
