@@ -180,11 +180,13 @@ PARQUET = (".parquet", ".pq")
 def _index_as_column(df: pd.DataFrame) -> pd.DataFrame:
     """A Parquet file's index as a column when it is data: a named one (``set_index("ts")``), or a datetime one (as
     ``timestamp`` when unnamed) — invisible before, a timestamp index got no order check and no timestamps. Another
-    unnamed index (the row numbers of a filtered frame) is dropped: it is no channel."""
+    unnamed index (the row numbers of a filtered frame) is dropped: it is no channel. Each named level of a
+    MultiIndex is a column too (``set_index(["timestamp", "label"])`` lost both: its anomalies trained on as normal)."""
     if isinstance(df.index, pd.DatetimeIndex) and df.index.name is None and "timestamp" not in df.columns:
         return df.rename_axis("timestamp").reset_index()
-    if df.index.name is not None and df.index.name not in df.columns:
-        return df.reset_index()
+    named = [n for n in df.index.names if n is not None and n not in df.columns]
+    if named:
+        return df.reset_index(level=named).reset_index(drop=True)
     return df.reset_index(drop=True)
 
 
@@ -304,6 +306,10 @@ def _read_frame(p: Path) -> tuple[pd.DataFrame, bytes]:
         raise DataError(f"cannot read {p}{what}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     if df.empty:
         raise DataError(f"{p} has no rows")
+    head = str(df.columns[0])
+    if not parquet and len(df.columns) == 1 and (sep := next((c for c in ";\t|" if c in head), None)) is not None:
+        # (it was "value column 'timestamp;temp;label' is not numeric": about a column that does not exist)
+        raise DataError(f"{p}: one column, {_short(head)}: separated by {sep!r}? tsmon reads comma-separated files")
     # a CSV's "timestamp, temp, label": " label" was read as a channel (Parquet's names are as written)
     cols = [str(c) if parquet else str(c).strip() for c in df.columns]
     df.columns = cols
@@ -325,7 +331,11 @@ def _value_columns(p: Path, df: pd.DataFrame, value_cols: list[str] | None, ts: 
     """The channels' columns (named, or every other one), checked, and made numbers in ``df`` where they are
     numbers stored otherwise (Parquet decimals or strings)."""
     cols = list(df.columns)
-    # a pandas index written with to_csv ("Unnamed: 0", the row number) is no channel: named, it is taken
+    # a pandas index written with to_csv ("Unnamed: 0", the row number, first) is no channel: named, it is taken
+    unnamed = [c for c in cols[1:] if str(c).startswith("Unnamed: ")] if not value_cols else []
+    if unnamed:  # a blank header cell elsewhere is a column without a name: dropped, a channel went missing silently
+        raise DataError(f"{p}: column(s) {', '.join(str(1 + cols.index(c)) for c in unnamed)} have no name in the "
+                        f"header: name them, or choose the channels with --value-col")
     values = value_cols or [c for c in cols if c not in (ts, lab) and c != "sample" and not c.startswith("Unnamed: ")]
     if not values:
         raise DataError(f"{p}: no value columns (columns are {cols})")
@@ -435,6 +445,8 @@ def anomaly_windows(path: str | Path, data_name: str) -> list[tuple[np.datetime6
         raise DataError(f"windows file not found: {p}")
     try:
         doc = json.loads(read_limited(p, "windows file", MAX_WINDOWS_BYTES))  # /dev/zero: not read until memory ran out
+    except RecursionError:  # nested deeper than the parser goes: a traceback
+        raise DataError(f"windows file {p} is not readable JSON: nested too deeply") from None
     except ValueError as exc:
         raise DataError(f"windows file {p} is not readable JSON: {exc}") from None
     if isinstance(doc, dict):

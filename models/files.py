@@ -120,7 +120,14 @@ def check_writable(path: str | Path, what: str, directory: bool = False) -> None
     """Before the work, not after it: ``path`` can be written as a ``what`` — a file (not an existing directory) or,
     with ``directory``, a directory (not an existing file) — in a folder this process may write to. Training
     found an unwritable --out only once its minutes of work were done."""
-    p = Path(os.path.realpath(path))  # a symlink is written through: its target's folder counts
+    p = Path(os.path.realpath(path))  # a symlink is written through: its target's folder counts (one not there yet too)
+    if os.path.islink(path):
+        try:  # but a loop passed this check, and the save after training failed
+            os.path.realpath(path, strict=True)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise DataError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
     if p.exists() and not p.is_dir() and not p.is_file():
         return  # /dev/stdout, a FIFO: written in place
     if p.exists() and p.is_dir() != directory:

@@ -113,6 +113,9 @@ def _spec(manifest: dict[str, Any], trained: dict[str, Any], source: str, protoc
                         "not found from here: give it with --windows")
     if trained.get("align") == "beats" and rule_of(manifest.get("windowing")) is None:
         raise ValueError(f"align is beats but the windowing is {manifest.get('windowing')!r}")
+    for key in ("timestamp_col", "label_col"):  # a hand-edited 5 failed deep in the reader (AttributeError)
+        if not isinstance(trained.get(key), str | None):
+            raise TypeError(f"{key} must be a column name or null, got {trained[key]!r}")
     return DataSpec(source, window=int(manifest["window"]), hop=int(manifest["hop"]),
                     value_cols=names,
                     timestamp_col=trained.get("timestamp_col"), label_col=label_col or trained.get("label_col"),

@@ -126,8 +126,35 @@ def check(explain: Any) -> None:
     if ratio is not None and (not isinstance(ratio, list) or len(ratio) != len(channels)):
         raise DataError(f"alert 'explain' channel_vs_usual must hold one value per channel ({len(channels)})")
     for key in ("score", "threshold"):
-        if explain[key] is not None and not isinstance(explain[key], int | float):
-            raise DataError(f"alert 'explain' {key} must be a number or null, got {explain[key]!r}")
+        if not _number(explain[key]):
+            raise DataError(f"alert 'explain' {key} must be a number or null, got {_short(explain[key])}")
+    # every point a number or null: [[0.25]] for a channel's error, or an integer of 400 digits, ended in a traceback
+    lists = {k: explain[k] for k in ("timestep_error", "channel_error", "channel_vs_usual") if explain.get(k) is not None}
+    lists.update({f"{k}[{i}]": s for k in ("values", "reconstruction") for i, s in enumerate(explain[k])})
+    for key, xs in lists.items():
+        if (bad := next((x for x in xs if not _number(x)), _NONE)) is not _NONE:
+            raise DataError(f"alert 'explain' {key} holds a value that is not a number: {_short(bad)}")
+
+
+_NONE = object()
+
+
+def _number(x: Any) -> bool:
+    """A JSON number a float holds (or null)."""
+    if x is None:
+        return True
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return False
+    try:
+        float(x)
+    except OverflowError:
+        return False
+    return True
+
+
+def _short(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 60 else f"{text[:60]}… ({len(text)} characters)"
 
 
 def _array(xs: list[Any]) -> np.ndarray:

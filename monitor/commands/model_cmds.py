@@ -83,6 +83,8 @@ def parse_params(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
             params[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             params[key.strip()] = raw
+        except RecursionError:  # nested deeper than the parser goes: a traceback
+            raise ModelConfigError(f"--param {key.strip()}: its JSON value is nested too deeply") from None
     return params
 
 
@@ -141,6 +143,8 @@ def train(
                  "beat windows only (--align beats)")
     elif align == "beats":  # one window per beat: a --hop was recorded in the manifest and ignored (a model CLI pass)
         not_with({"--hop": hop}, "sliding windows only: --align beats cuts one window per beat")
+    if window < 2:  # checked first: `--window -5` was said as "Invalid value for --hop: at most --window (-5)"
+        raise typer.BadParameter(f"a window is at least 2 samples, got {window}", param_hint="--window")
     # the daemon would never score the samples between its windows (a route's hop is refused likewise)
     not_with({"--hop": hop > window}, f"at most --window ({window}): the samples between windows would be skipped")
     check_method(normalisation)  # refused once training had begun, after the progress bar
@@ -417,7 +421,8 @@ def score(
     out_of_order: OutOfOrder = "error",
 ) -> None:
     """Score every window of a series; rows are aligned to each window's last sample."""
-    if output.resolve() == input.resolve():  # the scores replaced the data they were scored from, exit 0
+    if os.path.realpath(output) == os.path.realpath(input):  # the scores replaced the data they were scored from
+        # (realpath: Path.resolve raised RuntimeError at a symlink loop, a traceback)
         raise DataError(f"--output {output} is the --input file: give another name")
     check_writable(output, "--output")
     det, series, wins, ends, finite, across = _series_windows(model, input, value_col, timestamp_col, hop, device,
@@ -539,12 +544,16 @@ def _alert_from_file(path: Path) -> dict[str, Any]:
     try:
         whole = json.loads(text)
         docs = whole if isinstance(whole, list) else [whole]
+    except RecursionError:  # nested deeper than the parser goes: a traceback
+        raise DataError(f"{path}: JSON nested too deeply; give one alert object or JSON lines") from None
     except json.JSONDecodeError:
         docs = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     docs.append(json.loads(line))
+                except RecursionError:
+                    raise DataError(f"{path}:{n}: JSON nested too deeply; give one alert object or JSON lines") from None
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{n}: not JSON ({exc.msg}); give one alert object or JSON lines") from None
     docs = [_message(d) for d in docs]
