@@ -107,18 +107,18 @@ class Ingest(ProcessorState):
         new = block.stream not in self.streams  # checks for a new stream only, not on every message
         if new and block.stream.startswith(RESERVED_PREFIX):  # the id itself is refused, whatever route matches it
             return BadRecord("reserved_stream", f"stream ids starting with {RESERVED_PREFIX!r} are tsmon's own")
-        if (refused := self._out_of_range(block)) is not None:  # before a new stream is made: one whose records are
-            # all refused held a slot of limits.max_streams (a producer of epoch seconds under fresh ids filled them)
-            if (st := self.streams.get(block.stream)) is not None:  # alive, yet unmonitored: said (a clock reset to
-                # 1970 went unseen on the alerts topic — each refused record a sign of life, so never `silent`)
-                self._quality(st.quality.event("clock_out_of_range", int(block.ts_ms[0]), refused.detail))
-            return refused
         served = self.scorer.route(block.stream)
         if served is None:
             return BadRecord("no_model", f"no [[models]] pattern matches stream {block.stream[:64]!r}")
         if block.channels != served.channels:
             return BadRecord("channel_mismatch", f"model {served.name} takes {served.channels} channel(s), "
                                                  f"the message has {block.channels}")
+        if (refused := self._out_of_range(block)) is not None:  # before a new stream is made: one whose records are
+            # all refused held a slot of limits.max_streams (a producer of epoch seconds under fresh ids filled them)
+            if (st := self.streams.get(block.stream)) is not None:  # alive, yet unmonitored: said (a clock reset to
+                # 1970 went unseen on the alerts topic — each refused record a sign of life, so never `silent`)
+                self._quality(st.quality.event("clock_out_of_range", int(block.ts_ms[0]), refused.detail))
+            return refused
         if new:
             if len(self.streams) >= self.settings.max_streams:
                 if block.stream in self.restored:  # it is sending: not unseen (forget_dormant), and its document is

@@ -34,6 +34,8 @@ log = logs.get("tsmon.source")
 TP = tuple[str, int]  # (topic, partition)
 POLL_SLICE_MS = 10  # longest single wait inside KafkaSource.poll while records flow (see there)
 SLICE_WHILE_ACTIVE_S = 1.0  # records within this long: the input counts as flowing
+PATTERN_CHECK_S = 1.0  # how often KafkaSource matches its topic pattern against the topics the metadata knows
+REJOIN_POLL_MS = 1000  # the shortest poll while the group rebalances (see KafkaSource.poll)
 NAMED_PARTITION = re.compile(r"TopicPartition\(topic='([^']*)', partition=(\d+)\)")  # in kafka-python's messages
 PAUSED_ENDS_EVERY_S = 5.0  # how often the end offsets of paused partitions are asked for (KafkaSource.lags)
 PAUSED_ENDS_TIMEOUT_MS = 500  # ... and how long the loop waits for them at most
@@ -128,6 +130,8 @@ class KafkaSource:
     """Subscribe to topics (or a pattern) in a group; poll records; commit given offsets."""
 
     _callback_done = -math.inf  # monotonic time our last rebalance callback returned
+    _pattern: re.Pattern[str] | None = None  # the topic pattern this source follows (see __init__)
+    _rejoining = False  # from a revoke to the next assignment: the group rebalances
 
     def __init__(self, consumer_kwargs: dict[str, Any], topics: list[str], pattern: str | None,
                  on_revoke: Callable[[list[TP]], None], on_assign: Callable[[list[TP]], None]) -> None:
@@ -138,10 +142,12 @@ class KafkaSource:
 
         class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             def on_partitions_revoked(self, revoked: Any) -> None:
+                source._rejoining = True
                 with source._callback():
                     on_revoke([(tp.topic, tp.partition) for tp in revoked])
 
             def on_partitions_assigned(self, assigned: Any) -> None:
+                source._rejoining = False
                 with source._callback():
                     on_assign([(tp.topic, tp.partition) for tp in assigned])
 
@@ -153,14 +159,39 @@ class KafkaSource:
         self._paused_ends_due = 0.0  # monotonic time they are asked for again
         self._polled = time.monotonic()  # when the daemon last polled the input (lags: not for a while, ask the ends)
 
+        self._listener = Listener()
         try:
             self._consumer = KafkaConsumer(**consumer_kwargs)
         except KafkaError as exc:
             raise BrokerError(f"cannot reach {consumer_kwargs.get('bootstrap_servers')}: {exc}") from None
-        if pattern:
-            self._consumer.subscribe(pattern=pattern, listener=Listener())  # validated by the config
+        # A pattern is followed here, not by kafka-python's pattern subscription: during a rebalance that one waits for
+        # a metadata refresh inside each poll, and with the loop's polls of 100 ms or less the rejoin after a new
+        # matching topic never completed — every input partition, old topics too, stopped until a restart (a
+        # pipeline owner's pass). The topics it matches (re.match, as kafka-python's) are subscribed by name, and
+        # every topic's metadata is kept (refreshed every metadata_max_age_ms) to find new ones.
+        self._pattern = re.compile(pattern) if pattern else None  # validated by the config
+        self._pattern_checked = -math.inf
+        if self._pattern is not None:
+            self._consumer._cluster.need_all_topic_metadata = True
+            self._consumer._cluster.request_update()  # now, not after metadata_max_age_ms
+            self._follow_pattern()
         else:
-            self._consumer.subscribe(topics=topics, listener=Listener())
+            self._consumer.subscribe(topics=topics, listener=self._listener)
+
+    def _follow_pattern(self) -> None:
+        """Subscribe to the topics the pattern matches now, when they changed (a rebalance follows)."""
+        self._pattern_checked = time.monotonic()
+        assert self._pattern is not None
+        cluster = self._consumer._cluster
+        names = sorted(t for t in cluster.topics(exclude_internal_topics=True) if self._pattern.match(t))
+        if set(names) == (self._consumer.subscription() or set()):
+            return
+        log.info("input_topics_matched", pattern=self._pattern.pattern, topics=names[:50], count=len(names))
+        if names:
+            self._consumer.subscribe(topics=names, listener=self._listener)
+        else:  # every matching topic deleted: nothing to be subscribed to (kafka-python refuses an empty list)
+            self._consumer.unsubscribe()
+        cluster.need_all_topic_metadata = True  # subscribe() turned it off
 
     def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InRecord]:
         """Records that arrive within ``timeout_ms``; while records flow, waited for in ``POLL_SLICE_MS`` slices.
@@ -175,8 +206,14 @@ class KafkaSource:
         from kafka.errors import CorruptRecordError, KafkaError
 
         now = self._polled = time.monotonic()
+        if self._pattern is not None and now - self._pattern_checked >= PATTERN_CHECK_S:
+            self._follow_pattern()
+        if self._rejoining:  # polls of 100 ms or less (10 ms slices while records flowed) never let kafka-python 3.0
+            # finish a rejoin (its join answered, the assignment never came: all input stopped); nothing is
+            # assigned meanwhile, so a longer wait costs no latency
+            timeout_ms = max(timeout_ms, REJOIN_POLL_MS)
         deadline = now + timeout_ms / 1000
-        piece = POLL_SLICE_MS if now - self._last_records < SLICE_WHILE_ACTIVE_S else timeout_ms
+        piece = POLL_SLICE_MS if now - self._last_records < SLICE_WHILE_ACTIVE_S and not self._rejoining else timeout_ms
         while True:
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
             try:

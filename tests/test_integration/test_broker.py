@@ -348,3 +348,53 @@ def test_the_changelog_is_read_in_steps_to_its_end(broker, topic: str) -> None:
     log_ = reader.close()
     assert log_.complete and log_.records == 2000  # how many steps it took is the machine's business
     assert len(log_.docs) == 500 and log_.docs["dev-7"] == {"n": 1507}  # the latest document per key
+
+
+def test_a_topic_pattern_takes_up_new_topics_while_records_flow_at_the_daemons_poll_timeouts(broker) -> None:
+    """A pipeline owner's pass: with kafka-python's own pattern subscription, a topic created while the daemon ran
+    revoked every partition and, at the loop's polls of 100 ms or less, the rejoin never completed: all input
+    stopped, old topics too, until a restart. The source follows the pattern itself: a topic matching it from the
+    start, one created while records flow, and none matching at first are all taken up."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from monitor.source import KafkaSource
+
+    prefix = f"p{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=10_000)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1, linger_ms=0)
+    kwargs = {"bootstrap_servers": broker.bootstrap, "group_id": f"g-{prefix}", "auto_offset_reset": "earliest",
+              "session_timeout_ms": 2000, "heartbeat_interval_ms": 500, "max_poll_interval_ms": 300000,
+              "fetch_max_wait_ms": 100, "metadata_max_age_ms": 2000, "enable_auto_commit": False}
+    events: list[str] = []
+    sources = []
+    try:
+        admin.create_topics([NewTopic(f"{prefix}.a", 2, 1)])
+        src = KafkaSource(kwargs, [], rf"{prefix}\.(a|b)", on_revoke=lambda tps: events.append("revoke"),
+                          on_assign=lambda tps: events.append("assign"))
+        late = KafkaSource({**kwargs, "group_id": f"g2-{prefix}"}, [], rf"{prefix}\.c", lambda tps: None,
+                           lambda tps: None)  # nothing matches it yet
+        sources += [src, late]
+        seen: set[str] = set()
+
+        def poll_until(done, seconds: float = 30.0) -> None:
+            deadline, n = time.monotonic() + seconds, 0
+            while time.monotonic() < deadline and not done():
+                producer.send(f"{prefix}.a", key=b"k", value=f"a{n}".encode())  # records flow meanwhile
+                n += 1
+                for s in sources:
+                    seen.update(r.value.decode() for r in s.poll(100))
+
+        poll_until(lambda: len(src.assignment()) == 2 and any(v.startswith("a") for v in seen))
+        assert src.assignment() == {(f"{prefix}.a", 0), (f"{prefix}.a", 1)}
+        admin.create_topics([NewTopic(f"{prefix}.b", 2, 1), NewTopic(f"{prefix}.c", 1, 1)])
+        producer.send(f"{prefix}.b", value=b"b0")
+        producer.send(f"{prefix}.c", value=b"c0")
+        producer.flush(10)
+        poll_until(lambda: len(src.assignment()) == 4 and {"b0", "c0"} <= seen)
+        assert len(src.assignment()) == 4 and late.assignment() == {(f"{prefix}.c", 0)}, (events, seen - {"b0"})
+        assert {"b0", "c0"} <= seen and events[-1] == "assign"
+    finally:
+        for s in sources:
+            s.close(2)
+        producer.close()
+        admin.close()

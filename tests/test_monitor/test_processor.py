@@ -1255,8 +1255,8 @@ def test_records_stamped_out_of_range_take_no_stream_slot_and_write_no_document(
     p.settings = Settings(max_streams=2, earliest_ms=946_684_800_000, max_future_s=3600.0, state_topic="state")
     ts, v = sine_stream(50)
     p.clock = lambda: ts[-1] / 1000
-    junk = [InRecord("in", 0, i, f"junk-{i}".encode(), json.dumps({"ts": 1_700_000_000 + i, "value": 0.1}).encode(), 0)
-            for i in range(50)]
+    junk = [InRecord("in", 0, i, f"junk-{i}".encode(), json.dumps({"ts": 1_700_000_000 + i, "values": [0.1, 0.2]}).encode(),
+                     0) for i in range(50)]
     ahead = InRecord("in", 0, 50, b"ahead", json.dumps({"ts": int(ts[-1]) + 86_400_000, "values": [0.1, 0.2]}).encode(),
                      0)
     feed(p, [*junk, ahead])
