@@ -160,6 +160,8 @@ class KafkaSource:
         self._polled = time.monotonic()  # when the daemon last polled the input (lags: not for a while, ask the ends)
 
         self._listener = Listener()
+        if pattern:  # a metadata request naming a topic just deleted (set_topics never forgets one) must not create it
+            consumer_kwargs = {**consumer_kwargs, "allow_auto_create_topics": False}  # again, matched by the pattern
         try:
             self._consumer = KafkaConsumer(**consumer_kwargs)
         except KafkaError as exc:
@@ -189,8 +191,10 @@ class KafkaSource:
         log.info("input_topics_matched", pattern=self._pattern.pattern, topics=names[:50], count=len(names))
         if names:
             self._consumer.subscribe(topics=names, listener=self._listener)
-        else:  # every matching topic deleted: nothing to be subscribed to (kafka-python refuses an empty list)
-            self._consumer.unsubscribe()
+        else:  # every matching topic gone: no topic, but a rebalance through the listener (revoke, then an empty
+            # assignment), as kafka-python's pattern subscription did; unsubscribe() cleared the assignment without
+            # either (the daemon kept the partitions' streams, and read them twice when the topic came back)
+            self._consumer._subscription.change_subscription([])
         cluster.need_all_topic_metadata = True  # subscribe() turned it off
 
     def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InRecord]:
@@ -208,7 +212,7 @@ class KafkaSource:
         now = self._polled = time.monotonic()
         if self._pattern is not None and now - self._pattern_checked >= PATTERN_CHECK_S:
             self._follow_pattern()
-        if self._rejoining:  # polls of 100 ms or less (10 ms slices while records flowed) never let kafka-python 3.0
+        if self._rejoining and timeout_ms > 0:  # polls of 100 ms or less (10 ms slices while records flowed) never let kafka-python 3.0
             # finish a rejoin (its join answered, the assignment never came: all input stopped); nothing is
             # assigned meanwhile, so a longer wait costs no latency
             timeout_ms = max(timeout_ms, REJOIN_POLL_MS)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from monitor.source import POLL_SLICE_MS, TP, InRecord, KafkaSource
+from monitor.source import POLL_SLICE_MS, REJOIN_POLL_MS, TP, InRecord, KafkaSource
 
 
 class SleepyConsumer:
@@ -52,6 +52,54 @@ def test_poll_gives_up_after_its_timeout_with_nothing() -> None:
     assert source_on(consumer).poll(35) == []
     assert time.monotonic() - t0 >= 0.03 and sum(consumer.timeouts) <= 35 + POLL_SLICE_MS
     assert source_on(SleepyConsumer(float("inf"))).poll(0) == []  # a zero timeout is one non-blocking poll
+
+
+def test_while_the_group_rebalances_a_poll_waits_at_least_a_second_in_one_piece() -> None:
+    """A pipeline owner's pass: at the loop's 100 ms polls (10 ms slices while records flowed) kafka-python 3.0 never
+    finished a rejoin and all input stopped; from a revoke to the next assignment a poll waits 1 s or more, unsliced
+    (a non-blocking poll stays one)."""
+    consumer = SleepyConsumer(ready_at=time.monotonic() + 0.05)
+    src = source_on(consumer)
+    src._rejoining = True
+    src.poll(100)
+    assert len(consumer.timeouts) == 1 and consumer.timeouts[0] > REJOIN_POLL_MS - 10  # (less what has passed)
+    consumer.timeouts.clear()
+    src.poll(0)
+    assert consumer.timeouts == [0]
+
+
+def test_a_topic_pattern_is_followed_by_subscribing_to_the_topics_it_matches() -> None:
+    """The source follows kafka.topic_pattern itself (kafka-python's pattern subscription stalled the group at a new
+    topic): the matching topics by name, re-subscribed when they change; none left is an empty subscription, a
+    rebalance through the listener (unsubscribe() dropped the partitions without a revoke)."""
+    import re
+
+    calls: list[Any] = []
+    cluster = SimpleNamespace(need_all_topic_metadata=True, names={"sensors.a", "other", "__consumer_offsets"},
+                              topics=lambda exclude_internal_topics: set(cluster.names) - {"__consumer_offsets"})
+    state = SimpleNamespace(subscribed=set())
+
+    def subscribe(topics: list[str], listener: Any) -> None:
+        calls.append(("subscribe", topics))
+        state.subscribed, cluster.need_all_topic_metadata = set(topics), False  # as kafka-python's subscribe does
+
+    def change_subscription(topics: list[str]) -> None:
+        calls.append(("change", topics))
+        state.subscribed = set(topics)
+
+    src = KafkaSource.__new__(KafkaSource)
+    src._consumer = SimpleNamespace(_cluster=cluster, subscribe=subscribe, subscription=lambda: state.subscribed or None,
+                                    _subscription=SimpleNamespace(change_subscription=change_subscription),
+                                    unsubscribe=lambda: calls.append("unsubscribe"))
+    src._pattern, src._listener = re.compile(r"sensors\..*"), object()
+    src._follow_pattern()
+    src._follow_pattern()  # unchanged: no new subscription, no rebalance
+    cluster.names |= {"sensors.b"}
+    src._follow_pattern()
+    cluster.names -= {"sensors.a", "sensors.b"}
+    src._follow_pattern()
+    assert calls == [("subscribe", ["sensors.a"]), ("subscribe", ["sensors.a", "sensors.b"]), ("change", [])]
+    assert cluster.need_all_topic_metadata  # every topic's metadata kept, to find the next one
 
 
 def test_a_silent_input_is_waited_for_in_one_piece_until_records_flow_again() -> None:
