@@ -5,29 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import traceback
 from pathlib import Path
 
 import pytest
 
 from monitor.cli import main
 from tests.conftest import synthetic_series
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """Exit code, stdout, stderr; an exception escaping main() is reported as code -1 with its traceback."""
-    try:
-        main(["--log-format", "json", *args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    except BaseException:  # noqa: BLE001 - what the user would see as a traceback
-        code = -1
-        tb = traceback.format_exc()
-        cap = capsys.readouterr()
-        return code, cap.out, cap.err + tb
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+from tests.test_monitor.test_cli import _said, run  # an exception out of main() fails the test as it is
 
 
 def one_line_error(code: int, err: str) -> str:
@@ -119,7 +103,7 @@ def test_a_negative_window_is_blamed_on_window_not_on_hop(csv: Path, tmp_path: P
     (hop 0 > window -5) runs before the window is checked, and names an option the user never gave."""
     code, _, err = run(capsys, "train", "--data", str(csv), "--model", "pca", "--window", "-5",
                        "--out", str(tmp_path / "a"), "--device", "cpu")
-    said = " ".join(re.sub(r"[│╭╮╰╯─]", " ", err).split())
+    said = _said(err)
     assert code in (1, 2)
     assert "--hop" not in said, said
     assert "window" in said
