@@ -307,7 +307,8 @@ def _read_frame(p: Path) -> tuple[pd.DataFrame, bytes]:
     if df.empty:
         raise DataError(f"{p} has no rows")
     head = str(df.columns[0])
-    if not parquet and len(df.columns) == 1 and (sep := next((c for c in ";\t|" if c in head), None)) is not None:
+    if not parquet and len(df.columns) == 1 and (sep := next((c for c in ";\t|" if c in head), None)) is not None \
+            and sep in str(df.iloc[0, 0]):  # (a channel named "flow|lpm" alone is a name, its rows numbers)
         # (it was "value column 'timestamp;temp;label' is not numeric": about a column that does not exist)
         raise DataError(f"{p}: one column, {_short(head)}: separated by {sep!r}? tsmon reads comma-separated files")
     # a CSV's "timestamp, temp, label": " label" was read as a channel (Parquet's names are as written)
@@ -332,8 +333,10 @@ def _value_columns(p: Path, df: pd.DataFrame, value_cols: list[str] | None, ts: 
     numbers stored otherwise (Parquet decimals or strings)."""
     cols = list(df.columns)
     # a pandas index written with to_csv ("Unnamed: 0", the row number, first) is no channel: named, it is taken
-    unnamed = [c for c in cols[1:] if str(c).startswith("Unnamed: ")] if not value_cols else []
-    if unnamed:  # a blank header cell elsewhere is a column without a name: dropped, a channel went missing silently
+    lead = next((i for i, c in enumerate(cols) if not str(c).startswith("Unnamed: ")), len(cols))  # index levels
+    unnamed = [c for c in cols[lead:] if str(c).startswith("Unnamed: ") and df[c].notna().any()] if not value_cols else []
+    if unnamed:  # a blank header cell after a named column, over data, is a column without a name: it was dropped,
+        # a channel gone without a word (a leading run is a pandas index, an empty one a trailing delimiter)
         raise DataError(f"{p}: column(s) {', '.join(str(1 + cols.index(c)) for c in unnamed)} have no name in the "
                         f"header: name them, or choose the channels with --value-col")
     values = value_cols or [c for c in cols if c not in (ts, lab) and c != "sample" and not c.startswith("Unnamed: ")]

@@ -258,7 +258,10 @@ class Controller:
             if not self._lacks(cmd, name, doc_commands(doc), doc_since_ms(doc), issued):
                 continue
             if not wake(doc):
-                if asleep is not None:
+                if asleep is not None and changes and self.p.restore_incomplete and (
+                        name not in self.p.evicted_here or name in self.p.provisional_evicted):
+                    self.provisional.add(name)  # its document may be older than one the read did not reach
+                elif asleep is not None:
                     asleep.append(name)
                 continue
             if changes and self.p.restore_incomplete and (name not in self.p.evicted_here  # it would wake provisional
@@ -299,9 +302,13 @@ class Controller:
             change(stream)
             streams.append(stream)
             effects.append({"stream": stream, "before": before, "after": self._view(stream)})
-        if asleep_why is not None:
-            held.update(dict.fromkeys(asleep, asleep_why))
-        return streams, effects, {"held": held} if held else {}
+        result: dict[str, Any] = {}
+        if asleep_why is not None and asleep:  # by name for one stream; under a glob a count (thousands of idle
+            if names_one(cmd.target):  # streams made as many table rows)
+                held.update(dict.fromkeys(asleep, asleep_why))
+            else:
+                result["asleep_passed"] = {"count": len(asleep), "why": asleep_why}
+        return streams, effects, {**result, **({"held": held} if held else {})}
 
     def _why(self, cmd: Command) -> str:
         return f"{cmd.command} by {cmd.operator}: {cmd.reason}".strip().rstrip(":")

@@ -216,6 +216,7 @@ def verdict(command: str, target: str, acks: list[dict[str, Any]], timeout_s: fl
         # the streams that start while it runs, or one of those lifted, is applied
         matched = any(a["streams"] or a["result"].get("refused") or a["result"].get("unchanged")
                       or a["result"].get("held") or a["result"].get("standing") or a["result"].get("lifted")
+                      or a["result"].get("asleep_passed")
                       for a in applied)
     covered = sorted({p for a in applied for p in a["result"].get("still_covered_by", ())})
     if covered and not any(a["streams"] or a["result"].get("held") for a in applied):  # not started anywhere: its

@@ -113,20 +113,21 @@ class Ingest(ProcessorState):
         if block.channels != served.channels:
             return BadRecord("channel_mismatch", f"model {served.name} takes {served.channels} channel(s), "
                                                  f"the message has {block.channels}")
-        if (refused := self._out_of_range(block)) is not None:  # before a new stream is made: one whose records are
-            # all refused held a slot of limits.max_streams (a producer of epoch seconds under fresh ids filled them)
-            if (st := self.streams.get(block.stream)) is not None:  # alive, yet unmonitored: said (a clock reset to
-                # 1970 went unseen on the alerts topic — each refused record a sign of life, so never `silent`)
-                self._quality(st.quality.event("clock_out_of_range", int(block.ts_ms[0]), refused.detail))
-            return refused
+        refused = self._out_of_range(block)
+        if refused is not None and new and block.stream not in self.restored:  # no stream is made for it: one whose
+            return refused  # records were all refused held a slot of limits.max_streams (epoch seconds, fresh ids)
         if new:
             if len(self.streams) >= self.settings.max_streams:
                 if block.stream in self.restored:  # it is sending: not unseen (forget_dormant), and its document is
                     self.knocked[block.stream] = int(self.clock() * 1000)  # all the state it has left
                 return BadRecord("too_many_streams", f"{len(self.streams)} streams held (limits.max_streams); "
                                                      "idle ones are evicted after limits.idle_evict_s")
-            self._new_stream(block.stream, served)
-        return None
+            self._new_stream(block.stream, served)  # (woken from its document)
+        if refused is not None:  # a stream with state, alive yet unmonitored: said (a clock reset to 1970 went unseen
+            # on the alerts topic — each refused record a sign of life, so never `silent`)
+            st = self.streams[block.stream]
+            self._quality(st.quality.event("clock_out_of_range", int(block.ts_ms[0]), refused.detail))
+        return refused
 
     def _out_of_range(self, block: SampleBlock) -> BadRecord | None:
         """A block stamped before ``limits.earliest_ts`` (epoch seconds read as ms: January 1970), or ending further

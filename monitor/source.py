@@ -35,7 +35,8 @@ TP = tuple[str, int]  # (topic, partition)
 POLL_SLICE_MS = 10  # longest single wait inside KafkaSource.poll while records flow (see there)
 SLICE_WHILE_ACTIVE_S = 1.0  # records within this long: the input counts as flowing
 PATTERN_CHECK_S = 1.0  # how often KafkaSource matches its topic pattern against the topics the metadata knows
-REJOIN_POLL_MS = 1000  # the shortest poll while the group rebalances (see KafkaSource.poll)
+REJOIN_POLL_MS = 500  # the shortest poll while the group rebalances (see KafkaSource.poll) …
+REJOIN_SLICE_MS = 250  # … waited for in slices of this, so that it returns soon after the assignment
 NAMED_PARTITION = re.compile(r"TopicPartition\(topic='([^']*)', partition=(\d+)\)")  # in kafka-python's messages
 PAUSED_ENDS_EVERY_S = 5.0  # how often the end offsets of paused partitions are asked for (KafkaSource.lags)
 PAUSED_ENDS_TIMEOUT_MS = 500  # ... and how long the loop waits for them at most
@@ -212,12 +213,15 @@ class KafkaSource:
         now = self._polled = time.monotonic()
         if self._pattern is not None and now - self._pattern_checked >= PATTERN_CHECK_S:
             self._follow_pattern()
-        if self._rejoining and timeout_ms > 0:  # polls of 100 ms or less (10 ms slices while records flowed) never let kafka-python 3.0
-            # finish a rejoin (its join answered, the assignment never came: all input stopped); nothing is
-            # assigned meanwhile, so a longer wait costs no latency
+        rejoining = self._rejoining and timeout_ms > 0
+        if rejoining:  # polls of 100 ms or less (10 ms slices while records flowed) never let kafka-python 3.0 finish
+            # a rejoin (its join answered, the assignment never came: all input stopped); nothing is assigned
+            # meanwhile, so a longer wait costs no latency — but it ends at the assignment (a restore follows, whose
+            # steps the loop takes: a whole second there held the loop's turn)
             timeout_ms = max(timeout_ms, REJOIN_POLL_MS)
         deadline = now + timeout_ms / 1000
-        piece = POLL_SLICE_MS if now - self._last_records < SLICE_WHILE_ACTIVE_S and not self._rejoining else timeout_ms
+        piece = REJOIN_SLICE_MS if rejoining else (
+            POLL_SLICE_MS if now - self._last_records < SLICE_WHILE_ACTIVE_S else timeout_ms)
         while True:
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
             try:
@@ -240,7 +244,7 @@ class KafkaSource:
                     raise PartitionUnreadable(message, parsing) from None
                 raise BrokerError(message) from None
             self._raise_callback_error()
-            if batches or left_ms <= piece:
+            if batches or left_ms <= piece or (rejoining and not self._rejoining):
                 break
         if batches:
             self._last_records = time.monotonic()

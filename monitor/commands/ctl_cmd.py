@@ -142,6 +142,8 @@ def _effect(a: dict[str, Any]) -> str:
                      f"{cand['threshold']:.6g} -> {cand['windows_over']} over, {cand['alerts']} alerts")
     lines += [f"{s}: refused: {why}" for s, why in r.get("refused", {}).items()]
     lines += [f"{s}: skipped: {why}" for s, why in r.get("held", {}).items()]  # under --all or a glob (was --json only)
+    if asleep := r.get("asleep_passed"):  # idle streams an undo under a glob left asleep: counted, not listed
+        lines.append(f"{asleep['count']} idle stream(s) skipped: {asleep['why']}")
     because = r.get("unchanged_because") or {}  # "applied" over "-": as if nothing had been looked at (a new user)
     lines += [f"{s}: unchanged" + (f": {because[s]}" if s in because else "") for s in r.get("unchanged", [])]
     if standing := r.get("standing"):  # kept: the streams that start while it runs are silenced too

@@ -332,9 +332,16 @@ def test_files_as_other_tools_write_them(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"names column\(s\) \['ch0'\] more than once"):
         read_series(tmp_path / "dup.csv.gz")  # it was two channels, ch0 and ch0.1
     (tmp_path / "blank.csv").write_text(",,ch0\n" + "".join(f"{i},{i},{i % 7}\n" for i in range(50)))
-    with pytest.raises(DataError, match=r"column\(s\) 2 have no name in the header"):  # two blank names are no repeat;
-        read_series(tmp_path / "blank.csv")  # the first is to_csv's index, the second a channel without a name
-    assert read_series(tmp_path / "blank.csv", value_cols=["ch0"]).channels == ["ch0"]
+    assert read_series(tmp_path / "blank.csv").channels == ["ch0"]  # two blank names (Unnamed: 0, 1) are no repeat:
+    # a leading run of them is a pandas index of two levels; an empty column after a trailing delimiter is none
+    (tmp_path / "trail.csv").write_text("ch0,ch1,\n" + "".join(f"{i},{i % 7},\n" for i in range(50)))
+    assert read_series(tmp_path / "trail.csv").channels == ["ch0", "ch1"]
+    (tmp_path / "pipe.csv").write_text("flow|lpm\n" + "".join(f"{i % 7}.5\n" for i in range(50)))
+    assert read_series(tmp_path / "pipe.csv").channels == ["flow|lpm"]  # one channel of that name: not a delimiter
+    (tmp_path / "gap.csv").write_text("ch0,,ch1\n" + "".join(f"{i},{i % 5},{i % 7}\n" for i in range(50)))
+    with pytest.raises(DataError, match=r"column\(s\) 2 have no name in the header"):  # a channel without a name
+        read_series(tmp_path / "gap.csv")
+    assert read_series(tmp_path / "gap.csv", value_cols=["ch0", "ch1"]).channels == ["ch0", "ch1"]
     pd.DataFrame(df[["ch0"]].to_numpy()).to_parquet(tmp_path / "zero.parquet")  # Parquet's names are names
     assert read_series(tmp_path / "zero.parquet").channels == ["0"]
     df.assign(ch0=df["ch0"].round(4).astype(str)).to_parquet(tmp_path / "text.parquet")  # numbers stored as text

@@ -1286,6 +1286,20 @@ def test_a_held_stream_stamped_out_of_range_is_reported_not_left_unmonitored_in_
     assert p.metrics.total("tsmon_dead_letters_total") == 91 and p.streams["dev"].quality.counts["clock_out_of_range"] == 91
 
 
+def test_an_evicted_stream_stamped_out_of_range_is_woken_and_reported(make: Make) -> None:
+    """A review of the fix above: checked before any stream was made, the records of a stream evicted as idle (or
+    not woken since a restart) — the usual case after an outage — were refused without a word, not woken, and
+    its `silent` stayed the last word while it sent. A stream with a document is woken, and reported."""
+    p = make()
+    p.settings = Settings(state_topic="state", idle_evict_s=60.0, earliest_ms=946_684_800_000)
+    ts, v = sine_stream(200)
+    feed(p, records("dev", ts, v))
+    assert p.evict_idle(time.monotonic() + 61) == 1 and "dev" not in p.streams
+    p.handle([InRecord("in", 0, 100, b"dev", json.dumps({"ts": 5_000, "values": [0.1, 0.2]}).encode(), 0)])
+    told = [json.loads(m.value)["kind"] for m in sink(p).sent if m.topic == ALERTS]
+    assert "dev" in p.streams and "clock_out_of_range" in told
+
+
 def test_polls_of_dead_letters_alone_do_not_grow_the_poll_size_without_bound(make: Make) -> None:
     """An input-path review: every poll of dead letters only doubled ``unsized_room``, with no cap, also once the
     records' size was known (a producer of garbage grew it by a bit a poll)."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from monitor.source import POLL_SLICE_MS, REJOIN_POLL_MS, TP, InRecord, KafkaSource
+from monitor.source import POLL_SLICE_MS, REJOIN_SLICE_MS, TP, InRecord, KafkaSource
 
 
 class SleepyConsumer:
@@ -54,18 +54,35 @@ def test_poll_gives_up_after_its_timeout_with_nothing() -> None:
     assert source_on(SleepyConsumer(float("inf"))).poll(0) == []  # a zero timeout is one non-blocking poll
 
 
-def test_while_the_group_rebalances_a_poll_waits_at_least_a_second_in_one_piece() -> None:
+def test_while_the_group_rebalances_a_poll_waits_longer_in_slices_and_ends_at_the_assignment() -> None:
     """A pipeline owner's pass: at the loop's 100 ms polls (10 ms slices while records flowed) kafka-python 3.0 never
-    finished a rejoin and all input stopped; from a revoke to the next assignment a poll waits 1 s or more, unsliced
-    (a non-blocking poll stays one)."""
-    consumer = SleepyConsumer(ready_at=time.monotonic() + 0.05)
-    src = source_on(consumer)
+    finished a rejoin and all input stopped; from a revoke to the next assignment a poll waits 0.5 s or more, in
+    slices of REJOIN_SLICE_MS, and returns at the assignment (a whole second held the loop's turn at the restore
+    that follows); a non-blocking poll stays one."""
+    consumer = SleepyConsumer(ready_at=float("inf"))
+    src = source_on(consumer, flowing=True)
     src._rejoining = True
+    t0 = time.monotonic()
     src.poll(100)
-    assert len(consumer.timeouts) == 1 and consumer.timeouts[0] > REJOIN_POLL_MS - 10  # (less what has passed)
+    # past the caller's 100 ms, in slices (the fake sleeps 100 ms of each): several of them, the first a whole one
+    assert time.monotonic() - t0 >= 0.3 and len(consumer.timeouts) >= 3
+    assert consumer.timeouts[0] == max(consumer.timeouts) == REJOIN_SLICE_MS
     consumer.timeouts.clear()
     src.poll(0)
     assert consumer.timeouts == [0]
+    assigned = SleepyConsumer(ready_at=float("inf"))
+    src = source_on(assigned)
+    src._rejoining = True
+    real = assigned.poll
+
+    def poll(timeout_ms: int, max_records: int | None = None) -> dict[Any, list[Any]]:
+        src._rejoining = False  # the assignment callback ran inside this poll
+        return real(timeout_ms, max_records)
+
+    assigned.poll = poll  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    src.poll(100)
+    assert len(assigned.timeouts) == 1 and time.monotonic() - t0 < 0.5
 
 
 def test_a_topic_pattern_is_followed_by_subscribing_to_the_topics_it_matches() -> None:
