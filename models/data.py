@@ -25,7 +25,7 @@ import pandas as pd
 import structlog
 
 from models import beats
-from models.errors import DataError
+from models.errors import DataError, short_repr
 from models.files import read_limited
 
 ECG5000_SHA256 = {
@@ -253,7 +253,7 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         if not (ok := lv.isin([0, 1])).all():  # the row named, as for the other columns
             row = int(np.flatnonzero(~ok.to_numpy())[0])
             raise DataError(f"{p}: label column {lab!r} must hold only 0 and 1 "
-                            f"(row {row}: {_short(df[lab].iloc[row : row + 1].tolist()[0])})")
+                            f"(row {row}: {short_repr(df[lab].iloc[row : row + 1].tolist()[0])})")
         labels = lv.to_numpy("int8")
     dropped, rows, labels_sha = 0, None, ""
     stamps, numeric = None, ts is not None and pd.api.types.is_numeric_dtype(df[ts])
@@ -310,7 +310,7 @@ def _read_frame(p: Path) -> tuple[pd.DataFrame, bytes]:
     if not parquet and len(df.columns) == 1 and (sep := next((c for c in ";\t|" if c in head), None)) is not None \
             and sep in str(df.iloc[0, 0]):  # (a channel named "flow|lpm" alone is a name, its rows numbers)
         # (it was "value column 'timestamp;temp;label' is not numeric": about a column that does not exist)
-        raise DataError(f"{p}: one column, {_short(head)}: separated by {sep!r}? tsmon reads comma-separated files")
+        raise DataError(f"{p}: one column, {short_repr(head)}: separated by {sep!r}? tsmon reads comma-separated files")
     # a CSV's "timestamp, temp, label": " label" was read as a channel (Parquet's names are as written)
     cols = [str(c) if parquet else str(c).strip() for c in df.columns]
     df.columns = cols
@@ -367,7 +367,7 @@ def _value_columns(p: Path, df: pd.DataFrame, value_cols: list[str] | None, ts: 
             example = bad.iloc[0] if len(bad) else df[c].iloc[0]
             hint = _timestamp_hint(c) if ts is None and not value_cols and _iso_dates(df[c]) else ""
             raise DataError(f"{p}: value column {c!r} is not numeric (row {bad.index[0] if len(bad) else 0}: "
-                            f"{_short(example)}){hint}")
+                            f"{short_repr(example)}){hint}")
     if ts is None and not value_cols:  # a timestamp column of another name was a channel (a pipeline owner's pass:
         # event_time trained on, the warning about outliers, and every live message dead-lettered, a channel short)
         stamps = [c for c in values if _epoch_ms_rising(df[c]) and c not in (model_channels or ())]
@@ -517,12 +517,6 @@ def windows_for(values: np.ndarray, window: int, hop: int,
 # a gap: an interval longer than this many median sample intervals and than GAP_MIN_MS — replay-eval's default, and
 # the daemon's default windows.gap_ms (5 s) for streams that sample at least every 1.7 s
 GAP_INTERVALS, GAP_MIN_MS = 3.0, 5000.0
-
-
-def _short(value: object, most: int = 80) -> str:
-    """``repr(value)``, cut to ``most`` characters: a cell of 2 000 000 digits made a 2 MB error line."""
-    text = repr(value)
-    return text if len(text) <= most else f"{text[:most]}… ({len(text)} characters)"
 
 
 def gap_windows(timestamps: np.ndarray | None, ends: np.ndarray, window: int, gap_ms: float | None = None,

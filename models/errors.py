@@ -63,6 +63,12 @@ class ScoringStuck(TsmonError):
     interrupted, so the daemon stops without committing past it and the process exits for its supervisor."""
 
 
+def short_repr(value: object, most: int = 80) -> str:
+    """``repr(value)``, cut to ``most`` characters, for an error line: a cell of 2 000 000 digits made a 2 MB one."""
+    text = repr(value)
+    return text if len(text) <= most else f"{text[:most]}… ({len(text)} characters)"
+
+
 def describe(exc: BaseException) -> str:
     """``Type: message`` of any exception, once: kafka-python's errors put their class name in their message
     already ("KafkaTimeoutError: KafkaTimeoutError: None" on /readyz), and one without a message is its name."""

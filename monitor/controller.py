@@ -257,16 +257,14 @@ class Controller:
         for name, doc in sorted(self.p.evicted_docs().items()):
             if not self._lacks(cmd, name, doc_commands(doc), doc_since_ms(doc), issued):
                 continue
-            if not wake(doc):
-                if asleep is not None and changes and self.p.restore_incomplete and (
-                        name not in self.p.evicted_here or name in self.p.provisional_evicted):
-                    self.provisional.add(name)  # its document may be older than one the read did not reach
-                elif asleep is not None:
-                    asleep.append(name)
+            woken = wake(doc)
+            if not woken and asleep is None:
                 continue
             if changes and self.p.restore_incomplete and (name not in self.p.evicted_here  # it would wake provisional
                                                           or name in self.p.provisional_evicted):
-                self.provisional.add(name)
+                self.provisional.add(name)  # (left asleep: its document may be older than one the read missed)
+            elif not woken and asleep is not None:
+                asleep.append(name)
             elif not self.p.wake(name):
                 self.not_woken.add(name)  # no room: the ack says so, and tsmon ctl fails
         names = [s for s, st in self.p.streams.items() if self._lacks(cmd, s, st.commands, st.since_ms, issued)]

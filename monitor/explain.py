@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.errors import DataError
+from models.errors import DataError, short_repr
 from monitor.alerts import over_usual, significant, vs_usual
 
 if TYPE_CHECKING:
@@ -127,13 +127,13 @@ def check(explain: Any) -> None:
         raise DataError(f"alert 'explain' channel_vs_usual must hold one value per channel ({len(channels)})")
     for key in ("score", "threshold"):
         if not _number(explain[key]):
-            raise DataError(f"alert 'explain' {key} must be a number or null, got {_short(explain[key])}")
+            raise DataError(f"alert 'explain' {key} must be a number or null, got {short_repr(explain[key], 60)}")
     # every point a number or null: [[0.25]] for a channel's error, or an integer of 400 digits, ended in a traceback
     lists = {k: explain[k] for k in ("timestep_error", "channel_error", "channel_vs_usual") if explain.get(k) is not None}
     lists.update({f"{k}[{i}]": s for k in ("values", "reconstruction") for i, s in enumerate(explain[k])})
     for key, xs in lists.items():
         if (bad := next((x for x in xs if not _number(x)), _NONE)) is not _NONE:
-            raise DataError(f"alert 'explain' {key} holds a value that is not a number: {_short(bad)}")
+            raise DataError(f"alert 'explain' {key} holds a value that is not a number: {short_repr(bad, 60)}")
 
 
 _NONE = object()
@@ -150,11 +150,6 @@ def _number(x: Any) -> bool:
     except OverflowError:
         return False
     return True
-
-
-def _short(x: Any) -> str:
-    text = repr(x)
-    return text if len(text) <= 60 else f"{text[:60]}… ({len(text)} characters)"
 
 
 def _array(xs: list[Any]) -> np.ndarray:

@@ -50,6 +50,7 @@ class Ingest(ProcessorState):
         if records and self.first_record_at is None:
             self.first_record_at = time.monotonic()
         by_stream: dict[str, list[tuple[InRecord, SampleBlock]]] = {}
+        now_ms = self.clock() * 1000  # once a poll: the time bounds every record is checked against
         for rec in records:
             try:
                 block = parse(rec.value, rec.key, self.settings.limits)
@@ -57,7 +58,7 @@ class Ingest(ProcessorState):
                 self.throttle.log(log.error, "parse_failed", error=describe(exc)[:300],
                                   topic=rec.topic, partition=rec.partition, offset=rec.offset)
                 block = BadRecord("unparseable", describe(exc)[:200])
-            why = self._route(block) if isinstance(block, SampleBlock) else block
+            why = self._route(block, now_ms) if isinstance(block, SampleBlock) else block
             if why is not None:
                 if isinstance(block, SampleBlock) and (st := self.streams.get(block.stream)) is not None:
                     self._heard(block.stream, st, rec, block)
@@ -103,7 +104,7 @@ class Ingest(ProcessorState):
         if st.silent_ts is not None:
             self._resumed(stream, st, [(rec, block)])
 
-    def _route(self, block: SampleBlock) -> BadRecord | None:
+    def _route(self, block: SampleBlock, now_ms: float) -> BadRecord | None:
         new = block.stream not in self.streams  # checks for a new stream only, not on every message
         if new and block.stream.startswith(RESERVED_PREFIX):  # the id itself is refused, whatever route matches it
             return BadRecord("reserved_stream", f"stream ids starting with {RESERVED_PREFIX!r} are tsmon's own")
@@ -113,7 +114,7 @@ class Ingest(ProcessorState):
         if block.channels != served.channels:
             return BadRecord("channel_mismatch", f"model {served.name} takes {served.channels} channel(s), "
                                                  f"the message has {block.channels}")
-        refused = self._out_of_range(block)
+        refused = self._out_of_range(block, now_ms)
         if refused is not None and new and block.stream not in self.restored:  # no stream is made for it: one whose
             return refused  # records were all refused held a slot of limits.max_streams (epoch seconds, fresh ids)
         if new:
@@ -129,11 +130,11 @@ class Ingest(ProcessorState):
             self._quality(st.quality.event("clock_out_of_range", int(block.ts_ms[0]), refused.detail))
         return refused
 
-    def _out_of_range(self, block: SampleBlock) -> BadRecord | None:
+    def _out_of_range(self, block: SampleBlock, now_ms: float) -> BadRecord | None:
         """A block stamped before ``limits.earliest_ts`` (epoch seconds read as ms: January 1970), or ending further
         ahead of this host's clock than ``limits.max_future_s`` (taken, it would make every later sample "backwards"
         until then)."""
-        t0, ahead_s, now_ms = int(block.ts_ms[0]), self.settings.max_future_s, self.clock() * 1000
+        t0, ahead_s = int(block.ts_ms[0]), self.settings.max_future_s
         if (earliest := self.settings.earliest_ms) is not None and t0 < earliest:
             first = datetime.fromtimestamp(t0 / 1000, UTC).isoformat(timespec="seconds")
             hint = ("epoch seconds? ts is epoch milliseconds" if t0 < SECONDS_LOOK_LIKE_MS else
