@@ -185,8 +185,8 @@ class KafkaConfig(_Section):
     ssl_check_hostname: bool = Field(True, description="verify that broker certificates match the host")
     producer_acks: Literal["all", "1", "0"] = Field("all", description="broker acks an alert needs")
     enable_idempotence: bool = Field(False, description="idempotent producer; needs producer_acks all")
-    replication_factor: int = Field(-1, ge=-1, le=32767, description="replicas of the control, audit and state "
-                                    "topics when tsmon creates them (they are left alone if they exist); -1: the "
+    replication_factor: int = Field(-1, ge=-1, le=32767, description="replicas of the alerts, dead-letter, "
+                                    "control, audit and state topics when tsmon creates them (they are left alone if they exist); -1: the "
                                     "brokers' default.replication.factor (Kafka >= 2.4)")
 
     _lists = field_validator("bootstrap_servers", "topics", mode="before")(_split)

@@ -299,9 +299,13 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         wait_for_brokers(k, k.bootstrap_timeout_ms / 1000, on_problems=unreachable)
 
     def _ensure_topics(self) -> set[str]:
-        """Create the control, audit and state topics that are missing; returns the topics that existed."""
+        """Create the alerts, dead-letter, control, audit and state topics that are missing; returns the topics that
+        existed. The alerts and dead-letter topics too: on a cluster that does not auto-create topics a missing one
+        stalled the sink (each send waited for metadata that never came, and the input paused) instead of stopping
+        the start with one line."""
         k, c, st = self.cfg.kafka, self.cfg.control, self.cfg.state
-        topics = {c.topic: 1, c.audit_topic: 1, **({st.topic: 1} if st.enabled else {})}
+        topics = {k.alerts_topic: 1, k.dead_letter_topic: 1, c.topic: 1, c.audit_topic: 1,
+                  **({st.topic: 1} if st.enabled else {})}
         client = k.client_kwargs()
         return ensure_topics(client.pop("bootstrap_servers"), topics, {st.topic: {"cleanup.policy": "compact"}},
                              replication_factor=k.replication_factor, **client)

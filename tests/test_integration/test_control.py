@@ -349,7 +349,8 @@ def test_the_daemon_creates_its_topics_with_the_configured_replication(broker: A
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Replication factor 1 was hard-wired: on a production cluster the changelog lived on one broker (and
     acks=all writes failed where min.insync.replicas is 2). The brokers' default (-1) unless configured; the
-    local broker accepts -1 and makes one replica."""
+    local broker accepts -1 and makes one replica. The alerts and dead-letter topics are created too, before
+    anything is sent to them (on a cluster without auto-creation a missing one stalled the sink)."""
     import monitor.daemon
 
     seen: list[int] = []
@@ -363,7 +364,7 @@ def test_the_daemon_creates_its_topics_with_the_configured_replication(broker: A
         Daemon._ensure_topics(SimpleNamespace(cfg=cfg))  # type: ignore[arg-type]
         admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
         try:
-            assert cfg.state.topic in admin.list_topics()
+            assert {cfg.state.topic, cfg.kafka.alerts_topic, cfg.kafka.dead_letter_topic} <= set(admin.list_topics())
         finally:
             admin.close()
     assert seen == [-1, 1]
