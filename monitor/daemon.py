@@ -169,10 +169,11 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         b = cfg.batch
         batcher = Batcher(b.max_batch, b.max_delay_ms, latency_target_ms=b.latency_target_ms)
         try:
+            if source is None:  # a real broker: one that cannot be reached (a TLS setting wrong) is named now, not
+                self._wait_for_brokers()  # as the clients' "Unable to bootstrap" 30 s later, nor after the warm-up
             if cfg.daemon.warmup:  # before any client exists: a refused precision leaves nothing open
                 self._warm_up(backend, batcher)
-            if source is None:  # a real broker: one that cannot be reached is named now, not as the clients'
-                self._wait_for_brokers()  # "Unable to bootstrap" 30 s later (or never: a TLS handshake hung)
+            if source is None:
                 existing = self._ensure_topics()
                 if not cfg.kafka.topic_pattern:
                     require_inputs(list(cfg.kafka.topics), existing, ",".join(cfg.kafka.bootstrap_servers))

@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -167,15 +166,12 @@ def test_a_start_with_tls_set_up_wrong_says_what_is_wrong(tls: Tls, stream_model
     cfg = tls.config(tmp_path / "tsmon.toml", f"t-tls-bad-{len(case)}", stream_model,
                      bootstrap=getattr(tls, where) if where else None, **over)
     run = tsmon("run", "--config", str(cfg), cwd=tmp_path, timeout=90)
-    ended = datetime.now(UTC)
     last = run.stderr.strip().splitlines()[-1]
     assert run.returncode == 1 and last.startswith("BrokerError: cannot reach a broker") and says in last, run.stderr
     assert "Traceback" not in run.stderr
-    # from the models warmed, the step before the brokers are probed, to the exit: the whole run was timed first,
-    # and on busy cores the start alone (torch, the model, the warm-up) took 27.5 s (a load pass, 10 of 10 cases)
-    warmed = next(json.loads(ln) for ln in run.stderr.splitlines() if '"models_warmed"' in ln)
-    took = (ended - datetime.fromisoformat(warmed["timestamp"])).total_seconds()
-    assert took < (8 if at_once else 15), took  # idle: ~1-2 s at once, ~4 s (bootstrap_timeout_ms) retried
+    # the brokers are probed before the models are warmed: a wrong setting was named only after the warm-up (4 s
+    # on idle cores, 27 s on busy ones); at once is said by the message (no "within"), not by a timing
+    assert '"models_warmed"' not in run.stderr
     assert ("within 4 s" in last) is not at_once
     assert ('"broker_unreachable"' in run.stderr) is retried  # said while it retried
 
