@@ -25,7 +25,7 @@ from safetensors.torch import save as st_save
 from models import __version__, beats
 from models.base import LOSSES
 from models.detector import Detector, Threshold
-from models.errors import ArtifactError, DataError, ModelConfigError
+from models.errors import ArtifactError, DataError, ModelConfigError, number, numbers, short_repr
 from models.files import check_writable, leftovers, locked_dir, read_limited, write_bytes_atomically
 from models.registry import build
 from models.scaling import Scaler
@@ -171,6 +171,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
                             f"(model window × downsample {k})")
     if not isinstance(hop, int) or isinstance(hop, bool) or not 1 <= hop <= MAX_HOP:  # 1e30: score's numpy index
         raise ArtifactError(f"incompatible artifact {root}: hop must be an integer in 1..{MAX_HOP}, got {hop!r}"[:200])
+    if not isinstance(manifest["kind"], str):  # a list failed in the registry: "unhashable type: 'list'"
+        raise ArtifactError(f"incompatible artifact {root}: kind must be a name, got {short_repr(manifest['kind'])}")
+    if manifest.get("windowing") is not None and not isinstance(manifest["windowing"], dict):  # [] was sliding
+        raise ArtifactError(f"incompatible artifact {root}: windowing must be an object, got "
+                            f"{short_repr(manifest['windowing'])}")
     if manifest["loss"] not in LOSSES:
         raise ArtifactError(f"incompatible artifact {root}: unknown loss {manifest['loss']!r}")
     wname = str(manifest["weights"].get("file", WEIGHTS)) if isinstance(manifest["weights"], dict) else ""
@@ -222,7 +227,7 @@ def load(path: str | Path, device: str = "auto", expect_channels: int | None = N
         quantiles = m["validation_error_quantiles"]
         if not isinstance(quantiles, dict):
             raise TypeError(f"validation_error_quantiles must be an object, got {quantiles!r}"[:200])
-        quantiles = {str(q): float(v) for q, v in quantiles.items()}
+        quantiles = {str(q): number(v, f"validation_error_quantiles[{q!r}]") for q, v in quantiles.items()}
         if not all(math.isfinite(v) and v >= 0 for v in quantiles.values()):  # errors are finite and >= 0
             raise ValueError(f"validation_error_quantiles must be finite errors >= 0, got {quantiles}"[:200])
         if not isinstance(m.get("training", {}), dict):  # eval and inspect read its data summary
@@ -273,7 +278,7 @@ def _channel_usual(doc: object, channels: int) -> list[float]:
     channels by their raw error): one finite value >= 0 per channel."""
     if not isinstance(doc, list) or (doc and len(doc) != channels):
         raise TypeError(f"validation_channel_error_median must be a list of {channels} error(s), got {doc!r}"[:200])
-    usual = [float(v) for v in doc]
+    usual = list(numbers(doc, "validation_channel_error_median"))
     if not all(math.isfinite(v) and v >= 0 for v in usual):
         raise ValueError(f"validation_channel_error_median must be finite errors >= 0, got {usual}"[:200])
     return usual
@@ -294,7 +299,7 @@ def _fits(root: Path, kind: str, shapes: dict[str, torch.Tensor], state: dict[st
 
 def _threshold(doc: dict[str, Any]) -> Threshold:
     """The manifest's default threshold: a finite value > 0, a quantile in (0, 1], a finite margin > 0."""
-    quantile, margin, value = float(doc["quantile"]), float(doc["margin"]), float(doc["value"])
+    quantile, margin, value = (number(doc[key], f"threshold.{key}") for key in ("quantile", "margin", "value"))
     if not (0.0 < quantile <= 1.0 and 0.0 < margin < math.inf and 0.0 < value < math.inf):
         raise ValueError(f"threshold must have a quantile in (0, 1], a finite margin > 0 and a finite value > 0, "
                          f"got {quantile}, {margin}, {value}")

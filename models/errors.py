@@ -69,6 +69,21 @@ def short_repr(value: object, most: int = 80) -> str:
     return text if len(text) <= most else f"{text[:most]}… ({len(text)} characters)"
 
 
+def number(value: object, name: str) -> float:
+    """``value`` as a float if it is a JSON number (not a bool, not a string: a hand-edited "0.1" was taken as
+    0.1, "x" said only "could not convert string to float"); a TypeError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {short_repr(value)}")
+    return float(value)
+
+
+def numbers(value: object, name: str) -> tuple[float, ...]:
+    """``value`` as floats if it is a list of JSON numbers; a TypeError naming ``name`` otherwise."""
+    if not isinstance(value, list):
+        raise TypeError(f"{name} must be a list of numbers, got {short_repr(value)}")
+    return tuple(number(v, f"{name}[{i}]") for i, v in enumerate(value))
+
+
 def describe(exc: BaseException) -> str:
     """``Type: message`` of any exception, once: kafka-python's errors put their class name in their message
     already ("KafkaTimeoutError: KafkaTimeoutError: None" on /readyz), and one without a message is its name."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.errors import DataError
+from models.errors import DataError, numbers
 
 METHODS = ("standard", "robust", "none")  # the per-channel scalings
 TINY_SPREAD = 1e-30  # below this a spread is no spread (its reciprocal still fits in float32)
@@ -101,8 +101,7 @@ class Scaler:
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> Scaler:
-        center = tuple(float(v) for v in d["center"])  # type: ignore[attr-defined]
-        scale = tuple(float(v) for v in d["scale"])  # type: ignore[attr-defined]
+        center, scale = numbers(d["center"], "normalisation.center"), numbers(d["scale"], "normalisation.scale")
         with np.errstate(over="ignore", divide="ignore"):  # in float32, as transform computes: a scale of 1e-300
             c32, s32 = np.asarray(center, "float32"), np.asarray(scale, "float32")  # passed as finite and > 0, then
             fits = bool(np.isfinite(c32).all() and (s32 > 0).all() and np.isfinite(1 / s32).all())  # every score
@@ -111,10 +110,10 @@ class Scaler:
         method = str(d.get("method", "standard"))
         if method not in METHODS:  # loaded, then eval's baseline refused it as if a command-line option were wrong
             raise ValueError(f"normalisation method {method!r} is not one of {', '.join(METHODS)}")
-        spread = None if d.get("spread") is None else tuple(float(v) for v in d["spread"])  # type: ignore[attr-defined]
+        spread = None if d.get("spread") is None else numbers(d["spread"], "normalisation.spread")
         if spread is not None and (len(spread) != len(scale) or not all(np.isfinite(spread)) or min(spread) <= 0):
             raise ValueError("normalisation spread must be finite, positive and one per channel")
-        steady = None if d.get("window_spread") is None else tuple(float(v) for v in d["window_spread"])  # type: ignore[attr-defined]
+        steady = None if d.get("window_spread") is None else numbers(d["window_spread"], "normalisation.window_spread")
         if steady is not None and (len(steady) != len(scale) or not all(np.isfinite(steady)) or min(steady) < 0):
             raise ValueError("normalisation window_spread must be finite, non-negative and one per channel")
         return cls(center, scale, method, spread, steady)

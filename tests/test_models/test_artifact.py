@@ -102,6 +102,17 @@ def _copy(path: Path, tmp_path: Path) -> Path:
     (lambda p: _half_weights(p), "not float32"),
     (lambda p: _normalisation(p, scale=[1e-300, 1e-300]), r"finite \(in float32\)"),
     (lambda p: _normalisation(p, method="bogus"), "method 'bogus' is not one of"),
+    # a wrong type said only Python's words ("could not convert string to float: 'x'", "unhashable type: 'list'"),
+    # or was taken: a string "0.1" as the threshold, [] as sliding windows
+    (lambda p: _normalisation(p, center="x"), r"normalisation\.center must be a list of numbers, got 'x'"),
+    (lambda p: _normalisation(p, scale=[1, "2"]), r"normalisation\.scale\[1\] must be a number, got '2'"),
+    (lambda p: _normalisation(p, window_spread=[True, 1]), r"normalisation\.window_spread\[0\] must be a number"),
+    (lambda p: _edit(p, threshold={"quantile": 0.95, "margin": 1.0, "value": "0.1"}),
+     "threshold.value must be a number, got '0.1'"),
+    (lambda p: _edit(p, validation_error_quantiles={"0.5": "a"}), r"validation_error_quantiles\['0\.5'\] must be"),
+    (lambda p: _edit(p, validation_channel_error_median=[0.1, "x"]), r"median\[1\] must be a number, got 'x'"),
+    (lambda p: _edit(p, kind=["lstm"]), r"kind must be a name, got \['lstm'\]"),
+    (lambda p: _edit(p, windowing=[]), r"windowing must be an object, got \[\]"),
 ])
 def test_damaged_artifacts_fail_with_one_line(trained, tmp_path: Path, damage, message: str) -> None:
     _, _, path = trained
