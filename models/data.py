@@ -291,7 +291,8 @@ def _read_frame(p: Path) -> tuple[pd.DataFrame, bytes]:
     suffix = p.suffix.lower()
     parquet = suffix in PARQUET
     try:
-        if parquet:
+        if parquet:  # a name twice: pyarrow's "Multiple matches for FieldRef.Name(ch0) in timestamp: large_string"
+            _refuse_repeats(p, _parquet_names(raw))
             df = _index_as_column(pd.read_parquet(io.BytesIO(raw)))
         else:  # from bytes pandas infers no compression: by the suffix, whatever its case
             with warnings.catch_warnings():  # rows longer than the header: an error, not pandas' warning
@@ -301,6 +302,8 @@ def _read_frame(p: Path) -> tuple[pd.DataFrame, bytes]:
                 df = pd.read_csv(io.BytesIO(raw), compression=COMPRESSION.get(suffix), index_col=False)
     except pd.errors.ParserWarning:
         raise DataError(f"cannot read {p}: some rows hold more fields than the header names columns") from None
+    except DataError:
+        raise
     except Exception as exc:  # noqa: BLE001 - pandas raises many types for unreadable files
         what = f" (compressed: {COMPRESSION[suffix]})" if suffix in COMPRESSION else ""
         raise DataError(f"cannot read {p}{what}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
@@ -321,10 +324,22 @@ def _read_frame(p: Path) -> tuple[pd.DataFrame, bytes]:
     if not parquet and all(_is_number(c) for c in header) \
             and (len(header) < 2 or header != [str(i) for i in range(len(header))]):
         raise DataError(f"{p}: its first row {header[:4]} is numbers, not column names: the file needs a header row")
-    repeated = sorted({c for c in header if c and header.count(c) > 1})  # (blank: pandas' Unnamed: n)
-    if repeated:  # read as temp and temp.1: two channels, one a name no one wrote
-        raise DataError(f"{p}: the header names column(s) {repeated} more than once: rename them")
+    _refuse_repeats(p, header)  # read as temp and temp.1: two channels, one a name no one wrote
     return df, raw
+
+
+def _parquet_names(raw: bytes) -> list[str]:
+    """The column names a Parquet file's schema holds, as written."""
+    import pyarrow.parquet as pq
+
+    return list(pq.read_schema(io.BytesIO(raw)).names)
+
+
+def _refuse_repeats(p: Path, header: list[str]) -> None:
+    """A DataError when a column name is written more than once (blank ones aside: pandas' Unnamed: n)."""
+    repeated = sorted({c for c in header if c and header.count(c) > 1})
+    if repeated:
+        raise DataError(f"{p}: the header names column(s) {repeated} more than once: rename them")
 
 
 def _value_columns(p: Path, df: pd.DataFrame, value_cols: list[str] | None, ts: str | None, lab: str | None,

@@ -34,7 +34,10 @@ def replace_atomically(path: str | Path, write: Callable[[Path], object]) -> Pat
     given = Path(path)
     target = Path(os.path.realpath(given))
     if target.exists() and not target.is_file():
-        write(target)
+        try:
+            write(target)
+        except OSError as exc:  # /dev/full: "OSError: [Errno 28] No space left on device", no path
+            raise DataError(f"cannot write {given}: {exc.strerror or describe(exc)}") from None
         return given
     folder = target.parent / f"{TMP_PREFIX}{secrets.token_hex(4)}"
     try:
@@ -51,6 +54,8 @@ def replace_atomically(path: str | Path, write: Callable[[Path], object]) -> Pat
             os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))  # a 0600 output stays 0600
         os.replace(tmp, target)
         _fsync_dir(target.parent)  # the rename itself survives a power loss
+    except OSError as exc:  # a full disk: the temporary file's path, or none, was named
+        raise DataError(f"cannot write {given}: {exc.strerror or describe(exc)}") from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return given

@@ -331,6 +331,12 @@ def test_files_as_other_tools_write_them(tmp_path: Path) -> None:
     df[["timestamp", "ch0", "ch1"]].rename(columns={"ch1": "ch0"}).to_csv(tmp_path / "dup.csv.gz", index=False)
     with pytest.raises(DataError, match=r"names column\(s\) \['ch0'\] more than once"):
         read_series(tmp_path / "dup.csv.gz")  # it was two channels, ch0 and ch0.1
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table([df["ch0"], df["ch1"]], names=["ch0", "ch0"]), tmp_path / "dup.parquet")
+    with pytest.raises(DataError, match=r"dup\.parquet: the header names column\(s\) \['ch0'\] more than once"):
+        read_series(tmp_path / "dup.parquet")  # pyarrow's "Multiple matches for FieldRef.Name(ch0) in …"
     (tmp_path / "blank.csv").write_text(",,ch0\n" + "".join(f"{i},{i},{i % 7}\n" for i in range(50)))
     assert read_series(tmp_path / "blank.csv").channels == ["ch0"]  # two blank names (Unnamed: 0, 1) are no repeat:
     # a leading run of them is a pandas index of two levels; an empty column after a trailing delimiter is none

@@ -27,12 +27,21 @@ def test_a_failed_write_leaves_the_good_file_and_no_temporary(tmp_path: Path) ->
         tmp.write_text("half a ro")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError, match="No space"):
+    # one line naming the file asked for (an OSError of the temporary file, or of none, was the message)
+    with pytest.raises(DataError, match=f"^cannot write {out}: No space left on device$"):
         replace_atomically(out, half)
     assert out.read_text() == "good\n" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv.gz"]
     replace_atomically(out, lambda tmp: tmp.write_text("new\n"))
     assert out.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv.gz"]
     assert leftovers(tmp_path) == []
+
+
+def test_a_full_device_written_in_place_is_a_one_line_error_naming_it() -> None:
+    """`tsmon score --output /dev/full` ended in "OSError: [Errno 28] No space left on device", no path said."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    with pytest.raises(DataError, match="^cannot write /dev/full: No space left on device$"):
+        replace_atomically("/dev/full", lambda tmp: pd.DataFrame({"a": range(10_000)}).to_csv(tmp, index=False))
 
 
 def test_a_folder_the_file_system_refuses_is_a_one_line_error() -> None:
