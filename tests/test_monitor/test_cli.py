@@ -1074,11 +1074,12 @@ def test_a_stop_signal_during_the_start_ends_it_at_once(stream_model: Path) -> N
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "TSMON_DAEMON__LOG_FORMAT": "json"})
     try:
         out, deadline = [], time.monotonic() + 60
-        while time.monotonic() < deadline and not any("models_warmed" in line for line in out):
+        # waiting for the broker that is not there (probed before the models are warmed)
+        while time.monotonic() < deadline and not any("broker_unreachable" in line for line in out):
             if select.select([proc.stdout], [], [], 1.0)[0]:
                 out.append(proc.stdout.readline())  # type: ignore[union-attr]
-        assert any("models_warmed" in line for line in out), out
-        time.sleep(0.5)  # bootstrapping the broker that is not there
+        assert any("broker_unreachable" in line for line in out), out
+        time.sleep(0.5)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=20)
