@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
-from datetime import datetime
+from datetime import date, datetime, time
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -25,6 +25,7 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -106,38 +107,40 @@ MAX_DURATION_S = 315_360_000  # ten years: longer waits overflow the timers (thr
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    @model_validator(mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_numbers(cls, data: Any) -> Any:
-        """``max_batch = true`` is a mistake, not 1: pydantic's lax mode would take a boolean for a number."""
-        if isinstance(data, dict):
-            for key, value in data.items():
-                f = cls.model_fields.get(key) or next((f for f in cls.model_fields.values() if f.alias == key), None)
-                if isinstance(value, bool) and f is not None and f.annotation in (int, float, int | None,
-                                                                                  float | None):
-                    raise ValueError(f"{key}: a number is needed, got {str(value).lower()}")
-        return data
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """``max_batch = true`` is a mistake, not 1: pydantic's lax mode would take a boolean for a number. Checked
+        per key, so that the section's other problems are listed with it (a check of the whole section stopped at
+        its first boolean, and the rest came one start at a time)."""
+        f = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and f is not None and f.annotation in (int, float, int | None, float | None):
+            raise ValueError(f"a number is needed, got {str(value).lower()}")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _duration(cls, value: Any, info: ValidationInfo) -> Any:
+        """Every ``*_s`` / ``*_ms`` setting is at most ten years: a "never" of 1e10 s passed the check and then
+        overflowed the daemon's timers (a scoring timeout stopped the daemon at its first batch, an interval ended
+        the start in a traceback). Per key: as a rule of the section it was said only once every other key of the
+        section was valid."""
+        name = info.field_name or ""
+        unit = 1.0 if name.endswith("_s") else 1000.0 if name.endswith("_ms") else 0.0
+        if unit and isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_DURATION_S * unit:
+            raise ValueError(f"at most {MAX_DURATION_S * unit:.0f} (ten years), got {value:g}")
+        return value
 
     @model_validator(mode="after")
     def _cross_field(self) -> Self:
-        problems = [*self._durations(), *self._rules()]  # "key: message" lines; _problems() puts the section in front
+        problems = list(self._rules())  # "key: message" lines; _problems() puts the section in front
         if problems:
             raise ValueError("\n".join(problems))
         return self
 
     def _rules(self) -> Iterator[str]:
-        """Rules between fields, checked once every field is valid on its own."""
+        """Rules between fields, checked once every field of the section is valid on its own."""
         return iter(())
-
-    def _durations(self) -> Iterator[str]:
-        """Every ``*_s`` / ``*_ms`` setting is at most ten years: a "never" of 1e10 s passed the check and then
-        overflowed the daemon's timers (a scoring timeout stopped the daemon at its first batch, an interval ended
-        the start in a traceback)."""
-        for name in type(self).model_fields:
-            unit = 1.0 if name.endswith("_s") else 1000.0 if name.endswith("_ms") else 0.0
-            value = getattr(self, name)
-            if unit and isinstance(value, int | float) and value > MAX_DURATION_S * unit:
-                yield f"{name}: at most {MAX_DURATION_S * unit:.0f} (ten years), got {value:g}"
 
 
 class KafkaConfig(_Section):
@@ -436,7 +439,8 @@ class AlertsConfig(_Section):
 
 
 class QualityConfig(_Section):
-    flatline_rel_std: float = Field(1e-3, ge=0, description="std below this × training std is flat-lined")
+    flatline_rel_std: float = Field(1e-3, ge=0, description="std at most this × training std is flat-lined "
+                                  "(0: only a channel that is exactly constant)")
     rate_tolerance: float = Field(0.25, gt=0, lt=1, description="relative sample-period drift that is reported")
     cooldown_ms: float = Field(60_000.0, ge=0, description="one data_quality event per stream and kind per this")
     silent_after_s: float | None = Field(600.0, gt=0, description="a stream that sent nothing for this long (and "
@@ -469,16 +473,23 @@ class LimitsConfig(_Section):
     def _instant(cls, value: Any) -> Any:
         """A TOML datetime or an ISO-8601 string with a zone; kept as the string it was given."""
         value = _unset(value)
-        if isinstance(value, datetime):
+        if isinstance(value, date | time):  # a TOML datetime; a bare date or time said "Input should be a valid string"
             value = value.isoformat()
+        elif isinstance(value, int | float):  # (an epoch time too); pydantic reports a ValueError, not a TypeError
+            raise ValueError(  # noqa: TRY004
+                f"an ISO-8601 time with a zone is needed (e.g. 2000-01-01T00:00:00Z), not "
+                f"{str(value).lower() if isinstance(value, bool) else repr(value)}")
         if isinstance(value, str):
+            text = value.strip()
             try:
-                parsed = datetime.fromisoformat(value.strip())
+                parsed = datetime.fromisoformat(text)
             except ValueError:
-                raise ValueError(f"not an ISO-8601 time: {value!r}") from None
-            if parsed.tzinfo is None:
-                raise ValueError(f"give a zone (e.g. {value.strip()}Z): {value!r} would be read in each host's own")
-            value = value.strip()
+                raise ValueError(f"not an ISO-8601 time with a date and a zone (e.g. 2000-01-01T00:00:00Z): "
+                                 f"{value!r}") from None
+            if parsed.tzinfo is None:  # a date alone: its Z was refused too (fromisoformat takes no zone there)
+                example = f"{text}Z" if len(text) > 10 else f"{text}T00:00:00Z"
+                raise ValueError(f"give a zone (e.g. {example}): {value!r} would be read in each host's own")
+            value = text
         return value
 
     @property
@@ -675,9 +686,13 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
 }
 # per section: every accepted spelling of a key → its TOML name ("for_windows" → "for")
-_KEYS = {section: {**{n: f.alias or n for n, f in model.model_fields.items()},
-                   **{f.alias: f.alias for f in model.model_fields.values() if f.alias}}
-         for section, model in _SECTIONS.items()}
+def _spellings(model: type[BaseModel]) -> dict[str, str]:
+    return {**{n: f.alias or n for n, f in model.model_fields.items()},
+            **{f.alias: f.alias for f in model.model_fields.values() if f.alias}}
+
+
+_KEYS = {section: _spellings(model) for section, model in _SECTIONS.items()}
+_ROUTE_KEYS = _spellings(ModelRoute)
 
 
 def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None,
@@ -818,12 +833,20 @@ def _canonical(layer: Mapping[str, Any], twice: list[str]) -> dict[str, Any]:
     out = dict(layer)
     for section, keys in _KEYS.items():
         if isinstance(out.get(section), Mapping):
-            renamed = [(keys.get(k, k), k) for k in out[section]]
-            twice += sorted({f"{section}.{new} / {old}: one setting given under both names; keep one"
-                             for new, old in renamed if new != old and new in out[section]})
-            given = out[section]  # under both names, the TOML name's value is kept (the other is a problem above)
-            out[section] = {new: given[old] for new, old in renamed if new == old or new not in given}
+            out[section] = _renamed(out[section], keys, section, twice)
+    if isinstance(out.get("models"), list):  # a route's for and for_windows: "models[0].for_windows: unknown key"
+        out["models"] = [_renamed(r, _ROUTE_KEYS, f"models[{i}]", twice) if isinstance(r, Mapping) else r
+                         for i, r in enumerate(out["models"])]
     return out
+
+
+def _renamed(given: Mapping[str, Any], keys: Mapping[str, str], where: str, twice: list[str]) -> dict[str, Any]:
+    """``given`` with its keys under their TOML names; under both names, the TOML name's value is kept and the
+    setting goes to ``twice``."""
+    renamed = [(keys.get(k, k), k) for k in given]
+    twice += sorted({f"{where}.{new} / {old}: one setting given under both names; keep one"
+                     for new, old in renamed if new != old and new in given})
+    return {new: given[old] for new, old in renamed if new == old or new not in given}
 
 
 def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -875,6 +898,7 @@ max_poll_interval_ms = 300000            # longest gap between polls before a re
 max_poll_records = 500
 fetch_max_wait_ms = 500                  # a fetch held this long at most (lower: latency on brokers that always hold it)
 request_timeout_ms = 30000               # kafka-python needs 500 < request_timeout_ms < 540000
+metadata_max_age_ms = 300000             # topic metadata read again this often: new pattern topics, added partitions
 delivery_timeout_ms = 120000            # output unacknowledged this long is sent again (input paused meanwhile)
 reconnect_backoff_max_ms = 10000         # reconnects to a lost broker back off from 50 ms up to this
 bootstrap_timeout_ms = 30000             # a start waits this long for a broker to answer, then names what failed
@@ -935,7 +959,7 @@ critical_ratio = 3.0                     # ... and critical (must exceed major_r
 max_hold_windows = 1000                  # an open episode holds input commits back at most this long
 
 [quality]
-flatline_rel_std = 0.001                 # channel std below this x its training std is flat-lined
+flatline_rel_std = 0.001                 # channel std at most this x its training std is flat-lined
 rate_tolerance = 0.25                    # relative drift of the sample period that is reported
 cooldown_ms = 60000.0                    # at most one data_quality event per stream and kind per this
 silent_after_s = 600.0                   # no data this long (and 10 usual waits): a "silent" event; "none" = never

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,48 @@ def test_a_boolean_is_not_taken_for_a_number(tmp_path: Path) -> None:
     assert error_lines(excinfo) == ["batch.max_batch: a number is needed, got true",
                                     "calibrator.quantile: a number is needed, got true",
                                     "alerts.for: a number is needed, got false"]
+
+
+def test_a_key_is_checked_whatever_its_sections_other_keys_hold(tmp_path: Path) -> None:
+    """A review: a boolean for a number was checked for the whole section and stopped it (only `alerts.for` was
+    listed, the two other problems came on the next starts), and the ten-year limit of a duration was a rule of
+    the section, said only once its other keys were valid."""
+    path = write(tmp_path, '[alerts]\nfor = true\nresolve_after = 0\nflap_period_ms = "60s"\nflap_max = false\n'
+                           '[limits]\nmax_future_s = 1e12\nmax_bytes = "big"\n')
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, env={})
+    lines = error_lines(excinfo)
+    assert sorted(line.partition(":")[0] for line in lines) == [
+        "alerts.flap_max", "alerts.flap_period_ms", "alerts.for", "alerts.resolve_after", "limits.max_bytes",
+        "limits.max_future_s"], lines
+    assert "limits.max_future_s: at most 315360000 (ten years), got 1e+12" in lines
+
+
+@pytest.mark.parametrize("value, says", [
+    # the hint was the value with a Z, which fromisoformat refuses after a date alone
+    ('"2000-01-01"', "give a zone (e.g. 2000-01-01T00:00:00Z): '2000-01-01'"),
+    ("2000-01-01", "give a zone (e.g. 2000-01-01T00:00:00Z): '2000-01-01'"),  # a TOML date: "a valid string"
+    ('"2000-01-01T06:00:00"', "give a zone (e.g. 2000-01-01T06:00:00Z)"),
+    ("946684800000", "an ISO-8601 time with a zone is needed (e.g. 2000-01-01T00:00:00Z), not 946684800000"),
+    ("true", "an ISO-8601 time with a zone is needed (e.g. 2000-01-01T00:00:00Z), not true"),
+    ('"2000-01-01Z"', "not an ISO-8601 time with a date and a zone (e.g. 2000-01-01T00:00:00Z): '2000-01-01Z'"),
+])
+def test_earliest_ts_says_what_to_write(tmp_path: Path, value: str, says: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, f"[limits]\nearliest_ts = {value}\n"), env={})
+    [line] = error_lines(excinfo)
+    assert line.startswith(f"limits.earliest_ts: {says}"), line
+    example = says.partition("(e.g. ")[2].partition(")")[0]  # the example it gives is taken
+    assert load_config(write(tmp_path, f'[limits]\nearliest_ts = "{example}"\n'), env={}).limits.earliest_ts == example
+
+
+def test_a_routes_setting_under_both_names_is_said_so(tmp_path: Path) -> None:
+    """It was "models[0].for_windows: unknown key", though a route takes for_windows alone."""
+    path = write(tmp_path, '[[models]]\npattern = "a*"\npath = "x"\nfor = 1\nfor_windows = 5\n'
+                           '[[models]]\npattern = "b*"\npath = "y"\nfor_windows = 2\n')
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, env={})
+    assert error_lines(excinfo) == ["models[0].for / for_windows: one setting given under both names; keep one"]
 
 
 def test_unknown_keys(tmp_path: Path) -> None:
@@ -439,6 +482,11 @@ def test_example_toml_loads_and_documents_the_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, EXAMPLE_TOML), env={})
     assert cfg.require_models() == [ModelRoute(pattern="*", path=Path("artifacts/ecg5000-lstm"))]
     assert cfg.model_dump(exclude={"models"}) == Config().model_dump(exclude={"models"})
+    # every key is in it, set or commented out (kafka.metadata_max_age_ms was missing)
+    sections = {name: f.annotation for name, f in Config.model_fields.items() if name != "models"}
+    missing = [f"{section}.{f.alias or key}" for section, model in sections.items()
+               for key, f in model.model_fields.items() if not re.search(rf"^#? ?{f.alias or key} =", EXAMPLE_TOML, re.MULTILINE)]
+    assert missing == []
 
 
 def test_a_misspelt_environment_variable_is_an_error_not_ignored() -> None:
