@@ -405,7 +405,8 @@ class CalibratorConfig(_Section):
     window: int = Field(2000, ge=10, description="recent normal errors kept per stream")
     min_samples: int = Field(200, ge=1, description="errors needed before adapting (≤ window)")
     max_change: float = Field(0.2, gt=0, le=1, description="largest relative change per recalibration")
-    min_change: float = Field(0.005, ge=0, lt=1, description="smaller relative moves are not a new version")
+    min_change: float = Field(0.005, ge=0, lt=1, description="smaller relative moves are not a new version; "
+                                                                   "below max_change")
     floor: float = Field(0.5, gt=0, le=1, description="never below floor × the artifact threshold")
     ceiling: float = Field(4.0, ge=1, description="never above ceiling × the artifact threshold")
     interval_s: float = Field(30.0, gt=0, description="seconds between recalibrations")
@@ -430,7 +431,7 @@ class AlertsConfig(_Section):
     flap_period_ms: float = Field(60_000.0, gt=0, description="period in which episodes are counted for flapping")
     flap_max: int = Field(4, ge=2, le=1000, description="episodes per flap_period_ms that mark a stream as flapping")
     major_ratio: float = Field(1.5, ge=1, description="score/threshold from which an alert is major")
-    critical_ratio: float = Field(3.0, description="score/threshold from which it is critical")
+    critical_ratio: float = Field(3.0, description="score/threshold from which it is critical; above major_ratio")
     max_hold_windows: int = Field(1000, ge=1, description="windows an open episode may hold commits back")
 
     def _rules(self) -> Iterator[str]:
