@@ -8,11 +8,12 @@ overrides (dotted keys), validated once here with pydantic; every problem found 
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import os
 import re
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -804,9 +805,10 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], str | None]:
             continue
         section, _, key = rest.lower().partition("__")
         if section not in _SECTIONS:
-            problems.append(f"{var}: unknown section {section!r} (use one of {', '.join(_SECTIONS)})")
+            problems.append(f"{var}: unknown section {section!r}"
+                            + (_nearest(section, _SECTIONS) or f" (use one of {', '.join(_SECTIONS)})"))
         elif key not in _KEYS[section]:
-            problems.append(f"{var}: unknown key {key!r} in section {section}")
+            problems.append(f"{var}: unknown key {key!r} in section {section}{_nearest(key, _KEYS[section])}")
         elif _KEYS[section][key] in layer.get(section, {}):  # e.g. __FOR and __FOR_WINDOWS: one won silently
             problems.append(f"{var}: the same setting as another variable of section {section}; keep one")
         else:
@@ -859,12 +861,28 @@ def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _nearest(name: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a misspelt ``name``, or nothing."""
+    close = difflib.get_close_matches(name.lower(), sorted(choices), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown(loc: tuple[int | str, ...]) -> str:
+    """"unknown key", or section, with the nearest name a misspelling may have meant."""
+    name = str(loc[-1])
+    if len(loc) == 1:
+        return "unknown section" + _nearest(name, [*_SECTIONS, "models"])
+    keys = _ROUTE_KEYS if loc[0] == "models" else _KEYS.get(str(loc[0]), {})
+    return "unknown key" + _nearest(name, keys)
+
+
 def _problems(exc: ValidationError) -> list[str]:
     """One ``dotted.key: message`` line per problem; a validator's ``key: message`` lines name their key."""
     lines = []
     for err in exc.errors(include_url=False):
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
-        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        message = (_unknown(err["loc"]) if err["type"] == "extra_forbidden"
+                   else err["msg"].removeprefix("Value error, "))
         for line in message.splitlines():
             key, sep, rest = line.partition(": ")
             if err["type"] == "value_error" and sep and all(part.partition("[")[0].isidentifier()

@@ -93,8 +93,10 @@ def test_environment_for_windows_spelling_and_os_environ(monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize(("var", "needle"), [
-    ("TSMON_KAFKA__BOOTSTRP_SERVERS", "TSMON_KAFKA__BOOTSTRP_SERVERS: unknown key 'bootstrp_servers'"),
-    ("TSMON_KAFKAA__TOPICS", "TSMON_KAFKAA__TOPICS: unknown section 'kafkaa'"),
+    ("TSMON_KAFKA__BOOTSTRP_SERVERS", ("TSMON_KAFKA__BOOTSTRP_SERVERS: unknown key 'bootstrp_servers' in section "
+                                       "kafka (did you mean 'bootstrap_servers'?)")),
+    ("TSMON_KAFKAA__TOPICS", "TSMON_KAFKAA__TOPICS: unknown section 'kafkaa' (did you mean 'kafka'?)"),
+    ("TSMON_XYZ__TOPICS", "TSMON_XYZ__TOPICS: unknown section 'xyz' (use one of kafka, windows, batch,"),
     ("TSMON_MODELS__PATH", "TSMON_MODELS__PATH: unknown section 'models'"),
     ("TSMON_ALERTS", "TSMON_ALERTS: unknown variable"),  # a section without its key was ignored
 ])
@@ -218,11 +220,14 @@ def test_a_routes_setting_under_both_names_is_said_so(tmp_path: Path) -> None:
 
 
 def test_unknown_keys(tmp_path: Path) -> None:
-    path = write(tmp_path, '[kafka]\nbootstrp_servers = "h:1"\n[bogus]\nx = 1\n[[models]]\npath = "a"\nhopp = 2\n')
+    path = write(tmp_path, '[kafka]\nbootstrp_servers = "h:1"\nzzz = 1\n[bogus]\nx = 1\n[alert]\nfor = 2\n'
+                           '[[models]]\npath = "a"\nhopp = 2\n')
     with pytest.raises(ConfigError) as excinfo:
         load_config(path, env={})
-    assert error_lines(excinfo) == ["kafka.bootstrp_servers: unknown key", "models[0].hopp: unknown key",
-                                    "bogus: unknown key"]
+    # with the nearest name, where one is near (it said "unknown key" alone, and "unknown key" for a section)
+    assert error_lines(excinfo) == ["kafka.bootstrp_servers: unknown key (did you mean 'bootstrap_servers'?)",
+                                    "kafka.zzz: unknown key", "models[0].hopp: unknown key (did you mean 'hop'?)",
+                                    "bogus: unknown section", "alert: unknown section (did you mean 'alerts'?)"]
 
 
 def test_cross_field_rules_between_sections_keys() -> None:
