@@ -133,6 +133,7 @@ BAD_RECORDS = [b"{not json", b'{"stream": "ecg-01", "ts": 1, "value": NaN}',
 
 
 FALLBACK_LOG = "tsmon-demo-broker-"  # the broker log's name in the temporary directory
+DEMO_BOOTSTRAP_TIMEOUT_MS = 10_000  # the daemon's wait for the demo's own broker, which has just answered
 
 
 def _log_file(wanted: Path) -> Path:
@@ -175,7 +176,10 @@ def run_demo(model: str, opts: DemoOptions, progress: DemoProgress | None = None
     broker_log = _log_file(Path(model).parent / "demo-broker.log")  # why it stopped, if it does (it wrote nowhere)
     with LocalBroker(log_file=broker_log) as broker:
         ensure_topics(broker.bootstrap, {"tsmon.input": 4, "tsmon.alerts": 1, "tsmon.dead-letter": 1})
+        # its broker has just answered (the topics above): a start that cannot reach it any more is one whose broker
+        # died, said after these 10 s and not after the default's 30
         overrides: dict[str, Any] = {"kafka.bootstrap_servers": broker.bootstrap, **LOCAL_GROUP,
+                                     "kafka.bootstrap_timeout_ms": DEMO_BOOTSTRAP_TIMEOUT_MS,
                                      "calibrator.interval_s": 2.0, "calibrator.min_samples": 100,
                                      "models": [{"pattern": "ecg-*", "path": model}]}  # named by its directory
         if opts.http_port is not None:

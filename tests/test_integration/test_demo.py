@@ -14,6 +14,7 @@ import pytest
 
 from models.errors import BrokerError
 from monitor.cli import main
+from monitor.daemon import Daemon  # the real one: the code run below puts stand-ins in monitor.daemon
 from monitor.demo import DemoOptions, DemoProgress, run_demo
 from tests.conftest import child_processes, children, kill_all
 
@@ -138,6 +139,12 @@ def test_a_demo_whose_broker_dies_while_the_daemon_starts_says_so(ecg_pca: Path)
                        text=True, timeout=120, check=False)
     assert r.returncode == 0 and "the demo's broker stopped (exit status -9)" in r.stdout, r.stdout + r.stderr
     assert "demo-broker.log" in r.stdout
+    # the real start, its broker gone: it waited the default bootstrap_timeout_ms (30 s) before saying so
+    r = subprocess.run([sys.executable, "-c", code.replace("dies_meanwhile", "dies_before_the_start")],
+                       cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0 and "the demo's broker stopped (exit status -9)" in r.stdout, r.stdout + r.stderr
+    waited = float(r.stdout.split("START WAITED ")[1].split()[0])
+    assert 9 < waited < 20, r.stdout
 
 
 STARTED: list[Any] = []  # the LocalBrokers the demo started, in its own process (record_brokers)
@@ -155,6 +162,17 @@ def record_brokers() -> None:
         return start(self, *args, **kwargs)
 
     monitor.broker.LocalBroker.start = recorded  # type: ignore[method-assign]
+
+
+def dies_before_the_start(cfg: object) -> object:
+    """The demo's broker dies (SIGKILLed and reaped), then the real daemon starts; prints how long it waited."""
+    for broker in STARTED:
+        broker.kill()
+    t0 = time.monotonic()
+    try:
+        return Daemon(cfg)  # type: ignore[arg-type]
+    finally:
+        print(f"START WAITED {time.monotonic() - t0:.1f} s")
 
 
 def dies_meanwhile(_cfg: object) -> None:
