@@ -9,7 +9,9 @@ Owns what `tsmon replay-eval` claims, and nothing is point-adjusted:
   to the end of the data while still firing. Alerts that fired before the test part (during probation)
   count for nothing;
 * an alert is **true** when its span overlaps an event widened by ``tolerance`` at its end
-  (``[start, end + tolerance]``: a window ending shortly after the event still saw it), else **false**;
+  (``[start, end + tolerance]``: its after-effects), else **false**. It is credited to the events it overlaps
+  itself, or, overlapping none, to the latest one whose tolerance it falls in — not to an earlier event as well
+  (an alert raised by the next event, begun within the tolerance of one just before, detected both);
 * an event is **detected** when a true alert overlaps it; its **delay** is the first such alert's firing
   time (``fired_ts``: the end of the window that made it fire) minus the event's first sample, at least 0 —
   averaged over the events no alert was already firing for when they began. An event that fell inside an
@@ -101,7 +103,8 @@ def score_alerts(events: list[Span], alerts: list[dict[str, Any]], test: Span, t
     ``warmup``: the events that ended before the test part (:func:`warmup_events`)."""
     scored = [a for a in alerts if a.get("fired_ts") is not None and a["fired_ts"] >= test.start_ms]
     spans = [alert_span(a, test.end_ms) for a in scored]
-    true = [any(ev.overlaps(s, tolerance_ms) for ev in events) for s in spans]
+    credited = [_credited(events, s, tolerance_ms) for s in spans]  # per alert, the indices of its events
+    true = [bool(c) for c in credited]
     earlier = [not t and any(ev.overlaps(s, tolerance_ms) for ev in warmup or ()) for s, t in zip(spans, true, strict=True)]
     delays: list[float] = []
     inside = 0
@@ -110,8 +113,8 @@ def score_alerts(events: list[Span], alerts: list[dict[str, Any]], test: Span, t
     # first samples, and the event counted as missed: a slower detector would have been credited)
     open_at_split = [(float(a["fired_ts"]), alert_span(a, test.end_ms)) for a in alerts
                      if a.get("fired_ts") is not None and a["fired_ts"] < test.start_ms]
-    for ev in events:
-        fired = [float(a["fired_ts"]) for a, s in zip(scored, spans, strict=True) if ev.overlaps(s, tolerance_ms)]
+    for i, ev in enumerate(events):
+        fired = [float(a["fired_ts"]) for a, c in zip(scored, credited, strict=True) if i in c]
         began = ev.start_ms if ev.began_ms is None else ev.began_ms  # before the split: labelled_events clipped it
         # fired on it: not an alert already stuck open when it began (that counts for nothing, as for a later event)
         found_early = began < test.start_ms and any(f >= began and ev.overlaps(s) for f, s in open_at_split)
@@ -147,6 +150,15 @@ def score_alerts(events: list[Span], alerts: list[dict[str, Any]], test: Span, t
                  "true": t, **({"warmup_event": True} if e else {})}
                 for a, t, e in zip(scored, true, earlier, strict=True)],
     }
+
+
+def _credited(events: list[Span], alert: Span, tolerance_ms: float) -> list[int]:
+    """The events an alert is credited to: those it overlaps, else the latest one it is within the tolerance of."""
+    direct = [i for i, ev in enumerate(events) if ev.overlaps(alert)]
+    if direct:
+        return direct
+    late = [i for i, ev in enumerate(events) if ev.overlaps(alert, tolerance_ms)]
+    return [max(late, key=lambda i: events[i].end_ms)] if late else []
 
 
 def covered_share(spans: list[Span], within: Span) -> float:

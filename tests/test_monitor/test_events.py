@@ -50,6 +50,19 @@ def test_an_event_whose_rows_were_all_left_out_of_the_replay_is_not_an_event() -
     assert replayed_events(events, ts, labels, sent) == events[1:2]
 
 
+def test_an_alert_is_credited_to_the_event_it_overlaps_not_also_to_an_earlier_one_by_the_tolerance() -> None:
+    """Noticed in a replay-eval review: an alert raised by the next event, begun within the tolerance of one that had
+    just ended, detected both (the first with the second's delay). Only overlapping none does the tolerance credit,
+    and then the latest event it is within the tolerance of."""
+    events = [Span(10 * H, 11 * H), Span(11.5 * H, 12 * H), Span(20 * H, 21 * H), Span(22 * H, 22.5 * H)]
+    test = Span(0, 40 * H)
+    r = score_alerts(events, [alert("b", 11.6 * H, 11.7 * H, 11.9 * H)], test, tolerance_ms=2 * H)
+    assert r["events_detected"] == 1 and r["recall"] == 0.25 and r["mean_delay_s"] == pytest.approx(0.2 * 3600)
+    # after both of the later pair: only the nearer one (within 2 h of 22.5 h, and of 21 h too)
+    r = score_alerts(events, [alert("c", 23 * H, 23.1 * H, 23.5 * H)], test, tolerance_ms=2 * H)
+    assert r["events_detected"] == 1 and r["true_alerts"] == 1 and r["mean_delay_s"] == pytest.approx(1.1 * 3600)
+
+
 def test_recall_precision_false_alert_rate_and_delays_by_hand() -> None:
     events = [Span(10 * H, 11 * H), Span(20 * H, 21 * H), Span(30 * H, 31 * H)]
     test = Span(5 * H, 45 * H)  # 40 hours of test data
