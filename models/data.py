@@ -184,6 +184,12 @@ def _index_as_column(df: pd.DataFrame) -> pd.DataFrame:
     MultiIndex is a column too (``set_index(["timestamp", "label"])`` lost both: its anomalies trained on as normal)."""
     if isinstance(df.index, pd.DatetimeIndex) and df.index.name is None and "timestamp" not in df.columns:
         return df.rename_axis("timestamp").reset_index()
+    if isinstance(df.index, pd.MultiIndex) and "timestamp" not in [*df.columns, *df.index.names]:
+        names = list(df.index.names)  # an unnamed datetime level beside named ones is the timestamp too (dropped)
+        unnamed = [i for i, n in enumerate(names) if n is None and isinstance(df.index.levels[i], pd.DatetimeIndex)]
+        if len(unnamed) == 1:
+            names[unnamed[0]] = "timestamp"
+            df = df.rename_axis(names)
     named = [n for n in df.index.names if n is not None and n not in df.columns]
     if named:
         return df.reset_index(level=named).reset_index(drop=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from models.data import read_series
 from monitor.cli import main
 from tests.conftest import synthetic_series
 from tests.test_monitor.test_cli import _said, run  # an exception out of main() fails the test as it is
@@ -195,6 +196,12 @@ def test_a_parquet_multiindex_keeps_its_timestamp_and_label_levels(csv: Path, tm
     ref = json.loads((tmp_path / "ref" / "manifest.json").read_text())["training"]["data"]
     assert (summary["train"], summary["val"]) == (ref["train"], ref["val"]), (summary, ref)
     assert summary["timestamp_col"] == ref["timestamp_col"] and summary["label_col"] == ref["label_col"]
+    # an unnamed datetime level beside a named one: the timestamps were dropped with it (noticed in a closing note)
+    unnamed = tmp_path / "unnamed.parquet"
+    df.set_index(["timestamp", "label"]).rename_axis([None, "label"]).to_parquet(unnamed)
+    series = read_series(unnamed)
+    assert series.timestamps is not None and series.labels is not None and series.channels == ["ch0", "ch1"]
+    assert (series.timestamps == read_series(plain).timestamps).all()
 
 
 DEEP = "[" * 5000 + "]" * 5000  # nested past Python's recursion limit
