@@ -184,8 +184,10 @@ def _index_as_column(df: pd.DataFrame) -> pd.DataFrame:
     MultiIndex is a column too (``set_index(["timestamp", "label"])`` lost both: its anomalies trained on as normal)."""
     if isinstance(df.index, pd.DatetimeIndex) and df.index.name is None and "timestamp" not in df.columns:
         return df.rename_axis("timestamp").reset_index()
-    if isinstance(df.index, pd.MultiIndex) and "timestamp" not in [*df.columns, *df.index.names]:
-        names = list(df.index.names)  # an unnamed datetime level beside named ones is the timestamp too (dropped)
+    stamped = any(str(c).lower() in TIMESTAMP_NAMES or pd.api.types.is_datetime64_any_dtype(df[c]) for c in df.columns)
+    if isinstance(df.index, pd.MultiIndex) and not stamped and "timestamp" not in df.index.names:
+        names = list(df.index.names)  # an unnamed datetime level beside named ones is the timestamp too (dropped),
+        # unless the frame has times of its own (an ingestion time in the index then broke a file that loaded)
         unnamed = [i for i, n in enumerate(names) if n is None and isinstance(df.index.levels[i], pd.DatetimeIndex)]
         if len(unnamed) == 1:
             names[unnamed[0]] = "timestamp"

@@ -16,6 +16,9 @@ Every message is one line that names the problem and, where there is one, the fi
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class TsmonError(Exception):
     """Root of all tsmon errors."""
@@ -67,6 +70,12 @@ def short_repr(value: object, most: int = 80) -> str:
     """``repr(value)``, cut to ``most`` characters, for an error line: a cell of 2 000 000 digits made a 2 MB one."""
     text = repr(value)
     return text if len(text) <= most else f"{text[:most]}… ({len(text)} characters)"
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str | None:
+    """The one of ``choices`` a misspelt ``name`` most likely meant, if one is close (difflib, ratio >= 0.75)."""
+    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def number(value: object, name: str) -> float:

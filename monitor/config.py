@@ -8,7 +8,6 @@ overrides (dotted keys), validated once here with pydantic; every problem found 
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import os
 import re
@@ -31,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from models.errors import ConfigError
+from models.errors import ConfigError, did_you_mean
 from models.files import read_limited
 from monitor import logs
 from monitor.globs import Budget, covers
@@ -863,15 +862,20 @@ def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 
 def _nearest(name: str, choices: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest of ``choices`` to a misspelt ``name``, or nothing."""
-    close = difflib.get_close_matches(name.lower(), sorted(choices), n=1, cutoff=0.75)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = did_you_mean(name.lower(), choices)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
-def _unknown(loc: tuple[int | str, ...]) -> str:
-    """"unknown key", or section, with the nearest name a misspelling may have meant."""
+def _unknown(loc: tuple[int | str, ...], given: Any) -> str:
+    """"unknown key", or section, with the nearest name a misspelling may have meant; a key written above every
+    ``[section]`` header (a value, not a table) is a key, and the section it belongs to is named."""
     name = str(loc[-1])
-    if len(loc) == 1:
+    table = isinstance(given, Mapping) or (isinstance(given, list) and given and all(isinstance(g, Mapping) for g in given))
+    if len(loc) == 1 and table:  # [name] or [[name]]
         return "unknown section" + _nearest(name, [*_SECTIONS, "models"])
+    if len(loc) == 1:
+        homes = [section for section, keys in _KEYS.items() if name in keys]
+        return "unknown key" + (f" here: it belongs under [{homes[0]}]" if homes else "")
     keys = _ROUTE_KEYS if loc[0] == "models" else _KEYS.get(str(loc[0]), {})
     return "unknown key" + _nearest(name, keys)
 
@@ -881,7 +885,7 @@ def _problems(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors(include_url=False):
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
-        message = (_unknown(err["loc"]) if err["type"] == "extra_forbidden"
+        message = (_unknown(err["loc"], err.get("input")) if err["type"] == "extra_forbidden"
                    else err["msg"].removeprefix("Value error, "))
         for line in message.splitlines():
             key, sep, rest = line.partition(": ")
@@ -931,7 +935,7 @@ security_protocol = "PLAINTEXT"          # PLAINTEXT, SSL, SASL_PLAINTEXT or SAS
 ssl_check_hostname = true
 producer_acks = "all"                    # "all", 1 or 0 broker acknowledgements per alert
 enable_idempotence = false               # true needs producer_acks = "all"
-replication_factor = -1                  # control/audit/state topics tsmon creates; -1: the brokers' default
+replication_factor = -1                  # topics tsmon creates (alerts, dead-letter, control, audit, state); -1: the brokers' default
 
 # Routes from stream ids to model artifacts; the first route whose pattern matches wins.
 [[models]]

@@ -67,6 +67,7 @@ SHUTDOWN_DRAIN_SHARE = 0.85  # of shutdown_timeout_s for draining and commits; t
 RESTORE_STEP_S = 0.1  # changelog reading per loop turn while a restore holds the input
 FORGET_EVERY_S = 60.0  # how often the documents of long-unseen streams are looked for (state.forget_after_s)
 CAUGHT_UP_AFTER_S = 5.0  # a partition at lag 0 this long after input came back is read to its end (see _caught_up)
+QUICK_PROBE_S = 5.0  # the probe before the warm-up, for settings wrong for sure: one round, at most this long
 CLOCK_STEP_S = 2.0  # the wall clock moving this much against the monotonic one between turns re-bases the jobs
 
 
@@ -169,11 +170,12 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         b = cfg.batch
         batcher = Batcher(b.max_batch, b.max_delay_ms, latency_target_ms=b.latency_target_ms)
         try:
-            if source is None:  # a real broker: one that cannot be reached (a TLS setting wrong) is named now, not
-                self._wait_for_brokers()  # as the clients' "Unable to bootstrap" 30 s later, nor after the warm-up
-            if cfg.daemon.warmup:  # before any client exists: a refused precision leaves nothing open
-                self._warm_up(backend, batcher)
-            if source is None:
+            if source is None:  # a setting wrong for sure (TLS) is said at once, not after the warm-up (27 s into
+                self._wait_for_brokers(lasting_only=True)  # a start on busy cores); a broker away is waited for
+            if cfg.daemon.warmup:  # after it: a wrong precision is said first (before any client exists: a refused
+                self._warm_up(backend, batcher)  # precision leaves nothing open)
+            if source is None:  # a real broker: one that cannot be reached is named now, not as the clients'
+                self._wait_for_brokers()  # "Unable to bootstrap" 30 s later (or never: a TLS handshake hung)
                 existing = self._ensure_topics()
                 if not cfg.kafka.topic_pattern:
                     require_inputs(list(cfg.kafka.topics), existing, ",".join(cfg.kafka.bootstrap_servers))
@@ -288,7 +290,7 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
                  ms_per_batch={m: {n: round(s * 1000, 2) for n, s in p} for m, p in timings.items()},
                  batch_limit={m: batcher.limit(m) for m in timings})
 
-    def _wait_for_brokers(self) -> None:
+    def _wait_for_brokers(self, lasting_only: bool = False) -> None:
         throttle = logs.Throttle(burst=1, period_s=30.0)  # a new problem at once, the same one every 30 s
 
         def unreachable(problems: list[Problem]) -> None:
@@ -297,7 +299,8 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
                 log.warning("broker_unreachable", problems=said, retrying=True, **extra)
 
         k = self.cfg.kafka
-        wait_for_brokers(k, k.bootstrap_timeout_ms / 1000, on_problems=unreachable)
+        limit_s = min(k.bootstrap_timeout_ms / 1000, QUICK_PROBE_S) if lasting_only else k.bootstrap_timeout_ms / 1000
+        wait_for_brokers(k, limit_s, on_problems=unreachable, lasting_only=lasting_only)
 
     def _ensure_topics(self) -> set[str]:
         """Create the alerts, dead-letter, control, audit and state topics that are missing; returns the topics that

@@ -10,9 +10,9 @@ Owns what `tsmon replay-eval` claims, and nothing is point-adjusted:
   count for nothing;
 * an alert is **true** when its span overlaps an event widened by ``tolerance`` at its end
   (``[start, end + tolerance]``: its after-effects), else **false**. It is credited to the events it overlaps
-  itself, or, overlapping none, to the latest one whose tolerance it falls in — not to an earlier event as well
-  (an alert raised by the next event, begun within the tolerance of one just before, detected both);
-* an event is **detected** when a true alert overlaps it; its **delay** is the first such alert's firing
+  itself and, unless it fired on one of them (at or after its first sample), to the latest one whose tolerance it
+  falls in — an alert fired on the next event, begun within the tolerance of one just before, detected both;
+* an event is **detected** when an alert is credited to it; its **delay** is the first such alert's firing
   time (``fired_ts``: the end of the window that made it fire) minus the event's first sample, at least 0 —
   averaged over the events no alert was already firing for when they began. An event that fell inside an
   alert already firing before it began is detected, but not fired for: it is counted in
@@ -103,7 +103,8 @@ def score_alerts(events: list[Span], alerts: list[dict[str, Any]], test: Span, t
     ``warmup``: the events that ended before the test part (:func:`warmup_events`)."""
     scored = [a for a in alerts if a.get("fired_ts") is not None and a["fired_ts"] >= test.start_ms]
     spans = [alert_span(a, test.end_ms) for a in scored]
-    credited = [_credited(events, s, tolerance_ms) for s in spans]  # per alert, the indices of its events
+    credited = [_credited(events, s, float(a["fired_ts"]), tolerance_ms)  # per alert, the indices of its events
+                for a, s in zip(scored, spans, strict=True)]
     true = [bool(c) for c in credited]
     earlier = [not t and any(ev.overlaps(s, tolerance_ms) for ev in warmup or ()) for s, t in zip(spans, true, strict=True)]
     delays: list[float] = []
@@ -152,13 +153,15 @@ def score_alerts(events: list[Span], alerts: list[dict[str, Any]], test: Span, t
     }
 
 
-def _credited(events: list[Span], alert: Span, tolerance_ms: float) -> list[int]:
-    """The events an alert is credited to: those it overlaps, else the latest one it is within the tolerance of."""
+def _credited(events: list[Span], alert: Span, fired_ms: float, tolerance_ms: float) -> list[int]:
+    """The events an alert is credited to: those it overlaps, and, unless it fired on one of them (at or after its
+    start), the latest one it is within the tolerance of — an alert fired on an event's after-effects and still open
+    when the next began detects both (the next inside it), one fired on the next event only that one."""
     direct = [i for i, ev in enumerate(events) if ev.overlaps(alert)]
-    if direct:
+    if direct and fired_ms >= min(events[i].start_ms for i in direct):
         return direct
-    late = [i for i, ev in enumerate(events) if ev.overlaps(alert, tolerance_ms)]
-    return [max(late, key=lambda i: events[i].end_ms)] if late else []
+    late = [i for i, ev in enumerate(events) if i not in direct and ev.overlaps(alert, tolerance_ms)]
+    return direct + ([max(late, key=lambda i: events[i].end_ms)] if late else [])
 
 
 def covered_share(spans: list[Span], within: Span) -> float:

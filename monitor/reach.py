@@ -204,11 +204,14 @@ def probe(address: str, kafka: KafkaConfig, timeout_s: float, ctx: ssl.SSLContex
 
 def wait_for_brokers(kafka: KafkaConfig, timeout_s: float, hint: str = "", step_s: float = 10.0,
                      on_problems: Callable[[list[Problem]], None] | None = None,
-                     clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+                     clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                     lasting_only: bool = False) -> None:
     """Return once a bootstrap address answers a Kafka request; probe them again (backing off from 0.5 to 5 s)
     while none does, for at most ``timeout_s``. Raises :class:`BrokerError` naming every address's problem at
     the limit, or at once when every address has a lasting problem (a certificate, a protocol: waiting will not
-    mend a setting), with ``hint`` after them. ``on_problems`` hears each failed round (to log it)."""
+    mend a setting), with ``hint`` after them. ``on_problems`` hears each failed round (to log it).
+    ``lasting_only``: one round, which raises only for lasting problems (a setting wrong for sure, said before
+    anything slow), and returns otherwise."""
     ctx = tls_context(kafka) if kafka.security_protocol.endswith("SSL") else None  # a file that fails: ConfigError
     if ctx is not None:  # the clients built after this probe: their handshakes end too
         bound_tls_handshakes(kafka.request_timeout_ms / 1000)
@@ -222,6 +225,8 @@ def wait_for_brokers(kafka: KafkaConfig, timeout_s: float, hint: str = "", step_
                 return
             problems.append(problem)
         lasting = all(p.lasting for p in problems)
+        if lasting_only and not lasting:
+            return
         left = deadline - clock()
         if lasting or left <= 0:
             within = "" if lasting else f" within {timeout_s:g} s"

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from models.errors import BrokerError, ConfigError, describe
+from models.errors import BrokerError, ConfigError, describe, did_you_mean
 from monitor import logs
 
 log = logs.get("tsmon.topics")
@@ -58,13 +58,11 @@ def require_inputs(topics: list[str], existing: set[str], servers: str, setting:
     that auto-creates topics create a misspelt one, empty, and the daemon then waited on it for good, ready and
     healthy, while the real topic went unread (Kafka Streams refuses to start the same way). ``tsmon replay``
     likewise: its producer's first send created the misspelt topic, and the series went where no daemon reads."""
-    import difflib
-
     missing = [t for t in topics if t not in existing]
     if not missing:
         return
-    close = {t: difflib.get_close_matches(t, sorted(existing), n=1, cutoff=0.75) for t in missing}
-    named = ", ".join(f"{t!r}" + (f" (did you mean {close[t][0]!r}?)" if close[t] else "") for t in missing)
+    close = {t: did_you_mean(t, existing) for t in missing}
+    named = ", ".join(f"{t!r}" + (f" (did you mean {close[t]!r}?)" if close[t] else "") for t in missing)
     raise ConfigError(f"{setting}: no topic {named} at {servers}: create it first, correct the name, or give "
                       f"this principal Describe on it ({why})")
 

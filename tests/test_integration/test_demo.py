@@ -144,7 +144,7 @@ def test_a_demo_whose_broker_dies_while_the_daemon_starts_says_so(ecg_pca: Path)
                        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0 and "the demo's broker stopped (exit status -9)" in r.stdout, r.stdout + r.stderr
     waited = float(r.stdout.split("START WAITED ")[1].split()[0])
-    assert 9 < waited < 20, r.stdout
+    assert 9 < waited < 25, r.stdout  # (the start itself included: the scorer, the warm-up)
 
 
 STARTED: list[Any] = []  # the LocalBrokers the demo started, in its own process (record_brokers)

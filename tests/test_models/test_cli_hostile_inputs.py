@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from models.data import read_series
@@ -202,6 +203,15 @@ def test_a_parquet_multiindex_keeps_its_timestamp_and_label_levels(csv: Path, tm
     series = read_series(unnamed)
     assert series.timestamps is not None and series.labels is not None and series.channels == ["ch0", "ch1"]
     assert (series.timestamps == read_series(plain).timestamps).all()
+    # but a frame with a time column of its own keeps it (a review: that file no longer loaded)
+    own = df.rename(columns={"timestamp": "time"})
+    own.index = pd.MultiIndex.from_arrays([pd.date_range("2023-01-01", periods=len(df), freq="min"), df["label"]],
+                                          names=[None, "label"])
+    own.drop(columns="label").to_parquet(tmp_path / "own.parquet")
+    for kw in ({}, {"timestamp_col": "time"}):
+        series = read_series(tmp_path / "own.parquet", **kw)
+        assert series.channels == ["ch0", "ch1"] and series.labels is not None
+        assert (series.timestamps == read_series(plain).timestamps).all()
 
 
 DEEP = "[" * 5000 + "]" * 5000  # nested past Python's recursion limit

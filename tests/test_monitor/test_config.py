@@ -228,6 +228,11 @@ def test_unknown_keys(tmp_path: Path) -> None:
     assert error_lines(excinfo) == ["kafka.bootstrp_servers: unknown key (did you mean 'bootstrap_servers'?)",
                                     "kafka.zzz: unknown key", "models[0].hopp: unknown key (did you mean 'hop'?)",
                                     "bogus: unknown section", "alert: unknown section (did you mean 'alerts'?)"]
+    # a key above every [section] header is a key, not a section (a review of the hint: it said "unknown section")
+    path = write(tmp_path, 'bootstrap_servers = ["h:1"]\nzzz = 1\n[alerts]\nfor = 2\n')
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, env={})
+    assert error_lines(excinfo) == ["bootstrap_servers: unknown key here: it belongs under [kafka]", "zzz: unknown key"]
 
 
 def test_cross_field_rules_between_sections_keys() -> None:

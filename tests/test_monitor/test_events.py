@@ -61,6 +61,11 @@ def test_an_alert_is_credited_to_the_event_it_overlaps_not_also_to_an_earlier_on
     # after both of the later pair: only the nearer one (within 2 h of 22.5 h, and of 21 h too)
     r = score_alerts(events, [alert("c", 23 * H, 23.1 * H, 23.5 * H)], test, tolerance_ms=2 * H)
     assert r["events_detected"] == 1 and r["true_alerts"] == 1 and r["mean_delay_s"] == pytest.approx(1.1 * 3600)
+    # fired on the first event's after-effects, before the next began, and still open when it did: both (a review
+    # of the rule's first version, which credited the next one only)
+    r = score_alerts(events[:2], [alert("a", 11.2 * H, 11.3 * H, 11.8 * H)], test, tolerance_ms=2 * H)
+    assert (r["events_detected"], r["events_inside_open_alert"]) == (2, 1)
+    assert r["mean_delay_s"] == pytest.approx(1.3 * 3600)
 
 
 def test_recall_precision_false_alert_rate_and_delays_by_hand() -> None:

@@ -2345,6 +2345,32 @@ def test_a_precision_off_float32_beyond_the_tolerance_stops_the_start(served: Se
         scorer.warm_up([4], tolerance=0.06)
 
 
+def test_a_wrong_precision_is_said_before_the_wait_for_a_broker_that_is_away(stream_model: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: with the brokers probed before the warm-up, a wrong precision waited bootstrap_timeout_ms (30 s)
+    for a broker that was away, then said only that. A setting wrong for sure (TLS) is said before the warm-up; a
+    broker away is waited for after it."""
+    import socket
+
+    from models.errors import ConfigError
+
+    with socket.socket() as sock:  # a port nothing listens on: refused at once, which waiting might mend
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    def refused(*_a: Any) -> None:
+        raise ConfigError("float16 scores differ from float32 by 5.00%")
+
+    monkeypatch.setattr(Daemon, "_warm_up", refused)
+    cfg = load_config(None, {"models": [{"pattern": "*", "path": str(stream_model)}], "daemon.scoring": "thread",
+                             "daemon.device": "cpu", "http.enabled": False, "kafka.bootstrap_servers": f"127.0.0.1:{port}",
+                             "kafka.bootstrap_timeout_ms": 30_000}, env={})
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="float16 scores differ"):
+        Daemon(cfg)
+    assert time.monotonic() - t0 < 15
+
+
 def test_input_held_across_a_rebalance_is_released_with_the_new_assignment(stream_model: Path) -> None:
     """Eager rebalance while holding: kafka-python keeps the pause flag of a partition it keeps; the new one
     is paused on arrival; the release resumes everything assigned, so nothing stays paused for good."""

@@ -145,6 +145,15 @@ def test_waiting_backs_off_until_the_limit_and_a_lasting_problem_stops_at_once(m
         reach.wait_for_brokers(kafka("a:1,b:2"), 20, clock=lambda: clock.now, sleep=clock.sleep)
     assert clock.slept
 
+    # lasting_only (the daemon's round before its warm-up): one round, raising only for lasting problems
+    clock = Clock()
+    answers[:] = [reach.Problem("a:1", "not trusted", True), reach.Problem("b:2", "refused")]
+    reach.wait_for_brokers(kafka("a:1,b:2"), 20, clock=lambda: clock.now, sleep=clock.sleep, lasting_only=True)
+    assert clock.slept == [] and answers == []
+    answers[:] = [reach.Problem("a:1", "not trusted", True), reach.Problem("b:2", "not trusted", True)]
+    with pytest.raises(BrokerError, match=r"^cannot reach a broker: a:1: not trusted; b:2: not trusted$"):
+        reach.wait_for_brokers(kafka("a:1,b:2"), 20, clock=lambda: clock.now, sleep=clock.sleep, lasting_only=True)
+
 
 def test_tls_files_that_do_not_load_are_a_config_error_before_any_connection(tmp_path) -> None:
     """The probe built its context inside the connection's try: a missing CA file read as "closed the connection
