@@ -47,6 +47,7 @@ MIN_VALIDATION_WINDOWS = 20  # fewer, and the threshold's quantile is one of the
 OUTLIER_RATIO = 1000.0  # a threshold of this many spreads of the data (normalised units) comes from extreme windows
 ROUNDING_ERROR = 1e-5  # a threshold under this (normalised units) is the model reproducing float32 rounding
 FLATLINE_REL_STD = QualityConfig.model_fields["flatline_rel_std"].default
+ALERT_SEARCH_S = 60.0  # inspect --alert: how long the alerts topic is searched, newest messages first
 
 DataOpt = Annotated[str, typer.Option("--data", help="'ecg5000' (vendored) or a CSV/Parquet file.")]
 ValueCols = Annotated[list[str] | None, typer.Option("--value-col", help="Value column (repeat for channels).")]
@@ -589,26 +590,35 @@ def _alert_from_topic(alert_id: str, config: Path | None, bootstrap: str | None)
 
     from monitor.config import load_config
     from monitor.reach import wait_for_brokers
-    from monitor.topics import TopicReader
+    from monitor.topics import search_newest
 
     cfg = load_config(config, {"kafka.bootstrap_servers": bootstrap} if bootstrap else None)
     servers = ",".join(cfg.kafka.bootstrap_servers)
     topic = cfg.kafka.alerts_topic
     client = cfg.kafka.client_kwargs()  # its security settings: plaintext against a TLS/SASL cluster failed
-    client.pop("bootstrap_servers")
     wait_for_brokers(cfg.kafka, 3.0, "give --bootstrap or --config")  # kafka-python: ~30 s, "Unable to bootstrap"
-    try:
-        docs = TopicReader(servers.split(","), topic, **client).settle(quiet_s=1.0, limit_s=20)
+
+    def its(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [d for d in docs if d.get("alert_id") == alert_id]
+
+    def pictured(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [d for d in its(docs) if isinstance(d.get("explain"), dict)]  # null: a repeat restored without one
+
+    try:  # newest first: the alert just paged is at the end of a topic that may hold millions of messages
+        docs, read, ended = search_newest(client, topic, alert_id.encode(), lambda found: bool(pictured(found)),
+                                          limit_s=ALERT_SEARCH_S)
     except (KafkaError, OSError) as exc:
         raise BrokerError(f"cannot read topic {topic} at {servers}: {exc}") from None
-    mine = [d for d in docs if isinstance(d, dict) and d.get("alert_id") == alert_id]
-    firing = [d for d in mine if isinstance(d.get("explain"), dict)]  # null: a repeat restored without one
-    if firing:
+    if firing := pictured(docs):
         return latest_picture(firing)
-    if mine:
+    if not ended:
+        raise BrokerError(f"alert {alert_id} not found in the newest {read:,} messages of topic {topic} at {servers} "
+                          f"read within {ALERT_SEARCH_S:g} s (the topic goes further back): draw it from a saved "
+                          f"message instead (tsmon tail … > alerts.jsonl; --alert alerts.jsonl)")
+    if mine := its(docs):
         raise DataError(f"alert {alert_id} on topic {topic} at {servers} has {len(mine)} message(s) but none "
                         "carries 'explain' (fired by a tsmon without explain?)")
-    raise DataError(f"alert {alert_id} not found on topic {topic} at {servers} (read {len(docs)} messages)")
+    raise DataError(f"alert {alert_id} not found on topic {topic} at {servers} (read {read} messages)")
 
 
 def register(app: typer.Typer) -> None:

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from models.errors import TsmonError
+from models.errors import ConfigError, TsmonError
 from monitor.commands.render import emit_json, stdout
 from monitor.config import load_config
 
@@ -35,6 +35,9 @@ def status(
     """Show each stream of a running daemon: model, last sample, threshold, alert state, lag."""
     if url is None:
         http = load_config(config).http
+        if http.port == 0:  # it said "cannot reach the tsmon daemon at http://127.0.0.1:0: Connection refused"
+            raise ConfigError("http.port is 0 in the configuration: the daemon chose a free port at start (its log's "
+                              "http_listening line gives it): give --url")
         url = f"http://{http.host}:{http.port}"
     rows = fetch_streams(url)
     if as_json:

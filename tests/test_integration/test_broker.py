@@ -269,6 +269,58 @@ def test_a_topic_reader_finds_a_topic_created_after_it_started(broker, topic: st
     assert sorted(d["i"] for d in reader.docs) == [0, 1, 2]
 
 
+def test_the_newest_messages_are_searched_first_and_a_search_cut_short_says_so(broker, topic: str) -> None:
+    """An on-call pass: ``inspect --alert ID`` read the alerts topic from its beginning into memory, and on one of
+    2.2 million messages said "not found" after 20 s (1.7 GB), the alert at its end. The newest chunk is read first."""
+    from monitor.topics import search_newest
+
+    # a record a batch: Tansu gives a multi-record batch's end offset as its first record's (the newest chunk then
+    # reads on past it, by as many as the last batches held)
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, batch_size=1, linger_ms=0)
+
+    def send(doc: dict, key: bytes) -> None:
+        p.send(topic, key=key, value=json.dumps(doc).encode())
+
+    send({"alert_id": "old", "explain": {}}, b"dev-0")
+    for i in range(6000):
+        send({"alert_id": f"filler-{i}", "n": i}, f"dev-{i % 7}".encode())
+    send({"alert_id": "new", "revision": 0}, b"dev-1")
+    send({"alert_id": "new", "revision": 1, "explain": {}}, b"dev-1")
+    p.flush(), p.close()
+    client = {"bootstrap_servers": broker.bootstrap}
+    pictured = lambda docs: any("explain" in d for d in docs)
+    found, read, ended = search_newest(client, topic, b'"new"', pictured, limit_s=30, chunk=500)
+    assert ended and [d["revision"] for d in found] == [0, 1]
+    assert read <= 4 * 500 + 2, read  # one chunk a partition (4 × 500), not the 6003 messages
+    found, read, ended = search_newest(client, topic, b'"old"', pictured, limit_s=30, chunk=500)
+    assert ended and [d["alert_id"] for d in found] == ["old"]  # back to its partition's beginning
+    found, read, ended = search_newest(client, topic, b'"none"', pictured, limit_s=30, chunk=500)
+    assert ended and found == [] and read == 6003  # the whole topic, once
+    found, read, ended = search_newest(client, topic, b'"old"', pictured, limit_s=0.5, chunk=200)
+    assert not ended and found == [] and read < 6003  # out of time: said, not "not found"
+
+
+def test_inspect_draws_an_alert_looked_up_by_its_id_at_the_end_of_a_long_topic(broker, topic: str, stream_model,
+                                                                               tmp_path, capsys) -> None:
+    """The runbook's first step, end to end: the alert just paged, behind thousands of messages, is found by its id."""
+    from models import artifact
+    from monitor.cli import main
+    from tests.test_monitor.test_explain import firing_alert
+
+    doc = firing_alert(artifact.load(stream_model, "cpu"))
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=20)
+    for i in range(3000):
+        p.send(topic, key=f"dev-{i % 7}".encode(), value=json.dumps({"alert_id": f"filler-{i}"}).encode())
+    p.send(topic, key=b"plant-1", value=json.dumps(doc).encode())
+    p.flush(), p.close()
+    (tmp_path / "tsmon.toml").write_text(f'[kafka]\nbootstrap_servers = "{broker.bootstrap}"\nalerts_topic = "{topic}"\n')
+    out = tmp_path / "alert.png"
+    with pytest.raises(SystemExit) as done:
+        main(["--log-format", "json", "inspect", "--alert", doc["alert_id"], "--config", str(tmp_path / "tsmon.toml"),
+              "--out", str(out)])
+    assert done.value.code in (0, None) and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", capsys.readouterr().err
+
+
 @pytest.mark.parametrize("where", ["end_offsets", "position", "poll"])
 def test_a_broker_error_while_reading_the_changelog_is_a_broker_error(broker, topic: str, monkeypatch,
                                                                       where: str) -> None:

@@ -1238,6 +1238,10 @@ def test_numbers_past_what_an_option_can_take_are_usage_errors_not_tracebacks(
         assert code == 2 and "Traceback" not in err, (args, err)
     code, _, err = run(capsys, "status", "--url", "not a url")
     assert code == 1 and "Traceback" not in err and "cannot reach the tsmon daemon" in err
+    # http.port 0 in the config (any free port, logged): it said "cannot reach … http://127.0.0.1:0" (on-call pass)
+    (tmp_path / "port0.toml").write_text("[http]\nport = 0\n")
+    code, _, err = run(capsys, "status", "--config", str(tmp_path / "port0.toml"))
+    assert code == 1 and err.strip().splitlines()[-1].startswith("ConfigError: http.port is 0") and "--url" in err
     from models.data import read_series
     from models.errors import DataError
 

@@ -138,6 +138,10 @@ def detector(stream_model: Path) -> Detector:
 
 @pytest.fixture(scope="module")
 def firing_doc(detector: Detector) -> dict[str, Any]:
+    return firing_alert(detector)
+
+
+def firing_alert(detector: Detector) -> dict[str, Any]:
     """A firing alert message for a +3 burst on ch0, with the explain payload of its peak window."""
     ts, values = sine_stream(400, bursts=(200,))
     state, thr, transitions = AlertState("plant-1", "sine-pca"), detector.threshold.value, []

@@ -607,6 +607,42 @@ def test_a_topic_reader_waits_for_a_slow_first_fetch_before_its_quiet_period(mon
     assert len(closed) == 3
 
 
+def test_a_topic_reader_not_read_to_its_end_within_the_limit_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An on-call pass: settle returned the part of a long topic read within its limit as the whole topic
+    (inspect --alert then said "not found", replay-eval would have scored the part)."""
+    import json
+
+    import kafka
+
+    from models.errors import BrokerError
+    from monitor.topics import TopicReader
+
+    class Endless:
+        def __init__(self, *_a: Any, **_kw: Any) -> None:
+            self.pos = 0
+
+        def partitions_for_topic(self, _topic: str) -> set[int]:
+            return {0}
+
+        def end_offsets(self, tps: list[Any], timeout_ms: int | None = None) -> dict[Any, int]:
+            return {tp: 1_000_000 for tp in tps}
+
+        def poll(self, timeout_ms: int) -> dict[Any, list[Any]]:
+            time.sleep(0.01)
+            self.pos += 100
+            return {0: [SimpleNamespace(value=json.dumps({"n": self.pos + i}).encode()) for i in range(100)]}
+
+        def position(self, _tp: Any, timeout_ms: int | None = None) -> int:
+            return self.pos
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", Endless)
+    with pytest.raises(BrokerError, match=r"reading topic long: not read to its end within 1 s \(\d+ message"):
+        TopicReader("b:1", "long").settle(quiet_s=0.2, limit_s=1.0)
+
+
 def test_a_topic_reader_tries_a_failed_poll_again_and_says_when_it_never_recovered(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A fetch the broker failed ended the reader thread with a debug line: settle then returned what had been read
