@@ -137,7 +137,9 @@ class Residency(ProcessorState):
         idle = self.settings.idle_evict_s
         quiet = {n: now - (st.last_seen if st.seen_from_doc and st.home and st.home <= caught_up
                            else max(st.last_seen, input_since)) for n, st in self.streams.items() if not st.unscored}
-        self._report_silent(quiet)
+        # counted from when input came back, not from its last record: the stream may have been quiet far longer
+        from_input = {n for n, q in quiet.items() if q < now - self.streams[n].last_seen}
+        self._report_silent(quiet, from_input)
         if idle is None:
             return 0
         gone = [n for n, q in quiet.items() if q >= idle]
@@ -151,7 +153,7 @@ class Residency(ProcessorState):
             self._unevict(str(self.restored.pop(next(iter(self.restored))).get("stream", "")))
         return len(gone)
 
-    def _report_silent(self, quiet: dict[str, float]) -> None:
+    def _report_silent(self, quiet: dict[str, float], from_input: set[str] | frozenset[str] = frozenset()) -> None:
         """A ``silent`` event, once, for each stream quiet for ``silent_after_s`` and for 10 of its sample periods and
         of the usual waits between its records (a meter sending every 15 minutes, a gateway uploading in bursts) —
         at its eviction at the latest, when that misses 3 of its waits; its next record brings a ``resumed`` one
@@ -181,9 +183,13 @@ class Residency(ProcessorState):
             # its count in the id: a silence after a resume that brought no new sample (old ones sent again, refused
             # ones) had the first one's id, and deduplicated, "resumed" stayed the last word (the observability review)
             nth, st.silences = st.silences, st.silences + 1
+            # after a restart (or a pause of the input) the quiet counts from then: "for 5 s" of a stream quiet for
+            # minutes read as a short gap (an on-call pass)
+            since = " since this daemon's input came back after a restart or a pause" if name in from_input else ""
+            how_long = ", which says how long" if since else ""
             self._quality(st.quality.event("silent", last, (
-                f"no data received for {q:.0f} s (its last sample is stamped {iso(last)}){held} — is its source "
-                "alive?"), nth=nth))
+                f"no data received for {q:.0f} s{since} (its last sample is stamped {iso(last)}{how_long}){held} — is "
+                "its source alive?"), nth=nth))
             self.save(name)
         self.metrics.silent.set(silent)
 

@@ -1048,6 +1048,21 @@ def quality_events(p: Any) -> list[dict[str, Any]]:
     return [d for d in out(p, Settings().alerts_topic) if d["type"] == "data_quality"]
 
 
+def test_a_silence_counted_from_a_restart_says_so(make: Make) -> None:
+    """An on-call pass: a stream quiet for minutes before a restart was "no data received for 5 s" after it (its
+    quiet counts from when the input came back): the detail says the count starts there."""
+    p = make()
+    p.settings = Settings(silent_after_s=600.0)
+    ts, v = sine_stream(2000)
+    feed(p, records("dev-s", ts[:1000], v[:1000]))
+    now = time.monotonic()
+    p.evict_idle(now + 650, input_since=now + 10)  # the input was paused (or the daemon restarted) at +10 s
+    [ev] = quality_events(p)
+    assert ev["detail"].startswith("no data received for 640 s since this daemon's input came back after a restart "
+                                   "or a pause (its last sample is stamped 2023-11-14T22:"), ev["detail"]
+    assert "which says how long)" in ev["detail"]
+
+
 def test_a_stream_that_stops_sending_is_reported_silent_once_and_resumed_when_it_sends_again(make: Make) -> None:
     """Found by the on-call pass: a stream that stopped sending with no alert open was only logged at its eviction,
     an hour later, and then left `tsmon status`. After ``silent_after_s`` a ``silent`` event goes out, once; the
