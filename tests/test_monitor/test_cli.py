@@ -1037,16 +1037,14 @@ def test_inspect_alert_reads_the_topic_with_the_configs_security(broker: Any, tm
 
     seen: dict[str, Any] = {}
 
-    class Reader:
-        def __init__(self, bootstrap: Any, topic: str, **client: Any) -> None:
-            seen.update(bootstrap=bootstrap, topic=topic, **client)
+    def search(client: dict[str, Any], topic: str, needle: bytes, enough: Any, limit_s: float
+               ) -> tuple[list[dict[str, Any]], int, bool]:
+        seen.update(topic=topic, needle=needle, **client)  # the page, its update, a repeat of the page
+        return [{"alert_id": "a1", "revision": 0, "explain": {"w": 0}}, {"alert_id": "a1", "revision": 2,
+                 "explain": {"w": 2}}, {"alert_id": "a1", "revision": 0, "explain": {"w": 0}},
+                {"alert_id": "a2", "revision": 4, "explain": {}}], 4, True
 
-        def settle(self, **_: Any) -> list[dict[str, Any]]:  # the page, its update, a repeat of the page
-            return [{"alert_id": "a1", "revision": 0, "explain": {"w": 0}}, {"alert_id": "a1", "revision": 2,
-                     "explain": {"w": 2}}, {"alert_id": "a1", "revision": 0, "explain": {"w": 0}},
-                    {"alert_id": "a2", "revision": 4, "explain": {}}]
-
-    monkeypatch.setattr(topics, "TopicReader", Reader)
+    monkeypatch.setattr(topics, "search_newest", search)
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[kafka]\nbootstrap_servers = ["SASL_PLAINTEXT://{broker.bootstrap}"]\n'
                    'security_protocol = "SASL_PLAINTEXT"\nsasl_mechanism = "PLAIN"\n'
@@ -1054,6 +1052,7 @@ def test_inspect_alert_reads_the_topic_with_the_configs_security(broker: Any, tm
     # the update's picture, the worst window (the first page's showed the episode before it grew)
     assert model_cmds._alert_from_topic("a1", cfg, None) == {"alert_id": "a1", "revision": 2, "explain": {"w": 2}}
     assert seen["security_protocol"] == "SASL_PLAINTEXT" and seen["sasl_plain_username"] == "u"
+    assert seen["needle"] == b"a1" and seen["topic"] == "tsmon.alerts"
 
 
 def test_a_stop_signal_during_the_start_ends_it_at_once(stream_model: Path) -> None:

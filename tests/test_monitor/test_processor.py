@@ -1353,7 +1353,7 @@ def test_a_start_whose_consumer_fails_closes_the_sink_and_the_scoring_backend(st
         return b
 
     monkeypatch.setattr(Daemon, "_backend", backend)
-    monkeypatch.setattr(Daemon, "_wait_for_brokers", lambda self: None)
+    monkeypatch.setattr(Daemon, "_wait_for_brokers", lambda self, lasting_only=False: None)
     monkeypatch.setattr(Daemon, "_ensure_topics", lambda self: {"tsmon.input"})
     monkeypatch.setattr(monitor.daemon, "client_classes", lambda cfg, need: (None, Refused))
     cfg = load_config(None, {"models": [{"pattern": "*", "path": str(stream_model)}], "daemon.scoring": "thread",
