@@ -141,7 +141,7 @@ def search_newest(client: dict[str, Any], topic: str, needle: bytes, enough: Cal
                 consumer.seek(tp, lo[tp])
             consumer.resume(*todo)
             batch: list[dict[str, Any]] = []
-            last_record = time.monotonic()
+            last_record, reached = time.monotonic(), None
             while time.monotonic() < deadline:
                 for tp, records in consumer.poll(timeout_ms=100).items():
                     for r in records:
@@ -153,7 +153,10 @@ def search_newest(client: dict[str, Any], topic: str, needle: bytes, enough: Cal
                 behind = [tp for tp in todo if int(consumer.position(tp)) < hi[tp]]
                 if not newest:  # (the newest chunk goes on past the end offsets)
                     consumer.pause(*[tp for tp in todo if tp not in behind])
-                if not behind and (not newest or time.monotonic() - last_record >= quiet_s):
+                now = time.monotonic()
+                reached = reached or (now if not behind else None)
+                # past the end offsets, until quiet — or a while more at most: a live topic is never quiet
+                if reached and (not newest or now - last_record >= quiet_s or now - reached >= 2 * quiet_s):
                     break
             else:
                 return batch + found, read, False

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -298,6 +299,23 @@ def test_the_newest_messages_are_searched_first_and_a_search_cut_short_says_so(b
     assert ended and found == [] and read == 6003  # the whole topic, once
     found, read, ended = search_newest(client, topic, b'"old"', pictured, limit_s=0.5, chunk=200)
     assert not ended and found == [] and read < 6003  # out of time: said, not "not found"
+    # a live topic is never quiet: the newest chunk was read until the time limit, and "new" said not found
+    stop, live = threading.Event(), KafkaProducer(bootstrap_servers=broker.bootstrap)
+
+    def write() -> None:
+        while not stop.wait(0.05):
+            live.send(topic, key=b"dev-9", value=b'{"alert_id": "live"}')
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        t0 = time.monotonic()
+        found, read, ended = search_newest(client, topic, b'"new"', pictured, limit_s=30, chunk=500)
+        assert ended and [d["revision"] for d in found] == [0, 1] and time.monotonic() - t0 < 10
+    finally:
+        stop.set()
+        writer.join(5)
+        live.close()
 
 
 def test_inspect_draws_an_alert_looked_up_by_its_id_at_the_end_of_a_long_topic(broker, topic: str, stream_model,
