@@ -143,6 +143,17 @@ class _Section(BaseModel):
         return iter(())
 
 
+def _assignors(strategy: str) -> tuple[Any, ...]:
+    """kafka-python's assignor for ``kafka.partition_assignment``: range, roundrobin or sticky — eager, as the daemon's
+    rebalance handling is (kafka-python's cooperative-sticky is not offered). Its ``name`` is librdkafka's."""
+    from kafka.coordinator.assignors.range import RangePartitionAssignor
+    from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+    from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
+
+    return ({"range": RangePartitionAssignor, "roundrobin": RoundRobinPartitionAssignor,
+             "sticky": StickyPartitionAssignor}[strategy],)
+
+
 class KafkaConfig(_Section):
     client: Literal["kafka-python", "confluent"] = Field(
         "kafka-python", description="client of the input and output topics; confluent = librdkafka "
@@ -152,6 +163,11 @@ class KafkaConfig(_Section):
     client_id: str = Field("tsmon", min_length=1, description="client id shown in broker logs")
     topics: list[_Topic] = Field(["tsmon.input"], description="input topics (unless topic_pattern is set)")
     topic_pattern: str | None = Field(None, description="regex of input topics; replaces topics when set")
+    partition_assignment: Literal["range", "roundrobin", "sticky"] = Field(
+        "range", description="how the group shares the input partitions: range (per topic, from the first instance "
+                             "on: with several topics the first instances get more), roundrobin (across topics), "
+                             "sticky (as even, moving fewest partitions, so fewer stream states, when instances "
+                             "come and go; kafka-python only); every instance of a group needs the same")
     metadata_max_age_ms: int = Field(300_000, ge=1000, le=3_600_000, description="how often the topic metadata is "
                                      "read again: a new topic matching topic_pattern, or partitions added to an "
                                      "input topic, are found at most this long after they appear (librdkafka's "
@@ -250,6 +266,8 @@ class KafkaConfig(_Section):
         if self.client == "confluent":  # what librdkafka refuses, said here rather than as a failed start
             if self.sasl_mechanism == "OAUTHBEARER":
                 yield "sasl_mechanism: OAUTHBEARER is not supported with client = \"confluent\" (no token source)"
+            if self.partition_assignment == "sticky":  # librdkafka's is cooperative: the daemon's revoke is eager
+                yield "partition_assignment: sticky is kafka-python's; use range or roundrobin with client = \"confluent\""
             if self.max_poll_interval_ms < self.session_timeout_ms:
                 yield (f"max_poll_interval_ms: librdkafka needs it at least session_timeout_ms "
                        f"({self.session_timeout_ms}) with client = \"confluent\"")
@@ -282,7 +300,8 @@ class KafkaConfig(_Section):
         """kafka-python ``KafkaConsumer`` settings; offsets are committed by the daemon, never automatically."""
         keys = ("group_id", "auto_offset_reset", "session_timeout_ms", "heartbeat_interval_ms",
                 "max_poll_interval_ms", "max_poll_records", "fetch_max_wait_ms", "metadata_max_age_ms")
-        return {**self.client_kwargs(), **{k: getattr(self, k) for k in keys}, "enable_auto_commit": False}
+        return {**self.client_kwargs(), **{k: getattr(self, k) for k in keys}, "enable_auto_commit": False,
+                "partition_assignment_strategy": _assignors(self.partition_assignment)}
 
     def producer_kwargs(self) -> dict[str, Any]:
         """kafka-python ``KafkaProducer`` settings for the alerts and dead-letter topics."""
@@ -922,6 +941,7 @@ max_poll_records = 500
 fetch_max_wait_ms = 500                  # a fetch held this long at most (lower: latency on brokers that always hold it)
 request_timeout_ms = 30000               # kafka-python needs 500 < request_timeout_ms < 540000
 metadata_max_age_ms = 300000             # topic metadata read again this often: new pattern topics, added partitions
+partition_assignment = "range"           # or roundrobin, sticky: how a group's instances share several topics
 delivery_timeout_ms = 120000            # output unacknowledged this long is sent again (input paused meanwhile)
 reconnect_backoff_max_ms = 10000         # reconnects to a lost broker back off from 50 ms up to this
 bootstrap_timeout_ms = 30000             # a start waits this long for a broker to answer, then names what failed

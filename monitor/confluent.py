@@ -42,7 +42,7 @@ _KEYS = {
     "heartbeat_interval_ms": "heartbeat.interval.ms", "max_poll_interval_ms": "max.poll.interval.ms",
     "fetch_max_wait_ms": "fetch.wait.max.ms", "enable_auto_commit": "enable.auto.commit", "acks": "acks",
     "enable_idempotence": "enable.idempotence", "linger_ms": "linger.ms", "delivery_timeout_ms": "delivery.timeout.ms",
-    "metadata_max_age_ms": "topic.metadata.refresh.interval.ms",
+    "metadata_max_age_ms": "topic.metadata.refresh.interval.ms", "partition_assignment_strategy": "partition.assignment.strategy",
 }
 # no librdkafka property: poll sizes, produce() never blocks, the start's wait is tsmon's own (monitor.reach)
 _DROPPED = {"max_poll_records", "max_block_ms", "bootstrap_timeout_ms"}
@@ -94,6 +94,8 @@ def rdkafka_config(kwargs: dict[str, Any]) -> dict[str, Any]:
             value = ",".join(value) if isinstance(value, list | tuple) else value
         elif key == "ssl_check_hostname":
             value = "https" if value else "none"
+        elif key == "partition_assignment_strategy":  # kafka-python's assignor classes: their names are librdkafka's
+            value = ",".join(a.name for a in value)
         elif key == "request_timeout_ms":
             value = min(int(value), 300_000)  # librdkafka's socket.timeout.ms allows 300 s at most
         out[_KEYS[key]] = value

@@ -468,3 +468,38 @@ def test_a_topic_pattern_takes_up_new_topics_while_records_flow_at_the_daemons_p
             s.close(2)
         producer.close()
         admin.close()
+
+
+@pytest.mark.parametrize("strategy", ["range", "roundrobin", "sticky"])
+def test_the_partition_assignment_strategy_shares_several_topics(broker, strategy: str) -> None:
+    """A scale-out review: with several input topics the range assignor gives each topic's partitions to the first
+    instances (two topics of one partition each: one instance gets both, the other nothing); roundrobin and sticky
+    share them across topics (kafka.partition_assignment)."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from monitor.config import load_config
+    from monitor.source import KafkaSource
+
+    prefix = f"s{uuid.uuid4().hex[:8]}"
+    topics = [f"{prefix}.a", f"{prefix}.b"]
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=10_000)
+    admin.create_topics([NewTopic(t, 1, 1) for t in topics])
+    admin.close()
+    cfg = load_config(None, {"kafka.bootstrap_servers": broker.bootstrap, "kafka.group_id": f"g-{prefix}",
+                             "kafka.topics": topics, "kafka.session_timeout_ms": 2000,
+                             "kafka.heartbeat_interval_ms": 500, "kafka.partition_assignment": strategy}, env={})
+    sources = [KafkaSource(cfg.kafka.consumer_kwargs(), topics, None, lambda _t: None, lambda _t: None)
+               for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for s in sources:
+                s.poll(100)
+            held = [s.assignment() for s in sources]
+            if sum(map(len, held)) == 2 and not any(s._rejoining for s in sources):
+                break
+        assert sum(map(len, held)) == 2, held
+        assert sorted(map(len, held)) == ([0, 2] if strategy == "range" else [1, 1]), held
+    finally:
+        for s in sources:
+            s.close(2)

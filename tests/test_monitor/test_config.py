@@ -525,6 +525,8 @@ def test_a_misspelt_environment_variable_is_an_error_not_ignored() -> None:
      r"kafka.topic_pattern: librdkafka's regular expressions (POSIX) have no \d"),
     ({"kafka.client": "confluent", "kafka.request_timeout_ms": 400_000},
      "kafka.request_timeout_ms: at most 300000 with client = \"confluent\" (librdkafka's range)"),
+    ({"kafka.client": "confluent", "kafka.partition_assignment": "sticky"},
+     "kafka.partition_assignment: sticky is kafka-python's; use range or roundrobin with client = \"confluent\""),
     # a review: a stream 20 % slower had every interval a gap for good (the drift, under the tolerance, is none)
     ({"windows.gap_periods": 1.1}, "windows.gap_periods: must exceed 1 + quality.rate_tolerance (1.25)"),
     ({"models": [{"path": "a", "gap_periods": 1.2}]}, "models[0].gap_periods: must exceed 1 + quality.rate_tolerance"),
@@ -571,6 +573,15 @@ def test_metadata_max_age_reaches_both_clients_within_librdkafkas_range() -> Non
     assert confluent.rdkafka_config(kafka.consumer_kwargs())["topic.metadata.refresh.interval.ms"] == 60_000
     with pytest.raises(ConfigError, match="kafka.metadata_max_age_ms"):  # librdkafka refuses more than 1 h at start
         load_config(None, {"kafka.metadata_max_age_ms": 3_600_001}, {})
+
+
+def test_the_partition_assignment_reaches_both_clients() -> None:
+    from monitor import confluent
+
+    kafka = load_config(None, {"kafka.partition_assignment": "roundrobin"}, {}).kafka
+    assert confluent.rdkafka_config(kafka.consumer_kwargs())["partition.assignment.strategy"] == "roundrobin"
+    [assignor] = load_config(None, {}, {}).kafka.consumer_kwargs()["partition_assignment_strategy"]
+    assert assignor.name == "range"  # the clients' default
 
 
 def test_the_confluent_client_without_its_package_is_a_one_line_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
