@@ -110,62 +110,75 @@ def partition_reader(client: dict[str, Any], topic: str, at_end: bool, if_missin
     return consumer, tps
 
 
-SEARCH_CHUNK = 20_000  # messages per partition read at a time by search_newest, from the end back
+SEARCH_CHUNK = 20_000  # messages read at a time by search_newest (shared by the partitions), from the end back
+SEARCH_CHUNK_MAX = 20_000  # a partition's chunk doubles each round from its share up to this
 
 
 def search_newest(client: dict[str, Any], topic: str, needle: bytes, enough: Callable[[list[dict[str, Any]]], bool],
                   limit_s: float, quiet_s: float = 1.0, chunk: int = SEARCH_CHUNK) -> tuple[list[dict[str, Any]], int, bool]:
-    """The JSON messages of ``topic`` whose bytes hold ``needle``, read from the end back in chunks of ``chunk``
-    per partition until ``enough`` is satisfied with those found, the beginning is reached, or ``limit_s`` has
-    passed. Returns them (oldest first within each chunk), how many messages were read, and whether the search
-    ended (enough, or the whole topic read) rather than ran out of time.
+    """The JSON messages of ``topic`` whose bytes hold ``needle``, read from the end back in chunks until ``enough``
+    is satisfied with those found and a chunk held no more of them (the messages of one alert straddle chunks, and a
+    repeat can be newer than an update), the beginning is reached, or ``limit_s`` has passed (all of it: the
+    connection and offsets included). Returns them (oldest first within each chunk), how many messages were read, and
+    whether the search ended rather than ran out of time.
 
     The newest messages are what an on-call engineer looks up (the alert just paged): ``inspect --alert`` read the
     topic from its beginning into memory, and on a topic of two million messages gave "not found" after 20 s and
-    1.7 GB. The newest chunk is read until ``quiet_s`` passes without a message past the end offsets (Tansu gives a
-    batch's end as its first record's); the older ones up to where the newer began."""
-    consumer, tps = partition_reader(client, topic, at_end=True, timeout_s=min(limit_s, 30.0))
+    1.7 GB. Each partition's chunk starts at its share of ``chunk`` and doubles each round (up to
+    :data:`SEARCH_CHUNK_MAX`). The newest chunk reads on past the end offsets (Tansu gives a batch's end as its first
+    record's) until ``quiet_s`` without a message, or 2 × ``quiet_s`` at most: a live topic is never quiet."""
     deadline = time.monotonic() + limit_s
+
+    def left_ms() -> int:
+        return max(1, int((deadline - time.monotonic()) * 1000))
+
+    consumer, tps = partition_reader(client, topic, at_end=True, timeout_s=min(limit_s, 30.0))
     try:
-        begin = consumer.beginning_offsets(tps, timeout_ms=10_000) if tps else {}
-        hi = {tp: int(consumer.position(tp)) for tp in tps}
+        begin = consumer.beginning_offsets(tps, timeout_ms=left_ms()) if tps else {}
+        hi = {tp: int(consumer.position(tp, timeout_ms=left_ms())) for tp in tps}
+        size = max(100, chunk // max(1, len(tps)))
         found: list[dict[str, Any]] = []
         read, newest = 0, True
         while True:
             todo = [tp for tp in tps if newest or hi[tp] > begin[tp]]
             if not todo:
                 return found, read, True
-            lo = {tp: max(begin[tp], hi[tp] - chunk) for tp in todo}
+            lo = {tp: max(begin[tp], hi[tp] - size) for tp in todo}
             consumer.pause(*tps)
             for tp in todo:
                 consumer.seek(tp, lo[tp])
             consumer.resume(*todo)
             batch: list[dict[str, Any]] = []
             last_record, reached = time.monotonic(), None
-            while time.monotonic() < deadline:
-                for tp, records in consumer.poll(timeout_ms=100).items():
+            while True:
+                if time.monotonic() >= deadline:
+                    return batch + found, read, False
+                for tp, records in consumer.poll(timeout_ms=min(100, left_ms())).items():
                     for r in records:
                         if not newest and r.offset >= hi[tp]:
                             continue  # read by the newer chunk already
                         read, last_record = read + 1, time.monotonic()
                         if r.value is not None and needle in r.value and isinstance(doc := _json_or_none(r.value), dict):
                             batch.append(doc)
-                behind = [tp for tp in todo if int(consumer.position(tp)) < hi[tp]]
+                behind = [tp for tp in todo if _position(consumer, tp, left_ms()) < hi[tp]]
                 if not newest:  # (the newest chunk goes on past the end offsets)
                     consumer.pause(*[tp for tp in todo if tp not in behind])
                 now = time.monotonic()
                 reached = reached or (now if not behind else None)
-                # past the end offsets, until quiet — or a while more at most: a live topic is never quiet
                 if reached and (not newest or now - last_record >= quiet_s or now - reached >= 2 * quiet_s):
                     break
-            else:
-                return batch + found, read, False
             found = batch + found
-            if enough(found):
+            if not batch and enough(found):
                 return found, read, True
-            hi, newest = {**hi, **lo}, False
+            hi, newest, size = {**hi, **lo}, False, min(2 * size, max(size, SEARCH_CHUNK_MAX))
     finally:
-        consumer.close()
+        consumer.close(timeout_ms=1000)
+
+
+def _position(consumer: Any, tp: Any, timeout_ms: int) -> int:
+    """The consumer's position in ``tp``, or -1 when it has none within ``timeout_ms`` (an offset reset pending)."""
+    position = consumer.position(tp, timeout_ms=timeout_ms)
+    return -1 if position is None else int(position)
 
 
 class TopicReader:

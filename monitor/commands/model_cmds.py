@@ -612,7 +612,8 @@ def _alert_from_topic(alert_id: str, config: Path | None, bootstrap: str | None)
     if firing := pictured(docs):
         return latest_picture(firing)
     if not ended:
-        raise BrokerError(f"alert {alert_id} not found in the newest {read:,} messages of topic {topic} at {servers} "
+        what = f"{len(its(docs))} message(s) of it but none with its picture" if its(docs) else "no message of it"
+        raise BrokerError(f"alert {alert_id}: {what} in the newest {read:,} messages of topic {topic} at {servers} "
                           f"read within {ALERT_SEARCH_S:g} s (the topic goes further back): draw it from a saved "
                           f"message instead (tsmon tail … > alerts.jsonl; --alert alerts.jsonl)")
     if mine := its(docs):

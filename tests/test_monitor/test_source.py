@@ -699,3 +699,53 @@ def test_a_topic_reader_tries_a_failed_poll_again_and_says_when_it_never_recover
     monkeypatch.setattr(topics, "_json_or_none", lambda _v: 1 / 0)
     with pytest.raises(BrokerError, match=r"reading topic flaky failed: ZeroDivisionError"):
         TopicReader("b:1", "flaky").settle(quiet_s=0.3, limit_s=5.0)
+
+
+def test_search_newest_keeps_to_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: the connection's 30 s and the offset lookups (one without a timeout) came on top of the search's
+    60 s. A slow broker, each lookup answered at 90 % of its timeout: limit_s is the search's whole time."""
+    import kafka
+
+    from monitor.topics import search_newest
+
+    class Slow:
+        def __init__(self, **_: Any) -> None:
+            self.pos: dict[Any, int] = {}
+
+        def partitions_for_topic(self, _t: str) -> set[int]:
+            return {0}
+
+        def assign(self, tps: list[Any]) -> None:
+            self.pos = {tp: 0 for tp in tps}
+
+        def seek_to_end(self, *tps: Any) -> None:
+            for tp in tps:
+                self.pos[tp] = 100
+
+        def position(self, tp: Any, timeout_ms: int | None = None) -> int:
+            if timeout_ms is not None:
+                time.sleep(timeout_ms / 1000 * 0.9)  # answered just in time
+            return self.pos[tp]
+
+        def beginning_offsets(self, tps: list[Any], timeout_ms: int) -> dict[Any, int]:
+            time.sleep(min(2.0, timeout_ms / 1000 * 0.9))
+            return {tp: 0 for tp in tps}
+
+        def pause(self, *_: Any) -> None: ...
+        def resume(self, *_: Any) -> None: ...
+
+        def seek(self, tp: Any, off: int) -> None:
+            self.pos[tp] = off
+
+        def poll(self, timeout_ms: int) -> dict[Any, list[Any]]:
+            time.sleep(timeout_ms / 1000)
+            for tp in self.pos:
+                self.pos[tp] = 100
+            return {}
+
+        def close(self, **_: Any) -> None: ...
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", Slow)
+    t0 = time.monotonic()
+    search_newest({"bootstrap_servers": "b:1"}, "alerts", b"x", lambda d: False, limit_s=4.0)
+    assert time.monotonic() - t0 < 4.5, time.monotonic() - t0
