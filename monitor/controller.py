@@ -105,8 +105,14 @@ class Controller:
             return self._publish(ack(cmd, None, "failed", self.instance, error=f"not applied: {self.p.failed}"),
                                  cmd.command)
         if cmd.command_id in self.seen and not self._owed(cmd):
-            log.info("command_duplicate", command=cmd.command, command_id=cmd.command_id)
-            return self._publish(ack(cmd, None, "duplicate", self.instance), cmd.command)
+            doc = ack(cmd, None, "duplicate", self.instance)
+            # as refusals: a signed command copied back onto the control topic (anyone who can write there, for
+            # max_age_s) queued an acknowledgement a copy, unbounded while the sink stalled (2 000 copies: 1.9 MB)
+            if (extra := self._rejections("command_duplicate")) is None:
+                self.p.metrics.commands.labels(cmd.command, "duplicate").inc()
+                return doc
+            log.info("command_duplicate", command=cmd.command, command_id=cmd.command_id, **extra)
+            return self._publish(doc, cmd.command)
         self.not_woken.clear()
         self.matched.clear()
         self.provisional.clear()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -264,7 +265,8 @@ class Residency(ProcessorState):
             # this instance's stream: a tombstone, or the resolution of its alert, is its to send (another owner's
             # stream may still be alive and firing there)
             mine = name in self.evicted_here or bool(parts and parts <= assigned)
-            if holds_commitments(doc, now_ms):  # kept, but outside the bound: counted in it, they forgot the others
+            renewed = partial(self.silences.renews, name, now_ms=now_ms)  # (a standing silence's own streams)
+            if holds_commitments(doc, now_ms, renewed):  # kept, but outside the bound: counted in it, they forgot others
                 held += 1
                 if unseen and mine and name in self.evicted and open_alert_unsilenced(doc, now_ms):
                     gone.append(name)
@@ -304,7 +306,9 @@ class Residency(ProcessorState):
         evicted again when idle and forgotten like any other. Kept open, its document was never forgotten: every
         dead sensor that had paged stayed in memory, in every restore and on the changelog for good."""
         doc, here = self.restored.get(stream, {}), stream in self.evicted_here
-        if not self.wake(stream):  # no room now: tried again at the next pass
+        # past max_streams if need be (evicted again below): under a churn of new ids the streams held sit at the
+        # limit, and waiting for room left every such document unresolved and unforgotten, past max_documents, for good
+        if not self.wake(stream, over_limit=True):
             return
         st = self.streams[stream]
         alert_id = self._end_episode(stream, st, stream_gone=True)
@@ -329,14 +333,14 @@ class Residency(ProcessorState):
             self.data_clock.forget(stream)
         self.metrics.streams.set(len(self.streams))
 
-    def wake(self, stream: str, reserve: bool = True) -> bool:
+    def wake(self, stream: str, reserve: bool = True, over_limit: bool = False) -> bool:
         """Bring a stream this instance evicted (or adopted: :meth:`adopt`) back from its document, for an
         operator's command that names it (it is evicted again when idle). Only since the last assignment:
         after a rebalance its partition may be another instance's, whose newer document this one must not
         overwrite. ``reserve``: leave ``WAKE_RESERVE`` of ``max_streams`` (at least one) to new streams; a
-        page owed takes any room left."""
+        page owed takes any room left. ``over_limit``: one past ``max_streams``, for a caller that evicts it at once."""
         served, most = self.scorer.route(stream), self.settings.max_streams
-        room = len(self.streams) < (most - max(1, math.ceil(most * WAKE_RESERVE)) if reserve else most)
+        room = over_limit or len(self.streams) < (most - max(1, math.ceil(most * WAKE_RESERVE)) if reserve else most)
         if stream not in self.evicted or stream in self.streams or served is None or not room:
             return False
         st = self._new_stream(stream, served)

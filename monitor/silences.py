@@ -98,6 +98,10 @@ class StandingSilences:
         """The running rules' patterns that match ``stream`` (one not started yet would start silenced)."""
         return sorted({r.pattern for r in self.running(now_ms).values() if fnmatch.fnmatchcase(stream, r.pattern)})
 
+    def renews(self, stream: str, until_ms: int, now_ms: float) -> bool:
+        """Would a running rule silence ``stream``, started anew, until ``until_ms`` at least?"""
+        return any(r.until_ms >= until_ms and fnmatch.fnmatchcase(stream, r.pattern) for r in self.running(now_ms).values())
+
     def running(self, now_ms: float) -> dict[str, Rule]:
         return {i: r for i, r in self.rules.items() if not r.lifted and r.until_ms > now_ms}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -404,12 +405,15 @@ def _silence_running(doc: dict[str, Any], now_ms: int) -> bool:
     return isinstance(until, int) and until > now_ms
 
 
-def holds_commitments(doc: dict[str, Any], now_ms: int) -> bool:
+def holds_commitments(doc: dict[str, Any], now_ms: int, renewed: Callable[[int], bool] = lambda _until: False) -> bool:
     """Does the document hold what forgetting it would silently undo: an operator's pin or freeze, a silence
-    still running, or an alert fired and not resolved (its page would stay open for good)?"""
+    still running, or an alert fired and not resolved (its page would stay open for good)? ``renewed``: would a
+    standing silence give the stream, back as a new one, a silence running at least this long (then forgetting its
+    own undoes nothing: under ``silence 'sess-*'`` every churned id's document was kept, past max_documents)?"""
     cal = doc.get("calibrator")
     controls = isinstance(cal, dict) and (cal.get("pinned") is True or cal.get("frozen") is True)
-    return controls or _fired(doc) or _silence_running(doc, now_ms)
+    silence = _silence_running(doc, now_ms) and not renewed(doc["silenced_until_ms"])
+    return controls or _fired(doc) or silence
 
 
 def open_alert_unsilenced(doc: dict[str, Any], now_ms: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -1828,6 +1829,9 @@ def test_documents_of_streams_unseen_for_forget_after_s_are_forgotten_with_a_tom
     for cmd, name, params in [("pin", "dev-pinned", {"threshold": 2.0}), ("silence", "dev-silenced",
                               {"for_s": 30 * 3600}), ("freeze", "dev-frozen", {})]:
         assert send(c, cmd, name, **params)["status"] == "applied"
+    # the silence's standing rule would silence the stream again, back as a new one, and its document would go (a
+    # resource review): without it (lost at a restart, past what the daemon-wide document holds) the document stays
+    p.silences.rules.clear()
     assert p.evict_idle(time.monotonic() + 4000) == 4
     p.restored["elsewhere"] = {**p.restored["dev-old"], "stream": "elsewhere", "partitions": [["other", 0]]}
     p.restored["dev-adopted"] = {**p.restored["dev-old"], "stream": "dev-adopted"}  # another owner's, adopted
@@ -3019,3 +3023,78 @@ def test_daemon_wide_freeze_and_a_feedback_are_not_failed_for_provisional_stream
     answer = send(c, "feedback", "*", alert_id="not-here", verdict="confirmed")
     assert "provisional" not in answer["result"]
     assert "provisional" not in send(c, "unpin", "dev-k")["result"]  # not pinned: it would not change
+
+
+CHURN = Settings(state_topic="state", max_streams=20, idle_evict_s=10.0, max_documents=20, forget_after_s=250.0)
+
+
+def churn(p: Any, rnd: int, ts: np.ndarray, v: np.ndarray, off: int) -> int:
+    """A producer inventing ids (a session id in the key): max_streams new ones a round."""
+    recs = []
+    for i in range(20):
+        r = records(f"sess-{rnd}-{i}", ts + rnd * 100_000, v, chunk=10, first_offset=off)
+        off += len(r)
+        recs += r
+    feed(p, recs)
+    p.commit(MemorySource())
+    return off
+
+
+def test_the_documents_of_churned_ids_that_paged_level_off(make: Make) -> None:
+    """A resource review: an id evicted with its alert open is resolved (stream_gone) after forget_after_s unseen,
+    which woke it — and under a churn of new ids the streams held sat at max_streams, the wake found no room, and
+    such documents were never resolved nor forgotten (300 after 15 rounds, 20 more each). One stream past the limit
+    for the resolution, evicted at once."""
+    p = make()
+    now = [1_700_000_100.0]
+    p.clock = lambda: now[0]
+    p.settings = CHURN
+    ts, v = sine_stream(200, bursts=(165,))  # pages at its end: evicted with the alert open
+    off, sizes = 0, []
+    for rnd in range(30):
+        now[0] = 1_700_000_100.0 + rnd * 100
+        off = churn(p, rnd, ts, v, off)
+        p.forget_dormant({("in", 0)})  # the commit's look, while this round's ids are held
+        p.evict_idle(time.monotonic() + 1000)
+        p.commit(MemorySource())
+        sizes.append(len(p.restored))
+    assert sum(1 for d in p.sink.docs(Settings().alerts_topic) if d.get("stream_gone")) > 0
+    assert sizes[-1] == sizes[-10] <= 7 * 20, sizes  # level (forget_after_s of ids, and the resolution's wait)
+
+
+def test_the_documents_a_standing_silence_covers_are_not_kept_for_it(make: Make) -> None:
+    """A resource review: under `silence 'sess-*' --for 7d` every churned id started silenced, and its document,
+    holding a running silence, was kept past state.max_documents for the whole silence (200 after 10 rounds). The
+    rule silences the stream again when it comes back: forgetting its document undoes nothing."""
+    p = make()
+    p.settings = CHURN
+    now_ms = int(p.clock() * 1000)
+    p.silences.add("cmd-1", "sess-*", now_ms, now_ms + 7 * 86_400_000, now_ms)
+    ts, v = sine_stream(200)
+    off = 0
+    for rnd in range(10):
+        off = churn(p, rnd, ts, v, off)
+        p.evict_idle(time.monotonic() + 1000)
+        p.forget_dormant({("in", 0)})
+    assert len(p.restored) <= 2 * CHURN.max_documents
+
+
+def test_copies_of_a_signed_command_are_acknowledged_within_the_refusals_budget(make: Make) -> None:
+    """A resource review: a signed command copied back onto the control topic (anyone who can write there, for
+    control.max_age_s) was acknowledged `duplicate` each time; while the sink did not acknowledge, every one stayed
+    queued (2 000 copies: 1.9 MB). Copies are acknowledged as refusals are, 10 a minute, the others counted."""
+    from models.errors import SinkBackpressure
+
+    p = make()
+    c = controller(p)
+    feed(p, records("dev-a", *sine_stream(200)))
+    cmd = raw(new_command("pin", "dev-a", {"threshold": 1.0}, "alice", "why", KEY))
+    c.handle(cmd)
+    p.commit(MemorySource())
+    p.sink.fail_next = 10**9  # the broker stops acknowledging output; the control topic is still read
+    for _ in range(2000):
+        c.handle(cmd)
+        with contextlib.suppress(SinkBackpressure):
+            p.commit(MemorySource())
+    assert len(p.outbox.acks) <= 10
+    assert p.metrics.total("tsmon_commands_total") >= 2001
