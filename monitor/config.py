@@ -150,8 +150,11 @@ def _assignors(strategy: str) -> tuple[Any, ...]:
     from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
     from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 
-    return ({"range": RangePartitionAssignor, "roundrobin": RoundRobinPartitionAssignor,
-             "sticky": StickyPartitionAssignor}[strategy],)
+    chosen = {"range": RangePartitionAssignor, "roundrobin": RoundRobinPartitionAssignor,
+              "sticky": StickyPartitionAssignor}[strategy]
+    # range offered too: instances changed one at a time share it with those not changed yet (none in common: a
+    # group refuses the newcomer), and the group takes the chosen one once every instance offers it
+    return (chosen,) if chosen is RangePartitionAssignor else (chosen, RangePartitionAssignor)
 
 
 class KafkaConfig(_Section):
@@ -166,8 +169,9 @@ class KafkaConfig(_Section):
     partition_assignment: Literal["range", "roundrobin", "sticky"] = Field(
         "range", description="how the group shares the input partitions: range (per topic, from the first instance "
                              "on: with several topics the first instances get more), roundrobin (across topics), "
-                             "sticky (as even, moving fewest partitions, so fewer stream states, when instances "
-                             "come and go; kafka-python only); every instance of a group needs the same")
+                             "sticky (as even, moving the fewest partitions between instances when they come "
+                             "and go; kafka-python only); range is offered beside the others, so a group changes "
+                             "instance by instance and takes the new one once every instance has it")
     metadata_max_age_ms: int = Field(300_000, ge=1000, le=3_600_000, description="how often the topic metadata is "
                                      "read again: a new topic matching topic_pattern, or partitions added to an "
                                      "input topic, are found at most this long after they appear (librdkafka's "

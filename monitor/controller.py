@@ -75,6 +75,7 @@ class Controller:
         # refusals logged and acknowledged: 1 000 unsigned messages wrote 1 000 warnings and audit records (per
         # instance); past the budget they are only counted (tsmon_commands_total{command="unknown"})
         self._rejections = logs.Throttle(burst=REJECTIONS_PER_MINUTE, period_s=60.0)
+        self._duplicates = logs.Throttle(burst=1, period_s=max_age_s, max_events=remember)  # per command id
         # the input partitions held now ({topic: [partition, ...]}), in every ack: tsmon ctl waits until
         # each partition of the input topics has been answered for (None: not known, as in unit tests)
         self.inputs: Callable[[], dict[str, list[int]]] | None = None
@@ -106,9 +107,10 @@ class Controller:
                                  cmd.command)
         if cmd.command_id in self.seen and not self._owed(cmd):
             doc = ack(cmd, None, "duplicate", self.instance)
-            # as refusals: a signed command copied back onto the control topic (anyone who can write there, for
-            # max_age_s) queued an acknowledgement a copy, unbounded while the sink stalled (2 000 copies: 1.9 MB)
-            if (extra := self._rejections("command_duplicate")) is None:
+            # once per command id: a signed command copied back onto the control topic (anyone who can write there,
+            # for max_age_s) queued an acknowledgement a copy, unbounded while the sink stalled (2 000 copies: 1.9 MB);
+            # each id's first is answered (after a rebalance it may be the only answer for its partitions: ctl waits)
+            if (extra := self._duplicates(cmd.command_id)) is None:
                 self.p.metrics.commands.labels(cmd.command, "duplicate").inc()
                 return doc
             log.info("command_duplicate", command=cmd.command, command_id=cmd.command_id, **extra)

@@ -265,7 +265,10 @@ class Residency(ProcessorState):
             # this instance's stream: a tombstone, or the resolution of its alert, is its to send (another owner's
             # stream may still be alive and firing there)
             mine = name in self.evicted_here or bool(parts and parts <= assigned)
-            renewed = partial(self.silences.renews, name, now_ms=now_ms)  # (a standing silence's own streams)
+            # a standing silence's own streams: back as new ones, silenced again — not while a restore is incomplete
+            # (back then, a stream starts provisional, which no rule silences: its silence was lost)
+            renewed = (lambda _until: False) if self.restore_incomplete else partial(self.silences.renews, name,
+                                                                                     now_ms=now_ms)
             if holds_commitments(doc, now_ms, renewed):  # kept, but outside the bound: counted in it, they forgot others
                 held += 1
                 if unseen and mine and name in self.evicted and open_alert_unsilenced(doc, now_ms):
@@ -311,11 +314,13 @@ class Residency(ProcessorState):
         if not self.wake(stream, over_limit=True):
             return
         st = self.streams[stream]
-        alert_id = self._end_episode(stream, st, stream_gone=True)
         written = doc.get("written_ms")
         unseen_s = (now_ms - written) // 1000 if isinstance(written, int) else 0
-        log.warning("alert_resolved_stream_gone", stream=stream[:64], alert_id=alert_id, unseen_s=unseen_s)
-        self._evict(stream, unseen_s)  # at once: woken and held for idle_evict_s, a die-off took the streams' room
+        try:
+            alert_id = self._end_episode(stream, st, stream_gone=True)
+            log.warning("alert_resolved_stream_gone", stream=stream[:64], alert_id=alert_id, unseen_s=unseen_s)
+        finally:  # at once: woken and held for idle_evict_s, a die-off took the streams' room (and one is over it)
+            self._evict(stream, unseen_s)
         if here:
             self.evicted_here.add(stream)
 

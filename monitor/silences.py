@@ -99,8 +99,11 @@ class StandingSilences:
         return sorted({r.pattern for r in self.running(now_ms).values() if fnmatch.fnmatchcase(stream, r.pattern)})
 
     def renews(self, stream: str, until_ms: int, now_ms: float) -> bool:
-        """Would a running rule silence ``stream``, started anew, until ``until_ms`` at least?"""
-        return any(r.until_ms >= until_ms and fnmatch.fnmatchcase(stream, r.pattern) for r in self.running(now_ms).values())
+        """Would a running rule silence ``stream``, started anew, until ``until_ms`` at least — one the daemon-wide
+        document holds (a restart keeps it)?"""
+        saved = {e["id"] for e in self._saved(now_ms)}
+        return any(r.until_ms >= until_ms and fnmatch.fnmatchcase(stream, r.pattern)
+                   for i, r in self.running(now_ms).items() if i in saved)
 
     def running(self, now_ms: float) -> dict[str, Rule]:
         return {i: r for i, r in self.rules.items() if not r.lifted and r.until_ms > now_ms}
@@ -120,14 +123,19 @@ class StandingSilences:
 
     def doc(self, now_ms: float) -> list[dict[str, Any]]:
         """The rules for the daemon-wide document, within DOC_BYTES (those that end last first)."""
+        out = self._saved(now_ms)
+        if len(out) < len(self.rules):
+            log.warning("standing_silences_not_saved", rules=len(self.rules) - len(out),
+                        consequence="kept in memory: a restart loses them")
+        return out
+
+    def _saved(self, now_ms: float) -> list[dict[str, Any]]:
         self._prune(now_ms)
         out, size = [], 0
         for command_id, rule in self.rules.items():
             entry = rule.doc(command_id)
             size += len(json.dumps(entry)) + 2
             if size > DOC_BYTES:
-                log.warning("standing_silences_not_saved", rules=len(self.rules) - len(out),
-                            consequence="kept in memory: a restart loses them")
                 break
             out.append(entry)
         return out
