@@ -598,8 +598,9 @@ class StateConfig(_Section):
         "none = kept for ever")
 
     max_documents: int = Field(50_000, ge=1, description="documents of streams not in memory kept at most (~21 kB "
-                               "each in memory with full evidence, up to ~93 kB with full alert history) that hold no pin, freeze, running silence or open "
-                               "alert; over it the least recently written are forgotten as above")
+                               "each in memory with full evidence, up to ~93 kB with full alert history) that hold no pin, freeze, running silence (but "
+                               "one a standing silence would renew) or open alert; over it the least recently written "
+                               "are forgotten as above")
 
     _optional = field_validator("forget_after_s", mode="before")(_unset)
 

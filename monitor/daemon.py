@@ -67,7 +67,8 @@ SHUTDOWN_DRAIN_SHARE = 0.85  # of shutdown_timeout_s for draining and commits; t
 RESTORE_STEP_S = 0.1  # changelog reading per loop turn while a restore holds the input
 FORGET_EVERY_S = 60.0  # how often the documents of long-unseen streams are looked for (state.forget_after_s)
 CAUGHT_UP_AFTER_S = 5.0  # a partition at lag 0 this long after input came back is read to its end (see _caught_up)
-QUICK_PROBE_S = 5.0  # the probe before the warm-up, for settings wrong for sure: one round, at most this long
+QUICK_PROBE_S = 5.0  # the probe before the warm-up, for settings wrong for sure: one round, this long shared by
+# the bootstrap addresses (at least 1 s each)
 CLOCK_STEP_S = 2.0  # the wall clock moving this much against the monotonic one between turns re-bases the jobs
 
 

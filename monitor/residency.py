@@ -253,6 +253,9 @@ class Residency(ProcessorState):
         others: list[tuple[int, str]] = []  # for the bound: copies of other instances' partitions, first
         own: list[tuple[int, str]] = []  # ... then the streams this instance evicted itself
         held, gone = 0, []  # documents with commitments (outside the bound); of them, alerts of streams gone
+        # a standing silence's own streams: back as new ones, silenced again — not while a restore is incomplete
+        # (back then, a stream starts provisional, which no rule silences: its silence was lost)
+        renews = (lambda _s, _u: False) if self.restore_incomplete else self.silences.renewer(now_ms)
         for name, doc in self.restored.items():
             w = doc.get("written_ms")
             if name in self.streams or not isinstance(w, int):
@@ -265,11 +268,7 @@ class Residency(ProcessorState):
             # this instance's stream: a tombstone, or the resolution of its alert, is its to send (another owner's
             # stream may still be alive and firing there)
             mine = name in self.evicted_here or bool(parts and parts <= assigned)
-            # a standing silence's own streams: back as new ones, silenced again — not while a restore is incomplete
-            # (back then, a stream starts provisional, which no rule silences: its silence was lost)
-            renewed = (lambda _until: False) if self.restore_incomplete else partial(self.silences.renews, name,
-                                                                                     now_ms=now_ms)
-            if holds_commitments(doc, now_ms, renewed):  # kept, but outside the bound: counted in it, they forgot others
+            if holds_commitments(doc, now_ms, partial(renews, name)):  # kept, but outside the bound: counted in it, they forgot others
                 held += 1
                 if unseen and mine and name in self.evicted and open_alert_unsilenced(doc, now_ms):
                     gone.append(name)

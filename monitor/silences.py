@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -98,12 +99,14 @@ class StandingSilences:
         """The running rules' patterns that match ``stream`` (one not started yet would start silenced)."""
         return sorted({r.pattern for r in self.running(now_ms).values() if fnmatch.fnmatchcase(stream, r.pattern)})
 
-    def renews(self, stream: str, until_ms: int, now_ms: float) -> bool:
-        """Would a running rule silence ``stream``, started anew, until ``until_ms`` at least — one the daemon-wide
-        document holds (a restart keeps it)?"""
+    def renewer(self, now_ms: float) -> Callable[[str, int], bool]:
+        """Would a running rule silence a stream, started anew, until a time at least — one the daemon-wide document
+        holds (a restart keeps it)? The rules read once, for a pass over many documents (each call re-encoded them:
+        7 s of the loop for 50 000 documents under 50 rules)."""
         saved = {e["id"] for e in self._saved(now_ms)}
-        return any(r.until_ms >= until_ms and fnmatch.fnmatchcase(stream, r.pattern)
-                   for i, r in self.running(now_ms).items() if i in saved)
+        rules = [r for i, r in self.running(now_ms).items() if i in saved]
+        return lambda stream, until_ms: any(r.until_ms >= until_ms and fnmatch.fnmatchcase(stream, r.pattern)
+                                            for r in rules)
 
     def running(self, now_ms: float) -> dict[str, Rule]:
         return {i: r for i, r in self.rules.items() if not r.lifted and r.until_ms > now_ms}

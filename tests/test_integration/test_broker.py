@@ -273,6 +273,7 @@ def test_a_topic_reader_finds_a_topic_created_after_it_started(broker, topic: st
 def test_the_newest_messages_are_searched_first_and_a_search_cut_short_says_so(broker, topic: str) -> None:
     """An on-call pass: ``inspect --alert ID`` read the alerts topic from its beginning into memory, and on one of
     2.2 million messages said "not found" after 20 s (1.7 GB), the alert at its end. The newest chunk is read first."""
+    from monitor import topics
     from monitor.topics import search_newest
 
     # a record a batch: Tansu gives a multi-record batch's end offset as its first record's (the newest chunk then
@@ -297,7 +298,9 @@ def test_the_newest_messages_are_searched_first_and_a_search_cut_short_says_so(b
     assert ended and [d["alert_id"] for d in found] == ["old"]  # back to its partition's beginning
     found, read, ended = search_newest(client, topic, b'"none"', pictured, limit_s=30, chunk=500)
     assert ended and found == [] and read == 6003  # the whole topic, once
-    found, read, ended = search_newest(client, topic, b'"old"', pictured, limit_s=0.5, chunk=200)
+    with pytest.MonkeyPatch.context() as small:  # chunks of 50 a partition: each round at least a poll, 30 rounds
+        small.setattr(topics, "SEARCH_CHUNK_MAX", 50)
+        found, read, ended = search_newest(client, topic, b'"old"', pictured, limit_s=2.0, chunk=200)
     assert not ended and found == [] and read < 6003  # out of time: said, not "not found"
     # a live topic is never quiet: the newest chunk was read until the time limit, and "new" said not found
     stop, live = threading.Event(), KafkaProducer(bootstrap_servers=broker.bootstrap)
