@@ -3040,6 +3040,26 @@ def churn(p: Any, rnd: int, ts: np.ndarray, v: np.ndarray, off: int) -> int:
     return off
 
 
+def fleet_silence(make: Make) -> tuple[Any, int]:
+    """A processor churning ids (CHURN) under `silence 'sess-*' --for 7d`; returns it and the silence's end."""
+    p = make()
+    p.settings = CHURN
+    now_ms = int(p.clock() * 1000)
+    p.silences.add("cmd-1", "sess-*", now_ms, now_ms + 7 * 86_400_000, now_ms)
+    return p, now_ms + 7 * 86_400_000
+
+
+def churn_rounds(p: Any, rounds: range, off: int = 0, forget: bool = True) -> int:
+    """Rounds of new ids (:func:`churn`), each evicted as idle and, with ``forget``, the documents looked over."""
+    ts, v = sine_stream(200)
+    for rnd in rounds:
+        off = churn(p, rnd, ts, v, off)
+        p.evict_idle(time.monotonic() + 1000)
+        if forget:
+            p.forget_dormant({("in", 0)})
+    return off
+
+
 def test_the_documents_of_churned_ids_that_paged_level_off(make: Make) -> None:
     """A resource review: an id evicted with its alert open is resolved (stream_gone) after forget_after_s unseen,
     which woke it — and under a churn of new ids the streams held sat at max_streams, the wake found no room, and
@@ -3066,16 +3086,8 @@ def test_the_documents_a_standing_silence_covers_are_not_kept_for_it(make: Make)
     """A resource review: under `silence 'sess-*' --for 7d` every churned id started silenced, and its document,
     holding a running silence, was kept past state.max_documents for the whole silence (200 after 10 rounds). The
     rule silences the stream again when it comes back: forgetting its document undoes nothing."""
-    p = make()
-    p.settings = CHURN
-    now_ms = int(p.clock() * 1000)
-    p.silences.add("cmd-1", "sess-*", now_ms, now_ms + 7 * 86_400_000, now_ms)
-    ts, v = sine_stream(200)
-    off = 0
-    for rnd in range(10):
-        off = churn(p, rnd, ts, v, off)
-        p.evict_idle(time.monotonic() + 1000)
-        p.forget_dormant({("in", 0)})
+    p, _ = fleet_silence(make)
+    churn_rounds(p, range(10))
     assert len(p.restored) <= 2 * CHURN.max_documents
 
 
@@ -3114,20 +3126,12 @@ def test_copies_of_a_signed_command_are_acknowledged_within_the_refusals_budget(
 def test_a_silenced_document_is_kept_while_a_restore_is_incomplete(make: Make) -> None:
     """A review of the standing-silence rule: while a restore is incomplete a stream back starts provisional, which
     no rule silences — its document, forgotten because the rule would renew its silence, took the silence with it."""
-    p = make()
-    p.settings = CHURN
-    now_ms = int(p.clock() * 1000)
-    until = now_ms + 7 * 86_400_000
-    p.silences.add("cmd-1", "sess-*", now_ms, until, now_ms)
-    ts, v = sine_stream(200)
-    off = churn(p, 0, ts, v, 0)
-    p.evict_idle(time.monotonic() + 1000)
+    p, until = fleet_silence(make)
+    off = churn_rounds(p, range(1), forget=False)
     p.commit(MemorySource())
     p.restore_incomplete = True  # a restore cut short (state.restore_timeout_s) that read this document
-    for rnd in range(1, 6):
-        off = churn(p, rnd, ts, v, off)
-        p.evict_idle(time.monotonic() + 1000)
-        p.forget_dormant({("in", 0)})
+    off = churn_rounds(p, range(1, 6), off)
+    ts, v = sine_stream(200)
     feed(p, records("sess-0-0", ts + 50 * 100_000, v, chunk=10, first_offset=off))
     assert p.streams["sess-0-0"].silenced_until_ms == until
 
@@ -3150,15 +3154,8 @@ def test_only_a_standing_silence_a_restart_keeps_renews_a_streams_silence() -> N
 def test_a_forget_pass_reads_the_standing_silences_once(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
     """A review: each document under a running silence re-encoded every rule (7 s of the loop for 50 000 documents
     under 50 rules)."""
-    p = make()
-    p.settings = CHURN
-    now_ms = int(p.clock() * 1000)
-    p.silences.add("cmd-1", "sess-*", now_ms, now_ms + 7 * 86_400_000, now_ms)
-    ts, v = sine_stream(200)
-    off = 0
-    for rnd in range(3):
-        off = churn(p, rnd, ts, v, off)
-        p.evict_idle(time.monotonic() + 1000)
+    p, _ = fleet_silence(make)
+    churn_rounds(p, range(3), forget=False)
     calls, real = [], p.silences._saved
     monkeypatch.setattr(p.silences, "_saved", lambda now: calls.append(now) or real(now))
     p.forget_dormant({("in", 0)})
