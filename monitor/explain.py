@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.errors import DataError, short_repr
+from models.errors import DataError, number, short_repr
 from monitor.alerts import over_usual, significant, vs_usual
 
 if TYPE_CHECKING:
@@ -141,15 +141,10 @@ _NONE = object()
 
 def _number(x: Any) -> bool:
     """A JSON number a float holds (or null)."""
-    if x is None:
-        return True
-    if isinstance(x, bool) or not isinstance(x, int | float):
-        return False
     try:
-        float(x)
-    except OverflowError:
+        return x is None or number(x, "") is not None
+    except (TypeError, OverflowError):  # not a number; an integer of 400 digits
         return False
-    return True
 
 
 def _array(xs: list[Any]) -> np.ndarray:

@@ -611,12 +611,13 @@ def _alert_from_topic(alert_id: str, config: Path | None, bootstrap: str | None)
         raise BrokerError(f"cannot read topic {topic} at {servers}: {exc}") from None
     if firing := pictured(docs):
         return latest_picture(firing)
+    mine = its(docs)
     if not ended:
-        what = f"{len(its(docs))} message(s) of it but none with its picture" if its(docs) else "no message of it"
+        what = f"{len(mine)} message(s) of it but none with its picture" if mine else "no message of it"
         raise BrokerError(f"alert {alert_id}: {what} in the newest {read:,} messages of topic {topic} at {servers} "
                           f"read within {ALERT_SEARCH_S:g} s (the topic goes further back): draw it from a saved "
                           f"message instead (tsmon tail … > alerts.jsonl; --alert alerts.jsonl)")
-    if mine := its(docs):
+    if mine:
         raise DataError(f"alert {alert_id} on topic {topic} at {servers} has {len(mine)} message(s) but none "
                         "carries 'explain' (fired by a tsmon without explain?)")
     raise DataError(f"alert {alert_id} not found on topic {topic} at {servers} (read {read} messages)")

@@ -607,6 +607,21 @@ def test_a_topic_reader_waits_for_a_slow_first_fetch_before_its_quiet_period(mon
     assert len(closed) == 3
 
 
+class OnePartition:
+    """A kafka-python consumer stand-in for TopicReader: one partition, whose end offset is ``end``."""
+
+    end = 3
+
+    def partitions_for_topic(self, _topic: str) -> set[int]:
+        return {0}
+
+    def end_offsets(self, tps: list[Any], timeout_ms: int | None = None) -> dict[Any, int]:
+        return {tp: self.end for tp in tps}
+
+    def close(self) -> None:
+        pass
+
+
 def test_a_topic_reader_not_read_to_its_end_within_the_limit_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     """An on-call pass: settle returned the part of a long topic read within its limit as the whole topic
     (inspect --alert then said "not found", replay-eval would have scored the part)."""
@@ -617,15 +632,11 @@ def test_a_topic_reader_not_read_to_its_end_within_the_limit_says_so(monkeypatch
     from models.errors import BrokerError
     from monitor.topics import TopicReader
 
-    class Endless:
+    class Endless(OnePartition):
+        end = 1_000_000
+
         def __init__(self, *_a: Any, **_kw: Any) -> None:
             self.pos = 0
-
-        def partitions_for_topic(self, _topic: str) -> set[int]:
-            return {0}
-
-        def end_offsets(self, tps: list[Any], timeout_ms: int | None = None) -> dict[Any, int]:
-            return {tp: 1_000_000 for tp in tps}
 
         def poll(self, timeout_ms: int) -> dict[Any, list[Any]]:
             time.sleep(0.01)
@@ -634,9 +645,6 @@ def test_a_topic_reader_not_read_to_its_end_within_the_limit_says_so(monkeypatch
 
         def position(self, _tp: Any, timeout_ms: int | None = None) -> int:
             return self.pos
-
-        def close(self) -> None:
-            pass
 
     monkeypatch.setattr(kafka, "KafkaConsumer", Endless)
     with pytest.raises(BrokerError, match=r"reading topic long: not read to its end within 1 s \(\d+ message"):
@@ -659,17 +667,11 @@ def test_a_topic_reader_tries_a_failed_poll_again_and_says_when_it_never_recover
 
     monkeypatch.setattr(topics, "RETRY_FIRST_S", 0.01)
 
-    class FailingConsumer:
+    class FailingConsumer(OnePartition):
         def __init__(self, topic: str, **_kw: Any) -> None:
             self.fails, self.read = (2 if topic == "flaky" else 0 if topic == "blip" else 10**9), False
             self.blip_s = 0.6 if topic == "blip" else 0.0  # polls fail this long after the read (> the quiet period)
             self.blip_until = 0.0
-
-        def partitions_for_topic(self, _topic: str) -> set[int]:
-            return {0}
-
-        def end_offsets(self, tps: list[Any], timeout_ms: int | None = None) -> dict[Any, int]:
-            return {tp: 3 for tp in tps}
 
         def poll(self, timeout_ms: int) -> dict[Any, list[Any]]:
             if self.fails or time.monotonic() < self.blip_until:
@@ -682,9 +684,6 @@ def test_a_topic_reader_tries_a_failed_poll_again_and_says_when_it_never_recover
 
         def position(self, _tp: Any, timeout_ms: int | None = None) -> int:
             return 3 if self.read else 0
-
-        def close(self) -> None:
-            pass
 
     monkeypatch.setattr(kafka, "KafkaConsumer", FailingConsumer)
     reader = TopicReader("b:1", "flaky")
