@@ -1070,18 +1070,20 @@ def test_a_stop_signal_during_the_start_ends_it_at_once(stream_model: Path) -> N
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--bootstrap-servers", f"127.0.0.1:{port}",
                              "--topic", "t", "--model", str(stream_model)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "TSMON_DAEMON__LOG_FORMAT": "json"})
+                            stderr=subprocess.STDOUT, bufsize=0, env={**os.environ, "TSMON_DAEMON__LOG_FORMAT": "json"})
     try:
         out, deadline = [], time.monotonic() + 60
-        # waiting for the broker that is not there (probed before the models are warmed)
+        # waiting for the broker that is not there (after the warm-up). Unbuffered: lines a buffered reader held were
+        # not seen by select, and the retry's next line came only with the BrokerError 30 s on (a CI run's SIGTERM
+        # then reached a process exiting: -15)
         while time.monotonic() < deadline and not any("broker_unreachable" in line for line in out):
             if select.select([proc.stdout], [], [], 1.0)[0]:
-                out.append(proc.stdout.readline())  # type: ignore[union-attr]
+                out.append(proc.stdout.readline().decode(errors="replace"))  # type: ignore[union-attr]
         assert any("broker_unreachable" in line for line in out), out
         time.sleep(0.5)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=20)
+        rest = proc.communicate(timeout=20)[0].decode(errors="replace")
         assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, rest[-2000:])
         assert "stopped_while_starting" in rest and time.monotonic() - sent < 10
     finally:
