@@ -131,6 +131,8 @@ class Metrics:
             self.records.labels(outcome)
         for outcome in ("changed", "new_normal", "refused", "commanded"):
             self.calibrations.labels(outcome)
+        for outcome in ("rejected", "error"):  # TsmonControlCommandsRejected must see a forged first message after a start
+            self.commands.labels("unknown", outcome)
         for status in ("firing", "silenced", "resolved"):
             self.alerts.labels(status)
         for severity in ("minor", "major", "critical"):

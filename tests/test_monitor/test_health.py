@@ -331,6 +331,11 @@ def test_every_closed_label_set_is_exported_at_zero_from_the_start() -> None:
     assert set(re.findall(r'skipped\.labels\("(\w+)"\)', source)) == set(SKIP_REASONS)
     causes = set(re.findall(r'retries\.labels\("(\w+)"\)', source)) | set(re.findall(r'_failing\("(\w+)"', source))
     assert causes == set(RETRY_CAUSES)
+    # TsmonControlCommandsRejected is increase() over these: a forged message, the first after a start, went uncounted
+    labelled = set(re.findall(r'commands\.labels\("unknown", "(\w+)"\)', source))
+    assert labelled == {"rejected", "error"}
+    for outcome in labelled:
+        assert f'tsmon_commands_total{{command="unknown",outcome="{outcome}"}} 0.0' in text, outcome
 
 
 # --- tsmon status -------------------------------------------------------------------------------------------------
