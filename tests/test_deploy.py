@@ -250,6 +250,9 @@ def test_dashboard_and_alert_rules_use_exported_metrics() -> None:
     assert "tsmon_undeliverable_messages_total" in " ".join(exprs[: -len(rules)])  # and on the dashboard
     # control messages that fail verification (a forger, or an operator with another key) reach someone
     assert any('tsmon_commands_total{outcome="rejected"}' in r["expr"] for r in rules)
+    # one unreadable partition among readable ones: the instance consumes, TsmonNotConsuming cannot see it (a review)
+    unreadable = next(r for r in rules if 'tsmon_commit_retries_total{cause="input"}' in r["expr"])
+    assert unreadable["labels"]["severity"] == "critical" and "for" in unreadable
 
 
 def test_readme_configuration_reference_is_the_generated_one() -> None:
