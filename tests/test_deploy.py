@@ -216,7 +216,12 @@ def test_systemd_unit() -> None:
     assert svc["Type"] == "notify" and svc["NotifyAccess"] == "main"
     assert int(svc["WatchdogSec"]) > Config().http.stall_s + 60 and int(svc["TimeoutStartSec"]) >= 120
     env = dict(e.split("=", 1) for e in shlex.split(unit["Service"]["Environment"]))
-    load_config(None, env=env)
+    cfg = load_config(None, env=env)
+    # the unit ships no config: the worst case of the defaults fits its memory cap (as for the Kubernetes limit; 4G
+    # did not). systemd's K/M/G/T are powers of 1024
+    number, unit_ = re.fullmatch(r"(\d+)([KMGT])", svc["MemoryMax"]).groups()  # type: ignore[union-attr]
+    cap = int(number) * 1024 ** ("KMGT".index(unit_) + 1)
+    assert cfg.limits.max_streams * 62.3e3 + cfg.state.max_documents * 93e3 + 2**30 < cap
 
 
 def _known_series() -> set[str]:
