@@ -27,25 +27,45 @@ NUMERIC = ("windows", "threshold", "lag", "held back", "precision")
 
 
 def status(
-    url: Annotated[str | None, typer.Option(help="Daemon's HTTP address (default: http.host and http.port of the "
-                                                 "configuration).")] = None,
+    url: Annotated[list[str] | None, typer.Option(
+        help="Daemon's HTTP address (default: http.host and http.port of the configuration); repeat it for every "
+             "instance of a group: each answers for the streams it holds.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML configuration file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
 ) -> None:
     """Show each stream of a running daemon: model, last sample, threshold, alert state, lag."""
-    if url is None:
+    if not url:
         http = load_config(config).http
         if http.port == 0:  # it said "cannot reach the tsmon daemon at http://127.0.0.1:0: Connection refused"
             raise ConfigError("http.port is 0 in the configuration: the daemon chose a free port at start (its log's "
                               "http_listening line gives it): give --url")
-        url = f"http://{http.host}:{http.port}"
-    rows = fetch_streams(url)
+        url = [f"http://{http.host}:{http.port}"]
+    rows, failed = _gather(url)
     if as_json:
         emit_json(rows)
     elif not rows:
         stdout.print("no streams yet")
     else:
         (stdout if stdout.is_terminal else Console(width=WIDE)).print(streams_table(rows))
+    if failed:  # the others' rows are shown: one instance down is when the rest are wanted
+        raise failed[0] if len(failed) == 1 else TsmonError(
+            f"{len(failed)} of {len(url)} daemons did not answer: " + "; ".join(str(e) for e in failed))
+
+
+def _gather(urls: list[str]) -> tuple[list[dict[str, Any]], list[TsmonError]]:
+    """Every daemon's rows, each tagged with the ``instance`` (its address) that holds it where there are several;
+    and the errors of those that did not answer. (A Service in front of a group answers from one instance a request:
+    half the streams, another half each time, as if streams were lost — a review.)"""
+    if len(urls) == 1:
+        return fetch_streams(urls[0]), []
+    rows: list[dict[str, Any]] = []
+    failed: list[TsmonError] = []
+    for url in dict.fromkeys(urls):
+        try:
+            rows += [{"instance": url, **row} for row in fetch_streams(url)]
+        except TsmonError as exc:
+            failed.append(exc)
+    return rows, failed
 
 
 def fetch_streams(url: str) -> list[dict[str, Any]]:
@@ -76,10 +96,12 @@ def fetch_streams(url: str) -> list[dict[str, Any]]:
 
 def streams_table(rows: list[dict[str, Any]]) -> Table:
     t = Table(title=f"{len(rows)} stream{'s' if len(rows) != 1 else ''}")
-    for name in COLUMNS:
+    several = any("instance" in r for r in rows)
+    for name in ("instance",) * several + COLUMNS:
         t.add_column(name, justify="right" if name in NUMERIC else "left")
     for r in rows:
-        t.add_row(*(Text(c) for c in stream_cells(r)))  # Text: a stream id is never markup
+        cells = [_cell(r.get("instance"))] * several + stream_cells(r)
+        t.add_row(*(Text(c) for c in cells))  # Text: a stream id is never markup
     return t
 
 

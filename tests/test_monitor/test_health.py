@@ -368,6 +368,28 @@ def test_status_json(server: HealthServer, capsys: pytest.CaptureFixture[str]) -
         assert code == 0 and json.loads(out) == ROWS, (url, err)
 
 
+def test_status_of_every_instance_of_a_group(server: HealthServer, metrics: Metrics,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A Service in front of a group answers from one instance a request: status through it showed half the streams,
+    another half each time (a review). ``--url`` repeated asks each; one that does not answer is said, the rest shown."""
+    other = Stubs(rows=[{"stream": "boiler-1", "model": "lstm", "threshold_source": "artifact", "alert_state": "ok"}])
+    second = HealthServer("127.0.0.1", 0, metrics.registry, other.health, other.readiness, other.streams)
+    second.start()
+    try:
+        code, out, _ = run(capsys, "status", "--url", server.url, "--url", second.url, "--json")
+        assert code == 0 and [(r["instance"], r["stream"]) for r in json.loads(out)] == [
+            (server.url, "press-7"), (server.url, "pump[2]"), (second.url, "boiler-1")]
+        code, out, _ = run(capsys, "status", "--url", server.url, "--url", second.url)
+        assert code == 0 and "3 streams" in out and "instance" in out
+        assert second.url in next(line for line in out.splitlines() if "boiler-1" in line)
+        gone = f"http://127.0.0.1:{free_port()}"
+        code, out, err = run(capsys, "status", "--url", gone, "--url", second.url, "--json")
+        assert code == 1 and [r["stream"] for r in json.loads(out)] == ["boiler-1"]
+        assert err.startswith(f"TsmonError: cannot reach the tsmon daemon at {gone}: ")
+    finally:
+        second.close()
+
+
 def test_status_url_from_the_environment(server: HealthServer, stubs: Stubs, capsys: pytest.CaptureFixture[str],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TSMON_HTTP__PORT", str(server.address[1]))
