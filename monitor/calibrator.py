@@ -409,7 +409,19 @@ class Calibrator:
         value = self._target(old, normal, q, margin, commanded, estimate)
         target, how_far = self._target(old, normal, q, margin, True, estimate), ""  # before max_change's step
         n = len(recent) // max(1, thin)  # non-overlapping recent windows
-        if not commanded and value < old.value and n * (1.0 - q) >= 2.0:
+        full = max(drift.window, MIN_INDEPENDENT * max(1, thin)) // max(1, thin)  # as many as the ring holds
+        if not commanded and value < old.value and thin > 1 and n * (1.0 - q) < 2.0 <= full * (1.0 - q):
+            # Overlapping windows: not lowered before the recent windows can bound it (below). min_samples normal errors
+            # came first (W/H = 8: 230 windows, against the 320 the bound needs), and the first scheduled run lowered it
+            # to 0.86 × q0.95, where nothing raised it back: 11-16 % of windows over it for good (a review)
+            needed = math.ceil(2.0 / (1.0 - q)) * thin
+            moves = max(_MIN_CHANGE, s.min_change) * old.value
+            if lowering_held is not None and value < old.value - moves:
+                lowering_held[name] = (f"q{q:g} of the normal errors{times} would lower it to {value:.4g}; held at "
+                                       f"{old.value:.4g} until {needed} recent windows can bound it ({len(recent)} so "
+                                       "far: overlapping windows read low on normal errors alone)")
+            value = old.value
+        elif not commanded and value < old.value and n * (1.0 - q) >= 2.0:
             # Never lower it below the quantile of every recent window: the normal evidence lacks the over-threshold
             # runs that fired (with overlapping windows normal ones come in runs), so alone it walked the threshold
             # below its quantile (at W/H = 4, 0.79 × q0.95 with 22 % of windows over). Lowering only: an incident

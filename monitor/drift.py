@@ -5,7 +5,7 @@ order). Two signatures of an anomaly that a raise would wrongly absorb:
 
 * **mixture** — more than ``max_over_share`` of the recent windows would still be over the raised
   threshold: the stream alternates between normal and anomalous windows, and raising would only hide
-  part of it (refused on every path);
+  part of it (refused on the level-shift path and an operator's raise);
 * **still changing** — a two-sample Kolmogorov–Smirnov test between the older and the newer half of the
   recent errors rejects at level ``alpha``: the level is moving, not settled;
 * **not a shifted normal** — a KS test between the shapes (log-error around the median) of the recent
@@ -13,9 +13,11 @@ order). Two signatures of an anomaly that a raise would wrongly absorb:
 
 The level-shift path (nearly all of a full window, ``shift_share`` of ``min_windows`` or more errors,
 over the threshold: the stream is alerting without pause) must pass all three, and is then accepted as
-the new normal. An operator's recalibration must pass the mixture test. The scheduled path needs no
+the new normal. An operator's recalibration must pass the mixture test. The scheduled path has no
 guard: it learns only from windows that ended up normal (never from an alert) and moves by at most
-``max_change`` a step, which is how it follows slow drift. Overlapping windows make neighbouring errors
+``max_change`` a step, which is how it follows slow drift. (The mixture test there would hold a threshold
+set too low where it is — it leaves a share of windows over each step up — so an intermittent incident's
+short runs, which look the same, are learnt as normal: README, "intermittent incident".) Overlapping windows make neighbouring errors
 correlated, so the caller thins the series to non-overlapping windows first.
 """
 

@@ -111,6 +111,14 @@ def test_a_lowering_the_recent_windows_hold_is_said() -> None:
     said = cal.lowering_held("m")
     assert said is not None and "normal errors × 1.5 would lower it to 1.6" in said, said
     assert "held at 2 by q0.9" in said and "recent windows × 1.5 (" in said, said
+    cal.register("o", 1.0, thin=8)  # overlapping windows, too few recent ones yet to bound a lowering: it waits, said
+    cal.observe("o", np.full(200, 0.5))
+    cal.observe_all("o", np.full(230, 0.5))
+    assert cal.recalibrate() == {} and cal.threshold("o").value == 1.0
+    said = cal.lowering_held("o")
+    assert said is not None and "held at 1 until 320 recent windows can bound it (230 so far" in said, said
+    cal.observe_all("o", np.full(90, 0.5))
+    assert cal.recalibrate() and cal.lowering_held("o") is None
 
 
 @pytest.mark.parametrize("op", ["pin", "reset", "rollback"])
