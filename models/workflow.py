@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.beats import rule_of
+from models.beats import SLIDING, rule_of
 from models.data import Dataset, load_ecg5000, read_series, series_dataset, sha256_bytes
 from models.detector import DEFAULT_QUANTILE, Detector, Threshold, check_downsample, error_quantiles, pool
 from models.errors import ArtifactError, DataError
@@ -111,8 +111,12 @@ def _spec(manifest: dict[str, Any], trained: dict[str, Any], source: str, protoc
     if isinstance(used, str) and not Path(used).is_file():  # said "windows file not found", as if named here
         raise DataError(f"the anomaly windows file training used, {used!r} (the path as given to tsmon train), is "
                         "not found from here: give it with --windows")
-    if trained.get("align") == "beats" and rule_of(manifest.get("windowing")) is None:
-        raise ValueError(f"align is beats but the windowing is {manifest.get('windowing')!r}")
+    # the windows the model cuts are its windowing's, as score, inspect and the daemon take them: from the summary's
+    # align, an artifact saved without one (replay-eval's baseline was) was evaluated on sliding windows
+    windowing = manifest.get("windowing") or {"kind": SLIDING}  # artifacts before beat windows: sliding
+    align = "sliding" if rule_of(windowing) is None else "beats"
+    if trained.get("align", align) != align:  # a summary that says otherwise: which windows were trained on?
+        raise ValueError(f"align is {trained.get('align')} but the windowing is {manifest.get('windowing')!r}")
     for key in ("timestamp_col", "label_col"):  # a hand-edited 5 failed deep in the reader (AttributeError)
         if not isinstance(trained.get(key), str | None):
             raise TypeError(f"{key} must be a column name or null, got {trained[key]!r}")
@@ -121,12 +125,12 @@ def _spec(manifest: dict[str, Any], trained: dict[str, Any], source: str, protoc
                     timestamp_col=trained.get("timestamp_col"), label_col=label_col or trained.get("label_col"),
                     train_fraction=float(trained.get("train_fraction", 0.5)),
                     windows=windows or used,
-                    out_of_order=trained.get("out_of_order", "error"), align=trained.get("align", "sliding"),
+                    out_of_order=trained.get("out_of_order", "error"), align=align,
                     beat_pre=int(trained.get("beat_pre", 0)), beat_refractory=int(trained.get("beat_refractory", 0)),
                     beat_baseline=int(trained.get("beat_baseline", 0)),
                     # refitted on another recording, the peak level found beats where score and the daemon,
                     # which keep the model's, find none: eval reported metrics on windows nothing else cuts
-                    rule=manifest.get("windowing") if trained.get("align") == "beats" else None)
+                    rule=dict(windowing) if align == "beats" else None)
 
 
 def _training_file(source: str, trained: dict[str, Any]) -> bool:

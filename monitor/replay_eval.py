@@ -164,7 +164,9 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
             kept, det.window, det.hop, own, beat=beat)
         base = artifact.save(baseline(fit, det), opts.out / "baseline-pca",
                              {"data": {**fit.summary, "value_cols": list(series.channels),
-                                       "train_fraction": fit.summary["train_fraction"]}})
+                                       "train_fraction": fit.summary["train_fraction"],
+                                       # the windows it cuts, said as train says them (eval read them from it)
+                                       "align": "sliding" if beat is None else "beats"}})
     steps = np.diff(ts_ms)
     steps = steps[steps > 0]
     if not len(steps):

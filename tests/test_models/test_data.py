@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from models.data import load_ecg5000, make_windows, read_series, series_dataset, suspect_stamps
-from models.errors import DataError
+from models.errors import ArtifactError, DataError
 from models.train import TrainConfig
 from models.workflow import spec_for_eval, train_detector
 from tests.conftest import synthetic_series
@@ -379,6 +379,27 @@ def test_eval_takes_a_files_columns_by_the_models_names_and_a_missing_one_is_an_
     assert spec_for_eval(manifest, str(named), None).value_cols == ("temp", "rpm")
     with pytest.raises(DataError, match="'temp' not found"):
         load_dataset(spec_for_eval(manifest, str(other), None))
+
+
+def test_eval_cuts_a_models_windows_by_its_windowing_not_its_training_summary(tmp_path: Path) -> None:
+    """A beat model whose training summary has no `align` (replay-eval saved its `baseline-pca` so) was evaluated on
+    sliding windows every `hop` samples, not the beat windows its `windowing` (score, inspect, the daemon) cuts:
+    other windows, other metrics (ROC-AUC 0.92 instead of 1.0), without a word. A summary that says another
+    alignment than the windowing is an error, as before."""
+    from models.beats import BeatRule
+
+    rule = BeatRule(window=80, pre=48, refractory=16, baseline=12, level=0.3).to_dict()
+    manifest = {"window": 80, "hop": 100, "channels": ["lead"], "windowing": rule,
+                "training": {"data": {"value_cols": ["lead"]}}}  # no align
+    (tmp_path / "ecg.csv").write_text("lead\n0\n")
+    spec = spec_for_eval(manifest, str(tmp_path / "ecg.csv"), None)
+    assert (spec.align, spec.rule, spec.beat()) == ("beats", rule, rule)
+    sliding = {**manifest, "windowing": {"kind": "sliding"}, "hop": 20}
+    assert spec_for_eval(sliding, str(tmp_path / "ecg.csv"), None).beat() is None
+    assert spec_for_eval({k: v for k, v in sliding.items() if k != "windowing"}, str(tmp_path / "ecg.csv"),
+                         None).beat() is None  # an artifact from before beat windows
+    with pytest.raises(ArtifactError, match="align is sliding but the windowing is"):
+        spec_for_eval({**manifest, "training": {"data": {"align": "sliding"}}}, str(tmp_path / "ecg.csv"), None)
 
 
 def test_a_model_that_reconstructs_its_validation_windows_exactly_is_refused(tmp_path: Path) -> None:

@@ -931,6 +931,15 @@ def test_a_beat_model_is_evaluated_on_the_windows_score_cuts(tmp_path: Path, cap
     assert code == 0, err
     code, out, err = run(capsys, "eval", "--model", str(art), "--data", str(tmp_path / "ecg.csv"), "--json")
     assert code == 0 and json.loads(out)["roc_auc"] is not None  # its own recording: the same rule either way
+    # saved without align in its training summary (replay-eval's baseline was), it was evaluated on sliding windows
+    from models import artifact
+
+    det = artifact.load(art, "cpu")
+    bare = artifact.save(det, tmp_path / "bare", {"data": {k: v for k, v in det.meta["training"]["data"].items()
+                                                           if k != "align"}})
+    code, out2, err = run(capsys, "eval", "--model", str(bare), "--data", str(tmp_path / "ecg.csv"), "--json")
+    assert code == 0 and {k: json.loads(out2)[k] for k in ("roc_auc", "confusion")} == \
+        {k: json.loads(out)[k] for k in ("roc_auc", "confusion")}
     code, _, err = run(capsys, "eval", "--model", str(art), "--data", str(tmp_path / "low.csv"), "--json")
     assert code == 1 and "at the model's peak level" in err
     code, _, err = run(capsys, "score", "--model", str(art), "--input", str(tmp_path / "low.csv"),
