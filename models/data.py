@@ -53,6 +53,8 @@ class Series:
     rows: np.ndarray | None = None  # file row of each sample when rows were skipped (else sample i is row i)
     numeric_stamps: bool = False  # the timestamps were numbers, read as epoch milliseconds
     windows_sha256: str = ""  # of the labels a windows file gave it
+    timestamp_col: str | None = None  # the columns read (replay-eval's baseline records them, as train does)
+    label_col: str | None = None
 
 
 @dataclass(frozen=True)
@@ -231,7 +233,8 @@ def _csv_header(raw: bytes, compression: str | None) -> list[str]:
 def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp_col: str | None = None,
                 label_col: str | None = None, windows: str | Path | None = None,
                 out_of_order: str = "error", labels_wanted: bool = True,
-                preferred_timestamp: str | None = None, model_channels: Sequence[str] | None = None) -> Series:
+                preferred_timestamp: str | None = None, model_channels: Sequence[str] | None = None,
+                preferred_label: str | None = None) -> Series:
     """Read a CSV (optionally gzipped) or Parquet file: optional timestamp and 0/1 label, value columns.
 
     ``windows``: a JSON file of labelled anomaly windows (see :func:`anomaly_windows`) that gives the labels
@@ -239,7 +242,8 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
     ``drop`` (counted in ``Series.dropped_out_of_order``), or ``keep`` (replay-eval: the daemon dead-letters
     them, as it would in production). ``labels_wanted=False``: no label column is looked for (scoring a
     file whose label column is partly empty must not fail on it). ``preferred_timestamp``: the timestamp column
-    when no ``timestamp_col`` is given and the file has it (a model's, for scoring), else the usual names.
+    when no ``timestamp_col`` is given and the file has it (a model's, for scoring), else the usual names;
+    ``preferred_label`` likewise for the label column (a model's, for evaluating).
     ``model_channels``: the value columns are a model's channels, not named by the user (a missing one is said so,
     with the option that maps the file's columns to them).
     """
@@ -248,12 +252,14 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
     p = Path(path)
     df, raw = _read_frame(p)
     if p.suffix.lower() not in PARQUET:  # a CSV's names are read without the spaces around them: so are these
-        timestamp_col, label_col = (c.strip() if c else c for c in (timestamp_col, label_col))
+        timestamp_col, label_col, preferred_timestamp, preferred_label = (
+            c.strip() if isinstance(c, str) else c for c in (timestamp_col, label_col, preferred_timestamp, preferred_label))
         value_cols = [c.strip() for c in value_cols] if value_cols else value_cols
     cols = list(df.columns)
     ts = _pick(cols, timestamp_col or (preferred_timestamp if preferred_timestamp in cols else None),
                TIMESTAMP_NAMES, "timestamp")
-    lab = _pick(cols, label_col, LABEL_NAMES, "label") if labels_wanted else None
+    lab = _pick(cols, label_col or (preferred_label if preferred_label in cols else None), LABEL_NAMES,
+                "label") if labels_wanted else None
     values = _value_columns(p, df, value_cols, ts, lab, model_channels)
     labels = None
     if lab is not None:
@@ -285,7 +291,7 @@ def read_series(path: str | Path, value_cols: list[str] | None = None, timestamp
         labels, labels_sha = _labels_of_windows(p, windows, stamps)
     with np.errstate(over="ignore"):  # values past float32 become inf, dropped and counted with the NaN windows
         data = df[values].to_numpy("float32")  # (numpy's overflow warning printed a raw line of pandas source)
-    return Series(data, values, stamps, labels, sha256_bytes(raw), str(p), dropped, rows, numeric, labels_sha)
+    return Series(data, values, stamps, labels, sha256_bytes(raw), str(p), dropped, rows, numeric, labels_sha, ts, lab)
 
 
 def _read_frame(p: Path) -> tuple[pd.DataFrame, bytes]:

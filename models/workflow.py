@@ -43,6 +43,10 @@ class DataSpec:
     beat_refractory: int = 0  # beats: a peak is the largest of ± this; 0 → window / 5
     beat_baseline: int = 0  # beats: half-width of the baseline mean; 0 → window × 3 / 20
     rule: dict[str, Any] | None = None  # beats: a trained model's fitted rule (its level), used as it is
+    # evaluating a model: the columns training used, taken when the file has them, else the usual names (given as
+    # timestamp_col/label_col, a file with timestamp/label could not be evaluated: "column 'event_time' not found")
+    preferred_timestamp: str | None = None
+    preferred_label: str | None = None
 
     def beat(self) -> dict[str, Any] | None:
         """The beat-window settings for :func:`models.data.series_dataset`, or None for sliding windows."""
@@ -59,6 +63,8 @@ class DataSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["value_cols"] = list(self.value_cols)
+        for key in ("preferred_timestamp", "preferred_label"):  # eval's, not what training read
+            d.pop(key)
         return d
 
 
@@ -67,7 +73,8 @@ def load_dataset(spec: DataSpec, model_channels: Sequence[str] | None = None) ->
     if spec.source == "ecg5000":
         return load_ecg5000(spec.protocol, spec.seed)
     series = read_series(spec.source, list(spec.value_cols) or None, spec.timestamp_col, spec.label_col,
-                         spec.windows, spec.out_of_order, model_channels=model_channels)
+                         spec.windows, spec.out_of_order, preferred_timestamp=spec.preferred_timestamp,
+                         preferred_label=spec.preferred_label, model_channels=model_channels)
     hop = spec.hop or max(1, spec.window // 4)
     return series_dataset(series, spec.window, hop, spec.train_fraction, beat=spec.beat())
 
@@ -122,7 +129,8 @@ def _spec(manifest: dict[str, Any], trained: dict[str, Any], source: str, protoc
             raise TypeError(f"{key} must be a column name or null, got {trained[key]!r}")
     return DataSpec(source, window=int(manifest["window"]), hop=int(manifest["hop"]),
                     value_cols=names,
-                    timestamp_col=trained.get("timestamp_col"), label_col=label_col or trained.get("label_col"),
+                    label_col=label_col, preferred_timestamp=trained.get("timestamp_col"),
+                    preferred_label=None if label_col else trained.get("label_col"),
                     train_fraction=float(trained.get("train_fraction", 0.5)),
                     windows=windows or used,
                     out_of_order=trained.get("out_of_order", "error"), align=align,

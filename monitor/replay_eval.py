@@ -166,7 +166,8 @@ def plan(model: Path, series: Series, ts_ms: np.ndarray, opts: ReplayOptions, wi
                              {"data": {**fit.summary, "value_cols": list(series.channels),
                                        "train_fraction": fit.summary["train_fraction"],
                                        # the windows it cuts, said as train says them (eval read them from it)
-                                       "align": "sliding" if beat is None else "beats"}})
+                                       "align": "sliding" if beat is None else "beats",
+                                       "timestamp_col": series.timestamp_col, "label_col": series.label_col}})
     steps = np.diff(ts_ms)
     steps = steps[steps > 0]
     if not len(steps):

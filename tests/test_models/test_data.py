@@ -402,6 +402,25 @@ def test_eval_cuts_a_models_windows_by_its_windowing_not_its_training_summary(tm
         spec_for_eval({**manifest, "training": {"data": {"align": "sliding"}}}, str(tmp_path / "ecg.csv"), None)
 
 
+def test_eval_reads_the_columns_training_used_else_the_usual_names(tmp_path: Path) -> None:
+    """README (tsmon eval): "The labels and timestamps are read from the columns training used, else the usual
+    names". A model trained with --timestamp-col event_time --label-col fault, evaluated on a file with
+    timestamp/label, failed: "timestamp column 'event_time' not found" (tsmon score took the same file). The
+    columns training used come first; a --label-col given to eval is still strict."""
+    from models.workflow import load_dataset
+
+    df = synthetic_series(600, anomalies=(520,))
+    manifest = {"window": 20, "hop": 5, "channels": ["ch0", "ch1"],
+                "training": {"data": {"timestamp_col": "event_time", "label_col": "fault", "train_fraction": 0.5}}}
+    usual, own = tmp_path / "usual.csv", tmp_path / "own.csv"
+    df.to_csv(usual, index=False)
+    df.rename(columns={"timestamp": "event_time", "label": "fault"}).assign(label=0).to_csv(own, index=False)
+    assert load_dataset(spec_for_eval(manifest, str(usual), None)).test_labels.sum() > 0
+    assert load_dataset(spec_for_eval(manifest, str(own), None)).test_labels.sum() > 0  # fault, not label (all 0)
+    with pytest.raises(DataError, match="label column 'fault' not found"):  # named here: strict
+        load_dataset(spec_for_eval(manifest, str(usual), None, label_col="fault"))
+
+
 def test_a_model_that_reconstructs_its_validation_windows_exactly_is_refused(tmp_path: Path) -> None:
     # its threshold would be 0: saved, then refused by every command that loads it
     path = tmp_path / "constant.csv"
