@@ -176,6 +176,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if manifest.get("windowing") is not None and not isinstance(manifest["windowing"], dict):  # [] was sliding
         raise ArtifactError(f"incompatible artifact {root}: windowing must be an object, got "
                             f"{short_repr(manifest['windowing'])}")
+    sliding = (manifest.get("windowing") or {}).get("kind", beats.SLIDING) == beats.SLIDING  # a beat model's hop is
+    if sliding and isinstance(manifest["window"], int) and hop > manifest["window"]:  # its median beat interval
+        # score and eval skipped the samples between windows without a word (the daemon refused it at load)
+        raise ArtifactError(f"incompatible artifact {root}: hop {hop} is longer than its window "
+                            f"({manifest['window']} samples): the samples between windows would never be scored")
     if manifest["loss"] not in LOSSES:
         raise ArtifactError(f"incompatible artifact {root}: unknown loss {manifest['loss']!r}")
     wname = str(manifest["weights"].get("file", WEIGHTS)) if isinstance(manifest["weights"], dict) else ""

@@ -98,6 +98,9 @@ def _copy(path: Path, tmp_path: Path) -> Path:
     (lambda p: _raw(p, "threshold", '{"quantile": 0.95, "margin": 1.0, "value": 1' + "0" * 400 + "}"), "out of range"),
     (lambda p: _edit(p, hop=10**30), "out of range"),
     (lambda p: _edit(p, hop=2**40), r"hop must be an integer in 1\.\."),
+    # README: an artifact's hop longer than its window is refused at load; the daemon refused it, but score and
+    # eval took it and skipped the samples between windows (30 of every 50 never scored) without a word
+    (lambda p: _edit(p, hop=41), r"hop 41 is longer than its window \(40 samples\)"),
     (lambda p: (p / "manifest.json").write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
     (lambda p: _half_weights(p), "not float32"),
     (lambda p: _normalisation(p, scale=[1e-300, 1e-300]), r"finite \(in float32\)"),

@@ -822,7 +822,11 @@ def test_config_check_refuses_a_route_hop_longer_than_its_models_window(stream_m
     (wide / "manifest.json").write_text(json.dumps({**manifest, "hop": window + 5}))
     cfg.write_text(f'[[models]]\npattern = "dev-*"\npath = "{wide}"\n')
     code, _, err = run(capsys, "config", "check", "--config", str(cfg))
-    assert code == 1 and f"its artifact's hop {window + 5} (set hop on the route) is longer than" in err, err
+    assert code == 1 and f"hop {window + 5} is longer than its window ({window} samples)" in err, err
+    for command in (["score", "--input", str(tmp_path / "two.csv"), "--output", str(tmp_path / "s.csv")],
+                    ["eval", "--data", str(tmp_path / "two.csv")]):  # (they skipped the samples between windows)
+        code, _, err = run(capsys, command[0], "--model", str(wide), *command[1:])
+        assert code == 1 and f"hop {window + 5} is longer than its window" in err, err
 
 
 def test_a_bad_training_summary_in_the_manifest_gives_one_line(dense_artifact: Path, series_csv: Path, tmp_path: Path,
@@ -934,7 +938,8 @@ def test_a_beat_model_is_evaluated_on_the_windows_score_cuts(tmp_path: Path, cap
     # saved without align in its training summary (replay-eval's baseline was), it was evaluated on sliding windows
     from models import artifact
 
-    det = artifact.load(art, "cpu")
+    det = artifact.load(art, "cpu")  # its hop, the median beat interval, is longer than its window: no matter
+    assert det.hop > det.window
     bare = artifact.save(det, tmp_path / "bare", {"data": {k: v for k, v in det.meta["training"]["data"].items()
                                                            if k != "align"}})
     code, out2, err = run(capsys, "eval", "--model", str(bare), "--data", str(tmp_path / "ecg.csv"), "--json")
