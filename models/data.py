@@ -465,12 +465,22 @@ def _labels_of_windows(p: Path, windows: str | Path, stamps: np.ndarray) -> tupl
     return labels, sha256_bytes(np.packbits(labels.astype(bool)).tobytes())  # the labels they give: not the order
 
 
+def _series_name(name: str) -> str:
+    """A data file's name without its compression suffix and, for a CSV or Parquet file, its format suffix:
+    ``nyc_taxi.csv.gz`` and ``nyc_taxi.parquet`` are ``nyc_taxi``, as ``nyc_taxi.csv`` is."""
+    path = Path(name)
+    if path.suffix.lower() in COMPRESSION:
+        path = Path(path.stem)
+    return path.stem if path.suffix.lower() in (".csv", *PARQUET) else path.name
+
+
 def anomaly_windows(path: str | Path, data_name: str) -> list[tuple[np.datetime64, np.datetime64]]:
     """Labelled anomaly windows ``[start, end]`` (inclusive timestamps) from a JSON file, NAB style.
 
     The file holds either a list of ``[start, end]`` pairs, or an object mapping data file names to such
     lists (NAB's ``combined_windows.json``: ``"realKnownCause/nyc_taxi.csv": [[...], ...]``); then the key
-    whose last path component is ``data_name`` is used.
+    whose last path component is ``data_name`` is used, else the one that names the same series in another
+    format or compressed (``nyc_taxi.csv.gz``, ``nyc_taxi.parquet``).
     """
     p = Path(path)
     if not p.exists():
@@ -483,6 +493,8 @@ def anomaly_windows(path: str | Path, data_name: str) -> list[tuple[np.datetime6
         raise DataError(f"windows file {p} is not readable JSON: {exc}") from None
     if isinstance(doc, dict):
         keys = [k for k in doc if Path(str(k)).name == data_name]
+        if not keys:  # nyc_taxi.csv.gz, nyc_taxi.parquet: a copy of realKnownCause/nyc_taxi.csv found no entry
+            keys = [k for k in doc if _series_name(Path(str(k)).name) == _series_name(data_name)]
         if len(keys) != 1:
             raise DataError(f"windows file {p} has {'no' if not keys else 'several'} entries for {data_name!r} "
                             f"(keys: {sorted(doc)[:5]})")

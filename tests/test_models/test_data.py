@@ -297,6 +297,33 @@ def test_a_windows_file_that_labels_nothing_is_an_error(tmp_path: Path) -> None:
     assert read_series(tmp_path / "s.csv", windows=tmp_path / "w.json").labels.sum() == 0
 
 
+def test_nab_windows_label_a_compressed_or_parquet_copy_of_the_series(tmp_path: Path) -> None:
+    """NAB's combined_windows.json entry was picked by the data file's full name: nyc_taxi.csv.gz or
+    nyc_taxi.parquet found no entry for realKnownCause/nyc_taxi.csv ("has no entries"), and could not be labelled.
+    Two entries for the series, or none, are still an error."""
+    import json
+
+    df = synthetic_series(300).drop(columns="label")
+    windows = tmp_path / "combined_windows.json"
+    windows.write_text(json.dumps({"realKnownCause/nyc_taxi.csv": [["2024-01-01T00:01:00", "2024-01-01T00:01:09"]],
+                                   "realKnownCause/nyc_taxi_2.csv": [], "other/ec2.csv": []}))
+    df.to_csv(tmp_path / "nyc_taxi.csv", index=False)
+    plain = read_series(tmp_path / "nyc_taxi.csv", windows=windows).labels
+    assert plain is not None and plain.sum() == 10
+    for name in ("nyc_taxi.csv.gz", "nyc_taxi.CSV.BZ2", "nyc_taxi.csv.xz"):
+        df.to_csv(tmp_path / name, index=False, compression={".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}[
+            Path(name.lower()).suffix])
+        assert np.array_equal(read_series(tmp_path / name, windows=windows).labels, plain), name
+    df.to_parquet(tmp_path / "nyc_taxi.parquet")
+    assert np.array_equal(read_series(tmp_path / "nyc_taxi.parquet", windows=windows).labels, plain)
+    df.to_csv(tmp_path / "nyc.csv.gz", index=False)
+    with pytest.raises(DataError, match="has no entries for 'nyc.csv.gz'"):
+        read_series(tmp_path / "nyc.csv.gz", windows=windows)
+    windows.write_text(json.dumps({"a/nyc_taxi.csv": [], "b/nyc_taxi.parquet": []}))
+    with pytest.raises(DataError, match="has several entries for 'nyc_taxi.csv.gz'"):
+        read_series(tmp_path / "nyc_taxi.csv.gz", windows=windows)
+
+
 def test_files_as_other_tools_write_them(tmp_path: Path) -> None:
     import decimal
 
