@@ -73,10 +73,10 @@ def load_served(pattern: str, path: Path, name: str | None, hop: int | None, dev
         # calibrator's thinning (the CLI refuses --hop for such a model too)
         raise ConfigError(f"[[models]] route {pattern!r}: hop is for sliding-window models; {path} cuts one window "
                           f"per beat (remove hop)")
-    if beats.rule_of(det.windowing) is None and (hop or det.hop or 0) > det.window:  # the samples between windows
-        # would never be scored (a pipeline owner's typo, 1000 for a 64-sample window: 12 windows of 12 000 samples)
-        whose = f"hop {hop}" if hop else f"its artifact's hop {det.hop} (set hop on the route)"
-        raise ConfigError(f"[[models]] route {pattern!r}: {whose} is longer than {path}'s window ({det.window} "
+    if beats.rule_of(det.windowing) is None and (hop or 0) > det.window:  # the samples between windows would never
+        # be scored (a pipeline owner's typo, 1000 for a 64-sample window: 12 windows of 12 000 samples); an artifact's
+        # own hop over its window is refused by artifact.load
+        raise ConfigError(f"[[models]] route {pattern!r}: hop {hop} is longer than {path}'s window ({det.window} "
                           f"samples): the samples between its windows would never be scored")
     version = str(det.meta["weights"]["sha256"])[:12]  # artifact.load has checked the weights against it
     return Served(name or Path(path).name, pattern, det, hop or det.hop or det.window, version, gap_ms,
