@@ -26,8 +26,7 @@ When nearly all recent windows are over the threshold the stream is either broke
 :mod:`monitor.drift` decides, and only a settled, normally shaped level is accepted (the threshold jumps
 to the recent quantile, source ``calibrated``, reason ``new normal``), and the recent windows it was judged
 on replace the normal evidence: left there, the old level's errors made the next scheduled recalibrations
-walk the threshold back down by ``max_change`` each, and the stream paged on its new normal. The other way, a
-full window of recent errors under a ``max_change`` step down is a lower new normal (``_level_drop``). An operator's
+walk the threshold back down by ``max_change`` each, and the stream paged on its new normal. An operator's
 raise passes the guard's mixture test too. ``recalibrate`` reports refusals with their reason.
 
 Versions and overrides. Every change is a numbered version with its source and reason (``history``,
@@ -411,8 +410,6 @@ class Calibrator:
         target, how_far = self._target(old, normal, q, margin, True, estimate), ""  # before max_change's step
         n = len(recent) // max(1, thin)  # non-overlapping recent windows
         full = max(drift.window, MIN_INDEPENDENT * max(1, thin)) // max(1, thin)  # as many as the ring holds
-        if not commanded and (dropped := self._level_drop(old, target, recent, thin, q, margin)) is not None:
-            return dropped
         if not commanded and value < old.value and thin > 1 and n * (1.0 - q) < 2.0 <= full * (1.0 - q):
             # Overlapping windows: not lowered before the recent windows can bound it (below). min_samples normal errors
             # came first (W/H = 8: 230 windows, against the 320 the bound needs), and the first scheduled run lowered it
@@ -456,27 +453,6 @@ class Calibrator:
             how_far = f"; a calibrator.max_change step towards {target:.4g}"
         rule = f"{how}: q{q:g} of {len(normal)} recent normal errors{times}"
         return value, len(normal), f"{rule}{self._at_bound(old, target)}{how_far}"
-
-    def _level_drop(self, old: ThresholdState, target: float, recent: np.ndarray, thin: int, q: float,
-                    margin: float) -> tuple[float, int, str] | None:
-        """A new normal below the old one: the drift guard's full window of recent windows puts the quantile, read
-        one-sided 95 % high, under even a ``max_change`` step down, while the normal errors learnt at the old level
-        hold the target above it. Those would keep the threshold there until they left ``calibrator.window`` (a level
-        of 3 × accepted as a new normal, then gone: 2-2.9 × the restored level's q0.95 for 1 900 windows, blind to
-        an anomaly at 2 ×, a review). Returns the proposal (the recent windows replace the normal errors), or None."""
-        s, drift = self.settings, self.settings.drift
-        n = len(recent) // max(1, thin)
-        if (not drift.enabled or len(recent) < max(drift.window, MIN_INDEPENDENT * max(1, thin)) or n * (1.0 - q) < 2.0
-                or not np.isfinite(recent).all()):
-            return None
-        level = min(MAX_QUANTILE, q + 1.645 * math.sqrt(q * (1.0 - q) / n))
-        value = self._bounded(old, float(np.quantile(recent, level)) * margin)
-        step = old.value * (1.0 - s.max_change)
-        if not (value < step and value < target):
-            return None
-        times = f" × {margin:g}" if margin != 1.0 else ""
-        return value, len(recent), (f"{NEW_NORMAL}a lower level: q{level:.3f} of the {len(recent)} recent windows{times} "
-                                    f"is under a calibrator.max_change step down ({step:.4g}){self._at_bound(old, value)}")
 
     def _target(self, old: ThresholdState, errors: np.ndarray, quantile: float, margin: float,
                 commanded: bool, estimate: tuple[float, float] | None = None) -> float:
