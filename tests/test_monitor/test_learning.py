@@ -290,3 +290,16 @@ def test_a_threshold_set_too_low_rises_with_the_drift_guard_on(start: float) -> 
     errors = np.random.default_rng(0).lognormal(0.0, SIGMA, 6000)
     thresholds, _ = play_windows(errors, start * TRUE_Q95)
     assert thresholds[-1000:].mean() == pytest.approx(TRUE_Q95, rel=0.06)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_quiet_spell_does_not_take_the_threshold_down_with_it(seed: int) -> None:
+    """700 windows at 0.3 × the usual error (low load), then the usual level again. A rule that took a full window of
+    recent errors under a max_change step down as a lower new normal (tried, to leave an upward new normal that had
+    ended sooner) dropped the threshold to calibrator.floor here, and the return paged for 1 500-2 900 windows."""
+    scale = np.ones(6700)
+    scale[3000:3700] = 0.3
+    errors = np.random.default_rng(seed).lognormal(0.0, SIGMA, 6700) * scale
+    thresholds, _ = play_windows(errors, TRUE_Q95)
+    after = slice(3700, 6700)
+    assert thresholds[after].min() > 0.85 * TRUE_Q95 and np.mean(errors[after] > thresholds[after]) < 0.08
