@@ -188,11 +188,11 @@ def config_check(
     for route in routes:
         if not (Path(route.path) / "manifest.json").is_file():
             raise ConfigError(f"models: no artifact at {route.path} (pattern {route.pattern!r})")
-    from monitor.daemon import build_scorer
+    from monitor.daemon import build_scorer, warn_unbounded_lowering
 
     # loaded whole and routed as `tsmon run` will (on CPU): a manifest alone passed before, and so did two
     # routes to one artifact without a name each, which `tsmon run` refused
-    build_scorer(cfg, device="cpu")
+    warn_unbounded_lowering(cfg, build_scorer(cfg, device="cpu"))
     emit_json(cfg.redacted())
 
 

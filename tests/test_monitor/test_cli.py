@@ -793,6 +793,19 @@ def test_config_check_refuses_two_unnamed_routes_to_one_artifact(dense_artifact:
     assert code == 0 and '"ecg"' in out
 
 
+def test_config_check_warns_of_a_route_whose_lowerings_the_recent_windows_cannot_bound(
+        stream_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """W/H = 20 at q0.95 needs 800 recent windows to bound a scheduled lowering, and drift.window keeps 600: the normal
+    errors alone walked such a stream's threshold to 0.70-0.73 × its quantile, 39 % of the windows over (a review)."""
+    cfg = tmp_path / "dense.toml"
+    for window, said in ((600, True), (800, False)):
+        cfg.write_text(f'[calibrator]\nquantile = 0.95\n[drift]\nwindow = {window}\n'
+                       f'[[models]]\npattern = "dev-*"\npath = "{stream_model}"\nhop = 2\n')
+        code, _, err = run(capsys, "config", "check", "--config", str(cfg))
+        assert code == 0 and ("recent_windows_too_few" in err) is said, err
+        assert not said or ("drift_window_needed" in err and "800" in err and "set drift.window to 800" in err)
+
+
 def test_config_check_refuses_a_route_hop_longer_than_its_models_window(stream_model: Path, tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """A pipeline owner's pass: hop = 1000 on a 64-sample model passed config check and the daemon scored 12

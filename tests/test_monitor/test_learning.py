@@ -249,11 +249,12 @@ def test_overlapping_windows_settle_the_threshold_at_its_quantile(overlap: int) 
     assert np.mean(values[-10:]) / q95 > 0.95 and over / (20 * 500) < 0.07
 
 
-def play_windows(errors: np.ndarray, start: float, thin: int = 1, every: int = 30) -> tuple[np.ndarray, Calibrator]:
+def play_windows(errors: np.ndarray, start: float, thin: int = 1, every: int = 30,
+                 drift: DriftSettings | None = None) -> tuple[np.ndarray, Calibrator]:
     """As the daemon runs it: each window's error to the alert machine, the normal evidence and the recent windows
     (the drift guard on, its defaults), a scheduled recalibration every ``every`` windows (interval_s = 30 at one
     window a second); the threshold at each window."""
-    cal = Calibrator(CalibratorSettings(drift=DriftSettings()), clock=lambda: 0.0)
+    cal = Calibrator(CalibratorSettings(drift=drift or DriftSettings()), clock=lambda: 0.0)
     cal.register("s", start, thin=thin)
     st = AlertState("s", "m", AlertSettings())  # for = 2, resolve_after = 2
     thresholds = np.empty(len(errors))
@@ -303,3 +304,21 @@ def test_a_quiet_spell_does_not_take_the_threshold_down_with_it(seed: int) -> No
     thresholds, _ = play_windows(errors, TRUE_Q95)
     after = slice(3700, 6700)
     assert thresholds[after].min() > 0.85 * TRUE_Q95 and np.mean(errors[after] > thresholds[after]) < 0.08
+
+
+@pytest.mark.parametrize("w", [16, 20])
+def test_a_drift_window_that_bounds_the_lowering_keeps_a_dense_overlap_at_its_quantile(w: int) -> None:
+    """Past W/H ≈ 15 at q0.95 the default drift.window keeps too few recent windows to bound a lowering: the normal
+    errors alone walked the threshold to 0.70-0.74 × (37-40 % of windows over). With the drift.window that
+    unbounded_lowering names (the daemon and config check warn with it), it stays at its quantile."""
+    from monitor.calibrator import unbounded_lowering
+
+    n = 12_000
+    z = np.random.default_rng(100).normal(size=n + w)
+    errors = np.exp(SIGMA * np.convolve(z, np.ones(w), "valid")[:n] / math.sqrt(w))
+    needed = unbounded_lowering(w, 0.95, DriftSettings().window)
+    assert needed == 40 * w and unbounded_lowering(w, 0.95, needed) is None and unbounded_lowering(1, 0.999, 600) is None
+    low, _ = play_windows(errors, TRUE_Q95, thin=w)
+    assert low[n // 2:].mean() / TRUE_Q95 < 0.8  # what the warning is about
+    thresholds, _ = play_windows(errors, TRUE_Q95, thin=w, drift=DriftSettings(window=needed))
+    assert thresholds[n // 2:].mean() / TRUE_Q95 > 0.95 and np.mean(errors[n // 2:] > thresholds[n // 2:]) < 0.07
