@@ -29,7 +29,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -38,6 +37,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from models.detector import DEFAULT_QUANTILE
 from models.errors import BrokerError, ScoringStuck, SinkBackpressure, TsmonError, describe
+from models.train import usable_cpus
 from monitor import heap, logs
 from monitor.alerts import AlertSettings
 from monitor.batcher import Batcher
@@ -72,21 +72,8 @@ QUICK_PROBE_S = 5.0  # the probe before the warm-up, for settings wrong for sure
 CLOCK_STEP_S = 2.0  # the wall clock moving this much against the monotonic one between turns re-bases the jobs
 
 
-def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """CPUs this process may use: the ones it may run on, fewer under a cgroup v2 CPU quota (a container's CPU
-    limit: ``os.cpu_count()`` counts the node's cores, and as many threads under a 2-CPU limit are throttled)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):  # no cgroup v2 file (or another format): no quota known
-        pass
-    return n
-
-
 def scoring_threads(configured: int | None) -> int:
-    """Torch CPU threads for scoring: as configured, else the usable CPUs − 1 (at least 1)."""
+    """Torch CPU threads for scoring: as configured, else the usable CPUs − 1 (at least 1; as training)."""
     return configured or max(1, usable_cpus() - 1)
 
 

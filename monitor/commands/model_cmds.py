@@ -128,6 +128,9 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for the split and training.", max=MAX_SEED)] = 42,
     device: Annotated[str, typer.Option(help="auto (cuda if available), cpu or cuda[:N].")] = "auto",
     max_minutes: Annotated[float | None, typer.Option(help="Stop training after this many minutes (> 0).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for training (default: the usable CPUs − 1, "
+                                                            "at least 1; the same seed gives the same weights with "
+                                                            "as many threads on the same kind of CPU).")] = None,
 ) -> None:
     """Train a model on normal data only and write an artifact."""
     if max_minutes is not None and not 0 < max_minutes < math.inf:  # the option, not the library's max_seconds
@@ -168,7 +171,7 @@ def train(
     cfg = TrainConfig(**{**defaults, **{k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr,
                       "patience": patience}.items() if v is not None}}, loss=loss, noise_std=noise,
                       sparsity=sparsity, seed=seed, device=device,
-                      max_seconds=max_minutes * 60 if max_minutes is not None else None)
+                      max_seconds=max_minutes * 60 if max_minutes is not None else None, threads=threads)
     _order(out_of_order)
     cfg.validate()  # before any data is read or a progress bar drawn
     check_threshold_options(threshold_quantile, threshold_margin)
@@ -240,7 +243,7 @@ def run_training(spec: DataSpec, kind: str, params: dict[str, Any], cfg: TrainCo
     path = artifact.save(det, out, training)
     res = training["result"]
     log.info("trained", artifact=str(path), epochs=res["epochs_run"], best_epoch=res["best_epoch"],
-             stop=res["stop_reason"], seconds=res["seconds"], device=res["device"],
+             stop=res["stop_reason"], seconds=res["seconds"], device=res["device"], threads=res["threads"],
              threshold=significant(det.threshold.value))  # rounded to 6 decimals, 1.7e-7 was "0.0"
     _warn_threshold(det, len(ds.val))
     exempt = [] if det.scaler.window_spread is None else [

@@ -376,6 +376,20 @@ def test_training_loss_overflow_is_an_error_not_a_traceback(tmp_path: Path, caps
     assert code == 1 and "diverged" in err and "Traceback" not in err and not (tmp_path / "d").exists()
 
 
+def test_train_threads_are_given_and_recorded(series_csv: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """--threads sets training's torch threads (default: the usable CPUs − 1); the manifest and the log say how many
+    ran, which the same seed needs to give the same weights again."""
+    code, _, err = run(capsys, "train", "--data", str(series_csv), "--model", "dense", "--window", "20", "--hop", "10",
+                       "--epochs", "1", "--threads", "3", "--out", str(tmp_path / "t"))
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert code == 0 and manifest["training"]["result"]["threads"] == 3 and manifest["training"]["config"]["threads"] == 3
+    assert re.search(r"threads[=\":\s]+3\b", err), err
+    code, _, err = run(capsys, "train", "--data", str(series_csv), "--model", "dense", "--threads", "0",
+                       "--out", str(tmp_path / "z"))
+    assert code == 2 and "--threads" in _said(err)
+
+
 def test_a_threshold_that_cannot_mean_its_quantile_is_warned_of(series_csv: Path, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """A full-rank PCA reproduces its input to float32 rounding (threshold ~1e-7, logged as "threshold": 0.0, its
