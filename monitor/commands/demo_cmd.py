@@ -36,7 +36,7 @@ class LiveView:
         url = f"{p.http_url} · " if p.http_url else ""
         broker = f"broker {p.bootstrap} · " if p.bootstrap else ""
         head = (f"{broker}{url}sent {p.sent_samples:,}/{p.total_samples:,} samples · scored {total('tsmon_windows_scored_total'):,}"
-                f" windows · dead letters {total('tsmon_dead_letters_total')} · alerts {len(p.alerts)} messages")
+                f" windows · dead letters {total('tsmon_dead_letters_total')} · alert messages {len(p.alerts)} (firing, resolved…)")
         # no vertical rules: 80 columns hold every column of a row whole (an on-call pass: cut ids and times)
         t = Table(title=head, title_justify="left", expand=False, box=box.SIMPLE_HEAD, padding=0,
                   pad_edge=False)
@@ -118,7 +118,7 @@ def _share(x: float | None) -> str | None:
 def _print_summary(s: dict[str, Any]) -> None:
     rows = [("streams", s["streams"]), ("samples", f"{s['samples']:,}"), ("windows scored", f"{s['windows_scored']:,}"),
             ("anomaly rate (beats)", s["anomaly_rate"]), ("labelled anomalies (episodes)", s["labelled_anomalies"]),
-            ("alerts", s["alerts"]), ("detected", s["detected"]), ("precision", _share(s["precision"])),
+            ("alerts (episodes)", s["alerts"]), ("detected", s["detected"]), ("precision", _share(s["precision"])),
             ("recall", _share(s["recall"])), ("  of which inside an alert already firing", s["inside_open_alert"]),
             ("mean delay (samples)", s["mean_delay_samples"]),
             ("flapping alerts", s["flapping"]), ("dead letters", s["dead_letters"]),

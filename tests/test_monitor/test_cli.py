@@ -1203,6 +1203,7 @@ def test_demo_redirected_keeps_warnings_beside_its_table_and_shows_shares_alike(
     code, out, err = run(capsys, "demo", "--model", str(tmp_path / "m"))
     assert code == 0 and "demo_warning_said" in err and "demo_step_said" not in err
     assert "0.7500" in out and "1.0000" in out
+    assert "alerts (episodes)" in out  # the live table counts messages: 152 there, "alerts 74" here (a new user)
     code, out, err = run(capsys, "demo", "--model", str(tmp_path / "m"), "--json")  # JSON out, the log as asked
     assert code == 0 and "demo_step_said" in err and json.loads(out)["precision"] == 0.75
 
@@ -1233,6 +1234,7 @@ def test_the_demos_live_table_names_its_http_endpoints_once_they_listen() -> Non
                        {**alert, "end_ts": 1_700_000_010_411, "fired_ts": 1}]
     table = LiveView(progress).__rich__()
     assert str(table.title).startswith("broker 127.0.0.1:45115 · http://127.0.0.1:43210 · sent")
+    assert str(table.title).endswith("alert messages 2 (firing, resolved…)")
     assert list(table.columns[1].cells) == ["ecg-04", "ecg-01"]
     assert list(table.columns[6].cells) == ["a" * 20] * 2  # whole: what tsmon ctl feedback --alert needs
     from rich.console import Console  # and shown whole on an 80-column terminal (it ended "aaaaaaaaaa…")
