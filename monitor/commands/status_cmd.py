@@ -49,7 +49,7 @@ def status(
         (stdout if stdout.is_terminal else Console(width=WIDE)).print(streams_table(rows))
     if failed:  # the others' rows are shown: one instance down is when the rest are wanted
         raise failed[0] if len(failed) == 1 else TsmonError(
-            f"{len(failed)} of {len(url)} daemons did not answer: " + "; ".join(str(e) for e in failed))
+            f"{len(failed)} of {len(set(url))} daemons did not answer: " + "; ".join(str(e) for e in failed))
 
 
 def _gather(urls: list[str]) -> tuple[list[dict[str, Any]], list[TsmonError]]:
