@@ -2054,7 +2054,9 @@ def test_a_restart_keeps_the_data_clocks_recalibration_schedule(make: Make, cut:
         p.data_clock = DataClock(400 * STREAM_PERIOD_MS, lambda streams: p.calibrator.recalibrate(streams))
         return p
 
-    ts, v = sine_stream(6000, (1500, 2500, 3500, 4500, 5500), seed=5)
+    # bursts from window 250 on: a stream of overlapping windows is not lowered before its recent windows can bound
+    # it (160 here), and once a burst is among them it holds the threshold; from window 150 on, nothing moved
+    ts, v = sine_stream(6000, (2500, 3500, 4500, 5500), seed=5)
     recs = records("dev-a", ts, v, chunk=10)
     whole, q = uninterrupted_and_restarted(build, recs, cut)
     versions = [[(h["version"], round(h["value"], 6)) for h in x.calibrator.history("dev-a")] for x in (whole, q)]
