@@ -235,7 +235,7 @@ class Calibrator:
                 s = self.settings
                 # the drift guard judges 20 non-overlapping windows at least (10 a half): at window/hop = 35 and
                 # more, drift.window = 600 held fewer, and it refused every new normal, commanded ones too
-                recent = max(s.drift.window, MIN_INDEPENDENT * max(1, thin))
+                recent = recent_size(s.drift.window, thin)
                 self._streams[stream] = _Stream(state, Ring(s.window), Ring(recent),
                                                 deque([state], maxlen=s.history), max(1, thin), quantile,
                                                 margin or s.margin)
@@ -409,12 +409,11 @@ class Calibrator:
         value = self._target(old, normal, q, margin, commanded, estimate)
         target, how_far = self._target(old, normal, q, margin, True, estimate), ""  # before max_change's step
         n = len(recent) // max(1, thin)  # non-overlapping recent windows
-        full = max(drift.window, MIN_INDEPENDENT * max(1, thin)) // max(1, thin)  # as many as the ring holds
-        if not commanded and value < old.value and thin > 1 and n * (1.0 - q) < 2.0 <= full * (1.0 - q):
+        needed = bound_windows(q, thin)
+        if not commanded and value < old.value and thin > 1 and len(recent) < needed <= recent_size(drift.window, thin):
             # Overlapping windows: not lowered before the recent windows can bound it (below). min_samples normal errors
             # came first (W/H = 8: 230 windows, against the 320 the bound needs), and the first scheduled run lowered it
             # to 0.86 × q0.95, where nothing raised it back: 11-16 % of windows over it for good (a review)
-            needed = bound_windows(q, thin)
             moves = max(_MIN_CHANGE, s.min_change) * old.value
             if lowering_held is not None and value < old.value - moves:
                 lowering_held[name] = (f"q{q:g} of the normal errors{times} would lower it to {value:.4g}; held at "
@@ -692,6 +691,11 @@ def _thaw(st: _Stream) -> None:
         st.recent_frozen = 0
 
 
+def recent_size(drift_window: int, thin: int) -> int:
+    """Recent windows kept per stream: ``drift.window``, and at least ``MIN_INDEPENDENT`` non-overlapping ones."""
+    return max(drift_window, MIN_INDEPENDENT * max(1, thin))
+
+
 def bound_windows(quantile: float, thin: int) -> int:
     """Recent windows a scheduled lowering of a stream of overlapping windows (every ``thin``-th one independent) needs
     to be bounded by them: two expected exceedances of ``quantile`` among the non-overlapping ones."""
@@ -706,7 +710,7 @@ def unbounded_lowering(thin: int, quantile: float, drift_window: int) -> int | N
     bound its scheduled lowerings (see :meth:`Calibrator._proposal`), else None. Unbounded, the normal errors alone
     walk its threshold below its quantile: W/H = 16 at q0.95, 0.71-0.74 × with 37 % of the windows over it."""
     needed = bound_windows(quantile, thin)
-    return needed if thin > 1 and max(drift_window, MIN_INDEPENDENT * thin) < needed else None
+    return needed if thin > 1 and recent_size(drift_window, thin) < needed else None
 
 
 def censored_quantile(entries: np.ndarray, quantile: float) -> tuple[float, float]:

@@ -89,8 +89,7 @@ def warn_unbounded_lowering(cfg: Config, scorer: Scorer) -> None:
     scheduled recalibrations' lowerings to be bounded (README "Overlapping windows"), with the window that would."""
     for served in scorer.models.values():
         quantile = cfg.calibrator.quantile if cfg.calibrator.quantile is not None else served.detector.threshold.quantile
-        thin = -(-served.window // served.hop)  # as the stream's calibrator is registered
-        if (needed := unbounded_lowering(thin, min(quantile, MAX_QUANTILE), cfg.drift.window)) is not None:
+        if (needed := unbounded_lowering(served.thin, min(quantile, MAX_QUANTILE), cfg.drift.window)) is not None:
             log.warning("recent_windows_too_few", model=served.name, pattern=served.pattern, window=served.window,
                         hop=served.hop, quantile=quantile, drift_window=cfg.drift.window, drift_window_needed=needed,
                         consequence="scheduled recalibrations can walk its streams' thresholds below their quantile "

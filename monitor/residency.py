@@ -44,9 +44,7 @@ class Residency(ProcessorState):
 
     def _new_stream(self, stream: str, served: Served) -> StreamState:
         s, det = self.settings, served.detector
-        # every thin-th window shares no sample with the last: ceil(window / hop) (a review: window // hop kept 10
-        # samples of 40 shared at hop 15, and the drift guard's KS halves ran on correlated windows)
-        self.calibrator.register(stream, det.threshold.value, thin=-(-served.window // served.hop),
+        self.calibrator.register(stream, det.threshold.value, thin=served.thin,
                                  quantile=min(det.threshold.quantile, MAX_QUANTILE) if s.model_quantile else None,
                                  margin=det.threshold.margin if s.model_margin else None,
                                  basis=f"the model's: {_quantile_words(det.threshold.quantile)} of its validation "

@@ -53,6 +53,12 @@ class Served:
         return self.detector.window
 
     @property
+    def thin(self) -> int:
+        """Every ``thin``-th window shares no sample with the last: ceil(window / hop) (a review: window // hop kept 10
+        samples of 40 shared at hop 15, and the drift guard's KS halves ran on correlated windows)."""
+        return -(-self.window // self.hop)
+
+    @property
     def channels(self) -> int:
         return self.detector.channels
 
