@@ -78,6 +78,23 @@ class Threshold:
         # quantile × 1e308 overflowed with a RuntimeWarning
 
 
+def exact_float32() -> None:
+    """float32 on CUDA is IEEE float32: torch lets cuDNN's convolutions and RNNs use TF32 (a 10-bit mantissa) by
+    default, so a "float32" GPU scored an LSTM or conv model off the float32 its CPU-trained threshold came from, and
+    the reduced-precision check at start compared against TF32. Process-wide; set wherever a detector is put on CUDA
+    (``Detector.to``): `tsmon bench scorer`, `score`, `eval` and the threshold `train` derives scored in TF32 while the
+    daemon served IEEE float32, so the benchmark measured another computation than the one served (and its efficiency
+    set a TF32 model against an IEEE GEMM). A reduced precision is asked for by ``daemon.precision``, not by this."""
+    if hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):  # those settings (torch 2.9 on; an
+        # older torch has a module torch.backends.cudnn.rnn of its own, so that name tells nothing)
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    else:  # before them, TF32 is one switch for all of cuDNN
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     """CUDA autocast to ``precision``; nothing for float32 or off CUDA (CPU autocast leaves the LSTM in float32)."""
     if precision == "float32" or device.type != "cuda":
@@ -135,7 +152,10 @@ class Detector:
         return self.model.config.channels
 
     def to(self, device: str | torch.device = "auto") -> Detector:
+        """On ``device``, in eval mode; on CUDA, float32 is IEEE float32 from here on (see :func:`exact_float32`)."""
         self.device = resolve_device(device) if isinstance(device, str) else device
+        if self.device.type == "cuda":
+            exact_float32()
         self.model.to(self.device).eval()
         return self
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from models import artifact, beats
-from models.detector import Detector, autocast, precision_error
+from models.detector import Detector, autocast, exact_float32, precision_error
 from models.errors import ConfigError
 from monitor import logs
 from monitor.batcher import Batch
@@ -101,21 +101,6 @@ class _Regrowth:
     fitted: int = 0
     wait: int = REGROW_AFTER
     grown: bool = False
-
-
-def exact_float32() -> None:
-    """float32 on CUDA is IEEE float32: torch lets cuDNN's convolutions and RNNs use TF32 (a 10-bit mantissa) by
-    default, so a "float32" GPU scored an LSTM or conv model off the float32 its CPU-trained threshold came from, and
-    the reduced-precision check at start compared against TF32. Process-wide; a reduced precision is asked for by
-    ``daemon.precision``, not by this default."""
-    if hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):  # those settings (torch 2.9 on; an
-        # older torch has a module torch.backends.cudnn.rnn of its own, so that name tells nothing)
-        torch.backends.cudnn.rnn.fp32_precision = "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-    else:  # before them, TF32 is one switch for all of cuDNN
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 class Scorer:
