@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from models.detector import Detector, autocast, precision_error
+from models.detector import Detector, autocast, precision_error, served_precision
 
 
 def _sync(device: torch.device) -> None:
@@ -52,15 +52,16 @@ def bench_scorer(det: Detector, batch_size: int | None = None, seconds: float = 
                  batch1_windows: int = 200, daemon_batch: int = 256, precision: str = "float32") -> dict[str, Any]:
     """Windows/s at batch 1 vs ``batch_size``; model GFLOP/s and efficiency against the GEMM rate; and the
     daemon's micro-batch (``daemon_batch``, the default ``batch.max_batch``): windows/s and ms per batch.
-    ``precision`` other than float32 runs the model under CUDA autocast (no effect on CPU) and reports the
-    largest score difference to float32 as a share of max(score, threshold)."""
+    ``precision`` other than float32 runs the model under CUDA autocast (no effect on CPU) in the precision the
+    daemon would serve it in (float16 for an LSTM asked for bfloat16: :func:`served_precision`), reported as
+    ``precision``, and reports the largest score difference to float32 as a share of max(score, threshold)."""
     device = det.device
     batch_size = batch_size or (4096 if device.type == "cuda" else 2048)
     gen = torch.Generator().manual_seed(0)
     one = [torch.randn(1, det.window, det.channels, generator=gen).to(device) for _ in range(8)]
     big = torch.randn(batch_size, det.window, det.channels, generator=gen).to(device)
     micro = big[:daemon_batch]
-    reduced = precision != "float32" and device.type == "cuda"
+    precision = served_precision(device, det.kind, precision)  # what runs, and what the figures are labelled
     exact = det.score_tensor(micro)[0].float().cpu().numpy()
 
     def batch1_loop() -> None:  # the classic loop: one window per forward pass
@@ -94,6 +95,6 @@ def bench_scorer(det: Detector, batch_size: int | None = None, seconds: float = 
         "daemon_batch": len(micro),
         "daemon_batch_windows_per_s": micro_rate * len(micro),
         "daemon_batch_ms": 1e3 / micro_rate,
-        "precision": precision if reduced else "float32",
+        "precision": precision,
         "precision_max_diff": diff,
     }

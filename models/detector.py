@@ -102,6 +102,15 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast("cuda", dtype=getattr(torch, precision))
 
 
+def served_precision(device: torch.device, kind: str, precision: str) -> str:
+    """The precision a model of ``kind`` on ``device`` is scored in when ``precision`` is asked for: float32 off CUDA,
+    and float16 for an LSTM asked for bfloat16: under autocast cuDNN's RNNs run in float16 whatever the dtype asked
+    (ATen's AutocastRNN.cpp casts to half), so "bfloat16" served an LSTM with float16's range under that name."""
+    if device.type != "cuda":
+        return "float32"
+    return "float16" if precision == "bfloat16" and kind == "lstm" else precision
+
+
 def precision_error(scores: np.ndarray, exact: np.ndarray, threshold: float) -> float:
     """Largest score difference to the float32 ``exact`` scores, as a share of max(|exact|, threshold)."""
     return float(np.max(np.abs(scores - exact) / np.maximum(np.abs(exact), threshold)))

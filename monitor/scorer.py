@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from models import artifact, beats
-from models.detector import Detector, autocast, exact_float32, precision_error
+from models.detector import Detector, autocast, exact_float32, precision_error, served_precision
 from models.errors import ConfigError
 from monitor import logs
 from monitor.batcher import Batch
@@ -141,12 +141,9 @@ class Scorer:
 
     def precision_of(self, model: str) -> str:
         """The precision ``model`` is scored in: the configured one on CUDA, float32 on CPU — and float16 for an LSTM
-        asked for bfloat16: under autocast cuDNN's RNNs run in float16 whatever the dtype asked (ATen's
-        AutocastRNN.cpp casts to half), so "bfloat16" served an LSTM with float16's range under that name."""
+        asked for bfloat16 (see :func:`models.detector.served_precision`)."""
         det = self.models[model].detector
-        if det.device.type != "cuda":
-            return "float32"
-        return "float16" if self.precision == "bfloat16" and det.kind == "lstm" else self.precision
+        return served_precision(det.device, det.kind, self.precision)
 
     def score_values(self, model: str, values: np.ndarray, precision: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Window errors ``[n]`` and channel errors ``[n, C]`` of ``values``. Out of GPU memory, the windows are

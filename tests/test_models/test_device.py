@@ -41,3 +41,49 @@ def test_a_detector_put_on_cuda_scores_in_ieee_float32(tf32_flags: None, monkeyp
     assert FLAGS[0].fp32_precision == "tf32"  # torch's default
     det.to(torch.device("cuda"))
     assert [f.fp32_precision for f in FLAGS] == ["ieee"] * 3
+
+
+@pytest.fixture
+def cuda_stand_in(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    """bench_scorer on a "CUDA" detector whose tensors stay on the CPU: copies to CUDA, syncs and the device's name
+    stood in for, the GEMM shrunk to 64² on the CPU; returns the dtypes the GEMM reference was asked for."""
+    from models import benchmark
+
+    real_to, real_gemm, gemm_dtypes = torch.Tensor.to, benchmark._gemm, []
+
+    def to(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if args and isinstance(args[0], torch.device) and args[0].type == "cuda":
+            return self
+        return real_to(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    def gemm(_device: torch.device, n: int | None = None) -> object:
+        gemm_dtypes.append(torch.float32)
+        return real_gemm(torch.device("cpu"), 64)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(benchmark, "_sync", lambda _d: None)
+    monkeypatch.setattr(benchmark, "_gemm", gemm)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d=None: "stand-in GPU")
+    return gemm_dtypes
+
+
+def test_bench_scorer_runs_and_labels_the_precision_the_daemon_serves(cuda_stand_in: list[torch.dtype],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tsmon bench scorer --precision bfloat16` on CUDA ran the LSTM under bfloat16 autocast, which cuDNN runs in
+    float16, and labelled it "bfloat16" (the daemon's Scorer serves and says float16 since its review): gpu_check.sh
+    judged an "lstm bfloat16" row that was float16."""
+    from models import benchmark
+
+    asked: list[str] = []
+    real_autocast = benchmark.autocast
+    monkeypatch.setattr(benchmark, "autocast", lambda d, p: (asked.append(p), real_autocast(torch.device("cpu"), p))[1])
+    det = detector("lstm")
+    det.device = torch.device("cuda")
+    r = benchmark.bench_scorer(det, batch_size=64, seconds=0.01, batch1_windows=2, daemon_batch=8,
+                               precision="bfloat16")
+    assert asked == ["float16"] and r["precision"] == "float16"
+    det = detector("dense")
+    det.device = torch.device("cuda")
+    r = benchmark.bench_scorer(det, batch_size=64, seconds=0.01, batch1_windows=2, daemon_batch=8,
+                               precision="bfloat16")
+    assert asked[-1] == "bfloat16" and r["precision"] == "bfloat16"  # only cuDNN's RNNs ignore the dtype
