@@ -40,17 +40,19 @@ def _best_interleaved(fns: list[Callable[[], None]], device: torch.device, secon
     return best
 
 
-def _gemm(device: torch.device, n: int | None = None) -> tuple[Callable[[], None], int]:
-    """An ``n × n`` float32 matrix multiply on ``device`` and its FLOP count."""
+def _gemm(device: torch.device, n: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[Callable[[], None], int]:
+    """An ``n × n`` matrix multiply in ``dtype`` on ``device`` and its FLOP count (``torch.mm`` with ``out=`` is not
+    autocast: it runs in the dtype of its tensors)."""
     n = n or (8192 if device.type == "cuda" else 1024)
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    out = torch.empty(n, n, device=device)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
     return (lambda: torch.mm(a, b, out=out)), 2 * n**3
 
 
 def bench_scorer(det: Detector, batch_size: int | None = None, seconds: float = 2.0,
                  batch1_windows: int = 200, daemon_batch: int = 256, precision: str = "float32") -> dict[str, Any]:
-    """Windows/s at batch 1 vs ``batch_size``; model GFLOP/s and efficiency against the GEMM rate; and the
+    """Windows/s at batch 1 vs ``batch_size``; model GFLOP/s and efficiency against the GEMM rate (in the precision
+    the model runs in); and the
     daemon's micro-batch (``daemon_batch``, the default ``batch.max_batch``): windows/s and ms per batch.
     ``precision`` other than float32 runs the model under CUDA autocast (no effect on CPU) in the precision the
     daemon would serve it in (float16 for an LSTM asked for bfloat16: :func:`served_precision`), reported as
@@ -68,7 +70,9 @@ def bench_scorer(det: Detector, batch_size: int | None = None, seconds: float = 
         for i in range(batch1_windows):
             det.score_tensor(one[i % len(one)])
 
-    gemm_fn, gemm_flops = _gemm(device)
+    # the reference GEMM in the precision the model runs in: a float16 model against the float32 GEMM rate (tensor
+    # cores against none) gave an efficiency that was flattering by construction, above 1 possibly
+    gemm_fn, gemm_flops = _gemm(device, dtype=getattr(torch, precision))
     with autocast(device, precision):
         b1_rate, big_rate, micro_rate, gemm_rate = _best_interleaved(
             [batch1_loop, lambda: det.score_tensor(big), lambda: det.score_tensor(micro), gemm_fn], device, seconds)

@@ -44,39 +44,41 @@ def test_a_detector_put_on_cuda_scores_in_ieee_float32(tf32_flags: None, monkeyp
 
 
 @pytest.fixture
-def cuda_stand_in(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
-    """bench_scorer on a "CUDA" detector whose tensors stay on the CPU: copies to CUDA, syncs and the device's name
-    stood in for, the GEMM shrunk to 64² on the CPU; returns the dtypes the GEMM reference was asked for."""
+def cuda_stand_in(monkeypatch: pytest.MonkeyPatch) -> tuple[list[torch.dtype], list[str]]:
+    """bench_scorer on a "CUDA" detector whose tensors stay on the CPU: copies to CUDA, syncs, autocast and the device's
+    name stood in for, the GEMM shrunk to 64² on the CPU; returns the dtypes the GEMM reference was asked for and the
+    precisions autocast was asked for."""
     from models import benchmark
 
-    real_to, real_gemm, gemm_dtypes = torch.Tensor.to, benchmark._gemm, []
+    real_to, real_gemm, real_autocast = torch.Tensor.to, benchmark._gemm, benchmark.autocast
+    gemm_dtypes: list[torch.dtype] = []
+    asked: list[str] = []
 
     def to(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         if args and isinstance(args[0], torch.device) and args[0].type == "cuda":
             return self
         return real_to(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    def gemm(_device: torch.device, n: int | None = None) -> object:
-        gemm_dtypes.append(torch.float32)
-        return real_gemm(torch.device("cpu"), 64)
+    def gemm(_device: torch.device, n: int | None = None, dtype: torch.dtype = torch.float32) -> object:
+        gemm_dtypes.append(dtype)
+        return real_gemm(torch.device("cpu"), 64, *([dtype] if dtype != torch.float32 else []))
 
     monkeypatch.setattr(torch.Tensor, "to", to)
     monkeypatch.setattr(benchmark, "_sync", lambda _d: None)
     monkeypatch.setattr(benchmark, "_gemm", gemm)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d=None: "stand-in GPU")
-    return gemm_dtypes
+    monkeypatch.setattr(benchmark, "autocast", lambda _d, p: (asked.append(p), real_autocast(torch.device("cpu"), p))[1])
+    return gemm_dtypes, asked
 
 
-def test_bench_scorer_runs_and_labels_the_precision_the_daemon_serves(cuda_stand_in: list[torch.dtype],
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_scorer_runs_and_labels_the_precision_the_daemon_serves(
+        cuda_stand_in: tuple[list[torch.dtype], list[str]]) -> None:
     """`tsmon bench scorer --precision bfloat16` on CUDA ran the LSTM under bfloat16 autocast, which cuDNN runs in
     float16, and labelled it "bfloat16" (the daemon's Scorer serves and says float16 since its review): gpu_check.sh
     judged an "lstm bfloat16" row that was float16."""
     from models import benchmark
 
-    asked: list[str] = []
-    real_autocast = benchmark.autocast
-    monkeypatch.setattr(benchmark, "autocast", lambda d, p: (asked.append(p), real_autocast(torch.device("cpu"), p))[1])
+    asked = cuda_stand_in[1]
     det = detector("lstm")
     det.device = torch.device("cuda")
     r = benchmark.bench_scorer(det, batch_size=64, seconds=0.01, batch1_windows=2, daemon_batch=8,
@@ -87,3 +89,16 @@ def test_bench_scorer_runs_and_labels_the_precision_the_daemon_serves(cuda_stand
     r = benchmark.bench_scorer(det, batch_size=64, seconds=0.01, batch1_windows=2, daemon_batch=8,
                                precision="bfloat16")
     assert asked[-1] == "bfloat16" and r["precision"] == "bfloat16"  # only cuDNN's RNNs ignore the dtype
+
+
+def test_bench_scorer_sets_a_reduced_precision_model_against_the_gemm_rate_of_that_precision(
+        cuda_stand_in: tuple[list[torch.dtype], list[str]]) -> None:
+    """`--precision float16` on CUDA divided the float16 model's GFLOP/s by the float32 GEMM rate (no tensor cores):
+    an efficiency flattering by construction (above 1 possibly); float32 keeps the float32 GEMM."""
+    from models import benchmark
+
+    for precision, dtype in (("float16", torch.float16), ("float32", torch.float32)):
+        det = detector("dense")
+        det.device = torch.device("cuda")
+        benchmark.bench_scorer(det, batch_size=64, seconds=0.01, batch1_windows=2, daemon_batch=8, precision=precision)
+        assert cuda_stand_in[0][-1] == dtype
