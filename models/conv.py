@@ -80,7 +80,11 @@ class ConvAE(Autoencoder):
         for a, b in itertools.pairwise(chans):
             length = (length + 1) // 2
             total += 2 * a * b * cfg.kernel * length  # encoder conv at the reduced length
-            # its transposed twin: every one of its ``length`` input positions meets each kernel tap once (it
-            # was counted at its output length, twice that: model_gflops and efficiency 1.5 × too high)
+        # the transposed convolutions: every one of a layer's input positions meets each kernel tap once (counted at
+        # its output length, twice that, model_gflops and efficiency were 1.5 × too high). Their inputs start at the
+        # code's length and double at each layer (output_padding=1), cropped only at the end: not the encoder's
+        # lengths unless the window divides by 2 ** layers (window 9, 3 layers: 12 % under torch's count)
+        for a, b in itertools.pairwise(chans[::-1]):
             total += 2 * a * b * cfg.kernel * length
+            length *= 2
         return total
