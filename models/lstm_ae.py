@@ -78,7 +78,8 @@ class LSTMAE(Autoencoder):
             _forget_bias(lstm, 1.0)
 
     def forward(self, x: torch.Tensor) -> AEOutput:
-        if not torch.is_grad_enabled() and x.device.type == "cpu" and x.shape[0] >= FUSED_MIN_BATCH:
+        if (not torch.is_grad_enabled() and not self.training and x.device.type == "cpu"
+                and x.shape[0] >= FUSED_MIN_BATCH):  # in training mode (dropout) a forward pass is nn.LSTM's, no_grad or not
             return self._forward_batched_cpu(x)
         h, _ = self.enc1(x)
         _, (code, _) = self.enc2(self.drop(h))

@@ -151,6 +151,19 @@ def test_batched_cpu_lstm_path_equals_nn_lstm(channels: int) -> None:
     torch.testing.assert_close(fast.channel, ref.channel.detach(), atol=2e-6, rtol=1e-5)
 
 
+def test_batched_cpu_lstm_path_is_for_inference_only() -> None:
+    """The hand-stepped path has no dropout: a model in training mode under no_grad (a training-loss estimate, MC
+    dropout) took it at 64 windows and more and silently dropped nothing, unlike the same call on fewer windows."""
+    from models.lstm_ae import FUSED_MIN_BATCH
+
+    torch.manual_seed(0)
+    model = build("lstm", {"window": 12, "channels": 2, "embedding": 4, "dropout": 0.5}).train()
+    x = torch.randn(FUSED_MIN_BATCH, 12, 2)
+    with torch.no_grad():
+        a, b = model(x).recon, model(x).recon
+    assert not torch.equal(a, b)  # dropout applied, as nn.Dropout does in training mode
+
+
 @pytest.mark.parametrize("batch", [5, 69])  # nn.LSTM path, hand-stepped path (>= FUSED_MIN_BATCH)
 def test_reverse_lstm_is_the_same_network_read_back_to_front(batch: int) -> None:
     """``reverse``: the same weights emit the window last step first; both inference paths flip it back."""
