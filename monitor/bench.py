@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.errors import BrokerError
 from monitor.batcher import Batcher
 from monitor.broker import LOCAL_GROUP, LocalBroker
 from monitor.config import load_config
@@ -52,14 +53,27 @@ def sample_streams(det: Any, n_streams: int, per_stream: int, seed: int) -> list
     return out
 
 
-def _consume(bootstrap: str, topic: str, n_messages: int) -> tuple[float, list[SampleBlock]]:
+CONSUME_DEADLINE_S = 120.0  # a bare consume loop that has not read every message by then says so
+PIPELINE_DEADLINE_S = 600.0  # one daemon round that has not caught up by then says so
+
+
+def _all_read(seen: int, n_messages: int, deadline_s: float, what: str) -> None:
+    """A rate is the whole count over the whole time: a loop stopped by its deadline has neither (the full count over
+    the part read overstated the rate) — an error, not a figure."""
+    if seen < n_messages:
+        raise BrokerError(f"bench pipeline: {what} read {seen} of {n_messages} messages in {deadline_s:.0f} s; "
+                          "no rate measured")
+
+
+def _consume(bootstrap: str, topic: str, n_messages: int,
+             deadline_s: float = CONSUME_DEADLINE_S) -> tuple[float, list[SampleBlock]]:
     from kafka import KafkaConsumer
 
     c = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"bench-{uuid.uuid4().hex[:8]}",
                       enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=2000,
                       heartbeat_interval_ms=500)
     blocks: list[SampleBlock] = []
-    seen, t0, deadline = 0, None, time.monotonic() + 120
+    seen, t0, deadline = 0, None, time.monotonic() + deadline_s
     while seen < n_messages and time.monotonic() < deadline:
         for records in c.poll(timeout_ms=200).values():
             t0 = t0 or time.monotonic()
@@ -70,10 +84,11 @@ def _consume(bootstrap: str, topic: str, n_messages: int) -> tuple[float, list[S
                 seen += 1
     dt = time.monotonic() - (t0 or time.monotonic())
     c.close()
+    _all_read(seen, n_messages, deadline_s, "the kafka-python consume loop")
     return dt, blocks
 
 
-def _consume_confluent(bootstrap: str, topic: str, n_messages: int) -> float:
+def _consume_confluent(bootstrap: str, topic: str, n_messages: int, deadline_s: float = CONSUME_DEADLINE_S) -> float:
     """The same bare consume-and-parse loop on librdkafka (confluent-kafka)."""
     from confluent_kafka import Consumer
 
@@ -81,7 +96,7 @@ def _consume_confluent(bootstrap: str, topic: str, n_messages: int) -> float:
                   "enable.auto.commit": False, "auto.offset.reset": "earliest", "session.timeout.ms": 2000,
                   "heartbeat.interval.ms": 500})
     c.subscribe([topic])
-    seen, t0, deadline = 0, None, time.monotonic() + 120
+    seen, t0, deadline = 0, None, time.monotonic() + deadline_s
     while seen < n_messages and time.monotonic() < deadline:
         for m in c.consume(num_messages=500, timeout=0.2):
             if m.error() is None:
@@ -90,6 +105,7 @@ def _consume_confluent(bootstrap: str, topic: str, n_messages: int) -> float:
                 seen += 1
     dt = time.monotonic() - (t0 or time.monotonic())
     c.close()
+    _all_read(seen, n_messages, deadline_s, "the librdkafka consume loop")
     return dt
 
 
@@ -108,8 +124,10 @@ def _score_alone(scorer: Scorer, blocks: list[SampleBlock], max_batch: int) -> t
 
 
 def _pipeline_once(broker: LocalBroker, topic: str, model: str, scorer: Scorer, total: int, max_batch: int,
-                   device: str, client: str = "kafka-python") -> tuple[float, float, int]:
-    """One daemon, fresh group: seconds from its first record to the last alert acknowledged; CPU s; alerts."""
+                   device: str, client: str = "kafka-python",
+                   deadline_s: float = PIPELINE_DEADLINE_S) -> tuple[float, float, int]:
+    """One daemon, fresh group: seconds from its first record to the last alert acknowledged; CPU s; alerts. A daemon
+    that has not caught up with the ``total`` samples within ``deadline_s`` is stopped and the round is an error."""
     from monitor.daemon import Daemon
 
     cfg = load_config(None, {"kafka.bootstrap_servers": broker.bootstrap, "kafka.topics": [topic],
@@ -127,8 +145,11 @@ def _pipeline_once(broker: LocalBroker, topic: str, model: str, scorer: Scorer, 
             return True
         return False
 
-    cpu0 = time.process_time()
-    daemon.run(until=finished)
+    cpu0, deadline = time.process_time(), time.monotonic() + deadline_s
+    daemon.run(until=lambda: finished() or time.monotonic() >= deadline)
+    if not done:
+        raise BrokerError(f"bench pipeline: the daemon did not catch up with {total} samples in {deadline_s:.0f} s "
+                          f"({client}); no rate measured")
     first = daemon.processor.first_record_at
     seconds = done[0] - first if done and first else float("nan")
     return seconds, time.process_time() - cpu0, int(daemon.metrics.total("tsmon_alert_messages_total"))
