@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from models.detector import Detector, autocast, precision_error, served_precision
+from models.train import default_threads
 
 
 def _sync(device: torch.device) -> None:
@@ -30,13 +31,18 @@ def _rate(fn: Callable[[], None], device: torch.device, min_seconds: float) -> f
 
 
 def _best_interleaved(fns: list[Callable[[], None]], device: torch.device, seconds: float,
-                      trials: int = 5) -> list[float]:
+                      trials: int = 5, threads: list[int | None] | None = None) -> list[float]:
     """Best rate of each function over ``trials`` interleaved rounds: on a shared machine the best round
-    is the least disturbed one, and interleaving exposes every function to the same conditions."""
-    best = [0.0] * len(fns)
+    is the least disturbed one, and interleaving exposes every function to the same conditions. ``threads``:
+    the torch CPU threads each function runs with (None: as set)."""
+    best, own = [0.0] * len(fns), torch.get_num_threads()
     for _ in range(trials):
         for k, fn in enumerate(fns):
-            best[k] = max(best[k], _rate(fn, device, seconds / trials))
+            torch.set_num_threads((threads[k] if threads else None) or own)
+            try:
+                best[k] = max(best[k], _rate(fn, device, seconds / trials))
+            finally:
+                torch.set_num_threads(own)
     return best
 
 
@@ -50,11 +56,13 @@ def _gemm(device: torch.device, n: int | None = None, dtype: torch.dtype = torch
 
 
 def bench_scorer(det: Detector, batch_size: int | None = None, seconds: float = 2.0,
-                 batch1_windows: int = 200, daemon_batch: int = 256, precision: str = "float32") -> dict[str, Any]:
+                 batch1_windows: int = 200, daemon_batch: int = 256, precision: str = "float32",
+                 daemon_threads: int | None = None) -> dict[str, Any]:
     """Windows/s at batch 1 vs ``batch_size``; model GFLOP/s and efficiency against the GEMM rate (in the precision
     the model runs in); and the
     daemon's micro-batch (``daemon_batch``, the default ``batch.max_batch``): windows/s and ms per batch.
-    ``precision`` other than float32 runs the model under CUDA autocast (no effect on CPU) in the precision the
+    On CPU the micro-batch runs with the daemon's scoring threads (``daemon_threads``, default the usable CPUs − 1,
+    as ``daemon.torch_threads``), the rest with torch's threads; ``precision`` other than float32 runs the model under CUDA autocast (no effect on CPU) in the precision the
     daemon would serve it in (float16 for an LSTM asked for bfloat16: :func:`served_precision`), reported as
     ``precision``, and reports the largest score difference to float32 as a share of max(score, threshold)."""
     device = det.device
@@ -73,9 +81,13 @@ def bench_scorer(det: Detector, batch_size: int | None = None, seconds: float = 
     # the reference GEMM in the precision the model runs in: a float16 model against the float32 GEMM rate (tensor
     # cores against none) gave an efficiency that was flattering by construction, above 1 possibly
     gemm_fn, gemm_flops = _gemm(device, dtype=getattr(torch, precision))
+    # the daemon scores with the usable CPUs − 1 threads on CPU (its consuming thread needs a core): its micro-batch
+    # measured with every thread was up to 2 x flattering on 2 cores
+    micro_threads = (daemon_threads or default_threads()) if device.type == "cpu" else torch.get_num_threads()
     with autocast(device, precision):
         b1_rate, big_rate, micro_rate, gemm_rate = _best_interleaved(
-            [batch1_loop, lambda: det.score_tensor(big), lambda: det.score_tensor(micro), gemm_fn], device, seconds)
+            [batch1_loop, lambda: det.score_tensor(big), lambda: det.score_tensor(micro), gemm_fn], device, seconds,
+            threads=[None, None, micro_threads, None])
         got = det.score_tensor(micro)[0].float().cpu().numpy()
     diff = precision_error(got, exact, det.threshold.value)
     batch1, batched, per_batch = b1_rate * batch1_windows, big_rate * batch_size, 1.0 / big_rate
@@ -99,6 +111,7 @@ def bench_scorer(det: Detector, batch_size: int | None = None, seconds: float = 
         "daemon_batch": len(micro),
         "daemon_batch_windows_per_s": micro_rate * len(micro),
         "daemon_batch_ms": 1e3 / micro_rate,
+        "daemon_batch_threads": micro_threads,
         "precision": precision,
         "precision_max_diff": diff,
     }

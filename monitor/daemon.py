@@ -37,7 +37,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from models.detector import DEFAULT_QUANTILE
 from models.errors import BrokerError, ScoringStuck, SinkBackpressure, TsmonError, describe
-from models.train import usable_cpus
+from models.train import default_threads
 from monitor import heap, logs
 from monitor.alerts import AlertSettings
 from monitor.batcher import Batcher
@@ -74,7 +74,7 @@ CLOCK_STEP_S = 2.0  # the wall clock moving this much against the monotonic one 
 
 def scoring_threads(configured: int | None) -> int:
     """Torch CPU threads for scoring: as configured, else the usable CPUs − 1 (at least 1; as training)."""
-    return configured or max(1, usable_cpus() - 1)
+    return configured or default_threads()
 
 
 def build_scorer(cfg: Config, device: str | None = None) -> Scorer:

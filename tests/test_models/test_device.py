@@ -102,3 +102,24 @@ def test_bench_scorer_sets_a_reduced_precision_model_against_the_gemm_rate_of_th
         det.device = torch.device("cuda")
         benchmark.bench_scorer(det, batch_size=64, seconds=0.01, batch1_windows=2, daemon_batch=8, precision=precision)
         assert cuda_stand_in[0][-1] == dtype
+
+
+def test_bench_scorer_measures_the_daemon_micro_batch_with_the_daemon_scoring_threads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon scores on CPU with the usable CPUs − 1 threads (its consuming thread needs a core); the benchmark's
+    `daemon_batch_ms` was measured with every thread, up to 2 × flattering on 2 cores. Torch's threads are restored."""
+    from models import benchmark
+
+    det, seen = detector("dense"), []
+    score = det.score_tensor
+    monkeypatch.setattr(det, "score_tensor", lambda x: (seen.append((len(x), torch.get_num_threads())), score(x))[1])
+    own = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        r = benchmark.bench_scorer(det, batch_size=64, seconds=0.01, batch1_windows=2, daemon_batch=8, daemon_threads=1)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(own)
+    assert r["daemon_batch_threads"] == 1
+    assert {t for n, t in seen if n == 64} == {3} and {t for n, t in seen if n == 1} == {3}
+    assert sum(t == 1 for n, t in seen if n == 8) >= 10  # five rounds, a warm-up call and at least one timed each

@@ -84,6 +84,7 @@ def test_scoring_threads_follow_a_container_cpu_limit(tmp_path: Path, monkeypatc
     """os.cpu_count() counts the node's cores: under a 2-CPU limit on a 64-core node the daemon ran 63 threads."""
     import os
 
+    from models import train
     from monitor import daemon
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)))
@@ -91,9 +92,9 @@ def test_scoring_threads_follow_a_container_cpu_limit(tmp_path: Path, monkeypatc
     cases = {"200000 100000\n": 2, "150000 100000\n": 2, "50000 100000\n": 1, "max 100000\n": 64, "garbage\n": 64}
     for text, cpus in cases.items():
         cpu_max.write_text(text)
-        assert daemon.usable_cpus(cpu_max) == cpus, text
-    assert daemon.usable_cpus(tmp_path / "absent") == 64
-    monkeypatch.setattr(daemon, "usable_cpus", lambda: 2)
+        assert train.usable_cpus(cpu_max) == cpus, text
+    assert train.usable_cpus(tmp_path / "absent") == 64
+    monkeypatch.setattr(train, "usable_cpus", lambda: 2)
     assert daemon.scoring_threads(None) == 1 and daemon.scoring_threads(5) == 5
 
 
