@@ -182,9 +182,12 @@ class ProcessorState:
         # crash re-fired it under a new id. Bounded all the same: windows that stop reaching the alert state (flat,
         # non-finite) end a pending run but leave a fired episode open for good, and the partition's commit with it
         limit = st.served.window + max(self.settings.max_hold_windows, st.alerts.settings.for_windows) * st.served.hop
-        for hold in (st.alerts.hold_seq, st.doc_from_seq):  # an open episode; where the stored state resumes
-            if hold is not None and st.windows.seen - hold <= limit:
-                seqs.append(hold)
+        if (hold := st.alerts.hold_seq) is not None and st.windows.seen - hold <= limit:  # an open episode
+            seqs.append(hold)
+        if st.doc_from_seq is not None:  # where the stored state resumes: held whatever its age (dropped past the
+            seqs.append(st.doc_from_seq)  # limit, the commit passed it, and a crash replayed on another window grid:
+            if st.windows.seen - st.doc_from_seq > limit:  # an incident paged again under another id); a document
+                self.undocumented.add(stream)  # that far behind is replaced at the next commit, which moves the hold
         self.ledger.release(stream, min(seqs))
 
     def _base_gap_ms(self, served: Served) -> float | None:

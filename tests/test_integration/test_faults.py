@@ -504,3 +504,62 @@ def test_shutdown_is_bounded_when_the_broker_is_gone(stream_model: Path, tmp_pat
             stop_within(proc, log, budget)
         finally:
             stop(proc)
+
+
+def test_a_kill_after_a_page_of_a_stream_long_past_its_last_document_keeps_the_alert_id(
+        broker: Any, topic: str, stream_model: Path, tmp_path: Path) -> None:
+    """Review (crash and restart): the commit passed a stream's last document once the stream had read more than a
+    window + alerts.max_hold_windows hops past it. A kill -9 after the next page and before the next commit then
+    replayed from past the document's window_from_ts, on another window grid (messages of 7 samples, hop 10): the
+    incident paged again under another id, and the first id was never resolved. max_hold_windows = 5 and no snapshot
+    tick stand for a fast stream between snapshots (10 040 samples at window 40, hop 10 by default)."""
+    from tests.conftest import children, kill_all
+
+    extra = (f'\n[alerts]\nmax_hold_windows = 5\n[state]\ntopic = "{topic}.state"\nsnapshot_interval_s = 3600\n'
+             f'[control]\ntopic = "{topic}.control"\naudit_topic = "{topic}.audit"\n')
+    cfg = write_config(tmp_path / "tsmon.toml", broker.bootstrap, topic, stream_model, extra)
+    log = tmp_path / "stderr.log"
+    bodies = [b for b, _ in messages("dev-g", *sine_stream(3000, (700, 2000), seed=61), 7)]
+    first, second = 214, 292  # samples 0-1497 (the first burst, then normal), then to 2043 (the second burst's end)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1, linger_ms=5)
+    reader = TopicReader(broker.bootstrap, f"{topic}.alerts")
+
+    def send(part: list[bytes]) -> None:
+        for b in part:
+            producer.send(topic, key=b"dev-g", value=b)
+        producer.flush()
+
+    def pages() -> list[dict[str, Any]]:
+        return [d for d in list(reader.docs) if d.get("type") == "anomaly"]
+
+    procs, kids = [], set()
+    try:  # one commit every 10 s: the first comes after the first part is read and scored
+        proc = start(cfg, tmp_path, log, TSMON_DAEMON__COMMIT_INTERVAL_MS="10000")
+        procs.append(proc)
+        send(bodies[:first])
+        wait_for(lambda: committed_total(broker.bootstrap, topic, f"g-{topic}") > 150, proc, 120)
+        send(bodies[first:second])
+        wait_for(lambda: len({d["alert_id"] for d in pages() if d["status"] == "firing"}) == 2, proc, 30)
+        kids = children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        kill_all(proc, kids)
+        assert committed_total(broker.bootstrap, topic, f"g-{topic}") < 2000 // 7, "committed past the page: no test"
+        proc = start(cfg, tmp_path, log)
+        procs.append(proc)
+        send(bodies[second:])
+        wait_for(lambda: len({d["alert_id"] for d in pages() if d["status"] == "resolved"}) >= 2, proc, 120)
+        time.sleep(1.0)
+        kids |= children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        producer.close()
+        for p in procs:
+            kill_all(p, kids)
+        docs = reader.settle(1.0)
+    by_id: dict[str, set[str]] = defaultdict(set)
+    for d in docs:
+        if d.get("type") == "anomaly":
+            by_id[d["alert_id"]].add(d["status"])
+    assert len(by_id) == 2 and all(s == {"firing", "resolved"} for s in by_id.values()), dict(by_id)

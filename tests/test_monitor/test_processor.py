@@ -3492,3 +3492,36 @@ def test_a_stream_read_out_of_order_across_partitions_is_told_to_key_its_message
                      r"not after the stream's last, 2023-11-14T22:13:\d\d\.\d{3}Z \(\d+\)$", detail), detail
     p.handle([replace(chunks[0], partition=1, offset=50)])  # on its last partition: behind, no partition said
     assert b"another partition" not in dict([m for m in sink(p).sent if m.topic == DLQ][-1].headers)["tsmon.detail"]
+
+
+def test_the_commit_never_passes_the_last_documents_replay_point(make: Make) -> None:
+    """Review (crash and restart): the hold on the input since a stream's last document was dropped once the stream
+    read more than a window + max_hold_windows hops past it (10 040 samples at window 40, hop 10: 34 s of a 300 Hz
+    stream, under one snapshot_interval_s), so the commit passed the document's window_from_ts. A crash then
+    replayed from past it, the windows started at the replay's first message (chunks of 7, hop 10: another grid) and
+    an incident paged before the crash fired again under another id, the first never resolved. Now a stream whose
+    document is that far behind is saved with the next commit, and the hold stays until then."""
+    recs = records("dev-h", *sine_stream(3000, bursts=(700, 2000), seed=1), chunk=7)
+    settings = Settings(state_topic="state", max_hold_windows=5)
+    ref, p, src = make(), make(), MemorySource([])
+    ref.settings = p.settings = settings
+    feed(ref, recs)
+    sink(ref).flush(1)
+    paged = {d["alert_id"] for d in docs(ref, "anomaly")}
+    assert len(paged) == 2
+    for i in range(0, len(recs), 20):  # a commit every poll, no snapshot tick: documents at transitions only
+        before = len(sink(p).sent)
+        p.handle(recs[i : i + 20])
+        p.score_ready(force=True)
+        if i > 1700 // 7 and any(m.topic == ALERTS for m in sink(p).sent[before:]):
+            break  # the second incident paged: killed before the next commit
+        p.commit(src, {(TOPIC, 0)})
+    sent = {json.loads(m.value)["alert_id"] for m in sink(p).sent if m.topic == ALERTS}
+    changelog = {m.key.decode(): json.loads(m.value) for m in sink(p).acked if m.topic == "state" and m.value}
+    committed = src.committed[(TOPIC, 0)]
+    assert json.loads(recs[committed].value)["ts"] <= changelog["dev-h"]["window_from_ts"]  # the replay reaches it
+    q = make()
+    q.settings, q.restored = settings, changelog
+    feed(q, recs[committed:])
+    sink(q).flush(1)
+    assert sent | {d["alert_id"] for d in docs(q, "anomaly")} == paged
