@@ -1507,14 +1507,18 @@ def test_the_streams_table_is_built_only_while_someone_reads_it(stream_model: Pa
     monkeypatch.setattr(d.processor, "status_rows", lambda lags: built.append(1) or real(lags))
     runner = threading.Thread(target=d.run)
     runner.start()
-    try:
-        time.sleep(0.6)
+    try:  # each wait bounded, none a fixed time: a loaded machine started the server after a fixed 0.6 s sleep
+        deadline = time.monotonic() + 15
+        while d.http._server is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.6)  # a dozen commit intervals
         assert not built  # nobody asked
         with urllib.request.urlopen(d.http.url + "/streams", timeout=5) as answer:
             rows = json.loads(answer.read())["streams"]
         assert [r["stream"] for r in rows] == ["dev-a"] and built  # built for this request, not an empty table
         assert rows[0]["raise_refused"] is None
-        time.sleep(0.3)
+        while len(built) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(built) >= 3  # kept fresh while it is being read
     finally:
         d.stop_event.set()
