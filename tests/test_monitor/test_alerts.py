@@ -617,3 +617,24 @@ def test_a_restored_flapping_hold_ends_when_the_saved_one_would_despite_later_no
     rest = [UNDER] * 15
     expected = statuses(feed(st, rest, first=10))
     assert statuses(feed(again, rest, first=10)) == expected and ["resolved"] in expected
+
+
+def test_a_tie_at_the_peak_keeps_the_first_window() -> None:
+    # the peak is the first window of the highest ratio: a later equal one must not move peak_ts (a replay and the
+    # message's "at the worst window" name the window that first reached it)
+    st = state(for_windows=1, resolve_after=1)
+    feed(st, [OVER, OVER, OVER])
+    ep = st.update(obs(3, UNDER)).transitions[0].episode
+    assert ep.peak.start_ts == 0
+
+
+def test_in_a_flapping_hold_a_would_be_episode_is_censored_at_its_own_threshold() -> None:
+    # for = 1, resolve_after = 2: a minor single window in the hold is noise, settled at the second under window;
+    # it was over 2.0, not over the threshold of the unders that settle it (1.6)
+    st = state(for_windows=1, resolve_after=2, flap_period_ms=60_000, flap_max=2)
+    feed(st, [OVER, UNDER, UNDER, OVER, UNDER, UNDER])
+    assert st.episode is not None and st.episode.flapping
+    st.update(obs(6, MINOR, threshold=2.0))
+    first = st.update(obs(7, UNDER, threshold=1.6))
+    second = st.update(obs(8, UNDER, threshold=1.6))
+    assert (first.censored, second.censored, second.above) == (0, 1, 2.0)
