@@ -696,3 +696,25 @@ def test_a_new_stream_at_another_level_than_its_artifacts_is_taken_as_its_normal
     refused: dict[str, str] = {}
     cal.recalibrate(refused=refused)
     assert not refused and cal.threshold("s").value > 2 and cal.threshold("s").reason.startswith("new normal: ")
+
+
+def test_export_leaves_the_replayed_windows_out_of_the_recent_errors() -> None:
+    # the replay feeds a pending episode's windows again: kept in the document too, they counted twice
+    cal = Calibrator(CalibratorSettings(window=100, min_samples=10))
+    cal.register("s", 1.0)
+    cal.observe_all("s", np.arange(1.0, 11.0))
+    recent = np.frombuffer(base64.b64decode(cal.export("s", replayed=3)["recent"]), "<f4")
+    assert recent.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    assert len(np.frombuffer(base64.b64decode(cal.export("s", replayed=50)["recent"]), "<f4")) == 0
+
+
+@pytest.mark.parametrize("recent, lowered", [(4, False), (3, True)])
+def test_the_recent_windows_hold_a_lowering_from_two_expected_exceedances(recent: int, lowered: bool) -> None:
+    # q0.5: 4 recent windows are 2 expected exceedances (4 × 0.5 = 2.0 exactly), enough to bound the lowering; 3 are not
+    cal = Calibrator(CalibratorSettings(quantile=0.5, window=100, min_samples=10, min_change=0.0))
+    cal.register("s", 1.0)
+    cal.observe("s", np.full(20, 0.5))
+    cal.observe_all("s", np.full(recent, 2.0))  # every recent window far over: an incident holds the threshold
+    changed = cal.recalibrate()
+    assert ("s" in changed) is lowered
+    assert cal.threshold("s").value == (0.8 if lowered else 1.0)

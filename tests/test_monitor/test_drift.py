@@ -189,3 +189,14 @@ def test_overlapping_windows_are_thinned_to_independent_ones_before_the_ks_tests
     thinned = assess(recent[:64], 5.0, DriftSettings(min_windows=10), thin=4)
     assert not thinned.accept and "16 non-overlapping windows" in thinned.reason
     assert assess(recent, 5.0, DriftSettings(min_windows=10), thin=4).accept
+
+
+def test_an_accepted_new_normal_replaces_the_normal_evidence() -> None:
+    # left in place, the old level's errors made the next scheduled runs walk the threshold back down: after the
+    # shift to 3.0 the normal evidence is the recent windows', so its median is at the new level, not at 1.0
+    c = calibrator()
+    c.observe_all("s", normal(600, 3.0))
+    (_, new), = c.recalibrate().values()
+    assert new.reason.startswith("new normal")
+    median, _, shifted = c.candidate("s", 0.5)
+    assert not shifted and median > 2.0
