@@ -169,3 +169,19 @@ def test_a_beat_rule_that_finds_no_beats_is_a_clear_error() -> None:
     rule = BeatRule.fit(x, **RULE).to_dict()
     with pytest.raises(DataError, match="beat\\(s\\) in the first .* another recording, other units"):
         series_dataset(Series(x * 0.01, ["a", "b"]), 80, 0, 0.5, beat=rule)  # millivolts read as volts
+
+
+@pytest.mark.parametrize("chunk", [7, 10_000])
+def test_a_peak_exactly_pre_samples_after_the_start_gets_its_window(chunk: int) -> None:
+    # the window of a peak at position pre starts at the stream's first sample: the training cut keeps it
+    # (starts >= 0), and so must the streaming one
+    x, _ = ecg_like(1500)
+    rule = BeatRule.fit(x, **RULE)
+    x = x[50 - rule.pre:]  # the first R peak (at 50) now at exactly pre
+    want, want_ends = beat_windows(x, rule)
+    assert want_ends[0] == rule.window - 1  # the training cut has the window starting at sample 0
+    sw = BeatWindows(rule, channels=2)
+    ts = 4 * np.arange(len(x), dtype="int64")
+    got = [sw.push(ts[lo:lo + chunk], x[lo:lo + chunk]) for lo in range(0, len(x), chunk)]
+    np.testing.assert_array_equal(np.concatenate([w.values for w in got]), want)
+    np.testing.assert_array_equal(np.concatenate([w.end_seq for w in got]), want_ends + 1)
