@@ -281,3 +281,36 @@ def test_one_models_full_batches_do_not_starve_another_models_queue() -> None:
         b.add("A", "a", wins(seq, 8))
         seq += 8
     assert released[:4] == ["A", "A", "B", "A"]  # B (due, older than A's new windows) goes in the second turn
+
+
+def test_an_idle_scorer_takes_one_queue_the_others_wait_their_turn() -> None:
+    # "the first waiting queue goes at once": an idle scorer is busy again after one batch, so the next model's
+    # windows (not due by size or age) wait for the next idle turn instead of queueing behind it now
+    b, clock = adaptive(target_ms=32.0)
+    for n in (1, 64, 256):
+        b.observed("n", n, 0.0009765625 + n * 0.00006103515625)
+    b.add("m", "s", wins(1, 3))
+    b.add("n", "t", wins(11, 3))
+    clock.t += 0.00390625  # past both queues' idle linger (3.2 ms), far from their size and age
+    [first] = b.ready(idle=True)
+    assert first.model == "m" and b.size == 3
+    [second] = b.ready(idle=True)
+    assert second.model == "n" and b.size == 0
+
+
+def test_the_idle_linger_never_exceeds_max_delay() -> None:
+    b, _ = adaptive(target_ms=1000.0, max_delay_ms=4.0)  # a tenth of the target (100 ms) is past max_delay_ms
+    b.add("m", "s", wins(1, 3))
+    assert b.idle_wait_s() == pytest.approx(0.004)
+
+
+def test_the_cost_model_never_fits_a_negative_fixed_cost() -> None:
+    # timings whose line crosses below zero (a pass of 1 window cheaper per window than one of 10): the fit would give
+    # a < 0 and predict a negative time for small batches; it falls back to seconds per window
+    from monitor.batcher import CostModel
+
+    c = CostModel()
+    for n, s in ((1, 0.0001), (10, 0.01), (1, 0.0001), (10, 0.01)):
+        c.observe(n, s)
+    a, b = c.coefficients()
+    assert a == 0.0 and b > 0 and c.predict(1) > 0
