@@ -212,3 +212,23 @@ def test_the_bookkeeping_of_single_sample_messages_stays_small_per_stream() -> N
     tracemalloc.stop()
     assert per_stream < 12_000, per_stream
     assert ledger.offset_of("dev-7", 2990) == (("t", 0), 7 * 3000 + 2990)  # what is needed is still known
+
+
+def test_the_last_sample_of_the_dropped_messages_is_not_known_either() -> None:
+    # the message that carried sample dropped_seq itself was dropped: on another partition a later message reaching
+    # that number must not be named for it (the boundary of the review case above)
+    led = OffsetLedger()
+    for k in range(300):
+        led.hold(P0, "b", k, last_seq=k)
+    led.hold(P1, "b", 0, last_seq=399)
+    led.release("b", 290)  # drops the messages carrying samples 0 … 289
+    assert led._held[P0]["b"].dropped_seq == 289  # white box: the boundary this test is about
+    assert led.offset_of("b", 289) is None and led.offset_of("b", 290) == (P0, 290)
+
+
+def test_records_read_past_with_no_commit_yet_count_from_where_reading_began() -> None:
+    led = OffsetLedger()
+    for off in range(10, 20):
+        led.consumed(P0, off)
+    assert led.read_past({}, {P0, P1}) == {P0: 10}  # a crash now reads all ten again; P1: nothing read
+    assert led.read_past({P0: 15}, {P0}) == {P0: 5}
