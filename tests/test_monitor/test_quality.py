@@ -272,3 +272,44 @@ def test_a_rate_drift_is_found_and_stamped_alike_however_the_samples_are_grouped
             last = int(ts[min(i + size, len(ts)) - 1])
         found.append([(e.kind, e.ts, e.event_id) for e in events])
     assert found[0] == found[1] == found[2] == found[3] and [k for k, *_ in found[0]] == ["rate_drift"]
+
+
+def test_changes_of_a_streams_state_are_never_held_back() -> None:
+    # a sensor that came back for a few seconds and died again within the cooldown: its second `silent` is said
+    q = quality(cooldown_ms=60_000)
+    for kind in ("silent", "resumed", "stale"):
+        assert [len(q.event(kind, t, "x")) for t in (0, 1_000, 2_000)] == [1, 1, 1], kind
+    assert [len(q.event("gap", t, "x")) for t in (0, 1_000)] == [1, 0]  # a throttled kind, for contrast
+
+
+def test_a_gap_is_stamped_at_the_sample_after_it_and_an_interval_of_exactly_gap_ms_is_none() -> None:
+    q = quality(cooldown_ms=0)  # nothing held back: every gap found is an event
+    ts = np.asarray([0, 10, 20, 1_000, 1_010, 1_110], "int64")  # 980 ms without samples, then exactly 100
+    events = q.timing(ts, None, 100, None)
+    assert [(e.kind, e.ts) for e in events] == [("gap", 1_000)]
+    events = quality(cooldown_ms=0).timing(ts[3:], 20, 100, None)  # the same gap across blocks
+    assert [(e.kind, e.ts) for e in events] == [("gap", 1_000)]
+
+
+def test_intervals_of_exactly_the_rate_gap_teach_the_period() -> None:
+    q = quality()
+    ts = 1_000 + PERIOD * np.arange(LEARN_DIFFS + 1, dtype="int64")
+    q.timing(ts, None, None, PERIOD)
+    assert q.period_ms == PERIOD
+
+
+def test_a_channel_as_steady_as_the_flat_line_bound_in_training_is_not_flat() -> None:
+    from monitor.quality import flat_channels
+
+    windows = np.ones((1, 8, 2), "float32")  # both channels constant
+    flat = flat_channels(windows, np.ones(2), 1e-3, window_spread=(1e-3, 0.5))
+    assert flat.tolist() == [[False, True]]
+
+
+def test_the_first_event_id_of_a_kind_at_a_time_is_pinned() -> None:
+    # consumers deduplicate on the id: the first one's formula is the one of earlier versions (no "|0")
+    import hashlib
+
+    e = QualityEvent("s1", "gap", 1_000, "x")
+    assert e.event_id == hashlib.sha256(b"s1|gap|1000").hexdigest()[:20]
+    assert QualityEvent("s1", "gap", 1_000, "x", nth=2).event_id == hashlib.sha256(b"s1|gap|1000|2").hexdigest()[:20]
