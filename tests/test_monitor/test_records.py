@@ -308,3 +308,25 @@ def test_rfc3339_lower_case_t_and_z_are_taken() -> None:
     for stamp in ("2024-05-01t12:00:00.250z", "2024-05-01T12:00:00.250z", "2024-05-01t12:00:00.250+00:00"):
         block = parse(json.dumps({"ts": stamp, "value": 1.0}).encode(), b"s")
         assert isinstance(block, SampleBlock) and int(block.ts_ms[0]) == 1_714_564_800_250, (stamp, block)
+
+
+def test_every_limit_itself_is_allowed_and_one_past_it_is_not() -> None:
+    lim = Limits(max_samples=10, max_channels=3, max_stream_len=5)
+    chunk = {"ts": 1, "period_ms": 1}
+    assert isinstance(parse(json.dumps({**chunk, "samples": [0.0] * 10}).encode(), b"s", lim), SampleBlock)
+    assert parse(json.dumps({**chunk, "samples": [0.0] * 11}).encode(), b"s", lim).reason == "too_many_samples"
+    assert isinstance(parse(b'{"ts": 1, "values": [1, 2, 3]}', b"s", lim), SampleBlock)
+    assert parse(b'{"ts": 1, "values": [1, 2, 3, 4]}', b"s", lim).reason == "bad_shape"
+    assert isinstance(parse(b'{"ts": 1, "value": 1}', b"x" * 5, lim), SampleBlock)
+    assert parse(b'{"ts": 1, "value": 1}', b"x" * 6, lim).reason == "bad_stream"
+
+
+def test_sample_times_end_just_below_max_ts_ms() -> None:
+    from monitor.records import MAX_TS_MS
+
+    last = MAX_TS_MS - 1
+    assert isinstance(parse(json.dumps({"ts": last, "value": 1}).encode(), b"s"), SampleBlock)
+    assert parse(json.dumps({"ts": MAX_TS_MS, "value": 1}).encode(), b"s").reason == "bad_timestamp"
+    chunk = {"period_ms": 1, "samples": [1.0, 2.0]}  # its last sample one period after ts
+    assert isinstance(parse(json.dumps({**chunk, "ts": last - 1}).encode(), b"s"), SampleBlock)
+    assert parse(json.dumps({**chunk, "ts": last}).encode(), b"s").reason == "bad_timestamp"
