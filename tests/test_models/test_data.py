@@ -533,3 +533,19 @@ def test_a_timestamp_column_of_another_name_is_not_taken_for_a_channel(tmp_path:
     with pytest.raises(DataError, match="not numeric") as text:
         read_series(path)
     assert "--timestamp-col" not in str(text.value)
+
+
+def test_the_validation_windows_the_threshold_comes_from_hold_no_labelled_sample() -> None:
+    """The threshold is the validation errors' quantile: a labelled (anomalous) sample in a validation or training
+    window would raise it. Values are the sample numbers, so each window says which samples it holds."""
+    from models.data import Series
+
+    values = np.arange(3000, dtype="float32")[:, None]
+    labels = np.zeros(3000, "int8")
+    labels[1300:1320] = 1  # among the validation windows (samples 1200-1499: the last 20 % of those before 1500)
+    labels[700:730] = 1  # and among the training windows
+    ds = series_dataset(Series(values, ["v"], labels=labels), window=40, hop=10, train_fraction=0.5)
+    for part in (ds.train, ds.val):
+        held = part[:, :, 0].astype("int64")
+        assert len(held) and not labels[held].any()
+    assert ds.val[:, 0, 0].min() < 1300 < ds.val[:, -1, 0].max()  # the validation windows do span the first burst

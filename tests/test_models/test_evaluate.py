@@ -113,3 +113,55 @@ def test_an_event_an_episode_was_open_for_when_it_began_has_no_delay_whatever_al
     flagged = ((ends >= 44) & (ends <= 69)) | ((ends >= 99) & (ends <= 124))  # episode 1 begins before it
     ev = event_metrics(labels, ends, flagged, 10)
     assert ev["events_inside_open_alarm"] == 1 and ev["mean_delay_samples"] is None and ev["alarm_episodes"] == 2
+
+
+def test_balanced_accuracy_uses_the_true_negative_rate_of_the_normals() -> None:
+    # tn 3, fp 1, fn 2, tp 1: the normals' TNR is 3/4 (over tn + fp), not 3/5 (over tn + fn)
+    m = at_threshold(np.array([0, 0, 0, 0, 1, 1, 1]), np.array([0.1, 0.2, 0.3, 0.9, 0.1, 0.2, 0.9]), 0.5)
+    assert m["confusion"] == {"tn": 3, "fp": 1, "fn": 2, "tp": 1}
+    assert m["balanced_accuracy"] == pytest.approx((1 / 3 + 3 / 4) / 2)
+
+
+def test_average_precision_takes_tied_scores_as_one_threshold() -> None:
+    # one distinct score: a single threshold with precision 1/2 at recall 1, whatever order the tie is sorted in
+    assert average_precision(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+    assert average_precision(np.array([0, 1]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+
+
+def test_ranking_metrics_need_both_classes() -> None:
+    for labels in (np.array([0, 0, 0]), np.array([1, 1, 1])):
+        with pytest.raises(DataError, match="both normal and anomalous"):
+            roc_auc(labels, np.array([0.1, 0.2, 0.3]))
+        with pytest.raises(DataError, match="both normal and anomalous"):
+            average_precision(labels, np.array([0.1, 0.2, 0.3]))
+
+
+def test_an_event_is_hit_by_a_window_whose_first_sample_is_its_last() -> None:
+    # event 10..12, window 4: the window ending at 15 covers 12..15 and overlaps it; the one ending at 16 does not
+    labels = np.zeros(40, dtype=int)
+    labels[10:13] = 1
+    ends = np.arange(3, 40)
+    hit = event_metrics(labels, ends, ends == 15, window=4)
+    assert hit["events_detected"] == 1 and hit["mean_delay_samples"] == 5.0 and hit["event_precision"] == 1.0
+    miss = event_metrics(labels, ends, ends == 16, window=4)
+    assert miss["events_detected"] == 0 and miss["event_precision"] == 0.0
+    late = event_metrics(labels, ends, ends == 17, window=4, tolerance=2)  # covers 14..17: within end + 2
+    assert late["events_detected"] == 1 and late["event_precision"] == 1.0
+
+
+def test_an_episode_whose_first_window_ends_at_the_events_start_detects_it_with_no_delay() -> None:
+    # it began at the event, not before it: a detection with delay 0, not an event inside an alarm already open
+    labels = np.zeros(40, dtype=int)
+    labels[20:25] = 1
+    ends = np.arange(3, 40)
+    ev = event_metrics(labels, ends, (ends >= 20) & (ends <= 22), window=4)
+    assert ev["events_detected"] == 1 and ev["events_inside_open_alarm"] == 0 and ev["mean_delay_samples"] == 0.0
+
+
+def test_events_after_the_span_are_not_counted() -> None:
+    labels = np.zeros(60, dtype=int)
+    labels[10:13] = 1
+    labels[50:53] = 1  # after the scored part
+    ends = np.arange(3, 40)
+    ev = event_metrics(labels, ends, ends == 12, window=4, span=(0, 39))
+    assert ev["events"] == 1 and ev["event_recall"] == 1.0
