@@ -252,3 +252,50 @@ def test_the_demo_scorecard_counts_episodes_inside_an_open_alert_apart_whatever_
             alert("c", 600, 650, 700, stream="d")]  # fires 50 ms into episode 2: 6 samples at 10 ms
     r = scorecard([s], docs, period_ms=10)
     assert r["detected"] == 2 and r["inside_open_alert"] == 1 and r["mean_delay_samples"] == 6.0
+
+
+def test_spans_that_touch_at_one_instant_overlap_both_ways() -> None:
+    # both ends are inclusive: an alert starting on an event's last sample, or ending on its first, overlaps it
+    ev = Span(10 * H, 11 * H)
+    assert ev.overlaps(Span(11 * H, 12 * H)) and ev.overlaps(Span(9 * H, 10 * H))
+    assert ev.overlaps(Span(12 * H, 13 * H), late_ms=1 * H) and not ev.overlaps(Span(12 * H + 1, 13 * H), late_ms=1 * H)
+
+
+def test_boundaries_of_scoring_an_alert() -> None:
+    events = [Span(10 * H, 11 * H)]
+    test = Span(5 * H, 45 * H)
+    # fired at the test part's first instant: scored, not ignored in probation
+    r = score_alerts(events, [alert("a", 4 * H, 5 * H, 6 * H)], test, tolerance_ms=0)
+    assert r["alerts"] == 1 and r["ignored_in_probation"] == 0
+    # fired on the event's first sample: detected with a delay of 0, not "inside an alert open before it"
+    r = score_alerts(events, [alert("b", 9 * H, 10 * H, 12 * H)], test, tolerance_ms=0)
+    assert (r["events_detected"], r["events_inside_open_alert"], r["mean_delay_s"]) == (1, 0, 0.0)
+
+
+def test_an_alert_fired_on_an_events_first_sample_is_not_also_credited_to_the_one_before() -> None:
+    # "unless it fired on one of them (at or after its first sample)": at its first sample included
+    events = [Span(10 * H, 11 * H), Span(12 * H, 13 * H)]
+    r = score_alerts(events, [alert("a", 11.5 * H, 12 * H, 12.5 * H)], Span(0, 40 * H), tolerance_ms=2 * H)
+    assert (r["events_detected"], r["recall"]) == (1, 0.5)
+
+
+def test_a_true_alert_near_a_warm_up_event_is_true_not_ignored() -> None:
+    warm = [Span(1 * H, 2 * H)]
+    events = [Span(6 * H, 7 * H)]
+    r = score_alerts(events, [alert("a", 6 * H, 6.5 * H, 7 * H)], Span(5 * H, 45 * H), tolerance_ms=5 * H,
+                     warmup=warm)
+    assert (r["true_alerts"], r["false_alerts"], r["ignored_for_warmup_event"], r["precision"]) == (1, 0, 0, 1.0)
+
+
+def test_time_in_alert_counts_nested_alerts_once() -> None:
+    alerts = [alert("a", 0, 10 * H, 20 * H), alert("b", 0, 12 * H, 15 * H)]  # b wholly inside a
+    r = score_alerts([], alerts, Span(0, 40 * H), tolerance_ms=0)
+    assert r["time_in_alert"] == pytest.approx(10 / 40)
+
+
+def test_an_event_ending_at_the_start_of_the_test_part_is_scored_not_warm_up() -> None:
+    ts = np.arange(10, dtype="float64") * 1000
+    labels = np.zeros(10, "int8")
+    labels[3:6] = 1  # 3000 … 5000: ends on the first instant of the test part
+    assert labelled_events(ts, labels, from_ms=5000) == [Span(5000, 5000, 3000)]
+    assert warmup_events(ts, labels, from_ms=5000) == []
