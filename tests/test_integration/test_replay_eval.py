@@ -311,3 +311,25 @@ def test_the_cli_prints_the_json_keys_and_rejects_unlabelled_data(broker: Any, t
                           timeout=60, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
     assert "needs labels" in proc.stderr
+
+
+def test_the_plans_defaults_follow_the_models_window_and_the_datas_period(tmp_path: Path) -> None:
+    """Tolerance one window of data time unless given (0 included), gap_ms 3 periods but never under windows.gap_ms,
+    about 250 ms of data a message, and the period the median of the intervals between distinct times."""
+    from dataclasses import replace
+
+    from monitor.replay_eval import plan
+
+    series = read_series(labelled_sine(tmp_path / "sine.csv"))
+    det, training = train_detector(series_dataset(replace(series, labels=None), W, HOP, 0.4), "pca", {},
+                                   TrainConfig(seed=0, device="cpu"))
+    model = artifact.save(det, tmp_path / "pca", training)
+    ts = time_axis(series, None)  # 1 Hz
+    p = plan(model, series, ts, ReplayOptions(out=tmp_path / "o1"), None)
+    assert (p.period_ms, p.tolerance_ms, p.gap_ms, p.chunk) == (1000.0, W * 1000.0, 3000.0, 1)
+    p = plan(model, series, ts, ReplayOptions(out=tmp_path / "o2", tolerance_s=0.0), 10_000.0)
+    assert (p.tolerance_ms, p.gap_ms) == (0.0, 10_000.0)
+    pairs = ts[0] + 2000.0 * (np.arange(len(ts)) // 2)  # every time stamped twice: a step of 0 between each pair
+    assert plan(model, series, pairs, ReplayOptions(out=tmp_path / "o3"), None).period_ms == 2000.0
+    fast = plan(model, series, ts[0] + 10.0 * np.arange(len(ts)), ReplayOptions(out=tmp_path / "o4"), None)
+    assert (fast.period_ms, fast.chunk) == (10.0, 25)  # 250 ms of 100 Hz data a message
