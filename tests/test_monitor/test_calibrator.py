@@ -718,3 +718,28 @@ def test_the_recent_windows_hold_a_lowering_from_two_expected_exceedances(recent
     changed = cal.recalibrate()
     assert ("s" in changed) is lowered
     assert cal.threshold("s").value == (0.8 if lowered else 1.0)
+
+
+def test_a_freeze_longer_than_the_drift_window_drops_every_window_of_it_at_the_thaw() -> None:
+    # the count of windows taken in frozen is capped at what the ring holds: counted past it, the thaw cut a negative
+    # slice and kept old (frozen-time) windows as drift evidence
+    from monitor.calibrator import recent_size
+
+    cal = Calibrator()
+    cal.register("s", 1.0)
+    size = recent_size(cal.settings.drift.window, 1)
+    cal.observe_all("s", np.ones(10))
+    cal.set_frozen("s", True)
+    cal.observe_all("s", np.full(size + size // 2, 5.0))  # an incident longer than the ring
+    assert cal.export("s")["recent_frozen"] == size
+    cal.set_frozen("s", False)
+    assert len(base64.b64decode(cal.export("s")["recent"])) == 0
+
+
+@pytest.mark.parametrize("above", [0.0, -1.0, math.nan])
+def test_a_censored_entry_needs_a_threshold_above_zero(above: float) -> None:
+    cal = Calibrator()
+    cal.register("s", 1.0)
+    with pytest.raises(ValueError, match="threshold > 0"):
+        cal.observe_censored("s", 1, above)
+    assert cal.samples("s") == 0
