@@ -159,7 +159,7 @@ class Ingest(ProcessorState):
             if self.failed is not None:  # scoring failed (a clock step scores what waits): the daemon's, not theirs
                 raise
             why = describe(exc)
-            log.error("append_failed", stream=stream[:64], error=why[:300])
+            self.throttle.log(log.error, "append_failed", stream=stream[:64], error=why[:300])  # a line a poll
             for rec, _block in items:
                 if id(rec) not in done:
                     self._dead_letter(rec, BadRecord("unprocessable", why[:200]))

@@ -3530,3 +3530,22 @@ def test_the_commit_never_passes_the_last_documents_replay_point(make: Make) -> 
     feed(q, recs[committed:])
     sink(q).flush(1)
     assert sent | {d["alert_id"] for d in docs(q, "anomaly")} == paged
+
+
+def test_a_stream_whose_records_keep_failing_is_logged_a_sample_not_a_line_a_poll(make: Make) -> None:
+    """A producer that keeps sending records the windowing fails on (an unforeseen exception: ``append_failed``,
+    dead-lettered ``unprocessable``) wrote one error line per stream per poll: 100 polls, 100 lines. It is a
+    per-record event like ``parse_failed`` and ``dead_letter``, throttled to a sample; the next line says how many
+    were left out."""
+    p = make()
+    feed(p, records("dev-bad", *sine_stream(100, seed=2)))
+    p.streams["dev-bad"].quality.timing = lambda *_: (_ for _ in ()).throw(RuntimeError("unforeseen"))  # type: ignore[method-assign]
+    later = records("dev-bad", *sine_stream(1000, seed=2, start_ms=1_800_000_000_000), first_offset=50)
+    with capture_logs() as logged:
+        for i in range(100):  # one record a poll
+            p.handle(later[i : i + 1])
+    failed = [e for e in logged if e["event"] == "append_failed"]
+    dead = [e for e in logged if e["event"] == "dead_letter"]
+    assert metric(p, "tsmon_dead_letters_total") == 100  # every record still dead-lettered and counted
+    assert 1 <= len(dead) <= 20, len(dead)
+    assert 1 <= len(failed) <= 20, len(failed)
