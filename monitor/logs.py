@@ -113,22 +113,40 @@ class _KafkaPython(logging.Handler):
         key = record.name + ":" + re.sub(r"<(?!class )[^>]*>|[0-9.]+", "#", message)[:160]
         if (extra := self.throttle(key)) is None:
             return
-        fields: dict[str, Any] = {"client": "kafka-python", "client_level": record.levelname.lower(),
-                                  "logger": record.name, "message": message, **extra}
+        fields: dict[str, Any] = {"logger": record.name, "message": message, **extra}
         if record.exc_info and record.exc_info[1] is not None:  # log.exception: the error, not the whole traceback
             fields["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"[:500]
+        self._log(record, message, fields)
+
+    def _log(self, record: logging.LogRecord, message: str, fields: dict[str, Any]) -> None:
         log = get("tsmon.kafka")
         error = record.levelno >= logging.ERROR and not _ROUTINE.match(message)
-        (log.warning if error else log.info)("kafka_client_log", **fields)
+        (log.warning if error else log.info)("kafka_client_log", client="kafka-python",
+                                             client_level=record.levelname.lower(), **fields)
+
+
+class _Library(_KafkaPython):
+    """Any other library's warnings and errors that reach the root logger (apscheduler's ``Execution of job …
+    skipped: maximum number of running instances reached``, ``Run time of job … was missed``): with no handler
+    they went to the standard library's last resort, as plain text amid the JSON lines. Now ``library_log`` lines
+    at their own level, throttled per message as kafka-python's."""
+
+    def _log(self, record: logging.LogRecord, message: str, fields: dict[str, Any]) -> None:
+        log = get("tsmon.library")
+        (log.error if record.levelno >= logging.ERROR else log.warning)("library_log", **fields)
 
 
 def forward_kafka_python() -> None:
-    """Install :class:`_KafkaPython` on the ``kafka`` logger once (its debug and info records are not even made)."""
+    """Install :class:`_KafkaPython` on the ``kafka`` logger once (its debug and info records are not even made),
+    and :class:`_Library` on the root logger once, for every other library's warnings and errors."""
     logger = logging.getLogger("kafka")
     if not any(isinstance(h, _KafkaPython) for h in logger.handlers):
         logger.addHandler(_KafkaPython())
         logger.setLevel(logging.WARNING)
         logger.propagate = False
+    root = logging.getLogger()
+    if not any(isinstance(h, _Library) for h in root.handlers):
+        root.addHandler(_Library())
 
 
 class _Stderr:

@@ -1042,6 +1042,8 @@ def test_scoring_in_chunks_gives_the_scores_of_one_pass(dense_artifact: Path, se
 
 def test_log_settings_from_flags_and_environment_are_checked_and_kept(capsys: pytest.CaptureFixture[str],
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
     from models.errors import ConfigError
     from monitor import logs
 
@@ -1066,6 +1068,9 @@ def test_log_settings_from_flags_and_environment_are_checked_and_kept(capsys: py
         assert "hidden" not in err and "shown" in err and not err.lstrip().startswith("{")  # console, not JSON
     finally:
         logs.configure_from_flags(None, None)
+        root = logging.getLogger()  # the daemon's forwarding of other libraries' records: not in the next tests
+        for h in [h for h in root.handlers if isinstance(h, logs._Library)]:
+            root.removeHandler(h)
 
 
 def test_inspect_alert_reads_the_topic_with_the_configs_security(broker: Any, tmp_path: Path,

@@ -25,6 +25,9 @@ def forwarded() -> Iterator[None]:
         for h in [h for h in kafka.handlers if isinstance(h, logs._KafkaPython)]:
             kafka.removeHandler(h)
         kafka.setLevel(logging.NOTSET)
+        root = logging.getLogger()
+        for h in [h for h in root.handlers if isinstance(h, logs._Library)]:  # every other library's, as run has it
+            root.removeHandler(h)
         logs.configure_from_flags(None, None)
 
 
@@ -169,3 +172,29 @@ def test_a_throttle_shared_by_two_threads_counts_every_line() -> None:
     finally:
         sys.setswitchinterval(before)
     assert throttle._seen["e"][1] == 40_000
+
+
+def test_other_libraries_warnings_are_json_lines_in_the_daemons_log() -> None:
+    """apscheduler (the recalibration and snapshot jobs) logs through the standard library with no handler: a
+    recalibration that outlasted calibrator.interval_s wrote ``Execution of job "…" skipped: maximum number of
+    running instances reached (1)`` as plain text amid the JSON lines, once per skipped run. In a process of its own:
+    pytest's log capture would stand in for the standard library's last resort."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import logging\n"
+        "from monitor import logs\n"
+        "logs.configure_from_flags(None, None)\n"
+        "logs.configure_daemon(None, 'json')\n"
+        "for second in range(5):\n"
+        "    logging.getLogger('apscheduler.executors.default').warning(\n"
+        "        'Execution of job \"%s\" skipped: maximum number of running instances reached (%d)',\n"
+        "        f'Daemon.recalibrate (next run at: 2026-12-08 01:41:4{second} UTC)', 1)\n"
+        "logging.getLogger('some.library').error('failed: %s', 'why')\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    lines = [json.loads(line) for line in r.stderr.splitlines()]  # every line JSON
+    assert [(d["event"], d["level"], d["logger"]) for d in lines] == [
+        ("library_log", "warning", "apscheduler.executors.default")] * 3 + [("library_log", "error", "some.library")]
+    assert "maximum number of running instances" in lines[0]["message"] and lines[3]["message"] == "failed: why"
