@@ -378,7 +378,8 @@ class Ingest(ProcessorState):
                   f"{self.settings.clock_step_s:g} s (windows.clock_step_s): its clock was set back? restarted at the "
                   f"new time; {refused - 1} record(s) dead-lettered meanwhile")
         self._quality(st.quality.event("clock_step", first, detail))
-        log.warning("clock_step", stream=stream[:64], back_s=round(back_s, 3), dead_lettered=refused - 1)
+        self.throttle.log(log.warning, "clock_step", stream=stream[:64], back_s=round(back_s, 3),
+                          dead_lettered=refused - 1)  # a fleet's clocks corrected at once: a line each
         self._release(stream, st)
         self.save(stream)  # with the next commit, not the next snapshot: a crash before it stepped again elsewhere
 

@@ -3549,3 +3549,22 @@ def test_a_stream_whose_records_keep_failing_is_logged_a_sample_not_a_line_a_pol
     assert metric(p, "tsmon_dead_letters_total") == 100  # every record still dead-lettered and counted
     assert 1 <= len(dead) <= 20, len(dead)
     assert 1 <= len(failed) <= 20, len(failed)
+
+
+def test_a_fleet_whose_clocks_are_set_back_together_is_logged_a_sample(make: Make) -> None:
+    """A fleet's clocks corrected at once (an NTP server fixed): every stream steps, and each step wrote its own
+    unthrottled ``clock_step`` warning beside its (throttled) ``data_quality`` line: 30 streams, 30 lines; 10 000,
+    10 000. A sample is kept, as for the other per-stream events; every step is still a data-quality event."""
+    p = make()
+    p.clock = lambda: NOW_S
+    p.settings = Settings(clock_step_s=1.0)
+    fast = 1_700_000_000_000 + 1_800_000
+    n = 30
+    for i in range(n):
+        feed(p, records(f"dev-{i}", *sine_stream(100, start_ms=fast), partition=i, produced=5))
+    with capture_logs() as logged:
+        for i in range(n):
+            feed(p, records(f"dev-{i}", *sine_stream(200, seed=2), partition=i, first_offset=20, produced=5))
+    sink(p).flush(1)
+    assert len([d for d in docs(p, "data_quality") if d["kind"] == "clock_step"]) == n
+    assert 1 <= len([e for e in logged if e["event"] == "clock_step"]) <= 20
