@@ -1067,6 +1067,7 @@ def test_log_settings_from_flags_and_environment_are_checked_and_kept(capsys: py
         err = capsys.readouterr().err
         assert "hidden" not in err and "shown" in err and not err.lstrip().startswith("{")  # console, not JSON
     finally:
+        monkeypatch.delenv("TSMON_LOG_LEVEL", raising=False)  # else WARNING stayed for every later test here
         logs.configure_from_flags(None, None)
         root = logging.getLogger()  # the daemon's forwarding of other libraries' records: not in the next tests
         for h in [h for h in root.handlers if isinstance(h, logs._Library)]:
