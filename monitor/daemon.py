@@ -245,14 +245,16 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         """Recalibration every ``calibrator.interval_s`` (of wall time, or of the data's own) and the snapshot flag."""
         cfg = self.cfg
         self._scheduler = BackgroundScheduler(daemon=True)
+        # misfire_grace_time None: a run that starts late runs (once: coalesce) — apscheduler's default of 1 s skipped
+        # it, as "missed", to the next interval whenever the process was held up a second (a VM paused, a stall)
         if cfg.calibrator.clock == "wall":
             self._scheduler.add_job(self.recalibrate, "interval", seconds=cfg.calibrator.interval_s,
-                                    id="recalibrate", max_instances=1, coalesce=True)
+                                    id="recalibrate", max_instances=1, coalesce=True, misfire_grace_time=None)
         else:  # every interval of the data's own time, between the windows it is decided on
             self.processor.data_clock = DataClock(cfg.calibrator.interval_s * 1000, self.recalibrate)
         self._snapshot_due = threading.Event()
         self._scheduler.add_job(self._snapshot_due.set, "interval", seconds=cfg.state.snapshot_interval_s,
-                                id="snapshot", max_instances=1, coalesce=True)
+                                id="snapshot", max_instances=1, coalesce=True, misfire_grace_time=None)
         self._clock_offset = time.time() - time.monotonic()
 
     def _check_clock(self) -> None:
