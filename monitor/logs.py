@@ -51,6 +51,8 @@ def configure_daemon(level: str | None, fmt: str | None) -> None:
     configure(_FLAGS["level"] or level, _FLAGS["fmt"] or fmt)
     forward_kafka_python()  # the daemon's log only: the one-shot commands keep their one-line errors (the probe
     # names what they need), where kafka-python's reconnection lines came around a broker that went away
+    logging.captureWarnings(True)  # Python warnings (torch's UserWarnings) to the "py.warnings" logger, so
+    # library_log lines too: they came out as plain text amid the JSON
 
 
 def quiet(level: str) -> None:

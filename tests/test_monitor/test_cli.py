@@ -1072,6 +1072,7 @@ def test_log_settings_from_flags_and_environment_are_checked_and_kept(capsys: py
         root = logging.getLogger()  # the daemon's forwarding of other libraries' records: not in the next tests
         for h in [h for h in root.handlers if isinstance(h, logs._Library)]:
             root.removeHandler(h)
+        logging.captureWarnings(False)
 
 
 def test_inspect_alert_reads_the_topic_with_the_configs_security(broker: Any, tmp_path: Path,

@@ -192,9 +192,13 @@ def test_other_libraries_warnings_are_json_lines_in_the_daemons_log() -> None:
         "    logging.getLogger('apscheduler.executors.default').warning(\n"
         "        'Execution of job \"%s\" skipped: maximum number of running instances reached (%d)',\n"
         "        f'Daemon.recalibrate (next run at: 2026-12-08 01:41:4{second} UTC)', 1)\n"
-        "logging.getLogger('some.library').error('failed: %s', 'why')\n")
+        "logging.getLogger('some.library').error('failed: %s', 'why')\n"
+        "import warnings\n"
+        "warnings.warn('an RNN module weights are not part of single contiguous chunk', UserWarning)\n")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     lines = [json.loads(line) for line in r.stderr.splitlines()]  # every line JSON
     assert [(d["event"], d["level"], d["logger"]) for d in lines] == [
-        ("library_log", "warning", "apscheduler.executors.default")] * 3 + [("library_log", "error", "some.library")]
+        ("library_log", "warning", "apscheduler.executors.default")] * 3 + [("library_log", "error", "some.library"),
+                                                                            ("library_log", "warning", "py.warnings")]
+    assert "single contiguous chunk" in lines[4]["message"]  # Python warnings too (torch's), not plain text
     assert "maximum number of running instances" in lines[0]["message"] and lines[3]["message"] == "failed: why"
