@@ -161,8 +161,11 @@ class KafkaSource:
         self._polled = time.monotonic()  # when the daemon last polled the input (lags: not for a while, ask the ends)
 
         self._listener = Listener()
-        if pattern:  # a metadata request naming a topic just deleted (set_topics never forgets one) must not create it
-            consumer_kwargs = {**consumer_kwargs, "allow_auto_create_topics": False}  # again, matched by the pattern
+        # A metadata request naming a subscribed topic just deleted must not have the broker create it again (Kafka's
+        # auto.create.topics.enable, on by default; Tansu): matched by a pattern, or named in kafka.topics — an input
+        # topic deleted while the daemon ran came back at once with the broker's default partition count, the
+        # operator's re-create failed, and the daemon read on from the old topic's offsets (a pipeline owner's pass)
+        consumer_kwargs = {**consumer_kwargs, "allow_auto_create_topics": False}
         try:
             self._consumer = KafkaConsumer(**consumer_kwargs)
         except KafkaError as exc:

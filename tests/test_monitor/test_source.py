@@ -748,3 +748,27 @@ def test_search_newest_keeps_to_its_limit(monkeypatch: pytest.MonkeyPatch) -> No
     t0 = time.monotonic()
     search_newest({"bootstrap_servers": "b:1"}, "alerts", b"x", lambda d: False, limit_s=4.0)
     assert time.monotonic() - t0 < 4.5, time.monotonic() - t0
+
+
+def test_named_input_topics_are_never_created_by_the_consumers_metadata_requests(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An input topic deleted while the daemon runs must not come back through the daemon's own metadata requests:
+    kafka-python asks the broker to auto-create every subscribed topic its metadata lacks (Kafka's
+    auto.create.topics.enable is on by default). Only the pattern subscription turned that off; with kafka.topics the
+    deleted topic was created again at once with the broker's default partition count, the operator's re-create
+    failed with TopicAlreadyExists, and the daemon read on from the old topic's offsets (a pipeline owner's pass;
+    Tansu auto-creates whatever the request says, so this is checked here, not on the local broker)."""
+    import kafka
+
+    made: list[dict[str, Any]] = []
+
+    class Consumer:
+        def __init__(self, **kwargs: Any) -> None:
+            made.append(kwargs)
+
+        def subscribe(self, topics: list[str], listener: Any) -> None:
+            pass
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", Consumer)
+    KafkaSource({"bootstrap_servers": "127.0.0.1:9"}, ["sensors.raw"], None, lambda _: None, lambda _: None)
+    assert made[0]["allow_auto_create_topics"] is False
