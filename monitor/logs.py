@@ -138,6 +138,36 @@ class _Library(_KafkaPython):
         (log.error if record.levelno >= logging.ERROR else log.warning)("library_log", **fields)
 
 
+OUT_OF_RANGE = "Fetch offset %s is out of range for topic-partition %s"  # kafka-python 3's fetcher, at info
+TRUNCATED = "Truncation detected for "  # ... its position moved back or reset: the leader's log was truncated
+
+
+class _OutOfRange(_KafkaPython):
+    """kafka-python's reset of a partition whose position is not in its log (OFFSET_OUT_OF_RANGE), which it logs at
+    info only (never forwarded): the committed offset was deleted by retention while the daemon was down, set past
+    the end by an operator, or the log was truncated. The partition then jumps to ``kafka.auto_offset_reset`` —
+    records skipped (what retention deleted; with ``latest``, everything up to the end) or read again — and the log
+    said nothing, ``partition_reading_from`` only where reading began. Now ``input_offset_out_of_range``, a warning,
+    at most 3 in 5 minutes, as the client's own lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setLevel(logging.INFO)
+
+    def filter(self, record: logging.LogRecord) -> bool:  # (a truncated log — unclean leader election — too)
+        return record.msg == OUT_OF_RANGE or (isinstance(record.msg, str) and record.msg.startswith(TRUNCATED))
+
+    def _log(self, record: logging.LogRecord, message: str, fields: dict[str, Any]) -> None:
+        get("tsmon.kafka").warning(
+            "input_log_truncated" if message.startswith(TRUNCATED) else "input_offset_out_of_range",
+            client="kafka-python", message=message,
+            **{k: v for k, v in fields.items() if k not in ("logger", "message")},
+            consequence="the position is not in the partition's log (retention deleted records before they were "
+                        "read, the group's offsets were set past the end, the log was truncated): kafka-python resets "
+                        "it to kafka.auto_offset_reset — earliest reads from the log's start (what was deleted is "
+                        "lost), latest skips every record up to the end")
+
+
 def forward_kafka_python() -> None:
     """Install :class:`_KafkaPython` on the ``kafka`` logger once (its debug and info records are not even made),
     and :class:`_Library` on the root logger once, for every other library's warnings and errors."""
@@ -146,6 +176,10 @@ def forward_kafka_python() -> None:
         logger.addHandler(_KafkaPython())
         logger.setLevel(logging.WARNING)
         logger.propagate = False
+    fetcher = logging.getLogger("kafka.consumer.fetcher")  # its info lines are made (the handler keeps one of them)
+    if not any(isinstance(h, _OutOfRange) for h in fetcher.handlers):
+        fetcher.addHandler(_OutOfRange())
+        fetcher.setLevel(logging.INFO)
     root = logging.getLogger()
     if not any(isinstance(h, _Library) for h in root.handlers):
         root.addHandler(_Library())

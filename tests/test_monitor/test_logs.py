@@ -25,6 +25,10 @@ def forwarded() -> Iterator[None]:
         for h in [h for h in kafka.handlers if isinstance(h, logs._KafkaPython)]:
             kafka.removeHandler(h)
         kafka.setLevel(logging.NOTSET)
+        fetcher = logging.getLogger("kafka.consumer.fetcher")
+        for h in [h for h in fetcher.handlers if isinstance(h, logs._KafkaPython)]:
+            fetcher.removeHandler(h)
+        fetcher.setLevel(logging.NOTSET)
         root = logging.getLogger()
         for h in [h for h in root.handlers if isinstance(h, logs._Library)]:  # every other library's, as run has it
             root.removeHandler(h)
@@ -202,3 +206,23 @@ def test_other_libraries_warnings_are_json_lines_in_the_daemons_log() -> None:
                                                                             ("library_log", "warning", "py.warnings")]
     assert "single contiguous chunk" in lines[4]["message"]  # Python warnings too (torch's), not plain text
     assert "maximum number of running instances" in lines[0]["message"] and lines[3]["message"] == "failed: why"
+
+
+def test_a_position_out_of_range_is_a_warning_naming_the_partition(forwarded: None, capsys) -> None:
+    """Retention deleted the committed offset while the daemon was down (or an operator set it past the end):
+    kafka-python resets the partition to auto_offset_reset — records lost or skipped — and logs that at info only,
+    which the daemon never forwarded: nothing said it. Its other info lines stay out."""
+    import json
+
+    from kafka import TopicPartition
+
+    fetcher = logging.getLogger("kafka.consumer.fetcher")
+    fetcher.info("Fetch offset %s is out of range for topic-partition %s", 1200, TopicPartition("sensors", 3))
+    fetcher.info("Resetting offset for partition %s to offset %s.", TopicPartition("sensors", 3), 5000)
+    fetcher.info("Truncation detected for %s at position %s; seeking to first diverging offset %s",
+                 TopicPartition("sensors", 1), 900, 850)
+    lines = [json.loads(ln) for ln in capsys.readouterr().err.splitlines()]
+    assert [(d["event"], d["level"]) for d in lines] == [("input_offset_out_of_range", "warning"),
+                                                         ("input_log_truncated", "warning")]
+    assert "1200" in lines[0]["message"] and "partition=3" in lines[0]["message"]
+    assert "auto_offset_reset" in lines[0]["consequence"]
