@@ -178,7 +178,10 @@ class KafkaConfig(_Section):
                                      "limit: 1 h)")
     alerts_topic: _Topic = Field("tsmon.alerts", description="topic alert events go to")
     dead_letter_topic: _Topic = Field("tsmon.dead-letter", description="topic for unusable input")
-    auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description="start of a new group")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="where reading starts with no committed offset (a new group, a new partition or "
+        "topic) or one not in the log (deleted by retention: logged as input_offset_out_of_range); latest skips "
+        "what is there")
     session_timeout_ms: int = Field(6000, ge=500, description="a consumer silent this long is dropped")
     heartbeat_interval_ms: int = Field(1000, ge=100, description="below session_timeout_ms (best ≤ 1/3 of it)")
     max_poll_interval_ms: int = Field(300_000, ge=1000, description="longest gap between polls")
