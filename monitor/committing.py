@@ -74,23 +74,6 @@ class Committing(ProcessorState):
                     del st.time_from[tp]
                 st.dirty = st.dirty or bool(done)
 
-    def offsets_began_again(self, tps: set[TP]) -> None:
-        """These partitions belong to a topic deleted and created again while they were read (the source read them
-        again from their beginning): forget the old topic's offsets — the ledger's (committed, they skipped the new
-        topic's records below them at the next start), the last commit's, and each stream's record of what it read
-        there (its replay and clock-step marks would take the new records for old ones). The streams stay, with
-        their windows and alerts: their input goes on in the new topic."""
-        self.ledger.drop(tps)
-        for tp in tps:
-            self._committed.pop(tp, None)
-            self.read_ts.pop(tp, None)
-        for st in self.streams.values():
-            for tp in tps:
-                st.read_until.pop(tp, None)
-                st.time_from.pop(tp, None)
-                if st.replay_until is not None:
-                    st.replay_until.pop(tp, None)
-
     def send_documents(self) -> int:
         """Hand the state documents saved since the last commit to the sink (:meth:`commit`'s step 2)."""
         states = sum(1 for m in self.outbox.documents.values() if STATE_HEADER in m.headers)

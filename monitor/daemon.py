@@ -195,8 +195,6 @@ class Daemon(Views, Intake, Rebalance, Recalibration):
         try:
             self.source = source or source_class(k.consumer_kwargs(), list(k.topics), k.topic_pattern,
                                                  self._on_revoke, self._on_assign)
-            if hasattr(self.source, "on_recreated"):  # kafka-python: an input topic re-created while it was read
-                self.source.on_recreated = self._on_recreated
             self.control = ControlSource(k.client_kwargs(), c.topic) if self._kafka else None
         except BaseException:  # the clients made so far, and the scoring process, must not outlive the start
             for close in (lambda: self.source.close(1.0) if hasattr(self, "source") else None,

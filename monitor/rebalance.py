@@ -86,18 +86,6 @@ class Rebalance(DaemonState):
         if tps or not self._restored:
             self.restore()
 
-    def _on_recreated(self, tps: list[TP]) -> None:
-        """An input topic was deleted and created again while its partitions were read (the source reads them from
-        their beginning now): the processor forgets the old topic's offsets, and a failed read of them is retried."""
-        gone = set(tps)
-        self.processor.offsets_began_again(gone)
-        # records polled and not yet handed over: the old topic's (deleted), or the new one's fetched at the old
-        # position before the new id was known — read again from the beginning, they would come twice
-        self._backlog = [r for r in self._backlog if r.tp not in gone]
-        for tp in tps:
-            self.input_reader.forget(tp)
-        self._rewind = {tp: o for tp, o in self._rewind.items() if tp not in gone}
-
     def restore(self) -> None:
         """Ask for the changelog to be read: the loop reads it in steps (:meth:`_restore_step`) while every assigned
         partition stays paused, so no stream starts before its document is known (one that did would write over it

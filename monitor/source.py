@@ -133,8 +133,6 @@ class KafkaSource:
     _callback_done = -math.inf  # monotonic time our last rebalance callback returned
     _pattern: re.Pattern[str] | None = None  # the topic pattern this source follows (see __init__)
     _rejoining = False  # from a revoke to the next assignment: the group rebalances
-    # called with the assigned partitions of an input topic found re-created (a new topic id): its offsets began again
-    on_recreated: Callable[[list[TP]], None] | None = None
 
     def __init__(self, consumer_kwargs: dict[str, Any], topics: list[str], pattern: str | None,
                  on_revoke: Callable[[list[TP]], None], on_assign: Callable[[list[TP]], None]) -> None:
@@ -153,10 +151,6 @@ class KafkaSource:
                 source._rejoining = False
                 with source._callback():
                     on_assign([(tp.topic, tp.partition) for tp in assigned])
-                again = [tp for tp in assigned if tp in source._from_beginning]  # re-created during the rejoin: the
-                source._from_beginning = set()  # assignment set them to the commit (or the daemon's rewind) again
-                if again:
-                    source._consumer.seek_to_beginning(*again)
 
         self._in_callback = False
         self._callback_error: BaseException | None = None  # what our rebalance callback raised inside a poll
@@ -167,8 +161,6 @@ class KafkaSource:
         self._polled = time.monotonic()  # when the daemon last polled the input (lags: not for a while, ask the ends)
 
         self._listener = Listener()
-        self._topic_ids: dict[str, Any] = {}  # per input topic read from, the topic id it had then (see _recreated)
-        self._from_beginning: set[Any] = set()  # re-created during a rejoin: read from the beginning once assigned
         # A metadata request naming a subscribed topic just deleted must not have the broker create it again (Kafka's
         # auto.create.topics.enable, on by default; Tansu): matched by a pattern, or named in kafka.topics — an input
         # topic deleted while the daemon ran came back at once with the broker's default partition count, the
@@ -257,45 +249,10 @@ class KafkaSource:
             self._raise_callback_error()
             if batches or left_ms <= piece or (rejoining and not self._rejoining):
                 break
-        if (recreated := self._recreated()):
-            batches = {tp: records for tp, records in batches.items() if tp.topic not in recreated}
         if batches:
             self._last_records = time.monotonic()
         return [InRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp or 0, r.headers or ())
                 for records in batches.values() for r in records]
-
-    def _recreated(self) -> set[str]:
-        """Input topics whose topic id changed since this source first read them: deleted and created again (by an
-        operator, or by a producer on a broker that auto-creates topics) while the daemon ran. Their offsets began
-        again at 0, and kafka-python read the new topic on from the old one's position (the daemon's rewind at the
-        rebalance the deletion caused, too): the new topic's records below it were passed over without a word, and
-        the old offsets committed on the new topic. Their assigned partitions are read again from the beginning
-        (records this poll fetched of them are dropped, to come again from there) and the daemon is told
-        (:attr:`on_recreated`), to forget the old topic's offsets."""
-        cluster = getattr(self._consumer, "_cluster", None)
-        if cluster is None:
-            return set()
-        assigned = self._consumer.assignment()
-        found: set[str] = set()
-        for topic in {tp.topic for tp in assigned}:
-            if (tid := cluster.topic_id(topic)) is None:  # not in the metadata now (deleted), or no id (old broker)
-                continue
-            if self._topic_ids.setdefault(topic, tid) != tid:
-                self._topic_ids[topic] = tid
-                found.add(topic)
-        if found:
-            tps = [tp for tp in assigned if tp.topic in found]
-            log.warning("input_topic_recreated", topics=sorted(found),
-                        partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in tps),
-                        consequence="its topic id changed: the old topic's offsets mean nothing there; its partitions "
-                                    "are read from the beginning (what the old topic held past the last commit is "
-                                    "gone with it)")
-            self._consumer.seek_to_beginning(*tps)
-            if self._rejoining:  # the assignment to come sets their positions again
-                self._from_beginning |= set(tps)
-            if self.on_recreated is not None:
-                self.on_recreated([(tp.topic, tp.partition) for tp in tps])
-        return found
 
     def _drop_failed_fetch(self) -> TP | None:
         """kafka-python keeps the buffered records whose parsing raised (a corrupt batch) as the next to hand out;

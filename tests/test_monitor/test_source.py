@@ -772,31 +772,3 @@ def test_named_input_topics_are_never_created_by_the_consumers_metadata_requests
     monkeypatch.setattr(kafka, "KafkaConsumer", Consumer)
     KafkaSource({"bootstrap_servers": "127.0.0.1:9"}, ["sensors.raw"], None, lambda _: None, lambda _: None)
     assert made[0]["allow_auto_create_topics"] is False
-
-
-def test_an_input_topic_created_again_is_read_from_its_beginning_and_the_daemon_told() -> None:
-    """A new topic id for an assigned input topic (deleted and created again while read): its records of this poll
-    are dropped, its partitions read again from their beginning — also after an assignment still to come, which sets
-    the positions again — and ``on_recreated`` told, once; another topic's records go on."""
-    from kafka import TopicPartition
-
-    a0, b0 = TopicPartition("a", 0), TopicPartition("b", 0)
-    ids = {"a": "id-1", "b": "id-b"}
-    seeks: list[list[Any]] = []
-    told: list[list[TP]] = []
-
-    def rec(tp: Any, offset: int) -> Any:
-        return SimpleNamespace(topic=tp.topic, partition=tp.partition, offset=offset, key=b"k", value=b"v",
-                               timestamp=5, headers=[])
-
-    consumer = SimpleNamespace(_cluster=SimpleNamespace(topic_id=ids.get), assignment=lambda: {a0, b0},
-                               seek_to_beginning=lambda *tps: seeks.append(sorted(tps)),
-                               poll=lambda timeout_ms, max_records=None: {a0: [rec(a0, 97)], b0: [rec(b0, 3)]})
-    src = source_on(consumer)  # type: ignore[arg-type]
-    src._topic_ids, src._from_beginning, src.on_recreated = {}, set(), told.append
-    assert len(src.poll(0)) == 2 and not seeks  # ids first seen
-    ids["a"] = "id-2"
-    src._rejoining = True
-    assert [(r.topic, r.offset) for r in src.poll(0)] == [("b", 3)]
-    assert seeks == [[a0]] and told == [[("a", 0)]] and src._from_beginning == {a0}
-    assert len(src.poll(0)) == 2 and len(told) == 1  # said once
