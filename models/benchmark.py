@@ -59,12 +59,12 @@ def bench_scorer(det: Detector, batch_size: int | None = None, seconds: float = 
                  batch1_windows: int = 200, daemon_batch: int = 256, precision: str = "float32",
                  daemon_threads: int | None = None) -> dict[str, Any]:
     """Windows/s at batch 1 vs ``batch_size``; model GFLOP/s and efficiency against the GEMM rate (in the precision
-    the model runs in); and the
-    daemon's micro-batch (``daemon_batch``, the default ``batch.max_batch``): windows/s and ms per batch.
-    On CPU the micro-batch runs with the daemon's scoring threads (``daemon_threads``, default the usable CPUs − 1,
-    as ``daemon.torch_threads``), the rest with torch's threads; ``precision`` other than float32 runs the model under CUDA autocast (no effect on CPU) in the precision the
-    daemon would serve it in (float16 for an LSTM asked for bfloat16: :func:`served_precision`), reported as
-    ``precision``, and reports the largest score difference to float32 as a share of max(score, threshold)."""
+    the model runs in); and the daemon's micro-batch (``daemon_batch``, the default ``batch.max_batch``): windows/s
+    and ms per batch. On CPU the micro-batch runs with the daemon's scoring threads (``daemon_threads``, default the
+    usable CPUs − 1, as ``daemon.torch_threads``), the rest with torch's threads. ``precision`` other than float32
+    runs the model under CUDA autocast (no effect on CPU) in the precision the daemon would serve it in (float16 for
+    an LSTM asked for bfloat16: :func:`served_precision`), reported as ``precision``, with the largest score
+    difference to float32 as a share of max(score, threshold)."""
     device = det.device
     batch_size = batch_size or (4096 if device.type == "cuda" else 2048)
     gen = torch.Generator().manual_seed(0)

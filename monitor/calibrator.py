@@ -410,11 +410,11 @@ class Calibrator:
         target, how_far = self._target(old, normal, q, margin, True, estimate), ""  # before max_change's step
         n = len(recent) // max(1, thin)  # non-overlapping recent windows
         needed = bound_windows(q, thin)
+        moves = max(_MIN_CHANGE, s.min_change) * old.value  # a change smaller than this is none
         if not commanded and value < old.value and thin > 1 and len(recent) < needed <= recent_size(drift.window, thin):
             # Overlapping windows: not lowered before the recent windows can bound it (below). min_samples normal errors
             # came first (W/H = 8: 230 windows, against the 320 the bound needs), and the first scheduled run lowered it
             # to 0.86 × q0.95, where nothing raised it back: 11-16 % of windows over it for good (a review)
-            moves = max(_MIN_CHANGE, s.min_change) * old.value
             if lowering_held is not None and value < old.value - moves:
                 lowering_held[name] = (f"q{q:g} of the normal errors{times} would lower it to {value:.4g}; held at "
                                        f"{old.value:.4g} until {needed} recent windows can bound it ({len(recent)} so "
@@ -431,7 +431,6 @@ class Calibrator:
             lowered, value = value, max(value, min(old.value, self._bounded(old, float(np.quantile(recent, level)) * margin)))
             if value > lowered:
                 how_far = f"; held by q{level:.3f} of the {len(recent)} recent windows{times}"
-            moves = max(_MIN_CHANGE, s.min_change) * old.value  # a change smaller than this is none
             if lowering_held is not None and lowered < old.value - moves and value >= old.value - moves:
                 # nothing moved, and nothing said why: an operator saw a stream's threshold stay at its artifact's
                 # while the others moved (an on-call pass)
